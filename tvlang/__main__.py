@@ -1,0 +1,5 @@
+import sys
+
+from tvlang.cli import main
+
+sys.exit(main())
