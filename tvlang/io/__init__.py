@@ -1,0 +1,24 @@
+"""Checkpoint readers and the streaming writer (see docs/io.md).
+
+Public names: ``TensorInfo``, ``TensorReader``, ``open_reader``, ``StreamingWriter``.
+"""
+
+from tvlang.io.base import DTYPE_FROM_SAFETENSORS, SAFETENSORS_FROM_DTYPE, TensorInfo, TensorReader
+from tvlang.io.open import WEIGHT_FILES, find_weights, open_reader
+from tvlang.io.safetensors_file import SafetensorsReader
+from tvlang.io.sharded import ShardedReader
+from tvlang.io.torch_file import StateDictReader, TorchFileReader
+
+__all__ = [
+    "DTYPE_FROM_SAFETENSORS",
+    "SAFETENSORS_FROM_DTYPE",
+    "WEIGHT_FILES",
+    "SafetensorsReader",
+    "ShardedReader",
+    "StateDictReader",
+    "TensorInfo",
+    "TensorReader",
+    "TorchFileReader",
+    "find_weights",
+    "open_reader",
+]

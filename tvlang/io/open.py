@@ -1,0 +1,103 @@
+"""``open_reader``: one entry point for every checkpoint a recipe can load."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from tvlang.io.base import TensorReader, io_error
+from tvlang.io.safetensors_file import SafetensorsReader
+from tvlang.io.sharded import ShardedReader
+from tvlang.io.torch_file import StateDictReader, TorchFileReader
+
+__all__ = ["WEIGHT_FILES", "open_reader", "find_weights"]
+
+# What a model directory is searched for, in order (safetensors first, as Hugging Face does).
+WEIGHT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+
+_TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def open_reader(obj: object, *, label: str | None = None) -> TensorReader:
+    """A reader for a path (file or directory), a state dict, or an ``nn.Module``.
+
+    Paths: a ``.safetensors`` file; an index ``*.index.json``; a ``.bin``/``.pt``
+    state dict; or a model directory holding one of ``WEIGHT_FILES``.
+
+    >>> import torch
+    >>> r = open_reader(torch.nn.Linear(2, 1, bias=False))
+    >>> r.label, r.names(), r.info("weight").shape
+    ('<module Linear>', ['weight'], (1, 2))
+    """
+    if isinstance(obj, TensorReader):
+        return obj
+    if isinstance(obj, (str, os.PathLike)):
+        path = os.fspath(obj)
+        return _open_path(path, label if label is not None else path)
+    try:
+        import torch.nn
+    except ImportError:  # pragma: no cover
+        torch = None  # type: ignore[assignment]
+    if torch is not None and isinstance(obj, torch.nn.Module):
+        return StateDictReader(obj.state_dict(), label=label or f"<module {type(obj).__name__}>")
+    if isinstance(obj, Mapping):
+        return StateDictReader(obj, label=label or "<state dict>")
+    raise io_error(label or "<input>", f"cannot read weights from a {type(obj).__name__}"
+                   " (expected a path, a state dict or a torch.nn.Module)")
+
+
+def find_weights(directory: str) -> str | None:
+    """The weights file of a model directory, or None."""
+    for name in WEIGHT_FILES:
+        candidate = os.path.join(directory, name)
+        if os.path.isfile(candidate):
+            return name
+    # A directory with exactly one safetensors file or index (e.g. a renamed export).
+    try:
+        entries = sorted(os.listdir(directory))
+    except OSError:
+        return None
+    indexes = [e for e in entries if e.endswith(".safetensors.index.json")]
+    if len(indexes) == 1:
+        return indexes[0]
+    singles = [e for e in entries if e.endswith(".safetensors") and not e.startswith(".")]
+    if len(singles) == 1:
+        return singles[0]
+    return None
+
+
+def _open_path(path: str, label: str) -> TensorReader:
+    if not os.path.exists(path):
+        raise io_error(label, "no such file or directory")
+    if os.path.isdir(path):
+        found = find_weights(path)
+        if found is None:
+            raise io_error(
+                label,
+                "directory holds no model weights",
+                notes=("looked for " + ", ".join(WEIGHT_FILES) + ", or a single *.safetensors file",),
+            )
+        reader = _open_path(os.path.join(path, found), os.path.join(label, found))
+        reader.label = label
+        reader.root = os.path.realpath(path)
+        return reader
+    if path.endswith(".json"):
+        return ShardedReader(path, label=label)
+    if path.endswith(".safetensors"):
+        return SafetensorsReader(path, label=label)
+    if path.endswith(_TORCH_SUFFIXES):
+        return TorchFileReader(path, label=label)
+    # Unknown extension: sniff. A zip is a torch checkpoint; an 8-byte length then '{' is safetensors.
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as exc:
+        raise io_error(label, f"cannot read: {exc.strerror}") from None
+    if head[8:9] == b"{":
+        return SafetensorsReader(path, label=label)
+    return TorchFileReader(path, label=label)

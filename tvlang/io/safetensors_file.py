@@ -1,0 +1,234 @@
+"""One ``.safetensors`` file, read lazily from its header.
+
+The format: an 8-byte little-endian header length ``N``, ``N`` bytes of JSON
+(``{"name": {"dtype": "F32", "shape": [2, 3], "data_offsets": [begin, end]},
+"__metadata__": {...}}``), then the data, with offsets relative to the data's
+start. The header is parsed and checked here, without the ``safetensors``
+package, so that every malformed file gets a message naming the file and the
+tensor; tensor bytes are read with ``pread`` into fresh memory only when
+``read(name)`` is called.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import threading
+
+import torch
+
+from tvlang.io.base import DTYPE_FROM_SAFETENSORS, TensorInfo, TensorReader, io_error, kind_from_metadata
+
+__all__ = ["MAX_HEADER_BYTES", "SafetensorsReader", "parse_header"]
+
+# The same cap the reference implementation uses: a larger header is not a safetensors file.
+MAX_HEADER_BYTES = 100_000_000
+
+
+def parse_header(
+    label: str, raw: bytes, file_size: int
+) -> tuple[dict[str, str], list[tuple[str, tuple[int, ...], torch.dtype, int, int]]]:
+    """Check a header and return ``(metadata, entries)``.
+
+    ``raw`` is the JSON text; ``file_size`` the size of the whole file. Each
+    entry is ``(name, shape, dtype, begin, end)`` with absolute byte offsets in
+    the file, sorted by ``begin`` (file order).
+    """
+    data_start = 8 + len(raw)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise io_error(label, f"header is not UTF-8 text (bad byte at {8 + exc.start}); not a safetensors file?") from None
+    except json.JSONDecodeError as exc:
+        raise io_error(label, f"header is not valid JSON ({exc.msg} at header byte {exc.pos}); not a safetensors file?") from None
+    if not isinstance(header, dict):
+        raise io_error(label, f"header is a JSON {type(header).__name__}, not an object; not a safetensors file?")
+
+    metadata: dict[str, str] = {}
+    raw_meta = header.pop("__metadata__", None)
+    if raw_meta is not None:
+        if not isinstance(raw_meta, dict):
+            raise io_error(label, "header '__metadata__' is not a JSON object")
+        for key, value in raw_meta.items():
+            if not isinstance(value, str):
+                raise io_error(label, f"header '__metadata__' value of '{key}' is not a string")
+            metadata[key] = value
+
+    entries = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict):
+            raise io_error(label, f"tensor '{name}' has a malformed header entry (not an object)", tensor=name)
+        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+        if missing:
+            raise io_error(label, f"tensor '{name}' header entry lacks {', '.join(missing)}", tensor=name)
+        code = entry["dtype"]
+        if not isinstance(code, str) or code not in DTYPE_FROM_SAFETENSORS:
+            known = ", ".join(DTYPE_FROM_SAFETENSORS)
+            raise io_error(label, f"tensor '{name}' has unknown dtype {code!r} (known: {known})", tensor=name)
+        dtype = DTYPE_FROM_SAFETENSORS[code]
+        shape = entry["shape"]
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise io_error(label, f"tensor '{name}' has a malformed shape {shape!r}", tensor=name)
+        offsets = entry["data_offsets"]
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise io_error(label, f"tensor '{name}' has malformed data offsets {offsets!r}", tensor=name)
+        begin, end = offsets
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        expected = math.prod(shape) * itemsize
+        if end - begin != expected:
+            raise io_error(
+                label,
+                f"header lies about tensor '{name}': shape {shape} of {code} needs {expected} bytes"
+                f" but its data offsets [{begin}, {end}] span {end - begin}",
+                tensor=name,
+            )
+        entries.append((name, tuple(shape), dtype, data_start + begin, data_start + end))
+
+    entries.sort(key=lambda e: (e[3], e[4]))
+    previous = None
+    for entry in entries:
+        name, _, _, begin, end = entry
+        if end > file_size:
+            raise io_error(
+                label, f"file is truncated: tensor '{name}' ends at byte {end} but the file has {file_size} bytes", tensor=name
+            )
+        # Empty tensors take no bytes and cannot overlap anything.
+        if previous is not None and begin < previous[4] and begin < end:
+            raise io_error(
+                label,
+                f"header lies about offsets: tensors '{previous[0]}' and '{name}' overlap"
+                f" (bytes [{previous[3] - data_start}, {previous[4] - data_start}) and [{begin - data_start}, {end - data_start}))",
+                tensor=name,
+            )
+        if begin < end:
+            previous = entry
+    return metadata, entries
+
+
+def read_header(label: str, fd: int, file_size: int) -> tuple[dict[str, str], list]:
+    """Read and check the header of the open file ``fd``."""
+    if file_size < 8:
+        raise io_error(label, f"not a safetensors file: it has {file_size} bytes, fewer than the 8-byte header length")
+    (length,) = struct.unpack("<Q", _pread_exact(fd, 8, 0))
+    if length > MAX_HEADER_BYTES:
+        raise io_error(label, f"not a safetensors file: header length {length} is absurd (more than {MAX_HEADER_BYTES} bytes)")
+    if 8 + length > file_size:
+        raise io_error(label, f"file is truncated: the header says it is {length} bytes but the file has {file_size} bytes")
+    raw = _pread_exact(fd, length, 8)
+    return parse_header(label, raw, file_size)
+
+
+def _pread_exact(fd: int, size: int, offset: int) -> bytes:
+    chunks = []
+    while size > 0:
+        chunk = os.pread(fd, size, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size -= len(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+class SafetensorsReader(TensorReader):
+    """A single ``.safetensors`` file.
+
+    >>> import os, tempfile, torch
+    >>> from safetensors.torch import save_file
+    >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+    >>> save_file({"b": torch.zeros(2), "a": torch.arange(3.0)}, path, metadata={"tvlang.kind": "delta"})
+    >>> with SafetensorsReader(path) as r:
+    ...     (r.kind, r.read("a").tolist())
+    ('delta', [0.0, 1.0, 2.0])
+    """
+
+    def __init__(self, path: str | os.PathLike, *, label: str | None = None) -> None:
+        path = os.fspath(path)
+        super().__init__(label if label is not None else path)
+        # Errors name the file even after open_reader relabels the reader with a directory.
+        self.file_label = self.label
+        try:
+            self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        except FileNotFoundError:
+            raise io_error(self.label, "no such file") from None
+        except IsADirectoryError:
+            raise io_error(self.label, "is a directory, not a .safetensors file") from None
+        except OSError as exc:
+            raise io_error(self.label, f"cannot open: {exc.strerror}") from None
+        self._lock = threading.Lock()
+        try:
+            size = os.fstat(self._fd).st_size
+            self.metadata, entries = read_header(self.label, self._fd, size)
+        except BaseException:
+            os.close(self._fd)
+            self._fd = -1
+            raise
+        self.kind = kind_from_metadata(self.metadata)
+        resolved = os.path.realpath(path)
+        self.paths = (resolved,)
+        parent = os.path.dirname(resolved)
+        self.root = parent if os.path.isfile(os.path.join(parent, "config.json")) else None
+        self._offsets: dict[str, int] = {}
+        for name, shape, dtype, begin, end in entries:
+            self._infos[name] = TensorInfo(name, shape, dtype, end - begin, self.file_label)
+            self._offsets[name] = begin
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self.info(name)
+        if self._fd < 0:
+            raise io_error(self.file_label, f"reader is closed (reading tensor '{name}')", tensor=name)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        offset = self._offsets[name]
+        done = 0
+        try:
+            while done < info.nbytes:
+                count = _pread_into(self._fd, view[done:], offset + done, self._lock)
+                if count == 0:
+                    end = offset + info.nbytes
+                    size = os.fstat(self._fd).st_size
+                    raise io_error(
+                        self.file_label,
+                        f"file is truncated: tensor '{name}' ends at byte {end} but the file has {size} bytes",
+                        tensor=name,
+                    )
+                done += count
+        except OSError as exc:
+            raise io_error(self.file_label, f"cannot read tensor '{name}': {exc.strerror}", tensor=name) from None
+        return buffer.view(info.dtype).view(info.shape)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", -1)
+        if fd >= 0:
+            os.close(fd)
+
+
+if hasattr(os, "preadv"):
+
+    def _pread_into(fd: int, view: memoryview, offset: int, lock: threading.Lock) -> int:
+        # preadv reads straight into the tensor's memory and keeps no file position,
+        # so several threads may read one file at once.
+        return os.preadv(fd, [view], offset)
+
+else:  # pragma: no cover - platforms without preadv (Windows)
+
+    def _pread_into(fd: int, view: memoryview, offset: int, lock: threading.Lock) -> int:
+        with lock:
+            os.lseek(fd, offset, os.SEEK_SET)
+            data = os.read(fd, len(view))
+        view[: len(data)] = data
+        return len(data)
