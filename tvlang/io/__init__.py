@@ -8,8 +8,15 @@ from tvlang.io.open import WEIGHT_FILES, find_weights, open_reader
 from tvlang.io.safetensors_file import SafetensorsReader
 from tvlang.io.sharded import ShardedReader
 from tvlang.io.torch_file import StateDictReader, TorchFileReader
+from tvlang.io.writer import COPIED_DIRS, COPIED_FILES, INDEX_NAME, SINGLE_NAME, StreamingWriter, shard_name
 
 __all__ = [
+    "COPIED_DIRS",
+    "COPIED_FILES",
+    "INDEX_NAME",
+    "SINGLE_NAME",
+    "StreamingWriter",
+    "shard_name",
     "DTYPE_FROM_SAFETENSORS",
     "SAFETENSORS_FROM_DTYPE",
     "WEIGHT_FILES",

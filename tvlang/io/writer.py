@@ -1,0 +1,453 @@
+"""The streaming safetensors writer.
+
+The layout (names, shapes, dtypes, in order) is known before the first tensor
+is computed, so each shard's header is written first and tensor bytes are
+appended as ``write(name, tensor)`` hands them over: no shard is ever held in
+memory. Everything goes to a temporary (``.NAME.tvtmp-<pid>`` next to the
+target) that ``commit()`` renames into place, so a crash, a full disk or
+Ctrl-C never leaves a half-written model at the output path.
+
+>>> import os, tempfile, torch
+>>> from tvlang.io import TensorInfo, open_reader
+>>> out = os.path.join(tempfile.mkdtemp(), "merged.safetensors")
+>>> w = torch.arange(6.0).reshape(2, 3)
+>>> layout = [TensorInfo("w", (2, 3), torch.float32, 24, "")]
+>>> with StreamingWriter(out, layout, metadata={"tvlang.kind": "model"}) as writer:
+...     writer.write("w", w)
+>>> open_reader(out).read("w").tolist()
+[[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tvlang.errors import TvlangError
+from tvlang.io.base import SAFETENSORS_FROM_DTYPE, TensorInfo, TensorReader
+
+__all__ = ["COPIED_DIRS", "COPIED_FILES", "INDEX_NAME", "SINGLE_NAME", "StreamingWriter", "shard_name"]
+
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+# Files of the base model that make the output load with from_pretrained.
+COPIED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "tokenizer.model",
+    "sentencepiece.bpe.model",
+    "preprocessor_config.json",
+    "chat_template.jinja",
+    # sentence-transformers
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+)
+COPIED_DIRS = ("1_Pooling", "2_Normalize")
+
+
+def shard_name(index: int, count: int) -> str:
+    """Hugging Face's shard naming, 1-based: ``model-00001-of-00003.safetensors``."""
+    return f"model-{index:05d}-of-{count:05d}.safetensors"
+
+
+def _write_all(f, data: memoryview) -> None:
+    """Write every byte of ``data`` to the raw file ``f``.
+
+    Kept at module level so tests can replace it to simulate a full disk.
+    """
+    done = 0
+    while done < len(data):
+        count = f.write(data[done:])
+        if count is None or count <= 0:  # pragma: no cover - a raw file returns a count
+            raise OSError(errno.EIO, "short write")
+        done += count
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+@dataclass
+class _Shard:
+    file: str  # file name inside the output (or the single output file's name)
+    names: list[str]
+    header: bytes  # 8-byte length + JSON, padded to 8 bytes
+    data_size: int
+
+
+def _build_header(infos: Sequence[TensorInfo], metadata: Mapping[str, str]) -> tuple[bytes, int]:
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for info in infos:
+        header[info.name] = {
+            "dtype": SAFETENSORS_FROM_DTYPE[info.dtype],
+            "shape": list(info.shape),
+            "data_offsets": [offset, offset + info.nbytes],
+        }
+        offset += info.nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    # Pad with spaces so the data starts 8-byte aligned, as the reference writer does.
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, offset
+
+
+def _input_paths(inputs: Iterable[object]) -> list[str]:
+    """Resolved paths that the output must not touch: input files and directories."""
+    paths: list[str] = []
+    for item in inputs or ():
+        if isinstance(item, TensorReader):
+            paths.extend(item.paths)
+            if item.root:
+                paths.append(os.path.realpath(item.root))
+        elif isinstance(item, (str, os.PathLike)):
+            path = os.path.realpath(os.fspath(item))
+            paths.append(path)
+            if os.path.isdir(path):
+                from tvlang.io.open import find_weights
+
+                found = find_weights(path)
+                if found is not None:
+                    paths.append(os.path.join(path, found))
+    return paths
+
+
+def _is_within(path: str, directory: str) -> bool:
+    try:
+        return os.path.commonpath([path, directory]) == directory
+    except ValueError:  # different drives
+        return False
+
+
+class StreamingWriter:
+    """Writes a layout of tensors, in order, to a ``.safetensors`` file or a model directory.
+
+    - ``out`` ending in ``.safetensors``: one file, whatever its size
+      (``shard_size`` applies to directories only).
+    - any other ``out``: a directory with ``model.safetensors``, or, when the
+      tensors total more than ``shard_size`` bytes, ``model-0000i-of-0000n.safetensors``
+      shards and ``model.safetensors.index.json``; plus the config and tokenizer
+      files of ``copy_from`` (a model directory or a reader with a ``root``).
+    - ``metadata`` (str -> str) goes into every shard's ``__metadata__``.
+    - ``inputs`` (paths or readers) are never overwritten; an existing ``out``
+      needs ``force=True`` and is replaced only by ``commit()``.
+    """
+
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        layout: Sequence[TensorInfo],
+        *,
+        shard_size: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+        inputs: Iterable[object] = (),
+        force: bool = False,
+        copy_from: str | os.PathLike | TensorReader | None = None,
+    ) -> None:
+        self.out = os.fspath(out)
+        self.single_file = self.out.endswith(".safetensors")
+        self.metadata = dict(metadata or {})
+        # transformers' from_pretrained refuses a safetensors file whose metadata lacks a format.
+        self.metadata.setdefault("format", "pt")
+        for key, value in self.metadata.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise TvlangError(f"{self.out}: metadata must map strings to strings; '{key}' is {type(value).__name__}")
+        self.force = force
+        self._target = os.path.realpath(self.out)
+        self._check_inputs(_input_paths(inputs))
+        if os.path.lexists(self.out) and not force:
+            raise TvlangError(
+                f"{self.out}: output already exists", notes=("pass --force (force=True) to replace it",)
+            )
+        self.layout = list(layout)
+        self._check_layout(shard_size)
+        self.copy_from = self._copy_source(copy_from)
+
+        parent = os.path.dirname(self._target)
+        if not os.path.isdir(parent):
+            raise TvlangError(f"{self.out}: cannot write: directory {os.path.dirname(self.out) or parent} does not exist")
+        base = os.path.basename(self._target)
+        self._tmp = os.path.join(parent, f".{base}.tvtmp-{os.getpid()}")
+        self._old = os.path.join(parent, f".{base}.tvtmp-old-{os.getpid()}")
+        self._shards = self._plan_shards(shard_size)
+        self._shard_of = {name: i for i, shard in enumerate(self._shards) for name in shard.names}
+        self._next = 0  # position in layout of the next tensor expected
+        self._file = None
+        self._open_shard = -1
+        self._state = "open"  # open -> committed | aborted
+        _remove(self._tmp)
+        try:
+            if not self.single_file:
+                os.mkdir(self._tmp)
+        except OSError as exc:
+            raise TvlangError(f"{self.out}: cannot create the output: {exc.strerror}") from None
+
+    # -- set-up checks ------------------------------------------------------------
+
+    def _check_inputs(self, paths: list[str]) -> None:
+        for path in paths:
+            if path == self._target or _is_within(path, self._target):
+                what = "is" if path == self._target else "contains"
+                raise TvlangError(
+                    f"{self.out}: refusing to write: the output {what} an input ({path})",
+                    notes=("choose an output path that is not one of the models being read",),
+                )
+
+    def _check_layout(self, shard_size: int | None) -> None:
+        if shard_size is not None and shard_size <= 0:
+            raise TvlangError(f"{self.out}: shard size must be positive, got {shard_size}")
+        seen = set()
+        for info in self.layout:
+            if info.name in seen:
+                raise TvlangError(f"{self.out}: tensor '{info.name}' appears twice in the output", tensor=info.name)
+            seen.add(info.name)
+            if info.dtype not in SAFETENSORS_FROM_DTYPE:
+                raise TvlangError(
+                    f"{self.out}: tensor '{info.name}' has dtype {info.dtype}, which safetensors cannot store",
+                    tensor=info.name,
+                )
+
+    def _copy_source(self, copy_from: object) -> str | None:
+        if copy_from is None or self.single_file:
+            return None
+        if isinstance(copy_from, TensorReader):
+            return copy_from.root
+        path = os.fspath(copy_from)
+        return path if os.path.isdir(path) else os.path.dirname(path) or "."
+
+    def _plan_shards(self, shard_size: int | None) -> list[_Shard]:
+        groups: list[list[TensorInfo]] = [[]]
+        size = 0
+        for info in self.layout:
+            if not self.single_file and shard_size is not None and groups[-1] and size + info.nbytes > shard_size:
+                groups.append([])
+                size = 0
+            groups[-1].append(info)
+            size += info.nbytes
+        shards = []
+        for i, group in enumerate(groups, start=1):
+            if self.single_file:
+                file = os.path.basename(self._target)
+            elif len(groups) == 1:
+                file = SINGLE_NAME
+            else:
+                file = shard_name(i, len(groups))
+            header, data_size = _build_header(group, self.metadata)
+            shards.append(_Shard(file, [info.name for info in group], header, data_size))
+        return shards
+
+    @property
+    def files(self) -> list[str]:
+        """The weight file names the output will hold (one, or the shards)."""
+        return [shard.file for shard in self._shards]
+
+    # -- writing ------------------------------------------------------------------
+
+    def _shard_path(self, shard: _Shard) -> str:
+        return self._tmp if self.single_file else os.path.join(self._tmp, shard.file)
+
+    def _write_failed(self, exc: OSError) -> TvlangError:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason = "the disk is full"
+        else:
+            reason = exc.strerror or str(exc)
+        return TvlangError(
+            f"{self.out}: write failed: {reason}; nothing was written to the output",
+        )
+
+    def _guarded(self, action, *args) -> None:
+        """Run a step of writing; on any failure remove the temporary and report."""
+        if self._state != "open":
+            raise TvlangError(f"{self.out}: the writer is already {self._state}")
+        try:
+            action(*args)
+        except OSError as exc:
+            self.abort()
+            raise self._write_failed(exc) from None
+        except BaseException:
+            self.abort()
+            raise
+
+    def _finish_shard(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def _start_shard(self, index: int) -> None:
+        self._finish_shard()
+        shard = self._shards[index]
+        self._file = open(self._shard_path(shard), "wb", buffering=0)
+        self._open_shard = index
+        _write_all(self._file, memoryview(shard.header))
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor of the layout; its shape and dtype must match."""
+        if self._state != "open":
+            raise TvlangError(f"{self.out}: the writer is already {self._state}")
+        if self._next >= len(self.layout):
+            raise TvlangError(f"{self.out}: tensor '{name}' is not in the output layout (all tensors written)", tensor=name)
+        info = self.layout[self._next]
+        if name != info.name:
+            where = "is not in the output layout" if name not in self._shard_of else "comes out of order"
+            raise TvlangError(
+                f"{self.out}: tensor '{name}' {where}; expected '{info.name}' next", tensor=name
+            )
+        shape = tuple(int(d) for d in tensor.shape)
+        if shape != tuple(info.shape) or tensor.dtype != info.dtype:
+            raise TvlangError(
+                f"{self.out}: tensor '{name}' is {list(shape)} {tensor.dtype} but the output layout says"
+                f" {list(info.shape)} {info.dtype}",
+                tensor=name,
+            )
+        self._guarded(self._write_tensor, info, tensor)
+        self._next += 1
+
+    def _write_tensor(self, info: TensorInfo, tensor: torch.Tensor) -> None:
+        shard = self._shard_of[info.name]
+        if shard != self._open_shard:
+            self._start_shard(shard)
+        if info.nbytes == 0:
+            return
+        data = tensor.detach()
+        if data.device.type != "cpu":
+            data = data.cpu()
+        data = data.contiguous().reshape(-1).view(torch.uint8)
+        _write_all(self._file, memoryview(data.numpy()))
+
+    # -- finishing ----------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Check every tensor was written, sync, and rename the temporary into place."""
+        if self._state == "committed":
+            return
+        if self._state != "open":
+            raise TvlangError(f"{self.out}: the writer is already {self._state}")
+        if self._next < len(self.layout):
+            missing = self.layout[self._next].name
+            self.abort()
+            raise TvlangError(
+                f"{self.out}: output incomplete: {len(self.layout) - self._next} tensors were never written"
+                f" (first: '{missing}'); nothing was written to the output",
+                tensor=missing,
+            )
+        self._guarded(self._commit)
+        self._state = "committed"
+
+    def _commit(self) -> None:
+        # Shards whose tensors are all empty, or an empty layout, still get a header.
+        for index in range(max(self._open_shard, 0), len(self._shards)):
+            if index != self._open_shard:
+                self._start_shard(index)
+        self._finish_shard()
+        if not self.single_file:
+            if len(self._shards) > 1:
+                self._write_index()
+            self._copy_files()
+            _fsync_dir(self._tmp)
+        if os.path.lexists(self.out):
+            if not self.force:
+                raise TvlangError(f"{self.out}: output appeared while writing; pass force=True to replace it")
+            if self.single_file and os.path.isfile(self.out) and not os.path.islink(self.out):
+                os.replace(self._tmp, self.out)  # atomic for a file over a file
+            else:
+                # A directory cannot be swapped atomically: move the old one aside,
+                # move the new one in, then delete the old one.
+                _remove(self._old)
+                os.rename(self.out, self._old)
+                try:
+                    os.rename(self._tmp, self.out)
+                except BaseException:
+                    os.rename(self._old, self.out)
+                    raise
+                _remove(self._old)
+        else:
+            os.rename(self._tmp, self.out)
+        _fsync_dir(os.path.dirname(self._target))
+
+    def _write_index(self) -> None:
+        index = {
+            "metadata": {"total_size": sum(info.nbytes for info in self.layout)},
+            "weight_map": {name: shard.file for shard in self._shards for name in shard.names},
+        }
+        data = (json.dumps(index, indent=2) + "\n").encode("utf-8")
+        with open(os.path.join(self._tmp, INDEX_NAME), "wb", buffering=0) as f:
+            _write_all(f, memoryview(data))
+            os.fsync(f.fileno())
+
+    def _copy_files(self) -> None:
+        if not self.copy_from or not os.path.isdir(self.copy_from):
+            return
+        for name in COPIED_FILES:
+            source = os.path.join(self.copy_from, name)
+            if os.path.isfile(source):
+                shutil.copyfile(source, os.path.join(self._tmp, name))
+        for name in COPIED_DIRS:
+            source = os.path.join(self.copy_from, name)
+            if os.path.isdir(source):
+                shutil.copytree(source, os.path.join(self._tmp, name))
+
+    def abort(self) -> None:
+        """Remove the temporary; the output path is left as it was."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
+        _remove(self._tmp)
+
+    def __enter__(self) -> "StreamingWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def __del__(self) -> None:
+        # A writer dropped without commit (an exception outside a with-block) cleans up.
+        if getattr(self, "_state", None) == "open" and hasattr(self, "_tmp"):
+            self.abort()
