@@ -1,0 +1,151 @@
+"""``tvlang check``: parse and type-check a recipe without touching any tensor.
+
+Prints nothing and exits 0 when the recipe is good; prints every error and
+exits 1 when it is not; exits 2 on a command-line mistake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from tvlang import ast
+from tvlang.errors import TvlangError
+from tvlang.syntax import parse, parse_expression
+from tvlang.types import CheckedProgram, check
+
+HELP = "check a recipe's names, types and the affine rule (no tensor math)"
+
+DESCRIPTION = """\
+Check a recipe: syntax, names, built-in arguments, and the affine rule (model
+coefficients must sum to 1 for a model, 0 for a task vector). Reads no weights.
+Prints nothing and exits 0 when the recipe is good; prints the errors and exits 1
+when it is not.
+
+Every name the recipe uses but does not define must be bound with --bind:
+NAME=model or NAME=delta gives its kind; any other value is a path (a model).
+
+examples:
+  tvlang check recipe.tv --bind pre=base/ --bind ft=finetuned/
+  tvlang check -e "pre + 0.4*(ft - pre)" --bind pre=model --bind ft=model
+  tvlang check recipe.tv --set lm=0.5
+"""
+
+_KINDS = ("model", "delta")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "check", help=HELP, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("recipe", nargs="?", metavar="RECIPE", help="recipe file (.tv)")
+    parser.add_argument("-e", "--expr", metavar="EXPR", help="check one expression instead of a recipe file")
+    parser.add_argument(
+        "--bind",
+        action="append",
+        default=[],
+        metavar="NAME=KIND|PATH",
+        help="bind a free name: 'model', 'delta', or a checkpoint path (repeatable)",
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE", help="override a param (repeatable)"
+    )
+    parser.set_defaults(func=run)
+
+
+def parse_bindings(items: list[str]) -> dict[str, str]:
+    """``NAME=VALUE`` pairs; a usage error (exit 2) when malformed or repeated."""
+    from tvlang.cli import UsageError
+
+    bindings: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not name.isidentifier() or not value:
+            raise UsageError(f"--bind expects NAME=PATH (or NAME=model, NAME=delta), got {item!r}")
+        if name in bindings:
+            raise UsageError(f"--bind {name} is given twice")
+        bindings[name] = value
+    return bindings
+
+
+def parse_params(items: list[str]) -> dict[str, float]:
+    """``NAME=NUMBER`` pairs; a usage error (exit 2) when malformed or repeated."""
+    from tvlang.cli import UsageError
+
+    params: dict[str, float] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not name.isidentifier():
+            raise UsageError(f"--set expects NAME=NUMBER, got {item!r}")
+        try:
+            value = float(text)
+        except ValueError:
+            raise UsageError(f"--set {name}: {text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise UsageError(f"--set {name}: {text!r} is not a finite number")
+        if name in params:
+            raise UsageError(f"--set {name} is given twice")
+        params[name] = value
+    return params
+
+
+def binding_kind(value: str) -> str:
+    """The kind a ``--bind`` value gives: ``model``/``delta`` literally, else a path (a model).
+
+    Later this will ask the reader whether the file is a tvlang task vector.
+    """
+    return value if value in _KINDS else "model"
+
+
+def check_recipe(
+    text: str,
+    filename: str | None,
+    bindings: dict[str, str] | None,
+    params: dict[str, float] | None,
+    *,
+    expression: bool = False,
+) -> CheckedProgram:
+    """Parse and check recipe text (or one expression, as ``out = EXPR``).
+
+    ``bindings`` maps free names to ``model``, ``delta`` or a path.
+
+    >>> checked = check_recipe("pre + 0.4*(ft - pre)", None, {"pre": "model", "ft": "m.safetensors"}, None, expression=True)
+    >>> [(o.name, o.kind) for o in checked.outputs]
+    [('out', 'model')]
+    """
+    if expression:
+        expr = parse_expression(text, filename)
+        program = ast.Program((ast.Out(None, expr, span=expr.span),), span=expr.span)
+    else:
+        program = parse(text, filename)
+    sources = {name: binding_kind(value) for name, value in (bindings or {}).items()}
+    return check(program, source=text, filename=filename, sources=sources, params=params)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tvlang.cli import UsageError
+
+    if args.recipe is None and args.expr is None:
+        raise UsageError("give a RECIPE file or -e EXPR")
+    if args.recipe is not None and args.expr is not None:
+        raise UsageError("give a RECIPE file or -e EXPR, not both")
+    bindings = parse_bindings(args.bind)
+    params = parse_params(args.set)
+    if args.expr is not None:
+        check_recipe(args.expr, "<expr>", bindings, params, expression=True)
+        return 0
+    try:
+        with open(args.recipe, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise TvlangError(f"cannot read recipe {args.recipe}: no such file") from None
+    except IsADirectoryError:
+        raise TvlangError(f"cannot read recipe {args.recipe}: it is a directory") from None
+    except UnicodeDecodeError as exc:
+        raise TvlangError(f"cannot read recipe {args.recipe}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise TvlangError(f"cannot read recipe {args.recipe}: {exc.strerror or exc}") from None
+    check_recipe(text, args.recipe, bindings, params)
+    return 0
