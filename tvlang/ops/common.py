@@ -1,0 +1,155 @@
+"""Shared pieces of the kernels: scratch buffers, counts, option checks, magnitude thresholds.
+
+The magnitude rule used by every pruning kernel (``topk``, ``ties``,
+``breadcrumbs``) lives here so that they agree:
+
+- ``keep_count(density, n)`` is ``floor(density * n)``, except that a product
+  within 1e-6 of an integer counts as that integer (``0.29 * 100`` is
+  ``28.999999999999996`` in floating point; it keeps 29 entries, not 28).
+- The threshold ``t`` is the k-th largest magnitude. An entry is kept when
+  ``|x| >= t``: all entries tied with the k-th largest magnitude are kept, so a
+  kernel keeps at least k entries and never breaks ties by position.
+  ``k == 0`` keeps nothing (``t = inf``).
+
+>>> keep_count(0.29, 100), keep_count(0.2, 3), keep_count(1.0, 7), keep_count(0.0, 7)
+(29, 0, 7, 0)
+>>> kth_largest_abs(torch.tensor([3.0, -1.0, 2.0, -2.0]), 2)
+2.0
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+
+from tvlang.errors import TvlangError
+from tvlang.ops import checks
+
+__all__ = ["keep_count", "kth_largest_abs", "magnitudes", "scratch", "clear_workspace", "checked", "fresh"]
+
+
+# -- scratch buffers -------------------------------------------------------------
+
+# Fresh tensors of tens of megabytes are mapped anew by the C allocator on each
+# allocation and page-faulted on first touch, which costs more than the
+# arithmetic the kernels do on them. Kernels therefore take their temporaries
+# from a per-thread workspace that is reused from one tensor to the next. Only
+# temporaries live here: a kernel's result is always a fresh tensor.
+_local = threading.local()
+
+
+def scratch(slot: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A temporary with ``like``'s shape (and ``dtype``, default ``like.dtype``).
+
+    Contents are undefined. The same ``slot`` returns the same memory on the
+    next call, so a kernel must not hold on to it or return it.
+    """
+    dtype = like.dtype if dtype is None else dtype
+    store = getattr(_local, "store", None)
+    if store is None:
+        store = _local.store = {}
+    key = (slot, dtype, like.device)
+    buf = store.get(key)
+    n = like.numel()
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(max(n, 1), dtype=dtype, device=like.device)
+        store[key] = buf
+    return buf[:n].view(like.shape)
+
+
+def fresh(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A new contiguous tensor with ``like``'s shape and device (a kernel's result)."""
+    return torch.empty(like.shape, dtype=like.dtype if dtype is None else dtype, device=like.device)
+
+
+def clear_workspace() -> None:
+    """Free the scratch buffers of this thread (the evaluator calls it after a run)."""
+    _local.store = {}
+
+
+def checked(op: str, options: dict, n_inputs: int, tensor: str) -> None:
+    """Validate a kernel's options; errors name the tensor being computed."""
+    try:
+        checks.validate(op, options, n_inputs)
+    except TvlangError as err:
+        err.tensor = err.tensor or tensor
+        raise
+
+
+# -- magnitude thresholds --------------------------------------------------------
+
+def keep_count(density: float, n: int) -> int:
+    """Number of entries that ``density`` keeps out of ``n`` (see the module docstring)."""
+    exact = density * n
+    nearest = round(exact)
+    if abs(exact - nearest) <= 1e-6:
+        return int(min(max(nearest, 0), n))
+    return int(min(max(math.floor(exact), 0), n))
+
+
+def magnitudes(x: torch.Tensor, slot: str = "mag", dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``|x|`` flattened into a scratch buffer: float32, or float64 for float64 input
+    unless ``dtype`` says otherwise."""
+    if dtype is None:
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    flat = x.reshape(-1)
+    mag = scratch(slot, flat, dtype)
+    if flat.dtype == dtype:
+        torch.abs(flat, out=mag)
+    else:
+        mag.copy_(flat).abs_()
+    return mag
+
+
+_EXACT_BELOW = 1 << 18  # below this size a plain kthvalue is as fast as anything
+_SAMPLE = 1 << 16
+
+
+def kth_largest_abs(x: torch.Tensor, k: int, *, mag: torch.Tensor | None = None) -> float:
+    """The k-th largest of ``|x|`` (``1 <= k <= x.numel()``), exactly; ``inf`` for ``k == 0``.
+
+    ``mag`` may pass precomputed flat magnitudes (from :func:`magnitudes`).
+    Large tensors use a sample to bracket the answer, count the entries above
+    the bracket, and select within the bracket; when the bracket misses (an
+    unlucky or adversarial layout) it falls back to ``torch.kthvalue`` on the
+    whole tensor, so the answer is always exact.
+    """
+    n = x.numel()
+    if k <= 0:
+        return math.inf
+    if k > n:
+        raise ValueError(f"k={k} > numel={n}")
+    if mag is None:
+        mag = magnitudes(x)
+    if n <= _EXACT_BELOW:
+        return float(torch.kthvalue(mag, n - k + 1).values)
+    stride = n // _SAMPLE
+    sample = mag[::stride].contiguous()
+    s = sample.numel()
+    expected = k / n * s  # rank from the top of the k-th largest within the sample
+    margin = 6.0 * math.sqrt(s * (k / n) * (1 - k / n)) + 8.0
+    ordered = torch.sort(sample, descending=True).values
+    hi_rank = int(math.floor(expected - margin))
+    lo_rank = int(math.ceil(expected + margin))
+    hi = float(ordered[hi_rank - 1]) if hi_rank >= 1 else math.inf
+    lo = float(ordered[lo_rank - 1]) if lo_rank <= s else 0.0
+    flags = scratch("kth.flags", mag, torch.bool)
+    if hi == math.inf:
+        above = 0
+    else:
+        torch.gt(mag, hi, out=flags)
+        above = int(torch.count_nonzero(flags))
+    rank = k - above  # the answer is the rank-th largest of the entries in [lo, hi]
+    if rank >= 1:
+        inside = scratch("kth.inside", mag, torch.bool)
+        torch.ge(mag, lo, out=flags)
+        if hi != math.inf:
+            torch.le(mag, hi, out=inside)
+            flags.logical_and_(inside)
+        index = torch.nonzero(flags).view(-1)
+        if rank <= index.numel():
+            bracket = mag.index_select(0, index)
+            return float(torch.kthvalue(bracket, bracket.numel() - rank + 1).values)
+    return float(torch.kthvalue(mag, n - k + 1).values)

@@ -1,0 +1,109 @@
+"""Random kernels: ``dare``, ``random_like``, and DELLA's magnitude-ranked sampling.
+
+Every random draw comes from ``ctx.generator(seed)``: the same seed and tensor
+name give the same result whatever order tensors are processed in. Two calls
+with the same seed on the same tensor draw the same mask: give independent
+calls different seeds.
+
+>>> from tvlang.ops.context import TensorContext
+>>> x = torch.ones(6)
+>>> dare([x], TensorContext("w"), p=1.0)
+tensor([0., 0., 0., 0., 0., 0.])
+>>> bool(torch.equal(dare([x], TensorContext("w"), p=0.0), x))
+True
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tvlang.ops.common import checked, fresh, scratch
+from tvlang.ops.context import TensorContext
+
+__all__ = ["dare", "random_like", "drop_random", "della_sample"]
+
+
+def drop_random(x: torch.Tensor, p: float, gen: torch.Generator, rescale: bool, out: torch.Tensor) -> torch.Tensor:
+    """Write DARE of ``x`` into ``out``: each entry dropped with probability ``p``.
+
+    A uniform ``u`` in [0, 1) is drawn per entry and the entry is dropped when
+    ``u < p``; kept entries are divided by ``1 - p`` when ``rescale``.
+    """
+    if p >= 1.0:
+        return out.zero_()
+    if p <= 0.0:
+        return out.copy_(x)
+    u = scratch("dare.u", x, torch.float32 if x.dtype != torch.float64 else torch.float64)
+    u.uniform_(0.0, 1.0, generator=gen)
+    drop = scratch("dare.drop", x, torch.bool)
+    torch.lt(u, p, out=drop)
+    if rescale:
+        torch.mul(x, 1.0 / (1.0 - p), out=out)
+    else:
+        out.copy_(x)
+    return out.masked_fill_(drop, 0)
+
+
+def dare(
+    inputs: list[torch.Tensor], ctx: TensorContext, *, p: float, seed: float = 0, rescale: bool = True,
+) -> torch.Tensor:
+    """Drop each entry with probability ``p``; rescale survivors by ``1/(1-p)``."""
+    checked("dare", {"p": p, "seed": seed}, 1, ctx.name)
+    (x,) = inputs
+    gen = ctx.generator(seed)
+    return drop_random(x, float(p), gen, bool(rescale), fresh(x))
+
+
+def random_like(inputs: list[torch.Tensor], ctx: TensorContext, *, seed: float = 0) -> torch.Tensor:
+    """Standard Gaussian noise rescaled to ``x``'s Frobenius norm (zeros for a zero tensor)."""
+    checked("random_like", {"seed": seed}, 1, ctx.name)
+    (x,) = inputs
+    gen = ctx.generator(seed)
+    noise = torch.empty(x.shape, dtype=torch.float32 if x.dtype != torch.float64 else torch.float64, device=x.device)
+    noise.normal_(0.0, 1.0, generator=gen)
+    target = float(torch.linalg.vector_norm(x, dtype=torch.float64))
+    current = float(torch.linalg.vector_norm(noise, dtype=torch.float64))
+    if target == 0.0 or current == 0.0:
+        noise.zero_()
+    else:
+        noise.mul_(target / current)
+    return noise.to(x.dtype)
+
+
+def della_sample(
+    x: torch.Tensor, density: float, epsilon: float, gen: torch.Generator, rescale: bool, out: torch.Tensor,
+) -> torch.Tensor:
+    """DELLA's MAGPRUNE into ``out``: keep probabilities ranked by magnitude within each row.
+
+    Rows are ``x.reshape(x.shape[0], -1)`` (a vector is one row). Within a row
+    of ``m`` entries ranked ``r = 0 .. m-1`` by increasing ``|x|`` (ties by
+    position), the keep probability is ``density - epsilon + 2*epsilon*r/(m-1)``
+    (``density`` when ``m == 1``); a kept entry is divided by its probability
+    when ``rescale``. ``density >= 1`` keeps everything, ``density <= 0``
+    nothing.
+    """
+    if density >= 1.0:
+        return out.copy_(x)
+    if density <= 0.0:
+        return out.zero_()
+    rows = x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1)
+    m = rows.shape[1]
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    ranks = torch.empty(rows.shape, dtype=work, device=x.device)
+    ramp = torch.arange(m, dtype=work, device=x.device).expand_as(rows)
+    ranks.scatter_(1, order, ramp)
+    if m > 1:
+        prob = ranks.mul_(2.0 * epsilon / (m - 1)).add_(density - epsilon)
+    else:
+        prob = ranks.fill_(density)
+    u = torch.empty(rows.shape, dtype=work, device=x.device)
+    u.uniform_(0.0, 1.0, generator=gen)
+    drop = u >= prob
+    flat = out.view(rows.shape)
+    if rescale:
+        torch.div(rows, prob, out=flat)
+    else:
+        flat.copy_(rows)
+    flat.masked_fill_(drop, 0)
+    return out

@@ -1,0 +1,106 @@
+"""Magnitude pruning: ``topk`` and ``breadcrumbs``.
+
+Counts and ties follow :mod:`tvlang.ops.common`: ``k = keep_count(density, n)``
+and every entry tied with the k-th largest magnitude is kept.
+
+>>> from tvlang.ops.context import TensorContext
+>>> ctx = TensorContext("w")
+>>> topk([torch.tensor([0.5, -3.0, 1.0, 2.0])], ctx, density=0.5)
+tensor([ 0., -3.,  0.,  2.])
+>>> breadcrumbs([torch.tensor([0.5, -3.0, 1.0, 2.0])], ctx, density=0.5, gamma=0.25)
+tensor([0., 0., 1., 2.])
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tvlang.errors import TvlangError
+from tvlang.ops.common import checked, fresh, keep_count, kth_largest_abs, magnitudes, scratch
+from tvlang.ops.context import TensorContext
+
+__all__ = ["topk", "breadcrumbs", "magnitude_threshold", "keep_at_least"]
+
+
+def magnitude_threshold(
+    op: str, x: torch.Tensor, density: float, ctx: TensorContext, scope: str, index: int, slot: str = "mag",
+) -> tuple[float, torch.Tensor]:
+    """``(t, |x| flattened)``: entries with ``|x| >= t`` survive pruning to ``density``.
+
+    ``scope="model"`` reads the global threshold of input ``index`` from
+    ``ctx.reduced`` (computed on float32 magnitudes, which are compared here).
+    """
+    if scope == "model":
+        from tvlang.ops.registry import threshold_key
+
+        key = threshold_key(index)
+        if key not in ctx.reduced:
+            raise TvlangError(
+                f"{op}: scope='model' needs the whole-model threshold {key!r}, which was not computed",
+                tensor=ctx.name,
+            )
+        return float(ctx.reduced[key]), magnitudes(x, slot, torch.float32)
+    mag = magnitudes(x, slot)
+    n = x.numel()
+    k = keep_count(density, n)
+    if k >= n:
+        return 0.0, mag
+    if k == 0:
+        return math.inf, mag
+    return kth_largest_abs(x, k, mag=mag), mag
+
+
+def keep_at_least(x: torch.Tensor, mag: torch.Tensor, t: float, out: torch.Tensor) -> torch.Tensor:
+    """Write ``x`` where ``mag >= t`` and 0 elsewhere into ``out`` (same shape as ``x``)."""
+    if t == math.inf:
+        return out.zero_()
+    out.copy_(x)
+    if t > 0.0:
+        flags = scratch("keep.flags", mag, torch.bool)
+        torch.lt(mag, t, out=flags)
+        out.view(-1).masked_fill_(flags, 0)
+    return out
+
+
+def topk(inputs: list[torch.Tensor], ctx: TensorContext, *, density: float, scope: str = "tensor") -> torch.Tensor:
+    """Keep the ``density`` fraction of entries with the largest ``|x|`` (within the tensor or the model)."""
+    checked("topk", {"density": density, "scope": scope}, 1, ctx.name)
+    (x,) = inputs
+    t, mag = magnitude_threshold("topk", x, float(density), ctx, scope, 0)
+    return keep_at_least(x, mag, t, fresh(x))
+
+
+def breadcrumbs(inputs: list[torch.Tensor], ctx: TensorContext, *, density: float, gamma: float = 0.01) -> torch.Tensor:
+    """Drop the ``gamma`` fraction of largest magnitudes, keep the next ``density`` fraction.
+
+    With ``n`` entries, ``keep = keep_count(density, n)`` and
+    ``top = keep_count(gamma, n)``, reduced to ``n - keep`` when both do not
+    fit. Entries ranked ``top+1 .. top+keep`` by magnitude survive. A tensor
+    too small for any outlier (``top == 0``) just keeps its ``keep`` largest
+    entries (mergekit wipes such tensors). Ties: entries tied with the
+    ``top``-th largest are dropped with it, entries tied with the
+    ``(top+keep)``-th largest are kept.
+    """
+    checked("breadcrumbs", {"density": density, "gamma": gamma}, 1, ctx.name)
+    (x,) = inputs
+    n = x.numel()
+    keep = keep_count(float(density), n)
+    top = keep_count(float(gamma), n)
+    if keep + top > n:
+        top = n - keep
+    out = fresh(x)
+    if keep == 0:
+        return out.zero_()
+    mag = magnitudes(x)
+    low = kth_largest_abs(x, top + keep, mag=mag)
+    high = kth_largest_abs(x, top, mag=mag) if top > 0 else math.inf
+    drop = scratch("crumbs.drop", mag, torch.bool)
+    above = scratch("crumbs.above", mag, torch.bool)
+    torch.lt(mag, low, out=drop)
+    torch.ge(mag, high, out=above)
+    drop.logical_or_(above)
+    out.copy_(x)
+    out.view(-1).masked_fill_(drop, 0)
+    return out

@@ -1,0 +1,53 @@
+"""Model Stock (Jang et al. 2024), per tensor, as in mergekit's ``model_stock``.
+
+For a base ``w0`` and ``N >= 2`` fine-tuned models ``w_i``, with offsets
+``d_i = w_i - w0`` flattened per tensor: ``c`` is the mean over pairs
+``i < j`` of ``cos(d_i, d_j)`` (norm product clamped at 1e-6, as mergekit),
+then clamped to ``[0, 1]``, and ``t = N*c / (1 + (N-1)*c)``. The result is
+``t * mean(w_i) + (1 - t) * w0``. The clamp is tvlang's: with negative
+``c`` mergekit's ``t`` leaves ``[0, 1]`` (and divides by zero at
+``c = -1/(N-1)``); tvlang then returns the base.
+
+>>> from tvlang.ops.context import TensorContext
+>>> base = torch.zeros(2)
+>>> model_stock([base, torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])], TensorContext("w"))
+tensor([0.8284, 0.4142])
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tvlang.ops.common import fresh
+from tvlang.ops.context import TensorContext
+
+__all__ = ["model_stock", "stock_ratio"]
+
+
+def stock_ratio(cos: float, n: int) -> float:
+    """``t = n*c / (1 + (n-1)*c)`` with ``c`` clamped to ``[0, 1]``."""
+    c = min(1.0, max(0.0, cos))
+    return n * c / (1.0 + (n - 1) * c)
+
+
+def model_stock(inputs: list[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+    base, *models = inputs
+    n = len(models)
+    if n < 2:
+        from tvlang.errors import TvlangError
+
+        raise TvlangError("model_stock: needs a base and at least two fine-tuned models", tensor=ctx.name)
+    offsets = [torch.sub(m, base) for m in models]
+    norms = [float(torch.linalg.vector_norm(d, dtype=torch.float64)) for d in offsets]
+    total, pairs = 0.0, 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            dot = float(torch.sum(torch.mul(offsets[i], offsets[j]), dtype=torch.float64))
+            total += min(1.0, max(-1.0, dot / max(norms[i] * norms[j], 1e-6)))
+            pairs += 1
+    t = stock_ratio(total / pairs, n)
+    out = fresh(base)
+    torch.mul(base, 1.0 - t, out=out)
+    for m in models:
+        out.add_(m, alpha=t / n)
+    return out

@@ -1,0 +1,90 @@
+"""Exact whole-model magnitude threshold in two streaming passes (radix select).
+
+``|x|`` of a float32 (float16 and bfloat16 convert exactly) is a non-negative
+float whose bit pattern, read as an integer, is ordered like its value. Pass 1
+counts the high 16 bits of every entry and finds the bin holding the k-th
+largest magnitude; pass 2 counts the low 16 bits of the entries in that bin
+and finds the exact value. Memory: two 65536-bin histograms, whatever the
+model size. ``k = keep_count(density, total entries)`` as for per-tensor
+pruning; ``k == 0`` gives ``inf`` (keep nothing). NaN sorts above ``inf``.
+float64 inputs are rounded to float32 first.
+
+>>> from tvlang.ops.context import TensorContext
+>>> r = MagnitudeThreshold(0.5)
+>>> for p in range(r.passes):
+...     r.update(p, [torch.tensor([1.0, -4.0])], TensorContext("a"))
+...     r.update(p, [torch.tensor([3.0, 2.0])], TensorContext("b"))
+...     r.end_pass(p)
+>>> r.result()
+3.0
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import torch
+
+from tvlang.ops.common import keep_count
+from tvlang.ops.context import TensorContext
+
+__all__ = ["MagnitudeThreshold"]
+
+_BINS = 1 << 16
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    mag = x.reshape(-1).to(torch.float32).abs()
+    return mag.view(torch.int32)
+
+
+def _pick_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest entry, and its rank within that bin (from the top)."""
+    at_or_above = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])  # entries in bins >= b
+    b = int(torch.nonzero(at_or_above >= k).max())
+    above = int(at_or_above[b + 1]) if b + 1 < hist.numel() else 0
+    return b, k - above
+
+
+class MagnitudeThreshold:
+    """The exact k-th largest ``|x|`` over all tensors streamed through it."""
+
+    passes = 2
+
+    def __init__(self, density: float) -> None:
+        self.density = float(density)
+        self._total = 0
+        self._high = torch.zeros(_BINS, dtype=torch.int64)
+        self._low = torch.zeros(_BINS + 2, dtype=torch.int64)
+        self._bin: int | None = None
+        self._rank = 0
+        self._k = 0
+        self._result: float | None = None
+
+    def update(self, pass_index: int, tensors: list[torch.Tensor], ctx: TensorContext) -> None:
+        bits = _bits(tensors[0])
+        if pass_index == 0:
+            self._total += bits.numel()
+            self._high += torch.bincount(bits >> 16, minlength=_BINS).cpu()
+        elif self._bin is not None:
+            # entries of the chosen bin map to 1..65536; the others to 0 or 65537
+            low = (bits - (self._bin << 16)).clamp_(-1, _BINS).add_(1)
+            self._low += torch.bincount(low, minlength=_BINS + 2).cpu()
+
+    def end_pass(self, pass_index: int) -> None:
+        if pass_index == 0:
+            self._k = keep_count(self.density, self._total)
+            if self._k == 0:
+                self._result = math.inf
+            else:
+                self._bin, self._rank = _pick_bin(self._high, self._k)
+        elif pass_index == 1 and self._bin is not None:
+            low, _ = _pick_bin(self._low[1:_BINS + 1], self._rank)
+            pattern = (self._bin << 16) | low
+            self._result = struct.unpack("<f", struct.pack("<I", pattern))[0]
+
+    def result(self) -> float:
+        if self._result is None:
+            raise RuntimeError("MagnitudeThreshold.result() before both passes ended")
+        return self._result

@@ -1,0 +1,181 @@
+"""TIES-Merging and its relatives: ``ties``, ``dare_ties``, ``della``.
+
+All three sparsify each input, elect a sign per entry and merge the entries
+that agree with it (:func:`sign_merge`). See docs/operators.md for how the
+options map onto the TIES paper's code, PEFT and mergekit.
+
+>>> from tvlang.ops.context import TensorContext
+>>> a = torch.tensor([1.0, -2.0, 3.0, 0.5])
+>>> b = torch.tensor([-4.0, -1.0, 1.0, 0.0])
+>>> ties([a, b], TensorContext("w"), density=1.0)
+tensor([-4.0000, -1.5000,  2.0000,  0.5000])
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tvlang.ops import checks
+from tvlang.ops.common import checked, fresh, scratch
+from tvlang.ops.context import TensorContext
+from tvlang.ops.dare import della_sample, drop_random
+from tvlang.ops.prune import keep_at_least, magnitude_threshold
+
+__all__ = ["ties", "dare_ties", "della", "sign_merge"]
+
+
+def sign_merge(
+    parts: list[torch.Tensor],
+    *,
+    elect: str = "total",
+    merge: str = "mean",
+    weights: list[float] | None = None,
+    elect_on: str = "weighted",
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Elect a sign per entry and merge the agreeing entries of ``parts`` into ``out``.
+
+    With weights ``w_i`` (all 1 when ``None``) the merged values are
+    ``v_i = w_i * p_i``. The election looks at ``v_i`` (``elect_on="weighted"``)
+    or ``p_i`` (``"unweighted"``): ``"total"`` takes the sign of their sum,
+    ``"frequency"`` the sign of the sum of their signs; a sum of exactly 0
+    elects +. Input ``i`` agrees at an entry when its election value has the
+    elected sign (a zero never agrees). Then ``"sum"``: sum of agreeing
+    ``v_i``; ``"mean"``: that over the number of agreeing inputs (at least
+    1); ``"weighted_mean"``: over the sum of agreeing ``w_i`` (1 where that is
+    0). ``elect="none"`` skips the election: the sum of all ``v_i``, divided by
+    the number of inputs (``"mean"``) or the sum of the weights
+    (``"weighted_mean"``, unless it is 0).
+    """
+    n = len(parts)
+    w = list(weights) if weights else [1.0] * n
+    if elect == "none":
+        out.zero_()
+        for wi, p in zip(w, parts):
+            out.add_(p, alpha=wi)
+        if merge == "mean":
+            out.div_(n)
+        elif merge == "weighted_mean" and abs(sum(w)) > 1e-8:
+            out.div_(sum(w))
+        return out
+    like = parts[0]
+    # sign(election value of input i) = s_i * sign(p_i)
+    if elect_on == "weighted":
+        s = [1.0 if wi > 0 else (-1.0 if wi < 0 else 0.0) for wi in w]
+    else:
+        s = [1.0] * n
+    tally = scratch("ties.tally", like)
+    tmp = scratch("ties.tmp", like)
+    tally.zero_()
+    for si, wi, p in zip(s, w, parts):
+        if si == 0.0:
+            continue  # a zero weight makes zero election values: they neither vote nor agree
+        if elect == "total":
+            tally.add_(p, alpha=wi if elect_on == "weighted" else 1.0)
+        else:
+            torch.sign(p, out=tmp)
+            tally.add_(tmp, alpha=si)
+    elected = scratch("ties.sign", like)
+    torch.sign(tally, out=elected)
+    elected.add_(0.5).sign_()  # -1 -> -1, 0 -> +1, +1 -> +1
+    total = tally.zero_()  # sum of |p_i| * w_i * s_i over agreeing inputs
+    divisor = scratch("ties.divisor", like).zero_() if merge != "sum" else None
+    for si, wi, p in zip(s, w, parts):
+        if si == 0.0:
+            continue
+        torch.mul(p, elected, out=tmp)
+        if si < 0:
+            tmp.neg_()
+        tmp.clamp_(min=0)  # |p_i| where input i agrees, else 0
+        total.add_(tmp, alpha=wi * si)
+        if divisor is not None:
+            tmp.sign_()
+            divisor.add_(tmp, alpha=1.0 if merge == "mean" else wi)
+    torch.mul(total, elected, out=out)
+    if merge == "mean":
+        out.div_(divisor.clamp_(min=1.0))
+    elif merge == "weighted_mean":
+        out.div_(divisor.masked_fill_(divisor == 0, 1.0))
+    return out
+
+
+def ties(
+    inputs: list[torch.Tensor],
+    ctx: TensorContext,
+    *,
+    density: float = 0.2,
+    elect: str = "total",
+    merge: str = "mean",
+    weights=(),
+    elect_on: str = "weighted",
+    scope: str = "tensor",
+) -> torch.Tensor:
+    """TIES: keep the ``density`` fraction of largest ``|x|`` of each input, elect, disjoint merge."""
+    options = dict(density=density, elect=elect, merge=merge, weights=weights, elect_on=elect_on, scope=scope)
+    checked("ties", options, len(inputs), ctx.name)
+    w = checks.weights("ties", weights, len(inputs))
+    density = float(density)
+    parts = []
+    for i, x in enumerate(inputs):
+        if scope == "tensor" and density >= 1.0:
+            parts.append(x)
+            continue
+        t, mag = magnitude_threshold("ties", x, density, ctx, scope, i)
+        parts.append(x if t <= 0.0 else keep_at_least(x, mag, t, scratch(f"ties.part{i}", x)))
+    return sign_merge(parts, elect=elect, merge=merge, weights=w, elect_on=elect_on, out=fresh(inputs[0]))
+
+
+def dare_ties(
+    inputs: list[torch.Tensor],
+    ctx: TensorContext,
+    *,
+    p: float,
+    seed: float = 0,
+    rescale: bool = True,
+    elect: str = "total",
+    merge: str = "mean",
+    weights=(),
+    elect_on: str = "weighted",
+) -> torch.Tensor:
+    """DARE on each input (one generator, inputs drawn in order), then TIES election and merge."""
+    options = dict(p=p, seed=seed, elect=elect, merge=merge, weights=weights, elect_on=elect_on)
+    checked("dare_ties", options, len(inputs), ctx.name)
+    w = checks.weights("dare_ties", weights, len(inputs))
+    gen = ctx.generator(seed)
+    parts = [
+        drop_random(x, float(p), gen, bool(rescale), scratch(f"ties.part{i}", x)) for i, x in enumerate(inputs)
+    ]
+    return sign_merge(parts, elect=elect, merge=merge, weights=w, elect_on=elect_on, out=fresh(inputs[0]))
+
+
+def della(
+    inputs: list[torch.Tensor],
+    ctx: TensorContext,
+    *,
+    density: float,
+    epsilon: float = 0.15,
+    seed: float = 0,
+    rescale: bool = True,
+    elect: str = "total",
+    merge: str = "mean",
+    weights=(),
+    elect_on: str = "weighted",
+    **more,
+) -> torch.Tensor:
+    """DELLA: MAGPRUNE sampling of each input, sign election (or none), merge, times ``lambda``."""
+    scale = float(more.pop("lambda", 1.0))
+    if more:
+        raise TypeError(f"della: unknown options {sorted(more)}")
+    options = dict(density=density, epsilon=epsilon, seed=seed, elect=elect, merge=merge, weights=weights,
+                   elect_on=elect_on)
+    checked("della", options, len(inputs), ctx.name)
+    w = checks.weights("della", weights, len(inputs))
+    gen = ctx.generator(seed)
+    parts = [
+        della_sample(x, float(density), float(epsilon), gen, bool(rescale), scratch(f"ties.part{i}", x))
+        for i, x in enumerate(inputs)
+    ]
+    out = sign_merge(parts, elect=elect, merge=merge, weights=w, elect_on=elect_on, out=fresh(inputs[0]))
+    if scale != 1.0:
+        out.mul_(scale)
+    return out
