@@ -99,6 +99,8 @@ class _State(threading.local):
         self.filename = filename
         self.open_brackets: list[Token] = []
         self.last_end = 0  # end offset of the last real token
+        self.previous: Token | None = None  # the token before the last one
+        self.last: Token | None = None
         self.depth: dict[int, int] = {}  # id(node) -> AST depth
         self.keep: list[object] = []  # keeps nodes alive so ids stay unique
 
@@ -134,6 +136,7 @@ class _PostLexer:
                     continue
             else:
                 state.last_end = token.end_pos
+                state.previous, state.last = state.last, token
                 if kind in ("LPAR", "LSQB"):
                     brackets.append(token)
                     if len(brackets) > MAX_DEPTH:
@@ -403,7 +406,10 @@ def _translate_token(exc: UnexpectedToken) -> TvlangError:
     if brackets and brackets[-1].line < token.line:
         opener = brackets[-1]
         notes.append(f"note: '{opener.value}' at {_where(opener)} is not closed")
-    if token.type == "EQUAL" and "EQUAL" not in acceptable:
+    previous = _state.previous
+    if token.type == "EQUAL" and previous is not None and previous.type == "PARAM" and acceptable == {"NAME"}:
+        return _error("'param' needs a name: param lm = 0.4", start, end)
+    if token.type == "EQUAL" and acceptable & {"PLUS", "RPAR", "COMMA"}:
         notes.append("note: '=' starts a statement (name = expr) or passes a keyword argument (f(x, key=value))")
     return _error(f"unexpected {_shown(token.value)}{tail}", start, end, notes=tuple(notes))
 

@@ -367,7 +367,7 @@ class _Checker:
         return None
 
     def define(self, name: str, stmt: ast.Stmt, t, what: str) -> bool:
-        where = {"param": "param", "value": "name", "output": "output"}[what]
+        where = {"param": "param", "value": "value", "output": "output"}[what]
         if name in BUILTINS:
             self.error(f"'{name}' is a built-in function; choose another name for this {where}", stmt)
             return False
@@ -534,6 +534,12 @@ class _Checker:
             return binding.type
         if name in BUILTINS:
             return self.error(f"'{name}' is a built-in function, not a value; call it: {name}(...)", node)
+        if self.bound_sources is not None and name in self.bound_sources:
+            kind = self.bound_sources[name]
+            if kind not in ("model", "delta"):
+                raise ValueError(f"source {name!r} has kind {kind!r}; expected 'model' or 'delta'")
+            self.used_sources[name] = kind
+            return _Vector(1.0 if kind == "model" else 0.0)
         if name in self.definitions:
             line = self.definitions[name]
             if line is not None and line == self.current_line:
@@ -543,12 +549,6 @@ class _Checker:
         if self.bound_sources is None:
             self.used_sources[name] = "model"
             return _Vector(1.0)
-        if name in self.bound_sources:
-            kind = self.bound_sources[name]
-            if kind not in ("model", "delta"):
-                raise ValueError(f"source {name!r} has kind {kind!r}; expected 'model' or 'delta'")
-            self.used_sources[name] = kind
-            return _Vector(1.0 if kind == "model" else 0.0)
         candidates = list(self.names) + list(self.bound_sources)
         hint = _suggest(name, candidates)
         notes = () if hint else (

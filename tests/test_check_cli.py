@@ -1,0 +1,181 @@
+"""``tvlang check`` and the bad-recipe fixtures (tests/fixtures/bad/NAME.tv + NAME.expected)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tvlang.cli import main
+from tvlang.errors import TvlangError
+from tvlang.syntax import parse
+from tvlang.types import check
+
+BAD = Path(__file__).parent / "fixtures" / "bad"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _directives(text: str) -> tuple[dict[str, str] | None, dict[str, float]]:
+    """``# bind: a=model b=delta`` makes the check strict; ``# set: x=1`` overrides params."""
+    sources: dict[str, str] | None = None
+    params: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("# bind:"):
+            sources = dict(item.split("=") for item in line[len("# bind:"):].split())
+        elif line.startswith("# set:"):
+            params.update({k: float(v) for k, v in (item.split("=") for item in line[len("# set:"):].split())})
+    return sources, params
+
+
+def render_bad(path: Path) -> str:
+    """The rendered error of one bad recipe (checked leniently unless it says ``# bind:``)."""
+    text = path.read_text(encoding="utf-8")
+    sources, params = _directives(text)
+    try:
+        check(parse(text, filename=path.name), source=text, filename=path.name, sources=sources, params=params)
+    except TvlangError as err:
+        return err.render()
+    raise AssertionError(f"{path.name} has no error")
+
+
+BAD_CASES = sorted(BAD.glob("*.tv"))
+
+
+def test_there_are_enough_bad_recipes():
+    assert len(BAD_CASES) >= 40
+    for path in BAD_CASES:
+        assert path.with_suffix(".expected").exists(), path.name
+
+
+@pytest.mark.parametrize("path", BAD_CASES, ids=[p.stem for p in BAD_CASES])
+def test_bad_recipe(path):
+    expected = path.with_suffix(".expected").read_text(encoding="utf-8")
+    assert render_bad(path) + "\n" == expected
+
+
+# -- the command line ----------------------------------------------------------------
+
+def _write(tmp_path, text, name="recipe.tv"):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_good_recipe_prints_nothing(tmp_path, capsys):
+    path = _write(tmp_path, 'pre = load("base")\nparam lm = 0.4\nout = pre + lm*(ft - pre)\n')
+    assert main(["check", str(path), "--bind", "ft=finetuned/", "--set", "lm=0.5"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
+def test_bad_recipe_exit_1_with_the_rendered_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path, 'pre = load("base")\nout = pre + 0.4*ft\n')
+    assert main(["check", "recipe.tv", "--bind", "ft=model"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "recipe.tv:2:7: error: model coefficients sum to 1.4; a model needs 1 and a task vector 0\n"
+        "  out = pre + 0.4*ft\n"
+        "        ^^^^^^^^^^^^\n"
+        "  note: scale task vectors, not models: pre + 0.4*(ft - pre)\n"
+    )
+
+
+def test_recipe_path_is_shown_as_given(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    _write(tmp_path, "out = a +\n", name="sub/r.tv")
+    assert main(["check", "./sub/r.tv"]) == 1
+    assert capsys.readouterr().err.startswith("./sub/r.tv:1:10: error: unexpected end of input")
+
+
+def test_expression_with_binds(capsys):
+    assert main(["check", "-e", "pre + 0.4*(ft - pre)", "--bind", "pre=model", "--bind", "ft=ft.safetensors"]) == 0
+    assert main(["check", "-e", "pre + tau", "--bind", "pre=model", "--bind", "tau=delta"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_expression_errors_name_the_expression(capsys):
+    assert main(["check", "-e", "pre + 0.4*ft", "--bind", "pre=model", "--bind", "ft=model"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("<expr>:1:1: error: model coefficients sum to 1.4;")
+    assert "note: scale task vectors, not models: pre + 0.4*(ft - pre)" in err
+
+
+def test_unbound_names_are_errors(capsys):
+    assert main(["check", "-e", "pre + 0.4*(ft - pre)", "--bind", "pre=model"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("<expr>:1:12: error: unknown name 'ft'\n")
+    assert "--bind ft=PATH" in err
+
+
+def test_delta_binding_changes_the_kind(capsys):
+    # ft bound as a task vector: pre + 0.4*ft is a model, and ft - pre is not affine-valid
+    assert main(["check", "-e", "pre + 0.4*ft", "--bind", "pre=model", "--bind", "ft=delta"]) == 0
+    assert main(["check", "-e", "ft - pre", "--bind", "pre=model", "--bind", "ft=delta"]) == 1
+    assert "model coefficients sum to -1;" in capsys.readouterr().err
+
+
+def test_set_of_undeclared_param_is_an_error(tmp_path, capsys):
+    path = _write(tmp_path, "param lm = 0.4\nout = pre + lm*(ft - pre)\n")
+    assert main(["check", str(path), "--bind", "pre=m", "--bind", "ft=m", "--set", "lam=1"]) == 1
+    assert capsys.readouterr().err == f"{path}: error: the recipe has no param 'lam' to set; did you mean 'lm'?\n"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["check"], "give a RECIPE file or -e EXPR"),
+        (["check", "r.tv", "-e", "a"], "not both"),
+        (["check", "-e", "a", "--bind", "a"], "--bind expects NAME=PATH"),
+        (["check", "-e", "a", "--bind", "=model"], "--bind expects NAME=PATH"),
+        (["check", "-e", "a", "--bind", "a=model", "--bind", "a=delta"], "--bind a is given twice"),
+        (["check", "-e", "a", "--set", "x"], "--set expects NAME=NUMBER"),
+        (["check", "-e", "a", "--set", "x=abc"], "--set x: 'abc' is not a number"),
+        (["check", "-e", "a", "--set", "x=nan"], "not a finite number"),
+    ],
+)
+def test_usage_errors_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tvlang check: error: ") and message in err
+
+
+def test_unreadable_recipe_exit_1(tmp_path, capsys):
+    assert main(["check", str(tmp_path / "missing.tv")]) == 1
+    assert capsys.readouterr().err == f"error: cannot read recipe {tmp_path / 'missing.tv'}: no such file\n"
+    assert main(["check", str(tmp_path)]) == 1
+    assert "it is a directory" in capsys.readouterr().err
+    binary = tmp_path / "bin.tv"
+    binary.write_bytes(b"out = \xff\n")
+    assert main(["check", str(binary)]) == 1
+    assert "not UTF-8 text" in capsys.readouterr().err
+
+
+def test_help_has_an_example():
+    result = subprocess.run(
+        [sys.executable, "-m", "tvlang", "check", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert result.returncode == 0
+    assert "tvlang check recipe.tv --bind pre=base/" in result.stdout
+
+
+def test_subprocess_exit_codes_and_streams(tmp_path):
+    good = _write(tmp_path, "out = pre + 0.5*(ft - pre)\n", "good.tv")
+    bad = _write(tmp_path, "out = pre + 0.5*ft\n", "bad.tv")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = lambda *args: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "tvlang", "check", *args], capture_output=True, text=True, env=env, timeout=60
+    )
+    ok = run(str(good), "--bind", "pre=model", "--bind", "ft=model")
+    assert (ok.returncode, ok.stdout, ok.stderr) == (0, "", "")
+    failed = run(str(bad), "--bind", "pre=model", "--bind", "ft=model")
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert failed.stderr.startswith(f"{bad}:1:7: error: model coefficients sum to 1.5;")
+    assert "Traceback" not in failed.stderr
+    usage = run()
+    assert usage.returncode == 2 and "Traceback" not in usage.stderr
