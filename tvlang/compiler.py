@@ -1,0 +1,359 @@
+"""``tvlang.compile``: text in, an inspectable, runnable :class:`Plan` out.
+
+>>> import tvlang
+>>> plan = tvlang.compile("pre + 0.5*(a - pre) + 0.5*(b - pre)")
+>>> plan.sources_read()
+['a', 'b']
+>>> print(plan.optimized_text())
+out = 0.5 * a + 0.5 * b
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from tvlang import ast
+from tvlang.errors import TvlangError
+from tvlang.ir import IRProgram, Node, build, const_value, postorder
+from tvlang.optimize import OptimizerFlags, optimize
+from tvlang.plan import Schedule, Step, format_coef, schedule
+
+__all__ = ["compile", "parse_recipe", "Plan", "RunSummary", "delta", "DeltaBinding"]
+
+
+@functools.lru_cache(maxsize=256)
+def parse_recipe(text: str, filename: str | None = None) -> ast.Program:
+    """Parse a recipe, or a bare expression as ``out = EXPR`` (cached per text)."""
+    from tvlang.syntax import parse, parse_expression
+
+    try:
+        return parse(text, filename)
+    except TvlangError as program_error:
+        try:
+            expr = parse_expression(text, filename)
+        except TvlangError:
+            raise program_error from None
+        return ast.Program((ast.Out(None, expr, span=expr.span),), span=expr.span)
+
+
+def compile(text: str, *, filename: str | None = None, sources: Mapping[str, str] | None = None,
+            flags: OptimizerFlags | None = None, **params: float) -> "Plan":
+    """Parse, check and optimize ``text``; ``params`` override its ``param`` values.
+
+    ``sources`` gives the kind (``"model"``/``"delta"``) of names bound from
+    outside; without it every undefined name is a Model bound at run time.
+    """
+    program = parse_recipe(text, filename)
+    return Plan(text, filename, program, dict(sources) if sources is not None else None,
+                {k: float(v) for k, v in params.items()}, flags or OptimizerFlags())
+
+
+@dataclass(frozen=True)
+class DeltaBinding:
+    """A binding marked as a task vector (see :func:`delta`)."""
+
+    value: Any
+
+
+def delta(value: Any) -> DeltaBinding:
+    """Mark a state dict, module or path bound to a name as a task vector (a Delta)."""
+    return DeltaBinding(value)
+
+
+@dataclass
+class RunSummary:
+    outputs: dict[str, str]  # output name -> path written
+    tensors: int
+    bytes_written: int
+    seconds: float
+    passes: int
+
+    def line(self) -> str:
+        size = self.bytes_written / 2**20
+        rate = size / self.seconds if self.seconds > 0 else 0.0
+        where = ", ".join(self.outputs.values())
+        return (f"wrote {self.tensors} tensors ({size:.1f} MiB) to {where} in {self.seconds:.2f} s "
+                f"({rate:.0f} MiB/s, {self.passes} pass{'es' if self.passes != 1 else ''})")
+
+
+class Plan:
+    """A checked, optimized recipe: explain it, run it, evaluate it."""
+
+    def __init__(self, text: str, filename: str | None, program: ast.Program,
+                 sources: dict[str, str] | None, params: dict[str, float], flags: OptimizerFlags) -> None:
+        from tvlang.types import check
+
+        self.text = text
+        self.filename = filename
+        self.program = program
+        self.flags = flags
+        self._source_kinds = sources
+        self._param_overrides = params
+        self.checked = check(program, source=text, filename=filename, sources=sources, params=params)
+        self.params: dict[str, float] = dict(self.checked.params)
+        self.unoptimized: IRProgram = build(self.checked)
+        self.optimized: IRProgram = optimize(self.unoptimized, flags)
+        self.schedule: Schedule = schedule(self.optimized)
+        self._variants: dict[tuple, Plan] = {}
+
+    # -- variants ----------------------------------------------------------------
+
+    def with_params(self, **params: float) -> "Plan":
+        """The same recipe with other param values (no re-parse): a lambda sweep."""
+        merged = {**self._param_overrides, **{k: float(v) for k, v in params.items()}}
+        return Plan(self.text, self.filename, self.program, self._source_kinds, merged, self.flags)
+
+    def with_flags(self, flags: OptimizerFlags) -> "Plan":
+        return Plan(self.text, self.filename, self.program, self._source_kinds, self._param_overrides, flags)
+
+    def for_kinds(self, kinds: Mapping[str, str]) -> "Plan":
+        """This plan with free names re-typed (a bound file turned out to be a Delta)."""
+        current = {name: kind for name, kind in self.checked.sources.items()}
+        wanted = {**current, **{k: v for k, v in kinds.items() if k in current}}
+        if wanted == current:
+            return self
+        key = tuple(sorted(wanted.items()))
+        if key not in self._variants:
+            self._variants[key] = Plan(self.text, self.filename, self.program, dict(wanted),
+                                       self._param_overrides, self.flags)
+        return self._variants[key]
+
+    # -- inspection --------------------------------------------------------------
+
+    @property
+    def outputs(self) -> list[str]:
+        return [name for name, _ in self.optimized.outputs]
+
+    def output_kind(self, name: str) -> str:
+        return dict(self.optimized.outputs)[name].vector_kind
+
+    def sources_read(self, output: str | None = None) -> list[str]:
+        """The sources the optimized plan reads (for one output, or all)."""
+        if output is None:
+            return self.schedule.sources_read
+        root = dict(self.optimized.outputs)[output]
+        keys = [n.attr[0] for n in postorder([root]) if n.op == "source"]
+        order = self.schedule.sources_read
+        return sorted(set(keys), key=lambda k: order.index(k) if k in order else len(order))
+
+    def program_text(self) -> str:
+        from tvlang.printer import to_text
+
+        return to_text(self.program).rstrip("\n")
+
+    def optimized_text(self) -> str:
+        return _ir_text(self.optimized)
+
+    def explain(self) -> str:
+        """The program as written, optimized, what each output reads, and the per-tensor program."""
+        sched = self.schedule
+        lines = ["# as written", self.program_text(), "", "# optimized", self.optimized_text(), "", "# sources read"]
+        for name in self.outputs:
+            reads = ", ".join(self.sources_read(name)) or "(none)"
+            lines.append(f"{name} ({self.output_kind(name)}): {reads}")
+        names = _ScalarNames(sched)
+        lines += ["", f"# plan: {sched.passes} streaming pass{'es' if sched.passes != 1 else ''} over the inputs"]
+        pass_no = 1
+        for tasks, program in sched.levels:
+            lines.append(f"# pass {pass_no}: whole-model scalars")
+            for task in tasks:
+                lines.append(f"{task.name} = {_scalar_text(task.node, names)}")
+            lines.extend("  " + _step_text(step, names) for step in program.steps)
+            pass_no += 1
+        lines.append(f"# pass {pass_no}: per tensor ({sched.main.n_buffers} buffers)")
+        lines.extend("  " + _step_text(step, names) for step in sched.main.steps)
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<tvlang.Plan outputs={self.outputs} reads={self.sources_read()}>"
+
+    # -- execution (torch is imported only here) ------------------------------------
+
+    def run(self, bindings: Mapping[str, Any] | None = None, out: Any = None, **options: Any) -> RunSummary:
+        """Stream the recipe over its inputs and write every output; see :mod:`tvlang.evaluate`."""
+        from tvlang.evaluate import run
+
+        return run(self, bindings or {}, out, **options)
+
+    def evaluate(self, bindings: Mapping[str, Any] | None = None, *, output: str | None = None, **options: Any) -> dict:
+        """The tensors of one output, as a dict (in memory: for small models and tests)."""
+        return dict(self.stream(bindings, output=output, **options))
+
+    def stream(self, bindings: Mapping[str, Any] | None = None, *, output: str | None = None,
+               **options: Any) -> Iterator[tuple[str, Any]]:
+        """(tensor name, tensor) pairs of one output, computed one tensor at a time."""
+        from tvlang.evaluate import stream
+
+        return stream(self, bindings or {}, output=output, **options)
+
+
+# -- text of IR, for explain ---------------------------------------------------------------
+
+
+class _ScalarNames:
+    def __init__(self, sched: Schedule) -> None:
+        self.sched = sched
+
+    def __call__(self, node: Node) -> str:
+        task = self.sched.tasks.get(id(node))
+        if task is not None:
+            return task.name
+        return _scalar_text(node, self)
+
+
+def _scalar_text(node: Node, names) -> str:
+    from tvlang.printer import to_text
+
+    return to_text(_scalar_ast(node, names))
+
+
+def _scalar_ast(node: Node, names) -> ast.Expr:
+    if node.op == "const":
+        value = const_value(node)
+        return ast.Neg(ast.Number(-value)) if value < 0 else ast.Number(value)
+    if node.op == "reduce":
+        task = names.sched.tasks.get(id(node)) if isinstance(names, _ScalarNames) else None
+        if task is not None and names is not None and task.node is not node:
+            return ast.Name(task.name)
+        return ast.Call(node.attr[0].lstrip("@"), tuple(_vector_ast(a, {}) for a in node.args))
+    if node.op == "neg":
+        return ast.Neg(_scalar_ast(node.args[0], names))
+    ops = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+    return ast.BinOp(ops[node.op], _scalar_ast(node.args[0], names), _scalar_ast(node.args[1], names))
+
+
+def _vector_ast(node: Node, temps: dict[int, str]) -> ast.Expr:
+    if id(node) in temps:
+        return ast.Name(temps[id(node)])
+    op = node.op
+    if op == "source":
+        return ast.Name(node.attr[0])
+    if op == "zero":
+        return ast.Call("zero")
+    if op == "call":
+        name, options = node.attr
+        kwargs = tuple(ast.Keyword(k, _literal(v)) for k, v in options)
+        return ast.Call(name, tuple(_vector_ast(a, temps) for a in node.args), kwargs)
+    if op == "neg":
+        return ast.Neg(_vector_ast(node.args[0], temps))
+    if op in ("add", "sub", "mul", "div"):
+        sym = {"add": "+", "sub": "-", "mul": "*", "div": "/"}[op]
+        left, right = node.args
+        left_ast = _scalar_ast(left, None) if left.kind == "scalar" else _vector_ast(left, temps)
+        right_ast = _scalar_ast(right, None) if right.kind == "scalar" else _vector_ast(right, temps)
+        return ast.BinOp(sym, left_ast, right_ast)
+    # lin: c1*x1 + c2*x2 - ..., starting with a positive term where there is one
+    pairs = list(zip(node.attr, node.args))
+    positive = [i for i, (c, _) in enumerate(pairs) if not (c.op == "const" and const_value(c) < 0)]
+    if positive:
+        pairs.insert(0, pairs.pop(positive[0]))
+    result: ast.Expr | None = None
+    for coef, vec in pairs:
+        term = _vector_ast(vec, temps)
+        negative = coef.op == "const" and const_value(coef) < 0
+        magnitude = abs(const_value(coef)) if coef.op == "const" else None
+        if magnitude == 1.0:
+            scaled = term
+        elif magnitude is not None:
+            scaled = ast.BinOp("*", ast.Number(magnitude), term)
+        else:
+            scaled = ast.BinOp("*", _scalar_ast(coef, None), term)
+        if result is None:
+            result = ast.Neg(scaled) if negative else scaled
+        else:
+            result = ast.BinOp("-" if negative else "+", result, scaled)
+    return result if result is not None else ast.Call("zero")
+
+
+def _literal(value: object) -> ast.Expr:
+    if isinstance(value, bool):
+        return ast.Bool(value)
+    if isinstance(value, str):
+        return ast.String(value)
+    if isinstance(value, tuple):
+        return ast.ListExpr(tuple(_literal(v) for v in value))
+    number = float(value)  # type: ignore[arg-type]
+    return ast.Neg(ast.Number(-number)) if number < 0 else ast.Number(number)
+
+
+def _ir_text(program: IRProgram) -> str:
+    """The optimized program in tvlang syntax; nodes used twice become named temporaries."""
+    from tvlang.printer import to_text
+
+    roots = list(program.roots())
+    uses: dict[int, int] = {}
+    for node in postorder(roots):
+        for child in node.args:
+            uses[id(child)] = uses.get(id(child), 0) + 1
+    for node in roots:
+        uses[id(node)] = uses.get(id(node), 0) + 1
+    temps: dict[int, str] = {}
+    statements: list[ast.Stmt] = []
+    for node in postorder(roots):
+        if node.kind == "vector" and node.op in ("lin", "call") and uses.get(id(node), 0) >= 2:
+            if any(node is r for r in roots) and uses[id(node)] == 1:
+                continue
+            name = f"t{len(temps)}"
+            statements.append(ast.Assign(name, _vector_ast(node, temps)))
+            temps[id(node)] = name
+    for name, node in program.outputs:
+        expr = _vector_ast(node, {k: v for k, v in temps.items() if k != id(node)}) if id(node) in temps else _vector_ast(node, temps)
+        if id(node) in temps:
+            expr = ast.Name(temps[id(node)])
+        statements.append(ast.Out(None if name == "out" else name, expr))
+    return to_text(ast.Program(tuple(statements))).rstrip("\n")
+
+
+def _step_text(step: Step, names) -> str:
+    def c(coef):
+        return format_coef(coef, names)
+
+    b = lambda i: f"b{i}"  # noqa: E731
+    if step.op == "read":
+        return f"{b(step.dst)} = read({step.name})"
+    if step.op == "zero":
+        return f"{b(step.dst)} = zeros"
+    if step.op == "set":
+        coef = c(step.coef)
+        return f"{b(step.dst)} = {b(step.srcs[0])}" + ("" if coef == "1" else f" * {coef}")
+    if step.op == "add":
+        first, second = (c(x) for x in step.coef)
+        left = b(step.srcs[0]) if first == "1" else f"{first} * {b(step.srcs[0])}"
+        if second.startswith("-"):
+            right = f" - {b(step.srcs[1])}" if second == "-1" else f" - {second[1:]} * {b(step.srcs[1])}"
+        else:
+            right = f" + {b(step.srcs[1])}" if second == "1" else f" + {second} * {b(step.srcs[1])}"
+        return f"{b(step.dst)} = {left}{right}"
+    if step.op == "scale":
+        return f"{b(step.dst)} *= {c(step.coef)}"
+    if step.op == "axpy":
+        coef = c(step.coef)
+        if coef == "1":
+            return f"{b(step.dst)} += {b(step.srcs[0])}"
+        if coef == "-1":
+            return f"{b(step.dst)} -= {b(step.srcs[0])}"
+        return f"{b(step.dst)} += {coef} * {b(step.srcs[0])}"
+    if step.op == "call":
+        args = [b(s) for s in step.srcs] + [f"{k}={_option_text(v)}" for k, v in step.options]
+        return f"{b(step.dst)} = {step.name}({', '.join(args)})"
+    if step.op == "write":
+        return f"write({step.name}, {b(step.srcs[0])})"
+    if step.op == "feed":
+        return f"{step.name} <- {', '.join(b(s) for s in step.srcs)}"
+    raise AssertionError(step.op)
+
+
+def _option_text(value: object) -> str:
+    from tvlang.printer import to_text
+
+    return to_text(_literal(value))
+
+
+def resolve_path(path: str, filename: str | None) -> str:
+    """A path from a recipe, relative to the recipe's directory."""
+    if filename is None or Path(path).is_absolute():
+        return path
+    return str(Path(filename).parent / path)

@@ -1,0 +1,604 @@
+"""The streaming executor: one tensor name at a time, over every output.
+
+For each tensor name (in the base's file order) the executor reads only the
+inputs the plan needs, runs the per-tensor program with in-place steps, and
+hands each result to its writer. Reading the next tensor's inputs (a prefetch
+thread) and writing the last result (a writer thread) overlap with compute;
+torch releases the GIL in both. Whole-model scalars are computed first, in
+passes of their own.
+
+Choices, documented in docs/evaluator.md:
+
+- The *base* is the first model the plan reads (in reading order), else the
+  first source. Its tensor names and order are the output's; integer and bool
+  tensors are copied from it unchanged into Model outputs and left out of Delta
+  outputs.
+- ``missing="error"`` (default): every input must have every float tensor of the
+  base and no other. ``"base"``: a tensor missing from some input is copied from
+  the base. ``"skip"``: such a tensor is left out of the outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from tvlang.compiler import DeltaBinding, Plan, RunSummary
+from tvlang.errors import TvlangError
+from tvlang.io import StreamingWriter, TensorInfo, TensorReader, open_reader
+from tvlang.ir import Node, const_value
+from tvlang.plan import TensorProgram, resolve_coef
+
+__all__ = ["run", "stream", "Session", "parse_device", "parse_dtype", "DTYPES", "MISSING_POLICIES"]
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "fp64": torch.float64, "f64": torch.float64,
+}
+MISSING_POLICIES = ("error", "base", "skip")
+
+
+def parse_dtype(value: Any, option: str = "dtype") -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    dtype = DTYPES.get(str(value).lower())
+    if dtype is None:
+        raise TvlangError(f"unknown {option} '{value}'; choose one of float32, float16, bfloat16, float64")
+    return dtype
+
+
+def parse_device(value: Any) -> torch.device:
+    """A device that exists on this machine, or a clear error."""
+    text = str(value)
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise TvlangError(f"unknown device '{text}'; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TvlangError(f"device '{text}' is not available: this torch sees no CUDA device",
+                              notes=("run with --device cpu",))
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise TvlangError(f"device '{text}' is not available: there are {torch.cuda.device_count()} CUDA devices")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise TvlangError(f"device '{text}' is not available on this machine", notes=("run with --device cpu",))
+    elif device.type != "cpu":
+        raise TvlangError(f"unsupported device '{text}'; use cpu, cuda, cuda:N or mps")
+    return device
+
+
+# -- binding ---------------------------------------------------------------------------
+
+
+@dataclass
+class Bound:
+    """A plan re-typed for its bindings, with a reader per source it reads."""
+
+    plan: Plan
+    readers: dict[str, TensorReader]
+    borrowed: set[str]  # sources whose tensors belong to the caller (never mutate)
+    base: str
+
+    def close(self) -> None:
+        for reader in self.readers.values():
+            reader.close()
+
+
+def _label(name: str, value: Any) -> str | None:
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    return f"<{type(value).__name__} bound to '{name}'>"
+
+
+def bind(plan: Plan, bindings: Mapping[str, Any]) -> Bound:
+    """Open every source the plan reads; re-type free names bound to task vectors."""
+    free = plan.checked.sources
+    missing = [name for name in free if name not in bindings]
+    if missing:
+        raise TvlangError(f"no binding for {', '.join(repr(m) for m in missing)}",
+                          notes=("bind each name to a checkpoint (--bind name=PATH, or the bindings dict)",))
+    opened: dict[str, TensorReader] = {}
+    borrowed: set[str] = set()
+    kinds: dict[str, str] = {}
+    try:
+        for name in free:
+            value = bindings[name]
+            marked = isinstance(value, DeltaBinding)
+            if marked:
+                value = value.value
+            reader = open_reader(value, label=_label(name, value))
+            opened[name] = reader
+            if not isinstance(value, (str, os.PathLike)):
+                borrowed.add(name)
+            kinds[name] = "delta" if marked or reader.kind == "delta" else "model"
+        plan = plan.for_kinds(kinds)
+        for key, spec in plan.optimized.sources.items():
+            if spec.path is not None and key not in opened:
+                reader = open_reader(spec.path, label=spec.path)
+                if spec.kind == "model" and reader.kind == "delta":
+                    raise TvlangError(f"'{spec.path}' is a task vector (its metadata says so); load it with load_delta()",
+                                      spec.span, source=plan.text, filename=plan.filename)
+                opened[key] = reader
+    except TvlangError as exc:
+        for reader in opened.values():
+            reader.close()
+        raise exc.with_context(source=plan.text, filename=plan.filename) from None
+    order = plan.schedule.sources_read
+    every = order + [k for k in plan.optimized.sources if k not in order]
+    models = [k for k in order if plan.optimized.sources[k].kind == "model"]
+    base = models[0] if models else (order[0] if order else every[0])
+    needed = set(order) | {base}
+    for key in list(opened):
+        if key not in needed:
+            opened.pop(key).close()
+    return Bound(plan, opened, borrowed, base)
+
+
+# -- layout and validation ----------------------------------------------------------------
+
+
+@dataclass
+class Layout:
+    names: list[str]  # float tensors computed, in base order
+    passthrough: list[str]  # integer/bool tensors copied from the base
+    copied: dict[str, list[str]]  # missing="base": name -> inputs lacking it (copied from the base)
+    infos: dict[str, TensorInfo]  # base's info per name
+    num_layers: int | None
+
+
+def layout(bound: Bound, missing: str) -> Layout:
+    if missing not in MISSING_POLICIES:
+        raise TvlangError(f"unknown missing-tensor policy '{missing}'; choose error, base or skip")
+    base = bound.readers[bound.base]
+    others = [(k, r) for k, r in bound.readers.items() if k != bound.base]
+    names: list[str] = []
+    passthrough: list[str] = []
+    copied: dict[str, list[str]] = {}
+    infos: dict[str, TensorInfo] = {}
+    other_names = {k: set(r.names()) for k, r in others}
+    for name in base.names():
+        info = base.info(name)
+        infos[name] = info
+        if not (info.dtype.is_floating_point or info.dtype.is_complex):
+            passthrough.append(name)
+            continue
+        lacking = [k for k, _ in others if name not in other_names[k]]
+        if lacking:
+            if missing == "error":
+                reader = bound.readers[lacking[0]]
+                raise TvlangError(f"tensor '{name}' is in {base.label} but missing from {reader.label}",
+                                  tensor=name, notes=("choose a policy with --missing base|skip",))
+            if missing == "base":
+                copied[name] = lacking
+            continue  # skip
+        for key, reader in others:
+            other = reader.info(name)
+            if tuple(other.shape) != tuple(info.shape):
+                raise TvlangError(
+                    f"tensor '{name}' has shape {_shape(info.shape)} in {base.label} "
+                    f"but {_shape(other.shape)} in {reader.label}", tensor=name)
+            if not other.dtype.is_floating_point:
+                raise TvlangError(f"tensor '{name}' is {_dtype(other.dtype)} in {reader.label} "
+                                  f"but {_dtype(info.dtype)} in {base.label}", tensor=name)
+        names.append(name)
+    if missing == "error":
+        base_names = set(base.names())
+        for key, reader in others:
+            extra = [n for n in reader.names() if n not in base_names and reader.info(n).dtype.is_floating_point]
+            if extra:
+                raise TvlangError(f"tensor '{extra[0]}' is in {reader.label} but missing from {base.label}",
+                                  tensor=extra[0], notes=("choose a policy with --missing base|skip",))
+    return Layout(names, passthrough, copied, infos, _count_layers(base.names()))
+
+
+def _count_layers(names: list[str]) -> int | None:
+    try:
+        from tvlang.ops.select import count_layers
+    except ImportError:
+        return None
+    return count_layers(names)
+
+
+def _shape(shape) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# -- the executor ----------------------------------------------------------------------------
+
+
+class Session:
+    """One execution of a bound plan: reductions first, then the main pass."""
+
+    def __init__(self, bound: Bound, *, device: Any = "cpu", dtype: Any = "float32",
+                 out_dtype: Any = None, missing: str = "error", prefetch: bool = True) -> None:
+        self.bound = bound
+        self.plan = bound.plan
+        self.device = parse_device(device)
+        self.dtype = parse_dtype(dtype)
+        self.out_dtype = parse_dtype(out_dtype, "output dtype") if out_dtype is not None else None
+        self.layout = layout(bound, missing)
+        self.prefetch = prefetch
+        self.reduced: dict[int, float] = {}  # id(reduce node) -> value
+        self._scalar_cache: dict[int, float] = {}
+
+    # scalars
+
+    def scalar(self, node: Node) -> float:
+        cached = self._scalar_cache.get(id(node))
+        if cached is not None:
+            return cached
+        op = node.op
+        if op == "const":
+            value = const_value(node)
+        elif op == "reduce":
+            value = self.reduced[id(node)]
+        elif op == "neg":
+            value = -self.scalar(node.args[0])
+        else:
+            left, right = self.scalar(node.args[0]), self.scalar(node.args[1])
+            if op == "div" and right == 0.0:
+                raise TvlangError("division by zero: a scalar in the recipe divides by a value that is 0 "
+                                  "(a norm of an all-zero task vector?)")
+            value = {"add": left + right, "sub": left - right, "mul": left * right,
+                     "div": left / right if right else 0.0}[op]
+        self._scalar_cache[id(node)] = value
+        return value
+
+    # reading
+
+    def _read_all(self, program: TensorProgram, name: str) -> dict[str, torch.Tensor]:
+        readers = self.bound.readers
+        return {key: readers[key].read(name) for key in program.reads}
+
+    def _inputs(self, program: TensorProgram, names: list[str]) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+        """(name, raw input tensors) for each name, read one tensor ahead in a thread."""
+        if not self.prefetch or len(names) < 2:
+            for name in names:
+                yield name, self._read_all(program, name)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvlang-read") as pool:
+            pending: Future = pool.submit(self._read_all, program, names[0])
+            for index, name in enumerate(names):
+                raw = pending.result()
+                if index + 1 < len(names):
+                    pending = pool.submit(self._read_all, program, names[index + 1])
+                yield name, raw
+
+    # one tensor
+
+    def execute(self, program: TensorProgram, name: str, raw: dict[str, torch.Tensor],
+                sink, feed=None) -> None:
+        """Run ``program`` for tensor ``name``; ``sink(output, tensor)`` gets results."""
+        try:
+            self._execute(program, name, raw, sink, feed)
+        except TvlangError as exc:
+            if exc.tensor is None:
+                exc.tensor = name
+                exc.message = f"tensor '{name}': {exc.message}"
+                exc.args = (exc.message,)
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            raise TvlangError(f"while computing tensor '{name}': {exc}", tensor=name) from None
+
+    def _execute(self, program: TensorProgram, name: str, raw: dict[str, torch.Tensor], sink, feed) -> None:
+        from tvlang.ops.context import TensorContext
+
+        buffers: list[torch.Tensor | None] = [None] * program.n_buffers
+        borrowed: set[int] = set()  # ids of tensors that must not be mutated in place
+        shape = self.layout.infos[name].shape
+        sched = self.plan.schedule
+
+        def own(slot: int) -> torch.Tensor:
+            tensor = buffers[slot]
+            if id(tensor) in borrowed:  # copy on first write
+                tensor = tensor.clone()
+                buffers[slot] = tensor
+            return tensor
+
+        for step in program.steps:
+            op = step.op
+            if op == "read":
+                source = raw[step.name]
+                tensor = source.to(device=self.device, dtype=self.dtype, non_blocking=True)
+                if tensor is source and step.name in self.bound.borrowed:
+                    borrowed.add(id(tensor))
+                buffers[step.dst] = tensor
+            elif op == "axpy":
+                coef = resolve_coef(step.coef, self.scalar)
+                own(step.dst).add_(buffers[step.srcs[0]], alpha=coef)
+            elif op == "scale":
+                own(step.dst).mul_(resolve_coef(step.coef, self.scalar))
+            elif op == "add":
+                first = resolve_coef(step.coef[0], self.scalar)
+                second = resolve_coef(step.coef[1], self.scalar)
+                left, right = buffers[step.srcs[0]], buffers[step.srcs[1]]
+                if first == 1.0:
+                    buffers[step.dst] = torch.add(left, right, alpha=second)
+                else:
+                    result = torch.mul(left, first)
+                    buffers[step.dst] = result.add_(right, alpha=second)
+            elif op == "set":
+                coef = resolve_coef(step.coef, self.scalar)
+                src = buffers[step.srcs[0]]
+                buffers[step.dst] = src.clone() if coef == 1.0 else torch.mul(src, coef)
+            elif op == "zero":
+                buffers[step.dst] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            elif op == "call":
+                reduced = {key: self.reduced[id(node)] for key, node in sched.call_reductions.get(id(step.node), [])}
+                ctx = TensorContext(name, self.device, reduced, self.layout.num_layers)
+                result = _kernel(step.name)([buffers[s] for s in step.srcs], ctx, **dict(step.options))
+                buffers[step.dst] = result
+            elif op == "write":
+                tensor = buffers[step.srcs[0]]
+                sink(step.name, tensor)
+                borrowed.add(id(tensor))  # the sink may still hold it
+            elif op == "feed":
+                feed(step.name, [buffers[s] for s in step.srcs], name)
+            else:  # pragma: no cover
+                raise AssertionError(op)
+
+    # reductions
+
+    def reduce(self, progress=None) -> None:
+        from tvlang.ops.context import TensorContext
+
+        for tasks, program in self.plan.schedule.levels:
+            reducers = {}
+            for task in tasks:
+                if task.factory is None:
+                    raise TvlangError(f"no reducer for '{task.builtin}'")
+                reducers[task.name] = task.factory()
+            passes = max(getattr(r, "passes", 1) for r in reducers.values())
+            for pass_index in range(passes):
+                def feed(task_name, tensors, tensor_name, pass_index=pass_index):
+                    reducer = reducers[task_name]
+                    if pass_index < getattr(reducer, "passes", 1):
+                        ctx = TensorContext(tensor_name, self.device, {}, self.layout.num_layers)
+                        reducer.update(pass_index, tensors, ctx)
+
+                for name, raw in self._inputs(program, self.layout.names):
+                    self.execute(program, name, raw, sink=None, feed=feed)
+                    if progress:
+                        progress.advance(name, 0)
+                for reducer in reducers.values():
+                    if pass_index < getattr(reducer, "passes", 1):
+                        reducer.end_pass(pass_index)
+            for task in tasks:
+                self.reduced[id(task.node)] = float(reducers[task.name].result())
+        self._scalar_cache.clear()
+
+    # the main pass
+
+    def results(self, outputs: list[str], progress=None) -> Iterator[tuple[str, str, torch.Tensor]]:
+        """(output, tensor name, result) for every tensor of ``outputs``, base order.
+
+        Results are on the CPU in their output dtype; float tensors the plan
+        computes, integer tensors copied from the base (Model outputs only).
+        """
+        program = self.plan.schedule.main
+        kinds = {name: self.plan.output_kind(name) for name in outputs}
+        base = self.bound.readers[self.bound.base]
+        order = self._order()
+        computed = set(self.layout.names)
+        compute_names = [n for n in order if n in computed]
+        inputs = self._inputs(program, compute_names)
+        for name in order:
+            info = self.layout.infos[name]
+            if name in computed:
+                got, raw = next(inputs)
+                assert got == name
+                results: list[tuple[str, torch.Tensor]] = []
+                self.execute(program, name, raw, sink=lambda out, t: results.append((out, t)))
+                for out, tensor in results:
+                    if out in kinds:
+                        yield out, name, self._finish(tensor, info)
+            else:
+                tensor = base.read(name)  # integer buffer, or copied under missing="base"
+                for out in outputs:
+                    if name in self.layout.passthrough and kinds[out] != "model":
+                        continue
+                    yield out, name, tensor
+            if progress:
+                progress.advance(name, info.nbytes * len(outputs))
+
+    def _order(self) -> list[str]:
+        wanted = set(self.layout.names) | set(self.layout.passthrough) | set(self.layout.copied)
+        return [n for n in self.bound.readers[self.bound.base].names() if n in wanted]
+
+    def _finish(self, tensor: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+        dtype = self.out_dtype or info.dtype
+        return tensor.to(device="cpu", dtype=dtype)
+
+    def output_layout(self, output: str) -> list[TensorInfo]:
+        kind = self.plan.output_kind(output)
+        result = []
+        for name in self._order():
+            info = self.layout.infos[name]
+            if name in self.layout.passthrough:
+                if kind != "model":
+                    continue
+                dtype = info.dtype
+            else:
+                dtype = self.out_dtype or info.dtype
+            nbytes = _numel(info.shape) * torch.empty((), dtype=dtype).element_size()
+            result.append(TensorInfo(name, tuple(info.shape), dtype, nbytes, ""))
+        return result
+
+
+def _numel(shape) -> int:
+    total = 1
+    for dim in shape:
+        total *= int(dim)
+    return total
+
+
+_KERNELS: dict[str, Any] | None = None
+
+
+def _kernel(name: str):
+    global _KERNELS
+    if _KERNELS is None:
+        from tvlang.ops.registry import KERNELS
+
+        _KERNELS = KERNELS
+    return _KERNELS[name]
+
+
+# -- the public entry points -----------------------------------------------------------------
+
+
+def stream(plan: Plan, bindings: Mapping[str, Any], *, output: str | None = None, device: Any = "cpu",
+           dtype: Any = "float32", out_dtype: Any = None, missing: str = "error") -> Iterator[tuple[str, torch.Tensor]]:
+    bound = bind(plan, bindings)
+    try:
+        plan = bound.plan
+        if output is None:
+            if len(plan.outputs) != 1:
+                raise TvlangError(f"this recipe has outputs {', '.join(plan.outputs)}: say which one with output=")
+            output = plan.outputs[0]
+        elif output not in plan.outputs:
+            raise TvlangError(f"no output named '{output}'; the outputs are {', '.join(plan.outputs)}")
+        session = Session(bound, device=device, dtype=dtype, out_dtype=out_dtype, missing=missing)
+        session.reduce()
+        for _, name, tensor in session.results([output]):
+            yield name, tensor
+    finally:
+        bound.close()
+
+
+def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu", dtype: Any = "float32",
+        out_dtype: Any = None, shard_size: int | None = None, force: bool = False, missing: str = "error",
+        progress: Any = False) -> RunSummary:
+    """Compute every output in one pass over the inputs and write them."""
+    started = time.perf_counter()
+    bound = bind(plan, bindings)
+    writers: dict[str, StreamingWriter] = {}
+    try:
+        plan = bound.plan
+        targets = _targets(plan, out)
+        session = Session(bound, device=device, dtype=dtype, out_dtype=out_dtype, missing=missing)
+        inputs = [r.label for r in bound.readers.values() if not r.label.startswith("<")]
+        for name, path in targets.items():
+            kind = plan.output_kind(name)
+            metadata = _metadata(plan, bound, name, kind)
+            base = bound.readers[bound.base]
+            copy_from = base.root if kind == "model" and base.root and not str(path).endswith(".safetensors") else None
+            writers[name] = StreamingWriter(path, session.output_layout(name), shard_size=shard_size,
+                                            metadata=metadata, inputs=inputs, force=force, copy_from=copy_from)
+        bar = _progress(progress, session, len(targets))
+        session.reduce(bar)
+        count = 0
+        written = 0
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvlang-write") as pool:
+            pending: list[Future] = []
+            for output, name, tensor in session.results(list(targets), bar):
+                # Keep at most one write in flight per output: memory stays bounded.
+                while len(pending) >= len(targets):
+                    pending.pop(0).result()
+                pending.append(pool.submit(writers[output].write, name, tensor))
+                count += 1
+                written += tensor.numel() * tensor.element_size()
+            for future in pending:
+                future.result()
+        for writer in writers.values():
+            writer.commit()
+        if bar:
+            bar.close()
+        return RunSummary({k: str(v) for k, v in targets.items()}, count, written,
+                          time.perf_counter() - started, plan.schedule.passes)
+    except BaseException as exc:
+        for writer in writers.values():
+            writer.abort()
+        if isinstance(exc, TvlangError):
+            raise exc.with_context(source=plan.text, filename=plan.filename) from None
+        raise
+    finally:
+        bound.close()
+
+
+def _targets(plan: Plan, out: Any) -> dict[str, Any]:
+    if out is None:
+        raise TvlangError("no output path given (-o PATH)")
+    if isinstance(out, Mapping):
+        unknown = [k for k in out if k not in plan.outputs]
+        if unknown:
+            raise TvlangError(f"no output named '{unknown[0]}'; the outputs are {', '.join(plan.outputs)}")
+        lacking = [k for k in plan.outputs if k not in out]
+        if lacking:
+            raise TvlangError(f"no path given for output '{lacking[0]}' (-o {lacking[0]}=PATH)")
+        return dict(out)
+    if len(plan.outputs) != 1:
+        raise TvlangError(f"this recipe has outputs {', '.join(plan.outputs)}: give -o NAME=PATH for each")
+    return {plan.outputs[0]: out}
+
+
+def _metadata(plan: Plan, bound: Bound, output: str, kind: str) -> dict[str, str]:
+    from tvlang import __version__
+
+    return {
+        "tvlang.version": __version__,
+        "tvlang.kind": "delta" if kind == "delta" else "model",
+        "tvlang.output": output,
+        "tvlang.recipe": plan.text,
+        "tvlang.params": json.dumps(plan.params, sort_keys=True),
+        "tvlang.inputs": json.dumps({k: r.label for k, r in bound.readers.items()}, sort_keys=True),
+    }
+
+
+class _Progress:
+    """tensors and bytes done, throughput and ETA on one stderr line."""
+
+    def __init__(self, total_tensors: int, total_bytes: int, passes: int) -> None:
+        self.total = total_tensors * passes
+        self.total_bytes = total_bytes
+        self.done = 0
+        self.bytes = 0
+        self.started = time.perf_counter()
+        self.last = 0.0
+        self.lock = threading.Lock()
+
+    def advance(self, name: str, nbytes: int) -> None:
+        self.done += 1
+        self.bytes += nbytes
+        now = time.perf_counter()
+        if now - self.last < 0.1 and self.done < self.total:
+            return
+        self.last = now
+        elapsed = now - self.started
+        rate = self.bytes / elapsed / 2**20 if elapsed > 0 else 0.0
+        eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        width = 24
+        filled = int(width * self.done / max(self.total, 1))
+        bar = "#" * filled + "-" * (width - filled)
+        sys.stderr.write(f"\r[{bar}] {self.done}/{self.total} tensors, {self.bytes / 2**20:.0f} MiB, "
+                         f"{rate:.0f} MiB/s, ETA {eta:.0f}s ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        sys.stderr.write("\r" + " " * 79 + "\r")
+        sys.stderr.flush()
+
+
+def _progress(progress: Any, session: Session, outputs: int):
+    if not progress:
+        return None
+    if progress is True and not sys.stderr.isatty():
+        return None
+    names = session._order()
+    total_bytes = sum(session.layout.infos[n].nbytes for n in names) * outputs
+    return _Progress(len(names), total_bytes, session.plan.schedule.passes)
