@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 import threading
+import warnings
 
 import torch
 
@@ -25,6 +27,11 @@ __all__ = ["MAX_HEADER_BYTES", "SafetensorsReader", "parse_header"]
 
 # The same cap the reference implementation uses: a larger header is not a safetensors file.
 MAX_HEADER_BYTES = 100_000_000
+
+# Tensors of at least this many bytes are mapped rather than copied (see SafetensorsReader).
+# Smaller ones are read with pread: a map per tiny tensor costs more than the copy, and a
+# process may hold only so many maps (vm.max_map_count).
+MMAP_MIN_BYTES = 1 << 20
 
 
 def parse_header(
@@ -140,6 +147,15 @@ def _pread_exact(fd: int, size: int, offset: int) -> bytes:
 class SafetensorsReader(TensorReader):
     """A single ``.safetensors`` file.
 
+    ``read`` returns tensors the caller owns. Tensors of ``MMAP_MIN_BYTES`` or more
+    are private copy-on-write maps of the file (``use_mmap=True``, the default):
+    no copy is made and no anonymous memory is used until the caller writes to
+    one; ``MADV_WILLNEED`` starts the disk read at once. Smaller tensors, and all
+    tensors with ``use_mmap=False``, are read with ``pread`` into fresh memory.
+    Measured on a 1.5 GB float32 file in the page cache (2-core VM): maps 0.5-1.0 s
+    and no anonymous memory; pread 1.3-2.4 s and anonymous memory up to the
+    largest tensor (freed after); ``safetensors.safe_open`` 0.8 s.
+
     >>> import os, tempfile, torch
     >>> from safetensors.torch import save_file
     >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
@@ -149,8 +165,9 @@ class SafetensorsReader(TensorReader):
     ('delta', [0.0, 1.0, 2.0])
     """
 
-    def __init__(self, path: str | os.PathLike, *, label: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, *, label: str | None = None, use_mmap: bool = True) -> None:
         path = os.fspath(path)
+        self.use_mmap = use_mmap
         super().__init__(label if label is not None else path)
         # Errors name the file even after open_reader relabels the reader with a directory.
         self.file_label = self.label
@@ -186,25 +203,60 @@ class SafetensorsReader(TensorReader):
             raise io_error(self.file_label, f"reader is closed (reading tensor '{name}')", tensor=name)
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
-        view = memoryview(buffer.numpy())
         offset = self._offsets[name]
+        end = offset + info.nbytes
+        try:
+            size = os.fstat(self._fd).st_size
+        except OSError as exc:
+            raise io_error(self.file_label, f"cannot read tensor '{name}': {exc.strerror}", tensor=name) from None
+        if end > size:  # the file shrank since it was opened
+            raise io_error(
+                self.file_label, f"file is truncated: tensor '{name}' ends at byte {end} but the file has {size} bytes", tensor=name
+            )
+        itemsize = info.nbytes // max(1, math.prod(info.shape))
+        if self.use_mmap and info.nbytes >= MMAP_MIN_BYTES and offset % max(1, itemsize) == 0:
+            buffer = self._map(offset, info.nbytes)
+            if buffer is not None:
+                return buffer.view(info.dtype).view(info.shape)
+        return self._pread(name, offset, info.nbytes).view(info.dtype).view(info.shape)
+
+    def _map(self, offset: int, nbytes: int) -> torch.Tensor | None:
+        """The bytes as a private (copy-on-write) map of the file: no copy, no anonymous
+        memory; the map lives as long as the returned tensor."""
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            mapped = mmap.mmap(self._fd, offset - start + nbytes, access=mmap.ACCESS_COPY, offset=start)
+        except (OSError, ValueError):
+            return None  # e.g. a file system without mmap: read instead
+        if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
+            try:
+                mapped.madvise(mmap.MADV_WILLNEED)  # start reading ahead now, asynchronously
+            except OSError:  # pragma: no cover
+                pass
+        with warnings.catch_warnings():
+            # torch warns that the buffer is not writable; ACCESS_COPY maps are writable, privately.
+            warnings.simplefilter("ignore")
+            return torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset - start)
+
+    def _pread(self, name: str, offset: int, nbytes: int) -> torch.Tensor:
+        """The bytes read into fresh memory."""
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
         done = 0
         try:
-            while done < info.nbytes:
+            while done < nbytes:
                 count = _pread_into(self._fd, view[done:], offset + done, self._lock)
                 if count == 0:
-                    end = offset + info.nbytes
                     size = os.fstat(self._fd).st_size
                     raise io_error(
                         self.file_label,
-                        f"file is truncated: tensor '{name}' ends at byte {end} but the file has {size} bytes",
+                        f"file is truncated: tensor '{name}' ends at byte {offset + nbytes} but the file has {size} bytes",
                         tensor=name,
                     )
                 done += count
         except OSError as exc:
             raise io_error(self.file_label, f"cannot read tensor '{name}': {exc.strerror}", tensor=name) from None
-        return buffer.view(info.dtype).view(info.shape)
+        return buffer
 
     def close(self) -> None:
         if self._fd >= 0:
