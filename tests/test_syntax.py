@@ -1,0 +1,288 @@
+"""The parser: trees, spans, translated errors, the nesting limit, and robustness."""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tvlang import ast
+from tvlang.ast import Assign, BinOp, Bool, Call, Keyword, ListExpr, Name, Neg, Number, Out, Param, String
+from tvlang.errors import TvlangError
+from tvlang.syntax import MAX_DEPTH, parse, parse_expression
+
+ROOT = Path(__file__).resolve().parent.parent
+a, b, c = Name("a"), Name("b"), Name("c")
+
+
+def error_of(text: str, filename: str = "r.tv") -> TvlangError:
+    with pytest.raises(TvlangError) as info:
+        parse(text, filename)
+    return info.value
+
+
+# -- trees -------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "text, tree",
+    [
+        ("-a*b", Neg(BinOp("*", a, b))),
+        ("a - b - c", BinOp("-", BinOp("-", a, b), c)),
+        ("a - (b - c)", BinOp("-", a, BinOp("-", b, c))),
+        ("2*-a", BinOp("*", Number(2.0), Neg(a))),
+        ("a - -b", BinOp("-", a, Neg(b))),
+        ("-a + b", BinOp("+", Neg(a), b)),
+        ("a + b*c", BinOp("+", a, BinOp("*", b, c))),
+        ("a/b*c", BinOp("*", BinOp("/", a, b), c)),
+        ("--a", Neg(Neg(a))),
+        ("(a)", a),
+        ("3", Number(3.0)),
+        ("0.4", Number(0.4)),
+        (".5", Number(0.5)),
+        ("1e-3", Number(0.001)),
+        ("2.E2", Number(200.0)),
+        ("'it''", None),
+        ('"x"', String("x")),
+        ("'a\\'b\\\\'", String("a'b\\")),
+        ('"tab\\tnl\\n"', String("tab\tnl\n")),
+        ("true", Bool(True)),
+        ("false", Bool(False)),
+        ("[1, 2.5, 3]", ListExpr((Number(1.0), Number(2.5), Number(3.0)))),
+        ("[]", ListExpr(())),
+        ("f()", Call("f")),
+        ("f(a, b, key=1)", Call("f", (a, b), (Keyword("key", Number(1.0)),))),
+        ("f(a,\n b,\n)", Call("f", (a, b))),
+        ("truex + outer", BinOp("+", Name("truex"), Name("outer"))),
+    ],
+)
+def test_expression_trees(text, tree):
+    if tree is None:
+        with pytest.raises(TvlangError):
+            parse_expression(text)
+    else:
+        assert parse_expression(text) == tree
+
+
+def test_statements_comments_and_blank_lines():
+    text = (
+        "# a recipe\n"
+        "\n"
+        "param lm = 0.4   # default\n"
+        "param neg = -1e-2\n"
+        "   # indented comment\n"
+        "tau = mean(a - pre,\n"
+        "           # a comment inside brackets\n"
+        "           b - pre)\n"
+        "out merged = pre + lm*tau\n"
+        "\n"
+        "out = pre"  # no final newline
+    )
+    program = parse(text)
+    assert program.statements == (
+        Param("lm", 0.4),
+        Param("neg", -0.01),
+        Assign("tau", Call("mean", (BinOp("-", a, Name("pre")), BinOp("-", b, Name("pre"))))),
+        Out("merged", BinOp("+", Name("pre"), BinOp("*", Name("lm"), Name("tau")))),
+        Out(None, Name("pre")),
+    )
+
+
+def test_empty_and_comment_only_programs():
+    assert parse("").statements == ()
+    assert parse("\n\n# nothing\n   \n").statements == ()
+
+
+def test_windows_line_endings():
+    assert parse("x = a\r\nout = x\r\n").statements == (Assign("x", a), Out(None, Name("x")))
+
+
+def test_spans():
+    text = "x = 1\nout = pre + 0.4*(ft - pre)\n"
+    program = parse(text)
+    out = program.statements[1]
+    assert (out.span.line, out.span.column, out.span.end_column) == (2, 1, 27)
+    plus = out.value
+    assert text[plus.span.start:plus.span.end] == "pre + 0.4*(ft - pre)"
+    product = plus.right
+    assert text[product.span.start:product.span.end] == "0.4*(ft - pre)"
+    group = product.right  # the parentheses belong to the span of what they hold
+    assert text[group.span.start:group.span.end] == "(ft - pre)"
+    assert (group.left.span.line, group.left.span.column) == (2, 18)
+    call = parse_expression("mean(a, k=-1)")
+    assert (call.span.start, call.span.end) == (0, 13)
+    assert (call.kwargs[0].span.start, call.kwargs[0].span.end) == (8, 12)
+    assert (call.kwargs[0].value.span.start, call.kwargs[0].value.span.end) == (10, 12)
+    for node in ast.walk(program):
+        assert node.span is not None, node
+
+
+# -- errors ------------------------------------------------------------------------
+
+def test_unclosed_paren_at_end_of_input():
+    err = error_of("x = 1\ny = 2\nout = pre+(a - pre\n")
+    assert err.render() == (
+        "r.tv:3:19: error: unexpected end of input, '(' at 3:11 is not closed\n"
+        "  out = pre+(a - pre\n"
+        "                    ^"
+    )
+    assert (err.line, err.column) == (3, 19)
+
+
+def test_unexpected_token_names_the_text_and_symbols():
+    err = error_of("out = a + )")
+    assert err.message == "unexpected ')'; expected a number, a name, '(' or '-'"
+    message = error_of("out = f(a b)").message
+    assert message == "unexpected 'b'; expected '(', '=', '+', '-', '*', '/', ')' or ','"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["out = a + )", "out = (", "out = f(a b)", "x = [1 2]", "out = a 1", "param x = y", "= a", "out a b", "x ="],
+)
+def test_no_terminal_names_leak(text):
+    message = error_of(text).render()
+    for internal in ("LPAR", "RPAR", "$END", "_NL", "NAME", "NUMBER", "MINUS", "Token", "lark"):
+        assert internal not in message, message
+
+
+def test_unexpected_characters():
+    assert error_of("out = a $ b").message == "unexpected character '$'"
+    assert error_of("out = a @ b").message == "unexpected character '@'"
+    assert error_of("out = a ` b").message == "unexpected character '`'"
+    assert error_of("out = a \x00 b").message == "unexpected character '\\x00'"
+
+
+def test_unterminated_string():
+    err = error_of("out = load('base)\n")
+    assert err.message == "unterminated string"
+    assert (err.span.start, err.span.end) == (11, 17)
+
+
+def test_unexpected_end_of_line_vs_input():
+    assert error_of("x = a +\nout = x\n").message.startswith("unexpected end of line;")
+    assert error_of("x = a +\n\n# trailing\n").message.startswith("unexpected end of input;")
+
+
+def test_reserved_words():
+    assert error_of("x = out + a").message == "'out' is a reserved word and cannot be used as a name"
+    assert error_of("x = param*2").message == "'param' is a reserved word and cannot be used as a name"
+    assert error_of("param true = 1").message == "'true' is a reserved word and cannot be used as a name"
+    assert error_of("param = 1").message == "'param' needs a name: param lm = 0.4"
+    assert error_of("false = 1").message == "'false' is a reserved word and cannot be used as a name"
+
+
+def test_positional_after_keyword():
+    err = error_of("out = f(a, k=1, b)")
+    assert err.message == "positional argument after a keyword argument"
+    assert err.column == 17
+
+
+# -- nesting ------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "out = " + "(" * 10_000,
+        "out = " + "(" * 10_000 + "a" + ")" * 10_000,
+        "out = " + "[" * 10_000 + "]" * 10_000,
+        "out = " + "-" * 10_000 + "a",
+        "out = " + " + ".join(["a"] * 10_000),
+        "out = " + "*".join(["a"] * 10_000),
+        "out = " + "f(" * 10_000 + ")" * 10_000,
+        "out = " + "2*-" * 10_000 + "a",
+    ],
+)
+def test_deep_input_is_a_tvlang_error(text):
+    err = error_of(text)
+    assert err.message == f"expression nested too deeply (more than {MAX_DEPTH} levels)"
+
+
+def test_nesting_up_to_the_limit_is_fine():
+    depth = MAX_DEPTH - 1
+    expr = parse_expression("(" * depth + "a" + ")" * depth)
+    assert expr == a
+    chain = parse_expression(" + ".join(["a"] * MAX_DEPTH))
+    assert isinstance(chain, BinOp)
+
+
+# -- robustness ---------------------------------------------------------------------
+
+GOOD_RECIPES = [
+    "pre = load(\"t5-base\")\nparam lm = 0.4\nout yelp = pre + lm*(yelp_lm - amazon_lm) + 0.7*amazon_sent\n",
+    "tau = ties(a - pre, b - pre, density=0.2, method='sum')\nout = pre + 0.5*tau\n",
+    "out = mean(a, b)\nout c = -2*-(x - y)/3 + f(s=[1, .5, 1e-3], flag=true)\n",
+]
+
+
+def _parse_or_tvlang_error(text):
+    try:
+        parse(text)
+    except TvlangError as err:
+        assert err.render()  # renders without crashing
+    try:
+        parse_expression(text)
+    except TvlangError as err:
+        assert err.render()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=60))
+def test_random_text_raises_only_tvlang_error(text):
+    _parse_or_tvlang_error(text)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(alphabet="ab01.e+-*/()[]=,'\"# \n_\\outparamtruefalse", max_size=40))
+def test_random_token_soup_raises_only_tvlang_error(text):
+    _parse_or_tvlang_error(text)
+
+
+@st.composite
+def mutated(draw):
+    text = draw(st.sampled_from(GOOD_RECIPES))
+    for _ in range(draw(st.integers(1, 4))):
+        pos = draw(st.integers(0, len(text)))
+        action = draw(st.sampled_from(["insert", "delete", "replace"]))
+        char = draw(st.sampled_from(list("()[]=,+-*/.'\"#\n \\a1e") + ["param", "out", "true"]))
+        if action == "insert":
+            text = text[:pos] + char + text[pos:]
+        elif action == "delete":
+            text = text[:pos] + text[pos + 1:]
+        else:
+            text = text[:pos] + char + text[pos + 1:]
+    return text
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated())
+def test_mutated_recipes_raise_only_tvlang_error(text):
+    _parse_or_tvlang_error(text)
+
+
+def test_parse_is_thread_safe():
+    texts = [f"out = a{i} + {i}*(b - a{i})\n" for i in range(8)]
+    results: dict[int, object] = {}
+
+    def work(i):
+        for _ in range(50):
+            results[i] = parse(texts[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(8):
+        assert results[i].statements[0].value.left == Name(f"a{i}")
+
+
+def test_front_end_sources_run_no_code():
+    files = ["syntax.py", "printer.py", "types.py", "builtins.py", "builtins_core.py", "commands/check.py"]
+    pattern = re.compile(r"\b(eval|exec|compile)\s*\(|\bpickle\b|__import__")
+    for name in files:
+        text = (ROOT / "tvlang" / name).read_text(encoding="utf-8")
+        assert not pattern.search(text), name
