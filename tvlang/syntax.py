@@ -59,7 +59,9 @@ def grammar_text() -> str:
     try:
         packaged = resources.files("tvlang").joinpath(_GRAMMAR_FILE)
         if packaged.is_file():
-            return packaged.read_text(encoding="utf-8")
+            text = packaged.read_text(encoding="utf-8")
+            if text.strip():  # an editable install may leave an empty placeholder
+                return text
     except (FileNotFoundError, ModuleNotFoundError):  # pragma: no cover - unusual loaders
         pass
     source_tree = Path(__file__).resolve().parent.parent / "grammar" / _GRAMMAR_FILE
