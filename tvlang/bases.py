@@ -1,0 +1,593 @@
+"""Task vector similarity in one streaming pass, and spectral clustering of it.
+
+After Zhang et al., "Efficient Model Editing with Task Vector Bases": the
+cosine similarity matrix of N task vectors is computed from their Gram
+matrix ``G[i, j] = <tau_i, tau_j>``, which is a sum over tensors, so one pass
+over all inputs, tensor by tensor, is enough. Big tensors are cut into chunks
+so that the N x chunk matrix of deltas stays under ``chunk_bytes``: memory is
+the N x N matrix plus one chunk per input, whatever the model size.
+
+>>> import torch
+>>> pre = {"w": torch.zeros(3), "step": torch.tensor([7])}
+>>> a = {"w": torch.tensor([1.0, 0.0, 0.0]), "step": torch.tensor([7])}
+>>> b = {"w": torch.tensor([1.0, 1.0, 0.0]), "step": torch.tensor([7])}
+>>> sim = similarity({"a": a, "b": b}, base=pre)
+>>> round(float(sim.cosine[0, 1]), 4), sim.tensors      # integer tensors are skipped
+(0.7071, ['w'])
+>>> print(sim.format_table())
+        a       b
+a   1.000   0.707
+b   0.707   1.000
+
+Clustering (needs the ``bases`` extra, scikit-learn) works on the affinity
+``max(cos, 0)``: anti-correlated task vectors are treated as unrelated, never
+as similar (see docs/bases.md).
+
+>>> cos = np.array([[1.0, 0.9, 0.0], [0.9, 1.0, 0.1], [0.0, 0.1, 1.0]])
+>>> k, eigenvalues = eigengap_k(affinity_matrix(cos))
+>>> k
+2
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from tvlang.errors import TvlangError
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "Similarity",
+    "Clustering",
+    "similarity",
+    "affinity_matrix",
+    "laplacian_eigenvalues",
+    "eigengap_k",
+    "cluster",
+    "require_sklearn",
+]
+
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+# A normalized-Laplacian eigenvalue below this is a connected component of its own.
+ZERO_EIGENVALUE = 1e-9
+INSTALL_HINT = "install the 'bases' extra: pip install tvlang[bases]"
+
+
+# -- reading ---------------------------------------------------------------------
+
+def _open_reader(obj: object, label: str):
+    """A TensorReader for ``obj`` (path, state dict, module): tvlang.io's when it exists."""
+    try:
+        from tvlang.io import open_reader  # type: ignore[attr-defined]
+    except ImportError:
+        return _fallback_reader(obj, label)
+    return open_reader(obj, label=label)
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset of the first element in the file
+    end: int
+
+
+class _SafetensorsHeader:
+    """The header of one .safetensors file: where each tensor's bytes are."""
+
+    _cache: dict[str, "_SafetensorsHeader"] = {}
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            with open(path, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size))
+        except (OSError, ValueError) as exc:
+            raise TvlangError(f"cannot read safetensors header of '{path}': {exc}") from None
+        self.metadata: dict[str, str] = dict(header.pop("__metadata__", None) or {})
+        self.entries: dict[str, _Entry] = {}
+        for name, spec in header.items():
+            dtype = _SAFETENSORS_DTYPES.get(spec["dtype"])
+            if dtype is None:
+                continue  # fp8 and friends: not a float we accumulate
+            begin, end = spec["data_offsets"]
+            self.entries[name] = _Entry(dtype, tuple(spec["shape"]), 8 + size + begin, 8 + size + end)
+
+    @classmethod
+    def of(cls, path: str) -> "_SafetensorsHeader":
+        key = os.path.abspath(path)
+        stamp = os.stat(key).st_mtime_ns
+        cached = cls._cache.get(key)
+        if cached is None or getattr(cached, "_stamp", None) != stamp:
+            cached = cls(key)
+            cached._stamp = stamp  # type: ignore[attr-defined]
+            cls._cache[key] = cached
+        return cached
+
+
+class _FallbackReader:
+    """Private stand-in for tvlang.io until it lands: state dicts and .safetensors files."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor] | None, header: _SafetensorsHeader | None, label: str):
+        self.label = label
+        self._tensors = tensors
+        self._header = header
+        self.metadata = dict(header.metadata) if header else {}
+        self.kind = "delta" if self.metadata.get("tvlang.kind") == "delta" else None
+        self.root = None
+
+    def names(self) -> list[str]:
+        if self._header is not None:
+            return sorted(self._header.entries, key=lambda n: self._header.entries[n].begin)
+        return list(self._tensors)
+
+    def info(self, name: str):
+        from types import SimpleNamespace
+
+        if self._header is not None:
+            e = self._header.entries[name]
+            return SimpleNamespace(name=name, shape=e.shape, dtype=e.dtype, nbytes=e.end - e.begin, file=self._header.path)
+        t = self._tensors[name]
+        return SimpleNamespace(name=name, shape=tuple(t.shape), dtype=t.dtype, nbytes=t.numel() * t.element_size(), file=self.label)
+
+    def read(self, name: str) -> torch.Tensor:
+        if self._header is not None:
+            from safetensors import safe_open
+
+            with safe_open(self._header.path, framework="pt") as fh:
+                return fh.get_tensor(name)
+        return self._tensors[name]
+
+    def close(self) -> None:
+        pass
+
+
+def _fallback_reader(obj: object, label: str) -> _FallbackReader:
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, Mapping):
+        return _FallbackReader(dict(obj), None, label)
+    path = os.fspath(obj)  # type: ignore[arg-type]
+    if not os.path.isfile(path) or not path.endswith(".safetensors"):
+        raise TvlangError(f"cannot open '{path}': expected a .safetensors file")
+    return _FallbackReader(None, _SafetensorsHeader.of(path), label)
+
+
+class _ChunkSource:
+    """Reads element ranges of one tensor of one input into a row of the block.
+
+    Safetensors tensors are read with ``pread`` straight from the file, only the
+    bytes of the range (no mmap, so resident memory stays one chunk), directly
+    into the destination when the stored dtype is the compute dtype; tensors
+    from other formats are read whole once and sliced.
+    """
+
+    def __init__(self, reader, name: str, info) -> None:
+        self._whole: torch.Tensor | None = None
+        self._entry: _Entry | None = None
+        path = getattr(info, "file", None)
+        if isinstance(path, str) and path.endswith(".safetensors") and os.path.isfile(path):
+            entry = _SafetensorsHeader.of(path).entries.get(name)
+            if entry is not None and entry.dtype == info.dtype and entry.shape == tuple(info.shape):
+                self._entry = entry
+                self._path = path
+        if self._entry is None:
+            self._whole = reader.read(name).reshape(-1)
+
+    def read_into(self, out: torch.Tensor, start: int, stop: int, pool: "_BufferPool") -> None:
+        """``out[:] = tensor.flatten()[start:stop]`` (converted to ``out.dtype``)."""
+        if self._whole is not None:
+            out.copy_(self._whole[start:stop])
+            return
+        entry = self._entry
+        item = entry.dtype.itemsize
+        nbytes = (stop - start) * item
+        if entry.dtype == out.dtype and out.is_contiguous():
+            target = memoryview(out.numpy()).cast("B")
+            self._pread(target, entry.begin + start * item, pool)
+        else:
+            buf = pool.get(nbytes)
+            self._pread(memoryview(buf)[:nbytes], entry.begin + start * item, pool)
+            out.copy_(torch.frombuffer(buf, dtype=entry.dtype, count=stop - start))
+
+    def _pread(self, view: memoryview, offset: int, pool: "_BufferPool") -> None:
+        fd = pool.fd(self._path)
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise TvlangError(f"'{self._path}' ends inside tensor data (truncated file?)")
+            done += n
+
+
+class _BufferPool:
+    """One reusable byte buffer (for dtype conversions) and a table of open files."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray(0)
+        self._fds: dict[str, int] = {}
+
+    def get(self, nbytes: int) -> bytearray:
+        if len(self._buf) < nbytes:
+            self._buf = bytearray(nbytes)
+        return self._buf
+
+    def fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+# -- similarity ------------------------------------------------------------------
+
+@dataclass
+class Similarity:
+    """The Gram matrix of N task vectors and what follows from it.
+
+    ``cosine[i, j] = gram[i, j] / (norms[i] * norms[j])``; a zero task vector has
+    cosine 0 with everything, itself included (it has no direction).
+    """
+
+    names: list[str]
+    gram: np.ndarray                 # float64, N x N
+    tensors: list[str] = field(default_factory=list)   # tensor names that were summed
+    elements: int = 0                # parameters per task vector that were summed
+
+    @property
+    def norms(self) -> np.ndarray:
+        return np.sqrt(np.clip(np.diag(self.gram), 0.0, None))
+
+    @property
+    def cosine(self) -> np.ndarray:
+        norms = self.norms
+        outer = np.outer(norms, norms)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cos = np.where(outer > 0, self.gram / np.where(outer > 0, outer, 1.0), 0.0)
+        cos = np.clip(cos, -1.0, 1.0)
+        np.fill_diagonal(cos, np.where(norms > 0, 1.0, 0.0))
+        return cos
+
+    def to_dict(self) -> dict:
+        """``{"names", "cosine", "norms"}``: what ``tvlang similarity --json`` prints."""
+        return {
+            "names": list(self.names),
+            "cosine": [[float(x) for x in row] for row in self.cosine],
+            "norms": [float(x) for x in self.norms],
+        }
+
+    def format_table(self, order: Sequence[int] | None = None) -> str:
+        return format_matrix(self.cosine, self.names, self.names, order=order)
+
+
+def format_matrix(values: np.ndarray, rows: Sequence[str], cols: Sequence[str],
+                  order: Sequence[int] | None = None) -> str:
+    """An aligned text table, 3 decimals, names as row and column labels."""
+    rows_idx = list(order) if order is not None else list(range(len(rows)))
+    cols_idx = list(order) if order is not None and len(cols) == len(rows) else list(range(len(cols)))
+    label_width = max((len(rows[i]) for i in rows_idx), default=0)
+    widths = [max(len(cols[j]), 6) for j in cols_idx]
+    lines = [" " * label_width + "".join(f"  {cols[j]:>{w}}" for j, w in zip(cols_idx, widths))]
+    for i in rows_idx:
+        cells = "".join(f"  {values[i, j]:>{w}.3f}" for j, w in zip(cols_idx, widths))
+        lines.append(f"{rows[i]:<{label_width}}{cells}")
+    return "\n".join(lines)
+
+
+def _selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    if include and not any(fnmatch.fnmatchcase(name, g) for g in include):
+        return False
+    return not any(fnmatch.fnmatchcase(name, g) for g in exclude)
+
+
+def similarity(
+    inputs: Mapping[str, object] | Sequence[tuple[str, object]],
+    base: object | None = None,
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    deltas: Iterable[str] = (),
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    dtype: torch.dtype | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Similarity:
+    """Gram matrix of the task vectors ``inputs`` in one pass, tensor by tensor.
+
+    ``inputs`` maps a name to a fine-tuned Model (task vector ``ft - base``) or
+    a Delta (a file whose metadata says ``tvlang.kind = delta``, or a name
+    listed in ``deltas``). Without ``base`` every input must be a Delta.
+    ``include``/``exclude`` are globs over tensor names; non-float tensors are
+    skipped.
+
+    Each tensor is cut into chunks; the N x chunk matrix of deltas of one chunk
+    is formed in ``dtype`` (default float32, float64 when an input tensor is
+    float64), read ahead by a worker thread while the previous chunk's product
+    is computed; the two chunk buffers together stay under ``chunk_bytes``.
+    Products are taken over column blocks of ``PRODUCT_COLUMNS`` and summed in
+    float64, so float32 rounding never accumulates over more than that many terms.
+    """
+    items = list(inputs.items()) if isinstance(inputs, Mapping) else list(inputs)
+    if not items:
+        raise TvlangError("similarity needs at least one task vector")
+    names = [name for name, _ in items]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise TvlangError(f"task vector name {dupes[0]!r} is given twice")
+    forced_deltas = set(deltas)
+    if dtype is not None:
+        dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype), None)
+        if dtype not in (torch.float32, torch.float64):
+            raise TvlangError(f"similarity compute dtype must be float32 or float64, not {dtype}")
+
+    readers = []
+    base_reader = None
+    try:
+        if base is not None:
+            base_reader = _open_reader(base, _label(base, "base"))
+        for name, obj in items:
+            readers.append(_open_reader(obj, _label(obj, name)))
+        is_delta = [r.kind == "delta" or n in forced_deltas for n, r in zip(names, readers)]
+        if base_reader is None:
+            models = [n for n, d in zip(names, is_delta) if not d]
+            if models:
+                raise TvlangError(
+                    f"'{models[0]}' is a model, not a task vector, and no base was given",
+                    notes=("pass the pretrained model with --base PRE (task vector = model - PRE),"
+                           " or give task vector (Delta) files only",),
+                )
+        reference = base_reader if base_reader is not None else readers[0]
+        tensors = _plan_tensors(reference, readers, names, include, exclude)
+        if not tensors:
+            what = f" matching the filters (include={list(include)}, exclude={list(exclude)})" if include or exclude else ""
+            raise TvlangError(f"no floating-point tensors{what} in {reference.label}")
+        if dtype is None:
+            wide = any(r.info(t).dtype == torch.float64 for r in readers + [reference] for t, _ in tensors)
+            dtype = torch.float64 if wide else torch.float32
+        gram = _stream_gram(tensors, base_reader, readers, is_delta, dtype, chunk_bytes, progress)
+        return Similarity(names=names, gram=gram, tensors=[t for t, _ in tensors],
+                          elements=sum(numel for _, numel in tensors))
+    finally:
+        for r in readers + ([base_reader] if base_reader is not None else []):
+            r.close()
+
+
+# float32 products are summed over at most this many columns before going to float64
+PRODUCT_COLUMNS = 32768
+
+
+def _stream_gram(tensors, base_reader, readers, is_delta, dtype, chunk_bytes, progress) -> np.ndarray:
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = len(readers)
+    rows_per_block = n + (1 if base_reader is not None else 0)
+    chunk = max(1, chunk_bytes // (2 * rows_per_block * dtype.itemsize))
+    chunk = min(chunk, max(numel for _, numel in tensors))
+    if chunk > PRODUCT_COLUMNS:
+        chunk -= chunk % PRODUCT_COLUMNS
+    # Two buffers: the worker fills one while the main thread multiplies the other.
+    blocks = [torch.empty((rows_per_block, chunk), dtype=dtype) for _ in range(2)]
+    pool = _BufferPool()
+    current: dict[str, object] = {"name": None}
+
+    def fill(block: torch.Tensor, tname: str, start: int, stop: int) -> torch.Tensor:
+        if current["name"] != tname:
+            current["name"] = None  # drop the previous tensor's sources first
+            current["base"] = (
+                _ChunkSource(base_reader, tname, base_reader.info(tname)) if base_reader is not None else None
+            )
+            current["inputs"] = [_ChunkSource(r, tname, r.info(tname)) for r in readers]
+            current["name"] = tname
+        width = stop - start
+        view = block[:, :width]
+        if current["base"] is not None:
+            base_row = block[n, :width]
+            current["base"].read_into(base_row, start, stop, pool)
+            base_np = base_row.numpy()
+        for i, src in enumerate(current["inputs"]):
+            src.read_into(block[i, :width], start, stop, pool)
+            if not is_delta[i]:
+                # numpy, not torch: torch's intra-op threads would fight the BLAS threads
+                row = block[i, :width].numpy()
+                np.subtract(row, base_np, out=row)
+        return view[:n]
+
+    work = [(t, s, min(numel, s + chunk)) for index, (t, numel) in enumerate(tensors) for s in range(0, numel, chunk)]
+    gram = np.zeros((n, n), dtype=np.float64)
+    announced = -1
+    tensor_index = {t: i for i, (t, _) in enumerate(tensors)}
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvlang-read") as ex:
+            pending = ex.submit(fill, blocks[0], *work[0])
+            for j, item in enumerate(work):
+                rows = pending.result()
+                if j + 1 < len(work):
+                    pending = ex.submit(fill, blocks[(j + 1) % 2], *work[j + 1])
+                if progress is not None and tensor_index[item[0]] != announced:
+                    announced = tensor_index[item[0]]
+                    progress(item[0], announced, len(tensors))
+                mat = rows.numpy()
+                for c in range(0, mat.shape[1], PRODUCT_COLUMNS):
+                    part = mat[:, c:c + PRODUCT_COLUMNS]
+                    gram += part @ part.T  # numpy turns A @ A.T into one SYRK call
+    finally:
+        pool.close()
+    return (gram + gram.T) / 2
+
+
+def _label(obj: object, name: str) -> str:
+    if isinstance(obj, (str, os.PathLike)):
+        return os.fspath(obj)
+    return f"<state dict '{name}'>"
+
+
+def _plan_tensors(reference, readers, names, include, exclude) -> list[tuple[str, int]]:
+    """The (name, numel) of the float tensors to sum, in the reference's file order; checks every input."""
+    selected: list[tuple[str, int]] = []
+    for tname in reference.names():
+        info = reference.info(tname)
+        if not info.dtype.is_floating_point or not _selected(tname, include, exclude):
+            continue
+        selected.append((tname, int(np.prod(info.shape, dtype=np.int64)) if info.shape else 1))
+    wanted = {t for t, _ in selected}
+    for name, reader in zip(names, readers):
+        have = set(reader.names())
+        for tname, _ in selected:
+            if tname not in have:
+                raise TvlangError(
+                    f"tensor '{tname}' is in {reference.label} but missing from {reader.label} ('{name}')",
+                    tensor=tname,
+                )
+            info = reader.info(tname)
+            ref_shape = tuple(reference.info(tname).shape)
+            if tuple(info.shape) != ref_shape:
+                raise TvlangError(
+                    f"tensor '{tname}' has shape {list(info.shape)} in {reader.label} ('{name}')"
+                    f" but {list(ref_shape)} in {reference.label}",
+                    tensor=tname,
+                )
+            if not info.dtype.is_floating_point:
+                raise TvlangError(
+                    f"tensor '{tname}' is {info.dtype} in {reader.label} ('{name}') but floating point in {reference.label}",
+                    tensor=tname,
+                )
+        if reader is reference:
+            continue
+        for tname in have - wanted:
+            info = reader.info(tname)
+            if info.dtype.is_floating_point and _selected(tname, include, exclude) and tname not in reference.names():
+                raise TvlangError(
+                    f"tensor '{tname}' is in {reader.label} ('{name}') but not in {reference.label}",
+                    tensor=tname,
+                )
+    return selected
+
+
+# -- clustering ------------------------------------------------------------------
+
+@dataclass
+class Clustering:
+    """Spectral clustering of N task vectors into k groups.
+
+    ``clusters`` lists member indices per cluster, clusters ordered by their
+    first member and members in input order (so labels do not depend on the
+    k-means initialisation). ``eigenvalues`` are those of the normalized
+    Laplacian of the affinity, ascending.
+    """
+
+    k: int
+    labels: list[int]
+    clusters: list[list[int]]
+    eigenvalues: list[float]
+    k_auto: int
+
+    def order(self) -> list[int]:
+        """Input indices grouped by cluster (for an ordered heatmap)."""
+        return [i for members in self.clusters for i in members]
+
+
+def affinity_matrix(cosine: np.ndarray) -> np.ndarray:
+    """``max(cos, 0)`` with a unit diagonal: the graph spectral clustering cuts.
+
+    Negative cosines are clipped to 0: an anti-correlated pair is as unrelated
+    as an orthogonal one, so it never ends up in one basis (where a mean would
+    cancel it). A zero task vector keeps its self-loop and forms its own cluster.
+
+    >>> affinity_matrix(np.array([[1.0, -0.8], [-0.8, 1.0]])).tolist()
+    [[1.0, 0.0], [0.0, 1.0]]
+    """
+    a = np.clip(np.asarray(cosine, dtype=np.float64), 0.0, 1.0)
+    a = (a + a.T) / 2
+    np.fill_diagonal(a, 1.0)
+    return a
+
+
+def laplacian_eigenvalues(affinity: np.ndarray) -> np.ndarray:
+    """Eigenvalues, ascending, of ``L = I - D^-1/2 A D^-1/2`` (in [0, 2])."""
+    degree = affinity.sum(axis=1)
+    inv_sqrt = 1.0 / np.sqrt(degree)
+    lap = np.eye(len(affinity)) - inv_sqrt[:, None] * affinity * inv_sqrt[None, :]
+    values = np.linalg.eigvalsh((lap + lap.T) / 2)
+    return np.clip(values, 0.0, 2.0)
+
+
+def eigengap_k(affinity: np.ndarray) -> tuple[int, list[float]]:
+    """k from the largest gap between consecutive Laplacian eigenvalues.
+
+    ``k = argmax_i (lambda_{i+1} - lambda_i)`` over i = 1..N-1 (1-based), raised
+    to the number of (numerically) zero eigenvalues, which is the number of
+    connected components: N unrelated task vectors give k = N.
+    """
+    values = laplacian_eigenvalues(affinity)
+    n = len(values)
+    if n == 1:
+        return 1, [float(values[0])]
+    gaps = np.diff(values)
+    k = int(np.argmax(gaps)) + 1
+    components = int(np.sum(values < ZERO_EIGENVALUE))
+    return max(k, components), [float(v) for v in values]
+
+
+def require_sklearn():
+    try:
+        import sklearn.cluster  # noqa: F401
+    except ImportError:
+        raise TvlangError(f"clustering needs scikit-learn; {INSTALL_HINT}") from None
+    return sklearn.cluster
+
+
+def cluster(cosine: np.ndarray, k: int | str = "auto", *, random_state: int = 0) -> Clustering:
+    """Spectral clustering (Ng et al. 2001, scikit-learn) of a cosine matrix.
+
+    ``k="auto"`` takes k from the largest eigengap (``eigengap_k``). The result
+    is deterministic: fixed ``random_state``, clusters numbered by first member.
+    """
+    cosine = np.asarray(cosine, dtype=np.float64)
+    n = cosine.shape[0]
+    affinity = affinity_matrix(cosine)
+    k_auto, eigenvalues = eigengap_k(affinity)
+    if k == "auto":
+        k_used = k_auto
+    else:
+        k_used = int(k)
+        if not 1 <= k_used <= n:
+            raise TvlangError(f"--k {k_used} is out of range: there are {n} task vectors (1 <= k <= {n})")
+    if k_used == 1:
+        raw = [0] * n
+    elif k_used == n:
+        raw = list(range(n))
+    else:
+        skc = require_sklearn()
+        import warnings
+
+        model = skc.SpectralClustering(
+            n_clusters=k_used, affinity="precomputed", random_state=random_state,
+            assign_labels="kmeans", n_init=10,
+        )
+        with warnings.catch_warnings():
+            # "Graph is not fully connected": expected when clusters share nothing.
+            warnings.simplefilter("ignore", UserWarning)
+            raw = [int(x) for x in model.fit_predict(affinity)]
+    renumber: dict[int, int] = {}
+    labels = [renumber.setdefault(label, len(renumber)) for label in raw]
+    clusters = [[i for i in range(n) if labels[i] == c] for c in range(len(renumber))]
+    return Clustering(k=len(clusters), labels=labels, clusters=clusters, eigenvalues=eigenvalues, k_auto=k_auto)
