@@ -286,3 +286,12 @@ def test_front_end_sources_run_no_code():
     for name in files:
         text = (ROOT / "tvlang" / name).read_text(encoding="utf-8")
         assert not pattern.search(text), name
+
+
+@pytest.mark.parametrize("text", GOOD_RECIPES + ["x = f(a,\n  [1,\n 2])\nout = -(x\n - y)*2\n"])
+def test_spans_agree_with_span_of(text):
+    # Spans are built from the lexer's line/column counts; they must equal a rescan.
+    from tvlang.errors import Span
+
+    for node in ast.walk(parse(text)):
+        assert node.span == Span.of(text, node.span.start, node.span.end), node

@@ -165,20 +165,18 @@ def _nested_too_deeply(start: int, end: int) -> TvlangError:
 
 # -- building the AST --------------------------------------------------------------
 
-def _span(start: int, end: int) -> Span:
-    return Span.of(_state.text, start, end)
-
+# Spans come from the lexer's line and column counts: Span.of would rescan the
+# text for every node, which makes long recipes quadratic.
 
 def _tok_span(token: Token) -> Span:
-    return _span(token.start_pos, token.end_pos)
+    return Span(token.start_pos, token.end_pos, token.line, token.column, token.end_line, token.end_column)
 
 
-def _start(item) -> int:
-    return item.start_pos if isinstance(item, Token) else item.span.start
-
-
-def _end(item) -> int:
-    return item.end_pos if isinstance(item, Token) else item.span.end
+def _between(first, last) -> Span:
+    """The span from the start of ``first`` to the end of ``last`` (tokens or nodes)."""
+    a = _tok_span(first) if isinstance(first, Token) else first.span
+    b = _tok_span(last) if isinstance(last, Token) else last.span
+    return Span(a.start, b.end, a.line, a.column, b.end_line, b.end_column)
 
 
 def _depth(node) -> int:
@@ -240,7 +238,7 @@ class _Builder:
     """Rule callbacks: Lark calls them with the rule's children as it reduces."""
 
     def start(self, statements):
-        return ast.Program(tuple(statements), span=_span(0, len(_state.text)))
+        return ast.Program(tuple(statements), span=Span.of(_state.text, 0, len(_state.text)))
 
     def expression(self, children):
         (expr,) = children
@@ -248,16 +246,16 @@ class _Builder:
 
     def assign(self, children):
         name, _, value = children
-        return ast.Assign(name.value, value, span=_span(name.start_pos, _end(value)))
+        return ast.Assign(name.value, value, span=_between(name, value))
 
     def param(self, children):
-        keyword, name, _, (value, end) = children
-        return ast.Param(name.value, value, span=_span(keyword.start_pos, end))
+        keyword, name, _, (value, number) = children
+        return ast.Param(name.value, value, span=_between(keyword, number))
 
     def signed_number(self, children):
         number = children[-1]
         value = _number_value(number)
-        return (-value if len(children) == 2 else value), number.end_pos
+        return (-value if len(children) == 2 else value), number
 
     def out(self, children):
         if len(children) == 4:
@@ -266,16 +264,16 @@ class _Builder:
         else:
             keyword, _, value = children
             name = None
-        return ast.Out(name, value, span=_span(keyword.start_pos, _end(value)))
+        return ast.Out(name, value, span=_between(keyword, value))
 
     def binop(self, children):
         left, op, right = children
-        node = ast.BinOp(op.value, left, right, span=_span(_start(left), _end(right)))
+        node = ast.BinOp(op.value, left, right, span=_between(left, right))
         return _made(node, left, right, at=op)
 
     def neg(self, children):
         minus, operand = children
-        return _made(ast.Neg(operand, span=_span(minus.start_pos, _end(operand))), operand, at=minus)
+        return _made(ast.Neg(operand, span=_between(minus, operand)), operand, at=minus)
 
     def number(self, children):
         (token,) = children
@@ -297,7 +295,7 @@ class _Builder:
 
     def keyword(self, children):
         name, _, value = children
-        return _made(ast.Keyword(name.value, value, span=_span(name.start_pos, _end(value))), value)
+        return _made(ast.Keyword(name.value, value, span=_between(name, value)), value)
 
     def call(self, children):
         name, *arguments, rpar = children
@@ -316,17 +314,17 @@ class _Builder:
                 )
             else:
                 args.append(argument)
-        node = ast.Call(name.value, tuple(args), tuple(kwargs), span=_span(name.start_pos, rpar.end_pos))
+        node = ast.Call(name.value, tuple(args), tuple(kwargs), span=_between(name, rpar))
         return _made(node, *arguments)
 
     def list(self, children):
         lsqb, *items, rsqb = children
-        return _made(ast.ListExpr(tuple(items), span=_span(lsqb.start_pos, rsqb.end_pos)), *items)
+        return _made(ast.ListExpr(tuple(items), span=_between(lsqb, rsqb)), *items)
 
     def group(self, children):
         lpar, expr, rpar = children
         # Parentheses leave no node; the expression's span grows to cover them.
-        node = dataclasses.replace(expr, span=_span(lpar.start_pos, rpar.end_pos))
+        node = dataclasses.replace(expr, span=_between(lpar, rpar))
         if id(expr) in _state.depth:
             _state.depth[id(node)] = _state.depth[id(expr)]
             _state.keep.append(node)
