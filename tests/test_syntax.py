@@ -14,6 +14,7 @@ from tvlang import ast
 from tvlang.ast import Assign, BinOp, Bool, Call, Keyword, ListExpr, Name, Neg, Number, Out, Param, String
 from tvlang.errors import TvlangError
 from tvlang.syntax import MAX_DEPTH, parse, parse_expression
+from tvlang.types import check
 
 ROOT = Path(__file__).resolve().parent.parent
 a, b, c = Name("a"), Name("b"), Name("c")
@@ -220,9 +221,14 @@ GOOD_RECIPES = [
 
 def _parse_or_tvlang_error(text):
     try:
-        parse(text)
+        program = parse(text)
     except TvlangError as err:
         assert err.render()  # renders without crashing
+    else:
+        try:  # whatever parses, the checker answers with a result or a TvlangError
+            check(program, source=text)
+        except TvlangError as err:
+            assert err.render()
     try:
         parse_expression(text)
     except TvlangError as err:
