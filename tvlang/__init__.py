@@ -1,7 +1,29 @@
-"""tvlang: task arithmetic on model checkpoints, as a small language."""
+"""tvlang: task arithmetic on model checkpoints, as a small language.
+
+>>> import tvlang
+>>> plan = tvlang.compile("pre + 0.4*(ft - pre)")
+>>> plan.outputs, plan.sources_read()
+(['out'], ['pre', 'ft'])
+
+Importing tvlang does not import torch; running a plan does.
+"""
+
+from tvlang.compiler import Plan, RunSummary, compile, delta
+from tvlang.errors import Span, TvlangError
+from tvlang.optimize import OptimizerFlags
+from tvlang.syntax import parse, parse_expression
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "TvlangError"]
-
-from tvlang.errors import TvlangError
+__all__ = [
+    "__version__",
+    "compile",
+    "delta",
+    "parse",
+    "parse_expression",
+    "OptimizerFlags",
+    "Plan",
+    "RunSummary",
+    "Span",
+    "TvlangError",
+]

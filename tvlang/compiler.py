@@ -5,7 +5,7 @@
 >>> plan.sources_read()
 ['a', 'b']
 >>> print(plan.optimized_text())
-out = 0.5 * a + 0.5 * b
+out = 0.5*a + 0.5*b
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ class Plan:
         for tasks, program in sched.levels:
             lines.append(f"# pass {pass_no}: whole-model scalars")
             for task in tasks:
-                lines.append(f"{task.name} = {_scalar_text(task.node, names)}")
+                lines.append(f"{task.name} = {_scalar_text(task.node, None)}")
             lines.extend("  " + _step_text(step, names) for step in program.steps)
             pass_no += 1
         lines.append(f"# pass {pass_no}: per tensor ({sched.main.n_buffers} buffers)")
@@ -216,7 +216,7 @@ def _scalar_ast(node: Node, names) -> ast.Expr:
         return ast.Neg(ast.Number(-value)) if value < 0 else ast.Number(value)
     if node.op == "reduce":
         task = names.sched.tasks.get(id(node)) if isinstance(names, _ScalarNames) else None
-        if task is not None and names is not None and task.node is not node:
+        if task is not None:
             return ast.Name(task.name)
         return ast.Call(node.attr[0].lstrip("@"), tuple(_vector_ast(a, {}) for a in node.args))
     if node.op == "neg":
@@ -235,7 +235,7 @@ def _vector_ast(node: Node, temps: dict[int, str]) -> ast.Expr:
         return ast.Call("zero")
     if op == "call":
         name, options = node.attr
-        kwargs = tuple(ast.Keyword(k, _literal(v)) for k, v in options)
+        kwargs = tuple(ast.Keyword(k, _literal(v)) for k, v in options if not _is_default(name, k, v))
         return ast.Call(name, tuple(_vector_ast(a, temps) for a in node.args), kwargs)
     if op == "neg":
         return ast.Neg(_vector_ast(node.args[0], temps))
@@ -266,6 +266,24 @@ def _vector_ast(node: Node, temps: dict[int, str]) -> ast.Expr:
         else:
             result = ast.BinOp("-" if negative else "+", result, scaled)
     return result if result is not None else ast.Call("zero")
+
+
+def _is_default(builtin: str, option: str, value: object) -> bool:
+    """Whether ``value`` is what the built-in's row gives ``option`` anyway (explain leaves it out)."""
+    from tvlang.types import load_builtins
+
+    row = load_builtins().get(builtin)
+    if row is None:
+        return False
+    for arg in (*row.params, *row.options):
+        if arg.name == option:
+            default = arg.default
+            if isinstance(default, ast.Node):
+                return _literal(value) == default
+            if isinstance(default, (list, tuple)):
+                return tuple(default) == value
+            return default == value
+    return False
 
 
 def _literal(value: object) -> ast.Expr:
@@ -309,7 +327,9 @@ def _ir_text(program: IRProgram) -> str:
 
 def _step_text(step: Step, names) -> str:
     def c(coef):
-        return format_coef(coef, names)
+        text = format_coef(coef, names)
+        simple = text.lstrip("-").replace(".", "").replace("e", "").isalnum() or text.startswith("1/")
+        return text if simple else f"({text})"
 
     b = lambda i: f"b{i}"  # noqa: E731
     if step.op == "read":

@@ -107,11 +107,17 @@ class Interner:
         """The zero task vector (what a fully cancelled combination leaves)."""
         return self.make("zero", (), None, weight=0.0)
 
-    def lin(self, vectors: tuple[Node, ...], coefs: tuple[Node, ...]) -> Node:
-        """sum(coefs[i] * vectors[i]); coefficients are scalar nodes."""
-        weight = 0.0
-        for vec, coef in zip(vectors, coefs):
-            weight += (const_value(coef) if coef.op == "const" else 0.0) * (vec.weight or 0.0)
+    def lin(self, vectors: tuple[Node, ...], coefs: tuple[Node, ...], weight: float | None = None) -> Node:
+        """sum(coefs[i] * vectors[i]); coefficients are scalar nodes.
+
+        ``weight`` is the affine weight when a rewrite already knows it (a
+        coefficient known only at run time multiplies a combination whose
+        weight the checker proved); otherwise it is computed from constants.
+        """
+        if weight is None:
+            weight = 0.0
+            for vec, coef in zip(vectors, coefs):
+                weight += (const_value(coef) if coef.op == "const" else 0.0) * (vec.weight or 0.0)
         return self.make("lin", tuple(vectors), _Coefs(coefs), weight=weight)
 
     def call(self, name: str, args: tuple[Node, ...], options: tuple[tuple[str, object], ...], weight: float) -> Node:

@@ -31,6 +31,6 @@ def cancel(program: Node, ctx) -> Node:
             return it.zero()  # lin(x: 0) -> zero
         if len(kept) == 1 and kept[0][1] is one:
             return kept[0][0]  # lin(x: 1) -> x
-        return it.lin(tuple(v for v, _ in kept), tuple(c for _, c in kept))
+        return it.lin(tuple(v for v, _ in kept), tuple(c for _, c in kept), node.weight)
 
     return bottom_up(program, it, visit)

@@ -67,7 +67,7 @@ def fold(program: Node, ctx) -> Node:
             return fold_scalar_node(node, args, it)
         if node.op == "lin":
             vectors, merged = merge_terms(args, coefs, it)
-            return it.lin(vectors, merged)
+            return it.lin(vectors, merged, node.weight)
         return rebuild(node, it, args, coefs)
 
     return bottom_up(program, it, visit)

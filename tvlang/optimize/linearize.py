@@ -70,15 +70,15 @@ def linearize(program: Node, ctx) -> Node:
         terms_of[id(node)] = result
         return result
 
-    def make(pairs: list[tuple[Node, Node]]) -> Node:
+    def make(pairs: list[tuple[Node, Node]], weight: float | None) -> Node:
         if len(pairs) == 1 and pairs[0][0] is one:
             return pairs[0][1]
-        return it.lin(tuple(x for _, x in pairs), tuple(c for c, _ in pairs))
+        return it.lin(tuple(x for _, x in pairs), tuple(c for c, _ in pairs), weight)
 
     for node in order:
         if node.op in LINEAR_OPS and node.kind == "vector":
             pairs = terms(node)
-            done[id(node)] = make(pairs)
+            done[id(node)] = make(pairs, node.weight)
             if uses[id(node)] >= 2 and len(pairs) >= 2:
                 ctx.shared_linear.append(done[id(node)])
         else:

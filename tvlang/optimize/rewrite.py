@@ -10,7 +10,7 @@ from tvlang.ir import Interner, Node, postorder
 def rebuild(node: Node, interner: Interner, args: tuple[Node, ...], coefs: tuple[Node, ...] | None = None) -> Node:
     """``node`` with new children (and, for ``lin``, new coefficients)."""
     if node.op == "lin":
-        return interner.lin(args, coefs if coefs is not None else tuple(node.attr))
+        return interner.lin(args, coefs if coefs is not None else tuple(node.attr), node.weight)
     if node.op == "program":
         return interner.make("program", args, node.attr, kind="program")
     if node.op == "call":

@@ -58,9 +58,10 @@ def share(program: Node, ctx) -> Node:
         if part is None or len(part) < 2:
             continue
         shared = it.lin(*_ordered(part, it))
-        users = [n for n in postorder([program])
-                 if n.op == "lin" and n is not shared and _holds(n, part, it)]
-        if len(users) < 2:
+        nodes = postorder([program])
+        users = [n for n in nodes if n.op == "lin" and n is not shared and _holds(n, part, it)]
+        itself = any(n is shared for n in nodes)  # the subexpression is also used on its own
+        if len(users) + itself < 2:
             continue
 
         def visit(node: Node, args, coefs, part=part, shared=shared):
@@ -83,7 +84,7 @@ def share(program: Node, ctx) -> Node:
             if not rest and k == 1.0:
                 return shared
             rest[id(shared)] = (shared, k)
-            return it.lin(*_ordered(rest, it))
+            return it.lin(*_ordered(rest, it), rebuilt.weight)
 
         program = bottom_up(program, it, visit)
     return program
