@@ -111,25 +111,43 @@ def bind(plan: Plan, bindings: Mapping[str, Any]) -> Bound:
     opened: dict[str, TensorReader] = {}
     borrowed: set[str] = set()
     kinds: dict[str, str] = {}
-    try:
-        for name in free:
-            value = bindings[name]
+
+    def open_source(key: str) -> None:
+        spec = plan.optimized.sources[key]
+        if spec.path is None:  # a free name: its binding says what it is
+            value = bindings[key]
             marked = isinstance(value, DeltaBinding)
             if marked:
                 value = value.value
-            reader = open_reader(value, label=_label(name, value))
-            opened[name] = reader
+            reader = open_reader(value, label=_label(key, value))
             if not isinstance(value, (str, os.PathLike)):
-                borrowed.add(name)
-            kinds[name] = "delta" if marked or reader.kind == "delta" else "model"
-        plan = plan.for_kinds(kinds)
-        for key, spec in plan.optimized.sources.items():
-            if spec.path is not None and key not in opened:
-                reader = open_reader(spec.path, label=spec.path)
-                if spec.kind == "model" and reader.kind == "delta":
-                    raise TvlangError(f"'{spec.path}' is a task vector (its metadata says so); load it with load_delta()",
-                                      spec.span, source=plan.text, filename=plan.filename)
-                opened[key] = reader
+                borrowed.add(key)
+            kinds[key] = "delta" if marked or reader.kind == "delta" else "model"
+        else:
+            reader = open_reader(spec.path, label=spec.path)
+            if spec.kind == "model" and reader.kind == "delta":
+                reader.close()
+                raise TvlangError(f"'{spec.path}' is a task vector (its metadata says so); load it with load_delta()",
+                                  spec.span, source=plan.text, filename=plan.filename)
+        opened[key] = reader
+
+    try:
+        # Open only what the plan reads (a source whose coefficients cancel is
+        # never opened); a bound task vector re-types its name, which can
+        # change what the plan reads, so repeat until nothing changes.
+        original = plan
+        for _ in range(len(plan.optimized.sources) + 1):
+            for key in plan.schedule.sources_read:
+                if key not in opened:
+                    open_source(key)
+            retyped = original.for_kinds(kinds)
+            if retyped is plan:
+                break
+            plan = retyped
+        if not plan.schedule.sources_read:  # nothing to read: the layout comes from the first source
+            first = next(iter(plan.optimized.sources))
+            if first not in opened:
+                open_source(first)
     except TvlangError as exc:
         for reader in opened.values():
             reader.close()
