@@ -45,11 +45,9 @@ def errors(text, **kwargs):
         ("sum(a - c, b - c)", "delta"),
         ("load('x')", "model"),
         ("load_delta('x')", "delta"),
-        ("norm(a - b)", "scalar"),
         ("cos(a, b)*(a - b)", "delta"),
         ("(a - b)/norm(a - b)", "delta"),
         ("a + (b - a)*dot(a - b, a - c)/norm(a - b)", "model"),
-        ("3", "scalar"),
         ("a*2 - b", "model"),
     ],
 )
@@ -119,6 +117,12 @@ def test_vector_arithmetic_errors():
         "the coefficient of a model must be known before the run, but this number is computed from weights"
     ]
     assert errors("out = 1e300*1e300*(a - b)") == ["number out of range"]
+
+
+def test_outputs_are_models_or_task_vectors():
+    assert errors("out = norm(a - b)") == ["an output must be a model or a task vector, got a number"]
+    assert errors("param p = 1\nout x = 2*p") == ["an output must be a model or a task vector, got a number"]
+    assert kinds("n = norm(a - b)\nout = (a - b)/n") == {"out": "delta"}
 
 
 def test_strings_bools_and_lists_only_as_arguments():

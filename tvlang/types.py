@@ -44,7 +44,7 @@ TOLERANCE = 1e-9
 class Output:
     name: str  # a bare ``out`` is named "out"
     expr: ast.Expr
-    kind: str  # "model", "delta" or "scalar"
+    kind: str  # "model" or "delta"
     span: Span | None = None
 
 
@@ -335,7 +335,14 @@ class _Checker:
                         continue
                     env[stmt.name] = stmt.value
                 kind = self.result_kind(t)
-                if kind is not None:
+                if kind == "scalar":
+                    # The evaluator writes checkpoints; a number is not one.
+                    self.error(
+                        "an output must be a model or a task vector, got a number",
+                        stmt.value,
+                        ("note: name it (x = ...) and use it to scale a task vector",),
+                    )
+                elif kind is not None:
                     outputs.append(Output(name, stmt.value, kind, stmt.span))
             else:  # pragma: no cover - the parser makes no other statements
                 raise TypeError(f"not a statement: {stmt!r}")
