@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from tvlang.bases import _open_reader, cluster, format_matrix, similarity
+from tvlang.bases import DEFAULT_CHUNK_BYTES, _open_reader, cluster, format_matrix, similarity
 from tvlang.errors import TvlangError
 
 __all__ = [
@@ -108,13 +108,24 @@ def recipe_for(members: Sequence[TaskVectorInput], merge: str, density: float | 
         expr = f"mean({', '.join(f'topk({t}, {d})' for t in terms)})"
     head = f"# tvlang bases: members {', '.join(m.name for m in members)} (merge: {merge})"
     text = f"{head}\nout = {expr}\n"
-    bindings: dict = {ident: m.path for ident, m in zip(idents, members)}
+    bindings: dict = {ident: _delta_marker(m.path) if m.kind == "delta" else m.path
+                      for ident, m in zip(idents, members)}
     sources = {ident: m.kind for ident, m in zip(idents, members)}
     if any(m.kind == "model" for m in members):
         if base is not None:
             bindings["pre"] = base
         sources["pre"] = "model"
     return BasisRecipe(text, bindings, sources)
+
+
+def _delta_marker(path: str):
+    """``tvlang.delta(path)``: binds a file as a task vector even without tvlang metadata."""
+    import tvlang
+
+    mark = getattr(tvlang, "delta", None)
+    if mark is None:  # the public API not exported yet: the same function, by its module
+        from tvlang.compiler import delta as mark
+    return mark(path)
 
 
 def _num(value: float) -> str:
@@ -125,13 +136,17 @@ def _float_bytes(reader) -> int:
     return sum(reader.info(n).nbytes for n in reader.names() if reader.info(n).dtype.is_floating_point)
 
 
-def inspect_inputs(pairs: Sequence[tuple[str, str]], base: str | None) -> list[TaskVectorInput]:
-    """Open each input's header: its kind (model or delta) and storage size."""
+def inspect_inputs(pairs: Sequence[tuple[str, str]], base: str | None,
+                   deltas: Sequence[str] = ()) -> list[TaskVectorInput]:
+    """Open each input's header: its kind (model or delta) and storage size.
+
+    An input is a Delta when its metadata says ``tvlang.kind = delta`` or its
+    name is in ``deltas`` (the CLI's ``NAME=delta:PATH``)."""
     out = []
     for name, path in pairs:
         reader = _open_reader(path, os.fspath(path))
         try:
-            kind = "delta" if reader.kind == "delta" else "model"
+            kind = "delta" if reader.kind == "delta" or name in deltas else "model"
             if kind == "model" and base is None:
                 raise TvlangError(
                     f"'{name}' ({path}) is a model, not a task vector, and no base was given",
@@ -159,6 +174,8 @@ def build_bases(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     force: bool = False,
+    deltas: Sequence[str] = (),
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     random_state: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> dict:
@@ -187,10 +204,10 @@ def build_bases(
                           notes=("pass --force to replace it",))
     say = log or (lambda _msg: None)
 
-    inputs = inspect_inputs(pairs, base)
+    inputs = inspect_inputs(pairs, base, deltas)
     deltas = [t.name for t in inputs if t.kind == "delta"]
     sim = similarity([(t.name, t.path) for t in inputs], base=base, include=include, exclude=exclude,
-                     deltas=deltas)
+                     deltas=deltas, chunk_bytes=chunk_bytes)
     clustering = cluster(sim.cosine, k, random_state=random_state)
     say(f"{len(inputs)} task vectors -> {clustering.k} bases (k {'auto' if k == 'auto' else 'given'};"
         f" eigengap suggests {clustering.k_auto})")
@@ -336,7 +353,8 @@ class Against:
 
 
 def against_bases(manifest_path: str, pairs: Sequence[tuple[str, str]], base: str | None = None, *,
-                  include: Sequence[str] | None = None, exclude: Sequence[str] | None = None) -> Against:
+                  include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
+                  deltas: Sequence[str] = (), chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Against:
     """Similarity of new task vectors (name, path) to every basis of a manifest, in one pass."""
     manifest, folder = load_manifest(manifest_path)
     base = base if base is not None else manifest.get("base")
@@ -348,7 +366,8 @@ def against_bases(manifest_path: str, pairs: Sequence[tuple[str, str]], base: st
     if clash:
         raise TvlangError(f"name '{clash[0]}' is taken by a stored basis; call the new task vector something else")
     inputs = list(pairs) + [(label, os.path.join(folder, b["file"])) for label, b in zip(labels, bases)]
-    sim = similarity(inputs, base=base, include=include, exclude=exclude, deltas=labels)
+    sim = similarity(inputs, base=base, include=include, exclude=exclude, deltas=[*labels, *deltas],
+                     chunk_bytes=chunk_bytes)
     n = len(pairs)
     return Against(
         names=[name for name, _ in pairs],

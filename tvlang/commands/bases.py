@@ -69,7 +69,7 @@ def run(args) -> int:
     from tvlang.cli import UsageError
     from tvlang.commands.similarity import chunk_bytes
 
-    pairs = parse_inputs(args.inputs)
+    pairs, deltas = parse_inputs(args.inputs)
     if len(pairs) < 2:
         raise UsageError("give at least two task vectors as NAME=PATH")
     if not args.output:
@@ -77,11 +77,12 @@ def run(args) -> int:
     k = parse_k(args.k)
     if args.density is not None and args.merge == "mean":
         raise UsageError("--density applies to --merge ties or topk, not mean")
-    chunk_bytes(args)
+    budget = chunk_bytes(args)
     require_sklearn()  # fail before the similarity pass, not after
     log = None if args.quiet or args.json else (lambda msg: print(msg, file=sys.stderr))
     manifest = build_bases(args.base, pairs, args.output, k=k, merge=args.merge, density=args.density,
-                           include=args.include, exclude=args.exclude, force=args.force, log=log)
+                           include=args.include, exclude=args.exclude, force=args.force, deltas=deltas,
+                           chunk_bytes=budget, log=log)
     if args.json:
         print(json.dumps(manifest, indent=2))
         return 0

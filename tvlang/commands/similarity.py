@@ -9,6 +9,8 @@ import sys
 
 from tvlang.errors import TvlangError
 
+DELTA_PREFIX = "delta:"
+
 HELP = "cosine similarity matrix of task vectors (one streaming pass)"
 
 DESCRIPTION = """\
@@ -55,7 +57,8 @@ def register(subparsers) -> None:
 def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments ``similarity`` and ``bases`` share."""
     parser.add_argument("inputs", nargs="*", metavar="NAME=PATH",
-                        help="a fine-tuned model or a task vector file, named (repeat for each)")
+                        help="a fine-tuned model or a task vector file, named (repeat for each);"
+                             " NAME=delta:PATH marks a task vector file that lacks tvlang metadata")
     parser.add_argument("--base", metavar="PRE", help="the pretrained model the task vectors are relative to")
     parser.add_argument("--include", action="append", default=[], metavar="GLOB",
                         help="only tensors whose name matches (repeatable)")
@@ -65,22 +68,25 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
                         help="memory for the chunks of all inputs together (default 64)")
 
 
-def parse_inputs(items: list[str]) -> list[tuple[str, str]]:
-    """``NAME=PATH`` pairs; a usage error (exit 2) when malformed or repeated."""
+def parse_inputs(items: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """``NAME=PATH`` pairs and the names given as ``NAME=delta:PATH`` (task vector files
+    without tvlang metadata); a usage error (exit 2) when malformed or repeated."""
     from tvlang.cli import UsageError
 
     pairs: list[tuple[str, str]] = []
-    seen: set[str] = set()
+    deltas: list[str] = []
     for item in items:
         name, sep, path = item.partition("=")
         name = name.strip()
+        if path.startswith(DELTA_PREFIX):
+            path = path[len(DELTA_PREFIX):]
+            deltas.append(name)
         if not sep or not name or not path:
-            raise UsageError(f"expected NAME=PATH, got {item!r}")
-        if name in seen:
+            raise UsageError(f"expected NAME=PATH (or NAME=delta:PATH), got {item!r}")
+        if any(name == seen for seen, _ in pairs):
             raise UsageError(f"task vector name '{name}' is given twice")
-        seen.add(name)
         pairs.append((name, path))
-    return pairs
+    return pairs, deltas
 
 
 def chunk_bytes(args) -> int:
@@ -94,17 +100,17 @@ def chunk_bytes(args) -> int:
 def run(args) -> int:
     from tvlang.cli import UsageError
 
-    pairs = parse_inputs(args.inputs)
+    pairs, deltas = parse_inputs(args.inputs)
     if not pairs:
         raise UsageError("give at least one task vector as NAME=PATH")
     if args.threshold is not None and not args.against:
         raise UsageError("--threshold needs --against MANIFEST")
     if args.against:
-        return _run_against(args, pairs)
+        return _run_against(args, pairs, deltas)
 
     from tvlang.bases import similarity
 
-    sim = similarity(pairs, base=args.base, include=args.include, exclude=args.exclude,
+    sim = similarity(pairs, base=args.base, include=args.include, exclude=args.exclude, deltas=deltas,
                      chunk_bytes=chunk_bytes(args))
     if args.plot:
         plot_heatmap(sim, args.plot)
@@ -119,11 +125,12 @@ def run(args) -> int:
     return 0
 
 
-def _run_against(args, pairs) -> int:
+def _run_against(args, pairs, deltas) -> int:
     from tvlang.bases_build import against_bases
 
     result = against_bases(args.against, pairs, base=args.base,
-                           include=args.include or None, exclude=args.exclude or None)
+                           include=args.include or None, exclude=args.exclude or None, deltas=deltas,
+                           chunk_bytes=chunk_bytes(args))
     if args.json:
         data = result.to_dict()
         if args.threshold is not None:
