@@ -1,0 +1,379 @@
+"""StreamingWriter: layouts on disk, index files, copied files, and failure leaving nothing behind."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from tvlang.errors import TvlangError
+from tvlang.io import StreamingWriter, TensorInfo, open_reader, shard_name
+from tvlang.io import writer as writer_module
+
+
+def state_dict() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "embed.weight": torch.randn(10, 8, generator=g),  # 320 bytes
+        "layers.0.w": torch.randn(8, 8, generator=g),  # 256
+        "layers.0.b": torch.randn(8, generator=g).half(),  # 16
+        "layers.1.w": torch.randn(8, 8, generator=g).bfloat16(),  # 128
+        "position_ids": torch.arange(6).reshape(1, 6),  # 48
+        "mask": torch.tensor([True, False, True]),  # 3
+        "scalar": torch.tensor(1.25, dtype=torch.float64),  # 8
+        "empty": torch.empty(0, 3),  # 0
+        "fp8": torch.randn(4, generator=g).to(torch.float8_e4m3fn),  # 4
+    }
+
+
+def layout_of(sd) -> list[TensorInfo]:
+    return [TensorInfo.of(name, t, "") for name, t in sd.items()]
+
+
+def write(out, sd, **kwargs) -> str:
+    with StreamingWriter(str(out), layout_of(sd), **kwargs) as w:
+        for name, tensor in sd.items():
+            w.write(name, tensor)
+    return str(out)
+
+
+def same(a, b) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype.is_floating_point and a.element_size() == 1:
+        return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    return torch.equal(a, b)
+
+
+def leftovers(directory) -> list[str]:
+    return sorted(n for n in os.listdir(directory) if "tvtmp" in n)
+
+
+def test_single_file_loads_with_safetensors_and_carries_metadata(tmp_path):
+    sd = state_dict()
+    out = write(tmp_path / "merged.safetensors", sd, metadata={"tvlang.kind": "delta", "tvlang.recipe": "out = a - b"})
+    loaded = load_file(out)
+    assert list(loaded) == list(sd) or sorted(loaded) == sorted(sd)
+    for name, tensor in sd.items():
+        assert same(loaded[name], tensor), name
+    with safe_open(out, "pt") as f:
+        assert f.metadata() == {"tvlang.kind": "delta", "tvlang.recipe": "out = a - b", "format": "pt"}
+    reader = open_reader(out)
+    assert reader.names() == list(sd)  # written in layout order
+    assert reader.kind == "delta"
+    assert leftovers(tmp_path) == []
+
+
+def test_header_is_padded_so_data_is_aligned(tmp_path):
+    out = write(tmp_path / "m.safetensors", {"w": torch.ones(3)}, metadata={"k": "v"})
+    with open(out, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+    assert length % 8 == 0
+
+
+def test_directory_output_without_sharding(tmp_path):
+    sd = state_dict()
+    out = write(tmp_path / "merged", sd, metadata={"a": "b"})
+    assert sorted(os.listdir(out)) == ["model.safetensors"]
+    loaded = load_file(os.path.join(out, "model.safetensors"))
+    assert all(same(loaded[n], t) for n, t in sd.items())
+
+
+def test_sharded_directory_output_has_valid_index(tmp_path):
+    sd = state_dict()
+    sizes = {n: t.numel() * t.element_size() for n, t in sd.items()}
+    shard_size = 400
+    out = write(tmp_path / "merged", sd, shard_size=shard_size, metadata={"tvlang.kind": "model"})
+    # Greedy in layout order: [embed 320] [w 256, b 16, l1 128 -> 400] [pos 48, mask 3, scalar 8, empty 0, fp8 4]
+    files = [shard_name(i, 3) for i in (1, 2, 3)]
+    assert files == ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"]
+    assert sorted(os.listdir(out)) == sorted(files + ["model.safetensors.index.json"])
+    index = json.loads((tmp_path / "merged" / "model.safetensors.index.json").read_text())
+    assert index["metadata"] == {"total_size": sum(sizes.values())}
+    assert set(index["weight_map"]) == set(sd)
+    assert index["weight_map"]["embed.weight"] == files[0]
+    assert index["weight_map"]["layers.1.w"] == files[1]
+    assert index["weight_map"]["fp8"] == files[2]
+    for file in files:
+        with safe_open(os.path.join(out, file), "pt") as f:
+            assert f.metadata()["tvlang.kind"] == "model"
+            names = list(f.keys())
+        assert sum(sizes[n] for n in names) <= shard_size
+        loaded = load_file(os.path.join(out, file))
+        for name in names:
+            assert index["weight_map"][name] == file
+            assert same(loaded[name], sd[name])
+    reader = open_reader(out)
+    assert reader.names() == list(sd)
+    assert all(same(reader.read(n), t) for n, t in sd.items())
+
+
+def test_tensor_larger_than_shard_size_gets_its_own_shard(tmp_path):
+    sd = {"a": torch.ones(2), "big": torch.ones(100), "c": torch.ones(2)}
+    out = write(tmp_path / "m", sd, shard_size=16)
+    index = json.loads(open(os.path.join(out, "model.safetensors.index.json")).read())
+    assert index["weight_map"] == {
+        "a": "model-00001-of-00003.safetensors",
+        "big": "model-00002-of-00003.safetensors",
+        "c": "model-00003-of-00003.safetensors",
+    }
+
+
+def test_single_file_target_ignores_shard_size(tmp_path):
+    sd = state_dict()
+    out = write(tmp_path / "one.safetensors", sd, shard_size=16)
+    assert sorted(os.listdir(tmp_path)) == ["one.safetensors"]
+    assert sorted(load_file(out)) == sorted(sd)
+
+
+def test_empty_layout_writes_a_valid_file(tmp_path):
+    out = write(tmp_path / "none.safetensors", {}, metadata={"k": "v"})
+    assert load_file(out) == {}
+
+
+def test_copy_from_copies_config_and_tokenizer_files(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    copied = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "vocab.txt", "merges.txt", "vocab.json", "spiece.model",
+              "tokenizer.model", "added_tokens.json", "modules.json", "sentence_bert_config.json",
+              "config_sentence_transformers.json"]
+    for name in copied:
+        (base / name).write_text(f"contents of {name}")
+    (base / "1_Pooling").mkdir()
+    (base / "1_Pooling" / "config.json").write_text("pooling")
+    (base / "README.md").write_text("not copied")
+    save_file({"w": torch.zeros(1)}, str(base / "model.safetensors"))
+    (base / "optimizer.pt").write_bytes(b"not copied")
+
+    out = write(tmp_path / "merged", {"w": torch.ones(1)}, copy_from=str(base), inputs=[str(base)])
+    assert sorted(os.listdir(out)) == sorted(copied + ["1_Pooling", "model.safetensors"])
+    for name in copied:
+        assert (tmp_path / "merged" / name).read_text() == f"contents of {name}"
+    assert (tmp_path / "merged" / "1_Pooling" / "config.json").read_text() == "pooling"
+    assert load_file(os.path.join(out, "model.safetensors"))["w"].tolist() == [1.0]
+
+
+def test_copy_from_a_reader_uses_its_root(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(1)}, str(base / "model.safetensors"))
+    reader = open_reader(str(base))
+    out = write(tmp_path / "merged", {"w": torch.ones(1)}, copy_from=reader, inputs=[reader])
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+
+
+def test_copy_from_is_ignored_for_a_single_file(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    write(tmp_path / "out.safetensors", {"w": torch.ones(1)}, copy_from=str(base))
+    assert sorted(os.listdir(tmp_path)) == ["base", "out.safetensors"]
+
+
+# -- refusing outputs -----------------------------------------------------------------
+
+
+def test_output_that_is_an_input_file_is_refused(tmp_path):
+    path = str(tmp_path / "model.safetensors")
+    save_file({"w": torch.zeros(1)}, path)
+    with pytest.raises(TvlangError, match=r"model.safetensors: refusing to write: the output is an input") as err:
+        StreamingWriter(path, layout_of({"w": torch.ones(1)}), inputs=[path], force=True)
+    assert load_file(path)["w"].tolist() == [0.0]
+    assert "model.safetensors" in str(err.value)
+
+
+def test_output_spelled_differently_is_still_refused(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path))
+    other = os.path.join(str(tmp_path), ".", "sub", "..", "model.safetensors")
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(TvlangError, match="the output is an input"):
+        StreamingWriter(other, [], inputs=[str(path)], force=True)
+
+
+def test_output_directory_containing_an_input_is_refused(tmp_path):
+    model = tmp_path / "base" / "model.safetensors"
+    model.parent.mkdir()
+    save_file({"w": torch.zeros(1)}, str(model))
+    with pytest.raises(TvlangError, match=r"refusing to write: the output contains an input"):
+        StreamingWriter(str(tmp_path / "base"), [], inputs=[str(model)], force=True)
+    # and an input inside a directory that would be replaced
+    with pytest.raises(TvlangError, match=r"the output contains an input"):
+        StreamingWriter(str(tmp_path), [], inputs=[str(tmp_path / "base")], force=True)
+
+
+def test_output_that_is_the_weights_of_an_input_directory_is_refused(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file({"w": torch.zeros(1)}, str(base / "model.safetensors"))
+    with pytest.raises(TvlangError, match="the output is an input"):
+        StreamingWriter(str(base / "model.safetensors"), [], inputs=[str(base)], force=True)
+    reader = open_reader(str(base))
+    with pytest.raises(TvlangError, match="the output is an input"):
+        StreamingWriter(str(base / "model.safetensors"), [], inputs=[reader], force=True)
+
+
+def test_output_next_to_an_input_is_allowed(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file({"w": torch.zeros(1)}, str(base / "model.safetensors"))
+    out = write(base / "merged.safetensors", {"w": torch.ones(1)}, inputs=[str(base)])
+    assert load_file(out)["w"].tolist() == [1.0]
+
+
+def test_existing_output_needs_force(tmp_path):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(TvlangError) as err:
+        StreamingWriter(str(out), [])
+    assert err.value.message == f"{out}: output already exists"
+    assert "force" in err.value.notes[0]
+    assert (out / "old.txt").read_text() == "old"
+
+
+def test_force_replaces_directory_only_at_commit(tmp_path):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    sd = {"w": torch.ones(2)}
+    with StreamingWriter(str(out), layout_of(sd), force=True) as w:
+        w.write("w", sd["w"])
+        assert (out / "old.txt").exists()  # not replaced until commit
+    assert sorted(os.listdir(out)) == ["model.safetensors"]
+    assert leftovers(tmp_path) == []
+
+
+def test_force_replaces_a_file(tmp_path):
+    out = tmp_path / "m.safetensors"
+    save_file({"old": torch.zeros(1)}, str(out))
+    write(out, {"w": torch.ones(1)}, force=True)
+    assert list(load_file(str(out))) == ["w"]
+    assert leftovers(tmp_path) == []
+
+
+def test_failed_forced_write_keeps_the_old_output(tmp_path):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with StreamingWriter(str(out), layout_of({"w": torch.ones(1)}), force=True) as w:
+            raise RuntimeError("kernel failed")
+    assert sorted(os.listdir(out)) == ["old.txt"]
+    assert leftovers(tmp_path) == []
+
+
+def test_missing_parent_directory(tmp_path):
+    with pytest.raises(TvlangError, match=r"cannot write: directory .*nowhere does not exist"):
+        StreamingWriter(str(tmp_path / "nowhere" / "m.safetensors"), [])
+
+
+# -- layout checks --------------------------------------------------------------------
+
+
+def test_write_checks_shape_dtype_and_order(tmp_path):
+    sd = {"a": torch.ones(2), "b": torch.ones(3)}
+    w = StreamingWriter(str(tmp_path / "m.safetensors"), layout_of(sd))
+    with pytest.raises(TvlangError, match=r"m.safetensors: tensor 'b' comes out of order; expected 'a' next"):
+        w.write("b", sd["b"])
+    with pytest.raises(TvlangError, match=r"tensor 'x' is not in the output layout; expected 'a' next"):
+        w.write("x", sd["a"])
+    with pytest.raises(TvlangError, match=r"tensor 'a' is \[3\] torch.float32 but the output layout says \[2\] torch.float32"):
+        w.write("a", torch.ones(3))
+    with pytest.raises(TvlangError, match=r"tensor 'a' is \[2\] torch.float64 but the output layout says \[2\] torch.float32"):
+        w.write("a", torch.ones(2, dtype=torch.float64))
+    w.write("a", sd["a"])
+    w.write("b", sd["b"])
+    w.commit()
+    assert load_file(str(tmp_path / "m.safetensors"))["b"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_commit_with_missing_tensors_writes_nothing(tmp_path):
+    sd = {"a": torch.ones(2), "b": torch.ones(3)}
+    w = StreamingWriter(str(tmp_path / "m"), layout_of(sd))
+    w.write("a", sd["a"])
+    with pytest.raises(TvlangError, match=r"m: output incomplete: 1 tensors were never written \(first: 'b'\)"):
+        w.commit()
+    assert os.listdir(tmp_path) == []
+
+
+def test_non_contiguous_and_non_string_metadata(tmp_path):
+    t = torch.arange(6.0).reshape(2, 3).t()
+    out = write(tmp_path / "m.safetensors", {"t": t})
+    assert torch.equal(load_file(out)["t"], t)
+    with pytest.raises(TvlangError, match="metadata must map strings to strings; 'n' is int"):
+        StreamingWriter(str(tmp_path / "x.safetensors"), [], metadata={"n": 3})
+
+
+def test_abort_removes_temporary(tmp_path):
+    sd = {"a": torch.ones(2)}
+    w = StreamingWriter(str(tmp_path / "m"), layout_of(sd))
+    w.write("a", sd["a"])
+    assert leftovers(tmp_path) == [f".m.tvtmp-{os.getpid()}"]
+    w.abort()
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(TvlangError, match="the writer is already aborted"):
+        w.write("a", sd["a"])
+
+
+# -- faults ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["m.safetensors", "m"])
+def test_disk_full_aborts_cleanly(tmp_path, monkeypatch, target):
+    sd = {f"w{i}": torch.ones(64) for i in range(6)}
+    calls = []
+    real = writer_module._write_all
+
+    def failing(f, data):
+        calls.append(len(data))
+        if len(calls) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(f, data)
+
+    monkeypatch.setattr(writer_module, "_write_all", failing)
+    out = tmp_path / target
+    w = StreamingWriter(str(out), layout_of(sd), shard_size=512)
+    with pytest.raises(TvlangError) as err:
+        for name, tensor in sd.items():
+            w.write(name, tensor)
+    assert str(err.value) == f"error: {out}: write failed: the disk is full; nothing was written to the output"
+    assert os.listdir(tmp_path) == []
+
+
+def test_other_write_errors_name_the_output(tmp_path, monkeypatch):
+    def failing(f, data):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(writer_module, "_write_all", failing)
+    with pytest.raises(TvlangError, match=r"m.safetensors: write failed: Input/output error"):
+        write(tmp_path / "m.safetensors", {"w": torch.ones(1)})
+    assert os.listdir(tmp_path) == []
+
+
+def test_keyboard_interrupt_in_a_with_block_leaves_nothing(tmp_path):
+    sd = {"a": torch.ones(2), "b": torch.ones(3)}
+    with pytest.raises(KeyboardInterrupt):
+        with StreamingWriter(str(tmp_path / "m"), layout_of(sd)) as w:
+            w.write("a", sd["a"])
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == []
+
+
+def test_keyboard_interrupt_inside_write_leaves_nothing(tmp_path, monkeypatch):
+    def interrupted(f, data):
+        raise KeyboardInterrupt
+
+    sd = {"a": torch.ones(2)}
+    w = StreamingWriter(str(tmp_path / "m.safetensors"), layout_of(sd))
+    monkeypatch.setattr(writer_module, "_write_all", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        w.write("a", sd["a"])
+    assert os.listdir(tmp_path) == []
