@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from tvlang import ast
 from tvlang.builtins import BUILTINS, REQUIRED, Arg, Builtin
 from tvlang.errors import Span, TvlangError
-from tvlang.printer import format_number, to_text
+from tvlang.printer import to_text
 
 __all__ = ["BoundCall", "CheckedProgram", "Output", "bind_call", "check", "load_builtins"]
 
