@@ -133,7 +133,7 @@ def llama_bytes(hidden: int, layers: int, vocab: int, intermediate: int, itemsiz
 
 def llama_spec_for_bytes(total_bytes: int, *, layers: int = 8, dtype: torch.dtype = torch.float32) -> dict[str, object]:
     """A Llama-shaped spec whose tensors total about ``total_bytes`` (within a few percent
-    for sizes above a megabyte): ``intermediate = 8/3 hidden``, ``vocab = 8 hidden``.
+    for sizes above a megabyte): ``intermediate = 8/3 hidden``, ``vocab`` about ``8 hidden``.
 
     >>> spec = llama_spec_for_bytes(1_500_000_000)
     >>> total = sum(_numel(_split(e)[0]) * (8 if _split(e)[1] else 4) for e in spec.values())
@@ -145,16 +145,15 @@ def llama_spec_for_bytes(total_bytes: int, *, layers: int = 8, dtype: torch.dtyp
     def dims(hidden: int) -> tuple[int, int, int, int]:
         return hidden, layers, 8 * hidden, max(8, (8 * hidden // 3) // 8 * 8)
 
-    best = 8
+    # The largest hidden size (a multiple of 8) that fits, then the vocabulary grown
+    # to make up the rest: each extra token adds one row to the embedding and the head.
     hidden = 8
-    while True:
-        size = llama_bytes(*dims(hidden), itemsize=itemsize)
-        if abs(size - total_bytes) < abs(llama_bytes(*dims(best), itemsize=itemsize) - total_bytes):
-            best = hidden
-        if size > total_bytes:
-            break
+    while llama_bytes(*dims(hidden + 8), itemsize=itemsize) <= total_bytes:
         hidden += 8
-    return llama_spec(*dims(best))
+    hidden, layers, vocab, intermediate = dims(hidden)
+    short = total_bytes - llama_bytes(hidden, layers, vocab, intermediate, itemsize=itemsize)
+    vocab += max(0, short) // (2 * hidden * itemsize)
+    return llama_spec(hidden, layers, vocab, intermediate)
 
 
 def _config_for(names: list[str], shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype | None) -> dict:
