@@ -377,3 +377,10 @@ def test_keyboard_interrupt_inside_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         w.write("a", sd["a"])
     assert os.listdir(tmp_path) == []
+
+
+def test_layout_with_wrong_byte_count_is_refused(tmp_path):
+    bad = [TensorInfo("w", (2, 3), torch.float32, 20, "")]
+    with pytest.raises(TvlangError, match=r"layout entry 'w' says 20 bytes but \[2, 3\] torch.float32 is 24 bytes"):
+        StreamingWriter(str(tmp_path / "m.safetensors"), bad)
+    assert os.listdir(tmp_path) == []

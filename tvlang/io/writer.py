@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import struct
@@ -243,6 +244,13 @@ class StreamingWriter:
                     f"{self.out}: tensor '{info.name}' has dtype {info.dtype}, which safetensors cannot store",
                     tensor=info.name,
                 )
+            expected = math.prod(info.shape) * torch.empty((), dtype=info.dtype).element_size()
+            if info.nbytes != expected:
+                raise TvlangError(
+                    f"{self.out}: layout entry '{info.name}' says {info.nbytes} bytes but"
+                    f" {list(info.shape)} {info.dtype} is {expected} bytes",
+                    tensor=info.name,
+                )
 
     def _copy_source(self, copy_from: object) -> str | None:
         if copy_from is None or self.single_file:
@@ -419,7 +427,10 @@ class StreamingWriter:
         for name in COPIED_FILES:
             source = os.path.join(self.copy_from, name)
             if os.path.isfile(source):
-                shutil.copyfile(source, os.path.join(self._tmp, name))
+                target = os.path.join(self._tmp, name)
+                shutil.copyfile(source, target)
+                with open(target, "rb") as f:
+                    os.fsync(f.fileno())
         for name in COPIED_DIRS:
             source = os.path.join(self.copy_from, name)
             if os.path.isdir(source):
