@@ -92,11 +92,14 @@ def parse_params(items: list[str]) -> dict[str, float]:
 
 
 def binding_kind(value: str) -> str:
-    """The kind a ``--bind`` value gives: ``model``/``delta`` literally, else a path (a model).
+    """The kind a ``--bind`` value gives: ``model``/``delta`` literally, ``delta:PATH``,
+    or a path: a task vector when the file's metadata says so, else a model."""
+    if value in _KINDS:
+        return value
+    from tvlang.commands.common import peek_kind, split_binding
 
-    Later this will ask the reader whether the file is a tvlang task vector.
-    """
-    return value if value in _KINDS else "model"
+    kind, path = split_binding(value)
+    return kind if kind == "delta" else peek_kind(path)
 
 
 def check_recipe(

@@ -53,6 +53,43 @@ def split_binding(value: str) -> tuple[str, str]:
     return "model", value
 
 
+def peek_kind(path: str) -> str:
+    """"delta" when the file at ``path`` says it is a tvlang task vector, else "model".
+
+    Reads the header only. A path that cannot be opened counts as a model here:
+    the evaluator reports it, with its reason, if the plan needs it.
+    """
+    from tvlang.io import open_reader
+
+    try:
+        reader = open_reader(path, label=path)
+    except TvlangError:
+        return "model"
+    try:
+        return "delta" if reader.kind == "delta" else "model"
+    finally:
+        reader.close()
+
+
+def bindings_from_args(items: list[str]) -> tuple[dict[str, str], dict[str, object]]:
+    """(kinds, bindings) from ``--bind NAME=[delta:]PATH`` values.
+
+    A Delta file that tvlang wrote binds as a task vector without ``delta:``.
+    """
+    from tvlang.commands.check import parse_bindings
+    from tvlang.compiler import delta
+
+    kinds: dict[str, str] = {}
+    bindings: dict[str, object] = {}
+    for name, value in parse_bindings(items).items():
+        kind, path = split_binding(value)
+        if kind == "model":
+            kind = peek_kind(path)
+        kinds[name] = kind
+        bindings[name] = delta(path) if kind == "delta" else path
+    return kinds, bindings
+
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from tvlang.commands.check import parse_bindings, parse_params
-from tvlang.commands.common import add_recipe_arguments, recipe_source, split_binding
+from tvlang.commands.common import add_recipe_arguments, recipe_source
 
 HELP = "show the optimized recipe and the per-tensor plan"
 
@@ -35,9 +35,9 @@ def run(args: argparse.Namespace) -> int:
     from tvlang.optimize import OptimizerFlags
 
     text, filename = recipe_source(args)
-    kinds = {}
-    for name, value in parse_bindings(args.bind).items():
-        kinds[name] = value if value in ("model", "delta") else split_binding(value)[0]
+    from tvlang.commands.check import binding_kind
+
+    kinds = {name: binding_kind(value) for name, value in parse_bindings(args.bind).items()}
     flags = OptimizerFlags(**{n: not getattr(args, f"no_{n}") for n in ("linearize", "fold", "cancel", "share")})
     plan = compile(text, filename=filename, sources=kinds if args.bind else None, flags=flags,
                    **parse_params(args.set))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tvlang.commands.check import parse_bindings, parse_params
-from tvlang.commands.common import add_recipe_arguments, parse_size, recipe_source, split_binding
+from tvlang.commands.check import parse_params
+from tvlang.commands.common import add_recipe_arguments, bindings_from_args, parse_size, recipe_source
 
 HELP = "run a recipe over checkpoints and write the result"
 
@@ -67,17 +67,11 @@ def parse_outputs(items: list[str]):
 
 def compile_from_args(args: argparse.Namespace):
     """(plan, bindings) from RECIPE/-e, --bind and --set."""
-    from tvlang.compiler import compile, delta
+    from tvlang.compiler import compile
 
     text, filename = recipe_source(args)
-    raw = parse_bindings(args.bind)
+    kinds, bindings = bindings_from_args(args.bind)
     params = parse_params(args.set)
-    kinds: dict[str, str] = {}
-    bindings: dict[str, object] = {}
-    for name, value in raw.items():
-        kind, path = split_binding(value)
-        kinds[name] = kind
-        bindings[name] = delta(path) if kind == "delta" else path
     plan = compile(text, filename=filename, sources=kinds, **params)
     return plan, bindings
 
