@@ -20,6 +20,7 @@ The magnitude rule used by every pruning kernel (``topk``, ``ties``,
 from __future__ import annotations
 
 import math
+import struct
 import threading
 
 import torch
@@ -103,18 +104,20 @@ def magnitudes(x: torch.Tensor, slot: str = "mag", dtype: torch.dtype | None = N
     return mag
 
 
-_EXACT_BELOW = 1 << 18  # below this size a plain kthvalue is as fast as anything
+_SMALL = 1 << 16  # below this size a plain topk is as fast as anything
 _SAMPLE = 1 << 16
+_BINS = 1 << 16
 
 
 def kth_largest_abs(x: torch.Tensor, k: int, *, mag: torch.Tensor | None = None) -> float:
     """The k-th largest of ``|x|`` (``1 <= k <= x.numel()``), exactly; ``inf`` for ``k == 0``.
 
     ``mag`` may pass precomputed flat magnitudes (from :func:`magnitudes`).
-    Large tensors use a sample to bracket the answer, count the entries above
-    the bracket, and select within the bracket; when the bracket misses (an
-    unlucky or adversarial layout) it falls back to ``torch.kthvalue`` on the
-    whole tensor, so the answer is always exact.
+    Large tensors use a strided sample to bracket the answer, count the
+    entries above the bracket and select within it; when the bracket misses
+    (an unlucky or adversarial layout) a radix select on the float32 bit
+    patterns finishes the job. Never ``torch.kthvalue``: its quickselect takes
+    quadratic time on some layouts (seconds for a quarter-million entries).
     """
     n = x.numel()
     if k <= 0:
@@ -123,33 +126,77 @@ def kth_largest_abs(x: torch.Tensor, k: int, *, mag: torch.Tensor | None = None)
         raise ValueError(f"k={k} > numel={n}")
     if mag is None:
         mag = magnitudes(x)
-    if n <= _EXACT_BELOW:
-        return float(torch.kthvalue(mag, n - k + 1).values)
-    stride = n // _SAMPLE
-    sample = mag[::stride].contiguous()
+    if n <= _SMALL or mag.dtype != torch.float32:
+        return float(torch.topk(mag, k, sorted=False).values.min())
+    found = _bracketed(mag, k)
+    return found if found is not None else _radix(mag, k)
+
+
+def _bracketed(mag: torch.Tensor, k: int) -> float | None:
+    n = mag.numel()
+    sample = mag[:: n // _SAMPLE].contiguous()
     s = sample.numel()
-    expected = k / n * s  # rank from the top of the k-th largest within the sample
-    margin = 6.0 * math.sqrt(s * (k / n) * (1 - k / n)) + 8.0
+    q = k / n
+    expected = q * s  # rank from the top of the k-th largest within the sample
+    margin = 6.0 * math.sqrt(s * q * (1 - q)) + 8.0
     ordered = torch.sort(sample, descending=True).values
     hi_rank = int(math.floor(expected - margin))
     lo_rank = int(math.ceil(expected + margin))
     hi = float(ordered[hi_rank - 1]) if hi_rank >= 1 else math.inf
     lo = float(ordered[lo_rank - 1]) if lo_rank <= s else 0.0
     flags = scratch("kth.flags", mag, torch.bool)
-    if hi == math.inf:
-        above = 0
-    else:
+    above = 0
+    if hi != math.inf:
         torch.gt(mag, hi, out=flags)
         above = int(torch.count_nonzero(flags))
     rank = k - above  # the answer is the rank-th largest of the entries in [lo, hi]
-    if rank >= 1:
+    if rank < 1:
+        return None
+    torch.ge(mag, lo, out=flags)
+    if hi != math.inf:
         inside = scratch("kth.inside", mag, torch.bool)
-        torch.ge(mag, lo, out=flags)
-        if hi != math.inf:
-            torch.le(mag, hi, out=inside)
-            flags.logical_and_(inside)
-        index = torch.nonzero(flags).view(-1)
-        if rank <= index.numel():
-            bracket = mag.index_select(0, index)
-            return float(torch.kthvalue(bracket, bracket.numel() - rank + 1).values)
-    return float(torch.kthvalue(mag, n - k + 1).values)
+        torch.le(mag, hi, out=inside)
+        flags.logical_and_(inside)
+    index = torch.nonzero(flags).view(-1)
+    if rank > index.numel() or index.numel() > n // 8:
+        return None
+    bracket = mag.index_select(0, index)
+    return float(torch.topk(bracket, rank, sorted=False).values.min())
+
+
+def _radix(mag: torch.Tensor, k: int) -> float:
+    """Exact k-th largest of non-negative float32 ``mag`` from two histograms of its bit pattern."""
+    bits = mag.view(torch.int32)
+    work = scratch("kth.bits", mag, torch.int32)
+    torch.bitwise_right_shift(bits, 16, out=work)
+    high, rank = _pick_bin(histogram(work, _BINS), k)
+    torch.sub(bits, high << 16, out=work)
+    work.clamp_(-1, _BINS).add_(1)  # the chosen bin's entries map to 1..65536
+    low, _ = _pick_bin(histogram(work, _BINS + 2)[1:_BINS + 1], rank)
+    return bits_to_float((high << 16) | low)
+
+
+def histogram(values: torch.Tensor, bins: int) -> torch.Tensor:
+    """Counts of the integers ``0 <= values < bins`` (int64, on the CPU).
+
+    ``torch.bincount`` pays for its ``minlength`` on every call, which
+    dominates for small tensors; ``index_add_`` does not.
+    """
+    if values.numel() >= (1 << 20):
+        return torch.bincount(values.reshape(-1), minlength=bins).cpu()
+    counts = torch.zeros(bins, dtype=torch.int64, device=values.device)
+    ones = torch.ones(1, dtype=torch.int64, device=values.device).expand(values.numel())
+    counts.index_add_(0, values.reshape(-1).long(), ones)
+    return counts.cpu()
+
+
+def _pick_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest entry, and that entry's rank within the bin from the top."""
+    at_or_above = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])
+    b = int(torch.nonzero(at_or_above >= k).max())
+    above = int(at_or_above[b + 1]) if b + 1 < hist.numel() else 0
+    return b, k - above
+
+
+def bits_to_float(pattern: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", pattern))[0]

@@ -22,11 +22,10 @@ float64 inputs are rounded to float32 first.
 from __future__ import annotations
 
 import math
-import struct
 
 import torch
 
-from tvlang.ops.common import keep_count
+from tvlang.ops.common import _pick_bin, bits_to_float, histogram, keep_count
 from tvlang.ops.context import TensorContext
 
 __all__ = ["MagnitudeThreshold"]
@@ -37,14 +36,6 @@ _BINS = 1 << 16
 def _bits(x: torch.Tensor) -> torch.Tensor:
     mag = x.reshape(-1).to(torch.float32).abs()
     return mag.view(torch.int32)
-
-
-def _pick_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
-    """The bin holding the k-th largest entry, and its rank within that bin (from the top)."""
-    at_or_above = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])  # entries in bins >= b
-    b = int(torch.nonzero(at_or_above >= k).max())
-    above = int(at_or_above[b + 1]) if b + 1 < hist.numel() else 0
-    return b, k - above
 
 
 class MagnitudeThreshold:
@@ -66,11 +57,11 @@ class MagnitudeThreshold:
         bits = _bits(tensors[0])
         if pass_index == 0:
             self._total += bits.numel()
-            self._high += torch.bincount(bits >> 16, minlength=_BINS).cpu()
+            self._high += histogram(bits >> 16, _BINS)
         elif self._bin is not None:
             # entries of the chosen bin map to 1..65536; the others to 0 or 65537
             low = (bits - (self._bin << 16)).clamp_(-1, _BINS).add_(1)
-            self._low += torch.bincount(low, minlength=_BINS + 2).cpu()
+            self._low += histogram(low, _BINS + 2)
 
     def end_pass(self, pass_index: int) -> None:
         if pass_index == 0:
@@ -82,7 +73,7 @@ class MagnitudeThreshold:
         elif pass_index == 1 and self._bin is not None:
             low, _ = _pick_bin(self._low[1:_BINS + 1], self._rank)
             pattern = (self._bin << 16) | low
-            self._result = struct.unpack("<f", struct.pack("<I", pattern))[0]
+            self._result = bits_to_float(pattern)
 
     def result(self) -> float:
         if self._result is None:

@@ -1,0 +1,183 @@
+"""ties / dare_ties / della merge semantics on hand-computed tensors."""
+
+import pytest
+import torch
+
+from tvlang.errors import TvlangError
+from tvlang.ops.context import TensorContext
+from tvlang.ops.ties import dare_ties, della, sign_merge, ties
+
+T = torch.tensor
+
+
+def ctx(name="model.layers.0.mlp.weight", **reduced):
+    return TensorContext(name, "cpu", dict(reduced))
+
+
+def run(inputs, **options):
+    return ties([T(x) for x in inputs], ctx(), **options)
+
+
+# a, b, c at density 1 (no trimming):
+#   entry 0:  1, -4,  2   total -1 -> '-' : {-4}        frequency ++- -> '+' : {1, 2}
+#   entry 1: -2, -1, -3   '-' : all three
+#   entry 2:  3,  1,  2   '+' : all three
+#   entry 3: .5,  0, -1   total -.5 -> '-' : {-1}       frequency 1+0-1 = 0 -> '+' : {.5}
+A = [1.0, -2.0, 3.0, 0.5]
+B = [-4.0, -1.0, 1.0, 0.0]
+C = [2.0, -3.0, 2.0, -1.0]
+
+
+@pytest.mark.parametrize(
+    "elect, merge, expected",
+    [
+        ("total", "mean", [-4.0, -2.0, 2.0, -1.0]),
+        ("total", "sum", [-4.0, -6.0, 6.0, -1.0]),
+        ("frequency", "mean", [1.5, -2.0, 2.0, 0.5]),
+        ("frequency", "sum", [3.0, -6.0, 6.0, 0.5]),
+        ("total", "weighted_mean", [-4.0, -2.0, 2.0, -1.0]),  # weights all 1: same as mean
+    ],
+)
+def test_election_and_merge_without_trimming(elect, merge, expected):
+    assert torch.equal(run([A, B, C], density=1.0, elect=elect, merge=merge), T(expected))
+
+
+def test_trim_then_elect():
+    # density 0.5 of 4 entries keeps 2 per input:
+    #   a [4,-1,2,-3] -> [4,0,0,-3];  b [-2,1,5,.5] -> [-2,0,5,0];  c [1,-6,-1,2] -> [0,-6,0,2]
+    a, b, c = [4.0, -1.0, 2.0, -3.0], [-2.0, 1.0, 5.0, 0.5], [1.0, -6.0, -1.0, 2.0]
+    assert torch.equal(run([a, b, c], density=0.5), T([4.0, -6.0, 5.0, -3.0]))
+    # frequency: entry 0 has one + and one - -> '+' (4); entry 3: -3 and 2 -> '+' (2)
+    assert torch.equal(run([a, b, c], density=0.5, elect="frequency"), T([4.0, -6.0, 5.0, 2.0]))
+
+
+def test_weights_mergekit_style():
+    # v = w*x: [1,-2,3,.5], [-8,-2,2,0], [1,-1.5,1,-.5]; elected on v
+    w = [1.0, 2.0, 0.5]
+    got_sum = run([A, B, C], density=1.0, weights=w, merge="sum")
+    assert torch.equal(got_sum, T([-8.0, -5.5, 6.0, 0.5]))
+    got = run([A, B, C], density=1.0, weights=w, merge="weighted_mean")
+    assert torch.allclose(got, T([-8.0 / 2.0, -5.5 / 3.5, 6.0 / 3.5, 0.5 / 1.0]))
+    got = run([A, B, C], density=1.0, weights=w, merge="mean")
+    assert torch.allclose(got, T([-8.0, -5.5 / 3, 2.0, 0.5]))
+
+
+def test_weights_peft_style_elects_on_unweighted_values():
+    # elected on x: entry 3 is .5+0-1 < 0 -> '-' : {c}, value w_c * -1 = -.5
+    w = [1.0, 2.0, 0.5]
+    got = run([A, B, C], density=1.0, weights=w, elect_on="unweighted", merge="mean")
+    assert torch.allclose(got, T([-8.0, -5.5 / 3, 2.0, -0.5]))
+
+
+def test_negative_weight_and_zero_divisor():
+    # weights [-1, 1]: v = [-1,-2], [1,-3]; entry 0: total 0 -> '+' : {1}; entry 1: '-' : both
+    got = ties([T([1.0, 2.0]), T([1.0, -3.0])], ctx(), density=1.0, weights=[-1.0, 1.0], merge="sum")
+    assert torch.equal(got, T([1.0, -5.0]))
+    # weighted_mean: entry 1 divides by -1 + 1 = 0 -> replaced by 1 (mergekit)
+    got = ties([T([1.0, 2.0]), T([1.0, -3.0])], ctx(), density=1.0, weights=[-1.0, 1.0], merge="weighted_mean")
+    assert torch.equal(got, T([1.0, -5.0]))
+
+
+def test_zero_weight_neither_votes_nor_counts():
+    got = ties([T([5.0]), T([-1.0])], ctx(), density=1.0, weights=[0.0, 1.0])
+    assert torch.equal(got, T([-1.0]))
+
+
+def test_elected_sign_zero_picks_plus():
+    assert torch.equal(run([[1.0], [-1.0]], density=1.0), T([1.0]))
+    assert torch.equal(run([[2.0, -3.0], [-2.0, 3.0]], density=1.0, elect="frequency"), T([2.0, 3.0]))
+
+
+def test_ties_at_the_threshold_are_all_kept():
+    # density .25 of 4 keeps k=1, but -2 and 2 tie for the largest magnitude: both stay
+    assert torch.equal(run([[1.0, -2.0, 2.0, 0.5]], density=0.25), T([0.0, -2.0, 2.0, 0.0]))
+
+
+def test_density_zero_and_one():
+    assert torch.equal(run([A, B], density=0.0), T([0.0, 0.0, 0.0, 0.0]))
+    assert torch.equal(run([A], density=1.0), T(A))
+
+
+def test_all_zero_and_one_element_tensors():
+    assert torch.equal(run([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]], density=0.5), T([0.0, 0.0, 0.0]))
+    assert torch.equal(run([[2.0], [-3.0]], density=1.0), T([-3.0]))
+    # floor(0.5 * 1) = 0 entries kept: a one-element tensor is trimmed away below density 1
+    assert torch.equal(run([[2.0], [-3.0]], density=0.5), T([0.0]))
+
+
+def test_inputs_are_not_modified_and_shape_is_kept():
+    a = torch.randn(3, 5)
+    b = torch.randn(3, 5)
+    a0, b0 = a.clone(), b.clone()
+    out = ties([a, b], ctx(), density=0.4)
+    assert out.shape == (3, 5)
+    assert torch.equal(a, a0) and torch.equal(b, b0)
+
+
+def test_non_contiguous_input():
+    a = torch.randn(4, 6)
+    b = torch.randn(6, 4).t()
+    got = ties([a, b], ctx(), density=0.5)
+    want = ties([a, b.contiguous()], ctx(), density=0.5)
+    assert torch.equal(got, want)
+
+
+def test_model_scope_reads_the_threshold():
+    a, b = T([1.0, -2.0, 3.0]), T([-4.0, 0.5, 0.25])
+    got = ties([a, b], ctx(**{"threshold:0": 2.0, "threshold:1": 0.5}), density=0.3, scope="model")
+    # a -> [0,-2,3], b -> [-4,.5,0]; entry 0 '-' -4, entry 1 -1.5 '-' -> -2, entry 2 -> 3
+    assert torch.equal(got, T([-4.0, -2.0, 3.0]))
+    with pytest.raises(TvlangError, match="threshold:0"):
+        ties([a, b], ctx(), density=0.3, scope="model")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"density": 1.5}, "option 'density' must be in \\[0, 1\\], got 1.5"),
+        ({"weights": [1.0]}, "option 'weights' has 1 values for 2 inputs"),
+        ({"merge": "median"}, "option 'merge' must be one of"),
+    ],
+)
+def test_option_errors_name_the_tensor(options, message):
+    with pytest.raises(TvlangError, match=message) as info:
+        ties([T([1.0]), T([2.0])], ctx("x.weight"), **options)
+    assert info.value.tensor == "x.weight"
+
+
+def test_sign_merge_elect_none():
+    parts = [T([1.0, -2.0]), T([3.0, 1.0])]
+    out = torch.empty(2)
+    assert torch.equal(sign_merge(parts, elect="none", merge="sum", out=out), T([4.0, -1.0]))
+    assert torch.equal(sign_merge(parts, elect="none", merge="mean", out=out), T([2.0, -0.5]))
+    got = sign_merge(parts, elect="none", merge="weighted_mean", weights=[1.0, 3.0], out=out)
+    assert torch.equal(got, T([10.0 / 4.0, 1.0 / 4.0]))
+
+
+def test_dare_ties_is_dare_then_election():
+    a, b = torch.randn(50), torch.randn(50)
+    c = ctx("w")
+    got = dare_ties([a, b], c, p=0.5, seed=3)
+    gen = c.generator(3)
+    keep_a = torch.rand(50, generator=gen) >= 0.5
+    keep_b = torch.rand(50, generator=gen) >= 0.5
+    da, db = torch.where(keep_a, a * 2.0, 0.0), torch.where(keep_b, b * 2.0, 0.0)
+    want = ties([da, db], c, density=1.0)
+    assert torch.allclose(got, want)
+    # p = 0 is plain election and merge; p = 1 gives zeros
+    assert torch.equal(dare_ties([a, b], c, p=0.0), ties([a, b], c, density=1.0))
+    assert torch.equal(dare_ties([a, b], c, p=1.0), torch.zeros(50))
+
+
+def test_della_linear_and_lambda():
+    a, b = T([1.0, -2.0, 4.0]), T([3.0, 1.0, -1.0])
+    got = della([a, b], ctx(), density=1.0, elect="none", merge="sum", **{"lambda": 2.0})
+    assert torch.equal(got, T([8.0, -2.0, 6.0]))
+    got = della([a, b], ctx(), density=1.0, **{"lambda": 0.5})  # ties election, mean, halved
+    assert torch.equal(got, T([1.0, -1.0, 2.0]))
+    assert torch.equal(della([a, b], ctx(), density=0.0), torch.zeros(3))
+
+
+def test_della_rejects_bad_epsilon():
+    with pytest.raises(TvlangError, match="density - epsilon must be > 0"):
+        della([T([1.0])], ctx(), density=0.1, epsilon=0.15)
