@@ -134,4 +134,16 @@ def _caret(source: str, span: Span) -> list[str]:
     else:
         width = max(1, len(text) - column + 1)
     text = text.replace("\t", " ")
+    if len(text) > _MAX_LINE:
+        # Show a window around the caret, not a megabyte of one-line recipe.
+        start = max(0, min(column - 1 - _MAX_LINE // 3, len(text) - _MAX_LINE))
+        window = text[start:start + _MAX_LINE]
+        prefix = "..." if start > 0 else ""
+        suffix = "..." if start + _MAX_LINE < len(text) else ""
+        column = column - start + len(prefix)
+        width = max(1, min(width, _MAX_LINE - (column - 1 - len(prefix))))
+        text = prefix + window + suffix
     return [f"  {text}", "  " + " " * (column - 1) + "^" * width]
+
+
+_MAX_LINE = 120  # characters of a source line shown under an error
