@@ -73,14 +73,15 @@ class BasisRecipe:
 
 def _identifiers(names: Sequence[str]) -> list[str]:
     """Recipe names for the members: the member's own name when it is a safe identifier."""
-    from tvlang.builtins import BUILTINS
+    from tvlang.types import load_builtins
 
+    builtins = load_builtins()
     used: set[str] = set()
     out = []
     for i, name in enumerate(names):
         ident = name
         if (not _IDENT.match(name) or keyword.iskeyword(name) or name in _RESERVED
-                or name in BUILTINS or name in used):
+                or name in builtins or name in used):
             ident = f"t{i}"
             while ident in used or ident in names:
                 ident = "_" + ident
