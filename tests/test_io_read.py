@@ -533,3 +533,22 @@ def test_small_tensors_skip_the_map(tmp_path, monkeypatch):
     reader.read("small")
     reader.read("big")
     assert mapped == [safetensors_file.MMAP_MIN_BYTES]
+
+
+def test_directory_lookup_order_and_fallbacks(tmp_path):
+    both = tmp_path / "both"
+    both.mkdir()
+    save_file({"single": torch.ones(1)}, str(both / "model.safetensors"))
+    save_file({"sharded": torch.ones(1)}, str(both / "s.safetensors"))
+    (both / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"sharded": "s.safetensors"}}))
+    assert open_reader(str(both)).names() == ["single"]  # model.safetensors first, as from_pretrained
+
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    save_file({"w": torch.ones(1)}, str(renamed / "weights.safetensors"))
+    assert open_reader(str(renamed)).info("w").file == os.path.join(str(renamed), "weights.safetensors")
+
+    save_file({"w": torch.ones(1)}, str(renamed / "other.safetensors"))
+    with pytest.raises(TvlangError, match="directory holds no model weights") as err:
+        open_reader(str(renamed))
+    assert err.value.notes[1] == "found several: other.safetensors, weights.safetensors; name the file to load"

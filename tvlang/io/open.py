@@ -12,12 +12,12 @@ from tvlang.io.torch_file import StateDictReader, TorchFileReader
 
 __all__ = ["WEIGHT_FILES", "open_reader", "find_weights"]
 
-# What a model directory is searched for, in order (safetensors first, as Hugging Face does).
+# What a model directory is searched for, in the order transformers' from_pretrained uses.
 WEIGHT_FILES = (
-    "model.safetensors.index.json",
     "model.safetensors",
-    "pytorch_model.bin.index.json",
+    "model.safetensors.index.json",
     "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
 )
 
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -77,11 +77,11 @@ def _open_path(path: str, label: str) -> TensorReader:
     if os.path.isdir(path):
         found = find_weights(path)
         if found is None:
-            raise io_error(
-                label,
-                "directory holds no model weights",
-                notes=("looked for " + ", ".join(WEIGHT_FILES) + ", or a single *.safetensors file",),
-            )
+            several = sorted(e for e in os.listdir(path) if e.endswith(".safetensors") and not e.startswith("."))
+            notes = ["looked for " + ", ".join(WEIGHT_FILES) + ", or a single *.safetensors file"]
+            if len(several) > 1:
+                notes.append("found several: " + ", ".join(several[:5]) + "; name the file to load")
+            raise io_error(label, "directory holds no model weights", notes=tuple(notes))
         reader = _open_path(os.path.join(path, found), os.path.join(label, found))
         reader.label = label
         reader.root = os.path.realpath(path)

@@ -87,7 +87,7 @@ def parse_header(
         ):
             raise io_error(label, f"tensor '{name}' has malformed data offsets {offsets!r}", tensor=name)
         begin, end = offsets
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         expected = math.prod(shape) * itemsize
         if end - begin != expected:
             raise io_error(
