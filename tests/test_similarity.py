@@ -93,6 +93,21 @@ def test_files_read_in_ranges_match_state_dicts(tmp_path, models):
     np.testing.assert_allclose(from_files.gram, from_memory.gram, rtol=1e-12)
 
 
+def test_safetensors_inputs_are_never_read_whole(tmp_path, models, monkeypatch):
+    """Memory stays one chunk per input: safetensors tensors are read in ranges, not whole."""
+    from tvlang.io import SafetensorsReader
+
+    pre, fts = models
+    base, paths = _save_all(tmp_path, pre, fts)
+
+    def whole_read(self, name):
+        raise AssertionError(f"read whole tensor {name}")
+
+    monkeypatch.setattr(SafetensorsReader, "read", whole_read)
+    _, cos = _direct_cosine(pre, fts)
+    np.testing.assert_allclose(similarity(paths, base=base, chunk_bytes=256).cosine, cos, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_chunking_gives_the_same_gram(tmp_path, models, dtype):
     pre, fts = models

@@ -32,7 +32,6 @@ as similar (see docs/bases.md).
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
@@ -63,19 +62,9 @@ INSTALL_HINT = "install the 'bases' extra: pip install tvlang[bases]"
 # -- reading ---------------------------------------------------------------------
 
 def _open_reader(obj: object, label: str):
-    """A TensorReader for ``obj`` (path, state dict, module): tvlang.io's when it exists."""
-    try:
-        from tvlang.io import open_reader  # type: ignore[attr-defined]
-    except ImportError:
-        return _fallback_reader(obj, label)
+    from tvlang.io import open_reader
+
     return open_reader(obj, label=label)
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
 
 
 @dataclass(frozen=True)
@@ -84,88 +73,6 @@ class _Entry:
     shape: tuple[int, ...]
     begin: int  # absolute byte offset of the first element in the file
     end: int
-
-
-class _SafetensorsHeader:
-    """The header of one .safetensors file: where each tensor's bytes are."""
-
-    _cache: dict[str, "_SafetensorsHeader"] = {}
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        try:
-            with open(path, "rb") as fh:
-                size = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(size))
-        except (OSError, ValueError) as exc:
-            raise TvlangError(f"cannot read safetensors header of '{path}': {exc}") from None
-        self.metadata: dict[str, str] = dict(header.pop("__metadata__", None) or {})
-        self.entries: dict[str, _Entry] = {}
-        for name, spec in header.items():
-            dtype = _SAFETENSORS_DTYPES.get(spec["dtype"])
-            if dtype is None:
-                continue  # fp8 and friends: not a float we accumulate
-            begin, end = spec["data_offsets"]
-            self.entries[name] = _Entry(dtype, tuple(spec["shape"]), 8 + size + begin, 8 + size + end)
-
-    @classmethod
-    def of(cls, path: str) -> "_SafetensorsHeader":
-        key = os.path.abspath(path)
-        stamp = os.stat(key).st_mtime_ns
-        cached = cls._cache.get(key)
-        if cached is None or getattr(cached, "_stamp", None) != stamp:
-            cached = cls(key)
-            cached._stamp = stamp  # type: ignore[attr-defined]
-            cls._cache[key] = cached
-        return cached
-
-
-class _FallbackReader:
-    """Private stand-in for tvlang.io until it lands: state dicts and .safetensors files."""
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor] | None, header: _SafetensorsHeader | None, label: str):
-        self.label = label
-        self._tensors = tensors
-        self._header = header
-        self.metadata = dict(header.metadata) if header else {}
-        self.kind = "delta" if self.metadata.get("tvlang.kind") == "delta" else None
-        self.root = None
-
-    def names(self) -> list[str]:
-        if self._header is not None:
-            return sorted(self._header.entries, key=lambda n: self._header.entries[n].begin)
-        return list(self._tensors)
-
-    def info(self, name: str):
-        from types import SimpleNamespace
-
-        if self._header is not None:
-            e = self._header.entries[name]
-            return SimpleNamespace(name=name, shape=e.shape, dtype=e.dtype, nbytes=e.end - e.begin, file=self._header.path)
-        t = self._tensors[name]
-        return SimpleNamespace(name=name, shape=tuple(t.shape), dtype=t.dtype, nbytes=t.numel() * t.element_size(), file=self.label)
-
-    def read(self, name: str) -> torch.Tensor:
-        if self._header is not None:
-            from safetensors import safe_open
-
-            with safe_open(self._header.path, framework="pt") as fh:
-                return fh.get_tensor(name)
-        return self._tensors[name]
-
-    def close(self) -> None:
-        pass
-
-
-def _fallback_reader(obj: object, label: str) -> _FallbackReader:
-    if isinstance(obj, torch.nn.Module):
-        obj = obj.state_dict()
-    if isinstance(obj, Mapping):
-        return _FallbackReader(dict(obj), None, label)
-    path = os.fspath(obj)  # type: ignore[arg-type]
-    if not os.path.isfile(path) or not path.endswith(".safetensors"):
-        raise TvlangError(f"cannot open '{path}': expected a .safetensors file")
-    return _FallbackReader(None, _SafetensorsHeader.of(path), label)
 
 
 class _ChunkSource:
@@ -177,12 +84,12 @@ class _ChunkSource:
     from other formats are read whole once and sliced.
     """
 
-    def __init__(self, reader, name: str, info) -> None:
+    def __init__(self, reader, name: str, info, pool: "_BufferPool") -> None:
         self._whole: torch.Tensor | None = None
         self._entry: _Entry | None = None
         path = getattr(info, "file", None)
         if isinstance(path, str) and path.endswith(".safetensors") and os.path.isfile(path):
-            entry = _SafetensorsHeader.of(path).entries.get(name)
+            entry = pool.entries(path).get(name)
             if entry is not None and entry.dtype == info.dtype and entry.shape == tuple(info.shape):
                 self._entry = entry
                 self._path = path
@@ -221,6 +128,7 @@ class _BufferPool:
     def __init__(self) -> None:
         self._buf = bytearray(0)
         self._fds: dict[str, int] = {}
+        self._entries: dict[str, dict[str, _Entry]] = {}
 
     def get(self, nbytes: int) -> bytearray:
         if len(self._buf) < nbytes:
@@ -232,6 +140,19 @@ class _BufferPool:
         if fd is None:
             fd = self._fds[path] = os.open(path, os.O_RDONLY)
         return fd
+
+    def entries(self, path: str) -> dict[str, _Entry]:
+        """Where each tensor of a .safetensors file lies (header parsed by tvlang.io, once)."""
+        table = self._entries.get(path)
+        if table is None:
+            from tvlang.io.safetensors_file import read_header
+
+            fd = self.fd(path)
+            _, rows = read_header(path, fd, os.fstat(fd).st_size)
+            table = self._entries[path] = {
+                name: _Entry(dtype, tuple(shape), begin, end) for name, shape, dtype, begin, end in rows
+            }
+        return table
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -393,9 +314,9 @@ def _stream_gram(tensors, base_reader, readers, is_delta, dtype, chunk_bytes, pr
         if current["name"] != tname:
             current["name"] = None  # drop the previous tensor's sources first
             current["base"] = (
-                _ChunkSource(base_reader, tname, base_reader.info(tname)) if base_reader is not None else None
+                _ChunkSource(base_reader, tname, base_reader.info(tname), pool) if base_reader is not None else None
             )
-            current["inputs"] = [_ChunkSource(r, tname, r.info(tname)) for r in readers]
+            current["inputs"] = [_ChunkSource(r, tname, r.info(tname), pool) for r in readers]
             current["name"] = tname
         width = stop - start
         view = block[:, :width]
