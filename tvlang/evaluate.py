@@ -37,7 +37,7 @@ from tvlang.io import StreamingWriter, TensorInfo, TensorReader, open_reader
 from tvlang.ir import Node, const_value
 from tvlang.plan import TensorProgram, resolve_coef
 
-__all__ = ["run", "stream", "Session", "parse_device", "parse_dtype", "DTYPES", "MISSING_POLICIES"]
+__all__ = ["run", "stream", "validate", "Session", "parse_device", "parse_dtype", "DTYPES", "MISSING_POLICIES"]
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
@@ -218,6 +218,34 @@ def layout(bound: Bound, missing: str) -> Layout:
                 raise TvlangError(f"tensor '{extra[0]}' is in {reader.label} but missing from {base.label}",
                                   tensor=extra[0], notes=("choose a policy with --missing base|skip",))
     return Layout(names, passthrough, copied, infos, _count_layers(base.names()))
+
+
+def validate(plan: Plan, bindings: Mapping[str, Any], *, missing: str = "error") -> Layout:
+    """Check the bound inputs as ``run`` would, computing nothing.
+
+    Opens every source the plan reads (headers only), checks names, shapes and
+    dtypes against the base under the ``missing`` policy, closes the readers and
+    returns the layout (the float tensors to compute, the integer ones copied).
+    Raises the same :class:`TvlangError` that ``run`` would raise before writing.
+
+    >>> import torch, tvlang
+    >>> plan = tvlang.compile("pre + 0.5*(ft - pre)")
+    >>> pre = {"w": torch.zeros(2, 3), "steps": torch.zeros(1, dtype=torch.int64)}
+    >>> validate(plan, {"pre": pre, "ft": {"w": torch.ones(2, 3)}}).names
+    ['w']
+    >>> try:
+    ...     validate(plan, {"pre": pre, "ft": {"w": torch.ones(3, 2)}})
+    ... except tvlang.TvlangError as exc:
+    ...     print(exc.message)
+    tensor 'w' has shape (2, 3) in <dict bound to 'pre'> but (3, 2) in <dict bound to 'ft'>
+    """
+    bound = bind(plan, bindings)
+    try:
+        return layout(bound, missing)
+    except TvlangError as exc:
+        raise exc.with_context(source=bound.plan.text, filename=bound.plan.filename) from None
+    finally:
+        bound.close()
 
 
 def _count_layers(names: list[str]) -> int | None:
@@ -426,17 +454,26 @@ class Session:
                     if out in kinds:
                         yield out, name, self._finish(tensor, info)
             else:
-                tensor = base.read(name)  # integer buffer, or copied under missing="base"
+                # An integer buffer, or (missing="base") a float tensor some input lacks:
+                # the base's, into Model outputs only.
+                tensor = base.read(name)
+                copied = name in self.layout.copied
                 for out in outputs:
-                    if name in self.layout.passthrough and kinds[out] != "model":
+                    if kinds[out] != "model":
                         continue
-                    yield out, name, tensor
+                    yield out, name, self._finish(tensor, info) if copied else tensor
             if progress:
                 progress.advance(name, info.nbytes * len(outputs))
 
     def _order(self) -> list[str]:
         wanted = set(self.layout.names) | set(self.layout.passthrough) | set(self.layout.copied)
         return [n for n in self.bound.readers[self.bound.base].names() if n in wanted]
+
+    def _in_output(self, name: str, kind: str) -> bool:
+        """Base-copied tensors (integer buffers, missing="base") go to Model outputs only."""
+        if name in self.layout.passthrough or name in self.layout.copied:
+            return kind == "model"
+        return True
 
     def _finish(self, tensor: torch.Tensor, info: TensorInfo) -> torch.Tensor:
         dtype = self.out_dtype or info.dtype
@@ -447,9 +484,9 @@ class Session:
         result = []
         for name in self._order():
             info = self.layout.infos[name]
+            if not self._in_output(name, kind):
+                continue
             if name in self.layout.passthrough:
-                if kind != "model":
-                    continue
                 dtype = info.dtype
             else:
                 dtype = self.out_dtype or info.dtype

@@ -73,7 +73,32 @@ def compile_from_args(args: argparse.Namespace):
     kinds, bindings = bindings_from_args(args.bind)
     params = parse_params(args.set)
     plan = compile(text, filename=filename, sources=kinds, **params)
+    check_bindings_used(plan, list(kinds))
     return plan, bindings
+
+
+def check_bindings_used(plan, bound: list[str]) -> None:
+    """A usage error for a ``--bind`` the recipe does not use (most often a misspelling).
+
+    Names the recipe reads but that were not bound are the checker's business
+    (it reports them, with a suggestion, before this runs).
+    """
+    import difflib
+
+    from tvlang.cli import UsageError
+
+    used = list(plan.checked.sources)
+    unused = [name for name in bound if name not in used]
+    if not unused:
+        return
+    name = unused[0]
+    if name in plan.checked.env:
+        hint = f"; the recipe defines '{name}' itself"
+    else:
+        match = difflib.get_close_matches(name, used, n=1, cutoff=0.6)
+        hint = f"; did you mean '{match[0]}'?" if match else ""
+    reads = ", ".join(used) or "no bound names"
+    raise UsageError(f"--bind {name}: the recipe does not use '{name}'{hint} (it reads {reads})")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,348 @@
+"""Benchmark ``tvlang run`` against a naive loop, an ideal streaming loop and mergekit.
+
+    python benchmarks/bench_run.py                       # four 1.5 GB float32 checkpoints
+    python benchmarks/bench_run.py --size-gb 1.5 --scales 0.5,1,2 --repeat 3
+    python benchmarks/bench_run.py --size-gb 0.1 --repeat 1 --only tvlang,ideal   # a quick look
+
+Makes (once, cached under ``--workdir``, default /tmp/tvlang-bench) a synthetic
+Llama-shaped float32 base ``pre`` and three "fine-tuned" copies ``a``, ``b``,
+``c`` of about ``--size-gb`` GB each (HF model directories: config.json and
+model.safetensors), then times the design card's expression
+
+    pre + 0.4*(a - b) + 0.7*(c - pre)
+
+each contender in a fresh subprocess, measured by ``harness.measure``:
+
+- ``tvlang``: ``python -m tvlang run -e EXPR --bind ... -o OUT -q``;
+- ``naive``: ``safetensors.torch.load_file`` of all four, compute, ``save_file``;
+- ``ideal``: a hand-written streaming loop: each file mapped once, per tensor
+  ``out = 0.3*pre + 0.4*a - 0.4*b + 0.7*c`` into one reused buffer (the
+  simplification done by hand), written straight after a header built up
+  front; ``ideal+fsync`` also syncs the file before exiting, as tvlang does
+  before it renames its output into place;
+- ``mergekit``: ``mergekit-yaml`` with ``task_arithmetic`` (weights 0.4, -0.4,
+  0.7 over base ``pre``), when ``mergekit-yaml`` is found (``--mergekit PATH``).
+
+Every contender runs once untimed first (inputs in the page cache: warm
+numbers), then ``--repeat`` times; the table gives the median wall time, the
+throughput in MB/s of input read (4 x model size / wall), and the peak memory
+over the repeats (see harness.py for what each column counts). With
+``--scales`` the tvlang and ideal contenders also run at those multiples of
+the size, to show memory flat in model size. ``--startup`` times
+``tvlang check`` on a small recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import Result, fmt_bytes, measure, median_result  # noqa: E402
+
+EXPR = "pre + 0.4*(a - b) + 0.7*(c - pre)"
+NAMES = ("pre", "a", "b", "c")
+CONTENDERS = ("tvlang", "naive", "ideal", "ideal+fsync", "mergekit")
+
+
+# -- checkpoints -------------------------------------------------------------------------
+
+
+def make_checkpoints(workdir: str, size_gb: float) -> dict[str, str]:
+    """pre, a, b, c as model directories of about ``size_gb`` GB; reused when present."""
+    from tvlang.synth import llama_spec_for_bytes, write_synthetic
+
+    folder = os.path.join(workdir, f"size-{size_gb:g}")
+    paths = {name: os.path.join(folder, name) for name in NAMES}
+    stamp = os.path.join(folder, "complete")
+    if os.path.exists(stamp):
+        return paths
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    spec = llama_spec_for_bytes(int(size_gb * 1e9))
+    for seed, name in enumerate(NAMES):
+        started = time.perf_counter()
+        if name == "pre":
+            write_synthetic(paths[name], spec, seed=0)
+        else:
+            write_synthetic(paths[name], spec, seed=seed, finetune_of=0, scale=0.01)
+        print(f"  made {paths[name]} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    open(stamp, "w").close()
+    return paths
+
+
+def weights(path: str) -> str:
+    return os.path.join(path, "model.safetensors")
+
+
+# -- contenders (each runs in its own process: bench_run.py _run NAME ...) -----------------
+
+
+def run_naive(paths: list[str], out: str) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    pre, a, b, c = (load_file(weights(p)) for p in paths)
+    result = {}
+    for name, p in pre.items():
+        if p.dtype.is_floating_point:
+            result[name] = (p + 0.4 * (a[name] - b[name]) + 0.7 * (c[name] - p)).to(p.dtype)
+        else:
+            result[name] = p
+    os.makedirs(out)
+    shutil.copyfile(os.path.join(paths[0], "config.json"), os.path.join(out, "config.json"))
+    save_file(result, weights(out), metadata={"format": "pt"})
+    del torch
+
+
+def _map_file(path: str):
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    header.pop("__metadata__", None)
+    return header, mapped, 8 + length
+
+
+def run_ideal(paths: list[str], out: str, fsync: bool) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    codes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
+    files = [_map_file(weights(p)) for p in paths]
+    header = files[0][0]
+    order = sorted(header, key=lambda n: header[n]["data_offsets"][0])
+    biggest = max(header[n]["data_offsets"][1] - header[n]["data_offsets"][0] for n in order)
+    buffer = torch.empty(biggest, dtype=torch.uint8)
+    out_header = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in order:
+        size = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+        out_header[name] = {"dtype": header[name]["dtype"], "shape": header[name]["shape"],
+                            "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(out_header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    os.makedirs(out)
+    shutil.copyfile(os.path.join(paths[0], "config.json"), os.path.join(out, "config.json"))
+
+    def view(index: int, name: str) -> torch.Tensor:
+        head, mapped, start = files[index]
+        begin, end = head[name]["data_offsets"]
+        dtype = codes[head[name]["dtype"]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only map: we never write to it
+            return torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                    offset=start + begin)
+
+    with open(weights(out), "wb", buffering=0) as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for name in order:
+            dtype = codes[header[name]["dtype"]]
+            pre = view(0, name)
+            if not dtype.is_floating_point:
+                f.write(memoryview(pre.numpy()).cast("B"))
+                continue
+            acc = buffer[: pre.numel() * dtype.itemsize].view(dtype)
+            torch.mul(pre, 0.3, out=acc)  # pre + 0.4*(a - b) + 0.7*(c - pre), simplified by hand
+            acc.add_(view(1, name), alpha=0.4)
+            acc.add_(view(2, name), alpha=-0.4)
+            acc.add_(view(3, name), alpha=0.7)
+            f.write(memoryview(acc.view(torch.uint8).numpy()))
+        if fsync:
+            os.fsync(f.fileno())
+
+
+def run_tvlang_cmd(paths: dict[str, str], out: str) -> list[str]:
+    binds = [arg for name in NAMES for arg in ("--bind", f"{name}={paths[name]}")]
+    return [sys.executable, "-m", "tvlang", "run", "-e", EXPR, *binds, "-o", out, "-q"]
+
+
+def mergekit_cmd(mergekit: str, paths: dict[str, str], out: str, folder: str) -> list[str]:
+    config = os.path.join(folder, "mergekit.yml")
+    with open(config, "w") as f:
+        f.write(
+            "merge_method: task_arithmetic\n"
+            f"base_model: {paths['pre']}\n"
+            "parameters:\n  normalize: false\n"
+            "dtype: float32\n"
+            "models:\n"
+            f"  - model: {paths['a']}\n    parameters:\n      weight: 0.4\n"
+            f"  - model: {paths['b']}\n    parameters:\n      weight: -0.4\n"
+            f"  - model: {paths['c']}\n    parameters:\n      weight: 0.7\n"
+        )
+    return [mergekit, config, out, "--copy-tokenizer", "--allow-crimes", "--lazy-unpickle"]
+
+
+def contender_cmd(name: str, paths: dict[str, str], out: str, args) -> list[str] | None:
+    me = os.path.abspath(__file__)
+    ordered = [paths[n] for n in NAMES]
+    if name == "tvlang":
+        return run_tvlang_cmd(paths, out)
+    if name == "naive":
+        return [sys.executable, me, "_run", "naive", out, *ordered]
+    if name == "ideal":
+        return [sys.executable, me, "_run", "ideal", out, *ordered]
+    if name == "ideal+fsync":
+        return [sys.executable, me, "_run", "ideal+fsync", out, *ordered]
+    if name == "mergekit":
+        if not args.mergekit:
+            return None
+        return mergekit_cmd(args.mergekit, paths, out, os.path.dirname(out))
+    raise ValueError(name)
+
+
+# -- the driver -------------------------------------------------------------------------------
+
+
+def check_output(out: str, paths: dict[str, str]) -> float:
+    """Max |output - expected| over a few tensors (a contender that computes garbage fails)."""
+    import torch
+    from safetensors import safe_open
+
+    found = None
+    for file in ("model.safetensors", "model-00001-of-00001.safetensors"):
+        if os.path.exists(os.path.join(out, file)):
+            found = os.path.join(out, file)
+    if found is None:
+        index = os.path.join(out, "model.safetensors.index.json")
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+    worst = 0.0
+    handles = {n: safe_open(weights(paths[n]), "pt") for n in NAMES}
+    for name in ("model.norm.weight", "model.layers.0.self_attn.q_proj.weight"):
+        file = found or os.path.join(out, weight_map[name])
+        with safe_open(file, "pt") as got:
+            value = got.get_tensor(name)
+        pre, a, b, c = (handles[n].get_tensor(name) for n in NAMES)
+        expected = pre + 0.4 * (a - b) + 0.7 * (c - pre)
+        worst = max(worst, float((value - expected).abs().max()))
+    del torch
+    return worst
+
+
+def bench(name: str, paths: dict[str, str], folder: str, size_bytes: int, args) -> Result | None:
+    out = os.path.join(folder, f"out-{name.replace('+', '-')}")
+    cmd = contender_cmd(name, paths, out, args)
+    if cmd is None:
+        return None
+    results = []
+    for attempt in range(args.repeat + 1):  # the first run warms the page cache
+        shutil.rmtree(out, ignore_errors=True)
+        result = measure(cmd)
+        if result.rc != 0:
+            print(f"  {name} failed (exit {result.rc}):\n{result.stderr[-3000:]}", file=sys.stderr)
+            return result
+        if attempt == 0:
+            error = check_output(out, paths)
+            if error > 1e-5:
+                print(f"  {name}: WRONG output, max error {error:g}", file=sys.stderr)
+            continue
+        results.append(result)
+        print(f"  {name}: {result.wall:.2f} s, anon {fmt_bytes(result.peak_anon)}", file=sys.stderr)
+    shutil.rmtree(out, ignore_errors=True)
+    return median_result(results)
+
+
+def table(rows: list[tuple[str, float, Result]], ref: dict[str, float]) -> str:
+    head = ("| contender | size | wall (median) | input MB/s | peak RSS | peak RssAnon | peak Pss_Anon "
+            "| peak private | vs naive | vs ideal | vs mergekit |")
+    lines = [head, "|" + "---|" * head.count("|")[:-1] if False else "|" + "|".join(["---"] * 11) + "|"]
+    for name, size_gb, r in rows:
+        mbps = 4 * size_gb * 1e9 / 1e6 / r.wall
+
+        def ratio(key):
+            other = ref.get((key, size_gb))
+            return f"{r.wall / other:.2f}x" if other else "-"
+
+        lines.append(f"| {name} | {size_gb:g} GB | {r.wall:.2f} s | {mbps:.0f} | {fmt_bytes(r.peak_rss)} | "
+                     f"{fmt_bytes(r.peak_anon)} | {fmt_bytes(r.peak_pss_anon)} | {fmt_bytes(r.peak_private)} | "
+                     f"{ratio('naive')} | {ratio('ideal')} | {ratio('mergekit')} |")
+    return "\n".join(lines)
+
+
+def startup(workdir: str, repeat: int) -> str:
+    recipe = os.path.join(workdir, "small.tv")
+    with open(recipe, "w") as f:
+        f.write("param lam = 0.4\nout = pre + lam*(a - b) + 0.7*(c - pre)\n")
+    cmd = [sys.executable, "-m", "tvlang", "check", recipe]
+    measure(cmd)
+    walls = [measure(cmd).wall for _ in range(repeat)]
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "tvlang", "check", recipe],
+                          capture_output=True, text=True)
+    rows = []
+    for line in proc.stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            parts = [p.strip() for p in line[len("import time:"):].split("|")]
+            if parts[0].isdigit():
+                rows.append((int(parts[1]), parts[2]))
+    top = sorted(rows, reverse=True)[:8]
+    torch_loaded = any(name.strip() == "torch" for _, name in rows)
+    text = [f"tvlang check startup: median {statistics.median(walls):.3f} s over {repeat} runs "
+            f"(min {min(walls):.3f} s); torch imported: {torch_loaded}",
+            "largest cumulative imports (us): " + ", ".join(f"{n.strip()} {t}" for t, n in top)]
+    return "\n".join(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_run":
+        kind, out, *paths = argv[1:]
+        if kind == "naive":
+            run_naive(paths, out)
+        else:
+            run_ideal(paths, out, fsync=kind == "ideal+fsync")
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-gb", type=float, default=1.5, help="size of each checkpoint (default 1.5)")
+    parser.add_argument("--scales", default="1", help="multiples of --size-gb to run tvlang and ideal at "
+                        "(e.g. 0.5,1,2); naive and mergekit run at 1 only")
+    parser.add_argument("--workdir", default="/tmp/tvlang-bench", help="where checkpoints are cached")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per contender (median reported)")
+    parser.add_argument("--only", default=",".join(CONTENDERS), help="contenders to run (comma-separated)")
+    parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), help="path of mergekit-yaml")
+    parser.add_argument("--startup", action="store_true", help="also time tvlang check start-up")
+    args = parser.parse_args(argv)
+    only = [c.strip() for c in args.only.split(",") if c.strip()]
+    unknown = [c for c in only if c not in CONTENDERS]
+    if unknown:
+        parser.error(f"unknown contender {unknown[0]}; choose from {', '.join(CONTENDERS)}")
+    os.makedirs(args.workdir, exist_ok=True)
+    print(f"machine: {os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB; "
+          f"expression: {EXPR}", flush=True)
+    rows: list[tuple[str, float, Result]] = []
+    ref: dict[tuple[str, float], float] = {}
+    for scale in (float(s) for s in args.scales.split(",")):
+        size_gb = round(args.size_gb * scale, 3)
+        print(f"checkpoints of {size_gb:g} GB:", file=sys.stderr)
+        paths = make_checkpoints(args.workdir, size_gb)
+        folder = os.path.dirname(paths["pre"])
+        size_bytes = sum(os.path.getsize(weights(paths[n])) for n in NAMES) // 4
+        for name in only:
+            if name in ("naive", "mergekit") and scale != 1.0:
+                continue
+            result = bench(name, paths, folder, size_bytes, args)
+            if result is None:
+                print(f"  {name}: skipped (not installed)", file=sys.stderr)
+                continue
+            if result.rc == 0:
+                rows.append((name, size_gb, result))
+                ref[(name, size_gb)] = result.wall
+                print(f"  {name}: median {result.wall:.2f} s", file=sys.stderr, flush=True)
+    print(table(rows, ref))
+    if args.startup:
+        print(startup(args.workdir, max(5, args.repeat)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
