@@ -384,3 +384,14 @@ def test_layout_with_wrong_byte_count_is_refused(tmp_path):
     with pytest.raises(TvlangError, match=r"layout entry 'w' says 20 bytes but \[2, 3\] torch.float32 is 24 bytes"):
         StreamingWriter(str(tmp_path / "m.safetensors"), bad)
     assert os.listdir(tmp_path) == []
+
+
+def test_output_that_is_a_shard_of_an_input_index_is_refused(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file({"w": torch.zeros(1)}, str(base / "model-00001-of-00001.safetensors"))
+    (base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-00001-of-00001.safetensors"}}))
+    shard = str(base / "model-00001-of-00001.safetensors")
+    for given in (str(base), str(base / "model.safetensors.index.json")):
+        with pytest.raises(TvlangError, match="the output is an input"):
+            StreamingWriter(shard, [], inputs=[given], force=True)

@@ -145,9 +145,24 @@ def _input_paths(inputs: Iterable[object]) -> list[str]:
                 from tvlang.io.open import find_weights
 
                 found = find_weights(path)
-                if found is not None:
-                    paths.append(os.path.join(path, found))
+                if found is None:
+                    continue
+                path = os.path.join(path, found)
+                paths.append(path)
+            if path.endswith(".json") and os.path.isfile(path):
+                paths.extend(_shards_of(path))
     return paths
+
+
+def _shards_of(index_path: str) -> list[str]:
+    """The shard files an index names (best effort: a bad index protects nothing more)."""
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map", {})
+        directory = os.path.dirname(index_path)
+        return sorted({os.path.realpath(os.path.join(directory, s)) for s in weight_map.values() if isinstance(s, str)})
+    except (OSError, ValueError, AttributeError):
+        return []
 
 
 def _is_within(path: str, directory: str) -> bool:
