@@ -77,7 +77,11 @@ def _open_path(path: str, label: str) -> TensorReader:
     if os.path.isdir(path):
         found = find_weights(path)
         if found is None:
-            several = sorted(e for e in os.listdir(path) if e.endswith(".safetensors") and not e.startswith("."))
+            try:
+                entries = os.listdir(path)
+            except OSError as exc:
+                raise io_error(label, f"cannot list the directory: {exc.strerror}") from None
+            several = sorted(e for e in entries if e.endswith(".safetensors") and not e.startswith("."))
             notes = ["looked for " + ", ".join(WEIGHT_FILES) + ", or a single *.safetensors file"]
             if len(several) > 1:
                 notes.append("found several: " + ", ".join(several[:5]) + "; name the file to load")

@@ -228,8 +228,8 @@ class StreamingWriter:
         self._file = None
         self._open_shard = -1
         self._state = "open"  # open -> committed | aborted
-        _remove(self._tmp)
         try:
+            _remove(self._tmp)  # a stale temporary of an earlier process with this pid
             if not self.single_file:
                 os.mkdir(self._tmp)
         except OSError as exc:
