@@ -28,30 +28,14 @@ import threading
 import time
 
 import torch
-from safetensors.torch import save_file
 
 N_TASKS = 16
 
 
-def _layout(size_mb: float) -> dict[str, tuple[int, ...]]:
-    """A transformer-ish mix of tensors adding up to about ``size_mb`` MB of float32."""
-    total = int(size_mb * 2**20 / 4)
-    embed = total // 4
-    width = 512
-    shapes = {"embed.weight": (embed // width, width)}
-    left = total - embed
-    layer = 0
-    while left > width * 4:
-        rows = min(left // width, 2048)
-        shapes[f"layers.{layer}.weight"] = (rows, width)
-        shapes[f"layers.{layer}.bias"] = (width,)
-        left -= rows * width + width
-        layer += 1
-    return shapes
-
-
 def make_checkpoints(folder: str, size_mb: float) -> list[str]:
-    """The base and N_TASKS fine-tuned files; reuses them when present."""
+    """The base and N_TASKS fine-tuned files (tvlang.synth, Llama-shaped, float32); reused when present."""
+    from tvlang.synth import llama_spec_for_bytes, write_synthetic
+
     os.makedirs(folder, exist_ok=True)
     paths = [os.path.join(folder, "base.safetensors")] + [
         os.path.join(folder, f"ft_{i:02d}.safetensors") for i in range(N_TASKS)
@@ -59,20 +43,10 @@ def make_checkpoints(folder: str, size_mb: float) -> list[str]:
     stamp = os.path.join(folder, f"size-{size_mb}")
     if os.path.exists(stamp) and all(os.path.exists(p) for p in paths):
         return paths
-    try:
-        from tvlang import synth  # noqa: F401  (the shared generator, when it fits this shape)
-    except ImportError:
-        pass
-    gen = torch.Generator().manual_seed(0)
-    shapes = _layout(size_mb)
-    base = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
-    save_file(base, paths[0])
-    directions = [{n: torch.randn(s, generator=gen) for n, s in shapes.items()} for _ in range(4)]
+    spec = llama_spec_for_bytes(int(size_mb * 2**20), layers=4)
+    write_synthetic(paths[0], spec, seed=0, force=True)
     for i in range(N_TASKS):
-        ft = {}
-        for n, s in shapes.items():
-            ft[n] = base[n] + 0.01 * directions[i % 4][n] + 0.005 * torch.randn(s, generator=gen)
-        save_file(ft, paths[i + 1])
+        write_synthetic(paths[i + 1], spec, seed=i + 1, finetune_of=0, scale=0.01, force=True)
     open(stamp, "w").close()
     return paths
 
@@ -81,7 +55,6 @@ def drop_cache(paths: list[str]) -> None:
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
-            os.fsync(fd) if False else None
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
@@ -137,26 +110,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=float, default=100.0, help="MB per checkpoint (default 100)")
     parser.add_argument("--dir", default="/tmp/tvlang-bench-similarity", help="where the checkpoints go")
-    parser.add_argument("--dtype", default="float64", choices=["float32", "float64"],
-                        help="dtype of the chunk products (the Gram is accumulated in float64)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float64"],
+                        help="dtype of the chunk products (default: float32 for float32 inputs);"
+                             " the Gram is accumulated in float64")
     parser.add_argument("--repeat", type=int, default=3, help="warm runs; the best is reported")
+    parser.add_argument("--tasks", type=int, default=N_TASKS,
+                        help=f"use the first TASKS task vectors (default {N_TASKS}; memory should not grow with it)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
     args = parser.parse_args(argv)
 
     from tvlang.bases import DEFAULT_CHUNK_BYTES, similarity
 
-    paths = make_checkpoints(args.dir, args.size)
+    paths = make_checkpoints(args.dir, args.size)[: args.tasks + 1]
     nbytes = sum(os.path.getsize(p) for p in paths)
     inputs = {f"t{i:02d}": p for i, p in enumerate(paths[1:])}
-    dtype = getattr(torch, args.dtype)
-    print(f"{N_TASKS} task vectors + base, {args.size:g} MB each, {nbytes / 2**20:.0f} MB in all;"
-          f" chunk budget {DEFAULT_CHUNK_BYTES // 2**20} MB, products in {args.dtype},"
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    print(f"{args.tasks} task vectors + base, {args.size:g} MB each, {nbytes / 2**20:.0f} MB in all;"
+          f" chunk budget {DEFAULT_CHUNK_BYTES // 2**20} MB, products in {args.dtype or 'float32'},"
           f" torch threads {torch.get_num_threads()}")
 
     def run_similarity():
         return similarity(inputs, base=paths[0], dtype=dtype)
 
     results = {}
+    idle = AnonPeak.now()
+    print(f"RssAnon before: {idle / 2**20:.0f} MB (torch, numpy and the interpreter)")
     for label, prepare in (("cold", lambda: drop_cache(paths)), ("warm", lambda: None)):
         if label == "warm":
             sequential_read(paths)  # make sure everything is cached
@@ -174,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         results[label] = (best_read, best_sim, peak.peak)
         print(f"{label:>5}: read {best_read:7.3f} s ({nbytes / 2**20 / best_read:7.0f} MB/s)   "
               f"similarity {best_sim:7.3f} s   ratio {best_sim / best_read:5.2f}   "
-              f"peak RssAnon {peak.peak / 2**20:6.0f} MB")
-    print(f"process max RSS (includes page-cache-free anon + torch): "
+              f"peak RssAnon {peak.peak / 2**20:6.0f} MB (+{(peak.peak - idle) / 2**20:.0f})")
+    print(f"process max RSS (ru_maxrss, includes file pages mapped while writing the checkpoints): "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     print(f"cosine[0, 1..3] = {[round(float(x), 4) for x in sim.cosine[0, 1:4]]}")
     if not args.keep:
