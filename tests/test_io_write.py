@@ -395,3 +395,15 @@ def test_output_that_is_a_shard_of_an_input_index_is_refused(tmp_path):
     for given in (str(base), str(base / "model.safetensors.index.json")):
         with pytest.raises(TvlangError, match="the output is an input"):
             StreamingWriter(shard, [], inputs=[given], force=True)
+
+
+def test_forced_output_through_a_symlink_replaces_the_target(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "old.txt").write_text("old")
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    write(link, {"w": torch.ones(1)}, force=True)
+    assert link.is_symlink()
+    assert sorted(os.listdir(real)) == ["model.safetensors"]
+    assert leftovers(tmp_path) == []

@@ -406,24 +406,24 @@ class StreamingWriter:
                 self._write_index()
             self._copy_files()
             _fsync_dir(self._tmp)
-        if os.path.lexists(self.out):
+        if os.path.lexists(self._target):
             if not self.force:
                 raise TvlangError(f"{self.out}: output appeared while writing; pass force=True to replace it")
-            if self.single_file and os.path.isfile(self.out) and not os.path.islink(self.out):
-                os.replace(self._tmp, self.out)  # atomic for a file over a file
+            if self.single_file and os.path.isfile(self._target):
+                os.replace(self._tmp, self._target)  # atomic for a file over a file
             else:
                 # A directory cannot be swapped atomically: move the old one aside,
                 # move the new one in, then delete the old one.
                 _remove(self._old)
-                os.rename(self.out, self._old)
+                os.rename(self._target, self._old)
                 try:
-                    os.rename(self._tmp, self.out)
+                    os.rename(self._tmp, self._target)
                 except BaseException:
-                    os.rename(self._old, self.out)
+                    os.rename(self._old, self._target)
                     raise
                 _remove(self._old)
         else:
-            os.rename(self._tmp, self.out)
+            os.rename(self._tmp, self._target)
         _fsync_dir(os.path.dirname(self._target))
 
     def _write_index(self) -> None:
