@@ -611,8 +611,17 @@ def _metadata(plan: Plan, bound: Bound, output: str, kind: str) -> dict[str, str
         "tvlang.output": output,
         "tvlang.recipe": plan.text,
         "tvlang.params": json.dumps(plan.params, sort_keys=True),
-        "tvlang.inputs": json.dumps({k: r.label for k, r in bound.readers.items()}, sort_keys=True),
+        "tvlang.inputs": json.dumps({k: bound.readers[k].label for k in _output_inputs(plan, bound, output, kind)},
+                                    sort_keys=True),
     }
+
+
+def _output_inputs(plan: Plan, bound: Bound, output: str, kind: str) -> list[str]:
+    """The sources an output is computed from; a Model output also takes the base's integer tensors."""
+    keys = [k for k in plan.sources_read(output) if k in bound.readers]
+    if kind == "model" and bound.base not in keys:
+        keys.append(bound.base)
+    return keys
 
 
 class _Progress:

@@ -1,0 +1,448 @@
+"""Differential tests of the streaming evaluator.
+
+Every output is compared with a naive eager evaluation: each input loaded whole
+with ``safetensors.torch.load_file``, the expression computed by hand in
+float32 (or float64), tensor by tensor, and cast to the output dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import tvlang
+from tvlang.cli import main
+from tvlang.evaluate import validate
+from tvlang.synth import finetune_like, llama_spec, make_state_dict, write_checkpoint
+
+SPEC = llama_spec(hidden=16, layers=2, vocab=32, intermediate=24)
+INT_NAME = "model.position_ids"
+CARD = "pre + 0.4*(a - b) + 0.7*(c - pre)"
+TOKENIZER = {"tokenizer.json": '{"version": "1.0"}\n', "tokenizer_config.json": '{"model_max_length": 32}\n'}
+
+
+def card(t):
+    return t["pre"] + 0.4 * (t["a"] - t["b"]) + 0.7 * (t["c"] - t["pre"])
+
+
+# -- checkpoints -------------------------------------------------------------------------
+
+
+def state_dicts(dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
+    pre = make_state_dict(SPEC, seed=0, dtype=dtype)
+    return {"pre": pre, **{name: finetune_like(pre, seed=i + 1, scale=0.05) for i, name in enumerate("abc")}}
+
+
+def write_all(folder, sds, layout: str) -> dict[str, str]:
+    """Write each state dict as a .safetensors file, a directory, or a sharded directory."""
+    paths = {}
+    for name, sd in sds.items():
+        if layout == "file":
+            path = str(folder / f"{name}.safetensors")
+            write_checkpoint(path, sd)
+        else:
+            path = str(folder / name)
+            write_checkpoint(path, sd, shard_size=4000 if layout == "sharded" else None)
+            for file, text in TOKENIZER.items():
+                (folder / name / file).write_text(text)
+        paths[name] = path
+    return paths
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """float32 checkpoints in every layout: {layout: {name: path}}, plus the state dicts."""
+    root = tmp_path_factory.mktemp("ckpts")
+    sds = state_dicts(torch.float32)
+    out = {}
+    for layout in ("file", "dir", "sharded"):
+        (root / layout).mkdir()
+        out[layout] = write_all(root / layout, sds, layout)
+    return out, sds
+
+
+def load_any(path: str) -> dict[str, torch.Tensor]:
+    """A checkpoint loaded whole: a file, a model directory, or a sharded one."""
+    if path.endswith(".safetensors"):
+        return load_file(path)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        merged = {}
+        for file in files:
+            merged.update(load_file(os.path.join(path, file)))
+        return merged
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def naive(paths: dict[str, str], fn, compute=torch.float32, out_dtype=None) -> dict[str, torch.Tensor]:
+    """The reference: load everything, compute per float tensor, cast; ints from pre."""
+    loaded = {name: load_any(path) for name, path in paths.items()}
+    base = loaded["pre"]
+    result = {}
+    for name, tensor in base.items():
+        if not tensor.dtype.is_floating_point:
+            result[name] = tensor
+            continue
+        value = fn({k: sd[name].to(compute) for k, sd in loaded.items()})
+        result[name] = value.to(out_dtype or tensor.dtype)
+    return result
+
+
+def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert list(got) == list(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype, name
+        assert got[name].shape == tensor.shape, name
+        if tensor.dtype.is_floating_point:
+            # The plan computes 0.3*pre + 0.4*a - 0.4*b + 0.7*c: float32 rounding differs
+            # from the hand computation by an ulp or two, never more.
+            torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(got[name], tensor), name
+
+
+def check_index(out: str) -> None:
+    """A Hugging Face sharded index: every tensor mapped to a file that holds it, total size right."""
+    with open(os.path.join(out, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    total = 0
+    for name, file in index["weight_map"].items():
+        with safe_open(os.path.join(out, file), "pt") as handle:
+            assert name in handle.keys()
+            tensor = handle.get_tensor(name)
+            total += tensor.numel() * tensor.element_size()
+    assert index["metadata"]["total_size"] == total
+    files = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    assert files == sorted(set(index["weight_map"].values()))
+    assert len(files) > 1
+
+
+# -- the differential tests ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("in_layout,out_layout", [("file", "dir"), ("dir", "sharded"), ("sharded", "file")])
+def test_card_equals_naive(tmp_path, dtype, in_layout, out_layout):
+    (tmp_path / "in").mkdir()
+    paths = write_all(tmp_path / "in", state_dicts(dtype), in_layout)
+    out = str(tmp_path / ("out.safetensors" if out_layout == "file" else "out"))
+    summary = tvlang.compile(CARD).run(paths, out, shard_size=4000 if out_layout == "sharded" else None)
+    assert summary.tensors == len(SPEC)
+    got = load_any(out)
+    want = naive(paths, card)
+    if dtype == torch.float32:
+        assert_same(got, want)
+    else:
+        # Half-precision outputs: the same float32 result rounded once; allow one rounding step.
+        assert list(got) == list(want)
+        for name, tensor in want.items():
+            assert got[name].dtype == dtype or not tensor.dtype.is_floating_point
+            torch.testing.assert_close(got[name].float(), tensor.float(), rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10,
+                                       atol=1e-6, msg=name)
+    if out_layout == "sharded":
+        check_index(out)
+    if out_layout != "file":
+        assert sorted(os.listdir(out)) == sorted(
+            [f for f in os.listdir(out) if f.endswith((".safetensors", ".json"))])
+        assert not [f for f in os.listdir(tmp_path) if "tvtmp" in f]
+
+
+def test_every_output_layout_from_a_sharded_input(ckpts, tmp_path):
+    paths, _ = ckpts
+    want = naive(paths["sharded"], card)
+    for layout, out in [("file", "o.safetensors"), ("dir", "o_dir"), ("sharded", "o_sharded")]:
+        target = str(tmp_path / out)
+        tvlang.compile(CARD).run(paths["sharded"], target, shard_size=3000 if layout == "sharded" else None)
+        assert_same(load_any(target), want)
+        if layout == "sharded":
+            check_index(target)
+        elif layout == "dir":
+            assert os.listdir(target) and not os.path.exists(os.path.join(target, "model.safetensors.index.json"))
+
+
+def test_output_keeps_the_base_order_and_integer_buffers(ckpts, tmp_path):
+    paths, sds = ckpts
+    out = str(tmp_path / "o.safetensors")
+    tvlang.compile(CARD).run(paths["file"], out)
+    with safe_open(out, "pt") as handle:
+        names = list(handle.keys())
+    with open(out, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    order = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    assert order == list(sds["pre"])
+    assert sorted(names) == sorted(sds["pre"])
+    got = load_file(out)
+    assert got[INT_NAME].dtype == torch.int64
+    assert torch.equal(got[INT_NAME], sds["pre"][INT_NAME])
+
+
+RECIPE = """\
+param lam = 0.4
+tau = a - pre
+out merged = pre + lam*tau + 0.7*(c - pre)
+out tau_a = tau
+out half = 0.5*a + 0.5*b
+"""
+
+
+def test_several_outputs_in_one_pass(ckpts, tmp_path):
+    paths, sds = ckpts
+    plan = tvlang.compile(RECIPE)
+    outs = {"merged": str(tmp_path / "merged"), "tau_a": str(tmp_path / "tau.safetensors"),
+            "half": str(tmp_path / "half.safetensors")}
+    summary = plan.run(paths["dir"], outs)
+    assert summary.passes == 1
+    assert summary.outputs == outs
+    merged = naive(paths["dir"], lambda t: t["pre"] + 0.4 * (t["a"] - t["pre"]) + 0.7 * (t["c"] - t["pre"]))
+    assert_same(load_any(outs["merged"]), merged)
+    assert_same(load_any(outs["half"]), naive(paths["dir"], lambda t: 0.5 * t["a"] + 0.5 * t["b"]))
+    tau = naive(paths["dir"], lambda t: t["a"] - t["pre"])
+    del tau[INT_NAME]  # integer buffers are left out of task vectors
+    assert_same(load_any(outs["tau_a"]), tau)
+    # Every tensor of every output counted once.
+    assert summary.tensors == 2 * len(SPEC) + len(SPEC) - 1
+
+
+def test_metadata_and_copied_files(ckpts, tmp_path):
+    paths, _ = ckpts
+    plan = tvlang.compile(RECIPE, lam=0.25)
+    outs = {"merged": str(tmp_path / "merged"), "tau_a": str(tmp_path / "tau.safetensors"),
+            "half": str(tmp_path / "half")}
+    plan.run(paths["dir"], outs)
+    with safe_open(os.path.join(outs["merged"], "model.safetensors"), "pt") as handle:
+        meta = handle.metadata()
+    assert meta["tvlang.recipe"] == RECIPE
+    assert json.loads(meta["tvlang.params"]) == {"lam": 0.25}
+    assert meta["tvlang.version"] == tvlang.__version__
+    assert meta["tvlang.kind"] == "model"
+    assert meta["tvlang.output"] == "merged"
+    assert json.loads(meta["tvlang.inputs"]) == {k: paths["dir"][k] for k in ("pre", "a", "c")}
+    with safe_open(outs["tau_a"], "pt") as handle:
+        assert handle.metadata()["tvlang.kind"] == "delta"
+    for out in (outs["merged"], outs["half"]):
+        assert sorted(os.listdir(out)) == sorted(["config.json", "model.safetensors", *TOKENIZER])
+        for file, text in TOKENIZER.items():
+            assert open(os.path.join(out, file)).read() == text
+    # One base for the whole run (the first model read: pre), even for half, which reads a and b:
+    # its integer buffers and config come from pre, and its metadata says so.
+    with safe_open(os.path.join(outs["half"], "model.safetensors"), "pt") as handle:
+        assert json.loads(handle.metadata()["tvlang.inputs"]) == {k: paths["dir"][k] for k in ("a", "b", "pre")}
+    with safe_open(outs["tau_a"], "pt") as handle:
+        assert json.loads(handle.metadata()["tvlang.inputs"]) == {k: paths["dir"][k] for k in ("a", "pre")}
+    merged = naive(paths["dir"], lambda t: t["pre"] + 0.25 * (t["a"] - t["pre"]) + 0.7 * (t["c"] - t["pre"]))
+    assert_same(load_any(outs["merged"]), merged)
+
+
+def test_state_dict_and_module_bindings_are_not_modified(ckpts):
+    paths, sds = ckpts
+    module = torch.nn.Module()
+    for name, tensor in sds["a"].items():
+        parts = name.split(".")
+        owner = module
+        for part in parts[:-1]:
+            if not hasattr(owner, part):
+                owner.add_module(part, torch.nn.Module())
+            owner = getattr(owner, part)
+        if tensor.dtype.is_floating_point:
+            owner.register_parameter(parts[-1], torch.nn.Parameter(tensor.clone()))
+        else:
+            owner.register_buffer(parts[-1], tensor.clone())
+    pre = {k: v.clone() for k, v in sds["pre"].items()}
+    before_module = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    bindings = {"pre": pre, "a": module, "b": paths["file"]["b"], "c": sds["c"]}
+    got = tvlang.compile(CARD).evaluate(bindings)
+    assert_same(got, naive(paths["file"], card))
+    for name, tensor in sds["pre"].items():
+        assert torch.equal(pre[name], tensor), name
+    for name, tensor in module.state_dict().items():
+        assert torch.equal(tensor, before_module[name]), name
+    # The returned tensors are fresh memory, not the caller's.
+    assert got[INT_NAME].data_ptr() != pre[INT_NAME].data_ptr()
+
+
+def test_stream_yields_base_order_one_at_a_time(ckpts):
+    paths, sds = ckpts
+    plan = tvlang.compile("pre + 0.5*(a - pre)")
+    stream = plan.stream(paths["file"])
+    first = next(stream)
+    assert first[0] == next(iter(sds["pre"]))
+    rest = list(stream)
+    assert [first[0]] + [n for n, _ in rest] == list(sds["pre"])
+
+
+# -- task vectors as inputs -------------------------------------------------------------------
+
+
+def test_delta_bindings(ckpts, tmp_path):
+    paths, sds = ckpts
+    tau = {k: (sds["c"][k] - sds["pre"][k]) for k in sds["pre"] if sds["pre"][k].dtype.is_floating_point}
+    want = naive(paths["file"], lambda t: t["pre"] + 0.7 * (t["c"] - t["pre"]))
+    plan = tvlang.compile("pre + 0.7*tau", sources={"pre": "model", "tau": "delta"})
+    got = plan.evaluate({"pre": paths["file"]["pre"], "tau": tvlang.delta(tau)})
+    assert_same(got, want)
+    # A Delta file written by tvlang binds as a task vector by itself.
+    delta_file = str(tmp_path / "tau.safetensors")
+    tvlang.compile("c - pre").run(paths["file"], delta_file)
+    assert_same(plan.evaluate({"pre": paths["file"]["pre"], "tau": delta_file}), want)
+    assert_same(plan.evaluate({"pre": paths["file"]["pre"], "tau": tvlang.delta(delta_file)}), want)
+
+
+def test_design_card_one_liner_from_the_cli(ckpts, tmp_path, capsys):
+    """amazon_sent is a Delta file written by `tvlang run -e "ft - pre"`, bound with no marker."""
+    paths, _ = ckpts
+    p = paths["dir"]
+    sent = str(tmp_path / "amazon_sent.safetensors")
+    assert main(["run", "-e", "ft - pre", "--bind", f"pre={p['pre']}", "--bind", f"ft={p['c']}", "-o", sent, "-q"]) == 0
+    out = str(tmp_path / "yelp_sent")
+    code = main(["run", "-e", "pre + 0.4*(yelp_lm - amazon_lm) + 0.7*amazon_sent",
+                 "--bind", f"pre={p['pre']}", "--bind", f"yelp_lm={p['a']}", "--bind", f"amazon_lm={p['b']}",
+                 "--bind", f"amazon_sent={sent}", "-o", out, "-q"])
+    assert code == 0, capsys.readouterr().err
+    assert_same(load_any(out), naive(p, card))
+    # The same with the explicit delta: prefix.
+    out2 = str(tmp_path / "yelp_sent2.safetensors")
+    assert main(["run", "-e", "pre + 0.4*(yelp_lm - amazon_lm) + 0.7*amazon_sent",
+                 "--bind", f"pre={p['pre']}", "--bind", f"yelp_lm={p['a']}", "--bind", f"amazon_lm={p['b']}",
+                 "--bind", f"amazon_sent=delta:{sent}", "-o", out2, "-q"]) == 0
+    assert_same(load_file(out2), naive(p, card))
+
+
+# -- policies and dtypes -------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def lacking(ckpts, tmp_path):
+    """`a` without one float tensor."""
+    paths, sds = ckpts
+    dropped = "model.layers.1.mlp.up_proj.weight"
+    a = {k: v for k, v in sds["a"].items() if k != dropped}
+    path = write_checkpoint(str(tmp_path / "a_lacking.safetensors"), a)
+    return {"pre": paths["file"]["pre"], "a": path}, dropped, sds
+
+
+def test_missing_base_copies_the_base_tensor(lacking, tmp_path):
+    bindings, dropped, sds = lacking
+    plan = tvlang.compile("pre + 0.5*(a - pre)")
+    got = plan.evaluate(bindings, missing="base")
+    assert list(got) == list(sds["pre"])
+    assert torch.equal(got[dropped], sds["pre"][dropped])
+    other = "model.layers.1.mlp.down_proj.weight"
+    torch.testing.assert_close(got[other], 0.5 * sds["pre"][other] + 0.5 * sds["a"][other])
+    # With an output dtype, the copied tensor is cast like the others.
+    half = plan.evaluate(bindings, missing="base", out_dtype="float16")
+    assert half[dropped].dtype == torch.float16
+    assert torch.equal(half[dropped], sds["pre"][dropped].half())
+    # A task vector leaves the tensor out (a missing tensor is no change).
+    tau = tvlang.compile("a - pre").evaluate(bindings, missing="base")
+    assert dropped not in tau and INT_NAME not in tau
+    out = str(tmp_path / "m.safetensors")
+    tvlang.compile("pre + 0.5*(a - pre)").run(bindings, out, missing="base", out_dtype="bfloat16")
+    assert load_file(out)[dropped].dtype == torch.bfloat16
+
+
+def test_missing_skip_leaves_the_tensor_out(lacking):
+    bindings, dropped, sds = lacking
+    got = tvlang.compile("pre + 0.5*(a - pre)").evaluate(bindings, missing="skip")
+    assert list(got) == [n for n in sds["pre"] if n != dropped]
+
+
+def test_missing_error_names_tensor_and_both_files(lacking):
+    bindings, dropped, _ = lacking
+    with pytest.raises(tvlang.TvlangError) as info:
+        tvlang.compile("pre + 0.5*(a - pre)").evaluate(bindings)
+    message = info.value.message
+    assert f"tensor '{dropped}'" in message
+    assert bindings["pre"] in message and bindings["a"] in message
+    assert "--missing base|skip" in info.value.render()
+
+
+def test_out_dtype_and_float64_compute(ckpts, tmp_path):
+    paths, _ = ckpts
+    plan = tvlang.compile(CARD)
+    got = plan.evaluate(paths["file"], out_dtype="bfloat16")
+    want = naive(paths["file"], card, out_dtype=torch.bfloat16)
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype
+        if tensor.dtype.is_floating_point:
+            torch.testing.assert_close(got[name].float(), tensor.float(), rtol=2 ** -7, atol=1e-6)
+    assert got[INT_NAME].dtype == torch.int64
+    got64 = plan.evaluate(paths["file"], dtype="float64", out_dtype="float64")
+    want64 = naive(paths["file"], card, compute=torch.float64, out_dtype=torch.float64)
+    for name, tensor in want64.items():
+        assert got64[name].dtype == tensor.dtype
+        torch.testing.assert_close(got64[name], tensor, rtol=1e-12, atol=1e-14)
+    # float64 compute, output in the base's dtype (float32): rounded once at the end, so
+    # within one float32 ulp of the float64 reference.
+    out = str(tmp_path / "o.safetensors")
+    assert main(["run", "-e", CARD, *[f"--bind={k}={v}" for k, v in paths["file"].items()],
+                 "--dtype", "float64", "-o", out, "-q"]) == 0
+    got32 = load_file(out)
+    for name, tensor in want64.items():
+        if tensor.dtype.is_floating_point:
+            assert got32[name].dtype == torch.float32
+            torch.testing.assert_close(got32[name], tensor.float(), rtol=2 ** -23, atol=1e-12)
+
+
+def test_reduction_in_a_coefficient(ckpts):
+    paths, sds = ckpts
+    got = tvlang.compile("pre + (1/norm(a - pre))*(a - pre)").evaluate(paths["dir"])
+    floats = [n for n, t in sds["pre"].items() if t.dtype.is_floating_point]
+    total = sum(float(((sds["a"][n].double() - sds["pre"][n].double()) ** 2).sum()) for n in floats)
+    norm = total ** 0.5
+    assert abs(norm - 1.0) > 0.1  # the scaling is visible
+    for name in floats:
+        want = sds["pre"][name] + (sds["a"][name] - sds["pre"][name]) / norm
+        torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[INT_NAME], sds["pre"][INT_NAME])
+    # The task vector now has norm 1.
+    unit = sum(float(((got[n].double() - sds["pre"][n].double()) ** 2).sum()) for n in floats)
+    assert abs(unit - 1.0) < 1e-4
+
+
+# -- validate: the checks of run, without computing -----------------------------------------------
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_validate_accepts_and_closes(ckpts):
+    paths, sds = ckpts
+    before = open_fds()
+    result = validate(tvlang.compile(CARD), paths["sharded"])
+    assert result.names == [n for n in sds["pre"] if n != INT_NAME]
+    assert result.passthrough == [INT_NAME]
+    assert open_fds() == before
+
+
+def test_validate_reports_what_run_reports(ckpts, tmp_path):
+    paths, sds = ckpts
+    a = dict(sds["a"])
+    a["lm_head.weight"] = torch.zeros(3, 16)
+    bad = write_checkpoint(str(tmp_path / "bad.safetensors"), a)
+    bindings = {**paths["file"], "a": bad}
+    before = open_fds()
+    with pytest.raises(tvlang.TvlangError) as info:
+        validate(tvlang.compile(CARD), bindings)
+    assert open_fds() == before
+    assert info.value.message == (f"tensor 'lm_head.weight' has shape (32, 16) in {paths['file']['pre']} "
+                                  f"but (3, 16) in {bad}")
+    assert info.value.tensor == "lm_head.weight"
+    with pytest.raises(tvlang.TvlangError) as again:
+        tvlang.compile(CARD).run(bindings, str(tmp_path / "o.safetensors"))
+    assert again.value.message == info.value.message
+    assert not os.path.exists(tmp_path / "o.safetensors")
+    # The policy applies: a tensor missing from one input passes with missing="skip".
+    lacking = {k: v for k, v in sds["b"].items() if k != "model.norm.weight"}
+    path = write_checkpoint(str(tmp_path / "lacking.safetensors"), lacking)
+    with pytest.raises(tvlang.TvlangError, match="missing from"):
+        validate(tvlang.compile(CARD), {**paths["file"], "b": path})
+    skipped = validate(tvlang.compile(CARD), {**paths["file"], "b": path}, missing="skip")
+    assert "model.norm.weight" not in skipped.names
