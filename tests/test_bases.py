@@ -317,11 +317,9 @@ def test_against_bases_and_bases_in_recipes(planted_files, tmp_path, capsys):
     assert "# new1: most similar basis basis_1 (cosine" in text and "members c1m0, c1m1, c1m2)" in text
     # bases load like any task vector in a recipe: negate the most similar one
     import tvlang
-    from tvlang.compiler import compile as compile_
 
-    compile_fn = getattr(tvlang, "compile", compile_)
     recipe = f'out = pre - 0.5*load_delta("{out / "basis_1.safetensors"}")'
-    result = compile_fn(recipe).evaluate({"pre": base})
+    result = tvlang.compile(recipe).evaluate({"pre": base})
     for name in SHAPES:
         torch.testing.assert_close(result[name], pre[name] - 0.5 * b1[name])
 

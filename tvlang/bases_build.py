@@ -123,10 +123,7 @@ def _delta_marker(path: str):
     """``tvlang.delta(path)``: binds a file as a task vector even without tvlang metadata."""
     import tvlang
 
-    mark = getattr(tvlang, "delta", None)
-    if mark is None:  # the public API not exported yet: the same function, by its module
-        from tvlang.compiler import delta as mark
-    return mark(path)
+    return tvlang.delta(path)
 
 
 def _num(value: float) -> str:
@@ -291,11 +288,7 @@ def _version() -> str:
 def _run_recipe(recipe: BasisRecipe, out: str) -> None:
     import tvlang
 
-    compile_ = getattr(tvlang, "compile", None)
-    if compile_ is None:  # the public API not exported yet: the same function, by its module
-        from tvlang.compiler import compile as compile_
-    plan = compile_(recipe.text, sources=recipe.sources)
-    plan.run(recipe.bindings, out=out)
+    tvlang.compile(recipe.text, sources=recipe.sources).run(recipe.bindings, out=out)
 
 
 def _replace_dir(tmp: str, out_dir: str) -> None:
