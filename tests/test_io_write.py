@@ -407,3 +407,22 @@ def test_forced_output_through_a_symlink_replaces_the_target(tmp_path):
     assert link.is_symlink()
     assert sorted(os.listdir(real)) == ["model.safetensors"]
     assert leftovers(tmp_path) == []
+
+
+def test_sharded_output_loads_with_transformers_from_pretrained(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tvlang.synth import llama_spec, make_state_dict
+
+    spec = {k: v for k, v in llama_spec(32, 2, 64, 48).items() if k != "model.position_ids"}
+    sd = make_state_dict(spec, seed=0)
+    base = tmp_path / "base"
+    base.mkdir()
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "intermediate_size": 48,
+              "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 64,
+              "max_position_embeddings": 32, "tie_word_embeddings": False}
+    (base / "config.json").write_text(json.dumps(config))
+    out = write(tmp_path / "out", sd, shard_size=20000, metadata={"tvlang.kind": "model"}, copy_from=str(base))
+    assert "model.safetensors.index.json" in os.listdir(out)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[n], t) for n, t in sd.items())
