@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 import numpy as np
@@ -175,6 +176,36 @@ def test_errors_name_the_tensor_and_the_input(models):
         similarity(fts)
     with pytest.raises(TvlangError, match=r"given twice"):
         similarity([("a", fts["a"]), ("a", fts["b"])], base=pre)
+
+
+def test_progress_reports_each_tensor_once_in_file_order(models):
+    pre, fts = models
+    calls = []
+    similarity(fts, base=pre, chunk_bytes=64, progress=lambda *a: calls.append(a))
+    assert calls == [(name, i, len(SHAPES)) for i, name in enumerate(SHAPES)]
+
+
+def test_extra_float_tensor_in_an_input_is_an_error(models):
+    pre, fts = models
+    extra = dict(fts["a"], **{"enc.2.weight": torch.ones(2)})
+    with pytest.raises(TvlangError, match=r"tensor 'enc.2.weight' is in <state dict 'x'> \('x'\) but not in"):
+        similarity({"x": extra}, base=pre)
+    # outside the filters it does not matter
+    assert similarity({"x": extra}, base=pre, include=["enc.0.*"]).tensors == ["enc.0.weight", "enc.0.bias"]
+
+
+def test_sharded_directories_and_torch_files(tmp_path, models):
+    from tvlang.synth import write_checkpoint
+
+    pre, fts = models
+    write_checkpoint(str(tmp_path / "pre"), pre, shard_size=200)
+    write_checkpoint(str(tmp_path / "a"), fts["a"], shard_size=300)
+    write_checkpoint(str(tmp_path / "b"), fts["b"])
+    torch.save(fts["c"], str(tmp_path / "c.bin"))
+    assert len([f for f in os.listdir(tmp_path / "a") if f.endswith(".safetensors")]) > 1
+    paths = {"a": str(tmp_path / "a"), "b": str(tmp_path / "b"), "c": str(tmp_path / "c.bin")}
+    _, cos = _direct_cosine(pre, fts)
+    np.testing.assert_allclose(similarity(paths, base=str(tmp_path / "pre"), chunk_bytes=256).cosine, cos, atol=1e-6)
 
 
 def test_format_table_aligns_names_and_three_decimals():

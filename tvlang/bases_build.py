@@ -176,6 +176,7 @@ def build_bases(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     random_state: int = 0,
     log: Callable[[str], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> dict:
     """Cluster the task vectors ``pairs`` (name, path) and write one basis per cluster.
 
@@ -205,7 +206,7 @@ def build_bases(
     inputs = inspect_inputs(pairs, base, deltas)
     deltas = [t.name for t in inputs if t.kind == "delta"]
     sim = similarity([(t.name, t.path) for t in inputs], base=base, include=include, exclude=exclude,
-                     deltas=deltas, chunk_bytes=chunk_bytes)
+                     deltas=deltas, chunk_bytes=chunk_bytes, progress=progress)
     clustering = cluster(sim.cosine, k, random_state=random_state)
     say(f"{len(inputs)} task vectors -> {clustering.k} bases (k {'auto' if k == 'auto' else 'given'};"
         f" eigengap suggests {clustering.k_auto})")
@@ -348,7 +349,8 @@ class Against:
 
 def against_bases(manifest_path: str, pairs: Sequence[tuple[str, str]], base: str | None = None, *,
                   include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
-                  deltas: Sequence[str] = (), chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Against:
+                  deltas: Sequence[str] = (), chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                  progress: Callable[[str, int, int], None] | None = None) -> Against:
     """Similarity of new task vectors (name, path) to every basis of a manifest, in one pass."""
     manifest, folder = load_manifest(manifest_path)
     base = base if base is not None else manifest.get("base")
@@ -361,7 +363,7 @@ def against_bases(manifest_path: str, pairs: Sequence[tuple[str, str]], base: st
         raise TvlangError(f"name '{clash[0]}' is taken by a stored basis; call the new task vector something else")
     inputs = list(pairs) + [(label, os.path.join(folder, b["file"])) for label, b in zip(labels, bases)]
     sim = similarity(inputs, base=base, include=include, exclude=exclude, deltas=[*labels, *deltas],
-                     chunk_bytes=chunk_bytes)
+                     chunk_bytes=chunk_bytes, progress=progress)
     n = len(pairs)
     return Against(
         names=[name for name, _ in pairs],

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from tvlang.commands.similarity import add_input_arguments, parse_inputs
+from tvlang.commands.similarity import add_input_arguments, parse_inputs, tty_progress
 
 HELP = "cluster task vectors and merge each cluster into a basis (Zhang et al.)"
 
@@ -82,7 +82,8 @@ def run(args) -> int:
     log = None if args.quiet or args.json else (lambda msg: print(msg, file=sys.stderr))
     manifest = build_bases(args.base, pairs, args.output, k=k, merge=args.merge, density=args.density,
                            include=args.include, exclude=args.exclude, force=args.force, deltas=deltas,
-                           chunk_bytes=budget, log=log)
+                           chunk_bytes=budget, log=log,
+                           progress=None if args.quiet else tty_progress("similarity"))
     if args.json:
         print(json.dumps(manifest, indent=2))
         return 0

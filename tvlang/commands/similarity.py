@@ -97,6 +97,19 @@ def chunk_bytes(args) -> int:
     return int(args.chunk_mb * 2**20)
 
 
+def tty_progress(label: str):
+    """A one-line 'tensor i/n' indicator on stderr when it is a terminal, else None."""
+    if not sys.stderr.isatty():
+        return None
+
+    def report(name: str, index: int, total: int) -> None:
+        end = "\n" if index + 1 == total else ""
+        sys.stderr.write(f"\r\033[K{label}: tensor {index + 1}/{total} {name[:60]}{end}")
+        sys.stderr.flush()
+
+    return report
+
+
 def run(args) -> int:
     from tvlang.cli import UsageError
 
@@ -111,7 +124,7 @@ def run(args) -> int:
     from tvlang.bases import similarity
 
     sim = similarity(pairs, base=args.base, include=args.include, exclude=args.exclude, deltas=deltas,
-                     chunk_bytes=chunk_bytes(args))
+                     chunk_bytes=chunk_bytes(args), progress=tty_progress("similarity"))
     if args.plot:
         plot_heatmap(sim, args.plot)
     if args.json:
@@ -130,7 +143,7 @@ def _run_against(args, pairs, deltas) -> int:
 
     result = against_bases(args.against, pairs, base=args.base,
                            include=args.include or None, exclude=args.exclude or None, deltas=deltas,
-                           chunk_bytes=chunk_bytes(args))
+                           chunk_bytes=chunk_bytes(args), progress=tty_progress("similarity"))
     if args.json:
         data = result.to_dict()
         if args.threshold is not None:
