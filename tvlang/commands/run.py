@@ -101,9 +101,23 @@ def check_bindings_used(plan, bound: list[str]) -> None:
     raise UsageError(f"--bind {name}: the recipe does not use '{name}'{hint} (it reads {reads})")
 
 
+# The names --dtype and --out-dtype take (the evaluator's table, without importing torch here).
+DTYPE_NAMES = ("float32", "fp32", "f32", "float16", "fp16", "f16", "half", "bfloat16", "bf16",
+               "float64", "fp64", "f64")
+
+
+def check_dtype(option: str, value: str | None) -> None:
+    from tvlang.cli import UsageError
+
+    if value is not None and value.lower() not in DTYPE_NAMES:
+        raise UsageError(f"{option}: unknown dtype {value!r}; choose float32, float16, bfloat16 or float64")
+
+
 def run(args: argparse.Namespace) -> int:
     out = parse_outputs(args.out)
     shard_size = parse_size(args.shard_size)
+    check_dtype("--dtype", args.dtype)
+    check_dtype("--out-dtype", args.out_dtype)
     plan, bindings = compile_from_args(args)
     summary = plan.run(bindings, out, device=args.device, dtype=args.dtype, out_dtype=args.out_dtype,
                        shard_size=shard_size, force=args.force, missing=args.missing, progress=not args.quiet)

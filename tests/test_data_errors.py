@@ -1,0 +1,354 @@
+"""Bad data and failures mid-run, through the CLI: one clear message, exit 1 (2 for usage
+errors), no traceback, and nothing at the output path that looks complete."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tvlang.cli import main
+from tvlang.synth import finetune_like, llama_spec, make_state_dict, write_checkpoint
+
+SPEC = llama_spec(hidden=16, layers=2, vocab=32, intermediate=24)
+EXPR = "pre + 0.5*(a - pre)"
+
+
+@pytest.fixture()
+def ckpt(tmp_path):
+    pre = make_state_dict(SPEC, seed=0)
+    paths = {"pre": write_checkpoint(str(tmp_path / "pre.safetensors"), pre),
+             "a": write_checkpoint(str(tmp_path / "a.safetensors"), finetune_like(pre, seed=1))}
+    return paths, pre
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    code = main(["run", *args])
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "Traceback" not in captured.err
+    return code, captured.err
+
+
+def binds(paths: dict[str, str]) -> list[str]:
+    return [arg for name, path in paths.items() for arg in ("--bind", f"{name}={path}")]
+
+
+def assert_nothing_written(out) -> None:
+    out = str(out)
+    assert not os.path.lexists(out), f"{out} exists"
+    folder = os.path.dirname(out)
+    leftovers = [f for f in os.listdir(folder) if "tvtmp" in f]
+    assert leftovers == [], leftovers
+
+
+def raw_safetensors(path, header: dict, data: bytes) -> str:
+    text = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + data)
+    return str(path)
+
+
+# -- bad files -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("out_name", ["out.safetensors", "out_dir"])
+def test_truncated_file(ckpt, tmp_path, capsys, out_name):
+    paths, _ = ckpt
+    size = os.path.getsize(paths["a"])
+    with open(paths["a"], "r+b") as f:
+        f.truncate(size - 100)
+    out = tmp_path / out_name
+    code, err = run_cli(capsys, "-e", EXPR, *binds(paths), "-o", str(out))
+    assert code == 1
+    assert f"{paths['a']}: file is truncated: tensor 'lm_head.weight' ends at byte {size}" in err
+    assert f"but the file has {size - 100} bytes" in err
+    assert err.count("error:") == 1
+    assert_nothing_written(out)
+
+
+def test_header_that_lies_about_sizes(ckpt, tmp_path, capsys):
+    paths = {"pre": raw_safetensors(tmp_path / "pre.safetensors",
+                                    {"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}, bytes(24)),
+             "a": raw_safetensors(tmp_path / "a.safetensors",
+                                  {"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 20]}}, bytes(24))}
+    out = tmp_path / "out.safetensors"
+    code, err = run_cli(capsys, "-e", EXPR, *binds(paths), "-o", str(out))
+    assert code == 1
+    assert (f"{paths['a']}: header lies about tensor 'w': shape [2, 3] of F32 needs 24 bytes"
+            " but its data offsets [0, 20] span 20") in err
+    assert_nothing_written(out)
+
+
+def test_unknown_dtype_in_a_file(ckpt, tmp_path, capsys):
+    paths = {"pre": raw_safetensors(tmp_path / "pre.safetensors",
+                                    {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)),
+             "a": raw_safetensors(tmp_path / "a.safetensors",
+                                  {"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, bytes(8))}
+    out = tmp_path / "out.safetensors"
+    code, err = run_cli(capsys, "-e", EXPR, *binds(paths), "-o", str(out))
+    assert code == 1
+    assert f"{paths['a']}: tensor 'w' has unknown dtype 'Q4'" in err
+    assert_nothing_written(out)
+
+
+def test_integer_tensor_where_a_float_is_expected(tmp_path, capsys):
+    pre = {"w": torch.zeros(2, 3)}
+    paths = {"pre": str(tmp_path / "pre.safetensors"), "a": str(tmp_path / "a.safetensors")}
+    save_file(pre, paths["pre"])
+    save_file({"w": torch.zeros(2, 3, dtype=torch.int32)}, paths["a"])
+    out = tmp_path / "out.safetensors"
+    code, err = run_cli(capsys, "-e", EXPR, *binds(paths), "-o", str(out))
+    assert code == 1
+    assert f"tensor 'w' is int32 in {paths['a']} but float32 in {paths['pre']}" in err
+    assert_nothing_written(out)
+
+
+def test_missing_tensor(ckpt, tmp_path, capsys):
+    paths, pre = ckpt
+    lacking = {k: v for k, v in pre.items() if k != "model.norm.weight"}
+    paths["a"] = write_checkpoint(str(tmp_path / "lacking.safetensors"), lacking)
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "-e", EXPR, *binds(paths), "-o", str(out))
+    assert code == 1
+    assert f"tensor 'model.norm.weight' is in {paths['pre']} but missing from {paths['a']}" in err
+    assert "--missing base|skip" in err
+    assert_nothing_written(out)
+
+
+def test_extra_tensor_in_another_input(ckpt, tmp_path, capsys):
+    paths, pre = ckpt
+    paths["a"] = write_checkpoint(str(tmp_path / "extra.safetensors"), {**pre, "extra.weight": torch.ones(3)})
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "-e", EXPR, *binds(paths), "-o", str(out))
+    assert code == 1
+    assert f"tensor 'extra.weight' is in {paths['a']} but missing from {paths['pre']}" in err
+    assert_nothing_written(out)
+
+
+def test_shape_mismatch_names_tensor_files_and_shapes(ckpt, tmp_path, capsys):
+    paths, pre = ckpt
+    paths["a"] = write_checkpoint(str(tmp_path / "wide.safetensors"), {**pre, "lm_head.weight": torch.zeros(40, 16)})
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "-e", EXPR, *binds(paths), "-o", str(out))
+    assert code == 1
+    assert f"tensor 'lm_head.weight' has shape (32, 16) in {paths['pre']} but (40, 16) in {paths['a']}" in err
+    assert_nothing_written(out)
+
+
+def test_missing_file(ckpt, tmp_path, capsys):
+    paths, _ = ckpt
+    paths["a"] = str(tmp_path / "nowhere.safetensors")
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "-e", EXPR, *binds(paths), "-o", str(out))
+    assert code == 1
+    assert f"{paths['a']}: no such file or directory" in err
+    assert_nothing_written(out)
+
+
+# -- outputs ------------------------------------------------------------------------------------
+
+
+def test_output_equal_to_an_input(ckpt, capsys):
+    paths, _ = ckpt
+    before = open(paths["a"], "rb").read()
+    code, err = run_cli(capsys, "-e", EXPR, *binds(paths), "-o", paths["a"], "--force")
+    assert code == 1
+    assert f"refusing to write: the output is an input ({paths['a']})" in err
+    assert open(paths["a"], "rb").read() == before
+    assert not [f for f in os.listdir(os.path.dirname(paths["a"])) if "tvtmp" in f]
+
+
+def test_existing_output_needs_force(ckpt, tmp_path, capsys):
+    paths, _ = ckpt
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"keep me")
+    code, err = run_cli(capsys, "-e", EXPR, *binds(paths), "-o", str(out))
+    assert code == 1
+    assert "output already exists" in err and "--force" in err
+    assert out.read_bytes() == b"keep me"
+    code, err = run_cli(capsys, "-e", EXPR, *binds(paths), "-o", str(out), "--force", "-q")
+    assert code == 0 and err == ""
+    assert out.read_bytes() != b"keep me"
+
+
+def test_disk_full_mid_run(ckpt, tmp_path, capsys, monkeypatch):
+    import tvlang.io.writer as writer
+
+    real = writer._write_all
+    calls = []
+
+    def fill_up(f, data):
+        calls.append(len(data))
+        if len(calls) == 6:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(f, data)
+
+    monkeypatch.setattr(writer, "_write_all", fill_up)
+    paths, _ = ckpt
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "-e", EXPR, *binds(paths), "-o", str(out), "--shard-size", "4KB")
+    assert code == 1
+    assert len(calls) == 6
+    assert f"{out}: write failed: the disk is full; nothing was written to the output" in err
+    assert err.count("error:") == 1
+    assert_nothing_written(out)
+
+
+def test_read_failure_mid_run(ckpt, tmp_path, capsys, monkeypatch):
+    from tvlang.io import SafetensorsReader
+    from tvlang.io.base import io_error
+
+    real = SafetensorsReader.read
+    count = []
+
+    def flaky(self, name):
+        count.append(name)
+        if len(count) == 9:
+            raise io_error(self.label, f"cannot read tensor '{name}': Input/output error", tensor=name)
+        return real(self, name)
+
+    monkeypatch.setattr(SafetensorsReader, "read", flaky)
+    paths, _ = ckpt
+    out = tmp_path / "out.safetensors"
+    code, err = run_cli(capsys, "-e", EXPR, *binds(paths), "-o", str(out))
+    assert code == 1
+    assert f"cannot read tensor '{count[8]}': Input/output error" in err
+    assert_nothing_written(out)
+
+
+def test_keyboard_interrupt_mid_run(ckpt, tmp_path, capsys, monkeypatch):
+    import tvlang.io.writer as writer
+
+    real = writer._write_all
+    calls = []
+
+    def interrupted(f, data):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        real(f, data)
+
+    monkeypatch.setattr(writer, "_write_all", interrupted)
+    paths, _ = ckpt
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "-e", EXPR, *binds(paths), "-o", str(out))
+    assert code == 1
+    assert err.strip() == "tvlang: interrupted; nothing was written"
+    assert_nothing_written(out)
+
+
+def test_sigint_to_a_running_process(ckpt, tmp_path):
+    """A real Ctrl-C: the writer is slowed down so the signal lands mid-run."""
+    paths, _ = ckpt
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import sys, time
+        import tvlang.io.writer as writer
+        real = writer._write_all
+        def slow(f, data):
+            time.sleep(0.05)
+            real(f, data)
+        writer._write_all = slow
+        from tvlang.cli import main
+        sys.exit(main({["run", "-e", EXPR, *binds(paths), "-o", str(out), "-q"]!r}))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not [f for f in os.listdir(tmp_path) if "tvtmp" in f]:  # writing has started
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1, stderr.decode()
+    assert "Traceback" not in stderr.decode()
+    assert stderr.decode().strip() == "tvlang: interrupted; nothing was written"
+    assert_nothing_written(out)
+
+
+# -- options and bindings ----------------------------------------------------------------------
+
+
+def test_cuda_device_on_a_machine_without_one(ckpt, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    paths, _ = ckpt
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "-e", EXPR, *binds(paths), "-o", str(out), "--device", "cuda")
+    assert code == 1
+    assert "device 'cuda' is not available: this torch sees no CUDA device" in err
+    assert "run with --device cpu" in err
+    assert_nothing_written(out)
+
+
+def test_unknown_device(ckpt, tmp_path, capsys):
+    paths, _ = ckpt
+    code, err = run_cli(capsys, "-e", EXPR, *binds(paths), "-o", str(tmp_path / "o"), "--device", "tpu")
+    assert code == 1
+    assert "device 'tpu'" in err
+    assert_nothing_written(tmp_path / "o")
+
+
+@pytest.mark.parametrize("option", ["--dtype", "--out-dtype"])
+def test_unknown_dtype_option(ckpt, tmp_path, capsys, option):
+    paths, _ = ckpt
+    code, err = run_cli(capsys, "-e", EXPR, *binds(paths), "-o", str(tmp_path / "o"), option, "float8")
+    assert code == 2
+    assert err.strip() == (f"tvlang run: error: {option}: unknown dtype 'float8'; "
+                           "choose float32, float16, bfloat16 or float64")
+    assert_nothing_written(tmp_path / "o")
+
+
+def test_dtype_names_match_the_evaluator():
+    from tvlang.commands.run import DTYPE_NAMES
+    from tvlang.evaluate import DTYPES
+
+    assert sorted(DTYPE_NAMES) == sorted(DTYPES)
+
+
+def test_missing_binding(ckpt, tmp_path, capsys):
+    paths, _ = ckpt
+    code, err = run_cli(capsys, "-e", EXPR, "--bind", f"pre={paths['pre']}", "-o", str(tmp_path / "o"))
+    assert code == 1
+    assert "unknown name 'a'" in err
+    assert_nothing_written(tmp_path / "o")
+
+
+def test_misspelled_binding(ckpt, tmp_path, capsys):
+    paths, _ = ckpt
+    code, err = run_cli(capsys, "-e", EXPR, "--bind", f"pre={paths['pre']}", "--bind", f"aa={paths['a']}",
+                        "-o", str(tmp_path / "o"))
+    assert code == 1  # the recipe's 'a' is unbound: the checker's error, with the suggestion
+    assert "unknown name 'a'; did you mean 'aa'?" in err
+
+
+def test_unused_binding_is_refused(ckpt, tmp_path, capsys):
+    paths, _ = ckpt
+    code, err = run_cli(capsys, "-e", EXPR, *binds(paths), "--bind", f"aa={paths['a']}", "-o", str(tmp_path / "o"))
+    assert code == 2
+    assert err.strip() == "tvlang run: error: --bind aa: the recipe does not use 'aa'; did you mean 'a'? (it reads pre, a)"
+    code, err = run_cli(capsys, "-e", EXPR, *binds(paths), "--bind", f"zzz={paths['a']}", "-o", str(tmp_path / "o"))
+    assert code == 2
+    assert err.strip() == "tvlang run: error: --bind zzz: the recipe does not use 'zzz' (it reads pre, a)"
+    assert_nothing_written(tmp_path / "o")
+
+
+def test_binding_a_name_the_recipe_defines(ckpt, tmp_path, capsys):
+    paths, _ = ckpt
+    recipe = tmp_path / "r.tv"
+    recipe.write_text("tau = a - pre\nout = pre + 0.5*tau\n")
+    code, err = run_cli(capsys, str(recipe), *binds(paths), "--bind", f"tau={paths['a']}", "-o", str(tmp_path / "o"))
+    assert code == 1  # the checker's error
+    assert "'tau' is bound from outside (--bind) and also defined in the recipe" in err
+    assert_nothing_written(tmp_path / "o")
