@@ -357,3 +357,24 @@ def test_example_recipes_run(tmp_path, capsys):
         got, _, _ = _read(str(out))
         for tensor in ("model.layers.0.mlp.up_proj.weight", "lm_head.weight"):
             torch.testing.assert_close(got[tensor], formula(tensor), rtol=1e-5, atol=1e-6)
+
+
+def test_bases_from_task_vector_files_without_base(planted_files, tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    _, paths, pre, fts = planted_files
+    deltas = {}
+    for name in ("c0m0", "c0m1", "c1m0", "c1m1"):
+        deltas[name] = str(tmp_path / f"tau_{name}.safetensors")
+        save_file({n: fts[name][n] - pre[n] for n in SHAPES}, deltas[name], metadata={"tvlang.kind": "delta"})
+    out = tmp_path / "bases"
+    assert main(["bases", *[f"{n}={p}" for n, p in deltas.items()], "-o", str(out), "--quiet"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["base"] is None
+    assert [b["recipe"].splitlines()[1] for b in manifest["bases"]] == ["out = mean(c0m0, c0m1)",
+                                                                        "out = mean(c1m0, c1m1)"]
+    assert {m["kind"] for b in manifest["bases"] for m in b["members"]} == {"delta"}
+    basis, _, kind = _read(str(out / "basis_0.safetensors"))
+    assert kind == "delta"
+    for name in SHAPES:
+        expected = (fts["c0m0"][name] + fts["c0m1"][name]) / 2 - pre[name]
+        torch.testing.assert_close(basis[name], expected, rtol=1e-5, atol=1e-6)
