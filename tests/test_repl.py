@@ -1,0 +1,311 @@
+"""The REPL: piped stdin (in-process, through tvlang.cli.main) and a real terminal (pty).
+
+Checkpoints here are three tiny safetensors files with known values, so every
+number the REPL prints is compared with a hand computation.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import select
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tvlang.cli import main
+from tvlang.repl import Repl, open_parens
+from tvlang.synth import write_checkpoint
+
+PRE = {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b": torch.tensor([0.5, -0.5]),
+       "pos": torch.tensor([0, 1, 2])}
+A = {"w": torch.tensor([[2.0, 2.0], [3.0, 6.0]]), "b": torch.tensor([0.5, 0.5]), "pos": PRE["pos"]}
+B = {"w": torch.tensor([[1.0, 5.0], [3.0, 4.0]]), "b": torch.tensor([1.5, -0.5]), "pos": PRE["pos"]}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repl_ckpt")
+    paths = {}
+    for name, sd in (("pre", PRE), ("a", A), ("b", B)):
+        paths[name] = write_checkpoint(root / name, sd)
+    return paths
+
+
+def binds(ckpt):
+    return [arg for name in ("pre", "a", "b") for arg in ("--bind", f"{name}={ckpt[name]}")]
+
+
+def drive(monkeypatch, capsys, text, args=()):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(text))
+    code = main(["repl", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def flat(sd):
+    return torch.cat([t.flatten() for k, t in sd.items() if t.dtype.is_floating_point])
+
+
+def delta(x, y):
+    return flat(x) - flat(y)
+
+
+# -- piped stdin --------------------------------------------------------------------------
+
+
+def test_piped_definitions_and_summaries(ckpt, monkeypatch, capsys):
+    script = "tau = a - pre\nparam lam = 0.5\ntau\npre + lam*tau\nnorm(tau)\ncos(a - pre, b - pre)\nlam*2\n"
+    code, out, err = drive(monkeypatch, capsys, script, binds(ckpt))
+    assert (code, err) == (0, "")
+    ta, tb = delta(A, PRE), delta(B, PRE)
+    norm = float(torch.linalg.vector_norm(ta.double()))
+    cos = float(ta.double() @ tb.double() / (ta.double().norm() * tb.double().norm()))
+    lines = out.splitlines()
+    assert lines[0] == "Delta (task vector): 2 tensors, 6 parameters, float32"
+    assert lines[1] == f"  reads: a ({ckpt['a']}), pre ({ckpt['pre']})"
+    assert lines[2] == "Model: 3 tensors (+1 integer buffers from the base), 6 parameters, float32"
+    assert lines[3].startswith("  reads: ")
+    assert lines[4] == f"Scalar: {norm:.8g}"
+    assert lines[6] == f"Scalar: {cos:.8g}"
+    assert lines[8] == "Scalar: 1"
+    assert len(lines) == 9
+
+
+def test_piped_error_recovery_and_exit_status(ckpt, monkeypatch, capsys):
+    script = "tau = a - pre\nbad = pre + 0.4*a\nnorm(tua)\nnorm(tau)\n"
+    code, out, err = drive(monkeypatch, capsys, script, binds(ckpt))
+    assert code == 1  # piped input with a failing line
+    expected = float(torch.linalg.vector_norm(delta(A, PRE).double()))
+    assert out == f"Scalar: {expected:.8g}\n  reads: a ({ckpt['a']}), pre ({ckpt['pre']})\n"
+    assert err.splitlines()[:3] == [
+        "<repl>:1:7: error: model coefficients sum to 1.4; a model needs 1 and a task vector 0",
+        "  bad = pre + 0.4*a",
+        "        ^^^^^^^^^^^",
+    ]
+    assert "<repl>:1:6: error: unknown name 'tua'; did you mean 'tau'?\n  norm(tua)\n       ^^^" in err
+
+
+def test_multiline_input_and_redefinition(ckpt, monkeypatch, capsys):
+    script = "x = mean(a,\n         b)\nx = (a - pre) + (b - pre)\ny = pre + 0.5*x\n:vars\n"
+    code, out, err = drive(monkeypatch, capsys, script, binds(ckpt))
+    assert (code, err) == (0, "")
+    assert out.splitlines() == ["x : Delta  = a - pre + (b - pre)", "y : Model  = pre + 0.5*x"]
+
+
+def test_redefinition_that_breaks_a_dependent_is_refused(ckpt, monkeypatch, capsys):
+    script = "x = a - pre\ny = pre + x\nx = a\n:vars\n"
+    code, out, err = drive(monkeypatch, capsys, script, binds(ckpt))
+    assert code == 1
+    assert "error: model coefficients sum to 2" in err
+    assert out.splitlines() == ["x : Delta  = a - pre", "y : Model  = pre + x"]
+
+
+def test_cycle_is_refused(ckpt, monkeypatch, capsys):
+    code, out, err = drive(monkeypatch, capsys, "x = a - pre\ny = 2*x\nx = y\n", binds(ckpt))
+    assert code == 1
+    assert "error: 'x' would depend on itself: x -> y -> x" in err
+
+
+def test_commands_sources_help_unknown(ckpt, monkeypatch, capsys):
+    code, out, err = drive(monkeypatch, capsys, ":sources\n:help\n:frobnicate\n:q\nnorm(a)\n", binds(ckpt))
+    assert code == 1
+    lines = out.splitlines()
+    assert lines[0] == f"pre: {ckpt['pre']} (bound, model; 3 tensors, 6 parameters, float32)"
+    assert ":save EXPR to PATH" in out
+    assert "error: unknown command ':frobnicate'" in err
+    assert "Scalar" not in out  # :q quit before norm(a)
+
+
+def test_save_writes_a_loadable_file(ckpt, monkeypatch, capsys, tmp_path):
+    target = tmp_path / "merged.safetensors"
+    code, out, err = drive(monkeypatch, capsys, f"param lam = 0.25\n:save pre + lam*(b - pre) to {target}\n",
+                           binds(ckpt))
+    assert (code, err) == (0, "")
+    assert out.startswith(f"wrote 3 tensors")
+    saved = load_file(target)
+    for key in ("w", "b"):
+        torch.testing.assert_close(saved[key], PRE[key] + 0.25 * (B[key] - PRE[key]), rtol=0, atol=1e-6)
+    assert torch.equal(saved["pos"], PRE["pos"])
+
+
+def test_save_of_a_scalar_is_an_error(ckpt, monkeypatch, capsys, tmp_path):
+    code, out, err = drive(monkeypatch, capsys, f":save norm(a - pre) to {tmp_path}/x.safetensors\n", binds(ckpt))
+    assert code == 1 and "error: a scalar has no tensors to save" in err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_explain_prints_the_plan(ckpt, monkeypatch, capsys):
+    code, out, err = drive(monkeypatch, capsys, "tau = b - pre\n:explain pre + 0.5*tau\n", binds(ckpt))
+    assert (code, err) == (0, "")
+    assert out.startswith("# as written\ntau = b - pre\nout = pre + 0.5*tau\n\n# optimized\n")
+    assert "out = 0.5*pre + 0.5*b" in out or "out = 0.5*b + 0.5*pre" in out
+
+
+def test_recipe_argument_loads_definitions_relative_to_the_recipe(ckpt, monkeypatch, capsys, tmp_path):
+    recipe = tmp_path / "sub" / "r.tv"
+    recipe.parent.mkdir()
+    rel = os.path.relpath(ckpt["a"], recipe.parent)
+    recipe.write_text(f'ft = load("{rel}")\nparam lam = 0.5\nout merged = pre + lam*(ft - pre)\nout = ft\n')
+    code, out, err = drive(monkeypatch, capsys, "lam\nmerged\n", ["--bind", f"pre={ckpt['pre']}", str(recipe)])
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0] == f"loaded {recipe}: ft, lam, merged (1 unnamed out skipped: type its expression to see it)"
+    assert lines[1] == "Scalar: 0.5"
+    assert lines[2].startswith("Model: 3 tensors")
+
+
+def test_missing_checkpoint_in_a_definition_is_reported(ckpt, monkeypatch, capsys, tmp_path):
+    code, out, err = drive(monkeypatch, capsys, f'x = load("{tmp_path}/nope")\n:vars\n')
+    assert code == 1
+    assert err.startswith("<repl>:1:5: error: ")
+    assert "nope" in err.splitlines()[0]
+    assert out == "(no definitions yet)\n"
+
+
+def test_open_parens_and_completion_candidates(ckpt):
+    assert open_parens("ties(a, [1, 2") == 2
+    assert open_parens('load("x(") + f(') == 1
+    repl = Repl(stdout=io.StringIO(), stderr=io.StringIO())
+    repl.bind("yelp_lm", ckpt["a"])
+    assert repl.completions("", "yel") == ["yelp_lm"]
+    assert repl.completions("", ":ex") == [":explain "]
+    assert repl.completions("x = ties(a, b, ", "dens") == ["density="]
+    assert repl.completions("x = ties(a, b, density=0.2, ", "") [:3] == ["elect=", "merge=", "weights="]
+    assert "cos(" in repl.completions("", "co")
+
+
+# -- a real terminal -------------------------------------------------------------------------
+
+
+class Terminal:
+    """A child process on a pseudo-terminal; ``expect`` waits for text in its output."""
+
+    def __init__(self, argv, env):
+        import pty
+
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child
+            try:
+                os.execve(sys.executable, [sys.executable, "-m", "tvlang", *argv], env)
+            finally:
+                os._exit(127)
+        self.buffer = ""
+
+    def send(self, text: str) -> None:
+        os.write(self.fd, text.encode())
+
+    def expect(self, pattern: str, timeout: float = 90.0) -> str:
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while True:
+            match = regex.search(self.buffer)
+            if match:
+                seen, self.buffer = self.buffer[:match.end()], self.buffer[match.end():]
+                return seen
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"timed out waiting for {pattern!r}; output so far:\n{self.buffer}")
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready:
+                try:
+                    chunk = os.read(self.fd, 4096)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    raise AssertionError(f"process ended waiting for {pattern!r}; output:\n{self.buffer}")
+                self.buffer += chunk.decode(errors="replace").replace("\r\n", "\n")
+
+    def close(self) -> int:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                os.close(self.fd)
+                return os.waitstatus_to_exitcode(status)
+            try:
+                os.read(self.fd, 4096)
+            except OSError:
+                time.sleep(0.05)
+        os.kill(self.pid, 9)
+        os.waitpid(self.pid, 0)
+        os.close(self.fd)
+        raise AssertionError("the REPL did not exit")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
+def test_terminal_session(ckpt, tmp_path):
+    pytest.importorskip("readline")
+    history = tmp_path / "history"
+    env = {**os.environ, "TVLANG_HISTORY": str(history), "TERM": "dumb", "INPUTRC": os.devnull,
+           "PYTHONPATH": os.pathsep.join(sys.path)}
+    argv = ["repl", "--bind", f"pre={ckpt['pre']}", "--bind", f"yelp_lm={ckpt['a']}",
+            "--bind", f"b={ckpt['b']}"]
+    term = Terminal(argv, env)
+    try:
+        term.expect(r"tv> ")
+        # a definition, then an error, then recovery
+        term.send("tau = yelp_lm - pre\n")
+        term.expect(r"tv> ")
+        term.send("norm(tau2)\n")
+        term.expect(r"error: unknown name 'tau2'; did you mean 'tau'\?")
+        term.expect(r"tv> ")
+        # tab completion of a name: "yel" + TAB becomes yelp_lm
+        term.send("norm(yel\t")
+        term.expect(r"norm\(yelp_lm")
+        term.send(" - pre)\n")
+        expected = float(torch.linalg.vector_norm(delta(A, PRE).double()))
+        term.expect(re.escape(f"Scalar: {expected:.8g}"))
+        term.expect(r"tv> ")
+        # completion of a keyword argument of the built-in being called
+        term.send("t = topk(tau, dens\t")
+        term.expect(r"topk\(tau, density=")
+        term.send("0.5)\n")
+        term.expect(r"tv> ")
+        # multi-line input inside open parentheses
+        term.send("m = mean(yelp_lm,\n")
+        term.expect(r"\.\.\. ")
+        term.send("b)\n")
+        term.expect(r"tv> ")
+        term.send(":explain m\n")
+        term.expect(r"# sources read\nout \(model\): yelp_lm, b")
+        term.expect(r"tv> ")
+        target = tmp_path / "saved.safetensors"
+        term.send(f":save pre + 0.5*tau to {target}\n")
+        term.expect(r"wrote 3 tensors")
+        term.expect(r"tv> ")
+        term.send(":quit\n")
+        assert term.close() == 0
+    except BaseException:
+        os.kill(term.pid, 9)
+        raise
+    saved = load_file(target)
+    torch.testing.assert_close(saved["w"], PRE["w"] + 0.5 * (A["w"] - PRE["w"]), rtol=0, atol=1e-6)
+    assert "tau = yelp_lm - pre" in history.read_text()
+
+    # history across sessions: up-arrow recalls the last line of the previous one
+    term = Terminal(argv, env)
+    try:
+        term.expect(r"tv> ")
+        term.send("\x1b[A\x1b[A\n")  # two lines back: the :save before :quit
+        # it ran again, in a session where tau is not defined
+        term.expect(r"<repl>:1:11: error: unknown name 'tau'")
+        term.expect(r"tv> ")
+        term.send("\x04")  # Ctrl-D leaves
+        assert term.close() == 0
+    except BaseException:
+        os.kill(term.pid, 9)
+        raise
+
+
+def test_help_says_what_it_does_with_an_example(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["repl", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "interactive session" in text.lower()
+    assert "examples:\n  tvlang repl --bind pre=base/" in text
