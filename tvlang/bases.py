@@ -141,6 +141,13 @@ class _BufferPool:
             fd = self._fds[path] = os.open(path, os.O_RDONLY)
         return fd
 
+    def advise(self, path: str, offset: int, length: int) -> None:
+        if hasattr(os, "posix_fadvise") and length > 0:
+            try:
+                os.posix_fadvise(self.fd(path), offset, length, os.POSIX_FADV_WILLNEED)
+            except OSError:  # advice only
+                pass
+
     def entries(self, path: str) -> dict[str, _Entry]:
         """Where each tensor of a .safetensors file lies (header parsed by tvlang.io, once)."""
         table = self._entries.get(path)
@@ -310,7 +317,23 @@ def _stream_gram(tensors, base_reader, readers, is_delta, dtype, chunk_bytes, pr
     pool = _BufferPool()
     current: dict[str, object] = {"name": None}
 
-    def fill(block: torch.Tensor, tname: str, start: int, stop: int) -> torch.Tensor:
+    all_readers = readers + ([base_reader] if base_reader is not None else [])
+
+    def prefetch(item) -> None:
+        """Ask the kernel to start reading the next chunk of every file (all at once, async)."""
+        tname, start, stop = item
+        for reader in all_readers:
+            path = getattr(reader.info(tname), "file", None)
+            if not (isinstance(path, str) and path.endswith(".safetensors") and os.path.isfile(path)):
+                continue
+            entry = pool.entries(path).get(tname)
+            if entry is not None:
+                item_size = entry.dtype.itemsize
+                pool.advise(path, entry.begin + start * item_size, (stop - start) * item_size)
+
+    def fill(block: torch.Tensor, tname: str, start: int, stop: int, following=None) -> torch.Tensor:
+        if following is not None:
+            prefetch(following)
         if current["name"] != tname:
             current["name"] = None  # drop the previous tensor's sources first
             current["base"] = (
@@ -338,11 +361,12 @@ def _stream_gram(tensors, base_reader, readers, is_delta, dtype, chunk_bytes, pr
     tensor_index = {t: i for i, (t, _) in enumerate(tensors)}
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvlang-read") as ex:
-            pending = ex.submit(fill, blocks[0], *work[0])
+            pending = ex.submit(fill, blocks[0], *work[0], work[1] if len(work) > 1 else None)
             for j, item in enumerate(work):
                 rows = pending.result()
                 if j + 1 < len(work):
-                    pending = ex.submit(fill, blocks[(j + 1) % 2], *work[j + 1])
+                    following = work[j + 2] if j + 2 < len(work) else None
+                    pending = ex.submit(fill, blocks[(j + 1) % 2], *work[j + 1], following)
                 if progress is not None and tensor_index[item[0]] != announced:
                     announced = tensor_index[item[0]]
                     progress(item[0], announced, len(tensors))
