@@ -115,11 +115,19 @@ class _ChunkSource:
     def _pread(self, view: memoryview, offset: int, pool: "_BufferPool") -> None:
         fd = pool.fd(self._path)
         done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise TvlangError(f"'{self._path}' ends inside tensor data (truncated file?)")
-            done += n
+        try:
+            while done < len(view):
+                if hasattr(os, "preadv"):
+                    n = os.preadv(fd, [view[done:]], offset + done)
+                else:  # no preadv (Windows): read, then copy
+                    data = os.pread(fd, len(view) - done, offset + done)
+                    n = len(data)
+                    view[done:done + n] = data
+                if n <= 0:
+                    raise TvlangError(f"'{self._path}' ends inside tensor data (truncated file?)")
+                done += n
+        except OSError as exc:
+            raise TvlangError(f"cannot read '{self._path}': {exc.strerror}") from None
 
 
 class _BufferPool:
@@ -138,7 +146,7 @@ class _BufferPool:
     def fd(self, path: str) -> int:
         fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            fd = self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         return fd
 
     def advise(self, path: str, offset: int, length: int) -> None:
@@ -291,7 +299,9 @@ def similarity(
         if dtype is None:
             wide = any(r.info(t).dtype == torch.float64 for r in readers + [reference] for t, _ in tensors)
             dtype = torch.float64 if wide else torch.float32
-        gram = _stream_gram(tensors, base_reader, readers, is_delta, dtype, chunk_bytes, progress)
+        # The base is read only when some input is a model (task vector = model - base).
+        subtract_from = base_reader if not all(is_delta) else None
+        gram = _stream_gram(tensors, subtract_from, readers, is_delta, dtype, chunk_bytes, progress)
         return Similarity(names=names, gram=gram, tensors=[t for t, _ in tensors],
                           elements=sum(numel for _, numel in tensors))
     finally:
@@ -355,7 +365,7 @@ def _stream_gram(tensors, base_reader, readers, is_delta, dtype, chunk_bytes, pr
                 np.subtract(row, base_np, out=row)
         return view[:n]
 
-    work = [(t, s, min(numel, s + chunk)) for index, (t, numel) in enumerate(tensors) for s in range(0, numel, chunk)]
+    work = [(t, s, min(numel, s + chunk)) for t, numel in tensors for s in range(0, numel, chunk)]
     gram = np.zeros((n, n), dtype=np.float64)
     announced = -1
     tensor_index = {t: i for i, (t, _) in enumerate(tensors)}
