@@ -105,7 +105,6 @@ def magnitudes(x: torch.Tensor, slot: str = "mag", dtype: torch.dtype | None = N
 
 
 _SMALL = 1 << 16  # below this size a plain topk is as fast as anything
-_SAMPLE = 1 << 16
 _BINS = 1 << 16
 
 
@@ -113,11 +112,11 @@ def kth_largest_abs(x: torch.Tensor, k: int, *, mag: torch.Tensor | None = None)
     """The k-th largest of ``|x|`` (``1 <= k <= x.numel()``), exactly; ``inf`` for ``k == 0``.
 
     ``mag`` may pass precomputed flat magnitudes (from :func:`magnitudes`).
-    Large tensors use a strided sample to bracket the answer, count the
-    entries above the bracket and select within it; when the bracket misses
-    (an unlucky or adversarial layout) a radix select on the float32 bit
-    patterns finishes the job. Never ``torch.kthvalue``: its quickselect takes
-    quadratic time on some layouts (seconds for a quarter-million entries).
+    Large float32 tensors use a radix select on the bit patterns (two
+    histograms of 16 bits: linear time whatever the layout); small ones and
+    float64 use ``torch.topk``. Never ``torch.kthvalue``: its quickselect
+    takes quadratic time on some layouts (seconds for a quarter-million
+    entries).
     """
     n = x.numel()
     if k <= 0:
@@ -128,40 +127,7 @@ def kth_largest_abs(x: torch.Tensor, k: int, *, mag: torch.Tensor | None = None)
         mag = magnitudes(x)
     if n <= _SMALL or mag.dtype != torch.float32:
         return float(torch.topk(mag, k, sorted=False).values.min())
-    found = _bracketed(mag, k)
-    return found if found is not None else _radix(mag, k)
-
-
-def _bracketed(mag: torch.Tensor, k: int) -> float | None:
-    n = mag.numel()
-    sample = mag[:: n // _SAMPLE].contiguous()
-    s = sample.numel()
-    q = k / n
-    expected = q * s  # rank from the top of the k-th largest within the sample
-    margin = 6.0 * math.sqrt(s * q * (1 - q)) + 8.0
-    ordered = torch.sort(sample, descending=True).values
-    hi_rank = int(math.floor(expected - margin))
-    lo_rank = int(math.ceil(expected + margin))
-    hi = float(ordered[hi_rank - 1]) if hi_rank >= 1 else math.inf
-    lo = float(ordered[lo_rank - 1]) if lo_rank <= s else 0.0
-    flags = scratch("kth.flags", mag, torch.bool)
-    above = 0
-    if hi != math.inf:
-        torch.gt(mag, hi, out=flags)
-        above = int(torch.count_nonzero(flags))
-    rank = k - above  # the answer is the rank-th largest of the entries in [lo, hi]
-    if rank < 1:
-        return None
-    torch.ge(mag, lo, out=flags)
-    if hi != math.inf:
-        inside = scratch("kth.inside", mag, torch.bool)
-        torch.le(mag, hi, out=inside)
-        flags.logical_and_(inside)
-    index = torch.nonzero(flags).view(-1)
-    if rank > index.numel() or index.numel() > n // 8:
-        return None
-    bracket = mag.index_select(0, index)
-    return float(torch.topk(bracket, rank, sorted=False).values.min())
+    return _radix(mag, k)
 
 
 def _radix(mag: torch.Tensor, k: int) -> float:
@@ -200,3 +166,14 @@ def _pick_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
 
 def bits_to_float(pattern: int) -> float:
     return struct.unpack("<f", struct.pack("<I", pattern))[0]
+
+
+def float_to_bits(value: float) -> int:
+    """The bit pattern of a non-negative float32 value, as an int."""
+    return struct.unpack("<I", struct.pack("<f", value))[0]
+
+
+def below(value: float, dtype: torch.dtype) -> float:
+    """The largest ``dtype`` number smaller than ``value`` (for strict comparisons)."""
+    t = torch.tensor(value, dtype=dtype)
+    return float(torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype)))

@@ -33,15 +33,12 @@ def drop_random(x: torch.Tensor, p: float, gen: torch.Generator, rescale: bool, 
         return out.zero_()
     if p <= 0.0:
         return out.copy_(x)
-    u = scratch("dare.u", x, torch.float32 if x.dtype != torch.float64 else torch.float64)
-    u.uniform_(0.0, 1.0, generator=gen)
-    drop = scratch("dare.drop", x, torch.bool)
-    torch.lt(u, p, out=drop)
+    keep = scratch("dare.u", x, torch.float32 if x.dtype != torch.float64 else torch.float64)
+    keep.uniform_(0.0, 1.0, generator=gen)
+    torch.ge(keep, p, out=keep)  # 1.0 where kept (u >= p), 0.0 where dropped; float masks are fast
     if rescale:
-        torch.mul(x, 1.0 / (1.0 - p), out=out)
-    else:
-        out.copy_(x)
-    return out.masked_fill_(drop, 0)
+        keep.mul_(1.0 / (1.0 - p))
+    return torch.mul(x, keep, out=out)
 
 
 def dare(
@@ -99,11 +96,11 @@ def della_sample(
         prob = ranks.fill_(density)
     u = torch.empty(rows.shape, dtype=work, device=x.device)
     u.uniform_(0.0, 1.0, generator=gen)
-    drop = u >= prob
+    torch.lt(u, prob, out=u)  # 1.0 where kept
     flat = out.view(rows.shape)
     if rescale:
         torch.div(rows, prob, out=flat)
+        flat.mul_(u)
     else:
-        flat.copy_(rows)
-    flat.masked_fill_(drop, 0)
+        torch.mul(rows, u, out=flat)
     return out

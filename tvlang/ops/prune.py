@@ -18,7 +18,7 @@ import math
 import torch
 
 from tvlang.errors import TvlangError
-from tvlang.ops.common import checked, fresh, keep_count, kth_largest_abs, magnitudes, scratch
+from tvlang.ops.common import below, checked, fresh, keep_count, kth_largest_abs, magnitudes, scratch
 from tvlang.ops.context import TensorContext
 
 __all__ = ["topk", "breadcrumbs", "magnitude_threshold", "keep_at_least"]
@@ -56,11 +56,15 @@ def keep_at_least(x: torch.Tensor, mag: torch.Tensor, t: float, out: torch.Tenso
     """Write ``x`` where ``mag >= t`` and 0 elsewhere into ``out`` (same shape as ``x``)."""
     if t == math.inf:
         return out.zero_()
+    if t <= 0.0:
+        return out.copy_(x)
+    if x.dtype == mag.dtype:
+        # |x| >= t  <=>  |x| > (the largest number below t): one fused pass
+        return torch.hardshrink(x, below(t, x.dtype), out=out)
+    flags = scratch("keep.flags", mag, torch.bool)
+    torch.lt(mag, t, out=flags)
     out.copy_(x)
-    if t > 0.0:
-        flags = scratch("keep.flags", mag, torch.bool)
-        torch.lt(mag, t, out=flags)
-        out.view(-1).masked_fill_(flags, 0)
+    out.view(-1).masked_fill_(flags, 0)
     return out
 
 
@@ -96,6 +100,11 @@ def breadcrumbs(inputs: list[torch.Tensor], ctx: TensorContext, *, density: floa
     mag = magnitudes(x)
     low = kth_largest_abs(x, top + keep, mag=mag)
     high = kth_largest_abs(x, top, mag=mag) if top > 0 else math.inf
+    if x.dtype == mag.dtype:
+        torch.hardshrink(x, below(low, x.dtype), out=out)  # |x| >= low
+        if high != math.inf:
+            out.sub_(torch.hardshrink(x, below(high, x.dtype)))  # minus |x| >= high
+        return out
     drop = scratch("crumbs.drop", mag, torch.bool)
     above = scratch("crumbs.above", mag, torch.bool)
     torch.lt(mag, low, out=drop)
