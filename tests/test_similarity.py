@@ -109,6 +109,29 @@ def test_safetensors_inputs_are_never_read_whole(tmp_path, models, monkeypatch):
     np.testing.assert_allclose(similarity(paths, base=base, chunk_bytes=256).cosine, cos, atol=1e-6)
 
 
+@pytest.mark.parametrize("n_inputs", [2, 12])
+def test_chunk_buffers_stay_within_the_budget_whatever_n(tmp_path, models, monkeypatch, n_inputs):
+    pre, fts = models
+    base, paths = _save_all(tmp_path, pre, fts)
+    inputs = {f"t{i}": paths["abc"[i % 3]] for i in range(n_inputs)}
+    allocated = []
+    real_empty = torch.empty
+
+    def recording_empty(*shape, **kwargs):
+        tensor = real_empty(*shape, **kwargs)
+        if sys._getframe(1).f_code.co_filename.endswith(os.path.join("tvlang", "bases.py")):
+            allocated.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    budget = 1024
+    sim = similarity(inputs, base=base, chunk_bytes=budget)
+    assert len(allocated) == 2 and sum(allocated) <= budget  # two chunk buffers, nothing per input
+    assert sum(allocated) > budget // 2  # and the budget is used: chunks are as wide as it allows
+    _, cos = _direct_cosine(pre, fts)
+    assert sim.cosine[0, 1] == pytest.approx(cos[0, 1], abs=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_chunking_gives_the_same_gram(tmp_path, models, dtype):
     pre, fts = models
