@@ -62,6 +62,11 @@ def test_eigengap_of_unrelated_vectors_is_n_and_of_one_clique_is_one():
     assert eigengap_k(np.ones((1, 1)))[0] == 1
 
 
+def test_eigengap_with_two_vectors_merges_unless_not_positively_correlated():
+    assert eigengap_k(affinity_matrix(np.array([[1.0, 0.01], [0.01, 1.0]])))[0] == 1
+    assert eigengap_k(affinity_matrix(np.array([[1.0, -0.5], [-0.5, 1.0]])))[0] == 2
+
+
 def test_planted_clusters_eigengap_finds_three():
     pre, fts, truth = planted()
     sim = similarity(fts, base=pre)

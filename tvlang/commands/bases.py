@@ -94,6 +94,10 @@ def run(args) -> int:
     print(f"eigenvalues of the normalized Laplacian: {eig}")
     chosen = "largest eigengap" if manifest["k_requested"] == "auto" else "--k"
     print(f"k = {manifest['k']} ({chosen}; the eigengap suggests {manifest['k_eigengap']})")
+    if manifest["k_requested"] == "auto" and manifest["k"] == 1 and len(manifest["inputs"]) > 2:
+        print("note: the largest eigengap is the first one, so all task vectors went into one basis;"
+              " when they are all nearly unrelated (small cosines everywhere) that is the eigengap"
+              " rule's blind spot: pass --k to choose", file=sys.stderr)
     for basis in manifest["bases"]:
         members = ", ".join(m["name"] for m in basis["members"])
         print(f"{args.output.rstrip('/')}/{basis['file']}: {members}")
