@@ -178,7 +178,8 @@ def train_all(settings: Settings, data: DigitsData, work: Workspace, log: Callab
         train(model, x, y, config, seed=settings.seed * 1000 + 100 + index)
         save_model(model, work.path(task), task=task)
         # The head is frozen: its task vector is exactly zero (checked, not assumed).
-        assert torch.equal(model.head.weight, pre.head.weight)
+        if not (torch.equal(model.head.weight, pre.head.weight) and torch.equal(model.head.bias, pre.head.bias)):
+            raise RuntimeError(f"fine-tuning {task} changed the frozen head")
         info[task] = {"train_images": len(x), "epochs": epochs, "steps": epochs * steps_per_epoch}
     log(f"fine-tuned {len(tasks)} models ({settings.finetune_steps} steps each, head frozen)")
 
@@ -186,6 +187,15 @@ def train_all(settings: Settings, data: DigitsData, work: Workspace, log: Callab
     for task in tasks:
         work.states[task] = _read_checkpoint(work.path(task))
     return {"tasks": tasks, "finetune": info}
+
+
+def _check_written(out: Path, ev: Evaluator, expected: dict[str, float]) -> None:
+    """The checkpoint ``plan.run`` wrote gives the test accuracies ``plan.evaluate`` gave."""
+    model = load_model(out)
+    for task, want in expected.items():
+        got = accuracy(model, *ev.xy(task, "test"))
+        if abs(got - want) > 1e-9:
+            raise RuntimeError(f"{out}: test accuracy on {task} is {got}, plan.evaluate gave {want}")
 
 
 # -- forgetting via negation (Sec. 3, Table 1, Figure 9) -------------------------------------
@@ -223,9 +233,7 @@ def forgetting(settings: Settings, ev: Evaluator, work: Workspace) -> dict:
         # The selected edit, written as a checkpoint from the checkpoint directories.
         out = work.edited(f"forget_{task}")
         neg_plan.with_params(lam=neg["lam"]).run(work.bind_paths(pre="pre", ft=task), out=str(out), force=True)
-        reloaded = load_model(out)
-        reloaded_test = accuracy(reloaded, *ev.xy(task, "test"))
-        assert abs(reloaded_test - neg["test"]["target"]) < 1e-9, "written model differs from evaluate()"
+        _check_written(out, ev, {task: neg["test"]["target"]})
         results[task] = {
             "pretrained": {s: {r: pre_acc[s][r] for r in tasks} for s in ("val", "test")},
             "finetuned": {s: {r: ft_acc[s][t] for r, t in tasks.items()} for s in ("val", "test")},
@@ -296,8 +304,7 @@ def addition(settings: Settings, ev: Evaluator, work: Workspace) -> dict:
     compile_recipe(addition_recipe(tasks), lam=everything["lam"]).run(
         work.bind_paths(pre="pre", **{t: t for t in tasks}), out=str(out), force=True
     )
-    reloaded = ev.accuracies(load_model(out), tasks, splits=("test",))["test"]
-    assert all(abs(reloaded[t] - everything["test_acc"][t]) < 1e-9 for t in tasks)
+    _check_written(out, ev, everything["test_acc"])
     return {
         "tasks": list(tasks),
         "finetuned": ft_acc,
@@ -346,6 +353,7 @@ def analogies(settings: Settings, ev: Evaluator, work: Workspace, kind: str) -> 
         ft_acc = ev.accuracies(ev.model(work.states[target]), roles.values())
         out = work.edited(f"analogy_{target}")
         plan.with_params(lam=best["lam"]).run(work.bind_paths(pre="pre", a=a, b=b, c=cc), out=str(out), force=True)
+        _check_written(out, ev, {target: best["test"]["target"]})
         targets.append(
             {
                 "target": target,
