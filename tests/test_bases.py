@@ -383,3 +383,20 @@ def test_bases_from_task_vector_files_without_base(planted_files, tmp_path, caps
     for name in SHAPES:
         expected = (fts["c0m0"][name] + fts["c0m1"][name]) / 2 - pre[name]
         torch.testing.assert_close(basis[name], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_k_of_one_for_weakly_related_vectors_prints_a_note(tmp_path, capsys):
+    gen = torch.Generator().manual_seed(5)
+    pre = {"w": torch.randn(4000, generator=gen)}
+    common = torch.randn(4000, generator=gen)
+    save_file(pre, str(tmp_path / "pre.safetensors"))
+    args = []
+    for i in range(3):  # cosines about 0.08: weakly related, no structure
+        save_file({"w": pre["w"] + 0.3 * common + torch.randn(4000, generator=gen)}, str(tmp_path / f"t{i}.safetensors"))
+        args.append(f"t{i}={tmp_path / f't{i}.safetensors'}")
+    assert main(["bases", "--base", str(tmp_path / "pre.safetensors"), *args, "-o", str(tmp_path / "b")]) == 0
+    captured = capsys.readouterr()
+    assert "k = 1 (largest eigengap; the eigengap suggests 1)" in captured.out
+    assert "the eigengap rule's blind spot: pass --k to choose" in captured.err
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["k"] == 1 and manifest["storage"]["saved_percent"] == pytest.approx(66.67)
