@@ -186,6 +186,14 @@ def test_zero_task_vector_has_cosine_zero(models):
     assert [sim.cosine[i, i] for i in range(3)] == [1.0, 1.0, 1.0]
 
 
+def test_nan_in_a_task_vector_is_an_error_naming_it(models):
+    pre, fts = models
+    nan = {n: t.clone() for n, t in fts["b"].items()}
+    nan["enc.1.weight"][2, 1] = float("nan")
+    with pytest.raises(TvlangError, match=r"task vector 'b' has NaN or infinite entries"):
+        similarity({"a": fts["a"], "b": nan}, base=pre)
+
+
 def test_errors_name_the_tensor_and_the_input(models):
     pre, fts = models
     broken = {n: t for n, t in fts["a"].items() if n != "enc.1.weight"}

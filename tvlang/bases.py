@@ -302,6 +302,10 @@ def similarity(
         # The base is read only when some input is a model (task vector = model - base).
         subtract_from = base_reader if not all(is_delta) else None
         gram = _stream_gram(tensors, subtract_from, readers, is_delta, dtype, chunk_bytes, progress)
+        bad = [names[i] for i in range(len(names)) if not np.isfinite(gram[i, i])]
+        if bad:
+            raise TvlangError(f"task vector '{bad[0]}' has NaN or infinite entries (or overflows float32);"
+                              " its similarity is undefined")
         return Similarity(names=names, gram=gram, tensors=[t for t, _ in tensors],
                           elements=sum(numel for _, numel in tensors))
     finally:
