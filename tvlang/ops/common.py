@@ -23,6 +23,7 @@ import math
 import struct
 import threading
 
+import numpy
 import torch
 
 from tvlang.errors import TvlangError
@@ -158,9 +159,10 @@ def histogram(values: torch.Tensor, bins: int) -> torch.Tensor:
 
 def _pick_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
     """The bin holding the k-th largest entry, and that entry's rank within the bin from the top."""
-    at_or_above = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])
-    b = int(torch.nonzero(at_or_above >= k).max())
-    above = int(at_or_above[b + 1]) if b + 1 < hist.numel() else 0
+    counts = hist.cpu().numpy()  # small: numpy avoids torch's thread pool for it
+    at_or_above = numpy.cumsum(counts[::-1])[::-1]
+    b = int(numpy.flatnonzero(at_or_above >= k)[-1])
+    above = int(at_or_above[b + 1]) if b + 1 < counts.size else 0
     return b, k - above
 
 
