@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     command = ["bases", "--base", os.path.join(root, "pre.safetensors"),
                *[f"{task}={paths[task]}" for task in TASKS], "-o", os.path.join(root, "bases"), "--force"]
-    print("$ tvlang " + " ".join(command))
+    print("running: tvlang " + " ".join(command))
     return tvlang_main(command)
 
 
