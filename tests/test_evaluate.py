@@ -16,8 +16,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import tvlang
+from tvlang import evaluate
 from tvlang.cli import main
 from tvlang.evaluate import validate
+from tvlang.plan import Step, TensorProgram
 from tvlang.synth import finetune_like, llama_spec, make_state_dict, write_checkpoint
 
 SPEC = llama_spec(hidden=16, layers=2, vocab=32, intermediate=24)
@@ -28,6 +30,16 @@ TOKENIZER = {"tokenizer.json": '{"version": "1.0"}\n', "tokenizer_config.json": 
 
 def card(t):
     return t["pre"] + 0.4 * (t["a"] - t["b"]) + 0.7 * (t["c"] - t["pre"])
+
+
+@pytest.fixture(autouse=True, params=["whole", "chunked"])
+def chunking(request, monkeypatch):
+    """Every test runs twice: tensors whole, and linear programs in chunks of 100 elements
+    (with a remainder, and tensors below the threshold still whole)."""
+    if request.param == "chunked":
+        monkeypatch.setattr(evaluate, "CHUNK_MIN", 200)
+        monkeypatch.setattr(evaluate, "CHUNK_ELEMENTS", 100)
+    return request.param
 
 
 # -- checkpoints -------------------------------------------------------------------------
@@ -446,3 +458,64 @@ def test_validate_reports_what_run_reports(ckpts, tmp_path):
         validate(tvlang.compile(CARD), {**paths["file"], "b": path})
     skipped = validate(tvlang.compile(CARD), {**paths["file"], "b": path}, missing="skip")
     assert "model.norm.weight" not in skipped.names
+
+
+# -- chunked execution details ------------------------------------------------------------------
+
+
+def test_a_value_changed_after_it_is_written(ckpts):
+    """A hand-written program that writes a buffer, then scales it for a second output:
+    the first output must keep the value it was written with."""
+    paths, sds = ckpts
+    plan = tvlang.compile("out o1 = a - pre\nout o2 = 2*(a - pre)")
+    plan.schedule.main = TensorProgram([
+        Step("read", 0, name="a"), Step("read", 1, name="pre"),
+        Step("axpy", 0, (1,), coef=-1.0),
+        Step("write", None, (0,), name="o1"),
+        Step("scale", 0, coef=2.0),
+        Step("write", None, (0,), name="o2"),
+    ], 2, ["a", "pre"], ["o1", "o2"])
+    o1 = plan.evaluate(paths["file"], output="o1")
+    o2 = plan.evaluate(paths["file"], output="o2")
+    for name, pre in sds["pre"].items():
+        if pre.dtype.is_floating_point:
+            assert torch.equal(o1[name], sds["a"][name] - pre), name
+            assert torch.equal(o2[name], 2 * (sds["a"][name] - pre)), name
+
+
+def test_linear_program_analysis():
+    program = TensorProgram([
+        Step("read", 0, name="a"), Step("read", 1, name="b"),
+        Step("add", 2, (0, 1), coef=(0.5, 0.5)),
+        Step("write", None, (2,), name="x"),
+        Step("axpy", 2, (0,), coef=1.0),
+        Step("write", None, (2,), name="y"),
+        Step("write", None, (2,), name="z"),
+    ], 3, ["a", "b"], ["x", "y", "z"])
+    linear = evaluate._linear_program(program)
+    assert linear.values == [0, 1, 2, 2, 3, 3, 3]
+    assert linear.written == {2: "x", 3: "y"}
+    calls = TensorProgram([Step("read", 0, name="a"), Step("call", 1, (0,), name="ties")], 2, ["a"], [])
+    assert evaluate._linear_program(calls) is None
+
+
+def test_run_recycles_output_buffers(ckpts, tmp_path, chunking):
+    """run() reuses result buffers once written: the pool stays small, results stay right."""
+    paths, _ = ckpts
+    seen = []
+    real = evaluate.Session.give_back
+
+    def spy(self, tensor):
+        real(self, tensor)
+        seen.append(len(self._pool))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evaluate.Session, "give_back", spy)
+        outs = {"merged": str(tmp_path / "m.safetensors"), "tau_a": str(tmp_path / "t.safetensors"),
+                "half": str(tmp_path / "h.safetensors")}
+        tvlang.compile(RECIPE).run(paths["file"], outs)
+    assert len(seen) == 3 * len(SPEC) - 1
+    assert max(seen) <= evaluate.POOL_SIZE
+    if chunking == "chunked":
+        assert max(seen) > 0
+    assert_same(load_file(outs["half"]), naive(paths["file"], lambda t: 0.5 * t["a"] + 0.5 * t["b"]))

@@ -47,6 +47,17 @@ DTYPES = {
 }
 MISSING_POLICIES = ("error", "base", "skip")
 
+# A linear per-tensor program (reads, scales, sums, writes: no kernel calls) over a
+# tensor of at least CHUNK_MIN elements runs chunk by chunk, CHUNK_ELEMENTS at a time:
+# every step of a chunk works on data still in the CPU cache, each input is read once
+# and the result is written once straight into the output buffer, instead of one pass
+# over the whole tensor per step (and a copy-on-write fault per page of a mapped input).
+# On a device, chunks also bound the device memory a huge tensor needs.
+CHUNK_MIN = 1 << 18
+CHUNK_ELEMENTS = 1 << 20
+LINEAR_OPS = frozenset({"read", "scale", "axpy", "add", "set", "write"})
+POOL_SIZE = 4  # output buffers kept for reuse by run()
+
 
 def parse_dtype(value: Any, option: str = "dtype") -> torch.dtype:
     if isinstance(value, torch.dtype):
@@ -267,6 +278,45 @@ def _dtype(dtype: torch.dtype) -> str:
 # -- the executor ----------------------------------------------------------------------------
 
 
+@dataclass
+class _LinearProgram:
+    """What chunked execution needs to know about a linear program, worked out once.
+
+    A *value* is what a slot holds from the step that makes it (read, add, set) through
+    the steps that change it in place (scale, axpy). ``values[i]`` is the value step
+    ``i`` makes or changes; ``written[v]`` the first output value ``v`` is written to
+    (it is computed straight into that output's buffer).
+    """
+
+    values: list[int]
+    written: dict[int, str]
+    count: int
+
+
+def _linear_program(program: TensorProgram) -> _LinearProgram | None:
+    if any(step.op not in LINEAR_OPS for step in program.steps):
+        return None
+    slot_value: dict[int, int] = {}
+    frozen: set[int] = set()  # slots written out: changing them makes a new value
+    values: list[int] = []
+    written: dict[int, str] = {}
+    count = 0
+    for step in program.steps:
+        if step.op in ("read", "add", "set") or (step.op in ("scale", "axpy") and step.dst in frozen):
+            slot_value[step.dst] = count
+            count += 1
+            frozen.discard(step.dst)
+            values.append(slot_value[step.dst])
+        elif step.op in ("scale", "axpy"):
+            values.append(slot_value[step.dst])
+        else:  # write
+            value = slot_value[step.srcs[0]]
+            written.setdefault(value, step.name)
+            frozen.add(step.srcs[0])
+            values.append(value)
+    return _LinearProgram(values, written, count)
+
+
 class Session:
     """One execution of a bound plan: reductions first, then the main pass."""
 
@@ -281,6 +331,12 @@ class Session:
         self.prefetch = prefetch
         self.reduced: dict[int, float] = {}  # id(reduce node) -> value
         self._scalar_cache: dict[int, float] = {}
+        self._linear: dict[int, _LinearProgram | None] = {}  # id(program) -> analysis
+        self._scratch: dict[int, torch.Tensor] = {}  # value -> chunk buffer (chunked runs)
+        # Output buffers given back once written (run() recycles them; stream() cannot).
+        self.recycle_outputs = False
+        self._pool: list[torch.Tensor] = []
+        self._leases: dict[int, torch.Tensor] = {}
 
     # scalars
 
@@ -342,6 +398,14 @@ class Session:
             raise TvlangError(f"while computing tensor '{name}': {exc}", tensor=name) from None
 
     def _execute(self, program: TensorProgram, name: str, raw: dict[str, torch.Tensor], sink, feed) -> None:
+        if feed is None:
+            key = id(program)
+            if key not in self._linear:
+                self._linear[key] = _linear_program(program)
+            linear = self._linear[key]
+            if linear is not None and _numel(self.layout.infos[name].shape) >= CHUNK_MIN:
+                self._execute_chunked(program, linear, name, raw, sink)
+                return
         from tvlang.ops.context import TensorContext
 
         buffers: list[torch.Tensor | None] = [None] * program.n_buffers
@@ -397,6 +461,106 @@ class Session:
                 feed(step.name, [buffers[s] for s in step.srcs], name)
             else:  # pragma: no cover
                 raise AssertionError(op)
+
+    def _execute_chunked(self, program: TensorProgram, linear: _LinearProgram, name: str,
+                         raw: dict[str, torch.Tensor], sink) -> None:
+        """Run a linear program chunk by chunk; the results come out in their output dtype, on the CPU."""
+        info = self.layout.infos[name]
+        numel = _numel(info.shape)
+        out_dtype = self.out_dtype or info.dtype
+        direct = self.device.type == "cpu" and out_dtype == self.dtype  # compute into the output itself
+        outputs: dict[str, torch.Tensor] = {}
+        for step in program.steps:
+            if step.op == "write" and step.name not in outputs:
+                outputs[step.name] = self._output_buffer(numel, out_dtype)
+        coefs = [None if step.coef is None else
+                 tuple(resolve_coef(c, self.scalar) for c in step.coef) if step.op == "add" else
+                 resolve_coef(step.coef, self.scalar) for step in program.steps]
+        flat = {key: tensor.reshape(-1) for key, tensor in raw.items()}
+        for start in range(0, numel, CHUNK_ELEMENTS):
+            stop = min(numel, start + CHUNK_ELEMENTS)
+
+            def storage(value: int) -> torch.Tensor:
+                target = linear.written.get(value)
+                if direct and target is not None:
+                    return outputs[target][start:stop]
+                buffer = self._scratch.get(value)
+                if buffer is None or buffer.dtype != self.dtype or buffer.device != self.device:
+                    buffer = torch.empty(CHUNK_ELEMENTS, dtype=self.dtype, device=self.device)
+                    self._scratch[value] = buffer
+                return buffer[: stop - start]
+
+            slots: dict[int, tuple[torch.Tensor, bool]] = {}  # slot -> (chunk, owned)
+            for index, step in enumerate(program.steps):
+                op = step.op
+                coef = coefs[index]
+                value = linear.values[index]
+                if op == "read":
+                    chunk = flat[step.name][start:stop]
+                    if chunk.dtype != self.dtype or chunk.device != self.device:
+                        chunk = chunk.to(device=self.device, dtype=self.dtype, non_blocking=True)
+                    slots[step.dst] = (chunk, False)  # never changed in place: it may be the caller's
+                elif op == "scale":
+                    chunk, owned = slots[step.dst]
+                    if owned:
+                        chunk.mul_(coef)
+                    else:
+                        chunk = torch.mul(chunk, coef, out=storage(value))
+                    slots[step.dst] = (chunk, True)
+                elif op == "axpy":
+                    chunk, owned = slots[step.dst]
+                    other = slots[step.srcs[0]][0]
+                    if owned:
+                        chunk.add_(other, alpha=coef)
+                    else:
+                        chunk = torch.add(chunk, other, alpha=coef, out=storage(value))
+                    slots[step.dst] = (chunk, True)
+                elif op == "add":
+                    left, right = slots[step.srcs[0]][0], slots[step.srcs[1]][0]
+                    target = storage(value)
+                    if coef[0] == 1.0:
+                        torch.add(left, right, alpha=coef[1], out=target)
+                    else:
+                        torch.mul(left, coef[0], out=target).add_(right, alpha=coef[1])
+                    slots[step.dst] = (target, True)
+                elif op == "set":
+                    target = storage(value)
+                    if coef == 1.0:
+                        target.copy_(slots[step.srcs[0]][0])
+                    else:
+                        torch.mul(slots[step.srcs[0]][0], coef, out=target)
+                    slots[step.dst] = (target, True)
+                else:  # write
+                    chunk = slots[step.srcs[0]][0]
+                    destination = outputs[step.name][start:stop]
+                    if chunk.data_ptr() != destination.data_ptr() or chunk.dtype != destination.dtype:
+                        destination.copy_(chunk)
+                    slots[step.srcs[0]] = (chunk, False)  # written out: later changes go elsewhere
+        for output, tensor in outputs.items():
+            sink(output, tensor.view(info.shape))
+
+    def _output_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A CPU tensor for one result: a recycled buffer when run() gives them back."""
+        nbytes = numel * dtype.itemsize
+        if not self.recycle_outputs:
+            return torch.empty(numel, dtype=dtype)
+        fits = [i for i, b in enumerate(self._pool) if b.numel() >= nbytes]
+        if fits:  # the smallest that fits (list.remove would compare tensors elementwise)
+            buffer = self._pool.pop(min(fits, key=lambda i: self._pool[i].numel()))
+        else:
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+        tensor = buffer[:nbytes].view(dtype)
+        self._leases[tensor.data_ptr()] = buffer
+        return tensor
+
+    def give_back(self, tensor: torch.Tensor) -> None:
+        """``tensor`` (from results()) has been written: its buffer may be reused."""
+        buffer = self._leases.pop(tensor.data_ptr(), None)
+        if buffer is None:
+            return
+        self._pool.append(buffer)
+        if len(self._pool) > POOL_SIZE:  # keep the largest few
+            self._pool.pop(min(range(len(self._pool)), key=lambda i: self._pool[i].numel()))
 
     # reductions
 
@@ -559,17 +723,21 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
         session.reduce(bar)
         count = 0
         written = 0
+        session.recycle_outputs = True
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvlang-write") as pool:
-            pending: list[Future] = []
+            pending: list[tuple[Future, torch.Tensor]] = []
             for output, name, tensor in session.results(list(targets), bar):
                 # Keep at most one write in flight per output: memory stays bounded.
                 while len(pending) >= len(targets):
-                    pending.pop(0).result()
-                pending.append(pool.submit(writers[output].write, name, tensor))
+                    future, done = pending.pop(0)
+                    future.result()
+                    session.give_back(done)
+                pending.append((pool.submit(writers[output].write, name, tensor), tensor))
                 count += 1
                 written += tensor.numel() * tensor.element_size()
-            for future in pending:
+            for future, done in pending:
                 future.result()
+                session.give_back(done)
         for writer in writers.values():
             writer.commit()
         if bar:
