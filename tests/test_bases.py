@@ -400,3 +400,27 @@ def test_auto_k_of_one_for_weakly_related_vectors_prints_a_note(tmp_path, capsys
     assert "the eigengap rule's blind spot: pass --k to choose" in captured.err
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["k"] == 1 and manifest["storage"]["saved_percent"] == pytest.approx(66.67)
+
+
+def test_a_failed_merge_leaves_nothing_behind(planted_files, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("sklearn")
+    import tvlang.bases_build as build
+
+    base, paths, _, _ = planted_files
+    calls = []
+
+    def failing(recipe, out):
+        calls.append(out)
+        if len(calls) == 2:
+            raise TvlangError("disk full (simulated)")
+        return real(recipe, out)
+
+    real = build._run_recipe
+    monkeypatch.setattr(build, "_run_recipe", failing)
+    out = tmp_path / "bases"
+    code = main(["bases", "--base", base, *[f"{n}={p}" for n, p in paths.items()], "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "disk full (simulated)" in err and "while writing basis 1 from c1m0, c1m1, c1m2, c1m3" in err
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if "tvtmp" in p.name] == []

@@ -226,7 +226,11 @@ def build_bases(
             recipe = recipe_for(group, merge, density, base)
             filename = f"basis_{index}.safetensors"
             say(f"basis {index}: {', '.join(m.name for m in group)}")
-            _run_recipe(recipe, os.path.join(tmp, filename))
+            try:
+                _run_recipe(recipe, os.path.join(tmp, filename))
+            except TvlangError as exc:
+                exc.notes = (*exc.notes, f"while writing basis {index} from {', '.join(m.name for m in group)}")
+                raise
             reader = _open_reader(os.path.join(tmp, filename), os.path.join(out_dir, filename))
             try:
                 size = _float_bytes(reader)
