@@ -1,0 +1,49 @@
+"""The operators through the whole pipeline (compile -> plan -> streaming evaluation)."""
+
+import pytest
+import torch
+
+tvlang = pytest.importorskip("tvlang")
+if not hasattr(tvlang, "compile"):  # pragma: no cover - the API lands separately
+    pytest.skip("tvlang.compile not available", allow_module_level=True)
+
+NAMES = ["model.embed.weight", "model.layers.0.mlp.weight", "model.layers.1.mlp.weight", "model.norm.weight"]
+
+
+def _models():
+    g = torch.Generator().manual_seed(3)
+    shapes = [(6, 4), (5, 5), (5, 5), (7,)]
+    pre = {n: torch.randn(s, generator=g) for n, s in zip(NAMES, shapes)}
+    fts = [{n: pre[n] + torch.randn(s, generator=g) * (i + 1) for n, s in zip(NAMES, shapes)} for i in range(2)]
+    return pre, fts
+
+
+def test_ties_model_scope_trims_over_the_whole_model():
+    pre, (a, b) = _models()
+    plan = tvlang.compile('ties(a - pre, b - pre, density=0.3, scope="model")')
+    out = plan.evaluate({"pre": pre, "a": a, "b": b})
+    deltas = [{n: m[n] - pre[n] for n in NAMES} for m in (a, b)]
+    trimmed = []
+    for d in deltas:
+        flat = torch.cat([d[n].reshape(-1) for n in NAMES]).abs()
+        k = int(0.3 * flat.numel())
+        t = torch.sort(flat, descending=True).values[k - 1]
+        trimmed.append({n: torch.where(d[n].abs() >= t, d[n], 0.0) for n in NAMES})
+    for n in NAMES:
+        x, y = trimmed[0][n], trimmed[1][n]
+        s = torch.where(x + y >= 0, 1.0, -1.0)
+        agree_x, agree_y = (x * s > 0).float(), (y * s > 0).float()
+        want = (x * agree_x + y * agree_y) / torch.clamp(agree_x + agree_y, min=1)
+        assert torch.allclose(out[n], want, atol=1e-6), n
+    kept = sum(int(torch.count_nonzero(trimmed[0][n])) for n in NAMES)
+    assert kept == int(0.3 * sum(pre[n].numel() for n in NAMES))
+
+
+def test_schedule_and_select_through_the_pipeline():
+    pre, (a, _) = _models()
+    out = tvlang.compile('schedule(a - pre, [0, 1])').evaluate({"pre": pre, "a": a})
+    assert torch.allclose(out["model.layers.0.mlp.weight"], torch.zeros(5, 5))
+    assert torch.allclose(out["model.layers.1.mlp.weight"], a["model.layers.1.mlp.weight"] - pre["model.layers.1.mlp.weight"])
+    assert torch.allclose(out["model.embed.weight"], a["model.embed.weight"] - pre["model.embed.weight"])
+    out = tvlang.compile('select(a - pre, "*.layers.*")').evaluate({"pre": pre, "a": a})
+    assert torch.equal(out["model.norm.weight"], torch.zeros(7))
