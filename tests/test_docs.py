@@ -282,3 +282,21 @@ def test_index_links_every_doc():
     for path in (ROOT / "docs").glob("*.md"):
         if path.name != "index.md":
             assert f"({path.name})" in index, f"docs/index.md does not link {path.name}"
+
+
+def test_every_command_help_says_what_it_does_with_an_example():
+    """`tvlang --help` and each subcommand's help: a description and an `examples:` section."""
+    from tvlang.cli import COMMANDS, build_parser
+
+    code, top = run_cli(["--help"])
+    assert code == 0 and "examples:\n  tvlang " in top
+    registered = build_parser()._subparsers._group_actions[0].choices
+    assert "repl" in registered
+    for name in COMMANDS:
+        if name not in registered:
+            continue  # a command still being built
+        code, text = run_cli([name, "--help"])
+        assert code == 0, name
+        assert f"examples:\n  tvlang {name}" in text, f"`tvlang {name} --help` has no examples"
+        description = text.split("\n\n")[1]
+        assert len(description.split()) >= 5, f"`tvlang {name} --help` does not say what it does"

@@ -309,3 +309,27 @@ def test_help_says_what_it_does_with_an_example(capsys):
     text = capsys.readouterr().out
     assert "interactive session" in text.lower()
     assert "examples:\n  tvlang repl --bind pre=base/" in text
+
+
+def test_save_refuses_to_overwrite_unless_forced(ckpt, monkeypatch, capsys, tmp_path):
+    target = tmp_path / "x.safetensors"
+    script = f":save a - pre to {target}\n:save b - pre to {target}\n:save b - pre to {target} --force\n"
+    code, out, err = drive(monkeypatch, capsys, script, binds(ckpt))
+    assert code == 1
+    assert "output already exists" in err and err.count("error:") == 1
+    assert out.count("wrote 2 tensors") == 2  # a delta leaves the integer buffer out
+    saved = load_file(target)
+    torch.testing.assert_close(saved["w"], B["w"] - PRE["w"], rtol=0, atol=0)
+
+
+def test_a_scalar_used_twice_is_computed_once_and_explained(ckpt, monkeypatch, capsys):
+    script = "s = norm(a - pre)\ns*s\ndot(a - pre, a - pre)\n:explain s*s/norm(b - pre)\n"
+    code, out, err = drive(monkeypatch, capsys, script, binds(ckpt))
+    assert (code, err) == (0, "")
+    squared = float(delta(A, PRE).double() @ delta(A, PRE).double())
+    lines = out.splitlines()
+    assert lines[0] == lines[2] == f"Scalar: {squared:.8g}"
+    assert lines[4:7] == ["# a scalar: s*s/norm(b - pre)",
+                          "# whole-model reductions: norm(_arg0), norm(_arg1)",
+                          "# their vector arguments, computed in one streaming pass:"]
+    assert "out _arg0 = a - pre\nout _arg1 = b - pre\n" in out

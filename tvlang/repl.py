@@ -54,7 +54,7 @@ FILENAME = "<repl>"
 # Output names the REPL gives the values it computes; user names never clash
 # with them in practice (they are not reserved, just unusual).
 _VALUE = "out"  # the value shown is the bare `out` of the compiled recipe
-_ARG = "repl_arg{}__"
+_ARG = "_arg{}"
 _KIND = "repl_kind_{}__"
 _SCALAR = "repl_scalar__"
 # The checker wants every recipe to have an output; the REPL checks scalars as
@@ -62,16 +62,29 @@ _SCALAR = "repl_scalar__"
 _DUMMY_OUT = 'out repl_placeholder__ = load("placeholder")\n'
 
 
-COMMANDS = {
-    ":explain": ":explain EXPR         the optimized expression and its per-tensor plan",
-    ":save": ":save EXPR to PATH     compute EXPR and write it (PATH ending .safetensors: one file; else a directory)",
-    ":sources": ":sources              the checkpoints bound or loaded, with kinds and sizes",
-    ":vars": ":vars                 every definition and param, with its kind",
-    ":bind": ":bind NAME=PATH        bind a name to a checkpoint (delta:PATH for a task vector)",
-    ":load": ":load RECIPE           add a recipe file's statements (its outs become definitions)",
-    ":help": ":help                 this help",
-    ":quit": ":quit                 leave (Ctrl-D works too)",
+COMMANDS = {  # command -> (usage, what it does)
+    ":explain": (":explain EXPR", "the optimized expression and its per-tensor plan"),
+    ":save": (":save EXPR to PATH", "compute EXPR and write it: PATH ending .safetensors is one file, "
+              "any other a model directory; add --force to replace an existing PATH"),
+    ":sources": (":sources", "the checkpoints bound or loaded, with kinds and sizes"),
+    ":vars": (":vars", "every definition and param, with its kind"),
+    ":bind": (":bind NAME=PATH", "bind a name to a checkpoint (NAME=delta:PATH for a task vector)"),
+    ":load": (":load RECIPE", "add a recipe's params and definitions (its named outs become definitions)"),
+    ":help": (":help", "this help"),
+    ":quit": (":quit", "leave (Ctrl-D works too)"),
 }
+
+
+def _command_help() -> str:
+    import textwrap
+
+    lines = []
+    for usage, what in COMMANDS.values():
+        wrapped = textwrap.wrap(what, 56) or [""]
+        lines.append(f"  {usage.ljust(20)} {wrapped[0]}")
+        lines.extend(" " * 23 + rest for rest in wrapped[1:])
+    return "\n".join(lines)
+
 
 HELP = """\
 Type statements and expressions in the recipe language:
@@ -80,7 +93,7 @@ Type statements and expressions in the recipe language:
   pre + lam*(ft - pre)                   show a summary of a value: kind, sources, tensors, dtype
   cos(a - pre, b - pre)                  a scalar is computed (streaming over the inputs)
 Commands:
-""" + "\n".join("  " + line for line in COMMANDS.values()) + """
+""" + _command_help() + """
 Redefining a name replaces it; definitions that use it follow the new value.
 Tab completes names, built-ins, keyword arguments and commands; input continues
 while a parenthesis or bracket is open."""
@@ -311,10 +324,14 @@ class Repl:
         elif name == ":explain":
             self.explain(self._need(rest, ":explain EXPR"))
         elif name == ":save":
-            expr, sep, path = self._need(rest, ":save EXPR to PATH").rpartition(" to ")
+            rest = self._need(rest, ":save EXPR to PATH [--force]")
+            force = rest.endswith(" --force")
+            if force:
+                rest = rest[: -len(" --force")]
+            expr, sep, path = rest.rpartition(" to ")
             if not sep or not expr.strip() or not path.strip():
-                raise TvlangError("usage: :save EXPR to PATH")
-            self.save(expr, path.strip().strip("\"'"))
+                raise TvlangError("usage: :save EXPR to PATH [--force]")
+            self.save(expr, path.strip().strip("\"'"), force=force)
         elif name == ":bind":
             target, sep, value = self._need(rest, ":bind NAME=PATH").partition("=")
             if not sep or not value.strip():
@@ -603,18 +620,23 @@ class Repl:
                 parts.append(key)
         return ", ".join(parts)
 
-    def _scalar(self, expr: ast.Expr, checked, pieces: list[_Piece]) -> tuple[float, str]:
-        """Evaluate a scalar expression: arithmetic here, whole-model reductions by streaming."""
+    @staticmethod
+    def _reductions(expr: ast.Expr, checked) -> tuple[list[tuple[ast.Call, list[int]]], list[str]]:
+        """The whole-model reductions a scalar needs, each once, and the texts of their vector arguments."""
         from tvlang.printer import to_text
         from tvlang.types import bind_call
 
         builtins = _builtins()
         calls: list[tuple[ast.Call, list[int]]] = []
         args: list[str] = []
+        seen: set[int] = set()
 
         def collect(node: ast.Expr, depth: int = 0) -> None:
             if depth > 200:
                 raise TvlangError("scalar expression nested too deeply")
+            if id(node) in seen:
+                return
+            seen.add(id(node))
             if isinstance(node, ast.Name):
                 if node.id in checked.env:
                     collect(checked.env[node.id], depth + 1)
@@ -632,11 +654,18 @@ class Repl:
                 vectors += list(bound.varargs)
                 indices = []
                 for vector in vectors:
-                    indices.append(len(args))
-                    args.append(to_text(vector))
+                    text = to_text(vector)
+                    if text not in args:
+                        args.append(text)
+                    indices.append(args.index(text))
                 calls.append((node, indices))
 
         collect(expr)
+        return calls, args
+
+    def _scalar(self, expr: ast.Expr, checked, pieces: list[_Piece]) -> tuple[float, str]:
+        """Evaluate a scalar expression: arithmetic here, whole-model reductions by streaming."""
+        calls, args = self._reductions(expr, checked)
         values: dict[int, float] = {}
         reads = ""
         if calls:
@@ -720,17 +749,26 @@ class Repl:
 
     def explain(self, expr_text: str) -> None:
         expr = _parse_expr(expr_text)
-        checked, kind, _, pieces = self._checked_expression(expr_text, expr_text, 0)
-        if kind == "scalar":
-            from tvlang.printer import to_text
-
-            self.say(f"# a scalar: {to_text(expr)}")
-            self.say("# the REPL streams the vector arguments of its whole-model reductions once")
+        checked, kind, value_expr, pieces = self._checked_expression(expr_text, expr_text, 0)
+        if kind != "scalar":
+            plan, _, _ = self._compile([(_VALUE, expr_text, expr_text, 0)])
+            self.say(plan.explain())
             return
-        plan, _, _ = self._compile([(_VALUE, expr_text, expr_text, 0)])
+        from tvlang.printer import to_text
+
+        calls, args = self._reductions(value_expr, checked)
+        self.say(f"# a scalar: {to_text(expr)}")
+        if not calls:
+            self.say("# a constant: no tensor is read")
+            return
+        self.say("# whole-model reductions: " + ", ".join(
+            f"{node.func}({', '.join(_ARG.format(i) for i in indices)})" for node, indices in calls))
+        self.say("# their vector arguments, computed in one streaming pass:")
+        outputs = [_ARG.format(i) for i in range(len(args))]
+        plan, _, _ = self._compile([(o, a, a, 0) for o, a in zip(outputs, args)])
         self.say(plan.explain())
 
-    def save(self, expr_text: str, path: str) -> None:
+    def save(self, expr_text: str, path: str, *, force: bool = False) -> None:
         expr = _parse_expr(expr_text)
         checked, kind, _, pieces = self._checked_expression(expr_text, expr_text, 0)
         if kind == "scalar":
@@ -738,7 +776,8 @@ class Repl:
                               expr.span, source=expr_text, filename=FILENAME)
         plan, _, pieces = self._compile([(_VALUE, expr_text, expr_text, 0)])
         try:
-            summary = plan.run(self.bindings, path, device=self.device, dtype=self.dtype, progress=True)
+            summary = plan.run(self.bindings, path, device=self.device, dtype=self.dtype, force=force,
+                               progress=True)
         except TvlangError as exc:
             raise self._remap(exc, pieces) from None
         self.say(summary.line())
