@@ -170,11 +170,6 @@ def bits_to_float(pattern: int) -> float:
     return struct.unpack("<f", struct.pack("<I", pattern))[0]
 
 
-def float_to_bits(value: float) -> int:
-    """The bit pattern of a non-negative float32 value, as an int."""
-    return struct.unpack("<I", struct.pack("<f", value))[0]
-
-
 def below(value: float, dtype: torch.dtype) -> float:
     """The largest ``dtype`` number smaller than ``value`` (for strict comparisons)."""
     t = torch.tensor(value, dtype=dtype)
