@@ -101,3 +101,13 @@ def test_della_sample_rows_and_edges():
     # one-entry rows get probability density
     col = della_sample(torch.ones(50_000, 1), 0.5, 0.3, gen, False, torch.empty(50_000, 1))
     assert abs(col.mean().item() - 0.5) < 0.02
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (5, 9), (3, 1), (64, 33)])
+def test_della_rank_order_matches_a_stable_row_argsort(shape):
+    from tvlang.ops.dare import _rank_order
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    x[0, 0] = -x[0, -1]  # equal magnitudes: ranked by position
+    for rows in (x, x.double()):
+        assert torch.equal(_rank_order(rows), torch.argsort(rows.abs(), dim=1, stable=True))

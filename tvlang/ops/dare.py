@@ -67,6 +67,25 @@ def random_like(inputs: list[torch.Tensor], ctx: TensorContext, *, seed: float =
     return noise.to(x.dtype)
 
 
+def _rank_order(rows: torch.Tensor) -> torch.Tensor:
+    """Per row, the column indices ordered by increasing ``|x|`` (ties by position).
+
+    float32 magnitudes sort like their int32 bit patterns, and a flat stable
+    sort of integer keys (row number in the high bits) is about twice as fast
+    as a row-wise float argsort.
+    """
+    if rows.dtype != torch.float32:
+        return torch.argsort(rows.abs(), dim=1, stable=True)
+    count, m = rows.shape
+    bits = rows.abs().view(torch.int32)
+    if count == 1:
+        return torch.argsort(bits.reshape(-1), stable=True).view(1, m)
+    starts = torch.arange(count, dtype=torch.int64, device=rows.device).unsqueeze(1)
+    key = bits.to(torch.int64).add_(starts << 31)
+    flat = torch.argsort(key.view(-1), stable=True).view(count, m)
+    return flat.sub_(starts * m)
+
+
 def della_sample(
     x: torch.Tensor, density: float, epsilon: float, gen: torch.Generator, rescale: bool, out: torch.Tensor,
 ) -> torch.Tensor:
@@ -85,7 +104,7 @@ def della_sample(
         return out.zero_()
     rows = x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1)
     m = rows.shape[1]
-    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    order = _rank_order(rows)
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     ranks = torch.empty(rows.shape, dtype=work, device=x.device)
     ramp = torch.arange(m, dtype=work, device=x.device).expand_as(rows)
