@@ -294,7 +294,9 @@ def similarity(
         reference = base_reader if base_reader is not None else readers[0]
         tensors = _plan_tensors(reference, readers, names, include, exclude)
         if not tensors:
-            what = f" matching the filters (include={list(include)}, exclude={list(exclude)})" if include or exclude else ""
+            what = ""
+            if include or exclude:
+                what = f" matching the filters (include={list(include)}, exclude={list(exclude)})"
             raise TvlangError(f"no floating-point tensors{what} in {reference.label}")
         if dtype is None:
             wide = any(r.info(t).dtype == torch.float64 for r in readers + [reference] for t, _ in tensors)
@@ -426,7 +428,8 @@ def _plan_tensors(reference, readers, names, include, exclude) -> list[tuple[str
                 )
             if not info.dtype.is_floating_point:
                 raise TvlangError(
-                    f"tensor '{tname}' is {info.dtype} in {reader.label} ('{name}') but floating point in {reference.label}",
+                    f"tensor '{tname}' is {info.dtype} in {reader.label} ('{name}')"
+                    f" but floating point in {reference.label}",
                     tensor=tname,
                 )
         if reader is reference:
