@@ -133,6 +133,20 @@ def test_addition_and_analogy_checkpoints_are_the_recipes(run):
         torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6)
     for x in subsets:
         assert 0.0 <= x["test_normalized_all"] <= 1.5
+    # The same with one frozen head per task: every checkpoint carries every head, unchanged.
+    heads = work / "per_task_heads"
+    pre_h = _weights(heads / "pre")
+    assert {f"heads.{t}.weight" for t in QUICK_TASKS} <= set(pre_h)
+    assert torch.equal(pre_h["body.0.weight"], pre["body.0.weight"])  # the same pre-trained backbone
+    fts_h = {t: _weights(heads / "ft" / t) for t in QUICK_TASKS}
+    for t, ft in fts_h.items():
+        for name in pre_h:
+            assert torch.equal(ft[name], pre_h[name]) == (not name.startswith("body.")), (t, name)
+    lam = r["addition_per_task_heads"]["subsets"][-1]["lam"]
+    got = _weights(heads / "edited" / "add_all")
+    for name, p in pre_h.items():
+        want = p + lam * sum(fts_h[t][name] - p for t in QUICK_TASKS)
+        torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6)
     for kind in ("subpopulation", "inversion"):
         targets = r["analogy"][kind]["targets"]
         assert len(targets) == 4

@@ -80,6 +80,7 @@ class Evaluator:
         self.data = data
         self.hidden = hidden
         self._cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._nets: dict[tuple[str, ...], DigitsMLP] = {}
 
     def xy(self, task: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         key = (task, split)
@@ -93,18 +94,22 @@ class Evaluator:
                 self._cache[key] = self.data.task_split(task, split)
         return self._cache[key]
 
-    def accuracies(self, model: torch.nn.Module, tasks, splits=("val", "test")) -> dict:
+    def accuracies(self, model: DigitsMLP, tasks, splits=("val", "test")) -> dict:
+        """{split: {task: accuracy}}, each task read out through its own head if it has one."""
         return {
-            split: {task: accuracy(model, *self.xy(task, split)) for task in tasks} for split in splits
+            split: {task: accuracy(model, *self.xy(task, split), task=task) for task in tasks}
+            for split in splits
         }
 
     def model(self, state: dict[str, torch.Tensor]) -> DigitsMLP:
-        """The network holding ``state``: one module, reloaded (valid until the next call)."""
-        if not hasattr(self, "_net"):
-            self._net = model_from_state(state, self.hidden)
+        """The network holding ``state``: one module per architecture, reloaded in place
+        (valid until the next call)."""
+        key = tuple(sorted(state))
+        if key not in self._nets:
+            self._nets[key] = model_from_state(state, self.hidden)
         else:
-            self._net.load_state_dict(state, strict=True)
-        return self._net
+            self._nets[key].load_state_dict(state, strict=True)
+        return self._nets[key]
 
 
 @dataclass
@@ -193,9 +198,46 @@ def _check_written(out: Path, ev: Evaluator, expected: dict[str, float]) -> None
     """The checkpoint ``plan.run`` wrote gives the test accuracies ``plan.evaluate`` gave."""
     model = load_model(out)
     for task, want in expected.items():
-        got = accuracy(model, *ev.xy(task, "test"))
+        got = accuracy(model, *ev.xy(task, "test"), task=task)
         if abs(got - want) > 1e-9:
             raise RuntimeError(f"{out}: test accuracy on {task} is {got}, plan.evaluate gave {want}")
+
+
+def train_multihead(settings: Settings, data: DigitsData, work: Workspace, pre_dir: Path,
+                    log: Callable[[str], None]) -> dict:
+    """The addition experiment's second setting: one frozen head per task, as in the paper.
+
+    The pre-trained backbone and plain-digits head are the ones above; each edit task gets
+    its own classification layer, initialized at random (seeded) and never trained, and
+    each task is fine-tuned through its own head. Every checkpoint holds every head.
+    """
+    pre_single = load_model(pre_dir)
+    torch.manual_seed(settings.seed + 77)
+    pre = DigitsMLP(settings.hidden, task_heads=settings.edit_tasks)
+    missing = pre.load_state_dict(pre_single.state_dict(), strict=False)
+    if missing.unexpected_keys or any(not k.startswith("heads.") for k in missing.missing_keys):
+        raise RuntimeError(f"cannot extend the pre-trained model: {missing}")
+    save_model(pre, work.path("pre"), task=CONTROL_TASK)
+    pre_state = {k: v.clone() for k, v in pre.state_dict().items()}
+    info = {}
+    for index, task in enumerate(settings.edit_tasks):
+        model = DigitsMLP(settings.hidden, task_heads=settings.edit_tasks)
+        model.load_state_dict(pre_state)
+        x, y = data.task_split(task, "train")
+        steps_per_epoch = -(-len(x) // 64)
+        epochs = max(1, round(settings.finetune_steps / steps_per_epoch))
+        config = TrainConfig(epochs=epochs, lr=settings.finetune_lr, freeze_head=True)
+        train(model, x, y, config, seed=settings.seed * 1000 + 500 + index, task=task)
+        save_model(model, work.path(task), task=task)
+        state = model.state_dict()
+        if any(not torch.equal(state[k], pre_state[k]) for k in state if not k.startswith("body.")):
+            raise RuntimeError(f"fine-tuning {task} changed a frozen head")
+        info[task] = {"train_images": len(x), "epochs": epochs}
+    work.states["pre"] = _read_checkpoint(work.path("pre"))
+    for task in settings.edit_tasks:
+        work.states[task] = _read_checkpoint(work.path(task))
+    log(f"one head per task: fine-tuned {len(settings.edit_tasks)} more models")
+    return info
 
 
 # -- forgetting via negation (Sec. 3, Table 1, Figure 9) -------------------------------------
@@ -397,6 +439,13 @@ def run_all(settings: Settings, workdir: Path, log: Callable[[str], None] = prin
     log(f"addition: {len(add['subsets'])} subsets x {len(settings.add_lambdas)} lambdas")
 
     t = time.perf_counter()
+    work_heads = Workspace(Path(workdir) / "per_task_heads")
+    trained["per_task_heads"] = train_multihead(settings, data, work_heads, work.path("pre"), log)
+    add_heads = addition(settings, ev, work_heads)
+    timings["addition, one head per task"] = time.perf_counter() - t
+    log(f"addition with one head per task: {len(add_heads['subsets'])} subsets")
+
+    t = time.perf_counter()
     analogy = {kind: analogies(settings, ev, work, kind) for kind in ("subpopulation", "inversion")}
     timings["analogies"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - start
@@ -408,6 +457,7 @@ def run_all(settings: Settings, workdir: Path, log: Callable[[str], None] = prin
         "trained": trained,
         "forgetting": forget,
         "addition": add,
+        "addition_per_task_heads": add_heads,
         "analogy": analogy,
         "timings_s": timings,
         "tvlang_version": tvlang.__version__,

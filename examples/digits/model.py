@@ -39,16 +39,31 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 class DigitsMLP(nn.Module):
-    def __init__(self, hidden: int = 256, inputs: int = 64, classes: int = 10):
+    """The backbone ``body``, the shared ``head``, and optionally one head per task.
+
+    With ``task_heads``, ``forward(x, task)`` reads out through ``heads[task]`` (the
+    paper's setting: every task has its own frozen classification layer); a task without a
+    head of its own, or no task, uses the shared ``head``.
+    """
+
+    def __init__(self, hidden: int = 256, inputs: int = 64, classes: int = 10, task_heads=()):
         super().__init__()
         self.hidden = hidden
         self.body = nn.Sequential(
             nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()
         )
         self.head = nn.Linear(hidden, classes)
+        self.heads = nn.ModuleDict({task: nn.Linear(hidden, classes) for task in task_heads})
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
+    @property
+    def task_heads(self) -> list[str]:
+        return list(self.heads)
+
+    def readout(self, task: str | None) -> nn.Linear:
+        return self.heads[task] if task is not None and task in self.heads else self.head
+
+    def forward(self, x: torch.Tensor, task: str | None = None) -> torch.Tensor:
+        return self.readout(task)(self.body(x))
 
 
 @dataclass(frozen=True)
@@ -77,11 +92,23 @@ def _augment(x: torch.Tensor, jitter: int, noise: float, gen: torch.Generator) -
 
 
 def train(
-    model: DigitsMLP, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, seed: int
+    model: DigitsMLP,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: TrainConfig,
+    seed: int,
+    task: str | None = None,
 ) -> DigitsMLP:
-    """Train in place with AdamW and a cosine schedule; deterministic given ``seed``."""
+    """Train in place with AdamW and a cosine schedule; deterministic given ``seed``.
+
+    ``task`` picks the readout (see :class:`DigitsMLP`); heads are frozen when
+    ``config.freeze_head``, and the heads of other tasks never change.
+    """
     gen = torch.Generator().manual_seed(seed)
-    for p in model.head.parameters():
+    readout = model.readout(task)
+    for p in list(model.head.parameters()) + list(model.heads.parameters()):
+        p.requires_grad_(False)
+    for p in readout.parameters():
         p.requires_grad_(not config.freeze_head)
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "sgd":
@@ -102,7 +129,7 @@ def train(
         for start in range(0, len(x), config.batch_size):
             idx = order[start : start + config.batch_size]
             xb = _augment(x[idx], config.jitter, config.noise, gen)
-            loss = loss_fn(model(xb), y[idx])
+            loss = loss_fn(model(xb, task), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -114,14 +141,16 @@ def train(
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def accuracy(model: DigitsMLP, x: torch.Tensor, y: torch.Tensor, task: str | None = None) -> float:
     model.eval()
-    return float((model(x).argmax(dim=1) == y).float().mean())
+    return float((model(x, task).argmax(dim=1) == y).float().mean())
 
 
 def model_from_state(state: dict[str, torch.Tensor], hidden: int) -> DigitsMLP:
-    """A network holding ``state`` (a dict of tensors, e.g. from ``plan.evaluate``)."""
-    model = DigitsMLP(hidden=hidden)
+    """A network holding ``state`` (a dict of tensors, e.g. from ``plan.evaluate``);
+    its per-task heads are read off the tensor names (``heads.<task>.weight``)."""
+    heads = [k[len("heads.") : -len(".weight")] for k in state if k.startswith("heads.") and k.endswith(".weight")]
+    model = DigitsMLP(hidden=hidden, task_heads=heads)
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
     model.eval()
     return model
@@ -136,7 +165,8 @@ def save_model(model: DigitsMLP, directory: str | os.PathLike, *, task: str) -> 
     directory.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     metadata = {"format": "pt", "digits.task": task}
-    config = {"model_type": "tvlang-digits-mlp", "hidden": model.hidden, "task": task}
+    config = {"model_type": "tvlang-digits-mlp", "hidden": model.hidden, "task": task,
+              "task_heads": model.task_heads}
     try:  # tvlang's checkpoint writer (streaming, temporary name then rename)
         from tvlang.synth import write_checkpoint
     except ImportError:  # an older tvlang: plain safetensors

@@ -44,6 +44,8 @@ def markdown(results: dict, figure_prefix: str = FIGURES) -> str:
     ]
     lines += _forgetting_md(results["forgetting"], s, figure_prefix)
     lines += _addition_md(results["addition"], s, figure_prefix)
+    if "addition_per_task_heads" in results:
+        lines += _addition_heads_md(results["addition_per_task_heads"], results["addition"], figure_prefix)
     lines += _analogy_md(results["analogy"], s, figure_prefix)
     lines += ["### Timings", ""]
     lines += _table(
@@ -120,6 +122,40 @@ def _addition_md(add: dict, s: dict, fig: str) -> list[str]:
         f"all {len(tasks)} tasks (the paper's Figure 3).",
         "",
     ]
+    lines += _size_table(add)
+    lines += ["", "Accuracy (%) per task: pre-trained, fine-tuned, and the sum of all task vectors:", ""]
+    lines += _per_task_table(add)
+    lines += [
+        "",
+        f"![pairs]({fig}/digits_addition_pairs.png)",
+        "",
+        f"![subsets]({fig}/digits_addition_subsets.png)",
+        "",
+    ]
+    return lines
+
+
+def _addition_heads_md(add: dict, shared: dict, fig: str) -> list[str]:
+    pairs = statistics.mean(x["test_normalized_subset"] for x in add["subsets"] if len(x["tasks"]) == 2)
+    pairs_shared = statistics.mean(x["test_normalized_subset"] for x in shared["subsets"] if len(x["tasks"]) == 2)
+    lines = [
+        "**The same experiment with one frozen head per task** (the paper's setting: each task reads "
+        "out through its own classification layer). The pre-trained backbone is the one above; each "
+        "task gets its own randomly initialized head, frozen, so the pre-trained model is at chance on "
+        "every task; each task is fine-tuned through its own head, and evaluated through it. Pairs: "
+        f"{pct(pairs)}% normalized accuracy on their two tasks here, {pct(pairs_shared)}% with the "
+        "shared head.",
+        "",
+    ]
+    lines += _size_table(add)
+    lines += [""]
+    lines += _per_task_table(add)
+    lines += ["", f"![pairs, one head per task]({fig}/digits_addition_pairs_heads.png)", ""]
+    return lines
+
+
+def _size_table(add: dict) -> list[str]:
+    tasks = add["tasks"]
     rows = [
         [
             "0 (pre-trained)",
@@ -142,7 +178,7 @@ def _addition_md(add: dict, s: dict, fig: str) -> list[str]:
                 f"{statistics.mean(x['lam'] for x in group):.2f}",
             ]
         )
-    lines += _table(
+    return _table(
         [
             "task vectors added",
             "subsets",
@@ -153,9 +189,12 @@ def _addition_md(add: dict, s: dict, fig: str) -> list[str]:
         ],
         rows,
     )
-    lines += ["", "Accuracy (%) per task: pre-trained, fine-tuned, and the sum of all task vectors:", ""]
+
+
+def _per_task_table(add: dict) -> list[str]:
+    tasks = add["tasks"]
     everything = add["subsets"][-1]
-    lines += _table(
+    return _table(
         ["", *tasks],
         [
             ["pre-trained", *(pct(add["pretrained"]["test"][t]) for t in tasks)],
@@ -163,14 +202,6 @@ def _addition_md(add: dict, s: dict, fig: str) -> list[str]:
             [f"sum of all (lam {everything['lam']:g})", *(pct(everything["test_acc"][t]) for t in tasks)],
         ],
     )
-    lines += [
-        "",
-        f"![pairs]({fig}/digits_addition_pairs.png)",
-        "",
-        f"![subsets]({fig}/digits_addition_subsets.png)",
-        "",
-    ]
-    return lines
 
 
 def _analogy_md(analogy: dict, s: dict, fig: str) -> list[str]:
@@ -255,8 +286,15 @@ def write_figures(results: dict, directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     paths = [
         _forgetting_figure(plt, results, directory / "digits_forgetting.png"),
-        _pairs_figure(plt, results, directory / "digits_addition_pairs.png"),
+        _pairs_figure(plt, results["addition"], directory / "digits_addition_pairs.png", "shared head"),
         _subsets_figure(plt, results, directory / "digits_addition_subsets.png"),
+    ]
+    if "addition_per_task_heads" in results:
+        paths.append(
+            _pairs_figure(plt, results["addition_per_task_heads"], directory / "digits_addition_pairs_heads.png",
+                          "one head per task")
+        )
+    paths += [
         _analogy_figure(plt, results, directory / "digits_analogies.png"),
     ]
     return paths
@@ -295,8 +333,7 @@ def _forgetting_figure(plt, results: dict, path: Path) -> Path:
     return path
 
 
-def _pairs_figure(plt, results: dict, path: Path) -> Path:
-    add = results["addition"]
+def _pairs_figure(plt, add: dict, path: Path, setting: str) -> Path:
     tasks = add["tasks"]
     ft = add["finetuned"]["test"]
     index = {tuple(sorted(x["tasks"])): x for x in add["subsets"]}
@@ -316,7 +353,7 @@ def _pairs_figure(plt, results: dict, path: Path) -> Path:
     ax.set_yticks(range(len(tasks)), tasks)
     ax.set_xlabel("task vector added to the row's")
     ax.set_ylabel("normalized accuracy on")
-    ax.set_title("Adding pairs of task vectors (diagonal: one vector)")
+    ax.set_title(f"Adding pairs of task vectors, {setting} (diagonal: one vector)", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -325,27 +362,33 @@ def _pairs_figure(plt, results: dict, path: Path) -> Path:
 
 
 def _subsets_figure(plt, results: dict, path: Path) -> Path:
-    add = results["addition"]
-    n = len(add["tasks"])
+    variants = [("shared head", results["addition"], "tab:blue")]
+    if "addition_per_task_heads" in results:
+        variants.append(("one head per task", results["addition_per_task_heads"], "tab:orange"))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, key, title in (
         (axes[0], "test_normalized_all", "averaged over all tasks (Fig. 3)"),
         (axes[1], "test_normalized_subset", "averaged over the added tasks (Fig. 16)"),
     ):
-        xs = [len(x["tasks"]) for x in add["subsets"]]
-        ys = [x[key] for x in add["subsets"]]
-        ax.scatter(xs, ys, s=10, alpha=0.5, color="tab:blue")
-        means = [statistics.mean(y for x, y in zip(xs, ys) if x == k) for k in range(1, n + 1)]
-        if key == "test_normalized_all":
-            ax.scatter([0], [add["pretrained_normalized_all"]], s=14, color="tab:blue")
-            ax.plot(range(0, n + 1), [add["pretrained_normalized_all"], *means], "-", color="tab:blue")
-        else:
-            ax.plot(range(1, n + 1), means, "-", color="tab:blue")
+        for offset, (label, add, color) in enumerate(variants):
+            n = len(add["tasks"])
+            shift = 0.12 * offset
+            xs = [len(x["tasks"]) for x in add["subsets"]]
+            ys = [x[key] for x in add["subsets"]]
+            ax.scatter([x + shift for x in xs], ys, s=8, alpha=0.45, color=color)
+            means = [statistics.mean(y for x, y in zip(xs, ys) if x == k) for k in range(1, n + 1)]
+            if key == "test_normalized_all":
+                ax.scatter([shift], [add["pretrained_normalized_all"]], s=12, color=color)
+                ax.plot([k + shift for k in range(0, n + 1)], [add["pretrained_normalized_all"], *means], "-",
+                        color=color, label=label)
+            else:
+                ax.plot([k + shift for k in range(1, n + 1)], means, "-", color=color, label=label)
         ax.axhline(1.0, ls="--", color="gray", lw=1)
         ax.set_xlabel("number of task vectors added")
         ax.set_ylabel("normalized accuracy")
         ax.set_ylim(0, 1.05)
         ax.set_title(title)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
