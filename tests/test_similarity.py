@@ -203,6 +203,9 @@ def test_errors_name_the_tensor_and_the_input(models):
     wrong = dict(fts["a"], **{"head.weight": torch.zeros(3, 4, 2)})
     with pytest.raises(TvlangError, match=r"'head.weight' has shape \[3, 4, 2\] in <state dict 'w'>.* but \[2, 4, 3\]"):
         similarity({"w": wrong}, base=pre)
+    ints = dict(fts["a"], **{"enc.0.bias": torch.zeros(5, dtype=torch.int32)})
+    with pytest.raises(TvlangError, match=r"'enc.0.bias' is torch.int32 in <state dict 'i'> \('i'\) but floating point"):
+        similarity({"i": ints}, base=pre)
     with pytest.raises(TvlangError, match=r"'a' is a model, not a task vector, and no base was given"):
         similarity(fts)
     with pytest.raises(TvlangError, match=r"given twice"):
