@@ -323,3 +323,14 @@ def test_cli_plot_without_matplotlib_says_which_extra(files, monkeypatch, capsys
     assert code == 1
     assert "pip install tvlang[bases]" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_plot_without_scikit_learn_keeps_input_order(files, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    base, paths = files
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.cluster", None)
+    out = tmp_path / "sim.png"
+    code = main(["similarity", "--base", base, "--plot", str(out), *[f"{n}={p}" for n, p in paths.items()]])
+    assert code == 0 and out.exists()
+    assert "scikit-learn is not installed; heatmap in input order" in capsys.readouterr().err
