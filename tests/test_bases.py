@@ -218,6 +218,7 @@ def test_cli_bases_writes_bases_and_manifest(planted_files, tmp_path, capsys):
     assert len(manifest["eigenvalues"]) == 12 and manifest["eigenvalues"] == sorted(manifest["eigenvalues"])
     assert manifest["merge"] == {"method": "mean", "density": None}
     assert manifest["affinity"] == "clip"
+    assert manifest["similarity"]["tensors"] == 4 and manifest["similarity"]["parameters"] == FLOAT_BYTES // 4
     assert manifest["base"] == os.path.abspath(base)
     names = list(paths)
     assert [[m["name"] for m in b["members"]] for b in manifest["bases"]] == [names[0:4], names[4:8], names[8:12]]

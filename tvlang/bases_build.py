@@ -254,7 +254,7 @@ def build_bases(
                         "float_bytes": t.float_bytes} for t in inputs],
             "include": list(include),
             "exclude": list(exclude),
-            "similarity": {"names": sim.names,
+            "similarity": {"names": sim.names, "tensors": len(sim.tensors), "parameters": sim.elements,
                            "cosine": [[round(float(x), 6) for x in row] for row in sim.cosine],
                            "norms": [float(x) for x in sim.norms]},
             "affinity": "clip",
