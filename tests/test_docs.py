@@ -13,7 +13,8 @@ The convention (also in docs/index.md), by the fence's language tag:
                stdout+stderr when given. ``$ tvlang repl ...`` followed by ``tv> ``
                (and ``... ``) lines is a REPL transcript: those lines are its
                input, the other lines its output. ``$ python examples/X.py ARGS``
-               runs that script. Other ``$`` lines (pip, git, cd) are not run.
+               runs that script (in this process; its stdout, then its stderr).
+               Other ``$`` lines (pip, git, cd) are not run.
                Exit status 0 is required unless the shown output has "error:".
 - ```tvlang   parsed and checked (undefined names are free models); ```tvlang error
                must fail the checker instead.
@@ -36,7 +37,6 @@ import re
 import runpy
 import shlex
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +179,24 @@ def run_cli(argv: list[str], stdin: str | None = None) -> tuple[int, str]:
     return code, buffer.getvalue()
 
 
+def run_script(argv: list[str]) -> tuple[int, str]:
+    """``python SCRIPT ARGS`` in this process (no second torch import), as ``__main__``;
+    its stdout, then its stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    old_argv = sys.argv
+    sys.argv = list(argv)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(argv[0], run_name="__main__")
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = old_argv
+    return code, out.getvalue() + err.getvalue()  # as a shell shows `2>&1` of a buffered pipe
+
+
 def run_console(block: Block) -> None:
     commands: list[tuple[str, list[str], list[str]]] = []  # (command, input lines, shown lines)
     for line in block.text.splitlines():
@@ -198,8 +216,7 @@ def run_console(block: Block) -> None:
         elif argv[0] == "python" and len(argv) > 1 and argv[1].startswith("examples/"):
             if argv[1] == "examples/make_checkpoints.py":
                 continue  # the fixture already generated them
-            done = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, timeout=300)
-            code, output = done.returncode, done.stdout + done.stderr
+            code, output = run_script(argv[1:])
         else:
             continue
         expected = "\n".join(shown).strip("\n")

@@ -333,3 +333,30 @@ def test_a_scalar_used_twice_is_computed_once_and_explained(ckpt, monkeypatch, c
                           "# whole-model reductions: norm(_arg0), norm(_arg1)",
                           "# their vector arguments, computed in one streaming pass:"]
     assert "out _arg0 = a - pre\nout _arg1 = b - pre\n" in out
+
+
+def test_highlighting_lexer_and_coloured_vars(ckpt):
+    pytest.importorskip("pygments")
+    from tvlang.highlight import highlight, tokens
+
+    kinds = [(str(kind).replace("Token.", "").replace("Literal.", ""), text)
+             for kind, text in tokens('param lam = 0.4\nout m = ties(a, b, density=0.2) + load("x")  # c\n')
+             if text.strip()]
+    assert kinds[:4] == [("Keyword", "param"), ("Name.Variable", "lam"), ("Operator", "="), ("Number", "0.4")]
+    assert ("Name.Builtin", "ties") in kinds and ("Name.Builtin", "load") in kinds
+    assert ("Name", "a") in kinds and ("String.Double", '"x"') in kinds and ("Comment.Single", "# c") in kinds
+    assert highlight("x = a - pre") != "x = a - pre" and "\x1b[" in highlight("x = a - pre")
+    out = io.StringIO()
+    repl = Repl({"pre": ckpt["pre"], "a": ckpt["a"]}, stdout=out, stderr=io.StringIO(), color=True)
+    repl.feed("x = a - pre")
+    repl.feed(":vars")
+    assert "\x1b[" in out.getvalue()
+    assert re.sub(r"\x1b\[[0-9;]*m", "", out.getvalue()) == "x : Delta  = a - pre\n"
+
+
+def test_set_overrides_a_recipe_param(ckpt, monkeypatch, capsys, tmp_path):
+    recipe = tmp_path / "r.tv"
+    recipe.write_text("param lam = 0.5\nout = pre + lam*(a - pre)\n")
+    code, out, err = drive(monkeypatch, capsys, "lam\n", [*binds(ckpt), "--set", "lam=-0.25", str(recipe)])
+    assert (code, err) == (0, "")
+    assert out.splitlines()[1] == "Scalar: -0.25"

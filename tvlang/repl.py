@@ -237,11 +237,13 @@ class Repl:
     """One REPL session. ``feed(text)`` handles one complete input; False means quit."""
 
     def __init__(self, bindings: dict[str, Any] | None = None, *, stdout: TextIO | None = None,
-                 stderr: TextIO | None = None, device: str = "cpu", dtype: str = "float32") -> None:
+                 stderr: TextIO | None = None, device: str = "cpu", dtype: str = "float32",
+                 color: bool = False) -> None:
         self.stdout = stdout or sys.stdout
         self.stderr = stderr or sys.stderr
         self.device = device
         self.dtype = dtype
+        self.color = color  # colour recipe text (:explain, :vars) with tvlang.highlight
         self.entries: dict[str, Entry] = {}  # insertion order = definition order
         self.bindings: dict[str, Any] = {}
         self.kinds: dict[str, str] = {}  # bound name -> "model" | "delta"
@@ -254,6 +256,14 @@ class Repl:
     def say(self, text: str = "") -> None:
         print(text, file=self.stdout)
         self.stdout.flush()
+
+    def say_recipe(self, text: str) -> None:
+        """Print recipe text, coloured when ``self.color``."""
+        if self.color:
+            from tvlang.highlight import highlight
+
+            text = highlight(text)
+        self.say(text)
 
     def report(self, exc: TvlangError) -> None:
         self.errors += 1
@@ -399,6 +409,10 @@ class Repl:
             source, _ = piece
             raise TvlangError(exc.message, call.span, source=source, filename=entry.origin,
                               notes=exc.notes) from None
+
+    def set_param(self, name: str, value: float) -> None:
+        """Define (or redefine) ``param name = value``."""
+        self.define(ast.Param(name, float(value)), f"param {name} = {_number(value)}", None)
 
     def load_recipe(self, path: str) -> None:
         """Add a recipe's statements: params, definitions, and named outs as definitions."""
@@ -752,7 +766,7 @@ class Repl:
         checked, kind, value_expr, pieces = self._checked_expression(expr_text, expr_text, 0)
         if kind != "scalar":
             plan, _, _ = self._compile([(_VALUE, expr_text, expr_text, 0)])
-            self.say(plan.explain())
+            self.say_recipe(plan.explain())
             return
         from tvlang.printer import to_text
 
@@ -766,7 +780,7 @@ class Repl:
         self.say("# their vector arguments, computed in one streaming pass:")
         outputs = [_ARG.format(i) for i in range(len(args))]
         plan, _, _ = self._compile([(o, a, a, 0) for o, a in zip(outputs, args)])
-        self.say(plan.explain())
+        self.say_recipe(plan.explain())
 
     def save(self, expr_text: str, path: str, *, force: bool = False) -> None:
         expr = _parse_expr(expr_text)
@@ -790,10 +804,11 @@ class Repl:
         width = max(len(e.name) for e in self.entries.values())
         for entry in self.entries.values():
             if isinstance(entry.stmt, ast.Param):
-                self.say(f"param {entry.name} = {_number(entry.stmt.value)}")
+                self.say_recipe(f"param {entry.name} = {_number(entry.stmt.value)}")
             else:
                 kind = {"model": "Model", "delta": "Delta", "scalar": "Scalar"}.get(kinds.get(entry.name, ""), "?")
-                self.say(f"{entry.name.ljust(width)} : {kind.ljust(6)} = {_stmt_text(entry.stmt).split(' = ', 1)[1]}")
+                self.say_recipe(f"{entry.name.ljust(width)} : {kind.ljust(6)} = "
+                                f"{_stmt_text(entry.stmt).split(' = ', 1)[1]}")
 
     def show_sources(self) -> None:
         from tvlang.io import open_reader
@@ -959,6 +974,9 @@ def interact(repl: Repl, *, stdin: TextIO | None = None) -> int:
     stdin = stdin or sys.stdin
     terminal = stdin.isatty() and sys.stdout.isatty()
     if terminal:
+        from tvlang.highlight import use_color
+
+        repl.color = use_color(sys.stdout)
         state = _setup_readline(repl)
         try:
             print("tvlang REPL: :help for help, :quit or Ctrl-D to leave")

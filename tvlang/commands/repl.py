@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tvlang.commands.check import parse_bindings
+from tvlang.commands.check import parse_bindings, parse_params
 
 HELP = "interactive recipes: define names, see summaries of values, save results"
 
@@ -26,6 +26,7 @@ script can drive it; the exit status is then 1 if any line failed.
 examples:
   tvlang repl --bind pre=base/ --bind ft=finetuned/
   tvlang repl examples/yelp_analogy.tv      (its definitions and params are loaded)
+  tvlang repl examples/forget.tv --set lam=0.8 --bind control=examples/checkpoints/t5-control
   printf 'tau = ft - pre\\nnorm(tau)\\n' | tvlang repl --bind pre=base/ --bind ft=ft/
 """
 
@@ -37,6 +38,8 @@ def register(subparsers) -> None:
                         help="a recipe whose params, definitions and named outputs are loaded first")
     parser.add_argument("--bind", action="append", default=[], metavar="NAME=PATH",
                         help="bind a name to a checkpoint: NAME=PATH or NAME=delta:PATH (repeatable)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="set a param after the recipe is loaded (repeatable)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="float32", help="compute dtype (default float32)")
     parser.set_defaults(func=run)
@@ -46,9 +49,12 @@ def run(args: argparse.Namespace) -> int:
     from tvlang.repl import Repl, interact
 
     bindings = parse_bindings(args.bind)
+    params = parse_params(args.set)
     repl = Repl(device=args.device, dtype=args.dtype)
     for name, value in bindings.items():
         repl.bind(name, value)
     if args.recipe is not None:
         repl.load_recipe(args.recipe)
+    for name, value in params.items():
+        repl.set_param(name, value)
     return interact(repl, stdin=sys.stdin)
