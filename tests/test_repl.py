@@ -360,3 +360,17 @@ def test_set_overrides_a_recipe_param(ckpt, monkeypatch, capsys, tmp_path):
     code, out, err = drive(monkeypatch, capsys, "lam\n", [*binds(ckpt), "--set", "lam=-0.25", str(recipe)])
     assert (code, err) == (0, "")
     assert out.splitlines()[1] == "Scalar: -0.25"
+
+
+def test_bad_inputs_are_errors_not_tracebacks(ckpt, monkeypatch, capsys, tmp_path):
+    recipe = tmp_path / "r.tv"
+    recipe.write_text("# a comment\npre = load('x')\nout = pre\n")
+    script = '\n'.join(['"abc"', 'load("nope")', "x =", ")", ":explain", ":save a", ":bind", "param x = a",
+                        "1/0", "pre = a", "true", f":load {recipe}", ":load /nope.tv", "a - pre"]) + "\n"
+    code, out, err = drive(monkeypatch, capsys, script, binds(ckpt))
+    assert code == 1
+    assert "Traceback" not in err and "internal error" not in err
+    assert err.count("error:") == 13
+    assert '<repl>:1:1: error: nope: no such file or directory\n  load("nope")\n  ^^^^^^^^^^^^' in err
+    assert f"{recipe}:2:1: error: 'pre' is bound to a checkpoint (:sources); choose another name" in err
+    assert out.startswith("Delta (task vector): 2 tensors")

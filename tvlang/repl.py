@@ -310,6 +310,10 @@ class Repl:
             self.report(exc)
         except KeyboardInterrupt:
             print("interrupted", file=self.stderr)
+        except Exception as exc:  # a bug: say so, and keep the session
+            self.errors += 1
+            print(f"internal error (a bug in tvlang, please report it): {type(exc).__name__}: {exc}",
+                  file=self.stderr)
         return True
 
     def command(self, line: str) -> bool:
@@ -352,6 +356,10 @@ class Repl:
         return True
 
     @staticmethod
+    def _error(message: str, node: ast.Node, source: str, filename: str = FILENAME) -> TvlangError:
+        return TvlangError(message, node.span, source=source, filename=filename)
+
+    @staticmethod
     def _need(rest: str, usage: str) -> str:
         if not rest:
             raise TvlangError(f"usage: {usage}")
@@ -382,7 +390,8 @@ class Repl:
             stmt = ast.Assign(stmt.name, stmt.value, span=stmt.span)
         name = stmt.name
         if name in self.kinds:
-            raise self._error(f"'{name}' is bound to a checkpoint (:sources); choose another name", stmt, source)
+            raise self._error(f"'{name}' is bound to a checkpoint (:sources); choose another name", stmt, source,
+                              origin)
         entry = Entry(name, stmt, own_text if own_text is not None else _stmt_text(stmt), origin,
                       _names(stmt) if isinstance(stmt, ast.Assign) else [])
         if own_text is not None and stmt.span is not None:
@@ -413,6 +422,19 @@ class Repl:
     def set_param(self, name: str, value: float) -> None:
         """Define (or redefine) ``param name = value``."""
         self.define(ast.Param(name, float(value)), f"param {name} = {_number(value)}", None)
+
+    def _check_expression_loads(self, expr: ast.Expr, source: str) -> None:
+        """A load() of a missing file, reported at its call before anything runs."""
+        from tvlang.io import open_reader
+
+        for call in _loads(expr):
+            path_node = call.args[0] if call.args else next((k.value for k in call.kwargs if k.name == "path"), None)
+            if isinstance(path_node, ast.String):
+                try:
+                    open_reader(path_node.value).close()
+                except TvlangError as exc:
+                    raise TvlangError(exc.message, call.span, source=source, filename=FILENAME,
+                                      notes=exc.notes) from None
 
     def load_recipe(self, path: str) -> None:
         """Add a recipe's statements: params, definitions, and named outs as definitions."""
@@ -580,6 +602,7 @@ class Repl:
         end = expr.span.end if expr.span else len(source)
         expr_text = source[start:end]
         checked, kind, value_expr, pieces = self._checked_expression(expr_text, source, start)
+        self._check_expression_loads(expr, source)
         if kind == "scalar":
             value, reads = self._scalar(value_expr, checked, pieces)
             line = f"Scalar: {_number(value)}"
@@ -764,6 +787,7 @@ class Repl:
     def explain(self, expr_text: str) -> None:
         expr = _parse_expr(expr_text)
         checked, kind, value_expr, pieces = self._checked_expression(expr_text, expr_text, 0)
+        self._check_expression_loads(expr, expr_text)
         if kind != "scalar":
             plan, _, _ = self._compile([(_VALUE, expr_text, expr_text, 0)])
             self.say_recipe(plan.explain())
@@ -785,6 +809,7 @@ class Repl:
     def save(self, expr_text: str, path: str, *, force: bool = False) -> None:
         expr = _parse_expr(expr_text)
         checked, kind, _, pieces = self._checked_expression(expr_text, expr_text, 0)
+        self._check_expression_loads(expr, expr_text)
         if kind == "scalar":
             raise TvlangError("a scalar has no tensors to save; save a model or a task vector",
                               expr.span, source=expr_text, filename=FILENAME)
