@@ -312,16 +312,11 @@ def _ir_text(program: IRProgram) -> str:
     statements: list[ast.Stmt] = []
     for node in postorder(roots):
         if node.kind == "vector" and node.op in ("lin", "call") and uses.get(id(node), 0) >= 2:
-            if any(node is r for r in roots) and uses[id(node)] == 1:
-                continue
             name = f"t{len(temps)}"
             statements.append(ast.Assign(name, _vector_ast(node, temps)))
             temps[id(node)] = name
     for name, node in program.outputs:
-        expr = _vector_ast(node, {k: v for k, v in temps.items() if k != id(node)}) if id(node) in temps else _vector_ast(node, temps)
-        if id(node) in temps:
-            expr = ast.Name(temps[id(node)])
-        statements.append(ast.Out(None if name == "out" else name, expr))
+        statements.append(ast.Out(None if name == "out" else name, _vector_ast(node, temps)))
     return to_text(ast.Program(tuple(statements))).rstrip("\n")
 
 
