@@ -169,3 +169,35 @@ def test_random_baseline_has_the_task_vectors_norm(run):
         if t.abs().sum() > 0:
             cos = torch.nn.functional.cosine_similarity(rnd[name].flatten(), t.flatten(), dim=0)
             assert abs(cos.item()) < 0.2  # a random direction, not the task vector
+
+
+def test_analogy_corners(run):
+    """D = C + (B - A): C shares D's row, B shares D's column, A is the opposite corner."""
+    targets = {t["target"]: t for t in run["results"]["analogy"]["subpopulation"]["targets"]}
+    assert (targets["rot90_high"]["c"], targets["rot90_high"]["b"], targets["rot90_high"]["a"]) == (
+        "rot90_low",
+        "rot270_high",
+        "rot270_low",
+    )
+    targets = {t["target"]: t for t in run["results"]["analogy"]["inversion"]["targets"]}
+    assert (targets["rot270_invert"]["c"], targets["rot270_invert"]["b"], targets["rot270_invert"]["a"]) == (
+        "rot270",
+        "rot90_invert",
+        "rot90",
+    )
+
+
+def test_forgetting_lambda_rule(monkeypatch):
+    """The documented rule: lowest validation target accuracy among the lambdas keeping
+    validation control >= 95% of the pre-trained model's; ties go to the larger lambda."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from examples.digits.experiment import _select_forget
+
+    def point(lam, target, control):
+        return {"lam": lam, "val": {"target": target, "control": control}}
+
+    curve = [point(0.0, 0.40, 0.90), point(0.5, 0.20, 0.86), point(0.75, 0.20, 0.856), point(1.0, 0.10, 0.80)]
+    # 0.95 * 0.90 = 0.855: lam 1.0 loses too much control; 0.5 and 0.75 tie on target.
+    assert _select_forget(curve, 0.90, 0.95)["lam"] == 0.75
+    assert _select_forget(curve, 0.90, 0.80)["lam"] == 1.0
+    assert _select_forget(curve[:1], 0.90, 0.95)["lam"] == 0.0
