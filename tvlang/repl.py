@@ -481,8 +481,9 @@ class Repl:
             state[name] = 2
             ordered.append(entry)
 
-        for root in roots:
-            visit(root, [])
+        position = {name: index for index, name in enumerate(entries)}
+        for root in sorted((r for r in roots if r in position), key=position.__getitem__):
+            visit(root, [])  # definition order, except where a redefinition needs otherwise
         return ordered
 
     def _recipe(self, entries: dict[str, Entry], needed: list[str], tail: list[tuple[str, str, int, str]],
