@@ -201,3 +201,13 @@ def test_forgetting_lambda_rule(monkeypatch):
     assert _select_forget(curve, 0.90, 0.95)["lam"] == 0.75
     assert _select_forget(curve, 0.90, 0.80)["lam"] == 1.0
     assert _select_forget(curve[:1], 0.90, 0.95)["lam"] == 0.0
+
+
+def test_every_recipe_file_compiles():
+    recipes = sorted((REPO / "examples" / "digits" / "recipes").glob("*.tv"))
+    assert [p.name for p in recipes] == ["add_three.tv", "analogy.tv", "forget.tv", "forget_random.tv"]
+    for path in recipes:
+        plan = tvlang.compile(path.read_text(), filename=str(path))
+        assert plan.outputs == ["out"] and plan.output_kind("out") == "model", path
+    add = tvlang.compile((REPO / "examples/digits/recipes/add_three.tv").read_text())
+    assert set(add.sources_read()) == {"pre", "rot90", "hflip", "invert"}
