@@ -24,7 +24,9 @@ each contender in a fresh subprocess, measured by ``harness.measure``:
   0.7 over base ``pre``), when ``mergekit-yaml`` is found (``--mergekit PATH``).
 
 Every contender runs once untimed first (inputs in the page cache: warm
-numbers), then ``--repeat`` times; the table gives the median wall time, the
+numbers), then ``--repeat`` rounds, interleaved (A B C A B C ...) so that a slow
+spell of a shared machine hits every contender alike; each run's output is checked
+against a direct computation on a few tensors. The table gives the median wall time, the
 throughput in MB/s of input read (4 x model size / wall), and the peak memory
 over the repeats (see harness.py for what each column counts). With
 ``--scales`` the tvlang and ideal contenders also run at those multiples of
@@ -230,33 +232,52 @@ def check_output(out: str, paths: dict[str, str]) -> float:
     return worst
 
 
-def bench(name: str, paths: dict[str, str], folder: str, size_bytes: int, args) -> Result | None:
-    out = os.path.join(folder, f"out-{name.replace('+', '-')}")
-    cmd = contender_cmd(name, paths, out, args)
-    if cmd is None:
-        return None
-    results = []
-    for attempt in range(args.repeat + 1):  # the first run warms the page cache
+def run_round(names: list[str], paths: dict[str, str], folder: str, args) -> dict[str, Result | None]:
+    """Every contender once, measured (None: not installed)."""
+    results: dict[str, Result | None] = {}
+    for name in names:
+        out = os.path.join(folder, f"out-{name.replace('+', '-')}")
+        cmd = contender_cmd(name, paths, out, args)
+        if cmd is None:
+            results[name] = None
+            continue
         shutil.rmtree(out, ignore_errors=True)
         result = measure(cmd)
-        if result.rc != 0:
-            print(f"  {name} failed (exit {result.rc}):\n{result.stderr[-3000:]}", file=sys.stderr)
-            return result
-        if attempt == 0:
+        if result.rc == 0:
             error = check_output(out, paths)
             if error > 1e-5:
                 print(f"  {name}: WRONG output, max error {error:g}", file=sys.stderr)
-            continue
-        results.append(result)
-        print(f"  {name}: {result.wall:.2f} s, anon {fmt_bytes(result.peak_anon)}", file=sys.stderr)
-    shutil.rmtree(out, ignore_errors=True)
-    return median_result(results)
+                result.rc = -1
+        else:
+            print(f"  {name} failed (exit {result.rc}):\n{result.stderr[-3000:]}", file=sys.stderr)
+        shutil.rmtree(out, ignore_errors=True)
+        results[name] = result
+    return results
+
+
+def bench(names: list[str], paths: dict[str, str], folder: str, args) -> dict[str, Result | None]:
+    """A warm-up round (inputs into the page cache), then ``--repeat`` rounds with the
+    contenders interleaved (A B C A B C ...), so that a slow spell of a shared machine
+    hits them all alike; the median run of each."""
+    warm = run_round(names, paths, folder, args)
+    names = [n for n in names if warm[n] is not None and warm[n].rc == 0]
+    runs: dict[str, list[Result]] = {n: [] for n in names}
+    for index in range(args.repeat):
+        for name, result in run_round(names, paths, folder, args).items():
+            if result is not None and result.rc == 0:
+                runs[name].append(result)
+                print(f"  round {index + 1}: {name} {result.wall:.2f} s, anon {fmt_bytes(result.peak_anon)}",
+                      file=sys.stderr, flush=True)
+    out: dict[str, Result | None] = {n: (median_result(r) if r else warm[n]) for n, r in runs.items()}
+    for name, result in warm.items():
+        out.setdefault(name, result)
+    return out
 
 
 def table(rows: list[tuple[str, float, Result]], ref: dict[str, float]) -> str:
     head = ("| contender | size | wall (median) | input MB/s | peak RSS | peak RssAnon | peak Pss_Anon "
             "| peak private | vs naive | vs ideal | vs mergekit |")
-    lines = [head, "|" + "---|" * head.count("|")[:-1] if False else "|" + "|".join(["---"] * 11) + "|"]
+    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
     for name, size_gb, r in rows:
         mbps = 4 * size_gb * 1e9 / 1e6 / r.wall
 
@@ -326,18 +347,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"checkpoints of {size_gb:g} GB:", file=sys.stderr)
         paths = make_checkpoints(args.workdir, size_gb)
         folder = os.path.dirname(paths["pre"])
-        size_bytes = sum(os.path.getsize(weights(paths[n])) for n in NAMES) // 4
-        for name in only:
-            if name in ("naive", "mergekit") and scale != 1.0:
-                continue
-            result = bench(name, paths, folder, size_bytes, args)
+        names = [n for n in only if scale == 1.0 or n not in ("naive", "mergekit")]
+        for name, result in bench(names, paths, folder, args).items():
             if result is None:
                 print(f"  {name}: skipped (not installed)", file=sys.stderr)
                 continue
             if result.rc == 0:
                 rows.append((name, size_gb, result))
                 ref[(name, size_gb)] = result.wall
-                print(f"  {name}: median {result.wall:.2f} s", file=sys.stderr, flush=True)
+                walls = ", ".join(f"{w:.1f}" for w in result.extra.get("walls", [result.wall]))
+                print(f"  {name}: median {result.wall:.2f} s ({walls})", file=sys.stderr, flush=True)
     print(table(rows, ref))
     if args.startup:
         print(startup(args.workdir, max(5, args.repeat)))

@@ -6,7 +6,7 @@ Memory is sampled from ``/proc/PID`` by a polling thread of the parent (every
 - ``peak_rss``: the kernel's high-water mark of resident memory (``ru_maxrss``).
   It counts file pages a process maps (an ``mmap``-ed checkpoint in the page
   cache), so it grows with what is mapped, not only with what is allocated.
-- ``peak_anon``: the largest ``RssAnon`` (``/proc/PID/status``) seen: anonymous
+- ``peak_anon``: the largest ``RssAnon`` (``/proc/PID/status``) seen (sampled every 50 ms): anonymous
   memory, the heap and the tensors the process computed or copied. This is the
   memory the process really takes from the machine.
 - ``peak_pss_anon``: the largest ``Pss_Anon`` (``/proc/PID/smaps_rollup``).
@@ -85,7 +85,7 @@ class _Sampler(threading.Thread):
             self.stop.wait(self.interval)
 
 
-def measure(cmd: list[str], *, env: dict | None = None, interval: float = 0.02, cwd: str | None = None,
+def measure(cmd: list[str], *, env: dict | None = None, interval: float = 0.05, cwd: str | None = None,
             timeout: float | None = None) -> Result:
     """Run ``cmd`` (stdout discarded, stderr kept) and measure it."""
     started = time.perf_counter()
@@ -102,7 +102,7 @@ def measure(cmd: list[str], *, env: dict | None = None, interval: float = 0.02, 
             break
         if deadline is not None and time.perf_counter() > deadline:
             proc.kill()
-        time.sleep(0.005)
+        time.sleep(0.01)
     wall = time.perf_counter() - started
     proc.returncode = os.waitstatus_to_exitcode(status)
     sampler.stop.set()
