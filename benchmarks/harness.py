@@ -123,7 +123,9 @@ def median_result(results: list[Result]) -> Result:
 
 
 def fmt_bytes(n: float) -> str:
-    """>>> fmt_bytes(3 * 2**30), fmt_bytes(5 * 2**20)
+    """Bytes for a table.
+
+    >>> fmt_bytes(3 * 2**30), fmt_bytes(5 * 2**20)
     ('3.00 GiB', '5 MiB')
     """
     if n >= 2**30:
