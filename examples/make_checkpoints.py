@@ -1,7 +1,7 @@
 """Generate the small example checkpoints that examples/*.tv and the docs use.
 
     python examples/make_checkpoints.py                 # into examples/checkpoints/
-    python examples/make_checkpoints.py --out DIR       # anywhere else
+    python examples/make_checkpoints.py DIR             # anywhere else (or --out DIR)
 
 Every checkpoint is a Hugging Face-style directory (``config.json`` and
 ``model.safetensors``) holding a tiny T5-shaped model (d_model 32, two encoder
@@ -142,9 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     default = Path(__file__).resolve().parent / "checkpoints"
-    parser.add_argument("--out", default=str(default), help=f"where to write (default {default})")
+    parser.add_argument("directory", nargs="?", help=f"where to write (default {default})")
+    parser.add_argument("--out", help="the same as DIRECTORY")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
+    if args.directory and args.out and args.directory != args.out:
+        parser.error("give the output directory once (DIRECTORY or --out)")
+    args.out = args.directory or args.out or str(default)
     from tvlang.synth import write_checkpoint
 
     os.makedirs(args.out, exist_ok=True)

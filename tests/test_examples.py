@@ -122,3 +122,10 @@ def test_lambda_sweep_example(workdir, capsys):
     assert distances[1.0] == 0.0  # the analogy is exact on these checkpoints
     assert distances[0.0] > distances[0.5] > distances[1.0]
     assert distances[0.5] == pytest.approx(distances[0.0] / 2, rel=1e-3)
+
+
+def test_the_generator_takes_the_directory_as_an_argument(tmp_path, capsys):
+    generator = _module("make_checkpoints")
+    assert generator.main([str(tmp_path / "a")]) == 0
+    assert capsys.readouterr().out == f"wrote 11 checkpoints (2.1 MiB) to {tmp_path / 'a'}\n"
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(generator.build())
