@@ -57,7 +57,7 @@ MISSING_POLICIES = ("error", "base", "skip")
 CHUNK_MIN = 1 << 18
 CHUNK_ELEMENTS = 1 << 20
 LINEAR_OPS = frozenset({"read", "scale", "axpy", "add", "set", "write"})
-POOL_SIZE = 4  # output buffers kept for reuse by run()
+POOL_SIZE = 3  # output buffers kept for reuse by run()
 
 
 def parse_dtype(value: Any, option: str = "dtype") -> torch.dtype:
@@ -545,6 +545,9 @@ class Session:
         nbytes = numel * dtype.itemsize
         if not self.recycle_outputs:
             return torch.empty(numel, dtype=dtype)
+        # A buffer far larger than what tensors need now (an embedding's, in the middle of
+        # the layers) is dropped rather than kept idle: memory stays near what is in flight.
+        self._pool = [b for b in self._pool if b.numel() <= 4 * nbytes]
         fits = [i for i, b in enumerate(self._pool) if b.numel() >= nbytes]
         if fits:  # the smallest that fits (list.remove would compare tensors elementwise)
             buffer = self._pool.pop(min(fits, key=lambda i: self._pool[i].numel()))
@@ -684,6 +687,17 @@ def _kernel(name: str):
 
 def stream(plan: Plan, bindings: Mapping[str, Any], *, output: str | None = None, device: Any = "cpu",
            dtype: Any = "float32", out_dtype: Any = None, missing: str = "error") -> Iterator[tuple[str, torch.Tensor]]:
+    """(tensor name, tensor) of one output, in the base's order, computed as they are asked for.
+
+    Nothing is opened until the first pair is asked for. Each tensor is fresh memory
+    (CPU, output dtype) that the caller keeps.
+
+    >>> import torch, tvlang
+    >>> pairs = stream(tvlang.compile("pre + 0.5*(ft - pre)"),
+    ...                {"pre": {"w": torch.zeros(2)}, "ft": {"w": torch.ones(2)}})
+    >>> [(name, t.tolist()) for name, t in pairs]
+    [('w', [0.5, 0.5])]
+    """
     bound = bind(plan, bindings)
     try:
         plan = bound.plan
@@ -697,6 +711,8 @@ def stream(plan: Plan, bindings: Mapping[str, Any], *, output: str | None = None
         session.reduce()
         for _, name, tensor in session.results([output]):
             yield name, tensor
+    except TvlangError as exc:
+        raise exc.with_context(source=plan.text, filename=plan.filename) from None
     finally:
         bound.close()
 
