@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tvlang.errors import TvlangError
 from tvlang.ops.context import TensorContext
@@ -181,3 +183,52 @@ def test_della_linear_and_lambda():
 def test_della_rejects_bad_epsilon():
     with pytest.raises(TvlangError, match="density - epsilon must be > 0"):
         della([T([1.0])], ctx(), density=0.1, epsilon=0.15)
+
+
+# -- a naive reference, written straight from docs/operators.md --------------------------
+
+def _reference_ties(xs, density, elect, merge, weights, elect_on):
+    m = len(xs)
+    w = weights or [1.0] * m
+    trimmed = []
+    for x in xs:
+        n = x.numel()
+        k = int(density * n + 1e-9)
+        if k == 0:
+            trimmed.append(torch.zeros_like(x))
+            continue
+        t = torch.sort(x.abs().reshape(-1), descending=True).values[k - 1]
+        trimmed.append(torch.where(x.abs() >= t, x, torch.zeros_like(x)))
+    p = torch.stack(trimmed).double()
+    wt = torch.tensor(w, dtype=torch.float64).view(-1, *([1] * xs[0].dim()))
+    v = p * wt
+    e = v if elect_on == "weighted" else p
+    score = e.sum(0) if elect == "total" else torch.sign(e).sum(0)
+    s = torch.where(score >= 0, 1.0, -1.0).double()
+    agree = (torch.sign(e) == s).double()
+    total = (v * agree).sum(0)
+    if merge == "sum":
+        return total
+    if merge == "mean":
+        return total / agree.sum(0).clamp(min=1)
+    div = (wt * agree).sum(0)
+    return total / torch.where(div == 0, torch.ones_like(div), div)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    data=st.data(),
+    m=st.integers(1, 4),
+    n=st.integers(1, 12),
+    density=st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.75, 1.0]),
+    elect=st.sampled_from(["total", "frequency"]),
+    merge=st.sampled_from(["mean", "sum", "weighted_mean"]),
+    elect_on=st.sampled_from(["weighted", "unweighted"]),
+)
+def test_ties_matches_the_naive_reference(data, m, n, density, elect, merge, elect_on):
+    values = st.integers(-4, 4).map(float)  # small integers: many ties and zeros
+    xs = [torch.tensor(data.draw(st.lists(values, min_size=n, max_size=n))) for _ in range(m)]
+    weights = data.draw(st.one_of(st.just([]), st.lists(st.sampled_from([-1.0, 0.0, 0.5, 2.0]), min_size=m, max_size=m)))
+    got = ties(xs, ctx(), density=density, elect=elect, merge=merge, weights=weights, elect_on=elect_on)
+    want = _reference_ties(xs, density, elect, merge, weights, elect_on)
+    assert torch.allclose(got.double(), want, atol=1e-6), (got, want)
