@@ -229,10 +229,6 @@ class _Piece:
     filename: str
 
 
-class _Failed(Exception):
-    """An error was already reported; abandon this input."""
-
-
 class Repl:
     """One REPL session. ``feed(text)`` handles one complete input; False means quit."""
 
@@ -304,8 +300,6 @@ class Repl:
             if stripped.startswith(":"):
                 return self.command(stripped)
             self.statement_or_expression(text)
-        except _Failed:
-            pass
         except TvlangError as exc:
             self.report(exc)
         except KeyboardInterrupt:
@@ -402,38 +396,25 @@ class Repl:
         entries[name] = entry
         self._order(entries, [name])  # a cycle through the new definition, named from it
         self._check_all(entries, {name: entry_piece})
-        for call in _loads(stmt):
-            self._check_load(call, entry, (source, 0))
+        self._check_loads(stmt, source, origin)
         self.entries = entries
-
-    def _check_load(self, call: ast.Call, entry: Entry, piece: tuple[str, int]) -> None:
-        from tvlang.io import open_reader
-
-        path_node = call.args[0] if call.args else next((k.value for k in call.kwargs if k.name == "path"), None)
-        if not isinstance(path_node, ast.String):
-            return
-        try:
-            open_reader(path_node.value).close()
-        except TvlangError as exc:
-            source, _ = piece
-            raise TvlangError(exc.message, call.span, source=source, filename=entry.origin,
-                              notes=exc.notes) from None
 
     def set_param(self, name: str, value: float) -> None:
         """Define (or redefine) ``param name = value``."""
         self.define(ast.Param(name, float(value)), f"param {name} = {_number(value)}", None)
 
-    def _check_expression_loads(self, expr: ast.Expr, source: str) -> None:
-        """A load() of a missing file, reported at its call before anything runs."""
+    @staticmethod
+    def _check_loads(node: ast.Node, source: str, filename: str = FILENAME) -> None:
+        """A load() of a missing or unreadable file, reported at its call before anything runs."""
         from tvlang.io import open_reader
 
-        for call in _loads(expr):
+        for call in _loads(node):
             path_node = call.args[0] if call.args else next((k.value for k in call.kwargs if k.name == "path"), None)
             if isinstance(path_node, ast.String):
                 try:
                     open_reader(path_node.value).close()
                 except TvlangError as exc:
-                    raise TvlangError(exc.message, call.span, source=source, filename=FILENAME,
+                    raise TvlangError(exc.message, call.span, source=source, filename=filename,
                                       notes=exc.notes) from None
 
     def load_recipe(self, path: str) -> None:
@@ -603,7 +584,7 @@ class Repl:
         end = expr.span.end if expr.span else len(source)
         expr_text = source[start:end]
         checked, kind, value_expr, pieces = self._checked_expression(expr_text, source, start)
-        self._check_expression_loads(expr, source)
+        self._check_loads(expr, source)
         if kind == "scalar":
             value, reads = self._scalar(value_expr, checked, pieces)
             line = f"Scalar: {_number(value)}"
@@ -788,7 +769,7 @@ class Repl:
     def explain(self, expr_text: str) -> None:
         expr = _parse_expr(expr_text)
         checked, kind, value_expr, pieces = self._checked_expression(expr_text, expr_text, 0)
-        self._check_expression_loads(expr, expr_text)
+        self._check_loads(expr, expr_text)
         if kind != "scalar":
             plan, _, _ = self._compile([(_VALUE, expr_text, expr_text, 0)])
             self.say_recipe(plan.explain())
@@ -810,7 +791,7 @@ class Repl:
     def save(self, expr_text: str, path: str, *, force: bool = False) -> None:
         expr = _parse_expr(expr_text)
         checked, kind, _, pieces = self._checked_expression(expr_text, expr_text, 0)
-        self._check_expression_loads(expr, expr_text)
+        self._check_loads(expr, expr_text)
         if kind == "scalar":
             raise TvlangError("a scalar has no tensors to save; save a model or a task vector",
                               expr.span, source=expr_text, filename=FILENAME)
