@@ -232,3 +232,16 @@ def test_ties_matches_the_naive_reference(data, m, n, density, elect, merge, ele
     got = ties(xs, ctx(), density=density, elect=elect, merge=merge, weights=weights, elect_on=elect_on)
     want = _reference_ties(xs, density, elect, merge, weights, elect_on)
     assert torch.allclose(got.double(), want, atol=1e-6), (got, want)
+
+
+def test_results_do_not_depend_on_the_workspace(monkeypatch):
+    from tvlang.ops import common
+
+    g = torch.Generator().manual_seed(9)
+    xs = [torch.randn(40, 30, generator=g) for _ in range(3)]
+    cached = ties(xs, ctx(), density=0.3, elect="frequency")
+    monkeypatch.setattr(common, "SCRATCH_LIMIT_BYTES", 64)  # every temporary fresh
+    assert torch.equal(ties(xs, ctx(), density=0.3, elect="frequency"), cached)
+    common.clear_workspace()
+    monkeypatch.undo()
+    assert torch.equal(ties(xs, ctx(), density=0.3, elect="frequency"), cached)

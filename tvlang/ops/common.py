@@ -40,21 +40,27 @@ __all__ = ["keep_count", "kth_largest_abs", "magnitudes", "scratch", "clear_work
 # from a per-thread workspace that is reused from one tensor to the next. Only
 # temporaries live here: a kernel's result is always a fresh tensor.
 _local = threading.local()
+SCRATCH_LIMIT_BYTES = 256 << 20
 
 
 def scratch(slot: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A temporary with ``like``'s shape (and ``dtype``, default ``like.dtype``).
 
     Contents are undefined. The same ``slot`` returns the same memory on the
-    next call, so a kernel must not hold on to it or return it.
+    next call, so a kernel must not hold on to it or return it. Temporaries
+    above ``SCRATCH_LIMIT_BYTES`` are not kept (a fresh tensor each time), so
+    the workspace never holds more than a few hundred megabytes per slot.
     """
     dtype = like.dtype if dtype is None else dtype
+    n = like.numel()
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if n * itemsize > SCRATCH_LIMIT_BYTES:
+        return torch.empty(like.shape, dtype=dtype, device=like.device)
     store = getattr(_local, "store", None)
     if store is None:
         store = _local.store = {}
     key = (slot, dtype, like.device)
     buf = store.get(key)
-    n = like.numel()
     if buf is None or buf.numel() < n:
         buf = torch.empty(max(n, 1), dtype=dtype, device=like.device)
         store[key] = buf
