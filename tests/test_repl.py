@@ -374,3 +374,16 @@ def test_bad_inputs_are_errors_not_tracebacks(ckpt, monkeypatch, capsys, tmp_pat
     assert '<repl>:1:1: error: nope: no such file or directory\n  load("nope")\n  ^^^^^^^^^^^^' in err
     assert f"{recipe}:2:1: error: 'pre' is bound to a checkpoint (:sources); choose another name" in err
     assert out.startswith("Delta (task vector): 2 tensors")
+
+
+def test_a_saved_task_vector_binds_as_a_delta(ckpt, monkeypatch, capsys, tmp_path):
+    tau = tmp_path / "tau.safetensors"
+    drive(monkeypatch, capsys, f":save a - pre to {tau}\n", binds(ckpt))
+    code, out, err = drive(monkeypatch, capsys, ":sources\npre + 0.5*t\nu\n",
+                           ["--bind", f"pre={ckpt['pre']}", "--bind", f"t={tau}", "--bind", f"u=delta:{ckpt['b']}"])
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[1] == f"t: {tau} (bound, delta; 2 tensors, 6 parameters, float32)"
+    assert lines[2] == f"u: {ckpt['b']} (bound, delta; 3 tensors, 6 parameters, float32)"
+    assert lines[3].startswith("Model: 3 tensors")
+    assert lines[5].startswith("Delta (task vector): ")
