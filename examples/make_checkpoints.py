@@ -29,7 +29,7 @@ t5-task-a .. -d     task_a .. task_d           tasks to add into one model (addi
 So ``amazon_sent + (yelp_lm - amazon_lm)`` is exactly ``yelp + sent``, the task
 vector of the held-out ``t5-yelp-sent`` (Ilharco et al. 2023, Sec. 5), and the
 directions of different tasks are nearly orthogonal, as the paper measures for
-real task vectors (its Fig. 3), so adding them interferes little and negating one
+real task vectors (its Fig. 5), so adding them interferes little and negating one
 leaves the others almost unchanged.
 
 Import ``build`` to get the state dicts in memory (the tests compare a recipe's
