@@ -14,6 +14,8 @@ from tvlang.errors import TvlangError
 from tvlang.syntax import parse
 from tvlang.types import check
 
+from tvlang.ir import build
+
 BAD = Path(__file__).parent / "fixtures" / "bad"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,7 +37,8 @@ def render_bad(path: Path) -> str:
     text = path.read_text(encoding="utf-8")
     sources, params = _directives(text)
     try:
-        check(parse(text, filename=path.name), source=text, filename=path.name, sources=sources, params=params)
+        checked = check(parse(text, filename=path.name), source=text, filename=path.name, sources=sources, params=params)
+        build(checked)  # what `tvlang check` does next: constant options the kernels would reject
     except TvlangError as err:
         return err.render()
     raise AssertionError(f"{path.name} has no error")

@@ -302,6 +302,7 @@ class _Builder:
             if value is not None:
                 options.append((option.name, self.constant(value)))
         options.sort()
+        self.validate(row.name, options, len(vectors), node)
         if row.stage == "reduce":
             return self.interner.reduce(row.name, tuple(vectors), tuple(options))
         if row.result == "model":
@@ -311,6 +312,17 @@ class _Builder:
         else:
             weight = vectors[0].weight if vectors else 0.0
         return self.interner.call(row.name, tuple(vectors), tuple(options), weight)
+
+    def validate(self, name: str, options: list[tuple[str, object]], n_inputs: int, node: ast.Call) -> None:
+        """Constant options a kernel would reject, reported at the call before any tensor is read."""
+        try:
+            from tvlang.ops.registry import validate_options
+        except ImportError:  # pragma: no cover - the operator table is part of the package
+            return
+        try:
+            validate_options(name, dict(options), n_inputs)
+        except TvlangError as exc:
+            raise self.error(exc.message, node.span) from None
 
     def constant(self, node: ast.Expr) -> object:
         """A compile-time constant option value (the checker has vetted its kind)."""

@@ -12,6 +12,7 @@ import math
 from tvlang import ast
 from tvlang.errors import TvlangError
 from tvlang.syntax import parse, parse_expression
+from tvlang.ir import build
 from tvlang.types import CheckedProgram, check
 
 HELP = "check a recipe's names, types and the affine rule (no tensor math)"
@@ -124,7 +125,9 @@ def check_recipe(
     else:
         program = parse(text, filename)
     sources = {name: binding_kind(value) for name, value in (bindings or {}).items()}
-    return check(program, source=text, filename=filename, sources=sources, params=params)
+    checked = check(program, source=text, filename=filename, sources=sources, params=params)
+    build(checked)  # constant options a kernel would reject (ties density=1.5) are errors too
+    return checked
 
 
 def run(args: argparse.Namespace) -> int:
