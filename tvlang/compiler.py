@@ -46,9 +46,25 @@ def compile(text: str, *, filename: str | None = None, sources: Mapping[str, str
     ``sources`` gives the kind (``"model"``/``"delta"``) of names bound from
     outside; without it every undefined name is a Model bound at run time.
     """
-    program = parse_recipe(text, filename)
+    program = declare_params(parse_recipe(text, filename), params)
     return Plan(text, filename, program, dict(sources) if sources is not None else None,
                 {k: float(v) for k, v in params.items()}, flags or OptimizerFlags())
+
+
+def declare_params(program: ast.Program, params: Mapping[str, float]) -> ast.Program:
+    """Declare as params the names a recipe uses without defining them, when a
+    value is given for them (``-e "pre + lam*(ft - pre)" --set lam=0.3``).
+
+    A value for a name the recipe never mentions stays an error (the checker
+    names it); a declared param is simply overridden.
+    """
+    declared = {s.name for s in program.statements if isinstance(s, (ast.Param, ast.Assign))}
+    used = {n.id for n in ast.walk(program) if isinstance(n, ast.Name)}
+    extra = [name for name in params if name in used and name not in declared]
+    if not extra:
+        return program
+    head = tuple(ast.Param(name, float(params[name])) for name in extra)
+    return ast.Program(head + program.statements, span=program.span)
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,9 @@ def check_recipe(
         program = ast.Program((ast.Out(None, expr, span=expr.span),), span=expr.span)
     else:
         program = parse(text, filename)
+    from tvlang.compiler import declare_params
+
+    program = declare_params(program, params or {})
     sources = {name: binding_kind(value) for name, value in (bindings or {}).items()}
     checked = check(program, source=text, filename=filename, sources=sources, params=params)
     build(checked)  # constant options a kernel would reject (ties density=1.5) are errors too
