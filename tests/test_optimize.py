@@ -262,3 +262,11 @@ def test_bindings_are_not_modified():
     for key, sd in models.items():
         for name, tensor in sd.items():
             assert torch.equal(tensor, before[key][name])
+
+
+def test_a_value_for_a_free_name_declares_a_param():
+    plan = tvlang.compile("pre + lam*(ft - pre)", lam=0.25)
+    assert plan.optimized_text() == "out = 0.75*pre + 0.25*ft"
+    assert plan.with_params(lam=1.0).optimized_text() == "out = ft"
+    with pytest.raises(tvlang.TvlangError, match="no param 'lamb'"):
+        tvlang.compile("pre + lam*(ft - pre)", lamb=0.25)
