@@ -266,6 +266,11 @@ def test_terminal_session(ckpt, tmp_path):
         term.expect(r"topk\(tau, density=")
         term.send("0.5)\n")
         term.expect(r"tv> ")
+        # completion of a path inside a load() string
+        term.send(f'w = load("{os.path.dirname(ckpt["pre"])}/pr\t')
+        term.expect(r"/pre/")
+        term.send('")\n')
+        term.expect(r"tv> ")
         # multi-line input inside open parentheses
         term.send("m = mean(yelp_lm,\n")
         term.expect(r"\.\.\. ")
@@ -387,3 +392,18 @@ def test_a_saved_task_vector_binds_as_a_delta(ckpt, monkeypatch, capsys, tmp_pat
     assert lines[2] == f"u: {ckpt['b']} (bound, delta; 3 tensors, 6 parameters, float32)"
     assert lines[3].startswith("Model: 3 tensors")
     assert lines[5].startswith("Delta (task vector): ")
+
+
+def test_path_completion_inside_strings_and_after_commands(tmp_path, monkeypatch):
+    (tmp_path / "t5-base").mkdir()
+    (tmp_path / "t5-yelp-lm").mkdir()
+    (tmp_path / "recipe.tv").write_text("out = pre\n")
+    monkeypatch.chdir(tmp_path)
+    repl = Repl(stdout=io.StringIO(), stderr=io.StringIO())
+    assert repl.completions('x = load("', "t5") == ["t5-base/", "t5-yelp-lm/"]
+    # readline splits words at '-': the candidate replaces only the part after it
+    assert repl.completions('x = load("t5-', "y") == ["yelp-lm/"]
+    assert repl.completions(":load ", "rec") == ["recipe.tv"]
+    assert repl.completions(":bind pre=", "t5-b") == ["t5-base/"]
+    assert repl.completions(":save a - pre to ", "t5-y") == ["t5-yelp-lm/"]
+    assert repl.completions('x = load("t5-base") + ', "t5") == []

@@ -852,6 +852,12 @@ class Repl:
         builtins = _builtins()
         if not before.strip() and word.startswith(":"):
             return [c + " " for c in COMMANDS if c.startswith(word)]
+        command = re.match(r"^\s*(?::load\s+|:bind\s+[A-Za-z_]\w*=(?:delta:)?|:save\s.*\sto\s+)", before)
+        if command:  # a path after :load, :bind NAME= or :save ... to
+            return _path_completions(before[command.end():], word)
+        quote = _open_string(before)
+        if quote is not None:  # inside a string: load("examples/chec<TAB>
+            return _path_completions(before[quote + 1:], word)
         if re.match(r"^\s*:(?:bind|load)\b", before):
             return []
         candidates: list[str] = []
@@ -872,6 +878,43 @@ class Repl:
             if c not in seen:
                 seen.append(c)
         return seen
+
+
+def _open_string(text: str) -> int | None:
+    """Where the string that ``text`` ends inside starts (its quote), if any."""
+    quote: str | None = None
+    start = None
+    escaped = False
+    for index, char in enumerate(text):
+        if quote:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == quote:
+                quote = None
+        elif char in "\"'":
+            quote, start = char, index
+        elif char == "#":
+            return None
+    return start if quote else None
+
+
+def _path_completions(typed: str, word: str) -> list[str]:
+    """Files and directories that complete ``typed + word``; each candidate is what
+    replaces ``word`` (readline may have split the path at a delimiter such as '-')."""
+    import glob
+
+    prefix = typed + word
+    matches = sorted(glob.glob(glob.escape(os.path.expanduser(prefix)) + "*"))
+    result = []
+    for match in matches:
+        if prefix.startswith("~"):
+            match = "~" + match[len(os.path.expanduser("~")):]
+        if os.path.isdir(os.path.expanduser(match)):
+            match += "/"
+        result.append(match[len(typed):])
+    return result
 
 
 def _open_call(text: str) -> str | None:
