@@ -95,8 +95,9 @@ Type statements and expressions in the recipe language:
 Commands:
 """ + _command_help() + """
 Redefining a name replaces it; definitions that use it follow the new value.
-Tab completes names, built-ins, keyword arguments and commands; input continues
-while a parenthesis or bracket is open."""
+Tab completes names, built-ins, keyword arguments, commands and paths (in
+strings, after :load and :bind NAME=); input continues while a parenthesis or
+bracket is open."""
 
 
 def history_path() -> str:

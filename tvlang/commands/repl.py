@@ -17,8 +17,8 @@ norm(a - pre) or cos(a - pre, b - pre) is computed by streaming over the inputs.
 Errors are shown as `tvlang check` shows them, and the session goes on.
 
 Commands: :explain EXPR, :save EXPR to PATH, :sources, :vars, :bind NAME=PATH,
-:load RECIPE, :help, :quit. Tab completes names, built-ins and keyword
-arguments; history is kept in ~/.tvlang_history (or $TVLANG_HISTORY).
+:load RECIPE, :help, :quit. Tab completes names, built-ins, keyword
+arguments and paths; history is kept in ~/.tvlang_history (or $TVLANG_HISTORY).
 
 With input piped on stdin there are no prompts and the output is the same, so a
 script can drive it; the exit status is then 1 if any line failed.
