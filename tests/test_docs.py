@@ -48,25 +48,15 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC_FILES = sorted((ROOT / "docs").glob("*.md")) + ([ROOT / "README.md"] if (ROOT / "README.md").exists() else [])
 
 # Files whose blocks are not run yet, with why. Each is a TODO for the file's owner.
-SKIP_FILES: dict[str, str] = {
-    # TODO(architecture.md owner): its ```python blocks are contract sketches
-    # (signatures like `tvlang.parse(text, filename=None) -> ast.Program`), not
-    # runnable code; tag them ```text or ```python no-run and remove this entry.
-    "architecture.md": "python blocks are signatures, not code",
-}
+SKIP_FILES: dict[str, str] = {}
 # Single blocks not run yet: (file name, first line of the block) -> why.
-SKIP_BLOCKS: dict[tuple[str, str], str] = {
-    # TODO(README owner): `tvlang.compile("pre + lam*(ft - pre)", lam=0.4)` fails: a bare
-    # expression declares no param, so lam is a free name (a model) and `lam*(ft - pre)`
-    # multiplies two vectors; write "param lam = 0.4\nout = pre + lam*(ft - pre)".
-    ("README.md", "import tvlang"): "compile() of an expression with an undeclared param",
-}
+SKIP_BLOCKS: dict[tuple[str, str], str] = {}
 
 # Fences with no language tag run nowhere, so a page must not have any: tag each block
 # (```tvlang, ```console, ... or ```text when it is not meant to run). TODO for each
 # file's owner: these pages still have untagged blocks (several are runnable
 # ```tvlang or ```console blocks in disguise); remove an entry once its page is tagged.
-UNTAGGED_TODO = {"architecture.md", "bases.md", "digits.md", "evaluator.md", "io.md", "language.md"}
+UNTAGGED_TODO = {"evaluator.md"}
 
 FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>```+|~~~+)(?P<info>[^\n`]*)$")
 NUMBER = re.compile(r"-?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?")

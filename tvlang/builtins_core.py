@@ -67,7 +67,7 @@ CORE = (
         result="scalar",
         stage="reduce",
         summary="Cosine similarity dot(a, b)/(norm(a)*norm(b)) over the whole model.",
-        reference="Ilharco et al. 2023, Fig. 3 (cosine similarity of task vectors)",
+        reference="Ilharco et al. 2023, Fig. 5 (cosine similarity of task vectors)",
     ),
 )
 
