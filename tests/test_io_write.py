@@ -270,9 +270,17 @@ def test_failed_forced_write_keeps_the_old_output(tmp_path):
     assert leftovers(tmp_path) == []
 
 
-def test_missing_parent_directory(tmp_path):
-    with pytest.raises(TvlangError, match=r"cannot write: directory .*nowhere does not exist"):
-        StreamingWriter(str(tmp_path / "nowhere" / "m.safetensors"), [])
+def test_missing_parent_directories_are_created(tmp_path):
+    target = tmp_path / "new" / "dirs" / "m.safetensors"
+    with StreamingWriter(str(target), layout_of({"w": torch.ones(2)})) as w:
+        w.write("w", torch.ones(2))
+    assert torch.equal(load_file(target)["w"], torch.ones(2))
+
+
+def test_parent_that_cannot_be_created(tmp_path):
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(TvlangError, match=r"cannot create directory .*file"):
+        StreamingWriter(str(tmp_path / "file" / "m.safetensors"), [])
 
 
 # -- layout checks --------------------------------------------------------------------

@@ -218,7 +218,12 @@ class StreamingWriter:
 
         parent = os.path.dirname(self._target)
         if not os.path.isdir(parent):
-            raise TvlangError(f"{self.out}: cannot write: directory {os.path.dirname(self.out) or parent} does not exist")
+            # Like `mkdir -p`: `-o out/merged` works in a fresh checkout.
+            try:
+                os.makedirs(parent, exist_ok=True)
+            except OSError as exc:
+                where = os.path.dirname(self.out) or parent
+                raise TvlangError(f"{self.out}: cannot write: cannot create directory {where}: {exc.strerror or exc}") from None
         base = os.path.basename(self._target)
         self._tmp = os.path.join(parent, f".{base}.tvtmp-{os.getpid()}")
         self._old = os.path.join(parent, f".{base}.tvtmp-old-{os.getpid()}")
