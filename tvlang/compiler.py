@@ -226,9 +226,15 @@ def _scalar_text(node: Node, names) -> str:
     return to_text(_scalar_ast(node, names))
 
 
+def shown(value: float) -> float:
+    """A coefficient as explain shows it: 12 significant digits, so folding
+    residues print as written (0.1 + 0.2 shows as 0.3); the plan keeps the exact value."""
+    return float(f"{value:.12g}")
+
+
 def _scalar_ast(node: Node, names) -> ast.Expr:
     if node.op == "const":
-        value = const_value(node)
+        value = shown(const_value(node))
         return ast.Neg(ast.Number(-value)) if value < 0 else ast.Number(value)
     if node.op == "reduce":
         task = names.sched.tasks.get(id(node)) if isinstance(names, _ScalarNames) else None
@@ -270,7 +276,7 @@ def _vector_ast(node: Node, temps: dict[int, str]) -> ast.Expr:
     for coef, vec in pairs:
         term = _vector_ast(vec, temps)
         negative = coef.op == "const" and const_value(coef) < 0
-        magnitude = abs(const_value(coef)) if coef.op == "const" else None
+        magnitude = abs(shown(const_value(coef))) if coef.op == "const" else None
         if magnitude == 1.0:
             scaled = term
         elif magnitude is not None:

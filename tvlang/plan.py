@@ -302,6 +302,7 @@ def _is_one(coef: object) -> bool:
 
 def format_coef(coef: object, scalar_names: Callable[[Node], str]) -> str:
     if isinstance(coef, float):
+        coef = float(f"{coef:.12g}")  # as explain shows coefficients; the step keeps the exact value
         return repr(coef) if not coef.is_integer() else str(int(coef)) if abs(coef) < 1e15 else repr(coef)
     if isinstance(coef, tuple) and coef[0] == "div":
         return f"1/{format_coef(coef[1], scalar_names)}"
