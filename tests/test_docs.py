@@ -33,7 +33,6 @@ import contextlib
 import doctest
 import io
 import math
-import os
 import re
 import runpy
 import shlex

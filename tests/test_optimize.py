@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import tvlang
 from tvlang.compiler import parse_recipe
-from tvlang.ir import Interner, postorder
+from tvlang.ir import Interner
 from tvlang.optimize import PASSES, OptimizerFlags
 
 from naive import evaluate as naive_evaluate

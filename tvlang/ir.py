@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 from tvlang import ast
-from tvlang.builtins import BUILTINS, REQUIRED
+from tvlang.builtins import REQUIRED
 from tvlang.errors import Span, TvlangError
 
 __all__ = ["Node", "Interner", "SourceSpec", "IRProgram", "build", "postorder", "const_value"]

@@ -10,7 +10,6 @@ import argparse
 import math
 
 from tvlang import ast
-from tvlang.errors import TvlangError
 from tvlang.syntax import parse, parse_expression
 from tvlang.ir import build
 from tvlang.types import CheckedProgram, check
@@ -134,27 +133,10 @@ def check_recipe(
 
 
 def run(args: argparse.Namespace) -> int:
-    from tvlang.cli import UsageError
+    from tvlang.commands.common import recipe_source
 
-    if args.recipe is None and args.expr is None:
-        raise UsageError("give a RECIPE file or -e EXPR")
-    if args.recipe is not None and args.expr is not None:
-        raise UsageError("give a RECIPE file or -e EXPR, not both")
     bindings = parse_bindings(args.bind)
     params = parse_params(args.set)
-    if args.expr is not None:
-        check_recipe(args.expr, "<expr>", bindings, params, expression=True)
-        return 0
-    try:
-        with open(args.recipe, encoding="utf-8") as handle:
-            text = handle.read()
-    except FileNotFoundError:
-        raise TvlangError(f"cannot read recipe {args.recipe}: no such file") from None
-    except IsADirectoryError:
-        raise TvlangError(f"cannot read recipe {args.recipe}: it is a directory") from None
-    except UnicodeDecodeError as exc:
-        raise TvlangError(f"cannot read recipe {args.recipe}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise TvlangError(f"cannot read recipe {args.recipe}: {exc.strerror or exc}") from None
-    check_recipe(text, args.recipe, bindings, params)
+    text, filename = recipe_source(args)
+    check_recipe(text, filename, bindings, params, expression=args.expr is not None)
     return 0
