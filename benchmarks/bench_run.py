@@ -232,6 +232,14 @@ def check_output(out: str, paths: dict[str, str]) -> float:
     return worst
 
 
+def contender_env() -> dict[str, str]:
+    """The environment without PYTHONDONTWRITEBYTECODE: contenders start as a user's
+    would, from compiled modules (the warm-up run writes them)."""
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
 def run_round(names: list[str], paths: dict[str, str], folder: str, args) -> dict[str, Result | None]:
     """Every contender once, measured (None: not installed)."""
     results: dict[str, Result | None] = {}
@@ -242,7 +250,7 @@ def run_round(names: list[str], paths: dict[str, str], folder: str, args) -> dic
             results[name] = None
             continue
         shutil.rmtree(out, ignore_errors=True)
-        result = measure(cmd)
+        result = measure(cmd, env=contender_env())
         if result.rc == 0:
             error = check_output(out, paths)
             if error > 1e-5:
@@ -296,10 +304,11 @@ def startup(workdir: str, repeat: int) -> str:
     with open(recipe, "w") as f:
         f.write("param lam = 0.4\nout = pre + lam*(a - b) + 0.7*(c - pre)\n")
     cmd = [sys.executable, "-m", "tvlang", "check", recipe]
-    measure(cmd)
-    walls = [measure(cmd).wall for _ in range(repeat)]
+    measure(cmd, env=contender_env())
+    walls = [measure(cmd, env=contender_env()).wall for _ in range(repeat)]
+    bare = [measure([sys.executable, "-c", "pass"]).wall for _ in range(repeat)]
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "tvlang", "check", recipe],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=contender_env())
     rows = []
     for line in proc.stderr.splitlines():
         if line.startswith("import time:") and "|" in line:
@@ -309,7 +318,8 @@ def startup(workdir: str, repeat: int) -> str:
     top = sorted(rows, reverse=True)[:8]
     torch_loaded = any(name.strip() == "torch" for _, name in rows)
     text = [f"tvlang check startup: median {statistics.median(walls):.3f} s over {repeat} runs "
-            f"(min {min(walls):.3f} s); torch imported: {torch_loaded}",
+            f"(min {min(walls):.3f} s; a bare python -c pass: median {statistics.median(bare):.3f} s); "
+            f"torch imported: {torch_loaded}",
             "largest cumulative imports (us): " + ", ".join(f"{n.strip()} {t}" for t, n in top)]
     return "\n".join(text)
 

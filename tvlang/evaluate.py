@@ -552,6 +552,7 @@ class Session:
         if fits:  # the smallest that fits (list.remove would compare tensors elementwise)
             buffer = self._pool.pop(min(fits, key=lambda i: self._pool[i].numel()))
         else:
+            self._pool.clear()  # none fits: free the idle ones before taking more memory
             buffer = torch.empty(nbytes, dtype=torch.uint8)
         tensor = buffer[:nbytes].view(dtype)
         self._leases[tensor.data_ptr()] = buffer
