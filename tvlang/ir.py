@@ -256,7 +256,9 @@ class _Builder:
         path = path_node.value
         resolved = str(path if Path(path).is_absolute() else self.base_dir / path)
         kind = "delta" if call.func == "load_delta" else "model"
-        key = key or path
+        # An inline load is named by its own text, which explain prints as is
+        # (and which parses back to the same load).
+        key = key or f'{call.func}("{_escaped(path)}")'
         existing = self.sources.get(key)
         if existing is None:
             self.sources[key] = SourceSpec(key, kind, resolved, call.span)
@@ -343,6 +345,10 @@ class _Builder:
         if folded.op != "const":
             raise self.error("this option must be a number known before any tensor is read", node.span)
         return const_value(folded)
+
+
+def _escaped(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def iter_vectors(node: Node) -> Iterator[Node]:

@@ -634,7 +634,9 @@ class Repl:
                 value = self.bindings[key]
                 value = getattr(value, "value", value)
                 path = value if isinstance(value, str) else None
-            if path and os.path.normpath(path) != os.path.normpath(key):
+            if path and not key.isidentifier():  # an inline load("...") is shown by its file
+                parts.append(path)
+            elif path and os.path.normpath(path) != os.path.normpath(key):
                 parts.append(f"{key} ({path})")
             else:
                 parts.append(key)
