@@ -519,3 +519,9 @@ def test_run_recycles_output_buffers(ckpts, tmp_path, chunking):
     if chunking == "chunked":
         assert max(seen) > 0
     assert_same(load_file(outs["half"]), naive(paths["file"], lambda t: 0.5 * t["a"] + 0.5 * t["b"]))
+
+
+def test_run_restores_torch_threads(ckpts, tmp_path):
+    before = torch.get_num_threads()
+    tvlang.compile(CARD).run(ckpts[0]["file"], str(tmp_path / "o.safetensors"))
+    assert torch.get_num_threads() == before

@@ -5,7 +5,10 @@ inputs the plan needs, runs the per-tensor program with in-place steps, and
 hands each result to its writer. Reading the next tensor's inputs (a prefetch
 thread) and writing the last result (a writer thread) overlap with compute;
 torch releases the GIL in both. Whole-model scalars are computed first, in
-passes of their own.
+passes of their own. Linear programs over large tensors run in cache-sized
+chunks straight into the output buffer (``CHUNK_MIN``, ``CHUNK_ELEMENTS``);
+inputs are never changed in place; ``run`` recycles output buffers once
+written and leaves a core to the writer (docs/performance.md has the numbers).
 
 Choices, documented in docs/evaluator.md:
 
@@ -15,7 +18,11 @@ Choices, documented in docs/evaluator.md:
   outputs.
 - ``missing="error"`` (default): every input must have every float tensor of the
   base and no other. ``"base"``: a tensor missing from some input is copied from
-  the base. ``"skip"``: such a tensor is left out of the outputs.
+  the base (cast to the output dtype) into Model outputs and left out of Delta
+  outputs. ``"skip"``: such a tensor is left out of the outputs.
+- ``validate`` runs the checks of ``run`` (bind, then the layout) without computing.
+- Output metadata ``tvlang.inputs`` lists the sources that output reads (plus the
+  base, for a Model output).
 """
 
 from __future__ import annotations
