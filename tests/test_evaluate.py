@@ -525,3 +525,56 @@ def test_run_restores_torch_threads(ckpts, tmp_path):
     before = torch.get_num_threads()
     tvlang.compile(CARD).run(ckpts[0]["file"], str(tmp_path / "o.safetensors"))
     assert torch.get_num_threads() == before
+
+
+# -- property: random task-arithmetic expressions ---------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+MODELS = ("pre", "a", "b", "c")
+COEFS = st.sampled_from([0.5, 2.0, 0.25, 3.0, 1.5, 0.1, -0.7])
+
+
+@st.composite
+def deltas(draw, depth=0):
+    """(text, function of the models) of a task-vector expression."""
+    kind = draw(st.integers(0, 5 if depth < 3 else 0))
+    if kind == 0:
+        x, y = draw(st.sampled_from([(p, q) for p in MODELS for q in MODELS if p != q]))
+        return f"({x} - {y})", lambda t, x=x, y=y: t[x] - t[y]
+    if kind == 1:
+        c = draw(COEFS)
+        text, fn = draw(deltas(depth + 1))
+        return f"{c}*{text}", lambda t: c * fn(t)
+    if kind == 2:
+        (lt, lf), (rt, rf) = draw(deltas(depth + 1)), draw(deltas(depth + 1))
+        return f"({lt} + {rt})", lambda t: lf(t) + rf(t)
+    if kind == 3:
+        (lt, lf), (rt, rf) = draw(deltas(depth + 1)), draw(deltas(depth + 1))
+        return f"({lt} - {rt})", lambda t: lf(t) - rf(t)
+    if kind == 4:
+        text, fn = draw(deltas(depth + 1))
+        return f"-{text}", lambda t: -fn(t)
+    c = draw(st.sampled_from([2.0, 4.0, 0.5]))
+    text, fn = draw(deltas(depth + 1))
+    return f"{text}/{c}", lambda t: fn(t) / c
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(delta=deltas(), base=st.sampled_from(MODELS + (None,)))
+def test_random_expressions_equal_direct_computation(ckpts, delta, base):
+    """Any task-arithmetic expression, optimized and streamed, equals computing it directly
+    (in float64) from the same tensors."""
+    _, sds = ckpts
+    text, fn = delta
+    expr = text if base is None else f"{base} + {text}"
+    got = tvlang.compile(expr).evaluate({m: sds[m] for m in MODELS})
+    for name, pre in sds["pre"].items():
+        if not pre.dtype.is_floating_point:
+            continue
+        want = fn({m: sds[m][name].double() for m in MODELS})
+        if base is not None:
+            want = want + sds[base][name].double()
+        scale = float(want.abs().max()) + 1e-3
+        torch.testing.assert_close(got[name].double(), want, rtol=1e-5, atol=1e-5 * scale, msg=f"{expr}: {name}")
