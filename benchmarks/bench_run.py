@@ -16,9 +16,9 @@ each contender in a fresh subprocess, measured by ``harness.measure``:
 - ``tvlang``: ``python -m tvlang run -e EXPR --bind ... -o OUT -q``;
 - ``naive``: ``safetensors.torch.load_file`` of all four, compute, ``save_file``;
 - ``ideal``: a hand-written streaming loop: each file mapped once, per tensor
-  ``out = 0.3*pre + 0.4*a - 0.4*b + 0.7*c`` into one reused buffer (the
-  simplification done by hand), written straight after a header built up
-  front; ``ideal+fsync`` also syncs the file before exiting, as tvlang does
+  ``out = 0.3*pre + 0.4*a - 0.4*b + 0.7*c`` (the simplification done by hand),
+  computed in cache-sized chunks into one reused buffer, written straight after
+  a header built up front; ``ideal+fsync`` also syncs the file before exiting, as tvlang does
   before it renames its output into place;
 - ``mergekit``: ``mergekit-yaml`` with ``task_arithmetic`` (weights 0.4, -0.4,
   0.7 over base ``pre``), when ``mergekit-yaml`` is found (``--mergekit PATH``).
@@ -118,7 +118,11 @@ def _map_file(path: str):
 def run_ideal(paths: list[str], out: str, fsync: bool) -> None:
     import torch
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    # Two threads and 1M-element chunks: the fastest of the four settings tried on the
+    # 2-core machine (1 or 2 threads, whole tensors or chunks; docs/performance.md).
+    # TVLANG_BENCH_IDEAL="threads,chunk" overrides.
+    threads, chunk = (int(v) for v in os.environ.get("TVLANG_BENCH_IDEAL", "2,1048576").split(","))
+    torch.set_num_threads(threads)
     codes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
     files = [_map_file(weights(p)) for p in paths]
     header = files[0][0]
@@ -155,10 +159,14 @@ def run_ideal(paths: list[str], out: str, fsync: bool) -> None:
                 f.write(memoryview(pre.numpy()).cast("B"))
                 continue
             acc = buffer[: pre.numel() * dtype.itemsize].view(dtype)
-            torch.mul(pre, 0.3, out=acc)  # pre + 0.4*(a - b) + 0.7*(c - pre), simplified by hand
-            acc.add_(view(1, name), alpha=0.4)
-            acc.add_(view(2, name), alpha=-0.4)
-            acc.add_(view(3, name), alpha=0.7)
+            a, b, c = view(1, name), view(2, name), view(3, name)
+            # pre + 0.4*(a - b) + 0.7*(c - pre), simplified by hand, in cache-sized chunks
+            for start in range(0, pre.numel(), chunk):
+                s = slice(start, start + chunk)
+                torch.mul(pre[s], 0.3, out=acc[s])
+                acc[s].add_(a[s], alpha=0.4)
+                acc[s].add_(b[s], alpha=-0.4)
+                acc[s].add_(c[s], alpha=0.7)
             f.write(memoryview(acc.view(torch.uint8).numpy()))
         if fsync:
             os.fsync(f.fileno())
