@@ -69,7 +69,7 @@ def _write(tmp_path, text, name="recipe.tv"):
 
 def test_good_recipe_prints_nothing(tmp_path, capsys):
     path = _write(tmp_path, 'pre = load("base")\nparam lm = 0.4\nout = pre + lm*(ft - pre)\n')
-    assert main(["check", str(path), "--bind", "ft=finetuned/", "--set", "lm=0.5"]) == 0
+    assert main(["check", str(path), "--bind", "ft=model", "--set", "lm=0.5"]) == 0
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
 
@@ -182,3 +182,36 @@ def test_subprocess_exit_codes_and_streams(tmp_path):
     assert "Traceback" not in failed.stderr
     usage = run()
     assert usage.returncode == 2 and "Traceback" not in usage.stderr
+
+
+# -- checking the checkpoints (headers only) -------------------------------------------
+
+
+def _checkpoint(path, tensors):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({k: torch.zeros(shape) for k, shape in tensors.items()}, str(path))
+    return str(path)
+
+
+def test_bound_paths_are_checked_like_run(tmp_path, capsys):
+    pre = _checkpoint(tmp_path / "pre.safetensors", {"w": (2, 3), "b": (3,)})
+    good = _checkpoint(tmp_path / "ft.safetensors", {"w": (2, 3), "b": (3,)})
+    bad = _checkpoint(tmp_path / "bad.safetensors", {"w": (3, 2), "b": (3,)})
+    expr = "pre + 0.4*(ft - pre)"
+    assert main(["check", "-e", expr, "--bind", f"pre={pre}", "--bind", f"ft={good}"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["check", "-e", expr, "--bind", f"pre={pre}", "--bind", f"ft={bad}"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: tensor 'w' has shape (2, 3) in {pre} but (3, 2) in {bad}\n"
+
+
+def test_recipe_loads_are_checked_only_with_files(tmp_path, capsys):
+    _checkpoint(tmp_path / "pre.safetensors", {"w": (2, 3)})
+    recipe = tmp_path / "r.tv"
+    recipe.write_text('pre = load("pre.safetensors")\nft = load("ft.safetensors")\nout = pre + 0.5*(ft - pre)\n')
+    assert main(["check", str(recipe)]) == 0  # no weights needed to check a recipe
+    assert main(["check", str(recipe), "--files"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"{recipe}:2:6: error: {tmp_path / 'ft.safetensors'}: no such file or directory")

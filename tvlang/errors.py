@@ -108,7 +108,7 @@ class TvlangError(Exception):
         where = self.filename or "<input>"
         if self.span is not None:
             head = f"{where}:{self.span.line}:{self.span.column}: error: {self.message}"
-        elif self.filename is not None:
+        elif self.filename is not None and not self.filename.startswith("<"):
             head = f"{self.filename}: error: {self.message}"
         else:
             head = f"error: {self.message}"

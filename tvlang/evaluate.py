@@ -143,7 +143,12 @@ def bind(plan: Plan, bindings: Mapping[str, Any]) -> Bound:
                 borrowed.add(key)
             kinds[key] = "delta" if marked or reader.kind == "delta" else "model"
         else:
-            reader = open_reader(spec.path, label=spec.path)
+            try:
+                reader = open_reader(spec.path, label=spec.path)
+            except TvlangError as exc:
+                if exc.span is None:  # point at the load() that names the file
+                    exc.span = spec.span
+                raise
             if spec.kind == "model" and reader.kind == "delta":
                 reader.close()
                 raise TvlangError(f"'{spec.path}' is a task vector (its metadata says so); load it with load_delta()",

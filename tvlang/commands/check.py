@@ -1,4 +1,4 @@
-"""``tvlang check``: parse and type-check a recipe without touching any tensor.
+"""``tvlang check``: check a recipe, and the checkpoints it names, without tensor math.
 
 Prints nothing and exits 0 when the recipe is good; prints every error and
 exits 1 when it is not; exits 2 on a command-line mistake.
@@ -14,18 +14,25 @@ from tvlang.syntax import parse, parse_expression
 from tvlang.ir import build
 from tvlang.types import CheckedProgram, check
 
-HELP = "check a recipe's names, types and the affine rule (no tensor math)"
+HELP = "check a recipe's names, types and the affine rule, and its checkpoints' headers"
 
 DESCRIPTION = """\
 Check a recipe: syntax, names, built-in arguments, and the affine rule (model
-coefficients must sum to 1 for a model, 0 for a task vector). Reads no weights.
+coefficients must sum to 1 for a model, 0 for a task vector). No tensor math.
 Prints nothing and exits 0 when the recipe is good; prints the errors and exits 1
 when it is not.
 
 Every name the recipe uses but does not define must be bound with --bind:
-NAME=model or NAME=delta gives its kind; any other value is a path (a model).
+NAME=model or NAME=delta gives its kind; any other value is a checkpoint path
+([delta:]PATH). When names are bound to paths, or with --files, the checkpoints
+the plan reads are opened and their headers checked as `run` would (tensor
+names, shapes and dtypes, under --missing), without reading any weights. A
+recipe alone, with no --files, is checked without opening any checkpoint (for a
+model repository's CI, where the weights are not present).
 
 examples:
+  tvlang check recipe.tv
+  tvlang check recipe.tv --files
   tvlang check recipe.tv --bind pre=base/ --bind ft=finetuned/
   tvlang check -e "pre + 0.4*(ft - pre)" --bind pre=model --bind ft=model
   tvlang check recipe.tv --set lm=0.5
@@ -50,6 +57,10 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="NAME=VALUE", help="override a param (repeatable)"
     )
+    parser.add_argument("--files", action="store_true",
+                        help="also check the headers of the checkpoints the recipe loads (as run would)")
+    parser.add_argument("--missing", default="error", choices=("error", "base", "skip"),
+                        help="policy for tensors missing from some inputs, as in run (default error)")
     parser.set_defaults(func=run)
 
 
@@ -139,4 +150,25 @@ def run(args: argparse.Namespace) -> int:
     params = parse_params(args.set)
     text, filename = recipe_source(args)
     check_recipe(text, filename, bindings, params, expression=args.expr is not None)
+    paths = {name: value for name, value in bindings.items() if value not in _KINDS}
+    if args.files or paths:
+        check_files(text, filename, bindings, params, missing=args.missing)
     return 0
+
+
+def check_files(text: str, filename: str, bindings: dict[str, str], params: dict[str, float],
+                *, missing: str = "error") -> None:
+    """Open the checkpoints the plan reads and check them as ``run`` would (headers only).
+
+    Names bound to a kind (``model``/``delta``) have no file: they are checked
+    only when every name is bound to a path.
+    """
+    if any(value in _KINDS for value in bindings.values()):
+        return
+    from tvlang.commands.common import bindings_from_args
+    from tvlang.compiler import compile
+    from tvlang.evaluate import validate
+
+    kinds, bound = bindings_from_args([f"{name}={value}" for name, value in bindings.items()])
+    plan = compile(text, filename=filename, sources=kinds, **params)
+    validate(plan, bound, missing=missing)
