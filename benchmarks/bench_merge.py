@@ -1,0 +1,263 @@
+"""Benchmark tvlang's merge operators (ties, dare, dare_ties) end to end against plain task
+arithmetic and mergekit.
+
+    python benchmarks/bench_merge.py                          # 1.5 GB checkpoints
+    python benchmarks/bench_merge.py --size-gb 0.375 --repeat 3
+    python benchmarks/bench_merge.py --only tvlang-ta,tvlang-ties --repeat 1   # a quick look
+
+The checkpoints are those of ``bench_run.py`` (a synthetic Llama-shaped float32 base
+``pre`` and three fine-tuned copies ``a``, ``b``, ``c``, cached under ``--workdir``, default
+/tmp/tvlang-bench, made by the same generator when missing). Contenders, each run in a
+fresh process and measured by ``harness.measure``:
+
+- ``tvlang-ta``: plain task arithmetic ``pre + 0.4*(a - pre) + 0.4*(b - pre) + 0.4*(c - pre)``;
+- ``tvlang-ties``: ``pre + ties(a - pre, b - pre, c - pre, density=0.2)``;
+- ``tvlang-dare``: ``pre + dare(a - pre, 0.9, seed=1) + dare(b - pre, 0.9, seed=2) + dare(c - pre, 0.9, seed=3)``;
+- ``tvlang-dare_ties``: ``pre + dare_ties(a - pre, b - pre, c - pre, p=0.9)``;
+- ``mergekit-ta``: ``mergekit-yaml`` ``task_arithmetic``, weights 0.4, ``normalize: false``;
+- ``mergekit-ties``: ``ties``, weight 1 and density 0.2 per model, ``normalize: true``
+  (the sum of the agreeing entries over the number agreeing: tvlang's default ``merge="mean"``);
+- ``mergekit-dare_ties``: ``dare_ties``, weight 1 and density 0.1 (p 0.9), ``normalize: true``.
+
+Every contender runs once untimed first (inputs into the page cache; mergekit only with
+``--mergekit-warmup``, as a mergekit ``ties`` run at 1.5 GB takes minutes), then
+``--repeat`` interleaved rounds (``--mergekit-repeat`` for mergekit). Outputs are checked
+on a few tensors against a direct computation: task arithmetic exactly; ties against an
+independent sort-based reference (float32 deltas, float64 merge); dare and dare_ties
+entry by entry (each output entry must be ``pre`` plus ``1/(1-p)`` times the sum, or the
+mean, of some subset of the three deltas) and by the fraction of entries left unchanged.
+mergekit ties is compared with the same reference and the difference reported, not
+failed (mergekit keeps exactly ``int(d*n)`` entries, breaking ties by position).
+
+The table: median wall, throughput (4 x model size read / wall), peak memory (see
+harness.py), and ratios against tvlang's plain task arithmetic and mergekit ties.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_run import NAMES, contender_env, make_checkpoints, weights  # noqa: E402
+from harness import Result, fmt_bytes, measure, median_result  # noqa: E402
+
+P = 0.9
+DENSITY = 0.2
+EXPRS = {
+    "tvlang-ta": "pre + 0.4*(a - pre) + 0.4*(b - pre) + 0.4*(c - pre)",
+    "tvlang-ties": f"pre + ties(a - pre, b - pre, c - pre, density={DENSITY})",
+    "tvlang-dare": " + ".join(["pre"] + [f"dare({m} - pre, {P}, seed={i})" for i, m in enumerate("abc", 1)]),
+    "tvlang-dare_ties": f"pre + dare_ties(a - pre, b - pre, c - pre, p={P})",
+}
+MERGEKIT = {
+    "mergekit-ta": ("task_arithmetic", "false", {"weight": 0.4}),
+    "mergekit-ties": ("ties", "true", {"weight": 1.0, "density": DENSITY}),
+    "mergekit-dare_ties": ("dare_ties", "true", {"weight": 1.0, "density": round(1 - P, 6)}),
+}
+CONTENDERS = tuple(EXPRS) + tuple(MERGEKIT)
+DEFAULT = "tvlang-ta,tvlang-ties,tvlang-dare,tvlang-dare_ties,mergekit-ta,mergekit-ties"
+CHECKED = ("model.norm.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight")
+
+
+def tvlang_cmd(name: str, paths: dict[str, str], out: str) -> list[str]:
+    binds = [arg for n in NAMES for arg in ("--bind", f"{n}={paths[n]}")]
+    return [sys.executable, "-m", "tvlang", "run", "-e", EXPRS[name], *binds, "-o", out, "-q"]
+
+
+def mergekit_cmd(name: str, mergekit: str, paths: dict[str, str], out: str, folder: str) -> list[str]:
+    method, normalize, params = MERGEKIT[name]
+    lines = [f"merge_method: {method}", f"base_model: {paths['pre']}", "parameters:",
+             f"  normalize: {normalize}", "dtype: float32", "models:"]
+    for m in ("a", "b", "c"):
+        lines += [f"  - model: {paths[m]}", "    parameters:"]
+        lines += [f"      {key}: {value}" for key, value in params.items()]
+    config = os.path.join(folder, f"bench-merge-{name}.yml")
+    with open(config, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return [mergekit, config, out, "--copy-tokenizer", "--allow-crimes", "--lazy-unpickle"]
+
+
+# -- checking outputs --------------------------------------------------------------------
+
+
+def _output_tensor(out: str, name: str):
+    from safetensors import safe_open
+
+    index = os.path.join(out, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            file = os.path.join(out, json.load(f)["weight_map"][name])
+    else:
+        file = next(os.path.join(out, f) for f in sorted(os.listdir(out)) if f.endswith(".safetensors"))
+    with safe_open(file, "pt") as got:
+        return got.get_tensor(name)
+
+
+def ties_reference(deltas, density: float):
+    """TIES written directly: per input the k = keep_count(density, n) largest |d| (ties at the
+    k-th kept) found by a full sort, sign of the sum (0 elects +), mean of the agreeing."""
+    import torch
+
+    from tvlang.ops.common import keep_count
+
+    kept = []
+    for d in deltas:
+        flat = d.reshape(-1)
+        k = keep_count(density, flat.numel())
+        if k == 0:
+            kept.append(torch.zeros_like(flat, dtype=torch.float64))
+            continue
+        t = flat.abs().sort(descending=True).values[k - 1]
+        kept.append(torch.where(flat.abs() >= t, flat, 0).to(torch.float64))
+    stack = torch.stack(kept)
+    sign = torch.where(stack.sum(0) >= 0, 1.0, -1.0).to(torch.float64)
+    agree = (stack * sign) > 0
+    total = (stack * agree).sum(0)
+    count = agree.sum(0).clamp(min=1)
+    return (total / count).reshape(deltas[0].shape)
+
+
+def check(name: str, out: str, paths: dict[str, str]) -> tuple[bool, str]:
+    """(ok, note) for a contender's output on the CHECKED tensors."""
+    import torch
+    from safetensors import safe_open
+
+    handles = {n: safe_open(weights(paths[n]), "pt") for n in NAMES}
+    notes, ok = [], True
+    for tensor in CHECKED:
+        got = _output_tensor(out, tensor)
+        pre, a, b, c = (handles[n].get_tensor(tensor) for n in NAMES)
+        deltas = [a - pre, b - pre, c - pre]  # float32, as the evaluator computes them
+        if name.endswith("-ta"):
+            expected = pre + 0.4 * deltas[0] + 0.4 * deltas[1] + 0.4 * deltas[2]
+            err = float((got - expected).abs().max())
+            ok &= err <= 1e-5
+            notes.append(f"{tensor}: max err {err:.2g}")
+        elif name.endswith("-ties"):
+            expected = pre.double() + ties_reference(deltas, DENSITY)
+            diff = (got.double() - expected).abs()
+            err, frac = float(diff.max()), float((diff > 1e-6).double().mean())
+            if name.startswith("tvlang"):
+                ok &= err <= 1e-5
+            notes.append(f"{tensor}: max err {err:.2g}, entries off by >1e-6: {frac:.2%}")
+        else:  # dare (sum of kept) or dare_ties (mean of kept): one of the subset values per entry
+            scale = 1.0 / (1.0 - P)
+            moved = got.double() - pre.double()
+            candidates = [torch.zeros_like(moved)]
+            for size in (1, 2, 3):
+                for subset in itertools.combinations(deltas, size):
+                    total = sum(d.double() for d in subset) * scale
+                    candidates.append(total if name.endswith("-dare") else total / size)
+            err = float(torch.stack([(moved - c).abs() for c in candidates]).min(0).values.max())
+            unchanged = float((moved == 0).double().mean())
+            # three independent keeps of probability 1-p: an entry moves unless all three drop
+            # (dare_ties can also cancel to 0 only on exact ties, which random data has none of)
+            expect = P ** 3
+            if name.startswith("tvlang"):  # mergekit's masks are its own: reported, not failed
+                ok &= err <= 1e-5 and (got.numel() < 10000 or abs(unchanged - expect) < 0.01)
+            notes.append(f"{tensor}: max err to nearest subset {err:.2g}, unchanged {unchanged:.3f} "
+                         f"(expected {expect:.3f})")
+    return ok, "; ".join(notes)
+
+
+# -- the driver -------------------------------------------------------------------------------
+
+
+def run_one(name: str, paths: dict[str, str], folder: str, args, verbose: bool) -> Result | None:
+    out = os.path.join(folder, f"out-merge-{name}")
+    if name.startswith("mergekit"):
+        if not args.mergekit:
+            return None
+        cmd = mergekit_cmd(name, args.mergekit, paths, out, folder)
+    else:
+        cmd = tvlang_cmd(name, paths, out)
+    shutil.rmtree(out, ignore_errors=True)
+    result = measure(cmd, env=contender_env())
+    if result.rc == 0:
+        good, note = check(name, out, paths)
+        if verbose or not good:
+            print(f"  {name}: {'ok' if good else 'WRONG'}: {note}", file=sys.stderr, flush=True)
+        if not good:
+            result.rc = -1
+    else:
+        print(f"  {name} failed (exit {result.rc}):\n{result.stderr[-3000:]}", file=sys.stderr)
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def bench(names: list[str], paths: dict[str, str], folder: str, args) -> dict[str, Result]:
+    runs: dict[str, list[Result]] = {n: [] for n in names}
+    for name in names:  # warm-up, checked and reported
+        if name.startswith("mergekit") and not args.mergekit_warmup:
+            continue
+        result = run_one(name, paths, folder, args, verbose=True)
+        if result is None or result.rc != 0:
+            runs.pop(name)
+        else:
+            print(f"  warm-up: {name} {result.wall:.2f} s", file=sys.stderr, flush=True)
+    for index in range(max(args.repeat, args.mergekit_repeat)):
+        for name in list(runs):
+            limit = args.mergekit_repeat if name.startswith("mergekit") else args.repeat
+            if index >= limit:
+                continue
+            result = run_one(name, paths, folder, args, verbose=not runs[name] and name.startswith("mergekit"))
+            if result is None:
+                print(f"  {name}: skipped (mergekit-yaml not found)", file=sys.stderr)
+                runs.pop(name)
+            elif result.rc == 0:
+                runs[name].append(result)
+                print(f"  round {index + 1}: {name} {result.wall:.2f} s, anon {fmt_bytes(result.peak_anon)}",
+                      file=sys.stderr, flush=True)
+    return {n: median_result(r) for n, r in runs.items() if r}
+
+
+def table(results: dict[str, Result], size_gb: float) -> str:
+    head = ("| contender | wall (median) | runs | input MB/s | peak RSS | peak RssAnon | peak private "
+            "| vs tvlang-ta | vs tvlang-ties | vs mergekit-ties |")
+    lines = [head, "|" + "|".join(["---"] * 10) + "|"]
+
+    def ratio(r: Result, other: str) -> str:
+        return f"{r.wall / results[other].wall:.2f}x" if other in results else "-"
+
+    for name, r in results.items():
+        mbps = 4 * size_gb * 1e9 / 1e6 / r.wall
+        walls = ", ".join(f"{w:.1f}" for w in r.extra.get("walls", [r.wall]))
+        lines.append(f"| {name} | {r.wall:.2f} s | {walls} | {mbps:.0f} | {fmt_bytes(r.peak_rss)} | "
+                     f"{fmt_bytes(r.peak_anon)} | {fmt_bytes(r.peak_private)} | {ratio(r, 'tvlang-ta')} | "
+                     f"{ratio(r, 'tvlang-ties')} | {ratio(r, 'mergekit-ties')} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-gb", type=float, default=1.5, help="size of each checkpoint (default 1.5)")
+    parser.add_argument("--workdir", default="/tmp/tvlang-bench", help="where checkpoints are cached")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per tvlang contender (median)")
+    parser.add_argument("--mergekit-repeat", type=int, default=1, help="timed runs per mergekit contender")
+    parser.add_argument("--mergekit-warmup", action="store_true", help="an untimed mergekit run first")
+    parser.add_argument("--only", default=DEFAULT, help=f"contenders (comma-separated) among {', '.join(CONTENDERS)}")
+    parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), help="path of mergekit-yaml")
+    args = parser.parse_args(argv)
+    only = [c.strip() for c in args.only.split(",") if c.strip()]
+    unknown = [c for c in only if c not in CONTENDERS]
+    if unknown:
+        parser.error(f"unknown contender {unknown[0]}; choose from {', '.join(CONTENDERS)}")
+    os.makedirs(args.workdir, exist_ok=True)
+    print(f"machine: {os.cpu_count()} cores, "
+          f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB; "
+          f"checkpoints of {args.size_gb:g} GB", flush=True)
+    for name in only:
+        print(f"  {name}: {EXPRS.get(name) or MERGEKIT[name]}", flush=True)
+    paths = make_checkpoints(args.workdir, args.size_gb)
+    results = bench(only, paths, os.path.dirname(paths["pre"]), args)
+    print(table(results, args.size_gb))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
