@@ -115,15 +115,17 @@ _SMALL = 1 << 16  # below this size a plain topk is as fast as anything
 _BINS = 1 << 16
 
 
-def kth_largest_abs(x: torch.Tensor, k: int, *, mag: torch.Tensor | None = None) -> float:
+def kth_largest_abs(x: torch.Tensor, k: int, *, mag: torch.Tensor | None = None, reorder: bool = False) -> float:
     """The k-th largest of ``|x|`` (``1 <= k <= x.numel()``), exactly; ``inf`` for ``k == 0``.
 
-    ``mag`` may pass precomputed flat magnitudes (from :func:`magnitudes`).
-    Large float32 tensors use a radix select on the bit patterns (two
-    histograms of 16 bits: linear time whatever the layout); small ones and
-    float64 use ``torch.topk``. Never ``torch.kthvalue``: its quickselect
-    takes quadratic time on some layouts (seconds for a quarter-million
-    entries).
+    ``mag`` may pass precomputed flat magnitudes (from :func:`magnitudes`);
+    with ``reorder=True`` the caller allows their order to be changed (no
+    copy is made), otherwise ``mag`` is left as it was. Large float32 tensors
+    use numpy's introselect (``numpy.partition``: linear time in the worst
+    case, NaN above ``inf``; about twice as fast as the radix select
+    :func:`_radix`, which stays as a reference); small ones and float64 use
+    ``torch.topk``. Never ``torch.kthvalue``: its quickselect takes quadratic
+    time on some layouts (seconds for a quarter-million entries).
     """
     n = x.numel()
     if k <= 0:
@@ -131,10 +133,14 @@ def kth_largest_abs(x: torch.Tensor, k: int, *, mag: torch.Tensor | None = None)
     if k > n:
         raise ValueError(f"k={k} > numel={n}")
     if mag is None:
-        mag = magnitudes(x)
-    if n <= _SMALL or mag.dtype != torch.float32:
+        mag, reorder = magnitudes(x), True
+    if n <= _SMALL or mag.dtype != torch.float32 or mag.device.type != "cpu":
         return float(torch.topk(mag, k, sorted=False).values.min())
-    return _radix(mag, k)
+    values = mag.reshape(-1).numpy()
+    if reorder:
+        values.partition(n - k)
+        return float(values[n - k])
+    return float(numpy.partition(values, n - k)[n - k])
 
 
 def _radix(mag: torch.Tensor, k: int) -> float:

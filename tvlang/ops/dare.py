@@ -22,6 +22,8 @@ from tvlang.ops.context import TensorContext
 
 __all__ = ["dare", "random_like", "drop_random", "della_sample"]
 
+CHUNK = 1 << 18  # elements per chunk of drop_random
+
 
 def drop_random(x: torch.Tensor, p: float, gen: torch.Generator, rescale: bool, out: torch.Tensor) -> torch.Tensor:
     """Write DARE of ``x`` into ``out``: each entry dropped with probability ``p``.
@@ -33,12 +35,21 @@ def drop_random(x: torch.Tensor, p: float, gen: torch.Generator, rescale: bool, 
         return out.zero_()
     if p <= 0.0:
         return out.copy_(x)
-    keep = scratch("dare.u", x, torch.float32 if x.dtype != torch.float64 else torch.float64)
-    keep.uniform_(0.0, 1.0, generator=gen)
-    torch.ge(keep, p, out=keep)  # 1.0 where kept (u >= p), 0.0 where dropped; float masks are fast
-    if rescale:
-        keep.mul_(1.0 / (1.0 - p))
-    return torch.mul(x, keep, out=out)
+    # Chunk by chunk (the draws come out in the same order as in one call, so the mask is
+    # the same): the uniforms stay in the CPU cache between drawing and use.
+    flat, flat_out = x.reshape(-1), out.view(-1)
+    n = flat.numel()
+    work = torch.float32 if x.dtype != torch.float64 else torch.float64
+    buf = scratch("dare.u", flat[:CHUNK], work)
+    for start in range(0, n, CHUNK):
+        stop = min(start + CHUNK, n)
+        keep = buf[: stop - start]
+        keep.uniform_(0.0, 1.0, generator=gen)
+        torch.ge(keep, p, out=keep)  # 1.0 where kept (u >= p), 0.0 where dropped; float masks are fast
+        if rescale:
+            keep.mul_(1.0 / (1.0 - p))
+        torch.mul(flat[start:stop], keep, out=flat_out[start:stop])
+    return out
 
 
 def dare(

@@ -13,15 +13,21 @@ tensor([-4.0000, -1.5000,  2.0000,  0.5000])
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from tvlang.ops import checks
-from tvlang.ops.common import checked, fresh, scratch
+from tvlang.ops.common import below, checked, fresh, keep_count, kth_largest_abs, magnitudes, scratch
 from tvlang.ops.context import TensorContext
 from tvlang.ops.dare import della_sample, drop_random
 from tvlang.ops.prune import keep_at_least, magnitude_threshold
 
 __all__ = ["ties", "dare_ties", "della", "sign_merge"]
+
+# Elements per chunk of the trim-elect-merge passes: a few chunk-sized temporaries stay
+# in the CPU cache, and the Python cost per chunk (about 20 torch calls) stays small.
+CHUNK = 1 << 18
 
 
 def sign_merge(
@@ -115,14 +121,38 @@ def ties(
     checked("ties", options, len(inputs), ctx.name)
     w = checks.weights("ties", weights, len(inputs))
     density = float(density)
-    parts = []
+    out = fresh(inputs[0])
+    thresholds = []
     for i, x in enumerate(inputs):
         if scope == "tensor" and density >= 1.0:
-            parts.append(x)
+            thresholds.append(0.0)
+            continue
+        if scope == "tensor" and x.dtype == torch.float32 and x.device.type == "cpu":
+            # the magnitudes are not needed after the threshold: let the selection reorder them
+            n = x.numel()
+            k = keep_count(density, n)
+            t = 0.0 if k >= n else (math.inf if k == 0 else kth_largest_abs(x, k, mag=magnitudes(x), reorder=True))
+            thresholds.append(t)
             continue
         t, mag = magnitude_threshold("ties", x, density, ctx, scope, i)
-        parts.append(x if t <= 0.0 else keep_at_least(x, mag, t, scratch(f"ties.part{i}", x)))
-    return sign_merge(parts, elect=elect, merge=merge, weights=w, elect_on=elect_on, out=fresh(inputs[0]))
+        thresholds.append(t if t <= 0.0 or x.dtype == mag.dtype else keep_at_least(x, mag, t, scratch(f"ties.part{i}", x)))
+    # trim and merge chunk by chunk: every pass after the thresholds works in the CPU cache
+    flats = [x.reshape(-1) for x in inputs]
+    flat_out = out.view(-1)
+    for start in range(0, max(flat_out.numel(), 1), CHUNK):
+        s = slice(start, start + CHUNK)
+        parts = []
+        for i, (x, t) in enumerate(zip(flats, thresholds)):
+            if isinstance(t, torch.Tensor):  # trimmed already (magnitudes in another dtype)
+                parts.append(t.view(-1)[s])
+            elif t <= 0.0:
+                parts.append(x[s])
+            elif t == math.inf:
+                parts.append(scratch(f"ties.chunk{i}", x[s]).zero_())
+            else:
+                parts.append(torch.hardshrink(x[s], below(t, x.dtype), out=scratch(f"ties.chunk{i}", x[s])))
+        sign_merge(parts, elect=elect, merge=merge, weights=w, elect_on=elect_on, out=flat_out[s])
+    return out
 
 
 def dare_ties(
@@ -145,7 +175,17 @@ def dare_ties(
     parts = [
         drop_random(x, float(p), gen, bool(rescale), scratch(f"ties.part{i}", x)) for i, x in enumerate(inputs)
     ]
-    return sign_merge(parts, elect=elect, merge=merge, weights=w, elect_on=elect_on, out=fresh(inputs[0]))
+    return _merge_chunked(parts, fresh(inputs[0]), elect=elect, merge=merge, weights=w, elect_on=elect_on)
+
+
+def _merge_chunked(parts: list[torch.Tensor], out: torch.Tensor, **options) -> torch.Tensor:
+    """:func:`sign_merge` chunk by chunk (element-wise, so the same result, in the CPU cache)."""
+    flats = [p.reshape(-1) for p in parts]
+    flat_out = out.view(-1)
+    for start in range(0, max(flat_out.numel(), 1), CHUNK):
+        s = slice(start, start + CHUNK)
+        sign_merge([f[s] for f in flats], out=flat_out[s], **options)
+    return out
 
 
 def della(
@@ -175,7 +215,7 @@ def della(
         della_sample(x, float(density), float(epsilon), gen, bool(rescale), scratch(f"ties.part{i}", x))
         for i, x in enumerate(inputs)
     ]
-    out = sign_merge(parts, elect=elect, merge=merge, weights=w, elect_on=elect_on, out=fresh(inputs[0]))
+    out = _merge_chunked(parts, fresh(inputs[0]), elect=elect, merge=merge, weights=w, elect_on=elect_on)
     if scale != 1.0:
         out.mul_(scale)
     return out
