@@ -11,6 +11,7 @@ out = 0.5*a + 0.5*b
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -21,7 +22,7 @@ from tvlang.ir import IRProgram, Node, build, const_value, postorder
 from tvlang.optimize import OptimizerFlags, optimize
 from tvlang.plan import Schedule, Step, format_coef, schedule
 
-__all__ = ["compile", "parse_recipe", "Plan", "RunSummary", "delta", "DeltaBinding"]
+__all__ = ["compile", "parse_recipe", "Plan", "PendingPlan", "RunSummary", "delta", "DeltaBinding"]
 
 
 @functools.lru_cache(maxsize=256)
@@ -44,11 +45,99 @@ def compile(text: str, *, filename: str | None = None, sources: Mapping[str, str
     """Parse, check and optimize ``text``; ``params`` override its ``param`` values.
 
     ``sources`` gives the kind (``"model"``/``"delta"``) of names bound from
-    outside; without it every undefined name is a Model bound at run time.
+    outside. Without it every undefined name is taken for a Model; when the
+    recipe only type-checks with some of them task vectors (``pre + 0.7*tau``),
+    the plan is typed when it meets its bindings (``tvlang.delta(x)``, or a
+    Delta file), and inspecting it before then raises the checker's error.
     """
     program = declare_params(parse_recipe(text, filename), params)
-    return Plan(text, filename, program, dict(sources) if sources is not None else None,
-                {k: float(v) for k, v in params.items()}, flags or OptimizerFlags())
+    floats = {k: float(v) for k, v in params.items()}
+    try:
+        return Plan(text, filename, program, dict(sources) if sources is not None else None,
+                    floats, flags or OptimizerFlags())
+    except TvlangError as error:
+        if sources is not None:
+            raise
+        pending = PendingPlan(text, filename, program, floats, flags or OptimizerFlags(), error)
+        if not pending.kind_dependent():
+            raise
+        return pending
+
+
+class PendingPlan:
+    """A recipe whose free names are typed by the bindings it runs with.
+
+    >>> import torch, tvlang
+    >>> plan = tvlang.compile("pre + 0.5*tau")      # tau must be a task vector
+    >>> result = plan.evaluate({"pre": {"w": torch.ones(2)}, "tau": tvlang.delta({"w": torch.ones(2)})})
+    >>> result["w"].tolist()
+    [1.5, 1.5]
+    """
+
+    def __init__(self, text: str, filename: str | None, program: ast.Program, params: dict[str, float],
+                 flags: OptimizerFlags, error: TvlangError) -> None:
+        self.text, self.filename, self.program = text, filename, program
+        self._params, self.flags, self.error = params, flags, error
+
+    def free_names(self) -> list[str]:
+        from tvlang.types import load_builtins
+
+        defined = {s.name for s in self.program.statements if isinstance(s, (ast.Assign, ast.Param, ast.Out))}
+        builtins = load_builtins()
+        names = []
+        for node in ast.walk(self.program):
+            if isinstance(node, ast.Name) and node.id not in defined and node.id not in builtins:
+                if node.id not in names:
+                    names.append(node.id)
+        return names
+
+    def kind_dependent(self) -> bool:
+        """Whether every error goes away or changes when the free names are task
+        vectors instead of models (else no binding can fix the recipe: raise now)."""
+        from tvlang.types import check
+
+        def keys(error: TvlangError) -> set[tuple]:
+            return {(e.message, e.span.start if e.span else None) for e in error.errors}
+
+        as_deltas = {name: "delta" for name in self.free_names()}
+        try:
+            check(self.program, source=self.text, filename=self.filename, sources=as_deltas, params=self._params)
+        except TvlangError as other:
+            return not (keys(self.error) & keys(other))
+        return True
+
+    def bound(self, bindings: Mapping[str, Any]) -> Plan:
+        """The plan typed for ``bindings`` (the checker's error when they do not fix it)."""
+        kinds = {name: _binding_kind(bindings[name]) for name in self.free_names() if name in bindings}
+        return Plan(self.text, self.filename, self.program, kinds, self._params, self.flags)
+
+    def with_params(self, **params: float) -> "PendingPlan":
+        merged = {**self._params, **{k: float(v) for k, v in params.items()}}
+        return PendingPlan(self.text, self.filename, declare_params(self.program, merged), merged,
+                           self.flags, self.error)
+
+    def run(self, bindings: Mapping[str, Any] | None = None, out: Any = None, **options: Any) -> "RunSummary":
+        return self.bound(bindings or {}).run(bindings, out, **options)
+
+    def evaluate(self, bindings: Mapping[str, Any] | None = None, **options: Any) -> dict:
+        return self.bound(bindings or {}).evaluate(bindings, **options)
+
+    def stream(self, bindings: Mapping[str, Any] | None = None, **options: Any):
+        return self.bound(bindings or {}).stream(bindings, **options)
+
+    def __getattr__(self, name: str):
+        # explain(), outputs, ...: there is no plan until the bindings say what the names are.
+        raise self.error
+
+
+def _binding_kind(value: Any) -> str:
+    if isinstance(value, DeltaBinding):
+        return "delta"
+    if isinstance(value, (str, os.PathLike)):
+        from tvlang.commands.common import peek_kind
+
+        return peek_kind(os.fspath(value))
+    return "model"
 
 
 def declare_params(program: ast.Program, params: Mapping[str, float]) -> ast.Program:

@@ -166,9 +166,9 @@ def check_files(text: str, filename: str, bindings: dict[str, str], params: dict
     if any(value in _KINDS for value in bindings.values()):
         return
     from tvlang.commands.common import bindings_from_args
-    from tvlang.compiler import compile
+    from tvlang.compiler import compile as compile_recipe
     from tvlang.evaluate import validate
 
     kinds, bound = bindings_from_args([f"{name}={value}" for name, value in bindings.items()])
-    plan = compile(text, filename=filename, sources=kinds, **params)
+    plan = compile_recipe(text, filename=filename, sources=kinds, **params)
     validate(plan, bound, missing=missing)
