@@ -135,7 +135,9 @@ def ties(
             thresholds.append(t)
             continue
         t, mag = magnitude_threshold("ties", x, density, ctx, scope, i)
-        thresholds.append(t if t <= 0.0 or x.dtype == mag.dtype else keep_at_least(x, mag, t, scratch(f"ties.part{i}", x)))
+        if t > 0.0 and x.dtype != mag.dtype:  # trim now, while the magnitudes are at hand
+            t = keep_at_least(x, mag, t, scratch(f"ties.part{i}", x))
+        thresholds.append(t)
     # trim and merge chunk by chunk: every pass after the thresholds works in the CPU cache
     flats = [x.reshape(-1) for x in inputs]
     flat_out = out.view(-1)
