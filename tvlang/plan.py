@@ -100,12 +100,13 @@ def schedule(program: IRProgram) -> Schedule:
     roots = list(program.roots())
     tasks: dict[int, ReductionTask] = {}
     call_reductions: dict[int, list[tuple[str, Node]]] = {}
+    factories: dict[int, Callable[[], object]] = {}  # synthetic reduce node id -> reducer factory
 
     # Calls that need whole-model scalars of their own (a global threshold)
     # get synthetic reduce nodes over their inputs.
     for node in postorder(roots):
         if node.op == "call":
-            extra = _call_reductions(node, it)
+            extra = _call_reductions(node, it, factories)
             if extra:
                 call_reductions[id(node)] = extra
 
@@ -130,7 +131,7 @@ def schedule(program: IRProgram) -> Schedule:
         if node.op == "reduce" and node not in reduce_nodes:
             reduce_nodes.append(node)
     for index, node in enumerate(reduce_nodes):
-        tasks[id(node)] = _task(f"r{index}", node)
+        tasks[id(node)] = _task(f"r{index}", node, factories.get(id(node)))
 
     levels: list[tuple[list[ReductionTask], TensorProgram]] = []
     for lvl in range(1, max((need(n) for n in reduce_nodes), default=0) + 1):
@@ -141,7 +142,9 @@ def schedule(program: IRProgram) -> Schedule:
     return Schedule(levels, main, tasks, call_reductions)
 
 
-def _call_reductions(node: Node, it) -> list[tuple[str, Node]]:
+def _call_reductions(node: Node, it, factories: dict[int, Callable[[], object]]) -> list[tuple[str, Node]]:
+    """Synthetic reduce nodes for a call that needs whole-model scalars; their
+    reducer factories go into ``factories`` (per schedule, keyed by node id)."""
     try:
         from tvlang.ops import registry
     except ModuleNotFoundError:  # kernels not installed in this tree yet
@@ -154,18 +157,13 @@ def _call_reductions(node: Node, it) -> list[tuple[str, Node]]:
     for key, factory, indices in finder(name, dict(options), len(node.args)):
         inputs = tuple(node.args[i] for i in indices)
         reduce_node = it.reduce(f"@{name}.{key}", inputs, tuple(options))
-        _FACTORIES[id(reduce_node)] = factory
+        factories[id(reduce_node)] = factory
         result.append((key, reduce_node))
     return result
 
 
-# Synthetic reduce nodes made for calls keep their reducer factory here.
-_FACTORIES: dict[int, Callable[[], object]] = {}
-
-
-def _task(name: str, node: Node) -> ReductionTask:
+def _task(name: str, node: Node, factory: Callable[[], object] | None) -> ReductionTask:
     builtin, options = node.attr
-    factory = _FACTORIES.get(id(node))
     if factory is None:
         try:
             from tvlang.ops.registry import REDUCERS
