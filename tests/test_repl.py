@@ -126,7 +126,7 @@ def test_save_writes_a_loadable_file(ckpt, monkeypatch, capsys, tmp_path):
     code, out, err = drive(monkeypatch, capsys, f"param lam = 0.25\n:save pre + lam*(b - pre) to {target}\n",
                            binds(ckpt))
     assert (code, err) == (0, "")
-    assert out.startswith(f"wrote 3 tensors")
+    assert out.startswith("wrote 3 tensors")
     saved = load_file(target)
     for key in ("w", "b"):
         torch.testing.assert_close(saved[key], PRE[key] + 0.25 * (B[key] - PRE[key]), rtol=0, atol=1e-6)

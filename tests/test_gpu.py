@@ -1,0 +1,53 @@
+"""The evaluator on a CUDA device equals the CPU result (skipped without a GPU).
+
+No GPU was lent while this was written: these tests ran only as skips so far.
+"""
+
+import pytest
+import torch
+
+import tvlang
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def _models():
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"embed": (512, 64), "layers.0.w": (64, 64), "layers.1.w": (64, 64), "norm": (64,)}
+    models = {}
+    for name in ("pre", "a", "b", "c"):
+        models[name] = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+        models[name]["steps"] = torch.tensor([3])
+    return models
+
+
+@pytest.mark.parametrize("text", [
+    "pre + 0.4*(a - b) + 0.7*(c - pre)",
+    "pre + ties(a - pre, b - pre, c - pre, density=0.2)",
+    "pre + (1/norm(a - pre))*(a - pre)",
+    "slerp(a, b, 0.3)",
+])
+def test_cuda_equals_cpu(text):
+    models = _models()
+    plan = tvlang.compile(text)
+    on_cpu = plan.evaluate(models, device="cpu")
+    on_gpu = plan.evaluate(models, device="cuda")
+    assert set(on_gpu) == set(on_cpu)
+    for name, tensor in on_gpu.items():
+        assert tensor.device.type == "cpu"  # results come back to the host for writing
+        torch.testing.assert_close(tensor, on_cpu[name], rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_run_writes_the_same_file(tmp_path):
+    from safetensors.torch import load_file
+
+    models = _models()
+    plan = tvlang.compile("pre + 0.5*(a - pre)")
+    plan.run(models, str(tmp_path / "cpu.safetensors"), device="cpu")
+    plan.run(models, str(tmp_path / "gpu.safetensors"), device="cuda:0")
+    cpu, gpu = load_file(tmp_path / "cpu.safetensors"), load_file(tmp_path / "gpu.safetensors")
+    for name in cpu:
+        torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-6, atol=1e-6)
