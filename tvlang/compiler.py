@@ -134,7 +134,7 @@ def _binding_kind(value: Any) -> str:
     if isinstance(value, DeltaBinding):
         return "delta"
     if isinstance(value, (str, os.PathLike)):
-        from tvlang.commands.common import peek_kind
+        from tvlang.io import peek_kind
 
         return peek_kind(os.fspath(value))
     return "model"

@@ -107,7 +107,8 @@ def binding_kind(value: str) -> str:
     or a path: a task vector when the file's metadata says so, else a model."""
     if value in _KINDS:
         return value
-    from tvlang.commands.common import peek_kind, split_binding
+    from tvlang.commands.common import split_binding
+    from tvlang.io import peek_kind
 
     kind, path = split_binding(value)
     return kind if kind == "delta" else peek_kind(path)
@@ -149,26 +150,32 @@ def run(args: argparse.Namespace) -> int:
     bindings = parse_bindings(args.bind)
     params = parse_params(args.set)
     text, filename = recipe_source(args)
-    check_recipe(text, filename, bindings, params, expression=args.expr is not None)
+    kinds = {name: binding_kind(value) for name, value in bindings.items()}  # one header peek per path
+    check_recipe(text, filename, kinds, params, expression=args.expr is not None)
     paths = {name: value for name, value in bindings.items() if value not in _KINDS}
     if args.files or paths:
-        check_files(text, filename, bindings, params, missing=args.missing)
+        check_files(text, filename, bindings, kinds, params, missing=args.missing)
     return 0
 
 
-def check_files(text: str, filename: str, bindings: dict[str, str], params: dict[str, float],
-                *, missing: str = "error") -> None:
+def check_files(text: str, filename: str, bindings: dict[str, str], kinds: dict[str, str],
+                params: dict[str, float], *, missing: str = "error") -> None:
     """Open the checkpoints the plan reads and check them as ``run`` would (headers only).
 
-    Names bound to a kind (``model``/``delta``) have no file: they are checked
-    only when every name is bound to a path.
+    ``kinds`` are the bound names' kinds (from :func:`binding_kind`). Names bound
+    to a kind (``model``/``delta``) have no file: they are checked only when
+    every name is bound to a path.
     """
     if any(value in _KINDS for value in bindings.values()):
         return
-    from tvlang.commands.common import bindings_from_args
+    from tvlang.commands.common import split_binding
     from tvlang.compiler import compile as compile_recipe
+    from tvlang.compiler import delta
     from tvlang.evaluate import validate
 
-    kinds, bound = bindings_from_args([f"{name}={value}" for name, value in bindings.items()])
+    bound = {}
+    for name, value in bindings.items():
+        path = split_binding(value)[1]
+        bound[name] = delta(path) if kinds[name] == "delta" else path
     plan = compile_recipe(text, filename=filename, sources=kinds, **params)
     validate(plan, bound, missing=missing)

@@ -53,24 +53,6 @@ def split_binding(value: str) -> tuple[str, str]:
     return "model", value
 
 
-def peek_kind(path: str) -> str:
-    """"delta" when the file at ``path`` says it is a tvlang task vector, else "model".
-
-    Reads the header only. A path that cannot be opened counts as a model here:
-    the evaluator reports it, with its reason, if the plan needs it.
-    """
-    from tvlang.io import open_reader
-
-    try:
-        reader = open_reader(path, label=path)
-    except TvlangError:
-        return "model"
-    try:
-        return "delta" if reader.kind == "delta" else "model"
-    finally:
-        reader.close()
-
-
 def bindings_from_args(items: list[str]) -> tuple[dict[str, str], dict[str, object]]:
     """(kinds, bindings) from ``--bind NAME=[delta:]PATH`` values.
 
@@ -78,6 +60,7 @@ def bindings_from_args(items: list[str]) -> tuple[dict[str, str], dict[str, obje
     """
     from tvlang.commands.check import parse_bindings
     from tvlang.compiler import delta
+    from tvlang.io import peek_kind
 
     kinds: dict[str, str] = {}
     bindings: dict[str, object] = {}

@@ -4,7 +4,7 @@ Public names: ``TensorInfo``, ``TensorReader``, ``open_reader``, ``StreamingWrit
 """
 
 from tvlang.io.base import DTYPE_FROM_SAFETENSORS, SAFETENSORS_FROM_DTYPE, TensorInfo, TensorReader
-from tvlang.io.open import WEIGHT_FILES, find_weights, open_reader
+from tvlang.io.open import WEIGHT_FILES, find_weights, open_reader, peek_kind
 from tvlang.io.safetensors_file import SafetensorsReader
 from tvlang.io.sharded import ShardedReader
 from tvlang.io.torch_file import StateDictReader, TorchFileReader
@@ -28,4 +28,5 @@ __all__ = [
     "TorchFileReader",
     "find_weights",
     "open_reader",
+    "peek_kind",
 ]

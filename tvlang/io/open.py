@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+from tvlang.errors import TvlangError
 from tvlang.io.base import TensorReader, io_error
 from tvlang.io.safetensors_file import SafetensorsReader
 from tvlang.io.sharded import ShardedReader
@@ -105,3 +106,19 @@ def _open_path(path: str, label: str) -> TensorReader:
     if head[8:9] == b"{":
         return SafetensorsReader(path, label=label)
     return TorchFileReader(path, label=label)
+
+
+def peek_kind(path: str) -> str:
+    """"delta" when the file at ``path`` says it is a tvlang task vector, else "model".
+
+    Reads the header only. A path that cannot be opened counts as a model here:
+    the evaluator reports it, with its reason, if the plan needs it.
+    """
+    try:
+        reader = open_reader(path, label=path)
+    except TvlangError:
+        return "model"
+    try:
+        return "delta" if reader.kind == "delta" else "model"
+    finally:
+        reader.close()
