@@ -303,6 +303,55 @@ def test_write_checks_shape_dtype_and_order(tmp_path):
     assert load_file(str(tmp_path / "m.safetensors"))["b"].tolist() == [1.0, 1.0, 1.0]
 
 
+@pytest.mark.parametrize("piece", [1, 3, 7, 1000])
+def test_tensors_written_in_pieces_equal_whole_writes(tmp_path, piece):
+    """write_part: any split of each tensor into pieces gives the same bytes as write(), sharded too."""
+    sd = state_dict()
+    whole = write(tmp_path / "whole", sd, shard_size=400)
+    out = tmp_path / "pieces"
+    with StreamingWriter(str(out), layout_of(sd), shard_size=400) as w:
+        for name, tensor in sd.items():
+            flat = tensor.reshape(-1)
+            if flat.numel() == 0:
+                w.write_part(name, flat)
+            for start in range(0, flat.numel(), piece):
+                w.write_part(name, flat[start:start + piece])
+    assert sorted(os.listdir(out)) == sorted(os.listdir(whole))
+    for file in os.listdir(out):
+        assert (out / file).read_bytes() == (tmp_path / "whole" / file).read_bytes(), file
+
+
+def test_write_part_checks_dtype_size_and_completion(tmp_path):
+    sd = {"a": torch.arange(4.0), "b": torch.ones(3)}
+    w = StreamingWriter(str(tmp_path / "m.safetensors"), layout_of(sd))
+    with pytest.raises(TvlangError, match=r"m.safetensors: tensor 'b' comes out of order; expected 'a' next"):
+        w.write_part("b", sd["b"])
+    with pytest.raises(TvlangError, match=r"a piece of tensor 'a' is torch.float64 but the output layout says torch.float32"):
+        w.write_part("a", torch.ones(2, dtype=torch.float64))
+    w.write_part("a", sd["a"][:3])
+    with pytest.raises(TvlangError, match=r"the pieces of tensor 'a' come to more than its 16 bytes"):
+        w.write_part("a", sd["a"][:2])
+    with pytest.raises(TvlangError, match=r"tensor 'b' comes out of order; expected 'a' next"):
+        w.write("b", sd["b"])
+    with pytest.raises(TvlangError, match=r"tensor 'a' is half written in pieces \(12 of 16 bytes\): write the rest with write_part"):
+        w.write("a", sd["a"])
+    w.write_part("a", sd["a"][3:])
+    w.write("b", sd["b"])
+    w.commit()
+    assert load_file(str(tmp_path / "m.safetensors"))["a"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_commit_with_a_half_written_tensor_writes_nothing(tmp_path):
+    sd = {"a": torch.ones(2), "b": torch.ones(3)}
+    w = StreamingWriter(str(tmp_path / "m"), layout_of(sd))
+    w.write("a", sd["a"])
+    w.write_part("b", sd["b"][:1])
+    with pytest.raises(TvlangError, match=r"m: output incomplete: 1 tensors were never written "
+                                          r"\(first: 'b', 4 of its 12 bytes written\); nothing was written"):
+        w.commit()
+    assert os.listdir(tmp_path) == []
+
+
 def test_commit_with_missing_tensors_writes_nothing(tmp_path):
     sd = {"a": torch.ones(2), "b": torch.ones(3)}
     w = StreamingWriter(str(tmp_path / "m"), layout_of(sd))

@@ -64,7 +64,7 @@ MISSING_POLICIES = ("error", "base", "skip")
 CHUNK_MIN = 1 << 18
 CHUNK_ELEMENTS = 1 << 20
 LINEAR_OPS = frozenset({"read", "scale", "axpy", "add", "set", "write"})
-POOL_SIZE = 3  # output buffers kept for reuse by run()
+IN_FLIGHT = 2  # writes queued per output by run() (whole tensors or pieces)
 
 
 def parse_dtype(value: Any, option: str = "dtype") -> torch.dtype:
@@ -349,6 +349,7 @@ class Session:
         # Output buffers given back once written (run() recycles them; stream() cannot).
         self.recycle_outputs = False
         self._pool: list[torch.Tensor] = []
+        self.pool_size = 3
         self._leases: dict[int, torch.Tensor] = {}
 
     # scalars
@@ -401,23 +402,21 @@ class Session:
         """Run ``program`` for tensor ``name``; ``sink(output, tensor)`` gets results."""
         try:
             self._execute(program, name, raw, sink, feed)
-        except TvlangError as exc:
-            if exc.tensor is None:
-                exc.tensor = name
-                exc.message = f"tensor '{name}': {exc.message}"
-                exc.args = (exc.message,)
-            raise
-        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-            raise TvlangError(f"while computing tensor '{name}': {exc}", tensor=name) from None
+        except (TvlangError, RuntimeError, ValueError, TypeError, IndexError) as exc:
+            raise _tensor_error(name, exc) from None
+
+    def _linear_for(self, program: TensorProgram) -> _LinearProgram | None:
+        key = id(program)
+        if key not in self._linear:
+            self._linear[key] = _linear_program(program)
+        return self._linear[key]
 
     def _execute(self, program: TensorProgram, name: str, raw: dict[str, torch.Tensor], sink, feed) -> None:
         if feed is None:
-            key = id(program)
-            if key not in self._linear:
-                self._linear[key] = _linear_program(program)
-            linear = self._linear[key]
+            linear = self._linear_for(program)
             if linear is not None and _numel(self.layout.infos[name].shape) >= CHUNK_MIN:
-                self._execute_chunked(program, linear, name, raw, sink)
+                for output, tensor in self._execute_chunked(program, linear, name, raw, pieces=False):
+                    sink(output, tensor)
                 return
         from tvlang.ops.context import TensorContext
 
@@ -476,27 +475,36 @@ class Session:
                 raise AssertionError(op)
 
     def _execute_chunked(self, program: TensorProgram, linear: _LinearProgram, name: str,
-                         raw: dict[str, torch.Tensor], sink) -> None:
-        """Run a linear program chunk by chunk; the results come out in their output dtype, on the CPU."""
+                         raw: dict[str, torch.Tensor], *, pieces: bool) -> Iterator[tuple[str, torch.Tensor]]:
+        """Run a linear program chunk by chunk: (output, result) pairs, in output dtype, on the CPU.
+
+        ``pieces=False``: one whole result per output, after the last chunk.
+        ``pieces=True``: each chunk's result as soon as it is computed (a flat
+        piece in a recycled buffer, for ``StreamingWriter.write_part``), so no
+        result is ever whole in memory.
+        """
         info = self.layout.infos[name]
         numel = _numel(info.shape)
         out_dtype = self.out_dtype or info.dtype
         direct = self.device.type == "cpu" and out_dtype == self.dtype  # compute into the output itself
+        written = list(dict.fromkeys(step.name for step in program.steps if step.op == "write"))
         outputs: dict[str, torch.Tensor] = {}
-        for step in program.steps:
-            if step.op == "write" and step.name not in outputs:
-                outputs[step.name] = self._output_buffer(numel, out_dtype)
+        if not pieces:
+            outputs = {output: self._output_buffer(numel, out_dtype) for output in written}
         coefs = [None if step.coef is None else
                  tuple(resolve_coef(c, self.scalar) for c in step.coef) if step.op == "add" else
                  resolve_coef(step.coef, self.scalar) for step in program.steps]
         flat = {key: tensor.reshape(-1) for key, tensor in raw.items()}
         for start in range(0, numel, CHUNK_ELEMENTS):
             stop = min(numel, start + CHUNK_ELEMENTS)
+            if pieces:
+                outputs = {output: self._output_buffer(stop - start, out_dtype) for output in written}
+            window = slice(0, stop - start) if pieces else slice(start, stop)
 
             def storage(value: int) -> torch.Tensor:
                 target = linear.written.get(value)
                 if direct and target is not None:
-                    return outputs[target][start:stop]
+                    return outputs[target][window]
                 buffer = self._scratch.get(value)
                 if buffer is None or buffer.dtype != self.dtype or buffer.device != self.device:
                     buffer = torch.empty(CHUNK_ELEMENTS, dtype=self.dtype, device=self.device)
@@ -545,12 +553,15 @@ class Session:
                     slots[step.dst] = (target, True)
                 else:  # write
                     chunk = slots[step.srcs[0]][0]
-                    destination = outputs[step.name][start:stop]
+                    destination = outputs[step.name][window]
                     if chunk.data_ptr() != destination.data_ptr() or chunk.dtype != destination.dtype:
                         destination.copy_(chunk)
                     slots[step.srcs[0]] = (chunk, False)  # written out: later changes go elsewhere
-        for output, tensor in outputs.items():
-            sink(output, tensor.view(info.shape))
+            if pieces:
+                yield from outputs.items()
+        if not pieces:
+            for output, tensor in outputs.items():
+                yield output, tensor.view(info.shape)
 
     def _output_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A CPU tensor for one result: a recycled buffer when run() gives them back."""
@@ -576,7 +587,7 @@ class Session:
         if buffer is None:
             return
         self._pool.append(buffer)
-        if len(self._pool) > POOL_SIZE:  # keep the largest few
+        if len(self._pool) > self.pool_size:  # keep the largest few
             self._pool.pop(min(range(len(self._pool)), key=lambda i: self._pool[i].numel()))
 
     # reductions
@@ -611,11 +622,15 @@ class Session:
 
     # the main pass
 
-    def results(self, outputs: list[str], progress=None) -> Iterator[tuple[str, str, torch.Tensor]]:
-        """(output, tensor name, result) for every tensor of ``outputs``, base order.
+    def results(self, outputs: list[str], progress=None, *,
+                pieces: bool = False) -> Iterator[tuple[str, str, torch.Tensor, bool]]:
+        """(output, tensor name, result, whole) for every tensor of ``outputs``, base order.
 
         Results are on the CPU in their output dtype; float tensors the plan
         computes, integer tensors copied from the base (Model outputs only).
+        With ``pieces=True`` a large tensor of a linear program comes as flat
+        pieces in order (``whole`` False), each valid until given back
+        (``give_back``); otherwise every result is whole.
         """
         program = self.plan.schedule.main
         kinds = {name: self.plan.output_kind(name) for name in outputs}
@@ -629,11 +644,20 @@ class Session:
             if name in computed:
                 got, raw = next(inputs)
                 assert got == name
-                results: list[tuple[str, torch.Tensor]] = []
-                self.execute(program, name, raw, sink=lambda out, t: results.append((out, t)))
-                for out, tensor in results:
-                    if out in kinds:
-                        yield out, name, self._finish(tensor, info)
+                linear = self._linear_for(program) if pieces else None
+                if linear is not None and _numel(info.shape) >= CHUNK_MIN:
+                    chunks = self._execute_chunked(program, linear, name, raw, pieces=True)
+                    for out, piece in _translated(name, chunks):
+                        if out in kinds:
+                            yield out, name, piece, False
+                        else:
+                            self.give_back(piece)
+                else:
+                    results: list[tuple[str, torch.Tensor]] = []
+                    self.execute(program, name, raw, sink=lambda out, t: results.append((out, t)))
+                    for out, tensor in results:
+                        if out in kinds:
+                            yield out, name, self._finish(tensor, info), True
             else:
                 # An integer buffer, or (missing="base") a float tensor some input lacks:
                 # the base's, into Model outputs only.
@@ -642,7 +666,7 @@ class Session:
                 for out in outputs:
                     if kinds[out] != "model":
                         continue
-                    yield out, name, self._finish(tensor, info) if copied else tensor
+                    yield out, name, (self._finish(tensor, info) if copied else tensor), True
             if progress:
                 progress.advance(name, info.nbytes * len(outputs))
 
@@ -681,6 +705,25 @@ def _numel(shape) -> int:
     for dim in shape:
         total *= int(dim)
     return total
+
+
+def _translated(name: str, chunks: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``chunks`` with the errors of computing tensor ``name`` said as Session.execute says them."""
+    try:
+        yield from chunks
+    except (TvlangError, RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise _tensor_error(name, exc) from None
+
+
+def _tensor_error(name: str, exc: Exception) -> TvlangError:
+    """A failure while computing tensor ``name`` as one TvlangError that names it."""
+    if not isinstance(exc, TvlangError):
+        return TvlangError(f"while computing tensor '{name}': {exc}", tensor=name)
+    if exc.tensor is None:
+        exc.tensor = name
+        exc.message = f"tensor '{name}': {exc.message}"
+        exc.args = (exc.message,)
+    return exc
 
 
 _KERNELS: dict[str, Any] | None = None
@@ -722,7 +765,7 @@ def stream(plan: Plan, bindings: Mapping[str, Any], *, output: str | None = None
             raise TvlangError(f"no output named '{output}'; the outputs are {', '.join(plan.outputs)}")
         session = Session(bound, device=device, dtype=dtype, out_dtype=out_dtype, missing=missing)
         session.reduce()
-        for _, name, tensor in session.results([output]):
+        for _, name, tensor, _ in session.results([output]):
             yield name, tensor
     except TvlangError as exc:
         raise exc.with_context(source=plan.text, filename=plan.filename) from None
@@ -754,22 +797,24 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
         count = 0
         written = 0
         session.recycle_outputs = True
+        session.pool_size = (IN_FLIGHT + 1) * len(targets)
         with _compute_threads(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvlang-write") as pool:
             pending: list[tuple[Future, torch.Tensor]] = []
-            for output, name, tensor in session.results(list(targets), bar):
-                # Keep at most one write in flight per output: memory stays bounded.
-                while len(pending) >= len(targets):
+            for output, name, tensor, whole in session.results(list(targets), bar, pieces=True):
+                # A few writes in flight per output: memory stays bounded.
+                while len(pending) >= IN_FLIGHT * len(targets):
                     future, done = pending.pop(0)
                     future.result()
                     session.give_back(done)
-                pending.append((pool.submit(writers[output].write, name, tensor), tensor))
-                count += 1
+                write = writers[output].write if whole else writers[output].write_part
+                pending.append((pool.submit(write, name, tensor), tensor))
                 written += tensor.numel() * tensor.element_size()
             for future, done in pending:
                 future.result()
                 session.give_back(done)
         for writer in writers.values():
             writer.commit()
+        count = sum(len(writer.layout) for writer in writers.values())
         if bar:
             bar.close()
         return RunSummary({k: str(v) for k, v in targets.items()}, count, written,

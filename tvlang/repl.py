@@ -749,7 +749,7 @@ class Repl:
                 for node, indices in calls:
                     reducers[id(node)].update(0, [tensors[outputs[i]] for i in indices], ctx)
 
-            for output, name, tensor in session.results(outputs):
+            for output, name, tensor, _ in session.results(outputs):
                 if name != current:
                     flush()
                     current, tensors = name, {}

@@ -230,6 +230,7 @@ class StreamingWriter:
         self._shards = self._plan_shards(shard_size)
         self._shard_of = {name: i for i, shard in enumerate(self._shards) for name in shard.names}
         self._next = 0  # position in layout of the next tensor expected
+        self._part = 0  # bytes of it written so far by write_part
         self._file = None
         self._open_shard = -1
         self._state = "open"  # open -> committed | aborted
@@ -366,8 +367,47 @@ class StreamingWriter:
                 f" {list(info.shape)} {info.dtype}",
                 tensor=name,
             )
+        if self._part:
+            raise TvlangError(f"{self.out}: tensor '{name}' is half written in pieces ({self._part} of"
+                              f" {info.nbytes} bytes): write the rest with write_part", tensor=name)
         self._guarded(self._write_tensor, info, tensor)
         self._next += 1
+
+    def write_part(self, name: str, piece: torch.Tensor) -> None:
+        """Append the next piece of tensor ``name``: its entries in order, flattened.
+
+        A tensor may be handed over in any number of pieces of its dtype (CPU,
+        contiguous); it is complete, and the next one may start, when the pieces
+        add up to its size. Nothing of a tensor need ever be whole in memory.
+        """
+        if self._state != "open":
+            raise TvlangError(f"{self.out}: the writer is already {self._state}")
+        if self._next >= len(self.layout):
+            raise TvlangError(f"{self.out}: tensor '{name}' is not in the output layout (all tensors written)", tensor=name)
+        info = self.layout[self._next]
+        if name != info.name:
+            where = "is not in the output layout" if name not in self._shard_of else "comes out of order"
+            raise TvlangError(f"{self.out}: tensor '{name}' {where}; expected '{info.name}' next", tensor=name)
+        if piece.dtype != info.dtype:
+            raise TvlangError(f"{self.out}: a piece of tensor '{name}' is {piece.dtype} but the output layout says"
+                              f" {info.dtype}", tensor=name)
+        nbytes = piece.numel() * piece.element_size()
+        if self._part + nbytes > info.nbytes:
+            raise TvlangError(f"{self.out}: the pieces of tensor '{name}' come to more than its"
+                              f" {info.nbytes} bytes", tensor=name)
+        self._guarded(self._write_piece, info, piece)
+        self._part += nbytes
+        if self._part == info.nbytes:
+            self._part = 0
+            self._next += 1
+
+    def _write_piece(self, info: TensorInfo, piece: torch.Tensor) -> None:
+        if self._part == 0 and self._shard_of[info.name] != self._open_shard:
+            self._start_shard(self._shard_of[info.name])
+        data = piece.detach()
+        if data.device.type != "cpu":
+            data = data.cpu()
+        _write_all(self._file, memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
     def _write_tensor(self, info: TensorInfo, tensor: torch.Tensor) -> None:
         shard = self._shard_of[info.name]
@@ -391,10 +431,11 @@ class StreamingWriter:
             raise TvlangError(f"{self.out}: the writer is already {self._state}")
         if self._next < len(self.layout):
             missing = self.layout[self._next].name
+            partly = f", {self._part} of its {self.layout[self._next].nbytes} bytes written" if self._part else ""
             self.abort()
             raise TvlangError(
                 f"{self.out}: output incomplete: {len(self.layout) - self._next} tensors were never written"
-                f" (first: '{missing}'); nothing was written to the output",
+                f" (first: '{missing}'{partly}); nothing was written to the output",
                 tensor=missing,
             )
         self._guarded(self._commit)
