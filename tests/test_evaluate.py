@@ -222,6 +222,44 @@ def test_several_outputs_in_one_pass(ckpts, tmp_path):
     assert summary.tensors == 2 * len(SPEC) + len(SPEC) - 1
 
 
+@pytest.mark.parametrize("existing", [False, True])
+def test_several_outputs_appear_together_or_not_at_all(ckpts, tmp_path, existing):
+    """A failure while renaming the outputs into place withdraws those already renamed:
+    the output paths are left as they were (absent, or the old outputs with force)."""
+    from tvlang.io import StreamingWriter
+
+    paths, _ = ckpts
+    outs = {"merged": str(tmp_path / "merged"), "tau_a": str(tmp_path / "tau.safetensors"),
+            "half": str(tmp_path / "half.safetensors")}
+    if existing:
+        os.mkdir(outs["merged"])
+        (tmp_path / "merged" / "old.txt").write_text("old merged")
+        (tmp_path / "tau.safetensors").write_text("old tau")
+        (tmp_path / "half.safetensors").write_text("old half")
+    real = StreamingWriter.publish
+
+    def publish(self):
+        if self.out == outs["half"]:
+            raise KeyboardInterrupt  # Ctrl-C after two of the three renames
+        real(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(StreamingWriter, "publish", publish)
+        with pytest.raises(KeyboardInterrupt):
+            tvlang.compile(RECIPE).run(paths["dir"], outs, force=existing)
+    if existing:
+        assert sorted(os.listdir(tmp_path)) == ["half.safetensors", "merged", "tau.safetensors"]
+        assert (tmp_path / "merged" / "old.txt").read_text() == "old merged"
+        assert os.listdir(tmp_path / "merged") == ["old.txt"]
+        assert (tmp_path / "tau.safetensors").read_text() == "old tau"
+        assert (tmp_path / "half.safetensors").read_text() == "old half"
+    else:
+        assert os.listdir(tmp_path) == []
+    tvlang.compile(RECIPE).run(paths["dir"], outs, force=True)  # and then it works
+    assert_same(load_any(outs["half"]), naive(paths["dir"], lambda t: 0.5 * t["a"] + 0.5 * t["b"]))
+    assert sorted(os.listdir(tmp_path)) == ["half.safetensors", "merged", "tau.safetensors"]
+
+
 def test_metadata_and_copied_files(ckpts, tmp_path):
     paths, _ = ckpts
     plan = tvlang.compile(RECIPE, lam=0.25)

@@ -111,3 +111,25 @@ def test_della_rank_order_matches_a_stable_row_argsort(shape):
     x[0, 0] = -x[0, -1]  # equal magnitudes: ranked by position
     for rows in (x, x.double()):
         assert torch.equal(_rank_order(rows), torch.argsort(rows.abs(), dim=1, stable=True))
+
+
+@pytest.mark.parametrize("piece", [1, 5, 64, 100, 1000])
+def test_dropper_in_pieces_equals_dare_on_the_whole_tensor(monkeypatch, piece):
+    """The mask is drawn in blocks counted from the tensor's start, whatever the pieces."""
+    from tvlang.ops import dare as dare_module
+
+    monkeypatch.setattr(dare_module, "CHUNK", 64)  # blocks of 64: pieces cross block ends
+    x = torch.randn(10, 100, generator=torch.Generator().manual_seed(1))
+    ctx = TensorContext("model.layers.0.mlp.weight")
+    want = dare([x], ctx, p=0.6, seed=3)
+    # hand-rolled: one uniform_ call per block of 64, u >= p kept and scaled by 1/(1-p)
+    gen = ctx.generator(3)
+    u = torch.cat([torch.empty(min(64, 1000 - s)).uniform_(0.0, 1.0, generator=gen) for s in range(0, 1000, 64)])
+    assert torch.allclose(want.reshape(-1), torch.where(u >= 0.6, x.reshape(-1) / 0.4, 0.0), rtol=1e-6, atol=0)
+    apply = dare_module.dare_chunks(ctx, x.numel(), x.dtype, p=0.6, seed=3)
+    flat, out = x.reshape(-1), torch.empty(1000)
+    for start in range(0, 1000, piece):
+        apply([flat[start:start + piece]], out[start:start + piece])
+    assert torch.equal(out, want.reshape(-1))
+    with pytest.raises(ValueError, match="dare: 1001 entries handed over, the tensor has 1000"):
+        apply([torch.ones(1)], torch.empty(1))

@@ -47,3 +47,44 @@ def test_schedule_and_select_through_the_pipeline():
     assert torch.allclose(out["model.embed.weight"], a["model.embed.weight"] - pre["model.embed.weight"])
     out = tvlang.compile('select(a - pre, "*.layers.*")').evaluate({"pre": pre, "a": a})
     assert torch.equal(out["model.norm.weight"], torch.zeros(7))
+
+
+def test_elementwise_kernels_in_chunked_programs_equal_whole_tensor_kernels(monkeypatch):
+    """dare, select, pick and schedule run inside the evaluator's chunked programs (pieces of 7
+    entries, dare's blocks of 5): the results equal the kernels called on whole tensors."""
+    from tvlang import evaluate
+    from tvlang.ops import dare as dare_module
+    from tvlang.ops.context import TensorContext
+    from tvlang.ops.dare import dare
+    from tvlang.ops.select import pick, schedule, select
+
+    pre, (a, b) = _models()
+    recipe = ('pre + dare(a - pre, 0.5, seed=1) + 0.5*select(b - pre, "*.layers.*") + schedule(b - pre, [0, 1])'
+              ' + pick("*.norm.*", a - pre, b - pre)')
+    binds = {"pre": pre, "a": a, "b": b}
+    monkeypatch.setattr(dare_module, "CHUNK", 5)
+    whole = tvlang.compile(recipe).evaluate(binds)
+    chunked_calls = []
+    real = evaluate.Session._execute_chunked
+
+    def spy(self, program, linear, name, raw, *, pieces):
+        chunked_calls.append(name)
+        return real(self, program, linear, name, raw, pieces=pieces)
+
+    monkeypatch.setattr(evaluate.Session, "_execute_chunked", spy)
+    monkeypatch.setattr(evaluate, "CHUNK_MIN", 7)
+    monkeypatch.setattr(evaluate, "CHUNK_ELEMENTS", 7)
+    chunked = tvlang.compile(recipe).evaluate(binds)
+    assert chunked_calls == NAMES  # every tensor (7 entries or more) ran in chunks
+    for n in NAMES:
+        ctx = TensorContext(n, num_layers=2)
+        d_a, d_b = a[n] - pre[n], b[n] - pre[n]
+        want = (pre[n] + dare([d_a], ctx, p=0.5, seed=1) + 0.5 * select([d_b], ctx, pattern="*.layers.*")
+                + schedule([d_b], ctx, values=[0.0, 1.0]) + pick([d_a, d_b], ctx, pattern="*.norm.*"))
+        assert torch.allclose(whole[n], want, atol=1e-6), n
+        assert torch.allclose(chunked[n], want, atol=1e-6), n
+    run_chunked = {}
+    out = tvlang.compile(recipe)
+    for name, tensor in out.stream(binds):
+        run_chunked[name] = tensor
+    assert all(torch.equal(run_chunked[n], chunked[n]) for n in NAMES)

@@ -306,8 +306,18 @@ class _LinearProgram:
     count: int
 
 
+def _chunkable(step) -> bool:
+    if step.op in LINEAR_OPS:
+        return True
+    if step.op != "call":
+        return False
+    from tvlang.ops.registry import CHUNKED, ELEMENTWISE
+
+    return step.name in CHUNKED or step.name in ELEMENTWISE
+
+
 def _linear_program(program: TensorProgram) -> _LinearProgram | None:
-    if any(step.op not in LINEAR_OPS for step in program.steps):
+    if not all(_chunkable(step) for step in program.steps):
         return None
     slot_value: dict[int, int] = {}
     frozen: set[int] = set()  # slots written out: changing them makes a new value
@@ -315,7 +325,7 @@ def _linear_program(program: TensorProgram) -> _LinearProgram | None:
     written: dict[int, str] = {}
     count = 0
     for step in program.steps:
-        if step.op in ("read", "add", "set") or (step.op in ("scale", "axpy") and step.dst in frozen):
+        if step.op in ("read", "add", "set", "call") or (step.op in ("scale", "axpy") and step.dst in frozen):
             slot_value[step.dst] = count
             count += 1
             frozen.discard(step.dst)
@@ -418,12 +428,9 @@ class Session:
                 for output, tensor in self._execute_chunked(program, linear, name, raw, pieces=False):
                     sink(output, tensor)
                 return
-        from tvlang.ops.context import TensorContext
-
         buffers: list[torch.Tensor | None] = [None] * program.n_buffers
         borrowed: set[int] = set()  # ids of tensors that must not be mutated in place
         shape = self.layout.infos[name].shape
-        sched = self.plan.schedule
 
         def own(slot: int) -> torch.Tensor:
             tensor = buffers[slot]
@@ -461,8 +468,7 @@ class Session:
             elif op == "zero":
                 buffers[step.dst] = torch.zeros(shape, dtype=self.dtype, device=self.device)
             elif op == "call":
-                reduced = {key: self.reduced[id(node)] for key, node in sched.call_reductions.get(id(step.node), [])}
-                ctx = TensorContext(name, self.device, reduced, self.layout.num_layers)
+                ctx = self._call_context(step, name)
                 result = _kernel(step.name)([buffers[s] for s in step.srcs], ctx, **dict(step.options))
                 buffers[step.dst] = result
             elif op == "write":
@@ -495,6 +501,8 @@ class Session:
                  tuple(resolve_coef(c, self.scalar) for c in step.coef) if step.op == "add" else
                  resolve_coef(step.coef, self.scalar) for step in program.steps]
         flat = {key: tensor.reshape(-1) for key, tensor in raw.items()}
+        kernels = {index: self._chunk_kernel(step, name, numel)
+                   for index, step in enumerate(program.steps) if step.op == "call"}
         for start in range(0, numel, CHUNK_ELEMENTS):
             stop = min(numel, start + CHUNK_ELEMENTS)
             if pieces:
@@ -551,6 +559,10 @@ class Session:
                     else:
                         torch.mul(slots[step.srcs[0]][0], coef, out=target)
                     slots[step.dst] = (target, True)
+                elif op == "call":
+                    target = storage(value)
+                    kernels[index]([slots[s][0] for s in step.srcs], target)
+                    slots[step.dst] = (target, True)
                 else:  # write
                     chunk = slots[step.srcs[0]][0]
                     destination = outputs[step.name][window]
@@ -562,6 +574,25 @@ class Session:
         if not pieces:
             for output, tensor in outputs.items():
                 yield output, tensor.view(info.shape)
+
+    def _call_context(self, step, name: str):
+        """The TensorContext of a kernel call for tensor ``name``, with the reductions it asked for."""
+        from tvlang.ops.context import TensorContext
+
+        calls = self.plan.schedule.call_reductions.get(id(step.node), [])
+        return TensorContext(name, self.device, {key: self.reduced[id(node)] for key, node in calls},
+                             self.layout.num_layers)
+
+    def _chunk_kernel(self, step, name: str, numel: int):
+        """``apply(input_pieces, out_piece)`` for a kernel call of a chunked program (tensor ``name``)."""
+        from tvlang.ops.registry import CHUNKED
+
+        ctx = self._call_context(step, name)
+        options = dict(step.options)
+        if step.name in CHUNKED:
+            return CHUNKED[step.name](ctx, numel, self.dtype, **options)
+        kernel = _kernel(step.name)
+        return lambda pieces, out: out.copy_(kernel(pieces, ctx, **options))
 
     def _output_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A CPU tensor for one result: a recycled buffer when run() gives them back."""
@@ -812,8 +843,7 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
             for future, done in pending:
                 future.result()
                 session.give_back(done)
-        for writer in writers.values():
-            writer.commit()
+        _commit_all(list(writers.values()))
         count = sum(len(writer.layout) for writer in writers.values())
         if bar:
             bar.close()
@@ -821,12 +851,33 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
                           time.perf_counter() - started, plan.schedule.passes)
     except BaseException as exc:
         for writer in writers.values():
-            writer.abort()
+            writer.abort()  # a published or committed writer is left as it is
         if isinstance(exc, TvlangError):
             raise exc.with_context(source=plan.text, filename=plan.filename) from None
         raise
     finally:
         bound.close()
+
+
+def _commit_all(writers: list[StreamingWriter]) -> None:
+    """Commit several outputs so that they appear together: sync all, then rename all.
+
+    A failure (or Ctrl-C) before the last rename withdraws the outputs already
+    renamed into place, putting back what was there before (``--force``).
+    """
+    for writer in writers:
+        writer.prepare()
+    published: list[StreamingWriter] = []
+    try:
+        for writer in writers:
+            writer.publish()
+            published.append(writer)
+    except BaseException:
+        for writer in reversed(published):
+            writer.withdraw()
+        raise
+    for writer in writers:
+        writer.finish()
 
 
 @contextlib.contextmanager

@@ -427,6 +427,16 @@ class StreamingWriter:
         """Check every tensor was written, sync, and rename the temporary into place."""
         if self._state == "committed":
             return
+        self.prepare()
+        self.publish()
+        self.finish()
+
+    # commit() in three steps, so that several outputs of one run appear together or not at
+    # all: prepare() each (the slow part: sync), publish() each (renames), finish() each; a
+    # failure while publishing withdraws the ones already published.
+
+    def prepare(self) -> None:
+        """Check every tensor was written, write the index and copied files, and sync."""
         if self._state != "open":
             raise TvlangError(f"{self.out}: the writer is already {self._state}")
         if self._next < len(self.layout):
@@ -438,10 +448,10 @@ class StreamingWriter:
                 f" (first: '{missing}'{partly}); nothing was written to the output",
                 tensor=missing,
             )
-        self._guarded(self._commit)
-        self._state = "committed"
+        self._guarded(self._prepare)
+        self._state = "prepared"
 
-    def _commit(self) -> None:
+    def _prepare(self) -> None:
         # Shards whose tensors are all empty, or an empty layout, still get a header.
         for index in range(max(self._open_shard, 0), len(self._shards)):
             if index != self._open_shard:
@@ -452,25 +462,78 @@ class StreamingWriter:
                 self._write_index()
             self._copy_files()
             _fsync_dir(self._tmp)
-        if os.path.lexists(self._target):
-            if not self.force:
-                raise TvlangError(f"{self.out}: output appeared while writing; pass force=True to replace it")
-            if self.single_file and os.path.isfile(self._target):
-                os.replace(self._tmp, self._target)  # atomic for a file over a file
-            else:
-                # A directory cannot be swapped atomically: move the old one aside,
-                # move the new one in, then delete the old one.
+
+    def publish(self) -> None:
+        """Rename the prepared temporary into place; an existing output (force) is kept aside."""
+        if self._state != "prepared":
+            raise TvlangError(f"{self.out}: cannot publish a writer that is {self._state}")
+        self._replaced = False
+        try:
+            if os.path.lexists(self._target):
+                if not self.force:
+                    raise TvlangError(f"{self.out}: output appeared while writing; pass force=True to replace it")
                 _remove(self._old)
+                if self.single_file and os.path.isfile(self._target) and self._link_aside():
+                    try:
+                        os.replace(self._tmp, self._target)  # atomic for a file over a file
+                    except BaseException:
+                        _remove(self._old)
+                        self._replaced = False
+                        raise
+                    self._state = "published"
+                    return
+                # Move the old output aside (a directory cannot be swapped atomically), move
+                # the new one in; finish() deletes the old one, withdraw() puts it back.
                 os.rename(self._target, self._old)
+                self._replaced = True
                 try:
                     os.rename(self._tmp, self._target)
                 except BaseException:
                     os.rename(self._old, self._target)
+                    self._replaced = False
                     raise
-                _remove(self._old)
+            else:
+                os.rename(self._tmp, self._target)
+        except OSError as exc:
+            self._state = "open"
+            self.abort()
+            raise self._write_failed(exc) from None
+        except BaseException:
+            self._state = "open"
+            self.abort()
+            raise
+        self._state = "published"
+
+    def _link_aside(self) -> bool:
+        """Keep the old output file under the aside name too (a hard link), for withdraw()."""
+        try:
+            os.link(self._target, self._old)
+        except OSError:
+            return False
+        self._replaced = True
+        return True
+
+    def withdraw(self) -> None:
+        """Undo publish(): the output path goes back to what it was, the new output is removed."""
+        if self._state != "published":
+            return
+        self._state = "aborted"
+        if self._replaced:
+            if os.path.isdir(self._target) or not os.path.isfile(self._old):
+                _remove(self._target)
+            os.replace(self._old, self._target)
         else:
-            os.rename(self._tmp, self._target)
+            _remove(self._target)
         _fsync_dir(os.path.dirname(self._target))
+
+    def finish(self) -> None:
+        """After publish(): delete the replaced output, sync the directory entry."""
+        if self._state != "published":
+            raise TvlangError(f"{self.out}: cannot finish a writer that is {self._state}")
+        if self._replaced:
+            _remove(self._old)
+        _fsync_dir(os.path.dirname(self._target))
+        self._state = "committed"
 
     def _write_index(self) -> None:
         index = {
@@ -499,7 +562,7 @@ class StreamingWriter:
 
     def abort(self) -> None:
         """Remove the temporary; the output path is left as it was."""
-        if self._state != "open":
+        if self._state not in ("open", "prepared"):
             return
         self._state = "aborted"
         if self._file is not None:
@@ -521,5 +584,5 @@ class StreamingWriter:
 
     def __del__(self) -> None:
         # A writer dropped without commit (an exception outside a with-block) cleans up.
-        if getattr(self, "_state", None) == "open" and hasattr(self, "_tmp"):
+        if getattr(self, "_state", None) in ("open", "prepared") and hasattr(self, "_tmp"):
             self.abort()

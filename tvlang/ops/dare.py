@@ -17,38 +17,66 @@ from __future__ import annotations
 
 import torch
 
-from tvlang.ops.common import checked, fresh, scratch
+from tvlang.ops.common import checked, fresh
 from tvlang.ops.context import TensorContext
 
-__all__ = ["dare", "random_like", "drop_random", "della_sample"]
+__all__ = ["dare", "dare_chunks", "random_like", "drop_random", "Dropper", "della_sample"]
 
 CHUNK = 1 << 18  # elements per chunk of drop_random
 
 
-def drop_random(x: torch.Tensor, p: float, gen: torch.Generator, rescale: bool, out: torch.Tensor) -> torch.Tensor:
-    """Write DARE of ``x`` into ``out``: each entry dropped with probability ``p``.
+class Dropper:
+    """DARE's random drop applied to a tensor's entries in order, in pieces of any size.
 
-    A uniform ``u`` in [0, 1) is drawn per entry and the entry is dropped when
-    ``u < p``; kept entries are divided by ``1 - p`` when ``rescale``.
+    The uniforms are drawn in blocks of ``CHUNK`` entries counted from the start of
+    the tensor (the last block shorter), one ``uniform_`` call per block, whatever
+    the pieces handed to :meth:`apply`: the mask depends on the generator and the
+    tensor's size only, so a tensor dropped whole or piece by piece (the
+    evaluator's chunks) gets the same mask, on every device. A uniform ``u`` in
+    [0, 1) is drawn per entry and the entry is dropped when ``u < p``; kept
+    entries are divided by ``1 - p`` when ``rescale``.
     """
-    if p >= 1.0:
-        return out.zero_()
-    if p <= 0.0:
-        return out.copy_(x)
-    # Chunk by chunk (the draws come out in the same order as in one call, so the mask is
-    # the same): the uniforms stay in the CPU cache between drawing and use.
-    flat, flat_out = x.reshape(-1), out.view(-1)
-    n = flat.numel()
-    work = torch.float32 if x.dtype != torch.float64 else torch.float64
-    buf = scratch("dare.u", flat[:CHUNK], work)
-    for start in range(0, n, CHUNK):
-        stop = min(start + CHUNK, n)
-        keep = buf[: stop - start]
-        keep.uniform_(0.0, 1.0, generator=gen)
-        torch.ge(keep, p, out=keep)  # 1.0 where kept (u >= p), 0.0 where dropped; float masks are fast
-        if rescale:
-            keep.mul_(1.0 / (1.0 - p))
-        torch.mul(flat[start:stop], keep, out=flat_out[start:stop])
+
+    def __init__(self, p: float, gen: torch.Generator, rescale: bool, numel: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        self.p = float(p)
+        self.gen = gen
+        self.scale = 1.0 / (1.0 - self.p) if rescale and self.p < 1.0 else 1.0
+        self.numel = numel
+        work = torch.float32 if dtype != torch.float64 else torch.float64
+        self.block = torch.empty(min(CHUNK, max(numel, 1)), dtype=work, device=device)
+        self.pos = 0  # entries done
+        self.block_end = 0  # entries covered by the blocks drawn so far
+
+    def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Write the drop of the next ``x.numel()`` entries (``x`` flat) into ``out``."""
+        n = x.numel()
+        if self.pos + n > self.numel:
+            raise ValueError(f"dare: {self.pos + n} entries handed over, the tensor has {self.numel}")
+        if self.p >= 1.0 or self.p <= 0.0:
+            self.pos += n
+            return out.zero_() if self.p >= 1.0 else out.copy_(x)
+        done = 0
+        while done < n:
+            if self.pos == self.block_end:  # draw the next block of uniforms
+                size = min(CHUNK, self.numel - self.pos)
+                keep = self.block[:size]
+                keep.uniform_(0.0, 1.0, generator=self.gen)
+                torch.ge(keep, self.p, out=keep)  # 1.0 where kept (u >= p); float masks are fast
+                if self.scale != 1.0:
+                    keep.mul_(self.scale)
+                self.block_end += size
+            take = min(n - done, self.block_end - self.pos)
+            offset = self.pos % CHUNK
+            torch.mul(x[done:done + take], self.block[offset:offset + take], out=out[done:done + take])
+            done += take
+            self.pos += take
+        return out
+
+
+def drop_random(x: torch.Tensor, p: float, gen: torch.Generator, rescale: bool, out: torch.Tensor) -> torch.Tensor:
+    """Write DARE of ``x`` into ``out`` (see :class:`Dropper`: the same mask, in one go)."""
+    Dropper(p, gen, rescale, x.numel(), x.dtype, x.device).apply(x.reshape(-1), out.view(-1))
     return out
 
 
@@ -60,6 +88,17 @@ def dare(
     (x,) = inputs
     gen = ctx.generator(seed)
     return drop_random(x, float(p), gen, bool(rescale), fresh(x))
+
+
+def dare_chunks(ctx: TensorContext, numel: int, dtype: torch.dtype, *, p: float, seed: float = 0,
+                rescale: bool = True):
+    """``dare`` for the evaluator's chunked programs: ``apply([x_piece], out_piece)``, pieces in order.
+
+    The result equals :func:`dare` on the whole tensor (:class:`Dropper`).
+    """
+    checked("dare", {"p": p, "seed": seed}, 1, ctx.name)
+    dropper = Dropper(float(p), ctx.generator(seed), bool(rescale), numel, dtype, ctx.device)
+    return lambda inputs, out: dropper.apply(inputs[0], out)
 
 
 def random_like(inputs: list[torch.Tensor], ctx: TensorContext, *, seed: float = 0) -> torch.Tensor:

@@ -51,7 +51,8 @@ from typing import Any
 from tvlang.builtins import BUILTINS, Arg, Builtin, register
 
 __all__ = [
-    "ROWS", "KERNELS", "REDUCERS", "reductions_for", "threshold_key", "validate_options",
+    "ROWS", "KERNELS", "CHUNKED", "ELEMENTWISE", "REDUCERS", "reductions_for", "threshold_key",
+    "validate_options",
 ]
 
 
@@ -246,6 +247,17 @@ KERNELS: Mapping[str, Callable[..., Any]] = _Lazy({
     "mean": "reduce:mean",
     "sum": "reduce:sum_",
 })
+
+# Kernels the evaluator may run chunk by chunk, inside its chunked programs (the result
+# is the same as one call on the whole tensor):
+# - CHUNKED[name](ctx, numel, dtype, **options) -> apply(input_pieces, out_piece), called on
+#   consecutive pieces of the flattened tensor, in order (a kernel with state: dare's draws);
+# - ELEMENTWISE: kernels whose result at an entry depends on that entry of the inputs and on
+#   the tensor's name only: the kernel itself is called on each piece.
+CHUNKED: Mapping[str, Callable[..., Any]] = _Lazy({
+    "dare": "dare:dare_chunks",
+})
+ELEMENTWISE = frozenset({"select", "pick", "schedule", "mean", "sum"})
 
 REDUCERS: Mapping[str, Callable[[], Any]] = _Lazy({
     "norm": "reduce:NormReducer",
