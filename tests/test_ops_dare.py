@@ -20,11 +20,21 @@ def test_seed_derivation_is_stable():
 
 
 def test_dare_hand_computed():
-    # the uniforms drawn for ('w', seed 0) are .3397 .4158 .5100 .0994: u < .4 drops entries 0 and 3
+    # the words drawn for ('w', seed 0) are 2800579674 2107414477 433079038 156013486
+    # (/2**32: .652 .491 .101 .036): r < ceil(.4 * 2**32) drops entries 2 and 3
+    import numpy
+
+    words = numpy.random.PCG64(seed_for(0, "w")).random_raw(2).view(numpy.uint32)
+    assert words.tolist() == [2800579674, 2107414477, 433079038, 156013486]
     got = dare([T([1.0, 2.0, 3.0, 4.0])], TensorContext("w"), p=0.4)
-    assert torch.allclose(got, T([0.0, 2.0 / 0.6, 3.0 / 0.6, 0.0]))
+    assert torch.allclose(got, T([1.0 / 0.6, 2.0 / 0.6, 0.0, 0.0]))
     got = dare([T([1.0, 2.0, 3.0, 4.0])], TensorContext("w"), p=0.4, rescale=False)
-    assert torch.equal(got, T([0.0, 2.0, 3.0, 0.0]))
+    assert torch.equal(got, T([1.0, 2.0, 0.0, 0.0]))
+    # the threshold is exact: a word equal to ceil(p * 2**32) is kept, one below dropped
+    p = 2107414477 / 2**32
+    assert torch.equal(dare([T([1.0, 2.0, 3.0, 4.0])], TensorContext("w"), p=p, rescale=False), T([1.0, 2.0, 0.0, 0.0]))
+    p = 2107414478 / 2**32
+    assert torch.equal(dare([T([1.0, 2.0, 3.0, 4.0])], TensorContext("w"), p=p, rescale=False), T([1.0, 0.0, 0.0, 0.0]))
 
 
 def test_dare_edges():
@@ -122,10 +132,16 @@ def test_dropper_in_pieces_equals_dare_on_the_whole_tensor(monkeypatch, piece):
     x = torch.randn(10, 100, generator=torch.Generator().manual_seed(1))
     ctx = TensorContext("model.layers.0.mlp.weight")
     want = dare([x], ctx, p=0.6, seed=3)
-    # hand-rolled: one uniform_ call per block of 64, u >= p kept and scaled by 1/(1-p)
-    gen = ctx.generator(3)
-    u = torch.cat([torch.empty(min(64, 1000 - s)).uniform_(0.0, 1.0, generator=gen) for s in range(0, 1000, 64)])
-    assert torch.allclose(want.reshape(-1), torch.where(u >= 0.6, x.reshape(-1) / 0.4, 0.0), rtol=1e-6, atol=0)
+    # hand-rolled: 32 words per block of 64 entries (the last block: 20 words for 40 entries),
+    # low half of each 64-bit word first; r >= ceil(p * 2**32) kept and scaled by 1/(1-p)
+    import numpy
+
+    bits = numpy.random.PCG64(seed_for(3, "model.layers.0.mlp.weight"))
+    raw = numpy.concatenate([bits.random_raw(min(32, (1000 - s) // 2)) for s in range(0, 1000, 64)])
+    r = torch.tensor(numpy.stack([raw & 0xFFFFFFFF, raw >> 32], axis=1).reshape(-1).astype(numpy.int64))
+    assert r.numel() == 1000
+    kept = r >= math.ceil(0.6 * 2**32)
+    assert torch.allclose(want.reshape(-1), torch.where(kept, x.reshape(-1) / 0.4, 0.0), rtol=1e-6, atol=0)
     apply = dare_module.dare_chunks(ctx, x.numel(), x.dtype, p=0.6, seed=3)
     flat, out = x.reshape(-1), torch.empty(1000)
     for start in range(0, 1000, piece):

@@ -160,9 +160,12 @@ def test_dare_ties_is_dare_then_election():
     a, b = torch.randn(50), torch.randn(50)
     c = ctx("w")
     got = dare_ties([a, b], c, p=0.5, seed=3)
-    gen = c.generator(3)
-    keep_a = torch.rand(50, generator=gen) >= 0.5
-    keep_b = torch.rand(50, generator=gen) >= 0.5
+    # one bit generator, input a's 50 words (25 draws of 64 bits) then b's
+    import numpy
+
+    words = c.bits(3).random_raw(50).view(numpy.uint32).astype(numpy.int64)
+    keep_a = torch.tensor(words[:50] >= 2**31)
+    keep_b = torch.tensor(words[50:] >= 2**31)
     da, db = torch.where(keep_a, a * 2.0, 0.0), torch.where(keep_b, b * 2.0, 0.0)
     want = ties([da, db], c, density=1.0)
     assert torch.allclose(got, want)

@@ -57,6 +57,16 @@ class TensorContext:
     reduced: dict[str, float] = field(default_factory=dict)
     num_layers: int | None = None
 
+    def bits(self, seed: int | float):
+        """A ``numpy.random.PCG64`` bit generator seeded from ``(seed, self.name)``.
+
+        Its stream of 64-bit words is the same on every machine and device: ``dare``
+        draws its masks from it on the CPU, so a GPU run drops the same entries.
+        """
+        import numpy
+
+        return numpy.random.PCG64(seed_for(seed, self.name))
+
     def generator(self, seed: int | float) -> torch.Generator:
         """A generator on ``self.device`` seeded from ``(seed, self.name)``.
 

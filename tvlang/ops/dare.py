@@ -1,9 +1,10 @@
 """Random kernels: ``dare``, ``random_like``, and DELLA's magnitude-ranked sampling.
 
-Every random draw comes from ``ctx.generator(seed)``: the same seed and tensor
-name give the same result whatever order tensors are processed in. Two calls
-with the same seed on the same tensor draw the same mask: give independent
-calls different seeds.
+Every random draw comes from a stream seeded by the user's seed and the tensor
+name (``ctx.bits(seed)`` for ``dare``'s masks, ``ctx.generator(seed)`` for the
+others): the same seed and tensor name give the same result whatever order
+tensors are processed in. Two calls with the same seed on the same tensor draw
+the same mask: give independent calls different seeds.
 
 >>> from tvlang.ops.context import TensorContext
 >>> x = torch.ones(6)
@@ -15,6 +16,10 @@ True
 
 from __future__ import annotations
 
+import math
+import sys
+
+import numpy
 import torch
 
 from tvlang.ops.common import checked, fresh
@@ -28,55 +33,67 @@ CHUNK = 1 << 18  # elements per chunk of drop_random
 class Dropper:
     """DARE's random drop applied to a tensor's entries in order, in pieces of any size.
 
-    The uniforms are drawn in blocks of ``CHUNK`` entries counted from the start of
-    the tensor (the last block shorter), one ``uniform_`` call per block, whatever
-    the pieces handed to :meth:`apply`: the mask depends on the generator and the
-    tensor's size only, so a tensor dropped whole or piece by piece (the
-    evaluator's chunks) gets the same mask, on every device. A uniform ``u`` in
-    [0, 1) is drawn per entry and the entry is dropped when ``u < p``; kept
-    entries are divided by ``1 - p`` when ``rescale``.
+    Each entry gets a 32-bit random word ``r`` from a PCG64 bit generator
+    (``ctx.bits(seed)``): its 64-bit outputs split into two words, low half first.
+    The entry is dropped when ``r < ceil(p * 2**32)`` (so it is kept with
+    probability ``1 - p`` to within 2**-32) and a kept entry is divided by ``1 - p``
+    when ``rescale``. Words are drawn on the CPU in blocks of ``CHUNK`` entries
+    counted from the start of the tensor, whatever the pieces handed to
+    :meth:`apply`: the mask depends on the seed, the tensor name and the tensor's
+    size only, so a tensor dropped whole or chunk by chunk, on the CPU or a GPU,
+    loses the same entries.
     """
 
-    def __init__(self, p: float, gen: torch.Generator, rescale: bool, numel: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(self, p: float, bits, rescale: bool, numel: int, device: torch.device | str = "cpu") -> None:
         self.p = float(p)
-        self.gen = gen
+        self.bits = bits
         self.scale = 1.0 / (1.0 - self.p) if rescale and self.p < 1.0 else 1.0
+        self.threshold = math.ceil(self.p * 2.0**32) if 0.0 < self.p < 1.0 else 0
         self.numel = numel
-        work = torch.float32 if dtype != torch.float64 else torch.float64
-        self.block = torch.empty(min(CHUNK, max(numel, 1)), dtype=work, device=device)
+        self.device = torch.device(device)
+        self.block: torch.Tensor | None = None  # the current block's keep mask (bool)
         self.pos = 0  # entries done
         self.block_end = 0  # entries covered by the blocks drawn so far
+
+    def _draw(self, size: int) -> torch.Tensor:
+        raw = self.bits.random_raw((size + 1) // 2)
+        if sys.byteorder == "little":
+            words = raw.view(numpy.uint32)[:size]
+        else:  # pragma: no cover - the same words, low half first, on a big-endian machine
+            words = numpy.empty(2 * raw.size, dtype=numpy.uint32)
+            words[0::2], words[1::2] = raw & 0xFFFFFFFF, raw >> 32
+            words = words[:size]
+        keep = torch.from_numpy(numpy.greater_equal(words, numpy.uint32(self.threshold)))
+        return keep if self.device.type == "cpu" else keep.to(self.device)
 
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Write the drop of the next ``x.numel()`` entries (``x`` flat) into ``out``."""
         n = x.numel()
         if self.pos + n > self.numel:
             raise ValueError(f"dare: {self.pos + n} entries handed over, the tensor has {self.numel}")
-        if self.p >= 1.0 or self.p <= 0.0:
+        if self.p >= 1.0 or self.p <= 0.0 or self.threshold >= 2**32:
             self.pos += n
-            return out.zero_() if self.p >= 1.0 else out.copy_(x)
+            return out.copy_(x) if self.p <= 0.0 else out.zero_()
         done = 0
         while done < n:
-            if self.pos == self.block_end:  # draw the next block of uniforms
+            if self.pos == self.block_end:
                 size = min(CHUNK, self.numel - self.pos)
-                keep = self.block[:size]
-                keep.uniform_(0.0, 1.0, generator=self.gen)
-                torch.ge(keep, self.p, out=keep)  # 1.0 where kept (u >= p); float masks are fast
-                if self.scale != 1.0:
-                    keep.mul_(self.scale)
+                self.block = self._draw(size)
                 self.block_end += size
             take = min(n - done, self.block_end - self.pos)
             offset = self.pos % CHUNK
-            torch.mul(x[done:done + take], self.block[offset:offset + take], out=out[done:done + take])
+            piece = out[done:done + take]
+            torch.mul(x[done:done + take], self.block[offset:offset + take], out=piece)
+            if self.scale != 1.0:
+                piece.mul_(self.scale)
             done += take
             self.pos += take
         return out
 
 
-def drop_random(x: torch.Tensor, p: float, gen: torch.Generator, rescale: bool, out: torch.Tensor) -> torch.Tensor:
+def drop_random(x: torch.Tensor, p: float, bits, rescale: bool, out: torch.Tensor) -> torch.Tensor:
     """Write DARE of ``x`` into ``out`` (see :class:`Dropper`: the same mask, in one go)."""
-    Dropper(p, gen, rescale, x.numel(), x.dtype, x.device).apply(x.reshape(-1), out.view(-1))
+    Dropper(p, bits, rescale, x.numel(), x.device).apply(x.reshape(-1), out.view(-1))
     return out
 
 
@@ -86,8 +103,7 @@ def dare(
     """Drop each entry with probability ``p``; rescale survivors by ``1/(1-p)``."""
     checked("dare", {"p": p, "seed": seed}, 1, ctx.name)
     (x,) = inputs
-    gen = ctx.generator(seed)
-    return drop_random(x, float(p), gen, bool(rescale), fresh(x))
+    return drop_random(x, float(p), ctx.bits(seed), bool(rescale), fresh(x))
 
 
 def dare_chunks(ctx: TensorContext, numel: int, dtype: torch.dtype, *, p: float, seed: float = 0,
@@ -97,7 +113,7 @@ def dare_chunks(ctx: TensorContext, numel: int, dtype: torch.dtype, *, p: float,
     The result equals :func:`dare` on the whole tensor (:class:`Dropper`).
     """
     checked("dare", {"p": p, "seed": seed}, 1, ctx.name)
-    dropper = Dropper(float(p), ctx.generator(seed), bool(rescale), numel, dtype, ctx.device)
+    dropper = Dropper(float(p), ctx.bits(seed), bool(rescale), numel, ctx.device)
     return lambda inputs, out: dropper.apply(inputs[0], out)
 
 

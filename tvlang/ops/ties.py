@@ -173,9 +173,9 @@ def dare_ties(
     options = dict(p=p, seed=seed, elect=elect, merge=merge, weights=weights, elect_on=elect_on)
     checked("dare_ties", options, len(inputs), ctx.name)
     w = checks.weights("dare_ties", weights, len(inputs))
-    gen = ctx.generator(seed)
+    bits = ctx.bits(seed)
     parts = [
-        drop_random(x, float(p), gen, bool(rescale), scratch(f"ties.part{i}", x)) for i, x in enumerate(inputs)
+        drop_random(x, float(p), bits, bool(rescale), scratch(f"ties.part{i}", x)) for i, x in enumerate(inputs)
     ]
     return _merge_chunked(parts, fresh(inputs[0]), elect=elect, merge=merge, weights=w, elect_on=elect_on)
 
