@@ -533,8 +533,18 @@ def test_linear_program_analysis():
     linear = evaluate._linear_program(program)
     assert linear.values == [0, 1, 2, 2, 3, 3, 3]
     assert linear.written == {2: "x", 3: "y"}
+    # kernels with a chunk form take part; slerp needs whole tensors
     calls = TensorProgram([Step("read", 0, name="a"), Step("call", 1, (0,), name="ties")], 2, ["a"], [])
+    assert evaluate._linear_program(calls).values == [0, 1]
+    calls = TensorProgram([Step("read", 0, name="a"), Step("call", 1, (0, 0), name="slerp")], 2, ["a"], [])
     assert evaluate._linear_program(calls) is None
+    # a kernel that looks at its whole input first cannot take its input from another one
+    nested = TensorProgram([Step("read", 0, name="a"), Step("call", 1, (0,), name="topk"),
+                            Step("axpy", 1, (0,), coef=1.0), Step("call", 2, (1,), name="ties")], 3, ["a"], [])
+    assert evaluate._linear_program(nested) is None
+    after_dare = TensorProgram([Step("read", 0, name="a"), Step("call", 1, (0,), name="dare"),
+                                Step("call", 2, (1,), name="ties")], 3, ["a"], [])
+    assert evaluate._linear_program(after_dare) is not None
 
 
 def test_run_recycles_output_buffers(ckpts, tmp_path, chunking):

@@ -142,10 +142,15 @@ def test_dropper_in_pieces_equals_dare_on_the_whole_tensor(monkeypatch, piece):
     assert r.numel() == 1000
     kept = r >= math.ceil(0.6 * 2**32)
     assert torch.allclose(want.reshape(-1), torch.where(kept, x.reshape(-1) / 0.4, 0.0), rtol=1e-6, atol=0)
-    apply = dare_module.dare_chunks(ctx, x.numel(), x.dtype, p=0.6, seed=3)
+    from tvlang.ops.chunks import dare_chunks
+
+    kernel = dare_chunks(ctx, x.numel(), 1, x.dtype, p=0.6, seed=3)
     flat, out = x.reshape(-1), torch.empty(1000)
     for start in range(0, 1000, piece):
-        apply([flat[start:start + piece]], out[start:start + piece])
+        kernel.apply([flat[start:start + piece]], out[start:start + piece])
     assert torch.equal(out, want.reshape(-1))
     with pytest.raises(ValueError, match="dare: 1001 entries handed over, the tensor has 1000"):
-        apply([torch.ones(1)], torch.empty(1))
+        kernel.apply([torch.ones(1)], torch.empty(1))
+    kernel.restart()  # from the first entry again: the same mask
+    kernel.apply([flat], out)
+    assert torch.equal(out, want.reshape(-1))

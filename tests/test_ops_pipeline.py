@@ -67,9 +67,9 @@ def test_elementwise_kernels_in_chunked_programs_equal_whole_tensor_kernels(monk
     chunked_calls = []
     real = evaluate.Session._execute_chunked
 
-    def spy(self, program, linear, name, raw, *, pieces):
+    def spy(self, program, linear, name, raw, kernels, *, pieces):
         chunked_calls.append(name)
-        return real(self, program, linear, name, raw, pieces=pieces)
+        return real(self, program, linear, name, raw, kernels, pieces=pieces)
 
     monkeypatch.setattr(evaluate.Session, "_execute_chunked", spy)
     monkeypatch.setattr(evaluate, "CHUNK_MIN", 7)
@@ -88,3 +88,79 @@ def test_elementwise_kernels_in_chunked_programs_equal_whole_tensor_kernels(monk
     for name, tensor in out.stream(binds):
         run_chunked[name] = tensor
     assert all(torch.equal(run_chunked[n], chunked[n]) for n in NAMES)
+
+
+CHUNKED_RECIPES = [
+    "pre + ties(a - pre, b - pre, c - pre, density=0.3)",
+    'pre + ties(0.4*(a - pre), 0.6*(b - pre), density=0.5, elect="frequency", merge="sum")',
+    'ties(a - pre, b - pre, density=0.2, weights=[0.3, 0.7], merge="weighted_mean", elect_on="unweighted")',
+    'pre + ties(a - pre, b - pre, density=0.25, scope="model")',
+    "ties(a - pre, b - pre, density=0) + ties(a - pre, c - pre, density=1)",
+    "topk(a - pre, 0.1) + topk(b - pre, 0) + topk(c - pre, 1)",
+    'topk(a - pre, 0.3, scope="model")',
+    "breadcrumbs(a - pre, 0.3, 0.05) + breadcrumbs(b - pre, 0.9, 0.2) + breadcrumbs(c - pre, 0.5, 0)",
+    "pre + dare_ties(a - pre, b - pre, c - pre, p=0.5, seed=4)",
+    'pre + 0.5*dare_ties(a - pre, b - pre, p=0.3, merge="sum", rescale=false)',
+    "ties(dare(a - pre, 0.5, seed=1), dare(b - pre, 0.5, seed=2), density=0.4)",
+]
+
+
+def _quantized_models(quantized: bool = True):
+    """Deltas on a grid of quarter steps, so many magnitudes tie at every threshold (or,
+    not ``quantized``, all distinct); one all-zero tensor and one of a single entry."""
+    g = torch.Generator().manual_seed(11)
+    shapes = {"model.embed.weight": (30, 20), "model.layers.0.mlp.weight": (17, 13),
+              "model.layers.1.mlp.weight": (9, 40), "model.layers.1.zero.weight": (8, 8), "model.one.weight": (1,)}
+    pre = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    models = [pre]
+    for i in range(3):
+        step = (lambda d: torch.round(d * 3) / 4) if quantized else (lambda d: d)
+        ft = {n: pre[n] + step(torch.randn(s, generator=g)) for n, s in shapes.items()}
+        ft["model.layers.1.zero.weight"] = pre["model.layers.1.zero.weight"].clone()
+        models.append(ft)
+    return dict(zip(("pre", "a", "b", "c"), models))
+
+
+@pytest.mark.parametrize("quantized", [True, False], ids=["ties", "distinct"])
+@pytest.mark.parametrize("recipe", CHUNKED_RECIPES)
+def test_threshold_kernels_in_chunked_programs_equal_whole_tensor_kernels(monkeypatch, recipe, quantized):
+    """ties, topk, breadcrumbs and dare_ties in chunked programs (chunks of 64 entries, thresholds
+    found by radix select over the chunks in two passes) give exactly the whole-tensor kernels'
+    results, ties at the threshold and edge densities included."""
+    from tvlang import evaluate
+    from tvlang.ops import dare as dare_module
+
+    binds = _quantized_models(quantized)
+    monkeypatch.setattr(dare_module, "CHUNK", 10)
+    whole = tvlang.compile(recipe).evaluate(binds)
+    chunked_names = []
+    real = evaluate.Session._execute_chunked
+
+    def spy(self, program, linear, name, raw, kernels, *, pieces):
+        chunked_names.append(name)
+        return real(self, program, linear, name, raw, kernels, pieces=pieces)
+
+    monkeypatch.setattr(evaluate.Session, "_execute_chunked", spy)
+    monkeypatch.setattr(evaluate, "CHUNK_MIN", 7)
+    monkeypatch.setattr(evaluate, "CHUNK_ELEMENTS", 64)
+    chunked = tvlang.compile(recipe).evaluate(binds)
+    assert sorted(chunked_names) == sorted(n for n, t in binds["pre"].items() if t.numel() >= 7)
+    for name in whole:
+        assert torch.equal(chunked[name], whole[name]), name
+
+
+def test_nested_threshold_kernels_run_whole(monkeypatch):
+    """ties over topk's result cannot be chunked (topk has no result while ties looks at its input):
+    the program runs on whole tensors, with the same result."""
+    from tvlang import evaluate
+
+    binds = _quantized_models()
+    recipe = "ties(topk(a - pre, 0.5), b - pre, density=0.5)"
+    whole = tvlang.compile(recipe).evaluate(binds)
+    monkeypatch.setattr(evaluate, "CHUNK_MIN", 7)
+    monkeypatch.setattr(evaluate, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(evaluate.Session, "_execute_chunked", None)  # would fail if called
+    chunked = tvlang.compile(recipe).evaluate(binds)
+    assert all(torch.equal(chunked[n], whole[n]) for n in whole)
+    f64 = tvlang.compile("ties(a - pre, b - pre, density=0.5)").evaluate(binds, dtype="float64")
+    assert f64["model.embed.weight"].dtype == torch.float32  # float64 compute runs whole (exact float64 thresholds)

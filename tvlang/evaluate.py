@@ -319,6 +319,22 @@ def _chunkable(step) -> bool:
 def _linear_program(program: TensorProgram) -> _LinearProgram | None:
     if not all(_chunkable(step) for step in program.steps):
         return None
+    from tvlang.ops.registry import MULTIPASS
+
+    # A kernel that looks at its whole input before its first result (MULTIPASS) cannot
+    # take its input from another one: that one has no result yet while it looks.
+    depends: dict[int, bool] = {}  # slot -> its value depends on a MULTIPASS call
+    for step in program.steps:
+        if step.op == "write":
+            continue
+        upstream = any(depends.get(src, False) for src in step.srcs)
+        if step.op == "call" and step.name in MULTIPASS:
+            if upstream:
+                return None
+            upstream = True
+        if step.op in ("scale", "axpy"):
+            upstream = upstream or depends.get(step.dst, False)
+        depends[step.dst] = upstream
     slot_value: dict[int, int] = {}
     frozen: set[int] = set()  # slots written out: changing them makes a new value
     values: list[int] = []
@@ -424,8 +440,10 @@ class Session:
     def _execute(self, program: TensorProgram, name: str, raw: dict[str, torch.Tensor], sink, feed) -> None:
         if feed is None:
             linear = self._linear_for(program)
-            if linear is not None and _numel(self.layout.infos[name].shape) >= CHUNK_MIN:
-                for output, tensor in self._execute_chunked(program, linear, name, raw, pieces=False):
+            kernels = self._chunk_kernels(program, name) if linear is not None and \
+                _numel(self.layout.infos[name].shape) >= CHUNK_MIN else None
+            if kernels is not None:
+                for output, tensor in self._execute_chunked(program, linear, name, raw, kernels, pieces=False):
                     sink(output, tensor)
                 return
         buffers: list[torch.Tensor | None] = [None] * program.n_buffers
@@ -481,9 +499,14 @@ class Session:
                 raise AssertionError(op)
 
     def _execute_chunked(self, program: TensorProgram, linear: _LinearProgram, name: str,
-                         raw: dict[str, torch.Tensor], *, pieces: bool) -> Iterator[tuple[str, torch.Tensor]]:
-        """Run a linear program chunk by chunk: (output, result) pairs, in output dtype, on the CPU.
+                         raw: dict[str, torch.Tensor], kernels: dict[int, Any], *,
+                         pieces: bool) -> Iterator[tuple[str, torch.Tensor]]:
+        """Run a chunkable program chunk by chunk: (output, result) pairs, in output dtype, on the CPU.
 
+        ``kernels`` are the chunk forms of its calls (``_chunk_kernels``). A kernel
+        that must see its whole input first (a per-tensor magnitude threshold) asks
+        for ``passes``: before the main pass, the steps it depends on run that many
+        times over the chunks, feeding it (``observe``), writing nothing.
         ``pieces=False``: one whole result per output, after the last chunk.
         ``pieces=True``: each chunk's result as soon as it is computed (a flat
         piece in a recycled buffer, for ``StreamingWriter.write_part``), so no
@@ -492,88 +515,118 @@ class Session:
         info = self.layout.infos[name]
         numel = _numel(info.shape)
         out_dtype = self.out_dtype or info.dtype
-        direct = self.device.type == "cpu" and out_dtype == self.dtype  # compute into the output itself
         written = list(dict.fromkeys(step.name for step in program.steps if step.op == "write"))
-        outputs: dict[str, torch.Tensor] = {}
-        if not pieces:
-            outputs = {output: self._output_buffer(numel, out_dtype) for output in written}
         coefs = [None if step.coef is None else
                  tuple(resolve_coef(c, self.scalar) for c in step.coef) if step.op == "add" else
                  resolve_coef(step.coef, self.scalar) for step in program.steps]
         flat = {key: tensor.reshape(-1) for key, tensor in raw.items()}
-        kernels = {index: self._chunk_kernel(step, name, numel)
-                   for index, step in enumerate(program.steps) if step.op == "call"}
+        everything = list(range(len(program.steps)))
+        for pass_index in range(max((k.passes for k in kernels.values()), default=0)):
+            observing = {i for i, k in kernels.items() if k.passes > pass_index}
+            for index, kernel in kernels.items():
+                if index not in observing:
+                    kernel.restart()
+            steps = _needed_steps(program, observing)
+            for start in range(0, numel, CHUNK_ELEMENTS):
+                self._chunk(program, linear, steps, coefs, flat, kernels, start, min(numel, start + CHUNK_ELEMENTS),
+                            observing=observing, pass_index=pass_index)
+            for index in observing:
+                kernels[index].end_pass(pass_index)
+        for kernel in kernels.values():
+            kernel.restart()
+        outputs: dict[str, torch.Tensor] = {}
+        if not pieces:
+            outputs = {output: self._output_buffer(numel, out_dtype) for output in written}
         for start in range(0, numel, CHUNK_ELEMENTS):
             stop = min(numel, start + CHUNK_ELEMENTS)
             if pieces:
                 outputs = {output: self._output_buffer(stop - start, out_dtype) for output in written}
-            window = slice(0, stop - start) if pieces else slice(start, stop)
-
-            def storage(value: int) -> torch.Tensor:
-                target = linear.written.get(value)
-                if direct and target is not None:
-                    return outputs[target][window]
-                buffer = self._scratch.get(value)
-                if buffer is None or buffer.dtype != self.dtype or buffer.device != self.device:
-                    buffer = torch.empty(CHUNK_ELEMENTS, dtype=self.dtype, device=self.device)
-                    self._scratch[value] = buffer
-                return buffer[: stop - start]
-
-            slots: dict[int, tuple[torch.Tensor, bool]] = {}  # slot -> (chunk, owned)
-            for index, step in enumerate(program.steps):
-                op = step.op
-                coef = coefs[index]
-                value = linear.values[index]
-                if op == "read":
-                    chunk = flat[step.name][start:stop]
-                    if chunk.dtype != self.dtype or chunk.device != self.device:
-                        chunk = chunk.to(device=self.device, dtype=self.dtype, non_blocking=True)
-                    slots[step.dst] = (chunk, False)  # never changed in place: it may be the caller's
-                elif op == "scale":
-                    chunk, owned = slots[step.dst]
-                    if owned:
-                        chunk.mul_(coef)
-                    else:
-                        chunk = torch.mul(chunk, coef, out=storage(value))
-                    slots[step.dst] = (chunk, True)
-                elif op == "axpy":
-                    chunk, owned = slots[step.dst]
-                    other = slots[step.srcs[0]][0]
-                    if owned:
-                        chunk.add_(other, alpha=coef)
-                    else:
-                        chunk = torch.add(chunk, other, alpha=coef, out=storage(value))
-                    slots[step.dst] = (chunk, True)
-                elif op == "add":
-                    left, right = slots[step.srcs[0]][0], slots[step.srcs[1]][0]
-                    target = storage(value)
-                    if coef[0] == 1.0:
-                        torch.add(left, right, alpha=coef[1], out=target)
-                    else:
-                        torch.mul(left, coef[0], out=target).add_(right, alpha=coef[1])
-                    slots[step.dst] = (target, True)
-                elif op == "set":
-                    target = storage(value)
-                    if coef == 1.0:
-                        target.copy_(slots[step.srcs[0]][0])
-                    else:
-                        torch.mul(slots[step.srcs[0]][0], coef, out=target)
-                    slots[step.dst] = (target, True)
-                elif op == "call":
-                    target = storage(value)
-                    kernels[index]([slots[s][0] for s in step.srcs], target)
-                    slots[step.dst] = (target, True)
-                else:  # write
-                    chunk = slots[step.srcs[0]][0]
-                    destination = outputs[step.name][window]
-                    if chunk.data_ptr() != destination.data_ptr() or chunk.dtype != destination.dtype:
-                        destination.copy_(chunk)
-                    slots[step.srcs[0]] = (chunk, False)  # written out: later changes go elsewhere
+                window = slice(0, stop - start)
+            else:
+                window = slice(start, stop)
+            self._chunk(program, linear, everything, coefs, flat, kernels, start, stop,
+                        outputs={output: tensor[window] for output, tensor in outputs.items()},
+                        direct=self.device.type == "cpu" and out_dtype == self.dtype)
             if pieces:
                 yield from outputs.items()
         if not pieces:
             for output, tensor in outputs.items():
                 yield output, tensor.view(info.shape)
+
+    def _chunk(self, program: TensorProgram, linear: _LinearProgram, steps: list[int], coefs: list, flat, kernels,
+               start: int, stop: int, *, outputs: dict[str, torch.Tensor] | None = None, direct: bool = False,
+               observing: set[int] = frozenset(), pass_index: int = 0) -> None:
+        """Run ``steps`` (indices into the program) over entries ``start:stop``.
+
+        Results are written into ``outputs`` (pieces of the output buffers); with
+        ``direct`` a value that is written out is computed in its output piece.
+        Calls in ``observing`` are fed their inputs (``observe``) instead of run.
+        """
+        def storage(value: int) -> torch.Tensor:
+            target = linear.written.get(value)
+            if direct and target is not None:
+                return outputs[target]
+            buffer = self._scratch.get(value)
+            if buffer is None or buffer.dtype != self.dtype or buffer.device != self.device:
+                buffer = torch.empty(CHUNK_ELEMENTS, dtype=self.dtype, device=self.device)
+                self._scratch[value] = buffer
+            return buffer[: stop - start]
+
+        slots: dict[int, tuple[torch.Tensor, bool]] = {}  # slot -> (chunk, owned)
+        for index in steps:
+            step = program.steps[index]
+            op = step.op
+            coef = coefs[index]
+            value = linear.values[index]
+            if op == "read":
+                chunk = flat[step.name][start:stop]
+                if chunk.dtype != self.dtype or chunk.device != self.device:
+                    chunk = chunk.to(device=self.device, dtype=self.dtype, non_blocking=True)
+                slots[step.dst] = (chunk, False)  # never changed in place: it may be the caller's
+            elif op == "scale":
+                chunk, owned = slots[step.dst]
+                if owned:
+                    chunk.mul_(coef)
+                else:
+                    chunk = torch.mul(chunk, coef, out=storage(value))
+                slots[step.dst] = (chunk, True)
+            elif op == "axpy":
+                chunk, owned = slots[step.dst]
+                other = slots[step.srcs[0]][0]
+                if owned:
+                    chunk.add_(other, alpha=coef)
+                else:
+                    chunk = torch.add(chunk, other, alpha=coef, out=storage(value))
+                slots[step.dst] = (chunk, True)
+            elif op == "add":
+                left, right = slots[step.srcs[0]][0], slots[step.srcs[1]][0]
+                target = storage(value)
+                if coef[0] == 1.0:
+                    torch.add(left, right, alpha=coef[1], out=target)
+                else:
+                    torch.mul(left, coef[0], out=target).add_(right, alpha=coef[1])
+                slots[step.dst] = (target, True)
+            elif op == "set":
+                target = storage(value)
+                if coef == 1.0:
+                    target.copy_(slots[step.srcs[0]][0])
+                else:
+                    torch.mul(slots[step.srcs[0]][0], coef, out=target)
+                slots[step.dst] = (target, True)
+            elif op == "call":
+                pieces = [slots[s][0] for s in step.srcs]
+                if index in observing:
+                    kernels[index].observe(pass_index, pieces)
+                else:
+                    target = storage(value)
+                    kernels[index].apply(pieces, target)
+                    slots[step.dst] = (target, True)
+            else:  # write
+                chunk = slots[step.srcs[0]][0]
+                destination = outputs[step.name]
+                if chunk.data_ptr() != destination.data_ptr() or chunk.dtype != destination.dtype:
+                    destination.copy_(chunk)
+                slots[step.srcs[0]] = (chunk, False)  # written out: later changes go elsewhere
 
     def _call_context(self, step, name: str):
         """The TensorContext of a kernel call for tensor ``name``, with the reductions it asked for."""
@@ -583,16 +636,26 @@ class Session:
         return TensorContext(name, self.device, {key: self.reduced[id(node)] for key, node in calls},
                              self.layout.num_layers)
 
-    def _chunk_kernel(self, step, name: str, numel: int):
-        """``apply(input_pieces, out_piece)`` for a kernel call of a chunked program (tensor ``name``)."""
+    def _chunk_kernels(self, program: TensorProgram, name: str) -> dict[int, Any] | None:
+        """The chunk forms of a chunkable program's kernel calls for tensor ``name``, by step index;
+        ``None`` when one of them cannot run in chunks with these options (the program then runs whole)."""
         from tvlang.ops.registry import CHUNKED
 
-        ctx = self._call_context(step, name)
-        options = dict(step.options)
-        if step.name in CHUNKED:
-            return CHUNKED[step.name](ctx, numel, self.dtype, **options)
-        kernel = _kernel(step.name)
-        return lambda pieces, out: out.copy_(kernel(pieces, ctx, **options))
+        numel = _numel(self.layout.infos[name].shape)
+        kernels: dict[int, Any] = {}
+        for index, step in enumerate(program.steps):
+            if step.op != "call":
+                continue
+            ctx = self._call_context(step, name)
+            options = dict(step.options)
+            if step.name in CHUNKED:
+                kernel = CHUNKED[step.name](ctx, numel, len(step.srcs), self.dtype, **options)
+                if kernel is None:
+                    return None
+            else:
+                kernel = _Elementwise(_kernel(step.name), ctx, options)
+            kernels[index] = kernel
+        return kernels
 
     def _output_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A CPU tensor for one result: a recycled buffer when run() gives them back."""
@@ -676,8 +739,11 @@ class Session:
                 got, raw = next(inputs)
                 assert got == name
                 linear = self._linear_for(program) if pieces else None
+                kernels = None
                 if linear is not None and _numel(info.shape) >= CHUNK_MIN:
-                    chunks = self._execute_chunked(program, linear, name, raw, pieces=True)
+                    kernels = _translated_call(name, self._chunk_kernels, program, name)
+                if kernels is not None:
+                    chunks = self._execute_chunked(program, linear, name, raw, kernels, pieces=True)
                     for out, piece in _translated(name, chunks):
                         if out in kinds:
                             yield out, name, piece, False
@@ -736,6 +802,50 @@ def _numel(shape) -> int:
     for dim in shape:
         total *= int(dim)
     return total
+
+
+def _translated_call(name: str, function, *args):
+    """``function(*args)`` with its errors said as Session.execute says them (tensor ``name``)."""
+    try:
+        return function(*args)
+    except (TvlangError, RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise _tensor_error(name, exc) from None
+
+
+class _Elementwise:
+    """The chunk form of an element-wise kernel: the kernel itself, called on each piece."""
+
+    passes = 0
+
+    def __init__(self, kernel, ctx, options: dict) -> None:
+        self.kernel, self.ctx, self.options = kernel, ctx, options
+
+    def restart(self) -> None:
+        pass
+
+    def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
+        out.copy_(self.kernel(pieces, self.ctx, **self.options))
+
+
+def _needed_steps(program: TensorProgram, targets: set[int]) -> list[int]:
+    """Indices of the steps that the call steps ``targets`` depend on, and those calls, in order.
+
+    A backward walk over slots: a step is needed when it makes or changes a slot
+    that a needed step reads later. Writes are never needed.
+    """
+    needed: list[int] = []
+    live: set[int] = set()
+    for index in range(len(program.steps) - 1, -1, -1):
+        step = program.steps[index]
+        if index in targets:
+            needed.append(index)
+            live.update(step.srcs)
+        elif step.op != "write" and step.dst in live:
+            needed.append(index)
+            if step.op not in ("scale", "axpy"):  # makes a new value: earlier ones are dead
+                live.discard(step.dst)
+            live.update(step.srcs)
+    return needed[::-1]
 
 
 def _translated(name: str, chunks: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:

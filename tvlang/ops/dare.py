@@ -25,7 +25,7 @@ import torch
 from tvlang.ops.common import checked, fresh
 from tvlang.ops.context import TensorContext
 
-__all__ = ["dare", "dare_chunks", "random_like", "drop_random", "Dropper", "della_sample"]
+__all__ = ["dare", "random_like", "drop_random", "Dropper", "della_sample"]
 
 CHUNK = 1 << 18  # elements per chunk of drop_random
 
@@ -54,6 +54,14 @@ class Dropper:
         self.block: torch.Tensor | None = None  # the current block's keep mask (bool)
         self.pos = 0  # entries done
         self.block_end = 0  # entries covered by the blocks drawn so far
+
+    @staticmethod
+    def words(p: float, numel: int) -> int:
+        """How many 64-bit words dropping ``numel`` entries with probability ``p`` draws."""
+        if not 0.0 < p < 1.0 or math.ceil(p * 2.0**32) >= 2**32:
+            return 0
+        full, rest = divmod(numel, CHUNK)
+        return full * ((CHUNK + 1) // 2) + (rest + 1) // 2
 
     def _draw(self, size: int) -> torch.Tensor:
         raw = self.bits.random_raw((size + 1) // 2)
@@ -104,17 +112,6 @@ def dare(
     checked("dare", {"p": p, "seed": seed}, 1, ctx.name)
     (x,) = inputs
     return drop_random(x, float(p), ctx.bits(seed), bool(rescale), fresh(x))
-
-
-def dare_chunks(ctx: TensorContext, numel: int, dtype: torch.dtype, *, p: float, seed: float = 0,
-                rescale: bool = True):
-    """``dare`` for the evaluator's chunked programs: ``apply([x_piece], out_piece)``, pieces in order.
-
-    The result equals :func:`dare` on the whole tensor (:class:`Dropper`).
-    """
-    checked("dare", {"p": p, "seed": seed}, 1, ctx.name)
-    dropper = Dropper(float(p), ctx.bits(seed), bool(rescale), numel, ctx.device)
-    return lambda inputs, out: dropper.apply(inputs[0], out)
 
 
 def random_like(inputs: list[torch.Tensor], ctx: TensorContext, *, seed: float = 0) -> torch.Tensor:

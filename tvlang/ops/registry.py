@@ -51,7 +51,7 @@ from typing import Any
 from tvlang.builtins import BUILTINS, Arg, Builtin, register
 
 __all__ = [
-    "ROWS", "KERNELS", "CHUNKED", "ELEMENTWISE", "REDUCERS", "reductions_for", "threshold_key",
+    "ROWS", "KERNELS", "CHUNKED", "ELEMENTWISE", "MULTIPASS", "REDUCERS", "reductions_for", "threshold_key",
     "validate_options",
 ]
 
@@ -250,14 +250,23 @@ KERNELS: Mapping[str, Callable[..., Any]] = _Lazy({
 
 # Kernels the evaluator may run chunk by chunk, inside its chunked programs (the result
 # is the same as one call on the whole tensor):
-# - CHUNKED[name](ctx, numel, dtype, **options) -> apply(input_pieces, out_piece), called on
-#   consecutive pieces of the flattened tensor, in order (a kernel with state: dare's draws);
+# - CHUNKED[name](ctx, numel, n_inputs, dtype, **options) -> a chunk kernel, or None when these options
+#   need the whole tensor. A chunk kernel has ``passes`` (int), ``observe(pass_index, pieces)``
+#   and ``end_pass(pass_index)`` (passes over consecutive pieces of its flattened inputs, in
+#   order, before any result: a per-tensor threshold), ``restart()`` (called before each pass in
+#   which it makes results) and ``apply(pieces, out_piece)`` (the results, pieces in order);
 # - ELEMENTWISE: kernels whose result at an entry depends on that entry of the inputs and on
 #   the tensor's name only: the kernel itself is called on each piece.
 CHUNKED: Mapping[str, Callable[..., Any]] = _Lazy({
-    "dare": "dare:dare_chunks",
+    "dare": "chunks:dare_chunks",
+    "dare_ties": "chunks:dare_ties_chunks",
+    "ties": "chunks:ties_chunks",
+    "topk": "chunks:topk_chunks",
+    "breadcrumbs": "chunks:breadcrumbs_chunks",
 })
 ELEMENTWISE = frozenset({"select", "pick", "schedule", "mean", "sum"})
+# Chunk forms that may ask for passes over their whole input before the first result.
+MULTIPASS = frozenset({"ties", "topk", "breadcrumbs"})
 
 REDUCERS: Mapping[str, Callable[[], Any]] = _Lazy({
     "norm": "reduce:NormReducer",

@@ -1,0 +1,254 @@
+"""Chunk forms of kernels: the evaluator runs them inside its chunked programs.
+
+A chunked program computes a tensor a chunk of entries at a time, from reading the
+inputs to handing the result to the writer, so no whole-tensor temporary is ever
+made (see tvlang/evaluate.py). A kernel can take part when its result, entry by
+entry, is a function of the same entries of its inputs once a few per-tensor
+numbers are known:
+
+- ``dare``: the mask is drawn in blocks counted from the start of the tensor
+  (:class:`tvlang.ops.dare.Dropper`), so pieces give the same mask;
+- ``dare_ties``: each input's drop has its own bit generator, advanced to where the
+  whole-tensor kernel's shared stream would be when it reaches that input;
+- ``ties``, ``topk``, ``breadcrumbs``: the per-tensor magnitude thresholds are found
+  first, exactly, by a radix select over the chunks in two passes
+  (:class:`tvlang.ops.threshold.RadixSelect`): the same thresholds as the
+  whole-tensor kernels, so the same results. With ``scope="model"`` the
+  thresholds come from the earlier whole-model passes and no pass is needed.
+
+The protocol (tvlang/ops/registry.py): ``CHUNKED[name](ctx, numel, n_inputs, dtype,
+**options)`` returns a chunk kernel, or ``None`` where the options need the whole
+tensor (float64 magnitudes are compared exactly, in float64, by the whole-tensor
+kernels). A chunk kernel has ``passes``, ``observe(pass_index, pieces)``,
+``end_pass(pass_index)``, ``restart()`` and ``apply(pieces, out)``.
+
+>>> from tvlang.ops.context import TensorContext
+>>> x = torch.tensor([0.5, -3.0, 1.0, 2.0])
+>>> k = topk_chunks(TensorContext("w"), 4, 1, torch.float32, density=0.5)
+>>> for p in range(k.passes):
+...     k.observe(p, [x[:3]]); k.observe(p, [x[3:]]); k.end_pass(p)
+>>> out = torch.empty(4); k.restart()
+>>> k.apply([x[:1]], out[:1]); k.apply([x[1:]], out[1:]); out
+tensor([ 0., -3.,  0.,  2.])
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tvlang.errors import TvlangError
+from tvlang.ops import checks
+from tvlang.ops.common import below, checked, keep_count, scratch
+from tvlang.ops.context import TensorContext
+from tvlang.ops.dare import Dropper
+from tvlang.ops.threshold import RadixSelect
+from tvlang.ops.ties import sign_merge
+
+__all__ = ["dare_chunks", "dare_ties_chunks", "ties_chunks", "topk_chunks", "breadcrumbs_chunks"]
+
+
+class ChunkKernel:
+    """A chunk kernel without passes; subclasses override what they need."""
+
+    passes = 0
+
+    def observe(self, pass_index: int, pieces: list[torch.Tensor]) -> None:
+        pass
+
+    def end_pass(self, pass_index: int) -> None:
+        pass
+
+    def restart(self) -> None:
+        pass
+
+    def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
+def trim(x: torch.Tensor, low: float, high: float = math.inf, *, slot: str) -> torch.Tensor:
+    """``x`` where ``low <= |x| < high``, 0 elsewhere (a scratch piece, or ``x`` itself)."""
+    if low == math.inf:
+        return scratch(slot, x).zero_()
+    if low <= 0.0 and high == math.inf:
+        return x
+    out = torch.hardshrink(x, below(low, x.dtype), out=scratch(slot, x)) if low > 0.0 else scratch(slot, x).copy_(x)
+    if high != math.inf:
+        out.sub_(torch.hardshrink(x, below(high, x.dtype)))
+    return out
+
+
+class _Thresholds(ChunkKernel):
+    """Per input, the ``k``-th largest magnitude of each rank in ``ranks`` (found in two passes)."""
+
+    def __init__(self, n_inputs: int, numel: int, ranks: list[int]) -> None:
+        self.ranks = [k for k in ranks if 0 < k < numel] if numel else []
+        self.numel = numel
+        self.selects = [RadixSelect() for _ in range(n_inputs)] if self.ranks else []
+        self.passes = 2 if self.ranks else 0
+        self.values: list[dict[int, float]] = [{} for _ in range(n_inputs)]
+
+    def observe(self, pass_index: int, pieces: list[torch.Tensor]) -> None:
+        for select, x in zip(self.selects, pieces):
+            select.update(pass_index, x)
+
+    def end_pass(self, pass_index: int) -> None:
+        for i, select in enumerate(self.selects):
+            for k in self.ranks:
+                if pass_index == 0:
+                    select.want(k)
+                else:
+                    self.values[i][k] = select.value(k)
+
+    def kth(self, i: int, k: int) -> float:
+        """The k-th largest magnitude of input ``i`` (``0`` for ``k >= numel``, ``inf`` for ``k == 0``)."""
+        if k <= 0:
+            return math.inf
+        if k >= self.numel:
+            return 0.0
+        return self.values[i][k]
+
+
+def _whole_float64(dtype: torch.dtype) -> bool:
+    return dtype == torch.float64
+
+
+def _model_thresholds(op: str, ctx: TensorContext, n: int) -> list[float]:
+    from tvlang.ops.registry import threshold_key
+
+    values = []
+    for i in range(n):
+        key = threshold_key(i)
+        if key not in ctx.reduced:
+            raise TvlangError(f"{op}: scope='model' needs the whole-model threshold {key!r}, which was not computed",
+                              tensor=ctx.name)
+        values.append(float(ctx.reduced[key]))
+    return values
+
+
+# -- dare and dare_ties --------------------------------------------------------------
+
+
+class _Dare(ChunkKernel):
+    def __init__(self, ctx: TensorContext, numel: int, p: float, seed: float, rescale: bool) -> None:
+        self.make = lambda: Dropper(p, ctx.bits(seed), rescale, numel, ctx.device)
+        self.dropper = self.make()
+
+    def restart(self) -> None:
+        if self.dropper.pos:
+            self.dropper = self.make()
+
+    def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
+        self.dropper.apply(pieces[0], out)
+
+
+def dare_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, p: float, seed: float = 0,
+                rescale: bool = True) -> ChunkKernel:
+    checked("dare", {"p": p, "seed": seed}, n_inputs, ctx.name)
+    return _Dare(ctx, numel, float(p), seed, bool(rescale))
+
+
+class _DareTies(ChunkKernel):
+    def __init__(self, ctx, numel, n, p, seed, rescale, merge_options) -> None:
+        self.args = (ctx, numel, n, p, seed, rescale)
+        self.merge_options = merge_options
+        self.restart()
+
+    def restart(self) -> None:
+        ctx, numel, n, p, seed, rescale = self.args
+        self.droppers = []
+        for i in range(n):
+            bits = ctx.bits(seed)
+            bits.advance(i * Dropper.words(p, numel))  # where the shared stream reaches input i
+            self.droppers.append(Dropper(p, bits, rescale, numel, ctx.device))
+
+    def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
+        parts = [d.apply(x, scratch(f"chunks.part{i}", x)) for i, (d, x) in enumerate(zip(self.droppers, pieces))]
+        sign_merge(parts, out=out, **self.merge_options)
+
+
+def dare_ties_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, p: float, seed: float = 0,
+                     rescale: bool = True, elect: str = "total", merge: str = "mean", weights=(),
+                     elect_on: str = "weighted") -> ChunkKernel:
+    options = dict(p=p, seed=seed, elect=elect, merge=merge, weights=weights, elect_on=elect_on)
+    checked("dare_ties", options, n_inputs, ctx.name)
+    w = checks.weights("dare_ties", weights, n_inputs)
+    return _DareTies(ctx, numel, n_inputs, float(p), seed, bool(rescale),
+                     dict(elect=elect, merge=merge, weights=w, elect_on=elect_on))
+
+
+# -- magnitude pruning: ties, topk, breadcrumbs ------------------------------------------
+
+
+class _Ties(_Thresholds):
+    def __init__(self, n, numel, k, fixed, merge_options) -> None:
+        super().__init__(n, numel, [] if fixed is not None else [k])
+        self.k = k
+        self.fixed = fixed
+        self.merge_options = merge_options
+
+    def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
+        parts = []
+        for i, x in enumerate(pieces):
+            t = self.fixed[i] if self.fixed is not None else self.kth(i, self.k)
+            parts.append(trim(x, t, slot=f"chunks.part{i}"))
+        sign_merge(parts, out=out, **self.merge_options)
+
+
+def ties_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, density: float = 0.2,
+                elect: str = "total", merge: str = "mean", weights=(), elect_on: str = "weighted",
+                scope: str = "tensor") -> ChunkKernel | None:
+    options = dict(density=density, elect=elect, merge=merge, weights=weights, elect_on=elect_on, scope=scope)
+    checked("ties", options, n_inputs, ctx.name)
+    if _whole_float64(dtype):
+        return None
+    w = checks.weights("ties", weights, n_inputs)
+    fixed = _model_thresholds("ties", ctx, n_inputs) if scope == "model" else None
+    return _Ties(n_inputs, numel, keep_count(float(density), numel), fixed,
+                 dict(elect=elect, merge=merge, weights=w, elect_on=elect_on))
+
+
+class _Topk(_Thresholds):
+    def __init__(self, numel, k, fixed) -> None:
+        super().__init__(1, numel, [] if fixed is not None else [k])
+        self.k, self.fixed = k, fixed
+
+    def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
+        t = self.fixed if self.fixed is not None else self.kth(0, self.k)
+        out.copy_(trim(pieces[0], t, slot="chunks.part0"))
+
+
+def topk_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, density: float,
+                scope: str = "tensor") -> ChunkKernel | None:
+    checked("topk", {"density": density, "scope": scope}, n_inputs, ctx.name)
+    if _whole_float64(dtype):
+        return None
+    fixed = _model_thresholds("topk", ctx, 1)[0] if scope == "model" else None
+    return _Topk(numel, keep_count(float(density), numel), fixed)
+
+
+class _Breadcrumbs(_Thresholds):
+    def __init__(self, numel, keep, top) -> None:
+        super().__init__(1, numel, [top + keep, top] if keep else [])
+        self.keep, self.top = keep, top
+
+    def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
+        if self.keep == 0:
+            out.zero_()
+            return
+        low = self.kth(0, self.top + self.keep)
+        high = self.kth(0, self.top) if self.top > 0 else math.inf
+        out.copy_(trim(pieces[0], low, high, slot="chunks.part0"))
+
+
+def breadcrumbs_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, density: float,
+                       gamma: float = 0.01) -> ChunkKernel | None:
+    checked("breadcrumbs", {"density": density, "gamma": gamma}, n_inputs, ctx.name)
+    if _whole_float64(dtype):
+        return None
+    keep = keep_count(float(density), numel)
+    top = keep_count(float(gamma), numel)
+    if keep + top > numel:
+        top = numel - keep
+    return _Breadcrumbs(numel, keep, top)
