@@ -25,17 +25,12 @@ import math
 
 import torch
 
-from tvlang.ops.common import _pick_bin, bits_to_float, histogram, keep_count
+from tvlang.ops.common import _pick_bin, bits_to_float, histogram, keep_count, scratch
 from tvlang.ops.context import TensorContext
 
 __all__ = ["MagnitudeThreshold", "RadixSelect"]
 
 _BINS = 1 << 16
-
-
-def _bits(x: torch.Tensor) -> torch.Tensor:
-    mag = x.reshape(-1).to(torch.float32).abs()
-    return mag.view(torch.int32)
 
 
 class RadixSelect:
@@ -56,24 +51,39 @@ class RadixSelect:
         self._wanted: dict[int, tuple[int, int]] = {}
 
     def update(self, pass_index: int, x: torch.Tensor) -> None:
-        bits = _bits(x)
+        flat = x.reshape(-1)
+        if flat.dtype != torch.float32:
+            flat = flat.to(torch.float32)
+        raw = flat.view(torch.int32)
+        work = scratch("radix.work", raw)
         if pass_index == 0:
-            self.total += bits.numel()
-            self._high += histogram(bits >> 16, _BINS)
+            self.total += raw.numel()
+            # the high 16 bits of |x|: the sign bit cleared, shifted down
+            torch.bitwise_right_shift(raw, 16, out=work).bitwise_and_(0x7FFF)
+            self._high += histogram(work, _BINS)
             return
+        if not self._lows:
+            return
+        mag = scratch("radix.mag", raw)
+        torch.bitwise_and(raw, 0x7FFFFFFF, out=mag)  # |x|'s bit pattern
+        outside = scratch("radix.outside", raw)
         for high, counts in self._lows.items():
-            # entries of this bin map to 1..65536; the others to 0 or 65537
-            low = (bits - (high << 16)).clamp_(-1, _BINS).add_(1)
-            counts += histogram(low, _BINS + 2)
+            # entries of this bin go to 0..65535 by their low 16 bits, the others to
+            # 65536..131071 (by their low bits too: spread, so that no counter is hit by
+            # nearly every entry, which would serialize the counting)
+            torch.sub(mag, high << 16, out=work)
+            torch.bitwise_right_shift(work, 16, out=outside).ne_(0)
+            work.bitwise_and_(0xFFFF).add_(outside, alpha=_BINS)
+            counts += histogram(work, 2 * _BINS)[:_BINS]
 
     def want(self, k: int) -> None:
         high, rank = _pick_bin(self._high, k)
         self._wanted[k] = (high, rank)
-        self._lows.setdefault(high, torch.zeros(_BINS + 2, dtype=torch.int64))
+        self._lows.setdefault(high, torch.zeros(_BINS, dtype=torch.int64))
 
     def value(self, k: int) -> float:
         high, rank = self._wanted[k]
-        low, _ = _pick_bin(self._lows[high][1:_BINS + 1], rank)
+        low, _ = _pick_bin(self._lows[high], rank)
         return bits_to_float((high << 16) | low)
 
 
