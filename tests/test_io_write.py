@@ -483,3 +483,19 @@ def test_sharded_output_loads_with_transformers_from_pretrained(tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     loaded = model.state_dict()
     assert all(torch.equal(loaded[n], t) for n, t in sd.items())
+
+
+def test_writeback_starts_while_writing(tmp_path, monkeypatch):
+    """Every WRITEBACK_BYTES written, the kernel is asked to start writing that range to disk
+    (so the sync before the rename waits for little): consecutive ranges from offset 0."""
+    calls = []
+    monkeypatch.setattr(writer_module, "_SYNC_FILE_RANGE", lambda fd, offset, n, flags: calls.append((offset, n, flags)))
+    monkeypatch.setattr(writer_module, "WRITEBACK_BYTES", 100)
+    sd = state_dict()
+    out = write(tmp_path / "m.safetensors", sd)
+    size = os.path.getsize(out)
+    assert calls and all(flags == 2 and n >= 100 for _, n, flags in calls)
+    assert [offset for offset, _, _ in calls] == [0] + [sum(n for _, n, _ in calls[:i]) for i in range(1, len(calls))]
+    assert sum(n for _, n, _ in calls) > size - 100 - 320  # all but the tail after the last range
+    loaded = load_file(out)
+    assert all(same(loaded[n], t) for n, t in sd.items())
