@@ -1,6 +1,6 @@
 """The evaluator on a CUDA device equals the CPU result (skipped without a GPU).
 
-No GPU was lent while this was written: these tests ran only as skips so far.
+No GPU was lent to the sessions that wrote these tests: they have run only as skips.
 """
 
 import pytest
@@ -29,8 +29,18 @@ def _models():
     "pre + ties(a - pre, b - pre, c - pre, density=0.2)",
     "pre + (1/norm(a - pre))*(a - pre)",
     "slerp(a, b, 0.3)",
+    # dare's masks come from the CPU bit generator on every device: the same entries drop
+    "pre + dare(a - pre, 0.5, seed=1) + dare(b - pre, 0.5, seed=2)",
+    "pre + dare_ties(a - pre, b - pre, c - pre, p=0.3)",
+    "topk(a - pre, 0.1) + breadcrumbs(b - pre, 0.3, 0.05)",
 ])
-def test_cuda_equals_cpu(text):
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
+def test_cuda_equals_cpu(text, chunked, monkeypatch):
+    from tvlang import evaluate
+
+    if chunked:  # chunks of 1000 entries, and the radix select of the thresholds on the device
+        monkeypatch.setattr(evaluate, "CHUNK_MIN", 4000)
+        monkeypatch.setattr(evaluate, "CHUNK_ELEMENTS", 1000)
     models = _models()
     plan = tvlang.compile(text)
     on_cpu = plan.evaluate(models, device="cpu")

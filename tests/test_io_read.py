@@ -552,3 +552,33 @@ def test_directory_lookup_order_and_fallbacks(tmp_path):
     with pytest.raises(TvlangError, match="directory holds no model weights") as err:
         open_reader(str(renamed))
     assert err.value.notes[1] == "found several: other.safetensors, weights.safetensors; name the file to load"
+
+
+def _rss_file_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1])
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")
+def test_release_unmaps_used_pages_and_keeps_the_values(tmp_path):
+    """release() drops the pages of a mapped tensor from the process (they stay in the page
+    cache): the process's file-backed resident memory falls, the values read back the same."""
+    from tvlang.io import release
+
+    values = torch.arange(4 << 20, dtype=torch.float32)  # 16 MiB
+    save_file({"w": values}, str(tmp_path / "m.safetensors"))
+    reader = SafetensorsReader(str(tmp_path / "m.safetensors"))
+    tensor = reader.read("w")
+    assert hasattr(tensor, "_tvlang_map")  # mapped, not copied
+    assert float(tensor.sum()) == float(values.sum())  # touch every page
+    before = _rss_file_kib()
+    release(tensor, 0, 12 << 20)  # the first 12 MiB
+    after = _rss_file_kib()
+    assert before - after >= 11 * 1024, (before, after)
+    assert torch.equal(tensor, values)  # mapped again from the file on access
+    release(values, 0, 100)  # not a mapped tensor: nothing happens
+    assert torch.equal(values, torch.arange(4 << 20, dtype=torch.float32))
+    reader.close()

@@ -13,7 +13,7 @@ from tvlang.errors import Span, TvlangError
 from tvlang.optimize import OptimizerFlags
 from tvlang.syntax import parse, parse_expression
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "__version__",

@@ -41,7 +41,7 @@ import torch
 
 from tvlang.compiler import DeltaBinding, Plan, RunSummary
 from tvlang.errors import TvlangError
-from tvlang.io import StreamingWriter, TensorInfo, TensorReader, open_reader
+from tvlang.io import StreamingWriter, TensorInfo, TensorReader, open_reader, release
 from tvlang.ir import Node, const_value
 from tvlang.plan import TensorProgram, resolve_coef
 
@@ -547,6 +547,8 @@ class Session:
             self._chunk(program, linear, everything, coefs, flat, kernels, start, stop,
                         outputs={output: tensor[window] for output, tensor in outputs.items()},
                         direct=self.device.type == "cpu" and out_dtype == self.dtype)
+            for tensor in raw.values():  # done with these entries: unmap their pages
+                release(tensor, start * tensor.element_size(), stop * tensor.element_size())
             if pieces:
                 yield from outputs.items()
         if not pieces:

@@ -23,7 +23,7 @@ import torch
 
 from tvlang.io.base import DTYPE_FROM_SAFETENSORS, TensorInfo, TensorReader, io_error, kind_from_metadata
 
-__all__ = ["MAX_HEADER_BYTES", "SafetensorsReader", "parse_header"]
+__all__ = ["MAX_HEADER_BYTES", "SafetensorsReader", "parse_header", "release"]
 
 # The same cap the reference implementation uses: a larger header is not a safetensors file.
 MAX_HEADER_BYTES = 100_000_000
@@ -217,14 +217,18 @@ class SafetensorsReader(TensorReader):
             )
         itemsize = info.nbytes // max(1, math.prod(info.shape))
         if self.use_mmap and info.nbytes >= MMAP_MIN_BYTES and offset % max(1, itemsize) == 0:
-            buffer = self._map(offset, info.nbytes)
-            if buffer is not None:
-                return buffer.view(info.dtype).view(info.shape)
+            mapped = self._map(offset, info.nbytes)
+            if mapped is not None:
+                buffer, handle = mapped
+                tensor = buffer.view(info.dtype).view(info.shape)
+                tensor._tvlang_map = handle  # for release(): drop pages already used
+                return tensor
         return self._pread(name, offset, info.nbytes).view(info.dtype).view(info.shape)
 
-    def _map(self, offset: int, nbytes: int) -> torch.Tensor | None:
+    def _map(self, offset: int, nbytes: int) -> tuple[torch.Tensor, tuple] | None:
         """The bytes as a private (copy-on-write) map of the file: no copy, no anonymous
-        memory; the map lives as long as the returned tensor."""
+        memory; the map lives as long as the returned tensor. Also ``(map, offset of the
+        bytes in it, nbytes)`` for :func:`release`."""
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         try:
             mapped = mmap.mmap(self._fd, offset - start + nbytes, access=mmap.ACCESS_COPY, offset=start)
@@ -238,7 +242,8 @@ class SafetensorsReader(TensorReader):
         with warnings.catch_warnings():
             # torch warns that the buffer is not writable; ACCESS_COPY maps are writable, privately.
             warnings.simplefilter("ignore")
-            return torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset - start)
+            buffer = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset - start)
+        return buffer, (mapped, offset - start, nbytes)
 
     def _pread(self, name: str, offset: int, nbytes: int) -> torch.Tensor:
         """The bytes read into fresh memory."""
@@ -276,6 +281,28 @@ class SafetensorsReader(TensorReader):
         fd = getattr(self, "_fd", -1)
         if fd >= 0:
             os.close(fd)
+
+
+def release(tensor: torch.Tensor, start: int, stop: int) -> None:
+    """Unmap bytes ``start:stop`` of a tensor that ``read`` mapped, once they are used.
+
+    The pages stay in the page cache (a later access maps them again); the process no
+    longer holds them, so its private memory stays at what is in use, not the whole
+    tensor. Only whole pages inside the range are dropped. Pages must not have been
+    written (the evaluator never writes to its inputs). Anything else: no effect.
+    """
+    handle = getattr(tensor, "_tvlang_map", None)
+    if handle is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    mapped, base, nbytes = handle
+    page = mmap.PAGESIZE
+    begin = -(-(base + max(start, 0)) // page) * page
+    end = (base + min(stop, nbytes)) // page * page
+    if end > begin:
+        try:
+            mapped.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+        except (OSError, ValueError):  # pragma: no cover - a closed map, an odd platform
+            pass
 
 
 if hasattr(os, "preadv"):
