@@ -49,10 +49,27 @@ def test_schedule_and_select_through_the_pipeline():
     assert torch.equal(out["model.norm.weight"], torch.zeros(7))
 
 
+def _chunk_in(monkeypatch, elements: int) -> list[str]:
+    """From now on, programs over tensors of 7 entries or more run in chunks of ``elements``;
+    the returned list gets the name of each tensor computed in chunks."""
+    from tvlang import evaluate
+
+    names: list[str] = []
+    real = evaluate.Session._execute_chunked
+
+    def spy(self, program, linear, name, raw, kernels, *, pieces):
+        names.append(name)
+        return real(self, program, linear, name, raw, kernels, pieces=pieces)
+
+    monkeypatch.setattr(evaluate.Session, "_execute_chunked", spy)
+    monkeypatch.setattr(evaluate, "CHUNK_MIN", 7)
+    monkeypatch.setattr(evaluate, "CHUNK_ELEMENTS", elements)
+    return names
+
+
 def test_elementwise_kernels_in_chunked_programs_equal_whole_tensor_kernels(monkeypatch):
     """dare, select, pick and schedule run inside the evaluator's chunked programs (pieces of 7
     entries, dare's blocks of 5): the results equal the kernels called on whole tensors."""
-    from tvlang import evaluate
     from tvlang.ops import dare as dare_module
     from tvlang.ops.context import TensorContext
     from tvlang.ops.dare import dare
@@ -64,16 +81,7 @@ def test_elementwise_kernels_in_chunked_programs_equal_whole_tensor_kernels(monk
     binds = {"pre": pre, "a": a, "b": b}
     monkeypatch.setattr(dare_module, "CHUNK", 5)
     whole = tvlang.compile(recipe).evaluate(binds)
-    chunked_calls = []
-    real = evaluate.Session._execute_chunked
-
-    def spy(self, program, linear, name, raw, kernels, *, pieces):
-        chunked_calls.append(name)
-        return real(self, program, linear, name, raw, kernels, pieces=pieces)
-
-    monkeypatch.setattr(evaluate.Session, "_execute_chunked", spy)
-    monkeypatch.setattr(evaluate, "CHUNK_MIN", 7)
-    monkeypatch.setattr(evaluate, "CHUNK_ELEMENTS", 7)
+    chunked_calls = _chunk_in(monkeypatch, 7)
     chunked = tvlang.compile(recipe).evaluate(binds)
     assert chunked_calls == NAMES  # every tensor (7 entries or more) ran in chunks
     for n in NAMES:
@@ -127,22 +135,12 @@ def test_threshold_kernels_in_chunked_programs_equal_whole_tensor_kernels(monkey
     """ties, topk, breadcrumbs and dare_ties in chunked programs (chunks of 64 entries, thresholds
     found by radix select over the chunks in two passes) give exactly the whole-tensor kernels'
     results, ties at the threshold and edge densities included."""
-    from tvlang import evaluate
     from tvlang.ops import dare as dare_module
 
     binds = _quantized_models(quantized)
     monkeypatch.setattr(dare_module, "CHUNK", 10)
     whole = tvlang.compile(recipe).evaluate(binds)
-    chunked_names = []
-    real = evaluate.Session._execute_chunked
-
-    def spy(self, program, linear, name, raw, kernels, *, pieces):
-        chunked_names.append(name)
-        return real(self, program, linear, name, raw, kernels, pieces=pieces)
-
-    monkeypatch.setattr(evaluate.Session, "_execute_chunked", spy)
-    monkeypatch.setattr(evaluate, "CHUNK_MIN", 7)
-    monkeypatch.setattr(evaluate, "CHUNK_ELEMENTS", 64)
+    chunked_names = _chunk_in(monkeypatch, 64)
     chunked = tvlang.compile(recipe).evaluate(binds)
     assert sorted(chunked_names) == sorted(n for n, t in binds["pre"].items() if t.numel() >= 7)
     for name in whole:
