@@ -548,7 +548,7 @@ class Session:
                         outputs={output: tensor[window] for output, tensor in outputs.items()},
                         direct=self.device.type == "cpu" and out_dtype == self.dtype)
             # Done with these entries: unmap their pages. (Not after the passes before the
-            # main one: mapping the pages again for the next pass cost ties 30 % more time.)
+            # main one: mapping the pages again for the next pass cost ties 30-50 % more time.)
             for tensor in raw.values():
                 release(tensor, start * tensor.element_size(), stop * tensor.element_size())
             if pieces:

@@ -383,8 +383,8 @@ class StreamingWriter:
         self._offset = self._flushed = 0
         self._append(memoryview(shard.header))
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next tensor of the layout; its shape and dtype must match."""
+    def _expect(self, name: str) -> TensorInfo:
+        """The layout entry of the next tensor, which must be ``name``."""
         if self._state != "open":
             raise TvlangError(f"{self.out}: the writer is already {self._state}")
         if self._next >= len(self.layout):
@@ -392,9 +392,12 @@ class StreamingWriter:
         info = self.layout[self._next]
         if name != info.name:
             where = "is not in the output layout" if name not in self._shard_of else "comes out of order"
-            raise TvlangError(
-                f"{self.out}: tensor '{name}' {where}; expected '{info.name}' next", tensor=name
-            )
+            raise TvlangError(f"{self.out}: tensor '{name}' {where}; expected '{info.name}' next", tensor=name)
+        return info
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor of the layout; its shape and dtype must match."""
+        info = self._expect(name)
         shape = tuple(int(d) for d in tensor.shape)
         if shape != tuple(info.shape) or tensor.dtype != info.dtype:
             raise TvlangError(
@@ -415,14 +418,7 @@ class StreamingWriter:
         contiguous); it is complete, and the next one may start, when the pieces
         add up to its size. Nothing of a tensor need ever be whole in memory.
         """
-        if self._state != "open":
-            raise TvlangError(f"{self.out}: the writer is already {self._state}")
-        if self._next >= len(self.layout):
-            raise TvlangError(f"{self.out}: tensor '{name}' is not in the output layout (all tensors written)", tensor=name)
-        info = self.layout[self._next]
-        if name != info.name:
-            where = "is not in the output layout" if name not in self._shard_of else "comes out of order"
-            raise TvlangError(f"{self.out}: tensor '{name}' {where}; expected '{info.name}' next", tensor=name)
+        info = self._expect(name)
         if piece.dtype != info.dtype:
             raise TvlangError(f"{self.out}: a piece of tensor '{name}' is {piece.dtype} but the output layout says"
                               f" {info.dtype}", tensor=name)

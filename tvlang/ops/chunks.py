@@ -131,8 +131,9 @@ def _model_thresholds(op: str, ctx: TensorContext, n: int) -> list[float]:
 
 
 class _Dare(ChunkKernel):
-    def __init__(self, ctx: TensorContext, numel: int, p: float, seed: float, rescale: bool) -> None:
-        self.make = lambda: Dropper(p, ctx.bits(seed), rescale, numel, ctx.device)
+    def __init__(self, ctx: TensorContext, numel: int, p: float, seed: float, rescale: bool,
+                 dtype: torch.dtype) -> None:
+        self.make = lambda: Dropper(p, ctx.bits(seed), rescale, numel, ctx.device, dtype)
         self.dropper = self.make()
 
     def restart(self) -> None:
@@ -146,22 +147,22 @@ class _Dare(ChunkKernel):
 def dare_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, p: float, seed: float = 0,
                 rescale: bool = True) -> ChunkKernel:
     checked("dare", {"p": p, "seed": seed}, n_inputs, ctx.name)
-    return _Dare(ctx, numel, float(p), seed, bool(rescale))
+    return _Dare(ctx, numel, float(p), seed, bool(rescale), dtype)
 
 
 class _DareTies(ChunkKernel):
-    def __init__(self, ctx, numel, n, p, seed, rescale, merge_options) -> None:
-        self.args = (ctx, numel, n, p, seed, rescale)
+    def __init__(self, ctx, numel, n, p, seed, rescale, dtype, merge_options) -> None:
+        self.args = (ctx, numel, n, p, seed, rescale, dtype)
         self.merge_options = merge_options
         self.restart()
 
     def restart(self) -> None:
-        ctx, numel, n, p, seed, rescale = self.args
+        ctx, numel, n, p, seed, rescale, dtype = self.args
         self.droppers = []
         for i in range(n):
             bits = ctx.bits(seed)
             bits.advance(i * Dropper.words(p, numel))  # where the shared stream reaches input i
-            self.droppers.append(Dropper(p, bits, rescale, numel, ctx.device))
+            self.droppers.append(Dropper(p, bits, rescale, numel, ctx.device, dtype))
 
     def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
         parts = [d.apply(x, scratch(f"chunks.part{i}", x)) for i, (d, x) in enumerate(zip(self.droppers, pieces))]
@@ -174,7 +175,7 @@ def dare_ties_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch
     options = dict(p=p, seed=seed, elect=elect, merge=merge, weights=weights, elect_on=elect_on)
     checked("dare_ties", options, n_inputs, ctx.name)
     w = checks.weights("dare_ties", weights, n_inputs)
-    return _DareTies(ctx, numel, n_inputs, float(p), seed, bool(rescale),
+    return _DareTies(ctx, numel, n_inputs, float(p), seed, bool(rescale), dtype,
                      dict(elect=elect, merge=merge, weights=w, elect_on=elect_on))
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy
 import torch
@@ -44,16 +46,20 @@ class Dropper:
     loses the same entries.
     """
 
-    def __init__(self, p: float, bits, rescale: bool, numel: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, p: float, bits, rescale: bool, numel: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
         self.p = float(p)
+        # the mask holds 0 or the rescale factor, in float64 for float64 data (else float32)
+        self._mask_dtype = numpy.float64 if dtype == torch.float64 else numpy.float32
         self.bits = bits
         self.scale = 1.0 / (1.0 - self.p) if rescale and self.p < 1.0 else 1.0
         self.threshold = math.ceil(self.p * 2.0**32) if 0.0 < self.p < 1.0 else 0
         self.numel = numel
         self.device = torch.device(device)
-        self.block: torch.Tensor | None = None  # the current block's keep mask (bool)
+        self.block: torch.Tensor | None = None  # the current block's mask
         self.pos = 0  # entries done
         self.block_end = 0  # entries covered by the blocks drawn so far
+        self._next: Future | None = None  # the next block's mask, being drawn in the background
 
     @staticmethod
     def words(p: float, numel: int) -> int:
@@ -63,6 +69,21 @@ class Dropper:
         full, rest = divmod(numel, CHUNK)
         return full * ((CHUNK + 1) // 2) + (rest + 1) // 2
 
+    def _take_block(self) -> torch.Tensor:
+        """The next block's mask; the one after it starts being drawn on the drawing thread.
+
+        Blocks are drawn one after another from this dropper's own bit generator, always
+        the same sizes in the same order, so the masks do not depend on the thread; the
+        words and comparisons (numpy, without the GIL) overlap the caller's arithmetic.
+        """
+        size = min(CHUNK, self.numel - self.block_end)
+        block = self._next.result() if self._next is not None else self._draw(size)
+        self._next = None
+        after = self.block_end + size
+        if after < self.numel:
+            self._next = _drawing_thread().submit(self._draw, min(CHUNK, self.numel - after))
+        return block
+
     def _draw(self, size: int) -> torch.Tensor:
         raw = self.bits.random_raw((size + 1) // 2)
         if sys.byteorder == "little":
@@ -71,8 +92,11 @@ class Dropper:
             words = numpy.empty(2 * raw.size, dtype=numpy.uint32)
             words[0::2], words[1::2] = raw & 0xFFFFFFFF, raw >> 32
             words = words[:size]
-        keep = torch.from_numpy(numpy.greater_equal(words, numpy.uint32(self.threshold)))
-        return keep if self.device.type == "cpu" else keep.to(self.device)
+        mask = numpy.greater_equal(words, numpy.uint32(self.threshold)).astype(self._mask_dtype)
+        if self.scale != 1.0:
+            mask *= self._mask_dtype(self.scale)
+        mask = torch.from_numpy(mask)
+        return mask if self.device.type == "cpu" else mask.to(self.device)
 
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Write the drop of the next ``x.numel()`` entries (``x`` flat) into ``out``."""
@@ -86,22 +110,32 @@ class Dropper:
         while done < n:
             if self.pos == self.block_end:
                 size = min(CHUNK, self.numel - self.pos)
-                self.block = self._draw(size)
+                self.block = self._take_block()
                 self.block_end += size
             take = min(n - done, self.block_end - self.pos)
             offset = self.pos % CHUNK
-            piece = out[done:done + take]
-            torch.mul(x[done:done + take], self.block[offset:offset + take], out=piece)
-            if self.scale != 1.0:
-                piece.mul_(self.scale)
+            torch.mul(x[done:done + take], self.block[offset:offset + take], out=out[done:done + take])
             done += take
             self.pos += take
         return out
 
 
+_DRAWING: ThreadPoolExecutor | None = None
+_DRAWING_LOCK = threading.Lock()
+
+
+def _drawing_thread() -> ThreadPoolExecutor:
+    """The background thread that draws masks, shared by every Dropper of the process."""
+    global _DRAWING
+    with _DRAWING_LOCK:
+        if _DRAWING is None:
+            _DRAWING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvlang-draw")
+        return _DRAWING
+
+
 def drop_random(x: torch.Tensor, p: float, bits, rescale: bool, out: torch.Tensor) -> torch.Tensor:
     """Write DARE of ``x`` into ``out`` (see :class:`Dropper`: the same mask, in one go)."""
-    Dropper(p, bits, rescale, x.numel(), x.device).apply(x.reshape(-1), out.view(-1))
+    Dropper(p, bits, rescale, x.numel(), x.device, x.dtype).apply(x.reshape(-1), out.view(-1))
     return out
 
 
