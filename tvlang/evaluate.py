@@ -652,6 +652,7 @@ class Session:
     def _chunk_kernels(self, program: TensorProgram, name: str) -> dict[int, Any] | None:
         """The chunk forms of a chunkable program's kernel calls for tensor ``name``, by step index;
         ``None`` when one of them cannot run in chunks with these options (the program then runs whole)."""
+        from tvlang.ops.chunks import Elementwise
         from tvlang.ops.registry import CHUNKED
 
         numel = _numel(self.layout.infos[name].shape)
@@ -666,7 +667,7 @@ class Session:
                 if kernel is None:
                     return None
             else:
-                kernel = _Elementwise(_kernel(step.name), ctx, options)
+                kernel = Elementwise(_kernel(step.name), ctx, options)
             kernels[index] = kernel
         return kernels
 
@@ -735,7 +736,7 @@ class Session:
 
         Results are on the CPU in their output dtype; float tensors the plan
         computes, integer tensors copied from the base (Model outputs only).
-        With ``pieces=True`` a large tensor of a linear program comes as flat
+        With ``pieces=True`` a large tensor of a chunkable program comes as flat
         pieces in order (``whole`` False), each valid until given back
         (``give_back``); otherwise every result is whole.
         """
@@ -823,21 +824,6 @@ def _translated_call(name: str, function, *args):
         return function(*args)
     except (TvlangError, RuntimeError, ValueError, TypeError, IndexError) as exc:
         raise _tensor_error(name, exc) from None
-
-
-class _Elementwise:
-    """The chunk form of an element-wise kernel: the kernel itself, called on each piece."""
-
-    passes = 0
-
-    def __init__(self, kernel, ctx, options: dict) -> None:
-        self.kernel, self.ctx, self.options = kernel, ctx, options
-
-    def restart(self) -> None:
-        pass
-
-    def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
-        out.copy_(self.kernel(pieces, self.ctx, **self.options))
 
 
 def _needed_steps(program: TensorProgram, targets: set[int]) -> list[int]:

@@ -46,7 +46,8 @@ from tvlang.ops.dare import Dropper
 from tvlang.ops.threshold import RadixSelect
 from tvlang.ops.ties import sign_merge
 
-__all__ = ["dare_chunks", "dare_ties_chunks", "ties_chunks", "topk_chunks", "breadcrumbs_chunks"]
+__all__ = ["ChunkKernel", "Elementwise", "dare_chunks", "dare_ties_chunks", "ties_chunks", "topk_chunks",
+           "breadcrumbs_chunks"]
 
 
 class ChunkKernel:
@@ -65,6 +66,16 @@ class ChunkKernel:
 
     def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:  # pragma: no cover
         raise NotImplementedError
+
+
+class Elementwise(ChunkKernel):
+    """The chunk form of an element-wise kernel (``ELEMENTWISE``): the kernel itself, on each piece."""
+
+    def __init__(self, kernel, ctx: TensorContext, options: dict) -> None:
+        self.kernel, self.ctx, self.options = kernel, ctx, options
+
+    def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
+        out.copy_(self.kernel(pieces, self.ctx, **self.options))
 
 
 def trim(x: torch.Tensor, low: float, high: float = math.inf, *, slot: str) -> torch.Tensor:
