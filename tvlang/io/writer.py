@@ -408,7 +408,7 @@ class StreamingWriter:
         if self._part:
             raise TvlangError(f"{self.out}: tensor '{name}' is half written in pieces ({self._part} of"
                               f" {info.nbytes} bytes): write the rest with write_part", tensor=name)
-        self._guarded(self._write_tensor, info, tensor)
+        self._guarded(self._write_piece, info, tensor)  # a whole tensor is its only piece
         self._next += 1
 
     def write_part(self, name: str, piece: torch.Tensor) -> None:
@@ -433,6 +433,7 @@ class StreamingWriter:
             self._next += 1
 
     def _write_piece(self, info: TensorInfo, piece: torch.Tensor) -> None:
+        """Append ``piece``'s bytes, opening the tensor's shard when it is the tensor's first."""
         if self._part == 0 and self._shard_of[info.name] != self._open_shard:
             self._start_shard(self._shard_of[info.name])
         data = piece.detach()
@@ -446,18 +447,6 @@ class StreamingWriter:
         if self._offset - self._flushed >= WRITEBACK_BYTES:
             _start_writeback(self._file.fileno(), self._flushed, self._offset - self._flushed)
             self._flushed = self._offset
-
-    def _write_tensor(self, info: TensorInfo, tensor: torch.Tensor) -> None:
-        shard = self._shard_of[info.name]
-        if shard != self._open_shard:
-            self._start_shard(shard)
-        if info.nbytes == 0:
-            return
-        data = tensor.detach()
-        if data.device.type != "cpu":
-            data = data.cpu()
-        data = data.contiguous().reshape(-1).view(torch.uint8)
-        self._append(memoryview(data.numpy()))
 
     # -- finishing ----------------------------------------------------------------
 
