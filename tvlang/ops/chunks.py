@@ -38,11 +38,11 @@ import math
 
 import torch
 
-from tvlang.errors import TvlangError
 from tvlang.ops import checks
-from tvlang.ops.common import below, checked, keep_count, scratch
+from tvlang.ops.common import checked, keep_count, scratch
 from tvlang.ops.context import TensorContext
 from tvlang.ops.dare import Dropper
+from tvlang.ops.prune import model_threshold, trim
 from tvlang.ops.threshold import RadixSelect
 from tvlang.ops.ties import sign_merge
 
@@ -78,18 +78,6 @@ class Elementwise(ChunkKernel):
         out.copy_(self.kernel(pieces, self.ctx, **self.options))
 
 
-def trim(x: torch.Tensor, low: float, high: float = math.inf, *, slot: str) -> torch.Tensor:
-    """``x`` where ``low <= |x| < high``, 0 elsewhere (a scratch piece, or ``x`` itself)."""
-    if low == math.inf:
-        return scratch(slot, x).zero_()
-    if low <= 0.0 and high == math.inf:
-        return x
-    out = torch.hardshrink(x, below(low, x.dtype), out=scratch(slot, x)) if low > 0.0 else scratch(slot, x).copy_(x)
-    if high != math.inf:
-        out.sub_(torch.hardshrink(x, below(high, x.dtype)))
-    return out
-
-
 class _Thresholds(ChunkKernel):
     """Per input, the ``k``-th largest magnitude of each rank in ``ranks`` (found in two passes)."""
 
@@ -123,19 +111,6 @@ class _Thresholds(ChunkKernel):
 
 def _whole_float64(dtype: torch.dtype) -> bool:
     return dtype == torch.float64
-
-
-def _model_thresholds(op: str, ctx: TensorContext, n: int) -> list[float]:
-    from tvlang.ops.registry import threshold_key
-
-    values = []
-    for i in range(n):
-        key = threshold_key(i)
-        if key not in ctx.reduced:
-            raise TvlangError(f"{op}: scope='model' needs the whole-model threshold {key!r}, which was not computed",
-                              tensor=ctx.name)
-        values.append(float(ctx.reduced[key]))
-    return values
 
 
 # -- dare and dare_ties --------------------------------------------------------------
@@ -216,7 +191,7 @@ def ties_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtyp
     if _whole_float64(dtype):
         return None
     w = checks.weights("ties", weights, n_inputs)
-    fixed = _model_thresholds("ties", ctx, n_inputs) if scope == "model" else None
+    fixed = [model_threshold("ties", ctx, i) for i in range(n_inputs)] if scope == "model" else None
     return _Ties(n_inputs, numel, keep_count(float(density), numel), fixed,
                  dict(elect=elect, merge=merge, weights=w, elect_on=elect_on))
 
@@ -236,7 +211,7 @@ def topk_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtyp
     checked("topk", {"density": density, "scope": scope}, n_inputs, ctx.name)
     if _whole_float64(dtype):
         return None
-    fixed = _model_thresholds("topk", ctx, 1)[0] if scope == "model" else None
+    fixed = model_threshold("topk", ctx, 0) if scope == "model" else None
     return _Topk(numel, keep_count(float(density), numel), fixed)
 
 

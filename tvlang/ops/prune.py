@@ -21,7 +21,7 @@ from tvlang.errors import TvlangError
 from tvlang.ops.common import below, checked, fresh, keep_count, kth_largest_abs, magnitudes, scratch
 from tvlang.ops.context import TensorContext
 
-__all__ = ["topk", "breadcrumbs", "magnitude_threshold", "keep_at_least"]
+__all__ = ["topk", "breadcrumbs", "magnitude_threshold", "model_threshold", "trim", "keep_at_least"]
 
 
 def magnitude_threshold(
@@ -33,15 +33,7 @@ def magnitude_threshold(
     ``ctx.reduced`` (computed on float32 magnitudes, which are compared here).
     """
     if scope == "model":
-        from tvlang.ops.registry import threshold_key
-
-        key = threshold_key(index)
-        if key not in ctx.reduced:
-            raise TvlangError(
-                f"{op}: scope='model' needs the whole-model threshold {key!r}, which was not computed",
-                tensor=ctx.name,
-            )
-        return float(ctx.reduced[key]), magnitudes(x, slot, torch.float32)
+        return model_threshold(op, ctx, index), magnitudes(x, slot, torch.float32)
     mag = magnitudes(x, slot)
     n = x.numel()
     k = keep_count(density, n)
@@ -50,6 +42,31 @@ def magnitude_threshold(
     if k == 0:
         return math.inf, mag
     return kth_largest_abs(x, k, mag=mag), mag
+
+
+def model_threshold(op: str, ctx: TensorContext, index: int) -> float:
+    """The whole-model magnitude threshold of input ``index`` (``scope="model"``), from ``ctx.reduced``."""
+    from tvlang.ops.registry import threshold_key
+
+    key = threshold_key(index)
+    if key not in ctx.reduced:
+        raise TvlangError(
+            f"{op}: scope='model' needs the whole-model threshold {key!r}, which was not computed",
+            tensor=ctx.name,
+        )
+    return float(ctx.reduced[key])
+
+
+def trim(x: torch.Tensor, low: float, high: float = math.inf, *, slot: str) -> torch.Tensor:
+    """``x`` where ``low <= |x| < high``, 0 elsewhere (a scratch piece, or ``x`` itself)."""
+    if low == math.inf:
+        return scratch(slot, x).zero_()
+    if low <= 0.0 and high == math.inf:
+        return x
+    out = torch.hardshrink(x, below(low, x.dtype), out=scratch(slot, x)) if low > 0.0 else scratch(slot, x).copy_(x)
+    if high != math.inf:
+        out.sub_(torch.hardshrink(x, below(high, x.dtype)))
+    return out
 
 
 def keep_at_least(x: torch.Tensor, mag: torch.Tensor, t: float, out: torch.Tensor) -> torch.Tensor:

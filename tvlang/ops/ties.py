@@ -18,10 +18,10 @@ import math
 import torch
 
 from tvlang.ops import checks
-from tvlang.ops.common import below, checked, fresh, keep_count, kth_largest_abs, magnitudes, scratch
+from tvlang.ops.common import checked, fresh, keep_count, kth_largest_abs, magnitudes, scratch
 from tvlang.ops.context import TensorContext
 from tvlang.ops.dare import della_sample, drop_random
-from tvlang.ops.prune import keep_at_least, magnitude_threshold
+from tvlang.ops.prune import keep_at_least, magnitude_threshold, trim
 
 __all__ = ["ties", "dare_ties", "della", "sign_merge"]
 
@@ -147,12 +147,8 @@ def ties(
         for i, (x, t) in enumerate(zip(flats, thresholds)):
             if isinstance(t, torch.Tensor):  # trimmed already (magnitudes in another dtype)
                 parts.append(t.view(-1)[s])
-            elif t <= 0.0:
-                parts.append(x[s])
-            elif t == math.inf:
-                parts.append(scratch(f"ties.chunk{i}", x[s]).zero_())
             else:
-                parts.append(torch.hardshrink(x[s], below(t, x.dtype), out=scratch(f"ties.chunk{i}", x[s])))
+                parts.append(trim(x[s], t, slot=f"ties.chunk{i}"))
         sign_merge(parts, elect=elect, merge=merge, weights=w, elect_on=elect_on, out=flat_out[s])
     return out
 
