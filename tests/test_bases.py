@@ -249,8 +249,15 @@ def test_cli_bases_refuses_to_overwrite_and_force_replaces(planted_files, tmp_pa
     (out / "keep.txt").write_text("mine")
     args = ["bases", "--base", base, *[f"{n}={p}" for n, p in list(paths.items())[:8]], "-o", str(out), "--quiet"]
     assert main(args) == 1
-    assert f"output directory '{out}' exists and is not empty" in capsys.readouterr().err
+    assert f"{out}: output already exists" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
+    # --force replaces only an earlier bases directory, never a folder with other files
+    assert main(args + ["--force", "--k", "2"]) == 1
+    assert f"{out}: refusing to replace it: it is a directory that holds 'keep.txt'" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    os.unlink(out / "keep.txt")
+    (out / "basis_7.safetensors").write_bytes(b"old")
+    (out / "manifest.json").write_text("{}")
     assert main(args + ["--force", "--k", "2"]) == 0
     assert sorted(os.listdir(out)) == ["basis_0.safetensors", "basis_1.safetensors", "manifest.json"]
     assert [p for p in os.listdir(tmp_path) if "tvtmp" in p] == []  # no temporary left behind
@@ -259,7 +266,7 @@ def test_cli_bases_refuses_to_overwrite_and_force_replaces(planted_files, tmp_pa
     shutil.copy(paths["c0m0"], inside)
     code = main(["bases", "--base", base, f"x={inside}", f"y={paths['c0m1']}", "-o", str(out), "--force"])
     assert code == 1
-    assert "is inside the output directory" in capsys.readouterr().err
+    assert f"{out}: refusing to write: the output contains an input ({inside})" in capsys.readouterr().err
     assert inside.exists()
 
 

@@ -172,14 +172,15 @@ def test_output_equal_to_an_input(ckpt, capsys):
 def test_existing_output_needs_force(ckpt, tmp_path, capsys):
     paths, _ = ckpt
     out = tmp_path / "out.safetensors"
-    out.write_bytes(b"keep me")
+    save_file({"old": torch.zeros(1)}, str(out))
+    old = out.read_bytes()
     code, err = run_cli(capsys, "-e", EXPR, *binds(paths), "-o", str(out))
     assert code == 1
     assert "output already exists" in err and "--force" in err
-    assert out.read_bytes() == b"keep me"
+    assert out.read_bytes() == old
     code, err = run_cli(capsys, "-e", EXPR, *binds(paths), "-o", str(out), "--force", "-q")
     assert code == 0 and err == ""
-    assert out.read_bytes() != b"keep me"
+    assert out.read_bytes() != old
 
 
 def test_disk_full_mid_run(ckpt, tmp_path, capsys, monkeypatch):

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import tvlang
 from tvlang import evaluate
@@ -233,9 +233,11 @@ def test_several_outputs_appear_together_or_not_at_all(ckpts, tmp_path, existing
             "half": str(tmp_path / "half.safetensors")}
     if existing:
         os.mkdir(outs["merged"])
-        (tmp_path / "merged" / "old.txt").write_text("old merged")
-        (tmp_path / "tau.safetensors").write_text("old tau")
-        (tmp_path / "half.safetensors").write_text("old half")
+        (tmp_path / "merged" / "config.json").write_text("old merged")
+        save_file({"old": torch.zeros(1)}, str(tmp_path / "tau.safetensors"))
+        save_file({"old": torch.ones(1)}, str(tmp_path / "half.safetensors"))
+        old_tau = (tmp_path / "tau.safetensors").read_bytes()
+        old_half = (tmp_path / "half.safetensors").read_bytes()
     real = StreamingWriter.publish
 
     def publish(self):
@@ -249,10 +251,10 @@ def test_several_outputs_appear_together_or_not_at_all(ckpts, tmp_path, existing
             tvlang.compile(RECIPE).run(paths["dir"], outs, force=existing)
     if existing:
         assert sorted(os.listdir(tmp_path)) == ["half.safetensors", "merged", "tau.safetensors"]
-        assert (tmp_path / "merged" / "old.txt").read_text() == "old merged"
-        assert os.listdir(tmp_path / "merged") == ["old.txt"]
-        assert (tmp_path / "tau.safetensors").read_text() == "old tau"
-        assert (tmp_path / "half.safetensors").read_text() == "old half"
+        assert (tmp_path / "merged" / "config.json").read_text() == "old merged"
+        assert os.listdir(tmp_path / "merged") == ["config.json"]
+        assert (tmp_path / "tau.safetensors").read_bytes() == old_tau
+        assert (tmp_path / "half.safetensors").read_bytes() == old_half
     else:
         assert os.listdir(tmp_path) == []
     tvlang.compile(RECIPE).run(paths["dir"], outs, force=True)  # and then it works

@@ -231,22 +231,22 @@ def test_output_next_to_an_input_is_allowed(tmp_path):
 def test_existing_output_needs_force(tmp_path):
     out = tmp_path / "merged"
     out.mkdir()
-    (out / "old.txt").write_text("old")
+    (out / "config.json").write_text("old")
     with pytest.raises(TvlangError) as err:
         StreamingWriter(str(out), [])
     assert err.value.message == f"{out}: output already exists"
     assert "force" in err.value.notes[0]
-    assert (out / "old.txt").read_text() == "old"
+    assert (out / "config.json").read_text() == "old"
 
 
 def test_force_replaces_directory_only_at_commit(tmp_path):
     out = tmp_path / "merged"
     out.mkdir()
-    (out / "old.txt").write_text("old")
+    (out / "config.json").write_text("old")
     sd = {"w": torch.ones(2)}
     with StreamingWriter(str(out), layout_of(sd), force=True) as w:
         w.write("w", sd["w"])
-        assert (out / "old.txt").exists()  # not replaced until commit
+        assert (out / "config.json").exists()  # not replaced until commit
     assert sorted(os.listdir(out)) == ["model.safetensors"]
     assert leftovers(tmp_path) == []
 
@@ -262,11 +262,11 @@ def test_force_replaces_a_file(tmp_path):
 def test_failed_forced_write_keeps_the_old_output(tmp_path):
     out = tmp_path / "merged"
     out.mkdir()
-    (out / "old.txt").write_text("old")
+    (out / "config.json").write_text("old")
     with pytest.raises(RuntimeError):
         with StreamingWriter(str(out), layout_of({"w": torch.ones(1)}), force=True) as w:
             raise RuntimeError("kernel failed")
-    assert sorted(os.listdir(out)) == ["old.txt"]
+    assert sorted(os.listdir(out)) == ["config.json"]
     assert leftovers(tmp_path) == []
 
 
@@ -454,15 +454,18 @@ def test_output_that_is_a_shard_of_an_input_index_is_refused(tmp_path):
             StreamingWriter(shard, [], inputs=[given], force=True)
 
 
-def test_forced_output_through_a_symlink_replaces_the_target(tmp_path):
+def test_forced_output_through_a_symlink_is_refused(tmp_path):
+    # --force replaces what tvlang wrote, never what a link points at (issue 18, case 1)
     real = tmp_path / "real"
     real.mkdir()
-    (real / "old.txt").write_text("old")
+    (real / "model.safetensors").write_text("old")
     link = tmp_path / "link"
     link.symlink_to(real, target_is_directory=True)
-    write(link, {"w": torch.ones(1)}, force=True)
+    with pytest.raises(TvlangError, match=r"link: refusing to replace it: it is a symbolic link \(to "):
+        write(link, {"w": torch.ones(1)}, force=True)
     assert link.is_symlink()
     assert sorted(os.listdir(real)) == ["model.safetensors"]
+    assert (real / "model.safetensors").read_text() == "old"
     assert leftovers(tmp_path) == []
 
 

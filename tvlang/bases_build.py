@@ -30,6 +30,7 @@ import numpy as np
 
 from tvlang.bases import DEFAULT_CHUNK_BYTES, _open_reader, cluster, format_matrix, similarity
 from tvlang.errors import TvlangError
+from tvlang.io import check_output_path
 
 __all__ = [
     "MANIFEST_NAME",
@@ -156,11 +157,6 @@ def inspect_inputs(pairs: Sequence[tuple[str, str]], base: str | None,
     return out
 
 
-def _inside(path: str, directory: str) -> bool:
-    path, directory = os.path.realpath(path), os.path.realpath(directory)
-    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
-
-
 def build_bases(
     base: str | None,
     pairs: Sequence[tuple[str, str]],
@@ -192,15 +188,12 @@ def build_bases(
     if density is not None and merge == "mean":
         raise TvlangError("--density applies to --merge ties or topk, not mean")
     out_dir = os.fspath(out_dir)
+    if os.path.isdir(out_dir) and not os.path.islink(out_dir) and not os.listdir(out_dir):
+        force = True  # an empty directory holds nothing to lose
+    inputs = [os.path.realpath(path) for _, path in list(pairs) + ([("base", base)] if base else [])]
+    check_output_path(out_dir, force=force, inputs=inputs, owns=_is_bases_file, dirs=())
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise TvlangError(f"output '{out_dir}' exists and is not a directory")
-    for name, path in list(pairs) + ([("base", base)] if base else []):
-        if _inside(path, out_dir):
-            raise TvlangError(f"input '{name}' ({path}) is inside the output directory '{out_dir}';"
-                              " choose another -o (it would be replaced)")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
-        raise TvlangError(f"output directory '{out_dir}' exists and is not empty",
-                          notes=("pass --force to replace it",))
     say = log or (lambda _msg: None)
 
     inputs = inspect_inputs(pairs, base, deltas)
@@ -294,6 +287,11 @@ def _run_recipe(recipe: BasisRecipe, out: str) -> None:
     import tvlang
 
     tvlang.compile(recipe.text, sources=recipe.sources).run(recipe.bindings, out=out)
+
+
+def _is_bases_file(entry: str) -> bool:
+    """A file name that ``build_bases`` writes into its output directory."""
+    return entry == MANIFEST_NAME or re.fullmatch(r"basis_\d+\.safetensors", entry) is not None
 
 
 def _replace_dir(tmp: str, out_dir: str) -> None:

@@ -41,7 +41,7 @@ import torch
 
 from tvlang.compiler import DeltaBinding, Plan, RunSummary
 from tvlang.errors import TvlangError
-from tvlang.io import StreamingWriter, TensorInfo, TensorReader, open_reader, release
+from tvlang.io import StreamingWriter, TensorInfo, TensorReader, check_distinct_outputs, open_reader, release
 from tvlang.ir import Node, const_value
 from tvlang.plan import TensorProgram, resolve_coef
 
@@ -924,7 +924,8 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
         plan = bound.plan
         targets = _targets(plan, out)
         session = Session(bound, device=device, dtype=dtype, out_dtype=out_dtype, missing=missing)
-        inputs = [r.label for r in bound.readers.values() if not r.label.startswith("<")]
+        check_distinct_outputs(targets)
+        inputs = [*protected_paths(plan, bindings), *bound.readers.values()]
         for name, path in targets.items():
             kind = plan.output_kind(name)
             metadata = _metadata(plan, bound, name, kind)
@@ -966,6 +967,22 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
         raise
     finally:
         bound.close()
+
+
+def protected_paths(plan: Plan, bindings: Mapping[str, Any]) -> list[str]:
+    """Every path the recipe names or is bound to, read or not: no output may replace one.
+
+    A source that the optimizer cancels (``pre + (ft - pre)`` never reads ``pre``)
+    is still an input of the recipe as written.
+    """
+    paths = [spec.path for spec in plan.unoptimized.sources.values() if spec.path is not None]
+    for name in plan.checked.sources:
+        value = bindings.get(name)
+        if isinstance(value, DeltaBinding):
+            value = value.value
+        if isinstance(value, (str, os.PathLike)):
+            paths.append(os.fspath(value))
+    return paths
 
 
 def _commit_all(writers: list[StreamingWriter]) -> None:

@@ -24,10 +24,12 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
+import stat
 import struct
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +37,10 @@ import torch
 from tvlang.errors import TvlangError
 from tvlang.io.base import SAFETENSORS_FROM_DTYPE, TensorInfo, TensorReader
 
-__all__ = ["COPIED_DIRS", "COPIED_FILES", "INDEX_NAME", "SINGLE_NAME", "StreamingWriter", "shard_name"]
+__all__ = [
+    "COPIED_DIRS", "COPIED_FILES", "INDEX_NAME", "SINGLE_NAME", "StreamingWriter", "check_distinct_outputs",
+    "replaceable", "shard_name",
+]
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -199,11 +204,142 @@ def _shards_of(index_path: str) -> list[str]:
         return []
 
 
+def _identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of an existing path: the same file under another name (a hard link)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
 def _is_within(path: str, directory: str) -> bool:
     try:
         return os.path.commonpath([path, directory]) == directory
     except ValueError:  # different drives
         return False
+
+
+def check_distinct_outputs(targets: Mapping[str, object]) -> None:
+    """Refuse two outputs of one run that are the same path, or one inside the other.
+
+    Paths are compared resolved (``K``, ``./K`` and ``out/../K`` are one path), before
+    anything is computed.
+    """
+    seen: list[tuple[str, str]] = []
+    for name, out in targets.items():
+        path = os.fspath(out)
+        resolved = os.path.realpath(path)
+        for other, other_resolved in seen:
+            if resolved == other_resolved:
+                raise TvlangError(f"outputs '{other}' and '{name}' are both written to {path}",
+                                  notes=("give each output its own path",))
+            if _is_within(resolved, other_resolved) or _is_within(other_resolved, resolved):
+                raise TvlangError(f"outputs '{other}' and '{name}' are written one inside the other ({path})",
+                                  notes=("give each output its own path",))
+        seen.append((name, resolved))
+
+
+# What may sit in an output directory that --force replaces: what tvlang writes there.
+_SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_OWN_FILES = frozenset((SINGLE_NAME, INDEX_NAME, "README.md") + COPIED_FILES)
+
+
+def _is_safetensors_file(path: str) -> bool:
+    """A regular file that starts like a safetensors file: an 8-byte length, then a JSON object."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 8 + struct.unpack("<Q", head[:8])[0] <= size
+
+
+def is_model_file(entry: str) -> bool:
+    """A file name that tvlang writes into a model directory."""
+    return entry in _OWN_FILES or bool(_SHARD_FILE.fullmatch(entry))
+
+
+def check_output_path(out: str, *, force: bool, inputs: Iterable[str] = (),
+                      owns: Callable[[str], bool] = is_model_file, dirs: Sequence[str] = COPIED_DIRS) -> None:
+    """Refuse an output path that would lose data, before anything is computed.
+
+    An empty path, the working directory or a directory above it are never
+    outputs, nor is an input (resolved ``inputs``, compared by path and by inode)
+    or a directory holding one. An existing path needs ``force``, and even then
+    is replaced only when it holds what tvlang would have written there (see
+    ``replaceable``).
+    """
+    if not out.strip():
+        raise TvlangError("the output path is empty", notes=("give -o a file or directory name",))
+    target = os.path.realpath(out)
+    cwd = os.path.realpath(os.getcwd())
+    if target == cwd or _is_within(cwd, target):
+        what = "is" if target == cwd else "contains"
+        raise TvlangError(f"{out}: refusing to write: the output {what} the working directory",
+                          notes=("choose a new file or directory name for the output",))
+    target_id = _identity(target)
+    for path in inputs:
+        same = path == target or (target_id is not None and _identity(path) == target_id)
+        if same or _is_within(path, target):
+            raise TvlangError(
+                f"{out}: refusing to write: the output {'is' if same else 'contains'} an input ({path})",
+                notes=("choose an output path that is not one of the models being read",),
+            )
+    if not os.path.lexists(out):
+        return
+    if not force:
+        raise TvlangError(f"{out}: output already exists", notes=("pass --force (force=True) to replace it",))
+    reason = replaceable(out, owns=owns, dirs=dirs)
+    if reason:
+        raise TvlangError(
+            f"{out}: refusing to replace it: {reason}",
+            notes=("--force replaces only what tvlang could have written there; move it away or choose"
+                   " another output path",),
+        )
+
+
+def replaceable(path: str, *, owns: Callable[[str], bool] = is_model_file,
+                dirs: Sequence[str] = COPIED_DIRS) -> str | None:
+    """Why ``--force`` must not replace what ``path`` holds, or None when it may.
+
+    It may replace a safetensors file, or a directory holding only files that
+    ``owns`` accepts (by default what tvlang writes into a model directory:
+    weights, shards, index, config and tokenizer files, model card), the folders
+    ``dirs`` and tvlang's own temporaries; never a symlink, a device, a pipe, or
+    a folder with anything else in it.
+    """
+    if os.path.islink(path):
+        return "it is a symbolic link (to " + os.path.realpath(path) + ")"
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return f"cannot inspect it: {exc.strerror}"
+    if stat.S_ISREG(mode):
+        if _is_safetensors_file(path):
+            return None
+        return "it is a file that is not a safetensors file"
+    if not stat.S_ISDIR(mode):
+        return "it is not a regular file or a directory"
+    try:
+        entries = sorted(os.listdir(path))
+    except OSError as exc:
+        return f"cannot list it: {exc.strerror}"
+    for entry in entries:
+        full = os.path.join(path, entry)
+        if os.path.islink(full):
+            return f"it holds a symbolic link, '{entry}', that tvlang does not write"
+        if entry in dirs and os.path.isdir(full):
+            continue
+        if ".tvtmp-" in entry:
+            continue
+        if os.path.isfile(full) and owns(entry):
+            continue
+        return f"it is a directory that holds '{entry}', which tvlang does not write"
+    return None
 
 
 class StreamingWriter:
@@ -240,12 +376,8 @@ class StreamingWriter:
             if not isinstance(key, str) or not isinstance(value, str):
                 raise TvlangError(f"{self.out}: metadata must map strings to strings; '{key}' is {type(value).__name__}")
         self.force = force
+        check_output_path(self.out, force=force, inputs=_input_paths(inputs))
         self._target = os.path.realpath(self.out)
-        self._check_inputs(_input_paths(inputs))
-        if os.path.lexists(self.out) and not force:
-            raise TvlangError(
-                f"{self.out}: output already exists", notes=("pass --force (force=True) to replace it",)
-            )
         self.layout = list(layout)
         self._check_layout(shard_size)
         self.copy_from = self._copy_source(copy_from)
@@ -276,15 +408,6 @@ class StreamingWriter:
             raise TvlangError(f"{self.out}: cannot create the output: {exc.strerror}") from None
 
     # -- set-up checks ------------------------------------------------------------
-
-    def _check_inputs(self, paths: list[str]) -> None:
-        for path in paths:
-            if path == self._target or _is_within(path, self._target):
-                what = "is" if path == self._target else "contains"
-                raise TvlangError(
-                    f"{self.out}: refusing to write: the output {what} an input ({path})",
-                    notes=("choose an output path that is not one of the models being read",),
-                )
 
     def _check_layout(self, shard_size: int | None) -> None:
         if shard_size is not None and shard_size <= 0:
@@ -499,6 +622,9 @@ class StreamingWriter:
             if os.path.lexists(self._target):
                 if not self.force:
                     raise TvlangError(f"{self.out}: output appeared while writing; pass force=True to replace it")
+                reason = replaceable(self._target)
+                if reason:
+                    raise TvlangError(f"{self.out}: refusing to replace it: {reason}")
                 _remove(self._old)
                 if self.single_file and os.path.isfile(self._target) and self._link_aside():
                     try:
