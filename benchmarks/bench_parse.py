@@ -11,8 +11,8 @@ import statistics
 import sys
 import time
 
-from tvlang.syntax import parse
-from tvlang.types import check
+from tvlang.language.syntax import parse
+from tvlang.language.checker import check
 
 
 def make_recipe(lines: int = 1000) -> str:

@@ -61,7 +61,7 @@ CONTENDERS = ("tvlang", "naive", "ideal", "ideal+fsync", "mergekit")
 
 def make_checkpoints(workdir: str, size_gb: float) -> dict[str, str]:
     """pre, a, b, c as model directories of about ``size_gb`` GB; reused when present."""
-    from tvlang.synth import llama_spec_for_bytes, write_synthetic
+    from tvlang.testing.synth import llama_spec_for_bytes, write_synthetic
 
     folder = os.path.join(workdir, f"size-{size_gb:g}")
     paths = {name: os.path.join(folder, name) for name in NAMES}

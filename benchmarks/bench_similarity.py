@@ -8,7 +8,7 @@ Writes a synthetic base and 16 fine-tuned checkpoints (float32 safetensors,
 in this process:
 
 - ``read``: one sequential read of every byte of the 17 files (1 MB blocks);
-- ``similarity``: ``tvlang.bases.similarity`` over the same files.
+- ``similarity``: ``tvlang.bases.gram.similarity`` over the same files.
 
 Each is timed warm (files in the page cache, after one untimed pass) and cold
 (pages dropped with ``posix_fadvise(DONTNEED)`` first, which works without root
@@ -33,8 +33,8 @@ N_TASKS = 16
 
 
 def make_checkpoints(folder: str, size_mb: float) -> list[str]:
-    """The base and N_TASKS fine-tuned files (tvlang.synth, Llama-shaped, float32); reused when present."""
-    from tvlang.synth import llama_spec_for_bytes, write_synthetic
+    """The base and N_TASKS fine-tuned files (tvlang.testing.synth, Llama-shaped, float32); reused when present."""
+    from tvlang.testing.synth import llama_spec_for_bytes, write_synthetic
 
     os.makedirs(folder, exist_ok=True)
     paths = [os.path.join(folder, "base.safetensors")] + [
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
     args = parser.parse_args(argv)
 
-    from tvlang.bases import DEFAULT_CHUNK_BYTES, similarity
+    from tvlang.bases.gram import DEFAULT_CHUNK_BYTES, similarity
 
     paths = make_checkpoints(args.dir, args.size)[: args.tasks + 1]
     nbytes = sum(os.path.getsize(p) for p in paths)

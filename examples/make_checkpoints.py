@@ -114,7 +114,7 @@ CONFIG = {
 
 def direction(name: str, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The task vector of direction ``name``: ``finetune_like(base) - base``, exactly."""
-    from tvlang.synth import finetune_like
+    from tvlang.testing.synth import finetune_like
 
     moved = finetune_like(base, seed=DIRECTIONS[name], scale=SCALE)
     return {k: moved[k] - base[k] for k in base}
@@ -122,7 +122,7 @@ def direction(name: str, base: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 def build() -> dict[str, dict[str, torch.Tensor]]:
     """Every example checkpoint as a state dict, by directory name."""
-    from tvlang.synth import make_state_dict
+    from tvlang.testing.synth import make_state_dict
 
     base = make_state_dict(t5_spec(), seed=0)
     directions = {name: direction(name, base) for name in DIRECTIONS}
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.directory and args.out and args.directory != args.out:
         parser.error("give the output directory once (DIRECTORY or --out)")
     args.out = args.directory or args.out or str(default)
-    from tvlang.synth import write_checkpoint
+    from tvlang.testing.synth import write_checkpoint
 
     os.makedirs(args.out, exist_ok=True)
     models = build()

@@ -13,11 +13,11 @@ import math
 
 import torch
 
-from tvlang import ast
+from tvlang.language import ast
 from tvlang.ops.context import TensorContext
 from tvlang.ops.registry import KERNELS
-from tvlang.syntax import parse, parse_expression
-from tvlang.types import bind_call, load_builtins
+from tvlang.language.syntax import parse, parse_expression
+from tvlang.language.checker import bind_call, load_builtins
 
 
 def _constant(node, params):

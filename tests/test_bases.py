@@ -12,9 +12,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tvlang.bases import affinity_matrix, cluster, eigengap_k, laplacian_eigenvalues, similarity
-from tvlang.bases_build import TaskVectorInput, recipe_for
-from tvlang.cli import main
+from tvlang.bases.clustering import affinity_matrix, cluster, eigengap_k, laplacian_eigenvalues
+from tvlang.bases.gram import similarity
+from tvlang.bases.build import TaskVectorInput, recipe_for
+from tvlang.faces.cli import main
 from tvlang.errors import TvlangError
 
 SHAPES = {"enc.0.weight": (8, 6), "enc.0.bias": (6,), "enc.1.weight": (5, 4), "head.weight": (3, 5)}
@@ -412,7 +413,7 @@ def test_auto_k_of_one_for_weakly_related_vectors_prints_a_note(tmp_path, capsys
 
 def test_a_failed_merge_leaves_nothing_behind(planted_files, tmp_path, monkeypatch, capsys):
     pytest.importorskip("sklearn")
-    import tvlang.bases_build as build
+    import tvlang.bases.build as build
 
     base, paths, _, _ = planted_files
     calls = []

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from tvlang.cli import main
+from tvlang.faces.cli import main
 from tvlang.errors import TvlangError
-from tvlang.syntax import parse
-from tvlang.types import check
+from tvlang.language.syntax import parse
+from tvlang.language.checker import check
 
-from tvlang.ir import build
+from tvlang.plan.ir import build
 
 BAD = Path(__file__).parent / "fixtures" / "bad"
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tvlang.cli import main
-from tvlang.synth import finetune_like, llama_spec, make_state_dict, write_checkpoint
+from tvlang.faces.cli import main
+from tvlang.testing.synth import finetune_like, llama_spec, make_state_dict, write_checkpoint
 
 SPEC = llama_spec(hidden=16, layers=2, vocab=32, intermediate=24)
 EXPR = "pre + 0.5*(a - pre)"
@@ -261,7 +261,7 @@ def test_sigint_to_a_running_process(ckpt, tmp_path):
             time.sleep(0.05)
             real(f, data)
         writer._write_all = slow
-        from tvlang.cli import main
+        from tvlang.faces.cli import main
         sys.exit(main({["run", "-e", EXPR, *binds(paths), "-o", str(out), "-q"]!r}))
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -312,8 +312,8 @@ def test_unknown_dtype_option(ckpt, tmp_path, capsys, option):
 
 
 def test_dtype_names_match_the_evaluator():
-    from tvlang.commands.run import DTYPE_NAMES
-    from tvlang.evaluate import DTYPES
+    from tvlang.faces.commands.run import DTYPE_NAMES
+    from tvlang.run.evaluate import DTYPES
 
     assert sorted(DTYPE_NAMES) == sorted(DTYPES)
 

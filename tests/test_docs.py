@@ -8,7 +8,7 @@ The convention (also in docs/index.md), by the fence's language tag:
                ``examples/checkpoints/``); use ``assert`` to state results.
 - ```pycon    a doctest transcript (``>>>`` lines and their output), run in the
                same namespace as the file's python blocks (ELLIPSIS on).
-- ```console  lines starting with ``$ tvlang ...`` run through ``tvlang.cli.main``;
+- ```console  lines starting with ``$ tvlang ...`` run through ``tvlang.faces.cli.main``;
                the lines after a command, up to the next ``$``, are its expected
                stdout+stderr when given. ``$ tvlang repl ...`` followed by ``tv> ``
                (and ``... ``) lines is a REPL transcript: those lines are its
@@ -159,7 +159,7 @@ def workdir(example_tree, tmp_path, monkeypatch):
 
 
 def run_cli(argv: list[str], stdin: str | None = None) -> tuple[int, str]:
-    from tvlang.cli import main
+    from tvlang.faces.cli import main
 
     buffer = io.StringIO()
     old_stdin = sys.stdin
@@ -226,8 +226,8 @@ def run_console(block: Block) -> None:
 
 def run_tvlang(block: Block) -> None:
     from tvlang.errors import TvlangError
-    from tvlang.syntax import parse
-    from tvlang.types import check
+    from tvlang.language.syntax import parse
+    from tvlang.language.checker import check
 
     try:
         check(parse(block.text, block.where), source=block.text, filename=block.where)
@@ -307,7 +307,7 @@ def test_index_links_every_doc():
 
 def test_every_command_help_says_what_it_does_with_an_example():
     """`tvlang --help` and each subcommand's help: a description and an `examples:` section."""
-    from tvlang.cli import COMMANDS, build_parser
+    from tvlang.faces.cli import COMMANDS, build_parser
 
     code, top = run_cli(["--help"])
     assert code == 0 and "examples:\n  tvlang " in top

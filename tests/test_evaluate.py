@@ -16,11 +16,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import tvlang
-from tvlang import evaluate
-from tvlang.cli import main
-from tvlang.evaluate import validate
-from tvlang.plan import Step, TensorProgram
-from tvlang.synth import finetune_like, llama_spec, make_state_dict, write_checkpoint
+from tvlang.run import evaluate
+from tvlang.faces.cli import main
+from tvlang.run.evaluate import validate
+from tvlang.plan.schedule import Step, TensorProgram
+from tvlang.testing.synth import finetune_like, llama_spec, make_state_dict, write_checkpoint
 
 SPEC = llama_spec(hidden=16, layers=2, vocab=32, intermediate=24)
 INT_NAME = "model.position_ids"

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tvlang.cli import main
+from tvlang.faces.cli import main
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 RECIPES = sorted(p.name for p in EXAMPLES.glob("*.tv"))

@@ -36,7 +36,7 @@ def _models():
 ])
 @pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
 def test_cuda_equals_cpu(text, chunked, monkeypatch):
-    from tvlang import evaluate
+    from tvlang.run import evaluate
 
     if chunked:  # chunks of 1000 entries, and the radix select of the thresholds on the device
         monkeypatch.setattr(evaluate, "CHUNK_MIN", 4000)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tvlang.syntax import grammar_text
+from tvlang.language.syntax import grammar_text
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,9 +49,9 @@ def test_wheel_contains_grammar_and_parses(tmp_path):
 import json, sys
 sys.path.insert(0, {str(unpacked)!r})
 sys.path = [p for p in sys.path if p != {str(ROOT)!r}]
-import tvlang, tvlang.syntax
+import tvlang, tvlang.language.syntax
 from importlib import resources
-program = tvlang.syntax.parse("param lm = 0.4\\nout = pre + lm*(ft - pre)\\n")
+program = tvlang.language.syntax.parse("param lm = 0.4\\nout = pre + lm*(ft - pre)\\n")
 print(json.dumps({{
     "file": tvlang.__file__,
     "packaged": resources.files("tvlang").joinpath("tvlang.lark").is_file(),

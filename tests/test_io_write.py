@@ -471,7 +471,7 @@ def test_forced_output_through_a_symlink_is_refused(tmp_path):
 
 def test_sharded_output_loads_with_transformers_from_pretrained(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from tvlang.synth import llama_spec, make_state_dict
+    from tvlang.testing.synth import llama_spec, make_state_dict
 
     spec = {k: v for k, v in llama_spec(32, 2, 64, 48).items() if k != "model.position_ids"}
     sd = make_state_dict(spec, seed=0)

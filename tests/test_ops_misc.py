@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tvlang.builtins import BUILTINS
+from tvlang.language.builtins import BUILTINS
 from tvlang.errors import TvlangError
 from tvlang.ops.context import TensorContext
 from tvlang.ops.reduce import CosReducer, DotReducer, NormReducer, mean, sum_

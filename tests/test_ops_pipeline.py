@@ -52,7 +52,7 @@ def test_schedule_and_select_through_the_pipeline():
 def _chunk_in(monkeypatch, elements: int) -> list[str]:
     """From now on, programs over tensors of 7 entries or more run in chunks of ``elements``;
     the returned list gets the name of each tensor computed in chunks."""
-    from tvlang import evaluate
+    from tvlang.run import evaluate
 
     names: list[str] = []
     real = evaluate.Session._execute_chunked
@@ -150,7 +150,7 @@ def test_threshold_kernels_in_chunked_programs_equal_whole_tensor_kernels(monkey
 def test_nested_threshold_kernels_run_whole(monkeypatch):
     """ties over topk's result cannot be chunked (topk has no result while ties looks at its input):
     the program runs on whole tensors, with the same result."""
-    from tvlang import evaluate
+    from tvlang.run import evaluate
 
     binds = _quantized_models()
     recipe = "ties(topk(a - pre, 0.5), b - pre, density=0.5)"

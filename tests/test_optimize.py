@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import tvlang
-from tvlang.compiler import parse_recipe
-from tvlang.ir import Interner
-from tvlang.optimize import PASSES, OptimizerFlags
+from tvlang.plan.compiler import parse_recipe
+from tvlang.plan.ir import Interner
+from tvlang.plan.optimize import PASSES, OptimizerFlags
 
 from naive import evaluate as naive_evaluate
 
@@ -67,9 +67,9 @@ def test_optimizing_twice_changes_nothing(pass_name, text, expected, deltas):
 
 
 def test_optimizer_is_idempotent_on_the_ir():
-    from tvlang.ir import build
-    from tvlang.optimize import optimize
-    from tvlang.types import check
+    from tvlang.plan.ir import build
+    from tvlang.plan.optimize import optimize
+    from tvlang.language.checker import check
 
     text = "out x = pre + 0.5*(a - pre)\nout y = pre + 0.3*(a - pre)\nout z = pre + ties(a - pre, b - pre)"
     checked = check(parse_recipe(text), source=text)
@@ -153,12 +153,12 @@ def test_buffers_are_reused_once_dead():
 
 
 def test_with_params_does_not_reparse(monkeypatch):
-    import tvlang.syntax
+    import tvlang.language.syntax
 
     plan = tvlang.compile("param lam = 0.5\nout = pre + lam*(ft - pre)")
     calls = []
-    real = tvlang.syntax.parse
-    monkeypatch.setattr(tvlang.syntax, "parse", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = tvlang.language.syntax.parse
+    monkeypatch.setattr(tvlang.language.syntax, "parse", lambda *a, **k: calls.append(a) or real(*a, **k))
     swept = [plan.with_params(lam=v).optimized_text() for v in (0.0, 0.25, 1.0)]
     again = tvlang.compile("param lam = 0.5\nout = pre + lam*(ft - pre)", lam=0.25)
     assert calls == []

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tvlang.cli import main
-from tvlang.synth import finetune_like, llama_spec, make_state_dict, write_checkpoint
+from tvlang.faces.cli import main
+from tvlang.testing.synth import finetune_like, llama_spec, make_state_dict, write_checkpoint
 
 SPEC = llama_spec(hidden=8, layers=1, vocab=16, intermediate=12)
 
@@ -155,7 +155,7 @@ def test_duplicate_output_without_force_fails_before_compute(work, capsys, monke
     root, _, _ = work
     recipe = root / "two.tv"
     recipe.write_text("out x = pre + 0.5*(ft - pre)\nout y = pre + 0.25*(ft - pre)\n")
-    from tvlang import evaluate
+    from tvlang.run import evaluate
 
     def no_compute(*args, **kwargs):  # pragma: no cover - reached only if the check is late
         raise AssertionError("computed before refusing the duplicate output")

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tvlang import ast
-from tvlang.printer import format_number, to_text
-from tvlang.syntax import RESERVED, parse, parse_expression
+from tvlang.language import ast
+from tvlang.language.printer import format_number, to_text
+from tvlang.language.syntax import RESERVED, parse, parse_expression
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

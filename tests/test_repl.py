@@ -1,4 +1,4 @@
-"""The REPL: piped stdin (in-process, through tvlang.cli.main) and a real terminal (pty).
+"""The REPL: piped stdin (in-process, through tvlang.faces.cli.main) and a real terminal (pty).
 
 Checkpoints here are three tiny safetensors files with known values, so every
 number the REPL prints is compared with a hand computation.
@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tvlang.cli import main
-from tvlang.repl import Repl, open_parens
-from tvlang.synth import write_checkpoint
+from tvlang.faces.cli import main
+from tvlang.faces.repl import Repl, open_parens
+from tvlang.testing.synth import write_checkpoint
 
 PRE = {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b": torch.tensor([0.5, -0.5]),
        "pos": torch.tensor([0, 1, 2])}
@@ -345,7 +345,7 @@ def test_a_scalar_used_twice_is_computed_once_and_explained(ckpt, monkeypatch, c
 
 def test_highlighting_lexer_and_coloured_vars(ckpt):
     pytest.importorskip("pygments")
-    from tvlang.highlight import highlight, tokens
+    from tvlang.faces.highlight import highlight, tokens
 
     kinds = [(str(kind).replace("Token.", "").replace("Literal.", ""), text)
              for kind, text in tokens('param lam = 0.4\nout m = ties(a, b, density=0.2) + load("x")  # c\n')

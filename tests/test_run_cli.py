@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tvlang.cli import main
-from tvlang.synth import finetune_like, llama_spec, make_state_dict, write_checkpoint
+from tvlang.faces.cli import main
+from tvlang.testing.synth import finetune_like, llama_spec, make_state_dict, write_checkpoint
 
 SPEC = llama_spec(hidden=16, layers=2, vocab=32, intermediate=24)
 N_TENSORS = len(SPEC)

@@ -1,4 +1,4 @@
-"""Streaming similarity (tvlang.bases.similarity) and the ``tvlang similarity`` command."""
+"""Streaming similarity (tvlang.bases.gram.similarity) and the ``tvlang similarity`` command."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tvlang.bases import Similarity, similarity
-from tvlang.cli import main
+from tvlang.bases.gram import Similarity, similarity
+from tvlang.faces.cli import main
 from tvlang.errors import TvlangError
 
 SHAPES = {"enc.0.weight": (6, 5), "enc.0.bias": (5,), "enc.1.weight": (7, 3), "head.weight": (2, 4, 3)}
@@ -119,7 +119,7 @@ def test_chunk_buffers_stay_within_the_budget_whatever_n(tmp_path, models, monke
 
     def recording_empty(*shape, **kwargs):
         tensor = real_empty(*shape, **kwargs)
-        if sys._getframe(1).f_code.co_filename.endswith(os.path.join("tvlang", "bases.py")):
+        if sys._getframe(1).f_code.co_filename.endswith(os.path.join("tvlang", "bases", "gram.py")):
             allocated.append(tensor.numel() * tensor.element_size())
         return tensor
 
@@ -229,7 +229,7 @@ def test_extra_float_tensor_in_an_input_is_an_error(models):
 
 
 def test_sharded_directories_and_torch_files(tmp_path, models):
-    from tvlang.synth import write_checkpoint
+    from tvlang.testing.synth import write_checkpoint
 
     pre, fts = models
     write_checkpoint(str(tmp_path / "pre"), pre, shard_size=200)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from tvlang.io import open_reader
-from tvlang.synth import (
+from tvlang.testing.synth import (
     finetune_like,
     llama_bytes,
     llama_spec,

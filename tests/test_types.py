@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from tvlang import ast
-from tvlang.builtins import BUILTINS, Arg, Builtin
+from tvlang.language import ast
+from tvlang.language.builtins import BUILTINS, Arg, Builtin
 from tvlang.errors import TvlangError
-from tvlang.syntax import parse, parse_expression
-from tvlang.types import BoundCall, bind_call, check
+from tvlang.language.syntax import parse, parse_expression
+from tvlang.language.checker import BoundCall, bind_call, check
 
 
 def checked(text, **kwargs):

@@ -8,10 +8,10 @@
 Importing tvlang does not import torch; running a plan does.
 """
 
-from tvlang.compiler import Plan, RunSummary, compile, delta
+from tvlang.plan.compiler import Plan, RunSummary, compile, delta
 from tvlang.errors import Span, TvlangError
-from tvlang.optimize import OptimizerFlags
-from tvlang.syntax import parse, parse_expression
+from tvlang.plan.optimize import OptimizerFlags
+from tvlang.language.syntax import parse, parse_expression
 
 __version__ = "0.2.0"
 

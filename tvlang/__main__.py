@@ -1,5 +1,5 @@
 import sys
 
-from tvlang.cli import main
+from tvlang.faces.cli import main
 
 sys.exit(main())

@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from tvlang.synth import llama_spec, make_state_dict, write_checkpoint
+from tvlang.testing.synth import llama_spec, make_state_dict, write_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ROOT = os.path.join(HERE, "..", "checkpoints", "bases-demo")
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = os.path.normpath(args.root)
     paths = make(root)
-    from tvlang.cli import main as tvlang_main
+    from tvlang.faces.cli import main as tvlang_main
 
     command = ["bases", "--base", os.path.join(root, "pre.safetensors"),
                *[f"{task}={paths[task]}" for task in TASKS], "-o", os.path.join(root, "bases"), "--force"]

@@ -159,7 +159,7 @@ def model_from_state(state: dict[str, torch.Tensor], hidden: int) -> DigitsMLP:
 def save_model(model: DigitsMLP, directory: str | os.PathLike, *, task: str) -> Path:
     """Write ``directory/model.safetensors`` and a small ``config.json``.
 
-    Uses tvlang's checkpoint writer (``tvlang.synth.write_checkpoint``) when present.
+    Uses tvlang's checkpoint writer (``tvlang.testing.synth.write_checkpoint``) when present.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -168,7 +168,7 @@ def save_model(model: DigitsMLP, directory: str | os.PathLike, *, task: str) -> 
     config = {"model_type": "tvlang-digits-mlp", "hidden": model.hidden, "task": task,
               "task_heads": model.task_heads}
     try:  # tvlang's checkpoint writer (streaming, temporary name then rename)
-        from tvlang.synth import write_checkpoint
+        from tvlang.testing.synth import write_checkpoint
     except ImportError:  # an older tvlang: plain safetensors
         write_checkpoint = None
     if write_checkpoint is not None:

@@ -17,6 +17,11 @@ TensorInfo(name='w', shape=(2, 3), dtype=torch.float32, nbytes=24, file="<state 
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import stat
+import unicodedata
 from dataclasses import dataclass
 
 import torch
@@ -25,11 +30,20 @@ from tvlang.errors import TvlangError
 
 __all__ = [
     "DTYPE_FROM_SAFETENSORS",
+    "MAX_JSON_BYTES",
+    "MAX_JSON_DEPTH",
+    "MAX_NUMBER_CHARS",
     "SAFETENSORS_FROM_DTYPE",
     "TensorInfo",
     "TensorReader",
+    "check_regular",
     "io_error",
     "kind_from_metadata",
+    "load_json",
+    "name_problem",
+    "open_regular",
+    "quoted",
+    "show",
 ]
 
 
@@ -70,13 +84,221 @@ DTYPE_FROM_SAFETENSORS: dict[str, torch.dtype] = _safetensors_dtypes()
 SAFETENSORS_FROM_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_FROM_SAFETENSORS.items()}
 
 
+def show(text: str) -> str:
+    """``text`` safe to print: control characters, lone surrogates and other
+    unprintable characters are escaped as ``repr`` would (``\\x1b``, ``\\ud800``).
+
+    A name read from a file must never reach a terminal raw (an escape sequence would
+    be obeyed) or crash the print (a lone surrogate cannot be encoded).
+
+    >>> show("model.layers.0.weight"), show("a\x1b[31m"), show("b\\ud800"), show("c\\u00e9")
+    ('model.layers.0.weight', 'a\\x1b[31m', 'b\\ud800', 'cé')
+    """
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    if ch in "\n\r\t":
+        return repr(ch)[1:-1]
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def quoted(name: str) -> str:
+    """A tensor (or shard) name in single quotes, escaped for printing (see :func:`show`)."""
+    return f"'{show(name)}'"
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a tensor or file name, or None when it can.
+
+    Refused: lone surrogates (not Unicode text: the safetensors library refuses them,
+    and they cannot be printed or written) and control characters (a terminal would
+    obey them; no model names a tensor with them). Other characters are allowed.
+    """
+    if name.isprintable():  # the common case, checked in C
+        return None
+    for ch in name:
+        category = unicodedata.category(ch)
+        if category == "Cs":
+            return f"contains a lone surrogate ({_escape(ch)}), which is not Unicode text"
+        if category == "Cc":
+            return f"contains a control character ({_escape(ch)})"
+    return None
+
+
 def io_error(label: str, message: str, *, tensor: str | None = None, notes: tuple[str, ...] = ()) -> TvlangError:
     """A data error about a checkpoint: the message starts with the file's label.
 
     ``filename`` is left for the recipe (the evaluator fills it in with
-    ``with_context``), so the checkpoint is named in the message itself.
+    ``with_context``), so the checkpoint is named in the message itself. The label
+    is escaped (see :func:`show`); names inside ``message`` are escaped by the caller.
     """
-    return TvlangError(f"{label}: {message}", tensor=tensor, notes=notes)
+    return TvlangError(f"{show(label)}: {message}", tensor=tensor, notes=notes)
+
+
+# -- JSON with limits ------------------------------------------------------------------
+
+# A JSON text (a safetensors header, an index) larger than this is refused. It is the
+# cap the safetensors library puts on headers; real indexes are far smaller.
+MAX_JSON_BYTES = 100_000_000
+# Deepest nesting of arrays and objects allowed. Headers and indexes need 3 levels;
+# the safetensors library (serde_json) stops at 128.
+MAX_JSON_DEPTH = 64
+# Longest number allowed, in characters. The largest offset or dimension anyone can
+# use has 20 digits; Python refuses to convert integers of more than 4300.
+MAX_NUMBER_CHARS = 100
+
+
+class _JSONLimit(Exception):
+    """Raised from inside ``json.loads`` hooks; turned into a TvlangError by load_json."""
+
+
+def _unique_pairs(pairs: list[tuple[str, object]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _JSONLimit(f"has the key {quoted(key)} twice in one object")
+            seen.add(key)
+    return obj
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise _JSONLimit(f"has a number of {len(text)} digits (at most {MAX_NUMBER_CHARS} are allowed)")
+    return int(text)
+
+
+def _bounded_float(text: str) -> float:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise _JSONLimit(f"has a number of {len(text)} characters (at most {MAX_NUMBER_CHARS} are allowed)")
+    return float(text)
+
+
+# Strings (whose brackets do not count), then every byte that is not a bracket.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_OPEN_CLOSE = bytes.maketrans(b"[]{}", b"()()")
+
+
+def _too_deep(raw: bytes, limit: int) -> bool:
+    """Whether arrays and objects in the JSON text ``raw`` nest more than ``limit`` deep.
+
+    Works on the brackets outside strings only: each pass deletes the innermost
+    pairs, so a header (3 levels) costs three passes over a few bytes per tensor;
+    a run of ``limit + 1`` openers answers at once. Mismatched brackets are left
+    for the JSON parser to report.
+    """
+    brackets = _JSON_STRING.sub(b"", raw).translate(_OPEN_CLOSE, _NOT_BRACKETS)
+    deep = b"(" * (limit + 1)
+    for _ in range(limit):  # after pass k, only what nests more than k deep is left
+        if not brackets:
+            return False
+        if deep in brackets:
+            return True
+        shorter = brackets.replace(b"()", b"")
+        if len(shorter) == len(brackets):
+            return False  # unbalanced: not JSON, which json.loads reports
+        brackets = shorter
+    return bool(brackets)
+
+
+def load_json(label: str, raw: bytes, what: str, *, offset: int = 0, hint: str = "") -> object:
+    """Parse ``raw`` (UTF-8 JSON) with limits; every failure is an error naming ``label``.
+
+    ``what`` names the text in messages (``"header"``, ``"index"``); ``offset`` is where
+    ``raw`` starts in its file (for the position of a bad byte); ``hint`` ends the
+    message when the text is not UTF-8 JSON at all. Refused, besides invalid JSON: text
+    over ``MAX_JSON_BYTES``, nesting deeper than ``MAX_JSON_DEPTH``, numbers longer than
+    ``MAX_NUMBER_CHARS``, and a key that appears twice in one object (Python's json
+    would keep the last one silently).
+    """
+    if len(raw) > MAX_JSON_BYTES:
+        raise io_error(label, f"{what} is {len(raw)} bytes, more than the {MAX_JSON_BYTES} allowed")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise io_error(label, f"{what} is not UTF-8 text (bad byte at {offset + exc.start}){hint}") from None
+    if _too_deep(raw, MAX_JSON_DEPTH):
+        raise io_error(label, f"{what} JSON is nested more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        return json.loads(text, object_pairs_hook=_unique_pairs, parse_int=_bounded_int, parse_float=_bounded_float)
+    except _JSONLimit as exc:
+        raise io_error(label, f"{what} {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise io_error(label, f"{what} is not valid JSON ({exc.msg} at {what} byte {exc.pos}){hint}") from None
+    except RecursionError:  # pragma: no cover - _too_deep stops these first
+        raise io_error(label, f"{what} JSON is nested too deeply") from None
+
+
+# -- regular files only ------------------------------------------------------------------
+
+
+def _kind_of(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a plain file"
+
+
+def check_regular(label: str, path: str) -> os.stat_result:
+    """``os.stat(path)`` (following links), refusing anything but a regular file.
+
+    A device never ends (``/dev/zero``), a named pipe blocks until someone writes;
+    neither is opened.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise io_error(label, "no such file") from None
+    except OSError as exc:
+        raise io_error(label, f"cannot open: {exc.strerror}") from None
+    except ValueError:  # a NUL in the path
+        raise io_error(label, "cannot open: the path contains a NUL character") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise io_error(label, f"not a regular file ({_kind_of(st.st_mode)}); checkpoints are read only from regular files")
+    return st
+
+
+def open_regular(label: str, path: str) -> tuple[int, int]:
+    """Open ``path`` for reading if it is a regular file: ``(fd, size)``.
+
+    Checked with ``os.stat`` before opening, and again with ``fstat`` on what was
+    opened (non-blocking, so a pipe swapped in meanwhile cannot hang the open).
+    """
+    check_regular(label, path)
+    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise io_error(label, "no such file") from None
+    except OSError as exc:
+        raise io_error(label, f"cannot open: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise io_error(label, f"not a regular file ({_kind_of(st.st_mode)}); checkpoints are read only from regular files")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st.st_size
 
 
 def kind_from_metadata(metadata: dict[str, str]) -> str | None:

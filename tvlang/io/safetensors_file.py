@@ -11,7 +11,6 @@ tensor; tensor bytes are read with ``pread`` into fresh memory only when
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import os
@@ -21,17 +20,34 @@ import warnings
 
 import torch
 
-from tvlang.io.base import DTYPE_FROM_SAFETENSORS, TensorInfo, TensorReader, io_error, kind_from_metadata
+from tvlang.io.base import (
+    DTYPE_FROM_SAFETENSORS,
+    MAX_JSON_BYTES,
+    TensorInfo,
+    TensorReader,
+    io_error,
+    kind_from_metadata,
+    load_json,
+    name_problem,
+    open_regular,
+    quoted,
+    show,
+)
 
 __all__ = ["MAX_HEADER_BYTES", "SafetensorsReader", "parse_header", "release"]
 
 # The same cap the reference implementation uses: a larger header is not a safetensors file.
-MAX_HEADER_BYTES = 100_000_000
+MAX_HEADER_BYTES = MAX_JSON_BYTES
 
 # Tensors of at least this many bytes are mapped rather than copied (see SafetensorsReader).
 # Smaller ones are read with pread: a map per tiny tensor costs more than the copy, and a
 # process may hold only so many maps (vm.max_map_count).
 MMAP_MIN_BYTES = 1 << 20
+
+
+# No dimension, and no product of the non-zero dimensions, may exceed this: torch's
+# sizes and strides are int64 (a shape [0, 2**70] holds no bytes, yet no tensor has it).
+MAX_DIM = 2**63 - 1
 
 
 def parse_header(
@@ -42,14 +58,15 @@ def parse_header(
     ``raw`` is the JSON text; ``file_size`` the size of the whole file. Each
     entry is ``(name, shape, dtype, begin, end)`` with absolute byte offsets in
     the file, sorted by ``begin`` (file order).
+
+    The rules are the safetensors library's: besides well-formed entries, the data
+    offsets, sorted, must tile the data exactly: the first tensor starts at 0, each
+    next one where the previous one ends, and the last one ends at the end of the file.
+    Tvlang also refuses a key that appears twice, names with control characters, and
+    JSON nested or numbers longer than the limits of :func:`load_json`.
     """
     data_start = 8 + len(raw)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise io_error(label, f"header is not UTF-8 text (bad byte at {8 + exc.start}); not a safetensors file?") from None
-    except json.JSONDecodeError as exc:
-        raise io_error(label, f"header is not valid JSON ({exc.msg} at header byte {exc.pos}); not a safetensors file?") from None
+    header = load_json(label, raw, "header", offset=8, hint="; not a safetensors file?")
     if not isinstance(header, dict):
         raise io_error(label, f"header is a JSON {type(header).__name__}, not an object; not a safetensors file?")
 
@@ -60,63 +77,113 @@ def parse_header(
             raise io_error(label, "header '__metadata__' is not a JSON object")
         for key, value in raw_meta.items():
             if not isinstance(value, str):
-                raise io_error(label, f"header '__metadata__' value of '{key}' is not a string")
+                raise io_error(label, f"header '__metadata__' value of {quoted(key)} is not a string")
+            for text in (key, value):
+                if not text.isprintable() and _has_surrogate(text):
+                    raise io_error(
+                        label, f"header '__metadata__' entry {quoted(key)} contains a lone surrogate, which is not Unicode text"
+                    )
             metadata[key] = value
 
     entries = []
     for name, entry in header.items():
+        problem = name_problem(name)
+        if problem is not None:
+            raise io_error(label, f"tensor name {quoted(name)} {problem}", tensor=name)
         if not isinstance(entry, dict):
-            raise io_error(label, f"tensor '{name}' has a malformed header entry (not an object)", tensor=name)
+            raise io_error(label, f"tensor {quoted(name)} has a malformed header entry (not an object)", tensor=name)
         missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
         if missing:
-            raise io_error(label, f"tensor '{name}' header entry lacks {', '.join(missing)}", tensor=name)
+            raise io_error(label, f"tensor {quoted(name)} header entry lacks {', '.join(missing)}", tensor=name)
         code = entry["dtype"]
         if not isinstance(code, str) or code not in DTYPE_FROM_SAFETENSORS:
             known = ", ".join(DTYPE_FROM_SAFETENSORS)
-            raise io_error(label, f"tensor '{name}' has unknown dtype {code!r} (known: {known})", tensor=name)
+            shown = repr(show(code)) if isinstance(code, str) else repr(code)
+            raise io_error(label, f"tensor {quoted(name)} has unknown dtype {shown} (known: {known})", tensor=name)
         dtype = DTYPE_FROM_SAFETENSORS[code]
         shape = entry["shape"]
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise io_error(label, f"tensor '{name}' has a malformed shape {shape!r}", tensor=name)
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise io_error(label, f"tensor {quoted(name)} has a malformed shape {_short(shape)}", tensor=name)
+        if any(d > MAX_DIM for d in shape) or math.prod(d for d in shape if d) > MAX_DIM:
+            raise io_error(
+                label, f"tensor {quoted(name)} has shape {shape}, too large for any tensor (at most 2**63-1 elements)", tensor=name
+            )
         offsets = entry["data_offsets"]
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not all(type(o) is int for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]
         ):
-            raise io_error(label, f"tensor '{name}' has malformed data offsets {offsets!r}", tensor=name)
+            raise io_error(label, f"tensor {quoted(name)} has malformed data offsets {_short(offsets)}", tensor=name)
         begin, end = offsets
         itemsize = dtype.itemsize
         expected = math.prod(shape) * itemsize
         if end - begin != expected:
             raise io_error(
                 label,
-                f"header lies about tensor '{name}': shape {shape} of {code} needs {expected} bytes"
+                f"header lies about tensor {quoted(name)}: shape {shape} of {code} needs {expected} bytes"
                 f" but its data offsets [{begin}, {end}] span {end - begin}",
                 tensor=name,
             )
         entries.append((name, tuple(shape), dtype, data_start + begin, data_start + end))
 
     entries.sort(key=lambda e: (e[3], e[4]))
-    previous = None
-    for entry in entries:
-        name, _, _, begin, end = entry
+    for name, _, _, begin, end in entries:
         if end > file_size:
             raise io_error(
-                label, f"file is truncated: tensor '{name}' ends at byte {end} but the file has {file_size} bytes", tensor=name
-            )
-        # Empty tensors take no bytes and cannot overlap anything.
-        if previous is not None and begin < previous[4] and begin < end:
-            raise io_error(
                 label,
-                f"header lies about offsets: tensors '{previous[0]}' and '{name}' overlap"
-                f" (bytes [{previous[3] - data_start}, {previous[4] - data_start}) and [{begin - data_start}, {end - data_start}))",
+                f"file is truncated: tensor {quoted(name)} ends at byte {end} but the file has {file_size} bytes",
                 tensor=name,
             )
-        if begin < end:
-            previous = entry
+    # Sorted by offset, tensors must follow each other with neither gaps nor overlaps.
+    position = data_start
+    previous = None
+    for name, _, _, begin, end in entries:
+        if begin < position:
+            if begin == end:
+                what = f"empty tensor {quoted(name)} at byte {begin - data_start} lies inside tensor {quoted(previous)}"
+            else:
+                what = f"tensors {quoted(previous)} and {quoted(name)} overlap"
+            raise io_error(
+                label,
+                f"header lies about offsets: {what} (bytes [{prev_begin - data_start}, {position - data_start})"
+                f" and [{begin - data_start}, {end - data_start}))",
+                tensor=name,
+            )
+        if begin > position:
+            after = f"after tensor {quoted(previous)}" if previous is not None else "at the start of the data"
+            raise io_error(
+                label,
+                f"header leaves a gap: data bytes [{position - data_start}, {begin - data_start}) {after}"
+                f" belong to no tensor (tensor {quoted(name)} starts at {begin - data_start})",
+                tensor=name,
+            )
+        if end > begin or previous is None:
+            previous, prev_begin = name, begin
+        position = end
+    if position != file_size:
+        last = f"the last tensor, {quoted(previous)}," if previous is not None else "the header (no tensors)"
+        raise io_error(
+            label,
+            f"file has {file_size - position} bytes after the data: {last} ends at byte {position}"
+            f" but the file has {file_size} bytes (the safetensors library refuses such files)",
+        )
     return metadata, entries
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _short(value: object) -> str:
+    """A malformed value for a message: escaped and at most 80 characters."""
+    text = show(repr(value))
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def read_header(label: str, fd: int, file_size: int) -> tuple[dict[str, str], list]:
@@ -173,17 +240,12 @@ class SafetensorsReader(TensorReader):
         super().__init__(label if label is not None else path)
         # Errors name the file even after open_reader relabels the reader with a directory.
         self.file_label = self.label
-        try:
-            self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        except FileNotFoundError:
-            raise io_error(self.label, "no such file") from None
-        except IsADirectoryError:
-            raise io_error(self.label, "is a directory, not a .safetensors file") from None
-        except OSError as exc:
-            raise io_error(self.label, f"cannot open: {exc.strerror}") from None
+        self._fd = -1
+        if os.path.isdir(path):
+            raise io_error(self.label, "is a directory, not a .safetensors file")
+        self._fd, size = open_regular(self.label, path)
         self._lock = threading.Lock()
         try:
-            size = os.fstat(self._fd).st_size
             self.metadata, entries = read_header(self.label, self._fd, size)
         except BaseException:
             os.close(self._fd)
@@ -202,7 +264,7 @@ class SafetensorsReader(TensorReader):
     def read(self, name: str) -> torch.Tensor:
         info = self.info(name)
         if self._fd < 0:
-            raise io_error(self.file_label, f"reader is closed (reading tensor '{name}')", tensor=name)
+            raise io_error(self.file_label, f"reader is closed (reading tensor {quoted(name)})", tensor=name)
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
         offset = self._offsets[name]
@@ -210,10 +272,10 @@ class SafetensorsReader(TensorReader):
         try:
             size = os.fstat(self._fd).st_size
         except OSError as exc:
-            raise io_error(self.file_label, f"cannot read tensor '{name}': {exc.strerror}", tensor=name) from None
+            raise io_error(self.file_label, f"cannot read tensor {quoted(name)}: {exc.strerror}", tensor=name) from None
         if end > size:  # the file shrank since it was opened
             raise io_error(
-                self.file_label, f"file is truncated: tensor '{name}' ends at byte {end} but the file has {size} bytes", tensor=name
+                self.file_label, f"file is truncated: tensor {quoted(name)} ends at byte {end} but the file has {size} bytes", tensor=name
             )
         itemsize = info.nbytes // max(1, math.prod(info.shape))
         if self.use_mmap and info.nbytes >= MMAP_MIN_BYTES and offset % max(1, itemsize) == 0:
@@ -264,12 +326,12 @@ class SafetensorsReader(TensorReader):
                     size = os.fstat(self._fd).st_size
                     raise io_error(
                         self.file_label,
-                        f"file is truncated: tensor '{name}' ends at byte {offset + nbytes} but the file has {size} bytes",
+                        f"file is truncated: tensor {quoted(name)} ends at byte {offset + nbytes} but the file has {size} bytes",
                         tensor=name,
                     )
                 done += count
         except OSError as exc:
-            raise io_error(self.file_label, f"cannot read tensor '{name}': {exc.strerror}", tensor=name) from None
+            raise io_error(self.file_label, f"cannot read tensor {quoted(name)}: {exc.strerror}", tensor=name) from None
         return buffer
 
     def close(self) -> None:

@@ -1,6 +1,6 @@
 """Tensor kernels and whole-model reducers; the rows live in :mod:`tvlang.ops.registry`.
 
-Importing this package registers the operator rows in ``tvlang.builtins.BUILTINS``
+Importing this package registers the operator rows in ``tvlang.language.builtins.BUILTINS``
 (without importing torch).
 """
 

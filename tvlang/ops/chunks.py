@@ -2,7 +2,7 @@
 
 A chunked program computes a tensor a chunk of entries at a time, from reading the
 inputs to handing the result to the writer, so no whole-tensor temporary is ever
-made (see tvlang/evaluate.py). A kernel can take part when its result, entry by
+made (see tvlang/run/evaluate.py). A kernel can take part when its result, entry by
 entry, is a function of the same entries of its inputs once a few per-tensor
 numbers are known:
 

@@ -11,7 +11,7 @@ without paying for torch's start-up. Kernels and reducers are named as
   are all the other arguments by name, defaults filled in (scalars as floats,
   strings, bools, lists of floats as tuples or lists). ``mean`` and ``sum``
   kernels are provided for the planner even though their rows live in
-  ``tvlang/builtins_core.py``.
+  ``tvlang/language/builtins_core.py``.
 - ``REDUCERS[name]`` is a zero-argument factory of the :class:`Reducer` of a
   ``reduce``-stage built-in (``norm``, ``dot``, ``cos``); it streams all the
   call's vector arguments, in order. Its ``result()`` is the scalar value.
@@ -48,7 +48,7 @@ import importlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from tvlang.builtins import BUILTINS, Arg, Builtin, register
+from tvlang.language.builtins import BUILTINS, Arg, Builtin, register
 
 __all__ = [
     "ROWS", "KERNELS", "CHUNKED", "ELEMENTWISE", "MULTIPASS", "REDUCERS", "reductions_for", "threshold_key",

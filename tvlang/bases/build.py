@@ -1,0 +1,377 @@
+"""Task vector bases: cluster N task vectors, merge each cluster into one basis.
+
+``build_bases`` runs Algorithm 1 of Zhang et al.: the similarity matrix in one
+streaming pass (``tvlang.bases.gram.similarity``), spectral clustering with k from
+the eigengap (``tvlang.bases.clustering.cluster``), then one merge per cluster through the
+public API (``tvlang.compile(recipe).run(bindings, out=...)``, the streaming
+evaluator), each basis a Delta file ``basis_<i>.safetensors``, plus a
+``manifest.json`` (format in docs/bases.md).
+
+``recipe_for`` is the text each basis is computed from:
+
+>>> a = TaskVectorInput("mnist", "/ckpt/mnist", "model", 0)
+>>> b = TaskVectorInput("svhn", "/ckpt/svhn", "model", 0)
+>>> print(recipe_for([a, b], "ties", 0.3).text, end="")
+# tvlang bases: members mnist, svhn (merge: ties)
+out = ties(mnist - pre, svhn - pre, density=0.3)
+"""
+
+from __future__ import annotations
+
+import json
+import keyword
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from tvlang.bases.clustering import cluster
+from tvlang.bases.gram import DEFAULT_CHUNK_BYTES, _open_reader, format_matrix, similarity
+from tvlang.errors import TvlangError
+from tvlang.io import check_output_path
+
+__all__ = [
+    "MANIFEST_NAME",
+    "MANIFEST_FORMAT",
+    "MERGE_METHODS",
+    "TaskVectorInput",
+    "BasisRecipe",
+    "recipe_for",
+    "inspect_inputs",
+    "build_bases",
+    "load_manifest",
+    "against_bases",
+    "Against",
+]
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "tvlang.bases/1"
+MERGE_METHODS = ("mean", "ties", "topk")
+# The paper's Topk keeps the top 5% of entries by magnitude (Sec. 6.3).
+TOPK_DEFAULT_DENSITY = 0.05
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_RESERVED = {"pre", "out", "param", "true", "false"}
+
+
+@dataclass(frozen=True)
+class TaskVectorInput:
+    """One task vector: a fine-tuned model (``kind="model"``) or a Delta file."""
+
+    name: str
+    path: str
+    kind: str            # "model" | "delta"
+    float_bytes: int     # bytes of floating-point tensor data (what storing it costs)
+
+
+@dataclass(frozen=True)
+class BasisRecipe:
+    text: str
+    bindings: dict
+    sources: dict
+
+
+def _identifiers(names: Sequence[str]) -> list[str]:
+    """Recipe names for the members: the member's own name when it is a safe identifier."""
+    from tvlang.language.checker import load_builtins
+
+    builtins = load_builtins()
+    used: set[str] = set()
+    out = []
+    for i, name in enumerate(names):
+        ident = name
+        if (not _IDENT.match(name) or keyword.iskeyword(name) or name in _RESERVED
+                or name in builtins or name in used):
+            ident = f"t{i}"
+            while ident in used or ident in names:
+                ident = "_" + ident
+        used.add(ident)
+        out.append(ident)
+    return out
+
+
+def recipe_for(members: Sequence[TaskVectorInput], merge: str, density: float | None,
+               base: str | None = None) -> BasisRecipe:
+    """The recipe computing one basis from its members (a singleton is its own task vector)."""
+    if merge not in MERGE_METHODS:
+        raise TvlangError(f"unknown merge method '{merge}' (choose from {', '.join(MERGE_METHODS)})")
+    idents = _identifiers([m.name for m in members])
+    terms = [f"{ident} - pre" if m.kind == "model" else ident for ident, m in zip(idents, members)]
+    if len(members) == 1:
+        expr = terms[0]
+    elif merge == "mean":
+        expr = f"mean({', '.join(terms)})"
+    elif merge == "ties":
+        option = f", density={_num(density)}" if density is not None else ""
+        expr = f"ties({', '.join(terms)}{option})"
+    else:  # topk: prune each member to its top entries, then average
+        d = _num(density if density is not None else TOPK_DEFAULT_DENSITY)
+        expr = f"mean({', '.join(f'topk({t}, {d})' for t in terms)})"
+    head = f"# tvlang bases: members {', '.join(m.name for m in members)} (merge: {merge})"
+    text = f"{head}\nout = {expr}\n"
+    bindings: dict = {ident: _delta_marker(m.path) if m.kind == "delta" else m.path
+                      for ident, m in zip(idents, members)}
+    sources = {ident: m.kind for ident, m in zip(idents, members)}
+    if any(m.kind == "model" for m in members):
+        if base is not None:
+            bindings["pre"] = base
+        sources["pre"] = "model"
+    return BasisRecipe(text, bindings, sources)
+
+
+def _delta_marker(path: str):
+    """``tvlang.delta(path)``: binds a file as a task vector even without tvlang metadata."""
+    import tvlang
+
+    return tvlang.delta(path)
+
+
+def _num(value: float) -> str:
+    return repr(float(value)) if float(value) != int(value) else f"{int(value)}.0"
+
+
+def _float_bytes(reader) -> int:
+    return sum(reader.info(n).nbytes for n in reader.names() if reader.info(n).dtype.is_floating_point)
+
+
+def inspect_inputs(pairs: Sequence[tuple[str, str]], base: str | None,
+                   deltas: Sequence[str] = ()) -> list[TaskVectorInput]:
+    """Open each input's header: its kind (model or delta) and storage size.
+
+    An input is a Delta when its metadata says ``tvlang.kind = delta`` or its
+    name is in ``deltas`` (the CLI's ``NAME=delta:PATH``)."""
+    out = []
+    for name, path in pairs:
+        reader = _open_reader(path, os.fspath(path))
+        try:
+            kind = "delta" if reader.kind == "delta" or name in deltas else "model"
+            if kind == "model" and base is None:
+                raise TvlangError(
+                    f"'{name}' ({path}) is a model, not a task vector, and no base was given",
+                    notes=("pass the pretrained model with --base PRE (task vector = model - PRE)",),
+                )
+            out.append(TaskVectorInput(name, os.fspath(path), kind, _float_bytes(reader)))
+        finally:
+            reader.close()
+    return out
+
+
+def build_bases(
+    base: str | None,
+    pairs: Sequence[tuple[str, str]],
+    out_dir: str,
+    *,
+    k: int | str = "auto",
+    merge: str = "mean",
+    density: float | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    force: bool = False,
+    deltas: Sequence[str] = (),
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    random_state: int = 0,
+    log: Callable[[str], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict:
+    """Cluster the task vectors ``pairs`` (name, path) and write one basis per cluster.
+
+    Returns the manifest (also written to ``out_dir/manifest.json``). The
+    directory is built under a temporary name and renamed into place; an
+    existing ``out_dir`` is replaced only with ``force=True``, and never when
+    it holds one of the inputs.
+    """
+    if merge not in MERGE_METHODS:
+        raise TvlangError(f"unknown merge method '{merge}' (choose from {', '.join(MERGE_METHODS)})")
+    if density is not None and not 0.0 < density <= 1.0:
+        raise TvlangError(f"--density must be in (0, 1], not {density}")
+    if density is not None and merge == "mean":
+        raise TvlangError("--density applies to --merge ties or topk, not mean")
+    out_dir = os.fspath(out_dir)
+    if os.path.isdir(out_dir) and not os.path.islink(out_dir) and not os.listdir(out_dir):
+        force = True  # an empty directory holds nothing to lose
+    inputs = [os.path.realpath(path) for _, path in list(pairs) + ([("base", base)] if base else [])]
+    check_output_path(out_dir, force=force, inputs=inputs, owns=_is_bases_file, dirs=())
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise TvlangError(f"output '{out_dir}' exists and is not a directory")
+    say = log or (lambda _msg: None)
+
+    inputs = inspect_inputs(pairs, base, deltas)
+    deltas = [t.name for t in inputs if t.kind == "delta"]
+    sim = similarity([(t.name, t.path) for t in inputs], base=base, include=include, exclude=exclude,
+                     deltas=deltas, chunk_bytes=chunk_bytes, progress=progress)
+    clustering = cluster(sim.cosine, k, random_state=random_state)
+    say(f"{len(inputs)} task vectors -> {clustering.k} bases (k {'auto' if k == 'auto' else 'given'};"
+        f" eigengap suggests {clustering.k_auto})")
+
+    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out_dir))}.tvtmp-{os.getpid()}")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    try:
+        bases = []
+        after = 0
+        after_files = 0
+        for index, members in enumerate(clustering.clusters):
+            group = [inputs[i] for i in members]
+            recipe = recipe_for(group, merge, density, base)
+            filename = f"basis_{index}.safetensors"
+            say(f"basis {index}: {', '.join(m.name for m in group)}")
+            try:
+                _run_recipe(recipe, os.path.join(tmp, filename))
+            except TvlangError as exc:
+                exc.notes = (*exc.notes, f"while writing basis {index} from {', '.join(m.name for m in group)}")
+                raise
+            reader = _open_reader(os.path.join(tmp, filename), os.path.join(out_dir, filename))
+            try:
+                size = _float_bytes(reader)
+            finally:
+                reader.close()
+            after += size
+            after_files += os.path.getsize(os.path.join(tmp, filename))
+            bases.append({
+                "index": index,
+                "file": filename,
+                "members": [{"name": m.name, "path": os.path.abspath(m.path), "kind": m.kind} for m in group],
+                "recipe": recipe.text,
+                "float_bytes": size,
+            })
+        before = sum(t.float_bytes for t in inputs)
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "tvlang_version": _version(),
+            "base": os.path.abspath(base) if base else None,
+            "inputs": [{"name": t.name, "path": os.path.abspath(t.path), "kind": t.kind,
+                        "float_bytes": t.float_bytes} for t in inputs],
+            "include": list(include),
+            "exclude": list(exclude),
+            "similarity": {"names": sim.names, "tensors": len(sim.tensors), "parameters": sim.elements,
+                           "cosine": [[round(float(x), 6) for x in row] for row in sim.cosine],
+                           "norms": [float(x) for x in sim.norms]},
+            "affinity": "clip",
+            "eigenvalues": clustering.eigenvalues,
+            "k": clustering.k,
+            "k_requested": k if k == "auto" else int(k),
+            "k_eigengap": clustering.k_auto,
+            "merge": {"method": merge,
+                      "density": density if density is not None or merge != "topk" else TOPK_DEFAULT_DENSITY},
+            "bases": bases,
+            "storage": {
+                "before_bytes": before,
+                "after_bytes": after,
+                "saved_bytes": before - after,
+                "saved_percent": round(100.0 * (before - after) / before, 2) if before else 0.0,
+                "after_file_bytes": after_files,
+                "counts": "bytes of floating-point tensor data (headers and integer buffers excluded)",
+            },
+        }
+        with open(os.path.join(tmp, MANIFEST_NAME), "w") as fh:
+            json.dump(manifest, fh, indent=2)
+            fh.write("\n")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _version() -> str:
+    from tvlang import __version__
+
+    return __version__
+
+
+def _run_recipe(recipe: BasisRecipe, out: str) -> None:
+    import tvlang
+
+    tvlang.compile(recipe.text, sources=recipe.sources).run(recipe.bindings, out=out)
+
+
+def _is_bases_file(entry: str) -> bool:
+    """A file name that ``build_bases`` writes into its output directory."""
+    return entry == MANIFEST_NAME or re.fullmatch(r"basis_\d+\.safetensors", entry) is not None
+
+
+def _replace_dir(tmp: str, out_dir: str) -> None:
+    old = None
+    if os.path.exists(out_dir):
+        old = tmp + "-old"
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -- using stored bases ---------------------------------------------------------------
+
+def load_manifest(path: str) -> tuple[dict, str]:
+    """The manifest and its directory; ``path`` is the manifest or the bases directory."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, MANIFEST_NAME)
+    try:
+        with open(path) as fh:
+            manifest = json.load(fh)
+    except FileNotFoundError:
+        raise TvlangError(f"no bases manifest at '{path}' (run 'tvlang bases ... -o DIR' first)") from None
+    except (OSError, ValueError) as exc:
+        raise TvlangError(f"cannot read bases manifest '{path}': {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise TvlangError(f"'{path}' is not a tvlang bases manifest (format {MANIFEST_FORMAT})")
+    return manifest, os.path.dirname(os.path.abspath(path))
+
+
+@dataclass
+class Against:
+    """Cosine of each new task vector with each stored basis."""
+
+    names: list[str]
+    bases: list[str]                 # "basis_<i>"
+    members: list[list[str]]         # member names per basis
+    cosine: np.ndarray               # len(names) x len(bases)
+    norms: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "names": self.names,
+            "bases": self.bases,
+            "members": self.members,
+            "cosine": [[float(x) for x in row] for row in self.cosine],
+            "most_similar": [self.bases[int(np.argmax(row))] for row in self.cosine],
+        }
+
+    def format_table(self) -> str:
+        return format_matrix(self.cosine, self.names, self.bases)
+
+    def above(self, threshold: float) -> list[list[str]]:
+        return [[b for b, c in zip(self.bases, row) if c >= threshold] for row in self.cosine]
+
+
+def against_bases(manifest_path: str, pairs: Sequence[tuple[str, str]], base: str | None = None, *,
+                  include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
+                  deltas: Sequence[str] = (), chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                  progress: Callable[[str, int, int], None] | None = None) -> Against:
+    """Similarity of new task vectors (name, path) to every basis of a manifest, in one pass."""
+    manifest, folder = load_manifest(manifest_path)
+    base = base if base is not None else manifest.get("base")
+    include = manifest.get("include", []) if include is None else include
+    exclude = manifest.get("exclude", []) if exclude is None else exclude
+    bases = manifest["bases"]
+    labels = [f"basis_{b['index']}" for b in bases]
+    clash = [name for name, _ in pairs if name in labels]
+    if clash:
+        raise TvlangError(f"name '{clash[0]}' is taken by a stored basis; call the new task vector something else")
+    inputs = list(pairs) + [(label, os.path.join(folder, b["file"])) for label, b in zip(labels, bases)]
+    sim = similarity(inputs, base=base, include=include, exclude=exclude, deltas=[*labels, *deltas],
+                     chunk_bytes=chunk_bytes, progress=progress)
+    n = len(pairs)
+    return Against(
+        names=[name for name, _ in pairs],
+        bases=labels,
+        members=[[m["name"] for m in b["members"]] for b in bases],
+        cosine=sim.cosine[:n, n:],
+        norms=[float(x) for x in sim.norms[:n]],
+    )

@@ -1,0 +1,1 @@
+"""The faces: the ``tvlang`` command line, its subcommands, the REPL and highlighting."""

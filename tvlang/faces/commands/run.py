@@ -1,0 +1,126 @@
+"""``tvlang run``: compute a recipe's outputs over real checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tvlang.faces.commands.check import parse_params
+from tvlang.faces.commands.common import add_recipe_arguments, bindings_from_args, parse_size, recipe_source
+
+HELP = "run a recipe over checkpoints and write the result"
+
+DESCRIPTION = """\
+Run a recipe (or one expression with -e) over checkpoints, tensor by tensor,
+and write each output as safetensors. An output path ending in .safetensors is
+one file; any other path is a model directory (sharded above --shard-size, with
+the base model's config and tokenizer files copied).
+
+A bound file whose metadata says it is a tvlang task vector (every Delta that
+tvlang writes) is a task vector; prefix a path with delta: to say so yourself.
+
+examples:
+  tvlang run recipe.tv -o merged/
+  tvlang run -e "pre + 0.4*(ft - pre)" --bind pre=base/ --bind ft=ft/ -o out/
+  tvlang run -e "ft - pre" --bind pre=base/ --bind ft=ft/ -o tau.safetensors
+  tvlang run -e "pre + 0.4*(yelp_lm - amazon_lm) + 0.7*amazon_sent" \\
+      --bind pre=t5/ --bind yelp_lm=yelp/ --bind amazon_lm=amazon/ \\
+      --bind amazon_sent=delta:amazon_sent.safetensors -o yelp_sent/
+  tvlang run recipe.tv -o forget=a/ -o multitask=b/     (several outs)
+"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("run", help=HELP, description=DESCRIPTION,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_recipe_arguments(parser, "bind a free name to a checkpoint: NAME=PATH or NAME=delta:PATH (repeatable)")
+    parser.add_argument("-o", "--out", action="append", default=[], metavar="PATH|NAME=PATH",
+                        help="where to write: one path, or NAME=PATH for each output of a recipe with several")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
+    parser.add_argument("--dtype", default="float32", help="compute dtype (default float32)")
+    parser.add_argument("--out-dtype", default=None, help="output dtype (default: the base model's)")
+    parser.add_argument("--shard-size", default="5GB", help="shard model directories above this size (default 5GB)")
+    parser.add_argument("--missing", default="error", choices=("error", "base", "skip"),
+                        help="a tensor missing from some inputs: error (default), take the base's, or skip it")
+    parser.add_argument("--force", action="store_true", help="replace an existing output")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    parser.set_defaults(func=run)
+
+
+def parse_outputs(items: list[str]):
+    from tvlang.faces.cli import UsageError
+
+    if not items:
+        raise UsageError("give an output path with -o PATH")
+    if len(items) == 1 and ("=" not in items[0] or not items[0].split("=", 1)[0].isidentifier()):
+        return items[0]
+    targets = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name.isidentifier() or not path:
+            raise UsageError(f"with several outputs, -o expects NAME=PATH, got {item!r}")
+        if name in targets:
+            raise UsageError(f"-o {name} is given twice")
+        targets[name] = path
+    return targets
+
+
+def compile_from_args(args: argparse.Namespace):
+    """(plan, bindings) from RECIPE/-e, --bind and --set."""
+    from tvlang.plan.compiler import compile
+
+    text, filename = recipe_source(args)
+    kinds, bindings = bindings_from_args(args.bind)
+    params = parse_params(args.set)
+    plan = compile(text, filename=filename, sources=kinds, **params)
+    check_bindings_used(plan, list(kinds))
+    return plan, bindings
+
+
+def check_bindings_used(plan, bound: list[str]) -> None:
+    """A usage error for a ``--bind`` the recipe does not use (most often a misspelling).
+
+    Names the recipe reads but that were not bound are the checker's business
+    (it reports them, with a suggestion, before this runs).
+    """
+    import difflib
+
+    from tvlang.faces.cli import UsageError
+
+    used = list(plan.checked.sources)
+    unused = [name for name in bound if name not in used]
+    if not unused:
+        return
+    name = unused[0]
+    if name in plan.checked.env:
+        hint = f"; the recipe defines '{name}' itself"
+    else:
+        match = difflib.get_close_matches(name, used, n=1, cutoff=0.6)
+        hint = f"; did you mean '{match[0]}'?" if match else ""
+    reads = ", ".join(used) or "no bound names"
+    raise UsageError(f"--bind {name}: the recipe does not use '{name}'{hint} (it reads {reads})")
+
+
+# The names --dtype and --out-dtype take (the evaluator's table, without importing torch here).
+DTYPE_NAMES = ("float32", "fp32", "f32", "float16", "fp16", "f16", "half", "bfloat16", "bf16",
+               "float64", "fp64", "f64")
+
+
+def check_dtype(option: str, value: str | None) -> None:
+    from tvlang.faces.cli import UsageError
+
+    if value is not None and value.lower() not in DTYPE_NAMES:
+        raise UsageError(f"{option}: unknown dtype {value!r}; choose float32, float16, bfloat16 or float64")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = parse_outputs(args.out)
+    shard_size = parse_size(args.shard_size)
+    check_dtype("--dtype", args.dtype)
+    check_dtype("--out-dtype", args.out_dtype)
+    plan, bindings = compile_from_args(args)
+    summary = plan.run(bindings, out, device=args.device, dtype=args.dtype, out_dtype=args.out_dtype,
+                       shard_size=shard_size, force=args.force, missing=args.missing, progress=not args.quiet)
+    if not args.quiet:
+        print(summary.line(), file=sys.stderr)
+    return 0

@@ -1,0 +1,798 @@
+"""The checker: names, built-in calls, and the three types with the affine rule.
+
+Every value is a Scalar, a Model (absolute weights) or a Delta (a task vector).
+While checking, a vector carries its *affine weight*: the sum of the
+coefficients of the models in it. A source model has weight 1 and a task vector
+weight 0; ``a + b`` adds weights, ``a - b`` subtracts them, ``c*x`` multiplies
+and ``x/c`` divides by a constant. Any weight is fine inside an expression, but
+a value that is named (``x = ...``, ``out = ...``) or passed to a built-in must
+have weight 1 (a Model) or 0 (a Delta).
+
+>>> from tvlang.language.syntax import parse
+>>> checked = check(parse("out = pre + 0.4*(ft - pre)"), source="")
+>>> checked.outputs[0].kind, checked.sources
+('model', {'pre': 'model', 'ft': 'model'})
+>>> src = "out = pre + 0.4*ft\\n"
+>>> check(parse(src), source=src, filename="r.tv")
+Traceback (most recent call last):
+  ...
+tvlang.errors.TvlangError: r.tv:1:7: error: model coefficients sum to 1.4; a model needs 1 and a task vector 0
+  out = pre + 0.4*ft
+        ^^^^^^^^^^^^
+  note: scale task vectors, not models: pre + 0.4*(ft - pre)
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import math
+from dataclasses import dataclass, field
+
+from tvlang.language import ast
+from tvlang.language.builtins import BUILTINS, REQUIRED, Arg, Builtin
+from tvlang.errors import Span, TvlangError
+from tvlang.language.printer import to_text
+
+__all__ = ["BoundCall", "CheckedProgram", "Output", "bind_call", "check", "load_builtins"]
+
+#: How far from 1 (a Model) or 0 (a Delta) a weight may be.
+TOLERANCE = 1e-9
+
+
+@dataclass
+class Output:
+    name: str  # a bare ``out`` is named "out"
+    expr: ast.Expr
+    kind: str  # "model" or "delta"
+    span: Span | None = None
+
+
+@dataclass
+class CheckedProgram:
+    program: ast.Program
+    source: str
+    filename: str | None
+    params: dict[str, float]  # declared params, after overrides
+    sources: dict[str, str]  # free names used -> "model" | "delta"
+    env: dict[str, ast.Expr]  # name = expr, in order (assignments and named outputs)
+    outputs: list[Output] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BoundCall:
+    """A call normalized against its row: every named argument, defaults filled in.
+
+    An optional argument whose default is ``None`` and that the call does not
+    give is absent from ``args``.
+    """
+
+    builtin: Builtin
+    args: dict[str, ast.Expr]
+    varargs: tuple[ast.Expr, ...] = ()
+
+
+# -- the built-in table ------------------------------------------------------------
+
+_loaded = False
+
+
+def load_builtins() -> dict[str, Builtin]:
+    """Import the modules that register built-ins (core rows and operator rows)."""
+    global _loaded
+    if not _loaded:
+        importlib.import_module("tvlang.language.builtins_core")
+        try:
+            importlib.import_module("tvlang.ops.registry")
+        except ModuleNotFoundError as exc:  # the operator rows are not written yet
+            if exc.name != "tvlang.ops.registry":
+                raise
+        _loaded = True
+    return BUILTINS
+
+
+# -- types used while checking -------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Scalar:
+    value: float | None  # None: computed at run time (norm(), dot(), cos())
+
+
+@dataclass(frozen=True)
+class _Vector:
+    weight: float  # sum of the model coefficients: 1 for a Model, 0 for a Delta
+
+
+@dataclass(frozen=True)
+class _Other:
+    kind: str  # "string", "bool", "list"
+
+
+class _Unknown:
+    """The type of an expression that already has an error: it causes no more errors."""
+
+
+_UNKNOWN = _Unknown()
+_OTHER_WORDS = {"string": "a string", "bool": "true/false", "list": "a list"}
+
+
+def _vector_kind(weight: float) -> str | None:
+    if abs(weight - 1.0) <= TOLERANCE:
+        return "model"
+    if abs(weight) <= TOLERANCE:
+        return "delta"
+    return None
+
+
+def _format_weight(weight: float) -> str:
+    return format(weight, ".10g")
+
+
+def _describe(t) -> str:
+    if isinstance(t, _Scalar):
+        return "a number" if t.value is not None else "a number computed from weights"
+    if isinstance(t, _Vector):
+        kind = _vector_kind(t.weight)
+        if kind == "model":
+            return "a model"
+        if kind == "delta":
+            return "a task vector"
+        return f"a weighted sum of models (coefficients sum to {_format_weight(t.weight)})"
+    if isinstance(t, _Other):
+        return _OTHER_WORDS[t.kind]
+    return "an invalid value"
+
+
+def _kind_word(kind: str) -> str:
+    return {"model": "a model", "delta": "a task vector"}[kind]
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _suggest(name: str, candidates) -> str:
+    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _literal(value: object) -> ast.Expr | None:
+    """A built-in default as an AST literal."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return ast.Bool(value)
+    if isinstance(value, (int, float)):
+        number = ast.Number(abs(float(value)))
+        return ast.Neg(number) if value < 0 else number
+    if isinstance(value, str):
+        return ast.String(value)
+    if isinstance(value, (list, tuple)):
+        return ast.ListExpr(tuple(_literal(v) for v in value))
+    raise TypeError(f"a built-in default must be a number, string, bool or list, got {value!r}")
+
+
+def _arity(row: Builtin, positional: int) -> str:
+    if row.variadic is not None:
+        return f"{row.name}() takes at least {_plural(len(row.params) + row.min_variadic, 'argument')}"
+    required = sum(1 for a in row.params + row.options if a.default is REQUIRED)
+    most = len(row.params) + len(row.options)
+    if required == most:
+        return f"{row.name}() takes {_plural(most, 'argument')}, got {positional}"
+    return f"{row.name}() takes {required} to {most} arguments, got {positional}"
+
+
+def _bind(call: ast.Call, row: Builtin, report) -> BoundCall:
+    """Match a call's arguments to the row's parameters; ``report(message, node, notes)`` for problems."""
+    named = list(row.params) + list(row.options)
+    positional_slots = list(row.params) if row.variadic is not None else named
+    args: dict[str, ast.Expr] = {}
+    varargs: list[ast.Expr] = []
+    for index, value in enumerate(call.args):
+        if index < len(positional_slots):
+            args[positional_slots[index].name] = value
+        elif row.variadic is not None:
+            varargs.append(value)
+        else:
+            report(_arity(row, len(call.args)), value, ())
+            break
+    by_name = {a.name: a for a in named}
+    seen: set[str] = set()
+    for keyword in call.kwargs:
+        if keyword.name in seen:
+            report(f"duplicate keyword argument '{keyword.name}' in {row.name}()", keyword, ())
+            continue
+        seen.add(keyword.name)
+        if keyword.name in by_name:
+            if keyword.name in args:
+                report(f"{row.name}() got argument '{keyword.name}' twice (by position and by name)", keyword, ())
+            else:
+                args[keyword.name] = keyword.value
+        elif row.variadic is not None and keyword.name == row.variadic.name:
+            report(f"the {row.variadic.name} of {row.name}() are passed by position, not by name", keyword, ())
+        elif not named:
+            report(f"{row.name}() takes no keyword arguments", keyword, ())
+        else:
+            known = ", ".join(a.name for a in named)
+            report(
+                f"{row.name}() has no argument '{keyword.name}'{_suggest(keyword.name, by_name)}",
+                keyword,
+                (f"note: its named arguments are: {known}",),
+            )
+    for arg in named:
+        if arg.name in args:
+            continue
+        if arg.default is REQUIRED:
+            report(f"{row.name}() is missing argument '{arg.name}'", call, ())
+        else:
+            default = _literal(arg.default)
+            if default is not None:
+                args[arg.name] = default
+    if row.variadic is not None and len(varargs) < row.min_variadic:
+        got = len(call.args)
+        report(f"{_arity(row, got)}, got {got}", call, ())
+    return BoundCall(row, args, tuple(varargs))
+
+
+def bind_call(call: ast.Call) -> BoundCall:
+    """Normalize a call against its built-in row (defaults are AST literals).
+
+    >>> from tvlang.language.syntax import parse_expression
+    >>> bound = bind_call(parse_expression("mean(a, b)"))
+    >>> bound.builtin.name, bound.args, bound.varargs
+    ('mean', {}, (Name(id='a'), Name(id='b')))
+    """
+    load_builtins()
+    row = BUILTINS.get(call.func)
+    if row is None:
+        raise TvlangError(f"unknown function '{call.func}'{_suggest(call.func, BUILTINS)}", call.span)
+    problems: list[TvlangError] = []
+    bound = _bind(call, row, lambda msg, node, notes: problems.append(TvlangError(msg, node.span, notes=notes)))
+    if problems:
+        raise problems[0] if len(problems) == 1 else TvlangError(problems[0].message, errors=problems)
+    return bound
+
+
+# -- the checker ---------------------------------------------------------------------
+
+@dataclass
+class _Binding:
+    type: object
+    what: str  # "param", "value", "output"
+    line: int | None
+
+
+class _Checker:
+    def __init__(self, program: ast.Program, source: str, filename: str | None, sources, params) -> None:
+        self.program = program
+        self.source = source
+        self.filename = filename
+        self.bound_sources = dict(sources) if sources is not None else None
+        self.overrides = dict(params or {})
+        self.errors: list[TvlangError] = []
+        self.names: dict[str, _Binding] = {}
+        self.used_sources: dict[str, str] = {}
+        self.types: dict[int, object] = {}  # id(node) -> type, for the affine fix
+        self.current_line: int | None = None
+        # Where each name is defined, to tell "used before its definition" from "unknown".
+        self.definitions: dict[str, int | None] = {}
+        for stmt in program.statements:
+            name = stmt.name
+            if name is not None and name not in self.definitions:
+                self.definitions[name] = stmt.span.line if stmt.span else None
+
+    # -- reporting
+
+    def error(self, message: str, node: ast.Node | None, notes=()) -> _Unknown:
+        span = node.span if node is not None else None
+        self.errors.append(TvlangError(message, span, source=self.source, filename=self.filename, notes=notes))
+        return _UNKNOWN
+
+    # -- statements
+
+    def run(self) -> CheckedProgram:
+        declared = {s.name for s in self.program.statements if isinstance(s, ast.Param)}
+        for name, value in self.overrides.items():
+            if name not in declared:
+                hint = _suggest(name, declared) or (
+                    "" if not declared else "; declared params: " + ", ".join(sorted(declared))
+                )
+                self.error(f"the recipe has no param '{name}' to set{hint}", None)
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                self.error(f"param '{name}' must be set to a finite number, got {value!r}", None)
+
+        params: dict[str, float] = {}
+        env: dict[str, ast.Expr] = {}
+        outputs: list[Output] = []
+        bare_out: ast.Out | None = None
+        for stmt in self.program.statements:
+            self.current_line = stmt.span.line if stmt.span else None
+            if isinstance(stmt, ast.Param):
+                value = self.overrides.get(stmt.name, stmt.value)
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                    value = stmt.value
+                if self.define(stmt.name, stmt, _Scalar(float(value)), "param"):
+                    params[stmt.name] = float(value)
+            elif isinstance(stmt, ast.Assign):
+                t = self.statement_value(stmt.value)
+                if self.define(stmt.name, stmt, t, "value"):
+                    env[stmt.name] = stmt.value
+            elif isinstance(stmt, ast.Out):
+                t = self.statement_value(stmt.value)
+                if stmt.name is None:
+                    if bare_out is not None:
+                        self.error(
+                            "a recipe has at most one bare 'out'; name the outputs: out a = ..., out b = ...",
+                            stmt,
+                            (f"note: the first bare 'out' is on line {bare_out.span.line}",) if bare_out.span else (),
+                        )
+                        continue
+                    bare_out = stmt
+                    name = "out"
+                else:
+                    name = stmt.name
+                    if not self.define(stmt.name, stmt, t, "output"):
+                        continue
+                    env[stmt.name] = stmt.value
+                kind = self.result_kind(t)
+                if kind == "scalar":
+                    # The evaluator writes checkpoints; a number is not one.
+                    self.error(
+                        "an output must be a model or a task vector, got a number",
+                        stmt.value,
+                        ("note: name it (x = ...) and use it to scale a task vector",),
+                    )
+                elif kind is not None:
+                    outputs.append(Output(name, stmt.value, kind, stmt.span))
+            else:  # pragma: no cover - the parser makes no other statements
+                raise TypeError(f"not a statement: {stmt!r}")
+        if not any(isinstance(s, ast.Out) for s in self.program.statements):
+            self.error("the recipe has no output; add a line such as: out = pre + 0.4*(ft - pre)", None)
+        if self.errors:
+            if len(self.errors) == 1:
+                raise self.errors[0]
+            first = self.errors[0]
+            raise TvlangError(
+                first.message, first.span, source=self.source, filename=self.filename, errors=self.errors
+            )
+        return CheckedProgram(
+            program=self.program,
+            source=self.source,
+            filename=self.filename,
+            params=params,
+            sources=dict(self.used_sources),
+            env=env,
+            outputs=outputs,
+        )
+
+    @staticmethod
+    def result_kind(t) -> str | None:
+        if isinstance(t, _Scalar):
+            return "scalar"
+        if isinstance(t, _Vector):
+            return _vector_kind(t.weight)
+        return None
+
+    def define(self, name: str, stmt: ast.Stmt, t, what: str) -> bool:
+        where = {"param": "param", "value": "value", "output": "output"}[what]
+        if name in BUILTINS:
+            self.error(f"'{name}' is a built-in function; choose another name for this {where}", stmt)
+            return False
+        if self.bound_sources is not None and name in self.bound_sources:
+            self.error(f"'{name}' is bound from outside (--bind) and also defined in the recipe", stmt)
+            return False
+        previous = self.names.get(name)
+        if previous is not None:
+            on_line = f" on line {previous.line}" if previous.line else ""
+            notes = ()
+            if what == "value" and previous.what == "value":
+                notes = (f"note: recipes are single-assignment; give the new value a new name, like {name}2",)
+            self.error(f"'{name}' is already defined{on_line}", stmt, notes)
+            return False
+        self.names[name] = _Binding(t, what, stmt.span.line if stmt.span else None)
+        return True
+
+    def statement_value(self, expr: ast.Expr):
+        t = self.type_of(expr)
+        if isinstance(t, _Vector) and _vector_kind(t.weight) is None:
+            self.affine_error(expr, t, "")
+            return _UNKNOWN
+        if isinstance(t, _Other):
+            return self.error(f"{_describe(t)} can only be an argument of a built-in function", expr)
+        return t
+
+    def affine_error(self, expr: ast.Expr, t: _Vector, prefix: str) -> None:
+        message = (
+            f"{prefix}model coefficients sum to {_format_weight(t.weight)}; a model needs 1 and a task vector 0"
+        )
+        fixed = self.affine_fix(expr)
+        if fixed is not None:
+            notes = (f"note: scale task vectors, not models: {to_text(fixed)}",)
+        else:
+            notes = (
+                "note: a model is a weighted sum of models whose coefficients sum to 1 (0.5*a + 0.5*b); "
+                "a task vector is a difference of models (ft - pre)",
+            )
+        self.error(message, expr, notes)
+
+    # -- the affine fix: each scaled model term c*m becomes c*(m - base)
+
+    def affine_fix(self, expr: ast.Expr) -> ast.Expr | None:
+        terms: list[ast.Expr] = []
+        stack = [expr]
+        while stack:  # the terms of the top-level sum, left to right
+            node = stack.pop()
+            if isinstance(node, ast.BinOp) and node.op in "+-":
+                stack.extend((node.right, node.left))
+            elif isinstance(node, ast.Neg):
+                stack.append(node.operand)
+            else:
+                terms.append(node)
+        base = next(
+            (
+                term
+                for term in terms
+                if not isinstance(term, ast.BinOp)
+                and isinstance(self.types.get(id(term)), _Vector)
+                and _vector_kind(self.types[id(term)].weight) == "model"
+            ),
+            None,
+        )
+        if base is None:
+            return None
+
+        def is_model(node) -> bool:
+            t = self.types.get(id(node))
+            return isinstance(t, _Vector) and _vector_kind(t.weight) == "model"
+
+        def is_constant(node) -> bool:
+            t = self.types.get(id(node))
+            return isinstance(t, _Scalar) and t.value is not None
+
+        changed = False
+
+        def fix(node):
+            nonlocal changed
+            if isinstance(node, ast.BinOp) and node.op in "+-":
+                return ast.BinOp(node.op, fix(node.left), fix(node.right))
+            if isinstance(node, ast.Neg):
+                return ast.Neg(fix(node.operand))
+            if isinstance(node, ast.BinOp):
+                left, right = node.left, node.right
+                if node.op == "*" and is_constant(left) and is_model(right):
+                    changed = True
+                    return ast.BinOp("*", left, ast.BinOp("-", right, base))
+                if node.op in "*/" and is_model(left) and is_constant(right):
+                    changed = True
+                    return ast.BinOp(node.op, ast.BinOp("-", left, base), right)
+            return node
+
+        fixed = fix(expr)
+        if not changed:
+            return None
+        weight = self.weight_of(fixed)
+        if weight is None or _vector_kind(weight) is None:
+            return None
+        return fixed
+
+    def weight_of(self, node) -> float | None:
+        t = self.types.get(id(node))
+        if isinstance(t, _Vector):
+            return t.weight
+        if isinstance(node, ast.Neg):
+            inner = self.weight_of(node.operand)
+            return None if inner is None else -inner
+        if isinstance(node, ast.BinOp):
+            if node.op in "+-":
+                left, right = self.weight_of(node.left), self.weight_of(node.right)
+                if left is None or right is None:
+                    return None
+                return left + right if node.op == "+" else left - right
+            left_t, right_t = self.types.get(id(node.left)), self.types.get(id(node.right))
+            if node.op == "*" and isinstance(left_t, _Scalar) and left_t.value is not None:
+                inner = self.weight_of(node.right)
+                return None if inner is None else inner * left_t.value
+            if isinstance(right_t, _Scalar) and right_t.value:  # m*c or m/c, c a nonzero constant
+                inner = self.weight_of(node.left)
+                if inner is None:
+                    return None
+                return inner * right_t.value if node.op == "*" else inner / right_t.value
+        return None
+
+    # -- expressions
+
+    def type_of(self, node: ast.Expr):
+        t = self._type_of(node)
+        self.types[id(node)] = t
+        return t
+
+    def _type_of(self, node: ast.Expr):
+        if isinstance(node, ast.Number):
+            return _Scalar(node.value)
+        if isinstance(node, ast.String):
+            return _Other("string")
+        if isinstance(node, ast.Bool):
+            return _Other("bool")
+        if isinstance(node, ast.ListExpr):
+            for item in node.items:
+                self.type_of(item)
+            return _Other("list")
+        if isinstance(node, ast.Name):
+            return self.name_type(node)
+        if isinstance(node, ast.Neg):
+            t = self.type_of(node.operand)
+            if isinstance(t, _Scalar):
+                return _Scalar(None if t.value is None else -t.value)
+            if isinstance(t, _Vector):
+                return _Vector(-t.weight)
+            if isinstance(t, _Other):
+                return self.error(f"cannot negate {_describe(t)}", node)
+            return _UNKNOWN
+        if isinstance(node, ast.BinOp):
+            return self.binop_type(node)
+        if isinstance(node, ast.Call):
+            return self.call_type(node)
+        raise TypeError(f"not an expression: {node!r}")
+
+    def name_type(self, node: ast.Name):
+        name = node.id
+        binding = self.names.get(name)
+        if binding is not None:
+            return binding.type
+        if name in BUILTINS:
+            return self.error(f"'{name}' is a built-in function, not a value; call it: {name}(...)", node)
+        if self.bound_sources is not None and name in self.bound_sources:
+            kind = self.bound_sources[name]
+            if kind not in ("model", "delta"):
+                raise ValueError(f"source {name!r} has kind {kind!r}; expected 'model' or 'delta'")
+            self.used_sources[name] = kind
+            return _Vector(1.0 if kind == "model" else 0.0)
+        if name in self.definitions:
+            line = self.definitions[name]
+            if line is not None and line == self.current_line:
+                return self.error(f"'{name}' is used in its own definition", node)
+            on_line = f" on line {line}" if line else ""
+            return self.error(f"'{name}' is used before it is defined{on_line}", node)
+        if self.bound_sources is None:
+            self.used_sources[name] = "model"
+            return _Vector(1.0)
+        candidates = list(self.names) + list(self.bound_sources)
+        hint = _suggest(name, candidates)
+        notes = () if hint else (
+            f"note: define it (like {name} = load(\"path\")) or bind it from outside (--bind {name}=PATH)",
+        )
+        return self.error(f"unknown name '{name}'{hint}", node, notes)
+
+    def binop_type(self, node: ast.BinOp):
+        left = self.type_of(node.left)
+        right = self.type_of(node.right)
+        op = node.op
+        if left is _UNKNOWN or right is _UNKNOWN:
+            return _UNKNOWN
+        for side in (left, right):
+            if isinstance(side, _Other):
+                return self.error(f"'{op}' cannot be applied to {_describe(side)}", node)
+        if isinstance(left, _Scalar) and isinstance(right, _Scalar):
+            return self.fold(node, left.value, right.value)
+        if op in "+-":
+            if isinstance(left, _Vector) and isinstance(right, _Vector):
+                return _Vector(left.weight + right.weight if op == "+" else left.weight - right.weight)
+            vector, scalar = (left, node.right) if isinstance(left, _Vector) else (right, node.left)
+            verb = "add" if op == "+" else "subtract"
+            return self.error(
+                f"cannot {verb} a number and {_describe(vector)}",
+                node,
+                ("note: numbers scale models and task vectors (0.4*tau); they are not added to them",),
+            )
+        if op == "*":
+            if isinstance(left, _Vector) and isinstance(right, _Vector):
+                return self.error(
+                    f"'*' scales by a number; {_describe(left)} and {_describe(right)} cannot be multiplied",
+                    node,
+                    ("note: for the similarity of two vectors use dot(a, b) or cos(a, b)",),
+                )
+            scalar, vector = (left, right) if isinstance(left, _Scalar) else (right, left)
+            return self.scale(node, vector, scalar, lambda w, c: w * c)
+        # op == "/"
+        if isinstance(right, _Vector):
+            return self.error(f"cannot divide by {_describe(right)}; '/' divides by a number", node)
+        if right.value == 0:
+            return self.error("division by zero", node.right)
+        return self.scale(node, left, right, lambda w, c: w / c)
+
+    def scale(self, node: ast.BinOp, vector: _Vector, scalar: _Scalar, combine):
+        if scalar.value is None:
+            if _vector_kind(vector.weight) == "delta":
+                return _Vector(0.0)
+            return self.error(
+                f"the coefficient of {_describe(vector)} must be known before the run, "
+                "but this number is computed from weights",
+                node,
+                ("note: only task vectors (weight differences like ft - pre) can be scaled by norm(), dot() or cos()",),
+            )
+        weight = combine(vector.weight, scalar.value)
+        if not math.isfinite(weight):
+            return self.error("number out of range", node)
+        return _Vector(weight)
+
+    def fold(self, node: ast.BinOp, a: float | None, b: float | None):
+        if node.op == "/" and b == 0:
+            return self.error("division by zero", node.right)
+        if a is None or b is None:
+            return _Scalar(None)
+        value = {"+": a + b, "-": a - b, "*": a * b}[node.op] if node.op != "/" else a / b
+        if not math.isfinite(value):
+            return self.error("number out of range", node)
+        return _Scalar(value)
+
+    # -- calls
+
+    def call_type(self, call: ast.Call):
+        row = BUILTINS.get(call.func)
+        if row is None:
+            for value in (*call.args, *(kw.value for kw in call.kwargs)):
+                self.type_of(value)
+            binding = self.names.get(call.func)
+            if binding is not None or (self.bound_sources and call.func in self.bound_sources):
+                return self.error(f"'{call.func}' is not a function", call)
+            return self.error(f"unknown function '{call.func}'{_suggest(call.func, BUILTINS)}", call)
+        before = len(self.errors)
+
+        def report(message, node, notes):
+            self.error(message, node, notes)
+
+        bound = _bind(call, row, report)
+        ok = len(self.errors) == before
+        named = {a.name: a for a in (*row.params, *row.options)}
+        vector_kinds: list[tuple[int, str]] = []
+        given = {id(v) for v in call.args} | {id(kw.value) for kw in call.kwargs}
+        for position, (name, value) in enumerate(bound.args.items()):
+            if id(value) not in given:
+                continue  # a default from the table
+            kind = self.check_argument(row, named[name], value, f"argument '{name}' of {row.name}()")
+            if kind is None:
+                ok = False
+            elif kind in ("model", "delta") and named[name].kind in ("model", "delta", "vector"):
+                vector_kinds.append((position, kind))
+        for index, value in enumerate(bound.varargs):
+            label = f"argument {len(row.params) + index + 1} of {row.name}()"
+            kind = self.check_argument(row, row.variadic, value, label)
+            if kind is None:
+                ok = False
+            else:
+                vector_kinds.append((index, kind))
+        return self.call_result(call, row, ok, [k for _, k in vector_kinds])
+
+    def call_result(self, call: ast.Call, row: Builtin, ok: bool, kinds: list[str]):
+        if row.result == "model":
+            return _Vector(1.0)
+        if row.result == "delta":
+            return _Vector(0.0)
+        if row.result == "scalar":
+            return _Scalar(None)
+        if row.result != "same":
+            raise TypeError(f"built-in {row.name!r} has unknown result {row.result!r}")
+        if not ok:
+            return _UNKNOWN
+        if "model" in kinds and "delta" in kinds:
+            return self.error(
+                f"the arguments of {row.name}() must be all models or all task vectors, "
+                f"got a model (argument {kinds.index('model') + 1}) "
+                f"and a task vector (argument {kinds.index('delta') + 1})",
+                call,
+            )
+        return _Vector(0.0 if kinds and kinds[0] == "delta" else 1.0)
+
+    def check_argument(self, row: Builtin, arg: Arg, value: ast.Expr, label: str) -> str | None:
+        """Check one argument; its kind ("model", "delta", "scalar", ...) or None after an error."""
+        kind = arg.kind
+        if kind == "string":
+            if not isinstance(value, ast.String):
+                self.type_of(value)
+                self.error(f"{label} must be a string in quotes", value)
+                return None
+            if arg.choices is not None and value.value not in arg.choices:
+                options = ", ".join(f"'{c}'" for c in arg.choices)
+                self.error(
+                    f"{label} must be one of {options}, got '{value.value}'{_suggest(value.value, arg.choices)}",
+                    value,
+                )
+                return None
+            return "string"
+        if kind == "bool":
+            if not isinstance(value, ast.Bool):
+                self.type_of(value)
+                self.error(f"{label} must be true or false", value)
+                return None
+            return "bool"
+        if kind == "list":
+            if not isinstance(value, ast.ListExpr):
+                self.type_of(value)
+                self.error(f"{label} must be a list of numbers, like [0.2, 0.5, 1]", value)
+                return None
+            good = True
+            for item in value.items:
+                if not self.constant(item, f"item of {label}"):
+                    good = False
+            return "list" if good else None
+        if kind in ("scalar", "int"):
+            if not self.constant(value, label):
+                return None
+            if kind == "int" and not float(self.types[id(value)].value).is_integer():
+                self.error(f"{label} must be a whole number", value)
+                return None
+            return "scalar"
+        if kind not in ("model", "delta", "vector"):
+            raise TypeError(f"built-in {row.name!r} has an argument of unknown kind {kind!r}")
+        t = self.type_of(value)
+        if t is _UNKNOWN:
+            return None
+        if not isinstance(t, _Vector):
+            wanted = {"model": "a model", "delta": "a task vector", "vector": "a model or a task vector"}[kind]
+            self.error(f"{label} must be {wanted}, got {_describe(t)}", value)
+            return None
+        got = _vector_kind(t.weight)
+        if got is None:
+            self.affine_error(value, t, f"{label}: ")
+            return None
+        if kind != "vector" and got != kind:
+            note = _kind_hints().get((row.name, got))
+            if note is None:
+                note = (
+                    "a task vector is a difference of models: subtract the base (ft - pre)"
+                    if kind == "delta"
+                    else "add the task vector to a base model: pre + tau"
+                )
+            self.error(f"{label} must be {_kind_word(kind)}, got {_kind_word(got)}", value, (f"note: {note}",))
+            return None
+        return got
+
+    def constant(self, value: ast.Expr, label: str) -> bool:
+        t = self.type_of(value)
+        if t is _UNKNOWN:
+            return False
+        if isinstance(t, _Scalar) and t.value is not None:
+            return True
+        if isinstance(t, _Scalar):
+            self.error(
+                f"{label} must be a number known before the run (a literal, a param, or arithmetic on them); "
+                "this one is computed from weights",
+                value,
+            )
+        else:
+            self.error(f"{label} must be a number, got {_describe(t)}", value)
+        return False
+
+
+def _kind_hints() -> dict[tuple[str, str], str]:
+    """``KIND_HINTS`` of the modules that register built-ins, merged."""
+    hints: dict[tuple[str, str], str] = {}
+    for module in ("tvlang.language.builtins_core", "tvlang.ops.registry"):
+        try:
+            hints.update(getattr(importlib.import_module(module), "KIND_HINTS", {}))
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+    return hints
+
+
+def check(
+    program: ast.Program,
+    *,
+    source: str,
+    filename: str | None = None,
+    sources: dict[str, str] | None = None,
+    params: dict[str, float] | None = None,
+) -> CheckedProgram:
+    """Check a parsed recipe; every independent error is reported in one TvlangError.
+
+    ``sources`` maps names bound from outside to ``"model"`` or ``"delta"``;
+    ``None`` makes every undefined name a free Model source. ``params``
+    overrides declared ``param`` values.
+    """
+    load_builtins()
+    checker = _Checker(program, source, filename, sources, params)
+    try:
+        return checker.run()
+    except RecursionError:
+        raise TvlangError("expression nested too deeply", source=source, filename=filename) from None

@@ -1,0 +1,116 @@
+"""AST -> canonical recipe text. ``parse(to_text(tree)) == tree`` for every tree.
+
+The canonical style:
+
+- spaces around binary ``+`` and ``-``; none around ``*`` and ``/``
+  (``pre + 0.4*(ft - pre)``), none after a unary minus (``-a``);
+- only the parentheses that precedence needs;
+- numbers in their shortest form (``3``, ``0.5``, ``0.001``, ``1e-20``);
+- strings in double quotes with ``\\\\``, ``\\"``, ``\\n`` and ``\\t`` escaped;
+- ``f(a, b, key=value)``, ``[1, 2.5]``, one statement per line.
+
+>>> from tvlang.language.syntax import parse_expression
+>>> to_text(parse_expression("pre+0.4 * ( ft-pre )"))
+'pre + 0.4*(ft - pre)'
+>>> to_text(parse_expression("-(a*b) - (c - d)"))
+'-a*b - (c - d)'
+>>> to_text(parse_expression("(-a)*b + 2*(-c)"))
+'(-a)*b + 2*-c'
+"""
+
+from __future__ import annotations
+
+import math
+
+from tvlang.language import ast
+
+__all__ = ["to_text", "format_number"]
+
+# Precedence contexts, loosest first; see the grammar's rules of the same names.
+_SUM = 0  # anything goes: top level, left of + and -, inside brackets
+_TERM = 1  # right of + and -, operand of a unary minus at term level
+_PRODUCT = 2  # left of * and /
+_FACTOR = 3  # right of * and /
+
+
+def format_number(value: float) -> str:
+    """The shortest text that parses back to ``value`` (which must be >= 0 and finite).
+
+    >>> [format_number(v) for v in (3.0, 0.5, 0.001, 1e-20, 1e16, 123456789.0)]
+    ['3', '0.5', '0.001', '1e-20', '1e+16', '123456789']
+    """
+    if not math.isfinite(value):
+        raise ValueError(f"a recipe cannot hold the number {value!r}")
+    if value == int(value) and abs(value) < 1e16:
+        return str(int(value))
+    return repr(float(value))
+
+
+def _format_signed(value: float) -> str:
+    return "-" + format_number(-value) if value < 0 else format_number(value)
+
+
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t"}
+
+
+def _format_string(value: str) -> str:
+    return '"' + "".join(_ESCAPES.get(ch, ch) for ch in value) + '"'
+
+
+def _expr(node: ast.Expr, context: int) -> str:
+    if isinstance(node, ast.Number):
+        if node.value < 0:  # never made by the parser; printed as the Neg it parses back to
+            return _expr(ast.Neg(ast.Number(-node.value)), context)
+        return format_number(node.value)
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.String):
+        return _format_string(node.value)
+    if isinstance(node, ast.Bool):
+        return "true" if node.value else "false"
+    if isinstance(node, ast.ListExpr):
+        return "[" + ", ".join(_expr(item, _SUM) for item in node.items) + "]"
+    if isinstance(node, ast.Call):
+        parts = [_expr(arg, _SUM) for arg in node.args]
+        parts += [_keyword(kw) for kw in node.kwargs]
+        return f"{node.func}(" + ", ".join(parts) + ")"
+    if isinstance(node, ast.Neg):
+        if context == _PRODUCT:
+            return "(" + _expr(node, _SUM) + ")"
+        inner = _FACTOR if context == _FACTOR else _TERM
+        return "-" + _expr(node.operand, inner)
+    if isinstance(node, ast.BinOp):
+        if node.op in ("+", "-"):
+            text = f"{_expr(node.left, _SUM)} {node.op} {_expr(node.right, _TERM)}"
+            return f"({text})" if context > _SUM else text
+        if node.op in ("*", "/"):
+            text = f"{_expr(node.left, _PRODUCT)}{node.op}{_expr(node.right, _FACTOR)}"
+            return f"({text})" if context == _FACTOR else text
+        raise ValueError(f"unknown operator {node.op!r}")
+    raise TypeError(f"not an expression: {node!r}")
+
+
+def _keyword(node: ast.Keyword) -> str:
+    return f"{node.name}={_expr(node.value, _SUM)}"
+
+
+def to_text(node: ast.Node) -> str:
+    """Canonical text of a Program (one statement per line), a statement, or an expression.
+
+    >>> from tvlang.language.syntax import parse
+    >>> print(to_text(parse("param lm=.40\\nout   merged = pre+lm*tau # note\\n")), end="")
+    param lm = 0.4
+    out merged = pre + lm*tau
+    """
+    if isinstance(node, ast.Program):
+        return "".join(to_text(stmt) + "\n" for stmt in node.statements)
+    if isinstance(node, ast.Assign):
+        return f"{node.name} = {_expr(node.value, _SUM)}"
+    if isinstance(node, ast.Param):
+        return f"param {node.name} = {_format_signed(node.value)}"
+    if isinstance(node, ast.Out):
+        head = "out" if node.name is None else f"out {node.name}"
+        return f"{head} = {_expr(node.value, _SUM)}"
+    if isinstance(node, ast.Keyword):
+        return _keyword(node)
+    return _expr(node, _SUM)

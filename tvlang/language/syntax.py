@@ -1,0 +1,460 @@
+"""Recipe text -> AST, with Lark's errors translated into :class:`TvlangError`.
+
+The grammar is ``grammar/tvlang.lark`` (shipped inside the wheel as
+``tvlang/tvlang.lark``). Lark's LALR parser calls the rule callbacks of
+:class:`_Builder` as it reduces, so the AST is built while parsing and no parse
+tree (and no recursive tree walk) ever exists.
+
+>>> from tvlang.language.syntax import parse, parse_expression
+>>> parse_expression("-a*b")
+Neg(operand=BinOp(op='*', left=Name(id='a'), right=Name(id='b')))
+>>> program = parse("param lm = 0.4\\nout = pre + lm*(ft - pre)\\n")
+>>> [type(s).__name__ for s in program.statements]
+['Param', 'Out']
+>>> parse("out = (a +", filename="r.tv")
+Traceback (most recent call last):
+  ...
+tvlang.errors.TvlangError: r.tv:1:11: error: unexpected end of input, '(' at 1:7 is not closed
+  out = (a +
+            ^
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+from functools import lru_cache
+from pathlib import Path
+
+from lark import Lark, Token
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from tvlang.language import ast
+from tvlang.errors import Span, TvlangError
+
+__all__ = ["MAX_DEPTH", "RESERVED", "parse", "parse_expression", "grammar_text"]
+
+#: Deepest an expression may nest: open brackets, and levels of the AST
+#: (each operator, unary minus, call or list adds one). Deeper input is a
+#: TvlangError, so no later stage can hit Python's recursion limit.
+MAX_DEPTH = 256
+
+#: Words that cannot be used as names.
+RESERVED = ("param", "out", "true", "false")
+
+_GRAMMAR_FILE = "tvlang.lark"
+
+
+# -- loading the grammar ---------------------------------------------------------
+
+def grammar_text() -> str:
+    """The grammar: from the installed package first, then from the source tree.
+
+    A wheel carries ``tvlang/tvlang.lark``; an editable install does not, so
+    the fallback reads ``grammar/tvlang.lark`` next to the package directory.
+    """
+    from importlib import resources
+
+    try:
+        packaged = resources.files("tvlang").joinpath(_GRAMMAR_FILE)
+        if packaged.is_file():
+            text = packaged.read_text(encoding="utf-8")
+            if text.strip():  # an editable install may leave an empty placeholder
+                return text
+    except (FileNotFoundError, ModuleNotFoundError):  # pragma: no cover - unusual loaders
+        pass
+    source_tree = Path(__file__).resolve().parents[2] / "grammar" / _GRAMMAR_FILE
+    try:
+        return source_tree.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RuntimeError(
+            f"tvlang is installed without its grammar: neither tvlang/{_GRAMMAR_FILE} in the "
+            f"package nor {source_tree} exists; reinstall tvlang"
+        ) from None
+
+
+@lru_cache(maxsize=None)
+def _parser() -> Lark:
+    return Lark(
+        grammar_text(),
+        parser="lalr",
+        lexer="basic",
+        start=["start", "expression"],
+        propagate_positions=False,  # spans are computed by the callbacks from token positions
+        maybe_placeholders=False,
+        transformer=_Builder(),
+        postlex=_PostLexer(),
+    )
+
+
+# -- per-parse state -------------------------------------------------------------
+
+class _State(threading.local):
+    """What the postlexer and the callbacks know about the text being parsed."""
+
+    def __init__(self) -> None:
+        self.reset("", None)
+
+    def reset(self, text: str, filename: str | None) -> None:
+        self.text = text
+        self.filename = filename
+        self.open_brackets: list[Token] = []
+        self.last_end = 0  # end offset of the last real token
+        self.previous: Token | None = None  # the token before the last one
+        self.last: Token | None = None
+        self.depth: dict[int, int] = {}  # id(node) -> AST depth
+        self.keep: list[object] = []  # keeps nodes alive so ids stay unique
+
+
+_state = _State()
+
+
+def _error(message: str, start: int, end: int, notes: tuple[str, ...] = ()) -> TvlangError:
+    return TvlangError(
+        message, Span.of(_state.text, start, end), source=_state.text, filename=_state.filename, notes=notes
+    )
+
+
+def _where(token: Token) -> str:
+    return f"{token.line}:{token.column}"
+
+
+_CLOSERS = {"RPAR": "LPAR", "RSQB": "LSQB"}
+
+
+class _PostLexer:
+    """Drops newlines inside brackets, limits bracket depth, ends the input with a newline."""
+
+    always_accept = ("_NL",)
+
+    def process(self, stream):
+        state = _state
+        brackets = state.open_brackets
+        for token in stream:
+            kind = token.type
+            if kind == "_NL":
+                if brackets:
+                    continue
+            else:
+                state.last_end = token.end_pos
+                state.previous, state.last = state.last, token
+                if kind in ("LPAR", "LSQB"):
+                    brackets.append(token)
+                    if len(brackets) > MAX_DEPTH:
+                        raise _nested_too_deeply(token.start_pos, token.end_pos)
+                elif kind in _CLOSERS and brackets and brackets[-1].type == _CLOSERS[kind]:
+                    brackets.pop()
+            yield token
+        if brackets:
+            opener = brackets[-1]
+            end = state.last_end
+            raise _error(f"unexpected end of input, '{opener.value}' at {_where(opener)} is not closed", end, end)
+        end = len(state.text)
+        yield Token("_NL", "", start_pos=end, end_pos=end, line=0, column=0)
+
+
+def _nested_too_deeply(start: int, end: int) -> TvlangError:
+    return _error(
+        f"expression nested too deeply (more than {MAX_DEPTH} levels)",
+        start,
+        end,
+        notes=("note: split it into named steps (x = ...), or use sum()/mean() for long sums",),
+    )
+
+
+# -- building the AST --------------------------------------------------------------
+
+# Spans come from the lexer's line and column counts: Span.of would rescan the
+# text for every node, which makes long recipes quadratic.
+
+def _tok_span(token: Token) -> Span:
+    return Span(token.start_pos, token.end_pos, token.line, token.column, token.end_line, token.end_column)
+
+
+def _between(first, last) -> Span:
+    """The span from the start of ``first`` to the end of ``last`` (tokens or nodes)."""
+    a = _tok_span(first) if isinstance(first, Token) else first.span
+    b = _tok_span(last) if isinstance(last, Token) else last.span
+    return Span(a.start, b.end, a.line, a.column, b.end_line, b.end_column)
+
+
+def _depth(node) -> int:
+    return _state.depth.get(id(node), 1)
+
+
+def _made(node, *children, at: Token | None = None):
+    """Record the depth of a new node, refusing nodes deeper than MAX_DEPTH.
+
+    ``at`` is the token the error points at (the operator); the node's start otherwise.
+    """
+    depth = 1 + max((_depth(c) for c in children), default=0)
+    if depth > 1:
+        if depth > MAX_DEPTH:
+            start = at.start_pos if at is not None else node.span.start
+            raise _nested_too_deeply(start, start + 1)
+        _state.depth[id(node)] = depth
+        _state.keep.append(node)
+    return node
+
+
+_ESCAPES = {"\\": "\\", '"': '"', "'": "'", "n": "\n", "t": "\t"}
+
+
+def _string_value(token: Token) -> str:
+    raw = token.value[1:-1]
+    if "\\" not in raw:
+        return raw
+    out: list[str] = []
+    i = 0
+    while i < len(raw):
+        ch = raw[i]
+        if ch == "\\":
+            escaped = raw[i + 1]
+            if escaped not in _ESCAPES:
+                at = token.start_pos + 1 + i
+                raise _error(
+                    f"unknown escape sequence '\\{escaped}' in a string",
+                    at,
+                    at + 2,
+                    notes=("note: strings know \\\\, \\\", \\', \\n and \\t",),
+                )
+            out.append(_ESCAPES[escaped])
+            i += 2
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+def _number_value(token: Token) -> float:
+    value = float(token.value)
+    if math.isinf(value):
+        raise _error(f"number {token.value} is too large", token.start_pos, token.end_pos)
+    return value
+
+
+class _Builder:
+    """Rule callbacks: Lark calls them with the rule's children as it reduces."""
+
+    def start(self, statements):
+        return ast.Program(tuple(statements), span=Span.of(_state.text, 0, len(_state.text)))
+
+    def expression(self, children):
+        (expr,) = children
+        return expr
+
+    def assign(self, children):
+        name, _, value = children
+        return ast.Assign(name.value, value, span=_between(name, value))
+
+    def param(self, children):
+        keyword, name, _, (value, number) = children
+        return ast.Param(name.value, value, span=_between(keyword, number))
+
+    def signed_number(self, children):
+        number = children[-1]
+        value = _number_value(number)
+        return (-value if len(children) == 2 else value), number
+
+    def out(self, children):
+        if len(children) == 4:
+            keyword, name, _, value = children
+            name = name.value
+        else:
+            keyword, _, value = children
+            name = None
+        return ast.Out(name, value, span=_between(keyword, value))
+
+    def binop(self, children):
+        left, op, right = children
+        node = ast.BinOp(op.value, left, right, span=_between(left, right))
+        return _made(node, left, right, at=op)
+
+    def neg(self, children):
+        minus, operand = children
+        return _made(ast.Neg(operand, span=_between(minus, operand)), operand, at=minus)
+
+    def number(self, children):
+        (token,) = children
+        return ast.Number(_number_value(token), span=_tok_span(token))
+
+    def name(self, children):
+        (token,) = children
+        return ast.Name(token.value, span=_tok_span(token))
+
+    def string(self, children):
+        (token,) = children
+        return ast.String(_string_value(token), span=_tok_span(token))
+
+    def true(self, children):
+        return ast.Bool(True, span=_tok_span(children[0]))
+
+    def false(self, children):
+        return ast.Bool(False, span=_tok_span(children[0]))
+
+    def keyword(self, children):
+        name, _, value = children
+        return _made(ast.Keyword(name.value, value, span=_between(name, value)), value)
+
+    def call(self, children):
+        name, *arguments, rpar = children
+        arguments = arguments[1:]  # drop the '('
+        args: list[ast.Expr] = []
+        kwargs: list[ast.Keyword] = []
+        for argument in arguments:
+            if isinstance(argument, ast.Keyword):
+                kwargs.append(argument)
+            elif kwargs:
+                raise _error(
+                    "positional argument after a keyword argument",
+                    argument.span.start,
+                    argument.span.end,
+                    notes=(f"note: put positional arguments first: {name.value}(a, b, key=value)",),
+                )
+            else:
+                args.append(argument)
+        node = ast.Call(name.value, tuple(args), tuple(kwargs), span=_between(name, rpar))
+        return _made(node, *arguments)
+
+    def list(self, children):
+        lsqb, *items, rsqb = children
+        return _made(ast.ListExpr(tuple(items), span=_between(lsqb, rsqb)), *items)
+
+    def group(self, children):
+        lpar, expr, rpar = children
+        # Parentheses leave no node; the expression's span grows to cover them.
+        node = dataclasses.replace(expr, span=_between(lpar, rpar))
+        if id(expr) in _state.depth:
+            _state.depth[id(node)] = _state.depth[id(expr)]
+            _state.keep.append(node)
+        return node
+
+
+# -- error translation -------------------------------------------------------------
+
+_EXPRESSION_START = ("NUMBER", "NAME", "LPAR", "MINUS")
+_SYMBOLS = {
+    "NUMBER": "a number",
+    "NAME": "a name",
+    "STRING": "a string",
+    "TRUE": "'true'",
+    "FALSE": "'false'",
+    "LPAR": "'('",
+    "LSQB": "'['",
+    "PARAM": "'param'",
+    "OUT": "'out'",
+    "EQUAL": "'='",
+    "PLUS": "'+'",
+    "MINUS": "'-'",
+    "STAR": "'*'",
+    "SLASH": "'/'",
+    "RPAR": "')'",
+    "RSQB": "']'",
+    "COMMA": "','",
+    "_NL": "end of line",
+    "$END": "end of input",
+}
+_ORDER = list(_SYMBOLS)
+_KEYWORDS = {"PARAM", "OUT", "TRUE", "FALSE"}
+
+
+def _expected(expected: set[str]) -> str:
+    names = set(expected)
+    if set(_EXPRESSION_START) <= names:
+        # Strings, lists and true/false are valid too, but only useful as call arguments.
+        names -= {"STRING", "TRUE", "FALSE", "LSQB"}
+    words = [_SYMBOLS[n] for n in sorted(names, key=lambda n: _ORDER.index(n) if n in _ORDER else 99) if n in _SYMBOLS]
+    if not words:
+        return ""
+    if len(words) == 1:
+        return words[0]
+    return ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _shown(text: str) -> str:
+    if len(text) > 24:
+        text = text[:21] + "..."
+    return f"'{text}'" if "'" not in text else f'"{text}"'
+
+
+def _only_blank_after(pos: int) -> bool:
+    rest = _state.text[pos:]
+    return all(not line.split("#", 1)[0].strip() for line in rest.split("\n"))
+
+
+def _translate_token(exc: UnexpectedToken) -> TvlangError:
+    token = exc.token
+    try:
+        # The tokens that really lead somewhere (LALR merges lookaheads of similar states).
+        acceptable = set(exc.accepts) or set(exc.expected)
+    except Exception:  # pragma: no cover - accepts() replays the parser; fall back to the table
+        acceptable = set(exc.expected)
+    expected = _expected(acceptable)
+    tail = f"; expected {expected}" if expected else ""
+    notes: list[str] = []
+    if token.type in ("_NL", "$END"):
+        pos = token.start_pos if token.start_pos is not None else len(_state.text)
+        if token.type == "$END" or _only_blank_after(pos):
+            pos = _state.last_end
+            return _error(f"unexpected end of input{tail}", pos, pos)
+        return _error(f"unexpected end of line{tail}", pos, pos)
+    start, end = token.start_pos, token.end_pos
+    if token.type in _KEYWORDS and "NAME" in acceptable:
+        return _error(f"'{token.value}' is a reserved word and cannot be used as a name", start, end)
+    brackets = _state.open_brackets
+    if brackets and brackets[-1].line < token.line:
+        opener = brackets[-1]
+        notes.append(f"note: '{opener.value}' at {_where(opener)} is not closed")
+    previous = _state.previous
+    if token.type == "EQUAL" and previous is not None and previous.type == "PARAM" and acceptable == {"NAME"}:
+        return _error("'param' needs a name: param lm = 0.4", start, end)
+    if token.type == "EQUAL" and acceptable & {"PLUS", "RPAR", "COMMA"}:
+        notes.append("note: '=' starts a statement (name = expr) or passes a keyword argument (f(x, key=value))")
+    return _error(f"unexpected {_shown(token.value)}{tail}", start, end, notes=tuple(notes))
+
+
+def _translate_characters(exc: UnexpectedCharacters) -> TvlangError:
+    pos = exc.pos_in_stream
+    char = _state.text[pos]
+    if char in "\"'":
+        line_end = _state.text.find("\n", pos)
+        line_end = len(_state.text) if line_end < 0 else line_end
+        return _error(
+            "unterminated string", pos, max(line_end, pos + 1), notes=(f"note: close it with {char} on the same line",)
+        )
+    if char == "\t" or not char.isprintable():
+        shown = repr(char)
+    else:
+        shown = f"'{char}'"
+    return _error(f"unexpected character {shown}", pos, pos + 1)
+
+
+def _run(text: str, filename: str | None, start: str):
+    if not isinstance(text, str):
+        raise TypeError(f"tvlang.parse expects a str, got {type(text).__name__}")
+    parser = _parser()
+    _state.reset(text, filename)
+    try:
+        return parser.parse(text, start=start)
+    except UnexpectedToken as exc:
+        raise _translate_token(exc) from None
+    except UnexpectedCharacters as exc:
+        raise _translate_characters(exc) from None
+    except UnexpectedEOF:  # pragma: no cover - the postlexer always ends the input
+        end = _state.last_end
+        raise _error("unexpected end of input", end, end) from None
+    except UnexpectedInput as exc:  # pragma: no cover - no other kind is raised by LALR
+        raise _error("syntax error", 0, 0) from exc
+    finally:
+        _state.reset("", None)
+
+
+def parse(text: str, filename: str | None = None) -> ast.Program:
+    """Parse a recipe into an :class:`ast.Program`; errors are :class:`TvlangError`."""
+    return _run(text, filename, "start")
+
+
+def parse_expression(text: str, filename: str | None = None) -> ast.Expr:
+    """Parse one expression (``tvlang run -e EXPR``); callers wrap it as ``Out(None, expr)``."""
+    return _run(text, filename, "expression")

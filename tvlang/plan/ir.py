@@ -1,0 +1,355 @@
+"""The typed, hash-consed IR between the checker and the planner.
+
+Every node is made through an :class:`Interner`, one per compile: structurally
+equal nodes are the same object, so a subexpression written twice (in one
+output or across several ``out`` statements) is one node, computed once per
+tensor.
+
+Vector nodes (models and task vectors) carry their affine ``weight``: the sum of
+their model coefficients, 1 for a Model and 0 for a Delta. Scalar nodes are
+numbers: constants, or whole-model reductions computed in an earlier pass.
+
+>>> interner = Interner()
+>>> a = interner.source("a", "model")
+>>> interner.source("a", "model") is a
+True
+>>> lin = interner.lin((a,), (interner.const(0.5),))
+>>> lin.weight
+0.5
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from tvlang.language import ast
+from tvlang.language.builtins import REQUIRED
+from tvlang.errors import Span, TvlangError
+
+__all__ = ["Node", "Interner", "SourceSpec", "IRProgram", "build", "postorder", "const_value"]
+
+VECTOR_OPS = {"source", "lin", "call", "zero", "add", "sub", "neg", "mul", "div"}
+_serial = itertools.count()
+
+
+class Node:
+    """An interned IR node. Compare with ``is``; never build one directly."""
+
+    __slots__ = ("op", "args", "attr", "kind", "weight", "serial", "__weakref__")
+
+    def __init__(self, op: str, args: tuple["Node", ...], attr: object, kind: str, weight: float | None):
+        self.op = op
+        self.args = args
+        self.attr = attr
+        self.kind = kind  # "vector" or "scalar"
+        self.weight = weight
+        self.serial = next(_serial)
+
+    @property
+    def is_vector(self) -> bool:
+        return self.kind == "vector"
+
+    @property
+    def vector_kind(self) -> str:
+        """"model", "delta" or "affine(w)" for an intermediate vector."""
+        if self.weight is None:
+            return "scalar"
+        if abs(self.weight - 1.0) < 1e-9:
+            return "model"
+        if abs(self.weight) < 1e-9:
+            return "delta"
+        return f"affine({self.weight:g})"
+
+    def __repr__(self) -> str:
+        return f"Node({self.op}, {self.attr!r}, {len(self.args)} args)"
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where a source's tensors come from: a path from ``load()``, or a binding name."""
+
+    key: str
+    kind: str  # "model" | "delta"
+    path: str | None = None  # resolved path from load(); None for a free name bound from outside
+    span: Span | None = None
+
+
+class Interner:
+    """The per-compile table that makes structurally equal nodes one object."""
+
+    def __init__(self) -> None:
+        self._table: dict[tuple, Node] = {}
+
+    def make(self, op: str, args: tuple[Node, ...] = (), attr: object = None, *,
+             kind: str = "vector", weight: float | None = None) -> Node:
+        key = (op, tuple(id(a) for a in args), attr)
+        node = self._table.get(key)
+        if node is None:
+            node = Node(op, args, attr, kind, weight if kind == "vector" else None)
+            self._table[key] = node
+        return node
+
+    # -- constructors, one per op ----------------------------------------------
+
+    def const(self, value: float) -> Node:
+        value = float(value)
+        if value == 0.0:
+            value = 0.0  # one zero: -0.0 and 0.0 intern together
+        return self.make("const", (), value, kind="scalar")
+
+    def source(self, key: str, kind: str) -> Node:
+        return self.make("source", (), (key, kind), weight=1.0 if kind == "model" else 0.0)
+
+    def zero(self) -> Node:
+        """The zero task vector (what a fully cancelled combination leaves)."""
+        return self.make("zero", (), None, weight=0.0)
+
+    def lin(self, vectors: tuple[Node, ...], coefs: tuple[Node, ...], weight: float | None = None) -> Node:
+        """sum(coefs[i] * vectors[i]); coefficients are scalar nodes.
+
+        ``weight`` is the affine weight when a rewrite already knows it (a
+        coefficient known only at run time multiplies a combination whose
+        weight the checker proved); otherwise it is computed from constants.
+        """
+        if weight is None:
+            weight = 0.0
+            for vec, coef in zip(vectors, coefs):
+                weight += (const_value(coef) if coef.op == "const" else 0.0) * (vec.weight or 0.0)
+        return self.make("lin", tuple(vectors), _Coefs(coefs), weight=weight)
+
+    def call(self, name: str, args: tuple[Node, ...], options: tuple[tuple[str, object], ...], weight: float) -> Node:
+        return self.make("call", args, (name, options), weight=weight)
+
+    def reduce(self, name: str, args: tuple[Node, ...], options: tuple = ()) -> Node:
+        return self.make("reduce", args, (name, options), kind="scalar")
+
+    def binary(self, op: str, left: Node, right: Node) -> Node:
+        """Unlinearized arithmetic (what the AST says, before the linearize pass)."""
+        if left.kind == "scalar" and right.kind == "scalar":
+            return self.make(op, (left, right), None, kind="scalar")
+        lw, rw = left.weight, right.weight
+        if op == "add":
+            weight = lw + rw
+        elif op == "sub":
+            weight = lw - rw
+        elif op == "mul":  # (scalar, vector)
+            scale = const_value(left) if left.op == "const" else 0.0
+            weight = scale * rw
+        else:  # div: (vector, scalar)
+            scale = const_value(right) if right.op == "const" else 1.0
+            weight = lw / scale if scale else 0.0
+        return self.make(op, (left, right), None, weight=weight)
+
+    def neg(self, operand: Node) -> Node:
+        if operand.kind == "scalar":
+            return self.make("neg", (operand,), None, kind="scalar")
+        return self.make("neg", (operand,), None, weight=-(operand.weight or 0.0))
+
+
+class _Coefs(tuple):
+    """Coefficient nodes of a ``lin``; hashed by identity of the (interned) nodes."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(id(c) for c in self))
+
+    def __eq__(self, other: object) -> bool:  # type: ignore[override]
+        return isinstance(other, tuple) and len(self) == len(other) and all(a is b for a, b in zip(self, other))
+
+
+def const_value(node: Node) -> float:
+    assert node.op == "const", node
+    return node.attr  # type: ignore[return-value]
+
+
+def postorder(roots: tuple[Node, ...] | list[Node]) -> list[Node]:
+    """Every node reachable from ``roots``, children before parents, each once."""
+    seen: set[int] = set()
+    order: list[Node] = []
+    stack: list[tuple[Node, bool]] = [(r, False) for r in reversed(list(roots))]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            order.append(node)
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.append((node, True))
+        children = list(node.args)
+        if node.op == "lin":
+            children = list(node.attr) + children  # coefficient nodes
+        for child in reversed(children):
+            if id(child) not in seen:
+                stack.append((child, False))
+    return order
+
+
+@dataclass
+class IRProgram:
+    """Outputs as IR roots, plus where every source comes from."""
+
+    outputs: list[tuple[str, Node]]
+    sources: dict[str, SourceSpec]
+    interner: Interner
+
+    def roots(self) -> tuple[Node, ...]:
+        return tuple(node for _, node in self.outputs)
+
+    def as_node(self) -> Node:
+        """The whole program as one ``program`` node (what optimizer passes take)."""
+        names = tuple(name for name, _ in self.outputs)
+        return self.interner.make("program", self.roots(), names, kind="program")
+
+    def with_root(self, program: Node) -> "IRProgram":
+        return IRProgram(list(zip(program.attr, program.args)), self.sources, self.interner)
+
+
+# -- AST -> IR ---------------------------------------------------------------------
+
+
+def build(checked, interner: Interner | None = None) -> IRProgram:
+    """Turn a :class:`tvlang.language.checker.CheckedProgram` into IR (params become constants)."""
+    builder = _Builder(checked, interner or Interner())
+    outputs = [(out.name, builder.expr(out.expr)) for out in checked.outputs]
+    return IRProgram(outputs, builder.sources, builder.interner)
+
+
+class _Builder:
+    def __init__(self, checked, interner: Interner) -> None:
+        self.checked = checked
+        self.interner = interner
+        self.sources: dict[str, SourceSpec] = {}
+        self.memo: dict[str, Node] = {}
+        base = Path(checked.filename).parent if checked.filename else Path(".")
+        self.base_dir = base
+
+    def error(self, message: str, span: Span | None) -> TvlangError:
+        return TvlangError(message, span, source=self.checked.source, filename=self.checked.filename)
+
+    def name(self, node: ast.Name) -> Node:
+        ident = node.id
+        if ident in self.memo:
+            return self.memo[ident]
+        if ident in self.checked.params:
+            result = self.interner.const(self.checked.params[ident])
+        elif ident in self.checked.env:
+            value = self.checked.env[ident]
+            if isinstance(value, ast.Call) and value.func in ("load", "load_delta"):
+                result = self.load(value, key=ident)
+            else:
+                result = self.expr(value)
+        elif ident in self.checked.sources:
+            kind = self.checked.sources[ident]
+            self.sources.setdefault(ident, SourceSpec(ident, kind, None, node.span))
+            result = self.interner.source(ident, kind)
+        else:  # the checker rejects this first
+            raise self.error(f"unknown name '{ident}'", node.span)
+        self.memo[ident] = result
+        return result
+
+    def load(self, call: ast.Call, key: str | None = None) -> Node:
+        path_node = call.args[0] if call.args else dict((k.name, k.value) for k in call.kwargs)["path"]
+        assert isinstance(path_node, ast.String)
+        path = path_node.value
+        resolved = str(path if Path(path).is_absolute() else self.base_dir / path)
+        kind = "delta" if call.func == "load_delta" else "model"
+        # An inline load is named by its own text, which explain prints as is
+        # (and which parses back to the same load).
+        key = key or f'{call.func}("{_escaped(path)}")'
+        existing = self.sources.get(key)
+        if existing is None:
+            self.sources[key] = SourceSpec(key, kind, resolved, call.span)
+        return self.interner.source(key, kind)
+
+    def expr(self, node: ast.Expr) -> Node:
+        it = self.interner
+        if isinstance(node, ast.Number):
+            return it.const(node.value)
+        if isinstance(node, ast.Name):
+            return self.name(node)
+        if isinstance(node, ast.Neg):
+            return it.neg(self.expr(node.operand))
+        if isinstance(node, ast.BinOp):
+            left, right = self.expr(node.left), self.expr(node.right)
+            op = {"+": "add", "-": "sub", "*": "mul", "/": "div"}[node.op]
+            if op == "mul" and left.kind == "vector":
+                left, right = right, left  # scalar first
+            return it.binary(op, left, right)
+        if isinstance(node, ast.Call):
+            return self.call(node)
+        raise self.error("a string, boolean or list is only allowed as a built-in argument", node.span)
+
+    def call(self, node: ast.Call) -> Node:
+        from tvlang.language.checker import bind_call
+
+        if node.func in ("load", "load_delta"):
+            return self.load(node)
+        bound = bind_call(node)
+        row = bound.builtin
+        vectors: list[Node] = []
+        options: list[tuple[str, object]] = []
+        for param in row.params:
+            value = bound.args.get(param.name)
+            if param.kind in ("model", "delta", "vector"):
+                vectors.append(self.expr(value))
+            elif value is not None:
+                options.append((param.name, self.constant(value)))
+        for extra in bound.varargs:
+            vectors.append(self.expr(extra))
+        for option in row.options:
+            value = bound.args.get(option.name)
+            if value is not None:
+                options.append((option.name, self.constant(value)))
+        options.sort()
+        self.validate(row.name, options, len(vectors), node)
+        if row.stage == "reduce":
+            return self.interner.reduce(row.name, tuple(vectors), tuple(options))
+        if row.result == "model":
+            weight = 1.0
+        elif row.result == "delta":
+            weight = 0.0
+        else:
+            weight = vectors[0].weight if vectors else 0.0
+        return self.interner.call(row.name, tuple(vectors), tuple(options), weight)
+
+    def validate(self, name: str, options: list[tuple[str, object]], n_inputs: int, node: ast.Call) -> None:
+        """Constant options a kernel would reject, reported at the call before any tensor is read."""
+        try:
+            from tvlang.ops.registry import validate_options
+        except ImportError:  # pragma: no cover - the operator table is part of the package
+            return
+        try:
+            validate_options(name, dict(options), n_inputs)
+        except TvlangError as exc:
+            raise self.error(exc.message, node.span) from None
+
+    def constant(self, node: ast.Expr) -> object:
+        """A compile-time constant option value (the checker has vetted its kind)."""
+        if node is REQUIRED:
+            return None
+        if not isinstance(node, ast.Node):  # a Python default from the table
+            return tuple(node) if isinstance(node, list) else node
+        if isinstance(node, ast.String):
+            return node.value
+        if isinstance(node, ast.Bool):
+            return node.value
+        if isinstance(node, ast.ListExpr):
+            return tuple(self.constant(item) for item in node.items)
+        scalar = self.expr(node)
+        from tvlang.plan.optimize.fold import fold_scalar
+
+        folded = fold_scalar(scalar, self.interner)
+        if folded.op != "const":
+            raise self.error("this option must be a number known before any tensor is read", node.span)
+        return const_value(folded)
+
+
+def _escaped(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def iter_vectors(node: Node) -> Iterator[Node]:
+    return (a for a in node.args if a.kind == "vector")

@@ -1,0 +1,319 @@
+"""The plan: reduction passes, then a per-tensor program over numbered buffers.
+
+A per-tensor program is a list of small in-place steps, the same for every
+tensor name::
+
+    b0 = read(pre)
+    b1 = read(a)
+    b0 += 0.4 * b1
+    write(out, b0)
+
+Buffers are reused once dead, and a combination accumulates into a buffer its
+first term no longer needs, so a linear recipe over any number of sources holds
+two or three tensors at a time. Whole-model scalars (``norm``, ``dot``, ``cos``,
+global thresholds) are computed first, in streaming passes of their own, and are
+plain numbers by the time the main pass runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from tvlang.plan.ir import IRProgram, Node, const_value, postorder
+from tvlang.errors import TvlangError
+
+__all__ = ["Step", "TensorProgram", "ReductionTask", "Schedule", "schedule", "format_coef"]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One per-tensor instruction.
+
+    ops: ``read`` (dst = read(source)), ``set`` (dst = coef * src),
+    ``add`` (dst = coef[0] * srcs[0] + coef[1] * srcs[1]),
+    ``scale`` (dst *= coef), ``axpy`` (dst += coef * src), ``call``
+    (dst = kernel(srcs, options)), ``zero`` (dst = zeros), ``write``
+    (output name <- src), ``feed`` (reduction task name <- srcs).
+    """
+
+    op: str
+    dst: int | None = None
+    srcs: tuple[int, ...] = ()
+    coef: object = None  # float, or a scalar Node resolved before the pass
+    name: str | None = None  # source key, kernel name, output name or task name
+    options: tuple = ()
+    node: Node | None = None
+
+
+@dataclass
+class TensorProgram:
+    steps: list[Step]
+    n_buffers: int
+    reads: list[str]  # source keys, in first-read order
+    writes: list[str]  # output names
+
+
+@dataclass
+class ReductionTask:
+    """A whole-model scalar: which reducer, over which per-tensor vectors."""
+
+    name: str  # "r0", "r1", ...
+    node: Node  # the reduce node
+    builtin: str
+    options: dict
+    factory: Callable[[], object] | None = None  # a Reducer factory from tvlang.ops
+
+
+@dataclass
+class Schedule:
+    """Everything the evaluator needs, in order."""
+
+    levels: list[tuple[list[ReductionTask], TensorProgram]]  # earlier passes
+    main: TensorProgram
+    tasks: dict[int, ReductionTask] = field(default_factory=dict)  # id(reduce node) -> task
+    call_reductions: dict[int, list[tuple[str, Node]]] = field(default_factory=dict)
+
+    @property
+    def sources_read(self) -> list[str]:
+        seen: list[str] = []
+        for _, program in self.levels:
+            seen.extend(s for s in program.reads if s not in seen)
+        seen.extend(s for s in self.main.reads if s not in seen)
+        return seen
+
+    @property
+    def passes(self) -> int:
+        """Streaming passes over the inputs, the main one included."""
+        total = 1
+        for tasks, _ in self.levels:
+            total += max(getattr(task.factory(), "passes", 1) if task.factory else 1 for task in tasks)
+        return total
+
+
+# -- scheduling ----------------------------------------------------------------------
+
+
+def schedule(program: IRProgram) -> Schedule:
+    """Order the reductions into levels and emit every per-tensor program."""
+    it = program.interner
+    roots = list(program.roots())
+    tasks: dict[int, ReductionTask] = {}
+    call_reductions: dict[int, list[tuple[str, Node]]] = {}
+    factories: dict[int, Callable[[], object]] = {}  # synthetic reduce node id -> reducer factory
+
+    # Calls that need whole-model scalars of their own (a global threshold)
+    # get synthetic reduce nodes over their inputs.
+    for node in postorder(roots):
+        if node.op == "call":
+            extra = _call_reductions(node, it, factories)
+            if extra:
+                call_reductions[id(node)] = extra
+
+    level: dict[int, int] = {}  # id(node) -> highest reduction level it needs
+
+    def need(node: Node) -> int:
+        return level.get(id(node), 0)
+
+    everything = postorder(roots + [r for extra in call_reductions.values() for _, r in extra])
+    for node in everything:
+        children = list(node.args) + (list(node.attr) if node.op == "lin" else [])
+        deepest = max((need(c) for c in children), default=0)
+        if node.op == "reduce":
+            deepest += 1
+        if node.op == "call" and id(node) in call_reductions:
+            deepest = max([deepest] + [need(r) for _, r in call_reductions[id(node)]])
+        level[id(node)] = deepest
+
+    # Reductions reachable from the outputs (through coefficients and calls).
+    reduce_nodes: list[Node] = []
+    for node in postorder(roots + [r for extra in call_reductions.values() for _, r in extra]):
+        if node.op == "reduce" and node not in reduce_nodes:
+            reduce_nodes.append(node)
+    for index, node in enumerate(reduce_nodes):
+        tasks[id(node)] = _task(f"r{index}", node, factories.get(id(node)))
+
+    levels: list[tuple[list[ReductionTask], TensorProgram]] = []
+    for lvl in range(1, max((need(n) for n in reduce_nodes), default=0) + 1):
+        at_level = [tasks[id(n)] for n in reduce_nodes if need(n) == lvl]
+        feeds = [(task.name, task.node.args) for task in at_level]
+        levels.append((at_level, emit([], feeds, call_reductions)))
+    main = emit(program.outputs, [], call_reductions)
+    return Schedule(levels, main, tasks, call_reductions)
+
+
+def _call_reductions(node: Node, it, factories: dict[int, Callable[[], object]]) -> list[tuple[str, Node]]:
+    """Synthetic reduce nodes for a call that needs whole-model scalars; their
+    reducer factories go into ``factories`` (per schedule, keyed by node id)."""
+    try:
+        from tvlang.ops import registry
+    except ModuleNotFoundError:  # kernels not installed in this tree yet
+        return []
+    finder = getattr(registry, "reductions_for", None)
+    if finder is None:
+        return []
+    name, options = node.attr
+    result = []
+    for key, factory, indices in finder(name, dict(options), len(node.args)):
+        inputs = tuple(node.args[i] for i in indices)
+        reduce_node = it.reduce(f"@{name}.{key}", inputs, tuple(options))
+        factories[id(reduce_node)] = factory
+        result.append((key, reduce_node))
+    return result
+
+
+def _task(name: str, node: Node, factory: Callable[[], object] | None) -> ReductionTask:
+    builtin, options = node.attr
+    if factory is None:
+        try:
+            from tvlang.ops.registry import REDUCERS
+        except ModuleNotFoundError:
+            REDUCERS = {}
+        factory = REDUCERS.get(builtin)
+    return ReductionTask(name, node, builtin, dict(options), factory)
+
+
+# -- emission ------------------------------------------------------------------------
+
+
+def emit(outputs: list[tuple[str, Node]], feeds: list[tuple[str, tuple[Node, ...]]],
+         call_reductions: dict[int, list[tuple[str, Node]]]) -> TensorProgram:
+    """The per-tensor program that computes ``outputs`` and ``feeds``."""
+    sinks = [node for _, node in outputs] + [n for _, args in feeds for n in args]
+    uses: dict[int, int] = {}
+    for node in postorder(sinks):
+        for child in node.args:
+            if child.kind == "vector" and node.kind == "vector":
+                uses[id(child)] = uses.get(id(child), 0) + 1
+    for node in sinks:
+        uses[id(node)] = uses.get(id(node), 0) + 1
+
+    steps: list[Step] = []
+    reads: list[str] = []
+    slot_of: dict[int, int] = {}
+    free: list[int] = []
+    n_buffers = 0
+
+    def allocate() -> int:
+        nonlocal n_buffers
+        if free:
+            return free.pop()
+        n_buffers += 1
+        return n_buffers - 1
+
+    def release(node: Node) -> None:
+        uses[id(node)] -= 1
+        if uses[id(node)] == 0:
+            free.append(slot_of.pop(id(node)))
+
+    def compute(node: Node) -> int:
+        """Emit ``node`` (once) and return its buffer."""
+        if id(node) in slot_of:
+            return slot_of[id(node)]
+        op = node.op
+        if op == "source":
+            key = node.attr[0]
+            dst = allocate()
+            steps.append(Step("read", dst, name=key, node=node))
+            if key not in reads:
+                reads.append(key)
+        elif op == "zero":
+            dst = allocate()
+            steps.append(Step("zero", dst, node=node))
+        elif op == "call":
+            srcs = tuple(compute(a) for a in node.args)
+            for arg in node.args:
+                release(arg)
+            dst = allocate()
+            name, options = node.attr
+            steps.append(Step("call", dst, srcs, name=name, options=options, node=node))
+        else:  # lin, or unlinearized add/sub/neg/mul/div
+            dst = _emit_linear(node, _terms(node))
+        slot_of[id(node)] = dst
+        return dst
+
+    def _emit_linear(node: Node, terms: list[tuple[object, Node]]) -> int:
+        # A unit coefficient first: no scaling needed to start the accumulator.
+        terms = sorted(terms, key=lambda t: 0 if _is_one(t[0]) else 1)
+        first_coef, first = terms[0]
+        src = compute(first)
+        if uses[id(first)] == 1:  # this is its last use: accumulate in place
+            dst = slot_of.pop(id(first))
+            uses[id(first)] = 0
+            if not _is_one(first_coef):
+                steps.append(Step("scale", dst, coef=first_coef, node=node))
+        elif len(terms) >= 2:
+            # dst = c0*x0 + c1*x1 in one fused step, then accumulate the rest.
+            second_coef, second = terms[1]
+            src2 = compute(second)
+            release(first)
+            release(second)
+            dst = allocate()
+            steps.append(Step("add", dst, (src, src2), coef=(first_coef, second_coef), node=node))
+            terms = terms[1:]
+        else:
+            release(first)
+            dst = allocate()
+            steps.append(Step("set", dst, (src,), coef=first_coef, node=node))
+        for coef, vec in terms[1:]:
+            steps.append(Step("axpy", dst, (compute(vec),), coef=coef, node=node))
+            release(vec)
+        return dst
+
+    for name, node in outputs:
+        slot = compute(node)
+        steps.append(Step("write", None, (slot,), name=name, node=node))
+        release(node)
+    for task_name, args in feeds:
+        slots = tuple(compute(a) for a in args)
+        steps.append(Step("feed", None, slots, name=task_name))
+        for arg in args:
+            release(arg)
+    return TensorProgram(steps, n_buffers, reads, [name for name, _ in outputs])
+
+
+def _terms(node: Node) -> list[tuple[object, Node]]:
+    """(coefficient, vector) pairs of a linear node; coefficients are floats or scalar nodes."""
+    op = node.op
+    if op == "lin":
+        return [(_coef(c), v) for c, v in zip(node.attr, node.args)]
+    if op == "add":
+        return [(1.0, node.args[0]), (1.0, node.args[1])]
+    if op == "sub":
+        return [(1.0, node.args[0]), (-1.0, node.args[1])]
+    if op == "neg":
+        return [(-1.0, node.args[0])]
+    if op == "mul":
+        return [(_coef(node.args[0]), node.args[1])]
+    if op == "div":
+        return [(("div", _coef(node.args[1])), node.args[0])]
+    raise AssertionError(f"not a linear node: {node}")
+
+
+def _coef(node: Node) -> object:
+    return const_value(node) if node.op == "const" else node
+
+
+def _is_one(coef: object) -> bool:
+    return isinstance(coef, float) and coef == 1.0
+
+
+def format_coef(coef: object, scalar_names: Callable[[Node], str]) -> str:
+    if isinstance(coef, float):
+        coef = float(f"{coef:.12g}")  # as explain shows coefficients; the step keeps the exact value
+        return repr(coef) if not coef.is_integer() else str(int(coef)) if abs(coef) < 1e15 else repr(coef)
+    if isinstance(coef, tuple) and coef[0] == "div":
+        return f"1/{format_coef(coef[1], scalar_names)}"
+    return scalar_names(coef)
+
+
+def resolve_coef(coef: object, scalars: Callable[[Node], float]) -> float:
+    """The number a coefficient stands for once the reductions are known."""
+    if isinstance(coef, float):
+        return coef
+    if isinstance(coef, tuple) and coef[0] == "div":
+        value = resolve_coef(coef[1], scalars)
+        if value == 0.0:
+            raise TvlangError("division by zero: a coefficient divides by a scalar that is 0")
+        return 1.0 / value
+    return scalars(coef)

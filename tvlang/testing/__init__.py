@@ -1,0 +1,1 @@
+"""Helpers for tests, benchmarks and examples: synthetic checkpoints (``synth``)."""
