@@ -16,7 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import tvlang
-from tvlang.run import evaluate
+from tvlang.run import chunked, evaluate
+from tvlang.run.buffers import OutputBuffers
 from tvlang.faces.cli import main
 from tvlang.run.evaluate import validate
 from tvlang.plan.schedule import Step, TensorProgram
@@ -37,8 +38,8 @@ def chunking(request, monkeypatch):
     """Every test runs twice: tensors whole, and linear programs in chunks of 100 elements
     (with a remainder, and tensors below the threshold still whole)."""
     if request.param == "chunked":
-        monkeypatch.setattr(evaluate, "CHUNK_MIN", 200)
-        monkeypatch.setattr(evaluate, "CHUNK_ELEMENTS", 100)
+        monkeypatch.setattr(chunked, "CHUNK_MIN", 200)
+        monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 100)
     return request.param
 
 
@@ -532,21 +533,21 @@ def test_linear_program_analysis():
         Step("write", None, (2,), name="y"),
         Step("write", None, (2,), name="z"),
     ], 3, ["a", "b"], ["x", "y", "z"])
-    linear = evaluate._linear_program(program)
+    linear = chunked.linear_program(program)
     assert linear.values == [0, 1, 2, 2, 3, 3, 3]
     assert linear.written == {2: "x", 3: "y"}
     # kernels with a chunk form take part; slerp needs whole tensors
     calls = TensorProgram([Step("read", 0, name="a"), Step("call", 1, (0,), name="ties")], 2, ["a"], [])
-    assert evaluate._linear_program(calls).values == [0, 1]
+    assert chunked.linear_program(calls).values == [0, 1]
     calls = TensorProgram([Step("read", 0, name="a"), Step("call", 1, (0, 0), name="slerp")], 2, ["a"], [])
-    assert evaluate._linear_program(calls) is None
+    assert chunked.linear_program(calls) is None
     # a kernel that looks at its whole input first cannot take its input from another one
     nested = TensorProgram([Step("read", 0, name="a"), Step("call", 1, (0,), name="topk"),
                             Step("axpy", 1, (0,), coef=1.0), Step("call", 2, (1,), name="ties")], 3, ["a"], [])
-    assert evaluate._linear_program(nested) is None
+    assert chunked.linear_program(nested) is None
     after_dare = TensorProgram([Step("read", 0, name="a"), Step("call", 1, (0,), name="dare"),
                                 Step("call", 2, (1,), name="ties")], 3, ["a"], [])
-    assert evaluate._linear_program(after_dare) is not None
+    assert chunked.linear_program(after_dare) is not None
 
 
 def test_run_recycles_output_buffers(ckpts, tmp_path, chunking):
@@ -558,27 +559,27 @@ def test_run_recycles_output_buffers(ckpts, tmp_path, chunking):
     paths, _ = ckpts
     pools = []
     given = []
-    real = evaluate.Session.give_back
+    real = OutputBuffers.give_back
 
     def spy(self, tensor):
         given.append(tensor.numel())
         real(self, tensor)
-        pools.append([b.numel() for b in self._pool])
+        pools.append([b.numel() for b in self.pool])
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(evaluate.Session, "give_back", spy)
+        mp.setattr(OutputBuffers, "give_back", spy)
         outs = {"merged": str(tmp_path / "m.safetensors"), "tau_a": str(tmp_path / "t.safetensors"),
                 "half": str(tmp_path / "h.safetensors")}
         tvlang.compile(RECIPE).run(paths["file"], outs)
     assert max(len(pool) for pool in pools) <= (evaluate.IN_FLIGHT + 1) * 3
     sizes = {n: torch.Size(e[0] if isinstance(e[0], tuple) else e).numel() for n, e in SPEC.items()}
-    large = [n for n, size in sizes.items() if size >= evaluate.CHUNK_MIN and n != INT_NAME]
+    large = [n for n, size in sizes.items() if size >= chunked.CHUNK_MIN and n != INT_NAME]
     if chunking == "chunked":
         assert large  # the spec has tensors that run in chunks
-        assert max(n for pool in pools for n in pool) == evaluate.CHUNK_ELEMENTS * 4  # float32 bytes
-        assert max(given) == evaluate.CHUNK_ELEMENTS
+        assert max(n for pool in pools for n in pool) == chunked.CHUNK_ELEMENTS * 4  # float32 bytes
+        assert max(given) == chunked.CHUNK_ELEMENTS
         # every piece and every whole tensor written goes back, once
-        pieces = sum(-(-sizes[n] // evaluate.CHUNK_ELEMENTS) for n in large)
+        pieces = sum(-(-sizes[n] // chunked.CHUNK_ELEMENTS) for n in large)
         assert len(given) == 3 * (pieces + len(SPEC) - len(large)) - 1  # tau_a has no integer tensor
     else:
         assert len(given) == 3 * len(SPEC) - 1

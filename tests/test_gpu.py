@@ -36,11 +36,11 @@ def _models():
 ])
 @pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
 def test_cuda_equals_cpu(text, chunked, monkeypatch):
-    from tvlang.run import evaluate
+    from tvlang.run import chunked as chunk_module, evaluate
 
     if chunked:  # chunks of 1000 entries, and the radix select of the thresholds on the device
-        monkeypatch.setattr(evaluate, "CHUNK_MIN", 4000)
-        monkeypatch.setattr(evaluate, "CHUNK_ELEMENTS", 1000)
+        monkeypatch.setattr(chunk_module, "CHUNK_MIN", 4000)
+        monkeypatch.setattr(chunk_module, "CHUNK_ELEMENTS", 1000)
     models = _models()
     plan = tvlang.compile(text)
     on_cpu = plan.evaluate(models, device="cpu")

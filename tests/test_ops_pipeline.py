@@ -52,7 +52,7 @@ def test_schedule_and_select_through_the_pipeline():
 def _chunk_in(monkeypatch, elements: int) -> list[str]:
     """From now on, programs over tensors of 7 entries or more run in chunks of ``elements``;
     the returned list gets the name of each tensor computed in chunks."""
-    from tvlang.run import evaluate
+    from tvlang.run import chunked as chunk_module, evaluate
 
     names: list[str] = []
     real = evaluate.Session._execute_chunked
@@ -62,8 +62,8 @@ def _chunk_in(monkeypatch, elements: int) -> list[str]:
         return real(self, program, linear, name, raw, kernels, pieces=pieces)
 
     monkeypatch.setattr(evaluate.Session, "_execute_chunked", spy)
-    monkeypatch.setattr(evaluate, "CHUNK_MIN", 7)
-    monkeypatch.setattr(evaluate, "CHUNK_ELEMENTS", elements)
+    monkeypatch.setattr(chunk_module, "CHUNK_MIN", 7)
+    monkeypatch.setattr(chunk_module, "CHUNK_ELEMENTS", elements)
     return names
 
 
@@ -150,13 +150,13 @@ def test_threshold_kernels_in_chunked_programs_equal_whole_tensor_kernels(monkey
 def test_nested_threshold_kernels_run_whole(monkeypatch):
     """ties over topk's result cannot be chunked (topk has no result while ties looks at its input):
     the program runs on whole tensors, with the same result."""
-    from tvlang.run import evaluate
+    from tvlang.run import chunked as chunk_module, evaluate
 
     binds = _quantized_models()
     recipe = "ties(topk(a - pre, 0.5), b - pre, density=0.5)"
     whole = tvlang.compile(recipe).evaluate(binds)
-    monkeypatch.setattr(evaluate, "CHUNK_MIN", 7)
-    monkeypatch.setattr(evaluate, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(chunk_module, "CHUNK_MIN", 7)
+    monkeypatch.setattr(chunk_module, "CHUNK_ELEMENTS", 64)
     monkeypatch.setattr(evaluate.Session, "_execute_chunked", None)  # would fail if called
     chunked = tvlang.compile(recipe).evaluate(binds)
     assert all(torch.equal(chunked[n], whole[n]) for n in whole)

@@ -12,8 +12,8 @@ from tvlang.plan.compiler import Plan, RunSummary, compile, delta
 from tvlang.errors import Span, TvlangError
 from tvlang.plan.optimize import OptimizerFlags
 from tvlang.language.syntax import parse, parse_expression
+from tvlang.version import __version__
 
-__version__ = "0.2.0"
 
 __all__ = [
     "__version__",

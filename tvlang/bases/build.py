@@ -32,6 +32,7 @@ from tvlang.bases.clustering import cluster
 from tvlang.bases.gram import DEFAULT_CHUNK_BYTES, _open_reader, format_matrix, similarity
 from tvlang.errors import TvlangError
 from tvlang.io import check_output_path
+from tvlang.version import __version__
 
 __all__ = [
     "MANIFEST_NAME",
@@ -242,7 +243,7 @@ def build_bases(
         before = sum(t.float_bytes for t in inputs)
         manifest = {
             "format": MANIFEST_FORMAT,
-            "tvlang_version": _version(),
+            "tvlang_version": __version__,
             "base": os.path.abspath(base) if base else None,
             "inputs": [{"name": t.name, "path": os.path.abspath(t.path), "kind": t.kind,
                         "float_bytes": t.float_bytes} for t in inputs],
@@ -276,12 +277,6 @@ def build_bases(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
-
-
-def _version() -> str:
-    from tvlang import __version__
-
-    return __version__
 
 
 def _run_recipe(recipe: BasisRecipe, out: str) -> None:

@@ -11,16 +11,15 @@ out = 0.5*a + 0.5*b
 from __future__ import annotations
 
 import functools
-import os
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from tvlang.language import ast
 from tvlang.errors import TvlangError
-from tvlang.plan.ir import IRProgram, Node, build, const_value, postorder
+from tvlang.plan.ir import IRProgram, build, postorder
 from tvlang.plan.optimize import OptimizerFlags, optimize
-from tvlang.plan.schedule import Schedule, Step, format_coef, schedule
+from tvlang.plan.explain import explain, ir_text
+from tvlang.plan.records import DeltaBinding, RunSummary, delta
+from tvlang.plan.schedule import Schedule, schedule
 
 __all__ = ["compile", "parse_recipe", "Plan", "PendingPlan", "RunSummary", "delta", "DeltaBinding"]
 
@@ -108,7 +107,9 @@ class PendingPlan:
 
     def bound(self, bindings: Mapping[str, Any]) -> Plan:
         """The plan typed for ``bindings`` (the checker's error when they do not fix it)."""
-        kinds = {name: _binding_kind(bindings[name]) for name in self.free_names() if name in bindings}
+        from tvlang.run.bindings import binding_kind  # reads a file's header: the run layer's job
+
+        kinds = {name: binding_kind(bindings[name]) for name in self.free_names() if name in bindings}
         return Plan(self.text, self.filename, self.program, kinds, self._params, self.flags)
 
     def with_params(self, **params: float) -> "PendingPlan":
@@ -130,16 +131,6 @@ class PendingPlan:
         raise self.error
 
 
-def _binding_kind(value: Any) -> str:
-    if isinstance(value, DeltaBinding):
-        return "delta"
-    if isinstance(value, (str, os.PathLike)):
-        from tvlang.io import peek_kind
-
-        return peek_kind(os.fspath(value))
-    return "model"
-
-
 def declare_params(program: ast.Program, params: Mapping[str, float]) -> ast.Program:
     """Declare as params the names a recipe uses without defining them, when a
     value is given for them (``-e "pre + lam*(ft - pre)" --set lam=0.3``).
@@ -154,34 +145,6 @@ def declare_params(program: ast.Program, params: Mapping[str, float]) -> ast.Pro
         return program
     head = tuple(ast.Param(name, float(params[name])) for name in extra)
     return ast.Program(head + program.statements, span=program.span)
-
-
-@dataclass(frozen=True)
-class DeltaBinding:
-    """A binding marked as a task vector (see :func:`delta`)."""
-
-    value: Any
-
-
-def delta(value: Any) -> DeltaBinding:
-    """Mark a state dict, module or path bound to a name as a task vector (a Delta)."""
-    return DeltaBinding(value)
-
-
-@dataclass
-class RunSummary:
-    outputs: dict[str, str]  # output name -> path written
-    tensors: int
-    bytes_written: int
-    seconds: float
-    passes: int
-
-    def line(self) -> str:
-        size = self.bytes_written / 2**20
-        rate = size / self.seconds if self.seconds > 0 else 0.0
-        where = ", ".join(self.outputs.values())
-        return (f"wrote {self.tensors} tensors ({size:.1f} MiB) to {where} in {self.seconds:.2f} s "
-                f"({rate:.0f} MiB/s, {self.passes} pass{'es' if self.passes != 1 else ''})")
 
 
 class Plan:
@@ -210,9 +173,6 @@ class Plan:
         """The same recipe with other param values (no re-parse): a lambda sweep."""
         merged = {**self._param_overrides, **{k: float(v) for k, v in params.items()}}
         return Plan(self.text, self.filename, self.program, self._source_kinds, merged, self.flags)
-
-    def with_flags(self, flags: OptimizerFlags) -> "Plan":
-        return Plan(self.text, self.filename, self.program, self._source_kinds, self._param_overrides, flags)
 
     def for_kinds(self, kinds: Mapping[str, str]) -> "Plan":
         """This plan with free names re-typed (a bound file turned out to be a Delta)."""
@@ -250,27 +210,11 @@ class Plan:
         return to_text(self.program).rstrip("\n")
 
     def optimized_text(self) -> str:
-        return _ir_text(self.optimized)
+        return ir_text(self.optimized)
 
     def explain(self) -> str:
         """The program as written, optimized, what each output reads, and the per-tensor program."""
-        sched = self.schedule
-        lines = ["# as written", self.program_text(), "", "# optimized", self.optimized_text(), "", "# sources read"]
-        for name in self.outputs:
-            reads = ", ".join(self.sources_read(name)) or "(none)"
-            lines.append(f"{name} ({self.output_kind(name)}): {reads}")
-        names = _ScalarNames(sched)
-        lines += ["", f"# plan: {sched.passes} streaming pass{'es' if sched.passes != 1 else ''} over the inputs"]
-        pass_no = 1
-        for tasks, program in sched.levels:
-            lines.append(f"# pass {pass_no}: whole-model scalars")
-            for task in tasks:
-                lines.append(f"{task.name} = {_scalar_text(task.node, None)}")
-            lines.extend("  " + _step_text(step, names) for step in program.steps)
-            pass_no += 1
-        lines.append(f"# pass {pass_no}: per tensor ({sched.main.n_buffers} buffers)")
-        lines.extend("  " + _step_text(step, names) for step in sched.main.steps)
-        return "\n".join(lines)
+        return explain(self)
 
     def __repr__(self) -> str:
         return f"<tvlang.Plan outputs={self.outputs} reads={self.sources_read()}>"
@@ -293,193 +237,3 @@ class Plan:
         from tvlang.run.evaluate import stream
 
         return stream(self, bindings or {}, output=output, **options)
-
-
-# -- text of IR, for explain ---------------------------------------------------------------
-
-
-class _ScalarNames:
-    def __init__(self, sched: Schedule) -> None:
-        self.sched = sched
-
-    def __call__(self, node: Node) -> str:
-        task = self.sched.tasks.get(id(node))
-        if task is not None:
-            return task.name
-        return _scalar_text(node, self)
-
-
-def _scalar_text(node: Node, names) -> str:
-    from tvlang.language.printer import to_text
-
-    return to_text(_scalar_ast(node, names))
-
-
-def shown(value: float) -> float:
-    """A coefficient as explain shows it: 12 significant digits, so folding
-    residues print as written (0.1 + 0.2 shows as 0.3); the plan keeps the exact value."""
-    return float(f"{value:.12g}")
-
-
-def _scalar_ast(node: Node, names) -> ast.Expr:
-    if node.op == "const":
-        value = shown(const_value(node))
-        return ast.Neg(ast.Number(-value)) if value < 0 else ast.Number(value)
-    if node.op == "reduce":
-        task = names.sched.tasks.get(id(node)) if isinstance(names, _ScalarNames) else None
-        if task is not None:
-            return ast.Name(task.name)
-        return ast.Call(node.attr[0].lstrip("@"), tuple(_vector_ast(a, {}) for a in node.args))
-    if node.op == "neg":
-        return ast.Neg(_scalar_ast(node.args[0], names))
-    ops = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
-    return ast.BinOp(ops[node.op], _scalar_ast(node.args[0], names), _scalar_ast(node.args[1], names))
-
-
-def _vector_ast(node: Node, temps: dict[int, str]) -> ast.Expr:
-    if id(node) in temps:
-        return ast.Name(temps[id(node)])
-    op = node.op
-    if op == "source":
-        return ast.Name(node.attr[0])
-    if op == "zero":
-        return ast.Call("zero")
-    if op == "call":
-        name, options = node.attr
-        kwargs = tuple(ast.Keyword(k, _literal(v)) for k, v in options if not _is_default(name, k, v))
-        return ast.Call(name, tuple(_vector_ast(a, temps) for a in node.args), kwargs)
-    if op == "neg":
-        return ast.Neg(_vector_ast(node.args[0], temps))
-    if op in ("add", "sub", "mul", "div"):
-        sym = {"add": "+", "sub": "-", "mul": "*", "div": "/"}[op]
-        left, right = node.args
-        left_ast = _scalar_ast(left, None) if left.kind == "scalar" else _vector_ast(left, temps)
-        right_ast = _scalar_ast(right, None) if right.kind == "scalar" else _vector_ast(right, temps)
-        return ast.BinOp(sym, left_ast, right_ast)
-    # lin: c1*x1 + c2*x2 - ..., starting with a positive term where there is one
-    pairs = list(zip(node.attr, node.args))
-    positive = [i for i, (c, _) in enumerate(pairs) if not (c.op == "const" and const_value(c) < 0)]
-    if positive:
-        pairs.insert(0, pairs.pop(positive[0]))
-    result: ast.Expr | None = None
-    for coef, vec in pairs:
-        term = _vector_ast(vec, temps)
-        negative = coef.op == "const" and const_value(coef) < 0
-        magnitude = abs(shown(const_value(coef))) if coef.op == "const" else None
-        if magnitude == 1.0:
-            scaled = term
-        elif magnitude is not None:
-            scaled = ast.BinOp("*", ast.Number(magnitude), term)
-        else:
-            scaled = ast.BinOp("*", _scalar_ast(coef, None), term)
-        if result is None:
-            result = ast.Neg(scaled) if negative else scaled
-        else:
-            result = ast.BinOp("-" if negative else "+", result, scaled)
-    return result if result is not None else ast.Call("zero")
-
-
-def _is_default(builtin: str, option: str, value: object) -> bool:
-    """Whether ``value`` is what the built-in's row gives ``option`` anyway (explain leaves it out)."""
-    from tvlang.language.checker import load_builtins
-
-    row = load_builtins().get(builtin)
-    if row is None:
-        return False
-    for arg in (*row.params, *row.options):
-        if arg.name == option:
-            default = arg.default
-            if isinstance(default, ast.Node):
-                return _literal(value) == default
-            if isinstance(default, (list, tuple)):
-                return tuple(default) == value
-            return default == value
-    return False
-
-
-def _literal(value: object) -> ast.Expr:
-    if isinstance(value, bool):
-        return ast.Bool(value)
-    if isinstance(value, str):
-        return ast.String(value)
-    if isinstance(value, tuple):
-        return ast.ListExpr(tuple(_literal(v) for v in value))
-    number = float(value)  # type: ignore[arg-type]
-    return ast.Neg(ast.Number(-number)) if number < 0 else ast.Number(number)
-
-
-def _ir_text(program: IRProgram) -> str:
-    """The optimized program in tvlang syntax; nodes used twice become named temporaries."""
-    from tvlang.language.printer import to_text
-
-    roots = list(program.roots())
-    uses: dict[int, int] = {}
-    for node in postorder(roots):
-        for child in node.args:
-            uses[id(child)] = uses.get(id(child), 0) + 1
-    for node in roots:
-        uses[id(node)] = uses.get(id(node), 0) + 1
-    temps: dict[int, str] = {}
-    statements: list[ast.Stmt] = []
-    for node in postorder(roots):
-        if node.kind == "vector" and node.op in ("lin", "call") and uses.get(id(node), 0) >= 2:
-            name = f"t{len(temps)}"
-            statements.append(ast.Assign(name, _vector_ast(node, temps)))
-            temps[id(node)] = name
-    for name, node in program.outputs:
-        statements.append(ast.Out(None if name == "out" else name, _vector_ast(node, temps)))
-    return to_text(ast.Program(tuple(statements))).rstrip("\n")
-
-
-def _step_text(step: Step, names) -> str:
-    def c(coef):
-        text = format_coef(coef, names)
-        simple = text.lstrip("-").replace(".", "").replace("e", "").isalnum() or text.startswith("1/")
-        return text if simple else f"({text})"
-
-    b = lambda i: f"b{i}"  # noqa: E731
-    if step.op == "read":
-        return f"{b(step.dst)} = read({step.name})"
-    if step.op == "zero":
-        return f"{b(step.dst)} = zeros"
-    if step.op == "set":
-        coef = c(step.coef)
-        return f"{b(step.dst)} = {b(step.srcs[0])}" + ("" if coef == "1" else f" * {coef}")
-    if step.op == "add":
-        first, second = (c(x) for x in step.coef)
-        left = b(step.srcs[0]) if first == "1" else f"{first} * {b(step.srcs[0])}"
-        if second.startswith("-"):
-            right = f" - {b(step.srcs[1])}" if second == "-1" else f" - {second[1:]} * {b(step.srcs[1])}"
-        else:
-            right = f" + {b(step.srcs[1])}" if second == "1" else f" + {second} * {b(step.srcs[1])}"
-        return f"{b(step.dst)} = {left}{right}"
-    if step.op == "scale":
-        return f"{b(step.dst)} *= {c(step.coef)}"
-    if step.op == "axpy":
-        coef = c(step.coef)
-        if coef == "1":
-            return f"{b(step.dst)} += {b(step.srcs[0])}"
-        if coef == "-1":
-            return f"{b(step.dst)} -= {b(step.srcs[0])}"
-        return f"{b(step.dst)} += {coef} * {b(step.srcs[0])}"
-    if step.op == "call":
-        args = [b(s) for s in step.srcs] + [f"{k}={_option_text(v)}" for k, v in step.options]
-        return f"{b(step.dst)} = {step.name}({', '.join(args)})"
-    if step.op == "write":
-        return f"write({step.name}, {b(step.srcs[0])})"
-    if step.op == "feed":
-        return f"{step.name} <- {', '.join(b(s) for s in step.srcs)}"
-    raise AssertionError(step.op)
-
-
-def _option_text(value: object) -> str:
-    from tvlang.language.printer import to_text
-
-    return to_text(_literal(value))
-
-
-def resolve_path(path: str, filename: str | None) -> str:
-    """A path from a recipe, relative to the recipe's directory."""
-    if filename is None or Path(path).is_absolute():
-        return path
-    return str(Path(filename).parent / path)

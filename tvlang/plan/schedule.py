@@ -23,19 +23,12 @@ from typing import Callable
 from tvlang.plan.ir import IRProgram, Node, const_value, postorder
 from tvlang.errors import TvlangError
 
-__all__ = ["Step", "TensorProgram", "ReductionTask", "Schedule", "schedule", "format_coef"]
+__all__ = ["STEP_OPS", "Step", "StepOp", "TensorProgram", "ReductionTask", "Schedule", "schedule", "format_coef"]
 
 
 @dataclass(frozen=True)
 class Step:
-    """One per-tensor instruction.
-
-    ops: ``read`` (dst = read(source)), ``set`` (dst = coef * src),
-    ``add`` (dst = coef[0] * srcs[0] + coef[1] * srcs[1]),
-    ``scale`` (dst *= coef), ``axpy`` (dst += coef * src), ``call``
-    (dst = kernel(srcs, options)), ``zero`` (dst = zeros), ``write``
-    (output name <- src), ``feed`` (reduction task name <- srcs).
-    """
+    """One per-tensor instruction; what each ``op`` means is its row in ``STEP_OPS``."""
 
     op: str
     dst: int | None = None
@@ -44,6 +37,79 @@ class Step:
     name: str | None = None  # source key, kernel name, output name or task name
     options: tuple = ()
     node: Node | None = None
+
+
+@dataclass(frozen=True)
+class StepOp:
+    """What a step op means, for every interpreter (whole tensors, chunks), the
+    chunkability analysis and explain.
+
+    ``effect``: ``"make"`` puts a new value in ``dst``; ``"update"`` changes the
+    value in ``dst`` in place (``dst`` is also an input); ``"sink"`` hands
+    ``srcs`` out of the program (to a writer or a reducer) and makes nothing.
+    ``linear``: plain arithmetic or I/O that runs on any slice of a tensor (a chunk)
+    with no kernel. ``arithmetic``: computed by the run layer's arithmetic table
+    (``tvlang.run.steps.ARITHMETIC``), the one place its numbers are defined.
+    ``text`` renders the step for explain, given a coefficient formatter and an
+    option formatter.
+    """
+
+    name: str
+    meaning: str
+    effect: str
+    linear: bool
+    arithmetic: bool
+    text: Callable[[Step, Callable, Callable], str]
+
+
+def _b(slot: int) -> str:
+    return f"b{slot}"
+
+
+def _text_set(step: Step, c, _options) -> str:
+    coef = c(step.coef)
+    return f"{_b(step.dst)} = {_b(step.srcs[0])}" + ("" if coef == "1" else f" * {coef}")
+
+
+def _text_add(step: Step, c, _options) -> str:
+    first, second = (c(x) for x in step.coef)
+    left = _b(step.srcs[0]) if first == "1" else f"{first} * {_b(step.srcs[0])}"
+    if second.startswith("-"):
+        right = f" - {_b(step.srcs[1])}" if second == "-1" else f" - {second[1:]} * {_b(step.srcs[1])}"
+    else:
+        right = f" + {_b(step.srcs[1])}" if second == "1" else f" + {second} * {_b(step.srcs[1])}"
+    return f"{_b(step.dst)} = {left}{right}"
+
+
+def _text_axpy(step: Step, c, _options) -> str:
+    coef = c(step.coef)
+    if coef == "1":
+        return f"{_b(step.dst)} += {_b(step.srcs[0])}"
+    if coef == "-1":
+        return f"{_b(step.dst)} -= {_b(step.srcs[0])}"
+    return f"{_b(step.dst)} += {coef} * {_b(step.srcs[0])}"
+
+
+def _text_call(step: Step, _c, options) -> str:
+    args = [_b(s) for s in step.srcs] + [f"{k}={options(v)}" for k, v in step.options]
+    return f"{_b(step.dst)} = {step.name}({', '.join(args)})"
+
+
+STEP_OPS: dict[str, StepOp] = {op.name: op for op in (
+    StepOp("read", "dst = the tensor of source `name`", "make", True, False,
+           lambda step, c, o: f"{_b(step.dst)} = read({step.name})"),
+    StepOp("set", "dst = coef * src", "make", True, True, _text_set),
+    StepOp("add", "dst = coef[0] * srcs[0] + coef[1] * srcs[1]", "make", True, True, _text_add),
+    StepOp("scale", "dst *= coef", "update", True, True, lambda step, c, o: f"{_b(step.dst)} *= {c(step.coef)}"),
+    StepOp("axpy", "dst += coef * src", "update", True, True, _text_axpy),
+    StepOp("zero", "dst = zeros of the tensor's shape", "make", False, False,
+           lambda step, c, o: f"{_b(step.dst)} = zeros"),
+    StepOp("call", "dst = kernel `name`(srcs, options)", "make", False, False, _text_call),
+    StepOp("write", "output `name` <- src", "sink", True, False,
+           lambda step, c, o: f"write({step.name}, {_b(step.srcs[0])})"),
+    StepOp("feed", "reduction task `name` <- srcs", "sink", False, False,
+           lambda step, c, o: f"{step.name} <- {', '.join(_b(s) for s in step.srcs)}"),
+)}
 
 
 @dataclass

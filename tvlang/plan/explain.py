@@ -1,0 +1,190 @@
+"""What ``explain`` prints: the recipe, its optimized form, what each output reads, the plan.
+
+The optimized IR is printed back as tvlang text through the printer (nodes used
+twice become named temporaries ``t0``, ``t1``, ...), whole-model scalars by the
+names of their reduction tasks, and each per-tensor step by the text form its op
+has in ``STEP_OPS``.
+
+>>> import tvlang
+>>> print(tvlang.compile("pre + 0.5*(ft - pre)").explain().splitlines()[-4:])
+['# pass 1: per tensor (2 buffers)', '  b0 = read(pre)', '  b1 = read(ft)', '  b0 = 0.5 * b0 + 0.5 * b1']
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tvlang.language import ast
+from tvlang.language.checker import load_builtins
+from tvlang.language.printer import to_text
+from tvlang.plan.ir import IRProgram, Node, const_value, postorder
+from tvlang.plan.schedule import STEP_OPS, Schedule, Step, format_coef
+
+if TYPE_CHECKING:
+    from tvlang.plan.compiler import Plan
+
+__all__ = ["explain", "ir_text", "shown", "step_text"]
+
+
+def explain(plan: "Plan") -> str:
+    """The program as written, optimized, what each output reads, and the per-tensor program."""
+    sched = plan.schedule
+    lines = ["# as written", plan.program_text(), "", "# optimized", plan.optimized_text(), "", "# sources read"]
+    for name in plan.outputs:
+        reads = ", ".join(plan.sources_read(name)) or "(none)"
+        lines.append(f"{name} ({plan.output_kind(name)}): {reads}")
+    names = _ScalarNames(sched)
+    lines += ["", f"# plan: {sched.passes} streaming pass{'es' if sched.passes != 1 else ''} over the inputs"]
+    pass_no = 1
+    for tasks, program in sched.levels:
+        lines.append(f"# pass {pass_no}: whole-model scalars")
+        for task in tasks:
+            lines.append(f"{task.name} = {_scalar_text(task.node, None)}")
+        lines.extend("  " + step_text(step, names) for step in program.steps)
+        pass_no += 1
+    lines.append(f"# pass {pass_no}: per tensor ({sched.main.n_buffers} buffers)")
+    lines.extend("  " + step_text(step, names) for step in sched.main.steps)
+    return "\n".join(lines)
+
+
+class _ScalarNames:
+    def __init__(self, sched: Schedule) -> None:
+        self.sched = sched
+
+    def __call__(self, node: Node) -> str:
+        task = self.sched.tasks.get(id(node))
+        if task is not None:
+            return task.name
+        return _scalar_text(node, self)
+
+
+def _scalar_text(node: Node, names) -> str:
+    return to_text(_scalar_ast(node, names))
+
+
+def shown(value: float) -> float:
+    """A coefficient as explain shows it: 12 significant digits, so folding
+    residues print as written (0.1 + 0.2 shows as 0.3); the plan keeps the exact value."""
+    return float(f"{value:.12g}")
+
+
+def _scalar_ast(node: Node, names) -> ast.Expr:
+    if node.op == "const":
+        value = shown(const_value(node))
+        return ast.Neg(ast.Number(-value)) if value < 0 else ast.Number(value)
+    if node.op == "reduce":
+        task = names.sched.tasks.get(id(node)) if isinstance(names, _ScalarNames) else None
+        if task is not None:
+            return ast.Name(task.name)
+        return ast.Call(node.attr[0].lstrip("@"), tuple(_vector_ast(a, {}) for a in node.args))
+    if node.op == "neg":
+        return ast.Neg(_scalar_ast(node.args[0], names))
+    ops = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+    return ast.BinOp(ops[node.op], _scalar_ast(node.args[0], names), _scalar_ast(node.args[1], names))
+
+
+def _vector_ast(node: Node, temps: dict[int, str]) -> ast.Expr:
+    if id(node) in temps:
+        return ast.Name(temps[id(node)])
+    op = node.op
+    if op == "source":
+        return ast.Name(node.attr[0])
+    if op == "zero":
+        return ast.Call("zero")
+    if op == "call":
+        name, options = node.attr
+        kwargs = tuple(ast.Keyword(k, _literal(v)) for k, v in options if not _is_default(name, k, v))
+        return ast.Call(name, tuple(_vector_ast(a, temps) for a in node.args), kwargs)
+    if op == "neg":
+        return ast.Neg(_vector_ast(node.args[0], temps))
+    if op in ("add", "sub", "mul", "div"):
+        sym = {"add": "+", "sub": "-", "mul": "*", "div": "/"}[op]
+        left, right = node.args
+        left_ast = _scalar_ast(left, None) if left.kind == "scalar" else _vector_ast(left, temps)
+        right_ast = _scalar_ast(right, None) if right.kind == "scalar" else _vector_ast(right, temps)
+        return ast.BinOp(sym, left_ast, right_ast)
+    # lin: c1*x1 + c2*x2 - ..., starting with a positive term where there is one
+    pairs = list(zip(node.attr, node.args))
+    positive = [i for i, (c, _) in enumerate(pairs) if not (c.op == "const" and const_value(c) < 0)]
+    if positive:
+        pairs.insert(0, pairs.pop(positive[0]))
+    result: ast.Expr | None = None
+    for coef, vec in pairs:
+        term = _vector_ast(vec, temps)
+        negative = coef.op == "const" and const_value(coef) < 0
+        magnitude = abs(shown(const_value(coef))) if coef.op == "const" else None
+        if magnitude == 1.0:
+            scaled = term
+        elif magnitude is not None:
+            scaled = ast.BinOp("*", ast.Number(magnitude), term)
+        else:
+            scaled = ast.BinOp("*", _scalar_ast(coef, None), term)
+        if result is None:
+            result = ast.Neg(scaled) if negative else scaled
+        else:
+            result = ast.BinOp("-" if negative else "+", result, scaled)
+    return result if result is not None else ast.Call("zero")
+
+
+def _is_default(builtin: str, option: str, value: object) -> bool:
+    """Whether ``value`` is what the built-in's row gives ``option`` anyway (explain leaves it out)."""
+    row = load_builtins().get(builtin)
+    if row is None:
+        return False
+    for arg in (*row.params, *row.options):
+        if arg.name == option:
+            default = arg.default
+            if isinstance(default, ast.Node):
+                return _literal(value) == default
+            if isinstance(default, (list, tuple)):
+                return tuple(default) == value
+            return default == value
+    return False
+
+
+def _literal(value: object) -> ast.Expr:
+    if isinstance(value, bool):
+        return ast.Bool(value)
+    if isinstance(value, str):
+        return ast.String(value)
+    if isinstance(value, tuple):
+        return ast.ListExpr(tuple(_literal(v) for v in value))
+    number = float(value)  # type: ignore[arg-type]
+    return ast.Neg(ast.Number(-number)) if number < 0 else ast.Number(number)
+
+
+def ir_text(program: IRProgram) -> str:
+    """The optimized program in tvlang syntax; nodes used twice become named temporaries."""
+    roots = list(program.roots())
+    uses: dict[int, int] = {}
+    for node in postorder(roots):
+        for child in node.args:
+            uses[id(child)] = uses.get(id(child), 0) + 1
+    for node in roots:
+        uses[id(node)] = uses.get(id(node), 0) + 1
+    temps: dict[int, str] = {}
+    statements: list[ast.Stmt] = []
+    for node in postorder(roots):
+        if node.kind == "vector" and node.op in ("lin", "call") and uses.get(id(node), 0) >= 2:
+            name = f"t{len(temps)}"
+            statements.append(ast.Assign(name, _vector_ast(node, temps)))
+            temps[id(node)] = name
+    for name, node in program.outputs:
+        statements.append(ast.Out(None if name == "out" else name, _vector_ast(node, temps)))
+    return to_text(ast.Program(tuple(statements))).rstrip("\n")
+
+
+def step_text(step: Step, names) -> str:
+    """One per-tensor step as explain prints it (the text form is the op's, in ``STEP_OPS``)."""
+    def coef(value) -> str:
+        text = format_coef(value, names)
+        simple = text.lstrip("-").replace(".", "").replace("e", "").isalnum() or text.startswith("1/")
+        return text if simple else f"({text})"
+
+    return STEP_OPS[step.op].text(step, coef, _option_text)
+
+
+def _option_text(value: object) -> str:
+    return to_text(_literal(value))
+
+

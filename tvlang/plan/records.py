@@ -1,0 +1,39 @@
+"""Small values the API hands in and out: a task-vector binding marker and a run's summary.
+
+Kept apart from ``compiler`` so the run layer can use them without importing the planner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["DeltaBinding", "RunSummary", "delta"]
+
+
+@dataclass(frozen=True)
+class DeltaBinding:
+    """A binding marked as a task vector (see :func:`delta`)."""
+
+    value: Any
+
+
+def delta(value: Any) -> DeltaBinding:
+    """Mark a state dict, module or path bound to a name as a task vector (a Delta)."""
+    return DeltaBinding(value)
+
+
+@dataclass
+class RunSummary:
+    outputs: dict[str, str]  # output name -> path written
+    tensors: int
+    bytes_written: int
+    seconds: float
+    passes: int
+
+    def line(self) -> str:
+        size = self.bytes_written / 2**20
+        rate = size / self.seconds if self.seconds > 0 else 0.0
+        where = ", ".join(self.outputs.values())
+        return (f"wrote {self.tensors} tensors ({size:.1f} MiB) to {where} in {self.seconds:.2f} s "
+                f"({rate:.0f} MiB/s, {self.passes} pass{'es' if self.passes != 1 else ''})")

@@ -1,0 +1,138 @@
+"""Bindings: what each free name of a plan is bound to, opened as readers.
+
+``bind`` opens only the sources the plan reads; a binding that turns out to be a
+task vector re-types its name (``binding_kind``), which can change what the plan
+reads. ``protected_paths`` lists every path the recipe names, read or not: no
+output may replace one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
+
+from tvlang.errors import TvlangError
+from tvlang.io import TensorReader, open_reader, peek_kind
+from tvlang.plan.records import DeltaBinding
+
+if TYPE_CHECKING:
+    from tvlang.plan.compiler import Plan
+
+__all__ = ["Bound", "bind", "binding_kind", "protected_paths"]
+
+
+@dataclass
+class Bound:
+    """A plan re-typed for its bindings, with a reader per source it reads."""
+
+    plan: Plan
+    readers: dict[str, TensorReader]
+    borrowed: set[str]  # sources whose tensors belong to the caller (never mutate)
+    base: str
+
+    def close(self) -> None:
+        for reader in self.readers.values():
+            reader.close()
+
+
+def _label(name: str, value: Any) -> str | None:
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    return f"<{type(value).__name__} bound to '{name}'>"
+
+
+def bind(plan: Plan, bindings: Mapping[str, Any]) -> Bound:
+    """Open every source the plan reads; re-type free names bound to task vectors."""
+    free = plan.checked.sources
+    missing = [name for name in free if name not in bindings]
+    if missing:
+        raise TvlangError(f"no binding for {', '.join(repr(m) for m in missing)}",
+                          notes=("bind each name to a checkpoint (--bind name=PATH, or the bindings dict)",))
+    opened: dict[str, TensorReader] = {}
+    borrowed: set[str] = set()
+    kinds: dict[str, str] = {}
+
+    def open_source(key: str) -> None:
+        spec = plan.optimized.sources[key]
+        if spec.path is None:  # a free name: its binding says what it is
+            value = bindings[key]
+            marked = isinstance(value, DeltaBinding)
+            if marked:
+                value = value.value
+            reader = open_reader(value, label=_label(key, value))
+            if not isinstance(value, (str, os.PathLike)):
+                borrowed.add(key)
+            kinds[key] = "delta" if marked or reader.kind == "delta" else "model"
+        else:
+            try:
+                reader = open_reader(spec.path, label=spec.path)
+            except TvlangError as exc:
+                if exc.span is None:  # point at the load() that names the file
+                    exc.span = spec.span
+                raise
+            if spec.kind == "model" and reader.kind == "delta":
+                reader.close()
+                raise TvlangError(f"'{spec.path}' is a task vector (its metadata says so); load it with load_delta()",
+                                  spec.span, source=plan.text, filename=plan.filename)
+        opened[key] = reader
+
+    try:
+        # Open only what the plan reads (a source whose coefficients cancel is
+        # never opened); a bound task vector re-types its name, which can
+        # change what the plan reads, so repeat until nothing changes.
+        original = plan
+        for _ in range(len(plan.optimized.sources) + 1):
+            for key in plan.schedule.sources_read:
+                if key not in opened:
+                    open_source(key)
+            retyped = original.for_kinds(kinds)
+            if retyped is plan:
+                break
+            plan = retyped
+        if not plan.schedule.sources_read:  # nothing to read: the layout comes from the first source
+            first = next(iter(plan.optimized.sources))
+            if first not in opened:
+                open_source(first)
+    except TvlangError as exc:
+        for reader in opened.values():
+            reader.close()
+        raise exc.with_context(source=plan.text, filename=plan.filename) from None
+    order = plan.schedule.sources_read
+    every = order + [k for k in plan.optimized.sources if k not in order]
+    models = [k for k in order if plan.optimized.sources[k].kind == "model"]
+    base = models[0] if models else (order[0] if order else every[0])
+    needed = set(order) | {base}
+    for key in list(opened):
+        if key not in needed:
+            opened.pop(key).close()
+    return Bound(plan, opened, borrowed, base)
+
+
+def binding_kind(value: Any) -> str:
+    """``"delta"`` or ``"model"``: what a binding is, before it is opened.
+
+    A value marked with ``tvlang.delta``, or a file whose metadata says it is a task
+    vector, is a Delta; anything else (an unmarked state dict or module) a Model.
+    """
+    if isinstance(value, DeltaBinding):
+        return "delta"
+    if isinstance(value, (str, os.PathLike)):
+        return peek_kind(os.fspath(value))
+    return "model"
+
+
+def protected_paths(plan: Plan, bindings: Mapping[str, Any]) -> list[str]:
+    """Every path the recipe names or is bound to, read or not: no output may replace one.
+
+    A source that the optimizer cancels (``pre + (ft - pre)`` never reads ``pre``)
+    is still an input of the recipe as written.
+    """
+    paths = [spec.path for spec in plan.unoptimized.sources.values() if spec.path is not None]
+    for name in plan.checked.sources:
+        value = bindings.get(name)
+        if isinstance(value, DeltaBinding):
+            value = value.value
+        if isinstance(value, (str, os.PathLike)):
+            paths.append(os.fspath(value))
+    return paths

@@ -1,0 +1,117 @@
+"""The output layout: which tensors are computed, copied or left out, checked against the base.
+
+Names, shapes and dtypes of every input are checked against the base before the
+first byte is computed, under the ``missing`` policy (docs/evaluator.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+
+from tvlang.errors import TvlangError
+from tvlang.io import TensorInfo
+from tvlang.ops.select import count_layers
+from tvlang.run.bindings import Bound, bind
+from tvlang.run.options import MISSING_POLICIES
+
+if TYPE_CHECKING:
+    from tvlang.plan.compiler import Plan
+
+__all__ = ["Layout", "layout", "validate"]
+
+
+@dataclass
+class Layout:
+    names: list[str]  # float tensors computed, in base order
+    passthrough: list[str]  # integer/bool tensors copied from the base
+    copied: dict[str, list[str]]  # missing="base": name -> inputs lacking it (copied from the base)
+    infos: dict[str, TensorInfo]  # base's info per name
+    num_layers: int | None
+
+
+def layout(bound: Bound, missing: str) -> Layout:
+    if missing not in MISSING_POLICIES:
+        raise TvlangError(f"unknown missing-tensor policy '{missing}'; choose error, base or skip")
+    base = bound.readers[bound.base]
+    others = [(k, r) for k, r in bound.readers.items() if k != bound.base]
+    names: list[str] = []
+    passthrough: list[str] = []
+    copied: dict[str, list[str]] = {}
+    infos: dict[str, TensorInfo] = {}
+    other_names = {k: set(r.names()) for k, r in others}
+    for name in base.names():
+        info = base.info(name)
+        infos[name] = info
+        if not (info.dtype.is_floating_point or info.dtype.is_complex):
+            passthrough.append(name)
+            continue
+        lacking = [k for k, _ in others if name not in other_names[k]]
+        if lacking:
+            if missing == "error":
+                reader = bound.readers[lacking[0]]
+                raise TvlangError(f"tensor '{name}' is in {base.label} but missing from {reader.label}",
+                                  tensor=name, notes=("choose a policy with --missing base|skip",))
+            if missing == "base":
+                copied[name] = lacking
+            continue  # skip
+        for key, reader in others:
+            other = reader.info(name)
+            if tuple(other.shape) != tuple(info.shape):
+                raise TvlangError(
+                    f"tensor '{name}' has shape {_shape(info.shape)} in {base.label} "
+                    f"but {_shape(other.shape)} in {reader.label}", tensor=name)
+            if not other.dtype.is_floating_point:
+                raise TvlangError(f"tensor '{name}' is {_dtype(other.dtype)} in {reader.label} "
+                                  f"but {_dtype(info.dtype)} in {base.label}", tensor=name)
+        names.append(name)
+    if missing == "error":
+        base_names = set(base.names())
+        for key, reader in others:
+            extra = [n for n in reader.names() if n not in base_names and reader.info(n).dtype.is_floating_point]
+            if extra:
+                raise TvlangError(f"tensor '{extra[0]}' is in {reader.label} but missing from {base.label}",
+                                  tensor=extra[0], notes=("choose a policy with --missing base|skip",))
+    return Layout(names, passthrough, copied, infos, _count_layers(base.names()))
+
+
+def validate(plan: Plan, bindings: Mapping[str, Any], *, missing: str = "error") -> Layout:
+    """Check the bound inputs as ``run`` would, computing nothing.
+
+    Opens every source the plan reads (headers only), checks names, shapes and
+    dtypes against the base under the ``missing`` policy, closes the readers and
+    returns the layout (the float tensors to compute, the integer ones copied).
+    Raises the same :class:`TvlangError` that ``run`` would raise before writing.
+
+    >>> import torch, tvlang
+    >>> plan = tvlang.compile("pre + 0.5*(ft - pre)")
+    >>> pre = {"w": torch.zeros(2, 3), "steps": torch.zeros(1, dtype=torch.int64)}
+    >>> validate(plan, {"pre": pre, "ft": {"w": torch.ones(2, 3)}}).names
+    ['w']
+    >>> try:
+    ...     validate(plan, {"pre": pre, "ft": {"w": torch.ones(3, 2)}})
+    ... except tvlang.TvlangError as exc:
+    ...     print(exc.message)
+    tensor 'w' has shape (2, 3) in <dict bound to 'pre'> but (3, 2) in <dict bound to 'ft'>
+    """
+    bound = bind(plan, bindings)
+    try:
+        return layout(bound, missing)
+    except TvlangError as exc:
+        raise exc.with_context(source=bound.plan.text, filename=bound.plan.filename) from None
+    finally:
+        bound.close()
+
+
+def _count_layers(names: list[str]) -> int | None:
+    return count_layers(names)
+
+
+def _shape(shape) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")

@@ -1,0 +1,240 @@
+"""One execution of a bound plan: reductions first, then the main pass, tensor by tensor.
+
+For each tensor name (in the base's file order) a ``Session`` reads only the inputs
+the plan needs (one tensor ahead, in a thread), runs the per-tensor program with the
+chunked interpreter when it can (``tvlang.run.chunked``) and the whole-tensor one
+otherwise (``tvlang.run.whole``), and yields the results. Whole-model scalars are
+computed first, in passes of their own (``reduce``).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Iterator
+
+import torch
+
+from tvlang.errors import TvlangError
+from tvlang.io import TensorInfo
+from tvlang.ops.context import TensorContext
+from tvlang.plan.ir import Node, const_value
+from tvlang.plan.schedule import Step, TensorProgram
+from tvlang.run import chunked
+from tvlang.run.bindings import Bound
+from tvlang.run.buffers import OutputBuffers
+from tvlang.run.chunked import LinearProgram, chunk_kernels, execute_chunked, linear_program
+from tvlang.run.layout import layout
+from tvlang.run.options import parse_device, parse_dtype
+from tvlang.run.steps import USER_ERRORS, numel, tensor_error, translated, translated_call
+from tvlang.run.whole import execute_whole
+
+__all__ = ["Session"]
+
+
+class Session:
+    """One execution of a bound plan: reductions first, then the main pass."""
+
+    def __init__(self, bound: Bound, *, device: Any = "cpu", dtype: Any = "float32",
+                 out_dtype: Any = None, missing: str = "error", prefetch: bool = True) -> None:
+        self.bound = bound
+        self.plan = bound.plan
+        self.device = parse_device(device)
+        self.dtype = parse_dtype(dtype)
+        self.out_dtype = parse_dtype(out_dtype, "output dtype") if out_dtype is not None else None
+        self.layout = layout(bound, missing)
+        self.prefetch = prefetch
+        self.reduced: dict[int, float] = {}  # id(reduce node) -> value
+        self._scalar_cache: dict[int, float] = {}
+        self._linear: dict[int, LinearProgram | None] = {}  # id(program) -> analysis
+        self.scratch: dict[int, torch.Tensor] = {}  # value -> chunk buffer (chunked runs)
+        self.buffers = OutputBuffers()
+
+    # scalars
+
+    def scalar(self, node: Node) -> float:
+        cached = self._scalar_cache.get(id(node))
+        if cached is not None:
+            return cached
+        op = node.op
+        if op == "const":
+            value = const_value(node)
+        elif op == "reduce":
+            value = self.reduced[id(node)]
+        elif op == "neg":
+            value = -self.scalar(node.args[0])
+        else:
+            left, right = self.scalar(node.args[0]), self.scalar(node.args[1])
+            if op == "div" and right == 0.0:
+                raise TvlangError("division by zero: a scalar in the recipe divides by a value that is 0 "
+                                  "(a norm of an all-zero task vector?)")
+            value = {"add": left + right, "sub": left - right, "mul": left * right,
+                     "div": left / right if right else 0.0}[op]
+        self._scalar_cache[id(node)] = value
+        return value
+
+    # reading
+
+    def _read_all(self, program: TensorProgram, name: str) -> dict[str, torch.Tensor]:
+        readers = self.bound.readers
+        return {key: readers[key].read(name) for key in program.reads}
+
+    def _inputs(self, program: TensorProgram, names: list[str]) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+        """(name, raw input tensors) for each name, read one tensor ahead in a thread."""
+        if not self.prefetch or len(names) < 2:
+            for name in names:
+                yield name, self._read_all(program, name)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvlang-read") as pool:
+            pending: Future = pool.submit(self._read_all, program, names[0])
+            for index, name in enumerate(names):
+                raw = pending.result()
+                if index + 1 < len(names):
+                    pending = pool.submit(self._read_all, program, names[index + 1])
+                yield name, raw
+
+    # one tensor
+
+    def execute(self, program: TensorProgram, name: str, raw: dict[str, torch.Tensor],
+                sink, feed=None) -> None:
+        """Run ``program`` for tensor ``name``; ``sink(output, tensor)`` gets results."""
+        try:
+            self._execute(program, name, raw, sink, feed)
+        except USER_ERRORS as exc:
+            raise tensor_error(name, exc) from exc
+
+    def _linear_for(self, program: TensorProgram) -> LinearProgram | None:
+        key = id(program)
+        if key not in self._linear:
+            self._linear[key] = linear_program(program)
+        return self._linear[key]
+
+    def _execute(self, program: TensorProgram, name: str, raw: dict[str, torch.Tensor], sink, feed) -> None:
+        if feed is None:
+            linear = self._linear_for(program)
+            kernels = chunk_kernels(self, program, name) if linear is not None and \
+                numel(self.layout.infos[name].shape) >= chunked.CHUNK_MIN else None
+            if kernels is not None:
+                for output, tensor in self._execute_chunked(program, linear, name, raw, kernels, pieces=False):
+                    sink(output, tensor)
+                return
+        execute_whole(self, program, name, raw, sink, feed)
+
+    # The chunked interpreter, as a method so that tests can watch it.
+    _execute_chunked = execute_chunked
+
+    def call_context(self, step: Step, name: str) -> TensorContext:
+        """The TensorContext of a kernel call for tensor ``name``, with the reductions it asked for."""
+        calls = self.plan.schedule.call_reductions.get(id(step.node), [])
+        return TensorContext(name, self.device, {key: self.reduced[id(node)] for key, node in calls},
+                             self.layout.num_layers)
+
+    # reductions
+
+    def reduce(self, progress=None) -> None:
+        """Run the reduction passes: every whole-model scalar the main pass needs."""
+        for tasks, program in self.plan.schedule.levels:
+            reducers = {}
+            for task in tasks:
+                if task.factory is None:
+                    raise TvlangError(f"no reducer for '{task.builtin}'")
+                reducers[task.name] = task.factory()
+            passes = max(getattr(r, "passes", 1) for r in reducers.values())
+            for pass_index in range(passes):
+                def feed(task_name, tensors, tensor_name, pass_index=pass_index):
+                    reducer = reducers[task_name]
+                    if pass_index < getattr(reducer, "passes", 1):
+                        ctx = TensorContext(tensor_name, self.device, {}, self.layout.num_layers)
+                        reducer.update(pass_index, tensors, ctx)
+
+                for name, raw in self._inputs(program, self.layout.names):
+                    self.execute(program, name, raw, sink=None, feed=feed)
+                    if progress:
+                        progress.advance(name, 0)
+                for reducer in reducers.values():
+                    if pass_index < getattr(reducer, "passes", 1):
+                        reducer.end_pass(pass_index)
+            for task in tasks:
+                self.reduced[id(task.node)] = float(reducers[task.name].result())
+        self._scalar_cache.clear()
+
+    # the main pass
+
+    def results(self, outputs: list[str], progress=None, *,
+                pieces: bool = False) -> Iterator[tuple[str, str, torch.Tensor, bool]]:
+        """(output, tensor name, result, whole) for every tensor of ``outputs``, base order.
+
+        Results are on the CPU in their output dtype; float tensors the plan
+        computes, integer tensors copied from the base (Model outputs only).
+        With ``pieces=True`` a large tensor of a chunkable program comes as flat
+        pieces in order (``whole`` False), each valid until given back
+        (``give_back``); otherwise every result is whole.
+        """
+        program = self.plan.schedule.main
+        kinds = {name: self.plan.output_kind(name) for name in outputs}
+        base = self.bound.readers[self.bound.base]
+        order = self._order()
+        computed = set(self.layout.names)
+        compute_names = [n for n in order if n in computed]
+        inputs = self._inputs(program, compute_names)
+        for name in order:
+            info = self.layout.infos[name]
+            if name in computed:
+                got, raw = next(inputs)
+                assert got == name
+                linear = self._linear_for(program) if pieces else None
+                kernels = None
+                if linear is not None and numel(info.shape) >= chunked.CHUNK_MIN:
+                    kernels = translated_call(name, chunk_kernels, self, program, name)
+                if kernels is not None:
+                    chunks = self._execute_chunked(program, linear, name, raw, kernels, pieces=True)
+                    for out, piece in translated(name, chunks):
+                        if out in kinds:
+                            yield out, name, piece, False
+                        else:
+                            self.buffers.give_back(piece)
+                else:
+                    results: list[tuple[str, torch.Tensor]] = []
+                    self.execute(program, name, raw, sink=lambda out, t: results.append((out, t)))
+                    for out, tensor in results:
+                        if out in kinds:
+                            yield out, name, self._finish(tensor, info), True
+            else:
+                # An integer buffer, or (missing="base") a float tensor some input lacks:
+                # the base's, into Model outputs only.
+                tensor = base.read(name)
+                copied = name in self.layout.copied
+                for out in outputs:
+                    if kinds[out] != "model":
+                        continue
+                    yield out, name, (self._finish(tensor, info) if copied else tensor), True
+            if progress:
+                progress.advance(name, info.nbytes * len(outputs))
+
+    def _order(self) -> list[str]:
+        wanted = set(self.layout.names) | set(self.layout.passthrough) | set(self.layout.copied)
+        return [n for n in self.bound.readers[self.bound.base].names() if n in wanted]
+
+    def _in_output(self, name: str, kind: str) -> bool:
+        """Base-copied tensors (integer buffers, missing="base") go to Model outputs only."""
+        if name in self.layout.passthrough or name in self.layout.copied:
+            return kind == "model"
+        return True
+
+    def _finish(self, tensor: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+        dtype = self.out_dtype or info.dtype
+        return tensor.to(device="cpu", dtype=dtype)
+
+    def output_layout(self, output: str) -> list[TensorInfo]:
+        kind = self.plan.output_kind(output)
+        result = []
+        for name in self._order():
+            info = self.layout.infos[name]
+            if not self._in_output(name, kind):
+                continue
+            if name in self.layout.passthrough:
+                dtype = info.dtype
+            else:
+                dtype = self.out_dtype or info.dtype
+            nbytes = numel(info.shape) * dtype.itemsize
+            result.append(TensorInfo(name, tuple(info.shape), dtype, nbytes, ""))
+        return result
