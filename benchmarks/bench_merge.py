@@ -59,14 +59,16 @@ MERGEKIT = {
     "mergekit-ties": ("ties", "true", {"weight": 1.0, "density": DENSITY}),
     "mergekit-dare_ties": ("dare_ties", "true", {"weight": 1.0, "density": round(1 - P, 6)}),
 }
-CONTENDERS = tuple(EXPRS) + tuple(MERGEKIT)
+CONTENDERS = tuple(EXPRS) + tuple(MERGEKIT) + tuple(f"{name}@base" for name in EXPRS)
 DEFAULT = "tvlang-ta,tvlang-ties,tvlang-dare,tvlang-dare_ties,mergekit-ta,mergekit-ties"
 CHECKED = ("model.norm.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight")
 
 
 def tvlang_cmd(name: str, paths: dict[str, str], out: str) -> list[str]:
+    """The command of a tvlang contender; ``NAME@base`` is NAME on the code of --baseline-src."""
     binds = [arg for n in NAMES for arg in ("--bind", f"{n}={paths[n]}")]
-    return [sys.executable, "-m", "tvlang", "run", "-e", EXPRS[name], *binds, "-o", out, "-q"]
+    expr = EXPRS[name.removesuffix("@base")]
+    return [sys.executable, "-m", "tvlang", "run", "-e", expr, *binds, "-o", out, "-q"]
 
 
 def mergekit_cmd(name: str, mergekit: str, paths: dict[str, str], out: str, folder: str) -> list[str]:
@@ -177,9 +179,11 @@ def run_one(name: str, paths: dict[str, str], folder: str, args, verbose: bool) 
     else:
         cmd = tvlang_cmd(name, paths, out)
     shutil.rmtree(out, ignore_errors=True)
-    result = measure(cmd, env=contender_env())
+    if name.endswith("@base") and not args.baseline_src:
+        return None
+    result = measure(cmd, env=contender_env(name, args))
     if result.rc == 0:
-        good, note = check(name, out, paths)
+        good, note = check(name.removesuffix("@base"), out, paths)
         if verbose or not good:
             print(f"  {name}: {'ok' if good else 'WRONG'}: {note}", file=sys.stderr, flush=True)
         if not good:
@@ -242,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mergekit-warmup", action="store_true", help="an untimed mergekit run first")
     parser.add_argument("--only", default=DEFAULT, help=f"contenders (comma-separated) among {', '.join(CONTENDERS)}")
     parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), help="path of mergekit-yaml")
+    parser.add_argument("--baseline-src", default=None,
+                        help="a source checkout of another tvlang (git worktree add DIR COMMIT): contenders "
+                             "NAME@base run NAME on its code, alternately with the current code")
     args = parser.parse_args(argv)
     only = [c.strip() for c in args.only.split(",") if c.strip()]
     unknown = [c for c in only if c not in CONTENDERS]
@@ -252,10 +259,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB; "
           f"checkpoints of {args.size_gb:g} GB", flush=True)
     for name in only:
-        print(f"  {name}: {EXPRS.get(name) or MERGEKIT[name]}", flush=True)
+        print(f"  {name}: {EXPRS.get(name.removesuffix('@base')) or MERGEKIT[name]}", flush=True)
     paths = make_checkpoints(args.workdir, args.size_gb)
     results = bench(only, paths, os.path.dirname(paths["pre"]), args)
     print(table(results, args.size_gb))
+    for name, result in results.items():
+        if name.endswith("@base") and name.removesuffix("@base") in results:
+            print(f"{name.removesuffix('@base')} / {name}: {results[name.removesuffix('@base')].wall / result.wall:.3f}")
     return 0
 
 

@@ -53,7 +53,7 @@ from harness import Result, fmt_bytes, measure, median_result  # noqa: E402
 
 EXPR = "pre + 0.4*(a - b) + 0.7*(c - pre)"
 NAMES = ("pre", "a", "b", "c")
-CONTENDERS = ("tvlang", "naive", "ideal", "ideal+fsync", "mergekit")
+CONTENDERS = ("tvlang", "naive", "ideal", "ideal+fsync", "mergekit", "tvlang@base")
 
 
 # -- checkpoints -------------------------------------------------------------------------
@@ -198,6 +198,8 @@ def contender_cmd(name: str, paths: dict[str, str], out: str, args) -> list[str]
     ordered = [paths[n] for n in NAMES]
     if name == "tvlang":
         return run_tvlang_cmd(paths, out)
+    if name == "tvlang@base":  # the same command, on the code of --baseline-src
+        return run_tvlang_cmd(paths, out) if args.baseline_src else None
     if name == "naive":
         return [sys.executable, me, "_run", "naive", out, *ordered]
     if name == "ideal":
@@ -240,11 +242,14 @@ def check_output(out: str, paths: dict[str, str]) -> float:
     return worst
 
 
-def contender_env() -> dict[str, str]:
+def contender_env(name: str = "", args=None) -> dict[str, str]:
     """The environment without PYTHONDONTWRITEBYTECODE: contenders start as a user's
-    would, from compiled modules (the warm-up run writes them)."""
+    would, from compiled modules (the warm-up run writes them). A ``@base`` contender
+    imports tvlang from ``--baseline-src`` (a checkout of another commit) instead."""
     env = dict(os.environ)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
+    if name.endswith("@base") and args is not None and args.baseline_src:
+        env["PYTHONPATH"] = os.path.abspath(args.baseline_src)
     return env
 
 
@@ -258,7 +263,7 @@ def run_round(names: list[str], paths: dict[str, str], folder: str, args) -> dic
             results[name] = None
             continue
         shutil.rmtree(out, ignore_errors=True)
-        result = measure(cmd, env=contender_env())
+        result = measure(cmd, env=contender_env(name, args))
         if result.rc == 0:
             error = check_output(out, paths)
             if error > 1e-5:
@@ -350,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(CONTENDERS), help="contenders to run (comma-separated)")
     parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), help="path of mergekit-yaml")
     parser.add_argument("--startup", action="store_true", help="also time tvlang check start-up")
+    parser.add_argument("--baseline-src", default=None,
+                        help="a source checkout of another tvlang (git worktree add DIR COMMIT): adds the "
+                             "contender tvlang@base, run alternately with tvlang")
     args = parser.parse_args(argv)
     only = [c.strip() for c in args.only.split(",") if c.strip()]
     unknown = [c for c in only if c not in CONTENDERS]
@@ -376,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
                 walls = ", ".join(f"{w:.1f}" for w in result.extra.get("walls", [result.wall]))
                 print(f"  {name}: median {result.wall:.2f} s ({walls})", file=sys.stderr, flush=True)
     print(table(rows, ref))
+    for (name, size_gb), wall in ref.items():
+        if name == "tvlang@base" and ("tvlang", size_gb) in ref:
+            print(f"tvlang / tvlang@base at {size_gb:g} GB: {ref[('tvlang', size_gb)] / wall:.3f}")
     if args.startup:
         print(startup(args.workdir, max(5, args.repeat)))
     return 0
