@@ -35,7 +35,8 @@ IN_FLIGHT = 2  # writes queued per output by run() (whole tensors or pieces)
 
 
 def stream(plan: Plan, bindings: Mapping[str, Any], *, output: str | None = None, device: Any = "cpu",
-           dtype: Any = "float32", out_dtype: Any = None, missing: str = "error") -> Iterator[tuple[str, torch.Tensor]]:
+           dtype: Any = "float32", out_dtype: Any = None, missing: str = "error",
+           allow_nonfinite: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """(tensor name, tensor) of one output, in the base's order, computed as they are asked for.
 
     Nothing is opened until the first pair is asked for. Each tensor is fresh memory
@@ -56,7 +57,8 @@ def stream(plan: Plan, bindings: Mapping[str, Any], *, output: str | None = None
             output = plan.outputs[0]
         elif output not in plan.outputs:
             raise TvlangError(f"no output named '{output}'; the outputs are {', '.join(plan.outputs)}")
-        session = Session(bound, device=device, dtype=dtype, out_dtype=out_dtype, missing=missing)
+        session = Session(bound, device=device, dtype=dtype, out_dtype=out_dtype, missing=missing,
+                          allow_nonfinite=allow_nonfinite)
         session.reduce()
         for _, name, tensor, _ in session.results([output]):
             yield name, tensor
@@ -68,7 +70,7 @@ def stream(plan: Plan, bindings: Mapping[str, Any], *, output: str | None = None
 
 def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu", dtype: Any = "float32",
         out_dtype: Any = None, shard_size: int | None = None, force: bool = False, missing: str = "error",
-        progress: Any = False) -> RunSummary:
+        progress: Any = False, allow_nonfinite: bool = False) -> RunSummary:
     """Compute every output in one pass over the inputs and write them."""
     started = time.perf_counter()
     bound = bind(plan, bindings)
@@ -76,7 +78,8 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
     try:
         plan = bound.plan
         targets = _targets(plan, out)
-        session = Session(bound, device=device, dtype=dtype, out_dtype=out_dtype, missing=missing)
+        session = Session(bound, device=device, dtype=dtype, out_dtype=out_dtype, missing=missing,
+                          allow_nonfinite=allow_nonfinite)
         check_distinct_outputs(targets)
         inputs = [*protected_paths(plan, bindings), *bound.readers.values()]
         for name, path in targets.items():

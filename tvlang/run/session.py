@@ -23,6 +23,7 @@ from tvlang.run import chunked
 from tvlang.run.bindings import Bound
 from tvlang.run.buffers import OutputBuffers
 from tvlang.run.chunked import LinearProgram, chunk_kernels, execute_chunked, linear_program
+from tvlang.run.finite import check_finite, check_scalar
 from tvlang.run.layout import layout
 from tvlang.run.options import parse_device, parse_dtype
 from tvlang.run.steps import USER_ERRORS, numel, tensor_error, translated, translated_call
@@ -35,7 +36,8 @@ class Session:
     """One execution of a bound plan: reductions first, then the main pass."""
 
     def __init__(self, bound: Bound, *, device: Any = "cpu", dtype: Any = "float32",
-                 out_dtype: Any = None, missing: str = "error", prefetch: bool = True) -> None:
+                 out_dtype: Any = None, missing: str = "error", prefetch: bool = True,
+                 allow_nonfinite: bool = False) -> None:
         self.bound = bound
         self.plan = bound.plan
         self.device = parse_device(device)
@@ -43,6 +45,7 @@ class Session:
         self.out_dtype = parse_dtype(out_dtype, "output dtype") if out_dtype is not None else None
         self.layout = layout(bound, missing)
         self.prefetch = prefetch
+        self.allow_nonfinite = allow_nonfinite
         self.reduced: dict[int, float] = {}  # id(reduce node) -> value
         self._scalar_cache: dict[int, float] = {}
         self._linear: dict[int, LinearProgram | None] = {}  # id(program) -> analysis
@@ -154,7 +157,10 @@ class Session:
                     if pass_index < getattr(reducer, "passes", 1):
                         reducer.end_pass(pass_index)
             for task in tasks:
-                self.reduced[id(task.node)] = float(reducers[task.name].result())
+                value = float(reducers[task.name].result())
+                if not self.allow_nonfinite:
+                    check_scalar(value, f"the whole-model scalar {task.builtin}(...) ({task.name} in explain)")
+                self.reduced[id(task.node)] = value
         self._scalar_cache.clear()
 
     # the main pass
@@ -187,8 +193,11 @@ class Session:
                     kernels = translated_call(name, chunk_kernels, self, program, name)
                 if kernels is not None:
                     chunks = self._execute_chunked(program, linear, name, raw, kernels, pieces=True)
+                    offsets = dict.fromkeys(kinds, 0)
                     for out, piece in translated(name, chunks):
                         if out in kinds:
+                            self._check(piece, out, name, info, offsets[out])
+                            offsets[out] += piece.numel()
                             yield out, name, piece, False
                         else:
                             self.buffers.give_back(piece)
@@ -197,18 +206,29 @@ class Session:
                     self.execute(program, name, raw, sink=lambda out, t: results.append((out, t)))
                     for out, tensor in results:
                         if out in kinds:
-                            yield out, name, self._finish(tensor, info), True
+                            tensor = self._finish(tensor, info)
+                            self._check(tensor, out, name, info)
+                            yield out, name, tensor, True
             else:
                 # An integer buffer, or (missing="base") a float tensor some input lacks:
                 # the base's, into Model outputs only.
                 tensor = base.read(name)
                 copied = name in self.layout.copied
+                if copied:
+                    tensor = self._finish(tensor, info)
                 for out in outputs:
                     if kinds[out] != "model":
                         continue
-                    yield out, name, (self._finish(tensor, info) if copied else tensor), True
+                    if copied:
+                        self._check(tensor, out, name, info)
+                    yield out, name, tensor, True
             if progress:
                 progress.advance(name, info.nbytes * len(outputs))
+
+    def _check(self, tensor: torch.Tensor, output: str, name: str, info: TensorInfo, offset: int = 0) -> None:
+        """The finiteness policy (tvlang.run.finite) on a result, or a piece of one at ``offset``."""
+        if not self.allow_nonfinite:
+            check_finite(tensor, output=output, name=name, shape=info.shape, offset=offset)
 
     def _order(self) -> list[str]:
         wanted = set(self.layout.names) | set(self.layout.passthrough) | set(self.layout.copied)
