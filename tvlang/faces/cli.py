@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from tvlang import __version__
 from tvlang.errors import TvlangError
+from tvlang.faces.commands import bases, check, explain, repl, run, similarity
+from tvlang.faces.commands.args import UsageError
 
-# Order here is the order ``tvlang --help`` lists them in.
-COMMANDS = ("run", "check", "explain", "repl", "similarity", "bases")
+# Each subcommand's module has register(subparsers); this order is the order of ``tvlang --help``.
+COMMAND_MODULES = (run, check, explain, repl, similarity, bases)
+COMMANDS = tuple(module.__name__.rpartition(".")[2] for module in COMMAND_MODULES)
 
 DESCRIPTION = """\
 tvlang: task arithmetic on model checkpoints, as a small language.
@@ -22,25 +25,13 @@ examples:
 """
 
 
-class UsageError(Exception):
-    """A command-line mistake: printed with the usage hint, exit 2."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tvlang", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    from tvlang import __version__
-
     parser.add_argument("--version", action="version", version=f"tvlang {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"tvlang.faces.commands.{name}")
-        except ModuleNotFoundError as exc:  # a command still being built
-            if exc.name == f"tvlang.faces.commands.{name}":
-                continue
-            raise
+    for module in COMMAND_MODULES:
         module.register(sub)
     return parser
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
+from tvlang.language.checker import load_builtins
+
 __all__ = ["PYGMENTS", "TvlangLexer", "highlight", "tokens", "use_color"]
 
 try:
@@ -31,8 +33,6 @@ except ImportError:  # pragma: no cover - Pygments is optional
 
 
 def _builtin_names() -> tuple[str, ...]:
-    from tvlang.language.checker import load_builtins
-
     return tuple(sorted(load_builtins()))
 
 

@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from tvlang.faces.commands.similarity import add_input_arguments, parse_inputs, tty_progress
+from tvlang.faces.commands.args import UsageError, chunk_bytes, parse_inputs, parse_k
+from tvlang.faces.commands.similarity import add_input_arguments, tty_progress
 
 HELP = "cluster task vectors and merge each cluster into a basis (Zhang et al.)"
 
@@ -49,25 +50,9 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def parse_k(text: str) -> int | str:
-    from tvlang.faces.cli import UsageError
-
-    if text == "auto":
-        return "auto"
-    try:
-        k = int(text)
-    except ValueError:
-        raise UsageError(f"--k expects a positive integer or 'auto', got {text!r}") from None
-    if k < 1:
-        raise UsageError(f"--k expects a positive integer or 'auto', got {text!r}")
-    return k
-
-
 def run(args) -> int:
+    from tvlang.bases.build import build_bases  # the bases layer imports torch and numpy
     from tvlang.bases.clustering import require_sklearn
-    from tvlang.bases.build import build_bases
-    from tvlang.faces.cli import UsageError
-    from tvlang.faces.commands.similarity import chunk_bytes
 
     pairs, deltas = parse_inputs(args.inputs)
     if len(pairs) < 2:
@@ -77,7 +62,7 @@ def run(args) -> int:
     k = parse_k(args.k)
     if args.density is not None and args.merge == "mean":
         raise UsageError("--density applies to --merge ties or topk, not mean")
-    budget = chunk_bytes(args)
+    budget = chunk_bytes(args.chunk_mb)
     require_sklearn()  # fail before the similarity pass, not after
     log = None if args.quiet or args.json else (lambda msg: print(msg, file=sys.stderr))
     manifest = build_bases(args.base, pairs, args.output, k=k, merge=args.merge, density=args.density,

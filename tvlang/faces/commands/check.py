@@ -7,12 +7,15 @@ exits 1 when it is not; exits 2 on a command-line mistake.
 from __future__ import annotations
 
 import argparse
-import math
 
+from tvlang.faces.commands.args import KINDS, binding_kind, parse_bindings, parse_params, split_binding
+from tvlang.faces.commands.common import add_recipe_arguments, recipe_source
 from tvlang.language import ast
-from tvlang.language.syntax import parse, parse_expression
-from tvlang.plan.ir import build
 from tvlang.language.checker import CheckedProgram, check
+from tvlang.language.syntax import parse, parse_expression
+from tvlang.plan.compiler import compile as compile_recipe
+from tvlang.plan.compiler import declare_params, delta
+from tvlang.plan.ir import build
 
 HELP = "check a recipe's names, types and the affine rule, and its checkpoints' headers"
 
@@ -38,80 +41,18 @@ examples:
   tvlang check recipe.tv --set lm=0.5
 """
 
-_KINDS = ("model", "delta")
-
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "check", help=HELP, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("recipe", nargs="?", metavar="RECIPE", help="recipe file (.tv)")
-    parser.add_argument("-e", "--expr", metavar="EXPR", help="check one expression instead of a recipe file")
-    parser.add_argument(
-        "--bind",
-        action="append",
-        default=[],
-        metavar="NAME=KIND|PATH",
-        help="bind a free name: 'model', 'delta', or a checkpoint path (repeatable)",
-    )
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="NAME=VALUE", help="override a param (repeatable)"
-    )
+    add_recipe_arguments(parser, "bind a free name: 'model', 'delta', or a checkpoint path (repeatable)",
+                         bind_metavar="NAME=KIND|PATH", expr_help="check one expression instead of a recipe file")
     parser.add_argument("--files", action="store_true",
                         help="also check the headers of the checkpoints the recipe loads (as run would)")
     parser.add_argument("--missing", default="error", choices=("error", "base", "skip"),
                         help="policy for tensors missing from some inputs, as in run (default error)")
     parser.set_defaults(func=run)
-
-
-def parse_bindings(items: list[str]) -> dict[str, str]:
-    """``NAME=VALUE`` pairs; a usage error (exit 2) when malformed or repeated."""
-    from tvlang.faces.cli import UsageError
-
-    bindings: dict[str, str] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        name = name.strip()
-        if not sep or not name.isidentifier() or not value:
-            raise UsageError(f"--bind expects NAME=PATH (or NAME=model, NAME=delta), got {item!r}")
-        if name in bindings:
-            raise UsageError(f"--bind {name} is given twice")
-        bindings[name] = value
-    return bindings
-
-
-def parse_params(items: list[str]) -> dict[str, float]:
-    """``NAME=NUMBER`` pairs; a usage error (exit 2) when malformed or repeated."""
-    from tvlang.faces.cli import UsageError
-
-    params: dict[str, float] = {}
-    for item in items:
-        name, sep, text = item.partition("=")
-        name = name.strip()
-        if not sep or not name.isidentifier():
-            raise UsageError(f"--set expects NAME=NUMBER, got {item!r}")
-        try:
-            value = float(text)
-        except ValueError:
-            raise UsageError(f"--set {name}: {text!r} is not a number") from None
-        if not math.isfinite(value):
-            raise UsageError(f"--set {name}: {text!r} is not a finite number")
-        if name in params:
-            raise UsageError(f"--set {name} is given twice")
-        params[name] = value
-    return params
-
-
-def binding_kind(value: str) -> str:
-    """The kind a ``--bind`` value gives: ``model``/``delta`` literally, ``delta:PATH``,
-    or a path: a task vector when the file's metadata says so, else a model."""
-    if value in _KINDS:
-        return value
-    from tvlang.faces.commands.common import split_binding
-    from tvlang.io import peek_kind
-
-    kind, path = split_binding(value)
-    return kind if kind == "delta" else peek_kind(path)
 
 
 def check_recipe(
@@ -126,7 +67,8 @@ def check_recipe(
 
     ``bindings`` maps free names to ``model``, ``delta`` or a path.
 
-    >>> checked = check_recipe("pre + 0.4*(ft - pre)", None, {"pre": "model", "ft": "m.safetensors"}, None, expression=True)
+    >>> kinds = {"pre": "model", "ft": "delta:tau.safetensors"}
+    >>> checked = check_recipe("pre + 0.4*ft", None, kinds, None, expression=True)
     >>> [(o.name, o.kind) for o in checked.outputs]
     [('out', 'model')]
     """
@@ -135,8 +77,6 @@ def check_recipe(
         program = ast.Program((ast.Out(None, expr, span=expr.span),), span=expr.span)
     else:
         program = parse(text, filename)
-    from tvlang.plan.compiler import declare_params
-
     program = declare_params(program, params or {})
     sources = {name: binding_kind(value) for name, value in (bindings or {}).items()}
     checked = check(program, source=text, filename=filename, sources=sources, params=params)
@@ -145,14 +85,12 @@ def check_recipe(
 
 
 def run(args: argparse.Namespace) -> int:
-    from tvlang.faces.commands.common import recipe_source
-
     bindings = parse_bindings(args.bind)
     params = parse_params(args.set)
     text, filename = recipe_source(args)
     kinds = {name: binding_kind(value) for name, value in bindings.items()}  # one header peek per path
     check_recipe(text, filename, kinds, params, expression=args.expr is not None)
-    paths = {name: value for name, value in bindings.items() if value not in _KINDS}
+    paths = {name: value for name, value in bindings.items() if value not in KINDS}
     if args.files or paths:
         check_files(text, filename, bindings, kinds, params, missing=args.missing)
     return 0
@@ -166,12 +104,9 @@ def check_files(text: str, filename: str, bindings: dict[str, str], kinds: dict[
     to a kind (``model``/``delta``) have no file: they are checked only when
     every name is bound to a path.
     """
-    if any(value in _KINDS for value in bindings.values()):
+    if any(value in KINDS for value in bindings.values()):
         return
-    from tvlang.faces.commands.common import split_binding
-    from tvlang.plan.compiler import compile as compile_recipe
-    from tvlang.plan.compiler import delta
-    from tvlang.run.evaluate import validate
+    from tvlang.run.evaluate import validate  # the run layer imports torch
 
     bound = {}
     for name, value in bindings.items():

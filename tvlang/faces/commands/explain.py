@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from tvlang.faces.commands.check import parse_bindings, parse_params
+from tvlang.faces.commands.args import binding_kind, parse_bindings, parse_params
 from tvlang.faces.commands.common import add_recipe_arguments, recipe_source
+from tvlang.plan.compiler import compile as compile_recipe
+from tvlang.plan.optimize import PASSES, OptimizerFlags
+
+PASS_NAMES = tuple(name for name, _ in PASSES)  # one --no-NAME switch per optimizer pass
 
 HELP = "show the optimized recipe and the per-tensor plan"
 
@@ -25,21 +29,16 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("explain", help=HELP, description=DESCRIPTION,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_recipe_arguments(parser, "declare a free name's kind: NAME=model, NAME=delta or NAME=[delta:]PATH")
-    for name in ("linearize", "fold", "cancel", "share"):
+    for name in PASS_NAMES:
         parser.add_argument(f"--no-{name}", action="store_true", help=f"turn the {name} pass off")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from tvlang.plan.compiler import compile
-    from tvlang.plan.optimize import OptimizerFlags
-
     text, filename = recipe_source(args)
-    from tvlang.faces.commands.check import binding_kind
-
     kinds = {name: binding_kind(value) for name, value in parse_bindings(args.bind).items()}
-    flags = OptimizerFlags(**{n: not getattr(args, f"no_{n}") for n in ("linearize", "fold", "cancel", "share")})
-    plan = compile(text, filename=filename, sources=kinds if args.bind else None, flags=flags,
-                   **parse_params(args.set))
+    flags = OptimizerFlags(**{name: not getattr(args, f"no_{name}") for name in PASS_NAMES})
+    plan = compile_recipe(text, filename=filename, sources=kinds if args.bind else None, flags=flags,
+                          **parse_params(args.set))
     print(plan.explain())
     return 0

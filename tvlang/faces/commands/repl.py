@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tvlang.faces.commands.check import parse_bindings, parse_params
+from tvlang.faces.commands.args import parse_bindings, parse_params
+from tvlang.faces.repl import Repl, interact
 
 HELP = "interactive recipes: define names, see summaries of values, save results"
 
@@ -46,8 +47,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tvlang.faces.repl import Repl, interact
-
     bindings = parse_bindings(args.bind)
     params = parse_params(args.set)
     repl = Repl(device=args.device, dtype=args.dtype)

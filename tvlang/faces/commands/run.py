@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 
-from tvlang.faces.commands.check import parse_params
-from tvlang.faces.commands.common import add_recipe_arguments, bindings_from_args, parse_size, recipe_source
+from tvlang.faces.commands.args import (
+    DTYPE_NAMES,  # noqa: F401  (tests/test_data_errors.py reads it from here)
+    UsageError,
+    bindings_from_args,
+    check_dtype,
+    parse_outputs,
+    parse_params,
+    parse_size,
+)
+from tvlang.faces.commands.common import add_recipe_arguments, recipe_source
+from tvlang.plan.compiler import compile as compile_recipe
 
 HELP = "run a recipe over checkpoints and write the result"
 
@@ -47,32 +57,12 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def parse_outputs(items: list[str]):
-    from tvlang.faces.cli import UsageError
-
-    if not items:
-        raise UsageError("give an output path with -o PATH")
-    if len(items) == 1 and ("=" not in items[0] or not items[0].split("=", 1)[0].isidentifier()):
-        return items[0]
-    targets = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name.isidentifier() or not path:
-            raise UsageError(f"with several outputs, -o expects NAME=PATH, got {item!r}")
-        if name in targets:
-            raise UsageError(f"-o {name} is given twice")
-        targets[name] = path
-    return targets
-
-
 def compile_from_args(args: argparse.Namespace):
     """(plan, bindings) from RECIPE/-e, --bind and --set."""
-    from tvlang.plan.compiler import compile
-
     text, filename = recipe_source(args)
     kinds, bindings = bindings_from_args(args.bind)
     params = parse_params(args.set)
-    plan = compile(text, filename=filename, sources=kinds, **params)
+    plan = compile_recipe(text, filename=filename, sources=kinds, **params)
     check_bindings_used(plan, list(kinds))
     return plan, bindings
 
@@ -83,10 +73,6 @@ def check_bindings_used(plan, bound: list[str]) -> None:
     Names the recipe reads but that were not bound are the checker's business
     (it reports them, with a suggestion, before this runs).
     """
-    import difflib
-
-    from tvlang.faces.cli import UsageError
-
     used = list(plan.checked.sources)
     unused = [name for name in bound if name not in used]
     if not unused:
@@ -99,18 +85,6 @@ def check_bindings_used(plan, bound: list[str]) -> None:
         hint = f"; did you mean '{match[0]}'?" if match else ""
     reads = ", ".join(used) or "no bound names"
     raise UsageError(f"--bind {name}: the recipe does not use '{name}'{hint} (it reads {reads})")
-
-
-# The names --dtype and --out-dtype take (the evaluator's table, without importing torch here).
-DTYPE_NAMES = ("float32", "fp32", "f32", "float16", "fp16", "f16", "half", "bfloat16", "bf16",
-               "float64", "fp64", "f64")
-
-
-def check_dtype(option: str, value: str | None) -> None:
-    from tvlang.faces.cli import UsageError
-
-    if value is not None and value.lower() not in DTYPE_NAMES:
-        raise UsageError(f"{option}: unknown dtype {value!r}; choose float32, float16, bfloat16 or float64")
 
 
 def run(args: argparse.Namespace) -> int:

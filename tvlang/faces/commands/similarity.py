@@ -8,8 +8,7 @@ import os
 import sys
 
 from tvlang.errors import TvlangError
-
-DELTA_PREFIX = "delta:"
+from tvlang.faces.commands.args import UsageError, chunk_bytes, parse_inputs
 
 HELP = "cosine similarity matrix of task vectors (one streaming pass)"
 
@@ -68,35 +67,6 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
                         help="memory for the chunks of all inputs together (default 64)")
 
 
-def parse_inputs(items: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
-    """``NAME=PATH`` pairs and the names given as ``NAME=delta:PATH`` (task vector files
-    without tvlang metadata); a usage error (exit 2) when malformed or repeated."""
-    from tvlang.faces.cli import UsageError
-
-    pairs: list[tuple[str, str]] = []
-    deltas: list[str] = []
-    for item in items:
-        name, sep, path = item.partition("=")
-        name = name.strip()
-        if path.startswith(DELTA_PREFIX):
-            path = path[len(DELTA_PREFIX):]
-            deltas.append(name)
-        if not sep or not name or not path:
-            raise UsageError(f"expected NAME=PATH (or NAME=delta:PATH), got {item!r}")
-        if any(name == seen for seen, _ in pairs):
-            raise UsageError(f"task vector name '{name}' is given twice")
-        pairs.append((name, path))
-    return pairs, deltas
-
-
-def chunk_bytes(args) -> int:
-    from tvlang.faces.cli import UsageError
-
-    if not args.chunk_mb > 0:
-        raise UsageError(f"--chunk-mb must be positive, not {args.chunk_mb}")
-    return int(args.chunk_mb * 2**20)
-
-
 def tty_progress(label: str):
     """A one-line 'tensor i/n' indicator on stderr when it is a terminal, else None."""
     if not sys.stderr.isatty():
@@ -111,8 +81,6 @@ def tty_progress(label: str):
 
 
 def run(args) -> int:
-    from tvlang.faces.cli import UsageError
-
     pairs, deltas = parse_inputs(args.inputs)
     if not pairs:
         raise UsageError("give at least one task vector as NAME=PATH")
@@ -121,10 +89,10 @@ def run(args) -> int:
     if args.against:
         return _run_against(args, pairs, deltas)
 
-    from tvlang.bases.gram import similarity
+    from tvlang.bases.gram import similarity  # the bases layer imports torch
 
     sim = similarity(pairs, base=args.base, include=args.include, exclude=args.exclude, deltas=deltas,
-                     chunk_bytes=chunk_bytes(args), progress=tty_progress("similarity"))
+                     chunk_bytes=chunk_bytes(args.chunk_mb), progress=tty_progress("similarity"))
     if args.plot:
         plot_heatmap(sim, args.plot)
     if args.json:
@@ -139,11 +107,11 @@ def run(args) -> int:
 
 
 def _run_against(args, pairs, deltas) -> int:
-    from tvlang.bases.build import against_bases
+    from tvlang.bases.build import against_bases  # the bases layer imports torch
 
     result = against_bases(args.against, pairs, base=args.base,
                            include=args.include or None, exclude=args.exclude or None, deltas=deltas,
-                           chunk_bytes=chunk_bytes(args), progress=tty_progress("similarity"))
+                           chunk_bytes=chunk_bytes(args.chunk_mb), progress=tty_progress("similarity"))
     if args.json:
         data = result.to_dict()
         if args.threshold is not None:
@@ -171,7 +139,7 @@ def plot_heatmap(sim, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tvlang.bases.clustering import cluster
+    from tvlang.bases.clustering import cluster  # numpy
 
     order = list(range(len(sim.names)))
     title = "task vector cosine similarity"
