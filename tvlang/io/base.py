@@ -85,14 +85,14 @@ SAFETENSORS_FROM_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_FROM_SA
 
 
 def show(text: str) -> str:
-    """``text`` safe to print: control characters, lone surrogates and other
-    unprintable characters are escaped as ``repr`` would (``\\x1b``, ``\\ud800``).
+    r"""``text`` safe to print: control characters, lone surrogates and other
+    unprintable characters are escaped as ``repr`` would (``\x1b``, ``\ud800``).
 
     A name read from a file must never reach a terminal raw (an escape sequence would
     be obeyed) or crash the print (a lone surrogate cannot be encoded).
 
-    >>> show("model.layers.0.weight"), show("a\x1b[31m"), show("b\\ud800"), show("c\\u00e9")
-    ('model.layers.0.weight', 'a\\x1b[31m', 'b\\ud800', 'cé')
+    >>> print(show("model.layers.0.weight"), show("a\x1b[31m"), show("b\ud800"), show("c\u00e9"))
+    model.layers.0.weight a\x1b[31m b\ud800 cé
     """
     if text.isprintable():
         return text
@@ -183,21 +183,27 @@ def _bounded_float(text: str) -> float:
     return float(text)
 
 
-# Strings (whose brackets do not count), then every byte that is not a bracket.
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-_OPEN_CLOSE = bytes.maketrans(b"[]{}", b"()()")
+_BRACKETS_AND_QUOTES = bytes.maketrans(b"[]{}", b"()()")
+_NOT_BRACKETS_OR_QUOTES = bytes(b for b in range(256) if b not in b'[]{}"')
+_STRING = re.compile(rb'"[^"]*"')
+_DIGITS = bytes.maketrans(b"123456789", b"000000000")
 
 
 def _too_deep(raw: bytes, limit: int) -> bool:
     """Whether arrays and objects in the JSON text ``raw`` nest more than ``limit`` deep.
 
-    Works on the brackets outside strings only: each pass deletes the innermost
-    pairs, so a header (3 levels) costs three passes over a few bytes per tensor;
-    a run of ``limit + 1`` openers answers at once. Mismatched brackets are left
-    for the JSON parser to report.
+    Works on the brackets outside strings only, at C speed: escaped backslashes and
+    quotes are dropped, then everything but brackets and quotes, then strings. Each
+    pass then deletes the innermost pairs, so a header (3 levels) costs three passes
+    over a few bytes per tensor; a run of ``limit + 1`` openers answers at once.
+    Mismatched brackets are left for the JSON parser to report.
     """
-    brackets = _JSON_STRING.sub(b"", raw).translate(_OPEN_CLOSE, _NOT_BRACKETS)
+    if b"\\" in raw:
+        raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    skeleton = raw.translate(_BRACKETS_AND_QUOTES, _NOT_BRACKETS_OR_QUOTES)
+    # '""' is an empty string or two strings with nothing between them: drop it either way.
+    skeleton = skeleton.replace(b'""', b"")
+    brackets = _STRING.sub(b"", skeleton) if b'"' in skeleton else skeleton
     deep = b"(" * (limit + 1)
     for _ in range(limit):  # after pass k, only what nests more than k deep is left
         if not brackets:
@@ -209,6 +215,12 @@ def _too_deep(raw: bytes, limit: int) -> bool:
             return False  # unbalanced: not JSON, which json.loads reports
         brackets = shorter
     return bool(brackets)
+
+
+def _long_number(raw: bytes) -> bool:
+    """Whether ``raw`` may hold a number longer than ``MAX_NUMBER_CHARS`` (a long run of
+    digits, perhaps inside a string: then the exact check runs while parsing)."""
+    return b"0" * (MAX_NUMBER_CHARS - 1) in raw.translate(_DIGITS)
 
 
 def load_json(label: str, raw: bytes, what: str, *, offset: int = 0, hint: str = "") -> object:
@@ -229,8 +241,9 @@ def load_json(label: str, raw: bytes, what: str, *, offset: int = 0, hint: str =
         raise io_error(label, f"{what} is not UTF-8 text (bad byte at {offset + exc.start}){hint}") from None
     if _too_deep(raw, MAX_JSON_DEPTH):
         raise io_error(label, f"{what} JSON is nested more than {MAX_JSON_DEPTH} levels deep")
+    numbers = {"parse_int": _bounded_int, "parse_float": _bounded_float} if _long_number(raw) else {}
     try:
-        return json.loads(text, object_pairs_hook=_unique_pairs, parse_int=_bounded_int, parse_float=_bounded_float)
+        return json.loads(text, object_pairs_hook=_unique_pairs, **numbers)
     except _JSONLimit as exc:
         raise io_error(label, f"{what} {exc}") from None
     except json.JSONDecodeError as exc:
@@ -256,6 +269,10 @@ def _kind_of(mode: int) -> str:
     return "not a plain file"
 
 
+def _not_regular(label: str, mode: int) -> TvlangError:
+    return io_error(label, f"not a regular file ({_kind_of(mode)}); checkpoints are read only from regular files")
+
+
 def check_regular(label: str, path: str) -> os.stat_result:
     """``os.stat(path)`` (following links), refusing anything but a regular file.
 
@@ -271,7 +288,7 @@ def check_regular(label: str, path: str) -> os.stat_result:
     except ValueError:  # a NUL in the path
         raise io_error(label, "cannot open: the path contains a NUL character") from None
     if not stat.S_ISREG(st.st_mode):
-        raise io_error(label, f"not a regular file ({_kind_of(st.st_mode)}); checkpoints are read only from regular files")
+        raise _not_regular(label, st.st_mode)
     return st
 
 
@@ -292,7 +309,7 @@ def open_regular(label: str, path: str) -> tuple[int, int]:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise io_error(label, f"not a regular file ({_kind_of(st.st_mode)}); checkpoints are read only from regular files")
+            raise _not_regular(label, st.st_mode)
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
     except BaseException:

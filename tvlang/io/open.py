@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 
 from tvlang.errors import TvlangError
-from tvlang.io.base import TensorReader, io_error
+from tvlang.io.base import TensorReader, check_regular, io_error
 from tvlang.io.safetensors_file import SafetensorsReader
 from tvlang.io.sharded import ShardedReader
 from tvlang.io.torch_file import StateDictReader, TorchFileReader
@@ -91,6 +91,9 @@ def _open_path(path: str, label: str) -> TensorReader:
         reader.label = label
         reader.root = os.path.realpath(path)
         return reader
+    # Devices, pipes and sockets are refused before anything opens them: /dev/zero never
+    # ends, and opening a named pipe blocks until something writes to it.
+    check_regular(label, path)
     if path.endswith(".json"):
         return ShardedReader(path, label=label)
     if path.endswith(".safetensors"):

@@ -48,6 +48,7 @@ MMAP_MIN_BYTES = 1 << 20
 # No dimension, and no product of the non-zero dimensions, may exceed this: torch's
 # sizes and strides are int64 (a shape [0, 2**70] holds no bytes, yet no tensor has it).
 MAX_DIM = 2**63 - 1
+_ITEMSIZES = {code: dtype.itemsize for code, dtype in DTYPE_FROM_SAFETENSORS.items()}
 
 
 def parse_header(
@@ -81,44 +82,52 @@ def parse_header(
             for text in (key, value):
                 if not text.isprintable() and _has_surrogate(text):
                     raise io_error(
-                        label, f"header '__metadata__' entry {quoted(key)} contains a lone surrogate, which is not Unicode text"
+                        label,
+                        f"header '__metadata__' entry {quoted(key)} contains a lone surrogate (not Unicode text)",
                     )
             metadata[key] = value
 
     entries = []
+    itemsizes = _ITEMSIZES
     for name, entry in header.items():
-        problem = name_problem(name)
-        if problem is not None:
-            raise io_error(label, f"tensor name {quoted(name)} {problem}", tensor=name)
-        if not isinstance(entry, dict):
+        # The checks run once per tensor per header: the common case takes the cheap path.
+        if not name.isprintable():
+            problem = name_problem(name)
+            if problem is not None:
+                raise io_error(label, f"tensor name {quoted(name)} {problem}", tensor=name)
+        if type(entry) is not dict:
             raise io_error(label, f"tensor {quoted(name)} has a malformed header entry (not an object)", tensor=name)
-        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
-        if missing:
-            raise io_error(label, f"tensor {quoted(name)} header entry lacks {', '.join(missing)}", tensor=name)
-        code = entry["dtype"]
-        if not isinstance(code, str) or code not in DTYPE_FROM_SAFETENSORS:
+        try:
+            code = entry["dtype"]
+            shape = entry["shape"]
+            offsets = entry["data_offsets"]
+        except KeyError:
+            missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+            lacks = ", ".join(missing)
+            raise io_error(label, f"tensor {quoted(name)} header entry lacks {lacks}", tensor=name) from None
+        if type(code) is not str or code not in itemsizes:
             known = ", ".join(DTYPE_FROM_SAFETENSORS)
-            shown = repr(show(code)) if isinstance(code, str) else repr(code)
+            shown = repr(show(code)) if isinstance(code, str) else _short(code)
             raise io_error(label, f"tensor {quoted(name)} has unknown dtype {shown} (known: {known})", tensor=name)
-        dtype = DTYPE_FROM_SAFETENSORS[code]
-        shape = entry["shape"]
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        if type(shape) is not list or (shape and (not {type(d) for d in shape} <= {int} or min(shape) < 0)):
             raise io_error(label, f"tensor {quoted(name)} has a malformed shape {_short(shape)}", tensor=name)
-        if any(d > MAX_DIM for d in shape) or math.prod(d for d in shape if d) > MAX_DIM:
+        numel = math.prod(shape)
+        if numel > MAX_DIM or (not numel and math.prod(filter(None, shape)) > MAX_DIM):
             raise io_error(
-                label, f"tensor {quoted(name)} has shape {shape}, too large for any tensor (at most 2**63-1 elements)", tensor=name
+                label,
+                f"tensor {quoted(name)} has shape {_short(shape)}, too large for any tensor (at most 2**63-1 elements)",
+                tensor=name,
             )
-        offsets = entry["data_offsets"]
         if (
-            not isinstance(offsets, list)
+            type(offsets) is not list
             or len(offsets) != 2
-            or not all(type(o) is int for o in offsets)
+            or type(offsets[0]) is not int
+            or type(offsets[1]) is not int
             or not 0 <= offsets[0] <= offsets[1]
         ):
             raise io_error(label, f"tensor {quoted(name)} has malformed data offsets {_short(offsets)}", tensor=name)
         begin, end = offsets
-        itemsize = dtype.itemsize
-        expected = math.prod(shape) * itemsize
+        expected = numel * itemsizes[code]
         if end - begin != expected:
             raise io_error(
                 label,
@@ -126,6 +135,7 @@ def parse_header(
                 f" but its data offsets [{begin}, {end}] span {end - begin}",
                 tensor=name,
             )
+        dtype = DTYPE_FROM_SAFETENSORS[code]
         entries.append((name, tuple(shape), dtype, data_start + begin, data_start + end))
 
     entries.sort(key=lambda e: (e[3], e[4]))
@@ -137,7 +147,7 @@ def parse_header(
                 tensor=name,
             )
     # Sorted by offset, tensors must follow each other with neither gaps nor overlaps.
-    position = data_start
+    position = prev_begin = data_start
     previous = None
     for name, _, _, begin, end in entries:
         if begin < position:
@@ -275,7 +285,9 @@ class SafetensorsReader(TensorReader):
             raise io_error(self.file_label, f"cannot read tensor {quoted(name)}: {exc.strerror}", tensor=name) from None
         if end > size:  # the file shrank since it was opened
             raise io_error(
-                self.file_label, f"file is truncated: tensor {quoted(name)} ends at byte {end} but the file has {size} bytes", tensor=name
+                self.file_label,
+                f"file is truncated: tensor {quoted(name)} ends at byte {end} but the file has {size} bytes",
+                tensor=name,
             )
         itemsize = info.nbytes // max(1, math.prod(info.shape))
         if self.use_mmap and info.nbytes >= MMAP_MIN_BYTES and offset % max(1, itemsize) == 0:
@@ -326,7 +338,8 @@ class SafetensorsReader(TensorReader):
                     size = os.fstat(self._fd).st_size
                     raise io_error(
                         self.file_label,
-                        f"file is truncated: tensor {quoted(name)} ends at byte {offset + nbytes} but the file has {size} bytes",
+                        f"file is truncated: tensor {quoted(name)} ends at byte {offset + nbytes}"
+                        f" but the file has {size} bytes",
                         tensor=name,
                     )
                 done += count

@@ -8,12 +8,21 @@ before any tensor bytes are read.
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
-from tvlang.io.base import TensorReader, io_error, kind_from_metadata
+from tvlang.io.base import (
+    MAX_JSON_BYTES,
+    TensorReader,
+    io_error,
+    kind_from_metadata,
+    load_json,
+    name_problem,
+    open_regular,
+    quoted,
+    show,
+)
 from tvlang.io.safetensors_file import SafetensorsReader
 from tvlang.io.torch_file import TorchFileReader
 
@@ -33,7 +42,9 @@ class ShardedReader(TensorReader):
         super().__init__(label if label is not None else index_path)
         weight_map = _read_index(self.label, index_path)
         label_dir = os.path.dirname(self.label)
-        real_dir = os.path.dirname(os.path.realpath(index_path))
+        # The model directory is the index's directory (resolved), not that of the file a
+        # linked index points to: shards are named relative to where the index is found.
+        real_dir = os.path.realpath(os.path.dirname(os.path.abspath(index_path)))
         self.root = real_dir
         self._shards: dict[str, TensorReader] = {}
         self._where: dict[str, TensorReader] = {}
@@ -43,10 +54,11 @@ class ShardedReader(TensorReader):
                 by_shard.setdefault(shard, []).append(name)
             for shard in sorted(by_shard):
                 shard_label = os.path.join(label_dir, shard) if label_dir else shard
-                shard_path = os.path.join(real_dir, shard)
-                if not os.path.isfile(shard_path):
+                shard_path = _inside(self.label, real_dir, shard)
+                if not os.path.exists(shard_path):
                     raise io_error(
-                        self.label, f"shard '{shard}' listed in the index does not exist (looked for {shard_label})"
+                        self.label,
+                        f"shard {quoted(shard)} listed in the index does not exist (looked for {show(shard_label)})",
                     )
                 if shard.endswith(".safetensors"):
                     reader: TensorReader = SafetensorsReader(shard_path, label=shard_label)
@@ -56,7 +68,9 @@ class ShardedReader(TensorReader):
                 wanted = set(by_shard[shard])
                 for name in wanted - set(reader.names()):
                     raise io_error(
-                        self.label, f"index puts tensor '{name}' in '{shard}' but that shard has no such tensor", tensor=name
+                        self.label,
+                        f"index puts tensor {quoted(name)} in {quoted(shard)} but that shard has no such tensor",
+                        tensor=name,
                     )
                 for name in reader.names():  # shard file order
                     if name in wanted:
@@ -80,23 +94,58 @@ class ShardedReader(TensorReader):
 
 
 def _read_index(label: str, path: str) -> dict[str, str]:
+    fd, size = open_regular(label, path)
     try:
-        with open(path, "rb") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise io_error(label, "no such file") from None
+        if size > MAX_JSON_BYTES:
+            raise io_error(label, f"index is {size} bytes, more than the {MAX_JSON_BYTES} allowed; not an index?")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            text = f.read(MAX_JSON_BYTES + 1)
     except OSError as exc:
         raise io_error(label, f"cannot read: {exc.strerror}") from None
-    try:
-        index = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise io_error(label, f"index is not valid JSON ({exc})") from None
+    finally:
+        os.close(fd)
+    index = load_json(label, text, "index")
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
         raise io_error(label, "index has no 'weight_map' object (expected {\"weight_map\": {tensor: shard file}})")
     weight_map = index["weight_map"]
     for name, shard in weight_map.items():
+        problem = name_problem(name)
+        if problem is not None:
+            raise io_error(label, f"index names a tensor {quoted(name)}, which {problem}", tensor=name)
         if not isinstance(shard, str) or not shard:
-            raise io_error(label, f"index entry for tensor '{name}' is not a file name", tensor=name)
+            raise io_error(label, f"index entry for tensor {quoted(name)} is not a file name", tensor=name)
+        problem = name_problem(shard) or ("contains a NUL character" if "\0" in shard else None)
+        if problem is not None:
+            raise io_error(
+                label, f"index puts tensor {quoted(name)} in {quoted(shard)}, whose name {problem}", tensor=name
+            )
         if os.path.isabs(shard) or ".." in shard.replace("\\", "/").split("/"):
-            raise io_error(label, f"index puts tensor '{name}' in '{shard}', outside the index's directory", tensor=name)
+            raise io_error(
+                label,
+                f"index puts tensor {quoted(name)} in {quoted(shard)}, outside the index's directory",
+                tensor=name,
+            )
     return weight_map
+
+
+def _inside(label: str, directory: str, shard: str) -> str:
+    """The path of ``shard`` in the model ``directory`` (resolved), refusing one that
+    leads outside it through a symbolic link.
+
+    One layout is allowed to leave: the Hugging Face hub cache, where
+    ``<repo>/snapshots/<revision>/<file>`` links to ``<repo>/blobs/<hash>``.
+    """
+    path = os.path.join(directory, shard)
+    resolved = os.path.realpath(path)
+    roots = [directory]
+    parent = os.path.dirname(directory)
+    if os.path.basename(parent) == "snapshots":
+        roots.append(os.path.join(os.path.dirname(parent), "blobs"))
+    for root in roots:
+        if os.path.commonpath([root, resolved]) == root:
+            return path
+    raise io_error(
+        label,
+        f"shard {quoted(shard)} resolves to {show(resolved)}, outside the model directory {show(directory)}"
+        " (a symbolic link leads out of it)",
+    )
