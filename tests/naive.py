@@ -13,32 +13,11 @@ import math
 
 import torch
 
-from tvlang.language import ast
+from tvlang.language import ast, constants
+from tvlang.language.checker import bind_call, load_builtins
+from tvlang.language.syntax import parse, parse_expression
 from tvlang.ops.context import TensorContext
 from tvlang.ops.registry import KERNELS
-from tvlang.language.syntax import parse, parse_expression
-from tvlang.language.checker import bind_call, load_builtins
-
-
-def _constant(node, params):
-    if isinstance(node, ast.Number):
-        return node.value
-    if isinstance(node, ast.String):
-        return node.value
-    if isinstance(node, ast.Bool):
-        return node.value
-    if isinstance(node, ast.ListExpr):
-        return tuple(_constant(i, params) for i in node.items)
-    if isinstance(node, ast.Name):
-        return params[node.id]
-    if isinstance(node, ast.Neg):
-        return -_constant(node.operand, params)
-    if isinstance(node, ast.BinOp):
-        left, right = _constant(node.left, params), _constant(node.right, params)
-        return {"+": left + right, "-": left - right, "*": left * right, "/": left / right}[node.op]
-    if isinstance(node, ast.Node):
-        raise TypeError(f"not a constant: {node}")
-    return tuple(node) if isinstance(node, list) else node
 
 
 class NaiveEvaluator:
@@ -88,7 +67,7 @@ class NaiveEvaluator:
             left, right = self.expr(node.left), self.expr(node.right)
             op = node.op
             if isinstance(left, float) and isinstance(right, float):
-                return {"+": left + right, "-": left - right, "*": left * right, "/": left / right}[op]
+                return constants.ARITHMETIC[op](left, right)
             if op == "+":
                 return {n: left[n] + right[n] for n in self.names}
             if op == "-":
@@ -100,6 +79,17 @@ class NaiveEvaluator:
         if isinstance(node, ast.Call):
             return self.call(node)
         raise TypeError(node)
+
+    def option(self, node):
+        """A built-in's option value: a literal (or a table default), or a constant number."""
+        if not isinstance(node, ast.Node):  # a Python default from the table
+            return tuple(node) if isinstance(node, list) else node
+        if isinstance(node, (ast.String, ast.Bool)):
+            return node.value
+        if isinstance(node, ast.ListExpr):
+            return tuple(self.option(item) for item in node.items)
+        numbers = {**self.params, **{name: v for name, v in self.env.items() if isinstance(v, float)}}
+        return constants.value(node, numbers)
 
     def _map(self, fn, value):
         if isinstance(value, float):
@@ -116,12 +106,12 @@ class NaiveEvaluator:
             if param.kind in ("model", "delta", "vector"):
                 vectors.append(self.expr(value))
             elif value is not None:
-                options[param.name] = _constant(value, self.params)
+                options[param.name] = self.option(value)
         vectors += [self.expr(v) for v in bound.varargs]
         for option in row.options:
             value = bound.args.get(option.name)
             if value is not None:
-                options[option.name] = _constant(value, self.params)
+                options[option.name] = self.option(value)
         if row.name == "norm":
             return math.sqrt(sum(float((t.double() ** 2).sum()) for t in vectors[0].values()))
         if row.name == "dot":

@@ -7,16 +7,17 @@ leaf), so ``a + b`` and ``b + a`` are one node.
 
 from __future__ import annotations
 
+from tvlang.language.constants import ARITHMETIC
 from tvlang.plan.ir import Interner, Node, const_value
 from tvlang.plan.optimize.rewrite import bottom_up, rebuild
 
-# Scalar rules, as data: op -> how two constants combine.
+# Scalar rules, as data: IR op -> how two constants combine (the language's own arithmetic).
 #   c1 + c2 -> c   c1 - c2 -> c   c1 * c2 -> c   c1 / c2 -> c (c2 != 0)   -c -> c
 _FOLD = {
-    "add": lambda a, b: a + b,
-    "sub": lambda a, b: a - b,
-    "mul": lambda a, b: a * b,
-    "div": lambda a, b: a / b,
+    "add": ARITHMETIC["+"],
+    "sub": ARITHMETIC["-"],
+    "mul": ARITHMETIC["*"],
+    "div": ARITHMETIC["/"],
 }
 
 
@@ -36,7 +37,7 @@ def fold_scalar_node(node: Node, args: tuple[Node, ...], it: Interner) -> Node:
 
 
 def fold_scalar(node: Node, it: Interner) -> Node:
-    """Fold one scalar expression (used for option values)."""
+    """Fold one scalar expression (a coefficient the share pass compares)."""
 
     def visit(n: Node, args, coefs):
         return fold_scalar_node(n, args, it) if n.kind == "scalar" else rebuild(n, it, args, coefs)
