@@ -25,12 +25,13 @@ tvlang.errors.TvlangError: r.tv:1:7: error: model coefficients sum to 1.4; a mod
 from __future__ import annotations
 
 import difflib
+import importlib
 import math
 from dataclasses import dataclass, field
 
-from tvlang.language import ast
-from tvlang.language.builtins import BUILTINS, REQUIRED, Arg, Builtin
 from tvlang.errors import Span, TvlangError
+from tvlang.language import ast, constants
+from tvlang.language.builtins import BUILTINS, REQUIRED, Arg, Builtin
 from tvlang.language.printer import to_text
 
 __all__ = ["BoundCall", "CheckedProgram", "Output", "bind_call", "check", "load_builtins"]
@@ -73,8 +74,20 @@ class BoundCall:
 
 # -- the built-in table ------------------------------------------------------------
 
+_loaded = False
+
+
 def load_builtins() -> dict[str, Builtin]:
-    """``BUILTINS``, which is complete on import (kept for the callers that still ask)."""
+    """Import the modules that register built-ins (core rows and operator rows)."""
+    global _loaded
+    if not _loaded:
+        importlib.import_module("tvlang.language.builtins_core")
+        try:
+            importlib.import_module("tvlang.ops.registry")
+        except ModuleNotFoundError as exc:  # the operator rows are not written yet
+            if exc.name != "tvlang.ops.registry":
+                raise
+        _loaded = True
     return BUILTINS
 
 
@@ -229,6 +242,7 @@ def bind_call(call: ast.Call) -> BoundCall:
     >>> bound.builtin.name, bound.args, bound.varargs
     ('mean', {}, (Name(id='a'), Name(id='b')))
     """
+    load_builtins()
     row = BUILTINS.get(call.func)
     if row is None:
         raise TvlangError(f"unknown function '{call.func}'{_suggest(call.func, BUILTINS)}", call.span)
@@ -508,7 +522,7 @@ class _Checker:
         if isinstance(node, ast.Neg):
             t = self.type_of(node.operand)
             if isinstance(t, _Scalar):
-                return _Scalar(None if t.value is None else -t.value)
+                return self.constant_value(node, t.value)
             if isinstance(t, _Vector):
                 return _Vector(-t.weight)
             if isinstance(t, _Other):
@@ -559,7 +573,7 @@ class _Checker:
             if isinstance(side, _Other):
                 return self.error(f"'{op}' cannot be applied to {_describe(side)}", node)
         if isinstance(left, _Scalar) and isinstance(right, _Scalar):
-            return self.fold(node, left.value, right.value)
+            return self.constant_value(node, left.value, right.value)
         if op in "+-":
             if isinstance(left, _Vector) and isinstance(right, _Vector):
                 return _Vector(left.weight + right.weight if op == "+" else left.weight - right.weight)
@@ -601,15 +615,13 @@ class _Checker:
             return self.error("number out of range", node)
         return _Vector(weight)
 
-    def fold(self, node: ast.BinOp, a: float | None, b: float | None):
-        if node.op == "/" and b == 0:
-            return self.error("division by zero", node.right)
-        if a is None or b is None:
-            return _Scalar(None)
-        value = {"+": a + b, "-": a - b, "*": a * b}[node.op] if node.op != "/" else a / b
-        if not math.isfinite(value):
-            return self.error("number out of range", node)
-        return _Scalar(value)
+    def constant_value(self, node: ast.Neg | ast.BinOp, *operands: float | None):
+        """A number from numbers: its value when they are constants (see :mod:`constants`)."""
+        try:
+            return _Scalar(constants.fold(node, *operands))
+        except TvlangError as exc:
+            self.errors.append(exc.with_context(source=self.source, filename=self.filename))
+            return _UNKNOWN
 
     # -- calls
 
@@ -722,7 +734,7 @@ class _Checker:
             self.affine_error(value, t, f"{label}: ")
             return None
         if kind != "vector" and got != kind:
-            note = row.kind_hint(got)
+            note = _kind_hints().get((row.name, got))
             if note is None:
                 note = (
                     "a task vector is a difference of models: subtract the base (ft - pre)"
@@ -750,6 +762,18 @@ class _Checker:
         return False
 
 
+def _kind_hints() -> dict[tuple[str, str], str]:
+    """``KIND_HINTS`` of the modules that register built-ins, merged."""
+    hints: dict[tuple[str, str], str] = {}
+    for module in ("tvlang.language.builtins_core", "tvlang.ops.registry"):
+        try:
+            hints.update(getattr(importlib.import_module(module), "KIND_HINTS", {}))
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+    return hints
+
+
 def check(
     program: ast.Program,
     *,
@@ -764,6 +788,7 @@ def check(
     ``None`` makes every undefined name a free Model source. ``params``
     overrides declared ``param`` values.
     """
+    load_builtins()
     checker = _Checker(program, source, filename, sources, params)
     try:
         return checker.run()

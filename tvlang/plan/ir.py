@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from tvlang.language import ast
-from tvlang.language.builtins import REQUIRED, Builtin
 from tvlang.errors import Span, TvlangError
+from tvlang.language import ast, constants
+from tvlang.language.builtins import REQUIRED
 
 __all__ = ["Node", "Interner", "SourceSpec", "IRProgram", "build", "postorder", "const_value"]
 
@@ -304,7 +304,7 @@ class _Builder:
             if value is not None:
                 options.append((option.name, self.constant(value)))
         options.sort()
-        self.validate(row, options, len(vectors), node)
+        self.validate(row.name, options, len(vectors), node)
         if row.stage == "reduce":
             return self.interner.reduce(row.name, tuple(vectors), tuple(options))
         if row.result == "model":
@@ -315,10 +315,14 @@ class _Builder:
             weight = vectors[0].weight if vectors else 0.0
         return self.interner.call(row.name, tuple(vectors), tuple(options), weight)
 
-    def validate(self, row: Builtin, options: list[tuple[str, object]], n_inputs: int, node: ast.Call) -> None:
+    def validate(self, name: str, options: list[tuple[str, object]], n_inputs: int, node: ast.Call) -> None:
         """Constant options a kernel would reject, reported at the call before any tensor is read."""
         try:
-            row.check_options(dict(options), n_inputs)
+            from tvlang.ops.registry import validate_options
+        except ImportError:  # pragma: no cover - the operator table is part of the package
+            return
+        try:
+            validate_options(name, dict(options), n_inputs)
         except TvlangError as exc:
             raise self.error(exc.message, node.span) from None
 
@@ -334,13 +338,10 @@ class _Builder:
             return node.value
         if isinstance(node, ast.ListExpr):
             return tuple(self.constant(item) for item in node.items)
-        scalar = self.expr(node)
-        from tvlang.plan.optimize.fold import fold_scalar
-
-        folded = fold_scalar(scalar, self.interner)
-        if folded.op != "const":
+        number = constants.value(node, self.checked.params, self.checked.env)
+        if number is None:
             raise self.error("this option must be a number known before any tensor is read", node.span)
-        return const_value(folded)
+        return number
 
 
 def _escaped(text: str) -> str:
