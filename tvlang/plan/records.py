@@ -5,7 +5,7 @@ Kept apart from ``compiler`` so the run layer can use them without importing the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["DeltaBinding", "RunSummary", "delta"]
@@ -30,10 +30,12 @@ class RunSummary:
     bytes_written: int
     seconds: float
     passes: int
+    notes: list[str] = field(default_factory=list)  # what happened to names: renamed, missing, left out
 
     def line(self) -> str:
         size = self.bytes_written / 2**20
         rate = size / self.seconds if self.seconds > 0 else 0.0
         where = ", ".join(self.outputs.values())
-        return (f"wrote {self.tensors} tensors ({size:.1f} MiB) to {where} in {self.seconds:.2f} s "
+        line = (f"wrote {self.tensors} tensors ({size:.1f} MiB) to {where} in {self.seconds:.2f} s "
                 f"({rate:.0f} MiB/s, {self.passes} pass{'es' if self.passes != 1 else ''})")
+        return "\n".join([line, *(f"  {note}" for note in self.notes)])

@@ -9,17 +9,33 @@ output may replace one.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
 from tvlang.errors import TvlangError
 from tvlang.io import TensorReader, open_reader, peek_kind
 from tvlang.plan.records import DeltaBinding
+from tvlang.run.align import Alignment, align_inputs
 
 if TYPE_CHECKING:
     from tvlang.plan.compiler import Plan
 
-__all__ = ["Bound", "bind", "binding_kind", "protected_paths"]
+__all__ = ["Bound", "bind", "binding_kind", "protected_paths", "refuse_adapter"]
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def refuse_adapter(value: Any) -> None:
+    """A PEFT adapter directory is not a model: say so, and how adapters are used today."""
+    if isinstance(value, (str, os.PathLike)):
+        path = os.fspath(value)
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+            raise TvlangError(
+                f"{path} is a PEFT adapter directory ({ADAPTER_CONFIG}), not a model: its tensors are"
+                " LoRA factors, not weights",
+                notes=("merge it into its base first (PEFT's merge_and_unload() and save_pretrained()),"
+                       " then bind the merged model",),
+            )
 
 
 @dataclass
@@ -30,6 +46,7 @@ class Bound:
     readers: dict[str, TensorReader]
     borrowed: set[str]  # sources whose tensors belong to the caller (never mutate)
     base: str
+    alignment: list[Alignment] = field(default_factory=list)  # how each input's names met the base's
 
     def close(self) -> None:
         for reader in self.readers.values():
@@ -60,12 +77,14 @@ def bind(plan: Plan, bindings: Mapping[str, Any]) -> Bound:
             marked = isinstance(value, DeltaBinding)
             if marked:
                 value = value.value
+            refuse_adapter(value)
             reader = open_reader(value, label=_label(key, value))
             if not isinstance(value, (str, os.PathLike)):
                 borrowed.add(key)
             kinds[key] = "delta" if marked or reader.kind == "delta" else "model"
         else:
             try:
+                refuse_adapter(spec.path)
                 reader = open_reader(spec.path, label=spec.path)
             except TvlangError as exc:
                 if exc.span is None:  # point at the load() that names the file
@@ -106,7 +125,13 @@ def bind(plan: Plan, bindings: Mapping[str, Any]) -> Bound:
     for key in list(opened):
         if key not in needed:
             opened.pop(key).close()
-    return Bound(plan, opened, borrowed, base)
+    try:
+        alignment = align_inputs(opened[base], opened, base)
+    except TvlangError:
+        for reader in opened.values():
+            reader.close()
+        raise
+    return Bound(plan, opened, borrowed, base, alignment)
 
 
 def binding_kind(value: Any) -> str:

@@ -22,6 +22,7 @@ from tvlang.errors import TvlangError
 from tvlang.io import StreamingWriter, check_distinct_outputs
 from tvlang.plan.records import RunSummary
 from tvlang.run.bindings import Bound, bind, protected_paths
+from tvlang.run.layout import notes
 from tvlang.run.progress import progress_for
 from tvlang.run.session import Session
 from tvlang.version import __version__
@@ -114,7 +115,7 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
         if bar:
             bar.close()
         return RunSummary({k: str(v) for k, v in targets.items()}, count, written,
-                          time.perf_counter() - started, plan.schedule.passes)
+                          time.perf_counter() - started, plan.schedule.passes, notes(bound, session.layout, missing))
     except BaseException as exc:
         for writer in writers.values():
             writer.abort()  # a published or committed writer is left as it is

@@ -14,13 +14,14 @@ import torch
 from tvlang.errors import TvlangError
 from tvlang.io import TensorInfo
 from tvlang.ops.select import count_layers
+from tvlang.run.align import few
 from tvlang.run.bindings import Bound, bind
 from tvlang.run.options import MISSING_POLICIES
 
 if TYPE_CHECKING:
     from tvlang.plan.compiler import Plan
 
-__all__ = ["Layout", "layout", "validate"]
+__all__ = ["Layout", "layout", "notes", "validate"]
 
 
 @dataclass
@@ -74,7 +75,30 @@ def layout(bound: Bound, missing: str) -> Layout:
             if extra:
                 raise TvlangError(f"tensor '{extra[0]}' is in {reader.label} but missing from {base.label}",
                                   tensor=extra[0], notes=("choose a policy with --missing base|skip",))
+    floats = [n for n in base.names() if n not in passthrough]
+    if floats and not names:
+        policy = {"base": "copied from the base", "skip": "left out"}.get(missing, "")
+        raise TvlangError(
+            f"no tensor is computed: every float tensor of {base.label} is {policy} (--missing {missing}),"
+            " so the output would be the base or empty",
+            notes=("the inputs' names do not line up with the base's: see docs/io.md, 'Names that do not line up'",),
+        )
     return Layout(names, passthrough, copied, infos, _count_layers(base.names()))
+
+
+def notes(bound: Bound, layout: Layout, missing: str) -> list[str]:
+    """What the summary says about names: each input's renaming and gaps, and the policy's effect."""
+    lines = [line for line in (a.line() for a in bound.alignment) if line]
+    base = bound.readers[bound.base]
+    floats = [n for n in base.names() if n not in layout.passthrough]
+    if layout.copied:
+        copied = list(layout.copied)
+        lines.append(f"{len(copied)} tensors copied from the base (--missing base): {few(copied)}")
+    computed = set(layout.names) | set(layout.copied)
+    skipped = [n for n in floats if n not in computed]
+    if skipped:
+        lines.append(f"{len(skipped)} tensors left out of the output (--missing {missing}): {few(skipped)}")
+    return lines
 
 
 def validate(plan: Plan, bindings: Mapping[str, Any], *, missing: str = "error") -> Layout:
