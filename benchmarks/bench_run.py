@@ -20,6 +20,11 @@ each contender in a fresh subprocess, measured by ``harness.measure``:
   computed in cache-sized chunks into one reused buffer, written straight after
   a header built up front; ``ideal+fsync`` also syncs the file before exiting, as tvlang does
   before it renames its output into place;
+- ``floor``: the physical floor: reads every input byte once (16 MiB ``readinto`` blocks)
+  and writes and syncs an output of one model's size, with no arithmetic; every
+  contender's ratio to it is printed after the table;
+- ``tvlang@base``: ``tvlang`` on the code of ``--baseline-src`` (another commit's
+  checkout), run alternately with ``tvlang``;
 - ``mergekit``: ``mergekit-yaml`` with ``task_arithmetic`` (weights 0.4, -0.4,
   0.7 over base ``pre``), when ``mergekit-yaml`` is found (``--mergekit PATH``).
 
@@ -53,7 +58,7 @@ from harness import Result, fmt_bytes, measure, median_result  # noqa: E402
 
 EXPR = "pre + 0.4*(a - b) + 0.7*(c - pre)"
 NAMES = ("pre", "a", "b", "c")
-CONTENDERS = ("tvlang", "naive", "ideal", "ideal+fsync", "mergekit", "tvlang@base")
+CONTENDERS = ("tvlang", "naive", "ideal", "ideal+fsync", "floor", "mergekit", "tvlang@base")
 
 
 # -- checkpoints -------------------------------------------------------------------------
@@ -104,6 +109,25 @@ def run_naive(paths: list[str], out: str) -> None:
     shutil.copyfile(os.path.join(paths[0], "config.json"), os.path.join(out, "config.json"))
     save_file(result, weights(out), metadata={"format": "pt"})
     del torch
+
+
+def run_floor(paths: list[str], out: str) -> None:
+    """The physical floor: read every input byte once and write and sync an output of one
+    model's size (the base's bytes), with no arithmetic at all."""
+    block = bytearray(16 << 20)
+    view = memoryview(block)
+    os.makedirs(out)
+    shutil.copyfile(os.path.join(paths[0], "config.json"), os.path.join(out, "config.json"))
+    with open(weights(out), "wb", buffering=0) as target:
+        for index, path in enumerate(paths):
+            with open(weights(path), "rb", buffering=0) as source:
+                while True:
+                    count = source.readinto(block)
+                    if not count:
+                        break
+                    if index == 0:
+                        target.write(view[:count])
+        os.fsync(target.fileno())
 
 
 def _map_file(path: str):
@@ -206,6 +230,8 @@ def contender_cmd(name: str, paths: dict[str, str], out: str, args) -> list[str]
         return [sys.executable, me, "_run", "ideal", out, *ordered]
     if name == "ideal+fsync":
         return [sys.executable, me, "_run", "ideal+fsync", out, *ordered]
+    if name == "floor":
+        return [sys.executable, me, "_run", "floor", out, *ordered]
     if name == "mergekit":
         if not args.mergekit:
             return None
@@ -264,7 +290,7 @@ def run_round(names: list[str], paths: dict[str, str], folder: str, args) -> dic
             continue
         shutil.rmtree(out, ignore_errors=True)
         result = measure(cmd, env=contender_env(name, args))
-        if result.rc == 0:
+        if result.rc == 0 and name != "floor":  # the floor computes nothing: its output is the base
             error = check_output(out, paths)
             if error > 1e-5:
                 print(f"  {name}: WRONG output, max error {error:g}", file=sys.stderr)
@@ -343,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         kind, out, *paths = argv[1:]
         if kind == "naive":
             run_naive(paths, out)
+        elif kind == "floor":
+            run_floor(paths, out)
         else:
             run_ideal(paths, out, fsync=kind == "ideal+fsync")
         return 0
@@ -385,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {name}: median {result.wall:.2f} s ({walls})", file=sys.stderr, flush=True)
     print(table(rows, ref))
     for (name, size_gb), wall in ref.items():
+        floor = ref.get(("floor", size_gb))
+        if floor and name != "floor":
+            print(f"{name} / floor at {size_gb:g} GB: {wall / floor:.3f}")
         if name == "tvlang@base" and ("tvlang", size_gb) in ref:
             print(f"tvlang / tvlang@base at {size_gb:g} GB: {ref[('tvlang', size_gb)] / wall:.3f}")
     if args.startup:
