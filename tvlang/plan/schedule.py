@@ -188,6 +188,10 @@ def schedule(program: IRProgram) -> Schedule:
         if node.op == "reduce":
             deepest += 1
         if node.op == "call" and id(node) in call_reductions:
+            # The call's own reductions (over its arguments, visited already) come first:
+            # a reduction over this call is one level later (norm(ties(..., scope="model"))).
+            for _, reduce_node in call_reductions[id(node)]:
+                level[id(reduce_node)] = max((need(a) for a in reduce_node.args), default=0) + 1
             deepest = max([deepest] + [need(r) for _, r in call_reductions[id(node)]])
         level[id(node)] = deepest
 
@@ -196,6 +200,7 @@ def schedule(program: IRProgram) -> Schedule:
     for node in postorder(roots + [r for extra in call_reductions.values() for _, r in extra]):
         if node.op == "reduce" and node not in reduce_nodes:
             reduce_nodes.append(node)
+    reduce_nodes.sort(key=need)  # named in the order their passes run: r0, r1, ... (stable within a level)
     for index, node in enumerate(reduce_nodes):
         tasks[id(node)] = _task(f"r{index}", node, factories.get(id(node)))
 
