@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 
-from tvlang.language.builtins import BUILTINS
+from tvlang.language.builtins import BUILTINS, OPERATORS
 from tvlang.errors import TvlangError
 from tvlang.ops.context import TensorContext
 from tvlang.ops.reduce import CosReducer, DotReducer, NormReducer, mean, sum_
-from tvlang.ops.registry import KERNELS, REDUCERS, ROWS, reductions_for, validate_options
+from tvlang.ops.registry import KERNELS, REDUCERS, reductions_for
 from tvlang.ops.select import count_layers, layer_index, pick, schedule, select
 from tvlang.ops.slerp import slerp
 from tvlang.ops.stock import model_stock
@@ -141,8 +141,8 @@ def test_reducers():
 
 # -- registry ------------------------------------------------------------------------------
 
-def test_rows_are_registered_with_docs():
-    for row in ROWS:
+def test_operator_rows_have_docs_and_kernels():
+    for row in OPERATORS:
         assert BUILTINS[row.name] is row
         assert row.summary and row.reference, row.name
         assert row.name in KERNELS
@@ -158,15 +158,19 @@ def test_reductions_for():
     assert reducer.passes == 2 and reducer.density == 0.5
 
 
-def test_validate_options_messages():
-    validate_options("ties", {"density": 0.2, "elect": "total"}, 2)
+def check_options(name, options, n_inputs):
+    return BUILTINS[name].check_options(options, n_inputs)
+
+
+def test_check_options_messages():
+    check_options("ties", {"density": 0.2, "elect": "total"}, 2)
     with pytest.raises(TvlangError, match="dare: option 'p' must be in \\[0, 1\\], got 2"):
-        validate_options("dare", {"p": 2.0}, 1)
+        check_options("dare", {"p": 2.0}, 1)
     with pytest.raises(TvlangError, match="option 'elect' must be one of 'total', 'frequency'"):
-        validate_options("ties", {"elect": "none"}, 2)
-    validate_options("della", {"elect": "none", "density": 0.5}, 2)
+        check_options("ties", {"elect": "none"}, 2)
+    check_options("della", {"elect": "none", "density": 0.5}, 2)
     with pytest.raises(TvlangError, match="the list of values is empty"):
-        validate_options("schedule", {"values": []}, 1)
+        check_options("schedule", {"values": []}, 1)
 
 
 def test_registry_import_does_not_load_torch():

@@ -150,9 +150,10 @@ def test_option_errors_name_the_tensor(options, message):
 def test_sign_merge_elect_none():
     parts = [T([1.0, -2.0]), T([3.0, 1.0])]
     out = torch.empty(2)
-    assert torch.equal(sign_merge(parts, elect="none", merge="sum", out=out), T([4.0, -1.0]))
-    assert torch.equal(sign_merge(parts, elect="none", merge="mean", out=out), T([2.0, -0.5]))
-    got = sign_merge(parts, elect="none", merge="weighted_mean", weights=[1.0, 3.0], out=out)
+    plain = dict(elect="none", weights=(), elect_on="weighted", out=out)
+    assert torch.equal(sign_merge(parts, merge="sum", **plain), T([4.0, -1.0]))
+    assert torch.equal(sign_merge(parts, merge="mean", **plain), T([2.0, -0.5]))
+    got = sign_merge(parts, elect="none", merge="weighted_mean", weights=[1.0, 3.0], elect_on="weighted", out=out)
     assert torch.equal(got, T([10.0 / 4.0, 1.0 / 4.0]))
 
 

@@ -15,8 +15,24 @@ from tvlang.language.syntax import parse, parse_expression
 from tvlang.version import __version__
 
 
+def apply_to(module, plan, bindings=None, **options) -> int:
+    """Write ``plan``'s result into ``module``'s parameters in place (see ``tvlang.run.driver.apply_to``).
+
+    ``plan`` is a compiled plan or recipe text; ``options`` are those of ``Plan.evaluate``.
+    Returns the number of tensors written.
+    """
+    from tvlang.run.driver import apply_to as _apply_to  # the run layer: torch, when asked for
+
+    if isinstance(plan, str):
+        plan = compile(plan)
+    if not isinstance(plan, Plan):  # a PendingPlan: typed by its bindings
+        plan = plan.bound(bindings or {})
+    return _apply_to(plan, module, bindings or {}, **options)
+
+
 __all__ = [
     "__version__",
+    "apply_to",
     "compile",
     "delta",
     "parse",

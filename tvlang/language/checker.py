@@ -25,7 +25,6 @@ tvlang.errors.TvlangError: r.tv:1:7: error: model coefficients sum to 1.4; a mod
 from __future__ import annotations
 
 import difflib
-import importlib
 import math
 from dataclasses import dataclass, field
 
@@ -74,20 +73,8 @@ class BoundCall:
 
 # -- the built-in table ------------------------------------------------------------
 
-_loaded = False
-
-
 def load_builtins() -> dict[str, Builtin]:
-    """Import the modules that register built-ins (core rows and operator rows)."""
-    global _loaded
-    if not _loaded:
-        importlib.import_module("tvlang.language.builtins_core")
-        try:
-            importlib.import_module("tvlang.ops.registry")
-        except ModuleNotFoundError as exc:  # the operator rows are not written yet
-            if exc.name != "tvlang.ops.registry":
-                raise
-        _loaded = True
+    """``BUILTINS``, which is complete on import (kept for the callers that still ask)."""
     return BUILTINS
 
 
@@ -242,7 +229,6 @@ def bind_call(call: ast.Call) -> BoundCall:
     >>> bound.builtin.name, bound.args, bound.varargs
     ('mean', {}, (Name(id='a'), Name(id='b')))
     """
-    load_builtins()
     row = BUILTINS.get(call.func)
     if row is None:
         raise TvlangError(f"unknown function '{call.func}'{_suggest(call.func, BUILTINS)}", call.span)
@@ -734,7 +720,7 @@ class _Checker:
             self.affine_error(value, t, f"{label}: ")
             return None
         if kind != "vector" and got != kind:
-            note = _kind_hints().get((row.name, got))
+            note = row.kind_hint(got)
             if note is None:
                 note = (
                     "a task vector is a difference of models: subtract the base (ft - pre)"
@@ -762,18 +748,6 @@ class _Checker:
         return False
 
 
-def _kind_hints() -> dict[tuple[str, str], str]:
-    """``KIND_HINTS`` of the modules that register built-ins, merged."""
-    hints: dict[tuple[str, str], str] = {}
-    for module in ("tvlang.language.builtins_core", "tvlang.ops.registry"):
-        try:
-            hints.update(getattr(importlib.import_module(module), "KIND_HINTS", {}))
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-    return hints
-
-
 def check(
     program: ast.Program,
     *,
@@ -788,7 +762,6 @@ def check(
     ``None`` makes every undefined name a free Model source. ``params``
     overrides declared ``param`` values.
     """
-    load_builtins()
     checker = _Checker(program, source, filename, sources, params)
     try:
         return checker.run()

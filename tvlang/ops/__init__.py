@@ -1,9 +1,5 @@
-"""Tensor kernels and whole-model reducers; the rows live in :mod:`tvlang.ops.registry`.
+"""Tensor kernels, their chunk forms and whole-model reducers.
 
-Importing this package registers the operator rows in ``tvlang.language.builtins.BUILTINS``
-(without importing torch).
+The operators' rows are in :mod:`tvlang.language.builtins`; :mod:`tvlang.ops.registry`
+derives from them the tables the evaluator reads (``KERNELS``, ``CHUNKED``, ...).
 """
-
-from tvlang.ops import registry  # noqa: F401  (registers the rows)
-
-__all__ = ["registry"]

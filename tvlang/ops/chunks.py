@@ -35,11 +35,11 @@ tensor([ 0., -3.,  0.,  2.])
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
-from tvlang.ops import checks
-from tvlang.ops.common import checked, keep_count, scratch
+from tvlang.ops.common import chunk_form_of, keep_count, scratch
 from tvlang.ops.context import TensorContext
 from tvlang.ops.dare import Dropper
 from tvlang.ops.prune import model_threshold, trim
@@ -130,9 +130,9 @@ class _Dare(ChunkKernel):
         self.dropper.apply(pieces[0], out)
 
 
-def dare_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, p: float, seed: float = 0,
-                rescale: bool = True) -> ChunkKernel:
-    checked("dare", {"p": p, "seed": seed}, n_inputs, ctx.name)
+@chunk_form_of("dare")
+def dare_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, p: float, seed: float,
+                rescale: bool) -> ChunkKernel:
     return _Dare(ctx, numel, float(p), seed, bool(rescale), dtype)
 
 
@@ -155,14 +155,11 @@ class _DareTies(ChunkKernel):
         sign_merge(parts, out=out, **self.merge_options)
 
 
-def dare_ties_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, p: float, seed: float = 0,
-                     rescale: bool = True, elect: str = "total", merge: str = "mean", weights=(),
-                     elect_on: str = "weighted") -> ChunkKernel:
-    options = dict(p=p, seed=seed, elect=elect, merge=merge, weights=weights, elect_on=elect_on)
-    checked("dare_ties", options, n_inputs, ctx.name)
-    w = checks.weights("dare_ties", weights, n_inputs)
+@chunk_form_of("dare_ties")
+def dare_ties_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, p: float, seed: float,
+                     rescale: bool, elect: str, merge: str, weights: Sequence[float], elect_on: str) -> ChunkKernel:
     return _DareTies(ctx, numel, n_inputs, float(p), seed, bool(rescale), dtype,
-                     dict(elect=elect, merge=merge, weights=w, elect_on=elect_on))
+                     dict(elect=elect, merge=merge, weights=weights, elect_on=elect_on))
 
 
 # -- magnitude pruning: ties, topk, breadcrumbs ------------------------------------------
@@ -183,17 +180,14 @@ class _Ties(_Thresholds):
         sign_merge(parts, out=out, **self.merge_options)
 
 
-def ties_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, density: float = 0.2,
-                elect: str = "total", merge: str = "mean", weights=(), elect_on: str = "weighted",
-                scope: str = "tensor") -> ChunkKernel | None:
-    options = dict(density=density, elect=elect, merge=merge, weights=weights, elect_on=elect_on, scope=scope)
-    checked("ties", options, n_inputs, ctx.name)
+@chunk_form_of("ties")
+def ties_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, density: float, elect: str,
+                merge: str, weights: Sequence[float], elect_on: str, scope: str) -> ChunkKernel | None:
     if _whole_float64(dtype):
         return None
-    w = checks.weights("ties", weights, n_inputs)
     fixed = [model_threshold("ties", ctx, i) for i in range(n_inputs)] if scope == "model" else None
     return _Ties(n_inputs, numel, keep_count(float(density), numel), fixed,
-                 dict(elect=elect, merge=merge, weights=w, elect_on=elect_on))
+                 dict(elect=elect, merge=merge, weights=weights, elect_on=elect_on))
 
 
 class _Topk(_Thresholds):
@@ -206,9 +200,9 @@ class _Topk(_Thresholds):
         out.copy_(trim(pieces[0], t, slot="chunks.part0"))
 
 
+@chunk_form_of("topk")
 def topk_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, density: float,
-                scope: str = "tensor") -> ChunkKernel | None:
-    checked("topk", {"density": density, "scope": scope}, n_inputs, ctx.name)
+                scope: str) -> ChunkKernel | None:
     if _whole_float64(dtype):
         return None
     fixed = model_threshold("topk", ctx, 0) if scope == "model" else None
@@ -229,9 +223,9 @@ class _Breadcrumbs(_Thresholds):
         out.copy_(trim(pieces[0], low, high, slot="chunks.part0"))
 
 
+@chunk_form_of("breadcrumbs")
 def breadcrumbs_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, density: float,
-                       gamma: float = 0.01) -> ChunkKernel | None:
-    checked("breadcrumbs", {"density": density, "gamma": gamma}, n_inputs, ctx.name)
+                       gamma: float) -> ChunkKernel | None:
     if _whole_float64(dtype):
         return None
     keep = keep_count(float(density), numel)

@@ -1,4 +1,4 @@
-"""Shared pieces of the kernels: scratch buffers, counts, option checks, magnitude thresholds.
+"""Shared pieces of the kernels: scratch buffers, options from the row, counts, magnitude thresholds.
 
 The magnitude rule used by every pruning kernel (``topk``, ``ties``,
 ``breadcrumbs``) lives here so that they agree:
@@ -19,17 +19,21 @@ The magnitude rule used by every pruning kernel (``topk``, ``ties``,
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import numpy
 import torch
 
 from tvlang.errors import TvlangError
-from tvlang.ops import checks
+from tvlang.language.builtins import BUILTINS
 
-__all__ = ["keep_count", "kth_largest_abs", "magnitudes", "scratch", "clear_workspace", "checked", "fresh"]
+__all__ = ["keep_count", "kth_largest_abs", "magnitudes", "scratch", "clear_workspace", "kernel_of", "chunk_form_of",
+           "fresh"]
 
 
 # -- scratch buffers -------------------------------------------------------------
@@ -77,10 +81,39 @@ def clear_workspace() -> None:
     _local.store = {}
 
 
-def checked(op: str, options: dict, n_inputs: int, tensor: str) -> None:
-    """Validate a kernel's options; errors name the tensor being computed."""
+# -- options from the row ----------------------------------------------------------
+
+def kernel_of(name: str) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Decorate the kernel of row ``name``: the options a caller leaves out take the row's
+    defaults (written only there), and every option is checked against the row before the
+    kernel runs, errors naming the tensor."""
+
+    def decorate(kernel: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        @functools.wraps(kernel)
+        def with_options(inputs: list[torch.Tensor], ctx, **options) -> torch.Tensor:
+            return kernel(inputs, ctx, **_options(name, options, len(inputs), ctx.name))
+
+        return with_options
+
+    return decorate
+
+
+def chunk_form_of(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """:func:`kernel_of` for the chunk form ``factory(ctx, numel, n_inputs, dtype, **options)``."""
+
+    def decorate(factory: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(factory)
+        def with_options(ctx, numel: int, n_inputs: int, dtype: torch.dtype, **options) -> Any:
+            return factory(ctx, numel, n_inputs, dtype, **_options(name, options, n_inputs, ctx.name))
+
+        return with_options
+
+    return decorate
+
+
+def _options(name: str, options: dict, n_inputs: int, tensor: str) -> dict:
     try:
-        checks.validate(op, options, n_inputs)
+        return BUILTINS[name].check_options(options, n_inputs)
     except TvlangError as err:
         err.tensor = err.tensor or tensor
         raise

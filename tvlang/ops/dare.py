@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy
 import torch
 
-from tvlang.ops.common import checked, fresh
+from tvlang.ops.common import fresh, kernel_of
 from tvlang.ops.context import TensorContext
 
 __all__ = ["dare", "random_like", "drop_random", "Dropper", "della_sample"]
@@ -139,18 +139,16 @@ def drop_random(x: torch.Tensor, p: float, bits, rescale: bool, out: torch.Tenso
     return out
 
 
-def dare(
-    inputs: list[torch.Tensor], ctx: TensorContext, *, p: float, seed: float = 0, rescale: bool = True,
-) -> torch.Tensor:
+@kernel_of("dare")
+def dare(inputs: list[torch.Tensor], ctx: TensorContext, *, p: float, seed: float, rescale: bool) -> torch.Tensor:
     """Drop each entry with probability ``p``; rescale survivors by ``1/(1-p)``."""
-    checked("dare", {"p": p, "seed": seed}, 1, ctx.name)
     (x,) = inputs
     return drop_random(x, float(p), ctx.bits(seed), bool(rescale), fresh(x))
 
 
-def random_like(inputs: list[torch.Tensor], ctx: TensorContext, *, seed: float = 0) -> torch.Tensor:
+@kernel_of("random_like")
+def random_like(inputs: list[torch.Tensor], ctx: TensorContext, *, seed: float) -> torch.Tensor:
     """Standard Gaussian noise rescaled to ``x``'s Frobenius norm (zeros for a zero tensor)."""
-    checked("random_like", {"seed": seed}, 1, ctx.name)
     (x,) = inputs
     gen = ctx.generator(seed)
     noise = torch.empty(x.shape, dtype=torch.float32 if x.dtype != torch.float64 else torch.float64, device=x.device)

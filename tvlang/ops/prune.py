@@ -18,7 +18,8 @@ import math
 import torch
 
 from tvlang.errors import TvlangError
-from tvlang.ops.common import below, checked, fresh, keep_count, kth_largest_abs, magnitudes, scratch
+from tvlang.language.builtins import threshold_key
+from tvlang.ops.common import below, fresh, keep_count, kernel_of, kth_largest_abs, magnitudes, scratch
 from tvlang.ops.context import TensorContext
 
 __all__ = ["topk", "breadcrumbs", "magnitude_threshold", "model_threshold", "trim", "keep_at_least"]
@@ -46,8 +47,6 @@ def magnitude_threshold(
 
 def model_threshold(op: str, ctx: TensorContext, index: int) -> float:
     """The whole-model magnitude threshold of input ``index`` (``scope="model"``), from ``ctx.reduced``."""
-    from tvlang.ops.registry import threshold_key
-
     key = threshold_key(index)
     if key not in ctx.reduced:
         raise TvlangError(
@@ -85,15 +84,16 @@ def keep_at_least(x: torch.Tensor, mag: torch.Tensor, t: float, out: torch.Tenso
     return out
 
 
-def topk(inputs: list[torch.Tensor], ctx: TensorContext, *, density: float, scope: str = "tensor") -> torch.Tensor:
+@kernel_of("topk")
+def topk(inputs: list[torch.Tensor], ctx: TensorContext, *, density: float, scope: str) -> torch.Tensor:
     """Keep the ``density`` fraction of entries with the largest ``|x|`` (within the tensor or the model)."""
-    checked("topk", {"density": density, "scope": scope}, 1, ctx.name)
     (x,) = inputs
     t, mag = magnitude_threshold("topk", x, float(density), ctx, scope, 0)
     return keep_at_least(x, mag, t, fresh(x))
 
 
-def breadcrumbs(inputs: list[torch.Tensor], ctx: TensorContext, *, density: float, gamma: float = 0.01) -> torch.Tensor:
+@kernel_of("breadcrumbs")
+def breadcrumbs(inputs: list[torch.Tensor], ctx: TensorContext, *, density: float, gamma: float) -> torch.Tensor:
     """Drop the ``gamma`` fraction of largest magnitudes, keep the next ``density`` fraction.
 
     With ``n`` entries, ``keep = keep_count(density, n)`` and
@@ -104,7 +104,6 @@ def breadcrumbs(inputs: list[torch.Tensor], ctx: TensorContext, *, density: floa
     ``top``-th largest are dropped with it, entries tied with the
     ``(top+keep)``-th largest are kept.
     """
-    checked("breadcrumbs", {"density": density, "gamma": gamma}, 1, ctx.name)
     (x,) = inputs
     n = x.numel()
     keep = keep_count(float(density), n)

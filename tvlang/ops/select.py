@@ -27,7 +27,7 @@ from fnmatch import fnmatchcase
 import torch
 
 from tvlang.errors import TvlangError
-from tvlang.ops.common import checked
+from tvlang.ops.common import kernel_of
 from tvlang.ops.context import TensorContext
 
 __all__ = ["select", "pick", "schedule", "matches", "layer_index", "count_layers", "schedule_value", "LAYER_WORDS"]
@@ -68,23 +68,23 @@ def schedule_value(values: list[float], index: int, num_layers: int) -> float:
     return values[low] * (1.0 - frac) + values[low + 1] * frac
 
 
+@kernel_of("select")
 def select(inputs: list[torch.Tensor], ctx: TensorContext, *, pattern: str) -> torch.Tensor:
     """The tensor itself where its name matches ``pattern``, zeros elsewhere."""
-    checked("select", {"pattern": pattern}, 1, ctx.name)
     (x,) = inputs
     return x.clone() if matches(ctx.name, pattern) else torch.zeros(x.shape, dtype=x.dtype, device=x.device)
 
 
+@kernel_of("pick")
 def pick(inputs: list[torch.Tensor], ctx: TensorContext, *, pattern: str) -> torch.Tensor:
     """``a`` where the tensor name matches ``pattern``, else ``b``."""
-    checked("pick", {"pattern": pattern}, 2, ctx.name)
     a, b = inputs
     return (a if matches(ctx.name, pattern) else b).clone()
 
 
-def schedule(inputs: list[torch.Tensor], ctx: TensorContext, *, values, default: float = 1.0) -> torch.Tensor:
+@kernel_of("schedule")
+def schedule(inputs: list[torch.Tensor], ctx: TensorContext, *, values, default: float) -> torch.Tensor:
     """Scale by ``values`` interpolated at the tensor's layer; ``default`` when it has no layer."""
-    checked("schedule", {"values": values}, 1, ctx.name)
     (x,) = inputs
     index = layer_index(ctx.name)
     if index is None:

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from tvlang.ops.common import checked, fresh
+from tvlang.ops.common import fresh, kernel_of
 from tvlang.ops.context import TensorContext
 
 __all__ = ["slerp", "DOT_THRESHOLD"]
@@ -29,8 +29,8 @@ DOT_THRESHOLD = 0.9995
 _EPS = 1e-8
 
 
+@kernel_of("slerp")
 def slerp(inputs: list[torch.Tensor], ctx: TensorContext, *, t: float) -> torch.Tensor:
-    checked("slerp", {"t": t}, 2, ctx.name)
     a, b = inputs
     t = float(t)
     out = fresh(a)

@@ -14,11 +14,11 @@ tensor([-4.0000, -1.5000,  2.0000,  0.5000])
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
-from tvlang.ops import checks
-from tvlang.ops.common import checked, fresh, keep_count, kth_largest_abs, magnitudes, scratch
+from tvlang.ops.common import fresh, keep_count, kernel_of, kth_largest_abs, magnitudes, scratch
 from tvlang.ops.context import TensorContext
 from tvlang.ops.dare import della_sample, drop_random
 from tvlang.ops.prune import keep_at_least, magnitude_threshold, trim
@@ -33,15 +33,15 @@ CHUNK = 1 << 18
 def sign_merge(
     parts: list[torch.Tensor],
     *,
-    elect: str = "total",
-    merge: str = "mean",
-    weights: list[float] | None = None,
-    elect_on: str = "weighted",
+    elect: str,
+    merge: str,
+    weights: Sequence[float],
+    elect_on: str,
     out: torch.Tensor,
 ) -> torch.Tensor:
     """Elect a sign per entry and merge the agreeing entries of ``parts`` into ``out``.
 
-    With weights ``w_i`` (all 1 when ``None``) the merged values are
+    With weights ``w_i`` (all 1 when there are none) the merged values are
     ``v_i = w_i * p_i``. The election looks at ``v_i`` (``elect_on="weighted"``)
     or ``p_i`` (``"unweighted"``): ``"total"`` takes the sign of their sum,
     ``"frequency"`` the sign of the sum of their signs; a sum of exactly 0
@@ -54,7 +54,7 @@ def sign_merge(
     (``"weighted_mean"``, unless it is 0).
     """
     n = len(parts)
-    w = list(weights) if weights else [1.0] * n
+    w = [float(wi) for wi in weights] if weights else [1.0] * n
     if elect == "none":
         out.zero_()
         for wi, p in zip(w, parts):
@@ -105,21 +105,19 @@ def sign_merge(
     return out
 
 
+@kernel_of("ties")
 def ties(
     inputs: list[torch.Tensor],
     ctx: TensorContext,
     *,
-    density: float = 0.2,
-    elect: str = "total",
-    merge: str = "mean",
-    weights=(),
-    elect_on: str = "weighted",
-    scope: str = "tensor",
+    density: float,
+    elect: str,
+    merge: str,
+    weights: Sequence[float],
+    elect_on: str,
+    scope: str,
 ) -> torch.Tensor:
     """TIES: keep the ``density`` fraction of largest ``|x|`` of each input, elect, disjoint merge."""
-    options = dict(density=density, elect=elect, merge=merge, weights=weights, elect_on=elect_on, scope=scope)
-    checked("ties", options, len(inputs), ctx.name)
-    w = checks.weights("ties", weights, len(inputs))
     density = float(density)
     out = fresh(inputs[0])
     thresholds = []
@@ -149,31 +147,29 @@ def ties(
                 parts.append(t.view(-1)[s])
             else:
                 parts.append(trim(x[s], t, slot=f"ties.chunk{i}"))
-        sign_merge(parts, elect=elect, merge=merge, weights=w, elect_on=elect_on, out=flat_out[s])
+        sign_merge(parts, elect=elect, merge=merge, weights=weights, elect_on=elect_on, out=flat_out[s])
     return out
 
 
+@kernel_of("dare_ties")
 def dare_ties(
     inputs: list[torch.Tensor],
     ctx: TensorContext,
     *,
     p: float,
-    seed: float = 0,
-    rescale: bool = True,
-    elect: str = "total",
-    merge: str = "mean",
-    weights=(),
-    elect_on: str = "weighted",
+    seed: float,
+    rescale: bool,
+    elect: str,
+    merge: str,
+    weights: Sequence[float],
+    elect_on: str,
 ) -> torch.Tensor:
     """DARE on each input (one generator, inputs drawn in order), then TIES election and merge."""
-    options = dict(p=p, seed=seed, elect=elect, merge=merge, weights=weights, elect_on=elect_on)
-    checked("dare_ties", options, len(inputs), ctx.name)
-    w = checks.weights("dare_ties", weights, len(inputs))
     bits = ctx.bits(seed)
     parts = [
         drop_random(x, float(p), bits, bool(rescale), scratch(f"ties.part{i}", x)) for i, x in enumerate(inputs)
     ]
-    return _merge_chunked(parts, fresh(inputs[0]), elect=elect, merge=merge, weights=w, elect_on=elect_on)
+    return _merge_chunked(parts, fresh(inputs[0]), elect=elect, merge=merge, weights=weights, elect_on=elect_on)
 
 
 def _merge_chunked(parts: list[torch.Tensor], out: torch.Tensor, **options) -> torch.Tensor:
@@ -186,34 +182,30 @@ def _merge_chunked(parts: list[torch.Tensor], out: torch.Tensor, **options) -> t
     return out
 
 
+@kernel_of("della")
 def della(
     inputs: list[torch.Tensor],
     ctx: TensorContext,
     *,
     density: float,
-    epsilon: float = 0.15,
-    seed: float = 0,
-    rescale: bool = True,
-    elect: str = "total",
-    merge: str = "mean",
-    weights=(),
-    elect_on: str = "weighted",
-    **more,
+    epsilon: float,
+    seed: float,
+    rescale: bool,
+    elect: str,
+    merge: str,
+    weights: Sequence[float],
+    elect_on: str,
+    **scale: float,
 ) -> torch.Tensor:
-    """DELLA: MAGPRUNE sampling of each input, sign election (or none), merge, times ``lambda``."""
-    scale = float(more.pop("lambda", 1.0))
-    if more:
-        raise TypeError(f"della: unknown options {sorted(more)}")
-    options = dict(density=density, epsilon=epsilon, seed=seed, elect=elect, merge=merge, weights=weights,
-                   elect_on=elect_on)
-    checked("della", options, len(inputs), ctx.name)
-    w = checks.weights("della", weights, len(inputs))
+    """DELLA: MAGPRUNE sampling of each input, sign election (or none), merge, times ``lambda``
+    (a Python keyword, so it arrives in ``scale``)."""
+    factor = float(scale["lambda"])
     gen = ctx.generator(seed)
     parts = [
         della_sample(x, float(density), float(epsilon), gen, bool(rescale), scratch(f"ties.part{i}", x))
         for i, x in enumerate(inputs)
     ]
-    out = _merge_chunked(parts, fresh(inputs[0]), elect=elect, merge=merge, weights=w, elect_on=elect_on)
-    if scale != 1.0:
-        out.mul_(scale)
+    out = _merge_chunked(parts, fresh(inputs[0]), elect=elect, merge=merge, weights=weights, elect_on=elect_on)
+    if factor != 1.0:
+        out.mul_(factor)
     return out

@@ -27,7 +27,7 @@ from typing import Iterator
 
 from tvlang.errors import Span, TvlangError
 from tvlang.language import ast, constants
-from tvlang.language.builtins import REQUIRED
+from tvlang.language.builtins import REQUIRED, Builtin
 
 __all__ = ["Node", "Interner", "SourceSpec", "IRProgram", "build", "postorder", "const_value"]
 
@@ -304,7 +304,7 @@ class _Builder:
             if value is not None:
                 options.append((option.name, self.constant(value)))
         options.sort()
-        self.validate(row.name, options, len(vectors), node)
+        self.validate(row, options, len(vectors), node)
         if row.stage == "reduce":
             return self.interner.reduce(row.name, tuple(vectors), tuple(options))
         if row.result == "model":
@@ -315,14 +315,10 @@ class _Builder:
             weight = vectors[0].weight if vectors else 0.0
         return self.interner.call(row.name, tuple(vectors), tuple(options), weight)
 
-    def validate(self, name: str, options: list[tuple[str, object]], n_inputs: int, node: ast.Call) -> None:
+    def validate(self, row: Builtin, options: list[tuple[str, object]], n_inputs: int, node: ast.Call) -> None:
         """Constant options a kernel would reject, reported at the call before any tensor is read."""
         try:
-            from tvlang.ops.registry import validate_options
-        except ImportError:  # pragma: no cover - the operator table is part of the package
-            return
-        try:
-            validate_options(name, dict(options), n_inputs)
+            row.check_options(dict(options), n_inputs)
         except TvlangError as exc:
             raise self.error(exc.message, node.span) from None
 

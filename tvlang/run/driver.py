@@ -22,7 +22,8 @@ from tvlang.errors import TvlangError
 from tvlang.io import StreamingWriter, check_distinct_outputs
 from tvlang.plan.records import RunSummary
 from tvlang.run.bindings import Bound, bind, protected_paths
-from tvlang.run.layout import notes
+from tvlang.run.align import align
+from tvlang.run.layout import notes, validate
 from tvlang.run.progress import progress_for
 from tvlang.run.session import Session
 from tvlang.version import __version__
@@ -30,7 +31,7 @@ from tvlang.version import __version__
 if TYPE_CHECKING:
     from tvlang.plan.compiler import Plan
 
-__all__ = ["run", "stream"]
+__all__ = ["apply_to", "run", "stream"]
 
 IN_FLIGHT = 2  # writes queued per output by run() (whole tensors or pieces)
 
@@ -76,6 +77,7 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
     started = time.perf_counter()
     bound = bind(plan, bindings)
     writers: dict[str, StreamingWriter] = {}
+    bar = None
     try:
         plan = bound.plan
         targets = _targets(plan, out)
@@ -90,7 +92,7 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
             copy_from = base.root if kind == "model" and base.root and not str(path).endswith(".safetensors") else None
             writers[name] = StreamingWriter(path, session.output_layout(name), shard_size=shard_size,
                                             metadata=metadata, inputs=inputs, force=force, copy_from=copy_from)
-        bar = progress_for(progress, session, len(targets))
+        bar = progress_for(progress)
         session.reduce(bar)
         count = 0
         written = 0
@@ -112,8 +114,6 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
                 session.buffers.give_back(done)
         _commit_all(list(writers.values()))
         count = sum(len(writer.layout) for writer in writers.values())
-        if bar:
-            bar.close()
         return RunSummary({k: str(v) for k, v in targets.items()}, count, written,
                           time.perf_counter() - started, plan.schedule.passes, notes(bound, session.layout, missing))
     except BaseException as exc:
@@ -123,6 +123,8 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
             raise exc.with_context(source=plan.text, filename=plan.filename) from None
         raise
     finally:
+        if bar is not None:
+            bar.close()  # the bar's line is cleared on success, error and Ctrl-C alike
         bound.close()
 
 
@@ -197,3 +199,33 @@ def _output_inputs(plan: Plan, bound: Bound, output: str, kind: str) -> list[str
     if kind == "model" and bound.base not in keys:
         keys.append(bound.base)
     return keys
+
+
+def apply_to(plan: Plan, module: Any, bindings: Mapping[str, Any], *, output: str | None = None,
+             **options: Any) -> int:
+    """Compute one output and write it into ``module``'s parameters and buffers, in place.
+
+    For sweeps that evaluate in memory (as the task_vectors code's ``apply_to`` does):
+    each result tensor is copied into the module's tensor of the same name (names
+    aligned as inputs are: ``module.``, ``model.`` and other prefixes), cast to its
+    dtype and moved to its device; nothing else of the module changes. Returns the
+    number of tensors written. A result the module has no tensor for is an error;
+    tensors of the module the output lacks are left as they are.
+    """
+    targets = module.state_dict()
+    shape = validate(plan, bindings, missing=options.get("missing", "error"))
+    mapping, _ = align([*shape.names, *shape.passthrough, *shape.copied], list(targets))
+    count = 0
+    with torch.no_grad():
+        for name, tensor in stream(plan, bindings, output=output, **options):
+            key = mapping.get(name)
+            if key is None:
+                raise TvlangError(f"the module has no tensor for '{name}' (its names look like"
+                                  f" '{next(iter(targets), '(none)')}')", tensor=name)
+            target = targets[key]
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise TvlangError(f"tensor '{name}' is {list(tensor.shape)} but the module's '{key}' is"
+                                  f" {list(target.shape)}", tensor=name)
+            target.copy_(tensor)
+            count += 1
+    return count

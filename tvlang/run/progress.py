@@ -1,55 +1,86 @@
-"""The progress line on stderr: tensors and bytes done, throughput and ETA."""
+"""Progress of a run, one bar per streaming pass, counting bytes: tqdm, or a callback.
+
+``progress=True`` draws a tqdm bar on stderr when stderr is a terminal (``tqdm.auto``:
+a widget in a notebook), one per pass, named after the pass ("pass 1 of 2: norm",
+"main pass") and counting the bytes of the tensors the pass reads. ``progress=`` a
+callable gets a ``ProgressEvent`` after each tensor of each pass instead, and draws
+nothing. Without tqdm installed (``pip install tvlang[progress]``) ``True`` draws
+nothing; the summary line still comes.
+"""
 
 from __future__ import annotations
 
 import sys
-import threading
-import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
-__all__ = ["Progress", "progress_for"]
+__all__ = ["Progress", "ProgressEvent", "progress_for"]
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Where a run is: the pass, the tensor just done, and the counts of the pass."""
+
+    label: str  # "pass 1 of 2: norm" or "main pass"
+    tensor: str
+    tensors_done: int
+    tensors_total: int
+    bytes_done: int
+    bytes_total: int
 
 
 class Progress:
-    """tensors and bytes done, throughput and ETA on one stderr line."""
+    """One pass at a time: ``start`` it, ``advance`` per tensor, ``close`` at the end (or on Ctrl-C)."""
 
-    def __init__(self, total_tensors: int, total_bytes: int, passes: int) -> None:
-        self.total = total_tensors * passes
-        self.total_bytes = total_bytes
-        self.done = 0
-        self.bytes = 0
-        self.started = time.perf_counter()
-        self.last = 0.0
-        self.lock = threading.Lock()
+    def __init__(self, callback: Callable[[ProgressEvent], Any] | None = None, bar_factory=None) -> None:
+        self.callback = callback
+        self.bar_factory = bar_factory
+        self.bar = None
+        self.label = ""
+        self.tensors_total = self.bytes_total = self.tensors_done = self.bytes_done = 0
+
+    def start(self, label: str, tensors: int, nbytes: int) -> None:
+        self._close_bar()
+        self.label, self.tensors_total, self.bytes_total = label, tensors, nbytes
+        self.tensors_done = self.bytes_done = 0
+        if self.bar_factory is not None:
+            self.bar = self.bar_factory(label, nbytes)
 
     def advance(self, name: str, nbytes: int) -> None:
-        self.done += 1
-        self.bytes += nbytes
-        now = time.perf_counter()
-        if now - self.last < 0.1 and self.done < self.total:
-            return
-        self.last = now
-        elapsed = now - self.started
-        rate = self.bytes / elapsed / 2**20 if elapsed > 0 else 0.0
-        eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
-        width = 24
-        filled = int(width * self.done / max(self.total, 1))
-        bar = "#" * filled + "-" * (width - filled)
-        sys.stderr.write(f"\r[{bar}] {self.done}/{self.total} tensors, {self.bytes / 2**20:.0f} MiB, "
-                         f"{rate:.0f} MiB/s, ETA {eta:.0f}s ")
-        sys.stderr.flush()
+        self.tensors_done += 1
+        self.bytes_done += nbytes
+        if self.bar is not None:
+            self.bar.update(nbytes)
+        if self.callback is not None:
+            self.callback(ProgressEvent(self.label, name, self.tensors_done, self.tensors_total,
+                                        self.bytes_done, self.bytes_total))
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def close(self) -> None:
-        sys.stderr.write("\r" + " " * 79 + "\r")
-        sys.stderr.flush()
+        self._close_bar()
 
 
-def progress_for(progress: Any, session, outputs: int) -> Progress | None:
-    """A progress line for ``session``'s passes over ``outputs`` outputs, when asked for and stderr is a terminal."""
+def _tqdm_bar(label: str, nbytes: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=nbytes, desc=label, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def progress_for(progress: Any) -> Progress | None:
+    """The Progress that ``progress=`` asks for: None, a bar, or a callback's."""
     if not progress:
         return None
-    if progress is True and not sys.stderr.isatty():
+    if callable(progress):
+        return Progress(callback=progress)
+    if not sys.stderr.isatty():
         return None
-    names = session._order()
-    total_bytes = sum(session.layout.infos[n].nbytes for n in names) * outputs
-    return Progress(len(names), total_bytes, session.plan.schedule.passes)
+    try:
+        import tqdm  # noqa: F401
+    except ImportError:
+        return None
+    return Progress(bar_factory=_tqdm_bar)

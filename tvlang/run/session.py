@@ -135,6 +135,8 @@ class Session:
 
     def reduce(self, progress=None) -> None:
         """Run the reduction passes: every whole-model scalar the main pass needs."""
+        number = 0  # passes so far, for the bar's label
+        total = self.plan.schedule.passes
         for tasks, program in self.plan.schedule.levels:
             reducers = {}
             for task in tasks:
@@ -149,10 +151,16 @@ class Session:
                         ctx = TensorContext(tensor_name, self.device, {}, self.layout.num_layers)
                         reducer.update(pass_index, tensors, ctx)
 
+                number += 1
+                reads = len(program.reads)
+                if progress:
+                    progress.start(f"pass {number} of {total}: {', '.join(sorted({t.builtin for t in tasks}))}",
+                                   len(self.layout.names),
+                                   reads * sum(self.layout.infos[n].nbytes for n in self.layout.names))
                 for name, raw in self._inputs(program, self.layout.names):
                     self.execute(program, name, raw, sink=None, feed=feed)
                     if progress:
-                        progress.advance(name, 0)
+                        progress.advance(name, reads * self.layout.infos[name].nbytes)
                 for reducer in reducers.values():
                     if pass_index < getattr(reducer, "passes", 1):
                         reducer.end_pass(pass_index)
@@ -182,6 +190,9 @@ class Session:
         computed = set(self.layout.names)
         compute_names = [n for n in order if n in computed]
         inputs = self._inputs(program, compute_names)
+        if progress:
+            label = "main pass" if not self.plan.schedule.levels else f"pass {self.plan.schedule.passes} (main)"
+            progress.start(label, len(order), sum(self.layout.infos[n].nbytes for n in order) * len(outputs))
         for name in order:
             info = self.layout.infos[name]
             if name in computed:

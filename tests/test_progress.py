@@ -1,0 +1,35 @@
+"""Progress: one tqdm bar per pass on a terminal, or ``progress=`` a callback (issue 13)."""
+
+from __future__ import annotations
+
+import torch
+
+import tvlang
+from tvlang.run.progress import ProgressEvent
+
+
+def models():
+    pre = {"a.w": torch.zeros(3, 4), "b.w": torch.zeros(5), "n": torch.tensor([1])}
+    ft = {"a.w": torch.ones(3, 4), "b.w": torch.full((5,), 2.0), "n": torch.tensor([1])}
+    return {"pre": pre, "ft": ft}
+
+
+def test_a_callback_sees_every_pass_by_name_and_counts_bytes(tmp_path):
+    events: list[ProgressEvent] = []
+    plan = tvlang.compile("pre + (1/norm(ft - pre))*(ft - pre)")
+    plan.run(models(), str(tmp_path / "o.safetensors"), progress=events.append)
+    labels = list(dict.fromkeys(e.label for e in events))
+    assert labels == ["pass 1 of 2: norm", "pass 2 (main)"]
+    first = [e for e in events if e.label == labels[0]]
+    # the norm pass reads pre and ft: 2 x (12 + 5) float32 entries
+    assert [e.tensor for e in first] == ["a.w", "b.w"]
+    assert first[-1].bytes_done == first[-1].bytes_total == 2 * 17 * 4
+    main = [e for e in events if e.label == labels[1]]
+    assert [e.tensor for e in main] == ["a.w", "b.w", "n"]
+    assert main[-1].tensors_done == main[-1].tensors_total == 3
+    assert main[-1].bytes_done == main[-1].bytes_total == 17 * 4 + 8
+
+
+def test_no_progress_is_drawn_off_a_terminal(tmp_path, capsys):
+    tvlang.compile("pre + 0.5*(ft - pre)").run(models(), str(tmp_path / "o.safetensors"), progress=True)
+    assert capsys.readouterr().err == ""
