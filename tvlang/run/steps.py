@@ -60,10 +60,11 @@ def numel(shape) -> int:
     return total
 
 
-# Errors of computing one tensor that are the recipe's or the data's (a shape torch
-# refuses, an option a kernel rejects), said with the tensor's name. Anything else is
-# a bug in tvlang and keeps its traceback.
-USER_ERRORS = (TvlangError, RuntimeError, ValueError, TypeError, IndexError)
+# Errors of computing one tensor that are the recipe's or the data's, said with the
+# tensor's name: TvlangError (a kernel refusing its options or data) and RuntimeError
+# (torch refusing shapes, dtypes or memory). Anything else (a TypeError, an IndexError,
+# a ValueError from tvlang's own code) is a bug in tvlang and keeps its traceback.
+USER_ERRORS = (TvlangError, RuntimeError)
 
 
 def tensor_error(name: str, exc: Exception) -> TvlangError:
