@@ -2,7 +2,7 @@
 
 A malformed value is a :class:`UsageError`: ``tvlang.faces.cli`` prints it after the
 command's name and exits 2. Nothing here imports torch at import time; the parsers that
-read a checkpoint's header to learn its kind import the io layer when called.
+read a checkpoint's header to learn its kind import the run layer when called.
 
 >>> parse_bindings(["pre=base/", "ft=delta:tau.safetensors"])
 {'pre': 'base/', 'ft': 'delta:tau.safetensors'}
@@ -100,24 +100,30 @@ def binding_kind(value: str) -> str:
 
 def path_kind(value: str) -> str:
     """The kind of a ``--bind [delta:]PATH``: ``delta:`` marks a task vector, else the file's
-    metadata says (a Delta that tvlang wrote is a task vector; any other checkpoint a model)."""
+    metadata says (the run layer decides, for the CLI and the API alike)."""
     kind, path = split_binding(value)
     if kind == "delta":
         return kind
-    from tvlang.io import peek_kind  # reads the header; the io layer imports torch
+    from tvlang.run.bindings import binding_kind as kind_of  # reads the header; imports torch
 
-    return peek_kind(path)
+    return kind_of(path)
+
+
+def binding_value(value: str, kind: str) -> object:
+    """What ``--bind NAME=[delta:]PATH`` binds once its kind is known: the path, marked
+    with ``delta()`` when it is a task vector."""
+    path = split_binding(value)[1]
+    return delta(path) if kind == "delta" else path
 
 
 def bindings_from_args(items: list[str]) -> tuple[dict[str, str], dict[str, object]]:
-    """(kinds, bindings) from ``--bind NAME=[delta:]PATH`` values (``run``: paths only)."""
-    kinds: dict[str, str] = {}
-    bindings: dict[str, object] = {}
-    for name, value in parse_bindings(items).items():
-        kinds[name] = path_kind(value)
-        path = split_binding(value)[1]
-        bindings[name] = delta(path) if kinds[name] == "delta" else path
-    return kinds, bindings
+    """(kinds, bindings) from ``--bind NAME=[delta:]PATH`` values (``run``: paths only).
+
+    A Delta file that tvlang wrote binds as a task vector without ``delta:``.
+    """
+    values = parse_bindings(items)
+    kinds = {name: path_kind(value) for name, value in values.items()}
+    return kinds, {name: binding_value(value, kinds[name]) for name, value in values.items()}
 
 
 def parse_inputs(items: list[str]) -> tuple[list[tuple[str, str]], list[str]]:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 
-from tvlang.faces.commands.args import KINDS, binding_kind, parse_bindings, parse_params, split_binding
+from tvlang.faces.commands.args import KINDS, binding_kind, binding_value, parse_bindings, parse_params
 from tvlang.faces.commands.common import add_recipe_arguments, recipe_source
 from tvlang.language import ast
 from tvlang.language.checker import CheckedProgram, check
 from tvlang.language.syntax import parse, parse_expression
 from tvlang.plan.compiler import compile as compile_recipe
-from tvlang.plan.compiler import declare_params, delta
+from tvlang.plan.compiler import declare_params
 from tvlang.plan.ir import build
 
 HELP = "check a recipe's names, types and the affine rule, and its checkpoints' headers"
@@ -108,9 +108,6 @@ def check_files(text: str, filename: str, bindings: dict[str, str], kinds: dict[
         return
     from tvlang.run.evaluate import validate  # the run layer imports torch
 
-    bound = {}
-    for name, value in bindings.items():
-        path = split_binding(value)[1]
-        bound[name] = delta(path) if kinds[name] == "delta" else path
+    bound = {name: binding_value(value, kinds[name]) for name, value in bindings.items()}
     plan = compile_recipe(text, filename=filename, sources=kinds, **params)
     validate(plan, bound, missing=missing)
