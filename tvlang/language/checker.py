@@ -43,7 +43,7 @@ TOLERANCE = 1e-9
 class Output:
     name: str  # a bare ``out`` is named "out"
     expr: ast.Expr
-    kind: str  # "model" or "delta"
+    kind: str  # "model" or "delta"; "scalar" only when the check allows scalar outputs
     span: Span | None = None
 
 
@@ -56,6 +56,7 @@ class CheckedProgram:
     sources: dict[str, str]  # free names used -> "model" | "delta"
     env: dict[str, ast.Expr]  # name = expr, in order (assignments and named outputs)
     outputs: list[Output] = field(default_factory=list)
+    kinds: dict[str, str] = field(default_factory=dict)  # every defined name -> "scalar" | "model" | "delta"
 
 
 @dataclass(frozen=True)
@@ -249,12 +250,15 @@ class _Binding:
 
 
 class _Checker:
-    def __init__(self, program: ast.Program, source: str, filename: str | None, sources, params) -> None:
+    def __init__(self, program: ast.Program, source: str, filename: str | None, sources, params, *,
+                 require_output: bool = True, scalar_outputs: bool = False) -> None:
         self.program = program
         self.source = source
         self.filename = filename
         self.bound_sources = dict(sources) if sources is not None else None
         self.overrides = dict(params or {})
+        self.require_output = require_output
+        self.scalar_outputs = scalar_outputs
         self.errors: list[TvlangError] = []
         self.names: dict[str, _Binding] = {}
         self.used_sources: dict[str, str] = {}
@@ -321,8 +325,8 @@ class _Checker:
                         continue
                     env[stmt.name] = stmt.value
                 kind = self.result_kind(t)
-                if kind == "scalar":
-                    # The evaluator writes checkpoints; a number is not one.
+                if kind == "scalar" and not self.scalar_outputs:
+                    # A run writes checkpoints; a number is not one.
                     self.error(
                         "an output must be a model or a task vector, got a number",
                         stmt.value,
@@ -332,7 +336,7 @@ class _Checker:
                     outputs.append(Output(name, stmt.value, kind, stmt.span))
             else:  # pragma: no cover - the parser makes no other statements
                 raise TypeError(f"not a statement: {stmt!r}")
-        if not any(isinstance(s, ast.Out) for s in self.program.statements):
+        if self.require_output and not any(isinstance(s, ast.Out) for s in self.program.statements):
             self.error("the recipe has no output; add a line such as: out = pre + 0.4*(ft - pre)", None)
         if self.errors:
             if len(self.errors) == 1:
@@ -349,6 +353,8 @@ class _Checker:
             sources=dict(self.used_sources),
             env=env,
             outputs=outputs,
+            kinds={name: kind for name, binding in self.names.items()
+                   if (kind := self.result_kind(binding.type)) is not None},
         )
 
     @staticmethod
@@ -755,14 +761,28 @@ def check(
     filename: str | None = None,
     sources: dict[str, str] | None = None,
     params: dict[str, float] | None = None,
+    require_output: bool = True,
+    scalar_outputs: bool = False,
 ) -> CheckedProgram:
     """Check a parsed recipe; every independent error is reported in one TvlangError.
 
     ``sources`` maps names bound from outside to ``"model"`` or ``"delta"``;
     ``None`` makes every undefined name a free Model source. ``params``
-    overrides declared ``param`` values.
+    overrides declared ``param`` values. ``require_output=False`` accepts a
+    program of definitions only (the REPL's session); ``scalar_outputs=True``
+    accepts an output that is a number (``out = norm(a - pre)``, which a plan
+    computes but no run writes). The result's ``kinds`` gives the kind of every
+    defined name:
+
+    >>> from tvlang.language.syntax import parse
+    >>> check(parse("param lam = 0.5\\ntau = ft - pre\\ns = lam*norm(tau)\\n"), source="",
+    ...       require_output=False).kinds
+    {'lam': 'scalar', 'tau': 'delta', 's': 'scalar'}
+    >>> check(parse("out = norm(ft - pre)\\n"), source="", scalar_outputs=True).outputs[0].kind
+    'scalar'
     """
-    checker = _Checker(program, source, filename, sources, params)
+    checker = _Checker(program, source, filename, sources, params,
+                       require_output=require_output, scalar_outputs=scalar_outputs)
     try:
         return checker.run()
     except RecursionError:

@@ -6,6 +6,16 @@
 ['a', 'b']
 >>> print(plan.optimized_text())
 out = 0.5*a + 0.5*b
+
+A recipe whose output is a number plans its whole-model reductions, and
+``Plan.scalar`` computes it:
+
+>>> import torch
+>>> plan = tvlang.compile("norm(ft - pre) / 2")
+>>> plan.output_kind("out"), plan.schedule.passes
+('scalar', 1)
+>>> plan.scalar({"pre": {"w": torch.zeros(2)}, "ft": {"w": torch.tensor([3.0, 4.0])}})
+2.5
 """
 
 from __future__ import annotations
@@ -13,11 +23,11 @@ from __future__ import annotations
 import functools
 from typing import Any, Iterator, Mapping
 
-from tvlang.language import ast
 from tvlang.errors import TvlangError
+from tvlang.language import ast
+from tvlang.plan.explain import explain, ir_text
 from tvlang.plan.ir import IRProgram, build, postorder
 from tvlang.plan.optimize import OptimizerFlags, optimize
-from tvlang.plan.explain import explain, ir_text
 from tvlang.plan.records import DeltaBinding, RunSummary, delta
 from tvlang.plan.schedule import Schedule, schedule
 
@@ -100,7 +110,8 @@ class PendingPlan:
 
         as_deltas = {name: "delta" for name in self.free_names()}
         try:
-            check(self.program, source=self.text, filename=self.filename, sources=as_deltas, params=self._params)
+            check(self.program, source=self.text, filename=self.filename, sources=as_deltas, params=self._params,
+                  scalar_outputs=True)
         except TvlangError as other:
             return not (keys(self.error) & keys(other))
         return True
@@ -126,6 +137,9 @@ class PendingPlan:
     def stream(self, bindings: Mapping[str, Any] | None = None, **options: Any):
         return self.bound(bindings or {}).stream(bindings, **options)
 
+    def scalar(self, bindings: Mapping[str, Any] | None = None, **options: Any) -> float:
+        return self.bound(bindings or {}).scalar(bindings, **options)
+
     def __getattr__(self, name: str):
         # explain(), outputs, ...: there is no plan until the bindings say what the names are.
         raise self.error
@@ -148,7 +162,11 @@ def declare_params(program: ast.Program, params: Mapping[str, float]) -> ast.Pro
 
 
 class Plan:
-    """A checked, optimized recipe: explain it, run it, evaluate it."""
+    """A checked, optimized recipe: explain it, run it, evaluate it.
+
+    An output is a Model, a Delta (``run`` writes it, ``evaluate`` and ``stream``
+    give its tensors) or a number, a *scalar output* (``scalar`` computes it).
+    """
 
     def __init__(self, text: str, filename: str | None, program: ast.Program,
                  sources: dict[str, str] | None, params: dict[str, float], flags: OptimizerFlags) -> None:
@@ -160,7 +178,8 @@ class Plan:
         self.flags = flags
         self._source_kinds = sources
         self._param_overrides = params
-        self.checked = check(program, source=text, filename=filename, sources=sources, params=params)
+        self.checked = check(program, source=text, filename=filename, sources=sources, params=params,
+                             scalar_outputs=True)
         self.params: dict[str, float] = dict(self.checked.params)
         self.unoptimized: IRProgram = build(self.checked)
         self.optimized: IRProgram = optimize(self.unoptimized, flags)
@@ -193,6 +212,7 @@ class Plan:
         return [name for name, _ in self.optimized.outputs]
 
     def output_kind(self, name: str) -> str:
+        """``"model"``, ``"delta"`` or ``"scalar"``."""
         return dict(self.optimized.outputs)[name].vector_kind
 
     def sources_read(self, output: str | None = None) -> list[str]:
@@ -225,6 +245,8 @@ class Plan:
         """Stream the recipe over its inputs and write every output; see :mod:`tvlang.run.evaluate`."""
         from tvlang.run.evaluate import run
 
+        for name in self.outputs:
+            self._refuse_scalar(name)
         return run(self, bindings or {}, out, **options)
 
     def evaluate(self, bindings: Mapping[str, Any] | None = None, *, output: str | None = None, **options: Any) -> dict:
@@ -236,4 +258,29 @@ class Plan:
         """(tensor name, tensor) pairs of one output, computed one tensor at a time."""
         from tvlang.run.evaluate import stream
 
+        if output in self.outputs or (output is None and len(self.outputs) == 1):
+            self._refuse_scalar(output or self.outputs[0], "its value is Plan.scalar()")
         return stream(self, bindings or {}, output=output, **options)
+
+    def scalar(self, bindings: Mapping[str, Any] | None = None, *, output: str | None = None,
+               **options: Any) -> float:
+        """The value of a scalar output (``out = norm(a - pre)``): its whole-model
+        reductions streamed over the inputs, then arithmetic on them. ``options`` are
+        ``device``, ``dtype`` and ``missing``, as for ``evaluate``."""
+        from tvlang.run.evaluate import scalars
+
+        name = output if output is not None else self._only_output()
+        return scalars(self, bindings or {}, [name], **options)[name]
+
+    def _only_output(self) -> str:
+        if len(self.outputs) != 1:
+            raise TvlangError(f"this recipe has outputs {', '.join(self.outputs)}: say which one with output=")
+        return self.outputs[0]
+
+    def _refuse_scalar(self, name: str, note: str = "name it (x = ...) and use it to scale a task vector") -> None:
+        """A number is not a checkpoint: running or streaming a scalar output is an error at that output."""
+        if self.output_kind(name) != "scalar":
+            return
+        output = next(o for o in self.checked.outputs if o.name == name)
+        raise TvlangError("an output must be a model or a task vector, got a number", output.expr.span,
+                          source=self.text, filename=self.filename, notes=(f"note: {note}",))

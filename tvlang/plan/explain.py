@@ -3,7 +3,7 @@
 The optimized IR is printed back as tvlang text through the printer (nodes used
 twice become named temporaries ``t0``, ``t1``, ...), whole-model scalars by the
 names of their reduction tasks, and each per-tensor step by the text form its op
-has in ``STEP_OPS``.
+has in ``STEP_OPS``. A scalar output is shown last, as arithmetic on those names.
 
 >>> import tvlang
 >>> print(tvlang.compile("pre + 0.5*(ft - pre)").explain().splitlines()[-4:])
@@ -42,8 +42,12 @@ def explain(plan: "Plan") -> str:
             lines.append(f"{task.name} = {_scalar_text(task.node, None)}")
         lines.extend("  " + step_text(step, names) for step in program.steps)
         pass_no += 1
-    lines.append(f"# pass {pass_no}: per tensor ({sched.main.n_buffers} buffers)")
-    lines.extend("  " + step_text(step, names) for step in sched.main.steps)
+    if sched.main.steps:
+        lines.append(f"# pass {pass_no}: per tensor ({sched.main.n_buffers} buffers)")
+        lines.extend("  " + step_text(step, names) for step in sched.main.steps)
+    if sched.scalars:
+        lines.append("# scalar outputs, from the whole-model scalars")
+        lines.extend(f"{name} = {_scalar_text(node, names)}" for name, node in sched.scalars)
     return "\n".join(lines)
 
 
@@ -170,7 +174,8 @@ def ir_text(program: IRProgram) -> str:
             statements.append(ast.Assign(name, _vector_ast(node, temps)))
             temps[id(node)] = name
     for name, node in program.outputs:
-        statements.append(ast.Out(None if name == "out" else name, _vector_ast(node, temps)))
+        value = _scalar_ast(node, None) if node.kind == "scalar" else _vector_ast(node, temps)
+        statements.append(ast.Out(None if name == "out" else name, value))
     return to_text(ast.Program(tuple(statements))).rstrip("\n")
 
 

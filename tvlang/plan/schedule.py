@@ -13,17 +13,24 @@ first term no longer needs, so a linear recipe over any number of sources holds
 two or three tensors at a time. Whole-model scalars (``norm``, ``dot``, ``cos``,
 global thresholds) are computed first, in streaming passes of their own, and are
 plain numbers by the time the main pass runs.
+
+An output that is itself a number (``out = norm(a - pre)/norm(b - pre)``) is a
+*scalar output*: its reductions are scheduled like any other, it has no step in
+the per-tensor program, and ``scalar_value`` computes it from the reductions once
+they are known. A recipe of scalar outputs only has no main pass.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
-from tvlang.plan.ir import IRProgram, Node, const_value, postorder
 from tvlang.errors import TvlangError
+from tvlang.language.constants import ARITHMETIC
+from tvlang.plan.ir import IRProgram, Node, const_value, postorder
 
-__all__ = ["STEP_OPS", "Step", "StepOp", "TensorProgram", "ReductionTask", "Schedule", "schedule", "format_coef"]
+__all__ = ["STEP_OPS", "Step", "StepOp", "TensorProgram", "ReductionTask", "Schedule", "schedule", "format_coef",
+           "resolve_coef", "scalar_value"]
 
 
 @dataclass(frozen=True)
@@ -136,9 +143,10 @@ class Schedule:
     """Everything the evaluator needs, in order."""
 
     levels: list[tuple[list[ReductionTask], TensorProgram]]  # earlier passes
-    main: TensorProgram
+    main: TensorProgram  # the vector outputs, per tensor (no steps when every output is a scalar)
     tasks: dict[int, ReductionTask] = field(default_factory=dict)  # id(reduce node) -> task
     call_reductions: dict[int, list[tuple[str, Node]]] = field(default_factory=dict)
+    scalars: list[tuple[str, Node]] = field(default_factory=list)  # scalar outputs: name, scalar node
 
     @property
     def sources_read(self) -> list[str]:
@@ -150,8 +158,8 @@ class Schedule:
 
     @property
     def passes(self) -> int:
-        """Streaming passes over the inputs, the main one included."""
-        total = 1
+        """Streaming passes over the inputs, the main one included (when there are vector outputs)."""
+        total = 1 if self.main.steps else 0
         for tasks, _ in self.levels:
             total += max(getattr(task.factory(), "passes", 1) if task.factory else 1 for task in tasks)
         return total
@@ -209,8 +217,10 @@ def schedule(program: IRProgram) -> Schedule:
         at_level = [tasks[id(n)] for n in reduce_nodes if need(n) == lvl]
         feeds = [(task.name, task.node.args) for task in at_level]
         levels.append((at_level, emit([], feeds, call_reductions)))
-    main = emit(program.outputs, [], call_reductions)
-    return Schedule(levels, main, tasks, call_reductions)
+    vectors = [(name, node) for name, node in program.outputs if node.kind == "vector"]
+    scalars = [(name, node) for name, node in program.outputs if node.kind == "scalar"]
+    main = emit(vectors, [], call_reductions)
+    return Schedule(levels, main, tasks, call_reductions, scalars)
 
 
 def _call_reductions(node: Node, it, factories: dict[int, Callable[[], object]]) -> list[tuple[str, Node]]:
@@ -376,6 +386,48 @@ def format_coef(coef: object, scalar_names: Callable[[Node], str]) -> str:
     if isinstance(coef, tuple) and coef[0] == "div":
         return f"1/{format_coef(coef[1], scalar_names)}"
     return scalar_names(coef)
+
+
+# The IR's scalar ops, as the language's arithmetic (a division by zero is checked first).
+_SCALAR_OPS = {"add": ARITHMETIC["+"], "sub": ARITHMETIC["-"], "mul": ARITHMETIC["*"], "div": ARITHMETIC["/"]}
+
+
+def scalar_value(node: Node, reduced: Mapping[int, float], cache: dict[int, float] | None = None) -> float:
+    """The number a scalar node stands for, given the value of every reduction it
+    uses (``reduced``: id of the reduce node -> value); ``cache`` keeps the values of
+    the nodes already computed, by id.
+
+    >>> from tvlang.plan.ir import Interner
+    >>> it = Interner()
+    >>> r = it.reduce("norm", (it.source("a", "model"),))
+    >>> scalar_value(it.binary("div", it.const(3.0), it.binary("add", r, it.const(1.0))), {id(r): 2.0})
+    1.0
+    """
+    cache = {} if cache is None else cache
+    stack: list[tuple[Node, bool]] = [(node, False)]
+    while stack:  # children first; a reduction is a leaf here (its vectors were streamed)
+        current, ready = stack.pop()
+        if id(current) in cache:
+            continue
+        op = current.op
+        if not ready and op in ("neg", *_SCALAR_OPS):
+            stack.append((current, True))
+            stack.extend((arg, False) for arg in current.args)
+            continue
+        if op == "const":
+            value = const_value(current)
+        elif op == "reduce":
+            value = reduced[id(current)]
+        elif op == "neg":
+            value = -cache[id(current.args[0])]
+        else:
+            left, right = cache[id(current.args[0])], cache[id(current.args[1])]
+            if op == "div" and right == 0.0:
+                raise TvlangError("division by zero: a scalar in the recipe divides by a value that is 0 "
+                                  "(a norm of an all-zero task vector?)")
+            value = _SCALAR_OPS[op](left, right)
+        cache[id(current)] = value
+    return cache[id(node)]
 
 
 def resolve_coef(coef: object, scalars: Callable[[Node], float]) -> float:

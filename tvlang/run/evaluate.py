@@ -4,7 +4,7 @@ The executor lives in the modules of ``tvlang.run``: ``options`` (dtype, device,
 missing policy), ``bindings`` (``bind``), ``layout`` (``layout``, ``validate``),
 ``session`` (``Session``: reductions, then the main pass), ``whole`` and
 ``chunked`` (the two interpreters over one step table), ``buffers``, ``driver``
-(``run``, ``stream``) and ``progress``.
+(``run``, ``stream``), ``scalars`` (the values of scalar outputs) and ``progress``.
 
 Choices, documented in docs/evaluator.md:
 
@@ -25,6 +25,7 @@ from tvlang.run.bindings import Bound, bind, binding_kind, protected_paths
 from tvlang.run.driver import IN_FLIGHT, run, stream
 from tvlang.run.layout import Layout, layout, validate
 from tvlang.run.options import DTYPES, MISSING_POLICIES, parse_device, parse_dtype
+from tvlang.run.scalars import scalars
 from tvlang.run.session import Session
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "parse_dtype",
     "protected_paths",
     "run",
+    "scalars",
     "stream",
     "validate",
 ]
