@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from tvlang.language.builtins import BUILTINS, OPERATORS
 from tvlang.errors import TvlangError
+from tvlang.language.builtins import BUILTINS, OPERATORS
 from tvlang.ops.context import TensorContext
 from tvlang.ops.reduce import CosReducer, DotReducer, NormReducer, mean, sum_
 from tvlang.ops.registry import KERNELS, REDUCERS, reductions_for

@@ -43,7 +43,8 @@ def test_schedule_and_select_through_the_pipeline():
     pre, (a, _) = _models()
     out = tvlang.compile('schedule(a - pre, [0, 1])').evaluate({"pre": pre, "a": a})
     assert torch.allclose(out["model.layers.0.mlp.weight"], torch.zeros(5, 5))
-    assert torch.allclose(out["model.layers.1.mlp.weight"], a["model.layers.1.mlp.weight"] - pre["model.layers.1.mlp.weight"])
+    layer_1 = "model.layers.1.mlp.weight"
+    assert torch.allclose(out[layer_1], a[layer_1] - pre[layer_1])
     assert torch.allclose(out["model.embed.weight"], a["model.embed.weight"] - pre["model.embed.weight"])
     out = tvlang.compile('select(a - pre, "*.layers.*")').evaluate({"pre": pre, "a": a})
     assert torch.equal(out["model.norm.weight"], torch.zeros(7))
@@ -52,7 +53,8 @@ def test_schedule_and_select_through_the_pipeline():
 def _chunk_in(monkeypatch, elements: int) -> list[str]:
     """From now on, programs over tensors of 7 entries or more run in chunks of ``elements``;
     the returned list gets the name of each tensor computed in chunks."""
-    from tvlang.run import chunked as chunk_module, evaluate
+    from tvlang.run import chunked as chunk_module
+    from tvlang.run import evaluate
 
     names: list[str] = []
     real = evaluate.Session._execute_chunked
@@ -150,7 +152,8 @@ def test_threshold_kernels_in_chunked_programs_equal_whole_tensor_kernels(monkey
 def test_nested_threshold_kernels_run_whole(monkeypatch):
     """ties over topk's result cannot be chunked (topk has no result while ties looks at its input):
     the program runs on whole tensors, with the same result."""
-    from tvlang.run import chunked as chunk_module, evaluate
+    from tvlang.run import chunked as chunk_module
+    from tvlang.run import evaluate
 
     binds = _quantized_models()
     recipe = "ties(topk(a - pre, 0.5), b - pre, density=0.5)"

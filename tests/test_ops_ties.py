@@ -232,7 +232,8 @@ def _reference_ties(xs, density, elect, merge, weights, elect_on):
 def test_ties_matches_the_naive_reference(data, m, n, density, elect, merge, elect_on):
     values = st.integers(-4, 4).map(float)  # small integers: many ties and zeros
     xs = [torch.tensor(data.draw(st.lists(values, min_size=n, max_size=n))) for _ in range(m)]
-    weights = data.draw(st.one_of(st.just([]), st.lists(st.sampled_from([-1.0, 0.0, 0.5, 2.0]), min_size=m, max_size=m)))
+    some_weights = st.lists(st.sampled_from([-1.0, 0.0, 0.5, 2.0]), min_size=m, max_size=m)
+    weights = data.draw(st.one_of(st.just([]), some_weights))
     got = ties(xs, ctx(), density=density, elect=elect, merge=merge, weights=weights, elect_on=elect_on)
     want = _reference_ties(xs, density, elect, merge, weights, elect_on)
     assert torch.allclose(got.double(), want, atol=1e-6), (got, want)

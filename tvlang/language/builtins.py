@@ -336,7 +336,8 @@ def _glob_pattern(options: Mapping[str, object], n_inputs: int) -> str | None:
 CORE = (
     Builtin(
         "load",
-        params=(Arg("path", "string", doc="a .safetensors file, a sharded index, a model directory, or a .bin/.pt state dict; relative to the recipe file"),),
+        params=(Arg("path", "string", doc="a .safetensors file, a sharded index, a model directory, "
+                                          "or a .bin/.pt state dict; relative to the recipe file"),),
         result="model",
         stage="source",
         summary="Read a checkpoint as a model (absolute weights).",
