@@ -6,8 +6,13 @@ names of their reduction tasks, and each per-tensor step by the text form its op
 has in ``STEP_OPS``. A scalar output is shown last, as arithmetic on those names.
 
 >>> import tvlang
->>> print(tvlang.compile("pre + 0.5*(ft - pre)").explain().splitlines()[-4:])
-['# pass 1: per tensor (2 buffers)', '  b0 = read(pre)', '  b1 = read(ft)', '  b0 = 0.5 * b0 + 0.5 * b1']
+>>> for line in tvlang.compile("pre + 0.5*(ft - pre)").explain().splitlines()[-5:]:
+...     print(line)
+  b0 = read(pre)
+  b0 *= 0.5
+  b1 = read(ft)
+  b0 += 0.5 * b1
+  write(out, b0)
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ import torch
 from tvlang.errors import TvlangError
 from tvlang.io import TensorInfo
 from tvlang.ops.context import TensorContext
-from tvlang.plan.ir import Node, const_value
-from tvlang.plan.schedule import Step, TensorProgram
+from tvlang.plan.ir import Node
+from tvlang.plan.schedule import Step, TensorProgram, scalar_value
 from tvlang.run import chunked
 from tvlang.run.bindings import Bound
 from tvlang.run.buffers import OutputBuffers
@@ -55,25 +55,8 @@ class Session:
     # scalars
 
     def scalar(self, node: Node) -> float:
-        cached = self._scalar_cache.get(id(node))
-        if cached is not None:
-            return cached
-        op = node.op
-        if op == "const":
-            value = const_value(node)
-        elif op == "reduce":
-            value = self.reduced[id(node)]
-        elif op == "neg":
-            value = -self.scalar(node.args[0])
-        else:
-            left, right = self.scalar(node.args[0]), self.scalar(node.args[1])
-            if op == "div" and right == 0.0:
-                raise TvlangError("division by zero: a scalar in the recipe divides by a value that is 0 "
-                                  "(a norm of an all-zero task vector?)")
-            value = {"add": left + right, "sub": left - right, "mul": left * right,
-                     "div": left / right if right else 0.0}[op]
-        self._scalar_cache[id(node)] = value
-        return value
+        """The value of a scalar node (a coefficient) once the reductions ran."""
+        return scalar_value(node, self.reduced, self._scalar_cache)
 
     # reading
 
