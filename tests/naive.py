@@ -14,7 +14,7 @@ import math
 import torch
 
 from tvlang.language import ast, constants
-from tvlang.language.checker import bind_call, load_builtins
+from tvlang.language.checker import bind_call
 from tvlang.language.syntax import parse, parse_expression
 from tvlang.ops.context import TensorContext
 from tvlang.ops.registry import KERNELS
@@ -24,7 +24,6 @@ class NaiveEvaluator:
     """Evaluate ``text`` over ``models`` (name -> {tensor name: tensor}) eagerly."""
 
     def __init__(self, models: dict[str, dict[str, torch.Tensor]], dtype=torch.float64, params=None):
-        load_builtins()
         self.models = {k: {n: t.to(dtype) for n, t in sd.items() if t.is_floating_point()} for k, sd in models.items()}
         self.dtype = dtype
         self.params = dict(params or {})

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
-from tvlang.language.checker import load_builtins
+from tvlang.language.builtins import BUILTINS
 
 __all__ = ["PYGMENTS", "TvlangLexer", "highlight", "tokens", "use_color"]
 
@@ -30,10 +30,6 @@ try:
     PYGMENTS = True
 except ImportError:  # pragma: no cover - Pygments is optional
     PYGMENTS = False
-
-
-def _builtin_names() -> tuple[str, ...]:
-    return tuple(sorted(load_builtins()))
 
 
 if PYGMENTS:
@@ -52,7 +48,7 @@ if PYGMENTS:
                 (r"#.*?$", Comment.Single),
                 (r"\b(param|out)\b", Keyword),
                 (r"\b(true|false)\b", Keyword.Constant),
-                (words(_builtin_names(), prefix=r"\b", suffix=r"(?=\s*\()"), Name.Builtin),
+                (words(tuple(sorted(BUILTINS)), prefix=r"\b", suffix=r"(?=\s*\()"), Name.Builtin),
                 (r"[A-Za-z_][A-Za-z0-9_]*(?=\s*=(?!=))", Name.Variable),
                 (r"[A-Za-z_][A-Za-z0-9_]*", Name),
                 (r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", Number),
