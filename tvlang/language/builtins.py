@@ -37,6 +37,8 @@ tvlang.errors.TvlangError: error: ties: option 'density' must be in [0, 1], got 
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -45,9 +47,21 @@ from dataclasses import dataclass
 from tvlang.errors import TvlangError
 
 __all__ = [
+    "resolve",
     "REQUIRED", "Arg", "Builtin", "BUILTINS", "CORE", "OPERATORS", "Reduction", "register", "unregister",
     "threshold_key",
 ]
+
+
+@functools.lru_cache(maxsize=None)
+def resolve(reference: str):
+    """The object a row's ``"module:attr"`` reference names, imported on first use.
+
+    Rows name their kernels, chunk forms and reducers this way so that the language
+    and plan layers never import torch; the run layer resolves them when it runs.
+    """
+    module, _, attr = reference.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 KINDS = ("model", "delta", "vector", "scalar", "int", "string", "bool", "list")
 VECTOR_KINDS = ("model", "delta", "vector")

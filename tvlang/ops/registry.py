@@ -53,21 +53,12 @@ the last one.
 
 from __future__ import annotations
 
-import functools
-import importlib
 from collections.abc import Callable, Iterator, Mapping, Set
 from typing import Any
 
-from tvlang.language.builtins import BUILTINS, Builtin, Reduction
+from tvlang.language.builtins import BUILTINS, Builtin, Reduction, resolve
 
 __all__ = ["KERNELS", "CHUNKED", "ELEMENTWISE", "MULTIPASS", "REDUCERS", "reductions_for", "resolve"]
-
-
-@functools.lru_cache(maxsize=None)
-def resolve(reference: str) -> Any:
-    """The object a ``"module:attr"`` reference of a row names (imported on first use)."""
-    module, _, attr = reference.partition(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 class _Rows:

@@ -22,10 +22,12 @@ they are known. A recipe of scalar outputs only has no main pass.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from tvlang.errors import TvlangError
+from tvlang.language.builtins import BUILTINS, resolve
 from tvlang.language.constants import ARITHMETIC
 from tvlang.plan.ir import IRProgram, Node, const_value, postorder
 
@@ -224,33 +226,33 @@ def schedule(program: IRProgram) -> Schedule:
 
 
 def _call_reductions(node: Node, it, factories: dict[int, Callable[[], object]]) -> list[tuple[str, Node]]:
-    """Synthetic reduce nodes for a call that needs whole-model scalars; their
-    reducer factories go into ``factories`` (per schedule, keyed by node id)."""
-    try:
-        from tvlang.ops import registry
-    except ModuleNotFoundError:  # kernels not installed in this tree yet
-        return []
-    finder = getattr(registry, "reductions_for", None)
-    if finder is None:
-        return []
+    """Synthetic reduce nodes for a call that needs whole-model scalars (its row's
+    ``reductions``); their reducer factories go into ``factories`` (per schedule, keyed
+    by node id)."""
     name, options = node.attr
+    row = BUILTINS.get(name)
+    if row is None or row.reductions is None:
+        return []
     result = []
-    for key, factory, indices in finder(name, dict(options), len(node.args)):
-        inputs = tuple(node.args[i] for i in indices)
-        reduce_node = it.reduce(f"@{name}.{key}", inputs, tuple(options))
-        factories[id(reduce_node)] = factory
-        result.append((key, reduce_node))
+    for reduction in row.reductions(row.complete(dict(options)), len(node.args)):
+        inputs = tuple(node.args[i] for i in reduction.inputs)
+        reduce_node = it.reduce(f"@{name}.{reduction.key}", inputs, tuple(options))
+        factories[id(reduce_node)] = functools.partial(_make_reducer, reduction.reducer, reduction.args)
+        result.append((reduction.key, reduce_node))
     return result
+
+
+def _make_reducer(reference: str, args: tuple) -> object:
+    """A Reducer from a row's lazy reference: the ops layer is imported here, when a pass runs."""
+    return resolve(reference)(*args)
 
 
 def _task(name: str, node: Node, factory: Callable[[], object] | None) -> ReductionTask:
     builtin, options = node.attr
     if factory is None:
-        try:
-            from tvlang.ops.registry import REDUCERS
-        except ModuleNotFoundError:
-            REDUCERS = {}
-        factory = REDUCERS.get(builtin)
+        row = BUILTINS.get(builtin)
+        if row is not None and row.stage == "reduce":
+            factory = functools.partial(_make_reducer, row.kernel, ())
     return ReductionTask(name, node, builtin, dict(options), factory)
 
 
