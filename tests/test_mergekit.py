@@ -402,3 +402,42 @@ def test_the_front_end_imports_no_torch():
             "assert 'torch' not in sys.modules, sorted(k for k in sys.modules if 'torch' in k)[:3]")
     subprocess.run([sys.executable, "-c", code], check=True)
 
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+def test_tvlang_import_prints_the_recipe(workdir, capsys):
+    from tvlang.faces.cli import main
+
+    assert main(["import", str(workdir / "ties.yml")]) == 0
+    assert capsys.readouterr().out == to_recipe(workdir / "ties.yml")
+
+
+def test_tvlang_import_reports_errors_at_the_config_line(tmp_path, capsys):
+    from tvlang.faces.cli import main
+
+    config = tmp_path / "merge.yml"
+    config.write_text("models:\n  - model: ft1\nmerge_method: linear\nslices: []\n")
+    assert main(["import", str(config)]) == 1
+    assert capsys.readouterr().err == (
+        f"{config}:4:1: error: slices: layer slices (frankenmerges) are not supported by tvlang import yet\n"
+        "  slices: []\n"
+        "  ^^^^^^\n"
+    )
+
+
+def test_tvlang_run_runs_a_config_with_its_dtype(workdir, tmp_path, capsys):
+    from tvlang.faces.cli import main
+
+    config = tmp_path / "merge.yml"  # float32 models, merged and written in bfloat16
+    config.write_text(f"models:\n  - model: {workdir / 'ft1'}\n    parameters: {{weight: 0.7}}\n"
+                      f"  - model: {workdir / 'ft2'}\n    parameters: {{weight: 0.3}}\n"
+                      "merge_method: linear\ndtype: bfloat16\n")
+    assert main(["run", str(config), "-o", str(tmp_path / "merged"), "-q"]) == 0
+    merged = load(tmp_path / "merged")
+    expected = tvlang.compile(to_recipe(config), filename=str(config)).evaluate({}, out_dtype="bfloat16")
+    assert {t.dtype for t in merged.values()} == {torch.bfloat16}
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+    assert main(["run", str(config), "-o", str(tmp_path / "as_f32"), "-q", "--out-dtype", "float32"]) == 0
+    assert {t.dtype for t in load(tmp_path / "as_f32").values()} == {torch.float32}
+    assert main(["check", str(config)]) == 0

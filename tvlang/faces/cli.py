@@ -7,12 +7,13 @@ import sys
 
 from tvlang import __version__
 from tvlang.errors import TvlangError
-from tvlang.faces.commands import bases, check, explain, repl, run, similarity
+from tvlang.faces.commands import bases, check, explain, import_, repl, run, similarity
 from tvlang.faces.commands.args import UsageError
 
 # Each subcommand's module has register(subparsers); this order is the order of ``tvlang --help``.
-COMMAND_MODULES = (run, check, explain, repl, similarity, bases)
-COMMANDS = tuple(module.__name__.rpartition(".")[2] for module in COMMAND_MODULES)
+# A command named by a Python keyword lives in a module with a trailing _ (import_).
+COMMAND_MODULES = (run, check, explain, repl, similarity, bases, import_)
+COMMANDS = tuple(module.__name__.rpartition(".")[2].rstrip("_") for module in COMMAND_MODULES)
 
 DESCRIPTION = """\
 tvlang: task arithmetic on model checkpoints, as a small language.
@@ -22,6 +23,7 @@ examples:
   tvlang run -e "pre + 0.4*(ft - pre)" --bind pre=base/ --bind ft=finetuned/ -o out/
   tvlang check recipe.tv
   tvlang explain recipe.tv
+  tvlang import merge.yml     (a mergekit config as a recipe)
 """
 
 

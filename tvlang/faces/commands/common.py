@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from tvlang.errors import TvlangError
 from tvlang.faces.commands.args import UsageError
+from tvlang.frontends.mergekit import Translation, translate
+
+# A RECIPE with one of these suffixes is a mergekit config: it runs as its translation.
+MERGEKIT_SUFFIXES = (".yml", ".yaml")
 
 
 def read_recipe(path: str) -> str:
@@ -31,13 +36,24 @@ def recipe_source(args: argparse.Namespace) -> tuple[str, str]:
         raise UsageError("give a RECIPE file or -e EXPR, not both")
     if args.expr is not None:
         return args.expr, "<expr>"
+    config = mergekit_config(args)
+    if config is not None:
+        return config.recipe, args.recipe
     return read_recipe(args.recipe), args.recipe
+
+
+def mergekit_config(args: argparse.Namespace) -> Translation | None:
+    """The translation of a RECIPE that is a mergekit config (``.yml``/``.yaml``), else None."""
+    if args.recipe is None or not args.recipe.endswith(MERGEKIT_SUFFIXES):
+        return None
+    return translate(Path(args.recipe))
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser, bind_help: str, *, bind_metavar: str = "NAME=PATH",
                          expr_help: str = "an expression instead of a recipe file") -> None:
     """RECIPE, ``-e EXPR``, ``--bind`` and ``--set``: the arguments of run, check and explain."""
-    parser.add_argument("recipe", nargs="?", metavar="RECIPE", help="recipe file (.tv)")
+    parser.add_argument("recipe", nargs="?", metavar="RECIPE",
+                        help="recipe file (.tv), or a mergekit config (.yml, .yaml: see tvlang import)")
     parser.add_argument("-e", "--expr", metavar="EXPR", help=expr_help)
     parser.add_argument("--bind", action="append", default=[], metavar=bind_metavar, help=bind_help)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",

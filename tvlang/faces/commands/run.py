@@ -15,7 +15,7 @@ from tvlang.faces.commands.args import (
     parse_params,
     parse_size,
 )
-from tvlang.faces.commands.common import add_recipe_arguments, recipe_source
+from tvlang.faces.commands.common import add_recipe_arguments, mergekit_config, recipe_source
 from tvlang.plan.compiler import compile as compile_recipe
 
 HELP = "run a recipe over checkpoints and write the result"
@@ -37,6 +37,7 @@ examples:
       --bind pre=t5/ --bind yelp_lm=yelp/ --bind amazon_lm=amazon/ \\
       --bind amazon_sent=delta:amazon_sent.safetensors -o yelp_sent/
   tvlang run recipe.tv -o forget=a/ -o multitask=b/     (several outs)
+  tvlang run merge.yml -o merged/     (a mergekit config: see tvlang import)
 """
 
 
@@ -47,8 +48,10 @@ def register(subparsers) -> None:
     parser.add_argument("-o", "--out", action="append", default=[], metavar="PATH|NAME=PATH",
                         help="where to write: one path, or NAME=PATH for each output of a recipe with several")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
-    parser.add_argument("--dtype", default="float32", help="compute dtype (default float32)")
-    parser.add_argument("--out-dtype", default=None, help="output dtype (default: the base model's)")
+    parser.add_argument("--dtype", default=None,
+                        help="compute dtype (default float32; a mergekit config's dtype: float64 sets float64)")
+    parser.add_argument("--out-dtype", default=None,
+                        help="output dtype (default: the base model's; a mergekit config's out_dtype or dtype)")
     parser.add_argument("--shard-size", default="5GB", help="shard model directories above this size (default 5GB)")
     parser.add_argument("--missing", default="error", choices=("error", "base", "skip"),
                         help="a tensor missing from some inputs: error (default), take the base's, or skip it")
@@ -92,8 +95,12 @@ def run(args: argparse.Namespace) -> int:
     shard_size = parse_size(args.shard_size)
     check_dtype("--dtype", args.dtype)
     check_dtype("--out-dtype", args.out_dtype)
+    config = mergekit_config(args)
+    defaults = config.options if config is not None else {}
+    dtype = args.dtype or defaults.get("dtype", "float32")
+    out_dtype = args.out_dtype or defaults.get("out_dtype")
     plan, bindings = compile_from_args(args)
-    summary = plan.run(bindings, out, device=args.device, dtype=args.dtype, out_dtype=args.out_dtype,
+    summary = plan.run(bindings, out, device=args.device, dtype=dtype, out_dtype=out_dtype,
                        shard_size=shard_size, force=args.force, missing=args.missing, progress=not args.quiet)
     if not args.quiet:
         print(summary.line(), file=sys.stderr)

@@ -1,0 +1,42 @@
+"""``tvlang import``: print a mergekit config as an equivalent tvlang recipe.
+
+(The module is ``import_``: ``import`` is a Python keyword; the command is ``tvlang import``.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tvlang.frontends.mergekit import translate
+
+HELP = "print a mergekit config (YAML) as an equivalent tvlang recipe"
+
+DESCRIPTION = """\
+Translate a mergekit config (the YAML file mergekit-yaml takes) into a tvlang
+recipe and print it. Comments keep the config's intent: the merge method, and
+where each value came from. The recipe's load() paths are the config's, relative
+to the config's directory: save the recipe next to the config. dtype and
+out_dtype become --dtype/--out-dtype of `tvlang run` (a recipe does not carry
+run options; `tvlang run config.yml` applies them itself). What tvlang cannot
+express yet (slices, gradients, filters, Hub ids, ...) is an error at its line.
+See docs/mergekit.md.
+
+examples:
+  tvlang import merge.yml
+  tvlang import merge.yml > merge.tv && tvlang check merge.tv
+  tvlang run merge.yml -o merged/
+"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("import", help=HELP, description=DESCRIPTION,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", metavar="CONFIG", help="a mergekit config (.yml or .yaml)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    sys.stdout.write(translate(Path(args.config)).recipe)
+    return 0
