@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 import tvlang
 from tvlang.errors import TvlangError
 from tvlang.faces.cli import main
-from tvlang.language.builtins import BUILTINS, REQUIRED, Arg, Builtin, register, unregister
+from tvlang.language.builtins import BUILTINS, REQUIRED, Arg, Builtin, register, resolve, unregister
 from tvlang.ops.chunks import ChunkKernel
-from tvlang.ops.registry import CHUNKED, ELEMENTWISE, KERNELS, MULTIPASS, REDUCERS, reductions_for
+from tvlang.ops.registry import CHUNKED, ELEMENTWISE, KERNELS, MULTIPASS
 
 # -- the toy operator: a kernel, a chunk form and a row ------------------------------------
 
@@ -74,8 +74,7 @@ def toy():
     unregister(*registered)
 
 
-VIEWS = {"KERNELS": KERNELS, "CHUNKED": CHUNKED, "ELEMENTWISE": ELEMENTWISE, "MULTIPASS": MULTIPASS,
-         "REDUCERS": REDUCERS}
+VIEWS = {"KERNELS": KERNELS, "CHUNKED": CHUNKED, "ELEMENTWISE": ELEMENTWISE, "MULTIPASS": MULTIPASS}
 
 
 NAMES = ["model.embed.weight", "model.layers.0.mlp.weight", "model.norm.weight"]
@@ -188,16 +187,27 @@ def test_derived_views_name_only_rows(view):
             assert callable(VIEWS[view][name]), f"{view}[{name!r}] resolves to nothing callable"
 
 
+def test_every_reference_of_every_row_resolves():
+    for row in BUILTINS.values():
+        for reference in (row.kernel, row.chunk_form):
+            if reference is not None:
+                assert callable(resolve(reference)), f"{row.name}: {reference}"
+        if row.reductions is not None:
+            everything = {arg.name: arg.default for arg in row.constant_args()} | {"density": 0.5, "scope": "model"}
+            for reduction in row.reductions(row.complete(everything), 2):
+                assert callable(resolve(reduction.reducer)), f"{row.name}: {reduction.reducer}"
+                assert set(reduction.inputs) <= {0, 1}
+
+
 def test_views_agree_with_the_rows():
     tensor = {n for n, r in BUILTINS.items() if r.stage == "tensor"}
     assert set(KERNELS) == tensor
-    assert set(REDUCERS) == {n for n, r in BUILTINS.items() if r.stage == "reduce"}
     assert set(CHUNKED) == {n for n, r in BUILTINS.items() if r.chunk_form is not None}
     assert set(MULTIPASS) <= set(CHUNKED)
     assert set(ELEMENTWISE) == {"mean", "sum", "select", "pick", "schedule"}
     assert set(MULTIPASS) == {"ties", "topk", "breadcrumbs"}
     assert set(CHUNKED) == {"dare", "dare_ties", "ties", "topk", "breadcrumbs"}
-    assert reductions_for("slerp", {"t": 0.5}, 2) == []
+    assert {n for n, r in BUILTINS.items() if r.reductions is not None} == {"ties", "topk"}
 
 
 def test_views_follow_registration(toy):
@@ -205,7 +215,6 @@ def test_views_follow_registration(toy):
     toy()
     assert {name: set(view) - before[name] for name, view in VIEWS.items()} == {
         "KERNELS": {"double"}, "CHUNKED": {"double"}, "ELEMENTWISE": {"double"}, "MULTIPASS": set(),
-        "REDUCERS": set(),
     }
     assert KERNELS["double"] is double
 

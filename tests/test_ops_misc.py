@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from tvlang.errors import TvlangError
-from tvlang.language.builtins import BUILTINS, OPERATORS
+from tvlang.language.builtins import BUILTINS, OPERATORS, resolve
 from tvlang.ops.context import TensorContext
 from tvlang.ops.reduce import CosReducer, DotReducer, NormReducer, mean, sum_
-from tvlang.ops.registry import KERNELS, REDUCERS, reductions_for
+from tvlang.ops.registry import KERNELS
 from tvlang.ops.select import count_layers, layer_index, pick, schedule, select
 from tvlang.ops.slerp import slerp
 from tvlang.ops.stock import model_stock
@@ -136,7 +136,7 @@ def test_reducers():
     assert _reduce(CosReducer(), a, [torch.zeros(2), torch.zeros(1, 1)]) == 0.0
     # float64 accumulation: products 1e8, 1, -1e8 sum to 0 in float32, to 1 in float64
     assert _reduce(DotReducer(), [T([1e4, 1.0, 1e4])], [T([1e4, 1.0, -1e4])]) == 1.0
-    assert REDUCERS["norm"] is NormReducer
+    assert resolve(BUILTINS["norm"].kernel) is NormReducer
 
 
 # -- registry ------------------------------------------------------------------------------
@@ -149,13 +149,19 @@ def test_operator_rows_have_docs_and_kernels():
         assert callable(KERNELS[row.name])
 
 
-def test_reductions_for():
-    assert reductions_for("ties", {"density": 0.2}, 3) == []
-    assert reductions_for("dare", {"scope": "model"}, 1) == []
-    found = reductions_for("topk", {"density": 0.5, "scope": "model"}, 1)
-    assert [(key, idx) for key, _, idx in found] == [("threshold:0", [0])]
-    reducer = found[0][1]()
+def reductions(name, options, n_inputs):
+    row = BUILTINS[name]
+    return row.reductions(row.complete(options), n_inputs) if row.reductions else ()
+
+
+def test_reductions_of_a_call():
+    assert reductions("ties", {"density": 0.2}, 3) == ()
+    assert reductions("dare", {"p": 0.5}, 1) == ()
+    (found,) = reductions("topk", {"density": 0.5, "scope": "model"}, 1)
+    assert (found.key, found.inputs) == ("threshold:0", (0,))
+    reducer = resolve(found.reducer)(*found.args)
     assert reducer.passes == 2 and reducer.density == 0.5
+    assert [r.key for r in reductions("ties", {"scope": "model", "density": 0.1}, 2)] == ["threshold:0", "threshold:1"]
 
 
 def check_options(name, options, n_inputs):

@@ -3,15 +3,14 @@
 A row is the whole built-in: its signature (arguments with kinds, defaults, choices and
 ranges, each written once), its kernel, its chunk form, its flags, the whole-model
 reductions it needs, and the hints the checker gives for it. Every other table
-(``KERNELS``, ``CHUNKED``, ``ELEMENTWISE``, ``MULTIPASS``, ``REDUCERS`` in
-:mod:`tvlang.ops.registry`) is a view derived from these rows. Adding an operator is one
-row here plus one kernel in ``tvlang/ops`` (plus an optional chunk form); a test or a
-plugin registers its own rows with :func:`register` (docs/operators.md, "Adding an
-operator").
+(``KERNELS``, ``CHUNKED``, ``ELEMENTWISE``, ``MULTIPASS`` in :mod:`tvlang.ops.registry`)
+is a view derived from these rows. Adding an operator is one row here plus one kernel in
+``tvlang/ops`` (plus an optional chunk form); a test or a plugin registers its own rows
+with :func:`register` (docs/operators.md, "Adding an operator").
 
 This module imports no torch and nothing from the run or ops layers: kernels, chunk forms
-and reducers are named as ``"module:attr"`` and resolved by :mod:`tvlang.ops.registry` on
-first use.
+and reducers are named as ``"module:attr"`` and resolved (:func:`resolve`) when a run needs
+them.
 
 Kinds of arguments: ``"model"``, ``"delta"``, ``"vector"`` (model or delta), ``"scalar"``
 (a finite number), ``"int"`` (a whole number), ``"string"``, ``"bool"``, ``"list"`` (a list
@@ -47,21 +46,9 @@ from dataclasses import dataclass
 from tvlang.errors import TvlangError
 
 __all__ = [
-    "resolve",
-    "REQUIRED", "Arg", "Builtin", "BUILTINS", "CORE", "OPERATORS", "Reduction", "register", "unregister",
-    "threshold_key",
+    "REQUIRED", "Arg", "Builtin", "BUILTINS", "CORE", "OPERATORS", "Reduction", "register", "resolve",
+    "threshold_key", "unregister",
 ]
-
-
-@functools.lru_cache(maxsize=None)
-def resolve(reference: str):
-    """The object a row's ``"module:attr"`` reference names, imported on first use.
-
-    Rows name their kernels, chunk forms and reducers this way so that the language
-    and plan layers never import torch; the run layer resolves them when it runs.
-    """
-    module, _, attr = reference.partition(":")
-    return getattr(importlib.import_module(module), attr)
 
 KINDS = ("model", "delta", "vector", "scalar", "int", "string", "bool", "list")
 VECTOR_KINDS = ("model", "delta", "vector")
@@ -126,9 +113,15 @@ class Reduction:
     """A whole-model scalar a tensor built-in's call needs before its kernel runs.
 
     The planner streams the call's inputs ``inputs`` (indices into the kernel's
-    ``inputs``) through ``reducer(*args)`` (a ``"module:attr"`` Reducer class, see
-    :mod:`tvlang.ops.registry`) and hands its ``result()`` to the kernel as
+    ``inputs``) through ``reducer(*args)``, a ``"module:attr"`` Reducer class, in
+    ``reducer.passes`` streaming passes, and hands its ``result()`` to the kernel as
     ``ctx.reduced[key]``.
+
+    The Reducer protocol (also that of a ``reduce`` built-in's kernel, which streams
+    all the call's vector arguments): ``passes`` (int), ``update(pass_index, tensors,
+    ctx)`` once per tensor name and pass, with ``tensors`` the streamed inputs of that
+    tensor (a list, in ``inputs`` order), ``end_pass(pass_index)`` after each pass,
+    ``result()`` (the scalar) after the last one.
     """
 
     key: str
@@ -296,6 +289,17 @@ def unregister(*names: str) -> None:
     """Remove rows added by :func:`register` (a test's or a plugin's own operators)."""
     for name in names:
         del BUILTINS[name]
+
+
+@functools.lru_cache(maxsize=None)
+def resolve(reference: str) -> object:
+    """The object a row's ``"module:attr"`` reference names, imported on first use.
+
+    Rows name their kernels, chunk forms and reducers this way so that the language
+    and plan layers never import torch; the run layer resolves them when it runs.
+    """
+    module, _, attr = reference.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 # -- what rows share: reductions and rules -------------------------------------------------

@@ -44,8 +44,8 @@ class TensorContext:
     - ``name``: the tensor name (``"model.layers.7.mlp.up_proj.weight"``).
     - ``device``: where the inputs live and results must be made.
     - ``reduced``: whole-model scalars computed in earlier streaming passes that
-      this call asked for, under the keys that
-      :func:`tvlang.ops.registry.reductions_for` returned.
+      this call asked for, under the keys of its row's
+      ``reductions`` (:class:`tvlang.language.builtins.Reduction`).
     - ``num_layers``: number of layers of the model (largest layer index found
       in the tensor names, plus one; see
       :func:`tvlang.ops.select.count_layers`), or ``None`` when unknown. Only

@@ -1,9 +1,10 @@
-"""The operator tables the planner and the evaluator read: views derived from the rows.
+"""The operator tables the evaluator reads: views derived from the rows.
 
-Every row of :data:`tvlang.language.builtins.BUILTINS` names its kernel, chunk form and
-reducer as ``"module:attr"``; the views below resolve those names on first use and follow
-the rows as they are registered (a test's or a plugin's operator shows up in every view).
-No table here is written by hand. This module imports no torch.
+Every row of :data:`tvlang.language.builtins.BUILTINS` names its kernel and chunk form as
+``"module:attr"``; the views below resolve those names on first use and follow the rows
+as they are registered (a test's or a plugin's operator shows up in every view). No table
+here is written by hand, and this module imports no torch. (A row's whole-model
+``reductions`` and a ``reduce`` built-in's Reducer are read from the row by the planner.)
 
 - ``KERNELS[name]`` is the kernel of a tensor built-in:
   ``kernel(inputs: list[Tensor], ctx: TensorContext, **options) -> Tensor``.
@@ -23,32 +24,11 @@ No table here is written by hand. This module imports no torch.
   and on the tensor's name only: the kernel itself is called on each piece.
 - ``MULTIPASS``: chunk forms that may ask for passes over their whole input before the
   first result.
-- ``REDUCERS[name]`` is a zero-argument factory of the Reducer of a ``reduce``-stage
-  built-in (``norm``, ``dot``, ``cos``); it streams all the call's vector arguments, in
-  order. Its ``result()`` is the scalar value.
-- ``reductions_for(name, options, n_inputs)`` tells the planner which whole-model
-  reductions a *tensor* built-in call needs before its kernel can run (the row's
-  ``reductions``): a list of ``(key, factory, input_indices)``. The planner runs
-  ``factory()`` over the listed inputs (evaluated arguments, by index into the kernel's
-  ``inputs``) in ``reducer.passes`` streaming passes, and hands ``result()`` to the
-  kernel as ``ctx.reduced[key]``. Per-tensor calls need nothing (``[]``).
-
-Keys in ``ctx.reduced``: ``"threshold:<i>"`` is the global magnitude threshold of input
-``i`` (``ties``/``topk`` with ``scope="model"``): the exact k-th largest ``|x|`` over
-every tensor of that input, with ``k = keep_count(density, total number of entries)``;
-the kernel keeps entries with ``|x| >= threshold``.
-
-The Reducer protocol: ``passes`` (int), ``update(pass_index, tensors, ctx)`` once per
-tensor name and pass, with ``tensors`` the streamed inputs of that tensor (a list, in
-``input_indices`` order), ``end_pass(pass_index)`` after each pass, ``result()`` after
-the last one.
 
 >>> "ties" in CHUNKED, "ties" in MULTIPASS, "select" in ELEMENTWISE, "slerp" in CHUNKED
 (True, True, True, False)
->>> reductions_for("ties", {"scope": "tensor"}, 2)
-[]
->>> [key for key, _, _ in reductions_for("ties", {"scope": "model", "density": 0.1}, 2)]
-['threshold:0', 'threshold:1']
+>>> KERNELS["ties"].__name__, sorted(MULTIPASS)
+('ties', ['breadcrumbs', 'ties', 'topk'])
 """
 
 from __future__ import annotations
@@ -56,9 +36,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Set
 from typing import Any
 
-from tvlang.language.builtins import BUILTINS, Builtin, Reduction, resolve
+from tvlang.language.builtins import BUILTINS, Builtin, resolve
 
-__all__ = ["KERNELS", "CHUNKED", "ELEMENTWISE", "MULTIPASS", "REDUCERS", "reductions_for", "resolve"]
+__all__ = ["KERNELS", "CHUNKED", "ELEMENTWISE", "MULTIPASS"]
 
 
 class _Rows:
@@ -106,23 +86,3 @@ KERNELS: Mapping[str, Callable[..., Any]] = _Resolved(lambda row: row.stage == "
 CHUNKED: Mapping[str, Callable[..., Any]] = _Resolved(lambda row: row.chunk_form is not None, "chunk_form")
 ELEMENTWISE: Set[str] = _Names(lambda row: row.elementwise)
 MULTIPASS: Set[str] = _Names(lambda row: row.multipass)
-REDUCERS: Mapping[str, Callable[[], Any]] = _Resolved(lambda row: row.stage == "reduce", "kernel")
-
-
-def reductions_for(name: str, options: dict, n_inputs: int) -> list[tuple[str, Callable[[], Any], list[int]]]:
-    """Whole-model reductions a call of tensor built-in ``name`` needs, or ``[]``.
-
-    ``options`` are the call's resolved options (a missing one takes its default).
-    Returns ``(key, factory, input_indices)`` triples; see the module docstring.
-    """
-    row = BUILTINS.get(name)
-    if row is None or row.reductions is None:
-        return []
-    return [(r.key, _factory(r), list(r.inputs)) for r in row.reductions(row.complete(options), n_inputs)]
-
-
-def _factory(reduction: Reduction) -> Callable[[], Any]:
-    def make() -> Any:
-        return resolve(reduction.reducer)(*reduction.args)
-
-    return make
