@@ -68,7 +68,8 @@ def test_a_missing_model_wrapper_is_added(pair, capsys):
     root, pre, ft = pair
     bare = {n.removeprefix("model."): t for n, t in ft.items()}
     save_file(bare, str(root / "ft.safetensors"))
-    got = tvlang.compile("pre + 0.5*(ft - pre)").evaluate({"pre": str(root / "pre"), "ft": str(root / "ft.safetensors")})
+    bindings = {"pre": str(root / "pre"), "ft": str(root / "ft.safetensors")}
+    got = tvlang.compile("pre + 0.5*(ft - pre)").evaluate(bindings)
     for name, tensor in expected(pre, ft).items():
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6)
 

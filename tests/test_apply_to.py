@@ -40,12 +40,14 @@ def test_apply_to_aligns_wrapped_module_names_and_casts():
 def test_apply_to_a_module_without_the_tensors_is_an_error():
     other = torch.nn.Module()
     other.register_parameter("gain", torch.nn.Parameter(torch.zeros(2)))
-    with pytest.raises(tvlang.TvlangError, match="the module has no tensor for 'lin.weight' .its names look like 'gain'"):
+    message = "the module has no tensor for 'lin.weight' .its names look like 'gain'"
+    with pytest.raises(tvlang.TvlangError, match=message):
         tvlang.apply_to(other, "pre + 0.5*(ft - pre)", {"pre": state(1.0), "ft": state(3.0)})
     assert other.gain.tolist() == [0.0, 0.0]
 
 
 def test_apply_to_a_module_of_another_shape_is_an_error():
     # Linear(4, 4) has weight and bias: aligned (lin. removed), then refused on the shape
-    with pytest.raises(tvlang.TvlangError, match=r"tensor 'lin.weight' is \[2, 3\] but the module's 'weight' is \[4, 4\]"):
+    message = r"tensor 'lin.weight' is \[2, 3\] but the module's 'weight' is \[4, 4\]"
+    with pytest.raises(tvlang.TvlangError, match=message):
         tvlang.apply_to(torch.nn.Linear(4, 4), "pre + 0.5*(ft - pre)", {"pre": state(1.0), "ft": state(3.0)})

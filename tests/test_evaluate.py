@@ -16,11 +16,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import tvlang
+from tvlang.faces.cli import main
+from tvlang.plan.schedule import Step, TensorProgram
 from tvlang.run import chunked, evaluate
 from tvlang.run.buffers import OutputBuffers
-from tvlang.faces.cli import main
 from tvlang.run.evaluate import validate
-from tvlang.plan.schedule import Step, TensorProgram
 from tvlang.testing.synth import finetune_like, llama_spec, make_state_dict, write_checkpoint
 
 SPEC = llama_spec(hidden=16, layers=2, vocab=32, intermediate=24)
@@ -157,7 +157,8 @@ def test_card_equals_naive(tmp_path, dtype, in_layout, out_layout):
         assert list(got) == list(want)
         for name, tensor in want.items():
             assert got[name].dtype == dtype or not tensor.dtype.is_floating_point
-            torch.testing.assert_close(got[name].float(), tensor.float(), rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10,
+            rtol = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10
+            torch.testing.assert_close(got[name].float(), tensor.float(), rtol=rtol,
                                        atol=1e-6, msg=name)
     if out_layout == "sharded":
         check_index(out)

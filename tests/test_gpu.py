@@ -36,7 +36,7 @@ def _models():
 ])
 @pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
 def test_cuda_equals_cpu(text, chunked, monkeypatch):
-    from tvlang.run import chunked as chunk_module, evaluate
+    from tvlang.run import chunked as chunk_module
 
     if chunked:  # chunks of 1000 entries, and the radix select of the thresholds on the device
         monkeypatch.setattr(chunk_module, "CHUNK_MIN", 4000)

@@ -31,7 +31,9 @@ def binds(paths):
     return [arg for name, path in paths.items() for arg in ("--bind", f"{name}={path}")]
 
 
-SUMMARY = re.compile(r"^wrote (\d+) tensors \((\d+\.\d) MiB\) to (.+) in (\d+\.\d\d) s \((\d+) MiB/s, (\d+) pass(?:es)?\)$")
+SUMMARY = re.compile(
+    r"^wrote (\d+) tensors \((\d+\.\d) MiB\) to (.+) in (\d+\.\d\d) s \((\d+) MiB/s, (\d+) pass(?:es)?\)$"
+)
 
 
 def test_summary_line(ckpt, tmp_path, capsys):
@@ -95,9 +97,11 @@ def test_several_outputs_need_names(ckpt, tmp_path, capsys):
     assert "this recipe has outputs merged, tau_a: give -o NAME=PATH for each" in err
     assert main(["run", str(recipe), *binds(paths), "-o", f"merged={tmp_path / 'm'}"]) == 1
     assert "no path given for output 'tau_a' (-o tau_a=PATH)" in capsys.readouterr().err
-    assert main(["run", str(recipe), *binds(paths), "-o", f"merged={tmp_path / 'm'}", "-o", f"other={tmp_path / 'o'}"]) == 1
+    outs = ["-o", f"merged={tmp_path / 'm'}", "-o", f"other={tmp_path / 'o'}"]
+    assert main(["run", str(recipe), *binds(paths), *outs]) == 1
     assert "no output named 'other'; the outputs are merged, tau_a" in capsys.readouterr().err
-    assert main(["run", str(recipe), *binds(paths), "-o", f"merged={tmp_path / 'm'}", "-o", f"merged={tmp_path / 'n'}"]) == 2
+    outs = ["-o", f"merged={tmp_path / 'm'}", "-o", f"merged={tmp_path / 'n'}"]
+    assert main(["run", str(recipe), *binds(paths), *outs]) == 2
     assert "-o merged is given twice" in capsys.readouterr().err
     assert not [f for f in os.listdir(tmp_path) if f != "two.tv"]
 

@@ -8,10 +8,10 @@
 Importing tvlang does not import torch; running a plan does.
 """
 
-from tvlang.plan.compiler import Plan, RunSummary, compile, delta
 from tvlang.errors import Span, TvlangError
-from tvlang.plan.optimize import OptimizerFlags
 from tvlang.language.syntax import parse, parse_expression
+from tvlang.plan.compiler import Plan, RunSummary, compile, delta
+from tvlang.plan.optimize import OptimizerFlags
 from tvlang.version import __version__
 
 

@@ -157,7 +157,8 @@ def execute_chunked(session: "Session", program: TensorProgram, linear: LinearPr
                     form.restart()
             steps = needed_steps(program, observing)
             for start in range(0, count, CHUNK_ELEMENTS):
-                run_chunk(session, program, linear, steps, coefs, flat, kernels, start, min(count, start + CHUNK_ELEMENTS),
+                stop = min(count, start + CHUNK_ELEMENTS)
+                run_chunk(session, program, linear, steps, coefs, flat, kernels, start, stop,
                           observing=observing, pass_index=pass_index)
             for index in observing:
                 kernels[index].end_pass(pass_index)
