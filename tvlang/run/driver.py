@@ -9,11 +9,7 @@ renamed (putting back what ``--force`` replaced).
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
@@ -21,19 +17,20 @@ import torch
 from tvlang.errors import TvlangError
 from tvlang.io import StreamingWriter, check_distinct_outputs
 from tvlang.plan.records import RunSummary
-from tvlang.run.bindings import Bound, bind, protected_paths
+from tvlang.run import distributed
 from tvlang.run.align import align
+from tvlang.run.bindings import bind, protected_paths
 from tvlang.run.layout import notes, validate
+from tvlang.run.outputs import IN_FLIGHT, commit_all, output_metadata, output_targets, write_results
 from tvlang.run.progress import progress_for
 from tvlang.run.session import Session
-from tvlang.version import __version__
 
 if TYPE_CHECKING:
     from tvlang.plan.compiler import Plan
 
-__all__ = ["apply_to", "run", "stream"]
+__all__ = ["IN_FLIGHT", "EXECUTORS", "apply_to", "run", "stream"]
 
-IN_FLIGHT = 2  # writes queued per output by run() (whole tensors or pieces)
+EXECUTORS = ("local", "ray")  # who computes: this process, or tasks on a Ray cluster (tvlang.run.distributed)
 
 
 def stream(plan: Plan, bindings: Mapping[str, Any], *, output: str | None = None, device: Any = "cpu",
@@ -72,47 +69,44 @@ def stream(plan: Plan, bindings: Mapping[str, Any], *, output: str | None = None
 
 def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu", dtype: Any = "float32",
         out_dtype: Any = None, shard_size: int | None = None, force: bool = False, missing: str = "error",
-        progress: Any = False, allow_nonfinite: bool = False) -> RunSummary:
-    """Compute every output in one pass over the inputs and write them."""
+        progress: Any = False, allow_nonfinite: bool = False, executor: str = "local", address: str | None = None,
+        workers: int | None = None) -> RunSummary:
+    """Compute every output in one pass over the inputs and write them.
+
+    ``executor="ray"`` computes the output shards as tasks on a Ray cluster
+    (``address``, or a local Ray instance of ``workers`` CPUs) and writes the same
+    bytes; see :mod:`tvlang.run.distributed`.
+    """
+    if executor not in EXECUTORS:
+        raise TvlangError(f"unknown executor '{executor}'; the executors are {', '.join(EXECUTORS)}")
+    if executor == "ray":
+        return distributed.run(plan, bindings, out, device=device, dtype=dtype, out_dtype=out_dtype,
+                               shard_size=shard_size, force=force, missing=missing, progress=progress,
+                               allow_nonfinite=allow_nonfinite, address=address, workers=workers)
+    if address is not None or workers is not None:
+        raise TvlangError("address= and workers= are options of executor='ray'")
     started = time.perf_counter()
     bound = bind(plan, bindings)
     writers: dict[str, StreamingWriter] = {}
     bar = None
     try:
         plan = bound.plan
-        targets = _targets(plan, out)
+        targets = output_targets(plan, out)
         session = Session(bound, device=device, dtype=dtype, out_dtype=out_dtype, missing=missing,
                           allow_nonfinite=allow_nonfinite)
         check_distinct_outputs(targets)
         inputs = [*protected_paths(plan, bindings), *bound.readers.values()]
         for name, path in targets.items():
             kind = plan.output_kind(name)
-            metadata = _metadata(plan, bound, name, kind)
+            metadata = output_metadata(plan, bound, name, kind)
             base = bound.readers[bound.base]
             copy_from = base.root if kind == "model" and base.root and not str(path).endswith(".safetensors") else None
             writers[name] = StreamingWriter(path, session.output_layout(name), shard_size=shard_size,
                                             metadata=metadata, inputs=inputs, force=force, copy_from=copy_from)
         bar = progress_for(progress)
         session.reduce(bar)
-        count = 0
-        written = 0
-        session.buffers.recycle = True
-        session.buffers.size = (IN_FLIGHT + 1) * len(targets)
-        with _compute_threads(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvlang-write") as pool:
-            pending: list[tuple[Future, torch.Tensor]] = []
-            for output, name, tensor, whole in session.results(list(targets), bar, pieces=True):
-                # A few writes in flight per output: memory stays bounded.
-                while len(pending) >= IN_FLIGHT * len(targets):
-                    future, done = pending.pop(0)
-                    future.result()
-                    session.buffers.give_back(done)
-                write = writers[output].write if whole else writers[output].write_part
-                pending.append((pool.submit(write, name, tensor), tensor))
-                written += tensor.numel() * tensor.element_size()
-            for future, done in pending:
-                future.result()
-                session.buffers.give_back(done)
-        _commit_all(list(writers.values()))
+        written = write_results(session, writers, bar)
+        commit_all(list(writers.values()))
         count = sum(len(writer.layout) for writer in writers.values())
         return RunSummary({k: str(v) for k, v in targets.items()}, count, written,
                           time.perf_counter() - started, plan.schedule.passes, notes(bound, session.layout, missing))
@@ -126,79 +120,6 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
         if bar is not None:
             bar.close()  # the bar's line is cleared on success, error and Ctrl-C alike
         bound.close()
-
-
-def _commit_all(writers: list[StreamingWriter]) -> None:
-    """Commit several outputs so that they appear together: sync all, then rename all.
-
-    A failure (or Ctrl-C) before the last rename withdraws the outputs already
-    renamed into place, putting back what was there before (``--force``).
-    """
-    for writer in writers:
-        writer.prepare()
-    published: list[StreamingWriter] = []
-    try:
-        for writer in writers:
-            writer.publish()
-            published.append(writer)
-    except BaseException:
-        for writer in reversed(published):
-            writer.withdraw()
-        raise
-    for writer in writers:
-        writer.finish()
-
-
-@contextlib.contextmanager
-def _compute_threads():
-    """Leave a core to the writer thread (and the kernel's page-cache copies) during a run.
-
-    Measured on 2 cores: chunked steps on one torch thread beat two threads that
-    fight the writer for the second core; the setting is restored afterwards.
-    """
-    previous = torch.get_num_threads()
-    wanted = max(1, min(previous, (os.cpu_count() or 2) - 1))
-    torch.set_num_threads(wanted)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _targets(plan: Plan, out: Any) -> dict[str, Any]:
-    if out is None:
-        raise TvlangError("no output path given (-o PATH)")
-    if isinstance(out, Mapping):
-        unknown = [k for k in out if k not in plan.outputs]
-        if unknown:
-            raise TvlangError(f"no output named '{unknown[0]}'; the outputs are {', '.join(plan.outputs)}")
-        lacking = [k for k in plan.outputs if k not in out]
-        if lacking:
-            raise TvlangError(f"no path given for output '{lacking[0]}' (-o {lacking[0]}=PATH)")
-        return dict(out)
-    if len(plan.outputs) != 1:
-        raise TvlangError(f"this recipe has outputs {', '.join(plan.outputs)}: give -o NAME=PATH for each")
-    return {plan.outputs[0]: out}
-
-
-def _metadata(plan: Plan, bound: Bound, output: str, kind: str) -> dict[str, str]:
-    return {
-        "tvlang.version": __version__,
-        "tvlang.kind": "delta" if kind == "delta" else "model",
-        "tvlang.output": output,
-        "tvlang.recipe": plan.text,
-        "tvlang.params": json.dumps(plan.params, sort_keys=True),
-        "tvlang.inputs": json.dumps({k: bound.readers[k].label for k in _output_inputs(plan, bound, output, kind)},
-                                    sort_keys=True),
-    }
-
-
-def _output_inputs(plan: Plan, bound: Bound, output: str, kind: str) -> list[str]:
-    """The sources an output is computed from; a Model output also takes the base's integer tensors."""
-    keys = [k for k in plan.sources_read(output) if k in bound.readers]
-    if kind == "model" and bound.base not in keys:
-        keys.append(bound.base)
-    return keys
 
 
 def apply_to(plan: Plan, module: Any, bindings: Mapping[str, Any], *, output: str | None = None,

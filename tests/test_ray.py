@@ -1,0 +1,285 @@
+"""The Ray executor writes the local executor's bytes, one task per output shard.
+
+One local Ray instance (2 CPUs, loopback only, no dashboard) serves the module; each
+test runs a recipe with both executors and compares the files byte for byte.
+Without Ray installed, only the install hint is tested.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import pytest
+import torch
+
+import tvlang
+from tvlang.errors import TvlangError
+from tvlang.run import distributed
+from tvlang.testing.synth import write_checkpoint, write_synthetic
+
+SPEC = {
+    "embed.weight": (64, 32),
+    "layers.0.w": (32, 32),
+    "layers.0.b": (32,),
+    "layers.1.w": (32, 32),
+    "layers.1.b": (32,),
+    "position_ids": ((16,), torch.int64),
+    "head.weight": (64, 32),
+}
+SHARD = 10_000  # bytes: the float32 tensors above make 3 or 4 shards
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "pre": write_synthetic(root / "pre", SPEC, seed=0),
+        "a": write_synthetic(root / "a", SPEC, seed=1, finetune_of=0),
+        "b": write_synthetic(root / "b", SPEC, seed=2, finetune_of=0),
+    }
+
+
+def files_of(path) -> dict[str, bytes]:
+    """Every file under an output (or the one file), by relative name."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return {"": open(path, "rb").read()}
+    found = {}
+    for directory, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(directory, name)
+            found[os.path.relpath(full, path)] = open(full, "rb").read()
+    return found
+
+
+def assert_same_bytes(local, remote) -> None:
+    mine, theirs = files_of(local), files_of(remote)
+    assert sorted(mine) == sorted(theirs)
+    for name in mine:
+        assert mine[name] == theirs[name], name
+
+
+def no_temporaries(directory) -> bool:
+    return not [e for e in os.listdir(directory) if ".tvtmp-" in e]
+
+
+def both(recipe: str, bindings, tmp_path, outs, **options):
+    """Run ``recipe`` locally and on Ray; (local outputs, Ray outputs) as name -> path."""
+    plan = tvlang.compile(recipe)
+    local = {name: tmp_path / "local" / path for name, path in outs.items()}
+    remote = {name: tmp_path / "ray" / path for name, path in outs.items()}
+    plan.run(bindings, {k: str(v) for k, v in local.items()}, **options)
+    plan.run(bindings, {k: str(v) for k, v in remote.items()}, executor="ray", **options)
+    return local, remote
+
+
+RECIPES = {
+    "plain": "pre + 0.5*(a - pre) + 0.3*(b - pre)",
+    "ties": "pre + ties(a - pre, b - pre, density=0.3)",
+    "ties-model": 'pre + ties(a - pre, b - pre, density=0.3, scope="model")',
+    "dare": "pre + dare(a - pre, 0.5, seed=3) + dare(b - pre, 0.5, seed=4)",
+    "norm": "pre + (norm(b - pre) / norm(a - pre)) * (a - pre)",
+}
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_byte_identical_sharded(ray_instance, models, tmp_path, name):
+    local, remote = both(RECIPES[name], models, tmp_path, {"out": "merged"}, shard_size=SHARD)
+    assert "model.safetensors.index.json" in files_of(remote["out"])  # several shards, one index
+    assert "config.json" in files_of(remote["out"])  # the base's files copied
+    assert_same_bytes(local["out"], remote["out"])
+    assert no_temporaries(tmp_path / "ray")
+
+
+def test_byte_identical_single_file_and_one_shard(ray_instance, models, tmp_path):
+    recipe = "pre + 0.7*(a - pre)"
+    local, remote = both(recipe, models, tmp_path, {"out": "merged.safetensors"})
+    assert_same_bytes(local["out"], remote["out"])
+    local, remote = both(recipe, models, tmp_path / "dir", {"out": "merged"})  # one model.safetensors
+    assert sorted(files_of(remote["out"])) == ["config.json", "model.safetensors"]
+    assert_same_bytes(local["out"], remote["out"])
+
+
+def test_two_outputs_in_one_pass(ray_instance, models, tmp_path):
+    """A Model and a Delta output (no integer buffer, other shard boundaries) and a second Model output."""
+    recipe = "out merged = pre + 0.5*(a - pre)\nout tau = b - pre\nout other = pre + cos(a - pre, b - pre)*(b - pre)\n"
+    outs = {"merged": "m", "tau": "t", "other": "o.safetensors"}
+    events = []
+    plan = tvlang.compile(recipe)
+    local = {k: str(tmp_path / "local" / v) for k, v in outs.items()}
+    remote = {k: str(tmp_path / "ray" / v) for k, v in outs.items()}
+    plan.run(models, local, shard_size=SHARD)
+    summary = plan.run(models, remote, shard_size=SHARD, executor="ray", progress=events.append)
+    for name in outs:
+        assert_same_bytes(local[name], remote[name])
+    assert summary.outputs == remote
+    # merged's shards and tau's hold different tensors (tau has no position_ids); other is one file.
+    shards = {name: len([f for f in files_of(remote[name]) if f.startswith("model-")]) for name in ("merged", "tau")}
+    tasks = {e.tensors_total for e in events if "on Ray" in e.label}
+    assert tasks and tasks.pop() <= shards["merged"] + shards["tau"] + 1
+
+
+def test_outputs_with_the_same_shards_share_tasks(ray_instance, models, tmp_path):
+    recipe = "out x = pre + 0.5*(a - pre)\nout y = pre + 0.25*(b - pre)\n"
+    events = []
+    plan = tvlang.compile(recipe)
+    local = {"x": str(tmp_path / "l" / "x"), "y": str(tmp_path / "l" / "y")}
+    remote = {"x": str(tmp_path / "r" / "x"), "y": str(tmp_path / "r" / "y")}
+    plan.run(models, local, shard_size=SHARD)
+    plan.run(models, remote, shard_size=SHARD, executor="ray", workers=2, progress=events.append)
+    for name in local:
+        assert_same_bytes(local[name], remote[name])
+    shards = len([f for f in files_of(remote["x"]) if f.startswith("model-")])
+    assert {e.tensors_total for e in events if "on Ray" in e.label} == {shards}  # one task per shard, not two
+
+
+def test_data_error_in_a_task_is_the_tvlang_message(ray_instance, models, tmp_path):
+    """A non-finite result found by a worker: the tvlang message, the shard and the worker, no Ray traceback."""
+    state = {name: torch.ones(shape) for name, shape in SPEC.items() if name != "position_ids"}
+    state["layers.1.w"][0, 0] = float("inf")
+    state["position_ids"] = torch.arange(16)
+    bad = write_checkpoint(tmp_path / "bad", state)
+    out = tmp_path / "o" / "merged"
+    with pytest.raises(TvlangError) as info:
+        tvlang.compile("pre + 0.5*(a - pre)").run({"pre": models["pre"], "a": bad}, str(out), shard_size=SHARD,
+                                                  executor="ray")
+    message = str(info.value)
+    assert f"of output 'out' failed on worker {socket.gethostname()} (pid " in message
+    assert "layers.1.w" in message and "Traceback" not in message and "RayTaskError" not in message
+    assert not out.exists() and os.listdir(tmp_path / "o") == []
+
+
+def test_input_a_worker_cannot_read_names_the_worker_and_path(ray_instance, models, tmp_path, monkeypatch):
+    """Relative paths that the driver reads from its directory, which (here) the workers lack."""
+    real = distributed.compute_shards
+
+    def elsewhere(job, task):
+        import dataclasses
+
+        return real(dataclasses.replace(job, cwd="/nonexistent"), task)
+
+    monkeypatch.setattr(distributed, "compute_shards", elsewhere)
+    monkeypatch.chdir(os.path.dirname(models["pre"]))
+    relative = {k: os.path.basename(v) for k, v in models.items()}
+    out = tmp_path / "merged"
+    with pytest.raises(TvlangError) as info:
+        tvlang.compile(RECIPES["plain"]).run(relative, str(out), executor="ray")
+    message = str(info.value)
+    assert f"failed on worker {socket.gethostname()} (pid " in message and "pre" in message
+    assert not out.exists()
+
+
+def test_without_ray_the_error_says_how_to_install(models, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    with pytest.raises(TvlangError) as info:
+        tvlang.compile("pre + 0.5*(a - pre)").run(models, str(tmp_path / "m"), executor="ray")
+    assert "pip install 'tvlang[ray]'" in str(info.value)
+    assert not (tmp_path / "m").exists()
+
+
+def test_executor_options_are_checked(models, tmp_path):
+    plan = tvlang.compile("pre + 0.5*(a - pre)")
+    with pytest.raises(TvlangError, match="unknown executor 'dask'"):
+        plan.run(models, str(tmp_path / "m"), executor="dask")
+    with pytest.raises(TvlangError, match="options of executor='ray'"):
+        plan.run(models, str(tmp_path / "m"), workers=2)
+
+
+def test_shards_planned_as_the_writer_plans_them(tmp_path):
+    """plan_shards's boundaries and file names are the StreamingWriter's."""
+    from tvlang.io import StreamingWriter, TensorInfo
+
+    layout = [TensorInfo(f"t{i}", (n,), torch.float32, 4 * n, "") for i, n in enumerate([5, 300, 7, 1, 900, 2, 2])]
+    for shard_size in (None, 1, 30, 1200, 1204, 3600, 10**9):
+        writer = StreamingWriter(tmp_path / f"o{shard_size}", layout, shard_size=shard_size)
+        try:
+            planned = distributed.plan_shards(layout, shard_size)
+            assert [s.file for s in planned] == writer.files
+            for info in layout:
+                writer.write(info.name, torch.zeros(info.shape))
+            writer.commit()
+        finally:
+            writer.abort()
+        index = files_of(tmp_path / f"o{shard_size}").get("model.safetensors.index.json")
+        if index is not None:
+            import json
+
+            weight_map = json.loads(index)["weight_map"]
+            assert weight_map == {i.name: s.file for s in planned for i in s.layout}
+
+
+def test_ctrl_c_on_the_driver_cancels_and_cleans_up(ray_instance, models, tmp_path):
+    def interrupt(event):
+        if "on Ray" in event.label:
+            raise KeyboardInterrupt  # as Ctrl-C would, once the first shard is in
+
+    out = tmp_path / "out" / "merged"
+    with pytest.raises(KeyboardInterrupt):
+        tvlang.compile(RECIPES["plain"]).run(models, str(out), shard_size=SHARD, executor="ray", workers=1,
+                                             progress=interrupt)
+    assert not out.exists() and os.listdir(tmp_path / "out") == []
+
+
+# Last: these kill worker processes, and Ray starts new ones (seconds each).
+
+
+def test_task_killed_mid_shard_is_retried(ray_instance, models, tmp_path, monkeypatch):
+    """The first attempt at the first shard dies after writing part of it; Ray's retry completes it."""
+    marker = str(tmp_path / "killed-once")
+    real = distributed.compute_shards
+
+    def dies_once(job, task):  # nested: Ray ships it by value to the workers
+        import os as _os
+
+        from tvlang.io import writer as writer_module
+
+        if task.names and task.names[0] == "embed.weight" and not _os.path.exists(marker):
+            open(marker, "w").close()
+            original = writer_module._write_all
+
+            def write_then_die(f, data):
+                original(f, data)
+                _os._exit(1)  # the worker process dies with the shard half written
+
+            writer_module._write_all = write_then_die
+        return real(job, task)
+
+    monkeypatch.setattr(distributed, "compute_shards", dies_once)
+    local, remote = both(RECIPES["plain"], models, tmp_path, {"out": "merged"}, shard_size=SHARD)
+    assert os.path.exists(marker)
+    assert_same_bytes(local["out"], remote["out"])
+    assert no_temporaries(tmp_path / "ray")
+
+
+def test_task_failing_every_retry_leaves_nothing(ray_instance, models, tmp_path, monkeypatch):
+    real = distributed.compute_shards
+
+    def always_dies(job, task):
+        import os as _os
+
+        if "layers.1.w" in task.names:
+            _os._exit(1)
+        return real(job, task)
+
+    monkeypatch.setattr(distributed, "compute_shards", always_dies)
+    monkeypatch.setattr(distributed, "MAX_RETRIES", 1)  # each attempt starts a worker: keep the test short
+    out = tmp_path / "out" / "merged"
+    with pytest.raises(TvlangError) as info:
+        tvlang.compile(RECIPES["plain"]).run(models, str(out), shard_size=SHARD, executor="ray")
+    message = str(info.value)
+    assert "shard model-0000" in message and "of output 'out'" in message
+    assert f"tried {distributed.MAX_RETRIES + 1} times" in message
+    assert "Traceback" not in message
+    assert not out.exists()
+    assert os.listdir(tmp_path / "out") == []  # no temporary directory left either

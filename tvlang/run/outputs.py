@@ -1,0 +1,142 @@
+"""What every executor does with a run's outputs: where they go, what they say, how they are written.
+
+``output_targets`` maps each output to its path; ``output_metadata`` is the
+``__metadata__`` of its files; ``write_results`` streams a session's results into
+writers with a few writes in flight; ``commit_all`` makes several outputs appear
+together. The local executor (``tvlang.run.driver``) and the Ray executor
+(``tvlang.run.distributed``) share them, so both write the same bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Mapping, Protocol
+
+import torch
+
+from tvlang.errors import TvlangError
+from tvlang.io import StreamingWriter
+from tvlang.run.bindings import Bound
+from tvlang.run.session import Session
+from tvlang.version import __version__
+
+if TYPE_CHECKING:
+    from tvlang.plan.compiler import Plan
+
+__all__ = ["IN_FLIGHT", "Committable", "commit_all", "compute_threads", "output_metadata", "output_targets",
+           "write_results"]
+
+IN_FLIGHT = 2  # writes queued per output by write_results (whole tensors or pieces)
+
+
+class Committable(Protocol):
+    """An output written under a temporary name, committed in three steps (see tvlang.io.atomic)."""
+
+    def prepare(self) -> None: ...
+    def publish(self) -> None: ...
+    def withdraw(self) -> None: ...
+    def finish(self) -> None: ...
+
+
+def write_results(session: Session, writers: Mapping[str, StreamingWriter], progress: Any = None) -> int:
+    """Stream ``session.results`` of every output in ``writers`` into its writer; the bytes written.
+
+    A few writes are in flight per output, in a writer thread, so that computing
+    and writing overlap while memory stays bounded (result buffers are recycled).
+    """
+    written = 0
+    session.buffers.recycle = True
+    session.buffers.size = (IN_FLIGHT + 1) * len(writers)
+    with compute_threads(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvlang-write") as pool:
+        pending: list[tuple[Future, torch.Tensor]] = []
+        for output, name, tensor, whole in session.results(list(writers), progress, pieces=True):
+            # A few writes in flight per output: memory stays bounded.
+            while len(pending) >= IN_FLIGHT * len(writers):
+                future, done = pending.pop(0)
+                future.result()
+                session.buffers.give_back(done)
+            write = writers[output].write if whole else writers[output].write_part
+            pending.append((pool.submit(write, name, tensor), tensor))
+            written += tensor.numel() * tensor.element_size()
+        for future, done in pending:
+            future.result()
+            session.buffers.give_back(done)
+    return written
+
+
+def commit_all(outputs: list[Committable]) -> None:
+    """Commit several outputs so that they appear together: sync all, then rename all.
+
+    A failure (or Ctrl-C) before the last rename withdraws the outputs already
+    renamed into place, putting back what was there before (``--force``).
+    """
+    for output in outputs:
+        output.prepare()
+    published: list[Committable] = []
+    try:
+        for output in outputs:
+            output.publish()
+            published.append(output)
+    except BaseException:
+        for output in reversed(published):
+            output.withdraw()
+        raise
+    for output in outputs:
+        output.finish()
+
+
+@contextlib.contextmanager
+def compute_threads():
+    """Leave a core to the writer thread (and the kernel's page-cache copies) during a run.
+
+    Measured on 2 cores: chunked steps on one torch thread beat two threads that
+    fight the writer for the second core; the setting is restored afterwards.
+    """
+    previous = torch.get_num_threads()
+    wanted = max(1, min(previous, (os.cpu_count() or 2) - 1))
+    torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def output_targets(plan: Plan, out: Any) -> dict[str, Any]:
+    """Output name -> path, from one path (a recipe with one output) or a mapping."""
+    if out is None:
+        raise TvlangError("no output path given (-o PATH)")
+    if isinstance(out, Mapping):
+        unknown = [k for k in out if k not in plan.outputs]
+        if unknown:
+            raise TvlangError(f"no output named '{unknown[0]}'; the outputs are {', '.join(plan.outputs)}")
+        lacking = [k for k in plan.outputs if k not in out]
+        if lacking:
+            raise TvlangError(f"no path given for output '{lacking[0]}' (-o {lacking[0]}=PATH)")
+        return dict(out)
+    if len(plan.outputs) != 1:
+        raise TvlangError(f"this recipe has outputs {', '.join(plan.outputs)}: give -o NAME=PATH for each")
+    return {plan.outputs[0]: out}
+
+
+def output_metadata(plan: Plan, bound: Bound, output: str, kind: str) -> dict[str, str]:
+    """The ``__metadata__`` of an output's files: tvlang's version, the kind, the recipe, its inputs."""
+    return {
+        "tvlang.version": __version__,
+        "tvlang.kind": "delta" if kind == "delta" else "model",
+        "tvlang.output": output,
+        "tvlang.recipe": plan.text,
+        "tvlang.params": json.dumps(plan.params, sort_keys=True),
+        "tvlang.inputs": json.dumps({k: bound.readers[k].label for k in _output_inputs(plan, bound, output, kind)},
+                                    sort_keys=True),
+    }
+
+
+def _output_inputs(plan: Plan, bound: Bound, output: str, kind: str) -> list[str]:
+    """The sources an output is computed from; a Model output also takes the base's integer tensors."""
+    keys = [k for k in plan.sources_read(output) if k in bound.readers]
+    if kind == "model" and bound.base not in keys:
+        keys.append(bound.base)
+    return keys
