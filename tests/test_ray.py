@@ -196,6 +196,21 @@ def test_executor_options_are_checked(models, tmp_path):
         plan.run(models, str(tmp_path / "m"), workers=2)
 
 
+def test_command_line(ray_instance, models, tmp_path, capsys):
+    from tvlang.faces.cli import main
+
+    binds = [arg for name, path in models.items() for arg in ("--bind", f"{name}={path}")]
+    recipe = ["-e", RECIPES["ties-model"], *binds, "--shard-size", str(SHARD), "-q"]
+    assert main(["run", *recipe, "-o", str(tmp_path / "local")]) == 0
+    assert main(["run", *recipe, "-o", str(tmp_path / "ray"), "--executor", "ray", "--workers", "2"]) == 0
+    assert_same_bytes(tmp_path / "local", tmp_path / "ray")
+    assert main(["run", *recipe, "-o", str(tmp_path / "x"), "--workers", "2"]) == 2
+    assert "--address and --workers go with --executor ray" in capsys.readouterr().err
+    assert main(["run", *recipe, "-o", str(tmp_path / "x"), "--executor", "ray", "--workers", "0"]) == 2
+    assert "--workers expects a positive number" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_shards_planned_as_the_writer_plans_them(tmp_path):
     """plan_shards's boundaries and file names are the StreamingWriter's."""
     from tvlang.io import StreamingWriter, TensorInfo

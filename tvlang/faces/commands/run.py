@@ -38,6 +38,7 @@ examples:
       --bind amazon_sent=delta:amazon_sent.safetensors -o yelp_sent/
   tvlang run recipe.tv -o forget=a/ -o multitask=b/     (several outs)
   tvlang run merge.yml -o merged/     (a mergekit config: see tvlang import)
+  tvlang run recipe.tv -o /shared/merged/ --shard-size 2GB --executor ray --address auto
 """
 
 
@@ -56,8 +57,26 @@ def register(subparsers) -> None:
     parser.add_argument("--missing", default="error", choices=("error", "base", "skip"),
                         help="a tensor missing from some inputs: error (default), take the base's, or skip it")
     parser.add_argument("--force", action="store_true", help="replace an existing output")
+    parser.add_argument("--executor", default="local", choices=("local", "ray"),
+                        help="local (default), or ray: one task per output shard on a Ray cluster, the same bytes"
+                             " (docs/distributed.md; pip install 'tvlang[ray]')")
+    parser.add_argument("--address", default=None, metavar="auto|HOST:PORT",
+                        help="--executor ray: the cluster to use (default: start a local Ray instance)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="--executor ray: at most N tasks at a time (a local instance gets N CPUs)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     parser.set_defaults(func=run)
+
+
+def executor_options(args: argparse.Namespace) -> dict:
+    """``executor=`` (and for Ray ``address=``, ``workers=``) for ``plan.run``."""
+    if args.executor == "local":
+        if args.address is not None or args.workers is not None:
+            raise UsageError("--address and --workers go with --executor ray")
+        return {}
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers expects a positive number, got {args.workers}")
+    return {"executor": "ray", "address": args.address, "workers": args.workers}
 
 
 def compile_from_args(args: argparse.Namespace):
@@ -101,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
     out_dtype = args.out_dtype or defaults.get("out_dtype")
     plan, bindings = compile_from_args(args)
     summary = plan.run(bindings, out, device=args.device, dtype=dtype, out_dtype=out_dtype,
-                       shard_size=shard_size, force=args.force, missing=args.missing, progress=not args.quiet)
+                       shard_size=shard_size, force=args.force, missing=args.missing, progress=not args.quiet,
+                       **executor_options(args))
     if not args.quiet:
         print(summary.line(), file=sys.stderr)
     return 0
