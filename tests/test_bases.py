@@ -433,3 +433,50 @@ def test_a_failed_merge_leaves_nothing_behind(planted_files, tmp_path, monkeypat
     assert "disk full (simulated)" in err and "while writing basis 1 from c1m0, c1m1, c1m2, c1m3" in err
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if "tvtmp" in p.name] == []
+
+
+def test_bases_output_is_synced_before_it_is_renamed_into_place(planted_files, tmp_path, monkeypatch):
+    pytest.importorskip("sklearn")
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("names descriptors through /proc/self/fd")
+    from tvlang.bases.build import build_bases
+
+    base, paths, _, _ = planted_files
+    out = tmp_path / "bases"
+    synced = []
+    real = os.fsync
+
+    def recording(fd):
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    manifest = build_bases(base, list(paths.items())[:8], str(out), k=2)
+    files = ["manifest.json"] + [b["file"] for b in manifest["bases"]]
+    assert sorted(os.listdir(out)) == sorted(files)
+    for name in files + [f".bases.tvtmp-{os.getpid()}"]:  # every file, and the folder's entries
+        assert name in synced, name
+
+
+def test_a_failure_between_the_renames_puts_the_old_bases_back(planted_files, tmp_path, monkeypatch):
+    pytest.importorskip("sklearn")
+    from tvlang.bases.build import build_bases
+
+    base, paths, _, _ = planted_files
+    out = tmp_path / "bases"
+    pairs = list(paths.items())[:8]
+    first = build_bases(base, pairs, str(out), k=2)
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    real = os.rename
+
+    def failing(src, dst):
+        if os.path.basename(src) == f".bases.tvtmp-{os.getpid()}":  # the new bases; the old ones are aside
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing)
+    with pytest.raises(TvlangError, match=r"bases: write failed: No space left on device; nothing was written"):
+        build_bases(base, pairs, str(out), k=1, force=True)
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    assert json.loads((out / "manifest.json").read_text())["k"] == first["k"] == 2
+    assert [p.name for p in tmp_path.iterdir() if "tvtmp" in p.name] == []

@@ -7,8 +7,12 @@ output changed, byte for byte.
 
 from __future__ import annotations
 
+import errno
+import gc
 import hashlib
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -212,3 +216,93 @@ def test_bases_force_refuses_a_folder_it_did_not_write(work, capsys):
     assert main(["bases", "--base", "pre", "a=ft", "b=ft", "-o", "keep", "--force"]) == 1
     assert "keep: refusing to replace it: it is a directory that holds 'data.csv'" in capsys.readouterr().err
     assert snapshot(root) == before
+
+
+# -- an output folder that cannot be written (issue 18, case 13) ----------------------------
+
+# Runs the CLI in a fresh interpreter where every write inside the folder READONLY fails
+# with errno CODE, as in a read-only folder (EACCES) or file system (EROFS), even for
+# root: mkdir, file creation, unlink and rename there all raise. What the interpreter
+# prints at exit (a failing __del__, say) reaches stderr too.
+READ_ONLY_RUN = """
+import builtins, os, sys
+READONLY, CODE = os.path.realpath(sys.argv[1]), int(sys.argv[2])
+
+def inside(path):
+    try:
+        return os.path.realpath(os.fsdecode(path)).startswith(READONLY + os.sep)
+    except (TypeError, ValueError):
+        return False
+
+def refuse(path):
+    raise OSError(CODE, os.strerror(CODE), os.fsdecode(path))
+
+def guarded(real):
+    def call(path, *args, **kwargs):
+        if inside(path):
+            refuse(path)
+        return real(path, *args, **kwargs)
+    return call
+
+for name in ("mkdir", "unlink", "remove", "rmdir", "rename", "replace", "link"):
+    setattr(os, name, guarded(getattr(os, name)))
+real_open, real_os_open = builtins.open, os.open
+
+def open_(file, mode="r", *args, **kwargs):
+    if isinstance(file, (str, bytes, os.PathLike)) and set(mode) & set("wax+") and inside(file):
+        refuse(file)
+    return real_open(file, mode, *args, **kwargs)
+
+def os_open(path, flags, *args, **kwargs):
+    if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and inside(path):
+        refuse(path)
+    return real_os_open(path, flags, *args, **kwargs)
+
+builtins.open, os.open = open_, os_open
+from tvlang.faces.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("out, code", [("RO/out", errno.EACCES), ("RO/out.safetensors", errno.EROFS),
+                                       ("RO/out", errno.EROFS), ("RO/sub/out", errno.EACCES)])
+def test_an_unwritable_output_folder_is_one_clear_error(work, out, code):
+    root, _, _ = work
+    (root / "RO").mkdir()
+    before = snapshot(root)
+    args = ["run", "-e", "pre + 0.5*(ft - pre)", *BIND, "-o", out, "-q"]
+    proc = subprocess.run([sys.executable, "-c", READ_ONLY_RUN, "RO", str(code), *args],
+                          capture_output=True, text=True, timeout=300)
+    where = "cannot create directory RO/sub" if "sub" in out else "cannot create the output"
+    assert proc.returncode == 1
+    assert proc.stderr == f"error: {out}: {'cannot write: ' if 'sub' in out else ''}{where}: {os.strerror(code)}\n"
+    assert snapshot(root) == before
+
+
+def test_bases_into_an_unwritable_folder_is_one_clear_error(work):
+    root, _, _ = work
+    (root / "RO").mkdir()
+    before = snapshot(root)
+    args = ["bases", "--base", "pre", "a=ft", "b=ft", "--k", "1", "-o", "RO/bases", "--quiet"]
+    proc = subprocess.run([sys.executable, "-c", READ_ONLY_RUN, "RO", str(errno.EROFS), *args],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr == "error: RO/bases: cannot create the output: Read-only file system\n"
+    assert snapshot(root) == before
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root writes into a folder of mode 0o555 (the test above fakes it instead)")
+def test_a_read_only_output_folder_is_one_clear_error(work, capsys):
+    root, _, _ = work
+    (root / "RO").mkdir()
+    os.chmod(root / "RO", 0o555)
+    try:
+        for out in ("RO/out", "RO/out.safetensors"):
+            assert main(["run", "-e", "pre + 0.5*(ft - pre)", *BIND, "-o", out, "-q"]) == 1
+            gc.collect()  # a writer's __del__ would print here
+            err = capsys.readouterr().err
+            assert err == f"error: {out}: cannot create the output: Permission denied\n"
+        assert os.listdir(root / "RO") == []
+    finally:
+        os.chmod(root / "RO", 0o755)

@@ -22,16 +22,16 @@ import json
 import keyword
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 
 from tvlang.bases.clustering import cluster
-from tvlang.bases.gram import DEFAULT_CHUNK_BYTES, _open_reader, format_matrix, similarity
+from tvlang.bases.gram import DEFAULT_CHUNK_BYTES, format_matrix, similarity
 from tvlang.errors import TvlangError
-from tvlang.io import check_output_path
+from tvlang.io import check_output_path, open_reader
+from tvlang.io.atomic import AtomicReplace
 from tvlang.version import __version__
 
 __all__ = [
@@ -145,7 +145,7 @@ def inspect_inputs(pairs: Sequence[tuple[str, str]], base: str | None,
     name is in ``deltas`` (the CLI's ``NAME=delta:PATH``)."""
     out = []
     for name, path in pairs:
-        reader = _open_reader(path, os.fspath(path))
+        reader = open_reader(path, label=os.fspath(path))
         try:
             kind = "delta" if reader.kind == "delta" or name in deltas else "model"
             if kind == "model" and base is None:
@@ -199,20 +199,21 @@ def build_bases(
     say = log or (lambda _msg: None)
 
     inputs = inspect_inputs(pairs, base, deltas)
-    deltas = [t.name for t in inputs if t.kind == "delta"]
-    sim = similarity([(t.name, t.path) for t in inputs], base=base, include=include, exclude=exclude,
-                     deltas=deltas, chunk_bytes=chunk_bytes, progress=progress)
-    clustering = cluster(sim.cosine, k, random_state=random_state)
-    say(f"{len(inputs)} task vectors -> {clustering.k} bases (k {'auto' if k == 'auto' else 'given'};"
-        f" eigengap suggests {clustering.k_auto})")
-
-    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out_dir))}.tvtmp-{os.getpid()}")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+        # The bases are written at a temporary next to out_dir, renamed into place when all
+        # are; it is created before anything is computed, so an unwritable out_dir costs nothing.
+        replace = AtomicReplace(os.path.abspath(out_dir), directory=True)
+    except OSError as exc:
+        raise TvlangError(f"{out_dir}: cannot create the output: {exc.strerror or exc}") from None
+    tmp = replace.tmp
+    try:
+        deltas = [t.name for t in inputs if t.kind == "delta"]
+        sim = similarity([(t.name, t.path) for t in inputs], base=base, include=include, exclude=exclude,
+                         deltas=deltas, chunk_bytes=chunk_bytes, progress=progress)
+        clustering = cluster(sim.cosine, k, random_state=random_state)
+        say(f"{len(inputs)} task vectors -> {clustering.k} bases (k {'auto' if k == 'auto' else 'given'};"
+            f" eigengap suggests {clustering.k_auto})")
         bases = []
         after = 0
         after_files = 0
@@ -226,7 +227,7 @@ def build_bases(
             except TvlangError as exc:
                 exc.notes = (*exc.notes, f"while writing basis {index} from {', '.join(m.name for m in group)}")
                 raise
-            reader = _open_reader(os.path.join(tmp, filename), os.path.join(out_dir, filename))
+            reader = open_reader(os.path.join(tmp, filename), label=os.path.join(out_dir, filename))
             try:
                 size = _float_bytes(reader)
             finally:
@@ -269,12 +270,15 @@ def build_bases(
                 "counts": "bytes of floating-point tensor data (headers and integer buffers excluded)",
             },
         }
-        with open(os.path.join(tmp, MANIFEST_NAME), "w") as fh:
-            json.dump(manifest, fh, indent=2)
-            fh.write("\n")
-        _replace_dir(tmp, out_dir)
+        try:
+            with open(os.path.join(tmp, MANIFEST_NAME), "w") as fh:
+                json.dump(manifest, fh, indent=2)
+                fh.write("\n")
+            replace.commit()  # synced, then renamed; an existing out_dir goes only once the new one is in
+        except OSError as exc:
+            raise TvlangError(f"{out_dir}: write failed: {exc.strerror or exc}; nothing was written to the output") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        replace.abort()
         raise
     return manifest
 
@@ -288,16 +292,6 @@ def _run_recipe(recipe: BasisRecipe, out: str) -> None:
 def _is_bases_file(entry: str) -> bool:
     """A file name that ``build_bases`` writes into its output directory."""
     return entry == MANIFEST_NAME or re.fullmatch(r"basis_\d+\.safetensors", entry) is not None
-
-
-def _replace_dir(tmp: str, out_dir: str) -> None:
-    old = None
-    if os.path.exists(out_dir):
-        old = tmp + "-old"
-        os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # -- using stored bases ---------------------------------------------------------------

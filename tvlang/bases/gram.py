@@ -143,7 +143,7 @@ class _BufferPool:
         """Where each tensor of a .safetensors file lies (header parsed by tvlang.io, once)."""
         table = self._entries.get(path)
         if table is None:
-            from tvlang.io.safetensors_file import read_header
+            from tvlang.io.safetensors_format import read_header
 
             fd = self.fd(path)
             _, rows = read_header(path, fd, os.fstat(fd).st_size)

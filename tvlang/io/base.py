@@ -29,11 +29,9 @@ import torch
 from tvlang.errors import TvlangError
 
 __all__ = [
-    "DTYPE_FROM_SAFETENSORS",
     "MAX_JSON_BYTES",
     "MAX_JSON_DEPTH",
     "MAX_NUMBER_CHARS",
-    "SAFETENSORS_FROM_DTYPE",
     "TensorInfo",
     "TensorReader",
     "check_regular",
@@ -45,43 +43,6 @@ __all__ = [
     "quoted",
     "show",
 ]
-
-
-def _safetensors_dtypes() -> dict[str, torch.dtype]:
-    table = {
-        "F64": torch.float64,
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "I64": torch.int64,
-        "I32": torch.int32,
-        "I16": torch.int16,
-        "I8": torch.int8,
-        "U8": torch.uint8,
-        "BOOL": torch.bool,
-        "C64": torch.complex64,
-    }
-    # Types that only newer torch builds have: take those this build knows.
-    optional = {
-        "F8_E4M3": "float8_e4m3fn",
-        "F8_E5M2": "float8_e5m2",
-        "F8_E4M3FNUZ": "float8_e4m3fnuz",
-        "F8_E5M2FNUZ": "float8_e5m2fnuz",
-        "F8_E8M0": "float8_e8m0fnu",
-        "U16": "uint16",
-        "U32": "uint32",
-        "U64": "uint64",
-    }
-    for code, attr in optional.items():
-        dtype = getattr(torch, attr, None)
-        if isinstance(dtype, torch.dtype):
-            table[code] = dtype
-    return table
-
-
-# The dtype strings of the safetensors format and the torch dtypes they hold.
-DTYPE_FROM_SAFETENSORS: dict[str, torch.dtype] = _safetensors_dtypes()
-SAFETENSORS_FROM_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_FROM_SAFETENSORS.items()}
 
 
 def show(text: str) -> str:

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 import torch
 
 from tvlang.io.base import TensorInfo, TensorReader, io_error, name_problem, open_regular, quoted, show
+from tvlang.io.safetensors_format import looks_like_safetensors
 
 __all__ = ["StateDictReader", "TorchFileReader", "load_state_dict_file"]
 
@@ -80,7 +81,7 @@ def _sniff(label: str, head: bytes, size: int) -> str:
         return "legacy"
     if head[257:262] == b"ustar":
         return "tar"  # torch.save's oldest format
-    if len(head) >= 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
+    if looks_like_safetensors(head, size):
         raise _not_torch(label, "is a safetensors file, not a PyTorch checkpoint: give it the .safetensors extension")
     if (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or _pickle_0(head):
         raise _not_torch(

@@ -1,0 +1,213 @@
+"""One output path replaced in one step, or left as it was: the atomic-replace transaction.
+
+An output (a file or a directory) is written under a temporary name next to its
+target, ``.NAME.tvtmp-<pid>``, synced, then renamed into place, so a crash, a full
+disk or Ctrl-C never leaves half an output at the target. A file replaces a file in
+one atomic rename. A directory cannot be swapped atomically: the old target goes
+aside (``.NAME.tvtmp-old-<pid>``) while the new one is renamed in, and comes back
+if that rename fails.
+
+``commit()`` is three steps, so that several outputs of one run appear together or
+not at all: ``prepare()`` each (sync: the slow part), ``publish()`` each (renames),
+``finish()`` each (drop what was replaced); ``withdraw()`` undoes a ``publish()``,
+``abort()`` drops the temporary.
+
+>>> import os, tempfile
+>>> target = os.path.join(tempfile.mkdtemp(), "out")
+>>> replace = AtomicReplace(target, directory=True)
+>>> with open(os.path.join(replace.tmp, "a.txt"), "w") as f:
+...     _ = f.write("new")
+>>> replace.commit()
+>>> os.listdir(target), replace.state
+(['a.txt'], <State.COMMITTED: 'committed'>)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from enum import Enum
+
+__all__ = ["TEMPORARY_TAG", "AtomicReplace", "State", "fsync_dir", "remove", "sync_tree"]
+
+# Every temporary name holds this; what --force may replace skips such entries.
+TEMPORARY_TAG = ".tvtmp-"
+
+
+class State(Enum):
+    OPEN = "open"  # the temporary exists and is being written
+    PREPARED = "prepared"  # the temporary is complete and synced
+    PUBLISHED = "published"  # the temporary is the target; a replaced target waits aside
+    COMMITTED = "committed"  # done; the replaced target is deleted
+    ABORTED = "aborted"  # the temporary is deleted, or a publish was withdrawn
+
+
+def remove(path: str) -> None:
+    """Delete a file, link or directory tree if it is there; best effort, never raises.
+
+    It cleans up after failures (a temporary, an old output), where a second error
+    would only hide the first.
+    """
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def fsync_dir(path: str) -> None:
+    """Sync a directory's entries (names created, renamed or deleted in it); best effort."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(path: str) -> None:
+    """Put a file, or every file and directory under ``path``, on disk (``fsync``).
+
+    Files synced before (a writer syncs each shard as it ends) cost a system call each.
+    """
+    if not os.path.isdir(path):
+        _fsync_file(path)
+        return
+    for directory, _, files in os.walk(path, topdown=False):
+        for name in files:
+            full = os.path.join(directory, name)
+            if not os.path.islink(full):
+                _fsync_file(full)
+        fsync_dir(directory)
+
+
+class AtomicReplace:
+    """The transaction that puts a new output at ``target`` (see the module's docstring).
+
+    Creating it creates the temporary: an empty file, or an empty directory when
+    ``directory`` is true; write the output at ``tmp``. An ``OSError`` from creating it
+    means the target's directory is not writable (nothing is left behind). Whether
+    an existing target may be replaced is the caller's decision, made before
+    ``publish()``.
+    """
+
+    def __init__(self, target: str, *, directory: bool) -> None:
+        self.target = target
+        self.directory = directory
+        parent, base = os.path.split(target)
+        self.parent = parent or "."
+        self.tmp = os.path.join(parent, f".{base}{TEMPORARY_TAG}{os.getpid()}")
+        self.aside = os.path.join(parent, f".{base}{TEMPORARY_TAG}old-{os.getpid()}")
+        self.state = State.ABORTED  # until the temporary exists
+        self._replaced = False  # the old target is at ``aside``
+        remove(self.tmp)  # a stale temporary of an earlier process with this pid
+        if directory:
+            os.mkdir(self.tmp)
+        else:
+            open(self.tmp, "wb").close()
+        self.state = State.OPEN
+
+    def _require(self, state: State, step: str) -> None:
+        if self.state is not state:
+            raise RuntimeError(f"{self.target}: cannot {step} an output that is {self.state.value}")
+
+    def commit(self) -> None:
+        """``prepare()``, ``publish()`` and ``finish()``: the output is at the target, on disk."""
+        self.prepare()
+        self.publish()
+        self.finish()
+
+    def prepare(self) -> None:
+        """Sync the temporary (each file and directory in it) to disk."""
+        self._require(State.OPEN, "prepare")
+        try:
+            sync_tree(self.tmp)
+        except BaseException:
+            self.abort()
+            raise
+        self.state = State.PREPARED
+
+    def publish(self) -> None:
+        """Rename the temporary to the target; a target already there is kept aside.
+
+        On any failure the target is as it was and the temporary is deleted.
+        """
+        self._require(State.PREPARED, "publish")
+        try:
+            if os.path.lexists(self.target):
+                self._swap()
+            else:
+                os.rename(self.tmp, self.target)
+        except BaseException:
+            self.abort()
+            raise
+        self.state = State.PUBLISHED
+
+    def _swap(self) -> None:
+        remove(self.aside)
+        if not self.directory and os.path.isfile(self.target) and self._link_aside():
+            try:
+                os.replace(self.tmp, self.target)  # one atomic step for a file over a file
+            except BaseException:
+                remove(self.aside)
+                self._replaced = False
+                raise
+            return
+        os.rename(self.target, self.aside)
+        self._replaced = True
+        try:
+            os.rename(self.tmp, self.target)
+        except BaseException:
+            os.rename(self.aside, self.target)  # the old target goes back
+            self._replaced = False
+            raise
+
+    def _link_aside(self) -> bool:
+        """Keep the old target file under the aside name too (a hard link), for withdraw()."""
+        try:
+            os.link(self.target, self.aside)
+        except OSError:
+            return False
+        self._replaced = True
+        return True
+
+    def withdraw(self) -> None:
+        """Undo ``publish()``: the target goes back to what it was, the new output is deleted."""
+        if self.state is not State.PUBLISHED:
+            return
+        self.state = State.ABORTED
+        if self._replaced:
+            if os.path.isdir(self.target) or not os.path.isfile(self.aside):
+                remove(self.target)
+            os.replace(self.aside, self.target)
+        else:
+            remove(self.target)
+        fsync_dir(self.parent)
+
+    def finish(self) -> None:
+        """After ``publish()``: delete the replaced target, sync the directory entry."""
+        self._require(State.PUBLISHED, "finish")
+        if self._replaced:
+            remove(self.aside)
+        fsync_dir(self.parent)
+        self.state = State.COMMITTED
+
+    def abort(self) -> None:
+        """Delete the temporary (before ``publish()``); the target is left as it was."""
+        if self.state in (State.OPEN, State.PREPARED):
+            self.state = State.ABORTED
+            remove(self.tmp)
