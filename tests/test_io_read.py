@@ -529,7 +529,7 @@ def test_small_tensors_skip_the_map(tmp_path, monkeypatch):
     reader = SafetensorsReader(path)
     mapped = []
     original = reader._map
-    monkeypatch.setattr(reader, "_map", lambda offset, nbytes: mapped.append(nbytes) or original(offset, nbytes))
+    monkeypatch.setattr(reader, "_map", lambda fd, offset, nbytes: mapped.append(nbytes) or original(fd, offset, nbytes))
     reader.read("small")
     reader.read("big")
     assert mapped == [safetensors_file.MMAP_MIN_BYTES]

@@ -228,9 +228,16 @@ def test_extra_float_tensor_in_an_input_is_an_error(models):
     assert similarity({"x": extra}, base=pre, include=["enc.0.*"]).tensors == ["enc.0.weight", "enc.0.bias"]
 
 
-def test_sharded_directories_and_torch_files(tmp_path, models):
+def test_sharded_directories_and_torch_files(tmp_path, models, monkeypatch):
+    """Every reader is read in ranges (read_into), whatever its format: no tensor is read whole."""
+    from tvlang.io import SafetensorsReader, ShardedReader, StateDictReader
     from tvlang.testing.synth import write_checkpoint
 
+    def whole_read(self, name):
+        raise AssertionError(f"{type(self).__name__} read whole tensor {name}")
+
+    for reader_class in (SafetensorsReader, ShardedReader, StateDictReader):
+        monkeypatch.setattr(reader_class, "read", whole_read)
     pre, fts = models
     write_checkpoint(str(tmp_path / "pre"), pre, shard_size=200)
     write_checkpoint(str(tmp_path / "a"), fts["a"], shard_size=300)

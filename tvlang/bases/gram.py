@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from tvlang.errors import TvlangError
+from tvlang.io import TensorReader, open_reader
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -40,122 +42,6 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
-
-
-# -- reading ---------------------------------------------------------------------
-
-def _open_reader(obj: object, label: str):
-    from tvlang.io import open_reader
-
-    return open_reader(obj, label=label)
-
-
-@dataclass(frozen=True)
-class _Entry:
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    begin: int  # absolute byte offset of the first element in the file
-    end: int
-
-
-class _ChunkSource:
-    """Reads element ranges of one tensor of one input into a row of the block.
-
-    Safetensors tensors are read with ``pread`` straight from the file, only the
-    bytes of the range (no mmap, so resident memory stays one chunk), directly
-    into the destination when the stored dtype is the compute dtype; tensors
-    from other formats are read whole once and sliced.
-    """
-
-    def __init__(self, reader, name: str, info, pool: "_BufferPool") -> None:
-        self._whole: torch.Tensor | None = None
-        self._entry: _Entry | None = None
-        path = getattr(info, "file", None)
-        if isinstance(path, str) and path.endswith(".safetensors") and os.path.isfile(path):
-            entry = pool.entries(path).get(name)
-            if entry is not None and entry.dtype == info.dtype and entry.shape == tuple(info.shape):
-                self._entry = entry
-                self._path = path
-        if self._entry is None:
-            self._whole = reader.read(name).reshape(-1)
-
-    def read_into(self, out: torch.Tensor, start: int, stop: int, pool: "_BufferPool") -> None:
-        """``out[:] = tensor.flatten()[start:stop]`` (converted to ``out.dtype``)."""
-        if self._whole is not None:
-            out.copy_(self._whole[start:stop])
-            return
-        entry = self._entry
-        item = entry.dtype.itemsize
-        nbytes = (stop - start) * item
-        if entry.dtype == out.dtype and out.is_contiguous():
-            target = memoryview(out.numpy()).cast("B")
-            self._pread(target, entry.begin + start * item, pool)
-        else:
-            buf = pool.get(nbytes)
-            self._pread(memoryview(buf)[:nbytes], entry.begin + start * item, pool)
-            out.copy_(torch.frombuffer(buf, dtype=entry.dtype, count=stop - start))
-
-    def _pread(self, view: memoryview, offset: int, pool: "_BufferPool") -> None:
-        fd = pool.fd(self._path)
-        done = 0
-        try:
-            while done < len(view):
-                if hasattr(os, "preadv"):
-                    n = os.preadv(fd, [view[done:]], offset + done)
-                else:  # no preadv (Windows): read, then copy
-                    data = os.pread(fd, len(view) - done, offset + done)
-                    n = len(data)
-                    view[done:done + n] = data
-                if n <= 0:
-                    raise TvlangError(f"'{self._path}' ends inside tensor data (truncated file?)")
-                done += n
-        except OSError as exc:
-            raise TvlangError(f"cannot read '{self._path}': {exc.strerror}") from None
-
-
-class _BufferPool:
-    """One reusable byte buffer (for dtype conversions) and a table of open files."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray(0)
-        self._fds: dict[str, int] = {}
-        self._entries: dict[str, dict[str, _Entry]] = {}
-
-    def get(self, nbytes: int) -> bytearray:
-        if len(self._buf) < nbytes:
-            self._buf = bytearray(nbytes)
-        return self._buf
-
-    def fd(self, path: str) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        return fd
-
-    def advise(self, path: str, offset: int, length: int) -> None:
-        if hasattr(os, "posix_fadvise") and length > 0:
-            try:
-                os.posix_fadvise(self.fd(path), offset, length, os.POSIX_FADV_WILLNEED)
-            except OSError:  # advice only
-                pass
-
-    def entries(self, path: str) -> dict[str, _Entry]:
-        """Where each tensor of a .safetensors file lies (header parsed by tvlang.io, once)."""
-        table = self._entries.get(path)
-        if table is None:
-            from tvlang.io.safetensors_format import read_header
-
-            fd = self.fd(path)
-            _, rows = read_header(path, fd, os.fstat(fd).st_size)
-            table = self._entries[path] = {
-                name: _Entry(dtype, tuple(shape), begin, end) for name, shape, dtype, begin, end in rows
-            }
-        return table
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
 
 
 # -- similarity ------------------------------------------------------------------
@@ -262,9 +148,9 @@ def similarity(
     base_reader = None
     try:
         if base is not None:
-            base_reader = _open_reader(base, _label(base, "base"))
+            base_reader = open_reader(base, label=_label(base, "base"))
         for name, obj in items:
-            readers.append(_open_reader(obj, _label(obj, name)))
+            readers.append(open_reader(obj, label=_label(obj, name)))
         is_delta = [r.kind == "delta" or n in forced_deltas for n, r in zip(names, readers)]
         if base_reader is None:
             models = [n for n, d in zip(names, is_delta) if not d]
@@ -303,8 +189,6 @@ PRODUCT_COLUMNS = 32768
 
 
 def _stream_gram(tensors, base_reader, readers, is_delta, dtype, chunk_bytes, progress) -> np.ndarray:
-    from concurrent.futures import ThreadPoolExecutor
-
     n = len(readers)
     rows_per_block = n + (1 if base_reader is not None else 0)
     chunk = max(1, chunk_bytes // (2 * rows_per_block * dtype.itemsize))
@@ -313,69 +197,67 @@ def _stream_gram(tensors, base_reader, readers, is_delta, dtype, chunk_bytes, pr
         chunk -= chunk % PRODUCT_COLUMNS
     # Two buffers: the worker fills one while the main thread multiplies the other.
     blocks = [torch.empty((rows_per_block, chunk), dtype=dtype) for _ in range(2)]
-    pool = _BufferPool()
-    current: dict[str, object] = {"name": None}
-
-    all_readers = readers + ([base_reader] if base_reader is not None else [])
-
-    def prefetch(item) -> None:
-        """Ask the kernel to start reading the next chunk of every file (all at once, async)."""
-        tname, start, stop = item
-        for reader in all_readers:
-            path = getattr(reader.info(tname), "file", None)
-            if not (isinstance(path, str) and path.endswith(".safetensors") and os.path.isfile(path)):
-                continue
-            entry = pool.entries(path).get(tname)
-            if entry is not None:
-                item_size = entry.dtype.itemsize
-                pool.advise(path, entry.begin + start * item_size, (stop - start) * item_size)
+    sources = readers + ([base_reader] if base_reader is not None else [])  # a block's rows, in order
+    staging = _Staging()
 
     def fill(block: torch.Tensor, tname: str, start: int, stop: int, following=None) -> torch.Tensor:
         if following is not None:
-            prefetch(following)
-        if current["name"] != tname:
-            current["name"] = None  # drop the previous tensor's sources first
-            current["base"] = (
-                _ChunkSource(base_reader, tname, base_reader.info(tname), pool) if base_reader is not None else None
-            )
-            current["inputs"] = [_ChunkSource(r, tname, r.info(tname), pool) for r in readers]
-            current["name"] = tname
+            for reader in sources:  # the kernel starts reading the next chunk of every file
+                reader.prefetch(*following)
         width = stop - start
-        view = block[:, :width]
-        if current["base"] is not None:
-            base_row = block[n, :width]
-            current["base"].read_into(base_row, start, stop, pool)
-            base_np = base_row.numpy()
-        for i, src in enumerate(current["inputs"]):
-            src.read_into(block[i, :width], start, stop, pool)
+        if base_reader is not None:
+            staging.read(base_reader, tname, start, stop, block[n, :width])
+            base_np = block[n, :width].numpy()
+        for i, reader in enumerate(readers):
+            staging.read(reader, tname, start, stop, block[i, :width])
             if not is_delta[i]:
                 # numpy, not torch: torch's intra-op threads would fight the BLAS threads
                 row = block[i, :width].numpy()
                 np.subtract(row, base_np, out=row)
-        return view[:n]
+        return block[:n, :width]
 
     work = [(t, s, min(numel, s + chunk)) for t, numel in tensors for s in range(0, numel, chunk)]
     gram = np.zeros((n, n), dtype=np.float64)
     announced = -1
     tensor_index = {t: i for i, (t, _) in enumerate(tensors)}
-    try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvlang-read") as ex:
-            pending = ex.submit(fill, blocks[0], *work[0], work[1] if len(work) > 1 else None)
-            for j, item in enumerate(work):
-                rows = pending.result()
-                if j + 1 < len(work):
-                    following = work[j + 2] if j + 2 < len(work) else None
-                    pending = ex.submit(fill, blocks[(j + 1) % 2], *work[j + 1], following)
-                if progress is not None and tensor_index[item[0]] != announced:
-                    announced = tensor_index[item[0]]
-                    progress(item[0], announced, len(tensors))
-                mat = rows.numpy()
-                for c in range(0, mat.shape[1], PRODUCT_COLUMNS):
-                    part = mat[:, c:c + PRODUCT_COLUMNS]
-                    gram += part @ part.T  # numpy turns A @ A.T into one SYRK call
-    finally:
-        pool.close()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvlang-read") as ex:
+        pending = ex.submit(fill, blocks[0], *work[0], work[1] if len(work) > 1 else None)
+        for j, item in enumerate(work):
+            rows = pending.result()
+            if j + 1 < len(work):
+                following = work[j + 2] if j + 2 < len(work) else None
+                pending = ex.submit(fill, blocks[(j + 1) % 2], *work[j + 1], following)
+            if progress is not None and tensor_index[item[0]] != announced:
+                announced = tensor_index[item[0]]
+                progress(item[0], announced, len(tensors))
+            mat = rows.numpy()
+            for c in range(0, mat.shape[1], PRODUCT_COLUMNS):
+                part = mat[:, c:c + PRODUCT_COLUMNS]
+                gram += part @ part.T  # numpy turns A @ A.T into one SYRK call
     return (gram + gram.T) / 2
+
+
+class _Staging:
+    """Reads a chunk of a tensor into a row of a block, in the block's dtype.
+
+    A tensor stored in that dtype is read straight into the row; one stored in
+    another (bfloat16, float16) is read into one reusable buffer, then converted.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray(0)
+
+    def read(self, reader: TensorReader, name: str, start: int, stop: int, row: torch.Tensor) -> None:
+        stored = reader.info(name).dtype
+        if stored == row.dtype:
+            reader.read_into(name, start, stop, row)
+            return
+        nbytes = (stop - start) * stored.itemsize
+        if len(self._buffer) < nbytes:
+            self._buffer = bytearray(nbytes)
+        staged = torch.frombuffer(self._buffer, dtype=stored, count=stop - start)
+        reader.read_into(name, start, stop, staged)
+        row.copy_(staged)
 
 
 def _label(obj: object, name: str) -> str:

@@ -18,6 +18,7 @@ TensorInfo(name='w', shape=(2, 3), dtype=torch.float32, nbytes=24, file="<state 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import stat
@@ -341,6 +342,37 @@ class TensorReader:
 
     def read(self, name: str) -> torch.Tensor:
         raise NotImplementedError
+
+    # Ranged reads: a flat range of a tensor's elements (row-major), for callers that
+    # stream a tensor in chunks. Readers override them to read only those bytes; the
+    # defaults below read the whole tensor.
+
+    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``start:stop`` of tensor ``name`` flattened: a 1-D CPU tensor the caller owns."""
+        self.check_range(name, start, stop)
+        return self.read(name).reshape(-1)[start:stop]
+
+    def read_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
+        """``out[:] = flat[start:stop]``, converted to ``out``'s dtype; ``out`` is 1-D, ``stop - start`` long."""
+        self.check_range(name, start, stop, out)
+        out.copy_(self.read_range(name, start, stop))
+
+    def prefetch(self, name: str, start: int, stop: int) -> None:
+        """A hint that elements ``start:stop`` of ``name`` will be read soon (the default ignores it)."""
+
+    def check_range(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> TensorInfo:
+        """The info of ``name``, after checking that ``start:stop`` is a range of its elements
+        (and that ``out``, if given, is a 1-D tensor of that many)."""
+        info = self.info(name)
+        numel = math.prod(info.shape)
+        if not 0 <= start <= stop <= numel:
+            raise ValueError(f"range [{start}, {stop}) is not inside tensor '{name}' of {numel} elements")
+        if out is not None and (out.dim() != 1 or out.numel() != stop - start):
+            raise ValueError(f"out has shape {list(out.shape)}, expected [{stop - start}] for tensor '{name}'")
+        return info
+
+    def park(self) -> None:
+        """Close what a later read can open again (files), while no read is in progress."""
 
     def close(self) -> None:
         pass

@@ -1,8 +1,9 @@
 """One ``.safetensors`` file, read lazily from its header.
 
 The header is read and checked when the file is opened (``tvlang.io.safetensors_format``);
-tensor bytes are read with ``pread`` into fresh memory, or mapped, only when
-``read(name)`` is called.
+tensor bytes are read only when asked for: a whole tensor (``read``), mapped or read
+with ``pread`` into fresh memory, or a range of its elements (``read_range``,
+``read_into``), read with ``pread``.
 """
 
 from __future__ import annotations
@@ -56,11 +57,14 @@ class SafetensorsReader(TensorReader):
         # Errors name the file even after open_reader relabels the reader with a directory.
         self.file_label = self.label
         self._fd = -1
+        self._closed = False
+        self._lock = threading.Lock()
         if os.path.isdir(path):
             raise io_error(self.label, "is a directory, not a .safetensors file")
+        self._path = os.path.abspath(path)
         self._fd, size = open_regular(self.label, path)
-        self._lock = threading.Lock()
         try:
+            self._identity = _identity(os.fstat(self._fd))
             self.metadata, entries = read_header(self.label, self._fd, size)
         except BaseException:
             os.close(self._fd)
@@ -76,16 +80,59 @@ class SafetensorsReader(TensorReader):
             self._infos[name] = TensorInfo(name, shape, dtype, end - begin, self.file_label)
             self._offsets[name] = begin
 
+    # -- the open file ----------------------------------------------------------------
+
+    def _descriptor(self, name: str) -> int:
+        """The open file; opened again if ``park()`` closed it."""
+        fd = self._fd
+        if fd >= 0:
+            return fd
+        with self._lock:
+            if self._fd < 0:
+                if self._closed:
+                    raise io_error(self.file_label, f"reader is closed (reading tensor {quoted(name)})", tensor=name)
+                self._fd = self._reopen(name)
+            return self._fd
+
+    def _reopen(self, name: str) -> int:
+        fd, _ = open_regular(self.file_label, self._path)
+        if _identity(os.fstat(fd)) != self._identity:
+            os.close(fd)
+            raise io_error(
+                self.file_label,
+                f"changed (was replaced or rewritten) after its header was read (reading tensor {quoted(name)})",
+                tensor=name,
+            )
+        return fd
+
+    def park(self) -> None:
+        """Close the file until a read needs it again (then it is reopened, and must be the
+        same file). No read of this reader may be in progress."""
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+    def close(self) -> None:
+        self._closed = True
+        self.park()
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", -1)
+        if fd >= 0:
+            os.close(fd)
+
+    # -- reading ------------------------------------------------------------------------
+
     def read(self, name: str) -> torch.Tensor:
         info = self.info(name)
-        if self._fd < 0:
-            raise io_error(self.file_label, f"reader is closed (reading tensor {quoted(name)})", tensor=name)
+        fd = self._descriptor(name)
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
         offset = self._offsets[name]
         end = offset + info.nbytes
         try:
-            size = os.fstat(self._fd).st_size
+            size = os.fstat(fd).st_size
         except OSError as exc:
             raise io_error(self.file_label, f"cannot read tensor {quoted(name)}: {exc.strerror}", tensor=name) from None
         if end > size:  # the file shrank since it was opened
@@ -96,21 +143,53 @@ class SafetensorsReader(TensorReader):
             )
         itemsize = info.nbytes // max(1, math.prod(info.shape))
         if self.use_mmap and info.nbytes >= MMAP_MIN_BYTES and offset % max(1, itemsize) == 0:
-            mapped = self._map(offset, info.nbytes)
+            mapped = self._map(fd, offset, info.nbytes)
             if mapped is not None:
                 buffer, handle = mapped
                 tensor = buffer.view(info.dtype).view(info.shape)
                 tensor._tvlang_map = handle  # for release(): drop pages already used
                 return tensor
-        return self._pread(name, offset, info.nbytes).view(info.dtype).view(info.shape)
+        return self._pread(fd, name, offset, info.nbytes).view(info.dtype).view(info.shape)
 
-    def _map(self, offset: int, nbytes: int) -> tuple[torch.Tensor, tuple] | None:
+    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``start:stop``, read with ``pread`` into fresh memory (only those bytes)."""
+        info = self.check_range(name, start, stop)
+        fd = self._descriptor(name)
+        itemsize = info.dtype.itemsize
+        offset = self._offsets[name] + start * itemsize
+        return self._pread(fd, name, offset, (stop - start) * itemsize).view(info.dtype)
+
+    def read_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
+        """Elements ``start:stop`` into ``out``: straight from the file into its memory when
+        it is a contiguous CPU tensor of the stored dtype, else through ``read_range``."""
+        info = self.check_range(name, start, stop, out)
+        if out.dtype != info.dtype or out.device.type != "cpu" or not out.is_contiguous():
+            out.copy_(self.read_range(name, start, stop))
+            return
+        if stop > start:
+            fd = self._descriptor(name)
+            offset = self._offsets[name] + start * info.dtype.itemsize
+            self._fill(fd, name, memoryview(out.view(torch.uint8).numpy()), offset)
+
+    def prefetch(self, name: str, start: int, stop: int) -> None:
+        """Ask the kernel to start reading elements ``start:stop`` from disk (``WILLNEED``)."""
+        info = self.check_range(name, start, stop)
+        if not hasattr(os, "posix_fadvise") or stop <= start:
+            return
+        itemsize = info.dtype.itemsize
+        try:
+            os.posix_fadvise(self._descriptor(name), self._offsets[name] + start * itemsize,
+                             (stop - start) * itemsize, os.POSIX_FADV_WILLNEED)
+        except OSError:  # advice only
+            pass
+
+    def _map(self, fd: int, offset: int, nbytes: int) -> tuple[torch.Tensor, tuple] | None:
         """The bytes as a private (copy-on-write) map of the file: no copy, no anonymous
         memory; the map lives as long as the returned tensor. Also ``(map, offset of the
         bytes in it, nbytes)`` for :func:`release`."""
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         try:
-            mapped = mmap.mmap(self._fd, offset - start + nbytes, access=mmap.ACCESS_COPY, offset=start)
+            mapped = mmap.mmap(fd, offset - start + nbytes, access=mmap.ACCESS_COPY, offset=start)
         except (OSError, ValueError):
             return None  # e.g. a file system without mmap: read instead
         if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
@@ -124,7 +203,7 @@ class SafetensorsReader(TensorReader):
             buffer = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset - start)
         return buffer, (mapped, offset - start, nbytes)
 
-    def _pread(self, name: str, offset: int, nbytes: int) -> torch.Tensor:
+    def _pread(self, fd: int, name: str, offset: int, nbytes: int) -> torch.Tensor:
         """The bytes read into fresh memory."""
         if nbytes >= MMAP_MIN_BYTES:
             # An anonymous map goes back to the system the moment the tensor dies; a
@@ -135,32 +214,32 @@ class SafetensorsReader(TensorReader):
         else:
             buffer = torch.empty(nbytes, dtype=torch.uint8)
             view = memoryview(buffer.numpy())
+        self._fill(fd, name, view, offset)
+        return buffer
+
+    def _fill(self, fd: int, name: str, view: memoryview, offset: int) -> None:
+        """Read ``len(view)`` bytes of tensor ``name``'s data at ``offset`` into ``view``."""
         done = 0
         try:
-            while done < nbytes:
-                count = _pread_into(self._fd, view[done:], offset + done, self._lock)
+            while done < len(view):
+                count = _pread_into(fd, view[done:], offset + done, self._lock)
                 if count == 0:
-                    size = os.fstat(self._fd).st_size
+                    end = self._offsets[name] + self._infos[name].nbytes
+                    size = os.fstat(fd).st_size
                     raise io_error(
                         self.file_label,
-                        f"file is truncated: tensor {quoted(name)} ends at byte {offset + nbytes}"
-                        f" but the file has {size} bytes",
+                        f"file is truncated: tensor {quoted(name)} ends at byte {end} but the file has {size} bytes",
                         tensor=name,
                     )
                 done += count
         except OSError as exc:
             raise io_error(self.file_label, f"cannot read tensor {quoted(name)}: {exc.strerror}", tensor=name) from None
-        return buffer
 
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
-    def __del__(self) -> None:
-        fd = getattr(self, "_fd", -1)
-        if fd >= 0:
-            os.close(fd)
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """What must not change between closing a file and opening it again: which file it
+    is, its size and its last write (a file deleted and written anew may get the same inode)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def release(tensor: torch.Tensor, start: int, stop: int) -> None:

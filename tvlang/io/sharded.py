@@ -3,12 +3,15 @@
 The index is ``{"metadata": {"total_size": N}, "weight_map": {tensor: shard}}``
 with shard file names relative to the index's directory. Every shard's header
 is read when the index is opened, so names, shapes and dtypes are all known
-before any tensor bytes are read.
+before any tensor bytes are read; a shard's file is open only while it is read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+from collections.abc import Iterator
 
 import torch
 
@@ -35,6 +38,12 @@ class ShardedReader(TensorReader):
     ``names()`` lists shards in file-name order (``model-00001-of-00003`` first)
     and each shard's tensors in file order, so reading in ``names()`` order walks
     every file once, front to back. Only tensors the index lists are exposed.
+
+    Shard files are open only while they are read: each is closed after its header
+    is read, opened again by the first read of one of its tensors, and closed when
+    a read moves on to another shard. So a run over 50 inputs of 17 shards holds
+    about one file per input open, not 850 (more only while reads of several shards
+    of one input overlap, one per read in progress).
     """
 
     def __init__(self, index_path: str | os.PathLike, *, label: str | None = None) -> None:
@@ -48,6 +57,9 @@ class ShardedReader(TensorReader):
         self.root = real_dir
         self._shards: dict[str, TensorReader] = {}
         self._where: dict[str, TensorReader] = {}
+        self._lock = threading.Lock()
+        self._current: TensorReader | None = None  # the shard read last
+        self._reading: dict[TensorReader, int] = {}  # reads in progress, per shard
         try:
             by_shard: dict[str, list[str]] = {}
             for name, shard in weight_map.items():
@@ -65,6 +77,8 @@ class ShardedReader(TensorReader):
                 else:
                     reader = TorchFileReader(shard_path, label=shard_label)
                 self._shards[shard] = reader
+                reader.park()
+                self._reading[reader] = 0
                 wanted = set(by_shard[shard])
                 for name in wanted - set(reader.names()):
                     raise io_error(
@@ -85,8 +99,45 @@ class ShardedReader(TensorReader):
         self.paths = (os.path.realpath(index_path),) + tuple(p for r in self._shards.values() for p in r.paths)
 
     def read(self, name: str) -> torch.Tensor:
+        with self._shard(name) as shard:
+            return shard.read(name)
+
+    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        with self._shard(name) as shard:
+            return shard.read_range(name, start, stop)
+
+    def read_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
+        with self._shard(name) as shard:
+            shard.read_into(name, start, stop, out)
+
+    def prefetch(self, name: str, start: int, stop: int) -> None:
+        with self._shard(name) as shard:
+            shard.prefetch(name, start, stop)
+
+    @contextlib.contextmanager
+    def _shard(self, name: str) -> Iterator[TensorReader]:
+        """The shard holding ``name``, for one read: the shard read before it is parked
+        (its file closed) unless a read of it is still in progress."""
         self.info(name)
-        return self._where[name].read(name)
+        shard = self._where[name]
+        with self._lock:
+            self._reading[shard] += 1
+            previous, self._current = self._current, shard
+            if previous is not None and previous is not shard and not self._reading[previous]:
+                previous.park()
+        try:
+            yield shard
+        finally:
+            with self._lock:
+                self._reading[shard] -= 1
+                if shard is not self._current and not self._reading[shard]:
+                    shard.park()
+
+    def park(self) -> None:
+        with self._lock:
+            for shard, reads in self._reading.items():
+                if not reads:
+                    shard.park()
 
     def close(self) -> None:
         for reader in self._shards.values():

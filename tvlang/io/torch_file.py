@@ -308,13 +308,34 @@ class StateDictReader(TensorReader):
                 raise io_error(label, f"tensor {quoted(name)} {problem}", tensor=name)
             self._infos[name] = TensorInfo.of(name, tensor, file if file is not None else label)
         self._state = state
+        self._kept_flat: tuple[str, torch.Tensor] | None = None
 
     def read(self, name: str) -> torch.Tensor:
         self.info(name)
         return _owned_copy(self._state[name])
 
+    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        self.check_range(name, start, stop)
+        return _owned_copy(self._flat(name)[start:stop])
+
+    def read_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
+        self.check_range(name, start, stop, out)
+        out.copy_(self._flat(name)[start:stop])
+
+    def _flat(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` flattened: a view when it is contiguous (a file's tensors are);
+        else one contiguous copy, kept for the ranges that follow (one tensor at a time)."""
+        tensor = self._state[name].detach()
+        if tensor.is_contiguous():
+            return tensor.reshape(-1)
+        kept = self._kept_flat
+        if kept is None or kept[0] != name:
+            kept = self._kept_flat = (name, tensor.reshape(-1))
+        return kept[1]
+
     def close(self) -> None:
         self._state = {}
+        self._kept_flat = None
 
 
 class TorchFileReader(StateDictReader):
