@@ -704,9 +704,10 @@ def _scaled_models(merge: _Merge, inputs: list[_Input], coefs: list[float], note
     first = inputs[0]
     raw = f"{first.name}_raw"
     excess = _tidy(total - 1)
-    notes.append(f"The coefficients sum to {_show(_tidy(total))}, so the result is {_show(_tidy(total))} times a "
-                 f"model. tvlang refuses a scaled model (usually a bug), so {_show(excess)} of {first.name} is "
-                 f"taken from {raw}, its tensors read again as plain numbers (load_delta).")
+    notes.append(f"The coefficients sum to {_show(_tidy(total))}: the result is {_show(_tidy(total))} times a "
+                 f"model, which tvlang's affine rule refuses (it is usually a bug). So {first.name} is read a "
+                 f"second time as plain numbers ({raw}, load_delta), and {_show(excess)} of its coefficient moves "
+                 "there: the same values, with model weights that sum to 1.")
     terms[0] = (_tidy(coefs[0] - excess), terms[0][1])
     terms = [t for t in terms if t[0] != 0]
     expr = _sum(terms + [(excess, _name(raw))])
@@ -944,10 +945,15 @@ def _comment(text: str) -> list[str]:
 
 
 def _layout(head: str, expr: ast.Expr) -> str:
-    """``head + expr`` on one line when it fits, else with the widest call's arguments one per line."""
+    """``head + expr`` on one line when it fits; else a long sum one term per line, or the
+    widest call's arguments one per line."""
     text = head + to_text(expr)
     if len(text) <= _WIDTH:
         return text
+    terms = _terms(expr)
+    lines = [f"    {sign + ' ' if sign else ''}{term}" for sign, term in terms]
+    if len(terms) > 2 and all(len(line) <= _WIDTH for line in lines):
+        return head + "(\n" + "\n".join(lines) + "\n)"
     calls = [n for n in ast.walk(expr) if isinstance(n, ast.Call) and len(n.args) + len(n.kwargs) > 1]
     if not calls:
         return text
@@ -960,6 +966,20 @@ def _layout(head: str, expr: ast.Expr) -> str:
         inner.append(options + ",")
     body = f"{widest.func}(\n" + "".join(f"    {part}\n" for part in inner) + ")"
     return head + outer.replace(marker, body)
+
+
+def _terms(expr: ast.Expr) -> list[tuple[str, str]]:
+    """A chain ``a + b - (c - d)`` as ``[("", "a"), ("+", "b"), ("-", "(c - d)")]``."""
+    terms: list[tuple[str, str]] = []
+    node = expr
+    while isinstance(node, ast.BinOp) and node.op in "+-":
+        right = to_text(node.right)
+        if isinstance(node.right, ast.BinOp) and node.right.op in "+-":
+            right = f"({right})"
+        terms.append((node.op, right))
+        node = node.left
+    terms.append(("", to_text(node)))
+    return terms[::-1]
 
 
 def _replace(node: ast.Expr, old: ast.Expr, new: ast.Expr) -> ast.Expr:
