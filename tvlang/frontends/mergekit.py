@@ -463,7 +463,7 @@ class _Merge:
             compute = "tvlang computes in float32 (its default), as mergekit does here"
         elif self.dtype:
             compute = (f"mergekit converts the inputs to {self.dtype} and merges in it; tvlang computes in float32 "
-                       f"(--dtype) and rounds once, so the last bits of {self.dtype} may differ")
+                       f"(--dtype) and rounds once, so results can differ by a few {self.dtype} steps")
         if self.dtype:
             self.header.append(f"dtype: {self.dtype} -> {compute}" + ("." if self.out_dtype else f"; {written}."))
         if self.out_dtype:
