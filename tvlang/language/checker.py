@@ -32,6 +32,7 @@ from tvlang.errors import Span, TvlangError
 from tvlang.language import ast, constants
 from tvlang.language.builtins import BUILTINS, REQUIRED, Arg, Builtin
 from tvlang.language.printer import to_text
+from tvlang.language.trampoline import Frame, trampoline
 
 __all__ = ["BoundCall", "CheckedProgram", "Output", "bind_call", "check", "load_builtins"]
 
@@ -385,7 +386,7 @@ class _Checker:
         return True
 
     def statement_value(self, expr: ast.Expr):
-        t = self.type_of(expr)
+        t = trampoline(self.type_of(expr))
         if isinstance(t, _Vector) and _vector_kind(t.weight) is None:
             self.affine_error(expr, t, "")
             return _UNKNOWN
@@ -443,12 +444,12 @@ class _Checker:
 
         changed = False
 
-        def fix(node):
+        def fix(node) -> Frame:
             nonlocal changed
             if isinstance(node, ast.BinOp) and node.op in "+-":
-                return ast.BinOp(node.op, fix(node.left), fix(node.right))
+                return ast.BinOp(node.op, (yield fix(node.left)), (yield fix(node.right)))
             if isinstance(node, ast.Neg):
-                return ast.Neg(fix(node.operand))
+                return ast.Neg((yield fix(node.operand)))
             if isinstance(node, ast.BinOp):
                 left, right = node.left, node.right
                 if node.op == "*" and is_constant(left) and is_model(right):
@@ -459,33 +460,34 @@ class _Checker:
                     return ast.BinOp(node.op, ast.BinOp("-", left, base), right)
             return node
 
-        fixed = fix(expr)
+        fixed = trampoline(fix(expr))
         if not changed:
             return None
-        weight = self.weight_of(fixed)
+        weight = trampoline(self.weight_of(fixed))
         if weight is None or _vector_kind(weight) is None:
             return None
         return fixed
 
-    def weight_of(self, node) -> float | None:
+    def weight_of(self, node) -> Frame:
+        """The affine weight of ``node`` (float or None), from the types found while checking."""
         t = self.types.get(id(node))
         if isinstance(t, _Vector):
             return t.weight
         if isinstance(node, ast.Neg):
-            inner = self.weight_of(node.operand)
+            inner = yield self.weight_of(node.operand)
             return None if inner is None else -inner
         if isinstance(node, ast.BinOp):
             if node.op in "+-":
-                left, right = self.weight_of(node.left), self.weight_of(node.right)
+                left, right = (yield self.weight_of(node.left)), (yield self.weight_of(node.right))
                 if left is None or right is None:
                     return None
                 return left + right if node.op == "+" else left - right
             left_t, right_t = self.types.get(id(node.left)), self.types.get(id(node.right))
             if node.op == "*" and isinstance(left_t, _Scalar) and left_t.value is not None:
-                inner = self.weight_of(node.right)
+                inner = yield self.weight_of(node.right)
                 return None if inner is None else inner * left_t.value
             if isinstance(right_t, _Scalar) and right_t.value:  # m*c or m/c, c a nonzero constant
-                inner = self.weight_of(node.left)
+                inner = yield self.weight_of(node.left)
                 if inner is None:
                     return None
                 return inner * right_t.value if node.op == "*" else inner / right_t.value
@@ -493,12 +495,15 @@ class _Checker:
 
     # -- expressions
 
-    def type_of(self, node: ast.Expr):
-        t = self._type_of(node)
+    # type_of and the methods it calls are frames (see trampoline): a sub-expression's type
+    # is yielded, so an expression of any depth is checked without recursion.
+
+    def type_of(self, node: ast.Expr) -> Frame:
+        t = yield from self._type_of(node)
         self.types[id(node)] = t
         return t
 
-    def _type_of(self, node: ast.Expr):
+    def _type_of(self, node: ast.Expr) -> Frame:
         if isinstance(node, ast.Number):
             return _Scalar(node.value)
         if isinstance(node, ast.String):
@@ -507,12 +512,12 @@ class _Checker:
             return _Other("bool")
         if isinstance(node, ast.ListExpr):
             for item in node.items:
-                self.type_of(item)
+                yield self.type_of(item)
             return _Other("list")
         if isinstance(node, ast.Name):
             return self.name_type(node)
         if isinstance(node, ast.Neg):
-            t = self.type_of(node.operand)
+            t = yield self.type_of(node.operand)
             if isinstance(t, _Scalar):
                 return self.constant_value(node, t.value)
             if isinstance(t, _Vector):
@@ -521,9 +526,9 @@ class _Checker:
                 return self.error(f"cannot negate {_describe(t)}", node)
             return _UNKNOWN
         if isinstance(node, ast.BinOp):
-            return self.binop_type(node)
+            return (yield from self.binop_type(node))
         if isinstance(node, ast.Call):
-            return self.call_type(node)
+            return (yield from self.call_type(node))
         raise TypeError(f"not an expression: {node!r}")
 
     def name_type(self, node: ast.Name):
@@ -555,9 +560,9 @@ class _Checker:
         )
         return self.error(f"unknown name '{name}'{hint}", node, notes)
 
-    def binop_type(self, node: ast.BinOp):
-        left = self.type_of(node.left)
-        right = self.type_of(node.right)
+    def binop_type(self, node: ast.BinOp) -> Frame:
+        left = yield self.type_of(node.left)
+        right = yield self.type_of(node.right)
         op = node.op
         if left is _UNKNOWN or right is _UNKNOWN:
             return _UNKNOWN
@@ -617,11 +622,11 @@ class _Checker:
 
     # -- calls
 
-    def call_type(self, call: ast.Call):
+    def call_type(self, call: ast.Call) -> Frame:
         row = BUILTINS.get(call.func)
         if row is None:
             for value in (*call.args, *(kw.value for kw in call.kwargs)):
-                self.type_of(value)
+                yield self.type_of(value)
             binding = self.names.get(call.func)
             if binding is not None or (self.bound_sources and call.func in self.bound_sources):
                 return self.error(f"'{call.func}' is not a function", call)
@@ -639,14 +644,14 @@ class _Checker:
         for position, (name, value) in enumerate(bound.args.items()):
             if id(value) not in given:
                 continue  # a default from the table
-            kind = self.check_argument(row, named[name], value, f"argument '{name}' of {row.name}()")
+            kind = yield from self.check_argument(row, named[name], value, f"argument '{name}' of {row.name}()")
             if kind is None:
                 ok = False
             elif kind in ("model", "delta") and named[name].kind in ("model", "delta", "vector"):
                 vector_kinds.append((position, kind))
         for index, value in enumerate(bound.varargs):
             label = f"argument {len(row.params) + index + 1} of {row.name}()"
-            kind = self.check_argument(row, row.variadic, value, label)
+            kind = yield from self.check_argument(row, row.variadic, value, label)
             if kind is None:
                 ok = False
             else:
@@ -673,12 +678,12 @@ class _Checker:
             )
         return _Vector(0.0 if kinds and kinds[0] == "delta" else 1.0)
 
-    def check_argument(self, row: Builtin, arg: Arg, value: ast.Expr, label: str) -> str | None:
+    def check_argument(self, row: Builtin, arg: Arg, value: ast.Expr, label: str) -> Frame:
         """Check one argument; its kind ("model", "delta", "scalar", ...) or None after an error."""
         kind = arg.kind
         if kind == "string":
             if not isinstance(value, ast.String):
-                self.type_of(value)
+                yield self.type_of(value)
                 self.error(f"{label} must be a string in quotes", value)
                 return None
             if arg.choices is not None and value.value not in arg.choices:
@@ -691,22 +696,22 @@ class _Checker:
             return "string"
         if kind == "bool":
             if not isinstance(value, ast.Bool):
-                self.type_of(value)
+                yield self.type_of(value)
                 self.error(f"{label} must be true or false", value)
                 return None
             return "bool"
         if kind == "list":
             if not isinstance(value, ast.ListExpr):
-                self.type_of(value)
+                yield self.type_of(value)
                 self.error(f"{label} must be a list of numbers, like [0.2, 0.5, 1]", value)
                 return None
             good = True
             for item in value.items:
-                if not self.constant(item, f"item of {label}"):
+                if not (yield from self.constant(item, f"item of {label}")):
                     good = False
             return "list" if good else None
         if kind in ("scalar", "int"):
-            if not self.constant(value, label):
+            if not (yield from self.constant(value, label)):
                 return None
             if kind == "int" and not float(self.types[id(value)].value).is_integer():
                 self.error(f"{label} must be a whole number", value)
@@ -714,7 +719,7 @@ class _Checker:
             return "scalar"
         if kind not in ("model", "delta", "vector"):
             raise TypeError(f"built-in {row.name!r} has an argument of unknown kind {kind!r}")
-        t = self.type_of(value)
+        t = yield self.type_of(value)
         if t is _UNKNOWN:
             return None
         if not isinstance(t, _Vector):
@@ -737,8 +742,9 @@ class _Checker:
             return None
         return got
 
-    def constant(self, value: ast.Expr, label: str) -> bool:
-        t = self.type_of(value)
+    def constant(self, value: ast.Expr, label: str) -> Frame:
+        """Whether ``value`` is a number known before the run (an error says why not)."""
+        t = yield self.type_of(value)
         if t is _UNKNOWN:
             return False
         if isinstance(t, _Scalar) and t.value is not None:
@@ -783,7 +789,4 @@ def check(
     """
     checker = _Checker(program, source, filename, sources, params,
                        require_output=require_output, scalar_outputs=scalar_outputs)
-    try:
-        return checker.run()
-    except RecursionError:
-        raise TvlangError("expression nested too deeply", source=source, filename=filename) from None
+    return checker.run()

@@ -25,6 +25,7 @@ from typing import Callable, Mapping
 
 from tvlang.errors import TvlangError
 from tvlang.language import ast
+from tvlang.language.trampoline import Frame, trampoline
 
 __all__ = ["ARITHMETIC", "fold", "value"]
 
@@ -78,7 +79,7 @@ def value(
     env = env or {}
     names: dict[str, float | None] = {}
 
-    def of(node: ast.Expr) -> float | None:
+    def of(node: ast.Expr) -> Frame:  # a frame: sub-values are yielded (see trampoline)
         if isinstance(node, ast.Number):
             return node.value
         if isinstance(node, ast.Name):
@@ -88,14 +89,15 @@ def value(
             if name not in names:
                 if name not in env:
                     raise TvlangError(f"'{name}' is not a number", node.span)
-                names[name] = of(env[name])
+                names[name] = yield of(env[name])
             return names[name]
         if isinstance(node, ast.Neg):
-            return fold(node, of(node.operand))
+            return fold(node, (yield of(node.operand)))
         if isinstance(node, ast.BinOp):
-            return fold(node, of(node.left), of(node.right))
+            left = yield of(node.left)
+            return fold(node, left, (yield of(node.right)))
         if isinstance(node, ast.Call):
             return reduced(node) if reduced is not None else None
         raise TvlangError("a string, true/false or a list is not a number", node.span)
 
-    return of(expr)
+    return trampoline(of(expr))

@@ -57,37 +57,67 @@ def _format_string(value: str) -> str:
     return '"' + "".join(_ESCAPES.get(ch, ch) for ch in value) + '"'
 
 
+# A piece of printed text: a string, or a node with the context it is printed in.
+_Piece = str | tuple[ast.Expr, int]
+
+
 def _expr(node: ast.Expr, context: int) -> str:
+    """The text of ``node`` printed where ``context`` allows, built on a work stack
+    (text pieces and nodes still to print) and joined once: no recursion, and no
+    re-copying of the text of a deep tree at every level."""
+    out: list[str] = []
+    work: list[_Piece] = [(node, context)]
+    while work:
+        item = work.pop()
+        if isinstance(item, str):
+            out.append(item)
+        else:
+            work.extend(reversed(_pieces(*item)))
+    return "".join(out)
+
+
+def _pieces(node: ast.Expr, context: int) -> list[_Piece]:
+    """One node's text: strings, and (child, its context) for the printer to fill in."""
     if isinstance(node, ast.Number):
         if node.value < 0:  # never made by the parser; printed as the Neg it parses back to
-            return _expr(ast.Neg(ast.Number(-node.value)), context)
-        return format_number(node.value)
+            return [(ast.Neg(ast.Number(-node.value)), context)]
+        return [format_number(node.value)]
     if isinstance(node, ast.Name):
-        return node.id
+        return [node.id]
     if isinstance(node, ast.String):
-        return _format_string(node.value)
+        return [_format_string(node.value)]
     if isinstance(node, ast.Bool):
-        return "true" if node.value else "false"
+        return ["true" if node.value else "false"]
     if isinstance(node, ast.ListExpr):
-        return "[" + ", ".join(_expr(item, _SUM) for item in node.items) + "]"
+        return ["[", *_separated([[(item, _SUM)] for item in node.items]), "]"]
     if isinstance(node, ast.Call):
-        parts = [_expr(arg, _SUM) for arg in node.args]
-        parts += [_keyword(kw) for kw in node.kwargs]
-        return f"{node.func}(" + ", ".join(parts) + ")"
+        parts: list[list[_Piece]] = [[(arg, _SUM)] for arg in node.args]
+        parts += [[f"{kw.name}=", (kw.value, _SUM)] for kw in node.kwargs]
+        return [f"{node.func}(", *_separated(parts), ")"]
     if isinstance(node, ast.Neg):
         if context == _PRODUCT:
-            return "(" + _expr(node, _SUM) + ")"
+            return ["(", (node, _SUM), ")"]
         inner = _FACTOR if context == _FACTOR else _TERM
-        return "-" + _expr(node.operand, inner)
+        return ["-", (node.operand, inner)]
     if isinstance(node, ast.BinOp):
         if node.op in ("+", "-"):
-            text = f"{_expr(node.left, _SUM)} {node.op} {_expr(node.right, _TERM)}"
-            return f"({text})" if context > _SUM else text
+            text = [(node.left, _SUM), f" {node.op} ", (node.right, _TERM)]
+            return ["(", *text, ")"] if context > _SUM else text
         if node.op in ("*", "/"):
-            text = f"{_expr(node.left, _PRODUCT)}{node.op}{_expr(node.right, _FACTOR)}"
-            return f"({text})" if context == _FACTOR else text
+            text = [(node.left, _PRODUCT), node.op, (node.right, _FACTOR)]
+            return ["(", *text, ")"] if context == _FACTOR else text
         raise ValueError(f"unknown operator {node.op!r}")
     raise TypeError(f"not an expression: {node!r}")
+
+
+def _separated(parts: list[list[_Piece]]) -> list[_Piece]:
+    """The pieces of every part, with ", " between parts."""
+    pieces: list[_Piece] = []
+    for index, part in enumerate(parts):
+        if index:
+            pieces.append(", ")
+        pieces.extend(part)
+    return pieces
 
 
 def _keyword(node: ast.Keyword) -> str:
