@@ -93,12 +93,11 @@ class PendingPlan:
 
         defined = {s.name for s in self.program.statements if isinstance(s, (ast.Assign, ast.Param, ast.Out))}
         builtins = load_builtins()
-        names = []
+        names: dict[str, None] = {}  # in order of first use
         for node in ast.walk(self.program):
             if isinstance(node, ast.Name) and node.id not in defined and node.id not in builtins:
-                if node.id not in names:
-                    names.append(node.id)
-        return names
+                names.setdefault(node.id)
+        return list(names)
 
     def kind_dependent(self) -> bool:
         """Whether every error goes away or changes when the free names are task
@@ -220,9 +219,9 @@ class Plan:
         if output is None:
             return self.schedule.sources_read
         root = dict(self.optimized.outputs)[output]
-        keys = [n.attr[0] for n in postorder([root]) if n.op == "source"]
-        order = self.schedule.sources_read
-        return sorted(set(keys), key=lambda k: order.index(k) if k in order else len(order))
+        keys = {n.attr[0] for n in postorder([root]) if n.op == "source"}
+        position = {key: index for index, key in enumerate(self.schedule.sources_read)}
+        return sorted(keys, key=lambda k: position.get(k, len(position)))
 
     def program_text(self) -> str:
         from tvlang.language.printer import to_text

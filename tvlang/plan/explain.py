@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from tvlang.language import ast
 from tvlang.language.checker import load_builtins
 from tvlang.language.printer import to_text
+from tvlang.language.trampoline import Frame, trampoline
 from tvlang.plan.ir import IRProgram, Node, const_value, postorder
 from tvlang.plan.schedule import STEP_OPS, Schedule, Step, format_coef
 
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from tvlang.plan.compiler import Plan
 
 __all__ = ["explain", "ir_text", "shown", "step_text"]
+
+_SYMBOLS = {"add": "+", "sub": "-", "mul": "*", "div": "/"}  # the IR's arithmetic ops, as the language writes them
 
 
 def explain(plan: "Plan") -> str:
@@ -68,7 +71,7 @@ class _ScalarNames:
 
 
 def _scalar_text(node: Node, names) -> str:
-    return to_text(_scalar_ast(node, names))
+    return to_text(trampoline(_scalar_ast(node, names)))
 
 
 def shown(value: float) -> float:
@@ -77,7 +80,10 @@ def shown(value: float) -> float:
     return float(f"{value:.12g}")
 
 
-def _scalar_ast(node: Node, names) -> ast.Expr:
+# _scalar_ast and _vector_ast are frames (see trampoline): an operand's AST is yielded,
+# so the IR of a deep recipe (optimized or not) prints without recursion.
+
+def _scalar_ast(node: Node, names) -> Frame:
     if node.op == "const":
         value = shown(const_value(node))
         return ast.Neg(ast.Number(-value)) if value < 0 else ast.Number(value)
@@ -85,14 +91,17 @@ def _scalar_ast(node: Node, names) -> ast.Expr:
         task = names.sched.tasks.get(id(node)) if isinstance(names, _ScalarNames) else None
         if task is not None:
             return ast.Name(task.name)
-        return ast.Call(node.attr[0].lstrip("@"), tuple(_vector_ast(a, {}) for a in node.args))
+        args = []
+        for arg in node.args:
+            args.append((yield _vector_ast(arg, {})))
+        return ast.Call(node.attr[0].lstrip("@"), tuple(args))
     if node.op == "neg":
-        return ast.Neg(_scalar_ast(node.args[0], names))
-    ops = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
-    return ast.BinOp(ops[node.op], _scalar_ast(node.args[0], names), _scalar_ast(node.args[1], names))
+        return ast.Neg((yield _scalar_ast(node.args[0], names)))
+    left = yield _scalar_ast(node.args[0], names)
+    return ast.BinOp(_SYMBOLS[node.op], left, (yield _scalar_ast(node.args[1], names)))
 
 
-def _vector_ast(node: Node, temps: dict[int, str]) -> ast.Expr:
+def _vector_ast(node: Node, temps: dict[int, str]) -> Frame:
     if id(node) in temps:
         return ast.Name(temps[id(node)])
     op = node.op
@@ -103,15 +112,17 @@ def _vector_ast(node: Node, temps: dict[int, str]) -> ast.Expr:
     if op == "call":
         name, options = node.attr
         kwargs = tuple(ast.Keyword(k, _literal(v)) for k, v in options if not _is_default(name, k, v))
-        return ast.Call(name, tuple(_vector_ast(a, temps) for a in node.args), kwargs)
+        args = []
+        for arg in node.args:
+            args.append((yield _vector_ast(arg, temps)))
+        return ast.Call(name, tuple(args), kwargs)
     if op == "neg":
-        return ast.Neg(_vector_ast(node.args[0], temps))
+        return ast.Neg((yield _vector_ast(node.args[0], temps)))
     if op in ("add", "sub", "mul", "div"):
-        sym = {"add": "+", "sub": "-", "mul": "*", "div": "/"}[op]
         left, right = node.args
-        left_ast = _scalar_ast(left, None) if left.kind == "scalar" else _vector_ast(left, temps)
-        right_ast = _scalar_ast(right, None) if right.kind == "scalar" else _vector_ast(right, temps)
-        return ast.BinOp(sym, left_ast, right_ast)
+        left_ast = yield (_scalar_ast(left, None) if left.kind == "scalar" else _vector_ast(left, temps))
+        right_ast = yield (_scalar_ast(right, None) if right.kind == "scalar" else _vector_ast(right, temps))
+        return ast.BinOp(_SYMBOLS[op], left_ast, right_ast)
     # lin: c1*x1 + c2*x2 - ..., starting with a positive term where there is one
     pairs = list(zip(node.attr, node.args))
     positive = [i for i, (c, _) in enumerate(pairs) if not (c.op == "const" and const_value(c) < 0)]
@@ -119,7 +130,7 @@ def _vector_ast(node: Node, temps: dict[int, str]) -> ast.Expr:
         pairs.insert(0, pairs.pop(positive[0]))
     result: ast.Expr | None = None
     for coef, vec in pairs:
-        term = _vector_ast(vec, temps)
+        term = yield _vector_ast(vec, temps)
         negative = coef.op == "const" and const_value(coef) < 0
         magnitude = abs(shown(const_value(coef))) if coef.op == "const" else None
         if magnitude == 1.0:
@@ -127,7 +138,7 @@ def _vector_ast(node: Node, temps: dict[int, str]) -> ast.Expr:
         elif magnitude is not None:
             scaled = ast.BinOp("*", ast.Number(magnitude), term)
         else:
-            scaled = ast.BinOp("*", _scalar_ast(coef, None), term)
+            scaled = ast.BinOp("*", (yield _scalar_ast(coef, None)), term)
         if result is None:
             result = ast.Neg(scaled) if negative else scaled
         else:
@@ -176,10 +187,10 @@ def ir_text(program: IRProgram) -> str:
     for node in postorder(roots):
         if node.kind == "vector" and node.op in ("lin", "call") and uses.get(id(node), 0) >= 2:
             name = f"t{len(temps)}"
-            statements.append(ast.Assign(name, _vector_ast(node, temps)))
+            statements.append(ast.Assign(name, trampoline(_vector_ast(node, temps))))
             temps[id(node)] = name
     for name, node in program.outputs:
-        value = _scalar_ast(node, None) if node.kind == "scalar" else _vector_ast(node, temps)
+        value = trampoline(_scalar_ast(node, None) if node.kind == "scalar" else _vector_ast(node, temps))
         statements.append(ast.Out(None if name == "out" else name, value))
     return to_text(ast.Program(tuple(statements))).rstrip("\n")
 

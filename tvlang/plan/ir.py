@@ -28,6 +28,7 @@ from typing import Iterator
 from tvlang.errors import Span, TvlangError
 from tvlang.language import ast, constants
 from tvlang.language.builtins import REQUIRED, Builtin
+from tvlang.language.trampoline import Frame, trampoline
 
 __all__ = ["Node", "Interner", "SourceSpec", "IRProgram", "build", "postorder", "const_value"]
 
@@ -85,7 +86,7 @@ class Interner:
 
     def make(self, op: str, args: tuple[Node, ...] = (), attr: object = None, *,
              kind: str = "vector", weight: float | None = None) -> Node:
-        key = (op, tuple(id(a) for a in args), attr)
+        key = (op, tuple(map(id, args)), attr)
         node = self._table.get(key)
         if node is None:
             node = Node(op, args, attr, kind, weight if kind == "vector" else None)
@@ -213,11 +214,15 @@ class IRProgram:
 def build(checked, interner: Interner | None = None) -> IRProgram:
     """Turn a :class:`tvlang.language.checker.CheckedProgram` into IR (params become constants)."""
     builder = _Builder(checked, interner or Interner())
-    outputs = [(out.name, builder.expr(out.expr)) for out in checked.outputs]
+    outputs = [(out.name, trampoline(builder.expr(out.expr))) for out in checked.outputs]
     return IRProgram(outputs, builder.sources, builder.interner)
 
 
 class _Builder:
+    """AST -> IR. ``expr``, ``name`` and ``call`` are frames (see trampoline): a chain of
+    100,000 definitions, each naming the one before, is built without recursion, and
+    nodes are made in the order a recursive builder would make them."""
+
     def __init__(self, checked, interner: Interner) -> None:
         self.checked = checked
         self.interner = interner
@@ -229,7 +234,7 @@ class _Builder:
     def error(self, message: str, span: Span | None) -> TvlangError:
         return TvlangError(message, span, source=self.checked.source, filename=self.checked.filename)
 
-    def name(self, node: ast.Name) -> Node:
+    def name(self, node: ast.Name) -> Frame:
         ident = node.id
         if ident in self.memo:
             return self.memo[ident]
@@ -240,7 +245,7 @@ class _Builder:
             if isinstance(value, ast.Call) and value.func in ("load", "load_delta"):
                 result = self.load(value, key=ident)
             else:
-                result = self.expr(value)
+                result = yield self.expr(value)
         elif ident in self.checked.sources:
             kind = self.checked.sources[ident]
             self.sources.setdefault(ident, SourceSpec(ident, kind, None, node.span))
@@ -264,25 +269,26 @@ class _Builder:
             self.sources[key] = SourceSpec(key, kind, resolved, call.span)
         return self.interner.source(key, kind)
 
-    def expr(self, node: ast.Expr) -> Node:
+    def expr(self, node: ast.Expr) -> Frame:
         it = self.interner
         if isinstance(node, ast.Number):
             return it.const(node.value)
         if isinstance(node, ast.Name):
-            return self.name(node)
+            return (yield from self.name(node))
         if isinstance(node, ast.Neg):
-            return it.neg(self.expr(node.operand))
+            return it.neg((yield self.expr(node.operand)))
         if isinstance(node, ast.BinOp):
-            left, right = self.expr(node.left), self.expr(node.right)
+            left = yield self.expr(node.left)
+            right = yield self.expr(node.right)
             op = {"+": "add", "-": "sub", "*": "mul", "/": "div"}[node.op]
             if op == "mul" and left.kind == "vector":
                 left, right = right, left  # scalar first
             return it.binary(op, left, right)
         if isinstance(node, ast.Call):
-            return self.call(node)
+            return (yield from self.call(node))
         raise self.error("a string, boolean or list is only allowed as a built-in argument", node.span)
 
-    def call(self, node: ast.Call) -> Node:
+    def call(self, node: ast.Call) -> Frame:
         from tvlang.language.checker import bind_call
 
         if node.func in ("load", "load_delta"):
@@ -294,11 +300,11 @@ class _Builder:
         for param in row.params:
             value = bound.args.get(param.name)
             if param.kind in ("model", "delta", "vector"):
-                vectors.append(self.expr(value))
+                vectors.append((yield self.expr(value)))
             elif value is not None:
                 options.append((param.name, self.constant(value)))
         for extra in bound.varargs:
-            vectors.append(self.expr(extra))
+            vectors.append((yield self.expr(extra)))
         for option in row.options:
             value = bound.args.get(option.name)
             if value is not None:

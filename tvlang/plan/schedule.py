@@ -29,6 +29,7 @@ from typing import Callable, Mapping
 from tvlang.errors import TvlangError
 from tvlang.language.builtins import BUILTINS, resolve
 from tvlang.language.constants import ARITHMETIC
+from tvlang.language.trampoline import Frame, trampoline
 from tvlang.plan.ir import IRProgram, Node, const_value, postorder
 
 __all__ = ["STEP_OPS", "Step", "StepOp", "TensorProgram", "ReductionTask", "Schedule", "schedule", "format_coef",
@@ -152,11 +153,11 @@ class Schedule:
 
     @property
     def sources_read(self) -> list[str]:
-        seen: list[str] = []
+        seen: dict[str, None] = {}  # a dict keeps first-read order, and looks up in O(1)
         for _, program in self.levels:
-            seen.extend(s for s in program.reads if s not in seen)
-        seen.extend(s for s in self.main.reads if s not in seen)
-        return seen
+            seen.update(dict.fromkeys(program.reads))
+        seen.update(dict.fromkeys(self.main.reads))
+        return list(seen)
 
     @property
     def passes(self) -> int:
@@ -206,10 +207,8 @@ def schedule(program: IRProgram) -> Schedule:
         level[id(node)] = deepest
 
     # Reductions reachable from the outputs (through coefficients and calls).
-    reduce_nodes: list[Node] = []
-    for node in postorder(roots + [r for extra in call_reductions.values() for _, r in extra]):
-        if node.op == "reduce" and node not in reduce_nodes:
-            reduce_nodes.append(node)
+    reduce_nodes = [node for node in postorder(roots + [r for extra in call_reductions.values() for _, r in extra])
+                    if node.op == "reduce"]  # each once: postorder visits a node once
     reduce_nodes.sort(key=need)  # named in the order their passes run: r0, r1, ... (stable within a level)
     for index, node in enumerate(reduce_nodes):
         tasks[id(node)] = _task(f"r{index}", node, factories.get(id(node)))
@@ -272,7 +271,7 @@ def emit(outputs: list[tuple[str, Node]], feeds: list[tuple[str, tuple[Node, ...
         uses[id(node)] = uses.get(id(node), 0) + 1
 
     steps: list[Step] = []
-    reads: list[str] = []
+    reads: dict[str, None] = {}  # source keys in first-read order
     slot_of: dict[int, int] = {}
     free: list[int] = []
     n_buffers = 0
@@ -289,7 +288,10 @@ def emit(outputs: list[tuple[str, Node]], feeds: list[tuple[str, tuple[Node, ...
         if uses[id(node)] == 0:
             free.append(slot_of.pop(id(node)))
 
-    def compute(node: Node) -> int:
+    # compute and emit_linear are frames (see trampoline): a node's inputs are emitted
+    # by yielding them, so a deep unoptimized tree is emitted without recursion.
+
+    def compute(node: Node) -> Frame:
         """Emit ``node`` (once) and return its buffer."""
         if id(node) in slot_of:
             return slot_of[id(node)]
@@ -298,28 +300,29 @@ def emit(outputs: list[tuple[str, Node]], feeds: list[tuple[str, tuple[Node, ...
             key = node.attr[0]
             dst = allocate()
             steps.append(Step("read", dst, name=key, node=node))
-            if key not in reads:
-                reads.append(key)
+            reads.setdefault(key)
         elif op == "zero":
             dst = allocate()
             steps.append(Step("zero", dst, node=node))
         elif op == "call":
-            srcs = tuple(compute(a) for a in node.args)
+            srcs = []
+            for arg in node.args:
+                srcs.append((yield compute(arg)))
             for arg in node.args:
                 release(arg)
             dst = allocate()
             name, options = node.attr
-            steps.append(Step("call", dst, srcs, name=name, options=options, node=node))
+            steps.append(Step("call", dst, tuple(srcs), name=name, options=options, node=node))
         else:  # lin, or unlinearized add/sub/neg/mul/div
-            dst = _emit_linear(node, _terms(node))
+            dst = yield from emit_linear(node, _terms(node))
         slot_of[id(node)] = dst
         return dst
 
-    def _emit_linear(node: Node, terms: list[tuple[object, Node]]) -> int:
+    def emit_linear(node: Node, terms: list[tuple[object, Node]]) -> Frame:
         # A unit coefficient first: no scaling needed to start the accumulator.
         terms = sorted(terms, key=lambda t: 0 if _is_one(t[0]) else 1)
         first_coef, first = terms[0]
-        src = compute(first)
+        src = yield compute(first)
         if uses[id(first)] == 1:  # this is its last use: accumulate in place
             dst = slot_of.pop(id(first))
             uses[id(first)] = 0
@@ -328,7 +331,7 @@ def emit(outputs: list[tuple[str, Node]], feeds: list[tuple[str, tuple[Node, ...
         elif len(terms) >= 2:
             # dst = c0*x0 + c1*x1 in one fused step, then accumulate the rest.
             second_coef, second = terms[1]
-            src2 = compute(second)
+            src2 = yield compute(second)
             release(first)
             release(second)
             dst = allocate()
@@ -339,20 +342,20 @@ def emit(outputs: list[tuple[str, Node]], feeds: list[tuple[str, tuple[Node, ...
             dst = allocate()
             steps.append(Step("set", dst, (src,), coef=first_coef, node=node))
         for coef, vec in terms[1:]:
-            steps.append(Step("axpy", dst, (compute(vec),), coef=coef, node=node))
+            steps.append(Step("axpy", dst, ((yield compute(vec)),), coef=coef, node=node))
             release(vec)
         return dst
 
     for name, node in outputs:
-        slot = compute(node)
+        slot = trampoline(compute(node))
         steps.append(Step("write", None, (slot,), name=name, node=node))
         release(node)
     for task_name, args in feeds:
-        slots = tuple(compute(a) for a in args)
+        slots = tuple(trampoline(compute(a)) for a in args)
         steps.append(Step("feed", None, slots, name=task_name))
         for arg in args:
             release(arg)
-    return TensorProgram(steps, n_buffers, reads, [name for name, _ in outputs])
+    return TensorProgram(steps, n_buffers, list(reads), [name for name, _ in outputs])
 
 
 def _terms(node: Node) -> list[tuple[object, Node]]:

@@ -8,7 +8,6 @@ any pass turned off.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field, fields
 
 from tvlang.plan.ir import Interner, IRProgram, Node
@@ -57,12 +56,7 @@ def optimize(program: IRProgram, flags: OptimizerFlags | None = None) -> IRProgr
     flags = flags or OptimizerFlags()
     ctx = OptimizeContext(flags, program.interner)
     node = program.as_node()
-    limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(max(limit, 20000))
-    try:
-        for name, pass_ in PASSES:
-            if getattr(flags, name):
-                node = pass_(node, ctx)
-    finally:
-        sys.setrecursionlimit(limit)
+    for name, pass_ in PASSES:
+        if getattr(flags, name):
+            node = pass_(node, ctx)
     return program.with_root(node)
