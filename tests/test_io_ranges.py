@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 import tvlang
 from tvlang.errors import TvlangError
 from tvlang.io import SafetensorsReader, ShardedReader, StateDictReader, TensorReader, open_reader
-from tvlang.testing.synth import finetune_like, llama_spec, make_state_dict, write_checkpoint
+from tvlang.testing.synth import finetune_like, llama_spec, make_state_dict
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 

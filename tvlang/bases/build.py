@@ -276,7 +276,8 @@ def build_bases(
                 fh.write("\n")
             replace.commit()  # synced, then renamed; an existing out_dir goes only once the new one is in
         except OSError as exc:
-            raise TvlangError(f"{out_dir}: write failed: {exc.strerror or exc}; nothing was written to the output") from None
+            reason = exc.strerror or exc
+            raise TvlangError(f"{out_dir}: write failed: {reason}; nothing was written to the output") from None
     except BaseException:
         replace.abort()
         raise
