@@ -45,7 +45,22 @@ from tvlang.io.safetensors_format import (
     shard_name,
 )
 
-__all__ = ["StreamingWriter"]
+__all__ = ["StreamingWriter", "copy_model_files"]
+
+
+def copy_model_files(copy_from: str | None, directory: str) -> None:
+    """Copy the base model's config and tokenizer files (``COPIED_FILES``, ``COPIED_DIRS``)
+    from the directory ``copy_from`` into ``directory``, so the output loads with from_pretrained."""
+    if not copy_from or not os.path.isdir(copy_from):
+        return
+    for name in COPIED_FILES:
+        source = os.path.join(copy_from, name)
+        if os.path.isfile(source):
+            shutil.copyfile(source, os.path.join(directory, name))
+    for name in COPIED_DIRS:
+        source = os.path.join(copy_from, name)
+        if os.path.isdir(source):
+            shutil.copytree(source, os.path.join(directory, name))
 
 
 def _write_all(f, data: memoryview) -> None:
@@ -409,16 +424,7 @@ class StreamingWriter:
             _write_all(f, memoryview(data))
 
     def _copy_files(self) -> None:
-        if not self.copy_from or not os.path.isdir(self.copy_from):
-            return
-        for name in COPIED_FILES:
-            source = os.path.join(self.copy_from, name)
-            if os.path.isfile(source):
-                shutil.copyfile(source, os.path.join(self._replace.tmp, name))
-        for name in COPIED_DIRS:
-            source = os.path.join(self.copy_from, name)
-            if os.path.isdir(source):
-                shutil.copytree(source, os.path.join(self._replace.tmp, name))
+        copy_model_files(self.copy_from, self._replace.tmp)
 
     def abort(self) -> None:
         """Remove the temporary; the output path is left as it was."""

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -38,8 +37,6 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from tvlang.errors import TvlangError
 from tvlang.io import (
-    COPIED_DIRS,
-    COPIED_FILES,
     INDEX_NAME,
     SINGLE_NAME,
     StreamingWriter,
@@ -53,6 +50,7 @@ from tvlang.io import (
 from tvlang.io.atomic import AtomicReplace, remove
 from tvlang.io.output_paths import input_paths
 from tvlang.io.safetensors_format import build_index
+from tvlang.io.writer import copy_model_files
 from tvlang.plan.optimize import OptimizerFlags
 from tvlang.plan.records import RunSummary
 from tvlang.run.bindings import Bound, bind, protected_paths
@@ -266,20 +264,8 @@ class ShardedOutput:
                 weight_map = {info.name: shard.file for shard in self.shards for info in shard.layout}
                 with open(os.path.join(self.staging, INDEX_NAME), "wb") as f:
                     f.write(build_index(weight_map, sum(info.nbytes for info in self.layout)))
-            self._copy_files()
+            copy_model_files(self.copy_from, self.staging)
         self.replace.prepare()
-
-    def _copy_files(self) -> None:
-        if not self.copy_from or not os.path.isdir(self.copy_from):
-            return
-        for name in COPIED_FILES:
-            source = os.path.join(self.copy_from, name)
-            if os.path.isfile(source):
-                shutil.copyfile(source, os.path.join(self.staging, name))
-        for name in COPIED_DIRS:
-            source = os.path.join(self.copy_from, name)
-            if os.path.isdir(source):
-                shutil.copytree(source, os.path.join(self.staging, name))
 
     def publish(self) -> None:
         if os.path.lexists(self.target):
