@@ -81,7 +81,10 @@ def align(base: list[str], names: list[str]) -> tuple[dict[str, str], list[str]]
     rules: list[str] = []
     for _ in range(MAX_RULES):
         score = sum(new in targets for new in current)
-        if score == len(targets):
+        if score == len(targets) or score == len(current):
+            # Every base name found, or every input name already one of the base's: no rule
+            # can match more (a renaming is one-to-one, so matches never exceed the input's
+            # names), and names that line up cost one pass instead of one per candidate rule.
             break
         best = None
         ambiguous = False
