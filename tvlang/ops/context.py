@@ -45,7 +45,7 @@ class TensorContext:
     - ``device``: where the inputs live and results must be made.
     - ``reduced``: whole-model scalars computed in earlier streaming passes that
       this call asked for, under the keys of its row's
-      ``reductions`` (:class:`tvlang.language.builtins.Reduction`).
+      ``reductions`` (:class:`tvlang.language.rows.Reduction`).
     - ``num_layers``: number of layers of the model (largest layer index found
       in the tensor names, plus one; see
       :func:`tvlang.ops.select.count_layers`), or ``None`` when unknown. Only

@@ -1,0 +1,241 @@
+"""The merge operators' rows (kernels in ``tvlang/ops``, semantics in docs/operators.md),
+and the reductions and rules they share.
+
+>>> [row.name for row in OPERATORS][:4]
+['topk', 'ties', 'dare', 'dare_ties']
+>>> threshold_key(1)
+'threshold:1'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from tvlang.language.rows import Arg, Builtin, Reduction
+
+__all__ = ["OPERATORS", "threshold_key"]
+
+
+# -- what rows share: reductions and rules -------------------------------------------------
+
+def threshold_key(index: int) -> str:
+    """The ``ctx.reduced`` key of input ``index``'s whole-model magnitude threshold."""
+    return f"threshold:{index}"
+
+
+def _model_thresholds(options: Mapping[str, object], n_inputs: int) -> tuple[Reduction, ...]:
+    """``scope="model"``: the exact k-th largest ``|x|`` over every tensor of each input,
+    ``k = keep_count(density, total entries)``; the kernel keeps ``|x| >= threshold``."""
+    if options["scope"] != "model":
+        return ()
+    return tuple(
+        Reduction(threshold_key(i), "tvlang.ops.threshold:MagnitudeThreshold", (float(options["density"]),), (i,))
+        for i in range(n_inputs)
+    )
+
+
+def _one_weight_per_input(options: Mapping[str, object], n_inputs: int) -> str | None:
+    weights = options.get("weights") or ()
+    if weights and len(weights) != n_inputs:  # type: ignore[arg-type]
+        return f"option 'weights' has {len(weights)} values for {n_inputs} inputs"  # type: ignore[arg-type]
+    return None
+
+
+def _della_keep_probabilities(options: Mapping[str, object], n_inputs: int) -> str | None:
+    """Keep probabilities span density -/+ epsilon: they must stay in (0, 1]."""
+    if "density" not in options:
+        return None
+    density, epsilon = float(options["density"]), float(options["epsilon"])  # type: ignore[arg-type]
+    if 0.0 < density < 1.0 and (density - epsilon <= 0.0 or density + epsilon > 1.0):
+        return (f"density - epsilon must be > 0 and density + epsilon <= 1 "
+                f"(got density={density:g}, epsilon={epsilon:g})")
+    return None
+
+
+def _values_not_empty(options: Mapping[str, object], n_inputs: int) -> str | None:
+    return "the list of values is empty" if "values" in options and not options["values"] else None
+
+
+def _glob_pattern(options: Mapping[str, object], n_inputs: int) -> str | None:
+    pattern = options.get("pattern")
+    if "pattern" in options and (not isinstance(pattern, str) or not pattern.strip("| ")):
+        return f"the pattern must be a non-empty glob string, got {pattern!r}"
+    return None
+
+
+# -- merge operators (kernels in tvlang/ops, semantics in docs/operators.md) ------------------
+
+_FRACTION = (0.0, 1.0)
+_SCOPE = ("tensor", "model")
+
+_TIES_SHARED = (
+    Arg("elect", "string", "total", ("total", "frequency"),
+        "sign election: 'total' = sign of the sum of the values (TIES 'mass'), "
+        "'frequency' = sign held by more inputs; an exact tie elects +"),
+    Arg("merge", "string", "mean", ("mean", "sum", "weighted_mean"),
+        "disjoint merge of the entries that agree with the elected sign: 'mean' divides "
+        "by how many agree (TIES, PEFT), 'sum' does not divide (mergekit normalize: false), "
+        "'weighted_mean' divides by the sum of the agreeing inputs' weights (mergekit "
+        "normalize: true)"),
+    Arg("weights", "list", (),
+        doc="per-input weights applied after pruning (PEFT/mergekit style); empty = weights "
+            "written into the arguments (ties(0.4*a, 0.6*b))"),
+    Arg("elect_on", "string", "weighted", ("weighted", "unweighted"),
+        "elect signs on the weighted values (mergekit) or the unweighted ones (PEFT); "
+        "only matters with weights=[...]"),
+)
+
+OPERATORS = (
+    Builtin(
+        "topk",
+        params=(Arg("delta", "delta"), Arg("density", "scalar", range=_FRACTION)),
+        options=(Arg("scope", "string", "tensor", _SCOPE,
+                     "rank magnitudes within each tensor, or over the whole model"),),
+        result="delta",
+        summary="magnitude pruning: keep the density fraction of entries with the largest |x|",
+        reference="TIES-Merging trim step; PEFT magnitude_prune; mergekit sparsify magnitude",
+        kernel="tvlang.ops.prune:topk",
+        chunk_form="tvlang.ops.chunks:topk_chunks",
+        multipass=True,
+        reductions=_model_thresholds,
+    ),
+    Builtin(
+        "ties",
+        variadic=Arg("delta", "delta"),
+        min_variadic=1,
+        options=(
+            Arg("density", "scalar", 0.2, doc="fraction of entries of each input kept by magnitude", range=_FRACTION),
+            *_TIES_SHARED,
+            Arg("scope", "string", "tensor", _SCOPE,
+                "trim within each tensor (PEFT, mergekit) or over the whole model (TIES paper)"),
+        ),
+        result="delta",
+        summary="TIES-Merging: trim by magnitude, elect a sign per entry, disjoint merge",
+        reference="Yadav et al. 2023 (ties-merging code); PEFT ties; mergekit ties",
+        kernel="tvlang.ops.ties:ties",
+        chunk_form="tvlang.ops.chunks:ties_chunks",
+        multipass=True,
+        reductions=_model_thresholds,
+        rules=(_one_weight_per_input,),
+    ),
+    Builtin(
+        "dare",
+        params=(Arg("delta", "delta"), Arg("p", "scalar", range=_FRACTION)),
+        options=(
+            Arg("seed", "int", 0.0, doc="random seed; masks depend on (seed, tensor name) only"),
+            Arg("rescale", "bool", True, doc="divide kept entries by 1 - p"),
+        ),
+        result="delta",
+        summary="DARE: drop each entry with probability p, rescale the rest by 1/(1-p)",
+        reference="Yu et al. 2024 (DARE); PEFT random prune with density = 1 - p",
+        kernel="tvlang.ops.dare:dare",
+        chunk_form="tvlang.ops.chunks:dare_chunks",
+    ),
+    Builtin(
+        "dare_ties",
+        variadic=Arg("delta", "delta"),
+        min_variadic=1,
+        options=(
+            Arg("p", "scalar", doc="drop probability of each entry", range=_FRACTION),
+            Arg("seed", "int", 0.0),
+            Arg("rescale", "bool", True),
+            *_TIES_SHARED,
+        ),
+        result="delta",
+        summary="DARE on each input, then TIES sign election and disjoint merge",
+        reference="PEFT dare_ties; mergekit dare_ties (merge='sum' there by default)",
+        kernel="tvlang.ops.ties:dare_ties",
+        chunk_form="tvlang.ops.chunks:dare_ties_chunks",
+        rules=(_one_weight_per_input,),
+    ),
+    Builtin(
+        "breadcrumbs",
+        params=(Arg("delta", "delta"), Arg("density", "scalar", range=_FRACTION)),
+        options=(Arg("gamma", "scalar", 0.01, doc="fraction of largest-magnitude entries dropped", range=_FRACTION),),
+        result="delta",
+        summary="Model Breadcrumbs: drop the largest gamma fraction and keep the next density fraction",
+        reference="Davari & Belilovsky 2023; mergekit magnitude_outliers (without its small-tensor bug)",
+        kernel="tvlang.ops.prune:breadcrumbs",
+        chunk_form="tvlang.ops.chunks:breadcrumbs_chunks",
+        multipass=True,
+    ),
+    Builtin(
+        "della",
+        variadic=Arg("delta", "delta"),
+        min_variadic=1,
+        options=(
+            Arg("density", "scalar", doc="mean keep probability", range=_FRACTION),
+            Arg("epsilon", "scalar", 0.15, doc="keep probabilities span density -/+ epsilon by magnitude rank",
+                range=(0.0, 0.5)),
+            Arg("lambda", "scalar", 1.0, doc="scale applied to the merged result"),
+            Arg("seed", "int", 0.0),
+            Arg("rescale", "bool", True, doc="divide kept entries by their keep probability"),
+            Arg("elect", "string", "total", ("total", "frequency", "none"),
+                "sign election as in ties; 'none' merges without election (della_linear)"),
+            *_TIES_SHARED[1:],
+        ),
+        result="delta",
+        summary="DELLA: magnitude-ranked keep probabilities, rescale, elect, merge",
+        reference="Deep et al. 2024 (DELLA-Merging); mergekit della",
+        kernel="tvlang.ops.ties:della",
+        rules=(_one_weight_per_input, _della_keep_probabilities),
+    ),
+    Builtin(
+        "slerp",
+        params=(Arg("a", "vector"), Arg("b", "vector"), Arg("t", "scalar")),
+        result="same",
+        summary="spherical interpolation per tensor; linear when nearly colinear",
+        reference="mergekit slerp (DOT_THRESHOLD 0.9995)",
+        kernel="tvlang.ops.slerp:slerp",
+    ),
+    Builtin(
+        "model_stock",
+        params=(Arg("base", "model"),),
+        variadic=Arg("model", "model"),
+        min_variadic=2,
+        result="model",
+        summary="Model Stock: t*average + (1-t)*base with t from the angle between fine-tunes",
+        reference="Jang et al. 2024 (Model Stock); mergekit model_stock",
+        kernel="tvlang.ops.stock:model_stock",
+    ),
+    Builtin(
+        "random_like",
+        params=(Arg("delta", "delta"),),
+        options=(Arg("seed", "int", 0.0),),
+        result="delta",
+        summary="Gaussian noise with the same Frobenius norm as each tensor",
+        reference="Ilharco et al. 2023 (random task vector baseline)",
+        kernel="tvlang.ops.dare:random_like",
+    ),
+    Builtin(
+        "select",
+        params=(Arg("delta", "delta"), Arg("pattern", "string")),
+        result="delta",
+        summary="keep tensors whose name matches a glob ('a*|b*' for several), zero the rest",
+        reference="tvlang",
+        kernel="tvlang.ops.select:select",
+        elementwise=True,
+        rules=(_glob_pattern,),
+    ),
+    Builtin(
+        "pick",
+        params=(Arg("pattern", "string"), Arg("a", "vector"), Arg("b", "vector")),
+        result="same",
+        summary="per tensor: a where the name matches the glob, else b",
+        reference="tvlang (mergekit slices/filters)",
+        kernel="tvlang.ops.select:pick",
+        elementwise=True,
+        rules=(_glob_pattern,),
+    ),
+    Builtin(
+        "schedule",
+        params=(Arg("delta", "delta"), Arg("values", "list")),
+        options=(Arg("default", "scalar", 1.0, doc="scale of tensors with no layer index"),),
+        result="delta",
+        summary="scale each tensor by a value interpolated over its layer index",
+        reference="mergekit gradient parameters",
+        kernel="tvlang.ops.select:schedule",
+        elementwise=True,
+        rules=(_values_not_empty,),
+    ),
+)
