@@ -40,6 +40,8 @@ tvlang.errors.TvlangError: error: ties: option 'density' must be in [0, 1], got 
 
 from __future__ import annotations
 
+from tvlang.language.geometry import GEOMETRY
+from tvlang.language.lowrank import LOWRANK
 from tvlang.language.operators import OPERATORS, threshold_key
 from tvlang.language.rows import (
     BUILTINS,
@@ -132,4 +134,4 @@ CORE = (
 )
 
 
-register(*CORE, *OPERATORS)
+register(*CORE, *OPERATORS, *GEOMETRY, *LOWRANK)
