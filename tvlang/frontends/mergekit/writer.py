@@ -1,0 +1,115 @@
+"""The recipe's text: header comments, one ``load`` per model with where its values came
+from, the notes, and the output expression laid out within the line width."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from typing import TYPE_CHECKING
+
+from tvlang.frontends.mergekit.expressions import _call, _show
+from tvlang.frontends.mergekit.spec import MERGEKIT_VERSION, _Input
+from tvlang.language import ast
+from tvlang.language.printer import to_text
+
+if TYPE_CHECKING:
+    from tvlang.frontends.mergekit.config import _Merge
+
+_WIDTH = 96  # recipe lines longer than this are broken at a call's arguments
+
+
+def _write(merge: _Merge) -> str:
+    out = merge.method.translate(merge)
+    source = merge.source
+    lines: list[str] = []
+    title = os.path.basename(source.filename) if source.filename else "A mergekit config"
+    lines.append(f"# {title} as a tvlang recipe (tvlang import, mergekit {MERGEKIT_VERSION} semantics).")
+    lines += _comment(f"merge_method: {merge.method.name} -- {merge.method.title}")
+    where = f"keep the recipe next to {title}" if source.filename else "keep the recipe in that directory"
+    lines += _comment("load() paths are relative to this file, as mergekit's are to the directory it runs in: "
+                      + where + ".")
+    for note in merge.header:
+        lines += _comment(note)
+    lines.append("")
+
+    reads = sorted(merge.inputs, key=lambda i: (i is not merge.base, merge.inputs.index(i)))
+    statements = [(f"{i.name} = {to_text(_call('load', [ast.String(i.path)]))}", _describe(merge, i)) for i in reads]
+    statements += [(f"{name} = {to_text(value)}", comment) for name, value, comment in out.extra]
+    width = max(len(s) for s, _ in statements)
+    for statement, comment in statements:
+        lines.append(f"{statement:<{width}}  # {comment}" if comment else statement)
+    lines.append("")
+    for note in out.notes:
+        if note:
+            lines += _comment(note)
+    lines.append(_layout("out = ", out.expr))
+    return "\n".join(lines) + "\n"
+
+
+def _describe(merge: _Merge, item: _Input) -> str:
+    label = "base_model" if item is merge.base and item.index is None else item.label
+    if item is merge.base and item.index is not None:
+        label += " (base_model)"
+    by_origin: dict[str, list[str]] = {}
+    for name, value in item.values.items():
+        if name == "scale" and value is None:
+            continue
+        by_origin.setdefault(item.origins[name], []).append(f"{name} {_show(value)}")
+    parts = [f"{', '.join(values)} ({origin})" for origin, values in by_origin.items()]
+    return label + (": " + "; ".join(parts) if parts else "")
+
+
+def _comment(text: str) -> list[str]:
+    return textwrap.wrap(text, width=_WIDTH, initial_indent="# ", subsequent_indent="#   ",
+                         break_long_words=False, break_on_hyphens=False)
+
+
+def _layout(head: str, expr: ast.Expr) -> str:
+    """``head + expr`` on one line when it fits; else a long sum one term per line, or the
+    widest call's arguments one per line."""
+    text = head + to_text(expr)
+    if len(text) <= _WIDTH:
+        return text
+    terms = _terms(expr)
+    lines = [f"    {sign + ' ' if sign else ''}{term}" for sign, term in terms]
+    if len(terms) > 2 and all(len(line) <= _WIDTH for line in lines):
+        return head + "(\n" + "\n".join(lines) + "\n)"
+    calls = [n for n in ast.walk(expr) if isinstance(n, ast.Call) and len(n.args) + len(n.kwargs) > 1]
+    if not calls:
+        return text
+    widest = max(calls, key=lambda c: len(to_text(c)))
+    marker = "__tvlang_call__"
+    outer = to_text(_replace(expr, widest, ast.Name(marker)))
+    inner = [to_text(a) + "," for a in widest.args]
+    options = ", ".join(to_text(k) for k in widest.kwargs)
+    if options:
+        inner.append(options + ",")
+    body = f"{widest.func}(\n" + "".join(f"    {part}\n" for part in inner) + ")"
+    return head + outer.replace(marker, body)
+
+
+def _terms(expr: ast.Expr) -> list[tuple[str, str]]:
+    """A chain ``a + b - (c - d)`` as ``[("", "a"), ("+", "b"), ("-", "(c - d)")]``."""
+    terms: list[tuple[str, str]] = []
+    node = expr
+    while isinstance(node, ast.BinOp) and node.op in "+-":
+        right = to_text(node.right)
+        if isinstance(node.right, ast.BinOp) and node.right.op in "+-":
+            right = f"({right})"
+        terms.append((node.op, right))
+        node = node.left
+    terms.append(("", to_text(node)))
+    return terms[::-1]
+
+
+def _replace(node: ast.Expr, old: ast.Expr, new: ast.Expr) -> ast.Expr:
+    if node is old:
+        return new
+    if isinstance(node, ast.BinOp):
+        return ast.BinOp(node.op, _replace(node.left, old, new), _replace(node.right, old, new))
+    if isinstance(node, ast.Neg):
+        return ast.Neg(_replace(node.operand, old, new))
+    if isinstance(node, ast.Call):
+        return ast.Call(node.func, tuple(_replace(a, old, new) for a in node.args),
+                        tuple(ast.Keyword(k.name, _replace(k.value, old, new)) for k in node.kwargs))
+    return node
