@@ -28,15 +28,15 @@ import math
 from dataclasses import dataclass, field
 
 from tvlang.errors import Span, TvlangError
-from tvlang.language import ast, constants
-from tvlang.language.builtins import BUILTINS, Arg, Builtin
+from tvlang.language import affine, ast, constants
+from tvlang.language.arguments import ArgumentChecks
+from tvlang.language.builtins import BUILTINS
 from tvlang.language.calls import (
     _UNKNOWN,
     BoundCall,
     _bind,
     _describe,
     _format_weight,
-    _kind_word,
     _Other,
     _Scalar,
     _suggest,
@@ -82,7 +82,7 @@ class _Binding:
     line: int | None
 
 
-class _Checker:
+class _Checker(ArgumentChecks):
     def __init__(self, program: ast.Program, source: str, filename: str | None, sources, params, *,
                  require_output: bool = True, scalar_outputs: bool = False) -> None:
         self.program = program
@@ -230,7 +230,7 @@ class _Checker:
         message = (
             f"{prefix}model coefficients sum to {_format_weight(t.weight)}; a model needs 1 and a task vector 0"
         )
-        fixed = self.affine_fix(expr)
+        fixed = affine.suggest_fix(expr, self.types)
         if fixed is not None:
             notes = (f"note: scale task vectors, not models: {to_text(fixed)}",)
         else:
@@ -239,91 +239,6 @@ class _Checker:
                 "a task vector is a difference of models (ft - pre)",
             )
         self.error(message, expr, notes)
-
-    # -- the affine fix: each scaled model term c*m becomes c*(m - base)
-
-    def affine_fix(self, expr: ast.Expr) -> ast.Expr | None:
-        terms: list[ast.Expr] = []
-        stack = [expr]
-        while stack:  # the terms of the top-level sum, left to right
-            node = stack.pop()
-            if isinstance(node, ast.BinOp) and node.op in "+-":
-                stack.extend((node.right, node.left))
-            elif isinstance(node, ast.Neg):
-                stack.append(node.operand)
-            else:
-                terms.append(node)
-        base = next(
-            (
-                term
-                for term in terms
-                if not isinstance(term, ast.BinOp)
-                and isinstance(self.types.get(id(term)), _Vector)
-                and _vector_kind(self.types[id(term)].weight) == "model"
-            ),
-            None,
-        )
-        if base is None:
-            return None
-
-        def is_model(node) -> bool:
-            t = self.types.get(id(node))
-            return isinstance(t, _Vector) and _vector_kind(t.weight) == "model"
-
-        def is_constant(node) -> bool:
-            t = self.types.get(id(node))
-            return isinstance(t, _Scalar) and t.value is not None
-
-        changed = False
-
-        def fix(node) -> Frame:
-            nonlocal changed
-            if isinstance(node, ast.BinOp) and node.op in "+-":
-                return ast.BinOp(node.op, (yield fix(node.left)), (yield fix(node.right)))
-            if isinstance(node, ast.Neg):
-                return ast.Neg((yield fix(node.operand)))
-            if isinstance(node, ast.BinOp):
-                left, right = node.left, node.right
-                if node.op == "*" and is_constant(left) and is_model(right):
-                    changed = True
-                    return ast.BinOp("*", left, ast.BinOp("-", right, base))
-                if node.op in "*/" and is_model(left) and is_constant(right):
-                    changed = True
-                    return ast.BinOp(node.op, ast.BinOp("-", left, base), right)
-            return node
-
-        fixed = trampoline(fix(expr))
-        if not changed:
-            return None
-        weight = trampoline(self.weight_of(fixed))
-        if weight is None or _vector_kind(weight) is None:
-            return None
-        return fixed
-
-    def weight_of(self, node) -> Frame:
-        """The affine weight of ``node`` (float or None), from the types found while checking."""
-        t = self.types.get(id(node))
-        if isinstance(t, _Vector):
-            return t.weight
-        if isinstance(node, ast.Neg):
-            inner = yield self.weight_of(node.operand)
-            return None if inner is None else -inner
-        if isinstance(node, ast.BinOp):
-            if node.op in "+-":
-                left, right = (yield self.weight_of(node.left)), (yield self.weight_of(node.right))
-                if left is None or right is None:
-                    return None
-                return left + right if node.op == "+" else left - right
-            left_t, right_t = self.types.get(id(node.left)), self.types.get(id(node.right))
-            if node.op == "*" and isinstance(left_t, _Scalar) and left_t.value is not None:
-                inner = yield self.weight_of(node.right)
-                return None if inner is None else inner * left_t.value
-            if isinstance(right_t, _Scalar) and right_t.value:  # m*c or m/c, c a nonzero constant
-                inner = yield self.weight_of(node.left)
-                if inner is None:
-                    return None
-                return inner * right_t.value if node.op == "*" else inner / right_t.value
-        return None
 
     # -- expressions
 
@@ -489,107 +404,6 @@ class _Checker:
             else:
                 vector_kinds.append((index, kind))
         return self.call_result(call, row, ok, [k for _, k in vector_kinds])
-
-    def call_result(self, call: ast.Call, row: Builtin, ok: bool, kinds: list[str]):
-        if row.result == "model":
-            return _Vector(1.0)
-        if row.result == "delta":
-            return _Vector(0.0)
-        if row.result == "scalar":
-            return _Scalar(None)
-        if row.result != "same":
-            raise TypeError(f"built-in {row.name!r} has unknown result {row.result!r}")
-        if not ok:
-            return _UNKNOWN
-        if "model" in kinds and "delta" in kinds:
-            return self.error(
-                f"the arguments of {row.name}() must be all models or all task vectors, "
-                f"got a model (argument {kinds.index('model') + 1}) "
-                f"and a task vector (argument {kinds.index('delta') + 1})",
-                call,
-            )
-        return _Vector(0.0 if kinds and kinds[0] == "delta" else 1.0)
-
-    def check_argument(self, row: Builtin, arg: Arg, value: ast.Expr, label: str) -> Frame:
-        """Check one argument; its kind ("model", "delta", "scalar", ...) or None after an error."""
-        kind = arg.kind
-        if kind == "string":
-            if not isinstance(value, ast.String):
-                yield self.type_of(value)
-                self.error(f"{label} must be a string in quotes", value)
-                return None
-            if arg.choices is not None and value.value not in arg.choices:
-                options = ", ".join(f"'{c}'" for c in arg.choices)
-                self.error(
-                    f"{label} must be one of {options}, got '{value.value}'{_suggest(value.value, arg.choices)}",
-                    value,
-                )
-                return None
-            return "string"
-        if kind == "bool":
-            if not isinstance(value, ast.Bool):
-                yield self.type_of(value)
-                self.error(f"{label} must be true or false", value)
-                return None
-            return "bool"
-        if kind == "list":
-            if not isinstance(value, ast.ListExpr):
-                yield self.type_of(value)
-                self.error(f"{label} must be a list of numbers, like [0.2, 0.5, 1]", value)
-                return None
-            good = True
-            for item in value.items:
-                if not (yield from self.constant(item, f"item of {label}")):
-                    good = False
-            return "list" if good else None
-        if kind in ("scalar", "int"):
-            if not (yield from self.constant(value, label)):
-                return None
-            if kind == "int" and not float(self.types[id(value)].value).is_integer():
-                self.error(f"{label} must be a whole number", value)
-                return None
-            return "scalar"
-        if kind not in ("model", "delta", "vector"):
-            raise TypeError(f"built-in {row.name!r} has an argument of unknown kind {kind!r}")
-        t = yield self.type_of(value)
-        if t is _UNKNOWN:
-            return None
-        if not isinstance(t, _Vector):
-            wanted = {"model": "a model", "delta": "a task vector", "vector": "a model or a task vector"}[kind]
-            self.error(f"{label} must be {wanted}, got {_describe(t)}", value)
-            return None
-        got = _vector_kind(t.weight)
-        if got is None:
-            self.affine_error(value, t, f"{label}: ")
-            return None
-        if kind != "vector" and got != kind:
-            note = row.kind_hint(got)
-            if note is None:
-                note = (
-                    "a task vector is a difference of models: subtract the base (ft - pre)"
-                    if kind == "delta"
-                    else "add the task vector to a base model: pre + tau"
-                )
-            self.error(f"{label} must be {_kind_word(kind)}, got {_kind_word(got)}", value, (f"note: {note}",))
-            return None
-        return got
-
-    def constant(self, value: ast.Expr, label: str) -> Frame:
-        """Whether ``value`` is a number known before the run (an error says why not)."""
-        t = yield self.type_of(value)
-        if t is _UNKNOWN:
-            return False
-        if isinstance(t, _Scalar) and t.value is not None:
-            return True
-        if isinstance(t, _Scalar):
-            self.error(
-                f"{label} must be a number known before the run (a literal, a param, or arithmetic on them); "
-                "this one is computed from weights",
-                value,
-            )
-        else:
-            self.error(f"{label} must be a number, got {_describe(t)}", value)
-        return False
 
 
 def check(
