@@ -278,6 +278,81 @@ def test_sigint_to_a_running_process(ckpt, tmp_path):
     assert_nothing_written(out)
 
 
+def _slow_run_script(out, paths, *, slow_abort: bool = False) -> str:
+    """A child that runs EXPR with the writer slowed down (and, if asked, its cleanup too:
+    it writes ``<out>.aborting`` when the cleanup starts, then takes a second)."""
+    return textwrap.dedent(f"""
+        import sys, time
+        import tvlang.io.writer as writer
+        import tvlang.io.atomic as atomic
+        real = writer._write_all
+        def slow(f, data):
+            time.sleep(0.05)
+            real(f, data)
+        writer._write_all = slow
+        if {slow_abort!r}:
+            real_abort = atomic.AtomicReplace.abort
+            def slow_abort(self):
+                open({str(out) + ".aborting"!r}, "w").close()
+                time.sleep(1.0)
+                real_abort(self)
+            atomic.AtomicReplace.abort = slow_abort
+        from tvlang.faces.cli import main
+        sys.exit(main({["run", "-e", EXPR, *binds(paths), "-o", str(out), "-q"]!r}))
+    """)
+
+
+def _start_and_wait_for_writing(script, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not [f for f in os.listdir(tmp_path) if "tvtmp" in f]:  # writing has started
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return proc
+
+
+def test_sigterm_cleans_up_like_sigint(ckpt, tmp_path):
+    """0.2 died on SIGTERM with its temporary left beside the output."""
+    paths, _ = ckpt
+    out = tmp_path / "out"
+    proc = _start_and_wait_for_writing(_slow_run_script(out, paths), tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1, stderr.decode()
+    assert stderr.decode().strip() == "tvlang: terminated (SIGTERM); nothing was written"
+    assert_nothing_written(out)
+
+
+def test_second_ctrl_c_during_cleanup_lets_it_finish(ckpt, tmp_path):
+    """0.2 exited 130 with a traceback when a second Ctrl-C cut the first one's cleanup short."""
+    paths, _ = ckpt
+    out = tmp_path / "out"
+    proc = _start_and_wait_for_writing(_slow_run_script(out, paths, slow_abort=True), tmp_path)
+    proc.send_signal(signal.SIGINT)
+    marker = tmp_path / "out.aborting"
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)  # lands while the cleanup sleeps
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1, stderr.decode()
+    assert stderr.decode().strip() == "tvlang: interrupted; nothing was written"
+    marker.unlink()
+    assert_nothing_written(out)
+
+
+def test_signals_are_restored_after_a_command(ckpt, tmp_path, capsys):
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    paths, _ = ckpt
+    code, _ = run_cli(capsys, "-e", EXPR, *binds(paths), "-o", str(tmp_path / "o.safetensors"))
+    assert code == 0
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
 # -- options and bindings ----------------------------------------------------------------------
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from tvlang import __version__
 from tvlang.errors import TvlangError
 from tvlang.faces.commands import bases, check, explain, import_, repl, run, similarity
 from tvlang.faces.commands.args import UsageError
+from tvlang.faces.interrupts import Interrupted, interrupts_raise
 
 # Each subcommand's module has register(subparsers); this order is the order of ``tvlang --help``.
 # A command named by a Python keyword lives in a module with a trailing _ (import_).
@@ -44,16 +46,21 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # The REPL reads Ctrl-C as "cancel this line"; every other command stops cleanly on
+    # SIGINT or SIGTERM, and a second signal does not cut the first one's cleanup short.
+    guard = interrupts_raise() if args.command != "repl" else contextlib.nullcontext()
     try:
-        return int(args.func(args) or 0)
+        with guard:
+            return int(args.func(args) or 0)
     except UsageError as exc:
         print(f"tvlang {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except TvlangError as exc:
         print(exc.render(), file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("tvlang: interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        reason = exc.reason if isinstance(exc, Interrupted) else "interrupted"
+        print(f"tvlang: {reason}; nothing was written", file=sys.stderr)
         return 1
     except BrokenPipeError:
         return 1
