@@ -37,8 +37,10 @@ def test_topk_hand_computed():
     assert torch.equal(topk([x], ctx(), density=0.2), T([[0.0, -3.0, 0.0], [0.0, 0.0, 0.0]]))
 
 
-def test_topk_keeps_ties_at_threshold_and_zero_tensors():
-    assert torch.equal(topk([T([1.0, -1.0, 1.0, 0.5])], ctx(), density=0.25), T([1.0, -1.0, 1.0, 0.0]))
+def test_topk_breaks_ties_at_threshold_by_position_and_zero_tensors():
+    # k = 1 of three entries tied at |x| = 1: the first in flat order stays
+    assert torch.equal(topk([T([1.0, -1.0, 1.0, 0.5])], ctx(), density=0.25), T([1.0, 0.0, 0.0, 0.0]))
+    assert torch.equal(topk([T([0.5, -1.0, 1.0, 1.0])], ctx(), density=0.5), T([0.0, -1.0, 1.0, 0.0]))
     assert torch.equal(topk([torch.zeros(4)], ctx(), density=0.5), torch.zeros(4))
     assert torch.equal(topk([T([-7.0])], ctx(), density=1.0), T([-7.0]))
     assert torch.equal(topk([T([-7.0])], ctx(), density=0.9), T([0.0]))
@@ -81,11 +83,15 @@ def test_breadcrumbs_outliers_give_way_to_density():
 
 
 def test_breadcrumbs_ties():
-    # all four equal: the outlier cut (>= 1) takes every entry tied with the largest
-    assert torch.equal(breadcrumbs([torch.ones(4)], ctx(), density=0.5, gamma=0.25), torch.zeros(4))
-    # ties at the lower cut are kept
+    # all four equal, ranked by position: the first is the outlier, the next two are kept
+    assert torch.equal(breadcrumbs([torch.ones(4)], ctx(), density=0.5, gamma=0.25), T([0.0, 1.0, 1.0, 0.0]))
+    # ties at the lower cut: only the first one
     x = T([3.0, 1.0, -1.0, 0.5])
-    assert torch.equal(breadcrumbs([x], ctx(), density=0.25, gamma=0.25), T([0.0, 1.0, -1.0, 0.0]))
+    assert torch.equal(breadcrumbs([x], ctx(), density=0.25, gamma=0.25), T([0.0, 1.0, 0.0, 0.0]))
+    # ties at the outlier cut: the first ones are the outliers, the later ones are kept
+    x = T([2.0, -2.0, 2.0, 1.0, 0.5])
+    assert torch.equal(breadcrumbs([x], ctx(), density=0.4, gamma=0.2), T([0.0, -2.0, 2.0, 0.0, 0.0]))
+    assert torch.equal(breadcrumbs([x], ctx(), density=0.6, gamma=0.4), T([0.0, 0.0, 2.0, 1.0, 0.5]))
 
 
 

@@ -90,9 +90,9 @@ def test_elected_sign_zero_picks_plus():
     assert torch.equal(run([[2.0, -3.0], [-2.0, 3.0]], density=1.0, elect="frequency"), T([2.0, 3.0]))
 
 
-def test_ties_at_the_threshold_are_all_kept():
-    # density .25 of 4 keeps k=1, but -2 and 2 tie for the largest magnitude: both stay
-    assert torch.equal(run([[1.0, -2.0, 2.0, 0.5]], density=0.25), T([0.0, -2.0, 2.0, 0.0]))
+def test_ties_at_the_threshold_are_broken_by_position():
+    # density .25 of 4 keeps k=1; -2 and 2 tie for the largest magnitude: the first stays
+    assert torch.equal(run([[1.0, -2.0, 2.0, 0.5]], density=0.25), T([0.0, -2.0, 0.0, 0.0]))
 
 
 def test_density_zero_and_one():
@@ -201,8 +201,11 @@ def _reference_ties(xs, density, elect, merge, weights, elect_on):
         if k == 0:
             trimmed.append(torch.zeros_like(x))
             continue
-        t = torch.sort(x.abs().reshape(-1), descending=True).values[k - 1]
-        trimmed.append(torch.where(x.abs() >= t, x, torch.zeros_like(x)))
+        # exactly k: a stable descending sort ranks equal magnitudes by position
+        keep = torch.sort(x.abs().reshape(-1), descending=True, stable=True).indices[:k]
+        mask = torch.zeros(n)
+        mask[keep] = 1.0
+        trimmed.append(x * mask.view(x.shape))
     p = torch.stack(trimmed).double()
     wt = torch.tensor(w, dtype=torch.float64).view(-1, *([1] * xs[0].dim()))
     v = p * wt

@@ -29,7 +29,8 @@ def _model_thresholds(options: Mapping[str, object], n_inputs: int) -> tuple[Red
     if options["scope"] != "model":
         return ()
     return tuple(
-        Reduction(threshold_key(i), "tvlang.ops.threshold:MagnitudeThreshold", (float(options["density"]),), (i,))
+        Reduction(threshold_key(i), "tvlang.ops.threshold:MagnitudeThreshold",
+                  (float(options["density"]), str(options["count"])), (i,))
         for i in range(n_inputs)
     )
 
@@ -67,6 +68,10 @@ def _glob_pattern(options: Mapping[str, object], n_inputs: int) -> str | None:
 
 _FRACTION = (0.0, 1.0)
 _SCOPE = ("tensor", "model")
+_COUNT = Arg("count", "string", "floor", ("floor", "mergekit"),
+             "how many entries a density keeps: 'floor' = floor(density*n) (a product within 1e-6 of an "
+             "integer counts as it), 'mergekit' = mergekit 0.1.5's rule (max(1, int(density*n)) for "
+             "topk/ties, int(density*n) for breadcrumbs and sce)")
 
 _TIES_SHARED = (
     Arg("elect", "string", "total", ("total", "frequency"),
@@ -90,7 +95,7 @@ OPERATORS = (
         "topk",
         params=(Arg("delta", "delta"), Arg("density", "scalar", range=_FRACTION)),
         options=(Arg("scope", "string", "tensor", _SCOPE,
-                     "rank magnitudes within each tensor, or over the whole model"),),
+                     "rank magnitudes within each tensor, or over the whole model"), _COUNT),
         result="delta",
         summary="magnitude pruning: keep the density fraction of entries with the largest |x|",
         reference="TIES-Merging trim step; PEFT magnitude_prune; mergekit sparsify magnitude",
@@ -108,6 +113,7 @@ OPERATORS = (
             *_TIES_SHARED,
             Arg("scope", "string", "tensor", _SCOPE,
                 "trim within each tensor (PEFT, mergekit) or over the whole model (TIES paper)"),
+            _COUNT,
         ),
         result="delta",
         summary="TIES-Merging: trim by magnitude, elect a sign per entry, disjoint merge",
@@ -151,10 +157,11 @@ OPERATORS = (
     Builtin(
         "breadcrumbs",
         params=(Arg("delta", "delta"), Arg("density", "scalar", range=_FRACTION)),
-        options=(Arg("gamma", "scalar", 0.01, doc="fraction of largest-magnitude entries dropped", range=_FRACTION),),
+        options=(Arg("gamma", "scalar", 0.01, doc="fraction of largest-magnitude entries dropped", range=_FRACTION),
+                 _COUNT),
         result="delta",
         summary="Model Breadcrumbs: drop the largest gamma fraction and keep the next density fraction",
-        reference="Davari & Belilovsky 2023; mergekit magnitude_outliers (without its small-tensor bug)",
+        reference="Davari & Belilovsky 2023; mergekit magnitude_outliers",
         kernel="tvlang.ops.prune:breadcrumbs",
         chunk_form="tvlang.ops.chunks:breadcrumbs_chunks",
         multipass=True,

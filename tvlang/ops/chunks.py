@@ -12,9 +12,12 @@ numbers are known:
   whole-tensor kernel's shared stream would be when it reaches that input;
 - ``ties``, ``topk``, ``breadcrumbs``: the per-tensor magnitude thresholds are found
   first, exactly, by a radix select over the chunks in two passes
-  (:class:`tvlang.ops.threshold.RadixSelect`): the same thresholds as the
-  whole-tensor kernels, so the same results. With ``scope="model"`` the
-  thresholds come from the earlier whole-model passes and no pass is needed.
+  (:class:`tvlang.ops.threshold.RadixSelect`), with how many entries tied at each
+  threshold the top ``k`` hold: the same thresholds as the whole-tensor kernels,
+  and the same tie-break (the first tied entries in flat order, counted across
+  chunks by a :class:`tvlang.ops.common.TieWindow`), so the same results. With
+  ``scope="model"`` the thresholds come from the earlier whole-model passes and no
+  pass is needed.
 
 The protocol (tvlang/ops/registry.py): ``CHUNKED[name](ctx, numel, n_inputs, dtype,
 **options)`` returns a chunk kernel, or ``None`` where the options need the whole
@@ -39,10 +42,10 @@ from collections.abc import Sequence
 
 import torch
 
-from tvlang.ops.common import chunk_form_of, keep_count, scratch
+from tvlang.ops.common import TieWindow, chunk_form_of, keep_count, scratch
 from tvlang.ops.context import TensorContext
 from tvlang.ops.dare import Dropper
-from tvlang.ops.prune import model_threshold, trim
+from tvlang.ops.prune import breadcrumb_counts, breadcrumb_windows, model_threshold, trim
 from tvlang.ops.threshold import RadixSelect
 from tvlang.ops.ties import sign_merge
 
@@ -87,6 +90,7 @@ class _Thresholds(ChunkKernel):
         self.selects = [RadixSelect() for _ in range(n_inputs)] if self.ranks else []
         self.passes = 2 if self.ranks else 0
         self.values: list[dict[int, float]] = [{} for _ in range(n_inputs)]
+        self.splits: list[dict[int, tuple[int, int]]] = [{} for _ in range(n_inputs)]
 
     def observe(self, pass_index: int, pieces: list[torch.Tensor]) -> None:
         for select, x in zip(self.selects, pieces):
@@ -99,6 +103,7 @@ class _Thresholds(ChunkKernel):
                     select.want(k)
                 else:
                     self.values[i][k] = select.value(k)
+                    self.splits[i][k] = select.tied(k)
 
     def kth(self, i: int, k: int) -> float:
         """The k-th largest magnitude of input ``i`` (``0`` for ``k >= numel``, ``inf`` for ``k == 0``)."""
@@ -107,6 +112,19 @@ class _Thresholds(ChunkKernel):
         if k >= self.numel:
             return 0.0
         return self.values[i][k]
+
+    def split(self, i: int, k: int) -> tuple[int, int]:
+        """``(need, tied)`` at the k-th largest magnitude of input ``i`` (:meth:`RadixSelect.tied`)."""
+        return self.splits[i][k] if 0 < k < self.numel else (0, 0)
+
+    def window(self, i: int, k: int) -> TieWindow | None:
+        """The tie-break at the k-th largest magnitude of input ``i``, or ``None`` when every
+        tied entry is kept anyway."""
+        t = self.kth(i, k)
+        if not 0.0 < t < math.inf:
+            return None
+        need, tied = self.split(i, k)
+        return TieWindow(t, 0, need) if need < tied else None
 
 
 def _whole_float64(dtype: torch.dtype) -> bool:
@@ -168,25 +186,33 @@ def dare_ties_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch
 class _Ties(_Thresholds):
     def __init__(self, n, numel, k, fixed, merge_options) -> None:
         super().__init__(n, numel, [] if fixed is not None else [k])
-        self.k = k
+        self.n, self.k = n, k
         self.fixed = fixed
         self.merge_options = merge_options
+        self.windows: list[TieWindow | None] = [None] * n
+
+    def restart(self) -> None:
+        if self.fixed is None:
+            self.windows = [self.window(i, self.k) for i in range(self.n)]
 
     def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
         parts = []
         for i, x in enumerate(pieces):
             t = self.fixed[i] if self.fixed is not None else self.kth(i, self.k)
-            parts.append(trim(x, t, slot=f"chunks.part{i}"))
+            part = trim(x, t, slot=f"chunks.part{i}")
+            if self.windows[i] is not None:
+                self.windows[i].apply(x, part)
+            parts.append(part)
         sign_merge(parts, out=out, **self.merge_options)
 
 
 @chunk_form_of("ties")
 def ties_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, density: float, elect: str,
-                merge: str, weights: Sequence[float], elect_on: str, scope: str) -> ChunkKernel | None:
+                merge: str, weights: Sequence[float], elect_on: str, scope: str, count: str) -> ChunkKernel | None:
     if _whole_float64(dtype):
         return None
     fixed = [model_threshold("ties", ctx, i) for i in range(n_inputs)] if scope == "model" else None
-    return _Ties(n_inputs, numel, keep_count(float(density), numel), fixed,
+    return _Ties(n_inputs, numel, keep_count(float(density), numel, count), fixed,
                  dict(elect=elect, merge=merge, weights=weights, elect_on=elect_on))
 
 
@@ -194,42 +220,58 @@ class _Topk(_Thresholds):
     def __init__(self, numel, k, fixed) -> None:
         super().__init__(1, numel, [] if fixed is not None else [k])
         self.k, self.fixed = k, fixed
+        self.tie_window: TieWindow | None = None
+
+    def restart(self) -> None:
+        if self.fixed is None:
+            self.tie_window = self.window(0, self.k)
 
     def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
         t = self.fixed if self.fixed is not None else self.kth(0, self.k)
         out.copy_(trim(pieces[0], t, slot="chunks.part0"))
+        if self.tie_window is not None:
+            self.tie_window.apply(pieces[0], out)
 
 
 @chunk_form_of("topk")
 def topk_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, density: float,
-                scope: str) -> ChunkKernel | None:
+                scope: str, count: str) -> ChunkKernel | None:
     if _whole_float64(dtype):
         return None
     fixed = model_threshold("topk", ctx, 0) if scope == "model" else None
-    return _Topk(numel, keep_count(float(density), numel), fixed)
+    return _Topk(numel, keep_count(float(density), numel, count), fixed)
 
 
 class _Breadcrumbs(_Thresholds):
     def __init__(self, numel, keep, top) -> None:
-        super().__init__(1, numel, [top + keep, top] if keep else [])
+        super().__init__(1, numel, [top + keep, top] if 0 < keep < numel else [])
         self.keep, self.top = keep, top
+        self.windows: list[TieWindow] = []
+
+    def restart(self) -> None:
+        if 0 < self.keep < self.numel:
+            low, high = self.kth(0, self.top + self.keep), self.kth(0, self.top) if self.top > 0 else math.inf
+            self.windows = breadcrumb_windows(low, high, self.split(0, self.top + self.keep),
+                                              self.split(0, self.top) if self.top > 0 else (0, 0))
 
     def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
         if self.keep == 0:
             out.zero_()
             return
+        if self.keep >= self.numel:
+            out.copy_(pieces[0])
+            return
         low = self.kth(0, self.top + self.keep)
         high = self.kth(0, self.top) if self.top > 0 else math.inf
         out.copy_(trim(pieces[0], low, high, slot="chunks.part0"))
+        for window in self.windows:
+            window.apply(pieces[0], out)
 
 
 @chunk_form_of("breadcrumbs")
 def breadcrumbs_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, density: float,
-                       gamma: float) -> ChunkKernel | None:
+                       gamma: float, count: str) -> ChunkKernel | None:
     if _whole_float64(dtype):
         return None
-    keep = keep_count(float(density), numel)
-    top = keep_count(float(gamma), numel)
-    if keep + top > numel:
-        top = numel - keep
+    keep, top = breadcrumb_counts(float(density), float(gamma), numel, count)
     return _Breadcrumbs(numel, keep, top)

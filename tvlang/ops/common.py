@@ -6,13 +6,21 @@ The magnitude rule used by every pruning kernel (``topk``, ``ties``,
 - ``keep_count(density, n)`` is ``floor(density * n)``, except that a product
   within 1e-6 of an integer counts as that integer (``0.29 * 100`` is
   ``28.999999999999996`` in floating point; it keeps 29 entries, not 28).
-- The threshold ``t`` is the k-th largest magnitude. An entry is kept when
-  ``|x| >= t``: all entries tied with the k-th largest magnitude are kept, so a
-  kernel keeps at least k entries and never breaks ties by position.
+  With ``count="mergekit"`` it is mergekit 0.1.5's ``max(1, int(density * n))``
+  (at least one entry of a non-empty tensor when ``0 < density < 1``; Python's
+  ``int()``, no tolerance); :func:`truncated_count` is mergekit's plain
+  ``int(density * n)`` (its breadcrumbs and ``sce``).
+- Exactly ``k`` entries are kept. Entries are ranked by ``|x|``, largest first,
+  and entries of equal magnitude by flat index, the earlier first (the order of a
+  stable descending sort). The threshold ``t`` is the k-th largest magnitude;
+  entries with ``|x| > t`` are kept, and of the entries tied at ``t`` the first
+  ones in flat order, as many as ``k`` still needs (:class:`TieWindow`).
   ``k == 0`` keeps nothing (``t = inf``).
 
 >>> keep_count(0.29, 100), keep_count(0.2, 3), keep_count(1.0, 7), keep_count(0.0, 7)
 (29, 0, 7, 0)
+>>> keep_count(0.29, 100, "mergekit"), keep_count(0.2, 3, "mergekit"), truncated_count(0.2, 3)
+(28, 1, 0)
 >>> kth_largest_abs(torch.tensor([3.0, -1.0, 2.0, -2.0]), 2)
 2.0
 """
@@ -32,7 +40,8 @@ import torch
 from tvlang.errors import TvlangError
 from tvlang.language.builtins import BUILTINS
 
-__all__ = ["keep_count", "kth_largest_abs", "magnitudes", "scratch", "clear_workspace", "kernel_of", "chunk_form_of",
+__all__ = ["COUNT_RULES", "TieWindow", "keep_count", "truncated_count", "tie_split", "settle_ties", "count_at_least",
+           "count_equal", "kth_largest_abs", "magnitudes", "scratch", "clear_workspace", "kernel_of", "chunk_form_of",
            "fresh"]
 
 
@@ -121,13 +130,113 @@ def _options(name: str, options: dict, n_inputs: int, tensor: str) -> dict:
 
 # -- magnitude thresholds --------------------------------------------------------
 
-def keep_count(density: float, n: int) -> int:
+COUNT_RULES = ("floor", "mergekit")
+
+
+def keep_count(density: float, n: int, count: str = "floor") -> int:
     """Number of entries that ``density`` keeps out of ``n`` (see the module docstring)."""
+    if count == "mergekit":
+        if density >= 1.0:
+            return n
+        if density <= 0.0 or n == 0:
+            return 0
+        return min(max(1, int(density * n)), n)
     exact = density * n
     nearest = round(exact)
     if abs(exact - nearest) <= 1e-6:
         return int(min(max(nearest, 0), n))
     return int(min(max(math.floor(exact), 0), n))
+
+
+def truncated_count(fraction: float, n: int) -> int:
+    """mergekit's ``int(fraction * n)``, within ``[0, n]`` (no tolerance, no minimum of one)."""
+    return min(max(int(fraction * n), 0), n)
+
+
+# -- exactly k: the tie-break by flat index -------------------------------------------
+
+class TieWindow:
+    """The entries tied at magnitude ``value``, numbered 1, 2, ... in flat order over the
+    whole tensor: those numbered in ``(start, stop]`` take ``x``'s value in ``out``, the
+    others 0. Pieces of a tensor go through :meth:`apply` in order (a running count
+    carries the numbering from piece to piece), or the whole tensor at once.
+
+    >>> x = torch.tensor([2.0, -1.0, 1.0, 3.0, 1.0])
+    >>> out = x.clone()
+    >>> w = TieWindow(1.0, 0, 1)
+    >>> w.apply(x[:2], out[:2]); w.apply(x[2:], out[2:]); out
+    tensor([ 2., -1.,  0.,  3.,  0.])
+    """
+
+    def __init__(self, value: float, start: float, stop: float) -> None:
+        self.value, self.start, self.stop = float(value), start, stop
+        self.seen = 0
+
+    def apply(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        flat, flat_out = x.reshape(-1), out.view(-1)
+        mag = torch.abs(flat, out=scratch("ties.window", flat))
+        positions = _where_equal(mag, self.value)
+        m = positions.numel()
+        if m:
+            lo = int(min(max(self.start - self.seen, 0), m))
+            hi = int(min(max(self.stop - self.seen, lo), m))
+            flat_out[positions[:lo]] = 0
+            flat_out[positions[hi:]] = 0
+            inside = positions[lo:hi]
+            flat_out[inside] = flat[inside]
+        self.seen += m
+
+
+def _numpy_view(mag: torch.Tensor):
+    """``mag`` as a numpy array when that is possible without a copy (numpy counts and finds
+    entries several times faster than torch's single-threaded comparisons here)."""
+    if mag.device.type == "cpu" and mag.dtype in (torch.float32, torch.float64) and mag.is_contiguous():
+        return mag.reshape(-1).numpy()
+    return None
+
+
+def _where_equal(mag: torch.Tensor, value: float) -> torch.Tensor:
+    """Flat indices of the entries of ``mag`` equal to ``value``, ascending."""
+    values = _numpy_view(mag)
+    if values is not None:
+        return torch.from_numpy(numpy.flatnonzero(values == values.dtype.type(value))).to(mag.device)
+    return torch.nonzero(mag.reshape(-1) == value).view(-1)
+
+
+def count_at_least(mag: torch.Tensor, t: float) -> int:
+    """How many entries of ``mag`` are ``>= t``."""
+    values = _numpy_view(mag)
+    if values is not None:
+        return int(numpy.count_nonzero(values >= values.dtype.type(t)))
+    return int(torch.count_nonzero(mag >= t))
+
+
+def count_equal(mag: torch.Tensor, t: float) -> int:
+    """How many entries of ``mag`` equal ``t``."""
+    values = _numpy_view(mag)
+    if values is not None:
+        return int(numpy.count_nonzero(values == values.dtype.type(t)))
+    return int(torch.count_nonzero(mag == t))
+
+
+def tie_split(mag: torch.Tensor, t: float, k: int) -> tuple[int, int]:
+    """``(need, tied)``: of the ``tied`` entries of magnitude exactly ``t`` (the k-th
+    largest of ``mag``), the top ``k`` hold ``need``."""
+    tied = count_equal(mag, t)
+    return k - (count_at_least(mag, t) - tied), tied
+
+
+def settle_ties(x: torch.Tensor, out: torch.Tensor, t: float, k: int) -> torch.Tensor:
+    """``out`` holds ``x`` where ``|x| >= t``, ``t`` the k-th largest ``|x|``: zero the
+    tied entries beyond the first ones (flat order) so that exactly ``k`` are kept."""
+    if not 0.0 < t < math.inf:
+        return out  # nothing or everything is kept, or the ties are zeros
+    values = _numpy_view(out)
+    kept = int(numpy.count_nonzero(values)) if values is not None else int(torch.count_nonzero(out))
+    if kept > k:
+        tied = count_equal(torch.abs(x), t)
+        TieWindow(t, 0, k - (kept - tied)).apply(x, out)
+    return out
 
 
 def magnitudes(x: torch.Tensor, slot: str = "mag", dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """Magnitude pruning: ``topk`` and ``breadcrumbs``.
 
-Counts and ties follow :mod:`tvlang.ops.common`: ``k = keep_count(density, n)``
-and every entry tied with the k-th largest magnitude is kept.
+Counts and ties follow :mod:`tvlang.ops.common`: ``k = keep_count(density, n, count)``
+entries are kept, exactly, entries of equal magnitude ranked by flat index (the
+earlier first). With ``scope="model"`` every entry tied at the whole-model
+threshold is kept.
 
 >>> from tvlang.ops.context import TensorContext
 >>> ctx = TensorContext("w")
@@ -19,14 +21,28 @@ import torch
 
 from tvlang.errors import TvlangError
 from tvlang.language.builtins import threshold_key
-from tvlang.ops.common import below, fresh, keep_count, kernel_of, kth_largest_abs, magnitudes, scratch
+from tvlang.ops.common import (
+    TieWindow,
+    below,
+    fresh,
+    keep_count,
+    kernel_of,
+    kth_largest_abs,
+    magnitudes,
+    scratch,
+    settle_ties,
+    tie_split,
+    truncated_count,
+)
 from tvlang.ops.context import TensorContext
 
-__all__ = ["topk", "breadcrumbs", "magnitude_threshold", "model_threshold", "trim", "keep_at_least"]
+__all__ = ["topk", "breadcrumbs", "magnitude_threshold", "model_threshold", "trim", "keep_at_least",
+           "breadcrumb_counts", "breadcrumb_windows"]
 
 
 def magnitude_threshold(
     op: str, x: torch.Tensor, density: float, ctx: TensorContext, scope: str, index: int, slot: str = "mag",
+    count: str = "floor",
 ) -> tuple[float, torch.Tensor]:
     """``(t, |x| flattened)``: entries with ``|x| >= t`` survive pruning to ``density``.
 
@@ -37,7 +53,7 @@ def magnitude_threshold(
         return model_threshold(op, ctx, index), magnitudes(x, slot, torch.float32)
     mag = magnitudes(x, slot)
     n = x.numel()
-    k = keep_count(density, n)
+    k = keep_count(density, n, count)
     if k >= n:
         return 0.0, mag
     if k == 0:
@@ -85,34 +101,62 @@ def keep_at_least(x: torch.Tensor, mag: torch.Tensor, t: float, out: torch.Tenso
 
 
 @kernel_of("topk")
-def topk(inputs: list[torch.Tensor], ctx: TensorContext, *, density: float, scope: str) -> torch.Tensor:
+def topk(inputs: list[torch.Tensor], ctx: TensorContext, *, density: float, scope: str, count: str) -> torch.Tensor:
     """Keep the ``density`` fraction of entries with the largest ``|x|`` (within the tensor or the model)."""
     (x,) = inputs
-    t, mag = magnitude_threshold("topk", x, float(density), ctx, scope, 0)
-    return keep_at_least(x, mag, t, fresh(x))
+    t, mag = magnitude_threshold("topk", x, float(density), ctx, scope, 0, count=count)
+    out = keep_at_least(x, mag, t, fresh(x))
+    if scope == "tensor":
+        settle_ties(x, out, t, keep_count(float(density), x.numel(), count))
+    return out
+
+
+def breadcrumb_counts(density: float, gamma: float, n: int, count: str) -> tuple[int, int]:
+    """``(keep, top)``: entries kept, and largest entries dropped before them (``top`` reduced
+    to ``n - keep`` when both do not fit)."""
+    if count == "mergekit":  # sparsify.magnitude_outliers: int(), no minimum; density >= 1 keeps all
+        keep = n if density >= 1.0 else truncated_count(density, n)
+        top = 0 if density >= 1.0 else truncated_count(gamma, n)
+    else:
+        keep, top = keep_count(density, n), keep_count(gamma, n)
+    return keep, min(top, n - keep)
+
+
+def breadcrumb_windows(low: float, high: float, low_split: tuple[int, int],
+                       high_split: tuple[int, int]) -> list[TieWindow]:
+    """The tie windows that turn ``trim(x, low, high)`` (kept: ``low <= |x| < high``) into
+    exactly the entries ranked ``top+1 .. top+keep``. ``low``/``high`` are the
+    ``(top+keep)``-th and ``top``-th largest magnitudes (``high`` is ``inf`` without
+    outliers), the splits their :func:`~tvlang.ops.common.tie_split`."""
+    (need_low, tied_low), (need_high, tied_high) = low_split, high_split
+    if high == low:  # one tie group holds both cuts: entries need_high+1 .. need_low of it
+        return [TieWindow(low, need_high, need_low)] if low > 0.0 else []
+    windows = []
+    if high != math.inf and need_high < tied_high:
+        windows.append(TieWindow(high, need_high, math.inf))  # ties below the outlier cut stay
+    if low > 0.0 and need_low < tied_low:
+        windows.append(TieWindow(low, 0, need_low))  # ties at the lower cut: only the first ones
+    return windows
 
 
 @kernel_of("breadcrumbs")
-def breadcrumbs(inputs: list[torch.Tensor], ctx: TensorContext, *, density: float, gamma: float) -> torch.Tensor:
+def breadcrumbs(inputs: list[torch.Tensor], ctx: TensorContext, *, density: float, gamma: float,
+                count: str) -> torch.Tensor:
     """Drop the ``gamma`` fraction of largest magnitudes, keep the next ``density`` fraction.
 
-    With ``n`` entries, ``keep = keep_count(density, n)`` and
-    ``top = keep_count(gamma, n)``, reduced to ``n - keep`` when both do not
-    fit. Entries ranked ``top+1 .. top+keep`` by magnitude survive. A tensor
-    too small for any outlier (``top == 0``) just keeps its ``keep`` largest
-    entries (mergekit wipes such tensors). Ties: entries tied with the
-    ``top``-th largest are dropped with it, entries tied with the
-    ``(top+keep)``-th largest are kept.
+    With ``n`` entries, ``(keep, top)`` from :func:`breadcrumb_counts`: the entries
+    ranked ``top+1 .. top+keep`` by magnitude survive (ties ranked by flat index), so
+    exactly ``keep`` of them. A tensor too small for any outlier (``top == 0``) just
+    keeps its ``keep`` largest entries.
     """
     (x,) = inputs
     n = x.numel()
-    keep = keep_count(float(density), n)
-    top = keep_count(float(gamma), n)
-    if keep + top > n:
-        top = n - keep
+    keep, top = breadcrumb_counts(float(density), float(gamma), n, count)
     out = fresh(x)
     if keep == 0:
         return out.zero_()
+    if keep == n:
+        return out.copy_(x)
     mag = magnitudes(x)
     low = kth_largest_abs(x, top + keep, mag=mag)
     high = kth_largest_abs(x, top, mag=mag) if top > 0 else math.inf
@@ -120,12 +164,16 @@ def breadcrumbs(inputs: list[torch.Tensor], ctx: TensorContext, *, density: floa
         torch.hardshrink(x, below(low, x.dtype), out=out)  # |x| >= low
         if high != math.inf:
             out.sub_(torch.hardshrink(x, below(high, x.dtype)))  # minus |x| >= high
-        return out
-    drop = scratch("crumbs.drop", mag, torch.bool)
-    above = scratch("crumbs.above", mag, torch.bool)
-    torch.lt(mag, low, out=drop)
-    torch.ge(mag, high, out=above)
-    drop.logical_or_(above)
-    out.copy_(x)
-    out.view(-1).masked_fill_(drop, 0)
+    else:
+        drop = scratch("crumbs.drop", mag, torch.bool)
+        above = scratch("crumbs.above", mag, torch.bool)
+        torch.lt(mag, low, out=drop)
+        torch.ge(mag, high, out=above)
+        drop.logical_or_(above)
+        out.copy_(x)
+        out.view(-1).masked_fill_(drop, 0)
+    low_split = tie_split(mag, low, top + keep)
+    high_split = tie_split(mag, high, top) if top > 0 else (0, 0)
+    for window in breadcrumb_windows(low, high, low_split, high_split):
+        window.apply(x, out)
     return out

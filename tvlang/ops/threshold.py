@@ -5,8 +5,9 @@ float whose bit pattern, read as an integer, is ordered like its value. Pass 1
 counts the high 16 bits of every entry and finds the bin holding the k-th
 largest magnitude; pass 2 counts the low 16 bits of the entries in that bin
 and finds the exact value. Memory: two 65536-bin histograms, whatever the
-model size. ``k = keep_count(density, total entries)`` as for per-tensor
-pruning; ``k == 0`` gives ``inf`` (keep nothing). NaN sorts above ``inf``.
+model size. ``k = keep_count(density, total entries, count)`` as for per-tensor
+pruning; ``k == 0`` gives ``inf`` (keep nothing). Every entry tied at the
+threshold is kept (whole-model scope breaks no ties: docs/operators.md). NaN sorts above ``inf``.
 float64 inputs are rounded to float32 first.
 
 >>> from tvlang.ops.context import TensorContext
@@ -92,14 +93,22 @@ class RadixSelect:
         low, _ = _pick_bin(self._lows[high], rank)
         return bits_to_float((high << 16) | low)
 
+    def tied(self, k: int) -> tuple[int, int]:
+        """``(need, tied)``: of the ``tied`` entries whose magnitude equals the k-th largest,
+        the top ``k`` hold ``need`` (the rest rank below them)."""
+        high, rank = self._wanted[k]
+        low, need = _pick_bin(self._lows[high], rank)
+        return need, int(self._lows[high][low])
+
 
 class MagnitudeThreshold:
     """The exact k-th largest ``|x|`` over all tensors streamed through it."""
 
     passes = 2
 
-    def __init__(self, density: float) -> None:
+    def __init__(self, density: float, count: str = "floor") -> None:
         self.density = float(density)
+        self.count = count
         self._select = RadixSelect()
         self._k = 0
         self._result: float | None = None
@@ -110,7 +119,7 @@ class MagnitudeThreshold:
 
     def end_pass(self, pass_index: int) -> None:
         if pass_index == 0:
-            self._k = keep_count(self.density, self._select.total)
+            self._k = keep_count(self.density, self._select.total, self.count)
             if self._k == 0:
                 self._result = math.inf
             else:

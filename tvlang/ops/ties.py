@@ -18,7 +18,18 @@ from collections.abc import Sequence
 
 import torch
 
-from tvlang.ops.common import fresh, keep_count, kernel_of, kth_largest_abs, magnitudes, scratch
+from tvlang.ops.common import (
+    TieWindow,
+    count_at_least,
+    count_equal,
+    fresh,
+    keep_count,
+    kernel_of,
+    kth_largest_abs,
+    magnitudes,
+    scratch,
+    settle_ties,
+)
 from tvlang.ops.context import TensorContext
 from tvlang.ops.dare import della_sample, drop_random
 from tvlang.ops.prune import keep_at_least, magnitude_threshold, trim
@@ -116,26 +127,42 @@ def ties(
     weights: Sequence[float],
     elect_on: str,
     scope: str,
+    count: str,
 ) -> torch.Tensor:
     """TIES: keep the ``density`` fraction of largest ``|x|`` of each input, elect, disjoint merge."""
     density = float(density)
     out = fresh(inputs[0])
-    thresholds = []
+    thresholds: list = []
+    windows: list[TieWindow | None] = []
     for i, x in enumerate(inputs):
-        if scope == "tensor" and density >= 1.0:
+        n = x.numel()
+        k = keep_count(density, n, count)
+        window = None
+        if scope == "tensor" and k >= n:
             thresholds.append(0.0)
+            windows.append(None)
             continue
         if scope == "tensor" and x.dtype == torch.float32 and x.device.type == "cpu":
             # the magnitudes are not needed after the threshold: let the selection reorder them
-            n = x.numel()
-            k = keep_count(density, n)
-            t = 0.0 if k >= n else (math.inf if k == 0 else kth_largest_abs(x, k, mag=magnitudes(x), reorder=True))
+            mag = magnitudes(x)
+            t = math.inf if k == 0 else kth_largest_abs(x, k, mag=mag, reorder=True)
+            if 0.0 < t < math.inf:
+                kept = count_at_least(mag, t)
+                if kept > k:  # ties at the threshold: only the first ones in flat order
+                    window = TieWindow(t, 0, k - (kept - count_equal(mag, t)))
             thresholds.append(t)
+            windows.append(window)
             continue
-        t, mag = magnitude_threshold("ties", x, density, ctx, scope, i)
+        t, mag = magnitude_threshold("ties", x, density, ctx, scope, i, count=count)
         if t > 0.0 and x.dtype != mag.dtype:  # trim now, while the magnitudes are at hand
-            t = keep_at_least(x, mag, t, scratch(f"ties.part{i}", x))
+            part = keep_at_least(x, mag, t, scratch(f"ties.part{i}", x))
+            t = settle_ties(x, part, t, k) if scope == "tensor" else part
+        elif scope == "tensor" and 0.0 < t < math.inf:
+            kept = count_at_least(mag, t)
+            if kept > k:
+                window = TieWindow(t, 0, k - (kept - count_equal(mag, t)))
         thresholds.append(t)
+        windows.append(window)
     # trim and merge chunk by chunk: every pass after the thresholds works in the CPU cache
     flats = [x.reshape(-1) for x in inputs]
     flat_out = out.view(-1)
@@ -146,7 +173,10 @@ def ties(
             if isinstance(t, torch.Tensor):  # trimmed already (magnitudes in another dtype)
                 parts.append(t.view(-1)[s])
             else:
-                parts.append(trim(x[s], t, slot=f"ties.chunk{i}"))
+                part = trim(x[s], t, slot=f"ties.chunk{i}")
+                if windows[i] is not None:
+                    windows[i].apply(x[s], part)
+                parts.append(part)
         sign_merge(parts, elect=elect, merge=merge, weights=weights, elect_on=elect_on, out=flat_out[s])
     return out
 
