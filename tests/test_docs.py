@@ -161,6 +161,14 @@ def workdir(example_tree, tmp_path, monkeypatch):
     shutil.copytree(example_tree / "examples", tmp_path / "examples")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TVLANG_HISTORY", str(tmp_path / ".tvlang_history"))
+    # hf: references resolve offline, from ./hub-cache (docs/hub.md builds one there). huggingface_hub
+    # reads its environment at import, so its constants are set as well.
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     return tmp_path
 
 

@@ -317,6 +317,8 @@ class TensorReader:
     root: str | None
     # Resolved paths of the files this reader reads (empty for in-memory state).
     paths: tuple[str, ...]
+    # Where an hf: reference resolved to (a tvlang.io.hub.HubSource); None for anything else.
+    hub: object | None
 
     def __init__(self, label: str) -> None:
         self.label = label
@@ -324,6 +326,7 @@ class TensorReader:
         self.kind = None
         self.root = None
         self.paths = ()
+        self.hub = None
         self._infos: dict[str, TensorInfo] = {}
 
     def names(self) -> list[str]:

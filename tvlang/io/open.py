@@ -11,7 +11,7 @@ from tvlang.io.safetensors_file import SafetensorsReader
 from tvlang.io.sharded import ShardedReader
 from tvlang.io.torch_file import StateDictReader, TorchFileReader
 
-__all__ = ["WEIGHT_FILES", "open_reader", "find_weights"]
+__all__ = ["WEIGHT_FILES", "choose_weights", "find_weights", "open_reader", "peek_kind"]
 
 # What a model directory is searched for, in the order transformers' from_pretrained uses.
 WEIGHT_FILES = (
@@ -54,15 +54,30 @@ def open_reader(obj: object, *, label: str | None = None) -> TensorReader:
 
 def find_weights(directory: str) -> str | None:
     """The weights file of a model directory, or None."""
-    for name in WEIGHT_FILES:
-        candidate = os.path.join(directory, name)
-        if os.path.isfile(candidate):
-            return name
-    # A directory with exactly one safetensors file or index (e.g. a renamed export).
     try:
-        entries = sorted(os.listdir(directory))
+        entries = os.listdir(directory)
     except OSError:
         return None
+    return choose_weights([e for e in entries if os.path.isfile(os.path.join(directory, e))])
+
+
+def choose_weights(names: list[str]) -> str | None:
+    """Which of a model folder's file ``names`` holds its weights, or None.
+
+    ``WEIGHT_FILES`` in order, else a single ``*.safetensors.index.json``, else a
+    single ``*.safetensors`` (e.g. a renamed export). The one rule for a local
+    directory and a Hub folder (``tvlang.io.hub``), whose names come from a listing.
+
+    >>> choose_weights(["config.json", "pytorch_model.bin", "model.safetensors"])
+    'model.safetensors'
+    >>> choose_weights(["merged.safetensors", "README.md"]), choose_weights(["a.safetensors", "b.safetensors"])
+    ('merged.safetensors', None)
+    """
+    present = set(names)
+    for name in WEIGHT_FILES:
+        if name in present:
+            return name
+    entries = sorted(present)
     indexes = [e for e in entries if e.endswith(".safetensors.index.json")]
     if len(indexes) == 1:
         return indexes[0]

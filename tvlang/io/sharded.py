@@ -29,7 +29,7 @@ from tvlang.io.base import (
 from tvlang.io.safetensors_file import SafetensorsReader
 from tvlang.io.torch_file import TorchFileReader
 
-__all__ = ["ShardedReader"]
+__all__ = ["ShardedReader", "read_index"]
 
 
 class ShardedReader(TensorReader):
@@ -49,7 +49,7 @@ class ShardedReader(TensorReader):
     def __init__(self, index_path: str | os.PathLike, *, label: str | None = None) -> None:
         index_path = os.fspath(index_path)
         super().__init__(label if label is not None else index_path)
-        weight_map = _read_index(self.label, index_path)
+        weight_map = read_index(self.label, index_path)
         label_dir = os.path.dirname(self.label)
         # The model directory is the index's directory (resolved), not that of the file a
         # linked index points to: shards are named relative to where the index is found.
@@ -144,7 +144,7 @@ class ShardedReader(TensorReader):
             reader.close()
 
 
-def _read_index(label: str, path: str) -> dict[str, str]:
+def read_index(label: str, path: str) -> dict[str, str]:
     fd, size = open_regular(label, path)
     try:
         if size > MAX_JSON_BYTES:
@@ -189,9 +189,13 @@ def _inside(label: str, directory: str, shard: str) -> str:
     path = os.path.join(directory, shard)
     resolved = os.path.realpath(path)
     roots = [directory]
-    parent = os.path.dirname(directory)
-    if os.path.basename(parent) == "snapshots":
-        roots.append(os.path.join(os.path.dirname(parent), "blobs"))
+    folder = directory  # the index may sit in a subfolder of the snapshot (snapshots/<commit>/sub)
+    while os.path.dirname(folder) != folder:
+        parent = os.path.dirname(folder)
+        if os.path.basename(parent) == "snapshots":
+            roots.append(os.path.join(os.path.dirname(parent), "blobs"))
+            break
+        folder = parent
     for root in roots:
         if os.path.commonpath([root, resolved]) == root:
             return path

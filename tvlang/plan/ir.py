@@ -259,7 +259,8 @@ class _Builder:
         path_node = call.args[0] if call.args else dict((k.name, k.value) for k in call.kwargs)["path"]
         assert isinstance(path_node, ast.String)
         path = path_node.value
-        resolved = str(path if Path(path).is_absolute() else self.base_dir / path)
+        # A Hub reference (hf:org/name@rev, resolved by tvlang.io.hub) is not a path.
+        resolved = path if path.startswith("hf:") else str(path if Path(path).is_absolute() else self.base_dir / path)
         kind = "delta" if call.func == "load_delta" else "model"
         # An inline load is named by its own text, which explain prints as is
         # (and which parses back to the same load).

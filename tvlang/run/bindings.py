@@ -14,15 +14,24 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from tvlang.errors import TvlangError
 from tvlang.io import TensorReader, open_reader, peek_kind
+from tvlang.io.hub import is_reference, open_hub
 from tvlang.plan.records import DeltaBinding
 from tvlang.run.align import Alignment, align_inputs
 
 if TYPE_CHECKING:
     from tvlang.plan.compiler import Plan
 
-__all__ = ["Bound", "bind", "binding_kind", "protected_paths", "refuse_adapter"]
+__all__ = ["Bound", "bind", "binding_kind", "open_input", "protected_paths", "refuse_adapter"]
 
 ADAPTER_CONFIG = "adapter_config.json"
+
+
+def open_input(value: Any, label: str | None = None) -> TensorReader:
+    """A reader of what a recipe or a binding names: an ``hf:`` reference, a path, a state dict, a module."""
+    if is_reference(value):
+        return open_hub(value)
+    refuse_adapter(value)
+    return open_reader(value, label=label)
 
 
 def refuse_adapter(value: Any) -> None:
@@ -77,15 +86,13 @@ def bind(plan: Plan, bindings: Mapping[str, Any]) -> Bound:
             marked = isinstance(value, DeltaBinding)
             if marked:
                 value = value.value
-            refuse_adapter(value)
-            reader = open_reader(value, label=_label(key, value))
+            reader = open_input(value, _label(key, value))
             if not isinstance(value, (str, os.PathLike)):
                 borrowed.add(key)
             kinds[key] = "delta" if marked or reader.kind == "delta" else "model"
         else:
             try:
-                refuse_adapter(spec.path)
-                reader = open_reader(spec.path, label=spec.path)
+                reader = open_input(spec.path, spec.path)
             except TvlangError as exc:
                 if exc.span is None:  # point at the load() that names the file
                     exc.span = spec.span
@@ -142,6 +149,15 @@ def binding_kind(value: Any) -> str:
     """
     if isinstance(value, DeltaBinding):
         return "delta"
+    if is_reference(value):
+        try:
+            reader = open_hub(value)
+        except TvlangError:  # reported, with its reason, when the plan opens it
+            return "model"
+        try:
+            return "delta" if reader.kind == "delta" else "model"
+        finally:
+            reader.close()
     if isinstance(value, (str, os.PathLike)):
         return peek_kind(os.fspath(value))
     return "model"
@@ -158,6 +174,6 @@ def protected_paths(plan: Plan, bindings: Mapping[str, Any]) -> list[str]:
         value = bindings.get(name)
         if isinstance(value, DeltaBinding):
             value = value.value
-        if isinstance(value, (str, os.PathLike)):
+        if isinstance(value, (str, os.PathLike)) and not is_reference(value):
             paths.append(os.fspath(value))
-    return paths
+    return [path for path in paths if not is_reference(path)]  # a Hub reference's files are its reader's

@@ -20,6 +20,7 @@ import torch
 from tvlang.errors import TvlangError
 from tvlang.io import StreamingWriter
 from tvlang.run.bindings import Bound
+from tvlang.run.provenance import location, recipe_dir
 from tvlang.run.session import Session
 from tvlang.version import __version__
 
@@ -122,15 +123,20 @@ def output_targets(plan: Plan, out: Any) -> dict[str, Any]:
 
 
 def output_metadata(plan: Plan, bound: Bound, output: str, kind: str) -> dict[str, str]:
-    """The ``__metadata__`` of an output's files: tvlang's version, the kind, the recipe, its inputs."""
+    """The ``__metadata__`` of an output's files: tvlang's version, the kind, the recipe, its inputs.
+
+    An input is named as :func:`tvlang.run.provenance.location` says: a Hub reference
+    pinned to its commit, a path relative to the recipe file.
+    """
+    base = recipe_dir(plan)
+    keys = _output_inputs(plan, bound, output, kind)
     return {
         "tvlang.version": __version__,
         "tvlang.kind": "delta" if kind == "delta" else "model",
         "tvlang.output": output,
         "tvlang.recipe": plan.text,
         "tvlang.params": json.dumps(plan.params, sort_keys=True),
-        "tvlang.inputs": json.dumps({k: bound.readers[k].label for k in _output_inputs(plan, bound, output, kind)},
-                                    sort_keys=True),
+        "tvlang.inputs": json.dumps({k: location(bound.readers[k], base) for k in keys}, sort_keys=True),
     }
 
 
