@@ -234,3 +234,45 @@ def test_load_hf_in_a_recipe_and_in_api_bindings(hub, tmp_path):
              for (k, v), w in zip(weights_and_metadata(hub["local"] / "base" / "model.safetensors")[0].items(),
                                   weights_and_metadata(hub["local"] / "ft2" / "model.safetensors")[0].values())}
     assert all(torch.allclose(a[k], naive[k]) for k in naive)
+
+
+def test_online_fetches_only_the_files_read(hub, tmp_path, monkeypatch):
+    """With the Hub 'reachable' (model_info and downloads served from the cache, recorded), a run fetches
+    the weights of the inputs it reads, in one format, and the base's config and tokenizer files only."""
+    from types import SimpleNamespace
+
+    import tvlang.io.hub as hub_module
+
+    local = hub["local"]
+    both = dict(copy_model(local / "base"))
+    both["pytorch_model.bin"] = b"not read"
+    both["tokenizer.json"] = b"{}"
+    commits = {"org/both": write_repo(hub["cache"], "org/both", both), "org/ft": hub["commits"]["ft2"]}
+    listings = {"org/both": sorted(both), "org/ft": ["config.json", "model.safetensors"]}
+    asked, fetched = [], []
+    real_download = huggingface_hub.hf_hub_download
+
+    def model_info(self, repo_id, revision=None, **_):
+        asked.append((repo_id, revision))
+        return SimpleNamespace(sha=commits[repo_id], siblings=[SimpleNamespace(rfilename=f) for f in listings[repo_id]])
+
+    def download(repo_id, filename, revision=None, local_files_only=False, **_):
+        fetched.append((repo_id, filename))
+        assert revision == commits[repo_id]  # every file at the commit the revision resolved to
+        return real_download(repo_id, filename, revision=revision, local_files_only=True)
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert hub_module.resolve("hf:org/both").local_only is False
+    asked.clear(), fetched.clear()
+    out = tmp_path / "out"
+    tvlang.compile("pre + 0.5*(ft - pre)").run({"pre": "hf:org/both", "ft": "hf:org/ft@v2"}, out)
+    assert set(fetched) == {("org/both", "model.safetensors"), ("org/ft", "model.safetensors"),
+                            ("org/both", "config.json"), ("org/both", "tokenizer.json")}
+    assert ("org/ft", "v2") in asked
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.json"]
+    # a task vector output copies no model files, so none are fetched
+    fetched.clear()
+    tvlang.compile("ft - pre").run({"pre": "hf:org/both", "ft": "hf:org/ft@v2"}, tmp_path / "tau")
+    assert {f for _, f in fetched} == {"model.safetensors"}

@@ -45,7 +45,7 @@ from tvlang.plan.optimize import OptimizerFlags
 from tvlang.plan.records import RunSummary
 from tvlang.run.bindings import Bound, bind, protected_paths
 from tvlang.run.layout import notes
-from tvlang.run.outputs import commit_all, output_metadata, output_targets, write_results
+from tvlang.run.outputs import commit_all, model_files_of, output_metadata, output_targets, write_results
 from tvlang.run.progress import progress_for
 from tvlang.run.session import Session
 from tvlang.run.sharded_output import ShardedOutput, plan_shards
@@ -234,10 +234,9 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
         session = Session(bound, **options)
         check_distinct_outputs(targets)
         inputs = [*protected_paths(plan, bindings), *bound.readers.values()]
-        base = bound.readers[bound.base]
         for name, path in targets.items():
             kind = plan.output_kind(name)
-            copy_from = base.root if kind == "model" and base.root else None
+            copy_from = model_files_of(bound, kind, path)
             outputs.append(ShardedOutput(name, path, session.output_layout(name), shard_size=shard_size,
                                          metadata=output_metadata(plan, bound, name, kind), inputs=inputs,
                                          force=force, copy_from=copy_from))

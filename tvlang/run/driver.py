@@ -21,7 +21,7 @@ from tvlang.run import distributed
 from tvlang.run.align import align
 from tvlang.run.bindings import bind, protected_paths
 from tvlang.run.layout import notes, validate
-from tvlang.run.outputs import IN_FLIGHT, commit_all, output_metadata, output_targets, write_results
+from tvlang.run.outputs import IN_FLIGHT, commit_all, model_files_of, output_metadata, output_targets, write_results
 from tvlang.run.progress import progress_for
 from tvlang.run.session import Session
 
@@ -99,8 +99,7 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
         for name, path in targets.items():
             kind = plan.output_kind(name)
             metadata = output_metadata(plan, bound, name, kind)
-            base = bound.readers[bound.base]
-            copy_from = base.root if kind == "model" and base.root and not str(path).endswith(".safetensors") else None
+            copy_from = model_files_of(bound, kind, path)
             writers[name] = StreamingWriter(path, session.output_layout(name), shard_size=shard_size,
                                             metadata=metadata, inputs=inputs, force=force, copy_from=copy_from)
         bar = progress_for(progress)

@@ -19,6 +19,7 @@ import torch
 
 from tvlang.errors import TvlangError
 from tvlang.io import StreamingWriter
+from tvlang.io.hub import fetch_model_files
 from tvlang.run.bindings import Bound
 from tvlang.run.provenance import location, recipe_dir
 from tvlang.run.session import Session
@@ -27,8 +28,8 @@ from tvlang.version import __version__
 if TYPE_CHECKING:
     from tvlang.plan.compiler import Plan
 
-__all__ = ["IN_FLIGHT", "Committable", "commit_all", "compute_threads", "output_metadata", "output_targets",
-           "write_results"]
+__all__ = ["IN_FLIGHT", "Committable", "commit_all", "compute_threads", "model_files_of", "output_metadata",
+           "output_targets", "write_results"]
 
 IN_FLIGHT = 2  # writes queued per output by write_results (whole tensors or pieces)
 
@@ -120,6 +121,20 @@ def output_targets(plan: Plan, out: Any) -> dict[str, Any]:
     if len(plan.outputs) != 1:
         raise TvlangError(f"this recipe has outputs {', '.join(plan.outputs)}: give -o NAME=PATH for each")
     return {plan.outputs[0]: out}
+
+
+def model_files_of(bound: Bound, kind: str, path: Any) -> str | None:
+    """The folder whose config and tokenizer files a Model output directory copies: the base's, if it has one.
+
+    A Hub base's files are fetched first (only now: an output that copies none,
+    or a task vector, never downloads them).
+    """
+    base = bound.readers[bound.base]
+    if kind != "model" or not base.root or str(path).endswith(".safetensors"):
+        return None
+    if base.hub is not None:
+        fetch_model_files(base.hub)
+    return base.root
 
 
 def output_metadata(plan: Plan, bound: Bound, output: str, kind: str) -> dict[str, str]:
