@@ -5,22 +5,20 @@ A Hub input is its reference pinned to the commit it resolved to
 directory, however it was given (from the working directory, or absolute), so a
 recipe checked in beside its inputs records the same text on every machine;
 with no recipe file (``-e``, API text without ``filename=``) a path is recorded
-as it was given; anything else (a state dict, a module) is its label. ``describe_inputs``
-adds what a lockfile and a model card say about each: the revision asked for,
-the commit, the files read.
+as it was given; anything else (a state dict, a module) is its label.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tvlang.io import TensorReader
 
 if TYPE_CHECKING:
     from tvlang.plan.compiler import Plan
 
-__all__ = ["describe_input", "input_files", "location", "recipe_dir", "relative"]
+__all__ = ["location", "recipe_dir", "relative"]
 
 
 def recipe_dir(plan: Plan) -> str | None:
@@ -45,23 +43,3 @@ def location(reader: TensorReader, base: str | None) -> str:
     if reader.paths and os.path.exists(reader.label):
         return relative(reader.label, base)
     return reader.label
-
-
-def input_files(reader: TensorReader, base: str | None) -> dict[str, str]:
-    """``{name: local path}`` of every file a reader reads: repository paths for a Hub input,
-    paths relative to ``base`` for a local one (none for in-memory state)."""
-    source = reader.hub
-    if source is not None:
-        return {path: source.local(path) for path in source.files}
-    return {relative(path, base): path for path in reader.paths}
-
-
-def describe_input(reader: TensorReader, base: str | None) -> dict[str, Any]:
-    """One input as the lockfile and the model card record it (files without hashes)."""
-    source = reader.hub
-    if source is not None:
-        return {"ref": source.reference.text, "repo": source.reference.repo_id, "revision": source.revision,
-                "commit": source.commit, "pinned": source.pinned}
-    if reader.paths and os.path.exists(reader.label):
-        return {"path": relative(reader.label, base)}
-    return {"label": reader.label}
