@@ -31,7 +31,7 @@ Stages: ``"source"`` (reads a checkpoint: ``load``), ``"tensor"`` (a per-tensor 
 >>> BUILTINS["mean"].result, BUILTINS["norm"].stage
 ('same', 'reduce')
 >>> BUILTINS["dare"].complete({"p": 0.3})
-{'p': 0.3, 'seed': 0.0, 'rescale': True}
+{'p': 0.3, 'seed': 0.0, 'rescale': True, 'rescale_by': 'probability'}
 >>> BUILTINS["ties"].check_options({"density": 1.5}, 2)
 Traceback (most recent call last):
 ...

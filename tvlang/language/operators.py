@@ -9,6 +9,7 @@ and the reductions and rules they share.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 from tvlang.language.rows import Arg, Builtin, Reduction
@@ -73,6 +74,10 @@ _COUNT = Arg("count", "string", "floor", ("floor", "mergekit"),
              "integer counts as it), 'mergekit' = mergekit 0.1.5's rule (max(1, int(density*n)) for "
              "topk/ties, int(density*n) for breadcrumbs and sce)")
 
+_RESCALE_BY = Arg("rescale_by", "string", "probability", ("probability", "l1"),
+                  "with rescale: divide each kept entry by its keep probability (the papers), or scale "
+                  "the kept entries together so the tensor keeps its L1 norm (mergekit 0.1.5)")
+
 _TIES_SHARED = (
     Arg("elect", "string", "total", ("total", "frequency"),
         "sign election: 'total' = sign of the sum of the values (TIES 'mass'), "
@@ -129,7 +134,8 @@ OPERATORS = (
         params=(Arg("delta", "delta"), Arg("p", "scalar", range=_FRACTION)),
         options=(
             Arg("seed", "int", 0.0, doc="random seed; masks depend on (seed, tensor name) only"),
-            Arg("rescale", "bool", True, doc="divide kept entries by 1 - p"),
+            Arg("rescale", "bool", True, doc="rescale the kept entries (see rescale_by)"),
+            _RESCALE_BY,
         ),
         result="delta",
         summary="DARE: drop each entry with probability p, rescale the rest by 1/(1-p)",
@@ -145,6 +151,7 @@ OPERATORS = (
             Arg("p", "scalar", doc="drop probability of each entry", range=_FRACTION),
             Arg("seed", "int", 0.0),
             Arg("rescale", "bool", True),
+            _RESCALE_BY,
             *_TIES_SHARED,
         ),
         result="delta",
@@ -152,6 +159,27 @@ OPERATORS = (
         reference="PEFT dare_ties; mergekit dare_ties (merge='sum' there by default)",
         kernel="tvlang.ops.ties:dare_ties",
         chunk_form="tvlang.ops.chunks:dare_ties_chunks",
+        rules=(_one_weight_per_input,),
+    ),
+    Builtin(
+        "dare_linear",
+        variadic=Arg("delta", "delta"),
+        min_variadic=1,
+        options=(
+            Arg("p", "scalar", doc="drop probability of each entry", range=_FRACTION),
+            Arg("seed", "int", 0.0),
+            Arg("rescale", "bool", True),
+            _RESCALE_BY,
+            Arg("merge", "string", "sum", ("sum", "mean", "weighted_mean"),
+                "'sum' = the weighted sum (mergekit normalize: false), 'mean' divides by the number of "
+                "inputs, 'weighted_mean' by the sum of the weights (normalize: true)"),
+            _TIES_SHARED[2],
+        ),
+        result="delta",
+        summary="DARE on each input, then their (weighted) sum",
+        reference="Yu et al. 2024 (DARE); mergekit dare_linear",
+        kernel="tvlang.ops.ties:dare_linear",
+        chunk_form="tvlang.ops.chunks:dare_linear_chunks",
         rules=(_one_weight_per_input,),
     ),
     Builtin(
@@ -176,7 +204,8 @@ OPERATORS = (
                 range=(0.0, 0.5)),
             Arg("lambda", "scalar", 1.0, doc="scale applied to the merged result"),
             Arg("seed", "int", 0.0),
-            Arg("rescale", "bool", True, doc="divide kept entries by their keep probability"),
+            Arg("rescale", "bool", True, doc="rescale the kept entries (see rescale_by)"),
+            _RESCALE_BY,
             Arg("elect", "string", "total", ("total", "frequency", "none"),
                 "sign election as in ties; 'none' merges without election (della_linear)"),
             *_TIES_SHARED[1:],
@@ -186,6 +215,82 @@ OPERATORS = (
         reference="Deep et al. 2024 (DELLA-Merging); mergekit della",
         kernel="tvlang.ops.ties:della",
         rules=(_one_weight_per_input, _della_keep_probabilities),
+    ),
+    Builtin(
+        "della_linear",
+        variadic=Arg("delta", "delta"),
+        min_variadic=1,
+        options=(
+            Arg("density", "scalar", doc="mean keep probability", range=_FRACTION),
+            Arg("epsilon", "scalar", 0.15, doc="keep probabilities span density -/+ epsilon by magnitude rank",
+                range=(0.0, 0.5)),
+            Arg("lambda", "scalar", 1.0, doc="scale applied to the merged result"),
+            Arg("seed", "int", 0.0),
+            Arg("rescale", "bool", True, doc="rescale the kept entries (see rescale_by)"),
+            _RESCALE_BY,
+            Arg("merge", "string", "sum", ("sum", "mean", "weighted_mean"),
+                "'sum' = the weighted sum (mergekit normalize: false), 'mean' divides by the number of "
+                "inputs, 'weighted_mean' by the sum of the weights (normalize: true)"),
+            _TIES_SHARED[2],
+        ),
+        result="delta",
+        summary="DELLA's sampling of each input, then their (weighted) sum, times lambda",
+        reference="Deep et al. 2024 (DELLA-Merging); mergekit della_linear",
+        kernel="tvlang.ops.ties:della_linear",
+        rules=(_one_weight_per_input, _della_keep_probabilities),
+    ),
+    Builtin(
+        "sce",
+        variadic=Arg("delta", "delta"),
+        min_variadic=1,
+        options=(
+            Arg("select_topk", "scalar", 1.0, doc="fraction of entries kept, those whose values vary most "
+                                                  "across the inputs (of the entries that vary at all)",
+                range=_FRACTION),
+            _COUNT,
+        ),
+        result="delta",
+        summary="SCE: select the entries that vary most across inputs, elect signs, merge with "
+                "weights from each input's mean square",
+        reference="Wan et al. 2024 (FuseChat, arXiv:2408.07990); mergekit 0.1.5 sce",
+        kernel="tvlang.ops.sce:sce",
+    ),
+    Builtin(
+        "ram",
+        variadic=Arg("delta", "delta"),
+        min_variadic=1,
+        options=(Arg("epsilon", "scalar", 1e-5, doc="an entry with |x| <= epsilon does not contribute",
+                     range=(0.0, math.inf)),),
+        result="delta",
+        summary="RAM: per entry, the mean of the inputs whose |x| exceeds epsilon (0 where none)",
+        reference="Reinforced Agent Merging (arXiv:2601.13572); mergekit 0.1.5 ram",
+        kernel="tvlang.ops.ram:ram",
+        elementwise=True,
+    ),
+    Builtin(
+        "ramplus_tl",
+        variadic=Arg("delta", "delta"),
+        min_variadic=1,
+        options=(
+            Arg("r", "scalar", 0.1, doc="strength of the boost of an input's unique entries"),
+            Arg("alpha", "scalar", 0.2, doc="cap of the shared/unique ratio in the boost", range=(0.0, math.inf)),
+            Arg("epsilon", "scalar", 1e-5, doc="an entry with |x| <= epsilon does not contribute",
+                range=(0.0, math.inf)),
+        ),
+        result="delta",
+        summary="RAM+ (tensor-local): RAM, with each input's unique entries scaled by "
+                "1 + r*min(shared/unique, alpha)",
+        reference="Reinforced Agent Merging (arXiv:2601.13572); mergekit 0.1.5 ramplus_tl",
+        kernel="tvlang.ops.ram:ramplus_tl",
+    ),
+    Builtin(
+        "arcee_fusion",
+        params=(Arg("base", "model"), Arg("model", "model")),
+        result="model",
+        summary="Arcee Fusion: take the model's entries whose importance (|change| times the KL "
+                "divergence of the rows' softmax) is an upper outlier, the base's elsewhere",
+        reference="mergekit 0.1.5 arcee_fusion (exact quantiles where it samples 1M entries)",
+        kernel="tvlang.ops.fusion:arcee_fusion",
     ),
     Builtin(
         "slerp",

@@ -49,8 +49,8 @@ from tvlang.ops.prune import breadcrumb_counts, breadcrumb_windows, model_thresh
 from tvlang.ops.threshold import RadixSelect
 from tvlang.ops.ties import sign_merge
 
-__all__ = ["ChunkKernel", "Elementwise", "dare_chunks", "dare_ties_chunks", "ties_chunks", "topk_chunks",
-           "breadcrumbs_chunks"]
+__all__ = ["ChunkKernel", "Elementwise", "dare_chunks", "dare_ties_chunks", "dare_linear_chunks", "ties_chunks",
+           "topk_chunks", "breadcrumbs_chunks"]
 
 
 class ChunkKernel:
@@ -150,7 +150,9 @@ class _Dare(ChunkKernel):
 
 @chunk_form_of("dare")
 def dare_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, p: float, seed: float,
-                rescale: bool) -> ChunkKernel:
+                rescale: bool, rescale_by: str) -> ChunkKernel | None:
+    if rescale and rescale_by == "l1":
+        return None  # the scale needs the whole tensor's norms
     return _Dare(ctx, numel, float(p), seed, bool(rescale), dtype)
 
 
@@ -175,9 +177,21 @@ class _DareTies(ChunkKernel):
 
 @chunk_form_of("dare_ties")
 def dare_ties_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, p: float, seed: float,
-                     rescale: bool, elect: str, merge: str, weights: Sequence[float], elect_on: str) -> ChunkKernel:
+                     rescale: bool, rescale_by: str, elect: str, merge: str, weights: Sequence[float],
+                     elect_on: str) -> ChunkKernel | None:
+    if rescale and rescale_by == "l1":
+        return None
     return _DareTies(ctx, numel, n_inputs, float(p), seed, bool(rescale), dtype,
                      dict(elect=elect, merge=merge, weights=weights, elect_on=elect_on))
+
+
+@chunk_form_of("dare_linear")
+def dare_linear_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, p: float, seed: float,
+                       rescale: bool, rescale_by: str, merge: str, weights: Sequence[float]) -> ChunkKernel | None:
+    if rescale and rescale_by == "l1":
+        return None
+    return _DareTies(ctx, numel, n_inputs, float(p), seed, bool(rescale), dtype,
+                     dict(elect="none", merge=merge, weights=weights, elect_on="weighted"))
 
 
 # -- magnitude pruning: ties, topk, breadcrumbs ------------------------------------------

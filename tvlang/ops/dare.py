@@ -27,7 +27,11 @@ import torch
 from tvlang.ops.common import fresh, kernel_of
 from tvlang.ops.context import TensorContext
 
-__all__ = ["dare", "random_like", "drop_random", "Dropper", "della_sample"]
+__all__ = ["dare", "random_like", "drop_random", "Dropper", "della_sample", "restore_l1", "L1_EPS"]
+
+#: mergekit 0.1.5's ``rescaled_masked_tensor`` leaves a tensor unscaled when its L1 norm
+#: before or after the mask is below this
+L1_EPS = 1e-7
 
 CHUNK = 1 << 18  # elements per chunk of drop_random
 
@@ -139,11 +143,26 @@ def drop_random(x: torch.Tensor, p: float, bits, rescale: bool, out: torch.Tenso
     return out
 
 
+def restore_l1(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Scale ``kept`` (``x`` with entries dropped) in place so that its L1 norm is ``x``'s, as
+    mergekit 0.1.5 rescales (``rescale: true``); unscaled when either norm is below
+    :data:`L1_EPS`. Norms are summed in float64."""
+    before = float(torch.linalg.vector_norm(x, 1, dtype=torch.float64))
+    after = float(torch.linalg.vector_norm(kept, 1, dtype=torch.float64))
+    if before >= L1_EPS and after >= L1_EPS:
+        kept.mul_(before / after)
+    return kept
+
+
 @kernel_of("dare")
-def dare(inputs: list[torch.Tensor], ctx: TensorContext, *, p: float, seed: float, rescale: bool) -> torch.Tensor:
-    """Drop each entry with probability ``p``; rescale survivors by ``1/(1-p)``."""
+def dare(inputs: list[torch.Tensor], ctx: TensorContext, *, p: float, seed: float, rescale: bool,
+         rescale_by: str) -> torch.Tensor:
+    """Drop each entry with probability ``p``; rescale survivors by ``1/(1-p)``
+    (``rescale_by="probability"``) or to the tensor's L1 norm (``"l1"``)."""
     (x,) = inputs
-    return drop_random(x, float(p), ctx.bits(seed), bool(rescale), fresh(x))
+    l1 = bool(rescale) and rescale_by == "l1"
+    out = drop_random(x, float(p), ctx.bits(seed), bool(rescale) and not l1, fresh(x))
+    return restore_l1(x, out) if l1 else out
 
 
 @kernel_of("random_like")
@@ -183,6 +202,7 @@ def _rank_order(rows: torch.Tensor) -> torch.Tensor:
 
 def della_sample(
     x: torch.Tensor, density: float, epsilon: float, gen: torch.Generator, rescale: bool, out: torch.Tensor,
+    rescale_by: str = "probability",
 ) -> torch.Tensor:
     """DELLA's MAGPRUNE into ``out``: keep probabilities ranked by magnitude within each row.
 
@@ -190,7 +210,8 @@ def della_sample(
     of ``m`` entries ranked ``r = 0 .. m-1`` by increasing ``|x|`` (ties by
     position), the keep probability is ``density - epsilon + 2*epsilon*r/(m-1)``
     (``density`` when ``m == 1``); a kept entry is divided by its probability
-    when ``rescale``. ``density >= 1`` keeps everything, ``density <= 0``
+    when ``rescale`` (``rescale_by="l1"``: the kept entries are scaled together to
+    ``x``'s L1 norm instead). ``density >= 1`` keeps everything, ``density <= 0``
     nothing.
     """
     if density >= 1.0:
@@ -212,9 +233,11 @@ def della_sample(
     u.uniform_(0.0, 1.0, generator=gen)
     torch.lt(u, prob, out=u)  # 1.0 where kept
     flat = out.view(rows.shape)
-    if rescale:
+    if rescale and rescale_by == "probability":
         torch.div(rows, prob, out=flat)
         flat.mul_(u)
     else:
         torch.mul(rows, u, out=flat)
+        if rescale:
+            restore_l1(x, out)
     return out

@@ -31,10 +31,10 @@ from tvlang.ops.common import (
     settle_ties,
 )
 from tvlang.ops.context import TensorContext
-from tvlang.ops.dare import della_sample, drop_random
+from tvlang.ops.dare import della_sample, drop_random, restore_l1
 from tvlang.ops.prune import keep_at_least, magnitude_threshold, trim
 
-__all__ = ["ties", "dare_ties", "della", "sign_merge"]
+__all__ = ["ties", "dare_ties", "dare_linear", "della", "della_linear", "sign_merge"]
 
 # Elements per chunk of the trim-elect-merge passes: a few chunk-sized temporaries stay
 # in the CPU cache, and the Python cost per chunk (about 20 torch calls) stays small.
@@ -181,6 +181,18 @@ def ties(
     return out
 
 
+def _dropped(inputs: list[torch.Tensor], ctx: TensorContext, p: float, seed: float, rescale: bool,
+             rescale_by: str) -> list[torch.Tensor]:
+    """DARE of each input (one generator, inputs drawn in order) into scratch parts."""
+    bits = ctx.bits(seed)
+    l1 = bool(rescale) and rescale_by == "l1"
+    parts = []
+    for i, x in enumerate(inputs):
+        part = drop_random(x, float(p), bits, bool(rescale) and not l1, scratch(f"ties.part{i}", x))
+        parts.append(restore_l1(x, part) if l1 else part)
+    return parts
+
+
 @kernel_of("dare_ties")
 def dare_ties(
     inputs: list[torch.Tensor],
@@ -189,17 +201,34 @@ def dare_ties(
     p: float,
     seed: float,
     rescale: bool,
+    rescale_by: str,
     elect: str,
     merge: str,
     weights: Sequence[float],
     elect_on: str,
 ) -> torch.Tensor:
     """DARE on each input (one generator, inputs drawn in order), then TIES election and merge."""
-    bits = ctx.bits(seed)
-    parts = [
-        drop_random(x, float(p), bits, bool(rescale), scratch(f"ties.part{i}", x)) for i, x in enumerate(inputs)
-    ]
+    parts = _dropped(inputs, ctx, p, seed, rescale, rescale_by)
     return _merge_chunked(parts, fresh(inputs[0]), elect=elect, merge=merge, weights=weights, elect_on=elect_on)
+
+
+@kernel_of("dare_linear")
+def dare_linear(
+    inputs: list[torch.Tensor],
+    ctx: TensorContext,
+    *,
+    p: float,
+    seed: float,
+    rescale: bool,
+    rescale_by: str,
+    merge: str,
+    weights: Sequence[float],
+) -> torch.Tensor:
+    """DARE on each input (drawn as in ``dare_ties``), then their weighted sum (mergekit's
+    ``dare_linear``): ``merge="sum"``, or divided by the number of inputs or the weights' sum."""
+    parts = _dropped(inputs, ctx, p, seed, rescale, rescale_by)
+    return _merge_chunked(parts, fresh(inputs[0]), elect="none", merge=merge, weights=weights,
+                          elect_on="weighted")
 
 
 def _merge_chunked(parts: list[torch.Tensor], out: torch.Tensor, **options) -> torch.Tensor:
@@ -221,6 +250,7 @@ def della(
     epsilon: float,
     seed: float,
     rescale: bool,
+    rescale_by: str,
     elect: str,
     merge: str,
     weights: Sequence[float],
@@ -232,10 +262,16 @@ def della(
     factor = float(scale["lambda"])
     gen = ctx.generator(seed)
     parts = [
-        della_sample(x, float(density), float(epsilon), gen, bool(rescale), scratch(f"ties.part{i}", x))
+        della_sample(x, float(density), float(epsilon), gen, bool(rescale), scratch(f"ties.part{i}", x), rescale_by)
         for i, x in enumerate(inputs)
     ]
     out = _merge_chunked(parts, fresh(inputs[0]), elect=elect, merge=merge, weights=weights, elect_on=elect_on)
     if factor != 1.0:
         out.mul_(factor)
     return out
+
+
+@kernel_of("della_linear")
+def della_linear(inputs: list[torch.Tensor], ctx: TensorContext, **options) -> torch.Tensor:
+    """``della`` without sign election (mergekit's ``della_linear``)."""
+    return della(inputs, ctx, elect="none", elect_on="weighted", **options)
