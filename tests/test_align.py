@@ -138,7 +138,7 @@ def test_a_peft_adapter_directory_is_refused_with_a_pointer(tmp_path, capsys):
                         f"ft={tmp_path / 'adapter'}", "-o", str(tmp_path / "o"))
     assert code == 1
     assert f"{tmp_path / 'adapter'} is a PEFT adapter directory (adapter_config.json), not a model" in err
-    assert "merge_and_unload()" in err
+    assert f"--bind NAME=lora:{tmp_path / 'adapter'}" in err
     assert not (tmp_path / "o").exists()
 
 

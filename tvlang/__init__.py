@@ -12,6 +12,7 @@ from tvlang.errors import Span, TvlangError
 from tvlang.language.syntax import parse, parse_expression
 from tvlang.plan.compiler import Plan, RunSummary, compile, delta
 from tvlang.plan.optimize import OptimizerFlags
+from tvlang.plan.records import lora
 from tvlang.version import __version__
 
 
@@ -35,6 +36,7 @@ __all__ = [
     "apply_to",
     "compile",
     "delta",
+    "lora",
     "parse",
     "parse_expression",
     "OptimizerFlags",

@@ -1,12 +1,24 @@
 """Rows of the low-rank family: LoRA adapters as sources, low-rank task vectors.
 
-(Empty until the family lands; registered by :mod:`tvlang.language.builtins`.)
+``lora("dir")`` reads a PEFT LoRA adapter directory as a task vector over the base's
+tensor names (``tvlang.io.lora``; the run layer opens it once the base is known).
+See docs/adapters.md.
 """
 
 from __future__ import annotations
 
-from tvlang.language.rows import Builtin
+from tvlang.language.rows import Arg, Builtin
 
 __all__ = ["LOWRANK"]
 
-LOWRANK: tuple[Builtin, ...] = ()
+LOWRANK: tuple[Builtin, ...] = (
+    Builtin(
+        "lora",
+        params=(Arg("path", "string", doc="a PEFT LoRA adapter directory (adapter_config.json and"
+                                          " adapter_model.safetensors or .bin); relative to the recipe file"),),
+        result="delta",
+        stage="source",
+        summary="Read a PEFT LoRA adapter as a task vector: scale * B @ A per adapted module, zero elsewhere.",
+        reference="PEFT LoRA (merge_and_unload: W + scale * B @ A)",
+    ),
+)

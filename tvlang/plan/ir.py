@@ -27,10 +27,10 @@ from typing import Iterator
 
 from tvlang.errors import Span, TvlangError
 from tvlang.language import ast, constants
-from tvlang.language.builtins import REQUIRED, Builtin
+from tvlang.language.builtins import BUILTINS, REQUIRED, Builtin
 from tvlang.language.trampoline import Frame, trampoline
 
-__all__ = ["Node", "Interner", "SourceSpec", "IRProgram", "build", "postorder", "const_value"]
+__all__ = ["Node", "Interner", "SourceSpec", "IRProgram", "build", "postorder", "const_value", "is_source_call"]
 
 VECTOR_OPS = {"source", "lin", "call", "zero", "add", "sub", "neg", "mul", "div"}
 _serial = itertools.count()
@@ -76,6 +76,7 @@ class SourceSpec:
     kind: str  # "model" | "delta"
     path: str | None = None  # resolved path from load(); None for a free name bound from outside
     span: Span | None = None
+    func: str = "load"  # the source built-in that reads the path: load, load_delta or lora
 
 
 class Interner:
@@ -242,7 +243,7 @@ class _Builder:
             result = self.interner.const(self.checked.params[ident])
         elif ident in self.checked.env:
             value = self.checked.env[ident]
-            if isinstance(value, ast.Call) and value.func in ("load", "load_delta"):
+            if isinstance(value, ast.Call) and is_source_call(value):
                 result = self.load(value, key=ident)
             else:
                 result = yield self.expr(value)
@@ -261,13 +262,13 @@ class _Builder:
         path = path_node.value
         # A Hub reference (hf:org/name@rev, resolved by tvlang.io.hub) is not a path.
         resolved = path if path.startswith("hf:") else str(path if Path(path).is_absolute() else self.base_dir / path)
-        kind = "delta" if call.func == "load_delta" else "model"
+        kind = BUILTINS[call.func].result  # load: "model"; load_delta, lora: "delta"
         # An inline load is named by its own text, which explain prints as is
         # (and which parses back to the same load).
         key = key or f'{call.func}("{_escaped(path)}")'
         existing = self.sources.get(key)
         if existing is None:
-            self.sources[key] = SourceSpec(key, kind, resolved, call.span)
+            self.sources[key] = SourceSpec(key, kind, resolved, call.span, call.func)
         return self.interner.source(key, kind)
 
     def expr(self, node: ast.Expr) -> Frame:
@@ -292,7 +293,7 @@ class _Builder:
     def call(self, node: ast.Call) -> Frame:
         from tvlang.language.checker import bind_call
 
-        if node.func in ("load", "load_delta"):
+        if is_source_call(node):
             return self.load(node)
         bound = bind_call(node)
         row = bound.builtin
@@ -345,6 +346,12 @@ class _Builder:
         if number is None:
             raise self.error("this option must be a number known before any tensor is read", node.span)
         return number
+
+
+def is_source_call(call: ast.Call) -> bool:
+    """Whether ``call`` reads a checkpoint (a ``"source"`` row: load, load_delta, lora)."""
+    row = BUILTINS.get(call.func)
+    return row is not None and row.stage == "source"
 
 
 def _escaped(text: str) -> str:

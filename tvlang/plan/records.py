@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DeltaBinding", "RunSummary", "delta"]
+__all__ = ["DeltaBinding", "LoraBinding", "RunSummary", "delta", "lora"]
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,19 @@ class DeltaBinding:
 def delta(value: Any) -> DeltaBinding:
     """Mark a state dict, module or path bound to a name as a task vector (a Delta)."""
     return DeltaBinding(value)
+
+
+@dataclass(frozen=True)
+class LoraBinding:
+    """A binding to a PEFT LoRA adapter directory, read as a task vector (see :func:`lora`)."""
+
+    path: Any
+
+
+def lora(path: Any) -> LoraBinding:
+    """Bind a name to a PEFT LoRA adapter directory: a task vector over the base's names
+    (the API's spelling of ``--bind NAME=lora:DIR``; docs/adapters.md)."""
+    return LoraBinding(path)
 
 
 @dataclass

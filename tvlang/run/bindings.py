@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any, Mapping
 from tvlang.errors import TvlangError
 from tvlang.io import TensorReader, open_reader, peek_kind
 from tvlang.io.hub import is_reference, open_hub
+from tvlang.io.lora import LoraAdapter
 from tvlang.plan.records import DeltaBinding
+from tvlang.run.adapters import attach, lora_path
 from tvlang.run.align import Alignment, align_inputs
 
 if TYPE_CHECKING:
@@ -42,8 +44,8 @@ def refuse_adapter(value: Any) -> None:
             raise TvlangError(
                 f"{path} is a PEFT adapter directory ({ADAPTER_CONFIG}), not a model: its tensors are"
                 " LoRA factors, not weights",
-                notes=("merge it into its base first (PEFT's merge_and_unload() and save_pretrained()),"
-                       " then bind the merged model",),
+                notes=(f'read it as a task vector: lora("{path}") in a recipe, --bind NAME=lora:{path} on the'
+                       f' command line, tvlang.lora("{path}") in the API (docs/adapters.md)',),
             )
 
 
@@ -76,11 +78,22 @@ def bind(plan: Plan, bindings: Mapping[str, Any]) -> Bound:
         raise TvlangError(f"no binding for {', '.join(repr(m) for m in missing)}",
                           notes=("bind each name to a checkpoint (--bind name=PATH, or the bindings dict)",))
     opened: dict[str, TensorReader] = {}
+    adapters: dict[str, LoraAdapter] = {}  # LoRA sources: readers once the base is known
     borrowed: set[str] = set()
     kinds: dict[str, str] = {}
 
     def open_source(key: str) -> None:
         spec = plan.optimized.sources[key]
+        adapter = lora_path(bindings[key]) if spec.path is None else spec.path if spec.func == "lora" else None
+        if adapter is not None:
+            try:
+                adapters[key] = LoraAdapter(adapter)
+            except TvlangError as exc:
+                if exc.span is None and spec.path is not None:
+                    exc.span = spec.span
+                raise
+            kinds[key] = "delta"
+            return
         if spec.path is None:  # a free name: its binding says what it is
             value = bindings[key]
             marked = isinstance(value, DeltaBinding)
@@ -110,7 +123,7 @@ def bind(plan: Plan, bindings: Mapping[str, Any]) -> Bound:
         original = plan
         for _ in range(len(plan.optimized.sources) + 1):
             for key in plan.schedule.sources_read:
-                if key not in opened:
+                if key not in opened and key not in adapters:
                     open_source(key)
             retyped = original.for_kinds(kinds)
             if retyped is plan:
@@ -118,10 +131,10 @@ def bind(plan: Plan, bindings: Mapping[str, Any]) -> Bound:
             plan = retyped
         if not plan.schedule.sources_read:  # nothing to read: the layout comes from the first source
             first = next(iter(plan.optimized.sources))
-            if first not in opened:
+            if first not in opened and first not in adapters:
                 open_source(first)
     except TvlangError as exc:
-        for reader in opened.values():
+        for reader in [*opened.values(), *adapters.values()]:
             reader.close()
         raise exc.with_context(source=plan.text, filename=plan.filename) from None
     order = plan.schedule.sources_read
@@ -132,12 +145,20 @@ def bind(plan: Plan, bindings: Mapping[str, Any]) -> Bound:
     for key in list(opened):
         if key not in needed:
             opened.pop(key).close()
+    for key in list(adapters):
+        if key not in needed:
+            adapters.pop(key).close()
     try:
+        adapted = attach(adapters, opened, base)
         alignment = align_inputs(opened[base], opened, base)
-    except TvlangError:
-        for reader in opened.values():
-            reader.close()
-        raise
+    except TvlangError as exc:
+        for key, reader in opened.items():
+            if key not in adapters:  # an adapter's reader closes its adapter, below
+                reader.close()
+        for adapter in adapters.values():
+            adapter.close()
+        raise exc.with_context(source=plan.text, filename=plan.filename) from None
+    alignment = [entry for entry in alignment if entry.key not in adapters] + adapted
     return Bound(plan, opened, borrowed, base, alignment)
 
 
@@ -147,7 +168,7 @@ def binding_kind(value: Any) -> str:
     A value marked with ``tvlang.delta``, or a file whose metadata says it is a task
     vector, is a Delta; anything else (an unmarked state dict or module) a Model.
     """
-    if isinstance(value, DeltaBinding):
+    if isinstance(value, DeltaBinding) or lora_path(value) is not None:
         return "delta"
     if is_reference(value):
         try:
@@ -174,6 +195,7 @@ def protected_paths(plan: Plan, bindings: Mapping[str, Any]) -> list[str]:
         value = bindings.get(name)
         if isinstance(value, DeltaBinding):
             value = value.value
+        value = lora_path(value) or value
         if isinstance(value, (str, os.PathLike)) and not is_reference(value):
             paths.append(os.fspath(value))
     return [path for path in paths if not is_reference(path)]  # a Hub reference's files are its reader's

@@ -24,6 +24,9 @@ from tvlang.plan.compiler import delta
 #: ``--bind NAME=delta:PATH`` binds PATH as a task vector.
 DELTA_PREFIX = "delta:"
 
+#: ``--bind NAME=lora:DIR`` binds a PEFT LoRA adapter directory as a task vector.
+LORA_PREFIX = "lora:"
+
 #: What ``--bind NAME=KIND`` may say instead of a path (``check`` and ``explain``).
 KINDS = ("model", "delta")
 
@@ -51,7 +54,7 @@ def _named(items: list[str], option: str, expects: str) -> dict[str, str]:
 
 
 def parse_bindings(items: list[str]) -> dict[str, str]:
-    """``--bind NAME=VALUE`` items: a path, ``delta:PATH``, or (check, explain) a kind."""
+    """``--bind NAME=VALUE`` items: a path, ``delta:PATH``, ``lora:DIR``, or (check, explain) a kind."""
     return _named(items, "--bind", "NAME=PATH (or NAME=model, NAME=delta)")
 
 
@@ -112,6 +115,8 @@ def path_kind(value: str) -> str:
 def binding_value(value: str, kind: str) -> object:
     """What ``--bind NAME=[delta:]PATH`` binds once its kind is known: the path, marked
     with ``delta()`` when it is a task vector."""
+    if value.startswith(LORA_PREFIX):  # an adapter: the run layer reads "lora:DIR" (docs/adapters.md)
+        return value
     path = split_binding(value)[1]
     return delta(path) if kind == "delta" else path
 

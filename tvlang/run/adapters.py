@@ -1,0 +1,71 @@
+"""LoRA adapters bound to a plan: ``lora("dir")`` in a recipe, ``lora:DIR`` on the command
+line, ``tvlang.lora(path)`` (or the string ``"lora:DIR"``) in the API's bindings.
+
+An adapter is opened (config and factor header) with the other sources; once the
+base is known, :func:`attach` turns it into a :class:`~tvlang.io.lora.LoraReader`
+over the base's names, its module names aligned to the base's as any input's are
+(``tvlang.run.align``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from tvlang.errors import TvlangError
+from tvlang.io import TensorReader
+from tvlang.io.base import quoted
+from tvlang.io.lora import LoraAdapter, LoraReader
+from tvlang.plan.records import LoraBinding
+from tvlang.run.align import Alignment, align
+
+__all__ = ["LORA_PREFIX", "attach", "lora_path"]
+
+#: ``--bind NAME=lora:DIR`` (and the same string in the API's bindings) binds an adapter.
+LORA_PREFIX = "lora:"
+
+
+def lora_path(value: Any) -> str | None:
+    """The adapter directory a binding names (``LoraBinding`` or ``"lora:DIR"``), else None."""
+    if isinstance(value, LoraBinding):
+        return os.fspath(value.path)
+    if isinstance(value, str) and value.startswith(LORA_PREFIX):
+        return value[len(LORA_PREFIX):]
+    return None
+
+
+def attach(adapters: dict[str, LoraAdapter], readers: dict[str, TensorReader], base_key: str) -> list[Alignment]:
+    """Put a ``LoraReader`` for each adapter into ``readers``, over the base's names.
+
+    When the base is itself an adapter (a recipe that reads no model) its reader has
+    the adapter's own names, and the other adapters are aligned to those.
+    """
+    report: list[Alignment] = []
+    if base_key in adapters:
+        readers[base_key] = LoraReader(adapters[base_key], None)
+    base = readers[base_key]
+    base_float = [info.name for info in base.infos() if info.dtype.is_floating_point]
+    for key, adapter in adapters.items():
+        if key == base_key:
+            continue
+        names = adapter.names()
+        mapping, rules = align(base_float, names)  # adapter name after the rules -> adapter name
+        present = set(base.names())
+        unknown = [old for new, old in mapping.items() if new not in present]
+        if unknown:
+            raise TvlangError(
+                f"{adapter.label}: tensor {quoted(adapter.key_of(unknown[0]))} changes {quoted(unknown[0])}, which"
+                f" the base {base.label} does not have ({len(unknown)} of the adapter's {len(names)} tensors do not"
+                " match)",
+                tensor=unknown[0],
+                notes=(f"the base's names look like '{base_float[0] if base_float else '(none)'}'",
+                       "is this the adapter of another model? (its config names"
+                       f" {adapter.config.get('base_model_name_or_path')!r})"),
+            )
+        readers[key] = LoraReader(adapter, base, mapping)
+        entry = Alignment(key, adapter.label, rules, matched=len(base_float), renamed=0)
+        if rules:
+            entry.renamed = sum(1 for new, old in mapping.items() if new != old)
+        report.append(entry)
+    return report
+
