@@ -9,4 +9,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 pip install --quiet --disable-pip-version-check "torch==2.13.0"
-pip install --quiet --disable-pip-version-check -e ".[test,bases,examples,real,progress,mergekit,ray]" "mergekit==0.1.5"
+pip install --quiet --disable-pip-version-check -e ".[test,bases,examples,real,progress,mergekit,ray,hub]" "mergekit==0.1.5"

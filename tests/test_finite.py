@@ -31,16 +31,51 @@ def chunking(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("expr", ["pre + 1e200*(1e200*(ft - pre))", "pre + (ft - pre)/1e-320"])
-def test_overflowing_coefficients_are_refused(tmp_path, chunking, expr):
+RECIPE = 'pre = load("pre")\nft = load("ft")\nout = {}\n'
+
+
+@pytest.mark.parametrize("expr,column,message", [
+    ("pre + 1e200*(1e200*(ft - pre))", 13,
+     "this scales a task vector by about 1e+400, beyond the largest number a run can hold (about 1.8e+308)"),
+    ("pre + (ft - pre)/1e-320", 13,
+     "this scales a task vector by about 1e+320, beyond the largest number a run can hold (about 1.8e+308)"),
+    ("pre + 1e-200*(1e-200*(ft - pre))", 13,
+     "this scales a task vector by about 1e-400, below the smallest number a run can hold (about 4.9e-324)"),
+    ("pre + 1e308*(ft - pre) + 1e308*(ft - pre)", 1,
+     "output 'out': its coefficients add up to -inf, beyond the largest number a run can hold (about 1.8e+308)"),
+])
+def test_coefficients_beyond_a_double_are_check_time_errors(expr, column, message):
+    """0.2 wrote an all-NaN model for these (or, below the range, the base unchanged)."""
+    text = RECIPE.format(expr)
+    with pytest.raises(tvlang.TvlangError) as err:
+        tvlang.compile(text, filename="r.tv")
+    assert err.value.message == message
+    assert (err.value.span.line, err.value.span.column) == (3, column)
+
+
+@pytest.mark.parametrize("expr", ["pre + 0*(ft - pre)", "pre + 1e200*(1e-200*(ft - pre))",
+                                  "pre + (1e300*(ft - pre))/1e300"])
+def test_coefficients_inside_the_range_pass(expr):
+    pre, ft = models()
+    got = tvlang.compile(expr).evaluate({"pre": pre, "ft": ft}, dtype="float64")
+    factor = 0.0 if expr.startswith("pre + 0") else 1.0
+    torch.testing.assert_close(got["w"], (pre["w"] + factor * (ft["w"] - pre["w"])).double().float(),
+                               rtol=1e-6, atol=0)
+
+
+def test_a_coefficient_beyond_the_compute_dtype_is_refused_before_reading(tmp_path):
     pre, ft = models()
     out = tmp_path / "o.safetensors"
+    plan = tvlang.compile("pre + 1e30*(1e30*(ft - pre))")  # 1e60 fits a double, not a float32
     with pytest.raises(tvlang.TvlangError) as err:
-        tvlang.compile(expr).run({"pre": pre, "ft": ft}, str(out))
-    # w[0, 0] is 0 * inf = nan; the first entry of the first tensor is named
-    assert err.value.message == "output 'out': tensor 'w' has a non-finite value (nan) at index (0, 0)"
-    assert err.value.tensor == "w"
-    assert any("--allow-nonfinite" in note for note in err.value.notes)
+        plan.run({"pre": pre, "ft": ft}, str(out))
+    assert err.value.message == ("the recipe scales a term by -1e+60, beyond what float32 can hold "
+                                 "(about 3.4e+38): compute in float64 (--dtype float64)")
+    assert not out.exists()
+    # In float64 the coefficient is fine, and the result overflowing float32 is named at its index.
+    with pytest.raises(tvlang.TvlangError) as err:
+        plan.run({"pre": pre, "ft": ft}, str(out), dtype="float64")
+    assert err.value.message == "output 'out': tensor 'w' has a non-finite value (inf) at index (0, 1)"
     assert not out.exists()
 
 
@@ -85,10 +120,10 @@ def test_cli_exit_1_with_the_message_and_no_output(tmp_path, capsys):
     write_checkpoint(str(tmp_path / "pre"), pre)
     write_checkpoint(str(tmp_path / "ft"), ft)
     out = tmp_path / "merged"
-    code = main(["run", "-e", "pre + 1e200*(1e200*(ft - pre))", "--bind", f"pre={tmp_path / 'pre'}",
-                 "--bind", f"ft={tmp_path / 'ft'}", "-o", str(out)])
+    code = main(["run", "-e", "pre + 1e20*(ft - pre)", "--bind", f"pre={tmp_path / 'pre'}",
+                 "--bind", f"ft={tmp_path / 'ft'}", "-o", str(out), "--out-dtype", "float16"])
     err = capsys.readouterr().err
     assert code == 1
-    assert "error: output 'out': tensor 'w' has a non-finite value (nan) at index (0, 0)" in err
+    assert "error: output 'out': tensor 'w' has a non-finite value (inf) at index (0, 1)" in err
     assert "Traceback" not in err
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if "tvtmp" in p.name] == []

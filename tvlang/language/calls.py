@@ -50,6 +50,12 @@ class _Scalar:
 @dataclass(frozen=True)
 class _Vector:
     weight: float  # sum of the model coefficients: 1 for a Model, 0 for a Delta
+    # log10 of the largest and the smallest constant factor any of its terms is scaled
+    # by (products along each path of c*x and x/c; a sum takes the extremes of both
+    # sides): the optimizer multiplies these factors out, so one beyond a double's range
+    # would turn into inf or 0 there. -inf/inf: no term with a nonzero factor (0*x).
+    log_max: float = 0.0
+    log_min: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ tvlang.errors.TvlangError: r.tv:1:7: error: model coefficients sum to 1.4; a mod
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 
 from tvlang.errors import Span, TvlangError
@@ -48,6 +49,9 @@ from tvlang.language.calls import (
 )
 from tvlang.language.printer import to_text
 from tvlang.language.trampoline import Frame, trampoline
+
+_LOG_MAX = math.log10(sys.float_info.max)  # 308.25
+_LOG_MIN = math.log10(5e-324)  # the smallest subnormal: -323.3
 
 __all__ = ["BoundCall", "CheckedProgram", "Output", "bind_call", "check", "load_builtins"]
 
@@ -268,7 +272,7 @@ class _Checker(ArgumentChecks):
             if isinstance(t, _Scalar):
                 return self.constant_value(node, t.value)
             if isinstance(t, _Vector):
-                return _Vector(-t.weight)
+                return _Vector(-t.weight, t.log_max, t.log_min)
             if isinstance(t, _Other):
                 return self.error(f"cannot negate {_describe(t)}", node)
             return _UNKNOWN
@@ -320,7 +324,8 @@ class _Checker(ArgumentChecks):
             return self.constant_value(node, left.value, right.value)
         if op in "+-":
             if isinstance(left, _Vector) and isinstance(right, _Vector):
-                return _Vector(left.weight + right.weight if op == "+" else left.weight - right.weight)
+                return _Vector(left.weight + right.weight if op == "+" else left.weight - right.weight,
+                               max(left.log_max, right.log_max), min(left.log_min, right.log_min))
             vector, scalar = (left, node.right) if isinstance(left, _Vector) else (right, node.left)
             verb = "add" if op == "+" else "subtract"
             return self.error(
@@ -347,7 +352,7 @@ class _Checker(ArgumentChecks):
     def scale(self, node: ast.BinOp, vector: _Vector, scalar: _Scalar, combine):
         if scalar.value is None:
             if _vector_kind(vector.weight) == "delta":
-                return _Vector(0.0)
+                return _Vector(0.0, vector.log_max, vector.log_min)
             return self.error(
                 f"the coefficient of {_describe(vector)} must be known before the run, "
                 "but this number is computed from weights",
@@ -357,7 +362,19 @@ class _Checker(ArgumentChecks):
         weight = combine(vector.weight, scalar.value)
         if not math.isfinite(weight):
             return self.error("number out of range", node)
-        return _Vector(weight)
+        if scalar.value == 0:
+            return _Vector(weight, -math.inf, math.inf)
+        log_c = math.log10(abs(scalar.value)) * (1 if node.op == "*" else -1)
+        log_max, log_min = vector.log_max + log_c, vector.log_min + log_c
+        if log_max > _LOG_MAX:
+            return self.error(f"this scales {_describe(vector)} by about 1e{log_max:+.0f}, beyond the largest "
+                              "number a run can hold (about 1.8e+308)", node,
+                              ("note: the optimizer multiplies the factors out; every entry would be inf or NaN",))
+        if log_min < _LOG_MIN:
+            return self.error(f"this scales {_describe(vector)} by about 1e{log_min:+.0f}, below the smallest "
+                              "number a run can hold (about 4.9e-324)", node,
+                              ("note: the optimizer multiplies the factors out; the term would vanish",))
+        return _Vector(weight, log_max, log_min)
 
     def constant_value(self, node: ast.Neg | ast.BinOp, *operands: float | None):
         """A number from numbers: its value when they are constants (see :mod:`constants`)."""

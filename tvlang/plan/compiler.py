@@ -21,6 +21,7 @@ A recipe whose output is a number plans its whole-model reductions, and
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Iterator, Mapping
 
 from tvlang.errors import TvlangError
@@ -109,8 +110,9 @@ class PendingPlan:
 
         as_deltas = {name: "delta" for name in self.free_names()}
         try:
-            check(self.program, source=self.text, filename=self.filename, sources=as_deltas, params=self._params,
-                  scalar_outputs=True)
+            checked = check(self.program, source=self.text, filename=self.filename, sources=as_deltas,
+                            params=self._params, scalar_outputs=True)
+            check_coefficients(optimize(build(checked)), checked)
         except TvlangError as other:
             return not (keys(self.error) & keys(other))
         return True
@@ -182,6 +184,7 @@ class Plan:
         self.params: dict[str, float] = dict(self.checked.params)
         self.unoptimized: IRProgram = build(self.checked)
         self.optimized: IRProgram = optimize(self.unoptimized, flags)
+        check_coefficients(self.optimized, self.checked)
         self.schedule: Schedule = schedule(self.optimized)
         self._variants: dict[tuple, Plan] = {}
 
@@ -283,3 +286,17 @@ class Plan:
         output = next(o for o in self.checked.outputs if o.name == name)
         raise TvlangError("an output must be a model or a task vector, got a number", output.expr.span,
                           source=self.text, filename=self.filename, notes=(f"note: {note}",))
+
+
+def check_coefficients(program: IRProgram, checked) -> None:
+    """A coefficient the optimizer folded to inf or NaN (``1e308*tau + 1e308*tau``) is a
+    check-time error naming the output, not a model of NaNs (the checker catches single
+    products beyond a double's range with their span; a sum of large terms lands here)."""
+    spans = {output.name: output.span for output in checked.outputs}
+    for name, root in program.outputs:
+        for node in postorder([root]):
+            if node.op == "const" and not math.isfinite(node.attr):
+                raise TvlangError(f"output '{name}': its coefficients add up to {node.attr}, beyond the largest "
+                                  "number a run can hold (about 1.8e+308)", spans.get(name),
+                                  source=checked.source, filename=checked.filename)
+

@@ -51,6 +51,23 @@ class Session:
         self._linear: dict[int, LinearProgram | None] = {}  # id(program) -> analysis
         self.scratch: dict[int, torch.Tensor] = {}  # value -> chunk buffer (chunked runs)
         self.buffers = OutputBuffers()
+        self._check_coefficients()
+
+    def _check_coefficients(self) -> None:
+        """A constant coefficient beyond the compute dtype's range (``1e30*(1e30*tau)``
+        in float32) is an error before any read, not torch's overflow error at the first tensor."""
+        if not self.dtype.is_floating_point:
+            return
+        largest = torch.finfo(self.dtype).max
+        programs = [program for _, program in self.plan.schedule.levels] + [self.plan.schedule.main]
+        for program in programs:
+            for step in program.steps:
+                coefs = step.coef if step.op == "add" else (step.coef,)
+                for coef in coefs or ():
+                    if isinstance(coef, float) and abs(coef) > largest:
+                        raise TvlangError(
+                            f"the recipe scales a term by {coef:g}, beyond what {_dtype_name(self.dtype)} "
+                            f"can hold (about {largest:.1e}): compute in float64 (--dtype float64)")
 
     # scalars
 
@@ -252,3 +269,7 @@ class Session:
             nbytes = numel(info.shape) * dtype.itemsize
             result.append(TensorInfo(name, tuple(info.shape), dtype, nbytes, ""))
         return result
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

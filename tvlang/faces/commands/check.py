@@ -13,9 +13,10 @@ from tvlang.faces.commands.common import add_recipe_arguments, recipe_source
 from tvlang.language import ast
 from tvlang.language.checker import CheckedProgram, check
 from tvlang.language.syntax import parse, parse_expression
+from tvlang.plan.compiler import check_coefficients, declare_params
 from tvlang.plan.compiler import compile as compile_recipe
-from tvlang.plan.compiler import declare_params
 from tvlang.plan.ir import build
+from tvlang.plan.optimize import optimize
 
 HELP = "check a recipe's names, types and the affine rule, and its checkpoints' headers"
 
@@ -80,7 +81,9 @@ def check_recipe(
     program = declare_params(program, params or {})
     sources = {name: binding_kind(value) for name, value in (bindings or {}).items()}
     checked = check(program, source=text, filename=filename, sources=sources, params=params)
-    build(checked)  # constant options a kernel would reject (ties density=1.5) are errors too
+    # Constant options a kernel would reject (ties density=1.5) are errors too, and so are
+    # coefficients the optimizer would fold to inf (1e308*tau + 1e308*tau).
+    check_coefficients(optimize(build(checked)), checked)
     return checked
 
 
