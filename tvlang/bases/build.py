@@ -32,6 +32,8 @@ from tvlang.bases.gram import DEFAULT_CHUNK_BYTES, format_matrix, similarity
 from tvlang.errors import TvlangError
 from tvlang.io import check_output_path, open_reader
 from tvlang.io.atomic import AtomicReplace
+from tvlang.io.lora import LoraAdapter
+from tvlang.run.adapters import lora_path
 from tvlang.version import __version__
 
 __all__ = [
@@ -145,6 +147,12 @@ def inspect_inputs(pairs: Sequence[tuple[str, str]], base: str | None,
     name is in ``deltas`` (the CLI's ``NAME=delta:PATH``)."""
     out = []
     for name, path in pairs:
+        adapter = lora_path(path)
+        if adapter is not None:  # a LoRA adapter is a task vector; it stores its factors only
+            with LoraAdapter(adapter) as read:
+                size = sum(read.file.info(n).nbytes for n in read.file.names())
+            out.append(TaskVectorInput(name, os.fspath(path), "delta", size))
+            continue
         reader = open_reader(path, label=os.fspath(path))
         try:
             kind = "delta" if reader.kind == "delta" or name in deltas else "model"

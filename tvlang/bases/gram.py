@@ -33,6 +33,7 @@ import torch
 
 from tvlang.errors import TvlangError
 from tvlang.io import TensorReader, open_reader
+from tvlang.run.adapters import adapter_reader
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -150,7 +151,9 @@ def similarity(
         if base is not None:
             base_reader = open_reader(base, label=_label(base, "base"))
         for name, obj in items:
-            readers.append(open_reader(obj, label=_label(obj, name)))
+            # A LoRA adapter (lora:DIR) is read over the base's names (or the first input's).
+            adapter = adapter_reader(obj, base_reader if base_reader is not None else (readers or [None])[0])
+            readers.append(adapter if adapter is not None else open_reader(obj, label=_label(obj, name)))
         is_delta = [r.kind == "delta" or n in forced_deltas for n, r in zip(names, readers)]
         if base_reader is None:
             models = [n for n, d in zip(names, is_delta) if not d]

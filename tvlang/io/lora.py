@@ -330,6 +330,12 @@ class LoraAdapter:
     def close(self) -> None:
         self.file.close()
 
+    def __enter__(self) -> "LoraAdapter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def _zeros(shape: tuple[int, ...]) -> torch.Tensor:
     # calloc'd memory: pages nobody writes cost nothing, so a zero tensor as large as an

@@ -16,17 +16,20 @@ from tvlang.errors import TvlangError
 from tvlang.io import TensorReader
 from tvlang.io.base import quoted
 from tvlang.io.lora import LoraAdapter, LoraReader
-from tvlang.plan.records import LoraBinding
+from tvlang.plan.records import DeltaBinding, LoraBinding
 from tvlang.run.align import Alignment, align
 
-__all__ = ["LORA_PREFIX", "attach", "lora_path"]
+__all__ = ["LORA_PREFIX", "adapter_reader", "attach", "lora_path"]
 
 #: ``--bind NAME=lora:DIR`` (and the same string in the API's bindings) binds an adapter.
 LORA_PREFIX = "lora:"
 
 
 def lora_path(value: Any) -> str | None:
-    """The adapter directory a binding names (``LoraBinding`` or ``"lora:DIR"``), else None."""
+    """The adapter directory a binding names (``LoraBinding`` or ``"lora:DIR"``, perhaps
+    marked with ``tvlang.delta``), else None."""
+    if isinstance(value, DeltaBinding):
+        value = value.value
     if isinstance(value, LoraBinding):
         return os.fspath(value.path)
     if isinstance(value, str) and value.startswith(LORA_PREFIX):
@@ -69,3 +72,21 @@ def attach(adapters: dict[str, LoraAdapter], readers: dict[str, TensorReader], b
         report.append(entry)
     return report
 
+
+
+def adapter_reader(value: Any, base: TensorReader | None) -> TensorReader | None:
+    """A ``LoraReader`` when ``value`` names an adapter (over ``base``'s names, or its own
+    without a base), else None: for the commands that open inputs themselves (similarity, bases)."""
+    path = lora_path(value)
+    if path is None:
+        return None
+    adapter = LoraAdapter(path)
+    try:
+        if base is None:
+            return LoraReader(adapter, None)
+        readers: dict[str, TensorReader] = {"": base}
+        attach({"adapter": adapter}, readers, "")
+        return readers["adapter"]
+    except BaseException:
+        adapter.close()
+        raise

@@ -18,7 +18,9 @@ tensor by tensor (memory: the N x N matrix plus one chunk per input).
 
 Each NAME=PATH is a fine-tuned model (its task vector is PATH - PRE, so --base
 is needed) or a task vector file written by tvlang (metadata tvlang.kind =
-delta), used as it is. Without --base every input must be a task vector file.
+delta), used as it is; NAME=lora:DIR is a PEFT LoRA adapter, read as a task
+vector over the base's names (docs/adapters.md). Without --base every input must
+be a task vector.
 Integer tensors are skipped; --include/--exclude choose tensors by glob (the
 paper uses the encoder only: --include 'encoder.*'). A zero task vector has
 cosine 0 with everything, itself included.
@@ -57,7 +59,8 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments ``similarity`` and ``bases`` share."""
     parser.add_argument("inputs", nargs="*", metavar="NAME=PATH",
                         help="a fine-tuned model or a task vector file, named (repeat for each);"
-                             " NAME=delta:PATH marks a task vector file that lacks tvlang metadata")
+                             " NAME=delta:PATH marks a task vector file that lacks tvlang metadata,"
+                             " NAME=lora:DIR a PEFT LoRA adapter")
     parser.add_argument("--base", metavar="PRE", help="the pretrained model the task vectors are relative to")
     parser.add_argument("--include", action="append", default=[], metavar="GLOB",
                         help="only tensors whose name matches (repeatable)")
