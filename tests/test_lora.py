@@ -391,3 +391,14 @@ def test_peft_model_itself_is_untouched_by_reading(llama, tmp_path):
     model = peft_model(llama, 0, r=4, lora_alpha=8, target_modules=["q_proj"])
     weights = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert weights and all(w.abs().sum() > 0 for w in weights)
+
+
+def test_repl_rebases_lora_paths_like_load_paths():
+    from tvlang.faces.repl.session import _rebase_loads, loads
+    from tvlang.language.printer import to_text
+    from tvlang.language.syntax import parse_expression
+
+    expr = parse_expression('pre + lora("adapters/yelp") - load_delta("t.safetensors")')
+    assert [c.func for c in loads(expr)] == ["lora", "load_delta"]
+    assert to_text(_rebase_loads(expr, "/recipes")) == \
+        'pre + lora("/recipes/adapters/yelp") - load_delta("/recipes/t.safetensors")'

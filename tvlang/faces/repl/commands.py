@@ -245,8 +245,8 @@ class Repl:
             for call in loads(entry.stmt):
                 path_node = call.args[0] if call.args else next((k.value for k in call.kwargs), None)
                 if isinstance(path_node, ast.String):
-                    kind = "delta" if call.func == "load_delta" else "model"
-                    rows.append((entry.name, f"load() in {entry.name}, {kind}", path_node.value))
+                    kind = "delta" if call.func in ("load_delta", "lora") else "model"
+                    rows.append((entry.name, f"{call.func}() in {entry.name}, {kind}", path_node.value))
         if not rows:
             self.say("(no checkpoints bound or loaded)")
             return

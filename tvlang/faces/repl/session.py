@@ -33,6 +33,7 @@ from tvlang.language.checker import CheckedProgram, check
 from tvlang.language.printer import to_text
 from tvlang.language.syntax import parse, parse_expression
 from tvlang.plan.compiler import Plan, compile
+from tvlang.plan.ir import is_source_call
 from tvlang.plan.records import DeltaBinding, delta
 
 __all__ = ["FILENAME", "VALUE", "Compiled", "Entry", "Piece", "Workspace", "check_loads", "loads", "names",
@@ -287,8 +288,8 @@ def parse_expr(text: str) -> ast.Expr:
 
 
 def loads(node: ast.Node) -> list[ast.Call]:
-    """The ``load()``/``load_delta()`` calls in ``node``."""
-    return [c for c in ast.walk(node) if isinstance(c, ast.Call) and c.func in ("load", "load_delta")]
+    """The ``load()``/``load_delta()``/``lora()`` calls in ``node`` (the source built-ins)."""
+    return [c for c in ast.walk(node) if isinstance(c, ast.Call) and is_source_call(c)]
 
 
 def _rebase_loads(node: ast.Expr, directory: str) -> ast.Expr:
@@ -298,7 +299,7 @@ def _rebase_loads(node: ast.Expr, directory: str) -> ast.Expr:
     if isinstance(node, ast.Call):
         args = tuple(_rebase_loads(a, directory) for a in node.args)
         kwargs = tuple(replace(k, value=_rebase_loads(k.value, directory)) for k in node.kwargs)
-        if node.func in ("load", "load_delta"):
+        if is_source_call(node):
             args = tuple(_rebase_path(a, directory) for a in args)
             kwargs = tuple(replace(k, value=_rebase_path(k.value, directory)) if k.name == "path" else k
                            for k in kwargs)
