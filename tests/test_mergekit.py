@@ -347,11 +347,21 @@ ERRORS = [
      "ties needs a base_model", 4),
     ("models:\n  - model: {root}/ft1\n  - model: {root}/ft1\nmerge_method: linear\n",
      "is merged twice (models[0] and models[1])", 3),
-    ("models:\n  - model: {root}/ft1\n  - model: {root}/ft2\nmerge_method: nuslerp\nparameters: {{weight: 1}}\n",
-     "nuslerp without a base_model is not supported", 4),
-    ("models:\n  - model: {root}/ft1\n  - model: {root}/ft2\nbase_model: {root}/base\nmerge_method: nuslerp\n"
-     "parameters: {{weight: 1, nuslerp_flatten: false}}\n",
-     "nuslerp with nuslerp_flatten: false is not supported", 6),
+    ("models:\n  - model: {root}/ft1\n  - model: {root}/ft2\n  - model: {root}/ft3\nbase_model: {root}/base\n"
+     "merge_method: nuslerp\nparameters: {{weight: 1}}\n",
+     "nuslerp merges at most 3 models (base_model counts as one); this config gives 4", 2),
+    ("models:\n  - model: {root}/ft1\n    parameters: {{weight: 1}}\n  - model: {root}/ft2\n"
+     "    parameters: {{weight: -1}}\nmerge_method: multislerp\n",
+     "multislerp with normalize_weights: true needs weights whose sum is not 0", 2),
+    ("models:\n  - model: {root}/base\nbase_model: {root}/base\nmerge_method: multislerp\n",
+     "multislerp needs at least one model besides the base_model", 2),
+    ("models:\n  - model: {root}/ft1\n  - model: {root}/ft2\nmerge_method: karcher\nparameters: {{max_iter: 2.5}}\n",
+     "max_iter must be a whole number, got 2.5", 5),
+    ("models:\n  - model: {root}/ft1\n  - model: {root}/base\nbase_model: {root}/base\nmerge_method: nearswap\n"
+     "parameters: {{t: -0.1}}\n",
+     "nearswap's t must be at least 0, got -0.1", 6),
+    ("models:\n  - model: {root}/ft1\nbase_model: {root}/base\nmerge_method: nearswap\n",
+     "nearswap needs parameter 't'", 4),
     ("models:\n  - model: {root}/ft1\n    parameters: {{weight: 1}}\nbase_model: {root}/base\n"
      "merge_method: ties\nparameters: {{rescale: true, density: 0.5}}\n",
      "rescale: true (restore each task vector's L1 norm after pruning) with ties is not supported", 6),

@@ -28,7 +28,7 @@ here is written by hand, and this module imports no torch. (A row's whole-model
 >>> "ties" in CHUNKED, "ties" in MULTIPASS, "select" in ELEMENTWISE, "slerp" in CHUNKED
 (True, True, True, False)
 >>> KERNELS["ties"].__name__, sorted(MULTIPASS)
-('ties', ['breadcrumbs', 'ties', 'topk'])
+('ties', ['breadcrumbs', 'karcher', 'multislerp', 'nuslerp', 'ties', 'topk'])
 """
 
 from __future__ import annotations

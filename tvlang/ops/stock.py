@@ -8,17 +8,25 @@ then clamped to ``[0, 1]``, and ``t = N*c / (1 + (N-1)*c)``. The result is
 ``c`` mergekit's ``t`` leaves ``[0, 1]`` (and divides by zero at
 ``c = -1/(N-1)``); tvlang then returns the base.
 
+With ``filter_wise=True`` each vector along the last dimension (a row of a matrix; a 1-D
+tensor is one vector) gets its own ``c`` and ``t``, as mergekit's ``filter_wise: true``.
+
 >>> from tvlang.ops.context import TensorContext
 >>> base = torch.zeros(2)
 >>> model_stock([base, torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])], TensorContext("w"))
 tensor([0.8284, 0.4142])
+>>> rows = [torch.zeros(2, 2), torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[1.0, 1.0], [-1.0, 0.0]])]
+>>> model_stock(rows, TensorContext("w"), filter_wise=True)
+tensor([[0.8284, 0.4142],
+        [0.0000, 0.0000]])
 """
 
 from __future__ import annotations
 
 import torch
 
-from tvlang.ops.common import fresh
+from tvlang.errors import TvlangError
+from tvlang.ops.common import fresh, kernel_of
 from tvlang.ops.context import TensorContext
 
 __all__ = ["model_stock", "stock_ratio"]
@@ -30,13 +38,14 @@ def stock_ratio(cos: float, n: int) -> float:
     return n * c / (1.0 + (n - 1) * c)
 
 
-def model_stock(inputs: list[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+@kernel_of("model_stock")
+def model_stock(inputs: list[torch.Tensor], ctx: TensorContext, *, filter_wise: bool) -> torch.Tensor:
     base, *models = inputs
     n = len(models)
     if n < 2:
-        from tvlang.errors import TvlangError
-
         raise TvlangError("model_stock: needs a base and at least two fine-tuned models", tensor=ctx.name)
+    if filter_wise and base.dim() > 1:
+        return _per_row(base, models)
     offsets = [torch.sub(m, base) for m in models]
     norms = [float(torch.linalg.vector_norm(d, dtype=torch.float64)) for d in offsets]
     total, pairs = 0.0, 0
@@ -50,4 +59,22 @@ def model_stock(inputs: list[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
     torch.mul(base, 1.0 - t, out=out)
     for m in models:
         out.add_(m, alpha=t / n)
+    return out
+
+
+def _per_row(base: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
+    """``filter_wise``: the ratio of each vector along the last dimension, from its own cosines."""
+    n = len(models)
+    offsets = [torch.sub(m, base) for m in models]
+    norms = [torch.linalg.vector_norm(d, dim=-1, dtype=torch.float64) for d in offsets]
+    total = torch.zeros(base.shape[:-1], dtype=torch.float64, device=base.device)
+    for i in range(n):
+        for j in range(i + 1, n):
+            dots = torch.sum(torch.mul(offsets[i], offsets[j]), dim=-1, dtype=torch.float64)
+            total += (dots / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1.0, 1.0)
+    c = (total / (n * (n - 1) // 2)).clamp_(0.0, 1.0)
+    t = (n * c / (1.0 + (n - 1) * c)).to(base.dtype).unsqueeze(-1)
+    out = torch.mul(base, 1.0 - t)
+    for m in models:
+        out.addcmul_(m, t / n)
     return out

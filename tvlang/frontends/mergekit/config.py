@@ -305,7 +305,7 @@ def _value(source: _Source, param: _Param, value: Any, at: _Path) -> Any:
         raise source.error(f"{param.name}: per-layer values (a gradient) and filter lists are {_NOT_YET}", at,
                            notes=("give one value for every layer",))
     if value is None or isinstance(value, dict):
-        raise source.error(f"{param.name} needs a {'number' if param.kind == 'number' else 'true or false'}", at)
+        raise source.error(f"{param.name} needs a {'true or false' if param.kind == 'bool' else 'number'}", at)
     if param.kind == "bool":
         if isinstance(value, bool):
             return value
@@ -321,6 +321,8 @@ def _value(source: _Source, param: _Param, value: Any, at: _Path) -> Any:
             raise source.error(f"{param.name} must be a number, got '{value}'", at) from None
     if not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
         raise source.error(f"{param.name} must be a finite number, got {value!r}", at)
+    if param.kind == "int" and not float(value).is_integer():
+        raise source.error(f"{param.name} must be a whole number, got {value!r}", at)
     return float(value)
 
 

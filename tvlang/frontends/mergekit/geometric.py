@@ -1,11 +1,11 @@
-"""Translations of mergekit's geometric methods: slerp, nuslerp, model_stock."""
+"""Translations of mergekit's geometric methods: slerp, nuslerp, multislerp, karcher, nearswap,
+model_stock."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from tvlang.frontends.mergekit.expressions import _call, _delta, _name, _num, _show, _tidy
-from tvlang.frontends.mergekit.source import _NOT_YET
 from tvlang.frontends.mergekit.spec import _Method, _Out, _Param
 from tvlang.language import ast
 
@@ -22,38 +22,91 @@ def _slerp(merge: _Merge) -> _Out:
 
 
 def _nuslerp(merge: _Merge) -> _Out:
-    source = merge.source
-    if merge.base is None:
-        raise source.error("nuslerp without a base_model is " + _NOT_YET, ("merge_method",),
-                           notes=("with a base_model it is base + slerp of the two task vectors",))
-    for name, supported in (("nuslerp_flatten", True), ("nuslerp_row_wise", False)):
-        if merge.shared[name] != supported:
-            raise source.error(f"nuslerp with {name}: {_show(merge.shared[name])} is {_NOT_YET}",
-                               ("parameters", name))
     first, second = merge.non_base
     w1, w2 = first.values["weight"], second.values["weight"]
     t = 0.5 if abs(w1 + w2) < 1e-6 else _tidy(w2 / (w1 + w2))
-    note = (f"t = weight of {second.name} / sum of the weights = {_show(w2)}/({_show(w1)} + {_show(w2)}) "
-            f"= {_show(t)}: each tensor's task vectors are interpolated on the sphere (nuslerp_flatten: true).")
-    expr = ast.BinOp("+", _name(merge.base.name),
-                     _call("slerp", [_delta(first, merge.base), _delta(second, merge.base), _num(t)]))
-    return _Out(expr, [note])
+    flatten, row_wise = merge.shared["nuslerp_flatten"], merge.shared["nuslerp_row_wise"]
+    if flatten:
+        shape = "each tensor, flattened (nuslerp_flatten: true),"
+    else:
+        shape = ("each column of a matrix (vectors along its first dimension: nuslerp_row_wise: true)" if row_wise
+                 else "each row of a matrix (vectors along its last dimension: nuslerp_row_wise: false)")
+    what = "task vectors" if merge.base is not None else "models"
+    notes = [f"t = weight of {second.name} / sum of the weights = {_show(w2)}/({_show(w1)} + {_show(w2)}) "
+             f"= {_show(t)}: the {what} are interpolated on the sphere, {shape} linearly only where they are "
+             "colinear."]
+    options = {"flatten": None if flatten else False, "row_wise": True if row_wise and not flatten else None}
+    if merge.base is None:
+        return _Out(_call("nuslerp", [_name(first.name), _name(second.name), _num(t)], **options), notes)
+    call = _call("nuslerp", [_delta(first, merge.base), _delta(second, merge.base), _num(t)], **options)
+    return _Out(ast.BinOp("+", _name(merge.base.name), call), notes)
+
+
+def _multislerp(merge: _Merge) -> _Out:
+    entries = merge.non_base
+    if not entries:
+        raise merge.source.error("multislerp needs at least one model besides the base_model", ("models",))
+    weights = [i.values["weight"] for i in entries]
+    normalize, eps = merge.shared["normalize_weights"], merge.shared["eps"]
+    if normalize and abs(sum(weights)) < 1e-12:
+        raise merge.source.error("multislerp with normalize_weights: true needs weights whose sum is not 0 "
+                                 "(mergekit divides by it)", ("models",))
+    options = {"weights": None if all(w == weights[0] for w in weights) and normalize else weights,
+               "normalize_weights": None if normalize else False, "eps": None if eps == 1e-8 else eps}
+    notes = [f"normalize_weights {_show(normalize)} ({merge.shared_origins['normalize_weights']}), eps {_show(eps)} "
+             f"({merge.shared_origins['eps']})."]
+    if merge.base is None:
+        return _Out(_call("multislerp", [_name(i.name) for i in entries], **options), notes)
+    notes.append("With a base_model the task vectors are interpolated and the base added back, as mergekit.")
+    call = _call("multislerp", [_delta(i, merge.base) for i in entries], **options)
+    return _Out(ast.BinOp("+", _name(merge.base.name), call), notes)
+
+
+def _karcher(merge: _Merge) -> _Out:
+    max_iter, tol = merge.shared["max_iter"], merge.shared["tol"]
+    options = {"max_iter": None if max_iter == 10 else max_iter, "tol": None if tol == 1e-5 else tol}
+    notes = [f"max_iter {_show(max_iter)} ({merge.shared_origins['max_iter']}), tol {_show(tol)} "
+             f"({merge.shared_origins['tol']}): every model (the base_model too) weighs the same, as in mergekit."]
+    inputs = sorted(merge.inputs, key=lambda i: i is not merge.base)  # the base first: the output takes its config
+    return _Out(_call("karcher", [_name(i.name) for i in inputs], **options), notes)
+
+
+def _nearswap(merge: _Merge) -> _Out:
+    other = merge.non_base[0]
+    t = merge.shared["t"]
+    if t < 0:
+        raise merge.source.error(f"nearswap's t must be at least 0, got {_show(t)}", ("parameters", "t"))
+    note = (f"t {_show(t)} ({merge.shared_origins['t']}): entries within t of the base take {other.name}'s "
+            f"value, the others move toward it by t/|base - {other.name}|.")
+    return _Out(_call("nearswap", [_name(merge.base.name), _name(other.name), _num(t)]), [note])
 
 
 def _model_stock(merge: _Merge) -> _Out:
-    if merge.shared["filter_wise"]:
-        raise merge.source.error("model_stock with filter_wise: true is " + _NOT_YET, ("parameters", "filter_wise"))
     args = [_name(merge.base.name)] + [_name(i.name) for i in merge.non_base]
+    if merge.shared["filter_wise"]:
+        return _Out(_call("model_stock", args, filter_wise=True),
+                    ["filter_wise true: one interpolation ratio per row (vector along the last dimension)."])
     return _Out(_call("model_stock", args), ["filter_wise false: one interpolation ratio per tensor."])
 
 
 GEOMETRIC_METHODS = (
     _Method("slerp", "spherical interpolation between the base and one other model, tensor by tensor.",
             (_Param("t", "number", "shared"),), _slerp, base="required", min_inputs=2, max_inputs=2),
-    _Method("nuslerp", "spherical interpolation of two task vectors, weighted, tensor by tensor.",
+    _Method("nuslerp", "spherical interpolation of two models (of their task vectors with a base_model), "
+            "weighted, tensor by tensor or row by row.",
             (_Param("weight", "number", "non_base"), _Param("nuslerp_row_wise", "bool", "shared", False),
              _Param("nuslerp_flatten", "bool", "shared", True)), _nuslerp, base="optional",
             min_inputs=2, max_inputs=3),  # two models, and the base if there is one
+    _Method("multislerp", "Multi-SLERP (Goddard): a weighted mean of several models (of their task vectors with a "
+            "base_model) on the sphere, scaled to their weighted mean norm, tensor by tensor.",
+            (_Param("weight", "number", "non_base"), _Param("normalize_weights", "bool", "shared", True),
+             _Param("eps", "number", "shared", 1e-8)), _multislerp, base="optional"),
+    _Method("karcher", "the Karcher (Riemannian) mean of the models' directions on the sphere, scaled to their "
+            "mean norm, tensor by tensor.",
+            (_Param("max_iter", "int", "shared", 10.0), _Param("tol", "number", "shared", 1e-5)), _karcher),
+    _Method("nearswap", "NearSwap: per entry, the other model's value where it is within t of the base, else the "
+            "base moved toward it by t/|difference|.",
+            (_Param("t", "number", "shared"),), _nearswap, base="required", min_inputs=2, max_inputs=2),
     _Method("model_stock", "Model Stock (Jang et al. 2024): the base moved toward the fine-tunes' average by "
             "a ratio set by the angle between them.",
             (_Param("filter_wise", "bool", "shared", False),), _model_stock, base="required", min_inputs=3),

@@ -11,4 +11,4 @@ from tvlang.frontends.mergekit.spec import _Method
 _METHODS: dict[str, _Method] = {m.name: m for m in (*LINEAR_METHODS, *GEOMETRIC_METHODS, *GTA_METHODS)}
 
 # mergekit methods with no tvlang operator yet (docs/mergekit.md, "Not supported yet").
-_NO_OPERATOR = ("multislerp", "karcher", "nearswap", "arcee_fusion", "sce", "ram", "ramplus_tl")
+_NO_OPERATOR = ("arcee_fusion", "sce", "ram", "ramplus_tl")

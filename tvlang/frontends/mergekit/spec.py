@@ -28,7 +28,7 @@ class _Param:
     """A parameter of a mergekit method, as mergekit 0.1.5 declares it."""
 
     name: str
-    kind: str  # "number" or "bool"
+    kind: str  # "number", "int" or "bool"
     scope: str  # "shared" (global parameters only), "input" (every input), "non_base" (all but the base)
     default: Any = REQUIRED
 

@@ -1,0 +1,70 @@
+"""``nuslerp``: spherical interpolation of two tensors as mergekit 0.1.5's ``nuslerp`` computes
+it: of the flattened tensors, or of each vector along the last dimension (a row of a
+matrix), or along the first (``row_wise``, a column) (docs/operators.md).
+
+>>> from tvlang.ops.context import TensorContext
+>>> a, b = torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([[0.0, 1.0], [2.0, 2.0]])
+>>> nuslerp([a, b], TensorContext("w"), t=0.5, flatten=False)
+tensor([[0.7071, 0.7071],
+        [1.5000, 1.5000]])
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tvlang.ops.common import chunk_form_of, fresh, kernel_of
+from tvlang.ops.context import TensorContext
+from tvlang.ops.gram import Gram, GramChunks, combine, gram
+
+__all__ = ["nuslerp", "nuslerp_chunks", "nuslerp_coefficients"]
+
+_NORM_FLOOR = 1e-7  # mergekit normalizes by max(|v|, 1e-7)
+_COLINEAR = 1e-16  # 1 - cos^2 at most this (mergekit's eps**2): interpolate linearly
+
+
+def nuslerp_coefficients(g: Gram, t: float) -> list[float]:
+    """``[c0, c1]`` with ``slerp(v0, v1, t) = c0*v0 + c1*v1``, from the Gram matrix of the two."""
+    n0 = max(math.sqrt(max(g[0][0], 0.0)), _NORM_FLOOR)
+    n1 = max(math.sqrt(max(g[1][1], 0.0)), _NORM_FLOOR)
+    cos = min(1.0, max(-1.0, g[0][1] / (n0 * n1)))
+    if 1.0 - cos * cos <= _COLINEAR:
+        return [1.0 - t, t]
+    theta = math.acos(cos)
+    sin_theta = math.sin(theta)
+    return [math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta]
+
+
+@kernel_of("nuslerp")
+def nuslerp(inputs: list[torch.Tensor], ctx: TensorContext, *, t: float, flatten: bool,
+            row_wise: bool) -> torch.Tensor:
+    v0, v1 = inputs
+    t = float(t)
+    if flatten or v0.dim() <= 1:  # one vector: a 1-D tensor is its own row and column
+        return combine(inputs, nuslerp_coefficients(gram(inputs), t))
+    if row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    norm0 = torch.linalg.vector_norm(v0, dim=-1, keepdim=True, dtype=torch.float64).clamp_(min=_NORM_FLOOR)
+    norm1 = torch.linalg.vector_norm(v1, dim=-1, keepdim=True, dtype=torch.float64).clamp_(min=_NORM_FLOOR)
+    dots = torch.sum(torch.mul(v0, v1), dim=-1, keepdim=True, dtype=torch.float64)
+    cos = (dots / (norm0 * norm1)).clamp_(-1.0, 1.0)
+    colinear = (1.0 - cos.square()) <= _COLINEAR
+    theta = torch.acos(torch.where(colinear, 0.0, cos))
+    sin_theta = torch.where(colinear, 1.0, torch.sin(theta))
+    c0 = torch.where(colinear, 1.0 - t, torch.sin((1.0 - t) * theta) / sin_theta).to(v0.dtype)
+    c1 = torch.where(colinear, t, torch.sin(t * theta) / sin_theta).to(v0.dtype)
+    out = fresh(inputs[0])
+    view = out.transpose(0, -1) if row_wise else out
+    torch.mul(v0, c0, out=view)
+    view.addcmul_(v1, c1)
+    return out
+
+
+@chunk_form_of("nuslerp")
+def nuslerp_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, t: float, flatten: bool,
+                   row_wise: bool) -> GramChunks | None:
+    if not flatten:
+        return None  # per row or column: the whole tensor's shape is needed
+    return GramChunks(2, lambda g: nuslerp_coefficients(g, float(t)))
