@@ -133,7 +133,7 @@ def _caret(source: str, span: Span) -> list[str]:
         width = max(1, span.end_column - span.column)
     else:
         width = max(1, len(text) - column + 1)
-    text = text.replace("\t", " ")
+    text, column, width = _visible(text.replace("\t", " "), column, width)
     if len(text) > _MAX_LINE:
         # Show a window around the caret, not a megabyte of one-line recipe.
         start = max(0, min(column - 1 - _MAX_LINE // 3, len(text) - _MAX_LINE))
@@ -147,3 +147,19 @@ def _caret(source: str, span: Span) -> list[str]:
 
 
 _MAX_LINE = 120  # characters of a source line shown under an error
+
+
+def _visible(text: str, column: int, width: int) -> tuple[str, int, int]:
+    r"""``text`` with control and format characters written as escapes (a recipe's
+    ``\x1b[2J`` must not clear the terminal, nor a bidi override reorder the line), and
+    the caret's column and width moved to match.
+
+    >>> _visible("ab\x1bcd", 3, 2)
+    ('ab\\x1bcd', 3, 5)
+    """
+    if text.isprintable():
+        return text, column, width
+    pieces = [c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text]
+    start = sum(len(p) for p in pieces[:column - 1]) + 1
+    span = sum(len(p) for p in pieces[column - 1:column - 1 + width])
+    return "".join(pieces), start, max(1, span)
