@@ -52,10 +52,13 @@ def _gta(merge: _Merge) -> _Out:
         raise source.error(f"rescale: true (restore each task vector's L1 norm after pruning) with {method.name} is "
                            + _NOT_YET, ("parameters", "rescale"))
     rescale = shared["rescale"]
-    if method.sparsify in ("random", "della") and rescale:
-        notes.append("rescale true: tvlang divides the kept entries by their keep probability (the paper's rule); "
-                     "mergekit 0.1.5 restores each task vector's L1 norm instead (equal in expectation). The random "
-                     "masks differ from mergekit's too (seeded per tensor name).")
+    if method.sparsify in ("random", "della"):
+        notes.append(("rescale true: the kept entries of each task vector are scaled to its L1 norm, as mergekit "
+                      "0.1.5 does (rescale_by=\"l1\"). " if rescale else "")
+                     + "The random masks differ from mergekit's (tvlang seeds them per tensor name).")
+    if method.sparsify in ("magnitude", "outliers"):
+        notes.append("count=\"mergekit\": a density keeps max(1, int(density*n)) entries (int(density*n) for "
+                     "breadcrumbs), as mergekit; equal magnitudes are ranked by position.")
     normalize, lam = shared["normalize"], shared["lambda"]
     deltas = [_delta(i, base) for i in entries]
     one_density = all(d == densities[0] for d in densities)
@@ -70,20 +73,29 @@ def _gta(merge: _Merge) -> _Out:
         if 0 < density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
             raise source.error(f"epsilon {_show(epsilon)} must keep density - epsilon and density + epsilon inside "
                                f"(0, 1) (density {_show(density)})", _origin_at(entries[0], "epsilon"))
-        call = _call("della", deltas, density=density, epsilon=epsilon, lambda_=lam if lam != 1 else None,
-                     elect=None if method.consensus else "none", **_weighting(weights, normalize),
-                     rescale=None if rescale else False)
+        weighting = _weighting(weights, normalize)
+        if not method.consensus and weighting["merge"] == "sum":
+            weighting.pop("merge")  # della_linear's default
+        call = _call("della" if method.consensus else "della_linear", deltas, density=density, epsilon=epsilon,
+                     lambda_=lam if lam != 1 else None, **weighting, **_rescaling(rescale))
         return _Out(ast.BinOp("+", _name(base.name), call), notes)
 
     if method.consensus:
         if method.sparsify == "magnitude" and one_density:
-            call = _call("ties", deltas, density=densities[0], **_weighting(weights, normalize))
+            call = _call("ties", deltas, density=densities[0], **_weighting(weights, normalize), count="mergekit")
         elif method.sparsify == "random" and one_density:
             call = _call("dare_ties", deltas, p=_tidy(1 - densities[0]), **_weighting(weights, normalize),
-                         rescale=None if rescale else False)
+                         **_rescaling(rescale))
         else:
             pruned = [_prune(method.sparsify, d, i, n, rescale) for n, (d, i) in enumerate(zip(deltas, entries))]
             call = _call("ties", pruned, density=1, **_weighting(weights, normalize))
+        return _Out(ast.BinOp("+", _name(base.name), _scaled(lam, call)), notes)
+
+    if method.sparsify == "random" and one_density and len(entries) > 1:
+        weighting = _weighting(weights, normalize)
+        if weighting["merge"] == "sum":
+            weighting.pop("merge")  # dare_linear's default
+        call = _call("dare_linear", deltas, p=_tidy(1 - densities[0]), **weighting, **_rescaling(rescale))
         return _Out(ast.BinOp("+", _name(base.name), _scaled(lam, call)), notes)
 
     terms = [(w, _prune(method.sparsify, d, i, n, rescale))
@@ -109,16 +121,21 @@ def _weighting(weights: list[float], normalize: bool) -> dict[str, Any]:
     return {"weights": weights, "merge": "weighted_mean" if normalize else "sum"}
 
 
+def _rescaling(rescale: bool) -> dict[str, Any]:
+    """dare's and della's options for mergekit's rescale: the L1 norm, or none."""
+    return {"rescale_by": "l1"} if rescale else {"rescale": False}
+
+
 def _prune(sparsify: str | None, delta: ast.Expr, item: _Input, seed: int, rescale: bool) -> ast.Expr:
     density = item.values.get("density", 1.0)
     if sparsify is None:
         return delta
     if sparsify == "magnitude":
-        return _call("topk", [delta, _num(density)])
+        return _call("topk", [delta, _num(density)], count="mergekit")
     if sparsify == "outliers":
-        return _call("breadcrumbs", [delta, _num(density)], gamma=item.values["gamma"])
+        return _call("breadcrumbs", [delta, _num(density)], gamma=item.values["gamma"], count="mergekit")
     assert sparsify == "random"
-    return _call("dare", [delta, _num(_tidy(1 - density))], seed=seed or None, rescale=None if rescale else False)
+    return _call("dare", [delta, _num(_tidy(1 - density))], seed=seed or None, **_rescaling(rescale))
 
 
 def _origin_at(item: _Input, name: str) -> _Path:
