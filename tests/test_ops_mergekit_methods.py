@@ -265,10 +265,11 @@ def test_ramplus_streamed_equals_the_kernel():
     'pre + dare_linear(a - pre, b - pre, p=0.5, rescale_by="l1")',
     'pre + dare_ties(a - pre, b - pre, c - pre, p=0.3, rescale_by="l1", merge="sum")',
     'dare(a - pre, 0.4, rescale_by="l1")',
+    "pre + ram(a - pre, b - pre, c - pre, epsilon=0.03)",
 ])
-def test_chunked_dare_forms_equal_whole(monkeypatch, recipe):
-    """dare_linear runs in chunks (the dare_ties masks); rescale_by="l1" needs the whole
-    tensor's norms, so those programs run whole: the same results either way."""
+def test_chunked_forms_equal_whole(monkeypatch, recipe):
+    """dare_linear (the dare_ties masks) and ram (element-wise) run in chunks; rescale_by="l1"
+    needs the whole tensor's norms, so those programs run whole: the same results either way."""
     from tvlang.ops import dare as dare_module
     from tvlang.run import chunked as chunk_module
 
