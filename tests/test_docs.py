@@ -161,6 +161,7 @@ def workdir(example_tree, tmp_path, monkeypatch):
     shutil.copytree(example_tree / "examples", tmp_path / "examples")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TVLANG_HISTORY", str(tmp_path / ".tvlang_history"))
+    monkeypatch.setenv("TVLANG_CACHE_DIR", str(tmp_path / ".tvlang-cache"))  # the lockfile's hash cache
     # hf: references resolve offline, from ./hub-cache (docs/hub.md builds one there). huggingface_hub
     # reads its environment at import, so its constants are set as well.
     import huggingface_hub.constants

@@ -45,7 +45,21 @@ from tvlang.io.safetensors_format import (
     shard_name,
 )
 
-__all__ = ["StreamingWriter", "copy_model_files"]
+__all__ = ["StreamingWriter", "copy_model_files", "model_file_names"]
+
+
+def model_file_names(copy_from: str | None) -> list[str]:
+    """The files ``copy_model_files`` copies out of the directory ``copy_from``: paths relative to it
+    (``/`` separators), sorted; none when it is not a directory."""
+    if not copy_from or not os.path.isdir(copy_from):
+        return []
+    names = [name for name in COPIED_FILES if os.path.isfile(os.path.join(copy_from, name))]
+    for name in COPIED_DIRS:
+        top = os.path.join(copy_from, name)
+        if os.path.isdir(top):
+            for root, _, files in os.walk(top):
+                names += [os.path.relpath(os.path.join(root, f), copy_from).replace(os.sep, "/") for f in files]
+    return sorted(names)
 
 
 def copy_model_files(copy_from: str | None, directory: str) -> None:

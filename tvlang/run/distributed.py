@@ -45,6 +45,7 @@ from tvlang.plan.optimize import OptimizerFlags
 from tvlang.plan.records import RunSummary
 from tvlang.run.bindings import Bound, bind, protected_paths
 from tvlang.run.layout import notes
+from tvlang.run.lock import verified
 from tvlang.run.outputs import commit_all, model_files_of, output_metadata, output_targets, write_results
 from tvlang.run.progress import progress_for
 from tvlang.run.session import Session
@@ -217,7 +218,7 @@ def _working_directory(path: str) -> Iterator[None]:
 def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu", dtype: Any = "float32",
         out_dtype: Any = None, shard_size: int | None = None, force: bool = False, missing: str = "error",
         progress: Any = False, allow_nonfinite: bool = False, address: str | None = None,
-        workers: int | None = None) -> RunSummary:
+        workers: int | None = None, lock: str | os.PathLike | None = None) -> RunSummary:
     """Compute every output as Ray tasks, one per output shard, and commit them (see the module docstring)."""
     ray = _import_ray()
     if workers is not None and workers < 1:
@@ -231,6 +232,7 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
         targets = output_targets(plan, out)
         options = dict(device=device, dtype=dtype, out_dtype=out_dtype, missing=missing,
                        allow_nonfinite=allow_nonfinite)
+        locked = verified(bound, bindings, os.fspath(lock), report=progress is True) if lock is not None else None
         session = Session(bound, **options)
         check_distinct_outputs(targets)
         inputs = [*protected_paths(plan, bindings), *bound.readers.values()]
@@ -238,7 +240,7 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
             kind = plan.output_kind(name)
             copy_from = model_files_of(bound, kind, path)
             outputs.append(ShardedOutput(name, path, session.output_layout(name), shard_size=shard_size,
-                                         metadata=output_metadata(plan, bound, name, kind), inputs=inputs,
+                                         metadata=output_metadata(plan, bound, name, kind, locked), inputs=inputs,
                                          force=force, copy_from=copy_from))
         bar = progress_for(progress)
         session.reduce(bar)  # on the driver: one read of the inputs per reduction pass

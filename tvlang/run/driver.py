@@ -9,6 +9,7 @@ renamed (putting back what ``--force`` replaced).
 
 from __future__ import annotations
 
+import os
 import time
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
@@ -21,6 +22,7 @@ from tvlang.run import distributed
 from tvlang.run.align import align
 from tvlang.run.bindings import bind, protected_paths
 from tvlang.run.layout import notes, validate
+from tvlang.run.lock import verified
 from tvlang.run.outputs import IN_FLIGHT, commit_all, model_files_of, output_metadata, output_targets, write_results
 from tvlang.run.progress import progress_for
 from tvlang.run.session import Session
@@ -70,10 +72,12 @@ def stream(plan: Plan, bindings: Mapping[str, Any], *, output: str | None = None
 def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu", dtype: Any = "float32",
         out_dtype: Any = None, shard_size: int | None = None, force: bool = False, missing: str = "error",
         progress: Any = False, allow_nonfinite: bool = False, executor: str = "local", address: str | None = None,
-        workers: int | None = None) -> RunSummary:
+        workers: int | None = None, lock: str | os.PathLike | None = None) -> RunSummary:
     """Compute every output in one pass over the inputs and write them.
 
-    ``executor="ray"`` computes the output shards as tasks on a Ray cluster
+    ``lock`` is a lockfile (``tvlang lock``): the inputs are checked against it before
+    anything is computed or written, and any difference is an error
+    (:mod:`tvlang.run.lock`). ``executor="ray"`` computes the output shards as tasks on a Ray cluster
     (``address``, or a local Ray instance of ``workers`` CPUs) and writes the same
     bytes; see :mod:`tvlang.run.distributed`.
     """
@@ -82,7 +86,7 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
     if executor == "ray":
         return distributed.run(plan, bindings, out, device=device, dtype=dtype, out_dtype=out_dtype,
                                shard_size=shard_size, force=force, missing=missing, progress=progress,
-                               allow_nonfinite=allow_nonfinite, address=address, workers=workers)
+                               allow_nonfinite=allow_nonfinite, address=address, workers=workers, lock=lock)
     if address is not None or workers is not None:
         raise TvlangError("address= and workers= are options of executor='ray'")
     started = time.perf_counter()
@@ -92,13 +96,15 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
     try:
         plan = bound.plan
         targets = output_targets(plan, out)
+        # Inputs that are not the locked ones are refused before their tensors are looked at.
+        locked = verified(bound, bindings, os.fspath(lock), report=progress is True) if lock is not None else None
         session = Session(bound, device=device, dtype=dtype, out_dtype=out_dtype, missing=missing,
                           allow_nonfinite=allow_nonfinite)
         check_distinct_outputs(targets)
         inputs = [*protected_paths(plan, bindings), *bound.readers.values()]
         for name, path in targets.items():
             kind = plan.output_kind(name)
-            metadata = output_metadata(plan, bound, name, kind)
+            metadata = output_metadata(plan, bound, name, kind, locked)
             copy_from = model_files_of(bound, kind, path)
             writers[name] = StreamingWriter(path, session.output_layout(name), shard_size=shard_size,
                                             metadata=metadata, inputs=inputs, force=force, copy_from=copy_from)

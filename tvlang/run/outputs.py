@@ -28,8 +28,8 @@ from tvlang.version import __version__
 if TYPE_CHECKING:
     from tvlang.plan.compiler import Plan
 
-__all__ = ["IN_FLIGHT", "Committable", "commit_all", "compute_threads", "model_files_of", "output_metadata",
-           "output_targets", "write_results"]
+__all__ = ["IN_FLIGHT", "Committable", "base_model_folder", "commit_all", "compute_threads", "model_files_of",
+           "output_metadata", "output_targets", "write_results"]
 
 IN_FLIGHT = 2  # writes queued per output by write_results (whole tensors or pieces)
 
@@ -124,27 +124,42 @@ def output_targets(plan: Plan, out: Any) -> dict[str, Any]:
 
 
 def model_files_of(bound: Bound, kind: str, path: Any) -> str | None:
-    """The folder whose config and tokenizer files a Model output directory copies: the base's, if it has one.
+    """The folder whose config and tokenizer files a Model output directory copies: the base's, if it has one."""
+    if kind != "model" or str(path).endswith(".safetensors"):
+        return None
+    return base_model_folder(bound)
 
-    A Hub base's files are fetched first (only now: an output that copies none,
-    or a task vector, never downloads them).
+
+def base_model_folder(bound: Bound) -> str | None:
+    """The base's folder of config and tokenizer files, if it has one.
+
+    A Hub base's files are fetched first (only when asked: an output that copies
+    none, or a task vector, never downloads them).
     """
     base = bound.readers[bound.base]
-    if kind != "model" or not base.root or str(path).endswith(".safetensors"):
+    if not base.root:
         return None
     if base.hub is not None:
         fetch_model_files(base.hub)
     return base.root
 
 
-def output_metadata(plan: Plan, bound: Bound, output: str, kind: str) -> dict[str, str]:
+def output_metadata(plan: Plan, bound: Bound, output: str, kind: str,
+                    lock: Mapping[str, Any] | None = None) -> dict[str, str]:
     """The ``__metadata__`` of an output's files: tvlang's version, the kind, the recipe, its inputs.
 
     An input is named as :func:`tvlang.run.provenance.location` says: a Hub reference
-    pinned to its commit, a path relative to the recipe file.
+    pinned to its commit, a path relative to the recipe file. A run checked against
+    a lockfile (``lock``, see tvlang.run.lock) also records the sha256 of each file
+    of those inputs, as the lock has them (``tvlang.lock``).
     """
     base = recipe_dir(plan)
     keys = _output_inputs(plan, bound, output, kind)
+    extra = {}
+    if lock is not None:
+        locked = lock["inputs"]
+        hashes = {key: {name: f["sha256"] for name, f in locked[key]["files"].items()} for key in keys if key in locked}
+        extra["tvlang.lock"] = json.dumps(hashes, sort_keys=True)
     return {
         "tvlang.version": __version__,
         "tvlang.kind": "delta" if kind == "delta" else "model",
@@ -152,6 +167,7 @@ def output_metadata(plan: Plan, bound: Bound, output: str, kind: str) -> dict[st
         "tvlang.recipe": plan.text,
         "tvlang.params": json.dumps(plan.params, sort_keys=True),
         "tvlang.inputs": json.dumps({k: location(bound.readers[k], base) for k in keys}, sort_keys=True),
+        **extra,
     }
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from tvlang.faces.commands.args import KINDS, binding_kind, binding_value, parse_bindings, parse_params
-from tvlang.faces.commands.common import add_recipe_arguments, recipe_source
+from tvlang.faces.commands.args import KINDS, UsageError, binding_kind, binding_value, parse_bindings, parse_params
+from tvlang.faces.commands.common import add_recipe_arguments, locked_path, recipe_source
 from tvlang.language import ast
 from tvlang.language.checker import CheckedProgram, check
 from tvlang.language.syntax import parse, parse_expression
@@ -40,6 +40,7 @@ examples:
   tvlang check recipe.tv --bind pre=base/ --bind ft=finetuned/
   tvlang check -e "pre + 0.4*(ft - pre)" --bind pre=model --bind ft=model
   tvlang check recipe.tv --set lm=0.5
+  tvlang check recipe.tv --locked     (is recipe.tv.lock current? see tvlang lock)
 """
 
 
@@ -53,6 +54,10 @@ def register(subparsers) -> None:
                         help="also check the headers of the checkpoints the recipe loads (as run would)")
     parser.add_argument("--missing", default="error", choices=("error", "base", "skip"),
                         help="policy for tensors missing from some inputs, as in run (default error)")
+    parser.add_argument("--locked", action="store_true",
+                        help="say whether RECIPE.lock (tvlang lock) is current: the inputs resolve to the files it"
+                             " pins (hashes from the hash cache or the Hub's blob names where they have them)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="with --locked: no hashing report")
     parser.set_defaults(func=run)
 
 
@@ -94,9 +99,27 @@ def run(args: argparse.Namespace) -> int:
     kinds = {name: binding_kind(value) for name, value in bindings.items()}  # one header peek per path
     check_recipe(text, filename, kinds, params, expression=args.expr is not None)
     paths = {name: value for name, value in bindings.items() if value not in KINDS}
-    if args.files or paths:
+    lock = locked_path(args)
+    if lock is not None:  # inputs that are not the locked ones: that first, then their headers
+        check_lock(text, filename, bindings, kinds, params, lock, quiet=args.quiet)
+    if args.files or paths or lock is not None:
         check_files(text, filename, bindings, kinds, params, missing=args.missing)
     return 0
+
+
+def check_lock(text: str, filename: str, bindings: dict[str, str], kinds: dict[str, str],
+               params: dict[str, float], lock: str, *, quiet: bool) -> None:
+    """``--locked``: the inputs against the lockfile; prints that it is current, or raises what differs."""
+    named = [name for name, value in bindings.items() if value in KINDS]
+    if named:
+        raise UsageError(f"--locked needs a checkpoint for --bind {named[0]}, not a kind")
+    from tvlang.run.lock import check_lockfile  # the run layer imports torch
+
+    bound = {name: binding_value(value, kinds[name]) for name, value in bindings.items()}
+    plan = compile_recipe(text, filename=filename, sources=kinds, **params)
+    result = check_lockfile(plan, bound, lock, report=not quiet)
+    count = sum(len(entry["files"]) for entry in result["inputs"].values())
+    print(f"{lock} is current: {len(result['inputs'])} inputs, {count} files")
 
 
 def check_files(text: str, filename: str, bindings: dict[str, str], kinds: dict[str, str],

@@ -58,3 +58,14 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, bind_help: str, *, bin
     parser.add_argument("--bind", action="append", default=[], metavar=bind_metavar, help=bind_help)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="override a param (repeatable)")
+
+
+def locked_path(args: argparse.Namespace) -> str | None:
+    """The lockfile of ``--locked`` (``RECIPE.lock``), or None without the flag; a usage error with ``-e``."""
+    if not getattr(args, "locked", False):
+        return None
+    if args.recipe is None:
+        raise UsageError("--locked needs a RECIPE file (its lock is RECIPE.lock)")
+    from tvlang.run.lock import lock_path  # the run layer imports torch
+
+    return lock_path(args.recipe)

@@ -15,7 +15,7 @@ from tvlang.faces.commands.args import (
     parse_params,
     parse_size,
 )
-from tvlang.faces.commands.common import add_recipe_arguments, mergekit_config, recipe_source
+from tvlang.faces.commands.common import add_recipe_arguments, locked_path, mergekit_config, recipe_source
 from tvlang.plan.compiler import compile as compile_recipe
 
 HELP = "run a recipe over checkpoints and write the result"
@@ -37,6 +37,7 @@ examples:
       --bind pre=t5/ --bind yelp_lm=yelp/ --bind amazon_lm=amazon/ \\
       --bind amazon_sent=delta:amazon_sent.safetensors -o yelp_sent/
   tvlang run recipe.tv -o forget=a/ -o multitask=b/     (several outs)
+  tvlang run recipe.tv --locked -o merged/     (inputs as in recipe.tv.lock: see tvlang lock)
   tvlang run merge.yml -o merged/     (a mergekit config: see tvlang import)
   tvlang run recipe.tv -o /shared/merged/ --shard-size 2GB --executor ray --address auto
 """
@@ -57,6 +58,8 @@ def register(subparsers) -> None:
     parser.add_argument("--missing", default="error", choices=("error", "base", "skip"),
                         help="a tensor missing from some inputs: error (default), take the base's, or skip it")
     parser.add_argument("--force", action="store_true", help="replace an existing output")
+    parser.add_argument("--locked", action="store_true",
+                        help="check the inputs against RECIPE.lock (tvlang lock) first; refuse any difference")
     parser.add_argument("--executor", default="local", choices=("local", "ray"),
                         help="local (default), or ray: one task per output shard on a Ray cluster, the same bytes"
                              " (docs/distributed.md; pip install 'tvlang[ray]')")
@@ -121,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     plan, bindings = compile_from_args(args)
     summary = plan.run(bindings, out, device=args.device, dtype=dtype, out_dtype=out_dtype,
                        shard_size=shard_size, force=args.force, missing=args.missing, progress=not args.quiet,
-                       **executor_options(args))
+                       lock=locked_path(args), **executor_options(args))
     if not args.quiet:
         print(summary.line(), file=sys.stderr)
     return 0
