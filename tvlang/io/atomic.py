@@ -199,7 +199,10 @@ class AtomicReplace:
         fsync_dir(self.parent)
 
     def finish(self) -> None:
-        """After ``publish()``: delete the replaced target, sync the directory entry."""
+        """After ``publish()``: delete the replaced target, sync the directory entry
+        (again after an interrupted ``finish()``: it is idempotent)."""
+        if self.state is State.COMMITTED:
+            return
         self._require(State.PUBLISHED, "finish")
         if self._replaced:
             remove(self.aside)

@@ -73,7 +73,10 @@ def commit_all(outputs: list[Committable]) -> None:
     """Commit several outputs so that they appear together: sync all, then rename all.
 
     A failure (or Ctrl-C) before the last rename withdraws the outputs already
-    renamed into place, putting back what was there before (``--force``).
+    renamed into place, putting back what was there before (``--force``). The last
+    rename is the commit: a Ctrl-C or SIGTERM after it is too late to undo the run, so
+    it does not stop the cleanup of what the outputs replaced (each ``finish()`` is
+    re-run until done) and is not reported as a failure.
     """
     for output in outputs:
         output.prepare()
@@ -87,7 +90,12 @@ def commit_all(outputs: list[Committable]) -> None:
             output.withdraw()
         raise
     for output in outputs:
-        output.finish()
+        while True:
+            try:
+                output.finish()  # idempotent: deletes what was replaced, syncs the directory
+                break
+            except KeyboardInterrupt:
+                continue
 
 
 @contextlib.contextmanager
