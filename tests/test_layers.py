@@ -63,9 +63,9 @@ ALLOWED_UP = {
         "running a plan is the run layer's job: these methods import it when called, so compile() never loads torch",
     ),
     ("tvlang", "tvlang.run"): (
-        {"apply_to"},
-        "apply_to writes a result into a torch module's parameters: it imports the run layer when called,"
-        " so `import tvlang` never loads torch",
+        {"apply_to", "extract_lora"},
+        "apply_to writes a result into a torch module's parameters, extract_lora writes an adapter: they"
+        " import the run layer when called, so `import tvlang` never loads torch",
     ),
 }
 

@@ -31,11 +31,24 @@ def apply_to(module, plan, bindings=None, **options) -> int:
     return _apply_to(plan, module, bindings or {}, **options)
 
 
+def extract_lora(plan, bindings, out, *, rank: int, **options):
+    """Write a task-vector expression as a PEFT LoRA adapter directory (see
+    ``tvlang.run.extract.extract_lora`` and docs/adapters.md); returns its ``Extraction``."""
+    from tvlang.run.extract import extract_lora as _extract  # the run layer: torch, when asked for
+
+    if isinstance(plan, str):
+        plan = compile(plan)
+    if not isinstance(plan, Plan):  # a PendingPlan: typed by its bindings
+        plan = plan.bound(bindings or {})
+    return _extract(plan, bindings or {}, out, rank=rank, **options)
+
+
 __all__ = [
     "__version__",
     "apply_to",
     "compile",
     "delta",
+    "extract_lora",
     "lora",
     "parse",
     "parse_expression",
