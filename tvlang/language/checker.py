@@ -100,6 +100,7 @@ class _Checker(ArgumentChecks):
         self.names: dict[str, _Binding] = {}
         self.used_sources: dict[str, str] = {}
         self.types: dict[int, object] = {}  # id(node) -> type, for the affine fix
+        self.unknown: dict[str, tuple[TvlangError, int]] = {}  # unknown name -> (its error, uses)
         self.current_line: int | None = None
         # Where each name is defined, to tell "used before its definition" from "unknown".
         self.definitions: dict[str, int | None] = {}
@@ -175,6 +176,9 @@ class _Checker(ArgumentChecks):
                 raise TypeError(f"not a statement: {stmt!r}")
         if self.require_output and not any(isinstance(s, ast.Out) for s in self.program.statements):
             self.error("the recipe has no output; add a line such as: out = pre + 0.4*(ft - pre)", None)
+        for name, (error, uses) in self.unknown.items():
+            if uses > 1:
+                error.notes = (*error.notes, f"note: '{name}' is used {uses} times; the first use is shown")
         if self.errors:
             if len(self.errors) == 1:
                 raise self.errors[0]
@@ -304,12 +308,19 @@ class _Checker(ArgumentChecks):
         if self.bound_sources is None:
             self.used_sources[name] = "model"
             return _Vector(1.0)
+        reported = self.unknown.get(name)
+        if reported is not None:  # one error per unknown name, however often it is used
+            error, uses = reported
+            self.unknown[name] = (error, uses + 1)
+            return _UNKNOWN
         candidates = list(self.names) + list(self.bound_sources)
         hint = _suggest(name, candidates)
         notes = () if hint else (
             f"note: define it (like {name} = load(\"path\")) or bind it from outside (--bind {name}=PATH)",
         )
-        return self.error(f"unknown name '{name}'{hint}", node, notes)
+        self.error(f"unknown name '{name}'{hint}", node, notes)
+        self.unknown[name] = (self.errors[-1], 1)
+        return _UNKNOWN
 
     def binop_type(self, node: ast.BinOp) -> Frame:
         left = yield self.type_of(node.left)

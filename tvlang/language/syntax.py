@@ -24,6 +24,7 @@ tvlang.errors.TvlangError: r.tv:1:11: error: unexpected end of input, '(' at 1:7
 from __future__ import annotations
 
 import dataclasses
+import unicodedata
 import math
 import threading
 from functools import lru_cache
@@ -132,6 +133,9 @@ class _PostLexer:
                 if brackets:
                     continue
             else:
+                if kind == "NAME" and not token.value.isascii():
+                    # Python's rule: names are compared after NFKC normalization
+                    token = token.update(value=unicodedata.normalize("NFKC", token.value))
                 state.last_end = token.end_pos
                 state.previous, state.last = state.last, token
                 if kind in ("LPAR", "LSQB"):
@@ -386,7 +390,28 @@ def _translate_characters(exc: UnexpectedCharacters) -> TvlangError:
         shown = repr(char)
     else:
         shown = f"'{char}'"
-    return _error(f"unexpected character {shown}", pos, pos + 1)
+    notes = ()
+    meant = LOOKALIKES.get(char)
+    if meant is not None:
+        what = unicodedata.name(char, repr(char)).lower()
+        fix = f"did you mean {meant!r}?" if meant else "delete it:"
+        notes = (f"note: {fix} ({what}, as text copied from a paper or a word processor has; recipes use "
+                 "plain ASCII operators and quotes)",)
+    return _error(f"unexpected character {shown}", pos, pos + 1, notes=notes)
+
+
+#: Characters that text from papers and word processors has where a recipe means an
+#: ASCII one: the hint an unexpected one gets.
+LOOKALIKES = {
+    "\u2212": "-", "\u2013": "-", "\u2014": "-", "\u2010": "-", "\u2011": "-", "\ufe63": "-", "\uff0d": "-",
+    "\u00d7": "*", "\u00b7": "*", "\u22c5": "*", "\u2217": "*", "\u2219": "*", "\uff0a": "*",
+    "\u00f7": "/", "\u2215": "/", "\uff0f": "/",
+    "\uff0b": "+",
+    "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u00ab": '"', "\u00bb": '"',
+    "\u2018": "'", "\u2019": "'", "\u201a": "'",
+    "\u00a0": " ", "\u2009": " ", "\u202f": " ", "\u2007": " ", "\u200b": "", "\ufeff": "",
+    "\u2264": "<=", "\uff08": "(", "\uff09": ")", "\uff1d": "=", "\uff0c": ",",
+}
 
 
 def _run(text: str, filename: str | None, start: str):

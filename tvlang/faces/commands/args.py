@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 
 from tvlang.plan.compiler import delta
 
@@ -44,8 +45,11 @@ def _named(items: list[str], option: str, expects: str) -> dict[str, str]:
     pairs: dict[str, str] = {}
     for item in items:
         name, sep, value = item.partition("=")
-        name = name.strip()
-        if not sep or not name.isidentifier() or not value:
+        name = unicodedata.normalize("NFKC", name.strip())  # as the recipe's names are
+        if not sep:
+            raise UsageError(f"{option} expects {expects}, got {item!r} with no '=' "
+                             f"(write {option} {item.strip() or 'NAME'}=...)")
+        if not name.isidentifier() or not value:
             raise UsageError(f"{option} expects {expects}, got {item!r}")
         if name in pairs:
             raise UsageError(f"{option} {name} is given twice")

@@ -33,6 +33,10 @@ def recipe_source(args: argparse.Namespace) -> tuple[str, str]:
     if args.recipe is None and args.expr is None:
         raise UsageError("give a RECIPE file or -e EXPR")
     if args.recipe is not None and args.expr is not None:
+        lone = [item for item in getattr(args, "bind", None) or () if "=" not in item]
+        if lone:  # `--bind pre base/`: argparse took the path for the recipe
+            raise UsageError(f"--bind {lone[0]}: no '=' (write --bind {lone[0]}={args.recipe}; "
+                             f"'{args.recipe}' was read as the recipe file)")
         raise UsageError("give a RECIPE file or -e EXPR, not both")
     if args.expr is not None:
         return args.expr, "<expr>"

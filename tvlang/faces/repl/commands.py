@@ -271,4 +271,4 @@ def _need(rest: str, usage: str) -> str:
 
 
 def _looks_like_statement(text: str) -> bool:
-    return bool(re.match(r"\s*(param\b|out\b|[A-Za-z_]\w*\s*=(?!=))", text))
+    return bool(re.match(r"\s*(param\b|out\b|[^\W\d]\w*\s*=(?!=))", text))

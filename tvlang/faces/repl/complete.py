@@ -28,7 +28,7 @@ def completions(space: Workspace, commands: Iterable[str], before: str, word: st
     """Candidates for ``word``, typed after ``before`` (the input so far)."""
     if not before.strip() and word.startswith(":"):
         return [c + " " for c in commands if c.startswith(word)]
-    command = re.match(r"^\s*(?::load\s+|:bind\s+[A-Za-z_]\w*=(?:delta:)?|:save\s.*\sto\s+)", before)
+    command = re.match(r"^\s*(?::load\s+|:bind\s+[^\W\d]\w*=(?:delta:)?|:save\s.*\sto\s+)", before)
     if command:  # a path after :load, :bind NAME= or :save ... to
         return _path_completions(before[command.end():], word)
     quote = _open_string(before)
@@ -40,7 +40,7 @@ def completions(space: Workspace, commands: Iterable[str], before: str, word: st
     call = _open_call(before)
     if call is not None and call in BUILTINS:
         row = BUILTINS[call]
-        given = set(re.findall(r"([A-Za-z_]\w*)\s*=", before[before.rfind(call + "("):]))
+        given = set(re.findall(r"([^\W\d]\w*)\s*=", before[before.rfind(call + "("):]))
         for arg in list(row.params) + list(row.options):
             if arg.name not in given and arg.name.startswith(word):
                 candidates.append(arg.name + "=")
@@ -106,6 +106,6 @@ def _open_call(text: str) -> str | None:
         index = stack.pop()
         if text[index] != "(":
             continue
-        match = re.search(r"([A-Za-z_]\w*)\s*$", text[:index])
+        match = re.search(r"([^\W\d]\w*)\s*$", text[:index])
         return match.group(1) if match else None
     return None
