@@ -76,3 +76,27 @@ def test_bind_without_equals_says_so(capsys, tmp_path):
     assert code == 2
     assert err.strip() == ("tvlang check: error: --bind expects NAME=PATH (or NAME=model, NAME=delta), "
                            "got 'pre' with no '=' (write --bind pre=...)")
+
+
+def test_a_mistyped_path_suggests_the_near_name_and_names_the_binding(capsys, tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import save_file
+
+    for name in ("pre", "ft"):
+        save_file({"w": torch.zeros(2)}, str(tmp_path / f"{name}.safetensors"))
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", "-e", "pre + 0.5*(ft - pre)", "--bind", "pre=pre.safetensors",
+                 "--bind", "ft=ft.safetenosrs", "-o", "o.safetensors"])
+    assert code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: ft.safetenosrs: no such file or directory",
+        "  note: did you mean 'ft.safetensors'?",
+        "  note: 'ft' is bound to this path (--bind ft=..., or the bindings)",
+    ]
+    (tmp_path / "r.tv").write_text('pre = load("pre.safetensors")\nft = load("ft.safetensor")\n'
+                                   "out = pre + 0.5*(ft - pre)\n")
+    code = main(["run", "r.tv", "-o", "o.safetensors"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("r.tv:2:6: error: ft.safetensor: no such file or directory")
+    assert "note: did you mean 'ft.safetensors'?" in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
 
@@ -87,9 +88,30 @@ def choose_weights(names: list[str]) -> str | None:
     return None
 
 
+def _near_names(path: str) -> tuple[str, ...]:
+    """A note naming the entries of the path's directory that look like it (a typo).
+
+    >>> import os, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> open(os.path.join(d, "ft.safetensors"), "w").close()
+    >>> [note.replace(d, "D") for note in _near_names(os.path.join(d, "ft.safetenosrs"))]
+    ["note: did you mean 'D/ft.safetensors'?"]
+    """
+    folder, name = os.path.split(path)
+    try:
+        entries = [e for e in os.listdir(folder or ".") if not e.startswith(".")]
+    except OSError:
+        return ()
+    close = difflib.get_close_matches(name, entries, n=1, cutoff=0.75)
+    if not close:
+        return ()
+    shown = " or ".join(repr(os.path.join(folder, c) if folder else c) for c in close)
+    return (f"note: did you mean {shown}?",)
+
+
 def _open_path(path: str, label: str) -> TensorReader:
     if not os.path.exists(path):
-        raise io_error(label, "no such file or directory")
+        raise io_error(label, "no such file or directory", notes=_near_names(path))
     if os.path.isdir(path):
         found = find_weights(path)
         if found is None:

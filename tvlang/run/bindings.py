@@ -99,7 +99,12 @@ def bind(plan: Plan, bindings: Mapping[str, Any]) -> Bound:
             marked = isinstance(value, DeltaBinding)
             if marked:
                 value = value.value
-            reader = open_input(value, _label(key, value))
+            try:
+                reader = open_input(value, _label(key, value))
+            except TvlangError as exc:
+                if isinstance(value, (str, os.PathLike)):
+                    exc.notes = (*exc.notes, f"note: '{key}' is bound to this path (--bind {key}=..., or the bindings)")
+                raise
             if not isinstance(value, (str, os.PathLike)):
                 borrowed.add(key)
             kinds[key] = "delta" if marked or reader.kind == "delta" else "model"
