@@ -349,6 +349,12 @@ ERRORS = [
      "nearswap's t must be at least 0, got -0.1", 6),
     ("models:\n  - model: {root}/ft1\nbase_model: {root}/base\nmerge_method: nearswap\n",
      "nearswap needs parameter 't'", 4),
+    ("models:\n  - model: {root}/ft1\n  - model: {root}/base\nbase_model: {root}/base\nmerge_method: slerp\n"
+     "parameters:\n  t:\n    - filter: mlp\n      value: 0.5\n",
+     "t: no filter matches some tensors, and there is no other value for them", 8),
+    ("models:\n  - model: {root}/ft1\n  - model: {root}/base\nbase_model: {root}/base\nmerge_method: slerp\n"
+     "parameters:\n  t:\n    - filter: mlp|attn\n      value: 0.5\n    - value: 1\n",
+     "t: a filter is the text a tensor name contains (without '|')", 8),
     ("models:\n  - model: {root}/ft1\n    parameters: {{weight: 1}}\nbase_model: {root}/base\n"
      "merge_method: ties\nparameters: {{rescale: true, density: 0.5}}\n",
      "rescale: true (restore each task vector's L1 norm after pruning) with ties is not supported", 6),

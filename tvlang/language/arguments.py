@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from tvlang.language import ast
 from tvlang.language.calls import _UNKNOWN, _describe, _kind_word, _Scalar, _suggest, _Vector, _vector_kind
+from tvlang.language.pertensor import PER_TENSOR
 from tvlang.language.rows import Arg, Builtin
 from tvlang.language.trampoline import Frame
 
@@ -78,9 +79,11 @@ class ArgumentChecks:
                 return None
             good = True
             for item in value.items:
-                if not (yield from self.constant(item, f"item of {label}")):
+                if not (yield from self.number_or_per_tensor(item, f"item of {label}")):
                     good = False
             return "list" if good else None
+        if kind in ("scalar", "int") and _is_per_tensor(value):
+            return "scalar" if (yield from self.per_tensor(value, label)) else None
         if kind in ("scalar", "int"):
             if not (yield from self.constant(value, label)):
                 return None
@@ -113,6 +116,34 @@ class ArgumentChecks:
             return None
         return got
 
+    def number_or_per_tensor(self, value: ast.Expr, label: str) -> Frame:
+        if _is_per_tensor(value):
+            return (yield from self.per_tensor(value, label))
+        return (yield from self.constant(value, label))
+
+    def per_tensor(self, call: ast.Call, label: str) -> Frame:
+        """Whether ``layers(v0, ...)`` or ``where("glob", a, b)`` is well formed (tvlang.language.pertensor)."""
+        if call.kwargs:
+            self.error(f"{call.func}() takes no keyword arguments", call.kwargs[0].value)
+            return False
+        if call.func == "layers":
+            if not call.args:
+                self.error(f"{label}: layers() needs at least one value", call)
+                return False
+            good = True
+            for item in call.args:
+                if not (yield from self.constant(item, f"a value of layers() in {label}")):
+                    good = False
+            return good
+        if len(call.args) != 3 or not isinstance(call.args[0], ast.String) or not call.args[0].value.strip("| "):
+            self.error(f'{label}: where() takes a glob and two values: where("*mlp*", 0.5, 1)', call)
+            return False
+        good = True
+        for item in call.args[1:]:
+            if not (yield from self.number_or_per_tensor(item, f"a value of where() in {label}")):
+                good = False
+        return good
+
     def constant(self, value: ast.Expr, label: str) -> Frame:
         """Whether ``value`` is a number known before the run (an error says why not)."""
         t = yield self.type_of(value)
@@ -129,3 +160,7 @@ class ArgumentChecks:
         else:
             self.error(f"{label} must be a number, got {_describe(t)}", value)
         return False
+
+
+def _is_per_tensor(value: ast.Expr) -> bool:
+    return isinstance(value, ast.Call) and value.func in PER_TENSOR

@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from tvlang.errors import TvlangError
+from tvlang.language.pertensor import PerTensor, representative
 
 __all__ = [
     "BUILTINS", "KINDS", "REQUIRED", "RESULTS", "STAGES", "VECTOR_KINDS", "Arg", "Builtin", "Reduction", "Rule",
@@ -68,8 +69,11 @@ class Arg:
     range: tuple[float, float] | None = None
 
     def problem(self, value: object) -> str | None:
-        """What is wrong with the constant ``value`` by this argument's metadata, or ``None``."""
+        """What is wrong with the constant ``value`` by this argument's metadata, or ``None``.
+        A per-tensor value (``layers(...)``, ``where(...)``) is checked leaf by leaf."""
         where = f"option '{self.name}'"
+        if isinstance(value, PerTensor) and self.kind in ("scalar", "int"):
+            return next((p for p in map(self.problem, value.leaves()) if p is not None), None)
         if self.kind in ("scalar", "int"):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 return f"{where} must be {'an integer' if self.kind == 'int' else 'a number'}, got {value!r}"
@@ -82,7 +86,7 @@ class Arg:
         elif self.kind == "list":
             if not isinstance(value, (list, tuple)):
                 return f"{where} must be a list of numbers, got {value!r}"
-            for item in value:
+            for item in (leaf for v in value for leaf in (v.leaves() if isinstance(v, PerTensor) else (v,))):
                 if isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item):
                     return f"{where} must hold finite numbers, got {item!r}"
         elif self.choices is not None and value not in self.choices:
@@ -184,7 +188,8 @@ class Builtin:
         not checked."""
         filled = self.complete(options)
         problems = [arg.problem(filled[arg.name]) for arg in self.constant_args() if arg.name in filled]
-        problems += [rule(filled, n_inputs) for rule in self.rules]
+        plain = {name: representative(value) for name, value in filled.items()}  # per-tensor: first values
+        problems += [rule(plain, n_inputs) for rule in self.rules]
         for problem in problems:
             if problem is not None:
                 raise TvlangError(f"{self.name}: {problem}")

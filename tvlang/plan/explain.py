@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from tvlang.language import ast
 from tvlang.language.checker import load_builtins
+from tvlang.language.pertensor import PerTensor
 from tvlang.language.printer import to_text
 from tvlang.language.trampoline import Frame, trampoline
 from tvlang.plan.ir import IRProgram, Node, const_value, postorder
@@ -163,6 +164,8 @@ def _is_default(builtin: str, option: str, value: object) -> bool:
 
 
 def _literal(value: object) -> ast.Expr:
+    if isinstance(value, PerTensor):
+        return value.to_ast()
     if isinstance(value, bool):
         return ast.Bool(value)
     if isinstance(value, str):

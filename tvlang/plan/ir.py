@@ -28,6 +28,7 @@ from typing import Iterator
 from tvlang.errors import Span, TvlangError
 from tvlang.language import ast, constants
 from tvlang.language.builtins import BUILTINS, REQUIRED, Builtin
+from tvlang.language.pertensor import PER_TENSOR, Layers, PerTensor, Where, representative
 from tvlang.language.trampoline import Frame, trampoline
 
 __all__ = ["Node", "Interner", "SourceSpec", "IRProgram", "build", "postorder", "const_value", "is_source_call"]
@@ -326,9 +327,16 @@ class _Builder:
     def validate(self, row: Builtin, options: list[tuple[str, object]], n_inputs: int, node: ast.Call) -> None:
         """Constant options a kernel would reject, reported at the call before any tensor is read."""
         try:
-            row.check_options(dict(options), n_inputs)
+            filled = row.check_options(dict(options), n_inputs)
         except TvlangError as exc:
             raise self.error(exc.message, node.span) from None
+        varying = sorted(name for name, value in options
+                         if isinstance(value, PerTensor) or (isinstance(value, tuple)
+                                                             and any(isinstance(v, PerTensor) for v in value)))
+        plain = {name: representative(value) for name, value in filled.items()}
+        if varying and row.reductions is not None and row.reductions(plain, n_inputs):
+            raise self.error(f"{row.name}: option '{varying[0]}' varies per tensor, which whole-model thresholds "
+                             "(scope=\"model\") cannot use", node.span)
 
     def constant(self, node: ast.Expr) -> object:
         """A compile-time constant option value (the checker has vetted its kind)."""
@@ -342,6 +350,11 @@ class _Builder:
             return node.value
         if isinstance(node, ast.ListExpr):
             return tuple(self.constant(item) for item in node.items)
+        if isinstance(node, ast.Call) and node.func in PER_TENSOR:  # layers(...), where(...): checked
+            if node.func == "layers":
+                return Layers(tuple(float(self.constant(item)) for item in node.args))  # type: ignore[arg-type]
+            pattern, then, otherwise = node.args
+            return Where(pattern.value, self.constant(then), self.constant(otherwise))  # type: ignore[union-attr]
         number = constants.value(node, self.checked.params, self.checked.env)
         if number is None:
             raise self.error("this option must be a number known before any tensor is read", node.span)

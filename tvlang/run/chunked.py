@@ -22,6 +22,7 @@ import torch
 
 from tvlang.io import release
 from tvlang.ops.chunks import Elementwise
+from tvlang.ops.pertensor import resolve_options
 from tvlang.ops.registry import CHUNKED, ELEMENTWISE, MULTIPASS
 from tvlang.plan.schedule import STEP_OPS, Step, TensorProgram, resolve_coef
 from tvlang.run.steps import ARITHMETIC, kernel, numel
@@ -253,7 +254,7 @@ def chunk_kernels(session: "Session", program: TensorProgram, name: str) -> dict
         if step.op != "call":
             continue
         ctx = session.call_context(step, name)
-        options = dict(step.options)
+        options = resolve_options(step.options, ctx)
         if step.name in CHUNKED:
             form = CHUNKED[step.name](ctx, count, len(step.srcs), session.dtype, **options)
             if form is None:

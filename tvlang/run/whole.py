@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tvlang.ops.pertensor import resolve_options
 from tvlang.plan.schedule import STEP_OPS, TensorProgram, resolve_coef
 from tvlang.run.steps import ARITHMETIC, kernel
 
@@ -49,7 +50,8 @@ def execute_whole(session: "Session", program: TensorProgram, name: str, raw: di
                                             device=session.device)
         elif op == "call":
             ctx = session.call_context(step, name)
-            buffers[step.dst] = kernel(step.name)([buffers[s] for s in step.srcs], ctx, **dict(step.options))
+            options = resolve_options(step.options, ctx)  # per-tensor values: this tensor's
+            buffers[step.dst] = kernel(step.name)([buffers[s] for s in step.srcs], ctx, **options)
         elif op == "write":
             tensor = buffers[step.srcs[0]]
             sink(step.name, tensor)

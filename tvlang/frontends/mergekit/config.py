@@ -19,6 +19,7 @@ from tvlang.frontends.mergekit.spec import (
     _Param,
 )
 from tvlang.language.builtins import BUILTINS
+from tvlang.language.pertensor import PER_TENSOR, Layers, Where
 from tvlang.language.syntax import RESERVED
 
 
@@ -148,11 +149,19 @@ class _Merge:
                 value, origin = self._resolve(param, scopes, item)
                 item.values[param.name], item.origins[param.name] = value, origin
 
-    def _resolve(self, param: _Param, scopes: list, item: _Input | None) -> tuple[Any, str]:
+    def _resolve(self, param: _Param, scopes: list, item: _Input | None,
+                 unmatched: _Path | None = None) -> tuple[Any, str]:
         """mergekit's precedence: the model's own parameters, then the global ones, then the default."""
-        for settings, at in scopes:
+        for index, (settings, at) in enumerate(scopes):
             if param.name in settings:
-                return _value(self.source, param, settings[param.name], at + (param.name,)), _where(at)
+                value = _value(self.source, param, settings[param.name], at + (param.name,))
+                if _open(value):  # filters that some tensors match none of: mergekit reads the next scope
+                    rest, origin = self._resolve(param, scopes[index + 1:], item, unmatched=at + (param.name,))
+                    return _close(value, rest), f"{_where(at)}, else {origin}"
+                return value, _where(at)
+        if unmatched is not None and param.default is REQUIRED:
+            raise self.source.error(f"{param.name}: no filter matches some tensors, and there is no other value "
+                                    "for them", unmatched, notes=("add a last entry without a filter: - value: ...",))
         if param.default is REQUIRED:
             who = f" for {item.label} ({item.path})" if item is not None else ""
             where = item.at if item is not None else ("merge_method",)
@@ -296,7 +305,17 @@ _FALSE = ("false", "no", "off", "0", "f", "n")
 
 
 def _value(source: _Source, param: _Param, value: Any, at: _Path) -> Any:
-    """A parameter's value as mergekit validates it; gradients and filters are errors."""
+    """A parameter's value as mergekit validates it. A gradient or a filter list becomes
+    ``layers(...)``/``where(...)`` where the method's translation takes one (``varies``), else
+    an error; a filter list without a last unfiltered entry ends in ``None`` (``_open``)."""
+    if param.varies and param.kind == "number":
+        if isinstance(value, dict) and "value" in value and set(value) <= {"value", "filter"}:
+            value = [value]
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            return _filters(source, param, value, at)
+        if isinstance(value, list) and value and not any(isinstance(v, (dict, list)) for v in value):
+            numbers = tuple(_value(source, param, v, at + (i,)) for i, v in enumerate(value))
+            return numbers[0] if len(numbers) == 1 else Layers(numbers)
     if isinstance(value, dict) and "value" in value and set(value) <= {"value", "filter"}:
         if value.get("filter") not in (None, "*"):
             raise source.error(f"{param.name}: parameters filtered by tensor name are {_NOT_YET}", at + ("filter",))
@@ -326,6 +345,44 @@ def _value(source: _Source, param: _Param, value: Any, at: _Path) -> Any:
     return float(value)
 
 
+def _filters(source: _Source, param: _Param, entries: list, at: _Path) -> Any:
+    """mergekit's filter list: the first entry whose filter is a substring of the tensor name
+    (no filter, or ``*``: every tensor) gives the value, a gradient or a number."""
+    entry = entries[0]
+    here = at + (0,)
+    if not isinstance(entry, dict) or "value" not in entry or not set(entry) <= {"value", "filter"}:
+        raise source.error(f"{param.name}: a filter entry is a mapping 'filter: TEXT, value: ...'", here)
+    value = _value(source, param, entry["value"], here + ("value",))
+    if isinstance(value, Where):
+        raise source.error(f"{param.name}: a filter's value is a number or a list over layers", here + ("value",))
+    pattern = entry.get("filter")
+    if pattern in (None, "*"):
+        return value  # later entries are never reached
+    if not isinstance(pattern, str) or not pattern or "|" in pattern:
+        raise source.error(f"{param.name}: a filter is the text a tensor name contains (without '|')",
+                           here + ("filter",))
+    glob = "*" + re.sub(r"([*?\[])", r"[\1]", pattern) + "*"  # mergekit: 'filter in tensor_name'
+    rest = _filters(source, param, entries[1:], at) if len(entries) > 1 else None
+    return Where(glob, value, rest)
+
+
+def _open(value: Any) -> bool:
+    """Whether a filter chain ends without a value for the tensors it does not match."""
+    while isinstance(value, Where):
+        if value.otherwise is None:
+            return True
+        value = value.otherwise
+    return False
+
+
+def _close(value: Any, rest: Any) -> Any:
+    if value is None:
+        return rest
+    if isinstance(value, Where):
+        return Where(value.pattern, value.then, _close(value.otherwise, rest))
+    return value
+
+
 class _Names:
     """Recipe names for model paths: readable, unique, and never a built-in or reserved word."""
 
@@ -338,7 +395,7 @@ class _Names:
         name = re.sub(r"[^A-Za-z0-9_]+", "_", stem).strip("_") or "model"
         if name[0].isdigit():
             name = "m_" + name
-        if name in BUILTINS or name in RESERVED:
+        if name in BUILTINS or name in RESERVED or name in PER_TENSOR:
             name += "_model"
         candidate, n = name, 2
         while candidate in self.used:

@@ -7,6 +7,7 @@ from typing import Any
 
 from tvlang.frontends.mergekit.spec import _Input
 from tvlang.language import ast
+from tvlang.language.pertensor import PerTensor
 from tvlang.language.printer import to_text
 
 
@@ -53,8 +54,10 @@ def _literal(value: Any) -> ast.Expr:
         return ast.Bool(value)
     if isinstance(value, str):
         return ast.String(value)
+    if isinstance(value, PerTensor):
+        return value.to_ast()  # layers(...), where(...)
     if isinstance(value, (list, tuple)):
-        return ast.ListExpr(tuple(_num(v) for v in value))
+        return ast.ListExpr(tuple(_literal(v) for v in value))
     return _num(value)
 
 
@@ -67,4 +70,4 @@ def _show(value: Any) -> str:
         return "true" if value else "false"
     if value is None:
         return "none"
-    return to_text(_num(value))
+    return to_text(_literal(value))

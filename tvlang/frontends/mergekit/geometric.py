@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tvlang.frontends.mergekit.expressions import _call, _delta, _name, _num, _show, _tidy
+from tvlang.frontends.mergekit.expressions import _call, _delta, _literal, _name, _num, _show, _tidy
 from tvlang.frontends.mergekit.spec import _Method, _Out, _Param
 from tvlang.language import ast
+from tvlang.language.pertensor import PerTensor, representative
 
 if TYPE_CHECKING:
     from tvlang.frontends.mergekit.config import _Merge
@@ -18,7 +19,7 @@ def _slerp(merge: _Merge) -> _Out:
     t = merge.shared["t"]
     note = (f"t {_show(t)} ({merge.shared_origins['t']}): t = 0 gives the base, t = 1 {other.name}; "
             "linear where a tensor's two values are nearly colinear (|cos| > 0.9995), as mergekit.")
-    return _Out(_call("slerp", [_name(merge.base.name), _name(other.name), _num(t)]), [note])
+    return _Out(_call("slerp", [_name(merge.base.name), _name(other.name), _literal(t)]), [note])
 
 
 def _nuslerp(merge: _Merge) -> _Out:
@@ -48,7 +49,7 @@ def _multislerp(merge: _Merge) -> _Out:
         raise merge.source.error("multislerp needs at least one model besides the base_model", ("models",))
     weights = [i.values["weight"] for i in entries]
     normalize, eps = merge.shared["normalize_weights"], merge.shared["eps"]
-    if normalize and abs(sum(weights)) < 1e-12:
+    if normalize and abs(sum(representative(tuple(weights)))) < 1e-12:
         raise merge.source.error("multislerp with normalize_weights: true needs weights whose sum is not 0 "
                                  "(mergekit divides by it)", ("models",))
     options = {"weights": None if all(w == weights[0] for w in weights) and normalize else weights,
@@ -74,11 +75,15 @@ def _karcher(merge: _Merge) -> _Out:
 def _nearswap(merge: _Merge) -> _Out:
     other = merge.non_base[0]
     t = merge.shared["t"]
-    if t < 0:
+    if any(v < 0 for v in _leaves(t)):
         raise merge.source.error(f"nearswap's t must be at least 0, got {_show(t)}", ("parameters", "t"))
     note = (f"t {_show(t)} ({merge.shared_origins['t']}): entries within t of the base take {other.name}'s "
             f"value, the others move toward it by t/|base - {other.name}|.")
-    return _Out(_call("nearswap", [_name(merge.base.name), _name(other.name), _num(t)]), [note])
+    return _Out(_call("nearswap", [_name(merge.base.name), _name(other.name), _literal(t)]), [note])
+
+
+def _leaves(value: object) -> tuple:
+    return value.leaves() if isinstance(value, PerTensor) else (value,)
 
 
 def _model_stock(merge: _Merge) -> _Out:
@@ -91,7 +96,7 @@ def _model_stock(merge: _Merge) -> _Out:
 
 GEOMETRIC_METHODS = (
     _Method("slerp", "spherical interpolation between the base and one other model, tensor by tensor.",
-            (_Param("t", "number", "shared"),), _slerp, base="required", min_inputs=2, max_inputs=2),
+            (_Param("t", "number", "shared", varies=True),), _slerp, base="required", min_inputs=2, max_inputs=2),
     _Method("nuslerp", "spherical interpolation of two models (of their task vectors with a base_model), "
             "weighted, tensor by tensor or row by row.",
             (_Param("weight", "number", "non_base"), _Param("nuslerp_row_wise", "bool", "shared", False),
@@ -99,14 +104,15 @@ GEOMETRIC_METHODS = (
             min_inputs=2, max_inputs=3),  # two models, and the base if there is one
     _Method("multislerp", "Multi-SLERP (Goddard): a weighted mean of several models (of their task vectors with a "
             "base_model) on the sphere, scaled to their weighted mean norm, tensor by tensor.",
-            (_Param("weight", "number", "non_base"), _Param("normalize_weights", "bool", "shared", True),
+            (_Param("weight", "number", "non_base", varies=True), _Param("normalize_weights", "bool", "shared", True),
              _Param("eps", "number", "shared", 1e-8)), _multislerp, base="optional"),
     _Method("karcher", "the Karcher (Riemannian) mean of the models' directions on the sphere, scaled to their "
             "mean norm, tensor by tensor.",
             (_Param("max_iter", "int", "shared", 10.0), _Param("tol", "number", "shared", 1e-5)), _karcher),
     _Method("nearswap", "NearSwap: per entry, the other model's value where it is within t of the base, else the "
             "base moved toward it by t/|difference|.",
-            (_Param("t", "number", "shared"),), _nearswap, base="required", min_inputs=2, max_inputs=2),
+            (_Param("t", "number", "shared", varies=True),), _nearswap, base="required", min_inputs=2,
+            max_inputs=2),
     _Method("model_stock", "Model Stock (Jang et al. 2024): the base moved toward the fine-tunes' average by "
             "a ratio set by the angle between them.",
             (_Param("filter_wise", "bool", "shared", False),), _model_stock, base="required", min_inputs=3),

@@ -5,27 +5,40 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from tvlang.frontends.mergekit.expressions import _call, _delta, _name, _num, _scaled, _show, _sum, _tidy
+from tvlang.frontends.mergekit.expressions import (
+    _call,
+    _delta,
+    _literal,
+    _name,
+    _num,
+    _scaled,
+    _show,
+    _sum,
+    _tidy,
+)
 from tvlang.frontends.mergekit.source import _NOT_YET, _Path
 from tvlang.frontends.mergekit.spec import _ORIGIN_GLOBAL, _Input, _Method, _Out, _Param
 from tvlang.language import ast
+from tvlang.language.pertensor import Layers, PerTensor, Where
 
 if TYPE_CHECKING:
     from tvlang.frontends.mergekit.config import _Merge
 
 
-def _gta_params(sparsify: str | None, normalize: bool, rescale: bool) -> tuple[_Param, ...]:
+def _gta_params(sparsify: str | None, normalize: bool, rescale: bool, varies: bool = False) -> tuple[_Param, ...]:
+    """mergekit's parameters of a method of the family; ``varies``: weight, density and gamma may be
+    gradients or filter lists (they become options of one ties-like call: layers(), where())."""
     params = [
         _Param("int8_mask", "bool", "shared", False),
         _Param("normalize", "bool", "shared", normalize),
         _Param("rescale", "bool", "shared", rescale),
         _Param("lambda", "number", "shared", 1.0),
-        _Param("weight", "number", "non_base"),
+        _Param("weight", "number", "non_base", varies=varies),
     ]
     if sparsify is not None:  # mergekit takes a density for task_arithmetic too, and ignores it
-        params.append(_Param("density", "number", "non_base", 1.0))
+        params.append(_Param("density", "number", "non_base", 1.0, varies=varies))
     if sparsify == "outliers":
-        params.append(_Param("gamma", "number", "non_base", 0.01))
+        params.append(_Param("gamma", "number", "non_base", 0.01, varies=varies))
     if sparsify == "della":
         params.append(_Param("epsilon", "number", "non_base", 0.15))
     return tuple(params)
@@ -45,7 +58,7 @@ def _gta(merge: _Merge) -> _Out:
     densities = [i.values.get("density", 1.0) for i in entries]
     if method.sparsify is not None:
         for item in entries:
-            if not 0 <= item.values["density"] <= 1:  # mergekit: above 1 keeps all, below 0 none
+            if not all(0 <= v <= 1 for v in _leaves(item.values["density"])):  # mergekit: >1 keeps all, <0 none
                 raise source.error(f"density must be in [0, 1], got {_show(item.values['density'])}",
                                    _origin_at(item, "density"))
     if shared["rescale"] and method.sparsify in ("magnitude", "outliers"):
@@ -84,7 +97,7 @@ def _gta(merge: _Merge) -> _Out:
         if method.sparsify == "magnitude" and one_density:
             call = _call("ties", deltas, density=densities[0], **_weighting(weights, normalize), count="mergekit")
         elif method.sparsify == "random" and one_density:
-            call = _call("dare_ties", deltas, p=_tidy(1 - densities[0]), **_weighting(weights, normalize),
+            call = _call("dare_ties", deltas, p=_complement(densities[0]), **_weighting(weights, normalize),
                          **_rescaling(rescale))
         else:
             pruned = [_prune(method.sparsify, d, i, n, rescale) for n, (d, i) in enumerate(zip(deltas, entries))]
@@ -131,11 +144,24 @@ def _prune(sparsify: str | None, delta: ast.Expr, item: _Input, seed: int, resca
     if sparsify is None:
         return delta
     if sparsify == "magnitude":
-        return _call("topk", [delta, _num(density)], count="mergekit")
+        return _call("topk", [delta, _literal(density)], count="mergekit")
     if sparsify == "outliers":
-        return _call("breadcrumbs", [delta, _num(density)], gamma=item.values["gamma"], count="mergekit")
+        return _call("breadcrumbs", [delta, _literal(density)], gamma=item.values["gamma"], count="mergekit")
     assert sparsify == "random"
-    return _call("dare", [delta, _num(_tidy(1 - density))], seed=seed or None, **_rescaling(rescale))
+    return _call("dare", [delta, _literal(_complement(density))], seed=seed or None, **_rescaling(rescale))
+
+
+def _leaves(value: Any) -> tuple:
+    return value.leaves() if isinstance(value, PerTensor) else (value,)
+
+
+def _complement(density: Any) -> Any:
+    """``1 - density``: a drop probability, for a number or a per-tensor value."""
+    if isinstance(density, Layers):
+        return Layers(tuple(_tidy(1 - v) for v in density.values))
+    if isinstance(density, Where):
+        return Where(density.pattern, _complement(density.then), _complement(density.otherwise))
+    return _tidy(1 - density)
 
 
 def _origin_at(item: _Input, name: str) -> _Path:
@@ -149,7 +175,8 @@ def _origin_at(item: _Input, name: str) -> _Path:
 
 def _gta_method(name: str, title: str, consensus: bool, sparsify: str | None, normalize: bool,
                 rescale: bool) -> _Method:
-    return _Method(name, title, _gta_params(sparsify, normalize, rescale), _gta, base="required",
+    varies = consensus and sparsify in ("magnitude", "random", "outliers")  # one ties-like call
+    return _Method(name, title, _gta_params(sparsify, normalize, rescale, varies), _gta, base="required",
                    consensus=consensus, sparsify=sparsify)
 
 

@@ -31,6 +31,7 @@ class _Param:
     kind: str  # "number", "int" or "bool"
     scope: str  # "shared" (global parameters only), "input" (every input), "non_base" (all but the base)
     default: Any = REQUIRED
+    varies: bool = False  # the translation takes a gradient or filter list (layers(), where()) for it
 
 
 @dataclass(frozen=True)
