@@ -163,8 +163,8 @@ def test_card_equals_naive(tmp_path, dtype, in_layout, out_layout):
     if out_layout == "sharded":
         check_index(out)
     if out_layout != "file":
-        assert sorted(os.listdir(out)) == sorted(
-            [f for f in os.listdir(out) if f.endswith((".safetensors", ".json"))])
+        assert sorted(os.listdir(out)) == sorted(  # weights, index, config; a model's card (README.md)
+            [f for f in os.listdir(out) if f.endswith((".safetensors", ".json")) or f == "README.md"])
         assert not [f for f in os.listdir(tmp_path) if "tvtmp" in f]
 
 
@@ -281,7 +281,7 @@ def test_metadata_and_copied_files(ckpts, tmp_path):
     with safe_open(outs["tau_a"], "pt") as handle:
         assert handle.metadata()["tvlang.kind"] == "delta"
     for out in (outs["merged"], outs["half"]):
-        assert sorted(os.listdir(out)) == sorted(["config.json", "model.safetensors", *TOKENIZER])
+        assert sorted(os.listdir(out)) == sorted(["README.md", "config.json", "model.safetensors", *TOKENIZER])
         for file, text in TOKENIZER.items():
             assert open(os.path.join(out, file)).read() == text
     # One base for the whole run (the first model read: pre), even for half, which reads a and b:
@@ -537,10 +537,10 @@ def test_linear_program_analysis():
     linear = chunked.linear_program(program)
     assert linear.values == [0, 1, 2, 2, 3, 3, 3]
     assert linear.written == {2: "x", 3: "y"}
-    # kernels with a chunk form take part; slerp needs whole tensors
+    # kernels with a chunk form take part; sce needs whole tensors
     calls = TensorProgram([Step("read", 0, name="a"), Step("call", 1, (0,), name="ties")], 2, ["a"], [])
     assert chunked.linear_program(calls).values == [0, 1]
-    calls = TensorProgram([Step("read", 0, name="a"), Step("call", 1, (0, 0), name="slerp")], 2, ["a"], [])
+    calls = TensorProgram([Step("read", 0, name="a"), Step("call", 1, (0, 0), name="sce")], 2, ["a"], [])
     assert chunked.linear_program(calls) is None
     # a kernel that looks at its whole input first cannot take its input from another one
     nested = TensorProgram([Step("read", 0, name="a"), Step("call", 1, (0,), name="topk"),

@@ -271,7 +271,7 @@ def test_online_fetches_only_the_files_read(hub, tmp_path, monkeypatch):
     assert set(fetched) == {("org/both", "model.safetensors"), ("org/ft", "model.safetensors"),
                             ("org/both", "config.json"), ("org/both", "tokenizer.json")}
     assert ("org/ft", "v2") in asked
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors", "tokenizer.json"]
     # a task vector output copies no model files, so none are fetched
     fetched.clear()
     tvlang.compile("ft - pre").run({"pre": "hf:org/both", "ft": "hf:org/ft@v2"}, tmp_path / "tau")

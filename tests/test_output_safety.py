@@ -122,7 +122,7 @@ def test_force_replaces_a_previous_output_and_nothing_else(work, capsys):
     assert main(["run", "-e", "pre + 0.25*(ft - pre)", *BIND, "-o", "merged.safetensors", "--force"]) == 0
     after = snapshot(root)
     changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
-    assert changed == {"merged/model.safetensors", "merged.safetensors"}
+    assert changed == {"merged/model.safetensors", "merged/README.md", "merged.safetensors"}  # the card's recipe
     for out in ("merged/model.safetensors", "merged.safetensors"):
         got = load_file(str(root / out))
         torch.testing.assert_close(got["lm_head.weight"], pre["lm_head.weight"] + 0.25 * (ft["lm_head.weight"] - pre["lm_head.weight"]))

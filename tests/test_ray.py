@@ -107,7 +107,7 @@ def test_byte_identical_single_file_and_one_shard(ray_instance, models, tmp_path
     local, remote = both(recipe, models, tmp_path, {"out": "merged.safetensors"})
     assert_same_bytes(local["out"], remote["out"])
     local, remote = both(recipe, models, tmp_path / "dir", {"out": "merged"})  # one model.safetensors
-    assert sorted(files_of(remote["out"])) == ["config.json", "model.safetensors"]
+    assert sorted(files_of(remote["out"])) == ["README.md", "config.json", "model.safetensors"]  # the same card
     assert_same_bytes(local["out"], remote["out"])
 
 

@@ -45,7 +45,7 @@ from tvlang.io.safetensors_format import (
     shard_name,
 )
 
-__all__ = ["StreamingWriter", "copy_model_files", "model_file_names"]
+__all__ = ["StreamingWriter", "copy_model_files", "model_file_names", "write_files"]
 
 
 def model_file_names(copy_from: str | None) -> list[str]:
@@ -75,6 +75,15 @@ def copy_model_files(copy_from: str | None, directory: str) -> None:
         source = os.path.join(copy_from, name)
         if os.path.isdir(source):
             shutil.copytree(source, os.path.join(directory, name))
+
+
+def write_files(files: Mapping[str, bytes], directory: str) -> None:
+    """Write each ``name: bytes`` of ``files`` (plain names, such as ``README.md``) into ``directory``."""
+    for name, data in files.items():
+        if os.path.basename(name) != name or name in ("", ".", ".."):
+            raise ValueError(f"an output's extra file is a plain name, not {name!r}")
+        with open(os.path.join(directory, name), "wb", buffering=0) as f:
+            _write_all(f, memoryview(data))
 
 
 def _write_all(f, data: memoryview) -> None:
@@ -139,7 +148,9 @@ class StreamingWriter:
     - any other ``out``: a directory with ``model.safetensors``, or, when the
       tensors total more than ``shard_size`` bytes, ``model-0000i-of-0000n.safetensors``
       shards and ``model.safetensors.index.json``; plus the config and tokenizer
-      files of ``copy_from`` (a model directory or a reader with a ``root``).
+      files of ``copy_from`` (a model directory or a reader with a ``root``), and
+      ``files`` (name -> bytes: a model card), written last so that they win over a
+      copied file of the same name.
     - ``metadata`` (str -> str) goes into every shard's ``__metadata__``.
     - ``inputs`` (paths or readers) are never overwritten; an existing ``out``
       needs ``force=True`` and is replaced only by ``commit()``.
@@ -155,6 +166,7 @@ class StreamingWriter:
         inputs: Iterable[object] = (),
         force: bool = False,
         copy_from: str | os.PathLike | TensorReader | None = None,
+        files: Mapping[str, bytes] | None = None,
     ) -> None:
         self.out = os.fspath(out)
         self.single_file = self.out.endswith(".safetensors")
@@ -170,6 +182,7 @@ class StreamingWriter:
         self.layout = list(layout)
         self._check_layout(shard_size)
         self.copy_from = self._copy_source(copy_from)
+        self.extra_files = {} if self.single_file else dict(files or {})
 
         parent = os.path.dirname(self._target)
         if not os.path.isdir(parent):
@@ -439,6 +452,7 @@ class StreamingWriter:
 
     def _copy_files(self) -> None:
         copy_model_files(self.copy_from, self._replace.tmp)
+        write_files(self.extra_files, self._replace.tmp)
 
     def abort(self) -> None:
         """Remove the temporary; the output path is left as it was."""

@@ -46,7 +46,14 @@ from tvlang.plan.records import RunSummary
 from tvlang.run.bindings import Bound, bind, protected_paths
 from tvlang.run.layout import notes
 from tvlang.run.lock import verified
-from tvlang.run.outputs import commit_all, model_files_of, output_metadata, output_targets, write_results
+from tvlang.run.outputs import (
+    commit_all,
+    model_files_of,
+    output_files,
+    output_metadata,
+    output_targets,
+    write_results,
+)
 from tvlang.run.progress import progress_for
 from tvlang.run.session import Session
 from tvlang.run.sharded_output import ShardedOutput, plan_shards
@@ -218,7 +225,7 @@ def _working_directory(path: str) -> Iterator[None]:
 def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu", dtype: Any = "float32",
         out_dtype: Any = None, shard_size: int | None = None, force: bool = False, missing: str = "error",
         progress: Any = False, allow_nonfinite: bool = False, address: str | None = None,
-        workers: int | None = None, lock: str | os.PathLike | None = None) -> RunSummary:
+        workers: int | None = None, lock: str | os.PathLike | None = None, model_card: bool = True) -> RunSummary:
     """Compute every output as Ray tasks, one per output shard, and commit them (see the module docstring)."""
     ray = _import_ray()
     if workers is not None and workers < 1:
@@ -239,9 +246,11 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
         for name, path in targets.items():
             kind = plan.output_kind(name)
             copy_from = model_files_of(bound, kind, path)
+            metadata = output_metadata(plan, bound, name, kind, locked)
+            files = output_files(plan, bound, name, kind, path, metadata, copy_from, locked, model_card)
             outputs.append(ShardedOutput(name, path, session.output_layout(name), shard_size=shard_size,
-                                         metadata=output_metadata(plan, bound, name, kind, locked), inputs=inputs,
-                                         force=force, copy_from=copy_from))
+                                         metadata=metadata, inputs=inputs, force=force, copy_from=copy_from,
+                                         files=files))
         bar = progress_for(progress)
         session.reduce(bar)  # on the driver: one read of the inputs per reduction pass
         reduced = {plan.schedule.tasks[key].name: value for key, value in session.reduced.items()}

@@ -23,7 +23,15 @@ from tvlang.run.align import align
 from tvlang.run.bindings import bind, protected_paths
 from tvlang.run.layout import notes, validate
 from tvlang.run.lock import verified
-from tvlang.run.outputs import IN_FLIGHT, commit_all, model_files_of, output_metadata, output_targets, write_results
+from tvlang.run.outputs import (
+    IN_FLIGHT,
+    commit_all,
+    model_files_of,
+    output_files,
+    output_metadata,
+    output_targets,
+    write_results,
+)
 from tvlang.run.progress import progress_for
 from tvlang.run.session import Session
 
@@ -72,12 +80,14 @@ def stream(plan: Plan, bindings: Mapping[str, Any], *, output: str | None = None
 def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu", dtype: Any = "float32",
         out_dtype: Any = None, shard_size: int | None = None, force: bool = False, missing: str = "error",
         progress: Any = False, allow_nonfinite: bool = False, executor: str = "local", address: str | None = None,
-        workers: int | None = None, lock: str | os.PathLike | None = None) -> RunSummary:
+        workers: int | None = None, lock: str | os.PathLike | None = None, model_card: bool = True) -> RunSummary:
     """Compute every output in one pass over the inputs and write them.
 
     ``lock`` is a lockfile (``tvlang lock``): the inputs are checked against it before
     anything is computed or written, and any difference is an error
-    (:mod:`tvlang.run.lock`). ``executor="ray"`` computes the output shards as tasks on a Ray cluster
+    (:mod:`tvlang.run.lock`). A Model output written as a directory gets a model
+    card, README.md (:mod:`tvlang.run.model_card`), unless ``model_card=False``.
+    ``executor="ray"`` computes the output shards as tasks on a Ray cluster
     (``address``, or a local Ray instance of ``workers`` CPUs) and writes the same
     bytes; see :mod:`tvlang.run.distributed`.
     """
@@ -86,7 +96,8 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
     if executor == "ray":
         return distributed.run(plan, bindings, out, device=device, dtype=dtype, out_dtype=out_dtype,
                                shard_size=shard_size, force=force, missing=missing, progress=progress,
-                               allow_nonfinite=allow_nonfinite, address=address, workers=workers, lock=lock)
+                               allow_nonfinite=allow_nonfinite, address=address, workers=workers, lock=lock,
+                               model_card=model_card)
     if address is not None or workers is not None:
         raise TvlangError("address= and workers= are options of executor='ray'")
     started = time.perf_counter()
@@ -106,8 +117,10 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
             kind = plan.output_kind(name)
             metadata = output_metadata(plan, bound, name, kind, locked)
             copy_from = model_files_of(bound, kind, path)
+            files = output_files(plan, bound, name, kind, path, metadata, copy_from, locked, model_card)
             writers[name] = StreamingWriter(path, session.output_layout(name), shard_size=shard_size,
-                                            metadata=metadata, inputs=inputs, force=force, copy_from=copy_from)
+                                            metadata=metadata, inputs=inputs, force=force, copy_from=copy_from,
+                                            files=files)
         bar = progress_for(progress)
         session.reduce(bar)
         written = write_results(session, writers, bar)

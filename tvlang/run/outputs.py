@@ -21,6 +21,7 @@ from tvlang.errors import TvlangError
 from tvlang.io import StreamingWriter
 from tvlang.io.hub import fetch_model_files
 from tvlang.run.bindings import Bound
+from tvlang.run.model_card import CARD_NAME, model_card
 from tvlang.run.provenance import location, recipe_dir
 from tvlang.run.session import Session
 from tvlang.version import __version__
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from tvlang.plan.compiler import Plan
 
 __all__ = ["IN_FLIGHT", "Committable", "base_model_folder", "commit_all", "compute_threads", "model_files_of",
-           "output_metadata", "output_targets", "write_results"]
+           "output_files", "output_metadata", "output_targets", "write_results"]
 
 IN_FLIGHT = 2  # writes queued per output by write_results (whole tensors or pieces)
 
@@ -177,6 +178,15 @@ def output_metadata(plan: Plan, bound: Bound, output: str, kind: str,
         "tvlang.inputs": json.dumps({k: location(bound.readers[k], base) for k in keys}, sort_keys=True),
         **extra,
     }
+
+
+def output_files(plan: Plan, bound: Bound, output: str, kind: str, path: Any, metadata: Mapping[str, str],
+                 copy_from: str | None, lock: Mapping[str, Any] | None, card: bool) -> dict[str, bytes]:
+    """The files an output directory gets besides weights and copied files: its model card (README.md),
+    for a Model output written as a directory, unless ``card`` is off (``--no-model-card``)."""
+    if not card or kind != "model" or str(path).endswith(".safetensors"):
+        return {}
+    return {CARD_NAME: model_card(plan, bound, output, metadata, copy_from, lock).encode()}
 
 
 def _output_inputs(plan: Plan, bound: Bound, output: str, kind: str) -> list[str]:

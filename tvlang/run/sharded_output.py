@@ -27,7 +27,7 @@ from tvlang.io import (
 from tvlang.io.atomic import AtomicReplace, remove
 from tvlang.io.output_paths import input_paths
 from tvlang.io.safetensors_format import build_index
-from tvlang.io.writer import copy_model_files
+from tvlang.io.writer import copy_model_files, write_files
 
 __all__ = ["Shard", "ShardedOutput", "plan_shards"]
 
@@ -77,7 +77,8 @@ class ShardedOutput:
     """
 
     def __init__(self, name: str, path: Any, layout: list[TensorInfo], *, shard_size: int | None,
-                 metadata: dict[str, str], inputs: list[Any], force: bool, copy_from: str | None) -> None:
+                 metadata: dict[str, str], inputs: list[Any], force: bool, copy_from: str | None,
+                 files: dict[str, bytes] | None = None) -> None:
         self.name = name
         self.out = os.fspath(path)
         self.single_file = self.out.endswith(".safetensors")
@@ -91,6 +92,7 @@ class ShardedOutput:
         self.shards = plan_shards(layout, shard_size,
                                   single_file=os.path.basename(self.target) if self.single_file else None)
         self.copy_from = None if self.single_file else copy_from
+        self.files = {} if self.single_file else dict(files or {})  # a model card: written with the index
         parent = os.path.dirname(self.target)
         try:
             os.makedirs(parent, exist_ok=True)
@@ -143,6 +145,7 @@ class ShardedOutput:
                 with open(os.path.join(self.staging, INDEX_NAME), "wb") as f:
                     f.write(build_index(weight_map, sum(info.nbytes for info in self.layout)))
             copy_model_files(self.copy_from, self.staging)
+            write_files(self.files, self.staging)
         self.replace.prepare()
 
     def publish(self) -> None:

@@ -24,7 +24,8 @@ DESCRIPTION = """\
 Run a recipe (or one expression with -e) over checkpoints, tensor by tensor,
 and write each output as safetensors. An output path ending in .safetensors is
 one file; any other path is a model directory (sharded above --shard-size, with
-the base model's config and tokenizer files copied).
+the base model's config and tokenizer files copied, and a README.md model card
+for a model: the recipe, the inputs, the params; --no-model-card leaves it out).
 
 A bound file whose metadata says it is a tvlang task vector (every Delta that
 tvlang writes) is a task vector; prefix a path with delta: to say so yourself.
@@ -58,6 +59,8 @@ def register(subparsers) -> None:
     parser.add_argument("--missing", default="error", choices=("error", "base", "skip"),
                         help="a tensor missing from some inputs: error (default), take the base's, or skip it")
     parser.add_argument("--force", action="store_true", help="replace an existing output")
+    parser.add_argument("--no-model-card", dest="model_card", action="store_false",
+                        help="write no README.md model card into a model output directory")
     parser.add_argument("--locked", action="store_true",
                         help="check the inputs against RECIPE.lock (tvlang lock) first; refuse any difference")
     parser.add_argument("--executor", default="local", choices=("local", "ray"),
@@ -124,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     plan, bindings = compile_from_args(args)
     summary = plan.run(bindings, out, device=args.device, dtype=dtype, out_dtype=out_dtype,
                        shard_size=shard_size, force=args.force, missing=args.missing, progress=not args.quiet,
-                       lock=locked_path(args), **executor_options(args))
+                       lock=locked_path(args), model_card=args.model_card, **executor_options(args))
     if not args.quiet:
         print(summary.line(), file=sys.stderr)
     return 0
