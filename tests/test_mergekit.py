@@ -292,7 +292,17 @@ def test_tokenizer_source_base_takes_the_base_files(workdir):
 # {root} is the directory of the test checkpoints.
 ERRORS = [
     ("models:\n  - model: {root}/ft1\nmerge_method: linear\nslices: []\n",
-     "slices: layer slices (frankenmerges) are not supported by tvlang import yet", 4),
+     "give models or slices, not both", 4),
+    ("slices:\n  - sources:\n      - model: {root}/ft1\n        layer_range: [0, 1]\n"
+     "      - model: {root}/base\n        layer_range: [0, 1]\nmerge_method: slerp\nbase_model: {root}/base\n"
+     "parameters: {{t: 0.5}}\n",
+     "layer_range [0, 1] is part of the 2 layers of", 4),
+    ("slices:\n  - sources:\n      - model: {root}/ft1\n        layer_range: [0, 2]\n"
+     "  - sources:\n      - model: {root}/ft2\n        layer_range: [0, 2]\nmerge_method: passthrough\n",
+     "slices: layer surgery (several slices, or part of a model's layers) is not supported", 5),
+    ("slices:\n  - sources:\n      - model: {root}/ft1\n        layer_range: [0, 2]\n    parameters: {{t: 1}}\n"
+     "merge_method: passthrough\n",
+     "a slice's 'parameters' is not supported", 5),
     ("modules: {{}}\nmerge_method: linear\nmodels:\n  - model: {root}/ft1\n",
      "modules: per-module merges are not supported", 1),
     ("models:\n  - model: {root}/ft1\n    parameters:\n      weight: [0.1, 0.5, 1]\n"
@@ -423,7 +433,7 @@ def test_tvlang_import_reports_errors_at_the_config_line(tmp_path, capsys):
     config.write_text("models:\n  - model: ft1\nmerge_method: linear\nslices: []\n")
     assert main(["import", str(config)]) == 1
     assert capsys.readouterr().err == (
-        f"{config}:4:1: error: slices: layer slices (frankenmerges) are not supported by tvlang import yet\n"
+        f"{config}:4:1: error: give models or slices, not both\n"
         "  slices: []\n"
         "  ^^^^^^\n"
     )

@@ -9,6 +9,7 @@ import re
 from typing import Any
 
 from tvlang.frontends.mergekit.methods import _METHODS, _NO_OPERATOR
+from tvlang.frontends.mergekit.slices import _slices_as_models
 from tvlang.frontends.mergekit.source import _NOT_YET, _Path, _Source, _suggest, _where
 from tvlang.frontends.mergekit.spec import (
     _KNOWN_PARAMS,
@@ -50,6 +51,7 @@ class _Merge:
             raise source.error("a mergekit config is a mapping (merge_method: ..., models: ...)")
         for key in data:
             _check_top_key(source, key)
+        data, header = _slices_as_models(source, data)
         if "merge_method" not in data:
             raise source.error("the config has no merge_method", notes=("add one, e.g. merge_method: linear",))
         if "models" not in data:
@@ -63,6 +65,7 @@ class _Merge:
             raise source.error(f"unknown merge_method '{name}'", ("merge_method",),
                                notes=_suggest(name, [*_METHODS, *_NO_OPERATOR]))
         merge = cls(source, method)
+        merge.header += header
         merge._models(data)
         merge._parameters(data)
         merge._check_counts()
@@ -258,10 +261,9 @@ class _Merge:
 
 
 def _check_top_key(source: _Source, key: Any) -> None:
-    supported = ("models", "base_model", "merge_method", "parameters", "dtype", "out_dtype",
+    supported = ("models", "slices", "base_model", "merge_method", "parameters", "dtype", "out_dtype",
                  "tokenizer_source", "tokenizer")
     later = {
-        "slices": "layer slices (frankenmerges) are " + _NOT_YET,
         "modules": "per-module merges are " + _NOT_YET,
         "chat_template": "setting a chat template is " + _NOT_YET,
     }

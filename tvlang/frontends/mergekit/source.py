@@ -46,6 +46,7 @@ class _Source:
         self.directory = os.path.dirname(os.path.abspath(filename)) if filename else os.getcwd()
         self.values: dict[_Path, tuple[int, int]] = {}
         self.keys: dict[_Path, tuple[int, int]] = {}
+        self.aliases: dict[_Path, _Path] = {}  # a path the translation uses -> where it is written
         self.data = self._load()
 
     def _load(self) -> Any:
@@ -81,9 +82,13 @@ class _Source:
 
     def error(self, message: str, at: _Path = (), *, key: bool = False, notes: tuple[str, ...] = ()) -> TvlangError:
         """An error placed at the value (or, with ``key``, the key) at ``at`` in the config."""
-        where = (self.keys if key else self.values).get(tuple(at))
+        at = tuple(at)
+        for alias, real in self.aliases.items():  # ("models", ...) of a config written with slices
+            if at[:len(alias)] == alias:
+                at = real + at[len(alias):]
+        where = (self.keys if key else self.values).get(at)
         if where is None and key:
-            where = self.values.get(tuple(at))
+            where = self.values.get(at)
         span = None
         if where is not None:
             start, end = where
