@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import tvlang
 from tvlang.ops.context import TensorContext
-from tvlang.ops.lowrank import factors, kept_energy, lowrank
+from tvlang.ops.lowrank import lowrank, truncated
 
 
 def _pair(seed=0):
@@ -44,18 +44,42 @@ def test_lowrank_equals_a_naive_truncated_svd(rank):
 
 def test_lowrank_is_the_best_approximation_and_keeps_the_stated_energy():
     x = torch.randn(50, 20, generator=torch.Generator().manual_seed(1))
-    b, a, s = factors(x, 5)
-    approx = (b @ a).float()
-    residual = float((x - approx).double().square().sum())
+    top = truncated(x, 5)
+    residual = float((x.double() - top.product()).square().sum())
     total = float(x.double().square().sum())
-    assert abs(kept_energy(s, 5) - (1 - residual / total)) < 1e-6
+    assert top.total == pytest.approx(total, rel=1e-12)
+    assert abs(top.kept - (1 - residual / total)) < 1e-9
+    assert top.kept == pytest.approx(float(torch.linalg.svdvals(x.double())[:5].square().sum()) / total, rel=1e-12)
     # another rank-5 matrix is farther (Eckart-Young): x projected on a perturbed 5-D row space
-    q, _ = torch.linalg.qr((a.double() + 0.01 * torch.randn(5, 20, dtype=torch.float64)).T)
+    q, _ = torch.linalg.qr((top.vh + 0.01 * torch.randn(5, 20, dtype=torch.float64)).T)
     other = x.double() @ q @ q.T
     assert torch.linalg.matrix_rank(other) == 5
     assert float((x.double() - other).square().sum()) > residual
-    assert kept_energy(s, 20) == pytest.approx(1.0)
-    assert kept_energy(torch.zeros(3), 1) == 1.0
+    assert truncated(x, 20).kept == pytest.approx(1.0)
+    assert truncated(torch.zeros(3, 4), 1).kept == 1.0
+
+
+@pytest.mark.parametrize("shape", [(300, 700), (700, 300)])
+def test_the_gram_path_equals_the_svd(monkeypatch, shape):
+    import tvlang.ops.lowrank as module
+
+    generator = torch.Generator().manual_seed(2)
+    # a decaying spectrum, as task vectors have, plus noise
+    x = (torch.randn(shape[0], 40, generator=generator) * torch.logspace(0, -2, 40)) @ \
+        torch.randn(40, shape[1], generator=generator) + 1e-3 * torch.randn(shape, generator=generator)
+    exact = truncated(x, 16)
+    monkeypatch.setattr(module, "GRAM_ELEMENTS", 1000)
+    monkeypatch.setattr(module, "BLOCK_ELEMENTS", 50_000)  # several column blocks
+    gram = truncated(x, 16)
+    assert gram.s.shape == (16,) and gram.u.shape == (shape[0], 16) and gram.vh.shape == (16, shape[1])
+    assert torch.allclose(gram.s, exact.s, rtol=1e-9, atol=1e-12)
+    assert (gram.product() - exact.product()).abs().max() < 1e-9
+    assert gram.kept == pytest.approx(exact.kept, rel=1e-12)
+    # a rank-3 matrix: components beyond its rank are rounding, and dropped
+    low = torch.randn(shape[0], 3, generator=generator, dtype=torch.float64) @ \
+        torch.randn(3, shape[1], generator=generator, dtype=torch.float64)
+    top = truncated(low, 8)
+    assert top.s.numel() == 3 and (top.product() - low).abs().max() < 1e-9
 
 
 def test_full_rank_and_non_matrices_are_unchanged():

@@ -30,7 +30,7 @@ from tvlang.errors import TvlangError
 from tvlang.io import StreamingWriter, TensorInfo, check_output_path
 from tvlang.io.atomic import AtomicReplace, sync_tree
 from tvlang.io.lora import ADAPTER_CONFIG, PREFIX, LoraReader
-from tvlang.ops.lowrank import svd
+from tvlang.ops.lowrank import truncated
 from tvlang.plan.ir import const_value, postorder
 from tvlang.run.bindings import bind, protected_paths
 from tvlang.run.session import Session
@@ -142,12 +142,11 @@ def extract_lora(plan: Plan, bindings: Mapping[str, Any], out: str | os.PathLike
             if delta.dim() == 2 and param == "weight" and module:
                 embedding = bool(EMBEDDING_NAMES.fullmatch(module.rpartition(".")[2]))
                 matrix = delta.T if embedding or fan_in_fan_out else delta
-                u, s, vh = svd(matrix)
-                k = min(rank, s.numel())
-                root = s[:k].sqrt()
-                b, a = _padded(u[:, :k] * root, root[:, None] * vh[:k], rank)
-                kept = float(s[:k].double().square().sum())
-                total = float(s.double().square().sum())
+                top = truncated(matrix, rank)
+                root = top.s.sqrt()
+                b, a = _padded(top.u * root, root[:, None] * top.vh, rank)
+                kept = float(top.s.square().sum())
+                total = top.total
                 key = f"{PREFIX}{module}"
                 if embedding:
                     tensors[f"{key}.lora_embedding_A"] = a.to(torch.float32).contiguous()
