@@ -8,14 +8,14 @@ import sys
 
 from tvlang import __version__
 from tvlang.errors import TvlangError
-from tvlang.faces.commands import bases, check, explain, extract_lora, import_, lock, repl, run, similarity
+from tvlang.faces.commands import bases, check, explain, extract_lora, import_, lock, repl, run, show, similarity
 from tvlang.faces.commands.args import UsageError
 from tvlang.faces.interrupts import Interrupted, interrupts_raise
 
 # Each subcommand's module has register(subparsers); this order is the order of ``tvlang --help``.
 # A command named by a Python keyword lives in a module with a trailing _ (import_); a module's
 # other underscores are the command's dashes (extract_lora: extract-lora).
-COMMAND_MODULES = (run, check, lock, explain, repl, similarity, bases, extract_lora, import_)
+COMMAND_MODULES = (run, check, lock, show, explain, repl, similarity, bases, extract_lora, import_)
 COMMANDS = tuple(module.__name__.rpartition(".")[2].rstrip("_").replace("_", "-") for module in COMMAND_MODULES)
 
 DESCRIPTION = """\
