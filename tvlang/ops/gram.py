@@ -4,7 +4,7 @@ the inputs' Gram matrix: ``multislerp``, ``karcher`` and ``nuslerp`` (flattened)
 Each of these spherical merges works on the directions and norms of its inputs, and every
 vector it builds (unit vectors, means, tangents, the result) stays in the span of the inputs.
 So a tensor is merged in two steps: the dot products ``G[i][j] = x_i . x_j`` of the flattened
-inputs (accumulated in float64), then the merge itself in coefficient space (a few scalars,
+inputs (in float64), then the merge itself in coefficient space (a few scalars,
 float64), then one linear combination ``sum_i c_i * x_i``. The arithmetic on tensors is one
 pass of dot products and one of multiply-adds, whatever the method iterates, and the chunk
 form :class:`GramChunks` runs the same two steps on consecutive pieces of a tensor (one pass
@@ -33,7 +33,7 @@ Coefficients = Callable[[Gram], Sequence[float]]
 
 
 def gram(vectors: Sequence[torch.Tensor]) -> Gram:
-    """The Gram matrix of the flattened ``vectors``: products in the compute dtype, sums in float64."""
+    """The Gram matrix of the flattened ``vectors``, in float64."""
     n = len(vectors)
     flat = [v.reshape(-1) for v in vectors]
     g = [[0.0] * n for _ in range(n)]
@@ -41,14 +41,26 @@ def gram(vectors: Sequence[torch.Tensor]) -> Gram:
     return g
 
 
+_BLOCK = 1 << 16  # entries of each input converted to float64 at a time
+
+
 def _accumulate(g: Gram, flat: Sequence[torch.Tensor]) -> None:
+    """Add the dot products of the flat ``flat`` to ``g``: block by block, the inputs' entries
+    in float64 and one matrix product (one conversion per entry, products and sums in float64)."""
     n = len(flat)
+    count = flat[0].numel()
+    block = torch.empty((n, min(_BLOCK, max(count, 1))), dtype=torch.float64, device=flat[0].device)
+    total = torch.zeros((n, n), dtype=torch.float64, device=flat[0].device)
+    for start in range(0, count, _BLOCK):
+        stop = min(count, start + _BLOCK)
+        rows = block[:, :stop - start]
+        for i, f in enumerate(flat):
+            rows[i].copy_(f[start:stop])
+        total.addmm_(rows, rows.T)
+    values = total.tolist()
     for i in range(n):
-        for j in range(i, n):
-            value = float(torch.sum(torch.mul(flat[i], flat[j]), dtype=torch.float64))
-            g[i][j] += value
-            if j != i:
-                g[j][i] += value
+        for j in range(n):
+            g[i][j] += values[i][j]
 
 
 def combine(vectors: Sequence[torch.Tensor], coefficients: Sequence[float],
