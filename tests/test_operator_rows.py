@@ -205,7 +205,8 @@ def test_views_agree_with_the_rows():
     assert set(CHUNKED) == {n for n, r in BUILTINS.items() if r.chunk_form is not None}
     assert set(MULTIPASS) <= set(CHUNKED)
     assert set(ELEMENTWISE) >= {"mean", "sum", "select", "pick", "schedule", "ram"}
-    assert set(MULTIPASS) == {"ties", "topk", "breadcrumbs", "multislerp", "karcher", "nuslerp"}
+    assert set(MULTIPASS) == {"ties", "topk", "breadcrumbs", "multislerp", "karcher", "nuslerp", "slerp", "model_stock",
+                              "random_like"}
     assert set(CHUNKED) >= {"dare", "dare_ties", "dare_linear", "ties", "topk", "breadcrumbs"}
     assert {n for n, r in BUILTINS.items() if r.reductions is not None} == {"ties", "topk"}
 

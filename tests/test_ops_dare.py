@@ -7,7 +7,8 @@ import torch
 
 from tvlang.errors import TvlangError
 from tvlang.ops.context import TensorContext, seed_for
-from tvlang.ops.dare import dare, della_sample, random_like
+from tvlang.ops.dare import dare, random_like
+from tvlang.ops.della import della_sample, rank_order
 
 T = torch.tensor
 
@@ -90,37 +91,45 @@ def test_random_like_matches_norm():
 def test_della_sample_probabilities_hand_computed():
     # one row, |x| ascending ranks: .1 -> 0, .3 -> 1, .5 -> 2, 1 -> 3, 2 -> 4
     # density .5, epsilon .2: p = .3 + .4 * rank / 4
+    # the words for ('w', seed 0) are 2800579674 2107414477 433079038 156013486 ... (as dare's);
+    # / 2**32: .652 .491 .101 .036 .987: kept where u < p: entries 1 (.491 < .5), 2 (.101 < .4), 3 (.036 < .7)
+    import numpy
+
     x = T([0.1, -0.5, 0.3, 2.0, -1.0])
-    prob = T([0.3, 0.5, 0.4, 0.7, 0.6])
-    gen = torch.Generator().manual_seed(11)
-    out = della_sample(x, 0.5, 0.2, gen, True, torch.empty(5))
-    u = torch.rand(1, 5, generator=torch.Generator().manual_seed(11)).view(5)
-    want = torch.where(u < prob, x / prob, torch.zeros(5))
-    assert torch.allclose(out, want)
+    bits = numpy.random.PCG64(seed_for(0, "w"))
+    words = numpy.random.PCG64(seed_for(0, "w")).random_raw(3).view(numpy.uint32)[:5]
+    u = torch.from_numpy(words.astype(numpy.float64)) / 2**32
+    assert [round(v, 3) for v in u.tolist()] == [0.652, 0.491, 0.101, 0.036, 0.987]
+    prob = T([0.0, 2.0, 1.0, 4.0, 3.0]) * (0.4 / 4) + 0.3  # in float32, as the kernel
+    out = della_sample(x, 0.5, 0.2, bits, True, torch.empty(5))
+    assert torch.equal(out, torch.where(u < prob.double(), x / prob, torch.zeros(5)))
+    assert torch.allclose(out, T([0.0, -1.0, 0.3 / 0.4, 2.0 / 0.7, 0.0]))
+    bits = numpy.random.PCG64(seed_for(0, "w"))
+    assert torch.equal(della_sample(x, 0.5, 0.2, bits, False, torch.empty(5)), T([0.0, -0.5, 0.3, 2.0, 0.0]))
 
 
 def test_della_sample_rows_and_edges():
+    import numpy
+
+    bits = numpy.random.PCG64(0)
     x = T([[1.0, 2.0], [3.0, -4.0]])
-    gen = torch.Generator().manual_seed(0)
-    assert torch.equal(della_sample(x, 1.0, 0.1, gen, True, torch.empty(2, 2)), x)
-    assert torch.equal(della_sample(x, 0.0, 0.1, gen, True, torch.empty(2, 2)), torch.zeros(2, 2))
+    assert torch.equal(della_sample(x, 1.0, 0.1, bits, True, torch.empty(2, 2)), x)
+    assert torch.equal(della_sample(x, 0.0, 0.1, bits, True, torch.empty(2, 2)), torch.zeros(2, 2))
     # epsilon 0: every entry kept with probability density, rescaled by 1/density
-    out = della_sample(torch.ones(100_000), 0.25, 0.0, gen, True, torch.empty(100_000))
+    out = della_sample(torch.ones(100_000), 0.25, 0.0, bits, True, torch.empty(100_000))
     assert set(out.unique().tolist()) <= {0.0, 4.0}
     assert abs((out != 0).float().mean().item() - 0.25) < 0.01
     # one-entry rows get probability density
-    col = della_sample(torch.ones(50_000, 1), 0.5, 0.3, gen, False, torch.empty(50_000, 1))
+    col = della_sample(torch.ones(50_000, 1), 0.5, 0.3, bits, False, torch.empty(50_000, 1))
     assert abs(col.mean().item() - 0.5) < 0.02
 
 
 @pytest.mark.parametrize("shape", [(1, 7), (5, 9), (3, 1), (64, 33)])
 def test_della_rank_order_matches_a_stable_row_argsort(shape):
-    from tvlang.ops.dare import _rank_order
-
     x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
     x[0, 0] = -x[0, -1]  # equal magnitudes: ranked by position
     for rows in (x, x.double()):
-        assert torch.equal(_rank_order(rows), torch.argsort(rows.abs(), dim=1, stable=True))
+        assert torch.equal(rank_order(rows), torch.argsort(rows.abs(), dim=1, stable=True))
 
 
 @pytest.mark.parametrize("piece", [1, 5, 64, 100, 1000])

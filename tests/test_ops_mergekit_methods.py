@@ -11,10 +11,11 @@ import tvlang
 from tvlang.errors import TvlangError
 from tvlang.ops.context import TensorContext
 from tvlang.ops.dare import dare
+from tvlang.ops.della import della, della_linear
 from tvlang.ops.fusion import arcee_fusion
 from tvlang.ops.ram import ram, ramplus_tl
 from tvlang.ops.sce import sce
-from tvlang.ops.ties import dare_linear, dare_ties, della, della_linear
+from tvlang.ops.ties import dare_linear, dare_ties
 
 
 def T(values):

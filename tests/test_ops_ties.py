@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from tvlang.errors import TvlangError
 from tvlang.ops.context import TensorContext
-from tvlang.ops.ties import dare_ties, della, sign_merge, ties
+from tvlang.ops.della import della
+from tvlang.ops.ties import dare_ties, sign_merge, ties
 
 T = torch.tensor
 

@@ -213,7 +213,8 @@ OPERATORS = (
         result="delta",
         summary="DELLA: magnitude-ranked keep probabilities, rescale, elect, merge",
         reference="Deep et al. 2024 (DELLA-Merging); mergekit della",
-        kernel="tvlang.ops.ties:della",
+        kernel="tvlang.ops.della:della",
+        chunk_form="tvlang.ops.della:della_chunks",
         rules=(_one_weight_per_input, _della_keep_probabilities),
     ),
     Builtin(
@@ -236,7 +237,8 @@ OPERATORS = (
         result="delta",
         summary="DELLA's sampling of each input, then their (weighted) sum, times lambda",
         reference="Deep et al. 2024 (DELLA-Merging); mergekit della_linear",
-        kernel="tvlang.ops.ties:della_linear",
+        kernel="tvlang.ops.della:della_linear",
+        chunk_form="tvlang.ops.della:della_linear_chunks",
         rules=(_one_weight_per_input, _della_keep_probabilities),
     ),
     Builtin(
@@ -299,6 +301,8 @@ OPERATORS = (
         summary="spherical interpolation per tensor; linear when nearly colinear",
         reference="mergekit slerp (DOT_THRESHOLD 0.9995)",
         kernel="tvlang.ops.slerp:slerp",
+        chunk_form="tvlang.ops.slerp:slerp_chunks",
+        multipass=True,
     ),
     Builtin(
         "model_stock",
@@ -311,6 +315,8 @@ OPERATORS = (
         summary="Model Stock: t*average + (1-t)*base with t from the angle between fine-tunes",
         reference="Jang et al. 2024 (Model Stock); mergekit model_stock",
         kernel="tvlang.ops.stock:model_stock",
+        chunk_form="tvlang.ops.stock:model_stock_chunks",
+        multipass=True,
     ),
     Builtin(
         "random_like",
@@ -320,6 +326,8 @@ OPERATORS = (
         summary="Gaussian noise with the same Frobenius norm as each tensor",
         reference="Ilharco et al. 2023 (random task vector baseline)",
         kernel="tvlang.ops.dare:random_like",
+        chunk_form="tvlang.ops.chunks:random_like_chunks",
+        multipass=True,
     ),
     Builtin(
         "select",

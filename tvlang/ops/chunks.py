@@ -17,7 +17,13 @@ numbers are known:
   and the same tie-break (the first tied entries in flat order, counted across
   chunks by a :class:`tvlang.ops.common.TieWindow`), so the same results. With
   ``scope="model"`` the thresholds come from the earlier whole-model passes and no
-  pass is needed.
+  pass is needed;
+- ``random_like``: one pass sums the squares of the input and of its noise
+  (:class:`tvlang.ops.sums.Sums`, the whole-tensor kernel's sums), then the noise is drawn
+  again from the same stream and scaled.
+
+Beside their kernels: ``della``/``della_linear`` (tvlang/ops/della.py: chunks of whole
+rows), ``slerp`` and ``model_stock`` (a pass for norms and dot products), the Gram merges.
 
 The protocol (tvlang/ops/registry.py): ``CHUNKED[name](ctx, numel, n_inputs, dtype,
 **options)`` returns a chunk kernel, or ``None`` where the options need the whole
@@ -42,33 +48,16 @@ from collections.abc import Sequence
 
 import torch
 
-from tvlang.ops.common import TieWindow, chunk_form_of, keep_count, scratch
+from tvlang.ops.common import ChunkKernel, TieWindow, chunk_form_of, keep_count, scratch
 from tvlang.ops.context import TensorContext
-from tvlang.ops.dare import Dropper
+from tvlang.ops.dare import Dropper, Noise, noise_scale
 from tvlang.ops.prune import breadcrumb_counts, breadcrumb_windows, model_threshold, trim
+from tvlang.ops.sums import Sums
 from tvlang.ops.threshold import RadixSelect
 from tvlang.ops.ties import sign_merge
 
 __all__ = ["ChunkKernel", "Elementwise", "dare_chunks", "dare_ties_chunks", "dare_linear_chunks", "ties_chunks",
-           "topk_chunks", "breadcrumbs_chunks"]
-
-
-class ChunkKernel:
-    """A chunk kernel without passes; subclasses override what they need."""
-
-    passes = 0
-
-    def observe(self, pass_index: int, pieces: list[torch.Tensor]) -> None:
-        pass
-
-    def end_pass(self, pass_index: int) -> None:
-        pass
-
-    def restart(self) -> None:
-        pass
-
-    def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:  # pragma: no cover
-        raise NotImplementedError
+           "topk_chunks", "breadcrumbs_chunks", "random_like_chunks"]
 
 
 class Elementwise(ChunkKernel):
@@ -289,3 +278,37 @@ def breadcrumbs_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: tor
         return None
     keep, top = breadcrumb_counts(float(density), float(gamma), numel, count)
     return _Breadcrumbs(numel, keep, top)
+
+
+# -- random_like -----------------------------------------------------------------------
+
+
+class _RandomLike(ChunkKernel):
+    """One pass for the norms of the input and of its noise (:class:`Sums`, the noise drawn
+    once to be measured), then the same noise drawn again, scaled, piece by piece."""
+
+    passes = 1
+
+    def __init__(self, ctx: TensorContext, seed: float, dtype: torch.dtype) -> None:
+        self.make = lambda: Noise(ctx.bits(seed), dtype, ctx.device)
+        self.noise = self.make()
+        self.sums = Sums(2, [(0, 0), (1, 1)])
+        self.scale = 0.0
+
+    def observe(self, pass_index: int, pieces: list[torch.Tensor]) -> None:
+        self.sums.add([pieces[0], self.noise.next(pieces[0].numel())])
+
+    def end_pass(self, pass_index: int) -> None:
+        self.scale = noise_scale(self.sums.totals())
+
+    def restart(self) -> None:
+        self.noise = self.make()
+
+    def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
+        out.copy_(self.noise.next(out.numel()).mul_(self.scale))
+
+
+@chunk_form_of("random_like")
+def random_like_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *,
+                       seed: float) -> ChunkKernel:
+    return _RandomLike(ctx, seed, dtype)

@@ -42,7 +42,7 @@ from tvlang.language.builtins import BUILTINS
 
 __all__ = ["COUNT_RULES", "TieWindow", "keep_count", "truncated_count", "tie_split", "settle_ties", "count_at_least",
            "count_equal", "kth_largest_abs", "magnitudes", "scratch", "clear_workspace", "kernel_of", "chunk_form_of",
-           "fresh"]
+           "ChunkKernel", "fresh"]
 
 
 # -- scratch buffers -------------------------------------------------------------
@@ -118,6 +118,27 @@ def chunk_form_of(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any
         return with_options
 
     return decorate
+
+
+class ChunkKernel:
+    """A chunk kernel (the protocol in tvlang/ops/registry.py) without passes; subclasses
+    override what they need. ``row`` > 1: every piece handed to ``apply`` holds whole rows
+    of that many entries (the evaluator cuts its chunks there)."""
+
+    passes = 0
+    row = 1
+
+    def observe(self, pass_index: int, pieces: list[torch.Tensor]) -> None:
+        pass
+
+    def end_pass(self, pass_index: int) -> None:
+        pass
+
+    def restart(self) -> None:
+        pass
+
+    def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:  # pragma: no cover
+        raise NotImplementedError
 
 
 def _options(name: str, options: dict, n_inputs: int, tensor: str) -> dict:

@@ -50,12 +50,16 @@ class TensorContext:
       in the tensor names, plus one; see
       :func:`tvlang.ops.select.count_layers`), or ``None`` when unknown. Only
       ``schedule`` needs it.
+    - ``shape``: the tensor's shape, or ``None`` when the caller did not say (a kernel
+      sees its inputs' shapes; a chunk form, which gets the entry count only, reads its
+      rows from here: ``della``).
     """
 
     name: str
     device: torch.device | str = "cpu"
     reduced: dict[str, float] = field(default_factory=dict)
     num_layers: int | None = None
+    shape: tuple[int, ...] | None = None
 
     def bits(self, seed: int | float):
         """A ``numpy.random.PCG64`` bit generator seeded from ``(seed, self.name)``.

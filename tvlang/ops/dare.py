@@ -1,4 +1,4 @@
-"""Random kernels: ``dare``, ``random_like``, and DELLA's magnitude-ranked sampling.
+"""Random kernels: ``dare`` and ``random_like`` (DELLA's sampling: tvlang/ops/della.py).
 
 Every random draw comes from a stream seeded by the user's seed and the tensor
 name (``ctx.bits(seed)`` for ``dare``'s masks, ``ctx.generator(seed)`` for the
@@ -26,8 +26,9 @@ import torch
 
 from tvlang.ops.common import fresh, kernel_of
 from tvlang.ops.context import TensorContext
+from tvlang.ops.sums import Sums
 
-__all__ = ["dare", "random_like", "drop_random", "Dropper", "della_sample", "restore_l1", "L1_EPS"]
+__all__ = ["dare", "random_like", "Noise", "noise_scale", "drop_random", "Dropper", "restore_l1", "L1_EPS"]
 
 #: mergekit 0.1.5's ``rescaled_masked_tensor`` leaves a tensor unscaled when its L1 norm
 #: before or after the mask is below this
@@ -165,79 +166,37 @@ def dare(inputs: list[torch.Tensor], ctx: TensorContext, *, p: float, seed: floa
     return restore_l1(x, out) if l1 else out
 
 
+class Noise:
+    """Standard Gaussian noise for a tensor's entries in order, in pieces of any size.
+
+    Drawn on the CPU by numpy's ``Generator`` over the ``ctx.bits(seed)`` stream (ziggurat,
+    float32, or float64 for float64 data): it draws entry after entry, so pieces give the
+    same noise as one draw of the whole tensor, on every device.
+    """
+
+    def __init__(self, bits, dtype: torch.dtype, device: torch.device | str) -> None:
+        self.rng = numpy.random.Generator(bits)
+        self.dtype = numpy.float64 if dtype == torch.float64 else numpy.float32
+        self.device = torch.device(device)
+
+    def next(self, n: int) -> torch.Tensor:
+        noise = torch.from_numpy(self.rng.standard_normal(n, dtype=self.dtype))
+        return noise if self.device.type == "cpu" else noise.to(self.device)
+
+
+def noise_scale(sums: list[float]) -> float:
+    """The factor that gives noise of squared norm ``sums[1]`` the norm of a tensor of
+    squared norm ``sums[0]`` (0 when either is 0)."""
+    target, current = sums
+    return 0.0 if target == 0.0 or current == 0.0 else math.sqrt(target) / math.sqrt(current)
+
+
 @kernel_of("random_like")
 def random_like(inputs: list[torch.Tensor], ctx: TensorContext, *, seed: float) -> torch.Tensor:
-    """Standard Gaussian noise rescaled to ``x``'s Frobenius norm (zeros for a zero tensor)."""
+    """Standard Gaussian noise (:class:`Noise`) rescaled to ``x``'s Frobenius norm (zeros for a
+    zero tensor). Norms: :class:`tvlang.ops.sums.Sums`, as the chunk form."""
     (x,) = inputs
-    gen = ctx.generator(seed)
-    noise = torch.empty(x.shape, dtype=torch.float32 if x.dtype != torch.float64 else torch.float64, device=x.device)
-    noise.normal_(0.0, 1.0, generator=gen)
-    target = float(torch.linalg.vector_norm(x, dtype=torch.float64))
-    current = float(torch.linalg.vector_norm(noise, dtype=torch.float64))
-    if target == 0.0 or current == 0.0:
-        noise.zero_()
-    else:
-        noise.mul_(target / current)
-    return noise.to(x.dtype)
-
-
-def _rank_order(rows: torch.Tensor) -> torch.Tensor:
-    """Per row, the column indices ordered by increasing ``|x|`` (ties by position).
-
-    float32 magnitudes sort like their int32 bit patterns, and a flat stable
-    sort of integer keys (row number in the high bits) is about twice as fast
-    as a row-wise float argsort.
-    """
-    if rows.dtype != torch.float32:
-        return torch.argsort(rows.abs(), dim=1, stable=True)
-    count, m = rows.shape
-    bits = rows.abs().view(torch.int32)
-    if count == 1:
-        return torch.argsort(bits.reshape(-1), stable=True).view(1, m)
-    starts = torch.arange(count, dtype=torch.int64, device=rows.device).unsqueeze(1)
-    key = bits.to(torch.int64).add_(starts << 31)
-    flat = torch.argsort(key.view(-1), stable=True).view(count, m)
-    return flat.sub_(starts * m)
-
-
-def della_sample(
-    x: torch.Tensor, density: float, epsilon: float, gen: torch.Generator, rescale: bool, out: torch.Tensor,
-    rescale_by: str = "probability",
-) -> torch.Tensor:
-    """DELLA's MAGPRUNE into ``out``: keep probabilities ranked by magnitude within each row.
-
-    Rows are ``x.reshape(x.shape[0], -1)`` (a vector is one row). Within a row
-    of ``m`` entries ranked ``r = 0 .. m-1`` by increasing ``|x|`` (ties by
-    position), the keep probability is ``density - epsilon + 2*epsilon*r/(m-1)``
-    (``density`` when ``m == 1``); a kept entry is divided by its probability
-    when ``rescale`` (``rescale_by="l1"``: the kept entries are scaled together to
-    ``x``'s L1 norm instead). ``density >= 1`` keeps everything, ``density <= 0``
-    nothing.
-    """
-    if density >= 1.0:
-        return out.copy_(x)
-    if density <= 0.0:
-        return out.zero_()
-    rows = x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1)
-    m = rows.shape[1]
-    order = _rank_order(rows)
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    ranks = torch.empty(rows.shape, dtype=work, device=x.device)
-    ramp = torch.arange(m, dtype=work, device=x.device).expand_as(rows)
-    ranks.scatter_(1, order, ramp)
-    if m > 1:
-        prob = ranks.mul_(2.0 * epsilon / (m - 1)).add_(density - epsilon)
-    else:
-        prob = ranks.fill_(density)
-    u = torch.empty(rows.shape, dtype=work, device=x.device)
-    u.uniform_(0.0, 1.0, generator=gen)
-    torch.lt(u, prob, out=u)  # 1.0 where kept
-    flat = out.view(rows.shape)
-    if rescale and rescale_by == "probability":
-        torch.div(rows, prob, out=flat)
-        flat.mul_(u)
-    else:
-        torch.mul(rows, u, out=flat)
-        if rescale:
-            restore_l1(x, out)
-    return out
+    noise = Noise(ctx.bits(seed), x.dtype, x.device).next(x.numel()).view(x.shape)
+    sums = Sums(2, [(0, 0), (1, 1)])
+    sums.add_whole([x, noise])
+    return noise.mul_(noise_scale(sums.totals())).to(x.dtype)

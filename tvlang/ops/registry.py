@@ -25,10 +25,10 @@ here is written by hand, and this module imports no torch. (A row's whole-model
 - ``MULTIPASS``: chunk forms that may ask for passes over their whole input before the
   first result.
 
->>> "ties" in CHUNKED, "ties" in MULTIPASS, "select" in ELEMENTWISE, "slerp" in CHUNKED
+>>> "ties" in CHUNKED, "ties" in MULTIPASS, "select" in ELEMENTWISE, "sce" in CHUNKED
 (True, True, True, False)
 >>> KERNELS["ties"].__name__, sorted(MULTIPASS)
-('ties', ['breadcrumbs', 'karcher', 'multislerp', 'nuslerp', 'ties', 'topk'])
+('ties', ['breadcrumbs', 'karcher', 'model_stock', 'multislerp', 'nuslerp', 'random_like', 'slerp', 'ties', 'topk'])
 """
 
 from __future__ import annotations

@@ -20,31 +20,66 @@ import math
 
 import torch
 
-from tvlang.ops.common import fresh, kernel_of
+from tvlang.ops.common import ChunkKernel, chunk_form_of, fresh, kernel_of
 from tvlang.ops.context import TensorContext
+from tvlang.ops.sums import Sums
 
-__all__ = ["slerp", "DOT_THRESHOLD"]
+__all__ = ["slerp", "slerp_chunks", "slerp_factors", "DOT_THRESHOLD"]
 
 DOT_THRESHOLD = 0.9995
 _EPS = 1e-8
 
 
-@kernel_of("slerp")
-def slerp(inputs: list[torch.Tensor], ctx: TensorContext, *, t: float) -> torch.Tensor:
-    a, b = inputs
-    t = float(t)
-    out = fresh(a)
-    norm_a = float(torch.linalg.vector_norm(a, dtype=torch.float64))
-    norm_b = float(torch.linalg.vector_norm(b, dtype=torch.float64))
+def slerp_factors(sums: list[float], t: float) -> tuple[float, float]:
+    """``(s0, s1)`` with ``slerp(a, b, t) = s0*a + s1*b``, from ``[a.a, b.b, a.b]``."""
+    aa, bb, ab = sums
+    norm_a, norm_b = math.sqrt(aa), math.sqrt(bb)
     if norm_a > _EPS and norm_b > _EPS:
-        dot = float(torch.sum(torch.mul(a, b), dtype=torch.float64))
-        cos = min(1.0, max(-1.0, dot / (norm_a * norm_b)))
+        cos = min(1.0, max(-1.0, ab / (norm_a * norm_b)))
         if abs(cos) <= DOT_THRESHOLD:
             theta = math.acos(cos)
             sin_theta = math.sin(theta)
-            s0 = math.sin((1.0 - t) * theta) / sin_theta
-            s1 = math.sin(t * theta) / sin_theta
-            torch.mul(a, s0, out=out)
-            return out.add_(b, alpha=s1)
-    torch.mul(a, 1.0 - t, out=out)
-    return out.add_(b, alpha=t)
+            return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+    return 1.0 - t, t
+
+
+_PAIRS = ((0, 0), (1, 1), (0, 1))
+
+
+def _interpolate(a: torch.Tensor, b: torch.Tensor, factors: tuple[float, float], out: torch.Tensor) -> torch.Tensor:
+    torch.mul(a, factors[0], out=out)
+    return out.add_(b, alpha=factors[1])
+
+
+@kernel_of("slerp")
+def slerp(inputs: list[torch.Tensor], ctx: TensorContext, *, t: float) -> torch.Tensor:
+    a, b = inputs
+    sums = Sums(2, _PAIRS)
+    sums.add_whole([a, b])
+    return _interpolate(a, b, slerp_factors(sums.totals(), float(t)), fresh(a))
+
+
+class _SlerpChunks(ChunkKernel):
+    """One pass for the norms and the dot product (:class:`Sums`: the same as the whole
+    tensor's), then ``s0*a + s1*b`` piece by piece."""
+
+    passes = 1
+
+    def __init__(self, t: float) -> None:
+        self.t = t
+        self.sums = Sums(2, _PAIRS)
+        self.factors = (1.0 - t, t)
+
+    def observe(self, pass_index: int, pieces: list[torch.Tensor]) -> None:
+        self.sums.add(pieces)
+
+    def end_pass(self, pass_index: int) -> None:
+        self.factors = slerp_factors(self.sums.totals(), self.t)
+
+    def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
+        _interpolate(pieces[0], pieces[1], self.factors, out)
+
+
+@chunk_form_of("slerp")
+def slerp_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, t: float) -> ChunkKernel:
+    return _SlerpChunks(float(t))

@@ -23,13 +23,16 @@ tensor([[0.8284, 0.4142],
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from tvlang.errors import TvlangError
-from tvlang.ops.common import fresh, kernel_of
+from tvlang.ops.common import ChunkKernel, chunk_form_of, fresh, kernel_of
 from tvlang.ops.context import TensorContext
+from tvlang.ops.sums import PIECE, Sums
 
-__all__ = ["model_stock", "stock_ratio"]
+__all__ = ["model_stock", "model_stock_chunks", "stock_factor", "stock_ratio"]
 
 
 def stock_ratio(cos: float, n: int) -> float:
@@ -38,28 +41,83 @@ def stock_ratio(cos: float, n: int) -> float:
     return n * c / (1.0 + (n - 1) * c)
 
 
+def stock_factor(sums: list[float], n: int) -> float:
+    """``t`` from the sums of :func:`_pairs` over the offsets (norms first, then the dots)."""
+    norms = [math.sqrt(v) for v in sums[:n]]
+    dots = iter(sums[n:])
+    total, pairs = 0.0, 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            total += min(1.0, max(-1.0, next(dots) / max(norms[i] * norms[j], 1e-6)))
+            pairs += 1
+    return stock_ratio(total / pairs, n)
+
+
+def _pairs(n: int) -> list[tuple[int, int]]:
+    """Squares of each offset, then the products of each pair ``i < j``."""
+    return [(i, i) for i in range(n)] + [(i, j) for i in range(n) for j in range(i + 1, n)]
+
+
+def _offsets(pieces: list[torch.Tensor]) -> list[torch.Tensor]:
+    base, *models = pieces
+    return [torch.sub(m, base) for m in models]
+
+
+def _combine(pieces: list[torch.Tensor], t: float, out: torch.Tensor) -> torch.Tensor:
+    base, *models = pieces
+    torch.mul(base, 1.0 - t, out=out)
+    for m in models:
+        out.add_(m, alpha=t / len(models))
+    return out
+
+
+def _enough(n: int, ctx: TensorContext) -> None:
+    if n < 2:
+        raise TvlangError("model_stock: needs a base and at least two fine-tuned models", tensor=ctx.name)
+
+
 @kernel_of("model_stock")
 def model_stock(inputs: list[torch.Tensor], ctx: TensorContext, *, filter_wise: bool) -> torch.Tensor:
     base, *models = inputs
     n = len(models)
-    if n < 2:
-        raise TvlangError("model_stock: needs a base and at least two fine-tuned models", tensor=ctx.name)
+    _enough(n, ctx)
     if filter_wise and base.dim() > 1:
         return _per_row(base, models)
-    offsets = [torch.sub(m, base) for m in models]
-    norms = [float(torch.linalg.vector_norm(d, dtype=torch.float64)) for d in offsets]
-    total, pairs = 0.0, 0
-    for i in range(n):
-        for j in range(i + 1, n):
-            dot = float(torch.sum(torch.mul(offsets[i], offsets[j]), dtype=torch.float64))
-            total += min(1.0, max(-1.0, dot / max(norms[i] * norms[j], 1e-6)))
-            pairs += 1
-    t = stock_ratio(total / pairs, n)
-    out = fresh(base)
-    torch.mul(base, 1.0 - t, out=out)
-    for m in models:
-        out.add_(m, alpha=t / n)
-    return out
+    sums = Sums(n, _pairs(n))
+    flat = [x.reshape(-1) for x in inputs]
+    for start in range(0, flat[0].numel(), PIECE):
+        sums.add(_offsets([x[start:start + PIECE] for x in flat]))
+    return _combine(inputs, stock_factor(sums.totals(), n), fresh(base))
+
+
+class _StockChunks(ChunkKernel):
+    """One pass for the offsets' norms and dot products (:class:`Sums`: the same as the
+    whole tensor's), then ``(1-t)*base + t*mean(models)`` piece by piece."""
+
+    passes = 1
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.sums = Sums(n, _pairs(n))
+        self.t = 0.0
+
+    def observe(self, pass_index: int, pieces: list[torch.Tensor]) -> None:
+        self.sums.add(_offsets(pieces))
+
+    def end_pass(self, pass_index: int) -> None:
+        self.t = stock_factor(self.sums.totals(), self.n)
+
+    def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
+        _combine(pieces, self.t, out)
+
+
+@chunk_form_of("model_stock")
+def model_stock_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *,
+                       filter_wise: bool) -> ChunkKernel | None:
+    """Per tensor; ``filter_wise`` (a ratio per row) runs on whole tensors (the chunk form
+    cannot tell a matrix from a vector, whose rows differ)."""
+    _enough(n_inputs - 1, ctx)
+    return None if filter_wise else _StockChunks(n_inputs - 1)
 
 
 def _per_row(base: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:

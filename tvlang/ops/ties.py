@@ -1,4 +1,4 @@
-"""TIES-Merging and its relatives: ``ties``, ``dare_ties``, ``della``.
+"""TIES-Merging and its relatives: ``ties``, ``dare_ties``, ``dare_linear`` (``della``: tvlang/ops/della.py).
 
 All three sparsify each input, elect a sign per entry and merge the entries
 that agree with it (:func:`sign_merge`). See docs/operators.md for how the
@@ -31,10 +31,10 @@ from tvlang.ops.common import (
     settle_ties,
 )
 from tvlang.ops.context import TensorContext
-from tvlang.ops.dare import della_sample, drop_random, restore_l1
+from tvlang.ops.dare import drop_random, restore_l1
 from tvlang.ops.prune import keep_at_least, magnitude_threshold, trim
 
-__all__ = ["ties", "dare_ties", "dare_linear", "della", "della_linear", "sign_merge"]
+__all__ = ["ties", "dare_ties", "dare_linear", "sign_merge"]
 
 # Elements per chunk of the trim-elect-merge passes: a few chunk-sized temporaries stay
 # in the CPU cache, and the Python cost per chunk (about 20 torch calls) stays small.
@@ -239,39 +239,3 @@ def _merge_chunked(parts: list[torch.Tensor], out: torch.Tensor, **options) -> t
         s = slice(start, start + CHUNK)
         sign_merge([f[s] for f in flats], out=flat_out[s], **options)
     return out
-
-
-@kernel_of("della")
-def della(
-    inputs: list[torch.Tensor],
-    ctx: TensorContext,
-    *,
-    density: float,
-    epsilon: float,
-    seed: float,
-    rescale: bool,
-    rescale_by: str,
-    elect: str,
-    merge: str,
-    weights: Sequence[float],
-    elect_on: str,
-    **scale: float,
-) -> torch.Tensor:
-    """DELLA: MAGPRUNE sampling of each input, sign election (or none), merge, times ``lambda``
-    (a Python keyword, so it arrives in ``scale``)."""
-    factor = float(scale["lambda"])
-    gen = ctx.generator(seed)
-    parts = [
-        della_sample(x, float(density), float(epsilon), gen, bool(rescale), scratch(f"ties.part{i}", x), rescale_by)
-        for i, x in enumerate(inputs)
-    ]
-    out = _merge_chunked(parts, fresh(inputs[0]), elect=elect, merge=merge, weights=weights, elect_on=elect_on)
-    if factor != 1.0:
-        out.mul_(factor)
-    return out
-
-
-@kernel_of("della_linear")
-def della_linear(inputs: list[torch.Tensor], ctx: TensorContext, **options) -> torch.Tensor:
-    """``della`` without sign election (mergekit's ``della_linear``)."""
-    return della(inputs, ctx, elect="none", elect_on="weighted", **options)

@@ -14,6 +14,7 @@ the chunks before the main one (``needed_steps`` are what they depend on).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
@@ -30,8 +31,8 @@ from tvlang.run.steps import ARITHMETIC, kernel, numel
 if TYPE_CHECKING:
     from tvlang.run.session import Session
 
-__all__ = ["CHUNK_ELEMENTS", "CHUNK_MIN", "LinearProgram", "chunk_kernels", "chunkable", "execute_chunked",
-           "linear_program", "needed_steps", "run_chunk"]
+__all__ = ["CHUNK_ELEMENTS", "CHUNK_MIN", "LinearProgram", "chunk_kernels", "chunk_size", "chunkable",
+           "execute_chunked", "linear_program", "needed_steps", "run_chunk"]
 
 CHUNK_MIN = 1 << 18
 CHUNK_ELEMENTS = 1 << 20
@@ -144,6 +145,7 @@ def execute_chunked(session: "Session", program: TensorProgram, linear: LinearPr
              resolve_coef(step.coef, session.scalar) for step in program.steps]
     flat = {key: tensor.reshape(-1) for key, tensor in raw.items()}
     everything = list(range(len(program.steps)))
+    size = chunk_size(kernels)
     passes = max((k.passes for k in kernels.values()), default=0)
     # Passes before the main one write nothing: the writer's core is free for compute
     # (ties over 1.5 GB checkpoints: about 7 % faster than on one thread).
@@ -157,8 +159,8 @@ def execute_chunked(session: "Session", program: TensorProgram, linear: LinearPr
                 if index not in observing:
                     form.restart()
             steps = needed_steps(program, observing)
-            for start in range(0, count, CHUNK_ELEMENTS):
-                stop = min(count, start + CHUNK_ELEMENTS)
+            for start in range(0, count, size):
+                stop = min(count, start + size)
                 run_chunk(session, program, linear, steps, coefs, flat, kernels, start, stop,
                           observing=observing, pass_index=pass_index)
             for index in observing:
@@ -170,8 +172,8 @@ def execute_chunked(session: "Session", program: TensorProgram, linear: LinearPr
     outputs: dict[str, torch.Tensor] = {}
     if not pieces:
         outputs = {output: session.buffers.take(count, out_dtype) for output in written}
-    for start in range(0, count, CHUNK_ELEMENTS):
-        stop = min(count, start + CHUNK_ELEMENTS)
+    for start in range(0, count, size):
+        stop = min(count, start + size)
         if pieces:
             outputs = {output: session.buffers.take(stop - start, out_dtype) for output in written}
             window = slice(0, stop - start)
@@ -189,6 +191,13 @@ def execute_chunked(session: "Session", program: TensorProgram, linear: LinearPr
     if not pieces:
         for output, tensor in outputs.items():
             yield output, tensor.view(info.shape)
+
+
+def chunk_size(kernels: dict[int, Any]) -> int | None:
+    """Entries per chunk: ``CHUNK_ELEMENTS``, cut down to whole rows of every kernel that asks
+    for them (``row``: della ranks within rows); ``None`` when a row is longer than that."""
+    row = math.lcm(*(getattr(k, "row", 1) for k in kernels.values())) if kernels else 1
+    return None if row > CHUNK_ELEMENTS else CHUNK_ELEMENTS // row * row
 
 
 def run_chunk(session: "Session", program: TensorProgram, linear: LinearProgram, steps: list[int], coefs: list,
@@ -262,4 +271,4 @@ def chunk_kernels(session: "Session", program: TensorProgram, name: str) -> dict
         else:
             form = Elementwise(kernel(step.name), ctx, options)
         kernels[index] = form
-    return kernels
+    return kernels if chunk_size(kernels) is not None else None

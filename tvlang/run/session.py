@@ -129,7 +129,7 @@ class Session:
         """The TensorContext of a kernel call for tensor ``name``, with the reductions it asked for."""
         calls = self.plan.schedule.call_reductions.get(id(step.node), [])
         return TensorContext(name, self.device, {key: self.reduced[id(node)] for key, node in calls},
-                             self.layout.num_layers)
+                             self.layout.num_layers, tuple(self.layout.infos[name].shape))
 
     # reductions
 

@@ -1,7 +1,7 @@
 """The whole-tensor interpreter: a program run over whole tensors, one step at a time.
 
 Used for tensors below ``CHUNK_MIN`` entries, for programs with a kernel that has no
-chunk form (slerp, model_stock, ...), and for the reduction passes. Inputs are never
+chunk form (sce, arcee_fusion, ...), and for the reduction passes. Inputs are never
 changed in place: a slot that holds a caller's tensor (or one handed to a sink) is
 *borrowed*, and the first change to it makes a fresh result instead.
 """

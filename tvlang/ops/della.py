@@ -1,0 +1,246 @@
+"""DELLA (Deep et al. 2024): ``della`` and ``della_linear``, whole tensors and chunk forms.
+
+Each input is sampled by MAGPRUNE (:class:`Magprune`): within each row (``x.reshape(x.shape[0],
+-1)``; a vector is one row) of ``m`` entries ranked ``r = 0 .. m-1`` by increasing ``|x|``
+(ties by position), an entry is kept with probability ``density - epsilon + 2*epsilon*r/(m-1)``
+(``density`` when ``m == 1``) and, with ``rescale``, divided by it. The samples are then merged
+as in TIES (:func:`tvlang.ops.ties.sign_merge`; ``elect="none"`` for ``della_linear``) and
+scaled by ``lambda``.
+
+Ranks are per row, so a piece of a tensor made of whole rows is sampled on its own: the chunk
+form (:func:`della_chunks`) asks the evaluator for chunks cut at row ends (``row``) and needs
+no pass before its results. Randomness is keyed by entry: each entry gets one 32-bit word of
+the ``ctx.bits(seed)`` stream (PCG64 outputs split low half first), input ``i`` starting where
+input ``i-1``'s words end, and is kept when ``word / 2**32 < probability``. So a tensor sampled
+whole, row block by row block, or chunk by chunk keeps the same entries, on every device.
+(Before 0.3, ``della`` drew from torch's generator over the whole tensor at once: the same seed
+now keeps other entries.)
+
+``rescale_by="l1"`` scales each input's kept entries together to its L1 norm: that needs the
+whole input's sample, and runs on whole tensors.
+
+>>> from tvlang.ops.context import TensorContext
+>>> x = torch.tensor([[0.1, -0.5, 0.3, 2.0, -1.0]])
+>>> della([x], TensorContext("w"), density=1.0, elect="none", merge="sum")
+tensor([[ 0.1000, -0.5000,  0.3000,  2.0000, -1.0000]])
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+
+import numpy
+import torch
+
+from tvlang.ops.common import ChunkKernel, chunk_form_of, fresh, kernel_of, scratch
+from tvlang.ops.context import TensorContext
+from tvlang.ops.dare import restore_l1
+from tvlang.ops.ties import sign_merge
+
+__all__ = ["Magprune", "Words", "della", "della_linear", "della_chunks", "della_linear_chunks", "della_sample",
+           "rank_order", "row_length"]
+
+#: entries per block when a whole tensor is sampled (whole rows; at least one row)
+BLOCK = 1 << 18
+
+
+def row_length(shape: Sequence[int]) -> int:
+    """Entries per MAGPRUNE row of a tensor of ``shape``: ``shape[1:]`` flattened (a vector: all)."""
+    count = math.prod(shape)
+    return count // shape[0] if len(shape) >= 2 and shape[0] else count
+
+
+class Words:
+    """32-bit words of a PCG64 stream for entries in order, in pieces of any size: each 64-bit
+    output gives two words, low half first, so entry ``j`` gets half ``j % 2`` of output ``j // 2``."""
+
+    def __init__(self, bits) -> None:
+        self.bits = bits
+        self.spare: numpy.ndarray | None = None  # the high half of the last output, not used yet
+
+    @staticmethod
+    def outputs(numel: int) -> int:
+        """64-bit outputs that ``numel`` entries use."""
+        return (numel + 1) // 2
+
+    def next(self, n: int) -> numpy.ndarray:
+        head = self.spare if self.spare is not None and n else None
+        need = n - (1 if head is not None else 0)
+        raw = self.bits.random_raw((need + 1) // 2)
+        if sys.byteorder == "little":
+            words = raw.view(numpy.uint32)
+        else:  # pragma: no cover - the same words, low half first, on a big-endian machine
+            words = numpy.empty(2 * raw.size, dtype=numpy.uint32)
+            words[0::2], words[1::2] = raw & 0xFFFFFFFF, raw >> 32
+        if n:
+            self.spare = words[need:need + 1].copy() if need % 2 else None
+        body = words[:need]
+        return numpy.concatenate([head, body]) if head is not None else body
+
+
+def rank_order(rows: torch.Tensor) -> torch.Tensor:
+    """Per row, the column indices ordered by increasing ``|x|`` (ties by position).
+
+    float32 magnitudes sort like their int32 bit patterns, and a flat stable
+    sort of integer keys (row number in the high bits) is about twice as fast
+    as a row-wise float argsort.
+    """
+    if rows.dtype != torch.float32:
+        return torch.argsort(rows.abs(), dim=1, stable=True)
+    count, m = rows.shape
+    bits = rows.abs().view(torch.int32)
+    if count == 1:
+        return torch.argsort(bits.reshape(-1), stable=True).view(1, m)
+    starts = torch.arange(count, dtype=torch.int64, device=rows.device).unsqueeze(1)
+    key = bits.to(torch.int64).add_(starts << 31)
+    flat = torch.argsort(key.view(-1), stable=True).view(count, m)
+    return flat.sub_(starts * m)
+
+
+class Magprune:
+    """MAGPRUNE of one input, whole rows of ``m`` entries at a time, in order (see the module).
+
+    ``rescale`` divides a kept entry by its probability; without it kept entries are unchanged
+    (``rescale_by="l1"`` is :func:`della_sample`'s, on a whole tensor).
+    """
+
+    def __init__(self, density: float, epsilon: float, bits, rescale: bool, m: int) -> None:
+        self.density, self.epsilon, self.rescale, self.m = density, epsilon, rescale, m
+        self.words = Words(bits)
+
+    def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Sample the next whole rows ``x`` (any shape holding ``k*m`` entries) into ``out``."""
+        if self.density >= 1.0:
+            return out.copy_(x)
+        if self.density <= 0.0:
+            return out.zero_()
+        m = self.m
+        rows = x.reshape(-1, m)
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        ranks = scratch("della.ranks", rows, work)
+        if m > 1:
+            ramp = torch.arange(m, dtype=work, device=x.device).expand_as(rows)
+            ranks.scatter_(1, rank_order(rows), ramp)
+            prob = ranks.mul_(2.0 * self.epsilon / (m - 1)).add_(self.density - self.epsilon)
+        else:
+            prob = ranks.fill_(self.density)
+        u = torch.from_numpy(self.words.next(rows.numel()).astype(numpy.float64)).view(rows.shape)
+        u = u.to(x.device).mul_(2.0 ** -32)
+        kept = torch.lt(u, prob)
+        flat = out.view(rows.shape)
+        if self.rescale:
+            torch.div(rows, prob, out=flat)
+            return out.mul_(kept.view(out.shape))
+        return torch.mul(rows, kept, out=flat).view(out.shape)
+
+
+def della_sample(x: torch.Tensor, density: float, epsilon: float, bits, rescale: bool, out: torch.Tensor,
+                 rescale_by: str = "probability") -> torch.Tensor:
+    """MAGPRUNE of a whole tensor ``x`` into ``out``, words from ``bits`` (see the module);
+    ``rescale_by="l1"``: kept entries scaled together to ``x``'s L1 norm instead."""
+    l1 = rescale and rescale_by == "l1"
+    sampler = Magprune(density, epsilon, bits, rescale and not l1, row_length(x.shape))
+    _blocks([x], out, lambda pieces, target: sampler.apply(pieces[0], target), sampler.m)
+    return restore_l1(x, out) if l1 and 0.0 < density < 1.0 else out
+
+
+def _blocks(inputs: list[torch.Tensor], out: torch.Tensor, apply, m: int) -> None:
+    """``apply(pieces, out_piece)`` over blocks of whole rows, in order."""
+    flats = [x.reshape(-1) for x in inputs]
+    flat_out = out.view(-1)
+    step = max(1, BLOCK // max(m, 1)) * max(m, 1)
+    for start in range(0, flat_out.numel(), step):
+        s = slice(start, start + step)
+        apply([f[s] for f in flats], flat_out[s])
+
+
+class _Della(ChunkKernel):
+    """Every input's MAGPRUNE (input ``i``'s words from where input ``i-1``'s end), then the
+    merge and ``lambda``; pieces of whole rows."""
+
+    def __init__(self, ctx: TensorContext, numel: int, n: int, m: int, density: float, epsilon: float, seed: float,
+                 rescale: bool, factor: float, merge_options: dict) -> None:
+        self.args = (ctx, numel, n, density, epsilon, seed, rescale)
+        self.row = max(m, 1)
+        self.factor, self.merge_options = factor, merge_options
+        self.restart()
+
+    def restart(self) -> None:
+        ctx, numel, n, density, epsilon, seed, rescale = self.args
+        self.samplers = []
+        for i in range(n):
+            bits = ctx.bits(seed)
+            bits.advance(i * Words.outputs(numel))
+            self.samplers.append(Magprune(density, epsilon, bits, rescale, self.row))
+
+    def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
+        parts = [s.apply(x, scratch(f"della.part{i}", x)) for i, (s, x) in enumerate(zip(self.samplers, pieces))]
+        sign_merge(parts, out=out, **self.merge_options)
+        if self.factor != 1.0:
+            out.mul_(self.factor)
+
+
+def _options(density, epsilon, rescale, elect, merge, weights, elect_on, scale) -> tuple:
+    return (float(density), float(epsilon), bool(rescale), float(scale["lambda"]),
+            dict(elect=elect, merge=merge, weights=weights, elect_on=elect_on))
+
+
+@kernel_of("della")
+def della(
+    inputs: list[torch.Tensor],
+    ctx: TensorContext,
+    *,
+    density: float,
+    epsilon: float,
+    seed: float,
+    rescale: bool,
+    rescale_by: str,
+    elect: str,
+    merge: str,
+    weights: Sequence[float],
+    elect_on: str,
+    **scale: float,
+) -> torch.Tensor:
+    """DELLA: MAGPRUNE sampling of each input, sign election (or none), merge, times ``lambda``
+    (a Python keyword, so it arrives in ``scale``). Whole rows a block at a time, as the chunk form."""
+    density, epsilon, rescale, factor, merge_options = _options(density, epsilon, rescale, elect, merge, weights,
+                                                                elect_on, scale)
+    first = inputs[0]
+    out = fresh(first)
+    if rescale and rescale_by == "l1":  # each input's whole sample first, for its L1 norm
+        bits = ctx.bits(seed)
+        parts = [della_sample(x, density, epsilon, bits, True, scratch(f"della.whole{i}", x), "l1")
+                 for i, x in enumerate(inputs)]
+        _blocks(parts, out, lambda pieces, target: sign_merge(pieces, out=target, **merge_options), 1)
+        return out.mul_(factor) if factor != 1.0 else out
+    form = _Della(ctx, first.numel(), len(inputs), row_length(first.shape), density, epsilon, seed, rescale, factor,
+                  merge_options)
+    _blocks(inputs, out, form.apply, form.row)
+    return out
+
+
+@kernel_of("della_linear")
+def della_linear(inputs: list[torch.Tensor], ctx: TensorContext, **options) -> torch.Tensor:
+    """``della`` without sign election (mergekit's ``della_linear``)."""
+    return della(inputs, ctx, elect="none", elect_on="weighted", **options)
+
+
+@chunk_form_of("della")
+def della_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, density: float,
+                 epsilon: float, seed: float, rescale: bool, rescale_by: str, elect: str, merge: str,
+                 weights: Sequence[float], elect_on: str, **scale: float) -> ChunkKernel | None:
+    """Chunks of whole rows (``ctx.shape``; a tensor of unknown shape is one row)."""
+    if rescale and rescale_by == "l1":
+        return None  # the scale needs each input's whole sample
+    density, epsilon, rescale, factor, merge_options = _options(density, epsilon, rescale, elect, merge, weights,
+                                                                elect_on, scale)
+    m = row_length(ctx.shape) if ctx.shape is not None else numel
+    return _Della(ctx, numel, n_inputs, m, density, epsilon, seed, rescale, factor, merge_options)
+
+
+@chunk_form_of("della_linear")
+def della_linear_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, **options
+                        ) -> ChunkKernel | None:
+    return della_chunks.__wrapped__(ctx, numel, n_inputs, dtype, elect="none", elect_on="weighted", **options)
