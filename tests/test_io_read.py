@@ -582,3 +582,29 @@ def test_release_unmaps_used_pages_and_keeps_the_values(tmp_path):
     release(values, 0, 100)  # not a mapped tensor: nothing happens
     assert torch.equal(values, torch.arange(4 << 20, dtype=torch.float32))
     reader.close()
+
+
+def test_kind_peek_reads_only_the_metadata(tmp_path, monkeypatch):
+    """Typing a free name by its file's metadata must not parse every tensor's entry
+    (issue 18, case 9: a 1.4-million-entry header was parsed three times per file)."""
+    from safetensors.torch import save_file
+
+    import tvlang.io.safetensors_format as fmt
+    from tvlang.io import peek_kind
+
+    delta = str(tmp_path / "tau.safetensors")
+    model = str(tmp_path / "m.safetensors")
+    save_file({f"w{i}": torch.zeros(1) for i in range(50)}, delta, metadata={"tvlang.kind": "delta"})
+    save_file({f"w{i}": torch.zeros(1) for i in range(50)}, model)
+
+    def no_full_parse(*args, **kwargs):
+        raise AssertionError("the whole header was parsed")
+
+    monkeypatch.setattr(fmt, "parse_header", no_full_parse)
+    assert peek_kind(delta) == "delta"
+    assert peek_kind(model) == "model"
+    # a tensor name that spells the metadata key: the peek gives up and the full parse decides
+    monkeypatch.undo()
+    tricky = str(tmp_path / "tricky.safetensors")
+    save_file({'"__metadata__": {"tvlang.kind": "delta"}': torch.zeros(1)}, tricky)
+    assert peek_kind(tricky) == "model"

@@ -7,8 +7,9 @@ import os
 from collections.abc import Mapping
 
 from tvlang.errors import TvlangError
-from tvlang.io.base import TensorReader, check_regular, io_error
+from tvlang.io.base import TensorReader, check_regular, io_error, kind_from_metadata, open_regular
 from tvlang.io.safetensors_file import SafetensorsReader
+from tvlang.io.safetensors_format import peek_metadata
 from tvlang.io.sharded import ShardedReader
 from tvlang.io.torch_file import StateDictReader, TorchFileReader
 
@@ -154,6 +155,10 @@ def peek_kind(path: str) -> str:
     Reads the header only. A path that cannot be opened counts as a model here:
     the evaluator reports it, with its reason, if the plan needs it.
     """
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        metadata = _peek_metadata(path)
+        if metadata is not None:  # the common case, without parsing every tensor's entry
+            return "delta" if kind_from_metadata(metadata) == "delta" else "model"
     try:
         reader = open_reader(path, label=path)
     except TvlangError:
@@ -162,3 +167,16 @@ def peek_kind(path: str) -> str:
         return "delta" if reader.kind == "delta" else "model"
     finally:
         reader.close()
+
+
+def _peek_metadata(path: str) -> dict[str, str] | None:
+    try:
+        fd, size = open_regular(path, path)
+    except TvlangError:
+        return None
+    try:
+        return peek_metadata(fd, size)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
