@@ -502,3 +502,30 @@ def test_writeback_starts_while_writing(tmp_path, monkeypatch):
     assert sum(n for _, n, _ in calls) > size - 100 - 320  # all but the tail after the last range
     loaded = load_file(out)
     assert all(same(loaded[n], t) for n, t in sd.items())
+
+
+def test_the_recipe_text_is_stored_once_not_in_every_shard(tmp_path):
+    """Issue 18, case 17: an 11 MB recipe made 23 MB of headers, a copy per shard."""
+    import json
+    import struct
+
+    import tvlang
+    from tvlang.io import open_reader
+
+    pre = {f"w{i}": torch.zeros(64) for i in range(6)}
+    ft = {f"w{i}": torch.ones(64) for i in range(6)}
+    recipe = "# " + "x" * 100_000 + "\nout = pre + 0.5*(ft - pre)\n"
+    out = tmp_path / "merged"
+    tvlang.compile(recipe).run({"pre": pre, "ft": ft}, str(out), shard_size=600)
+    shards = sorted(p for p in os.listdir(out) if p.endswith(".safetensors"))
+    assert len(shards) == 3
+    metadata = []
+    for shard in shards:
+        with open(out / shard, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            metadata.append(json.loads(f.read(length))["__metadata__"])
+    assert metadata[0]["tvlang.recipe"] == recipe
+    assert all("tvlang.recipe" not in m for m in metadata[1:])
+    assert all(m["tvlang.kind"] == "model" and m["format"] == "pt" for m in metadata)
+    with open_reader(str(out)) as reader:  # the directory reads as one model, recipe included
+        assert reader.metadata["tvlang.recipe"] == recipe

@@ -93,8 +93,12 @@ class ShardedReader(TensorReader):
         except BaseException:
             self.close()
             raise
-        first = next(iter(self._shards.values()), None)
-        self.metadata = dict(first.metadata) if first is not None else {}
+        # Every shard's metadata, the first file's winning: tvlang writes its recipe text
+        # in the first shard only (tvlang.io.writer.ONCE), other keys in all of them.
+        self.metadata = {}
+        for shard in sorted(self._shards):
+            for key, value in self._shards[shard].metadata.items():
+                self.metadata.setdefault(key, value)
         self.kind = kind_from_metadata(self.metadata)
         self.paths = (os.path.realpath(index_path),) + tuple(p for r in self._shards.values() for p in r.paths)
 

@@ -45,7 +45,7 @@ from tvlang.io.safetensors_format import (
     shard_name,
 )
 
-__all__ = ["StreamingWriter", "copy_model_files", "model_file_names", "write_files"]
+__all__ = ["ONCE", "StreamingWriter", "copy_model_files", "model_file_names", "shard_metadata", "write_files"]
 
 
 def model_file_names(copy_from: str | None) -> list[str]:
@@ -140,6 +140,20 @@ class _Shard:
     data_size: int
 
 
+#: Metadata that the first shard alone holds: the recipe text can be megabytes (a
+#: generated recipe), and a copy in every shard header multiplied it by the shard count.
+ONCE = ("tvlang.recipe",)
+
+
+def shard_metadata(metadata: Mapping[str, str], index: int) -> dict[str, str]:
+    """The ``__metadata__`` of shard ``index`` (0-based) of an output with ``metadata``.
+
+    >>> shard_metadata({"tvlang.recipe": "out = a", "tvlang.kind": "model"}, 1)
+    {'tvlang.kind': 'model'}
+    """
+    return dict(metadata) if index == 0 else {k: v for k, v in metadata.items() if k not in ONCE}
+
+
 class StreamingWriter:
     """Writes a layout of tensors, in order, to a ``.safetensors`` file or a model directory.
 
@@ -151,7 +165,8 @@ class StreamingWriter:
       files of ``copy_from`` (a model directory or a reader with a ``root``), and
       ``files`` (name -> bytes: a model card), written last so that they win over a
       copied file of the same name.
-    - ``metadata`` (str -> str) goes into every shard's ``__metadata__``.
+    - ``metadata`` (str -> str) goes into every shard's ``__metadata__``, except the keys
+      of ``ONCE`` (the recipe text), which only the first shard holds.
     - ``inputs`` (paths or readers) are never overwritten; an existing ``out``
       needs ``force=True`` and is replaced only by ``commit()``.
     """
@@ -252,7 +267,7 @@ class StreamingWriter:
                 file = SINGLE_NAME
             else:
                 file = shard_name(i, len(groups))
-            header, data_size = build_header(group, self.metadata)
+            header, data_size = build_header(group, shard_metadata(self.metadata, i - 1))
             shards.append(_Shard(file, [info.name for info in group], header, data_size))
         return shards
 

@@ -287,7 +287,7 @@ def shard_tasks(outputs: list[ShardedOutput]) -> list[ShardTask]:
         for shard in output.shards:
             names = tuple(info.name for info in shard.layout)
             tasks.setdefault(names, []).append(ShardFile(output.name, output.shard_path(shard), shard.layout,
-                                                         output.metadata))
+                                                         output.shard_metadata(shard)))
     return [ShardTask(names, files) for names, files in tasks.items()]
 
 

@@ -27,7 +27,7 @@ from tvlang.io import (
 from tvlang.io.atomic import AtomicReplace, remove
 from tvlang.io.output_paths import input_paths
 from tvlang.io.safetensors_format import build_index
-from tvlang.io.writer import copy_model_files, write_files
+from tvlang.io.writer import copy_model_files, shard_metadata, write_files
 
 __all__ = ["Shard", "ShardedOutput", "plan_shards"]
 
@@ -107,10 +107,15 @@ class ShardedOutput:
     def shard_path(self, shard: Shard) -> str:
         return os.path.join(self.staging, shard.file)
 
+    def shard_metadata(self, shard: Shard) -> dict[str, str]:
+        """The metadata a shard's header holds (the recipe text only in the first one)."""
+        return shard_metadata(self.metadata, self.shards.index(shard))
+
     def check(self) -> None:
         """Every shard is there, holds the planned tensors and metadata, and is as long as its header says."""
         for shard in self.shards:
             path = self.shard_path(shard)
+            planned = self.shard_metadata(shard)
             where = f"output '{self.name}': shard {shard.file}"
             if not os.path.isfile(path):
                 raise TvlangError(f"{where} is missing after its task reported it written ({path})",
@@ -119,7 +124,7 @@ class ShardedOutput:
                 got = [(i.name, tuple(i.shape), i.dtype) for i in reader.infos()]
                 metadata = reader.metadata
             wanted = [(i.name, tuple(i.shape), i.dtype) for i in shard.layout]
-            if got != wanted or any(metadata.get(k) != v for k, v in self.metadata.items()):
+            if got != wanted or any(metadata.get(k) != v for k, v in planned.items()):
                 raise TvlangError(f"{where} does not hold the planned tensors and metadata ({path})")
 
     def prepare(self) -> None:
