@@ -402,3 +402,18 @@ def test_repl_rebases_lora_paths_like_load_paths():
     assert [c.func for c in loads(expr)] == ["lora", "load_delta"]
     assert to_text(_rebase_loads(expr, "/recipes")) == \
         'pre + lora("/recipes/adapters/yelp") - load_delta("/recipes/t.safetensors")'
+
+
+def test_a_missing_adapter_is_named_at_its_call(llama, tmp_path):
+    text = f'pre + lora("{tmp_path / "nope"}")'
+    with pytest.raises(tvlang.TvlangError) as info:
+        tvlang.compile(text).evaluate({"pre": llama})
+    rendered = info.value.render()
+    assert f"{tmp_path / 'nope'}: no such directory" in rendered
+    assert "1:7" in rendered  # the caret points at the lora() call
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(tvlang.TvlangError, match="not a directory"):
+        tvlang.compile(f'pre + lora("{tmp_path / "file"}")').evaluate({"pre": llama})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(tvlang.TvlangError, match="no adapter_config.json"):
+        tvlang.compile("pre + t").evaluate({"pre": llama, "t": tvlang.lora(tmp_path / "empty")})

@@ -138,6 +138,8 @@ class LoraAdapter:
     def _read_config(self) -> dict:
         config_path = os.path.join(self.path, ADAPTER_CONFIG)
         label = os.path.join(self.label, ADAPTER_CONFIG)
+        if not os.path.exists(self.path):
+            raise io_error(self.label, "no such directory")
         if not os.path.isdir(self.path):
             raise io_error(self.label, "not a directory; an adapter is a PEFT adapter directory"
                            f" ({ADAPTER_CONFIG} and {' or '.join(ADAPTER_WEIGHTS)})")
