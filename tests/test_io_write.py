@@ -529,3 +529,34 @@ def test_the_recipe_text_is_stored_once_not_in_every_shard(tmp_path):
     assert all(m["tvlang.kind"] == "model" and m["format"] == "pt" for m in metadata)
     with open_reader(str(out)) as reader:  # the directory reads as one model, recipe included
         assert reader.metadata["tvlang.recipe"] == recipe
+
+
+def test_many_small_tensors_are_handed_over_in_batches(tmp_path, monkeypatch):
+    """Issue 18, case 9: a million tiny tensors took 1 ms each in thread hand-overs. Small
+    tensors go to the writer thread (and come from the reading thread) in batches; large
+    ones alone; the file is the same, in the base's order."""
+    from safetensors.torch import load_file
+
+    import tvlang
+    import tvlang.run.outputs as outputs
+    import tvlang.run.session as session
+
+    gen = torch.Generator().manual_seed(0)
+    pre, ft = {}, {}
+    for i in range(2000):
+        shape = (300, 300) if i % 700 == 5 else (3,)  # a few large tensors among the small ones
+        pre[f"t{i}"] = torch.randn(shape, generator=gen)
+        ft[f"t{i}"] = torch.randn(shape, generator=gen)
+    batches, reads = [], []
+    real_batch, real_read = outputs._write_batch, session.Session._read_batch
+    monkeypatch.setattr(outputs, "_write_batch", lambda batch: (batches.append(len(batch)), real_batch(batch)))
+    monkeypatch.setattr(session.Session, "_read_batch",
+                        lambda self, program, names: (reads.append(len(names)), real_read(self, program, names))[1])
+    out = tmp_path / "o.safetensors"
+    tvlang.compile("pre + 0.5*(ft - pre)").run({"pre": pre, "ft": ft}, str(out))
+    got = load_file(str(out))
+    assert set(got) == set(pre)  # the writer itself refuses a tensor out of the layout order
+    for name in pre:
+        torch.testing.assert_close(got[name], pre[name] + 0.5 * (ft[name] - pre[name]), rtol=1e-6, atol=1e-6)
+    assert sum(batches) == 2000 - 3 and len(batches) <= 12  # 1997 small tensors in a few hand-overs
+    assert sum(reads) == 2000 and len(reads) <= 12

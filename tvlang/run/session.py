@@ -81,19 +81,39 @@ class Session:
         readers = self.bound.readers
         return {key: readers[key].read(name) for key in program.reads}
 
+    def _read_batch(self, program: TensorProgram, names: list[str]) -> list[dict[str, torch.Tensor]]:
+        return [self._read_all(program, name) for name in names]
+
+    def _batches(self, names: list[str]) -> list[list[str]]:
+        """``names`` in runs read by one hand-over to the reading thread: one large tensor,
+        or small ones up to ``READ_BATCH_BYTES`` (handing over each tiny tensor alone cost
+        more than reading it)."""
+        batches: list[list[str]] = []
+        size = 0
+        infos = self.layout.infos
+        for name in names:
+            nbytes = infos[name].nbytes if name in infos else READ_BATCH_BYTES
+            if not batches or size + nbytes > READ_BATCH_BYTES or len(batches[-1]) >= READ_BATCH_COUNT:
+                batches.append([])
+                size = 0
+            batches[-1].append(name)
+            size += nbytes
+        return batches
+
     def _inputs(self, program: TensorProgram, names: list[str]) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-        """(name, raw input tensors) for each name, read one tensor ahead in a thread."""
+        """(name, raw input tensors) for each name, read one batch ahead in a thread."""
         if not self.prefetch or len(names) < 2:
             for name in names:
                 yield name, self._read_all(program, name)
             return
+        batches = self._batches(names)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvlang-read") as pool:
-            pending: Future = pool.submit(self._read_all, program, names[0])
-            for index, name in enumerate(names):
-                raw = pending.result()
-                if index + 1 < len(names):
-                    pending = pool.submit(self._read_all, program, names[index + 1])
-                yield name, raw
+            pending: Future = pool.submit(self._read_batch, program, batches[0])
+            for index, batch in enumerate(batches):
+                raws = pending.result()
+                if index + 1 < len(batches):
+                    pending = pool.submit(self._read_batch, program, batches[index + 1])
+                yield from zip(batch, raws)
 
     # one tensor
 
@@ -269,6 +289,10 @@ class Session:
             nbytes = numel(info.shape) * dtype.itemsize
             result.append(TensorInfo(name, tuple(info.shape), dtype, nbytes, ""))
         return result
+
+
+READ_BATCH_BYTES = 1 << 20  # small tensors read ahead together, up to this many bytes
+READ_BATCH_COUNT = 512
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
