@@ -28,7 +28,7 @@ import math
 import torch
 
 from tvlang.errors import TvlangError
-from tvlang.ops.common import ChunkKernel, chunk_form_of, fresh, kernel_of
+from tvlang.ops.common import ChunkKernel, chunk_form_of, fresh, kernel_of, scratch
 from tvlang.ops.context import TensorContext
 from tvlang.ops.sums import PIECE, Sums
 
@@ -60,7 +60,7 @@ def _pairs(n: int) -> list[tuple[int, int]]:
 
 def _offsets(pieces: list[torch.Tensor]) -> list[torch.Tensor]:
     base, *models = pieces
-    return [torch.sub(m, base) for m in models]
+    return [torch.sub(m, base, out=scratch(f"stock.offset{i}", m)) for i, m in enumerate(models)]
 
 
 def _combine(pieces: list[torch.Tensor], t: float, out: torch.Tensor) -> torch.Tensor:

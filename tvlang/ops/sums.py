@@ -34,15 +34,19 @@ __all__ = ["BLOCK", "PIECE", "BlockSum", "Sums"]
 
 #: entries per block; below torch's grain size (32768), so a block is summed on one thread
 BLOCK = 1 << 14
-#: entries per piece when a whole tensor is summed (bounds the float64 temporaries)
+#: entries per piece when a whole tensor is summed
 PIECE = 1 << 20
+#: entries converted to float64 at a time
+STRIDE = 1 << 16
 
 
 class BlockSum:
     """The float64 sum of values handed over in order, in pieces of any size (see the module)."""
 
     def __init__(self) -> None:
-        self.partials: list[torch.Tensor] = []
+        # block sums as Python floats: small tensors kept between the float64 temporaries
+        # would pin the allocator's freed memory (fragmentation: 35 MB per million entries)
+        self.partials: list[float] = []
         self.carry: torch.Tensor | None = None  # the block cut by the last piece's end
         self.filled = 0
 
@@ -56,11 +60,11 @@ class BlockSum:
             v = v[take:]
             if self.filled < BLOCK:
                 return
-            self.partials.append(_row_sums(self.carry.view(1, BLOCK)))
+            self.partials += _row_sums(self.carry.view(1, BLOCK))
             self.filled = 0
         full = v.numel() // BLOCK * BLOCK
         if full:
-            self.partials.append(_row_sums(v[:full].view(-1, BLOCK)))
+            self.partials += _row_sums(v[:full].view(-1, BLOCK))
         rest = v[full:]
         if rest.numel():
             if self.carry is None or self.carry.device != rest.device:
@@ -71,15 +75,13 @@ class BlockSum:
     def total(self) -> float:
         """The sum of every value handed over."""
         if self.filled:
-            self.partials.append(_row_sums(self.carry[:self.filled].view(1, -1)))
+            self.partials += _row_sums(self.carry[:self.filled].view(1, -1))
             self.filled = 0
-        if not self.partials:
-            return 0.0
-        return math.fsum(torch.cat(self.partials).tolist())
+        return math.fsum(self.partials)
 
 
-def _row_sums(rows: torch.Tensor) -> torch.Tensor:
-    return rows.sum(dim=1, dtype=torch.float64)
+def _row_sums(rows: torch.Tensor) -> list[float]:
+    return rows.sum(dim=1, dtype=torch.float64).tolist()
 
 
 class Sums:
@@ -92,10 +94,13 @@ class Sums:
         self.sums = [BlockSum() for _ in self.pairs]
 
     def add(self, pieces: Sequence[torch.Tensor]) -> None:
-        """Add the next entries of each input (pieces of the same length, in input order)."""
-        wide = [p.reshape(-1).to(torch.float64) for p in pieces]
-        for (i, j), acc in zip(self.pairs, self.sums):
-            acc.add(torch.square(wide[i]) if i == j else torch.mul(wide[i], wide[j]))
+        """Add the next entries of each input (pieces of the same length, in input order),
+        :data:`STRIDE` entries at a time (small float64 temporaries, in the CPU cache)."""
+        flat = [p.reshape(-1) for p in pieces]
+        for start in range(0, flat[0].numel(), STRIDE):
+            wide = [f[start:start + STRIDE].to(torch.float64) for f in flat]
+            for (i, j), acc in zip(self.pairs, self.sums):
+                acc.add(torch.square(wide[i]) if i == j else torch.mul(wide[i], wide[j]))
 
     def add_whole(self, tensors: Sequence[torch.Tensor]) -> None:
         """Add whole tensors, :data:`PIECE` entries at a time (the same totals as one call)."""
