@@ -24,7 +24,7 @@ import math
 
 from tvlang.language import ast
 
-__all__ = ["to_text", "format_number"]
+__all__ = ["format_number", "format_signed", "to_text"]
 
 # Precedence contexts, loosest first; see the grammar's rules of the same names.
 _SUM = 0  # anything goes: top level, left of + and -, inside brackets
@@ -46,7 +46,12 @@ def format_number(value: float) -> str:
     return repr(float(value))
 
 
-def _format_signed(value: float) -> str:
+def format_signed(value: float) -> str:
+    """:func:`format_number` of any finite number: ``-`` before a negative one.
+
+    >>> format_signed(-0.25), format_signed(2.0)
+    ('-0.25', '2')
+    """
     return "-" + format_number(-value) if value < 0 else format_number(value)
 
 
@@ -137,7 +142,7 @@ def to_text(node: ast.Node) -> str:
     if isinstance(node, ast.Assign):
         return f"{node.name} = {_expr(node.value, _SUM)}"
     if isinstance(node, ast.Param):
-        return f"param {node.name} = {_format_signed(node.value)}"
+        return f"param {node.name} = {format_signed(node.value)}"
     if isinstance(node, ast.Out):
         head = "out" if node.name is None else f"out {node.name}"
         return f"{head} = {_expr(node.value, _SUM)}"

@@ -25,7 +25,7 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from tvlang.language.printer import format_number
+from tvlang.language.printer import format_signed
 from tvlang.run.bindings import Bound
 from tvlang.version import __version__
 
@@ -77,7 +77,7 @@ def model_card(plan: Plan, bound: Bound, output: str, metadata: Mapping[str, str
     params = json.loads(metadata["tvlang.params"])
     if params:
         lines += ["## Parameters", "", "| param | value |", "|---|---|"]
-        lines += [f"| {_code(name)} | {_signed(value)} |" for name, value in sorted(params.items())]
+        lines += [f"| {_code(name)} | {format_signed(value)} |" for name, value in sorted(params.items())]
         lines += [""]
     return "\n".join(lines)
 
@@ -90,5 +90,3 @@ def _code(text: str) -> str:
     return f"{ticks}{pad}{text}{pad}{ticks}"
 
 
-def _signed(value: float) -> str:
-    return "-" + format_number(-value) if value < 0 else format_number(value)

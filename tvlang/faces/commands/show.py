@@ -9,7 +9,7 @@ import sys
 from tvlang.errors import TvlangError
 from tvlang.faces.commands.args import UsageError
 from tvlang.language import ast
-from tvlang.language.printer import format_number
+from tvlang.language.printer import format_signed
 from tvlang.plan.compiler import parse_recipe
 
 HELP = "print an output's recipe, inputs, params and the tvlang that wrote it (from its metadata)"
@@ -78,13 +78,10 @@ def set_params(recipe: str, params: dict[str, float]) -> list[str]:
     try:
         program = parse_recipe(recipe)
     except TvlangError:
-        return [f"{name}={_number(value)}" for name, value in sorted(params.items())]
+        return [f"{name}={format_signed(value)}" for name, value in sorted(params.items())]
     declared = {s.name: s.value for s in program.statements if isinstance(s, ast.Param)}
-    return [f"{name}={_number(value)}" for name, value in sorted(params.items()) if declared.get(name) != value]
+    return [f"{name}={format_signed(value)}" for name, value in sorted(params.items()) if declared.get(name) != value]
 
-
-def _number(value: float) -> str:
-    return "-" + format_number(-value) if value < 0 else format_number(value)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     kind = "a model" if info["kind"] == "model" else "a task vector"
     print(f"output:   {info['output']} ({kind})")
     print(f"producer: {info['producer']}")
-    params = ", ".join(f"{name} = {_number(value)}" for name, value in sorted(info["params"].items()))
+    params = ", ".join(f"{name} = {format_signed(value)}" for name, value in sorted(info["params"].items()))
     print(f"params:   {params or '(none)'}")
     print("inputs:")
     width = max((len(name) for name in info["inputs"]), default=0)
