@@ -95,6 +95,16 @@ _TIES_SHARED = (
         "only matters with weights=[...]"),
 )
 
+_DELLA_SHARED = (  # della and della_linear
+    Arg("density", "scalar", doc="mean keep probability", range=_FRACTION),
+    Arg("epsilon", "scalar", 0.15, doc="keep probabilities span density -/+ epsilon by magnitude rank",
+        range=(0.0, 0.5)),
+    Arg("lambda", "scalar", 1.0, doc="scale applied to the merged result"),
+    Arg("seed", "int", 0.0),
+    Arg("rescale", "bool", True, doc="rescale the kept entries (see rescale_by)"),
+    _RESCALE_BY,
+)
+
 OPERATORS = (
     Builtin(
         "topk",
@@ -199,13 +209,7 @@ OPERATORS = (
         variadic=Arg("delta", "delta"),
         min_variadic=1,
         options=(
-            Arg("density", "scalar", doc="mean keep probability", range=_FRACTION),
-            Arg("epsilon", "scalar", 0.15, doc="keep probabilities span density -/+ epsilon by magnitude rank",
-                range=(0.0, 0.5)),
-            Arg("lambda", "scalar", 1.0, doc="scale applied to the merged result"),
-            Arg("seed", "int", 0.0),
-            Arg("rescale", "bool", True, doc="rescale the kept entries (see rescale_by)"),
-            _RESCALE_BY,
+            *_DELLA_SHARED,
             Arg("elect", "string", "total", ("total", "frequency", "none"),
                 "sign election as in ties; 'none' merges without election (della_linear)"),
             *_TIES_SHARED[1:],
@@ -222,13 +226,7 @@ OPERATORS = (
         variadic=Arg("delta", "delta"),
         min_variadic=1,
         options=(
-            Arg("density", "scalar", doc="mean keep probability", range=_FRACTION),
-            Arg("epsilon", "scalar", 0.15, doc="keep probabilities span density -/+ epsilon by magnitude rank",
-                range=(0.0, 0.5)),
-            Arg("lambda", "scalar", 1.0, doc="scale applied to the merged result"),
-            Arg("seed", "int", 0.0),
-            Arg("rescale", "bool", True, doc="rescale the kept entries (see rescale_by)"),
-            _RESCALE_BY,
+            *_DELLA_SHARED,
             Arg("merge", "string", "sum", ("sum", "mean", "weighted_mean"),
                 "'sum' = the weighted sum (mergekit normalize: false), 'mean' divides by the number of "
                 "inputs, 'weighted_mean' by the sum of the weights (normalize: true)"),
