@@ -253,23 +253,7 @@ def test_sigint_to_a_running_process(ckpt, tmp_path):
     """A real Ctrl-C: the writer is slowed down so the signal lands mid-run."""
     paths, _ = ckpt
     out = tmp_path / "out"
-    script = textwrap.dedent(f"""
-        import sys, time
-        import tvlang.io.writer as writer
-        real = writer._write_all
-        def slow(f, data):
-            time.sleep(0.05)
-            real(f, data)
-        writer._write_all = slow
-        from tvlang.faces.cli import main
-        sys.exit(main({["run", "-e", EXPR, *binds(paths), "-o", str(out), "-q"]!r}))
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not [f for f in os.listdir(tmp_path) if "tvtmp" in f]:  # writing has started
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    proc = _start_and_wait_for_writing(_slow_run_script(out, paths), tmp_path)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 1, stderr.decode()
