@@ -127,15 +127,16 @@ def extract_lora(plan: Plan, bindings: Mapping[str, Any], out: str | os.PathLike
         tensors: dict[str, torch.Tensor] = {}
         targets: dict[str, None] = {}
         saved_modules: dict[str, None] = {}
-        pending_other: list[tuple[str, torch.Tensor]] = []
+        # Modules with a matrix weight are LoRA targets: their other tensors (a bias) cannot be saved
+        # whole as well (modules_to_save and a LoRA layer are exclusive).
+        matrix_modules = {_module(n)[0] for n in session.layout.names
+                          if len(session.layout.infos[n].shape) == 2 and _module(n)[1] == "weight"}
         session.reduce()
         for _, tensor_name, delta, _ in session.results([name]):
             if not delta.dtype.is_floating_point:
                 continue
             delta = delta.to(torch.float32)
-            squared = float(delta.double().square().sum())
-            result.total += squared
-            if squared == 0.0:
+            if not bool(delta.any()):
                 result.zero.append(tensor_name)
                 continue
             module, param = _module(tensor_name)
@@ -147,6 +148,7 @@ def extract_lora(plan: Plan, bindings: Mapping[str, Any], out: str | os.PathLike
                 b, a = _padded(top.u * root, root[:, None] * top.vh, rank)
                 kept = float(top.s.square().sum())
                 total = top.total
+                result.total += total
                 key = f"{PREFIX}{module}"
                 if embedding:
                     tensors[f"{key}.lora_embedding_A"] = a.to(torch.float32).contiguous()
@@ -160,17 +162,15 @@ def extract_lora(plan: Plan, bindings: Mapping[str, Any], out: str | os.PathLike
                 result.svd_total += total
                 result.svd_kept += kept
             else:
-                pending_other.append((tensor_name, delta))
-        for tensor_name, delta in pending_other:
-            module, _ = _module(tensor_name)
-            squared = float(delta.double().square().sum())
-            if other == "skip" or not module or module in targets or not base_is_model:
-                result.left_out[tensor_name] = squared
-                continue
-            tensors[f"{PREFIX}{tensor_name}"] = (base.read(tensor_name).to(torch.float32) + delta).contiguous()
-            saved_modules[module] = None
-            result.saved.append(tensor_name)
-            result.kept_total += squared
+                squared = squared_norm(delta)
+                result.total += squared
+                if other == "skip" or not module or module in matrix_modules or not base_is_model:
+                    result.left_out[tensor_name] = squared
+                    continue
+                tensors[f"{PREFIX}{tensor_name}"] = (base.read(tensor_name).to(torch.float32) + delta).contiguous()
+                saved_modules[module] = None
+                result.saved.append(tensor_name)
+                result.kept_total += squared
         if not targets and not saved_modules:
             raise TvlangError(f"output '{name}' is zero everywhere (or has nothing an adapter holds): no adapter"
                               " to write")
@@ -203,6 +203,13 @@ def extract_lora(plan: Plan, bindings: Mapping[str, Any], out: str | os.PathLike
         raise
     finally:
         bound.close()
+
+
+def squared_norm(tensor: torch.Tensor, block: int = 1 << 22) -> float:
+    """The sum of squares of ``tensor``'s entries, accumulated in float64 a block at a time
+    (a float64 copy of a whole embedding would double the run's memory)."""
+    flat = tensor.reshape(-1)
+    return sum(float(piece.to(torch.float64).square().sum()) for piece in flat.split(block))
 
 
 def _padded(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
