@@ -11,6 +11,8 @@ files.
 'cannot inspect it: No such file or directory'
 >>> is_model_file("model-00001-of-00002.safetensors"), is_model_file("thesis.tex")
 (True, False)
+>>> output_format("merged.pt"), output_format("tau.safetensors"), output_format("merged/")
+('torch', 'safetensors', 'directory')
 """
 
 from __future__ import annotations
@@ -25,16 +27,40 @@ from tvlang.io.atomic import TEMPORARY_TAG
 from tvlang.io.base import TensorReader
 from tvlang.io.open import find_weights
 from tvlang.io.safetensors_format import INDEX_NAME, SHARD_FILE, SINGLE_NAME, looks_like_safetensors
+from tvlang.io.torch_file import is_torch_save_file
 
 __all__ = [
     "COPIED_DIRS",
     "COPIED_FILES",
+    "TORCH_SUFFIXES",
     "check_distinct_outputs",
     "check_output_path",
     "input_paths",
     "is_model_file",
+    "output_format",
     "replaceable",
 ]
+
+#: An output path ending in one of these is a PyTorch state dict file (``torch.save``).
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+
+#: Suffixes that name a file format tvlang reads but does not write as an output.
+UNWRITTEN_SUFFIXES = {".ckpt": "a .ckpt file is a training checkpoint (PyTorch Lightning's), not a state dict;"
+                               " write a state dict with -o NAME.pt, or safetensors with -o NAME.safetensors"}
+
+
+def output_format(out: str | os.PathLike) -> str:
+    """What an output path is written as: ``"safetensors"`` (one file), ``"torch"``
+    (one ``torch.save`` state dict file) or ``"directory"`` (a model directory)."""
+    path = os.fspath(out)
+    if path.endswith(".safetensors"):
+        return "safetensors"
+    if path.endswith(TORCH_SUFFIXES):
+        return "torch"
+    suffix = os.path.splitext(path)[1]
+    if suffix in UNWRITTEN_SUFFIXES:
+        raise TvlangError(f"{path}: cannot write this output: {UNWRITTEN_SUFFIXES[suffix]}")
+    return "directory"
 
 # Files of the base model that make the output load with from_pretrained.
 COPIED_FILES = (
@@ -150,14 +176,15 @@ def is_model_file(entry: str) -> bool:
 
 
 def check_output_path(out: str, *, force: bool, inputs: Iterable[str] = (),
-                      owns: Callable[[str], bool] = is_model_file, dirs: Sequence[str] = COPIED_DIRS) -> None:
+                      owns: Callable[[str], bool] = is_model_file, dirs: Sequence[str] = COPIED_DIRS,
+                      file_format: str = "safetensors") -> None:
     """Refuse an output path that would lose data, before anything is computed.
 
     An empty path, the working directory or a directory above it are never
     outputs, nor is an input (resolved ``inputs``, compared by path and by inode)
     or a directory holding one. An existing path needs ``force``, and even then
     is replaced only when it holds what tvlang would have written there (see
-    ``replaceable``).
+    ``replaceable``; ``file_format`` is the format of a file output).
     """
     if not out.strip():
         raise TvlangError("the output path is empty", notes=("give -o a file or directory name",))
@@ -179,7 +206,7 @@ def check_output_path(out: str, *, force: bool, inputs: Iterable[str] = (),
         return
     if not force:
         raise TvlangError(f"{out}: output already exists", notes=("pass --force (force=True) to replace it",))
-    reason = replaceable(out, owns=owns, dirs=dirs)
+    reason = replaceable(out, owns=owns, dirs=dirs, file_format=file_format)
     if reason:
         raise TvlangError(
             f"{out}: refusing to replace it: {reason}",
@@ -189,10 +216,12 @@ def check_output_path(out: str, *, force: bool, inputs: Iterable[str] = (),
 
 
 def replaceable(path: str, *, owns: Callable[[str], bool] = is_model_file,
-                dirs: Sequence[str] = COPIED_DIRS) -> str | None:
+                dirs: Sequence[str] = COPIED_DIRS, file_format: str = "safetensors") -> str | None:
     """Why ``--force`` must not replace what ``path`` holds, or None when it may.
 
-    It may replace a safetensors file, or a directory holding only files that
+    With ``file_format="torch"`` (a ``.pt``/``.pth``/``.bin`` output) it may replace only
+    a file that ``torch.save`` wrote (a zip with ``data.pkl``), never a directory.
+    Otherwise it may replace a safetensors file, or a directory holding only files that
     ``owns`` accepts (by default what tvlang writes into a model directory:
     weights, shards, index, config and tokenizer files, model card), the folders
     ``dirs`` and tvlang's own temporaries; never a symlink, a device, a pipe, or
@@ -204,6 +233,12 @@ def replaceable(path: str, *, owns: Callable[[str], bool] = is_model_file,
         mode = os.stat(path).st_mode
     except OSError as exc:
         return f"cannot inspect it: {exc.strerror}"
+    if file_format == "torch":
+        if stat.S_ISREG(mode) and is_torch_save_file(path):
+            return None
+        if stat.S_ISDIR(mode):
+            return "it is a directory, and a .pt/.pth/.bin output is one file"
+        return "it is not a file that torch.save wrote" if stat.S_ISREG(mode) else "it is not a regular file"
     if stat.S_ISREG(mode):
         if _is_safetensors_file(path):
             return None

@@ -23,7 +23,7 @@ import torch
 from tvlang.io.base import TensorInfo, TensorReader, io_error, name_problem, open_regular, quoted, show
 from tvlang.io.safetensors_format import looks_like_safetensors
 
-__all__ = ["StateDictReader", "TorchFileReader", "load_state_dict_file"]
+__all__ = ["StateDictReader", "TorchFileReader", "is_torch_save_file", "load_state_dict_file"]
 
 # Keys under which training scripts commonly nest the weights.
 _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
@@ -349,3 +349,13 @@ class TorchFileReader(StateDictReader):
         self.paths = (resolved,)
         parent = os.path.dirname(resolved)
         self.root = parent if os.path.isfile(os.path.join(parent, "config.json")) else None
+
+
+def is_torch_save_file(path: str) -> bool:
+    """Whether ``path`` is a zip file as ``torch.save`` writes it (an entry ``*/data.pkl``),
+    read from its central directory only: what ``--force`` may replace with a ``.pt`` output."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name == "data.pkl" or name.endswith("/data.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False

@@ -169,7 +169,10 @@ class StreamingWriter:
       of ``ONCE`` (the recipe text), which only the first shard holds.
     - ``inputs`` (paths or readers) are never overwritten; an existing ``out``
       needs ``force=True`` and is replaced only by ``commit()``.
+    ``FILE_FORMAT``: a one-file output's format, for ``--force`` (``StateDictWriter``: torch).
     """
+
+    FILE_FORMAT = "safetensors"
 
     def __init__(
         self,
@@ -184,7 +187,7 @@ class StreamingWriter:
         files: Mapping[str, bytes] | None = None,
     ) -> None:
         self.out = os.fspath(out)
-        self.single_file = self.out.endswith(".safetensors")
+        self.single_file = self.FILE_FORMAT != "safetensors" or self.out.endswith(".safetensors")
         self.metadata = dict(metadata or {})
         # transformers' from_pretrained refuses a safetensors file whose metadata lacks a format.
         self.metadata.setdefault("format", "pt")
@@ -192,7 +195,7 @@ class StreamingWriter:
             if not isinstance(key, str) or not isinstance(value, str):
                 raise TvlangError(f"{self.out}: metadata must map strings to strings; '{key}' is {type(value).__name__}")
         self.force = force
-        check_output_path(self.out, force=force, inputs=input_paths(inputs))
+        check_output_path(self.out, force=force, inputs=input_paths(inputs), file_format=self.FILE_FORMAT)
         self._target = os.path.realpath(self.out)
         self.layout = list(layout)
         self._check_layout(shard_size)
@@ -438,7 +441,7 @@ class StreamingWriter:
             if os.path.lexists(self._target):
                 if not self.force:
                     raise TvlangError(f"{self.out}: output appeared while writing; pass force=True to replace it")
-                reason = replaceable(self._target)
+                reason = replaceable(self._target, file_format=self.FILE_FORMAT)
                 if reason:
                     raise TvlangError(f"{self.out}: refusing to replace it: {reason}")
             self._replace.publish()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 import torch
 
 from tvlang.errors import TvlangError
-from tvlang.io import StreamingWriter, check_distinct_outputs
+from tvlang.io import StreamingWriter, check_distinct_outputs, open_writer
 from tvlang.plan.records import RunSummary
 from tvlang.run import distributed
 from tvlang.run.align import align
@@ -30,6 +30,7 @@ from tvlang.run.outputs import (
     output_files,
     output_metadata,
     output_targets,
+    refuse_state_dict_outputs,
     write_results,
 )
 from tvlang.run.progress import progress_for
@@ -94,6 +95,7 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
     if executor not in EXECUTORS:
         raise TvlangError(f"unknown executor '{executor}'; the executors are {', '.join(EXECUTORS)}")
     if executor == "ray":
+        refuse_state_dict_outputs(out)
         return distributed.run(plan, bindings, out, device=device, dtype=dtype, out_dtype=out_dtype,
                                shard_size=shard_size, force=force, missing=missing, progress=progress,
                                allow_nonfinite=allow_nonfinite, address=address, workers=workers, lock=lock,
@@ -118,9 +120,9 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
             metadata = output_metadata(plan, bound, name, kind, locked)
             copy_from = model_files_of(bound, kind, path)
             files = output_files(plan, bound, name, kind, path, metadata, copy_from, locked, model_card)
-            writers[name] = StreamingWriter(path, session.output_layout(name), shard_size=shard_size,
-                                            metadata=metadata, inputs=inputs, force=force, copy_from=copy_from,
-                                            files=files)
+            writers[name] = open_writer(path, session.output_layout(name), shard_size=shard_size,
+                                        metadata=metadata, inputs=inputs, force=force, copy_from=copy_from,
+                                        files=files)
         bar = progress_for(progress)
         session.reduce(bar)
         written = write_results(session, writers, bar)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Protocol
 import torch
 
 from tvlang.errors import TvlangError
-from tvlang.io import StreamingWriter
+from tvlang.io import StreamingWriter, output_format
 from tvlang.io.hub import fetch_model_files
 from tvlang.run.bindings import Bound
 from tvlang.run.model_card import CARD_NAME, model_card
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from tvlang.plan.compiler import Plan
 
 __all__ = ["IN_FLIGHT", "Committable", "base_model_folder", "commit_all", "compute_threads", "model_files_of",
-           "output_files", "output_metadata", "output_targets", "write_results"]
+           "output_files", "output_metadata", "output_targets", "refuse_state_dict_outputs", "write_results"]
 
 IN_FLIGHT = 2  # writes queued per output by write_results (whole tensors or pieces)
 
@@ -168,9 +168,22 @@ def output_targets(plan: Plan, out: Any) -> dict[str, Any]:
     return {plan.outputs[0]: out}
 
 
+def refuse_state_dict_outputs(out: Any) -> None:
+    """The Ray executor's refusal of a ``.pt``/``.pth``/``.bin`` output: that file is one ``torch.save``
+    of the whole output from one process's memory (``tvlang.io.state_dict_writer``), and Ray's tasks
+    write safetensors shards."""
+    paths = out.values() if isinstance(out, Mapping) else [out] if out is not None else []
+    for path in paths:
+        if output_format(path) == "torch":
+            raise TvlangError(f"{os.fspath(path)}: the Ray executor cannot write a PyTorch state dict file: it is"
+                              " saved whole from one process's memory, and Ray's tasks write safetensors shards",
+                              notes=("write a model directory or a .safetensors file with --executor ray, or run"
+                                     " with --executor local (the default) to write a .pt file",))
+
+
 def model_files_of(bound: Bound, kind: str, path: Any) -> str | None:
     """The folder whose config and tokenizer files a Model output directory copies: the base's, if it has one."""
-    if kind != "model" or str(path).endswith(".safetensors"):
+    if kind != "model" or output_format(path) != "directory":
         return None
     return base_model_folder(bound)
 
@@ -220,7 +233,7 @@ def output_files(plan: Plan, bound: Bound, output: str, kind: str, path: Any, me
                  copy_from: str | None, lock: Mapping[str, Any] | None, card: bool) -> dict[str, bytes]:
     """The files an output directory gets besides weights and copied files: its model card (README.md),
     for a Model output written as a directory, unless ``card`` is off (``--no-model-card``)."""
-    if not card or kind != "model" or str(path).endswith(".safetensors"):
+    if not card or kind != "model" or output_format(path) != "directory":
         return {}
     return {CARD_NAME: model_card(plan, bound, output, metadata, copy_from, lock).encode()}
 

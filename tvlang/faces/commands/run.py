@@ -27,6 +27,12 @@ one file; any other path is a model directory (sharded above --shard-size, with
 the base model's config and tokenizer files copied, and a README.md model card
 for a model: the recipe, the inputs, the params; --no-model-card leaves it out).
 
+An output path ending in .pt, .pth or .bin is one PyTorch state dict file
+(torch.save of the tensors; torch.load(path, weights_only=True) reads it). It is
+built whole in memory before it is saved (a torch.save file cannot be streamed),
+holds no metadata (bind a task vector saved so as delta:PATH), and needs the
+local executor.
+
 A bound file whose metadata says it is a tvlang task vector (every Delta that
 tvlang writes) is a task vector; prefix a path with delta: to say so yourself.
 
@@ -34,6 +40,7 @@ examples:
   tvlang run recipe.tv -o merged/
   tvlang run -e "pre + 0.4*(ft - pre)" --bind pre=base/ --bind ft=ft/ -o out/
   tvlang run -e "ft - pre" --bind pre=base/ --bind ft=ft/ -o tau.safetensors
+  tvlang run -e "pre + 0.4*(ft - pre)" --bind pre=base/ --bind ft=ft/ -o merged.pt
   tvlang run -e "pre + 0.4*(yelp_lm - amazon_lm) + 0.7*amazon_sent" \\
       --bind pre=t5/ --bind yelp_lm=yelp/ --bind amazon_lm=amazon/ \\
       --bind amazon_sent=delta:amazon_sent.safetensors -o yelp_sent/
@@ -49,7 +56,9 @@ def register(subparsers) -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_recipe_arguments(parser, "bind a free name to a checkpoint: NAME=PATH or NAME=delta:PATH (repeatable)")
     parser.add_argument("-o", "--out", action="append", default=[], metavar="PATH|NAME=PATH",
-                        help="where to write: one path, or NAME=PATH for each output of a recipe with several")
+                        help="where to write: one path, or NAME=PATH for each output of a recipe with several;"
+                             " .safetensors: one file, .pt/.pth/.bin: a torch.save state dict (built in memory),"
+                             " else a model directory")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
     parser.add_argument("--dtype", default=None,
                         help="compute dtype (default float32; a mergekit config's dtype: float64 sets float64)")
