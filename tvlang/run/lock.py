@@ -35,7 +35,7 @@ from tvlang.io import TensorReader
 from tvlang.io.atomic import AtomicReplace
 from tvlang.io.hashing import Hasher
 from tvlang.io.hub import is_reference
-from tvlang.io.writer import model_file_names
+from tvlang.io.model_files import model_file_names
 from tvlang.plan.records import DeltaBinding
 from tvlang.run.adapters import lora_path
 from tvlang.run.bindings import Bound, bind

@@ -25,9 +25,10 @@ from tvlang.io import (
     shard_name,
 )
 from tvlang.io.atomic import AtomicReplace, remove
+from tvlang.io.model_files import copy_model_files, write_files
 from tvlang.io.output_paths import input_paths
 from tvlang.io.safetensors_format import build_index
-from tvlang.io.writer import copy_model_files, shard_metadata, write_files
+from tvlang.io.writer import shard_metadata
 
 __all__ = ["Shard", "ShardedOutput", "plan_shards"]
 
