@@ -10,6 +10,7 @@ from tvlang import __version__
 from tvlang.errors import TvlangError
 from tvlang.faces.commands import bases, check, explain, extract_lora, import_, lock, repl, run, show, similarity
 from tvlang.faces.commands.args import UsageError
+from tvlang.faces.commands.json_output import emit, error_object, usage_error_object
 from tvlang.faces.interrupts import Interrupted, interrupts_raise
 
 # Each subcommand's module has register(subparsers); this order is the order of ``tvlang --help``.
@@ -54,9 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         with guard:
             return int(args.func(args) or 0)
     except UsageError as exc:
+        if getattr(args, "json", False):
+            emit(usage_error_object(str(exc)))
         print(f"tvlang {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except TvlangError as exc:
+        if getattr(args, "json", False):  # the object on stdout, the message on stderr as always
+            emit(error_object(exc))
         print(exc.render(), file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:

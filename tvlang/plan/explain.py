@@ -30,34 +30,57 @@ from tvlang.plan.schedule import STEP_OPS, Schedule, Step, format_coef
 if TYPE_CHECKING:
     from tvlang.plan.compiler import Plan
 
-__all__ = ["explain", "ir_text", "shown", "step_text"]
+__all__ = ["explain", "explain_data", "ir_text", "shown", "step_text"]
 
 _SYMBOLS = {"add": "+", "sub": "-", "mul": "*", "div": "/"}  # the IR's arithmetic ops, as the language writes them
 
 
 def explain(plan: "Plan") -> str:
     """The program as written, optimized, what each output reads, and the per-tensor program."""
-    sched = plan.schedule
-    lines = ["# as written", plan.program_text(), "", "# optimized", plan.optimized_text(), "", "# sources read"]
-    for name in plan.outputs:
-        reads = ", ".join(plan.sources_read(name)) or "(none)"
-        lines.append(f"{name} ({plan.output_kind(name)}): {reads}")
-    names = _ScalarNames(sched)
-    lines += ["", f"# plan: {sched.passes} streaming pass{'es' if sched.passes != 1 else ''} over the inputs"]
-    pass_no = 1
-    for tasks, program in sched.levels:
-        lines.append(f"# pass {pass_no}: whole-model scalars")
-        for task in tasks:
-            lines.append(f"{task.name} = {_scalar_text(task.node, None)}")
-        lines.extend("  " + step_text(step, names) for step in program.steps)
-        pass_no += 1
-    if sched.main.steps:
-        lines.append(f"# pass {pass_no}: per tensor ({sched.main.n_buffers} buffers)")
-        lines.extend("  " + step_text(step, names) for step in sched.main.steps)
-    if sched.scalars:
+    data = explain_data(plan)
+    lines = ["# as written", data["as_written"], "", "# optimized", data["optimized"], "", "# sources read"]
+    for output in data["outputs"]:
+        lines.append(f"{output['name']} ({output['kind']}): {', '.join(output['reads']) or '(none)'}")
+    passes = data["passes"]
+    lines += ["", f"# plan: {passes} streaming pass{'es' if passes != 1 else ''} over the inputs"]
+    for level in data["reductions"]:
+        lines.append(f"# pass {level['pass']}: whole-model scalars")
+        lines.extend(f"{scalar['name']} = {scalar['expr']}" for scalar in level["scalars"])
+        lines.extend("  " + step for step in level["steps"])
+    main = data["main"]
+    if main is not None:
+        lines.append(f"# pass {main['pass']}: per tensor ({main['buffers']} buffers)")
+        lines.extend("  " + step for step in main["steps"])
+    if data["scalar_outputs"]:
         lines.append("# scalar outputs, from the whole-model scalars")
-        lines.extend(f"{name} = {_scalar_text(node, names)}" for name, node in sched.scalars)
+        lines.extend(f"{scalar['name']} = {scalar['expr']}" for scalar in data["scalar_outputs"])
     return "\n".join(lines)
+
+
+def explain_data(plan: "Plan") -> dict:
+    """The sections of :func:`explain` as plain data (``tvlang explain --json``, docs/cli-json.md).
+
+    >>> import tvlang
+    >>> data = explain_data(tvlang.compile("pre + 0.5*(ft - pre)"))
+    >>> data["outputs"], data["passes"], data["main"]["steps"][-1]
+    ([{'name': 'out', 'kind': 'model', 'reads': ['pre', 'ft']}], 1, 'write(out, b0)')
+    """
+    sched = plan.schedule
+    names = _ScalarNames(sched)
+    outputs = [{"name": name, "kind": plan.output_kind(name), "reads": list(plan.sources_read(name))}
+               for name in plan.outputs]
+    reductions = []
+    for number, (tasks, program) in enumerate(sched.levels, start=1):
+        reductions.append({"pass": number,
+                           "scalars": [{"name": task.name, "expr": _scalar_text(task.node, None)} for task in tasks],
+                           "steps": [step_text(step, names) for step in program.steps]})
+    main = None
+    if sched.main.steps:
+        main = {"pass": len(sched.levels) + 1, "buffers": sched.main.n_buffers,
+                "steps": [step_text(step, names) for step in sched.main.steps]}
+    return {"as_written": plan.program_text(), "optimized": plan.optimized_text(), "outputs": outputs,
+            "passes": sched.passes, "reductions": reductions, "main": main,
+            "scalar_outputs": [{"name": name, "expr": _scalar_text(node, names)} for name, node in sched.scalars]}
 
 
 class _ScalarNames:

@@ -44,6 +44,23 @@ class RunSummary:
     seconds: float
     passes: int
     notes: list[str] = field(default_factory=list)  # what happened to names: renamed, missing, left out
+    # The structured report of ``tvlang run --json`` (docs/cli-json.md): per output
+    # {name, path, kind, format, tensors, bytes}; per input {name, path, base, rules, matched,
+    # renamed, missing, from_base, skipped, left_out, examples}; the --missing policy.
+    written: list[dict[str, Any]] = field(default_factory=list)
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    missing: str = "error"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The run as ``tvlang run --json`` prints it (docs/cli-json.md).
+
+        >>> RunSummary({"out": "m.pt"}, 2, 16, 0.5, 1).to_dict()["outputs"]
+        [{'name': 'out', 'path': 'm.pt'}]
+        """
+        outputs = self.written or [{"name": name, "path": path} for name, path in self.outputs.items()]
+        return {"ok": True, "outputs": outputs, "inputs": self.inputs, "missing_policy": self.missing,
+                "tensors": self.tensors, "bytes": self.bytes_written, "passes": self.passes,
+                "seconds": round(self.seconds, 6), "notes": list(self.notes)}
 
     def line(self) -> str:
         size = self.bytes_written / 2**20

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 import torch
 
 from tvlang.errors import TvlangError
-from tvlang.io import StreamingWriter, check_distinct_outputs, open_writer
+from tvlang.io import StreamingWriter, check_distinct_outputs, open_writer, output_format
 from tvlang.plan.records import RunSummary
 from tvlang.run import distributed
 from tvlang.run.align import align
 from tvlang.run.bindings import bind, protected_paths
-from tvlang.run.layout import notes, validate
+from tvlang.run.layout import input_reports, notes, validate
 from tvlang.run.lock import verified
 from tvlang.run.outputs import (
     IN_FLIGHT,
@@ -128,8 +128,13 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
         written = write_results(session, writers, bar)
         commit_all(list(writers.values()))
         count = sum(len(writer.layout) for writer in writers.values())
+        written_outputs = [{"name": name, "path": str(path), "kind": plan.output_kind(name),
+                            "format": output_format(path), "tensors": len(writers[name].layout),
+                            "bytes": sum(info.nbytes for info in writers[name].layout)}
+                           for name, path in targets.items()]
         return RunSummary({k: str(v) for k, v in targets.items()}, count, written,
-                          time.perf_counter() - started, plan.schedule.passes, notes(bound, session.layout, missing))
+                          time.perf_counter() - started, plan.schedule.passes, notes(bound, session.layout, missing),
+                          written_outputs, input_reports(bound, session.layout, missing), missing)
     except BaseException as exc:
         for writer in writers.values():
             writer.abort()  # a published or committed writer is left as it is

@@ -21,7 +21,9 @@ from tvlang.run.options import MISSING_POLICIES
 if TYPE_CHECKING:
     from tvlang.plan.compiler import Plan
 
-__all__ = ["Layout", "layout", "notes", "validate"]
+__all__ = ["Layout", "input_reports", "layout", "notes", "validate", "validate_report"]
+
+EXAMPLES = 5  # names listed per count in input_reports (the summary line shows 3)
 
 
 @dataclass
@@ -101,6 +103,35 @@ def notes(bound: Bound, layout: Layout, missing: str) -> list[str]:
     return lines
 
 
+def input_reports(bound: Bound, layout: Layout, missing: str) -> list[dict[str, Any]]:
+    """Per input, base first: how its names met the base's and what the ``missing`` policy did.
+
+    ``matched``: the base's float tensors found in it (``renamed`` of them under another
+    name, by ``rules``); ``missing``: those it lacks, of which ``from_base`` were taken
+    from the base (``--missing base``) and ``skipped`` left out of the output
+    (``--missing skip``); ``left_out``: its float tensors the base lacks, never read.
+    The ``run --json`` schema (docs/cli-json.md) prints these dicts as they are.
+    """
+    base = bound.readers[bound.base]
+    floats = [n for n in base.names() if n not in layout.passthrough]
+    computed = set(layout.names)
+    reports = [_report(bound.base, base.label, True, [], len(floats), 0, [], [], [], [])]
+    for entry in bound.alignment:
+        taken = [n for n in entry.missing if n in layout.copied]
+        skipped = [n for n in entry.missing if n not in computed and n not in layout.copied]
+        reports.append(_report(entry.key, entry.label, False, entry.rules, entry.matched, entry.renamed,
+                               entry.missing, taken, skipped, entry.extra))
+    return reports
+
+
+def _report(name: str, path: str, is_base: bool, rules: list[str], matched: int, renamed: int,
+            missing: list[str], from_base: list[str], skipped: list[str], left_out: list[str]) -> dict[str, Any]:
+    return {"name": name, "path": path, "base": is_base, "rules": list(rules), "matched": matched,
+            "renamed": renamed, "missing": len(missing), "from_base": len(from_base), "skipped": len(skipped),
+            "left_out": len(left_out),
+            "examples": {"missing": missing[:EXAMPLES], "left_out": left_out[:EXAMPLES]}}
+
+
 def validate(plan: Plan, bindings: Mapping[str, Any], *, missing: str = "error") -> Layout:
     """Check the bound inputs as ``run`` would, computing nothing.
 
@@ -120,9 +151,16 @@ def validate(plan: Plan, bindings: Mapping[str, Any], *, missing: str = "error")
     ...     print(exc.message)
     tensor 'w' has shape (2, 3) in <dict bound to 'pre'> but (3, 2) in <dict bound to 'ft'>
     """
+    return validate_report(plan, bindings, missing=missing)[0]
+
+
+def validate_report(plan: Plan, bindings: Mapping[str, Any], *,
+                    missing: str = "error") -> tuple[Layout, list[dict[str, Any]]]:
+    """:func:`validate`, and what :func:`input_reports` says of the inputs (``check --json``)."""
     bound = bind(plan, bindings)
     try:
-        return layout(bound, missing)
+        shape = layout(bound, missing)
+        return shape, input_reports(bound, shape, missing)
     except TvlangError as exc:
         raise exc.with_context(source=bound.plan.text, filename=bound.plan.filename) from None
     finally:

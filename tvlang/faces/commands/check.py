@@ -7,9 +7,12 @@ exits 1 when it is not; exits 2 on a command-line mistake.
 from __future__ import annotations
 
 import argparse
+import sys
 
+from tvlang.errors import TvlangError
 from tvlang.faces.commands.args import KINDS, UsageError, binding_kind, binding_value, parse_bindings, parse_params
 from tvlang.faces.commands.common import add_recipe_arguments, locked_path, recipe_source
+from tvlang.faces.commands.json_output import emit, error_object
 from tvlang.language import ast
 from tvlang.language.checker import CheckedProgram, check
 from tvlang.language.syntax import parse, parse_expression
@@ -24,7 +27,7 @@ DESCRIPTION = """\
 Check a recipe: syntax, names, built-in arguments, and the affine rule (model
 coefficients must sum to 1 for a model, 0 for a task vector). No tensor math.
 Prints nothing and exits 0 when the recipe is good; prints the errors and exits 1
-when it is not.
+when it is not. With --json it prints one JSON object either way.
 
 Every name the recipe uses but does not define must be bound with --bind:
 NAME=model or NAME=delta gives its kind; any other value is a checkpoint path
@@ -41,6 +44,7 @@ examples:
   tvlang check -e "pre + 0.4*(ft - pre)" --bind pre=model --bind ft=model
   tvlang check recipe.tv --set lm=0.5
   tvlang check recipe.tv --locked     (is recipe.tv.lock current? see tvlang lock)
+  tvlang check recipe.tv --json     (the result as JSON: docs/cli-json.md)
 """
 
 
@@ -58,6 +62,9 @@ def register(subparsers) -> None:
                         help="say whether RECIPE.lock (tvlang lock) is current: the inputs resolve to the files it"
                              " pins (hashes from the hash cache or the Hub's blob names where they have them)")
     parser.add_argument("-q", "--quiet", action="store_true", help="with --locked: no hashing report")
+    parser.add_argument("--json", action="store_true",
+                        help="print the result as one JSON object on stdout: ok, errors (message, file, line,"
+                             " column), inputs, outputs, the checked files' name matching (docs/cli-json.md)")
     parser.set_defaults(func=run)
 
 
@@ -97,19 +104,40 @@ def run(args: argparse.Namespace) -> int:
     params = parse_params(args.set)
     text, filename = recipe_source(args)
     kinds = {name: binding_kind(value) for name, value in bindings.items()}  # one header peek per path
-    check_recipe(text, filename, kinds, params, expression=args.expr is not None)
-    paths = {name: value for name, value in bindings.items() if value not in KINDS}
-    lock = locked_path(args)
-    if lock is not None:  # inputs that are not the locked ones: that first, then their headers
-        check_lock(text, filename, bindings, kinds, params, lock, quiet=args.quiet)
-    if args.files or paths or lock is not None:
-        check_files(text, filename, bindings, kinds, params, missing=args.missing)
+    try:
+        checked = check_recipe(text, filename, kinds, params, expression=args.expr is not None)
+        paths = {name: value for name, value in bindings.items() if value not in KINDS}
+        lock = locked_path(args)
+        current = None
+        if lock is not None:  # inputs that are not the locked ones: that first, then their headers
+            current = check_lock(text, filename, bindings, kinds, params, lock, quiet=args.quiet)
+            if not args.json:
+                print(f"{lock} is current: {current['inputs']} inputs, {current['files']} files")
+        files = None
+        if args.files or paths or lock is not None:
+            files = check_files(text, filename, bindings, kinds, params, missing=args.missing)
+    except TvlangError as exc:
+        if not args.json:
+            raise
+        emit(error_object(exc, inputs=_inputs(bindings, kinds)))  # with the inputs, unlike other commands
+        print(exc.render(), file=sys.stderr)
+        return 1
+    if args.json:
+        emit({"ok": True, "errors": [], "inputs": _inputs(bindings, dict(checked.sources)),
+              "outputs": [{"name": o.name, "kind": o.kind} for o in checked.outputs], "files": files,
+              "lock": current})
     return 0
 
 
+def _inputs(bindings: dict[str, str], kinds: dict[str, str]) -> list[dict]:
+    """``check --json``'s inputs: each free name, its kind, and the path bound to it (null when none)."""
+    return [{"name": name, "kind": kind, "path": None if bindings.get(name, "model") in KINDS else bindings[name]}
+            for name, kind in kinds.items()]
+
+
 def check_lock(text: str, filename: str, bindings: dict[str, str], kinds: dict[str, str],
-               params: dict[str, float], lock: str, *, quiet: bool) -> None:
-    """``--locked``: the inputs against the lockfile; prints that it is current, or raises what differs."""
+               params: dict[str, float], lock: str, *, quiet: bool) -> dict:
+    """``--locked``: the inputs against the lockfile; says that it is current, or raises what differs."""
     named = [name for name, value in bindings.items() if value in KINDS]
     if named:
         raise UsageError(f"--locked needs a checkpoint for --bind {named[0]}, not a kind")
@@ -119,21 +147,22 @@ def check_lock(text: str, filename: str, bindings: dict[str, str], kinds: dict[s
     plan = compile_recipe(text, filename=filename, sources=kinds, **params)
     result = check_lockfile(plan, bound, lock, report=not quiet)
     count = sum(len(entry["files"]) for entry in result["inputs"].values())
-    print(f"{lock} is current: {len(result['inputs'])} inputs, {count} files")
+    return {"path": lock, "current": True, "inputs": len(result["inputs"]), "files": count}
 
 
 def check_files(text: str, filename: str, bindings: dict[str, str], kinds: dict[str, str],
-                params: dict[str, float], *, missing: str = "error") -> None:
-    """Open the checkpoints the plan reads and check them as ``run`` would (headers only).
+                params: dict[str, float], *, missing: str = "error") -> list[dict] | None:
+    """Open the checkpoints the plan reads and check them as ``run`` would (headers only); what
+    each input's names did (``run --json``'s ``inputs``), or None when nothing was opened.
 
     ``kinds`` are the bound names' kinds (from :func:`binding_kind`). Names bound
     to a kind (``model``/``delta``) have no file: they are checked only when
     every name is bound to a path.
     """
     if any(value in KINDS for value in bindings.values()):
-        return
-    from tvlang.run.evaluate import validate  # the run layer imports torch
+        return None
+    from tvlang.run.layout import validate_report  # the run layer imports torch
 
     bound = {name: binding_value(value, kinds[name]) for name, value in bindings.items()}
     plan = compile_recipe(text, filename=filename, sources=kinds, **params)
-    validate(plan, bound, missing=missing)
+    return validate_report(plan, bound, missing=missing)[1]

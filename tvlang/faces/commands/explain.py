@@ -6,7 +6,9 @@ import argparse
 
 from tvlang.faces.commands.args import binding_kind, parse_bindings, parse_params
 from tvlang.faces.commands.common import add_recipe_arguments, recipe_source
+from tvlang.faces.commands.json_output import emit
 from tvlang.plan.compiler import compile as compile_recipe
+from tvlang.plan.explain import explain_data
 from tvlang.plan.optimize import PASSES, OptimizerFlags
 
 PASS_NAMES = tuple(name for name, _ in PASSES)  # one --no-NAME switch per optimizer pass
@@ -22,6 +24,7 @@ examples:
   tvlang explain recipe.tv
   tvlang explain -e "pre + 0.5*(a - pre) + 0.5*(b - pre)"
   tvlang explain -e "pre + lam*(ft - pre)" --set lam=0.3 --no-fold
+  tvlang explain recipe.tv --json     (the same sections as JSON: docs/cli-json.md)
 """
 
 
@@ -31,6 +34,8 @@ def register(subparsers) -> None:
     add_recipe_arguments(parser, "declare a free name's kind: NAME=model, NAME=delta or NAME=[delta:]PATH")
     for name in PASS_NAMES:
         parser.add_argument(f"--no-{name}", action="store_true", help=f"turn the {name} pass off")
+    parser.add_argument("--json", action="store_true",
+                        help="print the plan's sections as one JSON object on stdout (docs/cli-json.md)")
     parser.set_defaults(func=run)
 
 
@@ -40,5 +45,8 @@ def run(args: argparse.Namespace) -> int:
     flags = OptimizerFlags(**{name: not getattr(args, f"no_{name}") for name in PASS_NAMES})
     plan = compile_recipe(text, filename=filename, sources=kinds if args.bind else None, flags=flags,
                           **parse_params(args.set))
-    print(plan.explain())
+    if args.json:
+        emit({"ok": True, **explain_data(plan)})
+    else:
+        print(plan.explain())
     return 0

@@ -16,6 +16,7 @@ from tvlang.faces.commands.args import (
     parse_size,
 )
 from tvlang.faces.commands.common import add_recipe_arguments, locked_path, mergekit_config, recipe_source
+from tvlang.faces.commands.json_output import emit
 from tvlang.plan.compiler import compile as compile_recipe
 
 HELP = "run a recipe over checkpoints and write the result"
@@ -45,6 +46,7 @@ examples:
       --bind pre=t5/ --bind yelp_lm=yelp/ --bind amazon_lm=amazon/ \\
       --bind amazon_sent=delta:amazon_sent.safetensors -o yelp_sent/
   tvlang run recipe.tv -o forget=a/ -o multitask=b/     (several outs)
+  tvlang run recipe.tv -o merged/ --json     (a JSON report on stdout: docs/cli-json.md)
   tvlang run recipe.tv --locked -o merged/     (inputs as in recipe.tv.lock: see tvlang lock)
   tvlang run merge.yml -o merged/     (a mergekit config: see tvlang import)
   tvlang run recipe.tv -o /shared/merged/ --shard-size 2GB --executor ray --address auto
@@ -80,6 +82,9 @@ def register(subparsers) -> None:
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="--executor ray: at most N tasks at a time (a local instance gets N CPUs)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    parser.add_argument("--json", action="store_true",
+                        help="print the run's report (outputs, inputs' name matching, passes, bytes, seconds) as one"
+                             " JSON object on stdout instead of the summary line; errors too (docs/cli-json.md)")
     parser.set_defaults(func=run)
 
 
@@ -137,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
     summary = plan.run(bindings, out, device=args.device, dtype=dtype, out_dtype=out_dtype,
                        shard_size=shard_size, force=args.force, missing=args.missing, progress=not args.quiet,
                        lock=locked_path(args), model_card=args.model_card, **executor_options(args))
-    if not args.quiet:
+    if args.json:
+        emit(summary.to_dict())
+    elif not args.quiet:
         print(summary.line(), file=sys.stderr)
     return 0
