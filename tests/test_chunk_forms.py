@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import tvlang
+from chunking import chunk_in
 from tvlang.ops.context import TensorContext, seed_for
 from tvlang.ops.sums import BLOCK, BlockSum
 from tvlang.run import chunked as chunk_module
-from tvlang.run import evaluate
 
 # rows of 11, 20, 9 and 40 entries; 'v' is one row of 50 (a vector), 'tiny' under CHUNK_MIN
 SHAPES = {"emb": (13, 11), "w": (6, 5, 4), "bias": (9,), "row": (2, 40), "v": (50,), "tiny": (3,)}
@@ -41,20 +41,6 @@ def models(seed: int = 0, bf16: bool = False) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def chunk_in(monkeypatch, elements: int) -> list[str]:
-    """Tensors of 7 entries or more run in chunks of ``elements`` from now on; the list gets
-    the name of each tensor computed in chunks."""
-    names: list[str] = []
-    real = evaluate.Session._execute_chunked
-
-    def spy(self, program, linear, name, raw, kernels, *, pieces):
-        names.append(name)
-        return real(self, program, linear, name, raw, kernels, pieces=pieces)
-
-    monkeypatch.setattr(evaluate.Session, "_execute_chunked", spy)
-    monkeypatch.setattr(chunk_module, "CHUNK_MIN", 7)
-    monkeypatch.setattr(chunk_module, "CHUNK_ELEMENTS", elements)
-    return names
 
 
 def binds(ms):

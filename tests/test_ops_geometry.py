@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import tvlang
+from chunking import chunk_in
 from tvlang.errors import TvlangError
 from tvlang.ops.context import TensorContext
 from tvlang.ops.nearswap import nearswap
@@ -217,23 +218,6 @@ CASES = [
 ]
 
 
-def chunk_in(monkeypatch, elements: int) -> list[str]:
-    """Programs over tensors of 7 entries or more run in chunks of ``elements`` from now on;
-    the list gets the name of each tensor computed in chunks."""
-    from tvlang.run import chunked as chunk_module
-    from tvlang.run import evaluate
-
-    names: list[str] = []
-    real = evaluate.Session._execute_chunked
-
-    def spy(self, program, linear, name, raw, kernels, *, pieces):
-        names.append(name)
-        return real(self, program, linear, name, raw, kernels, pieces=pieces)
-
-    monkeypatch.setattr(evaluate.Session, "_execute_chunked", spy)
-    monkeypatch.setattr(chunk_module, "CHUNK_MIN", 7)
-    monkeypatch.setattr(chunk_module, "CHUNK_ELEMENTS", elements)
-    return names
 
 
 @pytest.mark.parametrize("recipe, eager", CASES, ids=[c[0] for c in CASES])

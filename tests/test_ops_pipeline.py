@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from chunking import chunk_in as _chunk_in
+
 tvlang = pytest.importorskip("tvlang")
 if not hasattr(tvlang, "compile"):  # pragma: no cover - the API lands separately
     pytest.skip("tvlang.compile not available", allow_module_level=True)
@@ -50,23 +52,6 @@ def test_schedule_and_select_through_the_pipeline():
     assert torch.equal(out["model.norm.weight"], torch.zeros(7))
 
 
-def _chunk_in(monkeypatch, elements: int) -> list[str]:
-    """From now on, programs over tensors of 7 entries or more run in chunks of ``elements``;
-    the returned list gets the name of each tensor computed in chunks."""
-    from tvlang.run import chunked as chunk_module
-    from tvlang.run import evaluate
-
-    names: list[str] = []
-    real = evaluate.Session._execute_chunked
-
-    def spy(self, program, linear, name, raw, kernels, *, pieces):
-        names.append(name)
-        return real(self, program, linear, name, raw, kernels, pieces=pieces)
-
-    monkeypatch.setattr(evaluate.Session, "_execute_chunked", spy)
-    monkeypatch.setattr(chunk_module, "CHUNK_MIN", 7)
-    monkeypatch.setattr(chunk_module, "CHUNK_ELEMENTS", elements)
-    return names
 
 
 def test_elementwise_kernels_in_chunked_programs_equal_whole_tensor_kernels(monkeypatch):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import tvlang
+from chunking import chunk_in
 from tvlang.errors import TvlangError
 from tvlang.ops.context import TensorContext
 from tvlang.ops.slerp import slerp
@@ -57,21 +58,6 @@ def test_a_layer_gradient_sits_at_t_zero_for_tensors_without_a_layer():
         torch.testing.assert_close(out[name], slerp([base[name], ft[name]], TensorContext(name), t=t), msg=name)
 
 
-def _chunk_in(monkeypatch, elements: int) -> list[str]:
-    from tvlang.run import chunked as chunk_module
-    from tvlang.run import evaluate
-
-    names: list[str] = []
-    real = evaluate.Session._execute_chunked
-
-    def spy(self, program, linear, name, raw, kernels, *, pieces):
-        names.append(name)
-        return real(self, program, linear, name, raw, kernels, pieces=pieces)
-
-    monkeypatch.setattr(evaluate.Session, "_execute_chunked", spy)
-    monkeypatch.setattr(chunk_module, "CHUNK_MIN", 6)
-    monkeypatch.setattr(chunk_module, "CHUNK_ELEMENTS", elements)
-    return names
 
 
 @pytest.mark.parametrize("chunked", [False, True])
@@ -79,7 +65,7 @@ def test_ties_density_and_weights_per_tensor_streamed_equal_eager(chunked, monke
     base, a, b = models(3)
     recipe = ('base + ties(a - base, b - base, density=layers(0.2, 0.9), '
               'weights=[1, where("*self_attn*", 0.25, layers(0, 2))], merge="weighted_mean")')
-    ran_in_chunks = _chunk_in(monkeypatch, 5) if chunked else []
+    ran_in_chunks = chunk_in(monkeypatch, minimum=6, elements=5) if chunked else []
     out = tvlang.compile(recipe).evaluate({"base": base, "a": a, "b": b})
     if chunked:
         assert ran_in_chunks == NAMES
