@@ -671,7 +671,11 @@ def main(argv: list[str]) -> int:
     manifest_path, results_path = argv
     with open(manifest_path) as f:
         manifest = json.load(f)
-    import tvlang.faces.cli  # noqa: F401 - imported before the first case: its time is not a case's
+    # Imported before the first case (the CLI imports the run layer and torch lazily):
+    # import time is not a case's.
+    import tvlang.faces.cli  # noqa: F401
+    import tvlang.run.driver  # noqa: F401
+    import tvlang.run.evaluate  # noqa: F401
 
     results = [run_case(entry) for entry in manifest]
     with open(results_path, "w") as f:
