@@ -256,8 +256,9 @@ class Plan:
         return dict(self.stream(bindings, output=output, **options))
 
     def stream(self, bindings: Mapping[str, Any] | None = None, *, output: str | None = None,
-               **options: Any) -> Iterator[tuple[str, Any]]:
-        """(tensor name, tensor) pairs of one output, computed one tensor at a time."""
+               **options: Any) -> Iterator[tuple[str, Any]]:  # a TensorStream, which has len()
+        """(tensor name, tensor) pairs of one output, computed one tensor at a time; ``len()`` of the
+        returned stream is the number of pairs, from the inputs' headers (``tvlang.run.driver.TensorStream``)."""
         from tvlang.run.evaluate import stream
 
         if output in self.outputs or (output is None and len(self.outputs) == 1):

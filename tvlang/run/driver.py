@@ -39,43 +39,128 @@ from tvlang.run.session import Session
 if TYPE_CHECKING:
     from tvlang.plan.compiler import Plan
 
-__all__ = ["IN_FLIGHT", "EXECUTORS", "apply_to", "run", "stream"]
+__all__ = ["IN_FLIGHT", "EXECUTORS", "TensorStream", "apply_to", "run", "stream"]
 
 EXECUTORS = ("local", "ray")  # who computes: this process, or tasks on a Ray cluster (tvlang.run.distributed)
 
 
 def stream(plan: Plan, bindings: Mapping[str, Any], *, output: str | None = None, device: Any = "cpu",
            dtype: Any = "float32", out_dtype: Any = None, missing: str = "error",
-           allow_nonfinite: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+           allow_nonfinite: bool = False) -> "TensorStream":
     """(tensor name, tensor) of one output, in the base's order, computed as they are asked for.
 
-    Nothing is opened until the first pair is asked for. Each tensor is fresh memory
-    (CPU, output dtype) that the caller keeps.
+    Nothing is opened until the first pair (or the length) is asked for. Each tensor
+    is fresh memory (CPU, output dtype) that the caller keeps. ``len()`` of the stream
+    is the number of pairs it yields, known from the inputs' headers (no weight is read).
 
     >>> import torch, tvlang
     >>> pairs = stream(tvlang.compile("pre + 0.5*(ft - pre)"),
     ...                {"pre": {"w": torch.zeros(2)}, "ft": {"w": torch.ones(2)}})
-    >>> [(name, t.tolist()) for name, t in pairs]
-    [('w', [0.5, 0.5])]
+    >>> len(pairs), [(name, t.tolist()) for name, t in pairs]
+    (1, [('w', [0.5, 0.5])])
     """
-    bound = bind(plan, bindings)
-    try:
-        plan = bound.plan
-        if output is None:
-            if len(plan.outputs) != 1:
-                raise TvlangError(f"this recipe has outputs {', '.join(plan.outputs)}: say which one with output=")
-            output = plan.outputs[0]
-        elif output not in plan.outputs:
-            raise TvlangError(f"no output named '{output}'; the outputs are {', '.join(plan.outputs)}")
-        session = Session(bound, device=device, dtype=dtype, out_dtype=out_dtype, missing=missing,
-                          allow_nonfinite=allow_nonfinite)
-        session.reduce()
-        for _, name, tensor, _ in session.results([output]):
-            yield name, tensor
-    except TvlangError as exc:
-        raise exc.with_context(source=plan.text, filename=plan.filename) from None
-    finally:
-        bound.close()
+    return TensorStream(plan, bindings, output=output, device=device, dtype=dtype, out_dtype=out_dtype,
+                        missing=missing, allow_nonfinite=allow_nonfinite)
+
+
+class TensorStream:
+    """The iterator ``stream`` returns: pairs of one output, with ``len()``.
+
+    The inputs are bound (headers read, names aligned, the layout checked) when the
+    length or the first pair is asked for, once; the reduction passes run before the
+    first pair. The inputs are closed when the last pair has been yielded, on an error,
+    or by ``close()`` (also on leaving a ``with`` block).
+    """
+
+    def __init__(self, plan: Plan, bindings: Mapping[str, Any], *, output: str | None, **options: Any) -> None:
+        self._plan = plan
+        self._bindings = bindings
+        self._output = output
+        self._options = options
+        self._session: Session | None = None
+        self._length: int | None = None
+        self._pairs: Iterator[tuple[str, torch.Tensor]] | None = None
+        self._closed = False
+
+    def _start(self) -> Session:
+        if self._session is None:
+            bound = bind(self._plan, self._bindings)
+            try:
+                self._output = _chosen_output(bound.plan, self._output)
+                self._session = Session(bound, **self._options)
+            except BaseException:
+                bound.close()
+                raise
+            self._length = len(self._session.output_layout(self._output))
+        return self._session
+
+    def __len__(self) -> int:
+        if self._length is None:
+            if self._closed:
+                return 0  # closed (by an error, or close()) before it was bound: it yields nothing
+            self._guarded(self._start)
+        return self._length
+
+    def __iter__(self) -> "TensorStream":
+        return self
+
+    def __next__(self) -> tuple[str, torch.Tensor]:
+        if self._closed:
+            raise StopIteration
+        try:
+            return self._guarded(self._next_pair)
+        except StopIteration:
+            self.close()
+            raise
+
+    def _next_pair(self) -> tuple[str, torch.Tensor]:
+        if self._pairs is None:
+            session = self._start()
+            session.reduce()
+            self._pairs = ((name, tensor) for _, name, tensor, _ in session.results([self._output]))
+        return next(self._pairs)
+
+    def _guarded(self, step):
+        """``step()``; any error closes the stream, a TvlangError placed in the recipe."""
+        try:
+            return step()
+        except StopIteration:
+            raise
+        except TvlangError as exc:
+            self.close()
+            raise exc.with_context(source=self._plan.text, filename=self._plan.filename) from None
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Close the inputs; the stream yields nothing more."""
+        self._closed = True
+        self._pairs = None
+        if self._session is not None:
+            self._session.bound.close()
+            self._session = None
+
+    def __enter__(self) -> "TensorStream":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_session", None) is not None:
+            self.close()
+
+
+def _chosen_output(plan: Plan, output: str | None) -> str:
+    """The output a stream yields: ``output``, or the recipe's only one."""
+    if output is None:
+        if len(plan.outputs) != 1:
+            raise TvlangError(f"this recipe has outputs {', '.join(plan.outputs)}: say which one with output=")
+        return plan.outputs[0]
+    if output not in plan.outputs:
+        raise TvlangError(f"no output named '{output}'; the outputs are {', '.join(plan.outputs)}")
+    return output
 
 
 def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu", dtype: Any = "float32",

@@ -46,7 +46,7 @@ def register(subparsers) -> None:
                         help="fraction kept per task vector: ties (default 0.2), topk (default 0.05)")
     parser.add_argument("--force", action="store_true", help="replace DIR if it exists")
     parser.add_argument("--json", action="store_true", help="print the manifest instead of a summary")
-    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     parser.set_defaults(func=run)
 
 

@@ -52,6 +52,8 @@ def register(subparsers) -> None:
                         help="compare each input with the stored bases of this manifest (or bases directory)")
     parser.add_argument("--threshold", type=float, metavar="T",
                         help="with --against: list the bases whose cosine is at least T")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress indicator, and only the table (no '# ...' summary lines)")
     parser.set_defaults(func=run)
 
 
@@ -95,13 +97,16 @@ def run(args) -> int:
     from tvlang.bases.gram import similarity  # the bases layer imports torch
 
     sim = similarity(pairs, base=args.base, include=args.include, exclude=args.exclude, deltas=deltas,
-                     chunk_bytes=chunk_bytes(args.chunk_mb), progress=tty_progress("similarity"))
+                     chunk_bytes=chunk_bytes(args.chunk_mb),
+                     progress=None if args.quiet else tty_progress("similarity"))
     if args.plot:
         plot_heatmap(sim, args.plot)
     if args.json:
         print(json.dumps(sim.to_dict()))
     else:
         print(sim.format_table())
+        if args.quiet:
+            return 0
         print(f"# {len(sim.tensors)} tensors, {sim.elements} parameters per task vector;"
               f" norms: " + ", ".join(f"{n} {v:.4g}" for n, v in zip(sim.names, sim.norms)))
         if args.plot:
@@ -114,7 +119,8 @@ def _run_against(args, pairs, deltas) -> int:
 
     result = against_bases(args.against, pairs, base=args.base,
                            include=args.include or None, exclude=args.exclude or None, deltas=deltas,
-                           chunk_bytes=chunk_bytes(args.chunk_mb), progress=tty_progress("similarity"))
+                           chunk_bytes=chunk_bytes(args.chunk_mb),
+                           progress=None if args.quiet else tty_progress("similarity"))
     if args.json:
         data = result.to_dict()
         if args.threshold is not None:
