@@ -246,6 +246,112 @@ def test_ctrl_c_on_the_driver_cancels_and_cleans_up(ray_instance, models, tmp_pa
     assert not out.exists() and os.listdir(tmp_path / "out") == []
 
 
+# -- reduction passes as map tasks -----------------------------------------------------------
+
+REDUCING = (
+    "tau_a = a - pre\ntau_b = b - pre\n"
+    "out x = pre + (norm(tau_b) / norm(tau_a))*tau_a + ties(tau_a, tau_b, density=0.3, scope=\"model\")\n"
+    "out y = pre + cos(tau_a, tau_b)*tau_b"
+    " + 0.01*norm(ties(tau_a, tau_b, density=0.5, scope=\"model\"))*tau_a\n"
+)
+
+
+@pytest.fixture(scope="module")
+def sharded_models(tmp_path_factory):
+    """The models above, each written as several safetensors shards with an index."""
+    root = tmp_path_factory.mktemp("sharded")
+    return {
+        "pre": write_synthetic(root / "pre", SPEC, seed=0, shard_size=SHARD),
+        "a": write_synthetic(root / "a", SPEC, seed=1, finetune_of=0, shard_size=SHARD),
+        "b": write_synthetic(root / "b", SPEC, seed=2, finetune_of=0, shard_size=SHARD),
+    }
+
+
+def reduction_events(events) -> dict[str, int]:
+    """Reduction passes that ran as Ray tasks: label -> number of tasks."""
+    return {e.label: e.tensors_total for e in events if "on Ray" in e.label and "(main)" not in e.label}
+
+
+def test_reduction_passes_run_as_map_tasks_with_the_local_bytes(ray_instance, sharded_models, tmp_path):
+    """norm, cos and model-scope thresholds over sharded inputs, two levels of reductions, two workers."""
+    assert "model.safetensors.index.json" in os.listdir(sharded_models["pre"])
+    plan = tvlang.compile(REDUCING)
+    # level 1: the norms, cos and both thresholds (two passes); level 2: norm(ties(...)); then the main pass
+    assert plan.schedule.passes == 4 and len(plan.schedule.levels) == 2
+    local = {"x": str(tmp_path / "local" / "x"), "y": str(tmp_path / "local" / "y.safetensors")}
+    remote = {"x": str(tmp_path / "ray" / "x"), "y": str(tmp_path / "ray" / "y.safetensors")}
+    plan.run(sharded_models, local, shard_size=SHARD)
+    events = []
+    plan.run(sharded_models, remote, shard_size=SHARD, executor="ray", workers=2, progress=events.append)
+    for name in local:
+        assert_same_bytes(local[name], remote[name])
+    passes = reduction_events(events)
+    assert sorted(label.split(":")[0] for label in passes) == [f"pass {i} of 4" for i in range(1, 4)]
+    assert all(count >= 2 for count in passes.values()), passes  # at least one task per worker
+    assert no_temporaries(tmp_path / "ray")
+
+
+def test_the_values_do_not_depend_on_the_split(ray_instance, models, tmp_path):
+    """One reduction task, or one per range of tensors of about equal bytes (at least one per
+    shard or per worker, whichever is more): the same values as the local run."""
+    recipe = "pre + (norm(b - pre) / norm(a - pre))*(a - pre) + ties(a - pre, b - pre, scope=\"model\")"
+    plan = tvlang.compile(recipe)
+    plan.run(models, str(tmp_path / "local"))
+    for shard_size, workers in ((None, 1), (1, 2)):
+        out = tmp_path / f"ray-{shard_size}"
+        events = []
+        plan.run(models, str(out), shard_size=shard_size, executor="ray", workers=workers, progress=events.append)
+        counts = set(reduction_events(events).values())
+        assert counts == {1} if shard_size is None else (len(counts) == 1 and 2 <= counts.pop() <= 6)  # 6 float tensors
+        local = files_of(tmp_path / "local")["model.safetensors"] if shard_size is None else None
+        if local is not None:
+            assert files_of(out)["model.safetensors"] == local
+        else:  # one tensor per shard: compare tensors with the local single file
+            from safetensors.torch import load_file
+
+            merged = {}
+            for name in files_of(out):
+                if name.endswith(".safetensors"):
+                    merged.update(load_file(str(out / name)))
+            expected = load_file(str(tmp_path / "local" / "model.safetensors"))
+            assert merged.keys() == expected.keys()
+            assert all(torch.equal(merged[k], expected[k]) for k in merged)
+
+
+def test_a_reducer_without_merge_runs_on_the_driver(ray_instance, models, tmp_path, monkeypatch):
+    from tvlang.ops.reduce import NormReducer
+
+    monkeypatch.delattr(NormReducer, "merge")  # on the driver: the level cannot be split
+    events = []
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    plan = tvlang.compile(RECIPES["norm"])
+    plan.run(models, str(local), shard_size=SHARD)
+    plan.run(models, str(remote), shard_size=SHARD, executor="ray", progress=events.append)
+    assert_same_bytes(local, remote)
+    assert reduction_events(events) == {}
+    assert [e.label for e in events if e.label.startswith("pass 1 of 2")][-1] == "pass 1 of 2: norm"  # streamed here
+
+
+def test_a_failing_reduction_task_names_its_tensors_and_worker(ray_instance, models, tmp_path, monkeypatch):
+    real = distributed.reduce_part
+
+    def elsewhere(job, *args):
+        import dataclasses
+
+        return real(dataclasses.replace(job, cwd="/nonexistent"), *args)
+
+    monkeypatch.setattr(distributed, "reduce_part", elsewhere)
+    monkeypatch.chdir(os.path.dirname(models["pre"]))
+    relative = {k: os.path.basename(v) for k, v in models.items()}
+    out = tmp_path / "o" / "merged"
+    with pytest.raises(TvlangError) as info:
+        tvlang.compile(RECIPES["ties-model"]).run(relative, str(out), shard_size=SHARD, executor="ray")
+    message = str(info.value)
+    assert "pass 1 of 3 (reduction) over tensors embed.weight .. " in message
+    assert f"failed on worker {socket.gethostname()} (pid " in message
+    assert not out.exists() and os.listdir(tmp_path / "o") == []
+
+
 # Last: these kill worker processes, and Ray starts new ones (seconds each).
 
 

@@ -5,7 +5,9 @@ float whose bit pattern, read as an integer, is ordered like its value. Pass 1
 counts the high 16 bits of every entry and finds the bin holding the k-th
 largest magnitude; pass 2 counts the low 16 bits of the entries in that bin
 and finds the exact value. Memory: two 65536-bin histograms, whatever the
-model size. ``k = keep_count(density, total entries, count)`` as for per-tensor
+model size. The histograms add, so a pass can be split among copies of the
+reducer fed different tensors and merged (``merge``) into the same result.
+``k = keep_count(density, total entries, count)`` as for per-tensor
 pruning; ``k == 0`` gives ``inf`` (keep nothing). Every entry tied at the
 threshold is kept (whole-model scope breaks no ties: docs/operators.md). NaN sorts above ``inf``.
 float64 inputs are rounded to float32 first.
@@ -83,6 +85,16 @@ class RadixSelect:
             work.bitwise_and_(0xFFFF).add_(outside, alpha=_BINS)
             counts += histogram(work, 2 * _BINS)[:_BINS]
 
+    def merge(self, pass_index: int, other: "RadixSelect") -> None:
+        """Add the counts that ``other`` (a copy of this select taken before ``pass_index``,
+        fed other entries) made in that pass: counts add exactly, in any order."""
+        if pass_index == 0:
+            self.total += other.total
+            self._high += other._high
+            return
+        for high, counts in self._lows.items():
+            counts += other._lows[high]
+
     def want(self, k: int) -> None:
         high, rank = _pick_bin(self._high, k)
         self._wanted[k] = (high, rank)
@@ -126,6 +138,12 @@ class MagnitudeThreshold:
                 self._select.want(self._k)
         elif pass_index == 1 and self._k > 0:
             self._result = self._select.value(self._k)
+
+    def merge(self, pass_index: int, other: "MagnitudeThreshold") -> None:
+        """Add ``other``'s histogram of ``pass_index`` (``other``: a copy of this reducer taken
+        before that pass, fed other tensors); then ``end_pass`` as after feeding them here."""
+        if pass_index == 0 or self._k > 0:
+            self._select.merge(pass_index, other._select)
 
     def result(self) -> float:
         if self._result is None:

@@ -153,34 +153,36 @@ class Session:
 
     # reductions
 
-    def reduce(self, progress=None) -> None:
-        """Run the reduction passes: every whole-model scalar the main pass needs."""
+    def reduce(self, progress=None, map_pass=None) -> None:
+        """Run the reduction passes: every whole-model scalar the main pass needs.
+
+        ``map_pass(level, pass_index, reducers, label)``, when given, runs a pass elsewhere
+        (the Ray executor's map tasks): it returns reducers that copies of ``reducers``
+        became over parts of the tensors, which are merged here in order (``merge``), or
+        None to stream the pass here. Only a level whose reducers all have ``merge`` is
+        handed to it.
+        """
         number = 0  # passes so far, for the bar's label
         total = self.plan.schedule.passes
-        for tasks, program in self.plan.schedule.levels:
+        for level, (tasks, program) in enumerate(self.plan.schedule.levels):
             reducers = {}
             for task in tasks:
                 if task.factory is None:
                     raise TvlangError(f"no reducer for '{task.builtin}'")
                 reducers[task.name] = task.factory()
             passes = max(getattr(r, "passes", 1) for r in reducers.values())
+            mergeable = map_pass is not None and all(hasattr(r, "merge") for r in reducers.values())
             for pass_index in range(passes):
-                def feed(task_name, tensors, tensor_name, pass_index=pass_index):
-                    reducer = reducers[task_name]
-                    if pass_index < getattr(reducer, "passes", 1):
-                        ctx = TensorContext(tensor_name, self.device, {}, self.layout.num_layers)
-                        reducer.update(pass_index, tensors, ctx)
-
                 number += 1
-                reads = len(program.reads)
-                if progress:
-                    progress.start(f"pass {number} of {total}: {', '.join(sorted({t.builtin for t in tasks}))}",
-                                   len(self.layout.names),
-                                   reads * sum(self.layout.infos[n].nbytes for n in self.layout.names))
-                for name, raw in self._inputs(program, self.layout.names):
-                    self.execute(program, name, raw, sink=None, feed=feed)
-                    if progress:
-                        progress.advance(name, reads * self.layout.infos[name].nbytes)
+                label = f"pass {number} of {total}: {', '.join(sorted({t.builtin for t in tasks}))}"
+                parts = map_pass(level, pass_index, reducers, label) if mergeable else None
+                if parts is None:
+                    self.feed_pass(program, reducers, pass_index, self.layout.names, progress, label)
+                else:
+                    for part in parts:
+                        for task_name, reducer in reducers.items():
+                            if pass_index < getattr(reducer, "passes", 1):
+                                reducer.merge(pass_index, part[task_name])
                 for reducer in reducers.values():
                     if pass_index < getattr(reducer, "passes", 1):
                         reducer.end_pass(pass_index)
@@ -190,6 +192,23 @@ class Session:
                     check_scalar(value, f"the whole-model scalar {task.builtin}(...) ({task.name} in explain)")
                 self.reduced[id(task.node)] = value
         self._scalar_cache.clear()
+
+    def feed_pass(self, program: TensorProgram, reducers: dict, pass_index: int, names: list[str],
+                  progress=None, label: str = "") -> None:
+        """Stream ``names`` through a reduction level's ``program`` into ``reducers`` (pass ``pass_index``)."""
+        def feed(task_name, tensors, tensor_name):
+            reducer = reducers[task_name]
+            if pass_index < getattr(reducer, "passes", 1):
+                ctx = TensorContext(tensor_name, self.device, {}, self.layout.num_layers)
+                reducer.update(pass_index, tensors, ctx)
+
+        reads = len(program.reads)
+        if progress:
+            progress.start(label, len(names), reads * sum(self.layout.infos[n].nbytes for n in names))
+        for name, raw in self._inputs(program, names):
+            self.execute(program, name, raw, sink=None, feed=feed)
+            if progress:
+                progress.advance(name, reads * self.layout.infos[name].nbytes)
 
     # the main pass
 
