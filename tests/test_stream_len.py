@@ -115,7 +115,7 @@ def test_close_and_with_close_the_inputs(files, monkeypatch):
 # -- -q on every command that prints progress or summaries ---------------------------------
 
 
-@pytest.mark.parametrize("command", ["run", "similarity", "bases", "extract-lora", "lock", "check"])
+@pytest.mark.parametrize("command", ["run", "similarity", "bases", "extract-lora", "lock", "check", "repl"])
 def test_every_command_that_reports_takes_q(command, capsys):
     with pytest.raises(SystemExit):
         main([command, "--help"])
@@ -140,3 +140,21 @@ def test_bases_q_prints_nothing(files, capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
     assert (files / "bases" / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_repl_q_saves_without_a_progress_bar(files, monkeypatch, quiet):
+    import io
+
+    from tvlang.faces.repl import Repl
+    from tvlang.run import driver
+
+    asked = []
+    real = driver.progress_for
+    monkeypatch.setattr(driver, "progress_for", lambda progress: (asked.append(progress), real(False))[1])
+    out = io.StringIO()
+    repl = Repl({"pre": "pre.safetensors", "ft": "ft.safetensors"}, stdout=out, stderr=out, quiet=quiet)
+    assert repl.feed(":save ft - pre to tau.safetensors")
+    assert asked == [not quiet]
+    assert out.getvalue().startswith("wrote 3 tensors ")
+    assert (files / "tau.safetensors").is_file()

@@ -43,13 +43,14 @@ def register(subparsers) -> None:
                         help="set a param after the recipe is loaded (repeatable)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="float32", help="compute dtype (default float32)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no banner and no progress bar on :save")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     bindings = parse_bindings(args.bind)
     params = parse_params(args.set)
-    repl = Repl(device=args.device, dtype=args.dtype)
+    repl = Repl(device=args.device, dtype=args.dtype, quiet=args.quiet)
     for name, value in bindings.items():
         repl.bind(name, value)
     if args.recipe is not None:

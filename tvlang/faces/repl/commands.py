@@ -68,8 +68,9 @@ class Repl:
 
     def __init__(self, bindings: dict[str, Any] | None = None, *, stdout: TextIO | None = None,
                  stderr: TextIO | None = None, device: str = "cpu", dtype: str = "float32",
-                 color: bool = False) -> None:
+                 color: bool = False, quiet: bool = False) -> None:
         self.stdout = stdout or sys.stdout
+        self.quiet = quiet  # no banner and no progress bars (tvlang repl -q)
         self.stderr = stderr or sys.stderr
         self.device = device
         self.dtype = dtype
@@ -216,7 +217,7 @@ class Repl:
                               expr.span, source=expr_text, filename=FILENAME)
         with compiled.spans():
             summary = compiled.plan.run(self.space.bindings, path, device=self.device, dtype=self.dtype,
-                                        force=force, progress=True)
+                                        force=force, progress=not self.quiet)
         self.say(summary.line())
 
     def show_vars(self) -> None:

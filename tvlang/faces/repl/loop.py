@@ -93,7 +93,8 @@ def interact(repl: Repl, *, stdin: TextIO | None = None) -> int:
         repl.color = use_color(sys.stdout)
         state = _setup_readline(repl)
         try:
-            print("tvlang REPL: :help for help, :quit or Ctrl-D to leave")
+            if not repl.quiet:
+                print("tvlang REPL: :help for help, :quit or Ctrl-D to leave")
             for text in _read_inputs(input, True):
                 if not repl.feed(text):
                     break
