@@ -119,12 +119,21 @@ def test_two_outputs_in_one_pass(ray_instance, models, tmp_path):
     plan = tvlang.compile(recipe)
     local = {k: str(tmp_path / "local" / v) for k, v in outs.items()}
     remote = {k: str(tmp_path / "ray" / v) for k, v in outs.items()}
-    plan.run(models, local, shard_size=SHARD)
+    local_summary = plan.run(models, local, shard_size=SHARD)
     summary = plan.run(models, remote, shard_size=SHARD, executor="ray", progress=events.append)
     for name in outs:
         assert_same_bytes(local[name], remote[name])
     assert summary.outputs == remote
     # merged's shards and tau's hold different tensors (tau has no position_ids); other is one file.
+    # The --json report (docs/cli-json.md) is the local run's but for the paths and the time.
+    ours, theirs = local_summary.to_dict(), summary.to_dict()
+    assert [o["path"] for o in theirs["outputs"]] == list(remote.values())
+    for key in ("seconds", "outputs"):
+        ours.pop(key), theirs.pop(key)
+    assert theirs == ours
+    assert [(o["name"], o["kind"], o["format"]) for o in summary.written] == \
+        [("merged", "model", "directory"), ("tau", "delta", "directory"), ("other", "model", "safetensors")]
+    assert [o["tensors"] for o in summary.written] == [o["tensors"] for o in local_summary.written]
     shards = {name: len([f for f in files_of(remote[name]) if f.startswith("model-")]) for name in ("merged", "tau")}
     tasks = {e.tensors_total for e in events if "on Ray" in e.label}
     assert tasks and tasks.pop() <= shards["merged"] + shards["tau"] + 1

@@ -54,11 +54,10 @@ class RunSummary:
     def to_dict(self) -> dict[str, Any]:
         """The run as ``tvlang run --json`` prints it (docs/cli-json.md).
 
-        >>> RunSummary({"out": "m.pt"}, 2, 16, 0.5, 1).to_dict()["outputs"]
-        [{'name': 'out', 'path': 'm.pt'}]
+        >>> RunSummary({"out": "m.pt"}, 2, 16, 0.5, 1).to_dict()["passes"]
+        1
         """
-        outputs = self.written or [{"name": name, "path": path} for name, path in self.outputs.items()]
-        return {"ok": True, "outputs": outputs, "inputs": self.inputs, "missing_policy": self.missing,
+        return {"ok": True, "outputs": self.written, "inputs": self.inputs, "missing_policy": self.missing,
                 "tensors": self.tensors, "bytes": self.bytes_written, "passes": self.passes,
                 "seconds": round(self.seconds, 6), "notes": list(self.notes)}
 

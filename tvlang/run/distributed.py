@@ -43,13 +43,14 @@ from tvlang.io import (
 from tvlang.plan.records import RunSummary
 from tvlang.run.bindings import Bound, bind, protected_paths
 from tvlang.run.distributed_reduce import RayReductions, reduce_part
-from tvlang.run.layout import notes
+from tvlang.run.layout import input_reports, notes
 from tvlang.run.lock import verified
 from tvlang.run.outputs import (
     commit_all,
     model_files_of,
     output_files,
     output_metadata,
+    output_reports,
     output_targets,
     write_results,
 )
@@ -227,8 +228,10 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
             output.check()
         commit_all(outputs)
         count = sum(len(output.layout) for output in outputs)
+        reports = output_reports(plan, targets, {output.name: output.layout for output in outputs})
         return RunSummary({k: str(v) for k, v in targets.items()}, count, sum(d.nbytes for d in done),
-                          time.perf_counter() - started, plan.schedule.passes, notes(bound, session.layout, missing))
+                          time.perf_counter() - started, plan.schedule.passes, notes(bound, session.layout, missing),
+                          reports, input_reports(bound, session.layout, missing), missing)
     except BaseException as exc:
         for output in outputs:
             output.abort()  # a published or committed output is left as it is

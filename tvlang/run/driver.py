@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 import torch
 
 from tvlang.errors import TvlangError
-from tvlang.io import StreamingWriter, check_distinct_outputs, open_writer, output_format
+from tvlang.io import StreamingWriter, check_distinct_outputs, open_writer
 from tvlang.plan.records import RunSummary
 from tvlang.run import distributed
 from tvlang.run.align import align
@@ -29,6 +29,7 @@ from tvlang.run.outputs import (
     model_files_of,
     output_files,
     output_metadata,
+    output_reports,
     output_targets,
     refuse_state_dict_outputs,
     write_results,
@@ -166,7 +167,8 @@ def _chosen_output(plan: Plan, output: str | None) -> str:
 def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu", dtype: Any = "float32",
         out_dtype: Any = None, shard_size: int | None = None, force: bool = False, missing: str = "error",
         progress: Any = False, allow_nonfinite: bool = False, executor: str = "local", address: str | None = None,
-        workers: int | None = None, lock: str | os.PathLike | None = None, model_card: bool = True) -> RunSummary:
+        workers: int | None = None, lock: str | os.PathLike | None = None, model_card: bool = True,
+        task_timeout: float | None = None) -> RunSummary:
     """Compute every output in one pass over the inputs and write them.
 
     ``lock`` is a lockfile (``tvlang lock``): the inputs are checked against it before
@@ -175,7 +177,8 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
     card, README.md (:mod:`tvlang.run.model_card`), unless ``model_card=False``.
     ``executor="ray"`` computes the output shards as tasks on a Ray cluster
     (``address``, or a local Ray instance of ``workers`` CPUs) and writes the same
-    bytes; see :mod:`tvlang.run.distributed`.
+    bytes; a task running past ``task_timeout`` seconds fails the run; see
+    :mod:`tvlang.run.distributed`.
     """
     if executor not in EXECUTORS:
         raise TvlangError(f"unknown executor '{executor}'; the executors are {', '.join(EXECUTORS)}")
@@ -184,9 +187,9 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
         return distributed.run(plan, bindings, out, device=device, dtype=dtype, out_dtype=out_dtype,
                                shard_size=shard_size, force=force, missing=missing, progress=progress,
                                allow_nonfinite=allow_nonfinite, address=address, workers=workers, lock=lock,
-                               model_card=model_card)
-    if address is not None or workers is not None:
-        raise TvlangError("address= and workers= are options of executor='ray'")
+                               model_card=model_card, task_timeout=task_timeout)
+    if address is not None or workers is not None or task_timeout is not None:
+        raise TvlangError("address=, workers= and task_timeout= are options of executor='ray'")
     started = time.perf_counter()
     bound = bind(plan, bindings)
     writers: dict[str, StreamingWriter] = {}
@@ -213,13 +216,10 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
         written = write_results(session, writers, bar)
         commit_all(list(writers.values()))
         count = sum(len(writer.layout) for writer in writers.values())
-        written_outputs = [{"name": name, "path": str(path), "kind": plan.output_kind(name),
-                            "format": output_format(path), "tensors": len(writers[name].layout),
-                            "bytes": sum(info.nbytes for info in writers[name].layout)}
-                           for name, path in targets.items()]
+        reports = output_reports(plan, targets, {name: writer.layout for name, writer in writers.items()})
         return RunSummary({k: str(v) for k, v in targets.items()}, count, written,
                           time.perf_counter() - started, plan.schedule.passes, notes(bound, session.layout, missing),
-                          written_outputs, input_reports(bound, session.layout, missing), missing)
+                          reports, input_reports(bound, session.layout, missing), missing)
     except BaseException as exc:
         for writer in writers.values():
             writer.abort()  # a published or committed writer is left as it is

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Protocol
 import torch
 
 from tvlang.errors import TvlangError
-from tvlang.io import StreamingWriter, output_format
+from tvlang.io import StreamingWriter, TensorInfo, output_format
 from tvlang.io.hub import fetch_model_files
 from tvlang.run.bindings import Bound
 from tvlang.run.model_card import CARD_NAME, model_card
@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from tvlang.plan.compiler import Plan
 
 __all__ = ["IN_FLIGHT", "Committable", "base_model_folder", "commit_all", "compute_threads", "model_files_of",
-           "output_files", "output_metadata", "output_targets", "refuse_state_dict_outputs", "write_results"]
+           "output_files", "output_metadata", "output_reports", "output_targets", "refuse_state_dict_outputs",
+           "write_results"]
 
 IN_FLIGHT = 2  # writes queued per output by write_results (whole tensors or pieces)
 
@@ -166,6 +167,15 @@ def output_targets(plan: Plan, out: Any) -> dict[str, Any]:
     if len(plan.outputs) != 1:
         raise TvlangError(f"this recipe has outputs {', '.join(plan.outputs)}: give -o NAME=PATH for each")
     return {plan.outputs[0]: out}
+
+
+def output_reports(plan: Plan, targets: Mapping[str, Any],
+                   layouts: Mapping[str, list[TensorInfo]]) -> list[dict[str, Any]]:
+    """Per output, what ``run --json`` says of it (docs/cli-json.md): name, path, kind, format,
+    tensors and bytes (the tensors' bytes, from its layout)."""
+    return [{"name": name, "path": str(path), "kind": plan.output_kind(name), "format": output_format(path),
+             "tensors": len(layouts[name]), "bytes": sum(info.nbytes for info in layouts[name])}
+            for name, path in targets.items()]
 
 
 def refuse_state_dict_outputs(out: Any) -> None:
