@@ -4,6 +4,9 @@ random_like, against plain task arithmetic over the same inputs, and against ano
     python benchmarks/bench_pertensor.py                                   # a 200 MB tensor
     python benchmarks/bench_pertensor.py --size-mb 200 --repeat 3 --baseline-src /tmp/tvlang-base
 
+(``git archive COMMIT | tar -x -C /tmp/tvlang-base`` makes a baseline tree; ``--src`` a tree
+for the current code, so that edits in the checkout during a run do not reach it.)
+
 Makes (once, cached under ``--workdir``, default /tmp/tvlang-bench-pertensor) four float32
 checkpoints ``pre``, ``a``, ``b``, ``c`` (single safetensors files), each one matrix of
 ``--size-mb`` MB (rows of 4096 entries) and a 4096-entry vector, and runs each contender in a
@@ -68,7 +71,7 @@ def make_checkpoints(workdir: str, size_mb: float) -> dict[str, str]:
 def command(name: str, paths: dict[str, str], out: str) -> list[str]:
     recipe = RECIPES[name.removesuffix("@base")]
     binds = [arg for n in NAMES if n in recipe for arg in ("--bind", f"{n}={paths[n]}")]
-    return [sys.executable, "-m", "tvlang", "run", "-e", recipe, *binds, "-o", out, "-q"]
+    return [sys.executable, "-m", "tvlang", "run", "-e", recipe, *binds, "-o", out, "-q", "--force"]
 
 
 def _rows(path: str, start: int, stop: int):
@@ -121,16 +124,17 @@ def check(name: str, out: str, paths: dict[str, str], factors) -> str | None:
     return f"max error {error:g}" if error > 1e-5 else None
 
 
-def run_round(names: list[str], paths: dict[str, str], folder: str, baseline: str | None,
+def run_round(names: list[str], paths: dict[str, str], folder: str, source: str, baseline: str | None,
               factors) -> dict[str, Result]:
     results = {}
     for name in names:
         out = os.path.join(folder, f"out-{name.replace('@', '-')}.safetensors")
         env = dict(os.environ)
         env.pop("PYTHONDONTWRITEBYTECODE", None)
-        if name.endswith("@base"):
-            env["PYTHONPATH"] = os.path.abspath(baseline)
-        result = measure(command(name, paths, out), env=env)
+        # tvlang from --src (or --baseline-src), run from the checkpoints' folder: with
+        # ``python -m`` the working directory comes first on sys.path
+        env["PYTHONPATH"] = os.path.abspath(baseline if name.endswith("@base") else source)
+        result = measure(command(name, paths, out), env=env, cwd=folder)
         if result.rc == 0:
             problem = check(name, out, paths, factors)
             if problem:
@@ -150,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="/tmp/tvlang-bench-pertensor", help="where checkpoints are cached")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per contender (median reported)")
     parser.add_argument("--only", default=",".join(RECIPES), help="contenders (comma-separated)")
+    parser.add_argument("--src", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        help="the tvlang source tree the contenders run (default: this checkout)")
     parser.add_argument("--baseline-src", default=None, help="a source tree of another tvlang: adds NAME@base")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -163,11 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     size = os.path.getsize(paths["pre"])
     print(f"machine: {os.cpu_count()} cores; a tensor of {size / 1e6:.0f} MB per input", flush=True)
     factors = coefficients(paths)
-    warm = run_round(names, paths, folder, args.baseline_src, factors)
+    warm = run_round(names, paths, folder, args.src, args.baseline_src, factors)
     names = [n for n in names if warm[n].rc == 0]
     runs: dict[str, list[Result]] = {n: [] for n in names}
     for index in range(args.repeat):
-        for name, result in run_round(names, paths, folder, args.baseline_src, factors).items():
+        for name, result in run_round(names, paths, folder, args.src, args.baseline_src, factors).items():
             if result.rc == 0:
                 runs[name].append(result)
                 print(f"  round {index + 1}: {name} {result.wall:.2f} s, anon {fmt_bytes(result.peak_anon)}, "

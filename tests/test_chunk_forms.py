@@ -14,7 +14,7 @@ import torch
 import tvlang
 from chunking import chunk_in
 from tvlang.ops.context import TensorContext, seed_for
-from tvlang.ops.sums import BLOCK, BlockSum
+from tvlang.ops.sums import BLOCK, BlockSums
 from tvlang.run import chunked as chunk_module
 
 # rows of 11, 20, 9 and 40 entries; 'v' is one row of 50 (a vector), 'tiny' under CHUNK_MIN
@@ -181,15 +181,15 @@ def test_pass_chunk_forms_equal_the_whole_kernels(monkeypatch, recipe, elements)
 
 def test_block_sums_do_not_depend_on_the_pieces():
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(3 * BLOCK + 77, generator=g) * torch.exp(5 * torch.randn(3 * BLOCK + 77, generator=g))).double()
+    x = torch.randn(3 * BLOCK + 77, generator=g) * torch.exp(5 * torch.randn(3 * BLOCK + 77, generator=g))
     totals = set()
     for cut in (1, 5, BLOCK - 1, BLOCK, 2 * BLOCK + 1, x.numel()):
-        acc = BlockSum()
+        acc = BlockSums(products=False)
         for start in range(0, x.numel(), cut):
-            acc.add(x[start:start + cut])
-        totals.add(acc.total())
+            acc.add("x", [x[start:start + cut]])
+        totals.add(acc.value())
     assert len(totals) == 1
-    assert math.isclose(totals.pop(), math.fsum(x.tolist()), rel_tol=1e-12)
+    assert math.isclose(totals.pop(), math.fsum(v * v for v in x.double().tolist()), rel_tol=1e-12)
 
 
 def eager_slerp(a, b, t):

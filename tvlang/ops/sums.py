@@ -1,24 +1,24 @@
-"""Per-tensor sums that do not depend on how the tensor is cut into pieces.
+"""Sums over tensors that do not depend on how a tensor is cut into pieces.
 
-A kernel that needs a tensor's norms or dot products before its first result (``slerp``,
-``model_stock``, ``random_like``) computes them in a pass over the chunks when it runs in a
-chunked program, and on the whole tensor when it does not. Both must give the same numbers,
-bit for bit, so that the result does not depend on the chunk size. A float64 sum of the
+The whole-model reducers (``norm``, ``dot``, ``cos``: tvlang/ops/reduce.py) and the kernels
+that need a tensor's norms or dot products before their first result (``slerp``,
+``model_stock``, ``random_like``) sum over a tensor handed over whole or chunk by chunk, and
+both must give the same numbers, bit for bit, so that results do not depend on the chunk
+size (nor, for the reducers, on how a model is split among Ray tasks). A float64 sum of the
 pieces' sums would not: rounding depends on where the cuts fall, and torch splits a long
 reduction over however many threads it has.
 
-:class:`BlockSum` therefore sums fixed blocks of :data:`BLOCK` consecutive entries, counted
+:class:`BlockSums` therefore sums fixed blocks of :data:`BLOCK` consecutive entries, counted
 from the tensor's first entry (a block cut by a piece's end is completed from the next
-piece), each block in float64 as one row of a ``(blocks, BLOCK)`` view (short enough that
-torch never splits a row over threads), and adds the block sums with :func:`math.fsum`
-(correctly rounded, so their order does not matter). :class:`Sums` keeps the sums of
-squares and products a kernel asks for.
+piece), each block in float64 on one thread, and adds the block sums exactly
+(:class:`ExactSum`, rounded once). :class:`Sums` keeps the sums of squares and products of
+one tensor's inputs that a kernel asks for.
 
 >>> s = Sums(2, [(0, 0), (0, 1)])
->>> a, b = torch.arange(10.0), torch.ones(10)
->>> s.add([a[:3], b[:3]]); s.add([a[3:], b[3:]])
+>>> a, b = torch.tensor([3.0, 4.0, 0.0, 12.0]), torch.ones(4)
+>>> s.add([a[:1], b[:1]]); s.add([a[1:], b[1:]])
 >>> s.totals()
-[285.0, 45.0]
+[169.0, 19.0]
 >>> whole = Sums(2, [(0, 0), (0, 1)]); whole.add([a, b]); whole.totals() == s.totals()
 True
 """
@@ -30,84 +30,160 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["BLOCK", "PIECE", "BlockSum", "Sums"]
+__all__ = ["BLOCK", "PIECE", "BlockSums", "ExactSum", "Sums"]
 
 #: entries per block; below torch's grain size (32768), so a block is summed on one thread
 BLOCK = 1 << 14
 #: entries per piece when a whole tensor is summed
 PIECE = 1 << 20
-#: entries converted to float64 at a time
-STRIDE = 1 << 16
 
 
-class BlockSum:
-    """The float64 sum of values handed over in order, in pieces of any size (see the module)."""
+ROWS = 64  # blocks multiplied in float64 at a time (8 MiB of temporaries)
+_UNIT_BITS = 1074  # 2**-1074 is the smallest float64: every finite float is a whole number of these
+
+
+class ExactSum:
+    """The sum of floats, kept exactly and rounded once (correctly) by ``value()``.
+
+    Finite values are held as one integer count of ``2**-1074`` (Python integers do not
+    overflow), so ``add`` and ``merge`` in any order and grouping give the same value.
+    Non-finite values are added as floats apart (``inf``, ``nan``: also order-free).
+
+    >>> s, t = ExactSum(), ExactSum()
+    >>> for x in (1e16, 1.0, -1e16): s.add(x)
+    >>> s.value(), 1e16 + 1.0 - 1e16
+    (1.0, 0.0)
+    >>> t.add(0.5); t.merge(s); t.value()
+    1.5
+    """
+
+    __slots__ = ("units", "special")
 
     def __init__(self) -> None:
-        # block sums as Python floats: small tensors kept between the float64 temporaries
-        # would pin the allocator's freed memory (fragmentation: 35 MB per million entries)
-        self.partials: list[float] = []
-        self.carry: torch.Tensor | None = None  # the block cut by the last piece's end
-        self.filled = 0
+        self.units = 0
+        self.special = 0.0
 
-    def add(self, values: torch.Tensor) -> None:
-        """Add the next ``values`` (flat, float64)."""
-        v = values.reshape(-1)
-        if self.filled:
-            take = min(BLOCK - self.filled, v.numel())
-            self.carry[self.filled:self.filled + take].copy_(v[:take])
-            self.filled += take
-            v = v[take:]
-            if self.filled < BLOCK:
+    def add(self, x: float) -> None:
+        if math.isfinite(x):
+            numerator, denominator = float(x).as_integer_ratio()  # the denominator is a power of two
+            self.units += numerator << (_UNIT_BITS - denominator.bit_length() + 1)
+        else:
+            self.special += x
+
+    def add_all(self, xs: list[float]) -> None:
+        for x in xs:
+            self.add(x)
+
+    def merge(self, other: "ExactSum") -> None:
+        self.units += other.units
+        self.special += other.special
+
+    def value(self) -> float:
+        if self.special != 0.0:  # an inf or a nan was added (nan != 0.0 too)
+            return self.special
+        try:
+            return self.units / (1 << _UNIT_BITS)  # int / int: correctly rounded
+        except OverflowError:
+            return math.inf if self.units > 0 else -math.inf
+
+    def __getstate__(self) -> tuple[int, float]:
+        return self.units, self.special
+
+    def __setstate__(self, state: tuple[int, float]) -> None:
+        self.units, self.special = state
+
+
+class BlockSums:
+    """An :class:`ExactSum` of float64 sums of ``x**2`` (or of ``x*y``) over blocks of ``BLOCK``
+    consecutive entries, counted from each tensor's first entry, whether the tensor is handed
+    over whole or in pieces (in order; a new tensor name starts a new tensor).
+
+    A block cut by a piece's end is completed from the next piece, so the blocks, and the
+    bits, do not depend on the cuts. Squares go through ``vector_norm`` in float64 (no
+    overflow for large float32 values); products in float64 (exact for float32 values),
+    a few rows at a time. Not :class:`tvlang.ops.sums.Sums` (the same idea for kernels
+    fed pieces of any length), which converts every entry to float64 before squaring:
+    several times slower, and a reduction pass reads the whole model.
+    """
+
+    def __init__(self, products: bool) -> None:
+        self.sum = ExactSum()
+        self.products = products
+        self._name: str | None = None
+        self._carry: list[torch.Tensor] = []  # the start of a block cut by the last piece's end
+        self._filled = 0
+
+    def add(self, name: str, tensors: list[torch.Tensor]) -> None:
+        if name != self._name:
+            self.flush()
+            self._name = name
+        flat = [t.reshape(-1) for t in tensors[:2 if self.products else 1]]
+        count, start = flat[0].numel(), 0
+        if self._filled:
+            start = min(BLOCK - self._filled, count)
+            for carry, f in zip(self._carry, flat):
+                carry[self._filled:self._filled + start].copy_(f[:start])
+            self._filled += start
+            if self._filled < BLOCK:
                 return
-            self.partials += _row_sums(self.carry.view(1, BLOCK))
-            self.filled = 0
-        full = v.numel() // BLOCK * BLOCK
+            self._add_rows([carry.view(1, BLOCK) for carry in self._carry])
+            self._filled = 0
+        full = (count - start) // BLOCK * BLOCK
         if full:
-            self.partials += _row_sums(v[:full].view(-1, BLOCK))
-        rest = v[full:]
-        if rest.numel():
-            if self.carry is None or self.carry.device != rest.device:
-                self.carry = torch.empty(BLOCK, dtype=torch.float64, device=rest.device)
-            self.carry[:rest.numel()].copy_(rest)
-            self.filled = rest.numel()
+            self._add_rows([f[start:start + full].view(-1, BLOCK) for f in flat])
+        rest = count - start - full
+        if rest:
+            if [(c.dtype, c.device) for c in self._carry] != [(f.dtype, f.device) for f in flat]:
+                self._carry = [torch.empty(BLOCK, dtype=f.dtype, device=f.device) for f in flat]
+            for carry, f in zip(self._carry, flat):
+                carry[:rest].copy_(f[start + full:])
+            self._filled = rest
 
-    def total(self) -> float:
-        """The sum of every value handed over."""
-        if self.filled:
-            self.partials += _row_sums(self.carry[:self.filled].view(1, -1))
-            self.filled = 0
-        return math.fsum(self.partials)
+    def flush(self) -> None:
+        """End the current tensor: its last, short block goes into the sum."""
+        if self._filled:
+            self._add_rows([carry[:self._filled].view(1, -1) for carry in self._carry])
+            self._filled = 0
+        self._name = None
 
+    def merge(self, other: "BlockSums") -> None:
+        other.flush()
+        self.flush()
+        self.sum.merge(other.sum)
 
-def _row_sums(rows: torch.Tensor) -> list[float]:
-    return rows.sum(dim=1, dtype=torch.float64).tolist()
+    def value(self) -> float:
+        self.flush()
+        return self.sum.value()
+
+    def _add_rows(self, rows: list[torch.Tensor]) -> None:
+        if self.products:  # in float64, ROWS rows at a time: exact products of float32 values
+            values = torch.cat([torch.sum(rows[0][i:i + ROWS].to(torch.float64).mul_(rows[1][i:i + ROWS]), dim=1)
+                                for i in range(0, rows[0].shape[0], ROWS)])
+        else:
+            values = torch.linalg.vector_norm(rows[0], dim=1, dtype=torch.float64).square_()
+        self.sum.add_all(values.tolist())
 
 
 class Sums:
-    """For each ``(i, j)`` in ``pairs``, the float64 sum over the tensor of ``x_i * x_j``
-    (products of the values converted to float64: exact for float32 inputs)."""
+    """For each ``(i, j)`` in ``pairs``, the sum over one tensor of ``x_i * x_j`` (squares
+    when ``i == j``), by :class:`BlockSums`: the same numbers whether the tensor is handed
+    over whole or in pieces of any length, in order."""
 
     def __init__(self, n_inputs: int, pairs: Sequence[tuple[int, int]]) -> None:
-        self.n = n_inputs
         self.pairs = list(pairs)
-        self.sums = [BlockSum() for _ in self.pairs]
+        self.sums = [BlockSums(products=i != j) for i, j in self.pairs]
 
     def add(self, pieces: Sequence[torch.Tensor]) -> None:
-        """Add the next entries of each input (pieces of the same length, in input order),
-        :data:`STRIDE` entries at a time (small float64 temporaries, in the CPU cache)."""
-        flat = [p.reshape(-1) for p in pieces]
-        for start in range(0, flat[0].numel(), STRIDE):
-            wide = [f[start:start + STRIDE].to(torch.float64) for f in flat]
-            for (i, j), acc in zip(self.pairs, self.sums):
-                acc.add(torch.square(wide[i]) if i == j else torch.mul(wide[i], wide[j]))
+        """Add the next entries of each input (pieces of the same length, in input order)."""
+        for (i, j), acc in zip(self.pairs, self.sums):
+            acc.add("", [pieces[i]] if i == j else [pieces[i], pieces[j]])
 
     def add_whole(self, tensors: Sequence[torch.Tensor]) -> None:
-        """Add whole tensors, :data:`PIECE` entries at a time (the same totals as one call)."""
+        """Add whole tensors (:data:`PIECE` entries at a time: the same totals as one call)."""
         flat = [t.reshape(-1) for t in tensors]
         count = flat[0].numel()
         for start in range(0, count, PIECE):
             self.add([f[start:start + PIECE] for f in flat])
 
     def totals(self) -> list[float]:
-        return [acc.total() for acc in self.sums]
+        return [acc.value() for acc in self.sums]

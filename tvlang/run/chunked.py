@@ -55,7 +55,7 @@ class LinearProgram:
 
 def chunkable(step: Step) -> bool:
     """Whether a step runs on any slice of a tensor: a linear op, or a kernel with a chunk form."""
-    if STEP_OPS[step.op].linear:
+    if STEP_OPS[step.op].linear or step.op == "feed":  # a reducer takes pieces in order
         return True
     if step.op != "call":
         return False
@@ -69,7 +69,7 @@ def linear_program(program: TensorProgram) -> LinearProgram | None:
     # take its input from another one: that one has no result yet while it looks.
     depends: dict[int, bool] = {}  # slot -> its value depends on a MULTIPASS call
     for step in program.steps:
-        if step.op == "write":
+        if STEP_OPS[step.op].effect == "sink":
             continue
         upstream = any(depends.get(src, False) for src in step.srcs)
         if step.op == "call" and step.name in MULTIPASS:
@@ -93,6 +93,8 @@ def linear_program(program: TensorProgram) -> LinearProgram | None:
             values.append(slot_value[step.dst])
         elif effect == "update":
             values.append(slot_value[step.dst])
+        elif step.op == "feed":  # reads its values, writes nothing
+            values.append(slot_value[step.srcs[0]])
         else:  # write
             value = slot_value[step.srcs[0]]
             written.setdefault(value, step.name)
@@ -124,7 +126,7 @@ def needed_steps(program: TensorProgram, targets: set[int]) -> list[int]:
 
 def execute_chunked(session: "Session", program: TensorProgram, linear: LinearProgram, name: str,
                     raw: dict[str, torch.Tensor], kernels: dict[int, Any], *,
-                    pieces: bool) -> Iterator[tuple[str, torch.Tensor]]:
+                    pieces: bool, feed=None) -> Iterator[tuple[str, torch.Tensor]]:
     """Run a chunkable program chunk by chunk: (output, result) pairs, in output dtype, on the CPU.
 
     ``kernels`` are the chunk forms of its calls (``chunk_kernels``). A kernel
@@ -134,7 +136,8 @@ def execute_chunked(session: "Session", program: TensorProgram, linear: LinearPr
     ``pieces=False``: one whole result per output, after the last chunk.
     ``pieces=True``: each chunk's result as soon as it is computed (a flat
     piece in a recycled buffer, for ``StreamingWriter.write_part``), so no
-    result is ever whole in memory.
+    result is ever whole in memory. ``feed(task, pieces, name)``: a reduction
+    pass's program hands each chunk of its values to its reducers.
     """
     info = session.layout.infos[name]
     count = numel(info.shape)
@@ -181,7 +184,7 @@ def execute_chunked(session: "Session", program: TensorProgram, linear: LinearPr
             window = slice(start, stop)
         run_chunk(session, program, linear, everything, coefs, flat, kernels, start, stop,
                   outputs={output: tensor[window] for output, tensor in outputs.items()},
-                  direct=session.device.type == "cpu" and out_dtype == session.dtype)
+                  direct=session.device.type == "cpu" and out_dtype == session.dtype, feed=feed, name=name)
         # Done with these entries: unmap their pages. (Not after the passes before the
         # main one: mapping the pages again for the next pass cost ties 30-50 % more time.)
         for tensor in raw.values():
@@ -202,12 +205,14 @@ def chunk_size(kernels: dict[int, Any]) -> int | None:
 
 def run_chunk(session: "Session", program: TensorProgram, linear: LinearProgram, steps: list[int], coefs: list,
               flat, kernels, start: int, stop: int, *, outputs: dict[str, torch.Tensor] | None = None,
-              direct: bool = False, observing: set[int] = frozenset(), pass_index: int = 0) -> None:
+              direct: bool = False, observing: set[int] = frozenset(), pass_index: int = 0, feed=None,
+              name: str = "") -> None:
     """Run ``steps`` (indices into the program) over entries ``start:stop``.
 
     Results are written into ``outputs`` (pieces of the output buffers); with
     ``direct`` a value that is written out is computed in its output piece.
-    Calls in ``observing`` are fed their inputs (``observe``) instead of run.
+    Calls in ``observing`` are fed their inputs (``observe``) instead of run;
+    ``feed`` steps hand their values to ``feed(task, pieces, name)``.
     """
     def storage(value: int) -> torch.Tensor:
         target = linear.written.get(value)
@@ -246,6 +251,8 @@ def run_chunk(session: "Session", program: TensorProgram, linear: LinearProgram,
                 target = storage(value)
                 kernels[index].apply(pieces, target)
                 slots[step.dst] = (target, True)
+        elif op == "feed":
+            feed(step.name, [slots[s][0] for s in step.srcs], name)
         else:  # write
             chunk = slots[step.srcs[0]][0]
             destination = outputs[step.name]

@@ -132,15 +132,17 @@ class Session:
         return self._linear[key]
 
     def _execute(self, program: TensorProgram, name: str, raw: dict[str, torch.Tensor], sink, feed) -> None:
-        if feed is None:
-            linear = self._linear_for(program)
-            kernels = chunk_kernels(self, program, name) if linear is not None and \
-                numel(self.layout.infos[name].shape) >= chunked.CHUNK_MIN else None
-            if kernels is not None:
-                for output, tensor in self._execute_chunked(program, linear, name, raw, kernels, pieces=False):
-                    sink(output, tensor)
-                return
-        execute_whole(self, program, name, raw, sink, feed)
+        linear = self._linear_for(program)
+        kernels = chunk_kernels(self, program, name) if linear is not None and \
+            numel(self.layout.infos[name].shape) >= chunked.CHUNK_MIN else None
+        if kernels is None:
+            execute_whole(self, program, name, raw, sink, feed)
+        elif feed is not None:  # a reduction pass: its reducers take the chunks
+            for _ in execute_chunked(self, program, linear, name, raw, kernels, pieces=False, feed=feed):
+                pass
+        else:
+            for output, tensor in self._execute_chunked(program, linear, name, raw, kernels, pieces=False):
+                sink(output, tensor)
 
     # The chunked interpreter, as a method so that tests can watch it.
     _execute_chunked = execute_chunked
