@@ -244,7 +244,7 @@ def test_keyboard_interrupt_mid_run(ckpt, tmp_path, capsys, monkeypatch):
     paths, _ = ckpt
     out = tmp_path / "out"
     code, err = run_cli(capsys, "-e", EXPR, *binds(paths), "-o", str(out))
-    assert code == 1
+    assert code == 130
     assert err.strip() == "tvlang: interrupted; nothing was written"
     assert_nothing_written(out)
 
@@ -256,7 +256,7 @@ def test_sigint_to_a_running_process(ckpt, tmp_path):
     proc = _start_and_wait_for_writing(_slow_run_script(out, paths), tmp_path)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 1, stderr.decode()
+    assert proc.returncode == 130, stderr.decode()
     assert "Traceback" not in stderr.decode()
     assert stderr.decode().strip() == "tvlang: interrupted; nothing was written"
     assert_nothing_written(out)
@@ -303,13 +303,13 @@ def test_sigterm_cleans_up_like_sigint(ckpt, tmp_path):
     proc = _start_and_wait_for_writing(_slow_run_script(out, paths), tmp_path)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 1, stderr.decode()
+    assert proc.returncode == 143, stderr.decode()
     assert stderr.decode().strip() == "tvlang: terminated (SIGTERM); nothing was written"
     assert_nothing_written(out)
 
 
 def test_second_ctrl_c_during_cleanup_lets_it_finish(ckpt, tmp_path):
-    """0.2 exited 130 with a traceback when a second Ctrl-C cut the first one's cleanup short."""
+    """0.2 exited 130 with a traceback, its cleanup cut short, when a second Ctrl-C came during it."""
     paths, _ = ckpt
     out = tmp_path / "out"
     proc = _start_and_wait_for_writing(_slow_run_script(out, paths, slow_abort=True), tmp_path)
@@ -323,7 +323,7 @@ def test_second_ctrl_c_during_cleanup_lets_it_finish(ckpt, tmp_path):
     proc.send_signal(signal.SIGINT)  # lands while the cleanup sleeps
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 1, stderr.decode()
+    assert proc.returncode == 130, stderr.decode()
     assert stderr.decode().strip() == "tvlang: interrupted; nothing was written"
     marker.unlink()
     assert_nothing_written(out)

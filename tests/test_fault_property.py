@@ -61,7 +61,7 @@ def _error(kind: str) -> BaseException:
         return OSError(errno.ENOSPC, "No space left on device")
     if kind == "ctrl-c":
         return KeyboardInterrupt()
-    return Interrupted("terminated (SIGTERM)")
+    return Interrupted("terminated (SIGTERM)", 143)
 
 
 class Injector:
@@ -229,7 +229,8 @@ def _check_sequence(root: str, sequence: list[dict]) -> list[tuple[int, bool]]:
                     naive = pre[key] + expected[name] * (ft[key] - pre[key])
                     torch.testing.assert_close(got[key], naive, rtol=1e-6, atol=1e-6)
         else:
-            assert code == 1, where
+            assert code == {"disk full": 1, "ctrl-c": 130, "sigterm": 143}[step["failure"][2]] \
+                if injector and injector.fired else code == 1, where
             assert after == before, where  # every output as it was: the old version, or absent
     return outcomes
 
@@ -243,4 +244,5 @@ def test_each_phase_and_failure_once(tmp_path, phase, kind):
     # a previous version at both outputs, to be kept (or, after the renames, replaced whole)
     outcomes = _check_sequence(root, [{**step, "failure": None}, step])
     # the failure fired; only one after the renames (the commit) lets the run succeed
-    assert outcomes == [(0, False), (0 if phase == "finish" else 1, True)]
+    failed = {"disk full": 1, "ctrl-c": 130, "sigterm": 143}[kind]
+    assert outcomes == [(0, False), (0 if phase == "finish" else failed, True)]

@@ -174,7 +174,7 @@ def test_ctrl_c_while_collecting_leaves_nothing(work, capsys, monkeypatch):
         real(self, info, piece)
 
     monkeypatch.setattr(StateDictWriter, "_write_piece", interrupted)
-    assert main(["run", "-e", EXPR, *BIND, "-o", "m.pt", "-q"]) == 1
+    assert main(["run", "-e", EXPR, *BIND, "-o", "m.pt", "-q"]) == 130
     assert capsys.readouterr().err == "tvlang: interrupted; nothing was written\n"
     assert len(seen) == 3 < len(pre)
     assert not os.path.lexists("m.pt") and leftovers(root) == []

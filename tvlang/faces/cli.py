@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         reason = exc.reason if isinstance(exc, Interrupted) else "interrupted"
         print(f"tvlang: {reason}; nothing was written", file=sys.stderr)
-        return 1
+        return exc.exit_code if isinstance(exc, Interrupted) else 130
     except BrokenPipeError:
         return 1
 

@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM end a command the same way: cleanup runs, one line, exit 1.
+"""Ctrl-C and SIGTERM end a command the same way: cleanup runs, one line, exit 130 or 143.
 
 By default SIGTERM kills Python at once (the run's temporaries stay behind) and a second
 Ctrl-C arriving while the first one's cleanup runs escapes as a traceback with exit 130.
@@ -28,14 +28,17 @@ from collections.abc import Iterator
 __all__ = ["Interrupted", "interrupts_raise"]
 
 _REASONS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated (SIGTERM)"}
+#: The exit status of a command a signal stopped: 128 + the signal's number, as shells report it.
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 class Interrupted(KeyboardInterrupt):
-    """The command was stopped by a signal; ``reason`` says which."""
+    """The command was stopped by a signal; ``reason`` says which, ``exit_code`` what to exit with."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, exit_code: int = 130) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.exit_code = exit_code
 
 
 @contextlib.contextmanager
@@ -51,7 +54,7 @@ def interrupts_raise() -> Iterator[None]:
         if fired:
             return  # the first signal's cleanup is running: let it finish
         fired = True
-        raise Interrupted(_REASONS.get(signum, f"stopped by signal {signum}"))
+        raise Interrupted(_REASONS.get(signum, f"stopped by signal {signum}"), EXIT_CODES.get(signum, 128 + signum))
 
     previous = {signum: signal.signal(signum, handler) for signum in _REASONS}
     try:
