@@ -18,6 +18,8 @@ does) and, per tensor, keeps the rank-r factors of its truncated SVD
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import re
@@ -133,6 +135,7 @@ def extract_lora(plan: Plan, bindings: Mapping[str, Any], out: str | os.PathLike
                           if len(session.layout.infos[n].shape) == 2 and _module(n)[1] == "weight"}
         session.reduce()
         for _, tensor_name, delta, _ in session.results([name]):
+            release_freed_memory()  # the previous tensor's SVD temporaries
             if not delta.dtype.is_floating_point:
                 continue
             delta = delta.to(torch.float32)
@@ -203,6 +206,26 @@ def extract_lora(plan: Plan, bindings: Mapping[str, Any], out: str | os.PathLike
         raise
     finally:
         bound.close()
+
+
+def release_freed_memory() -> None:
+    """Give the C heap's free memory back to the system (glibc ``malloc_trim``; elsewhere nothing).
+
+    An SVD leaves tens of MB of freed temporaries per tensor in malloc's heaps, below its
+    mmap threshold; without this the process kept twice the memory it used (measured at
+    0.3 GB: 550 MiB anonymous memory against 287 MiB with the heap trimmed).
+    """
+    global _TRIM
+    if _TRIM is None:
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
 
 
 def squared_norm(tensor: torch.Tensor, block: int = 1 << 22) -> float:
