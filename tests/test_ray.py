@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 
 import pytest
 import torch
@@ -124,7 +125,6 @@ def test_two_outputs_in_one_pass(ray_instance, models, tmp_path):
     for name in outs:
         assert_same_bytes(local[name], remote[name])
     assert summary.outputs == remote
-    # merged's shards and tau's hold different tensors (tau has no position_ids); other is one file.
     # The --json report (docs/cli-json.md) is the local run's but for the paths and the time.
     ours, theirs = local_summary.to_dict(), summary.to_dict()
     assert [o["path"] for o in theirs["outputs"]] == list(remote.values())
@@ -134,6 +134,7 @@ def test_two_outputs_in_one_pass(ray_instance, models, tmp_path):
     assert [(o["name"], o["kind"], o["format"]) for o in summary.written] == \
         [("merged", "model", "directory"), ("tau", "delta", "directory"), ("other", "model", "safetensors")]
     assert [o["tensors"] for o in summary.written] == [o["tensors"] for o in local_summary.written]
+    # merged's shards and tau's hold different tensors (tau has no position_ids); other is one file.
     shards = {name: len([f for f in files_of(remote[name]) if f.startswith("model-")]) for name in ("merged", "tau")}
     tasks = {e.tensors_total for e in events if "on Ray" in e.label}
     assert tasks and tasks.pop() <= shards["merged"] + shards["tau"] + 1
@@ -359,6 +360,43 @@ def test_a_failing_reduction_task_names_its_tensors_and_worker(ray_instance, mod
     assert "pass 1 of 3 (reduction) over tensors embed.weight .. " in message
     assert f"failed on worker {socket.gethostname()} (pid " in message
     assert not out.exists() and os.listdir(tmp_path / "o") == []
+
+
+def test_a_task_past_the_timeout_is_cancelled_and_names_its_shard(ray_instance, models, tmp_path, monkeypatch):
+    real = distributed.compute_shards
+
+    def hangs(job, task):
+        import time as _time
+
+        if "layers.1.w" in task.names:
+            _time.sleep(600)  # a hung read: the driver cancels it (an interrupt ends the sleep)
+        return real(job, task)
+
+    monkeypatch.setattr(distributed, "compute_shards", hangs)
+    out = tmp_path / "out" / "merged"
+    started = time.monotonic()
+    with pytest.raises(TvlangError) as info:
+        tvlang.compile(RECIPES["plain"]).run(models, str(out), shard_size=SHARD, executor="ray", task_timeout=4)
+    assert time.monotonic() - started < 60
+    message = str(info.value)
+    assert "shard model-0000" in message and "of output 'out' ran past the task timeout of 4 s" in message
+    assert "--task-timeout" in message  # the note says how to raise it
+    assert not out.exists() and os.listdir(tmp_path / "out") == []  # nothing written, no temporary left
+
+
+def test_task_timeout_is_checked(models, tmp_path, capsys):
+    from tvlang.faces.cli import main
+
+    plan = tvlang.compile("pre + 0.5*(a - pre)")
+    with pytest.raises(TvlangError, match="options of executor='ray'"):
+        plan.run(models, str(tmp_path / "m"), task_timeout=5)
+    binds = [arg for name, path in models.items() for arg in ("--bind", f"{name}={path}")]
+    recipe = ["-e", RECIPES["plain"], *binds, "-o", str(tmp_path / "x"), "-q"]
+    assert main(["run", *recipe, "--task-timeout", "5"]) == 2
+    assert "--task-timeout goes with --executor ray" in capsys.readouterr().err
+    assert main(["run", *recipe, "--executor", "ray", "--task-timeout", "0"]) == 2
+    assert "--task-timeout expects a positive number of seconds, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "m").exists()
 
 
 # Last: these kill worker processes, and Ray starts new ones (seconds each).

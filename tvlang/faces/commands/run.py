@@ -81,6 +81,9 @@ def register(subparsers) -> None:
                         help="--executor ray: the cluster to use (default: start a local Ray instance)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="--executor ray: at most N tasks at a time (a local instance gets N CPUs)")
+    parser.add_argument("--task-timeout", type=float, default=None, metavar="SECONDS",
+                        help="--executor ray: a task running longer is cancelled and the run fails, naming its"
+                             " shard (default: no limit)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     parser.add_argument("--json", action="store_true",
                         help="print the run's report (outputs, inputs' name matching, passes, bytes, seconds) as one"
@@ -89,14 +92,18 @@ def register(subparsers) -> None:
 
 
 def executor_options(args: argparse.Namespace) -> dict:
-    """``executor=`` (and for Ray ``address=``, ``workers=``) for ``plan.run``."""
+    """``executor=`` (and for Ray ``address=``, ``workers=``, ``task_timeout=``) for ``plan.run``."""
     if args.executor == "local":
         if args.address is not None or args.workers is not None:
             raise UsageError("--address and --workers go with --executor ray")
+        if args.task_timeout is not None:
+            raise UsageError("--task-timeout goes with --executor ray")
         return {}
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers expects a positive number, got {args.workers}")
-    return {"executor": "ray", "address": args.address, "workers": args.workers}
+    if args.task_timeout is not None and not args.task_timeout > 0:  # not NaN either
+        raise UsageError(f"--task-timeout expects a positive number of seconds, got {args.task_timeout:g}")
+    return {"executor": "ray", "address": args.address, "workers": args.workers, "task_timeout": args.task_timeout}
 
 
 def compile_from_args(args: argparse.Namespace):
