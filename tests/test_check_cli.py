@@ -109,11 +109,17 @@ def test_expression_errors_name_the_expression(capsys):
     assert "note: scale task vectors, not models: pre + 0.4*(ft - pre)" in err
 
 
-def test_unbound_names_are_errors(capsys):
-    assert main(["check", "-e", "pre + 0.4*(ft - pre)", "--bind", "pre=model"]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("<expr>:1:12: error: unknown name 'ft'\n")
-    assert "--bind ft=PATH" in err
+def test_unbound_names_are_models_and_near_misses_are_typos(tmp_path, capsys):
+    """As explain does, and so that a repository's CI can check recipes whose inputs are
+    bound at run time (issue 13); 0.2 called every unbound name unknown."""
+    assert main(["check", "-e", "pre + 0.4*(ft - pre)", "--bind", "pre=model"]) == 0
+    assert main(["check", "-e", "pre + 0.4*(ft - pre)"]) == 0
+    assert main(["check", "-e", "pre + 0.4*tau"]) == 1  # a model unless bound as a task vector
+    assert "model coefficients sum to 1.4" in capsys.readouterr().err
+    assert main(["check", "-e", "pre + 0.4*tau", "--bind", "tau=delta"]) == 0
+    path = _write(tmp_path, "tau = ft - pre\nout = pre + 0.5*tua\n")
+    assert main(["check", str(path)]) == 1
+    assert capsys.readouterr().err.startswith(f"{path}:2:17: error: unknown name 'tua'; did you mean 'tau'?\n")
 
 
 def test_delta_binding_changes_the_kind(capsys):

@@ -133,7 +133,7 @@ def test_check_json_of_kinds_opens_no_file(capsys):
 
 
 def test_check_json_lists_every_error_with_its_place(files, capsys):
-    (files / "bad.tv").write_text("a = pre + 0.4*ft\nout = a + zz\n")
+    (files / "bad.tv").write_text("tau = pre + 0.4*ft\nout = pre + 0.5*tua\n")
     code, data, err = run_json(capsys, "check", "bad.tv", "--bind", "pre=model", "--bind", "ft=model", "--json")
     assert code == 1
     assert list(data) == ["ok", "exit", "errors", "inputs"]
@@ -141,10 +141,10 @@ def test_check_json_lists_every_error_with_its_place(files, capsys):
     assert data["inputs"] == [{"name": "pre", "kind": "model", "path": None}, {"name": "ft", "kind": "model",
                                                                                "path": None}]
     places = [(e["file"], e["line"], e["column"]) for e in data["errors"]]
-    assert places == [("bad.tv", 1, 5), ("bad.tv", 2, 11)]  # both errors, in order
+    assert places == [("bad.tv", 1, 7), ("bad.tv", 2, 17)]  # both errors, in order
     assert data["errors"][0]["message"].startswith("model coefficients sum to 1.4")
-    assert data["errors"][1]["message"] == "unknown name 'zz'"
-    assert "bad.tv:2:11: error: unknown name 'zz'" in err
+    assert data["errors"][1]["message"] == "unknown name 'tua'; did you mean 'tau'?"
+    assert "bad.tv:2:17: error: unknown name 'tua'; did you mean 'tau'?" in err
 
 
 def test_explain_json_has_the_plan_sections(capsys):

@@ -7,13 +7,16 @@ exits 1 when it is not; exits 2 on a command-line mistake.
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
+from collections.abc import Mapping
 
 from tvlang.errors import TvlangError
 from tvlang.faces.commands.args import KINDS, UsageError, binding_kind, binding_value, parse_bindings, parse_params
 from tvlang.faces.commands.common import add_recipe_arguments, locked_path, recipe_source
 from tvlang.faces.commands.json_output import emit, error_object
 from tvlang.language import ast
+from tvlang.language.builtins import BUILTINS
 from tvlang.language.checker import CheckedProgram, check
 from tvlang.language.syntax import parse, parse_expression
 from tvlang.plan.compiler import check_coefficients, declare_params
@@ -29,9 +32,10 @@ coefficients must sum to 1 for a model, 0 for a task vector). No tensor math.
 Prints nothing and exits 0 when the recipe is good; prints the errors and exits 1
 when it is not. With --json it prints one JSON object either way.
 
-Every name the recipe uses but does not define must be bound with --bind:
-NAME=model or NAME=delta gives its kind; any other value is a checkpoint path
-([delta:]PATH). When names are bound to paths, or with --files, the checkpoints
+A name the recipe uses but does not define is checked as a model unless --bind
+says otherwise: NAME=model or NAME=delta gives its kind; any other value is a
+checkpoint path ([delta:]PATH). A free name close to one the recipe defines is
+reported as a likely typo (bind it to check it anyway). When names are bound to paths, or with --files, the checkpoints
 the plan reads are opened and their headers checked as `run` would (tensor
 names, shapes and dtypes, under --missing), without reading any weights. A
 recipe alone, with no --files, is checked without opening any checkpoint (for a
@@ -68,6 +72,26 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def free_models(program: ast.Program, bound: Mapping[str, str]) -> list[str]:
+    r"""The names ``program`` uses but neither defines nor has bound: checked as models
+    (bind ``NAME=delta`` for a task vector), as ``explain`` does, so a recipe whose
+    inputs are bound at run time checks with no ``--bind``. A name close to one the recipe
+    defines (difflib's ratio of 0.6) is left out, so the checker reports it as the typo it
+    most likely is (``unknown name 'amazon_snt'; did you mean 'amazon_sent'?``).
+
+    >>> from tvlang.language.syntax import parse
+    >>> free_models(parse("tau = ft - pre\nout = pre + 0.5*tua\n"), {})
+    ['ft', 'pre']
+    """
+    defined = {s.name for s in program.statements if s.name is not None}
+    used: dict[str, None] = {}
+    for node in ast.walk(program):
+        if isinstance(node, ast.Name) and node.id not in defined and node.id not in BUILTINS:
+            used.setdefault(node.id)
+    return [name for name in used
+            if name not in bound and not difflib.get_close_matches(name, defined, n=1)]
+
+
 def check_recipe(
     text: str,
     filename: str | None,
@@ -92,6 +116,7 @@ def check_recipe(
         program = parse(text, filename)
     program = declare_params(program, params or {})
     sources = {name: binding_kind(value) for name, value in (bindings or {}).items()}
+    sources.update({name: "model" for name in free_models(program, sources)})
     checked = check(program, source=text, filename=filename, sources=sources, params=params)
     # Constant options a kernel would reject (ties density=1.5) are errors too, and so are
     # coefficients the optimizer would fold to inf (1e308*tau + 1e308*tau).
