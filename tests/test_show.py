@@ -134,3 +134,25 @@ def test_show_errors(world, capsys):
     with pytest.raises(SystemExit) as exit_info:  # argparse: a usage error
         main(["show", str(plain), "--json", "--recipe"])
     assert exit_info.value.code == 2 and "not allowed with argument --json" in capsys.readouterr().err
+
+
+def test_explain_of_an_output_explains_the_recipe_it_recorded_with_its_params(tmp_path, capsys, monkeypatch):
+    import torch
+    from safetensors.torch import save_file
+
+    from tvlang.faces.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    save_file({"w": torch.zeros(2)}, "pre.safetensors")
+    save_file({"w": torch.ones(2)}, "ft.safetensors")
+    (tmp_path / "r.tv").write_text('pre = load("pre.safetensors")\nft = load("ft.safetensors")\n'
+                                  "param c = 0.5\nout = pre + c*(ft - pre)\n")
+    assert main(["run", "r.tv", "-o", "merged.safetensors", "--set", "c=0.25", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["explain", "merged.safetensors"]) == 0
+    from_output = capsys.readouterr().out
+    assert main(["explain", "r.tv", "--set", "c=0.25"]) == 0
+    assert from_output == capsys.readouterr().out  # the same plan: recipe and params as they ran
+    assert "  b0 *= 0.75\n" in from_output and "  b0 += 0.25 * b1\n" in from_output
+    assert main(["explain", "merged.safetensors", "--set", "c=1"]) == 0  # --set still wins
+    assert "  b0 = read(ft)\n  write(out, b0)\n" in capsys.readouterr().out

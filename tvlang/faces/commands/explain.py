@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from tvlang.faces.commands.args import binding_kind, parse_bindings, parse_params
 from tvlang.faces.commands.common import add_recipe_arguments, recipe_source
@@ -25,6 +26,7 @@ examples:
   tvlang explain -e "pre + 0.5*(a - pre) + 0.5*(b - pre)"
   tvlang explain -e "pre + lam*(ft - pre)" --set lam=0.3 --no-fold
   tvlang explain recipe.tv --json     (the same sections as JSON: docs/cli-json.md)
+  tvlang explain merged/              (the recipe an output recorded, with its params)
 """
 
 
@@ -40,13 +42,32 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    text, filename = recipe_source(args)
+    params = parse_params(args.set)
+    if args.recipe is not None and args.expr is None and is_output(args.recipe):
+        text, filename, recorded = recorded_recipe(args.recipe)
+        params = {**recorded, **params}  # as it ran, unless --set says otherwise
+    else:
+        text, filename = recipe_source(args)
     kinds = {name: binding_kind(value) for name, value in parse_bindings(args.bind).items()}
     flags = OptimizerFlags(**{name: not getattr(args, f"no_{name}") for name in PASS_NAMES})
-    plan = compile_recipe(text, filename=filename, sources=kinds if args.bind else None, flags=flags,
-                          **parse_params(args.set))
+    plan = compile_recipe(text, filename=filename, sources=kinds if args.bind else None, flags=flags, **params)
     if args.json:
         emit({"ok": True, **explain_data(plan)})
     else:
         print(plan.explain())
     return 0
+
+
+def is_output(path: str) -> bool:
+    """Whether ``path`` names an output rather than a recipe: a model directory or a ``.safetensors`` file."""
+    return os.path.isdir(path) or path.endswith(".safetensors")
+
+
+def recorded_recipe(path: str) -> tuple[str, str, dict[str, float]]:
+    """The recipe an output recorded (``tvlang show``), a name for its errors, and the
+    param values it ran with that differ from the recipe's own (its ``--set``)."""
+    from tvlang.faces.commands.show import provenance, set_params
+
+    info = provenance(path)
+    changed = dict(item.split("=", 1) for item in set_params(info["recipe"], info["params"]))
+    return info["recipe"], f"{path} (its recipe)", {name: float(value) for name, value in changed.items()}
