@@ -362,6 +362,18 @@ def test_a_failing_reduction_task_names_its_tensors_and_worker(ray_instance, mod
     assert not out.exists() and os.listdir(tmp_path / "o") == []
 
 
+def test_ctrl_c_in_a_reduction_pass_cancels_and_cleans_up(ray_instance, models, tmp_path):
+    def interrupt(event):
+        if "(reduction)" in event.tensor:
+            raise KeyboardInterrupt  # as Ctrl-C would, once the first reduction task is in
+
+    out = tmp_path / "out" / "merged"
+    with pytest.raises(KeyboardInterrupt):
+        tvlang.compile(RECIPES["norm"]).run(models, str(out), shard_size=SHARD, executor="ray", workers=1,
+                                            progress=interrupt)
+    assert not out.exists() and os.listdir(tmp_path / "out") == []
+
+
 def test_a_task_past_the_timeout_is_cancelled_and_names_its_shard(ray_instance, models, tmp_path, monkeypatch):
     real = distributed.compute_shards
 
