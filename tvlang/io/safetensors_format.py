@@ -298,7 +298,7 @@ def peek_metadata(fd: int, file_size: int) -> dict[str, str] | None:
         return None  # a tensor name that spells the key: let the full parse decide
     try:
         value, _ = json.JSONDecoder().raw_decode(raw[found[0].end():].decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # the full parse says what is wrong
         return None
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
         return None
