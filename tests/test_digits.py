@@ -211,3 +211,13 @@ def test_every_recipe_file_compiles():
         assert plan.outputs == ["out"] and plan.output_kind("out") == "model", path
     add = tvlang.compile((REPO / "examples/digits/recipes/add_three.tv").read_text())
     assert set(add.sources_read()) == {"pre", "rot90", "hflip", "invert"}
+
+
+def test_a_run_writes_its_report_into_the_work_directory_unless_told():
+    """Issue 13: a plain run rewrote the tracked docs/digits.md and its figures."""
+    from examples.digits.run import REPO, build_parser, report_dir
+
+    assert report_dir(build_parser().parse_args([])) == REPO / "examples" / "checkpoints" / "digits" / "report"
+    assert report_dir(build_parser().parse_args(["--work", "/tmp/w"])) == Path("/tmp/w/report")
+    assert report_dir(build_parser().parse_args(["--update-docs"])) == REPO / "docs"
+    assert report_dir(build_parser().parse_args(["--out", "/tmp/o"])) == Path("/tmp/o")

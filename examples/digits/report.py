@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-BEGIN = "<!-- BEGIN GENERATED RESULTS (python -m examples.digits) -->"
+BEGIN = "<!-- BEGIN GENERATED RESULTS (python -m examples.digits --update-docs) -->"
 END = "<!-- END GENERATED RESULTS -->"
 FIGURES = "figures"
 
