@@ -166,3 +166,38 @@ def test_a_task_head_model_saved_by_transformers_merges_onto_the_minilm_base(tmp
             torch.testing.assert_close(got[name], tensor + 0.5 * (ft["bert." + name] - tensor), rtol=0, atol=1e-6)
             compared += 1
     assert compared >= 100
+
+
+@pytest.mark.parametrize("stored_by", ["fine-tune", "base"])
+def test_a_tied_output_head_stored_by_one_side_only(tmp_path, capsys, monkeypatch, stored_by):
+    """Issue 13: transformers' save_pretrained stores a tied lm_head.weight once (as the
+    embeddings), a plain state dict stores it twice; 0.2 refused the pair (or, under
+    --missing, said nothing). The head is left out with a note, and the output loads
+    with from_pretrained, tied, equal to the merge of the embeddings."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    pre, ft = transformers.LlamaForCausalLM(config), transformers.LlamaForCausalLM(config)
+    pre_dir, ft_dir = tmp_path / "pre", tmp_path / "ft"
+    # one side saved by transformers (safetensors, no lm_head.weight), the other a state dict (with it)
+    (saved, saved_dir), (plain, plain_dir) = ((pre, pre_dir), (ft, ft_dir)) if stored_by == "fine-tune" \
+        else ((ft, ft_dir), (pre, pre_dir))
+    saved.save_pretrained(saved_dir)
+    plain_dir.mkdir()
+    torch.save(plain.state_dict(), plain_dir / "pytorch_model.bin")
+    config.save_pretrained(plain_dir)
+    out = tmp_path / "out"
+    code = main(["run", "-e", "pre + 0.5*(ft - pre)", "--bind", f"pre={pre_dir}", "--bind", f"ft={ft_dir}",
+                 "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert ("lm_head.weight left out (ft): the model ties it to its input embeddings (tie_word_embeddings), so one"
+            " side stores it and the other does not; from_pretrained ties it again") in err
+    assert "lm_head.weight" not in load_file(str(out / "model.safetensors"))
+    merged = transformers.LlamaForCausalLM.from_pretrained(str(out), local_files_only=True).state_dict()
+    embed = "model.embed_tokens.weight"
+    want = pre.state_dict()[embed] + 0.5 * (ft.state_dict()[embed] - pre.state_dict()[embed])
+    torch.testing.assert_close(merged[embed], want)
+    torch.testing.assert_close(merged["lm_head.weight"], want)  # tied again on load

@@ -6,7 +6,9 @@ first byte is computed, under the ``missing`` policy (docs/evaluator.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
@@ -33,6 +35,10 @@ class Layout:
     copied: dict[str, list[str]]  # missing="base": name -> inputs lacking it (copied from the base)
     infos: dict[str, TensorInfo]  # base's info per name
     num_layers: int | None
+    # A tied output head (lm_head.weight) that one side stores and the other does not, in a
+    # model whose config ties it to the input embeddings: name -> the inputs that have it
+    # where the base lacks it, or that lack it where the base has it. Left out of the output.
+    tied: dict[str, list[str]] = field(default_factory=dict)
 
 
 def layout(bound: Bound, missing: str) -> Layout:
@@ -45,6 +51,8 @@ def layout(bound: Bound, missing: str) -> Layout:
     copied: dict[str, list[str]] = {}
     infos: dict[str, TensorInfo] = {}
     other_names = {k: set(r.names()) for k, r in others}
+    tied_heads = _tied_heads(base)
+    tied: dict[str, list[str]] = {}
     for name in base.names():
         info = base.info(name)
         infos[name] = info
@@ -52,6 +60,9 @@ def layout(bound: Bound, missing: str) -> Layout:
             passthrough.append(name)
             continue
         lacking = [k for k, _ in others if name not in other_names[k]]
+        if lacking and name in tied_heads:  # a copy of the embeddings some inputs do not store
+            tied[name] = lacking
+            continue
         if lacking:
             if missing == "error":
                 reader = bound.readers[lacking[0]]
@@ -74,6 +85,9 @@ def layout(bound: Bound, missing: str) -> Layout:
         base_names = set(base.names())
         for key, reader in others:
             extra = [n for n in reader.names() if n not in base_names and reader.info(n).dtype.is_floating_point]
+            for name in [n for n in extra if n in tied_heads]:
+                tied.setdefault(name, []).append(key)
+            extra = [n for n in extra if n not in tied_heads]
             if extra:
                 raise TvlangError(f"tensor '{extra[0]}' is in {reader.label} but missing from {base.label}",
                                   tensor=extra[0], notes=("choose a policy with --missing base|skip",))
@@ -85,7 +99,29 @@ def layout(bound: Bound, missing: str) -> Layout:
             " so the output would be the base or empty",
             notes=("the inputs' names do not line up with the base's: see docs/io.md, 'Names that do not line up'",),
         )
-    return Layout(names, passthrough, copied, infos, _count_layers(base.names()))
+    return Layout(names, passthrough, copied, infos, _count_layers(base.names()), tied)
+
+
+#: Output heads that transformers ties to the input embeddings when a config says
+#: ``tie_word_embeddings``; a checkpoint may store them (a state dict) or not (save_pretrained).
+TIED_HEADS = ("lm_head.weight",)
+
+
+def _tied_heads(base) -> set[str]:
+    """The names of ``TIED_HEADS`` when the base's ``config.json`` ties its word embeddings."""
+    root = getattr(base, "root", None)
+    if not root:
+        return set()
+    try:
+        with open(os.path.join(root, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(config, dict):
+        return set()
+    text = config.get("text_config")
+    tie = config.get("tie_word_embeddings", text.get("tie_word_embeddings") if isinstance(text, dict) else None)
+    return set(TIED_HEADS) if tie is True else set()
 
 
 def notes(bound: Bound, layout: Layout, missing: str) -> list[str]:
@@ -96,7 +132,11 @@ def notes(bound: Bound, layout: Layout, missing: str) -> list[str]:
     if layout.copied:
         copied = list(layout.copied)
         lines.append(f"{len(copied)} tensors copied from the base (--missing base): {few(copied)}")
-    computed = set(layout.names) | set(layout.copied)
+    for name, keys in layout.tied.items():
+        lines.append(f"{name} left out ({', '.join(keys)}): the model ties it to its input embeddings "
+                     "(tie_word_embeddings), so one side stores it and the other does not; "
+                     "from_pretrained ties it again")
+    computed = set(layout.names) | set(layout.copied) | set(layout.tied)
     skipped = [n for n in floats if n not in computed]
     if skipped:
         lines.append(f"{len(skipped)} tensors left out of the output (--missing {missing}): {few(skipped)}")
