@@ -129,10 +129,16 @@ def test_delta_binding_changes_the_kind(capsys):
     assert "model coefficients sum to -1;" in capsys.readouterr().err
 
 
-def test_set_of_undeclared_param_is_an_error(tmp_path, capsys):
+def test_set_of_undeclared_param_is_a_usage_error(tmp_path, capsys):
+    """A --set mistake is a command-line mistake: exit 2, as every usage error (issue 13)."""
     path = _write(tmp_path, "param lm = 0.4\nout = pre + lm*(ft - pre)\n")
-    assert main(["check", str(path), "--bind", "pre=m", "--bind", "ft=m", "--set", "lam=1"]) == 1
+    assert main(["check", str(path), "--bind", "pre=m", "--bind", "ft=m", "--set", "lam=1"]) == 2
     assert capsys.readouterr().err == f"{path}: error: the recipe has no param 'lam' to set; did you mean 'lm'?\n"
+    assert main(["run", str(path), "--bind", "pre=m", "--bind", "ft=m", "--set", "lam=1", "-o", "x"]) == 2
+    capsys.readouterr()
+    # with a recipe error besides, the recipe's error decides: exit 1
+    bad = _write(tmp_path, "param lm = 0.4\nout = pre + lm*ft\n", name="bad.tv")
+    assert main(["check", str(bad), "--set", "lam=1"]) == 1
 
 
 @pytest.mark.parametrize(

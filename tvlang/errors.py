@@ -51,7 +51,11 @@ class TvlangError(Exception):
     tensor a data error is about; ``notes`` are extra lines printed after the
     caret (hints, the fix). ``errors`` holds several independent errors found in
     one go (``check`` reports them all); a plain error holds just itself.
+    ``usage`` marks a command-line mistake found while checking (``--set`` of a param
+    the recipe does not declare): the command line exits 2 when every error is one.
     """
+
+    usage = False
 
     def __init__(
         self,
@@ -72,6 +76,11 @@ class TvlangError(Exception):
         self.tensor = tensor
         self.notes = tuple(notes)
         self._errors = errors
+
+    @property
+    def is_usage(self) -> bool:
+        """Whether every error here is a command-line mistake (exit 2 on the command line)."""
+        return all(err.usage for err in self.errors)
 
     @property
     def errors(self) -> list["TvlangError"]:

@@ -60,10 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tvlang {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except TvlangError as exc:
+        code = 2 if exc.is_usage else 1
         if getattr(args, "json", False):  # the object on stdout, the message on stderr as always
-            emit(error_object(exc))
+            emit({**error_object(exc), "exit": code})
         print(exc.render(), file=sys.stderr)
-        return 1
+        return code
     except KeyboardInterrupt as exc:
         reason = exc.reason if isinstance(exc, Interrupted) else "interrupted"
         print(f"tvlang: {reason}; nothing was written", file=sys.stderr)

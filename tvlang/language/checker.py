@@ -126,6 +126,7 @@ class _Checker(ArgumentChecks):
                     "" if not declared else "; declared params: " + ", ".join(sorted(declared))
                 )
                 self.error(f"the recipe has no param '{name}' to set{hint}", None)
+                self.errors[-1].usage = True  # a --set mistake: the command line exits 2
             elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 self.error(f"param '{name}' must be set to a finite number, got {value!r}", None)
 
