@@ -276,3 +276,24 @@ def test_online_fetches_only_the_files_read(hub, tmp_path, monkeypatch):
     fetched.clear()
     tvlang.compile("ft - pre").run({"pre": "hf:org/both", "ft": "hf:org/ft@v2"}, tmp_path / "tau")
     assert {f for _, f in fetched} == {"model.safetensors"}
+
+
+def test_a_mergekit_config_naming_hub_models_imports_and_runs_from_the_cache(hub, tmp_path, capsys):
+    """mergekit's configs name Hub models (org/name, org/name@revision): tvlang import reads a
+    model reference that is not a local path as one, as mergekit does (issue 16)."""
+    from safetensors.torch import load_file
+
+    from tvlang.frontends.mergekit import to_recipe
+
+    config = tmp_path / "merge.yml"
+    config.write_text("models:\n  - model: org/ft@v2\n    parameters: {weight: 0.5}\n"
+                      "base_model: org/base\nmerge_method: task_arithmetic\n")
+    recipe = to_recipe(config)
+    assert 'load("hf:org/base")' in recipe and 'load("hf:org/ft@v2")' in recipe
+    out = tmp_path / "merged.safetensors"
+    assert main(["run", str(config), "-o", str(out), "-q"]) == 0, capsys.readouterr().err
+    base = load_file(os.path.join(hub["local"], "base", "model.safetensors"))
+    ft2 = load_file(os.path.join(hub["local"], "ft2", "model.safetensors"))
+    got = load_file(str(out))
+    for name in ("a.weight", "b.bias"):
+        torch.testing.assert_close(got[name], base[name] + 0.5 * (ft2[name] - base[name]))

@@ -330,8 +330,8 @@ ERRORS = [
      "sce needs a base_model", 3),
     ("models:\n  - model: {root}/ft1\nbase_model: {root}/base\nmerge_method: tie\n",
      "unknown merge_method 'tie'", 4),
-    ("models:\n  - model: someone/some-model\nmerge_method: passthrough\n",
-     "model 'someone/some-model' is not a local path", 2),
+    ("models:\n  - model: ./not/here\nmerge_method: passthrough\n",
+     "model './not/here' is neither a local path", 2),
     ("models:\n  - model: {root}/ft1+{root}/lora\nmerge_method: passthrough\n",
      "a LoRA adapter (model+lora) is not supported", 2),
     ("models:\n  - model: {root}/ft1\n    parameters: {{densty: 0.5, weight: 1}}\nbase_model: {root}/base\n"

@@ -19,9 +19,10 @@ recipe and print it. Comments keep the config's intent: the merge method, and
 where each value came from. The recipe's load() paths are the config's, relative
 to the config's directory: save the recipe next to the config. dtype and
 out_dtype become --dtype/--out-dtype of `tvlang run` (a recipe does not carry
-run options; `tvlang run config.yml` applies them itself). What tvlang cannot
-express yet (slices, gradients, filters, Hub ids, ...) is an error at its line.
-See docs/mergekit.md.
+run options; `tvlang run config.yml` applies them itself). A model reference that
+is not a local path is a Hub model id (org/name[@revision]), read as hf:org/name.
+What tvlang cannot express yet (layer stacking, several slices, model+lora, ...) is
+an error at its line. See docs/mergekit.md.
 
 examples:
   tvlang import merge.yml

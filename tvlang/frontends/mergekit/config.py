@@ -285,13 +285,19 @@ def _local_path(source: _Source, value: Any, at: _Path) -> str:
     full = value if os.path.isabs(value) else os.path.join(source.directory, value)
     if os.path.exists(full):
         return value
-    notes = ("Hub ids are not supported by tvlang import yet: download the model to a local directory"
-             " and write that directory's path",)
     if "+" in value:
         raise source.error(f"'{value}' is not a local path; a LoRA adapter (model+lora) is {_NOT_YET}", at,
-                           notes=("merge the adapter into its model first and write that model's path",))
-    kind = "a Hub id with a revision" if "@" in value else "no such file or directory"
-    raise source.error(f"model '{value}' is not a local path ({kind}: {full})", at, notes=notes)
+                           notes=("merge the adapter into its model first and write that model's path, or write"
+                                  " the merge as a recipe: load(\"hf:org/model\") + lora(\"adapter-dir\")",))
+    if _HUB_ID.fullmatch(value):  # as mergekit does: not a local path, so a Hub model id (@revision)
+        return "hf:" + value
+    raise source.error(f"model '{value}' is neither a local path ({full}: no such file or directory) nor a"
+                       " Hub model id (org/name or org/name@revision)", at)
+
+
+# A Hugging Face model id, as mergekit's configs write them: ``org/name`` or ``name``, then
+# ``@revision`` (a branch, tag or commit); tvlang reads it as ``hf:org/name@revision``.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(?:/[A-Za-z0-9][\w.-]*)?(?:@[\w./-]+)?")
 
 
 def _settings(source: _Source, value: Any, at: _Path) -> dict:
