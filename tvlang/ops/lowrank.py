@@ -40,8 +40,8 @@ from tvlang.ops.context import TensorContext
 __all__ = ["GRAM_ELEMENTS", "Truncated", "lowrank", "truncated"]
 
 # Above this many entries the top singular triplets come from the Gram matrix (see above):
-# a full SVD's workspace (LAPACK gesdd: about 7 n² float64 for an n x n matrix, 187 MB at
-# n = 1830) is what bounds the memory of an extraction, and eigh needs about 2 n².
+# a full SVD's workspace (LAPACK gesdd: about 7 n² float64 for an n x n matrix, 186 MB at
+# n = 1824) is what bounds the memory of an extraction, and eigh needs about 2 n².
 GRAM_ELEMENTS = 1 << 20
 BLOCK_ELEMENTS = 1 << 22  # entries of X converted to float64 at a time on the Gram path
 DROP = 1e-7  # singular values below DROP * the largest are rounding: dropped on the Gram path
