@@ -23,29 +23,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import fmt_bytes, measure  # noqa: E402
+from harness import cached_models, fmt_bytes, measure  # noqa: E402
 
 
 def make_checkpoints(workdir: str, size_gb: float) -> dict[str, str]:
     from tvlang.testing.synth import llama_spec_for_bytes, write_synthetic
 
-    folder = os.path.join(workdir, f"lora-size-{size_gb:g}")
-    paths = {"pre": os.path.join(folder, "pre"), "ft": os.path.join(folder, "ft")}
-    stamp = os.path.join(folder, "complete")
-    if os.path.exists(stamp):
-        return paths
-    shutil.rmtree(folder, ignore_errors=True)
-    os.makedirs(folder)
     spec = llama_spec_for_bytes(int(size_gb * 1e9))
-    write_synthetic(paths["pre"], spec, seed=0)
-    write_synthetic(paths["ft"], spec, seed=1, finetune_of=0)
-    open(stamp, "w").close()
-    return paths
+    return cached_models(os.path.join(workdir, f"lora-size-{size_gb:g}"), {
+        "pre": lambda path: write_synthetic(path, spec, seed=0),
+        "ft": lambda path: write_synthetic(path, spec, seed=1, finetune_of=0),
+    })
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,9 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import cached_models  # noqa: E402
+
 RECIPES = {
     "plain": "pre + 0.5*(a - pre) + 0.3*(b - pre)",
     "norm": "pre + (norm(b - pre) / norm(a - pre))*(a - pre)",
@@ -50,34 +53,23 @@ def make_checkpoints(workdir: str, size_gb: float) -> dict[str, str]:
     """pre, a, b as model directories of about ``size_gb`` GB; reused when present."""
     from tvlang.testing.synth import llama_spec_for_bytes, write_synthetic
 
-    folder = os.path.join(workdir, f"size-{size_gb:g}")
-    paths = {name: os.path.join(folder, name) for name in NAMES}
-    stamp = os.path.join(folder, "complete")
-    if os.path.exists(stamp):
-        return paths
-    shutil.rmtree(folder, ignore_errors=True)
-    os.makedirs(folder)
-    spec = llama_spec_for_bytes(int(size_gb * 1e9))
-    for seed, name in enumerate(NAMES):
-        started = time.perf_counter()
-        write_synthetic(paths[name], spec, seed=seed, finetune_of=None if name == "pre" else 0)
-        print(f"  wrote {name} in {time.perf_counter() - started:.1f} s", flush=True)
-    open(stamp, "w").close()
-    return paths
+    return _models(os.path.join(workdir, f"size-{size_gb:g}"), llama_spec_for_bytes(int(size_gb * 1e9)),
+                   write_synthetic)
 
 
 def tiny_checkpoints(workdir: str, tensors: int) -> dict[str, str]:
     from tvlang.testing.synth import write_synthetic
 
-    folder = os.path.join(workdir, f"tiny-{tensors}")
-    spec = {f"layers.{i}.w": (32, 32) for i in range(tensors)}
-    paths = {name: os.path.join(folder, name) for name in NAMES}
-    if not os.path.exists(os.path.join(folder, "complete")):
-        shutil.rmtree(folder, ignore_errors=True)
-        for seed, name in enumerate(NAMES):
-            write_synthetic(paths[name], spec, seed=seed, finetune_of=None if name == "pre" else 0)
-        open(os.path.join(folder, "complete"), "w").close()
-    return paths
+    return _models(os.path.join(workdir, f"tiny-{tensors}"), {f"layers.{i}.w": (32, 32) for i in range(tensors)},
+                   write_synthetic)
+
+
+def _models(folder: str, spec, write_synthetic) -> dict[str, str]:
+    """pre, and a and b fine-tuned from it."""
+    def writer(seed: int):
+        return lambda path: write_synthetic(path, spec, seed=seed, finetune_of=None if seed == 0 else 0)
+
+    return cached_models(folder, {name: writer(seed) for seed, name in enumerate(NAMES)})
 
 
 def digest(path: str) -> dict[str, str]:

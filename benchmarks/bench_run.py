@@ -50,11 +50,10 @@ import statistics
 import struct
 import subprocess
 import sys
-import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Result, fmt_bytes, measure, median_result  # noqa: E402
+from harness import Result, cached_models, fmt_bytes, measure, median_result  # noqa: E402
 
 EXPR = "pre + 0.4*(a - b) + 0.7*(c - pre)"
 NAMES = ("pre", "a", "b", "c")
@@ -68,23 +67,15 @@ def make_checkpoints(workdir: str, size_gb: float) -> dict[str, str]:
     """pre, a, b, c as model directories of about ``size_gb`` GB; reused when present."""
     from tvlang.testing.synth import llama_spec_for_bytes, write_synthetic
 
-    folder = os.path.join(workdir, f"size-{size_gb:g}")
-    paths = {name: os.path.join(folder, name) for name in NAMES}
-    stamp = os.path.join(folder, "complete")
-    if os.path.exists(stamp):
-        return paths
-    shutil.rmtree(folder, ignore_errors=True)
-    os.makedirs(folder)
     spec = llama_spec_for_bytes(int(size_gb * 1e9))
-    for seed, name in enumerate(NAMES):
-        started = time.perf_counter()
-        if name == "pre":
-            write_synthetic(paths[name], spec, seed=0)
-        else:
-            write_synthetic(paths[name], spec, seed=seed, finetune_of=0, scale=0.01)
-        print(f"  made {paths[name]} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-    open(stamp, "w").close()
-    return paths
+
+    def writer(seed: int):
+        if seed == 0:
+            return lambda path: write_synthetic(path, spec, seed=0)
+        return lambda path: write_synthetic(path, spec, seed=seed, finetune_of=0, scale=0.01)
+
+    return cached_models(os.path.join(workdir, f"size-{size_gb:g}"),
+                         {name: writer(seed) for seed, name in enumerate(NAMES)})
 
 
 def weights(path: str) -> str:

@@ -27,13 +27,16 @@ Linux only (``/proc``); elsewhere the sampled numbers are 0.
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["Result", "measure", "median_result", "fmt_bytes"]
+__all__ = ["Result", "cached_models", "measure", "median_result", "fmt_bytes"]
 
 
 @dataclass
@@ -138,3 +141,21 @@ def fmt_bytes(n: float) -> str:
     if n >= 2**30:
         return f"{n / 2**30:.2f} GiB"
     return f"{n / 2**20:.0f} MiB"
+
+
+def cached_models(folder: str, writers: Mapping[str, Callable[[str], None]]) -> dict[str, str]:
+    """``folder/NAME`` for each name of ``writers``, written by ``writers[NAME](path)`` the first
+    time and reused while the folder's ``complete`` stamp is there (a folder a killed run left
+    half written has no stamp, and is written again)."""
+    paths = {name: os.path.join(folder, name) for name in writers}
+    stamp = os.path.join(folder, "complete")
+    if os.path.exists(stamp):
+        return paths
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    for name, write in writers.items():
+        started = time.perf_counter()
+        write(paths[name])
+        print(f"  made {paths[name]} in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    open(stamp, "w").close()
+    return paths
