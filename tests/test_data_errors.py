@@ -249,19 +249,6 @@ def test_keyboard_interrupt_mid_run(ckpt, tmp_path, capsys, monkeypatch):
     assert_nothing_written(out)
 
 
-def test_sigint_to_a_running_process(ckpt, tmp_path):
-    """A real Ctrl-C: the writer is slowed down so the signal lands mid-run."""
-    paths, _ = ckpt
-    out = tmp_path / "out"
-    proc = _start_and_wait_for_writing(_slow_run_script(out, paths), tmp_path)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr.decode()
-    assert "Traceback" not in stderr.decode()
-    assert stderr.decode().strip() == "tvlang: interrupted; nothing was written"
-    assert_nothing_written(out)
-
-
 def _slow_run_script(out, paths, *, slow_abort: bool = False) -> str:
     """A child that runs EXPR with the writer slowed down (and, if asked, its cleanup too:
     it writes ``<out>.aborting`` when the cleanup starts, then takes a second)."""
@@ -296,15 +283,20 @@ def _start_and_wait_for_writing(script, tmp_path):
     return proc
 
 
-def test_sigterm_cleans_up_like_sigint(ckpt, tmp_path):
-    """0.2 died on SIGTERM with its temporary left beside the output."""
+@pytest.mark.parametrize("signum, code, message", [
+    (signal.SIGINT, 130, "tvlang: interrupted; nothing was written"),
+    (signal.SIGTERM, 143, "tvlang: terminated (SIGTERM); nothing was written"),  # 0.2 died, its temporary left
+], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_a_running_process(ckpt, tmp_path, signum, code, message):
+    """A real Ctrl-C or SIGTERM: the writer is slowed down so the signal lands mid-run."""
     paths, _ = ckpt
     out = tmp_path / "out"
     proc = _start_and_wait_for_writing(_slow_run_script(out, paths), tmp_path)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 143, stderr.decode()
-    assert stderr.decode().strip() == "tvlang: terminated (SIGTERM); nothing was written"
+    assert proc.returncode == code, stderr.decode()
+    assert "Traceback" not in stderr.decode()
+    assert stderr.decode().strip() == message
     assert_nothing_written(out)
 
 
