@@ -53,7 +53,7 @@ from tvlang.language.trampoline import Frame, trampoline
 _LOG_MAX = math.log10(sys.float_info.max)  # 308.25
 _LOG_MIN = math.log10(5e-324)  # the smallest subnormal: -323.3
 
-__all__ = ["BoundCall", "CheckedProgram", "Output", "bind_call", "check", "load_builtins"]
+__all__ = ["BoundCall", "CheckedProgram", "Output", "bind_call", "check", "free_names", "load_builtins"]
 
 
 
@@ -465,3 +465,19 @@ def check(
     checker = _Checker(program, source, filename, sources, params,
                        require_output=require_output, scalar_outputs=scalar_outputs)
     return checker.run()
+
+
+def free_names(program: ast.Program) -> list[str]:
+    r"""The names ``program`` uses but does not define (nor are built-ins), in order of first use:
+    the sources bound from outside.
+
+    >>> from tvlang.language.syntax import parse
+    >>> free_names(parse("tau = ft - pre\nout = pre + 0.5*mean(tau, tau)\n"))
+    ['ft', 'pre']
+    """
+    defined = {stmt.name for stmt in program.statements if stmt.name is not None}
+    names: dict[str, None] = {}
+    for node in ast.walk(program):
+        if isinstance(node, ast.Name) and node.id not in defined and node.id not in BUILTINS:
+            names.setdefault(node.id)
+    return list(names)

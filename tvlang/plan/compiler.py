@@ -90,15 +90,9 @@ class PendingPlan:
         self._params, self.flags, self.error = params, flags, error
 
     def free_names(self) -> list[str]:
-        from tvlang.language.checker import load_builtins
+        from tvlang.language.checker import free_names
 
-        defined = {s.name for s in self.program.statements if isinstance(s, (ast.Assign, ast.Param, ast.Out))}
-        builtins = load_builtins()
-        names: dict[str, None] = {}  # in order of first use
-        for node in ast.walk(self.program):
-            if isinstance(node, ast.Name) and node.id not in defined and node.id not in builtins:
-                names.setdefault(node.id)
-        return list(names)
+        return free_names(self.program)
 
     def kind_dependent(self) -> bool:
         """Whether every error goes away or changes when the free names are task

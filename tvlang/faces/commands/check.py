@@ -16,8 +16,7 @@ from tvlang.faces.commands.args import KINDS, UsageError, binding_kind, binding_
 from tvlang.faces.commands.common import add_recipe_arguments, locked_path, recipe_source
 from tvlang.faces.commands.json_output import emit, error_object
 from tvlang.language import ast
-from tvlang.language.builtins import BUILTINS
-from tvlang.language.checker import CheckedProgram, check
+from tvlang.language.checker import CheckedProgram, check, free_names
 from tvlang.language.syntax import parse, parse_expression
 from tvlang.plan.compiler import check_coefficients, declare_params
 from tvlang.plan.compiler import compile as compile_recipe
@@ -83,12 +82,8 @@ def free_models(program: ast.Program, bound: Mapping[str, str]) -> list[str]:
     >>> free_models(parse("tau = ft - pre\nout = pre + 0.5*tua\n"), {})
     ['ft', 'pre']
     """
-    defined = {s.name for s in program.statements if s.name is not None}
-    used: dict[str, None] = {}
-    for node in ast.walk(program):
-        if isinstance(node, ast.Name) and node.id not in defined and node.id not in BUILTINS:
-            used.setdefault(node.id)
-    return [name for name in used
+    defined = [stmt.name for stmt in program.statements if stmt.name is not None]
+    return [name for name in free_names(program)
             if name not in bound and not difflib.get_close_matches(name, defined, n=1)]
 
 
