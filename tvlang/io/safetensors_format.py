@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from tvlang.errors import TvlangError
 from tvlang.io.base import MAX_JSON_BYTES, TensorInfo, io_error, load_json, name_problem, quoted, show
 
 __all__ = [
@@ -252,6 +253,11 @@ def _short(value: object) -> str:
 
 def read_header(label: str, fd: int, file_size: int) -> tuple[dict[str, str], list]:
     """Read and check the header of the open file ``fd``."""
+    return parse_header(label, header_bytes(label, fd, file_size), file_size)
+
+
+def header_bytes(label: str, fd: int, file_size: int) -> bytes:
+    """The JSON text of the header of the open file ``fd``, its length checked against the file."""
     if file_size < 8:
         raise io_error(label, f"not a safetensors file: it has {file_size} bytes, fewer than the 8-byte header length")
     (length,) = struct.unpack("<Q", _pread_exact(fd, 8, 0))
@@ -259,8 +265,7 @@ def read_header(label: str, fd: int, file_size: int) -> tuple[dict[str, str], li
         raise io_error(label, f"not a safetensors file: header length {length} is absurd (more than {MAX_HEADER_BYTES} bytes)")
     if 8 + length > file_size:
         raise io_error(label, f"file is truncated: the header says it is {length} bytes but the file has {file_size} bytes")
-    raw = _pread_exact(fd, length, 8)
-    return parse_header(label, raw, file_size)
+    return _pread_exact(fd, length, 8)
 
 
 _METADATA_KEY = re.compile(rb'"__metadata__"\s*:\s*')
@@ -285,12 +290,10 @@ def peek_metadata(fd: int, file_size: int) -> dict[str, str] | None:
     {'tvlang.kind': 'delta'}
     >>> os.close(fd)
     """
-    if file_size < 9:
+    try:
+        raw = header_bytes("", fd, file_size)
+    except TvlangError:
         return None
-    (length,) = struct.unpack("<Q", _pread_exact(fd, 8, 0))
-    if length > MAX_HEADER_BYTES or 8 + length > file_size:
-        return None
-    raw = _pread_exact(fd, length, 8)
     found = [m for m in _METADATA_KEY.finditer(raw) if m.start() == 0 or raw[m.start() - 1:m.start()] != b"\\"]
     if not found:
         return {} if raw[:1] == b"{" else None  # no metadata at all
