@@ -418,11 +418,11 @@ def test_a_failed_merge_leaves_nothing_behind(planted_files, tmp_path, monkeypat
     base, paths, _, _ = planted_files
     calls = []
 
-    def failing(recipe, out):
+    def failing(recipe, out, distributed):
         calls.append(out)
         if len(calls) == 2:
             raise TvlangError("disk full (simulated)")
-        return real(recipe, out)
+        return real(recipe, out, distributed)
 
     real = build._run_recipe
     monkeypatch.setattr(build, "_run_recipe", failing)

@@ -18,12 +18,13 @@ out = ties(mnist - pre, svhn - pre, density=0.3)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import keyword
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -34,6 +35,8 @@ from tvlang.io import check_output_path, open_reader
 from tvlang.io.atomic import AtomicReplace
 from tvlang.io.lora import LoraAdapter
 from tvlang.run.adapters import lora_path
+from tvlang.run.ray_tasks import cluster as ray_cluster
+from tvlang.run.ray_tasks import import_ray
 from tvlang.version import __version__
 
 __all__ = [
@@ -183,6 +186,10 @@ def build_bases(
     random_state: int = 0,
     log: Callable[[str], None] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    executor: str = "local",
+    address: str | None = None,
+    workers: int | None = None,
+    task_timeout: float | None = None,
 ) -> dict:
     """Cluster the task vectors ``pairs`` (name, path) and write one basis per cluster.
 
@@ -190,6 +197,10 @@ def build_bases(
     directory is built under a temporary name and renamed into place; an
     existing ``out_dir`` is replaced only with ``force=True``, and never when
     it holds one of the inputs.
+
+    ``executor="ray"`` computes the similarity matrix as Ray tasks and each basis
+    with the Ray executor, on one cluster (``address``, or one local Ray instance of
+    ``workers`` CPUs): the same manifest and the same basis files.
     """
     if merge not in MERGE_METHODS:
         raise TvlangError(f"unknown merge method '{merge}' (choose from {', '.join(MERGE_METHODS)})")
@@ -205,6 +216,7 @@ def build_bases(
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise TvlangError(f"output '{out_dir}' exists and is not a directory")
     say = log or (lambda _msg: None)
+    distributed = executor_options(executor, address, workers, task_timeout)
 
     inputs = inspect_inputs(pairs, base, deltas)
     try:
@@ -216,68 +228,10 @@ def build_bases(
         raise TvlangError(f"{out_dir}: cannot create the output: {exc.strerror or exc}") from None
     tmp = replace.tmp
     try:
-        deltas = [t.name for t in inputs if t.kind == "delta"]
-        sim = similarity([(t.name, t.path) for t in inputs], base=base, include=include, exclude=exclude,
-                         deltas=deltas, chunk_bytes=chunk_bytes, progress=progress)
-        clustering = cluster(sim.cosine, k, random_state=random_state)
-        say(f"{len(inputs)} task vectors -> {clustering.k} bases (k {'auto' if k == 'auto' else 'given'};"
-            f" eigengap suggests {clustering.k_auto})")
-        bases = []
-        after = 0
-        after_files = 0
-        for index, members in enumerate(clustering.clusters):
-            group = [inputs[i] for i in members]
-            recipe = recipe_for(group, merge, density, base)
-            filename = f"basis_{index}.safetensors"
-            say(f"basis {index}: {', '.join(m.name for m in group)}")
-            try:
-                _run_recipe(recipe, os.path.join(tmp, filename))
-            except TvlangError as exc:
-                exc.notes = (*exc.notes, f"while writing basis {index} from {', '.join(m.name for m in group)}")
-                raise
-            reader = open_reader(os.path.join(tmp, filename), label=os.path.join(out_dir, filename))
-            try:
-                size = _float_bytes(reader)
-            finally:
-                reader.close()
-            after += size
-            after_files += os.path.getsize(os.path.join(tmp, filename))
-            bases.append({
-                "index": index,
-                "file": filename,
-                "members": [{"name": m.name, "path": os.path.abspath(m.path), "kind": m.kind} for m in group],
-                "recipe": recipe.text,
-                "float_bytes": size,
-            })
-        before = sum(t.float_bytes for t in inputs)
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "tvlang_version": __version__,
-            "base": os.path.abspath(base) if base else None,
-            "inputs": [{"name": t.name, "path": os.path.abspath(t.path), "kind": t.kind,
-                        "float_bytes": t.float_bytes} for t in inputs],
-            "include": list(include),
-            "exclude": list(exclude),
-            "similarity": {"names": sim.names, "tensors": len(sim.tensors), "parameters": sim.elements,
-                           "cosine": [[round(float(x), 6) for x in row] for row in sim.cosine],
-                           "norms": [float(x) for x in sim.norms]},
-            "affinity": "clip",
-            "eigenvalues": clustering.eigenvalues,
-            "k": clustering.k,
-            "k_requested": k if k == "auto" else int(k),
-            "k_eigengap": clustering.k_auto,
-            "merge": {"method": merge,
-                      "density": density if density is not None or merge != "topk" else TOPK_DEFAULT_DENSITY},
-            "bases": bases,
-            "storage": {
-                "before_bytes": before,
-                "after_bytes": after,
-                "saved_bytes": before - after,
-                "saved_percent": round(100.0 * (before - after) / before, 2) if before else 0.0,
-                "after_file_bytes": after_files,
-                "counts": "bytes of floating-point tensor data (headers and integer buffers excluded)",
-            },
-        }
+        with _cluster(distributed):
+            manifest = _build(base, inputs, out_dir, tmp, k=k, merge=merge, density=density, include=include,
+                              exclude=exclude, chunk_bytes=chunk_bytes, random_state=random_state, say=say,
+                              progress=progress, distributed=distributed)
         try:
             with open(os.path.join(tmp, MANIFEST_NAME), "w") as fh:
                 json.dump(manifest, fh, indent=2)
@@ -292,10 +246,100 @@ def build_bases(
     return manifest
 
 
-def _run_recipe(recipe: BasisRecipe, out: str) -> None:
+def executor_options(executor: str, address: str | None, workers: int | None,
+                     task_timeout: float | None) -> dict:
+    """The keyword arguments that send ``similarity`` and ``Plan.run`` to ``executor``."""
+    if executor == "local":
+        if address is not None or workers is not None or task_timeout is not None:
+            raise TvlangError("address=, workers= and task_timeout= are options of executor='ray'")
+        return {}
+    if executor != "ray":
+        raise TvlangError(f"unknown executor '{executor}'; the executors are local, ray")
+    return {"executor": "ray", "address": address, "workers": workers, "task_timeout": task_timeout}
+
+
+@contextlib.contextmanager
+def _cluster(distributed: dict) -> Iterator[None]:
+    """One Ray instance (or connection) for the similarity pass and every basis's run."""
+    if not distributed:
+        yield
+        return
+    with ray_cluster(import_ray(), distributed["address"], distributed["workers"]):
+        yield
+
+
+def _build(base, inputs, out_dir, tmp, *, k, merge, density, include, exclude, chunk_bytes, random_state, say,
+           progress, distributed) -> dict:
+    """The similarity pass, the clusters and one basis file per cluster in ``tmp``; the manifest."""
+    deltas = [t.name for t in inputs if t.kind == "delta"]
+    sim = similarity([(t.name, t.path) for t in inputs], base=base, include=include, exclude=exclude,
+                     deltas=deltas, chunk_bytes=chunk_bytes, progress=progress, **distributed)
+    clustering = cluster(sim.cosine, k, random_state=random_state)
+    say(f"{len(inputs)} task vectors -> {clustering.k} bases (k {'auto' if k == 'auto' else 'given'};"
+        f" eigengap suggests {clustering.k_auto})")
+    bases = []
+    after = 0
+    after_files = 0
+    for index, members in enumerate(clustering.clusters):
+        group = [inputs[i] for i in members]
+        recipe = recipe_for(group, merge, density, base)
+        filename = f"basis_{index}.safetensors"
+        say(f"basis {index}: {', '.join(m.name for m in group)}")
+        try:
+            _run_recipe(recipe, os.path.join(tmp, filename), distributed)
+        except TvlangError as exc:
+            exc.notes = (*exc.notes, f"while writing basis {index} from {', '.join(m.name for m in group)}")
+            raise
+        reader = open_reader(os.path.join(tmp, filename), label=os.path.join(out_dir, filename))
+        try:
+            size = _float_bytes(reader)
+        finally:
+            reader.close()
+        after += size
+        after_files += os.path.getsize(os.path.join(tmp, filename))
+        bases.append({
+            "index": index,
+            "file": filename,
+            "members": [{"name": m.name, "path": os.path.abspath(m.path), "kind": m.kind} for m in group],
+            "recipe": recipe.text,
+            "float_bytes": size,
+        })
+    before = sum(t.float_bytes for t in inputs)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "tvlang_version": __version__,
+        "base": os.path.abspath(base) if base else None,
+        "inputs": [{"name": t.name, "path": os.path.abspath(t.path), "kind": t.kind,
+                    "float_bytes": t.float_bytes} for t in inputs],
+        "include": list(include),
+        "exclude": list(exclude),
+        "similarity": {"names": sim.names, "tensors": len(sim.tensors), "parameters": sim.elements,
+                       "cosine": [[round(float(x), 6) for x in row] for row in sim.cosine],
+                       "norms": [float(x) for x in sim.norms]},
+        "affinity": "clip",
+        "eigenvalues": clustering.eigenvalues,
+        "k": clustering.k,
+        "k_requested": k if k == "auto" else int(k),
+        "k_eigengap": clustering.k_auto,
+        "merge": {"method": merge,
+                  "density": density if density is not None or merge != "topk" else TOPK_DEFAULT_DENSITY},
+        "bases": bases,
+        "storage": {
+            "before_bytes": before,
+            "after_bytes": after,
+            "saved_bytes": before - after,
+            "saved_percent": round(100.0 * (before - after) / before, 2) if before else 0.0,
+            "after_file_bytes": after_files,
+            "counts": "bytes of floating-point tensor data (headers and integer buffers excluded)",
+        },
+    }
+    return manifest
+
+
+def _run_recipe(recipe: BasisRecipe, out: str, distributed: dict) -> None:
     import tvlang
 
-    tvlang.compile(recipe.text, sources=recipe.sources).run(recipe.bindings, out=out)
+    tvlang.compile(recipe.text, sources=recipe.sources).run(recipe.bindings, out=out, **distributed)
 
 
 def _is_bases_file(entry: str) -> bool:
@@ -351,8 +395,11 @@ class Against:
 def against_bases(manifest_path: str, pairs: Sequence[tuple[str, str]], base: str | None = None, *,
                   include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
                   deltas: Sequence[str] = (), chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                  progress: Callable[[str, int, int], None] | None = None) -> Against:
-    """Similarity of new task vectors (name, path) to every basis of a manifest, in one pass."""
+                  progress: Callable[[str, int, int], None] | None = None, executor: str = "local",
+                  address: str | None = None, workers: int | None = None,
+                  task_timeout: float | None = None) -> Against:
+    """Similarity of new task vectors (name, path) to every basis of a manifest, in one pass
+    (``executor="ray"``: as Ray tasks, as ``similarity`` does)."""
     manifest, folder = load_manifest(manifest_path)
     base = base if base is not None else manifest.get("base")
     include = manifest.get("include", []) if include is None else include
@@ -364,7 +411,8 @@ def against_bases(manifest_path: str, pairs: Sequence[tuple[str, str]], base: st
         raise TvlangError(f"name '{clash[0]}' is taken by a stored basis; call the new task vector something else")
     inputs = list(pairs) + [(label, os.path.join(folder, b["file"])) for label, b in zip(labels, bases)]
     sim = similarity(inputs, base=base, include=include, exclude=exclude, deltas=[*labels, *deltas],
-                     chunk_bytes=chunk_bytes, progress=progress)
+                     chunk_bytes=chunk_bytes, progress=progress, executor=executor, address=address,
+                     workers=workers, task_timeout=task_timeout)
     n = len(pairs)
     return Against(
         names=[name for name, _ in pairs],

@@ -28,9 +28,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
-__all__ = ["BLOCK", "PIECE", "BlockSums", "ExactSum", "Sums"]
+__all__ = ["BLOCK", "PIECE", "BlockSums", "ExactMatrix", "ExactSum", "Sums"]
 
 #: entries per block; below torch's grain size (32768), so a block is summed on one thread
 BLOCK = 1 << 14
@@ -91,6 +92,43 @@ class ExactSum:
 
     def __setstate__(self, state: tuple[int, float]) -> None:
         self.units, self.special = state
+
+
+class ExactMatrix:
+    """A symmetric ``n x n`` matrix of :class:`ExactSum` (its upper triangle): float64 matrices
+    added in any order and grouping give the same ``value()``, bit for bit.
+
+    >>> a, b = ExactMatrix(2), ExactMatrix(2)
+    >>> a.add(np.array([[1e16, 1.0], [1.0, 2.0]])); b.add(np.array([[-1e16, 0.0], [0.0, 1.0]]))
+    >>> a.merge(b); a.value().tolist()
+    [[0.0, 1.0], [1.0, 3.0]]
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.sums = [ExactSum() for _ in range(n * (n + 1) // 2)]
+
+    def add(self, matrix) -> None:
+        """Add a symmetric float64 matrix (a numpy array; its upper triangle is read)."""
+        rows, cols = _upper(self.n)
+        for acc, x in zip(self.sums, matrix[rows, cols].tolist()):
+            acc.add(x)
+
+    def merge(self, other: "ExactMatrix") -> None:
+        for mine, theirs in zip(self.sums, other.sums):
+            mine.merge(theirs)
+
+    def value(self):
+        """The sums, each rounded once, as a symmetric float64 numpy array."""
+        out = np.zeros((self.n, self.n), dtype=np.float64)
+        rows, cols = _upper(self.n)
+        out[rows, cols] = [acc.value() for acc in self.sums]
+        out[cols, rows] = out[rows, cols]
+        return out
+
+
+def _upper(n: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.triu_indices(n)
 
 
 class BlockSums:

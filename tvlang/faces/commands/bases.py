@@ -7,6 +7,7 @@ import json
 import sys
 
 from tvlang.faces.commands.args import UsageError, chunk_bytes, parse_inputs, parse_k
+from tvlang.faces.commands.run import executor_options
 from tvlang.faces.commands.similarity import add_input_arguments, tty_progress
 
 HELP = "cluster task vectors and merge each cluster into a basis (Zhang et al.)"
@@ -29,6 +30,7 @@ examples:
   tvlang bases --base pre/ a=ft/a b=ft/b c=ft/c d=ft/d -o bases/ --k 2 --merge ties --density 0.2
   tvlang bases --base pre/ a=ft/a b=ft/b c=ft/c -o bases/ --include 'encoder.*' --force
   tvlang similarity --against bases/manifest.json new=ft/new
+  tvlang bases --base /shared/pre a=/shared/a b=/shared/b c=/shared/c -o /shared/bases --executor ray --address auto
 """
 
 
@@ -63,12 +65,13 @@ def run(args) -> int:
     if args.density is not None and args.merge == "mean":
         raise UsageError("--density applies to --merge ties or topk, not mean")
     budget = chunk_bytes(args.chunk_mb)
+    distributed = executor_options(args)
     require_sklearn()  # fail before the similarity pass, not after
     log = None if args.quiet or args.json else (lambda msg: print(msg, file=sys.stderr))
     manifest = build_bases(args.base, pairs, args.output, k=k, merge=args.merge, density=args.density,
                            include=args.include, exclude=args.exclude, force=args.force, deltas=deltas,
                            chunk_bytes=budget, log=log,
-                           progress=None if args.quiet else tty_progress("similarity"))
+                           progress=None if args.quiet else tty_progress("similarity"), **distributed)
     if args.json:
         print(json.dumps(manifest, indent=2))
         return 0

@@ -9,6 +9,7 @@ import sys
 
 from tvlang.errors import TvlangError
 from tvlang.faces.commands.args import UsageError, chunk_bytes, parse_inputs
+from tvlang.faces.commands.run import executor_options
 
 HELP = "cosine similarity matrix of task vectors (one streaming pass)"
 
@@ -36,6 +37,7 @@ examples:
   tvlang similarity a=tv/a.safetensors b=tv/b.safetensors      # task vector files: no --base
   tvlang similarity --base pre/ a=ft/a b=ft/b c=ft/c --plot sim.png
   tvlang similarity --against bases/manifest.json gtsrb=ft/gtsrb --threshold 0.3
+  tvlang similarity --base /shared/pre a=/shared/a b=/shared/b --executor ray --address auto
 """
 
 
@@ -70,6 +72,16 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip tensors whose name matches (repeatable)")
     parser.add_argument("--chunk-mb", type=float, default=64.0, metavar="MB",
                         help="memory for the chunks of all inputs together (default 64)")
+    parser.add_argument("--executor", default="local", choices=("local", "ray"),
+                        help="local (default), or ray: the similarity matrix as partial sums over ranges of"
+                             " tensors, one Ray task each, the same matrix (docs/distributed.md)")
+    parser.add_argument("--address", default=None, metavar="auto|HOST:PORT",
+                        help="--executor ray: the cluster to use (default: start a local Ray instance)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="--executor ray: at most N tasks at a time (a local instance gets N CPUs)")
+    parser.add_argument("--task-timeout", type=float, default=None, metavar="SECONDS",
+                        help="--executor ray: a task running longer is cancelled and the command fails"
+                             " (default: no limit)")
 
 
 def tty_progress(label: str):
@@ -91,14 +103,15 @@ def run(args) -> int:
         raise UsageError("give at least one task vector as NAME=PATH")
     if args.threshold is not None and not args.against:
         raise UsageError("--threshold needs --against MANIFEST")
+    distributed = executor_options(args)
     if args.against:
-        return _run_against(args, pairs, deltas)
+        return _run_against(args, pairs, deltas, distributed)
 
     from tvlang.bases.gram import similarity  # the bases layer imports torch
 
     sim = similarity(pairs, base=args.base, include=args.include, exclude=args.exclude, deltas=deltas,
                      chunk_bytes=chunk_bytes(args.chunk_mb),
-                     progress=None if args.quiet else tty_progress("similarity"))
+                     progress=None if args.quiet else tty_progress("similarity"), **distributed)
     if args.plot:
         plot_heatmap(sim, args.plot)
     if args.json:
@@ -114,13 +127,13 @@ def run(args) -> int:
     return 0
 
 
-def _run_against(args, pairs, deltas) -> int:
+def _run_against(args, pairs, deltas, distributed: dict) -> int:
     from tvlang.bases.build import against_bases  # the bases layer imports torch
 
     result = against_bases(args.against, pairs, base=args.base,
                            include=args.include or None, exclude=args.exclude or None, deltas=deltas,
                            chunk_bytes=chunk_bytes(args.chunk_mb),
-                           progress=None if args.quiet else tty_progress("similarity"))
+                           progress=None if args.quiet else tty_progress("similarity"), **distributed)
     if args.json:
         data = result.to_dict()
         if args.threshold is not None:
