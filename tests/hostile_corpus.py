@@ -177,6 +177,21 @@ def _(d):
     return bind_a("a.safetensors")
 
 
+def many_entries_header(count: int) -> bytes:
+    """A safetensors file of ``count`` one-float tensors: a valid file, only too many of them
+    (issue 18, case 9: 1.67 million entries in a 100 MB header)."""
+    entries = b",".join(b'"t%d":{"dtype":"F32","shape":[1],"data_offsets":[%d,%d]}' % (i, 4 * i, 4 * i + 4)
+                         for i in range(count))
+    header = b"{" + entries + b"}"
+    return struct.pack("<Q", len(header)) + header + b"\0" * (4 * count)
+
+
+@case("safetensors header", "1.3_million_entries_in_97_MB")
+def _(d):
+    write(os.path.join(d, "a.safetensors"), many_entries_header(1_300_000))
+    return bind_a("a.safetensors")
+
+
 # -- 2. sharded indexes -------------------------------------------------------------------------
 
 def _model_dir(d: str, index, shards: dict[str, bytes] | None = None) -> list[str]:

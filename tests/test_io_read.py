@@ -608,3 +608,46 @@ def test_kind_peek_reads_only_the_metadata(tmp_path, monkeypatch):
     tricky = str(tmp_path / "tricky.safetensors")
     save_file({'"__metadata__": {"tvlang.kind": "delta"}': torch.zeros(1)}, tricky)
     assert peek_kind(tricky) == "model"
+
+
+def test_a_header_of_too_many_tensors_is_refused_before_parsing(tmp_path, monkeypatch):
+    """Issue 18, case 9: a valid header of 1.67 million one-float tensors took a minute and
+    2 GB to check. More than MAX_TENSORS_PER_FILE entries is refused from a count of the
+    raw bytes, before the JSON is parsed; a sharded index over MAX_TENSORS_PER_MODEL too."""
+    import hostile_corpus
+
+    import tvlang.io.base as base
+    from tvlang.io import open_reader
+    from tvlang.io.base import MAX_TENSORS_PER_FILE, MAX_TENSORS_PER_MODEL
+
+    assert (MAX_TENSORS_PER_FILE, MAX_TENSORS_PER_MODEL) == (262_144, 1_048_576)
+    path = tmp_path / "many.safetensors"
+    path.write_bytes(hostile_corpus.many_entries_header(MAX_TENSORS_PER_FILE + 1))
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("the header was parsed")
+
+    monkeypatch.setattr(base.json, "loads", no_parse)
+    with pytest.raises(TvlangError) as info:
+        open_reader(str(path))
+    assert str(info.value) == (
+        f"error: {path}: header holds 262145 tensors, more than the 262144 tvlang reads from one file"
+        " (real checkpoints hold a few thousand per file); split it into shards under an index"
+    )
+    monkeypatch.undo()
+    # exactly at the limit: read
+    path.write_bytes(hostile_corpus.many_entries_header(MAX_TENSORS_PER_FILE))
+    with open_reader(str(path)) as reader:
+        assert len(reader.names()) == MAX_TENSORS_PER_FILE
+
+    # an index: counted after parsing (its entries have no fixed key to count)
+    import tvlang.io.sharded as sharded
+
+    monkeypatch.setattr(sharded, "MAX_TENSORS_PER_MODEL", 3)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    save_file({f"w{i}": torch.zeros(1) for i in range(4)}, str(folder / "s1.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {f"w{i}": "s1.safetensors" for i in range(4)}}))
+    with pytest.raises(TvlangError, match=r"index lists 4 tensors, more than the 3 tvlang reads from one model"):
+        open_reader(str(folder))

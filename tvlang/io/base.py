@@ -33,6 +33,8 @@ __all__ = [
     "MAX_JSON_BYTES",
     "MAX_JSON_DEPTH",
     "MAX_NUMBER_CHARS",
+    "MAX_TENSORS_PER_FILE",
+    "MAX_TENSORS_PER_MODEL",
     "TensorInfo",
     "TensorReader",
     "check_regular",
@@ -116,6 +118,13 @@ MAX_JSON_DEPTH = 64
 # Longest number allowed, in characters. The largest offset or dimension anyone can
 # use has 20 digits; Python refuses to convert integers of more than 4300.
 MAX_NUMBER_CHARS = 100
+# Most tensors one safetensors file, and one sharded model (its index), may hold. Real
+# checkpoints hold a few thousand per file and at most about 150,000 in all (the largest
+# mixture-of-experts models with quantization scales); a header of millions of one-entry
+# tensors only costs time and memory (a 100 MB header of 1.7 million entries took a
+# minute and 2 GB to check). A larger model is read as shards under an index.
+MAX_TENSORS_PER_FILE = 1 << 18
+MAX_TENSORS_PER_MODEL = 1 << 20
 
 
 class _JSONLimit(Exception):

@@ -32,7 +32,16 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from tvlang.errors import TvlangError
-from tvlang.io.base import MAX_JSON_BYTES, TensorInfo, io_error, load_json, name_problem, quoted, show
+from tvlang.io.base import (
+    MAX_JSON_BYTES,
+    MAX_TENSORS_PER_FILE,
+    TensorInfo,
+    io_error,
+    load_json,
+    name_problem,
+    quoted,
+    show,
+)
 
 __all__ = [
     "DTYPE_FROM_SAFETENSORS",
@@ -122,9 +131,12 @@ def parse_header(
     JSON nested or numbers longer than the limits of :func:`load_json`.
     """
     data_start = 8 + len(raw)
+    # Every entry has a "data_offsets" key: counting them is a bound found before parsing.
+    _check_count(label, raw.count(b'"data_offsets"'))
     header = load_json(label, raw, "header", offset=8, hint="; not a safetensors file?")
     if not isinstance(header, dict):
         raise io_error(label, f"header is a JSON {type(header).__name__}, not an object; not a safetensors file?")
+    _check_count(label, len(header) - ("__metadata__" in header))
 
     metadata: dict[str, str] = {}
     raw_meta = header.pop("__metadata__", None)
@@ -235,6 +247,15 @@ def parse_header(
             f" but the file has {file_size} bytes (the safetensors library refuses such files)",
         )
     return metadata, entries
+
+
+def _check_count(label: str, count: int) -> None:
+    if count > MAX_TENSORS_PER_FILE:
+        raise io_error(
+            label,
+            f"header holds {count} tensors, more than the {MAX_TENSORS_PER_FILE} tvlang reads from one file"
+            " (real checkpoints hold a few thousand per file); split it into shards under an index",
+        )
 
 
 def _has_surrogate(text: str) -> bool:

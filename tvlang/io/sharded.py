@@ -17,6 +17,7 @@ import torch
 
 from tvlang.io.base import (
     MAX_JSON_BYTES,
+    MAX_TENSORS_PER_MODEL,
     TensorReader,
     io_error,
     kind_from_metadata,
@@ -148,6 +149,15 @@ class ShardedReader(TensorReader):
             reader.close()
 
 
+def _check_count(label: str, count: int) -> None:
+    if count > MAX_TENSORS_PER_MODEL:
+        raise io_error(
+            label,
+            f"index lists {count} tensors, more than the {MAX_TENSORS_PER_MODEL} tvlang reads from one model"
+            " (the largest real models hold about 150,000)",
+        )
+
+
 def read_index(label: str, path: str) -> dict[str, str]:
     fd, size = open_regular(label, path)
     try:
@@ -163,6 +173,7 @@ def read_index(label: str, path: str) -> dict[str, str]:
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
         raise io_error(label, "index has no 'weight_map' object (expected {\"weight_map\": {tensor: shard file}})")
     weight_map = index["weight_map"]
+    _check_count(label, len(weight_map))
     for name, shard in weight_map.items():
         problem = name_problem(name)
         if problem is not None:
