@@ -21,6 +21,13 @@ is retried by Ray when its worker dies (``MAX_RETRIES`` times); a failure that
 outlives the retries, or a recipe or data error in a task, removes the temporary
 directories and is reported as a ``TvlangError`` naming the shard and the worker.
 
+While tasks run, each reports the bytes it has written (at most five times a second)
+to a small Ray actor that the driver polls, so a progress bar counts shards and bytes
+across workers. With ``device="cuda"`` each task asks Ray for one GPU (``num_gpus=1``)
+and computes on it; a cluster without a GPU is refused before any task is submitted
+(the task would wait for one forever). Of several failing shards, the earliest is
+reported (``tvlang.run.ray_tasks.run_tasks``).
+
 The bytes are the local run's: a shard file written alone has the header and data
 that the sharded writer gives it, and every per-tensor result depends only on the
 tensor's name, its inputs and the reduced scalars (dare's randomness is keyed by
@@ -57,8 +64,10 @@ from tvlang.run.outputs import (
 from tvlang.run.progress import progress_for
 from tvlang.run.ray_tasks import (
     Job,
+    LiveBytes,
     Recipe,
     TaskFailed,
+    TaskProgress,
     cluster,
     import_ray,
     run_tasks,
@@ -95,6 +104,7 @@ class ShardTask:
 
     names: tuple[str, ...]
     files: list[ShardFile]
+    index: int = 0  # its place among the run's tasks (the order of the base's tensors)
 
     @property
     def label(self) -> str:
@@ -150,7 +160,7 @@ def compute_shards(job: Job, task: ShardTask) -> ShardDone:
                                              " and the run must not have been cancelled",))
                 # A retried task replaces the file an earlier attempt may have renamed into place.
                 writers[file.output] = StreamingWriter(file.path, file.layout, metadata=file.metadata, force=True)
-            nbytes = write_results(session, writers)
+            nbytes = write_results(session, writers, TaskProgress.of(job, task.index))
             for writer in writers.values():
                 writer.commit()
         except TvlangError as exc:
@@ -187,8 +197,13 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
         targets = output_targets(plan, out)
         options = dict(device=device, dtype=dtype, out_dtype=out_dtype, missing=missing,
                        allow_nonfinite=allow_nonfinite)
+        gpu = str(device).startswith("cuda")
+        if gpu:
+            # The tasks compute on the GPU Ray gives each (CUDA_VISIBLE_DEVICES: it is their cuda:0);
+            # the driver plans, and streams here a reduction level that cannot be split, on its CPU.
+            options["device"] = "cuda"
         locked = verified(bound, bindings, os.fspath(lock), report=progress is True) if lock is not None else None
-        session = Session(bound, **options)
+        session = Session(bound, **{**options, "device": "cpu" if gpu else device})
         check_distinct_outputs(targets)
         inputs = [*protected_paths(plan, bindings), *bound.readers.values()]
         for name, path in targets.items():
@@ -200,30 +215,33 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
                                          metadata=metadata, inputs=inputs, force=force, copy_from=copy_from,
                                          files=files))
         bar = progress_for(progress)
-        job = Job(Recipe.of(plan), dict(bindings), options, {}, os.getcwd())
         tasks = shard_tasks(outputs)
-        gpu = str(device).startswith("cuda")
         with cluster(ray, address, workers):
-            # The reduction passes: map tasks over ranges of tensors, merged here in order (a level
-            # with a reducer that cannot merge runs here, one read of the inputs per pass).
-            reductions = RayReductions(ray, job, session, parts=len(tasks), workers=workers,
-                                       max_retries=MAX_RETRIES, gpu=gpu, bar=bar, timeout=task_timeout,
-                                       task=reduce_part)
-            session.reduce(bar, map_pass=reductions)
-            job = replace(job, reduced={plan.schedule.tasks[key].name: value
-                                        for key, value in session.reduced.items()})
-            if bar:
-                label = "main pass" if not plan.schedule.levels else f"pass {plan.schedule.passes} (main)"
-                bar.start(f"{label}: {len(tasks)} shard task{'s' if len(tasks) != 1 else ''} on Ray", len(tasks),
-                          sum(task.nbytes for task in tasks))
-
-            def advance(index: int, result: ShardDone) -> None:
+            counter = LiveBytes.counter_for(ray, bar)  # the tasks' bytes, while they run
+            try:
+                job = Job(Recipe.of(plan), dict(bindings), options, {}, os.getcwd(), counter)
+                # The reduction passes: map tasks over ranges of tensors, merged here in order (a level
+                # with a reducer that cannot merge runs here, one read of the inputs per pass).
+                reductions = RayReductions(ray, job, session, parts=len(tasks), workers=workers,
+                                           max_retries=MAX_RETRIES, gpu=gpu, bar=bar, timeout=task_timeout,
+                                           task=reduce_part)
+                session.reduce(bar, map_pass=reductions)
+                job = replace(job, reduced={plan.schedule.tasks[key].name: value
+                                            for key, value in session.reduced.items()}, pass_key=0)
+                labels = [task.label for task in tasks]
+                nbytes = [task.nbytes for task in tasks]
                 if bar:
-                    bar.advance(tasks[index].label, tasks[index].nbytes)
-
-            job_ref = ray.put(job)
-            done = run_tasks(ray, compute_shards, [(job_ref, task) for task in tasks], [t.label for t in tasks],
-                             limit=workers, max_retries=MAX_RETRIES, gpu=gpu, timeout=task_timeout, done=advance)
+                    label = "main pass" if not plan.schedule.levels else f"pass {plan.schedule.passes} (main)"
+                    bar.start(f"{label}: {len(tasks)} shard task{'s' if len(tasks) != 1 else ''} on Ray",
+                              len(tasks), sum(nbytes))
+                live = LiveBytes(ray, bar, counter, 0, labels, nbytes)
+                job_ref = ray.put(job)
+                done = run_tasks(ray, compute_shards, [(job_ref, task) for task in tasks], labels, limit=workers,
+                                 max_retries=MAX_RETRIES, gpu=gpu, timeout=task_timeout, done=live.done,
+                                 poll=live.poll if counter is not None else None)
+            finally:
+                if counter is not None:
+                    ray.kill(counter)
         for output in outputs:
             output.check()
         commit_all(outputs)
@@ -252,4 +270,4 @@ def shard_tasks(outputs: list[ShardedOutput]) -> list[ShardTask]:
             names = tuple(info.name for info in shard.layout)
             tasks.setdefault(names, []).append(ShardFile(output.name, output.shard_path(shard), shard.layout,
                                                          output.shard_metadata(shard)))
-    return [ShardTask(names, files) for names, files in tasks.items()]
+    return [ShardTask(names, files, index) for index, (names, files) in enumerate(tasks.items())]

@@ -22,7 +22,16 @@ from typing import Any
 
 from tvlang.errors import TvlangError
 from tvlang.run.bindings import bind
-from tvlang.run.ray_tasks import Job, TaskFailed, run_tasks, slots, worker_name, working_directory
+from tvlang.run.ray_tasks import (
+    Job,
+    LiveBytes,
+    TaskFailed,
+    TaskProgress,
+    run_tasks,
+    slots,
+    worker_name,
+    working_directory,
+)
 from tvlang.run.session import Session
 
 __all__ = ["RayReductions", "partition", "reduce_part"]
@@ -54,7 +63,8 @@ class PartDone:
     seconds: float
 
 
-def reduce_part(job: Job, level: int, pass_index: int, reducers: dict[str, Any], names: list[str]) -> PartDone:
+def reduce_part(job: Job, level: int, pass_index: int, reducers: dict[str, Any], names: list[str],
+                index: int = 0) -> PartDone:
     """Run on a Ray worker: stream ``names`` through the reduction level's program into ``reducers``."""
     started = time.perf_counter()
     with working_directory(job.cwd):
@@ -68,7 +78,7 @@ def reduce_part(job: Job, level: int, pass_index: int, reducers: dict[str, Any],
             session.reduced = {key: job.reduced[task.name] for key, task in plan.schedule.tasks.items()
                                if task.name in job.reduced}
             program = plan.schedule.levels[level][1]
-            session.feed_pass(program, reducers, pass_index, names)
+            session.feed_pass(program, reducers, pass_index, names, TaskProgress.of(job, index))
         except TvlangError as exc:
             raise TaskFailed(exc.with_context(source=bound.plan.text, filename=bound.plan.filename),
                              worker_name()) from None
@@ -97,6 +107,7 @@ class RayReductions:
         self.timeout = timeout
         self.task = task
         self.tasks_run = 0  # reduction tasks run, for tests and the summary
+        self.passes_run = 0  # passes run as tasks (each its own key in the job's ByteCounter)
 
     def __call__(self, level: int, pass_index: int, reducers: dict[str, Any], label: str) -> list[dict[str, Any]]:
         session = self.session
@@ -104,7 +115,8 @@ class RayReductions:
         layout = session.layout
         reduced = {task.name: session.reduced[key] for key, task in plan.schedule.tasks.items()
                    if key in session.reduced}
-        job_ref = self.ray.put(replace(self.job, reduced=reduced))
+        self.passes_run += 1
+        job_ref = self.ray.put(replace(self.job, reduced=reduced, pass_key=self.passes_run))
         reducers_ref = self.ray.put(reducers)
         program = plan.schedule.levels[level][1]
         reads = len(program.reads)
@@ -116,13 +128,11 @@ class RayReductions:
             bar.start(f"{label}: {len(ranges)} task{'s' if len(ranges) != 1 else ''} on Ray", len(ranges),
                       sum(nbytes))
 
-        def done(index: int, result: PartDone) -> None:
-            if bar:
-                bar.advance(labels[index], nbytes[index])
-
-        results = run_tasks(self.ray, self.task, [(job_ref, level, pass_index, reducers_ref, names)
-                                                  for names in ranges],
+        live = LiveBytes(self.ray, bar, self.job.counter, self.passes_run, labels, nbytes)
+        results = run_tasks(self.ray, self.task, [(job_ref, level, pass_index, reducers_ref, names, index)
+                                                  for index, names in enumerate(ranges)],
                             labels, limit=self.workers, max_retries=self.max_retries, gpu=self.gpu,
-                            timeout=self.timeout, done=done)
+                            timeout=self.timeout, done=live.done,
+                            poll=live.poll if self.job.counter is not None else None)
         self.tasks_run += len(ranges)
         return [result.reducers for result in results]

@@ -4,7 +4,8 @@
 a widget in a notebook), one per pass, named after the pass ("pass 1 of 2: norm",
 "main pass") and counting the bytes of the tensors the pass reads. ``progress=`` a
 callable gets a ``ProgressEvent`` after each tensor of each pass instead, and draws
-nothing. Without tqdm installed (``pip install tvlang[progress]``) ``True`` draws
+nothing. On Ray, a pass's "tensors" are its tasks, and its bytes move while they run
+(``show``). Without tqdm installed (``pip install tvlang[progress]``) ``True`` draws
 nothing; the summary line still comes.
 """
 
@@ -51,6 +52,17 @@ class Progress:
         self.bytes_done += nbytes
         if self.bar is not None:
             self.bar.update(nbytes)
+        if self.callback is not None:
+            self.callback(ProgressEvent(self.label, name, self.tensors_done, self.tensors_total,
+                                        self.bytes_done, self.bytes_total))
+
+    def show(self, name: str, bytes_done: int, tensors_done: int) -> None:
+        """Where a pass run by tasks elsewhere is (the Ray executor): the tasks finished and the bytes
+        done so far, running tasks' included. Bytes never go back (a retried task starts again)."""
+        nbytes = max(bytes_done, self.bytes_done)
+        if self.bar is not None and nbytes > self.bytes_done:
+            self.bar.update(nbytes - self.bytes_done)
+        self.bytes_done, self.tensors_done = nbytes, tensors_done
         if self.callback is not None:
             self.callback(ProgressEvent(self.label, name, self.tensors_done, self.tensors_total,
                                         self.bytes_done, self.bytes_total))

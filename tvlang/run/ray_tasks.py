@@ -5,8 +5,12 @@ bindings, the session options, the reduced scalars so far); :func:`cluster` conn
 to Ray or starts a local instance; :func:`run_tasks` submits one task per item (at
 most ``limit`` at a time), gathers their results in the items' order, and turns a
 task's failure into a :class:`TvlangError` naming the item and the worker, or, past
-``timeout`` seconds, cancels it and says so. Used by the main pass
-(``tvlang.run.distributed``) and the reduction passes (``tvlang.run.distributed_reduce``).
+``timeout`` seconds, cancels it and says so. A failure reported is always the
+earliest item's that fails (the later tasks are cancelled, the earlier ones waited
+for), not whichever task happened to fail first. :class:`LiveBytes` carries the bytes
+that running tasks report (through a small Ray actor) to the driver's progress bar.
+Used by the main pass (``tvlang.run.distributed``), the reduction passes
+(``tvlang.run.distributed_reduce``) and the similarity matrix (``tvlang.bases.gram_ray``).
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ if TYPE_CHECKING:
     from tvlang.language import ast
     from tvlang.plan.compiler import Plan
 
-__all__ = ["CANCEL_WAIT", "INSTALL_HINT", "Job", "Recipe", "TaskFailed", "cluster", "import_ray", "run_tasks",
-           "slots", "worker_name", "working_directory"]
+__all__ = ["CANCEL_WAIT", "INSTALL_HINT", "Job", "LiveBytes", "Recipe", "TaskFailed", "TaskProgress", "cluster",
+           "import_ray", "require_gpus", "run_tasks", "slots", "task_options", "worker_name", "working_directory"]
 
 CANCEL_WAIT = 10.0  # seconds a cancelled task has to stop before its worker is killed
 INSTALL_HINT = "pip install 'tvlang[ray]'"
+POLL_SECONDS = 0.25  # how often the driver asks for the running tasks' bytes (with a progress bar)
+REPORT_SECONDS = 0.2  # how often a task reports its bytes (at most)
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,8 @@ class Job:
     options: dict[str, Any]  # Session's: device, dtype, out_dtype, missing, allow_nonfinite
     reduced: dict[str, float]  # reduction task name ("r0", ...) -> its value, for those known so far
     cwd: str  # the driver's working directory: relative paths mean the same files on every worker
+    counter: Any = None  # the ByteCounter actor the tasks report their bytes to (with a progress bar)
+    pass_key: int = 0  # which pass the tasks belong to, in the counter
 
 
 class TaskFailed(Exception):
@@ -136,55 +144,176 @@ def slots(ray, workers: int | None) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
+def require_gpus(ray) -> None:
+    """A task asking for a GPU on a cluster without one would wait forever: refuse first."""
+    if ray.cluster_resources().get("GPU", 0) < 1:
+        raise TvlangError("--device cuda on Ray runs each task on a GPU (num_gpus=1), but the Ray cluster has no GPU",
+                          notes=("its tasks would wait for one forever; run with --device cpu (device='cpu'), or"
+                                 " start the cluster's nodes with their GPUs (`ray start --num-gpus N`)",))
+
+
+def task_options(max_retries: int, gpu: bool) -> dict[str, Any]:
+    """Ray's options for every task: its retries, one CPU, and one GPU with ``--device cuda``."""
+    return {"max_retries": max_retries, "num_cpus": 1, "num_gpus": 1 if gpu else 0}
+
+
+# -- progress across workers ------------------------------------------------------------------
+
+
+class ByteCounter:
+    """A Ray actor (no CPU of its own): the bytes each running task has reported, by (pass, item)."""
+
+    def __init__(self) -> None:
+        self.reported: dict[tuple[int, int], int] = {}
+
+    def report(self, pass_key: int, index: int, nbytes: int) -> None:
+        self.reported[(pass_key, index)] = nbytes  # a retried task starts again from its own count
+
+    def snapshot(self, pass_key: int) -> dict[int, int]:
+        return {index: n for (key, index), n in self.reported.items() if key == pass_key}
+
+
+class TaskProgress:
+    """In a task: ``Session``'s progress, sent to the ByteCounter every ``REPORT_SECONDS`` at most."""
+
+    def __init__(self, job: Job, index: int) -> None:
+        self.job = job
+        self.index = index
+        self.nbytes = 0
+        self.sent = 0.0
+
+    def start(self, label: str, tensors: int, nbytes: int) -> None:
+        pass
+
+    def advance(self, name: str, nbytes: int) -> None:
+        self.nbytes += nbytes
+        now = time.monotonic()
+        if now - self.sent >= REPORT_SECONDS:
+            self.sent = now
+            self.job.counter.report.remote(self.job.pass_key, self.index, self.nbytes)  # not waited for
+
+    @classmethod
+    def of(cls, job: Job, index: int) -> "TaskProgress | None":
+        return cls(job, index) if job.counter is not None else None
+
+
+class LiveBytes:
+    """On the driver: one pass's bar, counting finished tasks and the bytes that every task has done so far.
+
+    ``counter`` is the run's ByteCounter actor (None without a bar: nothing is polled);
+    ``labels`` and ``nbytes`` are the pass's tasks'.
+    """
+
+    def __init__(self, ray, bar, counter, pass_key: int, labels: Sequence[str], nbytes: Sequence[int]) -> None:
+        self.ray, self.bar, self.counter, self.pass_key = ray, bar, counter, pass_key
+        self.labels, self.nbytes = labels, nbytes
+        self.finished: set[int] = set()
+        self.reported: dict[int, int] = {}
+
+    def _show(self, name: str) -> None:
+        running = sum(min(n, self.nbytes[i]) for i, n in self.reported.items() if i not in self.finished)
+        self.bar.show(name, sum(self.nbytes[i] for i in self.finished) + running, len(self.finished))
+
+    def poll(self) -> None:
+        if self.bar is None or self.counter is None:
+            return
+        reported = self.ray.get(self.counter.snapshot.remote(self.pass_key))
+        if reported != self.reported:
+            self.reported = reported
+            busiest = max(reported, key=lambda i: (i not in self.finished, reported[i]), default=None)
+            self._show(self.labels[busiest] if busiest is not None else "")
+
+    def done(self, index: int, result: Any = None) -> None:
+        if self.bar is None:
+            return
+        self.finished.add(index)
+        self._show(self.labels[index])
+
+    @classmethod
+    def counter_for(cls, ray, bar) -> Any:
+        """The run's ByteCounter actor when there is a bar to draw, else None."""
+        return ray.remote(num_cpus=0)(ByteCounter).remote() if bar is not None else None
+
+
 # -- running tasks -------------------------------------------------------------------------
 
 
 def run_tasks(ray, function: Callable[..., Any], args: Sequence[tuple], labels: Sequence[str], *,
               limit: int | None, max_retries: int, gpu: bool = False, timeout: float | None = None,
-              done: Callable[[int, Any], None] | None = None) -> list[Any]:
+              done: Callable[[int, Any], None] | None = None, poll: Callable[[], None] | None = None) -> list[Any]:
     """Run ``function(*args[i])`` as Ray tasks (at most ``limit`` at a time); their results in ``args``' order.
 
-    ``done(i, result)`` is called as each task finishes. The first failure (or Ctrl-C)
-    cancels the other tasks and raises: a task's ``TaskFailed`` as a ``TvlangError``
-    naming ``labels[i]`` and the worker; a task running past ``timeout`` seconds as one
-    naming ``labels[i]`` and the timeout; a failure that outlived the retries as one
-    naming ``labels[i]``.
+    ``done(i, result)`` is called as each task finishes, ``poll()`` every
+    ``POLL_SECONDS`` while tasks run. A failure (or Ctrl-C) cancels the tasks after it
+    and raises, once the tasks before it have ended, the earliest item's failure: a
+    task's ``TaskFailed`` as a ``TvlangError`` naming ``labels[i]`` and the worker; a
+    task running past ``timeout`` seconds as one naming ``labels[i]`` and the timeout;
+    a failure that outlived the retries as one naming ``labels[i]``. With ``gpu``, each
+    task asks for one GPU, and a cluster without one is refused first.
     """
-    remote = ray.remote(function).options(max_retries=max_retries, num_cpus=1, num_gpus=1 if gpu else 0)
+    if gpu:
+        require_gpus(ray)
+    remote = ray.remote(function).options(**task_options(max_retries, gpu))
     waiting = list(range(len(args)))
     running: dict[Any, tuple[int, float]] = {}  # ref -> (item, when submitted)
     results: list[Any] = [None] * len(args)
+    failed: tuple[int, BaseException] | None = None  # the earliest item that failed so far, and its error
     # With a timeout, a task is submitted only when a slot is free, so that its clock starts when it does.
     limit = limit or (slots(ray, None) if timeout is not None else len(args))
+
+    def fail(index: int, error: BaseException) -> None:
+        """Keep the earliest failure; the tasks after it are not needed any more."""
+        nonlocal failed
+        if failed is None or index < failed[0]:
+            failed = (index, error)
+        later = [ref for ref, (item, _) in running.items() if item > failed[0]]
+        for ref in later:
+            del running[ref]
+        if later:
+            _cancel(ray, later)
+
     try:
-        while waiting or running:
-            while waiting and len(running) < limit:
+        while running or (waiting and failed is None):
+            # Items are submitted in order, so once one has failed, every earlier one is running or done.
+            while failed is None and waiting and len(running) < limit:
                 index = waiting.pop(0)
                 running[remote.remote(*args[index])] = (index, time.monotonic())
-            wait = None
+            wait = POLL_SECONDS if poll is not None else None
             if timeout is not None:
                 oldest = min(started for _, started in running.values())
-                wait = max(0.0, oldest + timeout - time.monotonic())
+                wait = min(wait if wait is not None else timeout, max(0.0, oldest + timeout - time.monotonic()))
             ready, _ = ray.wait(list(running), num_returns=1, timeout=wait)
+            if poll is not None and failed is None:
+                poll()
             if not ready:
                 now = time.monotonic()
-                late = min((index for index, started in running.values() if now - started >= timeout),
-                           default=None)
+                late = min((index for index, started in running.values()
+                            if timeout is not None and now - started >= timeout), default=None)
                 if late is not None:
-                    raise TvlangError(f"{labels[late]} ran past the task timeout of {timeout:g} s and was cancelled",
-                                      notes=("raise it with --task-timeout (task_timeout=), or give the run more"
-                                             " workers or smaller shards",))
+                    fail(late, TvlangError(f"{labels[late]} ran past the task timeout of {timeout:g} s and was"
+                                           " cancelled",
+                                           notes=("raise it with --task-timeout (task_timeout=), or give the run"
+                                                  " more workers or smaller shards",)))
+                    late_refs = [ref for ref, (item, _) in running.items() if item == late]
+                    for ref in late_refs:
+                        del running[ref]
+                    _cancel(ray, late_refs)
                 continue
             for ref in ready:
+                if ref not in running:  # cancelled by a failure among the same ready refs
+                    continue
                 index, _ = running.pop(ref)
                 try:
                     results[index] = ray.get(ref)
                 except ray.exceptions.RayError as exc:
-                    raise _task_failed(ray, labels[index], exc, max_retries) from None
-                if done is not None:
+                    fail(index, _task_failed(ray, labels[index], exc, max_retries))
+                    continue
+                if done is not None and failed is None:
                     done(index, results[index])
+        if failed is not None:
+            raise failed[1]
     finally:
-        if running:  # a failure or Ctrl-C: stop the others before their directories go
+        if running:  # Ctrl-C (or a bug): stop the others before their directories go
             _cancel(ray, list(running))
     return results
 
