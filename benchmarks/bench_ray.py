@@ -1,6 +1,6 @@
 """Benchmark the Ray executor against the local one: the same recipe, the same bytes, the wall times.
 
-    python benchmarks/bench_ray.py                          # three ~1 GB float32 models, 2 rounds
+    python benchmarks/bench_ray.py                          # three ~1.5 GB float32 models, 2 rounds
     python benchmarks/bench_ray.py --size-gb 0.1 --rounds 1 # a quick look
 
 Makes (once, cached under ``--workdir``, default /tmp/tvlang-bench-ray) a synthetic
@@ -13,7 +13,7 @@ with three contenders:
 - ``ray x1``: ``plan.run(..., executor="ray", workers=1)``;
 - ``ray x2``: ``plan.run(..., executor="ray", workers=2)``;
 
-all with ``--shard-size`` (default 250 MB: 4 shards at 1 GB, 4 tasks per pass). Every
+all with ``--shard-size`` (default 250 MB: 6 shards at 1.5 GB, 6 tasks per pass). Every
 contender runs once untimed first (the page cache warm, Ray's workers started, and the
 outputs compared byte for byte with the local one's), then ``--rounds`` rounds,
 interleaved (local, x1, x2, local, ...) so that a slow spell of the shared machine hits
@@ -21,6 +21,10 @@ every contender alike. The table gives the median wall, the ratio to ``local``'s
 and the rate of input read (every input byte each pass reads, over the wall). Recipes:
 ``plain`` (no reduction), ``norm`` (a reduction pass of norms before the main pass: map
 tasks on Ray).
+
+Then ``tvlang similarity`` of ``a`` and ``b`` against ``pre`` (the Gram matrix: one pass
+over the three models), locally and on Ray with 2 workers (``similarity(...,
+executor="ray")``: partial sums over ranges of tensors), the matrices compared to 1e-12.
 
 Last, the per-task scheduling overhead: a small model of ``--tiny-tensors`` one-tensor
 shards, run locally and on Ray with 2 workers; (Ray's wall - local wall) / shards.
@@ -117,6 +121,33 @@ def bench_recipe(name: str, bindings, args, input_bytes: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def bench_similarity(bindings, args, input_bytes: int) -> None:
+    import numpy as np
+
+    from tvlang.bases.gram import similarity
+
+    inputs = [("a", bindings["a"]), ("b", bindings["b"])]
+    contenders = {"local": {}, "ray x2": {"executor": "ray", "workers": 2}}
+    walls: dict[str, list[float]] = {c: [] for c in contenders}
+    grams = {}
+    for _ in range(args.rounds + 1):  # the first round untimed
+        for contender, options in contenders.items():
+            started = time.perf_counter()
+            grams[contender] = similarity(inputs, base=bindings["pre"], **options).gram
+            walls[contender].append(time.perf_counter() - started)
+    difference = float(np.abs(grams["ray x2"] - grams["local"]).max() / np.abs(grams["local"]).max())
+    if difference > 1e-12:
+        sys.exit(f"similarity: the Ray matrix differs from the local one by {difference:.3g} (relative)")
+    base = statistics.median(walls["local"][1:])
+    print(f"\nsimilarity of a, b against pre (one pass, 3 models; matrices equal to {difference:.1g})")
+    print(f"  {'contender':<10} {'median wall':>12} {'vs local':>9} {'input MB/s':>11}   rounds")
+    for contender in contenders:
+        wall = statistics.median(walls[contender][1:])
+        rounds = " ".join(f"{w:.2f}" for w in walls[contender][1:])
+        print(f"  {contender:<10} {wall:>10.2f} s {wall / base:>8.2f}x {input_bytes / wall / 1e6:>11.0f}   {rounds}",
+              flush=True)
+
+
 def bench_per_task(args) -> None:
     import tvlang
 
@@ -137,10 +168,12 @@ def bench_per_task(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-gb", type=float, default=1.0)
+    parser.add_argument("--size-gb", type=float, default=1.5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--shard-size", type=int, default=250 * 10**6)
     parser.add_argument("--recipes", default="plain,norm", help=f"comma-separated, of {', '.join(RECIPES)}")
+    parser.add_argument("--no-similarity", dest="similarity", action="store_false",
+                        help="skip the similarity measure")
     parser.add_argument("--tiny-tensors", type=int, default=64, help="shards of the per-task measure (0: skip it)")
     parser.add_argument("--workdir", default="/tmp/tvlang-bench-ray")
     args = parser.parse_args()
@@ -169,6 +202,8 @@ def main() -> None:
             reads = len(schedule.main.reads) + sum(len(program.reads) for _, program in schedule.levels)
             assert passes == 0, "a recipe with multi-pass reductions: count its reads"
             bench_recipe(name, bindings, args, reads * size)
+        if args.similarity:
+            bench_similarity(bindings, args, 3 * size)
         if args.tiny_tensors:
             bench_per_task(args)
     finally:
