@@ -58,6 +58,7 @@ from tvlang.language.rows import (
     resolve,
     unregister,
 )
+from tvlang.language.surgery import SURGERY
 
 __all__ = [
     "BUILTINS", "CORE", "KINDS", "OPERATORS", "REQUIRED", "RESULTS", "STAGES", "VECTOR_KINDS", "Arg", "Builtin",
@@ -72,9 +73,11 @@ CORE = (
         "load",
         params=(Arg("path", "string", doc="a .safetensors file, a sharded index, a model directory, "
                                           "or a .bin/.pt state dict; relative to the recipe file"),),
+        options=(Arg("layers", "list", default=None,
+                     doc="[START, END]: only layers START..END-1, renumbered from 0 (layer surgery: stack)"),),
         result="model",
         stage="source",
-        summary="Read a checkpoint as a model (absolute weights).",
+        summary="Read a checkpoint as a model (absolute weights); layers=[START, END] reads a range of its layers.",
     ),
     Builtin(
         "load_delta",
@@ -134,4 +137,4 @@ CORE = (
 )
 
 
-register(*CORE, *OPERATORS, *GEOMETRY, *LOWRANK)
+register(*CORE, *OPERATORS, *GEOMETRY, *LOWRANK, *SURGERY)

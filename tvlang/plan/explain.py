@@ -41,6 +41,7 @@ def explain(plan: "Plan") -> str:
     lines = ["# as written", data["as_written"], "", "# optimized", data["optimized"], "", "# sources read"]
     for output in data["outputs"]:
         lines.append(f"{output['name']} ({output['kind']}): {', '.join(output['reads']) or '(none)'}")
+    lines += _surgery(plan, [key for output in data["outputs"] for key in output["reads"]])
     passes = data["passes"]
     lines += ["", f"# plan: {passes} streaming pass{'es' if passes != 1 else ''} over the inputs"]
     for level in data["reductions"]:
@@ -55,6 +56,30 @@ def explain(plan: "Plan") -> str:
         lines.append("# scalar outputs, from the whole-model scalars")
         lines.extend(f"{scalar['name']} = {scalar['expr']}" for scalar in data["scalar_outputs"])
     return "\n".join(lines)
+
+
+def _surgery(plan: "Plan", reads: list[str]) -> list[str]:
+    """What each stack read (layer surgery) takes from its parts, in output layer order."""
+    lines = []
+    for key in dict.fromkeys(reads):
+        spec = plan.optimized.sources.get(key)
+        if spec is None or not (spec.parts or spec.layers):
+            continue
+        described, total = [], 0
+        for part in spec.parts or (spec,):
+            where = part.key if part.layers is None else part.key.rsplit(", layers=", 1)[0] + ")"
+            if part.layers is None:
+                described.append(f"every layer of {where}")
+                total = None
+            else:
+                start, end = part.layers
+                described.append(f"layers {start}-{end - 1} of {where}")
+                total = None if total is None else total + end - start
+        count = f" ({total} layers)" if total is not None else ""
+        sides = ("; embeddings from the first part, the other tensors outside the layers from the last"
+                 if len(spec.parts) > 1 else "")
+        lines.append(f"{key}: {', then '.join(described)}, renumbered from 0{count}{sides}")
+    return ["", "# layer surgery (stack)"] + lines if lines else []
 
 
 def explain_data(plan: "Plan") -> dict:

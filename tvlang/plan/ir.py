@@ -29,6 +29,7 @@ from tvlang.errors import Span, TvlangError
 from tvlang.language import ast, constants
 from tvlang.language.builtins import BUILTINS, REQUIRED, Builtin
 from tvlang.language.pertensor import PER_TENSOR, Layers, PerTensor, Where, representative
+from tvlang.language.printer import to_text
 from tvlang.language.trampoline import Frame, trampoline
 
 __all__ = ["Node", "Interner", "SourceSpec", "IRProgram", "build", "postorder", "const_value", "is_source_call"]
@@ -77,7 +78,9 @@ class SourceSpec:
     kind: str  # "model" | "delta"
     path: str | None = None  # resolved path from load(); None for a free name bound from outside
     span: Span | None = None
-    func: str = "load"  # the source built-in that reads the path: load, load_delta or lora
+    func: str = "load"  # the source built-in that reads the path: load, load_delta, lora or stack
+    layers: tuple[int, int] | None = None  # load(..., layers=[START, END]): that range of layers, from 0
+    parts: tuple["SourceSpec", ...] = ()  # stack(...): its parts, each a load (path = the first part's)
 
 
 class Interner:
@@ -258,19 +261,48 @@ class _Builder:
         return result
 
     def load(self, call: ast.Call, key: str | None = None) -> Node:
-        path_node = call.args[0] if call.args else dict((k.name, k.value) for k in call.kwargs)["path"]
+        # An inline load is named by its own text, which explain prints as is
+        # (and which parses back to the same load).
+        key = key or _source_key(call)
+        if key not in self.sources:
+            self.sources[key] = self.stack_spec(call, key) if call.func == "stack" else self.load_spec(call, key)
+        return self.interner.source(key, self.sources[key].kind)
+
+    def load_spec(self, call: ast.Call, key: str) -> SourceSpec:
+        from tvlang.language.checker import bind_call
+
+        bound = bind_call(call)
+        path_node = bound.args["path"]
         assert isinstance(path_node, ast.String)
         path = path_node.value
         # A Hub reference (hf:org/name@rev, resolved by tvlang.io.hub) is not a path.
         resolved = path if path.startswith("hf:") else str(path if Path(path).is_absolute() else self.base_dir / path)
         kind = BUILTINS[call.func].result  # load: "model"; load_delta, lora: "delta"
-        # An inline load is named by its own text, which explain prints as is
-        # (and which parses back to the same load).
-        key = key or f'{call.func}("{_escaped(path)}")'
-        existing = self.sources.get(key)
-        if existing is None:
-            self.sources[key] = SourceSpec(key, kind, resolved, call.span, call.func)
-        return self.interner.source(key, kind)
+        span = bound.args.get("layers")
+        layers = None if span is None or span is REQUIRED else self.constant(span)
+        if layers is not None:
+            if (len(layers) != 2 or not all(float(v).is_integer() for v in layers)
+                    or not 0 <= layers[0] < layers[1]):
+                raise self.error(f"layers is [START, END], whole numbers with 0 <= START < END; got "
+                                 f"{to_text(span)}", span.span)
+            layers = (int(layers[0]), int(layers[1]))
+        return SourceSpec(key, kind, resolved, call.span, call.func, layers)
+
+    def stack_spec(self, call: ast.Call, key: str) -> SourceSpec:
+        """``stack(p1, p2, ...)``: each part a ``load(...)`` call or a name bound to one."""
+        if call.kwargs:
+            raise self.error("stack takes its parts only: load(PATH, layers=[START, END]) calls",
+                             call.kwargs[0].span)
+        parts = []
+        for arg in call.args:
+            value = self.checked.env.get(arg.id) if isinstance(arg, ast.Name) else arg
+            if not (isinstance(value, ast.Call) and value.func == "load"):
+                raise TvlangError("a part of stack is a load(PATH, layers=[START, END]) call, or a name bound "
+                                  "to one", arg.span, source=self.checked.source, filename=self.checked.filename,
+                                  notes=("stack reads layers of checkpoints; to merge, merge stacks of the same "
+                                         "layers: slerp(stack(...), stack(...), t=0.5)",))
+            parts.append(self.load_spec(value, _source_key(value)))
+        return SourceSpec(key, "model", parts[0].path, call.span, "stack", None, tuple(parts))
 
     def expr(self, node: ast.Expr) -> Frame:
         it = self.interner
@@ -365,6 +397,13 @@ def is_source_call(call: ast.Call) -> bool:
     """Whether ``call`` reads a checkpoint (a ``"source"`` row: load, load_delta, lora)."""
     row = BUILTINS.get(call.func)
     return row is not None and row.stage == "source"
+
+
+def _source_key(call: ast.Call) -> str:
+    """An inline source's key: its own text (``load("a")``, ``stack(load("a", layers=[0, 2]))``)."""
+    if call.func != "stack" and not call.kwargs and len(call.args) == 1 and isinstance(call.args[0], ast.String):
+        return f'{call.func}("{_escaped(call.args[0].value)}")'
+    return to_text(call)
 
 
 def _escaped(text: str) -> str:

@@ -16,9 +16,11 @@ from tvlang.errors import TvlangError
 from tvlang.io import TensorReader, open_reader, peek_kind
 from tvlang.io.hub import is_reference, open_hub
 from tvlang.io.lora import LoraAdapter
+from tvlang.plan.ir import SourceSpec
 from tvlang.plan.records import DeltaBinding
 from tvlang.run.adapters import attach, lora_path
 from tvlang.run.align import Alignment, align_inputs
+from tvlang.run.stacked import StackedReader, part_range
 
 if TYPE_CHECKING:
     from tvlang.plan.compiler import Plan
@@ -108,6 +110,8 @@ def bind(plan: Plan, bindings: Mapping[str, Any]) -> Bound:
             if not isinstance(value, (str, os.PathLike)):
                 borrowed.add(key)
             kinds[key] = "delta" if marked or reader.kind == "delta" else "model"
+        elif spec.func == "stack" or spec.layers is not None:
+            reader = open_stack(spec)
         else:
             try:
                 reader = open_input(spec.path, spec.path)
@@ -167,6 +171,33 @@ def bind(plan: Plan, bindings: Mapping[str, Any]) -> Bound:
     return Bound(plan, opened, borrowed, base, alignment)
 
 
+def open_stack(spec: SourceSpec) -> StackedReader:
+    """A ``stack(...)`` or a ``load(..., layers=[START, END])`` opened as one reader."""
+    opened: list[tuple[TensorReader, tuple[int, int] | None]] = []
+    try:
+        for part in spec.parts or (spec,):
+            try:
+                opened.append((open_input(part.path, part.path), part.layers))
+                part_range(*opened[-1])
+            except TvlangError as exc:
+                if exc.span is None:
+                    exc.span = part.span
+                raise
+            if opened[-1][0].kind == "delta":
+                raise TvlangError(f"'{part.path}' is a task vector (its metadata says so): a stack's parts are "
+                                  "models", part.span)
+        try:
+            return StackedReader(opened, label=spec.key)
+        except TvlangError as exc:
+            if exc.span is None:
+                exc.span = spec.span
+            raise
+    except TvlangError:
+        for reader, _ in opened:
+            reader.close()
+        raise
+
+
 def binding_kind(value: Any) -> str:
     """``"delta"`` or ``"model"``: what a binding is, before it is opened.
 
@@ -195,7 +226,8 @@ def protected_paths(plan: Plan, bindings: Mapping[str, Any]) -> list[str]:
     A source that the optimizer cancels (``pre + (ft - pre)`` never reads ``pre``)
     is still an input of the recipe as written.
     """
-    paths = [spec.path for spec in plan.unoptimized.sources.values() if spec.path is not None]
+    specs = [part for spec in plan.unoptimized.sources.values() for part in (*spec.parts, spec)]
+    paths = [spec.path for spec in specs if spec.path is not None]
     for name in plan.checked.sources:
         value = bindings.get(name)
         if isinstance(value, DeltaBinding):

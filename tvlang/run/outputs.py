@@ -24,6 +24,7 @@ from tvlang.run.bindings import Bound
 from tvlang.run.model_card import CARD_NAME, model_card
 from tvlang.run.provenance import location, recipe_dir
 from tvlang.run.session import Session
+from tvlang.run.stacked import StackedReader
 from tvlang.version import __version__
 
 if TYPE_CHECKING:
@@ -242,10 +243,15 @@ def output_metadata(plan: Plan, bound: Bound, output: str, kind: str,
 def output_files(plan: Plan, bound: Bound, output: str, kind: str, path: Any, metadata: Mapping[str, str],
                  copy_from: str | None, lock: Mapping[str, Any] | None, card: bool) -> dict[str, bytes]:
     """The files an output directory gets besides weights and copied files: its model card (README.md),
-    for a Model output written as a directory, unless ``card`` is off (``--no-model-card``)."""
-    if not card or kind != "model" or output_format(path) != "directory":
+    for a Model output written as a directory, unless ``card`` is off (``--no-model-card``); and when
+    the base is a stack (layer surgery), its ``config.json`` with the stack's layer count."""
+    if kind != "model" or output_format(path) != "directory":
         return {}
-    return {CARD_NAME: model_card(plan, bound, output, metadata, copy_from, lock).encode()}
+    base = bound.readers[bound.base]
+    files = base.config_files() if isinstance(base, StackedReader) and copy_from is not None else {}
+    if card:
+        files[CARD_NAME] = model_card(plan, bound, output, metadata, copy_from, lock).encode()
+    return files
 
 
 def _output_inputs(plan: Plan, bound: Bound, output: str, kind: str) -> list[str]:
