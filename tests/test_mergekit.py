@@ -293,13 +293,16 @@ def test_tokenizer_source_base_takes_the_base_files(workdir):
 ERRORS = [
     ("models:\n  - model: {root}/ft1\nmerge_method: linear\nslices: []\n",
      "give models or slices, not both", 4),
-    ("slices:\n  - sources:\n      - model: {root}/ft1\n        layer_range: [0, 1]\n"
-     "      - model: {root}/base\n        layer_range: [0, 1]\nmerge_method: slerp\nbase_model: {root}/base\n"
-     "parameters: {{t: 0.5}}\n",
-     "layer_range [0, 1] is part of the 2 layers of", 4),
+    ("slices:\n  - sources:\n      - model: {root}/ft1\n        layer_range: [0, 3]\nmerge_method: passthrough\n",
+     "layer_range [0, 3] goes beyond the 2 layers of", 4),
     ("slices:\n  - sources:\n      - model: {root}/ft1\n        layer_range: [0, 2]\n"
-     "  - sources:\n      - model: {root}/ft2\n        layer_range: [0, 2]\nmerge_method: passthrough\n",
-     "slices: layer surgery (several slices, or part of a model's layers) is not supported", 5),
+     "  - sources:\n      - model: {root}/ft2\n        layer_range: [0, 2]\n      - model: {root}/base\n"
+     "        layer_range: [0, 2]\nmerge_method: linear\n",
+     "slices[1] has 2 sources and slices[0] 1", 6),
+    ("slices:\n  - sources:\n      - model: {root}/ft1\n        layer_range: [0, 1]\n"
+     "  - sources:\n      - model: {root}/ft2\n        layer_range: [0, 1]\nmerge_method: passthrough\n"
+     "parameters:\n  scale: [0, 1]\n",
+     "scale: a gradient over several slices is not supported", 10),
     ("slices:\n  - sources:\n      - model: {root}/ft1\n        layer_range: [0, 2]\n    parameters: {{t: 1}}\n"
      "merge_method: passthrough\n",
      "a slice's 'parameters' is not supported", 5),

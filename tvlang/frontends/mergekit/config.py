@@ -90,20 +90,33 @@ class _Merge:
                                    notes=(f"write '- model: {entry}'",))
             if not isinstance(entry, dict) or "model" not in entry:
                 raise source.error("a models entry needs 'model: PATH'", at)
+            parts = entry.get("parts")  # slices: a stack of layer ranges (frontends.mergekit.slices)
             for key in entry:
-                if key not in ("model", "parameters"):
+                if key not in ("model", "parameters") and not (key == "parts" and parts is not None):
                     raise source.error(f"unknown key '{key}' in models[{index}]", at + (key,), key=True,
                                        notes=_suggest(key, ("model", "parameters")))
             path = _local_path(source, entry["model"], at + ("model",))
+            if parts is not None:
+                parts = tuple((_local_path(source, p, at + ("model",)), span) for p, span in parts)
+                path = " + ".join(f"{p}[{start}:{end}]" for p, (start, end) in parts)
             if path in seen:
                 raise source.error(f"'{path}' is merged twice (models[{seen[path]}] and models[{index}])",
                                    at + ("model",), notes=("mergekit refuses duplicate inputs too",))
             seen[path] = index
-            is_base = path == base_path
-            self.inputs.append(_Input("base" if is_base else names.new(path), path, at + ("model",), index, is_base))
+            is_base = path == base_path or (parts is not None and all(p == base_path for p, _ in parts))
+            name = "base" if is_base else names.new(path if parts is None else "_".join(dict.fromkeys(
+                os.path.basename(os.path.normpath(p)) for p, _ in parts)))
+            self.inputs.append(_Input(name, path, at + ("model",), index, is_base, parts=parts))
         if base_path is not None:
             self.base = next((i for i in self.inputs if i.is_base), None)
-            if self.base is None:
+            if self.base is None and any(i.parts for i in self.inputs):
+                if self.method.base != "ignored":
+                    raise source.error(f"{self.method.name} merges each slice with its base_model, and '{base_path}'"
+                                       " is not a source of the slices", ("base_model",),
+                                       notes=("add it to every slice's sources, with the same layer_range",))
+                self.header.append(f"base_model: {base_path} is not a source of the slices; {self.method.name} "
+                                   "does not use it, and the output takes the first source's config files.")
+            elif self.base is None:
                 # mergekit adds a base_model that models does not list as one more input.
                 self.base = _Input("base", base_path, ("base_model",), None, True)
                 self.inputs.append(self.base)

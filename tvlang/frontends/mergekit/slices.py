@@ -1,8 +1,18 @@
-"""mergekit's ``slices`` that are a plain merge: one slice whose sources each take every layer
-of their model is the same merge as ``models:``, and is read as one.
+"""mergekit's ``slices``: layer surgery, read as a merge of stacks.
 
-mergekit's example ``gradient-slerp.yml`` is written that way. Layer surgery proper (several
-slices, part of a model's layers, stacking) is not supported yet: an error at the slice.
+mergekit merges each output slice's sources layer by layer and puts the slices' layers one
+after another. tvlang reads the sources position by position: source ``p`` of every slice,
+stacked in slice order, is one model (``stack(load("a", layers=[0, 24]), ...)``, see
+``tvlang.language.surgery``), and the method merges those stacks as it merges the models of
+``models:``. This is exactly mergekit's result, embeddings from the first slice and the final
+norm and head from the last included, because each slice merges its sources the same way.
+A position that takes every layer of one model in turn is that model (``load("a")``), so a
+single slice over every layer is the merge of the whole models.
+
+What it needs: every slice has as many sources, each position has the same parameters in
+every slice, and the base_model (when the method uses one) is a source of every slice at the
+same position. A gradient over several slices (mergekit restarts it at each slice), a slice's
+own ``parameters`` or ``base_model`` are errors at their line.
 """
 
 from __future__ import annotations
@@ -14,12 +24,11 @@ from typing import Any
 from tvlang.frontends.mergekit.source import _NOT_YET, _Source
 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")  # config.json's layer count
-_SURGERY = "layer surgery (several slices, or part of a model's layers) is " + _NOT_YET
 
 
 def _slices_as_models(source: _Source, data: dict) -> tuple[dict, list[str]]:
-    """``data`` with a whole-range ``slices`` written as ``models``, and the header note that
-    says so; ``data`` itself when it has no ``slices``."""
+    """``data`` with ``slices`` written as ``models`` (an entry with ``parts`` is a stack of
+    layer ranges), and the header notes that say so; ``data`` itself when it has no ``slices``."""
     if "slices" not in data:
         return data, []
     if "models" in data:
@@ -27,51 +36,127 @@ def _slices_as_models(source: _Source, data: dict) -> tuple[dict, list[str]]:
     slices = data["slices"]
     if not isinstance(slices, list) or not slices:
         raise source.error("slices must be a list of '- sources: [...]' entries", ("slices",))
-    if len(slices) > 1:
-        raise source.error(f"slices: {_SURGERY}", ("slices", 1), notes=("tvlang merges whole models",))
-    entry = slices[0]
+    rows = [_slice(source, entry, number, len(slices) > 1) for number, entry in enumerate(slices)]
+    width = len(rows[0])
+    for number, row in enumerate(rows[1:], 1):
+        if len(row) != width:
+            raise source.error(f"slices[{number}] has {len(row)} sources and slices[0] {width}: tvlang merges "
+                               "source p of every slice with source p of the others, so each slice needs as many",
+                               ("slices", number, "sources"), notes=(f"tvlang import: layer surgery with a different "
+                                                                    f"number of sources per slice is {_NOT_YET}",))
+    if len(rows) > 1:
+        _no_gradient(source, data.get("parameters"), ("parameters",))
+    base = data.get("base_model")
+    models = []
+    for position in range(width):
+        column = [row[position] for row in rows]
+        first = column[0]
+        for number, item in enumerate(column[1:], 1):
+            if item["parameters"] != first["parameters"]:
+                raise source.error(f"the parameters of slices[{number}].sources[{position}] differ from those of "
+                                   f"slices[0].sources[{position}]: per-slice parameters are {_NOT_YET}",
+                                   item["at"] + ("parameters",),
+                                   notes=("give each position the same parameters in every slice",))
+        if base is not None and any(i["model"] == base for i in column) and not all(i["model"] == base
+                                                                                   for i in column):
+            raise source.error(f"base_model '{base}' is slices[*].sources[{position}] in some slices only: tvlang "
+                               "merges each position's stack, so the base must be at one position in every slice",
+                               ("base_model",))
+        entry: dict[str, Any] = {"model": first["model"]}
+        if first["parameters"] is not None:
+            entry["parameters"] = first["parameters"]
+        parts = [(item["model"], item["range"]) for item in column]
+        if not _whole(source, parts):
+            entry["parts"] = parts
+        models.append(entry)
+    source.aliases[("models",)] = ("slices", 0, "sources")
+    if len(rows) == 1 and not any("parts" in m for m in models):
+        notes = ["slices: one slice that takes every layer of each model is the merge of the whole models, as "
+                 "models: writes it (models[i] below is slices[0].sources[i])."]
+    else:
+        layers = sum(row[0]["range"][1] - row[0]["range"][0] for row in rows)
+        notes = [f"slices: layer surgery -> models[p] below is source p of every slice, its layer ranges stacked "
+                 f"in slice order (stack): {len(rows)} slice{'s' if len(rows) > 1 else ''}, {layers} layers; the "
+                 "output's config.json says so. Embeddings come from the first slice, the final norm and head "
+                 "from the last, as in mergekit."]
+    return {**{k: v for k, v in data.items() if k != "slices"}, "models": models}, notes
+
+
+def _slice(source: _Source, entry: Any, number: int, several: bool) -> list[dict]:
+    at = ("slices", number)
     if not isinstance(entry, dict) or "sources" not in entry:
-        raise source.error("a slice needs 'sources:'", ("slices", 0))
+        raise source.error("a slice needs 'sources:'", at)
     for key in entry:
         if key != "sources":
-            raise source.error(f"a slice's '{key}' is {_NOT_YET}", ("slices", 0, key), key=True,
+            raise source.error(f"a slice's '{key}' is {_NOT_YET}", at + (key,), key=True,
                                notes=("give parameters under each source, or under the global parameters",))
     sources = entry["sources"]
     if not isinstance(sources, list) or not sources:
-        raise source.error("sources must be a list of '- model: PATH' entries with a layer_range",
-                           ("slices", 0, "sources"))
-    models = []
+        raise source.error("sources must be a list of '- model: PATH' entries with a layer_range", at + ("sources",))
+    row = []
     for index, item in enumerate(sources):
-        at = ("slices", 0, "sources", index)
+        here = at + ("sources", index)
         if not isinstance(item, dict) or "model" not in item:
-            raise source.error("a source needs 'model: PATH' and 'layer_range: [START, END]'", at)
+            raise source.error("a source needs 'model: PATH' and 'layer_range: [START, END]'", here)
         for key in item:
             if key not in ("model", "layer_range", "parameters"):
-                raise source.error(f"unknown key '{key}' in a slice's source", at + (key,), key=True)
-        _whole_range(source, item, at)
-        models.append({k: v for k, v in item.items() if k != "layer_range"})
-    source.aliases[("models",)] = ("slices", 0, "sources")
-    note = ("slices: one slice that takes every layer of each model is the merge of the whole models, as "
-            "models: writes it (models[i] below is slices[0].sources[i]).")
-    return {**{k: v for k, v in data.items() if k != "slices"}, "models": models}, [note]
+                raise source.error(f"unknown key '{key}' in a slice's source", here + (key,), key=True)
+        span = item.get("layer_range")
+        if (not isinstance(span, list) or len(span) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in span) or not 0 <= span[0] < span[1]):
+            raise source.error("layer_range is [START, END], two whole numbers with 0 <= START < END",
+                               here + ("layer_range",))
+        _check_range(source, item["model"], span, here)
+        if several:
+            _no_gradient(source, item.get("parameters"), here + ("parameters",))
+        row.append({"model": item["model"], "range": (span[0], span[1]), "parameters": item.get("parameters"),
+                    "at": here})
+    lengths = {r["range"][1] - r["range"][0] for r in row}
+    if len(lengths) > 1:
+        raise source.error(f"the sources of slices[{number}] take different numbers of layers "
+                           f"({', '.join(str(r['range'][1] - r['range'][0]) for r in row)})", at + ("sources",),
+                           notes=("mergekit refuses this too: a slice merges its sources layer by layer",))
+    return row
 
 
-def _whole_range(source: _Source, item: dict, at: tuple) -> None:
-    """The source's layer_range covers its model's layers, read from its config.json."""
-    span = item.get("layer_range")
-    if (not isinstance(span, list) or len(span) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in span)):
-        raise source.error("layer_range is [START, END], two whole numbers", at + ("layer_range",))
-    path = item["model"]
+def _no_gradient(source: _Source, settings: Any, at: tuple) -> None:
+    """A gradient (a list over layers) is an error when the config has several slices."""
+    if not isinstance(settings, dict):
+        return
+    for name, value in settings.items():
+        entries = value if isinstance(value, list) and all(isinstance(v, dict) for v in value) else [value]
+        for entry in entries:
+            inner = entry.get("value") if isinstance(entry, dict) else entry
+            if isinstance(inner, list) and len(inner) > 1:
+                raise source.error(f"{name}: a gradient over several slices is {_NOT_YET} (mergekit restarts it "
+                                   "at each slice)", at + (name,),
+                                   notes=("give one value, or write one slice per merge",))
+
+
+def _check_range(source: _Source, path: Any, span: list, at: tuple) -> None:
     if not isinstance(path, str) or not os.path.exists(_full(source, path)):
         return  # not a local model: reading models says so
     layers = _layer_count(source, path)
+    if layers is not None and span[1] > layers:
+        raise source.error(f"layer_range {span} goes beyond the {layers} layers of '{path}'",
+                           at + ("layer_range",), notes=(f"its layers are [0, {layers}]",))
+
+
+def _whole(source: _Source, parts: list[tuple[Any, tuple[int, int]]]) -> bool:
+    """Whether ``parts`` take every layer of one model, in order: that model itself."""
+    path = parts[0][0]
+    if any(p != path for p, _ in parts) or not isinstance(path, str):
+        return False
+    ends = [0] + [end for _, (_, end) in parts]
+    if any(start != ends[i] for i, (_, (start, _)) in enumerate(parts)):
+        return False
+    if not os.path.exists(_full(source, path)):
+        return False
+    layers = _layer_count(source, path)
     if layers is None:
         raise source.error(f"cannot tell how many layers '{path}' has (its config.json gives no "
-                           f"{' or '.join(_LAYER_KEYS)})", at + ("model",))
-    if span != [0, layers]:
-        raise source.error(f"layer_range {span} is part of the {layers} layers of '{path}': {_SURGERY}",
-                           at + ("layer_range",), notes=(f"layer_range: [0, {layers}] merges the whole model",))
+                           f"{' or '.join(_LAYER_KEYS)})", ("slices",))
+    return ends[-1] == layers
 
 
 def _full(source: _Source, path: str) -> str:

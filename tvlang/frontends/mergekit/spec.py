@@ -73,6 +73,8 @@ class _Input:
     is_base: bool
     values: dict[str, Any] = field(default_factory=dict)
     origins: dict[str, str] = field(default_factory=dict)
+    # slices: the layer ranges this input stacks ((path, (start, end)), ...); None for a whole model
+    parts: tuple[tuple[str, tuple[int, int]], ...] | None = None
 
     @property
     def label(self) -> str:

@@ -7,7 +7,7 @@ import os
 import textwrap
 from typing import TYPE_CHECKING
 
-from tvlang.frontends.mergekit.expressions import _call, _show
+from tvlang.frontends.mergekit.expressions import _call, _num, _show
 from tvlang.frontends.mergekit.spec import MERGEKIT_VERSION, _Input
 from tvlang.language import ast
 from tvlang.language.printer import to_text
@@ -33,17 +33,30 @@ def _write(merge: _Merge) -> str:
     lines.append("")
 
     reads = sorted(merge.inputs, key=lambda i: (i is not merge.base, merge.inputs.index(i)))
-    statements = [(f"{i.name} = {to_text(_call('load', [ast.String(i.path)]))}", _describe(merge, i)) for i in reads]
+    statements = [(f"{i.name} = {to_text(_read(i))}", _describe(merge, i)) for i in reads]
     statements += [(f"{name} = {to_text(value)}", comment) for name, value, comment in out.extra]
-    width = max(len(s) for s, _ in statements)
+    width = max((len(s) for s, _ in statements if len(s) <= _WIDTH), default=0)
     for statement, comment in statements:
-        lines.append(f"{statement:<{width}}  # {comment}" if comment else statement)
+        if len(statement) > _WIDTH:  # a long stack: its comment above, one part per line
+            lines += _comment(comment) if comment else []
+            name, _, _ = statement.partition(" = ")
+            lines.append(_layout(f"{name} = ", _read(next(i for i in reads if i.name == name))))
+        else:
+            lines.append(f"{statement:<{width}}  # {comment}" if comment else statement)
     lines.append("")
     for note in out.notes:
         if note:
             lines += _comment(note)
     lines.append(_layout("out = ", out.expr))
     return "\n".join(lines) + "\n"
+
+
+def _read(item: _Input) -> ast.Call:
+    """``load("path")``, or for slices the stack of the input's layer ranges."""
+    if item.parts is None:
+        return _call("load", [ast.String(item.path)])
+    return _call("stack", [_call("load", [ast.String(path)], layers=ast.ListExpr((_num(start), _num(end))))
+                           for path, (start, end) in item.parts])
 
 
 def _describe(merge: _Merge, item: _Input) -> str:
