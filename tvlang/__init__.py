@@ -16,10 +16,11 @@ from tvlang.plan.records import lora
 from tvlang.version import __version__
 
 
-def apply_to(module, plan, bindings=None, **options) -> int:
+def apply_to(module, plan, bindings=None, *, allow_unused: bool = False, **options) -> int:
     """Write ``plan``'s result into ``module``'s parameters in place (see ``tvlang.run.driver.apply_to``).
 
-    ``plan`` is a compiled plan or recipe text; ``options`` are those of ``Plan.evaluate``.
+    ``plan`` is a compiled plan or recipe text; ``options`` are those of ``Plan.evaluate``
+    (a binding the recipe does not read is an error unless ``allow_unused``).
     Returns the number of tensors written.
     """
     from tvlang.run.driver import apply_to as _apply_to  # the run layer: torch, when asked for
@@ -28,10 +29,11 @@ def apply_to(module, plan, bindings=None, **options) -> int:
         plan = compile(plan)
     if not isinstance(plan, Plan):  # a PendingPlan: typed by its bindings
         plan = plan.bound(bindings or {})
+    plan.check_bindings(bindings, allow_unused=allow_unused)
     return _apply_to(plan, module, bindings or {}, **options)
 
 
-def extract_lora(plan, bindings, out, *, rank: int, **options):
+def extract_lora(plan, bindings, out, *, rank: int, allow_unused: bool = False, **options):
     """Write a task-vector expression as a PEFT LoRA adapter directory (see
     ``tvlang.run.extract.extract_lora`` and docs/adapters.md); returns its ``Extraction``."""
     from tvlang.run.extract import extract_lora as _extract  # the run layer: torch, when asked for
@@ -40,6 +42,7 @@ def extract_lora(plan, bindings, out, *, rank: int, **options):
         plan = compile(plan)
     if not isinstance(plan, Plan):  # a PendingPlan: typed by its bindings
         plan = plan.bound(bindings or {})
+    plan.check_bindings(bindings, allow_unused=allow_unused)
     return _extract(plan, bindings or {}, out, rank=rank, **options)
 
 

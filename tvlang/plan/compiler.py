@@ -20,6 +20,7 @@ A recipe whose output is a number plans its whole-model reductions, and
 
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 from typing import Any, Iterator, Mapping
@@ -123,6 +124,7 @@ class PendingPlan:
         return PendingPlan(self.text, self.filename, declare_params(self.program, merged), merged,
                            self.flags, self.error)
 
+    # The options are Plan's (its methods name them); a misspelled one is Plan's TypeError.
     def run(self, bindings: Mapping[str, Any] | None = None, out: Any = None, **options: Any) -> "RunSummary":
         return self.bound(bindings or {}).run(bindings, out, **options)
 
@@ -235,39 +237,85 @@ class Plan:
     def __repr__(self) -> str:
         return f"<tvlang.Plan outputs={self.outputs} reads={self.sources_read()}>"
 
-    # -- execution (torch is imported only here) ------------------------------------
+    # -- bindings ----------------------------------------------------------------
 
-    def run(self, bindings: Mapping[str, Any] | None = None, out: Any = None, **options: Any) -> RunSummary:
-        """Stream the recipe over its inputs and write every output; see :mod:`tvlang.run.evaluate`."""
+    def unused_bindings(self, names) -> list[str]:
+        """The names among ``names`` that the recipe does not read from outside."""
+        return [name for name in names if name not in self.checked.sources]
+
+    def binding_hint(self, name: str) -> str:
+        """Why a bound ``name`` may be unused: the recipe defines it, or a near name it reads."""
+        if name in self.checked.env:
+            return f"; the recipe defines '{name}' itself"
+        match = difflib.get_close_matches(name, list(self.checked.sources), n=1, cutoff=0.6)
+        return f"; did you mean '{match[0]}'?" if match else ""
+
+    def check_bindings(self, bindings: Mapping[str, Any] | None, *, allow_unused: bool = False) -> None:
+        """A ``TvlangError`` naming the bindings the recipe does not read (most often a misspelled
+        key), unless ``allow_unused`` (a sweep that keeps one dict for many recipes)."""
+        if allow_unused or not bindings:
+            return
+        unused = self.unused_bindings(bindings)
+        if not unused:
+            return
+        names = ", ".join(f"'{name}'" for name in unused)
+        reads = ", ".join(self.checked.sources) or "no bound names"
+        raise TvlangError(f"the recipe does not use the binding{'s' if len(unused) > 1 else ''} {names}"
+                          f"{self.binding_hint(unused[0])} (it reads {reads})",
+                          notes=("note: pass allow_unused=True to keep names that other recipes read (a sweep)",))
+
+    # -- execution (torch is imported only here) ------------------------------------
+    # The options are keyword parameters (the run layer's, with the same defaults:
+    # tests/test_api_options.py holds them equal), so a misspelled one is Python's
+    # TypeError at the call, and editors and type checkers know them.
+
+    def run(self, bindings: Mapping[str, Any] | None = None, out: Any = None, *, device: Any = "cpu",
+            dtype: Any = "float32", out_dtype: Any = None, shard_size: int | None = None, force: bool = False,
+            missing: str = "error", progress: Any = False, allow_nonfinite: bool = False, executor: str = "local",
+            address: str | None = None, workers: int | None = None, lock: Any = None, model_card: bool = True,
+            task_timeout: float | None = None, config: Any = None, allow_unused: bool = False) -> RunSummary:
+        """Stream the recipe over its inputs and write every output; see :func:`tvlang.run.driver.run`."""
         from tvlang.run.evaluate import run
 
         for name in self.outputs:
             self._refuse_scalar(name)
-        return run(self, bindings or {}, out, **options)
+        self.check_bindings(bindings, allow_unused=allow_unused)
+        return run(self, bindings or {}, out, device=device, dtype=dtype, out_dtype=out_dtype, shard_size=shard_size,
+                   force=force, missing=missing, progress=progress, allow_nonfinite=allow_nonfinite,
+                   executor=executor, address=address, workers=workers, lock=lock, model_card=model_card,
+                   task_timeout=task_timeout, config=config)
 
-    def evaluate(self, bindings: Mapping[str, Any] | None = None, *, output: str | None = None, **options: Any) -> dict:
+    def evaluate(self, bindings: Mapping[str, Any] | None = None, *, output: str | None = None, device: Any = "cpu",
+                 dtype: Any = "float32", out_dtype: Any = None, missing: str = "error",
+                 allow_nonfinite: bool = False, allow_unused: bool = False) -> dict:
         """The tensors of one output, as a dict (in memory: for small models and tests)."""
-        return dict(self.stream(bindings, output=output, **options))
+        return dict(self.stream(bindings, output=output, device=device, dtype=dtype, out_dtype=out_dtype,
+                                missing=missing, allow_nonfinite=allow_nonfinite, allow_unused=allow_unused))
 
-    def stream(self, bindings: Mapping[str, Any] | None = None, *, output: str | None = None,
-               **options: Any) -> Iterator[tuple[str, Any]]:  # a TensorStream, which has len()
+    def stream(self, bindings: Mapping[str, Any] | None = None, *, output: str | None = None, device: Any = "cpu",
+               dtype: Any = "float32", out_dtype: Any = None, missing: str = "error", allow_nonfinite: bool = False,
+               allow_unused: bool = False) -> Iterator[tuple[str, Any]]:  # a TensorStream, which has len()
         """(tensor name, tensor) pairs of one output, computed one tensor at a time; ``len()`` of the
         returned stream is the number of pairs, from the inputs' headers (``tvlang.run.driver.TensorStream``)."""
         from tvlang.run.evaluate import stream
 
         if output in self.outputs or (output is None and len(self.outputs) == 1):
             self._refuse_scalar(output or self.outputs[0], "its value is Plan.scalar()")
-        return stream(self, bindings or {}, output=output, **options)
+        self.check_bindings(bindings, allow_unused=allow_unused)
+        return stream(self, bindings or {}, output=output, device=device, dtype=dtype, out_dtype=out_dtype,
+                      missing=missing, allow_nonfinite=allow_nonfinite)
 
-    def scalar(self, bindings: Mapping[str, Any] | None = None, *, output: str | None = None,
-               **options: Any) -> float:
+    def scalar(self, bindings: Mapping[str, Any] | None = None, *, output: str | None = None, device: Any = "cpu",
+               dtype: Any = "float32", missing: str = "error", progress: Any = False,
+               allow_unused: bool = False) -> float:
         """The value of a scalar output (``out = norm(a - pre)``): its whole-model
-        reductions streamed over the inputs, then arithmetic on them. ``options`` are
-        ``device``, ``dtype`` and ``missing``, as for ``evaluate``."""
+        reductions streamed over the inputs, then arithmetic on them."""
         from tvlang.run.evaluate import scalars
 
         name = output if output is not None else self._only_output()
-        return scalars(self, bindings or {}, [name], **options)[name]
+        self.check_bindings(bindings, allow_unused=allow_unused)
+        return scalars(self, bindings or {}, [name], device=device, dtype=dtype, missing=missing,
+                       progress=progress)[name]
 
     def _only_output(self) -> str:
         if len(self.outputs) != 1:

@@ -16,6 +16,7 @@ from tvlang.errors import TvlangError
 from tvlang.plan.ir import postorder
 from tvlang.plan.schedule import scalar_value
 from tvlang.run.bindings import bind
+from tvlang.run.progress import progress_for
 from tvlang.run.session import Session
 
 if TYPE_CHECKING:
@@ -25,8 +26,11 @@ __all__ = ["scalars"]
 
 
 def scalars(plan: Plan, bindings: Mapping[str, Any], outputs: list[str] | None = None, *, device: Any = "cpu",
-            dtype: Any = "float32", missing: str = "error") -> dict[str, float]:
+            dtype: Any = "float32", missing: str = "error", progress: Any = False) -> dict[str, float]:
     """The values of the scalar outputs ``outputs`` (default: every scalar output), by name.
+
+    ``progress`` is ``run``'s (:mod:`tvlang.run.progress`): a tqdm bar per reduction pass
+    on a terminal, or a callable given a ``ProgressEvent`` per tensor.
 
     >>> import torch, tvlang
     >>> plan = tvlang.compile("out n = norm(a - pre)\\nout c = cos(a - pre, b - pre) * 2\\n")
@@ -45,13 +49,17 @@ def scalars(plan: Plan, bindings: Mapping[str, Any], outputs: list[str] | None =
     if not any(node.op == "reduce" for node in postorder([roots[name] for name in names])):
         return {name: scalar_value(roots[name], {}) for name in names}  # constants: nothing to read
     bound = bind(plan, bindings)
+    bar = None
     try:
         plan = bound.plan  # re-typed for the bindings, if a binding is a task vector
         roots = dict(plan.schedule.scalars)
         session = Session(bound, device=device, dtype=dtype, missing=missing)
-        session.reduce()
+        bar = progress_for(progress)
+        session.reduce(bar)
         return {name: scalar_value(roots[name], session.reduced) for name in names}
     except TvlangError as exc:
         raise exc.with_context(source=plan.text, filename=plan.filename) from None
     finally:
+        if bar is not None:
+            bar.close()  # the bar's line is cleared on success, error and Ctrl-C alike
         bound.close()

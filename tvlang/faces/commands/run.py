@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import sys
 
 from tvlang.faces.commands.args import (
@@ -122,16 +121,12 @@ def check_bindings_used(plan, bound: list[str]) -> None:
     Names the recipe reads but that were not bound are the checker's business
     (it reports them, with a suggestion, before this runs).
     """
-    used = list(plan.checked.sources)
-    unused = [name for name in bound if name not in used]
+    unused = plan.unused_bindings(bound)
     if not unused:
         return
     name = unused[0]
-    if name in plan.checked.env:
-        hint = f"; the recipe defines '{name}' itself"
-    else:
-        match = difflib.get_close_matches(name, used, n=1, cutoff=0.6)
-        hint = f"; did you mean '{match[0]}'?" if match else ""
+    used = list(plan.checked.sources)
+    hint = plan.binding_hint(name)
     reads = ", ".join(used) or "no bound names"
     raise UsageError(f"--bind {name}: the recipe does not use '{name}'{hint} (it reads {reads})")
 

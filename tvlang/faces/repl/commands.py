@@ -161,7 +161,7 @@ class Repl:
     def show(self, expr: ast.Expr, source: str) -> None:
         """Print what the value of ``expr`` is: a summary, or a number."""
         compiled = self.space.compile(expr, source)
-        for line in describe(self.space, compiled, device=self.device, dtype=self.dtype):
+        for line in describe(self.space, compiled, device=self.device, dtype=self.dtype, progress=not self.quiet):
             self.say(line)
 
     # -- commands ----------------------------------------------------------------------
@@ -217,7 +217,7 @@ class Repl:
                               expr.span, source=expr_text, filename=FILENAME)
         with compiled.spans():
             summary = compiled.plan.run(self.space.bindings, path, device=self.device, dtype=self.dtype,
-                                        force=force, progress=not self.quiet)
+                                        force=force, progress=not self.quiet, allow_unused=True)
         self.say(summary.line())
 
     def show_vars(self) -> None:

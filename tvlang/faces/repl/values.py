@@ -21,18 +21,20 @@ __all__ = ["describe", "number", "reads", "scalar_lines", "summary"]
 _TITLES = {"model": "Model", "delta": "Delta (task vector)"}
 
 
-def describe(space: Workspace, compiled: Compiled, *, device: str, dtype: str) -> list[str]:
-    """The lines the REPL prints for the value of ``out``."""
+def describe(space: Workspace, compiled: Compiled, *, device: str, dtype: str, progress: bool = False) -> list[str]:
+    """The lines the REPL prints for the value of ``out`` (``progress``: a bar per pass while a
+    scalar's reductions stream, on a terminal)."""
     if compiled.plan.output_kind(VALUE) == "scalar":
-        return scalar_lines(space, compiled, device=device, dtype=dtype)
+        return scalar_lines(space, compiled, device=device, dtype=dtype, progress=progress)
     return summary(space, compiled)
 
 
-def scalar_lines(space: Workspace, compiled: Compiled, *, device: str, dtype: str) -> list[str]:
+def scalar_lines(space: Workspace, compiled: Compiled, *, device: str, dtype: str,
+                 progress: bool = False) -> list[str]:
     """``Scalar: VALUE`` and, when tensors were read, which."""
     plan = compiled.plan
     with compiled.spans():
-        value = plan.scalar(space.bindings, device=device, dtype=dtype)
+        value = plan.scalar(space.bindings, device=device, dtype=dtype, progress=progress, allow_unused=True)
     lines = [f"Scalar: {number(value)}"]
     sources = reads(space, plan, plan.sources_read(VALUE))
     if sources:
