@@ -17,12 +17,15 @@ import torch
 
 from tvlang.errors import TvlangError
 from tvlang.io import StreamingWriter, check_distinct_outputs, open_writer
+from tvlang.io.atomic import AtomicReplace
 from tvlang.plan.records import RunSummary
 from tvlang.run import distributed
 from tvlang.run.align import align
 from tvlang.run.bindings import bind, protected_paths
+from tvlang.run.extract import Extraction, adapter_forms, check_adapter_paths, prepare_adapter
 from tvlang.run.layout import input_reports, notes, validate
 from tvlang.run.lock import verified
+from tvlang.run.model_config import attach_config
 from tvlang.run.outputs import (
     IN_FLIGHT,
     commit_all,
@@ -168,7 +171,7 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
         out_dtype: Any = None, shard_size: int | None = None, force: bool = False, missing: str = "error",
         progress: Any = False, allow_nonfinite: bool = False, executor: str = "local", address: str | None = None,
         workers: int | None = None, lock: str | os.PathLike | None = None, model_card: bool = True,
-        task_timeout: float | None = None) -> RunSummary:
+        task_timeout: float | None = None, config: Any = None) -> RunSummary:
     """Compute every output in one pass over the inputs and write them.
 
     ``lock`` is a lockfile (``tvlang lock``): the inputs are checked against it before
@@ -178,11 +181,20 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
     ``executor="ray"`` computes the output shards as tasks on a Ray cluster
     (``address``, or a local Ray instance of ``workers`` CPUs) and writes the same
     bytes; a task running past ``task_timeout`` seconds fails the run; see
-    :mod:`tvlang.run.distributed`.
+    :mod:`tvlang.run.distributed`. ``config`` gives an in-memory base its config (a
+    directory, a transformers config, or a model with ``.config``; a base module with
+    ``.config`` uses its own) so that a Model output directory loads with
+    ``from_pretrained`` (:mod:`tvlang.run.model_config`).
     """
     if executor not in EXECUTORS:
         raise TvlangError(f"unknown executor '{executor}'; the executors are {', '.join(EXECUTORS)}")
+    forms = adapter_forms(plan)
     if executor == "ray":
+        if forms:
+            raise TvlangError(f"output '{next(iter(forms))}' is an adapter, which the local executor writes"
+                              " (executor='local', the default)")
+        if config is not None:
+            raise TvlangError("config= is an option of the local executor (executor='local')")
         refuse_state_dict_outputs(out)
         return distributed.run(plan, bindings, out, device=device, dtype=dtype, out_dtype=out_dtype,
                                shard_size=shard_size, force=force, missing=missing, progress=progress,
@@ -193,10 +205,13 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
     started = time.perf_counter()
     bound = bind(plan, bindings)
     writers: dict[str, StreamingWriter] = {}
-    bar = None
+    adapters: dict[str, tuple[Extraction, AtomicReplace]] = {}
+    bar = folder = None
     try:
         plan = bound.plan
+        folder = attach_config(bound, bindings, config)
         targets = output_targets(plan, out)
+        check_adapter_paths(targets, forms, force=force)
         # Inputs that are not the locked ones are refused before their tensors are looked at.
         locked = verified(bound, bindings, os.fspath(lock), report=progress is True) if lock is not None else None
         session = Session(bound, device=device, dtype=dtype, out_dtype=out_dtype, missing=missing,
@@ -204,6 +219,8 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
         check_distinct_outputs(targets)
         inputs = [*protected_paths(plan, bindings), *bound.readers.values()]
         for name, path in targets.items():
+            if name in forms:
+                continue
             kind = plan.output_kind(name)
             metadata = output_metadata(plan, bound, name, kind, locked)
             copy_from = model_files_of(bound, kind, path)
@@ -212,17 +229,27 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
                                         metadata=metadata, inputs=inputs, force=force, copy_from=copy_from,
                                         files=files)
         bar = progress_for(progress)
-        session.reduce(bar)
-        written = write_results(session, writers, bar)
-        commit_all(list(writers.values()))
-        count = sum(len(writer.layout) for writer in writers.values())
-        reports = output_reports(plan, targets, {name: writer.layout for name, writer in writers.items()})
+        written = 0
+        if writers:
+            session.reduce(bar)
+            written = write_results(session, writers, bar)
+        for name, options in forms.items():  # each adapter in a pass of its own (tvlang.run.extract)
+            adapters[name] = prepare_adapter(plan, bindings, targets[name], output=name, force=force, dtype=dtype,
+                                             missing=missing, **options)
+            written += sum(info.nbytes for info in adapters[name][0].layout)
+        commit_all([*writers.values(), *(replace for _, replace in adapters.values())])
+        layouts = {name: writer.layout for name, writer in writers.items()}
+        layouts.update({name: extraction.layout for name, (extraction, _) in adapters.items()})
+        count = sum(len(layout) for layout in layouts.values())
+        reports = output_reports(plan, targets, layouts)
         return RunSummary({k: str(v) for k, v in targets.items()}, count, written,
                           time.perf_counter() - started, plan.schedule.passes, notes(bound, session.layout, missing),
                           reports, input_reports(bound, session.layout, missing), missing)
     except BaseException as exc:
         for writer in writers.values():
             writer.abort()  # a published or committed writer is left as it is
+        for _, replace in adapters.values():
+            replace.abort()
         if isinstance(exc, TvlangError):
             raise exc.with_context(source=plan.text, filename=plan.filename) from None
         raise
@@ -230,6 +257,8 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
         if bar is not None:
             bar.close()  # the bar's line is cleared on success, error and Ctrl-C alike
         bound.close()
+        if folder is not None:
+            folder.close()
 
 
 def apply_to(plan: Plan, module: Any, bindings: Mapping[str, Any], *, output: str | None = None,
