@@ -24,6 +24,8 @@ eigenvalues, k, merge method, storage before and after).
 A single-member cluster is stored as its task vector. --include/--exclude only
 choose the tensors the similarity is computed on; bases hold every tensor.
 Needs the 'bases' extra (scikit-learn): pip install tvlang[bases].
+With --executor ray, the similarity pass runs as Ray tasks and each basis is
+merged by the Ray executor: the same files (docs/distributed.md).
 
 examples:
   tvlang bases --base pre/ mnist=ft/mnist svhn=ft/svhn eurosat=ft/eurosat resisc=ft/resisc -o bases/
