@@ -355,9 +355,9 @@ def test_a_failing_reduction_task_names_its_tensors_and_worker(ray_instance, mod
     relative = {k: os.path.basename(v) for k, v in models.items()}
     out = tmp_path / "o" / "merged"
     with pytest.raises(TvlangError) as info:
-        # one worker: the ranges run in order, so the first one is the one whose failure is reported
-        # (with two, whichever range's task fails first is, and the test named the first by chance)
-        tvlang.compile(RECIPES["ties-model"]).run(relative, str(out), shard_size=SHARD, executor="ray", workers=1)
+        # two workers: every range fails, and the first range's failure is the one reported, whichever
+        # task failed first (run_tasks waits for the earlier ranges and reports the earliest)
+        tvlang.compile(RECIPES["ties-model"]).run(relative, str(out), shard_size=SHARD, executor="ray", workers=2)
     message = str(info.value)
     assert "pass 1 of 3 (reduction) over tensors embed.weight .. " in message
     assert f"failed on worker {socket.gethostname()} (pid " in message
