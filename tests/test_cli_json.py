@@ -161,6 +161,7 @@ def test_explain_json_has_the_plan_sections(capsys):
         "main": {"pass": 2, "buffers": 3, "steps": ["b0 = read(pre)", "b1 = read(ft)",
                                                     "b2 = (1 + 1/r0*-1) * b0 + 1/r0 * b1", "write(out, b2)"]},
         "scalar_outputs": [],
+        "renamed": [],
     }
 
 

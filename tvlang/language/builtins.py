@@ -68,13 +68,23 @@ __all__ = [
 
 # -- reading checkpoints, averaging and adding, whole-model scalars -------------------------
 
+# An explicit renaming of a checkpoint's tensors, for names automatic alignment does not
+# match (docs/io.md, "Names that do not line up"): applied when the file is opened, before
+# alignment; strip_prefix first, then add_prefix.
+RENAME_OPTIONS = (
+    Arg("strip_prefix", "string", default=None,
+        doc="remove this prefix from every tensor name that has it ('bert.')"),
+    Arg("add_prefix", "string", default=None, doc="put this prefix before every tensor name ('model.')"),
+)
+
 CORE = (
     Builtin(
         "load",
         params=(Arg("path", "string", doc="a .safetensors file, a sharded index, a model directory, "
                                           "or a .bin/.pt state dict; relative to the recipe file"),),
         options=(Arg("layers", "list", default=None,
-                     doc="[START, END]: only layers START..END-1, renumbered from 0 (layer surgery: stack)"),),
+                     doc="[START, END]: only layers START..END-1, renumbered from 0 (layer surgery: stack)"),
+                 *RENAME_OPTIONS),
         result="model",
         stage="source",
         summary="Read a checkpoint as a model (absolute weights); layers=[START, END] reads a range of its layers.",
@@ -82,6 +92,7 @@ CORE = (
     Builtin(
         "load_delta",
         params=(Arg("path", "string", doc="a task vector file, as written by tvlang for a task-vector output"),),
+        options=RENAME_OPTIONS,
         result="delta",
         stage="source",
         summary="Read a task-vector file (weights relative to a base) as a task vector.",

@@ -42,6 +42,7 @@ def explain(plan: "Plan") -> str:
     for output in data["outputs"]:
         lines.append(f"{output['name']} ({output['kind']}): {', '.join(output['reads']) or '(none)'}")
     lines += _surgery(plan, [key for output in data["outputs"] for key in output["reads"]])
+    lines += _renames(data["renamed"])
     passes = data["passes"]
     lines += ["", f"# plan: {passes} streaming pass{'es' if passes != 1 else ''} over the inputs"]
     for level in data["reductions"]:
@@ -82,6 +83,24 @@ def _surgery(plan: "Plan", reads: list[str]) -> list[str]:
     return ["", "# layer surgery (stack)"] + lines if lines else []
 
 
+def _renames(renamed: list[dict]) -> list[str]:
+    """The explicit renamings of the sources read (``load(..., strip_prefix=, add_prefix=)``)."""
+    lines = [f"{entry['source']}: tensor names {' then '.join(rename_steps(entry))}, before automatic alignment"
+             for entry in renamed]
+    return ["", "# renamed"] + lines if lines else []
+
+
+def rename_steps(rename) -> list[str]:
+    """What an explicit renaming (a SourceSpec, or ``explain_data``'s entry) does, in order, in words."""
+    get = rename.get if isinstance(rename, dict) else lambda name: getattr(rename, name)
+    steps = []
+    if get("strip_prefix"):
+        steps.append(f"lose the prefix '{get('strip_prefix')}'")
+    if get("add_prefix"):
+        steps.append(f"get the prefix '{get('add_prefix')}'")
+    return steps
+
+
 def explain_data(plan: "Plan") -> dict:
     """The sections of :func:`explain` as plain data (``tvlang explain --json``, docs/cli-json.md).
 
@@ -105,7 +124,10 @@ def explain_data(plan: "Plan") -> dict:
                 "steps": [step_text(step, names) for step in sched.main.steps]}
     return {"as_written": plan.program_text(), "optimized": plan.optimized_text(), "outputs": outputs,
             "passes": sched.passes, "reductions": reductions, "main": main,
-            "scalar_outputs": [{"name": name, "expr": _scalar_text(node, names)} for name, node in sched.scalars]}
+            "scalar_outputs": [{"name": name, "expr": _scalar_text(node, names)} for name, node in sched.scalars],
+            "renamed": [{"source": key, "strip_prefix": spec.strip_prefix, "add_prefix": spec.add_prefix}
+                        for key in dict.fromkeys(k for o in outputs for k in o["reads"])
+                        if (spec := plan.optimized.sources.get(key)) is not None and rename_steps(spec)]}
 
 
 class _ScalarNames:

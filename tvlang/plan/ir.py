@@ -81,6 +81,8 @@ class SourceSpec:
     func: str = "load"  # the source built-in that reads the path: load, load_delta, lora or stack
     layers: tuple[int, int] | None = None  # load(..., layers=[START, END]): that range of layers, from 0
     parts: tuple["SourceSpec", ...] = ()  # stack(...): its parts, each a load (path = the first part's)
+    strip_prefix: str | None = None  # load(..., strip_prefix=P): names lose P when they start with it
+    add_prefix: str | None = None  # load(..., add_prefix=P): names get P in front (after strip_prefix)
 
 
 class Interner:
@@ -286,7 +288,15 @@ class _Builder:
                 raise self.error(f"layers is [START, END], whole numbers with 0 <= START < END; got "
                                  f"{to_text(span)}", span.span)
             layers = (int(layers[0]), int(layers[1]))
-        return SourceSpec(key, kind, resolved, call.span, call.func, layers)
+        renames = {}
+        for option in ("strip_prefix", "add_prefix"):
+            node = bound.args.get(option)
+            if node is None or node is REQUIRED:
+                continue
+            if not isinstance(node, ast.String) or not node.value:
+                raise self.error(f"{option} is a non-empty string of the prefix, such as \"bert.\"", node.span)
+            renames[option] = node.value
+        return SourceSpec(key, kind, resolved, call.span, call.func, layers, **renames)
 
     def stack_spec(self, call: ast.Call, key: str) -> SourceSpec:
         """``stack(p1, p2, ...)``: each part a ``load(...)`` call or a name bound to one."""
@@ -301,7 +311,10 @@ class _Builder:
                                   "to one", arg.span, source=self.checked.source, filename=self.checked.filename,
                                   notes=("stack reads layers of checkpoints; to merge, merge stacks of the same "
                                          "layers: slerp(stack(...), stack(...), t=0.5)",))
-            parts.append(self.load_spec(value, _source_key(value)))
+            part = self.load_spec(value, _source_key(value))
+            if part.strip_prefix or part.add_prefix:  # the stack's layers are renumbered by their names
+                raise self.error("a part of stack cannot rename its tensors (strip_prefix, add_prefix)", value.span)
+            parts.append(part)
         return SourceSpec(key, "model", parts[0].path, call.span, "stack", None, tuple(parts))
 
     def expr(self, node: ast.Expr) -> Frame:

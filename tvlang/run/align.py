@@ -64,6 +64,7 @@ class AlignedReader(TensorReader):
         super().__init__(inner.label)
         self.inner = inner
         self.metadata, self.kind, self.root, self.paths = inner.metadata, inner.kind, inner.root, inner.paths
+        self.hub = inner.hub
         self._map = mapping
         self._infos = {new: dataclasses.replace(inner.info(old), name=new) for new, old in mapping.items()}
 
@@ -133,15 +134,55 @@ def few(names: list[str], count: int = 3) -> str:
     return shown + (f", ... ({len(names) - count} more)" if len(names) > count else "")
 
 
-def align_inputs(base: TensorReader, readers: dict[str, TensorReader], base_key: str) -> list[Alignment]:
-    """Wrap every non-base reader of ``readers`` whose names need renaming; report each input."""
+def renamed(reader: TensorReader, strip_prefix: str | None, add_prefix: str | None) -> tuple[dict[str, str], list[str]]:
+    """The explicit renaming a recipe asks for (``load(..., strip_prefix=, add_prefix=)``): new name -> the
+    reader's, and its rules. A prefix no tensor carries, or a renaming that makes two names one, is an error."""
+    names = reader.names()
+    if strip_prefix and not any(name.startswith(strip_prefix) for name in names):
+        raise TvlangError(f"strip_prefix='{strip_prefix}': no tensor of {reader.label} starts with it",
+                          notes=(f"its names look like '{_example(names)}'",))
+    rules = [f"removed the prefix '{strip_prefix}' (strip_prefix)"] if strip_prefix else []
+    rules += [f"added the prefix '{add_prefix}' (add_prefix)"] if add_prefix else []
+    mapping: dict[str, str] = {}
+    for name in names:
+        new = _after(name, strip_prefix, add_prefix)
+        if new in mapping:
+            raise TvlangError(f"{' and '.join(rules)} makes '{mapping[new]}' and '{name}' of {reader.label}"
+                              f" one name, '{new}'")
+        mapping[new] = name
+    return mapping, rules
+
+
+def _after(name: str, strip_prefix: str | None, add_prefix: str | None) -> str:
+    if strip_prefix and name.startswith(strip_prefix):
+        name = name[len(strip_prefix):]
+    return (add_prefix or "") + name
+
+
+def align_inputs(base: TensorReader, readers: dict[str, TensorReader], base_key: str,
+                 renames: dict[str, tuple[str | None, str | None]] | None = None) -> list[Alignment]:
+    """Wrap every non-base reader of ``readers`` whose names need renaming; report each input.
+
+    ``renames`` holds the explicit renamings (key -> (strip_prefix, add_prefix)), applied
+    first, the base's included; automatic alignment then works on the renamed names.
+    """
+    renames = renames or {}
+    explicit: dict[str, tuple[dict[str, str], list[str]]] = {}
+    for key, (strip_prefix, add_prefix) in renames.items():
+        if key in readers:
+            explicit[key] = renamed(readers[key], strip_prefix, add_prefix)
+    if base_key in explicit:
+        base = readers[base_key] = AlignedReader(base, explicit[base_key][0])
     base_float = [n for n in base.names() if base.info(n).dtype.is_floating_point]
     report = []
     for key, reader in list(readers.items()):
         if key == base_key:
             continue
-        names = reader.names()
+        first, before = explicit.get(key, ({name: name for name in reader.names()}, []))
+        names = list(first)
         mapping, rules = align(base_float, names)
+        mapping = {new: first[old] for new, old in mapping.items()}  # back to the reader's own names
+        rules = before + rules
         if rules:
             reader = readers[key] = AlignedReader(reader, mapping)
         # Names count whatever their dtype: an integer tensor where a float one is expected is

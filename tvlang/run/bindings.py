@@ -159,7 +159,9 @@ def bind(plan: Plan, bindings: Mapping[str, Any]) -> Bound:
             adapters.pop(key).close()
     try:
         adapted = attach(adapters, opened, base)
-        alignment = align_inputs(opened[base], opened, base)
+        renames = {key: (spec.strip_prefix, spec.add_prefix) for key, spec in plan.optimized.sources.items()
+                   if spec.strip_prefix or spec.add_prefix}
+        alignment = align_inputs(opened[base], opened, base, renames)
     except TvlangError as exc:
         for key, reader in opened.items():
             if key not in adapters:  # an adapter's reader closes its adapter, below
