@@ -51,6 +51,11 @@ def models(tmp_path_factory):
     }
 
 
+def without_b(models) -> dict[str, str]:
+    """The bindings of a recipe that reads pre and a only (a binding it does not read is an error)."""
+    return {name: path for name, path in models.items() if name != "b"}
+
+
 def files_of(path) -> dict[str, bytes]:
     """Every file under an output (or the one file), by relative name."""
     path = os.fspath(path)
@@ -105,9 +110,9 @@ def test_byte_identical_sharded(ray_instance, models, tmp_path, name):
 
 def test_byte_identical_single_file_and_one_shard(ray_instance, models, tmp_path):
     recipe = "pre + 0.7*(a - pre)"
-    local, remote = both(recipe, models, tmp_path, {"out": "merged.safetensors"})
+    local, remote = both(recipe, without_b(models), tmp_path, {"out": "merged.safetensors"})
     assert_same_bytes(local["out"], remote["out"])
-    local, remote = both(recipe, models, tmp_path / "dir", {"out": "merged"})  # one model.safetensors
+    local, remote = both(recipe, without_b(models), tmp_path / "dir", {"out": "merged"})  # one model.safetensors
     assert sorted(files_of(remote["out"])) == ["README.md", "config.json", "model.safetensors"]  # the same card
     assert_same_bytes(local["out"], remote["out"])
 
@@ -193,7 +198,7 @@ def test_input_a_worker_cannot_read_names_the_worker_and_path(ray_instance, mode
 def test_without_ray_the_error_says_how_to_install(models, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
     with pytest.raises(TvlangError) as info:
-        tvlang.compile("pre + 0.5*(a - pre)").run(models, str(tmp_path / "m"), executor="ray")
+        tvlang.compile("pre + 0.5*(a - pre)").run(without_b(models), str(tmp_path / "m"), executor="ray")
     assert "pip install 'tvlang[ray]'" in str(info.value)
     assert not (tmp_path / "m").exists()
 
@@ -201,9 +206,9 @@ def test_without_ray_the_error_says_how_to_install(models, tmp_path, monkeypatch
 def test_executor_options_are_checked(models, tmp_path):
     plan = tvlang.compile("pre + 0.5*(a - pre)")
     with pytest.raises(TvlangError, match="unknown executor 'dask'"):
-        plan.run(models, str(tmp_path / "m"), executor="dask")
+        plan.run(without_b(models), str(tmp_path / "m"), executor="dask")
     with pytest.raises(TvlangError, match="options of executor='ray'"):
-        plan.run(models, str(tmp_path / "m"), workers=2)
+        plan.run(without_b(models), str(tmp_path / "m"), workers=2)
 
 
 def test_command_line(ray_instance, models, tmp_path, capsys):
@@ -403,7 +408,7 @@ def test_task_timeout_is_checked(models, tmp_path, capsys):
 
     plan = tvlang.compile("pre + 0.5*(a - pre)")
     with pytest.raises(TvlangError, match="options of executor='ray'"):
-        plan.run(models, str(tmp_path / "m"), task_timeout=5)
+        plan.run(without_b(models), str(tmp_path / "m"), task_timeout=5)
     binds = [arg for name, path in models.items() for arg in ("--bind", f"{name}={path}")]
     recipe = ["-e", RECIPES["plain"], *binds, "-o", str(tmp_path / "x"), "-q"]
     assert main(["run", *recipe, "--task-timeout", "5"]) == 2
