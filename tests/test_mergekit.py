@@ -309,14 +309,15 @@ ERRORS = [
     ("modules: {{}}\nmerge_method: linear\nmodels:\n  - model: {root}/ft1\n",
      "modules: per-module merges are not supported", 1),
     ("models:\n  - model: {root}/ft1\n    parameters:\n      weight: [0.1, 0.5, 1]\n"
-     "base_model: {root}/base\nmerge_method: task_arithmetic\n",
+     "  - model: {root}/ft2\n    parameters:\n      weight: 0.5\n"
+     "base_model: {root}/base\nmerge_method: nuslerp\n",
      "weight: per-layer values (a gradient) and filter lists are not supported", 4),
     ("models:\n  - model: {root}/ft1\n    parameters:\n      weight:\n        - filter: mlp\n          value: 0.5\n"
-     "        - value: 1\nbase_model: {root}/base\nmerge_method: task_arithmetic\n",
-     "weight: per-layer values (a gradient) and filter lists are not supported", 5),
+     "        - value: 1\nmerge_method: linear\nparameters:\n  normalize: false\n",
+     "linear with normalize: false and weights that vary per tensor", 10),
     ("models:\n  - model: {root}/ft1\n    parameters:\n      weight: {{filter: mlp, value: 0.5}}\n"
      "base_model: {root}/base\nmerge_method: task_arithmetic\n",
-     "weight: parameters filtered by tensor name are not supported", 4),
+     "weight: no filter matches some tensors, and there is no other value for them", 4),
     ("models:\n  - model: {root}/ft1\nmerge_method: linear\ntokenizer_source: union\nparameters: {{weight: 1}}\n",
      "a union of the models' vocabularies is not supported", 4),
     ("models:\n  - model: {root}/ft1\nmerge_method: passthrough\ntokenizer:\n  source: base\n  tokens: {{}}\n",

@@ -40,9 +40,11 @@ tvlang.errors.TvlangError: error: ties: option 'density' must be in [0, 1], got 
 
 from __future__ import annotations
 
+import math
+
 from tvlang.language.geometry import GEOMETRY
 from tvlang.language.lowrank import LOWRANK
-from tvlang.language.operators import OPERATORS, threshold_key
+from tvlang.language.operators import OPERATORS, _one_weight_per_input, threshold_key
 from tvlang.language.rows import (
     BUILTINS,
     KINDS,
@@ -64,6 +66,14 @@ __all__ = [
     "BUILTINS", "CORE", "KINDS", "OPERATORS", "REQUIRED", "RESULTS", "STAGES", "VECTOR_KINDS", "Arg", "Builtin",
     "Reduction", "Rule", "register", "resolve", "threshold_key", "unregister",
 ]
+
+
+def _weights_not_summing_to_zero(options, n_inputs: int) -> str | None:
+    """A weighted mean divides by the weights' sum (per-tensor values: checked per tensor)."""
+    weights = options.get("weights") or ()
+    if weights and all(isinstance(w, (int, float)) for w in weights) and math.fsum(weights) == 0:  # type: ignore
+        return "the weights sum to 0, and a weighted mean divides by their sum"
+    return None
 
 
 # -- reading checkpoints, averaging and adding, whole-model scalars -------------------------
@@ -101,21 +111,27 @@ CORE = (
         "mean",
         variadic=Arg("vectors", "vector", doc="models, or task vectors (not a mix)"),
         min_variadic=1,
+        options=(Arg("weights", "list", (), doc="one weight per input (numbers or per-tensor values): "
+                                                 "sum(w_i * x_i) / sum(w_i); empty = equal weights"),),
         result="same",
-        summary="Element-wise average: a model of models, a task vector of task vectors.",
-        reference="Wortsman et al. 2022 (model soups, uniform soup)",
+        summary="Element-wise average: a model of models, a task vector of task vectors; weighted with weights=[...].",
+        reference="Wortsman et al. 2022 (model soups, uniform soup); mergekit linear",
         kernel="tvlang.ops.reduce:mean",
         elementwise=True,
+        rules=(_one_weight_per_input, _weights_not_summing_to_zero),
     ),
     Builtin(
         "sum",
         variadic=Arg("vectors", "delta", doc="task vectors"),
         min_variadic=1,
+        options=(Arg("weights", "list", (), doc="one weight per input (numbers or per-tensor values): "
+                                                 "sum(w_i * x_i); empty = 1 each"),),
         result="delta",
-        summary="Element-wise sum of task vectors (a + b + ...).",
+        summary="Element-wise sum of task vectors (a + b + ...); weighted with weights=[...].",
         reference="Ilharco et al. 2023, task addition",
         kernel="tvlang.ops.reduce:sum_",
         elementwise=True,
+        rules=(_one_weight_per_input,),
         kind_hints=(("model",
                      "a sum of models is not a model (its coefficients would not sum to 1): "
                      "use mean(a, b) to average models, or add task vectors: sum(a - base, b - base)"),),

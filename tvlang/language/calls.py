@@ -195,7 +195,7 @@ def bind_call(call: ast.Call) -> BoundCall:
     >>> from tvlang.language.syntax import parse_expression
     >>> bound = bind_call(parse_expression("mean(a, b)"))
     >>> bound.builtin.name, bound.args, bound.varargs
-    ('mean', {}, (Name(id='a'), Name(id='b')))
+    ('mean', {'weights': ListExpr(items=())}, (Name(id='a'), Name(id='b')))
     """
     row = BUILTINS.get(call.func)
     if row is None:

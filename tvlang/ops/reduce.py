@@ -27,23 +27,35 @@ import math
 
 import torch
 
-from tvlang.ops.common import fresh
+from tvlang.ops.common import fresh, kernel_of
 from tvlang.ops.context import TensorContext
 from tvlang.ops.sums import BlockSums, ExactSum
 
 __all__ = ["mean", "sum_", "BlockSums", "ExactSum", "NormReducer", "DotReducer", "CosReducer"]
 
 
-def sum_(inputs: list[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+@kernel_of("sum")
+def sum_(inputs: list[torch.Tensor], ctx: TensorContext, *, weights) -> torch.Tensor:
+    """``x1 + x2 + ...``, or ``w1*x1 + w2*x2 + ...`` with weights (this tensor's values)."""
     out = fresh(inputs[0])
+    if weights:
+        torch.mul(inputs[0], float(weights[0]), out=out)
+        for x, w in zip(inputs[1:], weights[1:]):
+            out.add_(x, alpha=float(w))
+        return out
     out.copy_(inputs[0])
     for x in inputs[1:]:
         out.add_(x)
     return out
 
 
-def mean(inputs: list[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
-    return sum_(inputs, ctx).div_(len(inputs))
+@kernel_of("mean")
+def mean(inputs: list[torch.Tensor], ctx: TensorContext, *, weights) -> torch.Tensor:
+    """The average, or ``sum(w_i * x_i) / sum(w_i)`` with weights (this tensor's values)."""
+    if not weights:
+        return sum_(inputs, ctx).div_(len(inputs))
+    total = math.fsum(float(w) for w in weights)  # not 0: the row's rule (kernel_of checks it first)
+    return sum_(inputs, ctx, weights=weights).div_(total)
 
 
 class NormReducer:

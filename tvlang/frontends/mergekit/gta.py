@@ -25,9 +25,10 @@ if TYPE_CHECKING:
     from tvlang.frontends.mergekit.config import _Merge
 
 
-def _gta_params(sparsify: str | None, normalize: bool, rescale: bool, varies: bool = False) -> tuple[_Param, ...]:
-    """mergekit's parameters of a method of the family; ``varies``: weight, density and gamma may be
-    gradients or filter lists (they become options of one ties-like call: layers(), where())."""
+def _gta_params(sparsify: str | None, normalize: bool, rescale: bool, varies: bool = True) -> tuple[_Param, ...]:
+    """mergekit's parameters of a method of the family; ``varies``: weight, density, gamma and epsilon
+    may be gradients or filter lists (options of the calls: layers(), where(); weights of a sum
+    become ``sum(..., weights=[...])``)."""
     params = [
         _Param("int8_mask", "bool", "shared", False),
         _Param("normalize", "bool", "shared", normalize),
@@ -40,7 +41,7 @@ def _gta_params(sparsify: str | None, normalize: bool, rescale: bool, varies: bo
     if sparsify == "outliers":
         params.append(_Param("gamma", "number", "non_base", 0.01, varies=varies))
     if sparsify == "della":
-        params.append(_Param("epsilon", "number", "non_base", 0.15))
+        params.append(_Param("epsilon", "number", "non_base", 0.15, varies=varies))
     return tuple(params)
 
 
@@ -83,9 +84,11 @@ def _gta(merge: _Merge) -> _Out:
                 raise source.error(f"{method.name} with a different {label} per model is {_NOT_YET}",
                                    _origin_at(entries[1], label), notes=(f"give one {label} for every model",))
         density, epsilon = densities[0], epsilons[0]
-        if 0 < density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
-            raise source.error(f"epsilon {_show(epsilon)} must keep density - epsilon and density + epsilon inside "
-                               f"(0, 1) (density {_show(density)})", _origin_at(entries[0], "epsilon"))
+        for d in _leaves(density):  # per-tensor values: every combination of their values, to be safe
+            for e in _leaves(epsilon):
+                if 0 < d < 1 and not (d - e > 0 and d + e < 1):
+                    raise source.error(f"epsilon {_show(e)} must keep density - epsilon and density + epsilon "
+                                       f"inside (0, 1) (density {_show(d)})", _origin_at(entries[0], "epsilon"))
         weighting = _weighting(weights, normalize)
         if not method.consensus and weighting["merge"] == "sum":
             weighting.pop("merge")  # della_linear's default
@@ -111,8 +114,15 @@ def _gta(merge: _Merge) -> _Out:
         call = _call("dare_linear", deltas, p=_tidy(1 - densities[0]), **weighting, **_rescaling(rescale))
         return _Out(ast.BinOp("+", _name(base.name), _scaled(lam, call)), notes)
 
-    terms = [(w, _prune(method.sparsify, d, i, n, rescale))
-             for n, (w, d, i) in enumerate(zip(weights, deltas, entries))]
+    pruned = [_prune(method.sparsify, d, i, n, rescale) for n, (d, i) in enumerate(zip(deltas, entries))]
+    if any(isinstance(w, PerTensor) for w in weights):  # weights that vary per tensor: options of one call
+        notes.append("The weights vary per tensor: " + (
+            "mean(..., weights=[...]) divides the weighted sum by the weights' sum for each tensor (mergekit does "
+            "not divide where they sum to 0; tvlang stops there with an error)." if normalize else
+            "sum(..., weights=[...]) is the weighted sum, with each tensor's weights."))
+        mixed = _call("mean" if normalize else "sum", pruned, weights=weights)
+        return _Out(ast.BinOp("+", _name(base.name), _scaled(lam, mixed)), notes)
+    terms = list(zip(weights, pruned))
     total = sum(weights)
     divide = normalize and abs(total) >= 1e-8 and total != 1
     if normalize and abs(total) < 1e-8:
@@ -175,8 +185,7 @@ def _origin_at(item: _Input, name: str) -> _Path:
 
 def _gta_method(name: str, title: str, consensus: bool, sparsify: str | None, normalize: bool,
                 rescale: bool) -> _Method:
-    varies = consensus and sparsify in ("magnitude", "random", "outliers")  # one ties-like call
-    return _Method(name, title, _gta_params(sparsify, normalize, rescale, varies), _gta, base="required",
+    return _Method(name, title, _gta_params(sparsify, normalize, rescale), _gta, base="required",
                    consensus=consensus, sparsify=sparsify)
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tvlang.frontends.mergekit.expressions import _call, _name, _num, _show, _sum, _tidy
+from tvlang.frontends.mergekit.source import _NOT_YET
 from tvlang.frontends.mergekit.spec import _Input, _Method, _Out, _Param
 from tvlang.language import ast
+from tvlang.language.pertensor import PerTensor
 
 if TYPE_CHECKING:
     from tvlang.frontends.mergekit.config import _Merge
@@ -17,6 +19,14 @@ def _linear(merge: _Merge) -> _Out:
     if merge.base is not None:  # read first: the output's config and tokenizer are base_model's, as in mergekit
         inputs.sort(key=lambda i: i is not merge.base)
     weights = [i.values["weight"] for i in inputs]
+    if any(isinstance(w, PerTensor) for w in weights):
+        if not merge.shared["normalize"]:
+            raise merge.source.error("linear with normalize: false and weights that vary per tensor (a gradient or "
+                                     "a filter list) is " + _NOT_YET, ("parameters", "normalize"),
+                                     notes=("with normalize: true (mergekit's default) it is a weighted mean",))
+        return _Out(_call("mean", [_name(i.name) for i in inputs], weights=weights),
+                    [f"normalize {_show(True)} ({merge.shared_origins['normalize']}), weights that vary per tensor: "
+                     "mean(..., weights=[...]) divides the weighted sum by the weights' sum for each tensor."])
     total = sum(weights)
     terms = [(w, _name(i.name)) for w, i in zip(weights, inputs)]
     if merge.shared["normalize"]:
@@ -64,7 +74,7 @@ def _passthrough(merge: _Merge) -> _Out:
 
 LINEAR_METHODS = (
     _Method("linear", "a weighted average of the models (Wortsman et al. 2022, model soups).",
-            (_Param("weight", "number", "input"), _Param("normalize", "bool", "shared", True)), _linear),
+            (_Param("weight", "number", "input", varies=True), _Param("normalize", "bool", "shared", True)), _linear),
     _Method("passthrough", "one model copied as it is, or scaled.",
             (_Param("scale", "number", "input", None),), _passthrough, max_inputs=1),
 )
