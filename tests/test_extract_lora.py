@@ -136,7 +136,7 @@ def test_negated_adapter_round_trip(tmp_path):
     base = tiny_llama(str(tmp_path / "base"))
     merged_a = make_adapter(base, str(tmp_path / "a"), r=4, lora_alpha=8, target_modules=["q_proj"])
     out = str(tmp_path / "neg")
-    tvlang.extract_lora("-tau", {"pre": base, "tau": tvlang.lora(str(tmp_path / "a"))}, out, rank=4)
+    tvlang.extract_lora("-tau", {"tau": tvlang.lora(str(tmp_path / "a"))}, out, rank=4)
     merged = peft_merged(base, out)
     pre = load_file(os.path.join(base, "model.safetensors"))
     for name, tensor in pre.items():
@@ -148,7 +148,7 @@ def test_gpt2_fan_in_fan_out_extraction(tmp_path):
     make_adapter(base, str(tmp_path / "a"), r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
                  fan_in_fan_out=True)
     out = str(tmp_path / "again")
-    tvlang.extract_lora("tau", {"pre": base, "tau": tvlang.lora(str(tmp_path / "a"))}, out, rank=4,
+    tvlang.extract_lora("tau", {"tau": tvlang.lora(str(tmp_path / "a"))}, out, rank=4,
                         fan_in_fan_out=True)
     want = tvlang.compile(f'pre + lora("{tmp_path / "a"}")').evaluate({"pre": base})
     assert_close(peft_merged(base, out), want, 1e-5)
@@ -182,3 +182,105 @@ def test_extraction_through_the_gram_path_equals_the_svd_one(models, tmp_path, m
     out = str(tmp_path / "adapter")
     tvlang.extract_lora("ft - pre", {"pre": base, "ft": ft}, out, rank=6)
     assert_close(peft_merged(base, out), exact, 1e-5)
+
+
+@pytest.mark.parametrize("model", ["llama", "gpt2"])
+def test_a_large_matrix_is_streamed_twice_and_equals_pre_plus_lowrank(tmp_path, monkeypatch, model):
+    """With tiny thresholds every matrix counts as large: a tall one's Gram matrix is built from its
+    pieces (row blocks that cut across pieces), its U from a second computation of them, and the
+    delta is never put together; the factors go to a scratch file as they are made. The result is
+    the one of the whole-matrix path (PEFT merges both alike) and equals pre + lowrank(d, r) computed
+    unpatched."""
+    import tvlang.ops.lowrank as lowrank
+    import tvlang.run.chunked as chunked
+    import tvlang.run.extract as extract
+    from tvlang.run.session import Session
+
+    base = (tiny_llama if model == "llama" else tiny_gpt2)(str(tmp_path / "base"))
+    sd = load_file(os.path.join(base, "model.safetensors"))
+    generator = torch.Generator().manual_seed(9)
+    ft = {k: v + 0.02 * torch.randn(v.shape, generator=generator) if v.dtype.is_floating_point else v
+          for k, v in sd.items()}
+    os.makedirs(tmp_path / "ft")
+    save_file(ft, str(tmp_path / "ft" / "model.safetensors"), metadata={"format": "pt"})
+    bindings = {"pre": base, "ft": str(tmp_path / "ft")}
+    want = tvlang.compile("pre + lowrank(ft - pre, 5)").evaluate(bindings)
+    whole = str(tmp_path / "whole")
+    whole_result = tvlang.extract_lora("ft - pre", bindings, whole, rank=5, fan_in_fan_out=model == "gpt2")
+
+    monkeypatch.setattr(lowrank, "GRAM_ELEMENTS", 100)
+    monkeypatch.setattr(chunked, "CHUNK_MIN", 100)
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 200)  # pieces of 200 entries: rows of 32 cut across them
+    streamed, put_together, spooled = [], [], []
+    recompute, whole_of, add = Session.recompute, extract._whole, extract.SpooledSafetensors.add
+    monkeypatch.setattr(Session, "recompute", lambda self, output, name: (streamed.append(name),
+                                                                          recompute(self, output, name))[1])
+    monkeypatch.setattr(extract, "_whole", lambda results, shape: (put_together.append(shape),
+                                                                   whole_of(results, shape))[1])
+    monkeypatch.setattr(extract.SpooledSafetensors, "add", lambda self, key, tensor: (
+        spooled.append((key, os.path.getsize(self.scratch))), add(self, key, tensor))[1])
+    out = str(tmp_path / "adapter")
+    result = tvlang.extract_lora("ft - pre", bindings, out, rank=5, fan_in_fan_out=model == "gpt2")
+
+    tall = [n for n, t in sd.items() if t.dim() == 2 and n.endswith(".weight") and t.shape[0] >= t.shape[1]]
+    assert sorted(streamed) == sorted(tall)
+    assert all(len(shape) != 2 or shape[0] < shape[1] for shape in put_together)  # wide matrices only
+    assert [size for _, size in spooled] == sorted(size for _, size in spooled) and spooled[-1][1] > 0
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]  # no scratch file
+    merged = peft_merged(base, out)
+    assert_close(merged, peft_merged(base, whole), 1e-6)
+    if model == "llama":  # GPT-2's biases of adapted modules (c_attn.bias) are left out, lowrank keeps them
+        assert_close(merged, want, 1e-5)
+    assert result.kept == pytest.approx(whole_result.kept, rel=1e-9)
+    assert result.share == pytest.approx(whole_result.share, rel=1e-9)
+    name = tall[0]
+    s = torch.linalg.svdvals((ft[name] - sd[name]).double())
+    assert result.kept[name] == pytest.approx(float(s[:5].square().sum() / s.square().sum()), rel=1e-9)
+
+
+def test_a_recipe_output_written_as_an_adapter(models, tmp_path, capsys):
+    """``out name = adapter(d, rank)``: tvlang run writes that output as a PEFT adapter directory (its
+    rank a param here), in the same commit as the recipe's other outputs; its value is d."""
+    base, ft = models
+    recipe = tmp_path / "recipe.tv"
+    recipe.write_text("param r = 4\ntau = ft - pre\nout half = pre + 0.5*tau\nout small = adapter(tau, r)\n")
+    merged_out, adapter_out = tmp_path / "half", tmp_path / "small"
+    code = main(["run", str(recipe), "--bind", f"pre={base}", "--bind", f"ft={ft}", "--set", "r=3",
+                 "-o", f"half={merged_out}", "-o", f"small={adapter_out}", "-q"])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(os.listdir(adapter_out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.load(open(adapter_out / "adapter_config.json"))
+    assert config["r"] == 3 and config["lora_alpha"] == 3
+    assert config["base_model_name_or_path"] == os.path.realpath(base)
+    bindings = {"pre": base, "ft": ft}
+    assert_close(peft_merged(base, str(adapter_out)),
+                 tvlang.compile("pre + lowrank(ft - pre, 3)").evaluate(bindings), 1e-5)
+    pre, tuned = load_file(os.path.join(base, "model.safetensors")), load_file(os.path.join(ft, "model.safetensors"))
+    half = load_file(str(merged_out / "model.safetensors"))
+    assert_close(half, {k: pre[k] + 0.5 * (tuned[k] - pre[k]) for k in pre}, 1e-6)
+    # the output's value is the task vector itself; explain shows the call
+    plan = tvlang.compile(recipe.read_text())
+    values = plan.evaluate(bindings, output="small")
+    assert_close(values, {k: tuned[k] - pre[k] for k in pre if pre[k].dtype.is_floating_point}, 1e-6)
+    assert "adapter(tau, r)" in plan.explain()
+
+
+def test_adapter_outputs_are_checked_before_anything_is_computed(models, tmp_path, capsys):
+    base, ft = models
+    binds = ["--bind", f"pre={base}", "--bind", f"ft={ft}"]
+    code = main(["run", "-e", "adapter(ft - pre, 4)", *binds, "-o", str(tmp_path / "a.safetensors")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "a.safetensors: output 'out' is an adapter, which is a directory" in err
+    assert "-o out=adapters/out" in err
+    recipe = tmp_path / "inside.tv"
+    recipe.write_text("tau = ft - pre\nout m = pre + 0.5*adapter(tau, 4)\n")
+    code = main(["run", str(recipe), *binds, "-o", str(tmp_path / "m")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "inside.tv:2:19: error: output 'm' computes with adapter(...), which is a form of output" in err
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    code = main(["run", "-e", "adapter(ft - pre, 4)", *binds, "-o", str(tmp_path / "taken"), "--force"])
+    assert code == 1 and (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["inside.tv", "taken"]  # nothing written, no temporaries

@@ -17,10 +17,12 @@ import torch
 
 from tvlang.errors import TvlangError
 from tvlang.io import StreamingWriter, check_distinct_outputs, open_writer
+from tvlang.io.atomic import AtomicReplace
 from tvlang.plan.records import RunSummary
 from tvlang.run import distributed
 from tvlang.run.align import align
 from tvlang.run.bindings import bind, protected_paths
+from tvlang.run.extract import Extraction, adapter_forms, check_adapter_paths, prepare_adapter
 from tvlang.run.layout import input_reports, notes, validate
 from tvlang.run.lock import verified
 from tvlang.run.model_config import attach_config
@@ -182,11 +184,17 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
     :mod:`tvlang.run.distributed`. ``config`` gives an in-memory base its config (a
     directory, a transformers config, or a model with ``.config``; a base module with
     ``.config`` uses its own) so that a Model output directory loads with
-    ``from_pretrained`` (:mod:`tvlang.run.model_config`).
+    ``from_pretrained`` (:mod:`tvlang.run.model_config`). An output whose expression is
+    ``adapter(d, rank)`` is written as a PEFT adapter directory, in a pass of its own after
+    the others (:mod:`tvlang.run.extract`), and committed with them.
     """
     if executor not in EXECUTORS:
         raise TvlangError(f"unknown executor '{executor}'; the executors are {', '.join(EXECUTORS)}")
+    forms = adapter_forms(plan)
     if executor == "ray":
+        if forms:
+            raise TvlangError(f"output '{next(iter(forms))}' is an adapter, which the local executor writes"
+                              " (executor='local', the default)")
         if config is not None:
             raise TvlangError("config= is an option of the local executor (executor='local')")
         refuse_state_dict_outputs(out)
@@ -199,11 +207,13 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
     started = time.perf_counter()
     bound = bind(plan, bindings)
     writers: dict[str, StreamingWriter] = {}
+    adapters: dict[str, tuple[Extraction, AtomicReplace]] = {}
     bar = folder = None
     try:
         plan = bound.plan
         folder = attach_config(bound, bindings, config)
         targets = output_targets(plan, out)
+        check_adapter_paths(targets, forms, force=force)
         # Inputs that are not the locked ones are refused before their tensors are looked at.
         locked = verified(bound, bindings, os.fspath(lock), report=progress is True) if lock is not None else None
         session = Session(bound, device=device, dtype=dtype, out_dtype=out_dtype, missing=missing,
@@ -211,6 +221,8 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
         check_distinct_outputs(targets)
         inputs = [*protected_paths(plan, bindings), *bound.readers.values()]
         for name, path in targets.items():
+            if name in forms:
+                continue
             kind = plan.output_kind(name)
             metadata = output_metadata(plan, bound, name, kind, locked)
             copy_from = model_files_of(bound, kind, path)
@@ -219,17 +231,27 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
                                         metadata=metadata, inputs=inputs, force=force, copy_from=copy_from,
                                         files=files)
         bar = progress_for(progress)
-        session.reduce(bar)
-        written = write_results(session, writers, bar)
-        commit_all(list(writers.values()))
-        count = sum(len(writer.layout) for writer in writers.values())
-        reports = output_reports(plan, targets, {name: writer.layout for name, writer in writers.items()})
+        written = 0
+        if writers:
+            session.reduce(bar)
+            written = write_results(session, writers, bar)
+        for name, options in forms.items():  # each adapter in a pass of its own (tvlang.run.extract)
+            adapters[name] = prepare_adapter(plan, bindings, targets[name], output=name, force=force, dtype=dtype,
+                                             missing=missing, **options)
+            written += sum(info.nbytes for info in adapters[name][0].layout)
+        commit_all([*writers.values(), *(replace for _, replace in adapters.values())])
+        layouts = {name: writer.layout for name, writer in writers.items()}
+        layouts.update({name: extraction.layout for name, (extraction, _) in adapters.items()})
+        count = sum(len(layout) for layout in layouts.values())
+        reports = output_reports(plan, targets, layouts)
         return RunSummary({k: str(v) for k, v in targets.items()}, count, written,
                           time.perf_counter() - started, plan.schedule.passes, notes(bound, session.layout, missing),
                           reports, input_reports(bound, session.layout, missing), missing)
     except BaseException as exc:
         for writer in writers.values():
             writer.abort()  # a published or committed writer is left as it is
+        for _, replace in adapters.values():
+            replace.abort()
         if isinstance(exc, TvlangError):
             raise exc.with_context(source=plan.text, filename=plan.filename) from None
         raise

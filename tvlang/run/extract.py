@@ -21,29 +21,38 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
+import math
 import os
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain, groupby
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
 from tvlang.errors import TvlangError
-from tvlang.io import StreamingWriter, TensorInfo, check_output_path
-from tvlang.io.atomic import AtomicReplace, sync_tree
+from tvlang.io import TensorInfo, check_output_path, output_format
+from tvlang.io.atomic import AtomicReplace
 from tvlang.io.lora import ADAPTER_CONFIG, PREFIX, LoraReader
-from tvlang.ops.lowrank import truncated
+from tvlang.io.spooled import SpooledSafetensors
+from tvlang.language import ast
+from tvlang.ops import lowrank
+from tvlang.ops.lowrank import RowGram, truncated
 from tvlang.plan.ir import const_value, postorder
+from tvlang.run import chunked
 from tvlang.run.bindings import bind, protected_paths
 from tvlang.run.session import Session
 
 if TYPE_CHECKING:
     from tvlang.plan.compiler import Plan
 
-__all__ = ["ADAPTER_FILES", "EMBEDDING_NAMES", "Extraction", "extract_lora"]
+__all__ = ["ADAPTER_FILES", "EMBEDDING_NAMES", "Extraction", "adapter_forms", "check_adapter_paths",
+           "extract_lora", "prepare_adapter"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_FILES = frozenset((ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md"))
+SCRATCH = ".factors.tvtmp"  # the factors as they are made, inside the temporary directory
 # Modules whose 2-D weight is an embedding (num_embeddings x dim): PEFT stores their
 # factors transposed, as lora_embedding_A/B. Matched on the module's last component.
 EMBEDDING_NAMES = re.compile(r"(embed_tokens|wte|wpe|shared|.*_embeddings|embeddings|embed_in|tok_embeddings)")
@@ -63,6 +72,7 @@ class Extraction:
     kept_total: float = 0.0  # squared norm the adapter keeps (kept singular values, saved tensors)
     svd_total: float = 0.0  # squared norm of the adapted tensors
     svd_kept: float = 0.0  # of that, what their rank-r factors keep
+    layout: list[TensorInfo] = field(default_factory=list)  # the tensors of adapter_model.safetensors
 
     @property
     def share(self) -> float:
@@ -94,13 +104,30 @@ def extract_lora(plan: Plan, bindings: Mapping[str, Any], out: str | os.PathLike
                  fan_in_fan_out: bool = False, force: bool = False, dtype: Any = "float32",
                  missing: str = "error") -> Extraction:
     """Write the Delta output ``output`` of ``plan`` as a PEFT LoRA adapter directory at ``out``."""
+    result, replace = prepare_adapter(plan, bindings, out, rank=rank, output=output, other=other,
+                                      base_name=base_name, fan_in_fan_out=fan_in_fan_out, force=force, dtype=dtype,
+                                      missing=missing)
+    try:
+        replace.commit()
+    except BaseException:
+        replace.abort()
+        raise
+    return result
+
+
+def prepare_adapter(plan: Plan, bindings: Mapping[str, Any], out: str | os.PathLike, *, rank: int,
+                    output: str | None = None, other: str = "save", base_name: str | None = None,
+                    fan_in_fan_out: bool = False, force: bool = False, dtype: Any = "float32",
+                    missing: str = "error") -> tuple[Extraction, AtomicReplace]:
+    """``extract_lora`` up to the commit: the adapter written at its temporary, and the transaction
+    (open) that syncs and puts it in place (``tvlang run`` commits it with its other outputs)."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise TvlangError(f"the rank must be a positive integer, not {rank!r}")
     if other not in ("save", "skip"):
         raise TvlangError(f"other= must be 'save' or 'skip', not {other!r}")
     out = os.fspath(out)
     bound = bind(plan, bindings)
-    replace = None
+    replace = spool = None
     try:
         plan = bound.plan
         name = output if output is not None else plan.outputs[0] if len(plan.outputs) == 1 else None
@@ -112,9 +139,10 @@ def extract_lora(plan: Plan, bindings: Mapping[str, Any], out: str | os.PathLike
         if kind != "delta":
             raise TvlangError(f"output '{name}' is a {kind}, and an adapter holds a task vector",
                               notes=("extract the task vector: e.g. -e 'ft - pre' rather than 'ft'",))
-        session = Session(bound, dtype=dtype, missing=missing)
+        # Results in the compute dtype: a bfloat16 model's delta is not rounded to bfloat16 before its SVD.
+        session = Session(bound, dtype=dtype, out_dtype=dtype, missing=missing)
         inputs = [*protected_paths(plan, bindings)] + [p for r in bound.readers.values() for p in r.paths]
-        if os.path.isdir(out) and not os.path.islink(out) and not os.listdir(out):
+        if _empty_directory(out):
             force = True  # an empty directory holds nothing to lose
         check_output_path(out, force=force, inputs=inputs, owns=lambda entry: entry in ADAPTER_FILES, dirs=())
         try:
@@ -124,57 +152,19 @@ def extract_lora(plan: Plan, bindings: Mapping[str, Any], out: str | os.PathLike
             raise TvlangError(f"{out}: cannot create the output: {exc.strerror or exc}") from None
         base_key = _adapter_base(plan, name, bound)
         base = bound.readers[base_key] if base_key is not None else None
-        base_is_model = base is not None
-        result = Extraction(out, rank)
-        tensors: dict[str, torch.Tensor] = {}
-        targets: dict[str, None] = {}
-        saved_modules: dict[str, None] = {}
         # Modules with a matrix weight are LoRA targets: their other tensors (a bias) cannot be saved
         # whole as well (modules_to_save and a LoRA layer are exclusive).
         matrix_modules = {_module(n)[0] for n in session.layout.names
                           if len(session.layout.infos[n].shape) == 2 and _module(n)[1] == "weight"}
         session.reduce()
-        for _, tensor_name, delta, _ in session.results([name]):
+        spool = SpooledSafetensors(os.path.join(replace.tmp, SCRATCH))
+        adapter = _Adapter(session, name, rank, other, base, fan_in_fan_out, matrix_modules, spool)
+        for tensor_name, results in groupby(session.results([name], pieces=True), key=lambda r: r[1]):
             release_freed_memory()  # the previous tensor's SVD temporaries
-            if not delta.dtype.is_floating_point:
-                continue
-            delta = delta.to(torch.float32)
-            if not bool(delta.any()):
-                result.zero.append(tensor_name)
-                continue
-            module, param = _module(tensor_name)
-            if delta.dim() == 2 and param == "weight" and module:
-                embedding = bool(EMBEDDING_NAMES.fullmatch(module.rpartition(".")[2]))
-                matrix = delta.T if embedding or fan_in_fan_out else delta
-                top = truncated(matrix, rank)
-                root = top.s.sqrt()
-                b, a = _padded(top.u * root, root[:, None] * top.vh, rank)
-                kept = float(top.s.square().sum())
-                total = top.total
-                result.total += total
-                key = f"{PREFIX}{module}"
-                if embedding:
-                    tensors[f"{key}.lora_embedding_A"] = a.to(torch.float32).contiguous()
-                    tensors[f"{key}.lora_embedding_B"] = b.to(torch.float32).contiguous()
-                else:
-                    tensors[f"{key}.lora_A.weight"] = a.to(torch.float32).contiguous()
-                    tensors[f"{key}.lora_B.weight"] = b.to(torch.float32).contiguous()
-                targets[module] = None
-                result.kept[tensor_name] = kept / total if total > 0 else 1.0
-                result.kept_total += kept
-                result.svd_total += total
-                result.svd_kept += kept
-            else:
-                squared = squared_norm(delta)
-                result.total += squared
-                if other == "skip" or not module or module in matrix_modules or not base_is_model:
-                    result.left_out[tensor_name] = squared
-                    continue
-                tensors[f"{PREFIX}{tensor_name}"] = (base.read(tensor_name).to(torch.float32) + delta).contiguous()
-                saved_modules[module] = None
-                result.saved.append(tensor_name)
-                result.kept_total += squared
-        if not targets and not saved_modules:
+            adapter.add(tensor_name, results)
+        result = adapter.result
+        result.out = out
+        if not adapter.targets and not adapter.saved_modules:
             raise TvlangError(f"output '{name}' is zero everywhere (or has nothing an adapter holds): no adapter"
                               " to write")
         config = {
@@ -185,8 +175,8 @@ def extract_lora(plan: Plan, bindings: Mapping[str, Any], out: str | os.PathLike
             "lora_alpha": rank,
             "use_rslora": False,
             "fan_in_fan_out": fan_in_fan_out,
-            "target_modules": list(targets),
-            "modules_to_save": list(saved_modules) or None,
+            "target_modules": list(adapter.targets),
+            "modules_to_save": list(adapter.saved_modules) or None,
             "bias": "none",
             "lora_dropout": 0.0,
             "init_lora_weights": True,
@@ -194,11 +184,15 @@ def extract_lora(plan: Plan, bindings: Mapping[str, Any], out: str | os.PathLike
             "rank_pattern": {},
             "alpha_pattern": {},
         }
-        _write(replace.tmp, tensors, config, plan)
-        sync_tree(replace.tmp)
-        replace.commit()
-        return result
+        spool.finish(os.path.join(replace.tmp, ADAPTER_WEIGHTS), {"format": "pt", "tvlang.recipe": plan.text})
+        with open(os.path.join(replace.tmp, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+            f.write("\n")
+        result.layout = [info for info, _ in spool.entries]
+        return result, replace
     except BaseException as exc:
+        if spool is not None:
+            spool.close()
         if replace is not None:
             replace.abort()
         if isinstance(exc, TvlangError):
@@ -206,6 +200,179 @@ def extract_lora(plan: Plan, bindings: Mapping[str, Any], out: str | os.PathLike
         raise
     finally:
         bound.close()
+
+
+def adapter_forms(plan: Plan) -> dict[str, dict[str, Any]]:
+    """Output name -> the options (``rank``, ``other``, ``fan_in_fan_out``) of each output that is an
+    ``adapter(d, rank)`` call: ``tvlang run`` writes those as PEFT adapter directories. An ``adapter``
+    call anywhere else (inside an expression) is an error at its line: it is a form of output, not a
+    value to compute with."""
+    roots = dict(plan.optimized.outputs)
+    forms: dict[str, dict[str, Any]] = {}
+    for name, root in roots.items():
+        if root.op == "call" and root.attr[0] == "adapter":
+            options = dict(root.attr[1])
+            forms[name] = {"rank": int(options["rank"]), "other": options["other"],
+                           "fan_in_fan_out": bool(options["fan_in_fan_out"])}
+    for name, root in roots.items():
+        nodes = postorder(list(root.args) if name in forms else [root])
+        if any(node.op == "call" and node.attr[0] == "adapter" for node in nodes):
+            out = next(o for o in plan.checked.outputs if o.name == name)
+            inner = next((n for n in ast.walk(out.expr) if isinstance(n, ast.Call) and n.func == "adapter"
+                          and n is not out.expr), None)
+            where = inner.span if inner is not None else out.span
+            raise TvlangError(f"output '{name}' computes with adapter(...), which is a form of output: it can"
+                              " only be the whole expression of an out", where, source=plan.text,
+                              filename=plan.filename,
+                              notes=("write the adapter as its own output: out a = adapter(ft - pre, 16)",))
+    return forms
+
+
+def check_adapter_paths(targets: Mapping[str, Any], forms: Mapping[str, Any], *, force: bool = False) -> None:
+    """Refuse, before anything is computed, an adapter output's path that is not a directory's or
+    that exists without ``force`` (the inputs are checked again when the adapter is written)."""
+    for name in forms:
+        path = os.fspath(targets[name])
+        if output_format(path) != "directory":
+            raise TvlangError(f"{path}: output '{name}' is an adapter, which is a directory",
+                              notes=(f"give a directory path: -o {name}=adapters/{name}",))
+        check_output_path(path, force=force or _empty_directory(path), owns=lambda entry: entry in ADAPTER_FILES,
+                          dirs=())
+
+
+def _empty_directory(path: str) -> bool:
+    return os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
+
+
+class _Adapter:
+    """The adapter being built: each tensor of the task vector, as it comes, turned into factors
+    (or a saved module, or left out) and spooled to the adapter file; ``result`` says what was kept."""
+
+    def __init__(self, session: Session, output: str, rank: int, other: str, base, fan_in_fan_out: bool,
+                 matrix_modules: set[str], spool: SpooledSafetensors) -> None:
+        self.session, self.output, self.rank, self.other = session, output, rank, other
+        self.base, self.fan_in_fan_out, self.matrix_modules = base, fan_in_fan_out, matrix_modules
+        self.spool = spool
+        self.result = Extraction("", rank)
+        self.targets: dict[str, None] = {}
+        self.saved_modules: dict[str, None] = {}
+
+    def add(self, name: str, results: Iterator[tuple[str, str, torch.Tensor, bool]]) -> None:
+        """Tensor ``name`` of the task vector: its result whole, or its pieces in order."""
+        info = self.session.layout.infos[name]
+        first = next(results)
+        if not info.dtype.is_floating_point or not first[2].dtype.is_floating_point:
+            for _ in results:
+                pass
+            return
+        module, param = _module(name)
+        shape = tuple(info.shape)
+        if len(shape) == 2 and param == "weight" and module:
+            # A large tall matrix in pieces: its Gram matrix from its rows, then U from them again,
+            # so the delta is never whole in memory (tvlang.ops.lowrank, RowGram). Others whole.
+            if not first[3] and math.prod(shape) > lowrank.GRAM_ELEMENTS and shape[0] >= shape[1]:
+                self._streamed(name, module, shape, (r[2] for r in chain([first], results)))
+            else:
+                self._matrix(name, module, _whole(chain([first], results), shape))
+        else:
+            self._other(name, module, _whole(chain([first], results), shape))
+
+    def _transposed(self, module: str) -> bool:
+        """Whether the module's factors are of the weight's transpose: an embedding (PEFT's
+        lora_embedding_A/B) or a Conv1D layer's (in, out) weight (fan_in_fan_out)."""
+        return bool(EMBEDDING_NAMES.fullmatch(module.rpartition(".")[2])) or self.fan_in_fan_out
+
+    def _matrix(self, name: str, module: str, delta: torch.Tensor) -> None:
+        if not bool(delta.any()):
+            self.result.zero.append(name)
+            return
+        top = truncated(delta.T if self._transposed(module) else delta, self.rank)
+        self._factors(name, module, top.u, top.s, top.vh, top.total)
+
+    def _streamed(self, name: str, module: str, shape: tuple[int, ...], pieces) -> None:
+        m, n = shape
+        gram = RowGram(n)
+        nonzero = False
+        for _, rows in _rows(pieces, n, self.session.buffers.give_back):
+            nonzero = nonzero or bool(rows.any())
+            gram.add(rows)
+        if not nonzero:
+            self.result.zero.append(name)
+            return
+        v, s = gram.decompose(self.rank)
+        u = torch.empty((m, s.numel()), dtype=torch.float64)
+        for start, rows in _rows(self.session.recompute(self.output, name), n, self.session.buffers.give_back):
+            u[start:start + rows.shape[0]] = gram.left(rows)
+        if self._transposed(module):  # the factors of Xᵀ = V S Uᵀ
+            self._factors(name, module, v, s, u.T, gram.total)
+        else:
+            self._factors(name, module, u, s, v.T, gram.total)
+
+    def _factors(self, name: str, module: str, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor,
+                 total: float) -> None:
+        """Spool ``B = U sqrt(S)`` and ``A = sqrt(S) Vh`` of a matrix (of its transpose for an embedding)."""
+        root = s.sqrt()
+        b, a = _padded(u * root, root[:, None] * vh, self.rank)
+        key = f"{PREFIX}{module}"
+        if EMBEDDING_NAMES.fullmatch(module.rpartition(".")[2]):
+            self.spool.add(f"{key}.lora_embedding_A", a.to(torch.float32))
+            self.spool.add(f"{key}.lora_embedding_B", b.to(torch.float32))
+        else:
+            self.spool.add(f"{key}.lora_A.weight", a.to(torch.float32))
+            self.spool.add(f"{key}.lora_B.weight", b.to(torch.float32))
+        kept = float(s.square().sum())
+        self.targets[module] = None
+        result = self.result
+        result.kept[name] = kept / total if total > 0 else 1.0
+        result.total += total
+        result.kept_total += kept
+        result.svd_total += total
+        result.svd_kept += kept
+
+    def _other(self, name: str, module: str, delta: torch.Tensor) -> None:
+        """A tensor that is not a matrix weight: saved whole (base + delta) as a module to save, or left out."""
+        if not bool(delta.any()):
+            self.result.zero.append(name)
+            return
+        squared = squared_norm(delta)
+        self.result.total += squared
+        if self.other == "skip" or not module or module in self.matrix_modules or self.base is None:
+            self.result.left_out[name] = squared
+            return
+        self.spool.add(f"{PREFIX}{name}", self.base.read(name).to(torch.float32) + delta)
+        self.saved_modules[module] = None
+        self.result.saved.append(name)
+        self.result.kept_total += squared
+
+
+def _whole(results, shape: tuple[int, ...]) -> torch.Tensor:
+    """A result given whole, or its pieces put together (float32)."""
+    items = list(results)
+    if len(items) == 1 and items[0][3]:
+        return items[0][2].to(torch.float32).reshape(shape)
+    return torch.cat([item[2].reshape(-1).to(torch.float32) for item in items]).reshape(shape)
+
+
+def _rows(pieces: Iterable[torch.Tensor], n: int, give_back) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, rows) blocks of a matrix of ``n`` columns from its flat pieces in order: about
+    a chunk's entries each, in one reused float32 buffer (each valid until the next is asked for)."""
+    buffer = torch.empty(max(1, chunked.CHUNK_ELEMENTS // n) * n, dtype=torch.float32)
+    filled = row = 0
+    for piece in pieces:
+        flat = piece.reshape(-1)
+        at = 0
+        while at < flat.numel():
+            take = min(flat.numel() - at, buffer.numel() - filled)
+            buffer[filled:filled + take].copy_(flat[at:at + take])
+            filled += take
+            at += take
+            if filled == buffer.numel():
+                yield row, buffer.view(-1, n)
+                row += buffer.numel() // n
+                filled = 0
+        give_back(piece)
+    if filled:
+        yield row, buffer[:filled].view(-1, n)
 
 
 def release_freed_memory() -> None:
@@ -272,16 +439,3 @@ def _base_name(reader, bound) -> str | None:
         if isinstance(other, LoraReader):
             return other.adapter.config.get("base_model_name_or_path")
     return None
-
-
-def _write(directory: str, tensors: dict[str, torch.Tensor], config: dict, plan: Plan) -> None:
-    layout = [TensorInfo.of(key, tensor, "") for key, tensor in tensors.items()]
-    metadata = {"format": "pt", "tvlang.recipe": plan.text}
-    with StreamingWriter(os.path.join(directory, ADAPTER_WEIGHTS), layout, shard_size=None, metadata=metadata,
-                         force=True) as writer:
-        for key, tensor in tensors.items():
-            writer.write(key, tensor)
-    with open(os.path.join(directory, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
-        f.write("\n")
-

@@ -277,6 +277,21 @@ class Session:
             if progress:
                 progress.advance(name, info.nbytes * len(outputs))
 
+    def recompute(self, output: str, name: str) -> Iterator[torch.Tensor]:
+        """Tensor ``name`` of ``output`` computed once more from its inputs, as the flat pieces
+        ``results(pieces=True)`` gave (each valid until given back): a second look at a result
+        too large to keep (``extract-lora`` reads a large matrix twice). Kernels are deterministic
+        per tensor (seeded by its name), so the pieces are the same."""
+        program = self.plan.schedule.main
+        linear = self._linear_for(program)
+        raw = self._read_all(program, name)
+        kernels = translated_call(name, chunk_kernels, self, program, name)
+        for out, piece in translated(name, self._execute_chunked(program, linear, name, raw, kernels, pieces=True)):
+            if out == output:
+                yield piece
+            else:
+                self.buffers.give_back(piece)
+
     def _check(self, tensor: torch.Tensor, output: str, name: str, info: TensorInfo, offset: int = 0) -> None:
         """The finiteness policy (tvlang.run.finite) on a result, or a piece of one at ``offset``."""
         if not self.allow_nonfinite:
