@@ -8,7 +8,19 @@ import sys
 
 from tvlang import __version__
 from tvlang.errors import TvlangError
-from tvlang.faces.commands import bases, check, explain, extract_lora, import_, lock, repl, run, show, similarity
+from tvlang.faces.commands import (
+    bases,
+    check,
+    explain,
+    extract_lora,
+    import_,
+    lock,
+    repl,
+    report_file,
+    run,
+    show,
+    similarity,
+)
 from tvlang.faces.commands.args import UsageError
 from tvlang.faces.commands.json_output import emit, error_object, usage_error_object
 from tvlang.faces.interrupts import Interrupted, interrupts_raise
@@ -52,13 +64,21 @@ def main(argv: list[str] | None = None) -> int:
     # SIGINT or SIGTERM, and a second signal does not cut the first one's cleanup short.
     guard = interrupts_raise() if args.command != "repl" else contextlib.nullcontext()
     try:
+        target = report_file.check_target(args)  # -o FILE of a command that prints a report
+    except UsageError as exc:
+        return _usage_error(args, exc)
+    with report_file.captured(target) as buffer:
+        code = _dispatch(args, guard)
+    return report_file.finish(args, target, buffer, code)
+
+
+def _dispatch(args: argparse.Namespace, guard) -> int:
+    """Run the command; its errors become their message on stderr (and the JSON object) and the exit status."""
+    try:
         with guard:
             return int(args.func(args) or 0)
     except UsageError as exc:
-        if getattr(args, "json", False):
-            emit(usage_error_object(str(exc)))
-        print(f"tvlang {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _usage_error(args, exc)
     except TvlangError as exc:
         code = 2 if exc.is_usage else 1
         if getattr(args, "json", False):  # the object on stdout, the message on stderr as always
@@ -72,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 1
 
+
+def _usage_error(args: argparse.Namespace, exc: UsageError) -> int:
+    if getattr(args, "json", False):
+        emit(usage_error_object(str(exc)))
+    print(f"tvlang {args.command}: error: {exc}", file=sys.stderr)
+    return 2
 
 if __name__ == "__main__":
     sys.exit(main())

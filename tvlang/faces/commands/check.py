@@ -15,6 +15,7 @@ from tvlang.errors import TvlangError
 from tvlang.faces.commands.args import KINDS, UsageError, binding_kind, binding_value, parse_bindings, parse_params
 from tvlang.faces.commands.common import add_recipe_arguments, locked_path, recipe_source
 from tvlang.faces.commands.json_output import emit, error_object
+from tvlang.faces.commands.report_file import add_out_argument
 from tvlang.language import ast
 from tvlang.language.checker import CheckedProgram, check, free_names
 from tvlang.language.syntax import parse, parse_expression
@@ -68,6 +69,7 @@ def register(subparsers) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print the result as one JSON object on stdout: ok, errors (message, file, line,"
                              " column), inputs, outputs, the checked files' name matching (docs/cli-json.md)")
+    add_out_argument(parser, "the result (the --json object, or the report of --locked)")
     parser.set_defaults(func=run)
 
 

@@ -8,6 +8,7 @@ import os
 from tvlang.faces.commands.args import binding_kind, parse_bindings, parse_params
 from tvlang.faces.commands.common import add_recipe_arguments, recipe_source
 from tvlang.faces.commands.json_output import emit
+from tvlang.faces.commands.report_file import add_out_argument
 from tvlang.plan.compiler import compile as compile_recipe
 from tvlang.plan.explain import explain_data
 from tvlang.plan.optimize import PASSES, OptimizerFlags
@@ -38,6 +39,9 @@ def register(subparsers) -> None:
         parser.add_argument(f"--no-{name}", action="store_true", help=f"turn the {name} pass off")
     parser.add_argument("--json", action="store_true",
                         help="print the plan's sections as one JSON object on stdout (docs/cli-json.md)")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="accepted for symmetry: explain prints nothing but its result")
+    add_out_argument(parser, "the plan (or its --json object)")
     parser.set_defaults(func=run)
 
 

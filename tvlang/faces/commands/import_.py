@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from tvlang.faces.commands.report_file import add_out_argument
 from tvlang.frontends.mergekit import translate
 
 HELP = "print a mergekit config (YAML) as an equivalent tvlang recipe"
@@ -35,6 +36,9 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("import", help=HELP, description=DESCRIPTION,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", metavar="CONFIG", help="a mergekit config (.yml or .yaml)")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="accepted for symmetry: import prints nothing but the recipe")
+    add_out_argument(parser, "the recipe")
     parser.set_defaults(func=run)
 
 

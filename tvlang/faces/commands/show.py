@@ -8,6 +8,7 @@ import sys
 
 from tvlang.errors import TvlangError
 from tvlang.faces.commands.args import UsageError
+from tvlang.faces.commands.report_file import add_out_argument
 from tvlang.language import ast
 from tvlang.language.printer import format_signed
 from tvlang.plan.compiler import parse_recipe
@@ -42,6 +43,9 @@ def register(subparsers) -> None:
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--json", action="store_true", help="print everything as one JSON object")
     what.add_argument("--recipe", action="store_true", help="print only the recipe text, exactly as it ran")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no note on stderr (--recipe's note of the params it ran with)")
+    add_out_argument(parser, "what it prints")
     parser.set_defaults(func=run)
 
 
@@ -91,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     if args.recipe:
         sys.stdout.write(info["recipe"])
         changed = set_params(info["recipe"], info["params"])
-        if changed:
+        if changed and not args.quiet:
             flags = " ".join(f"--set {item}" for item in changed)
             print(f"note: this output was made with {flags}; run the recipe with the same", file=sys.stderr)
         return 0

@@ -9,6 +9,7 @@ import sys
 
 from tvlang.errors import TvlangError
 from tvlang.faces.commands.args import UsageError, chunk_bytes, parse_inputs
+from tvlang.faces.commands.report_file import add_out_argument
 from tvlang.faces.commands.run import executor_options
 
 HELP = "cosine similarity matrix of task vectors (one streaming pass)"
@@ -56,6 +57,7 @@ def register(subparsers) -> None:
                         help="with --against: list the bases whose cosine is at least T")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="no progress indicator, and only the table (no '# ...' summary lines)")
+    add_out_argument(parser, "the table (or its --json object)")
     parser.set_defaults(func=run)
 
 
