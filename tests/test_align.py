@@ -3,6 +3,7 @@ or fail with one message naming the cause; none exits 0 with the base or nothing
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -201,3 +202,13 @@ def test_a_tied_output_head_stored_by_one_side_only(tmp_path, capsys, monkeypatc
     want = pre.state_dict()[embed] + 0.5 * (ft.state_dict()[embed] - pre.state_dict()[embed])
     torch.testing.assert_close(merged[embed], want)
     torch.testing.assert_close(merged["lm_head.weight"], want)  # tied again on load
+    # The --json report counts the head on its own, not as missing from or left out of an input.
+    assert main(["run", "-e", "pre + 0.5*(ft - pre)", "--bind", f"pre={pre_dir}", "--bind", f"ft={ft_dir}",
+                 "-o", str(tmp_path / "again"), "--json", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    base, other = report["inputs"]
+    assert (other["missing"], other["left_out"], other["tied"], other["examples"]["tied"]) == \
+        (0, 0, 1, ["lm_head.weight"])
+    assert (base["tied"], base["examples"]["tied"]) == ((1, ["lm_head.weight"]) if stored_by == "base" else (0, []))
+    assert other["matched"] == base["matched"] == 2 + 9 * config.num_hidden_layers  # embeddings, norm, layers
+    assert not [note for note in report["notes"] if "missing" in note or "only in this input" in note]

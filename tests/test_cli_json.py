@@ -37,15 +37,15 @@ def run_json(capsys, *argv):
 
 
 BASE_REPORT = {"name": "pre", "path": "pre.safetensors", "base": True, "rules": [], "matched": 3, "renamed": 0,
-               "missing": 0, "from_base": 0, "skipped": 0, "left_out": 0,
-               "examples": {"missing": [], "left_out": []}}
+               "missing": 0, "from_base": 0, "skipped": 0, "left_out": 0, "tied": 0,
+               "examples": {"missing": [], "left_out": [], "tied": []}}
 
 
 def ft_report(policy: str) -> dict:
     return {"name": "ft", "path": "ft.safetensors", "base": False, "rules": ["removed the prefix 'module.'"],
             "matched": 2, "renamed": 2, "missing": 1, "from_base": 1 if policy == "base" else 0,
-            "skipped": 1 if policy == "skip" else 0, "left_out": 1,
-            "examples": {"missing": ["layer.1.w"], "left_out": ["head.w"]}}
+            "skipped": 1 if policy == "skip" else 0, "left_out": 1, "tied": 0,
+            "examples": {"missing": ["layer.1.w"], "left_out": ["head.w"], "tied": []}}
 
 
 @pytest.mark.parametrize("policy", ["base", "skip"])

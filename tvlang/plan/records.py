@@ -46,7 +46,7 @@ class RunSummary:
     notes: list[str] = field(default_factory=list)  # what happened to names: renamed, missing, left out
     # The structured report of ``tvlang run --json`` (docs/cli-json.md): per output
     # {name, path, kind, format, tensors, bytes}; per input {name, path, base, rules, matched,
-    # renamed, missing, from_base, skipped, left_out, examples}; the --missing policy.
+    # renamed, missing, from_base, skipped, left_out, tied, examples}; the --missing policy.
     written: list[dict[str, Any]] = field(default_factory=list)
     inputs: list[dict[str, Any]] = field(default_factory=list)
     missing: str = "error"

@@ -45,15 +45,18 @@ class Alignment:
     missing: list[str] = field(default_factory=list)  # base float tensors the input lacks
     extra: list[str] = field(default_factory=list)  # input float tensors the base lacks
 
-    def line(self) -> str:
-        """One line for the run's summary, or "" when every name matched as it is."""
+    def line(self, leave: set[str] = frozenset()) -> str:
+        """One line for the run's summary, or "" when every name matched as it is; names in ``leave``
+        (tied heads, which have a line of their own) are not counted as missing or extra."""
         parts = []
+        missing = [n for n in self.missing if n not in leave]
+        extra = [n for n in self.extra if n not in leave]
         if self.rules:
             parts.append(f"{self.renamed} tensors matched after {' and '.join(self.rules)}")
-        if self.missing:
-            parts.append(f"{len(self.missing)} of the base's tensors missing ({few(self.missing)})")
-        if self.extra:
-            parts.append(f"{len(self.extra)} tensors only in this input, left out ({few(self.extra)})")
+        if missing:
+            parts.append(f"{len(missing)} of the base's tensors missing ({few(missing)})")
+        if extra:
+            parts.append(f"{len(extra)} tensors only in this input, left out ({few(extra)})")
         return f"{self.key} ({self.label}): " + "; ".join(parts) if parts else ""
 
 

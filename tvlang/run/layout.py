@@ -126,7 +126,7 @@ def _tied_heads(base) -> set[str]:
 
 def notes(bound: Bound, layout: Layout, missing: str) -> list[str]:
     """What the summary says about names: each input's renaming and gaps, and the policy's effect."""
-    lines = [line for line in (a.line() for a in bound.alignment) if line]
+    lines = [line for line in (a.line(leave=set(layout.tied)) for a in bound.alignment) if line]
     base = bound.readers[bound.base]
     floats = [n for n in base.names() if n not in layout.passthrough]
     if layout.copied:
@@ -149,27 +149,38 @@ def input_reports(bound: Bound, layout: Layout, missing: str) -> list[dict[str, 
     ``matched``: the base's float tensors found in it (``renamed`` of them under another
     name, by ``rules``); ``missing``: those it lacks, of which ``from_base`` were taken
     from the base (``--missing base``) and ``skipped`` left out of the output
-    (``--missing skip``); ``left_out``: its float tensors the base lacks, never read.
+    (``--missing skip``); ``left_out``: its float tensors the base lacks, never read;
+    ``tied``: output heads tied to the embeddings (``Layout.tied``) that it stores where
+    another side does not, or lacks where another side has them, left out of the output
+    and counted here only (not under ``missing`` or ``left_out``).
     The ``run --json`` schema (docs/cli-json.md) prints these dicts as they are.
     """
     base = bound.readers[bound.base]
     floats = [n for n in base.names() if n not in layout.passthrough]
     computed = set(layout.names)
-    reports = [_report(bound.base, base.label, True, [], len(floats), 0, [], [], [], [])]
+    tied = set(layout.tied)
+    base_tied = [n for n in floats if n in tied]
+    reports = [_report(bound.base, base.label, True, [], len(floats) - len(base_tied), 0, [], [], [], [],
+                       base_tied)]
     for entry in bound.alignment:
-        taken = [n for n in entry.missing if n in layout.copied]
-        skipped = [n for n in entry.missing if n not in computed and n not in layout.copied]
-        reports.append(_report(entry.key, entry.label, False, entry.rules, entry.matched, entry.renamed,
-                               entry.missing, taken, skipped, entry.extra))
+        lacking = [n for n in entry.missing if n not in tied]
+        extra = [n for n in entry.extra if n not in tied]
+        its_tied = [n for n in layout.tied if n in base_tied or n in entry.extra]  # it stores or lacks them
+        taken = [n for n in lacking if n in layout.copied]
+        skipped = [n for n in lacking if n not in computed and n not in layout.copied]
+        matched = entry.matched - sum(1 for n in base_tied if n not in entry.missing)
+        reports.append(_report(entry.key, entry.label, False, entry.rules, matched, entry.renamed,
+                               lacking, taken, skipped, extra, its_tied))
     return reports
 
 
 def _report(name: str, path: str, is_base: bool, rules: list[str], matched: int, renamed: int,
-            missing: list[str], from_base: list[str], skipped: list[str], left_out: list[str]) -> dict[str, Any]:
+            missing: list[str], from_base: list[str], skipped: list[str], left_out: list[str],
+            tied: list[str]) -> dict[str, Any]:
     return {"name": name, "path": path, "base": is_base, "rules": list(rules), "matched": matched,
             "renamed": renamed, "missing": len(missing), "from_base": len(from_base), "skipped": len(skipped),
-            "left_out": len(left_out),
-            "examples": {"missing": missing[:EXAMPLES], "left_out": left_out[:EXAMPLES]}}
+            "left_out": len(left_out), "tied": len(tied),
+            "examples": {"missing": missing[:EXAMPLES], "left_out": left_out[:EXAMPLES], "tied": tied[:EXAMPLES]}}
 
 
 def validate(plan: Plan, bindings: Mapping[str, Any], *, missing: str = "error") -> Layout:
