@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-__all__ = ["Progress", "ProgressEvent", "progress_for"]
+__all__ = ["Progress", "ProgressEvent", "TensorBar", "progress_for", "tensor_bar"]
 
 
 @dataclass(frozen=True)
@@ -96,3 +96,37 @@ def progress_for(progress: Any) -> Progress | None:
     except ImportError:
         return None
     return Progress(bar_factory=_tqdm_bar)
+
+
+class TensorBar:
+    """A tqdm bar counting tensors, as a ``progress(name, index, total)`` callback (the similarity
+    pass of ``tvlang similarity`` and ``tvlang bases``, local or on Ray); ``close()`` clears it."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar = None
+
+    def __call__(self, name: str, index: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=self.label, unit="tensor", leave=False, file=sys.stderr,
+                            dynamic_ncols=True)
+        self.bar.set_postfix_str(name[-40:], refresh=False)
+        self.bar.update(index + 1 - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def tensor_bar(label: str) -> TensorBar | None:
+    """A ``TensorBar`` when stderr is a terminal and tqdm is installed, else None (nothing drawn)."""
+    if not sys.stderr.isatty():
+        return None
+    try:
+        import tqdm  # noqa: F401
+    except ImportError:
+        return None
+    return TensorBar(label)

@@ -8,7 +8,7 @@ import sys
 
 from tvlang.faces.commands.args import UsageError, chunk_bytes, parse_inputs, parse_k
 from tvlang.faces.commands.run import executor_options
-from tvlang.faces.commands.similarity import add_input_arguments, tty_progress
+from tvlang.faces.commands.similarity import add_input_arguments, tensor_progress
 
 HELP = "cluster task vectors and merge each cluster into a basis (Zhang et al.)"
 
@@ -70,10 +70,10 @@ def run(args) -> int:
     distributed = executor_options(args)
     require_sklearn()  # fail before the similarity pass, not after
     log = None if args.quiet or args.json else (lambda msg: print(msg, file=sys.stderr))
-    manifest = build_bases(args.base, pairs, args.output, k=k, merge=args.merge, density=args.density,
-                           include=args.include, exclude=args.exclude, force=args.force, deltas=deltas,
-                           chunk_bytes=budget, log=log,
-                           progress=None if args.quiet else tty_progress("similarity"), **distributed)
+    with tensor_progress("similarity", args.quiet) as progress:
+        manifest = build_bases(args.base, pairs, args.output, k=k, merge=args.merge, density=args.density,
+                               include=args.include, exclude=args.exclude, force=args.force, deltas=deltas,
+                               chunk_bytes=budget, log=log, progress=progress, **distributed)
     if args.json:
         print(json.dumps(manifest, indent=2))
         return 0

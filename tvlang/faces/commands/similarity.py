@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -86,17 +87,21 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
                              " (default: no limit)")
 
 
-def tty_progress(label: str):
-    """A one-line 'tensor i/n' indicator on stderr when it is a terminal, else None."""
-    if not sys.stderr.isatty():
-        return None
+@contextlib.contextmanager
+def tensor_progress(label: str, quiet: bool):
+    """A tqdm bar of the tensors done (``tvlang.run.progress.TensorBar``) on a terminal, unless
+    ``quiet``: the callback to pass as ``progress=``, or None; the bar is cleared on leaving."""
+    if quiet:
+        yield None
+        return
+    from tvlang.run.progress import tensor_bar  # the run layer imports torch
 
-    def report(name: str, index: int, total: int) -> None:
-        end = "\n" if index + 1 == total else ""
-        sys.stderr.write(f"\r\033[K{label}: tensor {index + 1}/{total} {name[:60]}{end}")
-        sys.stderr.flush()
-
-    return report
+    bar = tensor_bar(label)
+    try:
+        yield bar
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def run(args) -> int:
@@ -111,9 +116,9 @@ def run(args) -> int:
 
     from tvlang.bases.gram import similarity  # the bases layer imports torch
 
-    sim = similarity(pairs, base=args.base, include=args.include, exclude=args.exclude, deltas=deltas,
-                     chunk_bytes=chunk_bytes(args.chunk_mb),
-                     progress=None if args.quiet else tty_progress("similarity"), **distributed)
+    with tensor_progress("similarity", args.quiet) as progress:
+        sim = similarity(pairs, base=args.base, include=args.include, exclude=args.exclude, deltas=deltas,
+                         chunk_bytes=chunk_bytes(args.chunk_mb), progress=progress, **distributed)
     if args.plot:
         plot_heatmap(sim, args.plot)
     if args.json:
@@ -132,10 +137,10 @@ def run(args) -> int:
 def _run_against(args, pairs, deltas, distributed: dict) -> int:
     from tvlang.bases.build import against_bases  # the bases layer imports torch
 
-    result = against_bases(args.against, pairs, base=args.base,
-                           include=args.include or None, exclude=args.exclude or None, deltas=deltas,
-                           chunk_bytes=chunk_bytes(args.chunk_mb),
-                           progress=None if args.quiet else tty_progress("similarity"), **distributed)
+    with tensor_progress("similarity", args.quiet) as progress:
+        result = against_bases(args.against, pairs, base=args.base,
+                               include=args.include or None, exclude=args.exclude or None, deltas=deltas,
+                               chunk_bytes=chunk_bytes(args.chunk_mb), progress=progress, **distributed)
     if args.json:
         data = result.to_dict()
         if args.threshold is not None:
