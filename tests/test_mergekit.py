@@ -303,9 +303,9 @@ ERRORS = [
      "  - sources:\n      - model: {root}/ft2\n        layer_range: [0, 1]\nmerge_method: passthrough\n"
      "parameters:\n  scale: [0, 1]\n",
      "scale: a gradient over several slices is not supported", 10),
-    ("slices:\n  - sources:\n      - model: {root}/ft1\n        layer_range: [0, 2]\n    parameters: {{t: 1}}\n"
+    ("slices:\n  - sources:\n      - model: {root}/ft1\n        layer_range: [0, 2]\n    weight: 1\n"
      "merge_method: passthrough\n",
-     "a slice's 'parameters' is not supported", 5),
+     "unknown key 'weight' in a slice", 5),
     ("modules: {{}}\nmerge_method: linear\nmodels:\n  - model: {root}/ft1\n",
      "modules: per-module merges are not supported", 1),
     ("models:\n  - model: {root}/ft1\n    parameters:\n      weight: [0.1, 0.5, 1]\n"

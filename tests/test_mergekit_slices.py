@@ -75,6 +75,30 @@ CONFIGS = {
                               [source("ft2", 2, 4, "        parameters: {weight: 0.6}\n"),
                                source("ft1", 2, 4, "        parameters: {weight: 0.4}\n")])
                        + "merge_method: linear\nbase_model: base\n", 4),
+    # a slice's own parameters: t per slice (slerp reads t from the global parameters only)
+    "slerp_per_slice_t": (slices([source("ft1", 0, 2), source("base", 0, 2)],
+                                 [source("ft2", 2, 3), source("base", 2, 3)],
+                                 [source("ft1", 3, 4), source("base", 3, 4)])
+                          .replace("  - sources:\n      - model: ft2", "  - parameters: {t: 0.8}\n    sources:\n"
+                                   "      - model: ft2")
+                          + "merge_method: slerp\nbase_model: base\nparameters:\n  t: 0.2\n", 4),
+    # per-slice weights of a position (a source's own), and a slice's density
+    "ties_per_slice": (slices([source("ft1", 0, 2, "        parameters: {weight: 0.7}\n"),
+                               source("ft2", 0, 2, "        parameters: {weight: 0.4}\n"), source("base", 0, 2)],
+                              [source("ft1", 2, 4, "        parameters: {weight: 0.2}\n"),
+                               source("ft2", 2, 4, "        parameters: {weight: 0.4}\n"), source("base", 2, 4)])
+                       .replace("  - sources:\n      - model: ft1\n        layer_range: [2, 4]",
+                                "  - parameters: {density: 0.3}\n    sources:\n      - model: ft1\n"
+                                "        layer_range: [2, 4]")
+                       + "merge_method: ties\nbase_model: base\nparameters:\n  density: 0.6\n", 4),
+    # a slice's own base_model: the base position stacks base's layers 0-1 and ft1's layers 2-3
+    "task_arithmetic_slice_base": (slices([source("ft1", 0, 2, "        parameters: {weight: 0.5}\n"),
+                                           source("base", 0, 2)],
+                                          [source("ft2", 2, 4, "        parameters: {weight: 0.5}\n"),
+                                           source("ft1", 2, 4)])
+                                   .replace("  - sources:\n      - model: ft2",
+                                            "  - base_model: ft1\n    sources:\n      - model: ft2")
+                                   + "merge_method: task_arithmetic\nbase_model: base\n", 4),
 }
 
 
@@ -195,15 +219,18 @@ ERRORS = [
      "slices[1] has 2 sources and slices[0] 1", 6),
     (slices([source("ft1", 0, 2), source("ft2", 0, 3)]) + "merge_method: linear\n",
      "the sources of slices[0] take different numbers of layers (2, 3)", 3),
-    (slices([source("ft1", 0, 2, "        parameters: {weight: 1}\n")],
-            [source("ft2", 2, 4, "        parameters: {weight: 2}\n")]) + "merge_method: linear\n",
-     "the parameters of slices[1].sources[0] differ from those of slices[0].sources[0]", 9),
+    (slices([source("ft1", 0, 2, "        parameters: {t: 0.1}\n"), source("base", 0, 2)],
+            [source("ft2", 2, 4), source("base", 2, 4)]) + "merge_method: nearswap\nbase_model: base\n",
+     "t is set for some slices only, and there is no global value for the others", 5),
+    (slices([source("ft1", 0, 2, "        parameters: {scale: 0.5}\n")],
+            [source("ft2", 2, 4, "        parameters: {scale: 2}\n")]) + "merge_method: passthrough\n",
+     "scale differs between slices, and per-slice values of it are not supported", 5),
     (slices([source("ft1", 0, 2)], [source("ft2", 2, 4)]) + "merge_method: slerp\nbase_model: base\n"
      "parameters:\n  t: [0, 1]\n",
      "t: a gradient over several slices is not supported", 11),
     (slices([source("ft1", 0, 2), source("base", 0, 2)], [source("ft2", 2, 4), source("ft1", 2, 4)])
      + "merge_method: slerp\nbase_model: base\nparameters:\n  t: 0.5\n",
-     "base_model 'base' is slices[*].sources[1] in some slices only", 13),
+     "the base_model of slices[1] is not its sources[1], as it is in slices[0]", 13),
     (slices([source("ft1", 0, 2), source("ft2", 0, 2)]) + "merge_method: task_arithmetic\nbase_model: base\n",
      "task_arithmetic merges each slice with its base_model, and 'base' is not a source of the slices", 8),
     (slices([source("ft1", 2, 6)]) + "merge_method: passthrough\n",

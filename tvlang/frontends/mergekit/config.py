@@ -20,7 +20,7 @@ from tvlang.frontends.mergekit.spec import (
     _Param,
 )
 from tvlang.language.builtins import BUILTINS
-from tvlang.language.pertensor import PER_TENSOR, Layers, Where
+from tvlang.language.pertensor import PER_TENSOR, Layers, PerTensor, Where
 from tvlang.language.syntax import RESERVED
 
 
@@ -92,7 +92,7 @@ class _Merge:
                 raise source.error("a models entry needs 'model: PATH'", at)
             parts = entry.get("parts")  # slices: a stack of layer ranges (frontends.mergekit.slices)
             for key in entry:
-                if key not in ("model", "parameters") and not (key == "parts" and parts is not None):
+                if key not in ("model", "parameters") and not (key in ("parts", "base") and "parts" in entry):
                     raise source.error(f"unknown key '{key}' in models[{index}]", at + (key,), key=True,
                                        notes=_suggest(key, ("model", "parameters")))
             path = _local_path(source, entry["model"], at + ("model",))
@@ -103,7 +103,8 @@ class _Merge:
                 raise source.error(f"'{path}' is merged twice (models[{seen[path]}] and models[{index}])",
                                    at + ("model",), notes=("mergekit refuses duplicate inputs too",))
             seen[path] = index
-            is_base = path == base_path or (parts is not None and all(p == base_path for p, _ in parts))
+            is_base = path == base_path or entry.get("base") is True or (
+                parts is not None and all(p == base_path for p, _ in parts))
             name = "base" if is_base else names.new(path if parts is None else "_".join(dict.fromkeys(
                 os.path.basename(os.path.normpath(p)) for p, _ in parts)))
             self.inputs.append(_Input(name, path, at + ("model",), index, is_base, parts=parts))
@@ -329,6 +330,8 @@ def _value(source: _Source, param: _Param, value: Any, at: _Path) -> Any:
     """A parameter's value as mergekit validates it. A gradient or a filter list becomes
     ``layers(...)``/``where(...)`` where the method's translation takes one (``varies``), else
     an error; a filter list without a last unfiltered entry ends in ``None`` (``_open``)."""
+    if isinstance(value, PerTensor):  # built for slices (frontends.mergekit.slice_parameters)
+        return value
     if param.varies and param.kind == "number":
         if isinstance(value, dict) and "value" in value and set(value) <= {"value", "filter"}:
             value = [value]

@@ -9,10 +9,11 @@ norm and head from the last included, because each slice merges its sources the 
 A position that takes every layer of one model in turn is that model (``load("a")``), so a
 single slice over every layer is the merge of the whole models.
 
-What it needs: every slice has as many sources, each position has the same parameters in
-every slice, and the base_model (when the method uses one) is a source of every slice at the
-same position. A gradient over several slices (mergekit restarts it at each slice), a slice's
-own ``parameters`` or ``base_model`` are errors at their line.
+What it needs: every slice has as many sources, and the base_model (the slice's own, else
+the global one, when the method uses one) is a source of every slice at the same position.
+Parameters (a source's, its slice's, the global ones, as mergekit reads them) that differ
+between slices become per-tensor values over the stack's layers (``slice_parameters``). A
+gradient over several slices (mergekit restarts it at each slice) is an error at its line.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import os
 from typing import Any
 
+from tvlang.frontends.mergekit.slice_parameters import _position_parameters
 from tvlang.frontends.mergekit.source import _NOT_YET, _Source
 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")  # config.json's layer count
@@ -37,6 +39,8 @@ def _slices_as_models(source: _Source, data: dict) -> tuple[dict, list[str]]:
     if not isinstance(slices, list) or not slices:
         raise source.error("slices must be a list of '- sources: [...]' entries", ("slices",))
     rows = [_slice(source, entry, number, len(slices) > 1) for number, entry in enumerate(slices)]
+    slice_settings = [_slice_settings(source, entry, number) for number, entry in enumerate(slices)]
+    bases = [entry.get("base_model", data.get("base_model")) for entry in slices]
     width = len(rows[0])
     for number, row in enumerate(rows[1:], 1):
         if len(row) != width:
@@ -46,30 +50,38 @@ def _slices_as_models(source: _Source, data: dict) -> tuple[dict, list[str]]:
                                                                     f"number of sources per slice is {_NOT_YET}",))
     if len(rows) > 1:
         _no_gradient(source, data.get("parameters"), ("parameters",))
-    base = data.get("base_model")
+        for number, settings in enumerate(slice_settings):
+            _no_gradient(source, settings, ("slices", number, "parameters"))
+    spans, offset = [], 0
+    for row in rows:
+        count = row[0]["range"][1] - row[0]["range"][0]
+        spans.append((offset, offset + count))
+        offset += count
+    parameters, global_parameters = _position_parameters(source, data, rows, slice_settings, spans)
     models = []
     for position in range(width):
         column = [row[position] for row in rows]
         first = column[0]
-        for number, item in enumerate(column[1:], 1):
-            if item["parameters"] != first["parameters"]:
-                raise source.error(f"the parameters of slices[{number}].sources[{position}] differ from those of "
-                                   f"slices[0].sources[{position}]: per-slice parameters are {_NOT_YET}",
-                                   item["at"] + ("parameters",),
-                                   notes=("give each position the same parameters in every slice",))
-        if base is not None and any(i["model"] == base for i in column) and not all(i["model"] == base
-                                                                                   for i in column):
-            raise source.error(f"base_model '{base}' is slices[*].sources[{position}] in some slices only: tvlang "
-                               "merges each position's stack, so the base must be at one position in every slice",
-                               ("base_model",))
+        is_base = [base is not None and item["model"] == base for item, base in zip(column, bases)]
+        if any(is_base) and not all(is_base):
+            number = is_base.index(False)
+            raise source.error(f"the base_model of slices[{number}] is not its sources[{position}], as it is in "
+                               f"slices[{is_base.index(True)}]: tvlang merges each position's stack, so the base "
+                               "must be at one position in every slice",
+                               ("slices", number, "base_model") if "base_model" in slices[number] else ("base_model",))
         entry: dict[str, Any] = {"model": first["model"]}
-        if first["parameters"] is not None:
-            entry["parameters"] = first["parameters"]
+        if parameters[position] is not None:
+            entry["parameters"] = parameters[position]
         parts = [(item["model"], item["range"]) for item in column]
         if not _whole(source, parts):
             entry["parts"] = parts
+            if all(is_base):
+                entry["base"] = True  # each slice's own base_model, or the global one
         models.append(entry)
     source.aliases[("models",)] = ("slices", 0, "sources")
+    data = {**data, "parameters": global_parameters} if global_parameters else data
+    if data.get("base_model") is None and any(b is not None for b in bases):
+        data = {**data, "base_model": next(b for b in bases if b is not None)}
     if len(rows) == 1 and not any("parts" in m for m in models):
         notes = ["slices: one slice that takes every layer of each model is the merge of the whole models, as "
                  "models: writes it (models[i] below is slices[0].sources[i])."]
@@ -87,9 +99,9 @@ def _slice(source: _Source, entry: Any, number: int, several: bool) -> list[dict
     if not isinstance(entry, dict) or "sources" not in entry:
         raise source.error("a slice needs 'sources:'", at)
     for key in entry:
-        if key != "sources":
-            raise source.error(f"a slice's '{key}' is {_NOT_YET}", at + (key,), key=True,
-                               notes=("give parameters under each source, or under the global parameters",))
+        if key not in ("sources", "parameters", "base_model"):
+            raise source.error(f"unknown key '{key}' in a slice", at + (key,), key=True,
+                               notes=("a slice has sources, and may have parameters and a base_model",))
     sources = entry["sources"]
     if not isinstance(sources, list) or not sources:
         raise source.error("sources must be a list of '- model: PATH' entries with a layer_range", at + ("sources",))
@@ -117,6 +129,17 @@ def _slice(source: _Source, entry: Any, number: int, several: bool) -> list[dict
                            f"({', '.join(str(r['range'][1] - r['range'][0]) for r in row)})", at + ("sources",),
                            notes=("mergekit refuses this too: a slice merges its sources layer by layer",))
     return row
+
+
+def _slice_settings(source: _Source, entry: dict, number: int) -> dict:
+    """A slice's own ``parameters`` (a mapping, or nothing)."""
+    settings = entry.get("parameters")
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise source.error(f"slices[{number}].parameters must be a mapping of parameter names to values",
+                           ("slices", number, "parameters"))
+    return settings
 
 
 def _no_gradient(source: _Source, settings: Any, at: tuple) -> None:
