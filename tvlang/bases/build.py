@@ -33,8 +33,7 @@ from tvlang.bases.gram import DEFAULT_CHUNK_BYTES, format_matrix, similarity
 from tvlang.errors import TvlangError
 from tvlang.io import check_output_path, open_reader
 from tvlang.io.atomic import AtomicReplace
-from tvlang.io.lora import LoraAdapter
-from tvlang.run.adapters import lora_path
+from tvlang.run.adapters import lora_path, open_adapter
 from tvlang.run.ray_tasks import cluster as ray_cluster
 from tvlang.run.ray_tasks import import_ray
 from tvlang.version import __version__
@@ -152,7 +151,7 @@ def inspect_inputs(pairs: Sequence[tuple[str, str]], base: str | None,
     for name, path in pairs:
         adapter = lora_path(path)
         if adapter is not None:  # a LoRA adapter is a task vector; it stores its factors only
-            with LoraAdapter(adapter) as read:
+            with open_adapter(adapter) as read:
                 size = sum(read.file.info(n).nbytes for n in read.file.names())
             out.append(TaskVectorInput(name, os.fspath(path), "delta", size))
             continue

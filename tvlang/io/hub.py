@@ -31,6 +31,7 @@ from urllib.parse import unquote
 
 from tvlang.errors import TvlangError
 from tvlang.io.base import TensorReader
+from tvlang.io.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from tvlang.io.open import choose_weights, open_reader
 from tvlang.io.output_paths import COPIED_DIRS, COPIED_FILES
 from tvlang.io.sharded import read_index
@@ -158,8 +159,11 @@ class _Unreachable(Exception):
         self.token = token
 
 
-def resolve(text: str) -> HubSource:
+def resolve(text: str, kind: str = "model") -> HubSource:
     """Resolve ``hf:...`` to a commit and fetch (or find in the cache) the weight files it reads.
+
+    ``kind="adapter"``: the reference names a PEFT adapter folder (``lora("hf:...")``), and
+    the files fetched are its ``adapter_config.json`` and factors.
 
     A commit sha whose files are cached needs no network. A branch or tag asks the
     Hub which commit it is now, unless offline (``HF_HUB_OFFLINE=1``) or the Hub is
@@ -171,24 +175,25 @@ def resolve(text: str) -> HubSource:
     revision = ref.revision or DEFAULT_REVISION
     unreachable: _Unreachable | None = _Unreachable("HF_HUB_OFFLINE is set") if _offline(hub) else None
     if unreachable is None and _COMMIT.match(revision):
-        cached = _try_cache(hub, ref, revision)
+        cached = _try_cache(hub, ref, revision, kind)
         if cached is not None:
             return cached
     if unreachable is None:
         try:
             commit, listing = _ask_hub(hub, ref, revision)
-            return _fetch(hub, ref, commit, listing, local_only=False)
+            return _fetch(hub, ref, commit, listing, local_only=False, kind=kind)
         except _Unreachable as exc:
             unreachable = exc
     snapshot = _cached_snapshot(hub, ref, revision, unreachable)
-    return _fetch(hub, ref, os.path.basename(snapshot), None, local_only=True, snapshot=snapshot, why=unreachable)
+    return _fetch(hub, ref, os.path.basename(snapshot), None, local_only=True, snapshot=snapshot, why=unreachable,
+                  kind=kind)
 
 
-def _try_cache(hub, ref: HubReference, revision: str) -> HubSource | None:
+def _try_cache(hub, ref: HubReference, revision: str, kind: str = "model") -> HubSource | None:
     """The reference from the cache alone, or None when anything it needs is not there."""
     try:
         snapshot = hub.snapshot_download(ref.repo_id, revision=revision, allow_patterns=[], local_files_only=True)
-        return _fetch(hub, ref, os.path.basename(snapshot), None, local_only=True, snapshot=snapshot)
+        return _fetch(hub, ref, os.path.basename(snapshot), None, local_only=True, snapshot=snapshot, kind=kind)
     except (TvlangError, OSError):
         return None
 
@@ -234,7 +239,7 @@ def _cached_snapshot(hub, ref: HubReference, revision: str, why: _Unreachable) -
 
 
 def _fetch(hub, ref: HubReference, commit: str, listing: tuple[str, ...] | None, *, local_only: bool,
-           snapshot: str | None = None, why: _Unreachable | None = None) -> HubSource:
+           snapshot: str | None = None, why: _Unreachable | None = None, kind: str = "model") -> HubSource:
     """Choose the weight files of ``ref`` at ``commit`` and make sure each is in the cache.
 
     ``listing`` is the repository's files when the Hub was asked; from the cache alone
@@ -253,6 +258,8 @@ def _fetch(hub, ref: HubReference, commit: str, listing: tuple[str, ...] | None,
                               f" ({type(exc).__name__}: {exc})") from None
 
     folder = ref.folder
+    if kind == "adapter":
+        return _fetch_adapter(ref, commit, listing, snapshot, local_only, get)
     if ref.is_file:
         weights = ref.path
         if listing is not None and weights not in listing:
@@ -277,6 +284,29 @@ def _fetch(hub, ref: HubReference, commit: str, listing: tuple[str, ...] | None,
             get(prefix + shard)
             files.append(prefix + shard)
     return HubSource(ref, commit, snapshot, weights, tuple(files), listing, local_only)
+
+
+def _fetch_adapter(ref: HubReference, commit: str, listing: tuple[str, ...] | None, snapshot: str | None,
+                   local_only: bool, get) -> HubSource:
+    """The files of a PEFT adapter folder: ``adapter_config.json`` and ``adapter_model.safetensors``
+    (else ``adapter_model.bin``), fetched into the cache."""
+    if ref.is_file:
+        raise TvlangError(f"{ref.text}: lora() reads an adapter folder, not one file",
+                          notes=("name the folder that holds adapter_config.json: hf:org/name[@REVISION][/FOLDER]",))
+    folder = ref.path
+    names = set(_folder_names(folder, listing, snapshot))
+    weights = next((name for name in ADAPTER_WEIGHTS if name in names), None)
+    if ADAPTER_CONFIG not in names or weights is None:
+        where = f"folder '{folder}'" if folder else "the repository"
+        seen = "the Hub lists" if listing is not None else "the local cache holds"
+        raise TvlangError(f"{ref.text}: {where} holds no PEFT adapter at commit {commit[:12]}",
+                          notes=(f"looked for {ADAPTER_CONFIG} and {' or '.join(ADAPTER_WEIGHTS)}; {seen}:"
+                                 f" {', '.join(sorted(names)[:8]) or 'nothing'}",))
+    prefix = f"{folder}/" if folder else ""
+    files = (prefix + ADAPTER_CONFIG, prefix + weights)
+    local = [get(path) for path in files]
+    snapshot = local[0][: len(local[0]) - len(os.path.join(*files[0].split("/")))].rstrip(os.sep)
+    return HubSource(ref, commit, snapshot, files[1], files, listing, local_only)
 
 
 def _folder_names(folder: str, listing: tuple[str, ...] | None, snapshot: str | None) -> list[str]:

@@ -116,6 +116,7 @@ class LoraAdapter:
     def __init__(self, path: str | os.PathLike, *, label: str | None = None) -> None:
         self.path = os.fspath(path)
         self.label = label if label is not None else self.path
+        self.hub: object | None = None  # where an hf: reference resolved to (tvlang.io.hub.HubSource)
         self.config = self._read_config()
         self.weights_file = self._find_weights()
         weights = os.path.join(self.path, self.weights_file)
@@ -361,6 +362,7 @@ class LoraReader(TensorReader):
         self.adapter = adapter
         self.base = base
         self.kind = "delta"
+        self.hub = adapter.hub
         self.paths = tuple(os.path.realpath(os.path.join(adapter.path, f))
                            for f in (ADAPTER_CONFIG, adapter.weights_file))
         if base is None:

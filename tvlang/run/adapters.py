@@ -15,11 +15,12 @@ from typing import Any
 from tvlang.errors import TvlangError
 from tvlang.io import TensorReader
 from tvlang.io.base import quoted
+from tvlang.io.hub import is_reference, resolve
 from tvlang.io.lora import LoraAdapter, LoraReader
 from tvlang.plan.records import DeltaBinding, LoraBinding
 from tvlang.run.align import Alignment, align
 
-__all__ = ["LORA_PREFIX", "adapter_reader", "attach", "lora_path"]
+__all__ = ["LORA_PREFIX", "adapter_reader", "attach", "lora_path", "open_adapter"]
 
 #: ``--bind NAME=lora:DIR`` (and the same string in the API's bindings) binds an adapter.
 LORA_PREFIX = "lora:"
@@ -35,6 +36,18 @@ def lora_path(value: Any) -> str | None:
     if isinstance(value, str) and value.startswith(LORA_PREFIX):
         return value[len(LORA_PREFIX):]
     return None
+
+
+def open_adapter(path: str) -> LoraAdapter:
+    """The adapter at ``path``: a local directory, or an ``hf:org/name[@rev][/folder]`` reference
+    resolved through huggingface_hub's cache like any Hub input (``tvlang.io.hub``)."""
+    if not is_reference(path):
+        return LoraAdapter(path)
+    source = resolve(path, kind="adapter")
+    folder = source.reference.path
+    adapter = LoraAdapter(source.local(folder) if folder else source.snapshot, label=path)
+    adapter.hub = source
+    return adapter
 
 
 def attach(adapters: dict[str, LoraAdapter], readers: dict[str, TensorReader], base_key: str) -> list[Alignment]:
@@ -80,7 +93,7 @@ def adapter_reader(value: Any, base: TensorReader | None) -> TensorReader | None
     path = lora_path(value)
     if path is None:
         return None
-    adapter = LoraAdapter(path)
+    adapter = open_adapter(path)
     try:
         if base is None:
             return LoraReader(adapter, None)

@@ -18,7 +18,7 @@ from tvlang.io.hub import is_reference, open_hub
 from tvlang.io.lora import LoraAdapter
 from tvlang.plan.ir import SourceSpec
 from tvlang.plan.records import DeltaBinding
-from tvlang.run.adapters import attach, lora_path
+from tvlang.run.adapters import attach, lora_path, open_adapter
 from tvlang.run.align import Alignment, align_inputs
 from tvlang.run.stacked import StackedReader, part_range
 
@@ -89,7 +89,7 @@ def bind(plan: Plan, bindings: Mapping[str, Any]) -> Bound:
         adapter = lora_path(bindings[key]) if spec.path is None else spec.path if spec.func == "lora" else None
         if adapter is not None:
             try:
-                adapters[key] = LoraAdapter(adapter)
+                adapters[key] = open_adapter(adapter)
             except TvlangError as exc:
                 if exc.span is None and spec.path is not None:
                     exc.span = spec.span
