@@ -121,3 +121,14 @@ def test_explain_says_what_a_stack_takes():
     text = tvlang.compile('out = stack(load("a", layers=[0, 2]), load("b"))').explain()
     assert ('stack(load("a", layers=[0, 2]), load("b")): layers 0-1 of load("a"), then every layer of load("b"), '
             "renumbered from 0; embeddings from the first part") in text
+
+
+def test_a_stack_merged_with_a_model_of_other_layers_says_so(models):
+    root, _ = models
+    plan = tvlang.compile('s = stack(load("a", layers=[0, 3]), load("b", layers=[1, 4]))\n'
+                          'out = slerp(s, load("base"), 0.5)\n', filename=str(root / "r.tv"))
+    with pytest.raises(TvlangError) as caught:
+        plan.evaluate({})
+    missing = "tensor 'model.layers.4.self_attn.q_proj.weight' is in s but missing from"
+    assert caught.value.message == f"{missing} {root}/base"
+    assert caught.value.notes[0] == f"s has 6 layers and {root}/base 4: merge models (or stacks) with as many layers"

@@ -67,7 +67,8 @@ def layout(bound: Bound, missing: str) -> Layout:
             if missing == "error":
                 reader = bound.readers[lacking[0]]
                 raise TvlangError(f"tensor '{name}' is in {base.label} but missing from {reader.label}",
-                                  tensor=name, notes=("choose a policy with --missing base|skip",))
+                                  tensor=name, notes=(*_layer_counts(base, reader),
+                                                      "choose a policy with --missing base|skip"))
             if missing == "base":
                 copied[name] = lacking
             continue  # skip
@@ -90,7 +91,8 @@ def layout(bound: Bound, missing: str) -> Layout:
             extra = [n for n in extra if n not in tied_heads]
             if extra:
                 raise TvlangError(f"tensor '{extra[0]}' is in {reader.label} but missing from {base.label}",
-                                  tensor=extra[0], notes=("choose a policy with --missing base|skip",))
+                                  tensor=extra[0], notes=(*_layer_counts(base, reader),
+                                                          "choose a policy with --missing base|skip"))
     floats = [n for n in base.names() if n not in passthrough]
     if floats and not names:
         policy = {"base": "copied from the base", "skip": "left out"}.get(missing, "")
@@ -216,6 +218,15 @@ def validate_report(plan: Plan, bindings: Mapping[str, Any], *,
         raise exc.with_context(source=bound.plan.text, filename=bound.plan.filename) from None
     finally:
         bound.close()
+
+
+def _layer_counts(base, reader) -> tuple[str, ...]:
+    """A note when two inputs have different numbers of layers (a stack merged with a model)."""
+    ours, theirs = count_layers(base.names()), count_layers(reader.names())
+    if ours is None or theirs is None or ours == theirs:
+        return ()
+    return (f"{base.label} has {ours} layers and {reader.label} {theirs}: merge models (or stacks) with as many "
+            "layers",)
 
 
 def _count_layers(names: list[str]) -> int | None:
