@@ -117,3 +117,23 @@ def test_similarity_and_bases_take_hub_adapters(adapters, tmp_path, capsys):
     assert main(["bases", *twice, "--base", base, "-o", str(tmp_path / "bases"), "--k", "1", "-q"]) == 0
     manifest = json.load(open(tmp_path / "bases" / "manifest.json"))
     assert "hf:org/yelp" in json.dumps(manifest)
+
+
+def test_the_repl_lists_an_adapter_as_an_adapter(adapters, monkeypatch, capsys):
+    """:sources shows an adapter's modules, rank and scale (not its factor tensors), bound with
+    lora:DIR (local or hf:) or read by lora() in a definition; the bound adapter computes."""
+    import io
+    import sys
+
+    base = adapters["base"]
+    text = f':sources\nup = pre + lora("{adapters["two"]}")\n:sources\npre + y\n'
+    monkeypatch.setattr(sys, "stdin", io.StringIO(text))
+    code = main(["repl", "--bind", f"pre={base}", "--bind", "y=lora:hf:org/yelp"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[1] == "y: hf:org/yelp (bound, delta; LoRA adapter: 4 modules (q_proj, v_proj), rank 4, scale 2)"
+    assert (f'up: {adapters["two"]} (lora() in up, delta; LoRA adapter: 2 modules (k_proj), rank 2,'
+            ' rsLoRA scale 1.4142136)') in lines
+    assert not [line for line in lines if line.startswith(("y:", "up:")) and "tensors" in line]  # no factors
+    assert "Model: " in out and "y (lora:hf:org/yelp)" in out.split("Model: ")[1]  # pre + y summarised

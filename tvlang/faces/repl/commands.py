@@ -19,7 +19,7 @@ from tvlang.errors import TvlangError
 from tvlang.faces.commands.common import read_recipe
 from tvlang.faces.repl.complete import completions
 from tvlang.faces.repl.session import FILENAME, VALUE, Workspace, loads, parse_expr, statement_text
-from tvlang.faces.repl.values import describe
+from tvlang.faces.repl.values import adapter_summary, describe
 from tvlang.language import ast
 from tvlang.language.syntax import parse, parse_expression
 
@@ -237,29 +237,35 @@ class Repl:
 
     def show_sources(self) -> None:
         from tvlang.io import open_reader  # imports torch
+        from tvlang.run.adapters import lora_path, open_adapter
 
-        rows: list[tuple[str, str, Any]] = []
+        rows: list[tuple[str, str, Any, str | None]] = []  # (name, how, what, adapter directory)
         for name, value in self.space.bindings.items():
             raw = getattr(value, "value", value)
-            rows.append((name, f"bound, {self.space.kinds[name]}", raw))
+            rows.append((name, f"bound, {self.space.kinds[name]}", raw, lora_path(value)))
         for entry in self.space.entries.values():
             for call in loads(entry.stmt):
                 path_node = call.args[0] if call.args else next((k.value for k in call.kwargs), None)
                 if isinstance(path_node, ast.String):
                     kind = "delta" if call.func in ("load_delta", "lora") else "model"
-                    rows.append((entry.name, f"{call.func}() in {entry.name}, {kind}", path_node.value))
+                    adapter = path_node.value if call.func == "lora" else None
+                    rows.append((entry.name, f"{call.func}() in {entry.name}, {kind}", path_node.value, adapter))
         if not rows:
             self.say("(no checkpoints bound or loaded)")
             return
-        for name, how, raw in rows:
-            label = raw if isinstance(raw, str) else f"<{type(raw).__name__}>"
+        for name, how, raw, adapter in rows:
+            label = adapter if adapter is not None else raw if isinstance(raw, str) else f"<{type(raw).__name__}>"
             try:
-                with open_reader(raw, label=label if isinstance(raw, str) else None) as reader:
-                    infos = [reader.info(n) for n in reader.names()]
-                    floats = [i for i in infos if i.dtype.is_floating_point]
-                    dtypes = sorted({str(i.dtype).replace("torch.", "") for i in floats})
-                    params = sum(math.prod(int(d) for d in i.shape) for i in floats)
-                    size = f"{len(infos)} tensors, {params:,} parameters, {', '.join(dtypes)}"
+                if adapter is not None:
+                    with open_adapter(adapter) as opened:
+                        size = adapter_summary(opened)
+                else:
+                    with open_reader(raw, label=label if isinstance(raw, str) else None) as reader:
+                        infos = [reader.info(n) for n in reader.names()]
+                        floats = [i for i in infos if i.dtype.is_floating_point]
+                        dtypes = sorted({str(i.dtype).replace("torch.", "") for i in floats})
+                        params = sum(math.prod(int(d) for d in i.shape) for i in floats)
+                        size = f"{len(infos)} tensors, {params:,} parameters, {', '.join(dtypes)}"
             except TvlangError as exc:
                 size = f"cannot read: {exc.message}"
             self.say(f"{name}: {label} ({how}; {size})")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
 from tvlang.errors import Span, TvlangError
-from tvlang.faces.commands.args import split_binding
+from tvlang.faces.commands.args import LORA_PREFIX, split_binding
 from tvlang.language import ast
 from tvlang.language.checker import CheckedProgram, check
 from tvlang.language.printer import to_text
@@ -92,13 +92,21 @@ class Workspace:
     # -- bindings -------------------------------------------------------------------
 
     def bind(self, name: str, value: Any) -> None:
-        """Bind ``name`` to a checkpoint (a path, ``delta:PATH``, a state dict, or ``tvlang.delta(x)``)."""
+        """Bind ``name`` to a checkpoint: a path, ``delta:PATH``, ``lora:DIR`` (a PEFT adapter), a state
+        dict, or ``tvlang.delta(x)``."""
         from tvlang.io import open_reader  # imports torch
 
         if not name.isidentifier():
             raise TvlangError(f"cannot bind '{name}': not a name")
         if name in self.entries:
             raise TvlangError(f"cannot bind '{name}': it is defined in this session (:vars)")
+        if isinstance(value, str) and value.startswith(LORA_PREFIX):  # lora:DIR (or lora:hf:...), as --bind takes it
+            from tvlang.run.adapters import open_adapter  # imports torch
+
+            open_adapter(value[len(LORA_PREFIX):]).close()  # a clear error now if it is not an adapter
+            self.bindings[name] = value  # the run layer reads "lora:DIR"
+            self.kinds[name] = "delta"
+            return
         marked = isinstance(value, DeltaBinding)
         if isinstance(value, str):  # PATH or delta:PATH, as --bind takes it
             kind, value = split_binding(value)

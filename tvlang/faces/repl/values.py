@@ -16,7 +16,7 @@ from typing import Any
 from tvlang.faces.repl.session import VALUE, Compiled, Workspace
 from tvlang.plan.compiler import Plan
 
-__all__ = ["describe", "number", "reads", "scalar_lines", "summary"]
+__all__ = ["adapter_summary", "describe", "number", "reads", "scalar_lines", "summary"]
 
 _TITLES = {"model": "Model", "delta": "Delta (task vector)"}
 
@@ -80,6 +80,22 @@ def reads(space: Workspace, plan: Plan, keys: list[str]) -> str:
         else:
             parts.append(key)
     return ", ".join(parts)
+
+
+def adapter_summary(adapter: Any) -> str:
+    """A PEFT LoRA adapter (``tvlang.io.lora.LoraAdapter``) as ``:sources`` shows it: the modules it
+    adapts, by their last name, its rank(s) and scale, and the full weights it carries."""
+    factors = list(adapter.factors.values())
+    kinds = dict.fromkeys(f.name.rsplit(".", 2)[-2] if f.name.count(".") else f.name for f in factors)
+    ranks = sorted({f.rank for f in factors})
+    scales = sorted({f.scale for f in factors})
+    rank = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+    scale = f"scale {number(scales[0])}" if len(scales) == 1 else f"scales {number(scales[0])}-{number(scales[-1])}"
+    rslora = "rsLoRA " if adapter.config.get("use_rslora") else ""
+    text = f"LoRA adapter: {len(factors)} modules ({', '.join(kinds)}), {rank}, {rslora}{scale}"
+    if adapter.full:
+        text += f", {len(adapter.full)} full weights (modules_to_save)"
+    return text
 
 
 def number(value: float) -> str:
