@@ -312,9 +312,9 @@ ERRORS = [
      "  - model: {root}/ft2\n    parameters:\n      weight: 0.5\n"
      "base_model: {root}/base\nmerge_method: nuslerp\n",
      "weight: per-layer values (a gradient) and filter lists are not supported", 4),
-    ("models:\n  - model: {root}/ft1\n    parameters:\n      weight:\n        - filter: mlp\n          value: 0.5\n"
-     "        - value: 1\nmerge_method: linear\nparameters:\n  normalize: false\n",
-     "linear with normalize: false and weights that vary per tensor", 10),
+    ("models:\n  - model: {root}/ft1\nbase_model: {root}/base\nmerge_method: task_arithmetic\nparameters:\n"
+     "  lambda: [0.5, 1]\n",
+     "lambda: per-layer values (a gradient) and filter lists are not supported", 6),
     ("models:\n  - model: {root}/ft1\n    parameters:\n      weight: {{filter: mlp, value: 0.5}}\n"
      "base_model: {root}/base\nmerge_method: task_arithmetic\n",
      "weight: no filter matches some tensors, and there is no other value for them", 4),

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tvlang.frontends.mergekit.expressions import _call, _name, _num, _show, _sum, _tidy
-from tvlang.frontends.mergekit.source import _NOT_YET
 from tvlang.frontends.mergekit.spec import _Input, _Method, _Out, _Param
 from tvlang.language import ast
-from tvlang.language.pertensor import PerTensor
+from tvlang.language.pertensor import Layers, PerTensor, Where
 
 if TYPE_CHECKING:
     from tvlang.frontends.mergekit.config import _Merge
@@ -21,9 +20,8 @@ def _linear(merge: _Merge) -> _Out:
     weights = [i.values["weight"] for i in inputs]
     if any(isinstance(w, PerTensor) for w in weights):
         if not merge.shared["normalize"]:
-            raise merge.source.error("linear with normalize: false and weights that vary per tensor (a gradient or "
-                                     "a filter list) is " + _NOT_YET, ("parameters", "normalize"),
-                                     notes=("with normalize: true (mergekit's default) it is a weighted mean",))
+            return _scaled_per_tensor(inputs, weights, [f"normalize false ({merge.shared_origins['normalize']}): the "
+                                                        "weighted sum as it is, with weights that vary per tensor."])
         return _Out(_call("mean", [_name(i.name) for i in inputs], weights=weights),
                     [f"normalize {_show(True)} ({merge.shared_origins['normalize']}), weights that vary per tensor: "
                      "mean(..., weights=[...]) divides the weighted sum by the weights' sum for each tensor."])
@@ -62,6 +60,31 @@ def _scaled_models(merge: _Merge, inputs: list[_Input], coefs: list[float], note
     expr = _sum(terms + [(excess, _name(raw))])
     return _Out(expr, notes, [(raw, _call("load_delta", [ast.String(first.path)]),
                                f"{first.name}'s tensors as plain numbers")])
+
+
+def _scaled_per_tensor(inputs: list[_Input], weights: list, notes: list[str]) -> _Out:
+    """``sum(w_i * m_i)`` with per-tensor weights, whose sum need not be 1 for any tensor: the first
+    model once as a model, and every model as plain numbers (``load_delta``) weighted by
+    ``w_1 - 1, w_2, ...``: ``m_1 + sum(m_1_raw, m_2_raw, ..., weights=[w_1 - 1, w_2, ...])``."""
+    first = inputs[0]
+    raws = [(f"{i.name}_raw", _call("load_delta", [ast.String(i.path)]), f"{i.name}'s tensors as plain numbers")
+            for i in inputs]
+    notes.append(f"The weights need not sum to 1, and a scaled model is not a model in tvlang: {first.name} is read "
+                 "once as a model and every model as plain numbers (load_delta), weighted by the weights with 1 "
+                 f"taken from {first.name}'s.")
+    shifted = [_shift(weights[0], -1.0)] + weights[1:]
+    total = _call("sum", [_name(name) for name, _, _ in raws], weights=shifted)
+    return _Out(ast.BinOp("+", _name(first.name), total), notes, raws)
+
+
+def _shift(value, by: float):
+    """``value + by`` for a number or a per-tensor value (a gradient interpolates linearly, so each
+    of its values moves by ``by``)."""
+    if isinstance(value, Layers):
+        return Layers(tuple(_tidy(v + by) for v in value.values))
+    if isinstance(value, Where):
+        return Where(value.pattern, _shift(value.then, by), _shift(value.otherwise, by))
+    return _tidy(value + by)
 
 
 def _passthrough(merge: _Merge) -> _Out:
