@@ -236,6 +236,16 @@ def test_a_large_matrix_is_streamed_twice_and_equals_pre_plus_lowrank(tmp_path, 
     name = tall[0]
     s = torch.linalg.svdvals((ft[name] - sd[name]).double())
     assert result.kept[name] == pytest.approx(float(s[:5].square().sum() / s.square().sum()), rel=1e-9)
+    if model == "llama":  # zero outside the attention: zero tall matrices streamed, not written
+        expr = 'select(ft - pre, "*self_attn*")'
+        some = tvlang.extract_lora(expr, bindings, str(tmp_path / "attn"), rank=5)
+        config = json.load(open(tmp_path / "attn" / "adapter_config.json"))
+        assert sorted(config["target_modules"]) == sorted(
+            f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        assert config["modules_to_save"] is None
+        assert {"model.embed_tokens.weight", "lm_head.weight", "model.layers.0.mlp.up_proj.weight"} <= set(some.zero)
+        assert_close(peft_merged(base, str(tmp_path / "attn")),
+                     tvlang.compile(f"pre + lowrank({expr}, 5)").evaluate(bindings), 1e-5)
 
 
 def test_a_recipe_output_written_as_an_adapter(models, tmp_path, capsys):
