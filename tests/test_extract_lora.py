@@ -293,4 +293,8 @@ def test_adapter_outputs_are_checked_before_anything_is_computed(models, tmp_pat
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     code = main(["run", "-e", "adapter(ft - pre, 4)", *binds, "-o", str(tmp_path / "taken"), "--force"])
     assert code == 1 and (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+    with pytest.raises(tvlang.TvlangError, match="output 'out' is an adapter, which the local executor writes"):
+        tvlang.compile("adapter(ft - pre, 4)").run({"pre": base, "ft": ft}, tmp_path / "r", executor="ray")
+    with pytest.raises(tvlang.TvlangError, match="an adapter holds a task vector: out a = adapter"):
+        tvlang.compile("adapter(ft, 4)").run({"ft": ft}, tmp_path / "m")
     assert sorted(os.listdir(tmp_path)) == ["inside.tv", "taken"]  # nothing written, no temporaries
