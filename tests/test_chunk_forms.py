@@ -253,11 +253,19 @@ def test_random_like_noise_is_keyed_by_seed_and_name():
     torch.testing.assert_close(a.double(), eager_random_like(x, "w", 1))
 
 
-def test_model_stock_filter_wise_runs_whole(monkeypatch):
-    ms = models(6)
+@pytest.mark.parametrize("elements", [4, 11, 37, BLOCK + 3])
+@pytest.mark.parametrize("bf16", [False, True], ids=["f32", "bf16-inputs"])
+def test_model_stock_filter_wise_chunks_of_whole_rows_equal_the_whole_kernel(monkeypatch, elements, bf16):
+    """filter_wise: chunks of whole rows (the last dimension) with no pass; a vector is one row
+    (the per-tensor ratio, a pass first); a row longer than a chunk runs whole."""
+    ms = models(6, bf16=bf16)
+    ms[2]["emb"][3] = ms[1]["emb"][3]  # one row where two offsets are equal (cos 1)
     recipe = "model_stock(pre, a, b, c, filter_wise=true)"
     whole = tvlang.compile(recipe).evaluate(binds(ms))
-    names = chunk_in(monkeypatch, 37)
+    names = chunk_in(monkeypatch, elements)
     chunked = tvlang.compile(recipe).evaluate(binds(ms))
-    assert names == []
-    assert all(torch.equal(chunked[n], whole[n]) for n in NAMES)
+    assert names == [n for n in NAMES if n != "tiny" and (len(SHAPES[n]) < 2 or SHAPES[n][-1] <= elements)]
+    for name in NAMES:
+        assert torch.equal(chunked[name], whole[name]), name
+    per_tensor = tvlang.compile("model_stock(pre, a, b, c)").evaluate(binds(ms))
+    assert torch.equal(chunked["v"], per_tensor["v"]) and not torch.equal(chunked["emb"], per_tensor["emb"])

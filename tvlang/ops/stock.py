@@ -111,13 +111,32 @@ class _StockChunks(ChunkKernel):
         _combine(pieces, self.t, out)
 
 
+class _RowStockChunks(ChunkKernel):
+    """``filter_wise``: pieces of whole rows (``row`` entries each), each row's ratio from its
+    own cosines (:func:`_per_row`, as on the whole tensor); no pass first."""
+
+    def __init__(self, row: int) -> None:
+        self.row = row
+
+    def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
+        base, *models = (x.reshape(-1, self.row) for x in pieces)
+        out.view(-1, self.row).copy_(_per_row(base, models))
+
+
 @chunk_form_of("model_stock")
 def model_stock_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *,
                        filter_wise: bool) -> ChunkKernel | None:
-    """Per tensor; ``filter_wise`` (a ratio per row) runs on whole tensors (the chunk form
-    cannot tell a matrix from a vector, whose rows differ)."""
+    """Per tensor: a pass for the sums first. ``filter_wise`` over a matrix (``ctx.shape``):
+    chunks of whole rows, no pass; over a vector (one row: the per-tensor ratio), or a tensor
+    of unknown shape, on the whole tensor."""
     _enough(n_inputs - 1, ctx)
-    return None if filter_wise else _StockChunks(n_inputs - 1)
+    if not filter_wise:
+        return _StockChunks(n_inputs - 1)
+    if ctx.shape is None:
+        return None
+    if len(ctx.shape) < 2:
+        return _StockChunks(n_inputs - 1)
+    return _RowStockChunks(ctx.shape[-1])
 
 
 def _per_row(base: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
