@@ -253,7 +253,7 @@ def test_optimized_streamed_equals_naive_eager(case, seed):
         flags = OptimizerFlags(**dict(zip(PASS_NAMES, bits)))
         plan = tvlang.compile(text, sources=kinds, flags=flags)
         for output in plan.outputs:
-            got = plan.evaluate(bindings, output=output, dtype="float64")
+            got = plan.evaluate(bindings, output=output, dtype="float64", allow_unused=True)
             assert set(got) == set(expected[output])
             for name, tensor in got.items():
                 torch.testing.assert_close(tensor, expected[output][name], rtol=1e-9, atol=1e-9,
