@@ -19,6 +19,7 @@ from tvlang.ops.select import count_layers
 from tvlang.run.align import few
 from tvlang.run.bindings import Bound, bind
 from tvlang.run.options import MISSING_POLICIES
+from tvlang.run.stacked import StackedReader
 
 if TYPE_CHECKING:
     from tvlang.plan.compiler import Plan
@@ -221,7 +222,9 @@ def validate_report(plan: Plan, bindings: Mapping[str, Any], *,
 
 
 def _layer_counts(base, reader) -> tuple[str, ...]:
-    """A note when two inputs have different numbers of layers (a stack merged with a model)."""
+    """A note when a stack (layer surgery) and another input have different numbers of layers."""
+    if not any(isinstance(r, StackedReader) for r in (base, reader)):
+        return ()
     ours, theirs = count_layers(base.names()), count_layers(reader.names())
     if ours is None or theirs is None or ours == theirs:
         return ()
