@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tvlang.frontends.mergekit.expressions import _call, _name, _num, _show, _sum, _tidy
+from tvlang.frontends.mergekit.source import _NOT_YET
 from tvlang.frontends.mergekit.spec import _Input, _Method, _Out, _Param
 from tvlang.language import ast
 from tvlang.language.pertensor import Layers, PerTensor, Where
@@ -20,8 +21,9 @@ def _linear(merge: _Merge) -> _Out:
     weights = [i.values["weight"] for i in inputs]
     if any(isinstance(w, PerTensor) for w in weights):
         if not merge.shared["normalize"]:
-            return _scaled_per_tensor(inputs, weights, [f"normalize false ({merge.shared_origins['normalize']}): the "
-                                                        "weighted sum as it is, with weights that vary per tensor."])
+            note = (f"normalize false ({merge.shared_origins['normalize']}): the weighted sum as it is, with "
+                    "weights that vary per tensor.")
+            return _scaled_per_tensor(merge, inputs, weights, [note])
         return _Out(_call("mean", [_name(i.name) for i in inputs], weights=weights),
                     [f"normalize {_show(True)} ({merge.shared_origins['normalize']}), weights that vary per tensor: "
                      "mean(..., weights=[...]) divides the weighted sum by the weights' sum for each tensor."])
@@ -48,6 +50,7 @@ def _scaled_models(merge: _Merge, inputs: list[_Input], coefs: list[float], note
     terms = [(c, _name(i.name)) for c, i in zip(coefs, inputs)]
     if abs(total - 1) < 1e-9:
         return _Out(_sum(terms), notes)
+    _no_raw_stack(merge, inputs[:1])
     first = inputs[0]
     raw = f"{first.name}_raw"
     excess = _tidy(total - 1)
@@ -62,10 +65,21 @@ def _scaled_models(merge: _Merge, inputs: list[_Input], coefs: list[float], note
                                f"{first.name}'s tensors as plain numbers")])
 
 
-def _scaled_per_tensor(inputs: list[_Input], weights: list, notes: list[str]) -> _Out:
+def _no_raw_stack(merge: _Merge, inputs: list[_Input]) -> None:
+    """A stack of layer ranges (slices) cannot be read as plain numbers (load_delta) yet."""
+    for item in inputs:
+        if item.parts is not None:
+            raise merge.source.error("a scaled model (passthrough's scale, linear weights that do not sum to 1) "
+                                     "over slices' layer ranges is " + _NOT_YET, item.at,
+                                     notes=("tvlang reads a scaled model a second time as plain numbers "
+                                            "(load_delta), which a stack of layer ranges cannot be yet",))
+
+
+def _scaled_per_tensor(merge: _Merge, inputs: list[_Input], weights: list, notes: list[str]) -> _Out:
     """``sum(w_i * m_i)`` with per-tensor weights, whose sum need not be 1 for any tensor: the first
     model once as a model, and every model as plain numbers (``load_delta``) weighted by
     ``w_1 - 1, w_2, ...``: ``m_1 + sum(m_1_raw, m_2_raw, ..., weights=[w_1 - 1, w_2, ...])``."""
+    _no_raw_stack(merge, inputs)
     first = inputs[0]
     raws = [(f"{i.name}_raw", _call("load_delta", [ast.String(i.path)]), f"{i.name}'s tensors as plain numbers")
             for i in inputs]
