@@ -16,15 +16,20 @@ fresh process (``harness.measure``: wall time, peak RssAnon, peak private memory
 - ``della``: ``pre + della(a - pre, b - pre, density=0.5, epsilon=0.1, seed=1)``;
 - ``slerp``: ``pre + slerp(a - pre, b - pre, 0.3)`` (the fine-tunes are nearly colinear: their
   deltas are not); ``model_stock``: ``model_stock(pre, a, b, c)``;
-  ``random_like``: ``pre + random_like(a - pre, seed=1)``;
+  ``random_like``: ``pre + random_like(a - pre, seed=1)``; ``model_stock_rows``: ``model_stock(pre, a, b, c,
+  filter_wise=true)`` (a ratio per row);
+- the threshold kernels ``ties`` (``pre + ties(a - pre, b - pre, c - pre, density=0.2)``), ``topk``
+  (density 0.2), ``breadcrumbs`` (density 0.2, gamma 0.01), ``dare_ties`` (p 0.9), and two
+  recipes with whole-model passes first: ``cos`` (``cos`` and ``norm`` coefficients) and
+  ``ties_model`` (``ties`` with ``scope="model"``);
 - each of them again as ``NAME@base`` on the code of ``--baseline-src`` (a checkout of another
   commit: ``git archive COMMIT | tar -x -C DIR``), when given.
 
 Every contender runs once untimed (inputs into the page cache), then ``--repeat`` rounds
 interleaved (A B C ... A B C ...); the table gives the median wall and the peak memory over
 the rounds. Each output is checked on its first 1,000,000 entries: finite, and (``ta``,
-``slerp``, ``model_stock``) equal to the formula, with the per-tensor factors computed here
-from float64 sums over the files.
+``slerp``, ``model_stock``, ``cos``) equal to the formula, with the per-tensor (whole-model for
+``cos``) factors computed here from float64 sums over the files.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -44,6 +50,13 @@ RECIPES = {
     "slerp": "pre + slerp(a - pre, b - pre, 0.3)",
     "model_stock": "model_stock(pre, a, b, c)",
     "random_like": "pre + random_like(a - pre, seed=1)",
+    "model_stock_rows": "model_stock(pre, a, b, c, filter_wise=true)",
+    "ties": "pre + ties(a - pre, b - pre, c - pre, density=0.2)",
+    "topk": "pre + topk(a - pre, 0.2)",
+    "breadcrumbs": "pre + breadcrumbs(a - pre, 0.2, gamma=0.01)",
+    "dare_ties": "pre + dare_ties(a - pre, b - pre, c - pre, p=0.9)",
+    "cos": "pre + cos(a - pre, b - pre)*(a - pre) + norm(a - pre)/norm(b - pre)*(b - pre)",
+    "ties_model": 'pre + ties(a - pre, b - pre, c - pre, density=0.2, scope="model")',
 }
 COLUMNS = 4096
 CHECKED = 1_000_000
@@ -70,7 +83,7 @@ def make_checkpoints(workdir: str, size_mb: float) -> dict[str, str]:
 
 def command(name: str, paths: dict[str, str], out: str) -> list[str]:
     recipe = RECIPES[name.removesuffix("@base")]
-    binds = [arg for n in NAMES if n in recipe for arg in ("--bind", f"{n}={paths[n]}")]
+    binds = [arg for n in NAMES if re.search(rf"\b{n}\b", recipe) for arg in ("--bind", f"{n}={paths[n]}")]
     return [sys.executable, "-m", "tvlang", "run", "-e", recipe, *binds, "-o", out, "-q", "--force"]
 
 
@@ -100,7 +113,13 @@ def coefficients(paths: dict[str, str]) -> dict[str, tuple[float, ...]]:
     norms = [math.sqrt(v) for v in s[:3]]
     cos = [s[3] / (norms[0] * norms[1]), s[4] / (norms[0] * norms[2]), s[5] / (norms[1] * norms[2])]
     c = min(1.0, max(0.0, sum(cos) / 3))
-    return {"slerp": slerp, "model_stock": (3 * c / (1 + 2 * c),)}
+    # the recipe "cos": whole-model cos and norms, over the small tensor too
+    with safe_open(paths["pre"], "pt") as f0, safe_open(paths["a"], "pt") as fa, safe_open(paths["b"], "pt") as fb:
+        small = [f.get_tensor("norm.weight").double() for f in (f0, fa, fb)]
+    da, db = small[1] - small[0], small[2] - small[0]
+    aa, bb, ab = aa + float(da @ da), bb + float(db @ db), ab + float(da @ db)
+    model_cos = (ab / math.sqrt(aa * bb), math.sqrt(aa) / math.sqrt(bb))
+    return {"slerp": slerp, "model_stock": (3 * c / (1 + 2 * c),), "cos": model_cos}
 
 
 def check(name: str, out: str, paths: dict[str, str], factors) -> str | None:
@@ -118,7 +137,9 @@ def check(name: str, out: str, paths: dict[str, str], factors) -> str | None:
     elif base == "model_stock":
         t = factors["model_stock"][0]
         want = t * (a + b + c) / 3 + (1 - t) * pre
-    else:  # della and random_like draw at random: finite is what can be checked here
+    elif base == "cos":
+        want = pre + factors["cos"][0] * (a - pre) + factors["cos"][1] * (b - pre)
+    else:  # random draws, or per-tensor thresholds: finite is what is checked here
         return None
     error = float((got - want).abs().max())
     return f"max error {error:g}" if error > 1e-5 else None
