@@ -417,3 +417,41 @@ def test_a_missing_adapter_is_named_at_its_call(llama, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(tvlang.TvlangError, match="no adapter_config.json"):
         tvlang.compile("pre + t").evaluate({"pre": llama, "t": tvlang.lora(tmp_path / "empty")})
+
+
+def test_adapters_of_different_modules_without_a_model_cover_both(llama, tmp_path):
+    """A recipe of adapters only has the names any of them changes: each adapter is zero on
+    the modules the others change (it used to be an error naming the second adapter's
+    module, which the first did not have; `tvlang bases` of such adapters failed on it)."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    ma = make_adapter(llama, a, seed=1, r=4, lora_alpha=8, target_modules=["q_proj"])
+    mb = make_adapter(llama, b, seed=2, r=2, lora_alpha=4, target_modules=["v_proj"])
+    base = load_file(os.path.join(llama, "model.safetensors"))
+    got = tvlang.compile('0.5*lora("%s") - 2*lora("%s")' % (a, b)).evaluate({})
+    q = [n for n in base if "q_proj" in n]
+    v = [n for n in base if "v_proj" in n]
+    assert q and v and list(got) == q + v  # the first adapter's names, then the second's
+    for name in q:
+        assert (got[name] - 0.5 * (ma[name] - base[name])).abs().max() <= 1e-6
+    for name in v:
+        assert (got[name] + 2 * (mb[name] - base[name])).abs().max() <= 1e-6
+    # the same with a model: pre + both equals PEFT's two merges, one after the other
+    both = tvlang.compile('pre + lora("%s") + lora("%s")' % (a, b)).evaluate({"pre": llama})
+    for name in q + v:
+        want = ma[name] if name in q else mb[name]
+        assert (both[name] - want).abs().max() <= 1e-6
+
+    # tvlang bases over them writes a basis of both modules
+    from tvlang.faces.cli import main
+
+    out = tmp_path / "bases"
+    assert main(["bases", f"a=lora:{a}", f"b=lora:{b}", "--base", llama, "-o", str(out), "--k", "1", "-q"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    files = [os.path.join(out, f) for f in os.listdir(out) if f.endswith(".safetensors")]
+    assert len(files) == 1, (files, manifest)
+    basis = load_file(files[0])
+    assert sorted(basis) == sorted(q + v)
+    for name in q:  # the basis of both is their mean (k=1: one cluster)
+        assert (basis[name] - 0.5 * (ma[name] - base[name])).abs().max() <= 1e-6
+    for name in v:
+        assert (basis[name] - 0.5 * (mb[name] - base[name])).abs().max() <= 1e-6

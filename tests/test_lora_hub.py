@@ -111,8 +111,6 @@ def test_similarity_and_bases_take_hub_adapters(adapters, tmp_path, capsys):
         assert main(["similarity", *inputs, "--base", base, "--json"]) == 0
         tables.append(json.loads(capsys.readouterr().out))
     assert tables[0] == tables[1]
-    # (bases of adapters that change different modules fail while writing a basis, hub or local alike:
-    # the basis recipe reads no model, so its names are the first adapter's)
     twice = ["a=lora:hf:org/yelp", f"b=lora:{adapters['one']}"]
     assert main(["bases", *twice, "--base", base, "-o", str(tmp_path / "bases"), "--k", "1", "-q"]) == 0
     manifest = json.load(open(tmp_path / "bases" / "manifest.json"))

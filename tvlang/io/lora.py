@@ -357,7 +357,7 @@ class LoraReader(TensorReader):
     """
 
     def __init__(self, adapter: LoraAdapter, base: TensorReader | None, mapping: dict[str, str] | None = None,
-                 *, label: str | None = None) -> None:
+                 *, label: str | None = None, names: dict[str, tuple[int, ...]] | None = None) -> None:
         super().__init__(label if label is not None else adapter.label)
         self.adapter = adapter
         self.base = base
@@ -372,7 +372,16 @@ class LoraReader(TensorReader):
                                     " task vector is its difference from the base, and the recipe reads no model",
                                     notes=("add the base model to the recipe (pre + lora(...))",))
             mapping = {name: name for name in adapter.names()}
-            shapes = {name: adapter.shape(name) for name in adapter.names()}
+            # Without a base, ``names`` (every adapter's of the recipe, with their shapes) are
+            # the names: the tensors other adapters change are zero in this one.
+            shapes = dict(names) if names is not None else {}
+            for name in adapter.names():
+                shape = adapter.shape(name)
+                if shapes.setdefault(name, shape) != shape:
+                    raise adapter.error(f"tensor {quoted(adapter.key_of(name))} gives {quoted(name)} the shape"
+                                        f" {list(shape)}, but another adapter of the recipe gives it"
+                                        f" {list(shapes[name])}",
+                                        notes=("are these adapters of the same model?",))
         else:
             mapping = dict(mapping or {})
             shapes = {}

@@ -53,12 +53,19 @@ def open_adapter(path: str) -> LoraAdapter:
 def attach(adapters: dict[str, LoraAdapter], readers: dict[str, TensorReader], base_key: str) -> list[Alignment]:
     """Put a ``LoraReader`` for each adapter into ``readers``, over the base's names.
 
-    When the base is itself an adapter (a recipe that reads no model) its reader has
-    the adapter's own names, and the other adapters are aligned to those.
+    When the base is itself an adapter (a recipe that reads no model), every adapter's
+    reader has the names all of them change (their union, in the order of the adapters),
+    each zero where its adapter leaves a tensor alone: ``mean(lora(a), lora(b))`` of
+    adapters of different modules is defined on both.
     """
     report: list[Alignment] = []
     if base_key in adapters:
-        readers[base_key] = LoraReader(adapters[base_key], None)
+        union: dict[str, tuple[int, ...]] = {}
+        for adapter in adapters.values():
+            union.update((name, adapter.shape(name)) for name in adapter.names() if name not in union)
+        for key, adapter in adapters.items():
+            readers[key] = LoraReader(adapter, None, names=union)
+        return report
     base = readers[base_key]
     base_float = [info.name for info in base.infos() if info.dtype.is_floating_point]
     for key, adapter in adapters.items():
