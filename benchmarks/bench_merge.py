@@ -4,6 +4,7 @@ arithmetic and mergekit.
     python benchmarks/bench_merge.py                          # 1.5 GB checkpoints
     python benchmarks/bench_merge.py --size-gb 0.375 --repeat 3
     python benchmarks/bench_merge.py --only tvlang-ta,tvlang-ties --repeat 1   # a quick look
+    python benchmarks/bench_merge.py --methods all --size-gb 0.1 --repeat 1     # every mergekit method
 
 The checkpoints are those of ``bench_run.py`` (a synthetic Llama-shaped float32 base
 ``pre`` and three fine-tuned copies ``a``, ``b``, ``c``, cached under ``--workdir``, default
@@ -28,6 +29,15 @@ entry by entry (each output entry must be ``pre`` plus ``1/(1-p)`` times the sum
 mean, of some subset of the three deltas) and by the fraction of entries left unchanged.
 mergekit ties is compared with the same reference and the difference reported, not
 failed (mergekit keeps exactly ``int(d*n)`` entries, breaking ties by position).
+
+``--methods all`` (or a comma-separated list of mergekit methods) times instead, for each
+of mergekit 0.1.5's 20 methods, one mergekit config over the same checkpoints (``METHODS``:
+three fine-tunes where the method takes several, ``pre`` as ``base_model`` where it takes
+one) run by ``tvlang run config.yml`` (contender ``tvlang:METHOD``) and by ``mergekit-yaml
+config.yml`` (``mergekit:METHOD``), one after the other in each round. After each mergekit
+run the two outputs are compared on a few tensors (the largest difference is reported, not
+failed: random methods draw other masks, and magnitude trimming breaks ties differently on
+large tensors), and the summary gives mergekit's wall over tvlang's per method.
 
 The table: median wall, throughput (4 x model size read / wall), peak memory (see
 harness.py), and ratios against tvlang's plain task arithmetic and mergekit ties.
@@ -60,8 +70,69 @@ MERGEKIT = {
     "mergekit-dare_ties": ("dare_ties", "true", {"weight": 1.0, "density": round(1 - P, 6)}),
 }
 CONTENDERS = tuple(EXPRS) + tuple(MERGEKIT) + tuple(f"{name}@base" for name in EXPRS)
+M3 = ("a", "b", "c")
+# mergekit method -> (models, base_model pre?, global parameters, parameters of each model)
+METHODS = {
+    "linear": (M3, False, {}, {"weight": 1.0}),
+    "task_arithmetic": (M3, True, {}, {"weight": 0.4}),
+    "ties": (M3, True, {"density": DENSITY}, {"weight": 1.0}),
+    "dare_ties": (M3, True, {"density": round(1 - P, 6)}, {"weight": 1.0}),
+    "dare_linear": (M3, True, {"density": round(1 - P, 6)}, {"weight": 1.0}),
+    "breadcrumbs": (M3, True, {"density": 0.9, "gamma": 0.01}, {"weight": 1.0}),
+    "breadcrumbs_ties": (M3, True, {"density": 0.9, "gamma": 0.01}, {"weight": 1.0}),
+    "della": (M3, True, {"density": 0.1, "epsilon": 0.05}, {"weight": 1.0}),
+    "della_linear": (M3, True, {"density": 0.1, "epsilon": 0.05}, {"weight": 1.0}),
+    "slerp": (("a", "pre"), True, {"t": 0.3}, {}),
+    "nuslerp": (("a", "b"), True, {}, {"weight": 0.5}),
+    "multislerp": (M3, True, {}, {"weight": 1.0}),
+    "karcher": (M3, False, {}, {}),
+    "model_stock": (M3, True, {}, {}),
+    "nearswap": (("a", "pre"), True, {"t": 0.005}, {}),
+    "arcee_fusion": (("a",), True, {}, {}),
+    "sce": (M3, True, {"select_topk": 0.1}, {}),
+    "ram": (M3, True, {"epsilon": 0.01}, {}),
+    "ramplus_tl": (("a", "b"), True, {"r": 0.5, "alpha": 0.8, "epsilon": 0.008}, {}),
+    "passthrough": (("a",), False, {}, {"scale": 0.5}),
+}
 DEFAULT = "tvlang-ta,tvlang-ties,tvlang-dare,tvlang-dare_ties,mergekit-ta,mergekit-ties"
 CHECKED = ("model.norm.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight")
+
+
+def method_config(method: str, paths: dict[str, str], folder: str) -> str:
+    """Writes METHODS[method] as a mergekit config; its path."""
+    models, with_base, params, each = METHODS[method]
+    lines = [f"merge_method: {method}", "dtype: float32"]
+    if with_base:
+        lines.append(f"base_model: {paths['pre']}")
+    if params:
+        lines += ["parameters:"] + [f"  {key}: {value}" for key, value in params.items()]
+    lines.append("models:")
+    for m in models:
+        lines.append(f"  - model: {paths[m]}")
+        if each:
+            lines += ["    parameters:"] + [f"      {key}: {value}" for key, value in each.items()]
+    config = os.path.join(folder, f"bench-method-{method}.yml")
+    with open(config, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return config
+
+
+def method_cmd(name: str, mergekit: str, paths: dict[str, str], out: str, folder: str) -> list[str]:
+    """``tvlang:METHOD``: tvlang run config.yml; ``mergekit:METHOD``: mergekit-yaml config.yml."""
+    tool, method = name.split(":")
+    config = method_config(method, paths, folder)
+    if tool == "tvlang":
+        return [sys.executable, "-m", "tvlang", "run", config, "-o", out, "-q"]
+    return [mergekit, config, out, "--copy-tokenizer", "--allow-crimes", "--lazy-unpickle"]
+
+
+def compare_outputs(ours: str, theirs: str) -> str:
+    """The largest difference between two outputs on the CHECKED tensors."""
+    diffs = []
+    for tensor in CHECKED:
+        a, b = _output_tensor(ours, tensor), _output_tensor(theirs, tensor)
+        diffs.append(float((a.double() - b.double()).abs().max()))
+    return f"max |tvlang - mergekit| on {len(CHECKED)} tensors: {max(diffs):.2g}"
 
 
 def tvlang_cmd(name: str, paths: dict[str, str], out: str) -> list[str]:
@@ -171,7 +242,9 @@ def check(name: str, out: str, paths: dict[str, str]) -> tuple[bool, str]:
 
 
 def run_one(name: str, paths: dict[str, str], folder: str, args, verbose: bool) -> Result | None:
-    out = os.path.join(folder, f"out-merge-{name}")
+    out = os.path.join(folder, f"out-merge-{name.replace(':', '-')}")
+    if ":" in name:
+        return run_method(name, paths, folder, out, args)
     if name.startswith("mergekit"):
         if not args.mergekit:
             return None
@@ -191,6 +264,24 @@ def run_one(name: str, paths: dict[str, str], folder: str, args, verbose: bool) 
     else:
         print(f"  {name} failed (exit {result.rc}):\n{result.stderr[-3000:]}", file=sys.stderr)
     shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def run_method(name: str, paths: dict[str, str], folder: str, out: str, args) -> Result | None:
+    """A ``tool:METHOD`` contender. tvlang's output stays until mergekit's of the same method
+    has run (they are compared), then both go."""
+    if name.startswith("mergekit") and not args.mergekit:
+        return None
+    shutil.rmtree(out, ignore_errors=True)
+    result = measure(method_cmd(name, args.mergekit, paths, out, folder), env=contender_env(name, args))
+    if result.rc != 0:
+        print(f"  {name} failed (exit {result.rc}):\n{result.stderr[-3000:]}", file=sys.stderr)
+    ours = os.path.join(folder, f"out-merge-tvlang-{name.split(':')[1]}")
+    if name.startswith("mergekit"):
+        if result.rc == 0 and os.path.isdir(ours):
+            print(f"  {name.split(':')[1]}: {compare_outputs(ours, out)}", file=sys.stderr, flush=True)
+        shutil.rmtree(ours, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
     return result
 
 
@@ -237,6 +328,16 @@ def table(results: dict[str, Result], size_gb: float) -> str:
     return "\n".join(lines)
 
 
+def method_ratios(results: dict[str, Result]) -> str:
+    """Per method: tvlang's and mergekit's median walls and mergekit's over tvlang's."""
+    lines = ["| method | tvlang run | mergekit-yaml | mergekit / tvlang |", "|---|---|---|---|"]
+    for method in METHODS:
+        ours, theirs = results.get(f"tvlang:{method}"), results.get(f"mergekit:{method}")
+        if ours and theirs:
+            lines.append(f"| {method} | {ours.wall:.2f} s | {theirs.wall:.2f} s | {theirs.wall / ours.wall:.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-gb", type=float, default=1.5, help="size of each checkpoint (default 1.5)")
@@ -245,13 +346,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mergekit-repeat", type=int, default=1, help="timed runs per mergekit contender")
     parser.add_argument("--mergekit-warmup", action="store_true", help="an untimed mergekit run first")
     parser.add_argument("--only", default=DEFAULT, help=f"contenders (comma-separated) among {', '.join(CONTENDERS)}")
+    parser.add_argument("--methods", default=None,
+                        help=f"'all' or mergekit methods (comma-separated) among {', '.join(METHODS)}: "
+                             "tvlang:METHOD and mergekit:METHOD contenders instead of --only")
     parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), help="path of mergekit-yaml")
     parser.add_argument("--baseline-src", default=None,
                         help="a source checkout of another tvlang (git worktree add DIR COMMIT): contenders "
                              "NAME@base run NAME on its code, alternately with the current code")
     args = parser.parse_args(argv)
-    only = [c.strip() for c in args.only.split(",") if c.strip()]
-    unknown = [c for c in only if c not in CONTENDERS]
+    if args.methods:
+        methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            parser.error(f"unknown method {unknown[0]}; choose from all, {', '.join(METHODS)}")
+        only = [f"{tool}:{m}" for m in methods for tool in ("tvlang", "mergekit")]
+    else:
+        only = [c.strip() for c in args.only.split(",") if c.strip()]
+    unknown = [c for c in only if c not in CONTENDERS and ":" not in c]
     if unknown:
         parser.error(f"unknown contender {unknown[0]}; choose from {', '.join(CONTENDERS)}")
     os.makedirs(args.workdir, exist_ok=True)
@@ -259,13 +370,17 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB; "
           f"checkpoints of {args.size_gb:g} GB", flush=True)
     for name in only:
-        print(f"  {name}: {EXPRS.get(name.removesuffix('@base')) or MERGEKIT[name]}", flush=True)
+        if ":" not in name:
+            print(f"  {name}: {EXPRS.get(name.removesuffix('@base')) or MERGEKIT[name]}", flush=True)
     paths = make_checkpoints(args.workdir, args.size_gb)
     results = bench(only, paths, os.path.dirname(paths["pre"]), args)
     print(table(results, args.size_gb))
+    if args.methods:
+        print(method_ratios(results))
     for name, result in results.items():
         if name.endswith("@base") and name.removesuffix("@base") in results:
-            print(f"{name.removesuffix('@base')} / {name}: {results[name.removesuffix('@base')].wall / result.wall:.3f}")
+            current = results[name.removesuffix("@base")]
+            print(f"{name.removesuffix('@base')} / {name}: {current.wall / result.wall:.3f}")
     return 0
 
 
