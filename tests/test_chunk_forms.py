@@ -229,7 +229,8 @@ def test_streamed_pass_kernels_equal_naive_eager_ones(monkeypatch, bf16):
     got = {  # float32 results, also from bf16 inputs (computed in float32)
         "slerp": tvlang.compile("slerp(a, b, 0.3)").evaluate(bound, out_dtype="float32", allow_unused=True),
         "stock": tvlang.compile("model_stock(pre, a, b, c)").evaluate(bound, out_dtype="float32", allow_unused=True),
-        "noise": tvlang.compile("pre + random_like(a - pre, seed=5)").evaluate(bound, out_dtype="float32", allow_unused=True),
+        "noise": tvlang.compile("pre + random_like(a - pre, seed=5)").evaluate(bound, out_dtype="float32",
+                                                                                allow_unused=True),
     }
     for name in NAMES:
         p, x, y, z = (m[name].float() for m in (pre, a, b, c))
