@@ -289,6 +289,12 @@ def test_adapter_outputs_are_checked_before_anything_is_computed(models, tmp_pat
     assert code == 1
     err = capsys.readouterr().err
     assert "inside.tv:2:19: error: output 'm' computes with adapter(...), which is a form of output" in err
+    # refused when the recipe is compiled: by tvlang check and the API too, before any binding
+    assert main(["check", str(recipe)]) == 1
+    assert "inside.tv:2:19: error: output 'm' computes with adapter(...)" in capsys.readouterr().err
+    with pytest.raises(tvlang.TvlangError, match=r"only be the whole expression of an out"):
+        tvlang.compile("t = adapter(ft - pre, 4)\nout = pre + t\n")
+    assert tvlang.compile("t = adapter(ft - pre, 4)\nout a = t\n").output_kind("a") == "delta"
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     code = main(["run", "-e", "adapter(ft - pre, 4)", *binds, "-o", str(tmp_path / "taken"), "--force"])

@@ -342,4 +342,21 @@ def check_coefficients(program: IRProgram, checked) -> None:
                 raise TvlangError(f"output '{name}': its coefficients add up to {node.attr}, beyond the largest "
                                   "number a run can hold (about 1.8e+308)", spans.get(name),
                                   source=checked.source, filename=checked.filename)
+    _check_adapter_calls(program, checked)
+
+
+def _check_adapter_calls(program: IRProgram, checked) -> None:
+    """``adapter(d, rank)`` is a form of output (``tvlang run`` writes it as a PEFT adapter):
+    only the whole expression of an output, after definitions are inlined, may be one."""
+    for name, root in program.outputs:
+        inner = list(root.args) if root.op == "call" and root.attr[0] == "adapter" else [root]
+        if not any(node.op == "call" and node.attr[0] == "adapter" for node in postorder(inner)):
+            continue
+        out = next(o for o in checked.outputs if o.name == name)
+        call = next((n for n in ast.walk(out.expr) if isinstance(n, ast.Call) and n.func == "adapter"
+                     and n is not out.expr), None)
+        raise TvlangError(f"output '{name}' computes with adapter(...), which is a form of output: it can"
+                          " only be the whole expression of an out", call.span if call is not None else out.span,
+                          source=checked.source, filename=checked.filename,
+                          notes=("write the adapter as its own output: out a = adapter(ft - pre, 16)",))
 

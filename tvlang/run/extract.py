@@ -36,7 +36,6 @@ from tvlang.io import TensorInfo, check_output_path, output_format
 from tvlang.io.atomic import AtomicReplace
 from tvlang.io.lora import ADAPTER_CONFIG, PREFIX, LoraReader
 from tvlang.io.spooled import SpooledSafetensors
-from tvlang.language import ast
 from tvlang.ops import lowrank
 from tvlang.ops.lowrank import RowGram, truncated
 from tvlang.plan.ir import const_value, postorder
@@ -204,27 +203,14 @@ def prepare_adapter(plan: Plan, bindings: Mapping[str, Any], out: str | os.PathL
 
 def adapter_forms(plan: Plan) -> dict[str, dict[str, Any]]:
     """Output name -> the options (``rank``, ``other``, ``fan_in_fan_out``) of each output that is an
-    ``adapter(d, rank)`` call: ``tvlang run`` writes those as PEFT adapter directories. An ``adapter``
-    call anywhere else (inside an expression) is an error at its line: it is a form of output, not a
-    value to compute with."""
-    roots = dict(plan.optimized.outputs)
+    ``adapter(d, rank)`` call: ``tvlang run`` writes those as PEFT adapter directories. (An ``adapter``
+    call anywhere else, inside an expression, is refused when the recipe is compiled.)"""
     forms: dict[str, dict[str, Any]] = {}
-    for name, root in roots.items():
+    for name, root in plan.optimized.outputs:
         if root.op == "call" and root.attr[0] == "adapter":
             options = dict(root.attr[1])
             forms[name] = {"rank": int(options["rank"]), "other": options["other"],
                            "fan_in_fan_out": bool(options["fan_in_fan_out"])}
-    for name, root in roots.items():
-        nodes = postorder(list(root.args) if name in forms else [root])
-        if any(node.op == "call" and node.attr[0] == "adapter" for node in nodes):
-            out = next(o for o in plan.checked.outputs if o.name == name)
-            inner = next((n for n in ast.walk(out.expr) if isinstance(n, ast.Call) and n.func == "adapter"
-                          and n is not out.expr), None)
-            where = inner.span if inner is not None else out.span
-            raise TvlangError(f"output '{name}' computes with adapter(...), which is a form of output: it can"
-                              " only be the whole expression of an out", where, source=plan.text,
-                              filename=plan.filename,
-                              notes=("write the adapter as its own output: out a = adapter(ft - pre, 16)",))
     return forms
 
 
