@@ -7,7 +7,7 @@ import json
 import sys
 
 from tvlang.faces.commands.args import UsageError, chunk_bytes, parse_inputs, parse_k
-from tvlang.faces.commands.run import executor_options
+from tvlang.faces.commands.common import executor_options
 from tvlang.faces.commands.similarity import add_input_arguments, tensor_progress
 
 HELP = "cluster task vectors and merge each cluster into a basis (Zhang et al.)"

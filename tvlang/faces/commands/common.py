@@ -73,3 +73,31 @@ def locked_path(args: argparse.Namespace) -> str | None:
     from tvlang.run.lock import lock_path  # the run layer imports torch
 
     return lock_path(args.recipe)
+
+
+def add_executor_arguments(parser: argparse.ArgumentParser, *, ray_help: str, fails: str) -> None:
+    """``--executor``, ``--address``, ``--workers`` and ``--task-timeout`` (``run``, ``similarity``,
+    ``bases``); ``ray_help`` says what the Ray executor does, ``fails`` what a timeout fails."""
+    parser.add_argument("--executor", default="local", choices=("local", "ray"),
+                        help=f"local (default), or ray: {ray_help} (docs/distributed.md; pip install 'tvlang[ray]')")
+    parser.add_argument("--address", default=None, metavar="auto|HOST:PORT",
+                        help="--executor ray: the cluster to use (default: start a local Ray instance)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="--executor ray: at most N tasks at a time (a local instance gets N CPUs)")
+    parser.add_argument("--task-timeout", type=float, default=None, metavar="SECONDS",
+                        help=f"--executor ray: a task running longer is cancelled and {fails} (default: no limit)")
+
+
+def executor_options(args: argparse.Namespace) -> dict:
+    """``executor=`` (and for Ray ``address=``, ``workers=``, ``task_timeout=``) for the API."""
+    if args.executor == "local":
+        if args.address is not None or args.workers is not None:
+            raise UsageError("--address and --workers go with --executor ray")
+        if args.task_timeout is not None:
+            raise UsageError("--task-timeout goes with --executor ray")
+        return {}
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers expects a positive number, got {args.workers}")
+    if args.task_timeout is not None and not args.task_timeout > 0:  # not NaN either
+        raise UsageError(f"--task-timeout expects a positive number of seconds, got {args.task_timeout:g}")
+    return {"executor": "ray", "address": args.address, "workers": args.workers, "task_timeout": args.task_timeout}

@@ -14,7 +14,14 @@ from tvlang.faces.commands.args import (
     parse_params,
     parse_size,
 )
-from tvlang.faces.commands.common import add_recipe_arguments, locked_path, mergekit_config, recipe_source
+from tvlang.faces.commands.common import (
+    add_executor_arguments,
+    add_recipe_arguments,
+    executor_options,
+    locked_path,
+    mergekit_config,
+    recipe_source,
+)
 from tvlang.faces.commands.json_output import emit
 from tvlang.plan.compiler import compile as compile_recipe
 
@@ -73,36 +80,13 @@ def register(subparsers) -> None:
                         help="write no README.md model card into a model output directory")
     parser.add_argument("--locked", action="store_true",
                         help="check the inputs against RECIPE.lock (tvlang lock) first; refuse any difference")
-    parser.add_argument("--executor", default="local", choices=("local", "ray"),
-                        help="local (default), or ray: one task per output shard on a Ray cluster, the same bytes"
-                             " (docs/distributed.md; pip install 'tvlang[ray]')")
-    parser.add_argument("--address", default=None, metavar="auto|HOST:PORT",
-                        help="--executor ray: the cluster to use (default: start a local Ray instance)")
-    parser.add_argument("--workers", type=int, default=None, metavar="N",
-                        help="--executor ray: at most N tasks at a time (a local instance gets N CPUs)")
-    parser.add_argument("--task-timeout", type=float, default=None, metavar="SECONDS",
-                        help="--executor ray: a task running longer is cancelled and the run fails, naming its"
-                             " shard (default: no limit)")
+    add_executor_arguments(parser, ray_help="one task per output shard on a Ray cluster, the same bytes",
+                           fails="the run fails, naming its shard")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     parser.add_argument("--json", action="store_true",
                         help="print the run's report (outputs, inputs' name matching, passes, bytes, seconds) as one"
                              " JSON object on stdout instead of the summary line; errors too (docs/cli-json.md)")
     parser.set_defaults(func=run)
-
-
-def executor_options(args: argparse.Namespace) -> dict:
-    """``executor=`` (and for Ray ``address=``, ``workers=``, ``task_timeout=``) for ``plan.run``."""
-    if args.executor == "local":
-        if args.address is not None or args.workers is not None:
-            raise UsageError("--address and --workers go with --executor ray")
-        if args.task_timeout is not None:
-            raise UsageError("--task-timeout goes with --executor ray")
-        return {}
-    if args.workers is not None and args.workers < 1:
-        raise UsageError(f"--workers expects a positive number, got {args.workers}")
-    if args.task_timeout is not None and not args.task_timeout > 0:  # not NaN either
-        raise UsageError(f"--task-timeout expects a positive number of seconds, got {args.task_timeout:g}")
-    return {"executor": "ray", "address": args.address, "workers": args.workers, "task_timeout": args.task_timeout}
 
 
 def compile_from_args(args: argparse.Namespace):

@@ -10,8 +10,8 @@ import sys
 
 from tvlang.errors import TvlangError
 from tvlang.faces.commands.args import UsageError, chunk_bytes, parse_inputs
+from tvlang.faces.commands.common import add_executor_arguments, executor_options
 from tvlang.faces.commands.report_file import add_out_argument
-from tvlang.faces.commands.run import executor_options
 
 HELP = "cosine similarity matrix of task vectors (one streaming pass)"
 
@@ -75,16 +75,8 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip tensors whose name matches (repeatable)")
     parser.add_argument("--chunk-mb", type=float, default=64.0, metavar="MB",
                         help="memory for the chunks of all inputs together (default 64)")
-    parser.add_argument("--executor", default="local", choices=("local", "ray"),
-                        help="local (default), or ray: the similarity matrix as partial sums over ranges of"
-                             " tensors, one Ray task each, the same matrix (docs/distributed.md)")
-    parser.add_argument("--address", default=None, metavar="auto|HOST:PORT",
-                        help="--executor ray: the cluster to use (default: start a local Ray instance)")
-    parser.add_argument("--workers", type=int, default=None, metavar="N",
-                        help="--executor ray: at most N tasks at a time (a local instance gets N CPUs)")
-    parser.add_argument("--task-timeout", type=float, default=None, metavar="SECONDS",
-                        help="--executor ray: a task running longer is cancelled and the command fails"
-                             " (default: no limit)")
+    add_executor_arguments(parser, ray_help="the similarity matrix as partial sums over ranges of tensors, one"
+                                            " Ray task each, the same matrix", fails="the command fails")
 
 
 @contextlib.contextmanager
