@@ -192,6 +192,24 @@ def test_block_sums_do_not_depend_on_the_pieces():
     assert math.isclose(totals.pop(), math.fsum(v * v for v in x.double().tolist()), rel_tol=1e-12)
 
 
+
+def test_model_stock_offset_sums_do_not_depend_on_the_pieces():
+    from tvlang.ops.stock import _OffsetSums, _pairs
+    g = torch.Generator().manual_seed(1)
+    count = 3 * BLOCK + 77
+    xs = [torch.randn(count, generator=g) * torch.exp(3 * torch.randn(count, generator=g)) for _ in range(3)]
+    totals = set()
+    for cut in (1, 5, BLOCK - 1, BLOCK, 2 * BLOCK + 1, count):
+        acc = _OffsetSums(3)
+        for start in range(0, count, cut):
+            acc.add([x[start:start + cut] for x in xs])
+        totals.add(tuple(acc.totals()))
+    assert len(totals) == 1
+    got = totals.pop()
+    for value, (i, j) in zip(got, _pairs(3)):
+        exact = math.fsum(a * b for a, b in zip(xs[i].double().tolist(), xs[j].double().tolist()))
+        assert math.isclose(value, exact, rel_tol=1e-12, abs_tol=1e-12 * math.sqrt(got[i] * got[j])), (i, j)
+
 def eager_slerp(a, b, t):
     a, b = a.double().reshape(-1), b.double().reshape(-1)
     na, nb = a.norm(), b.norm()
