@@ -124,10 +124,13 @@ def test_della_sample_rows_and_edges():
     assert abs(col.mean().item() - 0.5) < 0.02
 
 
-@pytest.mark.parametrize("shape", [(1, 7), (5, 9), (3, 1), (64, 33)])
+@pytest.mark.parametrize("shape", [(1, 7), (5, 9), (3, 1), (64, 33), (4, 2), (3, 64), (2, 65), (1, 5000)])
 def test_della_rank_order_matches_a_stable_row_argsort(shape):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
     x[0, 0] = -x[0, -1]  # equal magnitudes: ranked by position
+    if shape[1] >= 8:  # zeros of both signs, infinities, a NaN, runs of one value
+        x[-1, 1:8] = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 0.0, -math.inf])
+        x[0, 2::3] = 0.25
     for rows in (x, x.double()):
         assert torch.equal(rank_order(rows), torch.argsort(rows.abs(), dim=1, stable=True))
 

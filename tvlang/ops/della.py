@@ -83,14 +83,27 @@ class Words:
 def rank_order(rows: torch.Tensor) -> torch.Tensor:
     """Per row, the column indices ordered by increasing ``|x|`` (ties by position).
 
-    float32 magnitudes sort like their int32 bit patterns, and a flat stable
-    sort of integer keys (row number in the high bits) is about twice as fast
-    as a row-wise float argsort.
+    float32 magnitudes sort like their int32 bit patterns (below 2**31). On the
+    CPU each entry's key is its bit pattern shifted left past the column number,
+    plus the column number: the keys of a row are distinct, so any sort orders
+    them as the stable sort would, and numpy's row-wise sort of int64 keys
+    (vectorized) is about 3.5x faster than torch's argsort; the columns are the
+    low bits of the sorted keys. Elsewhere (or rows longer than 2**32), a flat
+    stable sort of integer keys (row number in the high bits), about twice as
+    fast as a row-wise float argsort.
     """
     if rows.dtype != torch.float32:
         return torch.argsort(rows.abs(), dim=1, stable=True)
     count, m = rows.shape
     bits = rows.abs().view(torch.int32)
+    shift = max(1, (m - 1).bit_length())
+    if rows.device.type == "cpu" and shift <= 32:  # keys below 2**(31 + shift) <= 2**63
+        key = bits.detach().numpy().astype(numpy.int64)
+        key <<= shift
+        key |= numpy.arange(m, dtype=numpy.int64)
+        key.sort(axis=1)
+        key &= (1 << shift) - 1
+        return torch.from_numpy(key)
     if count == 1:
         return torch.argsort(bits.reshape(-1), stable=True).view(1, m)
     starts = torch.arange(count, dtype=torch.int64, device=rows.device).unsqueeze(1)
