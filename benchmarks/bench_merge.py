@@ -5,6 +5,7 @@ arithmetic and mergekit.
     python benchmarks/bench_merge.py --size-gb 0.375 --repeat 3
     python benchmarks/bench_merge.py --only tvlang-ta,tvlang-ties --repeat 1   # a quick look
     python benchmarks/bench_merge.py --methods all --size-gb 0.1 --repeat 1     # every mergekit method
+    python benchmarks/bench_merge.py --gradient --size-gb 0.25 --repeat 3       # gradient vs constant
 
 The checkpoints are those of ``bench_run.py`` (a synthetic Llama-shaped float32 base
 ``pre`` and three fine-tuned copies ``a``, ``b``, ``c``, cached under ``--workdir``, default
@@ -38,6 +39,12 @@ config.yml`` (``mergekit:METHOD``), one after the other in each round. After eac
 run the two outputs are compared on a few tensors (the largest difference is reported, not
 failed: random methods draw other masks, and magnitude trimming breaks ties differently on
 large tensors), and the summary gives mergekit's wall over tvlang's per method.
+
+``--gradient`` times instead, tvlang only, a merge whose parameter is a per-layer gradient
+against the same merge with that parameter constant (``GRADIENT``: ``slerp`` with ``t: [0, 0.5,
+1]`` against ``t: 0.5``; ``ties`` with ``density: [0.1, 0.5, 1]`` against ``density: 0.5``),
+each a mergekit config run by ``tvlang run config.yml``, and gives the gradient's wall over the
+constant one's per merge (issue 14 asks for at most 1.2x).
 
 The table: median wall, throughput (4 x model size read / wall), peak memory (see
 harness.py), and ratios against tvlang's plain task arithmetic and mergekit ties.
@@ -94,14 +101,22 @@ METHODS = {
     "ramplus_tl": (("a", "b"), True, {"r": 0.5, "alpha": 0.8, "epsilon": 0.008}, {}),
     "passthrough": (("a",), False, {}, {"scale": 0.5}),
 }
+# tvlang only (--gradient): a per-layer gradient against the same merge with constant
+# parameters (issue 14: within 1.2x). name -> (mergekit method, as in METHODS)
+GRADIENT = {
+    "slerp-gradient": ("slerp", (("a", "pre"), True, {"t": [0, 0.5, 1]}, {})),
+    "slerp-constant": ("slerp", (("a", "pre"), True, {"t": 0.5}, {})),
+    "ties-gradient": ("ties", (M3, True, {"density": [0.1, 0.5, 1]}, {"weight": 1.0})),
+    "ties-constant": ("ties", (M3, True, {"density": 0.5}, {"weight": 1.0})),
+}
 DEFAULT = "tvlang-ta,tvlang-ties,tvlang-dare,tvlang-dare_ties,mergekit-ta,mergekit-ties"
 CHECKED = ("model.norm.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight")
 
 
 def method_config(method: str, paths: dict[str, str], folder: str) -> str:
-    """Writes METHODS[method] as a mergekit config; its path."""
-    models, with_base, params, each = METHODS[method]
-    lines = [f"merge_method: {method}", "dtype: float32"]
+    """Writes METHODS[method] (or GRADIENT[method]) as a mergekit config; its path."""
+    merge, (models, with_base, params, each) = GRADIENT.get(method) or (method, METHODS[method])
+    lines = [f"merge_method: {merge}", "dtype: float32"]
     if with_base:
         lines.append(f"base_model: {paths['pre']}")
     if params:
@@ -277,7 +292,9 @@ def run_method(name: str, paths: dict[str, str], folder: str, out: str, args) ->
     if result.rc != 0:
         print(f"  {name} failed (exit {result.rc}):\n{result.stderr[-3000:]}", file=sys.stderr)
     ours = os.path.join(folder, f"out-merge-tvlang-{name.split(':')[1]}")
-    if name.startswith("mergekit"):
+    if name.split(":")[1] in GRADIENT:  # tvlang only: nothing to compare with
+        shutil.rmtree(out, ignore_errors=True)
+    elif name.startswith("mergekit"):
         if result.rc == 0 and os.path.isdir(ours):
             print(f"  {name.split(':')[1]}: {compare_outputs(ours, out)}", file=sys.stderr, flush=True)
         shutil.rmtree(ours, ignore_errors=True)
@@ -338,6 +355,18 @@ def method_ratios(results: dict[str, Result]) -> str:
     return "\n".join(lines)
 
 
+def gradient_ratios(results: dict[str, Result]) -> str:
+    """Per merge in GRADIENT: the gradient's median wall over the constant one's (the issue: at most 1.2)."""
+    lines = ["| merge | gradient | constant | gradient / constant |", "|---|---|---|---|"]
+    for name in GRADIENT:
+        if name.endswith("-gradient"):
+            merge = name.removesuffix("-gradient")
+            ours, flat = results.get(f"tvlang:{name}"), results.get(f"tvlang:{merge}-constant")
+            if ours and flat:
+                lines.append(f"| {merge} | {ours.wall:.2f} s | {flat.wall:.2f} s | {ours.wall / flat.wall:.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-gb", type=float, default=1.5, help="size of each checkpoint (default 1.5)")
@@ -349,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=None,
                         help=f"'all' or mergekit methods (comma-separated) among {', '.join(METHODS)}: "
                              "tvlang:METHOD and mergekit:METHOD contenders instead of --only")
+    parser.add_argument("--gradient", action="store_true",
+                        help=f"instead of --only: tvlang run of each of {', '.join(GRADIENT)} (a per-layer "
+                             "gradient and the same merge with constant parameters), and the ratio of each pair")
     parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), help="path of mergekit-yaml")
     parser.add_argument("--baseline-src", default=None,
                         help="a source checkout of another tvlang (git worktree add DIR COMMIT): contenders "
@@ -360,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown method {unknown[0]}; choose from all, {', '.join(METHODS)}")
         only = [f"{tool}:{m}" for m in methods for tool in ("tvlang", "mergekit")]
+    elif args.gradient:
+        only = [f"tvlang:{name}" for name in GRADIENT]
     else:
         only = [c.strip() for c in args.only.split(",") if c.strip()]
     unknown = [c for c in only if c not in CONTENDERS and ":" not in c]
@@ -377,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results, args.size_gb))
     if args.methods:
         print(method_ratios(results))
+    if args.gradient:
+        print(gradient_ratios(results))
     for name, result in results.items():
         if name.endswith("@base") and name.removesuffix("@base") in results:
             current = results[name.removesuffix("@base")]
