@@ -158,6 +158,24 @@ def test_sign_merge_elect_none():
     assert torch.equal(got, T([10.0 / 4.0, 1.0 / 4.0]))
 
 
+@pytest.mark.parametrize("merge", ["sum", "mean", "weighted_mean"])
+@pytest.mark.parametrize("weights", [(), (1.0, 1.0, 1.0), (2.0, 1.0, 1.0), (-1.0, 1.0, 1.0)])
+def test_sign_merge_sums_start_from_zero(merge, weights):
+    """Every sum starts from +0 (0 + (-0) == +0): entries whose parts are all zeros, of either
+    sign, come out +0, whatever the weights; the others as computed by hand."""
+    parts = [T([-0.0, -0.0, 2.0, -0.0]), T([-0.0, 0.0, -1.0, 3.0]), T([-0.0, -0.0, 4.0, -0.0])]
+    out = sign_merge(parts, elect="total", merge=merge, weights=weights, elect_on="weighted", out=torch.empty(4))
+    assert not torch.signbit(out[:2]).any()
+    w = list(weights) or [1.0, 1.0, 1.0]
+    values = [wi * p for wi, p in zip(w, parts)]
+    for j in (2, 3):
+        elected = 1.0 if sum(float(v[j]) for v in values) >= 0 else -1.0
+        agree = [i for i in range(3) if float(values[i][j]) * elected > 0]
+        total = sum(float(values[i][j]) for i in agree)
+        divisor = {"sum": 1.0, "mean": max(len(agree), 1.0), "weighted_mean": sum(w[i] for i in agree) or 1.0}[merge]
+        assert float(out[j]) == float(T(total) / T(divisor))  # float32, as the kernel divides
+
+
 def test_dare_ties_is_dare_then_election():
     a, b = torch.randn(50), torch.randn(50)
     c = ctx("w")

@@ -83,23 +83,45 @@ def sign_merge(
         s = [1.0] * n
     tally = scratch("ties.tally", like)
     tmp = scratch("ties.tmp", like)
-    tally.zero_()
-    for si, wi, p in zip(s, w, parts):
-        if si == 0.0:
-            continue  # a zero weight makes zero election values: they neither vote nor agree
-        if elect == "total":
-            tally.add_(p, alpha=wi if elect_on == "weighted" else 1.0)
+    voters = [(si, wi, p) for si, wi, p in zip(s, w, parts) if si != 0.0]
+    # (a zero weight makes zero election values: they neither vote nor agree)
+    # The sums below start from 0 (0 + v == v but for the sign of a zero): where the first
+    # term's factor is 1 they start from it instead, a pass or two fewer, and exactly the same
+    # values (tally's zeros elect + whatever their sign; total's first term gets + 0.0).
+    if elect == "total":
+        alphas = [wi if elect_on == "weighted" else 1.0 for _, wi, _ in voters]
+        if len(voters) >= 2 and alphas[0] == 1.0:
+            torch.add(voters[0][2], voters[1][2], alpha=alphas[1], out=tally)
+            start = 2
         else:
+            tally.zero_()
+            start = 0
+        for alpha, (_, _, p) in zip(alphas[start:], voters[start:]):
+            tally.add_(p, alpha=alpha)
+    else:
+        tally.zero_()
+        for si, _, p in voters:
             torch.sign(p, out=tmp)
             tally.add_(tmp, alpha=si)
     elected = scratch("ties.sign", like)
     torch.sign(tally, out=elected)
     elected.add_(0.5).sign_()  # -1 -> -1, 0 -> +1, +1 -> +1
-    total = tally.zero_()  # sum of |p_i| * w_i * s_i over agreeing inputs
-    divisor = scratch("ties.divisor", like).zero_() if merge != "sum" else None
-    for si, wi, p in zip(s, w, parts):
-        if si == 0.0:
+    total = tally  # sum of |p_i| * w_i * s_i over agreeing inputs
+    divisor = scratch("ties.divisor", like) if merge != "sum" else None
+    first = True
+    for si, wi, p in voters:
+        count = 1.0 if merge == "mean" else wi
+        if first and si == 1.0 and wi == 1.0:  # total = 0 + |p|, divisor = 0 + sign(|p|)
+            torch.mul(p, elected, out=total).clamp_(min=0).add_(0.0)
+            if divisor is not None:
+                torch.sign(total, out=divisor)
+            first = False
             continue
+        if first:
+            total.zero_()
+            if divisor is not None:
+                divisor.zero_()
+            first = False
         torch.mul(p, elected, out=tmp)
         if si < 0:
             tmp.neg_()
@@ -107,7 +129,11 @@ def sign_merge(
         total.add_(tmp, alpha=wi * si)
         if divisor is not None:
             tmp.sign_()
-            divisor.add_(tmp, alpha=1.0 if merge == "mean" else wi)
+            divisor.add_(tmp, alpha=count)
+    if first:  # no voter
+        total.zero_()
+        if divisor is not None:
+            divisor.zero_()
     torch.mul(total, elected, out=out)
     if merge == "mean":
         out.div_(divisor.clamp_(min=1.0))
