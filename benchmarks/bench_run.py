@@ -281,13 +281,13 @@ def run_round(names: list[str], paths: dict[str, str], folder: str, args) -> dic
             continue
         shutil.rmtree(out, ignore_errors=True)
         result = measure(cmd, env=contender_env(name, args))
-        if result.rc == 0 and name != "floor":  # the floor computes nothing: its output is the base
+        if result.rc != 0:
+            print(f"  {name} failed (exit {result.rc}):\n{result.stderr[-3000:]}", file=sys.stderr)
+        elif name != "floor":  # the floor computes nothing: its output is the base
             error = check_output(out, paths)
             if error > 1e-5:
                 print(f"  {name}: WRONG output, max error {error:g}", file=sys.stderr)
                 result.rc = -1
-        else:
-            print(f"  {name} failed (exit {result.rc}):\n{result.stderr[-3000:]}", file=sys.stderr)
         shutil.rmtree(out, ignore_errors=True)
         results[name] = result
     return results
