@@ -404,3 +404,31 @@ def test_binding_a_name_the_recipe_defines(ckpt, tmp_path, capsys):
     assert code == 1  # the checker's error
     assert "'tau' is bound from outside (--bind) and also defined in the recipe" in err
     assert_nothing_written(tmp_path / "o")
+
+
+def test_an_interrupt_lost_in_a_finalizer_leaves_the_next_one_working(capsys):
+    """A Ctrl-C that lands while the garbage collector closes a generator raises Interrupted
+    inside the finalizer, where Python prints and drops it: the run went on to its commit and
+    exited 0, and every later signal was ignored (a fresh-clone CI run caught it in the test
+    above; the run now closes that generator itself). Such a loss re-arms the handler, without
+    the traceback, so the next Ctrl-C stops the command."""
+    from tvlang.faces.interrupts import Interrupted, interrupts_raise
+
+    def reader():
+        try:
+            yield 1
+        finally:
+            signal.raise_signal(signal.SIGINT)  # lands while the generator is finalized
+
+    hook = sys.unraisablehook
+    with pytest.raises(Interrupted) as info:
+        with interrupts_raise():
+            gen = reader()
+            next(gen)
+            del gen  # finalized here: the handler's Interrupted is dropped by Python
+            signal.raise_signal(signal.SIGTERM)  # the next signal is not ignored
+            raise AssertionError("not interrupted")
+    assert info.value.exit_code == 143
+    assert "Traceback" not in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert sys.unraisablehook is hook

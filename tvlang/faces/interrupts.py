@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -56,9 +57,25 @@ def interrupts_raise() -> Iterator[None]:
         fired = True
         raise Interrupted(_REASONS.get(signum, f"stopped by signal {signum}"), EXIT_CODES.get(signum, 128 + signum))
 
+    # An exception raised while the garbage collector finalizes an object (a generator closed
+    # because nothing refers to it any more) is printed and dropped by Python: an Interrupted
+    # raised there is lost. The next signal must then work: the handler is re-armed, and the
+    # traceback Python would print is not shown. (The run closes its own generators itself, so
+    # that a signal landing there propagates: tvlang.run.session.)
+    previous_hook = sys.unraisablehook
+
+    def unraisable(info) -> None:
+        nonlocal fired
+        if isinstance(info.exc_value, Interrupted):
+            fired = False
+            return
+        previous_hook(info)
+
     previous = {signum: signal.signal(signum, handler) for signum in _REASONS}
+    sys.unraisablehook = unraisable
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         for signum, old in previous.items():
             signal.signal(signum, old)

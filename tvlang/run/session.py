@@ -234,48 +234,54 @@ class Session:
         if progress:
             label = "main pass" if not self.plan.schedule.levels else f"pass {self.plan.schedule.passes} (main)"
             progress.start(label, len(order), sum(self.layout.infos[n].nbytes for n in order) * len(outputs))
-        for name in order:
-            info = self.layout.infos[name]
-            if name in computed:
-                got, raw = next(inputs)
-                assert got == name
-                linear = self._linear_for(program) if pieces else None
-                kernels = None
-                if linear is not None and numel(info.shape) >= chunked.CHUNK_MIN:
-                    kernels = translated_call(name, chunk_kernels, self, program, name)
-                if kernels is not None:
-                    chunks = self._execute_chunked(program, linear, name, raw, kernels, pieces=True)
-                    offsets = dict.fromkeys(kinds, 0)
-                    for out, piece in translated(name, chunks):
-                        if out in kinds:
-                            self._check(piece, out, name, info, offsets[out])
-                            offsets[out] += piece.numel()
-                            yield out, name, piece, False
-                        else:
-                            self.buffers.give_back(piece)
+        # The reading generator is closed here, not left to the garbage collector: a Ctrl-C that
+        # lands while it shuts its reading thread down then propagates (a generator finalized
+        # by the collector would swallow it, and the run go on to its commit).
+        try:
+            for name in order:
+                info = self.layout.infos[name]
+                if name in computed:
+                    got, raw = next(inputs)
+                    assert got == name
+                    linear = self._linear_for(program) if pieces else None
+                    kernels = None
+                    if linear is not None and numel(info.shape) >= chunked.CHUNK_MIN:
+                        kernels = translated_call(name, chunk_kernels, self, program, name)
+                    if kernels is not None:
+                        chunks = self._execute_chunked(program, linear, name, raw, kernels, pieces=True)
+                        offsets = dict.fromkeys(kinds, 0)
+                        for out, piece in translated(name, chunks):
+                            if out in kinds:
+                                self._check(piece, out, name, info, offsets[out])
+                                offsets[out] += piece.numel()
+                                yield out, name, piece, False
+                            else:
+                                self.buffers.give_back(piece)
+                    else:
+                        results: list[tuple[str, torch.Tensor]] = []
+                        self.execute(program, name, raw, sink=lambda out, t: results.append((out, t)))
+                        for out, tensor in results:
+                            if out in kinds:
+                                tensor = self._finish(tensor, info)
+                                self._check(tensor, out, name, info)
+                                yield out, name, tensor, True
                 else:
-                    results: list[tuple[str, torch.Tensor]] = []
-                    self.execute(program, name, raw, sink=lambda out, t: results.append((out, t)))
-                    for out, tensor in results:
-                        if out in kinds:
-                            tensor = self._finish(tensor, info)
-                            self._check(tensor, out, name, info)
-                            yield out, name, tensor, True
-            else:
-                # An integer buffer, or (missing="base") a float tensor some input lacks:
-                # the base's, into Model outputs only.
-                tensor = base.read(name)
-                copied = name in self.layout.copied
-                if copied:
-                    tensor = self._finish(tensor, info)
-                for out in outputs:
-                    if kinds[out] != "model":
-                        continue
+                    # An integer buffer, or (missing="base") a float tensor some input lacks:
+                    # the base's, into Model outputs only.
+                    tensor = base.read(name)
+                    copied = name in self.layout.copied
                     if copied:
-                        self._check(tensor, out, name, info)
-                    yield out, name, tensor, True
-            if progress:
-                progress.advance(name, info.nbytes * len(outputs))
+                        tensor = self._finish(tensor, info)
+                    for out in outputs:
+                        if kinds[out] != "model":
+                            continue
+                        if copied:
+                            self._check(tensor, out, name, info)
+                        yield out, name, tensor, True
+                if progress:
+                    progress.advance(name, info.nbytes * len(outputs))
+        finally:
+            inputs.close()
 
     def recompute(self, output: str, name: str) -> Iterator[torch.Tensor]:
         """Tensor ``name`` of ``output`` computed once more from its inputs, as the flat pieces
