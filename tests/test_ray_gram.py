@@ -29,15 +29,6 @@ SHAPES = {"embed.weight": (96, 40), "layers.0.w": (40, 40), "layers.0.b": (40,),
 
 
 @pytest.fixture(scope="module")
-def ray_instance():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             logging_level="ERROR")
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """pre, and two pairs of fine-tunes that share a direction each (a1, a2 and b1, b2), plus an int buffer."""
     root = tmp_path_factory.mktemp("gram")

@@ -20,15 +20,6 @@ PLAIN = "pre + 0.5*(a - pre)"
 
 
 @pytest.fixture(scope="module")
-def ray_instance():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             logging_level="ERROR")
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     return {"pre": write_synthetic(root / "pre", SPEC, seed=0),
