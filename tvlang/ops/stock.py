@@ -30,7 +30,7 @@ import torch
 from tvlang.errors import TvlangError
 from tvlang.ops.common import ChunkKernel, chunk_form_of, fresh, kernel_of, scratch
 from tvlang.ops.context import TensorContext
-from tvlang.ops.sums import BLOCK, PIECE, ExactSum
+from tvlang.ops.sums import PIECE, Blocks, ExactSum
 
 __all__ = ["model_stock", "model_stock_chunks", "stock_factor", "stock_ratio"]
 
@@ -78,37 +78,15 @@ class _OffsetSums:
         self.n = n
         self.pairs = _pairs(n)
         self.sums = [ExactSum() for _ in self.pairs]
-        self.carry: torch.Tensor | None = None  # (n, BLOCK): the start of a block cut by the last piece's end
-        self.filled = 0
+        self.cut = Blocks()
 
     def add(self, offsets: list[torch.Tensor]) -> None:
         """Add the next entries of each offset (flat pieces of the same length)."""
-        count, start = offsets[0].numel(), 0
-        if self.carry is None or self.carry.dtype != offsets[0].dtype or self.carry.device != offsets[0].device:
-            self.carry = torch.empty((self.n, BLOCK), dtype=offsets[0].dtype, device=offsets[0].device)
-        if self.filled:
-            start = min(BLOCK - self.filled, count)
-            for row, offset in zip(self.carry, offsets):
-                row[self.filled:self.filled + start].copy_(offset[:start])
-            self.filled += start
-            if self.filled < BLOCK:
-                return
-            self._blocks([row.view(1, BLOCK) for row in self.carry])
-            self.filled = 0
-        full = (count - start) // BLOCK * BLOCK
-        if full:
-            self._blocks([offset[start:start + full].view(-1, BLOCK) for offset in offsets])
-        rest = count - start - full
-        if rest:
-            for row, offset in zip(self.carry, offsets):
-                row[:rest].copy_(offset[start + full:])
-            self.filled = rest
+        self.cut.feed(offsets, self._blocks)
 
     def totals(self) -> list[float]:
         """The sums (the last, short block included); the object is spent."""
-        if self.filled:
-            self._blocks([row[:self.filled].view(1, -1) for row in self.carry])
-            self.filled = 0
+        self.cut.finish(self._blocks)
         return [acc.value() for acc in self.sums]
 
     def _blocks(self, blocks: list[torch.Tensor]) -> None:

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["BLOCK", "PIECE", "BlockSums", "ExactMatrix", "ExactSum", "Sums"]
+__all__ = ["BLOCK", "PIECE", "BlockSums", "Blocks", "ExactMatrix", "ExactSum", "Sums"]
 
 #: entries per block; below torch's grain size (32768), so a block is summed on one thread
 BLOCK = 1 << 14
@@ -131,6 +131,55 @@ def _upper(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.triu_indices(n)
 
 
+class Blocks:
+    """Cuts flat streams handed over in pieces of any length (in order, the streams' pieces
+    of one length) into blocks of ``BLOCK`` consecutive entries counted from their first
+    entry: a block cut by a piece's end is completed from the next piece, so the blocks do
+    not depend on the cuts. ``emit`` gets one ``(rows, width)`` tensor per stream, a block a
+    row (views of the pieces, or of the carried block's copy).
+
+    >>> rows = []
+    >>> blocks = Blocks()
+    >>> blocks.feed([torch.arange(BLOCK + 3.0)], lambda r: rows.append(tuple(r[0].shape)))
+    >>> blocks.feed([torch.arange(BLOCK - 1.0)], lambda r: rows.append(tuple(r[0].shape)))
+    >>> blocks.finish(lambda r: rows.append(tuple(r[0].shape)))
+    >>> rows == [(1, BLOCK), (1, BLOCK), (1, 2)]
+    True
+    """
+
+    def __init__(self) -> None:
+        self.carry: list[torch.Tensor] = []  # the start of a block cut by the last piece's end
+        self.filled = 0
+
+    def feed(self, flat: list[torch.Tensor], emit) -> None:
+        count, start = flat[0].numel(), 0
+        if self.filled:
+            start = min(BLOCK - self.filled, count)
+            for carry, f in zip(self.carry, flat):
+                carry[self.filled:self.filled + start].copy_(f[:start])
+            self.filled += start
+            if self.filled < BLOCK:
+                return
+            emit([carry.view(1, BLOCK) for carry in self.carry])
+            self.filled = 0
+        full = (count - start) // BLOCK * BLOCK
+        if full:
+            emit([f[start:start + full].view(-1, BLOCK) for f in flat])
+        rest = count - start - full
+        if rest:
+            if [(c.dtype, c.device) for c in self.carry] != [(f.dtype, f.device) for f in flat]:
+                self.carry = [torch.empty(BLOCK, dtype=f.dtype, device=f.device) for f in flat]
+            for carry, f in zip(self.carry, flat):
+                carry[:rest].copy_(f[start + full:])
+            self.filled = rest
+
+    def finish(self, emit) -> None:
+        """The last, short block (if any); the next feed starts a new stream."""
+        if self.filled:
+            emit([carry[:self.filled].view(1, -1) for carry in self.carry])
+            self.filled = 0
+
+
 class BlockSums:
     """An :class:`ExactSum` of float64 sums of ``x**2`` (or of ``x*y``) over blocks of ``BLOCK``
     consecutive entries, counted from each tensor's first entry, whether the tensor is handed
@@ -148,40 +197,17 @@ class BlockSums:
         self.sum = ExactSum()
         self.products = products
         self._name: str | None = None
-        self._carry: list[torch.Tensor] = []  # the start of a block cut by the last piece's end
-        self._filled = 0
+        self._blocks = Blocks()
 
     def add(self, name: str, tensors: list[torch.Tensor]) -> None:
         if name != self._name:
             self.flush()
             self._name = name
-        flat = [t.reshape(-1) for t in tensors[:2 if self.products else 1]]
-        count, start = flat[0].numel(), 0
-        if self._filled:
-            start = min(BLOCK - self._filled, count)
-            for carry, f in zip(self._carry, flat):
-                carry[self._filled:self._filled + start].copy_(f[:start])
-            self._filled += start
-            if self._filled < BLOCK:
-                return
-            self._add_rows([carry.view(1, BLOCK) for carry in self._carry])
-            self._filled = 0
-        full = (count - start) // BLOCK * BLOCK
-        if full:
-            self._add_rows([f[start:start + full].view(-1, BLOCK) for f in flat])
-        rest = count - start - full
-        if rest:
-            if [(c.dtype, c.device) for c in self._carry] != [(f.dtype, f.device) for f in flat]:
-                self._carry = [torch.empty(BLOCK, dtype=f.dtype, device=f.device) for f in flat]
-            for carry, f in zip(self._carry, flat):
-                carry[:rest].copy_(f[start + full:])
-            self._filled = rest
+        self._blocks.feed([t.reshape(-1) for t in tensors[:2 if self.products else 1]], self._add_rows)
 
     def flush(self) -> None:
         """End the current tensor: its last, short block goes into the sum."""
-        if self._filled:
-            self._add_rows([carry[:self._filled].view(1, -1) for carry in self._carry])
-            self._filled = 0
+        self._blocks.finish(self._add_rows)
         self._name = None
 
     def merge(self, other: "BlockSums") -> None:
