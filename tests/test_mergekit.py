@@ -302,7 +302,7 @@ ERRORS = [
     ("slices:\n  - sources:\n      - model: {root}/ft1\n        layer_range: [0, 1]\n"
      "  - sources:\n      - model: {root}/ft2\n        layer_range: [0, 1]\nmerge_method: passthrough\n"
      "parameters:\n  scale: [0, 1]\n",
-     "scale: a gradient over several slices is not supported", 10),
+     "scale: per-layer values (a gradient) and filter lists are not supported", 10),
     ("slices:\n  - sources:\n      - model: {root}/ft1\n        layer_range: [0, 2]\n    weight: 1\n"
      "merge_method: passthrough\n",
      "unknown key 'weight' in a slice", 5),

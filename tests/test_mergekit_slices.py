@@ -99,6 +99,38 @@ CONFIGS = {
                                    .replace("  - sources:\n      - model: ft2",
                                             "  - base_model: ft1\n    sources:\n      - model: ft2")
                                    + "merge_method: task_arithmetic\nbase_model: base\n", 4),
+    # gradients over several slices: mergekit restarts a gradient at each slice (its layer i of n at
+    # t = i/(n-1), t = 1 for a one-layer slice); a filter list of gradients; a slice's own gradient
+    "slerp_gradient_slices": (slices([source("ft1", 0, 2), source("base", 0, 2)],
+                                     [source("ft2", 2, 3), source("base", 2, 3)],
+                                     [source("ft1", 1, 4), source("base", 1, 4)])
+                              .replace("  - sources:\n      - model: ft1\n        layer_range: [1, 4]",
+                                       "  - parameters: {t: [0.9, 0.2]}\n    sources:\n      - model: ft1\n"
+                                       "        layer_range: [1, 4]")
+                              + "merge_method: slerp\nbase_model: base\nparameters:\n  t:\n"
+                                "    - filter: self_attn\n      value: [0, 0.5, 0.3, 0.7, 1]\n"
+                                "    - filter: mlp\n      value: [1, 0.5, 0.7, 0.3, 0]\n    - value: 0.5\n", 6),
+    # weight and density gradients (global, a source's own, a filter list that falls through to the
+    # global gradient); density 0.5 at the middle of a 3-layer slice keeps exactly half
+    "ties_gradient_slices": (slices([source("ft1", 0, 3, "        parameters: {weight: [0.2, 0.8]}\n"),
+                                     source("ft2", 0, 3, "        parameters:\n          density:\n"
+                                                         "            - filter: mlp\n"
+                                                         "              value: [1, 0.3]\n"),
+                                     source("base", 0, 3)],
+                                    [source("ft2", 1, 4, "        parameters: {weight: [0.2, 0.8]}\n"),
+                                     source("ft1", 2, 4, "").replace("[2, 4]", "[1, 4]"),
+                                     source("base", 1, 4)])
+                             + "merge_method: ties\nbase_model: base\nparameters:\n  weight: [1, 0.5]\n"
+                               "  density: [0.1, 0.5, 1]\n  normalize: true\n", 6),
+    # a slice's own weight gradient, a global one, one slice of one layer (t = 1: the last value)
+    "task_arithmetic_gradient_slices": (slices([source("ft1", 0, 2), source("ft2", 0, 2), source("base", 0, 2)],
+                                               [source("ft1", 3, 4), source("ft2", 3, 4), source("base", 3, 4)],
+                                               [source("ft2", 0, 4), source("ft1", 0, 4), source("base", 0, 4)])
+                                        .replace("  - sources:\n      - model: ft1\n        layer_range: [3, 4]",
+                                                 "  - parameters: {weight: [0.3, -0.4]}\n    sources:\n"
+                                                 "      - model: ft1\n        layer_range: [3, 4]")
+                                        + "merge_method: task_arithmetic\nbase_model: base\nparameters:\n"
+                                          "  weight: [0.1, 0.7, 0.4]\n  lambda: 0.9\n", 7),
 }
 
 
@@ -190,6 +222,93 @@ def test_each_config_imports_as_a_recipe_that_check_accepts(workdir, name, capsy
     assert "slices:" in recipe.read_text()
 
 
+def per_tensor_values(workdir: Path, name: str) -> dict:
+    """Each model's resolved values of a translated config, per output tensor name of a layer
+    (``layer.N``), the embeddings and the final norm."""
+    from tvlang.frontends.mergekit.config import _Merge
+    from tvlang.frontends.mergekit.source import _read, _Source
+    from tvlang.ops.context import TensorContext
+    from tvlang.ops.pertensor import value_for
+
+    merge = _Merge.from_config(_Source(*_read(workdir / f"{name}.yml")))
+    layers = CONFIGS[name][1]
+    names = {f"layer.{i}": f"model.layers.{i}.mlp.up_proj.weight" for i in range(layers)}
+    names |= {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight"}
+    values = {}
+    for item in merge.inputs:
+        for param, value in item.values.items():
+            values[item.name, param] = {key: value_for(value, TensorContext(tensor, num_layers=layers))
+                                        for key, tensor in names.items()}
+    return values
+
+
+def test_a_gradient_restarts_at_each_slice(workdir):
+    values = per_tensor_values(workdir, "task_arithmetic_gradient_slices")
+    # weight [0.1, 0.7, 0.4] over slice 0 (2 layers: t = 0, 1), slice 1's own [0.3, -0.4] over its one
+    # layer (t = 1), [0.1, 0.7, 0.4] again over slice 2 (4 layers: t = 0, 1/3, 2/3, 1), as mergekit's
+    # evaluate_setting computes it; the embeddings and the final norm at t = 0
+    expected = {"layer.0": 0.1, "layer.1": 0.4, "layer.2": -0.4, "layer.3": 0.1,
+                "layer.4": (1 - 2 / 3) * 0.1 + 2 / 3 * 0.7, "layer.5": (1 - 1 / 3) * 0.7 + 1 / 3 * 0.4,
+                "layer.6": 0.4, "embed": 0.1, "norm": 0.1}
+    assert values["ft1_ft2", "weight"] == values["ft2_ft1", "weight"] == expected
+    assert ("base", "weight") not in values  # task_arithmetic takes no weight for the base
+
+
+def test_a_filter_list_of_gradients_falls_through_per_slice(workdir):
+    values = per_tensor_values(workdir, "ties_gradient_slices")
+    # position 1 is ft2 (layers 0-2, its own density: mlp [1, 0.3], else the global [0.1, 0.5, 1]),
+    # then ft1 (layers 1-3, the global density); every name here is an mlp tensor but the embeddings'
+    # and the norm's; the norm is merged with the last slice's parameters, at t = 0
+    assert values["ft2_ft1", "density"] == {
+        "layer.0": 1.0, "layer.1": 0.65, "layer.2": 0.3, "layer.3": 0.1, "layer.4": 0.5, "layer.5": 1.0,
+        "embed": 0.1, "norm": 0.1}
+    assert values["ft1_ft2", "weight"] == {
+        "layer.0": 0.2, "layer.1": 0.5, "layer.2": 0.8, "layer.3": 0.2, "layer.4": 0.5, "layer.5": 0.8,
+        "embed": 0.2, "norm": 0.2}
+    assert values["ft2_ft1", "weight"] == {
+        "layer.0": 1.0, "layer.1": 0.75, "layer.2": 0.5, "layer.3": 1.0, "layer.4": 0.75, "layer.5": 0.5,
+        "embed": 1.0, "norm": 1.0}
+
+
+def test_a_slice_s_own_gradient_gives_the_final_norm_its_first_value(workdir):
+    from tvlang.frontends.mergekit.config import _Merge
+    from tvlang.frontends.mergekit.source import _read, _Source
+    from tvlang.ops.context import TensorContext
+    from tvlang.ops.pertensor import value_for
+
+    t = _Merge.from_config(_Source(*_read(workdir / "slerp_gradient_slices.yml"))).shared["t"]
+
+    def at(tensor: str) -> float:
+        return value_for(t, TensorContext(tensor, num_layers=6))  # type: ignore[return-value]
+
+    # slices of 2, 1 and 3 layers; the global filter list over slices 0 and 1 (a one-layer slice sits
+    # at t = 1), slice 2's own [0.9, 0.2]
+    attention = [at(f"model.layers.{i}.self_attn.q_proj.weight") for i in range(6)]
+    mlp = [at(f"model.layers.{i}.mlp.up_proj.weight") for i in range(6)]
+    other = [at(f"model.layers.{i}.input_layernorm.weight") for i in range(6)]
+    assert attention == [0.0, 1.0, 1.0, 0.9, 0.55, 0.2]
+    assert mlp == [1.0, 0.0, 0.0, 0.9, 0.55, 0.2]
+    assert other == [0.5, 0.5, 0.5, 0.9, 0.55, 0.2]
+    assert (at("model.embed_tokens.weight"), at("model.norm.weight"), at("lm_head.weight")) == (0.5, 0.9, 0.9)
+    text = to_recipe(workdir / "slerp_gradient_slices.yml")
+    assert "A gradient or filter list restarts at each slice, as in mergekit" in text
+    assert all(len(line) <= 96 for line in text.splitlines())
+    assert text.split("\n\n")[-1].endswith(
+        "out = slerp(\n"
+        "    base,\n"
+        "    ft1_ft2,\n"
+        "    where(\n"
+        "        \"*.layers.0.* | *embed*\",\n"
+        "        where(\"*self_attn*\", 0, where(\"*mlp*\", 1, 0.5)),\n"
+        "        where(\n"
+        "            \"*.layers.1.* | *.layers.2.*\",\n"
+        "            where(\"*self_attn*\", 1, where(\"*mlp*\", 0, 0.5)),\n"
+        "            where(\"*.layers.4.*\", 0.55, where(\"*.layers.5.*\", 0.2, 0.9)),\n"
+        "        ),\n"
+        "    ),\n"
+        ")\n")
+
+
 def test_the_stack_recipe_reads_as_written(workdir):
     assert to_recipe(workdir / "stack.yml").split("\n\n", 1)[1] == (
         'ft1_ft2 = stack(load("ft1", layers=[0, 3]), load("ft2", layers=[1, 4]))  # models[0]\n'
@@ -225,9 +344,17 @@ ERRORS = [
     (slices([source("ft1", 0, 2, "        parameters: {scale: 0.5}\n")],
             [source("ft2", 2, 4, "        parameters: {scale: 2}\n")]) + "merge_method: passthrough\n",
      "scale differs between slices, and per-slice values of it are not supported", 5),
-    (slices([source("ft1", 0, 2)], [source("ft2", 2, 4)]) + "merge_method: slerp\nbase_model: base\n"
-     "parameters:\n  t: [0, 1]\n",
-     "t: a gradient over several slices is not supported", 11),
+    # gradients over several slices: a filter list with no value for some tensors, a slice with no value
+    (slices([source("ft1", 0, 2), source("base", 0, 2)], [source("ft2", 2, 4), source("base", 2, 4)])
+     + "merge_method: slerp\nbase_model: base\nparameters:\n  t:\n    - filter: mlp\n      value: [0, 1]\n",
+     "t: no filter matches some tensors of slices[0], and there is no other value for them", 16),
+    (slices([source("ft1", 0, 2), source("base", 0, 2)], [source("ft2", 2, 4), source("base", 2, 4)])
+     .replace("  - sources:\n      - model: ft2", "  - parameters: {t: [0, 1]}\n    sources:\n      - model: ft2")
+     + "merge_method: slerp\nbase_model: base\n",
+     "t has no value for slices[0] (neither its sources', its own nor the global parameters give one)", 2),
+    (slices([source("ft1", 0, 1)], [source("ft2", 0, 1)]) + "merge_method: passthrough\nparameters:\n"
+     "  scale: [0, 1]\n",
+     "scale: per-layer values (a gradient) and filter lists are not supported", 10),
     (slices([source("ft1", 0, 2), source("base", 0, 2)], [source("ft2", 2, 4), source("ft1", 2, 4)])
      + "merge_method: slerp\nbase_model: base\nparameters:\n  t: 0.5\n",
      "the base_model of slices[1] is not its sources[1], as it is in slices[0]", 13),

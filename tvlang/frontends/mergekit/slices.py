@@ -12,8 +12,8 @@ single slice over every layer is the merge of the whole models.
 What it needs: every slice has as many sources, and the base_model (the slice's own, else
 the global one, when the method uses one) is a source of every slice at the same position.
 Parameters (a source's, its slice's, the global ones, as mergekit reads them) that differ
-between slices become per-tensor values over the stack's layers (``slice_parameters``). A
-gradient over several slices (mergekit restarts it at each slice) is an error at its line.
+between slices, and gradients, which mergekit restarts at each slice, become per-tensor values
+over the stack's layers (``slice_parameters``).
 """
 
 from __future__ import annotations
@@ -48,16 +48,12 @@ def _slices_as_models(source: _Source, data: dict) -> tuple[dict, list[str]]:
                                "source p of every slice with source p of the others, so each slice needs as many",
                                ("slices", number, "sources"), notes=(f"tvlang import: layer surgery with a different "
                                                                     f"number of sources per slice is {_NOT_YET}",))
-    if len(rows) > 1:
-        _no_gradient(source, data.get("parameters"), ("parameters",))
-        for number, settings in enumerate(slice_settings):
-            _no_gradient(source, settings, ("slices", number, "parameters"))
     spans, offset = [], 0
     for row in rows:
         count = row[0]["range"][1] - row[0]["range"][0]
         spans.append((offset, offset + count))
         offset += count
-    parameters, global_parameters = _position_parameters(source, data, rows, slice_settings, spans)
+    parameters, global_parameters = _position_parameters(source, data, rows, slice_settings, spans, bases)
     models = []
     for position in range(width):
         column = [row[position] for row in rows]
@@ -91,6 +87,13 @@ def _slices_as_models(source: _Source, data: dict) -> tuple[dict, list[str]]:
                  f"in slice order (stack): {len(rows)} slice{'s' if len(rows) > 1 else ''}, {layers} layers; the "
                  "output's config.json says so. Embeddings come from the first slice, the final norm and head "
                  "from the last, as in mergekit."]
+        settings = [data.get("parameters"), *slice_settings, *(item["parameters"] for row in rows for item in row)]
+        if len(rows) > 1 and any(isinstance(v, (list, dict)) for s in settings if isinstance(s, dict)
+                                 for v in s.values()):
+            notes.append("A gradient or filter list restarts at each slice, as in mergekit (layer i of a slice "
+                         "of n layers at t = i/(n - 1)): the recipe gives each layer of the stack its value with "
+                         "where(...), the embeddings slice 0's first value and the final norm and head the last "
+                         "slice's.")
     return {**{k: v for k, v in data.items() if k != "slices"}, "models": models}, notes
 
 
@@ -119,8 +122,6 @@ def _slice(source: _Source, entry: Any, number: int, several: bool) -> list[dict
             raise source.error("layer_range is [START, END], two whole numbers with 0 <= START < END",
                                here + ("layer_range",))
         _check_range(source, item["model"], span, here)
-        if several:
-            _no_gradient(source, item.get("parameters"), here + ("parameters",))
         row.append({"model": item["model"], "range": (span[0], span[1]), "parameters": item.get("parameters"),
                     "at": here})
     lengths = {r["range"][1] - r["range"][0] for r in row}
@@ -140,20 +141,6 @@ def _slice_settings(source: _Source, entry: dict, number: int) -> dict:
         raise source.error(f"slices[{number}].parameters must be a mapping of parameter names to values",
                            ("slices", number, "parameters"))
     return settings
-
-
-def _no_gradient(source: _Source, settings: Any, at: tuple) -> None:
-    """A gradient (a list over layers) is an error when the config has several slices."""
-    if not isinstance(settings, dict):
-        return
-    for name, value in settings.items():
-        entries = value if isinstance(value, list) and all(isinstance(v, dict) for v in value) else [value]
-        for entry in entries:
-            inner = entry.get("value") if isinstance(entry, dict) else entry
-            if isinstance(inner, list) and len(inner) > 1:
-                raise source.error(f"{name}: a gradient over several slices is {_NOT_YET} (mergekit restarts it "
-                                   "at each slice)", at + (name,),
-                                   notes=("give one value, or write one slice per merge",))
 
 
 def _check_range(source: _Source, path: Any, span: list, at: tuple) -> None:

@@ -37,10 +37,12 @@ def _write(merge: _Merge) -> str:
     statements += [(f"{name} = {to_text(value)}", comment) for name, value, comment in out.extra]
     width = max((len(s) for s, _ in statements if len(s) <= _WIDTH), default=0)
     for statement, comment in statements:
-        if len(statement) > _WIDTH:  # a long stack: its comment above, one part per line
+        if len(statement) > _WIDTH or len(f"# {comment}") > _WIDTH:  # a long stack or comment: the comment above
             lines += _comment(comment) if comment else []
-            name, _, _ = statement.partition(" = ")
-            lines.append(_layout(f"{name} = ", _read(next(i for i in reads if i.name == name))))
+            name, _, value = statement.partition(" = ")
+            item = next((i for i in reads if i.name == name), None)
+            lines.append(_layout(f"{name} = ", _read(item)) if item is not None and len(statement) > _WIDTH
+                         else statement)
         else:
             lines.append(f"{statement:<{width}}  # {comment}" if comment else statement)
     lines.append("")
@@ -93,12 +95,32 @@ def _layout(head: str, expr: ast.Expr) -> str:
     widest = max(calls, key=lambda c: len(to_text(c)))
     marker = "__tvlang_call__"
     outer = to_text(_replace(expr, widest, ast.Name(marker)))
-    inner = [to_text(a) + "," for a in widest.args]
-    options = ", ".join(to_text(k) for k in widest.kwargs)
-    if options:
-        inner.append(options + ",")
-    body = f"{widest.func}(\n" + "".join(f"    {part}\n" for part in inner) + ")"
-    return head + outer.replace(marker, body)
+    return head + outer.replace(marker, "\n".join(_broken(widest, 0)))
+
+
+def _lines(expr: ast.Expr, indent: int, prefix: str = "", suffix: str = ",") -> list[str]:
+    """``prefix + expr + suffix`` at ``indent``: one line when it fits, else ``expr`` broken as
+    ``_broken`` breaks it (an argument that is itself too long is broken in turn)."""
+    text = " " * indent + prefix + to_text(expr) + suffix
+    if len(text) <= _WIDTH or not isinstance(expr, (ast.Call, ast.ListExpr)):
+        return [text]
+    lines = _broken(expr, indent)
+    return [" " * indent + prefix + lines[0].lstrip()] + lines[1:-1] + [lines[-1] + suffix]
+
+
+def _broken(expr: ast.Call | ast.ListExpr, indent: int) -> list[str]:
+    """A call or list one argument per line: ``f(`` and ``)`` at ``indent``, the arguments
+    (and the options together, when they fit on a line) four columns further in."""
+    pad, inner = " " * indent, indent + 4
+    if isinstance(expr, ast.ListExpr):
+        return [pad + "["] + [line for item in expr.items for line in _lines(item, inner)] + [pad + "]"]
+    lines = [pad + f"{expr.func}("] + [line for arg in expr.args for line in _lines(arg, inner)]
+    options = ", ".join(to_text(k) for k in expr.kwargs)
+    if expr.kwargs and len(" " * inner + options + ",") <= _WIDTH:
+        lines.append(" " * inner + options + ",")
+    else:
+        lines += [line for k in expr.kwargs for line in _lines(k.value, inner, prefix=f"{k.name}=")]
+    return lines + [pad + ")"]
 
 
 def _terms(expr: ast.Expr) -> list[tuple[str, str]]:
