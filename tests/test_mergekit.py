@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -233,6 +234,39 @@ def test_every_fixture_translates_to_a_checked_recipe_that_reads_the_base_first(
 
 def test_ties_recipe_reads_as_written(workdir):
     assert to_recipe(workdir / "ties.yml") == (FIXTURES / "ties.tv").read_text()
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_the_recipe_fits_the_line_and_loads_only_what_it_uses(workdir, config):
+    recipe = to_recipe(workdir / config.name)
+    code = [line.split("  # ")[0] for line in recipe.splitlines() if not line.startswith("#")]
+    assert all(len(line) <= 96 for line in code), [line for line in code if len(line) > 96]
+    body = "\n".join(line for line in code if " = load" not in line)
+    names = [line.split(" = ")[0] for line in code if " = load" in line]
+    assert all(re.search(rf"\b{name}\b", body) for name in names), names
+
+
+def test_long_della_calls_break_one_option_per_line(workdir):
+    assert to_recipe(workdir / "della_gradient.yml").endswith(
+        "out = base + della(\n"
+        "    ft1 - base,\n"
+        "    ft2 - base,\n"
+        "    density=1,\n"
+        "    epsilon=where(\"*mlp*\", 0.2, 0.1),\n"
+        "    weights=[layers(0.3, 0.9), 0.6],\n"
+        "    merge=\"weighted_mean\",\n"
+        "    rescale_by=\"l1\",\n"
+        ")\n")
+
+
+def test_a_model_read_only_as_plain_numbers_is_not_loaded_as_a_model(workdir):
+    recipe = to_recipe(workdir / "linear_unnormalized_gradient.yml")
+    assert 'load("ft2")' not in recipe
+    assert recipe.split("\n\n")[1] == (
+        'ft1 = load("ft1")            # models[0]: weight layers(0.2, 0.9) (models[0].parameters)\n'
+        'ft1_raw = load_delta("ft1")  # ft1\'s tensors as plain numbers\n'
+        'ft2_raw = load_delta("ft2")  # models[1]: weight where("*mlp*", 0.5, 0.3) (models[1].parameters): read as '
+        'plain numbers')
 
 
 def test_text_input_resolves_paths_from_the_working_directory(workdir, monkeypatch):

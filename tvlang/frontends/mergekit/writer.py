@@ -33,8 +33,17 @@ def _write(merge: _Merge) -> str:
     lines.append("")
 
     reads = sorted(merge.inputs, key=lambda i: (i is not merge.base, merge.inputs.index(i)))
+    # a model read only as plain numbers (linear's normalize: false) is not loaded as a model:
+    # its raw read carries its description
+    used = {n.id for e in [out.expr, *(value for _, value, _ in out.extra)] for n in ast.walk(e)
+            if isinstance(n, ast.Name)}
+    raw = {name for name, _, _ in out.extra}
+    unused = {i.name: i for i in reads if i.name not in used and f"{i.name}_raw" in raw}
+    reads = [i for i in reads if i.name not in unused]
     statements = [(f"{i.name} = {to_text(_read(i))}", _describe(merge, i)) for i in reads]
-    statements += [(f"{name} = {to_text(value)}", comment) for name, value, comment in out.extra]
+    statements += [(f"{name} = {to_text(value)}",
+                    f"{_describe(merge, unused[name[:-4]])}: read as plain numbers" if name[:-4] in unused
+                    and name.endswith("_raw") else comment) for name, value, comment in out.extra]
     width = max((len(s) for s, _ in statements if len(s) <= _WIDTH), default=0)
     for statement, comment in statements:
         if len(statement) > _WIDTH or len(f"# {comment}") > _WIDTH:  # a long stack or comment: the comment above
