@@ -88,22 +88,24 @@ def test_della_chunks_are_cut_at_row_ends(monkeypatch):
     assert chunk_module.chunk_size({0: type("K", (), {"row": 38})()}) is None
 
 
-def test_della_l1_rescale_runs_whole_and_agrees(monkeypatch):
+def test_della_l1_rescale_runs_in_chunks_and_agrees(monkeypatch):
+    """rescale_by="l1" takes a pass for the norms first (more: tests/test_chunk_forms_l1.py)."""
     recipe = "pre + della(a - pre, b - pre, density=0.5, rescale_by=\"l1\", seed=2)"
     b = binds(models(2))
     whole = tvlang.compile(recipe).evaluate(b, allow_unused=True)
     names = chunk_in(monkeypatch, 37)
     chunked = tvlang.compile(recipe).evaluate(b, allow_unused=True)
-    assert names == []
+    assert names == ["emb", "w", "bias"]
     assert all(torch.equal(chunked[n], whole[n]) for n in NAMES)
 
 
 # -- the naive eager DELLA ---------------------------------------------------------------------
 
 def eager_della(deltas, name, *, density, epsilon, seed=0, rescale=True, elect="total", merge="mean",
-                weights=None, lam=1.0):
+                weights=None, lam=1.0, l1=False):
     """DELLA from its definition: per row ranks by a double stable argsort, probabilities,
-    one 32-bit PCG64 word per entry (input i after input i-1's words), TIES merge in float64."""
+    one 32-bit PCG64 word per entry (input i after input i-1's words), TIES merge in float64;
+    ``l1``: each sample's kept entries (unscaled) times the delta's L1 norm over theirs."""
     n = len(deltas)
     numel = deltas[0].numel()
     shape = deltas[0].shape
@@ -118,7 +120,9 @@ def eager_della(deltas, name, *, density, epsilon, seed=0, rescale=True, elect="
         rank = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1, stable=True)
         p = rank.float() * (2 * epsilon / (m - 1)) + (density - epsilon) if m > 1 else torch.full_like(rows, density)
         keep = u < p.double()
-        s = torch.where(keep, rows / p if rescale else rows, torch.zeros_like(rows)).double().reshape(-1)
+        s = torch.where(keep, rows / p if rescale and not l1 else rows, torch.zeros_like(rows)).double().reshape(-1)
+        if l1:
+            s = s * (float(rows.double().abs().sum()) / float(s.abs().sum()))
         samples.append(s)
     w = weights or [1.0] * n
     vals = torch.stack([wi * s for wi, s in zip(w, samples)])
@@ -142,6 +146,10 @@ def test_streamed_della_equals_a_naive_eager_della(monkeypatch):
             dict(density=0.6, epsilon=0.2, seed=3),
         "pre + della_linear(a - pre, b - pre, density=0.5, epsilon=0.1, weights=[0.3, 0.7], lambda=1.5, seed=1)":
             dict(density=0.5, epsilon=0.1, seed=1, elect="none", merge="sum", weights=[0.3, 0.7], lam=1.5),
+        'pre + della(a - pre, b - pre, c - pre, density=0.4, epsilon=0.2, rescale_by="l1", seed=3)':
+            dict(density=0.4, epsilon=0.2, seed=3, l1=True),
+        'pre + della_linear(a - pre, b - pre, density=0.5, epsilon=0.1, rescale_by="l1", weights=[0.3, 0.7])':
+            dict(density=0.5, epsilon=0.1, elect="none", merge="sum", weights=[0.3, 0.7], l1=True),
     }
     chunk_in(monkeypatch, 37)
     for recipe, options in recipes.items():

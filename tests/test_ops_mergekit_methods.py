@@ -269,8 +269,8 @@ def test_ramplus_streamed_equals_the_kernel():
     "pre + ram(a - pre, b - pre, c - pre, epsilon=0.03)",
 ])
 def test_chunked_forms_equal_whole(monkeypatch, recipe):
-    """dare_linear (the dare_ties masks) and ram (element-wise) run in chunks; rescale_by="l1"
-    needs the whole tensor's norms, so those programs run whole: the same results either way."""
+    """dare_linear (the dare_ties masks) and ram (element-wise) run in chunks, rescale_by="l1"
+    with a pass for the norms first: the same results either way."""
     from tvlang.ops import dare as dare_module
     from tvlang.run import chunked as chunk_module
 

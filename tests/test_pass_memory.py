@@ -1,8 +1,9 @@
 """Input pages are unmapped after every pass over a tensor, the passes before the main one
 included (issue 19): a kernel with a pass first (slerp, model_stock, random_like, ties, topk,
-breadcrumbs) and a recipe with whole-model passes (norm/cos, scope="model") never hold more
-than a chunk or two of each input mapped, where they held the whole tensor of every input
-between its first pass and the main pass (private memory growing with the tensor).
+breadcrumbs, rescale_by="l1" of dare, dare_ties and della) and a recipe with whole-model passes
+(norm/cos, scope="model") never hold more than a chunk or two of each input mapped, where they
+held the whole tensor of every input between its first pass and the main pass (private memory
+growing with the tensor; rescale_by="l1" ran on whole tensors).
 
 Measured in the process itself: before each chunk is computed, the resident pages of the
 input files' mappings (their ``Rss`` in /proc/self/smaps).
@@ -61,6 +62,9 @@ def models(tmp_path_factory):
     "pre + breadcrumbs(a - pre, 0.2, gamma=0.01)",
     "pre + cos(a - pre, b - pre)*(a - pre) + norm(b - pre)*(b - pre)",
     'pre + ties(a - pre, b - pre, c - pre, density=0.2, scope="model")',
+    'pre + dare(a - pre, 0.5, rescale_by="l1", seed=1)',
+    'pre + dare_ties(a - pre, b - pre, p=0.5, rescale_by="l1")',
+    'pre + della(a - pre, b - pre, density=0.5, epsilon=0.1, rescale_by="l1")',
 ])
 def test_no_pass_keeps_an_input_tensor_mapped(models, tmp_path, monkeypatch, recipe):
     files = {os.path.realpath(p) for p in models.values()}

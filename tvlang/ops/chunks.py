@@ -10,6 +10,10 @@ numbers are known:
   (:class:`tvlang.ops.dare.Dropper`), so pieces give the same mask;
 - ``dare_ties``: each input's drop has its own bit generator, advanced to where the
   whole-tensor kernel's shared stream would be when it reaches that input;
+- ``rescale_by="l1"`` (``dare``, ``dare_ties``, ``dare_linear``; ``della``'s in its module):
+  one pass first draws the masks and sums each input's L1 norm before and after its drop
+  (:class:`tvlang.ops.dare.L1Norms`, the whole-tensor kernel's block sums), then the main
+  pass draws the same masks again and scales each input's kept entries;
 - ``ties``, ``topk``, ``breadcrumbs``: the per-tensor magnitude thresholds are found
   first, exactly, by a radix select over the chunks in two passes
   (:class:`tvlang.ops.threshold.RadixSelect`), with how many entries tied at each
@@ -50,7 +54,7 @@ import torch
 
 from tvlang.ops.common import ChunkKernel, TieWindow, chunk_form_of, keep_count, scratch
 from tvlang.ops.context import TensorContext
-from tvlang.ops.dare import Dropper, Noise, noise_scale
+from tvlang.ops.dare import Dropper, L1Norms, Noise, noise_scale
 from tvlang.ops.prune import breadcrumb_counts, breadcrumb_windows, model_threshold, trim
 from tvlang.ops.sums import Sums
 from tvlang.ops.threshold import RadixSelect
@@ -123,64 +127,77 @@ def _whole_float64(dtype: torch.dtype) -> bool:
 # -- dare and dare_ties --------------------------------------------------------------
 
 
-class _Dare(ChunkKernel):
-    def __init__(self, ctx: TensorContext, numel: int, p: float, seed: float, rescale: bool,
-                 dtype: torch.dtype) -> None:
-        self.make = lambda: Dropper(p, ctx.bits(seed), rescale, numel, ctx.device, dtype)
-        self.dropper = self.make()
+class _Drops(ChunkKernel):
+    """Each input's DARE drop (input ``i``'s words from where the whole-tensor kernel's shared
+    stream reaches it), then ``merge(parts, out)``. ``l1`` (``rescale_by="l1"``): one pass
+    first draws the same masks and sums each input's L1 norm before and after its drop
+    (:class:`L1Norms`); the main pass draws them again and scales each input's kept entries
+    by its factor, as :func:`tvlang.ops.dare.restore_l1` scales the whole tensor's."""
+
+    def __init__(self, ctx: TensorContext, numel: int, n: int, p: float, seed: float, rescale: bool, l1: bool,
+                 dtype: torch.dtype, merge) -> None:
+        self.args = (ctx, numel, n, p, seed, rescale and not l1, dtype)
+        self.merge = merge
+        self.norms = L1Norms(n) if l1 else None
+        self.passes = 1 if l1 else 0
+        self.factors: list[float | None] = [None] * n
+        self.droppers = self._droppers()
+
+    def _droppers(self) -> list[Dropper]:
+        ctx, numel, n, p, seed, rescale, dtype = self.args
+        droppers = []
+        for i in range(n):
+            bits = ctx.bits(seed)
+            bits.advance(i * Dropper.words(p, numel))  # where the shared stream reaches input i
+            droppers.append(Dropper(p, bits, rescale, numel, ctx.device, dtype))
+        return droppers
 
     def restart(self) -> None:
-        if self.dropper.pos:
-            self.dropper = self.make()
+        if any(d.pos for d in self.droppers):
+            self.droppers = self._droppers()
+
+    def observe(self, pass_index: int, pieces: list[torch.Tensor]) -> None:
+        for i, (d, x) in enumerate(zip(self.droppers, pieces)):
+            self.norms.add(i, x, d.apply(x, scratch("chunks.kept", x)))
+
+    def end_pass(self, pass_index: int) -> None:
+        self.factors = self.norms.factors()
 
     def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
-        self.dropper.apply(pieces[0], out)
+        parts = [d.apply(x, scratch(f"chunks.part{i}", x) if self.merge else out)
+                 for i, (d, x) in enumerate(zip(self.droppers, pieces))]
+        for part, factor in zip(parts, self.factors):
+            if factor is not None:
+                part.mul_(factor)
+        if self.merge:
+            self.merge(parts, out)
+
+
+def _l1(rescale: bool, rescale_by: str) -> bool:
+    return bool(rescale) and rescale_by == "l1"
 
 
 @chunk_form_of("dare")
 def dare_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, p: float, seed: float,
-                rescale: bool, rescale_by: str) -> ChunkKernel | None:
-    if rescale and rescale_by == "l1":
-        return None  # the scale needs the whole tensor's norms
-    return _Dare(ctx, numel, float(p), seed, bool(rescale), dtype)
-
-
-class _DareTies(ChunkKernel):
-    def __init__(self, ctx, numel, n, p, seed, rescale, dtype, merge_options) -> None:
-        self.args = (ctx, numel, n, p, seed, rescale, dtype)
-        self.merge_options = merge_options
-        self.restart()
-
-    def restart(self) -> None:
-        ctx, numel, n, p, seed, rescale, dtype = self.args
-        self.droppers = []
-        for i in range(n):
-            bits = ctx.bits(seed)
-            bits.advance(i * Dropper.words(p, numel))  # where the shared stream reaches input i
-            self.droppers.append(Dropper(p, bits, rescale, numel, ctx.device, dtype))
-
-    def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
-        parts = [d.apply(x, scratch(f"chunks.part{i}", x)) for i, (d, x) in enumerate(zip(self.droppers, pieces))]
-        sign_merge(parts, out=out, **self.merge_options)
+                rescale: bool, rescale_by: str) -> ChunkKernel:
+    return _Drops(ctx, numel, 1, float(p), seed, bool(rescale), _l1(rescale, rescale_by), dtype, None)
 
 
 @chunk_form_of("dare_ties")
 def dare_ties_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, p: float, seed: float,
                      rescale: bool, rescale_by: str, elect: str, merge: str, weights: Sequence[float],
-                     elect_on: str) -> ChunkKernel | None:
-    if rescale and rescale_by == "l1":
-        return None
-    return _DareTies(ctx, numel, n_inputs, float(p), seed, bool(rescale), dtype,
-                     dict(elect=elect, merge=merge, weights=weights, elect_on=elect_on))
+                     elect_on: str) -> ChunkKernel:
+    options = dict(elect=elect, merge=merge, weights=weights, elect_on=elect_on)
+    return _Drops(ctx, numel, n_inputs, float(p), seed, bool(rescale), _l1(rescale, rescale_by), dtype,
+                  lambda parts, out: sign_merge(parts, out=out, **options))
 
 
 @chunk_form_of("dare_linear")
 def dare_linear_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, p: float, seed: float,
-                       rescale: bool, rescale_by: str, merge: str, weights: Sequence[float]) -> ChunkKernel | None:
-    if rescale and rescale_by == "l1":
-        return None
-    return _DareTies(ctx, numel, n_inputs, float(p), seed, bool(rescale), dtype,
-                     dict(elect="none", merge=merge, weights=weights, elect_on="weighted"))
+                       rescale: bool, rescale_by: str, merge: str, weights: Sequence[float]) -> ChunkKernel:
+    options = dict(elect="none", merge=merge, weights=weights, elect_on="weighted")
+    return _Drops(ctx, numel, n_inputs, float(p), seed, bool(rescale), _l1(rescale, rescale_by), dtype,
+                  lambda parts, out: sign_merge(parts, out=out, **options))
 
 
 # -- magnitude pruning: ties, topk, breadcrumbs ------------------------------------------

@@ -26,9 +26,9 @@ import torch
 
 from tvlang.ops.common import fresh, kernel_of
 from tvlang.ops.context import TensorContext
-from tvlang.ops.sums import Sums
+from tvlang.ops.sums import PIECE, BlockSums, Sums
 
-__all__ = ["dare", "random_like", "Noise", "noise_scale", "drop_random", "Dropper", "restore_l1", "L1_EPS"]
+__all__ = ["dare", "random_like", "Noise", "noise_scale", "drop_random", "Dropper", "restore_l1", "L1Norms", "L1_EPS"]
 
 #: mergekit 0.1.5's ``rescaled_masked_tensor`` leaves a tensor unscaled when its L1 norm
 #: before or after the mask is below this
@@ -144,15 +144,49 @@ def drop_random(x: torch.Tensor, p: float, bits, rescale: bool, out: torch.Tenso
     return out
 
 
+class L1Norms:
+    """Each input's L1 norm before and after its drop, and the factor that restores it.
+
+    Summed by :class:`tvlang.ops.sums.BlockSums` (magnitudes in float64 over fixed blocks
+    counted from the tensor's first entry, added exactly): a tensor handed over whole
+    (:func:`restore_l1`) or chunk by chunk (the chunk forms' pass before the main one) gives
+    the same norms, bit for bit, so the same factor.
+    """
+
+    def __init__(self, n_inputs: int) -> None:
+        self.sums = [(BlockSums(False, l1=True), BlockSums(False, l1=True)) for _ in range(n_inputs)]
+
+    def add(self, i: int, x: torch.Tensor, kept: torch.Tensor) -> None:
+        """The next entries of input ``i`` (flat or not) and of its drop ``kept``."""
+        before, after = self.sums[i]
+        before.add("", [x])
+        after.add("", [kept])
+
+    def add_whole(self, i: int, x: torch.Tensor, kept: torch.Tensor) -> None:
+        """A whole input and its drop, :data:`PIECE` entries at a time (no float64 copy of the
+        whole tensor; the same sums as any other cuts)."""
+        flat, flat_kept = x.reshape(-1), kept.reshape(-1)
+        for start in range(0, flat.numel(), PIECE):
+            self.add(i, flat[start:start + PIECE], flat_kept[start:start + PIECE])
+
+    def factors(self) -> list[float | None]:
+        """Per input, ``before / after``, or ``None`` (left unscaled) when either norm is below
+        :data:`L1_EPS`, as mergekit 0.1.5's ``rescaled_masked_tensor``."""
+        out: list[float | None] = []
+        for before, after in self.sums:
+            b, a = before.value(), after.value()
+            out.append(b / a if b >= L1_EPS and a >= L1_EPS else None)
+        return out
+
+
 def restore_l1(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """Scale ``kept`` (``x`` with entries dropped) in place so that its L1 norm is ``x``'s, as
     mergekit 0.1.5 rescales (``rescale: true``); unscaled when either norm is below
-    :data:`L1_EPS`. Norms are summed in float64."""
-    before = float(torch.linalg.vector_norm(x, 1, dtype=torch.float64))
-    after = float(torch.linalg.vector_norm(kept, 1, dtype=torch.float64))
-    if before >= L1_EPS and after >= L1_EPS:
-        kept.mul_(before / after)
-    return kept
+    :data:`L1_EPS`. Norms: :class:`L1Norms`, as the chunk forms'."""
+    norms = L1Norms(1)
+    norms.add_whole(0, x, kept)
+    (factor,) = norms.factors()
+    return kept.mul_(factor) if factor is not None else kept
 
 
 @kernel_of("dare")

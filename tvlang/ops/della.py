@@ -16,8 +16,10 @@ whole, row block by row block, or chunk by chunk keeps the same entries, on ever
 (Before 0.3, ``della`` drew from torch's generator over the whole tensor at once: the same seed
 now keeps other entries.)
 
-``rescale_by="l1"`` scales each input's kept entries together to its L1 norm: that needs the
-whole input's sample, and runs on whole tensors.
+``rescale_by="l1"`` scales each input's kept entries together to its L1 norm: the norms
+before and after sampling are sums over the whole input, so the chunk form (and the
+whole-tensor kernel, over its blocks of rows) first runs one pass that samples every input and
+sums them (:class:`tvlang.ops.dare.L1Norms`), then samples again, the same words, and scales.
 
 >>> from tvlang.ops.context import TensorContext
 >>> x = torch.tensor([[0.1, -0.5, 0.3, 2.0, -1.0]])
@@ -36,7 +38,7 @@ import torch
 
 from tvlang.ops.common import ChunkKernel, chunk_form_of, fresh, kernel_of, scratch
 from tvlang.ops.context import TensorContext
-from tvlang.ops.dare import restore_l1
+from tvlang.ops.dare import L1Norms, restore_l1
 from tvlang.ops.ties import sign_merge
 
 __all__ = ["Magprune", "Words", "della", "della_linear", "della_chunks", "della_linear_chunks", "della_sample",
@@ -116,7 +118,7 @@ class Magprune:
     """MAGPRUNE of one input, whole rows of ``m`` entries at a time, in order (see the module).
 
     ``rescale`` divides a kept entry by its probability; without it kept entries are unchanged
-    (``rescale_by="l1"`` is :func:`della_sample`'s, on a whole tensor).
+    (``rescale_by="l1"`` scales them afterwards: ``_Della``, :func:`della_sample`).
     """
 
     def __init__(self, density: float, epsilon: float, bits, rescale: bool, m: int) -> None:
@@ -159,25 +161,32 @@ def della_sample(x: torch.Tensor, density: float, epsilon: float, bits, rescale:
     return restore_l1(x, out) if l1 and 0.0 < density < 1.0 else out
 
 
-def _blocks(inputs: list[torch.Tensor], out: torch.Tensor, apply, m: int) -> None:
-    """``apply(pieces, out_piece)`` over blocks of whole rows, in order."""
+def _blocks(inputs: list[torch.Tensor], out: torch.Tensor | None, apply, m: int) -> None:
+    """``apply(pieces, out_piece)`` over blocks of whole rows, in order (``out_piece`` ``None``
+    without ``out``)."""
     flats = [x.reshape(-1) for x in inputs]
-    flat_out = out.view(-1)
+    flat_out = out.view(-1) if out is not None else None
     step = max(1, BLOCK // max(m, 1)) * max(m, 1)
-    for start in range(0, flat_out.numel(), step):
+    for start in range(0, flats[0].numel(), step):
         s = slice(start, start + step)
-        apply([f[s] for f in flats], flat_out[s])
+        apply([f[s] for f in flats], flat_out[s] if flat_out is not None else None)
 
 
 class _Della(ChunkKernel):
     """Every input's MAGPRUNE (input ``i``'s words from where input ``i-1``'s end), then the
-    merge and ``lambda``; pieces of whole rows."""
+    merge and ``lambda``; pieces of whole rows. ``l1`` (``rescale_by="l1"``, ``0 < density <
+    1``): a pass first samples every input and sums its L1 norms before and after
+    (:class:`L1Norms`); the main pass samples again and scales each input's kept entries."""
 
     def __init__(self, ctx: TensorContext, numel: int, n: int, m: int, density: float, epsilon: float, seed: float,
-                 rescale: bool, factor: float, merge_options: dict) -> None:
-        self.args = (ctx, numel, n, density, epsilon, seed, rescale)
+                 rescale: bool, factor: float, merge_options: dict, l1: bool = False) -> None:
+        l1 = l1 and 0.0 < density < 1.0
+        self.args = (ctx, numel, n, density, epsilon, seed, rescale and not l1)
         self.row = max(m, 1)
         self.factor, self.merge_options = factor, merge_options
+        self.norms = L1Norms(n) if l1 else None
+        self.passes = 1 if l1 else 0
+        self.scales: list[float | None] = [None] * n
         self.restart()
 
     def restart(self) -> None:
@@ -188,8 +197,18 @@ class _Della(ChunkKernel):
             bits.advance(i * Words.outputs(numel))
             self.samplers.append(Magprune(density, epsilon, bits, rescale, self.row))
 
+    def observe(self, pass_index: int, pieces: list[torch.Tensor]) -> None:
+        for i, (s, x) in enumerate(zip(self.samplers, pieces)):
+            self.norms.add(i, x, s.apply(x, scratch("della.kept", x)))
+
+    def end_pass(self, pass_index: int) -> None:
+        self.scales = self.norms.factors()
+
     def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
         parts = [s.apply(x, scratch(f"della.part{i}", x)) for i, (s, x) in enumerate(zip(self.samplers, pieces))]
+        for part, scale in zip(parts, self.scales):
+            if scale is not None:
+                part.mul_(scale)
         sign_merge(parts, out=out, **self.merge_options)
         if self.factor != 1.0:
             out.mul_(self.factor)
@@ -222,14 +241,12 @@ def della(
                                                                 elect_on, scale)
     first = inputs[0]
     out = fresh(first)
-    if rescale and rescale_by == "l1":  # each input's whole sample first, for its L1 norm
-        bits = ctx.bits(seed)
-        parts = [della_sample(x, density, epsilon, bits, True, scratch(f"della.whole{i}", x), "l1")
-                 for i, x in enumerate(inputs)]
-        _blocks(parts, out, lambda pieces, target: sign_merge(pieces, out=target, **merge_options), 1)
-        return out.mul_(factor) if factor != 1.0 else out
     form = _Della(ctx, first.numel(), len(inputs), row_length(first.shape), density, epsilon, seed, rescale, factor,
-                  merge_options)
+                  merge_options, l1=rescale and rescale_by == "l1")
+    if form.passes:  # rescale_by="l1": every input's norms first, over the same blocks of rows
+        _blocks(inputs, None, lambda pieces, _: form.observe(0, pieces), form.row)
+        form.end_pass(0)
+        form.restart()
     _blocks(inputs, out, form.apply, form.row)
     return out
 
@@ -243,17 +260,16 @@ def della_linear(inputs: list[torch.Tensor], ctx: TensorContext, **options) -> t
 @chunk_form_of("della")
 def della_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, density: float,
                  epsilon: float, seed: float, rescale: bool, rescale_by: str, elect: str, merge: str,
-                 weights: Sequence[float], elect_on: str, **scale: float) -> ChunkKernel | None:
+                 weights: Sequence[float], elect_on: str, **scale: float) -> ChunkKernel:
     """Chunks of whole rows (``ctx.shape``; a tensor of unknown shape is one row)."""
-    if rescale and rescale_by == "l1":
-        return None  # the scale needs each input's whole sample
     density, epsilon, rescale, factor, merge_options = _options(density, epsilon, rescale, elect, merge, weights,
                                                                 elect_on, scale)
     m = row_length(ctx.shape) if ctx.shape is not None else numel
-    return _Della(ctx, numel, n_inputs, m, density, epsilon, seed, rescale, factor, merge_options)
+    return _Della(ctx, numel, n_inputs, m, density, epsilon, seed, rescale, factor, merge_options,
+                  l1=rescale and rescale_by == "l1")
 
 
 @chunk_form_of("della_linear")
 def della_linear_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, **options
-                        ) -> ChunkKernel | None:
+                        ) -> ChunkKernel:
     return della_chunks.__wrapped__(ctx, numel, n_inputs, dtype, elect="none", elect_on="weighted", **options)

@@ -181,21 +181,23 @@ class Blocks:
 
 
 class BlockSums:
-    """An :class:`ExactSum` of float64 sums of ``x**2`` (or of ``x*y``) over blocks of ``BLOCK``
+    """An :class:`ExactSum` of float64 sums of ``x**2`` (or of ``x*y``, or ``|x|``) over blocks of ``BLOCK``
     consecutive entries, counted from each tensor's first entry, whether the tensor is handed
     over whole or in pieces (in order; a new tensor name starts a new tensor).
 
     A block cut by a piece's end is completed from the next piece, so the blocks, and the
     bits, do not depend on the cuts. Squares go through ``vector_norm`` in float64 (no
     overflow for large float32 values); products in float64 (exact for float32 values),
-    a few rows at a time. Not :class:`tvlang.ops.sums.Sums` (the same idea for kernels
+    a few rows at a time; ``l1``: magnitudes, by ``vector_norm`` of order 1 in float64 (the
+    L1 norms of ``rescale_by="l1"``: tvlang/ops/dare.py). Not :class:`tvlang.ops.sums.Sums` (the same idea for kernels
     fed pieces of any length), which converts every entry to float64 before squaring:
     several times slower, and a reduction pass reads the whole model.
     """
 
-    def __init__(self, products: bool) -> None:
+    def __init__(self, products: bool, *, l1: bool = False) -> None:
         self.sum = ExactSum()
         self.products = products
+        self.l1 = l1
         self._name: str | None = None
         self._blocks = Blocks()
 
@@ -223,6 +225,8 @@ class BlockSums:
         if self.products:  # in float64, ROWS rows at a time: exact products of float32 values
             values = torch.cat([torch.sum(rows[0][i:i + ROWS].to(torch.float64).mul_(rows[1][i:i + ROWS]), dim=1)
                                 for i in range(0, rows[0].shape[0], ROWS)])
+        elif self.l1:
+            values = torch.linalg.vector_norm(rows[0], 1, dim=1, dtype=torch.float64)
         else:
             values = torch.linalg.vector_norm(rows[0], dim=1, dtype=torch.float64).square_()
         self.sum.add_all(values.tolist())

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from tvlang.run.session import Session
 
 __all__ = ["CHUNK_ELEMENTS", "CHUNK_MIN", "LinearProgram", "chunk_kernels", "chunk_size", "chunkable",
-           "execute_chunked", "linear_program", "needed_steps", "release_inputs", "run_chunk"]
+           "execute_chunked", "linear_program", "needed_steps", "passes_feed_passes", "release_inputs", "run_chunk"]
 
 CHUNK_MIN = 1 << 18
 CHUNK_ELEMENTS = 1 << 20
@@ -65,20 +65,8 @@ def chunkable(step: Step) -> bool:
 def linear_program(program: TensorProgram) -> LinearProgram | None:
     if not all(chunkable(step) for step in program.steps):
         return None
-    # A kernel that looks at its whole input before its first result (MULTIPASS) cannot
-    # take its input from another one: that one has no result yet while it looks.
-    depends: dict[int, bool] = {}  # slot -> its value depends on a MULTIPASS call
-    for step in program.steps:
-        if STEP_OPS[step.op].effect == "sink":
-            continue
-        upstream = any(depends.get(src, False) for src in step.srcs)
-        if step.op == "call" and step.name in MULTIPASS:
-            if upstream:
-                return None
-            upstream = True
-        if STEP_OPS[step.op].effect == "update":
-            upstream = upstream or depends.get(step.dst, False)
-        depends[step.dst] = upstream
+    if passes_feed_passes(program, lambda index, step: step.name in MULTIPASS):
+        return None
     slot_value: dict[int, int] = {}
     frozen: set[int] = set()  # slots written out: changing them makes a new value
     values: list[int] = []
@@ -101,6 +89,25 @@ def linear_program(program: TensorProgram) -> LinearProgram | None:
             frozen.add(step.srcs[0])
             values.append(value)
     return LinearProgram(values, written, count)
+
+
+def passes_feed_passes(program: TensorProgram, looks_first) -> bool:
+    """Whether a call that looks at its whole input before its first result
+    (``looks_first(index, step)``) takes its input from another such call: that one has no
+    result yet while the first looks, so the program cannot run in chunks."""
+    depends: dict[int, bool] = {}  # slot -> its value depends on a call that looks first
+    for index, step in enumerate(program.steps):
+        if STEP_OPS[step.op].effect == "sink":
+            continue
+        upstream = any(depends.get(src, False) for src in step.srcs)
+        if step.op == "call" and looks_first(index, step):
+            if upstream:
+                return True
+            upstream = True
+        if STEP_OPS[step.op].effect == "update":
+            upstream = upstream or depends.get(step.dst, False)
+        depends[step.dst] = upstream
+    return False
 
 
 def needed_steps(program: TensorProgram, targets: set[int]) -> list[int]:
@@ -275,7 +282,8 @@ def run_chunk(session: "Session", program: TensorProgram, linear: LinearProgram,
 
 def chunk_kernels(session: "Session", program: TensorProgram, name: str) -> dict[int, Any] | None:
     """The chunk forms of a chunkable program's kernel calls for tensor ``name``, by step index;
-    ``None`` when one of them cannot run in chunks with these options (the program then runs whole)."""
+    ``None`` when one of them cannot run in chunks with these options, or when one that asks for
+    passes takes its input from another that does (the program then runs whole)."""
     count = numel(session.layout.infos[name].shape)
     kernels: dict[int, Any] = {}
     for index, step in enumerate(program.steps):
@@ -290,4 +298,8 @@ def chunk_kernels(session: "Session", program: TensorProgram, name: str) -> dict
         else:
             form = Elementwise(kernel(step.name), ctx, options)
         kernels[index] = form
+    # MULTIPASS rows always look first (linear_program); others with some options only
+    # (rescale_by="l1"): their forms say so by their passes
+    if passes_feed_passes(program, lambda index, step: index in kernels and kernels[index].passes > 0):
+        return None
     return kernels if chunk_size(kernels) is not None else None
