@@ -242,3 +242,64 @@ def test_usage_and_lockfile_errors(world, capsys):
     import torch
     with pytest.raises(TvlangError, match="input 'ft' is bound to a dict, which a lockfile cannot pin"):
         write_lockfile(plan, {"pre": "hf:org/base", "ft": {"a.weight": torch.zeros(4, 3)}}, str(world["lock"]))
+
+
+def layered_model(path, seed: int):
+    """A tiny Llama-shaped checkpoint (2 layers): a stack's part needs layer indices."""
+    from tvlang.testing.synth import finetune_like, llama_spec, make_state_dict, write_checkpoint
+
+    spec = {k: v for k, v in llama_spec(8, 2, 16, 12).items() if k != "model.position_ids"}
+    base = make_state_dict(spec, seed=0)
+    write_checkpoint(path, base if seed == 0 else finetune_like(base, seed=seed))
+    return path
+
+
+def test_a_stack_locks_every_part(world, capsys):
+    first = layered_model(world["tmp"] / "local" / "llama-a", 0)
+    second = layered_model(world["tmp"] / "local" / "llama-b", 1)
+    commit = write_repo(world["cache"], "org/llama-a", copy_model(first))
+    recipe = world["tmp"] / "repo" / "stack.tv"
+    recipe.write_text('merged = stack(load("hf:org/llama-a", layers=[0, 2]), load("../local/llama-b", layers=[1, 2]))\n'
+                      "out = merged\n")
+    lock_file = world["tmp"] / "repo" / "stack.tv.lock"
+    assert main(["lock", str(recipe), "-q"]) == 0
+    lock = json.loads(lock_file.read_text())
+
+    def pinned(path) -> dict:
+        return {"sha256": sha256(path), "size": os.path.getsize(path)}
+
+    assert lock == {"format": 1, "inputs": {"merged": {
+        "stack": [{"reference": "hf:org/llama-a", "commit": commit}, {"path": "../local/llama-b"}],
+        "files": {
+            "hf:org/llama-a/model.safetensors": pinned(first / "model.safetensors"),
+            # the output's config.json is the first part's (with the stack's layer count)
+            "hf:org/llama-a/config.json": pinned(first / "config.json"),
+            "../local/llama-b/model.safetensors": pinned(second / "model.safetensors"),
+        }}}}
+    assert main(["check", str(recipe), "--locked", "-q"]) == 0
+    assert capsys.readouterr().out == f"{lock_file} is current: 1 inputs, 3 files\n"
+    out = world["tmp"] / "stacked"
+    assert main(["run", str(recipe), "--locked", "-o", str(out), "-q"]) == 0
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["tvlang.lock"]) == {
+            "merged": {name: entry["sha256"] for name, entry in lock["inputs"]["merged"]["files"].items()}}
+    # the second part's bytes are checked too
+    weights = second / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    assert main(["check", str(recipe), "--locked", "-q"]) == 1
+    assert f"{os.path.normpath(weights)}: sha256 is {sha256(weights)}, the lock says" in capsys.readouterr().err
+    # and the first part's revision
+    weights.write_bytes(bytes(data[:-1] + bytearray([data[-1] ^ 0x01])))
+    moved = write_repo(world["cache"], "org/llama-a", copy_model(second), revision="main")
+    assert main(["check", str(recipe), "--locked", "-q"]) == 1
+    assert (f"input 'merged', part 0: hf:org/llama-a resolves to commit {moved} now, the lock says commit {commit}"
+            " (the revision moved)") in capsys.readouterr().err
+    # a part replaced by another model
+    recipe.write_text(recipe.read_text().replace("llama-b", "llama-c"))
+    layered_model(world["tmp"] / "local" / "llama-c", 2)
+    write_repo(world["cache"], "org/llama-a", copy_model(first), revision="main")
+    assert main(["check", str(recipe), "--locked", "-q"]) == 1
+    assert ("input 'merged', part 1: it is ../local/llama-c, the lock says ../local/llama-b"
+            in capsys.readouterr().err)

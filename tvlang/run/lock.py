@@ -17,8 +17,11 @@ of inputs is a readable diff::
 
 A key is the input's name in ``tvlang.inputs`` (a bound name, or an inline
 ``load("...")`` by its text); a local input has ``"path"`` instead of
-``"reference"``/``"commit"``. An input the optimized plan does not read is listed
-with no files (its bytes do not reach the output).
+``"reference"``/``"commit"``. A ``stack(...)`` of layer ranges has ``"stack"``: each
+part's ``path`` or ``reference``/``commit``, in order; its ``files`` are every part's,
+each named after its part (``PART/FILE``, PART as the part's entry names it). An input
+the optimized plan does not read is listed with no files (its bytes do not reach the
+output).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from tvlang.run.adapters import lora_path
 from tvlang.run.bindings import Bound, bind
 from tvlang.run.outputs import base_model_folder
 from tvlang.run.provenance import recipe_dir, relative
+from tvlang.run.stacked import StackedReader
 
 __all__ = ["FORMAT", "LOCK_SUFFIX", "check_lockfile", "lock_inputs", "lock_path", "read_lock", "verified",
            "verify_lock", "write_lock", "write_lockfile"]
@@ -83,19 +87,48 @@ def _current(bound: Bound, bindings: Mapping[str, Any]) -> dict[str, _Input]:
     model_output = any(plan.output_kind(name) == "model" for name in plan.outputs)
     found: dict[str, _Input] = {}
     for key in plan.unoptimized.sources:
+        spec = plan.unoptimized.sources[key]
         value = _value(plan, key, bindings)
         reader = bound.readers.get(key)
-        if is_reference(value):
-            found[key] = _hub_input(key, value, reader, bound, model_output)
+        copies = key == bound.base and model_output  # an output directory copies its config files
+        if spec.parts:
+            found[key] = _stack_input(key, spec.parts, reader, bound, copies, base_dir)
+        elif isinstance(reader, StackedReader):  # load(..., layers=[START, END]): that model's files
+            found[key] = _one_input(key, value, reader.parts[0][0], bound, copies, base_dir)
         elif isinstance(value, (str, os.PathLike)):
-            found[key] = _local_input(key, os.fspath(value), reader, bound, model_output, base_dir)
+            found[key] = _one_input(key, value, reader, bound, copies, base_dir)
         else:
             raise TvlangError(f"input '{key}' is bound to a {type(value).__name__}, which a lockfile cannot pin:"
                               " bind it to a file, a directory or an hf: reference")
     return found
 
 
-def _hub_input(key: str, text: str, reader: TensorReader | None, bound: Bound, model_output: bool) -> _Input:
+def _one_input(key: str, value: str | os.PathLike, reader: TensorReader | None, bound: Bound, copies: bool,
+               base_dir: str | None) -> _Input:
+    if is_reference(value):
+        return _hub_input(key, os.fspath(value), reader, bound, copies)
+    return _local_input(key, os.fspath(value), reader, bound, copies, base_dir)
+
+
+def _stack_input(key: str, parts: tuple, reader: TensorReader | None, bound: Bound, copies: bool,
+                 base_dir: str | None) -> _Input:
+    """A ``stack(...)``: each part as an input of its own, their files together, named after their part
+    (the base's config files, for a model output, from the first part, as the output takes them)."""
+    entries: list[dict[str, Any]] = []
+    files: dict[str, str] = {}
+    names: dict[str, str] = {}
+    for number, part in enumerate(parts):
+        part_reader = reader.parts[number][0] if isinstance(reader, StackedReader) else None
+        one = _one_input(key, part.path, part_reader, bound, copies and number == 0, base_dir)
+        entries.append(one.entry)
+        prefix = one.entry.get("reference") or one.entry["path"]
+        for name, local in one.files.items():
+            files[f"{prefix}/{name}"] = local
+            names[f"{prefix}/{name}"] = one.shown(name)
+    return _Input(key, {"stack": entries}, files, lambda name: names.get(name, name))
+
+
+def _hub_input(key: str, text: str, reader: TensorReader | None, bound: Bound, copies: bool) -> _Input:
     entry: dict[str, Any] = {"reference": text}
     files: dict[str, str] = {}
     shown = str
@@ -103,7 +136,7 @@ def _hub_input(key: str, text: str, reader: TensorReader | None, bound: Bound, m
     if source is not None:
         entry["commit"] = source.commit
         files = {path: source.local(path) for path in source.files}
-        if key == bound.base and model_output:
+        if copies:
             folder = base_model_folder(bound)
             prefix = f"{source.reference.folder}/" if source.reference.folder else ""
             files.update({prefix + name: os.path.join(folder, name) for name in model_file_names(folder)})
@@ -114,7 +147,7 @@ def _hub_input(key: str, text: str, reader: TensorReader | None, bound: Bound, m
     return _Input(key, entry, files, shown)
 
 
-def _local_input(key: str, path: str, reader: TensorReader | None, bound: Bound, model_output: bool,
+def _local_input(key: str, path: str, reader: TensorReader | None, bound: Bound, copies: bool,
                  base_dir: str | None) -> _Input:
     entry = {"path": relative(path, base_dir) if base_dir is not None else os.path.abspath(path).replace(os.sep, "/")}
     folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
@@ -124,7 +157,7 @@ def _local_input(key: str, path: str, reader: TensorReader | None, bound: Bound,
         for real in reader.paths:
             name = names.get(real) or os.path.relpath(real, os.path.realpath(folder)).replace(os.sep, "/")
             files[name] = real
-        if key == bound.base and model_output:
+        if copies:
             root = base_model_folder(bound)
             files.update({name: os.path.join(root, name) for name in model_file_names(root)})
 
@@ -194,6 +227,9 @@ def read_lock(path: str) -> dict[str, Any]:
                 isinstance(f, dict) and isinstance(f.get("sha256"), str) and isinstance(f.get("size"), int)
                 for f in files.values()):
             raise TvlangError(f"input '{key}' is malformed (each file needs sha256 and size)", filename=path)
+        stack = entry.get("stack", [])
+        if not isinstance(stack, list) or not all(isinstance(p, dict) for p in stack):
+            raise TvlangError(f"input '{key}' is malformed (a stack is a list of parts)", filename=path)
     return lock
 
 
@@ -226,20 +262,30 @@ def verify_lock(bound: Bound, bindings: Mapping[str, Any], path: str, hasher: Ha
 
 
 def _named(entry: Mapping[str, Any]) -> str:
+    if "stack" in entry:
+        return "stack(" + ", ".join(_named(part) for part in entry["stack"]) + ")"
     return entry.get("reference") or entry.get("path") or "?"
 
 
 def _compare_entry(key: str, now: _Input, was: Mapping[str, Any]) -> list[str]:
-    if "reference" in now.entry or "reference" in was:
-        if now.entry.get("reference") != was.get("reference"):
-            return [f"input '{key}': it is {_named(now.entry)}, the lock says {_named(was)}"]
-        if "commit" in now.entry and "commit" in was and now.entry["commit"] != was["commit"]:
-            reference = now.entry["reference"]
-            return [f"input '{key}': {reference} resolves to commit {now.entry['commit']} now, the lock says"
+    if "stack" in now.entry and "stack" in was and len(now.entry["stack"]) == len(was["stack"]):
+        return [problem for number, (part, locked) in enumerate(zip(now.entry["stack"], was["stack"]))
+                for problem in _compare_one(f"input '{key}', part {number}", part, locked)]
+    return _compare_one(f"input '{key}'", now.entry, was)
+
+
+def _compare_one(who: str, now: Mapping[str, Any], was: Mapping[str, Any]) -> list[str]:
+    if "stack" in now or "stack" in was:
+        return [f"{who}: it is {_named(now)}, the lock says {_named(was)}"]
+    if "reference" in now or "reference" in was:
+        if now.get("reference") != was.get("reference"):
+            return [f"{who}: it is {_named(now)}, the lock says {_named(was)}"]
+        if "commit" in now and "commit" in was and now["commit"] != was["commit"]:
+            return [f"{who}: {now['reference']} resolves to commit {now['commit']} now, the lock says"
                     f" commit {was['commit']} (the revision moved)"]
         return []
-    if now.entry.get("path") != was.get("path"):
-        return [f"input '{key}': it is {_named(now.entry)}, the lock says {_named(was)}"]
+    if now.get("path") != was.get("path"):
+        return [f"{who}: it is {_named(now)}, the lock says {_named(was)}"]
     return []
 
 
