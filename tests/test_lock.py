@@ -303,3 +303,16 @@ def test_a_stack_locks_every_part(world, capsys):
     assert main(["check", str(recipe), "--locked", "-q"]) == 1
     assert ("input 'merged', part 1: it is ../local/llama-c, the lock says ../local/llama-b"
             in capsys.readouterr().err)
+
+
+def test_a_layer_range_of_a_hub_model_locks_its_files(world, capsys):
+    first = layered_model(world["tmp"] / "local" / "llama-a", 0)
+    commit = write_repo(world["cache"], "org/llama-a", copy_model(first))
+    recipe = world["tmp"] / "repo" / "range.tv"
+    recipe.write_text('part = load("hf:org/llama-a", layers=[1, 2])\nout = part\n')
+    assert main(["lock", str(recipe), "-q"]) == 0
+    lock = json.loads((world["tmp"] / "repo" / "range.tv.lock").read_text())
+    assert lock["inputs"]["part"] == {"reference": "hf:org/llama-a", "commit": commit, "files": {
+        "model.safetensors": {"sha256": sha256(first / "model.safetensors"),
+                              "size": os.path.getsize(first / "model.safetensors")},
+        "config.json": {"sha256": sha256(first / "config.json"), "size": os.path.getsize(first / "config.json")}}}
