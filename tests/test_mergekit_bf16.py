@@ -47,7 +47,8 @@ NAMES = [c.stem for c in CONFIGS if compare_mode(c) == "exact"]
 # (tvlang/ops/ties.py) accumulates the tally with tally.add_(p, alpha=w), which torch computes
 # as a fused multiply-add (tally + w*p rounded once): the tally is the rounding error of the
 # first product (-5.8e-11 and -2.9e-11), which elects -, so tvlang keeps ft2's entry and
-# mergekit ft1's.
+# mergekit ft1's. The same accounts for 2 of ties' 8 entries (the other 6: equal magnitudes at
+# the density threshold).
 TRIMMING = {
     "bio-merge": 0.002, "breadcrumbs": 0.008, "breadcrumbs_gradient": 0.01, "breadcrumbs_ties": 0.008,
     "della_gradient": 0.002, "sce": 0.005, "ties": 0.004, "ties_gradient": 0.003, "ties_lambda": 0.002,
