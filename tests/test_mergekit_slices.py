@@ -252,6 +252,10 @@ def test_a_gradient_restarts_at_each_slice(workdir):
                 "layer.6": 0.4, "embed": 0.1, "norm": 0.1}
     assert values["ft1_ft2", "weight"] == values["ft2_ft1", "weight"] == expected
     assert ("base", "weight") not in values  # task_arithmetic takes no weight for the base
+    recipe = to_recipe(workdir / "task_arithmetic_gradient_slices.yml")
+    assert "#   where(\"*.layers.4.*\", 0.49999999999999994, where(\"*.layers.5.*\", 0.6, 0.1)))) (per slice:\n" \
+        "#   the source's, the slice's or the global parameters)\nft1_ft2 = stack(\n" in recipe
+    assert "base_model; mergekit ignores it" not in recipe  # no weight note for the base's position
 
 
 def test_a_filter_list_of_gradients_falls_through_per_slice(workdir):

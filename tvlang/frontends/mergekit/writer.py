@@ -78,7 +78,11 @@ def _describe(merge: _Merge, item: _Input) -> str:
     for name, value in item.values.items():
         if name == "scale" and value is None:
             continue
-        by_origin.setdefault(item.origins[name], []).append(f"{name} {_show(value)}")
+        origin = item.origins[name]
+        if item.parts is not None and len(item.parts) > 1:  # several slices: read per slice, then folded
+            origin = origin.replace(f"{item.label}.parameters", "per slice: the source's, the slice's or the "
+                                    "global parameters", 1)
+        by_origin.setdefault(origin, []).append(f"{name} {_show(value)}")
     parts = [f"{', '.join(values)} ({origin})" for origin, values in by_origin.items()]
     return label + (": " + "; ".join(parts) if parts else "")
 
