@@ -21,7 +21,9 @@ fresh process (``harness.measure``: wall time, peak RssAnon, peak private memory
 - the threshold kernels ``ties`` (``pre + ties(a - pre, b - pre, c - pre, density=0.2)``), ``topk``
   (density 0.2), ``breadcrumbs`` (density 0.2, gamma 0.01), ``dare_ties`` (p 0.9), and two
   recipes with whole-model passes first: ``cos`` (``cos`` and ``norm`` coefficients) and
-  ``ties_model`` (``ties`` with ``scope="model"``);
+  ``ties_model`` (``ties`` with ``scope="model"``); mergekit's rescale, a pass for each input's
+  L1 norms first: ``dare_l1`` (``pre + dare(a - pre, 0.5, rescale_by="l1", seed=1)``) and
+  ``della_l1`` (``della`` as above with ``rescale_by="l1"``);
 - each of them again as ``NAME@base`` on the code of ``--baseline-src`` (a checkout of another
   commit: ``git archive COMMIT | tar -x -C DIR``), when given.
 
@@ -57,6 +59,8 @@ RECIPES = {
     "dare_ties": "pre + dare_ties(a - pre, b - pre, c - pre, p=0.9)",
     "cos": "pre + cos(a - pre, b - pre)*(a - pre) + norm(a - pre)/norm(b - pre)*(b - pre)",
     "ties_model": 'pre + ties(a - pre, b - pre, c - pre, density=0.2, scope="model")',
+    "dare_l1": 'pre + dare(a - pre, 0.5, rescale_by="l1", seed=1)',
+    "della_l1": 'pre + della(a - pre, b - pre, density=0.5, epsilon=0.1, rescale_by="l1", seed=1)',
 }
 COLUMNS = 4096
 CHECKED = 1_000_000
