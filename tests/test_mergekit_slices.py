@@ -253,8 +253,14 @@ def test_a_gradient_restarts_at_each_slice(workdir):
     assert values["ft1_ft2", "weight"] == values["ft2_ft1", "weight"] == expected
     assert ("base", "weight") not in values  # task_arithmetic takes no weight for the base
     recipe = to_recipe(workdir / "task_arithmetic_gradient_slices.yml")
-    assert "#   where(\"*.layers.4.*\", 0.49999999999999994, where(\"*.layers.5.*\", 0.6, 0.1)))) (per slice:\n" \
-        "#   the source's, the slice's or the global parameters)\nft1_ft2 = stack(\n" in recipe
+    assert "# models[0]: weight per tensor (see the call below) (per slice: the source's, the slice's or the\n" \
+        "#   global parameters)\nft1_ft2 = stack(\n" in recipe
+    weight = ("        where(\"*.layers.1.* | *.layers.6.*\", 0.4,\n"
+              "        where(\"*.layers.2.*\", -0.4,\n"
+              "        where(\"*.layers.4.*\", 0.49999999999999994,\n"
+              "        where(\"*.layers.5.*\", 0.6,\n"
+              "        0.1)))),\n")
+    assert recipe.endswith(f"    weights=[\n{weight}{weight}    ],\n)\n")
     assert "base_model; mergekit ignores it" not in recipe  # no weight note for the base's position
 
 
@@ -297,19 +303,17 @@ def test_a_slice_s_own_gradient_gives_the_final_norm_its_first_value(workdir):
     text = to_recipe(workdir / "slerp_gradient_slices.yml")
     assert "A gradient or filter list restarts at each slice, as in mergekit" in text
     assert all(len(line) <= 96 for line in text.splitlines())
-    assert text.split("\n\n")[-1].endswith(
+    assert text.split("\n\n")[-1] == (
+        "# t per tensor (see the call below) (parameters): t = 0 gives the base, t = 1 ft1_ft2; linear\n"
+        "#   where a tensor's two values are nearly colinear (|cos| > 0.9995), as mergekit.\n"
         "out = slerp(\n"
         "    base,\n"
         "    ft1_ft2,\n"
-        "    where(\n"
-        "        \"*.layers.0.* | *embed*\",\n"
-        "        where(\"*self_attn*\", 0, where(\"*mlp*\", 1, 0.5)),\n"
-        "        where(\n"
-        "            \"*.layers.1.* | *.layers.2.*\",\n"
-        "            where(\"*self_attn*\", 1, where(\"*mlp*\", 0, 0.5)),\n"
-        "            where(\"*.layers.4.*\", 0.55, where(\"*.layers.5.*\", 0.2, 0.9)),\n"
-        "        ),\n"
-        "    ),\n"
+        "    where(\"*.layers.0.* | *embed*\", where(\"*self_attn*\", 0, where(\"*mlp*\", 1, 0.5)),\n"
+        "    where(\"*.layers.1.* | *.layers.2.*\", where(\"*self_attn*\", 1, where(\"*mlp*\", 0, 0.5)),\n"
+        "    where(\"*.layers.4.*\", 0.55,\n"
+        "    where(\"*.layers.5.*\", 0.2,\n"
+        "    0.9)))),\n"
         ")\n")
 
 

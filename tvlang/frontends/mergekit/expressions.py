@@ -71,3 +71,10 @@ def _show(value: Any) -> str:
     if value is None:
         return "none"
     return to_text(_literal(value))
+
+
+def _brief(value: Any) -> str:
+    """``_show``, but a per-tensor value too long to read in a comment is named, not written: the
+    recipe's call below has it in full."""
+    text = _show(value)
+    return "per tensor (see the call below)" if isinstance(value, PerTensor) and len(text) > 72 else text

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tvlang.frontends.mergekit.expressions import _call, _delta, _literal, _name, _num, _show, _tidy
+from tvlang.frontends.mergekit.expressions import _brief, _call, _delta, _literal, _name, _num, _show, _tidy
 from tvlang.frontends.mergekit.spec import _Method, _Out, _Param
 from tvlang.language import ast
 from tvlang.language.pertensor import PerTensor, representative
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 def _slerp(merge: _Merge) -> _Out:
     other = merge.non_base[0]
     t = merge.shared["t"]
-    note = (f"t {_show(t)} ({merge.shared_origins['t']}): t = 0 gives the base, t = 1 {other.name}; "
+    note = (f"t {_brief(t)} ({merge.shared_origins['t']}): t = 0 gives the base, t = 1 {other.name}; "
             "linear where a tensor's two values are nearly colinear (|cos| > 0.9995), as mergekit.")
     return _Out(_call("slerp", [_name(merge.base.name), _name(other.name), _literal(t)]), [note])
 
@@ -77,7 +77,7 @@ def _nearswap(merge: _Merge) -> _Out:
     t = merge.shared["t"]
     if any(v < 0 for v in _leaves(t)):
         raise merge.source.error(f"nearswap's t must be at least 0, got {_show(t)}", ("parameters", "t"))
-    note = (f"t {_show(t)} ({merge.shared_origins['t']}): entries within t of the base take {other.name}'s "
+    note = (f"t {_brief(t)} ({merge.shared_origins['t']}): entries within t of the base take {other.name}'s "
             f"value, the others move toward it by t/|base - {other.name}|.")
     return _Out(_call("nearswap", [_name(merge.base.name), _name(other.name), _literal(t)]), [note])
 

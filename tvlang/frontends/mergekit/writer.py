@@ -7,7 +7,7 @@ import os
 import textwrap
 from typing import TYPE_CHECKING
 
-from tvlang.frontends.mergekit.expressions import _call, _num, _show
+from tvlang.frontends.mergekit.expressions import _brief, _call, _num
 from tvlang.frontends.mergekit.spec import MERGEKIT_VERSION, _Input
 from tvlang.language import ast
 from tvlang.language.printer import to_text
@@ -82,7 +82,7 @@ def _describe(merge: _Merge, item: _Input) -> str:
         if item.parts is not None and len(item.parts) > 1:  # several slices: read per slice, then folded
             origin = origin.replace(f"{item.label}.parameters", "per slice: the source's, the slice's or the "
                                     "global parameters", 1)
-        by_origin.setdefault(origin, []).append(f"{name} {_show(value)}")
+        by_origin.setdefault(origin, []).append(f"{name} {_brief(value)}")
     parts = [f"{', '.join(values)} ({origin})" for origin, values in by_origin.items()]
     return label + (": " + "; ".join(parts) if parts else "")
 
@@ -117,8 +117,32 @@ def _lines(expr: ast.Expr, indent: int, prefix: str = "", suffix: str = ",") -> 
     text = " " * indent + prefix + to_text(expr) + suffix
     if len(text) <= _WIDTH or not isinstance(expr, (ast.Call, ast.ListExpr)):
         return [text]
-    lines = _broken(expr, indent)
+    lines = _chain(expr, indent) if _is_where(expr) and _is_where(expr.args[2]) else _broken(expr, indent)
     return [" " * indent + prefix + lines[0].lstrip()] + lines[1:-1] + [lines[-1] + suffix]
+
+
+def _is_where(expr: ast.Expr) -> bool:
+    return isinstance(expr, ast.Call) and expr.func == "where" and len(expr.args) == 3 and not expr.kwargs
+
+
+def _chain(expr: ast.Call, indent: int) -> list[str]:
+    """``where(p1, a, where(p2, b, c))`` as a table, one condition a line at ``indent``, as an
+    else-if chain reads: ``where(p1, a,`` / ``where(p2, b,`` / ``c))``; a value too long for its
+    line goes on the lines below its condition, four columns further in."""
+    pad, lines, depth = " " * indent, [], 0
+    node: ast.Expr = expr
+    while _is_where(node):
+        assert isinstance(node, ast.Call)
+        pattern, then, node = node.args
+        line = f"{pad}where({to_text(pattern)}, {to_text(then)},"
+        if len(line) <= _WIDTH:
+            lines.append(line)
+        else:
+            lines.append(f"{pad}where({to_text(pattern)},")
+            lines += _lines(then, indent + 4)
+        depth += 1
+    rest = _lines(node, indent, suffix=")" * depth)
+    return lines + rest
 
 
 def _broken(expr: ast.Call | ast.ListExpr, indent: int) -> list[str]:
