@@ -22,8 +22,10 @@ to the config's directory: save the recipe next to the config. dtype and
 out_dtype become --dtype/--out-dtype of `tvlang run` (a recipe does not carry
 run options; `tvlang run config.yml` applies them itself). A model reference that
 is not a local path is a Hub model id (org/name[@revision]), read as hf:org/name.
-What tvlang cannot express yet (layer stacking, several slices, model+lora, ...) is
-an error at its line. See docs/mergekit.md.
+Layer surgery (slices) becomes stack(...) of layer ranges, gradients and filters
+per-tensor values (layers(...), where(...)). What tvlang cannot express yet
+(model+lora, tokenizer_source: union, modules, ...) is an error at its line. See
+docs/mergekit.md.
 
 examples:
   tvlang import merge.yml
