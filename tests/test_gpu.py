@@ -32,6 +32,8 @@ def _models():
     # dare's masks come from the CPU bit generator on every device: the same entries drop
     "pre + dare(a - pre, 0.5, seed=1) + dare(b - pre, 0.5, seed=2)",
     "pre + dare_ties(a - pre, b - pre, c - pre, p=0.3)",
+    # rescale_by="l1": a pass for the norms (block sums on the device), the same masks again
+    'pre + dare_ties(a - pre, b - pre, p=0.3, rescale_by="l1") + della(c - pre, density=0.5, rescale_by="l1")',
     "topk(a - pre, 0.1) + breadcrumbs(b - pre, 0.3, 0.05)",
 ])
 @pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
