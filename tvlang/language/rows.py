@@ -140,7 +140,8 @@ class Builtin:
       the kernel's result piece by piece (see :mod:`tvlang.ops.registry`), or ``None``.
     - ``elementwise``: the result at an entry depends on that entry of the inputs and on
       the tensor's name only, so the kernel itself runs on each piece.
-    - ``multipass``: the chunk form passes over its whole input before its first result.
+    - ``multipass``: the chunk form passes over its whole input before its first result
+      (with any options; one that does with some options only says so by its ``passes``).
     - ``reductions(options, n_inputs) -> tuple[Reduction, ...]``: the whole-model scalars
       a call needs first (``options`` with defaults filled in), or ``None`` for none.
     - ``rules``: checks the argument metadata cannot state (see ``Rule``).

@@ -23,7 +23,8 @@ here is written by hand, and this module imports no torch. (A row's whole-model
 - ``ELEMENTWISE``: kernels whose result at an entry depends on that entry of the inputs
   and on the tensor's name only: the kernel itself is called on each piece.
 - ``MULTIPASS``: chunk forms that may ask for passes over their whole input before the
-  first result.
+  first result whatever their options. (Others ask with some options only, ``dare``'s
+  ``rescale_by="l1"``: the evaluator also reads each chunk kernel's ``passes``.)
 
 >>> "ties" in CHUNKED, "ties" in MULTIPASS, "select" in ELEMENTWISE, "sce" in CHUNKED
 (True, True, True, False)
