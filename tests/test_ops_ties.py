@@ -91,6 +91,19 @@ def test_elected_sign_zero_picks_plus():
     assert torch.equal(run([[2.0, -3.0], [-2.0, 3.0]], density=1.0, elect="frequency"), T([2.0, 3.0]))
 
 
+def test_weighted_sign_tally_rounds_each_term():
+    """Weighted terms that cancel exactly once each is rounded (0.3*d1 == -0.6*d2 in float32:
+    0.6f is 2*0.3f) sum to 0 and elect +, as mergekit's sum of rounded products does. A fused
+    multiply-add (add_(p, alpha=0.6)) leaves the first product's rounding error instead."""
+    d1 = 2.0**-7 * 1.125  # a bfloat16 task vector entry
+    d2 = -d1 / 2
+    terms = torch.tensor([0.3], dtype=torch.float32) * d1 + torch.tensor([0.6], dtype=torch.float32) * d2
+    assert float(terms) == 0.0  # the rounded products cancel
+    for parts, w in (([d1, d2], [0.3, 0.6]), ([d2, d1], [0.6, 0.3])):
+        got = run([[parts[0]], [parts[1]]], density=1.0, weights=w, merge="weighted_mean")
+        assert float(got) == pytest.approx(d1, rel=1e-6)  # + elected: d1's input alone
+
+
 def test_ties_at_the_threshold_are_broken_by_position():
     # density .25 of 4 keeps k=1; -2 and 2 tie for the largest magnitude: the first stays
     assert torch.equal(run([[1.0, -2.0, 2.0, 0.5]], density=0.25), T([0.0, -2.0, 0.0, 0.0]))

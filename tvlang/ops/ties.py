@@ -89,15 +89,32 @@ def sign_merge(
     # term's factor is 1 they start from it instead, a pass or two fewer, and exactly the same
     # values (tally's zeros elect + whatever their sign; total's first term gets + 0.0).
     if elect == "total":
+        # Each weighted term is rounded before it is added, as mergekit does (w_i * p_i, then
+        # the sum): add_(p, alpha=w) is a fused multiply-add, and where the weighted terms
+        # cancel exactly (0.3*d1 == -0.6*d2 in bfloat16) its tally is the first product's
+        # rounding error, which elects a sign, where the rounded terms sum to 0 and elect +.
         alphas = [wi if elect_on == "weighted" else 1.0 for _, wi, _ in voters]
-        if len(voters) >= 2 and alphas[0] == 1.0:
-            torch.add(voters[0][2], voters[1][2], alpha=alphas[1], out=tally)
-            start = 2
-        else:
+        started = False
+        pending = None  # a first term that is an input itself: added to the second in one pass
+        for alpha, (_, _, p) in zip(alphas, voters):
+            if not started and pending is None:
+                if alpha == 1.0:
+                    pending = p
+                else:
+                    torch.mul(p, alpha, out=tally)
+                    started = True
+                continue
+            term = p if alpha == 1.0 else torch.mul(p, alpha, out=tmp)
+            if pending is not None:
+                torch.add(pending, term, out=tally)
+                pending = None
+                started = True
+            else:
+                tally.add_(term)
+        if pending is not None:
+            tally.copy_(pending)
+        elif not started:
             tally.zero_()
-            start = 0
-        for alpha, (_, _, p) in zip(alphas[start:], voters[start:]):
-            tally.add_(p, alpha=alpha)
     else:
         tally.zero_()
         for si, _, p in voters:
