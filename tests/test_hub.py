@@ -297,3 +297,41 @@ def test_a_mergekit_config_naming_hub_models_imports_and_runs_from_the_cache(hub
     got = load_file(str(out))
     for name in ("a.weight", "b.bias"):
         torch.testing.assert_close(got[name], base[name] + 0.5 * (ft2[name] - base[name]))
+
+
+def test_a_stack_whose_first_part_is_on_the_hub_fetches_its_config(hub, tmp_path, monkeypatch):
+    """A stack's output takes its first part's config.json (with the stack's layer count): when
+    that part is a Hub model, its config is fetched like a Hub base's (it was not: the output
+    had no config.json unless the cache already held one)."""
+    from types import SimpleNamespace
+
+    from test_lock import layered_model
+
+    first = layered_model(tmp_path / "local" / "llama-a", 0)
+    second = layered_model(tmp_path / "local" / "llama-b", 1)
+    files = {name: open(local, "rb").read() for name, local in copy_model(first).items()}
+    commit = write_repo(hub["cache"], "org/llama-a", {"model.safetensors": files["model.safetensors"]})
+    fetched = []
+
+    def model_info(self, repo_id, revision=None, **_):
+        return SimpleNamespace(sha=commit, siblings=[SimpleNamespace(rfilename=f) for f in sorted(files)])
+
+    def download(repo_id, filename, revision=None, local_files_only=False, **_):
+        fetched.append(filename)
+        assert revision == commit
+        if filename != "model.safetensors":  # 'downloaded': written into the cache at the same commit
+            write_repo(hub["cache"], repo_id, {filename: files[filename]}, commit=commit)
+        return real_download(repo_id, filename, revision=revision, local_files_only=True)
+
+    real_download = huggingface_hub.hf_hub_download
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    out = tmp_path / "stacked"
+    tvlang.compile(f'stack(load("hf:org/llama-a", layers=[0, 2]), load({json.dumps(str(second))}, layers=[0, 2]))'
+                   ).run({}, out)
+    assert "config.json" in fetched
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 4  # two layers of each part
+    assert {k: v for k, v in config.items() if k != "num_hidden_layers"} == {
+        k: v for k, v in json.loads(files["config.json"]).items() if k != "num_hidden_layers"}

@@ -202,14 +202,16 @@ def model_files_of(bound: Bound, kind: str, path: Any) -> str | None:
 def base_model_folder(bound: Bound) -> str | None:
     """The base's folder of config and tokenizer files, if it has one.
 
-    A Hub base's files are fetched first (only when asked: an output that copies
-    none, or a task vector, never downloads them).
+    A Hub base's files (a stack's: its first part's) are fetched first (only when asked:
+    an output that copies none, or a task vector, never downloads them).
     """
     base = bound.readers[bound.base]
     if not base.root:
         return None
-    if base.hub is not None:
-        fetch_model_files(base.hub)
+    # a stack's files are its first part's (StackedReader.config_files reads its config.json)
+    source = base.parts[0][0].hub if isinstance(base, StackedReader) else base.hub
+    if source is not None:
+        fetch_model_files(source)
     return base.root
 
 
