@@ -79,6 +79,39 @@ def test_l1_chunks_equal_the_whole_kernel(monkeypatch, recipe, inputs, dtype):
         assert bool(chunked[name].isfinite().all()), name
 
 
+@pytest.mark.parametrize("inputs", ["float32", "bfloat16"])
+@pytest.mark.parametrize("recipe", [r for r in CHUNKED if "della" in r and "density=1.0" not in r])
+def test_della_l1_keep_flags_saved_by_the_pass_equal_drawing_again(monkeypatch, recipe, inputs):
+    """della with rescale_by="l1" keeps its pass's keep flags (a bit per entry) for the main
+    pass instead of ranking and drawing again: the same results, chunked and whole, as with
+    no flags kept (SAVED_BITS_LIMIT 0: every entry ranked and drawn twice)."""
+    from tvlang.ops import della as della_module
+
+    binds = models(2, inputs)
+    results = {}
+    for limit in (della_module.SAVED_BITS_LIMIT, 0):
+        monkeypatch.setattr(della_module, "SAVED_BITS_LIMIT", limit)
+        whole = tvlang.compile(recipe).evaluate(binds, allow_unused=True)
+        with monkeypatch.context() as m:
+            chunk_in(m, ELEMENTS)
+            chunked = tvlang.compile(recipe).evaluate(binds, allow_unused=True)
+        results[limit] = (whole, chunked)
+    kept, again = results[della_module.SAVED_BITS_LIMIT], results[0]
+    for name in SHAPES:
+        for a, b in zip(kept, again):
+            assert torch.equal(a[name], b[name]), name
+    # and the flags are kept at all: the main pass ranks nothing
+    ranked = []
+    real = della_module.rank_order
+    monkeypatch.setattr(della_module, "SAVED_BITS_LIMIT", 64 << 20)
+    monkeypatch.setattr(della_module, "rank_order", lambda rows: ranked.append(rows.shape[0]) or real(rows))
+    chunk_in(monkeypatch, ELEMENTS)
+    tvlang.compile(recipe).evaluate(binds, allow_unused=True)
+    inputs_count = recipe.count(" - pre")
+    rows = {"w": SHAPES["w"][0], "small": SHAPES["small"][0], "v": 1}  # 'v' is one row (run whole)
+    assert sum(ranked) == inputs_count * sum(rows.values())  # each row of each input ranked once
+
+
 def test_l1_chunk_forms_take_a_pass_first(monkeypatch):
     """The pass before the main one observes every chunk of the inputs; without l1 there is none."""
     from tvlang.run import chunked as chunk_module

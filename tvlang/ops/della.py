@@ -46,6 +46,9 @@ __all__ = ["Magprune", "Words", "della", "della_linear", "della_chunks", "della_
 
 #: entries per block when a whole tensor is sampled (whole rows; at least one row)
 BLOCK = 1 << 18
+#: bytes of keep flags (a bit per entry of every input) that ``rescale_by="l1"`` keeps from its
+#: pass for the main pass: a tensor of up to 178 million entries over 3 inputs
+SAVED_BITS_LIMIT = 64 << 20
 
 
 def row_length(shape: Sequence[int]) -> int:
@@ -131,6 +134,20 @@ class Magprune:
             return out.copy_(x)
         if self.density <= 0.0:
             return out.zero_()
+        prob, kept = self._draw(x)
+        rows = x.reshape(prob.shape)
+        flat = out.view(rows.shape)
+        if self.rescale:
+            torch.div(rows, prob, out=flat)
+            return out.mul_(kept.view(out.shape))
+        return torch.mul(rows, kept, out=flat).view(out.shape)
+
+    def kept(self, x: torch.Tensor) -> torch.Tensor:
+        """The next whole rows' keep flags (bool, one row of ``m`` a row), as :meth:`apply` draws
+        them (``0 < density < 1``)."""
+        return self._draw(x)[1]
+
+    def _draw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.m
         rows = x.reshape(-1, m)
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -143,12 +160,7 @@ class Magprune:
             prob = ranks.fill_(self.density)
         u = torch.from_numpy(self.words.next(rows.numel()).astype(numpy.float64)).view(rows.shape)
         u = u.to(x.device).mul_(2.0 ** -32)
-        kept = torch.lt(u, prob)
-        flat = out.view(rows.shape)
-        if self.rescale:
-            torch.div(rows, prob, out=flat)
-            return out.mul_(kept.view(out.shape))
-        return torch.mul(rows, kept, out=flat).view(out.shape)
+        return prob, torch.lt(u, prob)
 
 
 def della_sample(x: torch.Tensor, density: float, epsilon: float, bits, rescale: bool, out: torch.Tensor,
@@ -186,8 +198,19 @@ class _Della(ChunkKernel):
         self.factor, self.merge_options = factor, merge_options
         self.norms = L1Norms(n) if l1 else None
         self.passes = 1 if l1 else 0
+        # l1: the pass keeps each entry's keep flag (one bit) for the main pass, which then
+        # neither ranks (sorts) nor draws again, when the bits of every input take at most
+        # SAVED_BITS_LIMIT bytes; past that it ranks and draws again (the same flags).
+        self.saved = [[] for _ in range(n)] if l1 and n * ((numel + 7) // 8) <= SAVED_BITS_LIMIT else None
         self.scales: list[float | None] = [None] * n
         self.restart()
+
+    def _from_saved(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Input ``i``'s next piece with the flags its pass kept: the same values as
+        ``Magprune.apply`` (``x * kept``; no division: l1 scales afterwards)."""
+        bits = self.saved[i].pop(0)
+        kept = torch.from_numpy(numpy.unpackbits(bits, count=x.numel()).view(numpy.bool_)).to(x.device)
+        return torch.mul(x.reshape(-1), kept, out=scratch(f"della.part{i}", x).view(-1)).view(x.shape)
 
     def restart(self) -> None:
         ctx, numel, n, density, epsilon, seed, rescale = self.args
@@ -199,13 +222,21 @@ class _Della(ChunkKernel):
 
     def observe(self, pass_index: int, pieces: list[torch.Tensor]) -> None:
         for i, (s, x) in enumerate(zip(self.samplers, pieces)):
-            self.norms.add(i, x, s.apply(x, scratch("della.kept", x)))
+            if self.saved is None:
+                self.norms.add(i, x, s.apply(x, scratch("della.kept", x)))
+                continue
+            kept = s.kept(x)
+            self.norms.add(i, x, torch.mul(x.reshape(kept.shape), kept, out=scratch("della.kept", kept, x.dtype)))
+            self.saved[i].append(numpy.packbits(kept.cpu().numpy().reshape(-1)))
 
     def end_pass(self, pass_index: int) -> None:
         self.scales = self.norms.factors()
 
     def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
-        parts = [s.apply(x, scratch(f"della.part{i}", x)) for i, (s, x) in enumerate(zip(self.samplers, pieces))]
+        if self.saved is not None and self.saved[0]:
+            parts = [self._from_saved(i, x) for i, x in enumerate(pieces)]
+        else:
+            parts = [s.apply(x, scratch(f"della.part{i}", x)) for i, (s, x) in enumerate(zip(self.samplers, pieces))]
         for part, scale in zip(parts, self.scales):
             if scale is not None:
                 part.mul_(scale)
