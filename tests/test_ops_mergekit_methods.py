@@ -9,12 +9,13 @@ import torch
 
 import tvlang
 from tvlang.errors import TvlangError
+from tvlang.ops import sce as sce_module
 from tvlang.ops.context import TensorContext
 from tvlang.ops.dare import dare
 from tvlang.ops.della import della, della_linear
 from tvlang.ops.fusion import arcee_fusion
 from tvlang.ops.ram import ram, ramplus_tl
-from tvlang.ops.sce import sce
+from tvlang.ops.sce import sce, variance
 from tvlang.ops.ties import dare_linear, dare_ties
 
 
@@ -41,6 +42,28 @@ def test_sce_hand_computed():
     # ties in the variance: the earlier entry is selected
     x, y = T([1.0, 1.0, 0.0]), T([-1.0, -1.0, 0.0])
     assert torch.equal(sce([x, y], ctx(), select_topk=0.5), T([1.0, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5])
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "float64", "specials"])
+def test_sce_variance_is_torch_var_bit_for_bit(monkeypatch, m, kind):
+    """sce ranks entries by their variance across the inputs, as mergekit does with torch.var:
+    variance() (Welford in float64, block by block) gives the same bits, at block ends too."""
+    monkeypatch.setattr(sce_module, "_BLOCK", 1000)
+    g = torch.Generator().manual_seed(m)
+    tvs = torch.randn(m, 37, 101, generator=g) * 0.01
+    if kind == "bfloat16":
+        tvs = tvs.bfloat16().float()  # many equal values and exact cancellations
+    elif kind == "float64":
+        tvs = tvs.double()
+    elif kind == "specials":
+        tvs[:, 0, :4] = torch.tensor([0.0, -0.0, 1e30, -1e-30])
+        tvs[0, 1, :3] = torch.tensor([float("inf"), float("nan"), -float("inf")])
+    got = variance(tvs)
+    expected = torch.var(tvs, dim=0, unbiased=False)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0))
+    assert torch.equal(got.isnan(), expected.isnan())
 
 
 def test_sce_edge_cases():
