@@ -66,6 +66,65 @@ def test_sce_variance_is_torch_var_bit_for_bit(monkeypatch, m, kind):
     assert torch.equal(got.isnan(), expected.isnan())
 
 
+SCE_CHUNKED = [
+    "sce(a - pre, b - pre, c - pre, select_topk=0.3)",
+    'sce(a - pre, b - pre, select_topk=0.5, count="mergekit")',
+    "sce(a - pre, b - pre, c - pre)",  # select_topk 1: no selection, the squares' pass only
+    "sce(a - pre, b - pre, select_topk=0.0)",
+    "pre + sce(a - pre, 2*(b - pre), select_topk=0.01)",
+]
+
+
+@pytest.mark.parametrize("inputs", ["float32", "bfloat16"])
+@pytest.mark.parametrize("recipe", SCE_CHUNKED)
+def test_sce_chunks_equal_the_whole_kernel(monkeypatch, recipe, inputs):
+    """sce in chunks (a radix select of the variances, the squares' block sums, then the merge)
+    equals the whole-tensor kernel bit for bit, with chunk ends inside rows and, on bf16 values
+    (quarter steps), many variances tied at the threshold."""
+    from chunking import chunk_in
+
+    g = torch.Generator().manual_seed(7)
+    shapes = {"w": (413, 97), "v": (5000,)}
+    binds = {}
+    for name in ("pre", "a", "b", "c"):
+        m = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+        if inputs == "bfloat16":
+            m = {k: torch.round(t * 4) / 4 for k, t in m.items()}
+        binds[name] = m
+    whole = tvlang.compile(recipe).evaluate(binds, allow_unused=True)
+    names = chunk_in(monkeypatch, 10007)
+    chunked = tvlang.compile(recipe).evaluate(binds, allow_unused=True)
+    assert "w" in names
+    for k in shapes:
+        assert torch.equal(chunked[k], whole[k]), k
+
+
+def test_sce_chunks_select_exactly_k_entries():
+    """Exactly k entries are selected (the tied ones first by position), against a naive sort."""
+    from tvlang.ops.sce import SceChunks
+
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.round(torch.randn(3001, generator=g) * 2) / 2 for _ in range(3)]
+    form = SceChunks(3, 3001, 0.2, "floor")
+    cuts = [0, 1000, 1999, 3001]
+    for p in range(form.passes):
+        for lo, hi in zip(cuts, cuts[1:]):
+            form.observe(p, [x[lo:hi] for x in xs])
+        form.end_pass(p)
+    form.restart()
+    var = torch.var(torch.stack(xs), dim=0, unbiased=False)
+    from tvlang.ops.common import keep_count
+
+    k = keep_count(0.2, int(torch.count_nonzero(var)))
+    kth = float(var.sort(descending=True).values[k - 1])
+    assert int((var > kth).sum()) < k < int((var >= kth).sum())  # the k-th is tied: some tied entries left out
+    order = sorted(range(3001), key=lambda i: (-float(var[i]), i))  # largest first, ties by position
+    expected = torch.zeros(3001, dtype=torch.bool)
+    expected[order[:k]] = True
+    got = torch.cat([form._selected(torch.stack([x[lo:hi] for x in xs]))[0] != 0 for lo, hi in zip(cuts, cuts[1:])])
+    assert torch.equal(got, expected & (xs[0] != 0))
+
+
 def test_sce_edge_cases():
     z = torch.zeros(3)
     assert torch.equal(sce([z, z], ctx(), select_topk=0.5), z)

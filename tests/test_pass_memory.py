@@ -65,6 +65,7 @@ def models(tmp_path_factory):
     'pre + dare(a - pre, 0.5, rescale_by="l1", seed=1)',
     'pre + dare_ties(a - pre, b - pre, p=0.5, rescale_by="l1")',
     'pre + della(a - pre, b - pre, density=0.5, epsilon=0.1, rescale_by="l1")',
+    "pre + sce(a - pre, b - pre, c - pre, select_topk=0.1)",
 ])
 def test_no_pass_keeps_an_input_tensor_mapped(models, tmp_path, monkeypatch, recipe):
     files = {os.path.realpath(p) for p in models.values()}

@@ -254,6 +254,8 @@ OPERATORS = (
                 "weights from each input's mean square",
         reference="Wan et al. 2024 (FuseChat, arXiv:2408.07990); mergekit 0.1.5 sce",
         kernel="tvlang.ops.sce:sce",
+        chunk_form="tvlang.ops.sce:sce_chunks",
+        multipass=True,
     ),
     Builtin(
         "ram",

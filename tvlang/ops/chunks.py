@@ -27,7 +27,8 @@ numbers are known:
   again from the same stream and scaled.
 
 Beside their kernels: ``della``/``della_linear`` (tvlang/ops/della.py: chunks of whole
-rows), ``slerp`` and ``model_stock`` (a pass for norms and dot products), the Gram merges.
+rows), ``slerp`` and ``model_stock`` (a pass for norms and dot products), the Gram merges,
+``sce`` (a radix select of the variances, then a pass for the squares).
 
 The protocol (tvlang/ops/registry.py): ``CHUNKED[name](ctx, numel, n_inputs, dtype,
 **options)`` returns a chunk kernel, or ``None`` where the options need the whole

@@ -90,6 +90,12 @@ class RadixSelect:
         self._wanted[k] = (high, rank)
         self._lows.setdefault(high, torch.zeros(_BINS, dtype=torch.int64))
 
+    def bin_bounds(self, k: int) -> tuple[float, float]:
+        """After ``want(k)``: the magnitudes ``[lo, hi)`` of the bin holding the k-th largest
+        (``|x| >= hi`` ranks above it, ``|x| < lo`` below; ``hi`` is ``inf`` for the top finite bin)."""
+        high, _ = self._wanted[k]
+        return bits_to_float(high << 16), bits_to_float((high + 1) << 16)
+
     def value(self, k: int) -> float:
         high, rank = self._wanted[k]
         low, _ = _pick_bin(self._lows[high], rank)
