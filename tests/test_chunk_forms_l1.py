@@ -139,6 +139,7 @@ def test_l1_chunk_forms_take_a_pass_first(monkeypatch):
     'pre + dare(ties(a - pre, b - pre, density=0.5), 0.3, rescale_by="l1")',
     'pre + ties(dare(a - pre, 0.3, rescale_by="l1"), b - pre, density=0.5)',
     'pre + dare(della(a - pre, density=0.5, rescale_by="l1"), 0.3, rescale_by="l1")',
+    "pre + ties(topk(a - pre, 0.5), b - pre, density=0.5)",
 ])
 def test_a_pass_that_would_need_another_passes_results_runs_whole(monkeypatch, recipe):
     """A kernel that looks at its whole input first cannot take it from another such kernel
@@ -148,6 +149,25 @@ def test_a_pass_that_would_need_another_passes_results_runs_whole(monkeypatch, r
     names = chunk_in(monkeypatch, ELEMENTS)
     chunked = tvlang.compile(recipe).evaluate(binds, allow_unused=True)
     assert names == []
+    for name in SHAPES:
+        assert torch.equal(chunked[name], whole[name]), name
+
+
+@pytest.mark.parametrize("recipe", [
+    # mergekit's breadcrumbs_ties, as tvlang import writes it: ties at density 1 has no pass
+    "pre + ties(breadcrumbs(a - pre, 0.8, gamma=0.05), breadcrumbs(b - pre, 0.8, gamma=0.05), density=1,"
+    " merge=\"sum\")",
+    'pre + dare(ties(a - pre, b - pre, density=1), 0.3, rescale_by="l1")',
+])
+def test_a_kernel_without_a_pass_with_these_options_takes_anothers_results_in_chunks(monkeypatch, recipe):
+    """What decides is whether a form looks first with the options given (its passes), not its
+    name: ties at density 1 keeps everything and looks at nothing first, so it can take the
+    results of a kernel that does, and the tensors run in chunks, with the same results."""
+    binds = models(4)
+    whole = tvlang.compile(recipe).evaluate(binds, allow_unused=True)
+    names = chunk_in(monkeypatch, ELEMENTS)
+    chunked = tvlang.compile(recipe).evaluate(binds, allow_unused=True)
+    assert names == ["w", "v", "small"]
     for name in SHAPES:
         assert torch.equal(chunked[name], whole[name]), name
 

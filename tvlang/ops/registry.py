@@ -22,9 +22,10 @@ here is written by hand, and this module imports no torch. (A row's whole-model
   ``apply(pieces, out_piece)`` (the results, pieces in order).
 - ``ELEMENTWISE``: kernels whose result at an entry depends on that entry of the inputs
   and on the tensor's name only: the kernel itself is called on each piece.
-- ``MULTIPASS``: chunk forms that may ask for passes over their whole input before the
-  first result whatever their options. (Others ask with some options only, ``dare``'s
-  ``rescale_by="l1"``: the evaluator also reads each chunk kernel's ``passes``.)
+- ``MULTIPASS``: chunk forms that ask for passes over their whole input before the first
+  result with most options (``ties`` at density 1 asks for none; ``dare`` asks with
+  ``rescale_by="l1"`` only and is not listed): what the evaluator reads is each chunk
+  kernel's ``passes``, with the options given.
 
 >>> "ties" in CHUNKED, "ties" in MULTIPASS, "select" in ELEMENTWISE, "ramplus_tl" in CHUNKED
 (True, True, True, False)

@@ -24,7 +24,7 @@ import torch
 from tvlang.io import release
 from tvlang.ops.chunks import Elementwise
 from tvlang.ops.pertensor import resolve_options
-from tvlang.ops.registry import CHUNKED, ELEMENTWISE, MULTIPASS
+from tvlang.ops.registry import CHUNKED, ELEMENTWISE
 from tvlang.plan.schedule import STEP_OPS, Step, TensorProgram, resolve_coef
 from tvlang.run.steps import ARITHMETIC, kernel, numel
 
@@ -64,8 +64,6 @@ def chunkable(step: Step) -> bool:
 
 def linear_program(program: TensorProgram) -> LinearProgram | None:
     if not all(chunkable(step) for step in program.steps):
-        return None
-    if passes_feed_passes(program, lambda index, step: step.name in MULTIPASS):
         return None
     slot_value: dict[int, int] = {}
     frozen: set[int] = set()  # slots written out: changing them makes a new value
@@ -298,8 +296,9 @@ def chunk_kernels(session: "Session", program: TensorProgram, name: str) -> dict
         else:
             form = Elementwise(kernel(step.name), ctx, options)
         kernels[index] = form
-    # MULTIPASS rows always look first (linear_program); others with some options only
-    # (rescale_by="l1"): their forms say so by their passes
+    # A form that looks at its whole input first says so by its passes, with these options:
+    # ties with density 1 has none (mergekit's breadcrumbs_ties: ties(breadcrumbs(...),
+    # density=1) runs in chunks), dare has one with rescale_by="l1" only
     if passes_feed_passes(program, lambda index, step: index in kernels and kernels[index].passes > 0):
         return None
     return kernels if chunk_size(kernels) is not None else None
