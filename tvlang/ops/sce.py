@@ -140,13 +140,13 @@ def _erase(tvs: torch.Tensor, weights: list[float], out: torch.Tensor) -> torch.
 
 
 class SceChunks(ChunkKernel):
-    """``sce`` chunk by chunk. With ``0 < select_topk < 1``, passes 0 and 1 find the k-th largest
-    variance exactly (:class:`RadixSelect` over the variances of the chunks, ``k`` from the
-    count of nonzero variances at the end of pass 0) and how many entries tied at it the top
-    ``k`` hold. Pass 1 also keeps, per chunk, a bit for each entry whose variance is above the
-    threshold's radix bin and the positions and variances of the entries inside it (a few per
-    mille), so the selection (the first tied entries in flat order) is known after it without
-    computing a variance again: the last pass before the results sums each selected input's
+    """``sce`` chunk by chunk. With ``0 < select_topk < 1``, pass 0 finds the radix bin of the
+    k-th largest variance (the high 16 bits' histogram of :class:`RadixSelect`, ``k`` from the
+    count of nonzero variances at the end of the pass). Pass 1 keeps, per chunk, a bit for each
+    entry whose variance is above that bin and the positions and variances of the entries inside
+    it (a few per mille); after it the k-th largest is the right one of those variances, and the
+    selection (the first tied entries in flat order) is known without computing a variance
+    again: the last pass before the results sums each selected input's
     squares (the whole kernel's block sums), then each chunk is selected and merged. Memory:
     a bit per entry of the tensor. The same selection, weights and results as :func:`sce`."""
 
@@ -155,7 +155,7 @@ class SceChunks(ChunkKernel):
         self.selecting = 0.0 < self.select_topk < 1.0
         self.passes = 3 if self.selecting else 1
         self.radix = RadixSelect() if self.selecting else None
-        self.nonzero = self.k = 0
+        self.nonzero = self.k = self.above = 0  # above: entries ranked above the bin (NaN included)
         self.bounds: tuple[float, float] | None = None  # the threshold's bin
         # per chunk of pass 1: (bits of the entries above the bin, positions and values inside it)
         self.chunks: list[tuple[numpy.ndarray, torch.Tensor, torch.Tensor]] = []
@@ -173,7 +173,10 @@ class SceChunks(ChunkKernel):
             elif self.k:
                 lo, hi = self.bounds
                 inside = torch.nonzero((var >= lo) & (var < hi)).view(-1)
-                self.chunks.append((numpy.packbits((var >= hi).cpu().numpy()), inside.cpu(), var[inside].cpu()))
+                higher = var >= hi
+                self.above += int(higher.sum()) + int(var.isnan().sum())  # the radix ranks NaN above inf
+                self.chunks.append((numpy.packbits(higher.cpu().numpy()), inside.cpu(), var[inside].cpu()))
+                return
             self.radix.update(pass_index, var)
             return
         for sums, tv in zip(self.squares, self._selected(tvs)):
@@ -194,8 +197,10 @@ class SceChunks(ChunkKernel):
     def _select(self) -> None:
         """The selection's bits per chunk: above the bin, or inside it and above the threshold,
         or tied at it and among the first ``need`` tied ones (flat order)."""
-        t = self.radix.value(self.k)
-        need, _ = self.radix.tied(self.k)
+        rank = self.k - self.above  # the k-th largest's rank among the variances inside the bin
+        inside_values = torch.cat([values for _, _, values in self.chunks])
+        t = float(inside_values.sort(descending=True).values[rank - 1])
+        need = rank - int((inside_values > t).sum())  # of the entries tied at t, the top k hold these
         seen = 0
         for above, inside, values in self.chunks:
             keep = values > t
