@@ -221,13 +221,11 @@ class _Della(ChunkKernel):
             self.samplers.append(Magprune(density, epsilon, bits, rescale, self.row))
 
     def observe(self, pass_index: int, pieces: list[torch.Tensor]) -> None:
-        for i, (s, x) in enumerate(zip(self.samplers, pieces)):
-            if self.saved is None:
-                self.norms.add(i, x, s.apply(x, scratch("della.kept", x)))
-                continue
+        for i, (s, x) in enumerate(zip(self.samplers, pieces)):  # (0 < density < 1 here)
             kept = s.kept(x)
             self.norms.add(i, x, torch.mul(x.reshape(kept.shape), kept, out=scratch("della.kept", kept, x.dtype)))
-            self.saved[i].append(numpy.packbits(kept.cpu().numpy().reshape(-1)))
+            if self.saved is not None:
+                self.saved[i].append(numpy.packbits(kept.cpu().numpy().reshape(-1)))
 
     def end_pass(self, pass_index: int) -> None:
         self.scales = self.norms.factors()
