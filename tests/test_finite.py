@@ -110,7 +110,10 @@ def test_allow_nonfinite_writes_them(chunking):
 
 def test_finite_values_that_overflow_a_float32_sum_pass():
     big = torch.full((1000,), 3e38)
-    assert first_nonfinite(big) is None  # the sum overflows float32, not the check (float64)
+    assert first_nonfinite(big) is None  # the float32 sum overflows; the search finds no bad entry
+    # half-precision values are summed in float32: 100 * 60000 does not overflow it
+    assert first_nonfinite(torch.full((100,), 60000.0, dtype=torch.float16)) is None
+    assert first_nonfinite(torch.tensor([1.0, 2.0, float("nan")], dtype=torch.bfloat16)) == 2
     assert first_nonfinite(torch.tensor([1.0, float("-inf"), 2.0])) == 1
     assert first_nonfinite(torch.tensor([1, 2])) is None
 

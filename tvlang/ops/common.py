@@ -345,6 +345,7 @@ def bits_to_float(pattern: int) -> float:
     return struct.unpack("<f", struct.pack("<I", pattern))[0]
 
 
+@functools.lru_cache(maxsize=256)  # chunk forms ask for the same threshold once per piece
 def below(value: float, dtype: torch.dtype) -> float:
     """The largest ``dtype`` number smaller than ``value`` (for strict comparisons)."""
     t = torch.tensor(value, dtype=dtype)

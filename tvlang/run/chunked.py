@@ -32,10 +32,14 @@ if TYPE_CHECKING:
     from tvlang.run.session import Session
 
 __all__ = ["CHUNK_ELEMENTS", "CHUNK_MIN", "LinearProgram", "chunk_kernels", "chunk_size", "chunkable",
-           "execute_chunked", "linear_program", "needed_steps", "passes_feed_passes", "release_inputs", "run_chunk"]
+           "execute_chunked", "linear_program", "needed_steps", "passes_feed_passes", "release_inputs", "run_chunk",
+           "sample_ranges", "take_sample"]
 
 CHUNK_MIN = 1 << 18
 CHUNK_ELEMENTS = 1 << 20
+# The sample a kernel may take before its passes (``take_sample``): 16 runs of 1024 entries.
+SAMPLE_BLOCKS = 16
+SAMPLE_BLOCK = 1 << 12
 
 
 @dataclass
@@ -154,15 +158,20 @@ def execute_chunked(session: "Session", program: TensorProgram, linear: LinearPr
     flat = {key: tensor.reshape(-1) for key, tensor in raw.items()}
     everything = list(range(len(program.steps)))
     size = chunk_size(kernels)
-    passes = max((k.passes for k in kernels.values()), default=0)
+    sampling = {i for i, k in kernels.items() if getattr(k, "sampling", False)}
+    if sampling:
+        take_sample(session, program, linear, coefs, flat, raw, kernels, sampling, count)
     # Passes before the main one write nothing: the writer's core is free for compute
     # (ties over 1.5 GB checkpoints: about 7 % faster than on one thread).
     previous_threads = torch.get_num_threads()
-    if passes and session.device.type == "cpu":
+    if any(k.passes for k in kernels.values()) and session.device.type == "cpu":
         torch.set_num_threads(max(previous_threads, os.cpu_count() or 1))
     try:
-        for pass_index in range(passes):
+        pass_index = 0
+        while True:  # a kernel may ask for more passes at the end of one (a threshold window missed)
             observing = {i for i, k in kernels.items() if k.passes > pass_index}
+            if not observing:
+                break
             for index, form in kernels.items():
                 if index not in observing:
                     form.restart()
@@ -174,6 +183,7 @@ def execute_chunked(session: "Session", program: TensorProgram, linear: LinearPr
                 release_inputs(raw, start, stop)
             for index in observing:
                 kernels[index].end_pass(pass_index)
+            pass_index += 1
     finally:
         torch.set_num_threads(previous_threads)
     for form in kernels.values():
@@ -197,6 +207,35 @@ def execute_chunked(session: "Session", program: TensorProgram, linear: LinearPr
     if not pieces:
         for output, tensor in outputs.items():
             yield output, tensor.view(info.shape)
+
+
+def sample_ranges(count: int) -> list[tuple[int, int]]:
+    """``SAMPLE_BLOCKS`` runs of ``SAMPLE_BLOCK`` entries spread evenly over ``count`` (the first
+    at the start, the last at the end), or the whole tensor when it is not larger than them."""
+    if count <= SAMPLE_BLOCKS * SAMPLE_BLOCK:
+        return [(0, count)]
+    span = count - SAMPLE_BLOCK
+    starts = [i * span // (SAMPLE_BLOCKS - 1) for i in range(SAMPLE_BLOCKS)]
+    return [(start, start + SAMPLE_BLOCK) for start in starts]
+
+
+def take_sample(session: "Session", program: TensorProgram, linear: LinearProgram, coefs: list, flat, raw,
+                kernels: dict[int, Any], sampling: set[int], count: int) -> None:
+    """Hand the kernels in ``sampling`` (``sample(pieces)``, then ``end_sample()``) their inputs
+    over ``sample_ranges``: a kernel that guesses from a sample where its passes will find what
+    it looks for (a threshold window) may need fewer of them. Only where their inputs are
+    linear arithmetic of the inputs read: another kernel on the way (``dare``'s draws, ``della``'s
+    rows) expects its pieces in order, and the kernels then get an empty sample."""
+    steps = needed_steps(program, sampling)
+    if all(program.steps[index].op != "call" or index in sampling for index in steps):
+        pieces = [(at, min(stop, at + CHUNK_ELEMENTS)) for start, stop in sample_ranges(count)
+                  for at in range(start, stop, CHUNK_ELEMENTS)]
+        for start, stop in pieces:
+            run_chunk(session, program, linear, steps, coefs, flat, kernels, start, stop,
+                      observing=sampling, sampling=True)
+            release_inputs(raw, start, stop)
+    for index in sampling:
+        kernels[index].end_sample()
 
 
 def release_inputs(raw: dict[str, torch.Tensor], start: int, stop: int) -> None:
@@ -223,12 +262,12 @@ def chunk_size(kernels: dict[int, Any]) -> int | None:
 def run_chunk(session: "Session", program: TensorProgram, linear: LinearProgram, steps: list[int], coefs: list,
               flat, kernels, start: int, stop: int, *, outputs: dict[str, torch.Tensor] | None = None,
               direct: bool = False, observing: set[int] = frozenset(), pass_index: int = 0, feed=None,
-              name: str = "") -> None:
+              name: str = "", sampling: bool = False) -> None:
     """Run ``steps`` (indices into the program) over entries ``start:stop``.
 
     Results are written into ``outputs`` (pieces of the output buffers); with
     ``direct`` a value that is written out is computed in its output piece.
-    Calls in ``observing`` are fed their inputs (``observe``) instead of run;
+    Calls in ``observing`` are fed their inputs (``observe``, or ``sample`` with ``sampling``) instead of run;
     ``feed`` steps hand their values to ``feed(task, pieces, name)``.
     """
     def storage(value: int) -> torch.Tensor:
@@ -262,7 +301,9 @@ def run_chunk(session: "Session", program: TensorProgram, linear: LinearProgram,
             slots[step.dst] = (result, True)
         elif op == "call":
             pieces = [slots[s][0] for s in step.srcs]
-            if index in observing:
+            if index in observing and sampling:
+                kernels[index].sample(pieces)
+            elif index in observing:
                 kernels[index].observe(pass_index, pieces)
             else:
                 target = storage(value)

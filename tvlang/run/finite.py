@@ -6,8 +6,10 @@ written with exit 0 (``pre + 1e200*(1e200*(ft - pre))``), one NaN in an input
 spreading through ``norm()`` to every entry, or a float16 output that overflows to
 ``inf`` are refused, naming the output, the tensor and the first index. The check
 is a sum (finite values have a finite sum, and one NaN or infinity makes it
-non-finite), accumulated in float64 so that large finite values do not overflow it;
-only a non-finite sum pays for locating the first bad entry.
+non-finite), accumulated in float32 (float64 for float64 values): large finite values
+may overflow it, and then the search for the first bad entry finds none and the
+values pass; only a non-finite sum pays for that search. (Accumulating float32 values
+in float64 took 1.3 ms per 2^20 entries on this 2-core machine, in float32 0.06 ms.)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def first_nonfinite(tensor: torch.Tensor) -> int | None:
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return None
     flat = tensor.reshape(-1)
-    if torch.isfinite(flat.sum(dtype=torch.float64)):
+    if torch.isfinite(flat.sum(dtype=torch.float64 if flat.dtype == torch.float64 else torch.float32)):
         return None
     bad = torch.nonzero(~torch.isfinite(flat))
     return int(bad[0]) if bad.numel() else None
