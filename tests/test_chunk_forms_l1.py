@@ -112,6 +112,40 @@ def test_della_l1_keep_flags_saved_by_the_pass_equal_drawing_again(monkeypatch, 
     assert sum(ranked) == inputs_count * sum(rows.values())  # each row of each input ranked once
 
 
+@pytest.mark.parametrize("inputs", ["float32", "bfloat16", "float64"])
+@pytest.mark.parametrize("recipe", [r for r in CHUNKED if "dare" in r])
+def test_dare_l1_keep_flags_saved_by_the_pass_equal_drawing_again(monkeypatch, recipe, inputs):
+    """dare, dare_ties and dare_linear with rescale_by="l1" keep the pass's keep flags (a bit
+    per entry) for the main pass instead of drawing the masks again: the same results as with
+    no flags kept (SAVED_BITS_LIMIT 0) and as the whole kernel, and the main pass draws no words."""
+    from tvlang.ops import chunks as chunks_module
+
+    binds = models(3, inputs)
+    whole = tvlang.compile(recipe).evaluate(binds, allow_unused=True)
+    results, draws = {}, {}
+    kept = chunks_module.SAVED_BITS_LIMIT
+    for limit in (kept, 0):
+        monkeypatch.setattr(chunks_module, "SAVED_BITS_LIMIT", limit)
+        drawn = []
+        real = dare_module.Dropper._draw
+        with monkeypatch.context() as m:
+            m.setattr(dare_module.Dropper, "_draw", lambda self, size: drawn.append(size) or real(self, size))
+            chunk_in(m, ELEMENTS)
+            results[limit] = tvlang.compile(recipe).evaluate(binds, allow_unused=True)
+        draws[limit] = sum(drawn)
+    for name in SHAPES:
+        assert torch.equal(results[0][name], whole[name]), name
+        assert torch.equal(results[kept][name], whole[name]), name
+    # words drawn: each input of the l1 drop once (its pass), and again in the main pass only
+    # without kept flags; the inner dare of dare(dare(...)) is drawn in both passes
+    if "0.0" not in recipe:
+        entries = sum(math.prod(shape) for shape in SHAPES.values())
+        nested = "dare(dare(" in recipe
+        l1_inputs = 1 if nested else recipe.count(" - pre")
+        assert draws[kept] == (l1_inputs + 2 * nested) * entries
+        assert draws[0] == (2 * l1_inputs + 2 * nested) * entries
+
+
 def test_l1_chunk_forms_take_a_pass_first(monkeypatch):
     """The pass before the main one observes every chunk of the inputs; without l1 there is none."""
     from tvlang.run import chunked as chunk_module

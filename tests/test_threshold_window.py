@@ -186,3 +186,18 @@ def test_no_sample_through_another_kernel(monkeypatch):
     got = tvlang.compile(recipe).evaluate(inputs)
     assert sampled and not any(sampled)
     assert torch.equal(got["w"], whole["w"])
+
+
+def test_no_sample_on_a_gpu():
+    """On a GPU the radix select's histograms stay on the device: no sample (no numpy gathers)."""
+    from tvlang.ops.chunks import breadcrumbs_chunks, ties_chunks, topk_chunks
+    from tvlang.ops.context import TensorContext
+
+    options = dict(elect="total", merge="mean", weights=[], elect_on="weighted", scope="tensor", count="floor")
+    for device, sampling in (("cpu", True), ("cuda", False)):
+        ctx = TensorContext("w", device=device)
+        assert ties_chunks(ctx, 10_000, 2, torch.float32, density=0.2, **options).sampling is sampling
+        topk = topk_chunks(ctx, 10_000, 1, torch.float32, density=0.2, scope="tensor", count="floor")
+        assert topk.sampling is sampling
+        assert breadcrumbs_chunks(ctx, 10_000, 1, torch.float32, density=0.5, gamma=0.1,
+                                  count="floor").sampling is sampling

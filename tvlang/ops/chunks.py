@@ -52,11 +52,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy
 import torch
 
 from tvlang.ops.common import ChunkKernel, TieWindow, chunk_form_of, keep_count, scratch
 from tvlang.ops.context import TensorContext
 from tvlang.ops.dare import Dropper, L1Norms, Noise, noise_scale
+from tvlang.ops.della import SAVED_BITS_LIMIT
 from tvlang.ops.prune import breadcrumb_counts, breadcrumb_windows, model_threshold, trim
 from tvlang.ops.sums import Sums
 from tvlang.ops.threshold import WindowSelect
@@ -86,11 +88,12 @@ class _Thresholds(ChunkKernel):
     """Per input, the ``k``-th largest magnitude of each rank in ``ranks``: a window guessed from
     a sample, then one pass (three where a window misses: :class:`WindowSelect`)."""
 
-    def __init__(self, n_inputs: int, numel: int, ranks: list[int]) -> None:
+    def __init__(self, n_inputs: int, numel: int, ranks: list[int], device: torch.device | str = "cpu") -> None:
         self.ranks = [k for k in ranks if 0 < k < numel] if numel else []
         self.numel = numel
         self.selects = [WindowSelect(numel, self.ranks) for _ in range(n_inputs)] if self.ranks else []
-        self.sampling = bool(self.selects)
+        # on a GPU the radix select's histograms stay on the device (the window's gathers are numpy's)
+        self.sampling = bool(self.selects) and torch.device(device).type == "cpu"
         self.values: list[dict[int, float]] = [{} for _ in range(n_inputs)]
         self.splits: list[dict[int, tuple[int, int]]] = [{} for _ in range(n_inputs)]
 
@@ -151,9 +154,11 @@ def _whole_float64(dtype: torch.dtype) -> bool:
 class _Drops(ChunkKernel):
     """Each input's DARE drop (input ``i``'s words from where the whole-tensor kernel's shared
     stream reaches it), then ``merge(parts, out)``. ``l1`` (``rescale_by="l1"``): one pass
-    first draws the same masks and sums each input's L1 norm before and after its drop
-    (:class:`L1Norms`); the main pass draws them again and scales each input's kept entries
-    by its factor, as :func:`tvlang.ops.dare.restore_l1` scales the whole tensor's."""
+    first draws the masks and sums each input's L1 norm before and after its drop
+    (:class:`L1Norms`), keeping each entry's keep flag (a bit) when every input's flags take
+    at most ``SAVED_BITS_LIMIT`` bytes; the main pass multiplies by the kept flags (past the
+    limit: draws the same masks again) and scales each input's kept entries by its factor,
+    as :func:`tvlang.ops.dare.restore_l1` scales the whole tensor's."""
 
     def __init__(self, ctx: TensorContext, numel: int, n: int, p: float, seed: float, rescale: bool, l1: bool,
                  dtype: torch.dtype, merge) -> None:
@@ -163,6 +168,8 @@ class _Drops(ChunkKernel):
         self.passes = 1 if l1 else 0
         self.factors: list[float | None] = [None] * n
         self.droppers = self._droppers()
+        # with l1 the droppers' masks hold 0 and 1 only (no 1/(1-p)): a flag a bit
+        self.saved = [[] for _ in range(n)] if l1 and n * ((numel + 7) // 8) <= SAVED_BITS_LIMIT else None
 
     def _droppers(self) -> list[Dropper]:
         ctx, numel, n, p, seed, rescale, dtype = self.args
@@ -179,14 +186,30 @@ class _Drops(ChunkKernel):
 
     def observe(self, pass_index: int, pieces: list[torch.Tensor]) -> None:
         for i, (d, x) in enumerate(zip(self.droppers, pieces)):
-            self.norms.add(i, x, d.apply(x, scratch("chunks.kept", x)))
+            if self.saved is None:
+                self.norms.add(i, x, d.apply(x, scratch("chunks.kept", x)))
+                continue
+            flags: list[numpy.ndarray] = []
+            self.norms.add(i, x, d.apply(x, scratch("chunks.kept", x), flags))
+            self.saved[i].append(numpy.packbits(flags[0] if len(flags) == 1 else numpy.concatenate(flags)))
 
     def end_pass(self, pass_index: int) -> None:
         self.factors = self.norms.factors()
 
+    def _from_saved(self, i: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Input ``i``'s next piece times the flags its pass kept: ``x * mask`` as drawing again gives
+        (the mask is 0 or 1 with l1; ``x * False`` is ``x * 0.0``, NaN for an infinity as well)."""
+        flat = x.reshape(-1)
+        kept = torch.from_numpy(numpy.unpackbits(self.saved[i].pop(0), count=flat.numel()).view(numpy.bool_))
+        return torch.mul(flat, kept.to(x.device), out=out.view(-1))
+
     def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
-        parts = [d.apply(x, scratch(f"chunks.part{i}", x) if self.merge else out)
-                 for i, (d, x) in enumerate(zip(self.droppers, pieces))]
+        if self.saved is not None and self.saved[0]:
+            parts = [self._from_saved(i, x, scratch(f"chunks.part{i}", x) if self.merge else out)
+                     for i, x in enumerate(pieces)]
+        else:
+            parts = [d.apply(x, scratch(f"chunks.part{i}", x) if self.merge else out)
+                     for i, (d, x) in enumerate(zip(self.droppers, pieces))]
         for part, factor in zip(parts, self.factors):
             if factor is not None:
                 part.mul_(factor)
@@ -233,8 +256,8 @@ def dare_linear_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: tor
 
 
 class _Ties(_Thresholds):
-    def __init__(self, n, numel, k, fixed, merge_options) -> None:
-        super().__init__(n, numel, [] if fixed is not None else [k])
+    def __init__(self, n, numel, k, fixed, merge_options, device) -> None:
+        super().__init__(n, numel, [] if fixed is not None else [k], device)
         self.n, self.k = n, k
         self.fixed = fixed
         self.merge_options = merge_options
@@ -265,12 +288,12 @@ def ties_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtyp
         return None
     fixed = [model_threshold("ties", ctx, i) for i in range(n_inputs)] if scope == "model" else None
     return _Ties(n_inputs, numel, keep_count(float(density), numel, count), fixed,
-                 dict(elect=elect, merge=merge, weights=weights, elect_on=elect_on))
+                 dict(elect=elect, merge=merge, weights=weights, elect_on=elect_on), ctx.device)
 
 
 class _Topk(_Thresholds):
-    def __init__(self, numel, k, fixed) -> None:
-        super().__init__(1, numel, [] if fixed is not None else [k])
+    def __init__(self, numel, k, fixed, device) -> None:
+        super().__init__(1, numel, [] if fixed is not None else [k], device)
         self.k, self.fixed = k, fixed
         self.tie_window: TieWindow | None = None
 
@@ -291,12 +314,12 @@ def topk_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtyp
     if _whole_float64(dtype):
         return None
     fixed = model_threshold("topk", ctx, 0) if scope == "model" else None
-    return _Topk(numel, keep_count(float(density), numel, count), fixed)
+    return _Topk(numel, keep_count(float(density), numel, count), fixed, ctx.device)
 
 
 class _Breadcrumbs(_Thresholds):
-    def __init__(self, numel, keep, top) -> None:
-        super().__init__(1, numel, [top + keep, top] if 0 < keep < numel else [])
+    def __init__(self, numel, keep, top, device) -> None:
+        super().__init__(1, numel, [top + keep, top] if 0 < keep < numel else [], device)
         self.keep, self.top = keep, top
         self.windows: list[TieWindow] = []
 
@@ -326,7 +349,7 @@ def breadcrumbs_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: tor
     if _whole_float64(dtype):
         return None
     keep, top = breadcrumb_counts(float(density), float(gamma), numel, count)
-    return _Breadcrumbs(numel, keep, top)
+    return _Breadcrumbs(numel, keep, top, ctx.device)
 
 
 # -- random_like -----------------------------------------------------------------------

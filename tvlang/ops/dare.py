@@ -64,6 +64,7 @@ class Dropper:
         self.numel = numel
         self.device = torch.device(device)
         self.block: torch.Tensor | None = None  # the current block's mask
+        self.keep: numpy.ndarray | None = None  # and its keep flags
         self.pos = 0  # entries done
         self.block_end = 0  # entries covered by the blocks drawn so far
         self._ahead: deque[Future] = deque()  # the next blocks' masks, being drawn in the background
@@ -77,7 +78,7 @@ class Dropper:
         full, rest = divmod(numel, CHUNK)
         return full * ((CHUNK + 1) // 2) + (rest + 1) // 2
 
-    def _take_block(self) -> torch.Tensor:
+    def _take_block(self) -> tuple[torch.Tensor, numpy.ndarray]:
         """The next block's mask; up to ``AHEAD`` blocks after it are being drawn on the drawing thread.
 
         Blocks are drawn one after another from this dropper's own bit generator (the one
@@ -99,7 +100,7 @@ class Dropper:
             self._drawn_end += size
         return block
 
-    def _draw(self, size: int) -> torch.Tensor:
+    def _draw(self, size: int) -> tuple[torch.Tensor, numpy.ndarray]:
         raw = self.bits.random_raw((size + 1) // 2)
         if sys.byteorder == "little":
             words = raw.view(numpy.uint32)[:size]
@@ -107,29 +108,35 @@ class Dropper:
             words = numpy.empty(2 * raw.size, dtype=numpy.uint32)
             words[0::2], words[1::2] = raw & 0xFFFFFFFF, raw >> 32
             words = words[:size]
-        mask = numpy.greater_equal(words, numpy.uint32(self.threshold)).astype(self._mask_dtype)
+        keep = numpy.greater_equal(words, numpy.uint32(self.threshold))
+        mask = keep.astype(self._mask_dtype)
         if self.scale != 1.0:
             mask *= self._mask_dtype(self.scale)
         mask = torch.from_numpy(mask)
-        return mask if self.device.type == "cpu" else mask.to(self.device)
+        return mask if self.device.type == "cpu" else mask.to(self.device), keep
 
-    def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Write the drop of the next ``x.numel()`` entries (``x`` flat) into ``out``."""
+    def apply(self, x: torch.Tensor, out: torch.Tensor, flags: list | None = None) -> torch.Tensor:
+        """Write the drop of the next ``x.numel()`` entries (``x`` flat) into ``out``; with
+        ``flags``, append to it their keep flags (numpy bool arrays, in order)."""
         n = x.numel()
         if self.pos + n > self.numel:
             raise ValueError(f"dare: {self.pos + n} entries handed over, the tensor has {self.numel}")
         if self.p >= 1.0 or self.p <= 0.0 or self.threshold >= 2**32:
             self.pos += n
+            if flags is not None:
+                flags.append(numpy.full(n, self.p <= 0.0))
             return out.copy_(x) if self.p <= 0.0 else out.zero_()
         done = 0
         while done < n:
             if self.pos == self.block_end:
                 size = min(CHUNK, self.numel - self.pos)
-                self.block = self._take_block()
+                self.block, self.keep = self._take_block()
                 self.block_end += size
             take = min(n - done, self.block_end - self.pos)
             offset = self.pos % CHUNK
             torch.mul(x[done:done + take], self.block[offset:offset + take], out=out[done:done + take])
+            if flags is not None:
+                flags.append(self.keep[offset:offset + take])
             done += take
             self.pos += take
         return out
