@@ -171,6 +171,9 @@ PASSES = [
     "model_stock(pre, a, b)",
     "pre + random_like(a - pre, seed=5)",
     "pre + 0.5*random_like(2*(b - pre)) + slerp(a - pre, c - pre, 0.5)",
+    # counts of shared and unique entries first (whole numbers: any cuts give the same)
+    "pre + ramplus_tl(a - pre, b - pre, c - pre, r=0.5, alpha=0.8, epsilon=0.5)",
+    "ramplus_tl(a - pre, 0.5*(b - pre), epsilon=1.0) + ram(a - pre, c - pre, epsilon=0.3)",
 ]
 
 

@@ -284,6 +284,8 @@ OPERATORS = (
                 "1 + r*min(shared/unique, alpha)",
         reference="Reinforced Agent Merging (arXiv:2601.13572); mergekit 0.1.5 ramplus_tl",
         kernel="tvlang.ops.ram:ramplus_tl",
+        chunk_form="tvlang.ops.ram:ramplus_tl_chunks",
+        multipass=True,
     ),
     Builtin(
         "arcee_fusion",

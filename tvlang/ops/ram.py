@@ -11,7 +11,8 @@ of inputs contributing at an entry:
   alpha)``, with ``rho_i = shared_i / max(unique_i, epsilon)``: over the tensor,
   ``shared_i`` counts the entries where input ``i`` contributes with others and
   ``unique_i`` those where it contributes alone ("tensor-local": per tensor, not
-  per model).
+  per model). In chunks: one pass counts ``shared_i`` and ``unique_i`` (whole numbers,
+  the same whatever the cuts), then each chunk is merged as the whole tensor is.
 
 >>> from tvlang.ops.context import TensorContext
 >>> a, b = torch.tensor([1.0, 2.0, 0.0]), torch.tensor([3.0, 0.0, 0.0])
@@ -25,10 +26,10 @@ from __future__ import annotations
 
 import torch
 
-from tvlang.ops.common import fresh, kernel_of
+from tvlang.ops.common import ChunkKernel, chunk_form_of, fresh, kernel_of
 from tvlang.ops.context import TensorContext
 
-__all__ = ["ram", "ramplus_tl"]
+__all__ = ["ram", "ramplus_tl", "ramplus_tl_chunks", "RamPlusCounts"]
 
 
 def _contributions(inputs: list[torch.Tensor], epsilon: float) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -54,16 +55,50 @@ def ram(inputs: list[torch.Tensor], ctx: TensorContext, *, epsilon: float) -> to
 def ramplus_tl(inputs: list[torch.Tensor], ctx: TensorContext, *, r: float, alpha: float,
                epsilon: float) -> torch.Tensor:
     """RAM with each input's unique entries boosted by ``1 + r*clamp(shared/unique, 0, alpha)``."""
-    eps = float(epsilon)
-    masks, counts = _contributions(inputs, eps)
-    unique = (counts == 1).to(counts.dtype)
-    overlap = (counts > 1).to(counts.dtype)
-    share = overlap / counts.clamp(min=1.0)  # 1/c where shared, 0 elsewhere
-    out = fresh(inputs[0]).zero_()
-    for x, mask in zip(inputs, masks):
-        shared_i = float(torch.sum(mask * overlap, dtype=torch.float64))
-        unique_i = float(torch.sum(mask * unique, dtype=torch.float64))
-        rho = shared_i / max(unique_i, eps)
-        boost = 1.0 + float(r) * min(max(rho, 0.0), float(alpha))
-        out.add_(x * mask * (unique * boost + share))
+    counter = RamPlusCounts(len(inputs), float(r), float(alpha), float(epsilon))
+    counter.observe(0, inputs)
+    counter.end_pass(0)
+    out = fresh(inputs[0])
+    counter.apply(inputs, out)
     return out
+
+
+class RamPlusCounts(ChunkKernel):
+    """``ramplus_tl`` in pieces (its chunk form, and the whole kernel with the whole tensor
+    as one piece): a pass counts, per input, the entries where it contributes with others
+    (``shared``) and alone (``unique``): whole numbers, so pieces in any cuts give the same
+    counts and the same boosts; then each piece is merged entry by entry."""
+
+    passes = 1
+
+    def __init__(self, n: int, r: float, alpha: float, epsilon: float) -> None:
+        self.r, self.alpha, self.eps = r, alpha, epsilon
+        self.shared, self.unique = [0] * n, [0] * n
+        self.boosts: list[float] = []
+
+    def observe(self, pass_index: int, pieces: list[torch.Tensor]) -> None:
+        masks, counts = _contributions(pieces, self.eps)
+        unique, overlap = counts == 1, counts > 1
+        for i, mask in enumerate(masks):
+            contributes = mask.bool()
+            self.shared[i] += int(torch.count_nonzero(contributes & overlap))
+            self.unique[i] += int(torch.count_nonzero(contributes & unique))
+
+    def end_pass(self, pass_index: int) -> None:
+        self.boosts = [1.0 + self.r * min(max(shared / max(unique, self.eps), 0.0), self.alpha)
+                       for shared, unique in zip(self.shared, self.unique)]
+
+    def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
+        masks, counts = _contributions(pieces, self.eps)
+        unique = (counts == 1).to(counts.dtype)
+        overlap = (counts > 1).to(counts.dtype)
+        share = overlap / counts.clamp(min=1.0)  # 1/c where shared, 0 elsewhere
+        out.zero_()
+        for x, mask, boost in zip(pieces, masks, self.boosts):
+            out.add_(x * mask * (unique * boost + share))
+
+
+@chunk_form_of("ramplus_tl")
+def ramplus_tl_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, r: float,
+                      alpha: float, epsilon: float) -> RamPlusCounts:
+    return RamPlusCounts(n_inputs, float(r), float(alpha), float(epsilon))

@@ -27,12 +27,12 @@ here is written by hand, and this module imports no torch. (A row's whole-model
   ``rescale_by="l1"`` only and is not listed): what the evaluator reads is each chunk
   kernel's ``passes``, with the options given.
 
->>> "ties" in CHUNKED, "ties" in MULTIPASS, "select" in ELEMENTWISE, "ramplus_tl" in CHUNKED
+>>> "ties" in CHUNKED, "ties" in MULTIPASS, "select" in ELEMENTWISE, "arcee_fusion" in CHUNKED
 (True, True, True, False)
 >>> KERNELS["ties"].__name__, sorted(MULTIPASS)[:5]
 ('ties', ['breadcrumbs', 'karcher', 'model_stock', 'multislerp', 'nuslerp'])
 >>> sorted(MULTIPASS)[5:]
-['random_like', 'sce', 'slerp', 'ties', 'topk']
+['ramplus_tl', 'random_like', 'sce', 'slerp', 'ties', 'topk']
 """
 
 from __future__ import annotations
