@@ -168,8 +168,10 @@ class _Drops(ChunkKernel):
         self.passes = 1 if l1 else 0
         self.factors: list[float | None] = [None] * n
         self.droppers = self._droppers()
-        # with l1 the droppers' masks hold 0 and 1 only (no 1/(1-p)): a flag a bit
-        self.saved = [[] for _ in range(n)] if l1 and n * ((numel + 7) // 8) <= SAVED_BITS_LIMIT else None
+        # with l1 the droppers' masks hold 0 and 1 only (no 1/(1-p)): a flag a bit. Not where
+        # nothing is drawn (p 0 or 1: every entry kept, or zeros, as drawing again gives)
+        self.saved = ([[] for _ in range(n)] if l1 and Dropper.words(p, numel)
+                      and n * ((numel + 7) // 8) <= SAVED_BITS_LIMIT else None)
 
     def _droppers(self) -> list[Dropper]:
         ctx, numel, n, p, seed, rescale, dtype = self.args

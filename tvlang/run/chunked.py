@@ -37,7 +37,7 @@ __all__ = ["CHUNK_ELEMENTS", "CHUNK_MIN", "LinearProgram", "chunk_kernels", "chu
 
 CHUNK_MIN = 1 << 18
 CHUNK_ELEMENTS = 1 << 20
-# The sample a kernel may take before its passes (``take_sample``): 16 runs of 1024 entries.
+# The sample a kernel may take before its passes (``take_sample``): 16 runs of 4,096 entries.
 SAMPLE_BLOCKS = 16
 SAMPLE_BLOCK = 1 << 12
 
