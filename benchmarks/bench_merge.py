@@ -187,8 +187,9 @@ def _output_tensor(out: str, name: str):
 
 
 def ties_reference(deltas, density: float):
-    """TIES written directly: per input the k = keep_count(density, n) largest |d| (ties at the
-    k-th kept) found by a full sort, sign of the sum (0 elects +), mean of the agreeing."""
+    """TIES written directly: per input the k = keep_count(density, n) largest |d| found by a
+    full stable sort (of entries tied at the k-th, the first in flat order: tvlang's rule), sign
+    of the sum (0 elects +), mean of the agreeing."""
     import torch
 
     from tvlang.ops.common import keep_count
@@ -200,8 +201,11 @@ def ties_reference(deltas, density: float):
         if k == 0:
             kept.append(torch.zeros_like(flat, dtype=torch.float64))
             continue
-        t = flat.abs().sort(descending=True).values[k - 1]
-        kept.append(torch.where(flat.abs() >= t, flat, 0).to(torch.float64))
+        # exactly k: entries of equal magnitude ranked by flat index, the earlier first (a stable sort)
+        top = torch.sort(flat.abs(), descending=True, stable=True).indices[:k]
+        keep = torch.zeros(flat.numel(), dtype=torch.bool)
+        keep[top] = True
+        kept.append(torch.where(keep, flat, 0).to(torch.float64))
     stack = torch.stack(kept)
     sign = torch.where(stack.sum(0) >= 0, 1.0, -1.0).to(torch.float64)
     agree = (stack * sign) > 0
