@@ -62,16 +62,11 @@ from tvlang.ops.della import SAVED_BITS_LIMIT
 from tvlang.ops.prune import breadcrumb_counts, breadcrumb_windows, model_threshold, trim
 from tvlang.ops.sums import Sums
 from tvlang.ops.threshold import WindowSelect
-from tvlang.ops.ties import sign_merge
+from tvlang.ops.ties import CHUNK as MERGE_CHUNK
+from tvlang.ops.ties import merge_in_chunks, sign_merge
 
 __all__ = ["ChunkKernel", "Elementwise", "dare_chunks", "dare_ties_chunks", "dare_linear_chunks", "ties_chunks",
            "topk_chunks", "breadcrumbs_chunks", "random_like_chunks"]
-
-
-# Entries that a chunk form trims and merges at a time: the dozen temporaries of a sign
-# election over three inputs stay in the CPU cache (2^18: 6.3 ms per 2^20 entries on this
-# 2-core machine, against 9.7 ms for the whole 2^20 at once and 9.5 ms for 2^16).
-MERGE_BLOCK = 1 << 18
 
 
 class Elementwise(ChunkKernel):
@@ -188,12 +183,10 @@ class _Drops(ChunkKernel):
 
     def observe(self, pass_index: int, pieces: list[torch.Tensor]) -> None:
         for i, (d, x) in enumerate(zip(self.droppers, pieces)):
-            if self.saved is None:
-                self.norms.add(i, x, d.apply(x, scratch("chunks.kept", x)))
-                continue
-            flags: list[numpy.ndarray] = []
+            flags: list[numpy.ndarray] | None = [] if self.saved is not None else None
             self.norms.add(i, x, d.apply(x, scratch("chunks.kept", x), flags))
-            self.saved[i].append(numpy.packbits(flags[0] if len(flags) == 1 else numpy.concatenate(flags)))
+            if flags is not None:
+                self.saved[i].append(numpy.packbits(flags[0] if len(flags) == 1 else numpy.concatenate(flags)))
 
     def end_pass(self, pass_index: int) -> None:
         self.factors = self.norms.factors()
@@ -219,14 +212,6 @@ class _Drops(ChunkKernel):
             self.merge(parts, out)
 
 
-def _merge_blocks(parts: list[torch.Tensor], out: torch.Tensor, options: dict) -> None:
-    """:func:`sign_merge` of a piece, ``MERGE_BLOCK`` entries at a time (element-wise: the same values)."""
-    flats, flat_out = [p.reshape(-1) for p in parts], out.view(-1)
-    for start in range(0, flat_out.numel(), MERGE_BLOCK):
-        s = slice(start, start + MERGE_BLOCK)
-        sign_merge([f[s] for f in flats], out=flat_out[s], **options)
-
-
 def _l1(rescale: bool, rescale_by: str) -> bool:
     return bool(rescale) and rescale_by == "l1"
 
@@ -243,7 +228,7 @@ def dare_ties_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch
                      elect_on: str) -> ChunkKernel:
     options = dict(elect=elect, merge=merge, weights=weights, elect_on=elect_on)
     return _Drops(ctx, numel, n_inputs, float(p), seed, bool(rescale), _l1(rescale, rescale_by), dtype,
-                  lambda parts, out: _merge_blocks(parts, out, options))
+                  lambda parts, out: merge_in_chunks(parts, out, **options))
 
 
 @chunk_form_of("dare_linear")
@@ -251,7 +236,7 @@ def dare_linear_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: tor
                        rescale: bool, rescale_by: str, merge: str, weights: Sequence[float]) -> ChunkKernel:
     options = dict(elect="none", merge=merge, weights=weights, elect_on="weighted")
     return _Drops(ctx, numel, n_inputs, float(p), seed, bool(rescale), _l1(rescale, rescale_by), dtype,
-                  lambda parts, out: _merge_blocks(parts, out, options))
+                  lambda parts, out: merge_in_chunks(parts, out, **options))
 
 
 # -- magnitude pruning: ties, topk, breadcrumbs ------------------------------------------
@@ -272,8 +257,8 @@ class _Ties(_Thresholds):
     def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
         thresholds = [self.fixed[i] if self.fixed is not None else self.kth(i, self.k) for i in range(self.n)]
         flats, flat_out = [x.reshape(-1) for x in pieces], out.view(-1)
-        for start in range(0, flat_out.numel(), MERGE_BLOCK):  # the merge's temporaries in the CPU cache
-            s = slice(start, start + MERGE_BLOCK)
+        for start in range(0, flat_out.numel(), MERGE_CHUNK):  # the merge's temporaries in the CPU cache
+            s = slice(start, start + MERGE_CHUNK)
             parts = []
             for i, (x, t) in enumerate(zip(flats, thresholds)):
                 part = trim(x[s], t, slot=f"chunks.part{i}")

@@ -34,10 +34,12 @@ from tvlang.ops.context import TensorContext
 from tvlang.ops.dare import drop_random, restore_l1
 from tvlang.ops.prune import keep_at_least, magnitude_threshold, trim
 
-__all__ = ["ties", "dare_ties", "dare_linear", "sign_merge"]
+__all__ = ["ties", "dare_ties", "dare_linear", "sign_merge", "merge_in_chunks", "CHUNK"]
 
-# Elements per chunk of the trim-elect-merge passes: a few chunk-sized temporaries stay
-# in the CPU cache, and the Python cost per chunk (about 20 torch calls) stays small.
+# Elements per chunk of the trim-elect-merge passes (the whole kernels', and the chunk forms'
+# within each piece): a few chunk-sized temporaries stay in the CPU cache, and the Python cost
+# per chunk (about 20 torch calls) stays small (three inputs on this 2-core machine: 6.3 ms per
+# 2^20 entries, against 9.7 ms for 2^20 at once and 9.5 ms for chunks of 2^16).
 CHUNK = 1 << 18
 
 
@@ -252,7 +254,7 @@ def dare_ties(
 ) -> torch.Tensor:
     """DARE on each input (one generator, inputs drawn in order), then TIES election and merge."""
     parts = _dropped(inputs, ctx, p, seed, rescale, rescale_by)
-    return _merge_chunked(parts, fresh(inputs[0]), elect=elect, merge=merge, weights=weights, elect_on=elect_on)
+    return merge_in_chunks(parts, fresh(inputs[0]), elect=elect, merge=merge, weights=weights, elect_on=elect_on)
 
 
 @kernel_of("dare_linear")
@@ -270,11 +272,11 @@ def dare_linear(
     """DARE on each input (drawn as in ``dare_ties``), then their weighted sum (mergekit's
     ``dare_linear``): ``merge="sum"``, or divided by the number of inputs or the weights' sum."""
     parts = _dropped(inputs, ctx, p, seed, rescale, rescale_by)
-    return _merge_chunked(parts, fresh(inputs[0]), elect="none", merge=merge, weights=weights,
+    return merge_in_chunks(parts, fresh(inputs[0]), elect="none", merge=merge, weights=weights,
                           elect_on="weighted")
 
 
-def _merge_chunked(parts: list[torch.Tensor], out: torch.Tensor, **options) -> torch.Tensor:
+def merge_in_chunks(parts: list[torch.Tensor], out: torch.Tensor, **options) -> torch.Tensor:
     """:func:`sign_merge` chunk by chunk (element-wise, so the same result, in the CPU cache)."""
     flats = [p.reshape(-1) for p in parts]
     flat_out = out.view(-1)
