@@ -28,6 +28,7 @@ import torch
 
 from tvlang.ops.common import (
     ChunkKernel,
+    bits_to_float,
     chunk_form_of,
     fresh,
     keep_count,
@@ -39,7 +40,7 @@ from tvlang.ops.common import (
 )
 from tvlang.ops.context import TensorContext
 from tvlang.ops.sums import BlockSums
-from tvlang.ops.threshold import RadixSelect
+from tvlang.ops.threshold import RadixSelect, read_window
 
 __all__ = ["SceChunks", "sce", "sce_chunks", "select_by_variance", "variance"]
 
@@ -197,10 +198,12 @@ class SceChunks(ChunkKernel):
     def _select(self) -> None:
         """The selection's bits per chunk: above the bin, or inside it and above the threshold,
         or tied at it and among the first ``need`` tied ones (flat order)."""
-        rank = self.k - self.above  # the k-th largest's rank among the variances inside the bin
-        inside_values = torch.cat([values for _, _, values in self.chunks])
-        t = float(inside_values.sort(descending=True).values[rank - 1])
-        need = rank - int((inside_values > t).sum())  # of the entries tied at t, the top k hold these
+        # the k-th largest is inside the bin (above: the entries ranked above it): its value, and
+        # how many of the entries tied at it the top k hold
+        inside_bits = [numpy.bitwise_and(values.float().numpy().view(numpy.int32), 0x7FFFFFFF)
+                       for _, _, values in self.chunks]
+        kth, need, _ = read_window(inside_bits, self.above, self.k)
+        t = bits_to_float(kth)
         seen = 0
         for above, inside, values in self.chunks:
             keep = values > t

@@ -33,7 +33,7 @@ import torch
 from tvlang.ops.common import _pick_bin, bits_to_float, histogram, keep_count, scratch
 from tvlang.ops.context import TensorContext
 
-__all__ = ["MagnitudeThreshold", "RadixSelect", "WindowSelect"]
+__all__ = ["MagnitudeThreshold", "RadixSelect", "WindowSelect", "read_window"]
 
 _BINS = 1 << 16
 
@@ -229,7 +229,7 @@ class WindowSelect:
             return
         if self._gathered <= self.limit:
             for k in self.ranks:
-                found = _read_window(self._inside[k], self._above[k], k)
+                found = read_window(self._inside[k], self._above[k], k)
                 if found is None:
                     break
                 self._found[k] = found
@@ -284,9 +284,10 @@ def _window(bits: numpy.ndarray, s: int, k: int, n: int) -> tuple[int, int | Non
     return lo, hi
 
 
-def _read_window(inside: list[numpy.ndarray], above: int, k: int) -> tuple[int, int, int] | None:
-    """``(bits, need, tied)`` of the k-th largest from the entries gathered inside its window and
-    the count above it, or ``None`` when the k-th largest is not inside."""
+def read_window(inside: list[numpy.ndarray], above: int, k: int) -> tuple[int, int, int] | None:
+    """``(bits, need, tied)`` of the k-th largest from the entries gathered inside its window (int32
+    bit patterns of magnitudes) and the count of entries above it, or ``None`` when the k-th largest
+    is not inside: ``need`` of the ``tied`` entries equal to it rank among the top k."""
     entries = numpy.concatenate(inside) if inside else numpy.empty(0, numpy.int32)
     rank = k - above  # the k-th largest is the rank-th largest inside the window
     if not 0 < rank <= entries.size:
