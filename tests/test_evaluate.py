@@ -537,10 +537,10 @@ def test_linear_program_analysis():
     linear = chunked.linear_program(program)
     assert linear.values == [0, 1, 2, 2, 3, 3, 3]
     assert linear.written == {2: "x", 3: "y"}
-    # kernels with a chunk form take part; arcee_fusion needs whole tensors
+    # kernels with a chunk form take part; lowrank (an SVD) needs whole tensors
     calls = TensorProgram([Step("read", 0, name="a"), Step("call", 1, (0,), name="ties")], 2, ["a"], [])
     assert chunked.linear_program(calls).values == [0, 1]
-    calls = TensorProgram([Step("read", 0, name="a"), Step("call", 1, (0, 0), name="arcee_fusion")], 2, ["a"], [])
+    calls = TensorProgram([Step("read", 0, name="a"), Step("call", 1, (0,), name="lowrank")], 2, ["a"], [])
     assert chunked.linear_program(calls) is None
     # a kernel that looks at its whole input first cannot take its input from another one: the
     # forms' passes decide, with their options (chunk_kernels; tests/test_chunk_forms_l1.py)

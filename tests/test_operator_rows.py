@@ -206,7 +206,7 @@ def test_views_agree_with_the_rows():
     assert set(MULTIPASS) <= set(CHUNKED)
     assert set(ELEMENTWISE) >= {"mean", "sum", "select", "pick", "schedule", "ram"}
     assert set(MULTIPASS) == {"ties", "topk", "breadcrumbs", "multislerp", "karcher", "nuslerp", "slerp", "model_stock",
-                              "random_like", "sce", "ramplus_tl"}
+                              "random_like", "sce", "ramplus_tl", "arcee_fusion"}
     assert set(CHUNKED) >= {"dare", "dare_ties", "dare_linear", "ties", "topk", "breadcrumbs"}
     assert {n for n, r in BUILTINS.items() if r.reductions is not None} == {"ties", "topk"}
 

@@ -295,6 +295,8 @@ OPERATORS = (
                 "divergence of the rows' softmax) is an upper outlier, the base's elsewhere",
         reference="mergekit 0.1.5 arcee_fusion (exact quantiles where it samples 1M entries)",
         kernel="tvlang.ops.fusion:arcee_fusion",
+        chunk_form="tvlang.ops.fusion:arcee_fusion_chunks",
+        multipass=True,
     ),
     Builtin(
         "slerp",

@@ -16,6 +16,13 @@ drawn at random (with replacement, from torch's global generator); tvlang takes 
 every entry (exact, deterministic), so on large tensors the fence, and the entries taken,
 can differ slightly.
 
+The chunk form (:class:`FusionPasses`) takes pieces of whole rows: a pass takes each row's
+KL (the same per-row sums as the whole tensor's) and counts the importances' high bits, a
+second finds the three quartiles exactly (:class:`tvlang.ops.threshold.RadixSelect` over
+``max(I, 0)``, and over ``-I`` of the negative importances, where a row's KL rounds below 0,
+for a quartile that falls among them), then each piece is fused: the same results as the
+whole kernel, three reads of the inputs, memory a float per row.
+
 >>> from tvlang.ops.context import TensorContext
 >>> base = torch.zeros(2, 4)
 >>> model = torch.tensor([[0.1, 0.1, 0.1, 3.0], [0.0, 0.2, 0.0, 0.0]])
@@ -30,35 +37,48 @@ import numpy
 import torch
 import torch.nn.functional as F
 
-from tvlang.ops.common import fresh, kernel_of
+from tvlang.ops.common import ChunkKernel, chunk_form_of, fresh, kernel_of
 from tvlang.ops.context import TensorContext
+from tvlang.ops.threshold import RadixSelect
 
-__all__ = ["arcee_fusion", "importance", "fence"]
+__all__ = ["arcee_fusion", "arcee_fusion_chunks", "importance", "row_kl", "fence", "FusionPasses"]
 
 SOFTMAX_EPS = 1e-8
 QUANTILES = (0.25, 0.5, 0.75)
 
 
-def importance(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """``|model - base|`` times the KL divergence of the rows' softmax (see the module docstring)."""
+def row_kl(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Per row along the last dimension, the KL divergence of the softmaxes (size 1 there)."""
     p = F.softmax(model, dim=-1) + SOFTMAX_EPS
     q = F.softmax(base, dim=-1) + SOFTMAX_EPS
-    kl = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
-    return (model - base).abs() * kl
+    return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+
+
+def importance(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``|model - base|`` times the KL divergence of the rows' softmax (see the module docstring)."""
+    return (model - base).abs() * row_kl(model, base)
+
+
+def quartile_ranks(n: int) -> list[int]:
+    """The ascending indices of the three quartiles of ``n`` entries (a float32 product, as mergekit)."""
+    return (torch.tensor(QUANTILES) * (n - 1)).long().tolist()
+
+
+def fence_of(q1: torch.Tensor, q2: torch.Tensor, q3: torch.Tensor) -> torch.Tensor:
+    return q2 + 1.5 * (q3 - q1)
 
 
 def fence(scores: torch.Tensor) -> torch.Tensor:
     """``Q2 + 1.5*(Q3 - Q1)`` of ``scores`` (a 0-d tensor of their dtype), exact order statistics."""
     flat = scores.reshape(-1)
-    n = flat.numel()
-    at = (torch.tensor(QUANTILES) * (n - 1)).long().tolist()  # float32 product, as mergekit
+    at = quartile_ranks(flat.numel())
     if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
         values = numpy.partition(flat.numpy(), at)[at]
         q1, q2, q3 = (torch.tensor(v, dtype=flat.dtype) for v in values)
     else:
         ordered = torch.sort(flat).values
         q1, q2, q3 = ordered[at[0]], ordered[at[1]], ordered[at[2]]
-    return q2 + 1.5 * (q3 - q1)
+    return fence_of(q1, q2, q3)
 
 
 @kernel_of("arcee_fusion")
@@ -68,7 +88,90 @@ def arcee_fusion(inputs: list[torch.Tensor], ctx: TensorContext) -> torch.Tensor
     if base.numel() == 0:
         return fresh(base).copy_(base)
     scores = importance(model, base)
-    mask = (scores >= fence(scores)).to(base.dtype)
     out = fresh(base)
+    return _fuse(base, model, scores, fence(scores), out)
+
+
+def _fuse(base: torch.Tensor, model: torch.Tensor, scores: torch.Tensor, threshold: torch.Tensor,
+          out: torch.Tensor) -> torch.Tensor:
+    """``base + (model - base) * [scores >= threshold]`` into ``out``."""
+    mask = (scores >= threshold).to(base.dtype)
     torch.sub(model, base, out=out)
     return out.mul_(mask).add_(base)
+
+
+class FusionPasses(ChunkKernel):
+    """``arcee_fusion`` over pieces of whole rows of ``m`` entries (see the module docstring).
+
+    Pass 0 keeps each row's KL, counts the negative importances and feeds the first pass of
+    a radix select of ``max(I, 0)`` (and of ``-I`` over the negative ones alone); pass 1
+    finishes the selects. The quartile at ascending index ``r`` is the ``(n - r)``-th largest
+    of ``max(I, 0)`` where at most ``r`` importances are negative, else the ``(r + 1)``-th
+    largest of the negated negative ones, negated (NaN ranks above every number, as in the
+    whole kernel's sort)."""
+
+    passes = 2
+
+    def __init__(self, numel: int, m: int, dtype: torch.dtype) -> None:
+        self.numel, self.row, self.dtype = numel, max(m, 1), dtype
+        self.ranks = quartile_ranks(numel)
+        self.kls: list[torch.Tensor] = []
+        self.kl: torch.Tensor | None = None
+        self.at = 0  # rows handed over so far in this pass
+        self.negative = 0
+        self.upper, self.lower = RadixSelect(), RadixSelect()  # max(I, 0); -I of the I < 0
+        self.threshold: torch.Tensor | None = None
+
+    def _scores(self, base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+        rows = base.numel() // self.row
+        m, b = model.reshape(rows, self.row), base.reshape(rows, self.row)
+        if self.kl is None:  # pass 0: these rows' KL, kept for the later passes
+            kl = row_kl(m, b)
+            self.kls.append(kl)
+        else:
+            kl = self.kl[self.at:self.at + rows]
+        self.at += rows
+        return (m - b).abs() * kl
+
+    def observe(self, pass_index: int, pieces: list[torch.Tensor]) -> None:
+        scores = self._scores(*pieces).reshape(-1)
+        below = scores < 0
+        negative = int(torch.count_nonzero(below))
+        if pass_index == 0:
+            self.negative += negative
+        self.upper.update(pass_index, scores.clamp(min=0))
+        if negative:
+            self.lower.update(pass_index, scores[below].neg())
+
+    def end_pass(self, pass_index: int) -> None:
+        self.at = 0
+        if pass_index == 0:
+            self.kl = torch.cat(self.kls) if self.kls else torch.empty(0, 1, dtype=self.dtype)
+            self.kls = []
+            for r in self.ranks:
+                if r >= self.negative:
+                    self.upper.want(self.numel - r)
+                else:
+                    self.lower.want(r + 1)
+            return
+        q = [self.upper.value(self.numel - r) if r >= self.negative else -self.lower.value(r + 1)
+             for r in self.ranks]
+        self.threshold = fence_of(*(torch.tensor(v, dtype=self.dtype) for v in q))
+
+    def restart(self) -> None:
+        self.at = 0
+
+    def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
+        base, model = pieces
+        scores = self._scores(base, model).reshape(base.shape)
+        _fuse(base, model, scores, self.threshold.to(base.device), out)
+
+
+@chunk_form_of("arcee_fusion")
+def arcee_fusion_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype) -> ChunkKernel | None:
+    """Pieces of whole rows (``ctx.shape``'s last dimension; a tensor of unknown shape is one
+    row). float64 runs whole (the radix select orders float32 bit patterns)."""
+    if dtype == torch.float64 or numel == 0:
+        return None
+    m = (ctx.shape[-1] if len(ctx.shape) else 1) if ctx.shape is not None else numel
+    return FusionPasses(numel, m, dtype)

@@ -27,11 +27,11 @@ here is written by hand, and this module imports no torch. (A row's whole-model
   ``rescale_by="l1"`` only and is not listed): what the evaluator reads is each chunk
   kernel's ``passes``, with the options given.
 
->>> "ties" in CHUNKED, "ties" in MULTIPASS, "select" in ELEMENTWISE, "arcee_fusion" in CHUNKED
+>>> "ties" in CHUNKED, "ties" in MULTIPASS, "select" in ELEMENTWISE, "lowrank" in CHUNKED
 (True, True, True, False)
->>> KERNELS["ties"].__name__, sorted(MULTIPASS)[:5]
-('ties', ['breadcrumbs', 'karcher', 'model_stock', 'multislerp', 'nuslerp'])
->>> sorted(MULTIPASS)[5:]
+>>> KERNELS["ties"].__name__, sorted(MULTIPASS)[:6]
+('ties', ['arcee_fusion', 'breadcrumbs', 'karcher', 'model_stock', 'multislerp', 'nuslerp'])
+>>> sorted(MULTIPASS)[6:]
 ['ramplus_tl', 'random_like', 'sce', 'slerp', 'ties', 'topk']
 """
 
