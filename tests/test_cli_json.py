@@ -118,7 +118,7 @@ def test_check_json_ok_lists_inputs_outputs_and_the_files_report(files, capsys):
     assert data == {"ok": True, "errors": [],
                     "inputs": [{"name": "pre", "kind": "model", "path": "pre.safetensors"},
                                {"name": "ft", "kind": "model", "path": "ft.safetensors"}],
-                    "outputs": [{"name": "out", "kind": "model"}],
+                    "outputs": [{"name": "out", "kind": "model", "layers": None}],
                     "files": [BASE_REPORT, ft_report("base")], "lock": None}
 
 
@@ -129,7 +129,7 @@ def test_check_json_of_kinds_opens_no_file(capsys):
     assert data == {"ok": True, "errors": [],
                     "inputs": [{"name": "pre", "kind": "model", "path": None},
                                {"name": "tau", "kind": "delta", "path": None}],
-                    "outputs": [{"name": "out", "kind": "model"}], "files": None, "lock": None}
+                    "outputs": [{"name": "out", "kind": "model", "layers": None}], "files": None, "lock": None}
 
 
 def test_check_json_lists_every_error_with_its_place(files, capsys):

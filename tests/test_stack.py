@@ -132,3 +132,38 @@ def test_a_stack_merged_with_a_model_of_other_layers_says_so(models):
     missing = "tensor 'model.layers.4.self_attn.q_proj.weight' is in s but missing from"
     assert caught.value.message == f"{missing} {root}/base"
     assert caught.value.notes[0] == f"s has 6 layers and {root}/base 4: merge models (or stacks) with as many layers"
+
+
+
+def layer_counts(recipe: str) -> list[tuple[str, int | None]]:
+    from tvlang.language.checker import check
+    from tvlang.language.syntax import parse
+
+    return [(o.name, o.layers) for o in check(parse(recipe), source=recipe).outputs]
+
+
+@pytest.mark.parametrize("recipe, column, message", [
+    ('s = stack(load("a", layers=[0, 3]), load("b", layers=[1, 4]))\n'
+     'out = slerp(s, stack(load("base", layers=[0, 4])), 0.5)\n', 7,
+     "'s' has 6 layers and 'stack(load(\"base\", layers=[0, 4]))' 4"),
+    ('out = stack(load("a", layers=[0, 2])) + 0.5*(load("b", layers=[0, 3]) - load("a", layers=[0, 3]))\n', 7,
+     "'stack(load(\"a\", layers=[0, 2]))' has 2 layers and '0.5*(load(\"b\", layers=[0, 3]) - load(...' 3"),
+])
+def test_the_checker_knows_a_stacks_layer_count(recipe, column, message):
+    """Counts the recipe gives (ranges, stacks of them) are checked before any file is opened:
+    two that differ cannot merge entry by entry."""
+    with pytest.raises(TvlangError) as caught:
+        tvlang.compile(recipe)
+    assert caught.value.message == (f"{message}: merged entry by entry, the layers past the smaller count have "
+                                    "no counterpart")
+    assert caught.value.span.column == column
+    assert caught.value.span.line == recipe.count("\n")
+
+
+def test_a_layer_count_known_from_the_recipe_or_only_from_the_files():
+    assert layer_counts('out = stack(load("orca", layers=[0, 24]), load("platy", layers=[20, 40]))') == [("out", 44)]
+    assert layer_counts('out = stack(load("a", layers=[0, 2]), load("b"))') == [("out", None)]  # every layer of b
+    assert layer_counts('out = slerp(load("a"), stack(load("b", layers=[0, 3])), 0.5)') == [("out", 3)]
+    assert layer_counts('x = load("a", layers=[0, 2])\n'
+                        'out = x + 0.5*(stack(load("b", layers=[0, 1]), load("a", layers=[3, 4])) - x)\n'
+                        ) == [("out", 2)]

@@ -56,6 +56,9 @@ class _Vector:
     # would turn into inf or 0 there. -inf/inf: no term with a nonzero factor (0*x).
     log_max: float = 0.0
     log_min: float = 0.0
+    # how many layers it has, where the recipe says (load(..., layers=[START, END]), a stack
+    # of such parts, and what merges them); None: known only once the files are opened
+    layers: int | None = None
 
 
 @dataclass(frozen=True)

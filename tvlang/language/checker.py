@@ -24,6 +24,7 @@ tvlang.errors.TvlangError: r.tv:1:7: error: model coefficients sum to 1.4; a mod
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ class Output:
     expr: ast.Expr
     kind: str  # "model" or "delta"; "scalar" only when the check allows scalar outputs
     span: Span | None = None
+    layers: int | None = None  # its layer count, where the recipe says (a stack of layer ranges)
 
 
 @dataclass
@@ -172,7 +174,8 @@ class _Checker(ArgumentChecks):
                         ("note: name it (x = ...) and use it to scale a task vector",),
                     )
                 elif kind is not None:
-                    outputs.append(Output(name, stmt.value, kind, stmt.span))
+                    outputs.append(Output(name, stmt.value, kind, stmt.span,
+                                          t.layers if isinstance(t, _Vector) else None))
             else:  # pragma: no cover - the parser makes no other statements
                 raise TypeError(f"not a statement: {stmt!r}")
         if self.require_output and not any(isinstance(s, ast.Out) for s in self.program.statements):
@@ -277,7 +280,7 @@ class _Checker(ArgumentChecks):
             if isinstance(t, _Scalar):
                 return self.constant_value(node, t.value)
             if isinstance(t, _Vector):
-                return _Vector(-t.weight, t.log_max, t.log_min)
+                return _Vector(-t.weight, t.log_max, t.log_min, t.layers)
             if isinstance(t, _Other):
                 return self.error(f"cannot negate {_describe(t)}", node)
             return _UNKNOWN
@@ -336,8 +339,11 @@ class _Checker(ArgumentChecks):
             return self.constant_value(node, left.value, right.value)
         if op in "+-":
             if isinstance(left, _Vector) and isinstance(right, _Vector):
+                layers = self.same_layers(node, [(node.left, left), (node.right, right)])
+                if layers is _UNKNOWN:
+                    return _UNKNOWN
                 return _Vector(left.weight + right.weight if op == "+" else left.weight - right.weight,
-                               max(left.log_max, right.log_max), min(left.log_min, right.log_min))
+                               max(left.log_max, right.log_max), min(left.log_min, right.log_min), layers)
             vector, scalar = (left, node.right) if isinstance(left, _Vector) else (right, node.left)
             verb = "add" if op == "+" else "subtract"
             return self.error(
@@ -364,7 +370,7 @@ class _Checker(ArgumentChecks):
     def scale(self, node: ast.BinOp, vector: _Vector, scalar: _Scalar, combine):
         if scalar.value is None:
             if _vector_kind(vector.weight) == "delta":
-                return _Vector(0.0, vector.log_max, vector.log_min)
+                return _Vector(0.0, vector.log_max, vector.log_min, vector.layers)
             return self.error(
                 f"the coefficient of {_describe(vector)} must be known before the run, "
                 "but this number is computed from weights",
@@ -375,7 +381,7 @@ class _Checker(ArgumentChecks):
         if not math.isfinite(weight):
             return self.error("number out of range", node)
         if scalar.value == 0:
-            return _Vector(weight, -math.inf, math.inf)
+            return _Vector(weight, -math.inf, math.inf, vector.layers)
         log_c = math.log10(abs(scalar.value)) * (1 if node.op == "*" else -1)
         log_max, log_min = vector.log_max + log_c, vector.log_min + log_c
         if log_max > _LOG_MAX:
@@ -386,7 +392,7 @@ class _Checker(ArgumentChecks):
             return self.error(f"this scales {_describe(vector)} by about 1e{log_min:+.0f}, below the smallest "
                               "number a run can hold (about 4.9e-324)", node,
                               ("note: the optimizer multiplies the factors out; the term would vanish",))
-        return _Vector(weight, log_max, log_min)
+        return _Vector(weight, log_max, log_min, vector.layers)
 
     def constant_value(self, node: ast.Neg | ast.BinOp, *operands: float | None):
         """A number from numbers: its value when they are constants (see :mod:`constants`)."""
@@ -432,7 +438,54 @@ class _Checker(ArgumentChecks):
                 ok = False
             else:
                 vector_kinds.append((index, kind))
-        return self.call_result(call, row, ok, [k for _, k in vector_kinds])
+        result = self.call_result(call, row, ok, [k for _, k in vector_kinds])
+        if not isinstance(result, _Vector):
+            return result
+        layers = self.call_layers(call, row, bound)
+        return _UNKNOWN if layers is _UNKNOWN else dataclasses.replace(result, layers=layers)
+
+    # -- layer counts (layer surgery)
+
+    def call_layers(self, call: ast.Call, row, bound: BoundCall):
+        """The layer count of a call's result where the recipe says it: ``load(..., layers=[S, E])``
+        has ``E - S``, a ``stack`` the sum of its parts' (when every part's is known), any other
+        call the one its vector arguments share (an error where two known counts differ)."""
+        if row.name == "load":
+            span = bound.args.get("layers")
+            if isinstance(span, ast.ListExpr) and len(span.items) == 2 and all(
+                    isinstance(v, ast.Number) and float(v.value).is_integer() for v in span.items):
+                start, end = (int(v.value) for v in span.items)
+                return end - start if 0 <= start < end else None
+            return None
+        given = {id(v) for v in call.args} | {id(kw.value) for kw in call.kwargs}
+        vectors = [(value, self.types.get(id(value))) for value in (*bound.args.values(), *bound.varargs)
+                   if id(value) in given]
+        vectors = [(value, t) for value, t in vectors if isinstance(t, _Vector)]
+        if row.name == "stack":
+            counts = [t.layers for _, t in vectors]
+            return sum(counts) if counts and None not in counts else None
+        return self.same_layers(call, vectors)
+
+    def same_layers(self, node: ast.Expr, vectors: list[tuple[ast.Expr, _Vector]]):
+        """The layer count that ``vectors`` (expression, type) share, ``None`` where none is known;
+        an error (``_UNKNOWN``) where two known counts differ: merged entry by entry, the layers
+        past the smaller count would have no counterpart."""
+        known = [(value, t.layers) for value, t in vectors if t.layers is not None]
+        for value, count in known[1:]:
+            if count != known[0][1]:
+                first = known[0][0]
+                self.error(f"{_quote(first)} has {known[0][1]} layers and {_quote(value)} {count}: "
+                           "merged entry by entry, the layers past the smaller count have no counterpart", node,
+                           ("note: merge models (or stacks) with as many layers; a stack has the layers of its "
+                            "parts' ranges together",))
+                return _UNKNOWN
+        return known[0][1] if known else None
+
+
+def _quote(node: ast.Expr) -> str:
+    """A short name for an expression in a message: its text, or its first 40 characters."""
+    text = to_text(node)
+    return f"'{text}'" if len(text) <= 40 else f"'{text[:37]}...'"
 
 
 def check(
