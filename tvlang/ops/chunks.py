@@ -243,6 +243,8 @@ def dare_linear_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: tor
 
 
 class _Ties(_Thresholds):
+    main_pass_cores = True  # the trims and the sign merge: about 25 torch calls a block
+
     def __init__(self, n, numel, k, fixed, merge_options, device) -> None:
         super().__init__(n, numel, [] if fixed is not None else [k], device)
         self.n, self.k = n, k

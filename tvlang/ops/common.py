@@ -123,10 +123,13 @@ def chunk_form_of(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any
 class ChunkKernel:
     """A chunk kernel (the protocol in tvlang/ops/registry.py) without passes; subclasses
     override what they need. ``row`` > 1: every piece handed to ``apply`` holds whole rows
-    of that many entries (the evaluator cuts its chunks there)."""
+    of that many entries (the evaluator cuts its chunks there). ``main_pass_cores``: the
+    main pass runs on every core, the writer's included (arithmetic that outweighs the
+    writing, and no thread of its own drawing random words)."""
 
     passes = 0
     row = 1
+    main_pass_cores = False
 
     def observe(self, pass_index: int, pieces: list[torch.Tensor]) -> None:
         pass
