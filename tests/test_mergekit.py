@@ -403,9 +403,6 @@ ERRORS = [
     ("models:\n  - model: {root}/ft1\n  - model: {root}/base\nbase_model: {root}/base\nmerge_method: slerp\n"
      "parameters:\n  t:\n    - filter: mlp|attn\n      value: 0.5\n    - value: 1\n",
      "t: a filter is the text a tensor name contains (without '|')", 8),
-    ("models:\n  - model: {root}/ft1\n    parameters: {{weight: 1}}\nbase_model: {root}/base\n"
-     "merge_method: ties\nparameters: {{rescale: true, density: 0.5}}\n",
-     "rescale: true (restore each task vector's L1 norm after pruning) with ties is not supported", 6),
     ("models:\n  - model: {root}/ft1\n    parameters: {{weight: 1, density: 0.4}}\n  - model: {root}/ft2\n"
      "base_model: {root}/base\nmerge_method: della\nparameters: {{weight: 1, density: 0.5}}\n",
      "della with a different density per model is not supported", 7),

@@ -78,6 +78,10 @@ _RESCALE_BY = Arg("rescale_by", "string", "probability", ("probability", "l1"),
                   "with rescale: divide each kept entry by its keep probability (the papers), or scale "
                   "the kept entries together so the tensor keeps its L1 norm (mergekit 0.1.5)")
 
+_L1_RESCALE = Arg("rescale_by", "string", "none", ("none", "l1"),
+                  "'l1': scale each input's kept entries together so that it keeps its L1 norm "
+                  "(mergekit 0.1.5's rescale: true); 'none' leaves them as they are")
+
 _TIES_SHARED = (
     Arg("elect", "string", "total", ("total", "frequency"),
         "sign election: 'total' = sign of the sum of the values (TIES 'mass'), "
@@ -110,7 +114,7 @@ OPERATORS = (
         "topk",
         params=(Arg("delta", "delta"), Arg("density", "scalar", range=_FRACTION)),
         options=(Arg("scope", "string", "tensor", _SCOPE,
-                     "rank magnitudes within each tensor, or over the whole model"), _COUNT),
+                     "rank magnitudes within each tensor, or over the whole model"), _COUNT, _L1_RESCALE),
         result="delta",
         summary="magnitude pruning: keep the density fraction of entries with the largest |x|",
         reference="TIES-Merging trim step; PEFT magnitude_prune; mergekit sparsify magnitude",
@@ -129,6 +133,7 @@ OPERATORS = (
             Arg("scope", "string", "tensor", _SCOPE,
                 "trim within each tensor (PEFT, mergekit) or over the whole model (TIES paper)"),
             _COUNT,
+            _L1_RESCALE,
         ),
         result="delta",
         summary="TIES-Merging: trim by magnitude, elect a sign per entry, disjoint merge",
@@ -196,7 +201,7 @@ OPERATORS = (
         "breadcrumbs",
         params=(Arg("delta", "delta"), Arg("density", "scalar", range=_FRACTION)),
         options=(Arg("gamma", "scalar", 0.01, doc="fraction of largest-magnitude entries dropped", range=_FRACTION),
-                 _COUNT),
+                 _COUNT, _L1_RESCALE),
         result="delta",
         summary="Model Breadcrumbs: drop the largest gamma fraction and keep the next density fraction",
         reference="Davari & Belilovsky 2023; mergekit magnitude_outliers",

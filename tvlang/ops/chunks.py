@@ -81,9 +81,13 @@ class Elementwise(ChunkKernel):
 
 class _Thresholds(ChunkKernel):
     """Per input, the ``k``-th largest magnitude of each rank in ``ranks``: a window guessed from
-    a sample, then one pass (three where a window misses: :class:`WindowSelect`)."""
+    a sample, then one pass (three where a window misses: :class:`WindowSelect`). ``l1``
+    (``rescale_by="l1"``, where an entry may be pruned): one pass more, once the thresholds are
+    known, sums each input's L1 norm before and after its pruning (``kept``: :class:`L1Norms`,
+    the whole-tensor kernels' sums), and ``factors`` then restore each input's norm."""
 
-    def __init__(self, n_inputs: int, numel: int, ranks: list[int], device: torch.device | str = "cpu") -> None:
+    def __init__(self, n_inputs: int, numel: int, ranks: list[int], device: torch.device | str = "cpu",
+                 l1: bool = False) -> None:
         self.ranks = [k for k in ranks if 0 < k < numel] if numel else []
         self.numel = numel
         self.selects = [WindowSelect(numel, self.ranks) for _ in range(n_inputs)] if self.ranks else []
@@ -91,10 +95,25 @@ class _Thresholds(ChunkKernel):
         self.sampling = bool(self.selects) and torch.device(device).type == "cpu"
         self.values: list[dict[int, float]] = [{} for _ in range(n_inputs)]
         self.splits: list[dict[int, tuple[int, int]]] = [{} for _ in range(n_inputs)]
+        self.norms = L1Norms(n_inputs) if l1 else None
+        self.factors: list[float | None] = [None] * n_inputs
 
     @property
-    def passes(self) -> int:  # grows after pass 0 where a window missed
+    def select_passes(self) -> int:  # grows after pass 0 where a window missed
         return max((select.passes for select in self.selects), default=0)
+
+    @property
+    def passes(self) -> int:
+        return self.select_passes + (self.norms is not None)
+
+    def kept(self, pieces: list[torch.Tensor]) -> list[torch.Tensor]:  # pragma: no cover - with l1 only
+        """Each input's next pieces as pruned (tie windows counted on), for the L1 pass."""
+        raise NotImplementedError
+
+    def scaled(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``parts`` times each input's L1 factor (into scratch pieces: a part may be an input)."""
+        return [part if factor is None else torch.mul(part, factor, out=scratch(f"chunks.scaled{i}", part))
+                for i, (part, factor) in enumerate(zip(parts, self.factors))]
 
     def sample(self, pieces: list[torch.Tensor]) -> None:
         for select, x in zip(self.selects, pieces):
@@ -105,17 +124,26 @@ class _Thresholds(ChunkKernel):
             select.end_sample()
 
     def observe(self, pass_index: int, pieces: list[torch.Tensor]) -> None:
+        if pass_index >= self.select_passes:  # the L1 pass
+            for i, (x, part) in enumerate(zip(pieces, self.kept(pieces))):
+                self.norms.add(i, x, part)
+            return
         for select, x in zip(self.selects, pieces):
             select.update(pass_index, x)
 
     def end_pass(self, pass_index: int) -> None:
+        if pass_index >= self.select_passes:  # the L1 pass
+            self.factors = self.norms.factors()
+            return
         for select in self.selects:
             select.end_pass(pass_index)
-        if pass_index == self.passes - 1:  # every select is done
+        if pass_index == self.select_passes - 1:  # every select is done
             for i, select in enumerate(self.selects):
                 for k in self.ranks:
                     self.values[i][k] = select.value(k)
                     self.splits[i][k] = select.tied(k)
+            if self.norms is not None:
+                self.restart()  # the tie windows, counted from the start of the L1 pass
 
     def kth(self, i: int, k: int) -> float:
         """The k-th largest magnitude of input ``i`` (``0`` for ``k >= numel``, ``inf`` for ``k == 0``)."""
@@ -245,8 +273,10 @@ def dare_linear_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: tor
 class _Ties(_Thresholds):
     main_pass_cores = True  # the trims and the sign merge: about 25 torch calls a block
 
-    def __init__(self, n, numel, k, fixed, merge_options, device) -> None:
-        super().__init__(n, numel, [] if fixed is not None else [k], device)
+    def __init__(self, n, numel, k, fixed, merge_options, device, l1: bool = False) -> None:
+        # rescale_by="l1" takes its pass only where an entry may be pruned (not at density 1)
+        super().__init__(n, numel, [] if fixed is not None else [k], device,
+                         l1=l1 and (fixed is not None or 0 < k < numel))
         self.n, self.k = n, k
         self.fixed = fixed
         self.merge_options = merge_options
@@ -256,33 +286,40 @@ class _Ties(_Thresholds):
         if self.fixed is None:
             self.windows = [self.window(i, self.k) for i in range(self.n)]
 
+    def _trimmed(self, flats: list[torch.Tensor], s: slice) -> list[torch.Tensor]:
+        parts = []
+        for i, x in enumerate(flats):
+            part = trim(x[s], self.fixed[i] if self.fixed is not None else self.kth(i, self.k), slot=f"chunks.part{i}")
+            if self.windows[i] is not None:
+                self.windows[i].apply(x[s], part)
+            parts.append(part)
+        return parts
+
+    def kept(self, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self._trimmed([x.reshape(-1) for x in pieces], slice(None))
+
     def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
-        thresholds = [self.fixed[i] if self.fixed is not None else self.kth(i, self.k) for i in range(self.n)]
         flats, flat_out = [x.reshape(-1) for x in pieces], out.view(-1)
         for start in range(0, flat_out.numel(), MERGE_CHUNK):  # the merge's temporaries in the CPU cache
             s = slice(start, start + MERGE_CHUNK)
-            parts = []
-            for i, (x, t) in enumerate(zip(flats, thresholds)):
-                part = trim(x[s], t, slot=f"chunks.part{i}")
-                if self.windows[i] is not None:
-                    self.windows[i].apply(x[s], part)
-                parts.append(part)
-            sign_merge(parts, out=flat_out[s], **self.merge_options)
+            sign_merge(self.scaled(self._trimmed(flats, s)), out=flat_out[s], **self.merge_options)
 
 
 @chunk_form_of("ties")
 def ties_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, density: float, elect: str,
-                merge: str, weights: Sequence[float], elect_on: str, scope: str, count: str) -> ChunkKernel | None:
+                merge: str, weights: Sequence[float], elect_on: str, scope: str, count: str,
+                rescale_by: str) -> ChunkKernel | None:
     if _whole_float64(dtype):
         return None
     fixed = [model_threshold("ties", ctx, i) for i in range(n_inputs)] if scope == "model" else None
     return _Ties(n_inputs, numel, keep_count(float(density), numel, count), fixed,
-                 dict(elect=elect, merge=merge, weights=weights, elect_on=elect_on), ctx.device)
+                 dict(elect=elect, merge=merge, weights=weights, elect_on=elect_on), ctx.device, rescale_by == "l1")
 
 
 class _Topk(_Thresholds):
-    def __init__(self, numel, k, fixed, device) -> None:
-        super().__init__(1, numel, [] if fixed is not None else [k], device)
+    def __init__(self, numel, k, fixed, device, l1: bool = False) -> None:
+        super().__init__(1, numel, [] if fixed is not None else [k], device,
+                         l1=l1 and (fixed is not None or 0 < k < numel))
         self.k, self.fixed = k, fixed
         self.tie_window: TieWindow | None = None
 
@@ -290,25 +327,34 @@ class _Topk(_Thresholds):
         if self.fixed is None:
             self.tie_window = self.window(0, self.k)
 
-    def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
+    def _prune(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         t = self.fixed if self.fixed is not None else self.kth(0, self.k)
-        out.copy_(trim(pieces[0], t, slot="chunks.part0"))
+        out.copy_(trim(x, t, slot="chunks.part0"))
         if self.tie_window is not None:
-            self.tie_window.apply(pieces[0], out)
+            self.tie_window.apply(x, out)
+        return out
+
+    def kept(self, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self._prune(pieces[0], scratch("chunks.kept", pieces[0]))]
+
+    def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
+        self._prune(pieces[0], out)
+        if self.factors[0] is not None:
+            out.mul_(self.factors[0])
 
 
 @chunk_form_of("topk")
 def topk_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, density: float,
-                scope: str, count: str) -> ChunkKernel | None:
+                scope: str, count: str, rescale_by: str) -> ChunkKernel | None:
     if _whole_float64(dtype):
         return None
     fixed = model_threshold("topk", ctx, 0) if scope == "model" else None
-    return _Topk(numel, keep_count(float(density), numel, count), fixed, ctx.device)
+    return _Topk(numel, keep_count(float(density), numel, count), fixed, ctx.device, rescale_by == "l1")
 
 
 class _Breadcrumbs(_Thresholds):
-    def __init__(self, numel, keep, top, device) -> None:
-        super().__init__(1, numel, [top + keep, top] if 0 < keep < numel else [], device)
+    def __init__(self, numel, keep, top, device, l1: bool = False) -> None:
+        super().__init__(1, numel, [top + keep, top] if 0 < keep < numel else [], device, l1=l1 and 0 < keep < numel)
         self.keep, self.top = keep, top
         self.windows: list[TieWindow] = []
 
@@ -318,27 +364,34 @@ class _Breadcrumbs(_Thresholds):
             self.windows = breadcrumb_windows(low, high, self.split(0, self.top + self.keep),
                                               self.split(0, self.top) if self.top > 0 else (0, 0))
 
-    def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
+    def _prune(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.keep == 0:
-            out.zero_()
-            return
+            return out.zero_()
         if self.keep >= self.numel:
-            out.copy_(pieces[0])
-            return
+            return out.copy_(x)
         low = self.kth(0, self.top + self.keep)
         high = self.kth(0, self.top) if self.top > 0 else math.inf
-        out.copy_(trim(pieces[0], low, high, slot="chunks.part0"))
+        out.copy_(trim(x, low, high, slot="chunks.part0"))
         for window in self.windows:
-            window.apply(pieces[0], out)
+            window.apply(x, out)
+        return out
+
+    def kept(self, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self._prune(pieces[0], scratch("chunks.kept", pieces[0]))]
+
+    def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
+        self._prune(pieces[0], out)
+        if self.factors[0] is not None:
+            out.mul_(self.factors[0])
 
 
 @chunk_form_of("breadcrumbs")
 def breadcrumbs_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, density: float,
-                       gamma: float, count: str) -> ChunkKernel | None:
+                       gamma: float, count: str, rescale_by: str) -> ChunkKernel | None:
     if _whole_float64(dtype):
         return None
     keep, top = breadcrumb_counts(float(density), float(gamma), numel, count)
-    return _Breadcrumbs(numel, keep, top, ctx.device)
+    return _Breadcrumbs(numel, keep, top, ctx.device, rescale_by == "l1")
 
 
 # -- random_like -----------------------------------------------------------------------

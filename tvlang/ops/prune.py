@@ -35,9 +35,10 @@ from tvlang.ops.common import (
     truncated_count,
 )
 from tvlang.ops.context import TensorContext
+from tvlang.ops.dare import restore_l1
 
 __all__ = ["topk", "breadcrumbs", "magnitude_threshold", "model_threshold", "trim", "keep_at_least",
-           "breadcrumb_counts", "breadcrumb_windows"]
+           "breadcrumb_counts", "breadcrumb_windows", "rescaled"]
 
 
 def magnitude_threshold(
@@ -101,14 +102,22 @@ def keep_at_least(x: torch.Tensor, mag: torch.Tensor, t: float, out: torch.Tenso
 
 
 @kernel_of("topk")
-def topk(inputs: list[torch.Tensor], ctx: TensorContext, *, density: float, scope: str, count: str) -> torch.Tensor:
-    """Keep the ``density`` fraction of entries with the largest ``|x|`` (within the tensor or the model)."""
+def topk(inputs: list[torch.Tensor], ctx: TensorContext, *, density: float, scope: str, count: str,
+         rescale_by: str) -> torch.Tensor:
+    """Keep the ``density`` fraction of entries with the largest ``|x|`` (within the tensor or the model);
+    ``rescale_by="l1"``: then scale them to ``x``'s L1 norm."""
     (x,) = inputs
     t, mag = magnitude_threshold("topk", x, float(density), ctx, scope, 0, count=count)
     out = keep_at_least(x, mag, t, fresh(x))
     if scope == "tensor":
         settle_ties(x, out, t, keep_count(float(density), x.numel(), count))
-    return out
+    return rescaled(x, out, rescale_by)
+
+
+def rescaled(x: torch.Tensor, kept: torch.Tensor, rescale_by: str) -> torch.Tensor:
+    """``kept`` (``x`` pruned) scaled to ``x``'s L1 norm with ``rescale_by="l1"``, as mergekit 0.1.5's
+    ``rescale: true`` (:func:`tvlang.ops.dare.restore_l1`); as it is otherwise."""
+    return restore_l1(x, kept) if rescale_by == "l1" else kept
 
 
 def breadcrumb_counts(density: float, gamma: float, n: int, count: str) -> tuple[int, int]:
@@ -141,13 +150,13 @@ def breadcrumb_windows(low: float, high: float, low_split: tuple[int, int],
 
 @kernel_of("breadcrumbs")
 def breadcrumbs(inputs: list[torch.Tensor], ctx: TensorContext, *, density: float, gamma: float,
-                count: str) -> torch.Tensor:
+                count: str, rescale_by: str) -> torch.Tensor:
     """Drop the ``gamma`` fraction of largest magnitudes, keep the next ``density`` fraction.
 
     With ``n`` entries, ``(keep, top)`` from :func:`breadcrumb_counts`: the entries
     ranked ``top+1 .. top+keep`` by magnitude survive (ties ranked by flat index), so
     exactly ``keep`` of them. A tensor too small for any outlier (``top == 0``) just
-    keeps its ``keep`` largest entries.
+    keeps its ``keep`` largest entries. ``rescale_by="l1"``: then scaled to ``x``'s L1 norm.
     """
     (x,) = inputs
     n = x.numel()
@@ -176,4 +185,4 @@ def breadcrumbs(inputs: list[torch.Tensor], ctx: TensorContext, *, density: floa
     high_split = tie_split(mag, high, top) if top > 0 else (0, 0)
     for window in breadcrumb_windows(low, high, low_split, high_split):
         window.apply(x, out)
-    return out
+    return rescaled(x, out, rescale_by)

@@ -31,7 +31,7 @@ from tvlang.ops.common import (
     settle_ties,
 )
 from tvlang.ops.context import TensorContext
-from tvlang.ops.dare import drop_random, restore_l1
+from tvlang.ops.dare import L1Norms, drop_random, restore_l1
 from tvlang.ops.prune import keep_at_least, magnitude_threshold, trim
 
 __all__ = ["ties", "dare_ties", "dare_linear", "sign_merge", "merge_in_chunks", "CHUNK"]
@@ -173,8 +173,10 @@ def ties(
     elect_on: str,
     scope: str,
     count: str,
+    rescale_by: str,
 ) -> torch.Tensor:
-    """TIES: keep the ``density`` fraction of largest ``|x|`` of each input, elect, disjoint merge."""
+    """TIES: keep the ``density`` fraction of largest ``|x|`` of each input, elect, disjoint merge.
+    ``rescale_by="l1"``: each input's kept entries are scaled to its L1 norm before the election."""
     density = float(density)
     out = fresh(inputs[0])
     thresholds: list = []
@@ -211,17 +213,32 @@ def ties(
     # trim and merge chunk by chunk: every pass after the thresholds works in the CPU cache
     flats = [x.reshape(-1) for x in inputs]
     flat_out = out.view(-1)
-    for start in range(0, max(flat_out.numel(), 1), CHUNK):
-        s = slice(start, start + CHUNK)
+
+    def trimmed(s: slice, tie_windows: list[TieWindow | None]) -> list[torch.Tensor]:
         parts = []
         for i, (x, t) in enumerate(zip(flats, thresholds)):
             if isinstance(t, torch.Tensor):  # trimmed already (magnitudes in another dtype)
                 parts.append(t.view(-1)[s])
             else:
                 part = trim(x[s], t, slot=f"ties.chunk{i}")
-                if windows[i] is not None:
-                    windows[i].apply(x[s], part)
+                if tie_windows[i] is not None:
+                    tie_windows[i].apply(x[s], part)
                 parts.append(part)
+        return parts
+
+    factors: list[float | None] = [None] * len(inputs)
+    if rescale_by == "l1":  # each input's L1 norm before and after its trim, over the same chunks
+        norms = L1Norms(len(inputs))
+        fresh_windows = [None if w is None else TieWindow(w.value, w.start, w.stop) for w in windows]
+        for start in range(0, max(flat_out.numel(), 1), CHUNK):
+            s = slice(start, start + CHUNK)
+            for i, part in enumerate(trimmed(s, fresh_windows)):
+                norms.add(i, flats[i][s], part)
+        factors = norms.factors()
+    for start in range(0, max(flat_out.numel(), 1), CHUNK):
+        s = slice(start, start + CHUNK)
+        parts = [part if factor is None else torch.mul(part, factor, out=scratch(f"ties.scaled{i}", part))
+                 for i, (part, factor) in enumerate(zip(trimmed(s, windows), factors))]  # (a part may be the input)
         sign_merge(parts, elect=elect, merge=merge, weights=weights, elect_on=elect_on, out=flat_out[s])
     return out
 

@@ -62,10 +62,10 @@ def _gta(merge: _Merge) -> _Out:
             if not all(0 <= v <= 1 for v in _leaves(item.values["density"])):  # mergekit: >1 keeps all, <0 none
                 raise source.error(f"density must be in [0, 1], got {_show(item.values['density'])}",
                                    _origin_at(item, "density"))
-    if shared["rescale"] and method.sparsify in ("magnitude", "outliers"):
-        raise source.error(f"rescale: true (restore each task vector's L1 norm after pruning) with {method.name} is "
-                           + _NOT_YET, ("parameters", "rescale"))
     rescale = shared["rescale"]
+    if rescale and method.sparsify in ("magnitude", "outliers"):
+        notes.append("rescale true: the kept entries of each task vector are scaled to its L1 norm, as mergekit "
+                     "0.1.5 does (rescale_by=\"l1\").")
     if method.sparsify in ("random", "della"):
         notes.append(("rescale true: the kept entries of each task vector are scaled to its L1 norm, as mergekit "
                       "0.1.5 does (rescale_by=\"l1\"). " if rescale else "")
@@ -98,7 +98,8 @@ def _gta(merge: _Merge) -> _Out:
 
     if method.consensus:
         if method.sparsify == "magnitude" and one_density:
-            call = _call("ties", deltas, density=densities[0], **_weighting(weights, normalize), count="mergekit")
+            call = _call("ties", deltas, density=densities[0], **_weighting(weights, normalize), count="mergekit",
+                         **_l1(rescale))
         elif method.sparsify == "random" and one_density:
             call = _call("dare_ties", deltas, p=_complement(densities[0]), **_weighting(weights, normalize),
                          **_rescaling(rescale))
@@ -149,14 +150,20 @@ def _rescaling(rescale: bool) -> dict[str, Any]:
     return {"rescale_by": "l1"} if rescale else {"rescale": False}
 
 
+def _l1(rescale: bool) -> dict[str, Any]:
+    """The magnitude pruners' option for mergekit's rescale: the L1 norm, or nothing (their default)."""
+    return {"rescale_by": "l1"} if rescale else {}
+
+
 def _prune(sparsify: str | None, delta: ast.Expr, item: _Input, seed: int, rescale: bool) -> ast.Expr:
     density = item.values.get("density", 1.0)
     if sparsify is None:
         return delta
     if sparsify == "magnitude":
-        return _call("topk", [delta, _literal(density)], count="mergekit")
+        return _call("topk", [delta, _literal(density)], count="mergekit", **_l1(rescale))
     if sparsify == "outliers":
-        return _call("breadcrumbs", [delta, _literal(density)], gamma=item.values["gamma"], count="mergekit")
+        return _call("breadcrumbs", [delta, _literal(density)], gamma=item.values["gamma"], count="mergekit",
+                     **_l1(rescale))
     assert sparsify == "random"
     return _call("dare", [delta, _literal(_complement(density))], seed=seed or None, **_rescaling(rescale))
 
