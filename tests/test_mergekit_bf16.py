@@ -48,6 +48,9 @@ NAMES = [c.stem for c in CONFIGS if compare_mode(c) == "exact"]
 TRIMMING = {
     "bio-merge": 0.002, "breadcrumbs": 0.008, "breadcrumbs_gradient": 0.01, "breadcrumbs_ties": 0.008,
     "sce": 0.005, "ties": 0.004, "ties_gradient": 0.003, "ties_lambda": 0.002,
+    # rescale: true (the L1 norms of the kept entries: equal magnitudes swapped leave them equal)
+    "breadcrumbs_rescale": 0.01, "breadcrumbs_ties_rescale": 0.008, "ties_rescale": 0.003,
+    "ties_rescale_densities": 0.002,
 }
 
 # dtype: bfloat16: the share of entries more than one bfloat16 step (and more than 1e-6) from
@@ -66,6 +69,8 @@ BF16_SHARE = {
     "ram": 0.08, "ramplus_tl": 0.07, "sce": 0.08, "sce_all": 0.11, "task_arithmetic": 0.28,
     "task_arithmetic_gradient": 0.07, "task_arithmetic_normalize_gradient": 0.09, "ties": 0.11,
     "ties_gradient": 0.07, "ties_lambda": 0.11, "ties_tiny_density": 0.02,
+    "breadcrumbs_rescale": 0.12, "breadcrumbs_ties_rescale": 0.15, "ties_rescale": 0.17,
+    "ties_rescale_densities": 0.12,
 }
 
 
