@@ -135,6 +135,31 @@ def test_della_rank_order_matches_a_stable_row_argsort(shape):
         assert torch.equal(rank_order(rows), torch.argsort(rows.abs(), dim=1, stable=True))
 
 
+@pytest.mark.parametrize("shape", [(2, 40), (7, 33), (64, 33)])
+def test_della_rank_order_split_between_two_threads_is_the_same(monkeypatch, shape):
+    """Blocks of at least SPLIT_SORT entries sort half their rows on a helper thread."""
+    from tvlang.ops import della as della_module
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    x[:, ::4] = 0.5  # ties in every row: ranked by position
+    x[-1, :3] = torch.tensor([math.inf, -0.0, math.nan])
+    submitted = []
+    real = della_module._sort_thread
+
+    def counting():
+        pool = real()
+        return type("P", (), {"submit": lambda self, *a: submitted.append(1) or pool.submit(*a)})()
+
+    monkeypatch.setattr(della_module, "_sort_thread", counting)
+    monkeypatch.setattr(della_module, "SPLIT_SORT", 10)
+    split = rank_order(x)
+    assert submitted == [1]
+    monkeypatch.setattr(della_module, "SPLIT_SORT", 10**9)
+    assert torch.equal(split, rank_order(x))
+    assert submitted == [1]  # the second sorted on this thread alone
+    assert torch.equal(split, torch.argsort(x.abs(), dim=1, stable=True))
+
+
 @pytest.mark.parametrize("piece", [1, 5, 64, 100, 1000])
 def test_dropper_in_pieces_equals_dare_on_the_whole_tensor(monkeypatch, piece):
     """The mask is drawn in blocks counted from the tensor's start, whatever the pieces."""

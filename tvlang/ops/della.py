@@ -30,8 +30,11 @@ tensor([[ 0.1000, -0.5000,  0.3000,  2.0000, -1.0000]])
 from __future__ import annotations
 
 import math
+import os
 import sys
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy
 import torch
@@ -85,6 +88,21 @@ class Words:
         return numpy.concatenate([head, body]) if head is not None else body
 
 
+#: entries of a block from which rank_order sorts half its rows on a helper thread
+SPLIT_SORT = 1 << 15
+_SORT: ThreadPoolExecutor | None = None
+_SORT_LOCK = threading.Lock()
+
+
+def _sort_thread() -> ThreadPoolExecutor:
+    """The helper thread that sorts half of a block's rows (one per process)."""
+    global _SORT
+    with _SORT_LOCK:
+        if _SORT is None:
+            _SORT = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvlang-sort")
+        return _SORT
+
+
 def rank_order(rows: torch.Tensor) -> torch.Tensor:
     """Per row, the column indices ordered by increasing ``|x|`` (ties by position).
 
@@ -103,11 +121,26 @@ def rank_order(rows: torch.Tensor) -> torch.Tensor:
     bits = rows.abs().view(torch.int32)
     shift = max(1, (m - 1).bit_length())
     if rows.device.type == "cpu" and shift <= 32:  # keys below 2**(31 + shift) <= 2**63
-        key = bits.detach().numpy().astype(numpy.int64)
-        key <<= shift
-        key |= numpy.arange(m, dtype=numpy.int64)
-        key.sort(axis=1)
-        key &= (1 << shift) - 1
+        source = bits.detach().numpy()
+        key = numpy.empty((count, m), dtype=numpy.int64)
+        columns = numpy.arange(m, dtype=numpy.int64)
+
+        def sort_rows(start: int, stop: int) -> None:  # numpy lets go of the GIL in each step
+            part = key[start:stop]
+            part[...] = source[start:stop]
+            part <<= shift
+            part |= columns
+            part.sort(axis=1)
+            part &= (1 << shift) - 1
+
+        # The rows of a block split between this thread and a helper: the sort is most of
+        # della's time (18.5 ns an entry on one thread, 10.2 ns on two, rows of 4,096), and
+        # rows sort independently, to the same keys.
+        half = count // 2 if count >= 2 and count * m >= SPLIT_SORT and (os.cpu_count() or 1) > 1 else 0
+        helper = _sort_thread().submit(sort_rows, 0, half) if half else None
+        sort_rows(half, count)
+        if helper is not None:
+            helper.result()
         return torch.from_numpy(key)
     if count == 1:
         return torch.argsort(bits.reshape(-1), stable=True).view(1, m)
