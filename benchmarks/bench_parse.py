@@ -11,8 +11,8 @@ import statistics
 import sys
 import time
 
-from tvlang.language.syntax import parse
 from tvlang.language.checker import check
+from tvlang.language.syntax import parse
 
 
 def make_recipe(lines: int = 1000) -> str:

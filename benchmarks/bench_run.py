@@ -383,8 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown contender {unknown[0]}; choose from {', '.join(CONTENDERS)}")
     os.makedirs(args.workdir, exist_ok=True)
-    print(f"machine: {os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB; "
-          f"expression: {EXPR}", flush=True)
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    print(f"machine: {os.cpu_count()} cores, {memory:.0f} GiB; expression: {EXPR}", flush=True)
     rows: list[tuple[str, float, Result]] = []
     ref: dict[tuple[str, float], float] = {}
     for scale in (float(s) for s in args.scales.split(",")):

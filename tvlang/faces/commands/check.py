@@ -146,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         emit({"ok": True, "errors": [], "inputs": _inputs(bindings, dict(checked.sources)),
-              "outputs": [{"name": o.name, "kind": o.kind, "layers": o.layers} for o in checked.outputs], "files": files,
+              "outputs": [{"name": o.name, "kind": o.kind, "layers": o.layers} for o in checked.outputs],
+              "files": files,
               "lock": current})
     return 0
 
