@@ -316,7 +316,23 @@ def ties_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtyp
                  dict(elect=elect, merge=merge, weights=weights, elect_on=elect_on), ctx.device, rescale_by == "l1")
 
 
-class _Topk(_Thresholds):
+class _Pruned(_Thresholds):
+    """A pruner of one input (``_prune(x, out)``: the next piece pruned into ``out``), then scaled
+    by its L1 factor with ``rescale_by="l1"``."""
+
+    def _prune(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def kept(self, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self._prune(pieces[0], scratch("chunks.kept", pieces[0]))]
+
+    def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
+        self._prune(pieces[0], out)
+        if self.factors[0] is not None:
+            out.mul_(self.factors[0])
+
+
+class _Topk(_Pruned):
     def __init__(self, numel, k, fixed, device, l1: bool = False) -> None:
         super().__init__(1, numel, [] if fixed is not None else [k], device,
                          l1=l1 and (fixed is not None or 0 < k < numel))
@@ -334,13 +350,6 @@ class _Topk(_Thresholds):
             self.tie_window.apply(x, out)
         return out
 
-    def kept(self, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [self._prune(pieces[0], scratch("chunks.kept", pieces[0]))]
-
-    def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
-        self._prune(pieces[0], out)
-        if self.factors[0] is not None:
-            out.mul_(self.factors[0])
 
 
 @chunk_form_of("topk")
@@ -352,7 +361,7 @@ def topk_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtyp
     return _Topk(numel, keep_count(float(density), numel, count), fixed, ctx.device, rescale_by == "l1")
 
 
-class _Breadcrumbs(_Thresholds):
+class _Breadcrumbs(_Pruned):
     def __init__(self, numel, keep, top, device, l1: bool = False) -> None:
         super().__init__(1, numel, [top + keep, top] if 0 < keep < numel else [], device, l1=l1 and 0 < keep < numel)
         self.keep, self.top = keep, top
@@ -376,13 +385,6 @@ class _Breadcrumbs(_Thresholds):
             window.apply(x, out)
         return out
 
-    def kept(self, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [self._prune(pieces[0], scratch("chunks.kept", pieces[0]))]
-
-    def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
-        self._prune(pieces[0], out)
-        if self.factors[0] is not None:
-            out.mul_(self.factors[0])
 
 
 @chunk_form_of("breadcrumbs")

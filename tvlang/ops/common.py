@@ -32,6 +32,7 @@ import math
 import struct
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy
@@ -42,7 +43,23 @@ from tvlang.language.builtins import BUILTINS
 
 __all__ = ["COUNT_RULES", "TieWindow", "keep_count", "truncated_count", "tie_split", "settle_ties", "count_at_least",
            "count_equal", "kth_largest_abs", "magnitudes", "scratch", "clear_workspace", "kernel_of", "chunk_form_of",
-           "ChunkKernel", "fresh"]
+           "ChunkKernel", "fresh", "helper_thread"]
+
+
+# -- helper threads --------------------------------------------------------------
+
+_HELPERS: dict[str, ThreadPoolExecutor] = {}
+_HELPERS_LOCK = threading.Lock()
+
+
+def helper_thread(name: str) -> ThreadPoolExecutor:
+    """The process's background thread for ``name`` (one thread each, made on first use): work
+    handed to it runs in the order it was handed over (``dare``'s masks drawn ahead: "draw";
+    half of ``della``'s row sorts: "sort")."""
+    with _HELPERS_LOCK:
+        if name not in _HELPERS:
+            _HELPERS[name] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tvlang-{name}")
+        return _HELPERS[name]
 
 
 # -- scratch buffers -------------------------------------------------------------

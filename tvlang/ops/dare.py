@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import math
 import sys
-import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy
 import torch
 
-from tvlang.ops.common import fresh, kernel_of
+from tvlang.ops.common import fresh, helper_thread, kernel_of
 from tvlang.ops.context import TensorContext
 from tvlang.ops.sums import PIECE, BlockSums, Sums
 
@@ -142,17 +141,9 @@ class Dropper:
         return out
 
 
-_DRAWING: ThreadPoolExecutor | None = None
-_DRAWING_LOCK = threading.Lock()
-
-
 def _drawing_thread() -> ThreadPoolExecutor:
     """The background thread that draws masks, shared by every Dropper of the process."""
-    global _DRAWING
-    with _DRAWING_LOCK:
-        if _DRAWING is None:
-            _DRAWING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvlang-draw")
-        return _DRAWING
+    return helper_thread("draw")
 
 
 def drop_random(x: torch.Tensor, p: float, bits, rescale: bool, out: torch.Tensor) -> torch.Tensor:

@@ -32,14 +32,13 @@ from __future__ import annotations
 import math
 import os
 import sys
-import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy
 import torch
 
-from tvlang.ops.common import ChunkKernel, chunk_form_of, fresh, kernel_of, scratch
+from tvlang.ops.common import ChunkKernel, chunk_form_of, fresh, helper_thread, kernel_of, scratch
 from tvlang.ops.context import TensorContext
 from tvlang.ops.dare import L1Norms, restore_l1
 from tvlang.ops.ties import sign_merge
@@ -90,17 +89,11 @@ class Words:
 
 #: entries of a block from which rank_order sorts half its rows on a helper thread
 SPLIT_SORT = 1 << 15
-_SORT: ThreadPoolExecutor | None = None
-_SORT_LOCK = threading.Lock()
 
 
 def _sort_thread() -> ThreadPoolExecutor:
     """The helper thread that sorts half of a block's rows (one per process)."""
-    global _SORT
-    with _SORT_LOCK:
-        if _SORT is None:
-            _SORT = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvlang-sort")
-        return _SORT
+    return helper_thread("sort")
 
 
 def rank_order(rows: torch.Tensor) -> torch.Tensor:
