@@ -344,8 +344,7 @@ class _Topk(_Pruned):
             self.tie_window = self.window(0, self.k)
 
     def _prune(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        t = self.fixed if self.fixed is not None else self.kth(0, self.k)
-        out.copy_(trim(x, t, slot="chunks.part0"))
+        trim(x, self.fixed if self.fixed is not None else self.kth(0, self.k), slot="chunks.part0", into=out)
         if self.tie_window is not None:
             self.tie_window.apply(x, out)
         return out
@@ -380,7 +379,7 @@ class _Breadcrumbs(_Pruned):
             return out.copy_(x)
         low = self.kth(0, self.top + self.keep)
         high = self.kth(0, self.top) if self.top > 0 else math.inf
-        out.copy_(trim(x, low, high, slot="chunks.part0"))
+        trim(x, low, high, slot="chunks.part0", into=out)
         for window in self.windows:
             window.apply(x, out)
         return out

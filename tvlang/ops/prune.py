@@ -73,15 +73,18 @@ def model_threshold(op: str, ctx: TensorContext, index: int) -> float:
     return float(ctx.reduced[key])
 
 
-def trim(x: torch.Tensor, low: float, high: float = math.inf, *, slot: str) -> torch.Tensor:
-    """``x`` where ``low <= |x| < high``, 0 elsewhere (a scratch piece, or ``x`` itself)."""
+def trim(x: torch.Tensor, low: float, high: float = math.inf, *, slot: str,
+         into: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` where ``low <= |x| < high``, 0 elsewhere: in ``into`` when given, else in a scratch
+    piece, or ``x`` itself where nothing is trimmed."""
     if low == math.inf:
-        return scratch(slot, x).zero_()
+        return (into if into is not None else scratch(slot, x)).zero_()
     if low <= 0.0 and high == math.inf:
-        return x
-    out = torch.hardshrink(x, below(low, x.dtype), out=scratch(slot, x)) if low > 0.0 else scratch(slot, x).copy_(x)
+        return x if into is None else into.copy_(x)
+    target = into if into is not None else scratch(slot, x)
+    out = torch.hardshrink(x, below(low, x.dtype), out=target) if low > 0.0 else target.copy_(x)
     if high != math.inf:
-        out.sub_(torch.hardshrink(x, below(high, x.dtype)))
+        out.sub_(torch.hardshrink(x, below(high, x.dtype), out=scratch(slot + ".high", x)))
     return out
 
 
