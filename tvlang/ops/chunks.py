@@ -63,7 +63,7 @@ from tvlang.ops.prune import breadcrumb_counts, breadcrumb_windows, model_thresh
 from tvlang.ops.sums import Sums
 from tvlang.ops.threshold import WindowSelect
 from tvlang.ops.ties import CHUNK as MERGE_CHUNK
-from tvlang.ops.ties import merge_in_chunks, sign_merge
+from tvlang.ops.ties import merge_in_chunks, scaled, sign_merge
 
 __all__ = ["ChunkKernel", "Elementwise", "dare_chunks", "dare_ties_chunks", "dare_linear_chunks", "ties_chunks",
            "topk_chunks", "breadcrumbs_chunks", "random_like_chunks"]
@@ -110,10 +110,6 @@ class _Thresholds(ChunkKernel):
         """Each input's next pieces as pruned (tie windows counted on), for the L1 pass."""
         raise NotImplementedError
 
-    def scaled(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``parts`` times each input's L1 factor (into scratch pieces: a part may be an input)."""
-        return [part if factor is None else torch.mul(part, factor, out=scratch(f"chunks.scaled{i}", part))
-                for i, (part, factor) in enumerate(zip(parts, self.factors))]
 
     def sample(self, pieces: list[torch.Tensor]) -> None:
         for select, x in zip(self.selects, pieces):
@@ -302,7 +298,8 @@ class _Ties(_Thresholds):
         flats, flat_out = [x.reshape(-1) for x in pieces], out.view(-1)
         for start in range(0, flat_out.numel(), MERGE_CHUNK):  # the merge's temporaries in the CPU cache
             s = slice(start, start + MERGE_CHUNK)
-            sign_merge(self.scaled(self._trimmed(flats, s)), out=flat_out[s], **self.merge_options)
+            sign_merge(scaled(self._trimmed(flats, s), self.factors, "chunks.scaled"), out=flat_out[s],
+                       **self.merge_options)
 
 
 @chunk_form_of("ties")

@@ -34,7 +34,7 @@ from tvlang.ops.context import TensorContext
 from tvlang.ops.dare import L1Norms, drop_random, restore_l1
 from tvlang.ops.prune import keep_at_least, magnitude_threshold, trim
 
-__all__ = ["ties", "dare_ties", "dare_linear", "sign_merge", "merge_in_chunks", "CHUNK"]
+__all__ = ["ties", "dare_ties", "dare_linear", "sign_merge", "merge_in_chunks", "scaled", "CHUNK"]
 
 # Elements per chunk of the trim-elect-merge passes (the whole kernels', and the chunk forms'
 # within each piece): a few chunk-sized temporaries stay in the CPU cache, and the Python cost
@@ -237,8 +237,7 @@ def ties(
         factors = norms.factors()
     for start in range(0, max(flat_out.numel(), 1), CHUNK):
         s = slice(start, start + CHUNK)
-        parts = [part if factor is None else torch.mul(part, factor, out=scratch(f"ties.scaled{i}", part))
-                 for i, (part, factor) in enumerate(zip(trimmed(s, windows), factors))]  # (a part may be the input)
+        parts = scaled(trimmed(s, windows), factors, "ties.scaled")
         sign_merge(parts, elect=elect, merge=merge, weights=weights, elect_on=elect_on, out=flat_out[s])
     return out
 
@@ -291,6 +290,13 @@ def dare_linear(
     parts = _dropped(inputs, ctx, p, seed, rescale, rescale_by)
     return merge_in_chunks(parts, fresh(inputs[0]), elect="none", merge=merge, weights=weights,
                           elect_on="weighted")
+
+
+def scaled(parts: list[torch.Tensor], factors: list[float | None], slot: str) -> list[torch.Tensor]:
+    """``parts`` times each one's factor (``None``: as it is), into scratch pieces (``slot`` and the
+    part's index): a part may be an input, never changed in place."""
+    return [part if factor is None else torch.mul(part, factor, out=scratch(f"{slot}{i}", part))
+            for i, (part, factor) in enumerate(zip(parts, factors))]
 
 
 def merge_in_chunks(parts: list[torch.Tensor], out: torch.Tensor, **options) -> torch.Tensor:

@@ -14,6 +14,7 @@ the chunks before the main one (``needed_steps`` are what they depend on).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -163,10 +164,8 @@ def execute_chunked(session: "Session", program: TensorProgram, linear: LinearPr
         take_sample(session, program, linear, coefs, flat, raw, kernels, sampling, count)
     # Passes before the main one write nothing: the writer's core is free for compute
     # (ties over 1.5 GB checkpoints: about 7 % faster than on one thread).
-    previous_threads = torch.get_num_threads()
-    if any(k.passes for k in kernels.values()) and session.device.type == "cpu":
-        torch.set_num_threads(max(previous_threads, os.cpu_count() or 1))
-    try:
+    cpu = session.device.type == "cpu"
+    with every_core(cpu and any(k.passes for k in kernels.values())):
         pass_index = 0
         while True:  # a kernel may ask for more passes at the end of one (a threshold window missed)
             observing = {i for i, k in kernels.items() if k.passes > pass_index}
@@ -184,8 +183,6 @@ def execute_chunked(session: "Session", program: TensorProgram, linear: LinearPr
             for index in observing:
                 kernels[index].end_pass(pass_index)
             pass_index += 1
-    finally:
-        torch.set_num_threads(previous_threads)
     for form in kernels.values():
         form.restart()
     outputs: dict[str, torch.Tensor] = {}
@@ -195,10 +192,7 @@ def execute_chunked(session: "Session", program: TensorProgram, linear: LinearPr
     # arithmetic outweighs the writing (a chunk kernel's ``main_pass_cores``): ties over 1.5 GB
     # checkpoints, 13.8 s on two threads against 14.8 s on one (median of 3); plain task
     # arithmetic, 7.7 s against 6.2 s; dare (its drawing thread wants the core), 13.3 s against 10.8 s.
-    heavy = session.device.type == "cpu" and any(getattr(k, "main_pass_cores", False) for k in kernels.values())
-    if heavy:
-        torch.set_num_threads(max(previous_threads, os.cpu_count() or 1))
-    try:
+    with every_core(cpu and any(getattr(k, "main_pass_cores", False) for k in kernels.values())):
         for start in range(0, count, size):
             stop = min(count, start + size)
             if pieces:
@@ -208,16 +202,25 @@ def execute_chunked(session: "Session", program: TensorProgram, linear: LinearPr
                 window = slice(start, stop)
             run_chunk(session, program, linear, everything, coefs, flat, kernels, start, stop,
                       outputs={output: tensor[window] for output, tensor in outputs.items()},
-                      direct=session.device.type == "cpu" and out_dtype == session.dtype, feed=feed, name=name)
+                      direct=cpu and out_dtype == session.dtype, feed=feed, name=name)
             release_inputs(raw, start, stop)
             if pieces:
                 yield from outputs.items()
-    finally:
-        if heavy:
-            torch.set_num_threads(previous_threads)
     if not pieces:
         for output, tensor in outputs.items():
             yield output, tensor.view(info.shape)
+
+
+@contextlib.contextmanager
+def every_core(wanted: bool) -> Iterator[None]:
+    """Torch's threads on every core while the block runs, when ``wanted`` (then as they were)."""
+    previous = torch.get_num_threads()
+    if wanted:
+        torch.set_num_threads(max(previous, os.cpu_count() or 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def sample_ranges(count: int) -> list[tuple[int, int]]:
