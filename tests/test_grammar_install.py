@@ -1,4 +1,6 @@
-"""The wheel ships the grammar inside the package, and an installed wheel parses.
+"""The wheel ships the grammar inside the package, and an installed wheel parses; where a C
+compiler is found it also carries the compiled helper (tests/test_native.py), tagged for
+this platform, and loads it.
 
 An editable install reads ``grammar/tvlang.lark`` from the source tree; a wheel
 carries it as ``tvlang/tvlang.lark`` (pyproject's force-include). This builds
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -38,7 +41,10 @@ def test_wheel_contains_grammar_and_parses(tmp_path):
     )
     assert build.returncode == 0, build.stderr
     (wheel,) = dist.glob("tvlang-*.whl")
+    compiler = shutil.which(os.environ.get("CC") or "cc") is not None and sys.platform.startswith("linux")
     with zipfile.ZipFile(wheel) as archive:
+        assert ("tvlang/ops/libtvnative.so.1" in archive.namelist()) == compiler
+        assert wheel.name.endswith("-py3-none-any.whl") != compiler  # a wheel with the helper is platform's
         assert "tvlang/tvlang.lark" in archive.namelist()
         assert archive.read("tvlang/tvlang.lark").decode() == (ROOT / "grammar" / "tvlang.lark").read_text()
         assert not any(name.startswith("grammar/") for name in archive.namelist())
@@ -52,8 +58,10 @@ sys.path = [p for p in sys.path if p != {str(ROOT)!r}]
 import tvlang, tvlang.language.syntax
 from importlib import resources
 program = tvlang.language.syntax.parse("param lm = 0.4\\nout = pre + lm*(ft - pre)\\n")
+from tvlang.ops import native
 print(json.dumps({{
     "file": tvlang.__file__,
+    "helper": None if native.library() is None else native.library()._name,
     "packaged": resources.files("tvlang").joinpath("tvlang.lark").is_file(),
     "statements": len(program.statements),
 }}))
@@ -67,4 +75,6 @@ print(json.dumps({{
     assert Path(info["file"]).is_relative_to(unpacked)
     assert info["packaged"] is True
     assert info["statements"] == 2
+    if compiler:
+        assert Path(info["helper"]) == unpacked / "tvlang" / "ops" / "libtvnative.so.1"
     assert not (unpacked / "grammar").exists()  # so the source-tree fallback could not have been used

@@ -32,6 +32,7 @@ from tvlang.ops.common import (
 )
 from tvlang.ops.context import TensorContext
 from tvlang.ops.dare import L1Norms, drop_random, restore_l1
+from tvlang.ops.native import sign_merge_f32
 from tvlang.ops.prune import keep_at_least, magnitude_threshold, trim
 
 __all__ = ["ties", "dare_ties", "dare_linear", "sign_merge", "merge_in_chunks", "scaled", "CHUNK"]
@@ -68,6 +69,8 @@ def sign_merge(
     """
     n = len(parts)
     w = [float(wi) for wi in weights] if weights else [1.0] * n
+    if elect != "none" and all(wi == 1.0 for wi in w) and sign_merge_f32(parts, elect, merge, out) is not None:
+        return out  # the compiled helper: the same values in one pass (tvlang/ops/native.py)
     if elect == "none":
         out.zero_()
         for wi, p in zip(w, parts):

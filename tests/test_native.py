@@ -1,0 +1,221 @@
+"""The compiled helper (tvlang/ops/native.c, loaded by tvlang/ops/native.py) computes what the
+numpy and torch paths compute: DARE's masks bit for bit, with the generator left in the same
+state, and TIES' sign merge with unit weights with the same float32 values (NaN where the torch
+path has NaN; the sign of a NaN is not compared), at tile ends, with -0.0, infinities and NaN.
+Recipes run with ``TVLANG_NATIVE=0`` and without write the same bytes.
+
+Where a C compiler is found (every CI machine: Linux with ``cc``) the install must have built
+the helper, so these tests cannot pass by comparing the fallback with itself."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy
+import pytest
+import torch
+
+import tvlang
+from chunking import chunk_in
+from tvlang.ops import native
+from tvlang.ops.dare import Dropper
+from tvlang.ops.ties import sign_merge
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPILER = shutil.which(os.environ.get("CC") or "cc") is not None and sys.platform.startswith("linux")
+
+
+def built() -> bool:
+    return native.library() is not None
+
+
+def test_the_install_built_the_helper_where_a_compiler_is_found():
+    if not COMPILER:
+        pytest.skip("no C compiler here: tvlang runs on numpy and torch alone")
+    assert native.LIBRARY.is_file(), "pip install -e . should have run hatch_build.py"
+    assert built()
+
+
+def test_without_the_helper_nothing_calls_it(monkeypatch):
+    monkeypatch.setenv("TVLANG_NATIVE", "0")
+    assert native.library() is None
+    bits = numpy.random.PCG64(3)
+    state = bits.state
+    assert native.drop_mask_f32(bits, 10, 1 << 31, 2.0) is None
+    assert bits.state == state  # untouched: the numpy path draws from where it was
+    x = torch.ones(8)
+    assert native.sign_merge_f32([x], "total", "mean", torch.empty(8)) is None
+
+
+def numpy_masks(bits, n: int, threshold: int, scale: float) -> numpy.ndarray:
+    """The numpy path by hand: words low half first, compared, converted, scaled."""
+    words = bits.random_raw((n + 1) // 2).view(numpy.uint32)[:n]
+    mask = (words >= numpy.uint32(threshold)).astype(numpy.float32)
+    return mask * numpy.float32(scale) if scale != 1.0 else mask
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 9, 15, 16, 17, 1000, (1 << 18) + 3])
+def test_drop_masks_equal_numpy_and_leave_the_same_state(n):
+    if not built():
+        pytest.skip("the helper is not built here")
+    for seed, skip, threshold, scale in [(1, 0, 3865470567, 10.0), (2, 12345, 1 << 31, 1.0), (3, 7, 1, 1 / 0.3)]:
+        ours, theirs = numpy.random.PCG64(seed), numpy.random.PCG64(seed)
+        ours.advance(skip)
+        theirs.advance(skip)
+        got = native.drop_mask_f32(ours, n, threshold, scale)
+        want = numpy_masks(theirs, n, threshold, scale)
+        assert got.dtype == numpy.float32 and numpy.array_equal(got.view(numpy.uint32), want.view(numpy.uint32))
+        assert ours.state == theirs.state, (n, seed)
+        # and the next draw goes on from there
+        assert numpy.array_equal(ours.random_raw(3), theirs.random_raw(3))
+
+
+def test_dropper_masks_are_the_same_with_and_without_the_helper(monkeypatch):
+    if not built():
+        pytest.skip("the helper is not built here")
+    n = 3 * (1 << 18) + 11  # blocks of CHUNK, and a short last one
+    x = torch.randn(n, generator=torch.Generator().manual_seed(0))
+
+    def drop(pieces: list[int], rescale: bool, flags: list | None = None) -> torch.Tensor:
+        dropper = Dropper(0.7, numpy.random.PCG64(42), rescale, n)
+        out, start = torch.empty(n), 0
+        for size in pieces:
+            dropper.apply(x[start:start + size], out[start:start + size], flags)
+            start += size
+        return out
+
+    for rescale in (True, False):
+        fast_flags: list = []
+        fast = drop([n], rescale, fast_flags)
+        cut = drop([5, 1 << 18, 100003, n - 5 - (1 << 18) - 100003], rescale)
+        monkeypatch.setenv("TVLANG_NATIVE", "0")
+        slow_flags: list = []
+        slow = drop([n], rescale, slow_flags)
+        monkeypatch.delenv("TVLANG_NATIVE")
+        assert torch.equal(fast.view(torch.int32), slow.view(torch.int32)), rescale
+        assert torch.equal(cut.view(torch.int32), slow.view(torch.int32)), rescale
+        assert numpy.array_equal(numpy.concatenate(fast_flags), numpy.concatenate(slow_flags))
+        assert 0.25 < float((fast != 0).float().mean()) < 0.35  # kept with probability 0.3
+
+
+SPECIAL = torch.tensor([float("nan"), -float("nan"), -0.0, 0.0, float("inf"), -float("inf"), 1.0, -1.0, 2.5])
+
+
+def parts_with_specials(k: int, n: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for _ in range(k):
+        p = torch.randn(n, generator=g) * (torch.rand(n, generator=g) < 0.4)  # zeros, as after a trim
+        where = torch.randint(0, n, (n // 8,), generator=g)
+        p[where] = SPECIAL[torch.randint(0, len(SPECIAL), (n // 8,), generator=g)]
+        parts.append(p)
+    return parts
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit (so -0.0 is not 0.0), but any NaN equals any NaN."""
+    nan = torch.tensor(0x7FC00000, dtype=torch.int32)
+    bits = [torch.where(t.isnan(), nan, t.view(torch.int32)) for t in (a, b)]
+    return torch.equal(*bits)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_sign_merge_equals_the_torch_path(monkeypatch, k):
+    if not built():
+        pytest.skip("the helper is not built here")
+    seen_nan = False
+    for n in (1, 15, 16, 17, 511, 512, 513, 4099):  # the C tiles are 512 entries
+        parts = parts_with_specials(k, n, seed=k * 1000 + n)
+        for elect in ("total", "frequency"):
+            for merge in ("sum", "mean", "weighted_mean"):
+                for elect_on in ("weighted", "unweighted"):
+                    options = dict(elect=elect, merge=merge, weights=[1.0] * k, elect_on=elect_on)
+                    fast = sign_merge(parts, out=torch.empty(n), **options)
+                    monkeypatch.setenv("TVLANG_NATIVE", "0")
+                    slow = sign_merge(parts, out=torch.empty(n), **options)
+                    monkeypatch.delenv("TVLANG_NATIVE")
+                    assert same_values(fast, slow), (k, n, elect, merge, elect_on)
+                    seen_nan = seen_nan or bool(fast.isnan().any())
+    assert seen_nan  # the data reaches the NaN cases (its -0.0 and infinities are in every part)
+
+
+def test_sign_merge_by_hand():
+    if not built():
+        pytest.skip("the helper is not built here")
+    a = torch.tensor([1.0, -2.0, 3.0, 0.0, -0.0, 1.0])
+    b = torch.tensor([2.0, 1.0, -1.0, 0.0, -0.0, -1.0])
+    c = torch.tensor([-4.0, 0.0, -1.0, 0.0, 0.0, 0.0])
+    out = torch.empty(6)
+    # total: tallies -1, -1, 1, 0, 0, 0 elect -, -, +, +, +, +; mean of the agreeing entries
+    assert native.sign_merge_f32([a, b, c], "total", "mean", out) is out
+    assert out.tolist() == [-4.0, -2.0, 3.0, 0.0, 0.0, 1.0]
+    assert not out[4].signbit()  # clamp(-0.0 * 1) + 0.0: the first input's -0.0 made +0.0
+    # frequency: sign counts 1, 0, -1, 0, 0, 0 elect +, +, -, +, +, +; sum of the agreeing
+    native.sign_merge_f32([a, b, c], "frequency", "sum", out)
+    assert out.tolist() == [3.0, 1.0, -2.0, 0.0, 0.0, 1.0]
+
+
+def test_the_helper_only_takes_what_it_computes_the_same():
+    if not built():
+        pytest.skip("the helper is not built here")
+    x = torch.ones(8)
+    out = torch.empty(8)
+    assert native.sign_merge_f32([x.double()], "total", "mean", out.double()) is None
+    assert native.sign_merge_f32([x.bfloat16()], "total", "mean", out) is None
+    assert native.sign_merge_f32([torch.ones(16)[::2]], "total", "mean", out) is None  # not contiguous
+    assert native.sign_merge_f32([x, torch.ones(7)], "total", "mean", out) is None
+    assert native.sign_merge_f32([x], "none", "mean", out) is None
+
+
+RECIPES = [
+    "pre + dare_ties(a - pre, b - pre, c - pre, p=0.8, seed=5)",
+    "pre + ties(a - pre, b - pre, c - pre, density=0.3)",
+    'pre + ties(a - pre, b - pre, c - pre, density=0.3, elect="frequency", merge="sum")',
+    "pre + dare(a - pre, 0.6, seed=2) + dare(b - pre, 0.3, seed=9)",
+    "pre + ties(a - pre, b - pre, density=0.5, weights=[0.7, 1.3])",  # weights: the torch path
+]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipes_give_the_same_tensors_with_and_without_the_helper(monkeypatch, recipe):
+    if not built():
+        pytest.skip("the helper is not built here")
+    g = torch.Generator().manual_seed(11)
+    shapes = {"w": (300, 70), "v": (1000,), "small": (5,)}
+    pre = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    bound = {"pre": pre}
+    for m in "abc":
+        bound[m] = {n: t + 0.1 * torch.randn(t.shape, generator=g) for n, t in pre.items()}
+    whole = tvlang.compile(recipe).evaluate(bound, allow_unused=True)
+    chunk_in(monkeypatch, 4096)
+    chunked = tvlang.compile(recipe).evaluate(bound, allow_unused=True)
+    monkeypatch.setenv("TVLANG_NATIVE", "0")
+    slow = tvlang.compile(recipe).evaluate(bound, allow_unused=True)
+    for name in shapes:
+        assert torch.equal(whole[name], slow[name]), name
+        assert torch.equal(chunked[name], slow[name]), name
+
+
+def test_the_build_hook_goes_on_without_a_compiler(tmp_path, monkeypatch):
+    pytest.importorskip("hatchling", reason="the build hook needs hatchling")
+    sys.path.insert(0, str(ROOT))
+    try:
+        import hatch_build
+    finally:
+        sys.path.remove(str(ROOT))
+    (tmp_path / "tvlang" / "ops").mkdir(parents=True)
+    shutil.copy(ROOT / "tvlang" / "ops" / "native.c", tmp_path / "tvlang" / "ops" / "native.c")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    why = hatch_build.compile_helper(tmp_path)
+    assert why is not None and "no-such-compiler" in why
+    assert sorted(p.name for p in (tmp_path / "tvlang" / "ops").iterdir()) == ["native.c"]  # nothing half-built
+    monkeypatch.setenv("TVLANG_NATIVE", "0")
+    assert hatch_build.compile_helper(tmp_path) == "TVLANG_NATIVE=0"
+    if COMPILER:
+        monkeypatch.delenv("CC")
+        monkeypatch.delenv("TVLANG_NATIVE")
+        assert hatch_build.compile_helper(tmp_path) is None
+        assert (tmp_path / "tvlang" / "ops" / "libtvnative.so.1").is_file()

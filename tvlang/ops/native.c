@@ -1,0 +1,180 @@
+/* tvlang's optional compiled helper: two loops that numpy and torch run slowly.
+ *
+ * 1. DARE's masks from numpy's PCG64 stream, without numpy's per-word call.
+ * tvlang.ops.dare.Dropper gives each entry a 32-bit word of a PCG64 stream (each 64-bit
+ * output split in two, low half first) and keeps the entry when its word is at least a
+ * threshold. numpy's random_raw gives those outputs at about 5 ns each on a 2 GHz core (each
+ * 128-bit multiply waits for the one before it), then numpy compares, converts and scales
+ * the words in three more passes: 3.1 ns an entry. This draws the same outputs on four
+ * interleaved copies of the generator (one step apart, each stepping four at a time, so
+ * their multiplies overlap) and writes the mask in the same loop: the same values, bit for
+ * bit, at 1.5 ns an entry.
+ *
+ * 2. TIES' sign election and disjoint merge with unit weights (below).
+ *
+ * Built by hatch_build.py into tvlang/ops/libtvnative.so.1 when a C compiler is found, loaded by
+ * tvlang/ops/native.py through ctypes (which lets go of the GIL during the call); without
+ * it numpy and torch compute the same values. No Python headers: C99 with GCC/Clang's
+ * __uint128_t.
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef __uint128_t u128;
+
+/* PCG64's multiplier (numpy's PCG_DEFAULT_MULTIPLIER_128). */
+#define MULTIPLIER (((u128)0x2360ED051FC65DA4ULL << 64) | 0x4385DF649FCCF645ULL)
+
+/* PCG64's output (XSL-RR) of a state: the halves xored, rotated by the state's top 6 bits. */
+static inline uint64_t output(u128 state) {
+    uint64_t x = (uint64_t)(state >> 64) ^ (uint64_t)state;
+    unsigned rot = (unsigned)(state >> 122);
+    return (x >> rot) | (x << ((-rot) & 63));
+}
+
+/* The two entries of one output: each mask is `scale` where its word >= threshold, else +0.0
+ * (as bit patterns: `scale`'s bits and-ed with all ones or with zero). */
+static inline void put(uint64_t out, uint32_t threshold, uint32_t scale_bits, uint32_t *mask) {
+    uint32_t low = (uint32_t)out >= threshold, high = (uint32_t)(out >> 32) >= threshold;
+    mask[0] = scale_bits & (0u - low);
+    mask[1] = scale_bits & (0u - high);
+}
+
+/* `state` advanced by `steps` outputs (square-and-multiply on the affine step). */
+static u128 advance(u128 state, u128 inc, uint64_t steps) {
+    u128 mult = 1, plus = 0, cur_mult = MULTIPLIER, cur_plus = inc;
+    while (steps) {
+        if (steps & 1) {
+            mult *= cur_mult;
+            plus = plus * cur_mult + cur_plus;
+        }
+        cur_plus = (cur_mult + 1) * cur_plus;
+        cur_mult *= cur_mult;
+        steps >>= 1;
+    }
+    return mult * state + plus;
+}
+
+/* The float32 masks of the next `n` entries into `mask_out`.
+ *
+ * `st` holds the generator as four 64-bit words (state low, state high, increment low,
+ * increment high: numpy's `PCG64.state["state"]`); on return its state has moved on by the
+ * (n + 1) / 2 outputs used, as numpy's `random_raw((n + 1) // 2)` moves it. An odd `n` uses
+ * the low half of its last output and drops the high half, as the numpy path does. */
+void tv_pcg64_drop_f32(uint64_t *st, size_t n, uint32_t threshold, float scale, float *mask_out) {
+    u128 state = ((u128)st[1] << 64) | st[0], inc = ((u128)st[3] << 64) | st[2];
+    uint32_t scale_bits, *mask = (uint32_t *)mask_out;
+    memcpy(&scale_bits, &scale, sizeof scale_bits);
+    size_t i = 0, rounds = n / 8; /* each round: four outputs, eight entries */
+    if (rounds) {
+        u128 m2 = MULTIPLIER * MULTIPLIER, m4 = m2 * m2;
+        u128 c4 = inc * (MULTIPLIER * m2 + m2 + MULTIPLIER + 1); /* four steps' increment */
+        u128 s0 = state * MULTIPLIER + inc, s1 = s0 * MULTIPLIER + inc;
+        u128 s2 = s1 * MULTIPLIER + inc, s3 = s2 * MULTIPLIER + inc;
+        for (size_t r = 0; r < rounds; r++, i += 8) {
+            uint64_t o0 = output(s0), o1 = output(s1), o2 = output(s2), o3 = output(s3);
+            s0 = s0 * m4 + c4;
+            s1 = s1 * m4 + c4;
+            s2 = s2 * m4 + c4;
+            s3 = s3 * m4 + c4;
+            put(o0, threshold, scale_bits, mask + i);
+            put(o1, threshold, scale_bits, mask + i + 2);
+            put(o2, threshold, scale_bits, mask + i + 4);
+            put(o3, threshold, scale_bits, mask + i + 6);
+        }
+        state = advance(state, inc, 4 * (uint64_t)rounds);
+    }
+    for (; i < n; i += 2) { /* the last 0-7 entries, one output at a time */
+        state = state * MULTIPLIER + inc;
+        uint64_t out = output(state);
+        if (n - i >= 2) {
+            put(out, threshold, scale_bits, mask + i);
+        } else {
+            mask[i] = scale_bits & (0u - (uint32_t)((uint32_t)out >= threshold));
+        }
+    }
+    st[0] = (uint64_t)state;
+    st[1] = (uint64_t)(state >> 64);
+}
+
+/* ---- ties' sign election and disjoint merge, unit weights ---------------------------------
+ *
+ * tvlang.ops.ties.sign_merge with every weight 1, entry by entry in one pass instead of about
+ * twenty torch calls over scratch tensors. It repeats the torch path's float32 operations in
+ * the same order, so the values are the same bit for bit, NaN, infinities and -0.0 included
+ * (tests/test_native.py compares the two):
+ *   torch.sign(x) is 1 for x > 0, -1 for x < 0, else +0.0 (0 for NaN and both zeros);
+ *   clamp_(min=0) keeps NaN and -0.0 (x < 0 becomes 0, nothing else changes);
+ *   the tally is p0 + p1 + ... in order ("total") or 0 + sign(p0) + sign(p1) + ...
+ *   ("frequency"); the elected sign is -1 where the tally is below 0, else +1 (NaN: +1);
+ *   the first input's agreeing part is clamp(p0 * e) + 0.0 (a -0.0 turned +0.0), its count
+ *   sign(that); each further input adds clamp(p * e) and sign(clamp(p * e));
+ *   the result is total * e, divided by max(count, 1) ("mean") or by the count with 0 read
+ *   as 1 ("weighted_mean": the same for counts), not divided ("sum").
+ * Built with -ffp-contract=off so no multiply and add are fused into one rounding. */
+
+/* Branch-free forms (the signs are unpredictable, a branch each costs more than the rest),
+ * written as arithmetic so the compiler keeps the multiplications by e: rewriting x * e as
+ * a conditional negation would flip the sign bit of a NaN, which the multiplication keeps. */
+static inline float torch_sign(float x) { return (float)(x > 0.0f) - (float)(x < 0.0f); }
+
+static inline float clamp_min0(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    bits &= (uint32_t)(x < 0.0f) - 1u; /* all ones unless x < 0 */
+    memcpy(&x, &bits, sizeof bits);
+    return x;
+}
+
+/* On x86-64 Linux the merge is compiled twice, for AVX2 and for the baseline, and the loader
+ * picks one for the machine (the values are the same: no fused multiply-add either way). */
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#define MULTI_VERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define MULTI_VERSION
+#endif
+
+#define TILE 512 /* entries a step covers at a time: its scratch rows stay in the L1 cache */
+
+/* merge: 0 sum, 1 mean, 2 weighted_mean. `parts` holds k >= 1 pointers to n floats each.
+ * Step by step over tiles of TILE entries, each step a loop the compiler vectorizes. */
+MULTI_VERSION void tv_sign_merge_f32(const float *const *parts, size_t k, size_t n, int frequency, int merge, float *out) {
+    float tally[TILE], e[TILE], total[TILE], count[TILE];
+    for (size_t start = 0; start < n; start += TILE) {
+        size_t m = n - start < TILE ? n - start : TILE;
+        const float *p = parts[0] + start;
+        if (frequency) {
+            for (size_t j = 0; j < m; j++) tally[j] = 0.0f + torch_sign(p[j]);
+        } else {
+            for (size_t j = 0; j < m; j++) tally[j] = p[j];
+        }
+        for (size_t i = 1; i < k; i++) {
+            const float *q = parts[i] + start;
+            if (frequency) {
+                for (size_t j = 0; j < m; j++) tally[j] += torch_sign(q[j]);
+            } else {
+                for (size_t j = 0; j < m; j++) tally[j] += q[j];
+            }
+        }
+        for (size_t j = 0; j < m; j++) e[j] = 1.0f - 2.0f * (float)(tally[j] < 0.0f);
+        for (size_t j = 0; j < m; j++) {
+            total[j] = clamp_min0(p[j] * e[j]) + 0.0f;
+            count[j] = torch_sign(total[j]);
+        }
+        for (size_t i = 1; i < k; i++) {
+            const float *q = parts[i] + start;
+            for (size_t j = 0; j < m; j++) {
+                float agree = clamp_min0(q[j] * e[j]);
+                total[j] += agree;
+                count[j] += torch_sign(agree);
+            }
+        }
+        float *o = out + start;
+        if (merge) { /* counts are whole numbers >= 0: max(count, 1) and "0 read as 1" agree */
+            for (size_t j = 0; j < m; j++) o[j] = total[j] * e[j] / (count[j] + (float)(count[j] == 0.0f));
+        } else {
+            for (size_t j = 0; j < m; j++) o[j] = total[j] * e[j];
+        }
+    }
+}

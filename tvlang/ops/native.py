@@ -1,0 +1,100 @@
+"""The optional compiled helper (tvlang/ops/native.c): DARE's masks, and TIES' sign merge with unit weights.
+
+Installing tvlang compiles ``native.c`` into ``tvlang/ops/libtvnative.so.1`` when a C compiler is
+found (hatch_build.py; no Python headers needed), and this module loads it with ctypes.
+Without it (no compiler at install, another platform, or ``TVLANG_NATIVE=0`` in the
+environment) :func:`drop_mask_f32` and :func:`sign_merge_f32` return ``None`` and numpy and
+torch compute the same values: the results never depend on it, only the time does
+(docs/performance-operators.md; tests/test_native.py compares the two paths).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from pathlib import Path
+
+import numpy
+import torch
+
+__all__ = ["LIBRARY", "library", "drop_mask_f32", "sign_merge_f32", "state_words", "set_state_words"]
+
+#: where the install puts the compiled helper (a versioned name, ``.so.1``: a plain ``.so``
+#: would look like a Python extension module to importers that walk the package)
+LIBRARY = Path(__file__).with_name("libtvnative.so.1")
+
+_MASK64 = (1 << 64) - 1
+_loaded: list = []  # [library or None], filled on first use
+
+
+def library():
+    """The loaded helper, or ``None`` (not built, not loadable, or ``TVLANG_NATIVE=0``)."""
+    if os.environ.get("TVLANG_NATIVE", "1") == "0":
+        return None
+    if not _loaded:
+        lib = None
+        if sys.byteorder == "little" and LIBRARY.is_file():
+            try:
+                lib = ctypes.CDLL(str(LIBRARY))
+                fn = lib.tv_pcg64_drop_f32
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint32, ctypes.c_float, ctypes.c_void_p]
+                fn.restype = None
+                fn = lib.tv_sign_merge_f32
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                               ctypes.c_void_p]
+                fn.restype = None
+            except (OSError, AttributeError):  # built for another machine, or an older file
+                lib = None
+        _loaded.append(lib)
+    return _loaded[0]
+
+
+def state_words(bits) -> numpy.ndarray:
+    """A numpy ``PCG64``'s state and increment as four 64-bit words (low half first)."""
+    state = bits.state["state"]
+    s, inc = state["state"], state["inc"]
+    return numpy.array([s & _MASK64, s >> 64, inc & _MASK64, inc >> 64], dtype=numpy.uint64)
+
+
+def set_state_words(bits, words: numpy.ndarray) -> None:
+    """Move ``bits`` to the state in ``words`` (as :func:`state_words` gives it); the
+    increment and any buffered 32-bit half stay as they are."""
+    state = bits.state
+    state["state"]["state"] = int(words[0]) | (int(words[1]) << 64)
+    bits.state = state
+
+
+def drop_mask_f32(bits, n: int, threshold: int, scale: float) -> numpy.ndarray | None:
+    """The float32 masks of the next ``n`` entries (``scale`` where the entry's 32-bit word is
+    at least ``threshold``, else 0) drawn in C from ``bits`` (a numpy ``PCG64``), which moves on
+    by ``(n + 1) // 2`` outputs: the same values and the same state after as
+    ``random_raw((n + 1) // 2)`` split into words, compared and scaled. ``None`` without the
+    helper (``bits`` untouched)."""
+    lib = library()
+    if lib is None or not isinstance(bits, numpy.random.PCG64):
+        return None
+    words = state_words(bits)
+    mask = numpy.empty(n, dtype=numpy.float32)
+    lib.tv_pcg64_drop_f32(words.ctypes.data, n, threshold, scale, mask.ctypes.data)
+    set_state_words(bits, words)
+    return mask
+
+
+_MERGES = {"sum": 0, "mean": 1, "weighted_mean": 2}
+
+
+def sign_merge_f32(parts: list, elect: str, merge: str, out) -> object | None:
+    """:func:`tvlang.ops.ties.sign_merge` with every weight 1 in one C pass (``elect`` "total" or
+    "frequency"): ``out``, or ``None`` where the helper cannot (not built; not float32,
+    contiguous CPU tensors of one size), and the caller computes it with torch."""
+    lib = library()
+    if lib is None or elect not in ("total", "frequency") or merge not in _MERGES or not parts:
+        return None
+    n = out.numel()
+    for t in (*parts, out):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or t.numel() != n:
+            return None
+    pointers = (ctypes.c_void_p * len(parts))(*[p.data_ptr() for p in parts])
+    lib.tv_sign_merge_f32(pointers, len(parts), n, elect == "frequency", _MERGES[merge], out.data_ptr())
+    return out
