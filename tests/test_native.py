@@ -1,7 +1,8 @@
 """The compiled helper (tvlang/ops/native.c, loaded by tvlang/ops/native.py) computes what the
 numpy and torch paths compute: DARE's masks bit for bit, with the generator left in the same
-state, and TIES' sign merge with unit weights with the same float32 values (NaN where the torch
-path has NaN; the sign of a NaN is not compared), at tile ends, with -0.0, infinities and NaN.
+state; TIES' sign merge with unit weights with the same float32 values (NaN where the torch
+path has NaN; the sign of a NaN is not compared), at tile ends, with -0.0, infinities and NaN;
+the threshold window pass's gathered entries and counts.
 Recipes run with ``TVLANG_NATIVE=0`` and without write the same bytes.
 
 Where a C compiler is found (every CI machine: Linux with ``cc``) the install must have built
@@ -22,6 +23,7 @@ import tvlang
 from chunking import chunk_in
 from tvlang.ops import native
 from tvlang.ops.dare import Dropper
+from tvlang.ops.threshold import WindowSelect
 from tvlang.ops.ties import sign_merge
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,11 +172,60 @@ def test_the_helper_only_takes_what_it_computes_the_same():
     assert native.sign_merge_f32([x], "none", "mean", out) is None
 
 
+def test_window_gather_equals_numpy():
+    if not built():
+        pytest.skip("the helper is not built here")
+    g = torch.Generator().manual_seed(4)
+    for n in (1, 7, 8, 9, 4095, 4096, 4097, 20000):
+        x = torch.randn(n, generator=g)
+        x[torch.randint(0, n, (max(n // 10, 1),), generator=g)] = SPECIAL[:6].repeat(n)[: max(n // 10, 1)]
+        raw = x.numpy().view(numpy.int32)
+        mag = raw & 0x7FFFFFFF
+        scratch = numpy.empty(n + 1, numpy.int32)
+        for lo_value, hi_value in [(0.5, 1.5), (1.0, None), (0.0, float("inf")), (2.0, float("nan")), (3.0, 0.1)]:
+            lo = int(numpy.float32(lo_value).view(numpy.int32))
+            hi = None if hi_value is None else int(numpy.float32(hi_value).view(numpy.int32) & 0x7FFFFFFF)
+            picked, above = native.window_gather(raw, lo, hi, scratch)
+            inside = (mag >= lo) & (mag <= hi) if hi is not None else mag >= lo
+            assert numpy.array_equal(picked, mag[inside]), (n, lo_value, hi_value)
+            assert above == (int((mag > hi).sum()) if hi is not None else 0), (n, lo_value, hi_value)
+
+
+def test_window_select_is_the_same_with_and_without_the_helper(monkeypatch):
+    if not built():
+        pytest.skip("the helper is not built here")
+    g = torch.Generator().manual_seed(8)
+    n = 300_000
+    x = torch.randn(n, generator=g)
+    x[::97] = 1.25  # ties at and around the ranks
+    x[5::1001] = float("nan")
+    ranks = [n // 5, n // 100, n // 2]
+
+    def select() -> list:
+        w = WindowSelect(n, ranks)
+        for start in range(0, n, 50_000):
+            w.sample(x[start:start + 4096])
+        w.end_sample()
+        for p in range(3):
+            if p >= w.passes:
+                break
+            for start in range(0, n, 70_001):
+                w.update(p, x[start:start + 70_001])
+            w.end_pass(p)
+        return [(repr(w.value(k)), w.tied(k)) for k in ranks] + [w.passes]  # repr: nan == nan
+
+    fast = select()
+    assert fast[-1] == 1  # the sampled windows held every rank: one pass, the gathered entries
+    monkeypatch.setenv("TVLANG_NATIVE", "0")
+    assert fast == select()
+
+
 RECIPES = [
     "pre + dare_ties(a - pre, b - pre, c - pre, p=0.8, seed=5)",
     "pre + ties(a - pre, b - pre, c - pre, density=0.3)",
     'pre + ties(a - pre, b - pre, c - pre, density=0.3, elect="frequency", merge="sum")',
     "pre + dare(a - pre, 0.6, seed=2) + dare(b - pre, 0.3, seed=9)",
+    "pre + breadcrumbs(a - pre, density=0.3, gamma=0.05) + topk(b - pre, density=0.1)",
     "pre + ties(a - pre, b - pre, density=0.5, weights=[0.7, 1.3])",  # weights: the torch path
 ]
 

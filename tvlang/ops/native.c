@@ -178,3 +178,50 @@ MULTI_VERSION void tv_sign_merge_f32(const float *const *parts, size_t k, size_t
         }
     }
 }
+
+/* ---- 3. The window pass of a magnitude threshold -------------------------------------------
+ *
+ * tvlang.ops.threshold.WindowSelect's first pass over float32 bit patterns (as int32): the
+ * magnitudes' patterns (`& 0x7FFFFFFF`: ordered as the magnitudes, NaN above inf) that lie in
+ * the window [lo, hi] are copied to `inside`, in order, and those above `hi` counted (no upper
+ * end without `has_hi`), where numpy takes five passes and a boolean gather. In steps of
+ * STEP entries: a loop the compiler vectorizes flags the entries inside, then the flags are
+ * read eight at a time, skipping the groups with none (most: a window holds a few percent of
+ * the entries). `inside` has room for n + 1 entries (each of a group is written, the count
+ * moves on for those inside). Returns how many are inside; adds the count above to *above. */
+#define STEP 4096
+
+MULTI_VERSION size_t tv_window_gather(const int32_t *raw, size_t n, int32_t lo, int32_t hi, int has_hi, int32_t *inside,
+                                      uint64_t *above) {
+    uint8_t flags[STEP];
+    size_t count = 0;
+    uint64_t over = 0;
+    if (!has_hi) hi = INT32_MAX;
+    for (size_t start = 0; start < n; start += STEP) {
+        size_t m = n - start < STEP ? n - start : STEP;
+        const int32_t *r = raw + start;
+        uint32_t step_over = 0;
+        for (size_t j = 0; j < m; j++) {
+            int32_t v = r[j] & 0x7FFFFFFF;
+            step_over += v > hi;
+            flags[j] = (uint8_t)((v >= lo) & (v <= hi));
+        }
+        over += step_over;
+        size_t j = 0;
+        for (; j + 8 <= m; j += 8) {
+            uint64_t group;
+            memcpy(&group, flags + j, sizeof group);
+            if (!group) continue;
+            for (size_t t = 0; t < 8; t++) {
+                inside[count] = r[j + t] & 0x7FFFFFFF;
+                count += flags[j + t];
+            }
+        }
+        for (; j < m; j++) {
+            inside[count] = r[j] & 0x7FFFFFFF;
+            count += flags[j];
+        }
+    }
+    *above += over;
+    return count;
+}

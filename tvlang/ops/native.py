@@ -1,9 +1,10 @@
-"""The optional compiled helper (tvlang/ops/native.c): DARE's masks, and TIES' sign merge with unit weights.
+"""The optional compiled helper (tvlang/ops/native.c): DARE's masks, TIES' sign merge with unit
+weights, and the window pass of magnitude thresholds.
 
 Installing tvlang compiles ``native.c`` into ``tvlang/ops/libtvnative.so.1`` when a C compiler is
 found (hatch_build.py; no Python headers needed), and this module loads it with ctypes.
 Without it (no compiler at install, another platform, or ``TVLANG_NATIVE=0`` in the
-environment) :func:`drop_mask_f32` and :func:`sign_merge_f32` return ``None`` and numpy and
+environment) :func:`drop_mask_f32`, :func:`sign_merge_f32` and :func:`window_gather` return ``None`` and numpy and
 torch compute the same values: the results never depend on it, only the time does
 (docs/performance-operators.md; tests/test_native.py compares the two paths).
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy
 import torch
 
-__all__ = ["LIBRARY", "library", "drop_mask_f32", "sign_merge_f32", "state_words", "set_state_words"]
+__all__ = ["LIBRARY", "library", "drop_mask_f32", "sign_merge_f32", "window_gather", "state_words", "set_state_words"]
 
 #: where the install puts the compiled helper (a versioned name, ``.so.1``: a plain ``.so``
 #: would look like a Python extension module to importers that walk the package)
@@ -40,6 +41,10 @@ def library():
                 fn = lib.tv_pcg64_drop_f32
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint32, ctypes.c_float, ctypes.c_void_p]
                 fn.restype = None
+                fn = lib.tv_window_gather
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int32, ctypes.c_int32, ctypes.c_int,
+                               ctypes.c_void_p, ctypes.c_void_p]
+                fn.restype = ctypes.c_size_t
                 fn = lib.tv_sign_merge_f32
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                                ctypes.c_void_p]
@@ -98,3 +103,18 @@ def sign_merge_f32(parts: list, elect: str, merge: str, out) -> object | None:
     pointers = (ctypes.c_void_p * len(parts))(*[p.data_ptr() for p in parts])
     lib.tv_sign_merge_f32(pointers, len(parts), n, elect == "frequency", _MERGES[merge], out.data_ptr())
     return out
+
+
+def window_gather(raw: numpy.ndarray, lo: int, hi: int | None,
+                  scratch: numpy.ndarray) -> tuple[numpy.ndarray, int] | None:
+    """The magnitudes' bit patterns (``raw & 0x7FFFFFFF``) of the contiguous int32 patterns ``raw``
+    that lie in ``[lo, hi]`` (``hi`` None: no upper end), in order, as a fresh array, and how many
+    lie above ``hi``: what :class:`tvlang.ops.threshold.WindowSelect`'s numpy path gathers and
+    counts. ``scratch``: int32, room for ``raw.size + 1``. ``None`` without the helper."""
+    lib = library()
+    if lib is None:
+        return None
+    above = numpy.zeros(1, dtype=numpy.uint64)
+    count = lib.tv_window_gather(raw.ctypes.data, raw.size, lo, 0 if hi is None else hi, hi is not None,
+                                 scratch.ctypes.data, above.ctypes.data)
+    return scratch[:count].copy(), int(above[0])

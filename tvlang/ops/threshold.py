@@ -32,6 +32,7 @@ import torch
 
 from tvlang.ops.common import _pick_bin, bits_to_float, histogram, keep_count, scratch
 from tvlang.ops.context import TensorContext
+from tvlang.ops.native import window_gather
 
 __all__ = ["MagnitudeThreshold", "RadixSelect", "WindowSelect", "read_window"]
 
@@ -202,9 +203,11 @@ class WindowSelect:
             return
         raw = _raw_bits(x)
         if self._buffers is None:
-            self._buffers = (numpy.empty(_BLOCK, numpy.int32), numpy.empty(_BLOCK, bool), numpy.empty(_BLOCK, bool))
+            self._buffers = (numpy.empty(_BLOCK + 1, numpy.int32), numpy.empty(_BLOCK, bool), numpy.empty(_BLOCK, bool))
         for start in range(0, raw.size, _BLOCK):
             part = raw[start:start + _BLOCK]
+            if self._gather_natively(part):
+                continue
             block, inside, above = (b[:part.size] for b in self._buffers)
             numpy.bitwise_and(part, 0x7FFFFFFF, out=block)
             for k, (lo, hi) in self._windows.items():
@@ -218,6 +221,19 @@ class WindowSelect:
                 self._gathered += picked.size
         if self._gathered > self.limit:  # not the narrow window hoped for: fall back, free them
             self._inside = {}
+
+    def _gather_natively(self, part: numpy.ndarray) -> bool:
+        """Pass 0 over one block in the compiled helper (tvlang/ops/native.py: the same entries
+        gathered and counted in one loop instead of five numpy passes); False without it."""
+        for k, (lo, hi) in self._windows.items():
+            done = window_gather(part, lo, hi, self._buffers[0])
+            if done is None:
+                return False
+            picked, above = done
+            self._above[k] += above
+            self._inside[k].append(picked)
+            self._gathered += picked.size
+        return True
 
     def end_pass(self, pass_index: int) -> None:
         if pass_index >= self.passes:
