@@ -98,12 +98,13 @@ void tv_pcg64_drop_f32(uint64_t *st, size_t n, uint32_t threshold, float scale, 
     st[1] = (uint64_t)(state >> 64);
 }
 
-/* ---- ties' sign election and disjoint merge, unit weights ---------------------------------
+/* ---- 2. ties' sign election and disjoint merge, unit weights ------------------------------
  *
  * tvlang.ops.ties.sign_merge with every weight 1, entry by entry in one pass instead of about
  * twenty torch calls over scratch tensors. It repeats the torch path's float32 operations in
- * the same order, so the values are the same bit for bit, NaN, infinities and -0.0 included
- * (tests/test_native.py compares the two):
+ * the same order, so the values are the same bit for bit, -0.0 and infinities included, and
+ * NaN where the torch path has NaN (not always with the same sign bit: which NaN an
+ * operation passes on depends on its operands' order; tests/test_native.py compares the two):
  *   torch.sign(x) is 1 for x > 0, -1 for x < 0, else +0.0 (0 for NaN and both zeros);
  *   clamp_(min=0) keeps NaN and -0.0 (x < 0 becomes 0, nothing else changes);
  *   the tally is p0 + p1 + ... in order ("total") or 0 + sign(p0) + sign(p1) + ...
@@ -114,9 +115,8 @@ void tv_pcg64_drop_f32(uint64_t *st, size_t n, uint32_t threshold, float scale, 
  *   as 1 ("weighted_mean": the same for counts), not divided ("sum").
  * Built with -ffp-contract=off so no multiply and add are fused into one rounding. */
 
-/* Branch-free forms (the signs are unpredictable, a branch each costs more than the rest),
- * written as arithmetic so the compiler keeps the multiplications by e: rewriting x * e as
- * a conditional negation would flip the sign bit of a NaN, which the multiplication keeps. */
+/* Branch-free forms: the signs are unpredictable, and a mispredicted branch each costs more
+ * than the rest of the loop. */
 static inline float torch_sign(float x) { return (float)(x > 0.0f) - (float)(x < 0.0f); }
 
 static inline float clamp_min0(float x) {
@@ -127,8 +127,9 @@ static inline float clamp_min0(float x) {
     return x;
 }
 
-/* On x86-64 Linux the merge is compiled twice, for AVX2 and for the baseline, and the loader
- * picks one for the machine (the values are the same: no fused multiply-add either way). */
+/* On x86-64 Linux the merge and the window gather are compiled twice, for AVX2 and for the
+ * baseline, and the loader picks one for the machine (the values are the same: no fused
+ * multiply-add either way). */
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
 #define MULTI_VERSION __attribute__((target_clones("avx2", "default")))
 #else

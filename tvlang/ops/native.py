@@ -4,9 +4,9 @@ weights, and the window pass of magnitude thresholds.
 Installing tvlang compiles ``native.c`` into ``tvlang/ops/libtvnative.so.1`` when a C compiler is
 found (hatch_build.py; no Python headers needed), and this module loads it with ctypes.
 Without it (no compiler at install, another platform, or ``TVLANG_NATIVE=0`` in the
-environment) :func:`drop_mask_f32`, :func:`sign_merge_f32` and :func:`window_gather` return ``None`` and numpy and
-torch compute the same values: the results never depend on it, only the time does
-(docs/performance-operators.md; tests/test_native.py compares the two paths).
+environment) :func:`drop_mask_f32`, :func:`sign_merge_f32` and :func:`window_gather` return
+``None`` and numpy and torch compute the same values: the results never depend on it, only
+the time does (docs/performance-operators.md; tests/test_native.py compares the two paths).
 """
 
 from __future__ import annotations
