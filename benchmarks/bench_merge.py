@@ -16,6 +16,8 @@ fresh process and measured by ``harness.measure``:
 - ``tvlang-ties``: ``pre + ties(a - pre, b - pre, c - pre, density=0.2)``;
 - ``tvlang-dare``: ``pre + dare(a - pre, 0.9, seed=1) + dare(b - pre, 0.9, seed=2) + dare(c - pre, 0.9, seed=3)``;
 - ``tvlang-dare_ties``: ``pre + dare_ties(a - pre, b - pre, c - pre, p=0.9)``;
+- ``tvlang-breadcrumbs``: ``pre + breadcrumbs(a - pre, density=0.2, gamma=0.01) + ...`` over
+  ``b`` and ``c`` as well (issue 19: at most 2x plain task arithmetic, as ``ties``);
 - ``mergekit-ta``: ``mergekit-yaml`` ``task_arithmetic``, weights 0.4, ``normalize: false``;
 - ``mergekit-ties``: ``ties``, weight 1 and density 0.2 per model, ``normalize: true``
   (the sum of the agreeing entries over the number agreeing: tvlang's default ``merge="mean"``);
@@ -25,7 +27,8 @@ Every contender runs once untimed first (inputs into the page cache; mergekit on
 ``--mergekit-warmup``, as a mergekit ``ties`` run at 1.5 GB takes minutes), then
 ``--repeat`` interleaved rounds (``--mergekit-repeat`` for mergekit). Outputs are checked
 on a few tensors against a direct computation: task arithmetic exactly; ties against an
-independent sort-based reference (float32 deltas, float64 merge); dare and dare_ties
+independent sort-based reference (float32 deltas, float64 merge), breadcrumbs likewise (the
+entries ranked ``top+1 .. top+keep`` of each delta by a stable sort); dare and dare_ties
 entry by entry (each output entry must be ``pre`` plus ``1/(1-p)`` times the sum, or the
 mean, of some subset of the three deltas) and by the fraction of entries left unchanged.
 mergekit ties is compared with the same reference and the difference reported, not
@@ -65,11 +68,14 @@ from harness import Result, fmt_bytes, measure, median_result  # noqa: E402
 
 P = 0.9
 DENSITY = 0.2
+GAMMA = 0.01
 EXPRS = {
     "tvlang-ta": "pre + 0.4*(a - pre) + 0.4*(b - pre) + 0.4*(c - pre)",
     "tvlang-ties": f"pre + ties(a - pre, b - pre, c - pre, density={DENSITY})",
     "tvlang-dare": " + ".join(["pre"] + [f"dare({m} - pre, {P}, seed={i})" for i, m in enumerate("abc", 1)]),
     "tvlang-dare_ties": f"pre + dare_ties(a - pre, b - pre, c - pre, p={P})",
+    "tvlang-breadcrumbs": " + ".join(["pre"] + [f"breadcrumbs({m} - pre, density={DENSITY}, gamma={GAMMA})"
+                                                for m in "abc"]),
 }
 MERGEKIT = {
     "mergekit-ta": ("task_arithmetic", "false", {"weight": 0.4}),
@@ -214,6 +220,21 @@ def ties_reference(deltas, density: float):
     return (total / count).reshape(deltas[0].shape)
 
 
+def breadcrumbs_reference(delta, density: float, gamma: float):
+    """Breadcrumbs written directly: the entries ranked ``top+1 .. top+keep`` by magnitude in a
+    full stable sort (ties by flat index), ``(keep, top)`` as tvlang counts them."""
+    import torch
+
+    from tvlang.ops.prune import breadcrumb_counts
+
+    flat = delta.reshape(-1)
+    keep, top = breadcrumb_counts(density, gamma, flat.numel(), "floor")
+    order = torch.sort(flat.abs(), descending=True, stable=True).indices[top:top + keep]
+    kept = torch.zeros(flat.numel(), dtype=torch.bool)
+    kept[order] = True
+    return torch.where(kept, flat, 0).to(torch.float64).reshape(delta.shape)
+
+
 def check(name: str, out: str, paths: dict[str, str]) -> tuple[bool, str]:
     """(ok, note) for a contender's output on the CHECKED tensors."""
     import torch
@@ -228,6 +249,11 @@ def check(name: str, out: str, paths: dict[str, str]) -> tuple[bool, str]:
         if name.endswith("-ta"):
             expected = pre + 0.4 * deltas[0] + 0.4 * deltas[1] + 0.4 * deltas[2]
             err = float((got - expected).abs().max())
+            ok &= err <= 1e-5
+            notes.append(f"{tensor}: max err {err:.2g}")
+        elif name.endswith("-breadcrumbs"):
+            expected = pre.double() + sum(breadcrumbs_reference(d, DENSITY, GAMMA) for d in deltas)
+            err = float((got.double() - expected).abs().max())
             ok &= err <= 1e-5
             notes.append(f"{tensor}: max err {err:.2g}")
         elif name.endswith("-ties"):

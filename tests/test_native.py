@@ -10,6 +10,7 @@ the helper, so these tests cannot pass by comparing the fallback with itself."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -23,6 +24,7 @@ import tvlang
 from chunking import chunk_in
 from tvlang.ops import native
 from tvlang.ops.dare import Dropper
+from tvlang.ops.prune import trim
 from tvlang.ops.threshold import WindowSelect
 from tvlang.ops.ties import sign_merge
 
@@ -189,6 +191,27 @@ def test_window_gather_equals_numpy():
             inside = (mag >= lo) & (mag <= hi) if hi is not None else mag >= lo
             assert numpy.array_equal(picked, mag[inside]), (n, lo_value, hi_value)
             assert above == (int((mag > hi).sum()) if hi is not None else 0), (n, lo_value, hi_value)
+
+
+def test_band_trim_equals_the_torch_path(monkeypatch):
+    if not built():
+        pytest.skip("the helper is not built here")
+    g = torch.Generator().manual_seed(6)
+    for n in (1, 7, 8, 33, 4099):
+        x = torch.randn(n, generator=g)
+        x[torch.randint(0, n, (max(n // 6, 1),), generator=g)] = SPECIAL[torch.randint(0, len(SPECIAL),
+                                                                                        (max(n // 6, 1),), generator=g)]
+        x[::7] = 1.5  # exactly at a cut
+        for low, high in [(0.5, 1.5), (1.5, 2.5), (0.1, math.inf), (1e-3, 1e-2)]:
+            fast = trim(x, low, high, slot="test.fast").clone()
+            monkeypatch.setenv("TVLANG_NATIVE", "0")
+            slow = trim(x, low, high, slot="test.slow").clone()
+            monkeypatch.delenv("TVLANG_NATIVE")
+            assert torch.equal(fast.view(torch.int32), slow.view(torch.int32)), (n, low, high)  # NaN's bits too
+    out = torch.empty(4)
+    x = torch.tensor([0.5, -2.0, float("inf"), 1.0])  # lo < |x| <= hi kept: 1.0 of (0.5, 1.0]
+    assert native.band_f32(x, 0.5, 1.0, out) is out
+    assert out[[0, 1, 3]].tolist() == [0.0, 0.0, 1.0] and bool(out[2].isnan())  # inf - inf, as torch
 
 
 def test_window_select_is_the_same_with_and_without_the_helper(monkeypatch):

@@ -226,3 +226,27 @@ MULTI_VERSION size_t tv_window_gather(const int32_t *raw, size_t n, int32_t lo, 
     *above += over;
     return count;
 }
+
+/* ---- 4. A band of magnitudes: breadcrumbs' trim --------------------------------------------
+ *
+ * tvlang.ops.prune.trim with both cuts, `hardshrink(x, lo) - hardshrink(x, hi)` (the entries
+ * with lo < |x| <= hi, where lo and hi are the largest floats below the two thresholds), in
+ * one pass instead of three torch calls: torch's hardshrink is `(x >= -l && x <= l) ? 0 : x`
+ * (so NaN stays NaN), and the difference is taken as torch takes it (an infinity above the
+ * band gives inf - inf = NaN, as there). */
+static inline float zero_where(float v, uint32_t inside) { /* v, or +0.0 where inside is 1 */
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    bits &= inside - 1u;
+    memcpy(&v, &bits, sizeof bits);
+    return v;
+}
+
+MULTI_VERSION void tv_band_f32(const float *x, size_t n, float lo, float hi, float *out) {
+    for (size_t j = 0; j < n; j++) { /* & rather than &&: no branch, so the loop vectorizes */
+        float v = x[j];
+        float kept = zero_where(v, (uint32_t)(v >= -lo) & (uint32_t)(v <= lo));
+        float above = zero_where(v, (uint32_t)(v >= -hi) & (uint32_t)(v <= hi));
+        out[j] = kept - above;
+    }
+}

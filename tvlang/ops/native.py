@@ -1,11 +1,11 @@
 """The optional compiled helper (tvlang/ops/native.c): DARE's masks, TIES' sign merge with unit
-weights, and the window pass of magnitude thresholds.
+weights, the window pass of magnitude thresholds, and breadcrumbs' band trim.
 
 Installing tvlang compiles ``native.c`` into ``tvlang/ops/libtvnative.so.1`` when a C compiler is
 found (hatch_build.py; no Python headers needed), and this module loads it with ctypes.
 Without it (no compiler at install, another platform, or ``TVLANG_NATIVE=0`` in the
-environment) :func:`drop_mask_f32`, :func:`sign_merge_f32` and :func:`window_gather` return
-``None`` and numpy and torch compute the same values: the results never depend on it, only
+environment) :func:`drop_mask_f32`, :func:`sign_merge_f32`, :func:`window_gather` and
+:func:`band_f32` return ``None`` and numpy and torch compute the same values: the results never depend on it, only
 the time does (docs/performance-operators.md; tests/test_native.py compares the two paths).
 """
 
@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy
 import torch
 
-__all__ = ["LIBRARY", "library", "drop_mask_f32", "sign_merge_f32", "window_gather", "state_words", "set_state_words"]
+__all__ = ["LIBRARY", "library", "drop_mask_f32", "sign_merge_f32", "window_gather", "band_f32", "state_words",
+           "set_state_words"]
 
 #: where the install puts the compiled helper (a versioned name, ``.so.1``: a plain ``.so``
 #: would look like a Python extension module to importers that walk the package)
@@ -45,6 +46,9 @@ def library():
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int32, ctypes.c_int32, ctypes.c_int,
                                ctypes.c_void_p, ctypes.c_void_p]
                 fn.restype = ctypes.c_size_t
+                fn = lib.tv_band_f32
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_float, ctypes.c_float, ctypes.c_void_p]
+                fn.restype = None
                 fn = lib.tv_sign_merge_f32
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                                ctypes.c_void_p]
@@ -118,3 +122,17 @@ def window_gather(raw: numpy.ndarray, lo: int, hi: int | None,
     count = lib.tv_window_gather(raw.ctypes.data, raw.size, lo, 0 if hi is None else hi, hi is not None,
                                  scratch.ctypes.data, above.ctypes.data)
     return scratch[:count].copy(), int(above[0])
+
+
+def band_f32(x, lo: float, hi: float, out) -> object | None:
+    """``hardshrink(x, lo) - hardshrink(x, hi)`` into ``out`` in one C pass (the same values as
+    those two torch calls and the subtraction), for float32, contiguous CPU tensors of one size;
+    ``out``, or ``None`` where the helper cannot and the caller uses torch."""
+    lib = library()
+    if lib is None or x.numel() != out.numel():
+        return None
+    for t in (x, out):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+            return None
+    lib.tv_band_f32(x.data_ptr(), x.numel(), lo, hi, out.data_ptr())
+    return out

@@ -36,6 +36,7 @@ from tvlang.ops.common import (
 )
 from tvlang.ops.context import TensorContext
 from tvlang.ops.dare import restore_l1
+from tvlang.ops.native import band_f32
 
 __all__ = ["topk", "breadcrumbs", "magnitude_threshold", "model_threshold", "trim", "keep_at_least",
            "breadcrumb_counts", "breadcrumb_windows", "rescaled"]
@@ -82,6 +83,9 @@ def trim(x: torch.Tensor, low: float, high: float = math.inf, *, slot: str,
     if low <= 0.0 and high == math.inf:
         return x if into is None else into.copy_(x)
     target = into if into is not None else scratch(slot, x)
+    if low > 0.0 and high != math.inf and x.dtype == torch.float32:  # one pass in the compiled helper
+        if band_f32(x, below(low, x.dtype), below(high, x.dtype), target) is not None:
+            return target
     out = torch.hardshrink(x, below(low, x.dtype), out=target) if low > 0.0 else target.copy_(x)
     if high != math.inf:
         out.sub_(torch.hardshrink(x, below(high, x.dtype), out=scratch(slot + ".high", x)))
