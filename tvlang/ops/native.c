@@ -1,4 +1,4 @@
-/* tvlang's optional compiled helper: two loops that numpy and torch run slowly.
+/* tvlang's optional compiled helper: four loops that numpy and torch run slowly.
  *
  * 1. DARE's masks from numpy's PCG64 stream, without numpy's per-word call.
  * tvlang.ops.dare.Dropper gives each entry a 32-bit word of a PCG64 stream (each 64-bit
@@ -10,7 +10,8 @@
  * their multiplies overlap) and writes the mask in the same loop: the same values, bit for
  * bit, at 1.5 ns an entry.
  *
- * 2. TIES' sign election and disjoint merge with unit weights (below).
+ * 2. TIES' sign election and disjoint merge with unit weights; 3. the window pass of the
+ * magnitude thresholds; 4. breadcrumbs' band trim (below).
  *
  * Built by hatch_build.py into tvlang/ops/libtvnative.so.1 when a C compiler is found, loaded by
  * tvlang/ops/native.py through ctypes (which lets go of the GIL during the call); without
