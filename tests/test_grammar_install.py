@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from test_native import COMPILER  # where the install builds the compiled helper
 from tvlang.language.syntax import grammar_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +41,7 @@ def test_wheel_contains_grammar_and_parses(tmp_path):
     )
     assert build.returncode == 0, build.stderr
     (wheel,) = dist.glob("tvlang-*.whl")
-    compiler = shutil.which(os.environ.get("CC") or "cc") is not None and sys.platform.startswith("linux")
+    compiler = COMPILER
     with zipfile.ZipFile(wheel) as archive:
         assert ("tvlang/ops/libtvnative.so.1" in archive.namelist()) == compiler
         assert wheel.name.endswith("-py3-none-any.whl") != compiler  # a wheel with the helper is platform's

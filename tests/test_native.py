@@ -32,15 +32,14 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPILER = shutil.which(os.environ.get("CC") or "cc") is not None and sys.platform.startswith("linux")
 
 
-def built() -> bool:
-    return native.library() is not None
+needs_helper = pytest.mark.skipif(native.library() is None, reason="the helper is not built here")
 
 
 def test_the_install_built_the_helper_where_a_compiler_is_found():
     if not COMPILER:
         pytest.skip("no C compiler here: tvlang runs on numpy and torch alone")
     assert native.LIBRARY.is_file(), "pip install -e . should have run hatch_build.py"
-    assert built()
+    assert native.library() is not None
 
 
 def test_without_the_helper_nothing_calls_it(monkeypatch):
@@ -61,10 +60,9 @@ def numpy_masks(bits, n: int, threshold: int, scale: float) -> numpy.ndarray:
     return mask * numpy.float32(scale) if scale != 1.0 else mask
 
 
+@needs_helper
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 9, 15, 16, 17, 1000, (1 << 18) + 3])
 def test_drop_masks_equal_numpy_and_leave_the_same_state(n):
-    if not built():
-        pytest.skip("the helper is not built here")
     for seed, skip, threshold, scale in [(1, 0, 3865470567, 10.0), (2, 12345, 1 << 31, 1.0), (3, 7, 1, 1 / 0.3)]:
         ours, theirs = numpy.random.PCG64(seed), numpy.random.PCG64(seed)
         ours.advance(skip)
@@ -77,9 +75,8 @@ def test_drop_masks_equal_numpy_and_leave_the_same_state(n):
         assert numpy.array_equal(ours.random_raw(3), theirs.random_raw(3))
 
 
+@needs_helper
 def test_dropper_masks_are_the_same_with_and_without_the_helper(monkeypatch):
-    if not built():
-        pytest.skip("the helper is not built here")
     n = 3 * (1 << 18) + 11  # blocks of CHUNK, and a short last one
     x = torch.randn(n, generator=torch.Generator().manual_seed(0))
 
@@ -126,10 +123,9 @@ def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(*bits)
 
 
+@needs_helper
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
 def test_sign_merge_equals_the_torch_path(monkeypatch, k):
-    if not built():
-        pytest.skip("the helper is not built here")
     seen_nan = False
     for n in (1, 15, 16, 17, 511, 512, 513, 4099):  # the C tiles are 512 entries
         parts = parts_with_specials(k, n, seed=k * 1000 + n)
@@ -146,9 +142,8 @@ def test_sign_merge_equals_the_torch_path(monkeypatch, k):
     assert seen_nan  # the data reaches the NaN cases (its -0.0 and infinities are in every part)
 
 
+@needs_helper
 def test_sign_merge_by_hand():
-    if not built():
-        pytest.skip("the helper is not built here")
     a = torch.tensor([1.0, -2.0, 3.0, 0.0, -0.0, 1.0])
     b = torch.tensor([2.0, 1.0, -1.0, 0.0, -0.0, -1.0])
     c = torch.tensor([-4.0, 0.0, -1.0, 0.0, 0.0, 0.0])
@@ -162,9 +157,8 @@ def test_sign_merge_by_hand():
     assert out.tolist() == [3.0, 1.0, -2.0, 0.0, 0.0, 1.0]
 
 
+@needs_helper
 def test_the_helper_only_takes_what_it_computes_the_same():
-    if not built():
-        pytest.skip("the helper is not built here")
     x = torch.ones(8)
     out = torch.empty(8)
     assert native.sign_merge_f32([x.double()], "total", "mean", out.double()) is None
@@ -174,9 +168,8 @@ def test_the_helper_only_takes_what_it_computes_the_same():
     assert native.sign_merge_f32([x], "none", "mean", out) is None
 
 
+@needs_helper
 def test_window_gather_equals_numpy():
-    if not built():
-        pytest.skip("the helper is not built here")
     g = torch.Generator().manual_seed(4)
     for n in (1, 7, 8, 9, 4095, 4096, 4097, 20000):
         x = torch.randn(n, generator=g)
@@ -193,9 +186,8 @@ def test_window_gather_equals_numpy():
             assert above == (int((mag > hi).sum()) if hi is not None else 0), (n, lo_value, hi_value)
 
 
+@needs_helper
 def test_band_trim_equals_the_torch_path(monkeypatch):
-    if not built():
-        pytest.skip("the helper is not built here")
     g = torch.Generator().manual_seed(6)
     for n in (1, 7, 8, 33, 4099):
         x = torch.randn(n, generator=g)
@@ -214,9 +206,8 @@ def test_band_trim_equals_the_torch_path(monkeypatch):
     assert out[[0, 1, 3]].tolist() == [0.0, 0.0, 1.0] and bool(out[2].isnan())  # inf - inf, as torch
 
 
+@needs_helper
 def test_window_select_is_the_same_with_and_without_the_helper(monkeypatch):
-    if not built():
-        pytest.skip("the helper is not built here")
     g = torch.Generator().manual_seed(8)
     n = 300_000
     x = torch.randn(n, generator=g)
@@ -253,10 +244,9 @@ RECIPES = [
 ]
 
 
+@needs_helper
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipes_give_the_same_tensors_with_and_without_the_helper(monkeypatch, recipe):
-    if not built():
-        pytest.skip("the helper is not built here")
     g = torch.Generator().manual_seed(11)
     shapes = {"w": (300, 70), "v": (1000,), "small": (5,)}
     pre = {n: torch.randn(s, generator=g) for n, s in shapes.items()}

@@ -110,7 +110,6 @@ class _Thresholds(ChunkKernel):
         """Each input's next pieces as pruned (tie windows counted on), for the L1 pass."""
         raise NotImplementedError
 
-
     def sample(self, pieces: list[torch.Tensor]) -> None:
         for select, x in zip(self.selects, pieces):
             select.sample(x)
@@ -347,7 +346,6 @@ class _Topk(_Pruned):
         return out
 
 
-
 @chunk_form_of("topk")
 def topk_chunks(ctx: TensorContext, numel: int, n_inputs: int, dtype: torch.dtype, *, density: float,
                 scope: str, count: str, rescale_by: str) -> ChunkKernel | None:
@@ -380,7 +378,6 @@ class _Breadcrumbs(_Pruned):
         for window in self.windows:
             window.apply(x, out)
         return out
-
 
 
 @chunk_form_of("breadcrumbs")

@@ -120,13 +120,15 @@ void tv_pcg64_drop_f32(uint64_t *st, size_t n, uint32_t threshold, float scale, 
  * than the rest of the loop. */
 static inline float torch_sign(float x) { return (float)(x > 0.0f) - (float)(x < 0.0f); }
 
-static inline float clamp_min0(float x) {
+static inline float zero_where(float v, uint32_t inside) { /* v, or +0.0 where inside is 1 */
     uint32_t bits;
-    memcpy(&bits, &x, sizeof bits);
-    bits &= (uint32_t)(x < 0.0f) - 1u; /* all ones unless x < 0 */
-    memcpy(&x, &bits, sizeof bits);
-    return x;
+    memcpy(&bits, &v, sizeof bits);
+    bits &= inside - 1u;
+    memcpy(&v, &bits, sizeof bits);
+    return v;
 }
+
+static inline float clamp_min0(float x) { return zero_where(x, (uint32_t)(x < 0.0f)); }
 
 /* On x86-64 Linux the merge and the window gather are compiled twice, for AVX2 and for the
  * baseline, and the loader picks one for the machine (the values are the same: no fused
@@ -235,14 +237,6 @@ MULTI_VERSION size_t tv_window_gather(const int32_t *raw, size_t n, int32_t lo, 
  * one pass instead of three torch calls: torch's hardshrink is `(x >= -l && x <= l) ? 0 : x`
  * (so NaN stays NaN), and the difference is taken as torch takes it (an infinity above the
  * band gives inf - inf = NaN, as there). */
-static inline float zero_where(float v, uint32_t inside) { /* v, or +0.0 where inside is 1 */
-    uint32_t bits;
-    memcpy(&bits, &v, sizeof bits);
-    bits &= inside - 1u;
-    memcpy(&v, &bits, sizeof bits);
-    return v;
-}
-
 MULTI_VERSION void tv_band_f32(const float *x, size_t n, float lo, float hi, float *out) {
     for (size_t j = 0; j < n; j++) { /* & rather than &&: no branch, so the loop vectorizes */
         float v = x[j];

@@ -93,6 +93,12 @@ def drop_mask_f32(bits, n: int, threshold: int, scale: float) -> numpy.ndarray |
 _MERGES = {"sum": 0, "mean": 1, "weighted_mean": 2}
 
 
+def _plain_f32(tensors: tuple, n: int) -> bool:
+    """Whether the helper can take these tensors: float32, contiguous, on the CPU, ``n`` entries each."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() and t.numel() == n
+               for t in tensors)
+
+
 def sign_merge_f32(parts: list, elect: str, merge: str, out) -> object | None:
     """:func:`tvlang.ops.ties.sign_merge` with every weight 1 in one C pass (``elect`` "total" or
     "frequency"): ``out``, or ``None`` where the helper cannot (not built; not float32,
@@ -101,9 +107,8 @@ def sign_merge_f32(parts: list, elect: str, merge: str, out) -> object | None:
     if lib is None or elect not in ("total", "frequency") or merge not in _MERGES or not parts:
         return None
     n = out.numel()
-    for t in (*parts, out):
-        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or t.numel() != n:
-            return None
+    if not _plain_f32((*parts, out), n):
+        return None
     pointers = (ctypes.c_void_p * len(parts))(*[p.data_ptr() for p in parts])
     lib.tv_sign_merge_f32(pointers, len(parts), n, elect == "frequency", _MERGES[merge], out.data_ptr())
     return out
@@ -129,10 +134,7 @@ def band_f32(x, lo: float, hi: float, out) -> object | None:
     those two torch calls and the subtraction), for float32, contiguous CPU tensors of one size;
     ``out``, or ``None`` where the helper cannot and the caller uses torch."""
     lib = library()
-    if lib is None or x.numel() != out.numel():
+    if lib is None or not _plain_f32((x, out), x.numel()):
         return None
-    for t in (x, out):
-        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
-            return None
     lib.tv_band_f32(x.data_ptr(), x.numel(), lo, hi, out.data_ptr())
     return out
