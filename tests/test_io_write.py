@@ -488,19 +488,84 @@ def test_sharded_output_loads_with_transformers_from_pretrained(tmp_path):
     assert all(torch.equal(loaded[n], t) for n, t in sd.items())
 
 
-def test_writeback_starts_while_writing(tmp_path, monkeypatch):
-    """Every WRITEBACK_BYTES written, the kernel is asked to start writing that range to disk
-    (so the sync before the rename waits for little): consecutive ranges from offset 0."""
+def _wait_for(condition, seconds: float = 10.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_writeback_syncs_in_a_thread_every_writeback_bytes(tmp_path, monkeypatch):
+    """Writeback starts its thread at the first WRITEBACK_BYTES written (not before) and
+    syncs the file's descriptor from it; close() stops the thread."""
+    import threading
+
     calls = []
-    monkeypatch.setattr(writer_module, "_SYNC_FILE_RANGE", lambda fd, offset, n, flags: calls.append((offset, n, flags)))
+    monkeypatch.setattr(writer_module, "_SYNC_DATA", lambda fd: calls.append((fd, threading.current_thread().name)))
+    monkeypatch.setattr(writer_module, "WRITEBACK_BYTES", 100)
+    with open(tmp_path / "f", "wb") as f:
+        sync = writer_module.Writeback(f.fileno())
+        sync.wrote(99)
+        assert sync._thread is None and calls == []
+        sync.wrote(100)
+        assert _wait_for(lambda: calls), "no sync within 10 s"
+        assert calls[0] == (f.fileno(), "tvlang-writeback")
+        sync.close()
+        assert sync._thread is None
+        count = len(calls)
+        sync.wrote(150)  # under WRITEBACK_BYTES past the last request: nothing more
+        assert len(calls) == count and sync._thread is None
+
+
+def test_writeback_reports_a_failed_sync_at_close(tmp_path, monkeypatch):
+    """Linux reports a failed writeback to one sync only: the thread's error is raised by close()."""
+    def failing(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(writer_module, "_SYNC_DATA", failing)
+    monkeypatch.setattr(writer_module, "WRITEBACK_BYTES", 100)
+    with open(tmp_path / "f", "wb") as f:
+        sync = writer_module.Writeback(f.fileno())
+        sync.wrote(100)
+        assert _wait_for(lambda: sync._error is not None)
+        with pytest.raises(OSError) as info:
+            sync.close()
+        assert info.value.errno == errno.EIO
+
+
+def test_a_failed_background_sync_fails_the_commit(tmp_path, monkeypatch):
+    """An error of the thread's sync is the writer's 'write failed' at commit: nothing at the
+    output path, no temporary left."""
+    def failing(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(writer_module, "_SYNC_DATA", failing)
     monkeypatch.setattr(writer_module, "WRITEBACK_BYTES", 100)
     sd = state_dict()
-    out = write(tmp_path / "m.safetensors", sd)
-    size = os.path.getsize(out)
-    assert calls and all(flags == 2 and n >= 100 for _, n, flags in calls)
-    assert [offset for offset, _, _ in calls] == [0] + [sum(n for _, n, _ in calls[:i]) for i in range(1, len(calls))]
-    assert sum(n for _, n, _ in calls) > size - 100 - 320  # all but the tail after the last range
-    loaded = load_file(out)
+    out = tmp_path / "m.safetensors"
+    writer = StreamingWriter(str(out), layout_of(sd))
+    for name, tensor in sd.items():
+        writer.write(name, tensor)
+    assert _wait_for(lambda: writer._writeback._error is not None)
+    with pytest.raises(TvlangError) as info:
+        writer.commit()
+    assert info.value.message == f"{out}: write failed: Input/output error; nothing was written to the output"
+    assert os.listdir(tmp_path) == []
+
+
+def test_writes_with_background_syncs_give_the_same_file(tmp_path, monkeypatch):
+    """With a sync every 100 bytes the output is byte for byte the one written without."""
+    sd = state_dict()
+    plain = write(tmp_path / "plain.safetensors", sd)
+    monkeypatch.setattr(writer_module, "WRITEBACK_BYTES", 100)
+    synced = write(tmp_path / "synced.safetensors", sd)
+    with open(plain, "rb") as a, open(synced, "rb") as b:
+        assert a.read() == b.read()
+    loaded = load_file(synced)
     assert all(same(loaded[n], t) for n, t in sd.items())
 
 
