@@ -155,3 +155,45 @@ def test_progress_bar_only_on_a_terminal(ckpt, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stderr", terminal2)
     assert main(["run", "-e", "pre + 0.5*(a - pre)", *binds(paths), "-o", str(tmp_path / "c"), "-q"]) == 0
     assert terminal2.getvalue() == ""
+
+
+# -- the console script's exit (tvlang.faces.cli.entry) ---------------------------------
+
+
+def _entry(tmp_path, argv: list[str]):
+    """``entry()`` in a fresh interpreter with ``argv``, an atexit function that prints."""
+    import subprocess
+
+    script = ("import atexit, sys\n"
+              "atexit.register(lambda: print('atexit ran', flush=True))\n"
+              f"sys.argv = ['tvlang', *{argv!r}]\n"
+              "from tvlang.faces.cli import entry\n"
+              "entry()\n"
+              "print('not reached')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": root}, cwd=tmp_path)
+
+
+def test_entry_after_a_run_flushes_runs_atexit_and_keeps_the_status(ckpt, tmp_path):
+    """With torch loaded, entry() leaves by os._exit: the JSON summary on stdout is whole,
+    atexit functions ran, the status is main()'s, and the output is complete on disk."""
+    import json
+
+    out = tmp_path / "merged"
+    ok = _entry(tmp_path, ["run", "-e", "pre + 0.5*(a - pre)", *binds(ckpt[0]), "-o", str(out), "--json"])
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.endswith("}\natexit ran\n")
+    summary = json.loads(ok.stdout[:-len("atexit ran\n")])
+    assert summary["tensors"] == len(load_file(str(out / "model.safetensors"))) == N_TENSORS
+    failed = _entry(tmp_path, ["run", "-e", "pre + 0.5*(a - pre)", *binds(ckpt[0]), "-o", str(out)])
+    assert failed.returncode == 1
+    assert failed.stderr == f"error: {out}: output already exists\n  pass --force (force=True) to replace it\n"
+    assert failed.stdout == "atexit ran\n"
+
+
+def test_entry_without_torch_exits_normally(tmp_path):
+    """A command that never loads torch (check) exits the normal way, through SystemExit."""
+    result = _entry(tmp_path, ["check", "-e", "pre + 0.5*(ft - pre)"])
+    assert (result.returncode, result.stdout) == (0, "atexit ran\n")
+    assert "Traceback" not in result.stderr

@@ -1,5 +1,3 @@
-import sys
+from tvlang.faces.cli import entry
 
-from tvlang.faces.cli import main
-
-sys.exit(main())
+entry()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
+import os
 import sys
+import threading
 
 from tvlang import __version__
 from tvlang.errors import TvlangError
@@ -70,6 +73,32 @@ def main(argv: list[str] | None = None) -> int:
     with report_file.captured(target) as buffer:
         code = _dispatch(args, guard)
     return report_file.finish(args, target, buffer, code)
+
+
+def entry() -> None:
+    """The ``tvlang`` console script and ``python -m tvlang``: ``main()``, then exit.
+
+    Once torch is loaded, the interpreter's own teardown (freeing every module torch
+    brought in) takes about half a second on the development machine, after the work is
+    done and the output renamed into place. So the process exits without it: other threads
+    are joined, the ``atexit`` functions run and the streams are flushed as at a normal
+    exit, then ``os._exit``. Without torch loaded (``check``, ``explain``, errors before
+    any tensor) the exit is the normal one. ``main()`` itself returns the status, for
+    callers in Python.
+    """
+    code = main()
+    if "torch" not in sys.modules:
+        sys.exit(code)
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (BrokenPipeError, ValueError):  # a reader that went away, or a closed stream
+        code = code or 1
+    os._exit(code)
 
 
 def _dispatch(args: argparse.Namespace, guard) -> int:
