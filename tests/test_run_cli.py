@@ -161,11 +161,14 @@ def test_progress_bar_only_on_a_terminal(ckpt, tmp_path, monkeypatch, capsys):
 
 
 def _entry(tmp_path, argv: list[str]):
-    """``entry()`` in a fresh interpreter with ``argv``, an atexit function that prints."""
+    """``entry()`` in a fresh interpreter with ``argv``, an atexit function that prints, and a
+    thread pool left open (its idle worker must not keep the process alive)."""
     import subprocess
 
     script = ("import atexit, sys\n"
+              "from concurrent.futures import ThreadPoolExecutor\n"
               "atexit.register(lambda: print('atexit ran', flush=True))\n"
+              "pool = ThreadPoolExecutor(1); pool.submit(int).result()  # an idle worker, never shut down\n"
               f"sys.argv = ['tvlang', *{argv!r}]\n"
               "from tvlang.faces.cli import entry\n"
               "entry()\n"

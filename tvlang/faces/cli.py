@@ -82,16 +82,16 @@ def entry() -> None:
     brought in) takes about half a second on the development machine, after the work is
     done and the output renamed into place. So the process exits without it: other threads
     are joined, the ``atexit`` functions run and the streams are flushed as at a normal
-    exit, then ``os._exit``. Without torch loaded (``check``, ``explain``, errors before
+    exit (the same calls, in the same order: ``threading._shutdown``, then ``atexit``), then
+    ``os._exit``. Without torch loaded (``check``, ``explain``, errors before
     any tensor) the exit is the normal one. ``main()`` itself returns the status, for
     callers in Python.
     """
     code = main()
-    if "torch" not in sys.modules:
+    shutdown = getattr(threading, "_shutdown", None)  # what the interpreter's exit runs first
+    if "torch" not in sys.modules or shutdown is None:
         sys.exit(code)
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    shutdown()  # the exit functions of threading (idle thread pools told to stop), then join
     atexit._run_exitfuncs()
     try:
         sys.stdout.flush()
