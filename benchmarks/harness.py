@@ -97,7 +97,13 @@ class _Sampler(threading.Thread):
 
 def measure(cmd: list[str], *, env: dict | None = None, interval: float = 0.05, cwd: str | None = None,
             timeout: float | None = None) -> Result:
-    """Run ``cmd`` (stdout discarded, stderr kept) and measure it."""
+    """Run ``cmd`` (stdout discarded, stderr kept) and measure it.
+
+    The file systems are synced first, untimed, so that a run does not pay for writing
+    back an earlier run's output: mergekit, ``naive`` and ``ideal`` leave theirs in the
+    page cache, and the disk would write it while the next contender writes its own.
+    """
+    os.sync()
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd)
     sampler = _Sampler(proc.pid, interval)
