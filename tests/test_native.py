@@ -234,6 +234,67 @@ def test_window_select_is_the_same_with_and_without_the_helper(monkeypatch):
     assert fast == select()
 
 
+def ram_parts(k: int, n: int, seed: int, epsilon: float) -> list[torch.Tensor]:
+    """Inputs with NaN, infinities and signed zeros, and values on both sides of ``epsilon``
+    as float32 rounds it (the helper compares in float32, as torch does)."""
+    parts = parts_with_specials(k, n, seed)
+    eps32 = torch.tensor(epsilon, dtype=torch.float32)
+    near = torch.stack([eps32, torch.nextafter(eps32, torch.tensor(0.0)), torch.nextafter(eps32, torch.tensor(1.0))])
+    g = torch.Generator().manual_seed(seed + 1)
+    for p in parts:
+        where = torch.randint(0, n, (max(n // 5, 1),), generator=g)
+        signs = torch.where(torch.rand(len(where), generator=g) < 0.5, -1.0, 1.0)
+        p[where] = near[torch.randint(0, 3, (len(where),), generator=g)] * signs
+    return parts
+
+
+@needs_helper
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_ram_and_ramplus_equal_the_torch_path(monkeypatch, k):
+    from tvlang.ops.context import TensorContext
+    from tvlang.ops.ram import ram, ramplus_tl
+
+    for n in (1, 15, 511, 512, 513, 4099):  # the C tiles are 512 entries
+        for epsilon in (0.01, 0.5, 0.0):
+            parts = ram_parts(k, n, seed=k * 100 + n, epsilon=epsilon)
+            ctx = TensorContext("w")
+            fast = [ram(parts, ctx, epsilon=epsilon), ramplus_tl(parts, ctx, r=0.5, alpha=0.2, epsilon=epsilon)]
+            monkeypatch.setenv("TVLANG_NATIVE", "0")
+            slow = [ram(parts, ctx, epsilon=epsilon), ramplus_tl(parts, ctx, r=0.5, alpha=0.2, epsilon=epsilon)]
+            monkeypatch.delenv("TVLANG_NATIVE")
+            for a, b, what in zip(fast, slow, ("ram", "ramplus_tl")):
+                assert same_values(a, b), (k, n, epsilon, what)
+
+
+@needs_helper
+def test_ramplus_counts_equal_the_torch_path(monkeypatch):
+    from tvlang.ops.ram import RamPlusCounts
+
+    parts = ram_parts(3, 5000, seed=3, epsilon=0.01)
+    counts = []
+    for native_on in (True, False):
+        if not native_on:
+            monkeypatch.setenv("TVLANG_NATIVE", "0")
+        counter = RamPlusCounts(3, 0.5, 0.2, 0.01)
+        for start in range(0, 5000, 1700):  # in pieces, as a chunked pass hands them over
+            counter.observe(0, [p[start:start + 1700] for p in parts])
+        counts.append((counter.shared, counter.unique))
+    assert counts[0] == counts[1] and sum(counts[0][0]) > 0 and sum(counts[0][1]) > 0
+
+
+@needs_helper
+def test_ram_by_hand():
+    a = torch.tensor([1.0, 2.0, 0.0, 0.005, float("nan"), -3.0])
+    b = torch.tensor([3.0, 0.0, 0.0, 0.02, 1.0, -0.0])
+    out = torch.empty(6)
+    assert native.ram_f32([a, b], 0.01, out) is out  # 0.005 does not contribute, 0.02 does
+    assert out[[0, 1, 2, 3, 5]].tolist() == [2.0, 2.0, 0.0, 0.019999999552965164, -3.0]
+    assert bool(out[4].isnan())  # NaN * 0 is NaN, as in torch's kernel
+    # counts 2, 1, 0, 1, 1, 1 (a's NaN does not contribute): both share entry 0; a alone at 1 and 5,
+    # b alone at 3 and 4
+    assert native.ramplus_count_f32([a, b], 0.01) == ([1, 1], [2, 2])
+
+
 RECIPES = [
     "pre + dare_ties(a - pre, b - pre, c - pre, p=0.8, seed=5)",
     "pre + ties(a - pre, b - pre, c - pre, density=0.3)",
@@ -241,6 +302,8 @@ RECIPES = [
     "pre + dare(a - pre, 0.6, seed=2) + dare(b - pre, 0.3, seed=9)",
     "pre + breadcrumbs(a - pre, density=0.3, gamma=0.05) + topk(b - pre, density=0.1)",
     "pre + ties(a - pre, b - pre, density=0.5, weights=[0.7, 1.3])",  # weights: the torch path
+    "pre + ram(a - pre, b - pre, c - pre, epsilon=0.05)",
+    "pre + ramplus_tl(a - pre, b - pre, c - pre, epsilon=0.05)",
 ]
 
 

@@ -147,6 +147,10 @@ def test_ramplus_hand_computed():
     assert torch.allclose(ramplus_tl([a, a], ctx(), r=0.5, alpha=3.0), a)
     # no shared entries: rho 0, no boost (ram)
     assert torch.equal(ramplus_tl([T([1.0, 0.0]), T([0.0, 2.0])], ctx()), T([1.0, 2.0]))
+    # epsilon 0 and an input that contributes nowhere (0 shared / 0 unique): its factor is 1, not
+    # a division by zero (mergekit's 0/0 makes the whole tensor NaN there); the others as ram
+    z = T([0.0, 0.0, 0.0, 0.0])
+    assert torch.equal(ramplus_tl([a, b, z], ctx(), r=0.5, epsilon=0.0), T([2.0, 2.2, 0.0, 4.4]))
 
 
 def test_arcee_fusion_hand_computed():

@@ -1,4 +1,4 @@
-/* tvlang's optional compiled helper: four loops that numpy and torch run slowly.
+/* tvlang's optional compiled helper: loops that numpy and torch run slowly.
  *
  * 1. DARE's masks from numpy's PCG64 stream, without numpy's per-word call.
  * tvlang.ops.dare.Dropper gives each entry a 32-bit word of a PCG64 stream (each 64-bit
@@ -11,13 +11,15 @@
  * bit, at 1.5 ns an entry.
  *
  * 2. TIES' sign election and disjoint merge with unit weights; 3. the window pass of the
- * magnitude thresholds; 4. breadcrumbs' band trim (below).
+ * magnitude thresholds; 4. breadcrumbs' band trim; 5. RAM's and RAM+'s per-entry means
+ * (below).
  *
  * Built by hatch_build.py into tvlang/ops/libtvnative.so.1 when a C compiler is found, loaded by
  * tvlang/ops/native.py through ctypes (which lets go of the GIL during the call); without
  * it numpy and torch compute the same values. No Python headers: C99 with GCC/Clang's
  * __uint128_t.
  */
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -243,5 +245,107 @@ MULTI_VERSION void tv_band_f32(const float *x, size_t n, float lo, float hi, flo
         float kept = zero_where(v, (uint32_t)(v >= -lo) & (uint32_t)(v <= lo));
         float above = zero_where(v, (uint32_t)(v >= -hi) & (uint32_t)(v <= hi));
         out[j] = kept - above;
+    }
+}
+
+/* ---- 5. RAM and RAM+ (tvlang/ops/ram.py) -------------------------------------------------------
+ *
+ * An input contributes at an entry when |x| > eps (eps as float32, as torch compares a float32
+ * tensor with a number). `ram`: total = 0 + x_0*m_0 + x_1*m_1 + ..., in input order, with m the
+ * 0/1 mask (so a NaN input makes NaN, as x*0 does there), divided by max(count, 1): the
+ * operations torch's kernel does, entry by entry, in one pass over tiles instead of four
+ * passes per input. Each product is exact (m is 0 or 1), so no fused multiply-add in torch
+ * could round differently. The comparisons go through an int (`int in = ...; (float)in`):
+ * GCC 12 takes `(float)(a > b)` used in a product for control flow and leaves the loop
+ * scalar, with a branch the data mispredicts (24 ns an entry instead of about 1). */
+static inline float contributes(float v, float eps) {
+    int in = fabsf(v) > eps;
+    return (float)in;
+}
+
+static inline float at_least_1(float count) { /* max(count, 1) for whole numbers >= 0 */
+    int zero = count < 1.0f;
+    return count + (float)zero;
+}
+
+MULTI_VERSION void tv_ram_f32(const float *const *parts, size_t k, size_t n, float eps, float *out) {
+    float total[TILE], count[TILE];
+    for (size_t start = 0; start < n; start += TILE) {
+        size_t m = n - start < TILE ? n - start : TILE;
+        for (size_t j = 0; j < m; j++) total[j] = count[j] = 0.0f;
+        for (size_t i = 0; i < k; i++) {
+            const float *q = parts[i] + start;
+            for (size_t j = 0; j < m; j++) {
+                float v = q[j];
+                float mask = contributes(v, eps);
+                total[j] = total[j] + v * mask;
+                count[j] = count[j] + mask;
+            }
+        }
+        float *o = out + start;
+        for (size_t j = 0; j < m; j++) o[j] = total[j] / at_least_1(count[j]);
+    }
+}
+
+/* RAM+'s counting pass: per input i, the entries where it contributes with others
+ * (shared[i] += ...) and alone (unique[i] += ...). */
+MULTI_VERSION void tv_ramplus_count_f32(const float *const *parts, size_t k, size_t n, float eps, uint64_t *shared,
+                                        uint64_t *unique) {
+    float count[TILE];
+    uint32_t alone[TILE], with_others[TILE];
+    for (size_t start = 0; start < n; start += TILE) {
+        size_t m = n - start < TILE ? n - start : TILE;
+        for (size_t j = 0; j < m; j++) count[j] = 0.0f;
+        for (size_t i = 0; i < k; i++) {
+            const float *q = parts[i] + start;
+            for (size_t j = 0; j < m; j++) count[j] = count[j] + contributes(q[j], eps);
+        }
+        for (size_t j = 0; j < m; j++) {
+            int one = count[j] == 1.0f, more = count[j] > 1.0f;
+            alone[j] = (uint32_t)one;
+            with_others[j] = (uint32_t)more;
+        }
+        for (size_t i = 0; i < k; i++) {
+            const float *q = parts[i] + start;
+            uint32_t s = 0, u = 0;
+            for (size_t j = 0; j < m; j++) {
+                int in = fabsf(q[j]) > eps;
+                s += (uint32_t)in & with_others[j];
+                u += (uint32_t)in & alone[j];
+            }
+            shared[i] += s;
+            unique[i] += u;
+        }
+    }
+}
+
+/* RAM+'s merge, as RamPlusCounts.apply computes it with torch: with c the count, share =
+ * (c > 1) / max(c, 1), and out = 0 + (x_0*m_0) * ((c == 1)*boost_0 + share) + ... in input
+ * order, each operation rounded to float32 as there. */
+MULTI_VERSION void tv_ramplus_apply_f32(const float *const *parts, size_t k, size_t n, float eps, const float *boosts,
+                                        float *out) {
+    float count[TILE], alone[TILE], share[TILE], total[TILE];
+    for (size_t start = 0; start < n; start += TILE) {
+        size_t m = n - start < TILE ? n - start : TILE;
+        for (size_t j = 0; j < m; j++) count[j] = total[j] = 0.0f;
+        for (size_t i = 0; i < k; i++) {
+            const float *q = parts[i] + start;
+            for (size_t j = 0; j < m; j++) count[j] = count[j] + contributes(q[j], eps);
+        }
+        for (size_t j = 0; j < m; j++) {
+            int one = count[j] == 1.0f, more = count[j] > 1.0f;
+            alone[j] = (float)one;
+            share[j] = (float)more / at_least_1(count[j]);
+        }
+        for (size_t i = 0; i < k; i++) {
+            const float *q = parts[i] + start;
+            float boost = boosts[i];
+            for (size_t j = 0; j < m; j++) {
+                float v = q[j];
+                total[j] = total[j] + (v * contributes(v, eps)) * (alone[j] * boost + share[j]);
+            }
+        }
+        float *o = out + start;
+        for (size_t j = 0; j < m; j++) o[j] = total[j];
     }
 }

@@ -1,12 +1,14 @@
 """The optional compiled helper (tvlang/ops/native.c): DARE's masks, TIES' sign merge with unit
-weights, the window pass of magnitude thresholds, and breadcrumbs' band trim.
+weights, the window pass of magnitude thresholds, breadcrumbs' band trim, and RAM's and RAM+'s
+per-entry means.
 
 Installing tvlang compiles ``native.c`` into ``tvlang/ops/libtvnative.so.1`` when a C compiler is
 found (hatch_build.py; no Python headers needed), and this module loads it with ctypes.
 Without it (no compiler at install, another platform, or ``TVLANG_NATIVE=0`` in the
-environment) :func:`drop_mask_f32`, :func:`sign_merge_f32`, :func:`window_gather` and
-:func:`band_f32` return ``None`` and numpy and torch compute the same values: the results never depend on it, only
-the time does (docs/performance-operators.md; tests/test_native.py compares the two paths).
+environment) :func:`drop_mask_f32`, :func:`sign_merge_f32`, :func:`window_gather`,
+:func:`band_f32` and the RAM functions return ``None`` and numpy and torch compute the same
+values: the results never depend on it, only the time does (docs/performance-operators.md;
+tests/test_native.py compares the two paths).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from pathlib import Path
 import numpy
 import torch
 
-__all__ = ["LIBRARY", "library", "drop_mask_f32", "sign_merge_f32", "window_gather", "band_f32", "state_words",
-           "set_state_words"]
+__all__ = ["LIBRARY", "library", "drop_mask_f32", "sign_merge_f32", "window_gather", "band_f32", "ram_f32",
+           "ramplus_count_f32", "ramplus_apply_f32", "state_words", "set_state_words"]
 
 #: where the install puts the compiled helper (a versioned name, ``.so.1``: a plain ``.so``
 #: would look like a Python extension module to importers that walk the package)
@@ -53,6 +55,11 @@ def library():
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                                ctypes.c_void_p]
                 fn.restype = None
+                for name, pointers in (("tv_ram_f32", 1), ("tv_ramplus_count_f32", 2), ("tv_ramplus_apply_f32", 2)):
+                    fn = getattr(lib, name)
+                    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_float,
+                                   *[ctypes.c_void_p] * pointers]
+                    fn.restype = None
             except (OSError, AttributeError):  # built for another machine, or an older file
                 lib = None
         _loaded.append(lib)
@@ -137,4 +144,44 @@ def band_f32(x, lo: float, hi: float, out) -> object | None:
     if lib is None or not _plain_f32((x, out), x.numel()):
         return None
     lib.tv_band_f32(x.data_ptr(), x.numel(), lo, hi, out.data_ptr())
+    return out
+
+
+def _pointers(parts: list):
+    return (ctypes.c_void_p * len(parts))(*[p.data_ptr() for p in parts])
+
+
+def ram_f32(parts: list, epsilon: float, out) -> object | None:
+    """:func:`tvlang.ops.ram.ram` into ``out`` in one C pass (the same values as its torch
+    operations), for float32, contiguous CPU tensors of one size; ``out``, or ``None`` where
+    the helper cannot and the caller uses torch."""
+    lib = library()
+    if lib is None or not parts or not _plain_f32((*parts, out), out.numel()):
+        return None
+    lib.tv_ram_f32(_pointers(parts), len(parts), out.numel(), epsilon, out.data_ptr())
+    return out
+
+
+def ramplus_count_f32(parts: list, epsilon: float) -> tuple[list[int], list[int]] | None:
+    """Per input, how many entries it contributes to with others and alone (``|x| > epsilon``):
+    what :meth:`tvlang.ops.ram.RamPlusCounts.observe` adds up; ``None`` where the helper cannot."""
+    lib = library()
+    if lib is None or not parts or not _plain_f32(tuple(parts), parts[0].numel()):
+        return None
+    shared = numpy.zeros(len(parts), dtype=numpy.uint64)
+    unique = numpy.zeros(len(parts), dtype=numpy.uint64)
+    lib.tv_ramplus_count_f32(_pointers(parts), len(parts), parts[0].numel(), epsilon, shared.ctypes.data,
+                             unique.ctypes.data)
+    return [int(v) for v in shared], [int(v) for v in unique]
+
+
+def ramplus_apply_f32(parts: list, epsilon: float, boosts: list[float], out) -> object | None:
+    """:meth:`tvlang.ops.ram.RamPlusCounts.apply` into ``out`` in one C pass (the same values);
+    ``out``, or ``None`` where the helper cannot."""
+    lib = library()
+    if lib is None or not parts or not _plain_f32((*parts, out), out.numel()):
+        return None
+    factors = numpy.array(boosts, dtype=numpy.float32)  # torch multiplies by them in float32
+    lib.tv_ramplus_apply_f32(_pointers(parts), len(parts), out.numel(), epsilon, factors.ctypes.data,
+                             out.data_ptr())
     return out

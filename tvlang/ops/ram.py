@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from tvlang.ops import native
 from tvlang.ops.common import ChunkKernel, chunk_form_of, fresh, kernel_of
 from tvlang.ops.context import TensorContext
 
@@ -44,8 +45,11 @@ def _contributions(inputs: list[torch.Tensor], epsilon: float) -> tuple[list[tor
 @kernel_of("ram")
 def ram(inputs: list[torch.Tensor], ctx: TensorContext, *, epsilon: float) -> torch.Tensor:
     """Per entry, the mean of the inputs with ``|x| > epsilon`` (0 where there is none)."""
+    out = fresh(inputs[0])
+    if native.ram_f32(inputs, float(epsilon), out) is not None:
+        return out
     masks, counts = _contributions(inputs, float(epsilon))
-    out = fresh(inputs[0]).zero_()
+    out.zero_()
     for x, mask in zip(inputs, masks):
         out.addcmul_(x, mask)
     return out.div_(counts.clamp_(min=1.0))
@@ -63,6 +67,13 @@ def ramplus_tl(inputs: list[torch.Tensor], ctx: TensorContext, *, r: float, alph
     return out
 
 
+def _ratio(shared: int, floor: float) -> float:
+    """``shared / floor``; 0 where the floor is 0 (``epsilon=0`` and the input contributes
+    alone nowhere: its factor multiplies no entry, and must not be inf, whose product with
+    the zeros of the other entries would be NaN)."""
+    return shared / floor if floor > 0 else 0.0
+
+
 class RamPlusCounts(ChunkKernel):
     """``ramplus_tl`` in pieces (its chunk form, and the whole kernel with the whole tensor
     as one piece): a pass counts, per input, the entries where it contributes with others
@@ -77,6 +88,12 @@ class RamPlusCounts(ChunkKernel):
         self.boosts: list[float] = []
 
     def observe(self, pass_index: int, pieces: list[torch.Tensor]) -> None:
+        counted = native.ramplus_count_f32(pieces, self.eps)
+        if counted is not None:
+            for i, (shared, unique) in enumerate(zip(*counted)):
+                self.shared[i] += shared
+                self.unique[i] += unique
+            return
         masks, counts = _contributions(pieces, self.eps)
         unique, overlap = counts == 1, counts > 1
         for i, mask in enumerate(masks):
@@ -85,10 +102,12 @@ class RamPlusCounts(ChunkKernel):
             self.unique[i] += int(torch.count_nonzero(contributes & unique))
 
     def end_pass(self, pass_index: int) -> None:
-        self.boosts = [1.0 + self.r * min(max(shared / max(unique, self.eps), 0.0), self.alpha)
+        self.boosts = [1.0 + self.r * min(max(_ratio(shared, max(unique, self.eps)), 0.0), self.alpha)
                        for shared, unique in zip(self.shared, self.unique)]
 
     def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
+        if native.ramplus_apply_f32(pieces, self.eps, self.boosts, out) is not None:
+            return
         masks, counts = _contributions(pieces, self.eps)
         unique = (counts == 1).to(counts.dtype)
         overlap = (counts > 1).to(counts.dtype)
