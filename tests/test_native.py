@@ -295,6 +295,23 @@ def test_ram_by_hand():
     assert native.ramplus_count_f32([a, b], 0.01) == ([1, 1], [2, 2])
 
 
+@needs_helper
+def test_nearswap_equals_the_torch_path(monkeypatch):
+    from tvlang.ops.context import TensorContext
+    from tvlang.ops.nearswap import nearswap
+
+    for n in (1, 7, 8, 9, 4099):
+        a, b = parts_with_specials(2, n, seed=n)
+        b[::3] = a[::3] + 1e-7  # closer than the floor on |a - b|
+        b[1::5] = a[1::5]  # equal: d = 0
+        for t in (0.0, 1e-7, 0.05, 0.5, 1e30):
+            fast = nearswap([a, b], TensorContext("w"), t=t)
+            monkeypatch.setenv("TVLANG_NATIVE", "0")
+            slow = nearswap([a, b], TensorContext("w"), t=t)
+            monkeypatch.delenv("TVLANG_NATIVE")
+            assert same_values(fast, slow), (n, t)
+
+
 RECIPES = [
     "pre + dare_ties(a - pre, b - pre, c - pre, p=0.8, seed=5)",
     "pre + ties(a - pre, b - pre, c - pre, density=0.3)",
@@ -304,6 +321,7 @@ RECIPES = [
     "pre + ties(a - pre, b - pre, density=0.5, weights=[0.7, 1.3])",  # weights: the torch path
     "pre + ram(a - pre, b - pre, c - pre, epsilon=0.05)",
     "pre + ramplus_tl(a - pre, b - pre, c - pre, epsilon=0.05)",
+    "nearswap(a, b, 0.05)",
 ]
 
 

@@ -11,8 +11,8 @@
  * bit, at 1.5 ns an entry.
  *
  * 2. TIES' sign election and disjoint merge with unit weights; 3. the window pass of the
- * magnitude thresholds; 4. breadcrumbs' band trim; 5. RAM's and RAM+'s per-entry means
- * (below).
+ * magnitude thresholds; 4. breadcrumbs' band trim; 5. RAM's and RAM+'s per-entry means;
+ * 6. nearswap (below).
  *
  * Built by hatch_build.py into tvlang/ops/libtvnative.so.1 when a C compiler is found, loaded by
  * tvlang/ops/native.py through ctypes (which lets go of the GIL during the call); without
@@ -347,5 +347,32 @@ MULTI_VERSION void tv_ramplus_apply_f32(const float *const *parts, size_t k, siz
         }
         float *o = out + start;
         for (size_t j = 0; j < m; j++) o[j] = total[j];
+    }
+}
+
+/* ---- 6. nearswap (tvlang/ops/nearswap.py) -------------------------------------------------------
+ *
+ * w = clamp(t * (1 / clamp(|a - b|, min=1e-6)), 0, 1), out = w*b + (-w + 1)*a, each operation
+ * rounded to float32 in the order torch's nine calls take, in one pass. torch's clamp keeps a NaN
+ * (its maximum and minimum propagate one), so the comparisons here do too. */
+static inline float pick(int cond, float yes, float no) { /* branch-free: yes where cond */
+    uint32_t m = -(uint32_t)cond, y, n, r;
+    memcpy(&y, &yes, sizeof y);
+    memcpy(&n, &no, sizeof n);
+    r = (y & m) | (n & ~m);
+    memcpy(&yes, &r, sizeof r);
+    return yes;
+}
+
+static inline float clamp_low(float x, float lo) { int keep = (x > lo) | (x != x); return pick(keep, x, lo); }
+static inline float clamp_high(float x, float hi) { int keep = (x < hi) | (x != x); return pick(keep, x, hi); }
+
+MULTI_VERSION void tv_nearswap_f32(const float *a, const float *b, size_t n, float t, float *out) {
+    for (size_t j = 0; j < n; j++) {
+        float d = clamp_low(fabsf(a[j] - b[j]), 1e-6f);
+        float w = clamp_high(clamp_low((1.0f / d) * t, 0.0f), 1.0f);
+        float taken = w * b[j];
+        float kept = (-w + 1.0f) * a[j];
+        out[j] = taken + kept;
     }
 }

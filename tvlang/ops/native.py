@@ -1,12 +1,12 @@
 """The optional compiled helper (tvlang/ops/native.c): DARE's masks, TIES' sign merge with unit
-weights, the window pass of magnitude thresholds, breadcrumbs' band trim, and RAM's and RAM+'s
-per-entry means.
+weights, the window pass of magnitude thresholds, breadcrumbs' band trim, RAM's and RAM+'s
+per-entry means, and nearswap.
 
 Installing tvlang compiles ``native.c`` into ``tvlang/ops/libtvnative.so.1`` when a C compiler is
 found (hatch_build.py; no Python headers needed), and this module loads it with ctypes.
 Without it (no compiler at install, another platform, or ``TVLANG_NATIVE=0`` in the
 environment) :func:`drop_mask_f32`, :func:`sign_merge_f32`, :func:`window_gather`,
-:func:`band_f32` and the RAM functions return ``None`` and numpy and torch compute the same
+:func:`band_f32`, the RAM functions and :func:`nearswap_f32` return ``None`` and numpy and torch compute the same
 values: the results never depend on it, only the time does (docs/performance-operators.md;
 tests/test_native.py compares the two paths).
 """
@@ -22,7 +22,7 @@ import numpy
 import torch
 
 __all__ = ["LIBRARY", "library", "drop_mask_f32", "sign_merge_f32", "window_gather", "band_f32", "ram_f32",
-           "ramplus_count_f32", "ramplus_apply_f32", "state_words", "set_state_words"]
+           "ramplus_count_f32", "ramplus_apply_f32", "nearswap_f32", "state_words", "set_state_words"]
 
 #: where the install puts the compiled helper (a versioned name, ``.so.1``: a plain ``.so``
 #: would look like a Python extension module to importers that walk the package)
@@ -54,6 +54,9 @@ def library():
                 fn = lib.tv_sign_merge_f32
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                                ctypes.c_void_p]
+                fn.restype = None
+                fn = lib.tv_nearswap_f32
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_float, ctypes.c_void_p]
                 fn.restype = None
                 for name, pointers in (("tv_ram_f32", 1), ("tv_ramplus_count_f32", 2), ("tv_ramplus_apply_f32", 2)):
                     fn = getattr(lib, name)
@@ -184,4 +187,15 @@ def ramplus_apply_f32(parts: list, epsilon: float, boosts: list[float], out) -> 
     factors = numpy.array(boosts, dtype=numpy.float32)  # torch multiplies by them in float32
     lib.tv_ramplus_apply_f32(_pointers(parts), len(parts), out.numel(), epsilon, factors.ctypes.data,
                              out.data_ptr())
+    return out
+
+
+def nearswap_f32(a, b, t: float, out) -> object | None:
+    """:func:`tvlang.ops.nearswap.nearswap` into ``out`` in one C pass (the same values as its
+    torch calls; a NaN may come out with other bits); ``out``, or ``None`` where the helper
+    cannot and the caller uses torch."""
+    lib = library()
+    if lib is None or not _plain_f32((a, b, out), out.numel()):
+        return None
+    lib.tv_nearswap_f32(a.data_ptr(), b.data_ptr(), out.numel(), t, out.data_ptr())
     return out
