@@ -6,9 +6,9 @@ Installing tvlang compiles ``native.c`` into ``tvlang/ops/libtvnative.so.1`` whe
 found (hatch_build.py; no Python headers needed), and this module loads it with ctypes.
 Without it (no compiler at install, another platform, or ``TVLANG_NATIVE=0`` in the
 environment) :func:`drop_mask_f32`, :func:`sign_merge_f32`, :func:`window_gather`,
-:func:`band_f32`, the RAM functions and :func:`nearswap_f32` return ``None`` and numpy and torch compute the same
-values: the results never depend on it, only the time does (docs/performance-operators.md;
-tests/test_native.py compares the two paths).
+:func:`band_f32`, the RAM functions and :func:`nearswap_f32` return ``None`` and numpy and
+torch compute the same values: the results never depend on it, only the time does
+(docs/performance-operators.md; tests/test_native.py compares the two paths).
 """
 
 from __future__ import annotations
@@ -109,6 +109,11 @@ def _plain_f32(tensors: tuple, n: int) -> bool:
                for t in tensors)
 
 
+def _pointers(parts: list):
+    """The tensors' data addresses as a C array of pointers."""
+    return (ctypes.c_void_p * len(parts))(*[p.data_ptr() for p in parts])
+
+
 def sign_merge_f32(parts: list, elect: str, merge: str, out) -> object | None:
     """:func:`tvlang.ops.ties.sign_merge` with every weight 1 in one C pass (``elect`` "total" or
     "frequency"): ``out``, or ``None`` where the helper cannot (not built; not float32,
@@ -119,8 +124,7 @@ def sign_merge_f32(parts: list, elect: str, merge: str, out) -> object | None:
     n = out.numel()
     if not _plain_f32((*parts, out), n):
         return None
-    pointers = (ctypes.c_void_p * len(parts))(*[p.data_ptr() for p in parts])
-    lib.tv_sign_merge_f32(pointers, len(parts), n, elect == "frequency", _MERGES[merge], out.data_ptr())
+    lib.tv_sign_merge_f32(_pointers(parts), len(parts), n, elect == "frequency", _MERGES[merge], out.data_ptr())
     return out
 
 
@@ -148,10 +152,6 @@ def band_f32(x, lo: float, hi: float, out) -> object | None:
         return None
     lib.tv_band_f32(x.data_ptr(), x.numel(), lo, hi, out.data_ptr())
     return out
-
-
-def _pointers(parts: list):
-    return (ctypes.c_void_p * len(parts))(*[p.data_ptr() for p in parts])
 
 
 def ram_f32(parts: list, epsilon: float, out) -> object | None:

@@ -25,10 +25,9 @@ _FLOOR = 1e-6  # mergekit's floor on |a - b|
 @kernel_of("nearswap")
 def nearswap(inputs: list[torch.Tensor], ctx: TensorContext, *, t: float) -> torch.Tensor:
     a, b = inputs
-    out = native.nearswap_f32(a, b, float(t), fresh(a))
-    if out is not None:
-        return out
     weight = fresh(a)
+    if native.nearswap_f32(a, b, float(t), weight) is not None:
+        return weight  # the merge itself, computed in one pass by the compiled helper
     torch.sub(a, b, out=weight).abs_().clamp_(min=_FLOOR)
     weight.reciprocal_().mul_(float(t)).clamp_(0.0, 1.0)  # t / d as torch computes it: t * (1/d)
     out = torch.mul(weight, b)  # weight * b + (1 - weight) * a, in mergekit's order
