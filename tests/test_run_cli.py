@@ -200,3 +200,17 @@ def test_entry_without_torch_exits_normally(tmp_path):
     result = _entry(tmp_path, ["check", "-e", "pre + 0.5*(ft - pre)"])
     assert (result.returncode, result.stdout) == (0, "atexit ran\n")
     assert "Traceback" not in result.stderr
+
+
+def test_entry_under_a_profiler_exits_normally(ckpt, tmp_path):
+    """``python -m cProfile -o FILE -m tvlang run ...`` writes FILE after the program returns:
+    with a profiler set, entry() leaves the normal way, so the profile is written."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    stats = tmp_path / "run.prof"
+    result = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(stats), "-m", "tvlang", "run", "-e",
+                             "pre + 0.5*(a - pre)", *binds(ckpt[0]), "-o", str(tmp_path / "merged"), "-q"],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": root})
+    assert result.returncode == 0, result.stderr
+    assert stats.stat().st_size > 0 and (tmp_path / "merged" / "model.safetensors").is_file()

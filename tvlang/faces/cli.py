@@ -84,12 +84,14 @@ def entry() -> None:
     are joined, the ``atexit`` functions run and the streams are flushed as at a normal
     exit (the same calls, in the same order: ``threading._shutdown``, then ``atexit``), then
     ``os._exit``. Without torch loaded (``check``, ``explain``, errors before
-    any tensor) the exit is the normal one. ``main()`` itself returns the status, for
-    callers in Python.
+    any tensor), or under a profiler or tracer (``python -m cProfile -m tvlang`` writes its
+    results after the program returns), the exit is the normal one. ``main()`` itself
+    returns the status, for callers in Python.
     """
     code = main()
     shutdown = getattr(threading, "_shutdown", None)  # what the interpreter's exit runs first
-    if "torch" not in sys.modules or shutdown is None:
+    watched = sys.getprofile() is not None or sys.gettrace() is not None  # cProfile, coverage, a debugger
+    if "torch" not in sys.modules or shutdown is None or watched:
         sys.exit(code)
     shutdown()  # the exit functions of threading (idle thread pools told to stop), then join
     atexit._run_exitfuncs()
