@@ -312,8 +312,26 @@ def test_nearswap_equals_the_torch_path(monkeypatch):
             assert same_values(fast, slow), (n, t)
 
 
+@needs_helper
+def test_flags_times_factor_equal_the_torch_path():
+    for n in (1, 7, 8, 9, 64, 4099):
+        x = parts_with_specials(1, n, seed=n)[0]  # an infinity dropped is NaN (x * 0.0), as in torch
+        flags = numpy.random.default_rng(n).random(n) < 0.3
+        packed = numpy.packbits(flags)
+        for factor in (None, 3.7, 1e-30):
+            out = torch.empty(n)
+            assert native.flags_scale_f32(x, packed, factor, out) is out
+            expected = torch.mul(x, torch.from_numpy(numpy.unpackbits(packed, count=n).view(numpy.bool_)))
+            if factor is not None:
+                expected.mul_(factor)
+            assert same_values(out, expected), (n, factor)
+    assert native.flags_scale_f32(torch.ones(9), numpy.zeros(1, dtype=numpy.uint8), None, torch.empty(9)) is None
+
+
 RECIPES = [
     "pre + dare_ties(a - pre, b - pre, c - pre, p=0.8, seed=5)",
+    'pre + dare_ties(a - pre, b - pre, c - pre, p=0.8, seed=5, rescale_by="l1")',
+    'pre + dare(a - pre, 0.6, seed=2, rescale_by="l1") + dare_linear(b - pre, c - pre, p=0.5, rescale_by="l1")',
     "pre + ties(a - pre, b - pre, c - pre, density=0.3)",
     'pre + ties(a - pre, b - pre, c - pre, density=0.3, elect="frequency", merge="sum")',
     "pre + dare(a - pre, 0.6, seed=2) + dare(b - pre, 0.3, seed=9)",

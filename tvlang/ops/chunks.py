@@ -55,6 +55,7 @@ from collections.abc import Sequence
 import numpy
 import torch
 
+from tvlang.ops import native
 from tvlang.ops.common import ChunkKernel, TieWindow, chunk_form_of, keep_count, scratch
 from tvlang.ops.context import TensorContext
 from tvlang.ops.dare import Dropper, L1Norms, Noise, noise_scale
@@ -214,22 +215,28 @@ class _Drops(ChunkKernel):
     def end_pass(self, pass_index: int) -> None:
         self.factors = self.norms.factors()
 
-    def _from_saved(self, i: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _from_saved(self, i: int, x: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Input ``i``'s next piece times the flags its pass kept: ``x * mask`` as drawing again gives
-        (the mask is 0 or 1 with l1; ``x * False`` is ``x * 0.0``, NaN for an infinity as well)."""
+        (the mask is 0 or 1 with l1; ``x * False`` is ``x * 0.0``, NaN for an infinity as well),
+        and whether its L1 factor is applied too (the compiled helper does both in one pass)."""
         flat = x.reshape(-1)
-        kept = torch.from_numpy(numpy.unpackbits(self.saved[i].pop(0), count=flat.numel()).view(numpy.bool_))
-        return torch.mul(flat, kept.to(x.device), out=out.view(-1))
+        packed = self.saved[i].pop(0)
+        if native.flags_scale_f32(flat, packed, self.factors[i], out.view(-1)) is not None:
+            return out.view(-1), True
+        kept = torch.from_numpy(numpy.unpackbits(packed, count=flat.numel()).view(numpy.bool_))
+        return torch.mul(flat, kept.to(x.device), out=out.view(-1)), False
 
     def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
         if self.saved is not None and self.saved[0]:
-            parts = [self._from_saved(i, x, scratch(f"chunks.part{i}", x) if self.merge else out)
-                     for i, x in enumerate(pieces)]
+            done = [self._from_saved(i, x, scratch(f"chunks.part{i}", x) if self.merge else out)
+                    for i, x in enumerate(pieces)]
+            parts, scaled_already = [part for part, _ in done], [applied for _, applied in done]
         else:
             parts = [d.apply(x, scratch(f"chunks.part{i}", x) if self.merge else out)
                      for i, (d, x) in enumerate(zip(self.droppers, pieces))]
-        for part, factor in zip(parts, self.factors):
-            if factor is not None:
+            scaled_already = [False] * len(parts)
+        for part, factor, applied in zip(parts, self.factors, scaled_already):
+            if factor is not None and not applied:
                 part.mul_(factor)
         if self.merge:
             self.merge(parts, out)

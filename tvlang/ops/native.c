@@ -12,7 +12,7 @@
  *
  * 2. TIES' sign election and disjoint merge with unit weights; 3. the window pass of the
  * magnitude thresholds; 4. breadcrumbs' band trim; 5. RAM's and RAM+'s per-entry means;
- * 6. nearswap (below).
+ * 6. nearswap; 7. DARE's kept flags applied with the L1 factor (below).
  *
  * Built by hatch_build.py into tvlang/ops/libtvnative.so.1 when a C compiler is found, loaded by
  * tvlang/ops/native.py through ctypes (which lets go of the GIL during the call); without
@@ -374,5 +374,30 @@ MULTI_VERSION void tv_nearswap_f32(const float *a, const float *b, size_t n, flo
         float taken = w * b[j];
         float kept = (-w + 1.0f) * a[j];
         out[j] = taken + kept;
+    }
+}
+
+/* ---- 7. Kept flags times an input, times a factor (tvlang/ops/chunks.py, _Drops) --------------
+ *
+ * `dare`'s L1 rescale keeps each entry's keep flag from its pass (numpy.packbits: eight a byte,
+ * the first in the high bit); the main pass multiplies each input by its flags (x * 1.0 or
+ * x * 0.0, so an infinity dropped is NaN, as torch gives) and then by the input's factor when it
+ * has one: two float32 products, rounded as torch's two calls round them, in one pass instead of
+ * an unpack, a conversion and two multiplications. */
+MULTI_VERSION void tv_flags_scale_f32(const float *x, const uint8_t *packed, size_t n, int has_factor, float factor,
+                                      float *out) {
+    size_t whole = n / 8 * 8;
+    for (size_t j = 0; j < whole; j += 8) {
+        unsigned byte = packed[j >> 3];
+        for (int b = 0; b < 8; b++) {
+            int bit = (byte >> (7 - b)) & 1u;
+            float kept = x[j + b] * (float)bit;
+            out[j + b] = has_factor ? kept * factor : kept;
+        }
+    }
+    for (size_t j = whole; j < n; j++) {
+        int bit = (packed[j >> 3] >> (7 - (j & 7))) & 1u;
+        float kept = x[j] * (float)bit;
+        out[j] = has_factor ? kept * factor : kept;
     }
 }

@@ -1,12 +1,12 @@
 """The optional compiled helper (tvlang/ops/native.c): DARE's masks, TIES' sign merge with unit
 weights, the window pass of magnitude thresholds, breadcrumbs' band trim, RAM's and RAM+'s
-per-entry means, and nearswap.
+per-entry means, nearswap, and DARE's kept flags applied with the L1 factor.
 
 Installing tvlang compiles ``native.c`` into ``tvlang/ops/libtvnative.so.1`` when a C compiler is
 found (hatch_build.py; no Python headers needed), and this module loads it with ctypes.
 Without it (no compiler at install, another platform, or ``TVLANG_NATIVE=0`` in the
 environment) :func:`drop_mask_f32`, :func:`sign_merge_f32`, :func:`window_gather`,
-:func:`band_f32`, the RAM functions and :func:`nearswap_f32` return ``None`` and numpy and
+:func:`band_f32`, the RAM functions, :func:`nearswap_f32` and :func:`flags_scale_f32` return ``None`` and numpy and
 torch compute the same values: the results never depend on it, only the time does
 (docs/performance-operators.md; tests/test_native.py compares the two paths).
 """
@@ -22,7 +22,8 @@ import numpy
 import torch
 
 __all__ = ["LIBRARY", "library", "drop_mask_f32", "sign_merge_f32", "window_gather", "band_f32", "ram_f32",
-           "ramplus_count_f32", "ramplus_apply_f32", "nearswap_f32", "state_words", "set_state_words"]
+           "ramplus_count_f32", "ramplus_apply_f32", "nearswap_f32", "flags_scale_f32", "state_words",
+           "set_state_words"]
 
 #: where the install puts the compiled helper (a versioned name, ``.so.1``: a plain ``.so``
 #: would look like a Python extension module to importers that walk the package)
@@ -53,6 +54,10 @@ def library():
                 fn.restype = None
                 fn = lib.tv_sign_merge_f32
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                               ctypes.c_void_p]
+                fn.restype = None
+                fn = lib.tv_flags_scale_f32
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_float,
                                ctypes.c_void_p]
                 fn.restype = None
                 fn = lib.tv_nearswap_f32
@@ -198,4 +203,18 @@ def nearswap_f32(a, b, t: float, out) -> object | None:
     if lib is None or not _plain_f32((a, b, out), out.numel()):
         return None
     lib.tv_nearswap_f32(a.data_ptr(), b.data_ptr(), out.numel(), t, out.data_ptr())
+    return out
+
+
+def flags_scale_f32(x, packed: numpy.ndarray, factor: float | None, out) -> object | None:
+    """``x * flags`` (``packed``: ``numpy.packbits`` of ``x.numel()`` keep flags), then times
+    ``factor`` when it is not ``None``, into ``out`` in one C pass: the same values as
+    ``torch.mul(x, flags)`` and ``mul_(factor)``; ``out``, or ``None`` where the helper cannot."""
+    lib = library()
+    n = x.numel()
+    if lib is None or not _plain_f32((x, out), n) or packed.dtype != numpy.uint8 or packed.size != (n + 7) // 8:
+        return None
+    packed = numpy.ascontiguousarray(packed)
+    lib.tv_flags_scale_f32(x.data_ptr(), packed.ctypes.data, n, factor is not None,
+                           0.0 if factor is None else factor, out.data_ptr())
     return out
