@@ -2,11 +2,12 @@
 
 The helper draws ``dare``'s masks, computes ``ties``' sign merge with unit weights, runs the
 thresholds' window pass, ``breadcrumbs``' band trim, ``ram``, ``ramplus_tl``, ``nearswap`` and
-``dare``'s saved keep flags in a fraction of numpy's and torch's time (tvlang/ops/native.py); it is plain C99 with no Python headers, loaded through
-ctypes, so it is built with the compiler alone: ``$CC`` or ``cc``, ``-O3 -ffp-contract=off
--shared -fPIC`` (no fused multiply-adds: it must round as torch does). Where no compiler works (or ``TVLANG_NATIVE=0``
-at build time) the build goes on without it, numpy and torch compute the same values, and
-the hook says so on stderr.
+``dare``'s saved keep flags in a fraction of numpy's and torch's time (tvlang/ops/native.py).
+It is plain C99 with no Python headers, loaded through ctypes, so it is built with the
+compiler alone: ``$CC`` or ``cc``, ``-O3 -ffp-contract=off -shared -fPIC`` (no fused
+multiply-adds: it must round as torch does). Where no compiler works (or
+``TVLANG_NATIVE=0`` at build time) the build goes on without it, numpy and torch compute
+the same values, and the hook says so on stderr.
 
 An editable install (``pip install -e .``) builds the library next to the source
 (``tvlang/ops/libtvnative.so.1``, ignored by git); a wheel carries it and is tagged for this
