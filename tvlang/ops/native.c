@@ -287,6 +287,16 @@ MULTI_VERSION void tv_ram_f32(const float *const *parts, size_t k, size_t n, flo
     }
 }
 
+/* How many inputs contribute at each of the m entries from `start`: count[j], a whole number. */
+static inline void contributors(const float *const *parts, size_t k, size_t start, size_t m, float eps,
+                                float *count) {
+    for (size_t j = 0; j < m; j++) count[j] = 0.0f;
+    for (size_t i = 0; i < k; i++) {
+        const float *q = parts[i] + start;
+        for (size_t j = 0; j < m; j++) count[j] = count[j] + contributes(q[j], eps);
+    }
+}
+
 /* RAM+'s counting pass: per input i, the entries where it contributes with others
  * (shared[i] += ...) and alone (unique[i] += ...). */
 MULTI_VERSION void tv_ramplus_count_f32(const float *const *parts, size_t k, size_t n, float eps, uint64_t *shared,
@@ -295,11 +305,7 @@ MULTI_VERSION void tv_ramplus_count_f32(const float *const *parts, size_t k, siz
     uint32_t alone[TILE], with_others[TILE];
     for (size_t start = 0; start < n; start += TILE) {
         size_t m = n - start < TILE ? n - start : TILE;
-        for (size_t j = 0; j < m; j++) count[j] = 0.0f;
-        for (size_t i = 0; i < k; i++) {
-            const float *q = parts[i] + start;
-            for (size_t j = 0; j < m; j++) count[j] = count[j] + contributes(q[j], eps);
-        }
+        contributors(parts, k, start, m, eps, count);
         for (size_t j = 0; j < m; j++) {
             int one = count[j] == 1.0f, more = count[j] > 1.0f;
             alone[j] = (uint32_t)one;
@@ -327,13 +333,10 @@ MULTI_VERSION void tv_ramplus_apply_f32(const float *const *parts, size_t k, siz
     float count[TILE], alone[TILE], share[TILE], total[TILE];
     for (size_t start = 0; start < n; start += TILE) {
         size_t m = n - start < TILE ? n - start : TILE;
-        for (size_t j = 0; j < m; j++) count[j] = total[j] = 0.0f;
-        for (size_t i = 0; i < k; i++) {
-            const float *q = parts[i] + start;
-            for (size_t j = 0; j < m; j++) count[j] = count[j] + contributes(q[j], eps);
-        }
+        contributors(parts, k, start, m, eps, count);
         for (size_t j = 0; j < m; j++) {
             int one = count[j] == 1.0f, more = count[j] > 1.0f;
+            total[j] = 0.0f;
             alone[j] = (float)one;
             share[j] = (float)more / at_least_1(count[j]);
         }
