@@ -215,29 +215,28 @@ class _Drops(ChunkKernel):
     def end_pass(self, pass_index: int) -> None:
         self.factors = self.norms.factors()
 
-    def _from_saved(self, i: int, x: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    def _from_saved(self, i: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Input ``i``'s next piece times the flags its pass kept: ``x * mask`` as drawing again gives
         (the mask is 0 or 1 with l1; ``x * False`` is ``x * 0.0``, NaN for an infinity as well),
-        and whether its L1 factor is applied too (the compiled helper does both in one pass)."""
-        flat = x.reshape(-1)
+        then times its L1 factor (the compiled helper does both in one pass)."""
+        flat, factor = x.reshape(-1), self.factors[i]
         packed = self.saved[i].pop(0)
-        if native.flags_scale_f32(flat, packed, self.factors[i], out.view(-1)) is not None:
-            return out.view(-1), True
+        if native.flags_scale_f32(flat, packed, factor, out.view(-1)) is not None:
+            return out.view(-1)
         kept = torch.from_numpy(numpy.unpackbits(packed, count=flat.numel()).view(numpy.bool_))
-        return torch.mul(flat, kept.to(x.device), out=out.view(-1)), False
+        part = torch.mul(flat, kept.to(x.device), out=out.view(-1))
+        return part if factor is None else part.mul_(factor)
 
     def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
         if self.saved is not None and self.saved[0]:
-            done = [self._from_saved(i, x, scratch(f"chunks.part{i}", x) if self.merge else out)
-                    for i, x in enumerate(pieces)]
-            parts, scaled_already = [part for part, _ in done], [applied for _, applied in done]
+            parts = [self._from_saved(i, x, scratch(f"chunks.part{i}", x) if self.merge else out)
+                     for i, x in enumerate(pieces)]
         else:
             parts = [d.apply(x, scratch(f"chunks.part{i}", x) if self.merge else out)
                      for i, (d, x) in enumerate(zip(self.droppers, pieces))]
-            scaled_already = [False] * len(parts)
-        for part, factor, applied in zip(parts, self.factors, scaled_already):
-            if factor is not None and not applied:
-                part.mul_(factor)
+            for part, factor in zip(parts, self.factors):
+                if factor is not None:
+                    part.mul_(factor)
         if self.merge:
             self.merge(parts, out)
 

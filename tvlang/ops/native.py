@@ -33,6 +33,21 @@ _MASK64 = (1 << 64) - 1
 _loaded: list = []  # [library or None], filled on first use
 
 
+_P, _N, _F, _I = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_float, ctypes.c_int
+#: each C function of native.c: its argument types and its result type
+_SIGNATURES = {
+    "tv_pcg64_drop_f32": ([_P, _N, ctypes.c_uint32, _F, _P], None),
+    "tv_window_gather": ([_P, _N, ctypes.c_int32, ctypes.c_int32, _I, _P, _P], ctypes.c_size_t),
+    "tv_band_f32": ([_P, _N, _F, _F, _P], None),
+    "tv_sign_merge_f32": ([_P, _N, _N, _I, _I, _P], None),
+    "tv_ram_f32": ([_P, _N, _N, _F, _P], None),
+    "tv_ramplus_count_f32": ([_P, _N, _N, _F, _P, _P], None),
+    "tv_ramplus_apply_f32": ([_P, _N, _N, _F, _P, _P], None),
+    "tv_nearswap_f32": ([_P, _P, _N, _F, _P], None),
+    "tv_flags_scale_f32": ([_P, _P, _N, _I, _F, _P], None),
+}
+
+
 def library():
     """The loaded helper, or ``None`` (not built, not loadable, or ``TVLANG_NATIVE=0``)."""
     if os.environ.get("TVLANG_NATIVE", "1") == "0":
@@ -42,32 +57,9 @@ def library():
         if sys.byteorder == "little" and LIBRARY.is_file():
             try:
                 lib = ctypes.CDLL(str(LIBRARY))
-                fn = lib.tv_pcg64_drop_f32
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint32, ctypes.c_float, ctypes.c_void_p]
-                fn.restype = None
-                fn = lib.tv_window_gather
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int32, ctypes.c_int32, ctypes.c_int,
-                               ctypes.c_void_p, ctypes.c_void_p]
-                fn.restype = ctypes.c_size_t
-                fn = lib.tv_band_f32
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_float, ctypes.c_float, ctypes.c_void_p]
-                fn.restype = None
-                fn = lib.tv_sign_merge_f32
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                               ctypes.c_void_p]
-                fn.restype = None
-                fn = lib.tv_flags_scale_f32
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_float,
-                               ctypes.c_void_p]
-                fn.restype = None
-                fn = lib.tv_nearswap_f32
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_float, ctypes.c_void_p]
-                fn.restype = None
-                for name, pointers in (("tv_ram_f32", 1), ("tv_ramplus_count_f32", 2), ("tv_ramplus_apply_f32", 2)):
+                for name, (arguments, result) in _SIGNATURES.items():
                     fn = getattr(lib, name)
-                    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_float,
-                                   *[ctypes.c_void_p] * pointers]
-                    fn.restype = None
+                    fn.argtypes, fn.restype = arguments, result
             except (OSError, AttributeError):  # built for another machine, or an older file
                 lib = None
         _loaded.append(lib)

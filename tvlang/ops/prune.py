@@ -83,9 +83,8 @@ def trim(x: torch.Tensor, low: float, high: float = math.inf, *, slot: str,
     if low <= 0.0 and high == math.inf:
         return x if into is None else into.copy_(x)
     target = into if into is not None else scratch(slot, x)
-    if low > 0.0 and high != math.inf and x.dtype == torch.float32:  # one pass in the compiled helper
-        if band_f32(x, below(low, x.dtype), below(high, x.dtype), target) is not None:
-            return target
+    if low > 0.0 and high != math.inf and band_f32(x, below(low, x.dtype), below(high, x.dtype), target) is not None:
+        return target  # one pass in the compiled helper
     out = torch.hardshrink(x, below(low, x.dtype), out=target) if low > 0.0 else target.copy_(x)
     if high != math.inf:
         out.sub_(torch.hardshrink(x, below(high, x.dtype), out=scratch(slot + ".high", x)))
