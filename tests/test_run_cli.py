@@ -189,10 +189,15 @@ def test_entry_after_a_run_flushes_runs_atexit_and_keeps_the_status(ckpt, tmp_pa
     assert ok.stdout.endswith("}\natexit ran\n")
     summary = json.loads(ok.stdout[:-len("atexit ran\n")])
     assert summary["tensors"] == len(load_file(str(out / "model.safetensors"))) == N_TENSORS
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    listing = sorted(os.listdir(tmp_path))
     failed = _entry(tmp_path, ["run", "-e", "pre + 0.5*(a - pre)", *binds(ckpt[0]), "-o", str(out)])
     assert failed.returncode == 1
     assert failed.stderr == f"error: {out}: output already exists\n  pass --force (force=True) to replace it\n"
     assert failed.stdout == "atexit ran\n"
+    # the refused run changed nothing on disk: the output's files, byte for byte, and no temporary
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(os.listdir(tmp_path)) == listing
 
 
 def test_entry_without_torch_exits_normally(tmp_path):
