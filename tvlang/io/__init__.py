@@ -4,57 +4,60 @@ Public names: ``TensorInfo``, ``TensorReader``, ``open_reader``, ``StreamingWrit
 ``release`` (unmap the used part of a mapped tensor), and the output-path checks.
 Modules: ``base`` (the reader interface), ``safetensors_format``, the readers
 (``safetensors_file``, ``sharded``, ``torch_file``, ``open``), ``atomic`` (the
-atomic-replace transaction), ``output_paths``, ``writer`` and ``state_dict_writer``
-(``-o NAME.pt``: a ``torch.save`` state dict, built in memory).
+atomic-replace transaction), ``output_paths``, ``writeback`` (syncing a file while it is
+written), ``writer`` and ``state_dict_writer`` (``-o NAME.pt``: a ``torch.save`` state dict,
+built in memory).
+
+The names are imported when first used (PEP 562), so that importing one module of this
+package does not import the others: the readers import torch, while the output checks, the
+atomic replace, the headers and the streaming writer do not (the torch-free executor,
+``tvlang.run.direct``, uses them).
 """
 
-from tvlang.io.base import TensorInfo, TensorReader
-from tvlang.io.open import WEIGHT_FILES, find_weights, open_reader, peek_kind
-from tvlang.io.output_paths import (
-    COPIED_DIRS,
-    COPIED_FILES,
-    check_distinct_outputs,
-    check_output_path,
-    output_format,
-    replaceable,
-)
-from tvlang.io.safetensors_file import SafetensorsReader, release
-from tvlang.io.safetensors_format import (
-    DTYPE_FROM_SAFETENSORS,
-    INDEX_NAME,
-    SAFETENSORS_FROM_DTYPE,
-    SINGLE_NAME,
-    shard_name,
-)
-from tvlang.io.sharded import ShardedReader
-from tvlang.io.state_dict_writer import StateDictWriter, open_writer
-from tvlang.io.torch_file import StateDictReader, TorchFileReader
-from tvlang.io.writer import StreamingWriter
+from __future__ import annotations
 
-__all__ = [
-    "COPIED_DIRS",
-    "COPIED_FILES",
-    "INDEX_NAME",
-    "SINGLE_NAME",
-    "StateDictWriter",
-    "StreamingWriter",
-    "check_distinct_outputs",
-    "check_output_path",
-    "replaceable",
-    "shard_name",
-    "DTYPE_FROM_SAFETENSORS",
-    "SAFETENSORS_FROM_DTYPE",
-    "WEIGHT_FILES",
-    "SafetensorsReader",
-    "ShardedReader",
-    "StateDictReader",
-    "TensorInfo",
-    "TensorReader",
-    "TorchFileReader",
-    "find_weights",
-    "open_reader",
-    "open_writer",
-    "output_format",
-    "peek_kind",
-    "release",
-]
+import importlib
+
+#: each public name and the module that defines it
+_HOMES = {
+    "TensorInfo": "base",
+    "TensorReader": "base",
+    "WEIGHT_FILES": "open",
+    "find_weights": "open",
+    "open_reader": "open",
+    "peek_kind": "open",
+    "COPIED_DIRS": "output_paths",
+    "COPIED_FILES": "output_paths",
+    "check_distinct_outputs": "output_paths",
+    "check_output_path": "output_paths",
+    "output_format": "output_paths",
+    "replaceable": "output_paths",
+    "SafetensorsReader": "safetensors_file",
+    "release": "safetensors_file",
+    "DTYPE_FROM_SAFETENSORS": "safetensors_format",
+    "INDEX_NAME": "safetensors_format",
+    "SAFETENSORS_FROM_DTYPE": "safetensors_format",
+    "SINGLE_NAME": "safetensors_format",
+    "shard_name": "safetensors_format",
+    "ShardedReader": "sharded",
+    "StateDictWriter": "state_dict_writer",
+    "open_writer": "state_dict_writer",
+    "StateDictReader": "torch_file",
+    "TorchFileReader": "torch_file",
+    "StreamingWriter": "writer",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))

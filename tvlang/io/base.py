@@ -24,10 +24,12 @@ import re
 import stat
 import unicodedata
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from tvlang.errors import TvlangError
+
+if TYPE_CHECKING:  # the reader interface names torch's types; this module runs without torch
+    import torch
 
 __all__ = [
     "MAX_JSON_BYTES",

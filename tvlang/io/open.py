@@ -8,10 +8,10 @@ from collections.abc import Mapping
 
 from tvlang.errors import TvlangError
 from tvlang.io.base import TensorReader, check_regular, io_error, kind_from_metadata, open_regular
-from tvlang.io.safetensors_file import SafetensorsReader
 from tvlang.io.safetensors_format import peek_metadata
-from tvlang.io.sharded import ShardedReader
-from tvlang.io.torch_file import StateDictReader, TorchFileReader
+
+# The readers (which import torch) are imported where a reader is opened: find_weights and
+# choose_weights serve the output checks of the torch-free executor (tvlang.run.direct) too.
 
 __all__ = ["WEIGHT_FILES", "choose_weights", "find_weights", "open_reader", "peek_kind"]
 
@@ -37,6 +37,8 @@ def open_reader(obj: object, *, label: str | None = None) -> TensorReader:
     >>> r.label, r.names(), r.info("weight").shape
     ('<module Linear>', ['weight'], (1, 2))
     """
+    from tvlang.io.torch_file import StateDictReader
+
     if isinstance(obj, TensorReader):
         return obj
     if isinstance(obj, (str, os.PathLike)):
@@ -111,6 +113,10 @@ def _near_names(path: str) -> tuple[str, ...]:
 
 
 def _open_path(path: str, label: str) -> TensorReader:
+    from tvlang.io.safetensors_file import SafetensorsReader
+    from tvlang.io.sharded import ShardedReader
+    from tvlang.io.torch_file import TorchFileReader
+
     if not os.path.exists(path):
         raise io_error(label, "no such file or directory", notes=_near_names(path))
     if os.path.isdir(path):
@@ -155,6 +161,10 @@ def peek_kind(path: str) -> str:
     Reads the header only. A path that cannot be opened counts as a model here:
     the evaluator reports it, with its reason, if the plan needs it.
     """
+    if os.path.isdir(path):  # a model directory of one safetensors file: that file's header
+        found = find_weights(path)
+        if found is not None and found.endswith(".safetensors"):
+            path = os.path.join(path, found)
     if os.path.isfile(path) and path.endswith(".safetensors"):
         metadata = _peek_metadata(path)
         if metadata is not None:  # the common case, without parsing every tensor's entry

@@ -28,8 +28,7 @@ import os
 import re
 import struct
 from collections.abc import Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from tvlang.errors import TvlangError
 from tvlang.io.base import (
@@ -43,15 +42,19 @@ from tvlang.io.base import (
     show,
 )
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
-    "DTYPE_FROM_SAFETENSORS",
+    "CODES",
     "INDEX_NAME",
     "MAX_HEADER_BYTES",
-    "SAFETENSORS_FROM_DTYPE",
     "SHARD_FILE",
     "SINGLE_NAME",
     "build_header",
     "build_index",
+    "dtype_code",
+    "itemsize",
     "looks_like_safetensors",
     "parse_header",
     "read_header",
@@ -69,60 +72,96 @@ def shard_name(index: int, count: int) -> str:
     return f"model-{index:05d}-of-{count:05d}.safetensors"
 
 
-def _safetensors_dtypes() -> dict[str, torch.dtype]:
-    table = {
-        "F64": torch.float64,
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "I64": torch.int64,
-        "I32": torch.int32,
-        "I16": torch.int16,
-        "I8": torch.int8,
-        "U8": torch.uint8,
-        "BOOL": torch.bool,
-        "C64": torch.complex64,
-    }
-    # Types that only newer torch builds have: take those this build knows.
-    optional = {
-        "F8_E4M3": "float8_e4m3fn",
-        "F8_E5M2": "float8_e5m2",
-        "F8_E4M3FNUZ": "float8_e4m3fnuz",
-        "F8_E5M2FNUZ": "float8_e5m2fnuz",
-        "F8_E8M0": "float8_e8m0fnu",
-        "U16": "uint16",
-        "U32": "uint32",
-        "U64": "uint64",
-    }
-    for code, attr in optional.items():
-        dtype = getattr(torch, attr, None)
-        if isinstance(dtype, torch.dtype):
-            table[code] = dtype
-    return table
+#: Every dtype code of the format: its item size and the name of the torch dtype that holds it.
+#: The last eight are types that only newer torch builds have: with torch, a file that uses
+#: one this build lacks is refused as an unknown dtype.
+CODES: dict[str, tuple[int, str]] = {
+    "F64": (8, "float64"),
+    "F32": (4, "float32"),
+    "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"),
+    "I64": (8, "int64"),
+    "I32": (4, "int32"),
+    "I16": (2, "int16"),
+    "I8": (1, "int8"),
+    "U8": (1, "uint8"),
+    "BOOL": (1, "bool"),
+    "C64": (8, "complex64"),
+    "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E5M2": (1, "float8_e5m2"),
+    "F8_E4M3FNUZ": (1, "float8_e4m3fnuz"),
+    "F8_E5M2FNUZ": (1, "float8_e5m2fnuz"),
+    "F8_E8M0": (1, "float8_e8m0fnu"),
+    "U16": (2, "uint16"),
+    "U32": (4, "uint32"),
+    "U64": (8, "uint64"),
+}
+# numpy's names of the types it has (the torch-free executor's buffers, tvlang.run.direct)
+_NUMPY_CODES = {attr: code for code, (_, attr) in CODES.items() if not attr.startswith(("float8", "bfloat"))}
+
+_torch_tables: list = []  # [(code -> torch dtype, torch dtype -> code)], filled on first use
 
 
-# The dtype strings of the safetensors format and the torch dtypes they hold.
-DTYPE_FROM_SAFETENSORS: dict[str, torch.dtype] = _safetensors_dtypes()
-SAFETENSORS_FROM_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_FROM_SAFETENSORS.items()}
+def _tables() -> tuple[dict, dict]:
+    """The codes this torch build holds, both ways. This module imports torch only here, so that
+    headers can be read and built without it (the torch-free executor, tvlang.run.direct)."""
+    if not _torch_tables:
+        import torch
+
+        table = {}
+        for code, (_, attr) in CODES.items():
+            dtype = getattr(torch, attr, None)
+            if isinstance(dtype, torch.dtype):
+                table[code] = dtype
+        _torch_tables.append((table, {v: k for k, v in table.items()}))
+    return _torch_tables[0]
 
 
-# The same cap the reference implementation uses: a larger header is not a safetensors file.
+def __getattr__(name: str):
+    # DTYPE_FROM_SAFETENSORS (code -> torch dtype) and SAFETENSORS_FROM_DTYPE (the reverse),
+    # built when first asked for (so not in __all__: a star import would import torch)
+    if name == "DTYPE_FROM_SAFETENSORS":
+        return _tables()[0]
+    if name == "SAFETENSORS_FROM_DTYPE":
+        return _tables()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def dtype_code(dtype: object) -> str | None:
+    """The code of a torch dtype, a numpy dtype or a code itself; None where the format has none.
+
+    >>> import numpy, torch
+    >>> dtype_code(torch.bfloat16), dtype_code(numpy.dtype("float32")), dtype_code("F16"), dtype_code("f4")
+    ('BF16', 'F32', 'F16', None)
+    """
+    if isinstance(dtype, str):
+        return dtype if dtype in CODES else None
+    if type(dtype).__module__ == "torch":
+        return _tables()[1].get(dtype)
+    return _NUMPY_CODES.get(getattr(dtype, "name", None))
+
+
+def itemsize(code: str) -> int:
+    """The bytes of one entry of dtype ``code``."""
+    return CODES[code][0]
+
+
 MAX_HEADER_BYTES = MAX_JSON_BYTES
 
 # No dimension, and no product of the non-zero dimensions, may exceed this: torch's
 # sizes and strides are int64 (a shape [0, 2**70] holds no bytes, yet no tensor has it).
 MAX_DIM = 2**63 - 1
-_ITEMSIZES = {code: dtype.itemsize for code, dtype in DTYPE_FROM_SAFETENSORS.items()}
 
 
 def parse_header(
-    label: str, raw: bytes, file_size: int
-) -> tuple[dict[str, str], list[tuple[str, tuple[int, ...], torch.dtype, int, int]]]:
+    label: str, raw: bytes, file_size: int, *, codes: bool = False
+) -> tuple[dict[str, str], list[tuple[str, tuple[int, ...], torch.dtype | str, int, int]]]:
     """Check a header and return ``(metadata, entries)``.
 
     ``raw`` is the JSON text; ``file_size`` the size of the whole file. Each
     entry is ``(name, shape, dtype, begin, end)`` with absolute byte offsets in
-    the file, sorted by ``begin`` (file order).
+    the file, sorted by ``begin`` (file order). ``dtype`` is a torch dtype, or with
+    ``codes=True`` the format's code (``"F32"``), checked against ``CODES`` without torch.
 
     The rules are the safetensors library's: besides well-formed entries, the data
     offsets, sorted, must tile the data exactly: the first tensor starts at 0, each
@@ -155,7 +194,8 @@ def parse_header(
             metadata[key] = value
 
     entries = []
-    itemsizes = _ITEMSIZES
+    torch_dtypes = None if codes else _tables()[0]
+    itemsizes = {code: CODES[code][0] for code in (CODES if torch_dtypes is None else torch_dtypes)}
     for name, entry in header.items():
         # The checks run once per tensor per header: the common case takes the cheap path.
         if not name.isprintable():
@@ -173,7 +213,7 @@ def parse_header(
             lacks = ", ".join(missing)
             raise io_error(label, f"tensor {quoted(name)} header entry lacks {lacks}", tensor=name) from None
         if type(code) is not str or code not in itemsizes:
-            known = ", ".join(DTYPE_FROM_SAFETENSORS)
+            known = ", ".join(itemsizes)
             shown = repr(show(code)) if isinstance(code, str) else _short(code)
             raise io_error(label, f"tensor {quoted(name)} has unknown dtype {shown} (known: {known})", tensor=name)
         if type(shape) is not list or (shape and (not {type(d) for d in shape} <= {int} or min(shape) < 0)):
@@ -202,7 +242,7 @@ def parse_header(
                 f" but its data offsets [{begin}, {end}] span {end - begin}",
                 tensor=name,
             )
-        dtype = DTYPE_FROM_SAFETENSORS[code]
+        dtype = code if torch_dtypes is None else torch_dtypes[code]
         entries.append((name, tuple(shape), dtype, data_start + begin, data_start + end))
 
     entries.sort(key=lambda e: (e[3], e[4]))
@@ -272,9 +312,9 @@ def _short(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def read_header(label: str, fd: int, file_size: int) -> tuple[dict[str, str], list]:
-    """Read and check the header of the open file ``fd``."""
-    return parse_header(label, header_bytes(label, fd, file_size), file_size)
+def read_header(label: str, fd: int, file_size: int, *, codes: bool = False) -> tuple[dict[str, str], list]:
+    """Read and check the header of the open file ``fd`` (``codes``: as :func:`parse_header`)."""
+    return parse_header(label, header_bytes(label, fd, file_size), file_size, codes=codes)
 
 
 def header_bytes(label: str, fd: int, file_size: int) -> bytes:
@@ -348,14 +388,15 @@ def looks_like_safetensors(head: bytes, size: int) -> bool:
 
 
 def build_header(infos: Sequence[TensorInfo], metadata: Mapping[str, str]) -> tuple[bytes, int]:
-    """The header of a file holding ``infos`` in order: ``(length + JSON, data size)``."""
+    """The header of a file holding ``infos`` in order: ``(length + JSON, data size)``; an info's
+    dtype is a torch dtype or a code (:func:`dtype_code`)."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
     offset = 0
     for info in infos:
         header[info.name] = {
-            "dtype": SAFETENSORS_FROM_DTYPE[info.dtype],
+            "dtype": dtype_code(info.dtype),
             "shape": list(info.shape),
             "data_offsets": [offset, offset + info.nbytes],
         }

@@ -17,11 +17,16 @@ import re
 import warnings
 import zipfile
 from collections.abc import Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from tvlang.io.base import TensorInfo, TensorReader, io_error, name_problem, open_regular, quoted, show
 from tvlang.io.safetensors_format import looks_like_safetensors
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a function uses it, not above: is_torch_save_file (what --force may
+# replace) serves the torch-free executor too (tvlang.run.direct).
 
 __all__ = ["StateDictReader", "TorchFileReader", "is_torch_save_file", "load_state_dict_file"]
 
@@ -31,6 +36,8 @@ _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
 
 def _owned_copy(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous CPU copy that shares nothing with ``tensor``."""
+    import torch
+
     out = torch.empty(tuple(tensor.shape), dtype=tensor.dtype)
     out.copy_(tensor.detach())
     return out
@@ -38,6 +45,8 @@ def _owned_copy(tensor: torch.Tensor) -> torch.Tensor:
 
 def _find_state_dict(label: str, obj: object) -> Mapping[str, torch.Tensor]:
     """The mapping of names to tensors inside what ``torch.load`` returned."""
+    import torch
+
     if isinstance(obj, Mapping):
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             return obj
@@ -222,6 +231,8 @@ def load_state_dict_file(path: str, label: str) -> Mapping[str, torch.Tensor]:
     by entry (:func:`_check_zip`) before torch reads it. torch then reads the very file
     that was checked (``/proc/self/fd``, where there is one).
     """
+    import torch
+
     if os.path.isdir(path):
         raise io_error(label, "is a directory, not a PyTorch checkpoint")
     fd, size = open_regular(label, path)
@@ -269,6 +280,8 @@ def _short(value: object) -> str:
 
 def _tensor_problem(tensor: torch.Tensor) -> str | None:
     """Why ``tensor`` cannot be read as a dense array of numbers, or None."""
+    import torch
+
     if tensor.is_nested:
         return "is a nested tensor (tensors of different shapes); tvlang reads dense tensors only"
     if tensor.layout != torch.strided:
@@ -294,6 +307,8 @@ class StateDictReader(TensorReader):
     """
 
     def __init__(self, state: Mapping[str, torch.Tensor], *, label: str = "<state dict>", file: str | None = None) -> None:
+        import torch
+
         super().__init__(label)
         for name, tensor in state.items():
             if not isinstance(name, str):

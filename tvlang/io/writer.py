@@ -28,8 +28,7 @@ import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from tvlang.errors import TvlangError
 from tvlang.io.atomic import AtomicReplace, State
@@ -38,12 +37,16 @@ from tvlang.io.model_files import copy_model_files, model_file_names, write_file
 from tvlang.io.output_paths import check_output_path, input_paths, replaceable
 from tvlang.io.safetensors_format import (
     INDEX_NAME,
-    SAFETENSORS_FROM_DTYPE,
     SINGLE_NAME,
     build_header,
     build_index,
+    dtype_code,
+    itemsize,
     shard_name,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ONCE", "StreamingWriter", "copy_model_files", "model_file_names", "shard_metadata", "write_files"]
 
@@ -223,12 +226,13 @@ class StreamingWriter:
             if info.name in seen:
                 raise TvlangError(f"{self.out}: tensor '{info.name}' appears twice in the output", tensor=info.name)
             seen.add(info.name)
-            if info.dtype not in SAFETENSORS_FROM_DTYPE:
+            code = dtype_code(info.dtype)
+            if code is None:
                 raise TvlangError(
                     f"{self.out}: tensor '{info.name}' has dtype {info.dtype}, which safetensors cannot store",
                     tensor=info.name,
                 )
-            expected = math.prod(info.shape) * torch.empty((), dtype=info.dtype).element_size()
+            expected = math.prod(info.shape) * itemsize(code)
             if info.nbytes != expected:
                 raise TvlangError(
                     f"{self.out}: layout entry '{info.name}' says {info.nbytes} bytes but"
@@ -337,7 +341,7 @@ class StreamingWriter:
         """Append the next tensor of the layout; its shape and dtype must match."""
         info = self._expect(name)
         shape = tuple(int(d) for d in tensor.shape)
-        if shape != tuple(info.shape) or tensor.dtype != info.dtype:
+        if shape != tuple(info.shape) or dtype_code(tensor.dtype) != dtype_code(info.dtype):
             raise TvlangError(
                 f"{self.out}: tensor '{name}' is {list(shape)} {tensor.dtype} but the output layout says"
                 f" {list(info.shape)} {info.dtype}",
@@ -357,10 +361,10 @@ class StreamingWriter:
         add up to its size. Nothing of a tensor need ever be whole in memory.
         """
         info = self._expect(name)
-        if piece.dtype != info.dtype:
+        if dtype_code(piece.dtype) != dtype_code(info.dtype):
             raise TvlangError(f"{self.out}: a piece of tensor '{name}' is {piece.dtype} but the output layout says"
                               f" {info.dtype}", tensor=name)
-        nbytes = piece.numel() * piece.element_size()
+        nbytes = piece.nbytes
         if self._part + nbytes > info.nbytes:
             raise TvlangError(f"{self.out}: the pieces of tensor '{name}' come to more than its"
                               f" {info.nbytes} bytes", tensor=name)
@@ -371,9 +375,15 @@ class StreamingWriter:
             self._next += 1
 
     def _write_piece(self, info: TensorInfo, piece: torch.Tensor) -> None:
-        """Append ``piece``'s bytes, opening the tensor's shard when it is the tensor's first."""
+        """Append ``piece``'s bytes, opening the tensor's shard when it is the tensor's first.
+        A piece is a torch tensor, or a contiguous numpy array (the torch-free executor's)."""
         if self._part == 0 and self._shard_of[info.name] != self._open_shard:
             self._start_shard(self._shard_of[info.name])
+        if not hasattr(piece, "detach"):
+            self._append(memoryview(piece.reshape(-1)).cast("B"))
+            return
+        import torch  # a torch tensor: torch is imported already
+
         data = piece.detach()
         if data.device.type != "cpu":
             data = data.cpu()

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DeltaBinding", "LoraBinding", "RunSummary", "delta", "lora"]
+__all__ = ["EXAMPLES", "DeltaBinding", "LoraBinding", "RunSummary", "delta", "input_report", "lora"]
 
 
 @dataclass(frozen=True)
@@ -68,3 +68,16 @@ class RunSummary:
         line = (f"wrote {self.tensors} tensors ({size:.1f} MiB) to {where} in {self.seconds:.2f} s "
                 f"({rate:.0f} MiB/s, {self.passes} pass{'es' if self.passes != 1 else ''})")
         return "\n".join([line, *(f"  {note}" for note in self.notes)])
+
+
+EXAMPLES = 5  # names listed per count in an input's report (the summary line shows 3)
+
+
+def input_report(name: str, path: str, is_base: bool, rules: list[str], matched: int, renamed: int,
+                 missing: list[str], from_base: list[str], skipped: list[str], left_out: list[str],
+                 tied: list[str]) -> dict[str, Any]:
+    """One input's entry in ``RunSummary.inputs`` (tvlang.run.layout.input_reports says what each count is)."""
+    return {"name": name, "path": path, "base": is_base, "rules": list(rules), "matched": matched,
+            "renamed": renamed, "missing": len(missing), "from_base": len(from_base), "skipped": len(skipped),
+            "left_out": len(left_out), "tied": len(tied),
+            "examples": {"missing": missing[:EXAMPLES], "left_out": left_out[:EXAMPLES], "tied": tied[:EXAMPLES]}}

@@ -16,6 +16,7 @@ import torch
 from tvlang.errors import TvlangError
 from tvlang.io import TensorInfo
 from tvlang.ops.select import count_layers
+from tvlang.plan.records import input_report
 from tvlang.run.align import few
 from tvlang.run.bindings import Bound, bind
 from tvlang.run.options import MISSING_POLICIES
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Layout", "input_reports", "layout", "notes", "validate", "validate_report"]
 
-EXAMPLES = 5  # names listed per count in input_reports (the summary line shows 3)
 
 
 @dataclass
@@ -163,7 +163,7 @@ def input_reports(bound: Bound, layout: Layout, missing: str) -> list[dict[str, 
     computed = set(layout.names)
     tied = set(layout.tied)
     base_tied = [n for n in floats if n in tied]
-    reports = [_report(bound.base, base.label, True, [], len(floats) - len(base_tied), 0, [], [], [], [],
+    reports = [input_report(bound.base, base.label, True, [], len(floats) - len(base_tied), 0, [], [], [], [],
                        base_tied)]
     for entry in bound.alignment:
         lacking = [n for n in entry.missing if n not in tied]
@@ -172,18 +172,9 @@ def input_reports(bound: Bound, layout: Layout, missing: str) -> list[dict[str, 
         taken = [n for n in lacking if n in layout.copied]
         skipped = [n for n in lacking if n not in computed and n not in layout.copied]
         matched = entry.matched - sum(1 for n in base_tied if n not in entry.missing)
-        reports.append(_report(entry.key, entry.label, False, entry.rules, matched, entry.renamed,
+        reports.append(input_report(entry.key, entry.label, False, entry.rules, matched, entry.renamed,
                                lacking, taken, skipped, extra, its_tied))
     return reports
-
-
-def _report(name: str, path: str, is_base: bool, rules: list[str], matched: int, renamed: int,
-            missing: list[str], from_base: list[str], skipped: list[str], left_out: list[str],
-            tied: list[str]) -> dict[str, Any]:
-    return {"name": name, "path": path, "base": is_base, "rules": list(rules), "matched": matched,
-            "renamed": renamed, "missing": len(missing), "from_base": len(from_base), "skipped": len(skipped),
-            "left_out": len(left_out), "tied": len(tied),
-            "examples": {"missing": missing[:EXAMPLES], "left_out": left_out[:EXAMPLES], "tied": tied[:EXAMPLES]}}
 
 
 def validate(plan: Plan, bindings: Mapping[str, Any], *, missing: str = "error") -> Layout:

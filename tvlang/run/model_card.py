@@ -26,11 +26,11 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from tvlang.language.printer import format_signed
-from tvlang.run.bindings import Bound
 from tvlang.version import __version__
 
 if TYPE_CHECKING:
     from tvlang.plan.compiler import Plan
+    from tvlang.run.bindings import Bound
 
 __all__ = ["CARD_NAME", "TAGS", "model_card"]
 

@@ -12,23 +12,27 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
-import torch
-
 from tvlang.errors import TvlangError
-from tvlang.io import StreamingWriter, TensorInfo, output_format
-from tvlang.io.hub import fetch_model_files
-from tvlang.run.bindings import Bound
+from tvlang.io.output_paths import output_format
 from tvlang.run.model_card import CARD_NAME, model_card
 from tvlang.run.provenance import location, recipe_dir
-from tvlang.run.session import Session
-from tvlang.run.stacked import StackedReader
 from tvlang.version import __version__
 
 if TYPE_CHECKING:
+    import torch
+
+    from tvlang.io import StreamingWriter, TensorInfo
     from tvlang.plan.compiler import Plan
+    from tvlang.run.bindings import Bound
+    from tvlang.run.session import Session
+
+# This module imports neither torch nor the readers at its top (compute_threads and
+# base_model_folder import what they use): the torch-free executor (tvlang.run.direct) writes
+# its outputs' metadata, files and reports with these functions too.
 
 __all__ = ["IN_FLIGHT", "Committable", "base_model_folder", "commit_all", "compute_threads", "model_files_of",
            "output_files", "output_metadata", "output_reports", "output_targets", "refuse_state_dict_outputs",
@@ -144,6 +148,8 @@ def compute_threads():
     Measured on 2 cores: chunked steps on one torch thread beat two threads that
     fight the writer for the second core; the setting is restored afterwards.
     """
+    import torch
+
     previous = torch.get_num_threads()
     wanted = max(1, min(previous, (os.cpu_count() or 2) - 1))
     torch.set_num_threads(wanted)
@@ -209,8 +215,10 @@ def base_model_folder(bound: Bound) -> str | None:
     if not base.root:
         return None
     # a stack's files are its first part's (StackedReader.config_files reads its config.json)
-    source = base.parts[0][0].hub if isinstance(base, StackedReader) else base.hub
+    source = base.parts[0][0].hub if _is_stack(base) else base.hub
     if source is not None:
+        from tvlang.io.hub import fetch_model_files
+
         fetch_model_files(source)
     return base.root
 
@@ -250,10 +258,17 @@ def output_files(plan: Plan, bound: Bound, output: str, kind: str, path: Any, me
     if kind != "model" or output_format(path) != "directory":
         return {}
     base = bound.readers[bound.base]
-    files = base.config_files() if isinstance(base, StackedReader) and copy_from is not None else {}
+    files = base.config_files() if _is_stack(base) and copy_from is not None else {}
     if card:
         files[CARD_NAME] = model_card(plan, bound, output, metadata, copy_from, lock).encode()
     return files
+
+
+def _is_stack(reader: Any) -> bool:
+    """Whether ``reader`` is a ``StackedReader`` (no reader is one where its module, which
+    imports torch, was never imported)."""
+    stacked = sys.modules.get("tvlang.run.stacked")
+    return stacked is not None and isinstance(reader, stacked.StackedReader)
 
 
 def _output_inputs(plan: Plan, bound: Bound, output: str, kind: str) -> list[str]:

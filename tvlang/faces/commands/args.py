@@ -27,6 +27,7 @@ DELTA_PREFIX = "delta:"
 
 #: ``--bind NAME=lora:DIR`` binds a PEFT LoRA adapter directory as a task vector.
 LORA_PREFIX = "lora:"
+HUB_PREFIX = "hf:"  # tvlang.io.hub.PREFIX (tests/test_direct.py holds them equal)
 
 #: What ``--bind NAME=KIND`` may say instead of a path (``check`` and ``explain``).
 KINDS = ("model", "delta")
@@ -111,7 +112,11 @@ def path_kind(value: str) -> str:
     kind, path = split_binding(value)
     if kind == "delta":
         return kind
-    from tvlang.run.bindings import binding_kind as kind_of  # reads the header; imports torch
+    if not path.startswith((LORA_PREFIX, HUB_PREFIX)):  # a local path: tvlang.run.bindings.binding_kind's
+        from tvlang.io.open import peek_kind  # rule for one, without importing torch for a safetensors file
+
+        return peek_kind(path)
+    from tvlang.run.bindings import binding_kind as kind_of  # an adapter or a Hub reference; imports torch
 
     return kind_of(path)
 
