@@ -220,6 +220,7 @@ def test_read_failure_mid_run(ckpt, tmp_path, capsys, monkeypatch):
         return real(self, name)
 
     monkeypatch.setattr(SafetensorsReader, "read", flaky)
+    monkeypatch.setenv("TVLANG_DIRECT", "0")  # the local executor's reader (tests/test_direct.py: the other's)
     paths, _ = ckpt
     out = tmp_path / "out.safetensors"
     code, err = run_cli(capsys, "-e", EXPR, *binds(paths), "-o", str(out))

@@ -553,12 +553,14 @@ def test_linear_program_analysis():
     assert chunked.linear_program(after_dare) is not None
 
 
-def test_run_recycles_output_buffers(ckpts, tmp_path, chunking):
+def test_run_recycles_output_buffers(ckpts, tmp_path, chunking, monkeypatch):
     """run() reuses result buffers once written: the pool stays small, results stay right.
 
     Chunked, a large tensor goes to the writer in chunk-sized pieces: no buffer of the
-    pool is ever larger than one chunk, however large the tensor.
+    pool is ever larger than one chunk, however large the tensor. (The local executor's
+    pool: the torch-free one, tvlang.run.direct, would take this linear recipe.)
     """
+    monkeypatch.setenv("TVLANG_DIRECT", "0")
     paths, _ = ckpts
     pools = []
     given = []

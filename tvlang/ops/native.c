@@ -404,3 +404,36 @@ MULTI_VERSION void tv_flags_scale_f32(const float *x, const uint8_t *packed, siz
         out[j] = has_factor ? kept * factor : kept;
     }
 }
+
+/* ---- 8. The linear steps of a recipe, as torch computes them (tvlang/run/direct.py) -------------
+ *
+ * torch's CPU kernels compute `mul(x, c)` as one float32 product and `add(x, y, alpha=c)` as one
+ * fused multiply-add, fma(y, c, x) (ATen's vectorized add on machines with AVX2 and FMA, the
+ * kernels it picks there), so these give the same bits on such a machine; tv_fma_ok says whether
+ * this one is (the torch-free executor runs only there). tv_nonfinite_f32 is nonzero when an entry
+ * is a NaN or an infinity (its exponent bits all ones). */
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FMA_TARGET __attribute__((target("avx2,fma")))
+int tv_fma_ok(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#else
+#define FMA_TARGET
+int tv_fma_ok(void) { return 0; }
+#endif
+
+FMA_TARGET void tv_scale_f32(const float *x, float c, size_t n, float *out) {
+    for (size_t j = 0; j < n; j++) out[j] = x[j] * c;
+}
+
+FMA_TARGET void tv_axpy_f32(float *acc, const float *x, float c, size_t n) {
+    for (size_t j = 0; j < n; j++) acc[j] = fmaf(x[j], c, acc[j]);
+}
+
+FMA_TARGET int tv_nonfinite_f32(const float *x, size_t n) {
+    const uint32_t *bits = (const uint32_t *)x;
+    uint32_t bad = 0;
+    for (size_t j = 0; j < n; j++) bad |= (uint32_t)((bits[j] & 0x7f800000u) == 0x7f800000u);
+    return (int)bad;
+}

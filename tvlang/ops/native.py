@@ -1,6 +1,8 @@
 """The optional compiled helper (tvlang/ops/native.c): DARE's masks, TIES' sign merge with unit
 weights, the window pass of magnitude thresholds, breadcrumbs' band trim, RAM's and RAM+'s
-per-entry means, nearswap, and DARE's kept flags applied with the L1 factor.
+per-entry means, nearswap, DARE's kept flags applied with the L1 factor, and the linear steps of
+the torch-free executor (:func:`linear_steps`; tvlang.run.direct). This module imports numpy, not
+torch (a caller's tensors bring torch with them).
 
 Installing tvlang compiles ``native.c`` into ``tvlang/ops/libtvnative.so.1`` when a C compiler is
 found (hatch_build.py; no Python headers needed), and this module loads it with ctypes.
@@ -19,11 +21,10 @@ import sys
 from pathlib import Path
 
 import numpy
-import torch
 
 __all__ = ["LIBRARY", "library", "drop_mask_f32", "sign_merge_f32", "window_gather", "band_f32", "ram_f32",
-           "ramplus_count_f32", "ramplus_apply_f32", "nearswap_f32", "flags_scale_f32", "state_words",
-           "set_state_words"]
+           "ramplus_count_f32", "ramplus_apply_f32", "nearswap_f32", "flags_scale_f32", "linear_steps",
+           "state_words", "set_state_words"]
 
 #: where the install puts the compiled helper (a versioned name, ``.so.1``: a plain ``.so``
 #: would look like a Python extension module to importers that walk the package)
@@ -45,6 +46,10 @@ _SIGNATURES = {
     "tv_ramplus_apply_f32": ([_P, _N, _N, _F, _P, _P], None),
     "tv_nearswap_f32": ([_P, _P, _N, _F, _P], None),
     "tv_flags_scale_f32": ([_P, _P, _N, _I, _F, _P], None),
+    "tv_fma_ok": ([], _I),
+    "tv_scale_f32": ([_P, _F, _N, _P], None),
+    "tv_axpy_f32": ([_P, _P, _F, _N], None),
+    "tv_nonfinite_f32": ([_P, _N], _I),
 }
 
 
@@ -102,6 +107,8 @@ _MERGES = {"sum": 0, "mean": 1, "weighted_mean": 2}
 
 def _plain_f32(tensors: tuple, n: int) -> bool:
     """Whether the helper can take these tensors: float32, contiguous, on the CPU, ``n`` entries each."""
+    import torch  # here, not at the top: the torch-free executor (tvlang.run.direct) loads this module
+
     return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() and t.numel() == n
                for t in tensors)
 
@@ -210,3 +217,18 @@ def flags_scale_f32(x, packed: numpy.ndarray, factor: float | None, out) -> obje
     lib.tv_flags_scale_f32(x.data_ptr(), packed.ctypes.data, n, factor is not None,
                            0.0 if factor is None else factor, out.data_ptr())
     return out
+
+
+def linear_steps():
+    """The helper where its linear steps give torch's bits, else ``None``.
+
+    ``tv_scale_f32`` (``x * c``), ``tv_axpy_f32`` (``fma(x, c, acc)``) and
+    ``tv_nonfinite_f32`` over float32 buffers: torch's CPU kernels compute ``mul`` and
+    ``add(..., alpha=)`` so on a machine with AVX2 and FMA, the kernels they pick there;
+    elsewhere (another CPU, or ``ATEN_CPU_CAPABILITY=default``, which makes torch use its
+    kernels without fused multiply-adds) ``None``, and the caller uses torch.
+    """
+    lib = library()
+    if lib is None or os.environ.get("ATEN_CPU_CAPABILITY", "").lower() == "default" or not lib.tv_fma_ok():
+        return None
+    return lib

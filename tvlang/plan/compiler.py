@@ -275,15 +275,21 @@ class Plan:
             address: str | None = None, workers: int | None = None, lock: Any = None, model_card: bool = True,
             task_timeout: float | None = None, config: Any = None, allow_unused: bool = False) -> RunSummary:
         """Stream the recipe over its inputs and write every output; see :func:`tvlang.run.driver.run`."""
-        from tvlang.run.evaluate import run
+        from tvlang.run.direct import attempt  # imports no torch: a linear recipe may need none
 
         for name in self.outputs:
             self._refuse_scalar(name)
         self.check_bindings(bindings, allow_unused=allow_unused)
-        return run(self, bindings or {}, out, device=device, dtype=dtype, out_dtype=out_dtype, shard_size=shard_size,
-                   force=force, missing=missing, progress=progress, allow_nonfinite=allow_nonfinite,
-                   executor=executor, address=address, workers=workers, lock=lock, model_card=model_card,
-                   task_timeout=task_timeout, config=config)
+        options = dict(device=device, dtype=dtype, out_dtype=out_dtype, shard_size=shard_size, force=force,
+                       missing=missing, progress=progress, allow_nonfinite=allow_nonfinite, executor=executor,
+                       address=address, workers=workers, lock=lock, model_card=model_card,
+                       task_timeout=task_timeout, config=config)
+        summary = attempt(self, bindings or {}, out, **options)
+        if summary is not None:
+            return summary
+        from tvlang.run.evaluate import run
+
+        return run(self, bindings or {}, out, **options)
 
     def evaluate(self, bindings: Mapping[str, Any] | None = None, *, output: str | None = None, device: Any = "cpu",
                  dtype: Any = "float32", out_dtype: Any = None, missing: str = "error",

@@ -1,0 +1,283 @@
+"""The torch-free executor (tvlang.run.direct): the local executor's files, byte for byte, without torch.
+
+Every run here is made twice, by ``Plan.run`` as it is (the direct executor where it applies) and
+with ``TVLANG_DIRECT=0`` (the local executor), and every file of the two outputs is compared byte
+for byte; the values are also checked against a naive eager computation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tvlang
+from tvlang.errors import TvlangError
+from tvlang.ops.native import linear_steps
+from tvlang.run import direct
+from tvlang.testing.synth import finetune_like, llama_spec, make_state_dict, write_checkpoint
+
+pytestmark = pytest.mark.skipif(linear_steps() is None,
+                                reason="the compiled helper is not built, or this CPU lacks AVX2 and FMA")
+
+SPEC = llama_spec(hidden=16, layers=2, vocab=40, intermediate=24)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """pre, a, b as model directories (with config.json); an integer tensor, a 0-dim tensor and
+    an empty one among the float tensors; values with a sign, ties and a -0.0."""
+    root = tmp_path_factory.mktemp("direct")
+    pre = make_state_dict(SPEC, seed=0)
+    pre["position_ids"] = torch.arange(7, dtype=torch.int64)
+    pre["scale"] = torch.tensor(0.5)
+    pre["empty"] = torch.zeros(0, 3)
+    pre["model.norm.weight"][0] = -0.0
+    tensors = {"pre": pre, "a": finetune_like(pre, seed=1), "b": finetune_like(pre, seed=2)}
+    for sd in tensors.values():
+        sd["position_ids"] = pre["position_ids"].clone()
+    paths = {name: write_checkpoint(str(root / name), sd) for name, sd in tensors.items()}
+    return root, paths, tensors
+
+
+def files_of(path) -> dict[str, bytes]:
+    if os.path.isfile(path):
+        return {"": open(path, "rb").read()}
+    return {name: open(os.path.join(path, name), "rb").read() for name in sorted(os.listdir(path))}
+
+
+def both(monkeypatch, tmp_path, text, bindings, out_names, **options):
+    """(direct summary, local summary, direct files, local files): the recipe run by each executor."""
+    ran = []
+    real = direct.attempt
+
+    def spy(*args, **kwargs):
+        summary = real(*args, **kwargs)
+        ran.append(summary is not None)
+        return summary
+
+    monkeypatch.setattr(direct, "attempt", spy)
+    results = []
+    for executor in ("direct", "local"):
+        if executor == "local":
+            monkeypatch.setenv(direct.DISABLE, "0")
+        out = {name: str(tmp_path / executor / path) for name, path in out_names.items()}
+        summary = tvlang.compile(text).run(bindings, out if len(out) > 1 else next(iter(out.values())), **options)
+        results.append((summary, {name: files_of(path) for name, path in out.items()}))
+    monkeypatch.delenv(direct.DISABLE)
+    assert ran == [True, False]  # the direct executor ran the first, and let the second go
+    (fast, fast_files), (local, local_files) = results
+    return fast, local, fast_files, local_files
+
+
+def same_report(fast, local, tmp_path) -> None:
+    a, b = fast.to_dict(), local.to_dict()
+    a.pop("seconds"), b.pop("seconds")
+    text = json.dumps(a).replace(str(tmp_path / "direct"), "OUT")
+    assert text == json.dumps(b).replace(str(tmp_path / "local"), "OUT")
+
+
+def test_task_arithmetic_directory_same_bytes_as_the_local_executor(models, tmp_path, monkeypatch):
+    root, paths, sd = models
+    fast, local, fast_files, local_files = both(
+        monkeypatch, tmp_path, "pre + 0.4*(a - b) + 0.7*(b - pre)", paths, {"out": "merged"})
+    assert fast_files == local_files
+    assert sorted(fast_files["out"]) == ["README.md", "config.json", "model.safetensors"]
+    same_report(fast, local, tmp_path)
+    got = load_file(str(tmp_path / "direct" / "merged" / "model.safetensors"))
+    for name, p in sd["pre"].items():  # against a naive eager computation (fused: as torch's CPU kernels)
+        if p.dtype.is_floating_point:
+            expected = torch.add(torch.add(torch.mul(p, 0.3), sd["a"][name], alpha=0.4), sd["b"][name], alpha=0.3)
+            assert torch.equal(got[name], expected), name
+        else:
+            assert torch.equal(got[name], p)
+    assert got["model.norm.weight"].dtype == torch.float32 and got["empty"].shape == (0, 3)
+
+
+def test_several_outputs_a_delta_and_a_file(models, tmp_path, monkeypatch):
+    root, paths, sd = models
+    text = "out tau = a - pre\nout merged = pre + 0.5*tau + 0.25*(b - pre)\n"
+    fast, local, fast_files, local_files = both(
+        monkeypatch, tmp_path, text, paths, {"tau": "tau.safetensors", "merged": "merged"})
+    assert fast_files == local_files
+    same_report(fast, local, tmp_path)
+    tau = load_file(str(tmp_path / "direct" / "tau.safetensors"))
+    assert "position_ids" not in tau  # a Delta holds the computed tensors only
+    assert torch.equal(tau["lm_head.weight"], sd["a"]["lm_head.weight"] - sd["pre"]["lm_head.weight"])
+
+
+def test_chunk_boundaries_and_shards(models, tmp_path, monkeypatch):
+    root, paths, _ = models
+    monkeypatch.setattr(direct, "CHUNK_ELEMENTS", 100)  # every large tensor in several chunks, a short last one
+    fast, local, fast_files, local_files = both(
+        monkeypatch, tmp_path, "(a + b)/2", {"a": paths["a"], "b": paths["b"]}, {"out": "soup"}, shard_size=4000)
+    assert fast_files == local_files
+    assert "model.safetensors.index.json" in fast_files["out"]
+
+
+def test_recipe_file_with_load_paths_records_them_relative(models, tmp_path, monkeypatch):
+    root, paths, _ = models
+    recipe = root / "soup.tv"
+    recipe.write_text('a = load("a")\nraw = load_delta("a")\nout = a - 0.5*raw\n')
+    plan = tvlang.compile(recipe.read_text(), filename=str(recipe))
+    outs = {}
+    for executor in ("direct", "local"):
+        if executor == "local":
+            monkeypatch.setenv(direct.DISABLE, "0")
+        plan.run({}, str(tmp_path / executor))
+        outs[executor] = files_of(tmp_path / executor)
+    assert outs["direct"] == outs["local"]
+    data = outs["direct"]["model.safetensors"]
+    metadata = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+    assert json.loads(metadata["tvlang.inputs"]) == {"a": "a", "raw": "a"}  # relative to the recipe's folder
+
+
+def test_the_command_imports_no_torch(models, tmp_path):
+    _, paths, _ = models
+    out = tmp_path / "merged"
+    code = textwrap.dedent(f"""
+        import sys
+        from tvlang.faces.cli import main
+        code = main(["run", "-e", "pre + 0.5*(a - pre)", "--bind", "pre={paths['pre']}", "--bind",
+                     "a={paths['a']}", "-o", "{out}", "-q"])
+        print(code, "torch" in sys.modules)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["0", "False"]
+    assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("case", ["bf16", "kernel", "prefixed", "device"])
+def test_what_it_leaves_to_the_local_executor(models, tmp_path, case):
+    root, paths, sd = models
+    bindings = dict(paths)
+    text, options = "pre + 0.5*(a - pre)", {}
+    if case == "bf16":
+        bindings["a"] = write_checkpoint(str(tmp_path / "a16"), {k: v.to(torch.bfloat16) if v.is_floating_point()
+                                                                 else v for k, v in sd["a"].items()})
+    elif case == "kernel":
+        text = "pre + ties(a - pre, b - pre, density=0.5)"
+    elif case == "prefixed":
+        bindings["a"] = write_checkpoint(str(tmp_path / "pa"), {f"module.{k}": v for k, v in sd["a"].items()})
+    else:
+        options["device"] = "meta"
+    plan = tvlang.compile(text)
+    used = {k: v for k, v in bindings.items() if k in plan.checked.sources}
+    assert direct.attempt(plan, used, str(tmp_path / "out"), dtype="float32", out_dtype=None, shard_size=None,
+                          force=False, missing="error", progress=False, allow_nonfinite=False, executor="local",
+                          address=None, workers=None, lock=None, model_card=True, task_timeout=None, config=None,
+                          **{"device": "cpu", **options}) is None
+    assert not (tmp_path / "out").exists()
+    assert not [e for e in os.listdir(tmp_path) if "tvtmp" in e]
+
+
+def test_a_nonfinite_result_is_the_local_executors_error(models, tmp_path):
+    _, paths, sd = models
+    big = dict(sd["a"])
+    big["model.norm.weight"] = big["model.norm.weight"].clone()
+    big["model.norm.weight"][1] = 3e38  # twice that is beyond float32
+    bound = {"pre": paths["pre"], "a": write_checkpoint(str(tmp_path / "big"), big)}
+    with pytest.raises(TvlangError) as err:
+        tvlang.compile("pre + 2*(a - pre)").run(bound, str(tmp_path / "out"))
+    assert err.value.message == "output 'out': tensor 'model.norm.weight' has a non-finite value (inf) at index (1,)"
+    assert sorted(os.listdir(tmp_path)) == ["big"]
+
+
+def test_an_output_that_is_an_input_is_refused(models, tmp_path, monkeypatch):
+    root, paths, _ = models
+    before = files_of(paths["a"])
+    messages = []
+    for executor in ("direct", "local"):
+        if executor == "local":
+            monkeypatch.setenv(direct.DISABLE, "0")
+        with pytest.raises(TvlangError) as err:
+            tvlang.compile("pre + 0.5*(a - pre)").run({"pre": paths["pre"], "a": paths["a"]}, paths["a"],
+                                                      force=True)
+        messages.append(err.value.message)
+    assert messages[0] == messages[1] and "input" in messages[0]
+    assert files_of(paths["a"]) == before
+
+
+def test_ctrl_c_leaves_nothing(models, tmp_path, monkeypatch):
+    _, paths, _ = models
+    calls = []
+    real = direct._chunk
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(direct, "_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tvlang.compile("pre + 0.5*(a - pre)").run({"pre": paths["pre"], "a": paths["a"]}, str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_steps_equal_torch_bit_for_bit():
+    lib = linear_steps()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(100_003, generator=generator) * 3
+    y = torch.randn(100_003, generator=generator)
+    x[:8] = torch.tensor([float("inf"), -float("inf"), float("nan"), -0.0, 0.0, 1e-40, -1e-40, 3.4e38])
+    y[:8] = torch.tensor([1.0, float("inf"), 2.0, -0.0, -0.0, 1e-40, 1e38, 3.4e38])
+    for c in (0.4, -0.4, 0.7, 1 / 3, 1.0, 0.30000000000000004):
+        out = torch.empty_like(x)
+        lib.tv_scale_f32(x.data_ptr(), c, x.numel(), out.data_ptr())
+        assert torch.equal(out.view(torch.int32), torch.mul(x, c).view(torch.int32)), c
+        acc = x.clone()
+        lib.tv_axpy_f32(acc.data_ptr(), y.data_ptr(), c, x.numel())
+        expected = torch.add(x, y, alpha=c)
+        same = (acc.view(torch.int32) == expected.view(torch.int32)) | (acc.isnan() & expected.isnan())
+        assert bool(same.all()), c
+    assert lib.tv_nonfinite_f32(x[3:].data_ptr(), x.numel() - 3) == 0
+    assert lib.tv_nonfinite_f32(x.data_ptr(), 1) == 1 and lib.tv_nonfinite_f32(x[2:].data_ptr(), 1) == 1
+
+
+def test_the_hub_prefix_is_the_hub_modules():
+    from tvlang.faces.commands.args import HUB_PREFIX
+    from tvlang.io.hub import PREFIX
+
+    assert HUB_PREFIX == PREFIX
+
+
+def test_a_failed_read_hands_the_run_to_the_local_executor(models, tmp_path, monkeypatch):
+    """An input that cannot be read as its header says (here: the seventh chunk) withdraws what
+    the direct executor wrote, and the local executor runs the recipe (and reports, if it fails too)."""
+    _, paths, _ = models
+    calls = []
+    real = direct._read_into
+
+    def failing(source, offset, target):
+        calls.append(1)
+        if len(calls) == 7:
+            raise direct._Fallback
+        return real(source, offset, target)
+
+    monkeypatch.setattr(direct, "_read_into", failing)
+    bound = {"pre": paths["pre"], "a": paths["a"]}
+    tvlang.compile("pre + 0.5*(a - pre)").run(bound, str(tmp_path / "out"))
+    monkeypatch.setenv(direct.DISABLE, "0")
+    tvlang.compile("pre + 0.5*(a - pre)").run(bound, str(tmp_path / "local"))
+    assert len(calls) == 7
+    assert files_of(tmp_path / "out") == files_of(tmp_path / "local")
+    assert sorted(os.listdir(tmp_path)) == ["local", "out"]
+
+
+def test_progress_events_are_the_local_executors(models, tmp_path, monkeypatch):
+    _, paths, _ = models
+    seen = {}
+    for executor in ("direct", "local"):
+        if executor == "local":
+            monkeypatch.setenv(direct.DISABLE, "0")
+        events = seen[executor] = []
+        tvlang.compile("pre + 0.5*(a - pre)").run({"pre": paths["pre"], "a": paths["a"]},
+                                                  str(tmp_path / executor), progress=events.append)
+    assert seen["direct"] == seen["local"] and len(seen["direct"]) == len(SPEC) + 3

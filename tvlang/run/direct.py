@@ -1,0 +1,420 @@
+"""The torch-free executor: linear recipes over float32 safetensors files, without importing torch.
+
+Importing torch takes 2.1-2.6 s of every ``tvlang run`` on the development machine: as long
+as reading and writing a 1.5 GB model (docs/performance.md). A recipe whose outputs are linear
+in its inputs needs none of torch's kernels, so :meth:`Plan.run <tvlang.plan.compiler.Plan.run>`
+tries this executor first, and it runs the recipe when every one of these holds (else it
+returns ``None`` before anything is written, and the local or Ray executor runs it as always):
+
+- the local executor on the CPU, float32 compute and output dtypes, no lockfile (``--locked``)
+  and no in-memory ``config=``; ``TVLANG_DIRECT=0`` in the environment turns it off;
+- the plan has no reduction passes and no scalar or adapter outputs, and its per-tensor program
+  is reads, the arithmetic steps (``set``, ``add``, ``scale``, ``axpy``) with constant
+  coefficients (no per-tensor values), and writes;
+- every source the recipe names is a local ``.safetensors`` file or a model directory of one
+  (no Hub reference, LoRA adapter, sharded index, ``.bin`` file, stack, layer range or renaming),
+  its kind is the one the plan was typed with, and every floating-point tensor of every input
+  read is float32, with the same names, shapes and dtypes in all of them (integer tensors, copied
+  from the base into Model outputs as the local executor copies them, included);
+- the compiled helper is built and this CPU computes torch's steps as the helper does
+  (:func:`tvlang.ops.native.linear_steps`: fused multiply-adds, on AVX2 and FMA);
+- every output is a model directory or a ``.safetensors`` file.
+
+It reads each input's tensors a chunk at a time into numpy buffers (``pread``), runs the steps
+there with the helper (the same bits as torch's ``mul`` and ``add(alpha=)``: tests/test_direct.py
+compares every file with the local executor's), and hands each chunk to the same
+:class:`~tvlang.io.writer.StreamingWriter`, with the same metadata, model card, copied files,
+commit (:func:`tvlang.run.outputs.commit_all`), progress and summary. A result that is not
+finite, or an input that cannot be read as its header says, withdraws what was written and
+leaves the run to the local executor, which reports it as always.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy
+
+from tvlang.errors import TvlangError
+from tvlang.io.base import kind_from_metadata, open_regular
+from tvlang.io.open import find_weights
+from tvlang.io.output_paths import check_distinct_outputs, output_format
+from tvlang.io.safetensors_format import read_header
+from tvlang.plan.records import DeltaBinding, RunSummary, input_report
+from tvlang.run.outputs import (
+    commit_all,
+    model_files_of,
+    output_files,
+    output_metadata,
+    output_reports,
+    output_targets,
+)
+from tvlang.run.progress import progress_for
+
+if TYPE_CHECKING:
+    from tvlang.plan.compiler import Plan
+
+__all__ = ["CHUNK_ELEMENTS", "DISABLE", "attempt"]
+
+DISABLE = "TVLANG_DIRECT"  # "0" in the environment: never use this executor
+CHUNK_ELEMENTS = 1 << 18  # entries per chunk: 1 MiB buffers, which stay in the cache (faster here than 4 MiB)
+ARITHMETIC_OPS = ("set", "add", "scale", "axpy")
+_PREFIXES = ("hf:", "lora:")  # a Hub reference or an adapter: another executor's
+_F32 = ("float32", "torch.float32")
+# codes of the tensors the local executor copies from the base (not floating point), and numpy's types
+_COPIED = {"I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+class _Fallback(Exception):
+    """This run is the local executor's after all (a non-finite result, an unreadable input)."""
+
+
+@dataclass
+class _Input:
+    """One source's file, opened: what the metadata and model card functions read of a reader
+    (``label``, ``paths``, ``root``, ``hub``), its descriptor and its tensors."""
+
+    key: str
+    label: str
+    path: str
+    root: str | None
+    fd: int
+    kind: str
+    tensors: dict[str, tuple[tuple[int, ...], str, int]] = field(default_factory=dict)  # name -> (shape, code, offset)
+    order: list[str] = field(default_factory=list)  # names in file order
+    hub: None = None
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return (os.path.realpath(self.path),)
+
+
+@dataclass
+class _Bound:
+    """The inputs as :mod:`tvlang.run.outputs` reads a ``Bound``."""
+
+    plan: Plan
+    readers: dict[str, _Input]
+    base: str
+
+
+def attempt(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any, dtype: Any, out_dtype: Any,
+            shard_size: int | None, force: bool, missing: str, progress: Any, allow_nonfinite: bool,
+            executor: str, address: Any, workers: Any, lock: Any, model_card: bool, task_timeout: Any,
+            config: Any) -> RunSummary | None:
+    """Run ``plan`` here and return its summary, or ``None`` (nothing written) where this executor
+    does not apply: the options of :func:`tvlang.run.driver.run`."""
+    if os.environ.get(DISABLE, "1") == "0":
+        return None
+    if executor != "local" or address is not None or workers is not None or task_timeout is not None:
+        return None
+    if lock is not None or config is not None or str(device) != "cpu" or str(dtype) not in _F32:
+        return None
+    if out_dtype is not None and str(out_dtype) not in _F32:
+        return None
+    from tvlang.ops.native import linear_steps
+
+    lib = linear_steps()
+    if lib is None or not _linear(plan):
+        return None
+    try:
+        targets = output_targets(plan, out)
+    except TvlangError:
+        return None  # the local executor says what is wrong
+    if any(output_format(path) not in ("safetensors", "directory") for path in targets.values()):
+        return None
+    bound = _open(plan, bindings)
+    if bound is None:
+        return None
+    try:
+        return _run(plan, bindings, bound, targets, lib, shard_size=shard_size, force=force, missing=missing,
+                    progress=progress, allow_nonfinite=allow_nonfinite, model_card=model_card)
+    except _Fallback:
+        return None
+    except TvlangError as exc:
+        raise exc.with_context(source=plan.text, filename=plan.filename) from None
+    finally:
+        for source in bound.readers.values():
+            os.close(source.fd)
+
+
+def _linear(plan: Plan) -> bool:
+    """Whether the plan is one pass of reads, constant arithmetic and writes of Model or Delta outputs."""
+    schedule = plan.schedule
+    program = schedule.main
+    if schedule.levels or schedule.scalars or not program.reads:
+        return False
+    if sorted(program.writes) != sorted(plan.outputs):
+        return False
+    if any(plan.output_kind(name) not in ("model", "delta") for name in plan.outputs):
+        return False
+    for step in program.steps:
+        if step.op in ("read", "write"):
+            continue
+        if step.op not in ARITHMETIC_OPS:
+            return False
+        coefs = step.coef if step.op == "add" else (step.coef,)
+        if not all(type(c) in (float, int) for c in coefs):  # a per-tensor value is a node
+            return False
+    return True
+
+
+def _source_path(plan: Plan, bindings: Mapping[str, Any], key: str) -> tuple[str, str, bool] | None:
+    """(path, label, marked as a Delta) of source ``key``, where it is a plain local path
+    (a ``load()`` is never marked: its function says its kind)."""
+    spec = plan.optimized.sources[key]
+    if spec.path is None:
+        value = bindings.get(key)
+        marked = isinstance(value, DeltaBinding)
+        if marked:
+            value = value.value
+        if not isinstance(value, (str, os.PathLike)):
+            return None
+        path = os.fspath(value)
+        return None if path.startswith(_PREFIXES) else (path, path, marked)
+    if spec.func not in ("load", "load_delta") or spec.layers is not None or spec.parts:
+        return None
+    if spec.strip_prefix or spec.add_prefix or spec.path.startswith(_PREFIXES):
+        return None
+    return spec.path, spec.path, False
+
+
+def _every_source_local(plan: Plan, bindings: Mapping[str, Any]) -> bool:
+    """Every source the recipe names, read or not, is a local path (so that the paths no output
+    may replace are the ones :func:`tvlang.run.bindings.protected_paths` finds)."""
+    for spec in plan.unoptimized.sources.values():
+        for part in (*spec.parts, spec):
+            if part.path is not None and (part.path.startswith(_PREFIXES) or part.func not in ("load", "load_delta")):
+                return False
+    for name in plan.checked.sources:
+        value = bindings.get(name)
+        if isinstance(value, DeltaBinding):
+            value = value.value
+        if not isinstance(value, (str, os.PathLike)) or os.fspath(value).startswith(_PREFIXES):
+            return False
+    return True
+
+
+def _protected(plan: Plan, bindings: Mapping[str, Any]) -> list[str]:
+    """Every path the recipe names or is bound to (all local: :func:`_every_source_local`)."""
+    paths = [part.path for spec in plan.unoptimized.sources.values() for part in (*spec.parts, spec)
+             if part.path is not None]
+    for name in plan.checked.sources:
+        value = bindings[name]
+        paths.append(os.fspath(value.value if isinstance(value, DeltaBinding) else value))
+    return paths
+
+
+def _open(plan: Plan, bindings: Mapping[str, Any]) -> _Bound | None:
+    """Every source the plan reads, opened, where all are float32 safetensors files whose names
+    and shapes agree and whose kinds are the plan's; else ``None`` (nothing is left open)."""
+    if any(name not in bindings for name in plan.checked.sources) or not _every_source_local(plan, bindings):
+        return None
+    opened: dict[str, _Input] = {}
+    try:
+        for key in plan.schedule.sources_read:
+            source = _open_source(plan, bindings, key)
+            if source is None:
+                return None
+            opened[key] = source
+        order = plan.schedule.sources_read
+        models = [k for k in order if plan.optimized.sources[k].kind == "model"]
+        base = models[0] if models else order[0]
+        expected = opened[base].tensors
+        if not expected or any(source.tensors != expected for source in opened.values()):
+            return None
+        bound = _Bound(plan, opened, base)
+        opened = {}  # the caller closes them now
+        return bound
+    finally:
+        for source in opened.values():
+            os.close(source.fd)
+
+
+def _open_source(plan: Plan, bindings: Mapping[str, Any], key: str) -> _Input | None:
+    found = _source_path(plan, bindings, key)
+    if found is None:
+        return None
+    path, label, marked = found
+    root = None
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "adapter_config.json")):
+            return None  # the local executor refuses an adapter directory, saying why
+        weights = find_weights(path)
+        if weights is None or not weights.endswith(".safetensors"):
+            return None
+        root = os.path.realpath(path)
+        path = os.path.join(path, weights)
+    elif not path.endswith(".safetensors") or not os.path.isfile(path):
+        return None
+    else:
+        parent = os.path.dirname(os.path.realpath(path))
+        root = parent if os.path.isfile(os.path.join(parent, "config.json")) else None
+    try:
+        fd, size = open_regular(label, path)
+    except TvlangError:
+        return None
+    try:
+        metadata, entries = read_header(label, fd, size, codes=True)
+    except (TvlangError, OSError):
+        os.close(fd)
+        return None
+    spec = plan.optimized.sources[key]
+    kind = "delta" if marked or kind_from_metadata(metadata) == "delta" else "model"
+    if (kind != spec.kind) if spec.path is None else (spec.kind == "model" and kind == "delta"):
+        os.close(fd)
+        return None  # the local executor re-types the free name, or refuses the load()
+    source = _Input(key, label, path, root, fd, kind)
+    for name, shape, code, begin, _ in entries:
+        if code != "F32" and code not in _COPIED:
+            os.close(fd)
+            return None
+        source.tensors[name] = (shape, code, begin)
+        source.order.append(name)
+    return source
+
+
+def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[str, Any], lib, *,
+         shard_size: int | None, force: bool, missing: str, progress: Any, allow_nonfinite: bool,
+         model_card: bool) -> RunSummary:
+    from tvlang.io.base import TensorInfo
+    from tvlang.io.safetensors_format import itemsize
+    from tvlang.io.writer import StreamingWriter
+
+    started = time.perf_counter()
+    base = bound.readers[bound.base]
+    order = base.order
+    every = [TensorInfo(name, shape, code, _numel(shape) * itemsize(code), "")
+             for name, (shape, code, _) in ((name, base.tensors[name]) for name in order)]
+    computed = [info for info in every if info.dtype == "F32"]  # Delta outputs hold these only
+    check_distinct_outputs(targets)
+    inputs = [*_protected(plan, bindings), *(source.path for source in bound.readers.values())]
+    writers: dict[str, StreamingWriter] = {}
+    bar = None
+    try:
+        for name, path in targets.items():
+            kind = plan.output_kind(name)
+            metadata = output_metadata(plan, bound, name, kind)
+            copy_from = model_files_of(bound, kind, path)
+            files = output_files(plan, bound, name, kind, path, metadata, copy_from, None, model_card)
+            writers[name] = StreamingWriter(path, every if kind == "model" else computed, shard_size=shard_size,
+                                            metadata=metadata, inputs=inputs, force=force, copy_from=copy_from,
+                                            files=files)
+        bar = progress_for(progress)
+        program = plan.schedule.main
+        buffers = [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.float32) if step.op in ("read", *ARITHMETIC_OPS)
+                   else None for step in program.steps]
+        if bar:
+            bar.start("main pass", len(every), sum(info.nbytes for info in every) * len(writers))
+        for info in every:
+            numel = _numel(info.shape)
+            if info.dtype != "F32":
+                models = [w for name, w in writers.items() if plan.output_kind(name) == "model"]
+                _copy(base, info, numpy.dtype(_COPIED[info.dtype]), models)
+            elif numel == 0:
+                for writer in writers.values():
+                    writer.write(info.name, numpy.empty(info.shape, dtype=numpy.float32))
+            for start in range(0, numel if info.dtype == "F32" else 0, CHUNK_ELEMENTS):
+                _chunk(program, bound, info.name, start, min(numel - start, CHUNK_ELEMENTS), buffers, writers, lib,
+                       check=not allow_nonfinite)
+            if bar:
+                bar.advance(info.name, info.nbytes * len(writers))
+        commit_all(list(writers.values()))
+        layouts = {name: writer.layout for name, writer in writers.items()}
+        floats = len(computed)
+        inputs_report = [input_report(bound.base, base.label, True, [], floats, 0, [], [], [], [], [])]
+        inputs_report += [input_report(key, source.label, False, [], floats, 0, [], [], [], [], [])
+                          for key, source in bound.readers.items() if key != bound.base]
+        return RunSummary({k: str(v) for k, v in targets.items()}, sum(map(len, layouts.values())),
+                          sum(info.nbytes for layout in layouts.values() for info in layout),
+                          time.perf_counter() - started, plan.schedule.passes, [],
+                          output_reports(plan, targets, layouts), inputs_report, missing)
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()  # a published or committed writer is left as it is
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _chunk(program, bound: _Bound, name: str, start: int, count: int, buffers: list, writers: dict, lib, *,
+           check: bool) -> None:
+    """The program over entries ``start:start+count`` of tensor ``name``: each input's chunk read
+    into the read step's buffer, each step into its own buffer (``make`` steps) or in place
+    (``update`` steps), as tvlang.run.chunked does, with the arithmetic of tvlang.run.steps in
+    the helper's float32 loops. (Reading the next chunk in a thread meanwhile was slower here:
+    3.9-4.4 s against 3.6-3.75 s at 1.5 GB, docs/performance.md.)"""
+    slots: dict[int, Any] = {}
+    for index, step in enumerate(program.steps):
+        op = step.op
+        if op == "read":
+            source = bound.readers[step.name]
+            target = buffers[index][:count]
+            _read_into(source, source.tensors[name][2] + 4 * start, target)
+            slots[step.dst] = target
+        elif op == "set":
+            target = buffers[index][:count]
+            src = slots[step.srcs[0]]
+            if step.coef == 1.0:
+                target[:] = src
+            else:
+                lib.tv_scale_f32(src.ctypes.data, step.coef, count, target.ctypes.data)
+            slots[step.dst] = target
+        elif op == "add":
+            target = buffers[index][:count]
+            first, second = step.coef
+            a, b = slots[step.srcs[0]], slots[step.srcs[1]]
+            if first == 1.0:
+                target[:] = a
+            else:
+                lib.tv_scale_f32(a.ctypes.data, first, count, target.ctypes.data)
+            lib.tv_axpy_f32(target.ctypes.data, b.ctypes.data, second, count)
+            slots[step.dst] = target
+        elif op == "scale":
+            target = slots[step.dst]
+            lib.tv_scale_f32(target.ctypes.data, step.coef, count, target.ctypes.data)
+        elif op == "axpy":
+            lib.tv_axpy_f32(slots[step.dst].ctypes.data, slots[step.srcs[0]].ctypes.data, step.coef, count)
+        else:  # write
+            piece = slots[step.srcs[0]]
+            if check and lib.tv_nonfinite_f32(piece.ctypes.data, count):
+                raise _Fallback  # the local executor names the output, the tensor and the entry
+            writers[step.name].write_part(name, piece)
+
+
+def _copy(base: _Input, info, dtype, writers: list) -> None:
+    """An integer tensor of the base, into each Model output's writer (a chunk at a time)."""
+    offset = base.tensors[info.name][2]
+    numel = _numel(info.shape)
+    if numel == 0:
+        for writer in writers:
+            writer.write(info.name, numpy.empty(info.shape, dtype=dtype))
+    for start in range(0, numel, CHUNK_ELEMENTS):
+        piece = numpy.empty(min(numel - start, CHUNK_ELEMENTS), dtype=dtype)
+        _read_into(base, offset + start * dtype.itemsize, piece)
+        for writer in writers:
+            writer.write_part(info.name, piece)
+
+
+def _read_into(source: _Input, offset: int, target) -> None:
+    view = memoryview(target).cast("B")
+    done = 0
+    while done < len(view):
+        try:
+            count = os.preadv(source.fd, [view[done:]], offset + done)
+        except OSError:
+            raise _Fallback from None
+        if count <= 0:
+            raise _Fallback  # shorter than its header says (changed while running)
+        done += count
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    total = 1
+    for dim in shape:
+        total *= dim
+    return total
