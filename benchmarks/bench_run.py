@@ -13,7 +13,10 @@ model.safetensors), then times the design card's expression
 
 each contender in a fresh subprocess, measured by ``harness.measure``:
 
-- ``tvlang``: ``python -m tvlang run -e EXPR --bind ... -o OUT -q``;
+- ``tvlang``: ``python -m tvlang run -e EXPR --bind ... -o OUT -q`` (the recipe is linear over
+  float32 safetensors files: the torch-free executor, tvlang.run.direct, runs it);
+- ``tvlang+torch``: the same command with ``TVLANG_DIRECT=0``: the local executor, which
+  imports torch;
 - ``naive``: ``safetensors.torch.load_file`` of all four, compute, ``save_file``;
 - ``ideal``: a hand-written streaming loop: each file mapped once, per tensor
   ``out = 0.3*pre + 0.4*a - 0.4*b + 0.7*c`` (the simplification done by hand),
@@ -58,7 +61,7 @@ from harness import Result, cached_models, fmt_bytes, measure, median_result  # 
 
 EXPR = "pre + 0.4*(a - b) + 0.7*(c - pre)"
 NAMES = ("pre", "a", "b", "c")
-CONTENDERS = ("tvlang", "naive", "ideal", "ideal+fsync", "floor", "mergekit", "tvlang@base")
+CONTENDERS = ("tvlang", "tvlang+torch", "naive", "ideal", "ideal+fsync", "floor", "mergekit", "tvlang@base")
 
 
 # -- checkpoints -------------------------------------------------------------------------
@@ -253,7 +256,7 @@ def mergekit_cmd(mergekit: str, paths: dict[str, str], out: str, folder: str) ->
 def contender_cmd(name: str, paths: dict[str, str], out: str, args) -> list[str] | None:
     me = os.path.abspath(__file__)
     ordered = [paths[n] for n in NAMES]
-    if name == "tvlang":
+    if name in ("tvlang", "tvlang+torch"):
         return run_tvlang_cmd(paths, out)
     if name == "tvlang@base":  # the same command, on the code of --baseline-src
         return run_tvlang_cmd(paths, out) if args.baseline_src else None
@@ -304,9 +307,12 @@ def check_output(out: str, paths: dict[str, str]) -> float:
 def contender_env(name: str = "", args=None) -> dict[str, str]:
     """The environment without PYTHONDONTWRITEBYTECODE: contenders start as a user's
     would, from compiled modules (the warm-up run writes them). A ``@base`` contender
-    imports tvlang from ``--baseline-src`` (a checkout of another commit) instead."""
+    imports tvlang from ``--baseline-src`` (a checkout of another commit) instead; ``tvlang+torch``
+    runs with ``TVLANG_DIRECT=0``."""
     env = dict(os.environ)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
+    if name == "tvlang+torch":
+        env["TVLANG_DIRECT"] = "0"  # the local executor (tvlang.run.direct.DISABLE)
     if name.endswith("@base") and args is not None and args.baseline_src:
         env["PYTHONPATH"] = os.path.abspath(args.baseline_src)
     return env
