@@ -100,6 +100,15 @@ def test_task_arithmetic_directory_same_bytes_as_the_local_executor(models, tmp_
     assert got["model.norm.weight"].dtype == torch.float32 and got["empty"].shape == (0, 3)
 
 
+def test_the_helpers_kernels_same_bytes(models, tmp_path, monkeypatch):
+    """nearswap and ram (with -0.0, ties at epsilon and at t among the entries) run here too."""
+    root, paths, sd = models
+    text = "pre + ram(a - pre, b - pre, epsilon=0.01) + 0.5*nearswap(pre, a, 0.005) - 0.5*pre"
+    fast, local, fast_files, local_files = both(monkeypatch, tmp_path, text, paths, {"out": "merged"})
+    assert fast_files == local_files
+    same_report(fast, local, tmp_path)
+
+
 def test_several_outputs_a_delta_and_a_file(models, tmp_path, monkeypatch):
     root, paths, sd = models
     text = "out tau = a - pre\nout merged = pre + 0.5*tau + 0.25*(b - pre)\n"
@@ -153,7 +162,7 @@ def test_the_command_imports_no_torch(models, tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("case", ["bf16", "kernel", "prefixed", "device"])
+@pytest.mark.parametrize("case", ["bf16", "kernel", "per-tensor", "prefixed", "device"])
 def test_what_it_leaves_to_the_local_executor(models, tmp_path, case):
     root, paths, sd = models
     bindings = dict(paths)
@@ -163,6 +172,8 @@ def test_what_it_leaves_to_the_local_executor(models, tmp_path, case):
                                                                  else v for k, v in sd["a"].items()})
     elif case == "kernel":
         text = "pre + ties(a - pre, b - pre, density=0.5)"
+    elif case == "per-tensor":
+        text = 'nearswap(pre, a, where("*norm*", 0.1, 0.01))'
     elif case == "prefixed":
         bindings["a"] = write_checkpoint(str(tmp_path / "pa"), {f"module.{k}": v for k, v in sd["a"].items()})
     else:

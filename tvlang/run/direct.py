@@ -10,7 +10,8 @@ returns ``None`` before anything is written, and the local or Ray executor runs 
   and no in-memory ``config=``; ``TVLANG_DIRECT=0`` in the environment turns it off;
 - the plan has no reduction passes and no scalar or adapter outputs, and its per-tensor program
   is reads, the arithmetic steps (``set``, ``add``, ``scale``, ``axpy``) with constant
-  coefficients (no per-tensor values), and writes;
+  coefficients (no per-tensor values), calls of ``nearswap`` and ``ram`` with constant options
+  (kernels whose float32 loop is the compiled helper's in the local executor too), and writes;
 - every source the recipe names is a local ``.safetensors`` file or a model directory of one
   (no Hub reference, LoRA adapter, sharded index, ``.bin`` file, stack, layer range or renaming),
   its kind is the one the plan was typed with, and every floating-point tensor of every input
@@ -31,6 +32,7 @@ leaves the run to the local executor, which reports it as always.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from dataclasses import dataclass, field
@@ -62,6 +64,9 @@ __all__ = ["CHUNK_ELEMENTS", "DISABLE", "attempt"]
 DISABLE = "TVLANG_DIRECT"  # "0" in the environment: never use this executor
 CHUNK_ELEMENTS = 1 << 18  # entries per chunk: 1 MiB buffers, which stay in the cache (faster here than 4 MiB)
 ARITHMETIC_OPS = ("set", "add", "scale", "axpy")
+#: kernels this executor runs, and their options: their chunk forms in the local executor call the
+#: same loops of the helper (tvlang.ops.nearswap, tvlang.ops.ram), so the bits are the same
+NATIVE_CALLS = {"nearswap": ("t",), "ram": ("epsilon",)}
 _PREFIXES = ("hf:", "lora:")  # a Hub reference or an adapter: another executor's
 _F32 = ("float32", "torch.float32")
 # codes of the tensors the local executor copies from the base (not floating point), and numpy's types
@@ -118,7 +123,7 @@ def attempt(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any, d
     from tvlang.ops.native import linear_steps
 
     lib = linear_steps()
-    if lib is None or not _linear(plan):
+    if lib is None or not _runnable(plan):
         return None
     try:
         targets = output_targets(plan, out)
@@ -141,8 +146,9 @@ def attempt(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any, d
             os.close(source.fd)
 
 
-def _linear(plan: Plan) -> bool:
-    """Whether the plan is one pass of reads, constant arithmetic and writes of Model or Delta outputs."""
+def _runnable(plan: Plan) -> bool:
+    """Whether the plan is one pass of reads, constant arithmetic, the helper's kernels with constant
+    options, and writes of Model or Delta outputs."""
     schedule = plan.schedule
     program = schedule.main
     if schedule.levels or schedule.scalars or not program.reads:
@@ -153,6 +159,13 @@ def _linear(plan: Plan) -> bool:
         return False
     for step in program.steps:
         if step.op in ("read", "write"):
+            continue
+        if step.op == "call":
+            options = dict(step.options)
+            if sorted(options) != sorted(NATIVE_CALLS.get(step.name, ("?",))):
+                return False
+            if not all(type(v) in (float, int) for v in options.values()):  # a per-tensor value
+                return False
             continue
         if step.op not in ARITHMETIC_OPS:
             return False
@@ -305,8 +318,8 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
                                             files=files)
         bar = progress_for(progress)
         program = plan.schedule.main
-        buffers = [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.float32) if step.op in ("read", *ARITHMETIC_OPS)
-                   else None for step in program.steps]
+        buffers = [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.float32) if step.op != "write" else None
+                   for step in program.steps]
         if bar:
             bar.start("main pass", len(every), sum(info.nbytes for info in every) * len(writers))
         for info in every:
@@ -379,6 +392,17 @@ def _chunk(program, bound: _Bound, name: str, start: int, count: int, buffers: l
             lib.tv_scale_f32(target.ctypes.data, step.coef, count, target.ctypes.data)
         elif op == "axpy":
             lib.tv_axpy_f32(slots[step.dst].ctypes.data, slots[step.srcs[0]].ctypes.data, step.coef, count)
+        elif op == "call":  # nearswap or ram (NATIVE_CALLS), as tvlang.ops.native calls them
+            target = buffers[index][:count]
+            parts = [slots[s] for s in step.srcs]
+            options = dict(step.options)
+            if step.name == "nearswap":
+                lib.tv_nearswap_f32(parts[0].ctypes.data, parts[1].ctypes.data, count, options["t"],
+                                    target.ctypes.data)
+            else:
+                pointers = (ctypes.c_void_p * len(parts))(*[part.ctypes.data for part in parts])
+                lib.tv_ram_f32(pointers, len(parts), count, options["epsilon"], target.ctypes.data)
+            slots[step.dst] = target
         else:  # write
             piece = slots[step.srcs[0]]
             if check and lib.tv_nonfinite_f32(piece.ctypes.data, count):
