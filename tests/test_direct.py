@@ -109,6 +109,26 @@ def test_the_helpers_kernels_same_bytes(models, tmp_path, monkeypatch):
     same_report(fast, local, tmp_path)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_models_same_bytes(models, tmp_path, monkeypatch, dtype):
+    """bfloat16 and float16 inputs are computed in float32 and written in the base's dtype (or
+    float32 with out_dtype), rounded as torch rounds them; a float32 input among them is read as it is."""
+    root, _, sd = models
+    half = {}
+    for name in ("pre", "a"):
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd[name].items()}
+        half[name] = write_checkpoint(str(tmp_path / f"{name}16"), tensors)
+    bound = {**half, "b": models[1]["b"]}  # float32
+    text = "pre + 0.4*(a - b) + 0.7*(b - pre)"
+    for out_dtype in (None, "float32"):
+        fast, local, fast_files, local_files = both(monkeypatch, tmp_path / str(out_dtype), text, bound,
+                                                    {"out": "merged"}, out_dtype=out_dtype)
+        assert fast_files == local_files
+        same_report(fast, local, tmp_path / str(out_dtype))
+    got = load_file(str(tmp_path / "None" / "direct" / "merged" / "model.safetensors"))
+    assert got["lm_head.weight"].dtype == dtype and got["position_ids"].dtype == torch.int64
+
+
 def test_several_outputs_a_delta_and_a_file(models, tmp_path, monkeypatch):
     root, paths, sd = models
     text = "out tau = a - pre\nout merged = pre + 0.5*tau + 0.25*(b - pre)\n"
@@ -162,14 +182,18 @@ def test_the_command_imports_no_torch(models, tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("case", ["bf16", "kernel", "per-tensor", "prefixed", "device"])
+@pytest.mark.parametrize("case", ["f64", "nonfinite-bf16", "kernel", "per-tensor", "prefixed", "device"])
 def test_what_it_leaves_to_the_local_executor(models, tmp_path, case):
     root, paths, sd = models
     bindings = dict(paths)
     text, options = "pre + 0.5*(a - pre)", {}
-    if case == "bf16":
+    if case == "f64":
+        bindings["a"] = write_checkpoint(str(tmp_path / "a64"), {k: v.double() if v.is_floating_point()
+                                                                 else v for k, v in sd["a"].items()})
+    elif case == "nonfinite-bf16":  # a NaN written in bfloat16 would have to be torch's NaN
         bindings["a"] = write_checkpoint(str(tmp_path / "a16"), {k: v.to(torch.bfloat16) if v.is_floating_point()
                                                                  else v for k, v in sd["a"].items()})
+        options["allow_nonfinite"] = True
     elif case == "kernel":
         text = "pre + ties(a - pre, b - pre, density=0.5)"
     elif case == "per-tensor":
@@ -181,9 +205,9 @@ def test_what_it_leaves_to_the_local_executor(models, tmp_path, case):
     plan = tvlang.compile(text)
     used = {k: v for k, v in bindings.items() if k in plan.checked.sources}
     assert direct.attempt(plan, used, str(tmp_path / "out"), dtype="float32", out_dtype=None, shard_size=None,
-                          force=False, missing="error", progress=False, allow_nonfinite=False, executor="local",
-                          address=None, workers=None, lock=None, model_card=True, task_timeout=None, config=None,
-                          **{"device": "cpu", **options}) is None
+                          force=False, missing="error", progress=False, executor="local", address=None,
+                          workers=None, lock=None, model_card=True, task_timeout=None, config=None,
+                          **{"device": "cpu", "allow_nonfinite": False, **options}) is None
     assert not (tmp_path / "out").exists()
     assert not [e for e in os.listdir(tmp_path) if "tvtmp" in e]
 

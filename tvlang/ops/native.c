@@ -413,13 +413,16 @@ MULTI_VERSION void tv_flags_scale_f32(const float *x, const uint8_t *packed, siz
  * this one is (the torch-free executor runs only there). tv_nonfinite_f32 is nonzero when an entry
  * is a NaN or an infinity (its exponent bits all ones). */
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
 #define FMA_TARGET __attribute__((target("avx2,fma")))
+#define F16C_TARGET __attribute__((target("avx2,fma,f16c")))
 int tv_fma_ok(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 #else
 #define FMA_TARGET
+#define F16C_TARGET
 int tv_fma_ok(void) { return 0; }
 #endif
 
@@ -437,3 +440,47 @@ FMA_TARGET int tv_nonfinite_f32(const float *x, size_t n) {
     for (size_t j = 0; j < n; j++) bad |= (uint32_t)((bits[j] & 0x7f800000u) == 0x7f800000u);
     return (int)bad;
 }
+
+/* The 16-bit float types in and out of float32, as torch converts them: to float32 exactly, and
+ * back rounding to nearest, ties to even (an overflow is an infinity). The conversions out return
+ * nonzero when an entry of the result is a NaN or an infinity (the executor then hands the run to
+ * the local one, which says where: a NaN's bits are not matched here). */
+void tv_bf16_to_f32(const uint16_t *x, size_t n, float *out) {
+    uint32_t *bits = (uint32_t *)out;
+    for (size_t j = 0; j < n; j++) bits[j] = (uint32_t)x[j] << 16;
+}
+
+int tv_f32_to_bf16(const float *x, size_t n, uint16_t *out) {
+    const uint32_t *bits = (const uint32_t *)x;
+    uint32_t bad = 0;
+    for (size_t j = 0; j < n; j++) {
+        uint32_t u = bits[j];
+        uint16_t h = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        bad |= (uint32_t)((h & 0x7f80u) == 0x7f80u);
+        out[j] = h;
+    }
+    return (int)bad;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+F16C_TARGET void tv_f16_to_f32(const uint16_t *x, size_t n, float *out) {
+    size_t j = 0;
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(out + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + j))));
+    for (; j < n; j++) out[j] = _cvtsh_ss(x[j]);
+}
+
+F16C_TARGET int tv_f32_to_f16(const float *x, size_t n, uint16_t *out) {
+    size_t j = 0;
+    uint32_t bad = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(x + j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128((__m128i *)(out + j), h);
+    }
+    for (; j < n; j++) out[j] = _cvtss_sh(x[j], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    for (size_t k = 0; k < n; k++) bad |= (uint32_t)((out[k] & 0x7c00u) == 0x7c00u);
+    return (int)bad;
+}
+#else
+void tv_f16_to_f32(const uint16_t *x, size_t n, float *out) { (void)x; (void)n; (void)out; }
+int tv_f32_to_f16(const float *x, size_t n, uint16_t *out) { (void)x; (void)n; (void)out; return 1; }
+#endif

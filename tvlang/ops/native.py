@@ -50,6 +50,10 @@ _SIGNATURES = {
     "tv_scale_f32": ([_P, _F, _N, _P], None),
     "tv_axpy_f32": ([_P, _P, _F, _N], None),
     "tv_nonfinite_f32": ([_P, _N], _I),
+    "tv_bf16_to_f32": ([_P, _N, _P], None),
+    "tv_f32_to_bf16": ([_P, _N, _P], _I),
+    "tv_f16_to_f32": ([_P, _N, _P], None),
+    "tv_f32_to_f16": ([_P, _N, _P], _I),
 }
 
 
@@ -223,8 +227,9 @@ def linear_steps():
     """The helper where its linear steps give torch's bits, else ``None``.
 
     ``tv_scale_f32`` (``x * c``), ``tv_axpy_f32`` (``fma(x, c, acc)``) and
-    ``tv_nonfinite_f32`` over float32 buffers: torch's CPU kernels compute ``mul`` and
-    ``add(..., alpha=)`` so on a machine with AVX2 and FMA, the kernels they pick there;
+    ``tv_nonfinite_f32`` over float32 buffers, and the conversions of bfloat16 and float16 to
+    and from float32 (``tv_bf16_to_f32`` ...): torch's CPU kernels compute ``mul`` and
+    ``add(..., alpha=)`` so on a machine with AVX2 and FMA (and F16C), the kernels they pick there;
     elsewhere (another CPU, or ``ATEN_CPU_CAPABILITY=default``, which makes torch use its
     kernels without fused multiply-adds) ``None``, and the caller uses torch.
     """

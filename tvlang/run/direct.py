@@ -1,4 +1,4 @@
-"""The torch-free executor: linear recipes over float32 safetensors files, without importing torch.
+"""The torch-free executor: linear recipes over float32, bfloat16 or float16 safetensors files, without torch.
 
 Importing torch takes 2.1-2.6 s of every ``tvlang run`` on the development machine: as long
 as reading and writing a 1.5 GB model (docs/performance.md). A recipe whose outputs are linear
@@ -15,10 +15,13 @@ returns ``None`` before anything is written, and the local or Ray executor runs 
 - every source the recipe names is a local ``.safetensors`` file or a model directory of one
   (no Hub reference, LoRA adapter, sharded index, ``.bin`` file, stack, layer range or renaming),
   its kind is the one the plan was typed with, and every floating-point tensor of every input
-  read is float32, with the same names, shapes and dtypes in all of them (integer tensors, copied
-  from the base into Model outputs as the local executor copies them, included);
+  read is float32, bfloat16 or float16 (computed in float32 and written in the base's dtype, or
+  float32 with ``out_dtype="float32"``, as the local executor converts them; with
+  ``allow_nonfinite`` float32 only, where no conversion can meet a NaN), with the same names and
+  shapes in all of them (integer tensors, copied from the base into Model outputs as the local
+  executor copies them, of one dtype in all);
 - the compiled helper is built and this CPU computes torch's steps as the helper does
-  (:func:`tvlang.ops.native.linear_steps`: fused multiply-adds, on AVX2 and FMA);
+  (:func:`tvlang.ops.native.linear_steps`: fused multiply-adds, on AVX2, FMA and F16C);
 - every output is a model directory or a ``.safetensors`` file.
 
 It reads each input's tensors a chunk at a time into numpy buffers (``pread``), runs the steps
@@ -71,6 +74,8 @@ _PREFIXES = ("hf:", "lora:")  # a Hub reference or an adapter: another executor'
 _F32 = ("float32", "torch.float32")
 # codes of the tensors the local executor copies from the base (not floating point), and numpy's types
 _COPIED = {"I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+# the floating-point codes read, and the helper's conversions to float32 and back
+_FLOATS = {"F32": None, "BF16": ("tv_bf16_to_f32", "tv_f32_to_bf16"), "F16": ("tv_f16_to_f32", "tv_f32_to_f16")}
 
 
 class _Fallback(Exception):
@@ -134,9 +139,16 @@ def attempt(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any, d
     bound = _open(plan, bindings)
     if bound is None:
         return None
+    out_code = None if out_dtype is None else "F32"  # None: each tensor in the base's dtype
+    codes = {code for source in bound.readers.values() for _, code, _ in source.tensors.values()}
+    if allow_nonfinite and codes & {"BF16", "F16"}:  # a NaN written: its bits must be torch's
+        for source in bound.readers.values():
+            os.close(source.fd)
+        return None
     try:
         return _run(plan, bindings, bound, targets, lib, shard_size=shard_size, force=force, missing=missing,
-                    progress=progress, allow_nonfinite=allow_nonfinite, model_card=model_card)
+                    progress=progress, allow_nonfinite=allow_nonfinite, model_card=model_card,
+                    out_code=out_code)
     except _Fallback:
         return None
     except TvlangError as exc:
@@ -222,8 +234,9 @@ def _protected(plan: Plan, bindings: Mapping[str, Any]) -> list[str]:
 
 
 def _open(plan: Plan, bindings: Mapping[str, Any]) -> _Bound | None:
-    """Every source the plan reads, opened, where all are float32 safetensors files whose names
-    and shapes agree and whose kinds are the plan's; else ``None`` (nothing is left open)."""
+    """Every source the plan reads, opened, where all are safetensors files of float32, bfloat16 or
+    float16 (and integer) tensors whose names and shapes agree and whose kinds are the plan's; else
+    ``None`` (nothing is left open)."""
     if any(name not in bindings for name in plan.checked.sources) or not _every_source_local(plan, bindings):
         return None
     opened: dict[str, _Input] = {}
@@ -236,8 +249,8 @@ def _open(plan: Plan, bindings: Mapping[str, Any]) -> _Bound | None:
         order = plan.schedule.sources_read
         models = [k for k in order if plan.optimized.sources[k].kind == "model"]
         base = models[0] if models else order[0]
-        expected = opened[base].tensors
-        if not expected or any(source.tensors != expected for source in opened.values()):
+        expected = _shapes(opened[base])
+        if not expected or any(_shapes(source) != expected for source in opened.values()):
             return None
         bound = _Bound(plan, opened, base)
         opened = {}  # the caller closes them now
@@ -245,6 +258,12 @@ def _open(plan: Plan, bindings: Mapping[str, Any]) -> _Bound | None:
     finally:
         for source in opened.values():
             os.close(source.fd)
+
+
+def _shapes(source: _Input) -> dict[str, tuple]:
+    """Each tensor's shape, and its dtype where it is an integer one (the float dtypes may differ:
+    each is converted to float32)."""
+    return {name: (shape, None if code in _FLOATS else code) for name, (shape, code, _) in source.tensors.items()}
 
 
 def _open_source(plan: Plan, bindings: Mapping[str, Any], key: str) -> _Input | None:
@@ -282,7 +301,7 @@ def _open_source(plan: Plan, bindings: Mapping[str, Any], key: str) -> _Input | 
         return None  # the local executor re-types the free name, or refuses the load()
     source = _Input(key, label, path, root, fd, kind)
     for name, shape, code, begin, _ in entries:
-        if code != "F32" and code not in _COPIED:
+        if code not in _FLOATS and code not in _COPIED:
             os.close(fd)
             return None
         source.tensors[name] = (shape, code, begin)
@@ -292,7 +311,7 @@ def _open_source(plan: Plan, bindings: Mapping[str, Any], key: str) -> _Input | 
 
 def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[str, Any], lib, *,
          shard_size: int | None, force: bool, missing: str, progress: Any, allow_nonfinite: bool,
-         model_card: bool) -> RunSummary:
+         model_card: bool, out_code: str | None) -> RunSummary:
     from tvlang.io.base import TensorInfo
     from tvlang.io.safetensors_format import itemsize
     from tvlang.io.writer import StreamingWriter
@@ -300,9 +319,13 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
     started = time.perf_counter()
     base = bound.readers[bound.base]
     order = base.order
-    every = [TensorInfo(name, shape, code, _numel(shape) * itemsize(code), "")
-             for name, (shape, code, _) in ((name, base.tensors[name]) for name in order)]
-    computed = [info for info in every if info.dtype == "F32"]  # Delta outputs hold these only
+    read = {name: _numel(base.tensors[name][0]) * itemsize(base.tensors[name][1]) for name in order}  # progress
+    every = []
+    for name in order:
+        shape, code, _ = base.tensors[name]
+        code = out_code or code if code in _FLOATS else code  # floats in the output dtype, integers as they are
+        every.append(TensorInfo(name, shape, code, _numel(shape) * itemsize(code), ""))
+    computed = [info for info in every if info.dtype in _FLOATS]  # Delta outputs hold these only
     check_distinct_outputs(targets)
     inputs = [*_protected(plan, bindings), *(source.path for source in bound.readers.values())]
     writers: dict[str, StreamingWriter] = {}
@@ -320,21 +343,23 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
         program = plan.schedule.main
         buffers = [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.float32) if step.op != "write" else None
                    for step in program.steps]
+        halves = [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.uint16) if step.op in ("read", "write") else None
+                  for step in program.steps]  # 16-bit entries read or written, before or after conversion
         if bar:
-            bar.start("main pass", len(every), sum(info.nbytes for info in every) * len(writers))
+            bar.start("main pass", len(every), sum(read.values()) * len(writers))
         for info in every:
             numel = _numel(info.shape)
-            if info.dtype != "F32":
+            if info.dtype not in _FLOATS:
                 models = [w for name, w in writers.items() if plan.output_kind(name) == "model"]
                 _copy(base, info, numpy.dtype(_COPIED[info.dtype]), models)
             elif numel == 0:
                 for writer in writers.values():
-                    writer.write(info.name, numpy.empty(info.shape, dtype=numpy.float32))
-            for start in range(0, numel if info.dtype == "F32" else 0, CHUNK_ELEMENTS):
-                _chunk(program, bound, info.name, start, min(numel - start, CHUNK_ELEMENTS), buffers, writers, lib,
-                       check=not allow_nonfinite)
+                    writer.write(info.name, _Coded(numpy.empty(info.shape, dtype=numpy.uint16), info.dtype))
+            for start in range(0, numel if info.dtype in _FLOATS else 0, CHUNK_ELEMENTS):
+                _chunk(program, bound, info, start, min(numel - start, CHUNK_ELEMENTS), buffers, halves, writers,
+                       lib, check=not allow_nonfinite)
             if bar:
-                bar.advance(info.name, info.nbytes * len(writers))
+                bar.advance(info.name, read[info.name] * len(writers))
         commit_all(list(writers.values()))
         layouts = {name: writer.layout for name, writer in writers.items()}
         floats = len(computed)
@@ -354,20 +379,39 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
             bar.close()
 
 
-def _chunk(program, bound: _Bound, name: str, start: int, count: int, buffers: list, writers: dict, lib, *,
-           check: bool) -> None:
+class _Coded:
+    """A numpy array of raw 16-bit entries in the dtype of a code (``BF16``, ``F16``; numpy has no
+    bfloat16), as :class:`~tvlang.io.writer.StreamingWriter` takes a piece: ``dtype``, ``nbytes``,
+    ``shape`` and ``reshape``. A float32 array is handed over as it is."""
+
+    def __init__(self, array, code: str) -> None:
+        self.array, self.dtype, self.nbytes, self.shape = array, code, array.nbytes, array.shape
+
+    def reshape(self, *shape):
+        return self.array.reshape(*shape)
+
+
+def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, halves: list, writers: dict,
+           lib, *, check: bool) -> None:
     """The program over entries ``start:start+count`` of tensor ``name``: each input's chunk read
     into the read step's buffer, each step into its own buffer (``make`` steps) or in place
     (``update`` steps), as tvlang.run.chunked does, with the arithmetic of tvlang.run.steps in
     the helper's float32 loops. (Reading the next chunk in a thread meanwhile was slower here:
     3.9-4.4 s against 3.6-3.75 s at 1.5 GB, docs/performance.md.)"""
+    name = info.name
     slots: dict[int, Any] = {}
     for index, step in enumerate(program.steps):
         op = step.op
         if op == "read":
             source = bound.readers[step.name]
+            _, code, offset = source.tensors[name]
             target = buffers[index][:count]
-            _read_into(source, source.tensors[name][2] + 4 * start, target)
+            if code == "F32":
+                _read_into(source, offset + 4 * start, target)
+            else:  # bfloat16 or float16: to float32, exactly
+                raw = halves[index][:count]
+                _read_into(source, offset + 2 * start, raw)
+                getattr(lib, _FLOATS[code][0])(raw.ctypes.data, count, target.ctypes.data)
             slots[step.dst] = target
         elif op == "set":
             target = buffers[index][:count]
@@ -403,10 +447,16 @@ def _chunk(program, bound: _Bound, name: str, start: int, count: int, buffers: l
                 pointers = (ctypes.c_void_p * len(parts))(*[part.ctypes.data for part in parts])
                 lib.tv_ram_f32(pointers, len(parts), count, options["epsilon"], target.ctypes.data)
             slots[step.dst] = target
-        else:  # write
+        else:  # write, converted to the output's dtype (rounded to nearest, ties to even)
             piece = slots[step.srcs[0]]
-            if check and lib.tv_nonfinite_f32(piece.ctypes.data, count):
-                raise _Fallback  # the local executor names the output, the tensor and the entry
+            if info.dtype == "F32":
+                if check and lib.tv_nonfinite_f32(piece.ctypes.data, count):
+                    raise _Fallback  # the local executor names the output, the tensor and the entry
+            else:
+                raw = halves[index][:count]
+                if getattr(lib, _FLOATS[info.dtype][1])(piece.ctypes.data, count, raw.ctypes.data):
+                    raise _Fallback  # not finite, or (allow_nonfinite is float32 only) a NaN's bits
+                piece = _Coded(raw, info.dtype)
             writers[step.name].write_part(name, piece)
 
 
