@@ -12,7 +12,10 @@ The checkpoints are those of ``bench_run.py`` (a synthetic Llama-shaped float32 
 /tmp/tvlang-bench, made by the same generator when missing). Contenders, each run in a
 fresh process and measured by ``harness.measure``:
 
-- ``tvlang-ta``: plain task arithmetic ``pre + 0.4*(a - pre) + 0.4*(b - pre) + 0.4*(c - pre)``;
+- ``tvlang-ta``: plain task arithmetic ``pre + 0.4*(a - pre) + 0.4*(b - pre) + 0.4*(c - pre)``
+  (linear over float32 files: the torch-free executor runs it, tvlang.run.direct);
+- ``tvlang-ta+torch``: the same with ``TVLANG_DIRECT=0``: the local executor, which imports torch
+  as every operator's run does;
 - ``tvlang-ties``: ``pre + ties(a - pre, b - pre, c - pre, density=0.2)``;
 - ``tvlang-dare``: ``pre + dare(a - pre, 0.9, seed=1) + dare(b - pre, 0.9, seed=2) + dare(c - pre, 0.9, seed=3)``;
 - ``tvlang-dare_ties``: ``pre + dare_ties(a - pre, b - pre, c - pre, p=0.9)``;
@@ -71,6 +74,7 @@ DENSITY = 0.2
 GAMMA = 0.01
 EXPRS = {
     "tvlang-ta": "pre + 0.4*(a - pre) + 0.4*(b - pre) + 0.4*(c - pre)",
+    "tvlang-ta+torch": "pre + 0.4*(a - pre) + 0.4*(b - pre) + 0.4*(c - pre)",  # TVLANG_DIRECT=0
     "tvlang-ties": f"pre + ties(a - pre, b - pre, c - pre, density={DENSITY})",
     "tvlang-dare": " + ".join(["pre"] + [f"dare({m} - pre, {P}, seed={i})" for i, m in enumerate("abc", 1)]),
     "tvlang-dare_ties": f"pre + dare_ties(a - pre, b - pre, c - pre, p={P})",
@@ -246,7 +250,7 @@ def check(name: str, out: str, paths: dict[str, str]) -> tuple[bool, str]:
         got = _output_tensor(out, tensor)
         pre, a, b, c = (handles[n].get_tensor(tensor) for n in NAMES)
         deltas = [a - pre, b - pre, c - pre]  # float32, as the evaluator computes them
-        if name.endswith("-ta"):
+        if name.endswith(("-ta", "-ta+torch")):
             expected = pre + 0.4 * deltas[0] + 0.4 * deltas[1] + 0.4 * deltas[2]
             err = float((got - expected).abs().max())
             ok &= err <= 1e-5
@@ -360,8 +364,8 @@ def bench(names: list[str], paths: dict[str, str], folder: str, args) -> dict[st
 
 def table(results: dict[str, Result], size_gb: float) -> str:
     head = ("| contender | wall (median) | runs | input MB/s | peak RSS | peak RssAnon | peak private "
-            "| vs tvlang-ta | vs tvlang-ties | vs mergekit-ties |")
-    lines = [head, "|" + "|".join(["---"] * 10) + "|"]
+            "| vs tvlang-ta | vs tvlang-ta+torch | vs tvlang-ties | vs mergekit-ties |")
+    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
 
     def ratio(r: Result, other: str) -> str:
         return f"{r.wall / results[other].wall:.2f}x" if other in results else "-"
@@ -371,7 +375,7 @@ def table(results: dict[str, Result], size_gb: float) -> str:
         walls = ", ".join(f"{w:.1f}" for w in r.extra.get("walls", [r.wall]))
         lines.append(f"| {name} | {r.wall:.2f} s | {walls} | {mbps:.0f} | {fmt_bytes(r.peak_rss)} | "
                      f"{fmt_bytes(r.peak_anon)} | {fmt_bytes(r.peak_private)} | {ratio(r, 'tvlang-ta')} | "
-                     f"{ratio(r, 'tvlang-ties')} | {ratio(r, 'mergekit-ties')} |")
+                     f"{ratio(r, 'tvlang-ta+torch')} | {ratio(r, 'tvlang-ties')} | {ratio(r, 'mergekit-ties')} |")
     return "\n".join(lines)
 
 

@@ -307,11 +307,11 @@ def check_output(out: str, paths: dict[str, str]) -> float:
 def contender_env(name: str = "", args=None) -> dict[str, str]:
     """The environment without PYTHONDONTWRITEBYTECODE: contenders start as a user's
     would, from compiled modules (the warm-up run writes them). A ``@base`` contender
-    imports tvlang from ``--baseline-src`` (a checkout of another commit) instead; ``tvlang+torch``
-    runs with ``TVLANG_DIRECT=0``."""
+    imports tvlang from ``--baseline-src`` (a checkout of another commit) instead; a ``...+torch``
+    contender runs with ``TVLANG_DIRECT=0``."""
     env = dict(os.environ)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    if name == "tvlang+torch":
+    if name.endswith("+torch"):
         env["TVLANG_DIRECT"] = "0"  # the local executor (tvlang.run.direct.DISABLE)
     if name.endswith("@base") and args is not None and args.baseline_src:
         env["PYTHONPATH"] = os.path.abspath(args.baseline_src)
