@@ -129,6 +129,20 @@ def test_16_bit_models_same_bytes(models, tmp_path, monkeypatch, dtype):
     assert got["lm_head.weight"].dtype == dtype and got["position_ids"].dtype == torch.int64
 
 
+def test_sharded_inputs_same_bytes(models, tmp_path, monkeypatch):
+    """A sharded model (an index and its shards) is read shard by shard, in the local executor's order."""
+    _, paths, sd = models
+    sharded = write_checkpoint(str(tmp_path / "pre-sharded"), sd["pre"], shard_size=3000)
+    assert "model.safetensors.index.json" in os.listdir(sharded)
+    index = os.path.join(sharded, "model.safetensors.index.json")
+    for pre in (sharded, index):
+        fast, local, fast_files, local_files = both(
+            monkeypatch, tmp_path / os.path.basename(pre), "pre + 0.5*(a - pre)", {"pre": pre, "a": paths["a"]},
+            {"out": "merged"})
+        assert fast_files == local_files
+        same_report(fast, local, tmp_path / os.path.basename(pre))
+
+
 def test_several_outputs_a_delta_and_a_file(models, tmp_path, monkeypatch):
     root, paths, sd = models
     text = "out tau = a - pre\nout merged = pre + 0.5*tau + 0.25*(b - pre)\n"
@@ -316,3 +330,23 @@ def test_progress_events_are_the_local_executors(models, tmp_path, monkeypatch):
         tvlang.compile("pre + 0.5*(a - pre)").run({"pre": paths["pre"], "a": paths["a"]},
                                                   str(tmp_path / executor), progress=events.append)
     assert seen["direct"] == seen["local"] and len(seen["direct"]) == len(SPEC) + 3
+
+
+def test_an_input_replaced_after_its_header_was_read(models, tmp_path, monkeypatch):
+    """The direct executor reads a file only if it is the one whose header it read; one replaced in
+    between (here, between opening and the first read) goes to the local executor, which reads it anew."""
+    _, paths, sd = models
+    a = write_checkpoint(str(tmp_path / "a"), sd["a"])
+    real = direct._run
+
+    def replacing(*args, **kwargs):
+        # a new file renamed into place (another inode), its tensors at other offsets
+        changed = {"aaa.first": torch.ones(5), **{k: v + 1 if v.is_floating_point() else v for k, v in sd["a"].items()}}
+        write_checkpoint(a, changed, force=True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(direct, "_run", replacing)
+    tvlang.compile("pre + 0.5*(a - pre)").run({"pre": paths["pre"], "a": a}, str(tmp_path / "out"), missing="skip")
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    expected = torch.add(torch.mul(sd["pre"]["lm_head.weight"], 0.5), sd["a"]["lm_head.weight"] + 1, alpha=0.5)
+    assert torch.equal(got["lm_head.weight"], expected)

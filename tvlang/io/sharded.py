@@ -12,8 +12,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterator
-
-import torch
+from typing import TYPE_CHECKING
 
 from tvlang.io.base import (
     MAX_JSON_BYTES,
@@ -27,10 +26,14 @@ from tvlang.io.base import (
     quoted,
     show,
 )
-from tvlang.io.safetensors_file import SafetensorsReader
-from tvlang.io.torch_file import TorchFileReader
 
-__all__ = ["ShardedReader", "read_index"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ShardedReader", "read_index", "shard_path"]
+
+# The readers (which import torch) are imported where a shard is opened: read_index and
+# shard_path serve the torch-free executor (tvlang.run.direct) too.
 
 
 class ShardedReader(TensorReader):
@@ -48,6 +51,9 @@ class ShardedReader(TensorReader):
     """
 
     def __init__(self, index_path: str | os.PathLike, *, label: str | None = None) -> None:
+        from tvlang.io.safetensors_file import SafetensorsReader
+        from tvlang.io.torch_file import TorchFileReader
+
         index_path = os.fspath(index_path)
         super().__init__(label if label is not None else index_path)
         weight_map = read_index(self.label, index_path)
@@ -67,16 +73,11 @@ class ShardedReader(TensorReader):
                 by_shard.setdefault(shard, []).append(name)
             for shard in sorted(by_shard):
                 shard_label = os.path.join(label_dir, shard) if label_dir else shard
-                shard_path = _inside(self.label, real_dir, shard)
-                if not os.path.exists(shard_path):
-                    raise io_error(
-                        self.label,
-                        f"shard {quoted(shard)} listed in the index does not exist (looked for {show(shard_label)})",
-                    )
+                path = shard_path(self.label, real_dir, shard)
                 if shard.endswith(".safetensors"):
-                    reader: TensorReader = SafetensorsReader(shard_path, label=shard_label)
+                    reader: TensorReader = SafetensorsReader(path, label=shard_label)
                 else:
-                    reader = TorchFileReader(shard_path, label=shard_label)
+                    reader = TorchFileReader(path, label=shard_label)
                 self._shards[shard] = reader
                 reader.park()
                 self._reading[reader] = 0
@@ -192,6 +193,17 @@ def read_index(label: str, path: str) -> dict[str, str]:
                 tensor=name,
             )
     return weight_map
+
+
+def shard_path(label: str, directory: str, shard: str) -> str:
+    """The path of ``shard`` of the index ``label`` in the model ``directory`` (resolved): one
+    inside it (:func:`_inside`) that exists."""
+    path = _inside(label, directory, shard)
+    if not os.path.exists(path):
+        label_dir = os.path.dirname(label)
+        shard_label = os.path.join(label_dir, shard) if label_dir else shard
+        raise io_error(label, f"shard {quoted(shard)} listed in the index does not exist (looked for {show(shard_label)})")
+    return path
 
 
 def _inside(label: str, directory: str, shard: str) -> str:

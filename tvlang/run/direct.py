@@ -12,8 +12,9 @@ returns ``None`` before anything is written, and the local or Ray executor runs 
   is reads, the arithmetic steps (``set``, ``add``, ``scale``, ``axpy``) with constant
   coefficients (no per-tensor values), calls of ``nearswap`` and ``ram`` with constant options
   (kernels whose float32 loop is the compiled helper's in the local executor too), and writes;
-- every source the recipe names is a local ``.safetensors`` file or a model directory of one
-  (no Hub reference, LoRA adapter, sharded index, ``.bin`` file, stack, layer range or renaming),
+- every source the recipe names is a local ``.safetensors`` file, a ``.safetensors.index.json``
+  with its shards, or a model directory of either (no Hub reference, LoRA adapter, ``.bin`` file,
+  stack, layer range or renaming),
   its kind is the one the plan was typed with, and every floating-point tensor of every input
   read is float32, bfloat16 or float16 (computed in float32 and written in the base's dtype, or
   float32 with ``out_dtype="float32"``, as the local executor converts them; with
@@ -84,22 +85,47 @@ class _Fallback(Exception):
 
 @dataclass
 class _Input:
-    """One source's file, opened: what the metadata and model card functions read of a reader
-    (``label``, ``paths``, ``root``, ``hub``), its descriptor and its tensors."""
+    """One source, opened: what the metadata and model card functions read of a reader (``label``,
+    ``paths``, ``root``, ``hub``), its files (one, or a sharded index's shards) and its tensors.
+    One file of it is open at a time (``fd``): a sharded model's shards are read in turn."""
 
     key: str
     label: str
-    path: str
+    paths: tuple[str, ...]  # resolved: the index first, if any, then the weight files
     root: str | None
-    fd: int
     kind: str
-    tensors: dict[str, tuple[tuple[int, ...], str, int]] = field(default_factory=dict)  # name -> (shape, code, offset)
-    order: list[str] = field(default_factory=list)  # names in file order
+    files: list[str] = field(default_factory=list)  # the weight files
+    identities: list[tuple] = field(default_factory=list)  # each file as its header was read
+    # name -> (shape, code, file index, offset in the file)
+    tensors: dict[str, tuple[tuple[int, ...], str, int, int]] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)  # names: the files in turn, each in file order
     hub: None = None
+    _open: tuple[int, int] | None = None  # (file index, descriptor)
 
-    @property
-    def paths(self) -> tuple[str, ...]:
-        return (os.path.realpath(self.path),)
+    def fd(self, file: int) -> int:
+        """A descriptor of weight file ``file``, closing the one open before; a file that is not the
+        one whose header was read (replaced since) is the local executor's to report."""
+        if self._open is not None and self._open[0] == file:
+            return self._open[1]
+        self.close()
+        try:
+            fd = os.open(self.files[file], os.O_RDONLY)
+        except OSError:
+            raise _Fallback from None
+        if _identity(os.fstat(fd)) != self.identities[file]:
+            os.close(fd)
+            raise _Fallback
+        self._open = (file, fd)
+        return fd
+
+    def close(self) -> None:
+        if self._open is not None:
+            os.close(self._open[1])
+            self._open = None
+
+
+def _identity(st: os.stat_result) -> tuple:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 @dataclass
@@ -140,10 +166,10 @@ def attempt(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any, d
     if bound is None:
         return None
     out_code = None if out_dtype is None else "F32"  # None: each tensor in the base's dtype
-    codes = {code for source in bound.readers.values() for _, code, _ in source.tensors.values()}
+    codes = {entry[1] for source in bound.readers.values() for entry in source.tensors.values()}
     if allow_nonfinite and codes & {"BF16", "F16"}:  # a NaN written: its bits must be torch's
         for source in bound.readers.values():
-            os.close(source.fd)
+            source.close()
         return None
     try:
         return _run(plan, bindings, bound, targets, lib, shard_size=shard_size, force=force, missing=missing,
@@ -155,7 +181,7 @@ def attempt(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any, d
         raise exc.with_context(source=plan.text, filename=plan.filename) from None
     finally:
         for source in bound.readers.values():
-            os.close(source.fd)
+            source.close()
 
 
 def _runnable(plan: Plan) -> bool:
@@ -257,56 +283,96 @@ def _open(plan: Plan, bindings: Mapping[str, Any]) -> _Bound | None:
         return bound
     finally:
         for source in opened.values():
-            os.close(source.fd)
+            source.close()
 
 
 def _shapes(source: _Input) -> dict[str, tuple]:
     """Each tensor's shape, and its dtype where it is an integer one (the float dtypes may differ:
     each is converted to float32)."""
-    return {name: (shape, None if code in _FLOATS else code) for name, (shape, code, _) in source.tensors.items()}
+    return {name: (entry[0], None if entry[1] in _FLOATS else entry[1]) for name, entry in source.tensors.items()}
 
 
 def _open_source(plan: Plan, bindings: Mapping[str, Any], key: str) -> _Input | None:
+    """Source ``key``'s file, or a sharded index's shards, with every header read and checked as the
+    local executor's readers check them (``tvlang.io.open``, ``tvlang.io.sharded``); ``None``
+    where it is not one this executor reads, or anything is wrong (the local executor says what)."""
     found = _source_path(plan, bindings, key)
     if found is None:
         return None
     path, label, marked = found
-    root = None
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "adapter_config.json")):
             return None  # the local executor refuses an adapter directory, saying why
         weights = find_weights(path)
-        if weights is None or not weights.endswith(".safetensors"):
+        if weights is None or not weights.endswith((".safetensors", ".safetensors.index.json")):
             return None
-        root = os.path.realpath(path)
-        path = os.path.join(path, weights)
-    elif not path.endswith(".safetensors") or not os.path.isfile(path):
-        return None
-    else:
+        root: str | None = os.path.realpath(path)
+        path, file_label = os.path.join(path, weights), os.path.join(label, weights)
+    elif path.endswith(".safetensors.index.json") and os.path.isfile(path):
+        root, file_label = os.path.realpath(os.path.dirname(os.path.abspath(path))), label
+    elif path.endswith(".safetensors") and os.path.isfile(path):
         parent = os.path.dirname(os.path.realpath(path))
-        root = parent if os.path.isfile(os.path.join(parent, "config.json")) else None
-    try:
-        fd, size = open_regular(label, path)
-    except TvlangError:
+        root, file_label = (parent if os.path.isfile(os.path.join(parent, "config.json")) else None), label
+    else:
         return None
+    source = _Input(key, label, (), root, "model")
     try:
-        metadata, entries = read_header(label, fd, size, codes=True)
+        if path.endswith(".json"):
+            from tvlang.io.sharded import read_index, shard_path
+
+            weight_map = read_index(file_label, path)
+            directory = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+            by_shard: dict[str, set[str]] = {}
+            for name, shard in weight_map.items():
+                by_shard.setdefault(shard, set()).add(name)
+            shards = sorted(by_shard)
+            if not all(shard.endswith(".safetensors") for shard in shards):
+                return None
+            files = [(shard_path(file_label, directory, shard), by_shard[shard]) for shard in shards]
+            source.paths = (os.path.realpath(path),)
+        else:
+            files = [(path, None)]
+        metadata: dict[str, str] = {}
+        for index, (file, wanted) in enumerate(files):
+            found_meta = _read_file(source, index, file, wanted)
+            if found_meta is None:
+                return None
+            for name, value in found_meta.items():
+                metadata.setdefault(name, value)  # the first shard's win, as ShardedReader's
+        source.close()
     except (TvlangError, OSError):
-        os.close(fd)
+        source.close()
         return None
     spec = plan.optimized.sources[key]
-    kind = "delta" if marked or kind_from_metadata(metadata) == "delta" else "model"
-    if (kind != spec.kind) if spec.path is None else (spec.kind == "model" and kind == "delta"):
-        os.close(fd)
+    source.kind = "delta" if marked or kind_from_metadata(metadata) == "delta" else "model"
+    if (source.kind != spec.kind) if spec.path is None else (spec.kind == "model" and source.kind == "delta"):
         return None  # the local executor re-types the free name, or refuses the load()
-    source = _Input(key, label, path, root, fd, kind)
-    for name, shape, code, begin, _ in entries:
-        if code not in _FLOATS and code not in _COPIED:
-            os.close(fd)
-            return None
-        source.tensors[name] = (shape, code, begin)
-        source.order.append(name)
     return source
+
+
+def _read_file(source: _Input, index: int, path: str, wanted: set[str] | None) -> dict[str, str] | None:
+    """Add weight file ``path`` (holding the tensors ``wanted`` of an index, or all) to ``source``:
+    its metadata, or ``None`` where a tensor is of a dtype this executor does not read."""
+    fd, size = open_regular(path, path)
+    try:
+        metadata, entries = read_header(path, fd, size, codes=True)
+        identity = _identity(os.fstat(fd))
+    finally:
+        os.close(fd)
+    source.files.append(path)
+    source.identities.append(identity)
+    source.paths = (*source.paths, os.path.realpath(path))
+    names = {entry[0] for entry in entries}
+    if wanted is not None and not wanted <= names:
+        return None  # the index lists a tensor the shard lacks: the local executor says so
+    for name, shape, code, begin, _ in entries:
+        if wanted is not None and name not in wanted:
+            continue
+        if code not in _FLOATS and code not in _COPIED:
+            return None
+        source.tensors[name] = (shape, code, index, begin)
+        source.order.append(name)
+    return metadata
 
 
 def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[str, Any], lib, *,
@@ -322,12 +388,12 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
     read = {name: _numel(base.tensors[name][0]) * itemsize(base.tensors[name][1]) for name in order}  # progress
     every = []
     for name in order:
-        shape, code, _ = base.tensors[name]
+        shape, code = base.tensors[name][:2]
         code = out_code or code if code in _FLOATS else code  # floats in the output dtype, integers as they are
         every.append(TensorInfo(name, shape, code, _numel(shape) * itemsize(code), ""))
     computed = [info for info in every if info.dtype in _FLOATS]  # Delta outputs hold these only
     check_distinct_outputs(targets)
-    inputs = [*_protected(plan, bindings), *(source.path for source in bound.readers.values())]
+    inputs = [*_protected(plan, bindings), *(path for source in bound.readers.values() for path in source.paths)]
     writers: dict[str, StreamingWriter] = {}
     bar = None
     try:
@@ -404,13 +470,13 @@ def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, 
         op = step.op
         if op == "read":
             source = bound.readers[step.name]
-            _, code, offset = source.tensors[name]
+            _, code, file, offset = source.tensors[name]
             target = buffers[index][:count]
             if code == "F32":
-                _read_into(source, offset + 4 * start, target)
+                _read_into(source.fd(file), offset + 4 * start, target)
             else:  # bfloat16 or float16: to float32, exactly
                 raw = halves[index][:count]
-                _read_into(source, offset + 2 * start, raw)
+                _read_into(source.fd(file), offset + 2 * start, raw)
                 getattr(lib, _FLOATS[code][0])(raw.ctypes.data, count, target.ctypes.data)
             slots[step.dst] = target
         elif op == "set":
@@ -462,24 +528,24 @@ def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, 
 
 def _copy(base: _Input, info, dtype, writers: list) -> None:
     """An integer tensor of the base, into each Model output's writer (a chunk at a time)."""
-    offset = base.tensors[info.name][2]
+    _, _, file, offset = base.tensors[info.name]
     numel = _numel(info.shape)
     if numel == 0:
         for writer in writers:
             writer.write(info.name, numpy.empty(info.shape, dtype=dtype))
     for start in range(0, numel, CHUNK_ELEMENTS):
         piece = numpy.empty(min(numel - start, CHUNK_ELEMENTS), dtype=dtype)
-        _read_into(base, offset + start * dtype.itemsize, piece)
+        _read_into(base.fd(file), offset + start * dtype.itemsize, piece)
         for writer in writers:
             writer.write_part(info.name, piece)
 
 
-def _read_into(source: _Input, offset: int, target) -> None:
+def _read_into(fd: int, offset: int, target) -> None:
     view = memoryview(target).cast("B")
     done = 0
     while done < len(view):
         try:
-            count = os.preadv(source.fd, [view[done:]], offset + done)
+            count = os.preadv(fd, [view[done:]], offset + done)
         except OSError:
             raise _Fallback from None
         if count <= 0:
