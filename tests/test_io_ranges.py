@@ -210,21 +210,39 @@ def test_a_shard_replaced_after_its_header_was_read_is_an_error(tmp_path):
 
 
 @needs_proc
-def test_a_run_over_many_sharded_inputs_keeps_few_files_open(tmp_path, monkeypatch):
-    """Issue 18, case 17: 6 inputs of 9 shards each must not hold 54 open files at once."""
+@pytest.mark.parametrize("executor", ["local", "direct"])
+def test_a_run_over_many_sharded_inputs_keeps_few_files_open(tmp_path, monkeypatch, executor):
+    """Issue 18, case 17: 6 inputs of 9 shards each must not hold 54 open files at once; on the
+    local executor (its readers) and on the torch-free one (tvlang.run.direct: one file per input)."""
+    from tvlang.run import direct
+
     spec = llama_spec(hidden=16, layers=4, vocab=32, intermediate=24)
     pre = make_state_dict(spec, seed=0)
     models = {"pre": pre} | {f"ft{i}": finetune_like(pre, seed=i + 1) for i in range(5)}
     folders = {name: write_sharded(tmp_path / name, sd, 9) for name, sd in models.items()}
     peak = []
-    real = SafetensorsReader.read
+    if executor == "local":
+        monkeypatch.setenv(direct.DISABLE, "0")
+        real = SafetensorsReader.read
 
-    def sampling(self, name):
-        tensor = real(self, name)
-        peak.append(sum(f.startswith(str(tmp_path)) for f in open_files()))
-        return tensor
+        def sampling(self, name):
+            tensor = real(self, name)
+            peak.append(sum(f.startswith(str(tmp_path)) for f in open_files()))
+            return tensor
 
-    monkeypatch.setattr(SafetensorsReader, "read", sampling)
+        monkeypatch.setattr(SafetensorsReader, "read", sampling)
+    else:
+        from tvlang.ops.native import linear_steps
+
+        if linear_steps() is None:
+            pytest.skip("the compiled helper is not built, or this CPU lacks AVX2, FMA and F16C")
+        read_into = direct._read_into
+
+        def sampling(fd, offset, target):
+            read_into(fd, offset, target)
+            peak.append(sum(f.startswith(str(tmp_path)) for f in open_files()))
+
+        monkeypatch.setattr(direct, "_read_into", sampling)
     terms = " + ".join(f"0.1 * ({name} - pre)" for name in models if name != "pre")
     plan = tvlang.compile(f"out = pre + {terms}")
     plan.run(folders, out=str(tmp_path / "out"))
@@ -233,6 +251,8 @@ def test_a_run_over_many_sharded_inputs_keeps_few_files_open(tmp_path, monkeypat
     # the output file: far below the 54 shards the inputs have.
     inputs = len(folders)
     assert max(peak) <= 2 * inputs + 2, f"{max(peak)} files open at once"
+    if executor == "direct":
+        assert max(peak) <= inputs + 1, f"{max(peak)} files open at once"  # one per input, and the output
     merged = open_reader(str(tmp_path / "out"))
     name = merged.names()[0]
     expected = pre[name] + sum(0.1 * (models[f"ft{i}"][name] - pre[name]) for i in range(5))
