@@ -4,9 +4,8 @@ Public names: ``TensorInfo``, ``TensorReader``, ``open_reader``, ``StreamingWrit
 ``release`` (unmap the used part of a mapped tensor), and the output-path checks.
 Modules: ``base`` (the reader interface), ``safetensors_format``, the readers
 (``safetensors_file``, ``sharded``, ``torch_file``, ``open``), ``atomic`` (the
-atomic-replace transaction), ``output_paths``, ``writeback`` (syncing a file while it is
-written), ``writer`` and ``state_dict_writer`` (``-o NAME.pt``: a ``torch.save`` state dict,
-built in memory).
+atomic-replace transaction), ``output_paths``, ``writer`` and ``state_dict_writer``
+(``-o NAME.pt``: a ``torch.save`` state dict, built in memory).
 
 The names are imported when first used (PEP 562), so that importing one module of this
 package does not import the others: the readers import torch, while the output checks, the

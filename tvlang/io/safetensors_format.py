@@ -146,6 +146,7 @@ def itemsize(code: str) -> int:
     return CODES[code][0]
 
 
+# The same cap the reference implementation uses: a larger header is not a safetensors file.
 MAX_HEADER_BYTES = MAX_JSON_BYTES
 
 # No dimension, and no product of the non-zero dimensions, may exceed this: torch's
