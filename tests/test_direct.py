@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,9 +48,10 @@ def models(tmp_path_factory):
 
 
 def files_of(path) -> dict[str, bytes]:
+    """Every file of an output (a file, or a directory's files), by name."""
     if os.path.isfile(path):
-        return {"": open(path, "rb").read()}
-    return {name: open(os.path.join(path, name), "rb").read() for name in sorted(os.listdir(path))}
+        return {"": Path(path).read_bytes()}
+    return {name: Path(path, name).read_bytes() for name in sorted(os.listdir(path))}
 
 
 def both(monkeypatch, tmp_path, text, bindings, out_names, **options):
