@@ -274,7 +274,9 @@ class Plan:
             missing: str = "error", progress: Any = False, allow_nonfinite: bool = False, executor: str = "local",
             address: str | None = None, workers: int | None = None, lock: Any = None, model_card: bool = True,
             task_timeout: float | None = None, config: Any = None, allow_unused: bool = False) -> RunSummary:
-        """Stream the recipe over its inputs and write every output; see :func:`tvlang.run.driver.run`."""
+        """Stream the recipe over its inputs and write every output; see :func:`tvlang.run.driver.run`.
+        A linear recipe over local safetensors files on the CPU runs without importing torch, to the
+        same files (:mod:`tvlang.run.direct`, tried first); ``TVLANG_DIRECT=0`` turns that off."""
         from tvlang.run.direct import attempt  # imports no torch: a linear recipe may need none
 
         for name in self.outputs:
