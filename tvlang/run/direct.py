@@ -6,8 +6,9 @@ in its inputs needs none of torch's kernels, so :meth:`Plan.run <tvlang.plan.com
 tries this executor first, and it runs the recipe when every one of these holds (else it
 returns ``None`` before anything is written, and the local or Ray executor runs it as always):
 
-- the local executor on the CPU, float32 compute and output dtypes, no lockfile (``--locked``)
-  and no in-memory ``config=``; ``TVLANG_DIRECT=0`` in the environment turns it off;
+- the local executor on the CPU, float32 compute (``dtype``), the output in the base's dtype or
+  float32 (``out_dtype``), no lockfile (``--locked``) and no in-memory ``config=``;
+  ``TVLANG_DIRECT=0`` in the environment turns it off;
 - the plan has no reduction passes and no scalar or adapter outputs, and its per-tensor program
   is reads, the arithmetic steps (``set``, ``add``, ``scale``, ``axpy``) with constant
   coefficients (no per-tensor values), calls of ``nearswap`` and ``ram`` with constant options
