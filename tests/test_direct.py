@@ -103,7 +103,7 @@ def test_task_arithmetic_directory_same_bytes_as_the_local_executor(models, tmp_
 
 
 def test_the_helpers_kernels_same_bytes(models, tmp_path, monkeypatch):
-    """nearswap and ram (with -0.0, ties at epsilon and at t among the entries) run here too."""
+    """nearswap and ram run here too (the local executor calls the same helper loops)."""
     root, paths, sd = models
     text = "pre + ram(a - pre, b - pre, epsilon=0.01) + 0.5*nearswap(pre, a, 0.005) - 0.5*pre"
     fast, local, fast_files, local_files = both(monkeypatch, tmp_path, text, paths, {"out": "merged"})
