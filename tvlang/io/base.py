@@ -17,11 +17,13 @@ TensorInfo(name='w', shape=(2, 3), dtype=torch.float32, nbytes=24, file="<state 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import stat
+import threading
 import unicodedata
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -40,12 +42,14 @@ __all__ = [
     "TensorInfo",
     "TensorReader",
     "check_regular",
+    "file_identity",
     "io_error",
     "kind_from_metadata",
     "load_json",
     "name_problem",
     "open_regular",
     "quoted",
+    "read_at",
     "show",
 ]
 
@@ -289,6 +293,42 @@ def open_regular(label: str, path: str) -> tuple[int, int]:
         os.close(fd)
         raise
     return fd, st.st_size
+
+
+def file_identity(st: os.stat_result) -> tuple[int, ...]:
+    """What must not change between closing a file and opening it again: which file it
+    is, its size and its last write (a file deleted and written anew may get the same inode)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def read_at(fd: int, view: memoryview, offset: int, lock: threading.Lock | None = None) -> int:
+    """Read the bytes at ``offset`` of the open file ``fd`` into ``view``: how many were read,
+    fewer than ``len(view)`` only where the file ends first (an ``OSError`` as the system
+    raises it). ``lock`` guards the file position where there is no ``preadv``."""
+    done = 0
+    while done < len(view):
+        count = _pread_into(fd, view[done:], offset + done, lock)
+        if count == 0:
+            break
+        done += count
+    return done
+
+
+if hasattr(os, "preadv"):
+
+    def _pread_into(fd: int, view: memoryview, offset: int, lock: threading.Lock | None) -> int:
+        # preadv reads straight into the caller's memory and keeps no file position,
+        # so several threads may read one file at once.
+        return os.preadv(fd, [view], offset)
+
+else:  # pragma: no cover - platforms without preadv (Windows)
+
+    def _pread_into(fd: int, view: memoryview, offset: int, lock: threading.Lock | None) -> int:
+        with lock if lock is not None else contextlib.nullcontext():
+            os.lseek(fd, offset, os.SEEK_SET)
+            data = os.read(fd, len(view))
+        view[: len(data)] = data
+        return len(data)
 
 
 def kind_from_metadata(metadata: dict[str, str]) -> str | None:

@@ -16,7 +16,16 @@ import warnings
 
 import torch
 
-from tvlang.io.base import TensorInfo, TensorReader, io_error, kind_from_metadata, open_regular, quoted
+from tvlang.io.base import (
+    TensorInfo,
+    TensorReader,
+    file_identity,
+    io_error,
+    kind_from_metadata,
+    open_regular,
+    quoted,
+    read_at,
+)
 from tvlang.io.safetensors_format import read_header
 
 __all__ = ["MMAP_MIN_BYTES", "SafetensorsReader", "release"]
@@ -64,7 +73,7 @@ class SafetensorsReader(TensorReader):
         self._path = os.path.abspath(path)
         self._fd, size = open_regular(self.label, path)
         try:
-            self._identity = _identity(os.fstat(self._fd))
+            self._identity = file_identity(os.fstat(self._fd))
             self.metadata, entries = read_header(self.label, self._fd, size)
         except BaseException:
             os.close(self._fd)
@@ -96,7 +105,7 @@ class SafetensorsReader(TensorReader):
 
     def _reopen(self, name: str) -> int:
         fd, _ = open_regular(self.file_label, self._path)
-        if _identity(os.fstat(fd)) != self._identity:
+        if file_identity(os.fstat(fd)) != self._identity:
             os.close(fd)
             raise io_error(
                 self.file_label,
@@ -219,27 +228,17 @@ class SafetensorsReader(TensorReader):
 
     def _fill(self, fd: int, name: str, view: memoryview, offset: int) -> None:
         """Read ``len(view)`` bytes of tensor ``name``'s data at ``offset`` into ``view``."""
-        done = 0
         try:
-            while done < len(view):
-                count = _pread_into(fd, view[done:], offset + done, self._lock)
-                if count == 0:
-                    end = self._offsets[name] + self._infos[name].nbytes
-                    size = os.fstat(fd).st_size
-                    raise io_error(
-                        self.file_label,
-                        f"file is truncated: tensor {quoted(name)} ends at byte {end} but the file has {size} bytes",
-                        tensor=name,
-                    )
-                done += count
+            if read_at(fd, view, offset, self._lock) < len(view):
+                end = self._offsets[name] + self._infos[name].nbytes
+                size = os.fstat(fd).st_size
+                raise io_error(
+                    self.file_label,
+                    f"file is truncated: tensor {quoted(name)} ends at byte {end} but the file has {size} bytes",
+                    tensor=name,
+                )
         except OSError as exc:
             raise io_error(self.file_label, f"cannot read tensor {quoted(name)}: {exc.strerror}", tensor=name) from None
-
-
-def _identity(st: os.stat_result) -> tuple[int, ...]:
-    """What must not change between closing a file and opening it again: which file it
-    is, its size and its last write (a file deleted and written anew may get the same inode)."""
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def release(tensor: torch.Tensor, start: int, stop: int) -> None:
@@ -263,19 +262,3 @@ def release(tensor: torch.Tensor, start: int, stop: int) -> None:
         except (OSError, ValueError):  # pragma: no cover - a closed map, an odd platform
             pass
 
-
-if hasattr(os, "preadv"):
-
-    def _pread_into(fd: int, view: memoryview, offset: int, lock: threading.Lock) -> int:
-        # preadv reads straight into the tensor's memory and keeps no file position,
-        # so several threads may read one file at once.
-        return os.preadv(fd, [view], offset)
-
-else:  # pragma: no cover - platforms without preadv (Windows)
-
-    def _pread_into(fd: int, view: memoryview, offset: int, lock: threading.Lock) -> int:
-        with lock:
-            os.lseek(fd, offset, os.SEEK_SET)
-            data = os.read(fd, len(view))
-        view[: len(data)] = data
-        return len(data)

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy
 
 from tvlang.errors import TvlangError
-from tvlang.io.base import kind_from_metadata, open_regular
+from tvlang.io.base import file_identity, kind_from_metadata, open_regular, read_at
 from tvlang.io.open import find_weights
 from tvlang.io.output_paths import check_distinct_outputs, output_format
 from tvlang.io.safetensors_format import read_header
@@ -110,10 +110,10 @@ class _Input:
             return self._open[1]
         self.close()
         try:
-            fd = os.open(self.files[file], os.O_RDONLY)
-        except OSError:
+            fd, _ = open_regular(self.files[file], self.files[file])  # a regular file: never a pipe that blocks
+        except TvlangError:
             raise _Fallback from None
-        if _identity(os.fstat(fd)) != self.identities[file]:
+        if file_identity(os.fstat(fd)) != self.identities[file]:
             os.close(fd)
             raise _Fallback
         self._open = (file, fd)
@@ -123,10 +123,6 @@ class _Input:
         if self._open is not None:
             os.close(self._open[1])
             self._open = None
-
-
-def _identity(st: os.stat_result) -> tuple:
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 @dataclass
@@ -168,11 +164,9 @@ def attempt(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any, d
         return None
     out_code = None if out_dtype is None else "F32"  # None: each tensor in the base's dtype
     codes = {entry[1] for source in bound.readers.values() for entry in source.tensors.values()}
-    if allow_nonfinite and codes & {"BF16", "F16"}:  # a NaN written: its bits must be torch's
-        for source in bound.readers.values():
-            source.close()
-        return None
     try:
+        if allow_nonfinite and codes & {"BF16", "F16"}:  # a NaN written: its bits must be torch's
+            return None
         return _run(plan, bindings, bound, targets, lib, shard_size=shard_size, force=force, missing=missing,
                     progress=progress, allow_nonfinite=allow_nonfinite, model_card=model_card,
                     out_code=out_code)
@@ -357,7 +351,7 @@ def _read_file(source: _Input, index: int, path: str, wanted: set[str] | None) -
     fd, size = open_regular(path, path)
     try:
         metadata, entries = read_header(path, fd, size, codes=True)
-        identity = _identity(os.fstat(fd))
+        identity = file_identity(os.fstat(fd))
     finally:
         os.close(fd)
     source.files.append(path)
@@ -414,10 +408,10 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
                   for step in program.steps]  # 16-bit entries read or written, before or after conversion
         if bar:
             bar.start("main pass", len(every), sum(read.values()) * len(writers))
+        models = [w for name, w in writers.items() if plan.output_kind(name) == "model"]
         for info in every:
             numel = _numel(info.shape)
             if info.dtype not in _FLOATS:
-                models = [w for name, w in writers.items() if plan.output_kind(name) == "model"]
                 _copy(base, info, numpy.dtype(_COPIED[info.dtype]), models)
             elif numel == 0:
                 for writer in writers.values():
@@ -542,16 +536,13 @@ def _copy(base: _Input, info, dtype, writers: list) -> None:
 
 
 def _read_into(fd: int, offset: int, target) -> None:
+    """Fill ``target`` from ``offset``; a failed or short read is the local executor's to report."""
     view = memoryview(target).cast("B")
-    done = 0
-    while done < len(view):
-        try:
-            count = os.preadv(fd, [view[done:]], offset + done)
-        except OSError:
-            raise _Fallback from None
-        if count <= 0:
+    try:
+        if read_at(fd, view, offset) < len(view):
             raise _Fallback  # shorter than its header says (changed while running)
-        done += count
+    except OSError:
+        raise _Fallback from None
 
 
 def _numel(shape: tuple[int, ...]) -> int:
