@@ -352,3 +352,31 @@ def test_an_input_replaced_after_its_header_was_read(models, tmp_path, monkeypat
     got = load_file(str(tmp_path / "out" / "model.safetensors"))
     expected = torch.add(torch.mul(sd["pre"]["lm_head.weight"], 0.5), sd["a"]["lm_head.weight"] + 1, alpha=0.5)
     assert torch.equal(got["lm_head.weight"], expected)
+
+
+def test_force_replaces_only_the_output(models, tmp_path, monkeypatch):
+    """Without force an existing output is refused and left byte for byte; with force the direct
+    executor replaces it whole (nothing of the old one stays, no temporary is left beside it);
+    a folder holding a file tvlang does not write is refused even with force, untouched."""
+    _, paths, _ = models
+    bound = {"pre": paths["pre"], "a": paths["a"]}
+    out = tmp_path / "merged"
+    tvlang.compile("pre + 0.2*(a - pre)").run(bound, str(out))  # an earlier output, of another recipe
+    before = files_of(out)
+    with pytest.raises(TvlangError, match="exists"):
+        tvlang.compile("pre + 0.5*(a - pre)").run(bound, str(out))
+    assert files_of(out) == before and sorted(os.listdir(tmp_path)) == ["merged"]
+    ran = []
+    real = direct.attempt
+    monkeypatch.setattr(direct, "attempt", lambda *a, **k: ran.append(real(*a, **k)) or ran[-1])
+    tvlang.compile("pre + 0.5*(a - pre)").run(bound, str(out), force=True)
+    monkeypatch.setenv(direct.DISABLE, "0")
+    tvlang.compile("pre + 0.5*(a - pre)").run(bound, str(tmp_path / "local"))
+    assert ran[0] is not None and files_of(out) == files_of(tmp_path / "local") != before
+    assert sorted(os.listdir(tmp_path)) == ["local", "merged"]
+    monkeypatch.delenv(direct.DISABLE)
+    (out / "notes.txt").write_text("mine")
+    kept = files_of(out)
+    with pytest.raises(TvlangError, match="notes.txt"):
+        tvlang.compile("pre + 0.5*(a - pre)").run(bound, str(out), force=True)
+    assert files_of(out) == kept and sorted(os.listdir(tmp_path)) == ["local", "merged"]
