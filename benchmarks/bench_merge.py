@@ -19,6 +19,8 @@ fresh process and measured by ``harness.measure``:
 - ``tvlang-ties``: ``pre + ties(a - pre, b - pre, c - pre, density=0.2)``;
 - ``tvlang-dare``: ``pre + dare(a - pre, 0.9, seed=1) + dare(b - pre, 0.9, seed=2) + dare(c - pre, 0.9, seed=3)``;
 - ``tvlang-dare_ties``: ``pre + dare_ties(a - pre, b - pre, c - pre, p=0.9)``;
+- ``tvlang-dare+torch``, ``tvlang-dare_ties+torch``: those two with ``TVLANG_DIRECT=0`` (the torch-free
+  executor runs ``dare`` and unit-weight ``dare_ties`` too);
 - ``tvlang-breadcrumbs``: ``pre + breadcrumbs(a - pre, density=0.2, gamma=0.01) + ...`` over
   ``b`` and ``c`` as well (issue 19: at most 2x plain task arithmetic, as ``ties``);
 - ``mergekit-ta``: ``mergekit-yaml`` ``task_arithmetic``, weights 0.4, ``normalize: false``;
@@ -78,6 +80,8 @@ EXPRS = {
     "tvlang-ties": f"pre + ties(a - pre, b - pre, c - pre, density={DENSITY})",
     "tvlang-dare": " + ".join(["pre"] + [f"dare({m} - pre, {P}, seed={i})" for i, m in enumerate("abc", 1)]),
     "tvlang-dare_ties": f"pre + dare_ties(a - pre, b - pre, c - pre, p={P})",
+    "tvlang-dare+torch": " + ".join(["pre"] + [f"dare({m} - pre, {P}, seed={i})" for i, m in enumerate("abc", 1)]),
+    "tvlang-dare_ties+torch": f"pre + dare_ties(a - pre, b - pre, c - pre, p={P})",
     "tvlang-breadcrumbs": " + ".join(["pre"] + [f"breadcrumbs({m} - pre, density={DENSITY}, gamma={GAMMA})"
                                                 for m in "abc"]),
 }
@@ -274,7 +278,7 @@ def check(name: str, out: str, paths: dict[str, str]) -> tuple[bool, str]:
             for size in (1, 2, 3):
                 for subset in itertools.combinations(deltas, size):
                     total = sum(d.double() for d in subset) * scale
-                    candidates.append(total if name.endswith("-dare") else total / size)
+                    candidates.append(total if name.endswith(("-dare", "-dare+torch")) else total / size)
             err = float(torch.stack([(moved - c).abs() for c in candidates]).min(0).values.max())
             unchanged = float((moved == 0).double().mean())
             # three independent keeps of probability 1-p: an entry moves unless all three drop

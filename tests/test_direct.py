@@ -198,7 +198,8 @@ def test_the_command_imports_no_torch(models, tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("case", ["f64", "nonfinite-bf16", "kernel", "per-tensor", "prefixed", "device"])
+@pytest.mark.parametrize("case", ["f64", "nonfinite-bf16", "kernel", "per-tensor", "prefixed", "device", "dare-l1",
+                                  "dare_ties-weights", "dare-per-tensor"])
 def test_what_it_leaves_to_the_local_executor(models, tmp_path, case):
     root, paths, sd = models
     bindings = dict(paths)
@@ -214,6 +215,12 @@ def test_what_it_leaves_to_the_local_executor(models, tmp_path, case):
         text = "pre + ties(a - pre, b - pre, density=0.5)"
     elif case == "per-tensor":
         text = 'nearswap(pre, a, where("*norm*", 0.1, 0.01))'
+    elif case == "dare-l1":  # its norms are a pass before the main one
+        text = 'pre + dare(a - pre, 0.5, rescale_by="l1")'
+    elif case == "dare_ties-weights":  # the helper's sign merge takes unit weights only
+        text = "pre + dare_ties(a - pre, b - pre, p=0.5, weights=[0.5, 1])"
+    elif case == "dare-per-tensor":
+        text = 'pre + dare(a - pre, where("*norm*", 0.1, 0.5))'
     elif case == "prefixed":
         bindings["a"] = write_checkpoint(str(tmp_path / "pa"), {f"module.{k}": v for k, v in sd["a"].items()})
     else:
@@ -380,3 +387,57 @@ def test_force_replaces_only_the_output(models, tmp_path, monkeypatch):
     with pytest.raises(TvlangError, match="notes.txt"):
         tvlang.compile("pre + 0.5*(a - pre)").run(bound, str(out), force=True)
     assert files_of(out) == kept and sorted(os.listdir(tmp_path)) == ["local", "merged"]
+
+
+DARE_RECIPES = [
+    "pre + dare(a - pre, 0.9, seed=1) + dare(b - pre, 0.5, seed=2, rescale=false)",
+    "pre + dare(a - pre, 0.0) + dare(b - pre, 1.0) + dare(a - b, 0.3, rescale_by=\"l1\", rescale=false)",
+    "pre + dare_ties(a - pre, b - pre, p=0.7)",
+    "pre + dare_ties(a - pre, b - pre, a - b, p=0.4, elect=\"frequency\", merge=\"sum\", seed=3, weights=[1, 1, 1])",
+    "pre + dare_linear(a - pre, b - pre, p=0.6, weights=[0.3, 0.9], merge=\"weighted_mean\")",
+    "pre + dare_linear(a - pre, b - pre, p=0.6, merge=\"mean\", seed=5) + dare_linear(a - pre, b - pre, p=0.2)",
+]
+
+
+def big_models(tmp_path) -> dict[str, str]:
+    """pre, a, b with one tensor of 2**18 + 2**17 + 5 entries (a block of dare's words and an odd
+    part of the next) beside small ones."""
+    pre = {"big": torch.randn(393221, generator=torch.Generator().manual_seed(0)),
+           "small": torch.randn(3, 7, generator=torch.Generator().manual_seed(1))}
+    return {name: write_checkpoint(str(tmp_path / name), finetune_like(pre, seed=seed) if seed else pre)
+            for name, seed in (("pre", 0), ("a", 1), ("b", 2))}
+
+
+@pytest.mark.parametrize("text", DARE_RECIPES)
+def test_dare_kernels_same_bytes(models, tmp_path, monkeypatch, text):
+    """dare, dare_ties (unit weights) and dare_linear with probability rescaling run here: the same
+    masks (tvlang.ops.drops), products, sign merge and divisions as the local executor's."""
+    _, paths, _ = models
+    fast, local, fast_files, local_files = both(monkeypatch, tmp_path, text, paths, {"out": "merged"})
+    assert fast_files == local_files
+    same_report(fast, local, tmp_path)
+
+
+@pytest.mark.parametrize("chunk", [1 << 18, 100_003, 1 << 19])
+def test_dare_across_blocks_of_words(tmp_path, monkeypatch, chunk):
+    """A tensor longer than a block of dare's words, in chunks that cut blocks anywhere: the same
+    masks as the local executor's, and as the whole-tensor kernel's (naive eager computation)."""
+    paths = big_models(tmp_path / "in")
+    monkeypatch.setattr(direct, "CHUNK_ELEMENTS", chunk)
+    text = "pre + dare(a - pre, 0.9, seed=4) + dare_ties(a - pre, b - pre, p=0.5)"
+    fast, local, fast_files, local_files = both(monkeypatch, tmp_path, text, paths, {"out": "merged.safetensors"})
+    assert fast_files == local_files
+    got = load_file(str(tmp_path / "direct" / "merged.safetensors"))
+    sd = {name: load_file(os.path.join(path, "model.safetensors")) for name, path in paths.items()}
+    from tvlang.ops.context import TensorContext
+    from tvlang.ops.dare import dare
+    from tvlang.ops.ties import dare_ties
+    for name, p in sd["pre"].items():
+        da, db = sd["a"][name] - p, sd["b"][name] - p
+        ctx = TensorContext(name)
+        expected = p + dare([da], ctx, p=0.9, seed=4, rescale=True, rescale_by="probability")
+        expected = expected + dare_ties([da, db], ctx, p=0.5, seed=0, rescale=True, rescale_by="probability",
+                                        elect="total", merge="mean", weights=(), elect_on="weighted")
+        assert torch.equal(got[name], expected), name
+    kept = (got["big"] - sd["pre"]["big"]).ne(0).double().mean().item()
+    assert 0.76 < kept < 0.79  # where dare keeps a's entry or either of dare_ties' is kept: 1 - 0.9 * 0.25

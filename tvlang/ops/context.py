@@ -4,8 +4,10 @@ The evaluator builds one :class:`TensorContext` per tensor name and kernel call.
 Random kernels draw from :meth:`TensorContext.generator`, which is seeded from
 the user's seed and the tensor name only, so a result never depends on the
 order in which tensors are processed, on which other tensors exist, or on the
-Python process (``hashlib``, not ``hash()``).
+Python process (``hashlib``, not ``hash()``). The module imports no torch (the torch-free
+executor, :mod:`tvlang.run.direct`, seeds ``dare``'s masks with :meth:`TensorContext.bits`).
 
+>>> import torch
 >>> ctx = TensorContext("model.layers.0.mlp.weight")
 >>> a = torch.rand(3, generator=ctx.generator(7))
 >>> b = torch.rand(3, generator=TensorContext("model.layers.0.mlp.weight").generator(7))
@@ -19,8 +21,10 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["TensorContext", "seed_for"]
 
@@ -77,6 +81,8 @@ class TensorContext:
         The same seed and tensor name give the same stream on the same device
         type; CPU and CUDA generators produce different streams.
         """
+        import torch  # here: the module is imported without torch (tvlang.run.direct)
+
         gen = torch.Generator(device=torch.device(self.device))
         gen.manual_seed(seed_for(seed, self.name))
         return gen

@@ -17,7 +17,6 @@ True
 from __future__ import annotations
 
 import math
-import sys
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -26,7 +25,7 @@ import torch
 
 from tvlang.ops.common import fresh, helper_thread, kernel_of
 from tvlang.ops.context import TensorContext
-from tvlang.ops.native import drop_mask_f32
+from tvlang.ops.drops import CHUNK, DropRule
 from tvlang.ops.sums import PIECE, BlockSums, Sums
 
 __all__ = ["dare", "random_like", "Noise", "noise_scale", "drop_random", "Dropper", "restore_l1", "L1Norms", "L1_EPS"]
@@ -35,7 +34,6 @@ __all__ = ["dare", "random_like", "Noise", "noise_scale", "drop_random", "Droppe
 #: before or after the mask is below this
 L1_EPS = 1e-7
 
-CHUNK = 1 << 18  # elements per chunk of drop_random
 AHEAD = 4  # blocks a Dropper has drawn ahead of the one in use (4 MiB of float32 masks)
 
 
@@ -56,12 +54,10 @@ class Dropper:
 
     def __init__(self, p: float, bits, rescale: bool, numel: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
-        self.p = float(p)
+        self.rule = DropRule(float(p), bool(rescale))
         # the mask holds 0 or the rescale factor, in float64 for float64 data (else float32)
         self._mask_dtype = numpy.float64 if dtype == torch.float64 else numpy.float32
         self.bits = bits
-        self.scale = 1.0 / (1.0 - self.p) if rescale and self.p < 1.0 else 1.0
-        self.threshold = math.ceil(self.p * 2.0**32) if 0.0 < self.p < 1.0 else 0
         self.numel = numel
         self.device = torch.device(device)
         self.block: torch.Tensor | None = None  # the current block's mask
@@ -74,10 +70,7 @@ class Dropper:
     @staticmethod
     def words(p: float, numel: int) -> int:
         """How many 64-bit words dropping ``numel`` entries with probability ``p`` draws."""
-        if not 0.0 < p < 1.0 or math.ceil(p * 2.0**32) >= 2**32:
-            return 0
-        full, rest = divmod(numel, CHUNK)
-        return full * ((CHUNK + 1) // 2) + (rest + 1) // 2
+        return DropRule(float(p), False).words(numel)
 
     def _take_block(self) -> tuple[torch.Tensor, numpy.ndarray]:
         """The next block's mask; up to ``AHEAD`` blocks after it are being drawn on the drawing thread.
@@ -103,20 +96,7 @@ class Dropper:
 
     def _draw(self, size: int) -> tuple[torch.Tensor, numpy.ndarray]:
         """The next ``size`` entries' mask (on the device) and the same mask as a numpy array."""
-        mask = None
-        if self._mask_dtype == numpy.float32:
-            mask = drop_mask_f32(self.bits, size, self.threshold, self.scale)
-        if mask is None:
-            raw = self.bits.random_raw((size + 1) // 2)
-            if sys.byteorder == "little":
-                words = raw.view(numpy.uint32)[:size]
-            else:  # pragma: no cover - the same words, low half first, on a big-endian machine
-                words = numpy.empty(2 * raw.size, dtype=numpy.uint32)
-                words[0::2], words[1::2] = raw & 0xFFFFFFFF, raw >> 32
-                words = words[:size]
-            mask = numpy.greater_equal(words, numpy.uint32(self.threshold)).astype(self._mask_dtype)
-            if self.scale != 1.0:
-                mask *= self._mask_dtype(self.scale)
+        mask = self.rule.mask(self.bits, size, self._mask_dtype)
         block = torch.from_numpy(mask)
         return block if self.device.type == "cpu" else block.to(self.device), mask
 
@@ -126,11 +106,12 @@ class Dropper:
         n = x.numel()
         if self.pos + n > self.numel:
             raise ValueError(f"dare: {self.pos + n} entries handed over, the tensor has {self.numel}")
-        if self.p >= 1.0 or self.p <= 0.0 or self.threshold >= 2**32:
+        if not self.rule.draws:
+            keep = self.rule.keeps_all
             self.pos += n
             if flags is not None:
-                flags.append(numpy.full(n, self.p <= 0.0))
-            return out.copy_(x) if self.p <= 0.0 else out.zero_()
+                flags.append(numpy.full(n, keep))
+            return out.copy_(x) if keep else out.zero_()
         done = 0
         while done < n:
             if self.pos == self.block_end:

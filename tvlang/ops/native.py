@@ -24,7 +24,7 @@ import numpy
 
 __all__ = ["LIBRARY", "library", "drop_mask_f32", "sign_merge_f32", "window_gather", "band_f32", "ram_f32",
            "ramplus_count_f32", "ramplus_apply_f32", "nearswap_f32", "flags_scale_f32", "linear_steps",
-           "state_words", "set_state_words"]
+           "state_words", "set_state_words", "MERGE_CODES"]
 
 #: where the install puts the compiled helper (a versioned name, ``.so.1``: a plain ``.so``
 #: would look like a Python extension module to importers that walk the package)
@@ -90,23 +90,25 @@ def set_state_words(bits, words: numpy.ndarray) -> None:
     bits.state = state
 
 
-def drop_mask_f32(bits, n: int, threshold: int, scale: float) -> numpy.ndarray | None:
+def drop_mask_f32(bits, n: int, threshold: int, scale: float, out: numpy.ndarray | None = None) -> numpy.ndarray | None:
     """The float32 masks of the next ``n`` entries (``scale`` where the entry's 32-bit word is
     at least ``threshold``, else 0) drawn in C from ``bits`` (a numpy ``PCG64``), which moves on
     by ``(n + 1) // 2`` outputs: the same values and the same state after as
-    ``random_raw((n + 1) // 2)`` split into words, compared and scaled. ``None`` without the
-    helper (``bits`` untouched)."""
+    ``random_raw((n + 1) // 2)`` split into words, compared and scaled; in ``out`` (float32, at
+    least ``n`` entries: its first ``n``) where given. ``None`` without the helper (``bits``
+    untouched)."""
     lib = library()
     if lib is None or not isinstance(bits, numpy.random.PCG64):
         return None
     words = state_words(bits)
-    mask = numpy.empty(n, dtype=numpy.float32)
+    mask = numpy.empty(n, dtype=numpy.float32) if out is None else out[:n]
     lib.tv_pcg64_drop_f32(words.ctypes.data, n, threshold, scale, mask.ctypes.data)
     set_state_words(bits, words)
     return mask
 
 
-_MERGES = {"sum": 0, "mean": 1, "weighted_mean": 2}
+#: tv_sign_merge_f32's code of each merge
+MERGE_CODES = {"sum": 0, "mean": 1, "weighted_mean": 2}
 
 
 def _plain_f32(tensors: tuple, n: int) -> bool:
@@ -127,12 +129,12 @@ def sign_merge_f32(parts: list, elect: str, merge: str, out) -> object | None:
     "frequency"): ``out``, or ``None`` where the helper cannot (not built; not float32,
     contiguous CPU tensors of one size), and the caller computes it with torch."""
     lib = library()
-    if lib is None or elect not in ("total", "frequency") or merge not in _MERGES or not parts:
+    if lib is None or elect not in ("total", "frequency") or merge not in MERGE_CODES or not parts:
         return None
     n = out.numel()
     if not _plain_f32((*parts, out), n):
         return None
-    lib.tv_sign_merge_f32(_pointers(parts), len(parts), n, elect == "frequency", _MERGES[merge], out.data_ptr())
+    lib.tv_sign_merge_f32(_pointers(parts), len(parts), n, elect == "frequency", MERGE_CODES[merge], out.data_ptr())
     return out
 
 

@@ -40,6 +40,8 @@ from __future__ import annotations
 import ctypes
 import os
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -50,6 +52,10 @@ from tvlang.io.base import file_identity, kind_from_metadata, open_regular, read
 from tvlang.io.open import find_weights
 from tvlang.io.output_paths import check_distinct_outputs, output_format
 from tvlang.io.safetensors_format import read_header
+from tvlang.ops.context import TensorContext
+from tvlang.ops.drops import CHUNK as DROP_CHUNK
+from tvlang.ops.drops import DropRule
+from tvlang.ops.native import MERGE_CODES
 from tvlang.plan.records import DeltaBinding, RunSummary, input_report
 from tvlang.run.outputs import (
     commit_all,
@@ -68,10 +74,17 @@ __all__ = ["CHUNK_ELEMENTS", "DISABLE", "attempt"]
 
 DISABLE = "TVLANG_DIRECT"  # "0" in the environment: never use this executor
 CHUNK_ELEMENTS = 1 << 18  # entries per chunk: 1 MiB buffers, which stay in the cache (faster here than 4 MiB)
+MASKS_AHEAD = 4  # blocks of DARE masks drawn ahead per input (1 MiB each)
 ARITHMETIC_OPS = ("set", "add", "scale", "axpy")
 #: kernels this executor runs, and their options: their chunk forms in the local executor call the
-#: same loops of the helper (tvlang.ops.nearswap, tvlang.ops.ram), so the bits are the same
+#: same loops of the helper (tvlang.ops.nearswap, tvlang.ops.ram, and the DARE masks and sign merge
+#: of tvlang.ops.drops and tvlang.ops.ties) or the same IEEE operations (a product, a division), so
+#: the bits are the same; DROP_CALLS take a ``rescale_by="l1"`` only without ``rescale`` (its norms
+#: are a pass before the main one), dare_ties unit weights only (the helper's sign merge)
 NATIVE_CALLS = {"nearswap": ("t",), "ram": ("epsilon",)}
+DROP_CALLS = {"dare": ("p", "rescale", "rescale_by", "seed"),
+              "dare_ties": ("elect", "elect_on", "merge", "p", "rescale", "rescale_by", "seed", "weights"),
+              "dare_linear": ("merge", "p", "rescale", "rescale_by", "seed", "weights")}
 _PREFIXES = ("hf:", "lora:")  # a Hub reference or an adapter: another executor's
 _F32 = ("float32", "torch.float32")
 # codes of the tensors the local executor copies from the base (not floating point), and numpy's types
@@ -194,10 +207,7 @@ def _runnable(plan: Plan) -> bool:
         if step.op in ("read", "write"):
             continue
         if step.op == "call":
-            options = dict(step.options)
-            if sorted(options) != sorted(NATIVE_CALLS.get(step.name, ("?",))):
-                return False
-            if not all(type(v) in (float, int) for v in options.values()):  # a per-tensor value
+            if not _call_runnable(step.name, dict(step.options), len(step.srcs)):
                 return False
             continue
         if step.op not in ARITHMETIC_OPS:
@@ -205,6 +215,30 @@ def _runnable(plan: Plan) -> bool:
         coefs = step.coef if step.op == "add" else (step.coef,)
         if not all(type(c) in (float, int) for c in coefs):  # a per-tensor value is a node
             return False
+    return True
+
+
+def _call_runnable(name: str, options: dict, n_inputs: int) -> bool:
+    """Whether a call of kernel ``name`` with ``options`` is one this executor runs (every option a
+    constant: a per-tensor value is a node)."""
+    if name in NATIVE_CALLS:
+        return sorted(options) == sorted(NATIVE_CALLS[name]) and all(type(v) in (float, int)
+                                                                      for v in options.values())
+    if name not in DROP_CALLS or sorted(options) != sorted(DROP_CALLS[name]):
+        return False
+    if type(options["p"]) not in (float, int) or type(options["seed"]) not in (float, int):
+        return False
+    if type(options["rescale"]) is not bool or (options["rescale"] and options["rescale_by"] != "probability"):
+        return False
+    if name == "dare":
+        return True
+    weights = options["weights"]
+    if not isinstance(weights, tuple) or not all(type(w) in (float, int) for w in weights):
+        return False
+    if weights and len(weights) != n_inputs or options["merge"] not in MERGE_CODES:
+        return False
+    if name == "dare_ties":  # the helper's sign merge: unit weights
+        return options["elect"] in ("total", "frequency") and all(w == 1.0 for w in weights)
     return True
 
 
@@ -391,6 +425,7 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
     inputs = [*_protected(plan, bindings), *(path for source in bound.readers.values() for path in source.paths)]
     writers: dict[str, StreamingWriter] = {}
     bar = None
+    drawing = ThreadPoolExecutor(1, thread_name_prefix="tvlang-masks")  # a thread only once a DARE call asks
     try:
         for name, path in targets.items():
             kind = plan.output_kind(name)
@@ -406,6 +441,10 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
                    for step in program.steps]
         halves = [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.uint16) if step.op in ("read", "write") else None
                   for step in program.steps]  # 16-bit entries read or written, before or after conversion
+        # each input's drop, for the DARE calls that merge several
+        drops = {index: [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.float32) for _ in step.srcs]
+                 for index, step in enumerate(program.steps)
+                 if step.op == "call" and step.name in DROP_CALLS and step.name != "dare"}
         if bar:
             bar.start("main pass", len(every), sum(read.values()) * len(writers))
         models = [w for name, w in writers.items() if plan.output_kind(name) == "model"]
@@ -416,9 +455,10 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
             elif numel == 0:
                 for writer in writers.values():
                     writer.write(info.name, _Coded(numpy.empty(info.shape, dtype=numpy.uint16), info.dtype))
+            streams = _streams(program, info.name, numel if info.dtype in _FLOATS else 0, drawing)
             for start in range(0, numel if info.dtype in _FLOATS else 0, CHUNK_ELEMENTS):
-                _chunk(program, bound, info, start, min(numel - start, CHUNK_ELEMENTS), buffers, halves, writers,
-                       lib, check=not allow_nonfinite)
+                _chunk(program, bound, info, start, min(numel - start, CHUNK_ELEMENTS), buffers, halves, drops,
+                       streams, writers, lib, check=not allow_nonfinite)
             if bar:
                 bar.advance(info.name, read[info.name] * len(writers))
         commit_all(list(writers.values()))
@@ -436,6 +476,7 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
             writer.abort()  # a published or committed writer is left as it is
         raise
     finally:
+        drawing.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
 
@@ -452,8 +493,69 @@ class _Coded:
         return self.array.reshape(*shape)
 
 
-def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, halves: list, writers: dict,
-           lib, *, check: bool) -> None:
+class _Masks:
+    """One input's DARE masks over a tensor, handed out in pieces of any size: blocks of
+    :data:`tvlang.ops.drops.CHUNK` entries drawn in turn from the tensor's first entry, as
+    tvlang.ops.dare.Dropper draws them, so any chunk size gives its masks. The blocks are drawn
+    on ``drawing`` (one thread: each stream's blocks in the order asked for), up to
+    :data:`MASKS_AHEAD` ahead of the one in use, on the other core while this one computes (the
+    helper's loop releases the GIL; drawing the masks here took 2 of 5.3 s at 1.5 GB)."""
+
+    def __init__(self, rule: DropRule, bits, numel: int, drawing: ThreadPoolExecutor) -> None:
+        self.rule, self.bits, self.numel, self.drawing = rule, bits, numel, drawing
+        self.block = numpy.empty(0, dtype=numpy.float32)
+        self.used = 0  # entries of the block handed out
+        self.asked = 0  # entries of the tensor whose blocks are drawn or being drawn
+        self.ahead: deque[Future] = deque()
+        # the blocks' buffers, in turn (reused, not allocated per block): those drawn ahead, the one in
+        # use, and the one before it (a piece that spans two blocks holds a view of its end)
+        self.buffers = [numpy.empty(min(DROP_CHUNK, numel), dtype=numpy.float32)
+                        for _ in range(min(MASKS_AHEAD + 2, -(-numel // DROP_CHUNK)))]
+        self.turn = 0
+        self._ask()
+
+    def _ask(self) -> None:
+        while len(self.ahead) < MASKS_AHEAD and self.asked < self.numel:
+            size = min(DROP_CHUNK, self.numel - self.asked)
+            buffer = self.buffers[self.turn % len(self.buffers)]
+            self.ahead.append(self.drawing.submit(self.rule.mask, self.bits, size, numpy.float32, buffer))
+            self.turn += 1
+            self.asked += size
+
+    def take(self, count: int) -> numpy.ndarray:
+        pieces = []
+        while count:
+            if self.used == len(self.block):
+                self.block = self.ahead.popleft().result()
+                self.used = 0
+                self._ask()
+            n = min(count, len(self.block) - self.used)
+            pieces.append(self.block[self.used:self.used + n])
+            self.used += n
+            count -= n
+        return pieces[0] if len(pieces) == 1 else numpy.concatenate(pieces)
+
+
+def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor) -> dict[int, tuple[DropRule, list[_Masks]]]:
+    """Each DARE call's drop rule and masks for tensor ``name`` of ``numel`` entries: one stream per
+    input, input ``i``'s from where the whole-tensor kernel's shared stream reaches it, as
+    tvlang.ops.chunks draws them."""
+    streams = {}
+    for index, step in enumerate(program.steps):
+        if step.op == "call" and step.name in DROP_CALLS:
+            options = dict(step.options)
+            rule = DropRule(float(options["p"]), options["rescale"])
+            masks = []
+            for i in range(len(step.srcs)):
+                bits = TensorContext(name).bits(options["seed"])
+                bits.advance(i * rule.words(numel))
+                masks.append(_Masks(rule, bits, numel if rule.draws else 0, drawing))
+            streams[index] = (rule, masks)
+    return streams
+
+
+def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, halves: list, drops: dict,
+           streams: dict, writers: dict, lib, *, check: bool) -> None:
     """The program over entries ``start:start+count`` of tensor ``name``: each input's chunk read
     into the read step's buffer, each step into its own buffer (``make`` steps) or in place
     (``update`` steps), as tvlang.run.chunked does, with the arithmetic of tvlang.run.steps in
@@ -497,6 +599,10 @@ def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, 
             lib.tv_scale_f32(target.ctypes.data, step.coef, count, target.ctypes.data)
         elif op == "axpy":
             lib.tv_axpy_f32(slots[step.dst].ctypes.data, slots[step.srcs[0]].ctypes.data, step.coef, count)
+        elif op == "call" and step.name in DROP_CALLS:
+            target = buffers[index][:count]
+            _drop_call(step, [slots[s] for s in step.srcs], streams[index], drops.get(index), target, lib)
+            slots[step.dst] = target
         elif op == "call":  # nearswap or ram (NATIVE_CALLS), as tvlang.ops.native calls them
             target = buffers[index][:count]
             parts = [slots[s] for s in step.srcs]
@@ -519,6 +625,41 @@ def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, 
                     raise _Fallback  # not finite, or (allow_nonfinite is float32 only) a NaN's bits
                 piece = _Coded(raw, info.dtype)
             writers[step.name].write_part(name, piece)
+
+
+def _drop_call(step, pieces: list, stream: tuple[DropRule, list[_Masks]], drops: list | None, target, lib) -> None:
+    """A DARE call over the next ``len(target)`` entries of its inputs ``pieces``, into ``target``:
+    each input times its block's mask (``x * mask``, as tvlang.ops.dare.Dropper multiplies), then
+    for ``dare_ties`` the helper's sign merge (tvlang.ops.ties.sign_merge with unit weights) and for
+    ``dare_linear`` ``sign_merge``'s ``elect="none"`` steps: zeros, ``add_(part, alpha=w)`` (a fused
+    multiply-add: tv_axpy_f32), and the division of ``"mean"`` or ``"weighted_mean"``."""
+    rule, masks = stream
+    count = len(target)
+    parts = [target] if drops is None else [buffer[:count] for buffer in drops]
+    for x, mask, part in zip(pieces, masks, parts):
+        if rule.draws:
+            numpy.multiply(x, mask.take(count), out=part)
+        elif rule.keeps_all:
+            part[:] = x
+        else:
+            part.fill(0.0)
+    if step.name == "dare":
+        return
+    options = dict(step.options)
+    merge = options["merge"]
+    if step.name == "dare_ties":
+        pointers = (ctypes.c_void_p * len(parts))(*[part.ctypes.data for part in parts])
+        lib.tv_sign_merge_f32(pointers, len(parts), count, options["elect"] == "frequency", MERGE_CODES[merge],
+                              target.ctypes.data)
+        return
+    weights = [float(w) for w in options["weights"]] or [1.0] * len(parts)
+    target.fill(0.0)
+    for weight, part in zip(weights, parts):
+        lib.tv_axpy_f32(target.ctypes.data, part.ctypes.data, weight, count)
+    if merge == "mean":
+        numpy.divide(target, numpy.float32(len(parts)), out=target)
+    elif merge == "weighted_mean" and abs(sum(weights)) > 1e-8:
+        numpy.divide(target, numpy.float32(sum(weights)), out=target)
 
 
 def _copy(base: _Input, info, dtype, writers: list) -> None:
