@@ -19,8 +19,9 @@ fresh process and measured by ``harness.measure``:
 - ``tvlang-ties``: ``pre + ties(a - pre, b - pre, c - pre, density=0.2)``;
 - ``tvlang-dare``: ``pre + dare(a - pre, 0.9, seed=1) + dare(b - pre, 0.9, seed=2) + dare(c - pre, 0.9, seed=3)``;
 - ``tvlang-dare_ties``: ``pre + dare_ties(a - pre, b - pre, c - pre, p=0.9)``;
-- ``tvlang-dare+torch``, ``tvlang-dare_ties+torch``: those two with ``TVLANG_DIRECT=0`` (the torch-free
-  executor runs ``dare`` and unit-weight ``dare_ties`` too);
+- ``tvlang-ties+torch``, ``tvlang-dare+torch``, ``tvlang-dare_ties+torch``: those three with
+  ``TVLANG_DIRECT=0`` (the torch-free executor runs ``ties``, ``dare`` and unit-weight ``dare_ties``
+  too; ``breadcrumbs`` runs on the local executor either way);
 - ``tvlang-breadcrumbs``: ``pre + breadcrumbs(a - pre, density=0.2, gamma=0.01) + ...`` over
   ``b`` and ``c`` as well (issue 19: at most 2x plain task arithmetic, as ``ties``);
 - ``mergekit-ta``: ``mergekit-yaml`` ``task_arithmetic``, weights 0.4, ``normalize: false``;
@@ -80,6 +81,7 @@ EXPRS = {
     "tvlang-ties": f"pre + ties(a - pre, b - pre, c - pre, density={DENSITY})",
     "tvlang-dare": " + ".join(["pre"] + [f"dare({m} - pre, {P}, seed={i})" for i, m in enumerate("abc", 1)]),
     "tvlang-dare_ties": f"pre + dare_ties(a - pre, b - pre, c - pre, p={P})",
+    "tvlang-ties+torch": f"pre + ties(a - pre, b - pre, c - pre, density={DENSITY})",
     "tvlang-dare+torch": " + ".join(["pre"] + [f"dare({m} - pre, {P}, seed={i})" for i, m in enumerate("abc", 1)]),
     "tvlang-dare_ties+torch": f"pre + dare_ties(a - pre, b - pre, c - pre, p={P})",
     "tvlang-breadcrumbs": " + ".join(["pre"] + [f"breadcrumbs({m} - pre, density={DENSITY}, gamma={GAMMA})"
@@ -264,7 +266,7 @@ def check(name: str, out: str, paths: dict[str, str]) -> tuple[bool, str]:
             err = float((got.double() - expected).abs().max())
             ok &= err <= 1e-5
             notes.append(f"{tensor}: max err {err:.2g}")
-        elif name.endswith("-ties"):
+        elif name.endswith(("-ties", "-ties+torch")):
             expected = pre.double() + ties_reference(deltas, DENSITY)
             diff = (got.double() - expected).abs()
             err, frac = float(diff.max()), float((diff > 1e-6).double().mean())

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -183,13 +184,16 @@ def test_recipe_file_with_load_paths_records_them_relative(models, tmp_path, mon
     assert json.loads(metadata["tvlang.inputs"]) == {"a": "a", "raw": "a"}  # relative to the recipe's folder
 
 
-def test_the_command_imports_no_torch(models, tmp_path):
+@pytest.mark.parametrize("text", ["pre + 0.5*(a - pre)", "pre + dare(a - pre, 0.9, seed=2)",
+                                  "pre + dare_ties(a - pre, a - pre, p=0.5)",
+                                  "pre + ties(a - pre, a - pre, density=0.3)"])
+def test_the_command_imports_no_torch(models, tmp_path, text):
     _, paths, _ = models
     out = tmp_path / "merged"
     code = textwrap.dedent(f"""
         import sys
         from tvlang.faces.cli import main
-        code = main(["run", "-e", "pre + 0.5*(a - pre)", "--bind", "pre={paths['pre']}", "--bind",
+        code = main(["run", "-e", "{text}", "--bind", "pre={paths['pre']}", "--bind",
                      "a={paths['a']}", "-o", "{out}", "-q"])
         print(code, "torch" in sys.modules)
     """)
@@ -199,7 +203,7 @@ def test_the_command_imports_no_torch(models, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["f64", "nonfinite-bf16", "kernel", "per-tensor", "prefixed", "device", "dare-l1",
-                                  "dare_ties-weights", "dare-per-tensor"])
+                                  "dare_ties-weights", "dare-per-tensor", "ties-l1", "two-ties"])
 def test_what_it_leaves_to_the_local_executor(models, tmp_path, case):
     root, paths, sd = models
     bindings = dict(paths)
@@ -212,7 +216,11 @@ def test_what_it_leaves_to_the_local_executor(models, tmp_path, case):
                                                                  else v for k, v in sd["a"].items()})
         options["allow_nonfinite"] = True
     elif case == "kernel":
-        text = "pre + ties(a - pre, b - pre, density=0.5)"
+        text = "pre + breadcrumbs(a - pre, density=0.5, gamma=0.1)"
+    elif case == "ties-l1":  # its norms are a pass of their own
+        text = 'pre + ties(a - pre, b - pre, density=0.5, rescale_by="l1")'
+    elif case == "two-ties":  # one threshold call a recipe
+        text = "pre + ties(a - pre, b - pre, density=0.5) + ties(b - pre, a - pre, density=0.2)"
     elif case == "per-tensor":
         text = 'nearswap(pre, a, where("*norm*", 0.1, 0.01))'
     elif case == "dare-l1":  # its norms are a pass before the main one
@@ -262,21 +270,27 @@ def test_an_output_that_is_an_input_is_refused(models, tmp_path, monkeypatch):
     assert files_of(paths["a"]) == before
 
 
-def test_ctrl_c_leaves_nothing(models, tmp_path, monkeypatch):
+@pytest.mark.parametrize("text", ["pre + 0.5*(a - pre)", "pre + dare(a - pre, 0.5)",
+                                  "pre + ties(a - pre, b - pre, density=0.3)"])
+@pytest.mark.parametrize("at", [2, 5])
+def test_ctrl_c_leaves_nothing(models, tmp_path, monkeypatch, text, at):
+    """Interrupted on the main thread or (ties) on the thread that finds the next tensor's
+    thresholds: nothing written is left, and no thread of the run outlives it."""
     _, paths, _ = models
     calls = []
     real = direct._chunk
 
     def interrupted(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 5:
+        if len(calls) == at:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
     monkeypatch.setattr(direct, "_chunk", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        tvlang.compile("pre + 0.5*(a - pre)").run({"pre": paths["pre"], "a": paths["a"]}, str(tmp_path / "out"))
+        tvlang.compile(text).run(paths, str(tmp_path / "out"), allow_unused=True)
     assert os.listdir(tmp_path) == []
+    assert not [t for t in threading.enumerate() if t.name.startswith(("tvlang-masks", "tvlang-thresholds"))]
 
 
 def test_steps_equal_torch_bit_for_bit():
@@ -441,3 +455,80 @@ def test_dare_across_blocks_of_words(tmp_path, monkeypatch, chunk):
         assert torch.equal(got[name], expected), name
     kept = (got["big"] - sd["pre"]["big"]).ne(0).double().mean().item()
     assert 0.76 < kept < 0.79  # where dare keeps a's entry or either of dare_ties' is kept: 1 - 0.9 * 0.25
+
+
+def tied_models(tmp_path) -> dict[str, str]:
+    """pre, a, b whose deltas are multiples of 1/64 in a small range: thousands of entries tied at
+    every magnitude, so the k-th largest is shared by many and only the first ones are kept."""
+    g = torch.Generator().manual_seed(3)
+    pre = {"big": torch.randn(393221, generator=g), "small": torch.randn(3, 7, generator=g)}
+    tensors = {"pre": pre}
+    for name in ("a", "b"):
+        tensors[name] = {k: v + torch.randint(-20, 21, v.shape, generator=g).float() / 64 for k, v in pre.items()}
+    return {name: write_checkpoint(str(tmp_path / name), sd) for name, sd in tensors.items()}
+
+
+TIES_RECIPES = [
+    "pre + ties(a - pre, b - pre, density=0.2)",
+    "pre + ties(a - pre, b - pre, density=0.5, elect=\"frequency\", merge=\"sum\", weights=[1, 1])",
+    "pre + 0.5*ties(a - pre, b - pre, a - b, density=0.013, count=\"mergekit\", merge=\"weighted_mean\")",
+    "pre + ties(a - pre, b - pre, density=0.0) - 0.25*(nearswap(pre, a, 0.01) - pre)",
+    "pre + ties(a - pre, b - pre, density=1.0)",
+]
+
+
+@pytest.mark.parametrize("data", ["random", "tied"])
+@pytest.mark.parametrize("text", TIES_RECIPES)
+def test_ties_same_bytes(tmp_path, monkeypatch, text, data):
+    """ties (unit weights, an election, per-tensor scope) runs here: its thresholds found by a window
+    and a pass before the main one, on a second thread a tensor ahead; the same bytes as the local
+    executor, in chunks that cut the tie windows, and the whole-tensor kernel's values."""
+    paths = (big_models if data == "random" else tied_models)(tmp_path / "in")
+    monkeypatch.setattr(direct, "CHUNK_ELEMENTS", 100_003)
+    fast, local, fast_files, local_files = both(monkeypatch, tmp_path, text, paths, {"out": "merged.safetensors"})
+    assert fast_files == local_files
+    same_report(fast, local, tmp_path)
+    if "nearswap" in text or "a - b" in text:
+        return
+    from tvlang.ops.context import TensorContext
+    from tvlang.ops.ties import ties
+    options = dict(elect="total", merge="mean", weights=(), elect_on="weighted", scope="tensor", count="floor",
+                   rescale_by="none")
+    options.update(density=float(text.split("density=")[1].split(")")[0].split(",")[0]))
+    if "frequency" in text:
+        options.update(elect="frequency", merge="sum")
+    got = load_file(str(tmp_path / "direct" / "merged.safetensors"))
+    sd = {name: load_file(os.path.join(path, "model.safetensors")) for name, path in paths.items()}
+    for name, p in sd["pre"].items():
+        expected = p + ties([sd["a"][name] - p, sd["b"][name] - p], TensorContext(name), **options)
+        assert torch.equal(got[name], expected), name
+
+
+@pytest.mark.parametrize("path", ["window", "no-window", "window-missed", "too-many"])
+def test_ties_every_way_to_its_threshold(tmp_path, monkeypatch, path):
+    """The threshold's search takes each of its ways (a window that holds the k-th largest; no window
+    from the sample; a window that misses it; one that gathers too many), and each gives the local
+    executor's bytes."""
+    paths = tied_models(tmp_path / "in")
+    real_window = direct.window_of
+    if path == "no-window":
+        monkeypatch.setattr(direct, "window_of", lambda *args: None)
+    elif path == "window-missed":
+        monkeypatch.setattr(direct, "window_of", lambda *args: (0x7F000000, None))
+    elif path == "too-many":
+        monkeypatch.setattr(direct, "window_of", lambda *args: (0, None))
+    stages = []
+    real_end = direct._Select.end_pass
+
+    def end_pass(self):
+        if self.numel > 1000:  # the big tensor's (the small one has no window: its sample is all of it)
+            stages.append(self.stage)
+        real_end(self)
+
+    monkeypatch.setattr(direct._Select, "end_pass", end_pass)
+    fast, local, fast_files, local_files = both(monkeypatch, tmp_path, "pre + ties(a - pre, b - pre, density=0.3)",
+                                                paths, {"out": "merged.safetensors"})
+    assert fast_files == local_files
+    expected = {"window": ["window"] * 2, "no-window": ["high", "low"] * 2}.get(path, ["window", "high", "low"] * 2)
+    assert sorted(stages) == sorted(expected)  # for each of the two inputs
+    assert real_window is not None

@@ -207,6 +207,22 @@ def test_band_trim_equals_the_torch_path(monkeypatch):
 
 
 @needs_helper
+def test_hardshrink_equals_torch():
+    """The torch-free executor's ties trim (tvlang.run.direct): torch's hardshrink, bit for bit."""
+    lib = native.library()
+    g = torch.Generator().manual_seed(7)
+    for n in (1, 7, 8, 33, 4099):
+        x = torch.randn(n, generator=g)
+        x[torch.randint(0, n, (max(n // 6, 1),), generator=g)] = SPECIAL[torch.randint(0, len(SPECIAL),
+                                                                                        (max(n // 6, 1),), generator=g)]
+        x[::7] = 1.5
+        for lo in (0.0, 1.4999999, 1.5, 1e-3, 1e30):
+            out = torch.empty(n)
+            lib.tv_hardshrink_f32(x.data_ptr(), n, lo, out.data_ptr())
+            assert torch.equal(out.view(torch.int32), torch.hardshrink(x, lo).view(torch.int32)), (n, lo)
+
+
+@needs_helper
 def test_window_select_is_the_same_with_and_without_the_helper(monkeypatch):
     g = torch.Generator().manual_seed(8)
     n = 300_000

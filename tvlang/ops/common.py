@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import math
-import struct
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +39,7 @@ import torch
 
 from tvlang.errors import TvlangError
 from tvlang.language.builtins import BUILTINS
+from tvlang.ops.ranks import bits_to_float, keep_count, pick_bin, truncated_count
 
 __all__ = ["COUNT_RULES", "TieWindow", "keep_count", "truncated_count", "tie_split", "settle_ties", "count_at_least",
            "count_equal", "kth_largest_abs", "magnitudes", "scratch", "clear_workspace", "kernel_of", "chunk_form_of",
@@ -172,26 +172,6 @@ def _options(name: str, options: dict, n_inputs: int, tensor: str) -> dict:
 # -- magnitude thresholds --------------------------------------------------------
 
 COUNT_RULES = ("floor", "mergekit")
-
-
-def keep_count(density: float, n: int, count: str = "floor") -> int:
-    """Number of entries that ``density`` keeps out of ``n`` (see the module docstring)."""
-    if count == "mergekit":
-        if density >= 1.0:
-            return n
-        if density <= 0.0 or n == 0:
-            return 0
-        return min(max(1, int(density * n)), n)
-    exact = density * n
-    nearest = round(exact)
-    if abs(exact - nearest) <= 1e-6:
-        return int(min(max(nearest, 0), n))
-    return int(min(max(math.floor(exact), 0), n))
-
-
-def truncated_count(fraction: float, n: int) -> int:
-    """mergekit's ``int(fraction * n)``, within ``[0, n]`` (no tolerance, no minimum of one)."""
-    return min(max(int(fraction * n), 0), n)
 
 
 # -- exactly k: the tie-break by flat index -------------------------------------------
@@ -354,15 +334,7 @@ def histogram(values: torch.Tensor, bins: int) -> torch.Tensor:
 
 def _pick_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
     """The bin holding the k-th largest entry, and that entry's rank within the bin from the top."""
-    counts = hist.cpu().numpy()  # small: numpy avoids torch's thread pool for it
-    at_or_above = numpy.cumsum(counts[::-1])[::-1]
-    b = int(numpy.flatnonzero(at_or_above >= k)[-1])
-    above = int(at_or_above[b + 1]) if b + 1 < counts.size else 0
-    return b, k - above
-
-
-def bits_to_float(pattern: int) -> float:
-    return struct.unpack("<f", struct.pack("<I", pattern))[0]
+    return pick_bin(hist.cpu().numpy(), k)  # small: numpy avoids torch's thread pool for it
 
 
 @functools.lru_cache(maxsize=256)  # chunk forms ask for the same threshold once per piece

@@ -248,6 +248,16 @@ MULTI_VERSION void tv_band_f32(const float *x, size_t n, float lo, float hi, flo
     }
 }
 
+/* One cut: tvlang.ops.prune.trim with a lower threshold only, torch's `hardshrink(x, lo)` (the
+ * entries with |x| > lo, where lo is the largest float below the threshold): the torch-free
+ * executor's trim of `ties` (tvlang/run/direct.py). */
+MULTI_VERSION void tv_hardshrink_f32(const float *x, size_t n, float lo, float *out) {
+    for (size_t j = 0; j < n; j++) {
+        float v = x[j];
+        out[j] = zero_where(v, (uint32_t)(v >= -lo) & (uint32_t)(v <= lo));
+    }
+}
+
 /* ---- 5. RAM and RAM+ (tvlang/ops/ram.py) -------------------------------------------------------
  *
  * An input contributes at an entry when |x| > eps (eps as float32, as torch compares a float32

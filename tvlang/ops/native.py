@@ -40,6 +40,7 @@ _SIGNATURES = {
     "tv_pcg64_drop_f32": ([_P, _N, ctypes.c_uint32, _F, _P], None),
     "tv_window_gather": ([_P, _N, ctypes.c_int32, ctypes.c_int32, _I, _P, _P], ctypes.c_size_t),
     "tv_band_f32": ([_P, _N, _F, _F, _P], None),
+    "tv_hardshrink_f32": ([_P, _N, _F, _P], None),
     "tv_sign_merge_f32": ([_P, _N, _N, _I, _I, _P], None),
     "tv_ram_f32": ([_P, _N, _N, _F, _P], None),
     "tv_ramplus_count_f32": ([_P, _N, _N, _F, _P, _P], None),

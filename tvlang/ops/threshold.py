@@ -33,6 +33,7 @@ import torch
 from tvlang.ops.common import _pick_bin, bits_to_float, histogram, keep_count, scratch
 from tvlang.ops.context import TensorContext
 from tvlang.ops.native import window_gather
+from tvlang.ops.ranks import read_window, window_of
 
 __all__ = ["MagnitudeThreshold", "RadixSelect", "WindowSelect", "read_window"]
 
@@ -131,8 +132,6 @@ def _count_low_bits(raw: torch.Tensor, high: torch.Tensor, bin_: int, counts: to
 # Entries of a piece handled at a time by the window pass: its temporaries stay in the CPU's
 # L2 cache (a whole 2^20-entry chunk at once took about twice as long here).
 _BLOCK = 1 << 17
-# Standard deviations of a sampled rank's spread, on each side, that a window spans.
-_SPREAD = 6.0
 
 
 class WindowSelect:
@@ -142,7 +141,7 @@ class WindowSelect:
     Without a sample it is a :class:`RadixSelect` (two passes). With one: ``sample(piece)``
     for a few pieces taken across the tensor (any number, any positions), then
     ``end_sample()``: each rank gets a window of magnitudes that its k-th largest very likely
-    falls in (its rank in the sample, ``_SPREAD`` standard deviations of a sampled rank to
+    falls in (its rank in the sample, ``SPREAD`` (tvlang.ops.ranks) standard deviations of a sampled rank to
     each side). Pass 0 counts the entries above each window and gathers the (few) entries
     inside it; at its end, a rank whose k-th largest falls inside its window reads it, and
     how many of the entries tied there the top ``k`` hold, from the gathered entries. When
@@ -151,7 +150,7 @@ class WindowSelect:
     window of at most an eighth of the entries gives the radix select from the start. The
     same values every way, exactly: they are read from the same bit patterns of ``|x|``
     (float32; NaN above ``inf``). Memory: the sample and the gathered windows, at most
-    ``_SPREAD / sqrt(sample size)`` of the entries and a few more (a sample of 65,536: 2.3 %;
+    ``SPREAD / sqrt(sample size)`` of the entries and a few more (a sample of 65,536: 2.3 %;
     1.9 % at density 0.2).
     """
 
@@ -179,7 +178,7 @@ class WindowSelect:
         self._sample = []
         s = bits.size
         for k in self.ranks:
-            window = _window(bits, s, k, self.numel) if s else None
+            window = window_of(bits, s, k, self.numel) if s else None
             if window is None:
                 self._windows = {}
                 break
@@ -283,35 +282,6 @@ def _raw_bits(x: torch.Tensor) -> numpy.ndarray:
     if flat.device.type != "cpu":
         flat = flat.cpu()
     return flat.contiguous().numpy().view(numpy.int32)
-
-
-def _window(bits: numpy.ndarray, s: int, k: int, n: int) -> tuple[int, int | None] | None:
-    """The magnitudes (inclusive bit patterns ``lo, hi``; ``hi`` None: no upper end) that the k-th
-    largest of ``n`` very likely falls in, from a sorted sample ``bits`` of ``s`` of them; ``None``
-    when that window would hold more than an eighth of the entries."""
-    q = k / n
-    spread = _SPREAD * math.sqrt(s * q * (1.0 - q)) + 8.0
-    top = math.floor(q * s - spread)  # sample ranks from the top, 0-based
-    bottom = math.ceil(q * s + spread)
-    if min(bottom, s) - max(top, 0) > s / 8 or bottom >= s:
-        return None
-    lo = int(bits[s - 1 - bottom])
-    hi = int(bits[s - 1 - top]) if top >= 0 else None
-    return lo, hi
-
-
-def read_window(inside: list[numpy.ndarray], above: int, k: int) -> tuple[int, int, int] | None:
-    """``(bits, need, tied)`` of the k-th largest from the entries gathered inside its window (int32
-    bit patterns of magnitudes) and the count of entries above it, or ``None`` when the k-th largest
-    is not inside: ``need`` of the ``tied`` entries equal to it rank among the top k."""
-    entries = numpy.concatenate(inside) if inside else numpy.empty(0, numpy.int32)
-    rank = k - above  # the k-th largest is the rank-th largest inside the window
-    if not 0 < rank <= entries.size:
-        return None
-    position = entries.size - rank
-    kth = int(numpy.partition(entries, position)[position])
-    greater = above + int(numpy.count_nonzero(entries > kth))
-    return kth, k - greater, int(numpy.count_nonzero(entries == kth))
 
 
 class MagnitudeThreshold:

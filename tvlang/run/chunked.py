@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from tvlang.io import release
+from tvlang.ops import ranks
 from tvlang.ops.chunks import Elementwise
 from tvlang.ops.pertensor import resolve_options
 from tvlang.ops.registry import CHUNKED, ELEMENTWISE
@@ -226,11 +227,7 @@ def every_core(wanted: bool) -> Iterator[None]:
 def sample_ranges(count: int) -> list[tuple[int, int]]:
     """``SAMPLE_BLOCKS`` runs of ``SAMPLE_BLOCK`` entries spread evenly over ``count`` (the first
     at the start, the last at the end), or the whole tensor when it is not larger than them."""
-    if count <= SAMPLE_BLOCKS * SAMPLE_BLOCK:
-        return [(0, count)]
-    span = count - SAMPLE_BLOCK
-    starts = [i * span // (SAMPLE_BLOCKS - 1) for i in range(SAMPLE_BLOCKS)]
-    return [(start, start + SAMPLE_BLOCK) for start in starts]
+    return ranks.sample_ranges(count, SAMPLE_BLOCKS, SAMPLE_BLOCK)
 
 
 def take_sample(session: "Session", program: TensorProgram, linear: LinearProgram, coefs: list, flat, raw,

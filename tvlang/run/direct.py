@@ -1,4 +1,4 @@
-"""The torch-free executor: linear recipes over float32, bfloat16 or float16 safetensors files, without torch.
+"""The torch-free executor: linear recipes, ``dare`` and ``ties`` over float32, bfloat16 or float16 safetensors files.
 
 Importing torch takes 2.1-2.6 s of every ``tvlang run`` on the development machine: as long
 as reading and writing a 1.5 GB model (docs/performance.md). A recipe whose outputs are linear
@@ -11,8 +11,11 @@ returns ``None`` before anything is written, and the local or Ray executor runs 
   ``TVLANG_DIRECT=0`` in the environment turns it off;
 - the plan has no reduction passes and no scalar or adapter outputs, and its per-tensor program
   is reads, the arithmetic steps (``set``, ``add``, ``scale``, ``axpy``) with constant
-  coefficients (no per-tensor values), calls of ``nearswap`` and ``ram`` with constant options
-  (kernels whose float32 loop is the compiled helper's in the local executor too), and writes;
+  coefficients (no per-tensor values), calls with constant options of ``nearswap`` and ``ram``
+  (kernels whose float32 loop is the compiled helper's in the local executor too), of ``dare``,
+  ``dare_ties`` (unit weights) and ``dare_linear`` without ``rescale_by="l1"`` (the masks of
+  tvlang.ops.drops, as the local executor draws them), or of one ``ties`` (unit weights, an
+  election, ``scope="tensor"``, no ``rescale_by="l1"``, and no DARE call beside it), and writes;
 - every source the recipe names is a local ``.safetensors`` file, a ``.safetensors.index.json``
   with its shards, or a model directory of either (no Hub reference, LoRA adapter, ``.bin`` file,
   stack, layer range or renaming),
@@ -30,19 +33,22 @@ It reads each input's tensors a chunk at a time into numpy buffers (``pread``), 
 there with the helper (the same bits as torch's ``mul`` and ``add(alpha=)``: tests/test_direct.py
 compares every file with the local executor's), and hands each chunk to the same
 :class:`~tvlang.io.writer.StreamingWriter`, with the same metadata, model card, copied files,
-commit (:func:`tvlang.run.outputs.commit_all`), progress and summary. A result that is not
-finite, or an input that cannot be read as its header says, withdraws what was written and
-leaves the run to the local executor, which reports it as always.
+commit (:func:`tvlang.run.outputs.commit_all`), progress and summary. DARE masks are drawn on
+a second thread, a few blocks ahead; ``ties``' thresholds are found (:class:`_Select`: the local
+executor's window, or its radix select) on another, one tensor ahead of the main pass. A result
+that is not finite, or an input that cannot be read as its header says, withdraws what was
+written and leaves the run to the local executor, which reports it as always.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy
@@ -55,7 +61,8 @@ from tvlang.io.safetensors_format import read_header
 from tvlang.ops.context import TensorContext
 from tvlang.ops.drops import CHUNK as DROP_CHUNK
 from tvlang.ops.drops import DropRule
-from tvlang.ops.native import MERGE_CODES
+from tvlang.ops.native import MERGE_CODES, window_gather
+from tvlang.ops.ranks import bits_to_float, keep_count, pick_bin, read_window, sample_ranges, window_of
 from tvlang.plan.records import DeltaBinding, RunSummary, input_report
 from tvlang.run.outputs import (
     commit_all,
@@ -82,6 +89,9 @@ ARITHMETIC_OPS = ("set", "add", "scale", "axpy")
 #: the bits are the same; DROP_CALLS take a ``rescale_by="l1"`` only without ``rescale`` (its norms
 #: are a pass before the main one), dare_ties unit weights only (the helper's sign merge)
 NATIVE_CALLS = {"nearswap": ("t",), "ram": ("epsilon",)}
+#: ties, with its threshold found before the main pass (one per recipe, without DARE calls: the
+#: passes before the main one run the steps before it again)
+THRESHOLD_CALLS = {"ties": ("count", "density", "elect", "elect_on", "merge", "rescale_by", "scope", "weights")}
 DROP_CALLS = {"dare": ("p", "rescale", "rescale_by", "seed"),
               "dare_ties": ("elect", "elect_on", "merge", "p", "rescale", "rescale_by", "seed", "weights"),
               "dare_linear": ("merge", "p", "rescale", "rescale_by", "seed", "weights")}
@@ -203,6 +213,9 @@ def _runnable(plan: Plan) -> bool:
         return False
     if any(plan.output_kind(name) not in ("model", "delta") for name in plan.outputs):
         return False
+    calls = [step.name for step in program.steps if step.op == "call"]
+    if any(name in THRESHOLD_CALLS for name in calls) and (len(calls) - sum(n in NATIVE_CALLS for n in calls) > 1):
+        return False  # one ties call, and no DARE draws that its passes would repeat
     for step in program.steps:
         if step.op in ("read", "write"):
             continue
@@ -224,6 +237,10 @@ def _call_runnable(name: str, options: dict, n_inputs: int) -> bool:
     if name in NATIVE_CALLS:
         return sorted(options) == sorted(NATIVE_CALLS[name]) and all(type(v) in (float, int)
                                                                       for v in options.values())
+    if name in THRESHOLD_CALLS:
+        return (sorted(options) == sorted(THRESHOLD_CALLS[name]) and type(options["density"]) in (float, int)
+                and options["scope"] == "tensor" and options["rescale_by"] != "l1"
+                and options["count"] in ("floor", "mergekit") and _unit_merge(options, n_inputs))
     if name not in DROP_CALLS or sorted(options) != sorted(DROP_CALLS[name]):
         return False
     if type(options["p"]) not in (float, int) or type(options["seed"]) not in (float, int):
@@ -237,9 +254,17 @@ def _call_runnable(name: str, options: dict, n_inputs: int) -> bool:
         return False
     if weights and len(weights) != n_inputs or options["merge"] not in MERGE_CODES:
         return False
-    if name == "dare_ties":  # the helper's sign merge: unit weights
-        return options["elect"] in ("total", "frequency") and all(w == 1.0 for w in weights)
+    if name == "dare_ties":
+        return _unit_merge(options, n_inputs)
     return True
+
+
+def _unit_merge(options: dict, n_inputs: int) -> bool:
+    """Whether a merge's options are the helper's sign merge: unit weights (or none), an election."""
+    weights = options["weights"]
+    return (isinstance(weights, tuple) and (not weights or len(weights) == n_inputs)
+            and all(type(w) in (float, int) and w == 1.0 for w in weights)
+            and options["elect"] in ("total", "frequency") and options["merge"] in MERGE_CODES)
 
 
 def _source_path(plan: Plan, bindings: Mapping[str, Any], key: str) -> tuple[str, str, bool] | None:
@@ -426,6 +451,7 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
     writers: dict[str, StreamingWriter] = {}
     bar = None
     drawing = ThreadPoolExecutor(1, thread_name_prefix="tvlang-masks")  # a thread only once a DARE call asks
+    ahead = None
     try:
         for name, path in targets.items():
             kind = plan.output_kind(name)
@@ -437,26 +463,21 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
                                             files=files)
         bar = progress_for(progress)
         program = plan.schedule.main
-        buffers = [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.float32) if step.op != "write" else None
-                   for step in program.steps]
-        halves = [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.uint16) if step.op in ("read", "write") else None
-                  for step in program.steps]  # 16-bit entries read or written, before or after conversion
-        # each input's drop, for the DARE calls that merge several
-        drops = {index: [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.float32) for _ in step.srcs]
-                 for index, step in enumerate(program.steps)
-                 if step.op == "call" and step.name in DROP_CALLS and step.name != "dare"}
+        buffers, halves, drops = _workspace(program)
         if bar:
             bar.start("main pass", len(every), sum(read.values()) * len(writers))
         models = [w for name, w in writers.items() if plan.output_kind(name) == "model"]
-        for info in every:
+        ahead = _Ahead(program, bound, lib, every, drawing) if any(
+            step.op == "call" and step.name in THRESHOLD_CALLS for step in program.steps) else None
+        for position, info in enumerate(every):
             numel = _numel(info.shape)
             if info.dtype not in _FLOATS:
                 _copy(base, info, numpy.dtype(_COPIED[info.dtype]), models)
             elif numel == 0:
                 for writer in writers.values():
                     writer.write(info.name, _Coded(numpy.empty(info.shape, dtype=numpy.uint16), info.dtype))
-            streams = _streams(program, info.name, numel if info.dtype in _FLOATS else 0, drawing)
-            for start in range(0, numel if info.dtype in _FLOATS else 0, CHUNK_ELEMENTS):
+            streams = ahead.streams(position) if ahead else _streams(program, info.name, _floats(info), drawing)
+            for start in range(0, _floats(info), CHUNK_ELEMENTS):
                 _chunk(program, bound, info, start, min(numel - start, CHUNK_ELEMENTS), buffers, halves, drops,
                        streams, writers, lib, check=not allow_nonfinite)
             if bar:
@@ -476,6 +497,8 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
             writer.abort()  # a published or committed writer is left as it is
         raise
     finally:
+        if ahead is not None:
+            ahead.close()
         drawing.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
@@ -536,12 +559,196 @@ class _Masks:
         return pieces[0] if len(pieces) == 1 else numpy.concatenate(pieces)
 
 
-def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor) -> dict[int, tuple[DropRule, list[_Masks]]]:
-    """Each DARE call's drop rule and masks for tensor ``name`` of ``numel`` entries: one stream per
-    input, input ``i``'s from where the whole-tensor kernel's shared stream reaches it, as
-    tvlang.ops.chunks draws them."""
-    streams = {}
+class _Select:
+    """One input's k-th largest magnitude among ``numel`` entries, exactly, as the local executor's
+    tvlang.ops.threshold.WindowSelect finds it (the same value and tie split, read from the same bit
+    patterns): a window of bit patterns guessed from a sample, one pass gathering the entries
+    inside it; where the k-th largest falls outside it (or it gathers too many), a histogram of the
+    high 16 bits in a pass, then one of the low 16 bits of the entries in the bin found."""
+
+    def __init__(self, k: int, numel: int) -> None:
+        self.k, self.numel = k, numel
+        self.limit = max(1 << 16, min(numel // 8, 1 << 23))  # entries gathered, as WindowSelect's
+        self.stage = "sample"  # then "window", "high", "low"; found: (bits, need, tied)
+        self.sample: list[numpy.ndarray] = []
+        self.bounds: tuple[int, int | None] = (0, None)
+        self.inside: list[numpy.ndarray] = []
+        self.above = 0
+        self.gathered = 0
+        self.counts: numpy.ndarray | None = None
+        self.rank = 0
+        self.found: tuple[int, int, int] | None = None
+
+    def end_sample(self) -> None:
+        bits = numpy.sort(numpy.concatenate(self.sample))
+        self.sample = []
+        window = window_of(bits, bits.size, self.k, self.numel) if bits.size else None
+        if window is None:
+            self.stage, self.counts = "high", numpy.zeros(1 << 15, dtype=numpy.int64)
+        else:
+            self.stage, self.bounds = "window", window
+
+    def feed(self, raw: numpy.ndarray, scratch: numpy.ndarray) -> None:
+        """The next piece's magnitudes' bit patterns (``raw``, int32 patterns of the values)."""
+        if self.stage == "sample":
+            self.sample.append(numpy.bitwise_and(raw, 0x7FFFFFFF))
+        elif self.stage == "high":
+            self.counts += numpy.bincount(numpy.right_shift(numpy.bitwise_and(raw, 0x7FFFFFFF), 16),
+                                          minlength=1 << 15)
+        elif self.gathered <= self.limit:
+            picked, above = window_gather(raw, *self.bounds, scratch)
+            self.above += above
+            if self.stage == "low":
+                self.counts += numpy.bincount(numpy.bitwise_and(picked, 0xFFFF), minlength=1 << 16)
+            else:
+                self.inside.append(picked)
+                self.gathered += picked.size
+
+    def end_pass(self) -> None:
+        if self.stage == "window":
+            found = read_window(self.inside, self.above, self.k) if self.gathered <= self.limit else None
+            self.inside, self.above, self.gathered = [], 0, 0
+            if found is None:  # the k-th largest is not inside: a radix select's two passes
+                self.stage, self.counts = "high", numpy.zeros(1 << 15, dtype=numpy.int64)
+            self.found = found
+        elif self.stage == "high":
+            high, self.rank = pick_bin(self.counts, self.k)
+            self.stage, self.bounds = "low", (high << 16, (high << 16) | 0xFFFF)
+            self.counts, self.above = numpy.zeros(1 << 16, dtype=numpy.int64), 0
+        else:
+            low, need = pick_bin(self.counts, self.rank)
+            self.found = (self.bounds[0] | low, need, int(self.counts[low]))
+
+
+class _Trims:
+    """ties' trims of one tensor's inputs (tvlang.ops.prune.trim with its tie window): each
+    input's k-th largest magnitude ``t`` (``_Select``), then entries with ``|x| >= t`` kept
+    (``hardshrink`` at the float below ``t``: the helper's ``tv_hardshrink_f32``) and, of those tied
+    at ``t``, only the first ``need`` in flat order (a running count)."""
+
+    def __init__(self, options: dict, n_inputs: int, numel: int) -> None:
+        self.k = keep_count(float(options["density"]), numel, options["count"])
+        self.numel = numel
+        self.selects = [_Select(self.k, numel) for _ in range(n_inputs)] if 0 < self.k < numel else []
+        self.seen = [0] * n_inputs
+
+    def trim(self, i: int, x: numpy.ndarray, out: numpy.ndarray, lib) -> None:
+        if self.k == 0:
+            out.fill(0.0)
+            return
+        if not self.selects or self.selects[i].found[0] == 0:  # every entry kept (k = n, or t = 0)
+            out[:] = x
+            return
+        bits, need, tied = self.selects[i].found
+        lib.tv_hardshrink_f32(x.ctypes.data, len(x), bits_to_float(bits - 1), out.ctypes.data)
+        if need < tied:  # the tied entries past the first `need` of the tensor: 0, as TieWindow sets them
+            at = numpy.flatnonzero(numpy.bitwise_and(x.view(numpy.int32), 0x7FFFFFFF) == bits)
+            first = self.seen[i]
+            self.seen[i] += at.size
+            out[at[max(need - first, 0):]] = 0.0
+
+
+def _floats(info) -> int:
+    """The entries of tensor ``info`` that the program computes (none of an integer tensor: copied)."""
+    return _numel(info.shape) if info.dtype in _FLOATS else 0
+
+
+def _workspace(program) -> tuple[list, list, dict]:
+    """The buffers a thread runs the program's steps in, a chunk at a time: one per step, the 16-bit
+    entries of each read and write before or after conversion, and each input's drop or trim of the
+    calls that merge several."""
+    buffers = [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.float32) if step.op != "write" else None
+               for step in program.steps]
+    halves = [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.uint16) if step.op in ("read", "write") else None
+              for step in program.steps]
+    drops = {index: [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.float32) for _ in step.srcs]
+             for index, step in enumerate(program.steps)
+             if step.op == "call" and step.name in (*DROP_CALLS, *THRESHOLD_CALLS) and step.name != "dare"}
+    return buffers, halves, drops
+
+
+class _Ahead:
+    """The passes before the main one (ties' thresholds) of the next tensor, on a second thread while
+    this one runs the main pass of the one before: in its own buffers, with its own descriptors of
+    the inputs (a copy of each ``_Input``), one tensor ahead. ties at 1.5 GB: the thresholds' passes
+    took 2.5 s of 7.3 s on this thread."""
+
+    def __init__(self, program, bound: _Bound, lib, every: list, drawing: ThreadPoolExecutor) -> None:
+        self.program, self.lib, self.every, self.drawing = program, lib, every, drawing
+        self.bound = _Bound(bound.plan, {key: replace(source, _open=None) for key, source in bound.readers.items()},
+                            bound.base)
+        self.workspace = _workspace(program)
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="tvlang-thresholds")
+        self.stop = threading.Event()
+        self.next: tuple[int, dict, Future | None] | None = None
+
+    def _start(self, position: int) -> tuple[int, dict, Future | None]:
+        info = self.every[position]
+        streams = _streams(self.program, info.name, _floats(info), self.drawing)
+        future = None
+        if _floats(info):
+            future = self.thread.submit(_find_thresholds, self.program, self.bound, info, _numel(info.shape),
+                                        *self.workspace, streams, self.lib, self.stop)
+        return position, streams, future
+
+    def streams(self, position: int) -> dict:
+        """Tensor ``position``'s streams, its thresholds found; the next tensor's search started."""
+        current = self.next if self.next is not None and self.next[0] == position else self._start(position)
+        _, streams, future = current
+        if future is not None:
+            future.result()
+        self.next = self._start(position + 1) if position + 1 < len(self.every) else None
+        return streams
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.shutdown(wait=True, cancel_futures=True)
+        for source in self.bound.readers.values():
+            source.close()
+
+
+def _find_thresholds(program, bound: _Bound, info, numel: int, buffers: list, halves: list, drops: dict,
+                     streams: dict, lib, stop: threading.Event) -> None:
+    """Before the main pass over tensor ``info``: each ties call's thresholds, from a sample of its
+    inputs (``sample_ranges``, as tvlang.run.chunked takes it) and as many passes over the steps
+    before it as its selects need (one, where every window holds its k-th largest); ``stop`` set:
+    given up (the run is ending)."""
     for index, step in enumerate(program.steps):
+        if step.op != "call" or step.name not in THRESHOLD_CALLS or not streams[index].selects:
+            continue
+        selects = streams[index].selects
+        scratch = numpy.empty(CHUNK_ELEMENTS + 1, dtype=numpy.int32)
+        ranges = [(at, min(stop, at + CHUNK_ELEMENTS)) for start, stop in sample_ranges(numel, 16, 1 << 12)
+                  for at in range(start, stop, CHUNK_ELEMENTS)]
+        while any(select.found is None for select in selects):
+            if ranges is None:
+                ranges = [(start, min(numel, start + CHUNK_ELEMENTS)) for start in range(0, numel, CHUNK_ELEMENTS)]
+            for start, end in ranges:
+                if stop.is_set():
+                    return
+                slots = _chunk(program, bound, info, start, end - start, buffers, halves, drops, streams, {}, lib,
+                               check=False, upto=index)
+                for select, src in zip(selects, step.srcs):
+                    if select.found is None:
+                        select.feed(slots[src].view(numpy.int32), scratch)
+            for select in selects:
+                if select.found is not None:
+                    continue
+                if select.stage == "sample":
+                    select.end_sample()
+                else:
+                    select.end_pass()
+            ranges = None
+
+
+def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor) -> dict[int, Any]:
+    """Each DARE call's drop rule and masks for tensor ``name`` of ``numel`` entries (one stream per
+    input, input ``i``'s from where the whole-tensor kernel's shared stream reaches it, as
+    tvlang.ops.chunks draws them), and each ties call's trims."""
+    streams: dict[int, Any] = {}
+    for index, step in enumerate(program.steps):
+        if step.op == "call" and step.name in THRESHOLD_CALLS:
+            streams[index] = _Trims(dict(step.options), len(step.srcs), numel)
         if step.op == "call" and step.name in DROP_CALLS:
             options = dict(step.options)
             rule = DropRule(float(options["p"]), options["rescale"])
@@ -555,16 +762,19 @@ def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor) -> dic
 
 
 def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, halves: list, drops: dict,
-           streams: dict, writers: dict, lib, *, check: bool) -> None:
+           streams: dict, writers: dict, lib, *, check: bool, upto: int | None = None) -> dict[int, Any]:
     """The program over entries ``start:start+count`` of tensor ``name``: each input's chunk read
     into the read step's buffer, each step into its own buffer (``make`` steps) or in place
     (``update`` steps), as tvlang.run.chunked does, with the arithmetic of tvlang.run.steps in
-    the helper's float32 loops. (Reading the next chunk in a thread meanwhile was slower here:
-    3.9-4.4 s against 3.6-3.75 s at 1.5 GB, docs/performance.md.)"""
+    the helper's float32 loops; with ``upto``, only the steps before that one, writing nothing (a
+    pass before the main one). The slots' values. (Reading the next chunk in a thread meanwhile
+    was slower here: 3.9-4.4 s against 3.6-3.75 s at 1.5 GB, docs/performance.md.)"""
     name = info.name
     slots: dict[int, Any] = {}
-    for index, step in enumerate(program.steps):
+    for index, step in enumerate(program.steps if upto is None else program.steps[:upto]):
         op = step.op
+        if op == "write" and upto is not None:
+            continue
         if op == "read":
             source = bound.readers[step.name]
             _, code, file, offset = source.tensors[name]
@@ -603,6 +813,13 @@ def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, 
             target = buffers[index][:count]
             _drop_call(step, [slots[s] for s in step.srcs], streams[index], drops.get(index), target, lib)
             slots[step.dst] = target
+        elif op == "call" and step.name in THRESHOLD_CALLS:  # ties: trims, then the helper's sign merge
+            target = buffers[index][:count]
+            trims, parts = streams[index], [buffer[:count] for buffer in drops[index]]
+            for i, (src, part) in enumerate(zip(step.srcs, parts)):
+                trims.trim(i, slots[src], part, lib)
+            _sign_merge(dict(step.options), parts, target, lib)
+            slots[step.dst] = target
         elif op == "call":  # nearswap or ram (NATIVE_CALLS), as tvlang.ops.native calls them
             target = buffers[index][:count]
             parts = [slots[s] for s in step.srcs]
@@ -625,6 +842,14 @@ def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, 
                     raise _Fallback  # not finite, or (allow_nonfinite is float32 only) a NaN's bits
                 piece = _Coded(raw, info.dtype)
             writers[step.name].write_part(name, piece)
+    return slots
+
+
+def _sign_merge(options: dict, parts: list, target, lib) -> None:
+    """tvlang.ops.ties.sign_merge with unit weights: the helper's loop, as the local executor calls it."""
+    pointers = (ctypes.c_void_p * len(parts))(*[part.ctypes.data for part in parts])
+    lib.tv_sign_merge_f32(pointers, len(parts), len(target), options["elect"] == "frequency",
+                          MERGE_CODES[options["merge"]], target.ctypes.data)
 
 
 def _drop_call(step, pieces: list, stream: tuple[DropRule, list[_Masks]], drops: list | None, target, lib) -> None:
@@ -648,9 +873,7 @@ def _drop_call(step, pieces: list, stream: tuple[DropRule, list[_Masks]], drops:
     options = dict(step.options)
     merge = options["merge"]
     if step.name == "dare_ties":
-        pointers = (ctypes.c_void_p * len(parts))(*[part.ctypes.data for part in parts])
-        lib.tv_sign_merge_f32(pointers, len(parts), count, options["elect"] == "frequency", MERGE_CODES[merge],
-                              target.ctypes.data)
+        _sign_merge(options, parts, target, lib)
         return
     weights = [float(w) for w in options["weights"]] or [1.0] * len(parts)
     target.fill(0.0)
