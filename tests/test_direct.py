@@ -202,8 +202,8 @@ def test_the_command_imports_no_torch(models, tmp_path, text):
     assert (out / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("case", ["f64", "nonfinite-bf16", "kernel", "per-tensor", "prefixed", "device", "dare-l1",
-                                  "dare_ties-weights", "dare-per-tensor", "ties-l1", "two-ties"])
+@pytest.mark.parametrize("case", ["f64", "nonfinite-bf16", "kernel", "reduction", "prefixed", "device", "dare-l1",
+                                  "dare_ties-weights", "per-tensor-weights", "ties-l1", "two-ties"])
 def test_what_it_leaves_to_the_local_executor(models, tmp_path, case):
     root, paths, sd = models
     bindings = dict(paths)
@@ -221,14 +221,14 @@ def test_what_it_leaves_to_the_local_executor(models, tmp_path, case):
         text = 'pre + ties(a - pre, b - pre, density=0.5, rescale_by="l1")'
     elif case == "two-ties":  # one threshold call a recipe
         text = "pre + ties(a - pre, b - pre, density=0.5) + ties(b - pre, a - pre, density=0.2)"
-    elif case == "per-tensor":
-        text = 'nearswap(pre, a, where("*norm*", 0.1, 0.01))'
+    elif case == "reduction":  # a coefficient computed from the weights: a pass before the main one
+        text = "pre + 0.1*(a - pre)/norm(a - pre)"
+    elif case == "per-tensor-weights":  # ties' sign merge in the helper: unit weights, known before the run
+        text = "pre + ties(a - pre, b - pre, density=0.5, weights=[layers(0, 1), 1])"
     elif case == "dare-l1":  # its norms are a pass before the main one
         text = 'pre + dare(a - pre, 0.5, rescale_by="l1")'
     elif case == "dare_ties-weights":  # the helper's sign merge takes unit weights only
         text = "pre + dare_ties(a - pre, b - pre, p=0.5, weights=[0.5, 1])"
-    elif case == "dare-per-tensor":
-        text = 'pre + dare(a - pre, where("*norm*", 0.1, 0.5))'
     elif case == "prefixed":
         bindings["a"] = write_checkpoint(str(tmp_path / "pa"), {f"module.{k}": v for k, v in sd["a"].items()})
     else:
@@ -427,7 +427,8 @@ def test_dare_kernels_same_bytes(models, tmp_path, monkeypatch, text):
     """dare, dare_ties (unit weights) and dare_linear with probability rescaling run here: the same
     masks (tvlang.ops.drops), products, sign merge and divisions as the local executor's."""
     _, paths, _ = models
-    fast, local, fast_files, local_files = both(monkeypatch, tmp_path, text, paths, {"out": "merged"})
+    fast, local, fast_files, local_files = both(monkeypatch, tmp_path, text, paths, {"out": "merged"},
+                                                allow_unused=True)
     assert fast_files == local_files
     same_report(fast, local, tmp_path)
 
@@ -532,3 +533,23 @@ def test_ties_every_way_to_its_threshold(tmp_path, monkeypatch, path):
     expected = {"window": ["window"] * 2, "no-window": ["high", "low"] * 2}.get(path, ["window", "high", "low"] * 2)
     assert sorted(stages) == sorted(expected)  # for each of the two inputs
     assert real_window is not None
+
+
+PER_TENSOR_RECIPES = [
+    'pre + 0.5*(nearswap(pre, a, where("*norm*", 0.1, 0.01)) - pre)',
+    "pre + ties(a - pre, b - pre, density=layers(0.1, 0.5, 1))",
+    'pre + dare(a - pre, layers(0.2, 0.9), seed=where("*mlp*", 1, 2))',
+    "pre + dare_linear(a - pre, b - pre, p=0.5, weights=[layers(0, 1), 0.5], merge=\"weighted_mean\")",
+]
+
+
+@pytest.mark.parametrize("text", PER_TENSOR_RECIPES)
+def test_per_tensor_options_same_bytes(models, tmp_path, monkeypatch, text):
+    """Options given per tensor (layers(), where(): a mergekit gradient) are resolved for each tensor
+    as the local executor resolves them (the base's layer count; non-layer tensors take the first
+    value): the same bytes."""
+    _, paths, _ = models
+    fast, local, fast_files, local_files = both(monkeypatch, tmp_path, text, paths, {"out": "merged"},
+                                                allow_unused=True)
+    assert fast_files == local_files
+    same_report(fast, local, tmp_path)

@@ -1,5 +1,6 @@
 """The values of per-tensor options (``layers(...)``, ``where(...)``: tvlang.language.pertensor)
-for one tensor: what the run layer hands a kernel.
+for one tensor: what the run layer hands a kernel (and the torch-free executor, tvlang.run.direct:
+this module imports no torch).
 
 >>> from tvlang.language.pertensor import Layers, Where
 >>> from tvlang.ops.context import TensorContext
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from tvlang.language.pertensor import Layers, PerTensor, Where, gradient_value
 from tvlang.ops.context import TensorContext
-from tvlang.ops.select import layer_index, matches
+from tvlang.ops.names import layer_index, matches
 
 __all__ = ["resolve_options", "value_for"]
 

@@ -58,10 +58,13 @@ from tvlang.io.base import file_identity, kind_from_metadata, open_regular, read
 from tvlang.io.open import find_weights
 from tvlang.io.output_paths import check_distinct_outputs, output_format
 from tvlang.io.safetensors_format import read_header
+from tvlang.language.pertensor import PerTensor
 from tvlang.ops.context import TensorContext
 from tvlang.ops.drops import CHUNK as DROP_CHUNK
 from tvlang.ops.drops import DropRule
+from tvlang.ops.names import count_layers
 from tvlang.ops.native import MERGE_CODES, window_gather
+from tvlang.ops.pertensor import resolve_options
 from tvlang.ops.ranks import bits_to_float, keep_count, pick_bin, read_window, sample_ranges, window_of
 from tvlang.plan.records import DeltaBinding, RunSummary, input_report
 from tvlang.run.outputs import (
@@ -235,28 +238,33 @@ def _call_runnable(name: str, options: dict, n_inputs: int) -> bool:
     """Whether a call of kernel ``name`` with ``options`` is one this executor runs (every option a
     constant: a per-tensor value is a node)."""
     if name in NATIVE_CALLS:
-        return sorted(options) == sorted(NATIVE_CALLS[name]) and all(type(v) in (float, int)
-                                                                      for v in options.values())
+        return sorted(options) == sorted(NATIVE_CALLS[name]) and all(map(_number, options.values()))
     if name in THRESHOLD_CALLS:
-        return (sorted(options) == sorted(THRESHOLD_CALLS[name]) and type(options["density"]) in (float, int)
+        return (sorted(options) == sorted(THRESHOLD_CALLS[name]) and _number(options["density"])
                 and options["scope"] == "tensor" and options["rescale_by"] != "l1"
                 and options["count"] in ("floor", "mergekit") and _unit_merge(options, n_inputs))
     if name not in DROP_CALLS or sorted(options) != sorted(DROP_CALLS[name]):
         return False
-    if type(options["p"]) not in (float, int) or type(options["seed"]) not in (float, int):
+    if not _number(options["p"]) or not _number(options["seed"]):
         return False
     if type(options["rescale"]) is not bool or (options["rescale"] and options["rescale_by"] != "probability"):
         return False
     if name == "dare":
         return True
     weights = options["weights"]
-    if not isinstance(weights, tuple) or not all(type(w) in (float, int) for w in weights):
+    if not isinstance(weights, tuple) or not all(map(_number, weights)):
         return False
     if weights and len(weights) != n_inputs or options["merge"] not in MERGE_CODES:
         return False
     if name == "dare_ties":
         return _unit_merge(options, n_inputs)
     return True
+
+
+def _number(value: object) -> bool:
+    """Whether an option's value is a number, or a per-tensor one (``layers()``, ``where()``: resolved
+    for each tensor as the local executor resolves it; not a value a reduction pass computes)."""
+    return type(value) in (float, int) or isinstance(value, PerTensor)
 
 
 def _unit_merge(options: dict, n_inputs: int) -> bool:
@@ -467,7 +475,8 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
         if bar:
             bar.start("main pass", len(every), sum(read.values()) * len(writers))
         models = [w for name, w in writers.items() if plan.output_kind(name) == "model"]
-        ahead = _Ahead(program, bound, lib, every, drawing) if any(
+        num_layers = count_layers(base.order)  # as the local executor's layout counts them
+        ahead = _Ahead(program, bound, lib, every, drawing, num_layers) if any(
             step.op == "call" and step.name in THRESHOLD_CALLS for step in program.steps) else None
         for position, info in enumerate(every):
             numel = _numel(info.shape)
@@ -476,7 +485,8 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
             elif numel == 0:
                 for writer in writers.values():
                     writer.write(info.name, _Coded(numpy.empty(info.shape, dtype=numpy.uint16), info.dtype))
-            streams = ahead.streams(position) if ahead else _streams(program, info.name, _floats(info), drawing)
+            streams = (ahead.streams(position) if ahead else
+                       _streams(program, info.name, _floats(info), drawing, num_layers))
             for start in range(0, _floats(info), CHUNK_ELEMENTS):
                 _chunk(program, bound, info, start, min(numel - start, CHUNK_ELEMENTS), buffers, halves, drops,
                        streams, writers, lib, check=not allow_nonfinite)
@@ -627,6 +637,7 @@ class _Trims:
     at ``t``, only the first ``need`` in flat order (a running count)."""
 
     def __init__(self, options: dict, n_inputs: int, numel: int) -> None:
+        self.options = options
         self.k = keep_count(float(options["density"]), numel, options["count"])
         self.numel = numel
         self.selects = [_Select(self.k, numel) for _ in range(n_inputs)] if 0 < self.k < numel else []
@@ -673,8 +684,10 @@ class _Ahead:
     the inputs (a copy of each ``_Input``), one tensor ahead. ties at 1.5 GB: the thresholds' passes
     took 2.5 s of 7.3 s on this thread."""
 
-    def __init__(self, program, bound: _Bound, lib, every: list, drawing: ThreadPoolExecutor) -> None:
+    def __init__(self, program, bound: _Bound, lib, every: list, drawing: ThreadPoolExecutor,
+                 num_layers: int | None) -> None:
         self.program, self.lib, self.every, self.drawing = program, lib, every, drawing
+        self.num_layers = num_layers
         self.bound = _Bound(bound.plan, {key: replace(source, _open=None) for key, source in bound.readers.items()},
                             bound.base)
         self.workspace = _workspace(program)
@@ -684,7 +697,7 @@ class _Ahead:
 
     def _start(self, position: int) -> tuple[int, dict, Future | None]:
         info = self.every[position]
-        streams = _streams(self.program, info.name, _floats(info), self.drawing)
+        streams = _streams(self.program, info.name, _floats(info), self.drawing, self.num_layers)
         future = None
         if _floats(info):
             future = self.thread.submit(_find_thresholds, self.program, self.bound, info, _numel(info.shape),
@@ -741,23 +754,30 @@ def _find_thresholds(program, bound: _Bound, info, numel: int, buffers: list, ha
             ranges = None
 
 
-def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor) -> dict[int, Any]:
-    """Each DARE call's drop rule and masks for tensor ``name`` of ``numel`` entries (one stream per
-    input, input ``i``'s from where the whole-tensor kernel's shared stream reaches it, as
-    tvlang.ops.chunks draws them), and each ties call's trims."""
+def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor, num_layers: int | None) -> dict[int, Any]:
+    """Each call's state for tensor ``name`` of ``numel`` entries, its per-tensor options resolved
+    for that name (tvlang.ops.pertensor, with the base's layer count, as the local executor's
+    TensorContext): a DARE call's drop rule, masks (one stream per input, input ``i``'s from where
+    the whole-tensor kernel's shared stream reaches it, as tvlang.ops.chunks draws them) and
+    options, a ties call's trims, the options of the others."""
     streams: dict[int, Any] = {}
+    context = TensorContext(name, num_layers=num_layers)
     for index, step in enumerate(program.steps):
-        if step.op == "call" and step.name in THRESHOLD_CALLS:
-            streams[index] = _Trims(dict(step.options), len(step.srcs), numel)
-        if step.op == "call" and step.name in DROP_CALLS:
-            options = dict(step.options)
+        if step.op != "call":
+            continue
+        options = resolve_options(step.options, context)
+        if step.name in THRESHOLD_CALLS:
+            streams[index] = _Trims(options, len(step.srcs), numel)
+        elif step.name in DROP_CALLS:
             rule = DropRule(float(options["p"]), options["rescale"])
             masks = []
             for i in range(len(step.srcs)):
-                bits = TensorContext(name).bits(options["seed"])
+                bits = context.bits(options["seed"])
                 bits.advance(i * rule.words(numel))
                 masks.append(_Masks(rule, bits, numel if rule.draws else 0, drawing))
-            streams[index] = (rule, masks)
+            streams[index] = (rule, masks, options)
+        else:
+            streams[index] = options
     return streams
 
 
@@ -818,12 +838,12 @@ def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, 
             trims, parts = streams[index], [buffer[:count] for buffer in drops[index]]
             for i, (src, part) in enumerate(zip(step.srcs, parts)):
                 trims.trim(i, slots[src], part, lib)
-            _sign_merge(dict(step.options), parts, target, lib)
+            _sign_merge(trims.options, parts, target, lib)
             slots[step.dst] = target
         elif op == "call":  # nearswap or ram (NATIVE_CALLS), as tvlang.ops.native calls them
             target = buffers[index][:count]
             parts = [slots[s] for s in step.srcs]
-            options = dict(step.options)
+            options = streams[index]
             if step.name == "nearswap":
                 lib.tv_nearswap_f32(parts[0].ctypes.data, parts[1].ctypes.data, count, options["t"],
                                     target.ctypes.data)
@@ -852,13 +872,14 @@ def _sign_merge(options: dict, parts: list, target, lib) -> None:
                           MERGE_CODES[options["merge"]], target.ctypes.data)
 
 
-def _drop_call(step, pieces: list, stream: tuple[DropRule, list[_Masks]], drops: list | None, target, lib) -> None:
+def _drop_call(step, pieces: list, stream: tuple[DropRule, list[_Masks], dict], drops: list | None, target,
+               lib) -> None:
     """A DARE call over the next ``len(target)`` entries of its inputs ``pieces``, into ``target``:
     each input times its block's mask (``x * mask``, as tvlang.ops.dare.Dropper multiplies), then
     for ``dare_ties`` the helper's sign merge (tvlang.ops.ties.sign_merge with unit weights) and for
     ``dare_linear`` ``sign_merge``'s ``elect="none"`` steps: zeros, ``add_(part, alpha=w)`` (a fused
     multiply-add: tv_axpy_f32), and the division of ``"mean"`` or ``"weighted_mean"``."""
-    rule, masks = stream
+    rule, masks, options = stream
     count = len(target)
     parts = [target] if drops is None else [buffer[:count] for buffer in drops]
     for x, mask, part in zip(pieces, masks, parts):
@@ -870,7 +891,6 @@ def _drop_call(step, pieces: list, stream: tuple[DropRule, list[_Masks]], drops:
             part.fill(0.0)
     if step.name == "dare":
         return
-    options = dict(step.options)
     merge = options["merge"]
     if step.name == "dare_ties":
         _sign_merge(options, parts, target, lib)
