@@ -203,7 +203,7 @@ def test_the_command_imports_no_torch(models, tmp_path, text):
 
 
 @pytest.mark.parametrize("case", ["f64", "nonfinite-bf16", "kernel", "reduction", "prefixed", "device", "dare-l1",
-                                  "dare_ties-weights", "per-tensor-weights", "ties-l1", "two-ties"])
+                                  "dare_ties-weights", "per-tensor-weights", "ties-l1", "ties-and-dare"])
 def test_what_it_leaves_to_the_local_executor(models, tmp_path, case):
     root, paths, sd = models
     bindings = dict(paths)
@@ -216,11 +216,11 @@ def test_what_it_leaves_to_the_local_executor(models, tmp_path, case):
                                                                  else v for k, v in sd["a"].items()})
         options["allow_nonfinite"] = True
     elif case == "kernel":
-        text = "pre + breadcrumbs(a - pre, density=0.5, gamma=0.1)"
+        text = "pre + topk(a - pre, 0.5)"
     elif case == "ties-l1":  # its norms are a pass of their own
         text = 'pre + ties(a - pre, b - pre, density=0.5, rescale_by="l1")'
-    elif case == "two-ties":  # one threshold call a recipe
-        text = "pre + ties(a - pre, b - pre, density=0.5) + ties(b - pre, a - pre, density=0.2)"
+    elif case == "ties-and-dare":  # the thresholds' passes would draw the masks again
+        text = "pre + ties(a - pre, b - pre, density=0.5) + dare(b - pre, 0.5)"
     elif case == "reduction":  # a coefficient computed from the weights: a pass before the main one
         text = "pre + 0.1*(a - pre)/norm(a - pre)"
     elif case == "per-tensor-weights":  # ties' sign merge in the helper: unit weights, known before the run
@@ -475,6 +475,10 @@ TIES_RECIPES = [
     "pre + 0.5*ties(a - pre, b - pre, a - b, density=0.013, count=\"mergekit\", merge=\"weighted_mean\")",
     "pre + ties(a - pre, b - pre, density=0.0) - 0.25*(nearswap(pre, a, 0.01) - pre)",
     "pre + ties(a - pre, b - pre, density=1.0)",
+    "pre + breadcrumbs(a - pre, density=0.2, gamma=0.01) + breadcrumbs(b - pre, density=0.5, gamma=0.0)",
+    "pre + breadcrumbs(a - pre, density=0.9, gamma=0.1, count=\"mergekit\") + 0.5*breadcrumbs(b - pre, 1.0, 0.0)",
+    "pre + ties(breadcrumbs(a - pre, density=0.5, gamma=0.1), b - pre, density=0.3)",
+    "pre + ties(a - pre, b - pre, density=0.3) + 0.5*breadcrumbs(a - b, density=0.99, gamma=0.01)",
 ]
 
 
@@ -489,8 +493,8 @@ def test_ties_same_bytes(tmp_path, monkeypatch, text, data):
     fast, local, fast_files, local_files = both(monkeypatch, tmp_path, text, paths, {"out": "merged.safetensors"})
     assert fast_files == local_files
     same_report(fast, local, tmp_path)
-    if "nearswap" in text or "a - b" in text:
-        return
+    if "nearswap" in text or "a - b" in text or "breadcrumbs" in text:
+        return  # (breadcrumbs: tests/test_ops_*.py hold its kernel to a sort-based reference)
     from tvlang.ops.context import TensorContext
     from tvlang.ops.ties import ties
     options = dict(elect="total", merge="mean", weights=(), elect_on="weighted", scope="tensor", count="floor",

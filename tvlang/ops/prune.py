@@ -21,6 +21,7 @@ import torch
 
 from tvlang.errors import TvlangError
 from tvlang.language.builtins import threshold_key
+from tvlang.ops import ranks
 from tvlang.ops.common import (
     TieWindow,
     below,
@@ -32,11 +33,11 @@ from tvlang.ops.common import (
     scratch,
     settle_ties,
     tie_split,
-    truncated_count,
 )
 from tvlang.ops.context import TensorContext
 from tvlang.ops.dare import restore_l1
 from tvlang.ops.native import band_f32
+from tvlang.ops.ranks import breadcrumb_counts
 
 __all__ = ["topk", "breadcrumbs", "magnitude_threshold", "model_threshold", "trim", "keep_at_least",
            "breadcrumb_counts", "breadcrumb_windows", "rescaled"]
@@ -126,32 +127,10 @@ def rescaled(x: torch.Tensor, kept: torch.Tensor, rescale_by: str) -> torch.Tens
     return restore_l1(x, kept) if rescale_by == "l1" else kept
 
 
-def breadcrumb_counts(density: float, gamma: float, n: int, count: str) -> tuple[int, int]:
-    """``(keep, top)``: entries kept, and largest entries dropped before them (``top`` reduced
-    to ``n - keep`` when both do not fit)."""
-    if count == "mergekit":  # sparsify.magnitude_outliers: int(), no minimum; density >= 1 keeps all
-        keep = n if density >= 1.0 else truncated_count(density, n)
-        top = 0 if density >= 1.0 else truncated_count(gamma, n)
-    else:
-        keep, top = keep_count(density, n), keep_count(gamma, n)
-    return keep, min(top, n - keep)
-
-
 def breadcrumb_windows(low: float, high: float, low_split: tuple[int, int],
                        high_split: tuple[int, int]) -> list[TieWindow]:
-    """The tie windows that turn ``trim(x, low, high)`` (kept: ``low <= |x| < high``) into
-    exactly the entries ranked ``top+1 .. top+keep``. ``low``/``high`` are the
-    ``(top+keep)``-th and ``top``-th largest magnitudes (``high`` is ``inf`` without
-    outliers), the splits their :func:`~tvlang.ops.common.tie_split`."""
-    (need_low, tied_low), (need_high, tied_high) = low_split, high_split
-    if high == low:  # one tie group holds both cuts: entries need_high+1 .. need_low of it
-        return [TieWindow(low, need_high, need_low)] if low > 0.0 else []
-    windows = []
-    if high != math.inf and need_high < tied_high:
-        windows.append(TieWindow(high, need_high, math.inf))  # ties below the outlier cut stay
-    if low > 0.0 and need_low < tied_low:
-        windows.append(TieWindow(low, 0, need_low))  # ties at the lower cut: only the first ones
-    return windows
+    """:func:`tvlang.ops.ranks.breadcrumb_windows` as :class:`TieWindow` objects."""
+    return [TieWindow(*window) for window in ranks.breadcrumb_windows(low, high, low_split, high_split)]
 
 
 @kernel_of("breadcrumbs")

@@ -25,8 +25,8 @@ import struct
 
 import numpy
 
-__all__ = ["keep_count", "truncated_count", "sample_ranges", "window_of", "read_window", "pick_bin", "bits_to_float",
-           "SPREAD"]
+__all__ = ["keep_count", "truncated_count", "breadcrumb_counts", "breadcrumb_windows", "sample_ranges",
+           "window_of", "read_window", "pick_bin", "bits_to_float", "SPREAD"]
 
 #: standard deviations of a sampled rank's spread, on each side, that a window spans
 SPREAD = 6.0
@@ -50,6 +50,34 @@ def keep_count(density: float, n: int, count: str = "floor") -> int:
 def truncated_count(fraction: float, n: int) -> int:
     """mergekit's ``int(fraction * n)``, within ``[0, n]`` (no tolerance, no minimum of one)."""
     return min(max(int(fraction * n), 0), n)
+
+
+def breadcrumb_counts(density: float, gamma: float, n: int, count: str) -> tuple[int, int]:
+    """``(keep, top)``: entries kept, and largest entries dropped before them (``top`` reduced
+    to ``n - keep`` when both do not fit)."""
+    if count == "mergekit":  # sparsify.magnitude_outliers: int(), no minimum; density >= 1 keeps all
+        keep = n if density >= 1.0 else truncated_count(density, n)
+        top = 0 if density >= 1.0 else truncated_count(gamma, n)
+    else:
+        keep, top = keep_count(density, n), keep_count(gamma, n)
+    return keep, min(top, n - keep)
+
+
+def breadcrumb_windows(low: float, high: float, low_split: tuple[int, int],
+                       high_split: tuple[int, int]) -> list[tuple[float, float, float]]:
+    """The tie windows, ``(magnitude, start, stop)`` (:class:`tvlang.ops.common.TieWindow`'s), that
+    turn ``trim(x, low, high)`` (kept: ``low <= |x| < high``) into exactly the entries ranked
+    ``top+1 .. top+keep``. ``low``/``high`` are the ``(top+keep)``-th and ``top``-th largest
+    magnitudes (``high`` is ``inf`` without outliers), the splits their ``(need, tied)``."""
+    (need_low, tied_low), (need_high, tied_high) = low_split, high_split
+    if high == low:  # one tie group holds both cuts: entries need_high+1 .. need_low of it
+        return [(low, need_high, need_low)] if low > 0.0 else []
+    windows = []
+    if high != math.inf and need_high < tied_high:
+        windows.append((high, need_high, math.inf))  # ties below the outlier cut stay
+    if low > 0.0 and need_low < tied_low:
+        windows.append((low, 0, need_low))  # ties at the lower cut: only the first ones
+    return windows
 
 
 def sample_ranges(count: int, blocks: int, block: int) -> list[tuple[int, int]]:

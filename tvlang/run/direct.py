@@ -43,6 +43,7 @@ written and leaves the run to the local executor, which reports it as always.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import threading
 import time
@@ -65,7 +66,16 @@ from tvlang.ops.drops import DropRule
 from tvlang.ops.names import count_layers
 from tvlang.ops.native import MERGE_CODES, window_gather
 from tvlang.ops.pertensor import resolve_options
-from tvlang.ops.ranks import bits_to_float, keep_count, pick_bin, read_window, sample_ranges, window_of
+from tvlang.ops.ranks import (
+    bits_to_float,
+    breadcrumb_counts,
+    breadcrumb_windows,
+    keep_count,
+    pick_bin,
+    read_window,
+    sample_ranges,
+    window_of,
+)
 from tvlang.plan.records import DeltaBinding, RunSummary, input_report
 from tvlang.run.outputs import (
     commit_all,
@@ -94,7 +104,8 @@ ARITHMETIC_OPS = ("set", "add", "scale", "axpy")
 NATIVE_CALLS = {"nearswap": ("t",), "ram": ("epsilon",)}
 #: ties, with its threshold found before the main pass (one per recipe, without DARE calls: the
 #: passes before the main one run the steps before it again)
-THRESHOLD_CALLS = {"ties": ("count", "density", "elect", "elect_on", "merge", "rescale_by", "scope", "weights")}
+THRESHOLD_CALLS = {"ties": ("count", "density", "elect", "elect_on", "merge", "rescale_by", "scope", "weights"),
+                   "breadcrumbs": ("count", "density", "gamma", "rescale_by")}
 DROP_CALLS = {"dare": ("p", "rescale", "rescale_by", "seed"),
               "dare_ties": ("elect", "elect_on", "merge", "p", "rescale", "rescale_by", "seed", "weights"),
               "dare_linear": ("merge", "p", "rescale", "rescale_by", "seed", "weights")}
@@ -216,9 +227,9 @@ def _runnable(plan: Plan) -> bool:
         return False
     if any(plan.output_kind(name) not in ("model", "delta") for name in plan.outputs):
         return False
-    calls = [step.name for step in program.steps if step.op == "call"]
-    if any(name in THRESHOLD_CALLS for name in calls) and (len(calls) - sum(n in NATIVE_CALLS for n in calls) > 1):
-        return False  # one ties call, and no DARE draws that its passes would repeat
+    calls = {step.name for step in program.steps if step.op == "call"}
+    if calls & set(THRESHOLD_CALLS) and calls & set(DROP_CALLS):
+        return False  # the thresholds' passes would draw DARE's masks again
     for step in program.steps:
         if step.op in ("read", "write"):
             continue
@@ -240,9 +251,13 @@ def _call_runnable(name: str, options: dict, n_inputs: int) -> bool:
     if name in NATIVE_CALLS:
         return sorted(options) == sorted(NATIVE_CALLS[name]) and all(map(_number, options.values()))
     if name in THRESHOLD_CALLS:
-        return (sorted(options) == sorted(THRESHOLD_CALLS[name]) and _number(options["density"])
-                and options["scope"] == "tensor" and options["rescale_by"] != "l1"
-                and options["count"] in ("floor", "mergekit") and _unit_merge(options, n_inputs))
+        if sorted(options) != sorted(THRESHOLD_CALLS[name]) or not _number(options["density"]):
+            return False
+        if options["rescale_by"] == "l1" or options["count"] not in ("floor", "mergekit"):
+            return False
+        if name == "breadcrumbs":
+            return _number(options["gamma"])
+        return options["scope"] == "tensor" and _unit_merge(options, n_inputs)
     if name not in DROP_CALLS or sorted(options) != sorted(DROP_CALLS[name]):
         return False
     if not _number(options["p"]) or not _number(options["seed"]):
@@ -630,33 +645,108 @@ class _Select:
             self.found = (self.bounds[0] | low, need, int(self.counts[low]))
 
 
-class _Trims:
-    """ties' trims of one tensor's inputs (tvlang.ops.prune.trim with its tie window): each
-    input's k-th largest magnitude ``t`` (``_Select``), then entries with ``|x| >= t`` kept
-    (``hardshrink`` at the float below ``t``: the helper's ``tv_hardshrink_f32``) and, of those tied
-    at ``t``, only the first ``need`` in flat order (a running count)."""
+class _TieWindow:
+    """tvlang.ops.common.TieWindow on numpy pieces: the entries of magnitude ``value`` numbered 1, 2,
+    ... in flat order over the tensor (a running count from piece to piece); those numbered in
+    ``(start, stop]`` take ``x``'s value in ``out``, the others 0."""
 
-    def __init__(self, options: dict, n_inputs: int, numel: int) -> None:
-        self.options = options
-        self.k = keep_count(float(options["density"]), numel, options["count"])
-        self.numel = numel
-        self.selects = [_Select(self.k, numel) for _ in range(n_inputs)] if 0 < self.k < numel else []
-        self.seen = [0] * n_inputs
+    def __init__(self, value: float, start: float, stop: float) -> None:
+        self.bits = int(numpy.float32(value).view(numpy.int32))
+        self.start, self.stop = start, stop
+        self.seen = 0
+
+    def apply(self, x: numpy.ndarray, out: numpy.ndarray) -> None:
+        at = numpy.flatnonzero(numpy.bitwise_and(x.view(numpy.int32), 0x7FFFFFFF) == self.bits)
+        m = at.size
+        if m:
+            lo = int(min(max(self.start - self.seen, 0), m))
+            hi = int(min(max(self.stop - self.seen, lo), m))
+            out[at[:lo]] = 0.0
+            out[at[hi:]] = 0.0
+            out[at[lo:hi]] = x[at[lo:hi]]
+        self.seen += m
+
+
+class _Trims:
+    """The trims of a ``ties`` or ``breadcrumbs`` call over one tensor (tvlang.ops.prune.trim with its
+    tie windows, as tvlang.ops.chunks' ``_Ties`` and ``_Breadcrumbs``): the k-th largest magnitudes
+    they need (``_Select``, found before the main pass), then, a piece at a time, each input's
+    entries with ``low <= |x| < high`` kept (torch's ``hardshrink`` at the float below each cut: the
+    helper's ``tv_hardshrink_f32`` and ``tv_band_f32``) and the entries tied at a cut kept or not
+    by their place in flat order (``_TieWindow``)."""
+
+    def __init__(self, name: str, options: dict, n_inputs: int, numel: int) -> None:
+        self.name, self.options, self.n_inputs, self.numel = name, options, n_inputs, numel
+        if name == "ties":
+            self.k = keep_count(float(options["density"]), numel, options["count"])
+            ranks = [self.k]
+        else:  # breadcrumbs: the entries ranked top+1 .. top+keep
+            self.keep, self.top = breadcrumb_counts(float(options["density"]), float(options["gamma"]), numel,
+                                                    options["count"])
+            ranks = [self.top + self.keep, self.top] if 0 < self.keep < numel else []
+        self.selects = {(i, k): _Select(k, numel) for i in range(n_inputs) for k in ranks if 0 < k < numel}
+        self.windows: list[list[_TieWindow]] | None = None  # each input's, once the selects are done
+
+    def restart(self) -> None:
+        """A pass over the tensor starts: the tie windows count from its first entry."""
+        self.windows = None
+
+    def kth(self, i: int, k: int) -> float:
+        """The k-th largest magnitude of input ``i`` (``0`` for ``k >= numel``, ``inf`` for ``k == 0``)."""
+        if k <= 0:
+            return math.inf
+        return 0.0 if k >= self.numel else bits_to_float(self.selects[i, k].found[0])
+
+    def split(self, i: int, k: int) -> tuple[int, int]:
+        """``(need, tied)`` at the k-th largest magnitude of input ``i``."""
+        return self.selects[i, k].found[1:] if 0 < k < self.numel else (0, 0)
+
+    def cuts(self, i: int) -> tuple[float, float] | None:
+        """Input ``i``'s kept magnitudes ``[low, high)``; ``None``: keep nothing."""
+        if self.name == "ties":
+            return None if self.k == 0 else (self.kth(i, self.k), math.inf)
+        if self.keep == 0:
+            return None
+        if self.keep >= self.numel:
+            return 0.0, math.inf
+        return self.kth(i, self.top + self.keep), self.kth(i, self.top) if self.top > 0 else math.inf
+
+    def _windows(self, i: int) -> list[_TieWindow]:
+        if self.name == "ties":
+            t = self.kth(i, self.k)
+            need, tied = self.split(i, self.k)
+            return [_TieWindow(t, 0, need)] if 0.0 < t < math.inf and need < tied else []
+        if not 0 < self.keep < self.numel:
+            return []
+        low, high = self.cuts(i)
+        high_split = self.split(i, self.top) if self.top > 0 else (0, 0)
+        return [_TieWindow(*w) for w in breadcrumb_windows(low, high, self.split(i, self.top + self.keep),
+                                                           high_split)]
 
     def trim(self, i: int, x: numpy.ndarray, out: numpy.ndarray, lib) -> None:
-        if self.k == 0:
+        if self.windows is None:
+            self.windows = [self._windows(j) for j in range(self.n_inputs)]
+        cuts = self.cuts(i)
+        if cuts is None:
             out.fill(0.0)
             return
-        if not self.selects or self.selects[i].found[0] == 0:  # every entry kept (k = n, or t = 0)
+        low, high = cuts
+        if low <= 0.0 and high == math.inf:
             out[:] = x
-            return
-        bits, need, tied = self.selects[i].found
-        lib.tv_hardshrink_f32(x.ctypes.data, len(x), bits_to_float(bits - 1), out.ctypes.data)
-        if need < tied:  # the tied entries past the first `need` of the tensor: 0, as TieWindow sets them
-            at = numpy.flatnonzero(numpy.bitwise_and(x.view(numpy.int32), 0x7FFFFFFF) == bits)
-            first = self.seen[i]
-            self.seen[i] += at.size
-            out[at[max(need - first, 0):]] = 0.0
+        elif high == math.inf:
+            lib.tv_hardshrink_f32(x.ctypes.data, len(x), _below(low), out.ctypes.data)
+        elif low > 0.0:
+            lib.tv_band_f32(x.ctypes.data, len(x), _below(low), _below(high), out.ctypes.data)
+        else:  # x minus the entries at or above the upper cut, as trim subtracts them
+            lib.tv_hardshrink_f32(x.ctypes.data, len(x), _below(high), out.ctypes.data)
+            numpy.subtract(x, out, out=out)
+        for window in self.windows[i]:
+            window.apply(x, out)
+
+
+def _below(value: float) -> float:
+    """The largest float32 below ``value`` (a positive float32): tvlang.ops.common.below's."""
+    return float(numpy.nextafter(numpy.float32(value), numpy.float32(-math.inf)))
 
 
 def _floats(info) -> int:
@@ -710,6 +800,9 @@ class _Ahead:
         _, streams, future = current
         if future is not None:
             future.result()
+        for state in streams.values():
+            if isinstance(state, _Trims):
+                state.restart()  # the tie windows' counts, from the main pass's first entry
         self.next = self._start(position + 1) if position + 1 < len(self.every) else None
         return streams
 
@@ -720,31 +813,52 @@ class _Ahead:
             source.close()
 
 
+def _needed_steps(program, index: int) -> set[int]:
+    """The steps before step ``index`` that its inputs depend on (its passes before the main one run
+    only these), found backwards: a step that makes a value needed is needed, and so are its
+    sources; an update in place of a needed value is needed too."""
+    live = set(program.steps[index].srcs)
+    needed = set()
+    for position in range(index - 1, -1, -1):
+        step = program.steps[position]
+        if step.op == "write" or step.dst not in live:
+            continue
+        needed.add(position)
+        if step.op not in ("scale", "axpy"):  # makes its value: an earlier one in this slot is another
+            live.discard(step.dst)
+        live.update(step.srcs)
+    return needed
+
+
 def _find_thresholds(program, bound: _Bound, info, numel: int, buffers: list, halves: list, drops: dict,
                      streams: dict, lib, stop: threading.Event) -> None:
-    """Before the main pass over tensor ``info``: each ties call's thresholds, from a sample of its
+    """Before the main pass over tensor ``info``: a ties or breadcrumbs call's thresholds, from a sample of its
     inputs (``sample_ranges``, as tvlang.run.chunked takes it) and as many passes over the steps
     before it as its selects need (one, where every window holds its k-th largest); ``stop`` set:
     given up (the run is ending)."""
     for index, step in enumerate(program.steps):
         if step.op != "call" or step.name not in THRESHOLD_CALLS or not streams[index].selects:
             continue
-        selects = streams[index].selects
+        selects = streams[index].selects  # (input, rank) -> its select
+        needed = _needed_steps(program, index)
         scratch = numpy.empty(CHUNK_ELEMENTS + 1, dtype=numpy.int32)
-        ranges = [(at, min(stop, at + CHUNK_ELEMENTS)) for start, stop in sample_ranges(numel, 16, 1 << 12)
-                  for at in range(start, stop, CHUNK_ELEMENTS)]
-        while any(select.found is None for select in selects):
+        ranges = [(at, min(end, at + CHUNK_ELEMENTS)) for start, end in sample_ranges(numel, 16, 1 << 12)
+                  for at in range(start, end, CHUNK_ELEMENTS)]
+        while any(select.found is None for select in selects.values()):
             if ranges is None:
                 ranges = [(start, min(numel, start + CHUNK_ELEMENTS)) for start in range(0, numel, CHUNK_ELEMENTS)]
+            for state in streams.values():
+                if isinstance(state, _Trims):
+                    state.restart()  # an earlier call's tie windows, where this one's input needs it
             for start, end in ranges:
                 if stop.is_set():
                     return
                 slots = _chunk(program, bound, info, start, end - start, buffers, halves, drops, streams, {}, lib,
-                               check=False, upto=index)
-                for select, src in zip(selects, step.srcs):
+                               check=False, only=needed)
+                for (i, _), select in selects.items():
                     if select.found is None:
-                        select.feed(slots[src].view(numpy.int32), scratch)
-            for select in selects:
+                        select.feed(slots[step.srcs[i]].view(numpy.int32), scratch)
+            for select in selects.values():
                 if select.found is not None:
                     continue
                 if select.stage == "sample":
@@ -767,7 +881,7 @@ def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor, num_la
             continue
         options = resolve_options(step.options, context)
         if step.name in THRESHOLD_CALLS:
-            streams[index] = _Trims(options, len(step.srcs), numel)
+            streams[index] = _Trims(step.name, options, len(step.srcs), numel)
         elif step.name in DROP_CALLS:
             rule = DropRule(float(options["p"]), options["rescale"])
             masks = []
@@ -782,19 +896,19 @@ def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor, num_la
 
 
 def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, halves: list, drops: dict,
-           streams: dict, writers: dict, lib, *, check: bool, upto: int | None = None) -> dict[int, Any]:
+           streams: dict, writers: dict, lib, *, check: bool, only: set[int] | None = None) -> dict[int, Any]:
     """The program over entries ``start:start+count`` of tensor ``name``: each input's chunk read
     into the read step's buffer, each step into its own buffer (``make`` steps) or in place
     (``update`` steps), as tvlang.run.chunked does, with the arithmetic of tvlang.run.steps in
-    the helper's float32 loops; with ``upto``, only the steps before that one, writing nothing (a
-    pass before the main one). The slots' values. (Reading the next chunk in a thread meanwhile
+    the helper's float32 loops; with ``only``, those steps only, writing nothing (a pass before the
+    main one). The slots' values. (Reading the next chunk in a thread meanwhile
     was slower here: 3.9-4.4 s against 3.6-3.75 s at 1.5 GB, docs/performance.md.)"""
     name = info.name
     slots: dict[int, Any] = {}
-    for index, step in enumerate(program.steps if upto is None else program.steps[:upto]):
-        op = step.op
-        if op == "write" and upto is not None:
+    for index, step in enumerate(program.steps):
+        if only is not None and index not in only:
             continue
+        op = step.op
         if op == "read":
             source = bound.readers[step.name]
             _, code, file, offset = source.tensors[name]
@@ -833,12 +947,16 @@ def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, 
             target = buffers[index][:count]
             _drop_call(step, [slots[s] for s in step.srcs], streams[index], drops.get(index), target, lib)
             slots[step.dst] = target
-        elif op == "call" and step.name in THRESHOLD_CALLS:  # ties: trims, then the helper's sign merge
+        elif op == "call" and step.name in THRESHOLD_CALLS:  # trims; ties then merges with the helper's loop
             target = buffers[index][:count]
-            trims, parts = streams[index], [buffer[:count] for buffer in drops[index]]
-            for i, (src, part) in enumerate(zip(step.srcs, parts)):
-                trims.trim(i, slots[src], part, lib)
-            _sign_merge(trims.options, parts, target, lib)
+            trims = streams[index]
+            if step.name == "breadcrumbs":
+                trims.trim(0, slots[step.srcs[0]], target, lib)
+            else:
+                parts = [buffer[:count] for buffer in drops[index]]
+                for i, (src, part) in enumerate(zip(step.srcs, parts)):
+                    trims.trim(i, slots[src], part, lib)
+                _sign_merge(trims.options, parts, target, lib)
             slots[step.dst] = target
         elif op == "call":  # nearswap or ram (NATIVE_CALLS), as tvlang.ops.native calls them
             target = buffers[index][:count]
