@@ -832,33 +832,40 @@ def _needed_steps(program, index: int) -> set[int]:
 
 def _find_thresholds(program, bound: _Bound, info, numel: int, buffers: list, halves: list, drops: dict,
                      streams: dict, lib, stop: threading.Event) -> None:
-    """Before the main pass over tensor ``info``: a ties or breadcrumbs call's thresholds, from a sample of its
-    inputs (``sample_ranges``, as tvlang.run.chunked takes it) and as many passes over the steps
-    before it as its selects need (one, where every window holds its k-th largest); ``stop`` set:
-    given up (the run is ending)."""
-    for index, step in enumerate(program.steps):
-        if step.op != "call" or step.name not in THRESHOLD_CALLS or not streams[index].selects:
-            continue
-        selects = streams[index].selects  # (input, rank) -> its select
-        needed = _needed_steps(program, index)
-        scratch = numpy.empty(CHUNK_ELEMENTS + 1, dtype=numpy.int32)
+    """Before the main pass over tensor ``info``: the thresholds of its ties and breadcrumbs calls,
+    from a sample of their inputs (``sample_ranges``, as tvlang.run.chunked takes it) and as many
+    passes as their selects need (one, where every window holds its k-th largest). The calls whose
+    inputs need no threshold still unknown go together, in the same passes (three breadcrumbs of
+    three inputs: one pass reading the four models, not three reading two each), each pass running
+    only the steps the calls still searching need; ``stop`` set: given up (the run is ending)."""
+    pending = [index for index, step in enumerate(program.steps)
+               if step.op == "call" and step.name in THRESHOLD_CALLS and streams[index].selects]
+    needs = {index: _needed_steps(program, index) for index in pending}
+    scratch = numpy.empty(CHUNK_ELEMENTS + 1, dtype=numpy.int32)
+    while pending:
+        group = [index for index in pending if not needs[index] & set(pending)]
+        pending = [index for index in pending if index not in group]
+        feeds = [(program.steps[index].srcs[i], select) for index in group
+                 for (i, _), select in streams[index].selects.items()]
         ranges = [(at, min(end, at + CHUNK_ELEMENTS)) for start, end in sample_ranges(numel, 16, 1 << 12)
                   for at in range(start, end, CHUNK_ELEMENTS)]
-        while any(select.found is None for select in selects.values()):
+        while any(select.found is None for _, select in feeds):
             if ranges is None:
                 ranges = [(start, min(numel, start + CHUNK_ELEMENTS)) for start in range(0, numel, CHUNK_ELEMENTS)]
+            needed = set().union(*(needs[index] for index in group
+                                   if any(s.found is None for s in streams[index].selects.values())))
             for state in streams.values():
                 if isinstance(state, _Trims):
-                    state.restart()  # an earlier call's tie windows, where this one's input needs it
+                    state.restart()  # an earlier call's tie windows, where these calls' inputs need it
             for start, end in ranges:
                 if stop.is_set():
                     return
                 slots = _chunk(program, bound, info, start, end - start, buffers, halves, drops, streams, {}, lib,
                                check=False, only=needed)
-                for (i, _), select in selects.items():
+                for src, select in feeds:
                     if select.found is None:
-                        select.feed(slots[step.srcs[i]].view(numpy.int32), scratch)
-            for select in selects.values():
+                        select.feed(slots[src].view(numpy.int32), scratch)
+            for _, select in feeds:
                 if select.found is not None:
                     continue
                 if select.stage == "sample":
