@@ -20,8 +20,8 @@ fresh process and measured by ``harness.measure``:
 - ``tvlang-dare``: ``pre + dare(a - pre, 0.9, seed=1) + dare(b - pre, 0.9, seed=2) + dare(c - pre, 0.9, seed=3)``;
 - ``tvlang-dare_ties``: ``pre + dare_ties(a - pre, b - pre, c - pre, p=0.9)``;
 - ``tvlang-ties+torch``, ``tvlang-dare+torch``, ``tvlang-dare_ties+torch``: those three with
-  ``TVLANG_DIRECT=0`` (the torch-free executor runs ``ties``, ``dare`` and unit-weight ``dare_ties``
-  too; ``breadcrumbs`` runs on the local executor either way);
+  ``TVLANG_DIRECT=0``: the local executor (the torch-free one runs ``ties``, ``breadcrumbs``,
+  ``dare`` and unit-weight ``dare_ties`` too, tvlang.run.direct);
 - ``tvlang-breadcrumbs``: ``pre + breadcrumbs(a - pre, density=0.2, gamma=0.01) + ...`` over
   ``b`` and ``c`` as well (issue 19: at most 2x plain task arithmetic, as ``ties``);
 - ``mergekit-ta``: ``mergekit-yaml`` ``task_arithmetic``, weights 0.4, ``normalize: false``;

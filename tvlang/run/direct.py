@@ -845,27 +845,34 @@ def _find_thresholds(program, bound: _Bound, info, numel: int, buffers: list, ha
     while pending:
         group = [index for index in pending if not needs[index] & set(pending)]
         pending = [index for index in pending if index not in group]
-        feeds = [(program.steps[index].srcs[i], select) for index in group
-                 for (i, _), select in streams[index].selects.items()]
+        feeds = [select for index in group for select in streams[index].selects.values()]
+
+        def observer(index: int):
+            # a call's inputs as its step is reached: a later step may reuse their slots
+            def observe(pieces: list) -> None:
+                for (i, _), select in streams[index].selects.items():
+                    if select.found is None:
+                        select.feed(pieces[i].view(numpy.int32), scratch)
+            return observe
+
+        observers = {index: observer(index) for index in group}
         ranges = [(at, min(end, at + CHUNK_ELEMENTS)) for start, end in sample_ranges(numel, 16, 1 << 12)
                   for at in range(start, end, CHUNK_ELEMENTS)]
-        while any(select.found is None for _, select in feeds):
+        while any(select.found is None for select in feeds):
             if ranges is None:
                 ranges = [(start, min(numel, start + CHUNK_ELEMENTS)) for start in range(0, numel, CHUNK_ELEMENTS)]
-            needed = set().union(*(needs[index] for index in group
-                                   if any(s.found is None for s in streams[index].selects.values())))
+            searching = [index for index in group if any(s.found is None for s in streams[index].selects.values())]
+            needed = set().union(*(needs[index] for index in searching))
+            observing = {index: observers[index] for index in searching}
             for state in streams.values():
                 if isinstance(state, _Trims):
                     state.restart()  # an earlier call's tie windows, where these calls' inputs need it
             for start, end in ranges:
                 if stop.is_set():
                     return
-                slots = _chunk(program, bound, info, start, end - start, buffers, halves, drops, streams, {}, lib,
-                               check=False, only=needed)
-                for src, select in feeds:
-                    if select.found is None:
-                        select.feed(slots[src].view(numpy.int32), scratch)
-            for _, select in feeds:
+                _chunk(program, bound, info, start, end - start, buffers, halves, drops, streams, {}, lib,
+                       check=False, only=needed, observing=observing)
+            for select in feeds:
                 if select.found is not None:
                     continue
                 if select.stage == "sample":
@@ -903,16 +910,21 @@ def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor, num_la
 
 
 def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, halves: list, drops: dict,
-           streams: dict, writers: dict, lib, *, check: bool, only: set[int] | None = None) -> dict[int, Any]:
+           streams: dict, writers: dict, lib, *, check: bool, only: set[int] | None = None,
+           observing: dict | None = None) -> None:
     """The program over entries ``start:start+count`` of tensor ``name``: each input's chunk read
     into the read step's buffer, each step into its own buffer (``make`` steps) or in place
     (``update`` steps), as tvlang.run.chunked does, with the arithmetic of tvlang.run.steps in
-    the helper's float32 loops; with ``only``, those steps only, writing nothing (a pass before the
-    main one). The slots' values. (Reading the next chunk in a thread meanwhile
-    was slower here: 3.9-4.4 s against 3.6-3.75 s at 1.5 GB, docs/performance.md.)"""
+    the helper's float32 loops; with ``only``, those steps only, writing nothing, and the calls in
+    ``observing`` not run but their inputs handed to it (a pass before the main one). (Reading the
+    next chunk in a thread meanwhile was slower here: 3.9-4.4 s against 3.6-3.75 s at 1.5 GB,
+    docs/performance.md.)"""
     name = info.name
     slots: dict[int, Any] = {}
     for index, step in enumerate(program.steps):
+        if observing is not None and index in observing:
+            observing[index]([slots[s] for s in step.srcs])
+            continue
         if only is not None and index not in only:
             continue
         op = step.op
@@ -987,7 +999,6 @@ def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, 
                     raise _Fallback  # not finite, or (allow_nonfinite is float32 only) a NaN's bits
                 piece = _Coded(raw, info.dtype)
             writers[step.name].write_part(name, piece)
-    return slots
 
 
 def _sign_merge(options: dict, parts: list, target, lib) -> None:
