@@ -490,9 +490,10 @@ TIES_RECIPES = [
 @pytest.mark.parametrize("data", ["random", "tied"])
 @pytest.mark.parametrize("text", TIES_RECIPES)
 def test_ties_same_bytes(tmp_path, monkeypatch, text, data):
-    """ties (unit weights, an election, per-tensor scope) runs here: its thresholds found by a window
-    and a pass before the main one, on a second thread a tensor ahead; the same bytes as the local
-    executor, in chunks that cut the tie windows, and the whole-tensor kernel's values."""
+    """ties (unit weights, an election, per-tensor scope) and breadcrumbs run here, alone, several, or
+    one's trim the other's input: their thresholds found by a window and a pass before the main one,
+    on a second thread a tensor ahead; the same bytes as the local executor, in chunks that cut the
+    tie windows, and (one ties of a and b) the whole-tensor kernel's values."""
     paths = (big_models if data == "random" else tied_models)(tmp_path / "in")
     monkeypatch.setattr(direct, "CHUNK_ELEMENTS", 100_003)
     fast, local, fast_files, local_files = both(monkeypatch, tmp_path, text, paths, {"out": "merged.safetensors"},
