@@ -1,4 +1,4 @@
-"""The torch-free executor: linear recipes, ``dare`` and ``ties`` over float32, bfloat16 or float16 safetensors files.
+"""The torch-free executor: linear recipes and the common merge operators over safetensors files, without torch.
 
 Importing torch takes 2.1-2.6 s of every ``tvlang run`` on the development machine: as long
 as reading and writing a 1.5 GB model (docs/performance.md). A recipe whose outputs are linear
@@ -11,11 +11,12 @@ returns ``None`` before anything is written, and the local or Ray executor runs 
   ``TVLANG_DIRECT=0`` in the environment turns it off;
 - the plan has no reduction passes and no scalar or adapter outputs, and its per-tensor program
   is reads, the arithmetic steps (``set``, ``add``, ``scale``, ``axpy``) with constant
-  coefficients (no per-tensor values), calls with constant options of ``nearswap`` and ``ram``
-  (kernels whose float32 loop is the compiled helper's in the local executor too), of ``dare``,
-  ``dare_ties`` (unit weights) and ``dare_linear`` without ``rescale_by="l1"`` (the masks of
-  tvlang.ops.drops, as the local executor draws them), or of one ``ties`` (unit weights, an
-  election, ``scope="tensor"``, no ``rescale_by="l1"``, and no DARE call beside it), and writes;
+  coefficients (no per-tensor values), calls with constant or per-tensor options (``layers()``,
+  ``where()``, resolved for each tensor) of ``nearswap`` and ``ram`` (kernels whose float32 loop
+  is the compiled helper's in the local executor too), of ``dare``, ``dare_ties`` (unit weights)
+  and ``dare_linear`` without ``rescale_by="l1"`` (the masks of tvlang.ops.drops, as the local
+  executor draws them), or of ``ties`` (unit weights, an election, ``scope="tensor"``) and
+  ``breadcrumbs``, without ``rescale_by="l1"`` and with no DARE call beside them, and writes;
 - every source the recipe names is a local ``.safetensors`` file, a ``.safetensors.index.json``
   with its shards, or a model directory of either (no Hub reference, LoRA adapter, ``.bin`` file,
   stack, layer range or renaming),
@@ -102,8 +103,8 @@ ARITHMETIC_OPS = ("set", "add", "scale", "axpy")
 #: the bits are the same; DROP_CALLS take a ``rescale_by="l1"`` only without ``rescale`` (its norms
 #: are a pass before the main one), dare_ties unit weights only (the helper's sign merge)
 NATIVE_CALLS = {"nearswap": ("t",), "ram": ("epsilon",)}
-#: ties, with its threshold found before the main pass (one per recipe, without DARE calls: the
-#: passes before the main one run the steps before it again)
+#: ties and breadcrumbs, with their thresholds found before the main pass (not beside a DARE call:
+#: those passes run the steps their inputs need again, and would draw its masks again)
 THRESHOLD_CALLS = {"ties": ("count", "density", "elect", "elect_on", "merge", "rescale_by", "scope", "weights"),
                    "breadcrumbs": ("count", "density", "gamma", "rescale_by")}
 DROP_CALLS = {"dare": ("p", "rescale", "rescale_by", "seed"),
@@ -246,8 +247,8 @@ def _runnable(plan: Plan) -> bool:
 
 
 def _call_runnable(name: str, options: dict, n_inputs: int) -> bool:
-    """Whether a call of kernel ``name`` with ``options`` is one this executor runs (every option a
-    constant: a per-tensor value is a node)."""
+    """Whether a call of kernel ``name`` with ``options`` is one this executor runs (each number a
+    constant or a per-tensor value: :func:`_number`)."""
     if name in NATIVE_CALLS:
         return sorted(options) == sorted(NATIVE_CALLS[name]) and all(map(_number, options.values()))
     if name in THRESHOLD_CALLS:
@@ -769,9 +770,9 @@ def _workspace(program) -> tuple[list, list, dict]:
 
 
 class _Ahead:
-    """The passes before the main one (ties' thresholds) of the next tensor, on a second thread while
-    this one runs the main pass of the one before: in its own buffers, with its own descriptors of
-    the inputs (a copy of each ``_Input``), one tensor ahead. ties at 1.5 GB: the thresholds' passes
+    """The passes before the main one (the thresholds of ties and breadcrumbs) of the next tensor, on
+    a second thread while this one runs the main pass of the one before: in its own buffers, with its
+    own descriptors of the inputs (a copy of each ``_Input``), one tensor ahead. ties at 1.5 GB: the thresholds' passes
     took 2.5 s of 7.3 s on this thread."""
 
     def __init__(self, program, bound: _Bound, lib, every: list, drawing: ThreadPoolExecutor,
