@@ -39,7 +39,7 @@ import torch
 
 from tvlang.errors import TvlangError
 from tvlang.language.builtins import BUILTINS
-from tvlang.ops.ranks import bits_to_float, keep_count, pick_bin, truncated_count
+from tvlang.ops.ranks import bits_to_float, keep_count, pick_bin, tie_span, truncated_count
 
 __all__ = ["COUNT_RULES", "TieWindow", "keep_count", "truncated_count", "tie_split", "settle_ties", "count_at_least",
            "count_equal", "kth_largest_abs", "magnitudes", "scratch", "clear_workspace", "kernel_of", "chunk_form_of",
@@ -199,8 +199,7 @@ class TieWindow:
         positions = _where_equal(mag, self.value)
         m = positions.numel()
         if m:
-            lo = int(min(max(self.start - self.seen, 0), m))
-            hi = int(min(max(self.stop - self.seen, lo), m))
+            lo, hi = tie_span(self.start, self.stop, self.seen, m)
             flat_out[positions[:lo]] = 0
             flat_out[positions[hi:]] = 0
             inside = positions[lo:hi]

@@ -25,7 +25,7 @@ import struct
 
 import numpy
 
-__all__ = ["keep_count", "truncated_count", "breadcrumb_counts", "breadcrumb_windows", "sample_ranges",
+__all__ = ["keep_count", "truncated_count", "breadcrumb_counts", "breadcrumb_windows", "tie_span", "sample_ranges",
            "window_of", "read_window", "pick_bin", "bits_to_float", "SPREAD"]
 
 #: standard deviations of a sampled rank's spread, on each side, that a window spans
@@ -78,6 +78,14 @@ def breadcrumb_windows(low: float, high: float, low_split: tuple[int, int],
     if low > 0.0 and need_low < tied_low:
         windows.append((low, 0, need_low))  # ties at the lower cut: only the first ones
     return windows
+
+
+def tie_span(start: float, stop: float, seen: int, m: int) -> tuple[int, int]:
+    """Of the ``m`` entries of a piece tied at a tie window's magnitude, numbered ``seen + 1`` to
+    ``seen + m`` over the tensor: the positions ``[lo, hi)`` of those numbered in ``(start, stop]``
+    (tvlang.ops.common.TieWindow's, and the torch-free executor's)."""
+    lo = int(min(max(start - seen, 0), m))
+    return lo, int(min(max(stop - seen, lo), m))
 
 
 def sample_ranges(count: int, blocks: int, block: int) -> list[tuple[int, int]]:

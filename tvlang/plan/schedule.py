@@ -33,7 +33,7 @@ from tvlang.language.trampoline import Frame, trampoline
 from tvlang.plan.ir import IRProgram, Node, const_value, postorder
 
 __all__ = ["STEP_OPS", "Step", "StepOp", "TensorProgram", "ReductionTask", "Schedule", "schedule", "format_coef",
-           "resolve_coef", "scalar_value"]
+           "resolve_coef", "scalar_value", "needed_steps"]
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,28 @@ class TensorProgram:
     n_buffers: int
     reads: list[str]  # source keys, in first-read order
     writes: list[str]  # output names
+
+
+def needed_steps(program: TensorProgram, targets: set[int]) -> list[int]:
+    """Indices of the steps that the call steps ``targets`` depend on, and those calls, in order.
+
+    A backward walk over slots: a step is needed when it makes or changes a slot
+    that a needed step reads later. Writes are never needed. (The passes before the main one
+    run these: tvlang.run.chunked's and the torch-free executor's.)
+    """
+    needed: list[int] = []
+    live: set[int] = set()
+    for index in range(len(program.steps) - 1, -1, -1):
+        step = program.steps[index]
+        if index in targets:
+            needed.append(index)
+            live.update(step.srcs)
+        elif step.op != "write" and step.dst in live:
+            needed.append(index)
+            if STEP_OPS[step.op].effect != "update":  # makes a new value: earlier ones are dead
+                live.discard(step.dst)
+            live.update(step.srcs)
+    return needed[::-1]
 
 
 @dataclass

@@ -27,7 +27,7 @@ from tvlang.ops import ranks
 from tvlang.ops.chunks import Elementwise
 from tvlang.ops.pertensor import resolve_options
 from tvlang.ops.registry import CHUNKED, ELEMENTWISE
-from tvlang.plan.schedule import STEP_OPS, Step, TensorProgram, resolve_coef
+from tvlang.plan.schedule import STEP_OPS, Step, TensorProgram, needed_steps, resolve_coef
 from tvlang.run.steps import ARITHMETIC, kernel, numel
 
 if TYPE_CHECKING:
@@ -112,27 +112,6 @@ def passes_feed_passes(program: TensorProgram, looks_first) -> bool:
             upstream = upstream or depends.get(step.dst, False)
         depends[step.dst] = upstream
     return False
-
-
-def needed_steps(program: TensorProgram, targets: set[int]) -> list[int]:
-    """Indices of the steps that the call steps ``targets`` depend on, and those calls, in order.
-
-    A backward walk over slots: a step is needed when it makes or changes a slot
-    that a needed step reads later. Writes are never needed.
-    """
-    needed: list[int] = []
-    live: set[int] = set()
-    for index in range(len(program.steps) - 1, -1, -1):
-        step = program.steps[index]
-        if index in targets:
-            needed.append(index)
-            live.update(step.srcs)
-        elif step.op != "write" and step.dst in live:
-            needed.append(index)
-            if STEP_OPS[step.op].effect != "update":  # makes a new value: earlier ones are dead
-                live.discard(step.dst)
-            live.update(step.srcs)
-    return needed[::-1]
 
 
 def execute_chunked(session: "Session", program: TensorProgram, linear: LinearProgram, name: str,

@@ -75,9 +75,11 @@ from tvlang.ops.ranks import (
     pick_bin,
     read_window,
     sample_ranges,
+    tie_span,
     window_of,
 )
 from tvlang.plan.records import DeltaBinding, RunSummary, input_report
+from tvlang.plan.schedule import needed_steps
 from tvlang.run.outputs import (
     commit_all,
     model_files_of,
@@ -660,8 +662,7 @@ class _TieWindow:
         at = numpy.flatnonzero(numpy.bitwise_and(x.view(numpy.int32), 0x7FFFFFFF) == self.bits)
         m = at.size
         if m:
-            lo = int(min(max(self.start - self.seen, 0), m))
-            hi = int(min(max(self.stop - self.seen, lo), m))
+            lo, hi = tie_span(self.start, self.stop, self.seen, m)
             out[at[:lo]] = 0.0
             out[at[hi:]] = 0.0
             out[at[lo:hi]] = x[at[lo:hi]]
@@ -814,23 +815,6 @@ class _Ahead:
             source.close()
 
 
-def _needed_steps(program, index: int) -> set[int]:
-    """The steps before step ``index`` that its inputs depend on (its passes before the main one run
-    only these), found backwards: a step that makes a value needed is needed, and so are its
-    sources; an update in place of a needed value is needed too."""
-    live = set(program.steps[index].srcs)
-    needed = set()
-    for position in range(index - 1, -1, -1):
-        step = program.steps[position]
-        if step.op == "write" or step.dst not in live:
-            continue
-        needed.add(position)
-        if step.op not in ("scale", "axpy"):  # makes its value: an earlier one in this slot is another
-            live.discard(step.dst)
-        live.update(step.srcs)
-    return needed
-
-
 def _find_thresholds(program, bound: _Bound, info, numel: int, buffers: list, halves: list, drops: dict,
                      streams: dict, lib, stop: threading.Event) -> None:
     """Before the main pass over tensor ``info``: the thresholds of its ties and breadcrumbs calls,
@@ -841,7 +825,8 @@ def _find_thresholds(program, bound: _Bound, info, numel: int, buffers: list, ha
     only the steps the calls still searching need; ``stop`` set: given up (the run is ending)."""
     pending = [index for index, step in enumerate(program.steps)
                if step.op == "call" and step.name in THRESHOLD_CALLS and streams[index].selects]
-    needs = {index: _needed_steps(program, index) for index in pending}
+    # the steps before each call that its inputs depend on (needed_steps lists the call too)
+    needs = {index: set(needed_steps(program, {index})) - {index} for index in pending}
     scratch = numpy.empty(CHUNK_ELEMENTS + 1, dtype=numpy.int32)
     while pending:
         group = [index for index in pending if not needs[index] & set(pending)]
