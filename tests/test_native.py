@@ -25,6 +25,7 @@ from chunking import chunk_in
 from tvlang.ops import native
 from tvlang.ops.dare import Dropper
 from tvlang.ops.prune import trim
+from tvlang.ops.sums import BLOCK, block_values
 from tvlang.ops.threshold import WindowSelect
 from tvlang.ops.ties import sign_merge
 
@@ -356,7 +357,48 @@ RECIPES = [
     "pre + ram(a - pre, b - pre, c - pre, epsilon=0.05)",
     "pre + ramplus_tl(a - pre, b - pre, c - pre, epsilon=0.05)",
     "nearswap(a, b, 0.05)",
+    # the block sums of tvlang.ops.sums (norms, dot products, Gram matrices) before the main pass
+    "slerp(a, b, t=0.3)",
+    "model_stock(pre, a, b, c)",
+    "pre + multislerp(a - pre, b - pre, c - pre)",
+    "pre + karcher(a - pre, b - pre, c - pre)",
+    "nuslerp(a, b, 0.4)",
+    "pre + (a - pre) * (norm(b - pre) / norm(a - pre)) + cos(a - pre, c - pre) * (c - pre)",
+    "pre + sce(a - pre, b - pre, c - pre, select_topk=0.5)",
 ]
+
+
+@needs_helper
+@pytest.mark.parametrize("n", [1, 5, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 77])
+def test_block_sums_equal_the_torch_path(monkeypatch, n):
+    """The helper's block sums and sums.block_values' torch loop: the same bits, per block, for
+    products, squares and magnitudes, with large and tiny values, cancellation and a short last
+    block; bfloat16 rows (always the torch loop) as their float32 values through the helper."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * torch.logspace(-30, 30, n).to(torch.float32)
+    y = torch.where(torch.rand(n, generator=g) < 0.5, -x, torch.randn(n, generator=g))
+    rows = -(-n // BLOCK)
+    for second, l1 in [(y, False), (None, False), (None, True)]:
+        fast = native.block_sums_f32(x, second, l1)
+        assert fast is not None and len(fast) == rows
+        monkeypatch.setenv("TVLANG_NATIVE", "0")
+        try:
+            slow = [value for start in range(0, n, BLOCK)
+                    for value in block_values(x[start:start + BLOCK].view(1, -1),
+                                              None if second is None else second[start:start + BLOCK].view(1, -1),
+                                              l1=l1)]
+        finally:
+            monkeypatch.delenv("TVLANG_NATIVE")
+        assert fast == slow, (n, second is None, l1)
+        # by hand: each block's exact sum, to float64's precision
+        for b, value in enumerate(fast):
+            part = x[b * BLOCK:(b + 1) * BLOCK].double()
+            other = part if second is None else second[b * BLOCK:(b + 1) * BLOCK].double()
+            terms = part.abs() if l1 else part * other
+            assert value == pytest.approx(math.fsum(terms.tolist()), rel=1e-12, abs=1e-300)
+    half = torch.randn(n, generator=g).to(torch.bfloat16)
+    wide = half.to(torch.float32)
+    assert block_values(half.view(1, -1)[:, :BLOCK]) == native.block_sums_f32(wide[:BLOCK], None)[:1]
 
 
 @needs_helper

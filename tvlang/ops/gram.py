@@ -4,8 +4,9 @@ the inputs' Gram matrix: ``multislerp``, ``karcher`` and ``nuslerp`` (flattened)
 Each of these spherical merges works on the directions and norms of its inputs, and every
 vector it builds (unit vectors, means, tangents, the result) stays in the span of the inputs.
 So a tensor is merged in two steps: the dot products ``G[i][j] = x_i . x_j`` of the flattened
-inputs (in float64), then the merge itself in coefficient space (a few scalars,
-float64), then one linear combination ``sum_i c_i * x_i``. The arithmetic on tensors is one
+inputs (in float64, by tvlang.ops.sums' fixed blocks: the same bits in chunks or whole), then
+the merge itself in coefficient space (a few scalars, float64: tvlang.ops.coefficients), then
+one linear combination ``sum_i c_i * x_i``. The arithmetic on tensors is one
 pass of dot products and one of multiply-adds, whatever the method iterates, and the chunk
 form :class:`GramChunks` runs the same two steps on consecutive pieces of a tensor (one pass
 to observe, one to write), so these merges stream with bounded memory.
@@ -23,44 +24,36 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from tvlang.ops.coefficients import Gram, matvec, quadratic
 from tvlang.ops.common import fresh
+from tvlang.ops.sums import Sums
 
 __all__ = ["Gram", "GramChunks", "gram", "combine", "quadratic", "matvec"]
 
-Gram = list[list[float]]
 #: ``coefficients(G) -> c``: the merge in coefficient space (may raise TvlangError).
 Coefficients = Callable[[Gram], Sequence[float]]
 
 
 def gram(vectors: Sequence[torch.Tensor]) -> Gram:
-    """The Gram matrix of the flattened ``vectors``, in float64."""
-    n = len(vectors)
-    flat = [v.reshape(-1) for v in vectors]
+    """The Gram matrix of the flattened ``vectors``, in float64 (:func:`_sums`)."""
+    sums = _sums(len(vectors))
+    sums.add_whole(vectors)
+    return _matrix(sums)
+
+
+def _sums(n: int) -> Sums:
+    """The dot products of ``n`` inputs (the upper triangle), by :class:`tvlang.ops.sums.Sums`:
+    fixed blocks, each summed in float64 in a fixed order, the block sums added exactly, so a
+    tensor handed over whole or in pieces of any length gives the same matrix, bit for bit."""
+    return Sums(n, [(i, j) for i in range(n) for j in range(i, n)])
+
+
+def _matrix(sums: Sums) -> Gram:
+    n = max(j for _, j in sums.pairs) + 1
     g = [[0.0] * n for _ in range(n)]
-    _accumulate(g, flat)
+    for (i, j), value in zip(sums.pairs, sums.totals()):
+        g[i][j] = g[j][i] = value
     return g
-
-
-_BLOCK = 1 << 16  # entries of each input converted to float64 at a time
-
-
-def _accumulate(g: Gram, flat: Sequence[torch.Tensor]) -> None:
-    """Add the dot products of the flat ``flat`` to ``g``: block by block, the inputs' entries
-    in float64 and one matrix product (one conversion per entry, products and sums in float64)."""
-    n = len(flat)
-    count = flat[0].numel()
-    block = torch.empty((n, min(_BLOCK, max(count, 1))), dtype=torch.float64, device=flat[0].device)
-    total = torch.zeros((n, n), dtype=torch.float64, device=flat[0].device)
-    for start in range(0, count, _BLOCK):
-        stop = min(count, start + _BLOCK)
-        rows = block[:, :stop - start]
-        for i, f in enumerate(flat):
-            rows[i].copy_(f[start:stop])
-        total.addmm_(rows, rows.T)
-    values = total.tolist()
-    for i in range(n):
-        for j in range(n):
-            g[i][j] += values[i][j]
 
 
 def combine(vectors: Sequence[torch.Tensor], coefficients: Sequence[float],
@@ -75,16 +68,6 @@ def combine(vectors: Sequence[torch.Tensor], coefficients: Sequence[float],
     return out
 
 
-def matvec(g: Gram, c: Sequence[float]) -> list[float]:
-    """``G c``: the dot products of ``sum_j c_j x_j`` with each input."""
-    return [sum(row[j] * c[j] for j in range(len(c))) for row in g]
-
-
-def quadratic(g: Gram, c: Sequence[float]) -> float:
-    """``|sum_i c_i x_i|^2 = c^T G c``, never below 0 (rounding)."""
-    return max(0.0, sum(ci * gi for ci, gi in zip(c, matvec(g, c))))
-
-
 class GramChunks:
     """The chunk form of a Gram-coefficient merge: pass 0 accumulates the Gram matrix over
     the pieces, then each piece of the result is ``sum_i c_i * piece_i``."""
@@ -92,15 +75,15 @@ class GramChunks:
     passes = 1
 
     def __init__(self, n_inputs: int, coefficients: Coefficients) -> None:
-        self.g: Gram = [[0.0] * n_inputs for _ in range(n_inputs)]
+        self.sums = _sums(n_inputs)
         self.coefficients_of = coefficients
         self.c: Sequence[float] | None = None
 
     def observe(self, pass_index: int, pieces: list[torch.Tensor]) -> None:
-        _accumulate(self.g, [p.reshape(-1) for p in pieces])
+        self.sums.add([p.reshape(-1) for p in pieces])
 
     def end_pass(self, pass_index: int) -> None:
-        self.c = self.coefficients_of(self.g)
+        self.c = self.coefficients_of(_matrix(self.sums))
 
     def restart(self) -> None:
         pass

@@ -494,3 +494,39 @@ F16C_TARGET int tv_f32_to_f16(const float *x, size_t n, uint16_t *out) {
 void tv_f16_to_f32(const uint16_t *x, size_t n, float *out) { (void)x; (void)n; (void)out; }
 int tv_f32_to_f16(const float *x, size_t n, uint16_t *out) { (void)x; (void)n; (void)out; return 1; }
 #endif
+
+/* ---- 9. Block sums (tvlang/ops/sums.py) ---------------------------------------------------------
+ *
+ * The sums that slerp, model_stock, the Gram merges and the reducers need before their main pass,
+ * over blocks of TV_BLOCK consecutive entries from x[0] (the last block zero-padded): one float64
+ * value a block, by a fixed halving tree: s[q] = p[q] + p[q + H] for H = TV_BLOCK / 2, then
+ * s[q] += s[q + h] for h = H/2, H/4, ..., 1. Each term p is exact in float64 (a product of two
+ * float32 values, or a magnitude), and every addition is one IEEE float64 addition in an order
+ * fixed here, so torch's elementwise additions in the same tree (sums.py, without the helper, or on
+ * another device) give the same bits, whatever the machine. mode 0: x[k] * y[k] (y may be x); mode 1:
+ * |x[k]| (y unused). out: one value per block, ceil(n / TV_BLOCK) of them. */
+#define TV_BLOCK 16384
+
+static inline double block_term(const float *x, const float *y, size_t k, size_t m, int mode) {
+    if (k >= m) return 0.0;
+    return mode ? fabs((double)x[k]) : (double)x[k] * (double)y[k];
+}
+
+MULTI_VERSION void tv_block_sums_f32(const float *x, const float *y, size_t n, int mode, double *out) {
+    enum { H = TV_BLOCK / 2 };
+    double s[H];
+    for (size_t start = 0, b = 0; start < n; start += TV_BLOCK, b++) {
+        const float *xb = x + start, *yb = (mode ? x : y) + start;
+        size_t m = n - start < TV_BLOCK ? n - start : TV_BLOCK;
+        if (m == TV_BLOCK && mode == 0) {
+            for (size_t q = 0; q < H; q++) s[q] = (double)xb[q] * (double)yb[q] + (double)xb[q + H] * (double)yb[q + H];
+        } else if (m == TV_BLOCK) {
+            for (size_t q = 0; q < H; q++) s[q] = fabs((double)xb[q]) + fabs((double)xb[q + H]);
+        } else {
+            for (size_t q = 0; q < H; q++) s[q] = block_term(xb, yb, q, m, mode) + block_term(xb, yb, q + H, m, mode);
+        }
+        for (size_t h = H / 2; h >= 1; h /= 2)
+            for (size_t q = 0; q < h; q++) s[q] += s[q + h];
+        out[b] = s[0];
+    }
+}

@@ -1,16 +1,18 @@
 """The optional compiled helper (tvlang/ops/native.c): DARE's masks, TIES' sign merge with unit
 weights, the window pass of magnitude thresholds, breadcrumbs' band trim, RAM's and RAM+'s
-per-entry means, nearswap, DARE's kept flags applied with the L1 factor, and the linear steps of
-the torch-free executor (:func:`linear_steps`; tvlang.run.direct). This module imports numpy, not
-torch (a caller's tensors bring torch with them).
+per-entry means, nearswap, DARE's kept flags applied with the L1 factor, the block sums of norms
+and dot products (tvlang.ops.sums), and the linear steps of the torch-free executor
+(:func:`linear_steps`; tvlang.run.direct). This module imports numpy, not torch (a caller's
+tensors bring torch with them).
 
 Installing tvlang compiles ``native.c`` into ``tvlang/ops/libtvnative.so.1`` when a C compiler is
 found (hatch_build.py; no Python headers needed), and this module loads it with ctypes.
 Without it (no compiler at install, another platform, or ``TVLANG_NATIVE=0`` in the
 environment) :func:`drop_mask_f32`, :func:`sign_merge_f32`, :func:`window_gather`,
-:func:`band_f32`, the RAM functions, :func:`nearswap_f32` and :func:`flags_scale_f32` return ``None`` and numpy and
-torch compute the same values: the results never depend on it, only the time does
-(docs/performance-operators.md; tests/test_native.py compares the two paths).
+:func:`band_f32`, the RAM functions, :func:`nearswap_f32`, :func:`flags_scale_f32` and
+:func:`block_sums_f32` return ``None`` and numpy and torch compute the same values: the results
+never depend on it, only the time does (docs/performance-operators.md; tests/test_native.py
+compares the two paths).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from pathlib import Path
 import numpy
 
 __all__ = ["LIBRARY", "library", "drop_mask_f32", "sign_merge_f32", "window_gather", "band_f32", "ram_f32",
-           "ramplus_count_f32", "ramplus_apply_f32", "nearswap_f32", "flags_scale_f32", "linear_steps",
-           "state_words", "set_state_words", "MERGE_CODES"]
+           "ramplus_count_f32", "ramplus_apply_f32", "nearswap_f32", "flags_scale_f32", "block_sums_f32",
+           "linear_steps", "state_words", "set_state_words", "MERGE_CODES"]
 
 #: where the install puts the compiled helper (a versioned name, ``.so.1``: a plain ``.so``
 #: would look like a Python extension module to importers that walk the package)
@@ -47,6 +49,7 @@ _SIGNATURES = {
     "tv_ramplus_apply_f32": ([_P, _N, _N, _F, _P, _P], None),
     "tv_nearswap_f32": ([_P, _P, _N, _F, _P], None),
     "tv_flags_scale_f32": ([_P, _P, _N, _I, _F, _P], None),
+    "tv_block_sums_f32": ([_P, _P, _N, _I, _P], None),
     "tv_fma_ok": ([], _I),
     "tv_scale_f32": ([_P, _F, _N, _P], None),
     "tv_axpy_f32": ([_P, _P, _F, _N], None),
@@ -224,6 +227,26 @@ def flags_scale_f32(x, packed: numpy.ndarray, factor: float | None, out) -> obje
     lib.tv_flags_scale_f32(x.data_ptr(), packed.ctypes.data, n, factor is not None,
                            0.0 if factor is None else factor, out.data_ptr())
     return out
+
+
+#: entries per block of tv_block_sums_f32 (tvlang.ops.sums.BLOCK)
+BLOCK = 1 << 14
+
+
+def block_sums_f32(x, y, l1: bool = False) -> list[float] | None:
+    """The float64 sum over each block of :data:`BLOCK` entries of ``x * y`` (``y`` ``None``:
+    ``x * x``; ``l1``: ``|x|``), flat float32 tensors of one length on the CPU, the last block
+    zero-padded, by tvlang.ops.sums' halving tree: the same bits as its torch loop (the terms are
+    exact in float64, the additions the same IEEE ones in the same order); ``None`` where the
+    helper cannot and the caller uses torch."""
+    lib = library()
+    n = x.numel()
+    pair = (x,) if y is None or l1 else (x, y)
+    if lib is None or not _plain_f32(pair, n):
+        return None
+    out = numpy.empty(-(-n // BLOCK), dtype=numpy.float64)
+    lib.tv_block_sums_f32(x.data_ptr(), pair[-1].data_ptr(), n, int(l1), out.ctypes.data)
+    return out.tolist()
 
 
 def linear_steps():

@@ -11,30 +11,16 @@ tensor([[0.7071, 0.7071],
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from tvlang.ops.coefficients import COLINEAR, NORM_FLOOR, nuslerp_coefficients
 from tvlang.ops.common import ChunkKernel, chunk_form_of, fresh, kernel_of
 from tvlang.ops.context import TensorContext
-from tvlang.ops.gram import Gram, GramChunks, combine, gram
+from tvlang.ops.gram import GramChunks, combine, gram
 
 __all__ = ["nuslerp", "nuslerp_chunks", "nuslerp_coefficients"]
 
-_NORM_FLOOR = 1e-7  # mergekit normalizes by max(|v|, 1e-7)
-_COLINEAR = 1e-16  # 1 - cos^2 at most this (mergekit's eps**2): interpolate linearly
 
-
-def nuslerp_coefficients(g: Gram, t: float) -> list[float]:
-    """``[c0, c1]`` with ``slerp(v0, v1, t) = c0*v0 + c1*v1``, from the Gram matrix of the two."""
-    n0 = max(math.sqrt(max(g[0][0], 0.0)), _NORM_FLOOR)
-    n1 = max(math.sqrt(max(g[1][1], 0.0)), _NORM_FLOOR)
-    cos = min(1.0, max(-1.0, g[0][1] / (n0 * n1)))
-    if 1.0 - cos * cos <= _COLINEAR:
-        return [1.0 - t, t]
-    theta = math.acos(cos)
-    sin_theta = math.sin(theta)
-    return [math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta]
 
 
 @kernel_of("nuslerp")
@@ -47,11 +33,11 @@ def nuslerp(inputs: list[torch.Tensor], ctx: TensorContext, *, t: float, flatten
     if not row_wise:
         return _rows(v0, v1, t, fresh(inputs[0]))
     v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
-    norm0 = torch.linalg.vector_norm(v0, dim=-1, keepdim=True, dtype=torch.float64).clamp_(min=_NORM_FLOOR)
-    norm1 = torch.linalg.vector_norm(v1, dim=-1, keepdim=True, dtype=torch.float64).clamp_(min=_NORM_FLOOR)
+    norm0 = torch.linalg.vector_norm(v0, dim=-1, keepdim=True, dtype=torch.float64).clamp_(min=NORM_FLOOR)
+    norm1 = torch.linalg.vector_norm(v1, dim=-1, keepdim=True, dtype=torch.float64).clamp_(min=NORM_FLOOR)
     dots = torch.sum(torch.mul(v0, v1), dim=-1, keepdim=True, dtype=torch.float64)
     cos = (dots / (norm0 * norm1)).clamp_(-1.0, 1.0)
-    colinear = (1.0 - cos.square()) <= _COLINEAR
+    colinear = (1.0 - cos.square()) <= COLINEAR
     theta = torch.acos(torch.where(colinear, 0.0, cos))
     sin_theta = torch.where(colinear, 1.0, torch.sin(theta))
     c0 = torch.where(colinear, 1.0 - t, torch.sin((1.0 - t) * theta) / sin_theta).to(v0.dtype)
@@ -80,10 +66,10 @@ def _rows(v0: torch.Tensor, v1: torch.Tensor, t: float, out: torch.Tensor) -> to
         pair[:, 0].copy_(a[first:last])
         pair[:, 1].copy_(b[first:last])
         g = torch.bmm(pair, pair.transpose(1, 2))
-        norm0 = g[:, 0, 0].sqrt().clamp_(min=_NORM_FLOOR)
-        norm1 = g[:, 1, 1].sqrt().clamp_(min=_NORM_FLOOR)
+        norm0 = g[:, 0, 0].sqrt().clamp_(min=NORM_FLOOR)
+        norm1 = g[:, 1, 1].sqrt().clamp_(min=NORM_FLOOR)
         cos = (g[:, 0, 1] / (norm0 * norm1)).clamp_(-1.0, 1.0)
-        colinear = (1.0 - cos.square()) <= _COLINEAR
+        colinear = (1.0 - cos.square()) <= COLINEAR
         theta = torch.acos(torch.where(colinear, 0.0, cos))
         sin_theta = torch.where(colinear, 1.0, torch.sin(theta))
         c0 = torch.where(colinear, 1.0 - t, torch.sin((1.0 - t) * theta) / sin_theta).to(a.dtype).unsqueeze(1)

@@ -16,32 +16,14 @@ tensor([1.5000, 3.0000])
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from tvlang.ops.coefficients import DOT_THRESHOLD, slerp_factors
 from tvlang.ops.common import ChunkKernel, chunk_form_of, fresh, kernel_of
 from tvlang.ops.context import TensorContext
 from tvlang.ops.sums import Sums
 
 __all__ = ["slerp", "slerp_chunks", "slerp_factors", "DOT_THRESHOLD"]
-
-DOT_THRESHOLD = 0.9995
-_EPS = 1e-8
-
-
-def slerp_factors(sums: list[float], t: float) -> tuple[float, float]:
-    """``(s0, s1)`` with ``slerp(a, b, t) = s0*a + s1*b``, from ``[a.a, b.b, a.b]``."""
-    aa, bb, ab = sums
-    norm_a, norm_b = math.sqrt(aa), math.sqrt(bb)
-    if norm_a > _EPS and norm_b > _EPS:
-        cos = min(1.0, max(-1.0, ab / (norm_a * norm_b)))
-        if abs(cos) <= DOT_THRESHOLD:
-            theta = math.acos(cos)
-            sin_theta = math.sin(theta)
-            return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
-    return 1.0 - t, t
-
 
 _PAIRS = ((0, 0), (1, 1), (0, 1))
 

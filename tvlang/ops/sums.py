@@ -10,7 +10,8 @@ reduction over however many threads it has.
 
 :class:`BlockSums` therefore sums fixed blocks of :data:`BLOCK` consecutive entries, counted
 from the tensor's first entry (a block cut by a piece's end is completed from the next
-piece), each block in float64 on one thread, and adds the block sums exactly
+piece), each block by :func:`block_values`' fixed tree of float64 additions (the same bits in
+the compiled helper, in torch on the CPU and on a GPU), and adds the block sums exactly
 (:class:`ExactSum`, rounded once). :class:`Sums` keeps the sums of squares and products of
 one tensor's inputs that a kernel asks for.
 
@@ -31,16 +32,55 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["BLOCK", "PIECE", "BlockSums", "Blocks", "ExactMatrix", "ExactSum", "Sums"]
+__all__ = ["BLOCK", "PIECE", "BlockSums", "Blocks", "ExactMatrix", "ExactSum", "Sums", "block_values"]
 
-#: entries per block; below torch's grain size (32768), so a block is summed on one thread
+#: entries per block (the compiled helper's TV_BLOCK: tvlang.ops.native.BLOCK)
 BLOCK = 1 << 14
 #: entries per piece when a whole tensor is summed
 PIECE = 1 << 20
 
 
-ROWS = 64  # blocks multiplied in float64 at a time (8 MiB of temporaries)
+ROWS = 64  # blocks converted to float64 at a time (8 MiB of temporaries)
 _UNIT_BITS = 1074  # 2**-1074 is the smallest float64: every finite float is a whole number of these
+
+
+def block_values(first: torch.Tensor, second: torch.Tensor | None = None, *, l1: bool = False) -> list[float]:
+    """One float64 sum per row of ``first`` (rows of :data:`BLOCK` entries, or one shorter row):
+    of ``first * second``, of ``first * first`` (``second`` ``None``) or of ``|first|`` (``l1``).
+
+    Each term is exact in float64 for float32, bfloat16 and float16 entries (a product of two
+    24-bit significands fits in 53 bits). A row, zero-padded to ``BLOCK`` entries, is summed by a
+    fixed halving tree: ``s[q] = t[q] + t[q + BLOCK/2]``, then ``s[q] += s[q + h]`` for ``h`` from
+    ``BLOCK/4`` down to 1. Every addition is one IEEE float64 addition in an order fixed here, so
+    the compiled helper (tvlang.ops.native.block_sums_f32, float32 on the CPU) and the torch loop
+    below (any other dtype or device) give the same bits, and so does the torch-free executor
+    (tvlang.run.direct). float64 entries (``dtype="float64"``) are rounded once per product.
+
+    >>> block_values(torch.tensor([[3.0, -4.0]])), block_values(torch.tensor([[3.0, -4.0]]), l1=True)
+    ([25.0], [7.0])
+    """
+    rows, width = first.shape
+    if first.is_contiguous() and (second is None or second.is_contiguous()):
+        from tvlang.ops.native import block_sums_f32
+
+        found = block_sums_f32(first.reshape(-1), None if second is None else second.reshape(-1), l1)
+        if found is not None:
+            return found
+    values: list[float] = []
+    for start in range(0, rows, ROWS):
+        x = first[start:start + ROWS].to(torch.float64)
+        if l1:
+            terms = x.abs()  # not in place: .to() returns a float64 input itself
+        else:
+            terms = x * (x if second is None else second[start:start + ROWS].to(torch.float64))
+        if width < BLOCK:
+            terms = torch.nn.functional.pad(terms, (0, BLOCK - width))
+        half = BLOCK
+        while half > 1:
+            half //= 2
+            terms = terms[:, :half] + terms[:, half:2 * half]
+        values += terms[:, 0].tolist()
+    return values
 
 
 class ExactSum:
@@ -186,12 +226,7 @@ class BlockSums:
     over whole or in pieces (in order; a new tensor name starts a new tensor).
 
     A block cut by a piece's end is completed from the next piece, so the blocks, and the
-    bits, do not depend on the cuts. Squares go through ``vector_norm`` in float64 (no
-    overflow for large float32 values); products in float64 (exact for float32 values),
-    a few rows at a time; ``l1``: magnitudes, by ``vector_norm`` of order 1 in float64 (the
-    L1 norms of ``rescale_by="l1"``: tvlang/ops/dare.py). Not :class:`tvlang.ops.sums.Sums` (the same idea for kernels
-    fed pieces of any length), which converts every entry to float64 before squaring:
-    several times slower, and a reduction pass reads the whole model.
+    bits, do not depend on the cuts; each block by :func:`block_values`.
     """
 
     def __init__(self, products: bool, *, l1: bool = False) -> None:
@@ -222,14 +257,7 @@ class BlockSums:
         return self.sum.value()
 
     def _add_rows(self, rows: list[torch.Tensor]) -> None:
-        if self.products:  # in float64, ROWS rows at a time: exact products of float32 values
-            values = torch.cat([torch.sum(rows[0][i:i + ROWS].to(torch.float64).mul_(rows[1][i:i + ROWS]), dim=1)
-                                for i in range(0, rows[0].shape[0], ROWS)])
-        elif self.l1:
-            values = torch.linalg.vector_norm(rows[0], 1, dim=1, dtype=torch.float64)
-        else:
-            values = torch.linalg.vector_norm(rows[0], dim=1, dtype=torch.float64).square_()
-        self.sum.add_all(values.tolist())
+        self.sum.add_all(block_values(rows[0], rows[1] if self.products else None, l1=self.l1))
 
 
 class Sums:
