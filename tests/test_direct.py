@@ -8,6 +8,7 @@ for byte; the values are also checked against a naive eager computation.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -186,7 +187,8 @@ def test_recipe_file_with_load_paths_records_them_relative(models, tmp_path, mon
 
 @pytest.mark.parametrize("text", ["pre + 0.5*(a - pre)", "pre + dare(a - pre, 0.9, seed=2)",
                                   "pre + dare_ties(a - pre, a - pre, p=0.5)",
-                                  "pre + ties(a - pre, a - pre, density=0.3)"])
+                                  "pre + ties(a - pre, a - pre, density=0.3)", "slerp(pre, a, t=0.3)",
+                                  "model_stock(pre, a, a, a)"])
 def test_the_command_imports_no_torch(models, tmp_path, text):
     _, paths, _ = models
     out = tmp_path / "merged"
@@ -203,7 +205,8 @@ def test_the_command_imports_no_torch(models, tmp_path, text):
 
 
 @pytest.mark.parametrize("case", ["f64", "nonfinite-bf16", "kernel", "reduction", "prefixed", "device", "dare-l1",
-                                  "dare_ties-weights", "per-tensor-weights", "ties-l1", "ties-and-dare"])
+                                  "dare_ties-weights", "per-tensor-weights", "ties-l1", "ties-and-dare",
+                                  "filter_wise", "nuslerp-rows", "slerp-and-ties"])
 def test_what_it_leaves_to_the_local_executor(models, tmp_path, case):
     root, paths, sd = models
     bindings = dict(paths)
@@ -219,6 +222,12 @@ def test_what_it_leaves_to_the_local_executor(models, tmp_path, case):
         text = "pre + topk(a - pre, 0.5)"
     elif case == "ties-l1":  # its norms are a pass of their own
         text = 'pre + ties(a - pre, b - pre, density=0.5, rescale_by="l1")'
+    elif case == "filter_wise":  # a ratio per row: the local executor's
+        text = "model_stock(pre, a, b, filter_wise=true)"
+    elif case == "nuslerp-rows":
+        text = "nuslerp(a, b, 0.5, flatten=false)"
+    elif case == "slerp-and-ties":  # one kind of pass before the main one
+        text = "slerp(pre, a, t=0.5) + ties(a - pre, b - pre, density=0.5)"
     elif case == "ties-and-dare":  # the thresholds' passes would draw the masks again
         text = "pre + ties(a - pre, b - pre, density=0.5) + dare(b - pre, 0.5)"
     elif case == "reduction":  # a coefficient computed from the weights: a pass before the main one
@@ -271,7 +280,7 @@ def test_an_output_that_is_an_input_is_refused(models, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("text", ["pre + 0.5*(a - pre)", "pre + dare(a - pre, 0.5)",
-                                  "pre + ties(a - pre, b - pre, density=0.3)"])
+                                  "pre + ties(a - pre, b - pre, density=0.3)", "slerp(pre, a, t=0.5)"])
 @pytest.mark.parametrize("at", [2, 5])
 def test_ctrl_c_leaves_nothing(models, tmp_path, monkeypatch, text, at):
     """Interrupted on the main thread or (ties) on the thread that finds the next tensor's
@@ -552,6 +561,8 @@ PER_TENSOR_RECIPES = [
     "pre + ties(a - pre, b - pre, density=layers(0.1, 0.5, 1))",
     'pre + dare(a - pre, layers(0.2, 0.9), seed=where("*mlp*", 1, 2))',
     "pre + dare_linear(a - pre, b - pre, p=0.5, weights=[layers(0, 1), 0.5], merge=\"weighted_mean\")",
+    "slerp(pre, a, t=layers(0, 0.5, 1))",
+    'nuslerp(a, b, where("*norm*", 0.2, 0.9))',
 ]
 
 
@@ -565,3 +576,79 @@ def test_per_tensor_options_same_bytes(models, tmp_path, monkeypatch, text):
                                                 allow_unused=True)
     assert fast_files == local_files
     same_report(fast, local, tmp_path)
+
+
+GRAM_RECIPES = [
+    "slerp(pre, a, t=0.3)",
+    "model_stock(pre, a, b, c)",
+    "nuslerp(a, b, 0.4)",
+    "pre + nuslerp(a - pre, b - pre, 0.7)",
+    "pre + multislerp(a - pre, b - pre, c - pre, weights=[1, 2, 3])",
+    "pre + multislerp(a - pre, b - pre, normalize_weights=false, weights=[0.5, 0.25])",
+    "pre + karcher(a - pre, b - pre, c - pre)",
+    "slerp(slerp(pre, a, t=0.3), b, t=0.6)",  # a call's result is another's input: a second pass
+    "slerp(pre, z, t=0.3) + slerp(z - pre, b - pre, t=0.5)",  # z is pre: colinear (linear); a zero norm
+]
+
+
+@pytest.mark.parametrize("chunk", [1 << 18, 3 * (1 << 14)])
+@pytest.mark.parametrize("text", GRAM_RECIPES)
+def test_gram_merges_same_bytes(tmp_path, monkeypatch, text, chunk):
+    """slerp, model_stock, nuslerp, multislerp and karcher run here: the block sums of
+    tvlang.ops.sums (the helper's, as the local executor sums), the kernels' own coefficients and
+    torch's mul and add. The same bytes as the local executor's, and the same tensors as the
+    whole-tensor kernels (a naive eager evaluation), over a tensor of several blocks and chunks."""
+    paths = big_models(tmp_path / "in")
+    paths["z"] = paths["pre"]
+    monkeypatch.setattr(direct, "CHUNK_ELEMENTS", chunk)
+    fast, local, fast_files, local_files = both(monkeypatch, tmp_path, text, paths, {"out": "merged.safetensors"},
+                                                allow_unused=True)
+    assert fast_files == local_files
+    same_report(fast, local, tmp_path)
+    sd = {name: load_file(os.path.join(path, "model.safetensors")) for name, path in paths.items()}
+    eager = tvlang.compile(text).evaluate(sd, allow_unused=True)
+    got = load_file(str(tmp_path / "direct" / "merged.safetensors"))
+    for name in sd["pre"]:
+        assert torch.equal(got[name], eager[name]), name
+
+
+def test_gram_merges_by_hand(tmp_path, monkeypatch):
+    """slerp of two orthogonal tensors at t=0.5: both times sin(pi/4)/sin(pi/2); model_stock of two
+    fine-tunes at 60 degrees (c = 0.5, t = 2/3) around a zero base: 1/3 of their sum."""
+    x = torch.zeros(40_000)
+    x[:20_000] = 1.0
+    y = 1.0 - x
+    z = torch.zeros(40_000)
+    u = x.clone()
+    u[20_000:] = 1.0
+    paths = {name: write_checkpoint(str(tmp_path / name), {"w": t}) for name, t in
+             (("x", x), ("y", y), ("z", z), ("u", u))}
+    out = tmp_path / "slerp.safetensors"
+    tvlang.compile("slerp(x, y, t=0.5)").run(paths, str(out), allow_unused=True)
+    half = torch.tensor(math.sin(math.pi / 4), dtype=torch.float32)
+    assert torch.equal(load_file(str(out))["w"], torch.full((40_000,), half.item()))
+    # u makes 45 degrees with x; with x itself the pair mean of cosines is (1 + 2*cos45)/3: take x, u
+    out = tmp_path / "stock.safetensors"
+    tvlang.compile("model_stock(z, x, u)").run(paths, str(out), allow_unused=True)
+    c = math.sqrt(0.5)
+    t = 2 * c / (1 + c)
+    expected = torch.mul(z, 1 - t).add_(x, alpha=t / 2).add_(u, alpha=t / 2)
+    assert torch.equal(load_file(str(out))["w"], expected)
+
+
+def test_exact_block_total_is_the_local_executors():
+    """math.fsum of the block values (this executor) and ExactSum (the local one) round the same
+    exact sum: the same float, with cancellation, huge and tiny values."""
+    from tvlang.ops.sums import ExactSum
+
+    g = torch.Generator().manual_seed(5)
+    for scale in (1e-300, 1.0, 1e200):
+        values = (torch.randn(5000, generator=g, dtype=torch.float64) * scale).tolist()
+        values += [1e16 * scale, -1e16 * scale, 2.0 ** -1074, 3 * 2.0 ** -1075 * 2]
+        exact = ExactSum()
+        exact.add_all(values)
+        assert math.fsum(values) == exact.value()
+    halves = [0.5, 2.0 ** 53, 0.5 + 2.0 ** -52]  # a tie at the rounding point: to even
+    exact = ExactSum()
+    exact.add_all(halves)
+    assert math.fsum(halves) == exact.value() == 2.0 ** 53 + 2.0

@@ -16,7 +16,9 @@ returns ``None`` before anything is written, and the local or Ray executor runs 
   is the compiled helper's in the local executor too), of ``dare``, ``dare_ties`` (unit weights)
   and ``dare_linear`` without ``rescale_by="l1"`` (the masks of tvlang.ops.drops, as the local
   executor draws them), or of ``ties`` (unit weights, an election, ``scope="tensor"``) and
-  ``breadcrumbs``, without ``rescale_by="l1"`` and with no DARE call beside them, and writes;
+  ``breadcrumbs``, without ``rescale_by="l1"`` and with no DARE call beside them, or of ``slerp``,
+  ``model_stock`` (not ``filter_wise``), ``nuslerp`` (flattened), ``multislerp`` and ``karcher``
+  (constant weights; :data:`GRAM_CALLS`, with no threshold or DARE call beside them), and writes;
 - every source the recipe names is a local ``.safetensors`` file, a ``.safetensors.index.json``
   with its shards, or a model directory of either (no Hub reference, LoRA adapter, ``.bin`` file,
   stack, layer range or renaming),
@@ -36,7 +38,9 @@ compares every file with the local executor's), and hands each chunk to the same
 :class:`~tvlang.io.writer.StreamingWriter`, with the same metadata, model card, copied files,
 commit (:func:`tvlang.run.outputs.commit_all`), progress and summary. DARE masks are drawn on
 a second thread, a few blocks ahead; ``ties``' thresholds are found (:class:`_Select`: the local
-executor's window, or its radix select) on another, one tensor ahead of the main pass. A result
+executor's window, or its radix select) on another, one tensor ahead of the main pass, and so are the
+GRAM_CALLS' norms and dot products (:class:`_Gram`: the helper's block sums, as tvlang.ops.sums sums
+them, and the kernels' coefficients from tvlang.ops.coefficients). A result
 that is not finite, or an input that cannot be read as its header says, withdraws what was
 written and leaves the run to the local executor, which reports it as always.
 """
@@ -61,11 +65,19 @@ from tvlang.io.open import find_weights
 from tvlang.io.output_paths import check_distinct_outputs, output_format
 from tvlang.io.safetensors_format import read_header
 from tvlang.language.pertensor import PerTensor
+from tvlang.ops.coefficients import (
+    karcher_coefficients,
+    multislerp_coefficients,
+    nuslerp_coefficients,
+    slerp_factors,
+    stock_factor,
+    stock_pairs,
+)
 from tvlang.ops.context import TensorContext
 from tvlang.ops.drops import CHUNK as DROP_CHUNK
 from tvlang.ops.drops import DropRule
 from tvlang.ops.names import count_layers
-from tvlang.ops.native import MERGE_CODES, window_gather
+from tvlang.ops.native import BLOCK, MERGE_CODES, window_gather
 from tvlang.ops.pertensor import resolve_options
 from tvlang.ops.ranks import (
     bits_to_float,
@@ -112,6 +124,11 @@ THRESHOLD_CALLS = {"ties": ("count", "density", "elect", "elect_on", "merge", "r
 DROP_CALLS = {"dare": ("p", "rescale", "rescale_by", "seed"),
               "dare_ties": ("elect", "elect_on", "merge", "p", "rescale", "rescale_by", "seed", "weights"),
               "dare_linear": ("merge", "p", "rescale", "rescale_by", "seed", "weights")}
+#: the merges whose result is a weighted sum of their inputs with coefficients from the inputs' norms and
+#: dot products (tvlang.ops.coefficients), found in a pass before the main one by the helper's block
+#: sums, as tvlang.ops.sums sums them; each with its options (not beside a threshold or DARE call)
+GRAM_CALLS = {"slerp": ("t",), "model_stock": ("filter_wise",), "nuslerp": ("flatten", "row_wise", "t"),
+              "multislerp": ("eps", "normalize_weights", "weights"), "karcher": ("max_iter", "tol", "weights")}
 _PREFIXES = ("hf:", "lora:")  # a Hub reference or an adapter: another executor's
 _F32 = ("float32", "torch.float32")
 # codes of the tensors the local executor copies from the base (not floating point), and numpy's types
@@ -233,6 +250,8 @@ def _runnable(plan: Plan) -> bool:
     calls = {step.name for step in program.steps if step.op == "call"}
     if calls & set(THRESHOLD_CALLS) and calls & set(DROP_CALLS):
         return False  # the thresholds' passes would draw DARE's masks again
+    if calls & set(GRAM_CALLS) and calls & {*THRESHOLD_CALLS, *DROP_CALLS}:
+        return False  # one kind of pass before the main one
     for step in program.steps:
         if step.op in ("read", "write"):
             continue
@@ -253,6 +272,8 @@ def _call_runnable(name: str, options: dict, n_inputs: int) -> bool:
     constant or a per-tensor value: :func:`_number`)."""
     if name in NATIVE_CALLS:
         return sorted(options) == sorted(NATIVE_CALLS[name]) and all(map(_number, options.values()))
+    if name in GRAM_CALLS:
+        return sorted(options) == sorted(GRAM_CALLS[name]) and _gram_runnable(name, options, n_inputs)
     if name in THRESHOLD_CALLS:
         if sorted(options) != sorted(THRESHOLD_CALLS[name]) or not _number(options["density"]):
             return False
@@ -277,6 +298,23 @@ def _call_runnable(name: str, options: dict, n_inputs: int) -> bool:
     if name == "dare_ties":
         return _unit_merge(options, n_inputs)
     return True
+
+
+def _gram_runnable(name: str, options: dict, n_inputs: int) -> bool:
+    """Whether a GRAM_CALLS call is its flattened, per-tensor form with numbers for its scalars
+    (``filter_wise``, ``flatten=false``: per row, the local executor's)."""
+    if name == "slerp":
+        return n_inputs == 2 and _number(options["t"])
+    if name == "model_stock":
+        return n_inputs >= 3 and options["filter_wise"] is False
+    if name == "nuslerp":
+        return n_inputs == 2 and options["flatten"] is True and _number(options["t"])
+    weights = options["weights"]
+    if not isinstance(weights, tuple) or not all(type(w) in (float, int) for w in weights):
+        return False
+    if name == "multislerp":
+        return type(options["normalize_weights"]) is bool and _number(options["eps"])
+    return _number(options["max_iter"]) and _number(options["tol"])
 
 
 def _number(value: object) -> bool:
@@ -495,7 +533,7 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
         models = [w for name, w in writers.items() if plan.output_kind(name) == "model"]
         num_layers = count_layers(base.order)  # as the local executor's layout counts them
         ahead = _Ahead(program, bound, lib, every, drawing, num_layers) if any(
-            step.op == "call" and step.name in THRESHOLD_CALLS for step in program.steps) else None
+            step.op == "call" and step.name in (*THRESHOLD_CALLS, *GRAM_CALLS) for step in program.steps) else None
         for position, info in enumerate(every):
             numel = _numel(info.shape)
             if info.dtype not in _FLOATS:
@@ -746,6 +784,77 @@ class _Trims:
             window.apply(x, out)
 
 
+class _Gram:
+    """A GRAM_CALLS call over one tensor: the sums of squares and products of its inputs (of
+    model_stock's offsets ``m_i - base``), then its coefficients, then the weighted sum.
+
+    The sums are tvlang.ops.sums': one float64 value per block of ``BLOCK`` entries from the
+    tensor's first (the helper's tv_block_sums_f32, which the local executor calls too; a chunk
+    is a whole number of blocks), the block values added exactly (``math.fsum``, correctly
+    rounded, as ``ExactSum.value()`` rounds the same exact sum). The coefficients are
+    tvlang.ops.coefficients', the kernels' own. The weighted sum is the kernels' torch calls:
+    ``mul`` by the first coefficient, then ``add_(x, alpha=c)`` for each other input (for
+    nuslerp, multislerp and karcher, tvlang.ops.gram.combine's, only where ``c != 0``)."""
+
+    def __init__(self, name: str, options: dict, n_inputs: int, numel: int, tensor: str) -> None:
+        self.name, self.options, self.tensor = name, options, tensor
+        self.offsets = name == "model_stock"
+        vectors = n_inputs - 1 if self.offsets else n_inputs
+        self.vectors = vectors
+        self.pairs = stock_pairs(vectors) if self.offsets else [(i, j) for i in range(vectors)
+                                                                 for j in range(i, vectors)]
+        self.blocks = numpy.empty((len(self.pairs), -(-numel // BLOCK)), dtype=numpy.float64)
+        self.at = 0  # blocks summed
+        self.coefficients: list[float] | None = None
+        self.always = name in ("slerp", "model_stock")  # their kernels add every input, even times 0
+
+    def observe(self, pieces: list, scratch: list | None, lib) -> None:
+        """Sum the next entries of the inputs (a whole number of blocks, or the tensor's last)."""
+        count = len(pieces[0])
+        if self.offsets:
+            base = pieces[0]
+            pieces = [numpy.subtract(m, base, out=buffer[:count]) for m, buffer in zip(pieces[1:], scratch)]
+        for row, (i, j) in zip(self.blocks, self.pairs):
+            lib.tv_block_sums_f32(pieces[i].ctypes.data, pieces[j].ctypes.data, count, 0, row[self.at:].ctypes.data)
+        self.at += -(-count // BLOCK)
+
+    def finish(self) -> None:
+        """The coefficients, from the sums; not finite, or a merge that stops with an error (the
+        local executor's to report): the run goes to the local executor."""
+        if not numpy.isfinite(self.blocks).all():
+            raise _Fallback
+        sums = [math.fsum(row) for row in self.blocks.tolist()]
+        options = self.options
+        if self.offsets:
+            t = stock_factor(sums, self.vectors)
+            self.coefficients = [1.0 - t] + [t / self.vectors] * self.vectors
+            return
+        g = [[0.0] * self.vectors for _ in range(self.vectors)]
+        for (i, j), value in zip(self.pairs, sums):
+            g[i][j] = g[j][i] = value
+        try:
+            if self.name == "slerp":
+                self.coefficients = list(slerp_factors([g[0][0], g[1][1], g[0][1]], float(options["t"])))
+            elif self.name == "nuslerp":
+                self.coefficients = nuslerp_coefficients(g, float(options["t"]))
+            elif self.name == "multislerp":
+                self.coefficients = multislerp_coefficients(g, options["weights"], options["normalize_weights"],
+                                                            float(options["eps"]), self.tensor)
+            else:
+                self.coefficients = karcher_coefficients(g, options["weights"], int(options["max_iter"]),
+                                                         float(options["tol"]))
+        except TvlangError:
+            raise _Fallback from None
+
+    def apply(self, pieces: list, target, lib) -> None:
+        count = len(target)
+        first, *rest = self.coefficients
+        lib.tv_scale_f32(pieces[0].ctypes.data, first, count, target.ctypes.data)
+        for x, c in zip(pieces[1:], rest):
+            if self.always or c != 0.0:
+                lib.tv_axpy_f32(target.ctypes.data, x.ctypes.data, c, count)
+
+
 def _below(value: float) -> float:
     """The largest float32 below ``value`` (a positive float32): tvlang.ops.common.below's."""
     return float(numpy.nextafter(numpy.float32(value), numpy.float32(-math.inf)))
@@ -759,19 +868,21 @@ def _floats(info) -> int:
 def _workspace(program) -> tuple[list, list, dict]:
     """The buffers a thread runs the program's steps in, a chunk at a time: one per step, the 16-bit
     entries of each read and write before or after conversion, and each input's drop or trim of the
-    calls that merge several."""
+    calls that merge several (model_stock: each model's offset from the base)."""
     buffers = [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.float32) if step.op != "write" else None
                for step in program.steps]
     halves = [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.uint16) if step.op in ("read", "write") else None
               for step in program.steps]
+    merging = (*DROP_CALLS, *THRESHOLD_CALLS, "model_stock")
     drops = {index: [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.float32) for _ in step.srcs]
              for index, step in enumerate(program.steps)
-             if step.op == "call" and step.name in (*DROP_CALLS, *THRESHOLD_CALLS) and step.name != "dare"}
+             if step.op == "call" and step.name in merging and step.name != "dare"}
     return buffers, halves, drops
 
 
 class _Ahead:
-    """The passes before the main one (the thresholds of ties and breadcrumbs) of the next tensor, on
+    """The passes before the main one (the thresholds of ties and breadcrumbs, or the sums of the
+    GRAM_CALLS) of the next tensor, on
     a second thread while this one runs the main pass of the one before: in its own buffers, with its
     own descriptors of the inputs (a copy of each ``_Input``), one tensor ahead. ties at 1.5 GB: the thresholds' passes
     took 2.5 s of 7.3 s on this thread."""
@@ -786,13 +897,15 @@ class _Ahead:
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="tvlang-thresholds")
         self.stop = threading.Event()
         self.next: tuple[int, dict, Future | None] | None = None
+        grams = any(step.op == "call" and step.name in GRAM_CALLS for step in program.steps)
+        self.find = _find_sums if grams else _find_thresholds
 
     def _start(self, position: int) -> tuple[int, dict, Future | None]:
         info = self.every[position]
         streams = _streams(self.program, info.name, _floats(info), self.drawing, self.num_layers)
         future = None
         if _floats(info):
-            future = self.thread.submit(_find_thresholds, self.program, self.bound, info, _numel(info.shape),
+            future = self.thread.submit(self.find, self.program, self.bound, info, _numel(info.shape),
                                         *self.workspace, streams, self.lib, self.stop)
         return position, streams, future
 
@@ -868,12 +981,41 @@ def _find_thresholds(program, bound: _Bound, info, numel: int, buffers: list, ha
             ranges = None
 
 
+def _find_sums(program, bound: _Bound, info, numel: int, buffers: list, halves: list, drops: dict,
+               streams: dict, lib, stop: threading.Event) -> None:
+    """Before the main pass over tensor ``info``: the sums and coefficients of its GRAM_CALLS calls
+    (:class:`_Gram`), in one pass over the tensor for the calls whose inputs need no coefficient
+    still unknown, each pass running only the steps their inputs need (a call whose input is
+    another's result: a second pass, after the first call's coefficients); ``stop`` set: given up."""
+    pending = [index for index, step in enumerate(program.steps) if step.op == "call" and step.name in GRAM_CALLS]
+    needs = {index: set(needed_steps(program, {index})) - {index} for index in pending}
+    while pending:
+        group = [index for index in pending if not needs[index] & set(pending)]
+        pending = [index for index in pending if index not in group]
+        needed = set().union(*(needs[index] for index in group))
+
+        def observer(index: int):
+            return lambda pieces: streams[index].observe(pieces, drops.get(index), lib)
+
+        observing = {index: observer(index) for index in group}
+        span = CHUNK_ELEMENTS // BLOCK * BLOCK  # whole blocks a chunk (CHUNK_ELEMENTS is a multiple of BLOCK)
+        if not span:
+            raise _Fallback
+        for start in range(0, numel, span):
+            if stop.is_set():
+                return
+            _chunk(program, bound, info, start, min(numel - start, span), buffers, halves, drops, streams,
+                   {}, lib, check=False, only=needed, observing=observing)
+        for index in group:
+            streams[index].finish()
+
+
 def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor, num_layers: int | None) -> dict[int, Any]:
     """Each call's state for tensor ``name`` of ``numel`` entries, its per-tensor options resolved
     for that name (tvlang.ops.pertensor, with the base's layer count, as the local executor's
     TensorContext): a DARE call's drop rule, masks (one stream per input, input ``i``'s from where
     the whole-tensor kernel's shared stream reaches it, as tvlang.ops.chunks draws them) and
-    options, a ties call's trims, the options of the others."""
+    options, a ties call's trims, a GRAM_CALLS call's sums, the options of the others."""
     streams: dict[int, Any] = {}
     context = TensorContext(name, num_layers=num_layers)
     for index, step in enumerate(program.steps):
@@ -882,6 +1024,8 @@ def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor, num_la
         options = resolve_options(step.options, context)
         if step.name in THRESHOLD_CALLS:
             streams[index] = _Trims(step.name, options, len(step.srcs), numel)
+        elif step.name in GRAM_CALLS:
+            streams[index] = _Gram(step.name, options, len(step.srcs), numel, name)
         elif step.name in DROP_CALLS:
             rule = DropRule(float(options["p"]), options["rescale"])
             masks = []
@@ -962,6 +1106,10 @@ def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, 
                 for i, (src, part) in enumerate(zip(step.srcs, parts)):
                     trims.trim(i, slots[src], part, lib)
                 _sign_merge(trims.options, parts, target, lib)
+            slots[step.dst] = target
+        elif op == "call" and step.name in GRAM_CALLS:  # the weighted sum, its coefficients found
+            target = buffers[index][:count]
+            streams[index].apply([slots[s] for s in step.srcs], target, lib)
             slots[step.dst] = target
         elif op == "call":  # nearswap or ram (NATIVE_CALLS), as tvlang.ops.native calls them
             target = buffers[index][:count]
