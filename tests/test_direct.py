@@ -234,8 +234,8 @@ def test_what_it_leaves_to_the_local_executor(models, tmp_path, case):
         text = "pre + 0.1*(a - pre)/norm(a - pre)"
     elif case == "per-tensor-weights":  # ties' sign merge in the helper: unit weights, known before the run
         text = "pre + ties(a - pre, b - pre, density=0.5, weights=[layers(0, 1), 1])"
-    elif case == "dare-l1":  # its norms are a pass before the main one
-        text = 'pre + dare(a - pre, 0.5, rescale_by="l1")'
+    elif case == "dare-l1":  # its norms' pass would run the call before it (its masks are the main pass's)
+        text = 'pre + dare(dare(a - pre, 0.5), 0.5, rescale_by="l1")'
     elif case == "dare_ties-weights":  # the helper's sign merge takes unit weights only
         text = "pre + dare_ties(a - pre, b - pre, p=0.5, weights=[0.5, 1])"
     elif case == "prefixed":
@@ -419,6 +419,11 @@ DARE_RECIPES = [
     "pre + dare_ties(a - pre, b - pre, a - b, p=0.4, elect=\"frequency\", merge=\"sum\", seed=3, weights=[1, 1, 1])",
     "pre + dare_linear(a - pre, b - pre, p=0.6, weights=[0.3, 0.9], merge=\"weighted_mean\")",
     "pre + dare_linear(a - pre, b - pre, p=0.6, merge=\"mean\", seed=5) + dare_linear(a - pre, b - pre, p=0.2)",
+    # rescale_by="l1": the norms and keep flags in a pass before the main one
+    'pre + dare(a - pre, 0.5, rescale_by="l1")',
+    'pre + dare_ties(a - pre, b - pre, p=0.7, rescale_by="l1")',
+    'pre + dare_linear(a - pre, b - pre, p=0.6, weights=[0.3, 0.9], rescale_by="l1") + dare(a - b, 0.3)'
+    ' + dare(b - pre, 0.0, rescale_by="l1") + dare(a - pre, 1.0, rescale_by="l1")',
 ]
 
 
@@ -652,3 +657,25 @@ def test_exact_block_total_is_the_local_executors():
     exact = ExactSum()
     exact.add_all(halves)
     assert math.fsum(halves) == exact.value() == 2.0 ** 53 + 2.0
+
+
+@pytest.mark.parametrize("chunk", [1 << 18, 1 << 19, 3 * (1 << 14)])
+def test_dare_l1_across_blocks(tmp_path, monkeypatch, chunk):
+    """rescale_by="l1" over a tensor of several blocks of words and of sums, in chunks that cut
+    them: the same bytes as the local executor, the same tensors as the whole-tensor kernels, and
+    each input's drop restored to its L1 norm (to float32 rounding)."""
+    paths = big_models(tmp_path / "in")
+    monkeypatch.setattr(direct, "CHUNK_ELEMENTS", chunk)
+    text = 'pre + dare(a - pre, 0.9, seed=4, rescale_by="l1") + dare_ties(b - pre, c - pre, p=0.5, rescale_by="l1")'
+    fast, local, fast_files, local_files = both(monkeypatch, tmp_path, text, paths, {"out": "merged.safetensors"},
+                                                allow_unused=True)
+    assert fast_files == local_files
+    got = load_file(str(tmp_path / "direct" / "merged.safetensors"))
+    sd = {name: load_file(os.path.join(path, "model.safetensors")) for name, path in paths.items()}
+    eager = tvlang.compile(text).evaluate(sd, allow_unused=True)
+    for name in sd["pre"]:
+        assert torch.equal(got[name], eager[name]), name
+    one = tvlang.compile('dare(a - pre, 0.9, seed=4, rescale_by="l1")').evaluate(sd, allow_unused=True)["big"]
+    delta = sd["a"]["big"] - sd["pre"]["big"]
+    assert one.abs().double().sum().item() == pytest.approx(delta.abs().double().sum().item(), rel=1e-6)
+    assert 0.09 < one.ne(0).double().mean().item() < 0.11

@@ -25,14 +25,11 @@ import torch
 
 from tvlang.ops.common import fresh, helper_thread, kernel_of
 from tvlang.ops.context import TensorContext
-from tvlang.ops.drops import CHUNK, DropRule
+from tvlang.ops.drops import CHUNK, L1_EPS, DropRule, l1_factor
 from tvlang.ops.sums import PIECE, BlockSums, Sums
 
 __all__ = ["dare", "random_like", "Noise", "noise_scale", "drop_random", "Dropper", "restore_l1", "L1Norms", "L1_EPS"]
 
-#: mergekit 0.1.5's ``rescaled_masked_tensor`` leaves a tensor unscaled when its L1 norm
-#: before or after the mask is below this
-L1_EPS = 1e-7
 
 AHEAD = 4  # blocks a Dropper has drawn ahead of the one in use (4 MiB of float32 masks)
 
@@ -169,8 +166,7 @@ class L1Norms:
         :data:`L1_EPS`, as mergekit 0.1.5's ``rescaled_masked_tensor``."""
         out: list[float | None] = []
         for before, after in self.sums:
-            b, a = before.value(), after.value()
-            out.append(b / a if b >= L1_EPS and a >= L1_EPS else None)
+            out.append(l1_factor(before.value(), after.value()))
         return out
 
 

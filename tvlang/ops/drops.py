@@ -32,9 +32,22 @@ import numpy
 
 from tvlang.ops.native import drop_mask_f32
 
-__all__ = ["CHUNK", "DropRule"]
+__all__ = ["CHUNK", "DropRule", "L1_EPS", "l1_factor"]
 
 CHUNK = 1 << 18  # entries per block of words
+#: mergekit 0.1.5's ``rescaled_masked_tensor`` leaves a tensor unscaled when its L1 norm
+#: before or after the mask is below this
+L1_EPS = 1e-7
+
+
+def l1_factor(before: float, after: float) -> float | None:
+    """``rescale_by="l1"``: the factor that restores an input's L1 norm ``before`` to its drop, whose
+    norm is ``after``; ``None`` (left unscaled) when either is below :data:`L1_EPS`.
+
+    >>> l1_factor(6.0, 4.0), l1_factor(6.0, 0.0)
+    (1.5, None)
+    """
+    return before / after if before >= L1_EPS and after >= L1_EPS else None
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,10 @@ returns ``None`` before anything is written, and the local or Ray executor runs 
   coefficients (no per-tensor values), calls with constant or per-tensor options (``layers()``,
   ``where()``, resolved for each tensor) of ``nearswap`` and ``ram`` (kernels whose float32 loop
   is the compiled helper's in the local executor too), of ``dare``, ``dare_ties`` (unit weights)
-  and ``dare_linear`` without ``rescale_by="l1"`` (the masks of tvlang.ops.drops, as the local
-  executor draws them), or of ``ties`` (unit weights, an election, ``scope="tensor"``) and
-  ``breadcrumbs``, without ``rescale_by="l1"`` and with no DARE call beside them, or of ``slerp``,
+  and ``dare_linear`` (the masks of tvlang.ops.drops, as the local executor draws them; with
+  ``rescale_by="l1"``, only where the call's inputs need no other call), or of ``ties`` (unit
+  weights, an election, ``scope="tensor"``) and ``breadcrumbs``, without ``rescale_by="l1"`` and with
+  no DARE call beside them, or of ``slerp``,
   ``model_stock`` (not ``filter_wise``), ``nuslerp`` (flattened), ``multislerp`` and ``karcher``
   (constant weights; :data:`GRAM_CALLS`, with no threshold or DARE call beside them), and writes;
 - every source the recipe names is a local ``.safetensors`` file, a ``.safetensors.index.json``
@@ -75,7 +76,7 @@ from tvlang.ops.coefficients import (
 )
 from tvlang.ops.context import TensorContext
 from tvlang.ops.drops import CHUNK as DROP_CHUNK
-from tvlang.ops.drops import DropRule
+from tvlang.ops.drops import DropRule, l1_factor
 from tvlang.ops.names import count_layers
 from tvlang.ops.native import BLOCK, MERGE_CODES, window_gather
 from tvlang.ops.pertensor import resolve_options
@@ -114,8 +115,8 @@ ARITHMETIC_OPS = ("set", "add", "scale", "axpy")
 #: kernels this executor runs, and their options: their chunk forms in the local executor call the
 #: same loops of the helper (tvlang.ops.nearswap, tvlang.ops.ram, and the DARE masks and sign merge
 #: of tvlang.ops.drops and tvlang.ops.ties) or the same IEEE operations (a product, a division), so
-#: the bits are the same; DROP_CALLS take a ``rescale_by="l1"`` only without ``rescale`` (its norms
-#: are a pass before the main one), dare_ties unit weights only (the helper's sign merge)
+#: the bits are the same; DROP_CALLS with ``rescale_by="l1"`` find their norms in a pass before the
+#: main one (:class:`_L1`); dare_ties takes unit weights only (the helper's sign merge)
 NATIVE_CALLS = {"nearswap": ("t",), "ram": ("epsilon",)}
 #: ties and breadcrumbs, with their thresholds found before the main pass (not beside a DARE call:
 #: those passes run the steps their inputs need again, and would draw its masks again)
@@ -252,6 +253,9 @@ def _runnable(plan: Plan) -> bool:
         return False  # the thresholds' passes would draw DARE's masks again
     if calls & set(GRAM_CALLS) and calls & {*THRESHOLD_CALLS, *DROP_CALLS}:
         return False  # one kind of pass before the main one
+    for index, step in enumerate(program.steps):
+        if _l1_call(step) and any(program.steps[i].op == "call" for i in needed_steps(program, {index}) if i != index):
+            return False  # its norms' pass would run the call before it, whose masks or norms are the main pass's
     for step in program.steps:
         if step.op in ("read", "write"):
             continue
@@ -286,7 +290,7 @@ def _call_runnable(name: str, options: dict, n_inputs: int) -> bool:
         return False
     if not _number(options["p"]) or not _number(options["seed"]):
         return False
-    if type(options["rescale"]) is not bool or (options["rescale"] and options["rescale_by"] != "probability"):
+    if type(options["rescale"]) is not bool or options["rescale_by"] not in ("probability", "l1"):
         return False
     if name == "dare":
         return True
@@ -298,6 +302,13 @@ def _call_runnable(name: str, options: dict, n_inputs: int) -> bool:
     if name == "dare_ties":
         return _unit_merge(options, n_inputs)
     return True
+
+
+def _l1_call(step) -> bool:
+    """Whether ``step`` is a DARE call that restores each input's L1 norm (``rescale_by="l1"``): the
+    norms before and after the drop are a pass before the main one (:class:`_L1`)."""
+    return (step.op == "call" and step.name in DROP_CALLS and dict(step.options).get("rescale") is True
+            and dict(step.options).get("rescale_by") == "l1")
 
 
 def _gram_runnable(name: str, options: dict, n_inputs: int) -> bool:
@@ -533,7 +544,8 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
         models = [w for name, w in writers.items() if plan.output_kind(name) == "model"]
         num_layers = count_layers(base.order)  # as the local executor's layout counts them
         ahead = _Ahead(program, bound, lib, every, drawing, num_layers) if any(
-            step.op == "call" and step.name in (*THRESHOLD_CALLS, *GRAM_CALLS) for step in program.steps) else None
+            step.op == "call" and step.name in (*THRESHOLD_CALLS, *GRAM_CALLS) or _l1_call(step)
+            for step in program.steps) else None
         for position, info in enumerate(every):
             numel = _numel(info.shape)
             if info.dtype not in _FLOATS:
@@ -784,6 +796,61 @@ class _Trims:
             window.apply(x, out)
 
 
+class _L1:
+    """``rescale_by="l1"`` of a DARE call over one tensor: each input's L1 norm before and after its
+    drop, found in a pass before the main one as tvlang.ops.chunks' ``_Drops`` finds them, and each
+    entry's keep flag from that pass (``numpy.packbits``, a chunk at a time), so the main pass
+    draws no mask again: it multiplies each input by its flags and its factor in one helper loop
+    (``tv_flags_scale_f32``, which the local executor calls too). The norms are the helper's block
+    sums of magnitudes (tvlang.ops.sums: ``BlockSums(l1=True)``), the block values added by
+    ``math.fsum``; the factor is tvlang.ops.drops' ``l1_factor``."""
+
+    def __init__(self, n_inputs: int, numel: int) -> None:
+        self.sums = numpy.empty((n_inputs, 2, -(-numel // BLOCK)), dtype=numpy.float64)  # before, after
+        self.at = 0  # blocks summed
+        self.flags: list[deque] = [deque() for _ in range(n_inputs)]
+        self.factors: list[float | None] = [None] * n_inputs
+
+    def observe(self, rule: DropRule, masks: list, pieces: list, scratch: list, lib) -> None:
+        """The next entries of the inputs (a whole number of blocks, or the tensor's last): each one's
+        drop (its masks, drawn on the masks' thread), their magnitudes' block sums, the flags."""
+        count = len(pieces[0])
+        for i, (x, source, kept) in enumerate(zip(pieces, masks, scratch)):
+            kept = kept[:count]
+            if rule.draws:
+                mask = source.take(count)  # 0 or 1: the rule does not rescale
+                numpy.multiply(x, mask, out=kept)
+                self.flags[i].append(numpy.packbits(mask.view(numpy.uint32) != 0))
+            elif rule.keeps_all:
+                kept[:] = x
+            else:
+                kept.fill(0.0)
+            for side, values in enumerate((x, kept)):
+                lib.tv_block_sums_f32(values.ctypes.data, values.ctypes.data, count, 1,
+                                      self.sums[i, side, self.at:].ctypes.data)
+        self.at += -(-count // BLOCK)
+
+    def finish(self) -> None:
+        if not numpy.isfinite(self.sums).all():
+            raise _Fallback  # the local executor's (its sums keep an infinity apart)
+        self.factors = [l1_factor(math.fsum(before), math.fsum(after)) for before, after in self.sums.tolist()]
+
+    def apply(self, i: int, rule: DropRule, x, part, lib) -> None:
+        """Input ``i``'s next ``len(part)`` entries, dropped and scaled, into ``part``."""
+        count, factor = len(part), self.factors[i]
+        if rule.draws:
+            packed = self.flags[i].popleft()  # held here: its memory must outlive the call
+            lib.tv_flags_scale_f32(x.ctypes.data, packed.ctypes.data, count, factor is not None,
+                                   0.0 if factor is None else factor, part.ctypes.data)
+            return
+        if rule.keeps_all:
+            part[:] = x
+        else:
+            part.fill(0.0)
+        if factor is not None:
+            lib.tv_scale_f32(part.ctypes.data, factor, count, part.ctypes.data)
+
+
 class _Gram:
     """A GRAM_CALLS call over one tensor: the sums of squares and products of its inputs (of
     model_stock's offsets ``m_i - base``), then its coefficients, then the weighted sum.
@@ -868,15 +935,17 @@ def _floats(info) -> int:
 def _workspace(program) -> tuple[list, list, dict]:
     """The buffers a thread runs the program's steps in, a chunk at a time: one per step, the 16-bit
     entries of each read and write before or after conversion, and each input's drop or trim of the
-    calls that merge several (model_stock: each model's offset from the base)."""
+    calls that merge several (model_stock: each model's offset from the base; a ``rescale_by="l1"``
+    call: each input's drop in its norms' pass)."""
     buffers = [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.float32) if step.op != "write" else None
                for step in program.steps]
     halves = [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.uint16) if step.op in ("read", "write") else None
               for step in program.steps]
-    merging = (*DROP_CALLS, *THRESHOLD_CALLS, "model_stock")
+    merging = (*THRESHOLD_CALLS, "model_stock")
     drops = {index: [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.float32) for _ in step.srcs]
              for index, step in enumerate(program.steps)
-             if step.op == "call" and step.name in merging and step.name != "dare"}
+             if step.op == "call" and (step.name in merging or step.name in DROP_CALLS and
+                                       (step.name != "dare" or _l1_call(step)))}
     return buffers, halves, drops
 
 
@@ -898,7 +967,7 @@ class _Ahead:
         self.stop = threading.Event()
         self.next: tuple[int, dict, Future | None] | None = None
         grams = any(step.op == "call" and step.name in GRAM_CALLS for step in program.steps)
-        self.find = _find_sums if grams else _find_thresholds
+        self.find = _find_sums if grams else _find_l1 if any(map(_l1_call, program.steps)) else _find_thresholds
 
     def _start(self, position: int) -> tuple[int, dict, Future | None]:
         info = self.every[position]
@@ -1010,6 +1079,30 @@ def _find_sums(program, bound: _Bound, info, numel: int, buffers: list, halves: 
             streams[index].finish()
 
 
+def _find_l1(program, bound: _Bound, info, numel: int, buffers: list, halves: list, drops: dict,
+             streams: dict, lib, stop: threading.Event) -> None:
+    """Before the main pass over tensor ``info``: the L1 norms and keep flags of its
+    ``rescale_by="l1"`` DARE calls (:class:`_L1`), in one pass over the tensor running the steps
+    their inputs need (no call among them: :func:`_runnable`); ``stop`` set: given up."""
+    calls = [index for index, step in enumerate(program.steps) if _l1_call(step)]
+    needed = set(needed_steps(program, set(calls))) - set(calls)
+
+    def observer(index: int):
+        rule, masks, _, l1 = streams[index]
+        return lambda pieces: l1.observe(rule, masks, pieces, drops[index], lib)
+
+    observing = {index: observer(index) for index in calls}
+    if CHUNK_ELEMENTS % BLOCK:
+        raise _Fallback  # the main pass takes the flags a chunk at a time: whole blocks a chunk
+    for start in range(0, numel, CHUNK_ELEMENTS):
+        if stop.is_set():
+            return
+        _chunk(program, bound, info, start, min(numel - start, CHUNK_ELEMENTS), buffers, halves, drops, streams,
+               {}, lib, check=False, only=needed, observing=observing)
+    for index in calls:
+        streams[index][3].finish()
+
+
 def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor, num_layers: int | None) -> dict[int, Any]:
     """Each call's state for tensor ``name`` of ``numel`` entries, its per-tensor options resolved
     for that name (tvlang.ops.pertensor, with the base's layer count, as the local executor's
@@ -1027,13 +1120,14 @@ def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor, num_la
         elif step.name in GRAM_CALLS:
             streams[index] = _Gram(step.name, options, len(step.srcs), numel, name)
         elif step.name in DROP_CALLS:
-            rule = DropRule(float(options["p"]), options["rescale"])
+            l1 = _l1_call(step)
+            rule = DropRule(float(options["p"]), options["rescale"] and not l1)  # l1: masks of 0 and 1
             masks = []
             for i in range(len(step.srcs)):
                 bits = context.bits(options["seed"])
                 bits.advance(i * rule.words(numel))
                 masks.append(_Masks(rule, bits, numel if rule.draws else 0, drawing))
-            streams[index] = (rule, masks, options)
+            streams[index] = (rule, masks, options, _L1(len(step.srcs), numel) if l1 else None)
         else:
             streams[index] = options
     return streams
@@ -1142,18 +1236,20 @@ def _sign_merge(options: dict, parts: list, target, lib) -> None:
                           MERGE_CODES[options["merge"]], target.ctypes.data)
 
 
-def _drop_call(step, pieces: list, stream: tuple[DropRule, list[_Masks], dict], drops: list | None, target,
+def _drop_call(step, pieces: list, stream: tuple[DropRule, list[_Masks], dict, _L1 | None], drops: list | None, target,
                lib) -> None:
     """A DARE call over the next ``len(target)`` entries of its inputs ``pieces``, into ``target``:
     each input times its block's mask (``x * mask``, as tvlang.ops.dare.Dropper multiplies), then
     for ``dare_ties`` the helper's sign merge (tvlang.ops.ties.sign_merge with unit weights) and for
     ``dare_linear`` ``sign_merge``'s ``elect="none"`` steps: zeros, ``add_(part, alpha=w)`` (a fused
     multiply-add: tv_axpy_f32), and the division of ``"mean"`` or ``"weighted_mean"``."""
-    rule, masks, options = stream
+    rule, masks, options, l1 = stream
     count = len(target)
-    parts = [target] if drops is None else [buffer[:count] for buffer in drops]
-    for x, mask, part in zip(pieces, masks, parts):
-        if rule.draws:
+    parts = [target] if step.name == "dare" else [buffer[:count] for buffer in drops]
+    for i, (x, mask, part) in enumerate(zip(pieces, masks, parts)):
+        if l1 is not None:
+            l1.apply(i, rule, x, part, lib)
+        elif rule.draws:
             numpy.multiply(x, mask.take(count), out=part)
         elif rule.keeps_all:
             part[:] = x
