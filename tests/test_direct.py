@@ -188,7 +188,8 @@ def test_recipe_file_with_load_paths_records_them_relative(models, tmp_path, mon
 @pytest.mark.parametrize("text", ["pre + 0.5*(a - pre)", "pre + dare(a - pre, 0.9, seed=2)",
                                   "pre + dare_ties(a - pre, a - pre, p=0.5)",
                                   "pre + ties(a - pre, a - pre, density=0.3)", "slerp(pre, a, t=0.3)",
-                                  "model_stock(pre, a, a, a)"])
+                                  "model_stock(pre, a, a, a)", "pre + sce(a - pre, 0.5*(a - pre), select_topk=0.5)",
+                                  "pre + dare_ties(a - pre, a - pre, p=0.5, rescale_by='l1')"])
 def test_the_command_imports_no_torch(models, tmp_path, text):
     _, paths, _ = models
     out = tmp_path / "merged"
@@ -206,7 +207,7 @@ def test_the_command_imports_no_torch(models, tmp_path, text):
 
 @pytest.mark.parametrize("case", ["f64", "nonfinite-bf16", "kernel", "reduction", "prefixed", "device", "dare-l1",
                                   "dare_ties-weights", "per-tensor-weights", "ties-l1", "ties-and-dare",
-                                  "filter_wise", "nuslerp-rows", "slerp-and-ties"])
+                                  "filter_wise", "nuslerp-rows", "slerp-and-ties", "sce-and-dare", "sce-nested"])
 def test_what_it_leaves_to_the_local_executor(models, tmp_path, case):
     root, paths, sd = models
     bindings = dict(paths)
@@ -226,6 +227,10 @@ def test_what_it_leaves_to_the_local_executor(models, tmp_path, case):
         text = "model_stock(pre, a, b, filter_wise=true)"
     elif case == "nuslerp-rows":
         text = "nuslerp(a, b, 0.5, flatten=false)"
+    elif case == "sce-and-dare":  # one kind of pass before the main one
+        text = "pre + sce(a - pre, b - pre, select_topk=0.5) + dare(a - pre, 0.5)"
+    elif case == "sce-nested":  # its passes would run the call before it
+        text = "pre + sce(nearswap(a, b, 0.1) - pre, b - pre, select_topk=0.5)"
     elif case == "slerp-and-ties":  # one kind of pass before the main one
         text = "slerp(pre, a, t=0.5) + ties(a - pre, b - pre, density=0.5)"
     elif case == "ties-and-dare":  # the thresholds' passes would draw the masks again
@@ -679,3 +684,45 @@ def test_dare_l1_across_blocks(tmp_path, monkeypatch, chunk):
     delta = sd["a"]["big"] - sd["pre"]["big"]
     assert one.abs().double().sum().item() == pytest.approx(delta.abs().double().sum().item(), rel=1e-6)
     assert 0.09 < one.ne(0).double().mean().item() < 0.11
+
+
+SCE_RECIPES = [
+    "pre + sce(a - pre, b - pre, c - pre, select_topk=0.1)",
+    'pre + sce(a - pre, b - pre, c - pre, select_topk=0.5, count="mergekit")',
+    "pre + sce(a - pre, b - pre, select_topk=1)",
+    "pre + sce(a - pre, b - pre, c - pre, select_topk=0)",
+    "pre + sce(a - pre, select_topk=0.3)",  # one input: no variance is nonzero, nothing selected
+    "pre + 0.5*sce(a - pre, b - pre, select_topk=0.2) + 0.5*sce(b - pre, c - pre, a - b, select_topk=0.7)",
+]
+
+
+@pytest.mark.parametrize("chunk", [1 << 18, 3 * (1 << 14)])
+@pytest.mark.parametrize("data", ["random", "tied"])
+@pytest.mark.parametrize("text", SCE_RECIPES)
+def test_sce_same_bytes(tmp_path, monkeypatch, text, data, chunk):
+    """sce runs here: the variances (the helper's Welford loop, sce.variance's bits), the k largest
+    of them with ties by flat index (thousands tied in the tied data), the squares' block sums and
+    the erase loop: the same bytes as the local executor, the same tensors as the whole kernel."""
+    paths = (big_models if data == "random" else tied_models)(tmp_path / "in")
+    monkeypatch.setattr(direct, "CHUNK_ELEMENTS", chunk)
+    fast, local, fast_files, local_files = both(monkeypatch, tmp_path, text, paths, {"out": "merged.safetensors"},
+                                                allow_unused=True)
+    assert fast_files == local_files
+    sd = {name: load_file(os.path.join(path, "model.safetensors")) for name, path in paths.items()}
+    eager = tvlang.compile(text).evaluate(sd, allow_unused=True)
+    got = load_file(str(tmp_path / "direct" / "merged.safetensors"))
+    for name in sd["pre"]:
+        assert torch.equal(got[name], eager[name]), name
+
+
+def test_sce_keeps_exactly_k_by_hand(tmp_path):
+    """select_topk=0.25 of 8 entries whose variances are 4, 1, 1, 1, 1, 0, 0, 0 (five nonzero: k = 1):
+    the entry of variance 4 only; the erase of two inputs with weights from their mean squares."""
+    a = torch.tensor([2.0, 1.0, 1.0, -1.0, 1.0, 0.0, 3.0, 0.0])
+    b = torch.tensor([-2.0, -1.0, 3.0, 1.0, 3.0, 0.0, 3.0, 0.0])
+    zero = torch.zeros(8)
+    paths = {name: write_checkpoint(str(tmp_path / name), {"w": t}) for name, t in (("pre", zero), ("a", a), ("b", b))}
+    out = tmp_path / "sce.safetensors"
+    tvlang.compile("pre + sce(a - pre, b - pre, select_topk=0.25)").run(paths, str(out))
+    # selected: entry 0 only (a=2, b=-2): squares 4 and 4, weights 1/2; the sum 0 elects +, a agrees
+    assert load_file(str(out))["w"].tolist() == [2.0, 0, 0, 0, 0, 0, 0, 0]

@@ -2,8 +2,9 @@
 sums of squares and products of a tensor's inputs (tvlang.ops.sums), each merge's coefficients.
 
 ``slerp``, ``model_stock``, ``nuslerp`` (flattened), ``multislerp`` and ``karcher`` compute, per
-tensor, a few dot products first and then one weighted sum of their inputs; these functions are
-the step in between, in float64 Python arithmetic. They import no torch, so the torch-free
+tensor, a few dot products first and then one weighted sum of their inputs (``sce``, its inputs'
+weights from their mean squares); these functions are the step in between, in float64 Python
+arithmetic. They import no torch, so the torch-free
 executor (tvlang.run.direct) computes the same coefficients as the kernels (tvlang.ops.slerp,
 tvlang.ops.stock, tvlang.ops.nuslerp, tvlang.ops.sphere), which import them from here.
 
@@ -21,7 +22,8 @@ from collections.abc import Sequence
 from tvlang.errors import TvlangError
 
 __all__ = ["DOT_THRESHOLD", "Gram", "slerp_factors", "stock_ratio", "stock_factor", "stock_pairs",
-           "nuslerp_coefficients", "multislerp_coefficients", "karcher_coefficients", "matvec", "quadratic"]
+           "nuslerp_coefficients", "multislerp_coefficients", "karcher_coefficients", "matvec", "quadratic",
+           "WEIGHT_SUM_EPS", "sce_weights"]
 
 Gram = list[list[float]]
 
@@ -173,3 +175,17 @@ def matvec(g: Gram, c: Sequence[float]) -> list[float]:
 def quadratic(g: Gram, c: Sequence[float]) -> float:
     """``|sum_i c_i x_i|^2 = c^T G c``, never below 0 (rounding)."""
     return max(0.0, sum(ci * gi for ci, gi in zip(c, matvec(g, c))))
+
+
+WEIGHT_SUM_EPS = 1e-6  # mergekit's sce_weight: below this sum, uniform weights
+
+
+def sce_weights(squares: list[float]) -> list[float]:
+    """``sce``: each input's mean square over the sum of them; uniform below ``WEIGHT_SUM_EPS`` (mergekit).
+
+    >>> sce_weights([1.0, 3.0]), sce_weights([0.0, 0.0])
+    ([0.25, 0.75], [0.5, 0.5])
+    """
+    total = sum(squares)
+    m = len(squares)
+    return [1.0 / m] * m if abs(total) < WEIGHT_SUM_EPS else [w / total for w in squares]

@@ -530,3 +530,65 @@ MULTI_VERSION void tv_block_sums_f32(const float *x, const float *y, size_t n, i
         out[b] = s[0];
     }
 }
+
+/* ---- 10. sce (tvlang/ops/sce.py), for the torch-free executor ------------------------------------
+ *
+ * tv_variance_f32: the population variance across k inputs of each of n entries, as sce.variance
+ * computes it with torch: Welford's update in float64 (delta = x - mean; mean += delta / i;
+ * m2 += (x - mean) * delta), then m2 / k rounded to float32; the same IEEE operations in the same
+ * order (no fused multiply-add: -ffp-contract=off), so the same bits.
+ *
+ * tv_sce_erase_f32: sce._erase over n entries of k selected inputs: the elected sign is
+ * sign(sign(x_0 + x_1 + ...) + 0.5) (the float32 sum in input order: 0 elects +; torch's sign, 0 for
+ * a NaN); input i agrees
+ * where sign(x_i) is the elected one; merged and divisor accumulate w_i * (x_i * agree) and
+ * w_i * agree by fused multiply-adds (torch's add_(y, alpha=w)); the result is merged divided by
+ * the divisor clamped to at least 1e-6 (a NaN stays NaN). */
+MULTI_VERSION void tv_variance_f32(const float *const *parts, size_t k, size_t n, float *out) {
+    double mean[TILE], m2[TILE];
+    for (size_t start = 0; start < n; start += TILE) {
+        size_t m = n - start < TILE ? n - start : TILE;
+        for (size_t j = 0; j < m; j++) { mean[j] = 0.0; m2[j] = 0.0; }
+        for (size_t i = 0; i < k; i++) {
+            const float *x = parts[i] + start;
+            double count = (double)(i + 1);
+            for (size_t j = 0; j < m; j++) {
+                double xd = (double)x[j];
+                double delta = xd - mean[j];
+                mean[j] = mean[j] + delta / count;
+                m2[j] = m2[j] + (xd - mean[j]) * delta;
+            }
+        }
+        for (size_t j = 0; j < m; j++) out[start + j] = (float)(m2[j] / (double)k);
+    }
+}
+
+FMA_TARGET void tv_sce_erase_f32(const float *const *parts, size_t k, size_t n, const float *weights, float *out) {
+    float elected[TILE], merged[TILE], divisor[TILE];
+    const float eps = 1e-6f;
+    for (size_t start = 0; start < n; start += TILE) {
+        size_t m = n - start < TILE ? n - start : TILE;
+        for (size_t j = 0; j < m; j++) elected[j] = 0.0f;
+        for (size_t i = 0; i < k; i++)
+            for (size_t j = 0; j < m; j++) elected[j] = elected[j] + parts[i][start + j];
+        for (size_t j = 0; j < m; j++) {
+            elected[j] = torch_sign(torch_sign(elected[j]) + 0.5f);
+            merged[j] = 0.0f;
+            divisor[j] = 0.0f;
+        }
+        for (size_t i = 0; i < k; i++) {
+            const float *x = parts[i] + start;
+            float w = weights[i];
+            for (size_t j = 0; j < m; j++) {
+                float agree = (float)(torch_sign(x[j]) == elected[j]);
+                merged[j] = fmaf(x[j] * agree, w, merged[j]);
+                divisor[j] = fmaf(agree, w, divisor[j]);
+            }
+        }
+        for (size_t j = 0; j < m; j++) {
+            float d = divisor[j];
+            d = (d < eps) ? eps : d; /* clamp_(min=eps): a NaN is not below eps and stays */
+            out[start + j] = merged[j] / d;
+        }
+    }
+}

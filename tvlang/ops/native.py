@@ -50,6 +50,8 @@ _SIGNATURES = {
     "tv_nearswap_f32": ([_P, _P, _N, _F, _P], None),
     "tv_flags_scale_f32": ([_P, _P, _N, _I, _F, _P], None),
     "tv_block_sums_f32": ([_P, _P, _N, _I, _P], None),
+    "tv_variance_f32": ([_P, _N, _N, _P], None),
+    "tv_sce_erase_f32": ([_P, _N, _N, _P, _P], None),
     "tv_fma_ok": ([], _I),
     "tv_scale_f32": ([_P, _F, _N, _P], None),
     "tv_axpy_f32": ([_P, _P, _F, _N], None),

@@ -15,7 +15,8 @@ For task vectors ``x_1..x_m`` of one tensor:
    elects +); an input agrees where its sign is the elected one (a zero never
    does). The result is ``sum of agreeing w_i x_i / max(sum of agreeing w_i, 1e-6)``.
 
->>> from tvlang.ops.context import TensorContext
+>>> from tvlang.ops.coefficients import WEIGHT_SUM_EPS, sce_weights  # noqa: F401 (WEIGHT_SUM_EPS: its old home)
+from tvlang.ops.context import TensorContext
 >>> a, b = torch.tensor([1.0, -2.0, 0.0]), torch.tensor([3.0, 2.0, -1.0])
 >>> sce([a, b], TensorContext("w"))  # weights 5/19 and 14/19
 tensor([ 2.4737,  2.0000, -1.0000])
@@ -26,6 +27,7 @@ from __future__ import annotations
 import numpy
 import torch
 
+from tvlang.ops.coefficients import sce_weights
 from tvlang.ops.common import (
     ChunkKernel,
     bits_to_float,
@@ -44,7 +46,6 @@ from tvlang.ops.threshold import RadixSelect, read_window
 
 __all__ = ["SceChunks", "sce", "sce_chunks", "select_by_variance", "variance"]
 
-WEIGHT_SUM_EPS = 1e-6  # mergekit's sce_weight: below this sum, uniform weights
 DIVISOR_EPS = 1e-6  # mergekit's sce_merge: the divisor is clamped to at least this
 
 
@@ -102,7 +103,7 @@ def sce(inputs: list[torch.Tensor], ctx: TensorContext, *, select_topk: float, c
     for sums, tv in zip(squares, tvs):
         sums.add(tv)
     out = fresh(inputs[0])
-    _erase(tvs, _weights([s.mean(tv.numel()) for s, tv in zip(squares, tvs)]), out.view(-1))
+    _erase(tvs, sce_weights([s.mean(tv.numel()) for s, tv in zip(squares, tvs)]), out.view(-1))
     return out
 
 
@@ -117,13 +118,6 @@ class _SquareSums:
 
     def mean(self, numel: int) -> float:
         return self.sums.value() / numel if numel else 0.0
-
-
-def _weights(squares: list[float]) -> list[float]:
-    """Each input's mean square over the sum of them; uniform below ``WEIGHT_SUM_EPS`` (mergekit)."""
-    total = sum(squares)
-    m = len(squares)
-    return [1.0 / m] * m if abs(total) < WEIGHT_SUM_EPS else [w / total for w in squares]
 
 
 def _erase(tvs: torch.Tensor, weights: list[float], out: torch.Tensor) -> torch.Tensor:
@@ -185,7 +179,7 @@ class SceChunks(ChunkKernel):
 
     def end_pass(self, pass_index: int) -> None:
         if pass_index == self.passes - 1:
-            self.weights = _weights([s.mean(self.numel) for s in self.squares])
+            self.weights = sce_weights([s.mean(self.numel) for s in self.squares])
         elif pass_index == 0:
             self.k = _count(self.select_topk, self.nonzero, self.count)
             if self.k:

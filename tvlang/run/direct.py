@@ -19,7 +19,8 @@ returns ``None`` before anything is written, and the local or Ray executor runs 
   weights, an election, ``scope="tensor"``) and ``breadcrumbs``, without ``rescale_by="l1"`` and with
   no DARE call beside them, or of ``slerp``,
   ``model_stock`` (not ``filter_wise``), ``nuslerp`` (flattened), ``multislerp`` and ``karcher``
-  (constant weights; :data:`GRAM_CALLS`, with no threshold or DARE call beside them), and writes;
+  (constant weights; :data:`GRAM_CALLS`, with no threshold or DARE call beside them), or of ``sce``
+  (alone of its kind, its inputs needing no other call: :class:`_Sce`), and writes;
 - every source the recipe names is a local ``.safetensors`` file, a ``.safetensors.index.json``
   with its shards, or a model directory of either (no Hub reference, LoRA adapter, ``.bin`` file,
   stack, layer range or renaming),
@@ -70,6 +71,7 @@ from tvlang.ops.coefficients import (
     karcher_coefficients,
     multislerp_coefficients,
     nuslerp_coefficients,
+    sce_weights,
     slerp_factors,
     stock_factor,
     stock_pairs,
@@ -89,6 +91,7 @@ from tvlang.ops.ranks import (
     read_window,
     sample_ranges,
     tie_span,
+    truncated_count,
     window_of,
 )
 from tvlang.plan.records import DeltaBinding, RunSummary, input_report
@@ -130,6 +133,8 @@ DROP_CALLS = {"dare": ("p", "rescale", "rescale_by", "seed"),
 #: sums, as tvlang.ops.sums sums them; each with its options (not beside a threshold or DARE call)
 GRAM_CALLS = {"slerp": ("t",), "model_stock": ("filter_wise",), "nuslerp": ("flatten", "row_wise", "t"),
               "multislerp": ("eps", "normalize_weights", "weights"), "karcher": ("max_iter", "tol", "weights")}
+#: sce, its selection and weights found in passes before the main one (:class:`_Sce`), alone of its kind
+SCE_OPTIONS = ("count", "select_topk")
 _PREFIXES = ("hf:", "lora:")  # a Hub reference or an adapter: another executor's
 _F32 = ("float32", "torch.float32")
 # codes of the tensors the local executor copies from the base (not floating point), and numpy's types
@@ -253,8 +258,11 @@ def _runnable(plan: Plan) -> bool:
         return False  # the thresholds' passes would draw DARE's masks again
     if calls & set(GRAM_CALLS) and calls & {*THRESHOLD_CALLS, *DROP_CALLS}:
         return False  # one kind of pass before the main one
+    if "sce" in calls and calls & {*THRESHOLD_CALLS, *DROP_CALLS, *GRAM_CALLS}:
+        return False
     for index, step in enumerate(program.steps):
-        if _l1_call(step) and any(program.steps[i].op == "call" for i in needed_steps(program, {index}) if i != index):
+        if (_l1_call(step) or step.op == "call" and step.name == "sce") and any(
+                program.steps[i].op == "call" for i in needed_steps(program, {index}) if i != index):
             return False  # its norms' pass would run the call before it, whose masks or norms are the main pass's
     for step in program.steps:
         if step.op in ("read", "write"):
@@ -278,6 +286,9 @@ def _call_runnable(name: str, options: dict, n_inputs: int) -> bool:
         return sorted(options) == sorted(NATIVE_CALLS[name]) and all(map(_number, options.values()))
     if name in GRAM_CALLS:
         return sorted(options) == sorted(GRAM_CALLS[name]) and _gram_runnable(name, options, n_inputs)
+    if name == "sce":
+        return (sorted(options) == sorted(SCE_OPTIONS) and _number(options["select_topk"])
+                and options["count"] in ("floor", "mergekit"))
     if name in THRESHOLD_CALLS:
         if sorted(options) != sorted(THRESHOLD_CALLS[name]) or not _number(options["density"]):
             return False
@@ -544,7 +555,7 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
         models = [w for name, w in writers.items() if plan.output_kind(name) == "model"]
         num_layers = count_layers(base.order)  # as the local executor's layout counts them
         ahead = _Ahead(program, bound, lib, every, drawing, num_layers) if any(
-            step.op == "call" and step.name in (*THRESHOLD_CALLS, *GRAM_CALLS) or _l1_call(step)
+            step.op == "call" and step.name in (*THRESHOLD_CALLS, *GRAM_CALLS, "sce") or _l1_call(step)
             for step in program.steps) else None
         for position, info in enumerate(every):
             numel = _numel(info.shape)
@@ -851,6 +862,119 @@ class _L1:
             lib.tv_scale_f32(part.ctypes.data, factor, count, part.ctypes.data)
 
 
+class _Sce:
+    """sce over one tensor (tvlang.ops.sce.SceChunks' passes, without torch): with ``0 < select_topk
+    < 1``, a pass counts the nonzero variances across the inputs (the helper's tv_variance_f32,
+    sce.variance's float64 Welford update, bit for bit) and the histogram of their high 16 bits, a
+    second keeps, per chunk, a bit for each variance above the bin of the k-th largest and the
+    positions and bits of those inside it; then the selection is the k largest, ties by flat index,
+    as SceChunks selects. A last pass before the main one sums each selected input's squares (the
+    helper's block sums, as BlockSums); the weights are tvlang.ops.coefficients.sce_weights. The
+    main pass selects (``x * flag``: tv_flags_scale_f32, as torch's ``mul`` by the 0/1 mask) and
+    erases (tv_sce_erase_f32: sce._erase's torch calls, the same bits)."""
+
+    def __init__(self, options: dict, n_inputs: int, numel: int) -> None:
+        self.topk, self.count = float(options["select_topk"]), options["count"]
+        self.n, self.numel = n_inputs, numel
+        self.selecting = 0.0 < self.topk < 1.0
+        self.zero = self.topk <= 0.0  # every input selected to zeros (also with k = 0)
+        self.stages = ["count", "gather", "squares"] if self.selecting else [] if self.zero else ["squares"]
+        self.stage = 0
+        self.histogram = numpy.zeros(1 << 16, dtype=numpy.int64)
+        self.nonzero = 0
+        self.bin, self.need = 0, 0
+        self.above: list = []  # per chunk of the gathering pass: the bits of the variances above the bin
+        self.inside: list = []  # per chunk: positions and bit patterns of the variances inside it
+        self.masks: list = []  # per chunk: the selection's bits
+        self.squares = numpy.empty((n_inputs, -(-numel // BLOCK)), dtype=numpy.float64)
+        self.at = self.offset = self.turn = 0  # blocks summed, entries seen, the next chunk's mask
+        self.weights = [1.0 / n_inputs] * n_inputs if not self.stages else None
+
+    def searching(self) -> bool:
+        return self.stage < len(self.stages)
+
+    def observe(self, pieces: list, scratch: list, lib) -> None:
+        """The next entries of the inputs (a whole number of blocks, or the tensor's last)."""
+        count = len(pieces[0])
+        stage = self.stages[self.stage]
+        if stage == "squares":
+            for i, part in enumerate(self._selected(pieces, scratch, lib)):
+                row = self.squares[i, self.at:]
+                lib.tv_block_sums_f32(part.ctypes.data, part.ctypes.data, count, 0, row.ctypes.data)
+            self.at += -(-count // BLOCK)
+            return
+        var = scratch[-1][:count]
+        lib.tv_variance_f32(_pointers(pieces), self.n, count, var.ctypes.data)
+        high = var.view(numpy.uint32) >> 16  # variances are >= 0: their bits are in their order
+        if stage == "count":
+            if numpy.isnan(var).any():
+                raise _Fallback  # the radix ranks a NaN above everything: the local executor's
+            self.nonzero += int(numpy.count_nonzero(var))
+            self.histogram += numpy.bincount(high, minlength=1 << 16)
+        else:
+            self.above.append(numpy.packbits(high > self.bin))
+            where = numpy.flatnonzero(high == self.bin)
+            self.inside.append((where + self.offset, var.view(numpy.uint32)[where]))
+        self.offset += count
+
+    def end_pass(self) -> None:
+        stage = self.stages[self.stage]
+        self.stage += 1
+        self.offset = self.turn = 0
+        if stage == "count":
+            k = (truncated_count if self.count == "mergekit" else keep_count)(self.topk, self.nonzero)
+            if not k:
+                self.zero, self.stages, self.weights = True, [], [1.0 / self.n] * self.n
+                return
+            from_top = numpy.cumsum(self.histogram[::-1])
+            position = int(numpy.searchsorted(from_top, k))  # the first bin from the top reaching k
+            self.bin = (1 << 16) - 1 - position
+            self.need = k - int(from_top[position] - self.histogram[self.bin])
+        elif stage == "gather":
+            positions = numpy.concatenate([p for p, _ in self.inside])
+            values = numpy.concatenate([v for _, v in self.inside]).astype(numpy.int64)
+            chosen = numpy.sort(positions[numpy.lexsort((positions, -values))[:self.need]])
+            start = 0
+            for above in self.above:
+                count = min(CHUNK_ELEMENTS, self.numel - start)
+                bits = numpy.unpackbits(above, count=count)
+                mine = chosen[(chosen >= start) & (chosen < start + count)]
+                bits[mine - start] = 1
+                self.masks.append(numpy.packbits(bits))
+                start += count
+            self.above = self.inside = []
+        else:
+            if not numpy.isfinite(self.squares).all():
+                raise _Fallback
+            self.weights = sce_weights([math.fsum(row) / self.numel for row in self.squares.tolist()])
+
+    def _selected(self, pieces: list, scratch: list, lib) -> list:
+        """The inputs' next entries times the selection (the 0/1 mask of sce's ``tvs.mul_``)."""
+        if not self.selecting and not self.zero:
+            return pieces
+        count = len(pieces[0])
+        parts = [buffer[:count] for buffer in scratch[:self.n]]
+        if self.zero:
+            for x, part in zip(pieces, parts):
+                lib.tv_scale_f32(x.ctypes.data, 0.0, count, part.ctypes.data)
+            return parts
+        packed = self.masks[self.turn]
+        self.turn += 1
+        for x, part in zip(pieces, parts):
+            lib.tv_flags_scale_f32(x.ctypes.data, packed.ctypes.data, count, 0, 0.0, part.ctypes.data)
+        return parts
+
+    def apply(self, pieces: list, target, scratch: list, lib) -> None:
+        parts = self._selected(pieces, scratch, lib)
+        weights = numpy.array(self.weights, dtype=numpy.float32)  # torch's alpha=w: the float32 of each
+        lib.tv_sce_erase_f32(_pointers(parts), self.n, len(target), weights.ctypes.data, target.ctypes.data)
+
+
+def _pointers(parts: list):
+    """The arrays' data addresses as a C array of pointers (the arrays held by the caller)."""
+    return (ctypes.c_void_p * len(parts))(*[part.ctypes.data for part in parts])
+
+
 class _Gram:
     """A GRAM_CALLS call over one tensor: the sums of squares and products of its inputs (of
     model_stock's offsets ``m_i - base``), then its coefficients, then the weighted sum.
@@ -936,13 +1060,14 @@ def _workspace(program) -> tuple[list, list, dict]:
     """The buffers a thread runs the program's steps in, a chunk at a time: one per step, the 16-bit
     entries of each read and write before or after conversion, and each input's drop or trim of the
     calls that merge several (model_stock: each model's offset from the base; a ``rescale_by="l1"``
-    call: each input's drop in its norms' pass)."""
+    call: each input's drop in its norms' pass; sce: each input's selection, and the variances)."""
     buffers = [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.float32) if step.op != "write" else None
                for step in program.steps]
     halves = [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.uint16) if step.op in ("read", "write") else None
               for step in program.steps]
-    merging = (*THRESHOLD_CALLS, "model_stock")
-    drops = {index: [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.float32) for _ in step.srcs]
+    merging = (*THRESHOLD_CALLS, "model_stock", "sce")
+    drops = {index: [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.float32)
+                     for _ in range(len(step.srcs) + (step.name == "sce"))]
              for index, step in enumerate(program.steps)
              if step.op == "call" and (step.name in merging or step.name in DROP_CALLS and
                                        (step.name != "dare" or _l1_call(step)))}
@@ -967,7 +1092,9 @@ class _Ahead:
         self.stop = threading.Event()
         self.next: tuple[int, dict, Future | None] | None = None
         grams = any(step.op == "call" and step.name in GRAM_CALLS for step in program.steps)
-        self.find = _find_sums if grams else _find_l1 if any(map(_l1_call, program.steps)) else _find_thresholds
+        sce = any(step.op == "call" and step.name == "sce" for step in program.steps)
+        self.find = (_find_sums if grams else _find_sce if sce else _find_l1 if any(map(_l1_call, program.steps))
+                     else _find_thresholds)
 
     def _start(self, position: int) -> tuple[int, dict, Future | None]:
         info = self.every[position]
@@ -1103,6 +1230,33 @@ def _find_l1(program, bound: _Bound, info, numel: int, buffers: list, halves: li
         streams[index][3].finish()
 
 
+def _find_sce(program, bound: _Bound, info, numel: int, buffers: list, halves: list, drops: dict,
+              streams: dict, lib, stop: threading.Event) -> None:
+    """Before the main pass over tensor ``info``: the selections and weights of its sce calls
+    (:class:`_Sce`), in as many passes over the tensor as they need (three with a selection, one
+    without), each running the steps their inputs need (no call among them: :func:`_runnable`)."""
+    calls = [index for index, step in enumerate(program.steps) if step.op == "call" and step.name == "sce"]
+    needed = set(needed_steps(program, set(calls))) - set(calls)
+    if CHUNK_ELEMENTS % BLOCK:
+        raise _Fallback  # the squares' block sums and the masks go a chunk at a time: whole blocks a chunk
+
+    def observer(index: int):
+        return lambda pieces: streams[index].observe(pieces, drops[index], lib)
+
+    while True:
+        searching = [index for index in calls if streams[index].searching()]
+        if not searching:
+            return
+        observing = {index: observer(index) for index in searching}
+        for start in range(0, numel, CHUNK_ELEMENTS):
+            if stop.is_set():
+                return
+            _chunk(program, bound, info, start, min(numel - start, CHUNK_ELEMENTS), buffers, halves, drops, streams,
+                   {}, lib, check=False, only=needed, observing=observing)
+        for index in searching:
+            streams[index].end_pass()
+
+
 def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor, num_layers: int | None) -> dict[int, Any]:
     """Each call's state for tensor ``name`` of ``numel`` entries, its per-tensor options resolved
     for that name (tvlang.ops.pertensor, with the base's layer count, as the local executor's
@@ -1119,6 +1273,8 @@ def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor, num_la
             streams[index] = _Trims(step.name, options, len(step.srcs), numel)
         elif step.name in GRAM_CALLS:
             streams[index] = _Gram(step.name, options, len(step.srcs), numel, name)
+        elif step.name == "sce":
+            streams[index] = _Sce(options, len(step.srcs), numel)
         elif step.name in DROP_CALLS:
             l1 = _l1_call(step)
             rule = DropRule(float(options["p"]), options["rescale"] and not l1)  # l1: masks of 0 and 1
@@ -1200,6 +1356,10 @@ def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, 
                 for i, (src, part) in enumerate(zip(step.srcs, parts)):
                     trims.trim(i, slots[src], part, lib)
                 _sign_merge(trims.options, parts, target, lib)
+            slots[step.dst] = target
+        elif op == "call" and step.name == "sce":  # selected and erased, the selection and weights found
+            target = buffers[index][:count]
+            streams[index].apply([slots[s] for s in step.srcs], target, drops[index], lib)
             slots[step.dst] = target
         elif op == "call" and step.name in GRAM_CALLS:  # the weighted sum, its coefficients found
             target = buffers[index][:count]
