@@ -24,6 +24,9 @@ fresh process and measured by ``harness.measure``:
   ``dare`` and unit-weight ``dare_ties`` too, tvlang.run.direct);
 - ``tvlang-breadcrumbs``: ``pre + breadcrumbs(a - pre, density=0.2, gamma=0.01) + ...`` over
   ``b`` and ``c`` as well (issue 19: at most 2x plain task arithmetic, as ``ties``);
+- ``tvlang-slerp``: ``pre + slerp(a - pre, b - pre, t=0.5) + 0.4*(c - pre)`` and
+  ``tvlang-model_stock``: ``model_stock(pre, a, b, c)`` (issue 19: at most 2.5x plain task
+  arithmetic; a pass of norms and dot products before the main one);
 - ``mergekit-ta``: ``mergekit-yaml`` ``task_arithmetic``, weights 0.4, ``normalize: false``;
 - ``mergekit-ties``: ``ties``, weight 1 and density 0.2 per model, ``normalize: true``
   (the sum of the agreeing entries over the number agreeing: tvlang's default ``merge="mean"``);
@@ -86,6 +89,8 @@ EXPRS = {
     "tvlang-dare_ties+torch": f"pre + dare_ties(a - pre, b - pre, c - pre, p={P})",
     "tvlang-breadcrumbs": " + ".join(["pre"] + [f"breadcrumbs({m} - pre, density={DENSITY}, gamma={GAMMA})"
                                                 for m in "abc"]),
+    "tvlang-slerp": "pre + slerp(a - pre, b - pre, t=0.5) + 0.4*(c - pre)",
+    "tvlang-model_stock": "model_stock(pre, a, b, c)",
 }
 MERGEKIT = {
     "mergekit-ta": ("task_arithmetic", "false", {"weight": 0.4}),
@@ -245,6 +250,26 @@ def breadcrumbs_reference(delta, density: float, gamma: float):
     return torch.where(kept, flat, 0).to(torch.float64).reshape(delta.shape)
 
 
+def geometric_reference(name: str, pre, deltas):
+    """``tvlang-slerp``'s or ``tvlang-model_stock``'s tensor in float64, from norms and dot products
+    summed by torch in float64 and the formulas of docs/operators.md."""
+    import math
+
+    flat = [d.double().reshape(-1) for d in deltas]
+    if name.endswith("-slerp"):
+        a, b = flat[0], flat[1]
+        cos = float(a @ b) / math.sqrt(float(a @ a) * float(b @ b))
+        theta = math.acos(cos)
+        s0, s1 = math.sin(0.5 * theta) / math.sin(theta), math.sin(0.5 * theta) / math.sin(theta)
+        moved = s0 * deltas[0].double() + s1 * deltas[1].double() + 0.4 * deltas[2].double()
+        return pre.double() + moved
+    cosines = [float(flat[i] @ flat[j]) / math.sqrt(float(flat[i] @ flat[i]) * float(flat[j] @ flat[j]))
+               for i, j in ((0, 1), (0, 2), (1, 2))]
+    c = min(1.0, max(0.0, sum(cosines) / 3))
+    t = 3 * c / (1 + 2 * c)
+    return pre.double() * (1 - t) + t * sum(pre.double() + d.double() for d in deltas) / 3
+
+
 def check(name: str, out: str, paths: dict[str, str]) -> tuple[bool, str]:
     """(ok, note) for a contender's output on the CHECKED tensors."""
     import torch
@@ -259,6 +284,11 @@ def check(name: str, out: str, paths: dict[str, str]) -> tuple[bool, str]:
         if name.endswith(("-ta", "-ta+torch")):
             expected = pre + 0.4 * deltas[0] + 0.4 * deltas[1] + 0.4 * deltas[2]
             err = float((got - expected).abs().max())
+            ok &= err <= 1e-5
+            notes.append(f"{tensor}: max err {err:.2g}")
+        elif name.endswith(("-slerp", "-model_stock")):
+            expected = geometric_reference(name, pre, deltas)
+            err = float((got.double() - expected).abs().max())
             ok &= err <= 1e-5
             notes.append(f"{tensor}: max err {err:.2g}")
         elif name.endswith("-breadcrumbs"):

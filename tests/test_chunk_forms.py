@@ -205,7 +205,8 @@ def test_block_sums_do_not_depend_on_the_pieces():
 
 
 def test_model_stock_offset_sums_do_not_depend_on_the_pieces():
-    from tvlang.ops.stock import _OffsetSums, _pairs
+    from tvlang.ops.coefficients import stock_pairs
+    from tvlang.ops.stock import _OffsetSums
     g = torch.Generator().manual_seed(1)
     count = 3 * BLOCK + 77
     xs = [torch.randn(count, generator=g) * torch.exp(3 * torch.randn(count, generator=g)) for _ in range(3)]
@@ -217,7 +218,7 @@ def test_model_stock_offset_sums_do_not_depend_on_the_pieces():
         totals.add(tuple(acc.totals()))
     assert len(totals) == 1
     got = totals.pop()
-    for value, (i, j) in zip(got, _pairs(3)):
+    for value, (i, j) in zip(got, stock_pairs(3)):
         exact = math.fsum(a * b for a, b in zip(xs[i].double().tolist(), xs[j].double().tolist()))
         assert math.isclose(value, exact, rel_tol=1e-12, abs_tol=1e-12 * math.sqrt(got[i] * got[j])), (i, j)
 

@@ -15,8 +15,7 @@ For task vectors ``x_1..x_m`` of one tensor:
    elects +); an input agrees where its sign is the elected one (a zero never
    does). The result is ``sum of agreeing w_i x_i / max(sum of agreeing w_i, 1e-6)``.
 
->>> from tvlang.ops.coefficients import WEIGHT_SUM_EPS, sce_weights  # noqa: F401 (WEIGHT_SUM_EPS: its old home)
-from tvlang.ops.context import TensorContext
+>>> from tvlang.ops.context import TensorContext
 >>> a, b = torch.tensor([1.0, -2.0, 0.0]), torch.tensor([3.0, 2.0, -1.0])
 >>> sce([a, b], TensorContext("w"))  # weights 5/19 and 14/19
 tensor([ 2.4737,  2.0000, -1.0000])
