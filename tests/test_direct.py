@@ -726,3 +726,16 @@ def test_sce_keeps_exactly_k_by_hand(tmp_path):
     tvlang.compile("pre + sce(a - pre, b - pre, select_topk=0.25)").run(paths, str(out))
     # selected: entry 0 only (a=2, b=-2): squares 4 and 4, weights 1/2; the sum 0 elects +, a agrees
     assert load_file(str(out))["w"].tolist() == [2.0, 0, 0, 0, 0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("text", ["model_stock(pre, a, b)", "pre + multislerp(a - pre, b - pre, weights=[2, 1])",
+                                  "pre + karcher(a - pre, b - pre)", "pre + sce(a - pre, b - pre, select_topk=0.5)",
+                                  'pre + sce(a - pre, b - pre, select_topk=0.9, count="mergekit")'])
+def test_odd_tensors_same_bytes(models, tmp_path, monkeypatch, text):
+    """The sums' and sce's passes over a 0-dim tensor, an empty one, an integer one and a -0.0:
+    the local executor's bytes."""
+    _, paths, _ = models
+    fast, local, fast_files, local_files = both(monkeypatch, tmp_path, text, paths, {"out": "merged"},
+                                                allow_unused=True)
+    assert fast_files == local_files
+    same_report(fast, local, tmp_path)

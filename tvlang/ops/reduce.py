@@ -3,9 +3,10 @@
 Reducers accumulate in one streaming pass over every tensor of their inputs.
 A tensor's sums (of squares, of products) are taken in float64 over fixed blocks
 of ``tvlang.ops.sums.BLOCK`` consecutive entries counted from its first entry
-(:class:`BlockSums`: one block is summed on one thread, so the bits do not depend
-on torch's thread count, a Ray worker running one thread and the driver several,
-nor on whether the tensor comes whole or in chunks), and the block sums of every
+(:class:`BlockSums`: each block by a fixed tree of float64 additions, so the bits do
+not depend on torch's thread count, a Ray worker running one thread and the driver
+several, the device, the compiled helper, nor on whether the tensor comes whole or in
+chunks), and the block sums of every
 tensor are added exactly (:class:`ExactSum`), rounded once at the end (both in
 :mod:`tvlang.ops.sums`, shared with the kernels that need a tensor's norms). So a
 reducer's result does not depend on the order of the tensors, nor on how they
