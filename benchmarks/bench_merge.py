@@ -27,6 +27,8 @@ fresh process and measured by ``harness.measure``:
 - ``tvlang-slerp``: ``pre + slerp(a - pre, b - pre, t=0.5) + 0.4*(c - pre)`` and
   ``tvlang-model_stock``: ``model_stock(pre, a, b, c)`` (issue 19: at most 2.5x plain task
   arithmetic; a pass of norms and dot products before the main one);
+- ``tvlang-cos``: ``pre + cos(a - pre, b - pre)*(a - pre) + 0.4*(b - pre) + 0.4*(c - pre)``: a
+  whole-model reduction pass before the main one (issue 19: flat memory with ``norm``/``cos``);
 - ``mergekit-ta``: ``mergekit-yaml`` ``task_arithmetic``, weights 0.4, ``normalize: false``;
 - ``mergekit-ties``: ``ties``, weight 1 and density 0.2 per model, ``normalize: true``
   (the sum of the agreeing entries over the number agreeing: tvlang's default ``merge="mean"``);
@@ -91,6 +93,7 @@ EXPRS = {
                                                 for m in "abc"]),
     "tvlang-slerp": "pre + slerp(a - pre, b - pre, t=0.5) + 0.4*(c - pre)",
     "tvlang-model_stock": "model_stock(pre, a, b, c)",
+    "tvlang-cos": "pre + cos(a - pre, b - pre)*(a - pre) + 0.4*(b - pre) + 0.4*(c - pre)",
 }
 MERGEKIT = {
     "mergekit-ta": ("task_arithmetic", "false", {"weight": 0.4}),
@@ -250,6 +253,25 @@ def breadcrumbs_reference(delta, density: float, gamma: float):
     return torch.where(kept, flat, 0).to(torch.float64).reshape(delta.shape)
 
 
+def model_cosine(paths: dict[str, str]) -> float:
+    """The cosine of ``a - pre`` and ``b - pre`` over every floating-point tensor of the models,
+    summed in float64 by torch (``tvlang-cos``'s coefficient)."""
+    import math
+
+    from safetensors import safe_open
+
+    handles = {n: safe_open(weights(paths[n]), "pt") for n in ("pre", "a", "b")}
+    dot = aa = bb = 0.0
+    for key in handles["pre"].keys():
+        pre = handles["pre"].get_tensor(key)
+        if not pre.is_floating_point():
+            continue
+        da = (handles["a"].get_tensor(key) - pre).double().reshape(-1)
+        db = (handles["b"].get_tensor(key) - pre).double().reshape(-1)
+        dot, aa, bb = dot + float(da @ db), aa + float(da @ da), bb + float(db @ db)
+    return dot / math.sqrt(aa * bb) if aa and bb else 0.0
+
+
 def geometric_reference(name: str, pre, deltas):
     """``tvlang-slerp``'s or ``tvlang-model_stock``'s tensor in float64, from norms and dot products
     summed by torch in float64 and the formulas of docs/operators.md."""
@@ -277,12 +299,18 @@ def check(name: str, out: str, paths: dict[str, str]) -> tuple[bool, str]:
 
     handles = {n: safe_open(weights(paths[n]), "pt") for n in NAMES}
     notes, ok = [], True
+    cosine = model_cosine(paths) if name.endswith("-cos") else None
     for tensor in CHECKED:
         got = _output_tensor(out, tensor)
         pre, a, b, c = (handles[n].get_tensor(tensor) for n in NAMES)
         deltas = [a - pre, b - pre, c - pre]  # float32, as the evaluator computes them
         if name.endswith(("-ta", "-ta+torch")):
             expected = pre + 0.4 * deltas[0] + 0.4 * deltas[1] + 0.4 * deltas[2]
+            err = float((got - expected).abs().max())
+            ok &= err <= 1e-5
+            notes.append(f"{tensor}: max err {err:.2g}")
+        elif name.endswith("-cos"):
+            expected = pre + cosine * deltas[0] + 0.4 * deltas[1] + 0.4 * deltas[2]
             err = float((got - expected).abs().max())
             ok &= err <= 1e-5
             notes.append(f"{tensor}: max err {err:.2g}")
