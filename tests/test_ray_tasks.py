@@ -73,7 +73,8 @@ def test_the_bar_counts_bytes_while_a_task_runs(ray_instance, models, tmp_path, 
     plan = tvlang.compile(PLAIN)
     plan.run(models, str(tmp_path / "local.safetensors"))
     plan.run(models, str(tmp_path / "ray.safetensors"), executor="ray", progress=callback)
-    assert os.path.exists(seen)
+    # (a rare failure here in full-suite runs is not understood yet: the events say what the driver saw)
+    assert os.path.exists(seen), [(e.label, e.tensor, e.tensors_done, e.bytes_done) for e in events]
     running = [e for e in events if e.tensors_done == 0 and e.bytes_done > 0]
     total = (2 * 64 * 32 + 2 * 32 * 32) * 4  # float32 bytes of the four tensors
     assert running and running[0].bytes_done < total == running[0].bytes_total
