@@ -1194,16 +1194,27 @@ def _find_sums(program, bound: _Bound, info, numel: int, buffers: list, halves: 
             return lambda pieces: streams[index].observe(pieces, drops.get(index), lib)
 
         observing = {index: observer(index) for index in group}
-        span = CHUNK_ELEMENTS // BLOCK * BLOCK  # whole blocks a chunk (CHUNK_ELEMENTS is a multiple of BLOCK)
-        if not span:
-            raise _Fallback
-        for start in range(0, numel, span):
-            if stop.is_set():
-                return
-            _chunk(program, bound, info, start, min(numel - start, span), buffers, halves, drops, streams,
-                   {}, lib, check=False, only=needed, observing=observing)
+        if not _whole_pass(program, bound, info, numel, buffers, halves, drops, streams, lib, stop, needed,
+                           observing):
+            return
         for index in group:
             streams[index].finish()
+
+
+def _whole_pass(program, bound: _Bound, info, numel: int, buffers: list, halves: list, drops: dict, streams: dict,
+                lib, stop: threading.Event, needed: set[int], observing: dict) -> bool:
+    """One pass over tensor ``info`` before the main one, a chunk at a time (the main pass's chunks):
+    the steps in ``needed``, the calls in ``observing`` handed their inputs. Each chunk is a whole
+    number of the block sums' blocks (and the main pass takes what a pass kept a chunk at a time);
+    ``False`` where ``stop`` was set (the run is ending)."""
+    if CHUNK_ELEMENTS % BLOCK:
+        raise _Fallback
+    for start in range(0, numel, CHUNK_ELEMENTS):
+        if stop.is_set():
+            return False
+        _chunk(program, bound, info, start, min(numel - start, CHUNK_ELEMENTS), buffers, halves, drops, streams,
+               {}, lib, check=False, only=needed, observing=observing)
+    return True
 
 
 def _find_l1(program, bound: _Bound, info, numel: int, buffers: list, halves: list, drops: dict,
@@ -1219,15 +1230,9 @@ def _find_l1(program, bound: _Bound, info, numel: int, buffers: list, halves: li
         return lambda pieces: l1.observe(rule, masks, pieces, drops[index], lib)
 
     observing = {index: observer(index) for index in calls}
-    if CHUNK_ELEMENTS % BLOCK:
-        raise _Fallback  # the main pass takes the flags a chunk at a time: whole blocks a chunk
-    for start in range(0, numel, CHUNK_ELEMENTS):
-        if stop.is_set():
-            return
-        _chunk(program, bound, info, start, min(numel - start, CHUNK_ELEMENTS), buffers, halves, drops, streams,
-               {}, lib, check=False, only=needed, observing=observing)
-    for index in calls:
-        streams[index][3].finish()
+    if _whole_pass(program, bound, info, numel, buffers, halves, drops, streams, lib, stop, needed, observing):
+        for index in calls:
+            streams[index][3].finish()
 
 
 def _find_sce(program, bound: _Bound, info, numel: int, buffers: list, halves: list, drops: dict,
@@ -1237,8 +1242,6 @@ def _find_sce(program, bound: _Bound, info, numel: int, buffers: list, halves: l
     without), each running the steps their inputs need (no call among them: :func:`_runnable`)."""
     calls = [index for index, step in enumerate(program.steps) if step.op == "call" and step.name == "sce"]
     needed = set(needed_steps(program, set(calls))) - set(calls)
-    if CHUNK_ELEMENTS % BLOCK:
-        raise _Fallback  # the squares' block sums and the masks go a chunk at a time: whole blocks a chunk
 
     def observer(index: int):
         return lambda pieces: streams[index].observe(pieces, drops[index], lib)
@@ -1248,11 +1251,9 @@ def _find_sce(program, bound: _Bound, info, numel: int, buffers: list, halves: l
         if not searching:
             return
         observing = {index: observer(index) for index in searching}
-        for start in range(0, numel, CHUNK_ELEMENTS):
-            if stop.is_set():
-                return
-            _chunk(program, bound, info, start, min(numel - start, CHUNK_ELEMENTS), buffers, halves, drops, streams,
-                   {}, lib, check=False, only=needed, observing=observing)
+        if not _whole_pass(program, bound, info, numel, buffers, halves, drops, streams, lib, stop, needed,
+                           observing):
+            return
         for index in searching:
             streams[index].end_pass()
 
