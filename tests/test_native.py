@@ -365,6 +365,7 @@ RECIPES = [
     "nuslerp(a, b, 0.4)",
     "pre + (a - pre) * (norm(b - pre) / norm(a - pre)) + cos(a - pre, c - pre) * (c - pre)",
     "pre + sce(a - pre, b - pre, c - pre, select_topk=0.5)",
+    "arcee_fusion(pre, a)",  # the importances and the fusion in the helper (the chunk form)
 ]
 
 
@@ -440,3 +441,25 @@ def test_the_build_hook_goes_on_without_a_compiler(tmp_path, monkeypatch):
         monkeypatch.delenv("TVLANG_NATIVE")
         assert hatch_build.compile_helper(tmp_path) is None
         assert (tmp_path / "tvlang" / "ops" / "libtvnative.so.1").is_file()
+
+
+@needs_helper
+def test_fusion_loops_equal_the_torch_calls():
+    """arcee_fusion's importances and fusion in the helper: the values of fusion.py's torch calls,
+    with -0.0, ties at the threshold, infinities and NaN among the entries (NaN where torch has NaN)."""
+    g = torch.Generator().manual_seed(4)
+    rows, width = 37, 129
+    base = torch.randn(rows, width, generator=g)
+    model = base + torch.randn(rows, width, generator=g) * 0.1
+    model[0, :5] = base[0, :5]  # equal: a zero importance
+    base[1, 0], model[1, 1], model[2, 2], base[3, 3] = -0.0, float("inf"), float("nan"), float("-inf")
+    kl = torch.rand(rows, 1, generator=g)
+    kl[4] = 0.0
+    want = torch.sub(model, base).abs() * kl
+    got = native.fusion_f32(base, model, kl, None, torch.empty(rows, width))
+    assert same_values(got, want)
+    threshold = float(want[5, 7])  # an entry exactly at it is kept
+    mask = (want >= torch.tensor(threshold)).to(torch.float32)
+    fused = torch.sub(model, base).mul_(mask).add_(base)
+    got = native.fusion_f32(base, model, kl, threshold, torch.empty(rows, width))
+    assert same_values(got, fused)

@@ -37,7 +37,8 @@ import numpy
 import torch
 import torch.nn.functional as F
 
-from tvlang.ops.common import ChunkKernel, chunk_form_of, fresh, kernel_of
+from tvlang.ops import native
+from tvlang.ops.common import ChunkKernel, chunk_form_of, fresh, kernel_of, scratch
 from tvlang.ops.context import TensorContext
 from tvlang.ops.threshold import RadixSelect
 
@@ -122,7 +123,8 @@ class FusionPasses(ChunkKernel):
         self.upper, self.lower = RadixSelect(), RadixSelect()  # max(I, 0); -I of the I < 0
         self.threshold: torch.Tensor | None = None
 
-    def _scores(self, base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+    def _rows(self, base: torch.Tensor, model: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The piece as rows of ``model`` and ``base``, and their KL (computed in pass 0, kept)."""
         rows = base.numel() // self.row
         m, b = model.reshape(rows, self.row), base.reshape(rows, self.row)
         if self.kl is None:  # pass 0: these rows' KL, kept for the later passes
@@ -131,7 +133,14 @@ class FusionPasses(ChunkKernel):
         else:
             kl = self.kl[self.at:self.at + rows]
         self.at += rows
-        return (m - b).abs() * kl
+        return m, b, kl
+
+    def _scores(self, base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+        m, b, kl = self._rows(base, model)
+        out = scratch("fusion.scores", m)
+        if native.fusion_f32(b, m, kl, None, out) is not None:  # the same values in one C pass
+            return out
+        return torch.mul(torch.sub(m, b, out=out).abs_(), kl, out=out)
 
     def observe(self, pass_index: int, pieces: list[torch.Tensor]) -> None:
         scores = self._scores(*pieces).reshape(-1)
@@ -163,7 +172,10 @@ class FusionPasses(ChunkKernel):
 
     def apply(self, pieces: list[torch.Tensor], out: torch.Tensor) -> None:
         base, model = pieces
-        scores = self._scores(base, model).reshape(base.shape)
+        m, b, kl = self._rows(base, model)
+        if native.fusion_f32(b, m, kl, float(self.threshold), out.view(m.shape)) is not None:
+            return  # the importances, the mask and the fusion in one C pass: _fuse's values
+        scores = torch.mul(torch.sub(m, b).abs_(), kl).reshape(base.shape)
         _fuse(base, model, scores, self.threshold.to(base.device), out)
 
 

@@ -592,3 +592,30 @@ FMA_TARGET void tv_sce_erase_f32(const float *const *parts, size_t k, size_t n, 
         }
     }
 }
+
+/* ---- 11. arcee_fusion's scores and fuse (tvlang/ops/fusion.py, FusionPasses) ----------------------
+ *
+ * Over `rows` rows of `width` entries, with kl one float32 per row: the importance |m - b| * kl
+ * (torch's sub, abs and product by the row's KL), and the fusion b + (m - b) * (float)(score >= t)
+ * (torch's sub, mul by the 0/1 mask, add): the same IEEE float32 operations, so the same bits. */
+MULTI_VERSION void tv_fusion_scores_f32(const float *base, const float *model, const float *kl, size_t rows,
+                                        size_t width, float *out) {
+    for (size_t r = 0; r < rows; r++) {
+        const float *b = base + r * width, *m = model + r * width;
+        float *o = out + r * width, k = kl[r];
+        for (size_t j = 0; j < width; j++) o[j] = fabsf(m[j] - b[j]) * k;
+    }
+}
+
+MULTI_VERSION void tv_fuse_f32(const float *base, const float *model, const float *kl, size_t rows, size_t width,
+                               float t, float *out) {
+    for (size_t r = 0; r < rows; r++) {
+        const float *b = base + r * width, *m = model + r * width;
+        float *o = out + r * width, k = kl[r];
+        for (size_t j = 0; j < width; j++) {
+            float d = m[j] - b[j];
+            float keep = (float)(fabsf(d) * k >= t);
+            o[j] = d * keep + b[j];
+        }
+    }
+}

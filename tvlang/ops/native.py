@@ -1,18 +1,18 @@
 """The optional compiled helper (tvlang/ops/native.c): DARE's masks, TIES' sign merge with unit
 weights, the window pass of magnitude thresholds, breadcrumbs' band trim, RAM's and RAM+'s
 per-entry means, nearswap, DARE's kept flags applied with the L1 factor, the block sums of norms
-and dot products (tvlang.ops.sums), and the linear steps of the torch-free executor
-(:func:`linear_steps`; tvlang.run.direct). This module imports numpy, not torch (a caller's
-tensors bring torch with them).
+and dot products (tvlang.ops.sums), arcee_fusion's importances and fusion, and the linear steps
+of the torch-free executor (:func:`linear_steps`; tvlang.run.direct). This module imports numpy,
+not torch (a caller's tensors bring torch with them).
 
 Installing tvlang compiles ``native.c`` into ``tvlang/ops/libtvnative.so.1`` when a C compiler is
 found (hatch_build.py; no Python headers needed), and this module loads it with ctypes.
 Without it (no compiler at install, another platform, or ``TVLANG_NATIVE=0`` in the
 environment) :func:`drop_mask_f32`, :func:`sign_merge_f32`, :func:`window_gather`,
-:func:`band_f32`, the RAM functions, :func:`nearswap_f32`, :func:`flags_scale_f32` and
-:func:`block_sums_f32` return ``None`` and numpy and torch compute the same values: the results
-never depend on it, only the time does (docs/performance-operators.md; tests/test_native.py
-compares the two paths).
+:func:`band_f32`, the RAM functions, :func:`nearswap_f32`, :func:`flags_scale_f32`,
+:func:`block_sums_f32` and :func:`fusion_f32` return ``None`` and numpy and torch compute the
+same values: the results never depend on it, only the time does (docs/performance-operators.md;
+tests/test_native.py compares the two paths).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy
 
 __all__ = ["LIBRARY", "library", "drop_mask_f32", "sign_merge_f32", "window_gather", "band_f32", "ram_f32",
            "ramplus_count_f32", "ramplus_apply_f32", "nearswap_f32", "flags_scale_f32", "block_sums_f32",
-           "linear_steps", "state_words", "set_state_words", "MERGE_CODES"]
+           "fusion_f32", "linear_steps", "state_words", "set_state_words", "MERGE_CODES"]
 
 #: where the install puts the compiled helper (a versioned name, ``.so.1``: a plain ``.so``
 #: would look like a Python extension module to importers that walk the package)
@@ -52,6 +52,8 @@ _SIGNATURES = {
     "tv_block_sums_f32": ([_P, _P, _N, _I, _P], None),
     "tv_variance_f32": ([_P, _N, _N, _P], None),
     "tv_sce_erase_f32": ([_P, _N, _N, _P, _P], None),
+    "tv_fusion_scores_f32": ([_P, _P, _P, _N, _N, _P], None),
+    "tv_fuse_f32": ([_P, _P, _P, _N, _N, _F, _P], None),
     "tv_fma_ok": ([], _I),
     "tv_scale_f32": ([_P, _F, _N, _P], None),
     "tv_axpy_f32": ([_P, _P, _F, _N], None),
@@ -228,6 +230,23 @@ def flags_scale_f32(x, packed: numpy.ndarray, factor: float | None, out) -> obje
     packed = numpy.ascontiguousarray(packed)
     lib.tv_flags_scale_f32(x.data_ptr(), packed.ctypes.data, n, factor is not None,
                            0.0 if factor is None else factor, out.data_ptr())
+    return out
+
+
+def fusion_f32(base, model, kl, threshold: float | None, out) -> object | None:
+    """arcee_fusion over rows (``base``, ``model`` and ``out``: ``(rows, width)``; ``kl``: ``(rows, 1)``):
+    with ``threshold`` ``None`` the importances ``|model - base| * kl`` into ``out``, else the fusion
+    ``base + (model - base) * [importance >= threshold]``, each in one C pass with the same values
+    as tvlang.ops.fusion's torch calls; ``out``, or ``None`` where the helper cannot."""
+    lib = library()
+    rows = kl.numel()
+    if lib is None or not _plain_f32((base, model, out), base.numel()) or not _plain_f32((kl,), rows):
+        return None
+    width = base.numel() // rows if rows else 0
+    if threshold is None:
+        lib.tv_fusion_scores_f32(base.data_ptr(), model.data_ptr(), kl.data_ptr(), rows, width, out.data_ptr())
+    else:
+        lib.tv_fuse_f32(base.data_ptr(), model.data_ptr(), kl.data_ptr(), rows, width, threshold, out.data_ptr())
     return out
 
 
