@@ -27,6 +27,8 @@ fresh process and measured by ``harness.measure``:
 - ``tvlang-slerp``: ``pre + slerp(a - pre, b - pre, t=0.5) + 0.4*(c - pre)`` and
   ``tvlang-model_stock``: ``model_stock(pre, a, b, c)`` (issue 19: at most 2.5x plain task
   arithmetic; a pass of norms and dot products before the main one);
+- ``tvlang-random_like``: ``pre + random_like(a - pre, seed=1) + 0.4*(b - pre) + 0.4*(c - pre)``
+  (issue 19: at most 2.5x plain task arithmetic), checked by the noise's norm (that of ``a - pre``);
 - ``tvlang-cos``: ``pre + cos(a - pre, b - pre)*(a - pre) + 0.4*(b - pre) + 0.4*(c - pre)``: a
   whole-model reduction pass before the main one (issue 19: flat memory with ``norm``/``cos``);
 - ``mergekit-ta``: ``mergekit-yaml`` ``task_arithmetic``, weights 0.4, ``normalize: false``;
@@ -94,6 +96,7 @@ EXPRS = {
     "tvlang-slerp": "pre + slerp(a - pre, b - pre, t=0.5) + 0.4*(c - pre)",
     "tvlang-model_stock": "model_stock(pre, a, b, c)",
     "tvlang-cos": "pre + cos(a - pre, b - pre)*(a - pre) + 0.4*(b - pre) + 0.4*(c - pre)",
+    "tvlang-random_like": "pre + random_like(a - pre, seed=1) + 0.4*(b - pre) + 0.4*(c - pre)",
 }
 MERGEKIT = {
     "mergekit-ta": ("task_arithmetic", "false", {"weight": 0.4}),
@@ -309,6 +312,12 @@ def check(name: str, out: str, paths: dict[str, str]) -> tuple[bool, str]:
             err = float((got - expected).abs().max())
             ok &= err <= 1e-5
             notes.append(f"{tensor}: max err {err:.2g}")
+        elif name.endswith("-random_like"):
+            noise = got.double() - (pre.double() + 0.4 * deltas[1].double() + 0.4 * deltas[2].double())
+            want = float(deltas[0].double().norm())
+            err = abs(float(noise.norm()) - want) / want
+            ok &= err <= 1e-4
+            notes.append(f"{tensor}: noise norm off by {err:.2g} (relative)")
         elif name.endswith("-cos"):
             expected = pre + cosine * deltas[0] + 0.4 * deltas[1] + 0.4 * deltas[2]
             err = float((got - expected).abs().max())

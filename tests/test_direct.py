@@ -189,6 +189,7 @@ def test_recipe_file_with_load_paths_records_them_relative(models, tmp_path, mon
                                   "pre + dare_ties(a - pre, a - pre, p=0.5)",
                                   "pre + ties(a - pre, a - pre, density=0.3)", "slerp(pre, a, t=0.3)",
                                   "model_stock(pre, a, a, a)", "pre + sce(a - pre, 0.5*(a - pre), select_topk=0.5)",
+                                  "pre + random_like(a - pre, seed=1)",
                                   "pre + dare_ties(a - pre, a - pre, p=0.5, rescale_by='l1')"])
 def test_the_command_imports_no_torch(models, tmp_path, text):
     _, paths, _ = models
@@ -598,6 +599,8 @@ GRAM_RECIPES = [
     "pre + karcher(a - pre, b - pre, c - pre)",
     "slerp(slerp(pre, a, t=0.3), b, t=0.6)",  # a call's result is another's input: a second pass
     "slerp(pre, z, t=0.3) + slerp(z - pre, b - pre, t=0.5)",  # z is pre: colinear (linear); a zero norm
+    "pre + random_like(a - pre, seed=3) + 0.5*random_like(z - pre)",  # noise of a's norm; of a zero norm: 0
+    "pre + random_like(slerp(a - pre, b - pre, t=0.4), seed=1)",  # a second pass: after slerp's sums
 ]
 
 
@@ -729,6 +732,7 @@ def test_sce_keeps_exactly_k_by_hand(tmp_path):
 
 
 @pytest.mark.parametrize("text", ["model_stock(pre, a, b)", "pre + multislerp(a - pre, b - pre, weights=[2, 1])",
+                                  "pre + random_like(a - pre, seed=2)",
                                   "pre + karcher(a - pre, b - pre)", "pre + sce(a - pre, b - pre, select_topk=0.5)",
                                   'pre + sce(a - pre, b - pre, select_topk=0.9, count="mergekit")'])
 def test_odd_tensors_same_bytes(models, tmp_path, monkeypatch, text):

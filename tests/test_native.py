@@ -366,6 +366,7 @@ RECIPES = [
     "pre + (a - pre) * (norm(b - pre) / norm(a - pre)) + cos(a - pre, c - pre) * (c - pre)",
     "pre + sce(a - pre, b - pre, c - pre, select_topk=0.5)",
     "arcee_fusion(pre, a)",  # the importances and the fusion in the helper (the chunk form)
+    "pre + random_like(a - pre, seed=4)",
 ]
 
 

@@ -23,7 +23,7 @@ from tvlang.errors import TvlangError
 
 __all__ = ["DOT_THRESHOLD", "Gram", "slerp_factors", "stock_ratio", "stock_factor", "stock_pairs",
            "nuslerp_coefficients", "multislerp_coefficients", "karcher_coefficients", "matvec", "quadratic",
-           "WEIGHT_SUM_EPS", "sce_weights"]
+           "WEIGHT_SUM_EPS", "sce_weights", "noise_scale"]
 
 Gram = list[list[float]]
 
@@ -189,3 +189,14 @@ def sce_weights(squares: list[float]) -> list[float]:
     total = sum(squares)
     m = len(squares)
     return [1.0 / m] * m if abs(total) < WEIGHT_SUM_EPS else [w / total for w in squares]
+
+
+def noise_scale(sums: list[float]) -> float:
+    """``random_like``: the factor that gives noise of squared norm ``sums[1]`` the norm of a tensor
+    of squared norm ``sums[0]`` (0 when either is 0).
+
+    >>> noise_scale([4.0, 1.0]), noise_scale([0.0, 1.0])
+    (2.0, 0.0)
+    """
+    target, current = sums
+    return 0.0 if target == 0.0 or current == 0.0 else math.sqrt(target) / math.sqrt(current)

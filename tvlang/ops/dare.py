@@ -16,13 +16,13 @@ True
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy
 import torch
 
+from tvlang.ops.coefficients import noise_scale
 from tvlang.ops.common import fresh, helper_thread, kernel_of
 from tvlang.ops.context import TensorContext
 from tvlang.ops.drops import CHUNK, L1_EPS, DropRule, l1_factor
@@ -207,13 +207,6 @@ class Noise:
     def next(self, n: int) -> torch.Tensor:
         noise = torch.from_numpy(self.rng.standard_normal(n, dtype=self.dtype))
         return noise if self.device.type == "cpu" else noise.to(self.device)
-
-
-def noise_scale(sums: list[float]) -> float:
-    """The factor that gives noise of squared norm ``sums[1]`` the norm of a tensor of
-    squared norm ``sums[0]`` (0 when either is 0)."""
-    target, current = sums
-    return 0.0 if target == 0.0 or current == 0.0 else math.sqrt(target) / math.sqrt(current)
 
 
 @kernel_of("random_like")

@@ -19,7 +19,8 @@ returns ``None`` before anything is written, and the local or Ray executor runs 
   weights, an election, ``scope="tensor"``) and ``breadcrumbs``, without ``rescale_by="l1"`` and with
   no DARE call beside them, or of ``slerp``,
   ``model_stock`` (not ``filter_wise``), ``nuslerp`` (flattened), ``multislerp`` and ``karcher``
-  (constant weights; :data:`GRAM_CALLS`, with no threshold or DARE call beside them), or of ``sce``
+  (constant weights; :data:`GRAM_CALLS`) and ``random_like`` (:class:`_Noise`), with no threshold
+  or DARE call beside them, or of ``sce``
   (alone of its kind, its inputs needing no other call: :class:`_Sce`), and writes;
 - every source the recipe names is a local ``.safetensors`` file, a ``.safetensors.index.json``
   with its shards, or a model directory of either (no Hub reference, LoRA adapter, ``.bin`` file,
@@ -70,6 +71,7 @@ from tvlang.language.pertensor import PerTensor
 from tvlang.ops.coefficients import (
     karcher_coefficients,
     multislerp_coefficients,
+    noise_scale,
     nuslerp_coefficients,
     sce_weights,
     slerp_factors,
@@ -133,6 +135,9 @@ DROP_CALLS = {"dare": ("p", "rescale", "rescale_by", "seed"),
 #: sums, as tvlang.ops.sums sums them; each with its options (not beside a threshold or DARE call)
 GRAM_CALLS = {"slerp": ("t",), "model_stock": ("filter_wise",), "nuslerp": ("flatten", "row_wise", "t"),
               "multislerp": ("eps", "normalize_weights", "weights"), "karcher": ("max_iter", "tol", "weights")}
+#: random_like, its norms found with the GRAM_CALLS' sums (:class:`_Noise`)
+NOISE_OPTIONS = ("seed",)
+SUMS_CALLS = (*GRAM_CALLS, "random_like")  # the calls whose pass before the main one is :func:`_find_sums`
 #: sce, its selection and weights found in passes before the main one (:class:`_Sce`), alone of its kind
 SCE_OPTIONS = ("count", "select_topk")
 _PREFIXES = ("hf:", "lora:")  # a Hub reference or an adapter: another executor's
@@ -256,9 +261,9 @@ def _runnable(plan: Plan) -> bool:
     calls = {step.name for step in program.steps if step.op == "call"}
     if calls & set(THRESHOLD_CALLS) and calls & set(DROP_CALLS):
         return False  # the thresholds' passes would draw DARE's masks again
-    if calls & set(GRAM_CALLS) and calls & {*THRESHOLD_CALLS, *DROP_CALLS}:
+    if calls & set(SUMS_CALLS) and calls & {*THRESHOLD_CALLS, *DROP_CALLS}:
         return False  # one kind of pass before the main one
-    if "sce" in calls and calls & {*THRESHOLD_CALLS, *DROP_CALLS, *GRAM_CALLS}:
+    if "sce" in calls and calls & {*THRESHOLD_CALLS, *DROP_CALLS, *SUMS_CALLS}:
         return False
     for index, step in enumerate(program.steps):
         if (_l1_call(step) or step.op == "call" and step.name == "sce") and any(
@@ -286,6 +291,8 @@ def _call_runnable(name: str, options: dict, n_inputs: int) -> bool:
         return sorted(options) == sorted(NATIVE_CALLS[name]) and all(map(_number, options.values()))
     if name in GRAM_CALLS:
         return sorted(options) == sorted(GRAM_CALLS[name]) and _gram_runnable(name, options, n_inputs)
+    if name == "random_like":
+        return sorted(options) == sorted(NOISE_OPTIONS) and _number(options["seed"])
     if name == "sce":
         return (sorted(options) == sorted(SCE_OPTIONS) and _number(options["select_topk"])
                 and options["count"] in ("floor", "mergekit"))
@@ -555,7 +562,7 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
         models = [w for name, w in writers.items() if plan.output_kind(name) == "model"]
         num_layers = count_layers(base.order)  # as the local executor's layout counts them
         ahead = _Ahead(program, bound, lib, every, drawing, num_layers) if any(
-            step.op == "call" and step.name in (*THRESHOLD_CALLS, *GRAM_CALLS, "sce") or _l1_call(step)
+            step.op == "call" and step.name in (*THRESHOLD_CALLS, *SUMS_CALLS, "sce") or _l1_call(step)
             for step in program.steps) else None
         for position, info in enumerate(every):
             numel = _numel(info.shape)
@@ -975,6 +982,42 @@ def _pointers(parts: list):
     return (ctypes.c_void_p * len(parts))(*[part.ctypes.data for part in parts])
 
 
+class _Noise:
+    """random_like over one tensor (tvlang.ops.chunks' ``_RandomLike``, without torch): standard
+    Gaussian noise from numpy's ``Generator`` over the tensor's ``bits(seed)`` stream (float32,
+    entry after entry: any pieces give the same noise), its squares and the input's summed in the
+    pass before the main one (the helper's block sums), ``noise_scale`` of the two
+    (tvlang.ops.coefficients); the main pass draws the same noise again from a fresh generator
+    and multiplies it by the scale (torch's ``mul_``: one float32 product)."""
+
+    def __init__(self, options: dict, numel: int, context: TensorContext) -> None:
+        self.seed, self.context = options["seed"], context
+        self.rng = numpy.random.Generator(context.bits(self.seed))
+        self.sums = numpy.empty((2, -(-numel // BLOCK)), dtype=numpy.float64)  # the input's squares, the noise's
+        self.at = 0
+        self.scale: float | None = None
+
+    def observe(self, pieces: list, scratch: list, lib) -> None:
+        x = pieces[0]
+        count = len(x)
+        noise = scratch[0][:count]
+        self.rng.standard_normal(count, dtype=numpy.float32, out=noise)
+        for row, values in zip(self.sums, (x, noise)):
+            row = row[self.at:]
+            lib.tv_block_sums_f32(values.ctypes.data, values.ctypes.data, count, 0, row.ctypes.data)
+        self.at += -(-count // BLOCK)
+
+    def finish(self) -> None:
+        if not numpy.isfinite(self.sums).all():
+            raise _Fallback
+        self.scale = noise_scale([math.fsum(row) for row in self.sums.tolist()])
+        self.rng = numpy.random.Generator(self.context.bits(self.seed))  # the main pass: the same noise
+
+    def apply(self, pieces: list, target, lib) -> None:
+        self.rng.standard_normal(len(target), dtype=numpy.float32, out=target)
+        lib.tv_scale_f32(target.ctypes.data, self.scale, len(target), target.ctypes.data)
+
+
 class _Gram:
     """A GRAM_CALLS call over one tensor: the sums of squares and products of its inputs (of
     model_stock's offsets ``m_i - base``), then its coefficients, then the weighted sum.
@@ -1060,12 +1103,13 @@ def _workspace(program) -> tuple[list, list, dict]:
     """The buffers a thread runs the program's steps in, a chunk at a time: one per step, the 16-bit
     entries of each read and write before or after conversion, and each input's drop or trim of the
     calls that merge several (model_stock: each model's offset from the base; a ``rescale_by="l1"``
-    call: each input's drop in its norms' pass; sce: each input's selection, and the variances)."""
+    call: each input's drop in its norms' pass; sce: each input's selection, and the variances;
+    random_like: its noise in the norms' pass)."""
     buffers = [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.float32) if step.op != "write" else None
                for step in program.steps]
     halves = [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.uint16) if step.op in ("read", "write") else None
               for step in program.steps]
-    merging = (*THRESHOLD_CALLS, "model_stock", "sce")
+    merging = (*THRESHOLD_CALLS, "model_stock", "sce", "random_like")
     drops = {index: [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.float32)
                      for _ in range(len(step.srcs) + (step.name == "sce"))]
              for index, step in enumerate(program.steps)
@@ -1091,7 +1135,7 @@ class _Ahead:
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="tvlang-thresholds")
         self.stop = threading.Event()
         self.next: tuple[int, dict, Future | None] | None = None
-        grams = any(step.op == "call" and step.name in GRAM_CALLS for step in program.steps)
+        grams = any(step.op == "call" and step.name in SUMS_CALLS for step in program.steps)
         sce = any(step.op == "call" and step.name == "sce" for step in program.steps)
         self.find = (_find_sums if grams else _find_sce if sce else _find_l1 if any(map(_l1_call, program.steps))
                      else _find_thresholds)
@@ -1180,10 +1224,11 @@ def _find_thresholds(program, bound: _Bound, info, numel: int, buffers: list, ha
 def _find_sums(program, bound: _Bound, info, numel: int, buffers: list, halves: list, drops: dict,
                streams: dict, lib, stop: threading.Event) -> None:
     """Before the main pass over tensor ``info``: the sums and coefficients of its GRAM_CALLS calls
-    (:class:`_Gram`), in one pass over the tensor for the calls whose inputs need no coefficient
-    still unknown, each pass running only the steps their inputs need (a call whose input is
-    another's result: a second pass, after the first call's coefficients); ``stop`` set: given up."""
-    pending = [index for index, step in enumerate(program.steps) if step.op == "call" and step.name in GRAM_CALLS]
+    (:class:`_Gram`) and random_like calls (:class:`_Noise`), in one pass over the tensor for the
+    calls whose inputs need no coefficient still unknown, each pass running only the steps their
+    inputs need (a call whose input is another's result: a second pass, after the first call's
+    coefficients); ``stop`` set: given up."""
+    pending = [index for index, step in enumerate(program.steps) if step.op == "call" and step.name in SUMS_CALLS]
     needs = {index: set(needed_steps(program, {index})) - {index} for index in pending}
     while pending:
         group = [index for index in pending if not needs[index] & set(pending)]
@@ -1274,6 +1319,8 @@ def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor, num_la
             streams[index] = _Trims(step.name, options, len(step.srcs), numel)
         elif step.name in GRAM_CALLS:
             streams[index] = _Gram(step.name, options, len(step.srcs), numel, name)
+        elif step.name == "random_like":
+            streams[index] = _Noise(options, numel, context)
         elif step.name == "sce":
             streams[index] = _Sce(options, len(step.srcs), numel)
         elif step.name in DROP_CALLS:
@@ -1362,7 +1409,7 @@ def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, 
             target = buffers[index][:count]
             streams[index].apply([slots[s] for s in step.srcs], target, drops[index], lib)
             slots[step.dst] = target
-        elif op == "call" and step.name in GRAM_CALLS:  # the weighted sum, its coefficients found
+        elif op == "call" and step.name in SUMS_CALLS:  # the weighted sum (or noise), its coefficients found
             target = buffers[index][:count]
             streams[index].apply([slots[s] for s in step.srcs], target, lib)
             slots[step.dst] = target
