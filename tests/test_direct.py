@@ -305,7 +305,7 @@ def test_ctrl_c_leaves_nothing(models, tmp_path, monkeypatch, text, at):
     with pytest.raises(KeyboardInterrupt):
         tvlang.compile(text).run(paths, str(tmp_path / "out"), allow_unused=True)
     assert os.listdir(tmp_path) == []
-    assert not [t for t in threading.enumerate() if t.name.startswith(("tvlang-masks", "tvlang-thresholds"))]
+    assert not [t for t in threading.enumerate() if t.name.startswith(("tvlang-masks", "tvlang-ahead"))]
 
 
 def test_steps_equal_torch_bit_for_bit():

@@ -1132,7 +1132,7 @@ class _Ahead:
         self.bound = _Bound(bound.plan, {key: replace(source, _open=None) for key, source in bound.readers.items()},
                             bound.base)
         self.workspace = _workspace(program)
-        self.thread = ThreadPoolExecutor(1, thread_name_prefix="tvlang-thresholds")
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="tvlang-ahead")
         self.stop = threading.Event()
         self.next: tuple[int, dict, Future | None] | None = None
         grams = any(step.op == "call" and step.name in SUMS_CALLS for step in program.steps)
