@@ -613,6 +613,12 @@ def test_gram_merges_same_bytes(tmp_path, monkeypatch, text, chunk):
     whole-tensor kernels (a naive eager evaluation), over a tensor of several blocks and chunks."""
     paths = big_models(tmp_path / "in")
     paths["z"] = paths["pre"]
+    same_as_local_and_eager(monkeypatch, tmp_path, text, paths, chunk)
+
+
+def same_as_local_and_eager(monkeypatch, tmp_path, text: str, paths: dict[str, str], chunk: int) -> dict:
+    """Run ``text`` over the models in ``paths`` with both executors in chunks of ``chunk`` entries:
+    the same bytes and report, and every tensor the eager evaluation's; the models' tensors."""
     monkeypatch.setattr(direct, "CHUNK_ELEMENTS", chunk)
     fast, local, fast_files, local_files = both(monkeypatch, tmp_path, text, paths, {"out": "merged.safetensors"},
                                                 allow_unused=True)
@@ -623,6 +629,7 @@ def test_gram_merges_same_bytes(tmp_path, monkeypatch, text, chunk):
     got = load_file(str(tmp_path / "direct" / "merged.safetensors"))
     for name in sd["pre"]:
         assert torch.equal(got[name], eager[name]), name
+    return sd
 
 
 def test_gram_merges_by_hand(tmp_path, monkeypatch):
@@ -672,17 +679,8 @@ def test_dare_l1_across_blocks(tmp_path, monkeypatch, chunk):
     """rescale_by="l1" over a tensor of several blocks of words and of sums, in chunks that cut
     them: the same bytes as the local executor, the same tensors as the whole-tensor kernels, and
     each input's drop restored to its L1 norm (to float32 rounding)."""
-    paths = big_models(tmp_path / "in")
-    monkeypatch.setattr(direct, "CHUNK_ELEMENTS", chunk)
     text = 'pre + dare(a - pre, 0.9, seed=4, rescale_by="l1") + dare_ties(b - pre, c - pre, p=0.5, rescale_by="l1")'
-    fast, local, fast_files, local_files = both(monkeypatch, tmp_path, text, paths, {"out": "merged.safetensors"},
-                                                allow_unused=True)
-    assert fast_files == local_files
-    got = load_file(str(tmp_path / "direct" / "merged.safetensors"))
-    sd = {name: load_file(os.path.join(path, "model.safetensors")) for name, path in paths.items()}
-    eager = tvlang.compile(text).evaluate(sd, allow_unused=True)
-    for name in sd["pre"]:
-        assert torch.equal(got[name], eager[name]), name
+    sd = same_as_local_and_eager(monkeypatch, tmp_path, text, big_models(tmp_path / "in"), chunk)
     one = tvlang.compile('dare(a - pre, 0.9, seed=4, rescale_by="l1")').evaluate(sd, allow_unused=True)["big"]
     delta = sd["a"]["big"] - sd["pre"]["big"]
     assert one.abs().double().sum().item() == pytest.approx(delta.abs().double().sum().item(), rel=1e-6)
@@ -707,15 +705,7 @@ def test_sce_same_bytes(tmp_path, monkeypatch, text, data, chunk):
     of them with ties by flat index (thousands tied in the tied data), the squares' block sums and
     the erase loop: the same bytes as the local executor, the same tensors as the whole kernel."""
     paths = (big_models if data == "random" else tied_models)(tmp_path / "in")
-    monkeypatch.setattr(direct, "CHUNK_ELEMENTS", chunk)
-    fast, local, fast_files, local_files = both(monkeypatch, tmp_path, text, paths, {"out": "merged.safetensors"},
-                                                allow_unused=True)
-    assert fast_files == local_files
-    sd = {name: load_file(os.path.join(path, "model.safetensors")) for name, path in paths.items()}
-    eager = tvlang.compile(text).evaluate(sd, allow_unused=True)
-    got = load_file(str(tmp_path / "direct" / "merged.safetensors"))
-    for name in sd["pre"]:
-        assert torch.equal(got[name], eager[name]), name
+    same_as_local_and_eager(monkeypatch, tmp_path, text, paths, chunk)
 
 
 def test_sce_keeps_exactly_k_by_hand(tmp_path):
