@@ -733,3 +733,23 @@ def test_odd_tensors_same_bytes(models, tmp_path, monkeypatch, text):
                                                 allow_unused=True)
     assert fast_files == local_files
     same_report(fast, local, tmp_path)
+
+
+@pytest.mark.parametrize("text", ["slerp(pre, a, t=0.3)", "model_stock(pre, a, b)", "nuslerp(a, b, 0.6)",
+                                  "pre + random_like(a - pre, seed=5)",
+                                  "pre + sce(a - pre, b - pre, select_topk=0.3)",
+                                  "pre + dare_ties(a - pre, b - pre, p=0.5, rescale_by='l1')"])
+def test_passes_before_the_main_one_on_bfloat16(models, tmp_path, monkeypatch, text):
+    """The sums', L1 norms' and sce's passes over bfloat16 models (read as float32, exactly; the
+    result rounded back to bfloat16 as torch rounds it): the local executor's bytes."""
+    _, _, sd = models
+    half = {}
+    for name in ("pre", "a", "b"):
+        tensors = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd[name].items()}
+        half[name] = write_checkpoint(str(tmp_path / f"{name}16"), tensors)
+    fast, local, fast_files, local_files = both(monkeypatch, tmp_path, text, half, {"out": "merged"},
+                                                allow_unused=True)
+    assert fast_files == local_files
+    same_report(fast, local, tmp_path)
+    got = load_file(str(tmp_path / "direct" / "merged" / "model.safetensors"))
+    assert got["lm_head.weight"].dtype == torch.bfloat16
