@@ -137,7 +137,7 @@ GRAM_CALLS = {"slerp": ("t",), "model_stock": ("filter_wise",), "nuslerp": ("fla
               "multislerp": ("eps", "normalize_weights", "weights"), "karcher": ("max_iter", "tol", "weights")}
 #: random_like, its norms found with the GRAM_CALLS' sums (:class:`_Noise`)
 NOISE_OPTIONS = ("seed",)
-SUMS_CALLS = (*GRAM_CALLS, "random_like")  # the calls whose pass before the main one is :func:`_find_sums`
+SUMS_CALLS = (*GRAM_CALLS, "random_like")  # the calls whose pass before the main one sums norms and products
 #: sce, its selection and weights found in passes before the main one (:class:`_Sce`), alone of its kind
 SCE_OPTIONS = ("count", "select_topk")
 _PREFIXES = ("hf:", "lora:")  # a Hub reference or an adapter: another executor's
@@ -823,17 +823,23 @@ class _L1:
     sums of magnitudes (tvlang.ops.sums: ``BlockSums(l1=True)``), the block values added by
     ``math.fsum``; the factor is tvlang.ops.drops' ``l1_factor``."""
 
-    def __init__(self, n_inputs: int, numel: int) -> None:
+    def __init__(self, rule: DropRule, masks: list, numel: int) -> None:
+        self.rule, self.masks = rule, masks
+        n_inputs = len(masks)
         self.sums = numpy.empty((n_inputs, 2, -(-numel // BLOCK)), dtype=numpy.float64)  # before, after
         self.at = 0  # blocks summed
         self.flags: list[deque] = [deque() for _ in range(n_inputs)]
         self.factors: list[float | None] = [None] * n_inputs
+        self.found = False
 
-    def observe(self, rule: DropRule, masks: list, pieces: list, scratch: list, lib) -> None:
+    def searching(self) -> bool:
+        return not self.found
+
+    def observe(self, pieces: list, scratch: list, lib) -> None:
         """The next entries of the inputs (a whole number of blocks, or the tensor's last): each one's
         drop (its masks, drawn on the masks' thread), their magnitudes' block sums, the flags."""
-        count = len(pieces[0])
-        for i, (x, source, kept) in enumerate(zip(pieces, masks, scratch)):
+        count, rule = len(pieces[0]), self.rule
+        for i, (x, source, kept) in enumerate(zip(pieces, self.masks, scratch)):
             kept = kept[:count]
             if rule.draws:
                 mask = source.take(count)  # 0 or 1: the rule does not rescale
@@ -848,10 +854,11 @@ class _L1:
                                       self.sums[i, side, self.at:].ctypes.data)
         self.at += -(-count // BLOCK)
 
-    def finish(self) -> None:
+    def end_pass(self) -> None:
         if not numpy.isfinite(self.sums).all():
             raise _Fallback  # the local executor's (its sums keep an infinity apart)
         self.factors = [l1_factor(math.fsum(before), math.fsum(after)) for before, after in self.sums.tolist()]
+        self.found = True
 
     def apply(self, i: int, rule: DropRule, x, part, lib) -> None:
         """Input ``i``'s next ``len(part)`` entries, dropped and scaled, into ``part``."""
@@ -1007,7 +1014,10 @@ class _Noise:
             lib.tv_block_sums_f32(values.ctypes.data, values.ctypes.data, count, 0, row.ctypes.data)
         self.at += -(-count // BLOCK)
 
-    def finish(self) -> None:
+    def searching(self) -> bool:
+        return self.scale is None
+
+    def end_pass(self) -> None:
         if not numpy.isfinite(self.sums).all():
             raise _Fallback
         self.scale = noise_scale([math.fsum(row) for row in self.sums.tolist()])
@@ -1052,7 +1062,10 @@ class _Gram:
             lib.tv_block_sums_f32(pieces[i].ctypes.data, pieces[j].ctypes.data, count, 0, row[self.at:].ctypes.data)
         self.at += -(-count // BLOCK)
 
-    def finish(self) -> None:
+    def searching(self) -> bool:
+        return self.coefficients is None
+
+    def end_pass(self) -> None:
         """The coefficients, from the sums; not finite, or a merge that stops with an error (the
         local executor's to report): the run goes to the local executor."""
         if not numpy.isfinite(self.blocks).all():
@@ -1119,11 +1132,11 @@ def _workspace(program) -> tuple[list, list, dict]:
 
 
 class _Ahead:
-    """The passes before the main one (the thresholds of ties and breadcrumbs, or the sums of the
-    GRAM_CALLS) of the next tensor, on
-    a second thread while this one runs the main pass of the one before: in its own buffers, with its
-    own descriptors of the inputs (a copy of each ``_Input``), one tensor ahead. ties at 1.5 GB: the thresholds' passes
-    took 2.5 s of 7.3 s on this thread."""
+    """The passes before the main one (the thresholds of ties and breadcrumbs: :func:`_find_thresholds`;
+    the sums, L1 norms and sce selections: :func:`_find_passes`) of the next tensor, on a second thread
+    while this one runs the main pass of the one before: in its own buffers, with its own descriptors
+    of the inputs (a copy of each ``_Input``), one tensor ahead. ties at 1.5 GB: the thresholds'
+    passes took 2.5 s of 7.3 s on this thread."""
 
     def __init__(self, program, bound: _Bound, lib, every: list, drawing: ThreadPoolExecutor,
                  num_layers: int | None) -> None:
@@ -1135,10 +1148,8 @@ class _Ahead:
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="tvlang-ahead")
         self.stop = threading.Event()
         self.next: tuple[int, dict, Future | None] | None = None
-        grams = any(step.op == "call" and step.name in SUMS_CALLS for step in program.steps)
-        sce = any(step.op == "call" and step.name == "sce" for step in program.steps)
-        self.find = (_find_sums if grams else _find_sce if sce else _find_l1 if any(map(_l1_call, program.steps))
-                     else _find_thresholds)
+        thresholds = any(step.op == "call" and step.name in THRESHOLD_CALLS for step in program.steps)
+        self.find = _find_thresholds if thresholds else _find_passes
 
     def _start(self, position: int) -> tuple[int, dict, Future | None]:
         info = self.every[position]
@@ -1221,29 +1232,40 @@ def _find_thresholds(program, bound: _Bound, info, numel: int, buffers: list, ha
             ranges = None
 
 
-def _find_sums(program, bound: _Bound, info, numel: int, buffers: list, halves: list, drops: dict,
-               streams: dict, lib, stop: threading.Event) -> None:
-    """Before the main pass over tensor ``info``: the sums and coefficients of its GRAM_CALLS calls
-    (:class:`_Gram`) and random_like calls (:class:`_Noise`), in one pass over the tensor for the
-    calls whose inputs need no coefficient still unknown, each pass running only the steps their
-    inputs need (a call whose input is another's result: a second pass, after the first call's
-    coefficients); ``stop`` set: given up."""
-    pending = [index for index, step in enumerate(program.steps) if step.op == "call" and step.name in SUMS_CALLS]
+def _find_passes(program, bound: _Bound, info, numel: int, buffers: list, halves: list, drops: dict,
+                 streams: dict, lib, stop: threading.Event) -> None:
+    """Before the main pass over tensor ``info``: what its GRAM_CALLS, random_like, sce and
+    ``rescale_by="l1"`` DARE calls need (:class:`_Gram`, :class:`_Noise`, :class:`_Sce`, :class:`_L1`),
+    each in as many whole passes as it asks for (``searching()``, then ``end_pass()``: one for the
+    sums and norms, three for sce's selection). The calls whose inputs need no such call still
+    searching go together, in the same passes, each pass running only the steps their inputs need; a
+    call whose input is another's result waits for that one (GRAM_CALLS and random_like only:
+    :func:`_runnable`). ``stop`` set: given up."""
+    states = {index: _before(stream) for index, stream in streams.items()}
+    states = {index: state for index, state in states.items() if state is not None}
+    pending = sorted(states)
     needs = {index: set(needed_steps(program, {index})) - {index} for index in pending}
     while pending:
         group = [index for index in pending if not needs[index] & set(pending)]
         pending = [index for index in pending if index not in group]
-        needed = set().union(*(needs[index] for index in group))
+        while searching := [index for index in group if states[index].searching()]:
+            needed = set().union(*(needs[index] for index in searching))
+            observing = {index: _observer(states[index], drops.get(index), lib) for index in searching}
+            if not _whole_pass(program, bound, info, numel, buffers, halves, drops, streams, lib, stop, needed,
+                               observing):
+                return
+            for index in searching:
+                states[index].end_pass()
 
-        def observer(index: int):
-            return lambda pieces: streams[index].observe(pieces, drops.get(index), lib)
 
-        observing = {index: observer(index) for index in group}
-        if not _whole_pass(program, bound, info, numel, buffers, halves, drops, streams, lib, stop, needed,
-                           observing):
-            return
-        for index in group:
-            streams[index].finish()
+def _before(stream):
+    """A call's state that passes before the main one fill (a DARE call's: its ``_L1``), or ``None``."""
+    state = stream[3] if isinstance(stream, tuple) else stream
+    return state if isinstance(state, (_Gram, _Noise, _Sce, _L1)) else None
+
+
+def _observer(state, scratch: list | None, lib):
+    return lambda pieces: state.observe(pieces, scratch, lib)
 
 
 def _whole_pass(program, bound: _Bound, info, numel: int, buffers: list, halves: list, drops: dict, streams: dict,
@@ -1260,47 +1282,6 @@ def _whole_pass(program, bound: _Bound, info, numel: int, buffers: list, halves:
         _chunk(program, bound, info, start, min(numel - start, CHUNK_ELEMENTS), buffers, halves, drops, streams,
                {}, lib, check=False, only=needed, observing=observing)
     return True
-
-
-def _find_l1(program, bound: _Bound, info, numel: int, buffers: list, halves: list, drops: dict,
-             streams: dict, lib, stop: threading.Event) -> None:
-    """Before the main pass over tensor ``info``: the L1 norms and keep flags of its
-    ``rescale_by="l1"`` DARE calls (:class:`_L1`), in one pass over the tensor running the steps
-    their inputs need (no call among them: :func:`_runnable`); ``stop`` set: given up."""
-    calls = [index for index, step in enumerate(program.steps) if _l1_call(step)]
-    needed = set(needed_steps(program, set(calls))) - set(calls)
-
-    def observer(index: int):
-        rule, masks, _, l1 = streams[index]
-        return lambda pieces: l1.observe(rule, masks, pieces, drops[index], lib)
-
-    observing = {index: observer(index) for index in calls}
-    if _whole_pass(program, bound, info, numel, buffers, halves, drops, streams, lib, stop, needed, observing):
-        for index in calls:
-            streams[index][3].finish()
-
-
-def _find_sce(program, bound: _Bound, info, numel: int, buffers: list, halves: list, drops: dict,
-              streams: dict, lib, stop: threading.Event) -> None:
-    """Before the main pass over tensor ``info``: the selections and weights of its sce calls
-    (:class:`_Sce`), in as many passes over the tensor as they need (three with a selection, one
-    without), each running the steps their inputs need (no call among them: :func:`_runnable`)."""
-    calls = [index for index, step in enumerate(program.steps) if step.op == "call" and step.name == "sce"]
-    needed = set(needed_steps(program, set(calls))) - set(calls)
-
-    def observer(index: int):
-        return lambda pieces: streams[index].observe(pieces, drops[index], lib)
-
-    while True:
-        searching = [index for index in calls if streams[index].searching()]
-        if not searching:
-            return
-        observing = {index: observer(index) for index in searching}
-        if not _whole_pass(program, bound, info, numel, buffers, halves, drops, streams, lib, stop, needed,
-                           observing):
-            return
-        for index in searching:
-            streams[index].end_pass()
 
 
 def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor, num_layers: int | None) -> dict[int, Any]:
@@ -1331,7 +1312,7 @@ def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor, num_la
                 bits = context.bits(options["seed"])
                 bits.advance(i * rule.words(numel))
                 masks.append(_Masks(rule, bits, numel if rule.draws else 0, drawing))
-            streams[index] = (rule, masks, options, _L1(len(step.srcs), numel) if l1 else None)
+            streams[index] = (rule, masks, options, _L1(rule, masks, numel) if l1 else None)
         else:
             streams[index] = options
     return streams
