@@ -1402,8 +1402,7 @@ def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, 
                 lib.tv_nearswap_f32(parts[0].ctypes.data, parts[1].ctypes.data, count, options["t"],
                                     target.ctypes.data)
             else:
-                pointers = (ctypes.c_void_p * len(parts))(*[part.ctypes.data for part in parts])
-                lib.tv_ram_f32(pointers, len(parts), count, options["epsilon"], target.ctypes.data)
+                lib.tv_ram_f32(_pointers(parts), len(parts), count, options["epsilon"], target.ctypes.data)
             slots[step.dst] = target
         else:  # write, converted to the output's dtype (rounded to nearest, ties to even)
             piece = slots[step.srcs[0]]
@@ -1420,8 +1419,7 @@ def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, 
 
 def _sign_merge(options: dict, parts: list, target, lib) -> None:
     """tvlang.ops.ties.sign_merge with unit weights: the helper's loop, as the local executor calls it."""
-    pointers = (ctypes.c_void_p * len(parts))(*[part.ctypes.data for part in parts])
-    lib.tv_sign_merge_f32(pointers, len(parts), len(target), options["elect"] == "frequency",
+    lib.tv_sign_merge_f32(_pointers(parts), len(parts), len(target), options["elect"] == "frequency",
                           MERGE_CODES[options["merge"]], target.ctypes.data)
 
 
