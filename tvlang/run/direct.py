@@ -756,6 +756,7 @@ class _Trims:
             ranks = [self.top + self.keep, self.top] if 0 < self.keep < numel else []
         self.selects = {(i, k): _Select(k, numel) for i in range(n_inputs) for k in ranks if 0 < k < numel}
         self.windows: list[list[_TieWindow]] | None = None  # each input's, once the selects are done
+        self.plans: list[tuple[str, float, float]] = []  # each input's trim (_plan), with the windows
 
     def restart(self) -> None:
         """A pass over the tensor starts: the tie windows count from its first entry."""
@@ -793,22 +794,36 @@ class _Trims:
         return [_TieWindow(*w) for w in breadcrumb_windows(low, high, self.split(i, self.top + self.keep),
                                                            high_split)]
 
-    def trim(self, i: int, x: numpy.ndarray, out: numpy.ndarray, lib) -> None:
-        if self.windows is None:
-            self.windows = [self._windows(j) for j in range(self.n_inputs)]
+    def _plan(self, i: int) -> tuple[str, float, float]:
+        """How input ``i`` is trimmed: what to keep, and the floats below its cuts (torch's hardshrink's)."""
         cuts = self.cuts(i)
         if cuts is None:
-            out.fill(0.0)
-            return
+            return "nothing", 0.0, 0.0
         low, high = cuts
         if low <= 0.0 and high == math.inf:
+            return "all", 0.0, 0.0
+        if high == math.inf:
+            return "above", _below(low), 0.0
+        if low > 0.0:
+            return "band", _below(low), _below(high)
+        return "below", _below(high), 0.0
+
+    def trim(self, i: int, x: numpy.ndarray, out: numpy.ndarray, lib) -> None:
+        if self.windows is None:  # once a pass: the cuts and tie windows do not change from chunk to chunk
+            self.windows = [self._windows(j) for j in range(self.n_inputs)]
+            self.plans = [self._plan(j) for j in range(self.n_inputs)]
+        keep, lo, hi = self.plans[i]
+        if keep == "nothing":
+            out.fill(0.0)
+            return
+        if keep == "all":
             out[:] = x
-        elif high == math.inf:
-            lib.tv_hardshrink_f32(x.ctypes.data, len(x), _below(low), out.ctypes.data)
-        elif low > 0.0:
-            lib.tv_band_f32(x.ctypes.data, len(x), _below(low), _below(high), out.ctypes.data)
+        elif keep == "above":
+            lib.tv_hardshrink_f32(x.ctypes.data, len(x), lo, out.ctypes.data)
+        elif keep == "band":
+            lib.tv_band_f32(x.ctypes.data, len(x), lo, hi, out.ctypes.data)
         else:  # x minus the entries at or above the upper cut, as trim subtracts them
-            lib.tv_hardshrink_f32(x.ctypes.data, len(x), _below(high), out.ctypes.data)
+            lib.tv_hardshrink_f32(x.ctypes.data, len(x), lo, out.ctypes.data)
             numpy.subtract(x, out, out=out)
         for window in self.windows[i]:
             window.apply(x, out)
