@@ -49,6 +49,7 @@ def test_without_the_helper_nothing_calls_it(monkeypatch):
     bits = numpy.random.PCG64(3)
     state = bits.state
     assert native.drop_mask_f32(bits, 10, 1 << 31, 2.0) is None
+    assert native.normal_f32(bits, 10) is None
     assert bits.state == state  # untouched: the numpy path draws from where it was
     x = torch.ones(8)
     assert native.sign_merge_f32([x], "total", "mean", torch.empty(8)) is None
@@ -101,6 +102,66 @@ def test_dropper_masks_are_the_same_with_and_without_the_helper(monkeypatch):
         assert torch.equal(cut.view(torch.int32), slow.view(torch.int32)), rescale
         assert numpy.array_equal(numpy.concatenate(fast_flags), numpy.concatenate(slow_flags))
         assert 0.25 < float((fast != 0).float().mean()) < 0.35  # kept with probability 0.3
+
+
+@needs_helper
+@pytest.mark.parametrize("seed", [0, 1, 20261130])
+def test_gaussians_equal_numpys_in_any_pieces_and_leave_the_same_state(seed):
+    ours, theirs = numpy.random.PCG64(seed), numpy.random.PCG64(seed)
+    numpy.random.Generator(ours).random(1, dtype=numpy.float32)  # start with a high half waiting
+    numpy.random.Generator(theirs).random(1, dtype=numpy.float32)
+    rng = numpy.random.Generator(theirs)
+    drawn = 0
+    for n in [1, 2, 3, 0, 7, 1023, 1024, 1025, 100_003, 1 << 20, 5]:
+        got = native.normal_f32(ours, n)
+        want = rng.standard_normal(n, dtype=numpy.float32)
+        assert got.dtype == numpy.float32 and got.tobytes() == want.tobytes(), (seed, n)
+        assert ours.state == theirs.state, (seed, n)
+        drawn += n
+    # the pieces include draws from the tail beyond R and from the wedges (the slow paths)
+    whole = numpy.random.Generator(numpy.random.PCG64(seed)).standard_normal(drawn + 1, dtype=numpy.float32)
+    assert (numpy.abs(whole) > native.ZIGGURAT_R).sum() > 100
+    out = numpy.full(10, 7.0, dtype=numpy.float32)
+    assert native.normal_f32(ours, 4, out) is not None
+    assert out[:4].tobytes() == rng.standard_normal(4, dtype=numpy.float32).tobytes() and (out[4:] == 7.0).all()
+
+
+def _emitting(word: int, inc: int) -> numpy.random.PCG64:
+    """A PCG64 whose next output is ``word``: its state after the step has a rotation of 0 and
+    halves whose xor is ``word``; the state before is that minus the increment over the
+    multiplier (odd, so invertible modulo 2**128)."""
+    multiplier = (0x2360ED051FC65DA4 << 64) | 0x4385DF649FCCF645
+    high = 0x0123456789ABCDEF  # top six bits 0: no rotation
+    after = (high << 64) | (high ^ word)
+    bits = numpy.random.PCG64(0)
+    bits.state = {"bit_generator": "PCG64", "has_uint32": 0, "uinteger": 0,
+                  "state": {"state": ((after - inc) * pow(multiplier, -1, 1 << 128)) % (1 << 128), "inc": inc}}
+    return bits
+
+
+@needs_helper
+def test_every_ziggurat_bound_and_width_is_numpys():
+    """Each layer's 23-bit bound k and width w, checked against numpy's own draws from words made
+    to hit them: a = 1 draws exactly w; a = k - 1 is taken at once (one output used, its high half
+    left waiting) and a = k is not (the high half is used, or more words are drawn)."""
+    k, w, _ = native.ziggurat_tables()
+    inc = numpy.random.PCG64(5).state["state"]["inc"]
+    for layer in range(256):
+        for a, sign in [(1, 0), (int(k[layer]) - 1, 1), (int(k[layer]), 0)]:
+            if a < 0:
+                continue
+            word = (0x9E3779B9 << 32) | (a << 9) | (sign << 8) | layer
+            theirs, ours = _emitting(word, inc), _emitting(word, inc)
+            step = _emitting(word, inc)
+            step.random_raw(1)
+            want = numpy.random.Generator(theirs).standard_normal(1, dtype=numpy.float32)
+            got = native.normal_f32(ours, 1)
+            assert got.tobytes() == want.tobytes() and ours.state == theirs.state, (layer, a)
+            at_once = theirs.state["state"] == step.state["state"] and theirs.state["has_uint32"] == 1
+            assert at_once == (a < int(k[layer])), (layer, a)
+            if a == 1 and at_once:
+                assert want[0] == w[layer]  # 1 * w, exactly
+    assert native.ziggurat_tables()[0][1] == 0  # layer 1 is never taken at once
 
 
 SPECIAL = torch.tensor([float("nan"), -float("nan"), -0.0, 0.0, float("inf"), -float("inf"), 1.0, -1.0, 2.5])

@@ -619,3 +619,153 @@ MULTI_VERSION void tv_fuse_f32(const float *base, const float *model, const floa
         }
     }
 }
+
+/* ---- 12. random_like's noise: numpy's float32 Gaussian over PCG64 (tvlang/ops/dare.py, Noise) ----
+ *
+ * numpy's Generator.standard_normal(n, dtype=float32) over a PCG64: the 256-layer ziggurat of
+ * Marsaglia and Tsang on 32-bit words (each 64-bit output split in two, low half first, the high
+ * half kept for the next word as numpy keeps it). Per word r: layer i = r & 0xff, sign = bit 8,
+ * a = r >> 9 (23 bits), x = a * w[i] in float32; x is the draw when a < k[i] (99.3 % of words);
+ * else layer 0 draws from the tail beyond R with two more words per try, and the other layers
+ * accept x when (f[i-1] - f[i]) * u + f[i] < exp(-x*x/2) (u a word's top 24 bits over 2**24),
+ * otherwise a fresh word starts again. The tables k, w, f come from tvlang/ops/native.py
+ * (ziggurat_tables), which computes them from the ziggurat's definition; every operation here is
+ * the one IEEE operation numpy makes (float32 products and sums without fusing, the acceptance
+ * test against the float64 exp, logf in the tail), so the draws are numpy's, bit for bit, and so
+ * is the generator's state after them (tests/test_native.py). numpy draws a word at a time through
+ * a function pointer, 9.8 ns an entry here; this takes the outputs four interleaved streams at a
+ * time (as section 1) into a buffer, and the ziggurat reads them from there.
+ *
+ * st: state low, state high, increment low, increment high, has_uint32, uinteger (numpy's
+ * PCG64.state); on return the state has moved on by the outputs used, and the last two say whether
+ * a high half is waiting and the last high half drawn (numpy keeps it after its use too). */
+#define ZIG_R 3.6541528853610087963519472518f
+#define ZIG_INV_R 0.27366123732975827203338247596f
+enum { ZIG_WORDS = 512 };
+
+typedef struct {
+    u128 state, inc;
+    uint64_t words[ZIG_WORDS];
+    size_t pos, len, used; /* next output in words, outputs there, outputs taken in all */
+    int has_half;
+    uint32_t half;
+} zig_stream;
+
+static void zig_refill(zig_stream *z) {
+    u128 m2 = MULTIPLIER * MULTIPLIER, m4 = m2 * m2;
+    u128 c4 = z->inc * (MULTIPLIER * m2 + m2 + MULTIPLIER + 1);
+    u128 s0 = z->state * MULTIPLIER + z->inc, s1 = s0 * MULTIPLIER + z->inc;
+    u128 s2 = s1 * MULTIPLIER + z->inc, s3 = s2 * MULTIPLIER + z->inc, last = s3;
+    for (size_t i = 0; i < ZIG_WORDS; i += 4) {
+        z->words[i] = output(s0);
+        z->words[i + 1] = output(s1);
+        z->words[i + 2] = output(s2);
+        z->words[i + 3] = output(s3);
+        last = s3;
+        s0 = s0 * m4 + c4;
+        s1 = s1 * m4 + c4;
+        s2 = s2 * m4 + c4;
+        s3 = s3 * m4 + c4;
+    }
+    z->state = last; /* the state after the buffer's last output */
+    z->pos = 0;
+    z->len = ZIG_WORDS;
+}
+
+static inline uint32_t zig_next32(zig_stream *z) {
+    if (z->has_half) {
+        z->has_half = 0;
+        return z->half;
+    }
+    if (z->pos == z->len) zig_refill(z);
+    uint64_t w = z->words[z->pos++];
+    z->used++;
+    z->has_half = 1;
+    z->half = (uint32_t)(w >> 32);
+    return (uint32_t)w;
+}
+
+static inline float zig_uniform(zig_stream *z) { return (float)(zig_next32(z) >> 8) * (1.0f / 16777216.0f); }
+
+static float zig_slow(zig_stream *z, uint32_t a, int layer, float x, const uint32_t *k, const float *w,
+                      const float *f) {
+    for (;;) {
+        if (layer == 0) {
+            for (;;) {
+                float xx = -ZIG_INV_R * log1pf(-zig_uniform(z));
+                float yy = -log1pf(-zig_uniform(z));
+                if (yy + yy > xx * xx) return ((a >> 8) & 1u) ? -(ZIG_R + xx) : ZIG_R + xx;
+            }
+        }
+        float lower = (f[layer - 1] - f[layer]) * zig_uniform(z) + f[layer];
+        if ((double)lower < exp(-0.5 * (double)x * (double)x)) return x;
+        uint32_t r = zig_next32(z);
+        layer = (int)(r & 0xffu);
+        a = (r >> 9) & 0x7fffffu;
+        x = (float)a * w[layer];
+        if ((r >> 8) & 1u) x = -x;
+        if (a < k[layer]) return x;
+    }
+}
+
+/* A word's draw when it lands inside its layer (the common case): 1, with the draw in *x. */
+static inline int zig_fast(uint32_t r, const uint32_t *k, const float *w, float *x, uint32_t *a, int *layer) {
+    *layer = (int)(r & 0xffu);
+    *a = (r >> 9) & 0x7fffffu;
+    float v = (float)*a * w[*layer];
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    bits ^= (r & 0x100u) << 23; /* bit 8 is the sign: -v without a branch on a coin toss */
+    memcpy(x, &bits, sizeof bits);
+    return *a < k[*layer];
+}
+
+void tv_pcg64_normal_f32(uint64_t *st, size_t n, const uint32_t *k, const float *w, const float *f, float *out) {
+    zig_stream z;
+    u128 start = ((u128)st[1] << 64) | st[0];
+    z.state = start;
+    z.inc = ((u128)st[3] << 64) | st[2];
+    z.pos = z.len = z.used = 0;
+    z.has_half = (int)(st[4] != 0);
+    z.half = (uint32_t)st[5];
+    size_t i = 0;
+    uint32_t a;
+    int layer;
+    float x;
+    while (i < n) {
+        if (z.has_half) { /* a high half left waiting (at the start, or by a draw outside its layer) */
+            uint32_t r = zig_next32(&z);
+            out[i++] = zig_fast(r, k, w, &x, &a, &layer) ? x : zig_slow(&z, a, layer, x, k, w, f);
+            continue;
+        }
+        if (z.pos == z.len) zig_refill(&z);
+        /* whole outputs straight from the buffer, two draws each, while both land in their layers */
+        size_t pos = z.pos, len = z.len, room = (n - i) / 2, stop = len - pos < room ? len : pos + room;
+        while (pos < stop) {
+            uint64_t word = z.words[pos];
+            float x0, x1;
+            uint32_t a1;
+            int layer1;
+            int ok0 = zig_fast((uint32_t)word, k, w, &x0, &a, &layer);
+            int ok1 = zig_fast((uint32_t)(word >> 32), k, w, &x1, &a1, &layer1);
+            if (!(ok0 & ok1)) break;
+            out[i] = x0;
+            out[i + 1] = x1;
+            i += 2;
+            pos++;
+        }
+        if (pos > z.pos) z.half = (uint32_t)(z.words[pos - 1] >> 32); /* as numpy leaves it */
+        z.used += pos - z.pos;
+        z.pos = pos;
+        /* a word with a draw outside its layer, or one draw left to make: that word the general way */
+        if (i < n && pos < len && (pos < stop || n - i < 2)) {
+            uint32_t r = zig_next32(&z);
+            out[i++] = zig_fast(r, k, w, &x, &a, &layer) ? x : zig_slow(&z, a, layer, x, k, w, f);
+        }
+    }
+    u128 end = advance(start, z.inc, z.used);
+    st[0] = (uint64_t)end;
+    st[1] = (uint64_t)(end >> 64);
+    st[4] = (uint64_t)z.has_half;
+    st[5] = z.half; /* numpy keeps the last high half even once it is used */
+}

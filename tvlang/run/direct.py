@@ -82,7 +82,7 @@ from tvlang.ops.context import TensorContext
 from tvlang.ops.drops import CHUNK as DROP_CHUNK
 from tvlang.ops.drops import DropRule, l1_factor
 from tvlang.ops.names import count_layers
-from tvlang.ops.native import BLOCK, MERGE_CODES, window_gather
+from tvlang.ops.native import BLOCK, MERGE_CODES, normal_f32, window_gather
 from tvlang.ops.pertensor import resolve_options
 from tvlang.ops.ranks import (
     bits_to_float,
@@ -1007,14 +1007,16 @@ def _pointers(parts: list):
 class _Noise:
     """random_like over one tensor (tvlang.ops.chunks' ``_RandomLike``, without torch): standard
     Gaussian noise from numpy's ``Generator`` over the tensor's ``bits(seed)`` stream (float32,
-    entry after entry: any pieces give the same noise), its squares and the input's summed in the
+    entry after entry: any pieces give the same noise; drawn by the helper, ``normal_f32``, where
+    its first check passed), its squares and the input's summed in the
     pass before the main one (the helper's block sums), ``noise_scale`` of the two
     (tvlang.ops.coefficients); the main pass draws the same noise again from a fresh generator
     and multiplies it by the scale (torch's ``mul_``: one float32 product)."""
 
     def __init__(self, options: dict, numel: int, context: TensorContext) -> None:
         self.seed, self.context = options["seed"], context
-        self.rng = numpy.random.Generator(context.bits(self.seed))
+        self.bits = context.bits(self.seed)
+        self.rng = numpy.random.Generator(self.bits)
         self.sums = numpy.empty((2, -(-numel // BLOCK)), dtype=numpy.float64)  # the input's squares, the noise's
         self.at = 0
         self.scale: float | None = None
@@ -1023,7 +1025,7 @@ class _Noise:
         x = pieces[0]
         count = len(x)
         noise = scratch[0][:count]
-        self.rng.standard_normal(count, dtype=numpy.float32, out=noise)
+        self._draw(count, noise)
         for row, values in zip(self.sums, (x, noise)):
             row = row[self.at:]
             lib.tv_block_sums_f32(values.ctypes.data, values.ctypes.data, count, 0, row.ctypes.data)
@@ -1036,10 +1038,15 @@ class _Noise:
         if not numpy.isfinite(self.sums).all():
             raise _Fallback
         self.scale = noise_scale([math.fsum(row) for row in self.sums.tolist()])
-        self.rng = numpy.random.Generator(self.context.bits(self.seed))  # the main pass: the same noise
+        self.bits = self.context.bits(self.seed)  # the main pass: the same noise
+        self.rng = numpy.random.Generator(self.bits)
+
+    def _draw(self, count: int, out) -> None:
+        if normal_f32(self.bits, count, out) is None:
+            self.rng.standard_normal(count, dtype=numpy.float32, out=out[:count])
 
     def apply(self, pieces: list, target, lib) -> None:
-        self.rng.standard_normal(len(target), dtype=numpy.float32, out=target)
+        self._draw(len(target), target)
         lib.tv_scale_f32(target.ctypes.data, self.scale, len(target), target.ctypes.data)
 
 
