@@ -29,6 +29,9 @@ fresh process and measured by ``harness.measure``:
   arithmetic; a pass of norms and dot products before the main one);
 - ``tvlang-random_like``: ``pre + random_like(a - pre, seed=1) + 0.4*(b - pre) + 0.4*(c - pre)``
   (issue 19: at most 2.5x plain task arithmetic), checked by the noise's norm (that of ``a - pre``);
+- ``tvlang-della``: ``pre + della(a - pre, b - pre, c - pre, density=0.2, epsilon=0.1, seed=1)``
+  (issue 19: at most 2.5x plain task arithmetic), checked against the eager evaluation of the
+  same recipe on each checked tensor (its samples depend on the seed and the tensor's name only);
 - ``tvlang-cos``: ``pre + cos(a - pre, b - pre)*(a - pre) + 0.4*(b - pre) + 0.4*(c - pre)``: a
   whole-model reduction pass before the main one (issue 19: flat memory with ``norm``/``cos``);
 - ``mergekit-ta``: ``mergekit-yaml`` ``task_arithmetic``, weights 0.4, ``normalize: false``;
@@ -97,6 +100,7 @@ EXPRS = {
     "tvlang-model_stock": "model_stock(pre, a, b, c)",
     "tvlang-cos": "pre + cos(a - pre, b - pre)*(a - pre) + 0.4*(b - pre) + 0.4*(c - pre)",
     "tvlang-random_like": "pre + random_like(a - pre, seed=1) + 0.4*(b - pre) + 0.4*(c - pre)",
+    "tvlang-della": "pre + della(a - pre, b - pre, c - pre, density=0.2, epsilon=0.1, seed=1)",
 }
 MERGEKIT = {
     "mergekit-ta": ("task_arithmetic", "false", {"weight": 0.4}),
@@ -318,6 +322,13 @@ def check(name: str, out: str, paths: dict[str, str]) -> tuple[bool, str]:
             err = abs(float(noise.norm()) - want) / want
             ok &= err <= 1e-4
             notes.append(f"{tensor}: noise norm off by {err:.2g} (relative)")
+        elif name.endswith("-della"):
+            import tvlang
+
+            eager = tvlang.compile(EXPRS[name]).evaluate({n: {tensor: t} for n, t in zip(NAMES, (pre, a, b, c))})
+            err = float((got - eager[tensor]).abs().max())
+            ok &= bool(torch.equal(got, eager[tensor]))
+            notes.append(f"{tensor}: max diff to the eager evaluation {err:.2g}")
         elif name.endswith("-cos"):
             expected = pre + cosine * deltas[0] + 0.4 * deltas[1] + 0.4 * deltas[2]
             err = float((got - expected).abs().max())

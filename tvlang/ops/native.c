@@ -12,7 +12,8 @@
  *
  * 2. TIES' sign election and disjoint merge with unit weights; 3. the window pass of the
  * magnitude thresholds; 4. breadcrumbs' band trim; 5. RAM's and RAM+'s per-entry means;
- * 6. nearswap; 7. DARE's kept flags applied with the L1 factor (below).
+ * 6. nearswap; 7. DARE's kept flags applied with the L1 factor; 8. the torch-free executor's linear
+ * steps; 9. block sums; 10. sce; 11. arcee_fusion; 12. random_like's Gaussians (below).
  *
  * Built by hatch_build.py into tvlang/ops/libtvnative.so.1 when a C compiler is found, loaded by
  * tvlang/ops/native.py through ctypes (which lets go of the GIL during the call); without

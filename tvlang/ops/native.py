@@ -1,7 +1,8 @@
 """The optional compiled helper (tvlang/ops/native.c): DARE's masks, TIES' sign merge with unit
 weights, the window pass of magnitude thresholds, breadcrumbs' band trim, RAM's and RAM+'s
 per-entry means, nearswap, DARE's kept flags applied with the L1 factor, the block sums of norms
-and dot products (tvlang.ops.sums), arcee_fusion's importances and fusion, and the linear steps
+and dot products (tvlang.ops.sums), arcee_fusion's importances and fusion, random_like's float32
+Gaussian noise (numpy's ziggurat over PCG64, :func:`normal_f32`), and the linear steps
 of the torch-free executor (:func:`linear_steps`; tvlang.run.direct). This module imports numpy,
 not torch (a caller's tensors bring torch with them).
 
@@ -10,7 +11,7 @@ found (hatch_build.py; no Python headers needed), and this module loads it with 
 Without it (no compiler at install, another platform, or ``TVLANG_NATIVE=0`` in the
 environment) :func:`drop_mask_f32`, :func:`sign_merge_f32`, :func:`window_gather`,
 :func:`band_f32`, the RAM functions, :func:`nearswap_f32`, :func:`flags_scale_f32`,
-:func:`block_sums_f32` and :func:`fusion_f32` return ``None`` and numpy and torch compute the
+:func:`block_sums_f32`, :func:`fusion_f32` and :func:`normal_f32` return ``None`` and numpy and torch compute the
 same values: the results never depend on it, only the time does (docs/performance-operators.md;
 tests/test_native.py compares the two paths).
 """
