@@ -28,7 +28,8 @@ import numpy
 
 __all__ = ["LIBRARY", "library", "drop_mask_f32", "sign_merge_f32", "window_gather", "band_f32", "ram_f32",
            "ramplus_count_f32", "ramplus_apply_f32", "nearswap_f32", "flags_scale_f32", "block_sums_f32",
-           "fusion_f32", "normal_f32", "ziggurat_tables", "linear_steps", "state_words", "set_state_words", "MERGE_CODES"]
+           "fusion_f32", "normal_f32", "ziggurat_tables", "linear_steps", "state_words", "set_state_words",
+           "MERGE_CODES"]
 
 #: where the install puts the compiled helper (a versioned name, ``.so.1``: a plain ``.so``
 #: would look like a Python extension module to importers that walk the package)
