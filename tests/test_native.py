@@ -24,6 +24,7 @@ import tvlang
 from chunking import chunk_in
 from tvlang.ops import native
 from tvlang.ops.dare import Dropper
+from tvlang.ops.della import Magprune
 from tvlang.ops.prune import trim
 from tvlang.ops.sums import BLOCK, block_values
 from tvlang.ops.threshold import WindowSelect
@@ -428,7 +429,41 @@ RECIPES = [
     "pre + sce(a - pre, b - pre, c - pre, select_topk=0.5)",
     "arcee_fusion(pre, a)",  # the importances and the fusion in the helper (the chunk form)
     "pre + random_like(a - pre, seed=4)",
+    # MAGPRUNE's ranks, probabilities and products in the helper
+    "pre + della(a - pre, b - pre, c - pre, density=0.4, epsilon=0.2, seed=3)",
+    'pre + della_linear(a - pre, b - pre, density=0.5, epsilon=0.1, seed=6, rescale_by="l1")',
+    "pre + della(a - pre, b - pre, density=0.3, epsilon=0.1, rescale=false)",
 ]
+
+
+@needs_helper
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 257, 1824])
+def test_magprune_equals_the_torch_path(monkeypatch, m):
+    """The helper's ranks (a radix sort), probabilities, comparisons and products against the torch
+    path's sort and calls: the same outputs and keep flags, bit for bit (a NaN's payload aside), with
+    equal magnitudes (ranked by position), -0.0, infinities and NaN in the rows; and the words drawn
+    by pieces come out as numpy's, the generator and the spare half where numpy's path leaves them."""
+    rows = 41
+    x = parts_with_specials(1, rows * m, seed=m)[0]
+    x[: rows * m // 3] = torch.round(x[: rows * m // 3] * 4) / 4  # many equal magnitudes
+    for rescale in (True, False):
+        results = []
+        for helper in (True, False):
+            if not helper:
+                monkeypatch.setenv("TVLANG_NATIVE", "0")
+            sampler = Magprune(0.3, 0.2, numpy.random.PCG64(m), rescale, m)
+            flags = Magprune(0.3, 0.2, numpy.random.PCG64(m), rescale, m)
+            out, kept = torch.empty(rows * m), []
+            for start, stop in [(0, 7), (7, 8), (8, rows)]:  # pieces of whole rows, odd word counts
+                sampler.apply(x[start * m:stop * m], out[start * m:stop * m])
+                kept.append(flags.kept(x[start * m:stop * m]).reshape(-1))
+            results.append((out, torch.cat(kept), sampler.words.bits.state, sampler.words.spare))
+            monkeypatch.delenv("TVLANG_NATIVE", raising=False)
+        (fast, fast_kept, fast_state, fast_spare), (slow, slow_kept, slow_state, slow_spare) = results
+        assert same_values(fast, slow), (m, rescale)
+        assert torch.equal(fast_kept, slow_kept) and 0 < int(fast_kept.sum()) < rows * m
+        assert fast_state == slow_state and (fast_spare is None) == (slow_spare is None)
+        assert fast_spare is None or fast_spare.tolist() == slow_spare.tolist()
 
 
 @needs_helper

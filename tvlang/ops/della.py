@@ -41,6 +41,7 @@ import torch
 from tvlang.ops.common import ChunkKernel, chunk_form_of, fresh, helper_thread, kernel_of, scratch
 from tvlang.ops.context import TensorContext
 from tvlang.ops.dare import L1Norms, restore_l1
+from tvlang.ops.native import library, set_state_words, state_words
 from tvlang.ops.ties import sign_merge
 
 __all__ = ["Magprune", "Words", "della", "della_linear", "della_chunks", "della_linear_chunks", "della_sample",
@@ -73,6 +74,16 @@ class Words:
         return (numel + 1) // 2
 
     def next(self, n: int) -> numpy.ndarray:
+        lib = library()
+        if lib is not None and isinstance(self.bits, numpy.random.PCG64):  # the same words, in C
+            state = state_words(self.bits)
+            have = self.spare is not None
+            st = numpy.concatenate([state, numpy.array([have, int(self.spare[0]) if have else 0], dtype=numpy.uint64)])
+            words = numpy.empty(n, dtype=numpy.uint32)
+            lib.tv_pcg64_words(st.ctypes.data, n, words.ctypes.data)
+            set_state_words(self.bits, st[:4])
+            self.spare = numpy.array([st[5]], dtype=numpy.uint32) if st[4] else None
+            return words
         head = self.spare if self.spare is not None and n else None
         need = n - (1 if head is not None else 0)
         raw = self.bits.random_raw((need + 1) // 2)
@@ -160,6 +171,8 @@ class Magprune:
             return out.copy_(x)
         if self.density <= 0.0:
             return out.zero_()
+        if self._native(x, out, None):
+            return out
         prob, kept = self._draw(x)
         rows = x.reshape(prob.shape)
         flat = out.view(rows.shape)
@@ -171,7 +184,46 @@ class Magprune:
     def kept(self, x: torch.Tensor) -> torch.Tensor:
         """The next whole rows' keep flags (bool, one row of ``m`` a row), as :meth:`apply` draws
         them (``0 < density < 1``)."""
+        flags = numpy.empty(x.numel(), dtype=numpy.uint8)
+        if self._native(x, None, flags):
+            return torch.from_numpy(flags).view(torch.bool).view(-1, self.m)
         return self._draw(x)[1]
+
+    def _native(self, x: torch.Tensor, out: torch.Tensor | None, flags: numpy.ndarray | None) -> bool:
+        """:meth:`apply` (into ``out``) or :meth:`kept` (into ``flags``, 0 or 1 a byte) by the compiled
+        helper (``tv_magprune_f32``: the same ranks, probabilities, comparisons and products as
+        :meth:`_draw` and :meth:`apply`, bit for bit; tests/test_native.py): float32 CPU tensors, the
+        words drawn first (:class:`Words`), then half the rows on the sort thread. ``False``
+        where the helper cannot (nothing drawn)."""
+        lib = library()
+        n, m = x.numel(), self.m
+        plain = x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
+        if out is not None:
+            plain = plain and out.dtype == torch.float32 and out.device.type == "cpu" and out.is_contiguous()
+        # rows of at most 2**24 entries: their ranks are exact in float32 (torch's ramp, the loop's casts)
+        if lib is None or not plain or not isinstance(self.words.bits, numpy.random.PCG64) or n == 0 or m > 1 << 24:
+            return False
+        words = self.words.next(n)
+        c = 2.0 * self.epsilon / (m - 1) if m > 1 else 0.0
+        d = self.density - self.epsilon if m > 1 else self.density
+        count = n // m
+        x_at, out_at = x.data_ptr(), (out.data_ptr() if out is not None else None)
+
+        def rows(start: int, stop: int) -> None:  # ctypes lets go of the GIL
+            if stop > start:
+                scratch = numpy.empty(3 * m, dtype=numpy.uint64)
+                begin = start * m
+                lib.tv_magprune_f32(x_at + 4 * begin, words[begin:].ctypes.data, stop - start, m, c, d,
+                                    int(self.rescale), scratch.ctypes.data,
+                                    None if out_at is None else out_at + 4 * begin,
+                                    None if flags is None else flags[begin:].ctypes.data)
+
+        half = count // 2 if count >= 2 and n >= SPLIT_SORT and (os.cpu_count() or 1) > 1 else 0
+        helper = _sort_thread().submit(rows, 0, half) if half else None
+        rows(half, count)
+        if helper is not None:
+            helper.result()
+        return True
 
     def _draw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.m

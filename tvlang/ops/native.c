@@ -13,7 +13,8 @@
  * 2. TIES' sign election and disjoint merge with unit weights; 3. the window pass of the
  * magnitude thresholds; 4. breadcrumbs' band trim; 5. RAM's and RAM+'s per-entry means;
  * 6. nearswap; 7. DARE's kept flags applied with the L1 factor; 8. the torch-free executor's linear
- * steps; 9. block sums; 10. sce; 11. arcee_fusion; 12. random_like's Gaussians (below).
+ * steps; 9. block sums; 10. sce; 11. arcee_fusion; 12. random_like's Gaussians; 13. DELLA's
+ * MAGPRUNE (below).
  *
  * Built by hatch_build.py into tvlang/ops/libtvnative.so.1 when a C compiler is found, loaded by
  * tvlang/ops/native.py through ctypes (which lets go of the GIL during the call); without
@@ -769,4 +770,139 @@ void tv_pcg64_normal_f32(uint64_t *st, size_t n, const uint32_t *k, const float 
     st[1] = (uint64_t)(end >> 64);
     st[4] = (uint64_t)z.has_half;
     st[5] = z.half; /* numpy keeps the last high half even once it is used */
+}
+
+/* ---- 13. DELLA's MAGPRUNE over whole rows (tvlang/ops/della.py, Magprune) ---------------------------
+ *
+ * tv_pcg64_words: the next n 32-bit words of a PCG64 stream as della.Words hands them out (each
+ * 64-bit output split low half first; a high half left over by the last call comes first, and an odd
+ * count leaves the last output's high half over). st: state low, state high, increment low,
+ * increment high, whether a half is left over, that half. The outputs come four interleaved
+ * generators at a time, as section 1's.
+ *
+ * tv_magprune_f32: for each of `rows` rows of m float32 entries, the rank of each entry by
+ * increasing |x| (the bit pattern with the sign cleared; equal patterns ranked by position: a
+ * stable LSD radix sort of 8-bit digits, digits that every entry of the row shares skipped), the
+ * same order as della.rank_order's sort of distinct keys; then Magprune's torch calls: the keep
+ * probability p = (float)rank * c + d (two float32 roundings, as the ramp's mul_ and add_), kept
+ * when word * 2**-32 < p in float64, out = x / p * kept (rescale) or x * kept (the bool as 1.0 or
+ * 0.0, so a dropped infinity is NaN, as torch gives) where `out` is given, and kept (0 or 1) into
+ * `flags` where given.
+ * With m == 1, p = d for every entry (no ranks). scratch: 3*m uint64. */
+void tv_pcg64_words(uint64_t *st, size_t n, uint32_t *words) {
+    u128 state = ((u128)st[1] << 64) | st[0], inc = ((u128)st[3] << 64) | st[2];
+    size_t i = 0;
+    if (n && st[4]) {
+        words[i++] = (uint32_t)st[5];
+        st[4] = 0;
+    }
+    size_t rounds = (n - i) / 8;
+    if (rounds) {
+        u128 m2 = MULTIPLIER * MULTIPLIER, m4 = m2 * m2;
+        u128 c4 = inc * (MULTIPLIER * m2 + m2 + MULTIPLIER + 1);
+        u128 s0 = state * MULTIPLIER + inc, s1 = s0 * MULTIPLIER + inc;
+        u128 s2 = s1 * MULTIPLIER + inc, s3 = s2 * MULTIPLIER + inc;
+        for (size_t r = 0; r < rounds; r++, i += 8) {
+            uint64_t o0 = output(s0), o1 = output(s1), o2 = output(s2), o3 = output(s3);
+            s0 = s0 * m4 + c4;
+            s1 = s1 * m4 + c4;
+            s2 = s2 * m4 + c4;
+            s3 = s3 * m4 + c4;
+            memcpy(words + i, &o0, 8); /* little-endian: the low half first */
+            memcpy(words + i + 2, &o1, 8);
+            memcpy(words + i + 4, &o2, 8);
+            memcpy(words + i + 6, &o3, 8);
+        }
+        state = advance(state, inc, 4 * (uint64_t)rounds);
+    }
+    for (; i < n; i += 2) {
+        state = state * MULTIPLIER + inc;
+        uint64_t out = output(state);
+        words[i] = (uint32_t)out;
+        if (n - i >= 2) {
+            words[i + 1] = (uint32_t)(out >> 32);
+        } else {
+            st[4] = 1;
+            st[5] = out >> 32;
+        }
+    }
+    st[0] = (uint64_t)state;
+    st[1] = (uint64_t)(state >> 64);
+}
+
+/* The ranks of one row's magnitudes (stable), into rank[0..m). Each pass counts and then scatters
+ * four quarters of the row (as it stands before the pass) side by side, each with its own offsets
+ * (a quarter's entries of a digit go after those of the quarters before it): the same stable
+ * order, with four chains of counter updates instead of one (a chain waits on each store before the
+ * next load where neighbours share a digit, as similar magnitudes share their high digits). */
+static void row_ranks(const float *x, size_t m, uint64_t *a, uint64_t *b, uint32_t *rank) {
+    enum { DIGIT = 8, BUCKETS = 1 << DIGIT, PASSES = 4, PARTS = 4 };
+    uint32_t counts[PARTS][BUCKETS];
+    size_t part = m / PARTS, rest = m - PARTS * part; /* the last quarter also takes the rest */
+    for (size_t j = 0; j < m; j++) {
+        uint32_t bits;
+        memcpy(&bits, x + j, sizeof bits);
+        a[j] = ((uint64_t)(bits & 0x7fffffffu) << 32) | j;
+    }
+    for (int pass = 0; pass < PASSES; pass++) {
+        unsigned shift = 32 + DIGIT * (unsigned)pass;
+        memset(counts, 0, sizeof counts);
+        const uint64_t *a0 = a, *a1 = a + part, *a2 = a + 2 * part, *a3 = a + 3 * part;
+        uint32_t *c0 = counts[0], *c1 = counts[1], *c2 = counts[2], *c3 = counts[3];
+        for (size_t j = 0; j < part; j++) {
+            c0[(a0[j] >> shift) & (BUCKETS - 1)]++;
+            c1[(a1[j] >> shift) & (BUCKETS - 1)]++;
+            c2[(a2[j] >> shift) & (BUCKETS - 1)]++;
+            c3[(a3[j] >> shift) & (BUCKETS - 1)]++;
+        }
+        for (size_t j = part; j < part + rest; j++) c3[(a3[j] >> shift) & (BUCKETS - 1)]++;
+        size_t first = (a[0] >> shift) & (BUCKETS - 1);
+        if ((size_t)c0[first] + c1[first] + c2[first] + c3[first] == m) continue; /* one digit for all */
+        uint32_t total = 0;
+        for (size_t d = 0; d < BUCKETS; d++) {
+            for (int q = 0; q < PARTS; q++) {
+                uint32_t here = counts[q][d];
+                counts[q][d] = total;
+                total += here;
+            }
+        }
+        for (size_t j = 0; j < part; j++) {
+            uint64_t v0 = a0[j], v1 = a1[j], v2 = a2[j], v3 = a3[j];
+            b[c0[(v0 >> shift) & (BUCKETS - 1)]++] = v0;
+            b[c1[(v1 >> shift) & (BUCKETS - 1)]++] = v1;
+            b[c2[(v2 >> shift) & (BUCKETS - 1)]++] = v2;
+            b[c3[(v3 >> shift) & (BUCKETS - 1)]++] = v3;
+        }
+        for (size_t j = part; j < part + rest; j++) b[c3[(a3[j] >> shift) & (BUCKETS - 1)]++] = a3[j];
+        uint64_t *t = a;
+        a = b;
+        b = t;
+    }
+    for (size_t i = 0; i < m; i++) rank[(uint32_t)a[i]] = (uint32_t)i;
+}
+
+void tv_magprune_f32(const float *x, const uint32_t *words, size_t rows, size_t m, float c, float d, int rescale,
+                     uint64_t *scratch, float *out, uint8_t *flags) {
+    uint32_t *rank = (uint32_t *)(scratch + 2 * m);
+    for (size_t r = 0; r < rows; r++) {
+        const float *xr = x + r * m;
+        const uint32_t *wr = words + r * m;
+        if (m > 1) row_ranks(xr, m, scratch, scratch + m, rank);
+        if (out) {
+            float *o = out + r * m;
+            for (size_t j = 0; j < m; j++) {
+                float p = m > 1 ? (float)rank[j] * c + d : d;
+                int kept = (double)wr[j] * 0x1p-32 < (double)p;
+                float v = rescale ? xr[j] / p : xr[j];
+                o[j] = v * (float)kept;
+            }
+        }
+        if (flags) {
+            uint8_t *f = flags + r * m;
+            for (size_t j = 0; j < m; j++) {
+                float p = m > 1 ? (float)rank[j] * c + d : d;
+                f[j] = (uint8_t)((double)wr[j] * 0x1p-32 < (double)p);
+            }
+        }
+    }
 }

@@ -2,7 +2,8 @@
 weights, the window pass of magnitude thresholds, breadcrumbs' band trim, RAM's and RAM+'s
 per-entry means, nearswap, DARE's kept flags applied with the L1 factor, the block sums of norms
 and dot products (tvlang.ops.sums), arcee_fusion's importances and fusion, random_like's float32
-Gaussian noise (numpy's ziggurat over PCG64, :func:`normal_f32`), and the linear steps
+Gaussian noise (numpy's ziggurat over PCG64, :func:`normal_f32`), della's MAGPRUNE over float32
+rows (``tv_magprune_f32``, ``tv_pcg64_words``: tvlang.ops.della), and the linear steps
 of the torch-free executor (:func:`linear_steps`; tvlang.run.direct). This module imports numpy,
 not torch (a caller's tensors bring torch with them).
 
@@ -44,6 +45,8 @@ _P, _N, _F, _I = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
     "tv_pcg64_drop_f32": ([_P, _N, ctypes.c_uint32, _F, _P], None),
     "tv_pcg64_normal_f32": ([_P, _N, _P, _P, _P, _P], None),
+    "tv_pcg64_words": ([_P, _N, _P], None),
+    "tv_magprune_f32": ([_P, _P, _N, _N, _F, _F, _I, _P, _P, _P], None),
     "tv_window_gather": ([_P, _N, ctypes.c_int32, ctypes.c_int32, _I, _P, _P], ctypes.c_size_t),
     "tv_band_f32": ([_P, _N, _F, _F, _P], None),
     "tv_hardshrink_f32": ([_P, _N, _F, _P], None),
