@@ -1,6 +1,6 @@
 """arcee_fusion's chunk form (issue 19: no recipe holds a whole tensor): pieces of whole rows,
-a pass for the rows' KL and the quartiles' high bits, a second for their low bits, then the
-fusion. The same results as the whole-tensor kernel, exactly: at chunk ends, on bf16 inputs,
+a sample of rows for the quartiles' windows, a pass for the rows' KL and the importances inside
+the windows (two more, a radix select, where a window misses), then the fusion. The same results as the whole-tensor kernel, exactly: at chunk ends, on bf16 inputs,
 with NaN and infinities, and where a quartile falls among the negative importances (rows whose
 KL rounds below 0)."""
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import tvlang
 from chunking import chunk_in
 from tvlang.ops.context import TensorContext
-from tvlang.ops.fusion import FusionPasses, arcee_fusion, arcee_fusion_chunks, fence, importance
+from tvlang.ops.fusion import FusionPasses, arcee_fusion, arcee_fusion_chunks, fence, importance, quartile_ranks
 
 # rows of 11, 4, 9, 40 and 50 entries ('v' a vector: one row); 'tiny' stays whole
 SHAPES = {"emb": (13, 11), "w": (6, 5, 4), "bias": (9,), "row": (2, 40), "v": (50,), "tiny": (3,)}
@@ -39,15 +39,23 @@ def naive(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
     return base + (model - base) * (scores >= q2 + 1.5 * (q3 - q1))
 
 
-def drive(form: FusionPasses, base: torch.Tensor, model: torch.Tensor, rows_per_piece: int) -> torch.Tensor:
-    """The evaluator's protocol by hand: passes over pieces of whole rows, then the results."""
+def drive(form: FusionPasses, base: torch.Tensor, model: torch.Tensor, rows_per_piece: int,
+          sample_rows: list[range] | None = None) -> torch.Tensor:
+    """The evaluator's protocol by hand: a sample of the rows in ``sample_rows`` (none: an empty
+    one), passes over pieces of whole rows (as many as the form says, after each pass), then the
+    results."""
     m = form.row
     step = rows_per_piece * m
     flat_b, flat_m = base.reshape(-1), model.reshape(-1)
-    for p in range(form.passes):
+    for rows in sample_rows or []:
+        form.sample([flat_b[rows.start * m:rows.stop * m], flat_m[rows.start * m:rows.stop * m]])
+    form.end_sample()
+    p = 0
+    while p < form.passes:
         for start in range(0, flat_b.numel(), step):
             form.observe(p, [flat_b[start:start + step], flat_m[start:start + step]])
         form.end_pass(p)
+        p += 1
     form.restart()
     out = torch.empty_like(flat_b)
     for start in range(0, flat_b.numel(), step):
@@ -131,6 +139,41 @@ def test_nan_and_infinities_rank_as_in_the_sort():
         want = arcee_fusion([base, model], TensorContext("w"))
         assert torch.equal(got.isnan(), want.isnan())
         assert torch.equal(got.nan_to_num(), want.nan_to_num()), rows
+
+
+def test_a_sampled_window_gives_the_quartiles_in_one_pass_and_misses_fall_back():
+    """Rows sampled across the tensor: one pass before the fusion (the windows hold the quartiles);
+    a sample of unlike rows (windows that miss): three passes; a quartile among negative
+    importances: two. The same threshold and results as the whole kernel every way."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(3000, 40, generator=g)
+    model = base + torch.randn(3000, 40, generator=g) * torch.rand(3000, 1, generator=g)
+    scores = importance(model, base)
+    want = arcee_fusion([base, model], TensorContext("w"))
+    spread = [range(start, start + 20) for start in range(0, 3000, 200)]
+    cases = [(spread, 1), ([range(0, 1)], 2), ([range(5, 8)] * 40, 3)]
+    model_far = model.clone()
+    model_far[:8] = base[:8] + 50 * torch.randn(8, 40, generator=g)  # unlike every other row
+    for sample, passes in cases:
+        pair = (base, model_far) if passes == 3 else (base, model)
+        form = arcee_fusion_chunks.__wrapped__(TensorContext("w", shape=(3000, 40)), 120_000, 2, torch.float32)
+        got = drive(form, *pair, rows_per_piece=37, sample_rows=sample)
+        assert form.passes == passes, (sample, form.passes)  # (a one-row sample is too thin: the radix select)
+        expected = want if passes != 3 else arcee_fusion([base, model_far], TensorContext("w"))
+        assert torch.equal(got, expected)
+        assert torch.equal(form.threshold, fence(scores if passes != 3 else importance(model_far, base)))
+    for seed in range(6):  # negative quartiles beside a window
+        base, model = negative_rows(seed)
+        if int((importance(model, base) < 0).sum()) <= quartile_ranks(base.numel())[0]:
+            continue
+        form = arcee_fusion_chunks.__wrapped__(TensorContext("w", shape=tuple(base.shape)), base.numel(), 2,
+                                               torch.float32)
+        got = drive(form, base, model, rows_per_piece=5, sample_rows=[range(0, 64)])
+        assert form.lower_wanted and form.passes == 2
+        assert torch.equal(got, arcee_fusion([base, model], TensorContext("w"))), seed
+        break
+    else:
+        raise AssertionError("no seed puts Q1 among the negative importances")
 
 
 def test_whole_where_the_select_cannot_order_or_no_rows():

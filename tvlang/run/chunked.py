@@ -217,9 +217,13 @@ def take_sample(session: "Session", program: TensorProgram, linear: LinearProgra
     linear arithmetic of the inputs read: another kernel on the way (``dare``'s draws, ``della``'s
     rows) expects its pieces in order, and the kernels then get an empty sample."""
     steps = needed_steps(program, sampling)
-    if all(program.steps[index].op != "call" or index in sampling for index in steps):
-        pieces = [(at, min(stop, at + CHUNK_ELEMENTS)) for start, stop in sample_ranges(count)
-                  for at in range(start, stop, CHUNK_ELEMENTS)]
+    row = math.lcm(*(getattr(kernels[index], "row", 1) for index in sampling))
+    if row <= CHUNK_ELEMENTS and all(program.steps[index].op != "call" or index in sampling for index in steps):
+        # whole rows where a kernel asks for them (arcee_fusion's KL is per row): each run widened to
+        # row ends, in pieces of whole rows
+        step = CHUNK_ELEMENTS // row * row
+        runs = [(start // row * row, min(count, -(-stop // row) * row)) for start, stop in sample_ranges(count)]
+        pieces = [(at, min(stop, at + step)) for start, stop in runs for at in range(start, stop, step)]
         for start, stop in pieces:
             run_chunk(session, program, linear, steps, coefs, flat, kernels, start, stop,
                       observing=sampling, sampling=True)
