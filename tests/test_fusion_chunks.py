@@ -1,8 +1,9 @@
 """arcee_fusion's chunk form (issue 19: no recipe holds a whole tensor): pieces of whole rows,
 a sample of rows for the quartiles' windows, a pass for the rows' KL and the importances inside
-the windows (two more, a radix select, where a window misses), then the fusion. The same results as the whole-tensor kernel, exactly: at chunk ends, on bf16 inputs,
-with NaN and infinities, and where a quartile falls among the negative importances (rows whose
-KL rounds below 0)."""
+the windows (two more, a radix select, where a window misses), then the fusion. The same
+results as the whole-tensor kernel, exactly: at chunk ends, on bf16 inputs, with NaN and
+infinities, and where a quartile falls among the negative importances (rows whose KL rounds
+below 0)."""
 
 from __future__ import annotations
 
