@@ -453,6 +453,37 @@ def test_dare_kernels_same_bytes(models, tmp_path, monkeypatch, text):
     same_report(fast, local, tmp_path)
 
 
+@pytest.mark.parametrize("chunk", [1 << 18, 100_003, 7])
+def test_plain_dare_runs_fused_with_the_steps_around_it(tmp_path, monkeypatch, chunk):
+    """``pre + c1*dare(a - pre) + c2*dare(b - pre)``: each call runs in one helper loop with the
+    axpy that makes its input and the step that takes its result (``_drop_fusions``); -0.0 and
+    cancelling entries, a coefficient, a tensor where p is 0 (no masks: the steps one by one);
+    the bytes of the local executor and the eager evaluation's tensors."""
+    g = torch.Generator().manual_seed(3)
+    pre = {"big": torch.randn(300_001, generator=g), "small": torch.randn(6, 5, generator=g),
+           "layers.0.w": torch.randn(40, 9, generator=g), "layers.1.w": torch.randn(40, 9, generator=g)}
+    pre["big"][:1000] = -0.0
+    a = finetune_like(pre, seed=1)
+    a["big"][:500] = -0.0  # a - pre: -0.0 - -0.0 = 0.0
+    a["big"][500:1000] = pre["big"][500:1000]
+    b = finetune_like(pre, seed=2)
+    paths = {name: write_checkpoint(str(tmp_path / "in" / name), sd) for name, sd in (("pre", pre), ("a", a), ("b", b))}
+    fused = []
+    real = direct._fused_drop
+
+    def counting(*args):
+        done = real(*args)
+        fused.append(done)
+        return done
+
+    monkeypatch.setattr(direct, "_fused_drop", counting)
+    text = ('pre + 0.5*dare(a - pre, where("layers.1.*", 0.0, 0.9), seed=4)'
+            " - dare(b - pre, 0.6, seed=7, rescale=false)")
+    assert list(direct._drop_fusions(tvlang.compile(text).schedule.main).values()) == [(3, 4), (7, 8)]
+    same_as_local_and_eager(monkeypatch, tmp_path, text, paths, chunk)
+    assert True in fused and False in fused  # fused where p draws, the steps one by one where p is 0
+
+
 @pytest.mark.parametrize("chunk", [1 << 18, 100_003, 1 << 19])
 def test_dare_across_blocks_of_words(tmp_path, monkeypatch, chunk):
     """A tensor longer than a block of dare's words, in chunks that cut blocks anywhere: the same

@@ -446,6 +446,21 @@ FMA_TARGET void tv_axpy_f32(float *acc, const float *x, float c, size_t n) {
     for (size_t j = 0; j < n; j++) acc[j] = fmaf(x[j], c, acc[j]);
 }
 
+/* A plain DARE call between the linear steps around it, in one pass (tvlang/run/direct.py,
+ * _fused_drop): x = fma(b, cb, a), the axpy that makes the call's input (a - pre); x * mask, the
+ * call (mask: 0 or the rescale factor); fma(that, c, base), the axpy or add that takes its result,
+ * with base = acc, times `first` where that is not 1 (the add's first term). The same IEEE
+ * operations in the same order as the three steps, so the same bits; one pass over a, b, the mask
+ * and acc instead of three. out may be acc. */
+FMA_TARGET void tv_drop_axpy_f32(const float *a, const float *b, float cb, const float *mask, const float *acc,
+                                 float first, float c, size_t n, float *out) {
+    if (first == 1.0f) {
+        for (size_t j = 0; j < n; j++) out[j] = fmaf(fmaf(b[j], cb, a[j]) * mask[j], c, acc[j]);
+    } else {
+        for (size_t j = 0; j < n; j++) out[j] = fmaf(fmaf(b[j], cb, a[j]) * mask[j], c, acc[j] * first);
+    }
+}
+
 FMA_TARGET int tv_nonfinite_f32(const float *x, size_t n) {
     const uint32_t *bits = (const uint32_t *)x;
     uint32_t bad = 0;

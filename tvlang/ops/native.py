@@ -64,6 +64,7 @@ _SIGNATURES = {
     "tv_fma_ok": ([], _I),
     "tv_scale_f32": ([_P, _F, _N, _P], None),
     "tv_axpy_f32": ([_P, _P, _F, _N], None),
+    "tv_drop_axpy_f32": ([_P, _P, _F, _P, _P, _F, _F, _N, _P], None),
     "tv_nonfinite_f32": ([_P, _N], _I),
     "tv_bf16_to_f32": ([_P, _N, _P], None),
     "tv_f32_to_bf16": ([_P, _N, _P], _I),

@@ -557,6 +557,7 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
         bar = progress_for(progress)
         program = plan.schedule.main
         buffers, halves, drops = _workspace(program)
+        fused = _drop_fusions(program)
         if bar:
             bar.start("main pass", len(every), sum(read.values()) * len(writers))
         models = [w for name, w in writers.items() if plan.output_kind(name) == "model"]
@@ -575,7 +576,7 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
                        _streams(program, info.name, _floats(info), drawing, num_layers))
             for start in range(0, _floats(info), CHUNK_ELEMENTS):
                 _chunk(program, bound, info, start, min(numel - start, CHUNK_ELEMENTS), buffers, halves, drops,
-                       streams, writers, lib, check=not allow_nonfinite)
+                       streams, writers, lib, check=not allow_nonfinite, fused=fused)
             if bar:
                 bar.advance(info.name, read[info.name] * len(writers))
         commit_all(list(writers.values()))
@@ -1342,17 +1343,25 @@ def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor, num_la
 
 def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, halves: list, drops: dict,
            streams: dict, writers: dict, lib, *, check: bool, only: set[int] | None = None,
-           observing: dict | None = None) -> None:
+           observing: dict | None = None, fused: dict[int, tuple[int, int]] | None = None) -> None:
     """The program over entries ``start:start+count`` of tensor ``name``: each input's chunk read
     into the read step's buffer, each step into its own buffer (``make`` steps) or in place
     (``update`` steps), as tvlang.run.chunked does, with the arithmetic of tvlang.run.steps in
     the helper's float32 loops; with ``only``, those steps only, writing nothing, and the calls in
-    ``observing`` not run but their inputs handed to it (a pass before the main one). (Reading the
+    ``observing`` not run but their inputs handed to it (a pass before the main one); ``fused``
+    (:func:`_drop_fusions`): the plain DARE calls run in one pass with the steps around them. (Reading the
     next chunk in a thread meanwhile was slower here: 3.9-4.4 s against 3.6-3.75 s at 1.5 GB,
     docs/performance.md.)"""
     name = info.name
     slots: dict[int, Any] = {}
+    done_to = -1  # the steps up to here ran fused with an earlier one
     for index, step in enumerate(program.steps):
+        if index <= done_to:
+            continue
+        if fused is not None and index in fused and _fused_drop(program, index, fused[index], slots, buffers,
+                                                                 streams, count, lib):
+            done_to = fused[index][1]
+            continue
         if observing is not None and index in observing:
             observing[index]([slots[s] for s in step.srcs])
             continue
@@ -1437,6 +1446,68 @@ def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, 
                     raise _Fallback  # not finite, or (allow_nonfinite is float32 only) a NaN's bits
                 piece = _Coded(raw, info.dtype)
             writers[step.name].write_part(name, piece)
+
+
+def _drop_fusions(program) -> dict[int, tuple[int, int]]:
+    """The plain ``dare`` calls that can run in one pass with the steps around them: an ``axpy``
+    that makes the call's input in place (``a - pre``), the call over that slot into the same slot,
+    then an ``axpy`` or an ``add`` that takes the call's result and nothing after it reads (the
+    common ``pre + dare(a - pre, p) + dare(b - pre, p) + ...``). By the first step's index: the
+    call's and the taker's. Whether a call draws (``p`` per tensor) is the chunk's to check."""
+    steps = program.steps
+    found: dict[int, tuple[int, int]] = {}
+    for i in range(len(steps) - 2):
+        sub, call, use = steps[i], steps[i + 1], steps[i + 2]
+        if sub.op != "axpy" or sub.srcs[0] == sub.dst or call.op != "call" or call.name != "dare":
+            continue
+        slot = sub.dst
+        if call.srcs != (slot,) or call.dst != slot:
+            continue
+        if use.op == "axpy" and use.srcs == (slot,) and use.dst != slot:
+            pass
+        elif use.op == "add" and len(use.srcs) == 2 and use.srcs[1] == slot and use.srcs[0] != slot:
+            pass
+        else:
+            continue
+        if use.dst != slot and _read_later(steps, i + 3, slot):
+            continue
+        found[i] = (i + 1, i + 2)
+    return found
+
+
+def _read_later(steps, start: int, slot: int) -> bool:
+    """Whether a step from ``start`` on reads ``slot``'s value before one writes it afresh."""
+    for step in steps[start:]:
+        if slot in step.srcs or (step.dst == slot and step.op in ("axpy", "scale")):
+            return True
+        if step.dst == slot:
+            return False
+    return False
+
+
+def _fused_drop(program, index: int, pair: tuple[int, int], slots: dict, buffers: list, streams: dict, count: int,
+                lib) -> bool:
+    """Steps ``index`` (``x = fma(b, c, a)`` in place), ``pair[0]`` (``dare``: ``x * mask``) and
+    ``pair[1]`` (an ``axpy`` or ``add`` of its result) in one helper loop (``tv_drop_axpy_f32``: the
+    same operations, so the same bits); ``False`` (nothing done) where the call does not draw
+    masks or rescales by the L1 norm."""
+    call_index, use_index = pair
+    rule, masks, _, l1 = streams[call_index]
+    if l1 is not None or not rule.draws:
+        return False
+    sub, use = program.steps[index], program.steps[use_index]
+    a, b = slots[sub.dst], slots[sub.srcs[0]]
+    mask = masks[0].take(count)
+    if use.op == "axpy":
+        out = base = slots[use.dst]
+        first, c = 1.0, use.coef
+    else:  # add: first * srcs[0] + second * the call's result, into the step's own buffer
+        out, base = buffers[use_index][:count], slots[use.srcs[0]]
+        first, c = use.coef
+    lib.tv_drop_axpy_f32(a.ctypes.data, b.ctypes.data, sub.coef, mask.ctypes.data, base.ctypes.data, first, c, count,
+                         out.ctypes.data)
+    slots[use.dst] = out
+    return True
 
 
 def _sign_merge(options: dict, parts: list, target, lib) -> None:
