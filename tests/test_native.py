@@ -79,6 +79,20 @@ def test_drop_masks_equal_numpy_and_leave_the_same_state(n):
 
 
 @needs_helper
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 8, 9, 17, 1000, (1 << 18) + 3])
+def test_keep_bits_are_the_masks_packed(n):
+    """The fused DARE calls' keep bits: the float32 masks' nonzero entries in numpy's packbits order,
+    the generator left where the masks leave it."""
+    for seed, threshold in [(1, 3865470567), (2, 1 << 31), (3, 1)]:
+        ours, theirs = numpy.random.PCG64(seed), numpy.random.PCG64(seed)
+        got = native.keep_bits(ours, n, threshold)
+        want = numpy_masks(theirs, n, threshold, 1.0) != 0
+        assert got.dtype == numpy.uint8 and got.size == -(-n // 8)
+        assert numpy.array_equal(numpy.unpackbits(got, count=n).astype(bool), want), (n, seed)
+        assert ours.state == theirs.state, (n, seed)
+
+
+@needs_helper
 def test_dropper_masks_are_the_same_with_and_without_the_helper(monkeypatch):
     n = 3 * (1 << 18) + 11  # blocks of CHUNK, and a short last one
     x = torch.randn(n, generator=torch.Generator().manual_seed(0))

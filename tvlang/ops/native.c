@@ -103,6 +103,48 @@ void tv_pcg64_drop_f32(uint64_t *st, size_t n, uint32_t threshold, float scale, 
     st[1] = (uint64_t)(state >> 64);
 }
 
+/* The same outputs as keep bits (the torch-free executor's fused DARE calls, tv_drop_bits_axpy_f32):
+ * an entry's bit is set where its word is at least `threshold`, eight entries a byte, the first in
+ * the high bit (numpy's packbits order); the state moves on as tv_pcg64_drop_f32 moves it. */
+void tv_pcg64_keep_bits(uint64_t *st, size_t n, uint32_t threshold, uint8_t *packed) {
+    u128 state = ((u128)st[1] << 64) | st[0], inc = ((u128)st[3] << 64) | st[2];
+    size_t i = 0, rounds = n / 8; /* each round: four outputs, eight entries, one byte */
+    if (rounds) {
+        u128 m2 = MULTIPLIER * MULTIPLIER, m4 = m2 * m2;
+        u128 c4 = inc * (MULTIPLIER * m2 + m2 + MULTIPLIER + 1);
+        u128 s0 = state * MULTIPLIER + inc, s1 = s0 * MULTIPLIER + inc;
+        u128 s2 = s1 * MULTIPLIER + inc, s3 = s2 * MULTIPLIER + inc;
+        for (size_t r = 0; r < rounds; r++, i += 8) {
+            uint64_t o0 = output(s0), o1 = output(s1), o2 = output(s2), o3 = output(s3);
+            s0 = s0 * m4 + c4;
+            s1 = s1 * m4 + c4;
+            s2 = s2 * m4 + c4;
+            s3 = s3 * m4 + c4;
+            packed[r] = (uint8_t)(((unsigned)((uint32_t)o0 >= threshold) << 7) |
+                                  ((unsigned)((uint32_t)(o0 >> 32) >= threshold) << 6) |
+                                  ((unsigned)((uint32_t)o1 >= threshold) << 5) |
+                                  ((unsigned)((uint32_t)(o1 >> 32) >= threshold) << 4) |
+                                  ((unsigned)((uint32_t)o2 >= threshold) << 3) |
+                                  ((unsigned)((uint32_t)(o2 >> 32) >= threshold) << 2) |
+                                  ((unsigned)((uint32_t)o3 >= threshold) << 1) |
+                                  (unsigned)((uint32_t)(o3 >> 32) >= threshold));
+        }
+        state = advance(state, inc, 4 * (uint64_t)rounds);
+    }
+    if (i < n) { /* the last 1-7 entries, one output at a time, in a last byte */
+        unsigned byte = 0;
+        for (; i < n; i += 2) {
+            state = state * MULTIPLIER + inc;
+            uint64_t out = output(state);
+            byte |= (unsigned)((uint32_t)out >= threshold) << (7 - (i & 7));
+            if (n - i >= 2) byte |= (unsigned)((uint32_t)(out >> 32) >= threshold) << (6 - (i & 7));
+        }
+        packed[n / 8] = (uint8_t)byte;
+    }
+    st[0] = (uint64_t)state;
+    st[1] = (uint64_t)(state >> 64);
+}
+
 /* ---- 2. ties' sign election and disjoint merge, unit weights ------------------------------
  *
  * tvlang.ops.ties.sign_merge with every weight 1, entry by entry in one pass instead of about
@@ -458,6 +500,57 @@ FMA_TARGET void tv_drop_axpy_f32(const float *a, const float *b, float cb, const
         for (size_t j = 0; j < n; j++) out[j] = fmaf(fmaf(b[j], cb, a[j]) * mask[j], c, acc[j]);
     } else {
         for (size_t j = 0; j < n; j++) out[j] = fmaf(fmaf(b[j], cb, a[j]) * mask[j], c, acc[j] * first);
+    }
+}
+
+/* The same with the mask as keep bits (tv_pcg64_keep_bits: numpy's packbits order, from bit
+ * `offset` of `packed`): an entry's mask is `scale` where its bit is set, +0.0 where not (as bit
+ * patterns, without a branch), so the product is the float32 mask's. The masks' thread writes, and
+ * this loop reads, a bit an entry instead of four bytes. */
+static inline float keep_scale(const uint8_t *packed, size_t at, uint32_t scale_bits) {
+    uint32_t bit = (packed[at >> 3] >> (7 - (at & 7))) & 1u, v = scale_bits & (0u - bit);
+    float f;
+    memcpy(&f, &v, sizeof f);
+    return f;
+}
+
+FMA_TARGET void tv_drop_bits_axpy_f32(const float *a, const float *b, float cb, const uint8_t *packed, size_t offset,
+                                      float scale, const float *acc, float first, float c, size_t n, float *out) {
+    uint32_t scale_bits;
+    memcpy(&scale_bits, &scale, sizeof scale_bits);
+    float table[256][8]; /* each byte's eight masks: whole bytes then run eight entries a vector */
+    for (unsigned v = 0; v < 256; v++) {
+        for (unsigned k = 0; k < 8; k++) {
+            uint32_t bits = scale_bits & (0u - ((v >> (7 - k)) & 1u));
+            memcpy(&table[v][k], &bits, sizeof bits);
+        }
+    }
+    size_t j = 0;
+    for (; j < n && ((offset + j) & 7); j++) {
+        float base = first == 1.0f ? acc[j] : acc[j] * first;
+        out[j] = fmaf(fmaf(b[j], cb, a[j]) * keep_scale(packed, offset + j, scale_bits), c, base);
+    }
+#if defined(__x86_64__) && defined(__GNUC__)
+    __m256 vcb = _mm256_set1_ps(cb), vc = _mm256_set1_ps(c), vfirst = _mm256_set1_ps(first);
+    for (; j + 8 <= n; j += 8) { /* the same fused multiply-adds and products, eight at a time */
+        __m256 mask = _mm256_loadu_ps(table[packed[(offset + j) >> 3]]);
+        __m256 x = _mm256_fmadd_ps(_mm256_loadu_ps(b + j), vcb, _mm256_loadu_ps(a + j));
+        __m256 base = _mm256_loadu_ps(acc + j);
+        if (first != 1.0f) base = _mm256_mul_ps(base, vfirst);
+        _mm256_storeu_ps(out + j, _mm256_fmadd_ps(_mm256_mul_ps(x, mask), vc, base));
+    }
+#else
+    for (; j + 8 <= n; j += 8) {
+        const float *mask = table[packed[(offset + j) >> 3]];
+        for (size_t k = 0; k < 8; k++) {
+            float base = first == 1.0f ? acc[j + k] : acc[j + k] * first;
+            out[j + k] = fmaf(fmaf(b[j + k], cb, a[j + k]) * mask[k], c, base);
+        }
+    }
+#endif
+    for (; j < n; j++) {
+        float base = first == 1.0f ? acc[j] : acc[j] * first;
+        out[j] = fmaf(fmaf(b[j], cb, a[j]) * keep_scale(packed, offset + j, scale_bits), c, base);
     }
 }
 

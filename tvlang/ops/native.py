@@ -29,7 +29,7 @@ import numpy
 
 __all__ = ["LIBRARY", "library", "drop_mask_f32", "sign_merge_f32", "window_gather", "band_f32", "ram_f32",
            "ramplus_count_f32", "ramplus_apply_f32", "nearswap_f32", "flags_scale_f32", "block_sums_f32",
-           "fusion_f32", "normal_f32", "ziggurat_tables", "linear_steps", "state_words", "set_state_words",
+           "fusion_f32", "normal_f32", "keep_bits", "ziggurat_tables", "linear_steps", "state_words", "set_state_words",
            "MERGE_CODES"]
 
 #: where the install puts the compiled helper (a versioned name, ``.so.1``: a plain ``.so``
@@ -65,6 +65,8 @@ _SIGNATURES = {
     "tv_scale_f32": ([_P, _F, _N, _P], None),
     "tv_axpy_f32": ([_P, _P, _F, _N], None),
     "tv_drop_axpy_f32": ([_P, _P, _F, _P, _P, _F, _F, _N, _P], None),
+    "tv_drop_bits_axpy_f32": ([_P, _P, _F, _P, _N, _F, _P, _F, _F, _N, _P], None),
+    "tv_pcg64_keep_bits": ([_P, _N, ctypes.c_uint32, _P], None),
     "tv_nonfinite_f32": ([_P, _N], _I),
     "tv_bf16_to_f32": ([_P, _N, _P], None),
     "tv_f32_to_bf16": ([_P, _N, _P], _I),
@@ -209,6 +211,23 @@ def normal_f32(bits, n: int, out: numpy.ndarray | None = None) -> numpy.ndarray 
     drawn = numpy.empty(n, dtype=numpy.float32) if out is None else out[:n]
     _normal_draw(lib, bits, n, drawn)
     return drawn
+
+
+def keep_bits(bits, n: int, threshold: int, out: numpy.ndarray | None = None) -> numpy.ndarray | None:
+    """The keep flags of the next ``n`` entries (an entry's 32-bit word at least ``threshold``, as
+    :func:`drop_mask_f32` compares it) packed as ``numpy.packbits`` packs them, drawn in C from
+    ``bits`` (a numpy ``PCG64``), which moves on as :func:`drop_mask_f32` moves it; in ``out``
+    (uint8, at least ``ceil(n / 8)`` bytes: its first ones) where given. ``None`` without the
+    helper (``bits`` untouched)."""
+    lib = library()
+    if lib is None or not isinstance(bits, numpy.random.PCG64):
+        return None
+    words = state_words(bits)
+    size = -(-n // 8)
+    packed = numpy.empty(size, dtype=numpy.uint8) if out is None else out[:size]
+    lib.tv_pcg64_keep_bits(words.ctypes.data, n, threshold, packed.ctypes.data)
+    set_state_words(bits, words)
+    return packed
 
 
 #: tv_sign_merge_f32's code of each merge

@@ -82,7 +82,7 @@ from tvlang.ops.context import TensorContext
 from tvlang.ops.drops import CHUNK as DROP_CHUNK
 from tvlang.ops.drops import DropRule, l1_factor
 from tvlang.ops.names import count_layers
-from tvlang.ops.native import BLOCK, MERGE_CODES, normal_f32, window_gather
+from tvlang.ops.native import BLOCK, MERGE_CODES, keep_bits, normal_f32, window_gather
 from tvlang.ops.pertensor import resolve_options
 from tvlang.ops.ranks import (
     bits_to_float,
@@ -558,6 +558,8 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
         program = plan.schedule.main
         buffers, halves, drops = _workspace(program)
         fused = _drop_fusions(program)
+        # the fused calls' masks as keep bits, where no pass before the main one takes them as floats
+        packed = frozenset(call for call, _ in fused.values())
         if bar:
             bar.start("main pass", len(every), sum(read.values()) * len(writers))
         models = [w for name, w in writers.items() if plan.output_kind(name) == "model"]
@@ -573,7 +575,7 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
                 for writer in writers.values():
                     writer.write(info.name, _Coded(numpy.empty(info.shape, dtype=numpy.uint16), info.dtype))
             streams = (ahead.streams(position) if ahead else
-                       _streams(program, info.name, _floats(info), drawing, num_layers))
+                       _streams(program, info.name, _floats(info), drawing, num_layers, packed))
             for start in range(0, _floats(info), CHUNK_ELEMENTS):
                 _chunk(program, bound, info, start, min(numel - start, CHUNK_ELEMENTS), buffers, halves, drops,
                        streams, writers, lib, check=not allow_nonfinite, fused=fused)
@@ -619,17 +621,21 @@ class _Masks:
     tvlang.ops.dare.Dropper draws them, so any chunk size gives its masks. The blocks are drawn
     on ``drawing`` (one thread: each stream's blocks in the order asked for), up to
     :data:`MASKS_AHEAD` ahead of the one in use, on the other core while this one computes (the
-    helper's loop releases the GIL; drawing the masks here took 2 of 5.3 s at 1.5 GB)."""
+    helper's loop releases the GIL; drawing the masks here took 2 of 5.3 s at 1.5 GB). ``packed``:
+    the masks as keep bits (``keep_bits``, a bit an entry; :meth:`take_bits`), for the fused calls."""
 
-    def __init__(self, rule: DropRule, bits, numel: int, drawing: ThreadPoolExecutor) -> None:
-        self.rule, self.bits, self.numel, self.drawing = rule, bits, numel, drawing
-        self.block = numpy.empty(0, dtype=numpy.float32)
+    def __init__(self, rule: DropRule, bits, numel: int, drawing: ThreadPoolExecutor, packed: bool = False) -> None:
+        self.rule, self.bits, self.numel, self.drawing, self.packed = rule, bits, numel, drawing, packed
+        self.block = numpy.empty(0, dtype=numpy.uint8 if packed else numpy.float32)
+        self.size = 0  # entries of the block in use
         self.used = 0  # entries of the block handed out
         self.asked = 0  # entries of the tensor whose blocks are drawn or being drawn
-        self.ahead: deque[Future] = deque()
+        self.ahead: deque[tuple[Future, int]] = deque()
         # the blocks' buffers, in turn (reused, not allocated per block): those drawn ahead, the one in
         # use, and the one before it (a piece that spans two blocks holds a view of its end)
-        self.buffers = [numpy.empty(min(DROP_CHUNK, numel), dtype=numpy.float32)
+        length = min(DROP_CHUNK, numel)
+        self.buffers = [numpy.empty(-(-length // 8), dtype=numpy.uint8) if packed else
+                        numpy.empty(length, dtype=numpy.float32)
                         for _ in range(min(MASKS_AHEAD + 2, -(-numel // DROP_CHUNK)))]
         self.turn = 0
         self._ask()
@@ -638,18 +644,38 @@ class _Masks:
         while len(self.ahead) < MASKS_AHEAD and self.asked < self.numel:
             size = min(DROP_CHUNK, self.numel - self.asked)
             buffer = self.buffers[self.turn % len(self.buffers)]
-            self.ahead.append(self.drawing.submit(self.rule.mask, self.bits, size, numpy.float32, buffer))
+            if self.packed:
+                future = self.drawing.submit(keep_bits, self.bits, size, self.rule.threshold, buffer)
+            else:
+                future = self.drawing.submit(self.rule.mask, self.bits, size, numpy.float32, buffer)
+            self.ahead.append((future, size))
             self.turn += 1
             self.asked += size
+
+    def _next_block(self) -> None:
+        future, self.size = self.ahead.popleft()
+        self.block = future.result()
+        self.used = 0
+        self._ask()
+
+    def take_bits(self, count: int) -> list[tuple[numpy.ndarray, int, int]]:
+        """The next ``count`` entries' keep bits (``packed``), as ``(block, first bit, entries)`` runs."""
+        runs = []
+        while count:
+            if self.used == self.size:
+                self._next_block()
+            n = min(count, self.size - self.used)
+            runs.append((self.block, self.used, n))
+            self.used += n
+            count -= n
+        return runs
 
     def take(self, count: int) -> numpy.ndarray:
         pieces = []
         while count:
-            if self.used == len(self.block):
-                self.block = self.ahead.popleft().result()
-                self.used = 0
-                self._ask()
-            n = min(count, len(self.block) - self.used)
+            if self.used == self.size:
+                self._next_block()
+            n = min(count, self.size - self.used)
             pieces.append(self.block[self.used:self.used + n])
             self.used += n
             count -= n
@@ -1307,7 +1333,8 @@ def _whole_pass(program, bound: _Bound, info, numel: int, buffers: list, halves:
     return True
 
 
-def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor, num_layers: int | None) -> dict[int, Any]:
+def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor, num_layers: int | None,
+             packed: frozenset[int] = frozenset()) -> dict[int, Any]:
     """Each call's state for tensor ``name`` of ``numel`` entries, its per-tensor options resolved
     for that name (tvlang.ops.pertensor, with the base's layer count, as the local executor's
     TensorContext): a DARE call's drop rule, masks (one stream per input, input ``i``'s from where
@@ -1334,7 +1361,7 @@ def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor, num_la
             for i in range(len(step.srcs)):
                 bits = context.bits(options["seed"])
                 bits.advance(i * rule.words(numel))
-                masks.append(_Masks(rule, bits, numel if rule.draws else 0, drawing))
+                masks.append(_Masks(rule, bits, numel if rule.draws else 0, drawing, index in packed and not l1))
             streams[index] = (rule, masks, options, _L1(rule, masks, numel) if l1 else None)
         else:
             streams[index] = options
@@ -1497,15 +1524,23 @@ def _fused_drop(program, index: int, pair: tuple[int, int], slots: dict, buffers
         return False
     sub, use = program.steps[index], program.steps[use_index]
     a, b = slots[sub.dst], slots[sub.srcs[0]]
-    mask = masks[0].take(count)
     if use.op == "axpy":
         out = base = slots[use.dst]
         first, c = 1.0, use.coef
     else:  # add: first * srcs[0] + second * the call's result, into the step's own buffer
         out, base = buffers[use_index][:count], slots[use.srcs[0]]
         first, c = use.coef
-    lib.tv_drop_axpy_f32(a.ctypes.data, b.ctypes.data, sub.coef, mask.ctypes.data, base.ctypes.data, first, c, count,
-                         out.ctypes.data)
+    source = masks[0]
+    if not source.packed:
+        mask = source.take(count)
+        lib.tv_drop_axpy_f32(a.ctypes.data, b.ctypes.data, sub.coef, mask.ctypes.data, base.ctypes.data, first, c,
+                             count, out.ctypes.data)
+    else:  # the masks as keep bits, run by run (a run ends where a block of words does)
+        at, scale = 0, rule.scale
+        for block, bit, n in source.take_bits(count):
+            lib.tv_drop_bits_axpy_f32(a[at:].ctypes.data, b[at:].ctypes.data, sub.coef, block.ctypes.data, bit, scale,
+                                      base[at:].ctypes.data, first, c, n, out[at:].ctypes.data)
+            at += n
     slots[use.dst] = out
     return True
 
