@@ -484,6 +484,24 @@ def test_plain_dare_runs_fused_with_the_steps_around_it(tmp_path, monkeypatch, c
     assert True in fused and False in fused  # fused where p draws, the steps one by one where p is 0
 
 
+@pytest.mark.parametrize("chunk", [1 << 18, 100_003, 7])
+@pytest.mark.parametrize("text", [
+    "pre + dare_ties(a - pre, b - pre, c - pre, p=0.8, seed=2)",  # every input made in the drop's loop
+    'pre + dare_linear(a - pre, b - pre, p=0.6, weights=[0.3, 0.9], merge="weighted_mean") + 0.2*(b - pre)',
+    "pre + dare_ties(a - pre, b - c, a - b, p=0.4, seed=6)",  # only the input nothing else reads
+])
+def test_dare_inputs_made_in_the_drops_loop(tmp_path, monkeypatch, chunk, text):
+    """The ``axpy`` that makes a DARE call's input waits for the call where nothing else needs it
+    (``_Fusions.subs``), and the call makes ``fma(b, c, a) * mask`` in one loop (keep bits where every
+    input does): the local executor's bytes and the eager evaluation's tensors, in chunks that cut
+    the blocks of words anywhere."""
+    paths = big_models(tmp_path / "in")
+    program = tvlang.compile(text).schedule.main
+    fusions = direct._fusions(program)
+    assert fusions.subs and (("c - pre" in text) == bool(fusions.packed))
+    same_as_local_and_eager(monkeypatch, tmp_path, text, paths, chunk)
+
+
 @pytest.mark.parametrize("chunk", [1 << 18, 100_003, 1 << 19])
 def test_dare_across_blocks_of_words(tmp_path, monkeypatch, chunk):
     """A tensor longer than a block of dare's words, in chunks that cut blocks anywhere: the same

@@ -554,6 +554,42 @@ FMA_TARGET void tv_drop_bits_axpy_f32(const float *a, const float *b, float cb, 
     }
 }
 
+/* An input of a DARE call made in the same pass (tvlang/run/direct.py, _Fusions.subs): out =
+ * fma(b, cb, a) * mask, the axpy that made the input (a - pre) and the call's product, the same
+ * operations as the two steps; the mask as floats, or as keep bits from bit `offset`. */
+FMA_TARGET void tv_sub_mask_f32(const float *a, const float *b, float cb, const float *mask, size_t n, float *out) {
+    for (size_t j = 0; j < n; j++) out[j] = fmaf(b[j], cb, a[j]) * mask[j];
+}
+
+FMA_TARGET void tv_sub_bits_f32(const float *a, const float *b, float cb, const uint8_t *packed, size_t offset,
+                                float scale, size_t n, float *out) {
+    uint32_t scale_bits;
+    memcpy(&scale_bits, &scale, sizeof scale_bits);
+    float table[256][8];
+    for (unsigned v = 0; v < 256; v++) {
+        for (unsigned k = 0; k < 8; k++) {
+            uint32_t bits = scale_bits & (0u - ((v >> (7 - k)) & 1u));
+            memcpy(&table[v][k], &bits, sizeof bits);
+        }
+    }
+    size_t j = 0;
+    for (; j < n && ((offset + j) & 7); j++) out[j] = fmaf(b[j], cb, a[j]) * keep_scale(packed, offset + j, scale_bits);
+#if defined(__x86_64__) && defined(__GNUC__)
+    __m256 vcb = _mm256_set1_ps(cb);
+    for (; j + 8 <= n; j += 8) {
+        __m256 mask = _mm256_loadu_ps(table[packed[(offset + j) >> 3]]);
+        __m256 x = _mm256_fmadd_ps(_mm256_loadu_ps(b + j), vcb, _mm256_loadu_ps(a + j));
+        _mm256_storeu_ps(out + j, _mm256_mul_ps(x, mask));
+    }
+#else
+    for (; j + 8 <= n; j += 8) {
+        const float *mask = table[packed[(offset + j) >> 3]];
+        for (size_t k = 0; k < 8; k++) out[j + k] = fmaf(b[j + k], cb, a[j + k]) * mask[k];
+    }
+#endif
+    for (; j < n; j++) out[j] = fmaf(b[j], cb, a[j]) * keep_scale(packed, offset + j, scale_bits);
+}
+
 FMA_TARGET int tv_nonfinite_f32(const float *x, size_t n) {
     const uint32_t *bits = (const uint32_t *)x;
     uint32_t bad = 0;

@@ -557,9 +557,7 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
         bar = progress_for(progress)
         program = plan.schedule.main
         buffers, halves, drops = _workspace(program)
-        fused = _drop_fusions(program)
-        # the fused calls' masks as keep bits, where no pass before the main one takes them as floats
-        packed = frozenset(call for call, _ in fused.values())
+        fused = _fusions(program)
         if bar:
             bar.start("main pass", len(every), sum(read.values()) * len(writers))
         models = [w for name, w in writers.items() if plan.output_kind(name) == "model"]
@@ -575,7 +573,7 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
                 for writer in writers.values():
                     writer.write(info.name, _Coded(numpy.empty(info.shape, dtype=numpy.uint16), info.dtype))
             streams = (ahead.streams(position) if ahead else
-                       _streams(program, info.name, _floats(info), drawing, num_layers, packed))
+                       _streams(program, info.name, _floats(info), drawing, num_layers, fused.packed))
             for start in range(0, _floats(info), CHUNK_ELEMENTS):
                 _chunk(program, bound, info, start, min(numel - start, CHUNK_ELEMENTS), buffers, halves, drops,
                        streams, writers, lib, check=not allow_nonfinite, fused=fused)
@@ -1370,13 +1368,13 @@ def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor, num_la
 
 def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, halves: list, drops: dict,
            streams: dict, writers: dict, lib, *, check: bool, only: set[int] | None = None,
-           observing: dict | None = None, fused: dict[int, tuple[int, int]] | None = None) -> None:
+           observing: dict | None = None, fused: _Fusions | None = None) -> None:
     """The program over entries ``start:start+count`` of tensor ``name``: each input's chunk read
     into the read step's buffer, each step into its own buffer (``make`` steps) or in place
     (``update`` steps), as tvlang.run.chunked does, with the arithmetic of tvlang.run.steps in
     the helper's float32 loops; with ``only``, those steps only, writing nothing, and the calls in
     ``observing`` not run but their inputs handed to it (a pass before the main one); ``fused``
-    (:func:`_drop_fusions`): the plain DARE calls run in one pass with the steps around them. (Reading the
+    (:func:`_fusions`, the main pass): DARE calls run in one loop with the steps around them. (Reading the
     next chunk in a thread meanwhile was slower here: 3.9-4.4 s against 3.6-3.75 s at 1.5 GB,
     docs/performance.md.)"""
     name = info.name
@@ -1385,10 +1383,12 @@ def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, 
     for index, step in enumerate(program.steps):
         if index <= done_to:
             continue
-        if fused is not None and index in fused and _fused_drop(program, index, fused[index], slots, buffers,
-                                                                 streams, count, lib):
-            done_to = fused[index][1]
+        if fused is not None and index in fused.drops and _fused_drop(program, index, fused.drops[index], slots,
+                                                                       buffers, streams, count, lib):
+            done_to = fused.drops[index][1]
             continue
+        if fused is not None and index in fused.deferred and _defers(streams[fused.deferred[index][0]]):
+            continue  # its call makes it, in the loop that drops it
         if observing is not None and index in observing:
             observing[index]([slots[s] for s in step.srcs])
             continue
@@ -1431,7 +1431,10 @@ def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, 
             lib.tv_axpy_f32(slots[step.dst].ctypes.data, slots[step.srcs[0]].ctypes.data, step.coef, count)
         elif op == "call" and step.name in DROP_CALLS:
             target = buffers[index][:count]
-            _drop_call(step, [slots[s] for s in step.srcs], streams[index], drops.get(index), target, lib)
+            subs = fused.subs.get(index) if fused is not None else None
+            _drop_call(step, [slots[s] for s in step.srcs], streams[index], drops.get(index), target, lib,
+                       [slots[program.steps[j].srcs[0]] for j in subs.values()] if subs else None,
+                       {i: program.steps[j].coef for i, j in subs.items()} if subs else None)
             slots[step.dst] = target
         elif op == "call" and step.name in THRESHOLD_CALLS:  # trims; ties then merges with the helper's loop
             target = buffers[index][:count]
@@ -1473,6 +1476,53 @@ def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, 
                     raise _Fallback  # not finite, or (allow_nonfinite is float32 only) a NaN's bits
                 piece = _Coded(raw, info.dtype)
             writers[step.name].write_part(name, piece)
+
+
+@dataclass
+class _Fusions:
+    """The DARE calls that the main pass runs together with the steps around them (:func:`_fusions`).
+
+    ``drops``: a plain ``dare`` call with the ``axpy`` that makes its input and the step that takes
+    its result, by the ``axpy``'s index: the call's and the taker's (one helper loop). ``subs``: by
+    call, the inputs (by position) made by an ``axpy`` that nothing else needs, and that ``axpy``'s
+    index; ``deferred`` the other way round: those ``axpy`` steps wait for their call, which makes
+    ``fma(b, c, a) * mask`` in one loop. ``packed``: the calls whose masks are keep bits (every
+    input fused), where no pass before the main one takes them as floats."""
+
+    drops: dict[int, tuple[int, int]]
+    subs: dict[int, dict[int, int]]
+    deferred: dict[int, tuple[int, int]]
+    packed: frozenset[int]
+
+
+def _fusions(program) -> _Fusions:
+    """The main pass's fusions of ``program``'s DARE calls (see :class:`_Fusions`)."""
+    drops = _drop_fusions(program)
+    steps = program.steps
+    fused_calls = {call for call, _ in drops.values()}
+    subs: dict[int, dict[int, int]] = {}
+    for k, call in enumerate(steps):
+        if call.op != "call" or call.name not in DROP_CALLS or k in fused_calls or len(set(call.srcs)) < len(call.srcs):
+            continue
+        for position, slot in enumerate(call.srcs):
+            j = max((i for i in range(k) if steps[i].dst == slot), default=None)
+            if j is None or steps[j].op != "axpy" or steps[j].srcs[0] == slot:
+                continue
+            source = steps[j].srcs[0]
+            if any(slot in step.srcs or step.dst in (slot, source) for step in steps[j + 1:k]):
+                continue  # the input is read or replaced before the call, or what it subtracts changes
+            if call.dst != slot and _read_later(steps, k + 1, slot):
+                continue
+            subs.setdefault(k, {})[position] = j
+    deferred = {j: (k, position) for k, inputs in subs.items() for position, j in inputs.items()}
+    packed = fused_calls | {k for k, inputs in subs.items() if len(inputs) == len(steps[k].srcs)}
+    return _Fusions(drops, subs, deferred, frozenset(packed))
+
+
+def _defers(stream) -> bool:
+    """Whether a DARE call's stream takes its inputs fused (it draws masks, without the L1 rule)."""
+    rule, _, _, l1 = stream
+    return l1 is None and rule.draws
 
 
 def _drop_fusions(program) -> dict[int, tuple[int, int]]:
@@ -1519,9 +1569,9 @@ def _fused_drop(program, index: int, pair: tuple[int, int], slots: dict, buffers
     same operations, so the same bits); ``False`` (nothing done) where the call does not draw
     masks or rescales by the L1 norm."""
     call_index, use_index = pair
-    rule, masks, _, l1 = streams[call_index]
-    if l1 is not None or not rule.draws:
+    if not _defers(streams[call_index]):
         return False
+    rule, masks, _, _ = streams[call_index]
     sub, use = program.steps[index], program.steps[use_index]
     a, b = slots[sub.dst], slots[sub.srcs[0]]
     if use.op == "axpy":
@@ -1545,6 +1595,20 @@ def _fused_drop(program, index: int, pair: tuple[int, int], slots: dict, buffers
     return True
 
 
+def _sub_times_mask(a, b, coef: float, mask: _Masks, rule: DropRule, part, lib) -> None:
+    """``fma(b, coef, a) * mask`` into ``part``: an input's ``axpy`` and its drop in one loop."""
+    count = len(part)
+    if not mask.packed:
+        floats = mask.take(count)  # held while the helper reads it (it may be a fresh concatenation)
+        lib.tv_sub_mask_f32(a.ctypes.data, b.ctypes.data, coef, floats.ctypes.data, count, part.ctypes.data)
+        return
+    at = 0
+    for block, bit, n in mask.take_bits(count):
+        lib.tv_sub_bits_f32(a[at:].ctypes.data, b[at:].ctypes.data, coef, block.ctypes.data, bit, rule.scale, n,
+                            part[at:].ctypes.data)
+        at += n
+
+
 def _sign_merge(options: dict, parts: list, target, lib) -> None:
     """tvlang.ops.ties.sign_merge with unit weights: the helper's loop, as the local executor calls it."""
     lib.tv_sign_merge_f32(_pointers(parts), len(parts), len(target), options["elect"] == "frequency",
@@ -1552,18 +1616,23 @@ def _sign_merge(options: dict, parts: list, target, lib) -> None:
 
 
 def _drop_call(step, pieces: list, stream: tuple[DropRule, list[_Masks], dict, _L1 | None], drops: list | None, target,
-               lib) -> None:
+               lib, subtracted: list | None = None, coefs: dict[int, float] | None = None) -> None:
     """A DARE call over the next ``len(target)`` entries of its inputs ``pieces``, into ``target``:
     each input times its block's mask (``x * mask``, as tvlang.ops.dare.Dropper multiplies), then
     for ``dare_ties`` the helper's sign merge (tvlang.ops.ties.sign_merge with unit weights) and for
     ``dare_linear`` ``sign_merge``'s ``elect="none"`` steps: zeros, ``add_(part, alpha=w)`` (a fused
-    multiply-add: tv_axpy_f32), and the division of ``"mean"`` or ``"weighted_mean"``."""
+    multiply-add: tv_axpy_f32), and the division of ``"mean"`` or ``"weighted_mean"``. ``coefs``: the
+    inputs (by position) whose ``axpy`` waited for this call (:class:`_Fusions`): ``fma(b, c, x) *
+    mask`` in one loop, ``b`` from ``subtracted`` in the same order."""
     rule, masks, options, l1 = stream
     count = len(target)
     parts = [target] if step.name == "dare" else [buffer[:count] for buffer in drops]
+    waiting = dict(zip(coefs, subtracted)) if coefs and _defers(stream) else {}
     for i, (x, mask, part) in enumerate(zip(pieces, masks, parts)):
         if l1 is not None:
             l1.apply(i, rule, x, part, lib)
+        elif i in waiting:
+            _sub_times_mask(x, waiting[i], coefs[i], mask, rule, part, lib)
         elif rule.draws:
             numpy.multiply(x, mask.take(count), out=part)
         elif rule.keeps_all:
