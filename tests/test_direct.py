@@ -502,6 +502,21 @@ def test_dare_inputs_made_in_the_drops_loop(tmp_path, monkeypatch, chunk, text):
     same_as_local_and_eager(monkeypatch, tmp_path, text, paths, chunk)
 
 
+@pytest.mark.parametrize("chunk", [1 << 18, 100_003, 7])
+@pytest.mark.parametrize("text", [
+    'pre + 0.5*ties(a - pre, b - pre, c - pre, density=0.3, elect="frequency", merge="sum")',
+    "0.5*(pre + b) + 2*ties(a - pre, c - pre, density=0.2)",
+    'pre + dare_ties(a - pre, b - pre, c - pre, p=0.8, merge="sum", seed=9)',
+])
+def test_sign_merges_write_the_step_that_takes_them(tmp_path, monkeypatch, chunk, text):
+    """A ``ties`` or ``dare_ties`` call followed by the ``axpy`` or ``add`` that takes its result: the
+    merge writes that step's result in one helper loop (``_Fusions.merges``, tv_sign_merge_add_f32),
+    with a coefficient: the local executor's bytes, the eager tensors."""
+    paths = big_models(tmp_path / "in")
+    assert direct._fusions(tvlang.compile(text).schedule.main).merges
+    same_as_local_and_eager(monkeypatch, tmp_path, text, paths, chunk)
+
+
 @pytest.mark.parametrize("chunk", [1 << 18, 100_003, 1 << 19])
 def test_dare_across_blocks_of_words(tmp_path, monkeypatch, chunk):
     """A tensor longer than a block of dare's words, in chunks that cut blocks anywhere: the same

@@ -10,6 +10,7 @@ the helper, so these tests cannot pass by comparing the fallback with itself."""
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import shutil
@@ -90,6 +91,47 @@ def test_keep_bits_are_the_masks_packed(n):
         assert got.dtype == numpy.uint8 and got.size == -(-n // 8)
         assert numpy.array_equal(numpy.unpackbits(got, count=n).astype(bool), want), (n, seed)
         assert ours.state == theirs.state, (n, seed)
+
+
+@needs_helper
+@pytest.mark.skipif(native.linear_steps() is None, reason="the fused loops are the torch-free executor's (AVX2, FMA)")
+@pytest.mark.parametrize("first", [1.0, 0.7])
+def test_fused_loops_equal_the_steps_one_by_one(first):
+    """The torch-free executor's fused loops against its steps one at a time: ``fma(b, c, a) * mask``
+    then ``fma(that, c2, base * first)`` (float masks and keep bits, from any bit), and the sign
+    merge then ``fma(merged, c2, base * first)``; specials in every input."""
+    lib = native.linear_steps()
+    n = 4099
+    a, b, base = parts_with_specials(3, n, seed=int(first * 10))
+    mask = torch.where(torch.rand(n, generator=torch.Generator().manual_seed(1)) < 0.3, 1 / 0.7, 0.0).float()
+    packed = numpy.packbits(mask.numpy() != 0)
+    x = a.clone()
+    lib.tv_axpy_f32(x.data_ptr(), b.data_ptr(), -1.0, n)
+    dropped = x * mask
+    start = base * first if first != 1.0 else base.clone()
+    lib.tv_axpy_f32(start.data_ptr(), dropped.data_ptr(), 0.5, n)
+    for bit in (0, 3, 8):
+        m = n - bit
+        floats, bits = torch.empty(m), torch.empty(m)
+        lib.tv_drop_axpy_f32(a[bit:].data_ptr(), b[bit:].data_ptr(), -1.0, mask[bit:].data_ptr(), base[bit:].data_ptr(),
+                             first, 0.5, m, floats.data_ptr())
+        lib.tv_drop_bits_axpy_f32(a[bit:].data_ptr(), b[bit:].data_ptr(), -1.0, packed.ctypes.data, bit, 1 / 0.7,
+                                  base[bit:].data_ptr(), first, 0.5, m, bits.data_ptr())
+        assert same_values(floats, start[bit:]) and same_values(bits, start[bit:]), bit
+        sub = torch.empty(m)
+        lib.tv_sub_bits_f32(a[bit:].data_ptr(), b[bit:].data_ptr(), -1.0, packed.ctypes.data, bit, 1 / 0.7, m,
+                            sub.data_ptr())
+        assert same_values(sub, dropped[bit:]), bit
+    parts = parts_with_specials(3, n, seed=5)
+    merged = torch.empty(n)
+    assert native.sign_merge_f32(parts, "total", "mean", merged) is not None
+    expected = base * first if first != 1.0 else base.clone()
+    lib.tv_axpy_f32(expected.data_ptr(), merged.data_ptr(), 2.0, n)
+    out = torch.empty(n)
+    pointers = (ctypes.c_void_p * 3)(*[p.data_ptr() for p in parts])
+    lib.tv_sign_merge_add_f32(pointers, 3, n, 0, native.MERGE_CODES["mean"], base.data_ptr(), first, 2.0,
+                              out.data_ptr())
+    assert same_values(out, expected)
 
 
 @needs_helper

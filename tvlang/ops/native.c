@@ -590,6 +590,32 @@ FMA_TARGET void tv_sub_bits_f32(const float *a, const float *b, float cb, const 
     for (; j < n; j++) out[j] = fmaf(b[j], cb, a[j]) * keep_scale(packed, offset + j, scale_bits);
 }
 
+/* ties' and dare_ties' sign merge followed by the step that takes it (tvlang/run/direct.py,
+ * _Fusions.merges): out = fma(merged, c, base) (base times `first` where that is not 1), a tile
+ * of TILE entries at a time, the merge into a tile on the stack first: the same operations as the
+ * merge and the axpy or add after it, one pass instead of three. out may be base. */
+static FMA_TARGET void axpy_tile(const float *merged, const float *base, float first, float c, size_t m, float *out) {
+    if (first == 1.0f) {
+        for (size_t j = 0; j < m; j++) out[j] = fmaf(merged[j], c, base[j]);
+    } else {
+        for (size_t j = 0; j < m; j++) out[j] = fmaf(merged[j], c, base[j] * first);
+    }
+}
+
+void tv_sign_merge_add_f32(const float *const *parts, size_t k, size_t n, int frequency, int merge, const float *base,
+                           float first, float c, float *out) {
+    enum { MAX_PARTS = 64 };
+    const float *shifted[MAX_PARTS];
+    float merged[TILE];
+    if (k > MAX_PARTS) k = MAX_PARTS; /* (the caller passes at most MAX_PARTS) */
+    for (size_t start = 0; start < n; start += TILE) {
+        size_t m = n - start < TILE ? n - start : TILE;
+        for (size_t i = 0; i < k; i++) shifted[i] = parts[i] + start;
+        tv_sign_merge_f32(shifted, k, m, frequency, merge, merged);
+        axpy_tile(merged, base + start, first, c, m, out + start);
+    }
+}
+
 FMA_TARGET int tv_nonfinite_f32(const float *x, size_t n) {
     const uint32_t *bits = (const uint32_t *)x;
     uint32_t bad = 0;

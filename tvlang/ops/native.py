@@ -68,6 +68,7 @@ _SIGNATURES = {
     "tv_drop_bits_axpy_f32": ([_P, _P, _F, _P, _N, _F, _P, _F, _F, _N, _P], None),
     "tv_pcg64_keep_bits": ([_P, _N, ctypes.c_uint32, _P], None),
     "tv_sub_mask_f32": ([_P, _P, _F, _P, _N, _P], None),
+    "tv_sign_merge_add_f32": ([_P, _N, _N, _I, _I, _P, _F, _F, _P], None),
     "tv_sub_bits_f32": ([_P, _P, _F, _P, _N, _F, _N, _P], None),
     "tv_nonfinite_f32": ([_P, _N], _I),
     "tv_bf16_to_f32": ([_P, _N, _P], None),

@@ -1432,9 +1432,15 @@ def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, 
         elif op == "call" and step.name in DROP_CALLS:
             target = buffers[index][:count]
             subs = fused.subs.get(index) if fused is not None else None
+            use = fused.merges.get(index) if fused is not None else None
+            taker = _taker(program.steps[use], use, slots, buffers, count) if use is not None else None
             _drop_call(step, [slots[s] for s in step.srcs], streams[index], drops.get(index), target, lib,
                        [slots[program.steps[j].srcs[0]] for j in subs.values()] if subs else None,
-                       {i: program.steps[j].coef for i, j in subs.items()} if subs else None)
+                       {i: program.steps[j].coef for i, j in subs.items()} if subs else None, taker)
+            if taker is not None:  # the sign merge wrote the step that takes it
+                slots[program.steps[use].dst] = taker[0]
+                done_to = use
+                continue
             slots[step.dst] = target
         elif op == "call" and step.name in THRESHOLD_CALLS:  # trims; ties then merges with the helper's loop
             target = buffers[index][:count]
@@ -1445,6 +1451,13 @@ def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, 
                 parts = [buffer[:count] for buffer in drops[index]]
                 for i, (src, part) in enumerate(zip(step.srcs, parts)):
                     trims.trim(i, slots[src], part, lib)
+                if fused is not None and index in fused.merges:  # with the step that takes it
+                    use = fused.merges[index]
+                    taker = _taker(program.steps[use], use, slots, buffers, count)
+                    _merge_into(trims.options, parts, taker, lib)
+                    slots[program.steps[use].dst] = taker[0]
+                    done_to = use
+                    continue
                 _sign_merge(trims.options, parts, target, lib)
             slots[step.dst] = target
         elif op == "call" and step.name == "sce":  # selected and erased, the selection and weights found
@@ -1487,12 +1500,15 @@ class _Fusions:
     call, the inputs (by position) made by an ``axpy`` that nothing else needs, and that ``axpy``'s
     index; ``deferred`` the other way round: those ``axpy`` steps wait for their call, which makes
     ``fma(b, c, a) * mask`` in one loop. ``packed``: the calls whose masks are keep bits (every
-    input fused), where no pass before the main one takes them as floats."""
+    input fused), where no pass before the main one takes them as floats. ``merges``: by ``ties``
+    or ``dare_ties`` call, the ``axpy`` or ``add`` step just after it that takes its result and
+    nothing else needs: the sign merge writes that step's result (``tv_sign_merge_add_f32``)."""
 
     drops: dict[int, tuple[int, int]]
     subs: dict[int, dict[int, int]]
     deferred: dict[int, tuple[int, int]]
     packed: frozenset[int]
+    merges: dict[int, int]
 
 
 def _fusions(program) -> _Fusions:
@@ -1516,7 +1532,23 @@ def _fusions(program) -> _Fusions:
             subs.setdefault(k, {})[position] = j
     deferred = {j: (k, position) for k, inputs in subs.items() for position, j in inputs.items()}
     packed = fused_calls | {k for k, inputs in subs.items() if len(inputs) == len(steps[k].srcs)}
-    return _Fusions(drops, subs, deferred, frozenset(packed))
+    merges = {k: k + 1 for k in range(len(steps) - 1)
+              if steps[k].op == "call" and steps[k].name in ("ties", "dare_ties") and len(steps[k].srcs) <= 64
+              and _takes(steps, k + 1, steps[k].dst)}
+    return _Fusions(drops, subs, deferred, frozenset(packed), merges)
+
+
+def _takes(steps, index: int, slot: int) -> bool:
+    """Whether step ``index`` is an ``axpy`` or ``add`` of ``slot``'s value into another (``add``: as
+    its second term) and nothing after it reads that value."""
+    use = steps[index]
+    if use.op == "axpy" and use.srcs == (slot,) and use.dst != slot:
+        pass
+    elif use.op == "add" and len(use.srcs) == 2 and use.srcs[1] == slot and use.srcs[0] != slot:
+        pass
+    else:
+        return False
+    return use.dst == slot or not _read_later(steps, index + 1, slot)
 
 
 def _defers(stream) -> bool:
@@ -1534,21 +1566,14 @@ def _drop_fusions(program) -> dict[int, tuple[int, int]]:
     steps = program.steps
     found: dict[int, tuple[int, int]] = {}
     for i in range(len(steps) - 2):
-        sub, call, use = steps[i], steps[i + 1], steps[i + 2]
+        sub, call = steps[i], steps[i + 1]
         if sub.op != "axpy" or sub.srcs[0] == sub.dst or call.op != "call" or call.name != "dare":
             continue
         slot = sub.dst
         if call.srcs != (slot,) or call.dst != slot:
             continue
-        if use.op == "axpy" and use.srcs == (slot,) and use.dst != slot:
-            pass
-        elif use.op == "add" and len(use.srcs) == 2 and use.srcs[1] == slot and use.srcs[0] != slot:
-            pass
-        else:
-            continue
-        if use.dst != slot and _read_later(steps, i + 3, slot):
-            continue
-        found[i] = (i + 1, i + 2)
+        if _takes(steps, i + 2, slot):
+            found[i] = (i + 1, i + 2)
     return found
 
 
@@ -1572,14 +1597,9 @@ def _fused_drop(program, index: int, pair: tuple[int, int], slots: dict, buffers
     if not _defers(streams[call_index]):
         return False
     rule, masks, _, _ = streams[call_index]
-    sub, use = program.steps[index], program.steps[use_index]
+    sub = program.steps[index]
     a, b = slots[sub.dst], slots[sub.srcs[0]]
-    if use.op == "axpy":
-        out = base = slots[use.dst]
-        first, c = 1.0, use.coef
-    else:  # add: first * srcs[0] + second * the call's result, into the step's own buffer
-        out, base = buffers[use_index][:count], slots[use.srcs[0]]
-        first, c = use.coef
+    out, base, first, c = _taker(program.steps[use_index], use_index, slots, buffers, count)
     source = masks[0]
     if not source.packed:
         mask = source.take(count)
@@ -1591,8 +1611,24 @@ def _fused_drop(program, index: int, pair: tuple[int, int], slots: dict, buffers
             lib.tv_drop_bits_axpy_f32(a[at:].ctypes.data, b[at:].ctypes.data, sub.coef, block.ctypes.data, bit, scale,
                                       base[at:].ctypes.data, first, c, n, out[at:].ctypes.data)
             at += n
-    slots[use.dst] = out
+    slots[program.steps[use_index].dst] = out
     return True
+
+
+def _taker(use, index: int, slots: dict, buffers: list, count: int) -> tuple:
+    """``(out, base, first, c)`` of step ``use`` (``_takes``): its result is ``fma(value, c, base *
+    first)``, into ``base`` (an ``axpy``) or the step's own buffer (an ``add``)."""
+    if use.op == "axpy":
+        return slots[use.dst], slots[use.dst], 1.0, use.coef
+    first, c = use.coef
+    return buffers[index][:count], slots[use.srcs[0]], first, c
+
+
+def _merge_into(options: dict, parts: list, taker: tuple, lib) -> None:
+    """The sign merge of ``parts`` (unit weights) and the step that takes it, in one helper loop."""
+    out, base, first, c = taker
+    lib.tv_sign_merge_add_f32(_pointers(parts), len(parts), len(out), options["elect"] == "frequency",
+                              MERGE_CODES[options["merge"]], base.ctypes.data, first, c, out.ctypes.data)
 
 
 def _sub_times_mask(a, b, coef: float, mask: _Masks, rule: DropRule, part, lib) -> None:
@@ -1616,14 +1652,16 @@ def _sign_merge(options: dict, parts: list, target, lib) -> None:
 
 
 def _drop_call(step, pieces: list, stream: tuple[DropRule, list[_Masks], dict, _L1 | None], drops: list | None, target,
-               lib, subtracted: list | None = None, coefs: dict[int, float] | None = None) -> None:
+               lib, subtracted: list | None = None, coefs: dict[int, float] | None = None,
+               taker: tuple | None = None) -> None:
     """A DARE call over the next ``len(target)`` entries of its inputs ``pieces``, into ``target``:
     each input times its block's mask (``x * mask``, as tvlang.ops.dare.Dropper multiplies), then
     for ``dare_ties`` the helper's sign merge (tvlang.ops.ties.sign_merge with unit weights) and for
     ``dare_linear`` ``sign_merge``'s ``elect="none"`` steps: zeros, ``add_(part, alpha=w)`` (a fused
     multiply-add: tv_axpy_f32), and the division of ``"mean"`` or ``"weighted_mean"``. ``coefs``: the
     inputs (by position) whose ``axpy`` waited for this call (:class:`_Fusions`): ``fma(b, c, x) *
-    mask`` in one loop, ``b`` from ``subtracted`` in the same order."""
+    mask`` in one loop, ``b`` from ``subtracted`` in the same order. ``taker`` (``dare_ties``): the
+    step after the call that takes its result (:func:`_taker`), written by the merge."""
     rule, masks, options, l1 = stream
     count = len(target)
     parts = [target] if step.name == "dare" else [buffer[:count] for buffer in drops]
@@ -1643,7 +1681,10 @@ def _drop_call(step, pieces: list, stream: tuple[DropRule, list[_Masks], dict, _
         return
     merge = options["merge"]
     if step.name == "dare_ties":
-        _sign_merge(options, parts, target, lib)
+        if taker is not None:
+            _merge_into(options, parts, taker, lib)
+        else:
+            _sign_merge(options, parts, target, lib)
         return
     weights = [float(w) for w in options["weights"]] or [1.0] * len(parts)
     target.fill(0.0)
