@@ -172,11 +172,10 @@ _normal_checked: list = []  # [whether the helper's Gaussians matched numpy's on
 
 
 def _pcg64_state(bits) -> tuple[dict, numpy.ndarray]:
+    """``bits.state`` and :func:`state_words` followed by its buffered half (``has_uint32``, ``uinteger``)."""
     state = bits.state
-    s, inc = state["state"]["state"], state["state"]["inc"]
-    words = numpy.array([s & _MASK64, s >> 64, inc & _MASK64, inc >> 64, state["has_uint32"],
-                         state["uinteger"]], dtype=numpy.uint64)
-    return state, words
+    half = numpy.array([state["has_uint32"], state["uinteger"]], dtype=numpy.uint64)
+    return state, numpy.concatenate([state_words(bits), half])
 
 
 def _normal_draw(lib, bits, n: int, out: numpy.ndarray) -> None:
