@@ -517,6 +517,67 @@ def test_sign_merges_write_the_step_that_takes_them(tmp_path, monkeypatch, chunk
     same_as_local_and_eager(monkeypatch, tmp_path, text, paths, chunk)
 
 
+TILE_RECIPES = [  # and the inputs of each call
+    ("pre + ties(a - pre, b - pre, c - pre, density=0.2)", 3),  # every input made in the loop, the add after it
+    ('pre + dare_ties(a - pre, b - pre, c - pre, p=0.9, elect="frequency", merge="sum")', 3),
+    ("pre + breadcrumbs(a - pre, density=0.2, gamma=0.01) + 0.5*breadcrumbs(b - pre, density=0.3, gamma=0.02)", 1),
+    ("ties(a - pre, b - c, a - b, density=0.4)", 3),  # one input made in the loop, no step after it
+    ("dare_ties(a - pre, b - pre, p=0.4, seed=6)", 2),  # no step after it
+    ("pre + breadcrumbs(a - pre, density=1.0, gamma=0.0) - breadcrumbs(b - pre, density=0.1, gamma=0.0)", 1),
+]
+
+
+@pytest.mark.parametrize("chunk", [1 << 18, 100_003, 7])
+@pytest.mark.parametrize("text, inputs", TILE_RECIPES)
+def test_whole_calls_run_in_the_tile_loop(tmp_path, monkeypatch, chunk, text, inputs):
+    """``ties``, ``dare_ties`` and ``breadcrumbs`` with the ``axpy`` steps that make their inputs and
+    the step that takes their result, in the helper's fused loop (``_tiles``, tv_fused_merge_f32):
+    the local executor's bytes and the eager evaluation's tensors, in chunks that cut the blocks of
+    keep bits anywhere; and on data with thousands of entries tied at each cut, whose tie windows
+    the loop counts from chunk to chunk."""
+    calls = []
+    real = direct._tiles
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[2]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(direct, "_tiles", counting)
+    same_as_local_and_eager(monkeypatch, tmp_path, text, big_models(tmp_path / "in"), chunk)
+    assert calls and set(calls) == {inputs}
+    if "dare" in text:
+        return
+    calls.clear()
+    windows = []
+    real_ties = direct._Trims.ties
+
+    def ties(self):
+        found = real_ties(self)
+        windows.extend(w for w in found if w)
+        return found
+
+    monkeypatch.setattr(direct._Trims, "ties", ties)
+    same_as_local_and_eager(monkeypatch, tmp_path / "t", text, tied_models(tmp_path / "tied"), chunk)
+    assert calls and set(calls) == {inputs}
+    assert windows  # entries tied at a cut, kept or not by their place
+
+
+def test_breadcrumbs_gathers_both_windows_in_one_pass(tmp_path, monkeypatch):
+    """breadcrumbs' two cuts on one input: both windows gathered in the same pass (window_gather2),
+    with the local executor's bytes."""
+    pairs = []
+    real = direct.window_gather2
+
+    def counting(raw, windows, scratch):
+        pairs.append(windows)
+        return real(raw, windows, scratch)
+
+    monkeypatch.setattr(direct, "window_gather2", counting)
+    text = "pre + breadcrumbs(a - pre, density=0.2, gamma=0.01) + breadcrumbs(b - pre, density=0.3, gamma=0.05)"
+    same_as_local_and_eager(monkeypatch, tmp_path, text, big_models(tmp_path / "in"), 100_003)
+    assert pairs and all(first != second for first, second in pairs)
+
+
 @pytest.mark.parametrize("chunk", [1 << 18, 100_003, 1 << 19])
 def test_dare_across_blocks_of_words(tmp_path, monkeypatch, chunk):
     """A tensor longer than a block of dare's words, in chunks that cut blocks anywhere: the same

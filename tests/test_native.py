@@ -221,6 +221,124 @@ def test_every_ziggurat_bound_and_width_is_numpys():
     assert native.ziggurat_tables()[0][1] == 0  # layer 1 is never taken at once
 
 
+def steps_one_by_one(lib, inputs, forms, bits, windows, scale, options, taker, n):
+    """tv_fused_merge_f32's reference: each step of it as its own helper call or torch operation,
+    the tie windows as tvlang.ops.common.TieWindow counts them (``windows``: per input, lists of
+    ``[bits, start, stop, seen]``, their counts moved on)."""
+    parts = []
+    for (a, b, coef), (form, lo, hi), (packed, offset), ties in zip(inputs, forms, bits, windows):
+        x = a[:n].clone()
+        if b is not None:
+            lib.tv_axpy_f32(x.data_ptr(), b.data_ptr(), coef, n)
+        part = torch.empty(n)
+        if form == 0:
+            part = x.clone()
+        elif form == 1:
+            kept = torch.from_numpy(numpy.unpackbits(packed)[offset:offset + n].astype(bool))
+            part = x * torch.where(kept, torch.tensor(scale), torch.tensor(0.0))
+        elif form == 2:
+            lib.tv_hardshrink_f32(x.data_ptr(), n, lo, part.data_ptr())
+        elif form == 3:
+            lib.tv_band_f32(x.data_ptr(), n, lo, hi, part.data_ptr())
+        elif form == 4:
+            lib.tv_hardshrink_f32(x.data_ptr(), n, lo, part.data_ptr())
+            part = x - part
+        else:
+            part = torch.zeros(n)
+        for tie in ties:
+            at = torch.nonzero((x.view(torch.int32) & 0x7FFFFFFF) == tie[0]).flatten().tolist()
+            for number, j in enumerate(at, start=tie[3] + 1):
+                part[j] = x[j] if tie[1] < number <= tie[2] else 0.0
+            tie[3] += len(at)
+        parts.append(part)
+    value = parts[0]
+    if len(parts) > 1:
+        value = torch.empty(n)
+        frequency, merge = options
+        lib.tv_sign_merge_f32((ctypes.c_void_p * len(parts))(*[p.data_ptr() for p in parts]), len(parts), n,
+                              frequency, merge, value.data_ptr())
+    if taker is None:
+        return value
+    base, first, c = taker
+    out = base[:n] * first if first != 1.0 else base[:n].clone()
+    lib.tv_axpy_f32(out.data_ptr(), value.data_ptr(), c, n)
+    return out
+
+
+def fused_call(lib, inputs, forms, bits, windows, scale, options, taker, n):
+    """tv_fused_merge_f32 over the same, its windows' counts moved on in ``windows``."""
+    k = len(inputs)
+    fields = (native.FusedInput * k)()
+    for field, (a, b, coef), (form, lo, hi), (packed, offset), ties in zip(fields, inputs, forms, bits, windows):
+        field.a, field.b = a.data_ptr(), b.data_ptr() if b is not None else None
+        field.cb, field.form, field.lo, field.hi = coef, form, lo, hi
+        field.packed, field.offset, field.windows = packed.ctypes.data, offset, len(ties)
+        for w, (pattern, start, stop, seen) in enumerate(ties):
+            field.bits[w], field.start[w], field.stop[w], field.seen[w] = pattern, start, stop, seen
+    out = torch.empty(n)
+    lib.tv_fused_merge_f32(fields, k, n, scale, *options, taker[0].data_ptr() if taker else None,
+                           taker[1] if taker else 1.0, taker[2] if taker else 1.0, out.data_ptr())
+    for field, ties in zip(fields, windows):
+        for w, tie in enumerate(ties):
+            tie[3] = int(field.seen[w])
+    return out
+
+
+def _magnitude(value: float) -> int:
+    return int(numpy.float32(value).view(numpy.int32))
+
+
+@needs_helper
+@pytest.mark.skipif(native.linear_steps() is None, reason="the fused loops are the torch-free executor's (AVX2, FMA)")
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 16])
+def test_whole_calls_in_one_loop_equal_the_steps_one_by_one(k):
+    """tv_fused_merge_f32 (a ties, dare_ties or breadcrumbs call with the axpy steps before it and
+    the step after it) against those steps one at a time: every form of trim or drop, alone and
+    shared by every input (the unrolled loops), keep bits from bits at like and unlike places within
+    a byte, tie windows whose counts go on from call to call, every election and merge, with and
+    without a taker; lengths about the vectors of eight and the tiles of 512; specials in every
+    input, and entries tied at a few magnitudes."""
+    lib = native.linear_steps()
+    n_max = 4099 + 16
+    g = torch.Generator().manual_seed(k)
+    levels = torch.tensor([0.25, -0.25, 0.5, -0.5, 0.75, 1.5])
+    seen_nan = seen_window = False
+    for n in (1, 7, 8, 9, 511, 512, 513, 4099):
+        for trial, places in enumerate(("aligned", "like", "unlike", "shared")):
+            a = parts_with_specials(k, n_max, seed=100 * k + n + trial)
+            b = parts_with_specials(k, n_max, seed=200 * k + n + trial)
+            for x in a + b:  # a third of the entries at a few magnitudes: ties at the windows' values
+                at = torch.randint(0, n_max, (n_max // 3,), generator=g)
+                x[at] = levels[torch.randint(0, len(levels), (n_max // 3,), generator=g)]
+            forms = []
+            for i in range(k):
+                cut = float(torch.rand(1, generator=g)) * 0.8
+                forms.append(((i + trial + n) % 6, cut, cut + 0.5))
+            if places in ("like", "unlike"):  # every input dropped (dare_ties), where the places matter
+                forms = [(1, 0.0, 0.0)] * k
+            elif places == "shared":  # one trim for every input (ties, breadcrumbs)
+                forms = [((n % 3) + 2, 0.3, 0.9)] * k
+            bits = []
+            for i in range(k):
+                offset = {"aligned": 8 * i, "like": 8 * i + 3, "unlike": 8 * i + i % 8 + 1, "shared": 8 * i}[places]
+                packed = numpy.packbits(numpy.random.default_rng(i + n).random(n_max + 16 * k + 16) < 0.3)
+                bits.append((packed, offset))
+            inputs = [(a[i], b[i] if i % 2 == 0 else None, -1.0 if i % 3 else 0.5) for i in range(k)]
+            for frequency, merge in ((0, 1), (1, 0), (0, 2)):
+                for taker in (None, (a[0], 1.0, 1.0), (b[0], 0.7, -2.0)):
+                    windows = [[] if i % 3 == 2 else [[_magnitude(0.5), 2, 9, 3]] if i % 3 == 0 else
+                               [[_magnitude(0.25), 0, math.inf, 1], [_magnitude(0.75), 4, 5, 0]] for i in range(k)]
+                    copies = [[list(tie) for tie in ties] for ties in windows]
+                    expected = steps_one_by_one(lib, inputs, forms, bits, windows, 1 / 0.7, (frequency, merge),
+                                                taker, n)
+                    got = fused_call(lib, inputs, forms, bits, copies, 1 / 0.7, (frequency, merge), taker, n)
+                    assert same_values(got, expected), (n, places, frequency, merge, taker is not None)
+                    assert copies == windows  # the counts carried on
+                    seen_nan = seen_nan or bool(got.isnan().any())
+                    seen_window = seen_window or any(tie[3] > 8 for ties in windows for tie in ties)
+    assert seen_nan and seen_window
+
+
 SPECIAL = torch.tensor([float("nan"), -float("nan"), -0.0, 0.0, float("inf"), -float("inf"), 1.0, -1.0, 2.5])
 
 
@@ -303,6 +421,18 @@ def test_window_gather_equals_numpy():
             inside = (mag >= lo) & (mag <= hi) if hi is not None else mag >= lo
             assert numpy.array_equal(picked, mag[inside]), (n, lo_value, hi_value)
             assert above == (int((mag > hi).sum()) if hi is not None else 0), (n, lo_value, hi_value)
+        windows = []
+        for lo_value, hi_value in [(0.5, 1.5), (1.0, None), (0.0, float("inf")), (2.0, float("nan")), (3.0, 0.1)]:
+            lo = int(numpy.float32(lo_value).view(numpy.int32))
+            hi = None if hi_value is None else int(numpy.float32(hi_value).view(numpy.int32) & 0x7FFFFFFF)
+            windows.append((lo, hi))
+        second = numpy.empty(n + 1, numpy.int32)
+        for pair in [(windows[0], windows[1]), (windows[1], windows[0]), (windows[2], windows[3]),
+                     (windows[4], windows[0]), (windows[0], windows[0])]:
+            got = native.window_gather2(raw, list(pair), [scratch, second])
+            for (picked, above), window in zip(got, pair):  # each as window_gather alone gives it
+                alone = native.window_gather(raw, *window, numpy.empty(n + 1, numpy.int32))
+                assert numpy.array_equal(picked, alone[0]) and above == alone[1], (n, pair)
 
 
 @needs_helper

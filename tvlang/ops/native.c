@@ -11,10 +11,11 @@
  * bit, at 1.5 ns an entry.
  *
  * 2. TIES' sign election and disjoint merge with unit weights; 3. the window pass of the
- * magnitude thresholds; 4. breadcrumbs' band trim; 5. RAM's and RAM+'s per-entry means;
- * 6. nearswap; 7. DARE's kept flags applied with the L1 factor; 8. the torch-free executor's linear
- * steps; 9. block sums; 10. sce; 11. arcee_fusion; 12. random_like's Gaussians; 13. DELLA's
- * MAGPRUNE (below).
+ * magnitude thresholds (one window or two); 4. breadcrumbs' band trim; 5. RAM's and RAM+'s
+ * per-entry means; 6. nearswap; 7. DARE's kept flags applied with the L1 factor; 8. the
+ * torch-free executor's linear steps; 9. block sums; 10. sce; 11. arcee_fusion; 12. random_like's
+ * Gaussians; 13. DELLA's MAGPRUNE; 14. whole ties, dare_ties and breadcrumbs calls with the steps
+ * around them (below).
  *
  * Built by hatch_build.py into tvlang/ops/libtvnative.so.1 when a C compiler is found, loaded by
  * tvlang/ops/native.py through ctypes (which lets go of the GIL during the call); without
@@ -265,6 +266,26 @@ MULTI_VERSION void tv_sign_merge_f32(const float *const *parts, size_t k, size_t
  * moves on for those inside). Returns how many are inside; adds the count above to *above. */
 #define STEP 4096
 
+/* The m patterns of r whose flag is 1, as magnitudes, into inside from `count` on: the flags read
+ * eight at a time, the groups without one skipped. Returns the new count. */
+static inline size_t gather_flagged(const int32_t *r, const uint8_t *flags, size_t m, int32_t *inside, size_t count) {
+    size_t j = 0;
+    for (; j + 8 <= m; j += 8) {
+        uint64_t group;
+        memcpy(&group, flags + j, sizeof group);
+        if (!group) continue;
+        for (size_t t = 0; t < 8; t++) {
+            inside[count] = r[j + t] & 0x7FFFFFFF;
+            count += flags[j + t];
+        }
+    }
+    for (; j < m; j++) {
+        inside[count] = r[j] & 0x7FFFFFFF;
+        count += flags[j];
+    }
+    return count;
+}
+
 MULTI_VERSION size_t tv_window_gather(const int32_t *raw, size_t n, int32_t lo, int32_t hi, int has_hi, int32_t *inside,
                                       uint64_t *above) {
     uint8_t flags[STEP];
@@ -281,23 +302,41 @@ MULTI_VERSION size_t tv_window_gather(const int32_t *raw, size_t n, int32_t lo, 
             flags[j] = (uint8_t)((v >= lo) & (v <= hi));
         }
         over += step_over;
-        size_t j = 0;
-        for (; j + 8 <= m; j += 8) {
-            uint64_t group;
-            memcpy(&group, flags + j, sizeof group);
-            if (!group) continue;
-            for (size_t t = 0; t < 8; t++) {
-                inside[count] = r[j + t] & 0x7FFFFFFF;
-                count += flags[j + t];
-            }
-        }
-        for (; j < m; j++) {
-            inside[count] = r[j] & 0x7FFFFFFF;
-            count += flags[j];
-        }
+        count = gather_flagged(r, flags, m, inside, count);
     }
     *above += over;
     return count;
+}
+
+/* Two windows of the same patterns in one pass (breadcrumbs' two cuts on one input): what two
+ * calls of tv_window_gather give, the first window's into inside[0], the second's into
+ * inside[1], their counts into count[0] and count[1], those above each added to above[0] and
+ * above[1]; the entries read once instead of twice. */
+MULTI_VERSION void tv_window_gather2(const int32_t *raw, size_t n, const int32_t *lo, const int32_t *hi,
+                                     const int *has_hi, int32_t *const *inside, size_t *count, uint64_t *above) {
+    uint8_t flags[2][STEP];
+    size_t got[2] = {0, 0};
+    uint64_t over[2] = {0, 0};
+    int32_t lo0 = lo[0], lo1 = lo[1], hi0 = has_hi[0] ? hi[0] : INT32_MAX, hi1 = has_hi[1] ? hi[1] : INT32_MAX;
+    for (size_t start = 0; start < n; start += STEP) {
+        size_t m = n - start < STEP ? n - start : STEP;
+        const int32_t *r = raw + start;
+        uint32_t over0 = 0, over1 = 0;
+        for (size_t j = 0; j < m; j++) {
+            int32_t v = r[j] & 0x7FFFFFFF;
+            over0 += v > hi0;
+            over1 += v > hi1;
+            flags[0][j] = (uint8_t)((v >= lo0) & (v <= hi0));
+            flags[1][j] = (uint8_t)((v >= lo1) & (v <= hi1));
+        }
+        over[0] += over0;
+        over[1] += over1;
+        for (int w = 0; w < 2; w++) got[w] = gather_flagged(r, flags[w], m, inside[w], got[w]);
+    }
+    for (int w = 0; w < 2; w++) {
+        count[w] = got[w];
+        above[w] += over[w];
+    }
 }
 
 /* ---- 4. A band of magnitudes: breadcrumbs' trim --------------------------------------------
@@ -1078,4 +1117,266 @@ void tv_magprune_f32(const float *x, const uint32_t *words, size_t rows, size_t 
             }
         }
     }
+}
+
+/* ---- 14. Whole merging calls with the steps around them ---------------------------------------
+ *
+ * A whole `ties`, `dare_ties` or `breadcrumbs` call with the steps around it (tvlang/run/direct.py,
+ * _tiles): each input x = fma(b, cb, a) (the axpy that made it, a - pre; x = a where b is NULL),
+ * then its trim or drop (`form`), then its tie windows, then, for k > 1, the sign merge
+ * (tv_sign_merge_f32's operations), then the step that takes the result: out = fma(value, c, base)
+ * (base times `first` where that is not 1; out = value where base is NULL). The forms: 0 the
+ * input as it is, 1 times its keep bits (`scale` or +0.0, from bit `offset` of `packed`), 2
+ * hardshrink at lo (tv_hardshrink_f32), 3 the band (lo, hi] (tv_band_f32), 4 x - hardshrink(x,
+ * lo), 5 zeros. A tie window (tvlang.ops.common.TieWindow, the executor's _TieWindow): the
+ * entries whose magnitude's bits are `bits`, numbered seen+1, seen+2, ... in flat order, are x
+ * where numbered in (start, stop] and +0.0 elsewhere; `seen` goes on from call to call. The same
+ * operations in the same order as the steps one by one, so the same bits; a, b and base are read
+ * once, where the steps one by one write and read a chunk of each part. k is at most
+ * FUSED_PARTS; out may be base. */
+#define FUSED_PARTS 16
+
+typedef struct {
+    const float *a, *b;
+    float cb, lo, hi;
+    int32_t form;
+    const uint8_t *packed;
+    uint64_t offset;
+    int32_t windows; /* 0, 1 or 2 */
+    int32_t bits[2];
+    double start[2], stop[2];
+    uint64_t seen[2];
+} fused_input;
+
+static inline float tie_kept(fused_input *in, int w, float x) {
+    double number = (double)++in->seen[w];
+    return (in->start[w] < number && number <= in->stop[w]) ? x : 0.0f;
+}
+
+/* The tie windows over m entries: x the input, part its trim (rewritten where tied). */
+static void tie_windows(fused_input *in, const float *x, size_t m, float *part) {
+    for (int w = 0; w < in->windows; w++) {
+        uint32_t want = (uint32_t)in->bits[w];
+        for (size_t j = 0; j < m; j++) {
+            uint32_t v;
+            memcpy(&v, x + j, sizeof v);
+            if ((v & 0x7FFFFFFFu) == want) part[j] = tie_kept(in, w, x[j]);
+        }
+    }
+}
+
+static FMA_TARGET void times_bits(const float *x, const uint8_t *packed, size_t offset, const float table[256][8],
+                                  uint32_t scale_bits, size_t n, float *out) {
+    size_t j = 0;
+    for (; j < n && ((offset + j) & 7); j++) out[j] = x[j] * keep_scale(packed, offset + j, scale_bits);
+#if defined(__x86_64__) && defined(__GNUC__)
+    for (; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_loadu_ps(x + j),
+                                                _mm256_loadu_ps(table[packed[(offset + j) >> 3]])));
+#else
+    for (; j + 8 <= n; j += 8) {
+        const float *mask = table[packed[(offset + j) >> 3]];
+        for (size_t k = 0; k < 8; k++) out[j + k] = x[j + k] * mask[k];
+    }
+#endif
+    for (; j < n; j++) out[j] = x[j] * keep_scale(packed, offset + j, scale_bits);
+}
+
+/* A tile of TILE entries at a time, each step a loop over the tile. */
+static FMA_TARGET void fused_tiles(fused_input *in, size_t k, size_t n, const float table[256][8], uint32_t scale_bits,
+                                   int frequency, int merge, const float *base, float first, float c, float *out) {
+    float x[TILE], parts[FUSED_PARTS][TILE], merged[TILE];
+    const float *made[FUSED_PARTS];
+    for (size_t start = 0; start < n; start += TILE) {
+        size_t m = n - start < TILE ? n - start : TILE;
+        for (size_t i = 0; i < k; i++) {
+            const float *xi = in[i].a + start;
+            if (in[i].b) {
+                const float *ai = in[i].a + start, *bi = in[i].b + start;
+                float ci = in[i].cb;
+                for (size_t j = 0; j < m; j++) x[j] = fmaf(bi[j], ci, ai[j]);
+                xi = x;
+            }
+            float *p = parts[i];
+            switch (in[i].form) {
+            case 0: memcpy(p, xi, m * sizeof *p); break;
+            case 1: times_bits(xi, in[i].packed, in[i].offset + start, table, scale_bits, m, p); break;
+            case 2: tv_hardshrink_f32(xi, m, in[i].lo, p); break;
+            case 3: tv_band_f32(xi, m, in[i].lo, in[i].hi, p); break;
+            case 4:
+                tv_hardshrink_f32(xi, m, in[i].lo, p);
+                for (size_t j = 0; j < m; j++) p[j] = xi[j] - p[j];
+                break;
+            default: memset(p, 0, m * sizeof *p); break;
+            }
+            tie_windows(&in[i], xi, m, p);
+            made[i] = p;
+        }
+        const float *value = made[0];
+        if (k > 1) {
+            tv_sign_merge_f32(made, k, m, frequency, merge, merged);
+            value = merged;
+        }
+        if (base) axpy_tile(value, base + start, first, c, m, out + start);
+        else memcpy(out + start, value, m * sizeof *out);
+    }
+}
+
+/* The same, eight entries a vector with every step in registers (AVX2): each input's fma and trim
+ * or drop, the election, the agreeing sum and count, the division and the taker's fma, in one loop
+ * over the inputs' memory. The same IEEE operations as the steps: comparisons ordered and quiet
+ * (false on NaN, as C's), torch_sign as the difference of two 0/1 floats, clamp_min0 and the
+ * hardshrinks as masks of bits; a vector with an entry tied at a window's magnitude takes the
+ * window's count entry by entry. The entries before the keep bits' first whole byte and after
+ * the last whole vector take the tile loop above; so does a call whose keep bits start at unlike
+ * places within a byte. */
+#if defined(__x86_64__) && defined(__GNUC__)
+static FMA_TARGET inline __m256 v_sign(__m256 x) {
+    __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    return _mm256_sub_ps(_mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_GT_OQ), one),
+                         _mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_LT_OQ), one));
+}
+
+static FMA_TARGET inline __m256 v_clamp_min0(__m256 x) {
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ), x);
+}
+
+static FMA_TARGET inline __m256 v_hardshrink(__m256 v, float lo) {
+    __m256 inside = _mm256_and_ps(_mm256_cmp_ps(v, _mm256_set1_ps(-lo), _CMP_GE_OQ),
+                                  _mm256_cmp_ps(v, _mm256_set1_ps(lo), _CMP_LE_OQ));
+    return _mm256_andnot_ps(inside, v);
+}
+
+static FMA_TARGET __attribute__((noinline)) __m256 v_tie_windows(fused_input *in, __m256 x, __m256 part) {
+    float xs[8], ps[8];
+    _mm256_storeu_ps(xs, x);
+    _mm256_storeu_ps(ps, part);
+    tie_windows(in, xs, 8, ps);
+    return _mm256_loadu_ps(ps);
+}
+
+/* `same`: the form of every input where they share one (-1: each its own); inlined with k and
+ * `same` constant (fused_vectors), the loops over the inputs unroll and the parts stay in
+ * registers. */
+static FMA_TARGET inline __attribute__((always_inline)) void fused_body(
+        size_t k, int same, fused_input *in, size_t n, const float table[256][8], int frequency, int merge,
+        const float *base, float first, float c, float *out) {
+    __m256 part[FUSED_PARTS];
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), minus_one = _mm256_set1_ps(-1.0f);
+    const __m256 vc = _mm256_set1_ps(c), vfirst = _mm256_set1_ps(first);
+    const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF);
+    /* the counts' divisors are whole numbers 1..k: where each is a power of two 2^m, 1/d is exact
+     * (its bits 254 << 23 minus d's) and x * (1/d) rounds as x / d (the same real number) */
+    const __m256i mantissa = _mm256_set1_epi32(0x007FFFFF), two_254 = _mm256_set1_epi32(254 << 23);
+    for (size_t j = 0; j + 8 <= n; j += 8) {
+        for (size_t i = 0; i < k; i++) {
+            __m256 x = _mm256_loadu_ps(in[i].a + j), p;
+            if (in[i].b) x = _mm256_fmadd_ps(_mm256_loadu_ps(in[i].b + j), _mm256_set1_ps(in[i].cb), x);
+            switch (same >= 0 ? same : in[i].form) {
+            case 0: p = x; break;
+            case 1: p = _mm256_mul_ps(x, _mm256_loadu_ps(table[in[i].packed[(in[i].offset + j) >> 3]])); break;
+            case 2: p = v_hardshrink(x, in[i].lo); break;
+            case 3: p = _mm256_sub_ps(v_hardshrink(x, in[i].lo), v_hardshrink(x, in[i].hi)); break;
+            case 4: p = _mm256_sub_ps(x, v_hardshrink(x, in[i].lo)); break;
+            default: p = zero; break;
+            }
+            if (in[i].windows) {
+                __m256i mag = _mm256_and_si256(_mm256_castps_si256(x), magnitude);
+                __m256i tied = _mm256_cmpeq_epi32(mag, _mm256_set1_epi32(in[i].bits[0]));
+                if (in[i].windows > 1) tied = _mm256_or_si256(tied, _mm256_cmpeq_epi32(mag, _mm256_set1_epi32(in[i].bits[1])));
+                if (!_mm256_testz_si256(tied, tied)) p = v_tie_windows(&in[i], x, p);
+            }
+            part[i] = p;
+        }
+        __m256 value = part[0];
+        if (k > 1) {
+            __m256 tally = frequency ? _mm256_add_ps(zero, v_sign(part[0])) : part[0];
+            for (size_t i = 1; i < k; i++) tally = _mm256_add_ps(tally, frequency ? v_sign(part[i]) : part[i]);
+            __m256 e = _mm256_blendv_ps(one, minus_one, _mm256_cmp_ps(tally, zero, _CMP_LT_OQ));
+            __m256 total = _mm256_add_ps(v_clamp_min0(_mm256_mul_ps(part[0], e)), zero);
+            __m256 count = v_sign(total);
+            for (size_t i = 1; i < k; i++) {
+                __m256 agree = v_clamp_min0(_mm256_mul_ps(part[i], e));
+                total = _mm256_add_ps(total, agree);
+                count = _mm256_add_ps(count, v_sign(agree));
+            }
+            value = _mm256_mul_ps(total, e);
+            if (merge) {
+                __m256 d = _mm256_add_ps(count, _mm256_and_ps(_mm256_cmp_ps(count, zero, _CMP_EQ_OQ), one));
+                __m256i bits = _mm256_castps_si256(d);
+                if (_mm256_testz_si256(bits, mantissa)) /* every d a power of two: times 1/d is exact */
+                    value = _mm256_mul_ps(value, _mm256_castsi256_ps(_mm256_sub_epi32(two_254, bits)));
+                else
+                    value = _mm256_div_ps(value, d);
+            }
+        }
+        if (base) {
+            __m256 y = _mm256_loadu_ps(base + j);
+            if (first != 1.0f) y = _mm256_mul_ps(y, vfirst);
+            value = _mm256_fmadd_ps(value, vc, y);
+        }
+        _mm256_storeu_ps(out + j, value);
+    }
+}
+
+static FMA_TARGET void fused_vectors(fused_input *in, size_t k, size_t n, const float table[256][8], int frequency,
+                                     int merge, const float *base, float first, float c, float *out) {
+    int same = in[0].form;
+    for (size_t i = 1; i < k; i++) {
+        if (in[i].form != same) same = -1;
+    }
+#define FUSED_CASE(K, FORM) \
+    if (k == K && same == FORM) { \
+        fused_body(K, FORM, in, n, table, frequency, merge, base, first, c, out); \
+        return; \
+    }
+    FUSED_CASE(1, 2) FUSED_CASE(1, 3) FUSED_CASE(1, 4) /* breadcrumbs: one input, one cut or two */
+    FUSED_CASE(2, 1) FUSED_CASE(3, 1) FUSED_CASE(4, 1) /* dare_ties: keep bits */
+    FUSED_CASE(2, 2) FUSED_CASE(3, 2) FUSED_CASE(4, 2) /* ties: a lower cut */
+#undef FUSED_CASE
+    fused_body(k, -1, in, n, table, frequency, merge, base, first, c, out);
+}
+#endif
+
+/* The inputs moved on by `by` entries. */
+static void fused_skip(fused_input *in, size_t k, size_t by) {
+    for (size_t i = 0; i < k; i++) {
+        in[i].a += by;
+        if (in[i].b) in[i].b += by;
+        in[i].offset += by;
+    }
+}
+
+void tv_fused_merge_f32(fused_input *in, size_t k, size_t n, float scale, int frequency, int merge, const float *base,
+                        float first, float c, float *out) {
+    fused_input at[FUSED_PARTS];
+    float table[256][8];
+    uint32_t scale_bits;
+    memcpy(&scale_bits, &scale, sizeof scale_bits);
+    if (k > FUSED_PARTS) k = FUSED_PARTS; /* (the caller passes at most FUSED_PARTS) */
+    memcpy(at, in, k * sizeof *at);
+    size_t r = 8; /* where the keep bits start within a byte: 8 none, 9 unlike places */
+    for (size_t i = 0; i < k; i++) {
+        if (at[i].form != 1) continue;
+        if (r == 8) r = at[i].offset & 7;
+        else if ((at[i].offset & 7) != r) r = 9;
+    }
+    if (r != 8) keep_table(table, scale_bits);
+    size_t done = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (r != 9) {
+        size_t head = r == 8 ? 0 : (8 - r) & 7;
+        if (head > n) head = n;
+        fused_tiles(at, k, head, (const float (*)[8])table, scale_bits, frequency, merge, base, first, c, out);
+        fused_skip(at, k, head);
+        size_t body = (n - head) & ~(size_t)7;
+        fused_vectors(at, k, body, (const float (*)[8])table, frequency, merge, base ? base + head : NULL, first, c,
+                      out + head);
+        fused_skip(at, k, body);
+        done = head + body;
+    }
+#endif
+    fused_tiles(at, k, n - done, (const float (*)[8])table, scale_bits, frequency, merge, base ? base + done : NULL,
+                first, c, out + done);
+    for (size_t i = 0; i < k; i++) memcpy(in[i].seen, at[i].seen, sizeof in[i].seen);
 }

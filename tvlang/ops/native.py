@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy
 
-__all__ = ["LIBRARY", "library", "drop_mask_f32", "sign_merge_f32", "window_gather", "band_f32", "ram_f32",
-           "ramplus_count_f32", "ramplus_apply_f32", "nearswap_f32", "flags_scale_f32", "block_sums_f32",
+__all__ = ["LIBRARY", "library", "drop_mask_f32", "sign_merge_f32", "window_gather", "window_gather2", "band_f32",
+           "ram_f32", "ramplus_count_f32", "ramplus_apply_f32", "nearswap_f32", "flags_scale_f32", "block_sums_f32",
            "fusion_f32", "normal_f32", "keep_bits", "ziggurat_tables", "linear_steps", "state_words", "set_state_words",
-           "MERGE_CODES"]
+           "FusedInput", "MERGE_CODES"]
 
 #: where the install puts the compiled helper (a versioned name, ``.so.1``: a plain ``.so``
 #: would look like a Python extension module to importers that walk the package)
@@ -48,6 +48,7 @@ _SIGNATURES = {
     "tv_pcg64_words": ([_P, _N, _P], None),
     "tv_magprune_f32": ([_P, _P, _N, _N, _F, _F, _I, _P, _P, _P], None),
     "tv_window_gather": ([_P, _N, ctypes.c_int32, ctypes.c_int32, _I, _P, _P], ctypes.c_size_t),
+    "tv_window_gather2": ([_P, _N, _P, _P, _P, _P, _P, _P], None),
     "tv_band_f32": ([_P, _N, _F, _F, _P], None),
     "tv_hardshrink_f32": ([_P, _N, _F, _P], None),
     "tv_sign_merge_f32": ([_P, _N, _N, _I, _I, _P], None),
@@ -70,12 +71,24 @@ _SIGNATURES = {
     "tv_sub_mask_f32": ([_P, _P, _F, _P, _N, _P], None),
     "tv_sign_merge_add_f32": ([_P, _N, _N, _I, _I, _P, _F, _F, _P], None),
     "tv_sub_bits_f32": ([_P, _P, _F, _P, _N, _F, _N, _P], None),
+    "tv_fused_merge_f32": ([_P, _N, _N, _F, _I, _I, _P, _F, _F, _P], None),
     "tv_nonfinite_f32": ([_P, _N], _I),
     "tv_bf16_to_f32": ([_P, _N, _P], None),
     "tv_f32_to_bf16": ([_P, _N, _P], _I),
     "tv_f16_to_f32": ([_P, _N, _P], None),
     "tv_f32_to_f16": ([_P, _N, _P], _I),
 }
+
+
+class FusedInput(ctypes.Structure):
+    """An input of ``tv_fused_merge_f32`` (native.c's ``fused_input``): ``x = fma(b, cb, a)`` (``a``
+    where ``b`` is NULL), its trim or drop (``form``, ``lo``, ``hi``; keep bits from bit ``offset``
+    of ``packed``), and up to two tie windows (``bits``, ``start``, ``stop``, ``seen``)."""
+
+    _fields_ = [("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("cb", ctypes.c_float), ("lo", ctypes.c_float),
+                ("hi", ctypes.c_float), ("form", ctypes.c_int32), ("packed", ctypes.c_void_p),
+                ("offset", ctypes.c_uint64), ("windows", ctypes.c_int32), ("bits", ctypes.c_int32 * 2),
+                ("start", ctypes.c_double * 2), ("stop", ctypes.c_double * 2), ("seen", ctypes.c_uint64 * 2)]
 
 
 def library():
@@ -276,6 +289,24 @@ def window_gather(raw: numpy.ndarray, lo: int, hi: int | None,
     count = lib.tv_window_gather(raw.ctypes.data, raw.size, lo, 0 if hi is None else hi, hi is not None,
                                  scratch.ctypes.data, above.ctypes.data)
     return scratch[:count].copy(), int(above[0])
+
+
+def window_gather2(raw: numpy.ndarray, windows: list[tuple[int, int | None]],
+                   scratch: list[numpy.ndarray]) -> list[tuple[numpy.ndarray, int]] | None:
+    """:func:`window_gather` of two windows ``[(lo, hi), (lo, hi)]`` over the same ``raw`` in one
+    pass (each window's into its own ``scratch``); ``None`` without the helper."""
+    lib = library()
+    if lib is None:
+        return None
+    lo = numpy.array([w[0] for w in windows], dtype=numpy.int32)
+    hi = numpy.array([0 if w[1] is None else w[1] for w in windows], dtype=numpy.int32)
+    has_hi = numpy.array([w[1] is not None for w in windows], dtype=numpy.intc)
+    inside = numpy.array([buffer.ctypes.data for buffer in scratch], dtype=numpy.uintp)
+    count = numpy.zeros(2, dtype=numpy.uintp)
+    above = numpy.zeros(2, dtype=numpy.uint64)
+    lib.tv_window_gather2(raw.ctypes.data, raw.size, lo.ctypes.data, hi.ctypes.data, has_hi.ctypes.data,
+                          inside.ctypes.data, count.ctypes.data, above.ctypes.data)
+    return [(buffer[:int(n)].copy(), int(over)) for buffer, n, over in zip(scratch, count, above)]
 
 
 def band_f32(x, lo: float, hi: float, out) -> object | None:

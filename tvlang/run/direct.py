@@ -51,6 +51,7 @@ written and leaves the run to the local executor, which reports it as always.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import math
 import os
 import threading
@@ -82,7 +83,7 @@ from tvlang.ops.context import TensorContext
 from tvlang.ops.drops import CHUNK as DROP_CHUNK
 from tvlang.ops.drops import DropRule, l1_factor
 from tvlang.ops.names import count_layers
-from tvlang.ops.native import BLOCK, MERGE_CODES, keep_bits, normal_f32, window_gather
+from tvlang.ops.native import BLOCK, MERGE_CODES, FusedInput, keep_bits, normal_f32, window_gather, window_gather2
 from tvlang.ops.pertensor import resolve_options
 from tvlang.ops.ranks import (
     bits_to_float,
@@ -116,6 +117,7 @@ __all__ = ["CHUNK_ELEMENTS", "DISABLE", "attempt"]
 DISABLE = "TVLANG_DIRECT"  # "0" in the environment: never use this executor
 CHUNK_ELEMENTS = 1 << 18  # entries per chunk: 1 MiB buffers, which stay in the cache (faster here than 4 MiB)
 MASKS_AHEAD = 4  # blocks of DARE masks drawn ahead per input (1 MiB each)
+AHEAD_TENSORS = 64  # tensors whose thresholds are searched ahead of the main pass (_Ahead)
 ARITHMETIC_OPS = ("set", "add", "scale", "axpy")
 #: kernels this executor runs, and their options: their chunk forms in the local executor call the
 #: same loops of the helper (tvlang.ops.nearswap, tvlang.ops.ram, and the DARE masks and sign merge
@@ -146,6 +148,10 @@ _F32 = ("float32", "torch.float32")
 _COPIED = {"I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 # the floating-point codes read, and the helper's conversions to float32 and back
 _FLOATS = {"F32": None, "BF16": ("tv_bf16_to_f32", "tv_f32_to_bf16"), "F16": ("tv_f16_to_f32", "tv_f32_to_f16")}
+FUSED_PARTS = 16  # the most inputs of a call the helper's tile loop takes (native.c's FUSED_PARTS)
+#: the trims' plans (_Trims._plan) as the tile loop's forms (tv_fused_merge_f32); 1 is DARE's keep bits
+_FORMS = {"all": 0, "above": 2, "band": 3, "below": 4, "nothing": 5}
+_KEEP_BITS = 1
 
 
 class _Fallback(Exception):
@@ -716,14 +722,21 @@ class _Select:
         elif self.stage == "high":
             self.counts += numpy.bincount(numpy.right_shift(numpy.bitwise_and(raw, 0x7FFFFFFF), 16),
                                           minlength=1 << 15)
-        elif self.gathered <= self.limit:
-            picked, above = window_gather(raw, *self.bounds, scratch)
-            self.above += above
-            if self.stage == "low":
-                self.counts += numpy.bincount(numpy.bitwise_and(picked, 0xFFFF), minlength=1 << 16)
-            else:
-                self.inside.append(picked)
-                self.gathered += picked.size
+        elif self.gathers():
+            self.take(*window_gather(raw, *self.bounds, scratch))
+
+    def gathers(self) -> bool:
+        """Whether the next piece is gathered from a window (:meth:`take` takes what it gathers)."""
+        return self.stage in ("window", "low") and self.gathered <= self.limit
+
+    def take(self, picked: numpy.ndarray, above: int) -> None:
+        """A piece's patterns inside the window, and how many lie above it."""
+        self.above += above
+        if self.stage == "low":
+            self.counts += numpy.bincount(numpy.bitwise_and(picked, 0xFFFF), minlength=1 << 16)
+        else:
+            self.inside.append(picked)
+            self.gathered += picked.size
 
     def end_pass(self) -> None:
         if self.stage == "window":
@@ -833,10 +846,27 @@ class _Trims:
             return "band", _below(low), _below(high)
         return "below", _below(high), 0.0
 
-    def trim(self, i: int, x: numpy.ndarray, out: numpy.ndarray, lib) -> None:
+    def _ready(self) -> None:
         if self.windows is None:  # once a pass: the cuts and tie windows do not change from chunk to chunk
             self.windows = [self._windows(j) for j in range(self.n_inputs)]
             self.plans = [self._plan(j) for j in range(self.n_inputs)]
+
+    def fusable(self) -> bool:
+        """Whether the call runs in the helper's fused loop (:func:`_tiles`): at most FUSED_PARTS inputs."""
+        return self.n_inputs <= FUSED_PARTS
+
+    def ties(self) -> list[list[_TieWindow]]:
+        """Each input's tie windows in this pass (their counts go on from chunk to chunk)."""
+        self._ready()
+        return self.windows
+
+    def forms(self) -> list[tuple[int, float, float]]:
+        """Each input's trim as the tile loop's ``(form, lo, hi)`` (``tv_fused_merge_f32``)."""
+        self._ready()
+        return [(_FORMS[keep], lo, hi) for keep, lo, hi in self.plans]
+
+    def trim(self, i: int, x: numpy.ndarray, out: numpy.ndarray, lib) -> None:
+        self._ready()
         keep, lo, hi = self.plans[i]
         if keep == "nothing":
             out.fill(0.0)
@@ -1180,10 +1210,13 @@ def _workspace(program) -> tuple[list, list, dict]:
 
 class _Ahead:
     """The passes before the main one (the thresholds of ties and breadcrumbs: :func:`_find_thresholds`;
-    the sums, L1 norms and sce selections: :func:`_find_passes`) of the next tensor, on a second thread
+    the sums, L1 norms and sce selections: :func:`_find_passes`) of the next tensors, on a second thread
     while this one runs the main pass of the one before: in its own buffers, with its own descriptors
-    of the inputs (a copy of each ``_Input``), one tensor ahead. ties at 1.5 GB: the thresholds'
-    passes took 2.5 s of 7.3 s on this thread."""
+    of the inputs (a copy of each ``_Input``). Thresholds alone (no DARE call, whose masks would be
+    drawn ahead too) run up to :data:`AHEAD_TENSORS` tensors ahead, so neither thread waits for the
+    other where a large tensor follows small ones (what a tensor keeps from them is its cuts); the
+    others one tensor ahead (what they keep grows with the tensor: flags, selections). ties at
+    1.5 GB: the thresholds' passes took 2.5 s of 7.3 s on this thread."""
 
     def __init__(self, program, bound: _Bound, lib, every: list, drawing: ThreadPoolExecutor,
                  num_layers: int | None) -> None:
@@ -1194,9 +1227,11 @@ class _Ahead:
         self.workspace = _workspace(program)
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="tvlang-ahead")
         self.stop = threading.Event()
-        self.next: tuple[int, dict, Future | None] | None = None
+        self.queue: deque[tuple[int, dict, Future | None]] = deque()  # the tensors started, in order
         thresholds = any(step.op == "call" and step.name in THRESHOLD_CALLS for step in program.steps)
         self.find = _find_thresholds if thresholds else _find_passes
+        drops = any(step.op == "call" and step.name in DROP_CALLS for step in program.steps)
+        self.depth = AHEAD_TENSORS if thresholds and not drops else 1
 
     def _start(self, position: int) -> tuple[int, dict, Future | None]:
         info = self.every[position]
@@ -1208,15 +1243,20 @@ class _Ahead:
         return position, streams, future
 
     def streams(self, position: int) -> dict:
-        """Tensor ``position``'s streams, its thresholds found; the next tensor's search started."""
-        current = self.next if self.next is not None and self.next[0] == position else self._start(position)
+        """Tensor ``position``'s streams, its thresholds found; the next tensors' searches started."""
+        while self.queue and self.queue[0][0] < position:
+            self.queue.popleft()
+        current = self.queue.popleft() if self.queue and self.queue[0][0] == position else self._start(position)
         _, streams, future = current
+        following = self.queue[-1][0] + 1 if self.queue else position + 1
+        while len(self.queue) < self.depth and following < len(self.every):
+            self.queue.append(self._start(following))
+            following += 1
         if future is not None:
             future.result()
         for state in streams.values():
             if isinstance(state, _Trims):
                 state.restart()  # the tie windows' counts, from the main pass's first entry
-        self.next = self._start(position + 1) if position + 1 < len(self.every) else None
         return streams
 
     def close(self) -> None:
@@ -1239,6 +1279,7 @@ def _find_thresholds(program, bound: _Bound, info, numel: int, buffers: list, ha
     # the steps before each call that its inputs depend on (needed_steps lists the call too)
     needs = {index: set(needed_steps(program, {index})) - {index} for index in pending}
     scratch = numpy.empty(CHUNK_ELEMENTS + 1, dtype=numpy.int32)
+    second = numpy.empty(CHUNK_ELEMENTS + 1, dtype=numpy.int32)
     while pending:
         group = [index for index in pending if not needs[index] & set(pending)]
         pending = [index for index in pending if index not in group]
@@ -1247,9 +1288,20 @@ def _find_thresholds(program, bound: _Bound, info, numel: int, buffers: list, ha
         def observer(index: int):
             # a call's inputs as its step is reached: a later step may reuse their slots
             def observe(pieces: list) -> None:
+                by_input: dict[int, list[_Select]] = {}
                 for (i, _), select in streams[index].selects.items():
                     if select.found is None:
-                        select.feed(pieces[i].view(numpy.int32), scratch)
+                        by_input.setdefault(i, []).append(select)
+                for i, selects in by_input.items():
+                    raw = pieces[i].view(numpy.int32)
+                    pair = [select for select in selects if select.gathers()]
+                    if len(pair) == 2:  # breadcrumbs' two cuts: both windows in one pass
+                        for select, got in zip(pair, window_gather2(raw, [s.bounds for s in pair],
+                                                                    [scratch, second])):
+                            select.take(*got)
+                    for select in selects:
+                        if len(pair) != 2 or select not in pair:
+                            select.feed(raw, scratch)
             return observe
 
         observers = {index: observer(index) for index in group}
@@ -1447,6 +1499,17 @@ def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, 
             trims = streams[index]
             if step.name == "breadcrumbs":
                 trims.trim(0, slots[step.srcs[0]], target, lib)
+            elif fused is not None and trims.fusable():  # the whole call in the helper's fused loop
+                waiting = fused.subs.get(index, {})
+                inputs = [(slots[src], slots[program.steps[waiting[i]].srcs[0]], program.steps[waiting[i]].coef)
+                          if i in waiting else (slots[src], None, 0.0) for i, src in enumerate(step.srcs)]
+                use = fused.merges.get(index)
+                taker = _taker(program.steps[use], use, slots, buffers, count) if use is not None else None
+                _tiles(lib, count, inputs, trims.forms(), taker, target, options=trims.options, windows=trims.ties())
+                if taker is not None:
+                    slots[program.steps[use].dst] = taker[0]
+                    done_to = use
+                    continue
             else:
                 parts = [buffer[:count] for buffer in drops[index]]
                 for i, (src, part) in enumerate(zip(step.srcs, parts)):
@@ -1518,7 +1581,8 @@ def _fusions(program) -> _Fusions:
     fused_calls = {call for call, _ in drops.values()}
     subs: dict[int, dict[int, int]] = {}
     for k, call in enumerate(steps):
-        if call.op != "call" or call.name not in DROP_CALLS or k in fused_calls or len(set(call.srcs)) < len(call.srcs):
+        if (call.op != "call" or call.name not in (*DROP_CALLS, "ties") or k in fused_calls
+                or len(set(call.srcs)) < len(call.srcs)):
             continue
         for position, slot in enumerate(call.srcs):
             j = max((i for i in range(k) if steps[i].dst == slot), default=None)
@@ -1531,7 +1595,8 @@ def _fusions(program) -> _Fusions:
                 continue
             subs.setdefault(k, {})[position] = j
     deferred = {j: (k, position) for k, inputs in subs.items() for position, j in inputs.items()}
-    packed = fused_calls | {k for k, inputs in subs.items() if len(inputs) == len(steps[k].srcs)}
+    packed = {call for call in fused_calls if steps[call].name == "dare"} | {
+        k for k, inputs in subs.items() if steps[k].name in DROP_CALLS and len(inputs) == len(steps[k].srcs)}
     merges = {k: k + 1 for k in range(len(steps) - 1)
               if steps[k].op == "call" and steps[k].name in ("ties", "dare_ties") and len(steps[k].srcs) <= 64
               and _takes(steps, k + 1, steps[k].dst)}
@@ -1552,7 +1617,10 @@ def _takes(steps, index: int, slot: int) -> bool:
 
 
 def _defers(stream) -> bool:
-    """Whether a DARE call's stream takes its inputs fused (it draws masks, without the L1 rule)."""
+    """Whether a call's stream takes its inputs fused: a DARE call's when it draws masks without the L1
+    rule, a ``ties`` or ``breadcrumbs`` call's when it runs in the fused loop (:meth:`_Trims.fusable`)."""
+    if isinstance(stream, _Trims):
+        return stream.fusable()
     rule, _, _, l1 = stream
     return l1 is None and rule.draws
 
@@ -1567,7 +1635,7 @@ def _drop_fusions(program) -> dict[int, tuple[int, int]]:
     found: dict[int, tuple[int, int]] = {}
     for i in range(len(steps) - 2):
         sub, call = steps[i], steps[i + 1]
-        if sub.op != "axpy" or sub.srcs[0] == sub.dst or call.op != "call" or call.name != "dare":
+        if sub.op != "axpy" or sub.srcs[0] == sub.dst or call.op != "call" or call.name not in ("dare", "breadcrumbs"):
             continue
         slot = sub.dst
         if call.srcs != (slot,) or call.dst != slot:
@@ -1589,17 +1657,24 @@ def _read_later(steps, start: int, slot: int) -> bool:
 
 def _fused_drop(program, index: int, pair: tuple[int, int], slots: dict, buffers: list, streams: dict, count: int,
                 lib) -> bool:
-    """Steps ``index`` (``x = fma(b, c, a)`` in place), ``pair[0]`` (``dare``: ``x * mask``) and
-    ``pair[1]`` (an ``axpy`` or ``add`` of its result) in one helper loop (``tv_drop_axpy_f32``: the
-    same operations, so the same bits); ``False`` (nothing done) where the call does not draw
-    masks or rescales by the L1 norm."""
+    """Steps ``index`` (``x = fma(b, c, a)`` in place), ``pair[0]`` (``dare``: ``x * mask``;
+    ``breadcrumbs``: its trim) and ``pair[1]`` (an ``axpy`` or ``add`` of its result) in one helper
+    loop (``tv_drop_axpy_f32``, or the tile loop, :func:`_tiles`: the same operations, so the same
+    bits); ``False`` (nothing done) where the call does not draw masks or rescales by the L1 norm,
+    or where ``breadcrumbs`` cannot run in the fused loop (:meth:`_Trims.fusable`)."""
     call_index, use_index = pair
     if not _defers(streams[call_index]):
         return False
-    rule, masks, _, _ = streams[call_index]
     sub = program.steps[index]
     a, b = slots[sub.dst], slots[sub.srcs[0]]
-    out, base, first, c = _taker(program.steps[use_index], use_index, slots, buffers, count)
+    taker = _taker(program.steps[use_index], use_index, slots, buffers, count)
+    if isinstance(streams[call_index], _Trims):  # breadcrumbs: its trim in the tile loop
+        trims = streams[call_index]
+        _tiles(lib, count, [(a, b, sub.coef)], trims.forms(), taker, None, windows=trims.ties())
+        slots[program.steps[use_index].dst] = taker[0]
+        return True
+    out, base, first, c = taker
+    rule, masks, _, _ = streams[call_index]
     source = masks[0]
     if not source.packed:
         mask = source.take(count)
@@ -1629,6 +1704,52 @@ def _merge_into(options: dict, parts: list, taker: tuple, lib) -> None:
     out, base, first, c = taker
     lib.tv_sign_merge_add_f32(_pointers(parts), len(parts), len(out), options["elect"] == "frequency",
                               MERGE_CODES[options["merge"]], base.ctypes.data, first, c, out.ctypes.data)
+
+
+def _tiles(lib, count: int, inputs: list, forms: list, taker: tuple | None, target, *, options: dict | None = None,
+           runs: list | None = None, scale: float = 0.0, windows: list | None = None) -> None:
+    """A whole ``ties``, ``dare_ties`` or ``breadcrumbs`` call over ``count`` entries with the steps
+    around it, in one helper loop (``tv_fused_merge_f32``): each input ``(a, b, coef)``
+    (``fma(b, coef, a)``, its ``axpy`` waiting for the call, or ``a`` where ``b`` is ``None``), trimmed
+    or dropped by its ``(form, lo, hi)``, its tie windows (``windows``: each input's
+    :class:`_TieWindow` list, their counts carried on), then (two inputs or more) the sign merge with
+    ``options``, then the step that takes it (``taker``, :func:`_taker`), or into ``target``.
+    ``runs``: each input's keep bits (:meth:`_Masks.take_bits`) for the keep-bits form, ``scale`` the
+    rescale; the loop runs piece by piece where a block of bits ends."""
+    k = len(inputs)
+    frequency = merge = 0
+    if options is not None:
+        frequency, merge = options["elect"] == "frequency", MERGE_CODES[options["merge"]]
+    out, base, first, c = taker if taker is not None else (target, None, 1.0, 1.0)
+    cuts = sorted({0, count} | ({at for bits in runs for at in itertools.accumulate(n for _, _, n in bits)}
+                                if runs else set()))
+    fields = (FusedInput * k)()
+    for one, (_, _, coef), (form, low, high), ties in zip(fields, inputs, forms, windows or [[]] * k):
+        one.cb, one.form, one.lo, one.hi, one.windows = coef, form, low, high, len(ties)
+        for w, tie in enumerate(ties):
+            one.bits[w], one.start[w], one.stop[w], one.seen[w] = tie.bits, tie.start, tie.stop, tie.seen
+    where = [0] * k  # each input's run at this piece, and where it starts
+    starts = [0] * k
+    a = [x.ctypes.data for x, _, _ in inputs]
+    b = [y.ctypes.data if y is not None else None for _, y, _ in inputs]
+    base_at = base.ctypes.data if base is not None else None
+    out_at = out.ctypes.data
+    for start, stop in itertools.pairwise(cuts):
+        for i, one in enumerate(fields):
+            one.a = a[i] + 4 * start
+            one.b = b[i] + 4 * start if b[i] is not None else None
+            if runs:
+                bits = runs[i]
+                while starts[i] + bits[where[i]][2] <= start:
+                    starts[i] += bits[where[i]][2]
+                    where[i] += 1
+                block, bit, _ = bits[where[i]]
+                one.packed, one.offset = block.ctypes.data, bit + start - starts[i]
+        lib.tv_fused_merge_f32(fields, k, stop - start, scale, frequency, merge,
+                               base_at + 4 * start if base_at is not None else None, first, c, out_at + 4 * start)
+    for one, ties in zip(fields, windows or []):
+        for w, tie in enumerate(ties):
+            tie.seen = int(one.seen[w])
 
 
 def _sub_times_mask(a, b, coef: float, mask: _Masks, rule: DropRule, part, lib) -> None:
@@ -1666,6 +1787,11 @@ def _drop_call(step, pieces: list, stream: tuple[DropRule, list[_Masks], dict, _
     count = len(target)
     parts = [target] if step.name == "dare" else [buffer[:count] for buffer in drops]
     waiting = dict(zip(coefs, subtracted)) if coefs and _defers(stream) else {}
+    if step.name == "dare_ties" and len(pieces) <= FUSED_PARTS and _defers(stream) and all(m.packed for m in masks):
+        _tiles(lib, count, [(x, waiting.get(i), coefs[i] if i in waiting else 0.0) for i, x in enumerate(pieces)],
+               [(_KEEP_BITS, 0.0, 0.0)] * len(pieces), taker, target, options=options,
+               runs=[mask.take_bits(count) for mask in masks], scale=rule.scale)
+        return
     for i, (x, mask, part) in enumerate(zip(pieces, masks, parts)):
         if l1 is not None:
             l1.apply(i, rule, x, part, lib)
