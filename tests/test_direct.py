@@ -529,20 +529,20 @@ TILE_RECIPES = [  # and the inputs of each call
 
 @pytest.mark.parametrize("chunk", [1 << 18, 100_003, 7])
 @pytest.mark.parametrize("text, inputs", TILE_RECIPES)
-def test_whole_calls_run_in_the_tile_loop(tmp_path, monkeypatch, chunk, text, inputs):
+def test_whole_calls_run_in_one_fused_loop(tmp_path, monkeypatch, chunk, text, inputs):
     """``ties``, ``dare_ties`` and ``breadcrumbs`` with the ``axpy`` steps that make their inputs and
-    the step that takes their result, in the helper's fused loop (``_tiles``, tv_fused_merge_f32):
+    the step that takes their result, in the helper's fused loop (``_whole_call``, tv_fused_merge_f32):
     the local executor's bytes and the eager evaluation's tensors, in chunks that cut the blocks of
     keep bits anywhere; and on data with thousands of entries tied at each cut, whose tie windows
     the loop counts from chunk to chunk."""
     calls = []
-    real = direct._tiles
+    real = direct._whole_call
 
     def counting(*args, **kwargs):
         calls.append(len(args[2]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(direct, "_tiles", counting)
+    monkeypatch.setattr(direct, "_whole_call", counting)
     same_as_local_and_eager(monkeypatch, tmp_path, text, big_models(tmp_path / "in"), chunk)
     assert calls and set(calls) == {inputs}
     if "dare" in text:

@@ -1122,7 +1122,7 @@ void tv_magprune_f32(const float *x, const uint32_t *words, size_t rows, size_t 
 /* ---- 14. Whole merging calls with the steps around them ---------------------------------------
  *
  * A whole `ties`, `dare_ties` or `breadcrumbs` call with the steps around it (tvlang/run/direct.py,
- * _tiles): each input x = fma(b, cb, a) (the axpy that made it, a - pre; x = a where b is NULL),
+ * _whole_call): each input x = fma(b, cb, a) (the axpy that made it, a - pre; x = a where b is NULL),
  * then its trim or drop (`form`), then its tie windows, then, for k > 1, the sign merge
  * (tv_sign_merge_f32's operations), then the step that takes the result: out = fma(value, c, base)
  * (base times `first` where that is not 1; out = value where base is NULL). The forms: 0 the

@@ -148,8 +148,8 @@ _F32 = ("float32", "torch.float32")
 _COPIED = {"I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 # the floating-point codes read, and the helper's conversions to float32 and back
 _FLOATS = {"F32": None, "BF16": ("tv_bf16_to_f32", "tv_f32_to_bf16"), "F16": ("tv_f16_to_f32", "tv_f32_to_f16")}
-FUSED_PARTS = 16  # the most inputs of a call the helper's tile loop takes (native.c's FUSED_PARTS)
-#: the trims' plans (_Trims._plan) as the tile loop's forms (tv_fused_merge_f32); 1 is DARE's keep bits
+FUSED_PARTS = 16  # the most inputs of a call the helper's fused loop takes (native.c's FUSED_PARTS)
+#: the trims' plans (_Trims._plan) as the fused loop's forms (tv_fused_merge_f32); 1 is DARE's keep bits
 _FORMS = {"all": 0, "above": 2, "band": 3, "below": 4, "nothing": 5}
 _KEEP_BITS = 1
 
@@ -752,6 +752,7 @@ class _Select:
         else:
             low, need = pick_bin(self.counts, self.rank)
             self.found = (self.bounds[0] | low, need, int(self.counts[low]))
+            self.counts = None  # (a tensor searched ahead keeps its cuts only: _Ahead)
 
 
 class _TieWindow:
@@ -852,7 +853,7 @@ class _Trims:
             self.plans = [self._plan(j) for j in range(self.n_inputs)]
 
     def fusable(self) -> bool:
-        """Whether the call runs in the helper's fused loop (:func:`_tiles`): at most FUSED_PARTS inputs."""
+        """Whether the call runs in the helper's fused loop (:func:`_whole_call`): at most FUSED_PARTS inputs."""
         return self.n_inputs <= FUSED_PARTS
 
     def ties(self) -> list[list[_TieWindow]]:
@@ -861,7 +862,7 @@ class _Trims:
         return self.windows
 
     def forms(self) -> list[tuple[int, float, float]]:
-        """Each input's trim as the tile loop's ``(form, lo, hi)`` (``tv_fused_merge_f32``)."""
+        """Each input's trim as the fused loop's ``(form, lo, hi)`` (``tv_fused_merge_f32``)."""
         self._ready()
         return [(_FORMS[keep], lo, hi) for keep, lo, hi in self.plans]
 
@@ -1505,7 +1506,8 @@ def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, 
                           if i in waiting else (slots[src], None, 0.0) for i, src in enumerate(step.srcs)]
                 use = fused.merges.get(index)
                 taker = _taker(program.steps[use], use, slots, buffers, count) if use is not None else None
-                _tiles(lib, count, inputs, trims.forms(), taker, target, options=trims.options, windows=trims.ties())
+                _whole_call(lib, count, inputs, trims.forms(), taker, target, options=trims.options,
+                            windows=trims.ties())
                 if taker is not None:
                     slots[program.steps[use].dst] = taker[0]
                     done_to = use
@@ -1659,7 +1661,7 @@ def _fused_drop(program, index: int, pair: tuple[int, int], slots: dict, buffers
                 lib) -> bool:
     """Steps ``index`` (``x = fma(b, c, a)`` in place), ``pair[0]`` (``dare``: ``x * mask``;
     ``breadcrumbs``: its trim) and ``pair[1]`` (an ``axpy`` or ``add`` of its result) in one helper
-    loop (``tv_drop_axpy_f32``, or the tile loop, :func:`_tiles`: the same operations, so the same
+    loop (``tv_drop_axpy_f32``, or the fused loop, :func:`_whole_call`: the same operations, so the same
     bits); ``False`` (nothing done) where the call does not draw masks or rescales by the L1 norm,
     or where ``breadcrumbs`` cannot run in the fused loop (:meth:`_Trims.fusable`)."""
     call_index, use_index = pair
@@ -1668,9 +1670,9 @@ def _fused_drop(program, index: int, pair: tuple[int, int], slots: dict, buffers
     sub = program.steps[index]
     a, b = slots[sub.dst], slots[sub.srcs[0]]
     taker = _taker(program.steps[use_index], use_index, slots, buffers, count)
-    if isinstance(streams[call_index], _Trims):  # breadcrumbs: its trim in the tile loop
+    if isinstance(streams[call_index], _Trims):  # breadcrumbs: its trim in the fused loop
         trims = streams[call_index]
-        _tiles(lib, count, [(a, b, sub.coef)], trims.forms(), taker, None, windows=trims.ties())
+        _whole_call(lib, count, [(a, b, sub.coef)], trims.forms(), taker, None, windows=trims.ties())
         slots[program.steps[use_index].dst] = taker[0]
         return True
     out, base, first, c = taker
@@ -1706,7 +1708,7 @@ def _merge_into(options: dict, parts: list, taker: tuple, lib) -> None:
                               MERGE_CODES[options["merge"]], base.ctypes.data, first, c, out.ctypes.data)
 
 
-def _tiles(lib, count: int, inputs: list, forms: list, taker: tuple | None, target, *, options: dict | None = None,
+def _whole_call(lib, count: int, inputs: list, forms: list, taker: tuple | None, target, *, options: dict | None = None,
            runs: list | None = None, scale: float = 0.0, windows: list | None = None) -> None:
     """A whole ``ties``, ``dare_ties`` or ``breadcrumbs`` call over ``count`` entries with the steps
     around it, in one helper loop (``tv_fused_merge_f32``): each input ``(a, b, coef)``
@@ -1788,7 +1790,7 @@ def _drop_call(step, pieces: list, stream: tuple[DropRule, list[_Masks], dict, _
     parts = [target] if step.name == "dare" else [buffer[:count] for buffer in drops]
     waiting = dict(zip(coefs, subtracted)) if coefs and _defers(stream) else {}
     if step.name == "dare_ties" and len(pieces) <= FUSED_PARTS and _defers(stream) and all(m.packed for m in masks):
-        _tiles(lib, count, [(x, waiting.get(i), coefs[i] if i in waiting else 0.0) for i, x in enumerate(pieces)],
+        _whole_call(lib, count, [(x, waiting.get(i), coefs[i] if i in waiting else 0.0) for i, x in enumerate(pieces)],
                [(_KEEP_BITS, 0.0, 0.0)] * len(pieces), taker, target, options=options,
                runs=[mask.take_bits(count) for mask in masks], scale=rule.scale)
         return
