@@ -517,7 +517,7 @@ def test_sign_merges_write_the_step_that_takes_them(tmp_path, monkeypatch, chunk
     same_as_local_and_eager(monkeypatch, tmp_path, text, paths, chunk)
 
 
-TILE_RECIPES = [  # and the inputs of each call
+FUSED_RECIPES = [  # and the inputs of each call
     ("pre + ties(a - pre, b - pre, c - pre, density=0.2)", 3),  # every input made in the loop, the add after it
     ('pre + dare_ties(a - pre, b - pre, c - pre, p=0.9, elect="frequency", merge="sum")', 3),
     ("pre + breadcrumbs(a - pre, density=0.2, gamma=0.01) + 0.5*breadcrumbs(b - pre, density=0.3, gamma=0.02)", 1),
@@ -528,7 +528,7 @@ TILE_RECIPES = [  # and the inputs of each call
 
 
 @pytest.mark.parametrize("chunk", [1 << 18, 100_003, 7])
-@pytest.mark.parametrize("text, inputs", TILE_RECIPES)
+@pytest.mark.parametrize("text, inputs", FUSED_RECIPES)
 def test_whole_calls_run_in_one_fused_loop(tmp_path, monkeypatch, chunk, text, inputs):
     """``ties``, ``dare_ties`` and ``breadcrumbs`` with the ``axpy`` steps that make their inputs and
     the step that takes their result, in the helper's fused loop (``_whole_call``, tv_fused_merge_f32):
