@@ -98,7 +98,8 @@ def test_keep_bits_are_the_masks_packed(n):
 @pytest.mark.parametrize("first", [1.0, 0.7])
 def test_fused_loops_equal_the_steps_one_by_one(first):
     """The torch-free executor's fused loops against its steps one at a time: ``fma(b, c, a) * mask``
-    then ``fma(that, c2, base * first)`` (float masks and keep bits, from any bit), and the sign
+    then ``fma(that, c2, base * first)`` (float masks; keep bits, from any bit, in the whole-call
+    loop with one input), and the sign
     merge then ``fma(merged, c2, base * first)``; specials in every input."""
     lib = native.linear_steps()
     n = 4099
@@ -112,11 +113,11 @@ def test_fused_loops_equal_the_steps_one_by_one(first):
     lib.tv_axpy_f32(start.data_ptr(), dropped.data_ptr(), 0.5, n)
     for bit in (0, 3, 8):
         m = n - bit
-        floats, bits = torch.empty(m), torch.empty(m)
+        floats = torch.empty(m)
         lib.tv_drop_axpy_f32(a[bit:].data_ptr(), b[bit:].data_ptr(), -1.0, mask[bit:].data_ptr(), base[bit:].data_ptr(),
                              first, 0.5, m, floats.data_ptr())
-        lib.tv_drop_bits_axpy_f32(a[bit:].data_ptr(), b[bit:].data_ptr(), -1.0, packed.ctypes.data, bit, 1 / 0.7,
-                                  base[bit:].data_ptr(), first, 0.5, m, bits.data_ptr())
+        bits = fused_call(lib, [(a[bit:], b[bit:], -1.0)], [(1, 0.0, 0.0)], [(packed, bit)], [[]], 1 / 0.7, (0, 0),
+                          (base[bit:], first, 0.5), m)  # a plain dare with keep bits: the whole-call loop
         assert same_values(floats, start[bit:]) and same_values(bits, start[bit:]), bit
         sub = torch.empty(m)
         lib.tv_sub_bits_f32(a[bit:].data_ptr(), b[bit:].data_ptr(), -1.0, packed.ctypes.data, bit, 1 / 0.7, m,

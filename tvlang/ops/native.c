@@ -136,7 +136,7 @@ void tv_pcg64_drop_f32(uint64_t *st, size_t n, uint32_t threshold, float scale, 
     st[1] = (uint64_t)(state >> 64);
 }
 
-/* The same outputs as keep bits (the torch-free executor's fused DARE calls, tv_drop_bits_axpy_f32):
+/* The same outputs as keep bits (the torch-free executor's fused DARE calls, sections 8 and 14):
  * an entry's bit is set where its word is at least `threshold`, eight entries a byte, the first in
  * the high bit (numpy's packbits order); the state moves on as tv_pcg64_drop_f32 moves it. */
 void tv_pcg64_keep_bits(uint64_t *st, size_t n, uint32_t threshold, uint8_t *packed) {
@@ -566,10 +566,11 @@ FMA_TARGET void tv_drop_axpy_f32(const float *a, const float *b, float cb, const
     }
 }
 
-/* The same with the mask as keep bits (tv_pcg64_keep_bits: numpy's packbits order, from bit
- * `offset` of `packed`): an entry's mask is `scale` where its bit is set, +0.0 where not (as bit
- * patterns, without a branch), so the product is the float32 mask's. The masks' thread writes, and
- * this loop reads, a bit an entry instead of four bytes. */
+/* Masks as keep bits (tv_pcg64_keep_bits: numpy's packbits order, from bit `offset` of `packed`):
+ * an entry's mask is `scale` where its bit is set, +0.0 where not (as bit patterns, without a
+ * branch), so the product is the float32 mask's. The masks' thread writes, and the loops read, a
+ * bit an entry instead of four bytes. (With keep bits, a plain DARE call and the steps around it
+ * run in section 14's loop.) */
 static inline float keep_scale(const uint8_t *packed, size_t at, uint32_t scale_bits) {
     uint32_t bit = (packed[at >> 3] >> (7 - (at & 7))) & 1u, v = scale_bits & (0u - bit);
     float f;
@@ -588,46 +589,36 @@ static void keep_table(float table[256][8], uint32_t scale_bits) {
     }
 }
 
-FMA_TARGET void tv_drop_bits_axpy_f32(const float *a, const float *b, float cb, const uint8_t *packed, size_t offset,
-                                      float scale, const float *acc, float first, float c, size_t n, float *out) {
-    uint32_t scale_bits;
-    memcpy(&scale_bits, &scale, sizeof scale_bits);
-    float table[256][8];
-    keep_table(table, scale_bits);
-    size_t j = 0;
-    for (; j < n && ((offset + j) & 7); j++) {
-        float base = first == 1.0f ? acc[j] : acc[j] * first;
-        out[j] = fmaf(fmaf(b[j], cb, a[j]) * keep_scale(packed, offset + j, scale_bits), c, base);
-    }
-#if defined(__x86_64__) && defined(__GNUC__)
-    __m256 vcb = _mm256_set1_ps(cb), vc = _mm256_set1_ps(c), vfirst = _mm256_set1_ps(first);
-    for (; j + 8 <= n; j += 8) { /* the same fused multiply-adds and products, eight at a time */
-        __m256 mask = _mm256_loadu_ps(table[packed[(offset + j) >> 3]]);
-        __m256 x = _mm256_fmadd_ps(_mm256_loadu_ps(b + j), vcb, _mm256_loadu_ps(a + j));
-        __m256 base = _mm256_loadu_ps(acc + j);
-        if (first != 1.0f) base = _mm256_mul_ps(base, vfirst);
-        _mm256_storeu_ps(out + j, _mm256_fmadd_ps(_mm256_mul_ps(x, mask), vc, base));
-    }
-#else
-    for (; j + 8 <= n; j += 8) {
-        const float *mask = table[packed[(offset + j) >> 3]];
-        for (size_t k = 0; k < 8; k++) {
-            float base = first == 1.0f ? acc[j + k] : acc[j + k] * first;
-            out[j + k] = fmaf(fmaf(b[j + k], cb, a[j + k]) * mask[k], c, base);
-        }
-    }
-#endif
-    for (; j < n; j++) {
-        float base = first == 1.0f ? acc[j] : acc[j] * first;
-        out[j] = fmaf(fmaf(b[j], cb, a[j]) * keep_scale(packed, offset + j, scale_bits), c, base);
-    }
-}
-
 /* An input of a DARE call made in the same pass (tvlang/run/direct.py, _Fusions.subs): out =
  * fma(b, cb, a) * mask, the axpy that made the input (a - pre) and the call's product, the same
  * operations as the two steps; the mask as floats, or as keep bits from bit `offset`. */
 FMA_TARGET void tv_sub_mask_f32(const float *a, const float *b, float cb, const float *mask, size_t n, float *out) {
     for (size_t j = 0; j < n; j++) out[j] = fmaf(b[j], cb, a[j]) * mask[j];
+}
+
+/* fma(b, cb, a) * mask (a * mask where b is NULL), the masks as keep bits from bit `offset`, their
+ * byte's eight masks from `table` (keep_table) where whole bytes start: tv_sub_bits_f32's loop and
+ * the tile loop's (section 14). */
+static FMA_TARGET void sub_times_bits(const float *a, const float *b, float cb, const uint8_t *packed, size_t offset,
+                                      const float table[256][8], uint32_t scale_bits, size_t n, float *out) {
+    size_t j = 0;
+    for (; j < n && ((offset + j) & 7); j++)
+        out[j] = (b ? fmaf(b[j], cb, a[j]) : a[j]) * keep_scale(packed, offset + j, scale_bits);
+#if defined(__x86_64__) && defined(__GNUC__)
+    __m256 vcb = _mm256_set1_ps(cb);
+    for (; j + 8 <= n; j += 8) {
+        __m256 mask = _mm256_loadu_ps(table[packed[(offset + j) >> 3]]);
+        __m256 x = _mm256_loadu_ps(a + j);
+        if (b) x = _mm256_fmadd_ps(_mm256_loadu_ps(b + j), vcb, x);
+        _mm256_storeu_ps(out + j, _mm256_mul_ps(x, mask));
+    }
+#else
+    for (; j + 8 <= n; j += 8) {
+        const float *mask = table[packed[(offset + j) >> 3]];
+        for (size_t k = 0; k < 8; k++) out[j + k] = (b ? fmaf(b[j + k], cb, a[j + k]) : a[j + k]) * mask[k];
+    }
+#endif
+    for (; j < n; j++) out[j] = (b ? fmaf(b[j], cb, a[j]) : a[j]) * keep_scale(packed, offset + j, scale_bits);
 }
 
 FMA_TARGET void tv_sub_bits_f32(const float *a, const float *b, float cb, const uint8_t *packed, size_t offset,
@@ -636,22 +627,7 @@ FMA_TARGET void tv_sub_bits_f32(const float *a, const float *b, float cb, const 
     memcpy(&scale_bits, &scale, sizeof scale_bits);
     float table[256][8];
     keep_table(table, scale_bits);
-    size_t j = 0;
-    for (; j < n && ((offset + j) & 7); j++) out[j] = fmaf(b[j], cb, a[j]) * keep_scale(packed, offset + j, scale_bits);
-#if defined(__x86_64__) && defined(__GNUC__)
-    __m256 vcb = _mm256_set1_ps(cb);
-    for (; j + 8 <= n; j += 8) {
-        __m256 mask = _mm256_loadu_ps(table[packed[(offset + j) >> 3]]);
-        __m256 x = _mm256_fmadd_ps(_mm256_loadu_ps(b + j), vcb, _mm256_loadu_ps(a + j));
-        _mm256_storeu_ps(out + j, _mm256_mul_ps(x, mask));
-    }
-#else
-    for (; j + 8 <= n; j += 8) {
-        const float *mask = table[packed[(offset + j) >> 3]];
-        for (size_t k = 0; k < 8; k++) out[j + k] = fmaf(b[j + k], cb, a[j + k]) * mask[k];
-    }
-#endif
-    for (; j < n; j++) out[j] = fmaf(b[j], cb, a[j]) * keep_scale(packed, offset + j, scale_bits);
+    sub_times_bits(a, b, cb, packed, offset, (const float (*)[8])table, scale_bits, n, out);
 }
 
 /* ties' and dare_ties' sign merge followed by the step that takes it (tvlang/run/direct.py,
@@ -1121,8 +1097,8 @@ void tv_magprune_f32(const float *x, const uint32_t *words, size_t rows, size_t 
 
 /* ---- 14. Whole merging calls with the steps around them ---------------------------------------
  *
- * A whole `ties`, `dare_ties` or `breadcrumbs` call with the steps around it (tvlang/run/direct.py,
- * _whole_call): each input x = fma(b, cb, a) (the axpy that made it, a - pre; x = a where b is NULL),
+ * A whole `ties`, `dare_ties`, `breadcrumbs` or plain `dare` (keep bits) call with the steps around
+ * it (tvlang/run/direct.py, _whole_call): each input x = fma(b, cb, a) (the axpy that made it, a - pre; x = a where b is NULL),
  * then its trim or drop (`form`), then its tie windows, then, for k > 1, the sign merge
  * (tv_sign_merge_f32's operations), then the step that takes the result: out = fma(value, c, base)
  * (base times `first` where that is not 1; out = value where base is NULL). The forms: 0 the
@@ -1165,23 +1141,6 @@ static void tie_windows(fused_input *in, const float *x, size_t m, float *part) 
     }
 }
 
-static FMA_TARGET void times_bits(const float *x, const uint8_t *packed, size_t offset, const float table[256][8],
-                                  uint32_t scale_bits, size_t n, float *out) {
-    size_t j = 0;
-    for (; j < n && ((offset + j) & 7); j++) out[j] = x[j] * keep_scale(packed, offset + j, scale_bits);
-#if defined(__x86_64__) && defined(__GNUC__)
-    for (; j + 8 <= n; j += 8)
-        _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_loadu_ps(x + j),
-                                                _mm256_loadu_ps(table[packed[(offset + j) >> 3]])));
-#else
-    for (; j + 8 <= n; j += 8) {
-        const float *mask = table[packed[(offset + j) >> 3]];
-        for (size_t k = 0; k < 8; k++) out[j + k] = x[j + k] * mask[k];
-    }
-#endif
-    for (; j < n; j++) out[j] = x[j] * keep_scale(packed, offset + j, scale_bits);
-}
-
 /* A tile of TILE entries at a time, each step a loop over the tile. */
 static FMA_TARGET void fused_tiles(fused_input *in, size_t k, size_t n, const float table[256][8], uint32_t scale_bits,
                                    int frequency, int merge, const float *base, float first, float c, float *out) {
@@ -1200,7 +1159,7 @@ static FMA_TARGET void fused_tiles(fused_input *in, size_t k, size_t n, const fl
             float *p = parts[i];
             switch (in[i].form) {
             case 0: memcpy(p, xi, m * sizeof *p); break;
-            case 1: times_bits(xi, in[i].packed, in[i].offset + start, table, scale_bits, m, p); break;
+            case 1: sub_times_bits(xi, NULL, 0.0f, in[i].packed, in[i].offset + start, table, scale_bits, m, p); break;
             case 2: tv_hardshrink_f32(xi, m, in[i].lo, p); break;
             case 3: tv_band_f32(xi, m, in[i].lo, in[i].hi, p); break;
             case 4:
@@ -1330,6 +1289,7 @@ static FMA_TARGET void fused_vectors(fused_input *in, size_t k, size_t n, const 
         fused_body(K, FORM, in, n, table, frequency, merge, base, first, c, out); \
         return; \
     }
+    FUSED_CASE(1, 1) /* a plain dare: keep bits */
     FUSED_CASE(1, 2) FUSED_CASE(1, 3) FUSED_CASE(1, 4) /* breadcrumbs: one input, one cut or two */
     FUSED_CASE(2, 1) FUSED_CASE(3, 1) FUSED_CASE(4, 1) /* dare_ties: keep bits */
     FUSED_CASE(2, 2) FUSED_CASE(3, 2) FUSED_CASE(4, 2) /* ties: a lower cut */

@@ -66,7 +66,6 @@ _SIGNATURES = {
     "tv_scale_f32": ([_P, _F, _N, _P], None),
     "tv_axpy_f32": ([_P, _P, _F, _N], None),
     "tv_drop_axpy_f32": ([_P, _P, _F, _P, _P, _F, _F, _N, _P], None),
-    "tv_drop_bits_axpy_f32": ([_P, _P, _F, _P, _N, _F, _P, _F, _F, _N, _P], None),
     "tv_pcg64_keep_bits": ([_P, _N, ctypes.c_uint32, _P], None),
     "tv_sub_mask_f32": ([_P, _P, _F, _P, _N, _P], None),
     "tv_sign_merge_add_f32": ([_P, _N, _N, _I, _I, _P, _F, _F, _P], None),

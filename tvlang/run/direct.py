@@ -1661,34 +1661,30 @@ def _fused_drop(program, index: int, pair: tuple[int, int], slots: dict, buffers
                 lib) -> bool:
     """Steps ``index`` (``x = fma(b, c, a)`` in place), ``pair[0]`` (``dare``: ``x * mask``;
     ``breadcrumbs``: its trim) and ``pair[1]`` (an ``axpy`` or ``add`` of its result) in one helper
-    loop (``tv_drop_axpy_f32``, or the fused loop, :func:`_whole_call`: the same operations, so the same
-    bits); ``False`` (nothing done) where the call does not draw masks or rescales by the L1 norm,
-    or where ``breadcrumbs`` cannot run in the fused loop (:meth:`_Trims.fusable`)."""
+    loop (``tv_drop_axpy_f32`` with float masks, the fused loop, :func:`_whole_call`, with keep bits
+    or a trim: the same operations, so the same bits); ``False`` (nothing done) where the call does
+    not draw masks or rescales by the L1 norm, or where ``breadcrumbs`` cannot run in the fused loop
+    (:meth:`_Trims.fusable`)."""
     call_index, use_index = pair
-    if not _defers(streams[call_index]):
+    stream = streams[call_index]
+    if not _defers(stream):
         return False
     sub = program.steps[index]
     a, b = slots[sub.dst], slots[sub.srcs[0]]
     taker = _taker(program.steps[use_index], use_index, slots, buffers, count)
-    if isinstance(streams[call_index], _Trims):  # breadcrumbs: its trim in the fused loop
-        trims = streams[call_index]
-        _whole_call(lib, count, [(a, b, sub.coef)], trims.forms(), taker, None, windows=trims.ties())
-        slots[program.steps[use_index].dst] = taker[0]
+    slots[program.steps[use_index].dst] = taker[0]
+    if isinstance(stream, _Trims):  # breadcrumbs: its trim
+        _whole_call(lib, count, [(a, b, sub.coef)], stream.forms(), taker, None, windows=stream.ties())
+        return True
+    rule, masks, _, _ = stream
+    if masks[0].packed:  # the masks as keep bits
+        _whole_call(lib, count, [(a, b, sub.coef)], [(_KEEP_BITS, 0.0, 0.0)], taker, None,
+                    runs=[masks[0].take_bits(count)], scale=rule.scale)
         return True
     out, base, first, c = taker
-    rule, masks, _, _ = streams[call_index]
-    source = masks[0]
-    if not source.packed:
-        mask = source.take(count)
-        lib.tv_drop_axpy_f32(a.ctypes.data, b.ctypes.data, sub.coef, mask.ctypes.data, base.ctypes.data, first, c,
-                             count, out.ctypes.data)
-    else:  # the masks as keep bits, run by run (a run ends where a block of words does)
-        at, scale = 0, rule.scale
-        for block, bit, n in source.take_bits(count):
-            lib.tv_drop_bits_axpy_f32(a[at:].ctypes.data, b[at:].ctypes.data, sub.coef, block.ctypes.data, bit, scale,
-                                      base[at:].ctypes.data, first, c, n, out[at:].ctypes.data)
-            at += n
-    slots[program.steps[use_index].dst] = out
+    mask = masks[0].take(count)
+    lib.tv_drop_axpy_f32(a.ctypes.data, b.ctypes.data, sub.coef, mask.ctypes.data, base.ctypes.data, first, c,
+                         count, out.ctypes.data)
     return True
 
 
