@@ -653,6 +653,60 @@ def test_magprune_equals_the_torch_path(monkeypatch, m):
         assert fast_spare is None or fast_spare.tolist() == slow_spare.tolist()
 
 
+def spread_rows(m: int, seed: int) -> torch.Tensor:
+    """Rows whose magnitudes spread in every way the helper's bucket ranking (native.c: row_ranks)
+    treats apart: Gaussian; one magnitude for the whole row; 90 % exact zeros; denormals to
+    3e38 (past the 16 binades of the buckets); a few huge outliers; half the row one value (a bucket
+    sorted by radix); 40 copies of each of a few values (buckets sorted by insertion); values a few
+    ulps apart (a key span below the bucket count); a quarter each of +-0.5 and +-0.25."""
+    g = torch.Generator().manual_seed(seed)
+    gauss = torch.randn(m, generator=g) * 0.01
+    rows = [gauss.clone(), torch.full((m,), -0.375)]
+    zeros = gauss * (torch.rand(m, generator=g) < 0.1)
+    rows.append(zeros)
+    wide = torch.logspace(-44, 38, m).to(torch.float32)
+    rows.append(wide[torch.randperm(m, generator=g)] * torch.where(torch.rand(m, generator=g) < 0.5, -1.0, 1.0))
+    outliers = gauss.clone()
+    outliers[torch.randint(0, m, (3,), generator=g)] = 1e4
+    rows.append(outliers)
+    half = gauss.clone()
+    half[torch.rand(m, generator=g) < 0.5] = 0.0078125
+    rows.append(half)
+    copies = gauss.clone()
+    for value in (0.001, 0.004, -0.02):
+        copies[torch.randint(0, m, (40,), generator=g)] = value
+    rows.append(copies)
+    ulps = (torch.ones(m) + torch.randint(0, 64, (m,), generator=g) * 2.0 ** -23) * 3.0
+    rows.append(ulps)
+    rows.append(torch.tensor([0.5, -0.5, 0.25, -0.25])[torch.randint(0, 4, (m,), generator=g)])
+    return torch.stack(rows)
+
+
+@needs_helper
+@pytest.mark.parametrize("m", [2, 16, 17, 300, 1288, 3432, 4096])
+def test_magprune_ranks_rows_of_every_spread(monkeypatch, m):
+    """The helper's bucket ranking against the torch path's stable sort, bit for bit, on rows that
+    take each of its paths (one bucket for all, the clamp below 16 binades, windows of up to 16
+    items, buckets sorted by insertion and by radix)."""
+    x = spread_rows(m, seed=m).reshape(-1)
+    results = []
+    for helper in (True, False):
+        if not helper:
+            monkeypatch.setenv("TVLANG_NATIVE", "0")
+        out = torch.empty_like(x)
+        Magprune(0.5, 0.4, numpy.random.PCG64(m), True, m).apply(x, out)
+        kept = Magprune(0.5, 0.4, numpy.random.PCG64(m), True, m).kept(x).reshape(-1)
+        results.append((out, kept))
+        monkeypatch.delenv("TVLANG_NATIVE", raising=False)
+    (fast, fast_kept), (slow, slow_kept) = results
+    assert torch.equal(fast_kept, slow_kept)
+    assert same_values(fast, slow)
+    # by hand, for the row of one magnitude: entry j has rank j, so p = 0.1 + 0.8 * j / (m - 1)
+    words = numpy.random.PCG64(m).random_raw(x.numel()).view(numpy.uint32)[m:2 * m].astype(numpy.float64)
+    p = (torch.arange(m, dtype=torch.float32) * numpy.float32(0.8 / (m - 1)) + numpy.float32(0.1)).double()
+    assert torch.equal(fast_kept[m:2 * m], torch.from_numpy(words * 2.0 ** -32) < p)
+
+
 @needs_helper
 @pytest.mark.parametrize("n", [1, 5, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 77])
 def test_block_sums_equal_the_torch_path(monkeypatch, n):

@@ -211,7 +211,7 @@ class Magprune:
 
         def rows(start: int, stop: int) -> None:  # ctypes lets go of the GIL
             if stop > start:
-                scratch = numpy.empty(3 * m, dtype=numpy.uint64)
+                scratch = numpy.empty(4 * m + 16, dtype=numpy.uint64)  # (native.c: RANK_WINDOW)
                 begin = start * m
                 lib.tv_magprune_f32(x_at + 4 * begin, words[begin:].ctypes.data, stop - start, m, c, d,
                                     int(self.rescale), scratch.ctypes.data,
