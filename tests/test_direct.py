@@ -878,3 +878,60 @@ def test_passes_before_the_main_one_on_bfloat16(models, tmp_path, monkeypatch, t
     same_report(fast, local, tmp_path)
     got = load_file(str(tmp_path / "direct" / "merged" / "model.safetensors"))
     assert got["lm_head.weight"].dtype == torch.bfloat16
+
+
+def row_models(tmp_path, tied: bool = False) -> dict[str, str]:
+    """pre, a, b, c with matrices of rows of 1,288 and 300 entries, a vector, a 0-dim tensor and an
+    empty one (della ranks within rows); ``tied``: deltas of multiples of 1/64 (many equal
+    magnitudes in each row, ranked by position)."""
+    g = torch.Generator().manual_seed(5)
+    pre = {"w": torch.randn(203, 1288, generator=g), "v": torch.randn(70, 300, generator=g),
+           "bias": torch.randn(1288, generator=g), "scalar": torch.tensor(0.25), "empty": torch.zeros(0, 4)}
+    tensors = {"pre": pre}
+    for seed, name in enumerate(("a", "b", "c"), 1):
+        if tied:
+            tensors[name] = {k: v + torch.randint(-20, 21, v.shape, generator=g).float() / 64 for k, v in pre.items()}
+        else:
+            tensors[name] = finetune_like(pre, seed=seed)
+    return {name: write_checkpoint(str(tmp_path / name), sd) for name, sd in tensors.items()}
+
+
+DELLA_RECIPES = [
+    "pre + della(a - pre, b - pre, c - pre, density=0.2, epsilon=0.1, seed=1)",
+    'pre + della(a - pre, b - pre, density=0.5, epsilon=0.3, seed=4, elect="frequency", merge="sum")',
+    "pre + 0.5*della(a - pre, b - pre, c - pre, density=0.7, epsilon=0.2, rescale=false, lambda=1.5)",
+    "pre + della_linear(a - pre, b - pre, density=0.4, epsilon=0.1, seed=2, weights=[1, 1])",
+    "pre + della(a - pre, b - pre, density=1.0, epsilon=0.0) - della(c - pre, density=0.3, epsilon=0.05, seed=9)",
+    "pre + della(a - pre, b - pre, c - pre, density=0.0, epsilon=0.0)",
+    'pre + della(a - pre, b - pre, density=layers(0.2, 0.6), epsilon=0.1, seed=3, merge="weighted_mean")',
+]
+
+
+@pytest.mark.parametrize("chunk", [1 << 18, 3000, 2 * 1288])
+@pytest.mark.parametrize("data", ["random", "tied"])
+@pytest.mark.parametrize("text", DELLA_RECIPES)
+def test_della_same_bytes(tmp_path, monkeypatch, text, data, chunk):
+    """della and della_linear run here: each input's MAGPRUNE by the helper in chunks of whole rows (a
+    chunk of 3,000 entries holds two rows of 1,288, ten of 300), the words of each input where the
+    last's end, the rows split between two threads, the sign merge with the step that takes it:
+    the same bytes as the local executor, the same tensors as the eager evaluation."""
+    paths = row_models(tmp_path / "in", tied=data == "tied")
+    same_as_local_and_eager(monkeypatch, tmp_path, text, paths, chunk)
+
+
+def test_della_rows_longer_than_a_chunk_are_the_local_executors(tmp_path, monkeypatch):
+    """A row of 1,288 entries does not fit chunks of 1,000: the local executor runs the recipe
+    (nothing written by this one), the same tensors as the eager evaluation."""
+    paths = row_models(tmp_path / "in")
+    monkeypatch.setattr(direct, "CHUNK_ELEMENTS", 1000)
+    out = tmp_path / "merged.safetensors"
+    text = "pre + della(a - pre, b - pre, density=0.2, epsilon=0.1, seed=1)"
+    ran = []
+    real = direct.attempt
+    monkeypatch.setattr(direct, "attempt", lambda *a, **k: ran.append(real(*a, **k)) or ran[-1])
+    tvlang.compile(text).run(paths, str(out), allow_unused=True)
+    assert ran == [None]
+    sd = {name: load_file(os.path.join(path, "model.safetensors")) for name, path in paths.items()}
+    eager = tvlang.compile(text).evaluate(sd, allow_unused=True)
+    got = load_file(str(out))
+    assert all(torch.equal(got[name], eager[name]) for name in sd["pre"])

@@ -29,9 +29,7 @@ tensor([[ 0.1000, -0.5000,  0.3000,  2.0000, -1.0000]])
 
 from __future__ import annotations
 
-import math
 import os
-import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -41,7 +39,8 @@ import torch
 from tvlang.ops.common import ChunkKernel, chunk_form_of, fresh, helper_thread, kernel_of, scratch
 from tvlang.ops.context import TensorContext
 from tvlang.ops.dare import L1Norms, restore_l1
-from tvlang.ops.native import library, set_state_words, state_words
+from tvlang.ops.magprune import MAX_ROW, SPLIT_SORT, Words, row_length, sample_rows
+from tvlang.ops.native import library
 from tvlang.ops.ties import sign_merge
 
 __all__ = ["Magprune", "Words", "della", "della_linear", "della_chunks", "della_linear_chunks", "della_sample",
@@ -52,54 +51,6 @@ BLOCK = 1 << 18
 #: bytes of keep flags (a bit per entry of every input) that ``rescale_by="l1"`` keeps from its
 #: pass for the main pass: a tensor of up to 178 million entries over 3 inputs
 SAVED_BITS_LIMIT = 64 << 20
-
-
-def row_length(shape: Sequence[int]) -> int:
-    """Entries per MAGPRUNE row of a tensor of ``shape``: ``shape[1:]`` flattened (a vector: all)."""
-    count = math.prod(shape)
-    return count // shape[0] if len(shape) >= 2 and shape[0] else count
-
-
-class Words:
-    """32-bit words of a PCG64 stream for entries in order, in pieces of any size: each 64-bit
-    output gives two words, low half first, so entry ``j`` gets half ``j % 2`` of output ``j // 2``."""
-
-    def __init__(self, bits) -> None:
-        self.bits = bits
-        self.spare: numpy.ndarray | None = None  # the high half of the last output, not used yet
-
-    @staticmethod
-    def outputs(numel: int) -> int:
-        """64-bit outputs that ``numel`` entries use."""
-        return (numel + 1) // 2
-
-    def next(self, n: int) -> numpy.ndarray:
-        lib = library()
-        if lib is not None and isinstance(self.bits, numpy.random.PCG64):  # the same words, in C
-            state = state_words(self.bits)
-            have = self.spare is not None
-            st = numpy.concatenate([state, numpy.array([have, int(self.spare[0]) if have else 0], dtype=numpy.uint64)])
-            words = numpy.empty(n, dtype=numpy.uint32)
-            lib.tv_pcg64_words(st.ctypes.data, n, words.ctypes.data)
-            set_state_words(self.bits, st[:4])
-            self.spare = numpy.array([st[5]], dtype=numpy.uint32) if st[4] else None
-            return words
-        head = self.spare if self.spare is not None and n else None
-        need = n - (1 if head is not None else 0)
-        raw = self.bits.random_raw((need + 1) // 2)
-        if sys.byteorder == "little":
-            words = raw.view(numpy.uint32)
-        else:  # pragma: no cover - the same words, low half first, on a big-endian machine
-            words = numpy.empty(2 * raw.size, dtype=numpy.uint32)
-            words[0::2], words[1::2] = raw & 0xFFFFFFFF, raw >> 32
-        if n:
-            self.spare = words[need:need + 1].copy() if need % 2 else None
-        body = words[:need]
-        return numpy.concatenate([head, body]) if head is not None else body
-
-
-#: entries of a block from which rank_order sorts half its rows on a helper thread
-SPLIT_SORT = 1 << 15
 
 
 def _sort_thread() -> ThreadPoolExecutor:
@@ -191,38 +142,22 @@ class Magprune:
 
     def _native(self, x: torch.Tensor, out: torch.Tensor | None, flags: numpy.ndarray | None) -> bool:
         """:meth:`apply` (into ``out``) or :meth:`kept` (into ``flags``, 0 or 1 a byte) by the compiled
-        helper (``tv_magprune_f32``: the same ranks, probabilities, comparisons and products as
-        :meth:`_draw` and :meth:`apply`, bit for bit; tests/test_native.py): float32 CPU tensors, the
-        words drawn first (:class:`Words`), then half the rows on the sort thread. ``False``
+        helper (:func:`tvlang.ops.magprune.sample_rows`: the same words, ranks, probabilities,
+        comparisons and products as :meth:`_draw` and :meth:`apply`, bit for bit;
+        tests/test_native.py): float32 CPU tensors, half the rows on the sort thread. ``False``
         where the helper cannot (nothing drawn)."""
         lib = library()
         n, m = x.numel(), self.m
         plain = x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
         if out is not None:
             plain = plain and out.dtype == torch.float32 and out.device.type == "cpu" and out.is_contiguous()
-        # rows of at most 2**24 entries: their ranks are exact in float32 (torch's ramp, the loop's casts)
-        if lib is None or not plain or not isinstance(self.words.bits, numpy.random.PCG64) or n == 0 or m > 1 << 24:
+        st = self.words.state() if lib is not None and plain and n and m <= MAX_ROW else None
+        if st is None:
             return False
-        words = self.words.next(n)
-        c = 2.0 * self.epsilon / (m - 1) if m > 1 else 0.0
-        d = self.density - self.epsilon if m > 1 else self.density
-        count = n // m
-        x_at, out_at = x.data_ptr(), (out.data_ptr() if out is not None else None)
-
-        def rows(start: int, stop: int) -> None:  # ctypes lets go of the GIL
-            if stop > start:
-                scratch = numpy.empty(4 * m + 16, dtype=numpy.uint64)  # (native.c: RANK_WINDOW)
-                begin = start * m
-                lib.tv_magprune_f32(x_at + 4 * begin, words[begin:].ctypes.data, stop - start, m, c, d,
-                                    int(self.rescale), scratch.ctypes.data,
-                                    None if out_at is None else out_at + 4 * begin,
-                                    None if flags is None else flags[begin:].ctypes.data)
-
-        half = count // 2 if count >= 2 and n >= SPLIT_SORT and (os.cpu_count() or 1) > 1 else 0
-        helper = _sort_thread().submit(rows, 0, half) if half else None
-        rows(half, count)
-        if helper is not None:
-            helper.result()
+        sample_rows(lib, st, x.data_ptr(), n, m, self.density, self.epsilon, self.rescale,
+                    out.data_ptr() if out is not None else None, flags,
+                    _sort_thread() if (os.cpu_count() or 1) > 1 else None)
+        self.words.set_state(st)
         return True
 
     def _draw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -977,45 +977,90 @@ void tv_pcg64_normal_f32(uint64_t *st, size_t n, const uint32_t *k, const float 
  * increment high, whether a half is left over, that half. The outputs come four interleaved
  * generators at a time, as section 1's.
  *
- * tv_magprune_f32: for each of `rows` rows of m float32 entries, the rank of each entry by
- * increasing |x| (the bit pattern with the sign cleared; equal patterns ranked by position: a
- * bucket pass and counts within buckets: row_ranks), the same order as della.rank_order's sort of distinct
- * keys; then Magprune's torch calls: the keep
+ * tv_magprune_f32: for each of `rows` rows of m float32 entries, the row's m words from the stream
+ * st (as tv_pcg64_words takes it) after `skip` words, then the rank of each entry by increasing |x|
+ * (the bit pattern with the sign cleared; equal patterns ranked by position: row_ranks), the same
+ * order as della.rank_order's sort of distinct keys; then Magprune's torch calls: the keep
  * probability p = (float)rank * c + d (two float32 roundings, as the ramp's mul_ and add_), kept
  * when word * 2**-32 < p in float64, out = x / p * kept (rescale) or x * kept (the bool as 1.0 or
  * 0.0, so a dropped infinity is NaN, as torch gives) where `out` is given, and kept (0 or 1) into
- * `flags` where given.
- * With m == 1, p = d for every entry (no ranks). scratch: 4 * m + RANK_WINDOW uint64. */
-void tv_pcg64_words(uint64_t *st, size_t n, uint32_t *words) {
-    u128 state = ((u128)st[1] << 64) | st[0], inc = ((u128)st[3] << 64) | st[2];
+ * `flags` where given. st is left where the stream stands after the last row's words. Rows of a
+ * piece can so run on several threads, each skipping the words of the rows before its own.
+ * With m == 1, p = d for every entry (no ranks). scratch: 5 * m + RANK_WINDOW uint64. */
+
+/* A PCG64 stream of 32-bit words, each 64-bit output split low half first; `half` is the high
+ * half of the last output where `has_half` (not handed out yet). */
+typedef struct {
+    u128 state, inc;
+    int has_half;
+    uint32_t half;
+} word_stream;
+
+/* The stream of st (tv_pcg64_words' six words) after `skip` more words. */
+static word_stream words_after(const uint64_t *st, uint64_t skip) {
+    word_stream w;
+    w.state = ((u128)st[1] << 64) | st[0];
+    w.inc = ((u128)st[3] << 64) | st[2];
+    w.has_half = st[4] != 0;
+    w.half = (uint32_t)st[5];
+    if (skip && w.has_half) {
+        skip--;
+        w.has_half = 0;
+    }
+    if (skip) {
+        w.state = advance(w.state, w.inc, skip / 2);
+        if (skip & 1) {
+            w.state = w.state * MULTIPLIER + w.inc;
+            w.half = (uint32_t)(output(w.state) >> 32);
+            w.has_half = 1;
+        }
+    }
+    return w;
+}
+
+/* The stream's next n words. */
+static void words_next(word_stream *w, size_t n, uint32_t *words) {
     size_t i = 0;
-    if (n && st[4]) {
-        words[i++] = (uint32_t)st[5];
-        st[4] = 0;
+    if (n && w->has_half) {
+        words[i++] = w->half;
+        w->has_half = 0;
     }
     size_t rounds = (n - i) / 8;
     if (rounds) {
-        pcg4 g = pcg4_start(state, inc);
+        pcg4 g = pcg4_start(w->state, w->inc);
+        u128 last = 0;
         for (size_t r = 0; r < rounds; r++, i += 8) {
             uint64_t o[4];
+            last = g.s3; /* the state after this round's four outputs */
             pcg4_next(&g, o);
             memcpy(words + i, o, sizeof o); /* little-endian: each output's low half first */
         }
-        state = advance(state, inc, 4 * (uint64_t)rounds);
+        w->state = last;
     }
     for (; i < n; i += 2) {
-        state = state * MULTIPLIER + inc;
-        uint64_t out = output(state);
+        w->state = w->state * MULTIPLIER + w->inc;
+        uint64_t out = output(w->state);
         words[i] = (uint32_t)out;
         if (n - i >= 2) {
             words[i + 1] = (uint32_t)(out >> 32);
         } else {
-            st[4] = 1;
-            st[5] = out >> 32;
+            w->has_half = 1;
+            w->half = (uint32_t)(out >> 32);
         }
     }
-    st[0] = (uint64_t)state;
-    st[1] = (uint64_t)(state >> 64);
+}
+
+static void words_store(const word_stream *w, uint64_t *st) {
+    st[0] = (uint64_t)w->state;
+    st[1] = (uint64_t)(w->state >> 64);
+    st[4] = (uint64_t)w->has_half;
+    st[5] = w->half;
+}
+
+void tv_pcg64_words(uint64_t *st, size_t n, uint32_t *words) {
+    word_stream w = words_after(st, 0);
+    words_next(&w, n, words);
+    words_store(&w, st);
 }
 
 /* Sort n items (|x|'s bits << 32 | column) by their key bits (stable LSD radix of 8-bit digits,
@@ -1193,16 +1238,19 @@ static MULTI_VERSION void magprune_row(const float *x, const uint32_t *words, co
     }
 }
 
-void tv_magprune_f32(const float *x, const uint32_t *words, size_t rows, size_t m, float c, float d, int rescale,
-                     uint64_t *scratch, float *out, uint8_t *flags) {
+void tv_magprune_f32(uint64_t *st, uint64_t skip, const float *x, size_t rows, size_t m, float c, float d,
+                     int rescale, uint64_t *scratch, float *out, uint8_t *flags) {
     uint64_t *a = scratch, *b = scratch + m + RANK_WINDOW;
     uint32_t *rank = (uint32_t *)(b + m), *counts = rank + m; /* m/2 + B/2 <= 3m/2 uint64 */
+    uint32_t *words = (uint32_t *)(b + m + (m + 1) / 2 + m); /* after counts (B <= 2m uint32) */
+    word_stream w = words_after(st, skip);
     for (size_t r = 0; r < rows; r++) {
         const float *xr = x + r * m;
+        words_next(&w, m, words);
         if (m > 1) row_ranks(xr, m, a, b, counts, rank);
-        magprune_row(xr, words + r * m, rank, m, c, d, rescale, out ? out + r * m : NULL,
-                     flags ? flags + r * m : NULL);
+        magprune_row(xr, words, rank, m, c, d, rescale, out ? out + r * m : NULL, flags ? flags + r * m : NULL);
     }
+    words_store(&w, st);
 }
 
 /* ---- 14. Whole merging calls with the steps around them ---------------------------------------

@@ -46,7 +46,7 @@ _SIGNATURES = {
     "tv_pcg64_drop_f32": ([_P, _N, ctypes.c_uint32, _F, _P], None),
     "tv_pcg64_normal_f32": ([_P, _N, _P, _P, _P, _P], None),
     "tv_pcg64_words": ([_P, _N, _P], None),
-    "tv_magprune_f32": ([_P, _P, _N, _N, _F, _F, _I, _P, _P, _P], None),
+    "tv_magprune_f32": ([_P, ctypes.c_uint64, _P, _N, _N, _F, _F, _I, _P, _P, _P], None),
     "tv_window_gather": ([_P, _N, ctypes.c_int32, ctypes.c_int32, _I, _P, _P], ctypes.c_size_t),
     "tv_window_gather2": ([_P, _N, _P, _P, _P, _P, _P, _P], None),
     "tv_band_f32": ([_P, _N, _F, _F, _P], None),

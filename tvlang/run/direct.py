@@ -21,7 +21,10 @@ returns ``None`` before anything is written, and the local or Ray executor runs 
   ``model_stock`` (not ``filter_wise``), ``nuslerp`` (flattened), ``multislerp`` and ``karcher``
   (constant weights; :data:`GRAM_CALLS`) and ``random_like`` (:class:`_Noise`), with no threshold
   or DARE call beside them, or of ``sce``
-  (alone of its kind, its inputs needing no other call: :class:`_Sce`), and writes;
+  (alone of its kind, its inputs needing no other call: :class:`_Sce`), or of ``della`` (unit
+  weights, an election) and ``della_linear`` (unit weights, ``merge="sum"``) without
+  ``rescale_by="l1"`` (:class:`_Della`, alone of their kind; chunks of whole rows, so a row of
+  more than CHUNK_ELEMENTS entries leaves the run to the local executor), and writes;
 - every source the recipe names is a local ``.safetensors`` file, a ``.safetensors.index.json``
   with its shards, or a model directory of either (no Hub reference, LoRA adapter, ``.bin`` file,
   stack, layer range or renaming),
@@ -43,7 +46,8 @@ commit (:func:`tvlang.run.outputs.commit_all`), progress and summary. DARE masks
 a second thread, a few blocks ahead; ``ties``' thresholds are found (:class:`_Select`: the local
 executor's window, or its radix select) on another, one tensor ahead of the main pass, and so are the
 GRAM_CALLS' norms and dot products (:class:`_Gram`: the helper's block sums, as tvlang.ops.sums sums
-them, and the kernels' coefficients from tvlang.ops.coefficients). A result
+them, and the kernels' coefficients from tvlang.ops.coefficients). ``della``'s rows are sampled half
+on this thread, half on the second (tvlang.ops.magprune). A result
 that is not finite, or an input that cannot be read as its header says, withdraws what was
 written and leaves the run to the local executor, which reports it as always.
 """
@@ -82,6 +86,7 @@ from tvlang.ops.coefficients import (
 from tvlang.ops.context import TensorContext
 from tvlang.ops.drops import CHUNK as DROP_CHUNK
 from tvlang.ops.drops import DropRule, l1_factor
+from tvlang.ops.magprune import Words, row_length, sample_rows, stream_words
 from tvlang.ops.names import count_layers
 from tvlang.ops.native import BLOCK, MERGE_CODES, FusedInput, keep_bits, normal_f32, window_gather, window_gather2
 from tvlang.ops.pertensor import resolve_options
@@ -142,6 +147,12 @@ NOISE_OPTIONS = ("seed",)
 SUMS_CALLS = (*GRAM_CALLS, "random_like")  # the calls whose pass before the main one sums norms and products
 #: sce, its selection and weights found in passes before the main one (:class:`_Sce`), alone of its kind
 SCE_OPTIONS = ("count", "select_topk")
+#: della and della_linear (:class:`_Della`): MAGPRUNE by the helper over chunks of whole rows, no pass before
+#: the main one (``rescale_by="probability"``), unit weights; della with an election (the helper's sign
+#: merge), della_linear with ``merge="sum"``; alone of their kind
+DELLA_CALLS = {"della": ("density", "elect", "elect_on", "epsilon", "lambda", "merge", "rescale", "rescale_by",
+                         "seed", "weights"),
+               "della_linear": ("density", "epsilon", "lambda", "merge", "rescale", "rescale_by", "seed", "weights")}
 _PREFIXES = ("hf:", "lora:")  # a Hub reference or an adapter: another executor's
 _F32 = ("float32", "torch.float32")
 # codes of the tensors the local executor copies from the base (not floating point), and numpy's types
@@ -271,6 +282,8 @@ def _runnable(plan: Plan) -> bool:
         return False  # one kind of pass before the main one
     if "sce" in calls and calls & {*THRESHOLD_CALLS, *DROP_CALLS, *SUMS_CALLS}:
         return False
+    if calls & set(DELLA_CALLS) and calls & {*THRESHOLD_CALLS, *DROP_CALLS, *SUMS_CALLS, "sce"}:
+        return False  # its rows share the second thread with no other call's work
     for index, step in enumerate(program.steps):
         if (_l1_call(step) or step.op == "call" and step.name == "sce") and any(
                 program.steps[i].op == "call" for i in needed_steps(program, {index}) if i != index):
@@ -302,6 +315,8 @@ def _call_runnable(name: str, options: dict, n_inputs: int) -> bool:
     if name == "sce":
         return (sorted(options) == sorted(SCE_OPTIONS) and _number(options["select_topk"])
                 and options["count"] in ("floor", "mergekit"))
+    if name in DELLA_CALLS:
+        return _della_runnable(name, options, n_inputs)
     if name in THRESHOLD_CALLS:
         if sorted(options) != sorted(THRESHOLD_CALLS[name]) or not _number(options["density"]):
             return False
@@ -326,6 +341,23 @@ def _call_runnable(name: str, options: dict, n_inputs: int) -> bool:
     if name == "dare_ties":
         return _unit_merge(options, n_inputs)
     return True
+
+
+def _della_runnable(name: str, options: dict, n_inputs: int) -> bool:
+    """Whether a della or della_linear call is one :class:`_Della` runs: numbers for its scalars,
+    ``rescale_by="probability"`` (or no rescale), unit weights, della with an election and
+    della_linear with ``merge="sum"``."""
+    if sorted(options) != sorted(DELLA_CALLS[name]) or type(options["rescale"]) is not bool:
+        return False
+    if not all(_number(options[key]) for key in ("density", "epsilon", "lambda", "seed")):
+        return False
+    if options["rescale"] and options["rescale_by"] != "probability":
+        return False
+    if name == "della":
+        return _unit_merge(options, n_inputs)
+    weights = options["weights"]
+    return (options["merge"] == "sum" and isinstance(weights, tuple) and (not weights or len(weights) == n_inputs)
+            and all(type(w) in (float, int) and w == 1.0 for w in weights))
 
 
 def _l1_call(step) -> bool:
@@ -545,6 +577,8 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
         code = out_code or code if code in _FLOATS else code  # floats in the output dtype, integers as they are
         every.append(TensorInfo(name, shape, code, _numel(shape) * itemsize(code), ""))
     computed = [info for info in every if info.dtype in _FLOATS]  # Delta outputs hold these only
+    if not _rows_fit(plan.schedule.main, every):
+        raise _Fallback  # before anything is written
     check_distinct_outputs(targets)
     inputs = [*_protected(plan, bindings), *(path for source in bound.readers.values() for path in source.paths)]
     writers: dict[str, StreamingWriter] = {}
@@ -579,9 +613,10 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
                 for writer in writers.values():
                     writer.write(info.name, _Coded(numpy.empty(info.shape, dtype=numpy.uint16), info.dtype))
             streams = (ahead.streams(position) if ahead else
-                       _streams(program, info.name, _floats(info), drawing, num_layers, fused.packed))
-            for start in range(0, _floats(info), CHUNK_ELEMENTS):
-                _chunk(program, bound, info, start, min(numel - start, CHUNK_ELEMENTS), buffers, halves, drops,
+                       _streams(program, info.name, _floats(info), drawing, num_layers, fused.packed, info.shape))
+            step = _chunk_size(program, info)
+            for start in range(0, _floats(info), step):
+                _chunk(program, bound, info, start, min(numel - start, step), buffers, halves, drops,
                        streams, writers, lib, check=not allow_nonfinite, fused=fused)
             if bar:
                 bar.advance(info.name, read[info.name] * len(writers))
@@ -1106,6 +1141,67 @@ class _Noise:
         lib.tv_scale_f32(target.ctypes.data, self.scale, len(target), target.ctypes.data)
 
 
+class _Della:
+    """della or della_linear over one tensor (tvlang.ops.della's chunk form, without torch): each input's
+    MAGPRUNE by the helper (:func:`tvlang.ops.magprune.sample_rows`; input ``i``'s words where input
+    ``i-1``'s end in the stream of ``bits(seed)``; half of a chunk's rows on the second thread), then
+    della's sign merge (the helper's, as tvlang.ops.ties.sign_merge calls it with unit weights; with
+    the step that takes it where ``lambda`` is 1: ``_merge_into``) or della_linear's sum (torch's
+    ``add_`` from zeros: the helper's axpy), then ``lambda`` (torch's ``mul_``: one float32 product).
+    Chunks hold whole rows (:func:`_chunk_size`) and come in order."""
+
+    def __init__(self, options: dict, n_inputs: int, numel: int, m: int, context: TensorContext,
+                 drawing: ThreadPoolExecutor) -> None:
+        self.options, self.m = options, m
+        self.density, self.epsilon = float(options["density"]), float(options["epsilon"])
+        self.rescale, self.factor = options["rescale"], float(options["lambda"])
+        self.helper = drawing if (os.cpu_count() or 1) > 1 else None
+        self.streams = []
+        for i in range(n_inputs):
+            bits = context.bits(options["seed"])
+            bits.advance(i * Words.outputs(numel))
+            self.streams.append(stream_words(bits))
+
+    def apply(self, pieces: list, parts: list, target, taker: tuple | None, lib) -> None:
+        count = len(target)
+        for x, part, st in zip(pieces, parts, self.streams):
+            if self.density >= 1.0:
+                part[:] = x
+            elif self.density <= 0.0:
+                part[:] = 0.0
+            else:
+                sample_rows(lib, st, x.ctypes.data, count, self.m, self.density, self.epsilon, self.rescale,
+                            part.ctypes.data, None, self.helper)
+        if "elect" not in self.options:  # della_linear: the sum
+            target[:] = 0.0
+            for part in parts:
+                lib.tv_axpy_f32(target.ctypes.data, part.ctypes.data, 1.0, count)
+        elif taker is not None:
+            _merge_into(self.options, parts, taker, lib)
+            return
+        else:
+            _sign_merge(self.options, parts, target, lib)
+        if self.factor != 1.0:
+            lib.tv_scale_f32(target.ctypes.data, self.factor, count, target.ctypes.data)
+
+
+def _chunk_size(program, info) -> int:
+    """Entries per chunk of tensor ``info``: CHUNK_ELEMENTS, or for a program with a della call the
+    most whole rows that fit (:func:`_rows_fit` has checked that one does)."""
+    if not any(step.op == "call" and step.name in DELLA_CALLS for step in program.steps):
+        return CHUNK_ELEMENTS
+    m = row_length(info.shape)
+    return max(1, CHUNK_ELEMENTS // m) * m if m else CHUNK_ELEMENTS
+
+
+def _rows_fit(program, every: list) -> bool:
+    """Whether a chunk holds a whole row of every floating-point tensor, where the program has a della
+    call (its rows are sampled whole; a longer one is the local executor's)."""
+    if not any(step.op == "call" and step.name in DELLA_CALLS for step in program.steps):
+        return True
+    return all(row_length(info.shape) <= CHUNK_ELEMENTS for info in every if info.dtype in _FLOATS)
+
+
 class _Gram:
     """A GRAM_CALLS call over one tensor: the sums of squares and products of its inputs (of
     model_stock's offsets ``m_i - base``), then its coefficients, then the weighted sum.
@@ -1200,7 +1296,7 @@ def _workspace(program) -> tuple[list, list, dict]:
                for step in program.steps]
     halves = [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.uint16) if step.op in ("read", "write") else None
               for step in program.steps]
-    merging = (*THRESHOLD_CALLS, "model_stock", "sce", "random_like")
+    merging = (*THRESHOLD_CALLS, *DELLA_CALLS, "model_stock", "sce", "random_like")
     drops = {index: [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.float32)
                      for _ in range(len(step.srcs) + (step.name == "sce"))]
              for index, step in enumerate(program.steps)
@@ -1385,7 +1481,7 @@ def _whole_pass(program, bound: _Bound, info, numel: int, buffers: list, halves:
 
 
 def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor, num_layers: int | None,
-             packed: frozenset[int] = frozenset()) -> dict[int, Any]:
+             packed: frozenset[int] = frozenset(), shape: tuple[int, ...] = ()) -> dict[int, Any]:
     """Each call's state for tensor ``name`` of ``numel`` entries, its per-tensor options resolved
     for that name (tvlang.ops.pertensor, with the base's layer count, as the local executor's
     TensorContext): a DARE call's drop rule, masks (one stream per input, input ``i``'s from where
@@ -1405,6 +1501,8 @@ def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor, num_la
             streams[index] = _Noise(options, numel, context)
         elif step.name == "sce":
             streams[index] = _Sce(options, len(step.srcs), numel)
+        elif step.name in DELLA_CALLS:
+            streams[index] = _Della(options, len(step.srcs), numel, row_length(shape), context, drawing)
         elif step.name in DROP_CALLS:
             l1 = _l1_call(step)
             rule = DropRule(float(options["p"]), options["rescale"] and not l1)  # l1: masks of 0 and 1
@@ -1529,6 +1627,17 @@ def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, 
             target = buffers[index][:count]
             streams[index].apply([slots[s] for s in step.srcs], target, drops[index], lib)
             slots[step.dst] = target
+        elif op == "call" and step.name in DELLA_CALLS:  # each input sampled, merged (with the step that takes it)
+            target = buffers[index][:count]
+            use = fused.merges.get(index) if fused is not None else None
+            taker = _taker(program.steps[use], use, slots, buffers, count) if use is not None else None
+            streams[index].apply([slots[s] for s in step.srcs], [part[:count] for part in drops[index]], target,
+                                 taker, lib)
+            if taker is not None:
+                slots[program.steps[use].dst] = taker[0]
+                done_to = use
+                continue
+            slots[step.dst] = target
         elif op == "call" and step.name in SUMS_CALLS:  # the weighted sum (or noise), its coefficients found
             target = buffers[index][:count]
             streams[index].apply([slots[s] for s in step.srcs], target, lib)
@@ -1567,7 +1676,8 @@ class _Fusions:
     ``fma(b, c, a) * mask`` in one loop. ``packed``: the calls whose masks are keep bits (every
     input fused), where no pass before the main one takes them as floats. ``merges``: by ``ties``
     or ``dare_ties`` call, the ``axpy`` or ``add`` step just after it that takes its result and
-    nothing else needs: the sign merge writes that step's result (``tv_sign_merge_add_f32``)."""
+    nothing else needs: the sign merge writes that step's result (``tv_sign_merge_add_f32``); so do
+    ``della`` calls with ``lambda`` 1."""
 
     drops: dict[int, tuple[int, int]]
     subs: dict[int, dict[int, int]]
@@ -1600,8 +1710,9 @@ def _fusions(program) -> _Fusions:
     packed = {call for call in fused_calls if steps[call].name == "dare"} | {
         k for k, inputs in subs.items() if steps[k].name in DROP_CALLS and len(inputs) == len(steps[k].srcs)}
     merges = {k: k + 1 for k in range(len(steps) - 1)
-              if steps[k].op == "call" and steps[k].name in ("ties", "dare_ties") and len(steps[k].srcs) <= 64
-              and _takes(steps, k + 1, steps[k].dst)}
+              if steps[k].op == "call" and (steps[k].name in ("ties", "dare_ties") or steps[k].name == "della"
+                                            and dict(steps[k].options)["lambda"] == 1.0)
+              and len(steps[k].srcs) <= 64 and _takes(steps, k + 1, steps[k].dst)}
     return _Fusions(drops, subs, deferred, frozenset(packed), merges)
 
 

@@ -1,0 +1,123 @@
+"""DELLA's MAGPRUNE without torch: rows, words and the compiled helper's sampling of whole rows.
+
+Both executors sample ``della``'s inputs here where the compiled helper is built: the local one
+through :class:`tvlang.ops.della.Magprune`, the torch-free one (:mod:`tvlang.run.direct`)
+directly, so the two keep the same entries. The rules (tvlang/ops/della.py has them in full):
+each row (``shape[1:]`` flattened; a vector is one row) is ranked by increasing ``|x|``, ties by
+position; entry ``j`` of the stream takes the 32-bit word ``j`` of a PCG64 stream (each 64-bit
+output split low half first) and is kept where ``word / 2**32`` is below its probability
+``density - epsilon + 2*epsilon*rank/(m-1)``.
+
+>>> row_length((4, 3, 2)), row_length((5,)), row_length((0, 3))
+(6, 5, 0)
+>>> Words.outputs(5)
+3
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from concurrent.futures import Executor
+
+import numpy
+
+from tvlang.ops.native import library, set_state_words, state_words
+
+__all__ = ["MAX_ROW", "SPLIT_SORT", "Words", "row_length", "sample_rows", "stream_words"]
+
+#: the longest row the helper ranks: ranks up to 2**24 are exact in float32 (torch's ramp, the loop's casts)
+MAX_ROW = 1 << 24
+#: entries of a piece from which sample_rows hands half its rows to another thread
+SPLIT_SORT = 1 << 15
+#: 64-bit words of scratch the helper takes for rows of m entries (native.c, tv_magprune_f32)
+_SCRATCH = 5
+
+
+def row_length(shape: Sequence[int]) -> int:
+    """Entries per MAGPRUNE row of a tensor of ``shape``: ``shape[1:]`` flattened (a vector: all)."""
+    count = math.prod(shape)
+    return count // shape[0] if len(shape) >= 2 and shape[0] else count
+
+
+class Words:
+    """32-bit words of a PCG64 stream for entries in order, in pieces of any size: each 64-bit
+    output gives two words, low half first, so entry ``j`` gets half ``j % 2`` of output ``j // 2``."""
+
+    def __init__(self, bits) -> None:
+        self.bits = bits
+        self.spare: numpy.ndarray | None = None  # the high half of the last output, not used yet
+
+    @staticmethod
+    def outputs(numel: int) -> int:
+        """64-bit outputs that ``numel`` entries use."""
+        return (numel + 1) // 2
+
+    def state(self) -> numpy.ndarray | None:
+        """The stream as the helper takes it (state and increment, whether a half is left over,
+        that half), or ``None`` where its bits are not a numpy ``PCG64``."""
+        if not isinstance(self.bits, numpy.random.PCG64):
+            return None
+        have = self.spare is not None
+        return numpy.concatenate([state_words(self.bits),
+                                  numpy.array([have, int(self.spare[0]) if have else 0], dtype=numpy.uint64)])
+
+    def set_state(self, st: numpy.ndarray) -> None:
+        """Move on to where the helper left ``st``."""
+        set_state_words(self.bits, st[:4])
+        self.spare = numpy.array([st[5]], dtype=numpy.uint32) if st[4] else None
+
+    def next(self, n: int) -> numpy.ndarray:
+        lib = library()
+        st = self.state() if lib is not None else None
+        if st is not None:  # the same words, in C
+            words = numpy.empty(n, dtype=numpy.uint32)
+            lib.tv_pcg64_words(st.ctypes.data, n, words.ctypes.data)
+            self.set_state(st)
+            return words
+        head = self.spare if self.spare is not None and n else None
+        need = n - (1 if head is not None else 0)
+        raw = self.bits.random_raw((need + 1) // 2)
+        if sys.byteorder == "little":
+            words = raw.view(numpy.uint32)
+        else:  # pragma: no cover - the same words, low half first, on a big-endian machine
+            words = numpy.empty(2 * raw.size, dtype=numpy.uint32)
+            words[0::2], words[1::2] = raw & 0xFFFFFFFF, raw >> 32
+        if n:
+            self.spare = words[need:need + 1].copy() if need % 2 else None
+        body = words[:need]
+        return numpy.concatenate([head, body]) if head is not None else body
+
+
+def stream_words(bits) -> numpy.ndarray:
+    """The start of ``bits``' stream (a numpy ``PCG64``) as the helper takes it, no half left over."""
+    return numpy.concatenate([state_words(bits), numpy.zeros(2, dtype=numpy.uint64)])
+
+
+def sample_rows(lib, st: numpy.ndarray, x_at: int, n: int, m: int, density: float, epsilon: float, rescale: bool,
+                out_at: int | None, flags: numpy.ndarray | None, helper: Executor | None) -> None:
+    """MAGPRUNE of ``n`` float32 entries at address ``x_at`` (``n // m`` whole rows of ``m``, at most
+    :data:`MAX_ROW`), the words from the stream ``st`` (left where they end), into float32s at
+    ``out_at`` (the kept entries, divided by their probability with ``rescale``) and/or keep flags
+    (0 or 1 a byte) into ``flags``; with ``helper`` and a piece of :data:`SPLIT_SORT` entries or more,
+    the first half of the rows on that thread (each half takes its own words: the same flags)."""
+    c = 2.0 * epsilon / (m - 1) if m > 1 else 0.0
+    d = density - epsilon if m > 1 else density
+    count = n // m
+
+    def rows(start: int, stop: int, state: numpy.ndarray, skip: int) -> None:  # ctypes lets go of the GIL
+        if stop > start:
+            scratch = numpy.empty(_SCRATCH * m + 16, dtype=numpy.uint64)
+            begin = start * m
+            lib.tv_magprune_f32(state.ctypes.data, skip, x_at + 4 * begin, stop - start, m, c, d, int(rescale),
+                                scratch.ctypes.data, None if out_at is None else out_at + 4 * begin,
+                                None if flags is None else flags[begin:].ctypes.data)
+
+    half = count // 2 if helper is not None and count >= 2 and n >= SPLIT_SORT else 0
+    first = helper.submit(rows, 0, half, st.copy(), 0) if half else None
+    try:
+        rows(half, count, st, half * m)
+    finally:
+        if first is not None:
+            first.result()
