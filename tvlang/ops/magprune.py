@@ -25,13 +25,13 @@ import numpy
 
 from tvlang.ops.native import library, set_state_words, state_words
 
-__all__ = ["MAX_ROW", "SPLIT_SORT", "Words", "row_length", "sample_rows", "stream_words"]
+__all__ = ["MAX_ROW", "SPLIT_SORT", "Words", "row_length", "sample", "sample_rows", "stream_words"]
 
 #: the longest row the helper ranks: ranks up to 2**24 are exact in float32 (torch's ramp, the loop's casts)
 MAX_ROW = 1 << 24
 #: entries of a piece from which sample_rows hands half its rows to another thread
 SPLIT_SORT = 1 << 15
-#: 64-bit words of scratch the helper takes for rows of m entries (native.c, tv_magprune_f32)
+#: 64-bit words of scratch the helper takes a row entry, beside 32 (native.c, tv_magprune_f32)
 _SCRATCH = 5
 
 
@@ -95,29 +95,33 @@ def stream_words(bits) -> numpy.ndarray:
     return numpy.concatenate([state_words(bits), numpy.zeros(2, dtype=numpy.uint64)])
 
 
+def sample(lib, st: numpy.ndarray, skip: int, x_at: int, n: int, m: int, density: float, epsilon: float,
+           rescale: bool, out_at: int | None, flags: numpy.ndarray | None) -> None:
+    """MAGPRUNE of ``n`` float32 entries at address ``x_at`` (``n // m`` whole rows of ``m``, at most
+    :data:`MAX_ROW`), on this thread, the words from the stream ``st`` after ``skip`` more words (``st``
+    left where they end), into float32s at ``out_at`` (the kept entries, divided by their probability
+    with ``rescale``) and/or keep flags (0 or 1 a byte) into ``flags``."""
+    if n:
+        c = 2.0 * epsilon / (m - 1) if m > 1 else 0.0
+        d = density - epsilon if m > 1 else density
+        scratch = numpy.empty(_SCRATCH * m + 32, dtype=numpy.uint64)
+        lib.tv_magprune_f32(st.ctypes.data, skip, x_at, n // m, m, c, d, int(rescale), scratch.ctypes.data,
+                            out_at, None if flags is None else flags.ctypes.data)
+
+
 def sample_rows(lib, st: numpy.ndarray, x_at: int, n: int, m: int, density: float, epsilon: float, rescale: bool,
                 out_at: int | None, flags: numpy.ndarray | None, helper: Executor | None) -> None:
-    """MAGPRUNE of ``n`` float32 entries at address ``x_at`` (``n // m`` whole rows of ``m``, at most
-    :data:`MAX_ROW`), the words from the stream ``st`` (left where they end), into float32s at
-    ``out_at`` (the kept entries, divided by their probability with ``rescale``) and/or keep flags
-    (0 or 1 a byte) into ``flags``; with ``helper`` and a piece of :data:`SPLIT_SORT` entries or more,
-    the first half of the rows on that thread (each half takes its own words: the same flags)."""
-    c = 2.0 * epsilon / (m - 1) if m > 1 else 0.0
-    d = density - epsilon if m > 1 else density
+    """:func:`sample` of the next ``n`` entries; with ``helper`` and a piece of :data:`SPLIT_SORT`
+    entries or more, the first half of the rows on that thread (each half takes its own words: the
+    same flags)."""
     count = n // m
-
-    def rows(start: int, stop: int, state: numpy.ndarray, skip: int) -> None:  # ctypes lets go of the GIL
-        if stop > start:
-            scratch = numpy.empty(_SCRATCH * m + 16, dtype=numpy.uint64)
-            begin = start * m
-            lib.tv_magprune_f32(state.ctypes.data, skip, x_at + 4 * begin, stop - start, m, c, d, int(rescale),
-                                scratch.ctypes.data, None if out_at is None else out_at + 4 * begin,
-                                None if flags is None else flags[begin:].ctypes.data)
-
     half = count // 2 if helper is not None and count >= 2 and n >= SPLIT_SORT else 0
-    first = helper.submit(rows, 0, half, st.copy(), 0) if half else None
+    first = helper.submit(sample, lib, st.copy(), 0, x_at, half * m, m, density, epsilon, rescale, out_at,
+                          flags) if half else None
     try:
-        rows(half, count, st, half * m)
+        begin = half * m
+        sample(lib, st, begin, x_at + 4 * begin, n - begin, m, density, epsilon, rescale,
+               None if out_at is None else out_at + 4 * begin, None if flags is None else flags[begin:])
     finally:
         if first is not None:
             first.result()

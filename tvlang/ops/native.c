@@ -986,7 +986,9 @@ void tv_pcg64_normal_f32(uint64_t *st, size_t n, const uint32_t *k, const float 
  * 0.0, so a dropped infinity is NaN, as torch gives) where `out` is given, and kept (0 or 1) into
  * `flags` where given. st is left where the stream stands after the last row's words. Rows of a
  * piece can so run on several threads, each skipping the words of the rows before its own.
- * With m == 1, p = d for every entry (no ranks). scratch: 5 * m + RANK_WINDOW uint64. */
+ * Only the entries whose word is below the largest probability are ranked where that gives the
+ * same values (below_top, magprune_listed); about density + epsilon of them.
+ * With m == 1, p = d for every entry (no ranks). scratch: 5 * m + 32 uint64. */
 
 /* A PCG64 stream of 32-bit words, each 64-bit output split low half first; `half` is the high
  * half of the last output where `has_half` (not handed out yet). */
@@ -1150,7 +1152,12 @@ static inline uint32_t below_in_window(const int64_t *window, int64_t v) {
  *
  * Compiled twice (MULTI_VERSION): AVX2's 64-bit comparisons take four at a time.
  * Scratch: a m + RANK_WINDOW, b m, counts B uint32 (della's scratch: 4 * m + RANK_WINDOW uint64). */
-static MULTI_VERSION void row_ranks(const float *x, size_t m, uint64_t *a, uint64_t *b, uint32_t *counts, uint32_t *rank) {
+typedef struct {
+    uint32_t least, most; /* the row's least and largest key */
+} key_span;
+
+/* A row's items into b[0..m), in column order. */
+static MULTI_VERSION key_span row_keys(const float *x, size_t m, uint64_t *b) {
     uint32_t least = 0xffffffffu, most = 0;
     for (size_t j = 0; j < m; j++) {
         uint32_t bits;
@@ -1160,6 +1167,15 @@ static MULTI_VERSION void row_ranks(const float *x, size_t m, uint64_t *a, uint6
         least = bits < least ? bits : least;
         most = bits > most ? bits : most;
     }
+    key_span span = {least, most};
+    return span;
+}
+
+/* (row_keys has put the items in b.) With `want`, only the entries listed there (wanted of them)
+ * get their rank (and, where a bucket is sorted, the rest of that bucket's entries). */
+static MULTI_VERSION void row_ranks(size_t m, key_span span, uint64_t *a, uint64_t *b, uint32_t *counts,
+                                    uint32_t *rank, const uint32_t *want, size_t wanted) {
+    uint32_t least = span.least, most = span.most;
     if (least == most) { /* one magnitude: ranked by position */
         for (size_t j = 0; j < m; j++) rank[j] = (uint32_t)j;
         return;
@@ -1189,8 +1205,9 @@ static MULTI_VERSION void row_ranks(const float *x, size_t m, uint64_t *a, uint6
     for (int k = 0; k < RANK_WINDOW; k++) a[m + k] = UINT64_MAX >> 1; /* above every item */
     /* counts[d] is now the end of bucket d */
     int large = 0;
-    for (size_t p = 0; p < m; p++) {
-        uint64_t v = a[p];
+    size_t n = want ? wanted : m;
+    for (size_t p = 0; p < n; p++) { /* b is read here before a sort below uses it */
+        uint64_t v = want ? b[want[p]] : a[p];
         uint32_t key = (uint32_t)(v >> 32);
         size_t d = ((key > lo ? key : lo) - lo) >> shift;
         uint32_t begin = d ? counts[d - 1] : 0;
@@ -1238,17 +1255,72 @@ static MULTI_VERSION void magprune_row(const float *x, const uint32_t *words, co
     }
 }
 
+/* The entries of a row whose word w has w * 2**-32 < top (a float), into want; returns how many.
+ * top * 2**32 is exact in float64, so that is w < ceil(top * 2**32), compared as integers. */
+static size_t below_top(const uint32_t *words, size_t m, float top, uint32_t *want) {
+    double bound = ceil((double)top * 0x1p32);
+    if (bound > 0x1p32) { /* every word */
+        for (size_t j = 0; j < m; j++) want[j] = (uint32_t)j;
+        return m;
+    }
+    uint64_t limit = bound > 0.0 ? (uint64_t)bound : 0;
+    size_t n = 0;
+    for (size_t j = 0; j < m; j++) {
+        want[n] = (uint32_t)j;
+        n += words[j] < limit;
+    }
+    return n;
+}
+
+/* magprune_row where only the listed entries can be kept: the others are x * 0.0 (and flag 0). */
+static MULTI_VERSION void magprune_listed(const float *x, const uint32_t *words, const uint32_t *rank,
+                                          const uint32_t *want, size_t wanted, size_t m, float c, float d,
+                                          int rescale, float *out, uint8_t *flags) {
+    if (out)
+        for (size_t j = 0; j < m; j++) out[j] = x[j] * 0.0f;
+    if (flags) memset(flags, 0, m);
+    for (size_t k = 0; k < wanted; k++) {
+        uint32_t j = want[k];
+        float p = (float)rank[j] * c + d;
+        int kept = (double)words[j] * 0x1p-32 < (double)p;
+        if (out) out[j] = (rescale ? x[j] / p : x[j]) * (float)kept;
+        if (flags) flags[j] = (uint8_t)kept;
+    }
+}
+
 void tv_magprune_f32(uint64_t *st, uint64_t skip, const float *x, size_t rows, size_t m, float c, float d,
                      int rescale, uint64_t *scratch, float *out, uint8_t *flags) {
     uint64_t *a = scratch, *b = scratch + m + RANK_WINDOW;
     uint32_t *rank = (uint32_t *)(b + m), *counts = rank + m; /* m/2 + B/2 <= 3m/2 uint64 */
     uint32_t *words = (uint32_t *)(b + m + (m + 1) / 2 + m); /* after counts (B <= 2m uint32) */
+    uint32_t *want = words + 2 * ((m + 1) / 2);
+    /* The largest probability (ranks are at most m - 1, and p grows with the rank): an entry whose
+     * word is not below it is dropped whatever its rank. */
+    float top = m > 1 ? (float)(m - 1) * c + d : d;
     word_stream w = words_after(st, skip);
     for (size_t r = 0; r < rows; r++) {
         const float *xr = x + r * m;
+        float *o = out ? out + r * m : NULL;
+        uint8_t *f = flags ? flags + r * m : NULL;
         words_next(&w, m, words);
-        if (m > 1) row_ranks(xr, m, a, b, counts, rank);
-        magprune_row(xr, words, rank, m, c, d, rescale, out ? out + r * m : NULL, flags ? flags + r * m : NULL);
+        if (m == 1) {
+            magprune_row(xr, words, rank, m, c, d, rescale, o, f);
+            continue;
+        }
+        key_span span = row_keys(xr, m, b);
+        /* Only entries below the top need ranks, where a dropped entry's x / p * 0.0 is x * 0.0 for
+         * every p: p >= d > 0 (so its sign is x's) and no x / p overflows (every |x| finite and at
+         * most d * 2**127; an infinity or NaN gives NaN either way, but is left to the full loop). */
+        float largest;
+        memcpy(&largest, &span.most, sizeof largest);
+        if (d > 0.0f && c >= 0.0f && span.most < 0x7f800000u && (double)largest < (double)d * 0x1p127) {
+            size_t wanted = below_top(words, m, top, want);
+            row_ranks(m, span, a, b, counts, rank, want, wanted);
+            magprune_listed(xr, words, rank, want, wanted, m, c, d, rescale, o, f);
+        } else {
+            row_ranks(m, span, a, b, counts, rank, NULL, 0);
+            magprune_row(xr, words, rank, m, c, d, rescale, o, f);
+        }
     }
     words_store(&w, st);
 }

@@ -86,7 +86,7 @@ from tvlang.ops.coefficients import (
 from tvlang.ops.context import TensorContext
 from tvlang.ops.drops import CHUNK as DROP_CHUNK
 from tvlang.ops.drops import DropRule, l1_factor
-from tvlang.ops.magprune import Words, row_length, sample_rows, stream_words
+from tvlang.ops.magprune import SPLIT_SORT, Words, row_length, sample, stream_words
 from tvlang.ops.names import count_layers
 from tvlang.ops.native import BLOCK, MERGE_CODES, FusedInput, keep_bits, normal_f32, window_gather, window_gather2
 from tvlang.ops.pertensor import resolve_options
@@ -1143,12 +1143,14 @@ class _Noise:
 
 class _Della:
     """della or della_linear over one tensor (tvlang.ops.della's chunk form, without torch): each input's
-    MAGPRUNE by the helper (:func:`tvlang.ops.magprune.sample_rows`; input ``i``'s words where input
-    ``i-1``'s end in the stream of ``bits(seed)``; half of a chunk's rows on the second thread), then
+    MAGPRUNE by the helper (:func:`tvlang.ops.magprune.sample`; input ``i``'s words where input
+    ``i-1``'s end in the stream of ``bits(seed)``), then
     della's sign merge (the helper's, as tvlang.ops.ties.sign_merge calls it with unit weights; with
     the step that takes it where ``lambda`` is 1: ``_merge_into``) or della_linear's sum (torch's
     ``add_`` from zeros: the helper's axpy), then ``lambda`` (torch's ``mul_``: one float32 product).
-    Chunks hold whole rows (:func:`_chunk_size`) and come in order."""
+    Chunks hold whole rows (:func:`_chunk_size`) and come in order; the first half of a chunk's rows
+    runs on the second thread, all of it (each input's sampling, the merge, the step that takes it),
+    so the two meet once a chunk."""
 
     def __init__(self, options: dict, n_inputs: int, numel: int, m: int, context: TensorContext,
                  drawing: ThreadPoolExecutor) -> None:
@@ -1164,25 +1166,46 @@ class _Della:
 
     def apply(self, pieces: list, parts: list, target, taker: tuple | None, lib) -> None:
         count = len(target)
-        for x, part, st in zip(pieces, parts, self.streams):
+        rows = count // max(self.m, 1)
+        half = rows // 2 if self.helper is not None and rows >= 2 and count >= SPLIT_SORT else 0
+        first = self.helper.submit(self._rows, pieces, parts, target, taker, lib, 0, half * self.m,
+                                   [st.copy() for st in self.streams]) if half else None
+        try:
+            self._rows(pieces, parts, target, taker, lib, half * self.m, count, self.streams)
+        finally:
+            if first is not None:
+                first.result()
+
+    def _rows(self, pieces: list, parts: list, target, taker: tuple | None, lib, start: int, stop: int,
+              streams: list) -> None:
+        """The call over entries ``start:stop`` (whole rows), each input's words from ``streams``
+        after ``start`` more (the streams left after ``stop``)."""
+        count = stop - start
+        if not count:
+            return
+        span = slice(start, stop)
+        parts = [part[span] for part in parts]
+        for x, part, st in zip(pieces, parts, streams):
             if self.density >= 1.0:
-                part[:] = x
+                part[:] = x[span]
             elif self.density <= 0.0:
                 part[:] = 0.0
             else:
-                sample_rows(lib, st, x.ctypes.data, count, self.m, self.density, self.epsilon, self.rescale,
-                            part.ctypes.data, None, self.helper)
+                sample(lib, st, start, x[span].ctypes.data, count, self.m, self.density, self.epsilon, self.rescale,
+                       part.ctypes.data, None)
+        out = target[span]
         if "elect" not in self.options:  # della_linear: the sum
-            target[:] = 0.0
+            out[:] = 0.0
             for part in parts:
-                lib.tv_axpy_f32(target.ctypes.data, part.ctypes.data, 1.0, count)
+                lib.tv_axpy_f32(out.ctypes.data, part.ctypes.data, 1.0, count)
         elif taker is not None:
-            _merge_into(self.options, parts, taker, lib)
+            result, base, first, c = taker
+            _merge_into(self.options, parts, (result[span], base[span], first, c), lib)
             return
         else:
-            _sign_merge(self.options, parts, target, lib)
+            _sign_merge(self.options, parts, out, lib)
         if self.factor != 1.0:
-            lib.tv_scale_f32(target.ctypes.data, self.factor, count, target.ctypes.data)
+            lib.tv_scale_f32(out.ctypes.data, self.factor, count, out.ctypes.data)
 
 
 def _chunk_size(program, info) -> int:
