@@ -387,7 +387,8 @@ def run_one(name: str, paths: dict[str, str], folder: str, args, verbose: bool) 
     shutil.rmtree(out, ignore_errors=True)
     if name.endswith("@base") and not args.baseline_src:
         return None
-    result = measure(cmd, env=contender_env(name, args))
+    result = measure(cmd, env=contender_env(name, args),
+                     cwd=folder)  # not a folder holding a tvlang package: --baseline-src's would lose
     if result.rc == 0:
         good, note = check(name.removesuffix("@base"), out, paths)
         if verbose or not good:
@@ -406,7 +407,8 @@ def run_method(name: str, paths: dict[str, str], folder: str, out: str, args) ->
     if name.startswith("mergekit") and not args.mergekit:
         return None
     shutil.rmtree(out, ignore_errors=True)
-    result = measure(method_cmd(name, args.mergekit, paths, out, folder), env=contender_env(name, args))
+    result = measure(method_cmd(name, args.mergekit, paths, out, folder), env=contender_env(name, args),
+                     cwd=folder)  # not a folder holding a tvlang package: --baseline-src's would lose
     if result.rc != 0:
         print(f"  {name} failed (exit {result.rc}):\n{result.stderr[-3000:]}", file=sys.stderr)
     ours = os.path.join(folder, f"out-merge-tvlang-{name.split(':')[1]}")
@@ -488,7 +490,8 @@ def gradient_ratios(results: dict[str, Result]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-gb", type=float, default=1.5, help="size of each checkpoint (default 1.5)")
-    parser.add_argument("--workdir", default="/tmp/tvlang-bench", help="where checkpoints are cached")
+    parser.add_argument("--workdir", default="/tmp/tvlang-bench", type=os.path.abspath,
+                        help="where checkpoints are cached")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per tvlang contender (median)")
     parser.add_argument("--mergekit-repeat", type=int, default=1, help="timed runs per mergekit contender")
     parser.add_argument("--mergekit-warmup", action="store_true", help="an untimed mergekit run first")
@@ -499,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gradient", action="store_true",
                         help=f"instead of --only: tvlang run of each of {', '.join(GRADIENT)} (a per-layer "
                              "gradient and the same merge with constant parameters), and the ratio of each pair")
-    parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), help="path of mergekit-yaml")
+    parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), type=os.path.abspath,
+                        help="path of mergekit-yaml")
     parser.add_argument("--baseline-src", default=None,
                         help="a source checkout of another tvlang (git worktree add DIR COMMIT): contenders "
                              "NAME@base run NAME on its code, alternately with the current code")

@@ -330,7 +330,8 @@ def run_round(names: list[str], paths: dict[str, str], folder: str, args) -> dic
             results[name] = None
             continue
         shutil.rmtree(out, ignore_errors=True)
-        result = measure(cmd, env=contender_env(name, args))
+        result = measure(cmd, env=contender_env(name, args),
+                         cwd=folder)  # not a folder holding a tvlang package: --baseline-src's would lose
         if result.rc != 0:
             print(f"  {name} failed (exit {result.rc}):\n{result.stderr[-3000:]}", file=sys.stderr)
         elif name != "floor":  # the floor computes nothing: its output is the base
@@ -423,10 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-gb", type=float, default=1.5, help="size of each checkpoint (default 1.5)")
     parser.add_argument("--scales", default="1", help="multiples of --size-gb to run tvlang and ideal at "
                         "(e.g. 0.5,1,2); naive and mergekit run at 1 only")
-    parser.add_argument("--workdir", default="/tmp/tvlang-bench", help="where checkpoints are cached")
+    parser.add_argument("--workdir", default="/tmp/tvlang-bench", type=os.path.abspath,
+                        help="where checkpoints are cached")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per contender (median reported)")
     parser.add_argument("--only", default=",".join(CONTENDERS), help="contenders to run (comma-separated)")
-    parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), help="path of mergekit-yaml")
+    parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), type=os.path.abspath,
+                        help="path of mergekit-yaml")
     parser.add_argument("--startup", action="store_true", help="also time tvlang check start-up")
     parser.add_argument("--baseline-src", default=None,
                         help="a source checkout of another tvlang (git worktree add DIR COMMIT): adds the "

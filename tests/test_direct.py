@@ -190,7 +190,8 @@ def test_recipe_file_with_load_paths_records_them_relative(models, tmp_path, mon
                                   "pre + ties(a - pre, a - pre, density=0.3)", "slerp(pre, a, t=0.3)",
                                   "model_stock(pre, a, a, a)", "pre + sce(a - pre, 0.5*(a - pre), select_topk=0.5)",
                                   "pre + random_like(a - pre, seed=1)",
-                                  "pre + dare_ties(a - pre, a - pre, p=0.5, rescale_by='l1')"])
+                                  "pre + dare_ties(a - pre, a - pre, p=0.5, rescale_by='l1')",
+                                  "pre + della(a - pre, a - pre, density=0.3, epsilon=0.1)"])
 def test_the_command_imports_no_torch(models, tmp_path, text):
     _, paths, _ = models
     out = tmp_path / "merged"
@@ -863,7 +864,8 @@ def test_odd_tensors_same_bytes(models, tmp_path, monkeypatch, text):
 @pytest.mark.parametrize("text", ["slerp(pre, a, t=0.3)", "model_stock(pre, a, b)", "nuslerp(a, b, 0.6)",
                                   "pre + random_like(a - pre, seed=5)",
                                   "pre + sce(a - pre, b - pre, select_topk=0.3)",
-                                  "pre + dare_ties(a - pre, b - pre, p=0.5, rescale_by='l1')"])
+                                  "pre + dare_ties(a - pre, b - pre, p=0.5, rescale_by='l1')",
+                                  "pre + della(a - pre, b - pre, density=0.3, epsilon=0.2, seed=2)"])
 def test_passes_before_the_main_one_on_bfloat16(models, tmp_path, monkeypatch, text):
     """The sums', L1 norms' and sce's passes over bfloat16 models (read as float32, exactly; the
     result rounded back to bfloat16 as torch rounds it): the local executor's bytes."""
