@@ -987,7 +987,7 @@ void tv_pcg64_normal_f32(uint64_t *st, size_t n, const uint32_t *k, const float 
  * `flags` where given. st is left where the stream stands after the last row's words. Rows of a
  * piece can so run on several threads, each skipping the words of the rows before its own.
  * Only the entries whose word is below the largest probability are ranked where that gives the
- * same values (below_top, magprune_listed); about density + epsilon of them.
+ * same values (below_top; the others are given the last rank); about density + epsilon of them.
  * With m == 1, p = d for every entry (no ranks). scratch: 5 * m + 32 uint64. */
 
 /* A PCG64 stream of 32-bit words, each 64-bit output split low half first; `half` is the high
@@ -1272,22 +1272,6 @@ static size_t below_top(const uint32_t *words, size_t m, float top, uint32_t *wa
     return n;
 }
 
-/* magprune_row where only the listed entries can be kept: the others are x * 0.0 (and flag 0). */
-static MULTI_VERSION void magprune_listed(const float *x, const uint32_t *words, const uint32_t *rank,
-                                          const uint32_t *want, size_t wanted, size_t m, float c, float d,
-                                          int rescale, float *out, uint8_t *flags) {
-    if (out)
-        for (size_t j = 0; j < m; j++) out[j] = x[j] * 0.0f;
-    if (flags) memset(flags, 0, m);
-    for (size_t k = 0; k < wanted; k++) {
-        uint32_t j = want[k];
-        float p = (float)rank[j] * c + d;
-        int kept = (double)words[j] * 0x1p-32 < (double)p;
-        if (out) out[j] = (rescale ? x[j] / p : x[j]) * (float)kept;
-        if (flags) flags[j] = (uint8_t)kept;
-    }
-}
-
 void tv_magprune_f32(uint64_t *st, uint64_t skip, const float *x, size_t rows, size_t m, float c, float d,
                      int rescale, uint64_t *scratch, float *out, uint8_t *flags) {
     uint64_t *a = scratch, *b = scratch + m + RANK_WINDOW;
@@ -1314,13 +1298,15 @@ void tv_magprune_f32(uint64_t *st, uint64_t skip, const float *x, size_t rows, s
         float largest;
         memcpy(&largest, &span.most, sizeof largest);
         if (d > 0.0f && c >= 0.0f && span.most < 0x7f800000u && (double)largest < (double)d * 0x1p127) {
+            /* the others keep rank 0: their words are not below any rank's probability, and their
+             * x / p * 0.0 is x * 0.0 whatever p is */
+            memset(rank, 0, m * sizeof *rank);
             size_t wanted = below_top(words, m, top, want);
             row_ranks(m, span, a, b, counts, rank, want, wanted);
-            magprune_listed(xr, words, rank, want, wanted, m, c, d, rescale, o, f);
         } else {
             row_ranks(m, span, a, b, counts, rank, NULL, 0);
-            magprune_row(xr, words, rank, m, c, d, rescale, o, f);
         }
+        magprune_row(xr, words, rank, m, c, d, rescale, o, f);
     }
     words_store(&w, st);
 }
