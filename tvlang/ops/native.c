@@ -1134,29 +1134,12 @@ static inline uint32_t below_in_window(const int64_t *window, int64_t v) {
     return (uint32_t)-(sum[0] + sum[1] + sum[2] + sum[3]);
 }
 
-/* The rank of each entry of one row by increasing |x|, equal magnitudes by position (a stable
- * sort's order), into rank[0..m). Items are |x|'s bits << 32 | column (below 2**63), so they
- * compare as that order does.
- *
- * One counting pass sorts the items into buckets of the key (B = the least power of two from m,
- * at most 2**16; bucket = (max(key, lo) - lo) >> s, lo the row's least key but at most 2**27
- * below its largest, that is 16 binades, so that an exact zero or a denormal does not stretch the
- * buckets of the rest; s the least shift that puts the largest key in bucket B - 1 or less). Keys
- * are about the logarithms of the magnitudes, so a row spreads over many buckets, a few items
- * each: Gaussian rows of 1,288 or 4,096 entries have about 5 items in an entry's bucket, 16 at
- * most. The bucket order is the item order between buckets, and the scatter is stable, so an
- * item's rank is its bucket's start plus the items of its bucket below it (below_in_window), or
- * for a bucket of more than RANK_WINDOW items its place once that bucket is sorted. A loop of
- * comparisons without branches, where insertion sorts of the buckets mispredicted about once an
- * item (7.7 ns an entry against about 1.5).
- *
- * Compiled twice (MULTI_VERSION): AVX2's 64-bit comparisons take four at a time.
- * Scratch: a m + RANK_WINDOW, b m, counts B uint32 (della's scratch: 4 * m + RANK_WINDOW uint64). */
 typedef struct {
     uint32_t least, most; /* the row's least and largest key */
 } key_span;
 
-/* A row's items into b[0..m), in column order. */
+/* A row's items (|x|'s bits << 32 | column) into b[0..m), in column order, and their least and
+ * largest key. */
 static MULTI_VERSION key_span row_keys(const float *x, size_t m, uint64_t *b) {
     uint32_t least = 0xffffffffu, most = 0;
     for (size_t j = 0; j < m; j++) {
@@ -1171,8 +1154,26 @@ static MULTI_VERSION key_span row_keys(const float *x, size_t m, uint64_t *b) {
     return span;
 }
 
-/* (row_keys has put the items in b.) With `want`, only the entries listed there (wanted of them)
- * get their rank (and, where a bucket is sorted, the rest of that bucket's entries). */
+/* The rank of each entry of one row by increasing |x|, equal magnitudes by position (a stable
+ * sort's order), into rank[0..m). Items are |x|'s bits << 32 | column (below 2**63), so they
+ * compare as that order does.
+ *
+ * One counting pass sorts the items into buckets of the key (B = the least power of two from m,
+ * at most 2**16; bucket = (max(key, lo) - lo) >> s, lo the row's least key but at most 2**27
+ * below its largest, that is 16 binades, so that an exact zero or a denormal does not stretch the
+ * buckets of the rest; s the least shift that puts the largest key in bucket B - 1 or less). Keys
+ * are about the logarithms of the magnitudes, so a row spreads over many buckets, a few items
+ * each: Gaussian rows of 1,288 or 4,096 entries have about 5 items in an entry's bucket, 16 at
+ * most. The bucket order is the item order between buckets, and the scatter is stable, so an
+ * item's rank is its bucket's start plus the items of its bucket below it (below_in_window), or
+ * for a bucket of more than RANK_WINDOW items its place once that bucket is sorted. A loop of
+ * comparisons without branches: insertion sorts of every bucket mispredicted about once an item
+ * (the whole ranking 11 ns an entry with them, 7 ns with the count).
+ *
+ * (row_keys has put the items in b.) With `want`, only the entries listed there (wanted of them)
+ * get their rank (and, where a bucket is sorted, the rest of that bucket's entries).
+ * Compiled twice (MULTI_VERSION): AVX2's 64-bit comparisons take four at a time.
+ * Scratch: a m + RANK_WINDOW, b m, counts B uint32 (tv_magprune_f32 lays them out). */
 static MULTI_VERSION void row_ranks(size_t m, key_span span, uint64_t *a, uint64_t *b, uint32_t *counts,
                                     uint32_t *rank, const uint32_t *want, size_t wanted) {
     uint32_t least = span.least, most = span.most;

@@ -46,8 +46,8 @@ commit (:func:`tvlang.run.outputs.commit_all`), progress and summary. DARE masks
 a second thread, a few blocks ahead; ``ties``' thresholds are found (:class:`_Select`: the local
 executor's window, or its radix select) on another, one tensor ahead of the main pass, and so are the
 GRAM_CALLS' norms and dot products (:class:`_Gram`: the helper's block sums, as tvlang.ops.sums sums
-them, and the kernels' coefficients from tvlang.ops.coefficients). ``della``'s rows are sampled half
-on this thread, half on the second (tvlang.ops.magprune). A result
+them, and the kernels' coefficients from tvlang.ops.coefficients). A ``della`` call runs the first
+half of each chunk's rows on the second thread (:class:`_Della`). A result
 that is not finite, or an input that cannot be read as its header says, withdraws what was
 written and leaves the run to the local executor, which reports it as always.
 """
@@ -1208,10 +1208,14 @@ class _Della:
             lib.tv_scale_f32(out.ctypes.data, self.factor, count, out.ctypes.data)
 
 
+def _has_della(program) -> bool:
+    return any(step.op == "call" and step.name in DELLA_CALLS for step in program.steps)
+
+
 def _chunk_size(program, info) -> int:
     """Entries per chunk of tensor ``info``: CHUNK_ELEMENTS, or for a program with a della call the
     most whole rows that fit (:func:`_rows_fit` has checked that one does)."""
-    if not any(step.op == "call" and step.name in DELLA_CALLS for step in program.steps):
+    if not _has_della(program):
         return CHUNK_ELEMENTS
     m = row_length(info.shape)
     return max(1, CHUNK_ELEMENTS // m) * m if m else CHUNK_ELEMENTS
@@ -1220,7 +1224,7 @@ def _chunk_size(program, info) -> int:
 def _rows_fit(program, every: list) -> bool:
     """Whether a chunk holds a whole row of every floating-point tensor, where the program has a della
     call (its rows are sampled whole; a longer one is the local executor's)."""
-    if not any(step.op == "call" and step.name in DELLA_CALLS for step in program.steps):
+    if not _has_della(program):
         return True
     return all(row_length(info.shape) <= CHUNK_ELEMENTS for info in every if info.dtype in _FLOATS)
 
