@@ -605,15 +605,24 @@ def test_dare_across_blocks_of_words(tmp_path, monkeypatch, chunk):
     assert 0.76 < kept < 0.79  # where dare keeps a's entry or either of dare_ties' is kept: 1 - 0.9 * 0.25
 
 
+def fine_tunes(tmp_path, pre: dict, g: torch.Generator, tied: bool) -> dict[str, str]:
+    """pre and a, b, c made from it, as checkpoints: ``tied``, deltas of multiples of 1/64 in a small
+    range drawn from ``g`` (thousands of entries tied at every magnitude); else finetune_like's."""
+    tensors = {"pre": pre}
+    for seed, name in enumerate(("a", "b", "c"), 1):
+        if tied:
+            tensors[name] = {k: v + torch.randint(-20, 21, v.shape, generator=g).float() / 64 for k, v in pre.items()}
+        else:
+            tensors[name] = finetune_like(pre, seed=seed)
+    return {name: write_checkpoint(str(tmp_path / name), sd) for name, sd in tensors.items()}
+
+
 def tied_models(tmp_path) -> dict[str, str]:
-    """pre, a, b whose deltas are multiples of 1/64 in a small range: thousands of entries tied at
+    """pre, a, b, c whose deltas are multiples of 1/64 in a small range: thousands of entries tied at
     every magnitude, so the k-th largest is shared by many and only the first ones are kept."""
     g = torch.Generator().manual_seed(3)
     pre = {"big": torch.randn(393221, generator=g), "small": torch.randn(3, 7, generator=g)}
-    tensors = {"pre": pre}
-    for name in ("a", "b", "c"):
-        tensors[name] = {k: v + torch.randint(-20, 21, v.shape, generator=g).float() / 64 for k, v in pre.items()}
-    return {name: write_checkpoint(str(tmp_path / name), sd) for name, sd in tensors.items()}
+    return fine_tunes(tmp_path, pre, g, tied=True)
 
 
 TIES_RECIPES = [
@@ -889,13 +898,7 @@ def row_models(tmp_path, tied: bool = False) -> dict[str, str]:
     g = torch.Generator().manual_seed(5)
     pre = {"w": torch.randn(203, 1288, generator=g), "v": torch.randn(70, 300, generator=g),
            "bias": torch.randn(1288, generator=g), "scalar": torch.tensor(0.25), "empty": torch.zeros(0, 4)}
-    tensors = {"pre": pre}
-    for seed, name in enumerate(("a", "b", "c"), 1):
-        if tied:
-            tensors[name] = {k: v + torch.randint(-20, 21, v.shape, generator=g).float() / 64 for k, v in pre.items()}
-        else:
-            tensors[name] = finetune_like(pre, seed=seed)
-    return {name: write_checkpoint(str(tmp_path / name), sd) for name, sd in tensors.items()}
+    return fine_tunes(tmp_path, pre, g, tied)
 
 
 DELLA_RECIPES = [

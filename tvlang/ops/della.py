@@ -39,7 +39,7 @@ import torch
 from tvlang.ops.common import ChunkKernel, chunk_form_of, fresh, helper_thread, kernel_of, scratch
 from tvlang.ops.context import TensorContext
 from tvlang.ops.dare import L1Norms, restore_l1
-from tvlang.ops.magprune import MAX_ROW, SPLIT_SORT, Words, row_length, sample_rows
+from tvlang.ops.magprune import MAX_ROW, SPLIT_SORT, Words, input_bits, row_length, sample_rows
 from tvlang.ops.native import library
 from tvlang.ops.ties import sign_merge
 
@@ -227,11 +227,8 @@ class _Della(ChunkKernel):
 
     def restart(self) -> None:
         ctx, numel, n, density, epsilon, seed, rescale = self.args
-        self.samplers = []
-        for i in range(n):
-            bits = ctx.bits(seed)
-            bits.advance(i * Words.outputs(numel))
-            self.samplers.append(Magprune(density, epsilon, bits, rescale, self.row))
+        self.samplers = [Magprune(density, epsilon, bits, rescale, self.row)
+                         for bits in input_bits(ctx, seed, n, numel)]
 
     def observe(self, pass_index: int, pieces: list[torch.Tensor]) -> None:
         for i, (s, x) in enumerate(zip(self.samplers, pieces)):  # (0 < density < 1 here)

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 
 import numpy
 
 from tvlang.ops.native import library, set_state_words, state_words
 
-__all__ = ["MAX_ROW", "SPLIT_SORT", "Words", "row_length", "sample", "sample_rows", "stream_words"]
+__all__ = ["MAX_ROW", "SPLIT_SORT", "Words", "in_halves", "input_bits", "row_length", "sample", "sample_rows",
+           "stream_words"]
 
 #: the longest row the helper ranks: ranks up to 2**24 are exact in float32 (torch's ramp, the loop's casts)
 MAX_ROW = 1 << 24
@@ -90,6 +91,17 @@ class Words:
         return numpy.concatenate([head, body]) if head is not None else body
 
 
+def input_bits(context, seed, n_inputs: int, numel: int) -> list:
+    """Each input's numpy ``PCG64`` for a call over a tensor of ``numel`` entries: the stream of
+    ``context.bits(seed)``, input ``i``'s from where input ``i-1``'s words end."""
+    streams = []
+    for i in range(n_inputs):
+        bits = context.bits(seed)
+        bits.advance(i * Words.outputs(numel))
+        streams.append(bits)
+    return streams
+
+
 def stream_words(bits) -> numpy.ndarray:
     """The start of ``bits``' stream (a numpy ``PCG64``) as the helper takes it, no half left over."""
     return numpy.concatenate([state_words(bits), numpy.zeros(2, dtype=numpy.uint64)])
@@ -109,19 +121,28 @@ def sample(lib, st: numpy.ndarray, skip: int, x_at: int, n: int, m: int, density
                             out_at, None if flags is None else flags.ctypes.data)
 
 
+def in_halves(helper: Executor | None, n: int, m: int, run: Callable[[int, int, bool], None]) -> None:
+    """``run(start, stop, first)`` over entries ``0:n`` (whole rows of ``m``): with ``helper`` and
+    :data:`SPLIT_SORT` entries or more, the first half of the rows on that thread (``first`` True)
+    while this thread runs the rest, meeting at the end; else all of it here."""
+    rows = n // max(m, 1)
+    half = rows // 2 * m if helper is not None and rows >= 2 and n >= SPLIT_SORT else 0
+    task = helper.submit(run, 0, half, True) if half else None
+    try:
+        run(half, n, False)
+    finally:
+        if task is not None:
+            task.result()
+
+
 def sample_rows(lib, st: numpy.ndarray, x_at: int, n: int, m: int, density: float, epsilon: float, rescale: bool,
                 out_at: int | None, flags: numpy.ndarray | None, helper: Executor | None) -> None:
-    """:func:`sample` of the next ``n`` entries; with ``helper`` and a piece of :data:`SPLIT_SORT`
-    entries or more, the first half of the rows on that thread (each half takes its own words: the
-    same flags)."""
-    count = n // m
-    half = count // 2 if helper is not None and count >= 2 and n >= SPLIT_SORT else 0
-    first = helper.submit(sample, lib, st.copy(), 0, x_at, half * m, m, density, epsilon, rescale, out_at,
-                          flags) if half else None
-    try:
-        begin = half * m
-        sample(lib, st, begin, x_at + 4 * begin, n - begin, m, density, epsilon, rescale,
-               None if out_at is None else out_at + 4 * begin, None if flags is None else flags[begin:])
-    finally:
-        if first is not None:
-            first.result()
+    """:func:`sample` of the next ``n`` entries, in halves (:func:`in_halves`: each half takes its
+    own words, so the same flags); ``st`` left after them."""
+    start_copy = st.copy()  # the first half's stream, taken before the second half moves st
+
+    def run(start: int, stop: int, first: bool) -> None:
+        sample(lib, start_copy if first else st, start, x_at + 4 * start, stop - start, m, density, epsilon,
+               rescale, None if out_at is None else out_at + 4 * start, None if flags is None else flags[start:])
+
+    in_halves(helper, n, m, run)

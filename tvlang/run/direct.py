@@ -86,7 +86,7 @@ from tvlang.ops.coefficients import (
 from tvlang.ops.context import TensorContext
 from tvlang.ops.drops import CHUNK as DROP_CHUNK
 from tvlang.ops.drops import DropRule, l1_factor
-from tvlang.ops.magprune import SPLIT_SORT, Words, row_length, sample, stream_words
+from tvlang.ops.magprune import in_halves, input_bits, row_length, sample, stream_words
 from tvlang.ops.names import count_layers
 from tvlang.ops.native import BLOCK, MERGE_CODES, FusedInput, keep_bits, normal_f32, window_gather, window_gather2
 from tvlang.ops.pertensor import resolve_options
@@ -1158,23 +1158,12 @@ class _Della:
         self.density, self.epsilon = float(options["density"]), float(options["epsilon"])
         self.rescale, self.factor = options["rescale"], float(options["lambda"])
         self.helper = drawing if (os.cpu_count() or 1) > 1 else None
-        self.streams = []
-        for i in range(n_inputs):
-            bits = context.bits(options["seed"])
-            bits.advance(i * Words.outputs(numel))
-            self.streams.append(stream_words(bits))
+        self.streams = [stream_words(bits) for bits in input_bits(context, options["seed"], n_inputs, numel)]
 
     def apply(self, pieces: list, parts: list, target, taker: tuple | None, lib) -> None:
-        count = len(target)
-        rows = count // max(self.m, 1)
-        half = rows // 2 if self.helper is not None and rows >= 2 and count >= SPLIT_SORT else 0
-        first = self.helper.submit(self._rows, pieces, parts, target, taker, lib, 0, half * self.m,
-                                   [st.copy() for st in self.streams]) if half else None
-        try:
-            self._rows(pieces, parts, target, taker, lib, half * self.m, count, self.streams)
-        finally:
-            if first is not None:
-                first.result()
+        copies = [st.copy() for st in self.streams]  # the first half's, taken before the second moves them
+        in_halves(self.helper, len(target), self.m, lambda start, stop, first: self._rows(
+            pieces, parts, target, taker, lib, start, stop, copies if first else self.streams))
 
     def _rows(self, pieces: list, parts: list, target, taker: tuple | None, lib, start: int, stop: int,
               streams: list) -> None:
