@@ -924,6 +924,63 @@ def test_della_same_bytes(tmp_path, monkeypatch, text, data, chunk):
     same_as_local_and_eager(monkeypatch, tmp_path, text, paths, chunk)
 
 
+@pytest.mark.parametrize("block", [1, 1 << 15])
+def test_della_reads_a_chunk_while_the_one_before_is_sampled(tmp_path, monkeypatch, block):
+    """A recipe with one della call runs its main pass pipelined (direct._pipelined): each chunk read
+    while the rows of the one before are sampled, in blocks of whole rows that both threads take.
+    Integer, empty and 0-dim tensors between the computed ones wait for the chunk before them; in
+    chunks of 3,000 entries and blocks of one row (or of 32,768 entries) every row is sampled once:
+    the local executor's bytes and the eager evaluation's tensors."""
+    g = torch.Generator().manual_seed(8)
+    pre = {"a_w": torch.randn(40, 300, generator=g), "b_steps": torch.arange(6, dtype=torch.int64),
+           "c_empty": torch.zeros(0, 3), "d_w": torch.randn(9, 1288, generator=g), "e_scalar": torch.tensor(0.5),
+           "f_v": torch.randn(300, generator=g)}
+    tensors = {"pre": pre}
+    for name in ("a", "b", "c"):
+        tensors[name] = {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                         for k, v in pre.items()}
+    paths = {name: write_checkpoint(str(tmp_path / "in" / name), sd) for name, sd in tensors.items()}
+    monkeypatch.setattr(direct, "ROW_BLOCK", block)
+    pipelined, rows = [], []
+    real_pipelined, real_rows = direct._pipelined, direct._Della._rows
+    monkeypatch.setattr(direct, "_pipelined", lambda *a, **k: pipelined.append(1) or real_pipelined(*a, **k))
+    monkeypatch.setattr(direct._Della, "_rows", lambda self, *a: rows.append(a[-3:]) or real_rows(self, *a))
+    text = "pre + della(a - pre, b - pre, c - pre, density=0.2, epsilon=0.1, seed=1)"
+    sd = same_as_local_and_eager(monkeypatch, tmp_path, text, paths, 3000)
+    assert pipelined == [1]
+    # per tensor, chunk by chunk: the blocks of whole rows; each block's (start, stop) within its chunk
+    expected = []
+    for shape in ((40, 300), (9, 1288), (1, 1), (1, 300)):
+        m = shape[1]
+        chunk = 3000 // m * m
+        step = max(1, block // m) * m
+        for start in range(0, shape[0] * m, chunk):
+            count = min(shape[0] * m - start, chunk)
+            expected += [(b, min(count, b + step)) for b in range(0, count, step)]
+    assert sorted((start, stop) for start, stop, _ in rows) == sorted(expected)
+    assert torch.equal(load_file(str(tmp_path / "direct" / "merged.safetensors"))["b_steps"], sd["pre"]["b_steps"])
+
+
+def test_a_nonfinite_della_result_in_a_pipelined_run_is_the_local_executors_error(tmp_path, monkeypatch):
+    """A chunk whose result is not finite, found while the next chunk's rows are being sampled: the
+    local executor's error, and nothing written."""
+    g = torch.Generator().manual_seed(9)
+    pre = {"w": torch.randn(40, 300, generator=g), "x": torch.randn(20, 300, generator=g)}
+    a = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in pre.items()}
+    a["w"][25, 7] = 3e38  # its delta, doubled, is beyond float32: in the third chunk of ten rows
+    paths = {"pre": write_checkpoint(str(tmp_path / "in" / "pre"), pre),
+             "a": write_checkpoint(str(tmp_path / "in" / "a"), a)}
+    monkeypatch.setattr(direct, "CHUNK_ELEMENTS", 3000)
+    pipelined = []
+    real = direct._pipelined
+    monkeypatch.setattr(direct, "_pipelined", lambda *args, **kw: pipelined.append(1) or real(*args, **kw))
+    with pytest.raises(TvlangError) as err:
+        tvlang.compile("pre + 2*della(a - pre, density=1.0, epsilon=0.0)").run(paths, str(tmp_path / "out"))
+    assert pipelined == [1]
+    assert err.value.message == "output 'out': tensor 'w' has a non-finite value (inf) at index (25, 7)"
+    assert sorted(os.listdir(tmp_path)) == ["in"]
+
+
 def test_della_rows_longer_than_a_chunk_are_the_local_executors(tmp_path, monkeypatch):
     """A row of 1,288 entries does not fit chunks of 1,000: the local executor runs the recipe
     (nothing written by this one), the same tensors as the eager evaluation."""

@@ -987,7 +987,7 @@ void tv_pcg64_normal_f32(uint64_t *st, size_t n, const uint32_t *k, const float 
  * `flags` where given. st is left where the stream stands after the last row's words. Rows of a
  * piece can so run on several threads, each skipping the words of the rows before its own.
  * Only the entries whose word is below the largest probability are ranked where that gives the
- * same values (below_top; the others are given the last rank); about density + epsilon of them.
+ * same values (below_top; the others keep rank 0); about density + epsilon of them.
  * With m == 1, p = d for every entry (no ranks). scratch: 5 * m + 32 uint64. */
 
 /* A PCG64 stream of 32-bit words, each 64-bit output split low half first; `half` is the high
@@ -1138,15 +1138,13 @@ typedef struct {
     uint32_t least, most; /* the row's least and largest key */
 } key_span;
 
-/* A row's items (|x|'s bits << 32 | column) into b[0..m), in column order, and their least and
- * largest key. */
-static MULTI_VERSION key_span row_keys(const float *x, size_t m, uint64_t *b) {
+/* The least and largest key (|x|'s bits) of a row. */
+static MULTI_VERSION key_span row_span(const float *x, size_t m) {
     uint32_t least = 0xffffffffu, most = 0;
     for (size_t j = 0; j < m; j++) {
         uint32_t bits;
         memcpy(&bits, x + j, sizeof bits);
         bits &= 0x7fffffffu;
-        b[j] = ((uint64_t)bits << 32) | j;
         least = bits < least ? bits : least;
         most = bits > most ? bits : most;
     }
@@ -1154,66 +1152,81 @@ static MULTI_VERSION key_span row_keys(const float *x, size_t m, uint64_t *b) {
     return span;
 }
 
+/* How row_ranks puts a row's keys into buckets: bucket = (max(key, lo) - lo) >> shift, of `buckets`.
+ * B = the least power of two from m, at most 2**16; lo the row's least key but at most 2**27 below
+ * its largest, that is 16 binades, so that an exact zero or a denormal does not stretch the
+ * buckets of the rest; shift the least that puts the largest key in bucket B - 1 or less; the
+ * buckets in use are those up to the largest key's. */
+typedef struct {
+    uint32_t lo;
+    unsigned shift;
+    size_t buckets;
+} bucketing;
+
+static bucketing row_bucketing(size_t m, key_span span) {
+    bucketing g;
+    g.lo = span.most - span.least > (1u << 27) ? span.most - (1u << 27) : span.least;
+    unsigned width = 0; /* log2 of B */
+    while (width < 16 && ((size_t)1 << width) < m) width++;
+    g.shift = 0;
+    while (((span.most - g.lo) >> g.shift) >= ((size_t)1 << width)) g.shift++;
+    g.buckets = (size_t)((span.most - g.lo) >> g.shift) + 1;
+    return g;
+}
+
+/* A row's items (|x|'s bits << 32 | column) into b[0..m), in column order, and each one's bucket
+ * into bucket[0..m). */
+static MULTI_VERSION void row_items(const float *x, size_t m, bucketing g, uint64_t *b, uint16_t *bucket) {
+    for (size_t j = 0; j < m; j++) {
+        uint32_t bits;
+        memcpy(&bits, x + j, sizeof bits);
+        bits &= 0x7fffffffu;
+        b[j] = ((uint64_t)bits << 32) | j;
+        bucket[j] = (uint16_t)(((bits > g.lo ? bits : g.lo) - g.lo) >> g.shift);
+    }
+}
+
 /* The rank of each entry of one row by increasing |x|, equal magnitudes by position (a stable
  * sort's order), into rank[0..m). Items are |x|'s bits << 32 | column (below 2**63), so they
  * compare as that order does.
  *
- * One counting pass sorts the items into buckets of the key (B = the least power of two from m,
- * at most 2**16; bucket = (max(key, lo) - lo) >> s, lo the row's least key but at most 2**27
- * below its largest, that is 16 binades, so that an exact zero or a denormal does not stretch the
- * buckets of the rest; s the least shift that puts the largest key in bucket B - 1 or less). Keys
+ * One counting pass sorts the items into buckets of the key (row_bucketing). Keys
  * are about the logarithms of the magnitudes, so a row spreads over many buckets, a few items
  * each: Gaussian rows of 1,288 or 4,096 entries have about 5 items in an entry's bucket, 16 at
- * most. The bucket order is the item order between buckets, and the scatter is stable, so an
+ * most. The bucket order is the item order between buckets, so an
  * item's rank is its bucket's start plus the items of its bucket below it (below_in_window), or
  * for a bucket of more than RANK_WINDOW items its place once that bucket is sorted. A loop of
  * comparisons without branches: insertion sorts of every bucket mispredicted about once an item
  * (the whole ranking 11 ns an entry with them, 7 ns with the count).
  *
- * (row_keys has put the items in b.) With `want`, only the entries listed there (wanted of them)
- * get their rank (and, where a bucket is sorted, the rest of that bucket's entries).
- * Compiled twice (MULTI_VERSION): AVX2's 64-bit comparisons take four at a time.
- * Scratch: a m + RANK_WINDOW, b m, counts B uint32 (tv_magprune_f32 lays them out). */
-static MULTI_VERSION void row_ranks(size_t m, key_span span, uint64_t *a, uint64_t *b, uint32_t *counts,
-                                    uint32_t *rank, const uint32_t *want, size_t wanted) {
-    uint32_t least = span.least, most = span.most;
-    if (least == most) { /* one magnitude: ranked by position */
-        for (size_t j = 0; j < m; j++) rank[j] = (uint32_t)j;
-        return;
-    }
-    uint32_t lo = most - least > (1u << 27) ? most - (1u << 27) : least;
-    unsigned width = 0; /* log2 of the buckets */
-    while (width < 16 && ((size_t)1 << width) < m) width++;
-    size_t buckets = (size_t)1 << width;
-    unsigned shift = 0;
-    while (((most - lo) >> shift) >= buckets) shift++;
+ * (row_items has put the items in b and their buckets in `bucket`.) With `want`, only the entries
+ * listed there (wanted of them) get their rank (and, where a bucket is sorted, the rest of that
+ * bucket's entries). Compiled twice (MULTI_VERSION): AVX2's 64-bit comparisons take four at a time.
+ * Scratch: a m + RANK_WINDOW, b m, counts B uint32 (tv_magprune_f32 lays them out, and the
+ * buckets after the words). */
+static MULTI_VERSION void row_ranks(size_t m, bucketing g, uint64_t *a, uint64_t *b, const uint16_t *bucket,
+                                    uint32_t *counts, uint32_t *rank, const uint32_t *want, size_t wanted) {
+    size_t buckets = g.buckets;
     memset(counts, 0, buckets * sizeof *counts);
-    for (size_t j = 0; j < m; j++) {
-        uint32_t key = (uint32_t)(b[j] >> 32);
-        counts[((key > lo ? key : lo) - lo) >> shift]++;
-    }
+    for (size_t j = 0; j < m; j++) counts[bucket[j]]++;
     uint32_t total = 0;
     for (size_t d = 0; d < buckets; d++) {
         uint32_t here = counts[d];
         counts[d] = total;
         total += here;
     }
-    for (size_t j = 0; j < m; j++) {
-        uint64_t v = b[j];
-        uint32_t key = (uint32_t)(v >> 32);
-        a[counts[((key > lo ? key : lo) - lo) >> shift]++] = v;
-    }
+    for (size_t j = 0; j < m; j++) a[counts[bucket[j]]++] = b[j];
     for (int k = 0; k < RANK_WINDOW; k++) a[m + k] = UINT64_MAX >> 1; /* above every item */
     /* counts[d] is now the end of bucket d */
     int large = 0;
     size_t n = want ? wanted : m;
     for (size_t p = 0; p < n; p++) { /* b is read here before a sort below uses it */
-        uint64_t v = want ? b[want[p]] : a[p];
-        uint32_t key = (uint32_t)(v >> 32);
-        size_t d = ((key > lo ? key : lo) - lo) >> shift;
+        size_t j = want ? want[p] : (uint32_t)a[p];
+        uint64_t v = b[j];
+        size_t d = bucket[j];
         uint32_t begin = d ? counts[d - 1] : 0;
         large |= counts[d] - begin > RANK_WINDOW;
-        rank[(uint32_t)v] = begin + below_in_window((const int64_t *)a + begin, (int64_t)v);
+        rank[j] = begin + below_in_window((const int64_t *)a + begin, (int64_t)v);
     }
     if (!large) return;
     uint32_t begin = 0;
@@ -1238,20 +1251,30 @@ static MULTI_VERSION void row_ranks(size_t m, key_span span, uint64_t *a, uint64
     }
 }
 
-/* Magprune's draws for one row, from its ranks. Compiled twice (MULTI_VERSION). */
+/* w * 2**-32, exactly, through a signed conversion (which vectorizes; an unsigned one does not on
+ * AVX2). */
+static inline double unit_word(uint32_t w) { return ((double)(int32_t)(w ^ 0x80000000u) + 0x1p31) * 0x1p-32; }
+
+/* Magprune's draws for one row, from its ranks (below 2**31: a signed conversion). Compiled twice
+ * (MULTI_VERSION), each loop vectorized. */
 static MULTI_VERSION void magprune_row(const float *x, const uint32_t *words, const uint32_t *rank, size_t m,
                                        float c, float d, int rescale, float *out, uint8_t *flags) {
-    if (out) {
+    if (m == 1) c = 0.0f; /* p = d: rank 0 */
+    if (out && rescale) {
         for (size_t j = 0; j < m; j++) {
-            float p = m > 1 ? (float)rank[j] * c + d : d;
-            float kept = (double)words[j] * 0x1p-32 < (double)p ? 1.0f : 0.0f;
-            out[j] = (rescale ? x[j] / p : x[j]) * kept;
+            float p = (float)(int32_t)rank[j] * c + d;
+            out[j] = x[j] / p * pick(unit_word(words[j]) < (double)p, 1.0f, 0.0f);
+        }
+    } else if (out) {
+        for (size_t j = 0; j < m; j++) {
+            float p = (float)(int32_t)rank[j] * c + d;
+            out[j] = x[j] * pick(unit_word(words[j]) < (double)p, 1.0f, 0.0f);
         }
     }
     if (flags) {
         for (size_t j = 0; j < m; j++) {
-            float p = m > 1 ? (float)rank[j] * c + d : d;
-            flags[j] = (uint8_t)((double)words[j] * 0x1p-32 < (double)p);
+            float p = (float)(int32_t)rank[j] * c + d;
+            flags[j] = (uint8_t)(unit_word(words[j]) < (double)p);
         }
     }
 }
@@ -1279,6 +1302,7 @@ void tv_magprune_f32(uint64_t *st, uint64_t skip, const float *x, size_t rows, s
     uint32_t *rank = (uint32_t *)(b + m), *counts = rank + m; /* m/2 + B/2 <= 3m/2 uint64 */
     uint32_t *words = (uint32_t *)(b + m + (m + 1) / 2 + m); /* after counts (B <= 2m uint32) */
     uint32_t *want = words + 2 * ((m + 1) / 2);
+    uint16_t *bucket = (uint16_t *)(want + 2 * ((m + 1) / 2));
     /* The largest probability (ranks are at most m - 1, and p grows with the rank): an entry whose
      * word is not below it is dropped whatever its rank. */
     float top = m > 1 ? (float)(m - 1) * c + d : d;
@@ -1292,7 +1316,14 @@ void tv_magprune_f32(uint64_t *st, uint64_t skip, const float *x, size_t rows, s
             magprune_row(xr, words, rank, m, c, d, rescale, o, f);
             continue;
         }
-        key_span span = row_keys(xr, m, b);
+        key_span span = row_span(xr, m);
+        if (span.least == span.most) { /* one magnitude: ranked by position */
+            for (size_t j = 0; j < m; j++) rank[j] = (uint32_t)j;
+            magprune_row(xr, words, rank, m, c, d, rescale, o, f);
+            continue;
+        }
+        bucketing g = row_bucketing(m, span);
+        row_items(xr, m, g, b, bucket);
         /* Only entries below the top need ranks, where a dropped entry's x / p * 0.0 is x * 0.0 for
          * every p: p >= d > 0 (so its sign is x's) and no x / p overflows (every |x| finite and at
          * most d * 2**127; an infinity or NaN gives NaN either way, but is left to the full loop). */
@@ -1303,9 +1334,9 @@ void tv_magprune_f32(uint64_t *st, uint64_t skip, const float *x, size_t rows, s
              * x / p * 0.0 is x * 0.0 whatever p is */
             memset(rank, 0, m * sizeof *rank);
             size_t wanted = below_top(words, m, top, want);
-            row_ranks(m, span, a, b, counts, rank, want, wanted);
+            row_ranks(m, g, a, b, bucket, counts, rank, want, wanted);
         } else {
-            row_ranks(m, span, a, b, counts, rank, NULL, 0);
+            row_ranks(m, g, a, b, bucket, counts, rank, NULL, 0);
         }
         magprune_row(xr, words, rank, m, c, d, rescale, o, f);
     }

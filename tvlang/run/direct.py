@@ -46,8 +46,9 @@ commit (:func:`tvlang.run.outputs.commit_all`), progress and summary. DARE masks
 a second thread, a few blocks ahead; ``ties``' thresholds are found (:class:`_Select`: the local
 executor's window, or its radix select) on another, one tensor ahead of the main pass, and so are the
 GRAM_CALLS' norms and dot products (:class:`_Gram`: the helper's block sums, as tvlang.ops.sums sums
-them, and the kernels' coefficients from tvlang.ops.coefficients). A ``della`` call runs the first
-half of each chunk's rows on the second thread (:class:`_Della`). A result
+them, and the kernels' coefficients from tvlang.ops.coefficients). A recipe whose one call is
+``della`` reads each chunk while the rows of the one before are sampled, in blocks of rows that
+both threads take (:func:`_pipelined`, :class:`_RowBlocks`). A result
 that is not finite, or an input that cannot be read as its header says, withdraws what was
 written and leaves the run to the local executor, which reports it as always.
 """
@@ -63,7 +64,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import numpy
 
@@ -86,7 +87,7 @@ from tvlang.ops.coefficients import (
 from tvlang.ops.context import TensorContext
 from tvlang.ops.drops import CHUNK as DROP_CHUNK
 from tvlang.ops.drops import DropRule, l1_factor
-from tvlang.ops.magprune import in_halves, input_bits, row_length, sample, stream_words
+from tvlang.ops.magprune import input_bits, row_length, sample, stream_words
 from tvlang.ops.names import count_layers
 from tvlang.ops.native import BLOCK, MERGE_CODES, FusedInput, keep_bits, normal_f32, window_gather, window_gather2
 from tvlang.ops.pertensor import resolve_options
@@ -121,6 +122,7 @@ __all__ = ["CHUNK_ELEMENTS", "DISABLE", "attempt"]
 
 DISABLE = "TVLANG_DIRECT"  # "0" in the environment: never use this executor
 CHUNK_ELEMENTS = 1 << 18  # entries per chunk: 1 MiB buffers, which stay in the cache (faster here than 4 MiB)
+ROW_BLOCK = 1 << 15  # entries of a della chunk's block of rows (_RowBlocks): at least one whole row
 MASKS_AHEAD = 4  # blocks of DARE masks drawn ahead per input (1 MiB each)
 AHEAD_TENSORS = 64  # tensors whose thresholds are searched ahead of the main pass (_Ahead)
 ARITHMETIC_OPS = ("set", "add", "scale", "axpy")
@@ -605,21 +607,25 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
         ahead = _Ahead(program, bound, lib, every, drawing, num_layers) if any(
             step.op == "call" and step.name in (*THRESHOLD_CALLS, *SUMS_CALLS, "sce") or _l1_call(step)
             for step in program.steps) else None
-        for position, info in enumerate(every):
-            numel = _numel(info.shape)
-            if info.dtype not in _FLOATS:
-                _copy(base, info, numpy.dtype(_COPIED[info.dtype]), models)
-            elif numel == 0:
-                for writer in writers.values():
-                    writer.write(info.name, _Coded(numpy.empty(info.shape, dtype=numpy.uint16), info.dtype))
-            streams = (ahead.streams(position) if ahead else
-                       _streams(program, info.name, _floats(info), drawing, num_layers, fused.packed, info.shape))
-            step = _chunk_size(program, info)
-            for start in range(0, _floats(info), step):
-                _chunk(program, bound, info, start, min(numel - start, step), buffers, halves, drops,
-                       streams, writers, lib, check=not allow_nonfinite, fused=fused)
-            if bar:
-                bar.advance(info.name, read[info.name] * len(writers))
+        if ahead is None and _pipelines(program):
+            _pipelined(program, bound, every, [(buffers, halves, drops), _workspace(program)], writers, models, lib,
+                       drawing, num_layers, fused, not allow_nonfinite, bar, read, len(writers))
+        else:
+            for position, info in enumerate(every):
+                numel = _numel(info.shape)
+                if info.dtype not in _FLOATS:
+                    _copy(base, info, numpy.dtype(_COPIED[info.dtype]), models)
+                elif numel == 0:
+                    for writer in writers.values():
+                        writer.write(info.name, _Coded(numpy.empty(info.shape, dtype=numpy.uint16), info.dtype))
+                streams = (ahead.streams(position) if ahead else
+                           _streams(program, info.name, _floats(info), drawing, num_layers, fused.packed, info.shape))
+                step = _chunk_size(program, info)
+                for start in range(0, _floats(info), step):
+                    _chunk(program, bound, info, start, min(numel - start, step), buffers, halves, drops,
+                           streams, writers, lib, check=not allow_nonfinite, fused=fused)
+                if bar:
+                    bar.advance(info.name, read[info.name] * len(writers))
         commit_all(list(writers.values()))
         layouts = {name: writer.layout for name, writer in writers.items()}
         floats = len(computed)
@@ -1148,9 +1154,8 @@ class _Della:
     della's sign merge (the helper's, as tvlang.ops.ties.sign_merge calls it with unit weights; with
     the step that takes it where ``lambda`` is 1: ``_merge_into``) or della_linear's sum (torch's
     ``add_`` from zeros: the helper's axpy), then ``lambda`` (torch's ``mul_``: one float32 product).
-    Chunks hold whole rows (:func:`_chunk_size`) and come in order; the first half of a chunk's rows
-    runs on the second thread, all of it (each input's sampling, the merge, the step that takes it),
-    so the two meet once a chunk."""
+    Chunks hold whole rows (:func:`_chunk_size`) and come in order; :meth:`work` hands out a chunk's
+    rows as :class:`_RowBlocks`, which both threads take from."""
 
     def __init__(self, options: dict, n_inputs: int, numel: int, m: int, context: TensorContext,
                  drawing: ThreadPoolExecutor) -> None:
@@ -1158,30 +1163,31 @@ class _Della:
         self.density, self.epsilon = float(options["density"]), float(options["epsilon"])
         self.rescale, self.factor = options["rescale"], float(options["lambda"])
         self.helper = drawing if (os.cpu_count() or 1) > 1 else None
-        self.streams = [stream_words(bits) for bits in input_bits(context, options["seed"], n_inputs, numel)]
+        # each input's stream at the tensor's first entry: a block's words are those after its own start
+        self.starts = [stream_words(bits) for bits in input_bits(context, options["seed"], n_inputs, numel)]
+        self.offset = 0  # the tensor's entries before the next chunk
 
-    def apply(self, pieces: list, parts: list, target, taker: tuple | None, lib) -> None:
-        copies = [st.copy() for st in self.streams]  # the first half's, taken before the second moves them
-        in_halves(self.helper, len(target), self.m, lambda start, stop, first: self._rows(
-            pieces, parts, target, taker, lib, start, stop, copies if first else self.streams))
+    def work(self, pieces: list, parts: list, target, taker: tuple | None, lib) -> _RowBlocks:
+        """The next chunk's rows (``target``'s length of entries), to be run by :meth:`_RowBlocks.run`."""
+        offset, self.offset = self.offset, self.offset + len(target)
+        return _RowBlocks(len(target), self.m, self.helper, lambda start, stop: self._rows(
+            pieces, parts, target, taker, lib, start, stop, offset))
 
     def _rows(self, pieces: list, parts: list, target, taker: tuple | None, lib, start: int, stop: int,
-              streams: list) -> None:
-        """The call over entries ``start:stop`` (whole rows), each input's words from ``streams``
-        after ``start`` more (the streams left after ``stop``)."""
+              offset: int) -> None:
+        """The call over the chunk's entries ``start:stop`` (whole rows), each input's words those after
+        the tensor's ``offset + start`` first."""
         count = stop - start
-        if not count:
-            return
         span = slice(start, stop)
         parts = [part[span] for part in parts]
-        for x, part, st in zip(pieces, parts, streams):
+        for x, part, st in zip(pieces, parts, self.starts):
             if self.density >= 1.0:
                 part[:] = x[span]
             elif self.density <= 0.0:
                 part[:] = 0.0
             else:
-                sample(lib, st, start, x[span].ctypes.data, count, self.m, self.density, self.epsilon, self.rescale,
-                       part.ctypes.data, None)
+                sample(lib, st.copy(), offset + start, x[span].ctypes.data, count, self.m, self.density,
+                       self.epsilon, self.rescale, part.ctypes.data, None)
         out = target[span]
         if "elect" not in self.options:  # della_linear: the sum
             out[:] = 0.0
@@ -1195,6 +1201,100 @@ class _Della:
             _sign_merge(self.options, parts, out, lib)
         if self.factor != 1.0:
             lib.tv_scale_f32(out.ctypes.data, self.factor, count, out.ctypes.data)
+
+
+class _RowBlocks:
+    """A della chunk's rows in blocks of about ROW_BLOCK entries (whole rows), which any thread takes
+    in turn (:meth:`run`) until none is left: the second thread starts on a chunk as soon as its
+    inputs are read, and this one joins it once the next chunk is read (:func:`_pipelined`), or at
+    once (:meth:`finish`)."""
+
+    def __init__(self, n: int, m: int, helper: ThreadPoolExecutor | None, rows: Callable[[int, int], None]) -> None:
+        step = max(1, ROW_BLOCK // max(m, 1)) * max(m, 1)
+        self.bounds = [(start, min(n, start + step)) for start in range(0, n, step)]
+        self.helper, self.rows = helper, rows
+        self.taken = 0
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        """Blocks on this thread until none is left (another thread may be taking them too)."""
+        while True:
+            with self.lock:
+                if self.taken == len(self.bounds):
+                    return
+                start, stop = self.bounds[self.taken]
+                self.taken += 1
+            self.rows(start, stop)
+
+    def start(self) -> Future | None:
+        """The blocks on the second thread too, where there is one and more than one block."""
+        return self.helper.submit(self.run) if self.helper is not None and len(self.bounds) > 1 else None
+
+    def finish(self, task: Future | None = None) -> None:
+        """What is left of the blocks on this thread, then ``task`` (:meth:`start`'s) waited for."""
+        try:
+            self.run()
+        finally:
+            if task is not None:
+                task.result()
+
+
+def _pipelines(program) -> bool:
+    """Whether the main pass runs as :func:`_pipelined`: a della call, and no other call, where a
+    second thread can run (the one della call is then on every chunk's way to its writes)."""
+    calls = [step for step in program.steps if step.op == "call"]
+    return (os.cpu_count() or 1) > 1 and len(calls) == 1 and calls[0].name in DELLA_CALLS
+
+
+def _pipelined(program, bound: _Bound, every: list, workspaces: list, writers: dict, models: list, lib,
+               drawing: ThreadPoolExecutor, num_layers: int | None, fused: _Fusions, check: bool, bar,
+               read: dict, outputs: int) -> None:
+    """The main pass of a della program (:func:`_pipelines`) with a chunk's reads beside the rows of the
+    one before: each chunk is read and made ready up to its della call (:func:`_steps`, in one of two
+    workspaces in turn), its row blocks handed to the second thread (:class:`_RowBlocks`), and only
+    then does this thread join the blocks left of the chunk before, wait for them, and run that
+    chunk's steps after the call (its write). So the second thread samples while this one reads,
+    and the two share a chunk's rows as they come; the writes keep their order. A tensor that
+    is not computed (copied, or empty) waits for the chunk before it to be written."""
+    pending = None  # the chunk whose rows are out: (its steps left, its blocks, the second thread's task, info)
+
+    def settle() -> None:
+        nonlocal pending
+        if pending is None:
+            return
+        rest, blocks, task, done = pending
+        pending = None
+        blocks.finish(task)
+        for _ in rest:  # the steps after the call: one della call a chunk, so no second yield
+            raise AssertionError("a second della call in one chunk")
+        if done is not None and bar:
+            bar.advance(done.name, read[done.name] * outputs)
+
+    chunk = 0
+    for position, info in enumerate(every):
+        numel = _numel(info.shape)
+        if info.dtype not in _FLOATS or numel == 0:
+            settle()
+            if info.dtype not in _FLOATS:
+                _copy(bound.readers[bound.base], info, numpy.dtype(_COPIED[info.dtype]), models)
+            else:
+                for writer in writers.values():
+                    writer.write(info.name, _Coded(numpy.empty(info.shape, dtype=numpy.uint16), info.dtype))
+            if bar:
+                bar.advance(info.name, read[info.name] * outputs)
+            continue
+        streams = _streams(program, info.name, numel, drawing, num_layers, fused.packed, info.shape)
+        step = _chunk_size(program, info)
+        for start in range(0, numel, step):
+            buffers, halves, drops = workspaces[chunk % 2]
+            chunk += 1
+            rest = _steps(program, bound, info, start, min(numel - start, step), buffers, halves, drops, streams,
+                          writers, lib, check=check, fused=fused)
+            blocks = next(rest)  # read, up to the della call
+            task = blocks.start()
+            settle()
+            pending = (rest, blocks, task, info if start + step >= numel else None)
+    settle()
 
 
 def _has_della(program) -> bool:
@@ -1536,6 +1636,15 @@ def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor, num_la
 def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, halves: list, drops: dict,
            streams: dict, writers: dict, lib, *, check: bool, only: set[int] | None = None,
            observing: dict | None = None, fused: _Fusions | None = None) -> None:
+    """:func:`_steps` of one chunk, a della call's rows (:class:`_RowBlocks`) on both threads as it comes."""
+    for blocks in _steps(program, bound, info, start, count, buffers, halves, drops, streams, writers, lib,
+                         check=check, only=only, observing=observing, fused=fused):
+        blocks.finish(blocks.start())
+
+
+def _steps(program, bound: _Bound, info, start: int, count: int, buffers: list, halves: list, drops: dict,
+           streams: dict, writers: dict, lib, *, check: bool, only: set[int] | None = None,
+           observing: dict | None = None, fused: _Fusions | None = None) -> Iterator[_RowBlocks]:
     """The program over entries ``start:start+count`` of tensor ``name``: each input's chunk read
     into the read step's buffer, each step into its own buffer (``make`` steps) or in place
     (``update`` steps), as tvlang.run.chunked does, with the arithmetic of tvlang.run.steps in
@@ -1543,7 +1652,8 @@ def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, 
     ``observing`` not run but their inputs handed to it (a pass before the main one); ``fused``
     (:func:`_fusions`, the main pass): DARE calls run in one loop with the steps around them. (Reading the
     next chunk in a thread meanwhile was slower here: 3.9-4.4 s against 3.6-3.75 s at 1.5 GB,
-    docs/performance.md.)"""
+    docs/performance.md.) A della call's rows are yielded (:class:`_RowBlocks`) for the caller to run
+    before the steps go on: :func:`_chunk` runs them at once, :func:`_pipelined` once the next chunk is read."""
     name = info.name
     slots: dict[int, Any] = {}
     done_to = -1  # the steps up to here ran fused with an earlier one
@@ -1647,8 +1757,8 @@ def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, 
             target = buffers[index][:count]
             use = fused.merges.get(index) if fused is not None else None
             taker = _taker(program.steps[use], use, slots, buffers, count) if use is not None else None
-            streams[index].apply([slots[s] for s in step.srcs], [part[:count] for part in drops[index]], target,
-                                 taker, lib)
+            yield streams[index].work([slots[s] for s in step.srcs], [part[:count] for part in drops[index]],
+                                      target, taker, lib)  # the caller runs its rows, then the steps go on
             if taker is not None:
                 slots[program.steps[use].dst] = taker[0]
                 done_to = use
