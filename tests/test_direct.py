@@ -287,14 +287,16 @@ def test_an_output_that_is_an_input_is_refused(models, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("text", ["pre + 0.5*(a - pre)", "pre + dare(a - pre, 0.5)",
-                                  "pre + ties(a - pre, b - pre, density=0.3)", "slerp(pre, a, t=0.5)"])
+                                  "pre + ties(a - pre, b - pre, density=0.3)", "slerp(pre, a, t=0.5)",
+                                  "pre + della(a - pre, b - pre, density=0.3, epsilon=0.1)"])
 @pytest.mark.parametrize("at", [2, 5])
 def test_ctrl_c_leaves_nothing(models, tmp_path, monkeypatch, text, at):
-    """Interrupted on the main thread or (ties) on the thread that finds the next tensor's
-    thresholds: nothing written is left, and no thread of the run outlives it."""
+    """Interrupted on the main thread (as a chunk starts; ``della``: while the rows of the chunk
+    before are sampled) or (ties) on the thread that finds the next tensor's thresholds: nothing
+    written is left, and no thread of the run outlives it."""
     _, paths, _ = models
     calls = []
-    real = direct._chunk
+    real = direct._steps
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -302,7 +304,7 @@ def test_ctrl_c_leaves_nothing(models, tmp_path, monkeypatch, text, at):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(direct, "_chunk", interrupted)
+    monkeypatch.setattr(direct, "_steps", interrupted)
     with pytest.raises(KeyboardInterrupt):
         tvlang.compile(text).run(paths, str(tmp_path / "out"), allow_unused=True)
     assert os.listdir(tmp_path) == []
