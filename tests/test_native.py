@@ -80,11 +80,12 @@ def test_drop_masks_equal_numpy_and_leave_the_same_state(n):
 
 
 @needs_helper
-@pytest.mark.parametrize("n", [0, 1, 2, 7, 8, 9, 17, 1000, (1 << 18) + 3])
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 8, 9, 17, 127, 128, 129, 1000, (1 << 18) + 3])
 def test_keep_bits_are_the_masks_packed(n):
     """The fused DARE calls' keep bits: the float32 masks' nonzero entries in numpy's packbits order,
-    the generator left where the masks leave it."""
-    for seed, threshold in [(1, 3865470567), (2, 1 << 31), (3, 1)]:
+    the generator left where the masks leave it (words drawn 128 entries at a time, then compared
+    eight at a time as signed numbers: thresholds at the ends and at the sign bit)."""
+    for seed, threshold in [(1, 3865470567), (2, 1 << 31), (3, 1), (4, 0), (5, (1 << 32) - 1), (6, (1 << 31) - 1)]:
         ours, theirs = numpy.random.PCG64(seed), numpy.random.PCG64(seed)
         got = native.keep_bits(ours, n, threshold)
         want = numpy_masks(theirs, n, threshold, 1.0) != 0

@@ -27,6 +27,15 @@
 #include <stdint.h>
 #include <string.h>
 
+/* On x86-64 Linux the keep bits, the merge, the window gather and MAGPRUNE's row loops are compiled
+ * twice, for AVX2 and for the baseline, and the loader picks one for the machine (the values are
+ * the same: no fused multiply-add either way). */
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#define MULTI_VERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define MULTI_VERSION
+#endif
+
 typedef __uint128_t u128;
 
 /* PCG64's multiplier (numpy's PCG_DEFAULT_MULTIPLIER_128). */
@@ -136,24 +145,43 @@ void tv_pcg64_drop_f32(uint64_t *st, size_t n, uint32_t threshold, float scale, 
     st[1] = (uint64_t)(state >> 64);
 }
 
+#define KEEP_BATCH 16 /* rounds of outputs tv_pcg64_keep_bits draws before it makes their bytes */
+typedef uint32_t words8 __attribute__((vector_size(32)));
+typedef int32_t signed8 __attribute__((vector_size(32)));
+
+/* The keep bits of one round's eight words (four outputs, each low half first) as one byte, the
+ * first in the high bit: the eight comparisons at once (unsigned, as signed ones of the words with
+ * their top bit flipped), each lane's bit picked by its weight, the lanes or-ed together. */
+static inline unsigned keep_byte(const uint64_t o[4], uint32_t threshold) {
+    const words8 flip = {0x80000000u, 0x80000000u, 0x80000000u, 0x80000000u,
+                         0x80000000u, 0x80000000u, 0x80000000u, 0x80000000u};
+    const words8 weight = {128, 64, 32, 16, 8, 4, 2, 1};
+    words8 w, t = flip ^ threshold;
+    memcpy(&w, o, sizeof w); /* little-endian: word k is entry k */
+    words8 bits = (words8)((signed8)(w ^ flip) >= (signed8)t) & weight;
+    bits |= __builtin_shuffle(bits, (words8){4, 5, 6, 7, 0, 1, 2, 3});
+    bits |= __builtin_shuffle(bits, (words8){2, 3, 0, 1, 2, 3, 0, 1});
+    return bits[0] | bits[1];
+}
+
 /* The same outputs as keep bits (the torch-free executor's fused DARE calls, sections 8 and 14):
  * an entry's bit is set where its word is at least `threshold`, eight entries a byte, the first in
- * the high bit (numpy's packbits order); the state moves on as tv_pcg64_drop_f32 moves it. */
-void tv_pcg64_keep_bits(uint64_t *st, size_t n, uint32_t threshold, uint8_t *packed) {
+ * the high bit (numpy's packbits order); the state moves on as tv_pcg64_drop_f32 moves it. The
+ * outputs of KEEP_BATCH rounds are drawn before their bytes are made eight comparisons at a time
+ * (keep_byte): 1.9 cycles an entry, against 2.8 with the bits or-ed one by one and 4.5 with each
+ * byte made from the four outputs just stored (its load waited for their stores). */
+MULTI_VERSION void tv_pcg64_keep_bits(uint64_t *st, size_t n, uint32_t threshold, uint8_t *packed) {
     u128 state = ((u128)st[1] << 64) | st[0], inc = ((u128)st[3] << 64) | st[2];
     size_t i = 0, rounds = n / 8; /* each round: four outputs, eight entries, one byte */
     if (rounds) {
         pcg4 g = pcg4_start(state, inc);
-        for (size_t r = 0; r < rounds; r++, i += 8) {
-            uint64_t o[4];
-            pcg4_next(&g, o);
-            unsigned byte = 0;
-            for (int q = 0; q < 4; q++) {
-                byte |= (unsigned)((uint32_t)o[q] >= threshold) << (7 - 2 * q);
-                byte |= (unsigned)((uint32_t)(o[q] >> 32) >= threshold) << (6 - 2 * q);
-            }
-            packed[r] = (uint8_t)byte;
+        uint64_t o[4 * KEEP_BATCH];
+        for (size_t r = 0; r < rounds; r += KEEP_BATCH) { /* the outputs of a batch, then its bytes */
+            size_t batch = rounds - r < KEEP_BATCH ? rounds - r : KEEP_BATCH;
+            for (size_t q = 0; q < batch; q++) pcg4_next(&g, o + 4 * q);
+            for (size_t q = 0; q < batch; q++) packed[r + q] = (uint8_t)keep_byte(o + 4 * q, threshold);
         }
+        i = 8 * rounds;
         state = advance(state, inc, 4 * (uint64_t)rounds);
     }
     if (i < n) { /* the last 1-7 entries, one output at a time, in a last byte */
@@ -200,15 +228,6 @@ static inline float zero_where(float v, uint32_t inside) { /* v, or +0.0 where i
 }
 
 static inline float clamp_min0(float x) { return zero_where(x, (uint32_t)(x < 0.0f)); }
-
-/* On x86-64 Linux the merge and the window gather are compiled twice, for AVX2 and for the
- * baseline, and the loader picks one for the machine (the values are the same: no fused
- * multiply-add either way). */
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
-#define MULTI_VERSION __attribute__((target_clones("avx2", "default")))
-#else
-#define MULTI_VERSION
-#endif
 
 #define TILE 512 /* entries a step covers at a time: its scratch rows stay in the L1 cache */
 
