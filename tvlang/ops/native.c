@@ -1278,7 +1278,7 @@ static inline double unit_word(uint32_t w) { return ((double)(int32_t)(w ^ 0x800
  * (MULTI_VERSION), each loop vectorized. */
 static MULTI_VERSION void magprune_row(const float *x, const uint32_t *words, const uint32_t *rank, size_t m,
                                        float c, float d, int rescale, float *out, uint8_t *flags) {
-    if (m == 1) c = 0.0f; /* p = d: rank 0 */
+    if (m == 1) c = 0.0f; /* p = d */
     if (out && rescale) {
         for (size_t j = 0; j < m; j++) {
             float p = (float)(int32_t)rank[j] * c + d;
@@ -1332,6 +1332,7 @@ void tv_magprune_f32(uint64_t *st, uint64_t skip, const float *x, size_t rows, s
         uint8_t *f = flags ? flags + r * m : NULL;
         words_next(&w, m, words);
         if (m == 1) {
+            rank[0] = 0;
             magprune_row(xr, words, rank, m, c, d, rescale, o, f);
             continue;
         }
