@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 import tvlang
 from tvlang.errors import TvlangError
+from tvlang.ops import magprune
 from tvlang.ops.native import linear_steps
 from tvlang.run import direct
 from tvlang.testing.synth import finetune_like, llama_spec, make_state_dict, write_checkpoint
@@ -942,7 +943,7 @@ def test_della_reads_a_chunk_while_the_one_before_is_sampled(tmp_path, monkeypat
         tensors[name] = {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
                          for k, v in pre.items()}
     paths = {name: write_checkpoint(str(tmp_path / "in" / name), sd) for name, sd in tensors.items()}
-    monkeypatch.setattr(direct, "ROW_BLOCK", block)
+    monkeypatch.setattr(magprune, "ROW_BLOCK", block)
     pipelined, rows = [], []
     real_pipelined, real_rows = direct._pipelined, direct._Della._rows
     monkeypatch.setattr(direct, "_pipelined", lambda *a, **k: pipelined.append(1) or real_pipelined(*a, **k))

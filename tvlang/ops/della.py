@@ -39,7 +39,7 @@ import torch
 from tvlang.ops.common import ChunkKernel, chunk_form_of, fresh, helper_thread, kernel_of, scratch
 from tvlang.ops.context import TensorContext
 from tvlang.ops.dare import L1Norms, restore_l1
-from tvlang.ops.magprune import MAX_ROW, SPLIT_SORT, Words, input_bits, row_length, sample_rows
+from tvlang.ops.magprune import MAX_ROW, Words, input_bits, row_length, sample_rows
 from tvlang.ops.native import library
 from tvlang.ops.ties import sign_merge
 
@@ -51,6 +51,8 @@ BLOCK = 1 << 18
 #: bytes of keep flags (a bit per entry of every input) that ``rescale_by="l1"`` keeps from its
 #: pass for the main pass: a tensor of up to 178 million entries over 3 inputs
 SAVED_BITS_LIMIT = 64 << 20
+#: entries of a block from which rank_order sorts half its rows on a helper thread
+SPLIT_SORT = 1 << 15
 
 
 def _sort_thread() -> ThreadPoolExecutor:
@@ -144,7 +146,7 @@ class Magprune:
         """:meth:`apply` (into ``out``) or :meth:`kept` (into ``flags``, 0 or 1 a byte) by the compiled
         helper (:func:`tvlang.ops.magprune.sample_rows`: the same words, ranks, probabilities,
         comparisons and products as :meth:`_draw` and :meth:`apply`, bit for bit;
-        tests/test_native.py): float32 CPU tensors, half the rows on the sort thread. ``False``
+        tests/test_native.py): float32 CPU tensors, blocks of rows shared with the sort thread. ``False``
         where the helper cannot (nothing drawn)."""
         lib = library()
         n, m = x.numel(), self.m

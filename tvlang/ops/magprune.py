@@ -18,20 +18,21 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 
 import numpy
 
 from tvlang.ops.native import library, set_state_words, state_words
 
-__all__ = ["MAX_ROW", "SPLIT_SORT", "Words", "in_halves", "input_bits", "row_length", "sample", "sample_rows",
+__all__ = ["MAX_ROW", "ROW_BLOCK", "RowBlocks", "Words", "input_bits", "row_length", "sample", "sample_rows",
            "stream_words"]
 
 #: the longest row the helper ranks: ranks up to 2**24 are exact in float32 (torch's ramp, the loop's casts)
 MAX_ROW = 1 << 24
-#: entries of a piece from which sample_rows hands half its rows to another thread
-SPLIT_SORT = 1 << 15
+#: entries of a block of rows (:class:`RowBlocks`): at least one whole row
+ROW_BLOCK = 1 << 15
 #: 64-bit words of scratch the helper takes a row entry, beside 32 (native.c, tv_magprune_f32)
 _SCRATCH = 5
 
@@ -121,28 +122,52 @@ def sample(lib, st: numpy.ndarray, skip: int, x_at: int, n: int, m: int, density
                             out_at, None if flags is None else flags.ctypes.data)
 
 
-def in_halves(helper: Executor | None, n: int, m: int, run: Callable[[int, int, bool], None]) -> None:
-    """``run(start, stop, first)`` over entries ``0:n`` (whole rows of ``m``): with ``helper`` and
-    :data:`SPLIT_SORT` entries or more, the first half of the rows on that thread (``first`` True)
-    while this thread runs the rest, meeting at the end; else all of it here."""
-    rows = n // max(m, 1)
-    half = rows // 2 * m if helper is not None and rows >= 2 and n >= SPLIT_SORT else 0
-    task = helper.submit(run, 0, half, True) if half else None
-    try:
-        run(half, n, False)
-    finally:
-        if task is not None:
-            task.result()
+class RowBlocks:
+    """The rows of ``0:n`` (whole rows of ``m``) in blocks of about :data:`ROW_BLOCK` entries, which
+    any thread takes in turn (:meth:`run`) until none is left: ``rows(start, stop)`` runs one. The
+    torch-free executor starts the second thread on a chunk as soon as it is read and joins it once
+    the next one is (tvlang.run.direct); :func:`sample_rows` at once (:meth:`finish`)."""
+
+    def __init__(self, n: int, m: int, helper: Executor | None, rows: Callable[[int, int], None]) -> None:
+        step = max(1, ROW_BLOCK // max(m, 1)) * max(m, 1)
+        self.bounds = [(start, min(n, start + step)) for start in range(0, n, step)]
+        self.helper, self.rows = helper, rows
+        self.taken = 0
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        """Blocks on this thread until none is left (another thread may be taking them too)."""
+        while True:
+            with self.lock:
+                if self.taken == len(self.bounds):
+                    return
+                start, stop = self.bounds[self.taken]
+                self.taken += 1
+            self.rows(start, stop)
+
+    def start(self) -> Future | None:
+        """The blocks on the second thread too, where there is one and more than one block."""
+        return self.helper.submit(self.run) if self.helper is not None and len(self.bounds) > 1 else None
+
+    def finish(self, task: Future | None = None) -> None:
+        """What is left of the blocks on this thread, then ``task`` (:meth:`start`'s) waited for."""
+        try:
+            self.run()
+        finally:
+            if task is not None:
+                task.result()
 
 
 def sample_rows(lib, st: numpy.ndarray, x_at: int, n: int, m: int, density: float, epsilon: float, rescale: bool,
                 out_at: int | None, flags: numpy.ndarray | None, helper: Executor | None) -> None:
-    """:func:`sample` of the next ``n`` entries, in halves (:func:`in_halves`: each half takes its
-    own words, so the same flags); ``st`` left after them."""
-    start_copy = st.copy()  # the first half's stream, taken before the second half moves st
+    """:func:`sample` of the next ``n`` entries, in blocks of rows that this thread and ``helper`` take
+    (:class:`RowBlocks`: each block takes its own words, so the same flags); ``st`` left after them
+    (by the last block, which draws from ``st`` itself)."""
+    first = st.copy()  # every block's words are counted from here
 
-    def run(start: int, stop: int, first: bool) -> None:
-        sample(lib, start_copy if first else st, start, x_at + 4 * start, stop - start, m, density, epsilon,
+    def run(start: int, stop: int) -> None:
+        sample(lib, st if stop == n else first.copy(), start, x_at + 4 * start, stop - start, m, density, epsilon,
                rescale, None if out_at is None else out_at + 4 * start, None if flags is None else flags[start:])
 
-    in_halves(helper, n, m, run)
+    blocks = RowBlocks(n, m, helper, run)
+    blocks.finish(blocks.start())

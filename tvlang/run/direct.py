@@ -48,7 +48,7 @@ executor's window, or its radix select) on another, one tensor ahead of the main
 GRAM_CALLS' norms and dot products (:class:`_Gram`: the helper's block sums, as tvlang.ops.sums sums
 them, and the kernels' coefficients from tvlang.ops.coefficients). A recipe whose one call is
 ``della`` reads each chunk while the rows of the one before are sampled, in blocks of rows that
-both threads take (:func:`_pipelined`, :class:`_RowBlocks`). A result
+both threads take (:func:`_pipelined`, :class:`RowBlocks`). A result
 that is not finite, or an input that cannot be read as its header says, withdraws what was
 written and leaves the run to the local executor, which reports it as always.
 """
@@ -64,7 +64,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import numpy
 
@@ -87,7 +87,7 @@ from tvlang.ops.coefficients import (
 from tvlang.ops.context import TensorContext
 from tvlang.ops.drops import CHUNK as DROP_CHUNK
 from tvlang.ops.drops import DropRule, l1_factor
-from tvlang.ops.magprune import input_bits, row_length, sample, stream_words
+from tvlang.ops.magprune import RowBlocks, input_bits, row_length, sample, stream_words
 from tvlang.ops.names import count_layers
 from tvlang.ops.native import BLOCK, MERGE_CODES, FusedInput, keep_bits, normal_f32, window_gather, window_gather2
 from tvlang.ops.pertensor import resolve_options
@@ -122,7 +122,6 @@ __all__ = ["CHUNK_ELEMENTS", "DISABLE", "attempt"]
 
 DISABLE = "TVLANG_DIRECT"  # "0" in the environment: never use this executor
 CHUNK_ELEMENTS = 1 << 18  # entries per chunk: 1 MiB buffers, which stay in the cache (faster here than 4 MiB)
-ROW_BLOCK = 1 << 15  # entries of a della chunk's block of rows (_RowBlocks): at least one whole row
 MASKS_AHEAD = 4  # blocks of DARE masks drawn ahead per input (1 MiB each)
 AHEAD_TENSORS = 64  # tensors whose thresholds are searched ahead of the main pass (_Ahead)
 ARITHMETIC_OPS = ("set", "add", "scale", "axpy")
@@ -1155,7 +1154,7 @@ class _Della:
     the step that takes it where ``lambda`` is 1: ``_merge_into``) or della_linear's sum (torch's
     ``add_`` from zeros: the helper's axpy), then ``lambda`` (torch's ``mul_``: one float32 product).
     Chunks hold whole rows (:func:`_chunk_size`) and come in order; :meth:`work` hands out a chunk's
-    rows as :class:`_RowBlocks`, which both threads take from."""
+    rows as :class:`RowBlocks`, which both threads take from."""
 
     def __init__(self, options: dict, n_inputs: int, numel: int, m: int, context: TensorContext,
                  drawing: ThreadPoolExecutor) -> None:
@@ -1167,10 +1166,10 @@ class _Della:
         self.starts = [stream_words(bits) for bits in input_bits(context, options["seed"], n_inputs, numel)]
         self.offset = 0  # the tensor's entries before the next chunk
 
-    def work(self, pieces: list, parts: list, target, taker: tuple | None, lib) -> _RowBlocks:
-        """The next chunk's rows (``target``'s length of entries), to be run by :meth:`_RowBlocks.run`."""
+    def work(self, pieces: list, parts: list, target, taker: tuple | None, lib) -> RowBlocks:
+        """The next chunk's rows (``target``'s length of entries), to be run by :meth:`RowBlocks.run`."""
         offset, self.offset = self.offset, self.offset + len(target)
-        return _RowBlocks(len(target), self.m, self.helper, lambda start, stop: self._rows(
+        return RowBlocks(len(target), self.m, self.helper, lambda start, stop: self._rows(
             pieces, parts, target, taker, lib, start, stop, offset))
 
     def _rows(self, pieces: list, parts: list, target, taker: tuple | None, lib, start: int, stop: int,
@@ -1203,42 +1202,6 @@ class _Della:
             lib.tv_scale_f32(out.ctypes.data, self.factor, count, out.ctypes.data)
 
 
-class _RowBlocks:
-    """A della chunk's rows in blocks of about ROW_BLOCK entries (whole rows), which any thread takes
-    in turn (:meth:`run`) until none is left: the second thread starts on a chunk as soon as its
-    inputs are read, and this one joins it once the next chunk is read (:func:`_pipelined`), or at
-    once (:meth:`finish`)."""
-
-    def __init__(self, n: int, m: int, helper: ThreadPoolExecutor | None, rows: Callable[[int, int], None]) -> None:
-        step = max(1, ROW_BLOCK // max(m, 1)) * max(m, 1)
-        self.bounds = [(start, min(n, start + step)) for start in range(0, n, step)]
-        self.helper, self.rows = helper, rows
-        self.taken = 0
-        self.lock = threading.Lock()
-
-    def run(self) -> None:
-        """Blocks on this thread until none is left (another thread may be taking them too)."""
-        while True:
-            with self.lock:
-                if self.taken == len(self.bounds):
-                    return
-                start, stop = self.bounds[self.taken]
-                self.taken += 1
-            self.rows(start, stop)
-
-    def start(self) -> Future | None:
-        """The blocks on the second thread too, where there is one and more than one block."""
-        return self.helper.submit(self.run) if self.helper is not None and len(self.bounds) > 1 else None
-
-    def finish(self, task: Future | None = None) -> None:
-        """What is left of the blocks on this thread, then ``task`` (:meth:`start`'s) waited for."""
-        try:
-            self.run()
-        finally:
-            if task is not None:
-                task.result()
-
-
 def _pipelines(program) -> bool:
     """Whether the main pass runs as :func:`_pipelined`: a della call, and no other call, where a
     second thread can run (the one della call is then on every chunk's way to its writes)."""
@@ -1251,7 +1214,7 @@ def _pipelined(program, bound: _Bound, every: list, workspaces: list, writers: d
                read: dict, outputs: int) -> None:
     """The main pass of a della program (:func:`_pipelines`) with a chunk's reads beside the rows of the
     one before: each chunk is read and made ready up to its della call (:func:`_steps`, in one of two
-    workspaces in turn), its row blocks handed to the second thread (:class:`_RowBlocks`), and only
+    workspaces in turn), its row blocks handed to the second thread (:class:`RowBlocks`), and only
     then does this thread join the blocks left of the chunk before, wait for them, and run that
     chunk's steps after the call (its write). So the second thread samples while this one reads,
     and the two share a chunk's rows as they come; the writes keep their order. A tensor that
@@ -1636,7 +1599,7 @@ def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor, num_la
 def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, halves: list, drops: dict,
            streams: dict, writers: dict, lib, *, check: bool, only: set[int] | None = None,
            observing: dict | None = None, fused: _Fusions | None = None) -> None:
-    """:func:`_steps` of one chunk, a della call's rows (:class:`_RowBlocks`) on both threads as it comes."""
+    """:func:`_steps` of one chunk, a della call's rows (:class:`RowBlocks`) on both threads as it comes."""
     for blocks in _steps(program, bound, info, start, count, buffers, halves, drops, streams, writers, lib,
                          check=check, only=only, observing=observing, fused=fused):
         blocks.finish(blocks.start())
@@ -1644,7 +1607,7 @@ def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, 
 
 def _steps(program, bound: _Bound, info, start: int, count: int, buffers: list, halves: list, drops: dict,
            streams: dict, writers: dict, lib, *, check: bool, only: set[int] | None = None,
-           observing: dict | None = None, fused: _Fusions | None = None) -> Iterator[_RowBlocks]:
+           observing: dict | None = None, fused: _Fusions | None = None) -> Iterator[RowBlocks]:
     """The program over entries ``start:start+count`` of tensor ``name``: each input's chunk read
     into the read step's buffer, each step into its own buffer (``make`` steps) or in place
     (``update`` steps), as tvlang.run.chunked does, with the arithmetic of tvlang.run.steps in
@@ -1652,7 +1615,7 @@ def _steps(program, bound: _Bound, info, start: int, count: int, buffers: list, 
     ``observing`` not run but their inputs handed to it (a pass before the main one); ``fused``
     (:func:`_fusions`, the main pass): DARE calls run in one loop with the steps around them. (Reading the
     next chunk in a thread meanwhile was slower here: 3.9-4.4 s against 3.6-3.75 s at 1.5 GB,
-    docs/performance.md.) A della call's rows are yielded (:class:`_RowBlocks`) for the caller to run
+    docs/performance.md.) A della call's rows are yielded (:class:`RowBlocks`) for the caller to run
     before the steps go on: :func:`_chunk` runs them at once, :func:`_pipelined` once the next chunk is read."""
     name = info.name
     slots: dict[int, Any] = {}
