@@ -612,11 +612,8 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
         else:
             for position, info in enumerate(every):
                 numel = _numel(info.shape)
-                if info.dtype not in _FLOATS:
-                    _copy(base, info, numpy.dtype(_COPIED[info.dtype]), models)
-                elif numel == 0:
-                    for writer in writers.values():
-                        writer.write(info.name, _Coded(numpy.empty(info.shape, dtype=numpy.uint16), info.dtype))
+                if info.dtype not in _FLOATS or numel == 0:
+                    _write_uncomputed(base, info, writers, models)
                 streams = (ahead.streams(position) if ahead else
                            _streams(program, info.name, _floats(info), drawing, num_layers, fused.packed, info.shape))
                 step = _chunk_size(program, info)
@@ -1238,11 +1235,7 @@ def _pipelined(program, bound: _Bound, every: list, workspaces: list, writers: d
         numel = _numel(info.shape)
         if info.dtype not in _FLOATS or numel == 0:
             settle()
-            if info.dtype not in _FLOATS:
-                _copy(bound.readers[bound.base], info, numpy.dtype(_COPIED[info.dtype]), models)
-            else:
-                for writer in writers.values():
-                    writer.write(info.name, _Coded(numpy.empty(info.shape, dtype=numpy.uint16), info.dtype))
+            _write_uncomputed(bound.readers[bound.base], info, writers, models)
             if bar:
                 bar.advance(info.name, read[info.name] * outputs)
             continue
@@ -2018,6 +2011,16 @@ def _drop_call(step, pieces: list, stream: tuple[DropRule, list[_Masks], dict, _
         numpy.divide(target, numpy.float32(len(parts)), out=target)
     elif merge == "weighted_mean" and abs(sum(weights)) > 1e-8:
         numpy.divide(target, numpy.float32(sum(weights)), out=target)
+
+
+def _write_uncomputed(base: _Input, info, writers: dict, models: list) -> None:
+    """Tensor ``info``, of which the program computes nothing: an integer one copied from the base into
+    the Model outputs (``models``), an empty floating-point one written empty to every output."""
+    if info.dtype not in _FLOATS:
+        _copy(base, info, numpy.dtype(_COPIED[info.dtype]), models)
+    else:
+        for writer in writers.values():
+            writer.write(info.name, _Coded(numpy.empty(info.shape, dtype=numpy.uint16), info.dtype))
 
 
 def _copy(base: _Input, info, dtype, writers: list) -> None:
