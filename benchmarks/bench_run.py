@@ -24,8 +24,8 @@ each contender in a fresh subprocess, measured by ``harness.measure``:
   a header built up front; ``ideal+fsync`` also syncs the file as tvlang does before it
   renames its output into place (every 64 MiB from a thread while writing, and once at
   the end); both exit without the interpreter's teardown, as ``tvlang`` does;
-- ``floor``: the physical floor: reads every input byte once (1 MiB ``readinto`` blocks, a
-  block of each input in turn)
+- ``floor``: the physical floor: reads every input byte once (its header, then 1 MiB ``readinto``
+  blocks of its tensors' bytes, a block of each input in turn)
   and writes and syncs an output of one model's size (synced as ``ideal+fsync`` does),
   with no arithmetic; every contender's ratio to it is printed after the table;
 - ``tvlang@base``: ``tvlang`` on the code of ``--baseline-src`` (another commit's
@@ -156,18 +156,37 @@ def run_floor(paths: list[str], out: str) -> None:
     of the page cache about four times as fast as one that does not (the four 0.75 GB inputs:
     0.29 s in 1 MiB blocks, 1.23 s in 16 MiB blocks). The floor read the inputs one after the
     other in 16 MiB blocks before (fifteenth round): it wrote the whole output while reading the
-    base, faster than the disk took it, and took 2.2-2.6 s at 0.75 GB where tvlang took 1.1-1.4 s."""
+    base, faster than the disk took it, and took 2.2-2.6 s at 0.75 GB where tvlang took 1.1-1.4 s.
+
+    Each file's header is read and the base's written first, and then the tensors' bytes in
+    blocks from the end of the header, as a merge writes its output; and each block is read into
+    memory at the same place modulo 64 as its bytes in the file, as tvlang reads them. Two
+    slow paths of this machine's kernel, both measured in the sixteenth round
+    (docs/performance.md), which the floor met and a merge does not: a read copies out of the
+    page cache about four times slower into memory 1 to 31 bytes further into its page than the
+    file offset (0.43-0.58 against 0.10 s a GiB), where a 1 MiB ``bytearray`` starts 16 bytes
+    into its page; and 1 MiB writes at offsets that are multiples of 1 MiB (a whole file copied
+    from its start) took 2.4-3.1 s a GiB to copy into the page cache, against 0.25-0.27 s at any
+    other offset tried. The floor took 1.41-1.48 s at 0.75 GB the first way and 1.8-3.4 s at
+    1.5 GB the second, where tvlang took 0.90-0.98 s and 1.3-1.6 s."""
     size = 1 << 20
-    blocks = [bytearray(size) for _ in paths]
-    views = [memoryview(block) for block in blocks]
+    ends = []
+    for path in paths:
+        with open(weights(path), "rb") as f:
+            ends.append(8 + struct.unpack("<Q", f.read(8))[0])
+    blocks = [mmap.mmap(-1, size + 64) for _ in paths]
+    views = [memoryview(block)[end % 64:end % 64 + size] for block, end in zip(blocks, ends)]
     os.makedirs(out)
     shutil.copyfile(os.path.join(paths[0], "config.json"), os.path.join(out, "config.json"))
     sources = [open(weights(path), "rb", buffering=0) for path in paths]
     try:
         with open(weights(out), "wb", buffering=0) as f:
             target = SyncEvery(f)
+            target.write(sources[0].read(ends[0]))
+            for source, end in zip(sources[1:], ends[1:]):
+                source.read(end)
             while True:
-                counts = [source.readinto(block) for source, block in zip(sources, blocks)]  # 0 once read
+                counts = [source.readinto(view) for source, view in zip(sources, views)]  # 0 once read
                 if not any(counts):
                     break
                 if counts[0]:
