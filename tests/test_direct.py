@@ -309,7 +309,8 @@ def test_ctrl_c_leaves_nothing(models, tmp_path, monkeypatch, text, at):
     with pytest.raises(KeyboardInterrupt):
         tvlang.compile(text).run(paths, str(tmp_path / "out"), allow_unused=True)
     assert os.listdir(tmp_path) == []
-    assert not [t for t in threading.enumerate() if t.name.startswith(("tvlang-masks", "tvlang-ahead"))]
+    assert not [t for t in threading.enumerate() if t.name.startswith(("tvlang-masks", "tvlang-ahead",
+                                                                       "tvlang-writes"))]
 
 
 def test_steps_equal_torch_bit_for_bit():
@@ -332,6 +333,109 @@ def test_steps_equal_torch_bit_for_bit():
     assert lib.tv_nonfinite_f32(x.data_ptr(), 1) == 1 and lib.tv_nonfinite_f32(x[2:].data_ptr(), 1) == 1
 
 
+@pytest.mark.parametrize("copy", [0, 1])
+@pytest.mark.parametrize("n", [1, 1023, 1024, 3007])
+def test_a_linear_run_equals_its_steps_bit_for_bit(copy, n):
+    """tv_linear_run_f32 (blocks of 1,024 entries): ``first * c0`` (or ``first`` itself) and then
+    one ``add(alpha=)`` per input, as torch computes the steps one at a time; its result says
+    whether an entry is not finite; it may write over ``first``."""
+    lib = linear_steps()
+    generator = torch.Generator().manual_seed(n)
+    first = torch.randn(n, generator=generator) * 3
+    xs = [torch.randn(n, generator=generator) for _ in range(3)]
+    if n > 8:
+        first[:4] = torch.tensor([-0.0, 1e-40, 3.4e38, -3.4e38])
+        xs[0][:4] = torch.tensor([-0.0, -1e-40, 3.4e38, -1.0])
+    coefs = [0.4, -0.4, 0.7]
+    c0 = 1.0 if copy else 0.3
+    expected = first.clone() if copy else torch.mul(first, c0)
+    for x, c in zip(xs, coefs):
+        expected = torch.add(expected, x, alpha=c)
+    pointers = direct._pointers([x.numpy() for x in xs])
+    cs = (direct.ctypes.c_float * 3)(*coefs)
+    out = torch.empty(n)
+    bad = lib.tv_linear_run_f32(first.data_ptr(), c0, copy, pointers, cs, 3, n, out.data_ptr())
+    assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+    assert bad == int(not bool(expected.isfinite().all()))
+    in_place = first.clone()  # out may be first
+    lib.tv_linear_run_f32(in_place.data_ptr(), c0, copy, pointers, cs, 3, n, in_place.data_ptr())
+    assert torch.equal(in_place.view(torch.int32), expected.view(torch.int32))
+    # an infinity past the first block is found
+    if n > 1024:
+        xs[2][1500] = float("inf")
+        assert lib.tv_linear_run_f32(first.data_ptr(), c0, copy, pointers, cs, 3, n, out.data_ptr()) == 1
+
+
+def test_the_design_cards_recipe_is_one_linear_run():
+    """explain's program of ``pre + 0.4*(a - b) + 0.7*(c - pre)``: ``b0 *= 0.3`` and the three
+    ``axpy`` steps, with the reads between them, are one run; its write is not in it."""
+    program = tvlang.compile("pre + 0.4*(a - b) + 0.7*(c - pre)").schedule.main
+    ops = [step.op for step in program.steps]
+    assert ops == ["read", "scale", "read", "axpy", "read", "axpy", "read", "axpy", "write"]
+    assert direct._fusions(program).runs == {1: 7}
+    assert direct._linear_runs(program, {5}) == {1: 3}  # a step another fusion takes ends the run before it
+
+
+def test_aligned_views_sit_where_the_file_offset_does():
+    """A read step's buffer is read into from the entry whose address agrees with the bytes' file
+    offset modulo 64 (a read into memory 1 to 31 bytes further into its page copies about four
+    times slower here), where that is a whole number of entries; else from its start."""
+    buffer = direct.numpy.empty(1000 + direct.ALIGN_SLACK // 4, dtype=direct.numpy.float32)
+    for position in (0, 4, 8, 60, 8488, 4096 * 3 + 16):
+        view = direct._aligned(buffer, position, 1000)
+        assert view.ctypes.data % 64 == position % 64 and len(view) == 1000
+        assert buffer.ctypes.data <= view.ctypes.data <= buffer.ctypes.data + direct.ALIGN_SLACK - 4
+    view = direct._aligned(buffer, 2, 1000)  # not a whole number of float32 entries away
+    assert view.ctypes.data == buffer.ctypes.data
+
+
+@pytest.mark.parametrize("text", ["pre + 0.5*(a - pre) - 0.25*(b - pre)", "pre + dare(a - pre, 0.5)",
+                                  "pre + ties(a - pre, b - pre, density=0.3)",
+                                  "pre + della(a - pre, b - pre, density=0.3, epsilon=0.1)"])
+def test_reads_into_buffers_write_the_same_bytes_as_views_of_the_mapped_files(models, tmp_path, monkeypatch,
+                                                                               text):
+    """With ``MAP_READS`` off, the chunks are read into the steps' buffers (``pread``) instead of
+    viewed in the mapped files: the same files, byte for byte, as with it on and as the local
+    executor's."""
+    _, paths, _ = models
+    monkeypatch.setattr(direct, "MAP_READS", False)
+    fast, local, fast_files, local_files = both(monkeypatch, tmp_path / "read", text, paths, {"out": "merged"},
+                                                allow_unused=True)
+    assert fast_files == local_files
+    monkeypatch.setattr(direct, "MAP_READS", True)
+    tvlang.compile(text).run(paths, str(tmp_path / "mapped"), allow_unused=True)
+    assert files_of(tmp_path / "mapped") == fast_files["out"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="reads the process's memory from /proc")
+def test_a_mapped_input_holds_no_more_than_the_release_bytes(tmp_path, monkeypatch):
+    """Viewing a 48 MiB file a MiB at a time, every page read: the process never holds more than
+    RELEASE_BYTES (4 MiB here) of the map and the MiB in use (its Private_Clean grows by 48 MiB
+    when the pages are not dropped)."""
+    path = tmp_path / "big.bin"
+    path.write_bytes(os.urandom(1 << 20) * 48)
+    monkeypatch.setattr(direct, "RELEASE_BYTES", 4 << 20)
+
+    def private_clean() -> int:
+        for line in open("/proc/self/smaps_rollup"):
+            if line.startswith("Private_Clean:"):
+                return int(line.split()[1]) << 10
+        return 0
+
+    source = direct._Input("x", str(path), (str(path),), None, "model", files=[str(path)],
+                           identities=[direct.file_identity(os.stat(path))])
+    before = private_clean()
+    total, peak = 0, 0
+    for start in range(0, 48 << 20, 1 << 20):
+        view = source.view(0, start, 1 << 20)
+        total += int(view[::4096].astype(direct.numpy.int64).sum())  # every page touched
+        peak = max(peak, private_clean() - before)
+    assert total == sum(path.read_bytes()[::4096])
+    assert peak <= 6 << 20, peak
+    assert source.view(0, (48 << 20) - 8, 16) is None  # past the end: read, and found short
+    source.close()
+
+
 def test_the_hub_prefix_is_the_hub_modules():
     from tvlang.faces.commands.args import HUB_PREFIX
     from tvlang.io.hub import PREFIX
@@ -345,6 +449,7 @@ def test_a_failed_read_hands_the_run_to_the_local_executor(models, tmp_path, mon
     _, paths, _ = models
     calls = []
     real = direct._read_into
+    monkeypatch.setattr(direct, "MAP_READS", False)  # read into buffers, not as views of the mapped files
 
     def failing(source, offset, target):
         calls.append(1)

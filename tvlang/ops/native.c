@@ -570,6 +570,36 @@ FMA_TARGET void tv_axpy_f32(float *acc, const float *x, float c, size_t n) {
     for (size_t j = 0; j < n; j++) acc[j] = fmaf(x[j], c, acc[j]);
 }
 
+/* A run of linear steps on one buffer, in one pass (tvlang/run/direct.py, _linear_run): out = first *
+ * c0, or first itself where `copy` (a `set` with coefficient 1), then out = fma(xs[i], cs[i], out)
+ * for each i in turn: the same IEEE operations in the same order as tv_scale_f32 and the
+ * tv_axpy_f32 calls of the steps, so the same bits, but each input read once and out written once,
+ * a block at a time while it sits in the L1 cache. Returns nonzero when an entry of out is a NaN
+ * or an infinity (as tv_nonfinite_f32). out may be first. */
+#define LINEAR_BLOCK 1024
+FMA_TARGET int tv_linear_run_f32(const float *first, float c0, int copy, const float *const *xs, const float *cs,
+                                 size_t k, size_t n, float *out) {
+    uint32_t bad = 0;
+    for (size_t s = 0; s < n; s += LINEAR_BLOCK) {
+        size_t m = n - s < LINEAR_BLOCK ? n - s : LINEAR_BLOCK;
+        float *o = out + s;
+        const float *f = first + s;
+        if (!copy) {
+            for (size_t j = 0; j < m; j++) o[j] = f[j] * c0;
+        } else if (o != f) {
+            memcpy(o, f, m * sizeof(float));
+        }
+        for (size_t i = 0; i < k; i++) {
+            const float *x = xs[i] + s;
+            float c = cs[i];
+            for (size_t j = 0; j < m; j++) o[j] = fmaf(x[j], c, o[j]);
+        }
+        const uint32_t *bits = (const uint32_t *)o;
+        for (size_t j = 0; j < m; j++) bad |= (uint32_t)((bits[j] & 0x7f800000u) == 0x7f800000u);
+    }
+    return (int)bad;
+}
+
 /* A plain DARE call between the linear steps around it, in one pass (tvlang/run/direct.py,
  * _fused_drop): x = fma(b, cb, a), the axpy that makes the call's input (a - pre); x * mask, the
  * call (mask: 0 or the rescale factor); fma(that, c, base), the axpy or add that takes its result,

@@ -65,6 +65,7 @@ _SIGNATURES = {
     "tv_fma_ok": ([], _I),
     "tv_scale_f32": ([_P, _F, _N, _P], None),
     "tv_axpy_f32": ([_P, _P, _F, _N], None),
+    "tv_linear_run_f32": ([_P, _F, _I, _P, _P, _N, _N, _P], _I),
     "tv_drop_axpy_f32": ([_P, _P, _F, _P, _P, _F, _F, _N, _P], None),
     "tv_pcg64_keep_bits": ([_P, _N, ctypes.c_uint32, _P], None),
     "tv_sub_mask_f32": ([_P, _P, _F, _P, _N, _P], None),

@@ -38,11 +38,15 @@ returns ``None`` before anything is written, and the local or Ray executor runs 
   (:func:`tvlang.ops.native.linear_steps`: fused multiply-adds, on AVX2, FMA and F16C);
 - every output is a model directory or a ``.safetensors`` file.
 
-It reads each input's tensors a chunk at a time into numpy buffers (``pread``), runs the steps
-there with the helper (the same bits as torch's ``mul`` and ``add(alpha=)``: tests/test_direct.py
-compares every file with the local executor's), and hands each chunk to the same
+It reads each input's tensors a chunk at a time as views of the files mapped read-only (their pages
+dropped from the process every RELEASE_BYTES: :meth:`_Input.view`; where a file cannot be mapped,
+into numpy buffers with ``pread``, :func:`_aligned`), runs the steps with the helper (the same bits
+as torch's ``mul`` and ``add(alpha=)``: tests/test_direct.py compares every file with the local
+executor's; a step that would change a mapped view writes into its read step's buffer instead, and
+a run of linear steps is one loop, :func:`_linear_runs`), and hands each chunk to the same
 :class:`~tvlang.io.writer.StreamingWriter`, with the same metadata, model card, copied files,
-commit (:func:`tvlang.run.outputs.commit_all`), progress and summary. DARE masks are drawn on
+commit (:func:`tvlang.run.outputs.commit_all`), progress and summary; on two cores or more the
+writes run on a thread of their own (:func:`_overlapped`). DARE masks are drawn on
 a second thread, a few blocks ahead; ``ties``' thresholds are found (:class:`_Select`: the local
 executor's window, or its radix select) on another, one tensor ahead of the main pass, and so are the
 GRAM_CALLS' norms and dot products (:class:`_Gram`: the helper's block sums, as tvlang.ops.sums sums
@@ -58,13 +62,14 @@ from __future__ import annotations
 import ctypes
 import itertools
 import math
+import mmap
 import os
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import numpy
 
@@ -122,6 +127,10 @@ __all__ = ["CHUNK_ELEMENTS", "DISABLE", "attempt"]
 
 DISABLE = "TVLANG_DIRECT"  # "0" in the environment: never use this executor
 CHUNK_ELEMENTS = 1 << 18  # entries per chunk: 1 MiB buffers, which stay in the cache (faster here than 4 MiB)
+MAP_READS = True  # read the chunks as views of the mapped files (_Input.view), where they can be
+RELEASE_BYTES = 16 << 20  # bytes of an input viewed between drops of its maps' pages (_Input.view)
+MAPS_HELD = 2  # files of an input kept mapped (_Input.view: a sharded input's, the main pass's and the one ahead)
+ALIGN_SLACK = 64  # bytes to spare in a read step's buffers, so that a chunk is read where it copies fast (_aligned)
 MASKS_AHEAD = 4  # blocks of DARE masks drawn ahead per input (1 MiB each)
 AHEAD_TENSORS = 64  # tensors whose thresholds are searched ahead of the main pass (_Ahead)
 ARITHMETIC_OPS = ("set", "add", "scale", "axpy")
@@ -174,7 +183,9 @@ class _Fallback(Exception):
 class _Input:
     """One source, opened: what the metadata and model card functions read of a reader (``label``,
     ``paths``, ``root``, ``hub``), its files (one, or a sharded index's shards) and its tensors.
-    One file of it is open at a time (``fd``): a sharded model's shards are read in turn."""
+    Its files are read as views of their maps (:meth:`view`, at most MAPS_HELD at a time); where
+    one cannot be mapped, through one descriptor open at a time (``fd``): a sharded model's
+    shards are read in turn."""
 
     key: str
     label: str
@@ -188,13 +199,16 @@ class _Input:
     order: list[str] = field(default_factory=list)  # names: the files in turn, each in file order
     hub: None = None
     _open: tuple[int, int] | None = None  # (file index, descriptor)
+    _maps: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # file -> (its bytes mapped, the map): view()
+    _viewed: int = 0  # bytes viewed since the maps' pages were last dropped
+    _lock: threading.Lock = field(default_factory=threading.Lock)  # the maps are shared by the run's threads
 
     def fd(self, file: int) -> int:
         """A descriptor of weight file ``file``, closing the one open before; a file that is not the
         one whose header was read (replaced since) is the local executor's to report."""
         if self._open is not None and self._open[0] == file:
             return self._open[1]
-        self.close()
+        self._close_fd()
         try:
             fd, _ = open_regular(self.files[file], self.files[file])  # a regular file: never a pipe that blocks
         except TvlangError:
@@ -205,10 +219,67 @@ class _Input:
         self._open = (file, fd)
         return fd
 
-    def close(self) -> None:
+    def view(self, file: int, position: int, nbytes: int):
+        """Bytes ``position:position+nbytes`` of weight file ``file`` as a read-only numpy view of the
+        file mapped (:func:`_read_step` reads the chunks so: no copy), or ``None`` where the file
+        cannot be mapped or is shorter than that (read, then, as the header says: a short read).
+
+        Each thread of the run may view the files: the last MAPS_HELD files' maps are kept (a
+        map lives on while a view of it does), each made from a descriptor of its own, opened
+        and closed here (the map holds a copy). Their pages are dropped from this process every
+        RELEASE_BYTES viewed (``MADV_DONTNEED``: they stay in the page cache, and a view still
+        in use maps them again as it is read), so that the process holds no more of the files
+        than that: else every page read stays mapped, and counts in its private memory, until
+        the run ends. A file cut short while it is mapped kills the process with SIGBUS when a
+        view reaches past its new end: as the local executor's maps of whole tensors
+        (tvlang.io.safetensors_file)."""
+        with self._lock:
+            held = self._maps.get(file)
+            if held is None:
+                held = self._maps[file] = self._map(file)
+                while len(self._maps) > MAPS_HELD:
+                    del self._maps[next(iter(self._maps))]
+            whole, mapping = held
+            if whole is None or position + nbytes > len(whole):
+                return None
+            self._viewed += nbytes
+            if self._viewed >= RELEASE_BYTES:
+                self._viewed = 0
+                for _, held_map in self._maps.values():
+                    if held_map is not None:
+                        try:
+                            held_map.madvise(mmap.MADV_DONTNEED)
+                        except (OSError, ValueError):  # advice only
+                            pass
+            return whole[position:position + nbytes]
+
+    def _map(self, file: int) -> tuple[Any, Any]:
+        """Weight file ``file`` mapped read-only: ``(its bytes as a numpy array, the map)``, or ``(None,
+        None)`` where it cannot be (a file system without mmap, an empty file); one that is not the
+        file whose header was read (replaced since) is the local executor's to report."""
+        try:
+            fd, _ = open_regular(self.files[file], self.files[file])
+        except TvlangError:
+            raise _Fallback from None
+        try:
+            if file_identity(os.fstat(fd)) != self.identities[file]:
+                raise _Fallback
+            mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            return numpy.frombuffer(mapping, dtype=numpy.uint8), mapping
+        except (OSError, ValueError):
+            return None, None
+        finally:
+            os.close(fd)
+
+    def _close_fd(self) -> None:
         if self._open is not None:
             os.close(self._open[1])
             self._open = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._maps.clear()
+        self._close_fd()
 
 
 @dataclass
@@ -609,6 +680,11 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
         if ahead is None and _pipelines(program):
             _pipelined(program, bound, every, [(buffers, halves, drops), _workspace(program)], writers, models, lib,
                        drawing, num_layers, fused, not allow_nonfinite, bar, read, len(writers))
+        elif _overlaps():
+            _overlapped(program, bound, every, [(buffers, halves, drops)] + [_workspace(program)
+                                                                          for _ in range(WRITES_AHEAD)],
+                        writers, models, lib, ahead, drawing, num_layers, fused, not allow_nonfinite, bar, read,
+                        len(writers))
         else:
             for position, info in enumerate(every):
                 numel = _numel(info.shape)
@@ -1253,6 +1329,73 @@ def _pipelined(program, bound: _Bound, every: list, workspaces: list, writers: d
     settle()
 
 
+WRITES_AHEAD = 2  # chunks whose writes may wait on the writing thread (_overlapped: one workspace more)
+
+
+def _overlaps() -> bool:
+    """Whether the main pass runs as :func:`_overlapped` (its writes on a thread of their own): where a
+    second core can run that thread."""
+    return (os.cpu_count() or 1) > 1
+
+
+def _overlapped(program, bound: _Bound, every: list, workspaces: list, writers: dict, models: list, lib,
+                ahead: "_Ahead | None", drawing: ThreadPoolExecutor, num_layers: int | None, fused: _Fusions,
+                check: bool, bar, read: dict, outputs: int) -> None:
+    """The main pass with its writes on a thread of their own: this thread reads and computes each
+    chunk in the next of WRITES_AHEAD + 1 workspaces in turn and hands the chunk's writes over
+    (:func:`_emit`); before it takes a workspace again, the writes from it are done. The writing
+    thread runs its work in the order handed to it, so the writes keep their order (a tensor not
+    computed is copied there too, in its turn). Its errors (a full disk) come back here at the next
+    chunk, or at the end; on any error, or Ctrl-C, the work not started is dropped and the running
+    one waited for before the caller withdraws the outputs.
+
+    Reading on that thread as well, a chunk or two ahead, was slower (1.50-1.55 s against
+    1.29-1.46 s at 1.5 GB, docs/performance.md): the chunk read by one core is computed on the other."""
+    base = bound.readers[bound.base]
+    writing = ThreadPoolExecutor(1, thread_name_prefix="tvlang-writes")
+    busy: list[Future | None] = [None] * len(workspaces)  # each workspace's writes
+    writes: deque[Future] = deque()
+
+    def hand_over(future: Future) -> None:  # the writes done so far give up their errors
+        writes.append(future)
+        while writes and writes[0].done():
+            writes.popleft().result()
+
+    try:
+        turn = 0
+        for position, info in enumerate(every):
+            numel = _numel(info.shape)
+            if info.dtype not in _FLOATS or numel == 0:
+                hand_over(writing.submit(_write_uncomputed, base, info, writers, models))
+            else:
+                streams = (ahead.streams(position) if ahead else
+                           _streams(program, info.name, numel, drawing, num_layers, fused.packed, info.shape))
+                step = _chunk_size(program, info)
+                for start in range(0, numel, step):
+                    slot = turn % len(workspaces)
+                    turn += 1
+                    if busy[slot] is not None:
+                        busy[slot].result()
+                    buffers, halves, drops = workspaces[slot]
+                    emitted: list = []
+                    _chunk(program, bound, info, start, min(numel - start, step), buffers, halves, drops, streams,
+                           writers, lib, check=check, fused=fused, emit=emitted.append)
+                    busy[slot] = writing.submit(_emit, emitted)
+                    hand_over(busy[slot])
+            if bar:
+                bar.advance(info.name, read[info.name] * outputs)
+        while writes:
+            writes.popleft().result()
+    finally:
+        writing.shutdown(wait=True, cancel_futures=True)
+
+
+def _emit(writes: list) -> None:
+    """A chunk's writes, ``(writer, name, piece)`` each, in order (on the writing thread of :func:`_overlapped`)."""
+    for writer, name, piece in writes:
+        writer.write_part(name, piece)
+
+
 def _has_della(program) -> bool:
     return any(step.op == "call" and step.name in DELLA_CALLS for step in program.steps)
 
@@ -1364,10 +1507,10 @@ def _workspace(program) -> tuple[list, list, dict]:
     calls that merge several (model_stock: each model's offset from the base; a ``rescale_by="l1"``
     call: each input's drop in its norms' pass; sce: each input's selection, and the variances;
     random_like: its noise in the norms' pass)."""
-    buffers = [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.float32) if step.op != "write" else None
-               for step in program.steps]
-    halves = [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.uint16) if step.op in ("read", "write") else None
-              for step in program.steps]
+    buffers = [numpy.empty(CHUNK_ELEMENTS + (ALIGN_SLACK // 4 if step.op == "read" else 0), dtype=numpy.float32)
+               if step.op != "write" else None for step in program.steps]
+    halves = [numpy.empty(CHUNK_ELEMENTS + ALIGN_SLACK // 2, dtype=numpy.uint16) if step.op in ("read", "write")
+              else None for step in program.steps]
     merging = (*THRESHOLD_CALLS, *DELLA_CALLS, "model_stock", "sce", "random_like")
     drops = {index: [numpy.empty(CHUNK_ELEMENTS, dtype=numpy.float32)
                      for _ in range(len(step.srcs) + (step.name == "sce"))]
@@ -1591,16 +1734,49 @@ def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor, num_la
 
 def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, halves: list, drops: dict,
            streams: dict, writers: dict, lib, *, check: bool, only: set[int] | None = None,
-           observing: dict | None = None, fused: _Fusions | None = None) -> None:
+           observing: dict | None = None, fused: _Fusions | None = None, emit: Callable | None = None) -> None:
     """:func:`_steps` of one chunk, a della call's rows (:class:`RowBlocks`) on both threads as it comes."""
     for blocks in _steps(program, bound, info, start, count, buffers, halves, drops, streams, writers, lib,
-                         check=check, only=only, observing=observing, fused=fused):
+                         check=check, only=only, observing=observing, fused=fused, emit=emit):
         blocks.finish(blocks.start())
+
+
+def _read_step(bound: _Bound, step, index: int, name: str, start: int, count: int, buffers: list,
+               halves: list) -> tuple[Any, bool]:
+    """Read step ``index``'s chunk (entries ``start:start+count`` of tensor ``name``) as stored, float32
+    or 16-bit entries, and whether it is a view of the mapped file (read-only: :meth:`_Input.view`),
+    else read into the step's float32 buffer or its 16-bit one, from where its address and the
+    bytes' file offset agree modulo 64 (:func:`_aligned`)."""
+    source = bound.readers[step.name]
+    _, code, file, offset = source.tensors[name]
+    size = 4 if code == "F32" else 2
+    position = offset + size * start
+    view = source.view(file, position, size * count) if MAP_READS and position % size == 0 else None
+    if view is not None:
+        return view.view(numpy.float32 if size == 4 else numpy.uint16), True
+    target = _aligned(buffers[index] if code == "F32" else halves[index], position, count)
+    _read_into(source.fd(file), position, target)
+    return target, False
+
+
+def _aligned(buffer, position: int, count: int):
+    """``count`` entries of ``buffer`` (which has ALIGN_SLACK bytes to spare) from the first whose
+    address is ``position`` modulo 64, where that is a whole number of entries.
+
+    A read copies out of the page cache about four times slower (0.43-0.58 against 0.10 s a GiB
+    on the development machine, docs/performance.md) where the memory it fills sits 1 to 31
+    bytes further into its page than the file offset does, and a numpy buffer of 1 MiB starts 16
+    bytes into its page: a tensor whose data start a multiple of 4,096 bytes into its file, or 8
+    bytes before or after, would be read that slowly. At the same place modulo 64 it never is."""
+    size = buffer.itemsize
+    skip = (position - buffer.ctypes.data) % 64
+    return buffer[skip // size:skip // size + count] if skip % size == 0 else buffer[:count]
 
 
 def _steps(program, bound: _Bound, info, start: int, count: int, buffers: list, halves: list, drops: dict,
            streams: dict, writers: dict, lib, *, check: bool, only: set[int] | None = None,
-           observing: dict | None = None, fused: _Fusions | None = None) -> Iterator[RowBlocks]:
+           observing: dict | None = None, fused: _Fusions | None = None,
+           emit: Callable | None = None) -> Iterator[RowBlocks]:
     """The program over entries ``start:start+count`` of tensor ``name``: each input's chunk read
     into the read step's buffer, each step into its own buffer (``make`` steps) or in place
     (``update`` steps), as tvlang.run.chunked does, with the arithmetic of tvlang.run.steps in
@@ -1609,15 +1785,39 @@ def _steps(program, bound: _Bound, info, start: int, count: int, buffers: list, 
     (:func:`_fusions`, the main pass): DARE calls run in one loop with the steps around them. (Reading the
     next chunk in a thread meanwhile was slower here: 3.9-4.4 s against 3.6-3.75 s at 1.5 GB,
     docs/performance.md.) A della call's rows are yielded (:class:`RowBlocks`) for the caller to run
-    before the steps go on: :func:`_chunk` runs them at once, :func:`_pipelined` once the next chunk is read."""
+    before the steps go on: :func:`_chunk` runs them at once, :func:`_pipelined` once the next chunk is read.
+    ``emit``: takes each write as ``(writer, name, piece)`` instead of writing it (:func:`_overlapped`)."""
     name = info.name
     slots: dict[int, Any] = {}
     done_to = -1  # the steps up to here ran fused with an earlier one
+    unchecked: dict[int, bool] = {}  # a linear run's result, if the next step writes it: whether it is not finite
+    homes: dict[int, Any] = {}  # the slots whose value is a view of a mapped file: the read step's own buffer
+
+    def read_slot(index: int, step) -> None:
+        code = bound.readers[step.name].tensors[name][1]
+        read, mapped = _read_step(bound, step, index, name, start, count, buffers, halves)
+        homes.pop(step.dst, None)
+        if code == "F32":
+            slots[step.dst] = read
+            if mapped:
+                homes[step.dst] = buffers[index]
+        else:  # bfloat16 or float16: to float32, exactly
+            target = buffers[index][:count]
+            getattr(lib, _FLOATS[code][0])(read.ctypes.data, count, target.ctypes.data)
+            slots[step.dst] = target
+
+    def owned(slot: int):
+        """Where a step that updates ``slot`` in place writes: its value's own memory, or for a view of a
+        mapped file (read-only), the buffer of the step that read it (the step then writes out of place)."""
+        home = homes.pop(slot, None)
+        return slots[slot] if home is None else home[:count]
+
     for index, step in enumerate(program.steps):
         if index <= done_to:
             continue
+        known, unchecked = unchecked, {}
         if fused is not None and index in fused.drops and _fused_drop(program, index, fused.drops[index], slots,
-                                                                       buffers, streams, count, lib):
+                                                                       buffers, streams, count, lib, owned):
             done_to = fused.drops[index][1]
             continue
         if fused is not None and index in fused.deferred and _defers(streams[fused.deferred[index][0]]):
@@ -1627,18 +1827,14 @@ def _steps(program, bound: _Bound, info, start: int, count: int, buffers: list, 
             continue
         if only is not None and index not in only:
             continue
+        if fused is not None and index in fused.runs and only is None:
+            done_to = fused.runs[index]
+            bad = _linear_run(program, index, done_to, slots, read_slot, owned, buffers, count, lib)
+            unchecked = {program.steps[index].dst: bad}
+            continue
         op = step.op
         if op == "read":
-            source = bound.readers[step.name]
-            _, code, file, offset = source.tensors[name]
-            target = buffers[index][:count]
-            if code == "F32":
-                _read_into(source.fd(file), offset + 4 * start, target)
-            else:  # bfloat16 or float16: to float32, exactly
-                raw = halves[index][:count]
-                _read_into(source.fd(file), offset + 2 * start, raw)
-                getattr(lib, _FLOATS[code][0])(raw.ctypes.data, count, target.ctypes.data)
-            slots[step.dst] = target
+            read_slot(index, step)
         elif op == "set":
             target = buffers[index][:count]
             src = slots[step.srcs[0]]
@@ -1658,15 +1854,24 @@ def _steps(program, bound: _Bound, info, start: int, count: int, buffers: list, 
             lib.tv_axpy_f32(target.ctypes.data, b.ctypes.data, second, count)
             slots[step.dst] = target
         elif op == "scale":
-            target = slots[step.dst]
-            lib.tv_scale_f32(target.ctypes.data, step.coef, count, target.ctypes.data)
+            value = slots[step.dst]
+            target = owned(step.dst)
+            lib.tv_scale_f32(value.ctypes.data, step.coef, count, target.ctypes.data)
+            slots[step.dst] = target
         elif op == "axpy":
-            lib.tv_axpy_f32(slots[step.dst].ctypes.data, slots[step.srcs[0]].ctypes.data, step.coef, count)
+            value, x = slots[step.dst], slots[step.srcs[0]]
+            target = owned(step.dst)
+            if target is value:
+                lib.tv_axpy_f32(value.ctypes.data, x.ctypes.data, step.coef, count)
+            else:  # the same fused multiply-add, out of place
+                lib.tv_linear_run_f32(value.ctypes.data, 1.0, 1, _pointers([x]), (ctypes.c_float * 1)(step.coef), 1,
+                                      count, target.ctypes.data)
+            slots[step.dst] = target
         elif op == "call" and step.name in DROP_CALLS:
             target = buffers[index][:count]
             subs = fused.subs.get(index) if fused is not None else None
             use = fused.merges.get(index) if fused is not None else None
-            taker = _taker(program.steps[use], use, slots, buffers, count) if use is not None else None
+            taker = _taker(program.steps[use], use, slots, buffers, count, owned) if use is not None else None
             _drop_call(step, [slots[s] for s in step.srcs], streams[index], drops.get(index), target, lib,
                        [slots[program.steps[j].srcs[0]] for j in subs.values()] if subs else None,
                        {i: program.steps[j].coef for i, j in subs.items()} if subs else None, taker)
@@ -1685,7 +1890,7 @@ def _steps(program, bound: _Bound, info, start: int, count: int, buffers: list, 
                 inputs = [(slots[src], slots[program.steps[waiting[i]].srcs[0]], program.steps[waiting[i]].coef)
                           if i in waiting else (slots[src], None, 0.0) for i, src in enumerate(step.srcs)]
                 use = fused.merges.get(index)
-                taker = _taker(program.steps[use], use, slots, buffers, count) if use is not None else None
+                taker = _taker(program.steps[use], use, slots, buffers, count, owned) if use is not None else None
                 _whole_call(lib, count, inputs, trims.forms(), taker, target, options=trims.options,
                             windows=trims.ties())
                 if taker is not None:
@@ -1698,7 +1903,7 @@ def _steps(program, bound: _Bound, info, start: int, count: int, buffers: list, 
                     trims.trim(i, slots[src], part, lib)
                 if fused is not None and index in fused.merges:  # with the step that takes it
                     use = fused.merges[index]
-                    taker = _taker(program.steps[use], use, slots, buffers, count)
+                    taker = _taker(program.steps[use], use, slots, buffers, count, owned)
                     _merge_into(trims.options, parts, taker, lib)
                     slots[program.steps[use].dst] = taker[0]
                     done_to = use
@@ -1712,7 +1917,7 @@ def _steps(program, bound: _Bound, info, start: int, count: int, buffers: list, 
         elif op == "call" and step.name in DELLA_CALLS:  # each input sampled, merged (with the step that takes it)
             target = buffers[index][:count]
             use = fused.merges.get(index) if fused is not None else None
-            taker = _taker(program.steps[use], use, slots, buffers, count) if use is not None else None
+            taker = _taker(program.steps[use], use, slots, buffers, count, owned) if use is not None else None
             yield streams[index].work([slots[s] for s in step.srcs], [part[:count] for part in drops[index]],
                                       target, taker, lib)  # the caller runs its rows, then the steps go on
             if taker is not None:
@@ -1737,14 +1942,18 @@ def _steps(program, bound: _Bound, info, start: int, count: int, buffers: list, 
         else:  # write, converted to the output's dtype (rounded to nearest, ties to even)
             piece = slots[step.srcs[0]]
             if info.dtype == "F32":
-                if check and lib.tv_nonfinite_f32(piece.ctypes.data, count):
+                if check and (known[step.srcs[0]] if step.srcs[0] in known else
+                              lib.tv_nonfinite_f32(piece.ctypes.data, count)):
                     raise _Fallback  # the local executor names the output, the tensor and the entry
             else:
                 raw = halves[index][:count]
                 if getattr(lib, _FLOATS[info.dtype][1])(piece.ctypes.data, count, raw.ctypes.data):
                     raise _Fallback  # not finite, or (allow_nonfinite is float32 only) a NaN's bits
                 piece = _Coded(raw, info.dtype)
-            writers[step.name].write_part(name, piece)
+            if emit is None:
+                writers[step.name].write_part(name, piece)
+            else:
+                emit((writers[step.name], name, piece))
 
 
 @dataclass
@@ -1759,13 +1968,15 @@ class _Fusions:
     input fused), where no pass before the main one takes them as floats. ``merges``: by ``ties``
     or ``dare_ties`` call, the ``axpy`` or ``add`` step just after it that takes its result and
     nothing else needs: the sign merge writes that step's result (``tv_sign_merge_add_f32``); so do
-    ``della`` calls with ``lambda`` 1."""
+    ``della`` calls with ``lambda`` 1. ``runs``: the linear runs (:func:`_linear_runs`), by their
+    first step's index: their last step's."""
 
     drops: dict[int, tuple[int, int]]
     subs: dict[int, dict[int, int]]
     deferred: dict[int, tuple[int, int]]
     packed: frozenset[int]
     merges: dict[int, int]
+    runs: dict[int, int]
 
 
 def _fusions(program) -> _Fusions:
@@ -1795,7 +2006,74 @@ def _fusions(program) -> _Fusions:
               if steps[k].op == "call" and (steps[k].name in ("ties", "dare_ties") or steps[k].name == "della"
                                             and dict(steps[k].options)["lambda"] == 1.0)
               and len(steps[k].srcs) <= 64 and _takes(steps, k + 1, steps[k].dst)}
-    return _Fusions(drops, subs, deferred, frozenset(packed), merges)
+    taken = {*drops, *(i for pair in drops.values() for i in pair), *deferred, *merges, *merges.values()}
+    return _Fusions(drops, subs, deferred, frozenset(packed), merges, _linear_runs(program, taken))
+
+
+LINEAR_RUN_MOST = 16  # the most axpy steps one linear run takes
+
+
+def _linear_runs(program, taken: set[int]) -> dict[int, int]:
+    """The runs of linear steps that the main pass computes in one helper loop
+    (``tv_linear_run_f32``, :func:`_linear_run`), by their first step's index: their last step's.
+
+    A run starts at a ``set``, ``scale`` or ``add`` step that makes or scales a buffer, goes on
+    with ``axpy`` steps into that buffer from others, with reads (into other buffers) between them,
+    and ends at its last ``axpy``; at least one. ``pre + 0.4*(a - b) + 0.7*(c - pre)`` is one run
+    (``b0 *= 0.3``, then ``b0 += 0.4 * b1`` and so on: explain's program): each input read once
+    and the result written once, where the steps one by one read and write the buffer four times.
+    Steps another fusion takes (``taken``) are in no run."""
+    steps = program.steps
+    runs: dict[int, int] = {}
+    i = 0
+    while i < len(steps):
+        head = steps[i]
+        if i in taken or head.op not in ("set", "scale", "add") or head.dst in head.srcs[1:]:
+            i += 1
+            continue
+        slot, last, count, j = head.dst, i, 0, i + 1
+        while j < len(steps) and j not in taken and count < LINEAR_RUN_MOST:
+            step = steps[j]
+            if step.op == "read" and step.dst != slot:
+                j += 1
+            elif step.op == "axpy" and step.dst == slot and step.srcs[0] != slot:
+                last, count, j = j, count + 1, j + 1
+            else:
+                break
+        if count:
+            runs[i] = last
+        i = max(last, i) + 1
+    return runs
+
+
+def _linear_run(program, first: int, last: int, slots: dict, read: Callable, owned: Callable, buffers: list,
+                count: int, lib) -> bool:
+    """Steps ``first`` to ``last``, a linear run (:func:`_linear_runs`), in one helper loop; ``read``
+    runs a read step between them (by index), ``owned`` says where a ``scale`` writes. Whether an
+    entry of the result is not finite."""
+    steps = program.steps
+    head = steps[first]
+    if head.op == "scale":
+        source, coef = slots[head.dst], head.coef
+        out = owned(head.dst)
+    else:
+        source, coef, out = slots[head.srcs[0]], head.coef, buffers[first][:count]
+    inputs, coefs = [], []
+    if head.op == "add":
+        coef, second = head.coef
+        inputs.append(slots[head.srcs[1]])
+        coefs.append(second)
+    for index in range(first + 1, last + 1):
+        step = steps[index]
+        if step.op == "read":
+            read(index, step)
+        else:
+            inputs.append(slots[step.srcs[0]])
+            coefs.append(step.coef)
+    bad = lib.tv_linear_run_f32(source.ctypes.data, coef, head.op != "scale" and coef == 1.0, _pointers(inputs),
+                                (ctypes.c_float * len(coefs))(*coefs), len(inputs), count, out.ctypes.data)
+    slots[head.dst] = out
+    return bool(bad)
 
 
 def _takes(steps, index: int, slot: int) -> bool:
@@ -1851,7 +2129,7 @@ def _read_later(steps, start: int, slot: int) -> bool:
 
 
 def _fused_drop(program, index: int, pair: tuple[int, int], slots: dict, buffers: list, streams: dict, count: int,
-                lib) -> bool:
+                lib, owned: Callable) -> bool:
     """Steps ``index`` (``x = fma(b, c, a)`` in place), ``pair[0]`` (``dare``: ``x * mask``;
     ``breadcrumbs``: its trim) and ``pair[1]`` (an ``axpy`` or ``add`` of its result) in one helper
     loop (``tv_drop_axpy_f32`` with float masks, the fused loop, :func:`_whole_call`, with keep bits
@@ -1864,7 +2142,7 @@ def _fused_drop(program, index: int, pair: tuple[int, int], slots: dict, buffers
         return False
     sub = program.steps[index]
     a, b = slots[sub.dst], slots[sub.srcs[0]]
-    taker = _taker(program.steps[use_index], use_index, slots, buffers, count)
+    taker = _taker(program.steps[use_index], use_index, slots, buffers, count, owned)
     slots[program.steps[use_index].dst] = taker[0]
     if isinstance(stream, _Trims):  # breadcrumbs: its trim
         _whole_call(lib, count, [(a, b, sub.coef)], stream.forms(), taker, None, windows=stream.ties())
@@ -1881,11 +2159,12 @@ def _fused_drop(program, index: int, pair: tuple[int, int], slots: dict, buffers
     return True
 
 
-def _taker(use, index: int, slots: dict, buffers: list, count: int) -> tuple:
+def _taker(use, index: int, slots: dict, buffers: list, count: int, owned: Callable) -> tuple:
     """``(out, base, first, c)`` of step ``use`` (``_takes``): its result is ``fma(value, c, base *
-    first)``, into ``base`` (an ``axpy``) or the step's own buffer (an ``add``)."""
+    first)``, into ``base`` (an ``axpy``, where ``owned`` says) or the step's own buffer (an ``add``)."""
     if use.op == "axpy":
-        return slots[use.dst], slots[use.dst], 1.0, use.coef
+        base = slots[use.dst]
+        return owned(use.dst), base, 1.0, use.coef
     first, c = use.coef
     return buffers[index][:count], slots[use.srcs[0]], first, c
 
@@ -2031,8 +2310,13 @@ def _copy(base: _Input, info, dtype, writers: list) -> None:
         for writer in writers:
             writer.write(info.name, numpy.empty(info.shape, dtype=dtype))
     for start in range(0, numel, CHUNK_ELEMENTS):
-        piece = numpy.empty(min(numel - start, CHUNK_ELEMENTS), dtype=dtype)
-        _read_into(base.fd(file), offset + start * dtype.itemsize, piece)
+        count = min(numel - start, CHUNK_ELEMENTS)
+        view = base.view(file, offset + start * dtype.itemsize, count * dtype.itemsize) if MAP_READS else None
+        if view is not None:
+            piece = view.view(dtype)
+        else:
+            piece = numpy.empty(count, dtype=dtype)
+            _read_into(base.fd(file), offset + start * dtype.itemsize, piece)
         for writer in writers:
             writer.write_part(info.name, piece)
 
