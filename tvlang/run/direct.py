@@ -127,7 +127,7 @@ __all__ = ["CHUNK_ELEMENTS", "DISABLE", "attempt"]
 
 DISABLE = "TVLANG_DIRECT"  # "0" in the environment: never use this executor
 CHUNK_ELEMENTS = 1 << 18  # entries per chunk: 1 MiB buffers, which stay in the cache (faster here than 4 MiB)
-MAP_READS = True  # read the chunks as views of the mapped files (_Input.view), where they can be
+MAP_READS = True  # read the chunks as views of the mapped files (_Input.view), where _idle_second_core
 RELEASE_BYTES = 16 << 20  # bytes of an input viewed between drops of its maps' pages (_Input.view)
 MAPS_HELD = 2  # files of an input kept mapped (_Input.view: a sharded input's, the main pass's and the one ahead)
 ALIGN_SLACK = 64  # bytes to spare in a read step's buffers, so that a chunk is read where it copies fast (_aligned)
@@ -201,6 +201,7 @@ class _Input:
     _open: tuple[int, int] | None = None  # (file index, descriptor)
     _maps: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # file -> (its bytes mapped, the map): view()
     _viewed: int = 0  # bytes viewed since the maps' pages were last dropped
+    mapping: bool = False  # whether the run reads this source's chunks as views (_idle_second_core)
     _lock: threading.Lock = field(default_factory=threading.Lock)  # the maps are shared by the run's threads
 
     def fd(self, file: int) -> int:
@@ -677,10 +678,13 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
         ahead = _Ahead(program, bound, lib, every, drawing, num_layers) if any(
             step.op == "call" and step.name in (*THRESHOLD_CALLS, *SUMS_CALLS, "sce") or _l1_call(step)
             for step in program.steps) else None
+        idle = ahead is None and _idle_second_core(program)
+        for source in bound.readers.values():
+            source.mapping = MAP_READS and idle
         if ahead is None and _pipelines(program):
             _pipelined(program, bound, every, [(buffers, halves, drops), _workspace(program)], writers, models, lib,
                        drawing, num_layers, fused, not allow_nonfinite, bar, read, len(writers))
-        elif _overlaps():
+        elif idle:
             _overlapped(program, bound, every, [(buffers, halves, drops)] + [_workspace(program)
                                                                           for _ in range(WRITES_AHEAD)],
                         writers, models, lib, ahead, drawing, num_layers, fused, not allow_nonfinite, bar, read,
@@ -1332,10 +1336,18 @@ def _pipelined(program, bound: _Bound, every: list, workspaces: list, writers: d
 WRITES_AHEAD = 2  # chunks whose writes may wait on the writing thread (_overlapped: one workspace more)
 
 
-def _overlaps() -> bool:
-    """Whether the main pass runs as :func:`_overlapped` (its writes on a thread of their own): where a
-    second core can run that thread."""
-    return (os.cpu_count() or 1) > 1
+def _idle_second_core(program) -> bool:
+    """Whether the main pass runs as :func:`_overlapped` (its writes on a thread of their own) and
+    reads its chunks as views of the mapped files (:meth:`_Input.view`): where a second core can
+    run that thread and has nothing else to do, a program with no call but NATIVE_CALLS' (the
+    calls that draw masks, find thresholds or sums ahead, or sample rows, keep it busy).
+
+    With a call that does, either change made the run slower at 1.5 GB (alternating runs, the
+    sixteenth round, docs/performance-operators.md): ``ties`` 3.25 s with both against 2.58 s
+    with neither, ``slerp`` 2.80 against 2.30 s, ``dare`` 2.39-2.49 against 2.26 s; plain task
+    arithmetic took 1.37-1.47 s with both against 1.70-1.80 s without."""
+    return (os.cpu_count() or 1) > 1 and all(step.name in NATIVE_CALLS for step in program.steps
+                                             if step.op == "call")
 
 
 def _overlapped(program, bound: _Bound, every: list, workspaces: list, writers: dict, models: list, lib,
@@ -1751,7 +1763,7 @@ def _read_step(bound: _Bound, step, index: int, name: str, start: int, count: in
     _, code, file, offset = source.tensors[name]
     size = 4 if code == "F32" else 2
     position = offset + size * start
-    view = source.view(file, position, size * count) if MAP_READS and position % size == 0 else None
+    view = source.view(file, position, size * count) if source.mapping and position % size == 0 else None
     if view is not None:
         return view.view(numpy.float32 if size == 4 else numpy.uint16), True
     target = _aligned(buffers[index] if code == "F32" else halves[index], position, count)
@@ -2311,7 +2323,7 @@ def _copy(base: _Input, info, dtype, writers: list) -> None:
             writer.write(info.name, numpy.empty(info.shape, dtype=dtype))
     for start in range(0, numel, CHUNK_ELEMENTS):
         count = min(numel - start, CHUNK_ELEMENTS)
-        view = base.view(file, offset + start * dtype.itemsize, count * dtype.itemsize) if MAP_READS else None
+        view = base.view(file, offset + start * dtype.itemsize, count * dtype.itemsize) if base.mapping else None
         if view is not None:
             piece = view.view(dtype)
         else:
