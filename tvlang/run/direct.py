@@ -1356,10 +1356,11 @@ def _overlapped(program, bound: _Bound, every: list, workspaces: list, writers: 
     """The main pass with its writes on a thread of their own: this thread reads and computes each
     chunk in the next of WRITES_AHEAD + 1 workspaces in turn and hands the chunk's writes over
     (:func:`_emit`); before it takes a workspace again, the writes from it are done. The writing
-    thread runs its work in the order handed to it, so the writes keep their order (a tensor not
-    computed is copied there too, in its turn). Its errors (a full disk) come back here at the next
-    chunk, or at the end; on any error, or Ctrl-C, the work not started is dropped and the running
-    one waited for before the caller withdraws the outputs.
+    thread runs its work in the order handed to it, so the writes keep their order; a tensor not
+    computed is copied by this thread once every write handed over is done (its reads would
+    otherwise share a source's descriptor between the threads). The writing thread's errors (a
+    full disk) come back here at the next chunk, or at the end; on any error, or Ctrl-C, the work
+    not started is dropped and the running one waited for before the caller withdraws the outputs.
 
     Reading on that thread as well, a chunk or two ahead, was slower (1.50-1.55 s against
     1.29-1.46 s at 1.5 GB, docs/performance.md): the chunk read by one core is computed on the other."""
@@ -1378,7 +1379,9 @@ def _overlapped(program, bound: _Bound, every: list, workspaces: list, writers: 
         for position, info in enumerate(every):
             numel = _numel(info.shape)
             if info.dtype not in _FLOATS or numel == 0:
-                hand_over(writing.submit(_write_uncomputed, base, info, writers, models))
+                while writes:  # the writing thread idle: this thread copies it (the writers are not shared)
+                    writes.popleft().result()
+                _write_uncomputed(base, info, writers, models)
             else:
                 streams = (ahead.streams(position) if ahead else
                            _streams(program, info.name, numel, drawing, num_layers, fused.packed, info.shape))
