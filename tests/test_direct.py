@@ -333,6 +333,26 @@ def test_steps_equal_torch_bit_for_bit():
     assert lib.tv_nonfinite_f32(x.data_ptr(), 1) == 1 and lib.tv_nonfinite_f32(x[2:].data_ptr(), 1) == 1
 
 
+def test_the_writing_thread_starts_before_any_temporary_exists(models, tmp_path, monkeypatch):
+    """A program that writes from a thread of its own starts that thread before it makes any
+    output's temporary: a Ctrl-C that lands while an executor starts its thread leaves the thread
+    running a task its shutdown does not wait for, which must not be one that writes there."""
+    import tvlang.io.writer as writer_module
+
+    _, paths, _ = models
+    seen = []
+    real = writer_module.StreamingWriter.__init__
+
+    def init(self, *args, **kwargs):
+        seen.append(sorted(t.name.split("_")[0] for t in threading.enumerate() if t.name.startswith("tvlang-")))
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(writer_module.StreamingWriter, "__init__", init)
+    tvlang.compile("pre + 0.5*(a - pre)").run(paths, str(tmp_path / "out"), allow_unused=True)
+    assert seen == [["tvlang-writes"]]
+    assert not [t for t in threading.enumerate() if t.name.startswith("tvlang-writes")]
+
+
 @pytest.mark.parametrize("copy", [0, 1])
 @pytest.mark.parametrize("n", [1, 1023, 1024, 3007])
 def test_a_linear_run_equals_its_steps_bit_for_bit(copy, n):

@@ -658,7 +658,10 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
     bar = None
     drawing = ThreadPoolExecutor(1, thread_name_prefix="tvlang-masks")  # a thread only once a DARE call asks
     ahead = None
+    writing = None
     try:
+        if _idle_second_core(plan.schedule.main):
+            writing = _writing_thread()  # before any output's temporary exists
         for name, path in targets.items():
             kind = plan.output_kind(name)
             metadata = output_metadata(plan, bound, name, kind)
@@ -678,7 +681,7 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
         ahead = _Ahead(program, bound, lib, every, drawing, num_layers) if any(
             step.op == "call" and step.name in (*THRESHOLD_CALLS, *SUMS_CALLS, "sce") or _l1_call(step)
             for step in program.steps) else None
-        idle = ahead is None and _idle_second_core(program)
+        idle = ahead is None and writing is not None
         for source in bound.readers.values():
             source.mapping = MAP_READS and idle
         if ahead is None and _pipelines(program):
@@ -687,7 +690,7 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
         elif idle:
             _overlapped(program, bound, every, [(buffers, halves, drops)] + [_workspace(program)
                                                                           for _ in range(WRITES_AHEAD)],
-                        writers, models, lib, ahead, drawing, num_layers, fused, not allow_nonfinite, bar, read,
+                        writers, models, lib, writing, drawing, num_layers, fused, not allow_nonfinite, bar, read,
                         len(writers))
         else:
             for position, info in enumerate(every):
@@ -719,6 +722,8 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
     finally:
         if ahead is not None:
             ahead.close()
+        if writing is not None:
+            writing.shutdown(wait=True, cancel_futures=True)
         drawing.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
@@ -1350,8 +1355,19 @@ def _idle_second_core(program) -> bool:
                                              if step.op == "call")
 
 
+def _writing_thread() -> ThreadPoolExecutor:
+    """The writing thread of :func:`_overlapped`, its thread started (and waited for) before any
+    output's temporary exists. An interrupt (Ctrl-C) that lands while an executor starts its
+    thread leaves that thread running a task the executor does not know of, which its shutdown
+    does not wait for: the writing thread could then write into an output's temporary while it is
+    removed, and leave it behind."""
+    writing = ThreadPoolExecutor(1, thread_name_prefix="tvlang-writes")
+    writing.submit(int).result()
+    return writing
+
+
 def _overlapped(program, bound: _Bound, every: list, workspaces: list, writers: dict, models: list, lib,
-                ahead: "_Ahead | None", drawing: ThreadPoolExecutor, num_layers: int | None, fused: _Fusions,
+                writing: ThreadPoolExecutor, drawing: ThreadPoolExecutor, num_layers: int | None, fused: _Fusions,
                 check: bool, bar, read: dict, outputs: int) -> None:
     """The main pass with its writes on a thread of their own: this thread reads and computes each
     chunk in the next of WRITES_AHEAD + 1 workspaces in turn and hands the chunk's writes over
@@ -1365,7 +1381,6 @@ def _overlapped(program, bound: _Bound, every: list, workspaces: list, writers: 
     Reading on that thread as well, a chunk or two ahead, was slower (1.50-1.55 s against
     1.29-1.46 s at 1.5 GB, docs/performance.md): the chunk read by one core is computed on the other."""
     base = bound.readers[bound.base]
-    writing = ThreadPoolExecutor(1, thread_name_prefix="tvlang-writes")
     busy: list[Future | None] = [None] * len(workspaces)  # each workspace's writes
     writes: deque[Future] = deque()
 
@@ -1383,8 +1398,7 @@ def _overlapped(program, bound: _Bound, every: list, workspaces: list, writers: 
                     writes.popleft().result()
                 _write_uncomputed(base, info, writers, models)
             else:
-                streams = (ahead.streams(position) if ahead else
-                           _streams(program, info.name, numel, drawing, num_layers, fused.packed, info.shape))
+                streams = _streams(program, info.name, numel, drawing, num_layers, fused.packed, info.shape)
                 step = _chunk_size(program, info)
                 for start in range(0, numel, step):
                     slot = turn % len(workspaces)
