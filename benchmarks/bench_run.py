@@ -170,21 +170,19 @@ def run_floor(paths: list[str], out: str) -> None:
     other offset tried. The floor took 1.41-1.48 s at 0.75 GB the first way and 1.8-3.4 s at
     1.5 GB the second, where tvlang took 0.90-0.98 s and 1.3-1.6 s."""
     size = 1 << 20
-    ends = []
-    for path in paths:
-        with open(weights(path), "rb") as f:
-            ends.append(8 + struct.unpack("<Q", f.read(8))[0])
-    blocks = [mmap.mmap(-1, size + 64) for _ in paths]
-    views = [memoryview(block)[end % 64:end % 64 + size] for block, end in zip(blocks, ends)]
     os.makedirs(out)
     shutil.copyfile(os.path.join(paths[0], "config.json"), os.path.join(out, "config.json"))
     sources = [open(weights(path), "rb", buffering=0) for path in paths]
     try:
+        heads = []  # each file's header: its 8-byte length and the JSON
+        for source in sources:
+            length = source.read(8)
+            heads.append(length + source.read(struct.unpack("<Q", length)[0]))
+        blocks = [mmap.mmap(-1, size + 64) for _ in paths]
+        views = [memoryview(block)[len(head) % 64:len(head) % 64 + size] for block, head in zip(blocks, heads)]
         with open(weights(out), "wb", buffering=0) as f:
             target = SyncEvery(f)
-            target.write(sources[0].read(ends[0]))
-            for source, end in zip(sources[1:], ends[1:]):
-                source.read(end)
+            target.write(heads[0])
             while True:
                 counts = [source.readinto(view) for source, view in zip(sources, views)]  # 0 once read
                 if not any(counts):

@@ -129,7 +129,7 @@ DISABLE = "TVLANG_DIRECT"  # "0" in the environment: never use this executor
 CHUNK_ELEMENTS = 1 << 18  # entries per chunk: 1 MiB buffers, which stay in the cache (faster here than 4 MiB)
 MAP_READS = True  # read the chunks as views of the mapped files (_Input.view), where _idle_second_core
 RELEASE_BYTES = 16 << 20  # bytes of an input viewed between drops of its maps' pages (_Input.view)
-MAPS_HELD = 2  # files of an input kept mapped (_Input.view: a sharded input's, the main pass's and the one ahead)
+MAPS_HELD = 2  # files of an input kept mapped (_Input.view: a sharded input whose tensors come in another order)
 ALIGN_SLACK = 64  # bytes to spare in a read step's buffers, so that a chunk is read where it copies fast (_aligned)
 MASKS_AHEAD = 4  # blocks of DARE masks drawn ahead per input (1 MiB each)
 AHEAD_TENSORS = 64  # tensors whose thresholds are searched ahead of the main pass (_Ahead)
@@ -202,7 +202,7 @@ class _Input:
     _maps: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # file -> (its bytes mapped, the map): view()
     _viewed: int = 0  # bytes viewed since the maps' pages were last dropped
     mapping: bool = False  # whether the run reads this source's chunks as views (_idle_second_core)
-    _lock: threading.Lock = field(default_factory=threading.Lock)  # the maps are shared by the run's threads
+    _lock: threading.Lock = field(default_factory=threading.Lock)  # for any thread that views (the main one, now)
 
     def fd(self, file: int) -> int:
         """A descriptor of weight file ``file``, closing the one open before; a file that is not the
@@ -225,9 +225,10 @@ class _Input:
         file mapped (:func:`_read_step` reads the chunks so: no copy), or ``None`` where the file
         cannot be mapped or is shorter than that (read, then, as the header says: a short read).
 
-        Each thread of the run may view the files: the last MAPS_HELD files' maps are kept (a
-        map lives on while a view of it does), each made from a descriptor of its own, opened
-        and closed here (the map holds a copy). Their pages are dropped from this process every
+        The last MAPS_HELD files' maps are kept (a sharded input whose tensors come in another
+        order than the base's goes back and forth between its shards; a map lives on while a view
+        of it does), each made from a descriptor of its own, opened and closed here (the map holds
+        a copy); a lock guards them, so that any thread may view. Their pages are dropped from this process every
         RELEASE_BYTES viewed (``MADV_DONTNEED``: they stay in the page cache, and a view still
         in use maps them again as it is read), so that the process holds no more of the files
         than that: else every page read stays mapped, and counts in its private memory, until
@@ -1381,12 +1382,10 @@ def _overlapped(program, bound: _Bound, every: list, workspaces: list, writers: 
     Reading on that thread as well, a chunk or two ahead, was slower (1.50-1.55 s against
     1.29-1.46 s at 1.5 GB, docs/performance.md): the chunk read by one core is computed on the other."""
     base = bound.readers[bound.base]
-    busy: list[Future | None] = [None] * len(workspaces)  # each workspace's writes
-    writes: deque[Future] = deque()
+    writes: deque[Future] = deque()  # the chunks' writes handed over, oldest first, not yet seen done
 
-    def hand_over(future: Future) -> None:  # the writes done so far give up their errors
-        writes.append(future)
-        while writes and writes[0].done():
+    def settle(left: int) -> None:  # wait until at most ``left`` writes are not done; raise their errors
+        while len(writes) > left or writes and writes[0].done():
             writes.popleft().result()
 
     try:
@@ -1394,27 +1393,23 @@ def _overlapped(program, bound: _Bound, every: list, workspaces: list, writers: 
         for position, info in enumerate(every):
             numel = _numel(info.shape)
             if info.dtype not in _FLOATS or numel == 0:
-                while writes:  # the writing thread idle: this thread copies it (the writers are not shared)
-                    writes.popleft().result()
+                settle(0)  # the writing thread idle: this thread copies it (the writers are not shared)
                 _write_uncomputed(base, info, writers, models)
             else:
                 streams = _streams(program, info.name, numel, drawing, num_layers, fused.packed, info.shape)
                 step = _chunk_size(program, info)
                 for start in range(0, numel, step):
-                    slot = turn % len(workspaces)
+                    # the writes run in order: with fewer than len(workspaces) left, this workspace's are done
+                    settle(len(workspaces) - 1)
+                    buffers, halves, drops = workspaces[turn % len(workspaces)]
                     turn += 1
-                    if busy[slot] is not None:
-                        busy[slot].result()
-                    buffers, halves, drops = workspaces[slot]
                     emitted: list = []
                     _chunk(program, bound, info, start, min(numel - start, step), buffers, halves, drops, streams,
                            writers, lib, check=check, fused=fused, emit=emitted.append)
-                    busy[slot] = writing.submit(_emit, emitted)
-                    hand_over(busy[slot])
+                    writes.append(writing.submit(_emit, emitted))
             if bar:
                 bar.advance(info.name, read[info.name] * outputs)
-        while writes:
-            writes.popleft().result()
+        settle(0)
     finally:
         writing.shutdown(wait=True, cancel_futures=True)
 
@@ -2071,7 +2066,7 @@ def _linear_runs(program, taken: set[int]) -> dict[int, int]:
                 break
         if count:
             runs[i] = last
-        i = max(last, i) + 1
+        i = last + 1
     return runs
 
 
