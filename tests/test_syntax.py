@@ -307,3 +307,90 @@ def test_spans_agree_with_span_of(text):
 
     for node in ast.walk(parse(text)):
         assert node.span == Span.of(text, node.span.start, node.span.end), node
+
+
+# -- the saved parser tables ------------------------------------------------------------
+
+def test_saved_tables_are_made_from_this_grammar():
+    import hashlib
+    import json
+
+    from tvlang.language.syntax import TABLES_FILE, grammar_text
+
+    saved = json.loads(TABLES_FILE.read_text(encoding="utf-8"))
+    digest = hashlib.sha256(grammar_text().encode("utf-8")).hexdigest()
+    assert saved["grammar_sha256"] == digest, "the grammar changed: run python scripts/parser_tables.py"
+
+
+def test_the_parser_loads_the_saved_tables_where_they_match():
+    import json
+
+    import lark
+
+    from tvlang.language import syntax
+
+    saved = json.loads(syntax.TABLES_FILE.read_text(encoding="utf-8"))
+    if saved["lark"] != lark.__version__:
+        pytest.skip(f"tables saved by Lark {saved['lark']}, this is {lark.__version__}: the parser is built")
+    assert syntax._load(syntax.grammar_text()) is not None
+
+
+def _corpus() -> list[str]:
+    """Recipes and expressions, good and bad, for the two parsers to agree on."""
+    texts = list(GOOD_RECIPES) + [path.read_text(encoding="utf-8") for path in sorted((ROOT / "examples").rglob("*.tv"))]
+    texts += ["out = (a +", "out = a + )", "out = f(a b)", "out = a $ b", "out = load('base)\n", "x = a +\nout = x\n",
+              "x = a +\n\n# trailing\n", "x = out + a", "param = 1", "out = f(a, k=1, b)", "out = [1, 2",
+              "param lm = 0.4\r\nout = pre + lm*(ft - pre)\r\n", "out = " + "(" * 300 + "a" + ")" * 300]
+    return texts
+
+
+def _outcome(text: str, start: str) -> object:
+    from tvlang.language.syntax import _run
+
+    try:
+        return _run(text, "r.tv", start)
+    except TvlangError as err:
+        return err.render()
+
+
+def test_loaded_and_built_parsers_agree(tmp_path, monkeypatch):
+    """Tables saved and loaded again (here by the Lark installed, whatever the committed file's
+    version) parse every text of the corpus into the same tree, or the same error, as a parser
+    built from the grammar."""
+    from tvlang.language import syntax
+
+    text = syntax.grammar_text()
+    monkeypatch.setattr(syntax, "TABLES_FILE", tmp_path / "tables.json")
+    syntax.write_tables(tmp_path / "tables.json")
+    loaded, built = syntax._load(text), syntax._build(text)
+    assert loaded is not None and built is not None
+    corpus = _corpus()
+    assert len(corpus) > 20
+    outcomes = {}
+    for name, parser in (("loaded", loaded), ("built", built)):
+        monkeypatch.setattr(syntax, "_parser", lambda parser=parser: parser)
+        outcomes[name] = [_outcome(t, start) for t in corpus for start in ("start", "expression")]
+    assert outcomes["loaded"] == outcomes["built"]
+    assert sum(isinstance(o, str) for o in outcomes["built"]) >= 13  # errors were compared too
+    assert sum(not isinstance(o, str) for o in outcomes["built"]) >= 10
+
+
+def test_tables_of_another_grammar_or_lark_or_broken_are_ignored(tmp_path, monkeypatch):
+    import json
+
+    from tvlang.language import syntax
+
+    path = tmp_path / "tables.json"
+    monkeypatch.setattr(syntax, "TABLES_FILE", path)
+    text = syntax.grammar_text()
+    assert syntax._load(text) is None  # no file
+    syntax.write_tables(path)
+    assert syntax._load(text) is not None
+    assert syntax._load(text + "\n// another grammar\n") is None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    path.write_text(json.dumps({**saved, "lark": "0.0.1"}), encoding="utf-8")
+    assert syntax._load(text) is None
+    path.write_text(json.dumps({**saved, "data": {"rules": []}}), encoding="utf-8")
+    assert syntax._load(text) is None
+    path.write_text("{not json", encoding="utf-8")
+    assert syntax._load(text) is None

@@ -24,9 +24,11 @@ tvlang.errors.TvlangError: r.tv:1:11: error: unexpected end of input, '(' at 1:7
 from __future__ import annotations
 
 import dataclasses
-import unicodedata
+import hashlib
+import json
 import math
 import threading
+import unicodedata
 from functools import lru_cache
 from pathlib import Path
 
@@ -72,10 +74,13 @@ def grammar_text() -> str:
         ) from None
 
 
-@lru_cache(maxsize=None)
-def _parser() -> Lark:
+#: The parser's tables, saved by :func:`write_tables` (``python scripts/parser_tables.py``).
+TABLES_FILE = Path(__file__).with_name("parser_tables.json")
+
+
+def _build(text: str) -> Lark:
     return Lark(
-        grammar_text(),
+        text,
         parser="lalr",
         lexer="basic",
         start=["start", "expression"],
@@ -84,6 +89,56 @@ def _parser() -> Lark:
         transformer=_Builder(),
         postlex=_PostLexer(),
     )
+
+
+def _fingerprint(text: str) -> dict:
+    """What saved tables must have been made from: this grammar, by this version of Lark."""
+    import lark
+
+    return {"grammar_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "lark": lark.__version__}
+
+
+def write_tables(path: Path = TABLES_FILE) -> None:
+    """Save the parser's tables (Lark's own serialized form: rules, terminals, LALR states) as JSON,
+    with the grammar's hash and Lark's version, for :func:`_parser` to load instead of building
+    them (about 2 ms against 20-40 ms at every start of the command line). Recipes never reach
+    this file: it is part of the package, and JSON holds data only."""
+    from lark.grammar import Rule
+    from lark.lexer import TerminalDef
+
+    text = grammar_text()
+    data, memo = _build(text).memo_serialize([TerminalDef, Rule])
+    data = dict(data, options={k: v for k, v in data["options"].items() if k not in ("transformer", "postlex")})
+    saved = {**_fingerprint(text), "data": data, "memo": memo}
+    path.write_text(json.dumps(saved, separators=(",", ":"), sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _int_keys(table: dict) -> dict:
+    return {int(key): value for key, value in table.items()}
+
+
+def _load(text: str) -> Lark | None:
+    """The parser from :data:`TABLES_FILE`, or ``None`` where that file is missing, unreadable, or
+    made from another grammar or by another version of Lark (JSON's keys are strings: the
+    memo's and the parse table's were integers)."""
+    try:
+        saved = json.loads(TABLES_FILE.read_text(encoding="utf-8"))
+        if {key: saved.get(key) for key in ("grammar_sha256", "lark")} != _fingerprint(text):
+            return None
+        data = saved["data"]
+        table = data["parser"]["parser"]
+        table["tokens"] = _int_keys(table["tokens"])
+        table["states"] = {int(state): _int_keys(actions) for state, actions in table["states"].items()}
+        return Lark._load_from_dict(data, _int_keys(saved["memo"]), transformer=_Builder(), postlex=_PostLexer())
+    except Exception:  # noqa: BLE001 - any trouble with the saved tables: build them instead
+        return None
+
+
+@lru_cache(maxsize=None)
+def _parser() -> Lark:
+    """The parser: loaded from the saved tables where they match the grammar and Lark, else built."""
+    text = grammar_text()
+    return _load(text) or _build(text)
 
 
 # -- per-parse state -------------------------------------------------------------
@@ -442,3 +497,4 @@ def parse(text: str, filename: str | None = None) -> ast.Program:
 def parse_expression(text: str, filename: str | None = None) -> ast.Expr:
     """Parse one expression (``tvlang run -e EXPR``); callers wrap it as ``Out(None, expr)``."""
     return _run(text, filename, "expression")
+

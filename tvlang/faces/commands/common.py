@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tvlang.errors import TvlangError
 from tvlang.faces.commands.args import UsageError
-from tvlang.frontends.mergekit import Translation, translate
+
+if TYPE_CHECKING:
+    from tvlang.frontends.mergekit import Translation
 
 # A RECIPE with one of these suffixes is a mergekit config: it runs as its translation.
 MERGEKIT_SUFFIXES = (".yml", ".yaml")
@@ -50,6 +53,8 @@ def mergekit_config(args: argparse.Namespace) -> Translation | None:
     """The translation of a RECIPE that is a mergekit config (``.yml``/``.yaml``), else None."""
     if args.recipe is None or not args.recipe.endswith(MERGEKIT_SUFFIXES):
         return None
+    from tvlang.frontends.mergekit import translate  # here: a .tv recipe or -e starts without it
+
     return translate(Path(args.recipe))
 
 

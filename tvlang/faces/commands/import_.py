@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 from tvlang.faces.commands.report_file import add_out_argument
-from tvlang.frontends.mergekit import translate
 
 HELP = "print a mergekit config (YAML) as an equivalent tvlang recipe"
 
@@ -45,5 +44,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tvlang.frontends.mergekit import translate  # here: other commands start without it
+
     sys.stdout.write(translate(Path(args.config)).recipe)
     return 0

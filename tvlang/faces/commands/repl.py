@@ -6,7 +6,6 @@ import argparse
 import sys
 
 from tvlang.faces.commands.args import parse_bindings, parse_params
-from tvlang.faces.repl import Repl, interact
 
 HELP = "interactive recipes: define names, see summaries of values, save results"
 
@@ -50,6 +49,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     bindings = parse_bindings(args.bind)
     params = parse_params(args.set)
+    from tvlang.faces.repl import Repl, interact  # here: other commands start without the REPL's modules
+
     repl = Repl(device=args.device, dtype=args.dtype, quiet=args.quiet)
     for name, value in bindings.items():
         repl.bind(name, value)
