@@ -48,6 +48,7 @@ def test_wheel_contains_grammar_and_parses(tmp_path):
         assert "tvlang/tvlang.lark" in archive.namelist()
         assert archive.read("tvlang/tvlang.lark").decode() == (ROOT / "grammar" / "tvlang.lark").read_text()
         assert not any(name.startswith("grammar/") for name in archive.namelist())
+        assert "tvlang/language/parser_tables.json" in archive.namelist()
         unpacked = tmp_path / "unpacked"
         archive.extractall(unpacked)
 
@@ -64,6 +65,8 @@ print(json.dumps({{
     "helper": None if native.library() is None else native.library()._name,
     "packaged": resources.files("tvlang").joinpath("tvlang.lark").is_file(),
     "statements": len(program.statements),
+    "tables": tvlang.language.syntax._load(tvlang.language.syntax.grammar_text()) is not None,
+    "tables_lark": json.loads(tvlang.language.syntax.TABLES_FILE.read_text())["lark"],
 }}))
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -75,6 +78,10 @@ print(json.dumps({{
     assert Path(info["file"]).is_relative_to(unpacked)
     assert info["packaged"] is True
     assert info["statements"] == 2
+    import lark
+
+    # the wheel's parser loads its saved tables (where they were saved by this Lark)
+    assert info["tables"] is (info["tables_lark"] == lark.__version__)
     if compiler:
         assert Path(info["helper"]) == unpacked / "tvlang" / "ops" / "libtvnative.so.1"
     assert not (unpacked / "grammar").exists()  # so the source-tree fallback could not have been used
