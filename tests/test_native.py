@@ -438,6 +438,31 @@ def test_window_gather_equals_numpy():
 
 
 @needs_helper
+def test_window_gather_many_windows_and_sizes_stay_in_scratch():
+    """Eight patterns at a time (AVX2) and the tail one by one: every window and length against
+    numpy, the scratch of ``n + 1`` entries never written past (a guard after it stays)."""
+    rng = numpy.random.default_rng(11)
+    for n in (0, 1, 5, 8, 15, 16, 17, 63, 64, 65, 1000, 4103):
+        x = rng.standard_normal(n).astype(numpy.float32)
+        x[rng.integers(0, max(n, 1), n // 7)] = rng.choice([0.0, -0.0, numpy.inf, -numpy.inf, numpy.nan], n // 7)
+        raw = x.view(numpy.int32)
+        mag = raw & 0x7FFFFFFF
+        patterns = numpy.sort(numpy.unique(mag)) if n else numpy.zeros(1, numpy.int32)
+        for _ in range(6):
+            lo, hi = sorted(int(v) for v in rng.choice(patterns, 2))
+            guard = [numpy.full(n + 1 + 64, -7, numpy.int32) for _ in range(2)]
+            for window in ((lo, hi), (lo, None)):
+                picked, above = native.window_gather(raw, *window, guard[0][:n + 1])
+                inside = (mag >= lo) & ((mag <= hi) if window[1] is not None else True)
+                assert numpy.array_equal(picked, mag[inside]), (n, window)
+                assert above == (int((mag > hi).sum()) if window[1] is not None else 0)
+            got = native.window_gather2(raw, [(lo, hi), (hi, None)], [g[:n + 1] for g in guard])
+            assert numpy.array_equal(got[0][0], mag[(mag >= lo) & (mag <= hi)]) and got[0][1] == int((mag > hi).sum())
+            assert numpy.array_equal(got[1][0], mag[mag >= hi]) and got[1][1] == 0
+            assert all((g[n + 1:] == -7).all() for g in guard), n
+
+
+@needs_helper
 def test_band_trim_equals_the_torch_path(monkeypatch):
     g = torch.Generator().manual_seed(6)
     for n in (1, 7, 8, 33, 4099):
