@@ -160,26 +160,28 @@ def test_progress_bar_only_on_a_terminal(ckpt, tmp_path, monkeypatch, capsys):
 # -- the console script's exit (tvlang.faces.cli.entry) ---------------------------------
 
 
-def _entry(tmp_path, argv: list[str]):
-    """``entry()`` in a fresh interpreter with ``argv``, an atexit function that prints, and a
-    thread pool left open (its idle worker must not keep the process alive)."""
+def _entry(tmp_path, argv: list[str], *, before: str = "", call: str = "entry()", env: dict | None = None):
+    """``entry()`` (or ``call``) in a fresh interpreter with ``argv``, an atexit function that
+    prints, and a thread pool left open (its idle worker must not keep the process alive);
+    ``before``: lines run first."""
     import subprocess
 
     script = ("import atexit, sys\n"
               "from concurrent.futures import ThreadPoolExecutor\n"
+              f"{before}"
               "atexit.register(lambda: print('atexit ran', flush=True))\n"
               "pool = ThreadPoolExecutor(1); pool.submit(int).result()  # an idle worker, never shut down\n"
               f"sys.argv = ['tvlang', *{argv!r}]\n"
-              "from tvlang.faces.cli import entry\n"
-              "entry()\n"
+              "from tvlang.faces.cli import entry, main\n"
+              f"{call}\n"
               "print('not reached')\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": root}, cwd=tmp_path)
+                          env={**(os.environ if env is None else env), "PYTHONPATH": root}, cwd=tmp_path)
 
 
 def test_entry_after_a_run_flushes_runs_atexit_and_keeps_the_status(ckpt, tmp_path):
-    """With torch loaded, entry() leaves by os._exit: the JSON summary on stdout is whole,
+    """entry() leaves by os._exit: the JSON summary on stdout is whole,
     atexit functions ran, the status is main()'s, and the output is complete on disk."""
     import json
 
@@ -200,11 +202,30 @@ def test_entry_after_a_run_flushes_runs_atexit_and_keeps_the_status(ckpt, tmp_pa
     assert sorted(os.listdir(tmp_path)) == listing
 
 
-def test_entry_without_torch_exits_normally(tmp_path):
-    """A command that never loads torch (check) exits the normal way, through SystemExit."""
-    result = _entry(tmp_path, ["check", "-e", "pre + 0.5*(ft - pre)"])
+def test_entry_without_torch_leaves_the_same_way(tmp_path):
+    """A command that never loads torch (check) leaves by os._exit too: atexit functions run and
+    the status is main()'s, but the interpreter's teardown (which would call the ``__del__`` of
+    an object left in a module) does not run."""
+    tell = "class Tell:\n    def __del__(self): print('teardown', flush=True)\nkept = Tell()\n"
+    result = _entry(tmp_path, ["check", "-e", "pre + 0.5*(ft - pre)"], before=tell)
     assert (result.returncode, result.stdout) == (0, "atexit ran\n")
     assert "Traceback" not in result.stderr
+    failed = _entry(tmp_path, ["check", "-e", "pre + "], before=tell)
+    assert (failed.returncode, failed.stdout) == (1, "atexit ran\n")
+    assert failed.stderr.startswith("<expr>:1:")
+    # and the same script with a plain sys.exit: the teardown runs (so the check above can fail)
+    plain = _entry(tmp_path, ["check", "-e", "pre + 0.5*(ft - pre)"], before=tell, call="sys.exit(main())")
+    assert (plain.returncode, plain.stdout) == (0, "atexit ran\nteardown\n")
+
+
+def test_entry_sets_one_blas_thread_unless_told(tmp_path):
+    """numpy's BLAS runs one thread in the command line's process unless the environment says otherwise."""
+    show = "import os\natexit.register(lambda: print('blas', os.environ.get('OPENBLAS_NUM_THREADS'), flush=True))\n"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    unset = _entry(tmp_path, ["check", "-e", "pre"], before=show, env=env)
+    assert unset.stdout == "atexit ran\nblas 1\n", unset.stdout  # (atexit: the last registered first)
+    told = _entry(tmp_path, ["check", "-e", "pre"], before=show, env={**env, "OPENBLAS_NUM_THREADS": "2"})
+    assert told.stdout == "atexit ran\nblas 2\n", told.stdout
 
 
 def test_entry_under_a_profiler_exits_normally(ckpt, tmp_path):

@@ -78,20 +78,27 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """The ``tvlang`` console script and ``python -m tvlang``: ``main()``, then exit.
 
-    Once torch is loaded, the interpreter's own teardown (freeing every module torch
-    brought in) takes about half a second on the development machine, after the work is
-    done and the output renamed into place. So the process exits without it: other threads
-    are joined, the ``atexit`` functions run and the streams are flushed as at a normal
-    exit (the same calls, in the same order: ``threading._shutdown``, then ``atexit``), then
-    ``os._exit``. Without torch loaded (``check``, ``explain``, errors before
-    any tensor), or under a profiler or tracer (``python -m cProfile -m tvlang`` writes its
-    results after the program returns), the exit is the normal one. ``main()`` itself
-    returns the status, for callers in Python.
+    The interpreter's own teardown (freeing every module loaded) takes about half a second
+    once torch is loaded, and about 30 ms with numpy and lark alone (the torch-free
+    executor's runs), on the development machine, after the work is done and the output
+    renamed into place. So the process exits without it: other threads are joined, the
+    ``atexit`` functions run and the streams are flushed as at a normal exit (the same
+    calls, in the same order: ``threading._shutdown``, then ``atexit``), then ``os._exit``.
+    Under a profiler or tracer (``python -m cProfile -m tvlang`` writes its results after the
+    program returns) the exit is the normal one. ``main()`` itself returns the status, for
+    callers in Python.
+
+    numpy's BLAS (OpenBLAS) starts a thread a core when numpy is imported, which spins for a
+    while: about 70 ms of the second core's time at every start here, beside the run's own
+    threads. No command does linear algebra in numpy worth a thread (torch has its own
+    BLAS), so the command line sets ``OPENBLAS_NUM_THREADS=1`` where the environment does
+    not set it already (child processes, such as Ray's workers, inherit it).
     """
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     code = main()
     shutdown = getattr(threading, "_shutdown", None)  # what the interpreter's exit runs first
     watched = sys.getprofile() is not None or sys.gettrace() is not None  # cProfile, coverage, a debugger
-    if "torch" not in sys.modules or shutdown is None or watched:
+    if shutdown is None or watched:
         sys.exit(code)
     shutdown()  # the exit functions of threading (idle thread pools told to stop), then join
     atexit._run_exitfuncs()
