@@ -11,6 +11,7 @@ the helper, so these tests cannot pass by comparing the fallback with itself."""
 from __future__ import annotations
 
 import ctypes
+import itertools
 import math
 import os
 import shutil
@@ -659,13 +660,14 @@ def test_magprune_equals_the_torch_path(monkeypatch, m):
     rows = 41
     x = parts_with_specials(1, rows * m, seed=m)[0]
     x[: rows * m // 3] = torch.round(x[: rows * m // 3] * 4) / 4  # many equal magnitudes
-    for rescale in (True, False):
+    # (0.75, 0.25): the largest probability is 1.0 exactly where m - 1 is a power of two (every word below it)
+    for (density, epsilon), rescale in itertools.product([(0.3, 0.2), (0.75, 0.25)], (True, False)):
         results = []
         for helper in (True, False):
             if not helper:
                 monkeypatch.setenv("TVLANG_NATIVE", "0")
-            sampler = Magprune(0.3, 0.2, numpy.random.PCG64(m), rescale, m)
-            flags = Magprune(0.3, 0.2, numpy.random.PCG64(m), rescale, m)
+            sampler = Magprune(density, epsilon, numpy.random.PCG64(m), rescale, m)
+            flags = Magprune(density, epsilon, numpy.random.PCG64(m), rescale, m)
             out, kept = torch.empty(rows * m), []
             for start, stop in [(0, 7), (7, 8), (8, rows)]:  # pieces of whole rows, odd word counts
                 sampler.apply(x[start * m:stop * m], out[start * m:stop * m])

@@ -497,4 +497,3 @@ def parse(text: str, filename: str | None = None) -> ast.Program:
 def parse_expression(text: str, filename: str | None = None) -> ast.Expr:
     """Parse one expression (``tvlang run -e EXPR``); callers wrap it as ``Out(None, expr)``."""
     return _run(text, filename, "expression")
-

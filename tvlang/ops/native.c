@@ -315,7 +315,9 @@ static inline size_t gather_flagged(const int32_t *r, const uint8_t *flags, size
 #include <immintrin.h>
 #define GATHER_VECTORS 1
 static uint32_t pack_lanes[256][8]; /* for each flag byte, the lanes flagged in order, then lane 0 */
+static int vectors_ok;              /* whether this machine has AVX2 (and POPCNT) */
 
+/* Run once as the library is loaded (one thread), before any call. */
 __attribute__((constructor)) static void fill_pack_lanes(void) {
     for (int mask = 0; mask < 256; mask++) {
         int k = 0;
@@ -323,12 +325,11 @@ __attribute__((constructor)) static void fill_pack_lanes(void) {
             if (mask >> lane & 1) pack_lanes[mask][k++] = (uint32_t)lane;
         for (; k < 8; k++) pack_lanes[mask][k] = 0;
     }
+    __builtin_cpu_init();
+    vectors_ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
 }
 
-static int gather_vectors_ok(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
-}
+static inline int gather_vectors_ok(void) { return vectors_ok; }
 
 /* Windows w < k (k is 1 or 2) over r[0 .. n - n % 8): inside[w] from got[w] on, those above hi[w]
  * added to over[w]; returns the entries done (n rounded down to eight). */
@@ -1477,7 +1478,7 @@ static MULTI_VERSION void magprune_row(const float *x, const uint32_t *words, co
  * top * 2**32 is exact in float64, so that is w < ceil(top * 2**32), compared as integers. */
 static size_t below_top(const uint32_t *words, size_t m, float top, uint32_t *want) {
     double bound = ceil((double)top * 0x1p32);
-    if (bound > 0x1p32) { /* every word */
+    if (bound >= 0x1p32) { /* every word (a probability of 1 or more: every word is below 2**32) */
         for (size_t j = 0; j < m; j++) want[j] = (uint32_t)j;
         return m;
     }
