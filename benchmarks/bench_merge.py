@@ -76,6 +76,7 @@ import itertools
 import json
 import os
 import shutil
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -465,6 +466,30 @@ def table(results: dict[str, Result], size_gb: float) -> str:
     return "\n".join(lines)
 
 
+def round_ratios(results: dict[str, Result], reference: str = "tvlang-ta") -> str:
+    """Each contender's wall over ``reference``'s in the same round, the median of those ratios and
+    the ratios themselves: less moved by a slow spell of the machine than the ratio of the two
+    medians, as a round runs the contenders one after the other (only where both ran every round).
+
+    >>> def ran(*walls):
+    ...     return Result([], 0, statistics.median(walls), 0, 0, 0, 0, extra={"walls": list(walls)})
+    >>> print(round_ratios({"tvlang-ta": ran(1.0, 2.0, 1.0), "x": ran(2.0, 3.0, 2.2)}))
+    x / tvlang-ta by round: median 2.00 (2.00, 1.50, 2.20)
+    """
+    if reference not in results:
+        return ""
+    base = results[reference].extra.get("walls", [])
+    lines = []
+    for name, r in results.items():
+        walls = r.extra.get("walls", [])
+        if name == reference or len(walls) != len(base) or not base:
+            continue
+        ratios = [w / b for w, b in zip(walls, base)]
+        lines.append(f"{name} / {reference} by round: median {statistics.median(ratios):.2f} "
+                     f"({', '.join(f'{q:.2f}' for q in ratios)})")
+    return "\n".join(lines)
+
+
 def method_ratios(results: dict[str, Result]) -> str:
     """Per method: tvlang's and mergekit's median walls and mergekit's over tvlang's."""
     lines = ["| method | tvlang run | mergekit-yaml | mergekit / tvlang |", "|---|---|---|---|"]
@@ -531,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = make_checkpoints(args.workdir, args.size_gb)
     results = bench(only, paths, os.path.dirname(paths["pre"]), args)
     print(table(results, args.size_gb))
+    print(round_ratios(results))
     if args.methods:
         print(method_ratios(results))
     if args.gradient:
