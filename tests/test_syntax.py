@@ -337,7 +337,8 @@ def test_the_parser_loads_the_saved_tables_where_they_match():
 
 def _corpus() -> list[str]:
     """Recipes and expressions, good and bad, for the two parsers to agree on."""
-    texts = list(GOOD_RECIPES) + [path.read_text(encoding="utf-8") for path in sorted((ROOT / "examples").rglob("*.tv"))]
+    examples = sorted((ROOT / "examples").rglob("*.tv"))
+    texts = list(GOOD_RECIPES) + [path.read_text(encoding="utf-8") for path in examples]
     texts += ["out = (a +", "out = a + )", "out = f(a b)", "out = a $ b", "out = load('base)\n", "x = a +\nout = x\n",
               "x = a +\n\n# trailing\n", "x = out + a", "param = 1", "out = f(a, k=1, b)", "out = [1, 2",
               "param lm = 0.4\r\nout = pre + lm*(ft - pre)\r\n", "out = " + "(" * 300 + "a" + ")" * 300]
