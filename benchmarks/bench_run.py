@@ -472,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {os.cpu_count()} cores, {memory:.0f} GiB; expression: {EXPR}", flush=True)
     rows: list[tuple[str, float, Result]] = []
     ref: dict[tuple[str, float], float] = {}
+    rounds: dict[tuple[str, float], list[float]] = {}  # each run's wall, round by round
     for scale in (float(s) for s in args.scales.split(",")):
         size_gb = round(args.size_gb * scale, 3)
         print(f"checkpoints of {size_gb:g} GB:", file=sys.stderr)
@@ -485,13 +486,20 @@ def main(argv: list[str] | None = None) -> int:
             if result.rc == 0:
                 rows.append((name, size_gb, result))
                 ref[(name, size_gb)] = result.wall
+                rounds[(name, size_gb)] = result.extra.get("walls", [])
                 walls = ", ".join(f"{w:.1f}" for w in result.extra.get("walls", [result.wall]))
                 print(f"  {name}: median {result.wall:.2f} s ({walls})", file=sys.stderr, flush=True)
     print(table(rows, ref))
     for (name, size_gb), wall in ref.items():
         floor = ref.get(("floor", size_gb))
         if floor and name != "floor":
-            print(f"{name} / floor at {size_gb:g} GB: {wall / floor:.3f}")
+            # also round by round (the contenders of a round run one after the other): the median
+            # of those ratios, which a slow spell of the machine moves less than the medians' ratio
+            mine, floors = rounds[(name, size_gb)], rounds[("floor", size_gb)]
+            by_round = [w / f for w, f in zip(mine, floors)] if len(mine) == len(floors) and mine else []
+            also = (f"; by round: median {statistics.median(by_round):.3f} "
+                    f"({', '.join(f'{q:.2f}' for q in by_round)})" if by_round else "")
+            print(f"{name} / floor at {size_gb:g} GB: {wall / floor:.3f}{also}")
         if name == "tvlang@base" and ("tvlang", size_gb) in ref:
             print(f"tvlang / tvlang@base at {size_gb:g} GB: {ref[('tvlang', size_gb)] / wall:.3f}")
     if args.startup:
