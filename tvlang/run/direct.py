@@ -255,6 +255,17 @@ class _Input:
                             pass
             return whole[position:position + nbytes]
 
+    def chunk(self, file: int, position: int, target):
+        """Bytes from ``position`` of weight file ``file``, as many as ``target`` holds, as entries of
+        its dtype: a read-only view of the mapped file (:meth:`view`) where this run reads views and
+        ``position`` is a whole number of entries, else read into ``target`` (which is returned)."""
+        if self.mapping and position % target.itemsize == 0:
+            view = self.view(file, position, target.nbytes)
+            if view is not None:
+                return view.view(target.dtype)
+        _read_into(self.fd(file), position, target)
+        return target
+
     def _map(self, file: int) -> tuple[Any, Any]:
         """Weight file ``file`` mapped read-only: ``(its bytes as a numpy array, the map)``, or ``(None,
         None)`` where it cannot be (a file system without mmap, an empty file); one that is not the
@@ -682,7 +693,7 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
         ahead = _Ahead(program, bound, lib, every, drawing, num_layers) if any(
             step.op == "call" and step.name in (*THRESHOLD_CALLS, *SUMS_CALLS, "sce") or _l1_call(step)
             for step in program.steps) else None
-        idle = ahead is None and writing is not None
+        idle = writing is not None  # (_idle_second_core: then no call runs ahead either)
         for source in bound.readers.values():
             source.mapping = MAP_READS and idle
         if ahead is None and _pipelines(program):
@@ -1773,14 +1784,10 @@ def _read_step(bound: _Bound, step, index: int, name: str, start: int, count: in
     bytes' file offset agree modulo 64 (:func:`_aligned`)."""
     source = bound.readers[step.name]
     _, code, file, offset = source.tensors[name]
-    size = 4 if code == "F32" else 2
-    position = offset + size * start
-    view = source.view(file, position, size * count) if source.mapping and position % size == 0 else None
-    if view is not None:
-        return view.view(numpy.float32 if size == 4 else numpy.uint16), True
+    position = offset + (4 if code == "F32" else 2) * start
     target = _aligned(buffers[index] if code == "F32" else halves[index], position, count)
-    _read_into(source.fd(file), position, target)
-    return target, False
+    read = source.chunk(file, position, target)
+    return read, read is not target
 
 
 def _aligned(buffer, position: int, count: int):
@@ -2335,12 +2342,7 @@ def _copy(base: _Input, info, dtype, writers: list) -> None:
             writer.write(info.name, numpy.empty(info.shape, dtype=dtype))
     for start in range(0, numel, CHUNK_ELEMENTS):
         count = min(numel - start, CHUNK_ELEMENTS)
-        view = base.view(file, offset + start * dtype.itemsize, count * dtype.itemsize) if base.mapping else None
-        if view is not None:
-            piece = view.view(dtype)
-        else:
-            piece = numpy.empty(count, dtype=dtype)
-            _read_into(base.fd(file), offset + start * dtype.itemsize, piece)
+        piece = base.chunk(file, offset + start * dtype.itemsize, numpy.empty(count, dtype=dtype))
         for writer in writers:
             writer.write_part(info.name, piece)
 
