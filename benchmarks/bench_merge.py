@@ -76,12 +76,11 @@ import itertools
 import json
 import os
 import shutil
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_run import NAMES, contender_env, make_checkpoints, weights  # noqa: E402
-from harness import Result, fmt_bytes, measure, median_result  # noqa: E402
+from harness import Result, by_round, fmt_bytes, measure, median_result  # noqa: E402
 
 P = 0.9
 DENSITY = 0.2
@@ -467,26 +466,13 @@ def table(results: dict[str, Result], size_gb: float) -> str:
 
 
 def round_ratios(results: dict[str, Result], reference: str = "tvlang-ta") -> str:
-    """Each contender's wall over ``reference``'s in the same round, the median of those ratios and
-    the ratios themselves: less moved by a slow spell of the machine than the ratio of the two
-    medians, as a round runs the contenders one after the other (only where both ran every round).
-
-    >>> def ran(*walls):
-    ...     return Result([], 0, statistics.median(walls), 0, 0, 0, 0, extra={"walls": list(walls)})
-    >>> print(round_ratios({"tvlang-ta": ran(1.0, 2.0, 1.0), "x": ran(2.0, 3.0, 2.2)}))
-    x / tvlang-ta by round: median 2.00 (2.00, 1.50, 2.20)
-    """
+    """Each contender's wall over ``reference``'s round by round, and their median (``by_round``),
+    where both ran every round."""
     if reference not in results:
         return ""
     base = results[reference].extra.get("walls", [])
-    lines = []
-    for name, r in results.items():
-        walls = r.extra.get("walls", [])
-        if name == reference or len(walls) != len(base) or not base:
-            continue
-        ratios = [w / b for w, b in zip(walls, base)]
-        lines.append(f"{name} / {reference} by round: median {statistics.median(ratios):.2f} "
-                     f"({', '.join(f'{q:.2f}' for q in ratios)})")
+    lines = [f"{name} / {reference} by round: {text}" for name, r in results.items() if name != reference
+             for text in [by_round(r.extra.get("walls", []), base)] if text]
     return "\n".join(lines)
 
 

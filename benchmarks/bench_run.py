@@ -58,7 +58,7 @@ import sys
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Result, cached_models, fmt_bytes, measure, median_result  # noqa: E402
+from harness import Result, by_round, cached_models, fmt_bytes, measure, median_result  # noqa: E402
 
 EXPR = "pre + 0.4*(a - b) + 0.7*(c - pre)"
 NAMES = ("pre", "a", "b", "c")
@@ -493,12 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     for (name, size_gb), wall in ref.items():
         floor = ref.get(("floor", size_gb))
         if floor and name != "floor":
-            # also round by round (the contenders of a round run one after the other): the median
-            # of those ratios, which a slow spell of the machine moves less than the medians' ratio
-            mine, floors = rounds[(name, size_gb)], rounds[("floor", size_gb)]
-            by_round = [w / f for w, f in zip(mine, floors)] if len(mine) == len(floors) and mine else []
-            also = (f"; by round: median {statistics.median(by_round):.3f} "
-                    f"({', '.join(f'{q:.2f}' for q in by_round)})" if by_round else "")
+            rounds_text = by_round(rounds[(name, size_gb)], rounds[("floor", size_gb)])
+            also = f"; by round: {rounds_text}" if rounds_text else ""
             print(f"{name} / floor at {size_gb:g} GB: {wall / floor:.3f}{also}")
         if name == "tvlang@base" and ("tvlang", size_gb) in ref:
             print(f"tvlang / tvlang@base at {size_gb:g} GB: {ref[('tvlang', size_gb)] / wall:.3f}")

@@ -138,6 +138,22 @@ def median_result(results: list[Result]) -> Result:
                   mid.stderr, sum(r.samples for r in results), {"walls": [r.wall for r in results]})
 
 
+def by_round(walls: list[float], reference: list[float]) -> str:
+    """The ratios of ``walls`` to ``reference``'s round by round (the contenders of a round run one
+    after the other), as ``median M (r1, r2, ...)``: a slow spell of the machine moves that median
+    less than the ratio of the two medians. Empty where the two did not run the same rounds.
+
+    >>> by_round([2.0, 3.0, 2.2], [1.0, 2.0, 1.0])
+    'median 2.00 (2.00, 1.50, 2.20)'
+    >>> by_round([2.0], [1.0, 2.0])
+    ''
+    """
+    if not walls or len(walls) != len(reference):
+        return ""
+    ratios = [w / r for w, r in zip(walls, reference)]
+    return f"median {statistics.median(ratios):.2f} ({', '.join(f'{q:.2f}' for q in ratios)})"
+
+
 def fmt_bytes(n: float) -> str:
     """Bytes for a table.
 
