@@ -309,8 +309,9 @@ static inline size_t gather_flagged(const int32_t *r, const uint8_t *flags, size
  * the window, and the lanes flagged are packed to the front of the vector (a permutation from a
  * table of the 256 flag bytes) and stored at inside + count, which moves on by how many there
  * were: no pass over a flags buffer, no branch. The store writes eight lanes where fewer are
- * inside; count <= j before each group of j..j+7, so it stays within inside[0 .. n). The same
- * patterns in the same order, and the same counts, as the loops below (tests/test_native.py). */
+ * inside; count <= j before each group of j..j+7, so it stays within inside[0 .. n). The loops
+ * below take the last n % 8 entries. The same patterns in the same order, and the same counts, as
+ * those loops alone give (tests/test_native.py). */
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define GATHER_VECTORS 1
@@ -328,8 +329,6 @@ __attribute__((constructor)) static void fill_pack_lanes(void) {
     __builtin_cpu_init();
     vectors_ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
 }
-
-static inline int gather_vectors_ok(void) { return vectors_ok; }
 
 /* Windows w < k (k is 1 or 2) over r[0 .. n - n % 8): inside[w] from got[w] on, those above hi[w]
  * added to over[w]; returns the entries done (n rounded down to eight). */
@@ -399,24 +398,16 @@ __attribute__((target("avx2,popcnt"))) static size_t below_vectors(const uint32_
 MULTI_VERSION size_t tv_window_gather(const int32_t *raw, size_t n, int32_t lo, int32_t hi, int has_hi, int32_t *inside,
                                       uint64_t *above) {
     uint8_t flags[STEP];
-    size_t count = 0;
+    size_t count = 0, begin = 0; /* the entries from `begin` on: this loop's (those before: the vectors') */
     uint64_t over = 0;
     if (!has_hi) hi = INT32_MAX;
 #ifdef GATHER_VECTORS
-    if (gather_vectors_ok()) {
+    if (vectors_ok) {
         int32_t *const windows[1] = {inside};
-        size_t done = gather_vectors(raw, n, 1, &lo, &hi, windows, &count, &over);
-        for (size_t j = done; j < n; j++) {
-            int32_t v = raw[j] & 0x7FFFFFFF;
-            over += v > hi;
-            inside[count] = v;
-            count += (v >= lo) & (v <= hi);
-        }
-        *above += over;
-        return count;
+        begin = gather_vectors(raw, n, 1, &lo, &hi, windows, &count, &over);
     }
 #endif
-    for (size_t start = 0; start < n; start += STEP) {
+    for (size_t start = begin; start < n; start += STEP) {
         size_t m = n - start < STEP ? n - start : STEP;
         const int32_t *r = raw + start;
         uint32_t step_over = 0;
@@ -442,26 +433,14 @@ MULTI_VERSION void tv_window_gather2(const int32_t *raw, size_t n, const int32_t
     size_t got[2] = {0, 0};
     uint64_t over[2] = {0, 0};
     int32_t lo0 = lo[0], lo1 = lo[1], hi0 = has_hi[0] ? hi[0] : INT32_MAX, hi1 = has_hi[1] ? hi[1] : INT32_MAX;
+    size_t begin = 0; /* the entries from here on: this loop's (those before: the vectors') */
 #ifdef GATHER_VECTORS
-    if (gather_vectors_ok()) {
+    if (vectors_ok) {
         const int32_t los[2] = {lo0, lo1}, his[2] = {hi0, hi1};
-        size_t done = gather_vectors(raw, n, 2, los, his, inside, got, over);
-        for (size_t j = done; j < n; j++) {
-            int32_t v = raw[j] & 0x7FFFFFFF;
-            for (int w = 0; w < 2; w++) {
-                over[w] += v > his[w];
-                inside[w][got[w]] = v;
-                got[w] += (v >= los[w]) & (v <= his[w]);
-            }
-        }
-        for (int w = 0; w < 2; w++) {
-            count[w] = got[w];
-            above[w] += over[w];
-        }
-        return;
+        begin = gather_vectors(raw, n, 2, los, his, inside, got, over);
     }
 #endif
-    for (size_t start = 0; start < n; start += STEP) {
+    for (size_t start = begin; start < n; start += STEP) {
         size_t m = n - start < STEP ? n - start : STEP;
         const int32_t *r = raw + start;
         uint32_t over0 = 0, over1 = 0;
@@ -1485,7 +1464,7 @@ static size_t below_top(const uint32_t *words, size_t m, float top, uint32_t *wa
     uint64_t limit = bound > 0.0 ? (uint64_t)bound : 0;
     size_t n = 0, j = 0;
 #ifdef GATHER_VECTORS
-    if (gather_vectors_ok()) j = below_vectors(words, m, (uint32_t)limit, want, &n);
+    if (vectors_ok) j = below_vectors(words, m, (uint32_t)limit, want, &n);
 #endif
     for (; j < m; j++) {
         want[n] = (uint32_t)j;
