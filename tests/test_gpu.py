@@ -63,3 +63,29 @@ def test_cuda_run_writes_the_same_file(tmp_path):
     cpu, gpu = load_file(tmp_path / "cpu.safetensors"), load_file(tmp_path / "gpu.safetensors")
     for name in cpu:
         torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-6, atol=1e-6)
+
+
+def test_inputs_on_the_device_are_read_there_and_apply_to_writes_there():
+    """Models already on the GPU: read in place (never changed), and apply_to into a module on
+    the GPU equals the CPU's evaluate."""
+    models = _models()
+    on_device = {name: {k: t.cuda() for k, t in model.items()} for name, model in models.items()}
+    kept = {name: {k: t.clone() for k, t in model.items()} for name, model in on_device.items()}
+    module = torch.nn.Module()
+    for name, tensor in models["pre"].items():
+        parent = module
+        *path, last = name.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.register_buffer(last, torch.zeros_like(tensor, device="cuda"))
+    recipe = "pre + ties(a - pre, b - pre, c - pre, density=0.2) + 0.1*(c - pre)"
+    expected = tvlang.compile(recipe).evaluate(models)
+    assert tvlang.apply_to(module, recipe, on_device, device="cuda") == len(expected)
+    for name, tensor in module.state_dict().items():
+        assert tensor.device.type == "cuda"
+        torch.testing.assert_close(tensor.cpu(), expected[name], rtol=1e-5, atol=1e-5)
+    for name, model in on_device.items():
+        for k, t in model.items():
+            assert torch.equal(t, kept[name][k]), (name, k)

@@ -290,17 +290,28 @@ def test_bin_garbage_names_the_file(tmp_path):
         open_reader(str(path))
 
 
-def test_state_dict_reader_copies_and_keeps_order():
+def test_state_dict_reader_reads_in_place_and_keeps_order():
+    """A contiguous tensor is read as the caller's own (no copy: the executor never changes a
+    borrowed source's tensor); one that is not contiguous, as a contiguous copy."""
     source = {"b": torch.ones(2, 2).t(), "a": torch.arange(3)}  # a non-contiguous view
     reader = open_reader(source, label="<state dict 'pre'>")
     assert isinstance(reader, StateDictReader)
     assert reader.label == "<state dict 'pre'>"
     assert reader.names() == ["b", "a"]
     out = reader.read("b")
-    assert out.is_contiguous()
+    assert out.is_contiguous() and out.data_ptr() != source["b"].data_ptr()
     out.add_(1)
     assert torch.equal(source["b"], torch.ones(2, 2))
+    assert reader.read("a").data_ptr() == source["a"].data_ptr()
     assert reader.info("a") == TensorInfo("a", (3,), torch.int64, 24, "<state dict 'pre'>")
+
+
+def test_torch_file_reader_copies(tmp_path):
+    """A ``.pt`` file's tensors are the reader's, not the caller's: a read is a copy to change."""
+    torch.save({"w": torch.ones(3)}, tmp_path / "m.pt")
+    reader = open_reader(str(tmp_path / "m.pt"))
+    reader.read("w").add_(1)
+    assert torch.equal(reader.read("w"), torch.ones(3))
 
 
 def test_state_dict_with_a_non_tensor_value():

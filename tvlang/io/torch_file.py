@@ -298,7 +298,13 @@ def _tensor_problem(tensor: torch.Tensor) -> str | None:
 class StateDictReader(TensorReader):
     """Tensors already in memory: a ``Mapping[str, Tensor]``.
 
-    ``read`` returns a copy on the CPU, so callers can modify it freely.
+    ``read`` returns the caller's tensor itself (detached, on its own device; a contiguous copy
+    of one that is not contiguous), not a copy: a
+    source bound to memory is *borrowed* (``tvlang.run.bindings``), and the executor never
+    changes a borrowed tensor in place nor hands one back as a result (``tvlang.run.whole``,
+    ``tvlang.run.session``). Copying every input first took 70 % of an in-memory task
+    arithmetic's time on the CPU, and on a GPU would take each input to the host and back
+    (docs/performance.md, "In-memory inputs read in place"). ``read_range`` copies.
 
     >>> import torch
     >>> r = StateDictReader({"b": torch.zeros(2), "a": torch.ones(1, dtype=torch.int64)}, label="<sd>")
@@ -327,7 +333,7 @@ class StateDictReader(TensorReader):
 
     def read(self, name: str) -> torch.Tensor:
         self.info(name)
-        return _owned_copy(self._state[name])
+        return self._state[name].detach().contiguous()
 
     def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
         self.check_range(name, start, stop)
@@ -354,7 +360,8 @@ class StateDictReader(TensorReader):
 
 
 class TorchFileReader(StateDictReader):
-    """A ``.bin``/``.pt`` file written by ``torch.save(state_dict, path)``."""
+    """A ``.bin``/``.pt`` file written by ``torch.save(state_dict, path)``. Its source is not
+    borrowed (the tensors are the reader's), so ``read`` returns a copy the caller may change."""
 
     def __init__(self, path: str | os.PathLike, *, label: str | None = None) -> None:
         path = os.fspath(path)
@@ -364,6 +371,10 @@ class TorchFileReader(StateDictReader):
         self.paths = (resolved,)
         parent = os.path.dirname(resolved)
         self.root = parent if os.path.isfile(os.path.join(parent, "config.json")) else None
+
+    def read(self, name: str) -> torch.Tensor:
+        self.info(name)
+        return _owned_copy(self._state[name])
 
 
 def is_torch_save_file(path: str) -> bool:

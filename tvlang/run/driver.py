@@ -270,7 +270,8 @@ def apply_to(plan: Plan, module: Any, bindings: Mapping[str, Any], *, output: st
     For sweeps that evaluate in memory (as the task_vectors code's ``apply_to`` does):
     each result tensor is copied into the module's tensor of the same name (names
     aligned as inputs are: ``module.``, ``model.`` and other prefixes), cast to its
-    dtype and moved to its device; nothing else of the module changes. Returns the
+    dtype and moved to its device (a result computed on the module's device stays there: no
+    trip to the host and back); nothing else of the module changes. Returns the
     number of tensors written. A result the module has no tensor for is an error;
     tensors of the module the output lacks are left as they are.
     """
@@ -279,7 +280,7 @@ def apply_to(plan: Plan, module: Any, bindings: Mapping[str, Any], *, output: st
     mapping, _ = align([*shape.names, *shape.passthrough, *shape.copied], list(targets))
     count = 0
     with torch.no_grad():
-        for name, tensor in stream(plan, bindings, output=output, **options):
+        for name, tensor in TensorStream(plan, bindings, output=output, to_host=False, **options):
             key = mapping.get(name)
             if key is None:
                 raise TvlangError(f"the module has no tensor for '{name}' (its names look like"

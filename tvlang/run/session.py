@@ -27,7 +27,7 @@ from tvlang.run.finite import check_finite, check_scalar
 from tvlang.run.layout import layout
 from tvlang.run.options import parse_device, parse_dtype
 from tvlang.run.steps import USER_ERRORS, numel, tensor_error, translated, translated_call
-from tvlang.run.whole import execute_whole
+from tvlang.run.whole import execute_whole, storage
 
 __all__ = ["Session"]
 
@@ -37,7 +37,7 @@ class Session:
 
     def __init__(self, bound: Bound, *, device: Any = "cpu", dtype: Any = "float32",
                  out_dtype: Any = None, missing: str = "error", prefetch: bool = True,
-                 allow_nonfinite: bool = False) -> None:
+                 allow_nonfinite: bool = False, to_host: bool = True) -> None:
         self.bound = bound
         self.plan = bound.plan
         self.device = parse_device(device)
@@ -46,6 +46,7 @@ class Session:
         self.layout = layout(bound, missing)
         self.prefetch = prefetch
         self.allow_nonfinite = allow_nonfinite
+        self.to_host = to_host  # results on the CPU (else where they were computed: apply_to)
         self.reduced: dict[int, float] = {}  # id(reduce node) -> value
         self._scalar_cache: dict[int, float] = {}
         self._linear: dict[int, LinearProgram | None] = {}  # id(program) -> analysis
@@ -218,8 +219,10 @@ class Session:
                 pieces: bool = False) -> Iterator[tuple[str, str, torch.Tensor, bool]]:
         """(output, tensor name, result, whole) for every tensor of ``outputs``, base order.
 
-        Results are on the CPU in their output dtype; float tensors the plan
-        computes, integer tensors copied from the base (Model outputs only).
+        Results are on the CPU (or, without ``to_host``, where they were computed) in their
+        output dtype, and never a caller's tensor (a result that is one, or shares its memory,
+        is copied); float tensors the plan computes, integer tensors copied from the base
+        (Model outputs only).
         With ``pieces=True`` a large tensor of a chunkable program comes as flat
         pieces in order (``whole`` False), each valid until given back
         (``give_back``); otherwise every result is whole.
@@ -243,6 +246,7 @@ class Session:
                 if name in computed:
                     got, raw = next(inputs)
                     assert got == name
+                    callers = {storage(t) for key, t in raw.items() if key in self.bound.borrowed}
                     linear = self._linear_for(program) if pieces else None
                     kernels = None
                     if linear is not None and numel(info.shape) >= chunked.CHUNK_MIN:
@@ -262,7 +266,7 @@ class Session:
                         self.execute(program, name, raw, sink=lambda out, t: results.append((out, t)))
                         for out, tensor in results:
                             if out in kinds:
-                                tensor = self._finish(tensor, info)
+                                tensor = self._finish(tensor, info, callers)
                                 self._check(tensor, out, name, info)
                                 yield out, name, tensor, True
                 else:
@@ -270,8 +274,11 @@ class Session:
                     # the base's, into Model outputs only.
                     tensor = base.read(name)
                     copied = name in self.layout.copied
+                    callers = {storage(tensor)} if self.bound.base in self.bound.borrowed else set()
                     if copied:
-                        tensor = self._finish(tensor, info)
+                        tensor = self._finish(tensor, info, callers)
+                    elif callers:
+                        tensor = tensor.clone()
                     for out in outputs:
                         if kinds[out] != "model":
                             continue
@@ -313,9 +320,14 @@ class Session:
             return kind == "model"
         return True
 
-    def _finish(self, tensor: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+    def _finish(self, tensor: torch.Tensor, info: TensorInfo, callers: set[int]) -> torch.Tensor:
+        """A result in its output dtype, on the CPU where ``to_host``; a copy where it would
+        otherwise be a caller's tensor (whose memory is among ``callers``)."""
         dtype = self.out_dtype or info.dtype
-        return tensor.to(device="cpu", dtype=dtype)
+        result = tensor.to(device="cpu" if self.to_host else tensor.device, dtype=dtype)
+        if result is tensor and callers and storage(result) in callers:
+            result = result.clone()
+        return result
 
     def output_layout(self, output: str) -> list[TensorInfo]:
         kind = self.plan.output_kind(output)
