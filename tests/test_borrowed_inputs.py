@@ -102,25 +102,73 @@ def test_a_result_that_is_an_input_is_a_copy():
     assert torch.equal(models["a"]["norm"], _models()["a"]["norm"])
 
 
-def test_apply_to_a_module_that_is_also_an_input():
-    """The module bound as ``pre`` and written in place: the same values as evaluate gives."""
-    models = _models()
+def _module(state, dtype=None):
+    """A module with a buffer of each tensor of ``state`` (copied), under the same dotted names."""
     module = torch.nn.Module()
-    for name, tensor in models["pre"].items():
+    for name, tensor in state.items():
         parent = module
         *path, last = name.split(".")
         for part in path:
             if not hasattr(parent, part):
                 parent.add_module(part, torch.nn.Module())
             parent = getattr(parent, part)
-        parent.register_buffer(last, tensor.clone())
-    recipe = "pre + ties(a - pre, b - pre, density=0.5) + 0.3*(c - pre)"
+        parent.register_buffer(last, tensor.clone() if dtype is None or not tensor.is_floating_point()
+                               else tensor.to(dtype))
+    return module
+
+
+APPLIED = ["pre + ties(a - pre, b - pre, density=0.5) + 0.3*(c - pre)", "pre + 0.4*(a - b) + 0.7*(c - pre)",
+           "0.5*a + 0.25*b + 0.25*pre"]  # pre read last: after the result's first step in each chunk
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
+@pytest.mark.parametrize("recipe", APPLIED)
+def test_apply_to_a_module_that_is_also_an_input(recipe, chunked, monkeypatch):
+    """The module bound as ``pre`` and written in place: the same values as evaluate gives (its
+    tensors are inputs, so no result is computed into them: the chunks of pre read later would
+    see it)."""
+    if chunked:
+        monkeypatch.setattr(chunk_module, "CHUNK_MIN", 16)
+        monkeypatch.setattr(chunk_module, "CHUNK_ELEMENTS", 24)
+    models = _models()
+    module = _module(models["pre"])
     expected = tvlang.compile(recipe).evaluate(models, allow_unused=True)
     bindings = dict(models, pre=module)
     assert tvlang.apply_to(module, recipe, bindings, allow_unused=True) == len(expected)
     state = module.state_dict()
     for name, tensor in expected.items():
         assert torch.equal(state[name], tensor), name
+
+
+@pytest.mark.parametrize("recipe", APPLIED)
+def test_apply_to_computes_into_the_module(recipe, monkeypatch):
+    """In chunks, a result whose module tensor fits (contiguous, its dtype, not an input) is
+    computed straight into that tensor, with no result buffer of tvlang's; one that does not (a
+    bfloat16 module, of float32 results) gets a buffer and is copied in. The same values."""
+    monkeypatch.setattr(chunk_module, "CHUNK_MIN", 16)
+    monkeypatch.setattr(chunk_module, "CHUNK_ELEMENTS", 24)
+    models = _models()
+    expected = tvlang.compile(recipe).evaluate(models, allow_unused=True)
+    taken = []
+    from tvlang.run.buffers import OutputBuffers
+
+    real = OutputBuffers.take
+    monkeypatch.setattr(OutputBuffers, "take",
+                        lambda self, numel, dtype: taken.append(numel) or real(self, numel, dtype))
+    module = _module(models["pre"])
+    memory = {name: tensor.data_ptr() for name, tensor in module.state_dict().items()}
+    tvlang.apply_to(module, recipe, models, allow_unused=True)
+    state = module.state_dict()
+    for name, tensor in expected.items():
+        assert torch.equal(state[name], tensor), name
+        assert state[name].data_ptr() == memory[name]
+    assert taken == [], "every tensor of 16 entries or more was computed in the module's own memory"
+    half = _module(models["pre"], torch.bfloat16)
+    tvlang.apply_to(half, recipe, models, allow_unused=True)
+    assert sorted(taken) == sorted(t.numel() for n, t in expected.items() if t.numel() >= 16)
+    for name, tensor in expected.items():
+        want = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+        assert torch.equal(half.state_dict()[name], want), name
 
 
 def same(inputs, ctx):
@@ -150,3 +198,16 @@ def test_a_kernel_that_returns_its_input_is_not_changed_after(kernel):
     for name, tensor in before.items():
         assert torch.equal(models["ta"][name], tensor), name
         assert torch.equal(result[name], 3 * tensor), name
+
+
+def test_apply_to_a_module_of_other_shapes_is_left_as_it_was(monkeypatch):
+    """A module tensor of the same size but another shape is an error, and nothing is computed
+    into it first."""
+    monkeypatch.setattr(chunk_module, "CHUNK_MIN", 16)
+    monkeypatch.setattr(chunk_module, "CHUNK_ELEMENTS", 24)
+    models = _models()
+    module = _module({"embed": torch.zeros(16, 40)})  # the models' embed is 40 x 16
+    wrong = r"tensor 'embed' is \[40, 16\] but the module's 'embed' is \[16, 40\]"
+    with pytest.raises(tvlang.TvlangError, match=wrong):
+        tvlang.apply_to(module, "pre + 0.5*(a - pre)", {k: {"embed": models[k]["embed"]} for k in ("pre", "a")})
+    assert torch.equal(module.embed, torch.zeros(16, 40))

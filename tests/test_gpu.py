@@ -65,9 +65,15 @@ def test_cuda_run_writes_the_same_file(tmp_path):
         torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-6, atol=1e-6)
 
 
-def test_inputs_on_the_device_are_read_there_and_apply_to_writes_there():
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
+def test_inputs_on_the_device_are_read_there_and_apply_to_writes_there(chunked, monkeypatch):
     """Models already on the GPU: read in place (never changed), and apply_to into a module on
-    the GPU equals the CPU's evaluate."""
+    the GPU equals the CPU's evaluate; in chunks, each result computed in the module's memory."""
+    from tvlang.run import chunked as chunk_module
+
+    if chunked:
+        monkeypatch.setattr(chunk_module, "CHUNK_MIN", 4000)
+        monkeypatch.setattr(chunk_module, "CHUNK_ELEMENTS", 1000)
     models = _models()
     on_device = {name: {k: t.cuda() for k, t in model.items()} for name, model in models.items()}
     kept = {name: {k: t.clone() for k, t in model.items()} for name, model in on_device.items()}
@@ -82,9 +88,10 @@ def test_inputs_on_the_device_are_read_there_and_apply_to_writes_there():
         parent.register_buffer(last, torch.zeros_like(tensor, device="cuda"))
     recipe = "pre + ties(a - pre, b - pre, c - pre, density=0.2) + 0.1*(c - pre)"
     expected = tvlang.compile(recipe).evaluate(models)
+    memory = {name: tensor.data_ptr() for name, tensor in module.state_dict().items()}
     assert tvlang.apply_to(module, recipe, on_device, device="cuda") == len(expected)
     for name, tensor in module.state_dict().items():
-        assert tensor.device.type == "cuda"
+        assert tensor.device.type == "cuda" and tensor.data_ptr() == memory[name]
         torch.testing.assert_close(tensor.cpu(), expected[name], rtol=1e-5, atol=1e-5)
     for name, model in on_device.items():
         for k, t in model.items():

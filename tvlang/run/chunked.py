@@ -167,7 +167,9 @@ def execute_chunked(session: "Session", program: TensorProgram, linear: LinearPr
         form.restart()
     outputs: dict[str, torch.Tensor] = {}
     if not pieces:
-        outputs = {output: session.buffers.take(count, out_dtype) for output in written}
+        for output in written:
+            target = destination(session, output, name, count, out_dtype, raw)
+            outputs[output] = session.buffers.take(count, out_dtype) if target is None else target
     # The main pass leaves a core to the writer (compute_threads), but where a kernel's
     # arithmetic outweighs the writing (a chunk kernel's ``main_pass_cores``): ties over 1.5 GB
     # checkpoints, 13.8 s on two threads against 14.8 s on one (median of 3); plain task
@@ -189,6 +191,25 @@ def execute_chunked(session: "Session", program: TensorProgram, linear: LinearPr
     if not pieces:
         for output, tensor in outputs.items():
             yield output, tensor.view(info.shape)
+
+
+def destination(session: "Session", output: str, name: str, count: int, dtype: torch.dtype,
+                raw: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The caller's own tensor to compute result ``output`` of tensor ``name`` into, flat
+    (``session.destination``: apply_to's module tensors, so a result is made where it is wanted,
+    on its device, with no copy after), where it is one: contiguous, of the tensor's shape and
+    ``dtype`` on the session's device, and sharing no memory with an input (the chunks of an
+    input read later would see the result's). Else ``None``: a buffer of the session's."""
+    if session.destination is None:
+        return None
+    target = session.destination(output, name)
+    if target is None or not target.is_contiguous() or target.numel() != count or target.dtype != dtype \
+            or target.device != session.device or tuple(target.shape) != tuple(session.layout.infos[name].shape):
+        return None
+    memory = target.untyped_storage().data_ptr()
+    if any(tensor.untyped_storage().data_ptr() == memory for tensor in raw.values()):
+        return None
+    return target.view(-1)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -85,6 +85,7 @@ class TensorStream:
         self._length: int | None = None
         self._pairs: Iterator[tuple[str, torch.Tensor]] | None = None
         self._closed = False
+        self.destination: Callable[[str], torch.Tensor | None] | None = None  # apply_to: name -> its tensor
 
     def _start(self) -> Session:
         if self._session is None:
@@ -92,6 +93,9 @@ class TensorStream:
             try:
                 self._output = _chosen_output(bound.plan, self._output)
                 self._session = Session(bound, **self._options)
+                if self.destination is not None:
+                    wanted, where = self._output, self.destination
+                    self._session.destination = lambda out, name: where(name) if out == wanted else None
             except BaseException:
                 bound.close()
                 raise
@@ -279,8 +283,10 @@ def apply_to(plan: Plan, module: Any, bindings: Mapping[str, Any], *, output: st
     shape = validate(plan, bindings, missing=options.get("missing", "error"))
     mapping, _ = align([*shape.names, *shape.passthrough, *shape.copied], list(targets))
     count = 0
+    pairs = TensorStream(plan, bindings, output=output, to_host=False, **options)
+    pairs.destination = lambda name: targets.get(mapping.get(name, ""))
     with torch.no_grad():
-        for name, tensor in TensorStream(plan, bindings, output=output, to_host=False, **options):
+        for name, tensor in pairs:
             key = mapping.get(name)
             if key is None:
                 raise TvlangError(f"the module has no tensor for '{name}' (its names look like"
@@ -289,6 +295,7 @@ def apply_to(plan: Plan, module: Any, bindings: Mapping[str, Any], *, output: st
             if tuple(target.shape) != tuple(tensor.shape):
                 raise TvlangError(f"tensor '{name}' is {list(tensor.shape)} but the module's '{key}' is"
                                   f" {list(target.shape)}", tensor=name)
-            target.copy_(tensor)
+            if tensor.data_ptr() != target.data_ptr():  # else computed in place (chunked.destination)
+                target.copy_(tensor)
             count += 1
     return count

@@ -10,7 +10,7 @@ computed first, in passes of their own (``reduce``).
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -47,6 +47,8 @@ class Session:
         self.prefetch = prefetch
         self.allow_nonfinite = allow_nonfinite
         self.to_host = to_host  # results on the CPU (else where they were computed: apply_to)
+        # (output, tensor name) -> where the caller wants that result computed, or None (apply_to)
+        self.destination: Callable[[str, str], torch.Tensor | None] | None = None
         self.reduced: dict[int, float] = {}  # id(reduce node) -> value
         self._scalar_cache: dict[int, float] = {}
         self._linear: dict[int, LinearProgram | None] = {}  # id(program) -> analysis
