@@ -299,12 +299,12 @@ class StateDictReader(TensorReader):
     """Tensors already in memory: a ``Mapping[str, Tensor]``.
 
     ``read`` returns the caller's tensor itself (detached, on its own device; a contiguous copy
-    of one that is not contiguous), not a copy: a
-    source bound to memory is *borrowed* (``tvlang.run.bindings``), and the executor never
-    changes a borrowed tensor in place nor hands one back as a result (``tvlang.run.whole``,
-    ``tvlang.run.session``). Copying every input first took 70 % of an in-memory task
-    arithmetic's time on the CPU, and on a GPU would take each input to the host and back
-    (docs/performance.md, "In-memory inputs read in place"). ``read_range`` copies.
+    of one that is not contiguous): a source bound to memory is *borrowed*
+    (``tvlang.run.bindings``), and the executor never changes a borrowed tensor in place nor
+    hands one back as a result (``tvlang.run.whole``, ``tvlang.run.session``). Copying every
+    input first took more than half of an in-memory task arithmetic's time on the CPU, and on
+    a GPU took each input to the host and back (docs/performance.md, "In-memory inputs read in
+    place"). ``read_range`` copies.
 
     >>> import torch
     >>> r = StateDictReader({"b": torch.zeros(2), "a": torch.ones(1, dtype=torch.int64)}, label="<sd>")
