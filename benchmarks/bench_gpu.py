@@ -43,7 +43,7 @@ from bench_run import NAMES, check_output, contender_env, make_checkpoints  # no
 from harness import by_round, measure, median_result  # noqa: E402
 
 import tvlang  # noqa: E402
-from tvlang.testing.synth import llama_spec_for_bytes  # noqa: E402
+from tvlang.testing.synth import llama_spec_for_bytes, module_with  # noqa: E402
 
 EXPR = "pre + 0.4*(a - b) + 0.7*(c - pre)"  # bench_run.py's
 TIES = "pre + ties(a - pre, b - pre, c - pre, density=0.2)"
@@ -96,16 +96,7 @@ def make_models(shapes: dict[str, tuple[int, ...]], device: torch.device) -> dic
 
 def module_of(shapes: dict[str, tuple[int, ...]], device: torch.device) -> torch.nn.Module:
     """A module with one buffer of each shape, under the same dotted names, on ``device``."""
-    root = torch.nn.Module()
-    for name, shape in shapes.items():
-        parent = root
-        *path, last = name.split(".")
-        for part in path:
-            if not hasattr(parent, part):
-                parent.add_module(part, torch.nn.Module())
-            parent = getattr(parent, part)
-        parent.register_buffer(last, torch.empty(shape, device=device))
-    return root
+    return module_with({name: torch.empty(shape, device=device) for name, shape in shapes.items()})
 
 
 def check_module(module: torch.nn.Module, models: dict, recipe: str) -> float:

@@ -14,6 +14,7 @@ import torch
 
 import tvlang
 from tvlang.run import chunked as chunk_module
+from tvlang.testing.synth import module_with
 
 SHAPES = {"embed": (40, 16), "layers.0.w": (16, 16), "layers.1.w": (16, 16), "norm": (16,)}
 
@@ -103,18 +104,9 @@ def test_a_result_that_is_an_input_is_a_copy():
 
 
 def _module(state, dtype=None):
-    """A module with a buffer of each tensor of ``state`` (copied), under the same dotted names."""
-    module = torch.nn.Module()
-    for name, tensor in state.items():
-        parent = module
-        *path, last = name.split(".")
-        for part in path:
-            if not hasattr(parent, part):
-                parent.add_module(part, torch.nn.Module())
-            parent = getattr(parent, part)
-        parent.register_buffer(last, tensor.clone() if dtype is None or not tensor.is_floating_point()
-                               else tensor.to(dtype))
-    return module
+    """A module with a copy of each tensor of ``state`` (floats in ``dtype``, if given)."""
+    return module_with({name: tensor.clone() if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
+                        for name, tensor in state.items()})
 
 
 APPLIED = ["pre + ties(a - pre, b - pre, density=0.5) + 0.3*(c - pre)", "pre + 0.4*(a - b) + 0.7*(c - pre)",

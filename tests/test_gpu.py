@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import tvlang
+from tvlang.testing.synth import module_with
 
 pytestmark = [
     pytest.mark.gpu,
@@ -77,15 +78,7 @@ def test_inputs_on_the_device_are_read_there_and_apply_to_writes_there(chunked, 
     models = _models()
     on_device = {name: {k: t.cuda() for k, t in model.items()} for name, model in models.items()}
     kept = {name: {k: t.clone() for k, t in model.items()} for name, model in on_device.items()}
-    module = torch.nn.Module()
-    for name, tensor in models["pre"].items():
-        parent = module
-        *path, last = name.split(".")
-        for part in path:
-            if not hasattr(parent, part):
-                parent.add_module(part, torch.nn.Module())
-            parent = getattr(parent, part)
-        parent.register_buffer(last, torch.zeros_like(tensor, device="cuda"))
+    module = module_with({name: torch.zeros_like(tensor, device="cuda") for name, tensor in models["pre"].items()})
     recipe = "pre + ties(a - pre, b - pre, c - pre, density=0.2) + 0.1*(c - pre)"
     expected = tvlang.compile(recipe).evaluate(models)
     memory = {name: tensor.data_ptr() for name, tensor in module.state_dict().items()}

@@ -30,6 +30,7 @@ import torch
 
 __all__ = [
     "finetune_like",
+    "module_with",
     "llama_bytes",
     "llama_spec",
     "llama_spec_for_bytes",
@@ -250,3 +251,24 @@ def write_synthetic(
     if not path.endswith(".safetensors"):
         _write_config(path, config, list(entries), {n: s for n, (s, _) in entries.items()}, dtype)
     return path
+
+
+def module_with(state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """A module whose buffers are the tensors of ``state`` themselves (not copies), under the
+    same dotted names (submodules made on the way), so that ``module.state_dict()`` has the
+    same names: what ``tvlang.apply_to`` writes into, in tests and benchmarks.
+
+    >>> m = module_with({"layers.0.w": torch.zeros(2), "norm": torch.ones(1)})
+    >>> sorted(m.state_dict()), m.get_submodule("layers.0").w.tolist()
+    (['layers.0.w', 'norm'], [0.0, 0.0])
+    """
+    root = torch.nn.Module()
+    for name, tensor in state.items():
+        parent = root
+        *path, last = name.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.register_buffer(last, tensor)
+    return root
