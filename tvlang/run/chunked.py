@@ -29,6 +29,7 @@ from tvlang.ops.pertensor import resolve_options
 from tvlang.ops.registry import CHUNKED, ELEMENTWISE
 from tvlang.plan.schedule import STEP_OPS, Step, TensorProgram, needed_steps, resolve_coef
 from tvlang.run.steps import ARITHMETIC, kernel, numel
+from tvlang.run.whole import storage
 
 if TYPE_CHECKING:
     from tvlang.run.session import Session
@@ -168,7 +169,7 @@ def execute_chunked(session: "Session", program: TensorProgram, linear: LinearPr
     outputs: dict[str, torch.Tensor] = {}
     if not pieces:
         for output in written:
-            target = destination(session, output, name, count, out_dtype, raw)
+            target = destination(session, output, name, out_dtype, raw)
             outputs[output] = session.buffers.take(count, out_dtype) if target is None else target
     # The main pass leaves a core to the writer (compute_threads), but where a kernel's
     # arithmetic outweighs the writing (a chunk kernel's ``main_pass_cores``): ties over 1.5 GB
@@ -193,7 +194,7 @@ def execute_chunked(session: "Session", program: TensorProgram, linear: LinearPr
             yield output, tensor.view(info.shape)
 
 
-def destination(session: "Session", output: str, name: str, count: int, dtype: torch.dtype,
+def destination(session: "Session", output: str, name: str, dtype: torch.dtype,
                 raw: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """The caller's own tensor to compute result ``output`` of tensor ``name`` into, flat
     (``session.destination``: apply_to's module tensors, so a result is made where it is wanted,
@@ -203,11 +204,10 @@ def destination(session: "Session", output: str, name: str, count: int, dtype: t
     if session.destination is None:
         return None
     target = session.destination(output, name)
-    if target is None or not target.is_contiguous() or target.numel() != count or target.dtype != dtype \
-            or target.device != session.device or tuple(target.shape) != tuple(session.layout.infos[name].shape):
+    if target is None or not target.is_contiguous() or target.dtype != dtype or target.device != session.device \
+            or tuple(target.shape) != tuple(session.layout.infos[name].shape):
         return None
-    memory = target.untyped_storage().data_ptr()
-    if any(tensor.untyped_storage().data_ptr() == memory for tensor in raw.values()):
+    if storage(target) in {storage(tensor) for tensor in raw.values()}:
         return None
     return target.view(-1)
 
