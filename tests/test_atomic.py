@@ -159,6 +159,36 @@ def test_a_folder_that_cannot_be_written_fails_at_once_and_leaves_nothing(tmp_pa
     assert listing(tmp_path) == []
 
 
+@pytest.mark.parametrize("directory", [True, False])
+def test_ctrl_c_just_after_the_temporary_is_made_leaves_nothing(tmp_path, monkeypatch, directory):
+    """The temporary exists but the constructor never returned: nobody else could delete it."""
+    real_mkdir, real_open = os.mkdir, open
+
+    def then_interrupted(made):
+        def step(path, *args, **kwargs):
+            result = made(path, *args, **kwargs)
+            if directory:
+                raise KeyboardInterrupt
+            return Interrupting(result)
+        return step
+
+    class Interrupting:
+        def __init__(self, f):
+            self.f = f
+
+        def close(self):
+            self.f.close()
+            raise KeyboardInterrupt
+
+    if directory:
+        monkeypatch.setattr(os, "mkdir", then_interrupted(real_mkdir))
+    else:
+        monkeypatch.setattr(atomic, "open", then_interrupted(real_open), raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        AtomicReplace(str(tmp_path / "out"), directory=directory)
+    assert listing(tmp_path) == []
+
+
 def test_remove_never_raises(tmp_path, monkeypatch):
     remove(str(tmp_path / "missing"))
     write(tmp_path / "f", "x")

@@ -115,10 +115,14 @@ class AtomicReplace:
         self.state = State.ABORTED  # until the temporary exists
         self._replaced = False  # the old target is at ``aside``
         remove(self.tmp)  # a stale temporary of an earlier process with this pid
-        if directory:
-            os.mkdir(self.tmp)
-        else:
-            open(self.tmp, "wb").close()
+        try:
+            if directory:
+                os.mkdir(self.tmp)
+            else:
+                open(self.tmp, "wb").close()
+        except BaseException:  # Ctrl-C after the temporary was made: the caller never gets this object
+            remove(self.tmp)
+            raise
         self.state = State.OPEN
 
     def _require(self, state: State, step: str) -> None:
