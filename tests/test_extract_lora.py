@@ -256,8 +256,10 @@ def test_a_recipe_output_written_as_an_adapter(models, tmp_path, capsys):
     recipe.write_text("param r = 4\ntau = ft - pre\nout half = pre + 0.5*tau\nout small = adapter(tau, r)\n")
     merged_out, adapter_out = tmp_path / "half", tmp_path / "small"
     code = main(["run", str(recipe), "--bind", f"pre={base}", "--bind", f"ft={ft}", "--set", "r=3",
-                 "-o", f"half={merged_out}", "-o", f"small={adapter_out}", "-q"])
-    assert code == 0, capsys.readouterr().err
+                 "-o", f"half={merged_out}", "-o", f"small={adapter_out}", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out)["passes"] == 2  # the merged output's pass, then the adapter's own
     assert sorted(os.listdir(adapter_out)) == ["adapter_config.json", "adapter_model.safetensors"]
     config = json.load(open(adapter_out / "adapter_config.json"))
     assert config["r"] == 3 and config["lora_alpha"] == 3

@@ -248,8 +248,11 @@ def run(plan: Plan, bindings: Mapping[str, Any], out: Any, *, device: Any = "cpu
         layouts.update({name: extraction.layout for name, (extraction, _) in adapters.items()})
         count = sum(len(layout) for layout in layouts.values())
         reports = output_reports(plan, targets, layouts)
+        # The passes over the inputs: the plan's (its reductions and main pass) for the written outputs,
+        # and again for each adapter (prepare_adapter runs its own session).
+        passes = plan.schedule.passes * (bool(writers) + len(adapters))
         return RunSummary({k: str(v) for k, v in targets.items()}, count, written,
-                          time.perf_counter() - started, plan.schedule.passes, notes(bound, session.layout, missing),
+                          time.perf_counter() - started, passes, notes(bound, session.layout, missing),
                           reports, input_reports(bound, session.layout, missing), missing)
     except BaseException as exc:
         for writer in writers.values():
