@@ -1326,14 +1326,19 @@ static bucketing row_bucketing(size_t m, key_span span) {
     return g;
 }
 
-/* A row's items (|x|'s bits << 32 | column) into b[0..m), in column order, and each one's bucket
- * into bucket[0..m). */
-static MULTI_VERSION void row_items(const float *x, size_t m, bucketing g, uint64_t *b, uint16_t *bucket) {
+/* The item of entry j of a row: |x|'s bits << 32 | column (below 2**63). */
+static inline uint64_t row_item(const float *x, size_t j) {
+    uint32_t bits;
+    memcpy(&bits, x + j, sizeof bits);
+    return ((uint64_t)(bits & 0x7fffffffu) << 32) | j;
+}
+
+/* Each entry's bucket of a row into bucket[0..m). */
+static MULTI_VERSION void row_buckets(const float *x, size_t m, bucketing g, uint16_t *bucket) {
     for (size_t j = 0; j < m; j++) {
         uint32_t bits;
         memcpy(&bits, x + j, sizeof bits);
         bits &= 0x7fffffffu;
-        b[j] = ((uint64_t)bits << 32) | j;
         bucket[j] = (uint16_t)(((bits > g.lo ? bits : g.lo) - g.lo) >> g.shift);
     }
 }
@@ -1378,25 +1383,25 @@ static inline void exclusive_sums(uint32_t *counts, size_t n) {
  * comparisons without branches: insertion sorts of every bucket mispredicted about once an item
  * (the whole ranking 11 ns an entry with them, 7 ns with the count).
  *
- * (row_items has put the items in b and their buckets in `bucket`.) With `want`, only the entries
+ * (row_buckets has put each entry's bucket in `bucket`; items are row_item(x, j).) With `want`, only the entries
  * listed there (wanted of them) get their rank (and, where a bucket is sorted, the rest of that
  * bucket's entries). Compiled twice (MULTI_VERSION): AVX2's 64-bit comparisons take four at a time.
  * Scratch: a m + RANK_WINDOW, b m, counts B uint32 (tv_magprune_f32 lays them out, and the
  * buckets after the words). */
-static MULTI_VERSION void row_ranks(size_t m, bucketing g, uint64_t *a, uint64_t *b, const uint16_t *bucket,
+static MULTI_VERSION void row_ranks(const float *x, size_t m, bucketing g, uint64_t *a, uint64_t *b, const uint16_t *bucket,
                                     uint32_t *counts, uint32_t *rank, const uint32_t *want, size_t wanted) {
     size_t buckets = g.buckets;
     memset(counts, 0, buckets * sizeof *counts);
     for (size_t j = 0; j < m; j++) counts[bucket[j]]++;
     exclusive_sums(counts, buckets);
-    for (size_t j = 0; j < m; j++) a[counts[bucket[j]]++] = b[j];
+    for (size_t j = 0; j < m; j++) a[counts[bucket[j]]++] = row_item(x, j);
     for (int k = 0; k < RANK_WINDOW; k++) a[m + k] = UINT64_MAX >> 1; /* above every item */
     /* counts[d] is now the end of bucket d */
     int large = 0;
     size_t n = want ? wanted : m;
-    for (size_t p = 0; p < n; p++) { /* b is read here before a sort below uses it */
+    for (size_t p = 0; p < n; p++) {
         size_t j = want ? want[p] : (uint32_t)a[p];
-        uint64_t v = b[j];
+        uint64_t v = row_item(x, j);
         size_t d = bucket[j];
         uint32_t begin = d ? counts[d - 1] : 0;
         large |= counts[d] - begin > RANK_WINDOW;
@@ -1501,7 +1506,7 @@ void tv_magprune_f32(uint64_t *st, uint64_t skip, const float *x, size_t rows, s
             continue;
         }
         bucketing g = row_bucketing(m, span);
-        row_items(xr, m, g, b, bucket);
+        row_buckets(xr, m, g, bucket);
         /* Only entries below the top need ranks, where a dropped entry's x / p * 0.0 is x * 0.0 for
          * every p: p >= d > 0 (so its sign is x's) and no x / p overflows (every |x| finite and at
          * most d * 2**127; an infinity or NaN gives NaN either way, but is left to the full loop). */
@@ -1512,9 +1517,9 @@ void tv_magprune_f32(uint64_t *st, uint64_t skip, const float *x, size_t rows, s
              * x / p * 0.0 is x * 0.0 whatever p is */
             memset(rank, 0, m * sizeof *rank);
             size_t wanted = below_top(words, m, top, want);
-            row_ranks(m, g, a, b, bucket, counts, rank, want, wanted);
+            row_ranks(xr, m, g, a, b, bucket, counts, rank, want, wanted);
         } else {
-            row_ranks(m, g, a, b, bucket, counts, rank, NULL, 0);
+            row_ranks(xr, m, g, a, b, bucket, counts, rank, NULL, 0);
         }
         magprune_row(xr, words, rank, m, c, d, rescale, o, f);
     }
