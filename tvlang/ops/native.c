@@ -1383,13 +1383,15 @@ static inline void exclusive_sums(uint32_t *counts, size_t n) {
  * comparisons without branches: insertion sorts of every bucket mispredicted about once an item
  * (the whole ranking 11 ns an entry with them, 7 ns with the count).
  *
- * (row_buckets has put each entry's bucket in `bucket`; items are row_item(x, j).) With `want`, only the entries
- * listed there (wanted of them) get their rank (and, where a bucket is sorted, the rest of that
- * bucket's entries). Compiled twice (MULTI_VERSION): AVX2's 64-bit comparisons take four at a time.
- * Scratch: a m + RANK_WINDOW, b m, counts B uint32 (tv_magprune_f32 lays them out, and the
- * buckets after the words). */
-static MULTI_VERSION void row_ranks(const float *x, size_t m, bucketing g, uint64_t *a, uint64_t *b, const uint16_t *bucket,
-                                    uint32_t *counts, uint32_t *rank, const uint32_t *want, size_t wanted) {
+ * (row_buckets has put each entry's bucket in `bucket`; an item is made from the row where it is
+ * used, row_item, not kept in a second array: the row's scratch then fits the L1 cache better.)
+ * With `want`, only the entries listed there (wanted of them) get their rank (and, where a bucket
+ * is sorted, the rest of that bucket's entries). Compiled twice (MULTI_VERSION): AVX2's 64-bit
+ * comparisons take four at a time. Scratch: a m + RANK_WINDOW, b m (radix_items' scratch), counts
+ * B uint32 (tv_magprune_f32 lays them out, and the buckets after the words). */
+static MULTI_VERSION void row_ranks(const float *x, size_t m, bucketing g, uint64_t *a, uint64_t *b,
+                                    const uint16_t *bucket, uint32_t *counts, uint32_t *rank, const uint32_t *want,
+                                    size_t wanted) {
     size_t buckets = g.buckets;
     memset(counts, 0, buckets * sizeof *counts);
     for (size_t j = 0; j < m; j++) counts[bucket[j]]++;
