@@ -1290,13 +1290,18 @@ typedef struct {
     uint32_t least, most; /* the row's least and largest key */
 } key_span;
 
-/* The least and largest key (|x|'s bits) of a row. */
+/* The key of entry j of a row: |x|'s bits (the sign cleared), ordered as the magnitudes. */
+static inline uint32_t row_key(const float *x, size_t j) {
+    uint32_t bits;
+    memcpy(&bits, x + j, sizeof bits);
+    return bits & 0x7fffffffu;
+}
+
+/* The least and largest key of a row. */
 static MULTI_VERSION key_span row_span(const float *x, size_t m) {
     uint32_t least = 0xffffffffu, most = 0;
     for (size_t j = 0; j < m; j++) {
-        uint32_t bits;
-        memcpy(&bits, x + j, sizeof bits);
-        bits &= 0x7fffffffu;
+        uint32_t bits = row_key(x, j);
         least = bits < least ? bits : least;
         most = bits > most ? bits : most;
     }
@@ -1326,19 +1331,13 @@ static bucketing row_bucketing(size_t m, key_span span) {
     return g;
 }
 
-/* The item of entry j of a row: |x|'s bits << 32 | column (below 2**63). */
-static inline uint64_t row_item(const float *x, size_t j) {
-    uint32_t bits;
-    memcpy(&bits, x + j, sizeof bits);
-    return ((uint64_t)(bits & 0x7fffffffu) << 32) | j;
-}
+/* The item of entry j of a row: its key << 32 | column (below 2**63). */
+static inline uint64_t row_item(const float *x, size_t j) { return ((uint64_t)row_key(x, j) << 32) | j; }
 
 /* Each entry's bucket of a row into bucket[0..m). */
 static MULTI_VERSION void row_buckets(const float *x, size_t m, bucketing g, uint16_t *bucket) {
     for (size_t j = 0; j < m; j++) {
-        uint32_t bits;
-        memcpy(&bits, x + j, sizeof bits);
-        bits &= 0x7fffffffu;
+        uint32_t bits = row_key(x, j);
         bucket[j] = (uint16_t)(((bits > g.lo ? bits : g.lo) - g.lo) >> g.shift);
     }
 }
