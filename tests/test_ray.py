@@ -415,6 +415,7 @@ def test_task_timeout_is_checked(models, tmp_path, capsys):
 def test_task_killed_mid_shard_is_retried(ray_instance, models, tmp_path, monkeypatch):
     """The first attempt at the first shard dies after writing part of it; Ray's retry completes it."""
     marker = str(tmp_path / "killed-once")
+    died = str(tmp_path / "died-mid-shard")
     real = distributed.compute_shards
 
     def dies_once(job, task):  # nested: Ray ships it by value to the workers
@@ -428,6 +429,7 @@ def test_task_killed_mid_shard_is_retried(ray_instance, models, tmp_path, monkey
 
             def write_then_die(f, data):
                 original(f, data)
+                open(died, "w").close()
                 _os._exit(1)  # the worker process dies with the shard half written
 
             writer_module._write_all = write_then_die
@@ -435,7 +437,7 @@ def test_task_killed_mid_shard_is_retried(ray_instance, models, tmp_path, monkey
 
     monkeypatch.setattr(distributed, "compute_shards", dies_once)
     local, remote = both(RECIPES["plain"], models, tmp_path, {"out": "merged"}, shard_size=SHARD)
-    assert os.path.exists(marker)
+    assert os.path.exists(died)  # the first attempt did die with its shard half written
     assert_same_bytes(local["out"], remote["out"])
     assert no_temporaries(tmp_path / "ray")
 
