@@ -26,8 +26,9 @@ each contender in a fresh subprocess, measured by ``harness.measure``:
   the end); both exit without the interpreter's teardown, as ``tvlang`` does;
 - ``floor``: the physical floor: reads every input byte once (its header, then 1 MiB ``readinto``
   blocks of its tensors' bytes, a block of each input in turn)
-  and writes and syncs an output of one model's size (synced as ``ideal+fsync`` does),
-  with no arithmetic; every contender's ratio to it is printed after the table;
+  and writes and syncs an output of one model's size (its blocks reserved first, as tvlang's
+  writer does; synced as ``ideal+fsync`` does), with no arithmetic; every contender's ratio
+  to it is printed after the table;
 - ``tvlang@base``: ``tvlang`` on the code of ``--baseline-src`` (another commit's
   checkout), run alternately with ``tvlang``;
 - ``mergekit``: ``mergekit-yaml`` with ``task_arithmetic`` (weights 0.4, -0.4,
@@ -146,9 +147,23 @@ class SyncEvery:
         os.fsync(self.f.fileno())
 
 
+def reserve(fd: int, nbytes: int) -> None:
+    """The output's blocks reserved before it is written (Linux ``fallocate``, size kept), as
+    tvlang's writer does (tvlang.io.writer._reserve, written again here for the floor's sake: see
+    SyncEvery): writing into reserved blocks is faster on this machine's ext4 (docs/performance.md,
+    twentieth round), and the floor must write the fastest way. Elsewhere nothing."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+        fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        fallocate(fd, 1, 0, nbytes)  # 1: FALLOC_FL_KEEP_SIZE; a refusal leaves the writes to allocate
+
+
 def run_floor(paths: list[str], out: str) -> None:
     """The physical floor: read every input byte once and write and sync an output of one
-    model's size (the base's bytes), with no arithmetic at all, the output synced every 64 MiB
+    model's size (the base's bytes), with no arithmetic at all, its blocks reserved first
+    (``reserve``, since the twentieth round) and the output synced every 64 MiB
     while it is written (``SyncEvery``; one fsync at the end took 4.7-5.8 s at 1.5 GB on the
     development machine, docs/performance.md). The inputs are read side by side, a block of
     each in turn, and the base's block written after them: the pattern of a streaming merge.
@@ -181,6 +196,7 @@ def run_floor(paths: list[str], out: str) -> None:
         blocks = [mmap.mmap(-1, size + 64) for _ in paths]
         views = [memoryview(block)[len(head) % 64:len(head) % 64 + size] for block, head in zip(blocks, heads)]
         with open(weights(out), "wb", buffering=0) as f:
+            reserve(f.fileno(), os.path.getsize(weights(paths[0])))
             target = SyncEvery(f)
             target.write(heads[0])
             while True:

@@ -569,6 +569,56 @@ def test_writes_with_background_syncs_give_the_same_file(tmp_path, monkeypatch):
     assert all(same(loaded[n], t) for n, t in sd.items())
 
 
+def _reserves(directory) -> bool:
+    """Whether this file system reserves blocks with fallocate (ext4, XFS, tmpfs, btrfs do)."""
+    probe = os.path.join(directory, "probe")
+    with open(probe, "wb") as f:
+        writer_module._reserve(f.fileno(), 1 << 20)
+        blocks = os.fstat(f.fileno()).st_blocks
+    os.remove(probe)
+    return blocks * 512 >= 1 << 20
+
+
+def test_each_shard_is_reserved_on_disk_before_its_bytes_are_written(tmp_path):
+    """The writer reserves a shard's whole size when it starts it, and the file's size is still
+    the bytes written so far: a temporary looks as it did, and the output is the same bytes."""
+    if not _reserves(tmp_path):
+        pytest.skip("this file system does not reserve blocks")
+    big = {"a": torch.arange(300_000.0), "b": torch.ones(300_000)}  # 1.2 MB each
+    out = tmp_path / "m.safetensors"
+    with StreamingWriter(str(out), layout_of(big)) as w:
+        w.write("a", big["a"])
+        (temporary,) = leftovers(tmp_path)
+        status = os.stat(tmp_path / temporary)
+        w.write("b", big["b"])
+    total = os.path.getsize(out)
+    assert status.st_size == total - 1_200_000  # the header and "a": as written so far
+    assert status.st_blocks * 512 >= total  # "b"'s bytes reserved too
+    assert torch.equal(load_file(str(out))["a"], big["a"]) and torch.equal(load_file(str(out))["b"], big["b"])
+
+
+def test_a_refused_reservation_writes_the_same_output(tmp_path, monkeypatch):
+    """Where fallocate fails (a file system without it, a full disk), the writes go on as before:
+    a full disk is then reported by the write that meets it."""
+    sd = state_dict()
+    reserved = write(tmp_path / "reserved", sd, shard_size=400)
+    calls = []
+
+    def refused(fd, mode, offset, nbytes):
+        calls.append((mode, offset, nbytes))
+        return -1
+
+    monkeypatch.setattr(writer_module, "_FALLOCATE", refused)
+    out = write(tmp_path / "refused", sd, shard_size=400)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(reserved))
+    for file in os.listdir(out):
+        assert (tmp_path / "refused" / file).read_bytes() == (tmp_path / "reserved" / file).read_bytes(), file
+    shards = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    assert len(calls) == len(shards) > 1  # one reservation a shard: its whole size, the size kept
+    assert sorted(nbytes for _, _, nbytes in calls) == sorted(os.path.getsize(os.path.join(out, f)) for f in shards)
+    assert {(mode, offset) for mode, offset, _ in calls} == {(1, 0)}
+
+
 def test_the_recipe_text_is_stored_once_not_in_every_shard(tmp_path):
     """Issue 18, case 17: an 11 MB recipe made 23 MB of headers, a copy per shard."""
     import json

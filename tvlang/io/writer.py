@@ -22,9 +22,11 @@ first (``tvlang.io.output_paths``).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import math
 import os
+import sys
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -65,6 +67,37 @@ def _write_all(f, data: memoryview) -> None:
 
 
 WRITEBACK_BYTES = 64 << 20  # sync what has been written so far every this many bytes
+_KEEP_SIZE = 1  # FALLOC_FL_KEEP_SIZE: blocks reserved past the end; the file's size stays as written
+
+
+def _reserve(fd: int, nbytes: int) -> None:
+    """Reserve a file's ``nbytes`` on the disk before it is written (Linux ``fallocate``, its size
+    kept: the file still grows as it is written); elsewhere, or where the file system refuses,
+    nothing, and the writes allocate as they go.
+
+    Writing into reserved blocks spares the file system an allocation for each page written
+    and at each writeback: on the development machine (ext4) plain task arithmetic at 1.5 GB
+    took 1.42 s against 1.67 s, and ``dare`` 2.24 s against 2.53 s (docs/performance.md). Not
+    ``os.posix_fallocate``: where the file system cannot reserve, glibc's emulation writes a
+    byte into every block first. A refusal (a full disk included) is left to the writes to
+    report, as before, so that a file system that stores less than it reserves (compression)
+    is not refused an output that would fit."""
+    global _FALLOCATE
+    if _FALLOCATE is None:
+        _FALLOCATE = False
+        if sys.platform.startswith("linux"):
+            try:
+                function = ctypes.CDLL(None, use_errno=True).fallocate
+                function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+                function.restype = ctypes.c_int
+                _FALLOCATE = function
+            except (OSError, AttributeError):
+                pass
+    if _FALLOCATE and nbytes > 0:
+        _FALLOCATE(fd, _KEEP_SIZE, 0, nbytes)  # -1 and errno where refused: nothing reserved
+
+
+_FALLOCATE = None  # libc's fallocate once looked up (False: none)
 
 
 class Writeback:
@@ -321,6 +354,7 @@ class StreamingWriter:
         self._finish_shard()
         shard = self._shards[index]
         self._file = open(self._shard_path(shard), "wb", buffering=0)
+        _reserve(self._file.fileno(), len(shard.header) + shard.data_size)
         self._writeback = Writeback(self._file.fileno())
         self._open_shard = index
         self._offset = 0
