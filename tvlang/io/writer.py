@@ -75,17 +75,19 @@ def _reserve(fd: int, nbytes: int) -> None:
     kept: the file still grows as it is written); elsewhere, or where the file system refuses,
     nothing, and the writes allocate as they go.
 
-    Writing into reserved blocks spares the file system an allocation for each page written
-    and at each writeback: on the development machine (ext4) plain task arithmetic at 1.5 GB
-    took 1.42 s against 1.67 s, and ``dare`` 2.24 s against 2.53 s (docs/performance.md). Not
+    Writing into reserved blocks is cheaper: on the development machine (ext4) plain task
+    arithmetic at 1.5 GB took 1.33 s against 1.46 s, and in a profile of ``dare`` the copies
+    into the page cache fell from 16 % to 5 % of the main thread's samples
+    (docs/performance.md, "Reserving the output's blocks"). Not
     ``os.posix_fallocate``: where the file system cannot reserve, glibc's emulation writes a
     byte into every block first. A refusal (a full disk included) is left to the writes to
     report, as before, so that a file system that stores less than it reserves (compression)
-    is not refused an output that would fit."""
+    is not refused an output that would fit. Only in a 64-bit process, where libc's ``off_t``
+    (the offset and length) has 64 bits."""
     global _FALLOCATE
     if _FALLOCATE is None:
         _FALLOCATE = False
-        if sys.platform.startswith("linux"):
+        if sys.platform.startswith("linux") and ctypes.sizeof(ctypes.c_void_p) == 8:  # off_t of 64 bits
             try:
                 function = ctypes.CDLL(None, use_errno=True).fallocate
                 function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
