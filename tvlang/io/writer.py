@@ -85,16 +85,16 @@ def _reserve(fd: int, nbytes: int) -> None:
     is not refused an output that would fit. Only in a 64-bit process, where libc's ``off_t``
     (the offset and length) has 64 bits."""
     global _FALLOCATE
-    if _FALLOCATE is None:
-        _FALLOCATE = False
+    if _FALLOCATE is None:  # looked up once (set in one step: writers on other threads may ask meanwhile)
+        found = False
         if sys.platform.startswith("linux") and ctypes.sizeof(ctypes.c_void_p) == 8:  # off_t of 64 bits
             try:
-                function = ctypes.CDLL(None, use_errno=True).fallocate
-                function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-                function.restype = ctypes.c_int
-                _FALLOCATE = function
+                found = ctypes.CDLL(None, use_errno=True).fallocate
+                found.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+                found.restype = ctypes.c_int
             except (OSError, AttributeError):
-                pass
+                found = False
+        _FALLOCATE = found
     if _FALLOCATE and nbytes > 0:
         _FALLOCATE(fd, _KEEP_SIZE, 0, nbytes)  # -1 and errno where refused: nothing reserved
 
