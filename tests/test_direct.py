@@ -595,6 +595,43 @@ def test_dare_kernels_same_bytes(models, tmp_path, monkeypatch, text):
     same_report(fast, local, tmp_path)
 
 
+def test_the_next_tensors_masks_are_asked_for_once_this_ones_are(tmp_path, monkeypatch):
+    """The masks' thread draws the next tensor's first blocks while this tensor's last chunks run: its
+    streams are made as soon as every mask of this tensor is asked for (not before: its blocks would
+    then wait behind the next tensor's), once each; the bytes of the local executor and the eager
+    evaluation's tensors."""
+    g = torch.Generator().manual_seed(5)
+    pre = {"big": torch.randn(600_001, generator=g), "layers.0.w": torch.randn(40, 9, generator=g),
+           "layers.1.w": torch.randn(40, 9, generator=g)}
+    paths = {name: write_checkpoint(str(tmp_path / "in" / name), sd)
+             for name, sd in (("pre", pre), ("a", finetune_like(pre, seed=1)), ("b", finetune_like(pre, seed=2)))}
+    events = []
+    real_streams, real_chunk = direct._streams, direct._chunk
+
+    def streams(program, name, *args, **kwargs):
+        events.append(("streams", name))
+        return real_streams(program, name, *args, **kwargs)
+
+    def chunk(program, bound, info, start, count, *args, **kwargs):
+        events.append(("chunk", info.name, start, count))
+        return real_chunk(program, bound, info, start, count, *args, **kwargs)
+
+    monkeypatch.setattr(direct, "_streams", streams)
+    monkeypatch.setattr(direct, "_chunk", chunk)
+    # "big" has three blocks of masks; with one ahead of the one in use, the third is asked for once
+    # the second is taken
+    monkeypatch.setattr(direct, "MASKS_AHEAD", 1)
+    text = "pre + dare(a - pre, 0.9, seed=1) + dare(b - pre, 0.5, seed=2)"
+    same_as_local_and_eager(monkeypatch, tmp_path, text, paths, 10_007)
+    order = [event for event in events if event[0] == "streams"]
+    assert sorted(order) == sorted(("streams", name) for name in pre)  # each tensor's streams made once
+    big = [i for i, event in enumerate(events) if event[:2] == ("chunk", "big")]
+    following = events.index(order[order.index(("streams", "big")) + 1])  # the next tensor's streams
+    crossing = next(i for i in big if events[i][2] + events[i][3] > direct.DROP_CHUNK)  # asks the last block
+    assert crossing < following < big[-1]  # made after the last block is asked, before big's last chunk
+    assert events[following - 1] == events[crossing]  # as soon as it is
+
+
 @pytest.mark.parametrize("chunk", [1 << 18, 100_003, 7])
 def test_plain_dare_runs_fused_with_the_steps_around_it(tmp_path, monkeypatch, chunk):
     """``pre + c1*dare(a - pre) + c2*dare(b - pre)``: each call runs in one helper loop with the

@@ -705,14 +705,27 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
                         writers, models, lib, writing, drawing, num_layers, fused, not allow_nonfinite, bar, read,
                         len(writers))
         else:
+            def streams_of(position: int) -> dict:
+                info = every[position]
+                return _streams(program, info.name, _floats(info), drawing, num_layers, fused.packed, info.shape)
+
+            # The next tensor's streams, made (its first DARE masks asked for) once this tensor's masks
+            # are all asked for: the masks' thread draws them while this one computes, and the next
+            # tensor's first chunk does not wait for its first blocks.
+            upcoming: tuple[int, dict] | None = None
             for position, info in enumerate(every):
                 numel = _numel(info.shape)
                 if info.dtype not in _FLOATS or numel == 0:
                     _write_uncomputed(base, info, writers, models)
-                streams = (ahead.streams(position) if ahead else
-                           _streams(program, info.name, _floats(info), drawing, num_layers, fused.packed, info.shape))
+                if ahead:
+                    streams = ahead.streams(position)
+                else:
+                    streams = upcoming[1] if upcoming and upcoming[0] == position else streams_of(position)
+                upcoming = None
                 step = _chunk_size(program, info)
                 for start in range(0, _floats(info), step):
+                    if not ahead and upcoming is None and position + 1 < len(every) and _masks_asked(streams):
+                        upcoming = (position + 1, streams_of(position + 1))
                     _chunk(program, bound, info, start, min(numel - start, step), buffers, halves, drops,
                            streams, writers, lib, check=not allow_nonfinite, fused=fused)
                 if bar:
@@ -1765,6 +1778,13 @@ def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor, num_la
         else:
             streams[index] = options
     return streams
+
+
+def _masks_asked(streams: dict) -> bool:
+    """Whether every DARE mask of a tensor's streams (:func:`_streams`) has its last block drawn or
+    being drawn (true where there are none)."""
+    return all(masks.asked >= masks.numel for state in streams.values() if isinstance(state, tuple)
+               for masks in state[1])
 
 
 def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, halves: list, drops: dict,
