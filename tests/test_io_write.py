@@ -592,6 +592,7 @@ def test_each_shard_is_reserved_on_disk_before_its_bytes_are_written(tmp_path):
         status = os.stat(tmp_path / temporary)
         w.write("b", big["b"])
     total = os.path.getsize(out)
+    assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]  # no temporary left, nothing else written
     assert status.st_size == total - 1_200_000  # the header and "a": as written so far
     assert status.st_blocks * 512 >= total  # "b"'s bytes reserved too
     assert torch.equal(load_file(str(out))["a"], big["a"]) and torch.equal(load_file(str(out))["b"], big["b"])
@@ -610,6 +611,7 @@ def test_a_refused_reservation_writes_the_same_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr(writer_module, "_FALLOCATE", refused)
     out = write(tmp_path / "refused", sd, shard_size=400)
+    assert sorted(os.listdir(tmp_path)) == ["refused", "reserved"]  # no temporary left, nothing else written
     assert sorted(os.listdir(out)) == sorted(os.listdir(reserved))
     for file in os.listdir(out):
         assert (tmp_path / "refused" / file).read_bytes() == (tmp_path / "reserved" / file).read_bytes(), file
