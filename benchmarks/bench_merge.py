@@ -80,7 +80,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_run import NAMES, contender_env, make_checkpoints, weights  # noqa: E402
-from harness import Result, by_round, fmt_bytes, measure, median_result  # noqa: E402
+from harness import Result, by_round, fmt_bytes, machine, measure, median_result  # noqa: E402
 
 P = 0.9
 DENSITY = 0.2
@@ -533,9 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown contender {unknown[0]}; choose from {', '.join(CONTENDERS)}")
     os.makedirs(args.workdir, exist_ok=True)
-    print(f"machine: {os.cpu_count()} cores, "
-          f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB; "
-          f"checkpoints of {args.size_gb:g} GB", flush=True)
+    print(f"machine: {machine()}; checkpoints of {args.size_gb:g} GB", flush=True)
     for name in only:
         if ":" not in name:
             print(f"  {name}: {EXPRS.get(name.removesuffix('@base')) or MERGEKIT[name]}", flush=True)

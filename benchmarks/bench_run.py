@@ -59,7 +59,7 @@ import sys
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Result, by_round, cached_models, fmt_bytes, measure, median_result  # noqa: E402
+from harness import Result, by_round, cached_models, fmt_bytes, machine, measure, median_result  # noqa: E402
 
 EXPR = "pre + 0.4*(a - b) + 0.7*(c - pre)"
 NAMES = ("pre", "a", "b", "c")
@@ -484,8 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown contender {unknown[0]}; choose from {', '.join(CONTENDERS)}")
     os.makedirs(args.workdir, exist_ok=True)
-    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-    print(f"machine: {os.cpu_count()} cores, {memory:.0f} GiB; expression: {EXPR}", flush=True)
+    print(f"machine: {machine()}; expression: {EXPR}", flush=True)
     rows: list[tuple[str, float, Result]] = []
     ref: dict[tuple[str, float], float] = {}
     rounds: dict[tuple[str, float], list[float]] = {}  # each run's wall, round by round
