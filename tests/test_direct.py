@@ -929,6 +929,32 @@ def test_gram_merges_same_bytes(tmp_path, monkeypatch, text, chunk):
     same_as_local_and_eager(monkeypatch, tmp_path, text, paths, chunk)
 
 
+@pytest.mark.parametrize("block, ahead", [(1000, 2), (1 << 17, 1), (1 << 20, 3)])
+def test_random_likes_main_pass_noise_is_drawn_ahead_on_the_drawing_thread(tmp_path, monkeypatch, block, ahead):
+    """The main pass's noise comes in blocks drawn on the masks' thread, NOISE_AHEAD ahead: of 1,000
+    entries (each chunk of 49,152 spans blocks), of 2**17 and of 2**20 (one block a tensor). The same
+    bytes as the local executor and the eager evaluation; each tensor's noise drawn twice in all,
+    the second time on the drawing thread only, in blocks of at most NOISE_BLOCK entries."""
+    paths = big_models(tmp_path / "in")
+    monkeypatch.setattr(direct, "NOISE_BLOCK", block)
+    monkeypatch.setattr(direct, "NOISE_AHEAD", ahead)
+    draws: list[tuple[str, int]] = []
+    real = direct.normal_f32
+
+    def recorded(bits, n, out=None):
+        draws.append((threading.current_thread().name, n))
+        return real(bits, n, out)
+
+    monkeypatch.setattr(direct, "normal_f32", recorded)
+    sd = same_as_local_and_eager(monkeypatch, tmp_path, "pre + random_like(a - pre, seed=4) + 0.5*(b - pre)", paths,
+                                 3 * (1 << 14))
+    floats = sum(t.numel() for t in sd["pre"].values())
+    drawn = [n for name, n in draws if name.startswith("tvlang-masks")]
+    assert sum(n for _, n in draws) == 2 * floats and sum(drawn) == floats
+    assert max(drawn) == min(block, sd["pre"]["big"].numel())
+    assert all(name.startswith(("tvlang-masks", "tvlang-ahead")) for name, _ in draws)
+
+
 def same_as_local_and_eager(monkeypatch, tmp_path, text: str, paths: dict[str, str], chunk: int) -> dict:
     """Run ``text`` over the models in ``paths`` with both executors in chunks of ``chunk`` entries:
     the same bytes and report, and every tensor the eager evaluation's; the models' tensors."""

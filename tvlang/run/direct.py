@@ -132,6 +132,8 @@ RELEASE_BYTES = 16 << 20  # bytes of an input viewed between drops of its maps' 
 MAPS_HELD = 2  # files of an input kept mapped (_Input.view: a sharded input whose tensors come in another order)
 ALIGN_SLACK = 64  # bytes to spare in a read step's buffers, so that a chunk is read where it copies fast (_aligned)
 MASKS_AHEAD = 4  # blocks of DARE masks drawn ahead per input (1 MiB each)
+NOISE_BLOCK = 1 << 18  # entries of a block of random_like's noise drawn ahead for the main pass (_Noise)
+NOISE_AHEAD = 2  # blocks of that noise drawn ahead of the one in use
 AHEAD_TENSORS = 64  # tensors whose thresholds are searched ahead of the main pass (_Ahead)
 ARITHMETIC_OPS = ("set", "add", "scale", "axpy")
 #: kernels this executor runs, and their options: their chunk forms in the local executor call the
@@ -1213,16 +1215,25 @@ class _Noise:
     entry after entry: any pieces give the same noise; drawn by the helper, ``normal_f32``, where
     its first check passed), its squares and the input's summed in the
     pass before the main one (the helper's block sums), ``noise_scale`` of the two
-    (tvlang.ops.coefficients); the main pass draws the same noise again from a fresh generator
-    and multiplies it by the scale (torch's ``mul_``: one float32 product)."""
+    (tvlang.ops.coefficients); the main pass takes the same noise again, drawn from a fresh generator
+    on ``drawing`` (the thread of DARE's masks, which no DARE call shares here: :func:`_runnable`) in
+    blocks of NOISE_BLOCK entries, NOISE_AHEAD ahead of the one in use, and multiplies it by the
+    scale (torch's ``mul_``: one float32 product). Drawn on this thread, the noise took a quarter of
+    the main pass's time, the thread that bounds the run (docs/performance-operators.md)."""
 
-    def __init__(self, options: dict, numel: int, context: TensorContext) -> None:
-        self.seed, self.context = options["seed"], context
+    def __init__(self, options: dict, numel: int, context: TensorContext, drawing: ThreadPoolExecutor) -> None:
+        self.seed, self.context, self.numel, self.drawing = options["seed"], context, numel, drawing
         self.bits = context.bits(self.seed)
         self.rng = numpy.random.Generator(self.bits)
         self.sums = numpy.empty((2, -(-numel // BLOCK)), dtype=numpy.float64)  # the input's squares, the noise's
         self.at = 0
         self.scale: float | None = None
+        self.buffers: list[numpy.ndarray] = []  # the main pass's blocks, in turn: those drawn ahead and the one in use
+        self.ahead: deque[tuple[Future, numpy.ndarray]] = deque()
+        self.asked = 0  # entries whose block is drawn or being drawn
+        self.turn = 0
+        self.block = numpy.empty(0, dtype=numpy.float32)  # the block in use
+        self.used = 0  # its entries taken
 
     def observe(self, pieces: list, scratch: list, lib) -> None:
         x = pieces[0]
@@ -1243,14 +1254,35 @@ class _Noise:
         self.scale = noise_scale([math.fsum(row) for row in self.sums.tolist()])
         self.bits = self.context.bits(self.seed)  # the main pass: the same noise
         self.rng = numpy.random.Generator(self.bits)
+        blocks = -(-self.numel // NOISE_BLOCK)
+        self.buffers = [numpy.empty(min(NOISE_BLOCK, self.numel), dtype=numpy.float32)
+                        for _ in range(min(NOISE_AHEAD + 1, blocks))]
+        self._ask()
 
     def _draw(self, count: int, out) -> None:
         if normal_f32(self.bits, count, out) is None:
             self.rng.standard_normal(count, dtype=numpy.float32, out=out[:count])
 
+    def _ask(self) -> None:
+        while len(self.ahead) < NOISE_AHEAD and self.asked < self.numel:
+            size = min(NOISE_BLOCK, self.numel - self.asked)
+            buffer = self.buffers[self.turn % len(self.buffers)][:size]
+            self.ahead.append((self.drawing.submit(self._draw, size, buffer), buffer))
+            self.turn += 1
+            self.asked += size
+
     def apply(self, pieces: list, target, lib) -> None:
-        self._draw(len(target), target)
-        lib.tv_scale_f32(target.ctypes.data, self.scale, len(target), target.ctypes.data)
+        count, at = len(target), 0
+        while at < count:
+            if self.used == len(self.block):
+                future, self.block = self.ahead.popleft()
+                future.result()
+                self.used = 0
+                self._ask()  # into the buffer of the block before, done with
+            n = min(count - at, len(self.block) - self.used)
+            lib.tv_scale_f32(self.block.ctypes.data + 4 * self.used, self.scale, n, target.ctypes.data + 4 * at)
+            self.used += n
+            at += n
 
 
 class _Della:
@@ -1761,7 +1793,7 @@ def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor, num_la
         elif step.name in GRAM_CALLS:
             streams[index] = _Gram(step.name, options, len(step.srcs), numel, name)
         elif step.name == "random_like":
-            streams[index] = _Noise(options, numel, context)
+            streams[index] = _Noise(options, numel, context, drawing)
         elif step.name == "sce":
             streams[index] = _Sce(options, len(step.srcs), numel)
         elif step.name in DELLA_CALLS:
