@@ -929,6 +929,20 @@ def test_gram_merges_same_bytes(tmp_path, monkeypatch, text, chunk):
     same_as_local_and_eager(monkeypatch, tmp_path, text, paths, chunk)
 
 
+@pytest.mark.parametrize("text", ["model_stock(pre, a, b, c)", "slerp(pre, a, t=0.3)",
+                                  "pre + multislerp(a - pre, b - pre, c - pre, weights=[1, 2, 3])"])
+def test_gram_sums_pair_by_pair_past_the_helpers_limit(tmp_path, monkeypatch, text):
+    """A call of more inputs than tv_gram_sums_f32 takes sums its pairs one by one (the limit set to
+    one input here): the same bytes as the local executor and the eager evaluation."""
+    monkeypatch.setattr(direct, "GRAM_VECTORS", 1)
+    calls = []
+    real = direct._pointers
+    monkeypatch.setattr(direct, "_pointers", lambda parts: calls.append(len(parts)) or real(parts))
+    paths = big_models(tmp_path / "in")
+    same_as_local_and_eager(monkeypatch, tmp_path, text, paths, 3 * (1 << 14))
+    assert calls == []  # no sweep of all the pairs at once
+
+
 @pytest.mark.parametrize("block, ahead", [(1000, 2), (1 << 17, 1), (1 << 20, 3)])
 def test_random_likes_main_pass_noise_is_drawn_ahead_on_the_drawing_thread(tmp_path, monkeypatch, block, ahead):
     """The main pass's noise comes in blocks drawn on the masks' thread, NOISE_AHEAD ahead: of 1,000

@@ -769,6 +769,38 @@ def test_block_sums_equal_the_torch_path(monkeypatch, n):
 
 
 @needs_helper
+@pytest.mark.parametrize("n", [0, 1, BLOCK - 1, BLOCK, 3 * BLOCK + 77])
+@pytest.mark.parametrize("k, offsets", [(2, False), (3, True), (native.GRAM_VECTORS, True)])
+def test_gram_sums_equal_the_block_sums_pair_by_pair(n, k, offsets):
+    """tv_gram_sums_f32, every pair's blocks in one sweep (model_stock's offsets ``x_i - base`` made a
+    block at a time): the same bits as numpy's float32 subtraction followed by tv_block_sums_f32 pair
+    by pair, including equal vectors (a square), cancellation and a short last block; rows written
+    ``stride`` apart, from the address given."""
+    lib = native.library()
+    rng = numpy.random.default_rng(n + k)
+    scale = numpy.logspace(-20, 20, n).astype(numpy.float32) if n else numpy.ones(0, dtype=numpy.float32)
+    xs = [(rng.standard_normal(n) * scale).astype(numpy.float32) for _ in range(k)]
+    base = (xs[0] + rng.standard_normal(n).astype(numpy.float32) * 1e-3).astype(numpy.float32)  # x_0 - base: cancels
+    pairs = [(i, j) for i in range(k) for j in range(i, k)]
+    rows = -(-n // BLOCK)
+    out = numpy.full((len(pairs), rows + 2), 7.0)  # two spare columns: the rows start one in, end one short
+    vectors = [numpy.subtract(x, base) if offsets else x for x in xs]
+    index = numpy.array(pairs, dtype=numpy.int32).reshape(-1)
+    scratch = numpy.empty(k * BLOCK, dtype=numpy.float32)
+    pointers = (ctypes.c_void_p * k)(*[x.ctypes.data for x in xs])
+    lib.tv_gram_sums_f32(pointers, k, base.ctypes.data if offsets else None, index.ctypes.data, len(pairs), n,
+                         rows + 2, out.ctypes.data + 8, scratch.ctypes.data)
+    for p, (i, j) in enumerate(pairs):
+        want = numpy.empty(rows)
+        lib.tv_block_sums_f32(vectors[i].ctypes.data, vectors[j].ctypes.data, n, 0, want.ctypes.data)
+        assert out[p, 1:rows + 1].tobytes() == want.tobytes(), (n, k, i, j)
+        assert out[p, 0] == 7.0 and out[p, rows + 1] == 7.0
+        for b, value in enumerate(want):  # by hand: each block's exact sum, to float64's precision
+            terms = vectors[i][b * BLOCK:(b + 1) * BLOCK].astype(numpy.float64) * vectors[j][b * BLOCK:(b + 1) * BLOCK]
+            assert value == pytest.approx(math.fsum(terms.tolist()), rel=1e-12, abs=1e-300)
+
+
+@needs_helper
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipes_give_the_same_tensors_with_and_without_the_helper(monkeypatch, recipe):
     g = torch.Generator().manual_seed(11)

@@ -876,22 +876,57 @@ static inline double block_term(const float *x, const float *y, size_t k, size_t
     return mode ? fabs((double)x[k]) : (double)x[k] * (double)y[k];
 }
 
-MULTI_VERSION void tv_block_sums_f32(const float *x, const float *y, size_t n, int mode, double *out) {
+/* One block's value: m entries (at most TV_BLOCK) from xb and yb, by the tree above; s: TV_BLOCK / 2
+ * doubles of scratch. */
+static inline double block_value(const float *xb, const float *yb, size_t m, int mode, double *s) {
     enum { H = TV_BLOCK / 2 };
-    double s[H];
+    if (m == TV_BLOCK && mode == 0) {
+        for (size_t q = 0; q < H; q++) s[q] = (double)xb[q] * (double)yb[q] + (double)xb[q + H] * (double)yb[q + H];
+    } else if (m == TV_BLOCK) {
+        for (size_t q = 0; q < H; q++) s[q] = fabs((double)xb[q]) + fabs((double)xb[q + H]);
+    } else {
+        for (size_t q = 0; q < H; q++) s[q] = block_term(xb, yb, q, m, mode) + block_term(xb, yb, q + H, m, mode);
+    }
+    for (size_t h = H / 2; h >= 1; h /= 2)
+        for (size_t q = 0; q < h; q++) s[q] += s[q + h];
+    return s[0];
+}
+
+MULTI_VERSION void tv_block_sums_f32(const float *x, const float *y, size_t n, int mode, double *out) {
+    double s[TV_BLOCK / 2];
     for (size_t start = 0, b = 0; start < n; start += TV_BLOCK, b++) {
-        const float *xb = x + start, *yb = (mode ? x : y) + start;
         size_t m = n - start < TV_BLOCK ? n - start : TV_BLOCK;
-        if (m == TV_BLOCK && mode == 0) {
-            for (size_t q = 0; q < H; q++) s[q] = (double)xb[q] * (double)yb[q] + (double)xb[q + H] * (double)yb[q + H];
-        } else if (m == TV_BLOCK) {
-            for (size_t q = 0; q < H; q++) s[q] = fabs((double)xb[q]) + fabs((double)xb[q + H]);
-        } else {
-            for (size_t q = 0; q < H; q++) s[q] = block_term(xb, yb, q, m, mode) + block_term(xb, yb, q + H, m, mode);
+        out[b] = block_value(x + start, (mode ? x : y) + start, m, mode, s);
+    }
+}
+
+/* The block sums of several products at once (the sums of slerp, model_stock and the Gram merges):
+ * row p of out (out + p * stride) gets tv_block_sums_f32(v[i], v[j], n, 0, ...)'s values, where
+ * (i, j) = (pairs[2p], pairs[2p + 1]) and v[i] is x[i], or with base given x[i] - base (one float32
+ * subtraction an entry, numpy's subtract): the same values, bit for bit, as the subtractions and the
+ * calls one by one, but a block at a time, so each block of the inputs is read once and its
+ * differences stay in the cache for every product. k <= TV_GRAM_VECTORS; vectors: k * TV_BLOCK
+ * floats of scratch (used with base only). */
+#define TV_GRAM_VECTORS 16
+
+MULTI_VERSION void tv_gram_sums_f32(const float *const *x, size_t k, const float *base, const int32_t *pairs,
+                                    size_t npairs, size_t n, size_t stride, double *out, float *vectors) {
+    double s[TV_BLOCK / 2];
+    const float *v[TV_GRAM_VECTORS];
+    if (k > TV_GRAM_VECTORS) return;
+    for (size_t start = 0, b = 0; start < n; start += TV_BLOCK, b++) {
+        size_t m = n - start < TV_BLOCK ? n - start : TV_BLOCK;
+        for (size_t i = 0; i < k; i++) {
+            if (base != NULL) {
+                float *d = vectors + i * TV_BLOCK;
+                const float *xi = x[i] + start, *bb = base + start;
+                for (size_t q = 0; q < m; q++) d[q] = xi[q] - bb[q];
+                v[i] = d;
+            } else {
+                v[i] = x[i] + start;
+            }
         }
-        for (size_t h = H / 2; h >= 1; h /= 2)
-            for (size_t q = 0; q < h; q++) s[q] += s[q + h];
-        out[b] = s[0];
+        for (size_t p = 0; p < npairs; p++) out[p * stride + b] = block_value(v[pairs[2 * p]], v[pairs[2 * p + 1]], m, 0, s);
     }
 }
 

@@ -58,6 +58,7 @@ _SIGNATURES = {
     "tv_nearswap_f32": ([_P, _P, _N, _F, _P], None),
     "tv_flags_scale_f32": ([_P, _P, _N, _I, _F, _P], None),
     "tv_block_sums_f32": ([_P, _P, _N, _I, _P], None),
+    "tv_gram_sums_f32": ([_P, _N, _P, _P, _N, _N, _N, _P, _P], None),
     "tv_variance_f32": ([_P, _N, _N, _P], None),
     "tv_sce_erase_f32": ([_P, _N, _N, _P, _P], None),
     "tv_fusion_scores_f32": ([_P, _P, _P, _N, _N, _P], None),
@@ -400,6 +401,8 @@ def fusion_f32(base, model, kl, threshold: float | None, out) -> object | None:
 
 #: entries per block of tv_block_sums_f32 (tvlang.ops.sums.BLOCK)
 BLOCK = 1 << 14
+#: the most vectors tv_gram_sums_f32 takes (native.c's TV_GRAM_VECTORS)
+GRAM_VECTORS = 16
 
 
 def block_sums_f32(x, y, l1: bool = False) -> list[float] | None:

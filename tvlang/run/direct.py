@@ -94,7 +94,16 @@ from tvlang.ops.drops import CHUNK as DROP_CHUNK
 from tvlang.ops.drops import DropRule, l1_factor
 from tvlang.ops.magprune import RowBlocks, input_bits, row_length, sample, stream_words
 from tvlang.ops.names import count_layers
-from tvlang.ops.native import BLOCK, MERGE_CODES, FusedInput, keep_bits, normal_f32, window_gather, window_gather2
+from tvlang.ops.native import (
+    BLOCK,
+    GRAM_VECTORS,
+    MERGE_CODES,
+    FusedInput,
+    keep_bits,
+    normal_f32,
+    window_gather,
+    window_gather2,
+)
 from tvlang.ops.pertensor import resolve_options
 from tvlang.ops.ranks import (
     bits_to_float,
@@ -1517,13 +1526,24 @@ class _Gram:
         self.pairs = stock_pairs(vectors) if self.offsets else [(i, j) for i in range(vectors)
                                                                  for j in range(i, vectors)]
         self.blocks = numpy.empty((len(self.pairs), -(-numel // BLOCK)), dtype=numpy.float64)
+        self.index = numpy.array(self.pairs, dtype=numpy.int32).reshape(-1)  # the pairs, as tv_gram_sums_f32 takes them
+        self.scratch = numpy.empty(vectors * BLOCK if self.offsets else 0, dtype=numpy.float32)  # a block's offsets
         self.at = 0  # blocks summed
         self.coefficients: list[float] | None = None
         self.always = name in ("slerp", "model_stock")  # their kernels add every input, even times 0
 
     def observe(self, pieces: list, scratch: list | None, lib) -> None:
-        """Sum the next entries of the inputs (a whole number of blocks, or the tensor's last)."""
+        """Sum the next entries of the inputs (a whole number of blocks, or the tensor's last): every
+        pair's blocks in one sweep of the helper (tv_gram_sums_f32, model_stock's offsets made a block
+        at a time there), or where there are more than GRAM_VECTORS inputs, pair by pair."""
         count = len(pieces[0])
+        base, inputs = (pieces[0], pieces[1:]) if self.offsets else (None, pieces)
+        if len(inputs) <= GRAM_VECTORS:
+            lib.tv_gram_sums_f32(_pointers(inputs), len(inputs), None if base is None else base.ctypes.data,
+                                 self.index.ctypes.data, len(self.pairs), count, self.blocks.shape[1],
+                                 self.blocks.ctypes.data + 8 * self.at, self.scratch.ctypes.data)
+            self.at += -(-count // BLOCK)
+            return
         if self.offsets:
             base = pieces[0]
             pieces = [numpy.subtract(m, base, out=buffer[:count]) for m, buffer in zip(pieces[1:], scratch)]
