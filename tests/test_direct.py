@@ -192,7 +192,8 @@ def test_recipe_file_with_load_paths_records_them_relative(models, tmp_path, mon
                                   "model_stock(pre, a, a, a)", "pre + sce(a - pre, 0.5*(a - pre), select_topk=0.5)",
                                   "pre + random_like(a - pre, seed=1)",
                                   "pre + dare_ties(a - pre, a - pre, p=0.5, rescale_by='l1')",
-                                  "pre + della(a - pre, a - pre, density=0.3, epsilon=0.1)"])
+                                  "pre + della(a - pre, a - pre, density=0.3, epsilon=0.1)",
+                                  "pre + cos(a - pre, 0.5*(a - pre))*(a - pre)"])
 def test_the_command_imports_no_torch(models, tmp_path, text):
     _, paths, _ = models
     out = tmp_path / "merged"
@@ -238,8 +239,8 @@ def test_what_it_leaves_to_the_local_executor(models, tmp_path, case):
         text = "slerp(pre, a, t=0.5) + ties(a - pre, b - pre, density=0.5)"
     elif case == "ties-and-dare":  # the thresholds' passes would draw the masks again
         text = "pre + ties(a - pre, b - pre, density=0.5) + dare(b - pre, 0.5)"
-    elif case == "reduction":  # a coefficient computed from the weights: a pass before the main one
-        text = "pre + 0.1*(a - pre)/norm(a - pre)"
+    elif case == "reduction":  # a whole-model scalar of a kernel's result: the kernel would run in its pass
+        text = "pre + 0.1*(a - pre)/norm(topk(a - pre, 0.5))"
     elif case == "per-tensor-weights":  # ties' sign merge in the helper: unit weights, known before the run
         text = "pre + ties(a - pre, b - pre, density=0.5, weights=[layers(0, 1), 1])"
     elif case == "dare-l1":  # its norms' pass would run the call before it (its masks are the main pass's)
@@ -941,6 +942,68 @@ def test_gram_sums_pair_by_pair_past_the_helpers_limit(tmp_path, monkeypatch, te
     paths = big_models(tmp_path / "in")
     same_as_local_and_eager(monkeypatch, tmp_path, text, paths, 3 * (1 << 14))
     assert calls == []  # no sweep of all the pairs at once
+
+
+REDUCTION_RECIPES = [
+    "pre + cos(a - pre, b - pre)*(a - pre) + 0.4*(b - pre)",
+    "pre + (norm(b - pre)/norm(a - pre))*(a - pre)",
+    "pre + dot(a - pre, b - pre)/dot(b - pre, b - pre)*(b - pre) - norm(pre)/1000*(c - pre)",
+    "pre + norm(a - pre - cos(a - pre, b - pre)*(b - pre))*(c - pre)",  # a scalar of a scalar: two passes
+    "pre + cos(z - pre, a - pre)*(a - pre) + (a - pre)",  # a zero vector: cos 0
+]
+
+
+@pytest.mark.parametrize("chunk", [1 << 18, 3 * (1 << 14)])
+@pytest.mark.parametrize("text", REDUCTION_RECIPES)
+def test_whole_model_reductions_same_bytes(tmp_path, monkeypatch, text, chunk):
+    """norm, dot and cos coefficients: their passes here (tv_gram_sums_f32's blocks, added exactly, the
+    reducers' results), then the main pass with the coefficients as numbers. The same bytes and report
+    as the local executor's, and every tensor the eager evaluation's."""
+    paths = big_models(tmp_path / "in")
+    paths["z"] = paths["pre"]
+    same_as_local_and_eager(monkeypatch, tmp_path, text, paths, chunk)
+
+
+def test_whole_model_reductions_on_bfloat16_and_with_progress(models, tmp_path, monkeypatch):
+    """A cos coefficient over bfloat16 models (read as float32, exactly), with a progress callback:
+    the local executor's bytes and report, and its passes' labels and tensor counts."""
+    _, _, sd = models
+    half = {}
+    for name in ("pre", "a", "b"):
+        tensors = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd[name].items()}
+        half[name] = write_checkpoint(str(tmp_path / f"{name}16"), tensors)
+    events: dict[str, list] = {"direct": [], "local": []}
+    text = "pre + cos(a - pre, b - pre)*(a - pre) + 0.5*(b - pre)"
+    run = [0]
+
+    def progress(event):
+        events["direct" if run[0] == 0 else "local"].append((event.label, event.tensors_total))
+
+    real = tvlang.Plan.run
+
+    def counted(self, *args, **kwargs):
+        try:
+            return real(self, *args, progress=progress, **kwargs)
+        finally:
+            run[0] += 1
+
+    monkeypatch.setattr(tvlang.Plan, "run", counted)
+    fast, local, fast_files, local_files = both(monkeypatch, tmp_path, text, half, {"out": "merged"})
+    assert fast_files == local_files
+    same_report(fast, local, tmp_path)
+    assert fast.passes == 2
+    labels = lambda got: [label for label, _ in dict.fromkeys(got)]  # noqa: E731
+    assert labels(events["direct"]) == labels(events["local"]) == ["pass 1 of 2: cos", "pass 2 (main)"]
+
+
+def test_a_division_by_a_zero_norm_is_the_local_executors_error(models, tmp_path):
+    """1/norm of an all-zero task vector: the local executor's error, and nothing written."""
+    _, paths, _ = models
+    bound = {"pre": paths["pre"], "a": paths["a"], "z": paths["pre"]}
+    with pytest.raises(TvlangError) as err:
+        tvlang.compile("pre + (a - pre)/norm(z - pre)").run(bound, str(tmp_path / "out"))
+    assert "division by zero" in err.value.message
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("block, ahead", [(1000, 2), (1 << 17, 1), (1 << 20, 3)])

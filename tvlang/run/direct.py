@@ -9,9 +9,11 @@ returns ``None`` before anything is written, and the local or Ray executor runs 
 - the local executor on the CPU, float32 compute (``dtype``), the output in the base's dtype or
   float32 (``out_dtype``), no lockfile (``--locked``) and no in-memory ``config=``;
   ``TVLANG_DIRECT=0`` in the environment turns it off;
-- the plan has no reduction passes and no scalar or adapter outputs, and its per-tensor program
+- the plan has no scalar or adapter outputs; its passes before the main one, if any, reduce
+  with whole-model ``norm``, ``dot`` or ``cos`` over reads and arithmetic steps (:func:`_reduce`,
+  :class:`_Reduction`: the reducers' sums, block by block, added exactly); its per-tensor program
   is reads, the arithmetic steps (``set``, ``add``, ``scale``, ``axpy``) with constant
-  coefficients (no per-tensor values), calls with constant or per-tensor options (``layers()``,
+  coefficients or whole-model scalars of those reductions (no per-tensor values), calls with constant or per-tensor options (``layers()``,
   ``where()``, resolved for each tensor) of ``nearswap`` and ``ram`` (kernels whose float32 loop
   is the compiled helper's in the local executor too), of ``dare``, ``dare_ties`` (unit weights)
   and ``dare_linear`` (the masks of tvlang.ops.drops, as the local executor draws them; with
@@ -118,7 +120,7 @@ from tvlang.ops.ranks import (
     window_of,
 )
 from tvlang.plan.records import DeltaBinding, RunSummary, input_report
-from tvlang.plan.schedule import needed_steps
+from tvlang.plan.schedule import needed_steps, resolve_coef, scalar_value
 from tvlang.run.outputs import (
     commit_all,
     model_files_of,
@@ -365,7 +367,9 @@ def _runnable(plan: Plan) -> bool:
     options, and writes of Model or Delta outputs."""
     schedule = plan.schedule
     program = schedule.main
-    if schedule.levels or schedule.scalars or not program.reads:
+    if schedule.scalars or schedule.call_reductions or not program.reads:
+        return False
+    if schedule.levels and not _levels_runnable(schedule):
         return False
     if sorted(program.writes) != sorted(plan.outputs):
         return False
@@ -391,11 +395,52 @@ def _runnable(plan: Plan) -> bool:
             if not _call_runnable(step.name, dict(step.options), len(step.srcs)):
                 return False
             continue
-        if step.op not in ARITHMETIC_OPS:
+        if step.op not in ARITHMETIC_OPS or not _coefs_known(step, schedule.tasks):
             return False
-        coefs = step.coef if step.op == "add" else (step.coef,)
-        if not all(type(c) in (float, int) for c in coefs):  # a per-tensor value is a node
+    return True
+
+
+#: the whole-model reductions this executor runs before the main pass (:class:`_Reduction`), and the
+#: vectors each takes
+REDUCTIONS = {"norm": 1, "dot": 2, "cos": 2}
+_SCALAR_NODES = ("const", "reduce", "neg", "add", "sub", "mul", "div")
+
+
+def _coefs_known(step, tasks: dict) -> bool:
+    """Whether each coefficient of an arithmetic step is a number, or a whole-model scalar made of
+    numbers and the reductions in ``tasks`` (known before the pass runs: :func:`_reduce`); a
+    per-tensor value is a node of another kind."""
+    coefs = step.coef if step.op == "add" else (step.coef,)
+    for coef in coefs:
+        if isinstance(coef, tuple) and coef and coef[0] == "div":
+            coef = coef[1]
+        if type(coef) in (float, int):
+            continue
+        stack = [coef]
+        while stack:
+            node = stack.pop()
+            if getattr(node, "op", None) not in _SCALAR_NODES or node.op == "reduce" and id(node) not in tasks:
+                return False
+            if node.op != "reduce":
+                stack.extend(node.args)
+    return True
+
+
+def _levels_runnable(schedule) -> bool:
+    """Whether every pass before the main one reduces with ``norm``, ``dot`` or ``cos`` (no options)
+    over vectors of reads and arithmetic, whose coefficients the earlier passes' scalars give."""
+    for tasks, program in schedule.levels:
+        takes = {task.name: REDUCTIONS.get(task.builtin) for task in tasks}
+        if any(task.options or takes[task.name] is None for task in tasks) or not program.reads:
             return False
+        for step in program.steps:
+            if step.op == "read":
+                continue
+            if step.op == "feed":
+                if takes.get(step.name) != len(step.srcs):
+                    return False
+            elif step.op not in ARITHMETIC_OPS or not _coefs_known(step, schedule.tasks):
+                return False
     return True
 
 
@@ -673,7 +718,8 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
         code = out_code or code if code in _FLOATS else code  # floats in the output dtype, integers as they are
         every.append(TensorInfo(name, shape, code, _numel(shape) * itemsize(code), ""))
     computed = [info for info in every if info.dtype in _FLOATS]  # Delta outputs hold these only
-    if not _rows_fit(plan.schedule.main, every):
+    program = plan.schedule.main
+    if not _rows_fit(program, every):
         raise _Fallback  # before anything is written
     check_distinct_outputs(targets)
     inputs = [*_protected(plan, bindings), *(path for source in bound.readers.values() for path in source.paths)]
@@ -683,7 +729,10 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
     ahead = None
     writing = None
     try:
-        if _idle_second_core(plan.schedule.main):
+        bar = progress_for(progress)
+        if plan.schedule.levels:  # before any output's temporary exists
+            program = _reduce(plan, bound, computed, read, lib, bar)
+        if _idle_second_core(program):
             writing = _writing_thread()  # before any output's temporary exists
         for name, path in targets.items():
             kind = plan.output_kind(name)
@@ -693,12 +742,11 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
             writers[name] = StreamingWriter(path, every if kind == "model" else computed, shard_size=shard_size,
                                             metadata=metadata, inputs=inputs, force=force, copy_from=copy_from,
                                             files=files)
-        bar = progress_for(progress)
-        program = plan.schedule.main
         buffers, halves, drops = _workspace(program)
         fused = _fusions(program)
         if bar:
-            bar.start("main pass", len(every), sum(read.values()) * len(writers))
+            bar.start("main pass" if not plan.schedule.levels else f"pass {_passes(plan)} (main)", len(every),
+                      sum(read.values()) * len(writers))
         models = [w for name, w in writers.items() if plan.output_kind(name) == "model"]
         num_layers = count_layers(base.order)  # as the local executor's layout counts them
         ahead = _Ahead(program, bound, lib, every, drawing, num_layers) if any(
@@ -749,7 +797,7 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
                           for key, source in bound.readers.items() if key != bound.base]
         return RunSummary({k: str(v) for k, v in targets.items()}, sum(map(len, layouts.values())),
                           sum(info.nbytes for layout in layouts.values() for info in layout),
-                          time.perf_counter() - started, plan.schedule.passes, [],
+                          time.perf_counter() - started, _passes(plan), [],
                           output_reports(plan, targets, layouts), inputs_report, missing)
     except BaseException:
         for writer in writers.values():
@@ -763,6 +811,101 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
         drawing.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
+
+
+class _Reduction:
+    """A whole-model ``norm``, ``dot`` or ``cos`` (tvlang.ops.reduce's reducers, without torch): the
+    block sums of the squares and products it needs over every computed tensor (the helper's,
+    tv_gram_sums_f32, a chunk at a time: blocks counted from each tensor's first entry, as
+    ``BlockSums`` counts them), added exactly at the end (``math.fsum``, correctly rounded, as
+    ``ExactSum.value()`` rounds the same exact sum), and the reducer's ``result()`` of them."""
+
+    def __init__(self, builtin: str) -> None:
+        self.builtin = builtin
+        self.pairs = {"norm": [(0, 0)], "dot": [(0, 1)], "cos": [(0, 1), (0, 0), (1, 1)]}[builtin]
+        self.index = numpy.array(self.pairs, dtype=numpy.int32).reshape(-1)
+        self.blocks: list[numpy.ndarray] = []
+
+    def observe(self, pieces: list, lib) -> None:
+        count = len(pieces[0])
+        if not count:
+            return
+        out = numpy.empty((len(self.pairs), -(-count // BLOCK)), dtype=numpy.float64)
+        lib.tv_gram_sums_f32(_pointers(pieces), len(pieces), None, self.index.ctypes.data, len(self.pairs), count,
+                             out.shape[1], out.ctypes.data, None)
+        self.blocks.append(out)
+
+    def result(self) -> float:
+        rows = numpy.concatenate(self.blocks, axis=1) if self.blocks else numpy.zeros((len(self.pairs), 0))
+        if not numpy.isfinite(rows).all():
+            raise _Fallback  # the local executor's error to report
+        sums = [math.fsum(row) for row in rows.tolist()]
+        if self.builtin == "norm":
+            return math.sqrt(sums[0])
+        if self.builtin == "dot":
+            return sums[0]
+        dot, aa, bb = sums
+        if aa == 0.0 or bb == 0.0:
+            return 0.0
+        return max(-1.0, min(1.0, dot / math.sqrt(aa * bb)))
+
+
+def _passes(plan: Plan) -> int:
+    """``plan.schedule.passes`` without making the reducers (whose module imports torch): the
+    reductions this executor runs take one pass each."""
+    return len(plan.schedule.levels) + (1 if plan.schedule.main.steps else 0)
+
+
+def _resolved(program, scalar: Callable) -> Any:
+    """``program`` with each arithmetic step's coefficients as numbers (``resolve_coef``, as the local
+    executor resolves them); a division by zero is the local executor's error to report."""
+    steps = []
+    try:
+        for step in program.steps:
+            if step.op in ARITHMETIC_OPS:
+                coef = (tuple(resolve_coef(c, scalar) for c in step.coef) if step.op == "add"
+                        else resolve_coef(step.coef, scalar))
+                step = replace(step, coef=coef)
+            steps.append(step)
+    except TvlangError:
+        raise _Fallback from None
+    return replace(program, steps=steps)
+
+
+def _reduce(plan: Plan, bound: _Bound, computed: list, read: dict, lib, bar) -> Any:
+    """The passes before the main one (whole-model ``norm``, ``dot`` and ``cos``: :class:`_Reduction`),
+    each over every computed tensor a chunk at a time; then the main program with its coefficients as
+    numbers. A scalar that is not finite leaves the run to the local executor, which reports it."""
+    reduced: dict[int, float] = {}
+    cache: dict[int, float] = {}
+
+    def scalar(node) -> float:
+        return scalar_value(node, reduced, cache)
+
+    total = _passes(plan)
+    for number, (tasks, level) in enumerate(plan.schedule.levels, 1):
+        program = _resolved(level, scalar)
+        states = {task.name: _Reduction(task.builtin) for task in tasks}
+        observing = {index: (lambda pieces, state=states[step.name]: state.observe(pieces, lib))
+                     for index, step in enumerate(program.steps) if step.op == "feed"}
+        buffers, halves, drops = _workspace(program)
+        if bar:
+            bar.start(f"pass {number} of {total}: {', '.join(sorted({task.builtin for task in tasks}))}",
+                      len(computed), len(program.reads) * sum(read[info.name] for info in computed))
+        for info in computed:
+            numel = _numel(info.shape)
+            for start in range(0, numel, CHUNK_ELEMENTS):
+                _chunk(program, bound, info, start, min(numel - start, CHUNK_ELEMENTS), buffers, halves, drops, {},
+                       {}, lib, check=False, observing=observing)
+            if bar:
+                bar.advance(info.name, len(program.reads) * read[info.name])
+        for task in tasks:
+            value = float(states[task.name].result())
+            if not math.isfinite(value):
+                raise _Fallback
+            reduced[id(task.node)] = value
+        cache.clear()
+    return _resolved(plan.schedule.main, scalar)
 
 
 class _Coded:
