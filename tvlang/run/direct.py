@@ -13,9 +13,10 @@ returns ``None`` before anything is written, and the local or Ray executor runs 
   with whole-model ``norm``, ``dot`` or ``cos`` over reads and arithmetic steps (:func:`_reduce`,
   :class:`_Reduction`: the reducers' sums, block by block, added exactly); its per-tensor program
   is reads, the arithmetic steps (``set``, ``add``, ``scale``, ``axpy``) with constant
-  coefficients or whole-model scalars of those reductions (no per-tensor values), calls with constant or per-tensor options (``layers()``,
-  ``where()``, resolved for each tensor) of ``nearswap`` and ``ram`` (kernels whose float32 loop
-  is the compiled helper's in the local executor too), of ``dare``, ``dare_ties`` (unit weights)
+  coefficients or whole-model scalars of those reductions (no per-tensor values), calls with
+  constant or per-tensor options (``layers()``, ``where()``, resolved for each tensor) of
+  ``nearswap`` and ``ram`` (kernels whose float32 loop is the compiled helper's in the local
+  executor too), of ``dare``, ``dare_ties`` (unit weights)
   and ``dare_linear`` (the masks of tvlang.ops.drops, as the local executor draws them; with
   ``rescale_by="l1"``, only where the call's inputs need no other call), or of ``ties`` (unit
   weights, an election, ``scope="tensor"``) and ``breadcrumbs``, without ``rescale_by="l1"`` and with
