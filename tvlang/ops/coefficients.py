@@ -23,7 +23,7 @@ from tvlang.errors import TvlangError
 
 __all__ = ["DOT_THRESHOLD", "Gram", "slerp_factors", "stock_ratio", "stock_factor", "stock_pairs",
            "nuslerp_coefficients", "multislerp_coefficients", "karcher_coefficients", "matvec", "quadratic",
-           "WEIGHT_SUM_EPS", "sce_weights", "noise_scale"]
+           "WEIGHT_SUM_EPS", "sce_weights", "noise_scale", "cosine"]
 
 Gram = list[list[float]]
 
@@ -200,3 +200,16 @@ def noise_scale(sums: list[float]) -> float:
     """
     target, current = sums
     return 0.0 if target == 0.0 or current == 0.0 else math.sqrt(target) / math.sqrt(current)
+
+
+def cosine(dot: float, aa: float, bb: float) -> float:
+    """The whole-model ``cos`` from the sums of products and squares of its two vectors, clamped to
+    [-1, 1] (0 when either vector is zero): tvlang.ops.reduce's reducer and the torch-free
+    executor's (tvlang.run.direct) both call it.
+
+    >>> cosine(1.0, 1.0, 2.0), cosine(3.0, 0.0, 1.0), cosine(2.0000001, 1.0, 4.0)
+    (0.7071067811865475, 0.0, 1.0)
+    """
+    if aa == 0.0 or bb == 0.0:
+        return 0.0
+    return max(-1.0, min(1.0, dot / math.sqrt(aa * bb)))

@@ -28,6 +28,7 @@ import math
 
 import torch
 
+from tvlang.ops.coefficients import cosine
 from tvlang.ops.common import fresh, kernel_of
 from tvlang.ops.context import TensorContext
 from tvlang.ops.sums import BlockSums, ExactSum
@@ -126,7 +127,4 @@ class CosReducer:
         self._bb.merge(other._bb)
 
     def result(self) -> float:
-        aa, bb = self._aa.value(), self._bb.value()
-        if aa == 0.0 or bb == 0.0:
-            return 0.0
-        return max(-1.0, min(1.0, self._dot.value() / math.sqrt(aa * bb)))
+        return cosine(self._dot.value(), self._aa.value(), self._bb.value())
