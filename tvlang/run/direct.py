@@ -83,6 +83,7 @@ from tvlang.io.output_paths import check_distinct_outputs, output_format
 from tvlang.io.safetensors_format import read_header
 from tvlang.language.pertensor import PerTensor
 from tvlang.ops.coefficients import (
+    cosine,
     karcher_coefficients,
     multislerp_coefficients,
     noise_scale,
@@ -845,10 +846,7 @@ class _Reduction:
             return math.sqrt(sums[0])
         if self.builtin == "dot":
             return sums[0]
-        dot, aa, bb = sums
-        if aa == 0.0 or bb == 0.0:
-            return 0.0
-        return max(-1.0, min(1.0, dot / math.sqrt(aa * bb)))
+        return cosine(*sums)  # sums: the products, then each vector's squares
 
 
 def _passes(plan: Plan) -> int:
@@ -921,70 +919,79 @@ class _Coded:
         return self.array.reshape(*shape)
 
 
-class _Masks:
+class _Drawn:
+    """A stream of ``numel`` entries drawn in blocks of ``block`` entries from the first, on ``drawing``
+    (one thread: the blocks in the order asked for) up to ``depth`` blocks ahead of the one in use,
+    into ``buffers`` in turn (reused, not allocated per block); ``draw(size, buffer)`` fills one and
+    returns the block. :meth:`runs` hands the entries out in pieces of any size."""
+
+    def __init__(self, draw: Callable, numel: int, block: int, depth: int, drawing: ThreadPoolExecutor,
+                 buffers: list) -> None:
+        self.draw, self.numel, self.block_size, self.depth = draw, numel, block, depth
+        self.drawing, self.buffers = drawing, buffers
+        self.block = None  # the block in use
+        self.size = 0  # its entries
+        self.used = 0  # its entries handed out
+        self.asked = 0  # entries whose blocks are drawn or being drawn
+        self.ahead: deque[tuple[Future, int]] = deque()
+        self.turn = 0
+        self._ask()
+
+    def _ask(self) -> None:
+        while len(self.ahead) < self.depth and self.asked < self.numel:
+            size = min(self.block_size, self.numel - self.asked)
+            self.ahead.append((self.drawing.submit(self.draw, size, self.buffers[self.turn % len(self.buffers)]),
+                               size))
+            self.turn += 1
+            self.asked += size
+
+    def runs(self, count: int) -> Iterator[tuple[Any, int, int]]:
+        """The next ``count`` entries as ``(block, first entry, entries)`` runs. The next block is
+        taken (and one more asked for, into the buffer after those ahead) only as the run after
+        it is asked for: a consumer that is done with each run before the next keeps one buffer
+        busy, one that holds them all (a list) two."""
+        while count:
+            if self.used == self.size:
+                future, self.size = self.ahead.popleft()
+                self.block = future.result()
+                self.used = 0
+                self._ask()
+            first, n = self.used, min(count, self.size - self.used)
+            self.used += n
+            count -= n
+            yield self.block, first, n
+
+
+class _Masks(_Drawn):
     """One input's DARE masks over a tensor, handed out in pieces of any size: blocks of
     :data:`tvlang.ops.drops.CHUNK` entries drawn in turn from the tensor's first entry, as
     tvlang.ops.dare.Dropper draws them, so any chunk size gives its masks. The blocks are drawn
-    on ``drawing`` (one thread: each stream's blocks in the order asked for), up to
+    on ``drawing`` (:class:`_Drawn`), up to
     :data:`MASKS_AHEAD` ahead of the one in use, on the other core while this one computes (the
     helper's loop releases the GIL; drawing the masks here took 2 of 5.3 s at 1.5 GB). ``packed``:
     the masks as keep bits (``keep_bits``, a bit an entry; :meth:`take_bits`), for the fused calls."""
 
     def __init__(self, rule: DropRule, bits, numel: int, drawing: ThreadPoolExecutor, packed: bool = False) -> None:
-        self.rule, self.bits, self.numel, self.drawing, self.packed = rule, bits, numel, drawing, packed
-        self.block = numpy.empty(0, dtype=numpy.uint8 if packed else numpy.float32)
-        self.size = 0  # entries of the block in use
-        self.used = 0  # entries of the block handed out
-        self.asked = 0  # entries of the tensor whose blocks are drawn or being drawn
-        self.ahead: deque[tuple[Future, int]] = deque()
-        # the blocks' buffers, in turn (reused, not allocated per block): those drawn ahead, the one in
-        # use, and the one before it (a piece that spans two blocks holds a view of its end)
+        self.rule, self.bits, self.packed = rule, bits, packed
+        # the blocks' buffers: those drawn ahead, the one in use, and the one before it (a piece
+        # that spans two blocks holds a view of its end)
         length = min(DROP_CHUNK, numel)
-        self.buffers = [numpy.empty(-(-length // 8), dtype=numpy.uint8) if packed else
-                        numpy.empty(length, dtype=numpy.float32)
-                        for _ in range(min(MASKS_AHEAD + 2, -(-numel // DROP_CHUNK)))]
-        self.turn = 0
-        self._ask()
+        buffers = [numpy.empty(-(-length // 8), dtype=numpy.uint8) if packed else
+                   numpy.empty(length, dtype=numpy.float32)
+                   for _ in range(min(MASKS_AHEAD + 2, -(-numel // DROP_CHUNK)))]
+        super().__init__(self._draw, numel, DROP_CHUNK, MASKS_AHEAD, drawing, buffers)
 
-    def _ask(self) -> None:
-        while len(self.ahead) < MASKS_AHEAD and self.asked < self.numel:
-            size = min(DROP_CHUNK, self.numel - self.asked)
-            buffer = self.buffers[self.turn % len(self.buffers)]
-            if self.packed:
-                future = self.drawing.submit(keep_bits, self.bits, size, self.rule.threshold, buffer)
-            else:
-                future = self.drawing.submit(self.rule.mask, self.bits, size, numpy.float32, buffer)
-            self.ahead.append((future, size))
-            self.turn += 1
-            self.asked += size
-
-    def _next_block(self) -> None:
-        future, self.size = self.ahead.popleft()
-        self.block = future.result()
-        self.used = 0
-        self._ask()
+    def _draw(self, size: int, buffer):
+        if self.packed:
+            return keep_bits(self.bits, size, self.rule.threshold, buffer)
+        return self.rule.mask(self.bits, size, numpy.float32, buffer)
 
     def take_bits(self, count: int) -> list[tuple[numpy.ndarray, int, int]]:
         """The next ``count`` entries' keep bits (``packed``), as ``(block, first bit, entries)`` runs."""
-        runs = []
-        while count:
-            if self.used == self.size:
-                self._next_block()
-            n = min(count, self.size - self.used)
-            runs.append((self.block, self.used, n))
-            self.used += n
-            count -= n
-        return runs
+        return list(self.runs(count))
 
     def take(self, count: int) -> numpy.ndarray:
-        pieces = []
-        while count:
-            if self.used == self.size:
-                self._next_block()
-            n = min(count, self.size - self.used)
-            pieces.append(self.block[self.used:self.used + n])
-            self.used += n
-            count -= n
+        pieces = [block[first:first + n] for block, first, n in self.runs(count)]
         return pieces[0] if len(pieces) == 1 else numpy.concatenate(pieces)
 
 
@@ -1381,12 +1388,7 @@ class _Noise:
         self.sums = numpy.empty((2, -(-numel // BLOCK)), dtype=numpy.float64)  # the input's squares, the noise's
         self.at = 0
         self.scale: float | None = None
-        self.buffers: list[numpy.ndarray] = []  # the main pass's blocks, in turn: those drawn ahead and the one in use
-        self.ahead: deque[tuple[Future, numpy.ndarray]] = deque()
-        self.asked = 0  # entries whose block is drawn or being drawn
-        self.turn = 0
-        self.block = numpy.empty(0, dtype=numpy.float32)  # the block in use
-        self.used = 0  # its entries taken
+        self.drawn: _Drawn | None = None  # the main pass's noise, from end_pass on
 
     def observe(self, pieces: list, scratch: list, lib) -> None:
         x = pieces[0]
@@ -1407,34 +1409,24 @@ class _Noise:
         self.scale = noise_scale([math.fsum(row) for row in self.sums.tolist()])
         self.bits = self.context.bits(self.seed)  # the main pass: the same noise
         self.rng = numpy.random.Generator(self.bits)
-        blocks = -(-self.numel // NOISE_BLOCK)
-        self.buffers = [numpy.empty(min(NOISE_BLOCK, self.numel), dtype=numpy.float32)
-                        for _ in range(min(NOISE_AHEAD + 1, blocks))]
-        self._ask()
+        # the blocks' buffers: those drawn ahead and the one in use (apply is done with each run
+        # before it asks for the next)
+        buffers = [numpy.empty(min(NOISE_BLOCK, self.numel), dtype=numpy.float32)
+                   for _ in range(min(NOISE_AHEAD + 1, -(-self.numel // NOISE_BLOCK)))]
+        self.drawn = _Drawn(self._block, self.numel, NOISE_BLOCK, NOISE_AHEAD, self.drawing, buffers)
 
     def _draw(self, count: int, out) -> None:
         if normal_f32(self.bits, count, out) is None:
             self.rng.standard_normal(count, dtype=numpy.float32, out=out[:count])
 
-    def _ask(self) -> None:
-        while len(self.ahead) < NOISE_AHEAD and self.asked < self.numel:
-            size = min(NOISE_BLOCK, self.numel - self.asked)
-            buffer = self.buffers[self.turn % len(self.buffers)][:size]
-            self.ahead.append((self.drawing.submit(self._draw, size, buffer), buffer))
-            self.turn += 1
-            self.asked += size
+    def _block(self, count: int, buffer):
+        self._draw(count, buffer)
+        return buffer
 
     def apply(self, pieces: list, target, lib) -> None:
-        count, at = len(target), 0
-        while at < count:
-            if self.used == len(self.block):
-                future, self.block = self.ahead.popleft()
-                future.result()
-                self.used = 0
-                self._ask()  # into the buffer of the block before, done with
-            n = min(count - at, len(self.block) - self.used)
-            lib.tv_scale_f32(self.block.ctypes.data + 4 * self.used, self.scale, n, target.ctypes.data + 4 * at)
-            self.used += n
+        at = 0
+        for block, first, n in self.drawn.runs(len(target)):
+            lib.tv_scale_f32(block.ctypes.data + 4 * first, self.scale, n, target.ctypes.data + 4 * at)
             at += n
 
 
