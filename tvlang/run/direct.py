@@ -922,12 +922,15 @@ class _Coded:
 class _Drawn:
     """A stream of ``numel`` entries drawn in blocks of ``block`` entries from the first, on ``drawing``
     (one thread: the blocks in the order asked for) up to ``depth`` blocks ahead of the one in use,
-    into ``buffers`` in turn (reused, not allocated per block); ``draw(size, buffer)`` fills one and
-    returns the block. :meth:`runs` hands the entries out in pieces of any size."""
+    into ``buffers`` in turn (reused, not allocated per block); a subclass's :meth:`_draw` fills one
+    and returns the block. :meth:`runs` hands the entries out in pieces of any size.
 
-    def __init__(self, draw: Callable, numel: int, block: int, depth: int, drawing: ThreadPoolExecutor,
-                 buffers: list) -> None:
-        self.draw, self.numel, self.block_size, self.depth = draw, numel, block, depth
+    (A method, not a function kept on the object: a bound method of itself kept there would make a
+    reference cycle, which only the cyclic garbage collector frees, so each tensor's buffers outlived
+    it; a ``random_like`` run held 170 MiB, not 38, at 1.5 GB.)"""
+
+    def __init__(self, numel: int, block: int, depth: int, drawing: ThreadPoolExecutor, buffers: list) -> None:
+        self.numel, self.block_size, self.depth = numel, block, depth
         self.drawing, self.buffers = drawing, buffers
         self.block = None  # the block in use
         self.size = 0  # its entries
@@ -940,7 +943,7 @@ class _Drawn:
     def _ask(self) -> None:
         while len(self.ahead) < self.depth and self.asked < self.numel:
             size = min(self.block_size, self.numel - self.asked)
-            self.ahead.append((self.drawing.submit(self.draw, size, self.buffers[self.turn % len(self.buffers)]),
+            self.ahead.append((self.drawing.submit(self._draw, size, self.buffers[self.turn % len(self.buffers)]),
                                size))
             self.turn += 1
             self.asked += size
@@ -961,6 +964,9 @@ class _Drawn:
             count -= n
             yield self.block, first, n
 
+    def _draw(self, size: int, buffer):
+        raise NotImplementedError
+
 
 class _Masks(_Drawn):
     """One input's DARE masks over a tensor, handed out in pieces of any size: blocks of
@@ -979,7 +985,7 @@ class _Masks(_Drawn):
         buffers = [numpy.empty(-(-length // 8), dtype=numpy.uint8) if packed else
                    numpy.empty(length, dtype=numpy.float32)
                    for _ in range(min(MASKS_AHEAD + 2, -(-numel // DROP_CHUNK)))]
-        super().__init__(self._draw, numel, DROP_CHUNK, MASKS_AHEAD, drawing, buffers)
+        super().__init__(numel, DROP_CHUNK, MASKS_AHEAD, drawing, buffers)
 
     def _draw(self, size: int, buffer):
         if self.packed:
@@ -1388,13 +1394,13 @@ class _Noise:
         self.sums = numpy.empty((2, -(-numel // BLOCK)), dtype=numpy.float64)  # the input's squares, the noise's
         self.at = 0
         self.scale: float | None = None
-        self.drawn: _Drawn | None = None  # the main pass's noise, from end_pass on
+        self.drawn: _NoiseBlocks | None = None  # the main pass's noise, from end_pass on
 
     def observe(self, pieces: list, scratch: list, lib) -> None:
         x = pieces[0]
         count = len(x)
         noise = scratch[0][:count]
-        self._draw(count, noise)
+        _normal(self.bits, self.rng, count, noise)
         for row, values in zip(self.sums, (x, noise)):
             row = row[self.at:]
             lib.tv_block_sums_f32(values.ctypes.data, values.ctypes.data, count, 0, row.ctypes.data)
@@ -1407,27 +1413,37 @@ class _Noise:
         if not numpy.isfinite(self.sums).all():
             raise _Fallback
         self.scale = noise_scale([math.fsum(row) for row in self.sums.tolist()])
-        self.bits = self.context.bits(self.seed)  # the main pass: the same noise
-        self.rng = numpy.random.Generator(self.bits)
-        # the blocks' buffers: those drawn ahead and the one in use (apply is done with each run
-        # before it asks for the next)
-        buffers = [numpy.empty(min(NOISE_BLOCK, self.numel), dtype=numpy.float32)
-                   for _ in range(min(NOISE_AHEAD + 1, -(-self.numel // NOISE_BLOCK)))]
-        self.drawn = _Drawn(self._block, self.numel, NOISE_BLOCK, NOISE_AHEAD, self.drawing, buffers)
-
-    def _draw(self, count: int, out) -> None:
-        if normal_f32(self.bits, count, out) is None:
-            self.rng.standard_normal(count, dtype=numpy.float32, out=out[:count])
-
-    def _block(self, count: int, buffer):
-        self._draw(count, buffer)
-        return buffer
+        self.bits = self.rng = None  # the main pass draws the same noise from a fresh stream
+        self.drawn = _NoiseBlocks(self.context.bits(self.seed), self.numel, self.drawing)
 
     def apply(self, pieces: list, target, lib) -> None:
         at = 0
         for block, first, n in self.drawn.runs(len(target)):
             lib.tv_scale_f32(block.ctypes.data + 4 * first, self.scale, n, target.ctypes.data + 4 * at)
             at += n
+
+
+def _normal(bits, rng, count: int, out) -> None:
+    """The next ``count`` standard Gaussians (float32) of ``bits`` into ``out``: the helper's
+    ``normal_f32`` where its first check passed, else ``rng`` (numpy's ``Generator`` over ``bits``)."""
+    if normal_f32(bits, count, out) is None:
+        rng.standard_normal(count, dtype=numpy.float32, out=out[:count])
+
+
+class _NoiseBlocks(_Drawn):
+    """random_like's noise for the main pass (:class:`_Noise`): the Gaussians of ``bits`` in blocks of
+    NOISE_BLOCK entries, NOISE_AHEAD ahead of the one in use; the buffers those ahead and the one in
+    use (:meth:`_Noise.apply` is done with each run before it asks for the next)."""
+
+    def __init__(self, bits, numel: int, drawing: ThreadPoolExecutor) -> None:
+        self.bits, self.rng = bits, numpy.random.Generator(bits)
+        buffers = [numpy.empty(min(NOISE_BLOCK, numel), dtype=numpy.float32)
+                   for _ in range(min(NOISE_AHEAD + 1, -(-numel // NOISE_BLOCK)))]
+        super().__init__(numel, NOISE_BLOCK, NOISE_AHEAD, drawing, buffers)
+
+    def _draw(self, size: int, buffer):
+        _normal(self.bits, self.rng, size, buffer)
+        return buffer
 
 
 class _Della:
