@@ -412,19 +412,24 @@ def test_aligned_views_sit_where_the_file_offset_does():
     assert view.ctypes.data == buffer.ctypes.data
 
 
+@pytest.mark.parametrize("beside", [False, True])
 @pytest.mark.parametrize("text, mapped", [
     ("pre + 0.5*(a - pre) - 0.25*(b - pre)", True),
     ("pre + ram(a - pre, b - pre, epsilon=0.01) + 0.5*nearswap(pre, a, 0.005) - 0.5*pre", True),
     ("0.5*a + 0.5*b", True),  # pre, copied: its integer tensor read as a view too
     ("pre + dare(a - pre, 0.5)", False), ("pre + ties(a - pre, b - pre, density=0.3)", False),
+    ("pre + slerp(a - pre, b - pre, t=0.3)", False),
+    ("pre + della(a - pre, b - pre, density=0.4, epsilon=0.1, seed=2)", None),  # never views
 ])
 def test_reads_into_buffers_write_the_same_bytes_as_views_of_the_mapped_files(models, tmp_path, monkeypatch,
-                                                                               text, mapped):
+                                                                               text, mapped, beside):
     """With ``MAP_READS`` off, the chunks are read into the steps' buffers (``pread``) instead of
     viewed in the mapped files: the same files, byte for byte, as with it on and as the local
-    executor's. Only a program whose calls leave the second core idle reads views (and writes
-    from a thread of its own): the others read into buffers either way."""
+    executor's. A program whose calls leave the second core idle reads views (and writes from a
+    thread of its own); the others read views only with ``VIEWS_BESIDE_CALLS``
+    (:func:`direct._views_beside_calls`), else into buffers."""
     _, paths, _ = models
+    monkeypatch.setattr(direct, "VIEWS_BESIDE_CALLS", beside)
     monkeypatch.setattr(direct, "MAP_READS", False)
     fast, local, fast_files, local_files = both(monkeypatch, tmp_path / "read", text, paths, {"out": "merged"},
                                                 allow_unused=True)
@@ -440,7 +445,26 @@ def test_reads_into_buffers_write_the_same_bytes_as_views_of_the_mapped_files(mo
     monkeypatch.setattr(direct._Input, "view", spy)
     tvlang.compile(text).run(paths, str(tmp_path / "mapped"), allow_unused=True)
     assert files_of(tmp_path / "mapped") == fast_files["out"]
-    assert bool(viewed) == mapped
+    assert bool(viewed) == (mapped or beside and mapped is not None)
+
+
+def test_views_beside_calls_on_an_intel_processor(models, tmp_path, monkeypatch):
+    """Unset, ``VIEWS_BESIDE_CALLS`` is the processor's vendor: a ``ties`` run reads views of the
+    mapped files on an Intel processor (as /proc/cpuinfo names it), into buffers elsewhere."""
+    _, paths, _ = models
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            intel = any(line.startswith("vendor_id") and line.split(":")[1].strip() == "GenuineIntel"
+                        for line in info)
+    except OSError:
+        intel = False
+    ties = tvlang.compile("pre + ties(a - pre, b - pre, density=0.3)")
+    assert direct.VIEWS_BESIDE_CALLS is None and direct._views_beside_calls(ties.schedule.main) == intel
+    viewed = []
+    real = direct._Input.view
+    monkeypatch.setattr(direct._Input, "view", lambda self, *args: viewed.append(args) or real(self, *args))
+    ties.run(paths, str(tmp_path / "out"), allow_unused=True)
+    assert bool(viewed) == intel
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="reads the process's memory from /proc")
@@ -943,7 +967,7 @@ def test_gram_sums_pair_by_pair_past_the_helpers_limit(tmp_path, monkeypatch, te
     monkeypatch.setattr(direct, "_pointers", lambda parts: calls.append(len(parts)) or real(parts))
     paths = big_models(tmp_path / "in")
     same_as_local_and_eager(monkeypatch, tmp_path, text, paths, 3 * (1 << 14))
-    assert calls == []  # no sweep of all the pairs at once
+    assert [n for n in calls if n > 1] == []  # no sweep of all the pairs at once (an axpy out of place takes one)
 
 
 REDUCTION_RECIPES = [

@@ -63,6 +63,7 @@ written and leaves the run to the local executor, which reports it as always.
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
 import math
 import mmap
@@ -141,6 +142,9 @@ __all__ = ["CHUNK_ELEMENTS", "DISABLE", "attempt"]
 DISABLE = "TVLANG_DIRECT"  # "0" in the environment: never use this executor
 CHUNK_ELEMENTS = 1 << 18  # entries per chunk: 1 MiB buffers, which stay in the cache (faster here than 4 MiB)
 MAP_READS = True  # read the chunks as views of the mapped files (_Input.view), where _idle_second_core
+#: whether a program whose calls keep the second core busy reads views too (True, False), or as the
+#: processor says (None: _views_beside_calls)
+VIEWS_BESIDE_CALLS: bool | None = None
 RELEASE_BYTES = 16 << 20  # bytes of an input viewed between drops of its maps' pages (_Input.view)
 MAPS_HELD = 2  # files of an input kept mapped (_Input.view: a sharded input whose tensors come in another order)
 ALIGN_SLACK = 64  # bytes to spare in a read step's buffers, so that a chunk is read where it copies fast (_aligned)
@@ -756,7 +760,7 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
             for step in program.steps) else None
         idle = writing is not None  # (_idle_second_core: then no call runs ahead either)
         for source in bound.readers.values():
-            source.mapping = MAP_READS and idle
+            source.mapping = MAP_READS and (idle or _views_beside_calls(program))
         if ahead is None and _pipelines(program):
             _pipelined(program, bound, every, [(buffers, halves, drops), _workspace(program)], writers, models, lib,
                        drawing, num_layers, fused, not allow_nonfinite, bar, read, len(writers))
@@ -1565,12 +1569,46 @@ def _idle_second_core(program) -> bool:
     run that thread and has nothing else to do, a program with no call but NATIVE_CALLS' (the
     calls that draw masks, find thresholds or sums ahead, or sample rows, keep it busy).
 
-    With a call that does, either change made the run slower at 1.5 GB (alternating runs, the
-    sixteenth round, docs/performance-operators.md): ``ties`` 3.25 s with both against 2.58 s
-    with neither, ``slerp`` 2.80 against 2.30 s, ``dare`` 2.39-2.49 against 2.26 s; plain task
-    arithmetic took 1.37-1.47 s with both against 1.70-1.80 s without."""
+    With a call that does, either change made the run slower at 1.5 GB on the AMD machine
+    (alternating runs, the sixteenth round, docs/performance-operators.md): ``ties`` 3.25 s with
+    both against 2.58 s with neither, ``slerp`` 2.80 against 2.30 s, ``dare`` 2.39-2.49 against
+    2.26 s; plain task arithmetic took 1.37-1.47 s with both against 1.70-1.80 s without. (On an
+    Intel processor such a program reads views all the same: :func:`_views_beside_calls`.)"""
     return (os.cpu_count() or 1) > 1 and all(step.name in NATIVE_CALLS for step in program.steps
                                              if step.op == "call")
+
+
+def _views_beside_calls(program) -> bool:
+    """Whether a program whose calls keep the second core busy (thresholds or sums found ahead, masks
+    drawn ahead) reads its chunks as views of the mapped files too, not into buffers (``pread``):
+    VIEWS_BESIDE_CALLS where it is set, else on an Intel processor (``vendor_id`` GenuineIntel in
+    /proc/cpuinfo; not where that cannot be read), and never beside a della call.
+
+    Measured on two machines (docs/performance-operators.md, twenty-second round): on a 2-vCPU
+    Intel Xeon, alternating at 0.75, 1.5 and 3 GB, views took 0.71-0.88 of the time for
+    ``dare_ties`` and ``dare``, 0.82-0.96 for ``slerp``, 0.88-0.98 for ``model_stock``, 0.87-1.01
+    for ``random_like``, 0.93-1.11 for ``ties``, 1.00-1.04 for ``breadcrumbs``, and 1.00-1.08 for
+    ``della`` (whose rows both threads run, each reading its own); on a 2-vCPU AMD EPYC, in the
+    sixteenth and twentieth rounds, they made ``dare``, ``ties`` and ``slerp`` slower (``dare`` 2.61
+    against 2.25 s at 1.5 GB)."""
+    if any(step.op == "call" and step.name in DELLA_CALLS for step in program.steps):
+        return False
+    if VIEWS_BESIDE_CALLS is not None:
+        return VIEWS_BESIDE_CALLS
+    return _intel()
+
+
+@functools.cache
+def _intel() -> bool:
+    """Whether /proc/cpuinfo names an Intel processor (False where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            for line in info:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip() == "GenuineIntel"
+    except OSError:
+        pass
+    return False
 
 
 def _writing_thread() -> ThreadPoolExecutor:
