@@ -7,6 +7,7 @@ for byte; the values are also checked against a naive eager computation.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -439,13 +440,16 @@ def test_reads_into_buffers_write_the_same_bytes_as_views_of_the_mapped_files(mo
     real = direct._Input.view
 
     def spy(self, file, position, nbytes):
-        viewed.append(nbytes)
+        viewed.append(threading.current_thread().name)
         return real(self, file, position, nbytes)
 
     monkeypatch.setattr(direct._Input, "view", spy)
     tvlang.compile(text).run(paths, str(tmp_path / "mapped"), allow_unused=True)
     assert files_of(tmp_path / "mapped") == fast_files["out"]
     assert bool(viewed) == (mapped or beside and mapped is not None)
+    # the pass before the main one (ties' thresholds, slerp's sums) reads as the main pass does
+    ahead = any(name.startswith("tvlang-ahead") for name in viewed)
+    assert ahead == (beside and ("ties" in text or "slerp" in text))
 
 
 def test_views_beside_calls_on_an_intel_processor(models, tmp_path, monkeypatch):
@@ -468,30 +472,33 @@ def test_views_beside_calls_on_an_intel_processor(models, tmp_path, monkeypatch)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="reads the process's memory from /proc")
-def test_a_mapped_input_holds_no_more_than_the_release_bytes(tmp_path, monkeypatch):
-    """Viewing a 48 MiB file a MiB at a time, every page read: the process never holds more than
-    RELEASE_BYTES (4 MiB here) of the map and the MiB in use (its Private_Clean grows by 48 MiB
-    when the pages are not dropped)."""
+@pytest.mark.parametrize("copies", [1, 2])
+def test_a_mapped_input_holds_no_more_than_the_release_bytes(tmp_path, monkeypatch, copies):
+    """Viewing a 48 MiB file a MiB at a time, every page read: the process's private memory never
+    grows by more than RELEASE_BYTES (4 MiB here), the MiB in use and a little more: 7 MiB in all
+    (6.2 MiB measured; 48 MiB when the pages are not dropped). Private_Clean and Private_Dirty
+    both: a page of the file just written may still be dirty. The same when the views alternate
+    between the source and a copy of it as _Ahead makes one (``dataclasses.replace``): the copy
+    shares its maps and counts with it (with a count of its own, the two held 8 MiB)."""
     path = tmp_path / "big.bin"
     path.write_bytes(os.urandom(1 << 20) * 48)
     monkeypatch.setattr(direct, "RELEASE_BYTES", 4 << 20)
 
-    def private_clean() -> int:
-        for line in open("/proc/self/smaps_rollup"):
-            if line.startswith("Private_Clean:"):
-                return int(line.split()[1]) << 10
-        return 0
+    def private() -> int:  # a page of the file just written may still be dirty: Private_Dirty then
+        return sum(int(line.split()[1]) << 10 for line in open("/proc/self/smaps_rollup")
+                   if line.startswith(("Private_Clean:", "Private_Dirty:")))
 
     source = direct._Input("x", str(path), (str(path),), None, "model", files=[str(path)],
                            identities=[direct.file_identity(os.stat(path))])
-    before = private_clean()
+    sources = [source] + [dataclasses.replace(source, _open=None) for _ in range(copies - 1)]
+    before = private()
     total, peak = 0, 0
-    for start in range(0, 48 << 20, 1 << 20):
-        view = source.view(0, start, 1 << 20)
+    for i, start in enumerate(range(0, 48 << 20, 1 << 20)):
+        view = sources[i % copies].view(0, start, 1 << 20)
         total += int(view[::4096].astype(direct.numpy.int64).sum())  # every page touched
-        peak = max(peak, private_clean() - before)
+        peak = max(peak, private() - before)
     assert total == sum(path.read_bytes()[::4096])
-    assert peak <= 6 << 20, peak
+    assert peak <= 7 << 20, peak
     assert source.view(0, (48 << 20) - 8, 16) is None  # past the end: read, and found short
     source.close()
 

@@ -219,7 +219,9 @@ class _Input:
     hub: None = None
     _open: tuple[int, int] | None = None  # (file index, descriptor)
     _maps: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # file -> (its bytes mapped, the map): view()
-    _viewed: int = 0  # bytes viewed since the maps' pages were last dropped
+    # bytes viewed since the maps' pages were last dropped: a list, so that a copy of this source
+    # (_Ahead's, made by dataclasses.replace) counts with it, as it shares its maps and lock
+    _viewed: list[int] = field(default_factory=lambda: [0])
     mapping: bool = False  # whether the run reads this source's chunks as views (_idle_second_core)
     _lock: threading.Lock = field(default_factory=threading.Lock)  # for any thread that views (the main one, now)
 
@@ -263,9 +265,9 @@ class _Input:
             whole, mapping = held
             if whole is None or position + nbytes > len(whole):
                 return None
-            self._viewed += nbytes
-            if self._viewed >= RELEASE_BYTES:
-                self._viewed = 0
+            self._viewed[0] += nbytes
+            if self._viewed[0] >= RELEASE_BYTES:
+                self._viewed[0] = 0
                 for _, held_map in self._maps.values():
                     if held_map is not None:
                         try:
@@ -755,12 +757,12 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
                       sum(read.values()) * len(writers))
         models = [w for name, w in writers.items() if plan.output_kind(name) == "model"]
         num_layers = count_layers(base.order)  # as the local executor's layout counts them
+        idle = writing is not None  # (_idle_second_core: then no call runs ahead either)
+        for source in bound.readers.values():  # before _Ahead copies them: its pass reads as the main one
+            source.mapping = MAP_READS and (idle or _views_beside_calls(program))
         ahead = _Ahead(program, bound, lib, every, drawing, num_layers) if any(
             step.op == "call" and step.name in (*THRESHOLD_CALLS, *SUMS_CALLS, "sce") or _l1_call(step)
             for step in program.steps) else None
-        idle = writing is not None  # (_idle_second_core: then no call runs ahead either)
-        for source in bound.readers.values():
-            source.mapping = MAP_READS and (idle or _views_beside_calls(program))
         if ahead is None and _pipelines(program):
             _pipelined(program, bound, every, [(buffers, halves, drops), _workspace(program)], writers, models, lib,
                        drawing, num_layers, fused, not allow_nonfinite, bar, read, len(writers))
