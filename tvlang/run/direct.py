@@ -222,8 +222,8 @@ class _Input:
     # bytes viewed since the maps' pages were last dropped: a list, so that a copy of this source
     # (_Ahead's, made by dataclasses.replace) counts with it, as it shares its maps and lock
     _viewed: list[int] = field(default_factory=lambda: [0])
-    mapping: bool = False  # whether the run reads this source's chunks as views (_idle_second_core)
-    _lock: threading.Lock = field(default_factory=threading.Lock)  # for any thread that views (the main one, now)
+    mapping: bool = False  # whether the run reads its chunks as views (_idle_second_core, _views_beside_calls)
+    _lock: threading.Lock = field(default_factory=threading.Lock)  # for the threads that view (main, _Ahead)
 
     def fd(self, file: int) -> int:
         """A descriptor of weight file ``file``, closing the one open before; a file that is not the
