@@ -1590,9 +1590,9 @@ def _views_beside_calls(program) -> bool:
     Intel Xeon, alternating at 0.75, 1.5 and 3 GB, views took 0.71-0.88 of the time for
     ``dare_ties`` and ``dare``, 0.82-0.96 for ``slerp``, 0.88-0.98 for ``model_stock``, 0.87-1.01
     for ``random_like``, 0.93-1.11 for ``ties``, 1.00-1.04 for ``breadcrumbs``, and 1.00-1.08 for
-    ``della`` (whose rows both threads run, each reading its own); on a 2-vCPU AMD EPYC, in the
+    ``della`` (whose rows both threads compute from the chunk read); on a 2-vCPU AMD EPYC, in the
     sixteenth and twentieth rounds, they made ``dare``, ``ties`` and ``slerp`` slower (``dare`` 2.61
-    against 2.25 s at 1.5 GB)."""
+    against 2.25 s at 1.5 GB). The pass before the main one (_Ahead) reads as the main pass does."""
     if any(step.op == "call" and step.name in DELLA_CALLS for step in program.steps):
         return False
     if VIEWS_BESIDE_CALLS is not None:
