@@ -475,14 +475,14 @@ def test_views_beside_calls_on_an_intel_processor(models, tmp_path, monkeypatch)
 @pytest.mark.parametrize("copies", [1, 2])
 def test_a_mapped_input_holds_no_more_than_the_release_bytes(tmp_path, monkeypatch, copies):
     """Viewing a 48 MiB file a MiB at a time, every page read: the process's private memory never
-    grows by more than RELEASE_BYTES (4 MiB here), the MiB in use and a little more: 7 MiB in all
-    (6.2 MiB measured; 48 MiB when the pages are not dropped). Private_Clean and Private_Dirty
+    grows by more than RELEASE_BYTES (8 MiB here), the MiB in use and some slack: 12 MiB in all
+    (10.2 MiB measured; 48 MiB when the pages are not dropped). Private_Clean and Private_Dirty
     both: a page of the file just written may still be dirty. The same when the views alternate
     between the source and a copy of it as _Ahead makes one (``dataclasses.replace``): the copy
-    shares its maps and counts with it (with a count of its own, the two held 8 MiB)."""
+    shares its maps and counts with it (with a count of its own, the two held 16 MiB)."""
     path = tmp_path / "big.bin"
     path.write_bytes(os.urandom(1 << 20) * 48)
-    monkeypatch.setattr(direct, "RELEASE_BYTES", 4 << 20)
+    monkeypatch.setattr(direct, "RELEASE_BYTES", 8 << 20)
 
     def private() -> int:  # a page of the file just written may still be dirty: Private_Dirty then
         return sum(int(line.split()[1]) << 10 for line in open("/proc/self/smaps_rollup")
@@ -498,7 +498,7 @@ def test_a_mapped_input_holds_no_more_than_the_release_bytes(tmp_path, monkeypat
         total += int(view[::4096].astype(direct.numpy.int64).sum())  # every page touched
         peak = max(peak, private() - before)
     assert total == sum(path.read_bytes()[::4096])
-    assert peak <= 7 << 20, peak
+    assert peak <= 12 << 20, peak
     assert source.view(0, (48 << 20) - 8, 16) is None  # past the end: read, and found short
     source.close()
 
