@@ -844,15 +844,22 @@ class _Reduction:
         self.blocks.append(out)
 
     def result(self) -> float:
-        rows = numpy.concatenate(self.blocks, axis=1) if self.blocks else numpy.zeros((len(self.pairs), 0))
-        if not numpy.isfinite(rows).all():
-            raise _Fallback  # the local executor's error to report
-        sums = [math.fsum(row) for row in rows.tolist()]
+        sums = _exact_sums(numpy.concatenate(self.blocks, axis=1) if self.blocks
+                           else numpy.zeros((len(self.pairs), 0)))
         if self.builtin == "norm":
             return math.sqrt(sums[0])
         if self.builtin == "dot":
             return sums[0]
         return cosine(*sums)  # sums: the products, then each vector's squares
+
+
+def _exact_sums(blocks) -> list[float]:
+    """Each row of block values (float64) added exactly (``math.fsum``, correctly rounded, as
+    ``ExactSum.value()`` rounds the same exact sum); a value that is not finite leaves the run to the
+    local executor, whose error it is to report."""
+    if not numpy.isfinite(blocks).all():
+        raise _Fallback
+    return [math.fsum(row) for row in blocks.tolist()]
 
 
 def _passes(plan: Plan) -> int:
@@ -1350,9 +1357,7 @@ class _Sce:
                 start += count
             self.above = self.inside = []
         else:
-            if not numpy.isfinite(self.squares).all():
-                raise _Fallback
-            self.weights = sce_weights([math.fsum(row) / self.numel for row in self.squares.tolist()])
+            self.weights = sce_weights([total / self.numel for total in _exact_sums(self.squares)])
 
     def _selected(self, pieces: list, scratch: list, lib) -> list:
         """The inputs' next entries times the selection (the 0/1 mask of sce's ``tvs.mul_``)."""
@@ -1416,9 +1421,7 @@ class _Noise:
         return self.scale is None
 
     def end_pass(self) -> None:
-        if not numpy.isfinite(self.sums).all():
-            raise _Fallback
-        self.scale = noise_scale([math.fsum(row) for row in self.sums.tolist()])
+        self.scale = noise_scale(_exact_sums(self.sums))
         self.bits = self.rng = None  # the main pass draws the same noise from a fresh stream
         self.drawn = _NoiseBlocks(self.context.bits(self.seed), self.numel, self.drawing)
 
@@ -1749,9 +1752,7 @@ class _Gram:
     def end_pass(self) -> None:
         """The coefficients, from the sums; not finite, or a merge that stops with an error (the
         local executor's to report): the run goes to the local executor."""
-        if not numpy.isfinite(self.blocks).all():
-            raise _Fallback
-        sums = [math.fsum(row) for row in self.blocks.tolist()]
+        sums = _exact_sums(self.blocks)
         options = self.options
         if self.offsets:
             t = stock_factor(sums, self.vectors)
