@@ -250,15 +250,44 @@ def test_keyboard_interrupt_mid_run(ckpt, tmp_path, capsys, monkeypatch):
     assert_nothing_written(out)
 
 
+@pytest.mark.parametrize("direct", ["1", "0"], ids=["direct", "local"])
+@pytest.mark.parametrize("single", [True, False], ids=["file", "directory"])
+def test_a_signal_as_the_output_is_made_leaves_no_temporary(ckpt, tmp_path, capsys, monkeypatch, direct, single):
+    """A signal landing as the output's transaction is made, before the executor keeps its writer
+    (CI saw it once: a real SIGINT between the temporary's creation and ``writers[name] = ...``):
+    the executor's cleanup never sees that writer. Before abort_unfinished, its temporary stayed."""
+    import tvlang.io.atomic as atomic
+    from tvlang.faces.interrupts import Interrupted
+
+    real = atomic.AtomicReplace.__init__
+
+    def made_then_interrupted(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        raise Interrupted("interrupted", 130)  # the signal, as the constructor returns
+
+    monkeypatch.setattr(atomic.AtomicReplace, "__init__", made_then_interrupted)
+    monkeypatch.setenv("TVLANG_DIRECT", direct)
+    paths, _ = ckpt
+    out = tmp_path / ("out.safetensors" if single else "out")
+    code, err = run_cli(capsys, "-e", EXPR, *binds(paths), "-o", str(out))
+    assert code == 130
+    assert err.strip() == "tvlang: interrupted; nothing was written"
+    assert_nothing_written(out)
+    assert atomic._UNFINISHED == set()
+
+
 def _slow_run_script(out, paths, *, slow_abort: bool = False) -> str:
-    """A child that runs EXPR with the writer slowed down (and, if asked, its cleanup too:
-    it writes ``<out>.aborting`` when the cleanup starts, then takes a second)."""
+    """A child that runs EXPR with the writer slowed down (``<out>.writing`` appears when the first
+    write starts) and, if asked, its cleanup too (it writes ``<out>.aborting`` when the cleanup
+    starts, then takes a second)."""
     return textwrap.dedent(f"""
-        import sys, time
+        import os, sys, time
         import tvlang.io.writer as writer
         import tvlang.io.atomic as atomic
         real = writer._write_all
         def slow(f, data):
+            if not os.path.exists({str(out) + ".writing"!r}):
+                open({str(out) + ".writing"!r}, "w").close()
             time.sleep(0.05)
             real(f, data)
         writer._write_all = slow
@@ -274,13 +303,19 @@ def _slow_run_script(out, paths, *, slow_abort: bool = False) -> str:
     """)
 
 
-def _start_and_wait_for_writing(script, tmp_path):
+def _start_and_wait_for_writing(script, out):
+    """Start the child and wait until its first write has begun (``<out>.writing``, which is then
+    removed): the output's temporary exists and the run holds its writer. (Waiting for the
+    temporary alone let a signal land as it was being made, before the run held it: the
+    cleanup was then another one than the test expected; see the test just above.)"""
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    marker = f"{out}.writing"
     deadline = time.monotonic() + 60
-    while not [f for f in os.listdir(tmp_path) if "tvtmp" in f]:  # writing has started
+    while not os.path.exists(marker):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.01)
+    os.unlink(marker)
     return proc
 
 
@@ -292,7 +327,7 @@ def test_a_signal_to_a_running_process(ckpt, tmp_path, signum, code, message):
     """A real Ctrl-C or SIGTERM: the writer is slowed down so the signal lands mid-run."""
     paths, _ = ckpt
     out = tmp_path / "out"
-    proc = _start_and_wait_for_writing(_slow_run_script(out, paths), tmp_path)
+    proc = _start_and_wait_for_writing(_slow_run_script(out, paths), out)
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == code, stderr.decode()
@@ -305,7 +340,7 @@ def test_second_ctrl_c_during_cleanup_lets_it_finish(ckpt, tmp_path):
     """0.2 exited 130 with a traceback, its cleanup cut short, when a second Ctrl-C came during it."""
     paths, _ = ckpt
     out = tmp_path / "out"
-    proc = _start_and_wait_for_writing(_slow_run_script(out, paths, slow_abort=True), tmp_path)
+    proc = _start_and_wait_for_writing(_slow_run_script(out, paths, slow_abort=True), out)
     proc.send_signal(signal.SIGINT)
     marker = tmp_path / "out.aborting"
     deadline = time.monotonic() + 60

@@ -137,6 +137,24 @@ def test_save_writes_a_loadable_file(ckpt, monkeypatch, capsys, tmp_path):
     assert torch.equal(saved["pos"], PRE["pos"])
 
 
+def test_a_signal_as_save_makes_its_output_leaves_no_temporary(ckpt, monkeypatch, capsys, tmp_path):
+    """Ctrl-C landing as :save's output transaction is made, before the run keeps its writer: the
+    line is cancelled, and the temporary goes too (tvlang.io.atomic.abort_unfinished)."""
+    import tvlang.io.atomic as atomic
+
+    real = atomic.AtomicReplace.__init__
+
+    def made_then_interrupted(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        raise KeyboardInterrupt  # the signal, as the constructor returns
+
+    monkeypatch.setattr(atomic.AtomicReplace, "__init__", made_then_interrupted)
+    code, out, err = drive(monkeypatch, capsys, f":save pre + 0.5*(b - pre) to {tmp_path}/x.safetensors\n",
+                           binds(ckpt))
+    assert (code, err.strip()) == (0, "interrupted")
+    assert os.listdir(tmp_path) == []
+
+
 def test_save_of_a_scalar_is_an_error(ckpt, monkeypatch, capsys, tmp_path):
     code, out, err = drive(monkeypatch, capsys, f":save norm(a - pre) to {tmp_path}/x.safetensors\n", binds(ckpt))
     assert code == 1 and "error: a scalar has no tensors to save" in err

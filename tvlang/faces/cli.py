@@ -27,6 +27,7 @@ from tvlang.faces.commands import (
 from tvlang.faces.commands.args import UsageError
 from tvlang.faces.commands.json_output import emit, error_object, usage_error_object
 from tvlang.faces.interrupts import Interrupted, interrupts_raise
+from tvlang.io.atomic import abort_unfinished
 
 # Each subcommand's module has register(subparsers); this order is the order of ``tvlang --help``.
 # A command named by a Python keyword lives in a module with a trailing _ (import_); a module's
@@ -124,6 +125,7 @@ def _dispatch(args: argparse.Namespace, guard) -> int:
         print(exc.render(), file=sys.stderr)
         return code
     except KeyboardInterrupt as exc:
+        abort_unfinished()  # an output the signal caught before the run's cleanup could see it
         reason = exc.reason if isinstance(exc, Interrupted) else "interrupted"
         print(f"tvlang: {reason}; nothing was written", file=sys.stderr)
         return exc.exit_code if isinstance(exc, Interrupted) else 130

@@ -12,6 +12,12 @@ not at all: ``prepare()`` each (sync: the slow part), ``publish()`` each (rename
 ``finish()`` each (drop what was replaced); ``withdraw()`` undoes a ``publish()``,
 ``abort()`` drops the temporary.
 
+A signal can land between the moment a transaction is made and the moment its caller
+keeps it (``writers[name] = StreamingWriter(...)``): the caller's cleanup then never sees
+it. So every transaction whose temporary exists is listed until it is published or
+aborted, and :func:`abort_unfinished` drops what is left (the command line calls it when
+a command is interrupted).
+
 >>> import os, tempfile
 >>> target = os.path.join(tempfile.mkdtemp(), "out")
 >>> replace = AtomicReplace(target, directory=True)
@@ -28,10 +34,26 @@ import os
 import shutil
 from enum import Enum
 
-__all__ = ["TEMPORARY_TAG", "AtomicReplace", "State", "fsync_dir", "remove", "sync_tree"]
+__all__ = ["TEMPORARY_TAG", "AtomicReplace", "State", "abort_unfinished", "fsync_dir", "remove", "sync_tree"]
 
 # Every temporary name holds this; what --force may replace skips such entries.
 TEMPORARY_TAG = ".tvtmp-"
+
+
+# The transactions of this process whose temporary exists (open or prepared).
+_UNFINISHED: set[AtomicReplace] = set()
+
+
+def abort_unfinished() -> int:
+    """Abort every transaction of this process whose temporary still exists; how many there were.
+
+    For the end of an interrupted command, when nothing of this process is still writing:
+    a transaction whose caller was interrupted before it could keep it is dropped here.
+    """
+    left = list(_UNFINISHED)
+    for replace in left:
+        replace.abort()
+    return len(left)
 
 
 class State(Enum):
@@ -124,6 +146,7 @@ class AtomicReplace:
             remove(self.tmp)
             raise
         self.state = State.OPEN
+        _UNFINISHED.add(self)
 
     def _require(self, state: State, step: str) -> None:
         if self.state is not state:
@@ -160,6 +183,7 @@ class AtomicReplace:
             self.abort()
             raise
         self.state = State.PUBLISHED
+        _UNFINISHED.discard(self)
 
     def _swap(self) -> None:
         remove(self.aside)
@@ -218,3 +242,4 @@ class AtomicReplace:
         if self.state in (State.OPEN, State.PREPARED):
             self.state = State.ABORTED
             remove(self.tmp)
+        _UNFINISHED.discard(self)

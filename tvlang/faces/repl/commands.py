@@ -20,6 +20,7 @@ from tvlang.faces.commands.common import read_recipe
 from tvlang.faces.repl.complete import completions
 from tvlang.faces.repl.session import FILENAME, VALUE, Workspace, loads, parse_expr, statement_text
 from tvlang.faces.repl.values import adapter_summary, describe
+from tvlang.io.atomic import abort_unfinished
 from tvlang.language import ast
 from tvlang.language.syntax import parse, parse_expression
 
@@ -135,6 +136,7 @@ class Repl:
         except TvlangError as exc:
             self.report(exc)
         except KeyboardInterrupt:
+            abort_unfinished()  # an output the signal caught before the run's cleanup could see it
             print("interrupted", file=self.stderr)
         except Exception as exc:  # a bug: say so, and keep the session
             self.errors += 1
