@@ -775,20 +775,32 @@ def test_whole_calls_run_in_one_fused_loop(tmp_path, monkeypatch, chunk, text, i
     assert windows  # entries tied at a cut, kept or not by their place
 
 
-def test_breadcrumbs_gathers_both_windows_in_one_pass(tmp_path, monkeypatch):
-    """breadcrumbs' two cuts on one input: both windows gathered in the same pass (window_gather2),
-    with the local executor's bytes."""
-    pairs = []
-    real = direct.window_gather2
+@pytest.mark.parametrize("unmade", [True, False], ids=["unmade", "made"])
+def test_breadcrumbs_gathers_both_windows_in_one_pass(tmp_path, monkeypatch, unmade):
+    """breadcrumbs' two cuts on one input: both windows gathered in the same pass, with the local
+    executor's bytes: window_gather_axpy of two windows where the input (``a - pre``) is left
+    unmade (_Axpy), window_gather2 of the input made in a buffer where not."""
+    pairs = {"made": [], "unmade": []}
+    real, real_axpy = direct.window_gather2, direct.window_gather_axpy
 
     def counting(raw, windows, scratch):
-        pairs.append(windows)
+        pairs["made"].append(windows)
         return real(raw, windows, scratch)
 
+    def counting_axpy(a, x, c, windows, scratch):
+        pairs["unmade"].append(windows)
+        return real_axpy(a, x, c, windows, scratch)
+
     monkeypatch.setattr(direct, "window_gather2", counting)
-    text = "pre + breadcrumbs(a - pre, density=0.2, gamma=0.01) + breadcrumbs(b - pre, density=0.3, gamma=0.05)"
+    monkeypatch.setattr(direct, "window_gather_axpy", counting_axpy)
+    if not unmade:
+        monkeypatch.setattr(direct, "_unmade", lambda program, needed, observing: set())
+    text = "pre + breadcrumbs(a - pre, density=0.2, gamma=0.01) + breadcrumbs(0.5*(b - pre), density=0.3, gamma=0.05)"
     same_as_local_and_eager(monkeypatch, tmp_path, text, big_models(tmp_path / "in"), 100_003)
-    assert pairs and all(first != second for first, second in pairs)
+    used, unused = ("unmade", "made") if unmade else ("made", "unmade")
+    two = [pair for pair in pairs[used] if len(pair) == 2]  # (window_gather_axpy takes one window too)
+    assert two and all(pair[0] != pair[1] for pair in two)
+    assert pairs[unused] == []
 
 
 @pytest.mark.parametrize("chunk", [1 << 18, 100_003, 1 << 19])
@@ -882,6 +894,33 @@ def test_ties_same_bytes(tmp_path, monkeypatch, text, data):
     for name, p in sd["pre"].items():
         expected = p + ties([sd["a"][name] - p, sd["b"][name] - p], TensorContext(name), **options)
         assert torch.equal(got[name], expected), name
+
+
+@pytest.mark.parametrize("text", [TIES_RECIPES[0], TIES_RECIPES[5]], ids=["ties", "breadcrumbs"])
+def test_thresholds_of_unmade_differences_on_bfloat16(tmp_path, monkeypatch, text):
+    """ties and breadcrumbs over bfloat16 models, many entries tied at the threshold: the pass before
+    the main one gathers from ``a - pre`` without making it (window_gather_axpy, over the float32
+    values the bfloat16 entries are read as), in chunks that cut the windows: the local executor's
+    bytes."""
+    half = {}
+    for name, path in tied_models(tmp_path / "in").items():
+        tensors = load_file(os.path.join(path, "model.safetensors"))
+        half[name] = write_checkpoint(str(tmp_path / f"{name}16"),
+                                      {k: v.to(torch.bfloat16) for k, v in tensors.items()})
+    calls = []
+    real = direct.window_gather_axpy
+
+    def counting(*args):
+        calls.append(len(args[3]))
+        return real(*args)
+
+    monkeypatch.setattr(direct, "window_gather_axpy", counting)
+    monkeypatch.setattr(direct, "CHUNK_ELEMENTS", 100_003)
+    fast, local, fast_files, local_files = both(monkeypatch, tmp_path, text, half, {"out": "merged.safetensors"},
+                                                allow_unused=True)
+    assert fast_files == local_files
+    assert load_file(str(tmp_path / "direct" / "merged.safetensors"))["big"].dtype == torch.bfloat16
+    assert calls and max(calls) == (2 if "breadcrumbs" in text else 1)
 
 
 @pytest.mark.parametrize("path", ["window", "no-window", "window-missed", "too-many"])

@@ -464,6 +464,37 @@ def test_window_gather_many_windows_and_sizes_stay_in_scratch():
 
 
 @needs_helper
+def test_window_gather_of_an_axpy_equals_the_gather_of_its_result():
+    """window_gather_axpy: the patterns of fma(x, c, a) gathered a block at a time without a
+    buffer for them, as the axpy (tv_axpy_f32, torch.add(a, x, alpha=c)) then window_gather or
+    window_gather2 give them; across the blocks of 4,096 entries and the eight-entry vectors, the
+    scratch of ``n + 1`` entries never written past."""
+    if native.linear_steps() is None:
+        pytest.skip("no AVX2 and FMA here: the direct executor does not use the helper's axpy")
+    rng = numpy.random.default_rng(12)
+    for n in (0, 1, 7, 8, 9, 4095, 4096, 4097, 8200, 20001):
+        a = rng.standard_normal(n).astype(numpy.float32)
+        x = rng.standard_normal(n).astype(numpy.float32)
+        x[rng.integers(0, max(n, 1), n // 9)] = rng.choice([0.0, -0.0, numpy.inf, numpy.nan], n // 9)
+        for c in (-1.0, 0.3):
+            made = torch.add(torch.from_numpy(a), torch.from_numpy(x), alpha=c).numpy()  # fused, as torch makes it
+            ours = a.copy()
+            native.linear_steps().tv_axpy_f32(ours.ctypes.data, x.ctypes.data, c, n)
+            assert numpy.array_equal(made.view(numpy.int32), ours.view(numpy.int32))
+            raw = made.view(numpy.int32)
+            mag = raw & 0x7FFFFFFF
+            patterns = numpy.sort(numpy.unique(mag)) if n else numpy.zeros(1, numpy.int32)
+            lo, hi = sorted(int(v) for v in rng.choice(patterns, 2))
+            for windows in ([(lo, hi)], [(lo, None)], [(lo, hi), (hi, None)], [(hi, None), (lo, hi)]):
+                guard = [numpy.full(n + 1 + 64, -7, numpy.int32) for _ in range(2)]
+                got = native.window_gather_axpy(a, x, c, windows, [g[:n + 1] for g in guard])
+                for (picked, above), window in zip(got, windows, strict=True):
+                    alone = native.window_gather(raw, *window, numpy.empty(n + 1, numpy.int32))
+                    assert numpy.array_equal(picked, alone[0]) and above == alone[1], (n, c, window)
+                assert all((g[n + 1:] == -7).all() for g in guard), n
+
+
+@needs_helper
 def test_band_trim_equals_the_torch_path(monkeypatch):
     g = torch.Generator().manual_seed(6)
     for n in (1, 7, 8, 33, 4099):

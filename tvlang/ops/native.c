@@ -703,6 +703,33 @@ FMA_TARGET int tv_linear_run_f32(const float *first, float c0, int copy, const f
     return (int)bad;
 }
 
+/* tv_window_gather (k = 1) or tv_window_gather2 (k = 2) of the patterns of fma(x, c, a), an axpy's
+ * result (a call's input `a - pre`, in the pass that finds its threshold), without writing it to
+ * a buffer: a block of STEP entries at a time is made on the stack, where it stays in the L1
+ * cache, and gathered from there. The same patterns, counts and order as tv_linear_run_f32 (the
+ * axpy: fmaf(x[j], c, a[j])) then the gather over its result. inside[w]: room for n + 1; count[w]
+ * set, above[w] added to. */
+FMA_TARGET void tv_window_gather_axpy(const float *a, const float *x, float c, size_t n, int k, const int32_t *lo,
+                                      const int32_t *hi, const int *has_hi, int32_t *const *inside, size_t *count,
+                                      uint64_t *above) {
+    float block[STEP];
+    size_t got[2] = {0, 0};
+    for (size_t s = 0; s < n; s += STEP) {
+        size_t m = n - s < STEP ? n - s : STEP;
+        for (size_t j = 0; j < m; j++) block[j] = fmaf(x[s + j], c, a[s + j]);
+        if (k == 1) {
+            got[0] += tv_window_gather((const int32_t *)block, m, lo[0], hi[0], has_hi[0], inside[0] + got[0], above);
+        } else {
+            int32_t *const at[2] = {inside[0] + got[0], inside[1] + got[1]};
+            size_t these[2];
+            tv_window_gather2((const int32_t *)block, m, lo, hi, has_hi, at, these, above);
+            got[0] += these[0];
+            got[1] += these[1];
+        }
+    }
+    for (int w = 0; w < k; w++) count[w] = got[w];
+}
+
 /* A plain DARE call between the linear steps around it, in one pass (tvlang/run/direct.py,
  * _fused_drop): x = fma(b, cb, a), the axpy that makes the call's input (a - pre); x * mask, the
  * call (mask: 0 or the rescale factor); fma(that, c, base), the axpy or add that takes its result,

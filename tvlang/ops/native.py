@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy
 
-__all__ = ["LIBRARY", "library", "drop_mask_f32", "sign_merge_f32", "window_gather", "window_gather2", "band_f32",
-           "ram_f32", "ramplus_count_f32", "ramplus_apply_f32", "nearswap_f32", "flags_scale_f32", "block_sums_f32",
-           "fusion_f32", "normal_f32", "keep_bits", "ziggurat_tables", "linear_steps", "state_words", "set_state_words",
-           "FusedInput", "MERGE_CODES"]
+__all__ = ["LIBRARY", "library", "drop_mask_f32", "sign_merge_f32", "window_gather", "window_gather2",
+           "window_gather_axpy", "band_f32", "ram_f32", "ramplus_count_f32", "ramplus_apply_f32", "nearswap_f32",
+           "flags_scale_f32", "block_sums_f32", "fusion_f32", "normal_f32", "keep_bits", "ziggurat_tables",
+           "linear_steps", "state_words", "set_state_words", "FusedInput", "MERGE_CODES"]
 
 #: where the install puts the compiled helper (a versioned name, ``.so.1``: a plain ``.so``
 #: would look like a Python extension module to importers that walk the package)
@@ -49,6 +49,7 @@ _SIGNATURES = {
     "tv_magprune_f32": ([_P, ctypes.c_uint64, _P, _N, _N, _F, _F, _I, _P, _P, _P], None),
     "tv_window_gather": ([_P, _N, ctypes.c_int32, ctypes.c_int32, _I, _P, _P], ctypes.c_size_t),
     "tv_window_gather2": ([_P, _N, _P, _P, _P, _P, _P, _P], None),
+    "tv_window_gather_axpy": ([_P, _P, _F, _N, _I, _P, _P, _P, _P, _P, _P], None),
     "tv_band_f32": ([_P, _N, _F, _F, _P], None),
     "tv_hardshrink_f32": ([_P, _N, _F, _P], None),
     "tv_sign_merge_f32": ([_P, _N, _N, _I, _I, _P], None),
@@ -307,6 +308,27 @@ def window_gather2(raw: numpy.ndarray, windows: list[tuple[int, int | None]],
     above = numpy.zeros(2, dtype=numpy.uint64)
     lib.tv_window_gather2(raw.ctypes.data, raw.size, lo.ctypes.data, hi.ctypes.data, has_hi.ctypes.data,
                           inside.ctypes.data, count.ctypes.data, above.ctypes.data)
+    return [(buffer[:int(n)].copy(), int(over)) for buffer, n, over in zip(scratch, count, above)]
+
+
+def window_gather_axpy(a: numpy.ndarray, x: numpy.ndarray, c: float, windows: list[tuple[int, int | None]],
+                       scratch: list[numpy.ndarray]) -> list[tuple[numpy.ndarray, int]] | None:
+    """:func:`window_gather` (one window) or :func:`window_gather2` (two) of the patterns of
+    ``fma(x, c, a)`` (float32 arrays of one size: an axpy's result, as ``tv_axpy_f32`` makes it),
+    without making it in a buffer first; ``None`` where :func:`linear_steps` is (the axpy's fused
+    multiply-add needs FMA)."""
+    lib = linear_steps()
+    if lib is None:
+        return None
+    k = len(windows)
+    lo = numpy.array([w[0] for w in windows], dtype=numpy.int32)
+    hi = numpy.array([0 if w[1] is None else w[1] for w in windows], dtype=numpy.int32)
+    has_hi = numpy.array([w[1] is not None for w in windows], dtype=numpy.intc)
+    inside = numpy.array([buffer.ctypes.data for buffer in scratch[:k]], dtype=numpy.uintp)
+    count = numpy.zeros(k, dtype=numpy.uintp)
+    above = numpy.zeros(k, dtype=numpy.uint64)
+    lib.tv_window_gather_axpy(a.ctypes.data, x.ctypes.data, c, a.size, k, lo.ctypes.data, hi.ctypes.data,
+                              has_hi.ctypes.data, inside.ctypes.data, count.ctypes.data, above.ctypes.data)
     return [(buffer[:int(n)].copy(), int(over)) for buffer, n, over in zip(scratch, count, above)]
 
 

@@ -108,6 +108,7 @@ from tvlang.ops.native import (
     normal_f32,
     window_gather,
     window_gather2,
+    window_gather_axpy,
 )
 from tvlang.ops.pertensor import resolve_options
 from tvlang.ops.ranks import (
@@ -1898,8 +1899,13 @@ def _find_thresholds(program, bound: _Bound, info, numel: int, buffers: list, ha
                     if select.found is None:
                         by_input.setdefault(i, []).append(select)
                 for i, selects in by_input.items():
-                    raw = pieces[i].view(numpy.int32)
                     pair = [select for select in selects if select.gathers()]
+                    piece = pieces[i]
+                    if isinstance(piece, _Axpy):
+                        if piece.gathered(pair, selects, [scratch, second]):
+                            continue
+                        piece = piece.made(lib)
+                    raw = piece.view(numpy.int32)
                     if len(pair) == 2:  # breadcrumbs' two cuts: both windows in one pass
                         for select, got in zip(pair, window_gather2(raw, [s.bounds for s in pair],
                                                                     [scratch, second])):
@@ -1921,11 +1927,12 @@ def _find_thresholds(program, bound: _Bound, info, numel: int, buffers: list, ha
             for state in streams.values():
                 if isinstance(state, _Trims):
                     state.restart()  # an earlier call's tie windows, where these calls' inputs need it
+            unmade = _unmade(program, needed, observing)
             for start, end in ranges:
                 if stop.is_set():
                     return
                 _chunk(program, bound, info, start, end - start, buffers, halves, drops, streams, {}, lib,
-                       check=False, only=needed, observing=observing)
+                       check=False, only=needed, observing=observing, unmade=unmade)
             for select in feeds:
                 if select.found is not None:
                     continue
@@ -1934,6 +1941,64 @@ def _find_thresholds(program, bound: _Bound, info, numel: int, buffers: list, ha
                 else:
                     select.end_pass()
             ranges = None
+
+
+def _unmade(program, needed: set[int], observing: dict) -> set[int]:
+    """The ``axpy`` steps among ``needed`` whose result only the calls in ``observing`` read (before
+    any other step reads or writes its slot): those a pass before the main one need not make in a
+    buffer (:class:`_Axpy`; ``ties(a - pre, b - pre, c - pre)``'s three subtractions)."""
+    unmade = set()
+    for index in sorted(needed):
+        step = program.steps[index]
+        if step.op != "axpy":
+            continue
+        for later in range(index + 1, len(program.steps)):
+            other = program.steps[later]
+            if later in observing and step.dst in other.srcs:
+                unmade.add(index)
+                break
+            if later in needed and (step.dst in other.srcs or other.dst == step.dst):
+                break
+    return unmade
+
+
+class _Axpy:
+    """An ``axpy`` step's result, ``value + coef * x`` as ``tv_axpy_f32`` makes it, not made yet (a
+    pass before the main one, :func:`_unmade`): a select gathering from a window takes its
+    patterns with the helper's :func:`window_gather_axpy`, which makes a few thousand entries at a
+    time where they stay in the L1 cache; the other stages take it made in ``target`` (where the
+    step would have made it). At 3 GB, making the subtractions of ``ties`` in buffers took 26 % of
+    the run's samples, on the thread that finds the thresholds."""
+
+    __slots__ = ("value", "x", "coef", "target", "count", "_made")
+
+    def __init__(self, value, x, coef: float, target, count: int) -> None:
+        self.value, self.x, self.coef, self.target, self.count = value, x, coef, target, count
+        self._made = None
+
+    def gathered(self, gathering: list, selects: list, scratch: list) -> bool:
+        """Whether the selects that take this piece (``selects``) are one or two gathering from a
+        window (``gathering``) and have taken it, without making it."""
+        takers = [select for select in selects if select.stage in ("sample", "high") or select.gathers()]
+        if self._made is not None or not takers or takers != gathering or len(takers) > 2:
+            return not takers
+        got = window_gather_axpy(self.value, self.x, self.coef, [select.bounds for select in takers], scratch)
+        if got is None:
+            return False
+        for select, (picked, above) in zip(takers, got):
+            select.take(picked, above)
+        return True
+
+    def made(self, lib):
+        """The result, made in ``target`` (once)."""
+        if self._made is None:
+            if self.target is self.value:
+                lib.tv_axpy_f32(self.value.ctypes.data, self.x.ctypes.data, self.coef, self.count)
+            else:
+                lib.tv_linear_run_f32(self.value.ctypes.data, 1.0, 1, _pointers([self.x]),
+                                      (ctypes.c_float * 1)(self.coef), 1, self.count, self.target.ctypes.data)
+            self._made = self.target
+        return self._made
 
 
 def _find_passes(program, bound: _Bound, info, numel: int, buffers: list, halves: list, drops: dict,
@@ -2034,10 +2099,11 @@ def _masks_asked(streams: dict) -> bool:
 
 def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, halves: list, drops: dict,
            streams: dict, writers: dict, lib, *, check: bool, only: set[int] | None = None,
-           observing: dict | None = None, fused: _Fusions | None = None, emit: Callable | None = None) -> None:
+           observing: dict | None = None, fused: _Fusions | None = None, emit: Callable | None = None,
+           unmade: set[int] = frozenset()) -> None:
     """:func:`_steps` of one chunk, a della call's rows (:class:`RowBlocks`) on both threads as it comes."""
     for blocks in _steps(program, bound, info, start, count, buffers, halves, drops, streams, writers, lib,
-                         check=check, only=only, observing=observing, fused=fused, emit=emit):
+                         check=check, only=only, observing=observing, fused=fused, emit=emit, unmade=unmade):
         blocks.finish(blocks.start())
 
 
@@ -2072,7 +2138,7 @@ def _aligned(buffer, position: int, count: int):
 def _steps(program, bound: _Bound, info, start: int, count: int, buffers: list, halves: list, drops: dict,
            streams: dict, writers: dict, lib, *, check: bool, only: set[int] | None = None,
            observing: dict | None = None, fused: _Fusions | None = None,
-           emit: Callable | None = None) -> Iterator[RowBlocks]:
+           emit: Callable | None = None, unmade: set[int] = frozenset()) -> Iterator[RowBlocks]:
     """The program over entries ``start:start+count`` of tensor ``name``: each input's chunk read
     into the read step's buffer, each step into its own buffer (``make`` steps) or in place
     (``update`` steps), as tvlang.run.chunked does, with the arithmetic of tvlang.run.steps in
@@ -2082,7 +2148,8 @@ def _steps(program, bound: _Bound, info, start: int, count: int, buffers: list, 
     next chunk in a thread meanwhile was slower here: 3.9-4.4 s against 3.6-3.75 s at 1.5 GB,
     docs/performance.md.) A della call's rows are yielded (:class:`RowBlocks`) for the caller to run
     before the steps go on: :func:`_chunk` runs them at once, :func:`_pipelined` once the next chunk is read.
-    ``emit``: takes each write as ``(writer, name, piece)`` instead of writing it (:func:`_overlapped`)."""
+    ``emit``: takes each write as ``(writer, name, piece)`` instead of writing it (:func:`_overlapped`).
+    ``unmade``: the ``axpy`` steps whose result is left unmade for the calls observing it (:class:`_Axpy`)."""
     name = info.name
     slots: dict[int, Any] = {}
     done_to = -1  # the steps up to here ran fused with an earlier one
@@ -2154,6 +2221,8 @@ def _steps(program, bound: _Bound, info, start: int, count: int, buffers: list, 
             target = owned(step.dst)
             lib.tv_scale_f32(value.ctypes.data, step.coef, count, target.ctypes.data)
             slots[step.dst] = target
+        elif op == "axpy" and index in unmade:
+            slots[step.dst] = _Axpy(slots[step.dst], slots[step.srcs[0]], step.coef, owned(step.dst), count)
         elif op == "axpy":
             value, x = slots[step.dst], slots[step.srcs[0]]
             target = owned(step.dst)
