@@ -863,6 +863,8 @@ TIES_RECIPES = [
     " + breadcrumbs(c - pre, density=0.4, gamma=0.02)",
     "pre + 0.5*ties(a - pre, b - pre, density=0.2) + 0.5*ties(c - pre, b - pre, density=0.4)",
     "pre + ties(a - pre, b - pre, density=0.3) + 0.5*breadcrumbs(a - b, density=0.99, gamma=0.01)",
+    # b - pre observed by the first call, then read by the step that makes a - b (so it is made: _unmade)
+    "pre + 0.5*ties(a - pre, b - pre, density=0.2) + 0.5*ties(b - pre, c - pre, a - b, density=0.7)",
 ]
 
 
@@ -1000,6 +1002,32 @@ def test_gram_merges_same_bytes(tmp_path, monkeypatch, text, chunk):
     paths = big_models(tmp_path / "in")
     paths["z"] = paths["pre"]
     same_as_local_and_eager(monkeypatch, tmp_path, text, paths, chunk)
+
+
+@pytest.mark.parametrize("unmade", [True, False], ids=["unmade", "made"])
+@pytest.mark.parametrize("text", ["pre + nuslerp(a - pre, b - pre, 0.7)", "pre + karcher(a - pre, b - pre, c - pre)",
+                                  "pre + slerp(a - pre, b - pre, t=0.5) + 0.4*(c - pre)",
+                                  "pre + random_like(a - pre, seed=3)"])
+def test_sums_of_unmade_differences(tmp_path, monkeypatch, text, unmade):
+    """The sums' pass before the main one leaves ``m - pre`` unmade (_Axpy): the Gram merges sum
+    the differences a block at a time (tv_gram_sums_f32 with ``pre`` as its base, as model_stock's
+    offsets), random_like has its input made; made in buffers (``_unmade`` empty), the same. Either
+    way the local executor's bytes, and the eager evaluation's tensors."""
+    bases = []
+    real = direct._differences
+
+    def differences(pieces):
+        base = real(pieces)
+        bases.append(base is not None)
+        return base
+
+    monkeypatch.setattr(direct, "_differences", differences)
+    if not unmade:
+        monkeypatch.setattr(direct, "_unmade", lambda program, needed, observing: set())
+    same_as_local_and_eager(monkeypatch, tmp_path, text, big_models(tmp_path / "in"), 3 * (1 << 14))
+    gram = "random_like" not in text
+    assert any(bases) == (gram and unmade)
+    assert bool(bases) == gram
 
 
 @pytest.mark.parametrize("text", ["model_stock(pre, a, b, c)", "slerp(pre, a, t=0.3)",

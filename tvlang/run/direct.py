@@ -1723,7 +1723,8 @@ class _Gram:
                                                                  for j in range(i, vectors)]
         self.blocks = numpy.empty((len(self.pairs), -(-numel // BLOCK)), dtype=numpy.float64)
         self.index = numpy.array(self.pairs, dtype=numpy.int32).reshape(-1)  # the pairs, as tv_gram_sums_f32 takes them
-        self.scratch = numpy.empty(vectors * BLOCK if self.offsets else 0, dtype=numpy.float32)  # a block's offsets
+        # a block's offsets (model_stock's, or the unmade differences of the others: :func:`_differences`)
+        self.scratch = numpy.empty(vectors * BLOCK if vectors <= GRAM_VECTORS else 0, dtype=numpy.float32)
         self.at = 0  # blocks summed
         self.coefficients: list[float] | None = None
         self.always = name in ("slerp", "model_stock")  # their kernels add every input, even times 0
@@ -1733,7 +1734,12 @@ class _Gram:
         pair's blocks in one sweep of the helper (tv_gram_sums_f32, model_stock's offsets made a block
         at a time there), or where there are more than GRAM_VECTORS inputs, pair by pair."""
         count = len(pieces[0])
-        base, inputs = (pieces[0], pieces[1:]) if self.offsets else (None, pieces)
+        differences = None if self.offsets or len(pieces) > GRAM_VECTORS else _differences(pieces)
+        if differences is not None:  # ``m_i - b`` unmade: made a block at a time, as model_stock's offsets
+            base, inputs = differences, [piece.value for piece in pieces]
+        else:
+            pieces = _made(pieces, lib)
+            base, inputs = (pieces[0], pieces[1:]) if self.offsets else (None, pieces)
         if len(inputs) <= GRAM_VECTORS:
             lib.tv_gram_sums_f32(_pointers(inputs), len(inputs), None if base is None else base.ctypes.data,
                                  self.index.ctypes.data, len(self.pairs), count, self.blocks.shape[1],
@@ -1950,16 +1956,26 @@ def _unmade(program, needed: set[int], observing: dict) -> set[int]:
     unmade = set()
     for index in sorted(needed):
         step = program.steps[index]
-        if step.op != "axpy":
-            continue
-        for later in range(index + 1, len(program.steps)):
-            other = program.steps[later]
-            if later in observing and step.dst in other.srcs:
-                unmade.add(index)
-                break
-            if later in needed and (step.dst in other.srcs or other.dst == step.dst):
-                break
+        if step.op == "axpy" and _observed_only(program, index, step.dst, needed, observing):
+            unmade.add(index)
     return unmade
+
+
+def _observed_only(program, index: int, slot: int, needed: set[int], observing: dict) -> bool:
+    """Whether, of the steps after ``index`` that run in this pass, calls in ``observing`` read
+    ``slot`` (they write nothing) and no other step does before one makes it anew."""
+    observed = False
+    for later in range(index + 1, len(program.steps)):
+        other = program.steps[later]
+        reads = set(other.srcs) | ({other.dst} if other.op in ("scale", "axpy") else set())
+        if later in observing:
+            observed = observed or slot in reads
+        elif later in needed:
+            if slot in reads:
+                return False
+            if other.dst == slot:  # made anew (a read, set, add or call)
+                return observed
+    return observed
 
 
 class _Axpy:
@@ -1989,6 +2005,9 @@ class _Axpy:
             select.take(picked, above)
         return True
 
+    def __len__(self) -> int:
+        return self.count
+
     def made(self, lib):
         """The result, made in ``target`` (once)."""
         if self._made is None:
@@ -1999,6 +2018,23 @@ class _Axpy:
                                       (ctypes.c_float * 1)(self.coef), 1, self.count, self.target.ctypes.data)
             self._made = self.target
         return self._made
+
+
+def _made(pieces: list, lib) -> list:
+    """``pieces`` with each :class:`_Axpy` made (for an observer that reads values)."""
+    return [piece.made(lib) if isinstance(piece, _Axpy) else piece for piece in pieces]
+
+
+def _differences(pieces: list):
+    """The base ``b`` where every piece is an unmade ``m - b`` (:class:`_Axpy`, coefficient -1) of the
+    same ``b``: what tv_gram_sums_f32 subtracts a block at a time (one float32 subtraction, the
+    same bits as the axpy's ``fma(b, -1, m)``: both the exact difference, rounded once); else ``None``."""
+    if not pieces or not all(isinstance(piece, _Axpy) and piece.coef == -1.0 for piece in pieces):
+        return None
+    base = pieces[0].x
+    if any(piece.x.ctypes.data != base.ctypes.data for piece in pieces):
+        return None
+    return base
 
 
 def _find_passes(program, bound: _Bound, info, numel: int, buffers: list, halves: list, drops: dict,
@@ -2034,7 +2070,9 @@ def _before(stream):
 
 
 def _observer(state, scratch: list | None, lib):
-    return lambda pieces: state.observe(pieces, scratch, lib)
+    if isinstance(state, _Gram):  # it takes unmade differences (:class:`_Axpy`) as they are
+        return lambda pieces: state.observe(pieces, scratch, lib)
+    return lambda pieces: state.observe(_made(pieces, lib), scratch, lib)
 
 
 def _whole_pass(program, bound: _Bound, info, numel: int, buffers: list, halves: list, drops: dict, streams: dict,
@@ -2045,11 +2083,12 @@ def _whole_pass(program, bound: _Bound, info, numel: int, buffers: list, halves:
     ``False`` where ``stop`` was set (the run is ending)."""
     if CHUNK_ELEMENTS % BLOCK:
         raise _Fallback
+    unmade = _unmade(program, needed, observing)
     for start in range(0, numel, CHUNK_ELEMENTS):
         if stop.is_set():
             return False
         _chunk(program, bound, info, start, min(numel - start, CHUNK_ELEMENTS), buffers, halves, drops, streams,
-               {}, lib, check=False, only=needed, observing=observing)
+               {}, lib, check=False, only=needed, observing=observing, unmade=unmade)
     return True
 
 
