@@ -1387,6 +1387,9 @@ def _pointers(parts: list):
     return (ctypes.c_void_p * len(parts))(*[part.ctypes.data for part in parts])
 
 
+_SQUARE = numpy.zeros(2, dtype=numpy.int32)  # the one pair (0, 0), as tv_gram_sums_f32 takes its pairs
+
+
 class _Noise:
     """random_like over one tensor (tvlang.ops.chunks' ``_RandomLike``, without torch): standard
     Gaussian noise from numpy's ``Generator`` over the tensor's ``bits(seed)`` stream (float32,
@@ -1413,9 +1416,16 @@ class _Noise:
         count = len(x)
         noise = scratch[0][:count]
         _normal(self.bits, self.rng, count, noise)
-        for row, values in zip(self.sums, (x, noise)):
-            row = row[self.at:]
-            lib.tv_block_sums_f32(values.ctypes.data, values.ctypes.data, count, 0, row.ctypes.data)
+        squares = self.sums[0, self.at:]
+        base = _differences([x])
+        if base is not None:  # x = m - b, unmade (_Axpy): the differences made a block at a time, as _Gram's
+            block = numpy.empty(BLOCK, dtype=numpy.float32)  # (held here while the helper writes it)
+            lib.tv_gram_sums_f32(_pointers([x.value]), 1, base.ctypes.data, _SQUARE.ctypes.data, 1, count,
+                                 squares.size, squares.ctypes.data, block.ctypes.data)
+        else:
+            x = _made([x], lib)[0]
+            lib.tv_block_sums_f32(x.ctypes.data, x.ctypes.data, count, 0, squares.ctypes.data)
+        lib.tv_block_sums_f32(noise.ctypes.data, noise.ctypes.data, count, 0, self.sums[1, self.at:].ctypes.data)
         self.at += -(-count // BLOCK)
 
     def searching(self) -> bool:
@@ -2070,7 +2080,7 @@ def _before(stream):
 
 
 def _observer(state, scratch: list | None, lib):
-    if isinstance(state, _Gram):  # it takes unmade differences (:class:`_Axpy`) as they are
+    if isinstance(state, (_Gram, _Noise)):  # they take unmade differences (:class:`_Axpy`) as they are
         return lambda pieces: state.observe(pieces, scratch, lib)
     return lambda pieces: state.observe(_made(pieces, lib), scratch, lib)
 
