@@ -1028,6 +1028,28 @@ def test_sums_of_unmade_differences(tmp_path, monkeypatch, text, unmade):
     assert bases and any(bases) == unmade
 
 
+@pytest.mark.parametrize("text, main_reads", [
+    ("pre + random_like(a - pre, seed=3) + 0.4*(b - pre)", {"pre", "b"}),
+    ("pre + random_like(slerp(a - pre, b - pre, t=0.4), seed=1) + 0.5*(c - pre)", {"pre", "c"}),
+    ("pre + random_like(a - pre, seed=3) + 0.5*random_like(c - pre) + (a - pre)", {"pre", "a"}),
+])
+def test_the_main_pass_reads_nothing_only_random_like_takes(tmp_path, monkeypatch, text, main_reads):
+    """random_like's main pass takes nothing of its input (its noise times the scale found before),
+    so the main pass leaves out what only that input needs (_unread): the models read only for it
+    are read by the pass before the main one alone. The bytes stay the local executor's."""
+    reads = {"main": set(), "ahead": set()}
+    real = direct._read_step
+
+    def reading(bound, step, *args):
+        reads["main" if threading.current_thread() is threading.main_thread() else "ahead"].add(step.name)
+        return real(bound, step, *args)
+
+    monkeypatch.setattr(direct, "_read_step", reading)
+    same_as_local_and_eager(monkeypatch, tmp_path, text, big_models(tmp_path / "in"), 3 * (1 << 14))
+    assert reads["main"] == main_reads
+    assert "a" in reads["ahead"]
+
+
 @pytest.mark.parametrize("text", ["model_stock(pre, a, b, c)", "slerp(pre, a, t=0.3)",
                                   "pre + multislerp(a - pre, b - pre, c - pre, weights=[1, 2, 3])"])
 def test_gram_sums_pair_by_pair_past_the_helpers_limit(tmp_path, monkeypatch, text):

@@ -124,7 +124,7 @@ from tvlang.ops.ranks import (
     window_of,
 )
 from tvlang.plan.records import DeltaBinding, RunSummary, input_report
-from tvlang.plan.schedule import needed_steps, resolve_coef, scalar_value
+from tvlang.plan.schedule import STEP_OPS, needed_steps, resolve_coef, scalar_value
 from tvlang.run.outputs import (
     commit_all,
     model_files_of,
@@ -781,6 +781,7 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
             # are all asked for: the masks' thread draws them while this one computes, and the next
             # tensor's first chunk does not wait for its first blocks.
             upcoming: tuple[int, dict] | None = None
+            unread = _unread(program)
             for position, info in enumerate(every):
                 numel = _numel(info.shape)
                 if info.dtype not in _FLOATS or numel == 0:
@@ -795,7 +796,7 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
                     if not ahead and upcoming is None and position + 1 < len(every) and _masks_asked(streams):
                         upcoming = (position + 1, streams_of(position + 1))
                     _chunk(program, bound, info, start, min(numel - start, step), buffers, halves, drops,
-                           streams, writers, lib, check=not allow_nonfinite, fused=fused)
+                           streams, writers, lib, check=not allow_nonfinite, fused=fused, skip=unread)
                 if bar:
                     bar.advance(info.name, read[info.name] * len(writers))
         commit_all(list(writers.values()))
@@ -1971,6 +1972,30 @@ def _unmade(program, needed: set[int], observing: dict) -> set[int]:
     return unmade
 
 
+def _unread(program) -> frozenset[int]:
+    """The steps the main pass leaves out: those whose results reach the outputs only as the input
+    of a ``random_like`` call. Its main pass takes nothing of its input (its noise times the
+    scale, found from the input's norm in the pass before), so in ``pre + random_like(a - pre) +
+    ...`` the main pass neither reads ``a`` nor subtracts ``pre`` from it. A backward walk over the
+    slots from the writes, as :func:`needed_steps` walks from its calls."""
+    used: set[int] = set()
+    live: set[int] = set()
+    for index in range(len(program.steps) - 1, -1, -1):
+        step = program.steps[index]
+        if step.op == "write":
+            used.add(index)
+            live.update(step.srcs)
+        elif step.dst in live:
+            used.add(index)
+            if STEP_OPS[step.op].effect != "update":  # makes a new value: earlier ones are dead
+                live.discard(step.dst)
+            if not (step.op == "call" and step.name == "random_like"):
+                live.update(step.srcs)
+            if STEP_OPS[step.op].effect == "update":
+                live.add(step.dst)
+    return frozenset(range(len(program.steps))) - used
+
+
 def _observed_only(program, index: int, slot: int, needed: set[int], observing: dict) -> bool:
     """Whether, of the steps after ``index`` that run in this pass, calls in ``observing`` read
     ``slot`` (they write nothing) and no other step does before one makes it anew."""
@@ -2149,10 +2174,11 @@ def _masks_asked(streams: dict) -> bool:
 def _chunk(program, bound: _Bound, info, start: int, count: int, buffers: list, halves: list, drops: dict,
            streams: dict, writers: dict, lib, *, check: bool, only: set[int] | None = None,
            observing: dict | None = None, fused: _Fusions | None = None, emit: Callable | None = None,
-           unmade: set[int] = frozenset()) -> None:
+           unmade: set[int] = frozenset(), skip: frozenset[int] = frozenset()) -> None:
     """:func:`_steps` of one chunk, a della call's rows (:class:`RowBlocks`) on both threads as it comes."""
     for blocks in _steps(program, bound, info, start, count, buffers, halves, drops, streams, writers, lib,
-                         check=check, only=only, observing=observing, fused=fused, emit=emit, unmade=unmade):
+                         check=check, only=only, observing=observing, fused=fused, emit=emit, unmade=unmade,
+                         skip=skip):
         blocks.finish(blocks.start())
 
 
@@ -2187,7 +2213,8 @@ def _aligned(buffer, position: int, count: int):
 def _steps(program, bound: _Bound, info, start: int, count: int, buffers: list, halves: list, drops: dict,
            streams: dict, writers: dict, lib, *, check: bool, only: set[int] | None = None,
            observing: dict | None = None, fused: _Fusions | None = None,
-           emit: Callable | None = None, unmade: set[int] = frozenset()) -> Iterator[RowBlocks]:
+           emit: Callable | None = None, unmade: set[int] = frozenset(),
+           skip: frozenset[int] = frozenset()) -> Iterator[RowBlocks]:
     """The program over entries ``start:start+count`` of tensor ``name``: each input's chunk read
     into the read step's buffer, each step into its own buffer (``make`` steps) or in place
     (``update`` steps), as tvlang.run.chunked does, with the arithmetic of tvlang.run.steps in
@@ -2198,7 +2225,8 @@ def _steps(program, bound: _Bound, info, start: int, count: int, buffers: list, 
     docs/performance.md.) A della call's rows are yielded (:class:`RowBlocks`) for the caller to run
     before the steps go on: :func:`_chunk` runs them at once, :func:`_pipelined` once the next chunk is read.
     ``emit``: takes each write as ``(writer, name, piece)`` instead of writing it (:func:`_overlapped`).
-    ``unmade``: the ``axpy`` steps whose result is left unmade for the calls observing it (:class:`_Axpy`)."""
+    ``unmade``: the ``axpy`` steps whose result is left unmade for the calls observing it (:class:`_Axpy`).
+    ``skip``: steps not run at all (the main pass: :func:`_unread`)."""
     name = info.name
     slots: dict[int, Any] = {}
     done_to = -1  # the steps up to here ran fused with an earlier one
@@ -2225,7 +2253,7 @@ def _steps(program, bound: _Bound, info, start: int, count: int, buffers: list, 
         return slots[slot] if home is None else home[:count]
 
     for index, step in enumerate(program.steps):
-        if index <= done_to:
+        if index <= done_to or index in skip:
             continue
         known, unchecked = unchecked, {}
         if fused is not None and index in fused.drops and _fused_drop(program, index, fused.drops[index], slots,
@@ -2239,7 +2267,8 @@ def _steps(program, bound: _Bound, info, start: int, count: int, buffers: list, 
             continue
         if only is not None and index not in only:
             continue
-        if fused is not None and index in fused.runs and only is None:
+        if fused is not None and index in fused.runs and only is None and (
+                not skip or skip.isdisjoint(range(index, fused.runs[index] + 1))):
             done_to = fused.runs[index]
             bad = _linear_run(program, index, done_to, slots, read_slot, owned, buffers, count, lib)
             unchecked = {program.steps[index].dst: bad}
@@ -2341,7 +2370,8 @@ def _steps(program, bound: _Bound, info, start: int, count: int, buffers: list, 
             slots[step.dst] = target
         elif op == "call" and step.name in SUMS_CALLS:  # the weighted sum (or noise), its coefficients found
             target = buffers[index][:count]
-            streams[index].apply([slots[s] for s in step.srcs], target, lib)
+            # (random_like's input may not have been made: :func:`_unread`; it takes none of it)
+            streams[index].apply([slots.get(s) for s in step.srcs], target, lib)
             slots[step.dst] = target
         elif op == "call":  # nearswap or ram (NATIVE_CALLS), as tvlang.ops.native calls them
             target = buffers[index][:count]
