@@ -1977,12 +1977,12 @@ def _unread(program) -> frozenset[int]:
     of a ``random_like`` call. Its main pass takes nothing of its input (its noise times the
     scale, found from the input's norm in the pass before), so in ``pre + random_like(a - pre) +
     ...`` the main pass neither reads ``a`` nor subtracts ``pre`` from it. A backward walk over the
-    slots from the writes, as :func:`needed_steps` walks from its calls."""
+    slots from the writes (and feeds), as :func:`needed_steps` walks from its calls."""
     used: set[int] = set()
     live: set[int] = set()
     for index in range(len(program.steps) - 1, -1, -1):
         step = program.steps[index]
-        if step.op == "write":
+        if STEP_OPS[step.op].effect == "sink":  # a write (or a reduction's feed)
             used.add(index)
             live.update(step.srcs)
         elif step.dst in live:
