@@ -121,6 +121,51 @@ def test_a_failure_between_the_renames_puts_the_old_directory_back(tmp_path, mon
     assert listing(tmp_path) == ["out"]
 
 
+@pytest.mark.parametrize("after", [1, 2], ids=["first-rename", "second-rename"])
+@pytest.mark.parametrize("directory", [True, False], ids=["directory", "file"])
+def test_a_signal_as_a_rename_of_publish_returns(tmp_path, monkeypatch, directory, after):
+    """Ctrl-C landing just after one of publish()'s renames has returned, done: publish() raises,
+    and the transaction says where things are. Published (the new output in place): withdraw()
+    puts the old target back; aborted: the target is the old one. Either way nothing is left
+    aside. (A file over a file takes one rename, os.replace: ``after`` 2 never fires there.)"""
+    target = tmp_path / "out"
+    if directory:
+        target.mkdir()
+        write(target / "a.txt", "old")
+        replace = new_directory(str(target))
+    else:
+        write(target, "old")
+        replace = AtomicReplace(str(target), directory=False)
+        write(replace.tmp, "new")
+    replace.prepare()
+    calls = []
+    for name in ("rename", "replace"):
+        real = getattr(os, name)
+
+        def done_then_interrupted(src, dst, _real=real):
+            _real(src, dst)
+            calls.append((src, dst))
+            if len(calls) == after:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(os, name, done_then_interrupted)
+    if not directory and after == 2:
+        replace.publish()  # one rename: nothing interrupts it
+        monkeypatch.undo()
+        assert replace.state is State.PUBLISHED and read(target) == "new"
+        return
+    with pytest.raises(KeyboardInterrupt):
+        replace.publish()
+    monkeypatch.undo()
+    new_in_place = after == 2 or not directory  # the rename that fired put the new output in place
+    assert replace.state is (State.PUBLISHED if new_in_place else State.ABORTED)
+    assert read(target / "a.txt" if directory else target) == ("new" if new_in_place else "old")
+    replace.withdraw()
+    assert read(target / "a.txt" if directory else target) == "old"
+    assert listing(tmp_path) == ["out"]
+    assert replace not in atomic._UNFINISHED
+
+
 def test_abort_removes_the_temporary_and_is_idempotent(tmp_path):
     replace = new_directory(str(tmp_path / "out"))
     replace.abort()

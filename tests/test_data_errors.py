@@ -276,6 +276,48 @@ def test_a_signal_as_the_output_is_made_leaves_no_temporary(ckpt, tmp_path, caps
     assert atomic._UNFINISHED == set()
 
 
+@pytest.mark.parametrize("existing", [True, False], ids=["replacing", "new"])
+@pytest.mark.parametrize("single", [True, False], ids=["file", "directory"])
+def test_a_signal_as_the_rename_into_place_returns(ckpt, tmp_path, capsys, monkeypatch, existing, single):
+    """A signal landing just after the rename that puts the output in place has returned (the rename
+    done, the transaction not yet told): the run is withdrawn like one stopped before it, and the
+    old output is back. Before, a file replaced under --force lost its old version (its link aside
+    was removed), and a directory's old version stayed under its aside name."""
+    paths, _ = ckpt
+    out = tmp_path / ("out.safetensors" if single else "out")
+
+    def digest():
+        if not os.path.lexists(out):
+            return None
+        if single:
+            return out.read_bytes()
+        return {f: (out / f).read_bytes() for f in sorted(os.listdir(out))}
+
+    if existing:
+        code, _ = run_cli(capsys, "-e", "pre + 0.25*(a - pre)", *binds(paths), "-o", str(out))
+        assert code == 0
+    old = digest()
+    fired = []
+    for call in ("rename", "replace"):
+        real = getattr(os, call)
+
+        def done_then_interrupted(src, dst, *args, _real=real, **kwargs):
+            result = _real(src, dst, *args, **kwargs)
+            if os.fspath(dst) == str(out) and not fired:
+                fired.append(os.fspath(src))
+                raise KeyboardInterrupt  # the signal, as the call returns
+            return result
+
+        monkeypatch.setattr(os, call, done_then_interrupted)
+    code, err = run_cli(capsys, "-e", EXPR, *binds(paths), "-o", str(out), "--force")
+    monkeypatch.undo()
+    assert fired and "tvtmp" in fired[0]  # the new output's rename into place
+    assert code == 130
+    assert err.strip() == "tvlang: interrupted; nothing was written"
+    assert digest() == old
+    assert [f for f in os.listdir(tmp_path) if "tvtmp" in f] == []
+
+
 def _slow_run_script(out, paths, *, slow_abort: bool = False) -> str:
     """A child that runs EXPR with the writer slowed down (``<out>.writing`` appears when the first
     write starts) and, if asked, its cleanup too (it writes ``<out>.aborting`` when the cleanup

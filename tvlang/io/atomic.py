@@ -16,7 +16,9 @@ A signal can land between the moment a transaction is made and the moment its ca
 keeps it (``writers[name] = StreamingWriter(...)``): the caller's cleanup then never sees
 it. So every transaction whose temporary exists is listed until it is published or
 aborted, and :func:`abort_unfinished` drops what is left (the command line calls it when
-a command is interrupted).
+a command is interrupted). A signal can also land just after a rename has returned, done: so
+``publish()``'s cleanup looks at where the temporary is, not at which call raised, and an
+output renamed into place counts as published (for the caller's ``withdraw()``).
 
 >>> import os, tempfile
 >>> target = os.path.join(tempfile.mkdtemp(), "out")
@@ -180,29 +182,44 @@ class AtomicReplace:
             else:
                 os.rename(self.tmp, self.target)
         except BaseException:
+            if not os.path.lexists(self.tmp):
+                # Renamed into place before the exception: a signal landed as the rename returned. The
+                # output is published (the caller's withdraw() puts back what was there), not aborted.
+                self.state = State.PUBLISHED
+                _UNFINISHED.discard(self)
+                raise
             self.abort()
             raise
         self.state = State.PUBLISHED
         _UNFINISHED.discard(self)
 
     def _swap(self) -> None:
+        # A signal can land as a rename returns, done: each handler below looks at what is where
+        # (the temporary gone means the new output is at the target) rather than at which call raised.
         remove(self.aside)
         if not self.directory and os.path.isfile(self.target) and self._link_aside():
             try:
                 os.replace(self.tmp, self.target)  # one atomic step for a file over a file
             except BaseException:
-                remove(self.aside)
-                self._replaced = False
-                raise
+                if os.path.lexists(self.tmp):  # not replaced: the link aside is not needed
+                    remove(self.aside)
+                    self._replaced = False
+                raise  # (replaced: the old target is at aside, for withdraw())
             return
-        os.rename(self.target, self.aside)
+        try:
+            os.rename(self.target, self.aside)
+        except BaseException:
+            if os.path.lexists(self.aside) and not os.path.lexists(self.target):
+                os.rename(self.aside, self.target)  # it was moved: back it goes
+            raise
         self._replaced = True
         try:
             os.rename(self.tmp, self.target)
         except BaseException:
-            os.rename(self.aside, self.target)  # the old target goes back
-            self._replaced = False
-            raise
+            if os.path.lexists(self.tmp):  # not renamed: the old target goes back
+                os.rename(self.aside, self.target)
+                self._replaced = False
+            raise  # (renamed: the old target is at aside, for withdraw())
 
     def _link_aside(self) -> bool:
         """Keep the old target file under the aside name too (a hard link), for withdraw()."""

@@ -126,8 +126,8 @@ def commit_all(outputs: list[Committable]) -> None:
     published: list[Committable] = []
     try:
         for output in outputs:
-            output.publish()
-            published.append(output)
+            published.append(output)  # before: a signal as publish() returns must not skip its withdraw()
+            output.publish()  # (withdraw() leaves an output that was not published as it is)
     except BaseException:
         for output in reversed(published):
             output.withdraw()
