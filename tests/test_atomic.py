@@ -72,8 +72,8 @@ def test_replacing_a_directory_keeps_the_old_one_aside_until_finish(tmp_path):
     assert listing(tmp_path) == ["out"]
 
 
-@pytest.mark.parametrize("directory", [True, False])
-def test_withdraw_puts_the_old_target_back(tmp_path, directory):
+def replacing_an_old_target(tmp_path, directory: bool):
+    """``out`` holding "old" (a directory's a.txt, or the file), and a prepared replace writing "new"."""
     target = tmp_path / "out"
     if directory:
         target.mkdir()
@@ -84,6 +84,12 @@ def test_withdraw_puts_the_old_target_back(tmp_path, directory):
         replace = AtomicReplace(str(target), directory=False)
         write(replace.tmp, "new")
     replace.prepare()
+    return target, replace
+
+
+@pytest.mark.parametrize("directory", [True, False])
+def test_withdraw_puts_the_old_target_back(tmp_path, directory):
+    target, replace = replacing_an_old_target(tmp_path, directory)
     replace.publish()
     replace.withdraw()
     assert replace.state is State.ABORTED
@@ -128,16 +134,7 @@ def test_a_signal_as_a_rename_of_publish_returns(tmp_path, monkeypatch, director
     and the transaction says where things are. Published (the new output in place): withdraw()
     puts the old target back; aborted: the target is the old one. Either way nothing is left
     aside. (A file over a file takes one rename, os.replace: ``after`` 2 never fires there.)"""
-    target = tmp_path / "out"
-    if directory:
-        target.mkdir()
-        write(target / "a.txt", "old")
-        replace = new_directory(str(target))
-    else:
-        write(target, "old")
-        replace = AtomicReplace(str(target), directory=False)
-        write(replace.tmp, "new")
-    replace.prepare()
+    target, replace = replacing_an_old_target(tmp_path, directory)
     calls = []
     for name in ("rename", "replace"):
         real = getattr(os, name)
