@@ -989,6 +989,11 @@ GRAM_RECIPES = [
     "slerp(pre, z, t=0.3) + slerp(z - pre, b - pre, t=0.5)",  # z is pre: colinear (linear); a zero norm
     "pre + random_like(a - pre, seed=3) + 0.5*random_like(z - pre)",  # noise of a's norm; of a zero norm: 0
     "pre + random_like(slerp(a - pre, b - pre, t=0.4), seed=1)",  # a second pass: after slerp's sums
+    # a random_like's result taken by a later pass and by the main pass: its noise drawn again for
+    # the main pass (_Noise.rewind; before, the second taking ran past the stream's end: IndexError)
+    "pre + slerp(random_like(a - pre, seed=1), b - pre, t=0.3)",
+    "pre + random_like(random_like(a - pre, seed=1), seed=2) + random_like(a - pre, seed=1)",
+    "pre + random_like(slerp(random_like(a - pre, seed=1), b - pre, t=0.3), seed=4) + 0.5*random_like(a - pre, seed=1)",
 ]
 
 

@@ -1411,6 +1411,7 @@ class _Noise:
         self.at = 0
         self.scale: float | None = None
         self.drawn: _NoiseBlocks | None = None  # the main pass's noise, from end_pass on
+        self.taken = False  # whether ``drawn`` has been taken from (:meth:`rewind`)
 
     def observe(self, pieces: list, scratch: list, lib) -> None:
         x = pieces[0]
@@ -1437,7 +1438,16 @@ class _Noise:
         self.bits = self.rng = None  # the main pass draws the same noise from a fresh stream
         self.drawn = _NoiseBlocks(self.context.bits(self.seed), self.numel, self.drawing)
 
+    def rewind(self) -> None:
+        """The noise from the tensor's first entry again, for a pass that takes this call's result
+        after one that took it already (``slerp(random_like(x), y)``: slerp's sums' pass, then the
+        main pass): a fresh stream of blocks, where the one there has been taken from."""
+        if self.taken:
+            self.drawn = _NoiseBlocks(self.context.bits(self.seed), self.numel, self.drawing)
+            self.taken = False
+
     def apply(self, pieces: list, target, lib) -> None:
+        self.taken = True
         at = 0
         for block, first, n in self.drawn.runs(len(target)):
             lib.tv_scale_f32(block.ctypes.data + 4 * first, self.scale, n, target.ctypes.data + 4 * at)
@@ -1880,6 +1890,8 @@ class _Ahead:
         for state in streams.values():
             if isinstance(state, _Trims):
                 state.restart()  # the tie windows' counts, from the main pass's first entry
+            elif isinstance(state, _Noise):
+                state.rewind()  # its noise from the first entry, where a pass before took some
         return streams
 
     def close(self) -> None:
@@ -2119,6 +2131,9 @@ def _whole_pass(program, bound: _Bound, info, numel: int, buffers: list, halves:
     if CHUNK_ELEMENTS % BLOCK:
         raise _Fallback
     unmade = _unmade(program, needed, observing)
+    for state in streams.values():
+        if isinstance(state, _Noise):
+            state.rewind()  # a random_like whose result this pass takes, taken by a pass before
     for start in range(0, numel, CHUNK_ELEMENTS):
         if stop.is_set():
             return False
