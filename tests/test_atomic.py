@@ -163,6 +163,25 @@ def test_a_signal_as_a_rename_of_publish_returns(tmp_path, monkeypatch, director
     assert replace not in atomic._UNFINISHED
 
 
+def test_a_signal_as_the_old_file_is_linked_aside_leaves_nothing_aside(tmp_path, monkeypatch):
+    """Ctrl-C landing just after publish() linked the old file aside, before the replace: the
+    target is the old file, and neither the temporary nor the link stays."""
+    target, replace = replacing_an_old_target(tmp_path, directory=False)
+    real = os.link
+
+    def linked_then_interrupted(src, dst):
+        real(src, dst)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "link", linked_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        replace.publish()
+    monkeypatch.undo()
+    assert replace.state is State.ABORTED
+    assert read(target) == "old"
+    assert listing(tmp_path) == ["out"]
+
+
 def test_abort_removes_the_temporary_and_is_idempotent(tmp_path):
     replace = new_directory(str(tmp_path / "out"))
     replace.abort()

@@ -259,4 +259,7 @@ class AtomicReplace:
         if self.state in (State.OPEN, State.PREPARED):
             self.state = State.ABORTED
             remove(self.tmp)
+            if os.path.lexists(self.target):  # the target is the old one: what is aside (a link to the
+                remove(self.aside)  # old file a signal stopped publish() after) is not needed
+                self._replaced = False
         _UNFINISHED.discard(self)
