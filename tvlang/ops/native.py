@@ -23,6 +23,7 @@ import ctypes
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy
@@ -300,15 +301,7 @@ def window_gather2(raw: numpy.ndarray, windows: list[tuple[int, int | None]],
     lib = library()
     if lib is None:
         return None
-    lo = numpy.array([w[0] for w in windows], dtype=numpy.int32)
-    hi = numpy.array([0 if w[1] is None else w[1] for w in windows], dtype=numpy.int32)
-    has_hi = numpy.array([w[1] is not None for w in windows], dtype=numpy.intc)
-    inside = numpy.array([buffer.ctypes.data for buffer in scratch], dtype=numpy.uintp)
-    count = numpy.zeros(2, dtype=numpy.uintp)
-    above = numpy.zeros(2, dtype=numpy.uint64)
-    lib.tv_window_gather2(raw.ctypes.data, raw.size, lo.ctypes.data, hi.ctypes.data, has_hi.ctypes.data,
-                          inside.ctypes.data, count.ctypes.data, above.ctypes.data)
-    return [(buffer[:int(n)].copy(), int(over)) for buffer, n, over in zip(scratch, count, above)]
+    return _gathered(windows, scratch, lambda *arrays: lib.tv_window_gather2(raw.ctypes.data, raw.size, *arrays))
 
 
 def window_gather_axpy(a: numpy.ndarray, x: numpy.ndarray, c: float, windows: list[tuple[int, int | None]],
@@ -320,6 +313,15 @@ def window_gather_axpy(a: numpy.ndarray, x: numpy.ndarray, c: float, windows: li
     lib = linear_steps()
     if lib is None:
         return None
+    return _gathered(windows, scratch, lambda *arrays: lib.tv_window_gather_axpy(
+        a.ctypes.data, x.ctypes.data, c, a.size, len(windows), *arrays))
+
+
+def _gathered(windows: list[tuple[int, int | None]], scratch: list[numpy.ndarray],
+              gather: Callable[..., None]) -> list[tuple[numpy.ndarray, int]]:
+    """What a gather of several windows gives: ``gather(lo, hi, has_hi, inside, count, above)`` is
+    called with the addresses of the windows' ends, their scratch buffers and the counts it sets;
+    each window's patterns (copied out of its scratch) and how many lie above it, in order."""
     k = len(windows)
     lo = numpy.array([w[0] for w in windows], dtype=numpy.int32)
     hi = numpy.array([0 if w[1] is None else w[1] for w in windows], dtype=numpy.int32)
@@ -327,8 +329,8 @@ def window_gather_axpy(a: numpy.ndarray, x: numpy.ndarray, c: float, windows: li
     inside = numpy.array([buffer.ctypes.data for buffer in scratch[:k]], dtype=numpy.uintp)
     count = numpy.zeros(k, dtype=numpy.uintp)
     above = numpy.zeros(k, dtype=numpy.uint64)
-    lib.tv_window_gather_axpy(a.ctypes.data, x.ctypes.data, c, a.size, k, lo.ctypes.data, hi.ctypes.data,
-                              has_hi.ctypes.data, inside.ctypes.data, count.ctypes.data, above.ctypes.data)
+    gather(lo.ctypes.data, hi.ctypes.data, has_hi.ctypes.data, inside.ctypes.data, count.ctypes.data,
+           above.ctypes.data)
     return [(buffer[:int(n)].copy(), int(over)) for buffer, n, over in zip(scratch, count, above)]
 
 

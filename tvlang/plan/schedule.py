@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Collection, Mapping
 
 from tvlang.errors import TvlangError
 from tvlang.language.builtins import BUILTINS, resolve
@@ -130,12 +130,14 @@ class TensorProgram:
     writes: list[str]  # output names
 
 
-def needed_steps(program: TensorProgram, targets: set[int]) -> list[int]:
-    """Indices of the steps that the call steps ``targets`` depend on, and those calls, in order.
+def needed_steps(program: TensorProgram, targets: set[int], opaque: Collection[int] = ()) -> list[int]:
+    """Indices of the steps that the steps ``targets`` depend on, and those steps, in order.
 
     A backward walk over slots: a step is needed when it makes or changes a slot
-    that a needed step reads later. Writes are never needed. (The passes before the main one
-    run these: tvlang.run.chunked's and the torch-free executor's.)
+    that a needed step reads later. Writes are never needed, unless they are targets. (The
+    passes before the main one run these: tvlang.run.chunked's and the torch-free executor's.)
+    ``opaque``: steps whose inputs are not needed for what they make (the torch-free
+    executor's main pass: a random_like call's noise takes nothing of its input).
     """
     needed: list[int] = []
     live: set[int] = set()
@@ -143,11 +145,13 @@ def needed_steps(program: TensorProgram, targets: set[int]) -> list[int]:
         step = program.steps[index]
         if index in targets:
             needed.append(index)
-            live.update(step.srcs)
         elif step.op != "write" and step.dst in live:
             needed.append(index)
             if STEP_OPS[step.op].effect != "update":  # makes a new value: earlier ones are dead
                 live.discard(step.dst)
+        else:
+            continue
+        if index not in opaque:
             live.update(step.srcs)
     return needed[::-1]
 

@@ -1989,23 +1989,11 @@ def _unread(program) -> frozenset[int]:
     of a ``random_like`` call. Its main pass takes nothing of its input (its noise times the
     scale, found from the input's norm in the pass before), so in ``pre + random_like(a - pre) +
     ...`` the main pass neither reads ``a`` nor subtracts ``pre`` from it. A backward walk over the
-    slots from the writes (and feeds), as :func:`needed_steps` walks from its calls."""
-    used: set[int] = set()
-    live: set[int] = set()
-    for index in range(len(program.steps) - 1, -1, -1):
-        step = program.steps[index]
-        if STEP_OPS[step.op].effect == "sink":  # a write (or a reduction's feed)
-            used.add(index)
-            live.update(step.srcs)
-        elif step.dst in live:
-            used.add(index)
-            if STEP_OPS[step.op].effect != "update":  # makes a new value: earlier ones are dead
-                live.discard(step.dst)
-            if not (step.op == "call" and step.name == "random_like"):
-                live.update(step.srcs)
-            if STEP_OPS[step.op].effect == "update":
-                live.add(step.dst)
-    return frozenset(range(len(program.steps))) - used
+    slots from the writes (and feeds): :func:`needed_steps`, with the random_like calls opaque."""
+    steps = program.steps
+    sinks = {index for index, step in enumerate(steps) if STEP_OPS[step.op].effect == "sink"}
+    noise = {index for index, step in enumerate(steps) if step.op == "call" and step.name == "random_like"}
+    return frozenset(range(len(steps))) - set(needed_steps(program, sinks, opaque=noise))
 
 
 def _observed_only(program, index: int, slot: int, needed: set[int], observing: dict) -> bool:
@@ -2058,13 +2046,19 @@ class _Axpy:
     def made(self, lib):
         """The result, made in ``target`` (once)."""
         if self._made is None:
-            if self.target is self.value:
-                lib.tv_axpy_f32(self.value.ctypes.data, self.x.ctypes.data, self.coef, self.count)
-            else:
-                lib.tv_linear_run_f32(self.value.ctypes.data, 1.0, 1, _pointers([self.x]),
-                                      (ctypes.c_float * 1)(self.coef), 1, self.count, self.target.ctypes.data)
+            _axpy(lib, self.value, self.x, self.coef, self.count, self.target)
             self._made = self.target
         return self._made
+
+
+def _axpy(lib, value, x, coef: float, count: int, target) -> None:
+    """An ``axpy`` step: ``value + coef * x`` into ``target`` (tv_axpy_f32, in place where ``target``
+    is ``value``; else the same fused multiply-add out of place, tv_linear_run_f32)."""
+    if target is value:
+        lib.tv_axpy_f32(value.ctypes.data, x.ctypes.data, coef, count)
+    else:
+        lib.tv_linear_run_f32(value.ctypes.data, 1.0, 1, _pointers([x]), (ctypes.c_float * 1)(coef), 1, count,
+                              target.ctypes.data)
 
 
 def _made(pieces: list, lib) -> list:
@@ -2317,13 +2311,8 @@ def _steps(program, bound: _Bound, info, start: int, count: int, buffers: list, 
         elif op == "axpy" and index in unmade:
             slots[step.dst] = _Axpy(slots[step.dst], slots[step.srcs[0]], step.coef, owned(step.dst), count)
         elif op == "axpy":
-            value, x = slots[step.dst], slots[step.srcs[0]]
             target = owned(step.dst)
-            if target is value:
-                lib.tv_axpy_f32(value.ctypes.data, x.ctypes.data, step.coef, count)
-            else:  # the same fused multiply-add, out of place
-                lib.tv_linear_run_f32(value.ctypes.data, 1.0, 1, _pointers([x]), (ctypes.c_float * 1)(step.coef), 1,
-                                      count, target.ctypes.data)
+            _axpy(lib, slots[step.dst], slots[step.srcs[0]], step.coef, count, target)
             slots[step.dst] = target
         elif op == "call" and step.name in DROP_CALLS:
             target = buffers[index][:count]
