@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from hostile_corpus import snapshot
 from tvlang.faces.cli import main
 from tvlang.testing.synth import finetune_like, llama_spec, make_state_dict, write_checkpoint
 
@@ -269,11 +270,13 @@ def test_a_signal_as_the_output_is_made_leaves_no_temporary(ckpt, tmp_path, caps
     monkeypatch.setenv("TVLANG_DIRECT", direct)
     paths, _ = ckpt
     out = tmp_path / ("out.safetensors" if single else "out")
+    before = snapshot(str(tmp_path))
     code, err = run_cli(capsys, "-e", EXPR, *binds(paths), "-o", str(out))
     assert code == 130
     assert err.strip() == "tvlang: interrupted; nothing was written"
     assert_nothing_written(out)
     assert atomic._UNFINISHED == set()
+    assert snapshot(str(tmp_path)) == before  # nothing else on disk changed either
 
 
 @pytest.mark.parametrize("existing", [True, False], ids=["replacing", "new"])
@@ -297,6 +300,7 @@ def test_a_signal_as_the_rename_into_place_returns(ckpt, tmp_path, capsys, monke
         code, _ = run_cli(capsys, "-e", "pre + 0.25*(a - pre)", *binds(paths), "-o", str(out))
         assert code == 0
     old = digest()
+    before = snapshot(str(tmp_path))
     fired = []
     for call in ("rename", "replace"):
         real = getattr(os, call)
@@ -316,6 +320,7 @@ def test_a_signal_as_the_rename_into_place_returns(ckpt, tmp_path, capsys, monke
     assert err.strip() == "tvlang: interrupted; nothing was written"
     assert digest() == old
     assert [f for f in os.listdir(tmp_path) if "tvtmp" in f] == []
+    assert snapshot(str(tmp_path)) == before  # the inputs, the old output: every path as it was
 
 
 def _slow_run_script(out, paths, *, slow_abort: bool = False) -> str:
