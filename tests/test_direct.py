@@ -452,23 +452,38 @@ def test_reads_into_buffers_write_the_same_bytes_as_views_of_the_mapped_files(mo
     assert ahead == (beside and ("ties" in text or "slerp" in text))
 
 
-def test_views_beside_calls_on_an_intel_processor(models, tmp_path, monkeypatch):
-    """Unset, ``VIEWS_BESIDE_CALLS`` is the processor's vendor: a ``ties`` run reads views of the
-    mapped files on an Intel processor (as /proc/cpuinfo names it), into buffers elsewhere."""
+@pytest.mark.parametrize(("vendor", "family", "suits"), [
+    ("GenuineIntel", "6", True), ("AuthenticAMD", "25", False), ("AuthenticAMD", "26", True),
+    ("AuthenticAMD", "27", True), ("AuthenticAMD", "", False), ("HygonGenuine", "24", False), (None, None, False),
+])
+def test_views_suit_an_intel_processor_and_an_amd_one_from_family_26(vendor, family, suits):
+    """``views_suit`` reads the first processor's ``vendor_id`` and ``cpu family`` lines of
+    /proc/cpuinfo: views beside the calls on Intel processors and AMD ones of family 26 (Zen 5)
+    or later, where they were measured faster; not on earlier AMD ones, nor on any other."""
+    first = ["processor\t: 0\n"]
+    if vendor is not None:
+        first += [f"vendor_id\t: {vendor}\n", f"cpu family\t: {family}\n", "model\t\t: 2\n"]
+    # a second processor of another kind, which the answer does not read
+    second = ["processor\t: 1\n", "vendor_id\t: AuthenticAMD\n", "cpu family\t: 25\n"] if vendor else []
+    assert direct.views_suit(first + ["\n"] + second) is suits
+
+
+def test_views_beside_calls_as_the_processor_says(models, tmp_path, monkeypatch):
+    """Unset, ``VIEWS_BESIDE_CALLS`` is the processor's kind (``views_suit`` of /proc/cpuinfo): a
+    ``ties`` run reads views of the mapped files where it suits, into buffers elsewhere."""
     _, paths, _ = models
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
-            intel = any(line.startswith("vendor_id") and line.split(":")[1].strip() == "GenuineIntel"
-                        for line in info)
+            suits = direct.views_suit(info)
     except OSError:
-        intel = False
+        suits = False
     ties = tvlang.compile("pre + ties(a - pre, b - pre, density=0.3)")
-    assert direct.VIEWS_BESIDE_CALLS is None and direct._views_beside_calls(ties.schedule.main) == intel
+    assert direct.VIEWS_BESIDE_CALLS is None and direct._views_beside_calls(ties.schedule.main) == suits
     viewed = []
     real = direct._Input.view
     monkeypatch.setattr(direct._Input, "view", lambda self, *args: viewed.append(args) or real(self, *args))
     ties.run(paths, str(tmp_path / "out"), allow_unused=True)
-    assert bool(viewed) == intel
+    assert bool(viewed) == suits
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="reads the process's memory from /proc")

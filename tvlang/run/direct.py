@@ -1600,7 +1600,8 @@ def _idle_second_core(program) -> bool:
     (alternating runs, the sixteenth round, docs/performance-operators.md): ``ties`` 3.25 s with
     both against 2.58 s with neither, ``slerp`` 2.80 against 2.30 s, ``dare`` 2.39-2.49 against
     2.26 s; plain task arithmetic took 1.37-1.47 s with both against 1.70-1.80 s without. (On an
-    Intel processor such a program reads views all the same: :func:`_views_beside_calls`.)"""
+    Intel processor, or an AMD one of family 26 or later, such a program reads views all the same:
+    :func:`_views_beside_calls`.)"""
     return (os.cpu_count() or 1) > 1 and all(step.name in NATIVE_CALLS for step in program.steps
                                              if step.op == "call")
 
@@ -1608,34 +1609,53 @@ def _idle_second_core(program) -> bool:
 def _views_beside_calls(program) -> bool:
     """Whether a program whose calls keep the second core busy (thresholds or sums found ahead, masks
     drawn ahead) reads its chunks as views of the mapped files too, not into buffers (``pread``):
-    VIEWS_BESIDE_CALLS where it is set, else on an Intel processor (``vendor_id`` GenuineIntel in
-    /proc/cpuinfo; not where that cannot be read), and never beside a della call.
-
-    Measured on two machines (docs/performance-operators.md, twenty-second round): on a 2-vCPU
-    Intel Xeon, alternating at 0.75, 1.5 and 3 GB, views took 0.71-0.88 of the time for
-    ``dare_ties`` and ``dare``, 0.82-0.96 for ``slerp``, 0.88-0.98 for ``model_stock``, 0.87-1.01
-    for ``random_like``, 0.93-1.11 for ``ties``, 1.00-1.04 for ``breadcrumbs``, and 1.00-1.08 for
-    ``della`` (whose rows both threads compute from the chunk read); on a 2-vCPU AMD EPYC, in the
-    sixteenth and twentieth rounds, they made ``dare``, ``ties`` and ``slerp`` slower (``dare`` 2.61
-    against 2.25 s at 1.5 GB). The pass before the main one (_Ahead) reads as the main pass does."""
+    VIEWS_BESIDE_CALLS where it is set, else as the processor says (:func:`_views_processor`), and
+    never beside a della call. The pass before the main one (_Ahead) reads as the main pass does."""
     if any(step.op == "call" and step.name in DELLA_CALLS for step in program.steps):
         return False
     if VIEWS_BESIDE_CALLS is not None:
         return VIEWS_BESIDE_CALLS
-    return _intel()
+    return _views_processor()
 
 
 @functools.cache
-def _intel() -> bool:
-    """Whether /proc/cpuinfo names an Intel processor (False where it cannot be read)."""
+def _views_processor() -> bool:
+    """:func:`views_suit` of this machine's /proc/cpuinfo (False where it cannot be read)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
-            for line in info:
-                if line.startswith("vendor_id"):
-                    return line.partition(":")[2].strip() == "GenuineIntel"
+            return views_suit(info)
     except OSError:
-        pass
-    return False
+        return False
+
+
+def views_suit(cpuinfo) -> bool:
+    """Whether the processor that ``cpuinfo`` (the lines of /proc/cpuinfo) describes first is one
+    where views beside the calls were measured faster than reads into buffers: an Intel processor
+    (``vendor_id`` GenuineIntel), or an AMD one of family 26 (Zen 5) or later; not an earlier AMD
+    one, nor any other (where it was not measured).
+
+    Measured on three machines (docs/performance-operators.md): on a 2-vCPU Intel Xeon (twenty-second
+    round), alternating at 0.75, 1.5 and 3 GB, views took 0.71-0.88 of the time for ``dare_ties`` and
+    ``dare``, 0.82-0.96 for ``slerp``, 0.88-0.98 for ``model_stock``, 0.87-1.01 for ``random_like``,
+    0.93-1.11 for ``ties``, 1.00-1.04 for ``breadcrumbs``, and 1.00-1.08 for ``della`` (whose rows
+    both threads compute from the chunk read); on a 2-vCPU AMD EPYC of family 26 (twenty-fourth round,
+    1.5 GB) 0.91 for ``dare``, 0.84 for ``dare_ties``, 0.82 for ``ties``, 0.95 for ``random_like``,
+    0.97 for ``breadcrumbs``, 1.04 for ``slerp``; on an earlier 2-vCPU AMD EPYC (its family not
+    recorded), in the sixteenth and twentieth rounds, they made ``dare``, ``ties`` and ``slerp``
+    slower (``dare`` 2.61 against 2.25 s at 1.5 GB)."""
+    vendor = family = None
+    for line in cpuinfo:
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "vendor_id" and vendor is None:
+            vendor = value.strip()
+        elif key == "cpu family" and family is None:
+            family = value.strip()
+        elif not key and vendor is not None:  # the end of the first processor's lines
+            break
+    if vendor == "GenuineIntel":
+        return True
+    return vendor == "AuthenticAMD" and family is not None and family.isdigit() and int(family) >= 26
 
 
 def _writing_thread() -> ThreadPoolExecutor:
