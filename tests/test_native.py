@@ -58,6 +58,47 @@ def test_without_the_helper_nothing_calls_it(monkeypatch):
     assert native.sign_merge_f32([x], "total", "mean", torch.empty(8)) is None
 
 
+@pytest.fixture(params=["scalars", "vectors"])
+def pcg_ways(request):
+    """The helper's bulk PCG64 outputs drawn both ways (tv_pcg64_wide): eight lanes as scalars, and
+    as AVX-512 vectors where the processor has them; back to the processor's way after."""
+    if native.library() is None:
+        pytest.skip("the helper is not built here")
+    wide = request.param == "vectors"
+    if native.pcg64_wide(wide) != wide:
+        native.pcg64_wide(True)
+        pytest.skip("no AVX-512 (F and DQ) on this processor")
+    yield request.param
+    native.pcg64_wide(True)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 15, 16, 17, 31, 33, 127, 128, 129, 130, 1000, 4097])
+def test_pcg64_words_are_numpys_outputs_split(pcg_ways, n):
+    """tv_pcg64_words (della's words; the same bulk draw as the keep bits' and the Gaussians'):
+    numpy's outputs, each split low half first, from any state (a high half waiting or not), every
+    count around the blocks of eight outputs and of 64; the state and the half left where numpy's
+    ``random_raw`` would leave them."""
+    lib = native.library()
+    for seed, half in [(1, None), (2, 0xDEADBEEF), (20261201, 7)]:
+        bits = numpy.random.PCG64(seed)
+        bits.advance(seed * 1000)
+        words = numpy.zeros(6, dtype=numpy.uint64)
+        words[:4] = native.state_words(bits)
+        if half is not None:
+            words[4], words[5] = 1, half
+        got = numpy.empty(n, dtype=numpy.uint32)
+        lib.tv_pcg64_words(words.ctypes.data, n, got.ctypes.data)
+        lead = [] if half is None or n == 0 else [half]
+        raw = bits.random_raw(-(-(n - len(lead)) // 2))
+        want = numpy.array(lead + list(raw.view(numpy.uint32)[: n - len(lead)]), dtype=numpy.uint32)
+        assert got.tobytes() == want.tobytes(), (seed, n)
+        assert (int(words[0]) | int(words[1]) << 64) == bits.state["state"]["state"], (seed, n)
+        odd = (n - len(lead)) % 2 == 1
+        assert int(words[4]) == (1 if odd or (half is not None and n == 0) else 0), (seed, n)
+        if odd:
+            assert int(words[5]) == int(raw[-1] >> numpy.uint64(32)), (seed, n)
+
+
 def numpy_masks(bits, n: int, threshold: int, scale: float) -> numpy.ndarray:
     """The numpy path by hand: words low half first, compared, converted, scaled."""
     words = bits.random_raw((n + 1) // 2).view(numpy.uint32)[:n]
@@ -81,8 +122,8 @@ def test_drop_masks_equal_numpy_and_leave_the_same_state(n):
 
 
 @needs_helper
-@pytest.mark.parametrize("n", [0, 1, 2, 7, 8, 9, 17, 127, 128, 129, 1000, (1 << 18) + 3])
-def test_keep_bits_are_the_masks_packed(n):
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 8, 9, 15, 16, 17, 127, 128, 129, 1000, (1 << 18) + 3])
+def test_keep_bits_are_the_masks_packed(pcg_ways, n):
     """The fused DARE calls' keep bits: the float32 masks' nonzero entries in numpy's packbits order,
     the generator left where the masks leave it (words drawn 128 entries at a time, then compared
     eight at a time as signed numbers: thresholds at the ends and at the sign bit)."""
@@ -166,7 +207,7 @@ def test_dropper_masks_are_the_same_with_and_without_the_helper(monkeypatch):
 
 @needs_helper
 @pytest.mark.parametrize("seed", [0, 1, 20261130])
-def test_gaussians_equal_numpys_in_any_pieces_and_leave_the_same_state(seed):
+def test_gaussians_equal_numpys_in_any_pieces_and_leave_the_same_state(pcg_ways, seed):
     ours, theirs = numpy.random.PCG64(seed), numpy.random.PCG64(seed)
     numpy.random.Generator(ours).random(1, dtype=numpy.float32)  # start with a high half waiting
     numpy.random.Generator(theirs).random(1, dtype=numpy.float32)
@@ -683,7 +724,7 @@ RECIPES = [
 
 @needs_helper
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 257, 1824])
-def test_magprune_equals_the_torch_path(monkeypatch, m):
+def test_magprune_equals_the_torch_path(monkeypatch, pcg_ways, m):
     """The helper's ranks (a radix sort), probabilities, comparisons and products against the torch
     path's sort and calls: the same outputs and keep flags, bit for bit (a NaN's payload aside), with
     equal magnitudes (ranked by position), -0.0, infinities and NaN in the rows; and the words drawn

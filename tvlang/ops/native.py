@@ -31,7 +31,7 @@ import numpy
 __all__ = ["LIBRARY", "library", "drop_mask_f32", "sign_merge_f32", "window_gather", "window_gather2",
            "window_gather_axpy", "band_f32", "ram_f32", "ramplus_count_f32", "ramplus_apply_f32", "nearswap_f32",
            "flags_scale_f32", "block_sums_f32", "fusion_f32", "normal_f32", "keep_bits", "ziggurat_tables",
-           "linear_steps", "state_words", "set_state_words", "FusedInput", "MERGE_CODES"]
+           "linear_steps", "state_words", "set_state_words", "pcg64_wide", "FusedInput", "MERGE_CODES"]
 
 #: where the install puts the compiled helper (a versioned name, ``.so.1``: a plain ``.so``
 #: would look like a Python extension module to importers that walk the package)
@@ -71,6 +71,7 @@ _SIGNATURES = {
     "tv_linear_run_f32": ([_P, _F, _I, _P, _P, _N, _N, _P], _I),
     "tv_drop_axpy_f32": ([_P, _P, _F, _P, _P, _F, _F, _N, _P], None),
     "tv_pcg64_keep_bits": ([_P, _N, ctypes.c_uint32, _P], None),
+    "tv_pcg64_wide": ([_I], _I),
     "tv_sub_mask_f32": ([_P, _P, _F, _P, _N, _P], None),
     "tv_sign_merge_add_f32": ([_P, _N, _N, _I, _I, _P, _F, _F, _P], None),
     "tv_sub_bits_f32": ([_P, _P, _F, _P, _N, _F, _N, _P], None),
@@ -110,6 +111,16 @@ def library():
                 lib = None
         _loaded.append(lib)
     return _loaded[0]
+
+
+def pcg64_wide(want: bool | None = None) -> bool | None:
+    """Whether the helper draws PCG64's outputs in bulk eight at a time in vectors (AVX-512), as
+    the processor allows; ``want`` False draws them as scalars, True as vectors where the processor
+    can (for tests and benchmarks: the outputs are the same either way). ``None`` without the helper."""
+    lib = library()
+    if lib is None:
+        return None
+    return bool(lib.tv_pcg64_wide(-1 if want is None else int(want)))
 
 
 def state_words(bits) -> numpy.ndarray:
