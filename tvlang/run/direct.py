@@ -1412,6 +1412,7 @@ class _Noise:
         self.scale: float | None = None
         self.drawn: _NoiseBlocks | None = None  # the main pass's noise, from end_pass on
         self.taken = False  # whether ``drawn`` has been taken from (:meth:`rewind`)
+        self.block: numpy.ndarray | None = None  # the helper's block of differences (observe)
 
     def observe(self, pieces: list, scratch: list, lib) -> None:
         x = pieces[0]
@@ -1421,9 +1422,10 @@ class _Noise:
         squares = self.sums[0, self.at:]
         base = _differences([x])
         if base is not None:  # x = m - b, unmade (_Axpy): the differences made a block at a time, as _Gram's
-            block = numpy.empty(BLOCK, dtype=numpy.float32)  # (held here while the helper writes it)
+            if self.block is None:  # (one block for every chunk, held here while the helper writes it)
+                self.block = numpy.empty(BLOCK, dtype=numpy.float32)
             lib.tv_gram_sums_f32(_pointers([x.value]), 1, base.ctypes.data, _SQUARE.ctypes.data, 1, count,
-                                 squares.size, squares.ctypes.data, block.ctypes.data)
+                                 squares.size, squares.ctypes.data, self.block.ctypes.data)
         else:
             x = _made([x], lib)[0]
             lib.tv_block_sums_f32(x.ctypes.data, x.ctypes.data, count, 0, squares.ctypes.data)
