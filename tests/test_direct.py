@@ -60,6 +60,19 @@ def files_of(path) -> dict[str, bytes]:
     return {name: Path(path, name).read_bytes() for name in sorted(os.listdir(path))}
 
 
+def results_of(monkeypatch, owner, name: str) -> list:
+    """What each call of ``owner.name`` returns from now on, in order (the function still runs)."""
+    returned = []
+    real = getattr(owner, name)
+
+    def spy(*args, **kwargs):
+        returned.append(real(*args, **kwargs))
+        return returned[-1]
+
+    monkeypatch.setattr(owner, name, spy)
+    return returned
+
+
 def both(monkeypatch, tmp_path, text, bindings, out_names, **options):
     """(direct summary, local summary, direct files, local files): the recipe run by each executor."""
     ran = []
@@ -696,20 +709,65 @@ def test_plain_dare_runs_fused_with_the_steps_around_it(tmp_path, monkeypatch, c
     a["big"][500:1000] = pre["big"][500:1000]
     b = finetune_like(pre, seed=2)
     paths = {name: write_checkpoint(str(tmp_path / "in" / name), sd) for name, sd in (("pre", pre), ("a", a), ("b", b))}
-    fused = []
-    real = direct._fused_drop
-
-    def counting(*args):
-        done = real(*args)
-        fused.append(done)
-        return done
-
-    monkeypatch.setattr(direct, "_fused_drop", counting)
+    fused = results_of(monkeypatch, direct, "_fused_drop")
+    monkeypatch.setattr(direct, "CHAIN_MOST", 1)  # no chains (test_a_chain_of_drop_calls_runs_in_one_loop)
     text = ('pre + 0.5*dare(a - pre, where("layers.1.*", 0.0, 0.9), seed=4)'
             " - dare(b - pre, 0.6, seed=7, rescale=false)")
     assert list(direct._drop_fusions(tvlang.compile(text).schedule.main).values()) == [(3, 4), (7, 8)]
     same_as_local_and_eager(monkeypatch, tmp_path, text, paths, chunk)
     assert True in fused and False in fused  # fused where p draws, the steps one by one where p is 0
+
+
+CHAIN_RECIPES = [  # (recipe, the chains' lengths)
+    ("pre + dare(a - pre, 0.9, seed=1) + dare(b - pre, 0.9, seed=2) + dare(c - pre, 0.9, seed=3)", [3]),
+    ('pre + 0.5*dare(a - pre, where("layers.1.*", 0.0, 0.9), seed=4) - dare(b - pre, 0.6, seed=7, rescale=false)'
+     " + 0.3*dare(c - pre, 0.2, seed=5)", [3]),  # p 0 in layer 1: no masks there, the calls one by one
+    ("pre + dare(a - pre, 0.9) + dare(c - b, 0.2, seed=5) + dare(b - pre, 0.6, seed=7)", [3]),  # b read once
+    ("pre + 3*dare(a - pre, 0.5) + 2*dare(b - pre, 0.5, seed=1)", [2]),
+    ("pre + dare(a - pre, 0.5) + 0.4*(b - pre) + dare(c - pre, 0.3) + dare(b - pre, 0.6, seed=2)", [2]),
+    ("pre + breadcrumbs(a - pre, density=0.2, gamma=0.01) + breadcrumbs(b - pre, density=0.3, gamma=0.01)"
+     " + breadcrumbs(c - pre, density=0.4, gamma=0.02)", [3]),  # a band each, tie windows
+    ("pre + breadcrumbs(a - pre, density=1.0, gamma=0.0) - 0.5*breadcrumbs(b - pre, density=0.1, gamma=0.0)", [2]),
+    ('pre + 0.5*breadcrumbs(a - pre, density=0.9, gamma=0.1, count="mergekit")'
+     " - breadcrumbs(c - b, density=0.3, gamma=0.05)", [2]),  # (dare and breadcrumbs never share a recipe here)
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [1 << 18, 100_003, 7])
+@pytest.mark.parametrize("text, lengths", CHAIN_RECIPES)
+def test_a_chain_of_drop_calls_runs_in_one_loop(tmp_path, monkeypatch, chunk, text, lengths, dtype):
+    """``pre + dare(a - pre) + dare(b - pre) + ...``: the calls, the axpy steps that make their
+    inputs, the steps that take their results and the reads between them in one helper loop
+    (``_drop_chains``, ``tv_drop_chain_f32``), each input and the base read once; where a call draws no
+    masks (p 0), the calls one by one. float32 and bfloat16 models, chunks that cut the blocks of
+    keep bits at any place within a byte: the local executor's bytes and the eager evaluation's
+    tensors."""
+    g = torch.Generator().manual_seed(11)
+    pre = {"big": torch.randn(393_221, generator=g), "small": torch.randn(6, 5, generator=g),
+           "layers.0.w": torch.randn(40, 9, generator=g), "layers.1.w": torch.randn(40, 9, generator=g)}
+    pre["big"][:1000] = -0.0
+    models = {"pre": pre, **{name: finetune_like(pre, seed=seed) for seed, name in enumerate("abc", start=1)}}
+    models["a"]["big"][:500] = -0.0
+    paths = {name: write_checkpoint(str(tmp_path / "in" / name), {k: v.to(dtype) for k, v in sd.items()})
+             for name, sd in models.items()}
+    program = tvlang.compile(text).schedule.main
+    assert [len(chain) for chain in direct._fusions(program).chains.values()] == lengths
+    ran = results_of(monkeypatch, direct, "_drop_chain")
+    same_as_local_and_eager(monkeypatch, tmp_path, text, paths, chunk)
+    assert True in ran and (False in ran) == ("layers.1" in text)
+
+
+@pytest.mark.parametrize("chunk", [1 << 18, 100_003, 7])
+def test_a_chain_of_breadcrumbs_calls_counts_the_tied_entries_across_chunks(tmp_path, monkeypatch, chunk):
+    """A chain of breadcrumbs calls on data with thousands of entries tied at each cut: each input's
+    tie windows counted in the chain's loop from chunk to chunk (``seen`` carried back into its
+    ``_TieWindow``): the local executor's bytes and the eager evaluation's tensors."""
+    text = CHAIN_RECIPES[5][0]
+    windows = results_of(monkeypatch, direct._Trims, "ties")
+    ran = results_of(monkeypatch, direct, "_drop_chain")
+    same_as_local_and_eager(monkeypatch, tmp_path / "t", text, tied_models(tmp_path / "tied"), chunk)
+    assert any(w for found in windows for w in found) and ran and all(ran)
 
 
 @pytest.mark.parametrize("chunk", [1 << 18, 100_003, 7])
@@ -771,6 +829,7 @@ def test_whole_calls_run_in_one_fused_loop(tmp_path, monkeypatch, chunk, text, i
         return real(*args, **kwargs)
 
     monkeypatch.setattr(direct, "_whole_call", counting)
+    monkeypatch.setattr(direct, "CHAIN_MOST", 1)  # no chains (test_a_chain_of_drop_calls_runs_in_one_loop)
     same_as_local_and_eager(monkeypatch, tmp_path, text, big_models(tmp_path / "in"), chunk)
     assert calls and set(calls) == {inputs}
     if "dare" in text:

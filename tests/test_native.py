@@ -383,6 +383,70 @@ def test_whole_calls_in_one_loop_equal_the_steps_one_by_one(k):
     assert seen_nan and seen_window
 
 
+@needs_helper
+@pytest.mark.skipif(native.linear_steps() is None, reason="the fused loops are the torch-free executor's (AVX2, FMA)")
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 16])
+def test_a_chain_of_calls_in_one_loop_equals_the_calls_one_by_one(k):
+    """tv_drop_chain_f32 (``pre + c1*dare(a - pre) + c2*breadcrumbs(b - pre) + ...``, each call with
+    the axpy that makes its input and the step that takes its result) against tv_fused_merge_f32
+    once a call (one input, that call's taker), the output of each the base of the next: each input
+    its own form (keep bits with its own rescale, from bits at like and unlike places within a byte;
+    every trim, with tie windows whose counts go on), coefficient, with and without the axpy; the
+    first taker scaling its base or not; lengths about the vectors of eight, the blocks of 1,024
+    and the tiles of 512; specials in every input, entries tied at the windows' magnitudes. Bit for
+    bit, NaNs' payloads included; the windows' counts as the calls one by one leave them."""
+    lib = native.linear_steps()
+    n_max = 4099 + 16
+    g = torch.Generator().manual_seed(k)
+    levels = torch.tensor([0.25, -0.25, 0.5, -0.5, 0.75, 1.5])
+    seen_nan = seen_window = False
+    for n in (1, 7, 8, 9, 15, 17, 511, 1025, 4099):
+        for trial, places in enumerate(("aligned", "like", "unlike", "trims")):
+            a = parts_with_specials(k, n_max, seed=300 * k + n + trial)
+            b = parts_with_specials(k, n_max, seed=400 * k + n + trial)
+            for x in a + b:  # a third of the entries at a few magnitudes: ties at the windows' values
+                at = torch.randint(0, n_max, (n_max // 3,), generator=g)
+                x[at] = levels[torch.randint(0, len(levels), (n_max // 3,), generator=g)]
+            base = parts_with_specials(1, n_max, seed=500 * k + n + trial)[0]
+            inputs = [(a[i], b[i] if i % 3 != 1 else None, -1.0 if i % 2 == 0 else 0.5) for i in range(k)]
+            scales = [(1 / 0.7, 1.0, 2.5, 1 / 0.1)[i % 4] for i in range(k)]
+            cs = [(1.0, -1.0, 0.3, 2.0)[(i + trial) % 4] for i in range(k)]
+            forms, bits = [], []
+            for i in range(k):
+                cut = float(torch.rand(1, generator=g)) * 0.8
+                forms.append((1, 0.0, 0.0) if places != "trims" else ((i + n) % 6, cut, cut + 0.5))
+                offset = {"aligned": 8 * i, "like": 8 * i + 5, "unlike": 8 * i + i % 8 + 1, "trims": 8 * i + 3}[places]
+                packed = numpy.packbits(numpy.random.default_rng(10 * i + n).random(n_max + 16 * k + 16) < 0.4)
+                bits.append((packed, offset))
+            for first in (1.0, 0.7):
+                windows = [[] if i % 3 == 2 or places != "trims" else [[_magnitude(0.5), 2, 9, 3]] if i % 3 == 0
+                           else [[_magnitude(0.25), 0, math.inf, 1], [_magnitude(0.75), 4, 5, 0]] for i in range(k)]
+                copies = [[list(tie) for tie in ties] for ties in windows]
+                expected = base
+                for i in range(k):
+                    taker = (expected, first if i == 0 else 1.0, cs[i])
+                    expected = fused_call(lib, [inputs[i]], [forms[i]], [bits[i]], [windows[i]], scales[i], (0, 0),
+                                          taker, n)
+                fields = (native.FusedInput * k)()
+                for field, (x, y, coef), (form, lo, hi), (packed, offset), ties in zip(fields, inputs, forms, bits,
+                                                                                      copies):
+                    field.a, field.b = x.data_ptr(), y.data_ptr() if y is not None else None
+                    field.cb, field.form, field.lo, field.hi = coef, form, lo, hi
+                    field.packed, field.offset, field.windows = packed.ctypes.data, offset, len(ties)
+                    for w, (pattern, start, stop, seen) in enumerate(ties):
+                        field.bits[w], field.start[w], field.stop[w], field.seen[w] = pattern, start, stop, seen
+                got = torch.full((n + 1,), 123.0)
+                lib.tv_drop_chain_f32(fields, (ctypes.c_float * k)(*scales), (ctypes.c_float * k)(*cs), k, n,
+                                      base.data_ptr(), first, got.data_ptr())
+                assert torch.equal(got[:n].view(torch.int32), expected.view(torch.int32)), (n, places, first)
+                assert got[n] == 123.0  # nothing written past n
+                assert [[int(field.seen[w]) for w in range(len(ties))] for field, ties in zip(fields, copies)] == [
+                    [tie[3] for tie in ties] for ties in windows]  # the counts carried on
+                seen_nan = seen_nan or bool(got.isnan().any())
+                seen_window = seen_window or any(tie[3] > 8 for ties in windows for tie in ties)
+    assert seen_nan and (seen_window or k < 3)
+
+
 SPECIAL = torch.tensor([float("nan"), -float("nan"), -0.0, 0.0, float("inf"), -float("inf"), 1.0, -1.0, 2.5])
 
 

@@ -1935,3 +1935,130 @@ void tv_fused_merge_f32(fused_input *in, size_t k, size_t n, float scale, int fr
                 first, c, out + done);
     for (size_t i = 0; i < k; i++) memcpy(in[i].seen, at[i].seen, sizeof in[i].seen);
 }
+
+/* A chain of single-input DARE or breadcrumbs calls, each with the axpy that makes its input and
+ * the axpy or add that takes its result into one buffer (tvlang/run/direct.py, _drop_chains: `pre +
+ * dare(a - pre) + dare(b - pre) + ...`): y = base (times `first` where that is not 1), then for each
+ * input in turn y = fma(part, cs[i], y), part the input x = fma(b, cb, a) (a where b is NULL) trimmed
+ * or dropped by its form as in tv_fused_merge_f32 (keep bits with the rescale scales[i], a trim with
+ * its tie windows, their counts carried on in `in`); out = y. The same IEEE operations in the same
+ * order as the calls' fused loops one after another (tv_fused_merge_f32, one input each), so the
+ * same bits, but each input and the base read once and out written once, where the calls one by
+ * one read and write out once each. out may be base. */
+static FMA_TARGET void chain_tile(fused_input *in, const float *scales, const float *cs, size_t k, size_t from,
+                                  size_t n, const float *base, float first, float *out) {
+    float x[TILE], p[TILE], y[TILE];
+    for (size_t start = from; start < n; start += TILE) {
+        size_t m = n - start < TILE ? n - start : TILE;
+        for (size_t j = 0; j < m; j++) y[j] = first == 1.0f ? base[start + j] : base[start + j] * first;
+        for (size_t i = 0; i < k; i++) {
+            const float *a = in[i].a + start, *b = in[i].b ? in[i].b + start : NULL;
+            for (size_t j = 0; j < m; j++) x[j] = b ? fmaf(b[j], in[i].cb, a[j]) : a[j];
+            uint32_t scale_bits;
+            memcpy(&scale_bits, &scales[i], sizeof scale_bits);
+            switch (in[i].form) {
+            case 0: memcpy(p, x, m * sizeof *p); break;
+            case 1:
+                for (size_t j = 0; j < m; j++) p[j] = x[j] * keep_scale(in[i].packed, in[i].offset + start + j, scale_bits);
+                break;
+            case 2: tv_hardshrink_f32(x, m, in[i].lo, p); break;
+            case 3: tv_band_f32(x, m, in[i].lo, in[i].hi, p); break;
+            case 4:
+                tv_hardshrink_f32(x, m, in[i].lo, p);
+                for (size_t j = 0; j < m; j++) p[j] = x[j] - p[j];
+                break;
+            default: memset(p, 0, m * sizeof *p); break;
+            }
+            tie_windows(&in[i], x, m, p);
+            for (size_t j = 0; j < m; j++) y[j] = fmaf(p[j], cs[i], y[j]);
+        }
+        memcpy(out + start, y, m * sizeof *out);
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+/* One input's part of a block of m entries (a multiple of 8): o = fma(part, c, o). Keep bits of
+ * entries j..j+7: one byte, or two where they start `shift` bits into one (the same place for every
+ * j, a multiple of 8); a bit set -> the scale, as keep_table. Inlined with the form, `b` and `shift`
+ * known, so the loop has no branch but the tie windows' (rare: a vector with an entry tied). */
+static FMA_TARGET inline __attribute__((always_inline)) void chain_block(
+        fused_input *in, size_t s, float scale, float c, size_t m, float *o, int form, int with_b, int shifted) {
+    const __m256i place = _mm256_setr_epi32(128, 64, 32, 16, 8, 4, 2, 1);
+    const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF);
+    const __m256 vscale = _mm256_set1_ps(scale), vc = _mm256_set1_ps(c), vcb = _mm256_set1_ps(in->cb);
+    const float *a = in->a + s, *b = with_b ? in->b + s : NULL;
+    size_t at = in->offset + s;
+    const uint8_t *packed = form == 1 ? in->packed + (at >> 3) : NULL;
+    unsigned shift = (unsigned)(at & 7);
+    for (size_t j = 0; j < m; j += 8) {
+        __m256 x = _mm256_loadu_ps(a + j), p;
+        if (with_b) x = _mm256_fmadd_ps(_mm256_loadu_ps(b + j), vcb, x);
+        switch (form) {
+        case 0: p = x; break;
+        case 1: {
+            const uint8_t *q = packed + (j >> 3);
+            unsigned v = shifted ? ((unsigned)q[0] << shift | (unsigned)q[1] >> (8 - shift)) & 0xFFu : q[0];
+            __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)v), place), place);
+            p = _mm256_mul_ps(x, _mm256_and_ps(_mm256_castsi256_ps(set), vscale));
+            break;
+        }
+        case 2: p = v_hardshrink(x, in->lo); break;
+        case 3: p = _mm256_sub_ps(v_hardshrink(x, in->lo), v_hardshrink(x, in->hi)); break;
+        case 4: p = _mm256_sub_ps(x, v_hardshrink(x, in->lo)); break;
+        default: p = _mm256_setzero_ps(); break;
+        }
+        if (in->windows) {
+            __m256i mag = _mm256_and_si256(_mm256_castps_si256(x), magnitude);
+            __m256i tied = _mm256_cmpeq_epi32(mag, _mm256_set1_epi32(in->bits[0]));
+            if (in->windows > 1) tied = _mm256_or_si256(tied, _mm256_cmpeq_epi32(mag, _mm256_set1_epi32(in->bits[1])));
+            if (!_mm256_testz_si256(tied, tied)) p = v_tie_windows(in, x, p);
+        }
+        _mm256_storeu_ps(o + j, _mm256_fmadd_ps(p, vc, _mm256_loadu_ps(o + j)));
+    }
+}
+#endif
+
+#define CHAIN_BLOCK 1024
+
+FMA_TARGET void tv_drop_chain_f32(fused_input *in, const float *scales, const float *cs, size_t k, size_t n,
+                                  const float *base, float first, float *out) {
+    size_t done = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+    /* a block of out at a time, in the L1 cache while each input adds its part in turn: per entry the
+     * same order (the base, then input 0, 1, ...) as the calls one by one, and each input's entries
+     * in their order (its tie windows' counts) */
+    size_t body = n & ~(size_t)7;
+    for (size_t s = 0; s < body; s += CHAIN_BLOCK) {
+        size_t m = body - s < CHAIN_BLOCK ? body - s : CHAIN_BLOCK;
+        float *o = out + s;
+        if (first != 1.0f) {
+            for (size_t j = 0; j < m; j++) o[j] = base[s + j] * first;
+        } else if (o != base + s) {
+            memcpy(o, base + s, m * sizeof *o);
+        }
+        for (size_t i = 0; i < k; i++) {
+            int with_b = in[i].b != NULL, shifted = ((in[i].offset + s) & 7) != 0;
+#define CHAIN_BLOCK_CALL(FORM, B, SHIFTED) chain_block(&in[i], s, scales[i], cs[i], m, o, FORM, B, SHIFTED)
+#define CHAIN_CASE(FORM) \
+            case FORM: \
+                if (with_b) CHAIN_BLOCK_CALL(FORM, 1, 0); \
+                else CHAIN_BLOCK_CALL(FORM, 0, 0); \
+                break;
+            switch (in[i].form) {
+            case 1:
+                if (with_b && shifted) CHAIN_BLOCK_CALL(1, 1, 1);
+                else if (with_b) CHAIN_BLOCK_CALL(1, 1, 0);
+                else if (shifted) CHAIN_BLOCK_CALL(1, 0, 1);
+                else CHAIN_BLOCK_CALL(1, 0, 0);
+                break;
+            CHAIN_CASE(0) CHAIN_CASE(2) CHAIN_CASE(3) CHAIN_CASE(4)
+            default: CHAIN_BLOCK_CALL(5, with_b, 0); break;
+            }
+#undef CHAIN_CASE
+#undef CHAIN_BLOCK_CALL
+        }
+    }
+    done = body;
+#endif
+    chain_tile(in, scales, cs, k, done, n, base, first, out);
+}

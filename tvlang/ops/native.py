@@ -76,6 +76,7 @@ _SIGNATURES = {
     "tv_sign_merge_add_f32": ([_P, _N, _N, _I, _I, _P, _F, _F, _P], None),
     "tv_sub_bits_f32": ([_P, _P, _F, _P, _N, _F, _N, _P], None),
     "tv_fused_merge_f32": ([_P, _N, _N, _F, _I, _I, _P, _F, _F, _P], None),
+    "tv_drop_chain_f32": ([_P, _P, _P, _N, _N, _P, _F, _P], None),
     "tv_nonfinite_f32": ([_P, _N], _I),
     "tv_bf16_to_f32": ([_P, _N, _P], None),
     "tv_f32_to_bf16": ([_P, _N, _P], _I),

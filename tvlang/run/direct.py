@@ -2287,6 +2287,12 @@ def _steps(program, bound: _Bound, info, start: int, count: int, buffers: list, 
         if index <= done_to or index in skip:
             continue
         known, unchecked = unchecked, {}
+        if (fused is not None and index in fused.chains
+                and skip.isdisjoint(range(index, fused.drops[fused.chains[index][-1]][1] + 1))
+                and _drop_chain(program, fused.chains[index], fused.drops, slots, read_slot, buffers, streams,
+                                count, lib, owned)):
+            done_to = fused.drops[fused.chains[index][-1]][1]
+            continue
         if fused is not None and index in fused.drops and _fused_drop(program, index, fused.drops[index], slots,
                                                                        buffers, streams, count, lib, owned):
             done_to = fused.drops[index][1]
@@ -2447,6 +2453,7 @@ class _Fusions:
     packed: frozenset[int]
     merges: dict[int, int]
     runs: dict[int, int]
+    chains: dict[int, tuple[int, ...]]
 
 
 def _fusions(program) -> _Fusions:
@@ -2477,7 +2484,39 @@ def _fusions(program) -> _Fusions:
                                             and dict(steps[k].options)["lambda"] == 1.0)
               and len(steps[k].srcs) <= 64 and _takes(steps, k + 1, steps[k].dst)}
     taken = {*drops, *(i for pair in drops.values() for i in pair), *deferred, *merges, *merges.values()}
-    return _Fusions(drops, subs, deferred, frozenset(packed), merges, _linear_runs(program, taken))
+    return _Fusions(drops, subs, deferred, frozenset(packed), merges, _linear_runs(program, taken),
+                    _drop_chains(program, drops))
+
+
+CHAIN_MOST = 16  # the most calls one chain takes (the helper's FUSED_PARTS)
+
+
+def _drop_chains(program, drops: dict[int, tuple[int, int]]) -> dict[int, tuple[int, ...]]:
+    """The runs of ``drops`` (plain ``dare`` and single-input ``breadcrumbs`` calls with the steps
+    around them) that the main pass computes in one helper loop (``tv_drop_chain_f32``): ``pre +
+    dare(a - pre) + dare(b - pre) + ...``, where the first call's taker makes a buffer and each later
+    one is an ``axpy`` into it, with only reads between them (into other slots), and no call's input
+    is that buffer or made from it. By the first ``axpy``'s index: each call's ``axpy`` index, at
+    least two."""
+    steps = program.steps
+    order = sorted(drops)
+    chains: dict[int, tuple[int, ...]] = {}
+    at = 0
+    while at < len(order):
+        chain = [order[at]]
+        total = steps[drops[order[at]][1]].dst
+        while at + len(chain) < len(order) and len(chain) < CHAIN_MOST:
+            following = order[at + len(chain)]
+            sub, use = steps[following], steps[drops[following][1]]
+            if not (all(step.op == "read" and step.dst != total
+                        for step in steps[drops[chain[-1]][1] + 1:following])
+                    and use.op == "axpy" and use.dst == total and total not in (sub.dst, sub.srcs[0])):
+                break
+            chain.append(following)
+        if len(chain) > 1:
+            chains[chain[0]] = tuple(chain)
+        at += len(chain)
+    return chains
 
 
 LINEAR_RUN_MOST = 16  # the most axpy steps one linear run takes
@@ -2629,6 +2668,78 @@ def _fused_drop(program, index: int, pair: tuple[int, int], slots: dict, buffers
     return True
 
 
+def _drop_chain(program, chain: tuple[int, ...], drops: dict, slots: dict, read_slot: Callable, buffers: list,
+                streams: dict, count: int, lib, owned: Callable) -> bool:
+    """The DARE and breadcrumbs calls of ``chain`` (:func:`_drop_chains`), each with the ``axpy`` that
+    makes its input and the step that takes its result, and the reads between them, in one helper
+    loop (``tv_drop_chain_f32``: the same operations in the same order as :func:`_fused_drop` call by
+    call, so the same bits); ``False`` (nothing done) unless every DARE call draws its masks as keep
+    bits and every breadcrumbs call runs in the fused loop."""
+    steps = program.steps
+    calls = [streams[drops[i][0]] for i in chain]
+    if not all(stream.fusable() if isinstance(stream, _Trims) else _defers(stream) and stream[1][0].packed
+               for stream in calls):
+        return False
+    use = drops[chain[0]][1]
+    out, base, first, c = _taker(steps[use], use, slots, buffers, count, owned)  # before the reads
+    inputs = []
+    for n, index in enumerate(chain):
+        if n:
+            for r in range(drops[chain[n - 1]][1] + 1, index):
+                read_slot(r, steps[r])
+        sub = steps[index]
+        inputs.append((slots[sub.dst], slots[sub.srcs[0]], sub.coef))
+    k = len(chain)
+    scales = (ctypes.c_float * k)()
+    cs = (ctypes.c_float * k)(c, *(steps[drops[i][1]].coef for i in chain[1:]))
+    fields = (FusedInput * k)()
+    runs, drawn, windows = [], [], []  # the keep bits' runs and inputs; each input's tie windows
+    for i, (one, stream, (_, _, coef)) in enumerate(zip(fields, calls, inputs)):
+        one.cb = coef
+        if isinstance(stream, _Trims):  # breadcrumbs: its trim and tie windows
+            (one.form, one.lo, one.hi), = stream.forms()
+            ties, = stream.ties()
+            one.windows = len(ties)
+            for w, tie in enumerate(ties):
+                one.bits[w], one.start[w], one.stop[w], one.seen[w] = tie.bits, tie.start, tie.stop, tie.seen
+        else:
+            rule, masks, _, _ = stream
+            one.form, scales[i], ties = _KEEP_BITS, rule.scale, []
+            runs.append(masks[0].take_bits(count))
+            drawn.append(one)
+        windows.append(ties)
+    for start, stop, places in _bit_pieces(count, runs):
+        for one, (a, b, _) in zip(fields, inputs):
+            one.a, one.b = a.ctypes.data + 4 * start, b.ctypes.data + 4 * start
+        for one, (block, offset) in zip(drawn, places):
+            one.packed, one.offset = block.ctypes.data, offset
+        lib.tv_drop_chain_f32(fields, scales, cs, k, stop - start, base.ctypes.data + 4 * start, first,
+                              out.ctypes.data + 4 * start)
+    for one, ties in zip(fields, windows):
+        for w, tie in enumerate(ties):
+            tie.seen = int(one.seen[w])
+    slots[steps[drops[chain[-1]][1]].dst] = out
+    return True
+
+
+def _bit_pieces(count: int, runs: list) -> Iterator[tuple[int, int, list]]:
+    """The pieces of ``count`` entries within which no input's keep bits (``runs``: each input's
+    ``(block, first bit, entries)`` runs, :meth:`_Masks.take_bits`) change block: ``(start, stop,
+    [(block, bit of entry start) for each input])``."""
+    cuts = sorted({0, count} | {at for bits in runs for at in itertools.accumulate(n for _, _, n in bits)})
+    where = [0] * len(runs)  # each input's run at this piece, and where it starts
+    starts = [0] * len(runs)
+    for start, stop in itertools.pairwise(cuts):
+        places = []
+        for i, bits in enumerate(runs):
+            while starts[i] + bits[where[i]][2] <= start:
+                starts[i] += bits[where[i]][2]
+                where[i] += 1
+            block, bit, _ = bits[where[i]]
+            places.append((block, bit + start - starts[i]))
+        yield start, stop, places
+
+
 def _taker(use, index: int, slots: dict, buffers: list, count: int, owned: Callable) -> tuple:
     """``(out, base, first, c)`` of step ``use`` (``_takes``): its result is ``fma(value, c, base *
     first)``, into ``base`` (an ``axpy``, where ``owned`` says) or the step's own buffer (an ``add``)."""
@@ -2661,30 +2772,22 @@ def _whole_call(lib, count: int, inputs: list, forms: list, taker: tuple | None,
     if options is not None:
         frequency, merge = options["elect"] == "frequency", MERGE_CODES[options["merge"]]
     out, base, first, c = taker if taker is not None else (target, None, 1.0, 1.0)
-    cuts = sorted({0, count} | ({at for bits in runs for at in itertools.accumulate(n for _, _, n in bits)}
-                                if runs else set()))
     fields = (FusedInput * k)()
     for one, (_, _, coef), (form, low, high), ties in zip(fields, inputs, forms, windows or [[]] * k):
         one.cb, one.form, one.lo, one.hi, one.windows = coef, form, low, high, len(ties)
         for w, tie in enumerate(ties):
             one.bits[w], one.start[w], one.stop[w], one.seen[w] = tie.bits, tie.start, tie.stop, tie.seen
-    where = [0] * k  # each input's run at this piece, and where it starts
-    starts = [0] * k
     a = [x.ctypes.data for x, _, _ in inputs]
     b = [y.ctypes.data if y is not None else None for _, y, _ in inputs]
     base_at = base.ctypes.data if base is not None else None
     out_at = out.ctypes.data
-    for start, stop in itertools.pairwise(cuts):
+    for start, stop, places in _bit_pieces(count, runs) if runs else [(0, count, None)]:
         for i, one in enumerate(fields):
             one.a = a[i] + 4 * start
             one.b = b[i] + 4 * start if b[i] is not None else None
-            if runs:
-                bits = runs[i]
-                while starts[i] + bits[where[i]][2] <= start:
-                    starts[i] += bits[where[i]][2]
-                    where[i] += 1
-                block, bit, _ = bits[where[i]]
-                one.packed, one.offset = block.ctypes.data, bit + start - starts[i]
+            if places:
+                block, one.offset = places[i]
+                one.packed = block.ctypes.data
         lib.tv_fused_merge_f32(fields, k, stop - start, scale, frequency, merge,
                                base_at + 4 * start if base_at is not None else None, first, c, out_at + 4 * start)
     for one, ties in zip(fields, windows or []):
