@@ -733,16 +733,19 @@ CHAIN_RECIPES = [  # (recipe, the chains' lengths)
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype, views", [(torch.float32, True), (torch.float32, False), (torch.bfloat16, None)],
+                         ids=["views", "reads", "bfloat16"])
 @pytest.mark.parametrize("chunk", [1 << 18, 100_003, 7])
 @pytest.mark.parametrize("text, lengths", CHAIN_RECIPES)
-def test_a_chain_of_drop_calls_runs_in_one_loop(tmp_path, monkeypatch, chunk, text, lengths, dtype):
-    """``pre + dare(a - pre) + dare(b - pre) + ...``: the calls, the axpy steps that make their
-    inputs, the steps that take their results and the reads between them in one helper loop
-    (``_drop_chains``, ``tv_drop_chain_f32``), each input and the base read once; where a call draws no
-    masks (p 0), the calls one by one. float32 and bfloat16 models, chunks that cut the blocks of
-    keep bits at any place within a byte: the local executor's bytes and the eager evaluation's
-    tensors."""
+def test_a_chain_of_drop_calls_runs_in_one_loop(tmp_path, monkeypatch, chunk, text, lengths, dtype, views):
+    """``pre + dare(a - pre) + dare(b - pre) + ...`` (or ``breadcrumbs``): the calls, the axpy steps
+    that make their inputs, the steps that take their results and the reads between them in one
+    helper loop (``_drop_chains``, ``tv_drop_chain_f32``), each input and the base read once; where
+    a call draws no masks (p 0), the calls one by one. float32 models read as views of the mapped
+    files and into buffers (the reads between the calls into buffers of their own, not over an
+    earlier call's input), bfloat16 models, chunks that cut the blocks of keep bits at any place
+    within a byte: the local executor's bytes and the eager evaluation's tensors."""
+    monkeypatch.setattr(direct, "VIEWS_BESIDE_CALLS", views)
     g = torch.Generator().manual_seed(11)
     pre = {"big": torch.randn(393_221, generator=g), "small": torch.randn(6, 5, generator=g),
            "layers.0.w": torch.randn(40, 9, generator=g), "layers.1.w": torch.randn(40, 9, generator=g)}
