@@ -309,27 +309,57 @@ def steps_one_by_one(lib, inputs, forms, bits, windows, scale, options, taker, n
     return out
 
 
-def fused_call(lib, inputs, forms, bits, windows, scale, options, taker, n):
-    """tv_fused_merge_f32 over the same, its windows' counts moved on in ``windows``."""
-    k = len(inputs)
-    fields = (native.FusedInput * k)()
+def fused_fields(inputs, forms, bits, windows) -> ctypes.Array:
+    """The helper's ``fused_input`` array for each input ``(a, b, coef)``, its ``(form, lo, hi)``, its
+    keep bits ``(packed, offset)`` and its tie windows ``[bits, start, stop, seen]``."""
+    fields = (native.FusedInput * len(inputs))()
     for field, (a, b, coef), (form, lo, hi), (packed, offset), ties in zip(fields, inputs, forms, bits, windows):
         field.a, field.b = a.data_ptr(), b.data_ptr() if b is not None else None
         field.cb, field.form, field.lo, field.hi = coef, form, lo, hi
         field.packed, field.offset, field.windows = packed.ctypes.data, offset, len(ties)
         for w, (pattern, start, stop, seen) in enumerate(ties):
             field.bits[w], field.start[w], field.stop[w], field.seen[w] = pattern, start, stop, seen
-    out = torch.empty(n)
-    lib.tv_fused_merge_f32(fields, k, n, scale, *options, taker[0].data_ptr() if taker else None,
-                           taker[1] if taker else 1.0, taker[2] if taker else 1.0, out.data_ptr())
+    return fields
+
+
+def carry_seen(fields, windows) -> None:
+    """The windows' counts as the helper left them in ``fields``, moved on in ``windows``."""
     for field, ties in zip(fields, windows):
         for w, tie in enumerate(ties):
             tie[3] = int(field.seen[w])
+
+
+def fused_call(lib, inputs, forms, bits, windows, scale, options, taker, n):
+    """tv_fused_merge_f32 over the same, its windows' counts moved on in ``windows``."""
+    fields = fused_fields(inputs, forms, bits, windows)
+    out = torch.empty(n)
+    lib.tv_fused_merge_f32(fields, len(inputs), n, scale, *options, taker[0].data_ptr() if taker else None,
+                           taker[1] if taker else 1.0, taker[2] if taker else 1.0, out.data_ptr())
+    carry_seen(fields, windows)
     return out
 
 
 def _magnitude(value: float) -> int:
     return int(numpy.float32(value).view(numpy.int32))
+
+
+LEVELS = torch.tensor([0.25, -0.25, 0.5, -0.5, 0.75, 1.5])  # the magnitudes of tied_parts' ties
+
+
+def tied_parts(k: int, n: int, seed: int, g: torch.Generator) -> list[torch.Tensor]:
+    """``parts_with_specials`` with a third of the entries at a few magnitudes (``LEVELS``): ties at
+    the windows' values (:func:`some_windows`)."""
+    parts = parts_with_specials(k, n, seed=seed)
+    for x in parts:
+        at = torch.randint(0, n, (n // 3,), generator=g)
+        x[at] = LEVELS[torch.randint(0, len(LEVELS), (n // 3,), generator=g)]
+    return parts
+
+
+def some_windows(k: int) -> list[list[list]]:
+    """Each of ``k`` inputs' tie windows ``[bits, start, stop, seen]``: none, one, or two, by turns."""
+    return [[] if i % 3 == 2 else [[_magnitude(0.5), 2, 9, 3]] if i % 3 == 0
+            else [[_magnitude(0.25), 0, math.inf, 1], [_magnitude(0.75), 4, 5, 0]] for i in range(k)]
 
 
 @needs_helper
@@ -345,15 +375,11 @@ def test_whole_calls_in_one_loop_equal_the_steps_one_by_one(k):
     lib = native.linear_steps()
     n_max = 4099 + 16
     g = torch.Generator().manual_seed(k)
-    levels = torch.tensor([0.25, -0.25, 0.5, -0.5, 0.75, 1.5])
     seen_nan = seen_window = False
     for n in (1, 7, 8, 9, 511, 512, 513, 4099):
         for trial, places in enumerate(("aligned", "like", "unlike", "shared")):
-            a = parts_with_specials(k, n_max, seed=100 * k + n + trial)
-            b = parts_with_specials(k, n_max, seed=200 * k + n + trial)
-            for x in a + b:  # a third of the entries at a few magnitudes: ties at the windows' values
-                at = torch.randint(0, n_max, (n_max // 3,), generator=g)
-                x[at] = levels[torch.randint(0, len(levels), (n_max // 3,), generator=g)]
+            a = tied_parts(k, n_max, 100 * k + n + trial, g)
+            b = tied_parts(k, n_max, 200 * k + n + trial, g)
             forms = []
             for i in range(k):
                 cut = float(torch.rand(1, generator=g)) * 0.8
@@ -370,8 +396,7 @@ def test_whole_calls_in_one_loop_equal_the_steps_one_by_one(k):
             inputs = [(a[i], b[i] if i % 2 == 0 else None, -1.0 if i % 3 else 0.5) for i in range(k)]
             for frequency, merge in ((0, 1), (1, 0), (0, 2)):
                 for taker in (None, (a[0], 1.0, 1.0), (b[0], 0.7, -2.0)):
-                    windows = [[] if i % 3 == 2 else [[_magnitude(0.5), 2, 9, 3]] if i % 3 == 0 else
-                               [[_magnitude(0.25), 0, math.inf, 1], [_magnitude(0.75), 4, 5, 0]] for i in range(k)]
+                    windows = some_windows(k)
                     copies = [[list(tie) for tie in ties] for ties in windows]
                     expected = steps_one_by_one(lib, inputs, forms, bits, windows, 1 / 0.7, (frequency, merge),
                                                 taker, n)
@@ -398,15 +423,11 @@ def test_a_chain_of_calls_in_one_loop_equals_the_calls_one_by_one(k):
     lib = native.linear_steps()
     n_max = 4099 + 16
     g = torch.Generator().manual_seed(k)
-    levels = torch.tensor([0.25, -0.25, 0.5, -0.5, 0.75, 1.5])
     seen_nan = seen_window = False
     for n in (1, 7, 8, 9, 15, 17, 511, 1025, 4099):
         for trial, places in enumerate(("aligned", "like", "unlike", "trims")):
-            a = parts_with_specials(k, n_max, seed=300 * k + n + trial)
-            b = parts_with_specials(k, n_max, seed=400 * k + n + trial)
-            for x in a + b:  # a third of the entries at a few magnitudes: ties at the windows' values
-                at = torch.randint(0, n_max, (n_max // 3,), generator=g)
-                x[at] = levels[torch.randint(0, len(levels), (n_max // 3,), generator=g)]
+            a = tied_parts(k, n_max, 300 * k + n + trial, g)
+            b = tied_parts(k, n_max, 400 * k + n + trial, g)
             base = parts_with_specials(1, n_max, seed=500 * k + n + trial)[0]
             inputs = [(a[i], b[i] if i % 3 != 1 else None, -1.0 if i % 2 == 0 else 0.5) for i in range(k)]
             scales = [(1 / 0.7, 1.0, 2.5, 1 / 0.1)[i % 4] for i in range(k)]
@@ -419,29 +440,21 @@ def test_a_chain_of_calls_in_one_loop_equals_the_calls_one_by_one(k):
                 packed = numpy.packbits(numpy.random.default_rng(10 * i + n).random(n_max + 16 * k + 16) < 0.4)
                 bits.append((packed, offset))
             for first in (1.0, 0.7):
-                windows = [[] if i % 3 == 2 or places != "trims" else [[_magnitude(0.5), 2, 9, 3]] if i % 3 == 0
-                           else [[_magnitude(0.25), 0, math.inf, 1], [_magnitude(0.75), 4, 5, 0]] for i in range(k)]
+                windows = some_windows(k) if places == "trims" else [[] for _ in range(k)]
                 copies = [[list(tie) for tie in ties] for ties in windows]
                 expected = base
                 for i in range(k):
                     taker = (expected, first if i == 0 else 1.0, cs[i])
                     expected = fused_call(lib, [inputs[i]], [forms[i]], [bits[i]], [windows[i]], scales[i], (0, 0),
                                           taker, n)
-                fields = (native.FusedInput * k)()
-                for field, (x, y, coef), (form, lo, hi), (packed, offset), ties in zip(fields, inputs, forms, bits,
-                                                                                      copies):
-                    field.a, field.b = x.data_ptr(), y.data_ptr() if y is not None else None
-                    field.cb, field.form, field.lo, field.hi = coef, form, lo, hi
-                    field.packed, field.offset, field.windows = packed.ctypes.data, offset, len(ties)
-                    for w, (pattern, start, stop, seen) in enumerate(ties):
-                        field.bits[w], field.start[w], field.stop[w], field.seen[w] = pattern, start, stop, seen
+                fields = fused_fields(inputs, forms, bits, copies)
                 got = torch.full((n + 1,), 123.0)
                 lib.tv_drop_chain_f32(fields, (ctypes.c_float * k)(*scales), (ctypes.c_float * k)(*cs), k, n,
                                       base.data_ptr(), first, got.data_ptr())
                 assert torch.equal(got[:n].view(torch.int32), expected.view(torch.int32)), (n, places, first)
                 assert got[n] == 123.0  # nothing written past n
-                assert [[int(field.seen[w]) for w in range(len(ties))] for field, ties in zip(fields, copies)] == [
-                    [tie[3] for tie in ties] for ties in windows]  # the counts carried on
+                carry_seen(fields, copies)
+                assert copies == windows  # the counts carried on
                 seen_nan = seen_nan or bool(got.isnan().any())
                 seen_window = seen_window or any(tie[3] > 8 for ties in windows for tie in ties)
     assert seen_nan and (seen_window or k < 3)

@@ -2699,9 +2699,7 @@ def _drop_chain(program, chain: tuple[int, ...], drops: dict, slots: dict, read_
         if isinstance(stream, _Trims):  # breadcrumbs: its trim and tie windows
             (one.form, one.lo, one.hi), = stream.forms()
             ties, = stream.ties()
-            one.windows = len(ties)
-            for w, tie in enumerate(ties):
-                one.bits[w], one.start[w], one.stop[w], one.seen[w] = tie.bits, tie.start, tie.stop, tie.seen
+            _set_windows(one, ties)
         else:
             rule, masks, _, _ = stream
             one.form, scales[i], ties = _KEEP_BITS, rule.scale, []
@@ -2715,9 +2713,7 @@ def _drop_chain(program, chain: tuple[int, ...], drops: dict, slots: dict, read_
             one.packed, one.offset = block.ctypes.data, offset
         lib.tv_drop_chain_f32(fields, scales, cs, k, stop - start, base.ctypes.data + 4 * start, first,
                               out.ctypes.data + 4 * start)
-    for one, ties in zip(fields, windows):
-        for w, tie in enumerate(ties):
-            tie.seen = int(one.seen[w])
+    _carry_seen(fields, windows)
     slots[steps[drops[chain[-1]][1]].dst] = out
     return True
 
@@ -2774,9 +2770,8 @@ def _whole_call(lib, count: int, inputs: list, forms: list, taker: tuple | None,
     out, base, first, c = taker if taker is not None else (target, None, 1.0, 1.0)
     fields = (FusedInput * k)()
     for one, (_, _, coef), (form, low, high), ties in zip(fields, inputs, forms, windows or [[]] * k):
-        one.cb, one.form, one.lo, one.hi, one.windows = coef, form, low, high, len(ties)
-        for w, tie in enumerate(ties):
-            one.bits[w], one.start[w], one.stop[w], one.seen[w] = tie.bits, tie.start, tie.stop, tie.seen
+        one.cb, one.form, one.lo, one.hi = coef, form, low, high
+        _set_windows(one, ties)
     a = [x.ctypes.data for x, _, _ in inputs]
     b = [y.ctypes.data if y is not None else None for _, y, _ in inputs]
     base_at = base.ctypes.data if base is not None else None
@@ -2790,7 +2785,19 @@ def _whole_call(lib, count: int, inputs: list, forms: list, taker: tuple | None,
                 one.packed = block.ctypes.data
         lib.tv_fused_merge_f32(fields, k, stop - start, scale, frequency, merge,
                                base_at + 4 * start if base_at is not None else None, first, c, out_at + 4 * start)
-    for one, ties in zip(fields, windows or []):
+    _carry_seen(fields, windows or [])
+
+
+def _set_windows(one, ties: list) -> None:
+    """An input's tie windows (:class:`_TieWindow`, their counts so far) into its ``FusedInput``."""
+    one.windows = len(ties)
+    for w, tie in enumerate(ties):
+        one.bits[w], one.start[w], one.stop[w], one.seen[w] = tie.bits, tie.start, tie.stop, tie.seen
+
+
+def _carry_seen(fields, windows: list) -> None:
+    """Each input's tie windows' counts as the helper's loop left them in ``fields``, carried on."""
+    for one, ties in zip(fields, windows):
         for w, tie in enumerate(ties):
             tie.seen = int(one.seen[w])
 
