@@ -350,24 +350,34 @@ def test_steps_equal_torch_bit_for_bit():
     assert lib.tv_nonfinite_f32(x.data_ptr(), 1) == 1 and lib.tv_nonfinite_f32(x[2:].data_ptr(), 1) == 1
 
 
-def test_the_writing_thread_starts_before_any_temporary_exists(models, tmp_path, monkeypatch):
-    """A program that writes from a thread of its own starts that thread before it makes any
-    output's temporary: a Ctrl-C that lands while an executor starts its thread leaves the thread
-    running a task its shutdown does not wait for, which must not be one that writes there."""
+@pytest.mark.parametrize("text, thread", [("pre + 0.5*(a - pre)", "tvlang-writes"),
+                                          ("pre + dare(a - pre, 0.5) + dare(b - pre, 0.3)", "tvlang-masks")])
+def test_the_writing_thread_starts_before_any_temporary_exists(models, tmp_path, monkeypatch, text, thread):
+    """A program that writes from another thread (one of its own; a DARE program's, its masks'
+    thread) starts that thread before it makes any output's temporary: a Ctrl-C that lands while an
+    executor starts its thread leaves the thread running a task its shutdown does not wait for,
+    which must not be one that writes there. The writes run on that thread."""
     import tvlang.io.writer as writer_module
 
     _, paths, _ = models
-    seen = []
-    real = writer_module.StreamingWriter.__init__
+    monkeypatch.setattr(direct.os, "cpu_count", lambda: 2)
+    seen, writing = [], set()
+    real, real_emit = writer_module.StreamingWriter.__init__, direct._emit
 
     def init(self, *args, **kwargs):
-        seen.append(any(t.name.startswith("tvlang-writes") for t in threading.enumerate()))
+        seen.append(any(t.name.startswith(thread) for t in threading.enumerate()))
         real(self, *args, **kwargs)
 
+    def emit(writes):
+        writing.add(threading.current_thread().name.split("_")[0])
+        real_emit(writes)
+
     monkeypatch.setattr(writer_module.StreamingWriter, "__init__", init)
-    tvlang.compile("pre + 0.5*(a - pre)").run(paths, str(tmp_path / "out"), allow_unused=True)
+    monkeypatch.setattr(direct, "_emit", emit)
+    tvlang.compile(text).run(paths, str(tmp_path / "out"), allow_unused=True)
     assert seen == [True]
-    assert not [t for t in threading.enumerate() if t.name.startswith("tvlang-writes")]
+    assert writing == {thread}
+    assert not [t for t in threading.enumerate() if t.name.startswith(thread)]
 
 
 @pytest.mark.parametrize("copy", [0, 1])
@@ -657,11 +667,15 @@ def test_dare_kernels_same_bytes(models, tmp_path, monkeypatch, text):
     same_report(fast, local, tmp_path)
 
 
-def test_the_next_tensors_masks_are_asked_for_once_this_ones_are(tmp_path, monkeypatch):
+@pytest.mark.parametrize("cores", [1, 2])
+def test_the_next_tensors_masks_are_asked_for_once_this_ones_are(tmp_path, monkeypatch, cores):
     """The masks' thread draws the next tensor's first blocks while this tensor's last chunks run: its
     streams are made as soon as every mask of this tensor is asked for (not before: its blocks would
     then wait behind the next tensor's), once each; the bytes of the local executor and the eager
-    evaluation's tensors."""
+    evaluation's tensors. On one core the main thread writes; on two the masks' thread does
+    (_overlapped), which makes the streams the same way."""
+    monkeypatch.setattr(direct.os, "cpu_count", lambda: cores)
+    emitted = results_of(monkeypatch, direct, "_emit")
     g = torch.Generator().manual_seed(5)
     pre = {"big": torch.randn(600_001, generator=g), "layers.0.w": torch.randn(40, 9, generator=g),
            "layers.1.w": torch.randn(40, 9, generator=g)}
@@ -692,6 +706,7 @@ def test_the_next_tensors_masks_are_asked_for_once_this_ones_are(tmp_path, monke
     crossing = next(i for i in big if events[i][2] + events[i][3] > direct.DROP_CHUNK)  # asks the last block
     assert crossing < following < big[-1]  # made after the last block is asked, before big's last chunk
     assert events[following - 1] == events[crossing]  # as soon as it is
+    assert len(emitted) == (len(big) + 2 if cores == 2 else 0)  # a chunk's writes a task (one chunk a small tensor)
 
 
 @pytest.mark.parametrize("chunk", [1 << 18, 100_003, 7])

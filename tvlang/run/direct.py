@@ -50,7 +50,8 @@ a run of linear steps is one loop, :func:`_linear_runs`), and hands each chunk t
 :class:`~tvlang.io.writer.StreamingWriter`, with the same metadata, model card, copied files,
 commit (:func:`tvlang.run.outputs.commit_all`), progress and summary; on two cores or more the
 writes run on a thread of their own (:func:`_overlapped`). DARE masks are drawn on
-a second thread, a few blocks ahead; ``ties``' thresholds are found (:class:`_Select`: the local
+a second thread, a few blocks ahead (which, where no other call needs the second core, also takes
+the writes: :func:`_writes_beside_masks`); ``ties``' thresholds are found (:class:`_Select`: the local
 executor's window, or its radix select) on another, one tensor ahead of the main pass, and so are the
 GRAM_CALLS' norms and dot products (:class:`_Gram`: the helper's block sums, as tvlang.ops.sums sums
 them, and the kernels' coefficients from tvlang.ops.coefficients). A recipe whose one call is
@@ -743,6 +744,9 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
             program = _reduce(plan, bound, computed, read, lib, bar)
         if _idle_second_core(program):
             writing = _writing_thread()  # before any output's temporary exists
+        shared = _writes_beside_masks(program)
+        if shared:
+            drawing.submit(int).result()  # its thread started before any output's temporary exists (as above)
         for name, path in targets.items():
             kind = plan.output_kind(name)
             metadata = output_metadata(plan, bound, name, kind)
@@ -767,11 +771,11 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
         if ahead is None and _pipelines(program):
             _pipelined(program, bound, every, [(buffers, halves, drops), _workspace(program)], writers, models, lib,
                        drawing, num_layers, fused, not allow_nonfinite, bar, read, len(writers))
-        elif idle:
+        elif idle or shared:
             _overlapped(program, bound, every, [(buffers, halves, drops)] + [_workspace(program)
                                                                           for _ in range(WRITES_AHEAD)],
-                        writers, models, lib, writing, drawing, num_layers, fused, not allow_nonfinite, bar, read,
-                        len(writers))
+                        writers, models, lib, drawing if shared else writing, drawing, num_layers, fused,
+                        not allow_nonfinite, bar, read, len(writers))
         else:
             def streams_of(position: int) -> dict:
                 info = every[position]
@@ -1608,6 +1612,24 @@ def _idle_second_core(program) -> bool:
                                              if step.op == "call")
 
 
+def _writes_beside_masks(program) -> bool:
+    """Whether the main pass runs as :func:`_overlapped` with its writes on the masks' thread (the
+    ``drawing`` executor, whose one thread then takes the writes and the mask blocks in the order
+    they are handed to it): where a second core can run it, a program with a DARE call and no call
+    but DARE calls without ``rescale_by="l1"`` and NATIVE_CALLS' (no pass before the main one, no
+    della rows, nothing else on the second core).
+
+    The masks took about a third of that core (a fifth of the samples of a ``dare`` run at 0.75 GB
+    on the Intel machine of the twenty-sixth round, docs/performance-operators.md) while the main
+    thread computed and wrote each chunk; at 1.5 GB, alternating with the commit before, ``dare``
+    took 0.83 of the time (lower in each of five rounds) and ``dare_ties`` 0.95. A writing thread
+    of its own beside the masks' thread (three threads on two cores) had made both slower (1.06x,
+    the twenty-third round)."""
+    calls = [step for step in program.steps if step.op == "call"]
+    return ((os.cpu_count() or 1) > 1 and any(step.name in DROP_CALLS for step in calls)
+            and all(step.name in NATIVE_CALLS or step.name in DROP_CALLS and not _l1_call(step) for step in calls))
+
+
 def _views_beside_calls(program) -> bool:
     """Whether a program whose calls keep the second core busy (thresholds or sums found ahead, masks
     drawn ahead) reads its chunks as views of the mapped files too, not into buffers (``pread``):
@@ -1674,7 +1696,8 @@ def _writing_thread() -> ThreadPoolExecutor:
 def _overlapped(program, bound: _Bound, every: list, workspaces: list, writers: dict, models: list, lib,
                 writing: ThreadPoolExecutor, drawing: ThreadPoolExecutor, num_layers: int | None, fused: _Fusions,
                 check: bool, bar, read: dict, outputs: int) -> None:
-    """The main pass with its writes on a thread of their own: this thread reads and computes each
+    """The main pass with its writes on a second thread (``writing``: one of their own, or the masks'
+    thread that draws a DARE call's blocks ahead, :func:`_writes_beside_masks`): this thread reads and computes each
     chunk in the next of WRITES_AHEAD + 1 workspaces in turn and hands the chunk's writes over
     (:func:`_emit`); before it takes a workspace again, the writes from it are done. The writing
     thread runs its work in the order handed to it, so the writes keep their order; a tensor not
@@ -1683,10 +1706,17 @@ def _overlapped(program, bound: _Bound, every: list, workspaces: list, writers: 
     full disk) come back here at the next chunk, or at the end; on any error, or Ctrl-C, the work
     not started is dropped and the running one waited for before the caller withdraws the outputs.
 
+    As the main pass without it, each tensor's streams are made (its first mask blocks asked for)
+    once every mask of the tensor before is asked for, so its first chunk does not wait for them.
+
     Reading on that thread as well, a chunk or two ahead, was slower (1.50-1.55 s against
     1.29-1.46 s at 1.5 GB, docs/performance.md): the chunk read by one core is computed on the other."""
     base = bound.readers[bound.base]
     writes: deque[Future] = deque()  # the chunks' writes handed over, oldest first, not yet seen done
+
+    def streams_of(position: int) -> dict:
+        info = every[position]
+        return _streams(program, info.name, _floats(info), drawing, num_layers, fused.packed, info.shape)
 
     def settle(left: int) -> None:  # wait until at most ``left`` writes are not done; raise their errors
         while len(writes) > left or writes and writes[0].done():
@@ -1694,15 +1724,20 @@ def _overlapped(program, bound: _Bound, every: list, workspaces: list, writers: 
 
     try:
         turn = 0
+        upcoming = None
         for position, info in enumerate(every):
             numel = _numel(info.shape)
             if info.dtype not in _FLOATS or numel == 0:
                 settle(0)  # the writing thread idle: this thread copies it (the writers are not shared)
                 _write_uncomputed(base, info, writers, models)
             else:
-                streams = _streams(program, info.name, numel, drawing, num_layers, fused.packed, info.shape)
+                streams = upcoming[1] if upcoming and upcoming[0] == position else streams_of(position)
+                upcoming = None
                 step = _chunk_size(program, info)
                 for start in range(0, numel, step):
+                    # the next tensor's streams (its first masks asked for) once this one's are all asked for
+                    if upcoming is None and position + 1 < len(every) and _masks_asked(streams):
+                        upcoming = (position + 1, streams_of(position + 1))
                     # the writes run in order: with fewer than len(workspaces) left, this workspace's are done
                     settle(len(workspaces) - 1)
                     buffers, halves, drops = workspaces[turn % len(workspaces)]
