@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -277,6 +278,44 @@ def test_a_signal_as_the_output_is_made_leaves_no_temporary(ckpt, tmp_path, caps
     assert_nothing_written(out)
     assert atomic._UNFINISHED == set()
     assert snapshot(str(tmp_path)) == before  # nothing else on disk changed either
+
+
+@pytest.mark.parametrize("api, direct", [("run", "1"), ("run", "0"), ("extract_lora", "0")],
+                         ids=["run-direct", "run-local", "extract_lora"])
+def test_a_signal_as_the_output_is_made_through_the_python_api(ckpt, tmp_path, monkeypatch, direct, api):
+    """The same signal in ``Plan.run`` (either executor) or ``tvlang.extract_lora``: the KeyboardInterrupt
+    reaches the caller and the hidden temporary is gone (atomic.owned_by_this_run), while another
+    run's unfinished transaction in another thread of the process is left as it is (the command
+    line's abort_unfinished would drop that one too)."""
+    import tvlang
+    import tvlang.io.atomic as atomic
+
+    elsewhere: list = []  # another run's transaction, made in a thread of its own
+    (tmp_path / "other").mkdir()
+    other = threading.Thread(target=lambda: elsewhere.append(
+        atomic.AtomicReplace(str(tmp_path / "other" / "out.safetensors"), directory=False)))
+    other.start()
+    other.join()
+    real = atomic.AtomicReplace.__init__
+
+    def made_then_interrupted(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        raise KeyboardInterrupt  # the signal, as the constructor returns
+
+    monkeypatch.setattr(atomic.AtomicReplace, "__init__", made_then_interrupted)
+    monkeypatch.setenv("TVLANG_DIRECT", direct)
+    paths, _ = ckpt
+    out = tmp_path / "out"
+    before = snapshot(str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        if api == "run":
+            tvlang.compile(EXPR).run(paths, str(out))
+        else:
+            tvlang.extract_lora("a - pre", paths, str(out), rank=2)
+    assert_nothing_written(out)
+    assert snapshot(str(tmp_path)) == before
+    assert atomic._UNFINISHED == set(elsewhere) and os.path.exists(elsewhere[0].tmp)
+    elsewhere[0].abort()
 
 
 @pytest.mark.parametrize("existing", [True, False], ids=["replacing", "new"])

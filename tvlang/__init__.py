@@ -37,13 +37,15 @@ def extract_lora(plan, bindings, out, *, rank: int, allow_unused: bool = False, 
     """Write a task-vector expression as a PEFT LoRA adapter directory (see
     ``tvlang.run.extract.extract_lora`` and docs/adapters.md); returns its ``Extraction``."""
     from tvlang.run.extract import extract_lora as _extract  # the run layer: torch, when asked for
+    from tvlang.run.outputs import owned_by_this_run
 
     if isinstance(plan, str):
         plan = compile(plan)
     if not isinstance(plan, Plan):  # a PendingPlan: typed by its bindings
         plan = plan.bound(bindings or {})
     plan.check_bindings(bindings, allow_unused=allow_unused)
-    return _extract(plan, bindings or {}, out, rank=rank, **options)
+    with owned_by_this_run():  # a temporary a signal left before the extraction kept it goes too
+        return _extract(plan, bindings or {}, out, rank=rank, **options)
 
 
 __all__ = [

@@ -16,7 +16,10 @@ A signal can land between the moment a transaction is made and the moment its ca
 keeps it (``writers[name] = StreamingWriter(...)``): the caller's cleanup then never sees
 it. So every transaction whose temporary exists is listed until it is published or
 aborted, and :func:`abort_unfinished` drops what is left (the command line calls it when
-a command is interrupted). A signal can also land just after a rename has returned, done: so
+a command is interrupted). A run of the Python API (``Plan.run``) drops only its own:
+:func:`owned_by_this_run` lists the transactions made in its thread while it lasts, and aborts
+those still unfinished when it ends by an exception, so another run of the same process (in
+another thread) keeps its outputs. A signal can also land just after a rename has returned, done: so
 ``publish()``'s cleanup looks at where the temporary is, not at which call raised, and an
 output renamed into place counts as published (for the caller's ``withdraw()``).
 
@@ -34,9 +37,13 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
+from contextvars import ContextVar
 from enum import Enum
+from typing import Iterator
 
-__all__ = ["TEMPORARY_TAG", "AtomicReplace", "State", "abort_unfinished", "fsync_dir", "remove", "sync_tree"]
+__all__ = ["TEMPORARY_TAG", "AtomicReplace", "State", "abort_unfinished", "fsync_dir", "owned_by_this_run", "remove",
+           "sync_tree"]
 
 # Every temporary name holds this; what --force may replace skips such entries.
 TEMPORARY_TAG = ".tvtmp-"
@@ -44,6 +51,32 @@ TEMPORARY_TAG = ".tvtmp-"
 
 # The transactions of this process whose temporary exists (open or prepared).
 _UNFINISHED: set[AtomicReplace] = set()
+
+
+# The transactions made in this thread (context) since the innermost owned_by_this_run began; None outside one.
+_OWNED: ContextVar[set | None] = ContextVar("tvlang_owned_transactions", default=None)
+
+
+@contextmanager
+def owned_by_this_run() -> Iterator[None]:
+    """While it lasts, list every transaction made in this thread; if the block raises (Ctrl-C
+    included), abort those of them whose temporary still exists, then let the exception go on.
+
+    The executors abort the writers they keep; a signal that lands between a transaction's
+    creation and its caller keeping it (``writers[name] = StreamingWriter(...)``) leaves one they
+    never saw, whose hidden temporary would stay. Unlike :func:`abort_unfinished`, this drops no
+    transaction of another run of the process (another thread's)."""
+    mine: set = set()
+    token = _OWNED.set(mine)
+    try:
+        yield
+    except BaseException:
+        for replace in list(mine):
+            if replace in _UNFINISHED:
+                replace.abort()
+        raise
+    finally:
+        _OWNED.reset(token)
 
 
 def abort_unfinished() -> int:
@@ -149,6 +182,9 @@ class AtomicReplace:
             raise
         self.state = State.OPEN
         _UNFINISHED.add(self)
+        owned = _OWNED.get()
+        if owned is not None:
+            owned.add(self)
 
     def _require(self, state: State, step: str) -> None:
         if self.state is not state:

@@ -286,12 +286,15 @@ class Plan:
                        missing=missing, progress=progress, allow_nonfinite=allow_nonfinite, executor=executor,
                        address=address, workers=workers, lock=lock, model_card=model_card,
                        task_timeout=task_timeout, config=config)
-        summary = attempt(self, bindings or {}, out, **options)
-        if summary is not None:
-            return summary
-        from tvlang.run.evaluate import run
+        from tvlang.run.outputs import owned_by_this_run
 
-        return run(self, bindings or {}, out, **options)
+        with owned_by_this_run():  # a temporary a signal left unseen by the executor's cleanup goes too
+            summary = attempt(self, bindings or {}, out, **options)
+            if summary is not None:
+                return summary
+            from tvlang.run.evaluate import run
+
+            return run(self, bindings or {}, out, **options)
 
     def evaluate(self, bindings: Mapping[str, Any] | None = None, *, output: str | None = None, device: Any = "cpu",
                  dtype: Any = "float32", out_dtype: Any = None, missing: str = "error",

@@ -17,6 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
 from tvlang.errors import TvlangError
+from tvlang.io.atomic import owned_by_this_run  # Plan.run's scope over its outputs' transactions
 from tvlang.io.output_paths import output_format
 from tvlang.run.model_card import CARD_NAME, model_card
 from tvlang.run.provenance import location, recipe_dir
@@ -35,8 +36,8 @@ if TYPE_CHECKING:
 # its outputs' metadata, files and reports with these functions too.
 
 __all__ = ["IN_FLIGHT", "Committable", "base_model_folder", "commit_all", "compute_threads", "model_files_of",
-           "output_files", "output_metadata", "output_reports", "output_targets", "refuse_state_dict_outputs",
-           "write_results"]
+           "output_files", "output_metadata", "output_reports", "output_targets", "owned_by_this_run",
+           "refuse_state_dict_outputs", "write_results"]
 
 IN_FLIGHT = 2  # writes queued per output by write_results (whole tensors or pieces)
 
