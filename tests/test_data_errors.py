@@ -185,7 +185,11 @@ def test_existing_output_needs_force(ckpt, tmp_path, capsys):
     assert out.read_bytes() != old
 
 
-def test_disk_full_mid_run(ckpt, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("text", [EXPR, "pre + dare(a - pre, 0.5, seed=1)"], ids=["linear", "dare"])
+def test_disk_full_mid_run(ckpt, tmp_path, capsys, monkeypatch, text):
+    """The write fails with a full disk on the thread that writes (the writing thread, or a DARE
+    program's masks' thread): one error naming the output, nothing left, no thread of the run
+    left running."""
     import tvlang.io.writer as writer
 
     real = writer._write_all
@@ -200,12 +204,13 @@ def test_disk_full_mid_run(ckpt, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(writer, "_write_all", fill_up)
     paths, _ = ckpt
     out = tmp_path / "out"
-    code, err = run_cli(capsys, "-e", EXPR, *binds(paths), "-o", str(out), "--shard-size", "4KB")
+    code, err = run_cli(capsys, "-e", text, *binds(paths), "-o", str(out), "--shard-size", "4KB")
     assert code == 1
     assert len(calls) == 6
     assert f"{out}: write failed: the disk is full; nothing was written to the output" in err
     assert err.count("error:") == 1
     assert_nothing_written(out)
+    assert not [t for t in threading.enumerate() if t.name.startswith("tvlang-")]
 
 
 def test_read_failure_mid_run(ckpt, tmp_path, capsys, monkeypatch):
