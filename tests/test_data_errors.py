@@ -313,15 +313,17 @@ def test_a_signal_as_the_output_is_made_through_the_python_api(ckpt, tmp_path, m
     paths, _ = ckpt
     out = tmp_path / "out"
     before = snapshot(str(tmp_path))
-    with pytest.raises(KeyboardInterrupt):
-        if api == "run":
-            tvlang.compile(EXPR).run(paths, str(out))
-        else:
-            tvlang.extract_lora("a - pre", paths, str(out), rank=2)
-    assert_nothing_written(out)
-    assert snapshot(str(tmp_path)) == before
-    assert atomic._UNFINISHED == set(elsewhere) and os.path.exists(elsewhere[0].tmp)
-    elsewhere[0].abort()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            if api == "run":
+                tvlang.compile(EXPR).run(paths, str(out))
+            else:
+                tvlang.extract_lora("a - pre", paths, str(out), rank=2)
+        assert_nothing_written(out)
+        assert snapshot(str(tmp_path)) == before
+        assert atomic._UNFINISHED == set(elsewhere) and os.path.exists(elsewhere[0].tmp)
+    finally:
+        elsewhere[0].abort()  # (the other run's, not left for the tests after this one)
 
 
 @pytest.mark.parametrize("existing", [True, False], ids=["replacing", "new"])
