@@ -777,28 +777,17 @@ def _run(plan: Plan, bindings: Mapping[str, Any], bound: _Bound, targets: dict[s
                         writers, models, lib, drawing if shared else writing, drawing, num_layers, fused,
                         not allow_nonfinite, bar, read, len(writers))
         else:
-            def streams_of(position: int) -> dict:
-                info = every[position]
-                return _streams(program, info.name, _floats(info), drawing, num_layers, fused.packed, info.shape)
-
-            # The next tensor's streams, made (its first DARE masks asked for) once this tensor's masks
-            # are all asked for: the masks' thread draws them while this one computes, and the next
-            # tensor's first chunk does not wait for its first blocks.
-            upcoming: tuple[int, dict] | None = None
+            following = _Following(program, every, drawing, num_layers, fused.packed)
             unread = _unread(program)
             for position, info in enumerate(every):
                 numel = _numel(info.shape)
                 if info.dtype not in _FLOATS or numel == 0:
                     _write_uncomputed(base, info, writers, models)
-                if ahead:
-                    streams = ahead.streams(position)
-                else:
-                    streams = upcoming[1] if upcoming and upcoming[0] == position else streams_of(position)
-                upcoming = None
+                streams = ahead.streams(position) if ahead else following.streams(position)
                 step = _chunk_size(program, info)
                 for start in range(0, _floats(info), step):
-                    if not ahead and upcoming is None and position + 1 < len(every) and _masks_asked(streams):
-                        upcoming = (position + 1, streams_of(position + 1))
+                    if not ahead:
+                        following.ask_next(position, streams)
                     _chunk(program, bound, info, start, min(numel - start, step), buffers, halves, drops,
                            streams, writers, lib, check=not allow_nonfinite, fused=fused, skip=unread)
                 if bar:
@@ -1706,17 +1695,13 @@ def _overlapped(program, bound: _Bound, every: list, workspaces: list, writers: 
     full disk) come back here at the next chunk, or at the end; on any error, or Ctrl-C, the work
     not started is dropped and the running one waited for before the caller withdraws the outputs.
 
-    As the main pass without it, each tensor's streams are made (its first mask blocks asked for)
-    once every mask of the tensor before is asked for, so its first chunk does not wait for them.
+    As the main pass without it, each tensor's streams come from :class:`_Following`.
 
     Reading on that thread as well, a chunk or two ahead, was slower (1.50-1.55 s against
     1.29-1.46 s at 1.5 GB, docs/performance.md): the chunk read by one core is computed on the other."""
     base = bound.readers[bound.base]
     writes: deque[Future] = deque()  # the chunks' writes handed over, oldest first, not yet seen done
-
-    def streams_of(position: int) -> dict:
-        info = every[position]
-        return _streams(program, info.name, _floats(info), drawing, num_layers, fused.packed, info.shape)
+    following = _Following(program, every, drawing, num_layers, fused.packed)
 
     def settle(left: int) -> None:  # wait until at most ``left`` writes are not done; raise their errors
         while len(writes) > left or writes and writes[0].done():
@@ -1724,20 +1709,16 @@ def _overlapped(program, bound: _Bound, every: list, workspaces: list, writers: 
 
     try:
         turn = 0
-        upcoming = None
         for position, info in enumerate(every):
             numel = _numel(info.shape)
             if info.dtype not in _FLOATS or numel == 0:
                 settle(0)  # the writing thread idle: this thread copies it (the writers are not shared)
                 _write_uncomputed(base, info, writers, models)
             else:
-                streams = upcoming[1] if upcoming and upcoming[0] == position else streams_of(position)
-                upcoming = None
+                streams = following.streams(position)
                 step = _chunk_size(program, info)
                 for start in range(0, numel, step):
-                    # the next tensor's streams (its first masks asked for) once this one's are all asked for
-                    if upcoming is None and position + 1 < len(every) and _masks_asked(streams):
-                        upcoming = (position + 1, streams_of(position + 1))
+                    following.ask_next(position, streams)
                     # the writes run in order: with fewer than len(workspaces) left, this workspace's are done
                     settle(len(workspaces) - 1)
                     buffers, halves, drops = workspaces[turn % len(workspaces)]
@@ -2228,6 +2209,36 @@ def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor, num_la
         else:
             streams[index] = options
     return streams
+
+
+class _Following:
+    """Each tensor's streams (:func:`_streams`) for a main pass with no pass before it, the next
+    tensor's made (its first DARE mask blocks asked for) once every mask of this one is asked for:
+    the masks' thread draws them while this tensor's last chunks run, and the next tensor's first
+    chunk does not wait for its first blocks (not sooner: this tensor's blocks would then wait
+    behind the next one's). The serial main pass and :func:`_overlapped` both ask here."""
+
+    def __init__(self, program, every: list, drawing: ThreadPoolExecutor, num_layers: int | None,
+                 packed: frozenset[int]) -> None:
+        self.program, self.every, self.drawing = program, every, drawing
+        self.num_layers, self.packed = num_layers, packed
+        self.upcoming: tuple[int, dict] | None = None  # (position, its streams), made ahead
+
+    def _make(self, position: int) -> dict:
+        info = self.every[position]
+        return _streams(self.program, info.name, _floats(info), self.drawing, self.num_layers, self.packed,
+                        info.shape)
+
+    def streams(self, position: int) -> dict:
+        """Tensor ``position``'s streams: those made ahead for it, else new ones."""
+        upcoming, self.upcoming = self.upcoming, None
+        return upcoming[1] if upcoming and upcoming[0] == position else self._make(position)
+
+    def ask_next(self, position: int, streams: dict) -> None:
+        """Before each chunk of tensor ``position``: the next tensor's streams, once every mask of
+        ``streams`` (this tensor's) is asked for, and only once."""
+        if self.upcoming is None and position + 1 < len(self.every) and _masks_asked(streams):
+            self.upcoming = (position + 1, self._make(position + 1))
 
 
 def _masks_asked(streams: dict) -> bool:
