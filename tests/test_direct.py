@@ -475,19 +475,29 @@ def test_reads_into_buffers_write_the_same_bytes_as_views_of_the_mapped_files(mo
     assert ahead == (beside and ("ties" in text or "slerp" in text))
 
 
-@pytest.mark.parametrize(("vendor", "family", "suits"), [
-    ("GenuineIntel", "6", True), ("AuthenticAMD", "25", False), ("AuthenticAMD", "26", True),
-    ("AuthenticAMD", "27", True), ("AuthenticAMD", "", False), ("HygonGenuine", "24", False), (None, None, False),
+@pytest.mark.parametrize(("vendor", "family", "model", "suits"), [
+    ("GenuineIntel", "6", "167", True), ("AuthenticAMD", "25", "1", False), ("AuthenticAMD", "25", "33", False),
+    ("AuthenticAMD", "25", "80", False), ("AuthenticAMD", "25", "15", False), ("AuthenticAMD", "25", "16", True),
+    ("AuthenticAMD", "25", "17", True), ("AuthenticAMD", "25", "31", True), ("AuthenticAMD", "25", "32", False),
+    ("AuthenticAMD", "25", "97", True), ("AuthenticAMD", "25", "116", True), ("AuthenticAMD", "25", "160", True),
+    ("AuthenticAMD", "25", "176", False), ("AuthenticAMD", "25", None, False), ("AuthenticAMD", "23", "49", False),
+    ("AuthenticAMD", "26", "2", True), ("AuthenticAMD", "27", "2", True), ("AuthenticAMD", "", "17", False),
+    ("HygonGenuine", "24", "2", False), (None, None, None, False),
 ])
-def test_views_suit_an_intel_processor_and_an_amd_one_from_family_26(vendor, family, suits):
-    """``views_suit`` reads the first processor's ``vendor_id`` and ``cpu family`` lines of
-    /proc/cpuinfo: views beside the calls on Intel processors and AMD ones of family 26 (Zen 5)
-    or later, where they were measured faster; not on earlier AMD ones, nor on any other."""
+def test_views_suit_an_intel_processor_and_an_amd_one_from_zen_4(vendor, family, model, suits):
+    """``views_suit`` reads the first processor's ``vendor_id``, ``cpu family`` and ``model`` lines
+    of /proc/cpuinfo: views beside the calls on Intel processors and AMD ones of Zen 4 (family 25,
+    models 0x10-0x1f, 0x60-0x7f, 0xa0-0xaf) or later (family 26 and on), where they were measured
+    faster; not on earlier AMD ones (Zen 3: family 25's other models; Zen 2: family 23), nor on any
+    other. The ``model name`` line does not count as the ``model``."""
     first = ["processor\t: 0\n"]
     if vendor is not None:
-        first += [f"vendor_id\t: {vendor}\n", f"cpu family\t: {family}\n", "model\t\t: 2\n"]
-    # a second processor of another kind, which the answer does not read
-    second = ["processor\t: 1\n", "vendor_id\t: AuthenticAMD\n", "cpu family\t: 25\n"] if vendor else []
+        first += [f"vendor_id\t: {vendor}\n", f"cpu family\t: {family}\n"]
+        first += [f"model\t\t: {model}\n"] if model is not None else []
+        first += ["model name\t: AMD EPYC 9R14 17-Core Processor\n"]
+    # a second processor of another kind (a Zen 4), which the answer does not read
+    second = ["processor\t: 1\n", "vendor_id\t: AuthenticAMD\n", "cpu family\t: 25\n",
+              "model\t\t: 17\n"] if vendor else []
     assert direct.views_suit(first + ["\n"] + second) is suits
 
 

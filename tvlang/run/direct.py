@@ -1595,7 +1595,7 @@ def _idle_second_core(program) -> bool:
     (alternating runs, the sixteenth round, docs/performance-operators.md): ``ties`` 3.25 s with
     both against 2.58 s with neither, ``slerp`` 2.80 against 2.30 s, ``dare`` 2.39-2.49 against
     2.26 s; plain task arithmetic took 1.37-1.47 s with both against 1.70-1.80 s without. (On an
-    Intel processor, or an AMD one of family 26 or later, such a program reads views all the same:
+    Intel processor, or an AMD one of Zen 4 or later, such a program reads views all the same:
     :func:`_views_beside_calls`.)"""
     return (os.cpu_count() or 1) > 1 and all(step.name in NATIVE_CALLS for step in program.steps
                                              if step.op == "call")
@@ -1641,22 +1641,30 @@ def _views_processor() -> bool:
         return False
 
 
+ZEN4_MODELS = (range(0x10, 0x20), range(0x60, 0x80), range(0xA0, 0xB0))  # AMD family 25's Zen 4 models
+
+
 def views_suit(cpuinfo) -> bool:
     """Whether the processor that ``cpuinfo`` (the lines of /proc/cpuinfo) describes first is one
     where views beside the calls were measured faster than reads into buffers: an Intel processor
-    (``vendor_id`` GenuineIntel), or an AMD one of family 26 (Zen 5) or later; not an earlier AMD
-    one, nor any other (where it was not measured).
+    (``vendor_id`` GenuineIntel), or an AMD one of Zen 4 or later (``cpu family`` 26 and later, or
+    25 with a ``model`` of ZEN4_MODELS); not an earlier AMD one (Zen 3 is family 25's other
+    models), nor any other (where it was not measured).
 
-    Measured on three machines (docs/performance-operators.md): on a 2-vCPU Intel Xeon (twenty-second
+    Measured on four machines (docs/performance-operators.md): on a 2-vCPU Intel Xeon (twenty-second
     round), alternating at 0.75, 1.5 and 3 GB, views took 0.71-0.88 of the time for ``dare_ties`` and
     ``dare``, 0.82-0.96 for ``slerp``, 0.88-0.98 for ``model_stock``, 0.87-1.01 for ``random_like``,
     0.93-1.11 for ``ties``, 1.00-1.04 for ``breadcrumbs``, and 1.00-1.08 for ``della`` (whose rows
     both threads compute from the chunk read); on a 2-vCPU AMD EPYC of family 26 (twenty-fourth round,
     1.5 GB) 0.91 for ``dare``, 0.84 for ``dare_ties``, 0.82 for ``ties``, 0.95 for ``random_like``,
-    0.97 for ``breadcrumbs``, 1.04 for ``slerp``; on an earlier 2-vCPU AMD EPYC (its family not
-    recorded), in the sixteenth and twentieth rounds, they made ``dare``, ``ties`` and ``slerp``
-    slower (``dare`` 2.61 against 2.25 s at 1.5 GB)."""
-    vendor = family = None
+    0.97 for ``breadcrumbs``, 1.04 for ``slerp``; on a 2-vCPU AMD EPYC of family 25, model 17 (Zen 4,
+    twenty-seventh round) at 1.5 GB 0.74 for ``dare_ties``, 0.83 for ``dare``, 0.84 for ``ties``, 0.91
+    for ``random_like``, 0.97 for ``slerp``, and at 3 GB 0.82 for ``dare_ties``, 0.84 for ``ties``,
+    0.85 for ``breadcrumbs``, 0.87 for ``model_stock``, 1.17 for ``dare`` (one rule for every call
+    that keeps the second core busy, as on Zen 5); on an earlier 2-vCPU
+    AMD EPYC (its family and model not recorded), in the sixteenth and twentieth rounds, they made
+    ``dare``, ``ties`` and ``slerp`` slower (``dare`` 2.61 against 2.25 s at 1.5 GB)."""
+    vendor = family = model = None
     for line in cpuinfo:
         key, _, value = line.partition(":")
         key = key.strip()
@@ -1664,11 +1672,18 @@ def views_suit(cpuinfo) -> bool:
             vendor = value.strip()
         elif key == "cpu family" and family is None:
             family = value.strip()
+        elif key == "model" and model is None:
+            model = value.strip()
         elif not key and vendor is not None:  # the end of the first processor's lines
             break
     if vendor == "GenuineIntel":
         return True
-    return vendor == "AuthenticAMD" and family is not None and family.isdigit() and int(family) >= 26
+    if vendor != "AuthenticAMD" or family is None or not family.isdigit():
+        return False
+    if int(family) >= 26:
+        return True
+    return (int(family) == 25 and model is not None and model.isdigit()
+            and any(int(model) in models for models in ZEN4_MODELS))
 
 
 def _writing_thread() -> ThreadPoolExecutor:
