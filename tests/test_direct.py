@@ -289,6 +289,43 @@ def test_a_nonfinite_result_is_the_local_executors_error(models, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["big"]
 
 
+@pytest.mark.skipif(linear_steps() is None, reason="the fused loops are the torch-free executor's (AVX2, FMA)")
+@pytest.mark.parametrize("text", ["pre + 2*dare(a - pre, 0.5, seed=1) + 2*dare(b - pre, 0.5, seed=2)",
+                                  "pre + 2*breadcrumbs(a - pre, density=0.5, gamma=0.01)",
+                                  "pre + 2*ties(a - pre, b - pre, density=0.5)",
+                                  "pre + 2*dare_ties(a - pre, b - pre, p=0.5)"])
+def test_the_fused_loops_check_what_they_write(models, tmp_path, monkeypatch, text):
+    """A chain of DARE or breadcrumbs calls, one fused call, a whole ties or dare_ties call: the
+    helper's loop says whether an entry it wrote is not finite, so the writes make no check of their
+    own (``tv_nonfinite_f32`` is not called; before, once a tensor); the same files as the local
+    executor. An entry beyond float32 (every entry of a's model.norm.weight 3e38, twice that kept) is
+    the local executor's error all the same, naming the output, the tensor and the entry."""
+    _, paths, sd = models
+    lib = linear_steps()
+    calls = []
+    real = lib.tv_nonfinite_f32
+    monkeypatch.setattr(lib, "tv_nonfinite_f32", lambda at, n: calls.append(n) or real(at, n))
+    plan = tvlang.compile(text)
+    plan.run(paths, str(tmp_path / "fast"), allow_unused=True)
+    assert calls == []
+    monkeypatch.setenv(direct.DISABLE, "0")
+    plan.run(paths, str(tmp_path / "slow"), allow_unused=True)
+    assert files_of(tmp_path / "fast") == files_of(tmp_path / "slow")
+    big = dict(sd["a"])
+    big["model.norm.weight"] = torch.full_like(big["model.norm.weight"], 3e38)
+    bound = {**paths, "a": write_checkpoint(str(tmp_path / "big"), big)}
+    messages = []
+    for executor in ("local", "direct"):
+        if executor == "direct":
+            monkeypatch.delenv(direct.DISABLE)
+        with pytest.raises(TvlangError) as err:
+            plan.run(bound, str(tmp_path / f"out-{executor}"), allow_unused=True)
+        messages.append(err.value.message)
+    assert messages[0] == messages[1]
+    assert messages[0].startswith("output 'out': tensor 'model.norm.weight' has a non-finite value (inf) at")
+    assert sorted(os.listdir(tmp_path)) == ["big", "fast", "slow"]
+
+
 def test_an_output_that_is_an_input_is_refused(models, tmp_path, monkeypatch):
     root, paths, _ = models
     before = files_of(paths["a"])

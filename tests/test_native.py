@@ -330,11 +330,13 @@ def carry_seen(fields, windows) -> None:
 
 
 def fused_call(lib, inputs, forms, bits, windows, scale, options, taker, n):
-    """tv_fused_merge_f32 over the same, its windows' counts moved on in ``windows``."""
+    """tv_fused_merge_f32 over the same, its windows' counts moved on in ``windows``; what it returns
+    checked: whether an entry it wrote is not finite."""
     fields = fused_fields(inputs, forms, bits, windows)
     out = torch.empty(n)
-    lib.tv_fused_merge_f32(fields, len(inputs), n, scale, *options, taker[0].data_ptr() if taker else None,
-                           taker[1] if taker else 1.0, taker[2] if taker else 1.0, out.data_ptr())
+    bad = lib.tv_fused_merge_f32(fields, len(inputs), n, scale, *options, taker[0].data_ptr() if taker else None,
+                                 taker[1] if taker else 1.0, taker[2] if taker else 1.0, out.data_ptr())
+    assert bad == int(not torch.isfinite(out).all())
     carry_seen(fields, windows)
     return out
 
@@ -449,15 +451,47 @@ def test_a_chain_of_calls_in_one_loop_equals_the_calls_one_by_one(k):
                                           taker, n)
                 fields = fused_fields(inputs, forms, bits, copies)
                 got = torch.full((n + 1,), 123.0)
-                lib.tv_drop_chain_f32(fields, (ctypes.c_float * k)(*scales), (ctypes.c_float * k)(*cs), k, n,
-                                      base.data_ptr(), first, got.data_ptr())
+                bad = lib.tv_drop_chain_f32(fields, (ctypes.c_float * k)(*scales), (ctypes.c_float * k)(*cs), k, n,
+                                            base.data_ptr(), first, got.data_ptr())
                 assert torch.equal(got[:n].view(torch.int32), expected.view(torch.int32)), (n, places, first)
+                assert bad == int(not torch.isfinite(expected).all())
                 assert got[n] == 123.0  # nothing written past n
                 carry_seen(fields, copies)
                 assert copies == windows  # the counts carried on
                 seen_nan = seen_nan or bool(got.isnan().any())
                 seen_window = seen_window or any(tie[3] > 8 for ties in windows for tie in ties)
     assert seen_nan and (seen_window or k < 3)
+
+
+@needs_helper
+@pytest.mark.skipif(native.linear_steps() is None, reason="the fused loops are the torch-free executor's (AVX2, FMA)")
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan"), 3e38])
+def test_the_fused_loops_say_whether_an_entry_they_wrote_is_not_finite(value):
+    """tv_fused_merge_f32 and tv_drop_chain_f32 return nonzero exactly when an entry they wrote is
+    not finite (the executor then skips its own check of the chunk): finite inputs but one entry,
+    placed at each edge of the vectors of eight, the checked blocks (2,048 entries; the chain's
+    1,024), the keep bits' first whole byte (bits at an offset of 3 within it) and the tail; 3e38
+    overflows only in the taker (2 * 3e38). Finite everywhere: zero."""
+    lib = native.linear_steps()
+    n = 5003
+    g = torch.Generator().manual_seed(7)
+    every = numpy.full(n // 8 + 4, 0xFF, dtype=numpy.uint8)  # every entry kept
+    for at in (None, 0, 4, 5, 12, 1023, 1024, 2047, 2048, 2053, 2055, 4095, 4096, 4100, 4999, 5002):
+        a, b, base = (torch.randn(n, generator=g) for _ in range(3))
+        if at is not None:
+            a[at] = value
+        for forms, offset in (([(0, 0.0, 0.0)] * 2, 0), ([(2, 0.1, 0.0)] * 2, 0), ([(1, 0.0, 0.0)] * 2, 3)):
+            inputs = [(a, None, 0.0), (b, base, -1.0)]  # a, and b - base
+            fields = fused_fields(inputs, forms, [(every, offset)] * 2, [[], []])
+            out = torch.empty(n)
+            bad = lib.tv_fused_merge_f32(fields, 2, n, 1.0, 0, 0, base.data_ptr(), 1.0, 2.0, out.data_ptr())  # sum
+            assert bad == int(not torch.isfinite(out).all()) == int(at is not None), (at, forms)
+        for form, offset in ((0, 0), (1, 3), (2, 0)):
+            fields = fused_fields([(a, None, 0.0)], [(form, 0.1, 0.0)], [(every, offset)], [[]])
+            out = torch.empty(n)
+            bad = lib.tv_drop_chain_f32(fields, (ctypes.c_float * 1)(1.0), (ctypes.c_float * 1)(2.0), 1, n,
+                                        base.data_ptr(), 1.0, out.data_ptr())
+            assert bad == int(not torch.isfinite(out).all()) == int(at is not None), (at, form)
 
 
 SPECIAL = torch.tensor([float("nan"), -float("nan"), -0.0, 0.0, float("inf"), -float("inf"), 1.0, -1.0, 2.5])

@@ -944,6 +944,12 @@ FMA_TARGET int tv_nonfinite_f32(const float *x, size_t n) {
     return (int)bad;
 }
 
+/* Entries a fused loop writes, checked as tv_nonfinite_f32 right after (still in the L1 cache):
+ * tv_fused_merge_f32 and tv_drop_chain_f32 return whether one of theirs is not finite, so the
+ * executor need not read the written chunk again. A multiple of 8 (a keep bit's place in its byte
+ * stays the same from one block to the next). */
+#define CHECK_BLOCK 2048
+
 /* The 16-bit float types in and out of float32, as torch converts them: to float32 exactly, and
  * back rounding to nearest, ties to even (an overflow is an infinity). The conversions out return
  * nonzero when an entry of the result is a NaN or an infinity (the executor then hands the run to
@@ -1902,14 +1908,15 @@ static void fused_skip(fused_input *in, size_t k, size_t by) {
     }
 }
 
-void tv_fused_merge_f32(fused_input *in, size_t k, size_t n, float scale, int frequency, int merge, const float *base,
-                        float first, float c, float *out) {
+int tv_fused_merge_f32(fused_input *in, size_t k, size_t n, float scale, int frequency, int merge, const float *base,
+                       float first, float c, float *out) {
     fused_input at[FUSED_PARTS];
     float table[256][8];
     uint32_t scale_bits;
     memcpy(&scale_bits, &scale, sizeof scale_bits);
     if (k > FUSED_PARTS) k = FUSED_PARTS; /* (the caller passes at most FUSED_PARTS) */
     memcpy(at, in, k * sizeof *at);
+    int bad = 0;
     size_t r = 8; /* where the keep bits start within a byte: 8 none, 9 unlike places */
     for (size_t i = 0; i < k; i++) {
         if (at[i].form != 1) continue;
@@ -1924,16 +1931,22 @@ void tv_fused_merge_f32(fused_input *in, size_t k, size_t n, float scale, int fr
         if (head > n) head = n;
         fused_tiles(at, k, head, (const float (*)[8])table, scale_bits, frequency, merge, base, first, c, out);
         fused_skip(at, k, head);
+        bad |= tv_nonfinite_f32(out, head);
         size_t body = (n - head) & ~(size_t)7;
-        fused_vectors(at, k, body, (const float (*)[8])table, frequency, merge, base ? base + head : NULL, first, c,
-                      out + head);
-        fused_skip(at, k, body);
+        for (size_t s = 0; s < body; s += CHECK_BLOCK) { /* a block at a time, checked while in the L1 cache */
+            size_t m = body - s < CHECK_BLOCK ? body - s : CHECK_BLOCK;
+            fused_vectors(at, k, m, (const float (*)[8])table, frequency, merge, base ? base + head + s : NULL, first,
+                          c, out + head + s);
+            fused_skip(at, k, m);
+            bad |= tv_nonfinite_f32(out + head + s, m);
+        }
         done = head + body;
     }
 #endif
     fused_tiles(at, k, n - done, (const float (*)[8])table, scale_bits, frequency, merge, base ? base + done : NULL,
                 first, c, out + done);
     for (size_t i = 0; i < k; i++) memcpy(in[i].seen, at[i].seen, sizeof in[i].seen);
+    return bad | tv_nonfinite_f32(out + done, n - done);
 }
 
 /* A chain of single-input DARE or breadcrumbs calls, each with the axpy that makes its input and
@@ -1945,8 +1958,9 @@ void tv_fused_merge_f32(fused_input *in, size_t k, size_t n, float scale, int fr
  * order as the calls' fused loops one after another (tv_fused_merge_f32, one input each), so the
  * same bits, but each input and the base read once and out written once, where the calls one by
  * one read and write out once each. out may be base. */
-static FMA_TARGET void chain_tile(fused_input *in, const float *scales, const float *cs, size_t k, size_t from,
-                                  size_t n, const float *base, float first, float *out) {
+static FMA_TARGET int chain_tile(fused_input *in, const float *scales, const float *cs, size_t k, size_t from,
+                                 size_t n, const float *base, float first, float *out) {
+    int bad = 0;
     float x[TILE], p[TILE], y[TILE];
     for (size_t start = from; start < n; start += TILE) {
         size_t m = n - start < TILE ? n - start : TILE;
@@ -1973,7 +1987,9 @@ static FMA_TARGET void chain_tile(fused_input *in, const float *scales, const fl
             for (size_t j = 0; j < m; j++) y[j] = fmaf(p[j], cs[i], y[j]);
         }
         memcpy(out + start, y, m * sizeof *out);
+        bad |= tv_nonfinite_f32(y, m);
     }
+    return bad;
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -2020,9 +2036,10 @@ static FMA_TARGET inline __attribute__((always_inline)) void chain_block(
 
 #define CHAIN_BLOCK 1024
 
-FMA_TARGET void tv_drop_chain_f32(fused_input *in, const float *scales, const float *cs, size_t k, size_t n,
-                                  const float *base, float first, float *out) {
+FMA_TARGET int tv_drop_chain_f32(fused_input *in, const float *scales, const float *cs, size_t k, size_t n,
+                                 const float *base, float first, float *out) {
     size_t done = 0;
+    int bad = 0;
 #if defined(__x86_64__) && defined(__GNUC__)
     /* a block of out at a time, in the L1 cache while each input adds its part in turn: per entry the
      * same order (the base, then input 0, 1, ...) as the calls one by one, and each input's entries
@@ -2057,8 +2074,9 @@ FMA_TARGET void tv_drop_chain_f32(fused_input *in, const float *scales, const fl
 #undef CHAIN_CASE
 #undef CHAIN_BLOCK_CALL
         }
+        bad |= tv_nonfinite_f32(o, m); /* the block still in the L1 cache */
     }
     done = body;
 #endif
-    chain_tile(in, scales, cs, k, done, n, base, first, out);
+    return bad | chain_tile(in, scales, cs, k, done, n, base, first, out);
 }

@@ -2351,11 +2351,12 @@ def _steps(program, bound: _Bound, info, start: int, count: int, buffers: list, 
         if (fused is not None and index in fused.chains
                 and skip.isdisjoint(range(index, fused.drops[fused.chains[index][-1]][1] + 1))
                 and _drop_chain(program, fused.chains[index], fused.drops, slots, read_slot, buffers, streams,
-                                count, lib, owned)):
+                                count, lib, owned, unchecked)):
             done_to = fused.drops[fused.chains[index][-1]][1]
             continue
         if fused is not None and index in fused.drops and _fused_drop(program, index, fused.drops[index], slots,
-                                                                       buffers, streams, count, lib, owned):
+                                                                       buffers, streams, count, lib, owned,
+                                                                       unchecked):
             done_to = fused.drops[index][1]
             continue
         if fused is not None and index in fused.deferred and _defers(streams[fused.deferred[index][0]]):
@@ -2408,11 +2409,14 @@ def _steps(program, bound: _Bound, info, start: int, count: int, buffers: list, 
             subs = fused.subs.get(index) if fused is not None else None
             use = fused.merges.get(index) if fused is not None else None
             taker = _taker(program.steps[use], use, slots, buffers, count, owned) if use is not None else None
-            _drop_call(step, [slots[s] for s in step.srcs], streams[index], drops.get(index), target, lib,
-                       [slots[program.steps[j].srcs[0]] for j in subs.values()] if subs else None,
-                       {i: program.steps[j].coef for i, j in subs.items()} if subs else None, taker)
+            bad = _drop_call(step, [slots[s] for s in step.srcs], streams[index], drops.get(index), target, lib,
+                             [slots[program.steps[j].srcs[0]] for j in subs.values()] if subs else None,
+                             {i: program.steps[j].coef for i, j in subs.items()} if subs else None, taker)
+            made = program.steps[use].dst if taker is not None else step.dst
+            if bad is not None:
+                unchecked = {made: bad}
             if taker is not None:  # the sign merge wrote the step that takes it
-                slots[program.steps[use].dst] = taker[0]
+                slots[made] = taker[0]
                 done_to = use
                 continue
             slots[step.dst] = target
@@ -2427,8 +2431,9 @@ def _steps(program, bound: _Bound, info, start: int, count: int, buffers: list, 
                           if i in waiting else (slots[src], None, 0.0) for i, src in enumerate(step.srcs)]
                 use = fused.merges.get(index)
                 taker = _taker(program.steps[use], use, slots, buffers, count, owned) if use is not None else None
-                _whole_call(lib, count, inputs, trims.forms(), taker, target, options=trims.options,
-                            windows=trims.ties())
+                bad = _whole_call(lib, count, inputs, trims.forms(), taker, target, options=trims.options,
+                                  windows=trims.ties())
+                unchecked = {program.steps[use].dst if taker is not None else step.dst: bad}
                 if taker is not None:
                     slots[program.steps[use].dst] = taker[0]
                     done_to = use
@@ -2699,13 +2704,14 @@ def _read_later(steps, start: int, slot: int) -> bool:
 
 
 def _fused_drop(program, index: int, pair: tuple[int, int], slots: dict, buffers: list, streams: dict, count: int,
-                lib, owned: Callable) -> bool:
+                lib, owned: Callable, checked: dict) -> bool:
     """Steps ``index`` (``x = fma(b, c, a)`` in place), ``pair[0]`` (``dare``: ``x * mask``;
     ``breadcrumbs``: its trim) and ``pair[1]`` (an ``axpy`` or ``add`` of its result) in one helper
     loop (``tv_drop_axpy_f32`` with float masks, the fused loop, :func:`_whole_call`, with keep bits
     or a trim: the same operations, so the same bits); ``False`` (nothing done) where the call does
     not draw masks or rescales by the L1 norm, or where ``breadcrumbs`` cannot run in the fused loop
-    (:meth:`_Trims.fusable`)."""
+    (:meth:`_Trims.fusable`). ``checked``: takes the result's slot and whether an entry of it is not
+    finite, where the fused loop said (:func:`_whole_call`)."""
     call_index, use_index = pair
     stream = streams[call_index]
     if not _defers(stream):
@@ -2713,14 +2719,15 @@ def _fused_drop(program, index: int, pair: tuple[int, int], slots: dict, buffers
     sub = program.steps[index]
     a, b = slots[sub.dst], slots[sub.srcs[0]]
     taker = _taker(program.steps[use_index], use_index, slots, buffers, count, owned)
-    slots[program.steps[use_index].dst] = taker[0]
+    made = program.steps[use_index].dst
+    slots[made] = taker[0]
     if isinstance(stream, _Trims):  # breadcrumbs: its trim
-        _whole_call(lib, count, [(a, b, sub.coef)], stream.forms(), taker, None, windows=stream.ties())
+        checked[made] = _whole_call(lib, count, [(a, b, sub.coef)], stream.forms(), taker, None, windows=stream.ties())
         return True
     rule, masks, _, _ = stream
     if masks[0].packed:  # the masks as keep bits
-        _whole_call(lib, count, [(a, b, sub.coef)], [(_KEEP_BITS, 0.0, 0.0)], taker, None,
-                    runs=[masks[0].take_bits(count)], scale=rule.scale)
+        checked[made] = _whole_call(lib, count, [(a, b, sub.coef)], [(_KEEP_BITS, 0.0, 0.0)], taker, None,
+                                    runs=[masks[0].take_bits(count)], scale=rule.scale)
         return True
     out, base, first, c = taker
     mask = masks[0].take(count)
@@ -2730,12 +2737,13 @@ def _fused_drop(program, index: int, pair: tuple[int, int], slots: dict, buffers
 
 
 def _drop_chain(program, chain: tuple[int, ...], drops: dict, slots: dict, read_slot: Callable, buffers: list,
-                streams: dict, count: int, lib, owned: Callable) -> bool:
+                streams: dict, count: int, lib, owned: Callable, checked: dict) -> bool:
     """The DARE and breadcrumbs calls of ``chain`` (:func:`_drop_chains`), each with the ``axpy`` that
     makes its input and the step that takes its result, and the reads between them, in one helper
     loop (``tv_drop_chain_f32``: the same operations in the same order as :func:`_fused_drop` call by
     call, so the same bits); ``False`` (nothing done) unless every DARE call draws its masks as keep
-    bits and every breadcrumbs call runs in the fused loop."""
+    bits and every breadcrumbs call runs in the fused loop. ``checked``: takes the result's slot and
+    whether an entry of it is not finite (the loop checks each block it writes)."""
     steps = program.steps
     calls = [streams[drops[i][0]] for i in chain]
     if not all(stream.fusable() if isinstance(stream, _Trims) else _defers(stream) and stream[1][0].packed
@@ -2767,15 +2775,18 @@ def _drop_chain(program, chain: tuple[int, ...], drops: dict, slots: dict, read_
             runs.append(masks[0].take_bits(count))
             drawn.append(one)
         windows.append(ties)
+    bad = 0
     for start, stop, places in _bit_pieces(count, runs):
         for one, (a, b, _) in zip(fields, inputs):
             one.a, one.b = a.ctypes.data + 4 * start, b.ctypes.data + 4 * start
         for one, (block, offset) in zip(drawn, places):
             one.packed, one.offset = block.ctypes.data, offset
-        lib.tv_drop_chain_f32(fields, scales, cs, k, stop - start, base.ctypes.data + 4 * start, first,
-                              out.ctypes.data + 4 * start)
+        bad |= lib.tv_drop_chain_f32(fields, scales, cs, k, stop - start, base.ctypes.data + 4 * start, first,
+                                     out.ctypes.data + 4 * start)
     _carry_seen(fields, windows)
-    slots[steps[drops[chain[-1]][1]].dst] = out
+    made = steps[drops[chain[-1]][1]].dst
+    slots[made] = out
+    checked[made] = bool(bad)
     return True
 
 
@@ -2815,7 +2826,7 @@ def _merge_into(options: dict, parts: list, taker: tuple, lib) -> None:
 
 
 def _whole_call(lib, count: int, inputs: list, forms: list, taker: tuple | None, target, *, options: dict | None = None,
-           runs: list | None = None, scale: float = 0.0, windows: list | None = None) -> None:
+           runs: list | None = None, scale: float = 0.0, windows: list | None = None) -> bool:
     """A whole ``ties``, ``dare_ties`` or ``breadcrumbs`` call over ``count`` entries with the steps
     around it, in one helper loop (``tv_fused_merge_f32``): each input ``(a, b, coef)``
     (``fma(b, coef, a)``, its ``axpy`` waiting for the call, or ``a`` where ``b`` is ``None``), trimmed
@@ -2823,7 +2834,8 @@ def _whole_call(lib, count: int, inputs: list, forms: list, taker: tuple | None,
     :class:`_TieWindow` list, their counts carried on), then (two inputs or more) the sign merge with
     ``options``, then the step that takes it (``taker``, :func:`_taker`), or into ``target``.
     ``runs``: each input's keep bits (:meth:`_Masks.take_bits`) for the keep-bits form, ``scale`` the
-    rescale; the loop runs piece by piece where a block of bits ends."""
+    rescale; the loop runs piece by piece where a block of bits ends. Whether an entry of the result
+    is not finite (the loop checks each block it writes, while it is in the L1 cache)."""
     k = len(inputs)
     frequency = merge = 0
     if options is not None:
@@ -2837,6 +2849,7 @@ def _whole_call(lib, count: int, inputs: list, forms: list, taker: tuple | None,
     b = [y.ctypes.data if y is not None else None for _, y, _ in inputs]
     base_at = base.ctypes.data if base is not None else None
     out_at = out.ctypes.data
+    bad = 0
     for start, stop, places in _bit_pieces(count, runs) if runs else [(0, count, None)]:
         for i, one in enumerate(fields):
             one.a = a[i] + 4 * start
@@ -2844,9 +2857,11 @@ def _whole_call(lib, count: int, inputs: list, forms: list, taker: tuple | None,
             if places:
                 block, one.offset = places[i]
                 one.packed = block.ctypes.data
-        lib.tv_fused_merge_f32(fields, k, stop - start, scale, frequency, merge,
-                               base_at + 4 * start if base_at is not None else None, first, c, out_at + 4 * start)
+        bad |= lib.tv_fused_merge_f32(fields, k, stop - start, scale, frequency, merge,
+                                      base_at + 4 * start if base_at is not None else None, first, c,
+                                      out_at + 4 * start)
     _carry_seen(fields, windows or [])
+    return bool(bad)
 
 
 def _set_windows(one, ties: list) -> None:
@@ -2885,7 +2900,7 @@ def _sign_merge(options: dict, parts: list, target, lib) -> None:
 
 def _drop_call(step, pieces: list, stream: tuple[DropRule, list[_Masks], dict, _L1 | None], drops: list | None, target,
                lib, subtracted: list | None = None, coefs: dict[int, float] | None = None,
-               taker: tuple | None = None) -> None:
+               taker: tuple | None = None) -> bool | None:
     """A DARE call over the next ``len(target)`` entries of its inputs ``pieces``, into ``target``:
     each input times its block's mask (``x * mask``, as tvlang.ops.dare.Dropper multiplies), then
     for ``dare_ties`` the helper's sign merge (tvlang.ops.ties.sign_merge with unit weights) and for
@@ -2893,16 +2908,17 @@ def _drop_call(step, pieces: list, stream: tuple[DropRule, list[_Masks], dict, _
     multiply-add: tv_axpy_f32), and the division of ``"mean"`` or ``"weighted_mean"``. ``coefs``: the
     inputs (by position) whose ``axpy`` waited for this call (:class:`_Fusions`): ``fma(b, c, x) *
     mask`` in one loop, ``b`` from ``subtracted`` in the same order. ``taker`` (``dare_ties``): the
-    step after the call that takes its result (:func:`_taker`), written by the merge."""
+    step after the call that takes its result (:func:`_taker`), written by the merge. Whether an entry
+    of the result is not finite where the fused loop checked it (:func:`_whole_call`), else None."""
     rule, masks, options, l1 = stream
     count = len(target)
     parts = [target] if step.name == "dare" else [buffer[:count] for buffer in drops]
     waiting = dict(zip(coefs, subtracted)) if coefs and _defers(stream) else {}
     if step.name == "dare_ties" and len(pieces) <= FUSED_PARTS and _defers(stream) and all(m.packed for m in masks):
-        _whole_call(lib, count, [(x, waiting.get(i), coefs[i] if i in waiting else 0.0) for i, x in enumerate(pieces)],
-               [(_KEEP_BITS, 0.0, 0.0)] * len(pieces), taker, target, options=options,
-               runs=[mask.take_bits(count) for mask in masks], scale=rule.scale)
-        return
+        return _whole_call(lib, count, [(x, waiting.get(i), coefs[i] if i in waiting else 0.0)
+                                        for i, x in enumerate(pieces)],
+                           [(_KEEP_BITS, 0.0, 0.0)] * len(pieces), taker, target, options=options,
+                           runs=[mask.take_bits(count) for mask in masks], scale=rule.scale)
     for i, (x, mask, part) in enumerate(zip(pieces, masks, parts)):
         if l1 is not None:
             l1.apply(i, rule, x, part, lib)
@@ -2915,14 +2931,14 @@ def _drop_call(step, pieces: list, stream: tuple[DropRule, list[_Masks], dict, _
         else:
             part.fill(0.0)
     if step.name == "dare":
-        return
+        return None
     merge = options["merge"]
     if step.name == "dare_ties":
         if taker is not None:
             _merge_into(options, parts, taker, lib)
         else:
             _sign_merge(options, parts, target, lib)
-        return
+        return None
     weights = [float(w) for w in options["weights"]] or [1.0] * len(parts)
     target.fill(0.0)
     for weight, part in zip(weights, parts):
@@ -2931,6 +2947,7 @@ def _drop_call(step, pieces: list, stream: tuple[DropRule, list[_Masks], dict, _
         numpy.divide(target, numpy.float32(len(parts)), out=target)
     elif merge == "weighted_mean" and abs(sum(weights)) > 1e-8:
         numpy.divide(target, numpy.float32(sum(weights)), out=target)
+    return None
 
 
 def _write_uncomputed(base: _Input, info, writers: dict, models: list) -> None:
