@@ -2433,9 +2433,10 @@ def _steps(program, bound: _Bound, info, start: int, count: int, buffers: list, 
                 taker = _taker(program.steps[use], use, slots, buffers, count, owned) if use is not None else None
                 bad = _whole_call(lib, count, inputs, trims.forms(), taker, target, options=trims.options,
                                   windows=trims.ties())
-                unchecked = {program.steps[use].dst if taker is not None else step.dst: bad}
+                made = program.steps[use].dst if taker is not None else step.dst
+                unchecked = {made: bad}
                 if taker is not None:
-                    slots[program.steps[use].dst] = taker[0]
+                    slots[made] = taker[0]
                     done_to = use
                     continue
             else:
