@@ -293,10 +293,11 @@ def test_a_nonfinite_result_is_the_local_executors_error(models, tmp_path):
 @pytest.mark.parametrize("text", ["pre + 2*dare(a - pre, 0.5, seed=1) + 2*dare(b - pre, 0.5, seed=2)",
                                   "pre + 2*breadcrumbs(a - pre, density=0.5, gamma=0.01)",
                                   "pre + 2*ties(a - pre, b - pre, density=0.5)",
-                                  "pre + 2*dare_ties(a - pre, b - pre, p=0.5)"])
+                                  "pre + 2*dare_ties(a - pre, b - pre, p=0.5)",
+                                  "pre + 2*della(a - pre, b - pre, density=0.5, epsilon=0.1, seed=1)"])
 def test_the_fused_loops_check_what_they_write(models, tmp_path, monkeypatch, text):
-    """A chain of DARE or breadcrumbs calls, one fused call, a whole ties or dare_ties call: the
-    helper's loop says whether an entry it wrote is not finite, so the writes make no check of their
+    """A chain of DARE or breadcrumbs calls, one fused call, a whole ties or dare_ties call, a della
+    call's rows: the helper's loop says whether an entry it wrote is not finite, so the writes make no check of their
     own (``tv_nonfinite_f32`` is not called; before, once a tensor); the same files as the local
     executor. An entry beyond float32 (every entry of a's model.norm.weight 3e38, twice that kept) is
     the local executor's error all the same, naming the output, the tensor and the entry."""
@@ -1513,9 +1514,15 @@ def test_della_reads_a_chunk_while_the_one_before_is_sampled(tmp_path, monkeypat
     paths = {name: write_checkpoint(str(tmp_path / "in" / name), sd) for name, sd in tensors.items()}
     monkeypatch.setattr(magprune, "ROW_BLOCK", block)
     pipelined, rows = [], []
-    real_pipelined, real_rows = direct._pipelined, direct._Della._rows
+    real_pipelined, real_fused = direct._pipelined, direct._Della._fused
     monkeypatch.setattr(direct, "_pipelined", lambda *a, **k: pipelined.append(1) or real_pipelined(*a, **k))
-    monkeypatch.setattr(direct._Della, "_rows", lambda self, *a: rows.append(a[-3:]) or real_rows(self, *a))
+
+    def fused(self, *a):
+        start, count = a[-3:-1]
+        rows.append((start, start + count))
+        return real_fused(self, *a)
+
+    monkeypatch.setattr(direct._Della, "_fused", fused)
     text = "pre + della(a - pre, b - pre, c - pre, density=0.2, epsilon=0.1, seed=1)"
     sd = same_as_local_and_eager(monkeypatch, tmp_path, text, paths, 3000)
     assert pipelined == [1]
@@ -1528,7 +1535,7 @@ def test_della_reads_a_chunk_while_the_one_before_is_sampled(tmp_path, monkeypat
         for start in range(0, shape[0] * m, chunk):
             count = min(shape[0] * m - start, chunk)
             expected += [(b, min(count, b + step)) for b in range(0, count, step)]
-    assert sorted((start, stop) for start, stop, _ in rows) == sorted(expected)
+    assert sorted(rows) == sorted(expected)
     assert torch.equal(load_file(str(tmp_path / "direct" / "merged.safetensors"))["b_steps"], sd["pre"]["b_steps"])
 
 

@@ -24,7 +24,7 @@ import torch
 
 import tvlang
 from chunking import chunk_in
-from tvlang.ops import native
+from tvlang.ops import magprune, native
 from tvlang.ops.dare import Dropper
 from tvlang.ops.della import Magprune
 from tvlang.ops.prune import trim
@@ -494,6 +494,73 @@ def test_the_fused_loops_say_whether_an_entry_they_wrote_is_not_finite(value):
             assert bad == int(not torch.isfinite(out).all()) == int(at is not None), (at, form)
 
 
+@pytest.mark.skipif(native.linear_steps() is None, reason="della's row loop is the torch-free executor's (AVX2, FMA)")
+@pytest.mark.parametrize("m", [1, 2, 300, 1288])
+@pytest.mark.parametrize("k", [1, 3])
+def test_della_rows_are_the_steps_one_by_one(pcg_ways, m, k):
+    """tv_della_rows_f32 (della's call row by row, the executor's _Della) against the steps one by one:
+    each input made by tv_axpy_f32 (where its axpy waits; else taken as it is), tv_magprune_f32 from
+    the input's own stream after the same words (one with a half word left over), then
+    tv_sign_merge_add_f32 (with the step that takes it) or tv_sign_merge_f32: the same bits, with
+    specials in the inputs; both elections, the three merges, a first coefficient that is not 1,
+    with and without rescale; the return says whether an entry written is not finite; the streams'
+    words are not changed, nothing is written past the rows. Both ways of ranking (pcg_ways: the
+    AVX-512 ranks go with the vector lanes)."""
+    lib = native.linear_steps()
+    rows = 40 if m == 1 else 5
+    n = rows * m
+    g = torch.Generator().manual_seed(m)
+    specials = parts_with_specials(k, n, seed=m + k)
+    finite = [torch.randn(n, generator=g) for _ in range(k)]
+    for x in (specials[0], finite[0]):
+        x[: n // 2] = torch.round(x[: n // 2] * 4) / 4  # equal magnitudes
+    pre = [torch.randn(n, generator=g) if i != 1 else None for i in range(k)]  # input 1 taken as it is
+    cb = [-1.0 if i % 2 == 0 else 0.5 for i in range(k)]
+    states = numpy.concatenate([magprune.stream_words(numpy.random.PCG64(10 + i)) for i in range(k)])
+    states[4:6] = (1, 0x9E3779B9)  # the first stream has a half word left over
+    before = states.copy()
+    skip = 3 * m + 1
+    base = torch.randn(n, generator=g)
+    seen = set()
+    for a, (density, epsilon), rescale, frequency, merge, taker in itertools.product(
+            (specials, finite), [(0.3, 0.2), (0.75, 0.25)], (1, 0), (0, 1), (0, 1, 2), [None, (1.0, 1.0), (0.7, -2.0)]):
+        if m == 1 and (merge, frequency) != (1, 0):
+            continue
+        c = 2.0 * epsilon / (m - 1) if m > 1 else 0.0
+        d = density - epsilon if m > 1 else density
+        parts = []
+        for i in range(k):
+            x = a[i].clone()
+            if pre[i] is not None:
+                lib.tv_axpy_f32(x.data_ptr(), pre[i].data_ptr(), cb[i], n)
+            part = torch.empty(n)
+            st = states[6 * i: 6 * i + 6].copy()
+            room = numpy.empty(magprune.SCRATCH * m + 32, dtype=numpy.uint64)
+            lib.tv_magprune_f32(st.ctypes.data, skip, x.data_ptr(), rows, m, c, d, rescale, room.ctypes.data,
+                                part.data_ptr(), None)
+            parts.append(part)
+        pointers = (ctypes.c_void_p * k)(*[part.data_ptr() for part in parts])
+        expected = torch.empty(n)
+        if taker is None:
+            lib.tv_sign_merge_f32(pointers, k, n, frequency, merge, expected.data_ptr())
+        else:
+            lib.tv_sign_merge_add_f32(pointers, k, n, frequency, merge, base.data_ptr(), taker[0], taker[1],
+                                      expected.data_ptr())
+        got = torch.full((n + 1,), 123.0)
+        scratch = numpy.empty(magprune.SCRATCH * m + 32 + ((k + 1) * m + 1) // 2, dtype=numpy.uint64)
+        bad = lib.tv_della_rows_f32(
+            (ctypes.c_void_p * k)(*[x.data_ptr() for x in a]),
+            (ctypes.c_void_p * k)(*[p.data_ptr() if p is not None else None for p in pre]),
+            (ctypes.c_float * k)(*cb), states.ctypes.data, skip, k, rows, m, c, d, rescale, frequency, merge,
+            base.data_ptr() if taker is not None else None, *(taker or (1.0, 1.0)), scratch.ctypes.data,
+            got.data_ptr())
+        assert torch.equal(got[:n].view(torch.int32), expected.view(torch.int32)), (density, rescale, merge, taker)
+        assert bad == int(not torch.isfinite(expected).all())
+        assert got[n] == 123.0 and numpy.array_equal(states, before)
+        seen.add(bad)
+    assert seen == {0, 1}
+
+
 SPECIAL = torch.tensor([float("nan"), -float("nan"), -0.0, 0.0, float("inf"), -float("inf"), 1.0, -1.0, 2.5])
 
 
@@ -895,10 +962,11 @@ def spread_rows(m: int, seed: int) -> torch.Tensor:
 
 @needs_helper
 @pytest.mark.parametrize("m", [2, 16, 17, 300, 1288, 3432, 4096])
-def test_magprune_ranks_rows_of_every_spread(monkeypatch, m):
+def test_magprune_ranks_rows_of_every_spread(monkeypatch, pcg_ways, m):
     """The helper's bucket ranking against the torch path's stable sort, bit for bit, on rows that
     take each of its paths (one bucket for all, the clamp below 16 binades, windows of up to 16
-    items, buckets sorted by insertion and by radix)."""
+    items, buckets sorted by insertion and by radix), both ways (pcg_ways: the windows counted by
+    AVX-512 comparisons where the PCG64 lanes step as vectors, else by AVX2's or the baseline's)."""
     x = spread_rows(m, seed=m).reshape(-1)
     results = []
     for helper in (True, False):

@@ -26,7 +26,7 @@ import numpy
 
 from tvlang.ops.native import library, set_state_words, state_words
 
-__all__ = ["MAX_ROW", "ROW_BLOCK", "RowBlocks", "Words", "input_bits", "row_length", "sample", "sample_rows",
+__all__ = ["MAX_ROW", "ROW_BLOCK", "SCRATCH", "RowBlocks", "Words", "input_bits", "row_length", "sample", "sample_rows",
            "stream_words"]
 
 #: the longest row the helper ranks: ranks up to 2**24 are exact in float32 (torch's ramp, the loop's casts)
@@ -34,7 +34,7 @@ MAX_ROW = 1 << 24
 #: entries of a block of rows (:class:`RowBlocks`): at least one whole row
 ROW_BLOCK = 1 << 15
 #: 64-bit words of scratch the helper takes a row entry, beside 32 (native.c, tv_magprune_f32)
-_SCRATCH = 5
+SCRATCH = 5
 
 
 def row_length(shape: Sequence[int]) -> int:
@@ -117,7 +117,7 @@ def sample(lib, st: numpy.ndarray, skip: int, x_at: int, n: int, m: int, density
     if n:
         c = 2.0 * epsilon / (m - 1) if m > 1 else 0.0
         d = density - epsilon if m > 1 else density
-        scratch = numpy.empty(_SCRATCH * m + 32, dtype=numpy.uint64)
+        scratch = numpy.empty(SCRATCH * m + 32, dtype=numpy.uint64)
         lib.tv_magprune_f32(st.ctypes.data, skip, x_at, n // m, m, c, d, int(rescale), scratch.ctypes.data,
                             out_at, None if flags is None else flags.ctypes.data)
 
@@ -128,12 +128,13 @@ class RowBlocks:
     torch-free executor starts the second thread on a chunk as soon as it is read and joins it once
     the next one is (tvlang.run.direct); :func:`sample_rows` at once (:meth:`finish`)."""
 
-    def __init__(self, n: int, m: int, helper: Executor | None, rows: Callable[[int, int], None]) -> None:
+    def __init__(self, n: int, m: int, helper: Executor | None, rows: Callable[[int, int], bool | None]) -> None:
         step = max(1, ROW_BLOCK // max(m, 1)) * max(m, 1)
         self.bounds = [(start, min(n, start + step)) for start in range(0, n, step)]
         self.helper, self.rows = helper, rows
         self.taken = 0
         self.lock = threading.Lock()
+        self.answers: list = []  # what each block's ``rows`` returned, in the order they ended
 
     def run(self) -> None:
         """Blocks on this thread until none is left (another thread may be taking them too)."""
@@ -143,7 +144,14 @@ class RowBlocks:
                     return
                 start, stop = self.bounds[self.taken]
                 self.taken += 1
-            self.rows(start, stop)
+            self.answers.append(self.rows(start, stop))
+
+    def nonfinite(self) -> bool | None:
+        """Once every block has run: whether an entry they wrote is not finite, where every block said
+        (its ``rows`` returned True or False), else None."""
+        if not self.answers or any(answer is None for answer in self.answers):
+            return None
+        return any(self.answers)
 
     def start(self) -> Future | None:
         """The blocks on the second thread too, where there is one and more than one block."""

@@ -32,8 +32,11 @@
  * the same: no fused multiply-add either way). */
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
 #define MULTI_VERSION __attribute__((target_clones("avx2", "default")))
+/* MAGPRUNE's last loop also for AVX-512 (eight doubles a vector): 4 % of its time on an Intel Xeon */
+#define WIDE_VERSION __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define MULTI_VERSION
+#define WIDE_VERSION
 #endif
 
 typedef __uint128_t u128;
@@ -1557,9 +1560,12 @@ static inline void exclusive_sums(uint32_t *counts, size_t n) {
  * is sorted, the rest of that bucket's entries). Compiled twice (MULTI_VERSION): AVX2's 64-bit
  * comparisons take four at a time. Scratch: a m + RANK_WINDOW, b m (radix_items' scratch), counts
  * B uint32 (tv_magprune_f32 lays them out, and the buckets after the words). */
-static MULTI_VERSION void row_ranks(const float *x, size_t m, bucketing g, uint64_t *a, uint64_t *b,
-                                    const uint16_t *bucket, uint32_t *counts, uint32_t *rank, const uint32_t *want,
-                                    size_t wanted) {
+typedef uint32_t (*window_count)(const int64_t *window, int64_t v);
+
+static inline __attribute__((always_inline)) void ranks_in(const float *x, size_t m, bucketing g, uint64_t *a,
+                                                           uint64_t *b, const uint16_t *bucket, uint32_t *counts,
+                                                           uint32_t *rank, const uint32_t *want, size_t wanted,
+                                                           window_count below) {
     size_t buckets = g.buckets;
     memset(counts, 0, buckets * sizeof *counts);
     for (size_t j = 0; j < m; j++) counts[bucket[j]]++;
@@ -1575,7 +1581,7 @@ static MULTI_VERSION void row_ranks(const float *x, size_t m, bucketing g, uint6
         size_t d = bucket[j];
         uint32_t begin = d ? counts[d - 1] : 0;
         large |= counts[d] - begin > RANK_WINDOW;
-        rank[j] = begin + below_in_window((const int64_t *)a + begin, (int64_t)v);
+        rank[j] = begin + below((const int64_t *)a + begin, (int64_t)v);
     }
     if (!large) return;
     uint32_t begin = 0;
@@ -1600,13 +1606,53 @@ static MULTI_VERSION void row_ranks(const float *x, size_t m, bucketing g, uint6
     }
 }
 
+#define RANK_ARGUMENTS                                                                                          \
+    const float *x, size_t m, bucketing g, uint64_t *a, uint64_t *b, const uint16_t *bucket, uint32_t *counts, \
+        uint32_t *rank, const uint32_t *want, size_t wanted
+
+static MULTI_VERSION void row_ranks_any(RANK_ARGUMENTS) {
+    ranks_in(x, m, g, a, b, bucket, counts, rank, want, wanted, below_in_window);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+/* below_in_window in two AVX-512 comparisons of eight lanes, their mask bits counted: with the whole
+ * of row_ranks compiled for AVX-512, MAGPRUNE took 0.87 of the time on an Intel Xeon. */
+#define WIDE_RANKS "avx512f,avx2,popcnt"
+
+static inline __attribute__((always_inline, target(WIDE_RANKS))) uint32_t below_in_window_wide(const int64_t *window,
+                                                                                               int64_t v) {
+    __m512i at = _mm512_set1_epi64(v);
+    __mmask8 low = _mm512_cmplt_epi64_mask(_mm512_loadu_si512(window), at);
+    __mmask8 high = _mm512_cmplt_epi64_mask(_mm512_loadu_si512(window + 8), at);
+    return (uint32_t)__builtin_popcount((unsigned)low | (unsigned)high << 8);
+}
+
+static __attribute__((target(WIDE_RANKS))) void row_ranks_wide(RANK_ARGUMENTS) {
+    ranks_in(x, m, g, a, b, bucket, counts, rank, want, wanted, below_in_window_wide);
+}
+#endif
+
+/* row_ranks_wide where the PCG64 lanes step as vectors (tv_pcg64_wide: the processor has AVX-512 F
+ * and DQ, and the tests have not turned it off), else row_ranks_any: the same ranks either way. */
+static void row_ranks(RANK_ARGUMENTS) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    int wide = __atomic_load_n(&pcg_wide, __ATOMIC_RELAXED);
+    if (wide < 0) wide = tv_pcg64_wide(-1);
+    if (wide) {
+        row_ranks_wide(x, m, g, a, b, bucket, counts, rank, want, wanted);
+        return;
+    }
+#endif
+    row_ranks_any(x, m, g, a, b, bucket, counts, rank, want, wanted);
+}
+
 /* w * 2**-32, exactly, through a signed conversion (which vectorizes; an unsigned one does not on
  * AVX2). */
 static inline double unit_word(uint32_t w) { return ((double)(int32_t)(w ^ 0x80000000u) + 0x1p31) * 0x1p-32; }
 
 /* Magprune's draws for one row, from its ranks (below 2**31: a signed conversion). Compiled twice
  * (MULTI_VERSION), each loop vectorized. */
-static MULTI_VERSION void magprune_row(const float *x, const uint32_t *words, const uint32_t *rank, size_t m,
+static WIDE_VERSION void magprune_row(const float *x, const uint32_t *words, const uint32_t *rank, size_t m,
                                        float c, float d, int rescale, float *out, uint8_t *flags) {
     if (m == 1) c = 0.0f; /* p = d */
     if (out && rescale) {
@@ -1648,52 +1694,129 @@ static size_t below_top(const uint32_t *words, size_t m, float top, uint32_t *wa
     return n;
 }
 
+/* Where tv_magprune_f32's scratch lies (5 * m + 32 uint64). */
+typedef struct {
+    uint64_t *a, *b;
+    uint32_t *rank, *counts, *words, *want;
+    uint16_t *bucket;
+} prune_scratch;
+
+static prune_scratch prune_layout(uint64_t *scratch, size_t m) {
+    prune_scratch s;
+    s.a = scratch;
+    s.b = scratch + m + RANK_WINDOW;
+    s.rank = (uint32_t *)(s.b + m);
+    s.counts = s.rank + m; /* m/2 + B/2 <= 3m/2 uint64 */
+    s.words = (uint32_t *)(s.b + m + (m + 1) / 2 + m); /* after counts (B <= 2m uint32) */
+    s.want = s.words + 2 * ((m + 1) / 2);
+    s.bucket = (uint16_t *)(s.want + 2 * ((m + 1) / 2));
+    return s;
+}
+
+/* MAGPRUNE of one row xr of m entries, its words the next m of w; out and flags as tv_magprune_f32's
+ * (either may be NULL). top: the largest probability. */
+static void magprune_one(word_stream *w, const float *xr, size_t m, float c, float d, float top, int rescale,
+                         const prune_scratch *s, float *o, uint8_t *f) {
+    uint32_t *rank = s->rank, *words = s->words;
+    words_next(w, m, words);
+    if (m == 1) {
+        rank[0] = 0;
+        magprune_row(xr, words, rank, m, c, d, rescale, o, f);
+        return;
+    }
+    key_span span = row_span(xr, m);
+    if (span.least == span.most) { /* one magnitude: ranked by position */
+        for (size_t j = 0; j < m; j++) rank[j] = (uint32_t)j;
+        magprune_row(xr, words, rank, m, c, d, rescale, o, f);
+        return;
+    }
+    bucketing g = row_bucketing(m, span);
+    row_buckets(xr, m, g, s->bucket);
+    /* Only entries below the top need ranks, where a dropped entry's x / p * 0.0 is x * 0.0 for
+     * every p: p >= d > 0 (so its sign is x's) and no x / p overflows (every |x| finite and at
+     * most d * 2**127; an infinity or NaN gives NaN either way, but is left to the full loop). */
+    float largest;
+    memcpy(&largest, &span.most, sizeof largest);
+    if (d > 0.0f && c >= 0.0f && span.most < 0x7f800000u && (double)largest < (double)d * 0x1p127) {
+        /* the others keep rank 0: their words are not below any rank's probability, and their
+         * x / p * 0.0 is x * 0.0 whatever p is */
+        memset(rank, 0, m * sizeof *rank);
+        size_t wanted = below_top(words, m, top, s->want);
+        row_ranks(xr, m, g, s->a, s->b, s->bucket, s->counts, rank, s->want, wanted);
+    } else {
+        row_ranks(xr, m, g, s->a, s->b, s->bucket, s->counts, rank, NULL, 0);
+    }
+    magprune_row(xr, words, rank, m, c, d, rescale, o, f);
+}
+
+/* The largest probability: ranks are at most m - 1, and p grows with the rank, so an entry whose
+ * word is not below it is dropped whatever its rank. */
+static float top_probability(size_t m, float c, float d) { return m > 1 ? (float)(m - 1) * c + d : d; }
+
 void tv_magprune_f32(uint64_t *st, uint64_t skip, const float *x, size_t rows, size_t m, float c, float d,
                      int rescale, uint64_t *scratch, float *out, uint8_t *flags) {
-    uint64_t *a = scratch, *b = scratch + m + RANK_WINDOW;
-    uint32_t *rank = (uint32_t *)(b + m), *counts = rank + m; /* m/2 + B/2 <= 3m/2 uint64 */
-    uint32_t *words = (uint32_t *)(b + m + (m + 1) / 2 + m); /* after counts (B <= 2m uint32) */
-    uint32_t *want = words + 2 * ((m + 1) / 2);
-    uint16_t *bucket = (uint16_t *)(want + 2 * ((m + 1) / 2));
-    /* The largest probability (ranks are at most m - 1, and p grows with the rank): an entry whose
-     * word is not below it is dropped whatever its rank. */
-    float top = m > 1 ? (float)(m - 1) * c + d : d;
+    prune_scratch s = prune_layout(scratch, m);
+    float top = top_probability(m, c, d);
     word_stream w = words_after(st, skip);
-    for (size_t r = 0; r < rows; r++) {
-        const float *xr = x + r * m;
-        float *o = out ? out + r * m : NULL;
-        uint8_t *f = flags ? flags + r * m : NULL;
-        words_next(&w, m, words);
-        if (m == 1) {
-            rank[0] = 0;
-            magprune_row(xr, words, rank, m, c, d, rescale, o, f);
-            continue;
-        }
-        key_span span = row_span(xr, m);
-        if (span.least == span.most) { /* one magnitude: ranked by position */
-            for (size_t j = 0; j < m; j++) rank[j] = (uint32_t)j;
-            magprune_row(xr, words, rank, m, c, d, rescale, o, f);
-            continue;
-        }
-        bucketing g = row_bucketing(m, span);
-        row_buckets(xr, m, g, bucket);
-        /* Only entries below the top need ranks, where a dropped entry's x / p * 0.0 is x * 0.0 for
-         * every p: p >= d > 0 (so its sign is x's) and no x / p overflows (every |x| finite and at
-         * most d * 2**127; an infinity or NaN gives NaN either way, but is left to the full loop). */
-        float largest;
-        memcpy(&largest, &span.most, sizeof largest);
-        if (d > 0.0f && c >= 0.0f && span.most < 0x7f800000u && (double)largest < (double)d * 0x1p127) {
-            /* the others keep rank 0: their words are not below any rank's probability, and their
-             * x / p * 0.0 is x * 0.0 whatever p is */
-            memset(rank, 0, m * sizeof *rank);
-            size_t wanted = below_top(words, m, top, want);
-            row_ranks(xr, m, g, a, b, bucket, counts, rank, want, wanted);
-        } else {
-            row_ranks(xr, m, g, a, b, bucket, counts, rank, NULL, 0);
-        }
-        magprune_row(xr, words, rank, m, c, d, rescale, o, f);
-    }
+    for (size_t r = 0; r < rows; r++)
+        magprune_one(&w, x + r * m, m, c, d, top, rescale, &s, out ? out + r * m : NULL, flags ? flags + r * m : NULL);
     words_store(&w, st);
+}
+
+/* della's whole call over `rows` rows of m entries (tvlang/run/direct.py, _Della): each of k inputs
+ * x = fma(b[i], cb[i], a[i]) (the axpy that made it, a - pre; x = a[i] where b[i] is NULL)
+ * MAGPRUNE'd as tv_magprune_f32 takes it, its words from the stream st + 6 * i after `skip` words
+ * (st is not changed), then tv_sign_merge_f32's merge of the k parts and, where base is given, the
+ * step that takes it (axpy_tile: out = fma(merged, cc, base), base times `first` where that is not
+ * 1); else out = merged. A row at a time: a row's inputs and parts stay in the L1 cache, where the
+ * steps one by one write each input and each part of every row and read them again; entry by entry
+ * the same operations (tv_axpy_f32's fma), so the same bits. k is at most DELLA_PARTS. scratch: 5 *
+ * m + 32 uint64, then (k + 1) * m floats. Returns whether an entry written is not finite. */
+#define DELLA_PARTS 16
+
+static FMA_TARGET void axpy_row(const float *a, const float *b, float cb, size_t m, float *x) {
+    for (size_t j = 0; j < m; j++) x[j] = fmaf(b[j], cb, a[j]);
+}
+
+int tv_della_rows_f32(const float *const *a, const float *const *b, const float *cb, const uint64_t *st,
+                      uint64_t skip, size_t k, size_t rows, size_t m, float c, float d, int rescale, int frequency,
+                      int merge, const float *base, float first, float cc, uint64_t *scratch, float *out) {
+    word_stream w[DELLA_PARTS];
+    const float *parts[DELLA_PARTS];
+    float merged[TILE];
+    if (k > DELLA_PARTS) k = DELLA_PARTS; /* (the caller passes at most DELLA_PARTS) */
+    prune_scratch s = prune_layout(scratch, m);
+    float *part = (float *)(scratch + 5 * m + 32), *x = part + k * m;
+    float top = top_probability(m, c, d);
+    for (size_t i = 0; i < k; i++) {
+        w[i] = words_after(st + 6 * i, skip);
+        parts[i] = part + i * m;
+    }
+    int bad = 0;
+    for (size_t r = 0; r < rows; r++) {
+        for (size_t i = 0; i < k; i++) {
+            const float *xi = a[i] + r * m;
+            if (b[i]) {
+                axpy_row(xi, b[i] + r * m, cb[i], m, x);
+                xi = x;
+            }
+            magprune_one(&w[i], xi, m, c, d, top, rescale, &s, part + i * m, NULL);
+        }
+        float *o = out + r * m;
+        if (base) {
+            const float *shifted[DELLA_PARTS];
+            for (size_t start = 0; start < m; start += TILE) {
+                size_t n = m - start < TILE ? m - start : TILE;
+                for (size_t i = 0; i < k; i++) shifted[i] = parts[i] + start;
+                tv_sign_merge_f32(shifted, k, n, frequency, merge, merged);
+                axpy_tile(merged, base + r * m + start, first, cc, n, o + start);
+            }
+        } else {
+            tv_sign_merge_f32(parts, k, m, frequency, merge, o);
+        }
+        bad |= tv_nonfinite_f32(o, m);
+    }
+    return bad;
 }
 
 /* ---- 14. Whole merging calls with the steps around them ---------------------------------------

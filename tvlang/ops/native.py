@@ -48,6 +48,8 @@ _SIGNATURES = {
     "tv_pcg64_normal_f32": ([_P, _N, _P, _P, _P, _P], None),
     "tv_pcg64_words": ([_P, _N, _P], None),
     "tv_magprune_f32": ([_P, ctypes.c_uint64, _P, _N, _N, _F, _F, _I, _P, _P, _P], None),
+    "tv_della_rows_f32": ([_P, _P, _P, _P, ctypes.c_uint64, _N, _N, _N, _F, _F, _I, _I, _I, _P, _F, _F, _P, _P],
+                          _I),
     "tv_window_gather": ([_P, _N, ctypes.c_int32, ctypes.c_int32, _I, _P, _P], ctypes.c_size_t),
     "tv_window_gather2": ([_P, _N, _P, _P, _P, _P, _P, _P], None),
     "tv_window_gather_axpy": ([_P, _P, _F, _N, _I, _P, _P, _P, _P, _P, _P], None),

@@ -98,7 +98,7 @@ from tvlang.ops.coefficients import (
 from tvlang.ops.context import TensorContext
 from tvlang.ops.drops import CHUNK as DROP_CHUNK
 from tvlang.ops.drops import DropRule, l1_factor
-from tvlang.ops.magprune import RowBlocks, input_bits, row_length, sample, stream_words
+from tvlang.ops.magprune import SCRATCH, RowBlocks, input_bits, row_length, sample, stream_words
 from tvlang.ops.names import count_layers
 from tvlang.ops.native import (
     BLOCK,
@@ -191,6 +191,7 @@ _COPIED = {"I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "
 # the floating-point codes read, and the helper's conversions to float32 and back
 _FLOATS = {"F32": None, "BF16": ("tv_bf16_to_f32", "tv_f32_to_bf16"), "F16": ("tv_f16_to_f32", "tv_f32_to_f16")}
 FUSED_PARTS = 16  # the most inputs of a call the helper's fused loop takes (native.c's FUSED_PARTS)
+DELLA_PARTS = 16  # the most inputs of a della call the helper's row loop takes (native.c's DELLA_PARTS)
 #: the trims' plans (_Trims._plan) as the fused loop's forms (tv_fused_merge_f32); 1 is DARE's keep bits
 _FORMS = {"all": 0, "above": 2, "band": 3, "below": 4, "nothing": 5}
 _KEEP_BITS = 1
@@ -1491,10 +1492,21 @@ class _Della:
         # each input's stream at the tensor's first entry: a block's words are those after its own start
         self.starts = [stream_words(bits) for bits in input_bits(context, options["seed"], n_inputs, numel)]
         self.offset = 0  # the tensor's entries before the next chunk
+        # della (an election) with 0 < density < 1, lambda 1 and at most DELLA_PARTS inputs: each block of
+        # rows in one helper loop (_fused), which also makes the inputs whose axpy waits for it (_defers)
+        self.fuses = ("elect" in options and 0.0 < self.density < 1.0 and self.factor == 1.0
+                      and n_inputs <= DELLA_PARTS)
+        if self.fuses:
+            self.states = numpy.concatenate(self.starts)  # each input's six words in turn
 
-    def work(self, pieces: list, parts: list, target, taker: tuple | None, lib) -> RowBlocks:
-        """The next chunk's rows (``target``'s length of entries), to be run by :meth:`RowBlocks.run`."""
+    def work(self, pieces: list, parts: list, target, taker: tuple | None, lib, waiting: dict) -> RowBlocks:
+        """The next chunk's rows (``target``'s length of entries), to be run by :meth:`RowBlocks.run`.
+        ``waiting``: by position, ``(b, coef)`` of the inputs whose ``axpy`` waits for the call (where
+        it :attr:`fuses`): the input is ``fma(b, coef, piece)``."""
         offset, self.offset = self.offset, self.offset + len(target)
+        if self.fuses:
+            return RowBlocks(len(target), self.m, self.helper, lambda start, stop: self._fused(
+                pieces, waiting, target, taker, lib, start, stop - start, offset))
         return RowBlocks(len(target), self.m, self.helper, lambda start, stop: self._rows(
             pieces, parts, target, taker, lib, start, stop, offset))
 
@@ -1526,6 +1538,30 @@ class _Della:
             _sign_merge(self.options, parts, out, lib)
         if self.factor != 1.0:
             lib.tv_scale_f32(out.ctypes.data, self.factor, count, out.ctypes.data)
+
+
+    def _fused(self, pieces: list, waiting: dict, target, taker: tuple | None, lib, start: int, count: int,
+               offset: int) -> bool:
+        """della over the chunk's entries ``start:start+count`` in one helper loop, row by row
+        (``tv_della_rows_f32``): each input made (the ``axpy`` of ``waiting``), its MAGPRUNE, the sign
+        merge and the step that takes it, the same operations as the steps and :meth:`_rows` one at a
+        time. Whether an entry of the result is not finite."""
+        m, k = self.m, len(pieces)
+        c = 2.0 * self.epsilon / (m - 1) if m > 1 else 0.0
+        d = self.density - self.epsilon if m > 1 else self.density
+        scratch = numpy.empty(SCRATCH * m + 32 + ((k + 1) * m + 1) // 2, dtype=numpy.uint64)
+        frequency, merge = self.options["elect"] == "frequency", MERGE_CODES[self.options["merge"]]
+        if taker is not None:
+            result, base, first, coef = taker
+            out, base_at = result[start:start + count], base[start:].ctypes.data
+        else:
+            out, base_at, first, coef = target[start:start + count], None, 1.0, 1.0
+        a = (ctypes.c_void_p * k)(*[piece[start:].ctypes.data for piece in pieces])
+        b = (ctypes.c_void_p * k)(*[waiting[i][0][start:].ctypes.data if i in waiting else None for i in range(k)])
+        cb = (ctypes.c_float * k)(*[waiting[i][1] if i in waiting else 0.0 for i in range(k)])
+        return bool(lib.tv_della_rows_f32(a, b, cb, self.states.ctypes.data, offset + start, k, count // m, m, c, d,
+                                          int(self.rescale), frequency, merge, base_at, first, coef,
+                                          scratch.ctypes.data, out.ctypes.data))
 
 
 def _pipelines(program) -> bool:
@@ -2460,13 +2496,20 @@ def _steps(program, bound: _Bound, info, start: int, count: int, buffers: list, 
             target = buffers[index][:count]
             use = fused.merges.get(index) if fused is not None else None
             taker = _taker(program.steps[use], use, slots, buffers, count, owned) if use is not None else None
-            yield streams[index].work([slots[s] for s in step.srcs], [part[:count] for part in drops[index]],
-                                      target, taker, lib)  # the caller runs its rows, then the steps go on
+            subs = fused.subs.get(index, {}) if fused is not None and _defers(streams[index]) else {}
+            waiting = {i: (slots[program.steps[j].srcs[0]], program.steps[j].coef) for i, j in subs.items()}
+            blocks = streams[index].work([slots[s] for s in step.srcs], [part[:count] for part in drops[index]],
+                                         target, taker, lib, waiting)
+            yield blocks  # the caller runs its rows, then the steps go on
+            made = program.steps[use].dst if taker is not None else step.dst
+            bad = blocks.nonfinite()
+            if bad is not None:
+                unchecked = {made: bad}
             if taker is not None:
-                slots[program.steps[use].dst] = taker[0]
+                slots[made] = taker[0]
                 done_to = use
                 continue
-            slots[step.dst] = target
+            slots[made] = target
         elif op == "call" and step.name in SUMS_CALLS:  # the weighted sum (or noise), its coefficients found
             target = buffers[index][:count]
             # (random_like's input may not have been made: :func:`_unread`; it takes none of it)
@@ -2530,7 +2573,7 @@ def _fusions(program) -> _Fusions:
     fused_calls = {call for call, _ in drops.values()}
     subs: dict[int, dict[int, int]] = {}
     for k, call in enumerate(steps):
-        if (call.op != "call" or call.name not in (*DROP_CALLS, "ties") or k in fused_calls
+        if (call.op != "call" or call.name not in (*DROP_CALLS, "ties", "della") or k in fused_calls
                 or len(set(call.srcs)) < len(call.srcs)):
             continue
         for position, slot in enumerate(call.srcs):
@@ -2670,6 +2713,8 @@ def _defers(stream) -> bool:
     rule, a ``ties`` or ``breadcrumbs`` call's when it runs in the fused loop (:meth:`_Trims.fusable`)."""
     if isinstance(stream, _Trims):
         return stream.fusable()
+    if isinstance(stream, _Della):
+        return stream.fuses
     rule, _, _, l1 = stream
     return l1 is None and rule.draws
 
