@@ -498,14 +498,16 @@ def test_the_fused_loops_say_whether_an_entry_they_wrote_is_not_finite(value):
 @pytest.mark.parametrize("m", [1, 2, 300, 1288])
 @pytest.mark.parametrize("k", [1, 3])
 def test_della_rows_are_the_steps_one_by_one(pcg_ways, m, k):
-    """tv_della_rows_f32 (della's call row by row, the executor's _Della) against the steps one by one:
-    each input made by tv_axpy_f32 (where its axpy waits; else taken as it is), tv_magprune_f32 from
-    the input's own stream after the same words (one with a half word left over), then
-    tv_sign_merge_add_f32 (with the step that takes it) or tv_sign_merge_f32: the same bits, with
-    specials in the inputs; both elections, the three merges, a first coefficient that is not 1,
-    with and without rescale; the return says whether an entry written is not finite; the streams'
-    words are not changed, nothing is written past the rows. Both ways of ranking (pcg_ways: the
-    AVX-512 ranks go with the vector lanes)."""
+    """tv_della_rows_f32 (della's and della_linear's call row by row, the executor's _Della) against
+    the steps one by one: each input made by tv_axpy_f32 (where its axpy waits; else taken as it is),
+    tv_magprune_f32 from the input's own stream after the same words (one with a half word left
+    over), then tv_sign_merge_add_f32 (with the step that takes it), or tv_sign_merge_f32 or
+    della_linear's sum (zeros, then tv_axpy_f32 with 1 for each part) followed by lambda
+    (tv_scale_f32): the same bits, with specials in the inputs; both elections, the three merges and
+    the sum, a first coefficient that is not 1, lambda 1 and 0.3, with and without rescale; the
+    return says whether an entry written is not finite; the streams' words are not changed, nothing
+    is written past the rows. Both ways of ranking (pcg_ways: the AVX-512 ranks go with the vector
+    lanes)."""
     lib = native.linear_steps()
     rows = 40 if m == 1 else 5
     n = rows * m
@@ -522,9 +524,10 @@ def test_della_rows_are_the_steps_one_by_one(pcg_ways, m, k):
     skip = 3 * m + 1
     base = torch.randn(n, generator=g)
     seen = set()
-    for a, (density, epsilon), rescale, frequency, merge, taker in itertools.product(
-            (specials, finite), [(0.3, 0.2), (0.75, 0.25)], (1, 0), (0, 1), (0, 1, 2), [None, (1.0, 1.0), (0.7, -2.0)]):
-        if m == 1 and (merge, frequency) != (1, 0):
+    for a, (density, epsilon), rescale, frequency, merge, taker, scale in itertools.product(
+            (specials, finite), [(0.3, 0.2), (0.75, 0.25)], (1, 0), (0, 1), (-1, 0, 1, 2),
+            [None, (1.0, 1.0), (0.7, -2.0)], (1.0, 0.3)):
+        if m == 1 and (merge, frequency) != (1, 0) or taker is not None and scale != 1.0:
             continue
         c = 2.0 * epsilon / (m - 1) if m > 1 else 0.0
         d = density - epsilon if m > 1 else density
@@ -541,17 +544,25 @@ def test_della_rows_are_the_steps_one_by_one(pcg_ways, m, k):
             parts.append(part)
         pointers = (ctypes.c_void_p * k)(*[part.data_ptr() for part in parts])
         expected = torch.empty(n)
-        if taker is None:
+        if merge < 0 and taker is None:  # della_linear's sum
+            expected = torch.zeros(n)
+            for part in parts:
+                lib.tv_axpy_f32(expected.data_ptr(), part.data_ptr(), 1.0, n)
+        elif merge < 0:
+            continue  # (no step takes della_linear's sum in the executor)
+        elif taker is None:
             lib.tv_sign_merge_f32(pointers, k, n, frequency, merge, expected.data_ptr())
         else:
             lib.tv_sign_merge_add_f32(pointers, k, n, frequency, merge, base.data_ptr(), taker[0], taker[1],
                                       expected.data_ptr())
+        if taker is None and scale != 1.0:
+            lib.tv_scale_f32(expected.data_ptr(), scale, n, expected.data_ptr())
         got = torch.full((n + 1,), 123.0)
         scratch = numpy.empty(magprune.SCRATCH * m + 32 + ((k + 1) * m + 1) // 2, dtype=numpy.uint64)
         bad = lib.tv_della_rows_f32(
             (ctypes.c_void_p * k)(*[x.data_ptr() for x in a]),
             (ctypes.c_void_p * k)(*[p.data_ptr() if p is not None else None for p in pre]),
-            (ctypes.c_float * k)(*cb), states.ctypes.data, skip, k, rows, m, c, d, rescale, frequency, merge,
+            (ctypes.c_float * k)(*cb), states.ctypes.data, skip, k, rows, m, c, d, rescale, frequency, merge, scale,
             base.data_ptr() if taker is not None else None, *(taker or (1.0, 1.0)), scratch.ctypes.data,
             got.data_ptr())
         assert torch.equal(got[:n].view(torch.int32), expected.view(torch.int32)), (density, rescale, merge, taker)

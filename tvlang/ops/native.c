@@ -1763,35 +1763,42 @@ void tv_magprune_f32(uint64_t *st, uint64_t skip, const float *x, size_t rows, s
     words_store(&w, st);
 }
 
-/* della's whole call over `rows` rows of m entries (tvlang/run/direct.py, _Della): each of k inputs
- * x = fma(b[i], cb[i], a[i]) (the axpy that made it, a - pre; x = a[i] where b[i] is NULL)
- * MAGPRUNE'd as tv_magprune_f32 takes it, its words from the stream st + 6 * i after `skip` words
- * (st is not changed), then tv_sign_merge_f32's merge of the k parts and, where base is given, the
- * step that takes it (axpy_tile: out = fma(merged, cc, base), base times `first` where that is not
- * 1); else out = merged. A row at a time: a row's inputs and parts stay in the L1 cache, where the
- * steps one by one write each input and each part of every row and read them again; entry by entry
- * the same operations (tv_axpy_f32's fma), so the same bits. k is at most DELLA_PARTS. scratch: 5 *
- * m + 32 uint64, then (k + 1) * m floats. Returns whether an entry written is not finite. */
+/* della's and della_linear's whole call over `rows` rows of m entries (tvlang/run/direct.py,
+ * _Della): each of k inputs x = fma(b[i], cb[i], a[i]) (the axpy that made it, a - pre; x = a[i]
+ * where b[i] is NULL) MAGPRUNE'd as tv_magprune_f32 takes it, its words from the stream st + 6 * i
+ * after `skip` words (st is not changed), then the merge of the k parts: tv_sign_merge_f32's
+ * (merge 0, 1 or 2, as it takes them), or with merge -1 della_linear's sum (0 + p0 + p1 + ..., as
+ * tv_axpy_f32 adds each part with a coefficient of 1); then, where base is given, the step that
+ * takes it (axpy_tile: out = fma(merged, cc, base), base times `first` where that is not 1), else
+ * out = merged times `scale` where that is not 1 (tv_scale_f32, della's lambda). A row at a time: a
+ * row's inputs and parts stay in the L1 cache, where the steps one by one write each input and each
+ * part of every row and read them again; entry by entry the same operations, so the same bits. k
+ * is at most DELLA_PARTS. scratch: 5 * m + 32 uint64, then (k + 1) * m floats. Returns whether an
+ * entry written is not finite. */
 #define DELLA_PARTS 16
 
 static FMA_TARGET void axpy_row(const float *a, const float *b, float cb, size_t m, float *x) {
     for (size_t j = 0; j < m; j++) x[j] = fmaf(b[j], cb, a[j]);
 }
 
+/* della_linear's sum of the parts' n entries, as tv_axpy_f32 makes it from zeros. */
+static FMA_TARGET void sum_parts(const float *const *parts, size_t k, size_t n, float *out) {
+    for (size_t j = 0; j < n; j++) out[j] = 0.0f;
+    for (size_t i = 0; i < k; i++)
+        for (size_t j = 0; j < n; j++) out[j] = fmaf(parts[i][j], 1.0f, out[j]);
+}
+
 int tv_della_rows_f32(const float *const *a, const float *const *b, const float *cb, const uint64_t *st,
                       uint64_t skip, size_t k, size_t rows, size_t m, float c, float d, int rescale, int frequency,
-                      int merge, const float *base, float first, float cc, uint64_t *scratch, float *out) {
+                      int merge, float scale, const float *base, float first, float cc, uint64_t *scratch,
+                      float *out) {
     word_stream w[DELLA_PARTS];
-    const float *parts[DELLA_PARTS];
     float merged[TILE];
     if (k > DELLA_PARTS) k = DELLA_PARTS; /* (the caller passes at most DELLA_PARTS) */
     prune_scratch s = prune_layout(scratch, m);
     float *part = (float *)(scratch + 5 * m + 32), *x = part + k * m;
     float top = top_probability(m, c, d);
-    for (size_t i = 0; i < k; i++) {
-        w[i] = words_after(st + 6 * i, skip);
-        parts[i] = part + i * m;
-    }
+    for (size_t i = 0; i < k; i++) w[i] = words_after(st + 6 * i, skip);
     int bad = 0;
     for (size_t r = 0; r < rows; r++) {
         for (size_t i = 0; i < k; i++) {
@@ -1803,16 +1810,22 @@ int tv_della_rows_f32(const float *const *a, const float *const *b, const float 
             magprune_one(&w[i], xi, m, c, d, top, rescale, &s, part + i * m, NULL);
         }
         float *o = out + r * m;
-        if (base) {
+        for (size_t start = 0; start < m; start += TILE) {
+            size_t n = m - start < TILE ? m - start : TILE;
             const float *shifted[DELLA_PARTS];
-            for (size_t start = 0; start < m; start += TILE) {
-                size_t n = m - start < TILE ? m - start : TILE;
-                for (size_t i = 0; i < k; i++) shifted[i] = parts[i] + start;
+            for (size_t i = 0; i < k; i++) shifted[i] = part + i * m + start;
+            if (merge < 0) {
+                sum_parts(shifted, k, n, merged);
+            } else {
                 tv_sign_merge_f32(shifted, k, n, frequency, merge, merged);
-                axpy_tile(merged, base + r * m + start, first, cc, n, o + start);
             }
-        } else {
-            tv_sign_merge_f32(parts, k, m, frequency, merge, o);
+            if (base) {
+                axpy_tile(merged, base + r * m + start, first, cc, n, o + start);
+            } else if (scale != 1.0f) {
+                tv_scale_f32(merged, scale, n, o + start);
+            } else {
+                memcpy(o + start, merged, n * sizeof *merged);
+            }
         }
         bad |= tv_nonfinite_f32(o, m);
     }

@@ -1492,10 +1492,9 @@ class _Della:
         # each input's stream at the tensor's first entry: a block's words are those after its own start
         self.starts = [stream_words(bits) for bits in input_bits(context, options["seed"], n_inputs, numel)]
         self.offset = 0  # the tensor's entries before the next chunk
-        # della (an election) with 0 < density < 1, lambda 1 and at most DELLA_PARTS inputs: each block of
-        # rows in one helper loop (_fused), which also makes the inputs whose axpy waits for it (_defers)
-        self.fuses = ("elect" in options and 0.0 < self.density < 1.0 and self.factor == 1.0
-                      and n_inputs <= DELLA_PARTS)
+        # 0 < density < 1 and at most DELLA_PARTS inputs: each block of rows in one helper loop (_fused),
+        # which also makes the inputs whose axpy waits for the call (_defers)
+        self.fuses = 0.0 < self.density < 1.0 and n_inputs <= DELLA_PARTS
         if self.fuses:
             self.states = numpy.concatenate(self.starts)  # each input's six words in turn
 
@@ -1542,15 +1541,17 @@ class _Della:
 
     def _fused(self, pieces: list, waiting: dict, target, taker: tuple | None, lib, start: int, count: int,
                offset: int) -> bool:
-        """della over the chunk's entries ``start:start+count`` in one helper loop, row by row
-        (``tv_della_rows_f32``): each input made (the ``axpy`` of ``waiting``), its MAGPRUNE, the sign
-        merge and the step that takes it, the same operations as the steps and :meth:`_rows` one at a
-        time. Whether an entry of the result is not finite."""
+        """della or della_linear over the chunk's entries ``start:start+count`` in one helper loop, row by
+        row (``tv_della_rows_f32``): each input made (the ``axpy`` of ``waiting``), its MAGPRUNE, the sign
+        merge or the sum, then the step that takes it or ``lambda``: the same operations as the steps
+        and :meth:`_rows` one at a time. Whether an entry of the result is not finite."""
         m, k = self.m, len(pieces)
         c = 2.0 * self.epsilon / (m - 1) if m > 1 else 0.0
         d = self.density - self.epsilon if m > 1 else self.density
         scratch = numpy.empty(SCRATCH * m + 32 + ((k + 1) * m + 1) // 2, dtype=numpy.uint64)
-        frequency, merge = self.options["elect"] == "frequency", MERGE_CODES[self.options["merge"]]
+        frequency, merge = False, -1  # della_linear: the sum
+        if "elect" in self.options:
+            frequency, merge = self.options["elect"] == "frequency", MERGE_CODES[self.options["merge"]]
         if taker is not None:
             result, base, first, coef = taker
             out, base_at = result[start:start + count], base[start:].ctypes.data
@@ -1560,7 +1561,7 @@ class _Della:
         b = (ctypes.c_void_p * k)(*[waiting[i][0][start:].ctypes.data if i in waiting else None for i in range(k)])
         cb = (ctypes.c_float * k)(*[waiting[i][1] if i in waiting else 0.0 for i in range(k)])
         return bool(lib.tv_della_rows_f32(a, b, cb, self.states.ctypes.data, offset + start, k, count // m, m, c, d,
-                                          int(self.rescale), frequency, merge, base_at, first, coef,
+                                          int(self.rescale), frequency, merge, self.factor, base_at, first, coef,
                                           scratch.ctypes.data, out.ctypes.data))
 
 
