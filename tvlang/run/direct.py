@@ -1481,7 +1481,10 @@ class _Della:
     the step that takes it where ``lambda`` is 1: ``_merge_into``) or della_linear's sum (torch's
     ``add_`` from zeros: the helper's axpy), then ``lambda`` (torch's ``mul_``: one float32 product).
     Chunks hold whole rows (:func:`_chunk_size`) and come in order; :meth:`work` hands out a chunk's
-    rows as :class:`RowBlocks`, which both threads take from."""
+    rows as :class:`RowBlocks`, which both threads take from. Where the density is strictly between 0
+    and 1 and there are at most DELLA_PARTS inputs (:attr:`fuses`), a block runs in one helper loop
+    (:meth:`_fused`), which also makes the inputs whose ``axpy`` waits for the call; else call by call
+    (:meth:`_rows`)."""
 
     def __init__(self, options: dict, n_inputs: int, numel: int, m: int, context: TensorContext,
                  drawing: ThreadPoolExecutor) -> None:
@@ -1537,7 +1540,6 @@ class _Della:
             _sign_merge(self.options, parts, out, lib)
         if self.factor != 1.0:
             lib.tv_scale_f32(out.ctypes.data, self.factor, count, out.ctypes.data)
-
 
     def _fused(self, pieces: list, waiting: dict, target, taker: tuple | None, lib, start: int, count: int,
                offset: int) -> bool:
