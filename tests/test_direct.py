@@ -1560,6 +1560,27 @@ def test_a_nonfinite_della_result_in_a_pipelined_run_is_the_local_executors_erro
     assert sorted(os.listdir(tmp_path)) == ["in"]
 
 
+@pytest.mark.parametrize("text", [DELLA_RECIPES[0], DELLA_RECIPES[4]])
+def test_della_on_bfloat16_in_the_row_loop(tmp_path, monkeypatch, text):
+    """della and della_linear over bfloat16 models (read as float32, exactly), each block of rows in
+    the helper's row loop, which makes every input's ``a - pre``: the local executor's bytes (the result
+    rounded back to bfloat16 as torch rounds it) and the eager evaluation's tensors, in chunks of
+    two rows of 1,288."""
+    paths = row_models(tmp_path / "in32")
+    halves = {}
+    for name, path in paths.items():
+        tensors = load_file(os.path.join(path, "model.safetensors"))
+        halves[name] = write_checkpoint(str(tmp_path / "in16" / name),
+                                        {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                                         for k, v in tensors.items()})
+    fused = []
+    real = direct._Della._fused
+    monkeypatch.setattr(direct._Della, "_fused", lambda self, *a: fused.append(sorted(a[1])) or real(self, *a))
+    same_as_local_and_eager(monkeypatch, tmp_path, text, halves, 2 * 1288)
+    assert fused and all(waiting == [0, 1, 2] for waiting in fused)  # each input's a - pre made in the loop
+    assert load_file(str(tmp_path / "direct" / "merged.safetensors"))["w"].dtype == torch.bfloat16
+
+
 def test_della_rows_longer_than_a_chunk_are_the_local_executors(tmp_path, monkeypatch):
     """A row of 1,288 entries does not fit chunks of 1,000: the local executor runs the recipe
     (nothing written by this one), the same tensors as the eager evaluation."""

@@ -28,8 +28,8 @@
 #include <string.h>
 
 /* On x86-64 Linux the keep bits, the merge, the window gather and MAGPRUNE's row loops are compiled
- * twice, for AVX2 and for the baseline, and the loader picks one for the machine (the values are
- * the same: no fused multiply-add either way). */
+ * twice, for AVX2 and for the baseline (the merge and MAGPRUNE's last loop also for AVX-512), and the
+ * loader picks one for the machine (the values are the same: no fused multiply-add either way). */
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
 #define MULTI_VERSION __attribute__((target_clones("avx2", "default")))
 /* MAGPRUNE's last loop and the sign merge also for AVX-512 (eight doubles, sixteen floats a vector):
@@ -1558,8 +1558,8 @@ static inline void exclusive_sums(uint32_t *counts, size_t n) {
  * (row_buckets has put each entry's bucket in `bucket`; an item is made from the row where it is
  * used, row_item, not kept in a second array: the row's scratch then fits the L1 cache better.)
  * With `want`, only the entries listed there (wanted of them) get their rank (and, where a bucket
- * is sorted, the rest of that bucket's entries). Compiled twice (MULTI_VERSION): AVX2's 64-bit
- * comparisons take four at a time. Scratch: a m + RANK_WINDOW, b m (radix_items' scratch), counts
+ * is sorted, the rest of that bucket's entries). row_ranks_any is compiled twice (MULTI_VERSION):
+ * AVX2's 64-bit comparisons take four at a time; row_ranks_wide for AVX-512 (below). Scratch: a m + RANK_WINDOW, b m (radix_items' scratch), counts
  * B uint32 (tv_magprune_f32 lays them out, and the buckets after the words). */
 typedef uint32_t (*window_count)(const int64_t *window, int64_t v);
 
@@ -1651,8 +1651,8 @@ static void row_ranks(RANK_ARGUMENTS) {
  * AVX2). */
 static inline double unit_word(uint32_t w) { return ((double)(int32_t)(w ^ 0x80000000u) + 0x1p31) * 0x1p-32; }
 
-/* Magprune's draws for one row, from its ranks (below 2**31: a signed conversion). Compiled twice
- * (MULTI_VERSION), each loop vectorized. */
+/* Magprune's draws for one row, from its ranks (below 2**31: a signed conversion). Compiled three
+ * times (WIDE_VERSION), each loop vectorized. */
 static WIDE_VERSION void magprune_row(const float *x, const uint32_t *words, const uint32_t *rank, size_t m,
                                        float c, float d, int rescale, float *out, uint8_t *flags) {
     if (m == 1) c = 0.0f; /* p = d */

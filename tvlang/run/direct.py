@@ -2576,7 +2576,7 @@ def _fusions(program) -> _Fusions:
     fused_calls = {call for call, _ in drops.values()}
     subs: dict[int, dict[int, int]] = {}
     for k, call in enumerate(steps):
-        if (call.op != "call" or call.name not in (*DROP_CALLS, "ties", "della") or k in fused_calls
+        if (call.op != "call" or call.name not in (*DROP_CALLS, "ties", *DELLA_CALLS) or k in fused_calls
                 or len(set(call.srcs)) < len(call.srcs)):
             continue
         for position, slot in enumerate(call.srcs):
