@@ -1479,6 +1479,8 @@ DELLA_RECIPES = [
     "pre + 0.5*della(a - pre, b - pre, c - pre, density=0.7, epsilon=0.2, rescale=false, lambda=1.5)",
     "pre + della_linear(a - pre, b - pre, density=0.4, epsilon=0.1, seed=2, weights=[1, 1])",
     "pre + della_linear(a - pre, b - pre, c - pre, density=0.3, epsilon=0.2, seed=5, lambda=0.7)",
+    # a - pre read again after the call: its axpy does not wait for the row loop, b - pre's does
+    "pre + della(a - pre, b - pre, density=0.3, epsilon=0.1, seed=7) + 0.25*(a - pre)",
     "pre + della(a - pre, b - pre, density=1.0, epsilon=0.0) - della(c - pre, density=0.3, epsilon=0.05, seed=9)",
     "pre + della(a - pre, b - pre, c - pre, density=0.0, epsilon=0.0)",
     'pre + della(a - pre, b - pre, density=layers(0.2, 0.6), epsilon=0.1, seed=3, merge="weighted_mean")',
