@@ -529,8 +529,7 @@ def test_della_rows_are_the_steps_one_by_one(pcg_ways, m, k):
             [None, (1.0, 1.0), (0.7, -2.0)], (1.0, 0.3)):
         if m == 1 and (merge, frequency) != (1, 0) or taker is not None and scale != 1.0:
             continue
-        c = 2.0 * epsilon / (m - 1) if m > 1 else 0.0
-        d = density - epsilon if m > 1 else density
+        c, d = magprune.ramp(m, density, epsilon)
         parts = []
         for i in range(k):
             x = a[i].clone()

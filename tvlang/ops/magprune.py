@@ -26,8 +26,8 @@ import numpy
 
 from tvlang.ops.native import library, set_state_words, state_words
 
-__all__ = ["MAX_ROW", "ROW_BLOCK", "SCRATCH", "RowBlocks", "Words", "input_bits", "row_length", "sample", "sample_rows",
-           "stream_words"]
+__all__ = ["MAX_ROW", "ROW_BLOCK", "SCRATCH", "RowBlocks", "Words", "input_bits", "ramp", "row_length", "sample",
+           "sample_rows", "stream_words"]
 
 #: the longest row the helper ranks: ranks up to 2**24 are exact in float32 (torch's ramp, the loop's casts)
 MAX_ROW = 1 << 24
@@ -108,6 +108,12 @@ def stream_words(bits) -> numpy.ndarray:
     return numpy.concatenate([state_words(bits), numpy.zeros(2, dtype=numpy.uint64)])
 
 
+def ramp(m: int, density: float, epsilon: float) -> tuple[float, float]:
+    """``(c, d)`` of the keep probability ``p = rank * c + d`` over a row of ``m`` entries, as the
+    helper takes them: from ``density - epsilon`` to ``density + epsilon``; ``density`` for a row of one."""
+    return (2.0 * epsilon / (m - 1), density - epsilon) if m > 1 else (0.0, density)
+
+
 def sample(lib, st: numpy.ndarray, skip: int, x_at: int, n: int, m: int, density: float, epsilon: float,
            rescale: bool, out_at: int | None, flags: numpy.ndarray | None) -> None:
     """MAGPRUNE of ``n`` float32 entries at address ``x_at`` (``n // m`` whole rows of ``m``, at most
@@ -115,8 +121,7 @@ def sample(lib, st: numpy.ndarray, skip: int, x_at: int, n: int, m: int, density
     left where they end), into float32s at ``out_at`` (the kept entries, divided by their probability
     with ``rescale``) and/or keep flags (0 or 1 a byte) into ``flags``."""
     if n:
-        c = 2.0 * epsilon / (m - 1) if m > 1 else 0.0
-        d = density - epsilon if m > 1 else density
+        c, d = ramp(m, density, epsilon)
         scratch = numpy.empty(SCRATCH * m + 32, dtype=numpy.uint64)
         lib.tv_magprune_f32(st.ctypes.data, skip, x_at, n // m, m, c, d, int(rescale), scratch.ctypes.data,
                             out_at, None if flags is None else flags.ctypes.data)

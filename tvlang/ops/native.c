@@ -1782,13 +1782,6 @@ static FMA_TARGET void axpy_row(const float *a, const float *b, float cb, size_t
     for (size_t j = 0; j < m; j++) x[j] = fmaf(b[j], cb, a[j]);
 }
 
-/* della_linear's sum of the parts' n entries, as tv_axpy_f32 makes it from zeros. */
-static FMA_TARGET void sum_parts(const float *const *parts, size_t k, size_t n, float *out) {
-    for (size_t j = 0; j < n; j++) out[j] = 0.0f;
-    for (size_t i = 0; i < k; i++)
-        for (size_t j = 0; j < n; j++) out[j] = fmaf(parts[i][j], 1.0f, out[j]);
-}
-
 int tv_della_rows_f32(const float *const *a, const float *const *b, const float *cb, const uint64_t *st,
                       uint64_t skip, size_t k, size_t rows, size_t m, float c, float d, int rescale, int frequency,
                       int merge, float scale, const float *base, float first, float cc, uint64_t *scratch,
@@ -1815,8 +1808,9 @@ int tv_della_rows_f32(const float *const *a, const float *const *b, const float 
             size_t n = m - start < TILE ? m - start : TILE;
             const float *shifted[DELLA_PARTS];
             for (size_t i = 0; i < k; i++) shifted[i] = part + i * m + start;
-            if (merge < 0) {
-                sum_parts(shifted, k, n, merged);
+            if (merge < 0) { /* della_linear's sum: tv_axpy_f32 of each part into zeros */
+                memset(merged, 0, n * sizeof *merged);
+                for (size_t i = 0; i < k; i++) tv_axpy_f32(merged, shifted[i], 1.0f, n);
             } else {
                 tv_sign_merge_f32(shifted, k, n, frequency, merge, merged);
             }

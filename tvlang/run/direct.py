@@ -98,7 +98,7 @@ from tvlang.ops.coefficients import (
 from tvlang.ops.context import TensorContext
 from tvlang.ops.drops import CHUNK as DROP_CHUNK
 from tvlang.ops.drops import DropRule, l1_factor
-from tvlang.ops.magprune import SCRATCH, RowBlocks, input_bits, row_length, sample, stream_words
+from tvlang.ops.magprune import SCRATCH, RowBlocks, input_bits, ramp, row_length, sample, stream_words
 from tvlang.ops.names import count_layers
 from tvlang.ops.native import (
     BLOCK,
@@ -1500,6 +1500,10 @@ class _Della:
         self.fuses = 0.0 < self.density < 1.0 and n_inputs <= DELLA_PARTS
         if self.fuses:
             self.states = numpy.concatenate(self.starts)  # each input's six words in turn
+            self.ramp = ramp(m, self.density, self.epsilon)
+            self.merge = (False, -1)  # della_linear: the sum
+            if "elect" in options:
+                self.merge = (options["elect"] == "frequency", MERGE_CODES[options["merge"]])
 
     def work(self, pieces: list, parts: list, target, taker: tuple | None, lib, waiting: dict) -> RowBlocks:
         """The next chunk's rows (``target``'s length of entries), to be run by :meth:`RowBlocks.run`.
@@ -1548,12 +1552,7 @@ class _Della:
         merge or the sum, then the step that takes it or ``lambda``: the same operations as the steps
         and :meth:`_rows` one at a time. Whether an entry of the result is not finite."""
         m, k = self.m, len(pieces)
-        c = 2.0 * self.epsilon / (m - 1) if m > 1 else 0.0
-        d = self.density - self.epsilon if m > 1 else self.density
         scratch = numpy.empty(SCRATCH * m + 32 + ((k + 1) * m + 1) // 2, dtype=numpy.uint64)
-        frequency, merge = False, -1  # della_linear: the sum
-        if "elect" in self.options:
-            frequency, merge = self.options["elect"] == "frequency", MERGE_CODES[self.options["merge"]]
         if taker is not None:
             result, base, first, coef = taker
             out, base_at = result[start:start + count], base[start:].ctypes.data
@@ -1562,9 +1561,9 @@ class _Della:
         a = (ctypes.c_void_p * k)(*[piece[start:].ctypes.data for piece in pieces])
         b = (ctypes.c_void_p * k)(*[waiting[i][0][start:].ctypes.data if i in waiting else None for i in range(k)])
         cb = (ctypes.c_float * k)(*[waiting[i][1] if i in waiting else 0.0 for i in range(k)])
-        return bool(lib.tv_della_rows_f32(a, b, cb, self.states.ctypes.data, offset + start, k, count // m, m, c, d,
-                                          int(self.rescale), frequency, merge, self.factor, base_at, first, coef,
-                                          scratch.ctypes.data, out.ctypes.data))
+        return bool(lib.tv_della_rows_f32(a, b, cb, self.states.ctypes.data, offset + start, k, count // m, m,
+                                          *self.ramp, int(self.rescale), *self.merge, self.factor, base_at, first,
+                                          coef, scratch.ctypes.data, out.ctypes.data))
 
 
 def _pipelines(program) -> bool:
@@ -2713,7 +2712,8 @@ def _takes(steps, index: int, slot: int) -> bool:
 
 def _defers(stream) -> bool:
     """Whether a call's stream takes its inputs fused: a DARE call's when it draws masks without the L1
-    rule, a ``ties`` or ``breadcrumbs`` call's when it runs in the fused loop (:meth:`_Trims.fusable`)."""
+    rule, a ``ties`` or ``breadcrumbs`` call's when it runs in the fused loop (:meth:`_Trims.fusable`),
+    a della or della_linear call's when its blocks run in the helper's row loop (:attr:`_Della.fuses`)."""
     if isinstance(stream, _Trims):
         return stream.fusable()
     if isinstance(stream, _Della):
