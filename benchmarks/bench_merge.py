@@ -32,6 +32,8 @@ fresh process and measured by ``harness.measure``:
 - ``tvlang-della``: ``pre + della(a - pre, b - pre, c - pre, density=0.2, epsilon=0.1, seed=1)``
   (issue 19: at most 2.5x plain task arithmetic), checked against the eager evaluation of the
   same recipe on each checked tensor (its samples depend on the seed and the tensor's name only);
+- ``tvlang-della_l1``: the same with ``rescale_by="l1"`` (mergekit's ``rescale: true``: each input's
+  sample scaled back to its L1 norm, found in a pass before the main one), checked the same way;
 - ``tvlang-cos``: ``pre + cos(a - pre, b - pre)*(a - pre) + 0.4*(b - pre) + 0.4*(c - pre)``: a
   whole-model reduction pass before the main one (issue 19: flat memory with ``norm``/``cos``);
 - ``mergekit-ta``: ``mergekit-yaml`` ``task_arithmetic``, weights 0.4, ``normalize: false``;
@@ -101,6 +103,7 @@ EXPRS = {
     "tvlang-cos": "pre + cos(a - pre, b - pre)*(a - pre) + 0.4*(b - pre) + 0.4*(c - pre)",
     "tvlang-random_like": "pre + random_like(a - pre, seed=1) + 0.4*(b - pre) + 0.4*(c - pre)",
     "tvlang-della": "pre + della(a - pre, b - pre, c - pre, density=0.2, epsilon=0.1, seed=1)",
+    "tvlang-della_l1": 'pre + della(a - pre, b - pre, c - pre, density=0.2, epsilon=0.1, seed=1, rescale_by="l1")',
 }
 MERGEKIT = {
     "mergekit-ta": ("task_arithmetic", "false", {"weight": 0.4}),
@@ -322,7 +325,7 @@ def check(name: str, out: str, paths: dict[str, str]) -> tuple[bool, str]:
             err = abs(float(noise.norm()) - want) / want
             ok &= err <= 1e-4
             notes.append(f"{tensor}: noise norm off by {err:.2g} (relative)")
-        elif name.endswith("-della"):
+        elif name.endswith(("-della", "-della_l1")):
             import tvlang
 
             eager = tvlang.compile(EXPRS[name]).evaluate({n: {tensor: t} for n, t in zip(NAMES, (pre, a, b, c))})

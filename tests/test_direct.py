@@ -209,6 +209,7 @@ def test_recipe_file_with_load_paths_records_them_relative(models, tmp_path, mon
                                   "pre + random_like(a - pre, seed=1)",
                                   "pre + dare_ties(a - pre, a - pre, p=0.5, rescale_by='l1')",
                                   "pre + della(a - pre, a - pre, density=0.3, epsilon=0.1)",
+                                  "pre + della(a - pre, a - pre, density=0.3, epsilon=0.1, rescale_by='l1')",
                                   "pre + cos(a - pre, 0.5*(a - pre))*(a - pre)"])
 def test_the_command_imports_no_torch(models, tmp_path, text):
     _, paths, _ = models
@@ -1446,7 +1447,8 @@ def test_odd_tensors_same_bytes(models, tmp_path, monkeypatch, text):
                                   "pre + random_like(a - pre, seed=5)",
                                   "pre + sce(a - pre, b - pre, select_topk=0.3)",
                                   "pre + dare_ties(a - pre, b - pre, p=0.5, rescale_by='l1')",
-                                  "pre + della(a - pre, b - pre, density=0.3, epsilon=0.2, seed=2)"])
+                                  "pre + della(a - pre, b - pre, density=0.3, epsilon=0.2, seed=2)",
+                                  "pre + della(a - pre, b - pre, density=0.3, epsilon=0.2, rescale_by='l1')"])
 def test_passes_before_the_main_one_on_bfloat16(models, tmp_path, monkeypatch, text):
     """The sums', L1 norms' and sce's passes over bfloat16 models (read as float32, exactly; the
     result rounded back to bfloat16 as torch rounds it): the local executor's bytes."""
@@ -1484,6 +1486,12 @@ DELLA_RECIPES = [
     "pre + della(a - pre, b - pre, density=1.0, epsilon=0.0) - della(c - pre, density=0.3, epsilon=0.05, seed=9)",
     "pre + della(a - pre, b - pre, c - pre, density=0.0, epsilon=0.0)",
     'pre + della(a - pre, b - pre, density=layers(0.2, 0.6), epsilon=0.1, seed=3, merge="weighted_mean")',
+    # rescale_by="l1": each input's norms before and after its sample in a pass before the main one
+    'pre + della(a - pre, b - pre, c - pre, density=0.2, epsilon=0.1, seed=1, rescale_by="l1")',
+    'pre + della_linear(a - pre, b - pre, density=0.4, epsilon=0.1, seed=2, rescale_by="l1", lambda=0.7)',
+    'pre + della(a - pre, b - pre, density=0.3, epsilon=0.1, seed=7, rescale_by="l1") + 0.25*(a - pre)',
+    'pre + 2*della(a - pre, b - pre, density=layers(0.3, 1.0), epsilon=0.2, seed=3, rescale_by="l1",'
+    ' elect="frequency")',
 ]
 
 
@@ -1581,6 +1589,75 @@ def test_della_on_bfloat16_in_the_row_loop(tmp_path, monkeypatch, text):
     same_as_local_and_eager(monkeypatch, tmp_path, text, halves, 2 * 1288)
     assert fused and all(waiting == [0, 1, 2] for waiting in fused)  # each input's a - pre made in the loop
     assert load_file(str(tmp_path / "direct" / "merged.safetensors"))["w"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("limit", [None, 0])
+def test_della_l1_keeps_its_flags_or_samples_again(tmp_path, monkeypatch, limit):
+    """della with rescale_by="l1": its pass samples every chunk once and keeps the keep flags, so the
+    main pass takes each block of rows from them; past SAVED_BITS_LIMIT (0 here) it keeps none and
+    the main pass samples each block of rows again. Both: the local executor's bytes (which keeps
+    its flags), the eager evaluation's tensors."""
+    chunks, blocks = [], []
+    real_observe, real_rows = direct._Della.observe, direct._Della._rows
+
+    def observe(self, pieces, *args):
+        chunks.append(len(pieces[0]))
+        return real_observe(self, pieces, *args)
+
+    def rows(self, *args, **kwargs):
+        blocks.append(args[-1] if len(args) == 9 else kwargs.get("packed"))
+        return real_rows(self, *args, **kwargs)
+
+    monkeypatch.setattr(direct._Della, "observe", observe)
+    monkeypatch.setattr(direct._Della, "_rows", rows)
+    if limit is not None:
+        monkeypatch.setattr(direct, "SAVED_BITS_LIMIT", limit)
+    text = 'pre + della(a - pre, b - pre, density=0.3, epsilon=0.1, seed=3, rescale_by="l1")'
+    same_as_local_and_eager(monkeypatch, tmp_path, text, row_models(tmp_path / "in"), 3000)
+    # chunks of two rows of 1,288 (102 of w), ten of 300 (7 of v), the vector and the scalar: 111
+    assert len(chunks) == 111 and sum(chunks) == 203 * 1288 + 70 * 300 + 1288 + 1
+    assert len(blocks) == 111  # a chunk is one block of the main pass (at most ROW_BLOCK entries)
+    assert all((packed is None) == (limit == 0) for packed in blocks)
+
+
+@pytest.mark.parametrize("cuts", [[], [1, 5000, 16383, 16385, 30000], [16384, 32768], [7] * 40])
+def test_abs_sums_of_pieces_are_the_block_sums_of_the_whole(cuts):
+    """_AbsSums over pieces cut anywhere (inside a block, at its end, pieces shorter than a block):
+    the local executor's L1 norm (BlockSums with l1) of the whole tensor, bit for bit."""
+    from tvlang.ops.native import library
+    from tvlang.ops.sums import BlockSums
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3 * (1 << 14) + 100, generator=g) * torch.logspace(-20, 20, 3 * (1 << 14) + 100)
+    whole = BlockSums(False, l1=True)
+    whole.add("", [x])
+    sums = direct._AbsSums(x.numel())
+    values, at = x.numpy(), 0
+    for cut in cuts:
+        sums.add(values[at:at + cut], library())
+        at += cut
+    sums.add(values[at:], library())
+    assert sums.total() == whole.value()
+
+
+def test_a_nonfinite_della_l1_norm_is_the_local_executors(tmp_path, monkeypatch):
+    """An infinite input entry makes della's L1 norm infinite in its pass: this executor gives the run
+    to the local one (nothing written), whose result and error are its own."""
+    g = torch.Generator().manual_seed(9)
+    pre = {"w": torch.randn(40, 300, generator=g)}
+    a = {"w": pre["w"] + 0.01 * torch.randn(40, 300, generator=g)}
+    a["w"][25, 7] = math.inf
+    paths = {"pre": write_checkpoint(str(tmp_path / "in" / "pre"), pre),
+             "a": write_checkpoint(str(tmp_path / "in" / "a"), a)}
+    ran = []
+    real = direct.attempt
+    monkeypatch.setattr(direct, "attempt", lambda *args, **kw: ran.append(real(*args, **kw)) or ran[-1])
+    text = 'pre + della(a - pre, density=0.5, epsilon=0.1, rescale_by="l1")'
+    with pytest.raises(TvlangError) as err:
+        tvlang.compile(text).run(paths, str(tmp_path / "out"))
+    assert ran == [None]
+    assert err.value.message.startswith("output 'out': tensor 'w' has a non-finite value")
+    assert sorted(os.listdir(tmp_path)) == ["in"]
 
 
 def test_della_rows_longer_than_a_chunk_are_the_local_executors(tmp_path, monkeypatch):

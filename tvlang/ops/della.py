@@ -39,7 +39,7 @@ import torch
 from tvlang.ops.common import ChunkKernel, chunk_form_of, fresh, helper_thread, kernel_of, scratch
 from tvlang.ops.context import TensorContext
 from tvlang.ops.dare import L1Norms, restore_l1
-from tvlang.ops.magprune import MAX_ROW, Words, input_bits, row_length, sample_rows
+from tvlang.ops.magprune import MAX_ROW, SAVED_BITS_LIMIT, Words, input_bits, row_length, sample_rows
 from tvlang.ops.native import library
 from tvlang.ops.ties import sign_merge
 
@@ -48,9 +48,6 @@ __all__ = ["Magprune", "Words", "della", "della_linear", "della_chunks", "della_
 
 #: entries per block when a whole tensor is sampled (whole rows; at least one row)
 BLOCK = 1 << 18
-#: bytes of keep flags (a bit per entry of every input) that ``rescale_by="l1"`` keeps from its
-#: pass for the main pass: a tensor of up to 178 million entries over 3 inputs
-SAVED_BITS_LIMIT = 64 << 20
 #: entries of a block from which rank_order sorts half its rows on a helper thread
 SPLIT_SORT = 1 << 15
 

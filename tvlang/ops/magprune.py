@@ -26,8 +26,8 @@ import numpy
 
 from tvlang.ops.native import library, set_state_words, state_words
 
-__all__ = ["MAX_ROW", "ROW_BLOCK", "SCRATCH", "RowBlocks", "Words", "input_bits", "ramp", "row_length", "sample",
-           "sample_rows", "stream_words"]
+__all__ = ["MAX_ROW", "ROW_BLOCK", "SAVED_BITS_LIMIT", "SCRATCH", "RowBlocks", "Words", "input_bits", "ramp",
+           "row_length", "sample", "sample_rows", "stream_words"]
 
 #: the longest row the helper ranks: ranks up to 2**24 are exact in float32 (torch's ramp, the loop's casts)
 MAX_ROW = 1 << 24
@@ -35,6 +35,10 @@ MAX_ROW = 1 << 24
 ROW_BLOCK = 1 << 15
 #: 64-bit words of scratch the helper takes a row entry, beside 32 (native.c, tv_magprune_f32)
 SCRATCH = 5
+#: bytes of keep flags (a bit per entry of every input) that della's ``rescale_by="l1"`` keeps from its
+#: pass for the main pass, in both executors: a tensor of up to 178 million entries over 3 inputs
+#: (past that the main pass ranks and draws again, the same flags)
+SAVED_BITS_LIMIT = 64 << 20
 
 
 def row_length(shape: Sequence[int]) -> int:

@@ -732,20 +732,32 @@ MULTI_VERSION void tv_nearswap_f32(const float *a, const float *b, size_t n, flo
  * x * 0.0, so an infinity dropped is NaN, as torch gives) and then by the input's factor when it
  * has one: two float32 products, rounded as torch's two calls round them, in one pass instead of
  * an unpack, a conversion and two multiplications. */
+static float flag_floats[256][8]; /* for each flag byte, its eight flags as 1.0f or 0.0f, high bit first */
+
+/* Run once as the library is loaded (one thread), before any call. */
+__attribute__((constructor)) static void fill_flag_floats(void) {
+    for (unsigned v = 0; v < 256; v++)
+        for (unsigned k = 0; k < 8; k++) flag_floats[v][k] = (float)((v >> (7 - k)) & 1u);
+}
+
+/* The flags of a byte come from flag_floats (a row of eight floats a byte, so the products
+ * vectorize eight at a time); the same two products, in the same order, as flag by flag. */
 MULTI_VERSION void tv_flags_scale_f32(const float *x, const uint8_t *packed, size_t n, int has_factor, float factor,
                                       float *out) {
     size_t whole = n / 8 * 8;
-    for (size_t j = 0; j < whole; j += 8) {
-        unsigned byte = packed[j >> 3];
-        for (int b = 0; b < 8; b++) {
-            int bit = (byte >> (7 - b)) & 1u;
-            float kept = x[j + b] * (float)bit;
-            out[j + b] = has_factor ? kept * factor : kept;
+    if (has_factor) {
+        for (size_t j = 0; j < whole; j += 8) {
+            const float *flag = flag_floats[packed[j >> 3]];
+            for (int b = 0; b < 8; b++) out[j + b] = (x[j + b] * flag[b]) * factor;
+        }
+    } else {
+        for (size_t j = 0; j < whole; j += 8) {
+            const float *flag = flag_floats[packed[j >> 3]];
+            for (int b = 0; b < 8; b++) out[j + b] = x[j + b] * flag[b];
         }
     }
     for (size_t j = whole; j < n; j++) {
-        int bit = (packed[j >> 3] >> (7 - (j & 7))) & 1u;
-        float kept = x[j] * (float)bit;
+        float kept = x[j] * flag_floats[packed[j >> 3]][j & 7];
         out[j] = has_factor ? kept * factor : kept;
     }
 }
