@@ -25,8 +25,9 @@ returns ``None`` before anything is written, and the local or Ray executor runs 
   (constant weights; :data:`GRAM_CALLS`) and ``random_like`` (:class:`_Noise`), with no threshold
   or DARE call beside them, or of ``sce``
   (alone of its kind, its inputs needing no other call: :class:`_Sce`), or of ``della`` (unit
-  weights, an election) and ``della_linear`` (unit weights, ``merge="sum"``) without
-  ``rescale_by="l1"`` (:class:`_Della`, alone of their kind; chunks of whole rows, so a row of
+  weights, an election) and ``della_linear`` (unit weights, ``merge="sum"``; with
+  ``rescale_by="l1"``, only where the call's inputs need no other call: its norms are a pass before
+  the main one) (:class:`_Della`, alone of their kind; chunks of whole rows, so a row of
   more than CHUNK_ELEMENTS entries leaves the run to the local executor), and writes;
 - every source the recipe names is a local ``.safetensors`` file, a ``.safetensors.index.json``
   with its shards, or a model directory of either (no Hub reference, LoRA adapter, ``.bin`` file,
@@ -56,7 +57,9 @@ executor's window, or its radix select) on another, one tensor ahead of the main
 GRAM_CALLS' norms and dot products (:class:`_Gram`: the helper's block sums, as tvlang.ops.sums sums
 them, and the kernels' coefficients from tvlang.ops.coefficients). A recipe whose one call is
 ``della`` reads each chunk while the rows of the one before are sampled, in blocks of rows that
-both threads take (:func:`_pipelined`, :class:`RowBlocks`). A result
+both threads take (:func:`_pipelined`, :class:`RowBlocks`); with ``rescale_by="l1"``, its norms'
+pass (each input sampled, in such blocks) runs one tensor ahead of the main pass (:class:`_Ahead`),
+which takes the keep flags it kept. A result
 that is not finite, or an input that cannot be read as its header says, withdraws what was
 written and leaves the run to the local executor, which reports it as always.
 """
@@ -189,8 +192,8 @@ SUMS_CALLS = (*GRAM_CALLS, "random_like")  # the calls whose pass before the mai
 #: sce, its selection and weights found in passes before the main one (:class:`_Sce`), alone of its kind
 SCE_OPTIONS = ("count", "select_topk")
 #: della and della_linear (:class:`_Della`): MAGPRUNE by the helper over chunks of whole rows, no pass before
-#: the main one (``rescale_by="probability"``), unit weights; della with an election (the helper's sign
-#: merge), della_linear with ``merge="sum"``; alone of their kind
+#: the main one with ``rescale_by="probability"``, one for the norms with ``"l1"``; unit weights; della with
+#: an election (the helper's sign merge), della_linear with ``merge="sum"``; alone of their kind
 DELLA_CALLS = {"della": ("density", "elect", "elect_on", "epsilon", "lambda", "merge", "rescale", "rescale_by",
                          "seed", "weights"),
                "della_linear": ("density", "epsilon", "lambda", "merge", "rescale", "rescale_by", "seed", "weights")}
@@ -1542,7 +1545,9 @@ class _Della:
     rows as :class:`RowBlocks`, which both threads take from. Where the density is strictly between 0
     and 1 and there are at most DELLA_PARTS inputs (:attr:`fuses`), a block runs in one helper loop
     (:meth:`_fused`), which also makes the inputs whose ``axpy`` waits for the call; else call by call
-    (:meth:`_rows`)."""
+    (:meth:`_rows`). With ``rescale_by="l1"`` (:attr:`l1`) a pass before the main one samples each
+    input and sums its magnitudes before and after (:meth:`observe`, tvlang.ops.della's pass); the
+    main pass scales each input's sample by its factor, from the keep flags that pass kept."""
 
     def __init__(self, options: dict, n_inputs: int, numel: int, m: int, context: TensorContext,
                  drawing: ThreadPoolExecutor) -> None:
