@@ -295,10 +295,13 @@ def test_a_nonfinite_result_is_the_local_executors_error(models, tmp_path):
                                   "pre + 2*breadcrumbs(a - pre, density=0.5, gamma=0.01)",
                                   "pre + 2*ties(a - pre, b - pre, density=0.5)",
                                   "pre + 2*dare_ties(a - pre, b - pre, p=0.5)",
-                                  "pre + 2*della(a - pre, b - pre, density=0.5, epsilon=0.1, seed=1)"])
+                                  "pre + 2*della(a - pre, b - pre, density=0.5, epsilon=0.1, seed=1)",
+                                  "pre + 2*dare_ties(a - pre, b - pre, p=0.5, rescale_by='l1')",
+                                  "pre + 2*della(a - pre, b - pre, density=0.5, epsilon=0.1, rescale_by='l1')"])
 def test_the_fused_loops_check_what_they_write(models, tmp_path, monkeypatch, text):
     """A chain of DARE or breadcrumbs calls, one fused call, a whole ties or dare_ties call, a della
-    call's rows: the helper's loop says whether an entry it wrote is not finite, so the writes make no check of their
+    call's rows, dare_ties and della with the L1 rule (their main pass in the fused loop): the
+    helper's loop says whether an entry it wrote is not finite, so the writes make no check of their
     own (``tv_nonfinite_f32`` is not called; before, once a tensor); the same files as the local
     executor. An entry beyond float32 (every entry of a's model.norm.weight 3e38, twice that kept) is
     the local executor's error all the same, naming the output, the tensor and the entry."""
@@ -1492,6 +1495,8 @@ DELLA_RECIPES = [
     'pre + della(a - pre, b - pre, density=0.3, epsilon=0.1, seed=7, rescale_by="l1") + 0.25*(a - pre)',
     'pre + 2*della(a - pre, b - pre, density=layers(0.3, 1.0), epsilon=0.2, seed=3, rescale_by="l1",'
     ' elect="frequency")',
+    'pre + della(a - pre, b - pre, c - pre, density=0.4, epsilon=0.3, seed=6, rescale_by="l1", lambda=1.5,'
+    ' merge="sum")',
 ]
 
 
@@ -1594,22 +1599,27 @@ def test_della_on_bfloat16_in_the_row_loop(tmp_path, monkeypatch, text):
 @pytest.mark.parametrize("limit", [None, 0])
 def test_della_l1_keeps_its_flags_or_samples_again(tmp_path, monkeypatch, limit):
     """della with rescale_by="l1": its pass samples every chunk once and keeps the keep flags, so the
-    main pass takes each block of rows from them; past SAVED_BITS_LIMIT (0 here) it keeps none and
-    the main pass samples each block of rows again. Both: the local executor's bytes (which keeps
-    its flags), the eager evaluation's tensors."""
+    main pass takes each block of rows from them, in the helper's fused merge loop; past
+    SAVED_BITS_LIMIT (0 here) it keeps none and the main pass samples each block of rows again. Both:
+    the local executor's bytes (which keeps its flags), the eager evaluation's tensors."""
     chunks, blocks = [], []
-    real_observe, real_rows = direct._Della.observe, direct._Della._rows
+    real_observe, real_rows, real_fused = direct._Della.observe, direct._Della._rows, direct._Della._l1_fused
 
     def observe(self, pieces, *args):
         chunks.append(len(pieces[0]))
         return real_observe(self, pieces, *args)
 
     def rows(self, *args, **kwargs):
-        blocks.append(args[-1] if len(args) == 9 else kwargs.get("packed"))
+        blocks.append(("again", kwargs.get("packed", args[8] if len(args) > 8 else None)))
         return real_rows(self, *args, **kwargs)
+
+    def fused(self, *args, **kwargs):
+        blocks.append(("flags", args[2]))
+        return real_fused(self, *args, **kwargs)
 
     monkeypatch.setattr(direct._Della, "observe", observe)
     monkeypatch.setattr(direct._Della, "_rows", rows)
+    monkeypatch.setattr(direct._Della, "_l1_fused", fused)
     if limit is not None:
         monkeypatch.setattr(direct, "SAVED_BITS_LIMIT", limit)
     text = 'pre + della(a - pre, b - pre, density=0.3, epsilon=0.1, seed=3, rescale_by="l1")'
@@ -1617,7 +1627,10 @@ def test_della_l1_keeps_its_flags_or_samples_again(tmp_path, monkeypatch, limit)
     # chunks of two rows of 1,288 (102 of w), ten of 300 (7 of v), the vector and the scalar: 111
     assert len(chunks) == 111 and sum(chunks) == 203 * 1288 + 70 * 300 + 1288 + 1
     assert len(blocks) == 111  # a chunk is one block of the main pass (at most ROW_BLOCK entries)
-    assert all((packed is None) == (limit == 0) for packed in blocks)
+    if limit is None:
+        assert all(way == "flags" and len(packed) == 2 for way, packed in blocks)
+    else:
+        assert all(way == "again" and packed is None for way, packed in blocks)
 
 
 @pytest.mark.parametrize("cuts", [[], [1, 5000, 16383, 16385, 30000], [16384, 32768], [7] * 40])

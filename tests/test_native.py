@@ -280,6 +280,9 @@ def steps_one_by_one(lib, inputs, forms, bits, windows, scale, options, taker, n
         elif form == 1:
             kept = torch.from_numpy(numpy.unpackbits(packed)[offset:offset + n].astype(bool))
             part = x * torch.where(kept, torch.tensor(scale), torch.tensor(0.0))
+        elif form == 6:  # the L1 rule's two torch calls: times the flags, then times the factor
+            kept = torch.from_numpy(numpy.unpackbits(packed)[offset:offset + n].astype(bool))
+            part = torch.mul(x, kept).mul_(lo)
         elif form == 2:
             lib.tv_hardshrink_f32(x.data_ptr(), n, lo, part.data_ptr())
         elif form == 3:
@@ -373,26 +376,30 @@ def test_whole_calls_in_one_loop_equal_the_steps_one_by_one(k):
     shared by every input (the unrolled loops), keep bits from bits at like and unlike places within
     a byte, tie windows whose counts go on from call to call, every election and merge, with and
     without a taker; lengths about the vectors of eight and the tiles of 512; specials in every
-    input, and entries tied at a few magnitudes."""
+    input, and entries tied at a few magnitudes. Form 6 (keep bits, then the L1 rule's factor, each
+    input its own: 1, 3.7, an infinity, 1e-30) among the others and shared by every input."""
     lib = native.linear_steps()
     n_max = 4099 + 16
     g = torch.Generator().manual_seed(k)
     seen_nan = seen_window = False
     for n in (1, 7, 8, 9, 511, 512, 513, 4099):
-        for trial, places in enumerate(("aligned", "like", "unlike", "shared")):
+        for trial, places in enumerate(("aligned", "like", "unlike", "shared", "l1-like", "l1-unlike")):
             a = tied_parts(k, n_max, 100 * k + n + trial, g)
             b = tied_parts(k, n_max, 200 * k + n + trial, g)
             forms = []
             for i in range(k):
                 cut = float(torch.rand(1, generator=g)) * 0.8
-                forms.append(((i + trial + n) % 6, cut, cut + 0.5))
+                forms.append(((i + trial + n) % 7, cut, cut + 0.5))
             if places in ("like", "unlike"):  # every input dropped (dare_ties), where the places matter
                 forms = [(1, 0.0, 0.0)] * k
+            elif places.startswith("l1"):  # every input dropped and scaled by its own L1 factor
+                forms = [(6, (1.0, 3.7, math.inf, 1e-30)[i % 4], 0.0) for i in range(k)]
             elif places == "shared":  # one trim for every input (ties, breadcrumbs)
                 forms = [((n % 3) + 2, 0.3, 0.9)] * k
             bits = []
             for i in range(k):
-                offset = {"aligned": 8 * i, "like": 8 * i + 3, "unlike": 8 * i + i % 8 + 1, "shared": 8 * i}[places]
+                offset = {"aligned": 8 * i, "like": 8 * i + 3, "unlike": 8 * i + i % 8 + 1, "shared": 8 * i,
+                          "l1-like": 8 * i + 5, "l1-unlike": 8 * i + i % 8 + 1}[places]
                 packed = numpy.packbits(numpy.random.default_rng(i + n).random(n_max + 16 * k + 16) < 0.3)
                 bits.append((packed, offset))
             inputs = [(a[i], b[i] if i % 2 == 0 else None, -1.0 if i % 3 else 0.5) for i in range(k)]

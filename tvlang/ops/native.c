@@ -1848,7 +1848,8 @@ int tv_della_rows_f32(const float *const *a, const float *const *b, const float 
  * (base times `first` where that is not 1; out = value where base is NULL). The forms: 0 the
  * input as it is, 1 times its keep bits (`scale` or +0.0, from bit `offset` of `packed`), 2
  * hardshrink at lo (tv_hardshrink_f32), 3 the band (lo, hi] (tv_band_f32), 4 x - hardshrink(x,
- * lo), 5 zeros. A tie window (tvlang.ops.common.TieWindow, the executor's _TieWindow): the
+ * lo), 5 zeros, 6 times its keep bits as 1.0 or 0.0, then times lo (the L1 rule's factor:
+ * tv_flags_scale_f32's two products; tv_fused_merge_f32 only). A tie window (tvlang.ops.common.TieWindow, the executor's _TieWindow): the
  * entries whose magnitude's bits are `bits`, numbered seen+1, seen+2, ... in flat order, are x
  * where numbered in (start, stop] and +0.0 elsewhere; `seen` goes on from call to call. The same
  * operations in the same order as the steps one by one, so the same bits; a, b and base are read
@@ -1904,6 +1905,10 @@ static FMA_TARGET void fused_tiles(fused_input *in, size_t k, size_t n, const fl
             switch (in[i].form) {
             case 0: memcpy(p, xi, m * sizeof *p); break;
             case 1: sub_times_bits(xi, NULL, 0.0f, in[i].packed, in[i].offset + start, table, scale_bits, m, p); break;
+            case 6:
+                for (size_t j = 0, at = in[i].offset + start; j < m; j++, at++)
+                    p[j] = (xi[j] * flag_floats[in[i].packed[at >> 3]][at & 7]) * in[i].lo;
+                break;
             case 2: tv_hardshrink_f32(xi, m, in[i].lo, p); break;
             case 3: tv_band_f32(xi, m, in[i].lo, in[i].hi, p); break;
             case 4:
@@ -1978,6 +1983,10 @@ static FMA_TARGET inline __attribute__((always_inline)) void fused_body(
             switch (same >= 0 ? same : in[i].form) {
             case 0: p = x; break;
             case 1: p = _mm256_mul_ps(x, _mm256_loadu_ps(table[in[i].packed[(in[i].offset + j) >> 3]])); break;
+            case 6:
+                p = _mm256_mul_ps(_mm256_mul_ps(x, _mm256_loadu_ps(flag_floats[in[i].packed[(in[i].offset + j) >> 3]])),
+                                  _mm256_set1_ps(in[i].lo));
+                break;
             case 2: p = v_hardshrink(x, in[i].lo); break;
             case 3: p = _mm256_sub_ps(v_hardshrink(x, in[i].lo), v_hardshrink(x, in[i].hi)); break;
             case 4: p = _mm256_sub_ps(x, v_hardshrink(x, in[i].lo)); break;
@@ -2037,6 +2046,7 @@ static FMA_TARGET void fused_vectors(fused_input *in, size_t k, size_t n, const 
     FUSED_CASE(1, 2) FUSED_CASE(1, 3) FUSED_CASE(1, 4) /* breadcrumbs: one input, one cut or two */
     FUSED_CASE(2, 1) FUSED_CASE(3, 1) FUSED_CASE(4, 1) /* dare_ties: keep bits */
     FUSED_CASE(2, 2) FUSED_CASE(3, 2) FUSED_CASE(4, 2) /* ties: a lower cut */
+    FUSED_CASE(2, 6) FUSED_CASE(3, 6) FUSED_CASE(4, 6) /* dare_ties with the L1 rule: keep bits, factors */
 #undef FUSED_CASE
     fused_body(k, -1, in, n, table, frequency, merge, base, first, c, out);
 }
@@ -2062,7 +2072,7 @@ int tv_fused_merge_f32(fused_input *in, size_t k, size_t n, float scale, int fre
     int bad = 0;
     size_t r = 8; /* where the keep bits start within a byte: 8 none, 9 unlike places */
     for (size_t i = 0; i < k; i++) {
-        if (at[i].form != 1) continue;
+        if (at[i].form != 1 && at[i].form != 6) continue;
         if (r == 8) r = at[i].offset & 7;
         else if ((at[i].offset & 7) != r) r = 9;
     }

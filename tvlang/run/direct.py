@@ -208,6 +208,7 @@ DELLA_PARTS = 16  # the most inputs of a della call the helper's row loop takes 
 #: the trims' plans (_Trims._plan) as the fused loop's forms (tv_fused_merge_f32); 1 is DARE's keep bits
 _FORMS = {"all": 0, "above": 2, "band": 3, "below": 4, "nothing": 5}
 _KEEP_BITS = 1
+_L1_BITS = 6  # the fused loop's form for keep bits then the L1 rule's factor (two products)
 
 
 class _Fallback(Exception):
@@ -1225,14 +1226,17 @@ class _Trims:
 class _L1:
     """``rescale_by="l1"`` of a DARE call over one tensor: each input's L1 norm before and after its
     drop, found in a pass before the main one as tvlang.ops.chunks' ``_Drops`` finds them, and each
-    entry's keep flag from that pass (``numpy.packbits``, a chunk at a time), so the main pass
+    entry's keep flag from that pass (the keep bits drawn, ``keep_bits``, a chunk at a time), so the main pass
     draws no mask again: it multiplies each input by its flags and its factor in one helper loop
     (``tv_flags_scale_f32``, which the local executor calls too). The norms are the helper's block
     sums of magnitudes (tvlang.ops.sums: ``BlockSums(l1=True)``), the block values added by
     ``math.fsum``; the factor is tvlang.ops.drops' ``l1_factor``."""
 
-    def __init__(self, rule: DropRule, masks: list, numel: int) -> None:
+    def __init__(self, rule: DropRule, masks: list, numel: int, fuses: bool = False) -> None:
         self.rule, self.masks = rule, masks
+        # a dare_ties call that draws: its main pass in the helper's fused loop (_drop_call), which
+        # makes the inputs whose axpy waits for it (_defers)
+        self.fuses = fuses and rule.draws
         n_inputs = len(masks)
         self.sums = numpy.empty((n_inputs, 2, -(-numel // BLOCK)), dtype=numpy.float64)  # before, after
         self.at = 0  # blocks summed
@@ -1249,10 +1253,10 @@ class _L1:
         count, rule = len(pieces[0]), self.rule
         for i, (x, source, kept) in enumerate(zip(pieces, self.masks, scratch)):
             kept = kept[:count]
-            if rule.draws:
-                mask = source.take(count)  # 0 or 1: the rule does not rescale
-                numpy.multiply(x, mask, out=kept)
-                self.flags[i].append(numpy.packbits(mask.view(numpy.uint32) != 0))
+            if rule.draws:  # keep bits (the rule does not rescale): x * 1.0 or x * 0.0, as x * mask
+                flags = _chunk_bits(source.take_bits(count))
+                lib.tv_flags_scale_f32(x.ctypes.data, flags.ctypes.data, count, 0, 0.0, kept.ctypes.data)
+                self.flags[i].append(flags)
             elif rule.keeps_all:
                 kept[:] = x
             else:
@@ -1282,6 +1286,13 @@ class _L1:
             part.fill(0.0)
         if factor is not None:
             lib.tv_scale_f32(part.ctypes.data, factor, count, part.ctypes.data)
+
+
+def _chunk_bits(runs: list) -> numpy.ndarray:
+    """A chunk's keep bits (:meth:`_Masks.take_bits`' runs, each from a whole byte: a chunk is a whole
+    number of BLOCK entries) as one array of their own, as ``numpy.packbits`` packs them."""
+    pieces = [block[first // 8:(first + n + 7) // 8] for block, first, n in runs]
+    return pieces[0].copy() if len(pieces) == 1 else numpy.concatenate(pieces)
 
 
 class _Sce:
@@ -1574,6 +1585,9 @@ class _Della:
         # 0 < density < 1, no L1 rule and at most DELLA_PARTS inputs: each block of rows in one helper
         # loop (_fused), which also makes the inputs whose axpy waits for the call (_defers)
         self.fuses = 0.0 < self.density < 1.0 and not self.l1 and n_inputs <= DELLA_PARTS
+        # della (an election) with the L1 rule and its flags kept: each block of the main pass in the
+        # helper's fused merge loop (_l1_fused), which also makes the inputs whose axpy waits for it
+        self.l1_fuses = self.l1 and self.saved is not None and "elect" in options and n_inputs <= FUSED_PARTS
         if self.fuses:
             self.states = numpy.concatenate(self.starts)  # each input's six words in turn
             self.ramp = ramp(m, self.density, self.epsilon)
@@ -1589,7 +1603,11 @@ class _Della:
         if self.fuses:
             return RowBlocks(len(target), self.m, self.helper, lambda start, stop: self._fused(
                 pieces, waiting, target, taker, lib, start, stop - start, offset))
-        if self.l1 and self.saved is not None:  # the pass's flags: no ranking, blocks of whole flag bytes
+        if self.l1_fuses:  # the pass's flags: no ranking, blocks of whole flag bytes
+            packed = [flags.popleft() for flags in self.saved]
+            return RowBlocks(len(target), 8, None, lambda start, stop: self._l1_fused(
+                pieces, waiting, packed, target, taker, lib, start, stop))
+        if self.l1 and self.saved is not None:  # (della_linear)
             packed = [flags.popleft() for flags in self.saved]
             return RowBlocks(len(target), 8, None, lambda start, stop: self._rows(
                 pieces, parts, target, taker, lib, start, stop, offset, packed))
@@ -1625,6 +1643,28 @@ class _Della:
             raise _Fallback  # the local executor's (its sums keep an infinity apart)
         self.scales = [l1_factor(before, after) for before, after in totals]
         self.found = True
+
+    def _l1_fused(self, pieces: list, waiting: dict, packed: list, target, taker: tuple | None, lib, start: int,
+                  stop: int) -> bool | None:
+        """della with the L1 rule over the chunk's entries ``start:stop`` (``start`` a whole number of
+        bytes of the flags ``packed``) in one helper loop (``tv_fused_merge_f32``'s form 6): each input
+        made (the ``axpy`` of ``waiting``), times its flags and then its factor (tv_flags_scale_f32's two
+        products), the sign merge, the step that takes it; else ``lambda`` after (tv_scale_f32). Whether
+        an entry of the result is not finite (``None`` where ``lambda`` came after the loop's check)."""
+        count = stop - start
+        inputs = [(piece[start:stop], waiting[i][0][start:stop] if i in waiting else None,
+                   waiting[i][1] if i in waiting else 0.0) for i, piece in enumerate(pieces)]
+        forms = [(_L1_BITS, 1.0 if factor is None else factor, 0.0) for factor in self.scales]
+        if taker is not None:
+            result, base, first, c = taker
+            taker = (result[start:stop], base[start:stop], first, c)
+        out = target[start:stop]
+        bad = _whole_call(lib, count, inputs, forms, taker, out, options=self.options,
+                          runs=[[(bits, start, count)] for bits in packed])
+        if taker is None and self.factor != 1.0:
+            lib.tv_scale_f32(out.ctypes.data, self.factor, count, out.ctypes.data)
+            return None
+        return bad
 
     def _rows(self, pieces: list, parts: list, target, taker: tuple | None, lib, start: int, stop: int,
               offset: int, packed: list | None = None) -> None:
@@ -2382,8 +2422,10 @@ def _streams(program, name: str, numel: int, drawing: ThreadPoolExecutor, num_la
             for i in range(len(step.srcs)):
                 bits = context.bits(options["seed"])
                 bits.advance(i * rule.words(numel))
-                masks.append(_Masks(rule, bits, numel if rule.draws else 0, drawing, index in packed and not l1))
-            streams[index] = (rule, masks, options, _L1(rule, masks, numel) if l1 else None)
+                # keep bits for the fused calls, and for the L1 rule's pass (its flags, as drawn)
+                masks.append(_Masks(rule, bits, numel if rule.draws else 0, drawing, index in packed or l1))
+            fuses = step.name == "dare_ties" and len(step.srcs) <= FUSED_PARTS
+            streams[index] = (rule, masks, options, _L1(rule, masks, numel, fuses) if l1 else None)
         else:
             streams[index] = options
     return streams
@@ -2837,14 +2879,15 @@ def _takes(steps, index: int, slot: int) -> bool:
 
 def _defers(stream) -> bool:
     """Whether a call's stream takes its inputs fused: a DARE call's when it draws masks without the L1
-    rule, a ``ties`` or ``breadcrumbs`` call's when it runs in the fused loop (:meth:`_Trims.fusable`),
-    a della or della_linear call's when its blocks run in the helper's row loop (:attr:`_Della.fuses`)."""
+    rule (with it, a ``dare_ties`` call's: :attr:`_L1.fuses`), a ``ties`` or ``breadcrumbs`` call's
+    when it runs in the fused loop (:meth:`_Trims.fusable`), a della or della_linear call's when its
+    blocks run in the helper's row loop (:attr:`_Della.fuses`)."""
     if isinstance(stream, _Trims):
         return stream.fusable()
     if isinstance(stream, _Della):
-        return stream.fuses
+        return stream.fuses or stream.l1_fuses
     rule, _, _, l1 = stream
-    return l1 is None and rule.draws
+    return l1.fuses if l1 is not None else rule.draws
 
 
 def _drop_fusions(program) -> dict[int, tuple[int, int]]:
@@ -3088,6 +3131,12 @@ def _drop_call(step, pieces: list, stream: tuple[DropRule, list[_Masks], dict, _
     count = len(target)
     parts = [target] if step.name == "dare" else [buffer[:count] for buffer in drops]
     waiting = dict(zip(coefs, subtracted)) if coefs and _defers(stream) else {}
+    if l1 is not None and l1.fuses:  # each input times its flags, then its factor, and the merge: one loop
+        flags = [l1.flags[i].popleft() for i in range(len(pieces))]  # held here: their memory outlives the call
+        return _whole_call(lib, count, [(x, waiting.get(i), coefs[i] if i in waiting else 0.0)
+                                        for i, x in enumerate(pieces)],
+                           [(_L1_BITS, 1.0 if factor is None else factor, 0.0) for factor in l1.factors], taker,
+                           target, options=options, runs=[[(bits, 0, count)] for bits in flags])
     if step.name == "dare_ties" and len(pieces) <= FUSED_PARTS and _defers(stream) and all(m.packed for m in masks):
         return _whole_call(lib, count, [(x, waiting.get(i), coefs[i] if i in waiting else 0.0)
                                         for i, x in enumerate(pieces)],
