@@ -19,6 +19,9 @@ fresh process and measured by ``harness.measure``:
 - ``tvlang-ties``: ``pre + ties(a - pre, b - pre, c - pre, density=0.2)``;
 - ``tvlang-dare``: ``pre + dare(a - pre, 0.9, seed=1) + dare(b - pre, 0.9, seed=2) + dare(c - pre, 0.9, seed=3)``;
 - ``tvlang-dare_ties``: ``pre + dare_ties(a - pre, b - pre, c - pre, p=0.9)``;
+- ``tvlang-dare_ties_l1``: the same with ``rescale_by="l1"`` (mergekit's ``rescale: true``, its
+  dare_ties configs' default: each input's drop scaled back to its L1 norm, found in a pass before
+  the main one), checked against the eager evaluation as ``tvlang-della``;
 - ``tvlang-ties+torch``, ``tvlang-dare+torch``, ``tvlang-dare_ties+torch``: those three with
   ``TVLANG_DIRECT=0``: the local executor (the torch-free one runs ``ties``, ``breadcrumbs``,
   ``dare`` and unit-weight ``dare_ties`` too, tvlang.run.direct);
@@ -93,6 +96,7 @@ EXPRS = {
     "tvlang-ties": f"pre + ties(a - pre, b - pre, c - pre, density={DENSITY})",
     "tvlang-dare": " + ".join(["pre"] + [f"dare({m} - pre, {P}, seed={i})" for i, m in enumerate("abc", 1)]),
     "tvlang-dare_ties": f"pre + dare_ties(a - pre, b - pre, c - pre, p={P})",
+    "tvlang-dare_ties_l1": f'pre + dare_ties(a - pre, b - pre, c - pre, p={P}, rescale_by="l1")',
     "tvlang-ties+torch": f"pre + ties(a - pre, b - pre, c - pre, density={DENSITY})",
     "tvlang-dare+torch": " + ".join(["pre"] + [f"dare({m} - pre, {P}, seed={i})" for i, m in enumerate("abc", 1)]),
     "tvlang-dare_ties+torch": f"pre + dare_ties(a - pre, b - pre, c - pre, p={P})",
@@ -325,7 +329,7 @@ def check(name: str, out: str, paths: dict[str, str]) -> tuple[bool, str]:
             err = abs(float(noise.norm()) - want) / want
             ok &= err <= 1e-4
             notes.append(f"{tensor}: noise norm off by {err:.2g} (relative)")
-        elif name.endswith(("-della", "-della_l1")):
+        elif name.endswith(("-della", "-della_l1", "-dare_ties_l1")):
             import tvlang
 
             eager = tvlang.compile(EXPRS[name]).evaluate({n: {tensor: t} for n, t in zip(NAMES, (pre, a, b, c))})

@@ -3044,15 +3044,16 @@ def _merge_into(options: dict, parts: list, taker: tuple, lib) -> None:
 
 def _whole_call(lib, count: int, inputs: list, forms: list, taker: tuple | None, target, *, options: dict | None = None,
            runs: list | None = None, scale: float = 0.0, windows: list | None = None) -> bool:
-    """A whole ``ties``, ``dare_ties`` or ``breadcrumbs`` call over ``count`` entries with the steps
-    around it, in one helper loop (``tv_fused_merge_f32``): each input ``(a, b, coef)``
-    (``fma(b, coef, a)``, its ``axpy`` waiting for the call, or ``a`` where ``b`` is ``None``), trimmed
-    or dropped by its ``(form, lo, hi)``, its tie windows (``windows``: each input's
+    """A whole ``ties``, ``dare_ties``, ``breadcrumbs`` or (the L1 rule's main pass) ``della`` call over
+    ``count`` entries with the steps around it, in one helper loop (``tv_fused_merge_f32``): each input
+    ``(a, b, coef)`` (``fma(b, coef, a)``, its ``axpy`` waiting for the call, or ``a`` where ``b`` is
+    ``None``), trimmed or dropped by its ``(form, lo, hi)``, its tie windows (``windows``: each input's
     :class:`_TieWindow` list, their counts carried on), then (two inputs or more) the sign merge with
     ``options``, then the step that takes it (``taker``, :func:`_taker`), or into ``target``.
-    ``runs``: each input's keep bits (:meth:`_Masks.take_bits`) for the keep-bits form, ``scale`` the
-    rescale; the loop runs piece by piece where a block of bits ends. Whether an entry of the result
-    is not finite (the loop checks each block it writes, while it is in the L1 cache)."""
+    ``runs``: each input's keep bits (:meth:`_Masks.take_bits`) for the keep-bits forms, ``scale`` the
+    rescale (form 1; form 6, the L1 rule's, takes each input's own factor as its ``lo``); the loop
+    runs piece by piece where a block of bits ends. Whether an entry of the result is not finite (the
+    loop checks each block it writes, while it is in the L1 cache)."""
     k = len(inputs)
     frequency = merge = 0
     if options is not None:
@@ -3125,8 +3126,10 @@ def _drop_call(step, pieces: list, stream: tuple[DropRule, list[_Masks], dict, _
     multiply-add: tv_axpy_f32), and the division of ``"mean"`` or ``"weighted_mean"``. ``coefs``: the
     inputs (by position) whose ``axpy`` waited for this call (:class:`_Fusions`): ``fma(b, c, x) *
     mask`` in one loop, ``b`` from ``subtracted`` in the same order. ``taker`` (``dare_ties``): the
-    step after the call that takes its result (:func:`_taker`), written by the merge. Whether an entry
-    of the result is not finite where the fused loop checked it (:func:`_whole_call`), else None."""
+    step after the call that takes its result (:func:`_taker`), written by the merge. With the L1 rule,
+    each input times its pass's flags and its factor (:class:`_L1`); a ``dare_ties`` call's inputs,
+    merge and taker in the fused loop (:attr:`_L1.fuses`). Whether an entry of the result is not finite
+    where the fused loop checked it (:func:`_whole_call`), else None."""
     rule, masks, options, l1 = stream
     count = len(target)
     parts = [target] if step.name == "dare" else [buffer[:count] for buffer in drops]
