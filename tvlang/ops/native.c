@@ -1849,8 +1849,8 @@ int tv_della_rows_f32(const float *const *a, const float *const *b, const float 
  * input as it is, 1 times its keep bits (`scale` or +0.0, from bit `offset` of `packed`), 2
  * hardshrink at lo (tv_hardshrink_f32), 3 the band (lo, hi] (tv_band_f32), 4 x - hardshrink(x,
  * lo), 5 zeros, 6 times its keep bits as 1.0 or 0.0, then times lo (the L1 rule's factor:
- * tv_flags_scale_f32's two products; tv_fused_merge_f32 only). A tie window (tvlang.ops.common.TieWindow, the executor's _TieWindow): the
- * entries whose magnitude's bits are `bits`, numbered seen+1, seen+2, ... in flat order, are x
+ * tv_flags_scale_f32's two products; tv_fused_merge_f32 only). A tie window
+ * (tvlang.ops.common.TieWindow, the executor's _TieWindow): the entries whose magnitude's bits are `bits`, numbered seen+1, seen+2, ... in flat order, are x
  * where numbered in (start, stop] and +0.0 elsewhere; `seen` goes on from call to call. The same
  * operations in the same order as the steps one by one, so the same bits; a, b and base are read
  * once, where the steps one by one write and read a chunk of each part. k is at most

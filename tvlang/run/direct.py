@@ -1238,8 +1238,7 @@ class _L1:
         # makes the inputs whose axpy waits for it (_defers)
         self.fuses = fuses and rule.draws
         n_inputs = len(masks)
-        self.sums = numpy.empty((n_inputs, 2, -(-numel // BLOCK)), dtype=numpy.float64)  # before, after
-        self.at = 0  # blocks summed
+        self.norms = [(_AbsSums(numel), _AbsSums(numel)) for _ in range(n_inputs)]  # before, after
         self.flags: list[deque] = [deque() for _ in range(n_inputs)]
         self.factors: list[float | None] = [None] * n_inputs
         self.found = False
@@ -1248,8 +1247,8 @@ class _L1:
         return not self.found
 
     def observe(self, pieces: list, scratch: list, lib) -> None:
-        """The next entries of the inputs (a whole number of blocks, or the tensor's last): each one's
-        drop (its masks, drawn on the masks' thread), their magnitudes' block sums, the flags."""
+        """The next entries of the inputs: each one's drop (its masks, drawn on the masks' thread),
+        their magnitudes' block sums (:class:`_AbsSums`), the flags."""
         count, rule = len(pieces[0]), self.rule
         for i, (x, source, kept) in enumerate(zip(pieces, self.masks, scratch)):
             kept = kept[:count]
@@ -1261,15 +1260,12 @@ class _L1:
                 kept[:] = x
             else:
                 kept.fill(0.0)
-            for side, values in enumerate((x, kept)):
-                lib.tv_block_sums_f32(values.ctypes.data, values.ctypes.data, count, 1,
-                                      self.sums[i, side, self.at:].ctypes.data)
-        self.at += -(-count // BLOCK)
+            before, after = self.norms[i]
+            before.add(x, lib)
+            after.add(kept, lib)
 
     def end_pass(self) -> None:
-        if not numpy.isfinite(self.sums).all():
-            raise _Fallback  # the local executor's (its sums keep an infinity apart)
-        self.factors = [l1_factor(math.fsum(before), math.fsum(after)) for before, after in self.sums.tolist()]
+        self.factors = _l1_factors(self.norms)
         self.found = True
 
     def apply(self, i: int, rule: DropRule, x, part, lib) -> None:
@@ -1545,6 +1541,16 @@ class _AbsSums:
         return math.fsum(self.sums[:self.at].tolist())
 
 
+def _l1_factors(norms: list) -> list[float | None]:
+    """Each input's L1 factor (tvlang.ops.drops' ``l1_factor``) from its norms before and after
+    (:class:`_AbsSums` pairs); a norm that is not finite gives the run to the local executor (its sums
+    keep an infinity apart)."""
+    totals = [(before.total(), after.total()) for before, after in norms]
+    if not all(math.isfinite(value) for pair in totals for value in pair):
+        raise _Fallback
+    return [l1_factor(before, after) for before, after in totals]
+
+
 class _Della:
     """della or della_linear over one tensor (tvlang.ops.della's chunk form, without torch): each input's
     MAGPRUNE by the helper (:func:`tvlang.ops.magprune.sample`; input ``i``'s words where input
@@ -1638,10 +1644,7 @@ class _Della:
             after.add(kept, lib)
 
     def end_pass(self) -> None:
-        totals = [(before.total(), after.total()) for before, after in self.norms]
-        if not all(math.isfinite(value) for pair in totals for value in pair):
-            raise _Fallback  # the local executor's (its sums keep an infinity apart)
-        self.scales = [l1_factor(before, after) for before, after in totals]
+        self.scales = _l1_factors(self.norms)
         self.found = True
 
     def _l1_fused(self, pieces: list, waiting: dict, packed: list, target, taker: tuple | None, lib, start: int,
