@@ -977,14 +977,9 @@ def spread_rows(m: int, seed: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-@needs_helper
-@pytest.mark.parametrize("m", [2, 16, 17, 300, 1288, 3432, 4096])
-def test_magprune_ranks_rows_of_every_spread(monkeypatch, pcg_ways, m):
-    """The helper's bucket ranking against the torch path's stable sort, bit for bit, on rows that
-    take each of its paths (one bucket for all, the clamp below 16 binades, windows of up to 16
-    items, buckets sorted by insertion and by radix), both ways (pcg_ways: the windows counted by
-    AVX-512 comparisons where the PCG64 lanes step as vectors, else by AVX2's or the baseline's)."""
-    x = spread_rows(m, seed=m).reshape(-1)
+def helper_and_torch(monkeypatch, x: torch.Tensor, m: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """MAGPRUNE of rows of ``m`` (density 0.5, epsilon 0.4, rescaled) by the helper and by the torch
+    path (TVLANG_NATIVE=0): each way's outputs and keep flags."""
     results = []
     for helper in (True, False):
         if not helper:
@@ -994,13 +989,42 @@ def test_magprune_ranks_rows_of_every_spread(monkeypatch, pcg_ways, m):
         kept = Magprune(0.5, 0.4, numpy.random.PCG64(m), True, m).kept(x).reshape(-1)
         results.append((out, kept))
         monkeypatch.delenv("TVLANG_NATIVE", raising=False)
-    (fast, fast_kept), (slow, slow_kept) = results
+    return results
+
+
+@needs_helper
+@pytest.mark.parametrize("m", [2, 16, 17, 300, 1288, 3432, 4096])
+def test_magprune_ranks_rows_of_every_spread(monkeypatch, pcg_ways, m):
+    """The helper's bucket ranking against the torch path's stable sort, bit for bit, on rows that
+    take each of its paths (one bucket for all, the clamp below 16 binades, windows of up to 16
+    items, buckets sorted by insertion and by radix), both ways (pcg_ways: the windows counted by
+    AVX-512 comparisons where the PCG64 lanes step as vectors, else by AVX2's or the baseline's)."""
+    x = spread_rows(m, seed=m).reshape(-1)
+    (fast, fast_kept), (slow, slow_kept) = helper_and_torch(monkeypatch, x, m)
     assert torch.equal(fast_kept, slow_kept)
     assert same_values(fast, slow)
     # by hand, for the row of one magnitude: entry j has rank j, so p = 0.1 + 0.8 * j / (m - 1)
     words = numpy.random.PCG64(m).random_raw(x.numel()).view(numpy.uint32)[m:2 * m].astype(numpy.float64)
     p = (torch.arange(m, dtype=torch.float32) * numpy.float32(0.8 / (m - 1)) + numpy.float32(0.1)).double()
     assert torch.equal(fast_kept[m:2 * m], torch.from_numpy(words * 2.0 ** -32) < p)
+
+
+@needs_helper
+@pytest.mark.parametrize("m, binades", [(300, 2), (4864, 15), ((1 << 16) + 3, 15), ((1 << 21) + 5, 15),
+                                        ((1 << 21) + 5, 8)])
+def test_magprune_ranks_long_rows_by_short_items_or_long(monkeypatch, pcg_ways, m, binades):
+    """Rows ranked by short items (the key's bits below the bucket's, then the column, in 32 bits:
+    native.c, row_buckets) and rows whose short items would not fit (past 2**21 columns with keys
+    over 15 binades: the long items), against the torch path's stable sort, bit for bit; with
+    magnitudes over ``binades`` binades and no zero (no key clamped), and a few equal magnitudes."""
+    g = torch.Generator().manual_seed(m + binades)
+    signs = torch.where(torch.rand(m, generator=g) < 0.5, -1.0, 1.0)
+    x = torch.exp2(torch.rand(m, generator=g) * binades - binades) * signs
+    x[torch.randint(0, m, (m // 100,), generator=g)] = 0.5 ** (binades / 2)  # equal magnitudes, ranked by position
+    (fast, fast_kept), (slow, slow_kept) = helper_and_torch(monkeypatch, x, m)
+    assert torch.equal(fast_kept, slow_kept)
+    assert same_values(fast, slow)
+    assert 0.05 < float(fast_kept.float().mean()) < 0.95
 
 
 @needs_helper
