@@ -1633,6 +1633,47 @@ def test_della_l1_keeps_its_flags_or_samples_again(tmp_path, monkeypatch, limit)
         assert all(way == "again" and packed is None for way, packed in blocks)
 
 
+@pytest.mark.parametrize("cores", [1, 2])
+def test_della_l1_pass_samples_a_chunk_while_the_next_is_read(tmp_path, monkeypatch, cores):
+    """della with rescale_by="l1": its pass hands a chunk's jobs (each input's block sums, its rows in
+    blocks of one row here, its flags) to the second thread and reads the next chunk into the other
+    workspace, then takes what is left and waits (_Della.settle), so every block is sampled once, in
+    the buffers of its own chunk; on one core the jobs run at once. Both: the local executor's bytes
+    and the eager evaluation's tensors."""
+    monkeypatch.setattr(direct.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(magprune, "ROW_BLOCK", 1)
+    settled, blocks = [], []
+    real_settle, real_block = direct._Della.settle, direct._PassJobs._block
+
+    def settle(self):
+        settled.append(self.pending is not None)
+        return real_settle(self)
+
+    def block(self, della, lib, i, st, x, kept, flags, start, stop, done):
+        blocks.append((i, x.ctypes.data, len(x), start, stop))
+        return real_block(self, della, lib, i, st, x, kept, flags, start, stop, done)
+
+    monkeypatch.setattr(direct._Della, "settle", settle)
+    monkeypatch.setattr(direct._PassJobs, "_block", block)
+    text = 'pre + della(a - pre, b - pre, c - pre, density=0.3, epsilon=0.1, seed=3, rescale_by="l1")'
+    same_as_local_and_eager(monkeypatch, tmp_path, text, row_models(tmp_path / "in"), 3000)
+    # chunks of two rows of 1,288 (102 of w), ten of 300 (7 of v), the vector and the scalar: 111 a
+    # tensor's pass, each input's rows once, a block a row
+    rows = sorted((i, n, start, stop) for i, _, n, start, stop in blocks)
+    expected = sorted((i, n, start, start + m) for i in range(3)
+                      for n, m, times in [(2576, 1288, 101), (1288, 1288, 1), (3000, 300, 7), (1288, 1288, 1),
+                                          (1, 1, 1)]
+                      for _ in range(times) for start in range(0, n, m))
+    assert rows == expected
+    # the chunks' inputs lie in two workspaces in turn; with a second thread, each chunk's jobs still
+    # running (or waited for) when the next one comes
+    assert len({at for i, at, n, _, _ in blocks if i == 0 and n == 2576}) == 2
+    if cores == 2:
+        assert settled.count(True) == 111
+    else:
+        assert len(settled) >= 111 and not any(settled)
+
+
 @pytest.mark.parametrize("cuts", [[], [1, 5000, 16383, 16385, 30000], [16384, 32768], [7] * 40])
 def test_abs_sums_of_pieces_are_the_block_sums_of_the_whole(cuts):
     """_AbsSums over pieces cut anywhere (inside a block, at its end, pieces shorter than a block):

@@ -27,7 +27,7 @@ import numpy
 from tvlang.ops.native import library, set_state_words, state_words
 
 __all__ = ["MAX_ROW", "ROW_BLOCK", "SAVED_BITS_LIMIT", "SCRATCH", "RowBlocks", "Words", "input_bits", "ramp",
-           "row_length", "sample", "sample_rows", "stream_words"]
+           "row_blocks", "row_length", "sample", "sample_rows", "stream_words"]
 
 #: the longest row the helper ranks: ranks up to 2**24 are exact in float32 (torch's ramp, the loop's casts)
 MAX_ROW = 1 << 24
@@ -131,6 +131,13 @@ def sample(lib, st: numpy.ndarray, skip: int, x_at: int, n: int, m: int, density
                             out_at, None if flags is None else flags.ctypes.data)
 
 
+def row_blocks(n: int, m: int) -> list[tuple[int, int]]:
+    """``0:n`` (whole rows of ``m``) as blocks of whole rows of about :data:`ROW_BLOCK` entries (at least
+    one row): their ``(start, stop)``."""
+    step = max(1, ROW_BLOCK // max(m, 1)) * max(m, 1)
+    return [(start, min(n, start + step)) for start in range(0, n, step)]
+
+
 class RowBlocks:
     """The rows of ``0:n`` (whole rows of ``m``) in blocks of about :data:`ROW_BLOCK` entries, which
     any thread takes in turn (:meth:`run`) until none is left: ``rows(start, stop)`` runs one. The
@@ -138,8 +145,7 @@ class RowBlocks:
     the next one is (tvlang.run.direct); :func:`sample_rows` at once (:meth:`finish`)."""
 
     def __init__(self, n: int, m: int, helper: Executor | None, rows: Callable[[int, int], bool | None]) -> None:
-        step = max(1, ROW_BLOCK // max(m, 1)) * max(m, 1)
-        self.bounds = [(start, min(n, start + step)) for start in range(0, n, step)]
+        self.bounds = row_blocks(n, m)
         self.helper, self.rows = helper, rows
         self.taken = 0
         self.lock = threading.Lock()

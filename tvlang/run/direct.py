@@ -107,9 +107,9 @@ from tvlang.ops.magprune import (
     RowBlocks,
     input_bits,
     ramp,
+    row_blocks,
     row_length,
     sample,
-    sample_rows,
     stream_words,
 )
 from tvlang.ops.names import count_layers
@@ -1551,6 +1551,61 @@ def _l1_factors(norms: list) -> list[float | None]:
     return [l1_factor(before, after) for before, after in totals]
 
 
+class _PassJobs:
+    """One chunk of a della L1 pass (:meth:`_Della.observe`) as jobs that any thread takes in turn
+    (:meth:`run`) until none is left: for each input, the block sums of its magnitudes, then its rows
+    sampled in blocks of about ROW_BLOCK entries (``tvlang.ops.magprune.sample``: each block its
+    words after its own start, the last one from the input's stream itself, which it leaves after the
+    chunk); the thread that ends an input's last block packs its keep flags for the main pass and
+    sums its sample's magnitudes. Each :class:`_AbsSums` takes one piece a chunk, and a chunk's jobs
+    all end before the next chunk's start, so every norm sums its pieces in order."""
+
+    def __init__(self, della: _Della, pieces: list, scratch: list, lib) -> None:
+        count = len(pieces[0])
+        self.lock = threading.Lock()
+        self.jobs: list[Callable[[], None]] = []
+        self.taken = 0
+        self.left: list[int] = []  # each input's blocks not ended yet
+        for i, (x, kept) in enumerate(zip(pieces, scratch)):
+            kept = kept[:count]
+            before, after = della.norms[i]
+            flags = numpy.empty(count, dtype=numpy.uint8) if della.saved is not None else None
+            stream = della.passing[i]
+            first = stream.copy()  # every block's words are counted from here
+            self.jobs.append(functools.partial(before.add, x, lib))
+            bounds = row_blocks(count, della.m)
+            self.left.append(len(bounds))
+            for start, stop in bounds:
+                self.jobs.append(functools.partial(
+                    self._block, della, lib, i, stream if stop == count else first.copy(), x, kept, flags, start,
+                    stop, functools.partial(self._input_done, della, lib, i, after, kept, flags)))
+
+    def _block(self, della: _Della, lib, i: int, st, x, kept, flags, start: int, stop: int, done) -> None:
+        sample(lib, st, start, x.ctypes.data + 4 * start, stop - start, della.m, della.density, della.epsilon, False,
+               kept.ctypes.data + 4 * start, None if flags is None else flags[start:])
+        with self.lock:
+            self.left[i] -= 1
+            last = self.left[i] == 0
+        if last:
+            done()
+
+    @staticmethod
+    def _input_done(della: _Della, lib, i: int, after: _AbsSums, kept, flags) -> None:
+        if flags is not None:
+            della.saved[i].append(numpy.packbits(flags))
+        after.add(kept, lib)
+
+    def run(self) -> None:
+        """Jobs on this thread until none is left (another thread may be taking them too)."""
+        while True:
+            with self.lock:
+                if self.taken == len(self.jobs):
+                    return
+                job = self.jobs[self.taken]
+                self.taken += 1
+            job()
+
+
 class _Della:
     """della or della_linear over one tensor (tvlang.ops.della's chunk form, without torch): each input's
     MAGPRUNE by the helper (:func:`tvlang.ops.magprune.sample`; input ``i``'s words where input
@@ -1588,6 +1643,7 @@ class _Della:
             self.passing = [start.copy() for start in self.starts]  # the pass's streams, chunk after chunk
             self.scales: list[float | None] = [None] * n_inputs
             self.found = False
+            self.pending: tuple[_PassJobs, Future] | None = None  # a chunk's pass jobs still running (observe)
         # 0 < density < 1, no L1 rule and at most DELLA_PARTS inputs: each block of rows in one helper
         # loop (_fused), which also makes the inputs whose axpy waits for the call (_defers)
         self.fuses = 0.0 < self.density < 1.0 and not self.l1 and n_inputs <= DELLA_PARTS
@@ -1626,24 +1682,35 @@ class _Della:
 
     def observe(self, pieces: list, scratch: list, lib) -> None:
         """The L1 norms' pass, the next chunk (whole rows, in order): each input's MAGPRUNE without a
-        division (``x`` times its keep flag, as tvlang.ops.della's pass), in blocks of rows that this
-        thread and the second take (:func:`sample_rows`, each block its own words); the magnitudes'
-        block sums of the input and of its sample (:class:`_AbsSums`); the keep flags packed for the
-        main pass. (Each block of rows making and sampling every input, then the block sums shared
-        by both threads too, took 1.08x the time at 0.75 GB: 4.49-4.65 s against 4.12-4.21.)"""
-        count = len(pieces[0])
-        flags = numpy.empty(count, dtype=numpy.uint8) if self.saved is not None else None
-        for i, (x, kept) in enumerate(zip(pieces, scratch)):
-            kept = kept[:count]
-            sample_rows(lib, self.passing[i], x.ctypes.data, count, self.m, self.density, self.epsilon, False,
-                        kept.ctypes.data, flags, self.helper)
-            if flags is not None:
-                self.saved[i].append(numpy.packbits(flags))
-            before, after = self.norms[i]
-            before.add(x, lib)
-            after.add(kept, lib)
+        division (``x`` times its keep flag, as tvlang.ops.della's pass), in blocks of rows, each its
+        own words (:func:`tvlang.ops.magprune.sample`); the magnitudes' block sums of the input and of
+        its sample (:class:`_AbsSums`); the keep flags packed for the main pass (:class:`_PassJobs`).
+        With a second thread the chunk's jobs start there and this call returns: the pass reads the
+        next chunk (into the other workspace: :func:`_whole_pass`) while that thread samples, and the
+        next call (or :meth:`end_pass`) first takes what is left of this chunk's jobs and waits for them
+        (:meth:`settle`), so the norms and the kept flags keep the chunks' order. (Each block of rows
+        making and sampling every input, then the block sums shared by both threads too, took 1.08x the
+        time at 0.75 GB: 4.49-4.65 s against 4.12-4.21.)"""
+        self.settle()
+        jobs = _PassJobs(self, pieces, scratch, lib)
+        if self.helper is None:
+            jobs.run()
+            return
+        self.pending = (jobs, self.helper.submit(jobs.run))
+
+    def settle(self) -> None:
+        """The jobs of the chunk before, those left taken on this thread, all of them waited for."""
+        if self.pending is None:
+            return
+        jobs, task = self.pending
+        self.pending = None
+        try:
+            jobs.run()
+        finally:
+            task.result()
 
     def end_pass(self) -> None:
+        self.settle()
         self.scales = _l1_factors(self.norms)
         self.found = True
 
@@ -2113,10 +2180,14 @@ class _Ahead:
                             bound.base)
         self.workspace = _workspace(program)
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="tvlang-ahead")
+        # a della L1 pass reads each chunk into the other workspace while the second thread samples the
+        # chunk before (_Della.observe)
+        spare = _workspace(program) if any(step.op == "call" and step.name in DELLA_CALLS and _l1_call(step)
+                                           for step in program.steps) else None
         self.stop = threading.Event()
         self.queue: deque[tuple[int, dict, Future | None]] = deque()  # the tensors started, in order
         thresholds = any(step.op == "call" and step.name in THRESHOLD_CALLS for step in program.steps)
-        self.find = _find_thresholds if thresholds else _find_passes
+        self.find = _find_thresholds if thresholds else functools.partial(_find_passes, spare=spare)
         drops = any(step.op == "call" and step.name in DROP_CALLS for step in program.steps)
         self.depth = AHEAD_TENSORS if thresholds and not drops else 1
 
@@ -2333,14 +2404,15 @@ def _differences(pieces: list):
 
 
 def _find_passes(program, bound: _Bound, info, numel: int, buffers: list, halves: list, drops: dict,
-                 streams: dict, lib, stop: threading.Event) -> None:
+                 streams: dict, lib, stop: threading.Event, spare: tuple | None = None) -> None:
     """Before the main pass over tensor ``info``: what its GRAM_CALLS, random_like, sce and
     ``rescale_by="l1"`` DARE calls need (:class:`_Gram`, :class:`_Noise`, :class:`_Sce`, :class:`_L1`),
     each in as many whole passes as it asks for (``searching()``, then ``end_pass()``: one for the
     sums and norms, three for sce's selection). The calls whose inputs need no such call still
     searching go together, in the same passes, each pass running only the steps their inputs need; a
     call whose input is another's result waits for that one (GRAM_CALLS and random_like only:
-    :func:`_runnable`). ``stop`` set: given up."""
+    :func:`_runnable`). ``stop`` set: given up. ``spare``: a second workspace, which the chunks take in
+    turn with the first (a della L1 pass samples a chunk on the second thread while the next is read)."""
     states = {index: _before(stream) for index, stream in streams.items()}
     states = {index: state for index, state in states.items() if state is not None}
     pending = sorted(states)
@@ -2350,10 +2422,16 @@ def _find_passes(program, bound: _Bound, info, numel: int, buffers: list, halves
         pending = [index for index in pending if index not in group]
         while searching := [index for index in group if states[index].searching()]:
             needed = set().union(*(needs[index] for index in searching))
-            observing = {index: _observer(states[index], drops.get(index), lib) for index in searching}
-            if not _whole_pass(program, bound, info, numel, buffers, halves, drops, streams, lib, stop, needed,
-                               observing):
-                return
+            workspaces = [(buffers, halves, drops), *([spare] if spare is not None else [])]
+            observing = [{index: _observer(states[index], space[2].get(index), lib) for index in searching}
+                         for space in workspaces]
+            try:
+                if not _whole_pass(program, bound, info, numel, workspaces, streams, lib, stop, needed, observing):
+                    return
+            finally:  # a della pass's last chunk, still sampled on the second thread in these buffers
+                for index in searching:
+                    if isinstance(states[index], _Della):
+                        states[index].settle()
             for index in searching:
                 states[index].end_pass()
 
@@ -2373,25 +2451,28 @@ def _observer(state, scratch: list | None, lib):
     return lambda pieces: state.observe(_made(pieces, lib), scratch, lib)
 
 
-def _whole_pass(program, bound: _Bound, info, numel: int, buffers: list, halves: list, drops: dict, streams: dict,
-                lib, stop: threading.Event, needed: set[int], observing: dict) -> bool:
+def _whole_pass(program, bound: _Bound, info, numel: int, workspaces: list, streams: dict, lib,
+                stop: threading.Event, needed: set[int], observing: list) -> bool:
     """One pass over tensor ``info`` before the main one, a chunk at a time (the main pass's chunks):
-    the steps in ``needed``, the calls in ``observing`` handed their inputs. Each chunk is a whole
+    the steps in ``needed``, the calls in ``observing`` handed their inputs; the chunks take the
+    ``workspaces`` (buffers, halves, drops) in turn, each with its ``observing`` (the calls' observers
+    of that workspace's buffers). Each chunk is a whole
     number of the block sums' blocks (and the main pass takes what a pass kept a chunk at a time),
     or, for a della call, of its rows (:func:`_chunk_size`; :class:`_AbsSums` completes a cut block);
     ``False`` where ``stop`` was set (the run is ending)."""
     if CHUNK_ELEMENTS % BLOCK and not _has_della(program):
         raise _Fallback
-    unmade = _unmade(program, needed, observing)
+    unmade = _unmade(program, needed, observing[0])
     for state in streams.values():
         if isinstance(state, _Noise):
             state.rewind()  # a random_like whose result this pass takes, taken by a pass before
     step = _chunk_size(program, info)
-    for start in range(0, numel, step):
+    for chunk, start in enumerate(range(0, numel, step)):
         if stop.is_set():
             return False
+        buffers, halves, drops = workspaces[chunk % len(workspaces)]
         _chunk(program, bound, info, start, min(numel - start, step), buffers, halves, drops, streams,
-               {}, lib, check=False, only=needed, observing=observing, unmade=unmade)
+               {}, lib, check=False, only=needed, observing=observing[chunk % len(workspaces)], unmade=unmade)
     return True
 
 
