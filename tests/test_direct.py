@@ -1638,8 +1638,8 @@ def test_della_l1_pass_samples_a_chunk_while_the_next_is_read(tmp_path, monkeypa
     """della with rescale_by="l1": its pass hands a chunk's jobs (each input's block sums, its rows in
     blocks of one row here, its flags) to the second thread and reads the next chunk into the other
     workspace, then takes what is left and waits (_Della.settle), so every block is sampled once, in
-    the buffers of its own chunk; on one core the jobs run at once. Both: the local executor's bytes
-    and the eager evaluation's tensors."""
+    the buffers of its own chunk; on one core the jobs run at once, in one workspace. Both: the local
+    executor's bytes and the eager evaluation's tensors."""
     monkeypatch.setattr(direct.os, "cpu_count", lambda: cores)
     monkeypatch.setattr(magprune, "ROW_BLOCK", 1)
     settled, blocks = [], []
@@ -1665,9 +1665,9 @@ def test_della_l1_pass_samples_a_chunk_while_the_next_is_read(tmp_path, monkeypa
                                           (1, 1, 1)]
                       for _ in range(times) for start in range(0, n, m))
     assert rows == expected
-    # the chunks' inputs lie in two workspaces in turn; with a second thread, each chunk's jobs still
-    # running (or waited for) when the next one comes
-    assert len({at for i, at, n, _, _ in blocks if i == 0 and n == 2576}) == 2
+    # with a second thread, the chunks' inputs lie in two workspaces in turn, and each chunk's jobs are
+    # still running (or waited for) when the next one comes; on one core, one workspace
+    assert len({at for i, at, n, _, _ in blocks if i == 0 and n == 2576}) == cores
     if cores == 2:
         assert settled.count(True) == 111
     else:

@@ -2181,9 +2181,9 @@ class _Ahead:
         self.workspace = _workspace(program)
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="tvlang-ahead")
         # a della L1 pass reads each chunk into the other workspace while the second thread samples the
-        # chunk before (_Della.observe)
-        spare = _workspace(program) if any(step.op == "call" and step.name in DELLA_CALLS and _l1_call(step)
-                                           for step in program.steps) else None
+        # chunk before (_Della.observe; one core: no second thread, one workspace)
+        spare = _workspace(program) if (os.cpu_count() or 1) > 1 and any(
+            step.op == "call" and step.name in DELLA_CALLS and _l1_call(step) for step in program.steps) else None
         self.stop = threading.Event()
         self.queue: deque[tuple[int, dict, Future | None]] = deque()  # the tensors started, in order
         thresholds = any(step.op == "call" and step.name in THRESHOLD_CALLS for step in program.steps)
